@@ -1,0 +1,250 @@
+"""Command line: parse, call the library, print. Heavy modules load inside commands, so --help is instant."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings
+from .errors import ImgSearchError, UsageError
+
+app = typer.Typer(
+    name="imgsearch",
+    help="Semantic image search on your own machine: CLIP vectors in FAISS, everything else in SQLite.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def command(*args, **kwargs):
+    """app.command that turns library errors into one line on stderr and an exit code."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except ImgSearchError as e:
+                err(f"error: {e}")
+                raise typer.Exit(e.exit_code) from None
+            except KeyboardInterrupt:
+                err("interrupted: finished batches are saved; run the same command again to continue")
+                raise typer.Exit(130) from None
+            except BrokenPipeError:
+                sys.stderr.close()  # output piped into `head`; not an error
+                raise typer.Exit(0) from None
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except Exception as e:  # a bug: still one line, with a way to get the details
+                if os.environ.get("IMGSEARCH_DEBUG"):
+                    raise
+                err(f"internal error: {type(e).__name__}: {e} (set IMGSEARCH_DEBUG=1 for a traceback and "
+                    "please report it)")
+                raise typer.Exit(1) from None
+
+        return app.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    return ctx.obj
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"imgsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    home: Optional[Path] = typer.Option(None, "--home", help="Library folder [env IMGSEARCH_HOME; default "
+                                        "~/.local/share/imgsearch]", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", help=f"open_clip model: a built-in name, hf-hub:org/repo "
+                                        f"or local-dir:/path [env IMGSEARCH_MODEL; default {DEFAULT_MODEL}]",
+                                        show_default=False),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights for a built-in model: a tag or a "
+                                             f"checkpoint file [env IMGSEARCH_PRETRAINED; default {DEFAULT_PRETRAINED}"
+                                             " for the default model]", show_default=False),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda [default auto]",
+                                         show_default=False),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch [default 32]",
+                                             show_default=False),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 [default auto: fp16 "
+                                            "on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32]",
+                                            show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: CPU count, 2-8]",
+                                          show_default=False),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+):
+    """Semantic image search on your own machine."""
+    try:
+        ctx.obj = Settings.from_env(home=home, model=model, pretrained=pretrained, device=device,
+                                    batch_size=batch_size, precision=precision, workers=workers)
+    except ImgSearchError as e:
+        err(f"error: {e}")
+        raise typer.Exit(e.exit_code) from None
+
+
+# --- index -------------------------------------------------------------------------------------
+@command("index")
+def index_cmd(
+    ctx: typer.Context,
+    paths: List[Path] = typer.Argument(..., help="Folders or image files (recursive)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    failures_log: Optional[Path] = typer.Option(None, "--log", help="Also write failed files and reasons here."),
+):
+    """Add images under PATHS to the library; re-runs only encode what changed."""
+    from tqdm import tqdm
+
+    from .indexer import index_paths
+
+    settings = settings_of(ctx)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            if quiet or total == 0:
+                return
+            bar = tqdm(total=total, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True,
+                       smoothing=0.1)
+        bar.n = done
+        bar.refresh() if done == total else bar.update(0)
+
+    try:
+        report = index_paths(settings, [str(p) for p in paths], progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if failures_log:
+        failures_log.write_text("".join(f"{p}\t{r}\n" for p, r in report.failed), encoding="utf-8")
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    rate = report.encoded / report.seconds if report.seconds > 0 else 0.0
+    typer.echo(f"indexed with {report.model} in {report.seconds:.1f}s"
+               + (f" ({report.encoded} encoded, {rate:.1f} images/s)" if report.encoded else ""))
+    typer.echo(f"  new {report.new}, updated {report.updated}, unchanged {report.unchanged}, moved {report.moved}, "
+               f"removed {report.removed}, failed {len(report.failed)}"
+               + (f" (vectors reused for {report.reused} identical files)" if report.reused else ""))
+    if report.failed:
+        shown = report.failed[:20]
+        for path, reason in shown:
+            typer.echo(f"  failed: {path}: {reason}")
+        if len(report.failed) > len(shown):
+            typer.echo(f"  ... and {len(report.failed) - len(shown)} more (`imgsearch status --failures` lists all"
+                       + (f", or see {failures_log}" if failures_log else "") + ")")
+
+
+# --- query -------------------------------------------------------------------------------------
+@command("query")
+def query_cmd(
+    ctx: typer.Context,
+    texts: Optional[List[str]] = typer.Argument(None, help="What to look for; several combine. Prefix a weight "
+                                                "as in 2:\"red car\"."),
+    image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Find images like this file "
+                                              "(repeatable, W:FILE weights it)."),
+    not_text: Optional[List[str]] = typer.Option(None, "--not", help="Text to steer away from (repeatable)."),
+    not_image: Optional[List[str]] = typer.Option(None, "--not-image", help="Image to steer away from."),
+    k: int = typer.Option(10, "-k", "--top", min=1, help="Number of results."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
+    under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON array of hits."),
+    paths_out: bool = typer.Option(False, "--paths", help="Print bare paths, one per line."),
+):
+    """Find the images closest to text and/or example images."""
+    from .search import Query, search
+
+    if json_out and paths_out:
+        raise UsageError("--json and --paths are exclusive; pick one output format")
+    settings = settings_of(ctx)
+    query = Query.build(texts or [], image or [], not_text or [], not_image or [])
+    hits = search(settings, query, k, min_score=min_score, under=str(under) if under else None)
+    if json_out:
+        typer.echo(json.dumps([h.as_dict() for h in hits], indent=2))
+    elif paths_out:
+        for h in hits:
+            typer.echo(h.path)
+    elif not hits:
+        err("no results" + (" above --min-score" if min_score is not None else ""))
+    else:
+        typer.echo(f"{'rank':>4}  {'score':>6}  path")
+        for h in hits:
+            typer.echo(f"{h.rank:>4}  {h.score:6.4f}  {h.path}")
+
+
+# --- status / forget ---------------------------------------------------------------------------
+@command("status")
+def status_cmd(
+    ctx: typer.Context,
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+    failures: bool = typer.Option(False, "--failures", help="List every failed file with its reason."),
+):
+    """What the library holds: images, failures, models and their vectors, index files, disk use."""
+    import time
+
+    from .files import human_bytes
+    from .indexer import library_status
+    from .store import Store
+
+    settings = settings_of(ctx)
+    if failures:
+        store = Store(settings.db_path, create=False)
+        try:
+            for path, reason in store.failures():
+                typer.echo(f"{path}\t{reason}")
+        finally:
+            store.close()
+        return
+    st = library_status(settings)
+    if json_out:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    typer.echo(f"library   {st['home']}")
+    typer.echo(f"images    {st['images']}")
+    typer.echo(f"failures  {st['failures']}" + ("  (imgsearch status --failures lists them)" if st["failures"] else ""))
+    typer.echo(f"disk      {human_bytes(st['disk_bytes'])}")
+    run = st["last_run"]
+    if run and run["finished_at"]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"]))
+        typer.echo(f"last run  {when}: new {run['new']}, updated {run['updated']}, removed {run['removed']}, "
+                   f"failed {run['failed']}" + (" (interrupted)" if run["interrupted"] else ""))
+    typer.echo("models")
+    if not st["models"]:
+        typer.echo("  none yet: run `imgsearch index PATH`")
+    for m in st["models"]:
+        typer.echo(f"  [{m['id']}] {m['model']}: {m['vectors']} vectors, dim {m['dim']}, index {m['index_state']}"
+                   + (f" ({m['index_type']}, {human_bytes(m['index_bytes'])})" if m["index_bytes"] else ""))
+
+
+@command("forget")
+def forget_cmd(
+    ctx: typer.Context,
+    paths: List[Path] = typer.Argument(..., help="Files or folders to remove from the library (files stay on disk)."),
+):
+    """Remove files or folders from the library. Nothing on disk is touched."""
+    from .indexer import forget
+
+    removed = forget(settings_of(ctx), [str(p) for p in paths])
+    if removed == 0:
+        err("nothing in the library under " + ", ".join(str(p) for p in paths))
+        raise typer.Exit(1)
+    typer.echo(f"removed {removed} image{'s' if removed != 1 else ''} from the library")

@@ -1,0 +1,355 @@
+"""open_clip model, preprocess and tokenizer loaded together; batch encoding of images and texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError, UsageError
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: an open_clip name (or local-dir:/hf-hub: identifier) and weights."""
+
+    name: str
+    pretrained: str | None = None
+
+    def canonical(self) -> "ModelSpec":
+        """Absolute paths for local dirs and checkpoint files, so the same model always has one key."""
+        name, pretrained = self.name, self.pretrained
+        if name.startswith(LOCAL_DIR):
+            name = LOCAL_DIR + os.path.abspath(os.path.expanduser(name[len(LOCAL_DIR):]))
+            pretrained = None
+        elif name.startswith(HF_HUB):
+            pretrained = None
+        elif pretrained and _looks_like_file(pretrained):
+            pretrained = os.path.abspath(os.path.expanduser(pretrained))
+        return ModelSpec(name, pretrained)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
+
+
+def _looks_like_file(value: str) -> bool:
+    return os.sep in value or value.endswith(_WEIGHT_SUFFIXES) or os.path.exists(value)
+
+
+def file_fingerprint(path: str | os.PathLike, sample: int = 4 << 20) -> str:
+    """Cheap identity of a weights file: its size plus hashes of its first and last few MB."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(digest_size=12)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(sample))
+        if size > 2 * sample:
+            f.seek(-sample, os.SEEK_END)
+            h.update(f.read(sample))
+    return h.hexdigest()
+
+
+def _local_weights(folder: Path) -> Path | None:
+    preferred = [WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                 "model.safetensors", "pytorch_model.bin"]
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    return found[0] if found else None
+
+
+def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
+    """Check that weights exist before building anything; return (fingerprint, weights path or None).
+
+    open_clip happily builds a randomly initialised network when weights are missing; we never do.
+    """
+    name, pretrained = spec.name, spec.pretrained
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name[len(LOCAL_DIR):])
+        if not folder.is_dir():
+            raise ModelLoadError(f"model folder {folder} does not exist; check the path after local-dir:")
+        if not (folder / CONFIG_FILE).is_file():
+            raise ModelLoadError(
+                f"{folder} has no {CONFIG_FILE}; a local-dir model is a folder written by `imgsearch finetune` "
+                "or open_clip's push_to_hf_hub (config + weights)")
+        weights = _local_weights(folder)
+        if weights is None:
+            raise ModelLoadError(f"{folder} has a config but no weights file ({WEIGHTS_FILE}); "
+                                 "refusing to run a randomly initialised model")
+        return file_fingerprint(weights), str(weights)
+    if name.startswith(HF_HUB):
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        repo = name[len(HF_HUB):]
+        try:
+            path = download_pretrained_from_hf(repo)
+        except Exception as e:  # offline, unknown repo, no cached copy
+            raise ModelLoadError(
+                f"cannot get weights for {name} ({_short(e)}); connect to the internet once so they are "
+                "cached, or use --model local-dir:/path") from None
+        return file_fingerprint(path), str(path)
+    if not pretrained:
+        raise ModelLoadError(
+            f"model {name} needs weights: give --pretrained TAG (e.g. {_example_tag(name)}) or a checkpoint "
+            "file, or use --model local-dir:/path; imgsearch never runs a randomly initialised model")
+    if _looks_like_file(pretrained):
+        if not os.path.isfile(pretrained):
+            raise ModelLoadError(f"checkpoint file {pretrained} does not exist; check --pretrained")
+        return file_fingerprint(pretrained), pretrained
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise ModelLoadError(f"unknown model {name!r}; `python -c \"import open_clip; print(open_clip.list_models())\"` "
+                             "lists the built-in names")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ModelLoadError(f"unknown pretrained tag {pretrained!r} for {name}; known tags: {', '.join(tags) or 'none'}")
+    # Published tags are immutable, so the tag itself identifies the weights.
+    return f"tag:{name}:{pretrained}", None
+
+
+def _example_tag(name: str) -> str:
+    try:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        return tags[0] if tags else "laion2b_s34b_b79k"
+    except Exception:
+        return "laion2b_s34b_b79k"
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls are much faster than fp32 on such CPUs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+def pick_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        if device.startswith("cuda"):
+            return "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise UsageError("fp16 needs a CUDA GPU; on CPU use --precision fp32 or bf16")
+    return precision
+
+
+class Encoder:
+    """A loaded CLIP model with the preprocess and tokenizer that belong to it."""
+
+    def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: str, precision: str,
+                 fingerprint: str, weights_path: str | None):
+        import torch
+
+        self.spec = spec
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.precision = precision
+        self.fingerprint = fingerprint
+        self.weights_path = weights_path
+        self._lock = threading.Lock()  # one forward pass at a time (UI/server share one encoder)
+        size = getattr(model.visual, "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        with torch.inference_mode():
+            probe = tokenizer(["a"]).to(device)
+            self.dim = int(self._text_forward(probe).shape[-1])
+
+    # --- low level -------------------------------------------------------------------------
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.precision == "fp16" and self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def _text_forward(self, tokens):
+        with self._autocast():
+            out = self.model.encode_text(tokens)
+        return out.float()
+
+    # --- public ----------------------------------------------------------------------------
+    def encode_image_tensors(self, batch) -> np.ndarray:
+        """Encode a preprocessed [N,3,H,W] batch; returns L2-normalised float32 [N, dim]."""
+        import torch
+
+        with self._lock, torch.inference_mode():
+            if self.device.startswith("cuda"):
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            batch = batch.to(self._dtype())
+            with self._autocast():
+                feats = self.model.encode_image(batch)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            return feats.cpu().numpy()
+
+    def encode_images(self, images) -> np.ndarray:
+        """Encode PIL images (already RGB)."""
+        import torch
+
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_image_tensors(torch.stack([self.preprocess(im) for im in images]))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Encode texts; returns L2-normalised float32 [N, dim]."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            tokens = self.tokenizer(list(texts)).to(self.device)
+            feats = self._text_forward(tokens)
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+            return feats.cpu().numpy()
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().item())
+
+    def describe(self) -> str:
+        return f"{self.spec.label} on {self.device} ({self.precision}, dim {self.dim})"
+
+
+def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Encoder:
+    """Load model + preprocess + tokenizer; raise ModelLoadError with what to do when it fails."""
+    spec = spec.canonical()
+    fingerprint, weights_path = resolve_weights(spec)
+    device = pick_device(device)
+    precision = pick_precision(precision, device)
+    import open_clip
+    import torch
+
+    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs through the root logger
+    try:
+        if spec.name.startswith((LOCAL_DIR, HF_HUB)):
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=spec.pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(spec.name)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        hint = ("the weights could not be downloaded; connect to the internet once so open_clip caches them, "
+                "or use --model local-dir:/path") if "download" in str(e).lower() else \
+               "check that the weights file matches the model architecture"
+        raise ModelLoadError(f"cannot load model {spec.label}: {_short(e)}; {hint}") from None
+    model.eval()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    return Encoder(spec, model, preprocess, tokenizer, device, precision, fingerprint, weights_path)
+
+
+_cache: dict[tuple, Encoder] = {}
+_cache_lock = threading.Lock()
+
+
+def load(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Encoder:
+    """Like build() but keeps one loaded encoder per (model, device, precision) in this process."""
+    spec = spec.canonical()
+    key = (spec, device, precision)
+    with _cache_lock:
+        enc = _cache.get(key)
+        if enc is not None:
+            # A re-written local-dir model (new fine-tune into the same folder) must be reloaded.
+            if enc.weights_path is None or (os.path.exists(enc.weights_path)
+                                           and file_fingerprint(enc.weights_path) == enc.fingerprint):
+                return enc
+        enc = build(spec, device, precision)
+        _cache[key] = enc
+        return enc
+
+
+def read_local_config(folder: str | os.PathLike) -> dict:
+    with open(Path(folder) / CONFIG_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+__all__ = ["ModelSpec", "Encoder", "build", "load", "resolve_weights", "file_fingerprint",
+           "cpu_has_fast_bf16", "pick_device", "pick_precision", "read_local_config",
+           "LOCAL_DIR", "HF_HUB", "CONFIG_FILE", "WEIGHTS_FILE"]
+
+
+def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preprocess_cfg: dict | None = None,
+                   extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically.
+
+    Files go to a temporary sibling folder that is renamed into place, so a crash never leaves a
+    half-written model where a later command would load it.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,33 @@
+"""Errors the library raises. Each message says what went wrong and what to do about it."""
+
+
+class ImgSearchError(Exception):
+    """Base class; the CLI prints the message on one line and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class UsageError(ImgSearchError):
+    """The user asked for something malformed (bad option value, missing file argument)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(ImgSearchError):
+    """Model weights or config could not be loaded."""
+
+
+class ModelMismatchError(ImgSearchError):
+    """The library holds no vectors for the requested model, or they do not fit it."""
+
+
+class LibraryError(ImgSearchError):
+    """The library database is unreadable, locked or from a newer version."""
+
+
+class DecodeError(ImgSearchError):
+    """One image could not be read; indexing records the reason and moves on."""
+
+
+class DataError(ImgSearchError):
+    """An input file (captions, labels, templates) is malformed."""

@@ -1,0 +1,393 @@
+"""Index folders: walk -> read + hash -> decode + preprocess (worker threads) -> encode -> SQLite.
+
+Decoding overlaps encoding: worker threads read, hash and decode upcoming files while the model runs
+on the current batch. Every batch is written in one transaction, so an interrupted run loses at most
+the batch in flight and the next run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+
+from . import files, images
+from .config import Settings
+from .encoder import Encoder, ModelSpec
+from .errors import DecodeError, UsageError
+from .store import ImageRow, ModelRow, Store
+from .vectors import load_or_build
+
+
+@dataclass
+class IndexReport:
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    encoded: int = 0
+    reused: int = 0  # vectors copied from an identical file already in the library
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+    model: str = ""
+
+    def counts(self) -> dict[str, int]:
+        return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged, "moved": self.moved,
+                "removed": self.removed, "failed": len(self.failed)}
+
+    def as_dict(self) -> dict:
+        return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "seconds": round(self.seconds, 3),
+                "interrupted": self.interrupted, "model": self.model,
+                "failures": [{"path": p, "reason": r} for p, r in self.failed]}
+
+
+@dataclass
+class _Work:
+    entry: files.FileEntry
+    old: ImageRow | None  # existing row at this path (content may have changed)
+    needs_vector: bool  # False: only the fingerprint must be checked
+
+
+@dataclass
+class _Done:
+    work: _Work
+    hash: str | None = None
+    tensor: object = None
+    info: images.ImageInfo | None = None
+    error: str | None = None
+    skipped_decode: bool = False  # content already known; no pixels decoded
+
+
+ProgressFn = Callable[[int, int], None]  # (done, total)
+
+
+class Indexer:
+    """One indexing run over some roots with one encoder. Use :func:`index_paths`."""
+
+    def __init__(self, settings: Settings, encoder: Encoder, store: Store):
+        self.settings = settings
+        self.encoder = encoder
+        self.store = store
+        self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
+                                                         encoder.fingerprint, encoder.dim)
+        self.draft = encoder.image_size * 2
+
+    # --- worker side (threads) -----------------------------------------------------------------
+    def _process(self, work: _Work, known_hashes: frozenset[str]) -> _Done:
+        path = work.entry.path
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return _Done(work, error=f"cannot read file: {e.strerror or e}")
+        digest = files.content_hash(data)
+        if work.old is not None and work.old.hash == digest and not work.needs_vector:
+            return _Done(work, hash=digest, skipped_decode=True)  # touched, same content
+        if work.old is None and digest in known_hashes:
+            return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
+        try:
+            im, info = images.open_image(data, draft_size=self.draft, max_pixels=self.settings.max_pixels)
+            tensor = self.encoder.preprocess(im)
+        except DecodeError as e:
+            return _Done(work, hash=digest, error=str(e))
+        except Exception as e:  # a decoder bug on one file must not stop the run
+            return _Done(work, hash=digest, error=f"cannot decode: {type(e).__name__}: {e}")
+        return _Done(work, hash=digest, tensor=tensor, info=info)
+
+    # --- main side -------------------------------------------------------------------------------
+    def run(self, roots: list[str], progress: ProgressFn | None = None) -> IndexReport:
+        t0 = time.perf_counter()
+        report = IndexReport(model=self.encoder.spec.label)
+        store = self.store
+        model_id = self.model.id
+
+        seen: dict[str, files.FileEntry] = {}
+        problems: dict[str, str] = {}
+        for item in files.walk(roots):
+            if isinstance(item, files.Skipped):
+                problems[item.path] = item.reason
+            else:
+                seen[item.path] = item
+        existing = store.images_under(roots)
+        with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
+        self._with_vec = with_vec
+
+        work: list[_Work] = []
+        for path, entry in seen.items():
+            old = existing.get(path)
+            if old is not None and old.size == entry.size and old.mtime_ns == entry.mtime_ns:
+                if old.id in with_vec:
+                    report.unchanged += 1
+                    continue
+                work.append(_Work(entry, old, needs_vector=True))
+            else:
+                work.append(_Work(entry, old, needs_vector=old is None or old.id not in with_vec))
+
+        # Rows whose file is gone are move sources first; whatever is not claimed is removed at the end.
+        missing = {p: r for p, r in existing.items() if p not in seen and p not in problems}
+        missing_by_hash: dict[str, list[ImageRow]] = {}
+        for r in missing.values():
+            missing_by_hash.setdefault(r.hash, []).append(r)
+        has_new = any(w.old is None for w in work)
+        vector_hashes = self._hashes_with_vectors() if has_new else set()
+        known = frozenset(missing_by_hash) | frozenset(vector_hashes)
+
+        run_id = store.start_run(model_id, roots)
+        pending = _Pending()
+        batch: list[_Done] = []
+        total = len(work)
+        done = 0
+        if progress:
+            progress(0, total)
+        try:
+            with ThreadPoolExecutor(self.settings.decode_workers(), thread_name_prefix="decode") as pool:
+                for result in _bounded_map(pool, lambda w: self._process(w, known), work,
+                                           ahead=max(2 * self.settings.batch_size, 4 * self.settings.decode_workers())):
+                    self._route(result, report, pending, batch, missing, missing_by_hash, vector_hashes)
+                    if len(batch) >= self.settings.batch_size:
+                        self._encode(batch, pending, report)
+                        batch = []
+                    if pending.size() >= self.settings.write_batch or (pending.vectors and not batch):
+                        pending.flush(store, model_id)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                if batch:
+                    self._encode(batch, pending, report)
+                    batch = []
+                pending.flush(store, model_id)
+            gone = [r.id for p, r in missing.items()]
+            report.removed = store.delete_images(gone)
+            for path, reason in problems.items():
+                report.failed.append((path, reason))
+            if problems:
+                pending.failures.extend((p, r, None, None) for p, r in problems.items())
+                pending.flush(store, model_id)
+            store.delete_failures_under(roots, keep={p for p, _ in report.failed})
+        except BaseException:
+            report.interrupted = True
+            report.seconds = time.perf_counter() - t0
+            try:
+                store.finish_run(run_id, report.counts(), interrupted=True)
+            except Exception:
+                pass
+            raise
+        report.failed.sort()
+        store.finish_run(run_id, report.counts())
+        self.refresh_cache()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _hashes_with_vectors(self) -> set[str]:
+        rows = self.store.rows("SELECT DISTINCT i.hash FROM images i JOIN vectors v ON v.image_id = i.id "
+                               "WHERE v.model_id = :m", m=self.model.id)
+        return {r[0] for r in rows}
+
+    def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,
+               missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]],
+               vector_hashes: set[str]) -> None:
+        """Decide what one processed file means for the library (main thread only)."""
+        w = res.work
+        e = w.entry
+        if res.error is not None:
+            report.failed.append((e.path, res.error))
+            pending.failures.append((e.path, res.error, e.size, e.mtime_ns))
+            return
+        if res.skipped_decode:
+            if w.old is not None:  # same bytes, new timestamp
+                pending.touched.append((w.old.id, e.size, e.mtime_ns))
+                report.unchanged += 1
+                pending.cleared.append(e.path)
+                return
+            candidates = missing_by_hash.get(res.hash) or []
+            if candidates:
+                row = candidates.pop()
+                missing.pop(row.path, None)
+                pending.moved.append((row.id, e.path, e.size, e.mtime_ns))
+                pending.cleared.append(e.path)
+                report.moved += 1
+                if row.id not in self._with_vec:  # moved, but never encoded with this model
+                    redo = self._process(_Work(e, row, True), frozenset())
+                    if redo.error is None and not redo.skipped_decode:
+                        batch.append(redo)
+                return
+            if res.hash in vector_hashes:
+                pending.copies.append((e, res.hash))
+                pending.cleared.append(e.path)
+                report.new += 1
+                report.reused += 1
+                return
+            # Claimed by an earlier file in this run and no vector to copy: decode after all.
+            redo = self._process(_Work(e, None, True), frozenset())
+            return self._route(redo, report, pending, batch, missing, missing_by_hash, vector_hashes)
+        batch.append(res)
+
+    def _encode(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> None:
+        import torch
+
+        vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor for r in batch]))
+        for res, vec in zip(batch, vecs):
+            w, e, info = res.work, res.work.entry, res.info
+            record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": res.hash,
+                      "width": info.width, "height": info.height, "taken_at": info.taken_at}
+            if w.old is None:
+                pending.new.append(record)
+                pending.vectors.append((e.path, vec))
+                report.new += 1
+            elif w.old.hash != res.hash:
+                pending.updated.append({**record, "id": w.old.id})
+                pending.vectors.append((w.old.id, vec))
+                report.updated += 1
+            else:  # unchanged content, first vector for this model
+                pending.touched.append((w.old.id, e.size, e.mtime_ns))
+                pending.vectors.append((w.old.id, vec))
+                report.unchanged += 1
+            pending.cleared.append(e.path)
+        report.encoded += len(batch)
+
+    def refresh_cache(self) -> None:
+        """Bring this model's FAISS cache up to date so the next query starts fast."""
+        model = self.store.model_by_id(self.model.id)
+        state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint}
+        load_or_build(self.settings.index_path(model.id), state, model.dim,
+                      lambda: self.store.load_vectors(model.id))
+
+
+class _Pending:
+    """Results waiting for the next transaction."""
+
+    def __init__(self):
+        self.new: list[dict] = []
+        self.updated: list[dict] = []
+        self.moved: list[tuple] = []
+        self.touched: list[tuple] = []
+        self.vectors: list[tuple] = []
+        self.copies: list[tuple[files.FileEntry, str]] = []
+        self.failures: list[tuple] = []
+        self.cleared: list[str] = []
+
+    def size(self) -> int:
+        return (len(self.new) + len(self.updated) + len(self.moved) + len(self.touched) + len(self.copies)
+                + len(self.failures))
+
+    def flush(self, store: Store, model_id: int) -> None:
+        if self.copies:
+            self._resolve_copies(store, model_id)
+        if not (self.size() or self.vectors or self.cleared):
+            return
+        store.write_batch(model_id, new=self.new, updated=self.updated, moved=self.moved, touched=self.touched,
+                          vectors=self.vectors, failures=self.failures, cleared_failures=self.cleared)
+        self.__init__()
+
+    def _resolve_copies(self, store: Store, model_id: int) -> None:
+        """New files identical to an indexed one: copy its row data and vector instead of re-encoding."""
+        by_hash = store.images_by_hash(h for _, h in self.copies)
+        source_ids = [rows[0].id for rows in by_hash.values()]
+        ids, vecs = store.load_vectors(model_id, source_ids)
+        vec_by_id = dict(zip(ids.tolist(), vecs))
+        for entry, digest in self.copies:
+            rows = [r for r in by_hash.get(digest, []) if r.id in vec_by_id]
+            if not rows:
+                continue
+            src = rows[0]
+            self.new.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns, "hash": digest,
+                             "width": src.width, "height": src.height, "taken_at": src.taken_at})
+            self.vectors.append((entry.path, vec_by_id[src.id]))
+        self.copies = []
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int):
+    """Like pool.map, in order, but keeps at most ``ahead`` items in flight (bounded memory)."""
+    queue: deque = deque()
+    it = iter(items)
+    try:
+        for item in it:
+            queue.append(pool.submit(fn, item))
+            if len(queue) >= ahead:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+    finally:
+        for fut in queue:
+            fut.cancel()
+
+
+def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
+    roots = []
+    for p in paths:
+        full = files.abspath(p)
+        if not os.path.lexists(full):
+            raise UsageError(f"no such file or folder: {p}")
+        roots.append(full)
+    if not roots:
+        raise UsageError("give at least one folder or image file to index")
+    return roots
+
+
+def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
+                progress: ProgressFn | None = None, store: Store | None = None) -> IndexReport:
+    """Index (or re-index incrementally) image files under ``paths`` with the settings' model."""
+    from . import encoder as encoder_mod
+
+    roots = normalize_roots(paths)
+    enc = encoder or encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
+                                      settings.precision)
+    own_store = store is None
+    store = store or Store(settings.db_path)
+    try:
+        return Indexer(settings, enc, store).run(roots, progress)
+    finally:
+        if own_store:
+            store.close()
+
+
+def forget(settings: Settings, paths: Iterable[str | os.PathLike]) -> int:
+    """Remove files or folders (by path prefix) from the library; the files themselves are untouched."""
+    store = Store(settings.db_path, create=False)
+    try:
+        targets = [files.abspath(p) for p in paths]
+        if not targets:
+            raise UsageError("give at least one file or folder to forget")
+        rows = store.images_under(targets)
+        removed = store.delete_images(r.id for r in rows.values())
+        store.delete_failures_under(targets)
+        return removed
+    finally:
+        store.close()
+
+
+__all__ = ["IndexReport", "Indexer", "index_paths", "forget", "normalize_roots"]
+
+
+def library_status(settings: Settings) -> dict:
+    """What is in the library: images, failures, models with vector counts, cache files, disk use."""
+    from .vectors import cache_state
+
+    store = Store(settings.db_path, create=False)
+    try:
+        models = []
+        for m in store.models():
+            path = settings.index_path(m.id)
+            state, meta = cache_state(path)
+            if state == "ok" and (meta.get("version") != m.version or meta.get("fingerprint") != m.fingerprint):
+                state = "stale (rebuilt on next query)"
+            models.append({"id": m.id, "model": m.label, "name": m.name, "pretrained": m.pretrained, "dim": m.dim,
+                           "vectors": m.vectors, "index_file": str(path), "index_state": state,
+                           "index_type": (meta or {}).get("kind"),
+                           "index_bytes": path.stat().st_size if path.exists() else 0})
+        disk = store.disk_usage()
+        for folder in (settings.index_dir, settings.thumbs_dir):
+            if folder.exists():
+                disk += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        return {"home": str(settings.home), "images": store.image_count(), "failures": store.failure_count(),
+                "failed_files": [{"path": p, "reason": r} for p, r in store.failures(limit=20)],
+                "models": models, "last_run": store.last_run(), "disk_bytes": disk,
+                "schema_version": store.schema_version}
+    finally:
+        store.close()

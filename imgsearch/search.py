@@ -1,0 +1,233 @@
+"""Query layer: text, image and stored-image queries, weighted combinations and negatives, filters."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import files, images
+from .config import Settings
+from .encoder import Encoder, ModelSpec, resolve_weights
+from .errors import DecodeError, ModelMismatchError, UsageError
+from .store import ModelRow, Store
+from .vectors import VectorIndex, load_or_build
+
+_WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a query: a text, an image file, or an image already in the library (by id)."""
+
+    kind: str  # "text" | "image" | "id"
+    value: str | int
+    weight: float = 1.0
+
+
+def parse_weighted(raw: str) -> tuple[float, str]:
+    """'2:red car' -> (2.0, 'red car'); 'red car' -> (1.0, 'red car')."""
+    m = _WEIGHT.match(raw)
+    if m:
+        return float(m.group(1)), m.group(2).strip()
+    return 1.0, raw.strip()
+
+
+def text_term(raw: str) -> Term:
+    weight, text = parse_weighted(raw)
+    if not text:
+        raise UsageError("empty query text; give some words, e.g. imgsearch query \"a red car\"")
+    return Term("text", text, weight)
+
+
+def image_term(raw: str) -> Term:
+    """An image file; 'W:path' weights it unless 'W:path' is itself an existing file."""
+    if os.path.exists(raw):
+        return Term("image", files.abspath(raw), 1.0)
+    weight, path = parse_weighted(raw)
+    if not os.path.exists(path):
+        raise UsageError(f"query image not found: {path}")
+    return Term("image", files.abspath(path), weight)
+
+
+@dataclass
+class Query:
+    positives: list[Term] = field(default_factory=list)
+    negatives: list[Term] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, texts: Sequence[str] = (), images_: Sequence[str] = (), not_texts: Sequence[str] = (),
+              not_images: Sequence[str] = (), ids: Sequence[int] = ()) -> "Query":
+        q = cls([text_term(t) for t in texts] + [image_term(p) for p in images_] + [Term("id", int(i)) for i in ids],
+                [text_term(t) for t in not_texts] + [image_term(p) for p in not_images])
+        if not q.positives:
+            raise UsageError("nothing to search for: give query text, --image FILE, or both")
+        return q
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    path: str
+    score: float
+    width: int | None
+    height: int | None
+    size: int
+    taken_at: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_row_for(store: Store, spec: ModelSpec, fingerprint: str) -> ModelRow:
+    """The library's model row for these weights, or a ModelMismatchError saying what to do."""
+    row = store.find_model(spec.name, spec.pretrained, fingerprint)
+    if row is not None and store.vector_count(row.id) > 0:
+        return row
+    present = [m for m in store.models() if m.vectors]
+    same_name = [m for m in present if m.name == spec.name and (m.pretrained or None) == (spec.pretrained or None)]
+    if same_name:
+        raise ModelMismatchError(
+            f"the library's vectors for {spec.label} were made with different weights (the model files changed); "
+            f"re-run `imgsearch --model {spec.name} index PATH` to re-encode")
+    if present:
+        names = ", ".join(m.label for m in present)
+        raise ModelMismatchError(
+            f"the library has no vectors for {spec.label} (it has: {names}); use --model with one of those, "
+            f"or run `imgsearch --model {spec.name} index PATH` first")
+    raise ModelMismatchError("the library is empty; run `imgsearch index PATH` first")
+
+
+class Searcher:
+    """A warm searcher over one library and one model: encoder and FAISS index stay loaded.
+
+    Safe to share between threads (the UI and the server keep one per process).
+    """
+
+    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None):
+        self.settings = settings
+        self.store = store or Store(settings.db_path, create=False)
+        spec = ModelSpec(settings.model, settings.pretrained).canonical()
+        # Check the library before paying for model load: a mismatch is reported in milliseconds.
+        fingerprint = encoder.fingerprint if encoder else resolve_weights(spec)[0]
+        self.model = model_row_for(self.store, spec, fingerprint)
+        self._encoder = encoder
+        self._spec = spec
+        self._index: VectorIndex | None = None
+        self._index_version: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            from . import encoder as encoder_mod
+
+            self._encoder = encoder_mod.load(self._spec, self.settings.device, self.settings.precision)
+        return self._encoder
+
+    def index(self) -> VectorIndex:
+        """The FAISS index, reloaded when the library changed since it was loaded."""
+        with self._lock:
+            version = self.store.model_version(self.model.id)
+            if self._index is None or version != self._index_version:
+                state = {"model_id": self.model.id, "version": version, "fingerprint": self.model.fingerprint}
+                self._index, _ = load_or_build(self.settings.index_path(self.model.id), state, self.model.dim,
+                                               lambda: self.store.load_vectors(self.model.id))
+                self._index_version = version
+            return self._index
+
+    # --- embedding -----------------------------------------------------------------------------
+    def embed_terms(self, terms: Iterable[Term]) -> list[tuple[float, np.ndarray]]:
+        terms = list(terms)
+        out: list[tuple[float, np.ndarray]] = []
+        texts = [t for t in terms if t.kind == "text"]
+        if texts:
+            vecs = self.encoder.encode_texts([str(t.value) for t in texts])
+            out += [(t.weight, v) for t, v in zip(texts, vecs)]
+        imgs = [t for t in terms if t.kind == "image"]
+        if imgs:
+            pil = []
+            for t in imgs:
+                try:
+                    im, _ = images.open_image(str(t.value), draft_size=self.encoder.image_size * 2,
+                                              max_pixels=self.settings.max_pixels)
+                except DecodeError as e:
+                    raise UsageError(f"cannot use query image {t.value}: {e}") from None
+                pil.append(im)
+            out += [(t.weight, v) for t, v in zip(imgs, self.encoder.encode_images(pil))]
+        ids = [t for t in terms if t.kind == "id"]
+        if ids:
+            found_ids, vecs = self.store.load_vectors(self.model.id, [int(t.value) for t in ids])
+            by_id = dict(zip(found_ids.tolist(), vecs))
+            for t in ids:
+                if int(t.value) not in by_id:
+                    raise UsageError(f"image id {t.value} is not in the library")
+                out.append((t.weight, by_id[int(t.value)]))
+        return out
+
+    def query_vector(self, query: Query) -> np.ndarray:
+        """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space)."""
+        vec = np.zeros(self.model.dim, dtype=np.float32)
+        for w, v in self.embed_terms(query.positives):
+            vec += w * v
+        for w, v in self.embed_terms(query.negatives):
+            vec -= w * v
+        norm = float(np.linalg.norm(vec))
+        if norm < 1e-8:
+            raise UsageError("the query terms cancel out; change the weights or drop a --not term")
+        return vec / norm
+
+    # --- search --------------------------------------------------------------------------------
+    def search(self, query: Query, k: int = 10, min_score: float | None = None, under: str | None = None,
+               allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = ()) -> list[Hit]:
+        """Top ``k`` images for ``query``; files deleted since indexing never appear."""
+        if k < 1:
+            raise UsageError("-k must be at least 1")
+        return self.search_vector(self.query_vector(query), k, min_score, under, allowed_ids, exclude_ids)
+
+    def search_vector(self, vec: np.ndarray, k: int = 10, min_score: float | None = None, under: str | None = None,
+                      allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = ()) -> list[Hit]:
+        index = self.index()
+        allowed = allowed_ids
+        if under:
+            folder = files.abspath(under)
+            if not os.path.isdir(folder) and self.store.image_by_path(folder) is None:
+                raise UsageError(f"--under {under}: no such folder")
+            in_folder = self.store.ids_under(folder)
+            allowed = in_folder if allowed is None else np.intersect1d(allowed, in_folder)
+        exclude = set(int(i) for i in exclude_ids)
+        limit = len(index) if allowed is None else len(allowed)
+        fetch = min(limit, k + len(exclude) + 8)
+        while True:
+            scores, ids = index.search(vec[None, :], fetch, allowed=allowed)
+            pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in exclude]
+            rows = self.store.get_images(i for _, i in pairs)
+            hits: list[Hit] = []
+            for score, i in pairs:
+                if min_score is not None and score < min_score:
+                    break
+                row = rows.get(i)
+                if row is None or not os.path.exists(row.path):
+                    continue  # deleted since it was indexed
+                hits.append(Hit(len(hits) + 1, i, row.path, round(score, 6), row.width, row.height, row.size,
+                                row.taken_at))
+                if len(hits) == k:
+                    return hits
+            exhausted = fetch >= limit or (min_score is not None and pairs and pairs[-1][0] < min_score)
+            if exhausted:
+                return hits
+            fetch = min(limit, fetch * 4)
+
+
+def search(settings: Settings, query: Query, k: int = 10, **kwargs) -> list[Hit]:
+    """One-shot search (opens the library, loads the model)."""
+    s = Searcher(settings)
+    try:
+        return s.search(query, k, **kwargs)
+    finally:
+        s.store.close()

@@ -1,0 +1,469 @@
+"""SQLite library through SQLAlchemy: images, models, vectors, failures, runs. All SQL lives here.
+
+SQLite is the source of truth, vectors included; FAISS files are caches built from it.
+The schema upgrades itself when opened (numbered, named migrations).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import LibraryError
+
+# Each migration is (version, name, statements). Never edit a released one; append a new one.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "initial", [
+        """CREATE TABLE images (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            path TEXT NOT NULL UNIQUE,
+            folder TEXT NOT NULL,
+            name TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            hash TEXT NOT NULL,
+            width INTEGER,
+            height INTEGER,
+            taken_at TEXT,
+            added_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX ix_images_hash ON images(hash)",
+        "CREATE INDEX ix_images_folder ON images(folder)",
+        """CREATE TABLE models (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            pretrained TEXT NOT NULL DEFAULT '',
+            fingerprint TEXT NOT NULL,
+            dim INTEGER NOT NULL,
+            version INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            UNIQUE (name, pretrained, fingerprint)
+        )""",
+        """CREATE TABLE vectors (
+            model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            vector BLOB NOT NULL,
+            PRIMARY KEY (model_id, image_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX ix_vectors_image ON vectors(image_id)",
+        """CREATE TABLE failures (
+            path TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            size INTEGER,
+            mtime_ns INTEGER,
+            at REAL NOT NULL
+        )""",
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,
+            roots TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            new INTEGER DEFAULT 0, updated INTEGER DEFAULT 0, unchanged INTEGER DEFAULT 0,
+            moved INTEGER DEFAULT 0, removed INTEGER DEFAULT 0, failed INTEGER DEFAULT 0,
+            interrupted INTEGER DEFAULT 0
+        )""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str
+    width: int | None = None
+    height: int | None = None
+    taken_at: str | None = None
+    added_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    id: int
+    name: str
+    pretrained: str | None
+    fingerprint: str
+    dim: int
+    version: int
+    vectors: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
+
+
+def vector_to_blob(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def blob_to_vector(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4")
+
+
+def _chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def _like_prefix(folder: str) -> str:
+    folder = folder.rstrip(os.sep)
+    escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + os.sep + "%"
+
+
+class Store:
+    """One open library database. Cheap to open; safe to use from one thread at a time."""
+
+    def __init__(self, db_path: str | os.PathLike, *, create: bool = True):
+        from sqlalchemy import create_engine, event
+
+        self.path = Path(db_path)
+        if not self.path.exists():
+            if not create:
+                raise LibraryError(f"no library at {self.path.parent}; run `imgsearch index PATH` first "
+                                   "(or pass --home to point at an existing library)")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LibraryError(f"cannot create library folder {self.path.parent}: {e.strerror or e}") from None
+        self.engine = create_engine(f"sqlite:///{self.path}", future=True)
+
+        @event.listens_for(self.engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout = 30000")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.close()
+
+        self._migrate()
+
+    # --- schema ------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        import sqlalchemy as sa
+        from sqlalchemy import text
+
+        try:
+            with self.engine.begin() as c:
+                c.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                               "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"))
+                done = {r[0] for r in c.execute(text("SELECT version FROM schema_migrations"))}
+                if done and max(done) > SCHEMA_VERSION:
+                    raise LibraryError(
+                        f"library {self.path} was written by a newer imgsearch (schema {max(done)} > "
+                        f"{SCHEMA_VERSION}); upgrade imgsearch to use it")
+                for version, name, statements in MIGRATIONS:
+                    if version in done:
+                        continue
+                    for stmt in statements:
+                        c.execute(text(stmt))
+                    c.execute(text("INSERT INTO schema_migrations VALUES (:v, :n, :t)"),
+                              {"v": version, "n": name, "t": time.time()})
+        except sa.exc.DatabaseError as e:
+            raise LibraryError(
+                f"library database {self.path} is unreadable ({str(e.orig) if e.orig else e}); "
+                "move it aside and re-run `imgsearch index` to rebuild it") from None
+
+    @property
+    def schema_version(self) -> int:
+        return self.scalar("SELECT max(version) FROM schema_migrations") or 0
+
+    # --- small helpers -----------------------------------------------------------------------
+    def begin(self):
+        return self.engine.begin()
+
+    def scalar(self, sql: str, **params):
+        from sqlalchemy import text
+
+        with self.engine.connect() as c:
+            return c.execute(text(sql), params).scalar()
+
+    def rows(self, sql: str, **params) -> list:
+        from sqlalchemy import text
+
+        with self.engine.connect() as c:
+            return list(c.execute(text(sql), params))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- models ------------------------------------------------------------------------------
+    def get_or_create_model(self, name: str, pretrained: str | None, fingerprint: str, dim: int) -> ModelRow:
+        from sqlalchemy import text
+
+        with self.begin() as c:
+            c.execute(text("INSERT OR IGNORE INTO models (name, pretrained, fingerprint, dim, created_at) "
+                           "VALUES (:n, :p, :f, :d, :t)"),
+                      {"n": name, "p": pretrained or "", "f": fingerprint, "d": dim, "t": time.time()})
+        row = self.find_model(name, pretrained, fingerprint)
+        assert row is not None
+        if row.dim != dim:
+            raise LibraryError(f"model {row.label} is recorded with dimension {row.dim} but loads with {dim}")
+        return row
+
+    def find_model(self, name: str, pretrained: str | None, fingerprint: str) -> ModelRow | None:
+        r = self.rows("SELECT id, name, pretrained, fingerprint, dim, version FROM models "
+                      "WHERE name = :n AND pretrained = :p AND fingerprint = :f",
+                      n=name, p=pretrained or "", f=fingerprint)
+        return self._model(r[0]) if r else None
+
+    def model_by_id(self, model_id: int) -> ModelRow | None:
+        r = self.rows("SELECT id, name, pretrained, fingerprint, dim, version FROM models WHERE id = :i", i=model_id)
+        return self._model(r[0]) if r else None
+
+    @staticmethod
+    def _model(r, vectors: int = 0) -> ModelRow:
+        return ModelRow(r[0], r[1], r[2] or None, r[3], r[4], r[5], vectors)
+
+    def models(self) -> list[ModelRow]:
+        """Every model with its vector count."""
+        rows = self.rows("SELECT m.id, m.name, m.pretrained, m.fingerprint, m.dim, m.version, "
+                         "(SELECT count(*) FROM vectors v WHERE v.model_id = m.id) FROM models m ORDER BY m.id")
+        return [self._model(r, r[6]) for r in rows]
+
+    def models_named(self, name: str, pretrained: str | None) -> list[ModelRow]:
+        return [m for m in self.models() if m.name == name and (m.pretrained or None) == (pretrained or None)]
+
+    def model_version(self, model_id: int) -> int:
+        return int(self.scalar("SELECT version FROM models WHERE id = :i", i=model_id) or 0)
+
+    # --- images ------------------------------------------------------------------------------
+    _IMAGE_COLS = "id, path, size, mtime_ns, hash, width, height, taken_at, added_at"
+
+    def images_under(self, roots: Iterable[str]) -> dict[str, ImageRow]:
+        """Every library image at or below each root (files or folders), keyed by path."""
+        out: dict[str, ImageRow] = {}
+        for root in roots:
+            root = root.rstrip(os.sep) or os.sep
+            if root == os.sep:
+                rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images")
+            else:
+                rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p "
+                                 "OR path LIKE :like ESCAPE '\\'", p=root, like=_like_prefix(root))
+            for r in rows:
+                out[r[1]] = ImageRow(*r)
+        return out
+
+    def image_ids_with_vectors(self, model_id: int, ids: Iterable[int]) -> set[int]:
+        have: set[int] = set()
+        ids = list(ids)
+        for part in _chunks(ids):
+            marks = ",".join(str(int(i)) for i in part)
+            have.update(r[0] for r in self.rows(
+                f"SELECT image_id FROM vectors WHERE model_id = :m AND image_id IN ({marks})", m=model_id))
+        return have
+
+    def images_by_hash(self, hashes: Iterable[str]) -> dict[str, list[ImageRow]]:
+        out: dict[str, list[ImageRow]] = {}
+        hashes = list(set(hashes))
+        for part in _chunks(hashes):
+            params = {f"h{i}": h for i, h in enumerate(part)}
+            marks = ",".join(f":h{i}" for i in range(len(part)))
+            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE hash IN ({marks})", **params):
+                out.setdefault(r[4], []).append(ImageRow(*r))
+        return out
+
+    def get_images(self, ids: Iterable[int]) -> dict[int, ImageRow]:
+        out: dict[int, ImageRow] = {}
+        ids = [int(i) for i in ids]
+        for part in _chunks(ids):
+            marks = ",".join(str(i) for i in part)
+            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE id IN ({marks})"):
+                out[r[0]] = ImageRow(*r)
+        return out
+
+    def image_by_path(self, path: str) -> ImageRow | None:
+        r = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p", p=path)
+        return ImageRow(*r[0]) if r else None
+
+    def ids_under(self, folder: str) -> np.ndarray:
+        folder = folder.rstrip(os.sep) or os.sep
+        if folder == os.sep:
+            rows = self.rows("SELECT id FROM images")
+        else:
+            rows = self.rows("SELECT id FROM images WHERE path = :p OR path LIKE :like ESCAPE '\\'",
+                             p=folder, like=_like_prefix(folder))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def image_count(self) -> int:
+        return int(self.scalar("SELECT count(*) FROM images") or 0)
+
+    # --- writes (each call is one transaction) -------------------------------------------------
+    def write_batch(self, model_id: int, *, new: Sequence[dict] = (), updated: Sequence[dict] = (),
+                    moved: Sequence[tuple[int, str, int, int]] = (), touched: Sequence[tuple[int, int, int]] = (),
+                    vectors: Sequence[tuple[int | str, np.ndarray]] = (), cleared_failures: Sequence[str] = (),
+                    failures: Sequence[tuple[str, str, int | None, int | None]] = ()) -> dict[str, int]:
+        """Apply one batch of indexing results atomically; returns {path: id} for new images.
+
+        new: dicts with path,size,mtime_ns,hash,width,height,taken_at (+ optional 'vector').
+        updated: same plus 'id' (content changed: other models' vectors are dropped as stale).
+        moved: (id, new_path, size, mtime_ns). touched: (id, size, mtime_ns) for same-content files.
+        vectors: (image id or path of a new image, vector) for this model.
+        """
+        from sqlalchemy import text
+
+        now = time.time()
+        ids: dict[str, int] = {}
+        with self.begin() as c:
+            for img in new:
+                res = c.execute(text(
+                    "INSERT INTO images (path, folder, name, size, mtime_ns, hash, width, height, taken_at, "
+                    "added_at, updated_at) VALUES (:path, :folder, :name, :size, :mtime_ns, :hash, :width, "
+                    ":height, :taken_at, :now, :now)"),
+                    {**_image_params(img), "now": now})
+                ids[img["path"]] = res.lastrowid
+            if updated:
+                c.execute(text("UPDATE images SET size = :size, mtime_ns = :mtime_ns, hash = :hash, width = :width, "
+                               "height = :height, taken_at = :taken_at, updated_at = :now WHERE id = :id"),
+                          [{**_image_params(img), "id": img["id"], "now": now} for img in updated])
+                c.execute(text("DELETE FROM vectors WHERE model_id != :m AND image_id = :id"),
+                          [{"m": model_id, "id": img["id"]} for img in updated])
+            if moved:
+                c.execute(text("DELETE FROM images WHERE path = :path AND id != :id"),
+                          [{"id": i, "path": p} for i, p, _, _ in moved])
+                c.execute(text("UPDATE images SET path = :path, folder = :folder, name = :name, size = :size, "
+                               "mtime_ns = :mtime_ns, updated_at = :now WHERE id = :id"),
+                          [{"id": i, "path": p, "folder": os.path.dirname(p), "name": os.path.basename(p),
+                            "size": s, "mtime_ns": m, "now": now} for i, p, s, m in moved])
+            if touched:
+                c.execute(text("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id"),
+                          [{"id": i, "s": s, "m": m} for i, s, m in touched])
+            if vectors:
+                c.execute(text("INSERT OR REPLACE INTO vectors (model_id, image_id, vector) VALUES (:m, :i, :v)"),
+                          [{"m": model_id, "i": ids[k] if isinstance(k, str) else int(k), "v": vector_to_blob(v)}
+                           for k, v in vectors])
+            if cleared_failures:
+                c.execute(text("DELETE FROM failures WHERE path = :p"), [{"p": p} for p in cleared_failures])
+            if failures:
+                c.execute(text("INSERT OR REPLACE INTO failures (path, reason, size, mtime_ns, at) "
+                               "VALUES (:p, :r, :s, :m, :t)"),
+                          [{"p": p, "r": r, "s": s, "m": m, "t": now} for p, r, s, m in failures])
+            if new or updated or moved or vectors:
+                c.execute(text("UPDATE models SET version = version + 1 WHERE id = :m"), {"m": model_id})
+            if updated:  # other models lost vectors for these images
+                c.execute(text("UPDATE models SET version = version + 1 WHERE id != :m"), {"m": model_id})
+        return ids
+
+    def delete_images(self, ids: Iterable[int]) -> int:
+        """Remove images (and all their vectors, tags, captions) from the library."""
+        from sqlalchemy import text
+
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        with self.begin() as c:
+            for part in _chunks(ids):
+                c.execute(text(f"DELETE FROM images WHERE id IN ({','.join(map(str, part))})"))
+            c.execute(text("UPDATE models SET version = version + 1"))
+        return len(ids)
+
+    def delete_failures_under(self, roots: Iterable[str], keep: set[str] | None = None) -> None:
+        """Forget failure records under ``roots`` except paths in ``keep`` (the ones that still fail)."""
+        from sqlalchemy import text
+
+        keep = keep or set()
+        with self.begin() as c:
+            for root in roots:
+                root = root.rstrip(os.sep) or os.sep
+                rows = c.execute(text("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\'"),
+                                 {"p": root, "like": _like_prefix(root) if root != os.sep else "%"})
+                gone = [r[0] for r in rows if r[0] not in keep]
+                if gone:
+                    c.execute(text("DELETE FROM failures WHERE path = :p"), [{"p": p} for p in gone])
+
+    def failures(self, limit: int | None = None) -> list[tuple[str, str]]:
+        sql = "SELECT path, reason FROM failures ORDER BY path"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [(r[0], r[1]) for r in self.rows(sql)]
+
+    def failure_count(self) -> int:
+        return int(self.scalar("SELECT count(*) FROM failures") or 0)
+
+    # --- vectors -----------------------------------------------------------------------------
+    def vector_count(self, model_id: int) -> int:
+        return int(self.scalar("SELECT count(*) FROM vectors WHERE model_id = :m", m=model_id) or 0)
+
+    def load_vectors(self, model_id: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [N], vectors float32 [N, dim]) for a model; all of them or the given ids."""
+        from sqlalchemy import text
+
+        model = self.model_by_id(model_id)
+        dim = model.dim if model else 0
+        id_list: list[int] = []
+        blobs: list[bytes] = []
+        with self.engine.connect() as c:
+            if ids is None:
+                result = c.execute(text("SELECT image_id, vector FROM vectors WHERE model_id = :m ORDER BY image_id"),
+                                   {"m": model_id})
+                for i, b in result:
+                    id_list.append(i)
+                    blobs.append(b)
+            else:
+                for part in _chunks([int(i) for i in ids]):
+                    result = c.execute(text(f"SELECT image_id, vector FROM vectors WHERE model_id = :m "
+                                            f"AND image_id IN ({','.join(map(str, part))})"), {"m": model_id})
+                    for i, b in result:
+                        id_list.append(i)
+                        blobs.append(b)
+        if not blobs:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
+        matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
+        return np.asarray(id_list, dtype=np.int64), matrix
+
+    # --- runs --------------------------------------------------------------------------------
+    def start_run(self, model_id: int, roots: Sequence[str]) -> int:
+        from sqlalchemy import text
+
+        with self.begin() as c:
+            res = c.execute(text("INSERT INTO runs (model_id, roots, started_at) VALUES (:m, :r, :t)"),
+                            {"m": model_id, "r": "\n".join(roots), "t": time.time()})
+            return int(res.lastrowid)
+
+    def finish_run(self, run_id: int, counts: dict[str, int], interrupted: bool = False) -> None:
+        from sqlalchemy import text
+
+        keys = ("new", "updated", "unchanged", "moved", "removed", "failed")
+        with self.begin() as c:
+            c.execute(text("UPDATE runs SET finished_at = :t, interrupted = :x, "
+                           + ", ".join(f"{k} = :{k}" for k in keys) + " WHERE id = :id"),
+                      {"t": time.time(), "x": int(interrupted), "id": run_id, **{k: counts.get(k, 0) for k in keys}})
+
+    def last_run(self) -> dict | None:
+        r = self.rows("SELECT id, model_id, roots, started_at, finished_at, new, updated, unchanged, moved, "
+                      "removed, failed, interrupted FROM runs ORDER BY id DESC LIMIT 1")
+        if not r:
+            return None
+        keys = ("id", "model_id", "roots", "started_at", "finished_at", "new", "updated", "unchanged", "moved",
+                "removed", "failed", "interrupted")
+        return dict(zip(keys, r[0]))
+
+    def disk_usage(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                total += p.stat().st_size
+        return total
+
+
+def _image_params(img: dict) -> dict:
+    path = img["path"]
+    return {"path": path, "folder": os.path.dirname(path), "name": os.path.basename(path), "size": img["size"],
+            "mtime_ns": img["mtime_ns"], "hash": img["hash"], "width": img.get("width"),
+            "height": img.get("height"), "taken_at": img.get("taken_at")}

@@ -1,0 +1,166 @@
+"""Captioned synthetic images (coloured shapes) and a tiny CLIP trained on them.
+
+Used by the tests, the benches and `make run`'s demo, so that retrieval can be checked without
+downloading anything: "a red circle" must bring back red circles.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 220, 30),
+    "purple": (140, 40, 170),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+TEMPLATES = ("a {c} {s}", "a photo of a {c} {s}", "{c} {s}", "a picture of a {c} {s}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    color: str
+    shape: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.color} {self.shape}"
+
+
+def draw_shape(color: str, shape: str, size: int = 64, rng: random.Random | None = None,
+               rgb: tuple[int, int, int] | None = None):
+    """One image: a coloured shape on a dark, slightly noisy background, with random placement."""
+    from PIL import Image, ImageDraw
+
+    rng = rng or random.Random()
+    bg = tuple(rng.randint(0, 60) for _ in range(3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    fill = rgb or COLORS[color]
+    fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in fill)
+    r = rng.uniform(0.25, 0.4) * size
+    cx = rng.uniform(r, size - r)
+    cy = rng.uniform(r, size - r)
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        pts = [(cx + r * math.cos(a), cy + r * math.sin(a))
+               for a in (-math.pi / 2, -math.pi / 2 + 2 * math.pi / 3, -math.pi / 2 + 4 * math.pi / 3)]
+        d.polygon(pts, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape}")
+    return im
+
+
+def generate(folder: str | os.PathLike, per_class: int = 4, colors=None, shapes=SHAPES, size: int = 64,
+             fmt: str = "png", seed: int = 0, captions_file: str | None = "captions.csv",
+             subfolders: bool = False) -> list[Sample]:
+    """Write ``per_class`` images for every colour x shape into ``folder`` (+ a captions CSV)."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    samples: list[Sample] = []
+    for color in (colors or list(COLORS)):
+        for shape in shapes:
+            sub = folder / f"{color}_{shape}" if subfolders else folder
+            sub.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                path = sub / f"{color}_{shape}_{i:03d}.{fmt}"
+                im = draw_shape(color, shape, size, rng)
+                im.save(path, quality=92) if fmt in ("jpg", "jpeg") else im.save(path)
+                samples.append(Sample(str(path), color, shape))
+    if captions_file:
+        with open(folder / captions_file, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "caption"])
+            for s in samples:
+                w.writerow([os.path.relpath(s.path, folder), s.caption])
+    return samples
+
+
+def tiny_model_config(embed_dim: int = 64, image_size: int = 32, width: int = 64, layers: int = 2,
+                      context_length: int = 16) -> dict:
+    """An open_clip model_cfg small enough to train on a CPU in seconds (~4M parameters)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 32,
+                       "patch_size": 8},
+        "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": width, "heads": 2,
+                     "layers": layers},
+    }
+
+
+def build_tiny_clip(seed: int = 0, **cfg_overrides):
+    """A randomly initialised tiny open_clip CLIP (the starting point for the training below)."""
+    import open_clip
+    import torch
+
+    cfg = tiny_model_config(**cfg_overrides)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    return model, cfg
+
+
+def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None, shapes=SHAPES,
+                       seed: int = 0, batch_size: int = 64, lr: float = 2e-3, n_images: int = 720):
+    """Train a tiny CLIP on generated shapes for a few seconds and save it as a local-dir model.
+
+    Returns the saved folder. Captions are varied templates so that the text tower learns the colour
+    and shape words rather than one fixed sentence.
+    """
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    from .encoder import save_local_dir
+
+    colors = list(colors or COLORS)
+    rng = random.Random(seed)
+    model, cfg = build_tiny_clip(seed)
+    size = cfg["vision_cfg"]["image_size"]
+    preprocess = open_clip.image_transform(size, is_train=False)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
+    classes = [(c, s) for c in colors for s in shapes]
+    labels, images = [], []
+    for i in range(n_images):
+        c, s = classes[i % len(classes)]
+        labels.append(i % len(classes))
+        images.append(preprocess(draw_shape(c, s, 64, rng)))
+    images_t = torch.stack(images)
+    labels_t = torch.tensor(labels)
+    captions = [[t.format(c=c, s=s) for t in TEMPLATES] for c, s in classes]
+    tokens = {(k, j): tokenizer([captions[k][j]])[0] for k in range(len(classes)) for j in range(len(TEMPLATES))}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, n_images, (batch_size,), generator=g)
+        lab = labels_t[idx]
+        txt = torch.stack([tokens[(int(k), rng.randrange(len(TEMPLATES)))] for k in lab])
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        img_f, txt_f, scale = model(images_t[idx], txt)
+        logits = scale * img_f @ txt_f.t()
+        same = (lab[:, None] == lab[None, :]).float()
+        target = same / same.sum(1, keepdim=True)  # same-class pairs are positives, not negatives
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    model.eval()
+    preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                      "std": list(open_clip.OPENAI_DATASET_STD)}
+    return save_local_dir(model, cfg, out_dir, preprocess_cfg)

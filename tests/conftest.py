@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny CLIP trained on generated shapes, generated photo folders, isolated homes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import imgsearch.synthetic as synthetic
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+
+@pytest.fixture(scope="session")
+def tiny_model(request) -> Path:
+    """A tiny open_clip model trained for a few seconds on coloured shapes (local-dir format).
+
+    Cached in pytest's cache dir, keyed by the generator's source, so reruns skip the training.
+    """
+    import torch
+
+    torch.set_num_threads(2)
+    key = hashlib.sha1(Path(synthetic.__file__).read_bytes()).hexdigest()[:12]
+    cache = Path(request.config.cache.mkdir("imgsearch-tiny-model")) / key
+    if not (cache / "open_clip_model.safetensors").exists():
+        synthetic.pretrain_tiny_clip(cache, steps=300, seed=0)
+    return cache
+
+
+@pytest.fixture()
+def model_id(tiny_model) -> str:
+    return f"local-dir:{tiny_model}"
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    """An isolated library home; IMGSEARCH_* variables from the developer's shell never leak in."""
+    for var in list(os.environ):
+        if var.startswith("IMGSEARCH_"):
+            monkeypatch.delenv(var)
+    h = tmp_path / "home"
+    monkeypatch.setenv("IMGSEARCH_HOME", str(h))
+    monkeypatch.setenv("IMGSEARCH_WORKERS", "2")
+    return h
+
+
+@pytest.fixture()
+def settings(home, model_id):
+    from imgsearch.config import Settings
+
+    return Settings.from_env(model=model_id, device="cpu", precision="fp32", batch_size=16)
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    """A folder of 54 generated JPEG/PNG shapes (3 per colour x shape)."""
+    folder = tmp_path / "photos"
+    synthetic.generate(folder, per_class=3, size=96, fmt="jpg", seed=1, captions_file=None)
+    return folder
+
+
+class Cli:
+    """Runs the CLI in-process (the model stays loaded between calls, like a warm process)."""
+
+    def __init__(self, home: Path, model: str):
+        self.home = home
+        self.model = model
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, model: str | None = "default", input: str | None = None):
+        from imgsearch.cli import app
+
+        pre = ["--home", str(self.home), "--device", "cpu", "--precision", "fp32"]
+        if model == "default":
+            pre += ["--model", self.model]
+        elif model is not None:
+            pre += ["--model", model]
+        return self.runner.invoke(app, pre + [str(a) for a in args], input=input)
+
+
+@pytest.fixture()
+def cli(home, model_id) -> Cli:
+    return Cli(home, model_id)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
