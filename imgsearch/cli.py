@@ -248,3 +248,11 @@ def forget_cmd(
         err("nothing in the library under " + ", ".join(str(p) for p in paths))
         raise typer.Exit(1)
     typer.echo(f"removed {removed} image{'s' if removed != 1 else ''} from the library")
+
+
+# Command groups in their own modules register on `app` when imported (kept last: they import cli).
+from .commands import apps as _apps  # noqa: E402,F401
+from .commands import evaluate as _evaluate  # noqa: E402,F401
+from .commands import finetune as _finetune  # noqa: E402,F401
+from .commands import serve as _serve  # noqa: E402,F401
+from .commands import ui as _ui  # noqa: E402,F401

@@ -1,0 +1,174 @@
+"""Read image–caption pairs from CSV/TSV, JSONL or a folder of images with sidecar .txt captions.
+
+Shared by `finetune`, `eval retrieval` and `caption --import`. Bad rows are collected with their line
+numbers instead of stopping the read; a file that cannot be used at all raises DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
+from .files import FileEntry, abspath, walk
+
+
+@dataclass(frozen=True)
+class Pair:
+    path: str  # absolute image path
+    caption: str
+    line: int | None = None  # where it came from (1-based, header is line 1), None for sidecars
+
+
+@dataclass
+class CaptionSet:
+    source: str
+    pairs: list[Pair] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
+
+    @property
+    def images(self) -> list[str]:
+        return sorted({p.path for p in self.pairs})
+
+    def summary(self) -> str:
+        return (f"{len(self.pairs)} captions for {len(self.images)} images from {self.source}"
+                + (f"; {len(self.problems)} skipped" if self.problems else ""))
+
+
+def read_captions(source: str | os.PathLike, image_col: str = "path", caption_col: str = "caption",
+                  check_files: bool = True) -> CaptionSet:
+    """Parse ``source`` (.csv, .tsv, .jsonl/.ndjson, or a folder with sidecar .txt files)."""
+    src = Path(source)
+    if not src.exists():
+        raise DataError(f"captions source not found: {source}")
+    if src.is_dir():
+        result = _read_sidecars(src)
+    else:
+        suffix = src.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            result = _read_table(src, "\t" if suffix == ".tsv" else ",", image_col, caption_col)
+        elif suffix in (".jsonl", ".ndjson", ".json"):
+            result = _read_jsonl(src, image_col, caption_col)
+        else:
+            raise DataError(f"{source}: unknown captions format {suffix or '(no extension)'}; use .csv, .tsv, "
+                            ".jsonl or a folder of images with .txt sidecars")
+    if check_files:
+        kept = []
+        exists: dict[str, bool] = {}
+        for p in result.pairs:
+            if p.path not in exists:
+                exists[p.path] = os.path.isfile(p.path)
+            if exists[p.path]:
+                kept.append(p)
+            else:
+                result.problems.append((_where(result.source, p.line), f"image not found: {p.path}"))
+        result.pairs = kept
+    return result
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source}:{line}" if line else source
+
+
+def _resolve(base: Path, raw: str) -> str:
+    raw = raw.strip()
+    return abspath(raw if os.path.isabs(os.path.expanduser(raw)) else base / raw)
+
+
+def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) -> CaptionSet:
+    out = CaptionSet(str(path))
+    base = path.parent
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise DataError(f"{path} is empty; expected a header row with '{image_col}' and '{caption_col}'")
+            header = [h.strip() for h in header]
+            missing = [c for c in (image_col, caption_col) if c not in header]
+            if missing:
+                raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} in header "
+                                f"({', '.join(header)}); rename with --image-col / --caption-col")
+            ii, ci = header.index(image_col), header.index(caption_col)
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) != len(header):
+                    out.problems.append((f"{path}:{line}", f"expected {len(header)} fields, found {len(row)}"))
+                    continue
+                img, cap = row[ii].strip(), row[ci].strip()
+                if not img:
+                    out.problems.append((f"{path}:{line}", "empty image path"))
+                elif not cap:
+                    out.problems.append((f"{path}:{line}", "empty caption"))
+                else:
+                    out.pairs.append(Pair(_resolve(base, img), cap, line))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed {('TSV' if delimiter == chr(9) else 'CSV')}: {e}") from None
+    return out
+
+
+def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
+    out = CaptionSet(str(path))
+    base = path.parent
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            out.problems.append((f"{path}:{line_no}", f"not valid JSON ({e.msg})"))
+            continue
+        if not isinstance(obj, dict):
+            out.problems.append((f"{path}:{line_no}", "expected a JSON object"))
+            continue
+        img, cap = obj.get(image_col), obj.get(caption_col)
+        if img is None or cap is None:
+            out.problems.append((f"{path}:{line_no}", f"missing field '{image_col if img is None else caption_col}'"))
+            continue
+        caps = cap if isinstance(cap, list) else [cap]
+        for c in caps:
+            c = str(c).strip()
+            if not c:
+                out.problems.append((f"{path}:{line_no}", "empty caption"))
+            else:
+                out.pairs.append(Pair(_resolve(base, str(img)), c, line_no))
+    if not out.pairs and not out.problems:
+        raise DataError(f"{path} holds no captions")
+    return out
+
+
+def _read_sidecars(folder: Path) -> CaptionSet:
+    """photo.jpg + photo.txt; each non-empty line of the .txt is one caption."""
+    out = CaptionSet(str(folder))
+    for item in walk([folder]):
+        if not isinstance(item, FileEntry):
+            out.problems.append((item.path, item.reason))
+            continue
+        sidecar = Path(item.path).with_suffix(".txt")
+        if not sidecar.is_file():
+            continue
+        try:
+            lines = [ln.strip() for ln in sidecar.read_text(encoding="utf-8-sig").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            out.problems.append((str(sidecar), f"cannot read caption: {e}"))
+            continue
+        caps = [ln for ln in lines if ln]
+        if not caps:
+            out.problems.append((str(sidecar), "empty caption"))
+        out.pairs.extend(Pair(item.path, c) for c in caps)
+    return out
+
+
+__all__ = ["Pair", "CaptionSet", "read_captions"]

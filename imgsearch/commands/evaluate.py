@@ -1,0 +1,1 @@
+"""Commands: evaluate (being written)."""

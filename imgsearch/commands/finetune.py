@@ -1,0 +1,1 @@
+"""Commands: finetune (being written)."""
