@@ -169,6 +169,14 @@ def query_cmd(
     under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON array of hits."),
     paths_out: bool = typer.Option(False, "--paths", help="Print bare paths, one per line."),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only images with this zero-shot tag (from "
+                                            "`imgsearch classify`; repeatable: all must match)."),
+    keyword: Optional[str] = typer.Option(None, "--keyword", help="Only images whose file name, folder, captions "
+                                          "or tags contain these words (word prefixes; \"a phrase\"; -word "
+                                          "excludes). Alone, ranks by keywords only."),
+    blend: Optional[float] = typer.Option(None, "--blend", min=0.0, max=1.0, help="Blend keyword relevance into "
+                                          "the CLIP ranking with this weight (0-1) instead of filtering by "
+                                          "--keyword."),
 ):
     """Find the images closest to text and/or example images."""
     from .search import Query, search
@@ -176,15 +184,29 @@ def query_cmd(
     if json_out and paths_out:
         raise UsageError("--json and --paths are exclusive; pick one output format")
     settings = settings_of(ctx)
-    query = Query.build(texts or [], image or [], not_text or [], not_image or [])
-    hits = search(settings, query, k, min_score=min_score, under=str(under) if under else None)
+    if keyword and not (texts or image):
+        from .keywords import keyword_search
+        from .store import Store
+
+        if blend is not None:
+            raise UsageError("--blend mixes keyword and CLIP scores; give query text or --image too")
+        store = Store(settings.db_path, create=False)
+        try:
+            hits = keyword_search(store, keyword, k, under=str(under) if under else None, tags=tag)
+        finally:
+            store.close()
+    else:
+        query = Query.build(texts or [], image or [], not_text or [], not_image or [])
+        hits = search(settings, query, k, min_score=min_score, under=str(under) if under else None,
+                      tag=tag or None, keyword=keyword, blend=blend)
     if json_out:
         typer.echo(json.dumps([h.as_dict() for h in hits], indent=2))
     elif paths_out:
         for h in hits:
             typer.echo(h.path)
     elif not hits:
-        err("no results" + (" above --min-score" if min_score is not None else ""))
+        err("no results" + (" above --min-score" if min_score is not None else "")
+            + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
     else:
         typer.echo(f"{'rank':>4}  {'score':>6}  path")
         for h in hits:

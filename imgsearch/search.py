@@ -184,11 +184,29 @@ class Searcher:
 
     # --- search --------------------------------------------------------------------------------
     def search(self, query: Query, k: int = 10, min_score: float | None = None, under: str | None = None,
-               allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = ()) -> list[Hit]:
-        """Top ``k`` images for ``query``; files deleted since indexing never appear."""
+               allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = (),
+               tag: str | Sequence[str] | None = None, keyword: str | None = None,
+               blend: float | None = None) -> list[Hit]:
+        """Top ``k`` images for ``query``; files deleted since indexing never appear.
+
+        ``tag``: only images with these zero-shot tags. ``keyword``: only images whose name, folder,
+        captions or tags match (see keywords.py); with ``blend`` (0..1) keyword relevance is blended
+        into the score instead of filtering.
+        """
         if k < 1:
             raise UsageError("-k must be at least 1")
-        return self.search_vector(self.query_vector(query), k, min_score, under, allowed_ids, exclude_ids)
+        if blend is not None and not keyword:
+            raise UsageError("--blend weighs keyword relevance; give --keyword too")
+        vec = self.query_vector(query)
+        if tag or keyword:
+            from . import keywords
+
+            keywords.check_blend(blend)
+            allowed_ids = keywords.restrict(self.store, allowed_ids, tag, keyword if blend is None else None)
+            if blend is not None:
+                return keywords.blended_search(self, vec, keyword, blend, k, min_score, under, allowed_ids,
+                                               exclude_ids)
+        return self.search_vector(vec, k, min_score, under, allowed_ids, exclude_ids)
 
     def search_vector(self, vec: np.ndarray, k: int = 10, min_score: float | None = None, under: str | None = None,
                       allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = ()) -> list[Hit]:

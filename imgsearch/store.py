@@ -70,6 +70,73 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             interrupted INTEGER DEFAULT 0
         )""",
     ]),
+    # Zero-shot tags (with the model and label set that produced them), user captions, cached perceptual
+    # hashes for `duplicates`, and an FTS5 index over names, folders, captions and tags that triggers
+    # keep in sync. Deleting an image cascades to all of them.
+    (2, "tags_captions_keywords", [
+        """CREATE TABLE tag_sets (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+            labels TEXT NOT NULL,
+            templates TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            UNIQUE (model_id, labels, templates)
+        )""",
+        """CREATE TABLE tags (
+            set_id INTEGER NOT NULL REFERENCES tag_sets(id) ON DELETE CASCADE,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            label TEXT NOT NULL,
+            prob REAL NOT NULL,
+            PRIMARY KEY (set_id, image_id, label)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX ix_tags_label ON tags(label COLLATE NOCASE, image_id)",
+        "CREATE INDEX ix_tags_image ON tags(image_id)",
+        """CREATE TABLE captions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            source TEXT,
+            added_at REAL NOT NULL,
+            UNIQUE (image_id, text)
+        )""",
+        """CREATE TABLE image_phash (
+            image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+            hash TEXT NOT NULL,
+            phash INTEGER NOT NULL
+        )""",
+        "CREATE VIRTUAL TABLE image_text USING fts5(name, folder, captions, tags, "
+        "tokenize = 'unicode61 remove_diacritics 2')",
+        "INSERT INTO image_text (rowid, name, folder, captions, tags) SELECT id, name, folder, '', '' FROM images",
+        """CREATE TRIGGER image_text_ai AFTER INSERT ON images BEGIN
+            INSERT INTO image_text (rowid, name, folder, captions, tags) VALUES (new.id, new.name, new.folder, '', '');
+        END""",
+        """CREATE TRIGGER image_text_au AFTER UPDATE OF path, name, folder ON images BEGIN
+            UPDATE image_text SET name = new.name, folder = new.folder WHERE rowid = new.id;
+        END""",
+        """CREATE TRIGGER image_text_ad AFTER DELETE ON images BEGIN
+            DELETE FROM image_text WHERE rowid = old.id;
+        END""",
+        # Tags describe pixels: new content makes them wrong. Captions are the user's words and stay.
+        """CREATE TRIGGER tags_stale AFTER UPDATE OF hash ON images WHEN old.hash != new.hash BEGIN
+            DELETE FROM tags WHERE image_id = new.id;
+        END""",
+        """CREATE TRIGGER captions_ai AFTER INSERT ON captions BEGIN
+            UPDATE image_text SET captions = coalesce((SELECT group_concat(text, ' | ') FROM captions
+                WHERE image_id = new.image_id), '') WHERE rowid = new.image_id;
+        END""",
+        """CREATE TRIGGER captions_ad AFTER DELETE ON captions BEGIN
+            UPDATE image_text SET captions = coalesce((SELECT group_concat(text, ' | ') FROM captions
+                WHERE image_id = old.image_id), '') WHERE rowid = old.image_id;
+        END""",
+        """CREATE TRIGGER tags_ai AFTER INSERT ON tags BEGIN
+            UPDATE image_text SET tags = coalesce((SELECT group_concat(DISTINCT label) FROM tags
+                WHERE image_id = new.image_id), '') WHERE rowid = new.image_id;
+        END""",
+        """CREATE TRIGGER tags_ad AFTER DELETE ON tags BEGIN
+            UPDATE image_text SET tags = coalesce((SELECT group_concat(DISTINCT label) FROM tags
+                WHERE image_id = old.image_id), '') WHERE rowid = old.image_id;
+        END""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -426,6 +493,140 @@ class Store:
         matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
         return np.asarray(id_list, dtype=np.int64), matrix
 
+    # --- tags (zero-shot labels) ---------------------------------------------------------------
+    def tag_set(self, model_id: int, labels: Sequence[str], templates: Sequence[str]) -> int:
+        """Id of the (model, labels, templates) set, created on first use."""
+        import json
+
+        from sqlalchemy import text
+
+        lab, tpl = json.dumps(list(labels)), json.dumps(list(templates))
+        with self.begin() as c:
+            c.execute(text("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
+                           "VALUES (:m, :l, :t, :now)"), {"m": model_id, "l": lab, "t": tpl, "now": time.time()})
+            return int(c.execute(text("SELECT id FROM tag_sets WHERE model_id = :m AND labels = :l AND templates = :t"),
+                                 {"m": model_id, "l": lab, "t": tpl}).scalar())
+
+    def replace_tags(self, set_id: int, image_ids: Sequence[int], tags: Sequence[tuple[int, str, float]]) -> None:
+        """Set the tags of ``image_ids`` in one set to ``tags`` [(image_id, label, prob)], in one transaction."""
+        from sqlalchemy import text
+
+        with self.begin() as c:
+            for part in _chunks([int(i) for i in image_ids]):
+                c.execute(text(f"DELETE FROM tags WHERE set_id = :s AND image_id IN ({','.join(map(str, part))})"),
+                          {"s": set_id})
+            if tags:
+                c.execute(text("INSERT INTO tags (set_id, image_id, label, prob) VALUES (:s, :i, :l, :p)"),
+                          [{"s": set_id, "i": int(i), "l": lab, "p": float(p)} for i, lab, p in tags])
+
+    def tag_sets(self) -> list[dict]:
+        """Every label set with its model and how many images it tagged."""
+        import json
+
+        rows = self.rows("SELECT s.id, s.model_id, m.name, m.pretrained, s.labels, s.templates, s.created_at, "
+                         "(SELECT count(DISTINCT image_id) FROM tags t WHERE t.set_id = s.id) "
+                         "FROM tag_sets s JOIN models m ON m.id = s.model_id ORDER BY s.id")
+        return [{"id": r[0], "model_id": r[1], "model": f"{r[2]} ({r[3]})" if r[3] else r[2],
+                 "labels": json.loads(r[4]), "templates": json.loads(r[5]), "created_at": r[6], "images": r[7]}
+                for r in rows]
+
+    def delete_tag_set(self, set_id: int) -> int:
+        """Drop a label set and its tags; returns how many sets were removed (0 or 1)."""
+        from sqlalchemy import text
+
+        with self.begin() as c:
+            return int(c.execute(text("DELETE FROM tag_sets WHERE id = :s"), {"s": set_id}).rowcount or 0)
+
+    def tag_counts(self, set_id: int | None = None) -> list[tuple[str, int]]:
+        """(label, images) over all sets (or one), most used first; labels compare case-insensitively."""
+        where = "WHERE set_id = :s" if set_id is not None else ""
+        rows = self.rows(f"SELECT min(label), count(DISTINCT image_id) FROM tags {where} "
+                         "GROUP BY label COLLATE NOCASE ORDER BY 2 DESC, 1", s=set_id)
+        return [(r[0], int(r[1])) for r in rows]
+
+    def ids_with_tags(self, labels: Sequence[str]) -> np.ndarray:
+        """Images carrying every one of ``labels`` (case-insensitive, from any set), sorted."""
+        result: set[int] | None = None
+        for label in labels:
+            ids = {r[0] for r in self.rows("SELECT DISTINCT image_id FROM tags WHERE label = :l COLLATE NOCASE",
+                                           l=label)}
+            result = ids if result is None else result & ids
+        return np.array(sorted(result or ()), dtype=np.int64)
+
+    def tags_of(self, image_ids: Iterable[int]) -> dict[int, list[tuple[str, float, int]]]:
+        """{image_id: [(label, prob, set_id)]}, best first."""
+        out: dict[int, list[tuple[str, float, int]]] = {}
+        for part in _chunks([int(i) for i in image_ids]):
+            for r in self.rows(f"SELECT image_id, label, prob, set_id FROM tags WHERE image_id IN "
+                               f"({','.join(map(str, part))}) ORDER BY image_id, prob DESC"):
+                out.setdefault(r[0], []).append((r[1], r[2], r[3]))
+        return out
+
+    # --- captions ------------------------------------------------------------------------------
+    def add_captions(self, pairs: Sequence[tuple[int, str]], source: str | None = None,
+                     replace: bool = False) -> int:
+        """Store (image_id, text) captions; ``replace`` first drops those images' old captions.
+
+        Returns how many were new (an identical caption already on the image is not added twice).
+        """
+        from sqlalchemy import text
+
+        now = time.time()
+        added = 0
+        with self.begin() as c:
+            if replace:
+                for part in _chunks(sorted({int(i) for i, _ in pairs})):
+                    c.execute(text(f"DELETE FROM captions WHERE image_id IN ({','.join(map(str, part))})"))
+            for image_id, caption in pairs:
+                res = c.execute(text("INSERT OR IGNORE INTO captions (image_id, text, source, added_at) "
+                                     "VALUES (:i, :t, :s, :now)"),
+                                {"i": int(image_id), "t": caption, "s": source, "now": now})
+                added += res.rowcount or 0
+        return added
+
+    def captions_of(self, image_id: int) -> list[str]:
+        return [r[0] for r in self.rows("SELECT text FROM captions WHERE image_id = :i ORDER BY id", i=image_id)]
+
+    def caption_count(self) -> int:
+        return int(self.scalar("SELECT count(*) FROM captions") or 0)
+
+    # --- keyword search (FTS5 over name, folder, captions, tags) -------------------------------
+    def keyword_matches(self, fts_query: str, weights: tuple[float, float, float, float] = (4.0, 2.0, 3.0, 3.0),
+                        limit: int | None = None) -> list[tuple[int, float]]:
+        """[(image_id, relevance)] for an FTS5 MATCH expression, most relevant first (relevance > 0).
+
+        ``weights`` rank name, folder, captions and tags columns (bm25 column weights).
+        """
+        import sqlalchemy as sa
+
+        w = ", ".join(str(float(x)) for x in weights)
+        sql = (f"SELECT rowid, -bm25(image_text, {w}) AS rel FROM image_text WHERE image_text MATCH :q "
+               "ORDER BY rel DESC" + (f" LIMIT {int(limit)}" if limit else ""))
+        try:
+            return [(int(r[0]), float(r[1])) for r in self.rows(sql, q=fts_query)]
+        except sa.exc.OperationalError as e:
+            raise LibraryError(f"keyword search failed ({e.orig}); check the library with `imgsearch status`") from None
+
+    # --- perceptual hashes (cache for `duplicates`) ------------------------------------------
+    def phashes(self, image_ids: Iterable[int]) -> dict[int, int]:
+        """Cached perceptual hashes still valid for the images' current content."""
+        out: dict[int, int] = {}
+        for part in _chunks([int(i) for i in image_ids]):
+            for r in self.rows(f"SELECT p.image_id, p.phash FROM image_phash p JOIN images i ON i.id = p.image_id "
+                               f"AND i.hash = p.hash WHERE p.image_id IN ({','.join(map(str, part))})"):
+                out[r[0]] = r[1] & 0xFFFFFFFFFFFFFFFF  # stored signed; SQLite integers are 64-bit signed
+        return out
+
+    def save_phashes(self, rows: Sequence[tuple[int, str, int]]) -> None:
+        """Cache (image_id, content hash, 64-bit perceptual hash)."""
+        from sqlalchemy import text
+
+        if not rows:
+            return
+        with self.begin() as c:
+            c.execute(text("INSERT OR REPLACE INTO image_phash (image_id, hash, phash) VALUES (:i, :h, :p)"),
+                      [{"i": int(i), "h": h, "p": _signed64(p)} for i, h, p in rows])
+
     # --- runs --------------------------------------------------------------------------------
     def start_run(self, model_id: int, roots: Sequence[str]) -> int:
         from sqlalchemy import text
@@ -460,6 +661,11 @@ class Store:
             if p.exists():
                 total += p.stat().st_size
         return total
+
+
+def _signed64(value: int) -> int:
+    value = int(value)
+    return value - (1 << 64) if value >= (1 << 63) else value
 
 
 def _image_params(img: dict) -> dict:

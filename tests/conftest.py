@@ -24,10 +24,11 @@ def tiny_model(request) -> Path:
     import torch
 
     torch.set_num_threads(2)
-    key = hashlib.sha1(Path(synthetic.__file__).read_bytes()).hexdigest()[:12]
+    steps = 600
+    key = hashlib.sha1(Path(synthetic.__file__).read_bytes() + str(steps).encode()).hexdigest()[:12]
     cache = Path(request.config.cache.mkdir("imgsearch-tiny-model")) / key
     if not (cache / "open_clip_model.safetensors").exists():
-        synthetic.pretrain_tiny_clip(cache, steps=300, seed=0)
+        synthetic.pretrain_tiny_clip(cache, steps=steps, seed=0)
     return cache
 
 

@@ -1,0 +1,127 @@
+"""Retrieval metrics (R@k, mean rank) for image–caption sets; the one implementation `finetune` and `eval` share.
+
+An image and a caption match when that caption was written for that image. Identical caption strings are
+one text (so "a red circle" written for five images is one query with five right answers), and an image
+with several captions is one image query with several right answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class Gallery:
+    """Unique images and unique caption texts of a pair list, with which (image, text) match."""
+
+    images: list[str]
+    texts: list[str]
+    matches: list[tuple[int, int]]  # (image index, text index), unique
+    pair_index: list[tuple[int, int]]  # per input pair: (image index, text index)
+
+
+def build_gallery(pairs) -> Gallery:
+    """Group (path, caption) pairs (any objects with .path and .caption) into unique images and texts."""
+    img_ids: dict[str, int] = {}
+    txt_ids: dict[str, int] = {}
+    pair_index = []
+    for p in pairs:
+        i = img_ids.setdefault(p.path, len(img_ids))
+        t = txt_ids.setdefault(p.caption, len(txt_ids))
+        pair_index.append((i, t))
+    return Gallery(list(img_ids), list(txt_ids), sorted(set(pair_index)), pair_index)
+
+
+def _ranks(sim: np.ndarray, relevant: list[np.ndarray], chunk: int = 1024) -> np.ndarray:
+    """1-based rank of the best-placed relevant column for each row of ``sim`` (ties count in our favour)."""
+    out = np.empty(sim.shape[0], dtype=np.int64)
+    for start in range(0, sim.shape[0], chunk):
+        block = sim[start:start + chunk]
+        for r in range(block.shape[0]):
+            best = block[r, relevant[start + r]].max()
+            out[start + r] = 1 + int((block[r] > best).sum())
+    return out
+
+
+def _chance_recall(n_items: int, n_relevant: np.ndarray, k: int) -> float:
+    """Expected R@k of a random ranking: 1 - C(N-m, k) / C(N, k), averaged over queries."""
+    vals = []
+    for m in n_relevant:
+        miss = 1.0
+        for j in range(min(k, n_items)):
+            miss *= max(0.0, (n_items - m - j) / (n_items - j))
+        vals.append(1.0 - miss)
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def _direction(sim: np.ndarray, relevant: list[np.ndarray], n_items: int) -> dict:
+    ranks = _ranks(sim, relevant)
+    n_rel = np.array([len(r) for r in relevant])
+    out = {f"R@{k}": float((ranks <= k).mean()) for k in KS}
+    out["mean_rank"] = float(ranks.mean())
+    out["median_rank"] = float(np.median(ranks))
+    out["queries"] = int(len(ranks))
+    out["chance"] = {f"R@{k}": _chance_recall(n_items, n_rel, k) for k in KS}
+    # A random ranking puts the first of m relevant items among N at (N + 1) / (m + 1) on average.
+    out["chance"]["mean_rank"] = float(np.mean((n_items + 1) / (n_rel + 1)))
+    return out
+
+
+def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, matches) -> dict:
+    """Image→text and text→image recall@1/5/10 and mean rank from L2-normalised embeddings.
+
+    ``matches`` lists (image row, text row) pairs that belong together; every image and every text must
+    appear in at least one. Returns {"image_to_text": {...}, "text_to_image": {...}} with recalls as
+    fractions, ranks 1-based, and what a random ranking would score under "chance".
+    """
+    image_emb = np.asarray(image_emb, dtype=np.float32)
+    text_emb = np.asarray(text_emb, dtype=np.float32)
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    texts_of: list[list[int]] = [[] for _ in range(n_img)]
+    images_of: list[list[int]] = [[] for _ in range(n_txt)]
+    for i, t in matches:
+        texts_of[i].append(t)
+        images_of[t].append(i)
+    if any(not x for x in texts_of) or any(not x for x in images_of):
+        raise ValueError("every image and every text needs at least one match")
+    sim = image_emb @ text_emb.T
+    return {
+        "image_to_text": _direction(sim, [np.array(x) for x in texts_of], n_txt),
+        "text_to_image": _direction(np.ascontiguousarray(sim.T), [np.array(x) for x in images_of], n_img),
+        "images": n_img,
+        "texts": n_txt,
+    }
+
+
+def headline(metrics: dict) -> float:
+    """One number to pick the best checkpoint by: the mean of the six recalls."""
+    return float(np.mean([metrics[d][f"R@{k}"] for d in ("image_to_text", "text_to_image") for k in KS]))
+
+
+def table_rows(named: list[tuple[str, dict]]) -> list[str]:
+    """A small fixed-width table: one row per (label, metrics) with val loss when present."""
+    head = (f"{'':<22}{'val loss':>9}  {'i2t R@1':>7} {'R@5':>6} {'R@10':>6} {'mean rank':>9}  "
+            f"{'t2i R@1':>7} {'R@5':>6} {'R@10':>6} {'mean rank':>9}")
+    rows = [head]
+
+    def fmt(label: str, m: dict, loss) -> str:
+        cells = [f"{label:<22}", f"{loss:>9.4f}" if isinstance(loss, (int, float)) else f"{'':>9}", " "]
+        for d in ("image_to_text", "text_to_image"):
+            x = m[d]
+            cells.append(f"{100 * x['R@1']:>6.1f}% {100 * x['R@5']:>5.1f}% {100 * x['R@10']:>5.1f}% "
+                         f"{x['mean_rank']:>9.1f} ")
+        return "".join(cells).rstrip()
+
+    for label, m in named:
+        rows.append(fmt(label, m, m.get("val_loss")))
+    if named:
+        chance = {d: named[0][1][d]["chance"] for d in ("image_to_text", "text_to_image")}
+        rows.append(fmt("chance", chance, None))
+    return rows
+
+
+__all__ = ["Gallery", "build_gallery", "retrieval_metrics", "headline", "table_rows", "KS"]

@@ -1,0 +1,166 @@
+"""Zero-shot tags for the library (stored in SQLite with their model and label set) and for loose files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from . import files, zeroshot
+from .config import Settings
+from .errors import DecodeError, UsageError
+
+CHUNK = 8192  # images classified per step: bounds memory at N x labels floats
+
+
+@dataclass
+class TagReport:
+    set_id: int
+    model: str
+    labels: list[str]
+    templates: list[str]
+    images: int = 0  # images classified
+    tagged: int = 0  # images that got at least one tag (--min-prob may leave some without)
+    counts: list[tuple[str, int]] = field(default_factory=list)  # (label, images) best first
+    results: list[dict] = field(default_factory=list)  # per image: path + [(label, prob)]
+
+    def as_dict(self) -> dict:
+        return {"set": self.set_id, "model": self.model, "labels": self.labels, "templates": self.templates,
+                "images": self.images, "tagged": self.tagged,
+                "counts": [{"label": lab, "images": n} for lab, n in self.counts], "results": self.results}
+
+
+def resolve_labels(labels: str | Sequence[str] | None, labels_file: str | os.PathLike | None) -> list[str]:
+    """Labels from --labels or --labels-file (exactly one of them)."""
+    if labels and labels_file:
+        raise UsageError("give --labels or --labels-file, not both")
+    if labels_file:
+        return zeroshot.read_labels(labels_file)
+    if labels is None:
+        raise UsageError("no labels: give --labels \"dog,cat,car\" or --labels-file FILE (one label per line)")
+    return zeroshot.parse_labels(labels)
+
+
+def resolve_templates(templates: Sequence[str] | None, templates_file: str | os.PathLike | None) -> list[str]:
+    """--template (repeatable) or --templates-file replace the default ensemble."""
+    if templates and templates_file:
+        raise UsageError("give --template or --templates-file, not both")
+    if templates_file:
+        return zeroshot.read_templates(templates_file)
+    if templates:
+        return zeroshot.check_templates(templates)
+    return list(zeroshot.DEFAULT_TEMPLATES)
+
+
+def _check_options(top: int, min_prob: float) -> None:
+    if top < 1:
+        raise UsageError("--top must be at least 1")
+    if not 0.0 <= min_prob <= 1.0:
+        raise UsageError(f"--min-prob {min_prob}: give a probability between 0 and 1")
+
+
+def classify_library(settings: Settings, labels: Sequence[str], templates: Sequence[str] | None = None,
+                     top: int = 1, min_prob: float = 0.0, under: str | None = None, searcher=None,
+                     keep_results: bool = False) -> TagReport:
+    """Tag every indexed image (or those under a folder) with its top labels, from stored vectors.
+
+    Re-running with the same model, labels and templates replaces that set's tags; other sets stay.
+    """
+    from .search import Searcher
+
+    _check_options(top, min_prob)
+    labels = list(labels)
+    templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
+    own = searcher is None
+    searcher = searcher or Searcher(settings)
+    store = searcher.store
+    try:
+        model = searcher.model
+        if under:
+            folder = files.abspath(under)
+            if not os.path.isdir(folder) and store.image_by_path(folder) is None:
+                raise UsageError(f"--under {under}: no such folder")
+            candidates = store.ids_under(folder)
+            ids = np.array(sorted(store.image_ids_with_vectors(model.id, candidates.tolist())), dtype=np.int64)
+        else:
+            ids = np.array([r[0] for r in store.rows("SELECT image_id FROM vectors WHERE model_id = :m "
+                                                     "ORDER BY image_id", m=model.id)], dtype=np.int64)
+        if len(ids) == 0:
+            raise UsageError(f"no indexed images{' under ' + under if under else ''} to classify; "
+                             "run `imgsearch index PATH` first")
+        encoder = searcher.encoder
+        label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
+        set_id = store.tag_set(model.id, labels, templates)
+        report = TagReport(set_id, model.label, labels, templates)
+        for start in range(0, len(ids), CHUNK):
+            part_ids, vecs = store.load_vectors(model.id, ids[start:start + CHUNK].tolist())
+            probs = zeroshot.classify(vecs, label_vecs, encoder.logit_scale)
+            best = zeroshot.top_labels(probs, labels, top, min_prob)
+            rows = [(int(i), lab, p) for i, tags in zip(part_ids, best) for lab, p in tags]
+            store.replace_tags(set_id, part_ids.tolist(), rows)
+            report.images += len(part_ids)
+            report.tagged += sum(1 for tags in best if tags)
+            if keep_results:
+                paths = store.get_images(part_ids.tolist())
+                report.results += [{"id": int(i), "path": paths[int(i)].path if int(i) in paths else None,
+                                    "labels": [{"label": lab, "prob": round(p, 4)} for lab, p in tags]}
+                                   for i, tags in zip(part_ids, best)]
+        report.counts = store.tag_counts(set_id)
+        return report
+    finally:
+        if own:
+            store.close()
+
+
+@dataclass
+class FileLabels:
+    path: str
+    labels: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        out: dict = {"path": self.path, "labels": [{"label": lab, "prob": round(p, 4)} for lab, p in self.labels]}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], labels: Sequence[str],
+                   templates: Sequence[str] | None = None, top: int = 1, min_prob: float = 0.0,
+                   encoder=None) -> list[FileLabels]:
+    """Labels for image files (folders are walked) without touching the library."""
+    from . import images
+    from .encoder import ModelSpec, load
+
+    _check_options(top, min_prob)
+    labels = list(labels)
+    templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
+    for p in paths:
+        if not os.path.exists(p):
+            raise UsageError(f"image not found: {p}")
+    out: list[FileLabels] = []
+    for entry in files.walk([str(p) for p in paths]):
+        out.append(FileLabels(entry.path, error=getattr(entry, "reason", None)))
+    if not out:
+        raise UsageError("no image files in " + ", ".join(str(p) for p in paths))
+    encoder = encoder or load(ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
+    label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
+    todo = [r for r in out if r.error is None]
+    for start in range(0, len(todo), settings.batch_size):
+        batch, pil = [], []
+        for r in todo[start:start + settings.batch_size]:
+            try:
+                im, _ = images.open_image(r.path, draft_size=encoder.image_size * 2, max_pixels=settings.max_pixels)
+            except DecodeError as e:
+                r.error = str(e)
+                continue
+            batch.append(r)
+            pil.append(im)
+        if not pil:
+            continue
+        probs = zeroshot.classify(encoder.encode_images(pil), label_vecs, encoder.logit_scale)
+        for r, tags in zip(batch, zeroshot.top_labels(probs, labels, top, min_prob)):
+            r.labels = tags
+    return out

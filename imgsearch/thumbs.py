@@ -1,0 +1,169 @@
+"""Thumbnails of library images, made once and cached on disk under the library home.
+
+Only images in the library can be thumbnailed, and only by their id: the file read is always the path
+the library recorded for that id, so nothing a user types (or puts in a URL) can name a file to read.
+Cache files are named from the id and the content hash alone, so a changed photo gets a new thumbnail.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from . import images
+from .config import Settings
+from .errors import DataError, DecodeError, ImgSearchError, UsageError
+from .store import ImageRow, Store
+
+THUMB = 256  # grid tiles
+PREVIEW = 1024  # detail view
+SIZES = (THUMB, PREVIEW)  # a fixed set, so the cache cannot be grown by asking for odd sizes
+
+
+def parse_id(raw: object) -> int:
+    """A library image id from user input ('12', 12); anything else is a UsageError."""
+    if isinstance(raw, bool):
+        raise UsageError(f"not an image id: {raw!r}")
+    if isinstance(raw, int):
+        value = raw
+    else:
+        text = str(raw).strip()
+        if not text.isdigit() or not text.isascii():
+            raise UsageError(f"not an image id: {str(raw)[:40]!r} (ids are whole numbers)")
+        value = int(text)
+    if value < 1 or value >= 2 ** 63:
+        raise UsageError(f"not an image id: {raw!r}")
+    return value
+
+
+def cache_path(settings: Settings, row: ImageRow, size: int) -> Path:
+    """Where the thumbnail of ``row`` at ``size`` lives (id and hash only; no part of the image path)."""
+    digest = row.hash if row.hash.isascii() and row.hash.isalnum() else "x"  # always hex when we wrote it
+    return settings.thumbs_dir / str(size) / f"{row.id % 256:02x}" / f"{row.id}-{digest}.jpg"
+
+
+def _render(row: ImageRow, size: int, max_pixels: int):
+    try:
+        im, _ = images.open_image(row.path, draft_size=size, max_pixels=max_pixels)
+    except DecodeError as e:
+        if not os.path.exists(row.path):
+            raise DataError(f"{row.path} is no longer on disk; re-run `imgsearch index` on its folder") from None
+        raise DataError(f"cannot make a thumbnail of {row.path}: {e}") from None
+    im.thumbnail((size, size))
+    return im
+
+
+def _write_atomic(im, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpg", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            im.save(f, "JPEG", quality=85, optimize=True)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _drop_stale(dest: Path, image_id: int) -> None:
+    """Remove thumbnails of older contents of the same image (same id, other hash)."""
+    try:
+        for old in dest.parent.glob(f"{image_id}-*.jpg"):
+            if old != dest:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a leftover file costs disk space, nothing else
+
+
+def library_image(store: Store, image_id: object) -> ImageRow:
+    """The library's record of image ``image_id`` (path, size, dimensions, date taken), or a UsageError."""
+    image_id = parse_id(image_id)
+    row = store.get_images([image_id]).get(image_id)
+    if row is None:
+        raise UsageError(f"image id {image_id} is not in the library")
+    return row
+
+
+def _ensure(settings: Settings, row: ImageRow, size: int) -> Path:
+    dest = cache_path(settings, row, size)
+    if dest.exists():
+        return dest
+    im = _render(row, size, settings.max_pixels)
+    _write_atomic(im, dest)
+    _drop_stale(dest, row.id)
+    return dest
+
+
+def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None = None,
+               workers: int = 4) -> dict[int, Path | ImgSearchError]:
+    """Thumbnails for many library images at once: {id: path, or the error that image gave}.
+
+    Missing ones are made in parallel threads (decoding releases the GIL), so a fresh grid fills fast.
+    """
+    if size not in SIZES:
+        raise UsageError(f"thumbnail size must be one of {', '.join(map(str, SIZES))}")
+    wanted = [parse_id(i) for i in ids]
+    own = store is None
+    store = store or Store(settings.db_path, create=False)
+    try:
+        rows = store.get_images(wanted)
+    finally:
+        if own:
+            store.close()
+    out: dict[int, Path | ImgSearchError] = {}
+    todo: list[ImageRow] = []
+    for i in wanted:
+        row = rows.get(i)
+        if row is None:
+            out[i] = UsageError(f"image id {i} is not in the library")
+        elif cache_path(settings, row, size).exists():
+            out[i] = cache_path(settings, row, size)
+        else:
+            todo.append(row)
+
+    def make(row: ImageRow) -> Path | ImgSearchError:
+        try:
+            return _ensure(settings, row, size)
+        except ImgSearchError as e:
+            return e
+        except OSError as e:  # e.g. the thumbnail folder is not writable
+            return DataError(f"cannot write a thumbnail under {settings.thumbs_dir}: {e.strerror or e}")
+
+    if len(todo) > 1 and workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(todo)), thread_name_prefix="thumbs") as pool:
+            for row, result in zip(todo, pool.map(make, todo)):
+                out[row.id] = result
+    else:
+        for row in todo:
+            out[row.id] = make(row)
+    return out
+
+
+def thumbnail(settings: Settings, image_id: object, size: int = THUMB, store: Store | None = None) -> Path:
+    """Path of a cached JPEG thumbnail (longest side ``size``) of library image ``image_id``.
+
+    Made on first use and reused afterwards. Raises UsageError for a malformed or unknown id or size,
+    DataError when the image file is gone or unreadable.
+    """
+    if size not in SIZES:
+        raise UsageError(f"thumbnail size must be one of {', '.join(map(str, SIZES))}")
+    image_id = parse_id(image_id)
+    own = store is None
+    store = store or Store(settings.db_path, create=False)
+    try:
+        row = store.get_images([image_id]).get(image_id)
+    finally:
+        if own:
+            store.close()
+    if row is None:
+        raise UsageError(f"image id {image_id} is not in the library")
+    return _ensure(settings, row, size)
+
+
+__all__ = ["THUMB", "PREVIEW", "SIZES", "parse_id", "cache_path", "library_image", "thumbnail", "thumbnails"]

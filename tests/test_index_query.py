@@ -1,0 +1,213 @@
+"""End-to-end index + query through the CLI on generated shapes and a tiny trained CLIP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imgsearch import synthetic
+
+
+def hits_of(result) -> list[dict]:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def kind(path: str) -> str:
+    """'red_circle' from .../red_circle_002.jpg"""
+    return "_".join(Path(path).stem.split("_")[:2])
+
+
+def test_text_query_ranks_matching_images_first(cli, photos):
+    r = cli("index", photos)
+    assert r.exit_code == 0, r.output
+    assert "new 54" in r.stdout
+    for color, shape in [("red", "circle"), ("blue", "square"), ("yellow", "triangle")]:
+        hits = hits_of(cli("query", f"a {color} {shape}", "-k", "3", "--json"))
+        kinds = [kind(h["path"]) for h in hits]
+        # The tiny model is sure of colours and mostly right about shapes.
+        assert kinds[0] == f"{color}_{shape}", kinds
+        assert all(k.startswith(color) for k in kinds), kinds
+        assert kinds.count(f"{color}_{shape}") >= 2, kinds
+
+
+def test_json_output_shape_and_paths_and_table(cli, photos):
+    cli("index", photos)
+    hits = hits_of(cli("query", "a green triangle", "--json"))
+    assert len(hits) == 10
+    for i, h in enumerate(hits, start=1):
+        assert {"rank", "id", "path", "score", "width", "height"} <= set(h)
+        assert h["rank"] == i and (h["width"], h["height"]) == (96, 96)
+        assert os.path.isabs(h["path"]) and os.path.exists(h["path"])
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    r = cli("query", "a green triangle", "--paths", "-k", "4")
+    assert r.stdout.splitlines() == [h["path"] for h in hits[:4]]
+    table = cli("query", "a green triangle", "-k", "2").stdout.splitlines()
+    assert table[0].split() == ["rank", "score", "path"]
+    assert table[1].split()[0] == "1" and table[1].split()[2] == hits[0]["path"]
+
+
+def test_image_query_finds_same_kind(cli, photos, tmp_path):
+    cli("index", photos)
+    probe = tmp_path / "probe.png"
+    import random
+
+    synthetic.draw_shape("yellow", "square", 96, random.Random(99)).save(probe)
+    hits = hits_of(cli("query", "--image", probe, "-k", "3", "--json"))
+    kinds = [kind(h["path"]) for h in hits]
+    assert kinds[0] == "yellow_square" and kinds.count("yellow_square") >= 2, kinds
+
+
+def test_negative_and_weighted_terms(cli, photos):
+    cli("index", photos)
+    def ranks(hits, k):
+        return [h["rank"] for h in hits if kind(h["path"]) == k]
+
+    plain = hits_of(cli("query", "a red circle", "-k", "54", "--json"))
+    steered = hits_of(cli("query", "a red circle", "--not", "0.5:a red square", "-k", "54", "--json"))
+    # Steering away from red squares pushes them down while red circles stay on top.
+    assert sum(ranks(steered, "red_square")) > sum(ranks(plain, "red_square"))
+    assert kind(steered[0]["path"]) == "red_circle"
+    # A heavier weight decides which of two concepts wins.
+    top_blue = hits_of(cli("query", "3:a blue circle", "a purple square", "-k", "2", "--json"))
+    top_purple = hits_of(cli("query", "a blue circle", "3:a purple square", "-k", "2", "--json"))
+    assert kind(top_blue[0]["path"]) == "blue_circle"
+    assert kind(top_purple[0]["path"]) == "purple_square"
+
+
+def test_under_and_min_score_filters(cli, tmp_path):
+    a, b = tmp_path / "lib" / "a", tmp_path / "lib" / "b"
+    synthetic.generate(a, per_class=2, colors=["red", "blue"], size=64, captions_file=None, seed=3)
+    synthetic.generate(b, per_class=2, colors=["red", "blue"], size=64, captions_file=None, seed=4)
+    cli("index", tmp_path / "lib")
+    hits = hits_of(cli("query", "a red circle", "--under", b, "-k", "50", "--json"))
+    assert len(hits) == 12 and all(h["path"].startswith(str(b) + os.sep) for h in hits)
+    assert kind(hits[0]["path"]) == "red_circle"
+    all_hits = hits_of(cli("query", "a red circle", "-k", "50", "--json"))
+    threshold = all_hits[5]["score"]
+    filtered = hits_of(cli("query", "a red circle", "--min-score", threshold, "-k", "50", "--json"))
+    assert len(filtered) == 6 and all(h["score"] >= threshold for h in filtered)
+    r = cli("query", "a red circle", "--under", tmp_path / "nope")
+    assert r.exit_code == 2 and "no such folder" in r.stderr
+
+
+def test_incremental_rerun_encodes_nothing(cli, photos):
+    cli("index", photos)
+    r = cli("index", photos, "--json")
+    rep = json.loads(r.stdout)
+    assert (rep["new"], rep["unchanged"], rep["encoded"], rep["removed"]) == (0, 54, 0, 0)
+
+
+def test_changed_file_is_reencoded(cli, photos):
+    cli("index", photos)
+    target = photos / "red_circle_000.jpg"
+    before = {h["path"]: h["id"] for h in hits_of(cli("query", "a blue square", "-k", "54", "--json"))}
+    import random
+
+    synthetic.draw_shape("blue", "square", 96, random.Random(5)).save(target, quality=90)
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["updated"], rep["encoded"], rep["new"]) == (1, 1, 0)
+    hits = hits_of(cli("query", "a blue square", "-k", "4", "--json"))
+    assert str(target) in [h["path"] for h in hits]  # now a blue square
+    assert before[str(target)] in [h["id"] for h in hits]  # same library row
+
+
+def test_touched_file_is_not_reencoded(cli, photos):
+    cli("index", photos)
+    os.utime(photos / "red_circle_000.jpg", ns=(1, 10**18))
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["unchanged"], rep["encoded"], rep["updated"]) == (54, 0, 0)
+
+
+def test_deleted_file_disappears(cli, photos):
+    cli("index", photos)
+    gone = photos / "red_circle_001.jpg"
+    gone.unlink()
+    paths = [h["path"] for h in hits_of(cli("query", "a red circle", "-k", "54", "--json"))]
+    assert str(gone) not in paths and len(paths) == 53  # even before re-indexing
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert rep["removed"] == 1
+    st = json.loads(cli("status", "--json").stdout)
+    assert st["images"] == 53 and st["models"][0]["vectors"] == 53
+
+
+def test_moved_and_renamed_files_keep_vectors(cli, photos):
+    cli("index", photos)
+    ids = {h["path"]: h["id"] for h in hits_of(cli("query", "a red circle", "-k", "54", "--json"))}
+    (photos / "sub dir").mkdir()
+    old = photos / "red_circle_002.jpg"
+    new = photos / "sub dir" / "renamed red.jpg"
+    shutil.move(old, new)
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["moved"], rep["encoded"], rep["removed"], rep["new"]) == (1, 0, 0, 0)
+    hits = hits_of(cli("query", "a red circle", "-k", "3", "--json"))
+    by_path = {h["path"]: h["id"] for h in hits}
+    assert by_path.get(str(new)) == ids[str(old)]
+
+
+def test_identical_copy_reuses_vector(cli, photos, tmp_path):
+    cli("index", photos)
+    shutil.copy(photos / "green_square_000.jpg", photos / "copy.jpg")
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["new"], rep["reused"], rep["encoded"]) == (1, 1, 0)
+    hits = hits_of(cli("query", "--image", photos / "green_square_000.jpg", "-k", "2", "--json"))
+    assert {Path(h["path"]).name for h in hits} == {"green_square_000.jpg", "copy.jpg"}
+    assert hits[0]["score"] == pytest.approx(hits[1]["score"])
+
+
+def test_forget_removes_folder_not_files(cli, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    synthetic.generate(a, per_class=1, size=64, captions_file=None)
+    synthetic.generate(b, per_class=1, size=64, captions_file=None)
+    cli("index", a, b)
+    r = cli("forget", a)
+    assert r.exit_code == 0 and "removed 18 images" in r.stdout
+    assert all(p.exists() for p in a.iterdir())
+    hits = hits_of(cli("query", "a red circle", "-k", "100", "--json"))
+    assert len(hits) == 18 and all(h["path"].startswith(str(b)) for h in hits)
+    r = cli("forget", tmp_path / "never")
+    assert r.exit_code == 1 and "nothing in the library" in r.stderr
+
+
+def test_status_reports_models_and_failures(cli, photos):
+    (photos / "broken.jpg").write_bytes(b"not a jpeg at all")
+    cli("index", photos)
+    st = json.loads(cli("status", "--json").stdout)
+    assert st["images"] == 54 and st["failures"] == 1
+    assert st["failed_files"][0]["path"].endswith("broken.jpg")
+    (m,) = st["models"]
+    assert m["vectors"] == 54 and m["index_state"] == "ok" and m["index_bytes"] > 0
+    text = cli("status").stdout
+    assert "images    54" in text and "54 vectors" in text
+    assert "broken.jpg" in cli("status", "--failures").stdout
+
+
+def test_unicode_and_spaces_in_names(cli, tmp_path):
+    import random
+
+    folder = tmp_path / "Fotos Ärger 写真"
+    folder.mkdir()
+    synthetic.draw_shape("red", "circle", 64, random.Random(1)).save(folder / "rot kreis ✓.png")
+    synthetic.draw_shape("blue", "square", 64, random.Random(2)).save(folder / "blau — Quadrat.png")
+    rep = json.loads(cli("index", folder, "--json").stdout)
+    assert rep["new"] == 2 and rep["failed"] == 0
+    hits = hits_of(cli("query", "a red circle", "-k", "1", "--json"))
+    assert hits[0]["path"] == str(folder / "rot kreis ✓.png")
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys; from typer.testing import CliRunner; from imgsearch.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, ['query', '--help']); assert r.exit_code == 0; "
+            "bad = [m for m in ('torch', 'open_clip', 'faiss', 'numpy') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
