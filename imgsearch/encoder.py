@@ -278,10 +278,12 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
     except ModelLoadError:
         raise
     except Exception as e:
-        hint = ("the weights could not be downloaded; connect to the internet once so open_clip caches them, "
-                "or use --model local-dir:/path") if "download" in str(e).lower() else \
-               "check that the weights file matches the model architecture"
-        raise ModelLoadError(f"cannot load model {spec.label}: {_short(e)}; {hint}") from None
+        if "download" in str(e).lower():
+            raise ModelLoadError(
+                f"cannot download the weights of {spec.label} and no cached copy exists; connect to the internet "
+                "once so open_clip caches them, or use --model local-dir:/path") from None
+        raise ModelLoadError(f"cannot load model {spec.label}: {_short(e)}; check that the weights file matches "
+                             "the model architecture") from None
     model.eval()
     if precision == "bf16":
         model = model.to(torch.bfloat16)

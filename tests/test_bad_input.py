@@ -1,0 +1,174 @@
+"""Every kind of bad input gets a reason, the run continues, and nothing already indexed is lost."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsearch import synthetic
+
+
+def report(cli, *paths) -> dict:
+    r = cli("index", *paths, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims huge dimensions (a decompression bomb) with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_bad_files_are_reported_and_good_ones_indexed(cli, photos):
+    first = report(cli, photos)
+    assert first["new"] == 54
+    bad = photos / "bad"
+    bad.mkdir()
+    good_bytes = (photos / "red_circle_000.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good_bytes[: len(good_bytes) // 3])
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "notes.jpg").write_text("these are my notes, not a picture")
+    (bad / "bomb.png").write_bytes(png_with_declared_size(40000, 40000))
+    os.symlink(bad / "does-not-exist.jpg", bad / "dangling.jpg")
+    rep = report(cli, photos)
+    reasons = {Path(f["path"]).name: f["reason"] for f in rep["failures"]}
+    assert set(reasons) == {"truncated.jpg", "empty.png", "notes.jpg", "bomb.png", "dangling.jpg"}
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "empty file" in reasons["empty.png"]
+    assert "not an image" in reasons["notes.jpg"]
+    assert "too large" in reasons["bomb.png"] and "IMGSEARCH_MAX_PIXELS" in reasons["bomb.png"]
+    assert "broken symlink" in reasons["dangling.jpg"]
+    assert rep["unchanged"] == 54 and rep["removed"] == 0
+    # The library still answers and still holds everything that was indexed before.
+    st = json.loads(cli("status", "--json").stdout)
+    assert st["images"] == 54 and st["failures"] == 5
+    # Failures are listed in the human report too.
+    text = cli("index", photos).stdout
+    assert "failed 5" in text and "bomb.png" in text
+    # Fixing a file clears its failure.
+    (bad / "notes.jpg").unlink()
+    (bad / "notes.jpg").write_bytes(good_bytes)
+    rep = report(cli, photos)
+    assert rep["new"] == 1 and rep["failed"] == 4
+
+
+def test_pixel_cap_is_configurable(cli, tmp_path, monkeypatch):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    Image.new("RGB", (200, 200), (200, 20, 20)).save(folder / "big.png")
+    monkeypatch.setenv("IMGSEARCH_MAX_PIXELS", "10000")
+    rep = report(cli, folder)
+    assert rep["failed"] == 1 and "too large" in rep["failures"][0]["reason"]
+    monkeypatch.setenv("IMGSEARCH_MAX_PIXELS", "100000")
+    assert report(cli, folder)["new"] == 1
+
+
+def test_unreadable_file_is_reported(cli, photos, monkeypatch):
+    import builtins
+
+    import imgsearch.indexer as indexer
+
+    real_open = builtins.open
+
+    def guarded_open(path, *a, **kw):
+        if str(path).endswith("blue_circle_001.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    # Root reads everything, so permission errors are simulated at the point the indexer reads files.
+    monkeypatch.setattr(indexer, "open", guarded_open, raising=False)
+    rep = report(cli, photos)
+    assert rep["new"] == 53
+    assert rep["failures"] == [{"path": str(photos / "blue_circle_001.jpg"),
+                                "reason": "cannot read file: Permission denied"}]
+
+
+def test_hidden_system_folders_and_symlink_loops(cli, tmp_path):
+    root = tmp_path / "root"
+    synthetic.generate(root, per_class=1, colors=["red"], size=64, captions_file=None)
+    for hidden in (".git", "@eaDir", ".thumbnails"):
+        synthetic.generate(root / hidden, per_class=1, colors=["blue"], size=64, captions_file=None)
+    Image.new("RGB", (32, 32)).save(root / "._red_circle_000.jpg")  # macOS resource fork
+    (root / "sub").mkdir()
+    os.symlink(root, root / "sub" / "loop")  # a folder that contains itself
+    os.symlink(root / "red_square_000.png", root / "sub" / "link.png")  # symlinked file is indexed as itself
+    rep = report(cli, root)
+    assert rep["new"] == 4 and rep["failed"] == 0
+    hits = json.loads(cli("query", "a blue circle", "-k", "20", "--json").stdout)
+    assert not any(part.startswith((".", "@")) for h in hits for part in Path(h["path"]).parts)
+
+
+def test_odd_image_modes_and_formats(cli, tmp_path):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    rgb = synthetic.draw_shape("red", "circle", 64, random.Random(3))
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.gif")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(folder / "alpha.png")
+    rgba.save(folder / "alpha.webp")
+    Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 200)).save(folder / "deep.tiff")
+    rgb.save(folder / "plain.bmp")
+    rep = report(cli, folder)
+    assert rep["new"] == 7 and rep["failed"] == 0, rep["failures"]
+    hits = json.loads(cli("query", "a red circle", "-k", "7", "--json").stdout)
+    assert {Path(h["path"]).name for h in hits[:3]} <= {"cmyk.jpg", "palette.gif", "alpha.png", "alpha.webp",
+                                                       "plain.bmp"}
+
+
+def test_exif_orientation_is_applied(cli, tmp_path, settings):
+    """A sideways-stored photo with an orientation tag is encoded as displayed and reports displayed size."""
+    from imgsearch import encoder, images
+
+    folder = tmp_path / "exif"
+    folder.mkdir()
+    upright = Image.new("RGB", (120, 60), (20, 20, 20))
+    upright.paste(synthetic.draw_shape("green", "triangle", 60, random.Random(1)), (0, 0))
+    upright.save(folder / "upright.jpg", quality=95)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 60x120
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90 CW to display
+    stored.save(folder / "sideways.jpg", quality=95, exif=exif.tobytes())
+    im, info = images.open_image(folder / "sideways.jpg")
+    assert (info.width, info.height) == (120, 60) and im.size == (120, 60)
+    cli("index", folder)
+    hits = {Path(h["path"]).name: h for h in json.loads(cli("query", "--image", folder / "upright.jpg",
+                                                              "--json").stdout)}
+    assert (hits["sideways.jpg"]["width"], hits["sideways.jpg"]["height"]) == (120, 60)
+    assert hits["sideways.jpg"]["score"] > 0.98
+    enc = encoder.load(encoder.ModelSpec(settings.model), "cpu", "fp32")
+    wrong = enc.encode_images([stored])[0] @ enc.encode_images([upright])[0]
+    assert hits["sideways.jpg"]["score"] > wrong  # applying the tag matters
+
+
+def test_bad_paths_and_arguments_exit_2(cli, photos):
+    r = cli("index", photos / "missing-folder")
+    assert r.exit_code == 2 and "no such file or folder" in r.stderr
+    cli("index", photos)
+    r = cli("query", "--image", photos / "nope.jpg")
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: query image not found: {photos / 'nope.jpg'}"
+    r = cli("query")
+    assert r.exit_code == 2 and "nothing to search for" in r.stderr
+    r = cli("query", "x", "--json", "--paths")
+    assert r.exit_code == 2
+    r = cli("query", "x", "--bogus-option")
+    assert r.exit_code == 2
+    notimg = photos / "readme.jpg"
+    notimg.write_text("hello")
+    r = cli("query", "--image", notimg)
+    assert r.exit_code == 2 and "cannot use query image" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,78 @@
+"""Model loading: never a randomly initialised network; every failure is one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgsearch.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings
+from imgsearch.encoder import ModelSpec, build, resolve_weights
+from imgsearch.errors import ModelLoadError
+
+
+def one_line_error(result, code=1) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_local_dir_without_weights(cli, tmp_path, photos):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
+    msg = one_line_error(cli("index", photos, model=f"local-dir:{folder}"))
+    assert "no weights" in msg and "random" in msg
+    msg = one_line_error(cli("index", photos, model=f"local-dir:{tmp_path / 'absent'}"))
+    assert "does not exist" in msg
+
+
+def test_builtin_model_needs_weights(cli, photos):
+    msg = one_line_error(cli("index", photos, model="ViT-B-16"))
+    assert "needs weights" in msg and "--pretrained" in msg
+
+
+def test_unknown_tag_and_missing_checkpoint(cli, photos, tmp_path):
+    msg = one_line_error(cli("--pretrained", "no_such_tag", "index", photos, model="ViT-B-32"))
+    assert "unknown pretrained tag" in msg and "laion2b_s34b_b79k" in msg
+    msg = one_line_error(cli("--pretrained", str(tmp_path / "w.pt"), "index", photos, model="ViT-B-32"))
+    assert "does not exist" in msg
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    msg = one_line_error(cli("--pretrained", str(bad), "index", photos, model="ViT-B-32"))
+    assert "cannot load model" in msg
+
+
+def test_default_model_offline_says_what_to_do(cli, photos, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg = one_line_error(cli("index", photos, model=None))
+    assert DEFAULT_MODEL in msg and "internet" in msg
+
+
+def test_hf_hub_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot get weights for hf-hub:"):
+        resolve_weights(ModelSpec("hf-hub:someone/nothing-cached-here"))
+
+
+def test_settings_defaults_and_env(monkeypatch, tmp_path):
+    for var in ("IMGSEARCH_MODEL", "IMGSEARCH_PRETRAINED", "IMGSEARCH_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings.from_env()
+    assert (s.model, s.pretrained) == (DEFAULT_MODEL, DEFAULT_PRETRAINED)
+    monkeypatch.setenv("IMGSEARCH_MODEL", "local-dir:/x")
+    monkeypatch.setenv("IMGSEARCH_HOME", str(tmp_path))
+    s = Settings.from_env()
+    assert (s.model, s.pretrained, s.home) == ("local-dir:/x", None, tmp_path)
+    s = Settings.from_env(model="RN50", pretrained="openai")
+    assert (s.model, s.pretrained) == ("RN50", "openai")
+
+
+def test_trained_tiny_model_loads(tiny_model):
+    enc = build(ModelSpec(f"local-dir:{tiny_model}"), "cpu", "fp32")
+    assert enc.dim == 64 and enc.image_size == 32 and enc.precision == "fp32"
+    v = enc.encode_texts(["a red circle", "a blue square"])
+    assert v.shape == (2, 64)
+    assert abs(float((v * v).sum(1)[0]) - 1) < 1e-5
