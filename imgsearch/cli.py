@@ -253,8 +253,14 @@ def status_cmd(
     if not st["models"]:
         typer.echo("  none yet: run `imgsearch index PATH`")
     for m in st["models"]:
+        detail = ""
+        if m["index_bytes"]:
+            recall = m.get("recall_at_10")
+            detail = (f" ({m['index_type']}, {human_bytes(m['index_bytes'])}"
+                      + (f", recall@10 {recall:.3f} at nprobe {m['nprobe']}" if recall is not None and m["nprobe"]
+                         else "") + ")")
         typer.echo(f"  [{m['id']}] {m['model']}: {m['vectors']} vectors, dim {m['dim']}, index {m['index_state']}"
-                   + (f" ({m['index_type']}, {human_bytes(m['index_bytes'])})" if m["index_bytes"] else ""))
+                   + detail)
 
 
 @command("forget")

@@ -52,6 +52,9 @@ class Settings:
     workers: int = 0  # decode threads; 0 = pick from CPU count
     max_pixels: int = 100_000_000  # decompression-bomb cap
     write_batch: int = 256  # rows per transaction while indexing
+    flat_max: int = 50_000  # exact FAISS search up to this many vectors, IVF above
+    index_budget_mb: int = 4096  # raw vectors above this use IVF-PQ codes instead
+    recall_target: float = 0.95  # recall@10 the IVF probe count is tuned for
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -73,6 +76,8 @@ class Settings:
         values["batch_size"] = _env_int("IMGSEARCH_BATCH_SIZE", cls.batch_size)
         values["workers"] = _env_int("IMGSEARCH_WORKERS", cls.workers)
         values["max_pixels"] = _env_int("IMGSEARCH_MAX_PIXELS", cls.max_pixels)
+        values["flat_max"] = _env_int("IMGSEARCH_FLAT_MAX", cls.flat_max)
+        values["index_budget_mb"] = _env_int("IMGSEARCH_INDEX_BUDGET_MB", cls.index_budget_mb)
         settings = cls(**values)
         clean = {k: v for k, v in overrides.items() if v is not None}
         if "model" in clean and "pretrained" not in clean and clean["model"] != DEFAULT_MODEL:

@@ -20,7 +20,7 @@ from .config import Settings
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
-from .vectors import load_or_build
+from .vectors import IndexPolicy, VectorIndex, load_or_build
 
 
 @dataclass
@@ -253,10 +253,7 @@ class Indexer:
 
     def refresh_cache(self) -> None:
         """Bring this model's FAISS cache up to date so the next query starts fast."""
-        model = self.store.model_by_id(self.model.id)
-        state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint}
-        load_or_build(self.settings.index_path(model.id), state, model.dim,
-                      lambda: self.store.load_vectors(model.id))
+        model_index(self.settings, self.store, self.model.id)
 
 
 class _Pending:
@@ -318,6 +315,29 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int):
             fut.cancel()
 
 
+def index_policy(settings: Settings) -> IndexPolicy:
+    return IndexPolicy(flat_max=settings.flat_max, memory_budget=settings.index_budget_mb << 20,
+                       recall_target=settings.recall_target)
+
+
+def model_index(settings: Settings, store: Store, model_id: int) -> tuple[VectorIndex, int, str]:
+    """One model's FAISS index, from its cache file when trustworthy, else updated or rebuilt from SQLite.
+
+    Returns (index, library version it reflects, "loaded" | "updated" | "rebuilt").
+    """
+    model = store.model_by_id(model_id)
+    state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint}
+    index, action = load_or_build(settings.index_path(model.id), state, model.dim,
+                                  lambda: store.load_vectors(model.id),
+                                  lambda since: store.vector_changes(model.id, since), index_policy(settings))
+    if action == "rebuilt":
+        try:
+            store.prune_deletions(model.id, model.version)
+        except Exception:
+            pass  # read-only library: tombstones stay, harmlessly
+    return index, model.version, action
+
+
 def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
     roots = []
     for p in paths:
@@ -375,11 +395,15 @@ def library_status(settings: Settings) -> dict:
         for m in store.models():
             path = settings.index_path(m.id)
             state, meta = cache_state(path)
-            if state == "ok" and (meta.get("version") != m.version or meta.get("fingerprint") != m.fingerprint):
+            if state == "ok" and meta.get("fingerprint") != m.fingerprint:
                 state = "stale (rebuilt on next query)"
+            elif state == "ok" and meta.get("version") != m.version:
+                state = "stale (updated on next query)"
+            meta = meta or {}
             models.append({"id": m.id, "model": m.label, "name": m.name, "pretrained": m.pretrained, "dim": m.dim,
                            "vectors": m.vectors, "index_file": str(path), "index_state": state,
-                           "index_type": (meta or {}).get("kind"),
+                           "index_type": meta.get("kind"), "index_vectors": meta.get("count"),
+                           "recall_at_10": meta.get("recall_at_10"), "nprobe": meta.get("nprobe"),
                            "index_bytes": path.stat().st_size if path.exists() else 0})
         disk = store.disk_usage()
         for folder in (settings.index_dir, settings.thumbs_dir):

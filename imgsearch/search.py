@@ -15,7 +15,8 @@ from .config import Settings
 from .encoder import Encoder, ModelSpec, resolve_weights
 from .errors import DecodeError, ModelMismatchError, UsageError
 from .store import ModelRow, Store
-from .vectors import VectorIndex, load_or_build
+from .indexer import model_index
+from .vectors import VectorIndex
 
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
 
@@ -135,10 +136,7 @@ class Searcher:
         with self._lock:
             version = self.store.model_version(self.model.id)
             if self._index is None or version != self._index_version:
-                state = {"model_id": self.model.id, "version": version, "fingerprint": self.model.fingerprint}
-                self._index, _ = load_or_build(self.settings.index_path(self.model.id), state, self.model.dim,
-                                               lambda: self.store.load_vectors(self.model.id))
-                self._index_version = version
+                self._index, self._index_version, _ = model_index(self.settings, self.store, self.model.id)
             return self._index
 
     # --- embedding -----------------------------------------------------------------------------
@@ -221,8 +219,14 @@ class Searcher:
         exclude = set(int(i) for i in exclude_ids)
         limit = len(index) if allowed is None else len(allowed)
         fetch = min(limit, k + len(exclude) + 8)
+        nprobe = None
         while True:
-            scores, ids = index.search(vec[None, :], fetch, allowed=allowed)
+            scores, ids = index.search(vec[None, :], fetch, allowed=allowed, nprobe=nprobe)
+            if (ids[0] < 0).any() and index.plan.kind != "flat":
+                # The probed IVF lists held fewer vectors than asked for: widen the probe, never return short.
+                if nprobe != index.plan.nlist:
+                    nprobe = index.plan.nlist
+                    continue
             pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in exclude]
             rows = self.store.get_images(i for _, i in pairs)
             hits: list[Hit] = []

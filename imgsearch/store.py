@@ -71,7 +71,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         )""",
     ]),
     # Zero-shot tags (with the model and label set that produced them), user captions, cached perceptual
-    # hashes for `duplicates`, and an FTS5 index over names, folders, captions and tags that triggers
+    # fingerprints for `duplicates`, and an FTS5 index over names, folders, captions and tags that triggers
     # keep in sync. Deleting an image cascades to all of them.
     (2, "tags_captions_keywords", [
         """CREATE TABLE tag_sets (
@@ -99,10 +99,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             added_at REAL NOT NULL,
             UNIQUE (image_id, text)
         )""",
-        """CREATE TABLE image_phash (
+        """CREATE TABLE image_fingerprints (
             image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
             hash TEXT NOT NULL,
-            phash INTEGER NOT NULL
+            data BLOB NOT NULL
         )""",
         "CREATE VIRTUAL TABLE image_text USING fts5(name, folder, captions, tags, "
         "tokenize = 'unicode61 remove_diacritics 2')",
@@ -135,6 +135,22 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TRIGGER tags_ad AFTER DELETE ON tags BEGIN
             UPDATE image_text SET tags = coalesce((SELECT group_concat(DISTINCT label) FROM tags
                 WHERE image_id = old.image_id), '') WHERE rowid = old.image_id;
+        END""",
+    ]),
+    # Change tracking so FAISS caches can apply deltas instead of rebuilding: each vector row carries the
+    # model version that wrote it, and deletions leave a tombstone with the version that removed them.
+    (3, "vector_change_log", [
+        "ALTER TABLE vectors ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX ix_vectors_seq ON vectors(model_id, seq)",
+        """CREATE TABLE vector_deletions (
+            model_id INTEGER NOT NULL,
+            image_id INTEGER NOT NULL,
+            seq INTEGER NOT NULL
+        )""",
+        "CREATE INDEX ix_vector_deletions ON vector_deletions(model_id, seq)",
+        """CREATE TRIGGER vectors_ad AFTER DELETE ON vectors BEGIN
+            INSERT INTO vector_deletions (model_id, image_id, seq)
+            VALUES (old.model_id, old.image_id, (SELECT version FROM models WHERE id = old.model_id) + 1);
         END""",
     ]),
 ]
@@ -411,7 +427,8 @@ class Store:
                 c.execute(text("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id"),
                           [{"id": i, "s": s, "m": m} for i, s, m in touched])
             if vectors:
-                c.execute(text("INSERT OR REPLACE INTO vectors (model_id, image_id, vector) VALUES (:m, :i, :v)"),
+                c.execute(text("INSERT OR REPLACE INTO vectors (model_id, image_id, vector, seq) VALUES "
+                               "(:m, :i, :v, (SELECT version FROM models WHERE id = :m) + 1)"),
                           [{"m": model_id, "i": ids[k] if isinstance(k, str) else int(k), "v": vector_to_blob(v)}
                            for k, v in vectors])
             if cleared_failures:
@@ -607,25 +624,54 @@ class Store:
         except sa.exc.OperationalError as e:
             raise LibraryError(f"keyword search failed ({e.orig}); check the library with `imgsearch status`") from None
 
-    # --- perceptual hashes (cache for `duplicates`) ------------------------------------------
-    def phashes(self, image_ids: Iterable[int]) -> dict[int, int]:
-        """Cached perceptual hashes still valid for the images' current content."""
-        out: dict[int, int] = {}
+    # --- perceptual fingerprints (cache for `duplicates`) -------------------------------------
+    def fingerprints(self, image_ids: Iterable[int]) -> dict[int, bytes]:
+        """Cached fingerprints still valid for the images' current content (the file hash must match)."""
+        out: dict[int, bytes] = {}
         for part in _chunks([int(i) for i in image_ids]):
-            for r in self.rows(f"SELECT p.image_id, p.phash FROM image_phash p JOIN images i ON i.id = p.image_id "
-                               f"AND i.hash = p.hash WHERE p.image_id IN ({','.join(map(str, part))})"):
-                out[r[0]] = r[1] & 0xFFFFFFFFFFFFFFFF  # stored signed; SQLite integers are 64-bit signed
+            marks = ",".join(map(str, part))
+            for r in self.rows(f"SELECT f.image_id, f.data FROM image_fingerprints f JOIN images i "
+                               f"ON i.id = f.image_id AND i.hash = f.hash WHERE f.image_id IN ({marks})"):
+                out[r[0]] = bytes(r[1])
         return out
 
-    def save_phashes(self, rows: Sequence[tuple[int, str, int]]) -> None:
-        """Cache (image_id, content hash, 64-bit perceptual hash)."""
+    def save_fingerprints(self, rows: Sequence[tuple[int, str, bytes]]) -> None:
+        """Cache (image_id, content hash, fingerprint bytes)."""
         from sqlalchemy import text
 
         if not rows:
             return
         with self.begin() as c:
-            c.execute(text("INSERT OR REPLACE INTO image_phash (image_id, hash, phash) VALUES (:i, :h, :p)"),
-                      [{"i": int(i), "h": h, "p": _signed64(p)} for i, h, p in rows])
+            c.execute(text("INSERT OR REPLACE INTO image_fingerprints (image_id, hash, data) VALUES (:i, :h, :d)"),
+                      [{"i": int(i), "h": h, "d": bytes(d)} for i, h, d in rows])
+
+    def vector_changes(self, model_id: int, since_version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(upserted ids, their vectors, deleted ids) for a model since ``since_version`` (for cache deltas)."""
+        from sqlalchemy import text
+
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        with self.engine.connect() as c:
+            for i, b in c.execute(text("SELECT image_id, vector FROM vectors WHERE model_id = :m AND seq > :v"),
+                                  {"m": model_id, "v": since_version}):
+                ids.append(i)
+                blobs.append(b)
+            deleted = [r[0] for r in c.execute(text("SELECT DISTINCT image_id FROM vector_deletions "
+                                                    "WHERE model_id = :m AND seq > :v"),
+                                               {"m": model_id, "v": since_version})]
+        model = self.model_by_id(model_id)
+        dim = model.dim if model else 0
+        vecs = (np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
+                if blobs else np.zeros((0, dim), dtype=np.float32))
+        return np.asarray(ids, dtype=np.int64), vecs, np.asarray(deleted, dtype=np.int64)
+
+    def prune_deletions(self, model_id: int, through_version: int) -> None:
+        """Forget tombstones a freshly rebuilt cache no longer needs."""
+        from sqlalchemy import text
+
+        with self.begin() as c:
+            c.execute(text("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v"),
+                      {"m": model_id, "v": through_version})
 
     # --- runs --------------------------------------------------------------------------------
     def start_run(self, model_id: int, roots: Sequence[str]) -> int:
@@ -661,11 +707,6 @@ class Store:
             if p.exists():
                 total += p.stat().st_size
         return total
-
-
-def _signed64(value: int) -> int:
-    value = int(value)
-    return value - (1 << 64) if value >= (1 << 63) else value
 
 
 def _image_params(img: dict) -> dict:

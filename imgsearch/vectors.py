@@ -1,48 +1,143 @@
-"""FAISS wrapper: build, add, remove, search, save and load. Knows ids and vectors, nothing else.
+"""FAISS wrapper: choose, build, update, search, save and load an index. Knows ids and vectors, nothing else.
 
-Vectors are L2-normalised, so inner product is cosine similarity. The saved file carries a header
-with the caller's metadata and a checksum, so a stale or damaged file is detected, never trusted.
+Vectors are L2-normalised, so inner product is cosine similarity. The index type follows the collection:
+exact (flat) while it is small, IVF with a sampled-trained coarse quantizer above that, IVF-PQ when the raw
+vectors do not fit the memory budget; the IVF probe count is tuned to a recall target measured against exact
+search. The saved file carries a header with the caller's metadata and a checksum, so a stale or damaged
+file is detected, never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 MAGIC = b"IMGSFAIS"
-FORMAT = 1
+FORMAT = 2
 
 
 class IndexFileError(Exception):
     """The cache file is missing, damaged or from another format; rebuild it."""
 
 
-class VectorIndex:
-    """Nearest-neighbour index over (id, vector) pairs with exact inner-product search."""
+@dataclass(frozen=True)
+class IndexPolicy:
+    """How to pick the index type. Thresholds are settings so tests can exercise IVF on small sets."""
 
-    def __init__(self, dim: int, index=None):
+    flat_max: int = 50_000  # exact search up to here (about 10 ms at 50k x 512 on two cores)
+    memory_budget: int = 4 << 30  # bytes the index may use before switching to PQ codes
+    recall_target: float = 0.95  # recall@10 the probe count is tuned for
+    sample_queries: int = 200
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # "flat" | "ivf" | "ivfpq"
+    nlist: int = 0
+    pq_m: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "flat":
+            return "Flat (exact)"
+        return f"IVF{self.nlist},Flat" if self.kind == "ivf" else f"IVF{self.nlist},PQ{self.pq_m}"
+
+
+def plan_for(n: int, dim: int, policy: IndexPolicy = IndexPolicy()) -> Plan:
+    """The index type for ``n`` vectors of ``dim`` floats under ``policy``."""
+    if n <= policy.flat_max:
+        return Plan("flat")
+    # About 2*sqrt(n) lists keeps each list a few hundred vectors and quantizer training within minutes.
+    nlist = int(2 ** round(math.log2(max(64.0, 2 * math.sqrt(n)))))
+    nlist = min(nlist, max(64, n // 40))
+    if n * dim * 4 <= policy.memory_budget:
+        return Plan("ivf", nlist)
+    m = next(m for m in (64, 48, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim // 4 or m == 1)
+    return Plan("ivfpq", nlist, m)
+
+
+class VectorIndex:
+    """Nearest-neighbour index over (id, vector) pairs, inner product on normalised vectors."""
+
+    def __init__(self, dim: int, index, plan: Plan = Plan("flat"), nprobe: int = 0,
+                 recall: float | None = None, built_count: int = 0):
+        self.dim = dim
+        self.index = index
+        self.plan = plan
+        self.nprobe = nprobe
+        self.recall = recall
+        self.built_count = built_count
+
+    # --- building ----------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, dim: int) -> "VectorIndex":
         import faiss
 
-        self.dim = dim
-        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        return cls(dim, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), Plan("flat"), recall=1.0)
 
     @classmethod
-    def build(cls, ids: np.ndarray, vectors: np.ndarray, dim: int) -> "VectorIndex":
-        vi = cls(dim)
-        vi.add(ids, vectors)
+    def build(cls, ids: np.ndarray, vectors: np.ndarray, dim: int, policy: IndexPolicy = IndexPolicy(),
+              seed: int = 0) -> "VectorIndex":
+        import faiss
+
+        n = len(ids)
+        plan = plan_for(n, dim, policy)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if plan.kind == "flat":
+            vi = cls.empty(dim)
+            vi.add(ids, vectors)
+            vi.built_count = n
+            return vi
+        quantizer = faiss.IndexFlatIP(dim)
+        if plan.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10
+        rng = np.random.default_rng(seed)
+        # Train on a random sample from the whole collection, not its first rows (folders are ordered).
+        sample = min(n, max(40 * plan.nlist, 256 * 40 if plan.kind == "ivfpq" else 0))
+        train_idx = np.sort(rng.choice(n, size=sample, replace=False)) if sample < n else np.arange(n)
+        index.train(vectors[train_idx])
+        for start in range(0, n, 200_000):
+            index.add_with_ids(vectors[start:start + 200_000], ids[start:start + 200_000])
+        vi = cls(dim, index, plan, built_count=n)
+        vi.tune(vectors, ids, policy, rng)
         return vi
 
+    def tune(self, vectors: np.ndarray, ids: np.ndarray, policy: IndexPolicy, rng) -> None:
+        """Pick the smallest probe count whose recall@10 against exact search meets the target."""
+        if self.plan.kind == "flat":
+            self.recall = 1.0
+            return
+        q = min(policy.sample_queries, len(ids))
+        pick = rng.choice(len(ids), size=q, replace=False)
+        best = (self.plan.nlist, 0.0)
+        nprobe = 1
+        while nprobe <= self.plan.nlist:
+            r = measure_recall(self, vectors, ids, pick, nprobe)
+            best = (nprobe, r)
+            if r >= policy.recall_target:
+                break
+            nprobe *= 2
+        self.nprobe, self.recall = best
+
+    # --- updating ----------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
     @property
     def kind(self) -> str:
-        return "flat"
+        return self.plan.label
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
@@ -59,42 +154,75 @@ class VectorIndex:
             return 0
         return int(self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def outgrown(self, policy: IndexPolicy) -> bool:
+        """True when the collection changed enough that another index type or list count suits it better."""
+        n = len(self)
+        wanted = plan_for(n, self.dim, policy)
+        if wanted.kind != self.plan.kind:
+            return True
+        return self.plan.kind != "flat" and (n > 4 * self.built_count or n < self.built_count // 4)
+
+    # --- searching ---------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row; ids of -1 pad when fewer exist. ``allowed`` restricts ids."""
         import faiss
 
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        empty = (np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64))
         n = len(self)
         if n == 0 or k <= 0:
-            return (np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64))
-        params = None
+            return empty
+        sel = None
         if allowed is not None:
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
             if len(allowed) == 0:
-                return (np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64))
+                return empty
             k = min(k, len(allowed))
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+            sel = faiss.IDSelectorBatch(allowed)
         k = min(k, n)
-        scores, ids = self.index.search(queries, k, params=params)
-        return scores, ids
+        if self.plan.kind == "flat":
+            params = faiss.SearchParameters(sel=sel) if sel is not None else None
+        else:
+            probe = nprobe or self.nprobe or 1
+            if sel is not None:
+                probe = self.plan.nlist  # a filter can leave most lists empty: look everywhere
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=min(probe, self.plan.nlist)) if sel is not None \
+                else faiss.SearchParametersIVF(nprobe=min(probe, self.plan.nlist))
+        return self.index.search(queries, k, params=params)
+
+    @property
+    def nbytes(self) -> int:
+        import faiss
+
+        return int(faiss.serialize_index(self.index).nbytes)
 
     # --- persistence -------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {"dim": self.dim, "count": len(self), "kind": self.kind, "plan": asdict(self.plan),
+                "nprobe": self.nprobe, "recall_at_10": self.recall, "built_count": self.built_count}
+
     def save(self, path: str | os.PathLike, meta: dict) -> None:
         """Write atomically: temp file + fsync + rename. ``meta`` says what state it was built from."""
         import faiss
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = faiss.serialize_index(self.index).tobytes()
-        header = json.dumps({**meta, "dim": self.dim, "count": len(self), "kind": self.kind}).encode()
-        digest = hashlib.blake2b(header + payload, digest_size=16).digest()
+        payload = faiss.serialize_index(self.index)
+        header = json.dumps({**meta, **self.meta()}).encode()
+        h = hashlib.blake2b(header, digest_size=16)
+        h.update(memoryview(payload))
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + digest)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + h.digest())
+                f.write(memoryview(payload))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     @staticmethod
     def read_meta(path: str | os.PathLike) -> dict:
@@ -125,39 +253,81 @@ class VectorIndex:
         fmt, hlen = struct.unpack("<II", data[8:16])
         if fmt != FORMAT:
             raise IndexFileError(f"index file format {fmt} is not {FORMAT}")
-        header = data[16:16 + hlen]
-        digest = data[16 + hlen:32 + hlen]
-        payload = data[32 + hlen:]
-        if hashlib.blake2b(header + payload, digest_size=16).digest() != digest:
+        view = memoryview(data)
+        header = bytes(view[16:16 + hlen])
+        digest = bytes(view[16 + hlen:32 + hlen])
+        payload = view[32 + hlen:]
+        h = hashlib.blake2b(header, digest_size=16)
+        h.update(payload)
+        if h.digest() != digest:
             raise IndexFileError("index file checksum does not match (damaged or truncated)")
-        meta = json.loads(header)
         try:
+            meta = json.loads(header)
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
-        except RuntimeError as e:
-            raise IndexFileError(f"faiss cannot read the index: {e}") from None
+            plan = Plan(**meta["plan"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise IndexFileError(f"cannot read the index: {e}") from None
         if index.d != meta["dim"] or index.ntotal != meta["count"]:
             raise IndexFileError("index file contents disagree with its header")
-        return cls(meta["dim"], index), meta
+        vi = cls(meta["dim"], index, plan, meta.get("nprobe", 0), meta.get("recall_at_10"), meta.get("built_count", 0))
+        return vi, meta
 
 
-def load_or_build(path: str | os.PathLike, state: dict, dim: int, fetch) -> tuple[VectorIndex, bool]:
-    """Load the cached index at ``path`` if it was built from ``state``; else rebuild and save it.
+def measure_recall(index: VectorIndex, vectors: np.ndarray, ids: np.ndarray, pick: np.ndarray, nprobe: int,
+                   k: int = 10) -> float:
+    """Recall@k of ``index`` against exact search, for queries taken from the collection itself.
 
-    ``fetch()`` returns (ids, vectors) from the source of truth. Returns (index, rebuilt?).
+    Each query's own vector is excluded from both result lists, so it behaves as a held-out query.
     """
+    import faiss
+
+    xq = np.ascontiguousarray(vectors[pick], dtype=np.float32)
+    own = ids[pick]
+    _, exact_pos = faiss.knn(xq, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    _, approx = index.search(xq, k + 1, nprobe=nprobe)
+    hits = 0
+    total = 0
+    for row in range(len(pick)):
+        truth = [int(ids[p]) for p in exact_pos[row] if p >= 0 and ids[p] != own[row]][:k]
+        got = {int(i) for i in approx[row] if i >= 0 and i != own[row]}
+        hits += sum(1 for t in truth if t in got)
+        total += len(truth)
+    return hits / total if total else 1.0
+
+
+def load_or_build(path: str | os.PathLike, state: dict, dim: int,
+                  fetch_all: Callable[[], tuple[np.ndarray, np.ndarray]],
+                  fetch_changes: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                  policy: IndexPolicy = IndexPolicy()) -> tuple[VectorIndex, str]:
+    """The index for ``state`` (model_id, version, fingerprint), from the cache file when it can be trusted.
+
+    A cache built from an older version is brought up to date with ``fetch_changes(version)`` (upserted ids,
+    their vectors, deleted ids) instead of a rebuild, unless the collection outgrew its index type.
+    Returns (index, "loaded" | "updated" | "rebuilt").
+    """
+    action = "rebuilt"
+    index = None
     try:
-        index, meta = VectorIndex.load(path)
-        if all(meta.get(k) == v for k, v in state.items()) and index.dim == dim:
-            return index, False
+        cached, meta = VectorIndex.load(path)
+        same_source = all(meta.get(k) == state[k] for k in state if k != "version") and cached.dim == dim
+        if same_source and meta.get("version") == state["version"]:
+            return cached, "loaded"
+        if same_source and fetch_changes is not None and meta.get("version", 0) < state["version"]:
+            ids, vecs, deleted = fetch_changes(int(meta["version"]))
+            cached.remove(np.concatenate([deleted, ids]))
+            cached.add(ids, vecs)
+            if not cached.outgrown(policy):
+                index, action = cached, "updated"
     except (IndexFileError, OSError, ValueError, KeyError):
         pass
-    ids, vecs = fetch()
-    index = VectorIndex.build(ids, vecs, dim)
+    if index is None:
+        ids, vecs = fetch_all()
+        index = VectorIndex.build(ids, vecs, dim, policy)
     try:
         index.save(path, state)
     except OSError:
         pass  # a read-only library still answers queries; the cache is only an optimisation
-    return index, True
+    return index, action
 
 
 def cache_state(path: str | os.PathLike) -> tuple[str, dict | None]:
