@@ -177,14 +177,30 @@ def query_cmd(
     blend: Optional[float] = typer.Option(None, "--blend", min=0.0, max=1.0, help="Blend keyword relevance into "
                                           "the CLIP ranking with this weight (0-1) instead of filtering by "
                                           "--keyword."),
+    use_server: bool = typer.Option(True, "--server/--no-server", help="Use a running `imgsearch serve` for this "
+                                    "library and model when there is one (much faster start)."),
+    daemon: bool = typer.Option(False, "--daemon", help="Start a background server (exits after 10 minutes idle) "
+                                "when none runs, so the following queries are fast."),
 ):
     """Find the images closest to text and/or example images."""
-    from .search import Query, search
-
     if json_out and paths_out:
         raise UsageError("--json and --paths are exclusive; pick one output format")
     settings = settings_of(ctx)
-    if keyword and not (texts or image):
+    rows = None
+    if use_server and (texts or image):
+        from . import client
+
+        info = client.find_server(settings) or (client.start_daemon(settings) if daemon else None)
+        if info is not None:
+            try:
+                rows = client.search(info, texts or [], image or [], not_text or [], not_image or [], k, min_score,
+                                     str(under) if under else None,
+                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend})
+            except OSError:
+                rows = None  # the server went away mid-request: answer in-process below
+    if rows is not None:
+        pass
+    elif keyword and not (texts or image):
         from .keywords import keyword_search
         from .store import Store
 
@@ -196,21 +212,25 @@ def query_cmd(
         finally:
             store.close()
     else:
+        from .search import Query, search
+
         query = Query.build(texts or [], image or [], not_text or [], not_image or [])
         hits = search(settings, query, k, min_score=min_score, under=str(under) if under else None,
                       tag=tag or None, keyword=keyword, blend=blend)
+    if rows is None:
+        rows = [h.as_dict() for h in hits]
     if json_out:
-        typer.echo(json.dumps([h.as_dict() for h in hits], indent=2))
+        typer.echo(json.dumps(rows, indent=2))
     elif paths_out:
-        for h in hits:
-            typer.echo(h.path)
-    elif not hits:
+        for h in rows:
+            typer.echo(h["path"])
+    elif not rows:
         err("no results" + (" above --min-score" if min_score is not None else "")
             + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
     else:
         typer.echo(f"{'rank':>4}  {'score':>6}  path")
-        for h in hits:
-            typer.echo(f"{h.rank:>4}  {h.score:6.4f}  {h.path}")
+        for h in rows:
+            typer.echo(f"{h['rank']:>4}  {h['score']:6.4f}  {h['path']}")
 
 
 # --- status / forget ---------------------------------------------------------------------------

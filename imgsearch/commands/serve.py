@@ -1,1 +1,40 @@
-"""Commands: serve (being written)."""
+"""`imgsearch serve`: keep the model and index warm and answer searches over local HTTP."""
+
+from __future__ import annotations
+
+import re
+
+import typer
+
+from ..cli import command, err, settings_of
+from ..errors import UsageError
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '2h' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise UsageError(f"--idle-exit {text!r}: give a duration such as 90s, 10m or 2h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@command("serve")
+def serve_cmd(
+    ctx: typer.Context,
+    port: int = typer.Option(8577, "--port", min=0, max=65535, help="Port to listen on (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; localhost unless you mean it."),
+    idle_exit: str = typer.Option(None, "--idle-exit", help="Exit after this long without requests (e.g. 10m)."),
+):
+    """Serve searches over local HTTP with the model and index kept warm; `query` uses it automatically."""
+    from ..server import SearchServer
+
+    idle = parse_duration(idle_exit) if idle_exit else None
+    server = SearchServer(settings_of(ctx), host, port, idle)
+    h, p = server.address
+    err(f"imgsearch serving {server.service.searcher.model.label} ({len(server.service.searcher.index())} images) "
+        f"on http://{h}:{p}/api/search?q=... (Ctrl-C stops"
+        + (f"; exits after {idle_exit} idle" if idle_exit else "") + ")")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        err("stopped")

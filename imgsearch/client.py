@@ -1,0 +1,113 @@
+"""Talk to a running `imgsearch serve` for the same library and model. Standard library only, so a query
+through a warm server starts in a fraction of a second (no torch, numpy or SQLAlchemy imports)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .config import Settings
+from .errors import ImgSearchError, ModelMismatchError, UsageError
+
+SERVER_FILE = "server.json"
+
+
+def _spec_matches(info: dict, settings: Settings) -> bool:
+    model = settings.model
+    if model.startswith("local-dir:"):
+        model = "local-dir:" + os.path.abspath(os.path.expanduser(model[len("local-dir:"):]))
+    pretrained = settings.pretrained
+    if model.startswith(("local-dir:", "hf-hub:")):
+        pretrained = None
+    elif pretrained and (os.sep in pretrained or os.path.exists(pretrained)):
+        pretrained = os.path.abspath(os.path.expanduser(pretrained))
+    return info.get("model") == model and (info.get("pretrained") or None) == (pretrained or None)
+
+
+def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
+    """The discovery record of a live server for this library and model, or None."""
+    path = Path(settings.home) / SERVER_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not _spec_matches(info, settings):
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None  # left behind by a server that died
+    try:
+        health = _request(info, "GET", "/api/health", None, timeout)
+    except (OSError, ImgSearchError):
+        return None
+    if health.get("pid") != info.get("pid"):
+        return None
+    return info
+
+
+def _request(info: dict, method: str, path: str, body: dict | None, timeout: float) -> dict:
+    url = f"http://{info['host']}:{info['port']}{path}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", str(e))
+        except ValueError:
+            message = str(e)
+        if e.code == 409:
+            raise ModelMismatchError(message) from None
+        if 400 <= e.code < 500:
+            raise UsageError(message) from None
+        raise ImgSearchError(f"search server: {message}") from None
+
+
+def search(info: dict, texts, images, not_texts, not_images, k: int, min_score, under, extra: dict | None = None,
+           timeout: float = 60.0) -> list[dict]:
+    """Run one query on the server; image files are sent as bytes (the server reads no client paths)."""
+
+    def encode(paths):
+        out = []
+        for raw in paths:
+            path = raw
+            if not os.path.exists(path) and ":" in raw:
+                weight, _, rest = raw.partition(":")
+                path = rest if os.path.exists(rest) else raw
+            if not os.path.isfile(path):
+                raise UsageError(f"query image not found: {path}")
+            out.append(base64.b64encode(Path(path).read_bytes()).decode())
+        return out
+
+    body = {"texts": list(texts), "not": list(not_texts), "images": encode(images), "not_images": encode(not_images),
+            "k": k, "min_score": min_score, "under": os.path.abspath(under) if under else None, **(extra or {})}
+    return _request(info, "POST", "/api/search", body, timeout)["hits"]
+
+
+def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0) -> dict | None:
+    """Start `imgsearch serve --idle-exit` in the background for this library and wait until it answers."""
+    Path(settings.home).mkdir(parents=True, exist_ok=True)
+    log = open(Path(settings.home) / "server.log", "ab")
+    cmd = [sys.executable, "-m", "imgsearch", "--home", str(settings.home), "--model", settings.model]
+    if settings.pretrained:
+        cmd += ["--pretrained", settings.pretrained]
+    cmd += ["--device", settings.device, "--precision", settings.precision, "serve", "--idle-exit", idle_exit]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        info = find_server(settings)
+        if info is not None:
+            return info
+        if proc.poll() is not None:
+            return None  # it failed to start (the log says why); the caller answers in-process
+        time.sleep(0.2)
+    return None

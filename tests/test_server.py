@@ -1,0 +1,177 @@
+"""`imgsearch serve`: endpoints, errors, limits, concurrency, and `query` using it or falling back."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from imgsearch import synthetic
+
+
+@pytest.fixture()
+def server(cli, photos, settings):
+    from imgsearch.server import SearchServer
+
+    assert cli("index", photos).exit_code == 0
+    srv = SearchServer(settings, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    for _ in range(100):
+        if (settings.home / "server.json").exists():
+            break
+        threading.Event().wait(0.05)
+    yield srv
+    srv.shutdown()
+    t.join(10)
+
+
+def call(srv, method, path, body=None, raw: bytes | None = None):
+    host, port = srv.address
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def kind(path: str) -> str:
+    return "_".join(Path(path).stem.split("_")[:2])
+
+
+def test_endpoints_answer_searches(server, photos):
+    code, health = call(server, "GET", "/api/health")
+    assert code == 200 and health["vectors"] == 54 and health["pid"] == os.getpid()
+    code, res = call(server, "GET", "/api/search?q=a+red+circle&k=3")
+    assert code == 200 and kind(res["hits"][0]["path"]) == "red_circle" and len(res["hits"]) == 3
+    code, res = call(server, "POST", "/api/search", {"texts": ["a blue square"], "k": 2})
+    assert code == 200 and kind(res["hits"][0]["path"]) == "blue_square"
+    image = (photos / "green_triangle_000.jpg").read_bytes()
+    code, res = call(server, "POST", "/api/search/image?k=1", raw=image)
+    assert code == 200 and res["hits"][0]["path"] == str(photos / "green_triangle_000.jpg")
+    code, res = call(server, "POST", "/api/search", {"images": [base64.b64encode(image).decode()],
+                                                     "under": str(photos), "k": 1})
+    assert res["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    code, st = call(server, "GET", "/api/status")
+    assert code == 200 and st["images"] == 54
+
+
+def test_bad_requests_get_json_errors(server):
+    assert call(server, "GET", "/api/nothing")[0] == 404
+    code, res = call(server, "POST", "/api/search", raw=b"{not json")
+    assert code == 400 and "not valid JSON" in res["error"]
+    code, res = call(server, "POST", "/api/search", {"texts": 5})
+    assert code == 400 and "'texts'" in res["error"]
+    code, res = call(server, "POST", "/api/search", {})
+    assert code == 400 and "nothing to search for" in res["error"]
+    code, res = call(server, "GET", "/api/search?q=x&k=zero")
+    assert code == 400 and "'k'" in res["error"]
+    code, res = call(server, "POST", "/api/search/image", raw=b"definitely not an image")
+    assert code == 400 and "cannot use query image" in res["error"]
+    code, res = call(server, "POST", "/api/search", {"images": ["***"]})
+    assert code == 400 and "base64" in res["error"]
+
+
+def test_oversize_upload_is_refused(server, monkeypatch):
+    import imgsearch.server as srvmod
+
+    monkeypatch.setattr(srvmod, "MAX_BODY", 1000)
+    code, res = call(server, "POST", "/api/search/image", raw=b"x" * 5000)
+    assert code == 413 and "over" in res["error"]
+
+
+def test_concurrent_requests(server):
+    queries = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 5
+
+    def one(q):
+        return q, call(server, "GET", "/api/search?q=" + q.replace(" ", "+") + "&k=1")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, queries))
+    for q, (code, res) in results:
+        assert code == 200
+        assert kind(res["hits"][0]["path"]) == q.split(" ", 1)[1].replace(" ", "_")
+
+
+def test_server_reloads_after_an_index_run(server, cli, photos):
+    import random
+
+    synthetic.draw_shape("white", "square", 96, random.Random(3)).save(photos / "zz_new.jpg")
+    cli("index", photos)
+    code, res = call(server, "GET", "/api/search?q=a+white+square&k=60")
+    assert str(photos / "zz_new.jpg") in [h["path"] for h in res["hits"]] and len(res["hits"]) == 55
+
+
+def test_query_uses_running_server(server, cli, monkeypatch):
+    from imgsearch import search as search_mod
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("query ran in-process although a server was running")
+
+    monkeypatch.setattr(search_mod, "search", must_not_run)
+    r = cli("query", "a red circle", "-k", "2", "--json")
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)
+    assert kind(hits[0]["path"]) == "red_circle"
+    r = cli("query", "--image", "missing.jpg")
+    assert r.exit_code == 2 and "not found" in r.stderr
+
+
+def test_query_falls_back_without_server(cli, photos, home):
+    cli("index", photos)
+    (home / "server.json").write_text(json.dumps({"pid": 2**22 + 12345, "host": "127.0.0.1", "port": 9,
+                                                  "model": "x"}))
+    r = cli("query", "a red circle", "-k", "1", "--json")
+    assert r.exit_code == 0 and kind(json.loads(r.stdout)[0]["path"]) == "red_circle"
+
+
+def test_other_model_server_is_not_used(server, cli, tmp_path):
+    from imgsearch.encoder import save_local_dir
+
+    model, cfg = synthetic.build_tiny_clip(seed=5)
+    other = save_local_dir(model, cfg, tmp_path / "other", {"size": 32})
+    r = cli("query", "a red circle", model=f"local-dir:{other}")
+    assert r.exit_code == 1 and "no vectors for" in r.stderr  # answered in-process, not by the server
+
+
+def test_idle_exit_and_duration_parsing(settings, cli, photos):
+    from imgsearch.commands.serve import parse_duration
+    from imgsearch.errors import UsageError
+    from imgsearch.server import SearchServer
+
+    assert parse_duration("10m") == 600 and parse_duration("90") == 90 and parse_duration("2h") == 7200
+    with pytest.raises(UsageError):
+        parse_duration("soon")
+    cli("index", photos)
+    srv = SearchServer(settings, "127.0.0.1", 0, idle_exit=0.5)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    t.join(15)
+    assert not t.is_alive() and not (settings.home / "server.json").exists()
+
+
+@pytest.mark.slow
+def test_query_daemon_starts_a_server_that_later_queries_use(cli, photos, home):
+    import signal
+
+    cli("index", photos)
+    r = cli("query", "a red circle", "-k", "1", "--json", "--daemon")
+    assert r.exit_code == 0 and kind(json.loads(r.stdout)[0]["path"]) == "red_circle"
+    info = json.loads((home / "server.json").read_text())
+    try:
+        assert info["pid"] != os.getpid()
+        from imgsearch.client import find_server
+        from imgsearch.config import Settings
+
+        assert find_server(Settings.from_env(home=home, model=cli.model)) is not None
+    finally:
+        os.kill(info["pid"], signal.SIGTERM)
