@@ -34,6 +34,12 @@ def serve_cmd(
     err(f"imgsearch serving {server.service.searcher.model.label} ({len(server.service.searcher.index())} images) "
         f"on http://{h}:{p}/api/search?q=... (Ctrl-C stops"
         + (f"; exits after {idle_exit} idle" if idle_exit else "") + ")")
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt  # unwinds serve_forever so the discovery file is removed
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
