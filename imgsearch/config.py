@@ -55,6 +55,7 @@ class Settings:
     flat_max: int = 50_000  # exact FAISS search up to this many vectors, IVF above
     index_budget_mb: int = 4096  # raw vectors above this use IVF-PQ codes instead
     recall_target: float = 0.95  # recall@10 the IVF probe count is tuned for
+    gpu_decode: str = "auto"  # auto (on with CUDA) | on | off: batched torchvision/nvJPEG decode of JPEGs
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -77,6 +78,8 @@ class Settings:
         values["workers"] = _env_int("IMGSEARCH_WORKERS", cls.workers)
         values["max_pixels"] = _env_int("IMGSEARCH_MAX_PIXELS", cls.max_pixels)
         values["flat_max"] = _env_int("IMGSEARCH_FLAT_MAX", cls.flat_max)
+        if env.get("IMGSEARCH_GPU_DECODE"):
+            values["gpu_decode"] = env["IMGSEARCH_GPU_DECODE"]
         values["index_budget_mb"] = _env_int("IMGSEARCH_INDEX_BUDGET_MB", cls.index_budget_mb)
         settings = cls(**values)
         clean = {k: v for k, v in overrides.items() if v is not None}

@@ -222,7 +222,7 @@ class Encoder:
         import torch
 
         with self._lock, torch.inference_mode():
-            if self.device.startswith("cuda"):
+            if self.device.startswith("cuda") and batch.device.type == "cpu":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
             batch = batch.to(self._dtype())
             with self._autocast():

@@ -154,3 +154,103 @@ def image_info(path: str | os.PathLike) -> ImageInfo:
             return ImageInfo(w, h, _taken_at(exif) if exif else None)
     except Exception as e:
         raise DecodeError(f"cannot read image header: {e}") from None
+
+
+# --- batched tensor decode (nvJPEG on CUDA) ---------------------------------------------------------
+def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, int]:
+    """Size, date and EXIF orientation of JPEG bytes without decoding pixels."""
+    Image = _pil()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))
+            if im.format != "JPEG":
+                raise DecodeError("not a JPEG")
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DecodeError(
+                    f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap "
+                    "(raise IMGSEARCH_MAX_PIXELS if this file is genuine)")
+            if im.mode not in ("RGB", "L"):
+                raise DecodeError(f"{im.mode} JPEG")  # CMYK/YCCK: leave to Pillow
+            exif = im.getexif()
+            orientation = exif.get(_ORIENTATION, 1) if exif else 1
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+            return ImageInfo(w, h, _taken_at(exif) if exif else None), orientation
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"corrupt image: {e}") from None
+
+
+def normalization_of(preprocess) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the Normalize step in a torchvision preprocess pipeline."""
+    for t in getattr(preprocess, "transforms", []):
+        if type(t).__name__ == "Normalize":
+            return tuple(float(m) for m in t.mean), tuple(float(s) for s in t.std)
+    return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _orient(t, orientation: int):
+    """Apply an EXIF orientation to a CHW tensor (same result as ImageOps.exif_transpose)."""
+    import torch
+
+    if orientation == 2:
+        return torch.flip(t, dims=[2])
+    if orientation == 3:
+        return torch.flip(t, dims=[1, 2])
+    if orientation == 4:
+        return torch.flip(t, dims=[1])
+    if orientation == 5:
+        return t.transpose(1, 2)
+    if orientation == 6:
+        return torch.rot90(t, k=-1, dims=[1, 2])
+    if orientation == 7:
+        return torch.flip(t.transpose(1, 2), dims=[1, 2])
+    if orientation == 8:
+        return torch.rot90(t, k=1, dims=[1, 2])
+    return t
+
+
+def preprocess_tensor(t, size: int, mean, std):
+    """CHW uint8 -> normalised float CHW at size x size: shortest-side bicubic resize + centre crop, like
+    open_clip's eval preprocess, but on whatever device the tensor is on."""
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = t.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = t.unsqueeze(0).float()
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[:, :, top:top + size, left:left + size].clamp_(0, 255).div_(255.0)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return ((x - m) / s)[0]
+
+
+def decode_jpegs(datas: list[bytes], orientations: list[int], size: int, mean, std, device: str) -> list:
+    """Decode a batch of JPEGs with torchvision (nvJPEG when ``device`` is CUDA) and preprocess them there.
+
+    Returns one entry per input: a normalised CHW tensor on ``device``, or None where decoding failed (the
+    caller falls back to Pillow for those).
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    except Exception:
+        decoded = []
+        for r in raw:  # one bad file must not send the whole batch to the slow path
+            try:
+                decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
+            except Exception:
+                decoded.append(None)
+    out = []
+    for t, o in zip(decoded, orientations):
+        out.append(None if t is None else preprocess_tensor(_orient(t, o), size, mean, std))
+    return out

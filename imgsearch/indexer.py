@@ -62,6 +62,8 @@ class _Done:
     info: images.ImageInfo | None = None
     error: str | None = None
     skipped_decode: bool = False  # content already known; no pixels decoded
+    raw: bytes | None = None  # JPEG bytes left for the batched (GPU) decoder
+    orientation: int = 1
 
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
@@ -77,6 +79,11 @@ class Indexer:
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
                                                          encoder.fingerprint, encoder.dim)
         self.draft = encoder.image_size * 2
+        mode = settings.gpu_decode
+        # nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's reduced-size decode is faster.
+        self.tensor_decode = mode == "on" or (mode == "auto" and encoder.device.startswith("cuda"))
+        if self.tensor_decode:
+            self.norm = images.normalization_of(encoder.preprocess)
 
     # --- worker side (threads) -----------------------------------------------------------------
     def _process(self, work: _Work, known_hashes: frozenset[str]) -> _Done:
@@ -91,6 +98,14 @@ class Indexer:
             return _Done(work, hash=digest, skipped_decode=True)  # touched, same content
         if work.old is None and digest in known_hashes:
             return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
+        if self.tensor_decode and data[:2] == b"\xff\xd8":
+            try:
+                info, orientation = images.jpeg_header(data, self.settings.max_pixels)
+                return _Done(work, hash=digest, info=info, raw=data, orientation=orientation)
+            except DecodeError as e:
+                if "too large" in str(e):
+                    return _Done(work, hash=digest, error=str(e))
+                # anything else (CMYK, odd markers): Pillow below decides
         try:
             im, info = images.open_image(data, draft_size=self.draft, max_pixels=self.settings.max_pixels)
             tensor = self.encoder.preprocess(im)
@@ -228,10 +243,39 @@ class Indexer:
             return self._route(redo, report, pending, batch, missing, missing_by_hash, vector_hashes)
         batch.append(res)
 
+    def _decode_raw(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> list[_Done]:
+        """Decode the batch's JPEG bytes together on the encoder's device; Pillow for the ones that fail."""
+        raw = [r for r in batch if r.raw is not None]
+        if not raw:
+            return batch
+        tensors = images.decode_jpegs([r.raw for r in raw], [r.orientation for r in raw], self.encoder.image_size,
+                                      *self.norm, self.encoder.device)
+        for r, t in zip(raw, tensors):
+            r.raw = None
+            r.tensor = t
+        kept = []
+        for r in batch:
+            if r.tensor is None:
+                saved, self.tensor_decode = self.tensor_decode, False
+                try:
+                    r = self._process(_Work(r.work.entry, r.work.old, True), frozenset())
+                finally:
+                    self.tensor_decode = saved
+                if r.error is not None:
+                    report.failed.append((r.work.entry.path, r.error))
+                    pending.failures.append((r.work.entry.path, r.error, r.work.entry.size, r.work.entry.mtime_ns))
+                    continue
+            kept.append(r)
+        return kept
+
     def _encode(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> None:
         import torch
 
-        vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor for r in batch]))
+        batch = self._decode_raw(batch, pending, report)
+        if not batch:
+            return
+        device = self.encoder.device
+        vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in batch]))
         for res, vec in zip(batch, vecs):
             w, e, info = res.work, res.work.entry, res.info
             record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": res.hash,

@@ -172,3 +172,38 @@ def test_bad_paths_and_arguments_exit_2(cli, photos):
     notimg.write_text("hello")
     r = cli("query", "--image", notimg)
     assert r.exit_code == 2 and "cannot use query image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_batched_tensor_jpeg_decode_matches_pillow(cli, photos, tmp_path, monkeypatch, settings):
+    """The nvJPEG path (run here with torchvision on the CPU) gives the same vectors as Pillow, applies EXIF
+    orientation, and hands files it cannot decode back to Pillow."""
+    from imgsearch import encoder
+    from imgsearch.store import Store
+
+    rotated = synthetic.draw_shape("green", "triangle", 96, random.Random(4)).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[274] = 6
+    rotated.save(photos / "sideways.jpg", quality=92, exif=exif.tobytes())
+    synthetic.draw_shape("red", "circle", 96, random.Random(4)).convert("CMYK").save(photos / "cmyk.jpg")
+    good = (photos / "red_square_000.jpg").read_bytes()
+    (photos / "cut.jpg").write_bytes(good[: len(good) // 2])
+    assert cli("index", photos).exit_code == 0
+    store = Store(settings.db_path)
+    m = store.models()[0]
+    ids, pil_vecs = store.load_vectors(m.id)
+    store.close()
+    other = tmp_path / "home2"
+    monkeypatch.setenv("IMGSEARCH_GPU_DECODE", "on")
+    r = cli("--home", other, "index", photos, "--json")
+    rep = json.loads(r.stdout)
+    assert rep["new"] == 56 and [Path(f["path"]).name for f in rep["failures"]] == ["cut.jpg"]
+    store = Store(other / "library.db")
+    ids2, tensor_vecs = store.load_vectors(store.models()[0].id)
+    paths = {r.id: r.path for r in store.get_images(ids2).values()}
+    store.close()
+    store = Store(settings.db_path)
+    pil_paths = {r.id: r.path for r in store.get_images(ids).values()}
+    store.close()
+    by_path = {pil_paths[i]: v for i, v in zip(ids.tolist(), pil_vecs)}
+    cos = [float(v @ by_path[paths[i]]) for i, v in zip(ids2.tolist(), tensor_vecs)]
+    assert min(cos) > 0.995
