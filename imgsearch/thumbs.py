@@ -153,16 +153,14 @@ def thumbnail(settings: Settings, image_id: object, size: int = THUMB, store: St
     """
     if size not in SIZES:
         raise UsageError(f"thumbnail size must be one of {', '.join(map(str, SIZES))}")
-    image_id = parse_id(image_id)
+    image_id = parse_id(image_id)  # before opening anything
     own = store is None
     store = store or Store(settings.db_path, create=False)
     try:
-        row = store.get_images([image_id]).get(image_id)
+        row = library_image(store, image_id)
     finally:
         if own:
             store.close()
-    if row is None:
-        raise UsageError(f"image id {image_id} is not in the library")
     return _ensure(settings, row, size)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +67,7 @@ def streamlit_argv(app: Path, host: str, port: int) -> list[str]:
             "--server.maxUploadSize", str(MAX_UPLOAD_MB),
             "--server.fileWatcherType", "none",  # a search page, not a dev loop: no reloads on file changes
             "--server.runOnSave", "false",
+            "--runner.magicEnabled", "false",  # a bare expression in the app must never print itself on the page
             "--client.toolbarMode", "viewer",
             "--global.developmentMode", "false"]
 
@@ -80,25 +80,21 @@ def ui_cmd(
                              "photos) with your network."),
 ):
     """Open the web page: search by words or an example image, browse thumbnails, index folders."""
-    try:
-        import streamlit  # noqa: F401
-    except ImportError:
-        raise ImgSearchError("the web UI needs Streamlit; install it with `pip install 'imgsearch[ui]'`") from None
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise ImgSearchError("the web UI needs Streamlit; install it with `pip install 'imgsearch[ui]'`")
     settings = settings_of(ctx)
     app = app_file()
     _check_port_free(host, port)
     shown = f"[{host}]" if ":" in host else host
     err(f"imgsearch UI for {settings.home} at http://{shown}:{port}/  (Ctrl+C stops it)")
     if host not in ("127.0.0.1", "localhost", "::1"):
-        err("warning: listening beyond this machine; anyone who can reach it can search and view your photos")
-    proc = subprocess.Popen(streamlit_argv(app, host, port), env=streamlit_env(settings))
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:  # Streamlit got the same Ctrl+C and is shutting down
-        try:
-            proc.wait(timeout=10)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
-        raise typer.Exit(0) from None
-    if code not in (0, -2, 130):
-        raise typer.Exit(1)
+        err("warning: listening beyond this machine; anyone who can reach it can search and view your photos "
+            "and index any folder this account can read")
+    argv = streamlit_argv(app, host, port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the Streamlit server (same process id): Ctrl+C, `kill` or a service manager then stop the
+    # server itself, and no orphan can be left behind listening on the port.
+    os.execve(argv[0], argv, streamlit_env(settings))

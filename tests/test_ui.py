@@ -1,0 +1,313 @@
+"""The Streamlit page, driven in-process with Streamlit's AppTest (no browser, no server)."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import imgsearch.synthetic as synthetic
+
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tiny_model):
+    """A library of 54 shapes, one folder per colour x shape (e.g. photos/red_circle/red_circle_000.jpg)."""
+    from imgsearch.config import Settings
+    from imgsearch.indexer import index_paths
+
+    root = tmp_path_factory.mktemp("ui-lib")
+    photos = root / "photos"
+    synthetic.generate(photos, per_class=3, size=96, fmt="jpg", seed=1, captions_file=None, subfolders=True)
+    settings = Settings(home=root / "home", model=f"local-dir:{tiny_model}", pretrained=None, device="cpu",
+                        precision="fp32", workers=2)
+    report = index_paths(settings, [photos])
+    assert report.new == 54
+    return settings, photos
+
+
+def use_home(monkeypatch, home: Path, model: str) -> None:
+    for var in list(os.environ):
+        if var.startswith("IMGSEARCH_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("IMGSEARCH_HOME", str(home))
+    monkeypatch.setenv("IMGSEARCH_MODEL", model)
+    monkeypatch.setenv("IMGSEARCH_DEVICE", "cpu")
+    monkeypatch.setenv("IMGSEARCH_PRECISION", "fp32")
+    monkeypatch.setenv("IMGSEARCH_WORKERS", "2")
+
+
+@pytest.fixture()
+def page(library, monkeypatch):
+    """An AppTest over the shapes library; set query_params, then .run()."""
+    from streamlit.testing.v1 import AppTest
+
+    settings, _ = library
+    use_home(monkeypatch, settings.home, settings.model)
+    return AppTest.from_file(APP, default_timeout=60)
+
+
+def open_url(at, **params):
+    for k, v in params.items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def captions(at) -> list[str]:
+    return [c for img in at.image for c in img.captions if c]
+
+
+def result_names(at) -> list[str]:
+    """File names of the results grid, best first ('0.845 · red_circle_001.jpg' -> 'red_circle_001.jpg')."""
+    return [c.split(" · ", 1)[1] for c in captions(at) if " · " in c]
+
+
+def texts(elements) -> str:
+    """The text of some elements, with the page's Markdown escapes removed."""
+    return "\n".join(str(e.value) for e in elements).replace("\\", "")
+
+
+def test_text_search_ranks_red_circles_first(page):
+    at = open_url(page, q="a red circle")
+    names = result_names(at)
+    assert len(names) == 20  # the default number of results
+    assert names[0].startswith("red_circle")
+    assert all(n.startswith("red_") for n in names[:3]), names[:5]
+    assert "20 results for “a red circle”" in texts(at.caption)
+    assert not at.error and not at.warning
+    # scores shown with each thumbnail, best first
+    scores = [float(c.split(" · ")[0]) for c in captions(at)]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_form_puts_the_search_in_the_url(page):
+    at = open_url(page)
+    assert not captions(at)
+    at.text_input(key="w_q").input("a blue square")
+    at.number_input(key="w_k").set_value(5)
+    at.button(key="FormSubmitter:search-Search").click().run()
+    assert not at.exception
+    assert at.query_params == {"q": "a blue square", "k": "5"}
+    names = result_names(at)
+    assert len(names) == 5 and names[0].startswith("blue_square")
+
+
+def test_more_like_this_and_details(page, library):
+    _, photos = library
+    at = open_url(page, q="a red circle")
+    first = result_names(at)[0]
+    like_button = next(b for b in at.button if b.key and b.key.startswith("hit-like-"))
+    image_id = like_button.key.rsplit("-", 1)[1]
+    like_button.click().run()
+    assert not at.exception
+    assert at.query_params == {"like": image_id}  # text dropped: this is a search by that image
+    assert f"images like {first}" in texts(at.caption)
+    names = result_names(at)
+    assert first not in names  # the example itself is not repeated as a result
+    assert names[0].startswith("red_circle")
+
+    next(b for b in at.button if b.key and b.key.startswith("hit-view-")).click().run()
+    assert not at.exception
+    assert "view" in at.query_params
+    details = texts(at.markdown)
+    assert "**Dimensions** 96 × 96 px" in details
+    assert "**Taken** unknown (no EXIF date)" in details
+    assert "**Similar images**" in details
+    assert any(str(photos) in c.value for c in at.code)  # the full path of the file
+    at.button(key="detail-close").click().run()
+    assert "view" not in at.query_params and "**Similar images**" not in texts(at.markdown)
+
+
+def test_empty_library_says_how_to_start(tmp_path, monkeypatch, model_id):
+    from streamlit.testing.v1 import AppTest
+
+    use_home(monkeypatch, tmp_path / "empty-home", model_id)
+    at = AppTest.from_file(APP, default_timeout=60)
+    open_url(at, q="a red circle")
+    assert "No library yet" in texts(at.sidebar.info)
+    assert "library is empty" in texts(at.info)
+    assert not captions(at) and not at.error
+    assert not (tmp_path / "empty-home").exists()  # looking does not create a library
+
+
+def test_no_results_above_min_score(page):
+    at = open_url(page, q="a red circle", min="0.999")
+    assert not captions(at)
+    assert "No results for “a red circle” with score ≥ 0.999" in texts(at.info)
+    assert at.number_input(key="w_min").value == pytest.approx(0.999)
+
+
+def test_bad_query_string_is_reported_not_raised(page):
+    at = open_url(page, q="a red circle", k="lots", min="7", like="../../etc/passwd", view="/etc/passwd")
+    warnings = texts(at.warning)
+    assert "k='lots' is not a number of results" in warnings
+    assert "min='7' is not a score" in warnings
+    assert "like=: not an image id: '../../etc/passwd'" in warnings
+    assert "view=: not an image id: '/etc/passwd'" in warnings
+    # the good part of the address still runs, with defaults for the rest
+    assert len(result_names(at)) == 20 and result_names(at)[0].startswith("red_circle")
+
+
+def test_query_text_is_shown_literally(page):
+    at = open_url(page, q="**a red circle** $x$ [link](javascript:alert(1))")
+    shown = [c.value for c in at.caption if "results for" in c.value][0]
+    assert r"“\*\*a red circle\*\* \$x\$ \[link\](javascript:alert(1))”" in shown  # no bold, math or link
+
+
+def test_unknown_image_id_in_url(page):
+    at = open_url(page, like="999999")
+    assert "image id 999999 is not in the library" in texts(at.error)
+    assert not captions(at)
+
+
+def test_folder_filter(page, library):
+    _, photos = library
+    at = open_url(page, q="a red circle", under=str(photos / "blue_square"))
+    names = result_names(at)
+    assert len(names) == 3 and all(n.startswith("blue_square") for n in names)
+    at = open_url(page, q="a red circle", under=str(photos / "nowhere"))
+    assert "no such folder" in texts(at.error)
+    assert not captions(at)
+
+
+def _png(color="red", shape="circle") -> bytes:
+    import random
+
+    buf = io.BytesIO()
+    synthetic.draw_shape(color, shape, 96, random.Random(5)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_upload_search_and_bad_uploads(page):
+    at = open_url(page)
+    at.file_uploader(key="w_upload").set_value(("mine.png", _png("green", "triangle"), "image/png"))
+    at.button(key="FormSubmitter:search-Search").click().run()
+    assert not at.exception and not at.error
+    assert "images like the uploaded mine.png" in texts(at.caption)
+    assert result_names(at)[0].startswith("green_triangle")
+
+    at.file_uploader(key="w_upload").set_value(("broken.jpg", b"this is not a jpeg", "image/jpeg"))
+    at.button(key="FormSubmitter:search-Search").click().run()
+    assert not at.exception
+    assert "cannot use the uploaded file broken.jpg" in texts(at.error)
+    assert not captions(at)
+
+    at.file_uploader(key="w_upload").set_value(("huge.png", b"\0" * (21 * 1024 * 1024), "image/png"))
+    at.button(key="FormSubmitter:search-Search").click().run()
+    assert not at.exception
+    assert "query images can be at most 20 MB" in texts(at.error)
+
+
+def test_index_a_folder_from_the_page(tmp_path, monkeypatch, model_id):
+    from streamlit.testing.v1 import AppTest
+
+    photos = tmp_path / "pics"
+    synthetic.generate(photos, per_class=1, colors=["red", "blue"], size=64, fmt="png", seed=3, captions_file=None)
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    use_home(monkeypatch, tmp_path / "home", model_id)
+    at = AppTest.from_file(APP, default_timeout=60)
+    open_url(at)
+    at.text_input(key="w_index").input(str(tmp_path / "missing"))
+    at.button(key="FormSubmitter:index-form-Index").click().run()
+    assert f"No such folder: {tmp_path / 'missing'}" in texts(at.sidebar.error)
+
+    at.text_input(key="w_index").input(str(photos))
+    at.button(key="FormSubmitter:index-form-Index").click().run()
+    assert not at.exception
+    deadline = time.time() + 60
+    while "Indexed" not in texts(at.sidebar.success) and time.time() < deadline:
+        time.sleep(0.3)
+        at.run()  # a browser would be re-polled by the progress fragment
+    assert not at.exception
+    assert f"Indexed {photos}: 6 new, 0 updated, 0 removed, 1 failed" in texts(at.sidebar.success)
+    at.run()  # the status panel refreshes after a run finishes
+    assert "**Images** 6" in texts(at.sidebar.markdown)
+    open_url(at, q="a blue square")
+    assert result_names(at)[0] == "blue_square_000.png"
+
+
+def test_unknown_detail_id_still_shows_results(page):
+    at = open_url(page, q="a red circle", view="424242")
+    assert "image id 424242 is not in the library" in texts(at.error)
+    assert result_names(at)[0].startswith("red_circle")
+
+
+def test_library_made_with_another_model(library, monkeypatch, random_tiny_model):
+    from streamlit.testing.v1 import AppTest
+
+    settings, _ = library
+    use_home(monkeypatch, settings.home, f"local-dir:{random_tiny_model}")
+    at = AppTest.from_file(APP, default_timeout=60)
+    open_url(at, q="a red circle")
+    assert "the library has no vectors for" in texts(at.error)
+    assert "no vectors for this model yet" in texts(at.sidebar.caption)
+    assert "Also in the library:" in texts(at.sidebar.caption) and "(54 vectors)" in texts(at.sidebar.caption)
+
+
+# --- `imgsearch ui` --------------------------------------------------------------------------------------
+class FakeExec:
+    """Stands in for os.execve: records how Streamlit would have been started."""
+
+    calls: list = []
+
+    def __call__(self, path, argv, env):
+        FakeExec.calls.append((argv, env))
+
+
+def test_ui_command_passes_the_library_settings(cli, home, model_id, monkeypatch):
+    import imgsearch.commands.ui as ui_cmd
+    from imgsearch.config import Settings
+
+    FakeExec.calls = []
+    monkeypatch.setattr(ui_cmd.os, "execve", FakeExec())
+    r = cli("ui", "--port", "8599")
+    assert r.exit_code == 0, r.output
+    assert "at http://127.0.0.1:8599/" in r.stderr
+    (argv, env), = FakeExec.calls
+    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4] == APP
+    opts = dict(zip(argv[5::2], argv[6::2]))
+    assert opts["--server.address"] == "127.0.0.1" and opts["--server.port"] == "8599"
+    assert opts["--server.headless"] == "true" and opts["--browser.gatherUsageStats"] == "false"
+    assert opts["--server.maxUploadSize"] == "20"
+    # The app rebuilds exactly the CLI's settings from the environment it is given.
+    monkeypatch.setattr(os, "environ", env)
+    rebuilt = Settings.from_env()
+    assert rebuilt == Settings.from_env(home=home.resolve(), model=model_id, device="cpu", precision="fp32")
+    assert rebuilt.home == home.resolve() and rebuilt.model == model_id and rebuilt.pretrained is None
+
+
+def test_ui_command_keeps_the_pretrained_tag(cli, home, monkeypatch):
+    import imgsearch.commands.ui as ui_cmd
+    from imgsearch.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings
+
+    FakeExec.calls = []
+    monkeypatch.setattr(ui_cmd.os, "execve", FakeExec())
+    r = cli("--pretrained", "openai", "ui", "--host", "0.0.0.0", "--port", "8598", model="ViT-B-16")
+    assert r.exit_code == 0, r.output
+    assert "warning: listening beyond this machine" in r.stderr
+    r = cli("ui", "--port", "8597", model=None)  # the default model and its default weights
+    assert r.exit_code == 0, r.output
+    (argv, env), (_, default_env) = FakeExec.calls
+    assert dict(zip(argv[5::2], argv[6::2]))["--server.address"] == "0.0.0.0"
+    monkeypatch.setattr(os, "environ", env)
+    assert (Settings.from_env().model, Settings.from_env().pretrained) == ("ViT-B-16", "openai")
+    monkeypatch.setattr(os, "environ", default_env)
+    assert (Settings.from_env().model, Settings.from_env().pretrained) == (DEFAULT_MODEL, DEFAULT_PRETRAINED)
+
+
+def test_ui_command_port_in_use(cli):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli("ui", "--port", str(port))
+    assert r.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "pick another --port" in r.stderr

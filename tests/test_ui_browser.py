@@ -1,0 +1,138 @@
+"""End to end: `imgsearch ui` on a tiny library, driven by Debian's headless chromium through Playwright.
+
+Needs /usr/bin/chromium (`.ci/run` installs it). Missing, the test fails: it is never skipped silently,
+and it never downloads a browser.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import imgsearch.synthetic as synthetic
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CAPTION = '[data-testid="stImageCaption"]'
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def imgsearch_exe() -> str:
+    exe = Path(sys.executable).with_name("imgsearch")
+    assert exe.exists(), f"{exe} missing: install the package (pip install -e '.[dev]')"
+    return str(exe)
+
+
+@pytest.fixture()
+def server(settings, photos, tmp_path):
+    """`imgsearch ui` on a free port over the 54 indexed shapes; yields its base URL."""
+    from imgsearch.indexer import index_paths
+
+    assert index_paths(settings, [photos]).new == 54
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen(
+        [imgsearch_exe(), "--home", str(settings.home), "--model", settings.model, "--device", "cpu",
+         "--precision", "fp32", "ui", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"imgsearch ui exited with {proc.returncode}:\n{log.read()}")
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("imgsearch ui did not answer within 90 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl+C does; the command must stop Streamlit with it
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+        assert code == 0, output
+        assert "Traceback" not in output, output
+        with socket.socket() as s:  # the server itself stopped: nothing is left listening
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def names(page) -> list[str]:
+    """Result file names, best first, from the captions under the thumbnails ('0.845 · x.jpg')."""
+    return [c.split(" · ", 1)[1] for c in page.locator(CAPTION).all_inner_texts() if " · " in c]
+
+
+def test_search_in_a_real_browser(server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); "
+                    ".ci/run does this")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server + "/?q=a+red+circle", timeout=90_000)
+            # The first page of a fresh server also loads the model: allow for it.
+            expect(page.get_by_text("20 results for “a red circle”")).to_be_visible(timeout=90_000)
+            expect(page.locator(CAPTION)).to_have_count(20, timeout=30_000)
+            first = names(page)
+            assert first[0].startswith("red_circle"), first[:5]
+            assert all(n.startswith("red_") for n in first[:3]), first[:5]
+            # thumbnails really arrived (served by Streamlit from the cache under the library home)
+            page.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            # the form shows what the URL asked for
+            expect(page.get_by_label("Search for")).to_have_value("a red circle")
+
+            page.get_by_role("button", name="More like this").first.click()
+            page.wait_for_url("**/?like=*", timeout=30_000)
+            expect(page.get_by_text(f"Images like {first[0]}", exact=True)).to_be_visible(timeout=30_000)
+            expect(page.get_by_text(f"20 results for images like {first[0]}")).to_be_visible(timeout=30_000)
+            similar = names(page)
+            assert first[0] not in similar
+            # The tiny test model sees colour far better than shape: the neighbours of a red circle are red.
+            assert all(n.startswith("red_") for n in similar[:3]), similar[:5]
+            page.mouse.move(5, 5)  # no hover toolbar over the picture
+            shot = tmp_path / "ui.png"
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+            print(f"screenshot: {shot}")
+
+            # Index another folder from the sidebar: a progress bar, then the page refreshes by itself.
+            more = tmp_path / "more"
+            synthetic.generate(more, per_class=2, colors=["yellow"], size=64, fmt="png", seed=9, captions_file=None)
+            page.get_by_label("Folder to index").fill(str(more))
+            page.get_by_role("button", name="Index", exact=True).click()
+            expect(page.get_by_test_id("stProgress")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text(f"Indexed {more}: 6 new", exact=False)).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("Images 60")).to_be_visible(timeout=30_000)
+        finally:
+            browser.close()
