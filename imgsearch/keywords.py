@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -175,3 +176,66 @@ def blended_search(searcher, vec: np.ndarray, text: str, weight: float, k: int =
         clip.update((int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0)
     clip = {i: s for i, s in clip.items() if i not in exclude and (min_score is None or s >= min_score)}
     return _hits(store, blend_scores(clip, kw, weight), k)
+
+
+# --- captions (searchable text the user attaches to images) ----------------------------------------
+def _library_image(store: Store, path: str | os.PathLike):
+    full = files.abspath(path)
+    row = store.image_by_path(full)
+    if row is None:
+        if not os.path.exists(full):
+            raise UsageError(f"image not found: {path}")
+        raise UsageError(f"{path} is not in the library; run `imgsearch index` on its folder first")
+    return row
+
+
+def add_caption(store: Store, path: str | os.PathLike, text: str, replace: bool = False) -> bool:
+    """Attach a caption to a library image; False when it already had exactly this caption."""
+    text = " ".join(text.split())
+    if not text:
+        raise UsageError("empty caption; give some words, e.g. imgsearch caption photo.jpg \"our dog at the beach\"")
+    row = _library_image(store, path)
+    return store.add_captions([(row.id, text)], source="cli", replace=replace) > 0
+
+
+def captions_of(store: Store, path: str | os.PathLike) -> list[str]:
+    return store.captions_of(_library_image(store, path).id)
+
+
+@dataclass
+class CaptionImport:
+    source: str
+    added: int = 0
+    already: int = 0  # identical caption already stored
+    not_in_library: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (where, reason) from the reader
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "added": self.added, "already": self.already,
+                "not_in_library": self.not_in_library,
+                "problems": [{"where": w, "reason": r} for w, r in self.problems]}
+
+
+def import_captions(store: Store, source: str | os.PathLike, image_col: str = "path", caption_col: str = "caption",
+                    replace: bool = False) -> CaptionImport:
+    """Store captions from a CSV/TSV/JSONL file or sidecar folder (the formats `finetune` reads)."""
+    from .captions import read_captions
+
+    result = read_captions(source, image_col=image_col, caption_col=caption_col)
+    report = CaptionImport(str(source), problems=list(result.problems))
+    pairs: list[tuple[int, str]] = []
+    ids: dict[str, int | None] = {}
+    for pair in result.pairs:
+        if pair.path not in ids:
+            row = store.image_by_path(pair.path)
+            ids[pair.path] = row.id if row else None
+            if row is None:
+                report.not_in_library.append(pair.path)
+        image_id = ids[pair.path]
+        text = " ".join(pair.caption.split())
+        if image_id is not None and text:
+            pairs.append((image_id, text))
+    if pairs:
+        report.added = store.add_captions(pairs, source=str(source), replace=replace)
+    report.already = len(pairs) - report.added
+    return report

@@ -3,7 +3,9 @@
 Public API (used by `classify`, `score` and `eval zeroshot`):
 
 - ``DEFAULT_TEMPLATES``: the default prompt ensemble; each template holds ``{}`` where the label goes.
-- ``parse_labels(text)``: "dog, cat,car" -> ["dog", "cat", "car"] (UsageError when empty or repeated).
+  ``SINGLE_TEMPLATE``: the one-prompt baseline ("a photo of a {}.") to compare ensembles against.
+- ``parse_labels(text)``: "dog, cat,car" -> ["dog", "cat", "car"] (UsageError when empty, a single
+  label, or repeated).
 - ``read_labels(path)`` / ``read_templates(path)``: one entry per line; blank lines and lines starting
   with ``#`` are skipped. Raise DataError (missing/empty file, template without ``{}``).
 - ``check_templates(templates)``: validate templates given on the command line (UsageError).
@@ -16,7 +18,9 @@ Public API (used by `classify`, `score` and `eval zeroshot`):
 - ``top_labels(probs, labels, top=1, min_prob=0.0)``: per image, [(label, prob)] best first.
 - ``clip_score(image_vector, text_vectors)`` -> cosines; ``CLIPSCORE_WEIGHT * max(cos, 0)`` is the
   CLIPScore convention (Hessel et al. 2021, as torchmetrics reports it).
-- ``score_file(encoder, path, texts)``: the two above for an image file outside the library.
+- ``encode_file(encoder, path)``: one image file's vector (UsageError naming a missing/unreadable file).
+- ``score_file(encoder, path, texts) -> [TextScore(text, cosine, .clipscore)]``: CLIP score of a file
+  outside the library.
 
 Inputs are L2-normalised float32 vectors as ``Encoder.encode_images`` / ``encode_texts`` return them.
 """

@@ -1,0 +1,288 @@
+"""Near-duplicate groups: CLIP neighbours from FAISS propose pairs, a perceptual fingerprint confirms them.
+
+1. Candidates: each image's k nearest neighbours in CLIP space above a cosine threshold. Exact
+   (flat) search for small libraries, an IVF index beyond ``EXACT_MAX`` images, so the work grows
+   like N^1.5 rather than N^2 (bench/duplicates_scale.py measures it).
+2. Confirmation: each candidate image is decoded once into a perceptual fingerprint (16x16 colour
+   thumbnails of the whole frame and of its central 90%, cached in SQLite per content hash); a pair
+   is the same picture when the best correlation between those thumbnails reaches ``min_match``.
+   Resized, re-encoded, format-converted and EXIF-stripped copies score ~0.999 and light crops
+   (a few % per side) stay above 0.96; two different photos of the same subject fall below,
+   although CLIP finds them alike. ``similar=True`` skips this step and groups by CLIP alone.
+3. Groups: union-find over confirmed pairs. The suggested keeper comes first: largest resolution,
+   then oldest (EXIF date, else file time). Nothing is ever deleted here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import files, images
+from .config import Settings
+from .errors import DecodeError, UsageError
+
+DEFAULT_THRESHOLD = 0.90  # CLIP cosine for a candidate pair
+DEFAULT_MIN_MATCH = 0.96  # thumbnail correlation that confirms a pair
+NEIGHBOURS = 24  # per image; groups larger than this still join through union-find
+EXACT_MAX = 20_000  # flat search below this many images, IVF above
+NPROBE = 8
+
+
+# --- perceptual fingerprint -----------------------------------------------------------------------
+THUMB = 16
+CROPS = (1.0, 0.9)  # whole frame and central 90%: a copy cropped by ~5% per side matches the latter
+
+
+def fingerprint(im) -> bytes:
+    """Small colour thumbnails of ``im`` (one per CROPS entry), as uint8 bytes."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    parts = []
+    for f in CROPS:
+        dx, dy = w * (1 - f) / 2, h * (1 - f) / 2
+        # BOX averages every source pixel: stable under resizing and JPEG noise.
+        parts.append(np.asarray(im.resize((THUMB, THUMB), Image.Resampling.BOX, box=(dx, dy, w - dx, h - dy)),
+                                dtype=np.uint8))
+    return np.stack(parts).tobytes()
+
+
+def unpack(fp: bytes) -> np.ndarray:
+    v = np.frombuffer(fp, dtype=np.uint8).astype(np.float32).reshape(len(CROPS), -1)
+    v -= v.mean(axis=1, keepdims=True)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6)
+
+
+def match_score(a: bytes | np.ndarray, b: bytes | np.ndarray) -> float:
+    """Pixel likeness of two fingerprints in [-1, 1]: best correlation over the crop combinations.
+
+    Takes fingerprint bytes, or their ``unpack``ed form (faster when one image is in many pairs).
+    """
+    a = unpack(a) if isinstance(a, bytes) else a
+    b = unpack(b) if isinstance(b, bytes) else b
+    return float((a @ b.T).max())
+
+
+# --- candidates -------------------------------------------------------------------------------------
+def candidate_pairs(vectors: np.ndarray, threshold: float, k: int = NEIGHBOURS,
+                    exact: bool | None = None) -> list[tuple[int, int, float]]:
+    """(row_a, row_b, cosine) with row_a < row_b for neighbours at or above ``threshold``.
+
+    k-NN search keeps the output at most N*k pairs whatever the threshold; ``exact`` forces flat
+    (True) or IVF (False) search, by default flat up to EXACT_MAX rows.
+    """
+    import faiss
+
+    n = len(vectors)
+    if n < 2:
+        return []
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = x.shape[1]
+    kk = min(k + 1, n)  # +1: an image is its own nearest neighbour
+    if exact is None:
+        exact = n <= EXACT_MAX
+    if exact:
+        index = faiss.IndexFlatIP(dim)
+        index.add(x)
+    else:
+        # ~2*sqrt(N) lists, NPROBE probed: a query scans ~sqrt(N)*(2 + NPROBE/2) vectors, and k-means on
+        # 40 points per list for 10 rounds costs ~800*N; both far below the N^2 of comparing all pairs.
+        nlist = max(1, min(int(2 * math.sqrt(n)), n // 40))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10
+        rng = np.random.default_rng(0)
+        train = x if n <= 40 * nlist else x[np.sort(rng.choice(n, 40 * nlist, replace=False))]
+        index.train(train)
+        index.add(x)
+        index.nprobe = min(NPROBE, nlist)
+    scores, nbrs = index.search(x, kk)
+    rows = np.repeat(np.arange(n, dtype=np.int64), kk)
+    cols = nbrs.ravel()
+    sims = scores.ravel()
+    keep = (cols >= 0) & (cols != rows) & (sims >= threshold)
+    rows, cols, sims = rows[keep], cols[keep], sims[keep]
+    a, b = np.minimum(rows, cols), np.maximum(rows, cols)
+    # Each pair is usually found from both ends; keep one copy (with the higher score, should they differ).
+    order = np.lexsort((-sims, b, a))
+    a, b, sims = a[order], b[order], sims[order]
+    first = np.ones(len(a), dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return list(zip(a[first].tolist(), b[first].tolist(), sims[first].astype(float).tolist()))
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]  # path halving
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def groups(self) -> list[list[int]]:
+        by_root: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            by_root.setdefault(self.find(i), []).append(i)
+        return [g for g in by_root.values() if len(g) > 1]
+
+
+# --- report -----------------------------------------------------------------------------------------
+@dataclass
+class Member:
+    id: int
+    path: str
+    width: int | None
+    height: int | None
+    size: int
+    taken_at: str | None
+    keeper: bool = False
+    similarity: float | None = None  # CLIP cosine to the keeper
+    match: float | None = None  # pixel likeness to the keeper (fingerprint correlation)
+
+
+@dataclass
+class Group:
+    members: list[Member]
+
+    @property
+    def keeper(self) -> Member:
+        return self.members[0]
+
+    def as_dict(self) -> dict:
+        return {"keeper": self.keeper.path, "images": [asdict(m) for m in self.members]}
+
+
+@dataclass
+class DupeReport:
+    mode: str  # "duplicates" | "similar"
+    threshold: float
+    images: int = 0
+    candidates: int = 0  # pairs proposed by CLIP
+    confirmed: int = 0  # pairs that passed the perceptual check (all candidates with --similar)
+    groups: list[Group] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "threshold": self.threshold, "images": self.images,
+                "candidates": self.candidates, "confirmed": self.confirmed, "seconds": round(self.seconds, 3),
+                "groups": [g.as_dict() for g in self.groups],
+                "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable]}
+
+
+def _age_key(row) -> tuple:
+    from datetime import datetime
+
+    mtime = datetime.fromtimestamp(row.mtime_ns / 1e9).isoformat()
+    return (row.taken_at or mtime, row.mtime_ns)
+
+
+def keeper_order(rows: list) -> list:
+    """Largest resolution first, then oldest, then path (stable and predictable)."""
+    return sorted(rows, key=lambda r: (-((r.width or 0) * (r.height or 0)), _age_key(r), r.path))
+
+
+def _fingerprints(store, rows: dict, ids: set[int], workers: int, max_pixels: int) -> tuple[dict[int, bytes], list]:
+    """Fingerprints for ``ids``: cached ones from SQLite, the rest decoded in threads and cached."""
+    known = store.fingerprints(ids)
+    todo = [rows[i] for i in sorted(ids - set(known))]
+    failed: list[tuple[str, str]] = []
+
+    def compute(row):
+        try:
+            im, _ = images.open_image(row.path, draft_size=128, max_pixels=max_pixels)
+            return row, fingerprint(im), None
+        except DecodeError as e:
+            return row, None, str(e)
+
+    fresh = []
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for row, fp, error in pool.map(compute, todo):
+                if fp is None:
+                    failed.append((row.path, error))
+                else:
+                    known[row.id] = fp
+                    fresh.append((row.id, row.hash, fp))
+    store.save_fingerprints(fresh)
+    return known, failed
+
+
+def find_duplicates(settings: Settings, under: str | None = None, threshold: float | None = None,
+                    similar: bool = False, min_match: float = DEFAULT_MIN_MATCH, searcher=None,
+                    exact: bool | None = None) -> DupeReport:
+    """Group the library's near-duplicates (or CLIP-similar images with ``similar``); deletes nothing."""
+    from .search import Searcher
+
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if not -1.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold}: give a cosine similarity between -1 and 1, e.g. 0.9")
+    if not 0.0 <= min_match <= 1.0:
+        raise UsageError(f"--min-match {min_match}: give a pixel likeness between 0 and 1, e.g. 0.96")
+    started = time.perf_counter()
+    own = searcher is None
+    searcher = searcher or Searcher(settings)
+    store = searcher.store
+    try:
+        model = searcher.model
+        ids = None
+        if under:
+            folder = files.abspath(under)
+            if not os.path.isdir(folder) and store.image_by_path(folder) is None:
+                raise UsageError(f"--under {under}: no such folder")
+            ids = store.ids_under(folder).tolist()
+        ids_arr, vecs = store.load_vectors(model.id, ids)
+        report = DupeReport("similar" if similar else "duplicates", threshold, images=len(ids_arr))
+        pairs = candidate_pairs(vecs, threshold, exact=exact)
+        report.candidates = len(pairs)
+        involved = {int(ids_arr[a]) for a, _, _ in pairs} | {int(ids_arr[b]) for _, b, _ in pairs}
+        rows = store.get_images(involved)
+        # Files deleted since indexing can be neither compared nor kept.
+        present = {i for i, r in rows.items() if os.path.exists(r.path)}
+        prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
+        if not similar:
+            workers = settings.workers or min(8, os.cpu_count() or 2)
+            raw, report.unreadable = _fingerprints(store, rows, present, workers, settings.max_pixels)
+            prints = {i: unpack(fp) for i, fp in raw.items()}
+        uf = UnionFind(len(ids_arr))
+        for a, b, _ in pairs:
+            ia, ib = int(ids_arr[a]), int(ids_arr[b])
+            if ia not in present or ib not in present:
+                continue
+            if not similar:
+                if ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match:
+                    continue
+            report.confirmed += 1
+            uf.union(a, b)
+        for members in uf.groups():
+            ordered = keeper_order([rows[int(ids_arr[m])] for m in members])
+            row_of = {int(ids_arr[m]): m for m in members}
+            keep = ordered[0]
+            keep_vec = vecs[row_of[keep.id]]
+            group = []
+            for r in ordered:
+                group.append(Member(r.id, r.path, r.width, r.height, r.size, r.taken_at, keeper=r is keep,
+                                    similarity=round(float(vecs[row_of[r.id]] @ keep_vec), 4),
+                                    match=round(match_score(prints[r.id], prints[keep.id]), 4)
+                                    if r.id in prints and keep.id in prints else None))
+            report.groups.append(Group(group))
+        report.groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
+        report.seconds = time.perf_counter() - started
+        return report
+    finally:
+        if own:
+            store.close()

@@ -1,0 +1,183 @@
+"""Captions and keyword search (FTS5 over names, folders, captions, tags) combined with CLIP ranking."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from imgsearch import keywords, synthetic
+from imgsearch.errors import UsageError
+from imgsearch.store import Store
+
+
+def ok_json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture()
+def trip(tmp_path):
+    """photos/ with a '2019 Trip' folder holding a few of the shapes, and IMG_2019-style names."""
+    root = tmp_path / "photos"
+    synthetic.generate(root, per_class=2, colors=["red", "blue", "green"], size=96, fmt="jpg", seed=3,
+                       captions_file=None)
+    trip = root / "2019 Trip"
+    trip.mkdir()
+    for name in ["red_circle_001.jpg", "blue_square_001.jpg", "green_triangle_001.jpg"]:
+        shutil.move(str(root / name), str(trip / name))
+    os.rename(root / "blue_circle_000.jpg", root / "IMG_20190501_beach.jpg")
+    return root
+
+
+def test_keyword_filters_clip_ranking_by_folder_and_name(cli, trip):
+    assert cli("index", trip).exit_code == 0
+    hits = ok_json(cli("query", "a red circle", "--keyword", "2019", "-k", "50", "--json"))
+    paths = [h["path"] for h in hits]
+    # Every match and only matches: the 3 in the folder plus the IMG_2019... file, CLIP-ranked.
+    assert len(paths) == 4
+    assert all("2019" in p for p in paths)
+    assert paths[0].endswith("2019 Trip/red_circle_001.jpg")
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    # "trip" (any case) finds the folder; a prefix of a longer token matches too.
+    assert len(ok_json(cli("query", "a shape", "--keyword", "TRIP", "--json"))) == 3
+    assert [Path(h["path"]).name for h in ok_json(cli("query", "x", "--keyword", "beach", "--json"))] == [
+        "IMG_20190501_beach.jpg"]
+    # -word excludes; a phrase must match in order.
+    excl = ok_json(cli("query", "a red circle", "--keyword", "2019 -trip", "--json"))
+    assert [Path(h["path"]).name for h in excl] == ["IMG_20190501_beach.jpg"]
+    assert ok_json(cli("query", "a red circle", "--keyword", '"trip 2019"', "--json")) == []
+
+
+def test_keyword_alone_ranks_by_keywords(cli, trip):
+    cli("index", trip)
+    hits = ok_json(cli("query", "--keyword", "circle", "-k", "50", "--json"))
+    assert len(hits) == 5 and all("circle" in Path(h["path"]).name for h in hits)  # one was renamed IMG_...
+    assert hits[0]["score"] == 1.0
+    r = cli("query", "--keyword", "zebra")
+    assert r.exit_code == 0 and "no results" in r.stderr and "zebra" in r.stderr
+    r = cli("query", "--keyword", "circle", "--blend", "0.5")
+    assert r.exit_code == 2 and "give query text" in r.stderr
+
+
+def test_captions_are_stored_and_searchable(cli, trip, tmp_path):
+    cli("index", trip)
+    target = trip / "green_circle_000.jpg"
+    r = cli("caption", target, "Grandma's birthday balloon")
+    assert r.exit_code == 0 and "caption added" in r.stdout
+    assert cli("caption", target, "Grandma's birthday balloon").stdout.strip() == "this caption is already there"
+    assert cli("caption", target).stdout.splitlines() == ["Grandma's birthday balloon"]
+    hits = ok_json(cli("query", "a red square", "--keyword", "birthday", "--json"))
+    assert [h["path"] for h in hits] == [str(target)]
+    # Import from a captions file, the format finetune reads; unknown images are reported, not fatal.
+    captions = tmp_path / "caps.csv"
+    captions.write_text("path,caption\n"
+                        f"{trip / 'red_square_000.jpg'},picnic at the lake\n"
+                        f"{trip / 'blue_triangle_000.jpg'},lake sunset\n"
+                        f"{tmp_path / 'elsewhere.jpg'},not here\n", encoding="utf-8")
+    (tmp_path / "elsewhere.jpg").write_bytes((trip / "red_square_000.jpg").read_bytes())
+    r = cli("caption", "--import", captions, "--json")
+    report = ok_json(r)
+    assert report["added"] == 2 and report["not_in_library"] == [str(tmp_path / "elsewhere.jpg")]
+    lake = ok_json(cli("query", "a blue triangle", "--keyword", "lake", "--json"))
+    assert [Path(h["path"]).name for h in lake] == ["blue_triangle_000.jpg", "red_square_000.jpg"]
+    # --replace swaps the caption: the old words stop matching.
+    cli("caption", target, "garden party", "--replace")
+    assert ok_json(cli("query", "x", "--keyword", "birthday", "--json")) == []
+    assert len(ok_json(cli("query", "x", "--keyword", "garden", "--json"))) == 1
+
+
+def test_caption_bad_inputs(cli, trip, tmp_path):
+    cli("index", trip)
+    r = cli("caption", tmp_path / "missing.jpg", "hello")
+    assert r.exit_code == 2 and "image not found" in r.stderr
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes((trip / "red_square_000.jpg").read_bytes())
+    r = cli("caption", outside, "hello")
+    assert r.exit_code == 2 and "not in the library" in r.stderr
+    r = cli("caption", trip / "red_square_000.jpg", "   ")
+    assert r.exit_code == 2 and "empty caption" in r.stderr
+    r = cli("caption", "--import", tmp_path / "nope.csv")
+    assert r.exit_code == 1 and "captions source not found" in r.stderr
+    r = cli("caption")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_blend_moves_keyword_matches_up_by_weight(cli, trip):
+    cli("index", trip)
+    target = trip / "green_triangle_000.jpg"
+    cli("caption", target, "favourite")
+    plain = ok_json(cli("query", "a red circle", "-k", "18", "--json"))
+    clip_rank = [h["path"] for h in plain].index(str(target))
+    assert clip_rank > 3  # a green triangle is far from "a red circle"
+    none = ok_json(cli("query", "a red circle", "--keyword", "favourite", "--blend", "0", "-k", "18", "--json"))
+    assert [h["path"] for h in none] == [h["path"] for h in plain]  # weight 0: pure CLIP order, all images
+    half = ok_json(cli("query", "a red circle", "--keyword", "favourite", "--blend", "0.5", "-k", "18", "--json"))
+    half_rank = [h["path"] for h in half].index(str(target))
+    assert half_rank < clip_rank and len(half) == 18
+    full = ok_json(cli("query", "a red circle", "--keyword", "favourite", "--blend", "1", "-k", "3", "--json"))
+    assert full[0]["path"] == str(target)
+    assert all(0.0 <= h["score"] <= 1.0 for h in half)
+    r = cli("query", "a red circle", "--blend", "0.5")
+    assert r.exit_code == 2 and "give --keyword" in r.stderr
+
+
+def test_tags_are_keywords_and_tag_filter_combines(cli, trip):
+    cli("index", trip)
+    cli("classify", "--labels", "red,green,blue")
+    reds = ok_json(cli("query", "a circle", "--tag", "red", "-k", "50", "--json"))
+    assert reds and all(Path(h["path"]).name.startswith("red") for h in reds)
+    by_keyword = ok_json(cli("query", "a circle", "--keyword", "red", "-k", "50", "--json"))
+    assert {h["id"] for h in reds} <= {h["id"] for h in by_keyword}
+    both = ok_json(cli("query", "a circle", "--tag", "red", "--keyword", "2019", "-k", "50", "--json"))
+    assert [Path(h["path"]).name for h in both] == ["red_circle_001.jpg"]
+    r = cli("query", "a circle", "--tag", "unicorn")
+    assert r.exit_code == 0 and "no results with tag unicorn" in r.stderr
+
+
+def test_deleting_and_moving_images_keeps_text_index_in_sync(cli, trip, settings):
+    cli("index", trip)
+    cli("classify", "--labels", "red,green,blue")
+    victim = trip / "red_square_000.jpg"
+    cli("caption", victim, "to be forgotten")
+    store = Store(settings.db_path, create=False)
+    vid = store.image_by_path(str(victim)).id
+    assert cli("forget", victim).exit_code == 0
+    for table, col in [("captions", "image_id"), ("tags", "image_id"), ("image_text", "rowid")]:
+        assert store.scalar(f"SELECT count(*) FROM {table} WHERE {col} = :i", i=vid) == 0, table
+    assert store.scalar("SELECT count(*) FROM image_text") == store.image_count()
+    # A moved file keeps its caption, and is found under its new name.
+    mover = trip / "green_circle_001.jpg"
+    cli("caption", mover, "holiday")
+    new = trip / "renamed_holiday_snap.jpg"
+    os.rename(mover, new)
+    assert "moved 1" in cli("index", trip).stdout
+    assert [h["path"] for h in ok_json(cli("query", "x", "--keyword", "holiday", "--json"))] == [str(new)]
+    assert [h["path"] for h in ok_json(cli("query", "x", "--keyword", "snap", "--json"))] == [str(new)]
+    # New pixels make old tags wrong: they go, the caption stays.
+    moved_id = store.image_by_path(str(new)).id
+    assert store.tags_of([moved_id])
+    synthetic.draw_shape("white", "square", 96).save(new, quality=90)
+    cli("index", trip)
+    assert store.tags_of([moved_id]) == {} and store.captions_of(moved_id) == ["holiday"]
+    store.close()
+
+
+def test_to_fts_quotes_everything():
+    assert keywords.to_fts("2019 trip") == '"2019"* AND "trip"*'
+    assert keywords.to_fts('"red car" -draft') == '("red car") NOT "draft"*'
+    assert keywords.to_fts('AND OR NOT ( ) "x') == '"AND"* AND "OR"* AND "NOT"* AND "x"*'
+    for bad in ["", "  ", "-only", "!!! ..."]:
+        with pytest.raises(UsageError):
+            keywords.to_fts(bad)
+
+
+def test_blend_scores_scale_both_sides():
+    # CLIP 0.3/0.2/0.1 scale to 1/0.5/0; keyword relevance is already 0..1 (0 when unmatched).
+    out = keywords.blend_scores({1: 0.3, 2: 0.2, 3: 0.1}, {3: 1.0, 2: 0.8}, 0.6)
+    assert [i for i, _ in out] == [2, 3, 1]
+    assert [s for _, s in out] == pytest.approx([0.68, 0.6, 0.4])
+    assert [i for i, _ in keywords.blend_scores({1: 0.3, 2: 0.2}, {2: 1.0}, 0.0)] == [1, 2]
