@@ -30,33 +30,39 @@ def err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def handle_errors(fn):
+    """Wrap a command so library errors become one line on stderr and an exit code (for any Typer group)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ImgSearchError as e:
+            err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err("interrupted: finished batches are saved; run the same command again to continue")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            sys.stderr.close()  # output piped into `head`; not an error
+            raise typer.Exit(0) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # a bug: still one line, with a way to get the details
+            if os.environ.get("IMGSEARCH_DEBUG"):
+                raise
+            err(f"internal error: {type(e).__name__}: {e} (set IMGSEARCH_DEBUG=1 for a traceback and "
+                "please report it)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
 def command(*args, **kwargs):
     """app.command that turns library errors into one line on stderr and an exit code."""
 
     def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **kw):
-            try:
-                return fn(*a, **kw)
-            except ImgSearchError as e:
-                err(f"error: {e}")
-                raise typer.Exit(e.exit_code) from None
-            except KeyboardInterrupt:
-                err("interrupted: finished batches are saved; run the same command again to continue")
-                raise typer.Exit(130) from None
-            except BrokenPipeError:
-                sys.stderr.close()  # output piped into `head`; not an error
-                raise typer.Exit(0) from None
-            except (typer.Exit, typer.Abort, SystemExit):
-                raise
-            except Exception as e:  # a bug: still one line, with a way to get the details
-                if os.environ.get("IMGSEARCH_DEBUG"):
-                    raise
-                err(f"internal error: {type(e).__name__}: {e} (set IMGSEARCH_DEBUG=1 for a traceback and "
-                    "please report it)")
-                raise typer.Exit(1) from None
-
-        return app.command(*args, **kwargs)(wrapper)
+        return app.command(*args, **kwargs)(handle_errors(fn))
 
     return decorate
 
