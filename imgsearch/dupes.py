@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -78,32 +77,21 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, k: int = NEIGHBOURS,
     k-NN search keeps the output at most N*k pairs whatever the threshold; ``exact`` forces flat
     (True) or IVF (False) search, by default flat up to EXACT_MAX rows.
     """
-    import faiss
+    from .vectors import IndexPolicy, VectorIndex
 
     n = len(vectors)
     if n < 2:
         return []
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    dim = x.shape[1]
     kk = min(k + 1, n)  # +1: an image is its own nearest neighbour
     if exact is None:
         exact = n <= EXACT_MAX
-    if exact:
-        index = faiss.IndexFlatIP(dim)
-        index.add(x)
-    else:
-        # ~2*sqrt(N) lists, NPROBE probed: a query scans ~sqrt(N)*(2 + NPROBE/2) vectors, and k-means on
-        # 40 points per list for 10 rounds costs ~800*N; both far below the N^2 of comparing all pairs.
-        nlist = max(1, min(int(2 * math.sqrt(n)), n // 40))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = 10
-        rng = np.random.default_rng(0)
-        train = x if n <= 40 * nlist else x[np.sort(rng.choice(n, 40 * nlist, replace=False))]
-        index.train(train)
-        index.add(x)
-        index.nprobe = min(NPROBE, nlist)
-    scores, nbrs = index.search(x, kk)
+    # The library's own index builder: flat when exact, else IVF (~2*sqrt(N) lists, quantizer trained on a
+    # sample); a query then scans a few thousand vectors, far below the N^2 of comparing all pairs.
+    policy = IndexPolicy(flat_max=n if exact else 0, recall_target=0.97)
+    index = VectorIndex.build(np.arange(n, dtype=np.int64), x, x.shape[1], policy)
+    nprobe = None if exact else min(max(index.nprobe, NPROBE), index.plan.nlist)
+    scores, nbrs = index.search(x, kk, nprobe=nprobe)
     rows = np.repeat(np.arange(n, dtype=np.int64), kk)
     cols = nbrs.ravel()
     sims = scores.ravel()
