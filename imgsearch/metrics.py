@@ -102,18 +102,22 @@ def headline(metrics: dict) -> float:
     return float(np.mean([metrics[d][f"R@{k}"] for d in ("image_to_text", "text_to_image") for k in KS]))
 
 
-def table_rows(named: list[tuple[str, dict]]) -> list[str]:
-    """A small fixed-width table: one row per (label, metrics) with val loss when present."""
-    head = (f"{'':<22}{'val loss':>9}  {'i2t R@1':>7} {'R@5':>6} {'R@10':>6} {'mean rank':>9}  "
+def table_rows(named: list[tuple[str, dict]], with_loss: bool = True) -> list[str]:
+    """A small fixed-width table: one row per (label, metrics), plus what chance would score."""
+    width = max([22] + [len(label) + 2 for label, _ in named])
+    loss_head = f"{'val loss':>9}  " if with_loss else ""
+    head = (f"{'':<{width}}{loss_head}{'i2t R@1':>7} {'R@5':>6} {'R@10':>6} {'mean rank':>9}  "
             f"{'t2i R@1':>7} {'R@5':>6} {'R@10':>6} {'mean rank':>9}")
-    rows = [head]
+    rows = [head.rstrip()]
 
     def fmt(label: str, m: dict, loss) -> str:
-        cells = [f"{label:<22}", f"{loss:>9.4f}" if isinstance(loss, (int, float)) else f"{'':>9}", " "]
+        cells = [f"{label:<{width}}"]
+        if with_loss:
+            cells.append((f"{loss:>9.4f}" if isinstance(loss, (int, float)) else f"{'':>9}") + "  ")
         for d in ("image_to_text", "text_to_image"):
             x = m[d]
             cells.append(f"{100 * x['R@1']:>6.1f}% {100 * x['R@5']:>5.1f}% {100 * x['R@10']:>5.1f}% "
-                         f"{x['mean_rank']:>9.1f} ")
+                         f"{x['mean_rank']:>9.1f}  ")
         return "".join(cells).rstrip()
 
     for label, m in named:
@@ -124,4 +128,37 @@ def table_rows(named: list[tuple[str, dict]]) -> list[str]:
     return rows
 
 
-__all__ = ["Gallery", "build_gallery", "retrieval_metrics", "headline", "table_rows", "KS"]
+def classification_metrics(scores: np.ndarray, truth, classes: list[str], top_confusions: int = 10) -> dict:
+    """Zero-shot accuracy from [N, C] scores (higher = more likely) and true class indices.
+
+    top-1 / top-5 accuracy (top-k with k = min(5, C)), per-class accuracy worst first, and the most
+    frequent (true -> predicted) mistakes.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    truth = np.asarray(truth, dtype=np.int64)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    k5 = min(5, len(classes))
+    top1 = order[:, 0] == truth
+    top5 = (order[:, :k5] == truth[:, None]).any(axis=1)
+    per_class = []
+    for c, name in enumerate(classes):
+        mask = truth == c
+        if mask.any():
+            per_class.append({"class": name, "accuracy": float(top1[mask].mean()), "images": int(mask.sum())})
+    per_class.sort(key=lambda x: (x["accuracy"], x["class"]))
+    confusion: dict[tuple[int, int], int] = {}
+    for t, p in zip(truth, order[:, 0]):
+        if t != p:
+            confusion[(int(t), int(p))] = confusion.get((int(t), int(p)), 0) + 1
+    confused = sorted(confusion.items(), key=lambda kv: (-kv[1], kv[0]))[:top_confusions]
+    return {
+        "images": int(len(truth)), "classes": len(classes),
+        "top1": float(top1.mean()) if len(truth) else 0.0,
+        "top5": float(top5.mean()) if len(truth) else 0.0, "top5_k": k5,
+        "per_class": per_class,
+        "confused": [{"true": classes[t], "predicted": classes[p], "count": n} for (t, p), n in confused],
+    }
+
+
+__all__ = ["Gallery", "build_gallery", "retrieval_metrics", "classification_metrics", "headline", "table_rows",
+           "KS"]

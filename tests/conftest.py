@@ -91,3 +91,21 @@ def cli(home, model_id) -> Cli:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def random_tiny_model(tmp_path_factory) -> Path:
+    """An untrained tiny open_clip model saved as local-dir: its retrieval is at chance level."""
+    from imgsearch.encoder import save_local_dir
+
+    model, cfg = synthetic.build_tiny_clip(seed=1)
+    folder = tmp_path_factory.mktemp("random-model") / "model"
+    return save_local_dir(model, cfg, folder, {"size": cfg["vision_cfg"]["image_size"]})
+
+
+@pytest.fixture()
+def captioned(tmp_path) -> Path:
+    """captions.csv ("a red circle", ...) for 108 generated 40 px shape PNGs (6 per colour x shape)."""
+    folder = tmp_path / "captioned"
+    synthetic.generate(folder, per_class=6, size=40, fmt="png", seed=5)
+    return folder / "captions.csv"

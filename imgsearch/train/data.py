@@ -41,11 +41,6 @@ class PreparedData:
         return h.hexdigest()
 
 
-def _read(source, image_col: str, caption_col: str):
-    cs = read_captions(source, image_col=image_col, caption_col=caption_col)
-    return cs
-
-
 def check_images(paths: list[str], draft_size: int, max_pixels: int, workers: int,
                  progress=None) -> dict[str, str]:
     """Decode every image once before training starts; returns {path: reason} for the unusable ones.
@@ -85,9 +80,9 @@ def prepare(source, *, val_source=None, image_col: str = "path", caption_col: st
     """Read, check and split the captions; raise DataError before any training when they cannot work."""
     if val_source is None and not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    main = _read(source, image_col, caption_col)
+    main = read_captions(source, image_col=image_col, caption_col=caption_col)
     skipped = list(main.problems)
-    val_set = _read(val_source, image_col, caption_col) if val_source is not None else None
+    val_set = read_captions(val_source, image_col=image_col, caption_col=caption_col) if val_source is not None else None
     if val_set is not None:
         skipped += [(w, f"validation: {r}") for w, r in val_set.problems]
     all_paths = sorted({p.path for p in main.pairs} | ({p.path for p in val_set.pairs} if val_set else set()))
@@ -131,8 +126,9 @@ def prepare(source, *, val_source=None, image_col: str = "path", caption_col: st
     if len(train) < 2:
         raise DataError(f"only {len(train)} usable training pair(s); contrastive training needs at least 2")
     if len(train) < batch_size:
-        raise DataError(f"{len(train)} training pairs cannot fill one batch of {batch_size}; "
-                        f"use --batch-size {max(2, len(train))} or smaller, or add captions")
+        raise DataError(f"{len(train)} training pairs cannot fill one batch of {batch_size} "
+                        "(--batch-size x --grad-accum); lower --batch-size to at most "
+                        f"{max(2, len(train))} in all, or add captions")
     return PreparedData(str(main.source), train, val, skipped, str(val_set.source) if val_set else None)
 
 
@@ -201,9 +197,18 @@ class StepBatches:
             base = pos * per_step
             for m in range(self.accum):
                 lo = base + m * self.batch_size
-                # Seed per (step, micro-batch, slot): fixed by position, independent of workers.
-                yield [(order[lo + j], (self.seed * 1_000_003 + step * 4096 + m * 512 + j) % (2 ** 63))
-                       for j in range(self.batch_size)]
+                # Seed by (step, slot in the step): fixed by position, independent of workers and of how
+                # the step is cut into micro-batches.
+                yield [(order[lo + j], (self.seed * 1_000_003 + step * per_step + m * self.batch_size + j)
+                        % (2 ** 63)) for j in range(self.batch_size)]
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; only the training process decides what to do with it
+    # (finish the step, save a checkpoint), so the decode workers must keep serving batches meanwhile.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False):
@@ -212,7 +217,7 @@ def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False):
 
     kwargs = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": 4, "persistent_workers": False}
+        kwargs = {"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": _ignore_sigint}
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory, **kwargs)
 
 

@@ -1,0 +1,153 @@
+"""`imgsearch eval zeroshot|retrieval|parity` on generated shapes and the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from imgsearch import synthetic
+
+
+@pytest.fixture()
+def shapes_folder(tmp_path) -> Path:
+    """ImageFolder layout: one subfolder per colour_shape, 2 JPEGs each (36 images, 18 classes)."""
+    folder = tmp_path / "classes"
+    synthetic.generate(folder, per_class=2, size=64, fmt="jpg", seed=11, captions_file=None, subfolders=True)
+    return folder
+
+
+def ok_json(r) -> dict:
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_zeroshot_accuracy_matches_a_direct_computation(cli, shapes_folder, tiny_model, home):
+    from PIL import Image
+
+    from imgsearch.encoder import ModelSpec, build
+    from imgsearch.zeroshot import label_embeddings
+
+    res = ok_json(cli("eval", "zeroshot", shapes_folder, "--json"))
+    m = res["models"][0]
+    assert res["classes"][0] == "blue circle" and len(res["classes"]) == 18 and m["images"] == 36
+    assert m["top1"] >= 0.5 and m["top5"] >= m["top1"]  # chance is 1/18
+
+    enc = build(ModelSpec(f"local-dir:{tiny_model}"), "cpu", "fp32")
+    folders = sorted(p for p in shapes_folder.iterdir())
+    labels = label_embeddings(enc, [f.name.replace("_", " ") for f in folders])
+    right = 0
+    for k, f in enumerate(folders):
+        vecs = enc.encode_images([Image.open(p).convert("RGB") for p in sorted(f.iterdir())])
+        right += int(((vecs @ labels.T).argmax(axis=1) == k).sum())
+    assert m["top1"] == pytest.approx(right / 36, abs=1.01 / 36)
+
+    accs = [c["accuracy"] for c in m["per_class"]]
+    assert accs == sorted(accs) and len(accs) == 18  # worst first
+    assert all(c["true"] != c["predicted"] for c in m["confused"])
+    assert not home.exists()  # never writes to the library
+
+    table = cli("eval", "zeroshot", shapes_folder, "--show", "3").stdout.splitlines()
+    assert table[0].split()[:3] == ["model", "top-1", "top-5"] and table[2].startswith("chance")
+    assert "worst classes:" in table
+
+
+def test_zeroshot_several_models_side_by_side_and_class_mapping(cli, shapes_folder, tiny_model, random_tiny_model,
+                                                                  tmp_path):
+    mapping = tmp_path / "names.csv"
+    mapping.write_text("folder,name\n" + "".join(f"{p.name},{p.name.split('_')[1]} that is {p.name.split('_')[0]}\n"
+                                                 for p in sorted(shapes_folder.iterdir())))
+    res = ok_json(cli("eval", "zeroshot", shapes_folder, "--classes", mapping, "--json",
+                      "--models", f"local-dir:{tiny_model}", "--models", f"local-dir:{random_tiny_model}"))
+    assert res["classes"][0] == "circle that is blue"
+    trained, rand = res["models"]
+    assert str(tiny_model) in trained["model"] and str(random_tiny_model) in rand["model"]
+    assert rand["top1"] < trained["top1"] or trained["top1"] == 1.0
+    as_json = tmp_path / "names.json"
+    as_json.write_text(json.dumps({p.name: p.name.upper() for p in shapes_folder.iterdir()}))
+    assert ok_json(cli("eval", "zeroshot", shapes_folder, "--classes", as_json, "--json"))["classes"][0] == "BLUE_CIRCLE"
+
+
+def test_zeroshot_bad_inputs(cli, shapes_folder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("eval", "zeroshot", empty)
+    assert r.exit_code == 1 and "at least 2 subfolders" in r.stderr and "Traceback" not in r.output
+    r = cli("eval", "zeroshot", tmp_path / "nope")
+    assert r.exit_code == 2 and "not a folder" in r.stderr
+
+    mapping = tmp_path / "m.json"
+    mapping.write_text(json.dumps({"red_circle": "red circle", "pink_star": "pink star"}))
+    r = cli("eval", "zeroshot", shapes_folder, "--classes", mapping)
+    assert r.exit_code == 1 and "pink_star" in r.stderr and "not in" in r.stderr
+
+    (shapes_folder / "zz_empty_class").mkdir()
+    (shapes_folder / "red_circle" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    r = cli("eval", "zeroshot", shapes_folder, "--show", "0")
+    assert r.exit_code == 0, r.output
+    assert "zz_empty_class: class folder has no images; class skipped" in r.stderr
+    assert "broken.jpg: unreadable image" in r.stderr
+    assert r.stdout.splitlines()[1].split()[-2:] == ["36", "18"]  # broken file and empty class left out
+
+
+@pytest.mark.slow
+def test_retrieval_numbers_identical_to_the_finetune_report(cli, captioned, random_tiny_model, tmp_path):
+    rows = list(csv.reader(captioned.open()))[1:]
+    folder = captioned.parent
+    train_rows = [r for r in rows if not r[0].endswith(("_000.png", "_001.png"))]
+    val_rows = [r for r in rows if r[0].endswith(("_000.png", "_001.png"))]
+    for name, part in (("train.csv", train_rows), ("val.csv", val_rows)):
+        with open(folder / name, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "caption"], *part])
+    out = tmp_path / "ft"
+    r = cli("finetune", folder / "train.csv", "--val", folder / "val.csv", "--out", out, "--max-steps", "3",
+            "--lr", "1e-3", "--batch-size", "16", "--model", f"local-dir:{random_tiny_model}")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "training_report.json").read_text())
+    res = ok_json(cli("eval", "retrieval", folder / "val.csv", "--json", "--models", f"local-dir:{random_tiny_model}",
+                      "--models", f"local-dir:{out}"))
+    for got, key in zip(res["models"], ("base", "finetuned")):
+        want = report["results"][key]
+        for d in ("image_to_text", "text_to_image"):
+            for k in ("R@1", "R@5", "R@10", "mean_rank"):
+                assert got[d][k] == pytest.approx(want[d][k], abs=1e-9), (key, d, k)
+    table = cli("eval", "retrieval", folder / "val.csv", "--models", f"local-dir:{out}").stdout.splitlines()
+    assert table[0] == "36 images, 18 distinct captions" and "t2i R@1" in table[1]
+
+
+def test_retrieval_bad_inputs(cli, captioned, tmp_path):
+    r = cli("eval", "retrieval", tmp_path / "none.csv")
+    assert r.exit_code == 1 and "captions source not found" in r.stderr
+    (captioned.parent / "red_circle_000.png").write_bytes(b"garbage")
+    with captioned.open("a") as f:
+        f.write("missing.png,a red circle\n")
+    res = ok_json(cli("eval", "retrieval", captioned, "--json"))
+    reasons = " ".join(s["reason"] for s in res["skipped"])
+    assert "image not found" in reasons and "unreadable image" in reasons
+    assert res["models"][0]["images"] == 107
+
+
+def test_parity_passes_in_fp32_and_reports_lower_cosine_for_bf16(cli, tmp_path, home):
+    photos = tmp_path / "big"
+    synthetic.generate(photos, per_class=1, size=300, fmt="jpg", seed=2, captions_file=None)  # draft decode kicks in
+    fp32 = ok_json(cli("eval", "parity", photos, "-n", "12", "--json"))
+    assert fp32["passed"] and fp32["images"] == 12 and fp32["precision"] == "fp32"
+    assert 0.99 <= fp32["min_cosine"] <= fp32["mean_cosine"] <= 1.0 + 1e-6
+    bf16 = ok_json(cli("--precision", "bf16", "eval", "parity", photos, "-n", "12", "--json"))
+    assert bf16["precision"] == "bf16" and bf16["passed"]
+    assert 0.99 <= bf16["mean_cosine"] < fp32["mean_cosine"]
+    r = cli("eval", "parity", photos, "-n", "4", "--threshold", "1.01")
+    assert r.exit_code == 1 and "below threshold" in r.stderr and "min cosine" in r.stdout
+    assert not home.exists()
+
+
+def test_parity_bad_inputs(cli, tmp_path):
+    empty = tmp_path / "e"
+    empty.mkdir()
+    r = cli("eval", "parity", empty)
+    assert r.exit_code == 1 and "no images found" in r.stderr
+    (empty / "x.jpg").write_bytes(b"nope")
+    r = cli("eval", "parity", empty)
+    assert r.exit_code == 1 and "x.jpg" in r.stderr and "none of the images" in r.stderr
