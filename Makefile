@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/query_latency.py
 
 lint: $(STAMP)
-	$(PY) -m pyflakes imgsearch tests ui bench 2>/dev/null || $(PY) -m compileall -q imgsearch tests ui bench
+	$(PY) -m pyflakes imgsearch tests ui bench
 
 clean:
 	rm -rf $(DEMO_HOME) $(DEMO_MODEL) .pytest_cache

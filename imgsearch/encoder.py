@@ -72,6 +72,36 @@ def _local_weights(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
+_hub_checked = False
+
+
+def _go_offline_if_hub_unreachable() -> None:
+    """Without a network, huggingface_hub retries for about a minute before failing; ask once, quickly.
+
+    When the hub cannot be reached, switch huggingface_hub to offline mode: cached weights still load,
+    and missing ones fail at once with our message instead of after the retries.
+    """
+    global _hub_checked
+    if _hub_checked or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    _hub_checked = True
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return
+    except OSError:
+        pass
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # already imported: its flag was read at import time
+        constants.HF_HUB_OFFLINE = True
+
+
 def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
     """Check that weights exist before building anything; return (fingerprint, weights path or None).
 
@@ -92,14 +122,16 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
                                  "refusing to run a randomly initialised model")
         return file_fingerprint(weights), str(weights)
     if name.startswith(HF_HUB):
+        _go_offline_if_hub_unreachable()
         from open_clip.pretrained import download_pretrained_from_hf
 
         repo = name[len(HF_HUB):]
         try:
             path = download_pretrained_from_hf(repo)
         except Exception as e:  # offline, unknown repo, no cached copy
+            where = "no cached copy and the hub is unreachable" if os.environ.get("HF_HUB_OFFLINE") else _short(e)
             raise ModelLoadError(
-                f"cannot get weights for {name} ({_short(e)}); connect to the internet once so they are "
+                f"cannot get weights for {name} ({where}); connect to the internet once so they are "
                 "cached, or use --model local-dir:/path") from None
         return file_fingerprint(path), str(path)
     if not pretrained:
@@ -110,6 +142,7 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
         if not os.path.isfile(pretrained):
             raise ModelLoadError(f"checkpoint file {pretrained} does not exist; check --pretrained")
         return file_fingerprint(pretrained), pretrained
+    _go_offline_if_hub_unreachable()
     import open_clip
 
     if name not in open_clip.list_models():
@@ -267,7 +300,8 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
     import open_clip
     import torch
 
-    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs through the root logger
+    # open_clip reports through the root logger (e.g. "Failed to download ..."); we raise one clear error.
+    logging.disable(logging.CRITICAL)  # also huggingface_hub's retry warnings while offline
     try:
         if spec.name.startswith((LOCAL_DIR, HF_HUB)):
             model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
@@ -284,6 +318,8 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
                 "once so open_clip caches them, or use --model local-dir:/path") from None
         raise ModelLoadError(f"cannot load model {spec.label}: {_short(e)}; check that the weights file matches "
                              "the model architecture") from None
+    finally:
+        logging.disable(logging.NOTSET)
     model.eval()
     if precision == "bf16":
         model = model.to(torch.bfloat16)

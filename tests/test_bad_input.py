@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -11,7 +10,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from imgsearch import synthetic
@@ -177,7 +175,6 @@ def test_bad_paths_and_arguments_exit_2(cli, photos):
 def test_batched_tensor_jpeg_decode_matches_pillow(cli, photos, tmp_path, monkeypatch, settings):
     """The nvJPEG path (run here with torchvision on the CPU) gives the same vectors as Pillow, applies EXIF
     orientation, and hands files it cannot decode back to Pillow."""
-    from imgsearch import encoder
     from imgsearch.store import Store
 
     rotated = synthetic.draw_shape("green", "triangle", 96, random.Random(4)).transpose(Image.Transpose.ROTATE_90)

@@ -8,9 +8,7 @@ same code `finetune` reports with.
 from __future__ import annotations
 
 import csv
-import functools
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +16,8 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import app, err, settings_of
-from ..errors import DataError, ImgSearchError, UsageError
+from ..cli import app, err, handle_errors, settings_of
+from ..errors import DataError, UsageError
 
 grp = typer.Typer(help="Measure models on your own data: zero-shot accuracy, retrieval recall, fast-path parity.",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -30,26 +28,7 @@ def eval_command(name: str):
     """grp.command with cli.command's error mapping: one line on stderr and an exit code."""
 
     def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **kw):
-            try:
-                return fn(*a, **kw)
-            except ImgSearchError as e:
-                err(f"error: {e}")
-                raise typer.Exit(e.exit_code) from None
-            except KeyboardInterrupt:
-                err("interrupted")
-                raise typer.Exit(130) from None
-            except (typer.Exit, typer.Abort, SystemExit):
-                raise
-            except Exception as e:
-                if os.environ.get("IMGSEARCH_DEBUG"):
-                    raise
-                err(f"internal error: {type(e).__name__}: {e} (set IMGSEARCH_DEBUG=1 for a traceback and "
-                    "please report it)")
-                raise typer.Exit(1) from None
-
-        return grp.command(name)(wrapper)
+        return grp.command(name)(handle_errors(fn))
 
     return decorate
 
