@@ -115,17 +115,9 @@ def param_groups(model, wd: float) -> list[dict]:
 
 def training_precision(precision: str, device: str) -> str:
     """auto: fp16 autocast + grad scaler on CUDA, bf16 autocast on CPUs with native bf16, else fp32."""
-    from ..encoder import cpu_has_fast_bf16
+    from ..encoder import pick_precision
 
-    if precision == "auto":
-        if device.startswith("cuda"):
-            return "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    if precision == "fp16" and not device.startswith("cuda"):
-        raise UsageError("fp16 training needs a CUDA GPU; on CPU use --precision fp32 or bf16")
-    return precision
+    return pick_precision(precision, device)  # the same rule as inference
 
 
 def autocast_for(precision: str, device: str):
