@@ -246,8 +246,36 @@ class Encoder:
 
     def _text_forward(self, tokens):
         with self._autocast():
-            out = self.model.encode_text(tokens)
+            out = self._short_text(tokens) if self._text_can_shorten() else self.model.encode_text(tokens)
         return out.float()
+
+    def _text_can_shorten(self) -> bool:
+        """True for open_clip's CLIP text tower: causal attention pooled at the end-of-text token.
+
+        Then every position after the last end-of-text token is padding that no pooled output can see, so
+        the transformer can run on the used length only: a short query costs a tenth of 77 tokens.
+        """
+        m = self.model
+        return (hasattr(m, "token_embedding") and hasattr(m, "positional_embedding") and hasattr(m, "transformer")
+                and getattr(m, "attn_mask", None) is not None and getattr(m, "text_pool_type", "") in ("argmax", "eos")
+                and hasattr(m, "ln_final"))
+
+    def _short_text(self, tokens):
+        import torch
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        used = int((tokens != 0).sum(dim=1).max())  # 0 is padding in open_clip's tokenizer
+        tokens = tokens[:, :max(used, 1)]
+        n = tokens.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = m.ln_final(x)
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return x
 
     # --- public ----------------------------------------------------------------------------
     def encode_image_tensors(self, batch) -> np.ndarray:

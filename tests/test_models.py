@@ -76,3 +76,16 @@ def test_trained_tiny_model_loads(tiny_model):
     v = enc.encode_texts(["a red circle", "a blue square"])
     assert v.shape == (2, 64)
     assert abs(float((v * v).sum(1)[0]) - 1) < 1e-5
+
+
+def test_short_text_path_matches_full_context(tiny_model):
+    """Running the causal text tower on the used tokens only gives the same embeddings as all 16/77."""
+    import torch
+
+    enc = build(ModelSpec(f"local-dir:{tiny_model}"), "cpu", "fp32")
+    texts = ["a red circle", "a photo of a purple triangle on a dark background", "x"]
+    assert enc._text_can_shorten()
+    short = enc.encode_texts(texts)
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(texts)).float(), dim=-1).numpy()
+    assert abs(short - full).max() < 1e-5
