@@ -57,7 +57,7 @@ def decode_only(enc, settings, paths, batch: int) -> tuple[str, float]:
         how = "nvJPEG batches"
     else:
         def one(d):
-            return enc.preprocess(images.open_image(d, draft_size=enc.image_size * 2)[0])
+            return enc.preprocess(images.open_image(d, draft_size=enc.draft_size)[0])
 
         with ThreadPoolExecutor(settings.decode_workers()) as pool:
             list(pool.map(one, datas))
@@ -105,7 +105,7 @@ def main() -> None:
         if len(list(folder.glob("*.jpg"))) > n:
             for extra in sorted(folder.glob("*.jpg"))[n:]:
                 extra.unlink()
-        tensors = [enc.preprocess(open_image(p, draft_size=enc.image_size * 2)[0]) for p in paths]
+        tensors = [enc.preprocess(open_image(p, draft_size=enc.draft_size)[0]) for p in paths]
         model_rate = model_only(enc, tensors, args.batch)
         how, dec_rate = decode_only(enc, settings, paths, args.batch)
         pipe_rate = pipeline(enc, settings, folder)
@@ -114,7 +114,7 @@ def main() -> None:
         if label == "12 MP":
             sample = paths[: min(20, len(paths))]
             full = decode_rate(sample, None)
-            draft = decode_rate(sample, enc.image_size * 2)
+            draft = decode_rate(sample, enc.draft_size)
             print(f"12 MP JPEG decode: full {full:.1f} img/s, draft {draft:.1f} img/s, speed-up {draft / full:.2f}x")
 
 

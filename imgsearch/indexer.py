@@ -78,7 +78,7 @@ class Indexer:
         self.store = store
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
                                                          encoder.fingerprint, encoder.dim)
-        self.draft = encoder.image_size * 2
+        self.draft = encoder.draft_size
         mode = settings.gpu_decode
         # nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's reduced-size decode is faster.
         self.tensor_decode = mode == "on" or (mode == "auto" and encoder.device.startswith("cuda"))

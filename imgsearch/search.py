@@ -152,7 +152,7 @@ class Searcher:
             pil = []
             for t in imgs:
                 try:
-                    im, _ = images.open_image(str(t.value), draft_size=self.encoder.image_size * 2,
+                    im, _ = images.open_image(str(t.value), draft_size=self.encoder.draft_size,
                                               max_pixels=self.settings.max_pixels)
                 except DecodeError as e:
                     raise UsageError(f"cannot use query image {t.value}: {e}") from None

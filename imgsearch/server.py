@@ -108,6 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
     service: SearchService  # set on the subclass made per server
     server_version = "imgsearch"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out at once, no delayed-ACK stall per request
 
     def log_message(self, fmt, *args):  # quiet: the CLI prints what matters
         pass

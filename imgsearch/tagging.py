@@ -152,7 +152,7 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
         batch, pil = [], []
         for r in todo[start:start + settings.batch_size]:
             try:
-                im, _ = images.open_image(r.path, draft_size=encoder.image_size * 2, max_pixels=settings.max_pixels)
+                im, _ = images.open_image(r.path, draft_size=encoder.draft_size, max_pixels=settings.max_pixels)
             except DecodeError as e:
                 r.error = str(e)
                 continue

@@ -176,7 +176,7 @@ def encode_file(encoder, path: str | os.PathLike, max_pixels: int = 100_000_000)
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder; give an image file")
     try:
-        im, _ = images.open_image(str(path), draft_size=encoder.image_size * 2, max_pixels=max_pixels)
+        im, _ = images.open_image(str(path), draft_size=encoder.draft_size, max_pixels=max_pixels)
     except DecodeError as e:
         raise UsageError(f"cannot read image {path}: {e}") from None
     return encoder.encode_images([im])[0]

@@ -240,7 +240,7 @@ def upload_vector(searcher, name: str, data: bytes):
         raise UsageError(f"the uploaded file {name} is {human_bytes(len(data))}; query images can be at most "
                          f"{MAX_UPLOAD_MB} MB")
     try:
-        im, _ = open_image(data, draft_size=searcher.encoder.image_size * 2, max_pixels=searcher.settings.max_pixels)
+        im, _ = open_image(data, draft_size=searcher.encoder.draft_size, max_pixels=searcher.settings.max_pixels)
     except DecodeError as e:
         raise UsageError(f"cannot use the uploaded file {name}: {e}") from None
     return searcher.encoder.encode_images([im])[0]

@@ -62,7 +62,7 @@ def encode_files(encoder, paths: list[str], settings, progress=None):
 
     from ..images import open_image
 
-    draft = encoder.image_size * 2
+    draft = encoder.draft_size
 
     def load(path):
         try:
@@ -376,7 +376,7 @@ def parity(spec, paths: list[str], settings, progress=None) -> dict:
     cos = np.array([c for _, c in rows])
     rows.sort(key=lambda x: x[1])
     return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision,
-            "batch_size": settings.batch_size, "draft_size": fast.image_size * 2, "images": len(rows),
+            "batch_size": settings.batch_size, "draft_size": fast.draft_size, "images": len(rows),
             "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
             "files": [{"path": p, "cosine": c} for p, c in rows],  # worst first
             "skipped": [{"where": p, "reason": r} for p, r in failures]}

@@ -296,7 +296,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     # open_clip's own training transform (RandomResizedCrop 0.9-1.0 of the image, no colour jitter):
     # mild enough that colour and layout words in captions stay true of the crop.
     train_transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=True)
-    draft = enc.image_size * 2  # same JPEG draft decode as the indexer
+    draft = enc.draft_size  # same JPEG draft decode as the indexer
 
     # --- data ------------------------------------------------------------------------------------------
     data = prepare(cfg.captions, val_source=cfg.val, image_col=cfg.image_col, caption_col=cfg.caption_col,
