@@ -221,7 +221,8 @@ class Searcher:
         fetch = min(limit, k + len(exclude) + 8)
         nprobe = None
         while True:
-            scores, ids = index.search(vec[None, :], fetch, allowed=allowed, nprobe=nprobe)
+            scores, ids = index.search(vec[None, :], fetch, allowed=allowed, nprobe=nprobe,
+                                       exact_vectors=lambda want: self.store.load_vectors(self.model.id, want))
             if (ids[0] < 0).any() and index.plan.kind != "flat":
                 # The probed IVF lists held fewer vectors than asked for: widen the probe, never return short.
                 if nprobe != index.plan.nlist:

@@ -174,9 +174,22 @@ class VectorIndex:
         return self.plan.kind != "flat" and (n > 4 * self.built_count or n < self.built_count // 4)
 
     # --- searching ---------------------------------------------------------------------------
+    REFINE = 10  # PQ codes are coarse: fetch this many times k candidates and re-rank them exactly
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query row; ids of -1 pad when fewer exist. ``allowed`` restricts ids."""
+               nprobe: int | None = None, exact_vectors=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row; ids of -1 pad when fewer exist. ``allowed`` restricts ids.
+
+        ``exact_vectors(ids) -> (ids, vectors)``: where the full vectors live (SQLite); with IVF-PQ the
+        candidates are re-ranked with them, which is what makes compressed codes usable.
+        """
+        if self.plan.kind == "ivfpq" and exact_vectors is not None:
+            scores, ids = self._search(queries, k * self.REFINE, allowed, nprobe)
+            return rerank(np.atleast_2d(queries), ids, k, exact_vectors)
+        return self._search(queries, k, allowed, nprobe)
+
+    def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+                nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -288,6 +301,26 @@ class VectorIndex:
         return vi, meta
 
 
+def rerank(queries: np.ndarray, ids: np.ndarray, k: int, exact_vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products for candidate ids (per query row, -1 = none); the best k of each row."""
+    flat = np.unique(ids[ids >= 0])
+    out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_i = np.full((len(queries), k), -1, dtype=np.int64)
+    if len(flat) == 0:
+        return out_s, out_i
+    got_ids, vecs = exact_vectors(flat)
+    where = {int(i): n for n, i in enumerate(np.asarray(got_ids).tolist())}
+    for row, q in enumerate(queries):
+        cand = [int(i) for i in ids[row] if i >= 0 and int(i) in where]
+        if not cand:
+            continue
+        scores = vecs[[where[i] for i in cand]] @ q
+        best = np.argsort(-scores)[:k]
+        out_s[row, :len(best)] = scores[best]
+        out_i[row, :len(best)] = np.asarray(cand, dtype=np.int64)[best]
+    return out_s, out_i
+
+
 def gpu_count() -> int:
     """GPUs faiss can use (0 with faiss-cpu)."""
     import faiss
@@ -309,7 +342,13 @@ def measure_recall(index: VectorIndex, vectors: np.ndarray, ids: np.ndarray, pic
     xq = np.ascontiguousarray(vectors[pick], dtype=np.float32)
     own = ids[pick]
     _, exact_pos = faiss.knn(xq, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    _, approx = index.search(xq, k + 1, nprobe=nprobe)
+    order = np.argsort(ids)
+
+    def lookup(want):
+        pos = order[np.searchsorted(ids, want, sorter=order)]
+        return want, vectors[pos]
+
+    _, approx = index.search(xq, k + 1, nprobe=nprobe, exact_vectors=lookup)
     hits = 0
     total = 0
     for row in range(len(pick)):

@@ -123,3 +123,18 @@ def test_library_switches_to_ivf_and_keeps_filters_exact(cli, tmp_path, monkeypa
     hits = json.loads(cli("query", "a red circle", "-k", "72", "--json").stdout)
     assert len(hits) == 72
     assert hits[0]["path"].split("/")[-1].startswith("red_circle")
+
+
+def test_ivfpq_candidates_are_reranked_with_exact_vectors():
+    x = clustered(6000, dim=64, seed=8)
+    ids = np.arange(6000, dtype=np.int64) + 100
+    vi = VectorIndex.build(ids, x, 64, IndexPolicy(flat_max=500, memory_budget=1 << 10))
+    assert vi.plan.kind == "ivfpq" and vi.recall >= 0.95
+
+    def exact(want):
+        return want, x[want - 100]
+
+    q = x[7]
+    scores, got = vi.search(q, 10, exact_vectors=exact)
+    assert got[0][0] == 107 and scores[0][0] == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(scores[0], x[got[0] - 100] @ q, atol=1e-5)  # exact scores, not PQ estimates
