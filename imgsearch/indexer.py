@@ -374,7 +374,7 @@ def model_index(settings: Settings, store: Store, model_id: int) -> tuple[Vector
     index, action = load_or_build(settings.index_path(model.id), state, model.dim,
                                   lambda: store.load_vectors(model.id),
                                   lambda since: store.vector_changes(model.id, since), index_policy(settings))
-    if action == "rebuilt":
+    if action != "loaded":  # the cache file now reflects model.version: older tombstones are spent
         try:
             store.prune_deletions(model.id, model.version)
         except Exception:

@@ -81,11 +81,14 @@ class SearchService:
         under = body.get("under")
         if under is not None and not isinstance(under, str):
             raise UsageError("'under' must be a folder path")
+        extra = {k: body[k] for k in ("tag", "keyword", "blend") if body.get(k) is not None}
+        if not (images or not_images):
+            query = Query.build(texts, [], negatives, [], ids)
+            return [h.as_dict() for h in self.searcher.search(query, k, min_score=min_score, under=under, **extra)]
         with tempfile.TemporaryDirectory(prefix="imgsearch-query-") as tmp:
             pos_files = _write_images(images, tmp, "q")
             neg_files = _write_images(not_images, tmp, "n")
             query = Query.build(texts, pos_files, negatives, neg_files, ids)
-            extra = {k: body[k] for k in ("tag", "keyword", "blend") if body.get(k) is not None}
             hits = self.searcher.search(query, k, min_score=min_score, under=under, **extra)
         return [h.as_dict() for h in hits]
 

@@ -166,3 +166,22 @@ def test_query_without_library(cli):
     assert r.exit_code == 1 and "no library" in r.stderr
     r = cli("status")
     assert r.exit_code == 1 and "no library" in r.stderr
+
+
+def test_change_log_is_applied_then_pruned(cli, photos, settings):
+    """Index runs update the FAISS cache from SQLite's change log, and spent tombstones are dropped."""
+    from imgsearch.store import Store
+
+    cli("index", photos)
+    (photos / "red_circle_000.jpg").unlink()
+    (photos / "blue_square_001.jpg").unlink()
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert rep["removed"] == 2
+    store = Store(settings.db_path)
+    try:
+        assert store.scalar("SELECT count(*) FROM vector_deletions") == 0  # cache caught up, log pruned
+    finally:
+        store.close()
+    hits = hits_of(cli("query", "a red circle", "-k", "60", "--json"))
+    assert len(hits) == 52 and not any(h["path"].endswith(("red_circle_000.jpg", "blue_square_001.jpg"))
+                                       for h in hits)
