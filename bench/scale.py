@@ -104,7 +104,7 @@ def main() -> None:
               + (f" | exact flat p50 {statistics.median(flat_lat):6.1f} ms "
                  f"(speed-up {statistics.median(flat_lat) / statistics.median(lat):.0f}x)" if flat_lat else "")
               + f" | peak RSS {rss_mb():.0f} MB", flush=True)
-        del vi, x
+        del vi
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ SERVER_FILE = "server.json"
 
 
 def _spec_matches(info: dict, settings: Settings) -> bool:
+    # Same canonical form as encoder.ModelSpec.canonical, restated so this module never imports numpy.
     model = settings.model
     if model.startswith("local-dir:"):
         model = "local-dir:" + os.path.abspath(os.path.expanduser(model[len("local-dir:"):]))

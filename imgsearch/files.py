@@ -121,14 +121,6 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def under(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` itself or inside it."""
     folder = folder.rstrip(os.sep) or os.sep
@@ -143,10 +135,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def path_within(path: str | os.PathLike, roots: Iterable[str]) -> bool:
-    p = abspath(path)
-    return any(under(p, abspath(r)) for r in roots)
 
-
-__all__ = ["FileEntry", "Skipped", "walk", "content_hash", "hash_file", "under", "abspath",
-           "human_bytes", "image_extensions", "is_hidden", "path_within"]
+__all__ = ["FileEntry", "Skipped", "walk", "content_hash", "under", "abspath", "human_bytes",
+           "image_extensions", "is_hidden"]

@@ -83,6 +83,13 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise DecodeError(
+            f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap "
+            "(raise IMGSEARCH_MAX_PIXELS if this file is genuine)")
+
+
 def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = None,
                max_pixels: int = 100_000_000):
     """Decode ``source`` (file bytes or a path) to an RGB PIL image plus its ImageInfo.
@@ -110,11 +117,7 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
             warnings.simplefilter("ignore")
             im = Image.open(fp)
             w, h = im.size
-            if w * h > max_pixels:
-                raise DecodeError(
-                    f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap "
-                    "(raise IMGSEARCH_MAX_PIXELS if this file is genuine)"
-                )
+            _check_pixels(w, h, max_pixels)
             exif = im.getexif()
             orientation = exif.get(_ORIENTATION, 1) if exif else 1
             taken = _taken_at(exif) if exif else None
@@ -142,19 +145,6 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
     return im, ImageInfo(w, h, taken)
 
 
-def image_info(path: str | os.PathLike) -> ImageInfo:
-    """Dimensions and date taken without decoding pixels."""
-    Image = _pil()
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            exif = im.getexif()
-            if exif and exif.get(_ORIENTATION, 1) in (5, 6, 7, 8):
-                w, h = h, w
-            return ImageInfo(w, h, _taken_at(exif) if exif else None)
-    except Exception as e:
-        raise DecodeError(f"cannot read image header: {e}") from None
-
 
 # --- batched tensor decode (nvJPEG on CUDA) ---------------------------------------------------------
 def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, int]:
@@ -167,10 +157,7 @@ def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, 
             if im.format != "JPEG":
                 raise DecodeError("not a JPEG")
             w, h = im.size
-            if w * h > max_pixels:
-                raise DecodeError(
-                    f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap "
-                    "(raise IMGSEARCH_MAX_PIXELS if this file is genuine)")
+            _check_pixels(w, h, max_pixels)
             if im.mode not in ("RGB", "L"):
                 raise DecodeError(f"{im.mode} JPEG")  # CMYK/YCCK: leave to Pillow
             exif = im.getexif()

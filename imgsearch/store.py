@@ -193,8 +193,11 @@ def vector_to_blob(v: np.ndarray) -> bytes:
     return np.ascontiguousarray(v, dtype="<f4").tobytes()
 
 
-def blob_to_vector(b: bytes) -> np.ndarray:
-    return np.frombuffer(b, dtype="<f4")
+def _matrix(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Stacked float32 vectors from their SQLite blobs ([0, dim] when there are none)."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
 
 
 def _chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
@@ -318,9 +321,6 @@ class Store:
         rows = self.rows("SELECT m.id, m.name, m.pretrained, m.fingerprint, m.dim, m.version, "
                          "(SELECT count(*) FROM vectors v WHERE v.model_id = m.id) FROM models m ORDER BY m.id")
         return [self._model(r, r[6]) for r in rows]
-
-    def models_named(self, name: str, pretrained: str | None) -> list[ModelRow]:
-        return [m for m in self.models() if m.name == name and (m.pretrained or None) == (pretrained or None)]
 
     def model_version(self, model_id: int) -> int:
         return int(self.scalar("SELECT version FROM models WHERE id = :i", i=model_id) or 0)
@@ -505,10 +505,7 @@ class Store:
                     for i, b in result:
                         id_list.append(i)
                         blobs.append(b)
-        if not blobs:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
-        matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
-        return np.asarray(id_list, dtype=np.int64), matrix
+        return np.asarray(id_list, dtype=np.int64), _matrix(blobs, dim)
 
     # --- tags (zero-shot labels) ---------------------------------------------------------------
     def tag_set(self, model_id: int, labels: Sequence[str], templates: Sequence[str]) -> int:
@@ -661,8 +658,7 @@ class Store:
                                                {"m": model_id, "v": since_version})]
         model = self.model_by_id(model_id)
         dim = model.dim if model else 0
-        vecs = (np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
-                if blobs else np.zeros((0, dim), dtype=np.float32))
+        vecs = _matrix(blobs, dim)
         return np.asarray(ids, dtype=np.int64), vecs, np.asarray(deleted, dtype=np.int64)
 
     def prune_deletions(self, model_id: int, through_version: int) -> None:

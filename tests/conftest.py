@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -87,10 +86,6 @@ class Cli:
 def cli(home, model_id) -> Cli:
     return Cli(home, model_id)
 
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 @pytest.fixture(scope="session")
