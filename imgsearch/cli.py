@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -305,8 +306,5 @@ def forget_cmd(
 
 
 # Command groups in their own modules register on `app` when imported (kept last: they import cli).
-from .commands import apps as _apps  # noqa: E402,F401
-from .commands import evaluate as _evaluate  # noqa: E402,F401
-from .commands import finetune as _finetune  # noqa: E402,F401
-from .commands import serve as _serve  # noqa: E402,F401
-from .commands import ui as _ui  # noqa: E402,F401
+for _group in ("apps", "evaluate", "finetune", "serve", "ui"):
+    importlib.import_module(f".commands.{_group}", __package__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import stat
 from dataclasses import dataclass
@@ -25,11 +26,7 @@ class Skipped:
 
 
 def heic_supported() -> bool:
-    try:
-        import pillow_heif  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("pillow_heif") is not None
 
 
 def image_extensions() -> frozenset[str]:

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 
 from . import files, images
@@ -21,6 +21,9 @@ from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
 from .vectors import IndexPolicy, VectorIndex, load_or_build
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -364,6 +367,27 @@ def index_policy(settings: Settings) -> IndexPolicy:
                        recall_target=settings.recall_target)
 
 
+class StoreVectors:
+    """One model's vectors in SQLite as a vectors.VectorSource: index builds stream them in bounded chunks."""
+
+    def __init__(self, store: Store, model_id: int):
+        self.store = store
+        self.model_id = model_id
+        self._ids = store.vector_ids(model_id)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.load_vectors(self.model_id, ids)
+
+    def chunks(self):
+        return self.store.iter_vectors(self.model_id)
+
+
 def model_index(settings: Settings, store: Store, model_id: int) -> tuple[VectorIndex, int, str]:
     """One model's FAISS index, from its cache file when trustworthy, else updated or rebuilt from SQLite.
 
@@ -372,7 +396,7 @@ def model_index(settings: Settings, store: Store, model_id: int) -> tuple[Vector
     model = store.model_by_id(model_id)
     state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint}
     index, action = load_or_build(settings.index_path(model.id), state, model.dim,
-                                  lambda: store.load_vectors(model.id),
+                                  lambda: StoreVectors(store, model.id),
                                   lambda since: store.vector_changes(model.id, since), index_policy(settings))
     if action != "loaded":  # the cache file now reflects model.version: older tombstones are spent
         try:

@@ -507,6 +507,31 @@ class Store:
                         blobs.append(b)
         return np.asarray(id_list, dtype=np.int64), _matrix(blobs, dim)
 
+    def vector_ids(self, model_id: int) -> np.ndarray:
+        """Every image id that has a vector for this model, ascending."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as c:
+            result = c.execute(text("SELECT image_id FROM vectors WHERE model_id = :m ORDER BY image_id"),
+                               {"m": model_id})
+            return np.fromiter((r[0] for r in result), dtype=np.int64)  # no list of 10M row tuples
+
+    def iter_vectors(self, model_id: int, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All of a model's (ids, vectors), ``batch`` rows at a time in id order (bounded memory)."""
+        from sqlalchemy import text
+
+        model = self.model_by_id(model_id)
+        dim = model.dim if model else 0
+        last = -1
+        while True:
+            with self.engine.connect() as c:  # a short read per batch: writers are never held up for long
+                rows = c.execute(text("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id > :l "
+                                      "ORDER BY image_id LIMIT :n"), {"m": model_id, "l": last, "n": batch}).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.asarray([r[0] for r in rows], dtype=np.int64), _matrix([r[1] for r in rows], dim)
+
     # --- tags (zero-shot labels) ---------------------------------------------------------------
     def tag_set(self, model_id: int, labels: Sequence[str], templates: Sequence[str]) -> int:
         """Id of the (model, labels, templates) set, created on first use."""

@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -87,15 +87,27 @@ class VectorIndex:
     @classmethod
     def build(cls, ids: np.ndarray, vectors: np.ndarray, dim: int, policy: IndexPolicy = IndexPolicy(),
               seed: int = 0) -> "VectorIndex":
+        """Index in-memory vectors (see ``build_from`` for collections that do not fit in memory)."""
+        return cls.build_from(ArraySource(ids, vectors), dim, policy, seed)
+
+    @classmethod
+    def build_from(cls, source: "VectorSource", dim: int, policy: IndexPolicy = IndexPolicy(),
+                   seed: int = 0) -> "VectorIndex":
+        """Index every vector of ``source`` in one streaming pass, never holding the whole collection.
+
+        The quantizer trains on a random sample from the whole collection (folders are ordered, so the
+        first rows are not representative); the exact neighbours the probe count is tuned against are
+        gathered during the same pass that adds the vectors. Peak memory is the index, the training sample
+        and one chunk, so IVF-PQ builds of collections far larger than memory work.
+        """
         import faiss
 
-        n = len(ids)
+        n = len(source)
         plan = plan_for(n, dim, policy)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
         if plan.kind == "flat":
             vi = cls.empty(dim)
-            vi.add(ids, vectors)
+            for ids, vectors in source.chunks():
+                vi.add(ids, vectors)
             vi.built_count = n
             return vi
         quantizer = faiss.IndexFlatIP(dim)
@@ -105,34 +117,35 @@ class VectorIndex:
             index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = 10
         if gpu_count() > 0:
-            import faiss
-
             # k-means for the coarse quantizer is the slow part of building; faiss-gpu runs it on the GPU.
             index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
         rng = np.random.default_rng(seed)
-        # Train on a random sample from the whole collection, not its first rows (folders are ordered).
+        all_ids = np.asarray(source.ids(), dtype=np.int64)
         sample = min(n, max(40 * plan.nlist, 256 * 40 if plan.kind == "ivfpq" else 0))
-        train_idx = np.sort(rng.choice(n, size=sample, replace=False)) if sample < n else np.arange(n)
-        index.train(vectors[train_idx])
-        for start in range(0, n, 200_000):
-            index.add_with_ids(vectors[start:start + 200_000], ids[start:start + 200_000])
+        train_ids = rng.choice(all_ids, size=sample, replace=False) if sample < n else all_ids
+        _, train = source.take(train_ids)
+        index.train(np.ascontiguousarray(train, dtype=np.float32))
+        del train
         if gpu_count() > 0:
             index.clustering_index = None
+        probe = _TruthProbe(source, rng.choice(all_ids, size=min(policy.sample_queries, n), replace=False))
+        for ids, vectors in source.chunks():
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+            probe.update(ids, vectors)
         vi = cls(dim, index, plan, built_count=n)
-        vi.tune(vectors, ids, policy, rng)
+        vi.tune(probe, policy, source.take)
         return vi
 
-    def tune(self, vectors: np.ndarray, ids: np.ndarray, policy: IndexPolicy, rng) -> None:
+    def tune(self, probe: "_TruthProbe", policy: IndexPolicy, exact_vectors) -> None:
         """Pick the smallest probe count whose recall@10 against exact search meets the target."""
         if self.plan.kind == "flat":
             self.recall = 1.0
             return
-        q = min(policy.sample_queries, len(ids))
-        pick = rng.choice(len(ids), size=q, replace=False)
         best = (self.plan.nlist, 0.0)
         nprobe = 1
         while nprobe <= self.plan.nlist:
-            r = measure_recall(self, vectors, ids, pick, nprobe)
+            r = probe.recall(self, nprobe, exact_vectors)
             best = (nprobe, r)
             # A small margin over the target so that other queries than the sample still meet it.
             if r >= min(1.0, policy.recall_target + 0.01):
@@ -331,36 +344,105 @@ def gpu_count() -> int:
         return 0
 
 
-def measure_recall(index: VectorIndex, vectors: np.ndarray, ids: np.ndarray, pick: np.ndarray, nprobe: int,
-                   k: int = 10) -> float:
-    """Recall@k of ``index`` against exact search, for queries taken from the collection itself.
+class VectorSource(Protocol):
+    """Where a collection's vectors come from when an index is built (an array, SQLite, a file)."""
 
-    Each query's own vector is excluded from both result lists, so it behaves as a held-out query.
+    def __len__(self) -> int: ...
+
+    def ids(self) -> np.ndarray:
+        """Every id, int64."""
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) for the given ids, in any order; missing ids are left out."""
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (ids, vectors) once, a bounded chunk at a time."""
+
+
+class ArraySource:
+    """A VectorSource over arrays already in memory."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, chunk: int = 200_000):
+        self._ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._vectors = vectors
+        self._chunk = chunk
+        self._order = None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def take(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        want = np.asarray(want, dtype=np.int64)
+        if len(self._ids) == 0 or len(want) == 0:
+            return want[:0], np.zeros((0, self._vectors.shape[1]), dtype=np.float32)
+        if self._order is None:
+            self._order = np.argsort(self._ids, kind="stable")
+        pos = self._order[np.searchsorted(self._ids, want, sorter=self._order).clip(0, len(self._ids) - 1)]
+        found = self._ids[pos] == want
+        return want[found], np.asarray(self._vectors[pos[found]], dtype=np.float32)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(self._ids), self._chunk):
+            yield self._ids[start:start + self._chunk], self._vectors[start:start + self._chunk]
+
+
+class _TruthProbe:
+    """Exact top-k neighbours of sample queries drawn from the collection, gathered chunk by chunk.
+
+    Each query's own vector is excluded from both the exact and the approximate lists, so it behaves as a
+    held-out query rather than trivially finding itself.
     """
-    import faiss
 
-    xq = np.ascontiguousarray(vectors[pick], dtype=np.float32)
-    own = ids[pick]
-    _, exact_pos = faiss.knn(xq, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    order = np.argsort(ids)
+    def __init__(self, source: VectorSource, query_ids: np.ndarray, k: int = 10):
+        self.own, self.queries = source.take(np.asarray(query_ids, dtype=np.int64))
+        self.queries = np.ascontiguousarray(self.queries, dtype=np.float32)
+        self.k = k
+        self.scores = np.full((len(self.own), k + 1), -np.inf, dtype=np.float32)
+        self.ids = np.full((len(self.own), k + 1), -1, dtype=np.int64)
 
-    def lookup(want):
-        pos = order[np.searchsorted(ids, want, sorter=order)]
-        return want, vectors[pos]
+    def update(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        import faiss
 
-    _, approx = index.search(xq, k + 1, nprobe=nprobe, exact_vectors=lookup)
-    hits = 0
-    total = 0
-    for row in range(len(pick)):
-        truth = [int(ids[p]) for p in exact_pos[row] if p >= 0 and ids[p] != own[row]][:k]
-        got = {int(i) for i in approx[row] if i >= 0 and i != own[row]}
-        hits += sum(1 for t in truth if t in got)
-        total += len(truth)
-    return hits / total if total else 1.0
+        if len(ids) == 0 or len(self.own) == 0:
+            return
+        kk = min(self.k + 1, len(ids))
+        d, pos = faiss.knn(self.queries, np.ascontiguousarray(vectors, dtype=np.float32), kk,
+                           metric=faiss.METRIC_INNER_PRODUCT)
+        found = np.where(pos >= 0, np.asarray(ids, dtype=np.int64)[pos.clip(0)], -1)
+        scores = np.concatenate([self.scores, d], axis=1)
+        both = np.concatenate([self.ids, found], axis=1)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :self.k + 1]
+        self.scores = np.take_along_axis(scores, top, axis=1)
+        self.ids = np.take_along_axis(both, top, axis=1)
+
+    def recall(self, index: "VectorIndex", nprobe: int, exact_vectors=None) -> float:
+        if len(self.own) == 0:
+            return 1.0
+        _, approx = index.search(self.queries, self.k + 1, nprobe=nprobe, exact_vectors=exact_vectors)
+        hits = total = 0
+        for row, own in enumerate(self.own):
+            truth = [int(i) for i in self.ids[row] if i >= 0 and i != own][:self.k]
+            got = {int(i) for i in approx[row] if i >= 0 and i != own}
+            hits += sum(1 for t in truth if t in got)
+            total += len(truth)
+        return hits / total if total else 1.0
+
+
+def measure_recall(index: VectorIndex, source: VectorSource, query_ids: np.ndarray, nprobe: int,
+                   k: int = 10) -> float:
+    """Recall@k of ``index`` against exact search over ``source``, for the collection's vectors ``query_ids``
+    as held-out queries (one streaming pass over the source)."""
+    probe = _TruthProbe(source, query_ids, k)
+    for ids, vectors in source.chunks():
+        probe.update(ids, vectors)
+    return probe.recall(index, nprobe, source.take)
 
 
 def load_or_build(path: str | os.PathLike, state: dict, dim: int,
-                  fetch_all: Callable[[], tuple[np.ndarray, np.ndarray]],
+                  full: Callable[[], VectorSource],
                   fetch_changes: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
                   policy: IndexPolicy = IndexPolicy()) -> tuple[VectorIndex, str]:
     """The index for ``state`` (model_id, version, fingerprint), from the cache file when it can be trusted.
@@ -385,8 +467,7 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
     except (IndexFileError, OSError, ValueError, KeyError):
         pass
     if index is None:
-        ids, vecs = fetch_all()
-        index = VectorIndex.build(ids, vecs, dim, policy)
+        index = VectorIndex.build_from(full(), dim, policy)
     try:
         index.save(path, state)
     except OSError:

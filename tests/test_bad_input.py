@@ -129,6 +129,26 @@ def test_odd_image_modes_and_formats(cli, tmp_path):
                                                        "plain.bmp"}
 
 
+def test_heic_photos_are_indexed_and_usable_as_queries(cli, tmp_path):
+    """iPhone photos (HEIC) go through pillow-heif (the `heic` extra, part of the dev install)."""
+    import pillow_heif
+
+    assert pillow_heif.libheif_info()["encoders"], "pillow-heif without an encoder cannot write the test file"
+    folder = tmp_path / "phone"
+    synthetic.generate(folder, per_class=1, size=64, captions_file=None, seed=21)
+    circle = folder / "red_circle_000.png"
+    # Written through pillow-heif's own API: the library must register the Pillow opener itself.
+    pillow_heif.from_pillow(Image.open(circle).convert("RGB").resize((80, 64))).save(folder / "IMG_0001.HEIC",
+                                                                                   quality=95)
+    circle.unlink()
+    rep = report(cli, folder)
+    assert rep["failed"] == 0, rep["failures"]
+    hits = json.loads(cli("query", "a red circle", "-k", "3", "--json").stdout)
+    assert hits[0]["path"].endswith("IMG_0001.HEIC") and (hits[0]["width"], hits[0]["height"]) == (80, 64)
+    hits = json.loads(cli("query", "--image", folder / "IMG_0001.HEIC", "-k", "1", "--json").stdout)
+    assert hits[0]["path"].endswith("IMG_0001.HEIC") and hits[0]["score"] > 0.99
+
+
 def test_exif_orientation_is_applied(cli, tmp_path, settings):
     """A sideways-stored photo with an orientation tag is encoded as displayed and reports displayed size."""
     from imgsearch import encoder, images
