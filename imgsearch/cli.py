@@ -136,11 +136,29 @@ def index_cmd(
         bar.n = done
         bar.refresh() if done == total else bar.update(0)
 
-    try:
-        report = index_paths(settings, [str(p) for p in paths], progress=progress)
-    finally:
-        if bar is not None:
+    build_bar = None
+
+    def build_progress(stage: str, done: int, total: int) -> None:
+        nonlocal bar, build_bar
+        if quiet:
+            return
+        if bar is not None:  # the files are done; the FAISS index is being rebuilt
             bar.close()
+            bar = None
+        if build_bar is None or build_bar.desc != stage:
+            if build_bar is not None:
+                build_bar.close()
+            build_bar = tqdm(total=total, unit="vec", unit_scale=True, desc=stage, file=sys.stderr,
+                             dynamic_ncols=True)
+        build_bar.n = done
+        build_bar.refresh()
+
+    try:
+        report = index_paths(settings, [str(p) for p in paths], progress=progress, build_progress=build_progress)
+    finally:
+        for b in (bar, build_bar):
+            if b is not None:
+                b.close()
     if failures_log:
         failures_log.write_text("".join(f"{p}\t{r}\n" for p, r in report.failed), encoding="utf-8")
     if json_out:

@@ -20,7 +20,7 @@ from .config import Settings
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
-from .vectors import IndexPolicy, VectorIndex, load_or_build
+from .vectors import BuildProgress, IndexPolicy, VectorIndex, load_or_build
 
 if TYPE_CHECKING:
     import numpy as np
@@ -119,7 +119,9 @@ class Indexer:
         return _Done(work, hash=digest, tensor=tensor, info=info)
 
     # --- main side -------------------------------------------------------------------------------
-    def run(self, roots: list[str], progress: ProgressFn | None = None) -> IndexReport:
+    def run(self, roots: list[str], progress: ProgressFn | None = None,
+            build_progress: BuildProgress | None = None) -> IndexReport:
+        """Index ``roots``; ``progress(done, total)`` per file, ``build_progress`` for a FAISS rebuild after."""
         t0 = time.perf_counter()
         report = IndexReport(model=self.encoder.spec.label)
         store = self.store
@@ -198,7 +200,7 @@ class Indexer:
             raise
         report.failed.sort()
         store.finish_run(run_id, report.counts())
-        self.refresh_cache()
+        self.refresh_cache(build_progress)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -298,9 +300,9 @@ class Indexer:
             pending.cleared.append(e.path)
         report.encoded += len(batch)
 
-    def refresh_cache(self) -> None:
+    def refresh_cache(self, progress: BuildProgress | None = None) -> None:
         """Bring this model's FAISS cache up to date so the next query starts fast."""
-        model_index(self.settings, self.store, self.model.id)
+        model_index(self.settings, self.store, self.model.id, progress)
 
 
 class _Pending:
@@ -388,7 +390,8 @@ class StoreVectors:
         return self.store.iter_vectors(self.model_id)
 
 
-def model_index(settings: Settings, store: Store, model_id: int) -> tuple[VectorIndex, int, str]:
+def model_index(settings: Settings, store: Store, model_id: int,
+                progress: BuildProgress | None = None) -> tuple[VectorIndex, int, str]:
     """One model's FAISS index, from its cache file when trustworthy, else updated or rebuilt from SQLite.
 
     Returns (index, library version it reflects, "loaded" | "updated" | "rebuilt").
@@ -397,7 +400,8 @@ def model_index(settings: Settings, store: Store, model_id: int) -> tuple[Vector
     state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint}
     index, action = load_or_build(settings.index_path(model.id), state, model.dim,
                                   lambda: StoreVectors(store, model.id),
-                                  lambda since: store.vector_changes(model.id, since), index_policy(settings))
+                                  lambda since: store.vector_changes(model.id, since), index_policy(settings),
+                                  progress)
     if action != "loaded":  # the cache file now reflects model.version: older tombstones are spent
         try:
             store.prune_deletions(model.id, model.version)
@@ -419,7 +423,8 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
-                progress: ProgressFn | None = None, store: Store | None = None) -> IndexReport:
+                progress: ProgressFn | None = None, store: Store | None = None,
+                build_progress: BuildProgress | None = None) -> IndexReport:
     """Index (or re-index incrementally) image files under ``paths`` with the settings' model."""
     from . import encoder as encoder_mod
 
@@ -429,7 +434,7 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
     own_store = store is None
     store = store or Store(settings.db_path)
     try:
-        return Indexer(settings, enc, store).run(roots, progress)
+        return Indexer(settings, enc, store).run(roots, progress, build_progress)
     finally:
         if own_store:
             store.close()

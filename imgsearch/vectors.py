@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 MAGIC = b"IMGSFAIS"
+BuildProgress = Callable[[str, int, int], None]  # (stage, done, total)
 FORMAT = 2
 
 
@@ -92,13 +93,14 @@ class VectorIndex:
 
     @classmethod
     def build_from(cls, source: "VectorSource", dim: int, policy: IndexPolicy = IndexPolicy(),
-                   seed: int = 0) -> "VectorIndex":
+                   seed: int = 0, progress: BuildProgress | None = None) -> "VectorIndex":
         """Index every vector of ``source`` in one streaming pass, never holding the whole collection.
 
         The quantizer trains on a random sample from the whole collection (folders are ordered, so the
         first rows are not representative); the exact neighbours the probe count is tuned against are
         gathered during the same pass that adds the vectors. Peak memory is the index, the training sample
-        and one chunk, so IVF-PQ builds of collections far larger than memory work.
+        and one chunk, so IVF-PQ builds of collections far larger than memory work. ``progress(stage, done,
+        total)`` hears about IVF builds, which take minutes at millions of vectors.
         """
         import faiss
 
@@ -119,6 +121,8 @@ class VectorIndex:
         if gpu_count() > 0:
             # k-means for the coarse quantizer is the slow part of building; faiss-gpu runs it on the GPU.
             index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
+        report = progress or (lambda stage, done, total: None)
+        report(f"training {plan.label}", 0, n)
         rng = np.random.default_rng(seed)
         all_ids = np.asarray(source.ids(), dtype=np.int64)
         sample = min(n, max(40 * plan.nlist, 256 * 40 if plan.kind == "ivfpq" else 0))
@@ -129,10 +133,13 @@ class VectorIndex:
         if gpu_count() > 0:
             index.clustering_index = None
         probe = _TruthProbe(source, rng.choice(all_ids, size=min(policy.sample_queries, n), replace=False))
+        added = 0
         for ids, vectors in source.chunks():
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
             index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
             probe.update(ids, vectors)
+            added += len(ids)
+            report(f"building {plan.label}", added, n)
         vi = cls(dim, index, plan, built_count=n)
         vi.tune(probe, policy, source.take)
         return vi
@@ -444,7 +451,8 @@ def measure_recall(index: VectorIndex, source: VectorSource, query_ids: np.ndarr
 def load_or_build(path: str | os.PathLike, state: dict, dim: int,
                   full: Callable[[], VectorSource],
                   fetch_changes: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
-                  policy: IndexPolicy = IndexPolicy()) -> tuple[VectorIndex, str]:
+                  policy: IndexPolicy = IndexPolicy(),
+                  progress: BuildProgress | None = None) -> tuple[VectorIndex, str]:
     """The index for ``state`` (model_id, version, fingerprint), from the cache file when it can be trusted.
 
     A cache built from an older version is brought up to date with ``fetch_changes(version)`` (upserted ids,
@@ -467,7 +475,7 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
     except (IndexFileError, OSError, ValueError, KeyError):
         pass
     if index is None:
-        index = VectorIndex.build_from(full(), dim, policy)
+        index = VectorIndex.build_from(full(), dim, policy, progress=progress)
     try:
         index.save(path, state)
     except OSError:

@@ -115,7 +115,9 @@ def test_library_switches_to_ivf_and_keeps_filters_exact(cli, tmp_path, monkeypa
     a, b = tmp_path / "lib" / "a", tmp_path / "lib" / "b"
     synthetic.generate(a, per_class=2, size=64, captions_file=None, seed=5)
     synthetic.generate(b, per_class=2, size=64, captions_file=None, seed=6)
-    assert cli("index", tmp_path / "lib").exit_code == 0
+    r = cli("index", tmp_path / "lib")
+    assert r.exit_code == 0
+    assert "building IVF" in r.stderr  # a rebuild that takes minutes at millions of images shows progress
     st = json.loads(cli("status", "--json").stdout)["models"][0]
     assert st["index_type"].startswith("IVF") and st["recall_at_10"] is not None
     hits = json.loads(cli("query", "a red circle", "-k", "100", "--under", b, "--json").stdout)

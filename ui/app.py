@@ -144,6 +144,7 @@ class IndexJob:
     started: float = field(default_factory=time.time)
     done: int = 0
     total: int = 0
+    stage: str = ""  # set while the FAISS index is rebuilt after the files
     finished: float | None = None
     report: dict | None = None
     error: str | None = None
@@ -171,9 +172,13 @@ class IndexJobs:
         def progress(done: int, total: int) -> None:
             job.done, job.total = done, total
 
+        def build_progress(stage: str, done: int, total: int) -> None:
+            job.stage, job.done, job.total = stage, done, total
+
         def work() -> None:
             try:
-                job.report = index_paths(settings, [folder], progress=progress).as_dict()
+                job.report = index_paths(settings, [folder], progress=progress,
+                                         build_progress=build_progress).as_dict()
             except ImgSearchError as e:
                 job.error = str(e)
             except Exception as e:  # a bug: keep the server up, log the details, show one line
@@ -396,7 +401,10 @@ def index_panel(settings: Settings) -> None:
             j = jobs.current
             if j is not None and j.running:
                 name = os.path.basename(j.folder.rstrip(os.sep)) or j.folder
-                if j.total:
+                if j.stage:
+                    st.progress(j.done / max(j.total, 1), text=f"Search index: {md(j.stage)}, {j.done:,}/{j.total:,} "
+                                                                "vectors")
+                elif j.total:
                     st.progress(j.done / j.total, text=f"Indexing {md(name)}: {j.done}/{j.total} images")
                 else:  # the model loads and the folder is listed before the first image
                     st.progress(0.0, text=f"Indexing {md(name)}: loading the model, listing files…")
