@@ -150,10 +150,10 @@ def main() -> None:
               + (f" | exact flat p50 {statistics.median(flat_lat):6.1f} ms "
                  f"(speed-up {statistics.median(flat_lat) / statistics.median(lat):.0f}x)" if flat_lat else "")
               + f" | peak RSS {rss_mb():.0f} MB", flush=True)
-        del vi
         if isinstance(src, FileSource):
             os.close(src.fd)
             shutil.rmtree(src.path.parent)
+        del vi, src  # peak RSS is per process: run one size per process for a clean figure at the largest
 
 
 if __name__ == "__main__":
