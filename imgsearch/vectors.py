@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 MAGIC = b"IMGSFAIS"
-BuildProgress = Callable[[str, int, int], None]  # (stage, done, total)
 FORMAT = 2
+BuildProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class IndexFileError(Exception):
@@ -151,6 +151,8 @@ class VectorIndex:
             return
         best = (self.plan.nlist, 0.0)
         nprobe = 1
+        # Successive probe counts re-rank mostly the same candidates: read each one's vector (SQLite) once.
+        exact_vectors = _Memo(exact_vectors, max_rows=(256 << 20) // (4 * self.dim))
         while nprobe <= self.plan.nlist:
             r = probe.recall(self, nprobe, exact_vectors)
             best = (nprobe, r)
@@ -394,6 +396,28 @@ class ArraySource:
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, len(self._ids), self._chunk):
             yield self._ids[start:start + self._chunk], self._vectors[start:start + self._chunk]
+
+
+class _Memo:
+    """An ``exact_vectors(ids) -> (ids, vectors)`` lookup that keeps up to ``max_rows`` vectors it has read."""
+
+    def __init__(self, lookup, max_rows: int):
+        self.lookup = lookup
+        self.max_rows = max_rows
+        self.kept: dict[int, np.ndarray] = {}
+
+    def __call__(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        want = np.asarray(want, dtype=np.int64)
+        missing = np.array([i for i in want.tolist() if i not in self.kept], dtype=np.int64)
+        got_ids, got = self.lookup(missing) if len(missing) else (missing, None)
+        fresh = dict(zip(np.asarray(got_ids).tolist(), got)) if len(got_ids) else {}
+        if len(self.kept) + len(fresh) <= self.max_rows:
+            self.kept.update(fresh)
+        rows = [(i, self.kept.get(i, fresh.get(i))) for i in want.tolist()]
+        rows = [(i, v) for i, v in rows if v is not None]
+        if not rows:
+            return want[:0], np.zeros((0, 0), dtype=np.float32)
+        return np.array([i for i, _ in rows], dtype=np.int64), np.stack([v for _, v in rows])
 
 
 class _TruthProbe:
