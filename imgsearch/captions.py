@@ -112,6 +112,8 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed {('TSV' if delimiter == chr(9) else 'CSV')}: {e}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     return out
 
 
@@ -121,7 +123,9 @@ def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -133,20 +137,44 @@ def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
         if not isinstance(obj, dict):
             out.problems.append((f"{path}:{line_no}", "expected a JSON object"))
             continue
-        img, cap = obj.get(image_col), obj.get(caption_col)
-        if img is None or cap is None:
-            out.problems.append((f"{path}:{line_no}", f"missing field '{image_col if img is None else caption_col}'"))
+        where = f"{path}:{line_no}"
+        missing = [c for c in (image_col, caption_col) if c not in obj]
+        if missing:
+            out.problems.append((where, f"missing field '{missing[0]}'"))
             continue
+        img, cap = obj[image_col], obj[caption_col]
+        if not isinstance(img, str):
+            out.problems.append((where, f"field '{image_col}' is {_json_kind(img)}; it must be the image path as "
+                                        "text"))
+            continue
+        if not img.strip():
+            out.problems.append((where, "empty image path"))
+            continue
+        # Only text is a caption: str(None) would store the caption "None", str(5) the caption "5".
         caps = cap if isinstance(cap, list) else [cap]
-        for c in caps:
-            c = str(c).strip()
-            if not c:
-                out.problems.append((f"{path}:{line_no}", "empty caption"))
+        if not caps:
+            out.problems.append((where, "empty caption list"))
+        for n, c in enumerate(caps, start=1):
+            which = f"caption {n} in '{caption_col}'" if isinstance(cap, list) else f"field '{caption_col}'"
+            if not isinstance(c, str):
+                out.problems.append((where, f"{which} is {_json_kind(c)}; a caption must be text"))
+            elif not c.strip():
+                out.problems.append((where, "empty caption"))
             else:
-                out.pairs.append(Pair(_resolve(base, str(img)), c, line_no))
+                out.pairs.append(Pair(_resolve(base, img), c.strip(), line_no))
     if not out.pairs and not out.problems:
         raise DataError(f"{path} holds no captions")
     return out
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def _read_sidecars(folder: Path) -> CaptionSet:

@@ -394,38 +394,102 @@ __all__ = ["ModelSpec", "Encoder", "build", "load", "resolve_weights", "file_fin
            "LOCAL_DIR", "HF_HUB", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 
+MODEL_KIND = "model"
+
+
+def model_owner_token(folder: str | os.PathLike) -> str | None:
+    """The ownership token imgsearch wrote into a model folder's config, or None."""
+    try:
+        token = read_local_config(folder).get("imgsearch", {}).get("owner_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return token if isinstance(token, str) else None
+
+
+def why_not_replaceable(out: str | os.PathLike) -> str | None:
+    """None when ``out`` may be replaced by a new model (absent, empty, or a model folder imgsearch wrote)."""
+    from . import owned
+
+    out = Path(out)
+    if not os.path.lexists(out):
+        return None
+    if out.is_symlink():
+        return "it is a symbolic link"
+    if not out.is_dir():
+        return "it is not a folder"
+    try:
+        if not any(os.scandir(out)):
+            return None
+    except OSError as e:
+        return f"it cannot be listed ({e.strerror or e})"
+    token = model_owner_token(out)
+    if token is None:
+        return "it is not a model folder imgsearch wrote (no ownership token in its config)"
+    return owned.why_not_ours(out, MODEL_KIND, token)
+
+
 def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preprocess_cfg: dict | None = None,
                    extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically.
 
     Files go to a temporary sibling folder that is renamed into place, so a crash never leaves a
-    half-written model where a later command would load it.
+    half-written model where a later command would load it. An existing ``out_dir`` is replaced only
+    when it is empty or is a model folder imgsearch wrote (proven by its ownership marker); anything
+    else raises UsageError and is left untouched.
     """
     import shutil
     import tempfile
 
     from safetensors.torch import save_file
 
+    from . import owned
+
     out = Path(out_dir).absolute()
+    reason = why_not_replaceable(out)
+    if reason is not None:
+        raise UsageError(f"{out} already exists and {reason}; nothing was written, choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    token = owned.new_token()
+    final = Path(os.path.realpath(out.parent)) / out.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+        owned.start_marker(tmp, MODEL_KIND, token, where=final)
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {},
+                  "imgsearch": {"owner_token": token}}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        owned.record(tmp, CONFIG_FILE, WEIGHTS_FILE, *(extra_files or {}))
+        _swap_into_place(tmp, out)
     except BaseException:
+        # tmp is the folder mkdtemp made for this call alone, so everything in it is ours.
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    import tempfile
+
+    from . import owned
+
+    if not os.path.lexists(out):
+        tmp.rename(out)
+        return
+    reason = why_not_replaceable(out)  # again: it may have changed while the model was being written
+    if reason is not None:
+        raise UsageError(f"{out} already exists and {reason}; nothing was written, choose a new folder")
+    old_token = model_owner_token(out)
+    if old_token is None:  # an empty folder: rmdir refuses if anything has been put in it meanwhile
+        os.rmdir(out)
+        tmp.rename(out)
+        return
+    # Renaming onto a fresh empty folder of our own never clobbers an existing name.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)
+    tmp.rename(out)
+    left = owned.remove(old, MODEL_KIND, old_token, where=Path(os.path.realpath(out.parent)) / out.name)
+    if left is not None:
+        logging.getLogger(__name__).warning("left the previous model in %s: %s", old, left)

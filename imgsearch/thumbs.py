@@ -8,6 +8,7 @@ Cache files are named from the id and the content hash alone, so a changed photo
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -70,10 +71,15 @@ def _write_atomic(im, dest: Path) -> None:
 
 
 def _drop_stale(dest: Path, image_id: int) -> None:
-    """Remove thumbnails of older contents of the same image (same id, other hash)."""
+    """Remove thumbnails of older contents of the same image (same id, other hash).
+
+    Only names cache_path() makes ("<id>-<hex hash or x>.jpg", plain files) are removed: anything else that
+    ended up in the folder was not written here and stays.
+    """
+    own_name = re.compile(rf"{image_id}-(?:[0-9a-f]+|x)\.jpg")
     try:
-        for old in dest.parent.glob(f"{image_id}-*.jpg"):
-            if old != dest:
+        for old in dest.parent.iterdir():
+            if old != dest and own_name.fullmatch(old.name) and old.is_file() and not old.is_symlink():
                 old.unlink(missing_ok=True)
     except OSError:
         pass  # a leftover file costs disk space, nothing else

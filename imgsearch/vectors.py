@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -262,9 +263,11 @@ class VectorIndex:
         header = json.dumps({**meta, **self.meta()}).encode()
         h = hashlib.blake2b(header, digest_size=16)
         h.update(memoryview(payload))
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        # mkstemp creates a new file (O_EXCL): never truncates one that some other process or user owns.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + h.digest())
                 f.write(memoryview(payload))
                 f.flush()

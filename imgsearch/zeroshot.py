@@ -84,8 +84,8 @@ def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
         raise DataError(f"{what} file not found: {path}") from None
     except IsADirectoryError:
         raise DataError(f"{what} file {path} is a folder; give a text file with one entry per line") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{what} file {path} is not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise DataError(f"cannot read {what} file {path}: {e.strerror or e}") from None
     return [line for line in lines if line and not line.startswith("#")]

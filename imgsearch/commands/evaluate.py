@@ -112,7 +112,12 @@ def read_class_map(path: Path) -> dict[str, str]:
     """Folder -> class name from JSON ({"folder": "name"}) or a CSV of folder,name rows (header optional)."""
     if not path.is_file():
         raise DataError(f"classes file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"classes file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read classes file {path}: {e.strerror or e}") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -120,15 +125,25 @@ def read_class_map(path: Path) -> dict[str, str]:
             raise DataError(f"{path} is not valid JSON ({e}); expected {{\"folder\": \"class name\"}}") from None
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise DataError(f"{path}: expected a JSON object mapping folder names to class names")
+        empty = [k for k, v in data.items() if not v.strip()]
+        if empty:
+            raise DataError(f"{path}: folder {empty[0]!r} has an empty class name; give each folder a name")
         return {str(k): v.strip() for k, v in data.items()}
     out = {}
-    for n, row in enumerate(csv.reader(text.splitlines()), start=1):
+    try:
+        rows = list(csv.reader(text.splitlines()))
+    except csv.Error as e:
+        raise DataError(f"classes file {path} is not a valid CSV ({e}); write one 'folder,name' line per class") from None
+    for n, row in enumerate(rows, start=1):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != 2:
             raise DataError(f"{path}:{n}: expected 'folder,name', found {len(row)} field(s)")
         if n == 1 and [c.strip().lower() for c in row] == ["folder", "name"]:
             continue
+        if not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path}:{n}: empty {'folder' if not row[0].strip() else 'class name'}; "
+                            "write 'folder,name'")
         out[row[0].strip()] = row[1].strip()
     if not out:
         raise DataError(f"{path} maps no folders; write one 'folder,name' line per class")

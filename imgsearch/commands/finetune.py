@@ -71,7 +71,8 @@ def finetune_cmd(
     from tqdm import tqdm
 
     from ..metrics import table_rows
-    from ..train.loop import Interrupted, StopFlag, TrainConfig, load_checkpoint, train
+    from ..train.loop import (CHECKPOINT_FILE, Interrupted, StopFlag, TrainConfig, checkpoint_dir_is_ours,
+                              load_checkpoint, train)
 
     settings = settings_of(ctx)
     ckpt = None
@@ -82,7 +83,12 @@ def finetune_cmd(
             cfg.captions = str(captions)
         if out is not None:
             cfg.out = str(out)
-        cfg.checkpoint_dir = str(resume if resume.is_dir() else resume.parent)
+        # Checkpoints go on into the resumed folder only when imgsearch provably made it for this run;
+        # a file given by name (or a folder a user filled) is read and left alone, never written or removed.
+        folder = resume if resume.is_dir() else resume.parent
+        ours = ((resume.is_dir() or resume.name == CHECKPOINT_FILE)
+                and checkpoint_dir_is_ours(folder, ckpt.get("owner_token")))
+        cfg.checkpoint_dir = str(folder.absolute()) if ours else None
     else:
         if captions is None:
             raise UsageError("give the captions file or folder to train on (or --resume CHECKPOINT)")
@@ -110,7 +116,10 @@ def finetune_cmd(
             bar.close()
 
     def events(kind: str, **info) -> None:
-        if kind == "check":
+        if kind == "note":
+            (tqdm.write(f"note: {info['message']}", file=sys.stderr) if "train" in bars
+             else err(f"note: {info['message']}"))
+        elif kind == "check":
             if not quiet and "check" not in bars:
                 bars["check"] = tqdm(total=info["total"], unit="img", desc="checking images", file=sys.stderr,
                                      dynamic_ncols=True, leave=False)

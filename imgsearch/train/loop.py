@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -149,19 +148,48 @@ def base_model_config(spec, model) -> tuple[dict, dict]:
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse before training to replace a folder that is not a model (it would be deleted at the end)."""
-    from ..encoder import CONFIG_FILE
+    """Refuse before training to write over anything but an empty folder or a model imgsearch wrote."""
+    from ..encoder import why_not_replaceable
 
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} is a file; give a folder path for the fine-tuned model")
-        if any(out.iterdir()) and not (out / CONFIG_FILE).exists():
-            raise UsageError(f"--out {out} is a non-empty folder that is not a model; pick a new folder "
-                             "(a previous model folder is replaced, anything else is left alone)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder path for the fine-tuned model")
+    reason = why_not_replaceable(out)
+    if reason is not None:
+        raise UsageError(f"--out {out} is a non-empty folder that is not a model imgsearch wrote ({reason}); "
+                         "pick a new folder (imgsearch only replaces a model folder it wrote itself)")
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent}; choose another --out")
+
+
+CHECKPOINT_KIND = "finetune-checkpoint"
+_CHECKPOINT_TMP = CHECKPOINT_FILE + ".tmp"
+
+
+def checkpoint_dir_is_ours(folder: str | os.PathLike, token: str | None) -> bool:
+    """Whether ``folder`` is a checkpoint folder imgsearch made for the run holding ``token``."""
+    from .. import owned
+
+    return token is not None and owned.why_not_ours(folder, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,)) is None
+
+
+def pick_checkpoint_dir(preferred: Path, token: str) -> tuple[Path, str | None]:
+    """(folder for this run's checkpoints, why ``preferred`` was passed over or None).
+
+    A folder that exists and is not this run's own checkpoint folder (a user's folder, or another run's
+    checkpoint that may still be resumed) is never written to; a numbered sibling is used instead.
+    """
+    from .. import owned
+
+    candidate, n = preferred, 1
+    while os.path.lexists(candidate) and not checkpoint_dir_is_ours(candidate, token):
+        n += 1
+        candidate = preferred.with_name(f"{preferred.name}-{n}")
+    if candidate == preferred:
+        return candidate, None
+    reason = owned.why_not_ours(preferred, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,))
+    return candidate, f"{preferred} exists and is not this run's checkpoint folder ({reason})"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -230,13 +258,21 @@ def evaluate(model, val: ValSet, preprocess, device: str, precision: str, batch_
     return metrics
 
 
-def _save_checkpoint(path: Path, payload: dict) -> None:
+def _save_checkpoint(path: Path, payload: dict, token: str) -> None:
     import torch
 
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (CHECKPOINT_FILE + ".tmp")
+    from .. import owned
+
+    try:
+        owned.create_dir(path, CHECKPOINT_KIND, token)
+    except FileExistsError:
+        reason = owned.why_not_ours(path, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,))
+        if reason is not None:
+            raise DataError(f"not writing the checkpoint into {path}: {reason}") from None
+    tmp = path / _CHECKPOINT_TMP
     torch.save(payload, tmp)
     os.replace(tmp, path / CHECKPOINT_FILE)  # a Ctrl-C mid-save leaves the previous checkpoint intact
+    owned.record(path, CHECKPOINT_FILE)
 
 
 def load_checkpoint(folder: str | os.PathLike) -> dict:
@@ -281,6 +317,14 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     validate(cfg)
     out = Path(cfg.out).absolute()
     check_out_dir(out)
+    from .. import owned
+
+    # The token ties this run's checkpoint folder to its checkpoints: only a folder whose marker carries
+    # it is ever written to or removed, and a resumed run keeps the token of the run it continues.
+    token = (resume or {}).get("owner_token") or owned.new_token()
+    ckdir, passed_over = pick_checkpoint_dir(cfg.checkpoint_path.absolute(), token)
+    if passed_over:
+        emit("note", message=f"{passed_over}; this run's checkpoints go to {ckdir}")
     device = pick_device(cfg.device)
     precision = training_precision(cfg.precision, device)
     workers = default_workers(cfg.workers)
@@ -359,12 +403,13 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
             "data": {"fingerprint": data.fingerprint(), **data.counts()},
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "history": history, "base_metrics": base_metrics, "best": best, "train_seconds": train_seconds,
+            "owner_token": token,
         }
 
     def save_checkpoint(reason: str) -> Path:
-        _save_checkpoint(cfg.checkpoint_path, checkpoint_payload())
-        emit("save", path=str(cfg.checkpoint_path), reason=reason, step=step)
-        return cfg.checkpoint_path
+        _save_checkpoint(ckdir, checkpoint_payload(), token)
+        emit("save", path=str(ckdir), reason=reason, step=step)
+        return ckdir
 
     # --- the loop --------------------------------------------------------------------------------------
     batches = StepBatches(len(train_set), cfg.batch_size, cfg.grad_accum, cfg.seed, step, total)
@@ -436,7 +481,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     except KeyboardInterrupt:
         if not stop.requested:  # a second Ctrl-C, possibly mid-update: nothing consistent to save
             raise Interrupted("stopped immediately (second Ctrl-C); the last epoch checkpoint, if any, is in "
-                              f"{cfg.checkpoint_path}") from None
+                              f"{ckdir}") from None
         path = save_checkpoint("interrupted")
         raise Interrupted(f"stopped at step {step}/{total}; checkpoint saved. Continue with: imgsearch finetune "
                           f"--resume {path}") from None
@@ -479,7 +524,10 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     }
     save_local_dir(model, model_cfg, out, preprocess_cfg,
                    extra_files={REPORT_FILE: json.dumps(report, indent=2, default=_jsonable)})
-    shutil.rmtree(cfg.checkpoint_path, ignore_errors=True)
+    if os.path.lexists(ckdir):
+        left = owned.remove(ckdir, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,))
+        if left is not None:
+            emit("note", message=f"left the checkpoint folder {ckdir} in place: {left}")
     emit("done", report=report)
     return report
 

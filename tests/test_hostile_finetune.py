@@ -1,0 +1,318 @@
+"""Hostile and unlucky use of `finetune` and the file readers: nothing the user made is ever deleted.
+
+imgsearch removes or replaces only folders it created and can prove it did (ownership marker + token);
+captions, labels and class files with nulls or in the wrong encoding get one clear line, not an internal
+error or a caption "None".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgsearch import owned, synthetic
+
+FAST = ["--device", "cpu", "--precision", "fp32"]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes, to compare before and after."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_cfg(captions: Path, out: Path, base: Path, **kw):
+    from imgsearch.train.loop import TrainConfig
+
+    defaults = dict(captions=str(captions), out=str(out), model=f"local-dir:{base}", lr=1e-3, wd=0.0,
+                    max_steps=2, batch_size=16, val_fraction=0.25, workers=2, device="cpu", precision="fp32")
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, random_tiny_model) -> Path:
+    """The checkpoint folder of a run stopped by Ctrl-C at step 1 of 2 (its captions stay in place)."""
+    from imgsearch.train.loop import Interrupted, train
+
+    root = tmp_path_factory.mktemp("interrupted")
+    synthetic.generate(root / "data", per_class=2, size=40, fmt="png", seed=5)
+
+    def ctrl_c_at_step_1(kind, **info):
+        if kind == "step" and info["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(train_cfg(root / "data" / "captions.csv", root / "out", random_tiny_model), events=ctrl_c_at_step_1)
+    ckpt = root / "out.checkpoint"
+    assert (ckpt / "checkpoint.pt").is_file() and (ckpt / owned.MARKER).is_file()
+    return ckpt
+
+
+@pytest.fixture()
+def cli(home, random_tiny_model):
+    """The CLI with the untrained tiny model (these tests never need one that has learnt anything)."""
+    from typer.testing import CliRunner
+
+    from imgsearch.cli import app
+
+    runner = CliRunner()
+
+    def run(*args, model: str | None = f"local-dir:{random_tiny_model}"):
+        pre = ["--home", str(home)] + (["--model", model] if model else [])
+        return runner.invoke(app, pre + [str(a) for a in args])
+
+    return run
+
+
+def resume(cli, source: Path, out: Path):
+    return cli("finetune", "--resume", source, "--out", out, *FAST, model=None)
+
+
+# --- point 1: --resume never deletes the folder it reads from ------------------------------------------
+
+def test_resume_from_a_checkpoint_file_among_user_files_keeps_every_file(cli, interrupted, tmp_path):
+    docs = tmp_path / "Documents"
+    docs.mkdir()
+    shutil.copy(interrupted / "checkpoint.pt", docs / "run.pt")
+    (docs / "letter.txt").write_text("dear bank")
+    (docs / "taxes").mkdir()
+    (docs / "taxes" / "2025.pdf").write_bytes(b"%PDF precious")
+    before = tree(docs)
+    r = resume(cli, docs / "run.pt", tmp_path / "model")
+    assert r.exit_code == 0, r.output
+    assert "resuming at step 1" in r.stderr
+    assert tree(docs) == before  # the checkpoint file too: it is the user's copy
+    assert (tmp_path / "model" / "open_clip_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["mine", "model.checkpoint"])  # the second is where imgsearch would save
+def test_a_folder_the_user_made_holding_only_a_checkpoint_survives(cli, interrupted, tmp_path, name):
+    mine = tmp_path / name
+    mine.mkdir()
+    shutil.copy(interrupted / "checkpoint.pt", mine / "checkpoint.pt")
+    before = tree(mine)
+    r = resume(cli, mine, tmp_path / "model")
+    assert r.exit_code == 0, r.output
+    assert tree(mine) == before
+    if name == "model.checkpoint":
+        assert f"note: {mine} exists and is not this run's checkpoint folder" in r.stderr
+    assert {p.name for p in tmp_path.iterdir()} <= {name, "model", "home"}  # no checkpoint folder left over
+
+
+def test_own_checkpoint_folder_is_left_when_the_user_put_a_file_in_it(interrupted, random_tiny_model, tmp_path):
+    from imgsearch.train.loop import _save_checkpoint, load_checkpoint, train
+
+    ckpt = load_checkpoint(interrupted)
+    ours = tmp_path / "run.checkpoint"
+    _save_checkpoint(ours, ckpt, ckpt["owner_token"])
+    cfg = train_cfg(ckpt["config"]["captions"], tmp_path / "model", random_tiny_model, checkpoint_dir=str(ours))
+    notes = []
+
+    def drop_a_file_mid_run(kind, **info):
+        if kind == "step":
+            (ours / "my-notes.txt").write_text("mine")
+        if kind == "note":
+            notes.append(info["message"])
+
+    train(cfg, resume=ckpt, events=drop_a_file_mid_run)
+    assert (ours / "my-notes.txt").read_text() == "mine" and (ours / "checkpoint.pt").is_file()
+    assert notes == [f"left the checkpoint folder {ours} in place: it holds files imgsearch did not write "
+                     "(my-notes.txt)"]
+
+
+def test_resume_from_its_own_checkpoint_folder_removes_it_afterwards(cli, interrupted, tmp_path):
+    from imgsearch.train.loop import _save_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(interrupted)
+    ours = tmp_path / "run.checkpoint"
+    _save_checkpoint(ours, ckpt, ckpt["owner_token"])
+    r = resume(cli, ours / "checkpoint.pt", tmp_path / "model")
+    assert r.exit_code == 0, r.output
+    assert not ours.exists() and "note:" not in r.stderr
+
+
+# --- point 1: --out only replaces a model folder imgsearch wrote --------------------------------------
+
+def looks_like_a_model(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text('{"model_cfg": {}}')
+    (folder / "thesis.docx").write_bytes(b"years of work")
+
+
+@pytest.mark.parametrize("kind", ["documents", "user-model", "copied-model", "symlink"])
+def test_finetune_out_on_a_folder_imgsearch_did_not_write_is_refused(cli, captioned, random_tiny_model, tmp_path,
+                                                                      kind):
+    target = tmp_path / "target"
+    if kind == "documents":
+        target.mkdir()
+        (target / "letter.txt").write_text("keep me")
+    elif kind == "user-model":
+        looks_like_a_model(target)
+    elif kind == "copied-model":  # an imgsearch model copied elsewhere (mtimes kept) is not proof
+        shutil.copytree(random_tiny_model, target)
+    else:
+        (tmp_path / "real").mkdir()
+        (tmp_path / "real" / "x.txt").write_text("keep")
+        target.symlink_to(tmp_path / "real")
+    before = tree(target.resolve())
+    r = cli("finetune", captioned, "--out", target, *FAST, model=f"local-dir:{random_tiny_model}")
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a model imgsearch wrote" in lines[0] and str(target) in lines[0], r.stderr
+    assert tree(target.resolve()) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_save_local_dir_never_renames_aside_or_deletes_a_user_folder(tmp_path):
+    from imgsearch.encoder import save_local_dir
+    from imgsearch.errors import UsageError
+
+    model, cfg = synthetic.build_tiny_clip(seed=1)
+    docs = tmp_path / "Documents"
+    looks_like_a_model(docs)
+    before = tree(docs)
+    with pytest.raises(UsageError, match="not a model folder imgsearch wrote"):
+        save_local_dir(model, cfg, docs)
+    assert tree(docs) == before and sorted(p.name for p in tmp_path.iterdir()) == ["Documents"]
+
+
+def test_rerunning_finetune_into_its_own_output_replaces_it_and_nothing_else(cli, captioned, random_tiny_model,
+                                                                             tmp_path):
+    out = tmp_path / "model"
+    args = [captioned, "--out", out, "--max-steps", "1", "--batch-size", "16", "--val-fraction", "0.25", *FAST]
+    neighbour = tmp_path / ".model.old"  # the name the old code cleared before renaming the model aside
+    neighbour.mkdir()
+    (neighbour / "keep.txt").write_text("not imgsearch's")
+    r = cli("finetune", *args, "--seed", "1", model=f"local-dir:{random_tiny_model}")
+    assert r.exit_code == 0, r.output
+    first = (out / "open_clip_model.safetensors").read_bytes()
+    r = cli("finetune", *args, "--seed", "2", model=f"local-dir:{random_tiny_model}")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["hyperparameters"]["seed"] == 2 and (out / "open_clip_model.safetensors").read_bytes() != first
+    assert (neighbour / "keep.txt").read_text() == "not imgsearch's"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".model.old"]
+    # The user adds a file to the model folder: from then on it is theirs, and is never replaced.
+    (out / "README.md").write_text("my notes on this model")
+    before = tree(out)
+    r = cli("finetune", *args, model=f"local-dir:{random_tiny_model}")
+    assert r.exit_code == 2 and "holds files imgsearch did not write (README.md)" in r.stderr, r.output
+    assert tree(out) == before
+
+
+def test_empty_out_folder_is_used(captioned, random_tiny_model, tmp_path):
+    from imgsearch.train.loop import train
+
+    out = tmp_path / "empty"
+    out.mkdir()
+    train(train_cfg(captioned, out, random_tiny_model, max_steps=1))
+    assert (out / "open_clip_model.safetensors").is_file() and owned.why_not_ours(out, "model") is None
+
+
+# --- the ownership proof itself -----------------------------------------------------------------------
+
+def test_marker_proves_nothing_when_copied_moved_or_joined_by_other_files(tmp_path):
+    token = owned.new_token()
+    ours = owned.create_dir(tmp_path / "ours", "finetune-checkpoint", token)
+    (ours / "checkpoint.pt").write_bytes(b"weights")
+    owned.record(ours, "checkpoint.pt")
+    assert owned.why_not_ours(ours, "finetune-checkpoint", token) is None
+    assert "another run" in owned.why_not_ours(ours, "finetune-checkpoint", owned.new_token())
+    # a marker dropped into a user's folder
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy2(ours / owned.MARKER, docs / owned.MARKER)
+    shutil.copy2(ours / "checkpoint.pt", docs / "checkpoint.pt")
+    assert "moved or copied" in owned.remove(docs, "finetune-checkpoint", token)
+    assert sorted(os.listdir(docs)) == sorted([owned.MARKER, "checkpoint.pt"])
+    # the user overwrote imgsearch's file with their own of the same name
+    (ours / "checkpoint.pt").write_bytes(b"user's own file")
+    assert "changed after imgsearch wrote it" in owned.remove(ours, "finetune-checkpoint", token)
+    assert (ours / "checkpoint.pt").read_bytes() == b"user's own file"
+
+
+# --- point 15: null captions and non-UTF-8 class files ------------------------------------------------
+
+def test_jsonl_null_and_non_text_captions_are_skipped_with_their_line(tmp_path):
+    from imgsearch.captions import read_captions
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    lines = [{"path": "a.png", "caption": "a red circle"},
+             {"path": "a.png", "caption": None},
+             {"path": "a.png", "caption": [None, "a round red thing"]},
+             {"path": "a.png", "caption": 5},
+             {"path": None, "caption": "a blue square"},
+             {"path": "a.png", "caption": {"text": "nested"}},
+             {"path": "a.png"}]
+    src = tmp_path / "caps.jsonl"
+    src.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
+    cs = read_captions(src)
+    assert [p.caption for p in cs.pairs] == ["a red circle", "a round red thing"]
+    assert dict(cs.problems) == {
+        f"{src}:2": "field 'caption' is null; a caption must be text",
+        f"{src}:3": "caption 1 in 'caption' is null; a caption must be text",
+        f"{src}:4": "field 'caption' is the number 5; a caption must be text",
+        f"{src}:5": "field 'path' is null; it must be the image path as text",
+        f"{src}:6": "field 'caption' is an object; a caption must be text",
+        f"{src}:7": "missing field 'caption'",
+    }
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_eval_zeroshot_classes_file_not_utf8_is_one_line(cli, tmp_path, suffix):
+    folder = tmp_path / "classes"
+    synthetic.generate(folder, per_class=1, colors=["red", "blue"], shapes=("circle",), size=32, fmt="png",
+                       seed=3, captions_file=None, subfolders=True)
+    classes = tmp_path / f"names{suffix}"
+    body = "red_circle,rouge cercle\nblue_circle,bleu cercle\n" if suffix == ".csv" else \
+        '{"red_circle": "rouge cercle", "blue_circle": "bleu cercle"}'
+    classes.write_bytes(body.replace("rouge", "\xe9carlate").encode("latin-1"))
+    r = cli("eval", "zeroshot", folder, "--classes", classes)
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(classes) in lines[0] and "not UTF-8" in lines[0], r.stderr
+    assert "internal error" not in r.output and "Traceback" not in r.output
+
+
+def test_class_file_with_an_empty_name_is_refused(tmp_path):
+    from imgsearch.commands.evaluate import read_class_map
+    from imgsearch.errors import DataError
+
+    f = tmp_path / "names.csv"
+    f.write_text("red_circle,\nblue_circle,blue\n")
+    with pytest.raises(DataError, match=r"names.csv:1: empty class name"):
+        read_class_map(f)
+
+
+# --- other writes in the package: thumbnails and the FAISS cache --------------------------------------
+
+def test_stale_thumbnail_cleanup_only_touches_thumbnail_names(tmp_path):
+    from imgsearch import thumbs
+
+    folder = tmp_path / "thumbs" / "256" / "07"
+    folder.mkdir(parents=True)
+    dest = folder / "7-00ff.jpg"
+    for name in ("7-00ff.jpg", "7-abc123.jpg", "7-holiday.jpg", "7-abc123.jpg.bak"):
+        (folder / name).write_bytes(b"x")
+    thumbs._drop_stale(dest, 7)
+    assert sorted(os.listdir(folder)) == ["7-00ff.jpg", "7-abc123.jpg.bak", "7-holiday.jpg"]
+
+
+def test_faiss_save_never_clobbers_a_file_named_like_its_old_temp_file(tmp_path):
+    from imgsearch.vectors import VectorIndex
+
+    vecs = np.eye(4, dtype=np.float32)
+    index = VectorIndex.build(np.arange(1, 5, dtype=np.int64), vecs, 4)
+    path = tmp_path / "model-1.faiss"
+    bystander = path.with_name(path.name + f".{os.getpid()}.tmp")
+    bystander.write_text("someone else's")
+    index.save(path, {"state": 1})
+    assert bystander.read_text() == "someone else's"
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, bystander.name])
+    assert len(VectorIndex.load(path)[0]) == 4
