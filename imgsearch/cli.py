@@ -223,6 +223,12 @@ def query_cmd(
                                      extra={"tag": tag or None, "keyword": keyword, "blend": blend})
             except OSError:
                 rows = None  # the server went away mid-request: answer in-process below
+    if rows is None and texts and not (image or not_image or keyword or blend is not None):
+        # A fresh process answering text: no torch, SQLAlchemy or FAISS when the library allows (coldquery.py).
+        from .coldquery import search_texts
+
+        rows = search_texts(settings, list(texts), list(not_text or []), k, min_score,
+                            str(under) if under else None, tag or None)
     if rows is not None:
         pass
     elif keyword and not (texts or image):
