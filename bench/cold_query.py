@@ -39,7 +39,7 @@ def vit_b32_256(folder: Path) -> str:
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-B-32-256")
         save_local_dir(model, open_clip.get_model_config("ViT-B-32-256"), folder)
-    return f"local-dir:{folder}"
+    return f"local-dir:{folder.resolve()}"
 
 
 def one_run(cmd: list[str], env: dict) -> tuple[float, float]:

@@ -40,24 +40,67 @@ def byte_alphabet() -> tuple[list[str], list[str]]:
     return [by_byte[b] for b in range(256)], order
 
 
-class BPETokenizer:
-    """Encode texts to CLIP token ids ([sot] ids [eot], truncated to the context length)."""
+MERGES_TXT = "bpe_merges.txt"
+VOCAB_TXT = "bpe_vocab.txt"
 
-    def __init__(self, merges_path: str | Path, context_length: int = 77):
-        raw = Path(merges_path).read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        lines = raw.decode("utf-8").split("\n")[1:N_MERGES + 1]  # first line is a version header
-        merges = [tuple(line.split()) for line in lines]
-        self.alphabet, base = byte_alphabet()
-        vocab = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [SOT, EOT]
-        self.ids = {tok: i for i, tok in enumerate(vocab)}
-        self.ranks = {m: i for i, m in enumerate(merges)}
-        self.sot_id = self.ids[SOT]
-        self.eot_id = self.ids[EOT]
+
+def read_merges(gz_path: str | Path) -> list[str]:
+    """The merge lines ("a b") CLIP uses, in rank order, from open_clip's bpe_simple_vocab_16e6.txt.gz."""
+    raw = Path(gz_path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8").split("\n")[1:N_MERGES + 1]  # first line is a version header
+
+
+def write_tables(gz_path: str | Path, folder: str | Path) -> None:
+    """Plain-text merge and vocabulary tables (one entry per line, line number = rank / id) for fast start."""
+    merges = read_merges(gz_path)
+    _, base = byte_alphabet()
+    vocab = base + [c + "</w>" for c in base] + [m.replace(" ", "") for m in merges] + [SOT, EOT]
+    Path(folder, MERGES_TXT).write_text("\n".join(merges), encoding="utf-8")
+    Path(folder, VOCAB_TXT).write_text("\n".join(vocab), encoding="utf-8")
+
+
+class BPETokenizer:
+    """Encode texts to CLIP token ids ([sot] ids [eot], truncated to the context length).
+
+    Building open_clip's two 49k-entry dicts took 0.2-0.3 s, most of a cold query's budget. Instead the
+    tables stay one newline-delimited string each and a lookup is a substring search plus a newline count
+    (line number = merge rank or token id), memoised: a query touches a few dozen entries. rfind, because
+    open_clip's dicts keep the last of duplicate entries.
+    """
+
+    def __init__(self, folder: str | Path, context_length: int = 77):
+        folder = Path(folder)
+        self._merges = "\n" + (folder / MERGES_TXT).read_text(encoding="utf-8") + "\n"
+        self._vocab = "\n" + (folder / VOCAB_TXT).read_text(encoding="utf-8") + "\n"
+        self.alphabet, _ = byte_alphabet()
+        self._rank_memo: dict[tuple[str, str], int | None] = {}
+        self._id_memo: dict[str, int] = {}
+        self.sot_id = self._id(SOT)
+        self.eot_id = self._id(EOT)
         self.context_length = int(context_length)
         self._memo: dict[str, list[int]] = {SOT: [self.sot_id], EOT: [self.eot_id]}
         self._full_pat = None
+
+    def _rank(self, pair: tuple[str, str]) -> int | None:
+        try:
+            return self._rank_memo[pair]
+        except KeyError:
+            pass
+        pos = self._merges.rfind(f"\n{pair[0]} {pair[1]}\n")
+        rank = self._merges.count("\n", 0, pos) if pos >= 0 else None
+        self._rank_memo[pair] = rank
+        return rank
+
+    def _id(self, token: str) -> int:
+        got = self._id_memo.get(token)
+        if got is None:
+            pos = self._vocab.rfind(f"\n{token}\n")
+            if pos < 0:
+                raise KeyError(token)
+            got = self._id_memo[token] = self._vocab.count("\n", 0, pos)
+        return got
 
     # --- cleaning ------------------------------------------------------------------------------
     @staticmethod
@@ -90,11 +133,10 @@ class BPETokenizer:
             return hit
         symbols = [self.alphabet[b] for b in piece.encode("utf-8")]
         symbols[-1] += "</w>"
-        ranks = self.ranks
         while len(symbols) > 1:
             best, best_rank = None, None
             for pair in zip(symbols, symbols[1:]):
-                r = ranks.get(pair)
+                r = self._rank(pair)
                 if r is not None and (best_rank is None or r < best_rank):
                     best, best_rank = pair, r
             if best is None:
@@ -110,7 +152,7 @@ class BPETokenizer:
                     merged.append(symbols[i])
                     i += 1
             symbols = merged
-        out = [self.ids[s] for s in symbols]
+        out = [self._id(s) for s in symbols]
         self._memo[piece] = out
         return out
 
@@ -135,5 +177,5 @@ class BPETokenizer:
 
 
 @lru_cache(maxsize=4)
-def load(merges_path: str, context_length: int) -> BPETokenizer:
-    return BPETokenizer(merges_path, context_length)
+def load(folder: str, context_length: int) -> BPETokenizer:
+    return BPETokenizer(folder, context_length)

@@ -16,7 +16,18 @@ from . import __version__
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings
 from .errors import ImgSearchError, UsageError
 
-app = typer.Typer(
+class _App(typer.Typer):
+    def __call__(self, *args, **kwargs):
+        # Console script / python -m: a plain text query is answered before Typer (and pydantic) load.
+        if not args and "args" not in kwargs and len(sys.argv) > 2:
+            from .quickcli import run
+
+            if run(sys.argv[1:]):
+                sys.exit(0)
+        return super().__call__(*args, **kwargs)
+
+
+app = _App(
     name="imgsearch",
     help="Semantic image search on your own machine: CLIP vectors in FAISS, everything else in SQLite.",
     no_args_is_help=True,

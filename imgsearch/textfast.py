@@ -102,8 +102,10 @@ class TextTower:
             raise ExportError("weights file missing") from None
         if size != 4 * total:
             raise ExportError(f"weights file has {size} bytes, expected {4 * total} (damaged or truncated)")
-        if not (folder / MERGES).is_file():
-            raise ExportError("tokenizer merges file missing")
+        from .bpe import MERGES_TXT, VOCAB_TXT
+
+        if not ((folder / MERGES_TXT).is_file() and (folder / VOCAB_TXT).is_file()):
+            raise ExportError("tokenizer tables missing")
         self.meta = meta
         self.folder = folder
         flat = np.memmap(path, dtype="<f4", mode="r", shape=(total,))
@@ -117,7 +119,7 @@ class TextTower:
         if self._tok is None:
             from . import bpe
 
-            self._tok = bpe.load(str(self.folder / MERGES), int(self.meta["context_length"]))
+            self._tok = bpe.load(str(self.folder), int(self.meta["context_length"]))
         return self._tok
 
     @property
@@ -326,6 +328,9 @@ def build_export(home: str | os.PathLike, encoder) -> Path:
                 arrays[name] = [off, list(a.shape)]
                 off += a.size
         shutil.copyfile(bpe_src, tmp / MERGES)
+        from .bpe import write_tables
+
+        write_tables(bpe_src, tmp)
         dim = int(tensors[-1][1].shape[-1]) if tensors[-1][0].startswith("proj") else facts["width"]
         meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "model": encoder.spec.label, **facts,
                 "dim": dim, "floats": off, "arrays": arrays, "verified": True,
