@@ -45,6 +45,16 @@ def _connect(db: Path) -> sqlite3.Connection | None:
 def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
                  under: str | None, tags: list[str] | None) -> list[dict] | None:
     """Hits as dicts (the keys of search.Hit) or None when the full path must answer."""
+    try:
+        return _search_texts(settings, texts, not_texts, k, min_score, under, tags)
+    except Exception:  # noqa: BLE001 - a fast-path bug must never fail the query; the full path answers
+        if os.environ.get("IMGSEARCH_DEBUG"):
+            raise
+        return None
+
+
+def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
+                  under: str | None, tags: list[str] | None) -> list[dict] | None:
     from . import textfast
     from .encoder import ModelSpec, known_fingerprint
     from .store import SCHEMA_VERSION, _like_prefix
@@ -67,6 +77,7 @@ def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: 
         return None
     try:
         try:
+            conn.execute("BEGIN")  # one snapshot: the vector count and the rows read agree under a live indexer
             if (conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0) != SCHEMA_VERSION:
                 return None  # the full path migrates or refuses with its message
             row = conn.execute("SELECT id, dim FROM models WHERE name = ? AND pretrained = ? AND fingerprint = ?",
@@ -95,18 +106,19 @@ def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: 
             for label in [t.strip() for t in tags or () if t]:
                 where += " AND image_id IN (SELECT image_id FROM tags WHERE label = ? COLLATE NOCASE)"
                 params.append(label)
-            ids, blobs = [], []
-            for i, b in conn.execute(f"SELECT image_id, vector FROM vectors WHERE model_id = ?{where}",
-                                     (model_id, *params)):
-                ids.append(i)
-                blobs.append(b)
             vecs = textfast_query_vector(tower, pos, neg, dim)
             if vecs is None:
                 return None  # terms cancel out: the full path says so
+            # Rows stream into one preallocated matrix: a blob list plus a joined copy tripled peak memory.
+            matrix = np.empty((count, dim), dtype=np.float32)
+            ids = []
+            for n, (i, b) in enumerate(conn.execute(
+                    f"SELECT image_id, vector FROM vectors WHERE model_id = ?{where}", (model_id, *params))):
+                matrix[n] = np.frombuffer(b, dtype="<f4")
+                ids.append(i)
             if not ids:
                 return []
-            matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
-            scores = matrix @ vecs
+            scores = matrix[:len(ids)] @ vecs
             order = np.argsort(-scores, kind="stable")
             id_arr = np.asarray(ids, dtype=np.int64)
             hits: list[dict] = []

@@ -16,26 +16,35 @@ from imgsearch import textfast
 HEAVY = ("torch", "open_clip", "torchvision", "sqlalchemy", "faiss")
 
 # Run the CLI in a fresh interpreter and report which heavy modules it imported (stdout: the CLI's JSON).
+# QUICK=1 runs it as the console script does (app() reading sys.argv: the pre-Typer path), else through
+# Typer's command (the query command's own cold path).
 _WRAPPER = """
-import json, sys
+import json, os, sys
 from imgsearch.cli import app
 try:
-    app(sys.argv[1:], standalone_mode=False)
+    if os.environ.get("QUICK"):
+        sys.argv = ["imgsearch"] + sys.argv[1:]
+        app()
+    else:
+        app(sys.argv[1:], standalone_mode=False)
 finally:
     heavy = sorted(m for m in sys.modules if m.split('.')[0] in %r)
     sys.stderr.write('\\nHEAVY=' + json.dumps(heavy) + '\\n')
-""" % (HEAVY,)
+""" % (HEAVY + ("pydantic",),)
 
 
-def cold_query(home: Path, model_id: str, *args: str) -> tuple[list[dict], list[str], str]:
+def cold_query(home: Path, model_id: str, *args: str, quick: bool = False) -> tuple[list[dict], list[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    if quick:
+        env["QUICK"] = "1"
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, "--home", str(home), "--model", model_id, "--device",
                            "cpu", "--precision", "fp32", "query", "--no-server", "--json", *args],
                           capture_output=True, text=True, env=env, timeout=300)
     err, _, heavy = proc.stderr.rpartition("HEAVY=")
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout), json.loads(heavy), err
+    heavy = json.loads(heavy)
+    return json.loads(proc.stdout), heavy if quick else [m for m in heavy if not m.startswith("pydantic")], err
 
 
 def torch_ranking(settings, text: str, k: int = 10) -> list[tuple[int, float]]:
@@ -87,6 +96,9 @@ def test_cold_query_imports_no_torch_and_ranks_like_torch(cli, photos, settings,
     assert [h["id"] for h in hits] == [i for i, _ in want]
     assert [h["score"] for h in hits] == pytest.approx([s for _, s in want], abs=1e-4)
     assert "red" in Path(hits[0]["path"]).name and "circle" in Path(hits[0]["path"]).name
+    # As the console script runs it: answered before Typer, so not even pydantic is imported.
+    quick, heavy_q, _ = cold_query(home, model_id, "a red circle", "-k", "8", quick=True)
+    assert heavy_q == [] and quick == hits
 
     # Filters and deleted files behave as on the full path, still without torch.
     victim = Path(hits[0]["path"])
@@ -187,3 +199,17 @@ def test_classify_library_uses_the_export_without_torch(cli, photos, settings, h
     assert not [m for m in heavy if m.split(".")[0] in ("torch", "open_clip", "torchvision")]
     red = [r for r in json.loads(proc.stdout)["results"] if "red" in Path(r["path"]).name]
     assert red and sum(r["labels"][0]["label"] == "red" for r in red) >= len(red) * 0.8
+
+
+def test_quick_parser_leaves_everything_unusual_to_typer():
+    from imgsearch.quickcli import _parse
+
+    ok = _parse(["--home", "/h", "query", "a red car", "2:night", "-k", "3", "--min-score", "0.2", "--under", "/p",
+                 "--tag", "dog", "--not", "cat", "--json", "--no-server"])
+    assert ok == {"globals": {"home": "/h"}, "texts": ["a red car", "2:night"], "not": ["cat"], "tag": ["dog"],
+                  "k": 3, "min_score": 0.2, "under": "/p", "json": True, "paths": False, "server": False}
+    for argv in (["query", "-h"], ["query", "x", "--image", "a.jpg"], ["query", "x", "--keyword", "k"],
+                 ["query", "x", "-k", "0"], ["query", "x", "-k", "many"], ["query", "x", "--json", "--paths"],
+                 ["query"], ["--verbose", "query", "x"], ["index", "x"], ["query", "x", "--top=3"],
+                 ["query", "x", "--daemon"], ["--home", "query", "x"]):
+        assert _parse(argv) is None, argv
