@@ -20,9 +20,9 @@ class _App(typer.Typer):
     def __call__(self, *args, **kwargs):
         # Console script / python -m: a plain text query is answered before Typer (and pydantic) load.
         if not args and "args" not in kwargs and len(sys.argv) > 2:
-            from .quickcli import run
+            from . import quickcli
 
-            if run(sys.argv[1:]):
+            if not quickcli.tried and quickcli.run(sys.argv[1:]):
                 sys.exit(0)
         return super().__call__(*args, **kwargs)
 
