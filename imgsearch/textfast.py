@@ -364,13 +364,13 @@ def build_export(home: str | os.PathLike, encoder) -> Path:
 def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path | None:
     """Make the text export for this model if it is missing or unusable; never raises (the fast path is
     an optimisation). Returns the folder when a verified export exists afterwards."""
-    folder = export_dir(home, encoder.fingerprint)
     try:
-        TextTower(folder, encoder.fingerprint)
-        return folder
-    except ExportError:
-        pass
-    try:
+        folder = export_dir(home, encoder.fingerprint)
+        try:
+            TextTower(folder, encoder.fingerprint)
+            return folder
+        except ExportError:
+            pass
         manifest = folder / MANIFEST
         if manifest.is_file():
             old = json.loads(manifest.read_text(encoding="utf-8"))
@@ -389,5 +389,6 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
         return folder
     except Exception as e:  # noqa: BLE001 - any failure only means "no fast path"
         if not quiet:
-            print(f"note: no fast text encoder for {encoder.spec.label}: {e}", file=sys.stderr)
+            label = getattr(getattr(encoder, "spec", None), "label", "this model")
+            print(f"note: no fast text encoder for {label}: {e}; text queries will load torch", file=sys.stderr)
         return None
