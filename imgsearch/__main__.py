@@ -1,3 +1,3 @@
-from imgsearch.cli import app
+from imgsearch.quickcli import main
 
-app(prog_name="imgsearch")
+main()

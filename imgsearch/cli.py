@@ -16,7 +16,18 @@ from . import __version__
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings
 from .errors import ImgSearchError, UsageError
 
-app = typer.Typer(
+class _App(typer.Typer):
+    def __call__(self, *args, **kwargs):
+        # Console script / python -m: a plain text query is answered before Typer (and pydantic) load.
+        if not args and "args" not in kwargs and len(sys.argv) > 2:
+            from . import quickcli
+
+            if not quickcli.tried and quickcli.run(sys.argv[1:]):
+                sys.exit(0)
+        return super().__call__(*args, **kwargs)
+
+
+app = _App(
     name="imgsearch",
     help="Semantic image search on your own machine: CLIP vectors in FAISS, everything else in SQLite.",
     no_args_is_help=True,
@@ -223,6 +234,12 @@ def query_cmd(
                                      extra={"tag": tag or None, "keyword": keyword, "blend": blend})
             except OSError:
                 rows = None  # the server went away mid-request: answer in-process below
+    if rows is None and texts and not (image or not_image or keyword or blend is not None):
+        # A fresh process answering text: no torch, SQLAlchemy or FAISS when the library allows (coldquery.py).
+        from .coldquery import search_texts
+
+        rows = search_texts(settings, list(texts), list(not_text or []), k, min_score,
+                            str(under) if under else None, tag or None)
     if rows is not None:
         pass
     elif keyword and not (texts or image):

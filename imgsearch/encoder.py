@@ -155,6 +155,27 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
     return f"tag:{name}:{pretrained}", None
 
 
+def known_fingerprint(spec: ModelSpec) -> str | None:
+    """The fingerprint resolve_weights would return, when it needs no open_clip import and no network.
+
+    Local-dir folders and checkpoint files are fingerprinted from their bytes; a pretrained tag is its own
+    fingerprint, and it is only trusted when the library already holds vectors under it (open_clip
+    validated the tag when they were made). hf-hub models need the hub's cache lookup: None.
+    """
+    name, pretrained = spec.name, spec.pretrained
+    if name.startswith(HF_HUB):
+        return None
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name[len(LOCAL_DIR):])
+        weights = _local_weights(folder) if (folder / CONFIG_FILE).is_file() else None
+        return file_fingerprint(weights) if weights is not None else None
+    if not pretrained:
+        return None
+    if _looks_like_file(pretrained):
+        return file_fingerprint(pretrained) if os.path.isfile(pretrained) else None
+    return f"tag:{name}:{pretrained}"
+
+
 def _example_tag(name: str) -> str:
     try:
         import open_clip

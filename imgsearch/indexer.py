@@ -434,10 +434,15 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
     own_store = store is None
     store = store or Store(settings.db_path)
     try:
-        return Indexer(settings, enc, store).run(roots, progress, build_progress)
+        report = Indexer(settings, enc, store).run(roots, progress, build_progress)
     finally:
         if own_store:
             store.close()
+    # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
+    from .textfast import ensure_export
+
+    ensure_export(settings.home, enc)
+    return report
 
 
 def forget(settings: Settings, paths: Iterable[str | os.PathLike]) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import files, images
 from .config import Settings
-from .encoder import Encoder, ModelSpec, resolve_weights
+from .encoder import Encoder, ModelSpec, known_fingerprint, resolve_weights
 from .errors import DecodeError, ModelMismatchError, UsageError
 from .store import ModelRow, Store
 from .indexer import model_index
@@ -115,13 +115,48 @@ class Searcher:
         self.store = store or Store(settings.db_path, create=False)
         spec = ModelSpec(settings.model, settings.pretrained).canonical()
         # Check the library before paying for model load: a mismatch is reported in milliseconds.
-        fingerprint = encoder.fingerprint if encoder else resolve_weights(spec)[0]
+        fingerprint = encoder.fingerprint if encoder else self._fingerprint(spec)
         self.model = model_row_for(self.store, spec, fingerprint)
         self._encoder = encoder
         self._spec = spec
+        self._tower = None
+        self._tower_failed = False
         self._index: VectorIndex | None = None
         self._index_version: int | None = None
         self._lock = threading.Lock()
+
+    def _fingerprint(self, spec: ModelSpec) -> str:
+        """Weights fingerprint without importing open_clip when the library already knows these weights."""
+        fp = known_fingerprint(spec)
+        if fp is None or (fp.startswith("tag:") and self.store.find_model(spec.name, spec.pretrained, fp) is None):
+            fp = resolve_weights(spec)[0]  # validates the tag / hub model and words the error
+        return fp
+
+    def text_side(self):
+        """What encodes texts here: the exported tower (encode_texts, logit_scale) or the torch encoder."""
+        if self._encoder is None and not self._tower_failed and self._tower is None:
+            self.encode_texts([])
+        return self._tower if self._encoder is None and self._tower is not None else self.encoder
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Text vectors: from the exported numpy text tower while no torch model is loaded (a cold process
+        never imports torch for text), else torch. After a torch fallback the export is made for next time."""
+        from . import textfast
+
+        if self._encoder is None and not self._tower_failed:
+            if self._tower is None:
+                try:
+                    self._tower = textfast.open_tower(self.settings.home, self.model.fingerprint)
+                except textfast.ExportError as e:
+                    self._tower_failed = True
+                    textfast.warn_once(self.model.label, str(e))
+            if self._tower is not None:
+                return self._tower.encode(list(texts))
+        vecs = self.encoder.encode_texts(list(texts))
+        if self._tower_failed:
+            self._tower_failed = False  # one attempt per searcher
+            textfast.ensure_export(self.settings.home, self.encoder, quiet=True)
+        return vecs
 
     @property
     def encoder(self) -> Encoder:
@@ -145,7 +180,7 @@ class Searcher:
         out: list[tuple[float, np.ndarray]] = []
         texts = [t for t in terms if t.kind == "text"]
         if texts:
-            vecs = self.encoder.encode_texts([str(t.value) for t in texts])
+            vecs = self.encode_texts([str(t.value) for t in texts])
             out += [(t.weight, v) for t, v in zip(texts, vecs)]
         imgs = [t for t in terms if t.kind == "image"]
         if imgs:

@@ -90,7 +90,7 @@ def classify_library(settings: Settings, labels: Sequence[str], templates: Seque
         if len(ids) == 0:
             raise UsageError(f"no indexed images{' under ' + under if under else ''} to classify; "
                              "run `imgsearch index PATH` first")
-        encoder = searcher.encoder
+        encoder = searcher.text_side()  # stored vectors + label texts: no torch when the text export exists
         label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
         set_id = store.tag_set(model.id, labels, templates)
         report = TagReport(set_id, model.label, labels, templates)

@@ -1,0 +1,115 @@
+"""`imgsearch [globals] query TEXT... [simple options]` answered before Typer parses anything.
+
+This Typer version coerces every parameter through pydantic, whose import was about a quarter of a cold
+text query's wall time (measured with -X importtime). The common case, text terms plus -k/--min-score/
+--under/--tag/--not/--json/--paths, is parsed here by hand; anything else, or anything odd, returns None
+and the normal Typer command runs (so its messages, help and validation stay the only ones).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+_GLOBALS = {"--home": "home", "--model": "model", "--pretrained": "pretrained", "--device": "device",
+            "--precision": "precision"}
+_FLAGS = {"--json", "--paths", "--no-server", "--server"}
+
+
+def _parse(argv: list[str]) -> dict | None:
+    opts: dict = {}
+    i = 0
+    while i < len(argv) and argv[i] != "query":
+        if argv[i] not in _GLOBALS or i + 1 >= len(argv):
+            return None
+        opts[_GLOBALS[argv[i]]] = argv[i + 1]
+        i += 2
+    if i >= len(argv):
+        return None
+    q: dict = {"texts": [], "not": [], "tag": [], "k": 10, "min_score": None, "under": None, "json": False,
+               "paths": False, "server": True}
+    i += 1
+    while i < len(argv):
+        a = argv[i]
+        if a in _FLAGS:
+            if a in ("--json", "--paths"):
+                q[a[2:]] = True
+            else:
+                q["server"] = a == "--server"
+            i += 1
+            continue
+        if a.startswith("-"):
+            if a not in ("-k", "--top", "--min-score", "--under", "--tag", "--not") or i + 1 >= len(argv):
+                return None  # help, image terms, keywords, --opt=value forms, unknown: Typer decides
+            v = argv[i + 1]
+            try:
+                if a in ("-k", "--top"):
+                    q["k"] = int(v)
+                elif a == "--min-score":
+                    q["min_score"] = float(v)
+                elif a == "--under":
+                    q["under"] = v
+                else:
+                    q["tag" if a == "--tag" else "not"].append(v)
+            except ValueError:
+                return None
+            i += 2
+            continue
+        q["texts"].append(a)
+        i += 1
+    if not q["texts"] or q["k"] < 1 or (q["json"] and q["paths"]):
+        return None
+    return {"globals": opts, **q}
+
+
+def run(argv: list[str]) -> bool:
+    """Answer the query and return True, or return False (having printed nothing) for the Typer path."""
+    try:
+        p = _parse(argv)
+        if p is None:
+            return False
+        from .config import Settings
+
+        settings = Settings.from_env(**p["globals"])
+        if p["server"]:
+            from . import client
+
+            if client.find_server(settings) is not None:
+                return False
+        from .coldquery import search_texts
+
+        rows = search_texts(settings, p["texts"], p["not"], p["k"], p["min_score"], p["under"], p["tag"] or None)
+    except Exception:  # noqa: BLE001 - the fast path must never be the reason a query fails
+        return False
+    if rows is None:
+        return False
+    # Same output as cli.query_cmd.
+    if p["json"]:
+        print(json.dumps(rows, indent=2))
+    elif p["paths"]:
+        for h in rows:
+            print(h["path"])
+    elif not rows:
+        tag = p["tag"]
+        print("no results" + (" above --min-score" if p["min_score"] is not None else "")
+              + (" with tag " + ", ".join(tag) if tag else ""), file=sys.stderr)
+    else:
+        print(f"{'rank':>4}  {'score':>6}  path")
+        for h in rows:
+            print(f"{h['rank']:>4}  {h['score']:6.4f}  {h['path']}")
+    sys.stdout.flush()
+    return True
+
+
+tried = False  # set once the fast path was attempted in this process, so cli.app does not try again
+
+
+def main() -> None:
+    """Console-script entry: the fast path first (no Typer import at all), else the full CLI."""
+    global tried
+    tried = True
+    if len(sys.argv) > 2 and run(sys.argv[1:]):
+        sys.exit(0)
+    from .cli import app
+
+    app(prog_name="imgsearch")
