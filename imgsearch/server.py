@@ -294,7 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
 
     def _dispatch(self) -> None:
-        self.server.mark(self.connection, busy=True)
+        if not self.server.mark(self.connection, busy=True):
+            # Dropped to make room while its headers trickled in: what arrived is not a request to answer.
+            self.close_connection = True
+            return
         self.service.last_request = time.monotonic()
         te = self.headers.get("Transfer-Encoding")
         try:
@@ -485,10 +488,13 @@ class _HTTPServer(ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
-    def mark(self, request, busy: bool) -> None:
+    def mark(self, request, busy: bool) -> bool:
+        """Record whether a request is running on this connection; False once it was dropped."""
         with self._conns_lock:
-            if request in self._conns:
-                self._conns[request] = None if busy else time.monotonic()
+            if request not in self._conns:
+                return False
+            self._conns[request] = None if busy else time.monotonic()
+            return True
 
     def shutdown_request(self, request):
         with self._conns_lock:
