@@ -13,8 +13,8 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings
-from .errors import ImgSearchError, UsageError
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MAX_K, Settings
+from .errors import ImgSearchError, ParamError, UsageError
 
 class _App(typer.Typer):
     def __call__(self, *args, **kwargs):
@@ -200,7 +200,7 @@ def query_cmd(
                                               "(repeatable, W:FILE weights it)."),
     not_text: Optional[List[str]] = typer.Option(None, "--not", help="Text to steer away from (repeatable)."),
     not_image: Optional[List[str]] = typer.Option(None, "--not-image", help="Image to steer away from."),
-    k: int = typer.Option(10, "-k", "--top", min=1, help="Number of results."),
+    k: int = typer.Option(10, "-k", "--top", help=f"Number of results (1 to {MAX_K})."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
     under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON array of hits."),
@@ -221,7 +221,42 @@ def query_cmd(
     """Find the images closest to text and/or example images."""
     if json_out and paths_out:
         raise UsageError("--json and --paths are exclusive; pick one output format")
-    settings = settings_of(ctx)
+    from .queryspec import check_k
+
+    if not (texts or image or keyword):
+        raise UsageError("nothing to search for: give query text, --image FILE, or both")
+    if blend is not None and not keyword:
+        raise UsageError("--blend weighs keyword relevance; give --keyword too")
+    # The search layer and the server name the parameter ("under: no such folder"); say it as typed here.
+    flags = {"k": ("-k", k), "under": ("--under", under), "min_score": ("--min-score", min_score),
+             "blend": ("--blend", blend), "keyword": ("--keyword", repr(keyword)),
+             "tag": ("--tag", ", ".join(tag or []))}
+    try:
+        check_k(k)
+        rows = _query_rows(settings_of(ctx), texts, image, not_text, not_image, k, min_score, under, tag, keyword,
+                           blend, use_server, daemon)
+    except ParamError as e:
+        if e.param not in flags:
+            raise
+        flag, value = flags[e.param]
+        raise UsageError(f"{flag} {value}: {e.detail}") from None
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+    elif paths_out:
+        for h in rows:
+            typer.echo(h["path"])
+    elif not rows:
+        err("no results" + (" above --min-score" if min_score is not None else "")
+            + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
+    else:
+        typer.echo(f"{'rank':>4}  {'score':>6}  path")
+        for h in rows:
+            typer.echo(f"{h['rank']:>4}  {h['score']:6.4f}  {h['path']}")
+
+
+def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under, tag, keyword, blend, use_server,
+                daemon) -> list[dict]:
+    """Hits as dicts: from a running server for this library and model when there is one, else in-process."""
     rows = None
     if use_server and (texts or image):
         from . import client
@@ -241,8 +276,8 @@ def query_cmd(
         rows = search_texts(settings, list(texts), list(not_text or []), k, min_score,
                             str(under) if under else None, tag or None)
     if rows is not None:
-        pass
-    elif keyword and not (texts or image):
+        return rows
+    if keyword and not (texts or image):
         from .keywords import keyword_search
         from .store import Store
 
@@ -259,20 +294,7 @@ def query_cmd(
         query = Query.build(texts or [], image or [], not_text or [], not_image or [])
         hits = search(settings, query, k, min_score=min_score, under=str(under) if under else None,
                       tag=tag or None, keyword=keyword, blend=blend)
-    if rows is None:
-        rows = [h.as_dict() for h in hits]
-    if json_out:
-        typer.echo(json.dumps(rows, indent=2))
-    elif paths_out:
-        for h in rows:
-            typer.echo(h["path"])
-    elif not rows:
-        err("no results" + (" above --min-score" if min_score is not None else "")
-            + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
-    else:
-        typer.echo(f"{'rank':>4}  {'score':>6}  path")
-        for h in rows:
-            typer.echo(f"{h['rank']:>4}  {h['score']:6.4f}  {h['path']}")
+    return rows if rows is not None else [h.as_dict() for h in hits]
 
 
 # --- status / forget ---------------------------------------------------------------------------

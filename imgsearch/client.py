@@ -14,7 +14,8 @@ import urllib.request
 from pathlib import Path
 
 from .config import Settings
-from .errors import ImgSearchError, ModelMismatchError, UsageError
+from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
+from .queryspec import split_image_spec
 
 SERVER_FILE = "server.json"
 
@@ -36,8 +37,12 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
     """The discovery record of a live server for this library and model, or None."""
     path = Path(settings.home) / SERVER_FILE
     try:
+        if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+            return None  # someone else's file could point our queries at their server
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("token"), str):
         return None
     if not _spec_matches(info, settings):
         return None
@@ -54,20 +59,37 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
     return info
 
 
+def _url_host(host: str) -> str:
+    """Where to connect: a wildcard bind is reached on loopback; IPv6 literals go in brackets."""
+    host = str(host).strip("[]")
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 def _request(info: dict, method: str, path: str, body: dict | None, timeout: float) -> dict:
-    url = f"http://{info['host']}:{info['port']}{path}"
+    url = f"http://{_url_host(info['host'])}:{int(info['port'])}{path}"
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Authorization": f"Bearer {info['token']}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
+        field = None
         try:
-            message = json.loads(e.read()).get("error", str(e))
-        except ValueError:
+            payload = json.loads(e.read())
+            message, field = payload.get("error", str(e)), payload.get("field")
+        except (ValueError, AttributeError):
             message = str(e)
         if e.code == 409:
             raise ModelMismatchError(message) from None
+        if e.code == 400 and isinstance(field, str) and message.startswith(f"{field}: "):
+            raise ParamError(field, message[len(field) + 2:]) from None  # the CLI rewords it with its flag
         if 400 <= e.code < 500:
             raise UsageError(message) from None
         raise ImgSearchError(f"search server: {message}") from None
@@ -75,18 +97,20 @@ def _request(info: dict, method: str, path: str, body: dict | None, timeout: flo
 
 def search(info: dict, texts, images, not_texts, not_images, k: int, min_score, under, extra: dict | None = None,
            timeout: float = 60.0) -> list[dict]:
-    """Run one query on the server; image files are sent as bytes (the server reads no client paths)."""
+    """Run one query on the server; image files are sent as bytes with their weights (the server reads no
+    client paths), texts as typed ('2:red car' is weighted by the server exactly as in-process)."""
 
-    def encode(paths):
+    def encode(specs):
         out = []
-        for raw in paths:
-            path = raw
-            if not os.path.exists(path) and ":" in raw:
-                weight, _, rest = raw.partition(":")
-                path = rest if os.path.exists(rest) else raw
-            if not os.path.isfile(path):
+        for raw in specs:
+            weight, path = split_image_spec(raw)
+            if not os.path.exists(path):
                 raise UsageError(f"query image not found: {path}")
-            out.append(base64.b64encode(Path(path).read_bytes()).decode())
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                raise UsageError(f"cannot use query image {path}: {e.strerror or e}") from None
+            out.append({"data": base64.b64encode(data).decode(), "weight": weight})
         return out
 
     body = {"texts": list(texts), "not": list(not_texts), "images": encode(images), "not_images": encode(not_images),

@@ -12,7 +12,6 @@ keeps every message and behaviour.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 from pathlib import Path
 
@@ -25,12 +24,7 @@ import numpy as np  # noqa: E402
 
 from .config import Settings  # noqa: E402
 
-_WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)  # same grammar as search.parse_weighted
-
-
-def _weighted(raw: str) -> tuple[float, str]:
-    m = _WEIGHT.match(raw)
-    return (float(m.group(1)), m.group(2).strip()) if m else (1.0, raw.strip())
+from .queryspec import parse_weighted as _weighted  # noqa: E402  (stdlib only, shared with the full path)
 
 
 def _connect(db: Path) -> sqlite3.Connection | None:

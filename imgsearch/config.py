@@ -14,6 +14,9 @@ IMAGE_EXTENSIONS = frozenset(
 )
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 
+# Most results one search returns, in-process and through `serve` alike.
+MAX_K = 10_000
+
 # Folders that hold app metadata, not photos (Synology, macOS, Windows, VCS).
 SKIP_DIR_NAMES = frozenset(
     {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",

@@ -31,3 +31,16 @@ class DecodeError(ImgSearchError):
 
 class DataError(ImgSearchError):
     """An input file (captions, labels, templates) is malformed."""
+
+
+class ParamError(UsageError):
+    """A bad value for one named search parameter.
+
+    The message is worded for the Python and HTTP APIs ("under: no such folder"); the CLI rewords it with
+    its own flag and the value the user typed ("--under ~/x: no such folder").
+    """
+
+    def __init__(self, param: str, detail: str):
+        super().__init__(f"{param}: {detail}")
+        self.param = param
+        self.detail = detail

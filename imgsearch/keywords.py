@@ -21,7 +21,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import files
-from .errors import UsageError
+from .errors import ParamError, UsageError
+from .queryspec import check_k
 from .store import Store
 
 # A keyword-only match list longer than this is cut to the most relevant ones when blending; the
@@ -52,8 +53,7 @@ def to_fts(text: str) -> str:
         expr = _quote(term) if term in phrases else _quote(term) + "*"
         (negatives if negate else positives).append(expr)
     if not positives:
-        raise UsageError(f"--keyword {text!r} has no words to look for; give e.g. --keyword 2019 or "
-                         "--keyword '\"red car\" -draft'")
+        raise ParamError("keyword", "has no words to look for; give e.g. 2019 or '\"red car\" -draft'")
     expr = " AND ".join(positives)
     for neg in negatives:
         expr = f"({expr}) NOT {neg}"
@@ -87,7 +87,7 @@ def restrict(store: Store, allowed_ids: np.ndarray | None, tags: str | Sequence[
 
 def check_blend(weight: float | None) -> None:
     if weight is not None and not 0.0 <= weight <= 1.0:
-        raise UsageError(f"--blend {weight}: give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
+        raise ParamError("blend", "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
 
 
 def _folder_ids(store: Store, under: str | None) -> np.ndarray | None:
@@ -95,7 +95,7 @@ def _folder_ids(store: Store, under: str | None) -> np.ndarray | None:
         return None
     folder = files.abspath(under)
     if not os.path.isdir(folder) and store.image_by_path(folder) is None:
-        raise UsageError(f"--under {under}: no such folder")
+        raise ParamError("under", "no such folder")
     return store.ids_under(folder)
 
 
@@ -124,8 +124,7 @@ def _hits(store: Store, scored: Iterable[tuple[int, float]], k: int, min_score: 
 def keyword_search(store: Store, text: str, k: int = 10, under: str | None = None,
                    tags: str | Sequence[str] | None = None, allowed_ids: np.ndarray | None = None) -> list:
     """Keyword-only ranking (no CLIP): Hits scored by relevance, best match 1.0."""
-    if k < 1:
-        raise UsageError("-k must be at least 1")
+    check_k(k)
     allowed = restrict(store, allowed_ids, tags)
     in_folder = _folder_ids(store, under)
     if in_folder is not None:

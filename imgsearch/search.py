@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
@@ -13,29 +12,24 @@ import numpy as np
 from . import files, images
 from .config import Settings
 from .encoder import Encoder, ModelSpec, known_fingerprint, resolve_weights
-from .errors import DecodeError, ModelMismatchError, UsageError
+from .errors import DecodeError, ModelMismatchError, ParamError, UsageError
+from .queryspec import check_k, parse_weighted, split_image_spec
 from .store import ModelRow, Store
 from .indexer import model_index
 from .vectors import VectorIndex
 
-_WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
-
-
 @dataclass(frozen=True)
 class Term:
-    """One part of a query: a text, an image file, or an image already in the library (by id)."""
+    """One part of a query: a text, an image, or an image already in the library (by id).
+
+    An image is a file path, the file's bytes, or a PIL image; bytes and PIL images are decoded in memory,
+    so a query image never has to be written to disk. ``name`` labels it in error messages.
+    """
 
     kind: str  # "text" | "image" | "id"
-    value: str | int
+    value: object  # str for text and image paths; bytes or PIL.Image.Image for images; int for ids
     weight: float = 1.0
-
-
-def parse_weighted(raw: str) -> tuple[float, str]:
-    """'2:red car' -> (2.0, 'red car'); 'red car' -> (1.0, 'red car')."""
-    m = _WEIGHT.match(raw)
-    if m:
-        return float(m.group(1)), m.group(2).strip()
-    return 1.0, raw.strip()
+    name: str | None = None
 
 
 def text_term(raw: str) -> Term:
@@ -47,12 +41,17 @@ def text_term(raw: str) -> Term:
 
 def image_term(raw: str) -> Term:
     """An image file; 'W:path' weights it unless 'W:path' is itself an existing file."""
-    if os.path.exists(raw):
-        return Term("image", files.abspath(raw), 1.0)
-    weight, path = parse_weighted(raw)
+    weight, path = split_image_spec(raw)
     if not os.path.exists(path):
         raise UsageError(f"query image not found: {path}")
     return Term("image", files.abspath(path), weight)
+
+
+def image_data_term(data, weight: float = 1.0, name: str = "uploaded image") -> Term:
+    """An image given as file bytes or a PIL image (decoded in memory, never written to disk)."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    return Term("image", data, float(weight), name)
 
 
 @dataclass
@@ -61,12 +60,21 @@ class Query:
     negatives: list[Term] = field(default_factory=list)
 
     @classmethod
-    def build(cls, texts: Sequence[str] = (), images_: Sequence[str] = (), not_texts: Sequence[str] = (),
-              not_images: Sequence[str] = (), ids: Sequence[int] = ()) -> "Query":
-        q = cls([text_term(t) for t in texts] + [image_term(p) for p in images_] + [Term("id", int(i)) for i in ids],
-                [text_term(t) for t in not_texts] + [image_term(p) for p in not_images])
+    def build(cls, texts: Sequence[str] = (), images_: Sequence = (), not_texts: Sequence[str] = (),
+              not_images: Sequence = (), ids: Sequence[int] = ()) -> "Query":
+        """Texts and image specs ('W:path') as the CLI takes them; ready-made Terms (e.g. from
+        image_data_term) pass through unchanged."""
+
+        def image(p):
+            return p if isinstance(p, Term) else image_term(p)
+
+        def text(t):
+            return t if isinstance(t, Term) else text_term(t)
+
+        q = cls([text(t) for t in texts] + [image(p) for p in images_] + [Term("id", int(i)) for i in ids],
+                [text(t) for t in not_texts] + [image(p) for p in not_images])
         if not q.positives:
-            raise UsageError("nothing to search for: give query text, --image FILE, or both")
+            raise UsageError("nothing to search for: give query text, an image, or both")
         return q
 
 
@@ -184,14 +192,7 @@ class Searcher:
             out += [(t.weight, v) for t, v in zip(texts, vecs)]
         imgs = [t for t in terms if t.kind == "image"]
         if imgs:
-            pil = []
-            for t in imgs:
-                try:
-                    im, _ = images.open_image(str(t.value), draft_size=self.encoder.draft_size,
-                                              max_pixels=self.settings.max_pixels)
-                except DecodeError as e:
-                    raise UsageError(f"cannot use query image {t.value}: {e}") from None
-                pil.append(im)
+            pil = [self._query_image(t) for t in imgs]
             out += [(t.weight, v) for t, v in zip(imgs, self.encoder.encode_images(pil))]
         ids = [t for t in terms if t.kind == "id"]
         if ids:
@@ -203,6 +204,25 @@ class Searcher:
                 out.append((t.weight, by_id[int(t.value)]))
         return out
 
+    def _query_image(self, t: Term):
+        """An image term decoded to RGB: from a path, from bytes in memory, or a PIL image as given."""
+        value = t.value
+        label = t.name or (str(value) if isinstance(value, (str, os.PathLike)) else "uploaded image")
+        if not isinstance(value, (str, os.PathLike, bytes)):
+            if not hasattr(value, "convert") or not hasattr(value, "size"):
+                raise UsageError(f"query image {label}: give a file path, its bytes or a PIL image")
+            w, h = value.size
+            if w * h > self.settings.max_pixels:
+                raise UsageError(f"cannot use query image {label}: {w}x{h} pixels is over the "
+                                 f"{self.settings.max_pixels:,} pixel cap")
+            return value if value.mode == "RGB" else value.convert("RGB")
+        try:
+            im, _ = images.open_image(value if isinstance(value, bytes) else str(value),
+                                      draft_size=self.encoder.draft_size, max_pixels=self.settings.max_pixels)
+        except DecodeError as e:
+            raise UsageError(f"cannot use query image {label}: {e}") from None
+        return im
+
     def query_vector(self, query: Query) -> np.ndarray:
         """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space)."""
         vec = np.zeros(self.model.dim, dtype=np.float32)
@@ -212,7 +232,7 @@ class Searcher:
             vec -= w * v
         norm = float(np.linalg.norm(vec))
         if norm < 1e-8:
-            raise UsageError("the query terms cancel out; change the weights or drop a --not term")
+            raise UsageError("the query terms cancel out; change the weights or drop a negative term")
         return vec / norm
 
     # --- search --------------------------------------------------------------------------------
@@ -226,10 +246,9 @@ class Searcher:
         captions or tags match (see keywords.py); with ``blend`` (0..1) keyword relevance is blended
         into the score instead of filtering.
         """
-        if k < 1:
-            raise UsageError("-k must be at least 1")
+        check_k(k)
         if blend is not None and not keyword:
-            raise UsageError("--blend weighs keyword relevance; give --keyword too")
+            raise ParamError("blend", "weighs keyword relevance; give a keyword too")
         vec = self.query_vector(query)
         if tag or keyword:
             from . import keywords
@@ -248,7 +267,7 @@ class Searcher:
         if under:
             folder = files.abspath(under)
             if not os.path.isdir(folder) and self.store.image_by_path(folder) is None:
-                raise UsageError(f"--under {under}: no such folder")
+                raise ParamError("under", "no such folder")
             in_folder = self.store.ids_under(folder)
             allowed = in_folder if allowed is None else np.intersect1d(allowed, in_folder)
         exclude = set(int(i) for i in exclude_ids)

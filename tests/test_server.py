@@ -36,7 +36,11 @@ def server(cli, photos, settings):
 def call(srv, method, path, body=None, raw: bytes | None = None):
     host, port = srv.address
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method)
+    # The API wants the token from server.json, and JSON or image bodies typed as such.
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    if data is not None:
+        headers["Content-Type"] = "application/octet-stream" if "/image" in path else "application/json"
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())

@@ -26,14 +26,20 @@ def serve_cmd(
     idle_exit: str = typer.Option(None, "--idle-exit", help="Exit after this long without requests (e.g. 10m)."),
 ):
     """Serve searches over local HTTP with the model and index kept warm; `query` uses it automatically."""
-    from ..server import SearchServer
+    from ..server import SearchServer, is_loopback, server_file
 
     idle = parse_duration(idle_exit) if idle_exit else None
-    server = SearchServer(settings_of(ctx), host, port, idle)
+    settings = settings_of(ctx)
+    server = SearchServer(settings, host, port, idle)
     h, p = server.address
+    shown = f"[{h}]" if ":" in h else h
     err(f"imgsearch serving {server.service.searcher.model.label} ({len(server.service.searcher.index())} images) "
-        f"on http://{h}:{p}/api/search?q=... (Ctrl-C stops"
+        f"on http://{shown}:{p}/api/search?q=... (Ctrl-C stops"
         + (f"; exits after {idle_exit} idle" if idle_exit else "") + ")")
+    err(f"requests need 'Authorization: Bearer TOKEN' with the token from {server_file(settings)}")
+    if not is_loopback(host):
+        err("warning: listening beyond this machine; anyone who can reach it and obtains the token can search your "
+            "library and see its file paths, and the token crosses the network unencrypted (plain HTTP)")
     import signal
 
     def _terminate(signum, frame):

@@ -1,0 +1,453 @@
+"""`imgsearch serve` against hostile and unlucky clients: DNS rebinding, cross-site pages, other users,
+slow and vanishing clients, malformed bodies; and server answers identical to in-process ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+
+def start(settings, host="127.0.0.1"):
+    from imgsearch.server import SearchServer
+
+    srv = SearchServer(settings, host, 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    for _ in range(200):
+        if (settings.home / "server.json").exists():
+            break
+        time.sleep(0.05)
+    return srv, t
+
+
+@pytest.fixture()
+def library(cli, photos):
+    assert cli("index", photos).exit_code == 0
+    return photos
+
+
+@pytest.fixture()
+def server(library, settings):
+    srv, t = start(settings)
+    yield srv
+    srv.shutdown()
+    t.join(10)
+
+
+def raw_http(srv, request: bytes, timeout=10.0) -> bytes:
+    """Send bytes as they are; everything the server answers until it closes the connection."""
+    host, port = srv.address
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            try:
+                data = s.recv(65536)
+            except socket.timeout:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def closed_by_server(s: socket.socket, within: float) -> bool:
+    s.settimeout(within)
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def get(srv, path, headers=None, token=True, body=None, method=None):
+    host, port = srv.address
+    h = dict(headers or {})
+    if token:
+        h.setdefault("Authorization", f"Bearer {srv.token}")
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    if isinstance(body, (dict, list)):
+        h.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, headers=h, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def token_of(home) -> str:
+    return json.loads((home / "server.json").read_text())["token"]
+
+
+# --- nobody in -------------------------------------------------------------------------------
+def test_rebinding_page_gets_nothing_even_with_the_token(server, home):
+    _, port = server.address
+    for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.nip.io:{port}",
+                 f"localhost:{port + 1}", ""):
+        code, res = get(server, "/api/status", {"Host": host})
+        assert code == 403, host
+        assert str(home) not in json.dumps(res) and "images" not in res
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        code, res = get(server, "/api/status", {"Host": host})
+        assert code == 200 and res["images"] == 54, host
+
+
+def test_cross_origin_requests_are_refused(server):
+    _, port = server.address
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": f"http://localhost:{port + 1}"}, {"Sec-Fetch-Site": "cross-site"}):
+        code, res = get(server, "/api/search?q=a+red+circle", headers)
+        assert code == 403 and "hits" not in res, headers
+    code, _ = get(server, "/api/search?q=a+red+circle", {"Origin": f"http://127.0.0.1:{port}"})
+    assert code == 200
+
+
+def test_token_is_required_and_the_folder_oracle_is_gone(server, home, tmp_path):
+    (tmp_path / "secret").mkdir()
+    answers = set()
+    for path in ("/api/status", "/api/search?q=x", f"/api/search?q=x&under={tmp_path / 'secret'}",
+                 f"/api/search?q=x&under={tmp_path / 'missing'}"):
+        code, res = get(server, path, token=False)
+        assert code == 401 and str(home) not in json.dumps(res)
+        answers.add(json.dumps(res))
+        code, res = get(server, path, {"Authorization": "Bearer wrong"}, token=False)
+        assert code == 401
+    assert len(answers) == 1  # an existing and a missing folder look the same to a caller without the token
+    code, res = get(server, "/api/health", token=False)
+    assert code == 200 and res == {"ok": True}  # liveness only: no home, no pid
+    code, res = get(server, "/api/health")
+    assert code == 200 and res["home"] == str(home) and res["pid"] == os.getpid()
+    assert token_of(home) == server.token
+
+
+def test_simple_cross_site_posts_are_refused(server, photos):
+    body = json.dumps({"texts": ["a red circle"]}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": kind} if kind else {}
+        code, res = get(server, "/api/search", headers, body=body, method="POST")
+        assert code == 415 and "application/json" in res["error"], kind
+    image = (photos / "red_circle_000.jpg").read_bytes()
+    code, res = get(server, "/api/search/image", {"Content-Type": "multipart/form-data"}, body=image, method="POST")
+    assert code == 415
+    code, res = get(server, "/api/search/image?k=1", {"Content-Type": "image/jpeg"}, body=image, method="POST")
+    assert code == 200 and res["hits"][0]["path"] == str(photos / "red_circle_000.jpg")
+
+
+def test_server_file_is_private_from_the_start(library, settings, monkeypatch):
+    from imgsearch import server as srvmod
+
+    modes = []
+    real_replace = os.replace
+
+    def watch(src, dst):
+        modes.append(stat.S_IMODE(os.stat(src).st_mode))
+        return real_replace(src, dst)
+
+    srv = srvmod.SearchServer(settings, "127.0.0.1", 0)
+    old = os.umask(0)  # the most permissive umask a user could have
+    try:
+        monkeypatch.setattr(srvmod.os, "replace", watch)
+        srv.write_discovery()
+    finally:
+        os.umask(old)
+        monkeypatch.undo()
+    path = settings.home / "server.json"
+    assert modes == [0o600] and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["token"] == srv.token and len(srv.token) >= 32
+    assert [p.name for p in settings.home.iterdir() if p.name.startswith(".server.json")] == []
+    srv.httpd.server_close()
+    srv.remove_discovery()
+    assert not path.exists()
+
+
+def test_serve_on_all_interfaces_warns(cli, library, monkeypatch):
+    import signal
+
+    from imgsearch import server as srvmod
+
+    monkeypatch.setattr(srvmod.SearchServer, "serve_forever", lambda self: self.httpd.server_close())
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
+    r = cli("serve", "--host", "0.0.0.0", "--port", "0")
+    assert r.exit_code == 0, r.output
+    assert "warning: listening beyond this machine" in r.stderr and "token" in r.stderr
+    r = cli("serve", "--host", "127.0.0.1", "--port", "0")
+    assert r.exit_code == 0 and "warning" not in r.stderr and "Authorization: Bearer" in r.stderr
+
+
+def test_wildcard_bind_accepts_ip_hosts_and_the_client_finds_it(library, settings, cli, monkeypatch):
+    from imgsearch import search as search_mod
+
+    monkeypatch.setattr(search_mod, "search", None)  # answering in-process would fail
+    srv, t = start(settings, "0.0.0.0")
+    try:
+        _, port = srv.address
+        assert get(srv, "/api/status", {"Host": f"192.168.1.7:{port}"})[0] == 200
+        assert get(srv, "/api/status", {"Host": f"evil.example:{port}"})[0] == 403
+        r = cli("query", "a red circle", "-k", "1", "--json")
+        assert r.exit_code == 0 and len(json.loads(r.stdout)) == 1, r.output
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+def test_client_ignores_a_server_file_without_token(library, cli, settings, home):
+    from imgsearch.client import find_server
+
+    srv, t = start(settings)
+    try:
+        assert find_server(settings)["token"] == srv.token
+        info = json.loads((home / "server.json").read_text())
+        del info["token"]
+        (home / "server.json").write_text(json.dumps(info))
+        assert find_server(settings) is None
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+# --- keeps working under load and abuse ------------------------------------------------------
+def test_bursts_of_clients_are_queued_not_reset(server):
+    assert server.httpd.request_queue_size >= 128
+
+    def one(_):
+        try:
+            return get(server, "/api/health")[0]
+        except OSError as e:
+            return type(e).__name__
+
+    with ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(one, range(200)))
+    assert codes == [200] * 200
+
+
+def test_half_sent_requests_cannot_starve_health(library, settings, monkeypatch):
+    from imgsearch import server as srvmod
+
+    monkeypatch.setattr(srvmod, "MAX_CONNECTIONS", 32)
+    monkeypatch.setattr(srvmod, "REQUEST_TIMEOUT", 3.0)
+    srv, t = start(settings)
+    host, port = srv.address
+    idle = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            idle.append(s)
+        began = time.monotonic()
+        code, res = get(srv, "/api/health")
+        assert code == 200 and res["vectors"] == 54 and time.monotonic() - began < 3
+        # The longest-silent ones were dropped to make room; the rest time out.
+        assert closed_by_server(idle[0], 5) and closed_by_server(idle[-1], 10)
+    finally:
+        for s in idle:
+            s.close()
+        srv.shutdown()
+        t.join(10)
+
+
+def test_two_hundred_idle_sockets_then_health(server):
+    host, port = server.address
+    idle = [socket.create_connection((host, port), timeout=5) for _ in range(200)]
+    try:
+        began = time.monotonic()
+        assert get(server, "/api/health")[0] == 200
+        assert time.monotonic() - began < 2
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_aborted_requests_are_one_line_not_a_traceback(server, capfd):
+    host, port = server.address
+    request = (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {server.token}\r\n"
+               "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"texts\": [").encode()
+    for _ in range(3):
+        s = socket.create_connection((host, port))
+        s.sendall(request)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
+        s.close()
+    time.sleep(1.0)
+    assert get(server, "/api/health")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "aborted" in line]
+    assert len(lines) == 3 and all(line.startswith("imgsearch serve: request from 127.0.0.1:") for line in lines)
+
+
+def test_chunked_bodies_get_411_and_are_never_read_as_a_request(server):
+    _, port = server.address
+    smuggled = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {server.token}\r\n\r\n"
+    chunk = f"{len(smuggled):x}\r\n{smuggled}\r\n0\r\n\r\n"
+    answer = raw_http(server, (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                               f"Authorization: Bearer {server.token}\r\nContent-Type: application/json\r\n"
+                               f"Transfer-Encoding: chunked\r\n\r\n{chunk}").encode())
+    assert answer.startswith(b"HTTP/1.1 411 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert b'"images"' not in answer
+
+
+def test_unread_bodies_never_become_the_next_request(server):
+    _, port = server.address
+    smuggled = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {server.token}\r\n\r\n"
+    answer = raw_http(server, (f"POST /api/nowhere HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                               f"Authorization: Bearer {server.token}\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+                               f"{smuggled}").encode())
+    assert answer.startswith(b"HTTP/1.1 404 ") and answer.count(b"HTTP/1.1 ") == 1
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tag", 5), ("blend", "abc"), ("keyword", []), ("k", True), ("k", 2.5), ("min_score", "x"),
+    ("min_score", True), ("ids", ["1"]), ("under", 5), ("texts", [7]), ("not", {"text": 3}),
+    ("images", [5]), ("not_images", {"data": "***"}), ("colour", "red"),
+])
+def test_wrongly_typed_fields_are_400_naming_the_field(server, field, value):
+    body = {"texts": ["a red circle"], "keyword": "circle" if field == "blend" else None, field: value}
+    code, res = get(server, "/api/search", body=body, method="POST")
+    assert code == 400, res
+    assert res["field"].split("[")[0] == field and field in res["error"]
+
+
+@pytest.mark.parametrize("item", [{"text": "a red circle", "weight": "x"}, {"text": "a red circle", "weight": None},
+                                  {"text": "a red circle", "weight": True}])
+def test_wrongly_typed_weights_are_400(server, item):
+    code, res = get(server, "/api/search", body={"texts": [item]}, method="POST")
+    assert code == 400 and res["field"] == "texts[0]" and "weight" in res["error"]
+
+
+def test_nan_weights_and_scores_are_400(server):
+    body = b'{"texts": [{"text": "a red circle", "weight": NaN}]}'
+    code, res = get(server, "/api/search", {"Content-Type": "application/json"}, body=body, method="POST")
+    assert code == 400 and res["field"] == "texts[0]"
+    code, res = get(server, "/api/search?q=x&min_score=nan")
+    assert code == 400 and res["field"] == "min_score"
+
+
+def test_server_errors_name_fields_not_flags_and_leak_no_temp_paths(server, tmp_path):
+    import base64
+
+    code, res = get(server, "/api/search", body={"texts": ["x"], "under": str(tmp_path / "nope")}, method="POST")
+    assert (code, res) == (400, {"error": "under: no such folder", "field": "under"})
+    code, res = get(server, "/api/search", body={"texts": ["x"], "k": 10_001}, method="POST")
+    assert (code, res) == (400, {"error": "k: give a whole number from 1 to 10000", "field": "k"})
+    junk = base64.b64encode(b"not a picture").decode()
+    code, res = get(server, "/api/search", body={"images": [{"data": junk, "weight": 2}]}, method="POST")
+    assert code == 400
+    assert res["error"] == "cannot use query image images[0]: not an image Pillow can read (unknown or corrupt format)"
+    code, res = get(server, "/api/search", body={"texts": ["x"], "blend": 0.5}, method="POST")
+    assert code == 400 and res["field"] == "blend" and "--" not in res["error"]
+
+
+# --- the same answers with or without a server ------------------------------------------------
+@pytest.fixture()
+def tagged(cli, photos):
+    sub = photos / "sub"
+    sub.mkdir()
+    for p in sorted(photos.glob("*_00[01].jpg")):
+        shutil.move(p, sub / p.name)
+    assert cli("index", photos).exit_code == 0
+    assert cli("classify", "--labels", "red,green,blue,yellow", "--json").exit_code == 0
+    return photos
+
+
+QUERIES = [
+    ["2:a red circle", "0.5:a square"],
+    ["--image", "5:{photos}/red_circle_002.jpg", "--image", "{photos}/sub/blue_square_000.jpg"],
+    ["--image", "{photos}/sub/blue_square_000.jpg", "--image", "4:{photos}/red_circle_002.jpg"],
+    ["a circle", "--not", "2:red", "--not-image", "3:{photos}/green_circle_002.jpg", "-k", "20"],
+    ["a shape", "--image", "0.5:{photos}/yellow_triangle_002.jpg", "--under", "{photos}/sub", "-k", "7"],
+    ["a triangle", "--tag", "{tag}", "-k", "50"],
+    ["a red shape", "--keyword", "circle", "--min-score", "{min}", "-k", "30"],
+    ["a blue shape", "--keyword", "square", "--blend", "0.4", "-k", "12"],
+    ["a green triangle", "--min-score", "{min}", "-k", "5"],
+]
+
+
+def test_server_and_in_process_results_are_identical(tagged, cli, settings, monkeypatch):
+    from imgsearch import search as search_mod
+
+    # A colour that classify gave to some images (which ones depends on the tiny model).
+    tag = next(c for c in ("red", "green", "blue", "yellow")
+               if json.loads(cli("query", "x", "--tag", c, "--json", "--no-server").stdout))
+    srv, t = start(settings)
+    try:
+        for q in QUERIES:
+            cut = ""
+            if "{min}" in q:  # a threshold that keeps some of this query's hits and drops others
+                i = q.index("{min}")
+                plain = cli("query", *[a.format(photos=tagged) for a in q[:i - 1] + q[i + 1:]], "--json", "--no-server")
+                cut = str(json.loads(plain.stdout)[1]["score"])
+            args = [a.format(photos=tagged, tag=tag, min=cut) for a in q] + ["--json"]
+            with monkeypatch.context() as m:
+                def must_not_run(*a, **kw):
+                    raise AssertionError("answered in-process although a server was running")
+
+                m.setattr(search_mod, "search", must_not_run)
+                served = cli("query", *args)
+            local = cli("query", *args, "--no-server")
+            assert served.exit_code == 0 and local.exit_code == 0, (q, served.output, local.output)
+            assert json.loads(served.stdout) == json.loads(local.stdout), q
+            assert json.loads(local.stdout), q
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+def test_image_weights_change_the_ranking_through_the_server(tagged, cli, settings):
+    srv, t = start(settings)
+    try:
+        plain = json.loads(cli("query", "--image", f"{tagged}/red_circle_002.jpg", "--image",
+                               f"{tagged}/sub/blue_square_000.jpg", "-k", "54", "--json").stdout)
+        heavy = json.loads(cli("query", "--image", f"9:{tagged}/red_circle_002.jpg", "--image",
+                               f"{tagged}/sub/blue_square_000.jpg", "-k", "54", "--json").stdout)
+        assert [h["score"] for h in plain] != [h["score"] for h in heavy]
+        assert "red_circle" in heavy[0]["path"]
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a red circle", "--under", "nope"], "error: --under nope: no such folder"),
+    (["a red circle", "-k", "10001"], "error: -k 10001: give a whole number from 1 to 10000"),
+    (["a red circle", "-k", "0"], "error: -k 0: give a whole number from 1 to 10000"),
+    (["a red circle", "--keyword", "!!!"], "error: --keyword '!!!': has no words to look for"),
+])
+def test_cli_errors_keep_flag_wording_with_and_without_server(library, cli, settings, args, message):
+    local = cli("query", *args, "--no-server")
+    srv, t = start(settings)
+    try:
+        served = cli("query", *args)
+    finally:
+        srv.shutdown()
+        t.join(10)
+    assert local.exit_code == served.exit_code == 2
+    assert local.stderr == served.stderr and local.stderr.startswith(message), local.stderr
+
+
+def test_python_api_takes_image_bytes_and_pil_images(library, settings):
+    from PIL import Image
+
+    from imgsearch.search import Query, Searcher, image_data_term
+
+    photo = library / "green_triangle_001.jpg"
+    s = Searcher(settings)
+    try:
+        by_path = s.search(Query.build(images_=[str(photo)]), 3)
+        by_bytes = s.search(Query.build(images_=[image_data_term(photo.read_bytes())]), 3)
+        with Image.open(photo) as im:
+            by_pil = s.search(Query.build(images_=[image_data_term(im.convert("RGB"))]), 3)
+    finally:
+        s.store.close()
+    assert by_path == by_bytes and by_path[0].path == str(photo)
+    assert [h.id for h in by_pil] == [h.id for h in by_path]
