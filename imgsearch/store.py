@@ -255,7 +255,9 @@ class Store:
 
         @event.listens_for(self.engine, "handle_error")
         def _translate(context):
-            return _library_error(self, context.original_exception)
+            better = _library_error(self, context.original_exception)
+            if better is not None:
+                raise better
 
         self._library_id: str | None = None
         self._migrate()

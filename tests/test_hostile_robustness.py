@@ -205,7 +205,7 @@ def _run_read_only(home: Path, cmd: list[str]) -> subprocess.CompletedProcess:
     """Run ``cmd`` with ``home`` truly read-only: a read-only bind mount when root (chmod does not stop root),
     else the permissions taken away."""
     if os.geteuid() == 0:
-        script = f'mount --bind "$H" "$H" && mount -o remount,bind,ro "$H" && exec "$@"'
+        script = 'mount --bind "$H" "$H" && mount -o remount,bind,ro "$H" && exec "$@"'
         return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
                               timeout=300, env={**os.environ, "H": str(home)})
     subprocess.run(["chmod", "-R", "a-w", str(home)], check=True)
@@ -218,9 +218,9 @@ def _run_read_only(home: Path, cmd: list[str]) -> subprocess.CompletedProcess:
 def _read_only_possible() -> bool:
     if os.geteuid() != 0:
         return True
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind / /mnt 2>/dev/null || mount --bind /tmp "
-                            "/tmp"], capture_output=True)
-    return shutil.which("unshare") is not None and probe.returncode == 0
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind /tmp /tmp"], capture_output=True).returncode == 0
 
 
 def test_read_only_library_answers_queries_and_writes_nothing(cli, home, model_id, photos):
@@ -281,7 +281,7 @@ def test_full_disk_is_one_line_and_the_library_stays_intact(cli, home, tmp_path,
     assert db_count(home, "images") == before
     monkeypatch.setattr(Store, "_migrate", real)
     rep = json.loads(cli("index", folder, "--json").stdout)
-    assert rep["new"] == 180 and rep["unchanged"] == before
+    assert rep["unchanged"] == before and rep["new"] == len(list(folder.rglob("*.png"))) - before
 
 
 # --- point 4: crafted names and xargs ---------------------------------------------------------------------
@@ -317,12 +317,16 @@ def test_print0_gives_names_verbatim_and_lines_escape_them(cli, crafted):
 
 
 def test_xargs_0_reaches_only_the_named_file(cli, crafted, tmp_path):
+    """The README's pipeline acts on exactly the files found, never on a name spliced from a crafted one."""
     assert cli("index", crafted).exit_code == 0
-    victim = crafted / "victim.txt"
-    victim.write_text("keep me")
-    out = cli("query", "a red circle", "-k", "20", "--print0").stdout_bytes
-    r = subprocess.run(["xargs", "-0", "ls", "-d", "--"], input=out, capture_output=True)
-    assert r.returncode == 0 and b"victim.txt\n" not in r.stdout.replace(b"red\nvictim.txt\nx.png", b"")
+    (crafted / "victim.txt").write_text("not a result")
+    dest = tmp_path / "picked"
+    dest.mkdir()
+    out = cli("query", "a red circle", "-k", "3", "--print0").stdout_bytes
+    r = subprocess.run(["xargs", "-0", "cp", "-t", str(dest), "--"], input=out, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    picked = sorted(p.name for p in dest.iterdir())
+    assert CRAFTED in picked and "victim.txt" not in picked and len(picked) == 3
 
 
 # --- point 15: absurd weights and scores, killed runs ----------------------------------------------------
