@@ -483,9 +483,7 @@ def library_status(settings: Settings) -> dict:
         for m in store.models():
             path = settings.index_path(m.id)
             state, meta = cache_state(path)
-            if state == "damaged":
-                state = "damaged (rebuilt on next query)"
-            elif state == "ok" and meta.get("library_id") != store.library_id:
+            if state == "ok" and meta.get("library_id") != store.library_id:
                 state = "stale: built for another library database (rebuilt on next query)"
             elif state == "ok" and meta.get("fingerprint") != m.fingerprint:
                 state = "stale (rebuilt on next query)"
