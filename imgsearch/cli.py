@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import typer
 from . import __version__
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MAX_K, Settings
 from .errors import ImgSearchError, ParamError, UsageError
+from .output import print_hits, shown, warn_if_escaped
 
 class _App(typer.Typer):
     def __call__(self, *args, **kwargs):
@@ -42,6 +44,13 @@ def err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """Internal error text, never raw data: first line only, printable, bounded."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = "".join(ch if ch.isprintable() else "?" for ch in line)
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
 def handle_errors(fn):
     """Wrap a command so library errors become one line on stderr and an exit code (for any Typer group)."""
 
@@ -60,12 +69,24 @@ def handle_errors(fn):
             raise typer.Exit(0) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except Exception as e:  # a bug: still one line, with a way to get the details
-            if os.environ.get("IMGSEARCH_DEBUG"):
-                raise
-            err(f"internal error: {type(e).__name__}: {e} (set IMGSEARCH_DEBUG=1 for a traceback and "
-                "please report it)")
+        except OSError as e:
+            import errno
+
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return _internal(e)
+            from .store import disk_full_message
+
+            err("error: " + disk_full_message(e.filename or os.getcwd()))
             raise typer.Exit(1) from None
+        except Exception as e:
+            return _internal(e)
+
+    def _internal(e: Exception):  # a bug: still one line, with a way to get the details
+        if os.environ.get("IMGSEARCH_DEBUG"):
+            raise e
+        err(f"internal error: {type(e).__name__}: {_one_line(str(e))} (set IMGSEARCH_DEBUG=1 for a traceback "
+            "and please report it)")
+        raise typer.Exit(1) from None
 
     return wrapper
 
@@ -128,6 +149,8 @@ def index_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     failures_log: Optional[Path] = typer.Option(None, "--log", help="Also write failed files and reasons here."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing "
+                                 "to the library, instead of waiting for it."),
 ):
     """Add images under PATHS to the library; re-runs only encode what changed."""
     from tqdm import tqdm
@@ -165,7 +188,8 @@ def index_cmd(
         build_bar.refresh()
 
     try:
-        report = index_paths(settings, [str(p) for p in paths], progress=progress, build_progress=build_progress)
+        report = index_paths(settings, [str(p) for p in paths], progress=progress, build_progress=build_progress,
+                             wait=not no_wait)
     finally:
         for b in (bar, build_bar):
             if b is not None:
@@ -182,12 +206,13 @@ def index_cmd(
                f"removed {report.removed}, failed {len(report.failed)}"
                + (f" (vectors reused for {report.reused} identical files)" if report.reused else ""))
     if report.failed:
-        shown = report.failed[:20]
-        for path, reason in shown:
-            typer.echo(f"  failed: {path}: {reason}")
-        if len(report.failed) > len(shown):
-            typer.echo(f"  ... and {len(report.failed) - len(shown)} more (`imgsearch status --failures` lists all"
+        first = report.failed[:20]
+        for path, reason in first:
+            typer.echo(f"  failed: {shown(path)}: {shown(reason)}")
+        if len(report.failed) > len(first):
+            typer.echo(f"  ... and {len(report.failed) - len(first)} more (`imgsearch status --failures` lists all"
                        + (f", or see {failures_log}" if failures_log else "") + ")")
+        warn_if_escaped("--json")
 
 
 # --- query -------------------------------------------------------------------------------------
@@ -204,7 +229,10 @@ def query_cmd(
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
     under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON array of hits."),
-    paths_out: bool = typer.Option(False, "--paths", help="Print bare paths, one per line."),
+    paths_out: bool = typer.Option(False, "--paths", help="Print bare paths, one per line (names with control "
+                                   "characters escaped; see --print0)."),
+    print0: bool = typer.Option(False, "--print0", help="Print bare paths, each ended by a NUL byte, verbatim "
+                                "(for `xargs -0`)."),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only images with this zero-shot tag (from "
                                             "`imgsearch classify`; repeatable: all must match)."),
     keyword: Optional[str] = typer.Option(None, "--keyword", help="Only images whose file name, folder, captions "
@@ -219,8 +247,10 @@ def query_cmd(
                                 "when none runs, so the following queries are fast."),
 ):
     """Find the images closest to text and/or example images."""
-    if json_out and paths_out:
-        raise UsageError("--json and --paths are exclusive; pick one output format")
+    if json_out + paths_out + print0 > 1:
+        raise UsageError("--json, --paths and --print0 are exclusive; pick one output format")
+    if min_score is not None and not math.isfinite(min_score):
+        raise UsageError(f"--min-score {min_score} is not a number; give a cosine score such as 0.25")
     from .queryspec import check_k
 
     if not (texts or image or keyword):
@@ -240,19 +270,8 @@ def query_cmd(
             raise
         flag, value = flags[e.param]
         raise UsageError(f"{flag} {value}: {e.detail}") from None
-    if json_out:
-        typer.echo(json.dumps(rows, indent=2))
-    elif paths_out:
-        for h in rows:
-            typer.echo(h["path"])
-    elif not rows:
-        err("no results" + (" above --min-score" if min_score is not None else "")
-            + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
-    else:
-        typer.echo(f"{'rank':>4}  {'score':>6}  path")
-        for h in rows:
-            typer.echo(f"{h['rank']:>4}  {h['score']:6.4f}  {h['path']}")
-
+    fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
+    print_hits(rows, fmt, min_score=min_score, tag=tag, keyword=keyword)
 
 def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under, tag, keyword, blend, use_server,
                 daemon) -> list[dict]:
@@ -316,9 +335,10 @@ def status_cmd(
         store = Store(settings.db_path, create=False)
         try:
             for path, reason in store.failures():
-                typer.echo(f"{path}\t{reason}")
+                typer.echo(f"{shown(path)}\t{shown(reason)}")
         finally:
             store.close()
+        warn_if_escaped("--json")
         return
     st = library_status(settings)
     if json_out:
@@ -328,11 +348,20 @@ def status_cmd(
     typer.echo(f"images    {st['images']}")
     typer.echo(f"failures  {st['failures']}" + ("  (imgsearch status --failures lists them)" if st["failures"] else ""))
     typer.echo(f"disk      {human_bytes(st['disk_bytes'])}")
+    if st.get("read_only"):
+        typer.echo("access    read-only (queries work; index, forget, captions and tags need write access)")
     run = st["last_run"]
     if run and run["finished_at"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"]))
         typer.echo(f"last run  {when}: new {run['new']}, updated {run['updated']}, removed {run['removed']}, "
                    f"failed {run['failed']}" + (" (interrupted)" if run["interrupted"] else ""))
+    elif run:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started_at"]))
+        if run["state"] == "running":
+            typer.echo(f"last run  started {when}, still running (pid {run['pid']})")
+        else:
+            typer.echo(f"last run  started {when}: interrupted (process ended before finishing; finished batches "
+                       "are kept, re-run `imgsearch index` to complete it)")
     typer.echo("models")
     if not st["models"]:
         typer.echo("  none yet: run `imgsearch index PATH`")
@@ -351,11 +380,13 @@ def status_cmd(
 def forget_cmd(
     ctx: typer.Context,
     paths: List[Path] = typer.Argument(..., help="Files or folders to remove from the library (files stay on disk)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing "
+                                 "to the library, instead of waiting for it."),
 ):
     """Remove files or folders from the library. Nothing on disk is touched."""
     from .indexer import forget
 
-    removed = forget(settings_of(ctx), [str(p) for p in paths])
+    removed = forget(settings_of(ctx), [str(p) for p in paths], wait=not no_wait)
     if removed == 0:
         err("nothing in the library under " + ", ".join(str(p) for p in paths))
         raise typer.Exit(1)

@@ -397,17 +397,23 @@ def model_index(settings: Settings, store: Store, model_id: int,
     Returns (index, library version it reflects, "loaded" | "updated" | "rebuilt").
     """
     model = store.model_by_id(model_id)
-    state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint}
+    state = cache_key(store, model)
     index, action = load_or_build(settings.index_path(model.id), state, model.dim,
                                   lambda: StoreVectors(store, model.id),
                                   lambda since: store.vector_changes(model.id, since), index_policy(settings),
-                                  progress)
-    if action != "loaded":  # the cache file now reflects model.version: older tombstones are spent
+                                  progress, save=not store.read_only)
+    if action != "loaded" and not store.read_only:  # the cache now reflects model.version: older tombstones are spent
         try:
             store.prune_deletions(model.id, model.version)
         except Exception:
             pass  # read-only library: tombstones stay, harmlessly
     return index, model.version, action
+
+
+def cache_key(store: Store, model: ModelRow) -> dict:
+    """What a FAISS cache file must have been built from to be trusted (see vectors.load_or_build)."""
+    return {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint,
+            "library_id": store.library_id}
 
 
 def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -424,40 +430,49 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
                 progress: ProgressFn | None = None, store: Store | None = None,
-                build_progress: BuildProgress | None = None) -> IndexReport:
-    """Index (or re-index incrementally) image files under ``paths`` with the settings' model."""
+                build_progress: BuildProgress | None = None, wait: bool = True) -> IndexReport:
+    """Index (or re-index incrementally) image files under ``paths`` with the settings' model.
+
+    Holds the library's write lock for the whole run; ``wait=False`` fails at once when another run has it.
+    """
     from . import encoder as encoder_mod
+    from .lock import write_lock
 
     roots = normalize_roots(paths)
-    enc = encoder or encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
-                                      settings.precision)
-    own_store = store is None
-    store = store or Store(settings.db_path)
-    try:
-        report = Indexer(settings, enc, store).run(roots, progress, build_progress)
-    finally:
-        if own_store:
-            store.close()
-    # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
-    from .textfast import ensure_export
+    with write_lock(settings.home, wait=wait):
+        enc = encoder or encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
+                                          settings.precision)
+        own_store = store is None
+        store = store or Store(settings.db_path)
+        try:
+            report = Indexer(settings, enc, store).run(roots, progress, build_progress)
+        finally:
+            if own_store:
+                store.close()
+        # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
+        from .textfast import ensure_export
 
-    ensure_export(settings.home, enc)
-    return report
+        ensure_export(settings.home, enc)
+        return report
 
 
-def forget(settings: Settings, paths: Iterable[str | os.PathLike]) -> int:
+def forget(settings: Settings, paths: Iterable[str | os.PathLike], wait: bool = True) -> int:
     """Remove files or folders (by path prefix) from the library; the files themselves are untouched."""
-    store = Store(settings.db_path, create=False)
-    try:
-        targets = [files.abspath(p) for p in paths]
-        if not targets:
-            raise UsageError("give at least one file or folder to forget")
-        rows = store.images_under(targets)
-        removed = store.delete_images(r.id for r in rows.values())
-        store.delete_failures_under(targets)
-        return removed
-    finally:
-        store.close()
+    from .lock import write_lock
+
+    targets = [files.abspath(p) for p in paths]
+    if not targets:
+        raise UsageError("give at least one file or folder to forget")
+    Store(settings.db_path, create=False).close()  # "no library" before any lock file is made
+    with write_lock(settings.home, wait=wait):
+        store = Store(settings.db_path, create=False)
+        try:
+            rows = store.images_under(targets)
+            removed = store.delete_images(r.id for r in rows.values())
+            store.delete_failures_under(targets)
+            return removed
+        finally:
+            store.close()
 
 
 __all__ = ["IndexReport", "Indexer", "index_paths", "forget", "normalize_roots"]
@@ -473,7 +488,9 @@ def library_status(settings: Settings) -> dict:
         for m in store.models():
             path = settings.index_path(m.id)
             state, meta = cache_state(path)
-            if state == "ok" and meta.get("fingerprint") != m.fingerprint:
+            if state == "ok" and meta.get("library_id") != store.library_id:
+                state = "stale: built for another library database (rebuilt on next query)"
+            elif state == "ok" and meta.get("fingerprint") != m.fingerprint:
                 state = "stale (rebuilt on next query)"
             elif state == "ok" and meta.get("version") != m.version:
                 state = "stale (updated on next query)"
@@ -489,7 +506,36 @@ def library_status(settings: Settings) -> dict:
                 disk += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         return {"home": str(settings.home), "images": store.image_count(), "failures": store.failure_count(),
                 "failed_files": [{"path": p, "reason": r} for p, r in store.failures(limit=20)],
-                "models": models, "last_run": store.last_run(), "disk_bytes": disk,
+                "models": models, "last_run": _run_state(settings, store.last_run()), "disk_bytes": disk,
+                "read_only": store.read_only,
                 "schema_version": store.schema_version}
     finally:
         store.close()
+
+
+def _run_state(settings: Settings, run: dict | None) -> dict | None:
+    """The last run with its ``state``: finished, running, or interrupted (its process ended unfinished, e.g.
+    kill -9, power loss: nothing could record it, so the missing finish time and a free write lock tell)."""
+    from .lock import is_held
+
+    if run is None:
+        return None
+    if run["finished_at"] is not None:
+        state = "interrupted" if run["interrupted"] else "finished"
+    elif is_held(settings.home) and _alive(run.get("pid")):
+        state = "running"
+    else:
+        state = "interrupted (process ended)"
+    return {**run, "state": state}
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return True  # run recorded before pids were: trust the lock
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True

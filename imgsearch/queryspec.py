@@ -3,12 +3,14 @@ client can share it with the search layer without importing numpy or the model."
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
 from .config import MAX_K
-from .errors import ParamError
+from .errors import ParamError, UsageError
 
+MAX_WEIGHT = 1000.0
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
 
 
@@ -16,7 +18,13 @@ def parse_weighted(raw: str) -> tuple[float, str]:
     """'2:red car' -> (2.0, 'red car'); 'red car' -> (1.0, 'red car')."""
     m = _WEIGHT.match(raw)
     if m:
-        return float(m.group(1)), m.group(2).strip()
+        weight = float(m.group(1))
+        # Beyond this, float32 query vectors overflow (inf/nan scores): reject rather than return nothing.
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            digits = m.group(1) if len(m.group(1)) <= 12 else m.group(1)[:8] + "…"
+            raise UsageError(f"weight {digits} in {raw[:40]!r} is out of range; use a number between "
+                             f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, e.g. 2:\"red car\"")
+        return weight, m.group(2).strip()
     return 1.0, raw.strip()
 
 

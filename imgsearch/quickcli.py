@@ -8,12 +8,12 @@ and the normal Typer command runs (so its messages, help and validation stay the
 
 from __future__ import annotations
 
-import json
+import math
 import sys
 
 _GLOBALS = {"--home": "home", "--model": "model", "--pretrained": "pretrained", "--device": "device",
             "--precision": "precision"}
-_FLAGS = {"--json", "--paths", "--no-server", "--server"}
+_FLAGS = {"--json", "--paths", "--print0", "--no-server", "--server"}
 
 
 def _parse(argv: list[str]) -> dict | None:
@@ -27,12 +27,12 @@ def _parse(argv: list[str]) -> dict | None:
     if i >= len(argv):
         return None
     q: dict = {"texts": [], "not": [], "tag": [], "k": 10, "min_score": None, "under": None, "json": False,
-               "paths": False, "server": True}
+               "paths": False, "print0": False, "server": True}
     i += 1
     while i < len(argv):
         a = argv[i]
         if a in _FLAGS:
-            if a in ("--json", "--paths"):
+            if a in ("--json", "--paths", "--print0"):
                 q[a[2:]] = True
             else:
                 q["server"] = a == "--server"
@@ -57,8 +57,12 @@ def _parse(argv: list[str]) -> dict | None:
             continue
         q["texts"].append(a)
         i += 1
-    if not q["texts"] or q["k"] < 1 or (q["json"] and q["paths"]):
+    if not q["texts"] or q["json"] + q["paths"] + q["print0"] > 1:
         return None
+    from .config import MAX_K
+
+    if not 1 <= q["k"] <= MAX_K or (q["min_score"] is not None and not math.isfinite(q["min_score"])):
+        return None  # Typer's path words the error
     return {"globals": opts, **q}
 
 
@@ -83,20 +87,10 @@ def run(argv: list[str]) -> bool:
         return False
     if rows is None:
         return False
-    # Same output as cli.query_cmd.
-    if p["json"]:
-        print(json.dumps(rows, indent=2))
-    elif p["paths"]:
-        for h in rows:
-            print(h["path"])
-    elif not rows:
-        tag = p["tag"]
-        print("no results" + (" above --min-score" if p["min_score"] is not None else "")
-              + (" with tag " + ", ".join(tag) if tag else ""), file=sys.stderr)
-    else:
-        print(f"{'rank':>4}  {'score':>6}  path")
-        for h in rows:
-            print(f"{h['rank']:>4}  {h['score']:6.4f}  {h['path']}")
+    from .output import print_hits
+
+    fmt = "json" if p["json"] else "print0" if p["print0"] else "paths" if p["paths"] else "table"
+    print_hits(rows, fmt, min_score=p["min_score"], tag=p["tag"])
     sys.stdout.flush()
     return True
 

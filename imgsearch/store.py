@@ -153,6 +153,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             VALUES (old.model_id, old.image_id, (SELECT version FROM models WHERE id = old.model_id) + 1);
         END""",
     ]),
+    # A random identity per database, so a FAISS cache built for another library.db (one moved aside and
+    # recreated has the same model ids and versions) is never trusted; and the pid of each index run, so
+    # `status` can tell a run that is still going from one whose process was killed.
+    (4, "library_identity", [
+        "CREATE TABLE library_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO library_meta (key, value) VALUES ('library_id', lower(hex(randomblob(16))))",
+        "ALTER TABLE runs ADD COLUMN pid INTEGER",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -214,7 +222,7 @@ def _like_prefix(folder: str) -> str:
 class Store:
     """One open library database. Cheap to open; safe to use from one thread at a time."""
 
-    def __init__(self, db_path: str | os.PathLike, *, create: bool = True):
+    def __init__(self, db_path: str | os.PathLike, *, create: bool = True, read_only: bool | None = None):
         from sqlalchemy import create_engine, event
 
         self.path = Path(db_path)
@@ -226,18 +234,54 @@ class Store:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise LibraryError(f"cannot create library folder {self.path.parent}: {e.strerror or e}") from None
-        self.engine = create_engine(f"sqlite:///{self.path}", future=True)
+        # A library on read-only media or without write permission still answers queries.
+        self.read_only = (self.path.exists() and not _writable(self.path)) if read_only is None else read_only
+        # hide_parameters: an error must never carry the statement's values (vector blobs) to the user.
+        if self.read_only:
+            self.engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True,
+                                        creator=self._connect_read_only)
+        else:
+            self.engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True)
 
         @event.listens_for(self.engine, "connect")
         def _pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA busy_timeout = 30000")
-            cur.execute("PRAGMA journal_mode = WAL")
-            cur.execute("PRAGMA synchronous = NORMAL")
+            if not self.read_only:
+                cur.execute("PRAGMA journal_mode = WAL")
+                cur.execute("PRAGMA synchronous = NORMAL")
             cur.execute("PRAGMA foreign_keys = ON")
             cur.close()
 
+        @event.listens_for(self.engine, "handle_error")
+        def _translate(context):
+            better = _library_error(self, context.original_exception)
+            if better is not None:
+                raise better
+
+        self._library_id: str | None = None
         self._migrate()
+
+    def _connect_read_only(self):
+        """A read-only connection; ``immutable`` when SQLite cannot create the WAL index file beside it."""
+        import sqlite3
+        from urllib.parse import quote
+
+        uri = "file:" + quote(str(self.path.resolve()))
+        try:
+            conn = sqlite3.connect(uri + "?mode=ro", uri=True, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as e:
+            if _code(e) != SQLITE_CANTOPEN:
+                raise
+        wal = Path(str(self.path) + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            # Committed data still sits in the WAL; immutable would silently ignore it.
+            raise LibraryError(f"library {self.path.parent} is read-only and its last writes are still in "
+                               f"{wal.name}; open it once where it is writable (or copy the folder somewhere "
+                               "writable) to query it")
+        return sqlite3.connect(uri + "?immutable=1", uri=True, check_same_thread=False)
 
     # --- schema ------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -245,14 +289,21 @@ class Store:
         from sqlalchemy import text
 
         try:
+            if self.read_only:
+                with self.engine.connect() as c:
+                    has = c.execute(text("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'")).first()
+                    done = {r[0] for r in c.execute(text("SELECT version FROM schema_migrations"))} if has else set()
+                self._check_newer(done)
+                if max(done, default=0) < SCHEMA_VERSION:
+                    raise LibraryError(
+                        f"library {self.path.parent} is read-only and was written by an older imgsearch (schema "
+                        f"{max(done, default=0)} < {SCHEMA_VERSION}); open it once where it is writable to upgrade it")
+                return
             with self.engine.begin() as c:
                 c.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
                                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"))
                 done = {r[0] for r in c.execute(text("SELECT version FROM schema_migrations"))}
-                if done and max(done) > SCHEMA_VERSION:
-                    raise LibraryError(
-                        f"library {self.path} was written by a newer imgsearch (schema {max(done)} > "
-                        f"{SCHEMA_VERSION}); upgrade imgsearch to use it")
+                self._check_newer(done)
                 for version, name, statements in MIGRATIONS:
                     if version in done:
                         continue
@@ -261,9 +312,20 @@ class Store:
                     c.execute(text("INSERT INTO schema_migrations VALUES (:v, :n, :t)"),
                               {"v": version, "n": name, "t": time.time()})
         except sa.exc.DatabaseError as e:
+            raise _open_error(self.path, e) from None
+
+    def _check_newer(self, done: set[int]) -> None:
+        if done and max(done) > SCHEMA_VERSION:
             raise LibraryError(
-                f"library database {self.path} is unreadable ({str(e.orig) if e.orig else e}); "
-                "move it aside and re-run `imgsearch index` to rebuild it") from None
+                f"library {self.path} was written by a newer imgsearch (schema {max(done)} > "
+                f"{SCHEMA_VERSION}); upgrade imgsearch to use it")
+
+    @property
+    def library_id(self) -> str:
+        """This database's random identity (made when it was created): caches record which library built them."""
+        if self._library_id is None:
+            self._library_id = str(self.scalar("SELECT value FROM library_meta WHERE key = 'library_id'") or "")
+        return self._library_id
 
     @property
     def schema_version(self) -> int:
@@ -699,8 +761,8 @@ class Store:
         from sqlalchemy import text
 
         with self.begin() as c:
-            res = c.execute(text("INSERT INTO runs (model_id, roots, started_at) VALUES (:m, :r, :t)"),
-                            {"m": model_id, "r": "\n".join(roots), "t": time.time()})
+            res = c.execute(text("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)"),
+                            {"m": model_id, "r": "\n".join(roots), "t": time.time(), "p": os.getpid()})
             return int(res.lastrowid)
 
     def finish_run(self, run_id: int, counts: dict[str, int], interrupted: bool = False) -> None:
@@ -714,11 +776,11 @@ class Store:
 
     def last_run(self) -> dict | None:
         r = self.rows("SELECT id, model_id, roots, started_at, finished_at, new, updated, unchanged, moved, "
-                      "removed, failed, interrupted FROM runs ORDER BY id DESC LIMIT 1")
+                      "removed, failed, interrupted, pid FROM runs ORDER BY id DESC LIMIT 1")
         if not r:
             return None
         keys = ("id", "model_id", "roots", "started_at", "finished_at", "new", "updated", "unchanged", "moved",
-                "removed", "failed", "interrupted")
+                "removed", "failed", "interrupted", "pid")
         return dict(zip(keys, r[0]))
 
     def disk_usage(self) -> int:
@@ -728,6 +790,59 @@ class Store:
             if p.exists():
                 total += p.stat().st_size
         return total
+
+
+def _writable(db: Path) -> bool:
+    """Whether SQLite may write here (the file, and its folder for the WAL and journal files)."""
+    return os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)
+
+
+SQLITE_READONLY, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 11, 14, 13, 26
+
+
+def _code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of an sqlite3 error (extended codes carry it in the low byte)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def disk_full_message(where: str | os.PathLike) -> str:
+    import shutil
+
+    folder = Path(where)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    room = f"{free / 1e6:.0f} MB free" if free >= 0 else "free space unknown"
+    return (f"disk full while writing the library at {where} ({room}); free some space (a few hundred MB "
+            "for a large run) and re-run: finished batches are kept")
+
+
+def _library_error(store: "Store", exc: BaseException) -> LibraryError | None:
+    """A one-line LibraryError for SQLite failures a user can act on (full disk, read-only files)."""
+    code = _code(exc)
+    if code == SQLITE_FULL or "database or disk is full" in str(exc):
+        return LibraryError(disk_full_message(store.path.parent))
+    if code == SQLITE_READONLY or "readonly database" in str(exc):
+        return LibraryError(f"library {store.path.parent} is read-only: queries work, but indexing, forget, "
+                            "captions and tags need write access to it")
+    return None
+
+
+def _open_error(path: Path, e) -> LibraryError:
+    """Only a database SQLite calls damaged gets the advice to start a new one, and never to delete it."""
+    orig = getattr(e, "orig", None) or e
+    if isinstance(orig, LibraryError):
+        return orig
+    code = _code(orig)
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or "not a database" in str(orig) or "malformed" in str(orig):
+        return LibraryError(
+            f"library database {path} is unreadable ({orig}): it is damaged. Copy it somewhere safe first (it "
+            "holds your captions and tags), then rename it and re-run `imgsearch index PATH` to start a new one")
+    return LibraryError(f"cannot open library database {path} ({orig}); check its permissions and free disk space")
 
 
 def _image_params(img: dict) -> dict:

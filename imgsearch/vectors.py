@@ -260,7 +260,8 @@ class VectorIndex:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = faiss.serialize_index(self.index)
-        header = json.dumps({**meta, **self.meta()}).encode()
+        # The payload size lets `status` spot a truncated file without reading gigabytes of vectors.
+        header = json.dumps({**meta, **self.meta(), "payload_bytes": int(payload.nbytes)}).encode()
         h = hashlib.blake2b(header, digest_size=16)
         h.update(memoryview(payload))
         # mkstemp creates a new file (O_EXCL): never truncates one that some other process or user owns.
@@ -479,8 +480,10 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
                   full: Callable[[], VectorSource],
                   fetch_changes: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
                   policy: IndexPolicy = IndexPolicy(),
-                  progress: BuildProgress | None = None) -> tuple[VectorIndex, str]:
-    """The index for ``state`` (model_id, version, fingerprint), from the cache file when it can be trusted.
+                  progress: BuildProgress | None = None, save: bool = True) -> tuple[VectorIndex, str]:
+    """The index for ``state`` (model_id, version, fingerprint, library_id), from the cache file when it can be
+    trusted: every key but the version must match, so a cache built for another database is rebuilt.
+    ``save=False`` (a read-only library) builds in memory and leaves the cache file alone.
 
     A cache built from an older version is brought up to date with ``fetch_changes(version)`` (upserted ids,
     their vectors, deleted ids) instead of a rebuild, unless the collection outgrew its index type.
@@ -503,6 +506,8 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
         pass
     if index is None:
         index = VectorIndex.build_from(full(), dim, policy, progress=progress)
+    if not save:
+        return index, action
     try:
         index.save(path, state)
     except OSError:
@@ -510,11 +515,30 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
     return index, action
 
 
-def cache_state(path: str | os.PathLike) -> tuple[str, dict | None]:
-    """('ok'|'missing'|'damaged', header) for status reports, without loading vectors."""
+def cache_state(path: str | os.PathLike, verify_max: int = 1 << 30) -> tuple[str, dict | None]:
+    """('ok'|'missing'|'damaged', header) for status reports, without loading vectors into FAISS.
+
+    The file's size must match its header; files up to ``verify_max`` bytes also have their checksum
+    verified (streamed), so a truncated or damaged cache is never reported as ok.
+    """
     if not os.path.exists(path):
         return "missing", None
     try:
-        return "ok", VectorIndex.read_meta(path)
-    except (IndexFileError, OSError, ValueError):
+        meta = VectorIndex.read_meta(path)
+        with open(path, "rb") as f:
+            _, header_len = struct.unpack("<II", f.read(16)[8:16])
+            size = os.fstat(f.fileno()).st_size
+            payload = size - 32 - header_len
+            if payload < 0 or ("payload_bytes" in meta and payload != meta["payload_bytes"]):
+                return "damaged", None
+            if size <= verify_max:
+                header = f.read(header_len)
+                digest = f.read(16)
+                h = hashlib.blake2b(header, digest_size=16)
+                for block in iter(lambda: f.read(8 << 20), b""):
+                    h.update(block)
+                if h.digest() != digest:
+                    return "damaged", None
+        return "ok", meta
+    except (IndexFileError, OSError, ValueError, struct.error):
         return "damaged", None

@@ -137,7 +137,8 @@ def test_faiss_cache_missing_damaged_or_stale_is_rebuilt(cli, photos, home):
     data = bytearray(cache.read_bytes())
     data[len(data) // 2] ^= 0xFF  # flip a byte in the middle
     cache.write_bytes(bytes(data))
-    assert json.loads(cli("status", "--json").stdout)["models"][0]["index_state"] == "ok"  # header still reads
+    # The checksum is verified: a damaged middle is reported, not only a damaged header (issue 12).
+    assert json.loads(cli("status", "--json").stdout)["models"][0]["index_state"] == "damaged"
     assert hits_of(cli("query", "a purple square", "--json")) == expected
     cache.write_bytes(b"garbage")
     assert json.loads(cli("status", "--json").stdout)["models"][0]["index_state"] == "damaged"

@@ -52,8 +52,11 @@ def classify_cmd(
         if any(r.error for r in results):
             raise typer.Exit(1)
         return
-    report = classify_library(settings, label_list, templates, top, min_prob, under=str(under) if under else None,
-                              keep_results=json_out)
+    from ..lock import write_lock
+
+    with write_lock(settings.home):  # tags are library writes: one writer at a time
+        report = classify_library(settings, label_list, templates, top, min_prob,
+                                  under=str(under) if under else None, keep_results=json_out)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
@@ -77,7 +80,11 @@ def tags_cmd(
     store = Store(settings_of(ctx).db_path, create=False)
     try:
         if drop_set is not None:
-            if not store.delete_tag_set(drop_set):
+            from ..lock import write_lock
+
+            with write_lock(settings_of(ctx).home):
+                dropped = store.delete_tag_set(drop_set)
+            if not dropped:
                 raise UsageError(f"no label set {drop_set}; `imgsearch tags --sets` lists them")
             typer.echo(f"deleted label set {drop_set} and its tags")
             return
@@ -179,6 +186,7 @@ def caption_cmd(
 ):
     """Attach captions to library images; they are searched by `query --keyword`."""
     from ..keywords import add_caption, captions_of, import_captions
+    from ..lock import write_lock
     from ..store import Store
 
     settings = settings_of(ctx)
@@ -189,7 +197,8 @@ def caption_cmd(
     store = Store(settings.db_path, create=False)
     try:
         if import_file:
-            report = import_captions(store, import_file, image_col, caption_col, replace)
+            with write_lock(settings.home):
+                report = import_captions(store, import_file, image_col, caption_col, replace)
             if json_out:
                 typer.echo(json.dumps(report.as_dict(), indent=2))
                 return
@@ -213,7 +222,8 @@ def caption_cmd(
             else:
                 err(f"no captions for {image}")
             return
-        added = add_caption(store, image, " ".join(text), replace)
+        with write_lock(settings.home):
+            added = add_caption(store, image, " ".join(text), replace)
         typer.echo("caption added" if added else "this caption is already there")
     finally:
         store.close()

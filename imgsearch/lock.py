@@ -1,0 +1,127 @@
+"""One writer at a time per library: an advisory lock on <home>/write.lock, held for a whole write command.
+
+SQLite alone serialises transactions, not runs: two `index` runs that planned the same new files, or a
+`forget` between an index run's batches, collide (IntegrityError, FOREIGN KEY). Readers (query, status,
+serve) never take this lock. The holder writes its pid in the file so a waiting run can name it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import LibraryError
+
+LOCK_NAME = "write.lock"
+
+_held: dict[str, tuple[int, int]] = {}  # lock path -> (thread id, depth): re-entrant within one thread
+_held_guard = threading.Lock()
+
+
+def _say_waiting(pid: int | None) -> None:
+    who = f" (pid {pid})" if pid else ""
+    print(f"another imgsearch run{who} is writing to this library; waiting… (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+
+
+def holder_pid(home: str | os.PathLike) -> int | None:
+    """The pid recorded by the current or last holder (None when unknown)."""
+    try:
+        text = (Path(home) / LOCK_NAME).read_text(encoding="ascii", errors="replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+def is_held(home: str | os.PathLike) -> bool:
+    """Whether some process holds the write lock now (a probe: takes and drops a shared lock, never waits)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(Path(home) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no writer has run since locking existed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def write_lock(home: str | os.PathLike, *, wait: bool = True, timeout: float | None = None,
+               on_wait: Callable[[int | None], None] | None = _say_waiting) -> Iterator[None]:
+    """Hold the library's write lock. Another holder: ``on_wait(pid)`` once, then wait (or fail at once with
+    ``wait=False``, or after ``timeout`` seconds) with a LibraryError that names the holder."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): SQLite's own locking is all there is
+        yield
+        return
+    home = Path(home)
+    path = home / LOCK_NAME
+    key = str(path.absolute())
+    me = threading.get_ident()
+    with _held_guard:
+        owner = _held.get(key)
+        if owner and owner[0] == me:
+            _held[key] = (me, owner[1] + 1)
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] = (me, _held[key][1] - 1)
+        return
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise LibraryError(f"cannot write to the library at {home} ({e.strerror or e}); queries work, but "
+                           "indexing, forget, captions and tags need write access") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = holder_pid(home)
+            if not wait:
+                raise LibraryError(f"another imgsearch run{f' (pid {pid})' if pid else ''} is writing to this "
+                                   "library; try again when it has finished (or leave out --no-wait)") from None
+            if on_wait:
+                on_wait(pid)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                # Polling (not a blocking flock) keeps Ctrl-C and the timeout responsive.
+                time.sleep(0.1)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise LibraryError(f"another imgsearch run (pid {holder_pid(home) or '?'}) was still "
+                                           f"writing to this library after {timeout:g}s; try again later") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with _held_guard:
+            _held[key] = (me, 1)
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
+            os.ftruncate(fd, 0)  # a pid left behind would be named by the next waiter
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

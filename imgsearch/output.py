@@ -1,0 +1,75 @@
+"""How paths and hits are printed. Standard library only: the cold query path (quickcli) and the Typer CLI
+print through the same functions, so their output cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+_CONTROL = {c for c in range(0x20)} | {0x7F} | set(range(0x80, 0xA0))
+
+
+def shown(name: str) -> str:
+    """A path as printed in line-based output: verbatim unless it holds control characters (a newline in
+    a crafted name would pass for two paths to `xargs`), then as a shell $'...' string with escapes."""
+    if not any(ord(ch) in _CONTROL or 0xDC80 <= ord(ch) <= 0xDCFF for ch in name):
+        return name
+    out = []
+    for ch in name:
+        o = ord(ch)
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif 0xDC80 <= o <= 0xDCFF:  # an undecodable byte kept by surrogateescape
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o in _CONTROL:
+            out.append(f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}")  # C1 controls are characters, not bytes
+        else:
+            out.append(ch)
+    shown.escaped += 1
+    return "$'" + "".join(out) + "'"
+
+
+shown.escaped = 0
+
+
+def warn_if_escaped(hint: str = "--print0 or --json") -> None:
+    """One stderr line when some names were shown escaped (they are not usable as paths as printed)."""
+    if shown.escaped:
+        err(f"warning: {shown.escaped} name{'s' if shown.escaped != 1 else ''} with control characters shown "
+            f"escaped as $'...'; {hint} give{'s' if ' or ' not in hint else ''} them verbatim")
+        shown.escaped = 0
+
+
+def print_hits(rows: list[dict], fmt: str = "table", *, min_score: float | None = None, tag=None,
+               keyword: str | None = None) -> None:
+    """Search hits as the `query` command prints them: fmt is table, paths, print0 or json."""
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    elif fmt == "print0":
+        sys.stdout.flush()
+        out = sys.stdout.buffer
+        for h in rows:
+            out.write(os.fsencode(h["path"]) + b"\0")
+        out.flush()
+    elif fmt == "paths":
+        for h in rows:
+            print(shown(h["path"]))
+        warn_if_escaped()
+    elif not rows:
+        err("no results" + (" above --min-score" if min_score is not None else "")
+            + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
+    else:
+        print(f"{'rank':>4}  {'score':>6}  path")
+        for h in rows:
+            print(f"{h['rank']:>4}  {h['score']:6.4f}  {shown(h['path'])}")
+        warn_if_escaped()
