@@ -261,9 +261,11 @@ def query_cmd(
         err("no results" + (" above --min-score" if min_score is not None else "")
             + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
     else:
+        from .files import display
+
         typer.echo(f"{'rank':>4}  {'score':>6}  path")
         for h in rows:
-            typer.echo(f"{h['rank']:>4}  {h['score']:6.4f}  {h['path']}")
+            typer.echo(f"{h['rank']:>4}  {h['score']:6.4f}  {display(h['path'])}")
 
 
 # --- status / forget ---------------------------------------------------------------------------

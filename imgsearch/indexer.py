@@ -300,15 +300,14 @@ class Indexer:
         self._with_vec |= store.image_ids_with_vectors(self.model.id, row_ids)
         copies: list[tuple[files.FileEntry, ImageRow]] = []
         for e, digest in todo:
-            rows = sorted((r for r in by_hash.get(digest, []) if r.id not in self._claimed and r.path != e.path),
-                          key=lambda r: r.id)
-            kind, row = _known_match(e.path, rows)
+            same = sorted((r for r in by_hash.get(digest, []) if r.path != e.path), key=lambda r: r.id)
+            kind, row = _known_match(e.path, [r for r in same if r.id not in self._claimed])
             if kind == "moved":
                 self._move(row, e, report, pending, batch, missing)
             elif kind == "alias":  # a hard link to a file the library has under another name
                 report.aliases += 1
             else:
-                source = next((r for r in rows if r.id in self._with_vec), None)
+                source = next((r for r in same if r.id in self._with_vec), None)  # a moved row's vector too
                 if source is not None:
                     copies.append((e, source))
                     continue

@@ -211,6 +211,10 @@ def _like_prefix(folder: str) -> str | bytes:
     return _bind(escaped + os.sep + "%")
 
 
+# SQLite's LIKE skips BLOB values (non-UTF-8 paths, see _bind) unless both sides are cast to text.
+_BLOB_UNDER = "OR (typeof(path) = 'blob' AND CAST(path AS TEXT) LIKE CAST(:like AS TEXT) ESCAPE '\\')"
+
+
 def _bind(path: str) -> str | bytes:
     """A path as SQLite stores it: text, or raw bytes (a BLOB) for a name that is not valid UTF-8.
 
@@ -381,7 +385,7 @@ class Store:
                 rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images")
             else:
                 rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p "
-                                 "OR path LIKE :like ESCAPE '\\'", p=_bind(root), like=_like_prefix(root))
+                                 f"OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}", p=_bind(root), like=_like_prefix(root))
             for r in rows:
                 row = _image(r)
                 out[row.path] = row
@@ -439,7 +443,7 @@ class Store:
         if folder == os.sep:
             rows = self.rows("SELECT id FROM images")
         else:
-            rows = self.rows("SELECT id FROM images WHERE path = :p OR path LIKE :like ESCAPE '\\'",
+            rows = self.rows(f"SELECT id FROM images WHERE path = :p OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}",
                              p=_bind(folder), like=_like_prefix(folder))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
@@ -525,7 +529,8 @@ class Store:
         with self.begin() as c:
             for root in roots:
                 root = root.rstrip(os.sep) or os.sep
-                rows = c.execute(text("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\'"),
+                rows = c.execute(text("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\' "
+                                      + _BLOB_UNDER),
                                  {"p": _bind(root), "like": _like_prefix(root) if root != os.sep else "%"})
                 gone = [r[0] for r in rows if _unbind(r[0]) not in keep]
                 if gone:

@@ -102,9 +102,9 @@ def test_hidden_system_folders_and_symlink_loops(cli, tmp_path):
     Image.new("RGB", (32, 32)).save(root / "._red_circle_000.jpg")  # macOS resource fork
     (root / "sub").mkdir()
     os.symlink(root, root / "sub" / "loop")  # a folder that contains itself
-    os.symlink(root / "red_square_000.png", root / "sub" / "link.png")  # symlinked file is indexed as itself
+    os.symlink(root / "red_square_000.png", root / "sub" / "link.png")  # a second name for one file: one row
     rep = report(cli, root)
-    assert rep["new"] == 4 and rep["failed"] == 0
+    assert rep["new"] == 3 and rep["aliases"] == 1 and rep["failed"] == 0
     hits = json.loads(cli("query", "a blue circle", "-k", "20", "--json").stdout)
     assert not any(part.startswith((".", "@")) for h in hits for part in Path(h["path"]).parts)
 
