@@ -192,5 +192,5 @@ def human_bytes(n: float) -> str:
 
 
 
-__all__ = ["FileEntry", "Skipped", "Alias", "walk", "content_hash", "hash_file", "display", "is_library_home", "under", "abspath", "human_bytes",
-           "image_extensions", "is_hidden"]
+__all__ = ["FileEntry", "Skipped", "Alias", "walk", "content_hash", "hash_file", "display", "is_library_home",
+           "under", "abspath", "human_bytes", "image_extensions", "is_hidden"]

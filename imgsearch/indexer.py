@@ -8,6 +8,7 @@ the batch in flight and the next run picks up where it stopped.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -167,7 +168,7 @@ class Indexer:
         still_failing: set[str] = set()
         for path, (reason, size, mtime_ns) in prior.items():
             entry = seen[path]
-            if (size, mtime_ns) == (entry.size, entry.mtime_ns) and not self._may_pass_now(reason):
+            if (size, mtime_ns) == (entry.size, entry.mtime_ns) and not self._may_pass_now(reason, size):
                 still_failing.add(path)
         report.failed_before = len(still_failing)
 
@@ -243,12 +244,13 @@ class Indexer:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _may_pass_now(self, reason: str) -> bool:
+    def _may_pass_now(self, reason: str, size: int) -> bool:
         """A recorded failure that a raised cap may now let through (worth retrying although unchanged)."""
         if "IMGSEARCH_MAX_FILE_MB" in reason:
-            return f"the {self.settings.max_file_mb} MB cap" not in reason
+            return size <= self.settings.max_file_mb << 20
         if "IMGSEARCH_MAX_PIXELS" in reason:
-            return f"the {self.settings.max_pixels / 1e6:.0f} MP cap" not in reason
+            m = re.search(r"(\d+)x(\d+) = ", reason)
+            return m is None or int(m[1]) * int(m[2]) <= self.settings.max_pixels
         return False
 
     def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,

@@ -385,7 +385,8 @@ class Store:
                 rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images")
             else:
                 rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p "
-                                 f"OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}", p=_bind(root), like=_like_prefix(root))
+                                 f"OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}", p=_bind(root),
+                                 like=_like_prefix(root))
             for r in rows:
                 row = _image(r)
                 out[row.path] = row
