@@ -195,7 +195,8 @@ def index_cmd(
             if b is not None:
                 b.close()
     if failures_log:
-        failures_log.write_text("".join(f"{p}\t{r}\n" for p, r in report.failed), encoding="utf-8")
+        failures_log.write_text("".join(f"{p}\t{r}\n" for p, r in report.failed), encoding="utf-8",
+                                errors="surrogateescape")
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
@@ -205,6 +206,11 @@ def index_cmd(
     typer.echo(f"  new {report.new}, updated {report.updated}, unchanged {report.unchanged}, moved {report.moved}, "
                f"removed {report.removed}, failed {len(report.failed)}"
                + (f" (vectors reused for {report.reused} identical files)" if report.reused else ""))
+    if report.aliases:
+        typer.echo(f"  {report.aliases} paths were second names (symlinks, hard links) of files indexed once")
+    if report.failed_before:
+        typer.echo(f"  {report.failed_before} files that failed before and are unchanged were not retried "
+                   "(`imgsearch status --failures`)")
     if report.failed:
         first = report.failed[:20]
         for path, reason in first:

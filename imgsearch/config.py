@@ -24,6 +24,11 @@ SKIP_DIR_NAMES = frozenset(
 )
 
 
+# A library home holds HOME_DB and HOME_MARKER; `index` skips such folders (their thumbnails are not photos).
+HOME_DB = "library.db"
+HOME_MARKER = ".imgsearch-home"
+
+
 def default_home() -> Path:
     """Per-user data dir: $XDG_DATA_HOME/imgsearch or ~/.local/share/imgsearch."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
@@ -54,6 +59,7 @@ class Settings:
     batch_size: int = 32
     workers: int = 0  # decode threads; 0 = pick from CPU count
     max_pixels: int = 100_000_000  # decompression-bomb cap
+    max_file_mb: int = 256  # larger files are not read: peak memory stays near workers x this
     write_batch: int = 256  # rows per transaction while indexing
     flat_max: int = 50_000  # exact FAISS search up to this many vectors, IVF above
     index_budget_mb: int = 4096  # raw vectors above this use IVF-PQ codes instead
@@ -80,6 +86,7 @@ class Settings:
         values["batch_size"] = _env_int("IMGSEARCH_BATCH_SIZE", cls.batch_size)
         values["workers"] = _env_int("IMGSEARCH_WORKERS", cls.workers)
         values["max_pixels"] = _env_int("IMGSEARCH_MAX_PIXELS", cls.max_pixels)
+        values["max_file_mb"] = _env_int("IMGSEARCH_MAX_FILE_MB", cls.max_file_mb)
         values["flat_max"] = _env_int("IMGSEARCH_FLAT_MAX", cls.flat_max)
         if env.get("IMGSEARCH_GPU_DECODE"):
             values["gpu_decode"] = env["IMGSEARCH_GPU_DECODE"]
@@ -97,7 +104,7 @@ class Settings:
 
     @property
     def db_path(self) -> Path:
-        return self.home / "library.db"
+        return self.home / HOME_DB
 
     @property
     def index_dir(self) -> Path:

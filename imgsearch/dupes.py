@@ -210,6 +210,18 @@ def _fingerprints(store, rows: dict, ids: set[int], workers: int, max_pixels: in
     return known, failed
 
 
+def _identities(rows: dict) -> dict[int, tuple[int, int]]:
+    """(device, inode) of each row's file; rows whose file is gone are left out."""
+    out: dict[int, tuple[int, int]] = {}
+    for i, r in rows.items():
+        try:
+            st = os.stat(r.path)
+        except OSError:
+            continue
+        out[i] = (st.st_dev, st.st_ino)
+    return out
+
+
 def find_duplicates(settings: Settings, under: str | None = None, threshold: float | None = None,
                     similar: bool = False, min_match: float = DEFAULT_MIN_MATCH, searcher=None,
                     exact: bool | None = None) -> DupeReport:
@@ -240,7 +252,8 @@ def find_duplicates(settings: Settings, under: str | None = None, threshold: flo
         involved = {int(ids_arr[a]) for a, _, _ in pairs} | {int(ids_arr[b]) for _, b, _ in pairs}
         rows = store.get_images(involved)
         # Files deleted since indexing can be neither compared nor kept.
-        present = {i for i, r in rows.items() if os.path.exists(r.path)}
+        identity = _identities(rows)
+        present = set(identity)
         prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
         if not similar:
             workers = settings.workers or min(8, os.cpu_count() or 2)
@@ -251,6 +264,8 @@ def find_duplicates(settings: Settings, under: str | None = None, threshold: flo
             ia, ib = int(ids_arr[a]), int(ids_arr[b])
             if ia not in present or ib not in present:
                 continue
+            if identity[ia] == identity[ib]:
+                continue  # one physical file under two names (symlink, hard link): deleting "the copy" loses it
             if not similar:
                 if ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match:
                     continue

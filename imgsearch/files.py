@@ -9,12 +9,12 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, SKIP_DIR_NAMES
+from .config import HEIC_EXTENSIONS, HOME_DB, HOME_MARKER, IMAGE_EXTENSIONS, SKIP_DIR_NAMES
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    path: str  # absolute, symlinks in the path kept as the user sees them
+    path: str  # absolute real path (symlinks resolved): one physical file has one library path
     size: int
     mtime_ns: int
 
@@ -23,6 +23,14 @@ class FileEntry:
 class Skipped:
     path: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A second path (symlink or hard link) to a file already yielded as ``of`` in this walk."""
+
+    path: str
+    of: str
 
 
 def heic_supported() -> bool:
@@ -39,42 +47,78 @@ def is_hidden(name: str) -> bool:
 
 
 def abspath(path: str | os.PathLike) -> str:
-    """Absolute, normalised path without resolving symlinks (users see the path they gave)."""
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+    """The library's name for a path: absolute with symlinks resolved.
+
+    One physical file reached through ``lib`` and through a symlink ``link-to-lib`` must be one library
+    row, so every path the user gives (roots, --under, forget, caption targets) is resolved the same way.
+    """
+    return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def walk(roots: Iterable[str | os.PathLike]) -> Iterator[FileEntry | Skipped]:
+def display(path: str) -> str:
+    """``path`` printable anywhere: bytes that are not UTF-8 (surrogate escapes) shown as \\xNN."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_library_home(names: Iterable[str]) -> bool:
+    """A folder listing that is an imgsearch home: its database and the marker imgsearch writes next to it."""
+    names = set(names)
+    return HOME_DB in names and HOME_MARKER in names
+
+
+def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.PathLike] = (),
+         aliases: bool = False, link_targets: list[str] | None = None) -> Iterator[FileEntry | Skipped | Alias]:
     """Yield every image file under ``roots`` (files or folders), and a Skipped for each problem.
 
-    Follows symlinked folders but never visits the same folder twice, so symlink loops end.
-    Hidden files and folders are skipped silently: they are not photos the user meant to index.
+    Paths come back with symlinks resolved, and a physical file (same device and inode) comes back once:
+    further paths to it are dropped, or yielded as Alias when ``aliases``. Follows symlinked folders but
+    never visits the same folder twice, so symlink loops end. Hidden files and folders are skipped
+    silently: they are not photos the user meant to index. So are imgsearch library homes (the folders
+    in ``skip_homes`` and any folder holding a library database with its marker): their thumbnails and
+    caches are not photos either. ``link_targets`` collects the real paths that symlinks led to.
     """
     exts = image_extensions()
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[str] = set()
+    seen_files: dict[tuple[int, int], str] = {}
+    homes: set[tuple[int, int]] = set()
+    for h in skip_homes:
+        try:
+            st = os.stat(h)
+            homes.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
 
-    def file_entry(path: str) -> FileEntry | Skipped | None:
-        if os.path.splitext(path)[1].lower() not in exts:
+    def file_entry(shown: str, real: str) -> FileEntry | Skipped | Alias | None:
+        if os.path.splitext(shown)[1].lower() not in exts:
             return None
         try:
-            st = os.stat(path)
+            st = os.stat(real)
         except FileNotFoundError:
-            return Skipped(path, "broken symlink" if os.path.islink(path) else "file vanished")
+            return Skipped(shown, "broken symlink" if os.path.islink(shown) else "file vanished")
         except OSError as e:
-            return Skipped(path, f"cannot stat: {e.strerror or e}")
+            return Skipped(shown, f"cannot stat: {e.strerror or e}")
         if not stat.S_ISREG(st.st_mode):
             return None
-        return FileEntry(path, st.st_size, st.st_mtime_ns)
+        key = (st.st_dev, st.st_ino)
+        first = seen_files.get(key)
+        if first is not None:
+            return Alias(shown, first) if aliases else None
+        seen_files[key] = real
+        return FileEntry(real, st.st_size, st.st_mtime_ns)
 
-    def visit_dir(path: str) -> Iterator[FileEntry | Skipped]:
+    def visit_dir(path: str) -> Iterator[FileEntry | Skipped | Alias]:
         try:
             st = os.stat(path)
         except OSError as e:
             yield Skipped(path, f"cannot open folder: {e.strerror or e}")
             return
         key = (st.st_dev, st.st_ino)
-        if key in seen_dirs:
-            return  # symlink loop or a folder reached twice
+        if key in seen_dirs or key in homes:
+            return  # symlink loop, a folder reached twice, or the library's own home
         seen_dirs.add(key)
         try:
             with os.scandir(path) as it:
@@ -82,20 +126,26 @@ def walk(roots: Iterable[str | os.PathLike]) -> Iterator[FileEntry | Skipped]:
         except OSError as e:
             yield Skipped(path, f"cannot list folder: {e.strerror or e}")
             return
+        if is_library_home(e.name for e in entries):
+            return
         for entry in entries:
             if is_hidden(entry.name):
                 continue
             full = os.path.join(path, entry.name)
             try:
+                link = entry.is_symlink()
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
-                is_dir = False
+                link, is_dir = False, False
+            # The parent is already real, so only a symlink entry needs resolving (no realpath per file).
+            real = os.path.realpath(full) if link else full
+            if link and link_targets is not None:
+                link_targets.append(real)
             if is_dir:
-                yield from visit_dir(full)
+                yield from visit_dir(real)
                 continue
-            result = file_entry(full)
-            if result is not None and full not in seen_files:
-                seen_files.add(full)
+            result = file_entry(full, real)
+            if result is not None:
                 yield result
 
     for root in roots:
@@ -103,18 +153,27 @@ def walk(roots: Iterable[str | os.PathLike]) -> Iterator[FileEntry | Skipped]:
         if os.path.isdir(root):
             yield from visit_dir(root)
         elif os.path.lexists(root):
-            result = file_entry(root)
+            result = file_entry(root, root)
             if result is None:
                 yield Skipped(root, "not an image file (unknown extension)")
-            elif root not in seen_files:
-                seen_files.add(root)
+            else:
                 yield result
         else:
             yield Skipped(root, "no such file or folder")
 
 
+def hash_file(f, chunk: int = 1 << 20) -> str:
+    """Content fingerprint of an open binary file, read in chunks (memory stays at one chunk)."""
+    h = hashlib.blake2b(digest_size=16)
+    while True:
+        block = f.read(chunk)
+        if not block:
+            return h.hexdigest()
+        h.update(block)
+
+
 def content_hash(data: bytes) -> str:
-    """Content fingerprint of a file's bytes (BLAKE2b-128, hex)."""
+    """Content fingerprint of a file's bytes (BLAKE2b-128, hex); same value as hash_file."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -133,5 +192,5 @@ def human_bytes(n: float) -> str:
 
 
 
-__all__ = ["FileEntry", "Skipped", "walk", "content_hash", "under", "abspath", "human_bytes",
-           "image_extensions", "is_hidden"]
+__all__ = ["FileEntry", "Skipped", "Alias", "walk", "content_hash", "hash_file", "display", "is_library_home",
+           "under", "abspath", "human_bytes", "image_extensions", "is_hidden"]

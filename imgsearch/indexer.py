@@ -8,6 +8,7 @@ the batch in flight and the next run picks up where it stopped.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,8 @@ class IndexReport:
     removed: int = 0
     encoded: int = 0
     reused: int = 0  # vectors copied from an identical file already in the library
+    aliases: int = 0  # second paths (symlinks, hard links) to a file the library already has
+    failed_before: int = 0  # failed in an earlier run and unchanged since: not retried
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
@@ -45,7 +48,8 @@ class IndexReport:
                 "removed": self.removed, "failed": len(self.failed)}
 
     def as_dict(self) -> dict:
-        return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "seconds": round(self.seconds, 3),
+        return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "aliases": self.aliases,
+                "failed_before": self.failed_before, "seconds": round(self.seconds, 3),
                 "interrupted": self.interrupted, "model": self.model,
                 "failures": [{"path": p, "reason": r} for p, r in self.failed]}
 
@@ -91,17 +95,26 @@ class Indexer:
     # --- worker side (threads) -----------------------------------------------------------------
     def _process(self, work: _Work, known_hashes: frozenset[str]) -> _Done:
         path = work.entry.path
+        cap = self.settings.max_file_mb << 20
+        data = None
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                size = os.fstat(f.fileno()).st_size
+                if size > cap:  # never read: peak memory stays near workers x cap
+                    return _Done(work, error=over_cap(size, self.settings.max_file_mb))
+                digest = files.hash_file(f)
+                if work.old is not None and work.old.hash == digest and not work.needs_vector:
+                    return _Done(work, hash=digest, skipped_decode=True)  # touched, same content
+                if work.old is None and digest in known_hashes:
+                    return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
+                if self.tensor_decode:
+                    f.seek(0)
+                    if f.read(2) == b"\xff\xd8":
+                        f.seek(0)
+                        data = f.read()  # the batched GPU decoder takes bytes; within the cap
         except OSError as e:
             return _Done(work, error=f"cannot read file: {e.strerror or e}")
-        digest = files.content_hash(data)
-        if work.old is not None and work.old.hash == digest and not work.needs_vector:
-            return _Done(work, hash=digest, skipped_decode=True)  # touched, same content
-        if work.old is None and digest in known_hashes:
-            return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
-        if self.tensor_decode and data[:2] == b"\xff\xd8":
+        if data is not None:
             try:
                 info, orientation = images.jpeg_header(data, self.settings.max_pixels)
                 return _Done(work, hash=digest, info=info, raw=data, orientation=orientation)
@@ -110,7 +123,8 @@ class Indexer:
                     return _Done(work, hash=digest, error=str(e))
                 # anything else (CMYK, odd markers): Pillow below decides
         try:
-            im, info = images.open_image(data, draft_size=self.draft, max_pixels=self.settings.max_pixels)
+            # From the file, not a bytes copy: Pillow reads what it decodes (a draft JPEG decode reads less).
+            im, info = images.open_image(path, draft_size=self.draft, max_pixels=self.settings.max_pixels)
             tensor = self.encoder.preprocess(im)
         except DecodeError as e:
             return _Done(work, hash=digest, error=str(e))
@@ -129,17 +143,39 @@ class Indexer:
 
         seen: dict[str, files.FileEntry] = {}
         problems: dict[str, str] = {}
-        for item in files.walk(roots):
+        aliases: set[str] = set()
+        for item in files.walk(roots, skip_homes=[self.settings.home], aliases=True):
             if isinstance(item, files.Skipped):
                 problems[item.path] = item.reason
+            elif isinstance(item, files.Alias):
+                report.aliases += 1  # one physical file, one row: the path walked first
+                aliases.add(item.path)
             else:
                 seen[item.path] = item
         existing = store.images_under(roots)
+        # Symlinks may lead outside the roots; those files' rows are found by path.
+        outside = [p for p in seen if p not in existing and not any(files.under(p, r) for r in roots)]
+        if outside:
+            existing.update(store.images_at(outside))
         with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
         self._with_vec = with_vec
+        self._claimed: set[int] = set()  # rows moved to a new path in this run
+
+        # Files that failed before and have not changed since fail again: not re-read every run.
+        prior = store.failures_of(p for p, e in seen.items()
+                                  if (old := existing.get(p)) is None or old.size != e.size
+                                  or old.mtime_ns != e.mtime_ns or old.id not in with_vec)
+        still_failing: set[str] = set()
+        for path, (reason, size, mtime_ns) in prior.items():
+            entry = seen[path]
+            if (size, mtime_ns) == (entry.size, entry.mtime_ns) and not self._may_pass_now(reason, size):
+                still_failing.add(path)
+        report.failed_before = len(still_failing)
 
         work: list[_Work] = []
         for path, entry in seen.items():
+            if path in still_failing:
+                continue
             old = existing.get(path)
             if old is not None and old.size == entry.size and old.mtime_ns == entry.mtime_ns:
                 if old.id in with_vec:
@@ -150,13 +186,13 @@ class Indexer:
                 work.append(_Work(entry, old, needs_vector=old is None or old.id not in with_vec))
 
         # Rows whose file is gone are move sources first; whatever is not claimed is removed at the end.
-        missing = {p: r for p, r in existing.items() if p not in seen and p not in problems}
+        missing = {p: r for p, r in existing.items() if p not in seen and p not in problems and p not in aliases}
         missing_by_hash: dict[str, list[ImageRow]] = {}
         for r in missing.values():
             missing_by_hash.setdefault(r.hash, []).append(r)
         has_new = any(w.old is None for w in work)
-        vector_hashes = self._hashes_with_vectors() if has_new else set()
-        known = frozenset(missing_by_hash) | frozenset(vector_hashes)
+        # A new file whose content the library knows is a move (its old row's file is gone) or a copy.
+        known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
@@ -169,15 +205,19 @@ class Indexer:
             with ThreadPoolExecutor(self.settings.decode_workers(), thread_name_prefix="decode") as pool:
                 for result in _bounded_map(pool, lambda w: self._process(w, known), work,
                                            ahead=max(2 * self.settings.batch_size, 4 * self.settings.decode_workers())):
-                    self._route(result, report, pending, batch, missing, missing_by_hash, vector_hashes)
+                    self._route(result, report, pending, batch, missing, missing_by_hash)
+                    if len(pending.copies) >= self.settings.write_batch:
+                        self._resolve_known(pending, report, batch, missing, missing_by_hash)
                     if len(batch) >= self.settings.batch_size:
                         self._encode(batch, pending, report)
                         batch = []
                     if pending.size() >= self.settings.write_batch or (pending.vectors and not batch):
+                        self._resolve_known(pending, report, batch, missing, missing_by_hash)
                         pending.flush(store, model_id)
                     done += 1
                     if progress:
                         progress(done, total)
+                self._resolve_known(pending, report, batch, missing, missing_by_hash)
                 if batch:
                     self._encode(batch, pending, report)
                     batch = []
@@ -189,7 +229,7 @@ class Indexer:
             if problems:
                 pending.failures.extend((p, r, None, None) for p, r in problems.items())
                 pending.flush(store, model_id)
-            store.delete_failures_under(roots, keep={p for p, _ in report.failed})
+            store.delete_failures_under(roots, keep={p for p, _ in report.failed} | still_failing)
         except BaseException:
             report.interrupted = True
             report.seconds = time.perf_counter() - t0
@@ -204,14 +244,17 @@ class Indexer:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _hashes_with_vectors(self) -> set[str]:
-        rows = self.store.rows("SELECT DISTINCT i.hash FROM images i JOIN vectors v ON v.image_id = i.id "
-                               "WHERE v.model_id = :m", m=self.model.id)
-        return {r[0] for r in rows}
+    def _may_pass_now(self, reason: str, size: int) -> bool:
+        """A recorded failure that a raised cap may now let through (worth retrying although unchanged)."""
+        if "IMGSEARCH_MAX_FILE_MB" in reason:
+            return size <= self.settings.max_file_mb << 20
+        if "IMGSEARCH_MAX_PIXELS" in reason:
+            m = re.search(r"(\d+)x(\d+) = ", reason)
+            return m is None or int(m[1]) * int(m[2]) <= self.settings.max_pixels
+        return False
 
     def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,
-               missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]],
-               vector_hashes: set[str]) -> None:
+               missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]]) -> None:
         """Decide what one processed file means for the library (main thread only)."""
         w = res.work
         e = w.entry
@@ -227,26 +270,62 @@ class Indexer:
                 return
             candidates = missing_by_hash.get(res.hash) or []
             if candidates:
-                row = candidates.pop()
-                missing.pop(row.path, None)
-                pending.moved.append((row.id, e.path, e.size, e.mtime_ns))
-                pending.cleared.append(e.path)
-                report.moved += 1
-                if row.id not in self._with_vec:  # moved, but never encoded with this model
-                    redo = self._process(_Work(e, row, True), frozenset())
-                    if redo.error is None and not redo.skipped_decode:
-                        batch.append(redo)
+                self._move(candidates.pop(), e, report, pending, batch, missing)
                 return
-            if res.hash in vector_hashes:
-                pending.copies.append((e, res.hash))
+            # Elsewhere in the library: decided in batches by _resolve_known (one lookup per 500 hashes).
+            pending.copies.append((e, res.hash))
+            return
+        batch.append(res)
+
+    def _move(self, row: ImageRow, e: files.FileEntry, report: IndexReport, pending: "_Pending", batch: list,
+              missing: dict[str, ImageRow]) -> None:
+        """The row's file now lives at ``e.path``: keep the row (id, vectors, captions, tags), change its path."""
+        missing.pop(row.path, None)
+        self._claimed.add(row.id)
+        pending.moved.append((row.id, e.path, e.size, e.mtime_ns))
+        pending.cleared.append(e.path)
+        report.moved += 1
+        if row.id not in self._with_vec:  # moved, but never encoded with this model
+            redo = self._process(_Work(e, row, True), frozenset())
+            if redo.error is None and not redo.skipped_decode:
+                batch.append(redo)
+
+    def _resolve_known(self, pending: "_Pending", report: IndexReport, batch: list, missing: dict[str, ImageRow],
+                       missing_by_hash: dict[str, list[ImageRow]]) -> None:
+        """New files whose content the library already has, anywhere: a move across runs, an alias or a copy."""
+        if not pending.copies:
+            return
+        todo, pending.copies = pending.copies, []
+        store = self.store
+        by_hash = store.images_by_hash(h for _, h in todo)
+        row_ids = [r.id for rows in by_hash.values() for r in rows]
+        self._with_vec |= store.image_ids_with_vectors(self.model.id, row_ids)
+        copies: list[tuple[files.FileEntry, ImageRow]] = []
+        for e, digest in todo:
+            same = sorted((r for r in by_hash.get(digest, []) if r.path != e.path), key=lambda r: r.id)
+            kind, row = _known_match(e.path, [r for r in same if r.id not in self._claimed])
+            if kind == "moved":
+                self._move(row, e, report, pending, batch, missing)
+            elif kind == "alias":  # a hard link to a file the library has under another name
+                report.aliases += 1
+            else:
+                source = next((r for r in same if r.id in self._with_vec), None)  # a moved row's vector too
+                if source is not None:
+                    copies.append((e, source))
+                    continue
+                # Known content but no vector to copy for this model: decode after all.
+                redo = self._process(_Work(e, None, True), frozenset())
+                self._route(redo, report, pending, batch, missing, missing_by_hash)
+        if copies:
+            ids, vecs = store.load_vectors(self.model.id, sorted({src.id for _, src in copies}))
+            vec_by_id = dict(zip(ids.tolist(), vecs))
+            for e, src in copies:
+                pending.new.append({"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": src.hash,
+                                    "width": src.width, "height": src.height, "taken_at": src.taken_at})
+                pending.vectors.append((e.path, vec_by_id[src.id]))
                 pending.cleared.append(e.path)
                 report.new += 1
                 report.reused += 1
-                return
-            # Claimed by an earlier file in this run and no vector to copy: decode after all.
-            redo = self._process(_Work(e, None, True), frozenset())
-            return self._route(redo, report, pending, batch, missing, missing_by_hash, vector_hashes)
-        batch.append(res)
 
     def _decode_raw(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> list[_Done]:
         """Decode the batch's JPEG bytes together on the encoder's device; Pillow for the ones that fail."""
@@ -323,29 +402,37 @@ class _Pending:
                 + len(self.failures))
 
     def flush(self, store: Store, model_id: int) -> None:
-        if self.copies:
-            self._resolve_copies(store, model_id)
         if not (self.size() or self.vectors or self.cleared):
             return
         store.write_batch(model_id, new=self.new, updated=self.updated, moved=self.moved, touched=self.touched,
                           vectors=self.vectors, failures=self.failures, cleared_failures=self.cleared)
+        copies = self.copies
         self.__init__()
+        self.copies = copies
 
-    def _resolve_copies(self, store: Store, model_id: int) -> None:
-        """New files identical to an indexed one: copy its row data and vector instead of re-encoding."""
-        by_hash = store.images_by_hash(h for _, h in self.copies)
-        source_ids = [rows[0].id for rows in by_hash.values()]
-        ids, vecs = store.load_vectors(model_id, source_ids)
-        vec_by_id = dict(zip(ids.tolist(), vecs))
-        for entry, digest in self.copies:
-            rows = [r for r in by_hash.get(digest, []) if r.id in vec_by_id]
-            if not rows:
-                continue
-            src = rows[0]
-            self.new.append({"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns, "hash": digest,
-                             "width": src.width, "height": src.height, "taken_at": src.taken_at})
-            self.vectors.append((entry.path, vec_by_id[src.id]))
-        self.copies = []
+
+def over_cap(size: int, cap_mb: int) -> str:
+    return (f"file is {files.human_bytes(size)}, over the {cap_mb} MB cap; raise IMGSEARCH_MAX_FILE_MB "
+            "if it is a genuine image")
+
+
+def _known_match(path: str, rows: list[ImageRow]) -> tuple[str, ImageRow | None]:
+    """How a new file at ``path`` relates to library rows with the same content.
+
+    "moved": a row whose file is gone, or whose path is an old symlinked name of this very file, moves here.
+    "alias": a row is this physical file under another real name (a hard link): no second row.
+    "copy": the rows are other files with the same bytes.
+    """
+    for r in rows:
+        if not os.path.lexists(r.path):
+            return "moved", r
+    for r in rows:
+        try:
+            if os.path.samefile(r.path, path):
+                return ("moved" if os.path.realpath(r.path) == path else "alias"), r
+        except OSError:
+            continue
+    return "copy", None
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int):

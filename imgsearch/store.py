@@ -213,10 +213,42 @@ def _chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
         yield seq[i:i + n]
 
 
-def _like_prefix(folder: str) -> str:
+def _like_prefix(folder: str) -> str | bytes:
     folder = folder.rstrip(os.sep)
     escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + os.sep + "%"
+    return _bind(escaped + os.sep + "%")
+
+
+# SQLite's LIKE skips BLOB values (non-UTF-8 paths, see _bind) unless both sides are cast to text.
+_BLOB_UNDER = "OR (typeof(path) = 'blob' AND CAST(path AS TEXT) LIKE CAST(:like AS TEXT) ESCAPE '\\')"
+
+
+def _bind(path: str) -> str | bytes:
+    """A path as SQLite stores it: text, or raw bytes (a BLOB) for a name that is not valid UTF-8.
+
+    Such names reach Python as surrogate escapes, which SQLite text cannot hold. Their bytes round-trip
+    exactly (os.fsdecode gives back the path that reopens the file), and a BLOB never equals a text value,
+    so an escaped name cannot collide with a real one. Valid names stay text, as in older libraries.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def _unbind(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _image(r) -> "ImageRow":
+    return ImageRow(r[0], _unbind(r[1]), *r[2:])
+
+
+def _shown(path: str) -> str:
+    from .files import display
+
+    return display(path)
 
 
 class Store:
@@ -261,6 +293,22 @@ class Store:
 
         self._library_id: str | None = None
         self._migrate()
+        if create:
+            self._mark_home()
+
+    def _mark_home(self) -> None:
+        """Leave the marker by which `index` recognises (and skips) this folder as a library home."""
+        from .config import HOME_MARKER
+
+        marker = self.path.parent / HOME_MARKER
+        if marker.exists():
+            return
+        try:
+            marker.write_text("This folder is an imgsearch library home (library.db, index/, thumbs/).\n"
+                              "`imgsearch index` never indexes a folder holding this file and a library.db.\n",
+                              encoding="utf-8")
+        except OSError:
+            pass  # read-only home: it is still recognised as the current home by identity
 
     def _connect_read_only(self):
         """A read-only connection; ``immutable`` when SQLite cannot create the WAL index file beside it."""
@@ -399,9 +447,11 @@ class Store:
                 rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images")
             else:
                 rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p "
-                                 "OR path LIKE :like ESCAPE '\\'", p=root, like=_like_prefix(root))
+                                 f"OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}", p=_bind(root),
+                                 like=_like_prefix(root))
             for r in rows:
-                out[r[1]] = ImageRow(*r)
+                row = _image(r)
+                out[row.path] = row
         return out
 
     def image_ids_with_vectors(self, model_id: int, ids: Iterable[int]) -> set[int]:
@@ -420,7 +470,7 @@ class Store:
             params = {f"h{i}": h for i, h in enumerate(part)}
             marks = ",".join(f":h{i}" for i in range(len(part)))
             for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE hash IN ({marks})", **params):
-                out.setdefault(r[4], []).append(ImageRow(*r))
+                out.setdefault(r[4], []).append(_image(r))
         return out
 
     def get_images(self, ids: Iterable[int]) -> dict[int, ImageRow]:
@@ -429,20 +479,35 @@ class Store:
         for part in _chunks(ids):
             marks = ",".join(str(i) for i in part)
             for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE id IN ({marks})"):
-                out[r[0]] = ImageRow(*r)
+                out[r[0]] = _image(r)
         return out
 
     def image_by_path(self, path: str) -> ImageRow | None:
-        r = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p", p=path)
-        return ImageRow(*r[0]) if r else None
+        r = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p", p=_bind(path))
+        return _image(r[0]) if r else None
+
+    def images_at(self, paths: Iterable[str]) -> dict[str, ImageRow]:
+        """The library rows at exactly these paths, keyed by path (looked up 500 at a time)."""
+        out: dict[str, ImageRow] = {}
+        for part in _chunks(list(paths)):
+            params = {f"p{i}": _bind(p) for i, p in enumerate(part)}
+            marks = ",".join(f":p{i}" for i in range(len(part)))
+            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path IN ({marks})", **params):
+                row = _image(r)
+                out[row.path] = row
+        return out
+
+    def image_hashes(self) -> set[str]:
+        """Every content hash in the library (new files matching one may be moves or copies)."""
+        return {r[0] for r in self.rows("SELECT DISTINCT hash FROM images")}
 
     def ids_under(self, folder: str) -> np.ndarray:
         folder = folder.rstrip(os.sep) or os.sep
         if folder == os.sep:
             rows = self.rows("SELECT id FROM images")
         else:
-            rows = self.rows("SELECT id FROM images WHERE path = :p OR path LIKE :like ESCAPE '\\'",
-                             p=folder, like=_like_prefix(folder))
+            rows = self.rows(f"SELECT id FROM images WHERE path = :p OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}",
+                             p=_bind(folder), like=_like_prefix(folder))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def image_count(self) -> int:
@@ -480,10 +545,11 @@ class Store:
                           [{"m": model_id, "id": img["id"]} for img in updated])
             if moved:
                 c.execute(text("DELETE FROM images WHERE path = :path AND id != :id"),
-                          [{"id": i, "path": p} for i, p, _, _ in moved])
+                          [{"id": i, "path": _bind(p)} for i, p, _, _ in moved])
                 c.execute(text("UPDATE images SET path = :path, folder = :folder, name = :name, size = :size, "
                                "mtime_ns = :mtime_ns, updated_at = :now WHERE id = :id"),
-                          [{"id": i, "path": p, "folder": os.path.dirname(p), "name": os.path.basename(p),
+                          [{"id": i, "path": _bind(p), "folder": _shown(os.path.dirname(p)),
+                            "name": _shown(os.path.basename(p)),
                             "size": s, "mtime_ns": m, "now": now} for i, p, s, m in moved])
             if touched:
                 c.execute(text("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id"),
@@ -494,11 +560,11 @@ class Store:
                           [{"m": model_id, "i": ids[k] if isinstance(k, str) else int(k), "v": vector_to_blob(v)}
                            for k, v in vectors])
             if cleared_failures:
-                c.execute(text("DELETE FROM failures WHERE path = :p"), [{"p": p} for p in cleared_failures])
+                c.execute(text("DELETE FROM failures WHERE path = :p"), [{"p": _bind(p)} for p in cleared_failures])
             if failures:
                 c.execute(text("INSERT OR REPLACE INTO failures (path, reason, size, mtime_ns, at) "
                                "VALUES (:p, :r, :s, :m, :t)"),
-                          [{"p": p, "r": r, "s": s, "m": m, "t": now} for p, r, s, m in failures])
+                          [{"p": _bind(p), "r": r, "s": s, "m": m, "t": now} for p, r, s, m in failures])
             if new or updated or moved or vectors:
                 c.execute(text("UPDATE models SET version = version + 1 WHERE id = :m"), {"m": model_id})
             if updated:  # other models lost vectors for these images
@@ -526,9 +592,10 @@ class Store:
         with self.begin() as c:
             for root in roots:
                 root = root.rstrip(os.sep) or os.sep
-                rows = c.execute(text("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\'"),
-                                 {"p": root, "like": _like_prefix(root) if root != os.sep else "%"})
-                gone = [r[0] for r in rows if r[0] not in keep]
+                rows = c.execute(text("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\' "
+                                      + _BLOB_UNDER),
+                                 {"p": _bind(root), "like": _like_prefix(root) if root != os.sep else "%"})
+                gone = [r[0] for r in rows if _unbind(r[0]) not in keep]
                 if gone:
                     c.execute(text("DELETE FROM failures WHERE path = :p"), [{"p": p} for p in gone])
 
@@ -536,7 +603,17 @@ class Store:
         sql = "SELECT path, reason FROM failures ORDER BY path"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        return [(r[0], r[1]) for r in self.rows(sql)]
+        return [(_shown(_unbind(r[0])), r[1]) for r in self.rows(sql)]
+
+    def failures_of(self, paths: Iterable[str]) -> dict[str, tuple[str, int | None, int | None]]:
+        """{path: (reason, size, mtime_ns)} for those of ``paths`` that failed before."""
+        out: dict[str, tuple[str, int | None, int | None]] = {}
+        for part in _chunks(list(paths)):
+            params = {f"p{i}": _bind(p) for i, p in enumerate(part)}
+            marks = ",".join(f":p{i}" for i in range(len(part)))
+            for r in self.rows(f"SELECT path, reason, size, mtime_ns FROM failures WHERE path IN ({marks})", **params):
+                out[_unbind(r[0])] = (r[1], r[2], r[3])
+        return out
 
     def failure_count(self) -> int:
         return int(self.scalar("SELECT count(*) FROM failures") or 0)
@@ -762,7 +839,8 @@ class Store:
 
         with self.begin() as c:
             res = c.execute(text("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)"),
-                            {"m": model_id, "r": "\n".join(roots), "t": time.time(), "p": os.getpid()})
+                            {"m": model_id, "r": "\n".join(_shown(r) for r in roots), "t": time.time(),
+                             "p": os.getpid()})
             return int(res.lastrowid)
 
     def finish_run(self, run_id: int, counts: dict[str, int], interrupted: bool = False) -> None:
@@ -847,6 +925,7 @@ def _open_error(path: Path, e) -> LibraryError:
 
 def _image_params(img: dict) -> dict:
     path = img["path"]
-    return {"path": path, "folder": os.path.dirname(path), "name": os.path.basename(path), "size": img["size"],
+    return {"path": _bind(path), "folder": _shown(os.path.dirname(path)), "name": _shown(os.path.basename(path)),
+            "size": img["size"],
             "mtime_ns": img["mtime_ns"], "hash": img["hash"], "width": img.get("width"),
             "height": img.get("height"), "taken_at": img.get("taken_at")}
