@@ -51,7 +51,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                   under: str | None, tags: list[str] | None) -> list[dict] | None:
     from . import textfast
     from .encoder import ModelSpec, known_fingerprint
-    from .store import SCHEMA_VERSION, _like_prefix
+    from .files import abspath
+    from .store import SCHEMA_VERSION, _like_prefix, _unbind
 
     if not texts or k < 1:
         return None
@@ -90,7 +91,7 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                 return None
             where, params = "", []
             if under:
-                folder = os.path.abspath(os.path.expanduser(under))
+                folder = abspath(under)  # the real path, as the library stores it
                 if not os.path.isdir(folder):
                     return None  # a file or a missing folder: the full path decides and words the error
                 folder = folder.rstrip(os.sep) or os.sep
@@ -128,9 +129,10 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                     if min_score is not None and score < min_score:
                         return hits
                     r = rows.get(int(id_arr[j]))
-                    if r is None or not os.path.exists(r[1]):
+                    path = _unbind(r[1]) if r is not None else None
+                    if path is None or not os.path.exists(path):
                         continue  # deleted since it was indexed
-                    hits.append({"rank": len(hits) + 1, "id": r[0], "path": r[1], "score": round(score, 6),
+                    hits.append({"rank": len(hits) + 1, "id": r[0], "path": path, "score": round(score, 6),
                                  "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5]})
                     if len(hits) == k:
                         return hits
