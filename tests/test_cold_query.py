@@ -154,7 +154,10 @@ def test_changed_weights_get_a_new_export_and_never_use_the_old_one(tiny_model, 
     from imgsearch.config import Settings
 
     folder = tmp_path / "model"
-    shutil.copytree(tiny_model, folder)
+    # Written by imgsearch (not copied), so a later save into the same folder may replace it.
+    base = E.build(E.ModelSpec(f"local-dir:{tiny_model}"), "cpu", "fp32")
+    base_cfg = json.loads((tiny_model / E.CONFIG_FILE).read_text())
+    E.save_local_dir(base.model, base_cfg["model_cfg"], folder, base_cfg.get("preprocess_cfg"))
     model_id = f"local-dir:{folder}"
     settings = Settings.from_env(model=model_id, device="cpu", precision="fp32", batch_size=16)
     from imgsearch.indexer import index_paths
