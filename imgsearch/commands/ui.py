@@ -246,7 +246,11 @@ def serve(spec_json: str | None = None) -> None:
 
     spec = json.loads(spec_json if spec_json is not None else sys.argv[1])
     guard = Middleware(HostGuard, policy=HostPolicy(spec["host"], spec["port"]))
-    st.App(spec["app"], middleware=[guard]).run(config=spec["config"])
+    try:
+        st.App(spec["app"], middleware=[guard]).run(config=spec["config"])
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on Ctrl+C, then raises the signal again; the stop was asked for.
+        pass
 
 
 @command("ui")
