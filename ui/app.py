@@ -279,12 +279,29 @@ def run_search(searcher, p: Params, upload):
 
 
 # --- rendering ----------------------------------------------------------------------------------------
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#~$|])")
+# Every ASCII punctuation character: CommonMark lets a backslash make each one literal, so no link,
+# image, emphasis, $math$, :color[directive], HTML, entity (&amp;) or table survives, and escaping the
+# ':' of '://', the '.' of 'www.' and the '@' of an address stops GFM from turning bare URLs into links.
+_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
+# Line breaks and other control characters would start new Markdown blocks (headings, lists, code);
+# bidi overrides can make 'gpj.exe' read as 'exe.jpg'; lone surrogates (bytes of a file name that is not
+# UTF-8) cannot be sent to the browser at all. Each is shown as its escape sequence instead.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": r"\n", "\r": r"\r", "\t": r"\t"}
 
 
-def md(text: str) -> str:
-    """User text or a file name shown through Markdown, literally (no emphasis, links or $math$)."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text))
+def _visible(m: re.Match) -> str:
+    c = m.group()
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+        return f"\\x{o - 0xDC00:02x}"
+    return _NAMED.get(c) or (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+
+
+def md(text) -> str:
+    """Any user-, file- or library-derived text (query, path, file name, tag, error message) made safe to
+    put in Markdown: it shows literally, on one line, and nothing in it can link, load or format."""
+    return _MD_PUNCT.sub(r"\\\1", _INVISIBLE.sub(_visible, str(text)))
 
 
 def caption(name: str, score: float | None = None) -> str:
@@ -304,10 +321,10 @@ def grid(settings: Settings, searcher, hits, key: str) -> None:
                 if isinstance(thumb, ImgSearchError) or thumb is None:
                     st.warning(f"{md(caption(name, hit.score))}: {md(thumb)}")
                 else:
-                    st.image(str(thumb), caption=caption(name, hit.score), width="stretch")
+                    st.image(str(thumb), caption=md(caption(name, hit.score)), width="stretch")
                 b1, b2 = st.columns([2, 3], gap=None)
                 b1.button("Details", key=f"{key}-view-{hit.id}", on_click=on_view, args=(hit.id,), type="tertiary",
-                          help=hit.path)
+                          help=md(hit.path))
                 b2.button("More like this", key=f"{key}-like-{hit.id}", on_click=on_more_like, args=(hit.id,),
                           type="tertiary")
 
@@ -325,7 +342,7 @@ def detail(settings: Settings, searcher, image_id: int) -> None:
             st.code(row.path, language=None, wrap_lines=True)
             st.markdown(f"**Size** {human_bytes(row.size)}")
             st.markdown(f"**Dimensions** {row.width} × {row.height} px" if row.width else "**Dimensions** unknown")
-            st.markdown(f"**Taken** {row.taken_at.replace('T', ' ')}" if row.taken_at
+            st.markdown(f"**Taken** {md(row.taken_at.replace('T', ' '))}" if row.taken_at
                         else "**Taken** unknown (no EXIF date)")
             b1, b2 = st.columns(2)
             b1.button("More like this", key="detail-like", on_click=on_more_like, args=(row.id,), type="primary",
@@ -336,7 +353,7 @@ def detail(settings: Settings, searcher, image_id: int) -> None:
                 st.image(str(thumbs.thumbnail(settings, row.id, thumbs.PREVIEW, store=searcher.store)),
                          width="stretch")
             except ImgSearchError as e:
-                st.warning(str(e))
+                st.warning(md(e))
         similar = searcher.search(Query([Term("id", row.id)]), COLUMNS, exclude_ids=[row.id])
         if similar:
             st.markdown("**Similar images**")
@@ -355,15 +372,15 @@ def status_panel(settings: Settings) -> dict | None:
     from imgsearch.encoder import ModelSpec
 
     label = ModelSpec(settings.model, settings.pretrained).canonical().label
-    st.markdown(f"**Model** `{label}`")
+    st.markdown(f"**Model** {md(label)}")
     mine = [m for m in status["models"] if m["model"] == label]
     for m in mine:
-        st.caption(f"{m['vectors']} vectors, dim {m['dim']}, index {m['index_state']}")
+        st.caption(f"{m['vectors']} vectors, dim {m['dim']}, index {md(m['index_state'])}")
     if not any(m["vectors"] for m in mine):
         st.caption("no vectors for this model yet: index a folder")
     others = [m for m in status["models"] if m["model"] != label and m["vectors"]]
     if others:
-        st.caption("Also in the library: " + "; ".join(f"{m['model']} ({m['vectors']} vectors)" for m in others))
+        st.caption("Also in the library: " + "; ".join(f"{md(m['model'])} ({m['vectors']} vectors)" for m in others))
     run = status.get("last_run")
     if run and run.get("finished_at"):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"]))
@@ -392,7 +409,7 @@ def index_panel(settings: Settings) -> None:
             try:
                 job = jobs.start(settings, os.path.expanduser(folder))
             except ImgSearchError as e:
-                st.error(str(e))
+                st.error(md(e))
     if job is None:
         return
     if job.running:
@@ -443,7 +460,7 @@ def example_header(settings: Settings, searcher, image_id: int) -> str:
         try:
             st.image(str(thumbs.thumbnail(settings, row.id, thumbs.THUMB, store=searcher.store)), width="stretch")
         except ImgSearchError as e:
-            st.warning(str(e))
+            st.warning(md(e))
     with right:
         st.markdown(f"**Images like {md(row.name)}**")
         st.button("Details", key="example-view", on_click=on_view, args=(row.id,), type="tertiary")
@@ -465,7 +482,7 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
         try:
             detail(settings, searcher, p.view)
         except ImgSearchError as e:  # a stale or mistyped view= must not hide the results below
-            st.error(str(e))
+            st.error(md(e))
     if not (p.q or p.like is not None or upload):
         return
     t0 = time.perf_counter()
@@ -495,7 +512,7 @@ def main() -> None:
     try:
         settings = current_settings()
     except ImgSearchError as e:
-        st.error(str(e))
+        st.error(md(e))
         return
     p = parse_params(st.query_params)
     sync_widgets(p)
@@ -503,7 +520,7 @@ def main() -> None:
         try:
             status = status_panel(settings)
         except ImgSearchError as e:
-            st.error(str(e))
+            st.error(md(e))
             status = None
         index_panel(settings)
     st.title("imgsearch")
@@ -513,10 +530,10 @@ def main() -> None:
     try:
         results(settings, status, p)
     except ImgSearchError as e:
-        st.error(str(e))
+        st.error(md(e))
     except Exception as e:  # a bug: one line for the user, the traceback for the server log
         log.exception("search failed")
-        st.error(f"Internal error: {type(e).__name__}: {e} (details in the server log; please report it)")
+        st.error(f"Internal error: {type(e).__name__}: {md(e)} (details in the server log; please report it)")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
 import os
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import typer
 
@@ -13,6 +17,14 @@ from ..cli import command, err, settings_of
 from ..errors import ImgSearchError, UsageError
 
 MAX_UPLOAD_MB = 20  # query images only; anything bigger is not a photo someone meant to search with
+# st.App (an ASGI app that takes middleware) and server.allowedHosts: the host checks below need both.
+MIN_STREAMLIT = (1, 67)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# The exec'd interpreter runs this; sys.argv[1] is the JSON spec from streamlit_argv.
+LAUNCH = "from imgsearch.commands.ui import serve; serve()"
+
+log = logging.getLogger("imgsearch.ui")
 
 
 def app_file() -> Path:
@@ -40,6 +52,164 @@ def _check_port_free(host: str, port: int) -> None:
             raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
 
 
+def _check_streamlit_version() -> None:
+    from importlib.metadata import version
+
+    found = version("streamlit")
+    try:
+        numbers = tuple(int(part) for part in found.split(".")[:2])
+    except ValueError:  # a dev build: let it try
+        return
+    if numbers < MIN_STREAMLIT:
+        need = ".".join(map(str, MIN_STREAMLIT))
+        raise ImgSearchError(f"the web UI needs Streamlit {need} or newer (found {found}); upgrade it with "
+                             f"`pip install -U 'streamlit>={need}'`")
+
+
+# --- who may talk to the page ------------------------------------------------------------------------
+# A web page the user merely visits can make the browser talk to 127.0.0.1 (DNS rebinding: its own name
+# is re-pointed at 127.0.0.1, so the browser treats the UI as same-origin with the attacker's page). The
+# browser still sends the attacker's name, in Host and in Origin, so the server refuses any request whose
+# Host is not a name of this machine and any page whose Origin is not the UI itself. Streamlit checks
+# neither for HTTP (its server.allowedHosts covers the websocket only, and is empty by default), so
+# serve() wraps Streamlit's ASGI app in HostGuard, through st.App's public `middleware=` hook: it runs
+# before every route (page, /_stcore/stream websocket, /_stcore/*, /media), and no internal API is
+# patched.
+def _host_and_port(value: str) -> tuple[str, int | None] | None:
+    """'127.0.0.1:8501' / '[::1]:8501' / 'LocalHost.' -> ('localhost', None); None if it is not a bare host."""
+    try:
+        parts = urlsplit("//" + value)
+        hostname, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not hostname or parts.username is not None or parts.password is not None or parts.path or parts.query \
+            or parts.fragment:
+        return None
+    return hostname.rstrip("."), port
+
+
+def _is_ip(hostname: str) -> bool:
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+class HostPolicy:
+    """The Host names (any port) and page origins the UI answers, for the address it listens on.
+
+    Always the loopback names and the --host given. With a wildcard --host (0.0.0.0, ::) people on the
+    network open the page by this machine's IP or name, so any IP address and the machine's own host name
+    are allowed too: a rebinding page always sends its own domain name, never an IP address.
+    """
+
+    def __init__(self, bind_host: str, port: int | None = None):
+        bind = bind_host.strip().strip("[]").lower().rstrip(".")
+        self.port = port
+        self.wildcard = bind in WILDCARD_HOSTS
+        names = set(LOOPBACK_NAMES)
+        if self.wildcard:
+            machine = socket.gethostname().lower().rstrip(".")
+            if machine:
+                names |= {machine, machine + ".local"}
+        else:
+            names.add(bind)
+        self.names = frozenset(names)
+        self.any_ip = self.wildcard
+
+    def host_allowed(self, hostname: str) -> bool:
+        return hostname in self.names or (self.any_ip and _is_ip(hostname))
+
+    def shown(self) -> str:
+        names = ", ".join(f"[{n}]" if ":" in n else n for n in sorted(self.names))
+        return names + (" and this machine's IP addresses" if self.any_ip else "")
+
+    def refusal(self, host: str | None, origin: str | None) -> str | None:
+        """Why a request with these headers is refused, or None if it may pass.
+
+        ``origin`` is None when the request has no Origin header (a non-browser client, or a same-origin
+        navigation); a browser sends one on every websocket handshake and every cross-origin request.
+        """
+        parsed = _host_and_port(host) if host else None
+        if parsed is None or not self.host_allowed(parsed[0]):
+            where = f"http://127.0.0.1:{self.port}/" if self.port else "http://127.0.0.1:PORT/"
+            return (f"imgsearch ui refused a request for host {host!r}: it answers only to {self.shown()}. "
+                    f"Open it as {where} (or start `imgsearch ui --host NAME` to serve it under NAME).")
+        if origin is None:
+            return None
+        o = urlsplit(origin) if origin != "null" else None
+        try:
+            o_port = o.port if o else None
+        except ValueError:
+            o = None
+        if o is None or o.scheme not in ("http", "https") or not o.hostname:
+            return f"imgsearch ui refused a request from the page at {origin!r}: only its own page may use it."
+        default = 443 if o.scheme == "https" else 80
+        if (o.hostname.rstrip("."), o_port or default) != (parsed[0], parsed[1] or default):
+            return f"imgsearch ui refused a request from the page at {origin!r}: only its own page may use it."
+        return None
+
+
+class HostGuard:
+    """ASGI middleware: answers 403 to a request, or refuses a websocket handshake, that HostPolicy refuses."""
+
+    def __init__(self, app, policy: HostPolicy):
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
+        origins = [v for k, v in scope.get("headers", ()) if k == b"origin"]
+        if len(hosts) != 1 or len(origins) > 1:  # two Host headers: which one did the browser mean?
+            why = "imgsearch ui refused a request with a missing or repeated Host or Origin header."
+        else:
+            why = self.policy.refusal(hosts[0].decode("latin-1"),
+                                      origins[0].decode("latin-1") if origins else None)
+        if why is None:
+            return await self.app(scope, receive, send)
+        # Debug only: the values are the caller's, and a log line per refusal would let anyone fill the log.
+        log.debug("%s %s", scope.get("path"), why)
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect; closing before accepting makes the server answer 403
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = (why + "\n").encode()
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def streamlit_config(host: str, port: int) -> dict:
+    """Streamlit's options for the page; set here, so a ~/.streamlit/config.toml cannot loosen them."""
+    cfg = {
+        "server.address": host,
+        "server.port": port,
+        "server.headless": True,  # no browser launch, no e-mail prompt
+        "browser.gatherUsageStats": False,
+        "server.maxUploadSize": MAX_UPLOAD_MB,
+        "server.fileWatcherType": "none",  # a search page, not a dev loop: no reloads on file changes
+        "server.runOnSave": False,
+        "runner.magicEnabled": False,  # a bare expression in the app must never print itself on the page
+        "client.toolbarMode": "viewer",
+        "global.developmentMode": False,  # it would send Access-Control-Allow-Origin: *
+        # Streamlit's own layers, below HostGuard: a cross-origin page gets no CORS grant, uploads need the
+        # XSRF token, no page may be served from the static folder, and no agent API.
+        "server.enableCORS": True,
+        "server.corsAllowedOrigins": [],
+        "server.enableXsrfProtection": True,
+        "server.enableStaticServing": False,
+        "server.enableAgentApi": False,
+    }
+    policy = HostPolicy(host, port)
+    if not policy.any_ip:  # its websocket check knows names only; HostGuard covers the IP case
+        cfg["server.allowedHosts"] = sorted(policy.names)
+    return cfg
+
+
 def streamlit_env(settings) -> dict[str, str]:
     """Environment for the Streamlit process: the global options travel as IMGSEARCH_* variables."""
     env = dict(os.environ)
@@ -59,17 +229,28 @@ def streamlit_env(settings) -> dict[str, str]:
 
 
 def streamlit_argv(app: Path, host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "streamlit", "run", str(app),
-            "--server.address", host,
-            "--server.port", str(port),
-            "--server.headless", "true",  # no browser launch, no e-mail prompt
-            "--browser.gatherUsageStats", "false",
-            "--server.maxUploadSize", str(MAX_UPLOAD_MB),
-            "--server.fileWatcherType", "none",  # a search page, not a dev loop: no reloads on file changes
-            "--server.runOnSave", "false",
-            "--runner.magicEnabled", "false",  # a bare expression in the app must never print itself on the page
-            "--client.toolbarMode", "viewer",
-            "--global.developmentMode", "false"]
+    """`python -c LAUNCH SPEC`: a fresh interpreter that runs serve() with the page, host and options."""
+    spec = {"app": str(app), "host": host, "port": port, "config": streamlit_config(host, port)}
+    return [sys.executable, "-c", LAUNCH, json.dumps(spec)]
+
+
+def serve(spec_json: str | None = None) -> None:
+    """Run Streamlit's server for the page with HostGuard in front of every route; blocks until stopped.
+
+    Runs in the interpreter exec'd by `imgsearch ui`. Through `python -c`, st.App.run treats the page
+    itself as the main script (as `streamlit run ui/app.py` would): its folder is on sys.path and its
+    sys.argv is bare.
+    """
+    import streamlit as st
+    from starlette.middleware import Middleware
+
+    spec = json.loads(spec_json if spec_json is not None else sys.argv[1])
+    guard = Middleware(HostGuard, policy=HostPolicy(spec["host"], spec["port"]))
+    try:
+        st.App(spec["app"], middleware=[guard]).run(config=spec["config"])
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on Ctrl+C, then raises the signal again; the stop was asked for.
+        pass
 
 
 @command("ui")
@@ -77,21 +258,24 @@ def ui_cmd(
     ctx: typer.Context,
     port: int = typer.Option(8501, "--port", "-p", min=1, max=65535, help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 shares the page (and your "
-                             "photos) with your network."),
+                             "photos) with your network. The page answers only requests addressed to localhost, "
+                             "127.0.0.1, [::1] or this host."),
 ):
     """Open the web page: search by words or an example image, browse thumbnails, index folders."""
     import importlib.util
 
     if importlib.util.find_spec("streamlit") is None:
         raise ImgSearchError("the web UI needs Streamlit; install it with `pip install 'imgsearch[ui]'`")
+    _check_streamlit_version()
     settings = settings_of(ctx)
     app = app_file()
     _check_port_free(host, port)
     shown = f"[{host}]" if ":" in host else host
     err(f"imgsearch UI for {settings.home} at http://{shown}:{port}/  (Ctrl+C stops it)")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_NAMES:
         err("warning: listening beyond this machine; anyone who can reach it can search and view your photos "
             "and index any folder this account can read")
+        err(f"it answers requests addressed to {HostPolicy(host, port).shown()}; others get 403")
     argv = streamlit_argv(app, host, port)
     sys.stdout.flush()
     sys.stderr.flush()
