@@ -222,7 +222,7 @@ def test_quick_parser_leaves_everything_unusual_to_typer():
     ok = _parse(["--home", "/h", "query", "a red car", "2:night", "-k", "3", "--min-score", "0.2", "--under", "/p",
                  "--tag", "dog", "--not", "cat", "--json", "--no-server"])
     assert ok == {"globals": {"home": "/h"}, "texts": ["a red car", "2:night"], "not": ["cat"], "tag": ["dog"],
-                  "k": 3, "min_score": 0.2, "under": "/p", "json": True, "paths": False, "server": False}
+                  "k": 3, "min_score": 0.2, "under": "/p", "json": True, "paths": False, "print0": False, "server": False}
     for argv in (["query", "-h"], ["query", "x", "--image", "a.jpg"], ["query", "x", "--keyword", "k"],
                  ["query", "x", "-k", "0"], ["query", "x", "-k", "many"], ["query", "x", "--json", "--paths"],
                  ["query"], ["--verbose", "query", "x"], ["index", "x"], ["query", "x", "--top=3"],
