@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 
 from . import files, images
-from .config import Settings
+from .config import Settings, thread_budget
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
@@ -39,6 +39,9 @@ class IndexReport:
     seconds: float = 0.0
     interrupted: bool = False
     model: str = ""
+    image_tower: str = ""  # which backend/precision made the vectors, e.g. "onnxruntime int8"
+    int8_parity: float | None = None  # min cosine int8 vs fp32 on a sample of this run's images
+    parity_images: int = 0
 
     def counts(self) -> dict[str, int]:
         return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged, "moved": self.moved,
@@ -46,7 +49,8 @@ class IndexReport:
 
     def as_dict(self) -> dict:
         return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "seconds": round(self.seconds, 3),
-                "interrupted": self.interrupted, "model": self.model,
+                "interrupted": self.interrupted, "model": self.model, "image_tower": self.image_tower,
+                "int8_parity": self.int8_parity, "parity_images": self.parity_images,
                 "failures": [{"path": p, "reason": r} for p, r in self.failed]}
 
 
@@ -84,12 +88,16 @@ class Indexer:
         self.draft = encoder.draft_size
         mode = settings.gpu_decode
         # nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's reduced-size decode is faster.
+        # Fixed for the run: worker threads read it, and a file the GPU decoder rejects is re-decoded by
+        # passing tensor_decode=False to _process, never by flipping this.
         self.tensor_decode = mode == "on" or (mode == "auto" and encoder.device.startswith("cuda"))
         if self.tensor_decode:
             self.norm = images.normalization_of(encoder.preprocess)
+        self.budget = thread_budget(device=encoder.device, workers=settings.workers)
+        self.tower_note: str | None = None
 
     # --- worker side (threads) -----------------------------------------------------------------
-    def _process(self, work: _Work, known_hashes: frozenset[str]) -> _Done:
+    def _process(self, work: _Work, known_hashes: frozenset[str], tensor_decode: bool | None = None) -> _Done:
         path = work.entry.path
         try:
             with open(path, "rb") as f:
@@ -101,7 +109,9 @@ class Indexer:
             return _Done(work, hash=digest, skipped_decode=True)  # touched, same content
         if work.old is None and digest in known_hashes:
             return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
-        if self.tensor_decode and data[:2] == b"\xff\xd8":
+        if tensor_decode is None:
+            tensor_decode = self.tensor_decode
+        if tensor_decode and data[:2] == b"\xff\xd8":
             try:
                 info, orientation = images.jpeg_header(data, self.settings.max_pixels)
                 return _Done(work, hash=digest, info=info, raw=data, orientation=orientation)
@@ -158,6 +168,8 @@ class Indexer:
         vector_hashes = self._hashes_with_vectors() if has_new else set()
         known = frozenset(missing_by_hash) | frozenset(vector_hashes)
 
+        if work:  # before the run is recorded: a refused int8 run leaves the library as it was
+            self._prepare_image_tower(work, report)
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
         batch: list[_Done] = []
@@ -166,9 +178,16 @@ class Indexer:
         if progress:
             progress(0, total)
         try:
-            with ThreadPoolExecutor(self.settings.decode_workers(), thread_name_prefix="decode") as pool:
-                for result in _bounded_map(pool, lambda w: self._process(w, known), work,
-                                           ahead=max(2 * self.settings.batch_size, 4 * self.settings.decode_workers())):
+            budget = self.budget
+            if self.encoder.device == "cpu":
+                _set_torch_threads(budget.encoder)
+            with ThreadPoolExecutor(budget.decode, thread_name_prefix="decode") as pool:
+                if budget.overlap:
+                    results = _bounded_map(pool, lambda w: self._process(w, known), work,
+                                           ahead=max(2 * self.settings.batch_size, 4 * budget.decode))
+                else:
+                    results = _chunked_map(pool, lambda w: self._process(w, known), work, self.settings.batch_size)
+                for result in results:
                     self._route(result, report, pending, batch, missing, missing_by_hash, vector_hashes)
                     if len(batch) >= self.settings.batch_size:
                         self._encode(batch, pending, report)
@@ -203,6 +222,37 @@ class Indexer:
         self.refresh_cache(build_progress)
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _prepare_image_tower(self, work: list[_Work], report: IndexReport) -> None:
+        """Choose the image backend for this run; for int8, measure it against fp32 on this run's images first."""
+        from . import onnx_image
+
+        enc = self.encoder
+        if enc.device != "cpu" or enc.precision not in ("fp32", "int8"):
+            report.image_tower = f"torch {enc.precision}"
+            return
+        if self.tower_note is None:
+            self.tower_note = onnx_image.attach(enc, self.settings.home, self.settings.image_backend,
+                                                self.budget.encoder) or ""
+        report.image_tower = enc.image_backend.describe() if enc.image_backend is not None else "torch fp32"
+        if enc.precision != "int8" or enc.image_backend is None:
+            return
+        sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
+                                                           for i in range(PARITY_SAMPLE)]
+        tensors = []
+        with ThreadPoolExecutor(self.budget.decode, thread_name_prefix="parity") as pool:
+            for res in pool.map(lambda w: self._process(_Work(w.entry, None, True), frozenset(), False), sample):
+                if res.tensor is not None:
+                    tensors.append(res.tensor)
+        if not tensors:
+            return
+        cos = onnx_image.int8_parity(enc, tensors)
+        report.int8_parity, report.parity_images = cos, len(tensors)
+        threshold = self.settings.int8_min_cosine
+        if cos < threshold:
+            enc.image_backend = None
+            raise UsageError(f"--precision int8 is too far from fp32 on your images (min cosine {cos:.4f} < "
+                             f"{threshold} on {len(tensors)} images); index with --precision fp32")
 
     def _hashes_with_vectors(self) -> set[str]:
         rows = self.store.rows("SELECT DISTINCT i.hash FROM images i JOIN vectors v ON v.image_id = i.id "
@@ -261,11 +311,7 @@ class Indexer:
         kept = []
         for r in batch:
             if r.tensor is None:
-                saved, self.tensor_decode = self.tensor_decode, False
-                try:
-                    r = self._process(_Work(r.work.entry, r.work.old, True), frozenset())
-                finally:
-                    self.tensor_decode = saved
+                r = self._process(_Work(r.work.entry, r.work.old, True), frozenset(), tensor_decode=False)
                 if r.error is not None:
                     report.failed.append((r.work.entry.path, r.error))
                     pending.failures.append((r.work.entry.path, r.error, r.work.entry.size, r.work.entry.mtime_ns))
@@ -346,6 +392,31 @@ class _Pending:
                              "width": src.width, "height": src.height, "taken_at": src.taken_at})
             self.vectors.append((entry.path, vec_by_id[src.id]))
         self.copies = []
+
+
+PARITY_SAMPLE = 32  # images decoded to check int8 against fp32 before an int8 run
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _chunked_map(pool: ThreadPoolExecutor, fn, items: Iterable, chunk: int):
+    """In order, one chunk at a time: the next chunk is decoded only after the consumer took the last one.
+
+    The consumer encodes between chunks, so decoding (every core) and encoding (every core) take turns
+    instead of competing for the cores.
+    """
+    it = iter(items)
+    while True:
+        block = [pool.submit(fn, item) for _, item in zip(range(chunk), it)]
+        if not block:
+            return
+        results = [f.result() for f in block]
+        yield from results
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int):
