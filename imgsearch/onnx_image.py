@@ -149,11 +149,20 @@ def _export_fp32(encoder, path: Path) -> None:
     size = encoder.image_size
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with torch.no_grad():
-            torch.onnx.export(Tower(encoder.model).eval(), (torch.from_numpy(probe_batch(size, 2)),), str(tmp),
-                              input_names=["pixels"], output_names=["features"],
-                              dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
-                              opset_version=OPSET, dynamo=False)
+        # The TorchScript exporter cannot trace nn.MultiheadAttention's fused inference kernel.
+        mha = getattr(torch.backends, "mha", None)
+        fast = mha.get_fastpath_enabled() if mha is not None else None
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                torch.onnx.export(Tower(encoder.model).eval(), (torch.from_numpy(probe_batch(size, 2)),), str(tmp),
+                                  input_names=["pixels"], output_names=["features"],
+                                  dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                                  opset_version=OPSET, dynamo=False)
+        finally:
+            if mha is not None:
+                mha.set_fastpath_enabled(fast)
         os.replace(tmp, path)
     except OnnxUnavailable:
         raise
