@@ -181,8 +181,14 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
         # Only weight MatMul/Gemm (the transformer's projections and MLPs, ~all the FLOPs): the patch
         # embedding conv and attention's activation x activation products stay fp32, which keeps the
         # cosine to fp32 up at little cost in speed.
-        quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                         per_channel=True, extra_options={"MatMulConstBOnly": True})
+        import logging
+
+        logging.disable(logging.WARNING)  # its advice to pre-process the model goes to the root logger
+        try:
+            quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                             per_channel=True, extra_options={"MatMulConstBOnly": True})
+        finally:
+            logging.disable(logging.NOTSET)
         os.replace(tmp, out)
     except Exception as e:
         tmp.unlink(missing_ok=True)
