@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,6 +172,7 @@ def test_indexing_sets_torch_threads_and_never_decodes_while_encoding(settings, 
         with lock:
             decoding.append(1)
         try:
+            time.sleep(0.02)  # as slow as a real photo, so a decode running ahead would be caught mid-way
             return real_open(*a, **k)
         finally:
             with lock:
