@@ -56,6 +56,7 @@ def run_index(model: str, photos: Path, mode: str, exports: Path, batch: int) ->
     precision, backend = MODES[mode]
     home = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
     # The export cache lives under <home>/exports: link the prepared one in, so no run pays for exporting.
+    (exports / "exports").mkdir(parents=True, exist_ok=True)
     (home / "exports").symlink_to(exports / "exports")
     cmd = [sys.executable, "-m", "imgsearch", "--model", model, "--device", "cpu", "--precision", precision,
            "--batch-size", str(batch), "index", str(photos), "--json", "--quiet"]
