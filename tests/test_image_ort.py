@@ -49,8 +49,6 @@ def test_fp32_export_matches_torch_on_photos(tiny_model, home, photos):
 @pytest.mark.slow
 def test_export_is_rebuilt_for_changed_weights_and_never_used_after_a_failed_check(tiny_model, home, photos,
                                                                                     tmp_path):
-    import torch
-
     from imgsearch.encoder import save_local_dir
     from imgsearch.synthetic import build_tiny_clip
 
@@ -87,7 +85,6 @@ def test_export_is_rebuilt_for_changed_weights_and_never_used_after_a_failed_che
     with pytest.raises(onnx_image.OnnxUnavailable, match="does not match torch"):
         onnx_image.ensure_export(enc2, home, "fp32")
     assert onnx_image.attach(enc2, home, "onnx") is None and enc2.image_backend is None
-    del torch
 
 
 @pytest.mark.slow
