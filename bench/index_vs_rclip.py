@@ -49,6 +49,9 @@ def random_vit_b32_256(folder: Path) -> str:
 
 def env_for(home: Path, exports: Path, backend: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), IMGSEARCH_HOME=str(home), IMGSEARCH_IMAGE_BACKEND=backend)
+    # Random weights are int8's worst case (min cosine ~0.988 on ViT-B-32-256 here, under the 0.99 gate that
+    # trained weights pass); the bench measures speed, so it lowers the gate and prints the parity it got.
+    env.setdefault("IMGSEARCH_INT8_MIN_COSINE", "0.95")
     return env
 
 
