@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
@@ -79,7 +80,9 @@ def load_for_images(spec, settings, precision: str | None = None):
         import torch
 
         torch.set_num_threads(budget.encoder)
-        onnx_image.attach(enc, settings.home, settings.image_backend, budget.encoder)
+        # eval never creates a library: without one, the exports go to a scratch folder instead.
+        home = settings.home if settings.home.exists() else Path(tempfile.gettempdir()) / "imgsearch-eval-exports"
+        onnx_image.attach(enc, home, settings.image_backend, budget.encoder)
     return enc
 
 
