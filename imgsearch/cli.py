@@ -121,14 +121,16 @@ def main(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights for a built-in model: a tag or a "
                                              f"checkpoint file [env IMGSEARCH_PRETRAINED; default {DEFAULT_PRETRAINED}"
                                              " for the default model]", show_default=False),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda [default auto]",
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default auto: cuda, "
+                                         "then Apple mps, then cpu]",
                                          show_default=False),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch [default 32]",
                                              show_default=False),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 [default auto: fp16 "
-                                            "on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32]",
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16 or int8 [default auto: "
+                                            "fp16 on CUDA, fp32 on MPS, bf16 on CPUs with AMX/AVX512-BF16, else fp32]"
+                                            "; int8 = quantised image tower on CPU, for index",
                                             show_default=False),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: CPU count, 2-8]",
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: see config.thread_budget]",
                                           show_default=False),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ):
@@ -211,6 +213,11 @@ def index_cmd(
     if report.failed_before:
         typer.echo(f"  {report.failed_before} files that failed before and are unchanged were not retried "
                    "(`imgsearch status --failures`)")
+    if report.int8_parity is not None:  # int8 vectors are the same model's vectors, slightly perturbed
+        typer.echo(f"  image tower {report.image_tower}: min cosine {report.int8_parity:.4f} to fp32 on "
+                   f"{report.parity_images} of these images (refused below {settings.int8_min_cosine})")
+    elif report.image_tower and report.encoded:
+        typer.echo(f"  image tower: {report.image_tower}")
     if report.failed:
         first = report.failed[:20]
         for path, reason in first:

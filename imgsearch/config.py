@@ -65,6 +65,7 @@ class Settings:
     index_budget_mb: int = 4096  # raw vectors above this use IVF-PQ codes instead
     recall_target: float = 0.95  # recall@10 the IVF probe count is tuned for
     gpu_decode: str = "auto"  # auto (on with CUDA) | on | off: batched torchvision/nvJPEG decode of JPEGs
+    image_backend: str = "auto"  # auto (measured per CPU) | torch | onnx: who runs the fp32 image tower on CPU
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -90,6 +91,8 @@ class Settings:
         values["flat_max"] = _env_int("IMGSEARCH_FLAT_MAX", cls.flat_max)
         if env.get("IMGSEARCH_GPU_DECODE"):
             values["gpu_decode"] = env["IMGSEARCH_GPU_DECODE"]
+        if env.get("IMGSEARCH_IMAGE_BACKEND"):
+            values["image_backend"] = env["IMGSEARCH_IMAGE_BACKEND"]
         values["index_budget_mb"] = _env_int("IMGSEARCH_INDEX_BUDGET_MB", cls.index_budget_mb)
         settings = cls(**values)
         clean = {k: v for k, v in overrides.items() if v is not None}
@@ -118,7 +121,79 @@ class Settings:
     def thumbs_dir(self) -> Path:
         return self.home / "thumbs"
 
-    def decode_workers(self) -> int:
-        if self.workers > 0:
-            return self.workers
-        return max(2, min(8, (os.cpu_count() or 2)))
+    def decode_workers(self, device: str = "cpu") -> int:
+        return thread_budget(device=device, workers=self.workers).decode
+
+    @property
+    def int8_min_cosine(self) -> float:
+        """Lowest int8-vs-fp32 cosine on a sample of the user's images that `index --precision int8` accepts."""
+        value = os.environ.get("IMGSEARCH_INT8_MIN_COSINE")
+        if not value:
+            return INT8_MIN_COSINE
+        try:
+            return float(value)
+        except ValueError:
+            from .errors import UsageError
+
+            raise UsageError(f"IMGSEARCH_INT8_MIN_COSINE={value!r} is not a number; unset it or give e.g. 0.99") from None
+
+
+# Measured on ViT-B-32-256 (see README, "int8"): at this cosine the top-10 neighbours of a query stay
+# mostly the same; below it retrieval visibly reorders.
+INT8_MIN_COSINE = 0.99
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How many threads each stage of an image pipeline may use so that together they fit the cores.
+
+    ``overlap`` False means decoding and encoding take turns (decode a batch with ``decode`` threads, then
+    encode it with ``encoder`` threads), so at most max(decode, encoder) threads are ever busy.
+    """
+
+    cores: int
+    encoder: int  # intra-op threads of torch / onnxruntime
+    decode: int  # image decode threads
+    overlap: bool
+
+    @property
+    def busy_threads(self) -> int:
+        return self.encoder + self.decode if self.overlap else max(self.encoder, self.decode)
+
+
+def thread_budget(cores: int | None = None, device: str = "cpu", workers: int = 0) -> ThreadBudget:
+    """The one worker-count policy (indexing, eval, training data checks, duplicate fingerprints).
+
+    On a CPU the encoder's intra-op threads and the decode threads would otherwise fight for the same
+    cores: torch's parallel GEMMs wait at every barrier for the thread the OS preempted to decode, which
+    cost 42% of the model-only rate on 2 loaded cores. A 1 MP JPEG decoded at twice the input size costs
+    ~10 ms, encoding ~130 ms per image (ViT-B-32, 2 cores): so decoding a batch with every core and then
+    encoding it with every core keeps the encoder busy >= 90% of the time without ever running more
+    threads than cores. On a GPU the encoder needs no cores: decode overlaps with all of them (<= 8).
+    An explicit ``workers`` (--workers / IMGSEARCH_WORKERS) sets the decode threads and is honoured.
+    """
+    n = cores or cpu_cores()
+    on_cpu = not (device.startswith("cuda") or device.startswith("mps"))
+    if on_cpu:
+        return ThreadBudget(n, encoder=n, decode=workers if workers > 0 else n, overlap=False)
+    return ThreadBudget(n, encoder=1, decode=workers if workers > 0 else max(1, min(8, n)), overlap=True)
+
+
+def training_workers(device: str = "cpu", workers: int = 0, cores: int | None = None) -> int:
+    """DataLoader decode processes for fine-tuning, from the same policy as indexing.
+
+    Training overlaps decoding with the step (DataLoader processes), and a training step costs about three
+    encodes per image, so on a CPU a quarter of the cores keeps it fed; on a GPU the indexing rule applies.
+    """
+    budget = thread_budget(cores, device, workers)
+    if workers > 0 or budget.overlap:
+        return budget.decode
+    return max(1, budget.cores // 4)

@@ -256,7 +256,7 @@ def find_duplicates(settings: Settings, under: str | None = None, threshold: flo
         present = set(identity)
         prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
         if not similar:
-            workers = settings.workers or min(8, os.cpu_count() or 2)
+            workers = settings.decode_workers()  # no encoder running: decode gets every core
             raw, report.unreadable = _fingerprints(store, rows, present, workers, settings.max_pixels)
             prints = {i: unpack(fp) for i, fp in raw.items()}
         uf = UnionFind(len(ids_arr))

@@ -204,27 +204,53 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def pick_device(device: str) -> str:
+    """auto: a CUDA GPU, else Apple Silicon's GPU (MPS), else the CPU."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _mps_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was given but no CUDA GPU is available; use --device cpu or auto")
+    if device == "mps":
+        if not _mps_available():
+            raise UsageError("--device mps was given but this torch has no usable Apple GPU (MPS needs macOS 12.3+ "
+                             "on Apple Silicon); use --device cpu or auto")
+        return device
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
     return device
 
 
 def pick_precision(precision: str, device: str) -> str:
+    """auto: fp16 on CUDA, fp32 on MPS, bf16 on CPUs with AMX/AVX512-BF16, else fp32.
+
+    MPS defaults to fp32 because its fp16 autocast coverage varies between macOS/torch releases; --precision
+    fp16 opts in. int8 (onnxruntime dynamic quantisation of the image tower) exists on the CPU only.
+    """
     if precision == "auto":
         if device.startswith("cuda"):
             return "fp16"
+        if device.startswith("mps"):
+            return "fp32"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    if precision == "fp16" and not device.startswith("cuda"):
-        raise UsageError("fp16 needs a CUDA GPU; on CPU use --precision fp32 or bf16")
+    if precision not in ("fp32", "bf16", "fp16", "int8"):
+        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16, fp16 or int8")
+    if precision == "fp16" and not device.startswith(("cuda", "mps")):
+        raise UsageError("fp16 needs a GPU (CUDA or Apple MPS); on CPU use --precision fp32, bf16 or int8")
+    if precision == "int8" and device != "cpu":
+        raise UsageError(f"int8 runs on the CPU only (onnxruntime); use --device cpu or --precision fp32 on {device}")
+    if precision == "bf16" and device.startswith("mps"):
+        raise UsageError("bf16 is not supported on MPS; use --precision fp32 or fp16")
     return precision
 
 
@@ -244,6 +270,8 @@ class Encoder:
         self.fingerprint = fingerprint
         self.weights_path = weights_path
         self._lock = threading.Lock()  # one forward pass at a time (UI/server share one encoder)
+        # None: torch runs the image tower. Else an onnx_image.OrtImageTower (set by onnx_image.attach).
+        self.image_backend = None
         size = getattr(model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         with torch.inference_mode():
@@ -256,8 +284,8 @@ class Encoder:
 
         import torch
 
-        if self.precision == "fp16" and self.device.startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.float16)
+        if self.precision == "fp16" and self.device.startswith(("cuda", "mps")):
+            return torch.autocast(self.device.split(":")[0], dtype=torch.float16)
         return contextlib.nullcontext()
 
     def _dtype(self):
@@ -301,6 +329,14 @@ class Encoder:
     # --- public ----------------------------------------------------------------------------
     def encode_image_tensors(self, batch) -> np.ndarray:
         """Encode a preprocessed [N,3,H,W] batch; returns L2-normalised float32 [N, dim]."""
+        backend = self.image_backend
+        if backend is not None:
+            with self._lock:
+                return backend.encode(batch.float().numpy() if hasattr(batch, "numpy") else batch)
+        return self.encode_image_tensors_torch(batch)
+
+    def encode_image_tensors_torch(self, batch) -> np.ndarray:
+        """The torch image tower, whatever backend is attached (the reference ONNX exports are checked against)."""
         import torch
 
         with self._lock, torch.inference_mode():
@@ -347,7 +383,8 @@ class Encoder:
         return float(self.model.logit_scale.exp().item())
 
     def describe(self) -> str:
-        return f"{self.spec.label} on {self.device} ({self.precision}, dim {self.dim})"
+        tower = f", image tower {self.image_backend.describe()}" if self.image_backend is not None else ""
+        return f"{self.spec.label} on {self.device} ({self.precision}{tower}, dim {self.dim})"
 
 
 def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Encoder:

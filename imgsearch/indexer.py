@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 
 from . import files, images
-from .config import Settings
+from .config import Settings, thread_budget
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
@@ -42,6 +42,9 @@ class IndexReport:
     seconds: float = 0.0
     interrupted: bool = False
     model: str = ""
+    image_tower: str = ""  # which backend/precision made the vectors, e.g. "onnxruntime int8"
+    int8_parity: float | None = None  # min cosine int8 vs fp32 on a sample of this run's images
+    parity_images: int = 0
 
     def counts(self) -> dict[str, int]:
         return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged, "moved": self.moved,
@@ -50,7 +53,8 @@ class IndexReport:
     def as_dict(self) -> dict:
         return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "aliases": self.aliases,
                 "failed_before": self.failed_before, "seconds": round(self.seconds, 3),
-                "interrupted": self.interrupted, "model": self.model,
+                "interrupted": self.interrupted, "model": self.model, "image_tower": self.image_tower,
+                "int8_parity": self.int8_parity, "parity_images": self.parity_images,
                 "failures": [{"path": p, "reason": r} for p, r in self.failed]}
 
 
@@ -88,12 +92,16 @@ class Indexer:
         self.draft = encoder.draft_size
         mode = settings.gpu_decode
         # nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's reduced-size decode is faster.
+        # Fixed for the run: worker threads read it, and a file the GPU decoder rejects is re-decoded by
+        # passing tensor_decode=False to _process, never by flipping this.
         self.tensor_decode = mode == "on" or (mode == "auto" and encoder.device.startswith("cuda"))
         if self.tensor_decode:
             self.norm = images.normalization_of(encoder.preprocess)
+        self.budget = thread_budget(device=encoder.device, workers=settings.workers)
+        self.tower_note: str | None = None
 
     # --- worker side (threads) -----------------------------------------------------------------
-    def _process(self, work: _Work, known_hashes: frozenset[str]) -> _Done:
+    def _process(self, work: _Work, known_hashes: frozenset[str], tensor_decode: bool | None = None) -> _Done:
         path = work.entry.path
         cap = self.settings.max_file_mb << 20
         data = None
@@ -107,7 +115,9 @@ class Indexer:
                     return _Done(work, hash=digest, skipped_decode=True)  # touched, same content
                 if work.old is None and digest in known_hashes:
                     return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
-                if self.tensor_decode:
+                if tensor_decode is None:
+                    tensor_decode = self.tensor_decode
+                if tensor_decode:
                     f.seek(0)
                     if f.read(2) == b"\xff\xd8":
                         f.seek(0)
@@ -194,6 +204,8 @@ class Indexer:
         # A new file whose content the library knows is a move (its old row's file is gone) or a copy.
         known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
+        if work:  # before the run is recorded: a refused int8 run leaves the library as it was
+            self._prepare_image_tower(work, report)
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
         batch: list[_Done] = []
@@ -202,9 +214,16 @@ class Indexer:
         if progress:
             progress(0, total)
         try:
-            with ThreadPoolExecutor(self.settings.decode_workers(), thread_name_prefix="decode") as pool:
-                for result in _bounded_map(pool, lambda w: self._process(w, known), work,
-                                           ahead=max(2 * self.settings.batch_size, 4 * self.settings.decode_workers())):
+            budget = self.budget
+            if self.encoder.device == "cpu":
+                _set_torch_threads(budget.encoder)
+            with ThreadPoolExecutor(budget.decode, thread_name_prefix="decode") as pool:
+                if budget.overlap:
+                    results = _bounded_map(pool, lambda w: self._process(w, known), work,
+                                           ahead=max(2 * self.settings.batch_size, 4 * budget.decode))
+                else:
+                    results = _chunked_map(pool, lambda w: self._process(w, known), work, self.settings.batch_size)
+                for result in results:
                     self._route(result, report, pending, batch, missing, missing_by_hash)
                     if len(pending.copies) >= self.settings.write_batch:
                         self._resolve_known(pending, report, batch, missing, missing_by_hash)
@@ -252,6 +271,37 @@ class Indexer:
             m = re.search(r"(\d+)x(\d+) = ", reason)
             return m is None or int(m[1]) * int(m[2]) <= self.settings.max_pixels
         return False
+
+    def _prepare_image_tower(self, work: list[_Work], report: IndexReport) -> None:
+        """Choose the image backend for this run; for int8, measure it against fp32 on this run's images first."""
+        from . import onnx_image
+
+        enc = self.encoder
+        if enc.device != "cpu" or enc.precision not in ("fp32", "int8"):
+            report.image_tower = f"torch {enc.precision}"
+            return
+        if self.tower_note is None:
+            self.tower_note = onnx_image.attach(enc, self.settings.home, self.settings.image_backend,
+                                                self.budget.encoder) or ""
+        report.image_tower = enc.image_backend.describe() if enc.image_backend is not None else "torch fp32"
+        if enc.precision != "int8" or enc.image_backend is None:
+            return
+        sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
+                                                           for i in range(PARITY_SAMPLE)]
+        tensors = []
+        with ThreadPoolExecutor(self.budget.decode, thread_name_prefix="parity") as pool:
+            for res in pool.map(lambda w: self._process(_Work(w.entry, None, True), frozenset(), False), sample):
+                if res.tensor is not None:
+                    tensors.append(res.tensor)
+        if not tensors:
+            return
+        cos = onnx_image.int8_parity(enc, tensors)
+        report.int8_parity, report.parity_images = cos, len(tensors)
+        threshold = self.settings.int8_min_cosine
+        if cos < threshold:
+            enc.image_backend = None
+            raise UsageError(f"--precision int8 is too far from fp32 on your images (min cosine {cos:.4f} < "
+                             f"{threshold} on {len(tensors)} images); index with --precision fp32")
 
     def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,
                missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]]) -> None:
@@ -340,11 +390,7 @@ class Indexer:
         kept = []
         for r in batch:
             if r.tensor is None:
-                saved, self.tensor_decode = self.tensor_decode, False
-                try:
-                    r = self._process(_Work(r.work.entry, r.work.old, True), frozenset())
-                finally:
-                    self.tensor_decode = saved
+                r = self._process(_Work(r.work.entry, r.work.old, True), frozenset(), tensor_decode=False)
                 if r.error is not None:
                     report.failed.append((r.work.entry.path, r.error))
                     pending.failures.append((r.work.entry.path, r.error, r.work.entry.size, r.work.entry.mtime_ns))
@@ -433,6 +479,31 @@ def _known_match(path: str, rows: list[ImageRow]) -> tuple[str, ImageRow | None]
         except OSError:
             continue
     return "copy", None
+
+
+PARITY_SAMPLE = 32  # images decoded to check int8 against fp32 before an int8 run
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _chunked_map(pool: ThreadPoolExecutor, fn, items: Iterable, chunk: int):
+    """In order, one chunk at a time: the next chunk is decoded only after the consumer took the last one.
+
+    The consumer encodes between chunks, so decoding (every core) and encoding (every core) take turns
+    instead of competing for the cores.
+    """
+    it = iter(items)
+    while True:
+        block = [pool.submit(fn, item) for _, item in zip(range(chunk), it)]
+        if not block:
+            return
+        results = [f.result() for f in block]
+        yield from results
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int):

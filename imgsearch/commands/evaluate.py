@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
@@ -54,6 +55,35 @@ def model_specs(models: list[str] | None, settings) -> list:
         else:
             specs.append(ModelSpec(m, settings.pretrained if m == settings.model else None))
     return specs
+
+
+def precision_list(precisions: str | None, settings) -> list[str]:
+    """--precisions "fp32,int8" -> ["fp32", "int8"]; default: the global --precision alone."""
+    if not precisions:
+        return [settings.precision]
+    out = [p.strip() for p in precisions.split(",") if p.strip()]
+    bad = [p for p in out if p not in ("auto", "fp32", "bf16", "fp16", "int8")]
+    if bad or not out:
+        raise UsageError(f"--precisions got {precisions!r}; give a comma-separated list of auto, fp32, bf16, fp16, int8")
+    return out
+
+
+def load_for_images(spec, settings, precision: str | None = None):
+    """The encoder with the image backend `index` would use (onnxruntime fp32/int8 on CPU where chosen)."""
+    from .. import onnx_image
+    from ..config import thread_budget
+    from ..encoder import load
+
+    enc = load(spec, settings.device, precision or settings.precision)
+    if enc.device == "cpu":
+        budget = thread_budget(device="cpu", workers=settings.workers)
+        import torch
+
+        torch.set_num_threads(budget.encoder)
+        # eval never creates a library: without one, the exports go to a scratch folder instead.
+        home = settings.home if settings.home.exists() else Path(tempfile.gettempdir()) / "imgsearch-eval-exports"
+        onnx_image.attach(enc, home, settings.image_backend, budget.encoder)
+    return enc
 
 
 def encode_files(encoder, paths: list[str], settings, progress=None):
@@ -237,13 +267,14 @@ def zeroshot_cmd(
                                                "local-dir:DIR, hf-hub:org/repo or NAME:PRETRAINED [default: the "
                                                "global --model]"),
     show: int = typer.Option(10, "--show", min=0, help="Worst classes and confused pairs listed per model."),
+    precisions: Optional[str] = typer.Option(None, "--precisions", help="Compare precisions side by side, e.g. "
+                                             "fp32,int8 [default: the global --precision]"),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Zero-shot top-1/top-5 accuracy on an ImageFolder, with per-class accuracy and confusions."""
     import numpy as np
 
-    from ..encoder import load
     from ..metrics import classification_metrics
     from ..tagging import resolve_templates
     from ..zeroshot import label_embeddings
@@ -255,9 +286,12 @@ def zeroshot_cmd(
     paths = [p for p, _ in items]
     truth_all = np.array([c for _, c in items])
     results = []
-    for spec in specs:
-        enc = load(spec, settings.device, settings.precision)
-        progress, close = _bar(f"encoding ({spec.label})", quiet or json_out)
+    precs = precision_list(precisions, settings)
+    runs = [(spec, p) for spec in specs for p in precs]
+    for spec, prec in runs:
+        enc = load_for_images(spec, settings, prec)
+        label = spec.label if len(precs) == 1 else f"{spec.label} [{prec}]"
+        progress, close = _bar(f"encoding ({label})", quiet or json_out)
         try:
             vecs, ok, failures = encode_files(enc, paths, settings, progress)
         finally:
@@ -269,7 +303,8 @@ def zeroshot_cmd(
             raise DataError(f"none of the {len(paths)} images in {folder} could be read")
         scores = vecs @ label_embeddings(enc, class_names, templates).T
         m = classification_metrics(scores, truth_all[ok], class_names, top_confusions=max(show, 10))
-        results.append({"model": spec.label, **m})
+        tower = enc.image_backend.describe() if enc.image_backend is not None else f"torch {enc.precision}"
+        results.append({"model": label, "precision": enc.precision, "image_tower": tower, **m})
     if json_out:
         typer.echo(json.dumps({"folder": str(folder), "classes": class_names, "templates": templates,
                                "skipped": [{"where": w, "reason": r} for w, r in skipped], "models": results},
@@ -367,14 +402,14 @@ def retrieval_cmd(
 
 # --- parity ---------------------------------------------------------------------------------------
 
-def parity(spec, paths: list[str], settings, progress=None) -> dict:
+def parity(spec, paths: list[str], settings, progress=None, precision: str | None = None) -> dict:
     """Cosine between the indexing pipeline's embeddings and open_clip's plain reference path, per file."""
     import numpy as np
     from PIL import Image, ImageOps
 
-    from ..encoder import build, load
+    from ..encoder import build
 
-    fast = load(spec, settings.device, settings.precision)
+    fast = load_for_images(spec, settings, precision)
     vecs, ok, failures = encode_files(fast, paths, settings)
     ref = build(spec, fast.device, "fp32")  # same weights, full precision
     rows = []
@@ -390,7 +425,8 @@ def parity(spec, paths: list[str], settings, progress=None) -> dict:
         raise DataError(f"none of the images could be read{first}; nothing to compare")
     cos = np.array([c for _, c in rows])
     rows.sort(key=lambda x: x[1])
-    return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision,
+    tower = fast.image_backend.describe() if fast.image_backend is not None else f"torch {fast.precision}"
+    return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision, "image_tower": tower,
             "batch_size": settings.batch_size, "draft_size": fast.draft_size, "images": len(rows),
             "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
             "files": [{"path": p, "cosine": c} for p, c in rows],  # worst first
@@ -404,6 +440,8 @@ def parity_cmd(
     n: int = typer.Option(50, "-n", min=1, help="Images to compare (an even sample when there are more)."),
     threshold: float = typer.Option(0.99, "--threshold", help="Exit with 1 when any cosine is below this."),
     worst: int = typer.Option(5, "--worst", min=0, help="Files listed with the lowest cosine."),
+    precisions: Optional[str] = typer.Option(None, "--precisions", help="Check several precisions side by side, "
+                                             "e.g. fp32,int8 [default: the global --precision]"),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -419,24 +457,31 @@ def parity_cmd(
         raise DataError(f"no images found under {folder}")
     if len(files) > n:  # evenly spread, so one burst of similar files does not fill the sample
         files = [files[int(i * len(files) / n)] for i in range(n)]
-    progress, close = _bar("comparing", quiet or json_out)
-    try:
-        res = parity(ModelSpec(settings.model, settings.pretrained), files, settings, progress)
-    finally:
-        if close:
-            close()
-    res["threshold"] = threshold
-    res["passed"] = res["min_cosine"] >= threshold
+    results = []
+    for prec in precision_list(precisions, settings):
+        progress, close = _bar(f"comparing ({prec})", quiet or json_out)
+        try:
+            res = parity(ModelSpec(settings.model, settings.pretrained), files, settings, progress, prec)
+        finally:
+            if close:
+                close()
+        res["threshold"] = threshold
+        res["passed"] = res["min_cosine"] >= threshold
+        results.append(res)
     if json_out:
-        typer.echo(json.dumps(res, indent=2))
+        typer.echo(json.dumps(results[0] if len(results) == 1 else {"precisions": results}, indent=2))
     else:
-        for s in res["skipped"]:
+        for s in results[0]["skipped"]:
             err(f"skipped: {s['where']}: {s['reason']}")
-        typer.echo(f"{res['model']} on {res['device']} ({res['precision']}, batch {res['batch_size']}, JPEG draft "
-                   f"{res['draft_size']}px) vs fp32 reference, one full-decode image at a time")
-        typer.echo(f"{res['images']} images: min cosine {res['min_cosine']:.6f}, mean {res['mean_cosine']:.6f}")
-        for w in res["files"][:worst]:
-            typer.echo(f"  {w['cosine']:.6f}  {w['path']}")
-    if not res["passed"]:
-        err(f"parity below threshold: min cosine {res['min_cosine']:.6f} < {threshold}")
+        for res in results:
+            typer.echo(f"{res['model']} on {res['device']} ({res['precision']}, {res['image_tower']}, batch "
+                       f"{res['batch_size']}, JPEG draft {res['draft_size']}px) vs fp32 reference, one full-decode "
+                       "image at a time")
+            typer.echo(f"{res['images']} images: min cosine {res['min_cosine']:.6f}, mean {res['mean_cosine']:.6f}")
+            for w in res["files"][:worst]:
+                typer.echo(f"  {w['cosine']:.6f}  {w['path']}")
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        r = failed[0]
+        err(f"parity below threshold: min cosine {r['min_cosine']:.6f} < {threshold} ({r['precision']})")
         raise typer.Exit(1)

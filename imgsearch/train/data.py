@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -242,11 +241,11 @@ def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int,
             yield torch.stack([f.result() for f in current])
 
 
-def default_workers(setting: int) -> int:
-    """Decode worker processes for training: the --workers setting, else half the cores (2..8)."""
-    if setting > 0:
-        return setting
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
+def default_workers(setting: int, device: str = "cpu") -> int:
+    """Decode worker processes for training: the --workers setting, else config.training_workers' share."""
+    from ..config import training_workers
+
+    return training_workers(device, setting)
 
 
 __all__ = ["PreparedData", "prepare", "check_images", "split_by_image", "PairDataset", "StepBatches",

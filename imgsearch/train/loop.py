@@ -115,15 +115,19 @@ def param_groups(model, wd: float) -> list[dict]:
 def training_precision(precision: str, device: str) -> str:
     """auto: fp16 autocast + grad scaler on CUDA, bf16 autocast on CPUs with native bf16, else fp32."""
     from ..encoder import pick_precision
+    from ..errors import UsageError
 
+    if precision == "int8":
+        raise UsageError("--precision int8 is for indexing only (a quantised copy of the image tower); "
+                         "fine-tune with auto, fp32, bf16 or fp16")
     return pick_precision(precision, device)  # the same rule as inference
 
 
 def autocast_for(precision: str, device: str):
     import torch
 
-    if precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
+    if precision == "fp16":  # CUDA or Apple MPS
+        return torch.autocast("mps" if device.startswith("mps") else "cuda", dtype=torch.float16)
     if precision == "bf16":
         return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -327,7 +331,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         emit("note", message=f"{passed_over}; this run's checkpoints go to {ckdir}")
     device = pick_device(cfg.device)
     precision = training_precision(cfg.precision, device)
-    workers = default_workers(cfg.workers)
+    workers = default_workers(cfg.workers, device)
     torch.manual_seed(cfg.seed)
 
     # --- model: fp32 master weights; mixed precision comes from autocast ----------------------------
@@ -371,7 +375,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     trainable = sum(p.numel() for g in groups for p in g["params"])
     # CLIP's AdamW settings (beta2 0.98, eps 1e-6) are steadier with large contrastive logits.
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16"))
+    scaler = torch.amp.GradScaler("mps" if device.startswith("mps") else "cuda", enabled=(precision == "fp16"))
     autocast = lambda: autocast_for(precision, device)  # noqa: E731
 
     def run_eval(label: str) -> dict:

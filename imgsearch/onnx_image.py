@@ -1,0 +1,308 @@
+"""The image tower on ONNX Runtime: fp32 where it beats torch on this CPU, opt-in dynamic int8.
+
+Exports live in ``<home>/exports/<sanitised weights fingerprint>/image/`` (image-fp32.onnx,
+image-int8.onnx, manifest.json). The folder is keyed by the weights fingerprint, and the manifest repeats
+the fingerprint and format, so a fine-tuned or replaced model never runs a stale export. An export is used
+only after it matched the torch tower on a probe batch (fp32: every cosine >= 0.9999); a failed check is
+recorded and torch runs instead.
+
+Nothing here imports onnxruntime or onnx unless an export is needed; when they are missing the caller
+gets torch and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 1
+OPSET = 17
+FP32_MIN_COSINE = 0.9999
+PROBE_IMAGES = 4
+FP32_FILE = "image-fp32.onnx"
+INT8_FILE = "image-int8.onnx"
+MANIFEST = "manifest.json"
+
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr)
+
+
+class OnnxUnavailable(Exception):
+    """onnxruntime/onnx missing, export failed or failed its check: run the image tower on torch."""
+
+
+def sanitise(fingerprint: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", fingerprint)[:120]
+
+
+def export_dir(home: str | os.PathLike, fingerprint: str) -> Path:
+    return Path(home) / "exports" / sanitise(fingerprint) / "image"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def probe_batch(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
+    """A fixed batch in the model's normalised input space: smooth gradients plus texture, like photos."""
+    rng = np.random.default_rng(1234)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    out = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        for c in range(3):
+            a, b, f = rng.uniform(-1.5, 1.5, 3)
+            out[i, c] = a * xx + b * yy + 0.5 * np.sin(6.28 * (f + 1) * (xx + yy)) + rng.normal(0, 0.3, (size, size))
+    return out
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise OnnxUnavailable("onnxruntime is not installed (pip install 'imgsearch[fast]')") from None
+    return onnxruntime
+
+
+class OrtImageTower:
+    """An onnxruntime session over an exported image tower; encode() returns L2-normalised float32 rows."""
+
+    def __init__(self, path: Path, kind: str, threads: int):
+        ort = _import_ort()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.kind = kind
+        self.threads = threads
+        self.path = path
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return _normalise(self.session.run(None, {self.input: batch})[0])
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.kind}"
+
+
+def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    return encoder.encode_image_tensors_torch(torch.from_numpy(batch))
+
+
+def _export_fp32(encoder, path: Path) -> None:
+    import torch
+
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the exporter needs it
+        raise OnnxUnavailable("the onnx package is not installed (pip install 'imgsearch[fast]')") from None
+
+    class Tower(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels):
+            return self.model.encode_image(pixels)
+
+    size = encoder.image_size
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # The TorchScript exporter cannot trace nn.MultiheadAttention's fused inference kernel.
+        mha = getattr(torch.backends, "mha", None)
+        fast = mha.get_fastpath_enabled() if mha is not None else None
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                torch.onnx.export(Tower(encoder.model).eval(), (torch.from_numpy(probe_batch(size, 2)),), str(tmp),
+                                  input_names=["pixels"], output_names=["features"],
+                                  dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                                  opset_version=OPSET, dynamo=False)
+        finally:
+            if mha is not None:
+                mha.set_fastpath_enabled(fast)
+        os.replace(tmp, path)
+    except OnnxUnavailable:
+        raise
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise OnnxUnavailable(f"exporting the image tower failed ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _quantise_int8(fp32: Path, out: Path) -> None:
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise OnnxUnavailable("onnxruntime is not installed (pip install 'imgsearch[fast]')") from None
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        # Only weight MatMul/Gemm (the transformer's projections and MLPs, ~all the FLOPs): the patch
+        # embedding conv and attention's activation x activation products stay fp32, which keeps the
+        # cosine to fp32 up at little cost in speed.
+        import logging
+
+        logging.disable(logging.WARNING)  # its advice to pre-process the model goes to the root logger
+        try:
+            quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                             per_channel=True, extra_options={"MatMulConstBOnly": True})
+        finally:
+            logging.disable(logging.NOTSET)
+        os.replace(tmp, out)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise OnnxUnavailable(f"int8 quantisation failed ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[OrtImageTower, dict]:
+    """A verified session for ``kind`` (fp32 | int8), exporting or rebuilding it first when needed."""
+    ort = _import_ort()
+    if encoder.device != "cpu" or encoder.precision == "bf16":
+        raise OnnxUnavailable(f"the ONNX image tower runs fp32/int8 on the CPU, not {encoder.device} {encoder.precision}")
+    folder = export_dir(home, encoder.fingerprint)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(folder)
+    fresh = manifest.get("fingerprint") == encoder.fingerprint and manifest.get("format") == FORMAT
+    if not fresh:
+        manifest = {"format": FORMAT, "fingerprint": encoder.fingerprint, "model": encoder.spec.label,
+                    "opset": OPSET, "input_size": encoder.image_size, "onnxruntime": ort.__version__}
+    probe = probe_batch(encoder.image_size)
+    ref = None
+    fp32_path = folder / FP32_FILE
+    entry = manifest.get("fp32") if fresh else None
+    if entry is None or not fp32_path.is_file():
+        _export_fp32(encoder, fp32_path)
+        ref = _torch_features(encoder, probe)
+        cos = float((OrtImageTower(fp32_path, "fp32", threads).encode(probe) * ref).sum(1).min())
+        entry = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE, "threshold": FP32_MIN_COSINE}
+        manifest["fp32"] = entry
+        _write_manifest(folder, manifest)
+    if not entry.get("passed"):
+        raise OnnxUnavailable(f"the exported image tower does not match torch (cosine {entry['min_cosine']:.6f})")
+    if kind == "fp32":
+        return OrtImageTower(fp32_path, "fp32", threads), manifest
+    int8_path = folder / INT8_FILE
+    entry8 = manifest.get("int8") if fresh else None
+    if entry8 is None or not int8_path.is_file():
+        _quantise_int8(fp32_path, int8_path)
+        ref = ref if ref is not None else _torch_features(encoder, probe)
+        cos = float((OrtImageTower(int8_path, "int8", threads).encode(probe) * ref).sum(1).min())
+        entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, "ops": ["MatMul", "Gemm"], "per_channel": True}
+        manifest["int8"] = entry8
+        _write_manifest(folder, manifest)
+    return OrtImageTower(int8_path, "int8", threads), manifest
+
+
+def _timed(fn, batch, runs: int = 2) -> float:
+    fn(batch)  # warm-up: first runs allocate and pack weights
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn(batch)
+        best = min(best, time.perf_counter() - t)
+    return len(batch) / best
+
+
+def fp32_decision(encoder, home, tower: OrtImageTower, manifest: dict) -> dict:
+    """torch or onnxruntime for fp32 on this CPU: measured once per CPU model, thread count and versions."""
+    import onnxruntime
+    import torch
+
+    key = f"{cpu_model()} | {tower.threads} threads | torch {torch.__version__} | ort {onnxruntime.__version__}"
+    decisions = manifest.setdefault("fp32_backend", {})
+    if key in decisions:
+        return decisions[key]
+    batch = probe_batch(encoder.image_size, 8)
+    torch_ips = _timed(lambda b: _torch_features(encoder, b), batch)
+    ort_ips = _timed(tower.encode, batch)
+    decision = {"backend": "onnxruntime" if ort_ips > torch_ips else "torch", "torch_img_s": round(torch_ips, 2),
+                "onnxruntime_img_s": round(ort_ips, 2), "batch": len(batch), "measured": time.strftime("%Y-%m-%d")}
+    decisions[key] = decision
+    _write_manifest(export_dir(home, encoder.fingerprint), manifest)
+    return decision
+
+
+def attach(encoder, home, mode: str = "auto", threads: int = 1) -> str | None:
+    """Pick the image backend for ``encoder`` (fp32/int8 on CPU); returns a note for the user or None.
+
+    mode: auto (measured choice for fp32), torch, onnx. int8 always needs onnxruntime; without it, or when
+    an export fails, the tower stays on torch fp32 and stderr says so once.
+    """
+    encoder.image_backend = None
+    if encoder.device != "cpu" or encoder.precision not in ("fp32", "int8"):
+        return None
+    if encoder.precision == "fp32" and mode == "torch":
+        return None
+    try:
+        tower, manifest = ensure_export(encoder, home, encoder.precision, threads)
+    except OnnxUnavailable as e:
+        if encoder.precision == "int8":
+            say_once(f"note: {e}; --precision int8 falls back to torch fp32")
+        elif mode == "onnx":
+            say_once(f"note: {e}; the image tower runs on torch")
+        return None
+    if encoder.precision == "int8":
+        encoder.image_backend = tower
+        return "image tower: onnxruntime int8"
+    if mode == "auto":
+        decision = fp32_decision(encoder, home, tower, manifest)
+        if decision["backend"] != "onnxruntime":
+            return (f"image tower: torch fp32 (measured {decision['torch_img_s']} img/s vs onnxruntime "
+                    f"{decision['onnxruntime_img_s']} img/s on this CPU)")
+    encoder.image_backend = tower
+    return "image tower: onnxruntime fp32"
+
+
+def int8_parity(encoder, tensors) -> float:
+    """Min cosine between the attached int8 tower and torch fp32 on the user's decoded images."""
+    import torch
+
+    batch = torch.stack(list(tensors)).float().numpy()
+    ref = encoder.encode_image_tensors_torch(torch.from_numpy(batch))
+    got = encoder.image_backend.encode(batch)
+    return float((got * ref).sum(1).min())
+
+
+__all__ = ["attach", "ensure_export", "int8_parity", "export_dir", "sanitise", "OrtImageTower", "OnnxUnavailable",
+           "FP32_MIN_COSINE", "FORMAT"]
