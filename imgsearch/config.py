@@ -29,6 +29,13 @@ HOME_DB = "library.db"
 HOME_MARKER = ".imgsearch-home"
 
 
+def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:
+    """Where a model's exported towers live: <home>/exports/<weights fingerprint, file-name safe>/."""
+    import re
+
+    return Path(home) / "exports" / re.sub(r"[^A-Za-z0-9._-]", "_", fingerprint)[:120]
+
+
 def default_home() -> Path:
     """Per-user data dir: $XDG_DATA_HOME/imgsearch or ~/.local/share/imgsearch."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")

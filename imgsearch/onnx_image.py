@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -42,12 +41,10 @@ class OnnxUnavailable(Exception):
     """onnxruntime/onnx missing, export failed or failed its check: run the image tower on torch."""
 
 
-def sanitise(fingerprint: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", fingerprint)[:120]
-
-
 def export_dir(home: str | os.PathLike, fingerprint: str) -> Path:
-    return Path(home) / "exports" / sanitise(fingerprint) / "image"
+    from .config import model_exports_dir
+
+    return model_exports_dir(home, fingerprint) / "image"
 
 
 def cpu_model() -> str:
@@ -304,5 +301,5 @@ def int8_parity(encoder, tensors) -> float:
     return float((got * ref).sum(1).min())
 
 
-__all__ = ["attach", "ensure_export", "int8_parity", "export_dir", "sanitise", "OrtImageTower", "OnnxUnavailable",
+__all__ = ["attach", "ensure_export", "int8_parity", "export_dir", "OrtImageTower", "OnnxUnavailable",
            "FP32_MIN_COSINE", "FORMAT"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -48,8 +47,9 @@ class ExportError(Exception):
 
 
 def export_dir(home: str | os.PathLike, fingerprint: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", fingerprint)[:120]
-    return Path(home) / "exports" / safe / "text"
+    from .config import model_exports_dir
+
+    return model_exports_dir(home, fingerprint) / "text"
 
 
 # --- numpy forward ---------------------------------------------------------------------------------
