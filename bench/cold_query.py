@@ -25,7 +25,7 @@ from common import make_photos  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("PEERS", "/tmp/peers"))
-SHARED = Path("/work/shared/peers")
+SHARED = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers"))  # the rclip harness beside the repo
 
 
 def vit_b32_256(folder: Path) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from common import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent.parent / "shared" / "peers"))
+PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers"))  # the rclip harness beside the repo
 MODES = {"torch": ("fp32", "torch"), "onnx": ("fp32", "onnx"), "int8": ("int8", "auto")}
 
 
