@@ -280,6 +280,10 @@ class Indexer:
         if enc.device != "cpu" or enc.precision not in ("fp32", "int8"):
             report.image_tower = f"torch {enc.precision}"
             return
+        if enc.precision == "fp32" and self.settings.image_backend == "auto" and len(work) < ORT_MIN_RUN:
+            # The one-off export and backend timing (~10 s for ViT-B-32) costs more than it saves on a small run.
+            report.image_tower = "torch fp32"
+            return
         if self.tower_note is None:
             self.tower_note = onnx_image.attach(enc, self.settings.home, self.settings.image_backend,
                                                 self.budget.encoder) or ""
@@ -482,6 +486,7 @@ def _known_match(path: str, rows: list[ImageRow]) -> tuple[str, ImageRow | None]
 
 
 PARITY_SAMPLE = 32  # images decoded to check int8 against fp32 before an int8 run
+ORT_MIN_RUN = 200  # files a run must have before onnxruntime fp32 is considered (auto backend)
 
 
 def _set_torch_threads(n: int) -> None:
