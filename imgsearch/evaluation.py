@@ -188,7 +188,9 @@ def parity_stages(encoder, settings) -> list[tuple[str, object]]:
     "pillow" always; "tensor" (torchvision on the CPU) always; "nvjpeg" when the encoder is on CUDA.
     """
     used = index_stage(encoder, settings)
-    stages = {"pillow": index_stage(encoder, settings, False), "tensor": index_stage(encoder, settings, True, "cpu")}
+    # A model the tensor path refused: `index` decodes with Pillow, and its stage says why.
+    pillow = used if not used.tensor else index_stage(encoder, settings, False)
+    stages = {"pillow": pillow, "tensor": index_stage(encoder, settings, True, "cpu")}
     if encoder.device.startswith("cuda"):
         stages["nvjpeg"] = index_stage(encoder, settings, True, encoder.device)
     first = "pillow" if not used.tensor else ("nvjpeg" if used.device.startswith("cuda") else "tensor")
