@@ -248,7 +248,9 @@ def test_eval_parity_reports_every_index_decode_stage(cli, squash_model, wide_ph
     text = cli("eval", "parity", wide_photos, model=model).stdout
     assert "through index's decode stage (batched torchvision" in text and "stage pillow (Pillow)" in text
     longest = _save_model(tmp_path / "longest", {**SQUASH, "resize_mode": "longest"})
-    res = json.loads(cli("eval", "parity", wide_photos, "--json", model=f"local-dir:{longest}").stdout)
+    r = cli("eval", "parity", wide_photos, "--json", model=f"local-dir:{longest}")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
     assert res["stage"] == "pillow" and res["decode"].startswith("Pillow (batched tensor decode refused")
     assert res["images"] == 8 and res["stages"][1]["stage"] == "tensor"
     assert "resize_mode 'longest'" in res["stages"][1]["refused"]
