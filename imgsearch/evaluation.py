@@ -35,11 +35,10 @@ def load_for_images(spec, settings, precision: str | None = None):
 
 def index_stage(encoder, settings, tensor: bool | None = None, device: str | None = None):
     """The indexer's decode stage for ``encoder``; ``tensor`` None: what IMGSEARCH_GPU_DECODE makes `index` use."""
-    from .indexer import DecodeStage
+    from .indexer import DecodeStage, tensor_decode_wanted
 
     if tensor is None:
-        mode = settings.gpu_decode
-        tensor = mode == "on" or (mode == "auto" and encoder.device.startswith("cuda"))
+        tensor = tensor_decode_wanted(settings.gpu_decode, encoder.device)
     return DecodeStage(encoder, settings.max_pixels, tensor, device)
 
 

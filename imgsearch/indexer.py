@@ -79,6 +79,11 @@ class _Done:
 ProgressFn = Callable[[int, int], None]  # (done, total)
 
 
+def tensor_decode_wanted(mode: str, device: str) -> bool:
+    """IMGSEARCH_GPU_DECODE: nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's draft decode is faster."""
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+
+
 class DecodeStage:
     """How indexing turns a file into the model's input tensor; fixed for a run and passed, never flipped.
 
@@ -166,10 +171,8 @@ class Indexer:
         self.store = store
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
                                                          encoder.fingerprint, encoder.dim)
-        mode = settings.gpu_decode
-        # nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's reduced-size decode is faster.
         self.stage = DecodeStage(encoder, settings.max_pixels,
-                                 tensor=mode == "on" or (mode == "auto" and encoder.device.startswith("cuda")))
+                                 tensor_decode_wanted(settings.gpu_decode, encoder.device))
         self.budget = thread_budget(device=encoder.device, workers=settings.workers)
         self.tower_note: str | None = None
 
