@@ -40,8 +40,6 @@ def pipeline(enc, settings, folder: Path) -> float:
 
 def decode_only(enc, settings, paths, batch: int) -> tuple[str, float]:
     """Decode + preprocess images/s as the pipeline does it: nvJPEG batches on CUDA, Pillow threads on CPU."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from imgsearch import images
 
     datas = [p.read_bytes() for p in paths]
@@ -49,18 +47,17 @@ def decode_only(enc, settings, paths, batch: int) -> tuple[str, float]:
     if enc.device.startswith("cuda"):
         import torch
 
-        norm = images.normalization_of(enc.preprocess)
+        pre = images.tensor_preprocess(images.preprocess_cfg_of(enc.model), enc.preprocess)
         for i in range(0, len(datas), batch):
             part = datas[i:i + batch]
-            images.decode_jpegs(part, [1] * len(part), enc.image_size, *norm, enc.device)
+            images.decode_jpegs(part, [1] * len(part), pre, enc.device)
         torch.cuda.synchronize()
         how = "nvJPEG batches"
     else:
         def one(d):
             return enc.preprocess(images.open_image(d, draft_size=enc.draft_size)[0])
 
-        with ThreadPoolExecutor(settings.decode_workers()) as pool:
-            list(pool.map(one, datas))
+        list(images.decode_many(datas, one, settings.decode_workers()))
         how = f"Pillow draft, {settings.decode_workers()} threads"
     return how, len(datas) / (time.perf_counter() - t)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -191,21 +190,16 @@ def _fingerprints(store, rows: dict, ids: set[int], workers: int, max_pixels: in
     failed: list[tuple[str, str]] = []
 
     def compute(row):
-        try:
-            im, _ = images.open_image(row.path, draft_size=128, max_pixels=max_pixels)
-            return row, fingerprint(im), None
-        except DecodeError as e:
-            return row, None, str(e)
+        im, _ = images.open_image(row.path, draft_size=128, max_pixels=max_pixels)
+        return fingerprint(im)
 
     fresh = []
-    if todo:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for row, fp, error in pool.map(compute, todo):
-                if fp is None:
-                    failed.append((row.path, error))
-                else:
-                    known[row.id] = fp
-                    fresh.append((row.id, row.hash, fp))
+    for row, fp in zip(todo, images.decode_many(todo, compute, workers)):
+        if isinstance(fp, DecodeError):
+            failed.append((row.path, str(fp)))
+        else:
+            known[row.id] = fp
+            fresh.append((row.id, row.hash, fp))
     store.save_fingerprints(fresh)
     return known, failed
 

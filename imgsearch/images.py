@@ -171,12 +171,104 @@ def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, 
         raise DecodeError(f"corrupt image: {e}") from None
 
 
-def normalization_of(preprocess) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the Normalize step in a torchvision preprocess pipeline."""
+class UnsupportedPreprocess(ValueError):
+    """The model's preprocess has an option the batched tensor path does not reproduce: use Pillow for it."""
+
+
+_TENSOR_RESIZE = ("shortest", "squash")
+_TENSOR_INTERPOLATION = ("bicubic", "bilinear")
+
+
+@dataclass(frozen=True)
+class TensorPreprocess:
+    """The model's eval preprocess, rebuilt for CHW uint8 tensors on any device (the batched decode path).
+
+    Built only by :func:`tensor_preprocess` from the model's own ``preprocess_cfg``; every field comes
+    from there, nothing falls back to a default.
+    """
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bicubic" | "bilinear"
+    resize_mode: str  # "shortest" (resize the short side, centre crop) | "squash" (resize to size, any aspect)
+
+    def __call__(self, t):
+        """CHW uint8 (any device) -> normalised float CHW, as torchvision's Resize/CenterCrop/Normalize do it."""
+        import torch
+        import torch.nn.functional as F
+
+        _, h, w = t.shape
+        th, tw = self.size
+        if self.resize_mode == "squash":
+            nh, nw = th, tw
+        elif h <= w:  # torchvision Resize(int): the short side to size, the long side truncated
+            nh, nw = th, int(th * w / h)
+        else:
+            nh, nw = int(tw * h / w), tw
+        x = t.unsqueeze(0).float()
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, antialias=True, align_corners=False)
+        # Pillow rounds to 8 bits after resizing; so does this, so both paths see the same pixels.
+        x = x.clamp_(0, 255).round_()
+        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        x = x[:, :, top:top + th, left:left + tw].div_(255.0)
+        m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return ((x - m) / s)[0]
+
+
+def preprocess_cfg_of(model) -> dict:
+    """open_clip's ``preprocess_cfg`` of a loaded model (what its own torchvision preprocess was built from)."""
+    module = getattr(model, "visual", model)
+    return dict(getattr(module, "preprocess_cfg", None) or {})
+
+
+def tensor_preprocess(cfg: dict, preprocess=None) -> TensorPreprocess:
+    """The tensor path for a model's ``preprocess_cfg``; raises UnsupportedPreprocess saying why it can't be.
+
+    ``preprocess`` (the model's torchvision pipeline), when given, must normalise with the same mean/std as
+    ``cfg``: a model whose two descriptions disagree is left to Pillow rather than guessed at.
+    """
+    missing = [k for k in ("size", "mean", "std") if k not in cfg]
+    if missing:
+        raise UnsupportedPreprocess(f"the model's preprocess_cfg has no {', '.join(missing)}")
+    mode = cfg.get("mode", "RGB")
+    if mode != "RGB":
+        raise UnsupportedPreprocess(f"image mode {mode!r}")
+    resize = cfg.get("resize_mode", "shortest")
+    if resize not in _TENSOR_RESIZE:
+        raise UnsupportedPreprocess(f"resize_mode {resize!r}")
+    interp = cfg.get("interpolation", "bicubic")
+    if interp not in _TENSOR_INTERPOLATION:
+        raise UnsupportedPreprocess(f"interpolation {interp!r}")
+    size = cfg["size"]
+    size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
+    if len(size) != 2 or (resize == "shortest" and size[0] != size[1]):
+        raise UnsupportedPreprocess(f"size {cfg['size']!r} with resize_mode {resize!r}")
+
+    def triple(v, name):
+        v = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+        if len(v) != 3:
+            raise UnsupportedPreprocess(f"{name} {cfg[name]!r} is not one value per RGB channel")
+        return v
+
+    mean, std = triple(cfg["mean"], "mean"), triple(cfg["std"], "std")
+    if preprocess is not None:
+        norm = _normalize_of(preprocess)
+        if norm is None:
+            raise UnsupportedPreprocess("the model's preprocess has no Normalize step")
+        if any(abs(a - b) > 1e-6 for a, b in zip(norm[0] + norm[1], mean + std)):
+            raise UnsupportedPreprocess("the model's preprocess normalises differently from its preprocess_cfg")
+    return TensorPreprocess(size, mean, std, interp, resize)
+
+
+def _normalize_of(preprocess):
     for t in getattr(preprocess, "transforms", []):
         if type(t).__name__ == "Normalize":
-            return tuple(float(m) for m in t.mean), tuple(float(s) for s in t.std)
-    return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+            m = tuple(float(v) for v in t.mean)
+            s = tuple(float(v) for v in t.std)
+            return (m * 3 if len(m) == 1 else m), (s * 3 if len(s) == 1 else s)
+    return None
 
 
 def _orient(t, orientation: int):
@@ -200,25 +292,7 @@ def _orient(t, orientation: int):
     return t
 
 
-def preprocess_tensor(t, size: int, mean, std):
-    """CHW uint8 -> normalised float CHW at size x size: shortest-side bicubic resize + centre crop, like
-    open_clip's eval preprocess, but on whatever device the tensor is on."""
-    import torch
-    import torch.nn.functional as F
-
-    _, h, w = t.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = t.unsqueeze(0).float()
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[:, :, top:top + size, left:left + size].clamp_(0, 255).div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return ((x - m) / s)[0]
-
-
-def decode_jpegs(datas: list[bytes], orientations: list[int], size: int, mean, std, device: str) -> list:
+def decode_jpegs(datas: list[bytes], orientations: list[int], pre: TensorPreprocess, device: str) -> list:
     """Decode a batch of JPEGs with torchvision (nvJPEG when ``device`` is CUDA) and preprocess them there.
 
     Returns one entry per input: a normalised CHW tensor on ``device``, or None where decoding failed (the
@@ -239,5 +313,61 @@ def decode_jpegs(datas: list[bytes], orientations: list[int], size: int, mean, s
                 decoded.append(None)
     out = []
     for t, o in zip(decoded, orientations):
-        out.append(None if t is None else preprocess_tensor(_orient(t, o), size, mean, std))
+        out.append(None if t is None else pre(_orient(t, o)))
     return out
+
+
+# --- the one decode pipeline ------------------------------------------------------------------------
+def decode_many(items, decode, workers: int, ahead: int | None = None, overlap: bool = True):
+    """Yield ``decode(item)`` for each item, in order, decoded by ``workers`` threads.
+
+    A DecodeError (or any exception: one broken file must not stop a run) is yielded in the item's place
+    as a DecodeError value; nothing is raised mid-stream. At most ``ahead`` items are in flight, so
+    memory stays bounded however many items come.
+
+    ``overlap`` True: decoding runs ahead while the consumer works (the consumer's work needs few cores,
+    e.g. a GPU encoder). False: chunks of ``ahead`` are decoded, then handed over, and nothing decodes
+    until the consumer asks for the next chunk, so decode and a CPU encoder take turns at the cores.
+    ``workers`` < 1 decodes in the calling thread.
+    """
+    workers = max(0, int(workers))
+    ahead = max(1, ahead if ahead is not None else 4 * max(1, workers))
+
+    def safe(item):
+        try:
+            return decode(item)
+        except DecodeError as e:
+            return e
+        except Exception as e:  # a decoder bug on one file
+            return DecodeError(f"cannot decode: {type(e).__name__}: {e}")
+
+    if workers < 1:
+        for item in items:
+            yield safe(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    queue: deque = deque()
+    try:
+        it = iter(items)
+        if overlap:
+            for item in it:
+                queue.append(pool.submit(safe, item))
+                if len(queue) >= ahead:
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
+        else:
+            while True:
+                queue.extend(pool.submit(safe, item) for _, item in zip(range(ahead), it))
+                if not queue:
+                    return
+                done = [f.result() for f in queue]  # the whole chunk, before the consumer runs again
+                queue.clear()
+                yield from done
+    finally:
+        for fut in queue:
+            fut.cancel()
+        pool.shutdown(wait=True)

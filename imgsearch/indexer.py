@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -45,6 +43,7 @@ class IndexReport:
     image_tower: str = ""  # which backend/precision made the vectors, e.g. "onnxruntime int8"
     int8_parity: float | None = None  # min cosine int8 vs fp32 on a sample of this run's images
     parity_images: int = 0
+    decode: str = ""  # how files were decoded: Pillow, or batched tensors (and why not, when refused)
 
     def counts(self) -> dict[str, int]:
         return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged, "moved": self.moved,
@@ -54,7 +53,7 @@ class IndexReport:
         return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "aliases": self.aliases,
                 "failed_before": self.failed_before, "seconds": round(self.seconds, 3),
                 "interrupted": self.interrupted, "model": self.model, "image_tower": self.image_tower,
-                "int8_parity": self.int8_parity, "parity_images": self.parity_images,
+                "int8_parity": self.int8_parity, "parity_images": self.parity_images, "decode": self.decode,
                 "failures": [{"path": p, "reason": r} for p, r in self.failed]}
 
 
@@ -80,6 +79,89 @@ class _Done:
 ProgressFn = Callable[[int, int], None]  # (done, total)
 
 
+def tensor_decode_wanted(mode: str, device: str) -> bool:
+    """IMGSEARCH_GPU_DECODE: nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's draft decode is faster."""
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+
+
+class DecodeStage:
+    """How indexing turns a file into the model's input tensor; fixed for a run and passed, never flipped.
+
+    Pillow: JPEG draft decode + the model's own torchvision preprocess. Tensor (``tensor=True``): JPEG
+    bytes decoded in batches by torchvision on the encoder's device (nvJPEG on CUDA) and preprocessed
+    from the model's ``preprocess_cfg``; a model whose preprocess that path cannot reproduce is refused
+    here and decoded with Pillow, and so is every file the batch decoder rejects.
+    """
+
+    def __init__(self, encoder: Encoder, max_pixels: int, tensor: bool, device: str | None = None):
+        self.encoder = encoder
+        self.device = device or encoder.device  # where the batch decoder runs (cuda: nvJPEG)
+        self.max_pixels = max_pixels
+        self.tensor_pre: images.TensorPreprocess | None = None
+        self.refused: str | None = None
+        if tensor:
+            try:
+                self.tensor_pre = images.tensor_preprocess(images.preprocess_cfg_of(encoder.model), encoder.preprocess)
+            except images.UnsupportedPreprocess as e:
+                self.refused = str(e)
+
+    @property
+    def tensor(self) -> bool:
+        return self.tensor_pre is not None
+
+    def describe(self) -> str:
+        if self.tensor:
+            how = "nvJPEG" if self.device.startswith("cuda") else "torchvision"
+            return f"batched {how} on {self.device}, JPEG only (Pillow for the rest)"
+        if self.refused:
+            return f"Pillow (batched tensor decode refused for this model: {self.refused})"
+        return "Pillow"
+
+    def pillow(self, source):
+        """(model input tensor, ImageInfo) of a path or bytes; raises DecodeError."""
+        im, info = images.open_image(source, draft_size=self.encoder.draft_size, max_pixels=self.max_pixels)
+        return self.encoder.preprocess(im), info
+
+    def batch(self, datas: list[bytes], orientations: list[int]) -> list:
+        """Tensor decode of JPEG bytes on the encoder's device: one tensor or None (give it to Pillow) each."""
+        return images.decode_jpegs(datas, orientations, self.tensor_pre, self.device)
+
+    def decode_files(self, paths: list[str], workers: int, batch_size: int, overlap: bool = True):
+        """The whole stage on ``paths``, in order: a model input tensor or a DecodeError per path."""
+        if not self.tensor:
+            yield from images.decode_many(paths, lambda p: self.pillow(p)[0], workers,
+                                          2 * batch_size if overlap else batch_size, overlap)
+            return
+
+        def read(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            if data[:2] == b"\xff\xd8":
+                try:
+                    return data, images.jpeg_header(data, self.max_pixels)[1]
+                except DecodeError as e:
+                    if "too large" in str(e):
+                        raise
+            return data, None
+
+        from itertools import islice
+
+        stream = images.decode_many(paths, read, workers, 2 * batch_size if overlap else batch_size, overlap)
+        while part := list(islice(stream, batch_size)):
+            jpegs = [k for k, r in enumerate(part) if not isinstance(r, DecodeError) and r[1] is not None]
+            done = dict(zip(jpegs, self.batch([part[k][0] for k in jpegs], [part[k][1] for k in jpegs])))
+            for k, r in enumerate(part):
+                if isinstance(r, DecodeError):
+                    yield r
+                elif done.get(k) is not None:
+                    yield done[k]
+                else:
+                    try:
+                        yield self.pillow(r[0])[0]
+                    except DecodeError as e:
+                        yield e
+
+
 class Indexer:
     """One indexing run over some roots with one encoder. Use :func:`index_paths`."""
 
@@ -89,14 +171,8 @@ class Indexer:
         self.store = store
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
                                                          encoder.fingerprint, encoder.dim)
-        self.draft = encoder.draft_size
-        mode = settings.gpu_decode
-        # nvJPEG decodes whole batches on the GPU; on a CPU, Pillow's reduced-size decode is faster.
-        # Fixed for the run: worker threads read it, and a file the GPU decoder rejects is re-decoded by
-        # passing tensor_decode=False to _process, never by flipping this.
-        self.tensor_decode = mode == "on" or (mode == "auto" and encoder.device.startswith("cuda"))
-        if self.tensor_decode:
-            self.norm = images.normalization_of(encoder.preprocess)
+        self.stage = DecodeStage(encoder, settings.max_pixels,
+                                 tensor_decode_wanted(settings.gpu_decode, encoder.device))
         self.budget = thread_budget(device=encoder.device, workers=settings.workers)
         self.tower_note: str | None = None
 
@@ -116,7 +192,7 @@ class Indexer:
                 if work.old is None and digest in known_hashes:
                     return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
                 if tensor_decode is None:
-                    tensor_decode = self.tensor_decode
+                    tensor_decode = self.stage.tensor
                 if tensor_decode:
                     f.seek(0)
                     if f.read(2) == b"\xff\xd8":
@@ -126,7 +202,7 @@ class Indexer:
             return _Done(work, error=f"cannot read file: {e.strerror or e}")
         if data is not None:
             try:
-                info, orientation = images.jpeg_header(data, self.settings.max_pixels)
+                info, orientation = images.jpeg_header(data, self.stage.max_pixels)
                 return _Done(work, hash=digest, info=info, raw=data, orientation=orientation)
             except DecodeError as e:
                 if "too large" in str(e):
@@ -134,8 +210,7 @@ class Indexer:
                 # anything else (CMYK, odd markers): Pillow below decides
         try:
             # From the file, not a bytes copy: Pillow reads what it decodes (a draft JPEG decode reads less).
-            im, info = images.open_image(path, draft_size=self.draft, max_pixels=self.settings.max_pixels)
-            tensor = self.encoder.preprocess(im)
+            tensor, info = self.stage.pillow(path)
         except DecodeError as e:
             return _Done(work, hash=digest, error=str(e))
         except Exception as e:  # a decoder bug on one file must not stop the run
@@ -147,7 +222,7 @@ class Indexer:
             build_progress: BuildProgress | None = None) -> IndexReport:
         """Index ``roots``; ``progress(done, total)`` per file, ``build_progress`` for a FAISS rebuild after."""
         t0 = time.perf_counter()
-        report = IndexReport(model=self.encoder.spec.label)
+        report = IndexReport(model=self.encoder.spec.label, decode=self.stage.describe())
         store = self.store
         model_id = self.model.id
 
@@ -213,34 +288,35 @@ class Indexer:
         done = 0
         if progress:
             progress(0, total)
+        results = None
         try:
             budget = self.budget
             if self.encoder.device == "cpu":
                 _set_torch_threads(budget.encoder)
-            with ThreadPoolExecutor(budget.decode, thread_name_prefix="decode") as pool:
-                if budget.overlap:
-                    results = _bounded_map(pool, lambda w: self._process(w, known), work,
-                                           ahead=max(2 * self.settings.batch_size, 4 * budget.decode))
-                else:
-                    results = _chunked_map(pool, lambda w: self._process(w, known), work, self.settings.batch_size)
-                for result in results:
-                    self._route(result, report, pending, batch, missing, missing_by_hash)
-                    if len(pending.copies) >= self.settings.write_batch:
-                        self._resolve_known(pending, report, batch, missing, missing_by_hash)
-                    if len(batch) >= self.settings.batch_size:
-                        self._encode(batch, pending, report)
-                        batch = []
-                    if pending.size() >= self.settings.write_batch or (pending.vectors and not batch):
-                        self._resolve_known(pending, report, batch, missing, missing_by_hash)
-                        pending.flush(store, model_id)
-                    done += 1
-                    if progress:
-                        progress(done, total)
-                self._resolve_known(pending, report, batch, missing, missing_by_hash)
-                if batch:
+            ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
+                self.settings.batch_size
+            results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
+                                         overlap=budget.overlap)
+            for w, result in zip(work, results):
+                if isinstance(result, DecodeError):  # _process reports its own errors; this is a last resort
+                    result = _Done(w, error=str(result))
+                self._route(result, report, pending, batch, missing, missing_by_hash)
+                if len(pending.copies) >= self.settings.write_batch:
+                    self._resolve_known(pending, report, batch, missing, missing_by_hash)
+                if len(batch) >= self.settings.batch_size:
                     self._encode(batch, pending, report)
                     batch = []
-                pending.flush(store, model_id)
+                if pending.size() >= self.settings.write_batch or (pending.vectors and not batch):
+                    self._resolve_known(pending, report, batch, missing, missing_by_hash)
+                    pending.flush(store, model_id)
+                done += 1
+                if progress:
+                    progress(done, total)
+            self._resolve_known(pending, report, batch, missing, missing_by_hash)
+            if batch:
+                self._encode(batch, pending, report)
+                batch = []
+            pending.flush(store, model_id)
             gone = [r.id for p, r in missing.items()]
             report.removed = store.delete_images(gone)
             for path, reason in problems.items():
@@ -250,6 +326,8 @@ class Indexer:
                 pending.flush(store, model_id)
             store.delete_failures_under(roots, keep={p for p, _ in report.failed} | still_failing)
         except BaseException:
+            if results is not None:
+                results.close()  # stop the decode threads before the run is recorded as interrupted
             report.interrupted = True
             report.seconds = time.perf_counter() - t0
             try:
@@ -292,11 +370,9 @@ class Indexer:
             return
         sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
                                                            for i in range(PARITY_SAMPLE)]
-        tensors = []
-        with ThreadPoolExecutor(self.budget.decode, thread_name_prefix="parity") as pool:
-            for res in pool.map(lambda w: self._process(_Work(w.entry, None, True), frozenset(), False), sample):
-                if res.tensor is not None:
-                    tensors.append(res.tensor)
+        tensors = [res.tensor for res in images.decode_many(
+            sample, lambda w: self._process(_Work(w.entry, None, True), frozenset(), False), self.budget.decode)
+            if isinstance(res, _Done) and res.tensor is not None]
         if not tensors:
             return
         cos = onnx_image.int8_parity(enc, tensors)
@@ -386,8 +462,7 @@ class Indexer:
         raw = [r for r in batch if r.raw is not None]
         if not raw:
             return batch
-        tensors = images.decode_jpegs([r.raw for r in raw], [r.orientation for r in raw], self.encoder.image_size,
-                                      *self.norm, self.encoder.device)
+        tensors = self.stage.batch([r.raw for r in raw], [r.orientation for r in raw])
         for r, t in zip(raw, tensors):
             r.raw = None
             r.tensor = t
@@ -494,37 +569,6 @@ def _set_torch_threads(n: int) -> None:
 
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-
-
-def _chunked_map(pool: ThreadPoolExecutor, fn, items: Iterable, chunk: int):
-    """In order, one chunk at a time: the next chunk is decoded only after the consumer took the last one.
-
-    The consumer encodes between chunks, so decoding (every core) and encoding (every core) take turns
-    instead of competing for the cores.
-    """
-    it = iter(items)
-    while True:
-        block = [pool.submit(fn, item) for _, item in zip(range(chunk), it)]
-        if not block:
-            return
-        results = [f.result() for f in block]
-        yield from results
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int):
-    """Like pool.map, in order, but keeps at most ``ahead`` items in flight (bounded memory)."""
-    queue: deque = deque()
-    it = iter(items)
-    try:
-        for item in it:
-            queue.append(pool.submit(fn, item))
-            if len(queue) >= ahead:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
-    finally:
-        for fut in queue:
-            fut.cancel()
 
 
 def index_policy(settings: Settings) -> IndexPolicy:

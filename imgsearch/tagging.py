@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from . import files, zeroshot
-from .config import Settings
+from .config import Settings, thread_budget
 from .errors import DecodeError, UsageError
 
 CHUNK = 8192  # images classified per step: bounds memory at N x labels floats
@@ -148,19 +148,34 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
     encoder = encoder or load(ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
     label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
     todo = [r for r in out if r.error is None]
-    for start in range(0, len(todo), settings.batch_size):
-        batch, pil = [], []
-        for r in todo[start:start + settings.batch_size]:
-            try:
-                im, _ = images.open_image(r.path, draft_size=encoder.draft_size, max_pixels=settings.max_pixels)
-            except DecodeError as e:
-                r.error = str(e)
-                continue
-            batch.append(r)
-            pil.append(im)
-        if not pil:
-            continue
-        probs = zeroshot.classify(encoder.encode_images(pil), label_vecs, encoder.logit_scale)
+    budget = thread_budget(device=encoder.device, workers=settings.workers)
+
+    def decode(r: FileLabels):
+        im, _ = images.open_image(r.path, draft_size=encoder.draft_size, max_pixels=settings.max_pixels)
+        return encoder.preprocess(im)
+
+    batch, tensors = [], []
+
+    def flush():
+        import torch
+
+        probs = zeroshot.classify(encoder.encode_image_tensors(torch.stack(tensors)), label_vecs,
+                                  encoder.logit_scale)
         for r, tags in zip(batch, zeroshot.top_labels(probs, labels, top, min_prob)):
             r.labels = tags
+        batch.clear()
+        tensors.clear()
+
+    # Decoding runs in threads, batch by batch, the way `index` does it (same thread budget).
+    ahead = max(2 * settings.batch_size, 4 * budget.decode) if budget.overlap else settings.batch_size
+    for r, result in zip(todo, images.decode_many(todo, decode, budget.decode, ahead, overlap=budget.overlap)):
+        if isinstance(result, DecodeError):
+            r.error = str(result)
+            continue
+        batch.append(r)
+        tensors.append(result)
+        if len(batch) >= settings.batch_size:
+            flush()
+    if batch:
+        flush()
     return out

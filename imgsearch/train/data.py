@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..captions import Pair, read_captions
@@ -46,21 +45,19 @@ def check_images(paths: list[str], draft_size: int, max_pixels: int, workers: in
 
     Doing this up front is what lets a corrupt file stop nothing an hour in.
     """
+    from ..errors import DecodeError
+    from ..images import decode_many
+
     bad: dict[str, str] = {}
 
     def probe(path: str):
-        try:
-            open_image(path, draft_size=draft_size, max_pixels=max_pixels)
-            return path, None
-        except Exception as e:  # DecodeError, and anything odd a broken file can raise
-            return path, str(e)
+        open_image(path, draft_size=draft_size, max_pixels=max_pixels)
 
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="check") as pool:
-        for n, (path, reason) in enumerate(pool.map(probe, paths), start=1):
-            if reason:
-                bad[path] = reason
-            if progress:
-                progress(n, len(paths))
+    for n, (path, result) in enumerate(zip(paths, decode_many(paths, probe, workers)), start=1):
+        if isinstance(result, DecodeError):
+            bad[path] = str(result)
+        if progress:
+            progress(n, len(paths))
     return bad
 
 
@@ -221,24 +218,32 @@ def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False):
 
 
 def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int, batch_size: int = 64,
-                    max_pixels: int = 100_000_000):
-    """Yield [B,3,H,W] batches in order, decoded by a thread pool (the indexer's decode path).
+                    max_pixels: int = 100_000_000, overlap: bool = True):
+    """Yield [B,3,H,W] batches in order, decoded by images.decode_many (the indexer's decode path).
 
-    The next batch decodes while the caller encodes this one; at most two batches are in memory.
+    ``overlap`` True: the next batch decodes while the caller encodes this one (at most two batches in
+    memory); False: decoding and the caller's encoding take turns (config.thread_budget's CPU policy).
+    Raises DecodeError for an image that stopped being readable since check_images passed it.
     """
     import torch
+
+    from ..errors import DecodeError
+    from ..images import decode_many
 
     def load(path):
         im, _ = open_image(path, draft_size=draft_size, max_pixels=max_pixels)
         return preprocess(im)
 
-    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="eval-decode") as pool:
-        pending = [pool.submit(load, p) for p in chunks[0]] if chunks else []
-        for k in range(len(chunks)):
-            current = pending
-            pending = [pool.submit(load, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
-            yield torch.stack([f.result() for f in current])
+    batch = []
+    for path, t in zip(paths, decode_many(paths, load, workers, 2 * batch_size if overlap else batch_size, overlap)):
+        if isinstance(t, DecodeError):
+            raise DecodeError(f"{path}: {t}")
+        batch.append(t)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
 
 
 def default_workers(setting: int, device: str = "cpu") -> int:

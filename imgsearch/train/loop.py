@@ -225,7 +225,7 @@ class ValSet:
 
 
 def evaluate(model, val: ValSet, preprocess, device: str, precision: str, batch_size: int, draft_size: int,
-             workers: int, max_pixels: int) -> dict:
+             workers: int, max_pixels: int, overlap: bool = True) -> dict:
     """Validation loss (over fixed batches of pairs) and retrieval metrics on the held-out images."""
     import numpy as np
     import torch
@@ -239,7 +239,8 @@ def evaluate(model, val: ValSet, preprocess, device: str, precision: str, batch_
     model.eval()
     img_feats, txt_feats = [], []
     with torch.inference_mode(), autocast_for(precision, device):
-        for batch in decode_for_eval(val.images, preprocess, draft_size, workers, batch_size, max_pixels):
+        for batch in decode_for_eval(val.images, preprocess, draft_size, workers, batch_size, max_pixels,
+                                     overlap):
             img_feats.append(F.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
         for i in range(0, len(val.tokens), batch_size):
             txt_feats.append(F.normalize(model.encode_text(val.tokens[i:i + batch_size].to(device)).float(), dim=-1))
@@ -332,6 +333,10 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     device = pick_device(cfg.device)
     precision = training_precision(cfg.precision, device)
     workers = default_workers(cfg.workers, device)
+    # Checking and evaluating decode outside the training step: the indexing thread budget applies.
+    from ..config import thread_budget
+
+    budget = thread_budget(device=device, workers=cfg.workers)
     torch.manual_seed(cfg.seed)
 
     # --- model: fp32 master weights; mixed precision comes from autocast ----------------------------
@@ -349,7 +354,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     # --- data ------------------------------------------------------------------------------------------
     data = prepare(cfg.captions, val_source=cfg.val, image_col=cfg.image_col, caption_col=cfg.caption_col,
                    val_fraction=cfg.val_fraction, seed=cfg.seed, batch_size=cfg.batch_size * cfg.grad_accum,
-                   draft_size=draft, max_pixels=cfg.max_pixels, workers=workers,
+                   draft_size=draft, max_pixels=cfg.max_pixels, workers=budget.decode,
                    progress=lambda d, t: emit("check", done=d, total=t))
     if resume is not None and resume["data"]["fingerprint"] != data.fingerprint():
         raise DataError("the captions or images changed since the checkpoint was written; --resume needs the "
@@ -380,7 +385,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
 
     def run_eval(label: str) -> dict:
         t0 = time.perf_counter()
-        m = evaluate(model, val, preprocess, device, precision, cfg.batch_size, draft, workers, cfg.max_pixels)
+        m = evaluate(model, val, preprocess, device, precision, cfg.batch_size, draft, budget.decode, cfg.max_pixels,
+                     budget.overlap)
         m["seconds"] = round(time.perf_counter() - t0, 3)
         emit("eval", label=label, metrics=m)
         return m

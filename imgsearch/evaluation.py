@@ -1,0 +1,281 @@
+"""Measuring models on the user's own data (the library side of `imgsearch eval`): no printing, no CLI.
+
+Images are encoded by the indexer's own decode stage (indexer.DecodeStage through images.decode_many),
+with the encoder, precision and batches `index` uses; recall@k comes from imgsearch.metrics, the same
+code `finetune` reports with.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+from .errors import DataError, UsageError
+
+
+def load_for_images(spec, settings, precision: str | None = None):
+    """The encoder with the image backend `index` would use (onnxruntime fp32/int8 on CPU where chosen)."""
+    from . import onnx_image
+    from .config import thread_budget
+    from .encoder import load
+
+    enc = load(spec, settings.device, precision or settings.precision)
+    if enc.device == "cpu":
+        budget = thread_budget(device="cpu", workers=settings.workers)
+        import torch
+
+        torch.set_num_threads(budget.encoder)
+        # eval never creates a library: without one, the exports go to a scratch folder instead.
+        home = settings.home if settings.home.exists() else Path(tempfile.gettempdir()) / "imgsearch-eval-exports"
+        onnx_image.attach(enc, home, settings.image_backend, budget.encoder)
+    return enc
+
+
+def index_stage(encoder, settings, tensor: bool | None = None, device: str | None = None):
+    """The indexer's decode stage for ``encoder``; ``tensor`` None: what IMGSEARCH_GPU_DECODE makes `index` use."""
+    from .indexer import DecodeStage, tensor_decode_wanted
+
+    if tensor is None:
+        tensor = tensor_decode_wanted(settings.gpu_decode, encoder.device)
+    return DecodeStage(encoder, settings.max_pixels, tensor, device)
+
+
+def encode_files(encoder, paths: list[str], settings, progress=None, stage=None):
+    """Encode image files the way the indexer does; returns (vectors [n_ok, dim], ok indices, failures)."""
+    import numpy as np
+    import torch
+
+    from .config import thread_budget
+    from .errors import DecodeError
+
+    stage = stage or index_stage(encoder, settings)
+    budget = thread_budget(device=encoder.device, workers=settings.workers)
+    vecs, ok, failures = [], [], []
+    batch, batch_idx = [], []
+
+    def flush():
+        if batch:
+            vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
+            ok.extend(batch_idx)
+            batch.clear()
+            batch_idx.clear()
+
+    results = stage.decode_files(paths, budget.decode, settings.batch_size, budget.overlap)
+    for i, t in enumerate(results):
+        if isinstance(t, DecodeError):
+            failures.append((paths[i], str(t)))
+        else:
+            batch.append(t)
+            batch_idx.append(i)
+            if len(batch) >= settings.batch_size:
+                flush()
+        if progress:
+            progress(i + 1, len(paths))
+    flush()
+    matrix = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), dtype=np.float32)
+    return matrix, ok, failures
+
+
+def read_class_map(path: Path) -> dict[str, str]:
+    """Folder -> class name from JSON ({"folder": "name"}) or a CSV of folder,name rows (header optional)."""
+    if not path.is_file():
+        raise DataError(f"classes file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"classes file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read classes file {path}: {e.strerror or e}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{path} is not valid JSON ({e}); expected {{\"folder\": \"class name\"}}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise DataError(f"{path}: expected a JSON object mapping folder names to class names")
+        empty = [k for k, v in data.items() if not v.strip()]
+        if empty:
+            raise DataError(f"{path}: folder {empty[0]!r} has an empty class name; give each folder a name")
+        return {str(k): v.strip() for k, v in data.items()}
+    out = {}
+    try:
+        rows = list(csv.reader(text.splitlines()))
+    except csv.Error as e:
+        raise DataError(f"classes file {path} is not a valid CSV ({e}); write one 'folder,name' line per class") from None
+    for n, row in enumerate(rows, start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 2:
+            raise DataError(f"{path}:{n}: expected 'folder,name', found {len(row)} field(s)")
+        if n == 1 and [c.strip().lower() for c in row] == ["folder", "name"]:
+            continue
+        if not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path}:{n}: empty {'folder' if not row[0].strip() else 'class name'}; "
+                            "write 'folder,name'")
+        out[row[0].strip()] = row[1].strip()
+    if not out:
+        raise DataError(f"{path} maps no folders; write one 'folder,name' line per class")
+    return out
+
+
+def read_image_folder(folder: Path, classes_file: Path | None):
+    """ImageFolder layout -> (class names, [(path, class index)], notes about what was skipped)."""
+    from .files import FileEntry, walk
+
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder; give a folder with one subfolder per class")
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    mapping = read_class_map(classes_file) if classes_file else None
+    if mapping is not None:
+        unknown = sorted(set(mapping) - {p.name for p in subdirs})
+        if unknown:
+            raise DataError(f"{classes_file} names folder(s) not in {folder}: {', '.join(unknown[:5])}"
+                            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        unnamed = [p.name for p in subdirs if p.name not in mapping]
+        if unnamed:
+            raise DataError(f"{classes_file} has no name for folder(s) {', '.join(unnamed[:5])}; add a line each")
+    notes, classes, items = [], [], []
+    loose = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if loose:
+        notes.append((str(folder), f"{len(loose)} file(s) directly in the folder ignored; images go in class "
+                                   "subfolders"))
+    for sub in subdirs:
+        files = []
+        for item in walk([sub]):
+            if isinstance(item, FileEntry):
+                files.append(item.path)
+            else:
+                notes.append((item.path, item.reason))
+        if not files:
+            notes.append((str(sub), "class folder has no images; class skipped"))
+            continue
+        name = mapping[sub.name] if mapping else sub.name.replace("_", " ")
+        classes.append(name)
+        items.extend((f, len(classes) - 1) for f in sorted(files))
+    if len(classes) < 2:
+        raise DataError(f"{folder} has {len(classes)} class folder(s) with images; zero-shot evaluation needs at "
+                        "least 2 subfolders, one per class, each holding images")
+    return classes, items, notes
+
+
+def retrieval_eval(encoder, caption_set, settings, progress=None) -> tuple[dict, list[tuple[str, str]]]:
+    """Recall@k / mean rank of ``encoder`` on a CaptionSet; returns (metrics, skipped unreadable images)."""
+    from .metrics import build_gallery, retrieval_metrics
+
+    gallery = build_gallery(caption_set.pairs)
+    vecs, ok, failures = encode_files(encoder, gallery.images, settings, progress)
+    bad = {p for p, _ in failures}
+    pairs = [p for p in caption_set.pairs if p.path not in bad]
+    if not pairs:
+        raise DataError(f"no readable images among the captions in {caption_set.source}")
+    if bad:  # rebuild without the unreadable images so every image and text still has a match
+        row = {gallery.images[i]: r for r, i in enumerate(ok)}
+        gallery = build_gallery(pairs)
+        vecs = vecs[[row[p] for p in gallery.images]]
+    if len(gallery.images) < 2:
+        raise DataError(f"{caption_set.source} has {len(gallery.images)} readable image(s); retrieval needs at "
+                        "least 2")
+    texts = encoder.encode_texts(gallery.texts)
+    return retrieval_metrics(vecs, texts, gallery.matches), failures
+
+
+def parity_stages(encoder, settings) -> list[tuple[str, object]]:
+    """(name, DecodeStage) for every decode path `index` may take on this machine, the one it takes first.
+
+    "pillow" always; "tensor" (torchvision on the CPU) always; "nvjpeg" when the encoder is on CUDA.
+    """
+    used = index_stage(encoder, settings)
+    # A model the tensor path refused: `index` decodes with Pillow, and its stage says why.
+    pillow = used if not used.tensor else index_stage(encoder, settings, False)
+    stages = {"pillow": pillow, "tensor": index_stage(encoder, settings, True, "cpu")}
+    if encoder.device.startswith("cuda"):
+        stages["nvjpeg"] = index_stage(encoder, settings, True, encoder.device)
+    first = "pillow" if not used.tensor else ("nvjpeg" if used.device.startswith("cuda") else "tensor")
+    return [(first, stages.pop(first))] + list(stages.items())
+
+
+def parity(spec, paths: list[str], settings, progress=None, precision: str | None = None) -> dict:
+    """Cosine between the indexer's decode stage + encoder and open_clip's plain reference path, per file.
+
+    Every decode stage `index` may use is measured (see parity_stages); the top-level numbers are the stage
+    `index` uses with these settings, ``stages`` has each one. A stage the model's preprocess rules out
+    (the tensor path refused it) is listed with the reason and no numbers: `index` decodes with Pillow then.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from .encoder import build
+    from .errors import DecodeError
+
+    fast = load_for_images(spec, settings, precision)
+    ref = build(spec, fast.device, "fp32")  # same weights, full precision
+    stages = parity_stages(fast, settings)
+    refs, ref_inputs, failures = {}, {}, []
+    for n, path in enumerate(paths, start=1):
+        try:
+            with Image.open(path) as im:  # full decode, no draft; orientation as every viewer shows it
+                im = ImageOps.exif_transpose(im).convert("RGB")
+            x = ref.preprocess(im)
+        except Exception as e:
+            failures.append((path, str(e) or type(e).__name__))
+            continue
+        ref_inputs[path] = x
+        refs[path] = ref.encode_image_tensors(x[None])[0]
+        if progress:
+            progress(n, len(paths) * (1 + len(stages)))
+    budget_workers = settings.decode_workers(fast.device)
+    measured = []
+    for k, (name, stage) in enumerate(stages, start=1):
+        if name != "pillow" and not stage.tensor:  # refused for this model; `index` uses Pillow instead
+            measured.append({"stage": name, "refused": stage.refused})
+            continue
+        rows, diff, batch, names = [], 0.0, [], []
+
+        def flush():
+            if batch:
+                vecs = fast.encode_image_tensors(torch.stack([t.to(fast.device) for t in batch]))
+                rows.extend((p, float(np.dot(v, refs[p]))) for p, v in zip(names, vecs))
+                batch.clear()
+                names.clear()
+
+        good = [p for p in paths if p in refs]
+        for path, t in zip(good, stage.decode_files(good, budget_workers, settings.batch_size)):
+            if isinstance(t, DecodeError):
+                failures.append((path, str(t)))
+                continue
+            diff = max(diff, float((t.float().cpu() - ref_inputs[path]).abs().max()))
+            batch.append(t)
+            names.append(path)
+            if len(batch) >= settings.batch_size:
+                flush()
+        flush()
+        if progress:
+            progress(len(paths) * (1 + k), len(paths) * (1 + len(stages)))
+        if not rows:
+            measured.append({"stage": name, "images": 0})
+            continue
+        cos = np.array([c for _, c in rows])
+        rows.sort(key=lambda x: x[1])
+        measured.append({"stage": name, "decode": stage.describe(), "images": len(rows),
+                         "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                         "max_abs_input_diff": diff, "files": [{"path": p, "cosine": c} for p, c in rows]})
+    main = measured[0]
+    if "refused" in main or not main.get("images"):
+        first = f" (e.g. {failures[0][0]}: {failures[0][1]})" if failures else ""
+        raise DataError(f"none of the images could be read{first}; nothing to compare")
+    tower = fast.image_backend.describe() if fast.image_backend is not None else f"torch {fast.precision}"
+    seen = set()
+    skipped = [(p, r) for p, r in failures if not (p in seen or seen.add(p))]
+    return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision, "image_tower": tower,
+            "batch_size": settings.batch_size, "draft_size": fast.draft_size, "stage": main["stage"],
+            "decode": main["decode"], "images": main["images"], "min_cosine": main["min_cosine"],
+            "mean_cosine": main["mean_cosine"], "files": main["files"],  # worst first
+            "stages": [{k: v for k, v in s.items() if k != "files"} for s in measured],
+            "skipped": [{"where": p, "reason": r} for p, r in skipped]}
+
+
+__all__ = ["load_for_images", "index_stage", "encode_files", "read_class_map", "read_image_folder",
+           "retrieval_eval", "parity_stages", "parity"]
