@@ -114,7 +114,7 @@ def main() -> int:
     print("# intra-package imports (static, including function-local ones)")
     for name in sorted(g):
         print(f"{short(name):24} -> {', '.join(sorted(short(t) for t in g[name])) or '-'}")
-    print(f"\n# largest files (lines)")
+    print("\n# largest files (lines)")
     sizes = sorted(((len(p.read_text(encoding='utf-8').splitlines()), n) for n, p in mods.items()), reverse=True)
     for lines, name in sizes[: args.top]:
         print(f"{lines:6}  {mods[name].relative_to(args.root)}")

@@ -17,7 +17,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import LibraryError
-from .migrations import MIGRATIONS, SCHEMA_VERSION  # noqa: F401  (re-exported: older imports)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -223,22 +222,10 @@ def read_image_folder(folder: Path, classes_file: Path | None):
 def _bar(desc: str, quiet: bool):
     if quiet:
         return None, None
-    from tqdm import tqdm
+    from ..progress import Bar
 
-    state: dict = {}
-
-    def progress(done: int, total: int) -> None:
-        if "bar" not in state:
-            state["bar"] = tqdm(total=total, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True,
-                                leave=False)
-        state["bar"].n = done
-        state["bar"].refresh() if done == total else state["bar"].update(0)
-
-    def close() -> None:
-        if "bar" in state:
-            state.pop("bar").close()
-
-    return progress, close
+    bar = Bar(desc, leave=False)
+    return bar, bar.close
 
 
 def _pct(x: float) -> str:
