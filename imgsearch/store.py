@@ -114,7 +114,7 @@ def _image(r) -> "ImageRow":
 
 
 def _shown(path: str) -> str:
-    from .files import display
+    from .pathtext import display
 
     return display(path)
 
