@@ -62,3 +62,20 @@ def test_cli_server_and_ui_import_only_the_front_door():
     allowed = FRONT_DOOR | set(fronts)  # the front ends may call each other (commands use cli helpers)
     bad = {m: sorted(deps - allowed) for m, deps in sorted(fronts.items())}
     assert {m: deps for m, deps in bad.items() if deps} == {}
+
+
+def test_architecture_notes_cover_every_module_and_the_readme_links_inside_the_repository():
+    import re
+
+    notes = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = [str(p.relative_to(ROOT / P)) for p in sorted((ROOT / P).rglob("*.py"))
+               if p.name != "__init__.py" and p.parent.name != "commands"
+               and f"`{p.relative_to(ROOT / P).as_posix()}`" not in notes]
+    assert missing == [], "add these modules to docs/architecture.md"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "](docs/architecture.md)" in readme
+    links = re.findall(r"\]\(([^)#\s]+)", readme) + re.findall(r"`(\.\./[^`]+)`", readme)
+    outside = [t for t in links if not t.startswith(("http://", "https://", "mailto:"))
+               and not (ROOT / t).resolve().is_relative_to(ROOT)]
+    broken = [t for t in links if not t.startswith(("http://", "https://", "mailto:")) and not (ROOT / t).exists()]
+    assert outside == [] and broken == []
