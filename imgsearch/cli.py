@@ -155,42 +155,26 @@ def index_cmd(
                                  "to the library, instead of waiting for it."),
 ):
     """Add images under PATHS to the library; re-runs only encode what changed."""
-    from tqdm import tqdm
-
     from .indexer import index_paths
+    from .progress import Bar
 
     settings = settings_of(ctx)
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            if quiet or total == 0:
-                return
-            bar = tqdm(total=total, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True,
-                       smoothing=0.1)
-        bar.n = done
-        bar.refresh() if done == total else bar.update(0)
-
-    build_bar = None
+    bar = Bar("indexing", quiet=quiet, skip_empty=True, smoothing=0.1)
+    build_bar: Bar | None = None
 
     def build_progress(stage: str, done: int, total: int) -> None:
-        nonlocal bar, build_bar
+        nonlocal build_bar
         if quiet:
             return
-        if bar is not None:  # the files are done; the FAISS index is being rebuilt
-            bar.close()
-            bar = None
+        bar.close()  # the files are done; the FAISS index is being rebuilt
         if build_bar is None or build_bar.desc != stage:
             if build_bar is not None:
                 build_bar.close()
-            build_bar = tqdm(total=total, unit="vec", unit_scale=True, desc=stage, file=sys.stderr,
-                             dynamic_ncols=True)
-        build_bar.n = done
-        build_bar.refresh()
+            build_bar = Bar(stage, "vec", unit_scale=True)
+        build_bar(done, total)
 
     try:
-        report = index_paths(settings, [str(p) for p in paths], progress=progress, build_progress=build_progress,
+        report = index_paths(settings, [str(p) for p in paths], progress=bar, build_progress=build_progress,
                              wait=not no_wait)
     finally:
         for b in (bar, build_bar):

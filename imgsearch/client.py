@@ -15,22 +15,14 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
+from .modelspec import ModelSpec
 from .queryspec import split_image_spec
 
 SERVER_FILE = "server.json"
 
 
 def _spec_matches(info: dict, settings: Settings) -> bool:
-    # Same canonical form as encoder.ModelSpec.canonical, restated so this module never imports numpy.
-    model = settings.model
-    if model.startswith("local-dir:"):
-        model = "local-dir:" + os.path.abspath(os.path.expanduser(model[len("local-dir:"):]))
-    pretrained = settings.pretrained
-    if model.startswith(("local-dir:", "hf-hub:")):
-        pretrained = None
-    elif pretrained and (os.sep in pretrained or os.path.exists(pretrained)):
-        pretrained = os.path.abspath(os.path.expanduser(pretrained))
-    return info.get("model") == model and (info.get("pretrained") or None) == (pretrained or None)
+    return ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained"))
 
 
 def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:

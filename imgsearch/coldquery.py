@@ -52,7 +52,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
     from . import textfast
     from .encoder import ModelSpec, known_fingerprint
     from .files import abspath
-    from .store import SCHEMA_VERSION, _like_prefix, _unbind
+    from .migrations import SCHEMA_VERSION
+    from .store import _like_prefix, _unbind
 
     if not texts or k < 1:
         return None

@@ -7,46 +7,17 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelLoadError, UsageError
+from .modelspec import HF_HUB, LOCAL_DIR, ModelSpec  # noqa: F401  (re-exported: the encoder's public names)
+from .modelspec import WEIGHT_SUFFIXES as _WEIGHT_SUFFIXES
+from .modelspec import looks_like_file as _looks_like_file
 
-LOCAL_DIR = "local-dir:"
-HF_HUB = "hf-hub:"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the user asked for: an open_clip name (or local-dir:/hf-hub: identifier) and weights."""
-
-    name: str
-    pretrained: str | None = None
-
-    def canonical(self) -> "ModelSpec":
-        """Absolute paths for local dirs and checkpoint files, so the same model always has one key."""
-        name, pretrained = self.name, self.pretrained
-        if name.startswith(LOCAL_DIR):
-            name = LOCAL_DIR + os.path.abspath(os.path.expanduser(name[len(LOCAL_DIR):]))
-            pretrained = None
-        elif name.startswith(HF_HUB):
-            pretrained = None
-        elif pretrained and _looks_like_file(pretrained):
-            pretrained = os.path.abspath(os.path.expanduser(pretrained))
-        return ModelSpec(name, pretrained)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
-
-
-def _looks_like_file(value: str) -> bool:
-    return os.sep in value or value.endswith(_WEIGHT_SUFFIXES) or os.path.exists(value)
 
 
 def file_fingerprint(path: str | os.PathLike, sample: int = 4 << 20) -> str:

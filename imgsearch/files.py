@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .config import HEIC_EXTENSIONS, HOME_DB, HOME_MARKER, IMAGE_EXTENSIONS, SKIP_DIR_NAMES
+from .pathtext import display
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,6 @@ def abspath(path: str | os.PathLike) -> str:
     row, so every path the user gives (roots, --under, forget, caption targets) is resolved the same way.
     """
     return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
-
-
-def display(path: str) -> str:
-    """``path`` printable anywhere: bytes that are not UTF-8 (surrogate escapes) shown as \\xNN."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def is_library_home(names: Iterable[str]) -> bool:

@@ -165,14 +165,19 @@ def blended_search(searcher, vec: np.ndarray, text: str, weight: float, k: int =
         keep = set(allowed.tolist())
         kw = {i: s for i, s in kw.items() if i in keep}
     index = searcher.index()
+    model_id = searcher.model.id
     clip: dict[int, float] = {}
     pool = max(100, 5 * k + len(exclude))
-    scores, ids = index.search(vec[None, :], pool, allowed=allowed)
+    # Scores are exact cosines whatever the index type: IVF-PQ candidates are re-ranked with the stored
+    # vectors (as the plain search does), so --min-score and the blend never see a PQ estimate.
+    scores, ids = index.search(vec[None, :], pool, allowed=allowed,
+                               exact_vectors=lambda want: store.load_vectors(model_id, want))
     clip.update((int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0)
     missing = np.array(sorted(set(kw) - set(clip)), dtype=np.int64)
     if len(missing):
-        scores, ids = index.search(vec[None, :], len(missing), allowed=missing)
-        clip.update((int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0)
+        # Keyword matches outside the CLIP pool: score them straight from SQLite (an IVF probe could miss them).
+        got, vecs = store.load_vectors(model_id, missing)
+        clip.update((int(i), float(s)) for i, s in zip(got, vecs @ np.asarray(vec, dtype=np.float32)))
     clip = {i: s for i, s in clip.items() if i not in exclude and (min_score is None or s >= min_score)}
     return _hits(store, blend_scores(clip, kw, weight), k)
 

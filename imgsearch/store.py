@@ -1,4 +1,5 @@
-"""SQLite library through SQLAlchemy: images, models, vectors, failures, runs. All SQL lives here.
+"""SQLite library through SQLAlchemy: images, models, vectors, failures, runs. All SQL lives here
+(the schema itself in migrations.py).
 
 SQLite is the source of truth, vectors included; FAISS files are caches built from it.
 The schema upgrades itself when opened (numbered, named migrations).
@@ -6,6 +7,7 @@ The schema upgrades itself when opened (numbered, named migrations).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -15,154 +17,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import LibraryError
-
-# Each migration is (version, name, statements). Never edit a released one; append a new one.
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
-    (1, "initial", [
-        """CREATE TABLE images (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            path TEXT NOT NULL UNIQUE,
-            folder TEXT NOT NULL,
-            name TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            hash TEXT NOT NULL,
-            width INTEGER,
-            height INTEGER,
-            taken_at TEXT,
-            added_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        "CREATE INDEX ix_images_hash ON images(hash)",
-        "CREATE INDEX ix_images_folder ON images(folder)",
-        """CREATE TABLE models (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT NOT NULL,
-            pretrained TEXT NOT NULL DEFAULT '',
-            fingerprint TEXT NOT NULL,
-            dim INTEGER NOT NULL,
-            version INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL,
-            UNIQUE (name, pretrained, fingerprint)
-        )""",
-        """CREATE TABLE vectors (
-            model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            vector BLOB NOT NULL,
-            PRIMARY KEY (model_id, image_id)
-        ) WITHOUT ROWID""",
-        "CREATE INDEX ix_vectors_image ON vectors(image_id)",
-        """CREATE TABLE failures (
-            path TEXT PRIMARY KEY,
-            reason TEXT NOT NULL,
-            size INTEGER,
-            mtime_ns INTEGER,
-            at REAL NOT NULL
-        )""",
-        """CREATE TABLE runs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,
-            roots TEXT NOT NULL,
-            started_at REAL NOT NULL,
-            finished_at REAL,
-            new INTEGER DEFAULT 0, updated INTEGER DEFAULT 0, unchanged INTEGER DEFAULT 0,
-            moved INTEGER DEFAULT 0, removed INTEGER DEFAULT 0, failed INTEGER DEFAULT 0,
-            interrupted INTEGER DEFAULT 0
-        )""",
-    ]),
-    # Zero-shot tags (with the model and label set that produced them), user captions, cached perceptual
-    # fingerprints for `duplicates`, and an FTS5 index over names, folders, captions and tags that triggers
-    # keep in sync. Deleting an image cascades to all of them.
-    (2, "tags_captions_keywords", [
-        """CREATE TABLE tag_sets (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
-            labels TEXT NOT NULL,
-            templates TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            UNIQUE (model_id, labels, templates)
-        )""",
-        """CREATE TABLE tags (
-            set_id INTEGER NOT NULL REFERENCES tag_sets(id) ON DELETE CASCADE,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            label TEXT NOT NULL,
-            prob REAL NOT NULL,
-            PRIMARY KEY (set_id, image_id, label)
-        ) WITHOUT ROWID""",
-        "CREATE INDEX ix_tags_label ON tags(label COLLATE NOCASE, image_id)",
-        "CREATE INDEX ix_tags_image ON tags(image_id)",
-        """CREATE TABLE captions (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            text TEXT NOT NULL,
-            source TEXT,
-            added_at REAL NOT NULL,
-            UNIQUE (image_id, text)
-        )""",
-        """CREATE TABLE image_fingerprints (
-            image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
-            hash TEXT NOT NULL,
-            data BLOB NOT NULL
-        )""",
-        "CREATE VIRTUAL TABLE image_text USING fts5(name, folder, captions, tags, "
-        "tokenize = 'unicode61 remove_diacritics 2')",
-        "INSERT INTO image_text (rowid, name, folder, captions, tags) SELECT id, name, folder, '', '' FROM images",
-        """CREATE TRIGGER image_text_ai AFTER INSERT ON images BEGIN
-            INSERT INTO image_text (rowid, name, folder, captions, tags) VALUES (new.id, new.name, new.folder, '', '');
-        END""",
-        """CREATE TRIGGER image_text_au AFTER UPDATE OF path, name, folder ON images BEGIN
-            UPDATE image_text SET name = new.name, folder = new.folder WHERE rowid = new.id;
-        END""",
-        """CREATE TRIGGER image_text_ad AFTER DELETE ON images BEGIN
-            DELETE FROM image_text WHERE rowid = old.id;
-        END""",
-        # Tags describe pixels: new content makes them wrong. Captions are the user's words and stay.
-        """CREATE TRIGGER tags_stale AFTER UPDATE OF hash ON images WHEN old.hash != new.hash BEGIN
-            DELETE FROM tags WHERE image_id = new.id;
-        END""",
-        """CREATE TRIGGER captions_ai AFTER INSERT ON captions BEGIN
-            UPDATE image_text SET captions = coalesce((SELECT group_concat(text, ' | ') FROM captions
-                WHERE image_id = new.image_id), '') WHERE rowid = new.image_id;
-        END""",
-        """CREATE TRIGGER captions_ad AFTER DELETE ON captions BEGIN
-            UPDATE image_text SET captions = coalesce((SELECT group_concat(text, ' | ') FROM captions
-                WHERE image_id = old.image_id), '') WHERE rowid = old.image_id;
-        END""",
-        """CREATE TRIGGER tags_ai AFTER INSERT ON tags BEGIN
-            UPDATE image_text SET tags = coalesce((SELECT group_concat(DISTINCT label) FROM tags
-                WHERE image_id = new.image_id), '') WHERE rowid = new.image_id;
-        END""",
-        """CREATE TRIGGER tags_ad AFTER DELETE ON tags BEGIN
-            UPDATE image_text SET tags = coalesce((SELECT group_concat(DISTINCT label) FROM tags
-                WHERE image_id = old.image_id), '') WHERE rowid = old.image_id;
-        END""",
-    ]),
-    # Change tracking so FAISS caches can apply deltas instead of rebuilding: each vector row carries the
-    # model version that wrote it, and deletions leave a tombstone with the version that removed them.
-    (3, "vector_change_log", [
-        "ALTER TABLE vectors ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
-        "CREATE INDEX ix_vectors_seq ON vectors(model_id, seq)",
-        """CREATE TABLE vector_deletions (
-            model_id INTEGER NOT NULL,
-            image_id INTEGER NOT NULL,
-            seq INTEGER NOT NULL
-        )""",
-        "CREATE INDEX ix_vector_deletions ON vector_deletions(model_id, seq)",
-        """CREATE TRIGGER vectors_ad AFTER DELETE ON vectors BEGIN
-            INSERT INTO vector_deletions (model_id, image_id, seq)
-            VALUES (old.model_id, old.image_id, (SELECT version FROM models WHERE id = old.model_id) + 1);
-        END""",
-    ]),
-    # A random identity per database, so a FAISS cache built for another library.db (one moved aside and
-    # recreated has the same model ids and versions) is never trusted; and the pid of each index run, so
-    # `status` can tell a run that is still going from one whose process was killed.
-    (4, "library_identity", [
-        "CREATE TABLE library_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "INSERT INTO library_meta (key, value) VALUES ('library_id', lower(hex(randomblob(16))))",
-        "ALTER TABLE runs ADD COLUMN pid INTEGER",
-    ]),
-]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 @dataclass(frozen=True)
@@ -213,6 +67,20 @@ def _chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
         yield seq[i:i + n]
 
 
+@functools.lru_cache(maxsize=256)
+def _sql(statement: str, expanding: tuple[str, ...] = ()):
+    """The SQLAlchemy statement for ``statement``, with ``expanding`` parameters bound as lists.
+
+    SQLAlchemy is imported here, on first use, so importing this module stays cheap. An expanding
+    parameter (``IN :ids``) takes a Python list and becomes one bound placeholder per item, so values
+    never get spliced into the SQL text and the statement text stays the same for every batch.
+    """
+    from sqlalchemy import bindparam, text
+
+    clause = text(statement)
+    return clause.bindparams(*(bindparam(name, expanding=True) for name in expanding)) if expanding else clause
+
+
 def _like_prefix(folder: str) -> str | bytes:
     folder = folder.rstrip(os.sep)
     escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -246,13 +114,20 @@ def _image(r) -> "ImageRow":
 
 
 def _shown(path: str) -> str:
-    from .files import display
+    from .pathtext import display
 
     return display(path)
 
 
 class Store:
-    """One open library database. Cheap to open; safe to use from one thread at a time."""
+    """One open library database. Cheap to open; safe to share between threads.
+
+    Every method checks a connection out of SQLAlchemy's pool for its own duration and returns it, so no
+    SQLite connection is ever used by two threads at once. For a file database SQLAlchemy uses a QueuePool
+    and opens connections with ``check_same_thread=False`` (so a pooled one may move between threads), and
+    the read-only creator below does the same. Concurrent writers are serialised by SQLite itself (WAL,
+    30 s busy timeout); each write method is one transaction. The server and UI rely on this.
+    """
 
     def __init__(self, db_path: str | os.PathLike, *, create: bool = True, read_only: bool | None = None):
         from sqlalchemy import create_engine, event
@@ -334,39 +209,13 @@ class Store:
     # --- schema ------------------------------------------------------------------------------
     def _migrate(self) -> None:
         import sqlalchemy as sa
-        from sqlalchemy import text
+
+        from .migrations import migrate
 
         try:
-            if self.read_only:
-                with self.engine.connect() as c:
-                    has = c.execute(text("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'")).first()
-                    done = {r[0] for r in c.execute(text("SELECT version FROM schema_migrations"))} if has else set()
-                self._check_newer(done)
-                if max(done, default=0) < SCHEMA_VERSION:
-                    raise LibraryError(
-                        f"library {self.path.parent} is read-only and was written by an older imgsearch (schema "
-                        f"{max(done, default=0)} < {SCHEMA_VERSION}); open it once where it is writable to upgrade it")
-                return
-            with self.engine.begin() as c:
-                c.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                               "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"))
-                done = {r[0] for r in c.execute(text("SELECT version FROM schema_migrations"))}
-                self._check_newer(done)
-                for version, name, statements in MIGRATIONS:
-                    if version in done:
-                        continue
-                    for stmt in statements:
-                        c.execute(text(stmt))
-                    c.execute(text("INSERT INTO schema_migrations VALUES (:v, :n, :t)"),
-                              {"v": version, "n": name, "t": time.time()})
+            migrate(self.engine, self.path, read_only=self.read_only)
         except sa.exc.DatabaseError as e:
             raise _open_error(self.path, e) from None
-
-    def _check_newer(self, done: set[int]) -> None:
-        if done and max(done) > SCHEMA_VERSION:
-            raise LibraryError(
-                f"library {self.path} was written by a newer imgsearch (schema {max(done)} > "
-                f"{SCHEMA_VERSION}); upgrade imgsearch to use it")
 
     @property
     def library_id(self) -> str:
@@ -384,26 +233,20 @@ class Store:
         return self.engine.begin()
 
     def scalar(self, sql: str, **params):
-        from sqlalchemy import text
-
         with self.engine.connect() as c:
-            return c.execute(text(sql), params).scalar()
+            return c.execute(_sql(sql), params).scalar()
 
-    def rows(self, sql: str, **params) -> list:
-        from sqlalchemy import text
-
+    def rows(self, sql: str, *, expanding: tuple[str, ...] = (), **params) -> list:
         with self.engine.connect() as c:
-            return list(c.execute(text(sql), params))
+            return list(c.execute(_sql(sql, expanding), params))
 
     def close(self) -> None:
         self.engine.dispose()
 
     # --- models ------------------------------------------------------------------------------
     def get_or_create_model(self, name: str, pretrained: str | None, fingerprint: str, dim: int) -> ModelRow:
-        from sqlalchemy import text
-
         with self.begin() as c:
-            c.execute(text("INSERT OR IGNORE INTO models (name, pretrained, fingerprint, dim, created_at) "
+            c.execute(_sql("INSERT OR IGNORE INTO models (name, pretrained, fingerprint, dim, created_at) "
                            "VALUES (:n, :p, :f, :d, :t)"),
                       {"n": name, "p": pretrained or "", "f": fingerprint, "d": dim, "t": time.time()})
         row = self.find_model(name, pretrained, fingerprint)
@@ -457,19 +300,17 @@ class Store:
     def image_ids_with_vectors(self, model_id: int, ids: Iterable[int]) -> set[int]:
         have: set[int] = set()
         ids = list(ids)
-        for part in _chunks(ids):
-            marks = ",".join(str(int(i)) for i in part)
-            have.update(r[0] for r in self.rows(
-                f"SELECT image_id FROM vectors WHERE model_id = :m AND image_id IN ({marks})", m=model_id))
+        for part in _chunks([int(i) for i in ids]):
+            have.update(r[0] for r in self.rows("SELECT image_id FROM vectors WHERE model_id = :m AND image_id IN :ids",
+                                                expanding=("ids",), m=model_id, ids=list(part)))
         return have
 
     def images_by_hash(self, hashes: Iterable[str]) -> dict[str, list[ImageRow]]:
         out: dict[str, list[ImageRow]] = {}
         hashes = list(set(hashes))
         for part in _chunks(hashes):
-            params = {f"h{i}": h for i, h in enumerate(part)}
-            marks = ",".join(f":h{i}" for i in range(len(part)))
-            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE hash IN ({marks})", **params):
+            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE hash IN :hs", expanding=("hs",),
+                               hs=list(part)):
                 out.setdefault(r[4], []).append(_image(r))
         return out
 
@@ -477,8 +318,8 @@ class Store:
         out: dict[int, ImageRow] = {}
         ids = [int(i) for i in ids]
         for part in _chunks(ids):
-            marks = ",".join(str(i) for i in part)
-            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE id IN ({marks})"):
+            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE id IN :ids", expanding=("ids",),
+                               ids=list(part)):
                 out[r[0]] = _image(r)
         return out
 
@@ -489,10 +330,9 @@ class Store:
     def images_at(self, paths: Iterable[str]) -> dict[str, ImageRow]:
         """The library rows at exactly these paths, keyed by path (looked up 500 at a time)."""
         out: dict[str, ImageRow] = {}
-        for part in _chunks(list(paths)):
-            params = {f"p{i}": _bind(p) for i, p in enumerate(part)}
-            marks = ",".join(f":p{i}" for i in range(len(part)))
-            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path IN ({marks})", **params):
+        for part in _chunks([_bind(p) for p in paths]):
+            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path IN :ps", expanding=("ps",),
+                               ps=list(part)):
                 row = _image(r)
                 out[row.path] = row
         return out
@@ -525,79 +365,73 @@ class Store:
         moved: (id, new_path, size, mtime_ns). touched: (id, size, mtime_ns) for same-content files.
         vectors: (image id or path of a new image, vector) for this model.
         """
-        from sqlalchemy import text
-
         now = time.time()
         ids: dict[str, int] = {}
         with self.begin() as c:
             for img in new:
-                res = c.execute(text(
+                res = c.execute(_sql(
                     "INSERT INTO images (path, folder, name, size, mtime_ns, hash, width, height, taken_at, "
                     "added_at, updated_at) VALUES (:path, :folder, :name, :size, :mtime_ns, :hash, :width, "
                     ":height, :taken_at, :now, :now)"),
                     {**_image_params(img), "now": now})
                 ids[img["path"]] = res.lastrowid
             if updated:
-                c.execute(text("UPDATE images SET size = :size, mtime_ns = :mtime_ns, hash = :hash, width = :width, "
+                c.execute(_sql("UPDATE images SET size = :size, mtime_ns = :mtime_ns, hash = :hash, width = :width, "
                                "height = :height, taken_at = :taken_at, updated_at = :now WHERE id = :id"),
                           [{**_image_params(img), "id": img["id"], "now": now} for img in updated])
-                c.execute(text("DELETE FROM vectors WHERE model_id != :m AND image_id = :id"),
+                c.execute(_sql("DELETE FROM vectors WHERE model_id != :m AND image_id = :id"),
                           [{"m": model_id, "id": img["id"]} for img in updated])
             if moved:
-                c.execute(text("DELETE FROM images WHERE path = :path AND id != :id"),
+                c.execute(_sql("DELETE FROM images WHERE path = :path AND id != :id"),
                           [{"id": i, "path": _bind(p)} for i, p, _, _ in moved])
-                c.execute(text("UPDATE images SET path = :path, folder = :folder, name = :name, size = :size, "
+                c.execute(_sql("UPDATE images SET path = :path, folder = :folder, name = :name, size = :size, "
                                "mtime_ns = :mtime_ns, updated_at = :now WHERE id = :id"),
                           [{"id": i, "path": _bind(p), "folder": _shown(os.path.dirname(p)),
                             "name": _shown(os.path.basename(p)),
                             "size": s, "mtime_ns": m, "now": now} for i, p, s, m in moved])
             if touched:
-                c.execute(text("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id"),
+                c.execute(_sql("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id"),
                           [{"id": i, "s": s, "m": m} for i, s, m in touched])
             if vectors:
-                c.execute(text("INSERT OR REPLACE INTO vectors (model_id, image_id, vector, seq) VALUES "
+                c.execute(_sql("INSERT OR REPLACE INTO vectors (model_id, image_id, vector, seq) VALUES "
                                "(:m, :i, :v, (SELECT version FROM models WHERE id = :m) + 1)"),
                           [{"m": model_id, "i": ids[k] if isinstance(k, str) else int(k), "v": vector_to_blob(v)}
                            for k, v in vectors])
             if cleared_failures:
-                c.execute(text("DELETE FROM failures WHERE path = :p"), [{"p": _bind(p)} for p in cleared_failures])
+                c.execute(_sql("DELETE FROM failures WHERE path = :p"), [{"p": _bind(p)} for p in cleared_failures])
             if failures:
-                c.execute(text("INSERT OR REPLACE INTO failures (path, reason, size, mtime_ns, at) "
+                c.execute(_sql("INSERT OR REPLACE INTO failures (path, reason, size, mtime_ns, at) "
                                "VALUES (:p, :r, :s, :m, :t)"),
                           [{"p": _bind(p), "r": r, "s": s, "m": m, "t": now} for p, r, s, m in failures])
             if new or updated or moved or vectors:
-                c.execute(text("UPDATE models SET version = version + 1 WHERE id = :m"), {"m": model_id})
+                c.execute(_sql("UPDATE models SET version = version + 1 WHERE id = :m"), {"m": model_id})
             if updated:  # other models lost vectors for these images
-                c.execute(text("UPDATE models SET version = version + 1 WHERE id != :m"), {"m": model_id})
+                c.execute(_sql("UPDATE models SET version = version + 1 WHERE id != :m"), {"m": model_id})
         return ids
 
     def delete_images(self, ids: Iterable[int]) -> int:
         """Remove images (and all their vectors, tags, captions) from the library."""
-        from sqlalchemy import text
-
         ids = [int(i) for i in ids]
         if not ids:
             return 0
         with self.begin() as c:
             for part in _chunks(ids):
-                c.execute(text(f"DELETE FROM images WHERE id IN ({','.join(map(str, part))})"))
-            c.execute(text("UPDATE models SET version = version + 1"))
+                c.execute(_sql("DELETE FROM images WHERE id IN :ids", ("ids",)), {"ids": list(part)})
+            c.execute(_sql("UPDATE models SET version = version + 1"))
         return len(ids)
 
     def delete_failures_under(self, roots: Iterable[str], keep: set[str] | None = None) -> None:
         """Forget failure records under ``roots`` except paths in ``keep`` (the ones that still fail)."""
-        from sqlalchemy import text
-
         keep = keep or set()
         with self.begin() as c:
             for root in roots:
                 root = root.rstrip(os.sep) or os.sep
-                rows = c.execute(text("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\' "
+                rows = c.execute(_sql("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\' "
                                       + _BLOB_UNDER),
                                  {"p": _bind(root), "like": _like_prefix(root) if root != os.sep else "%"})
                 gone = [r[0] for r in rows if _unbind(r[0]) not in keep]
                 if gone:
-                    c.execute(text("DELETE FROM failures WHERE path = :p"), [{"p": p} for p in gone])
+                    c.execute(_sql("DELETE FROM failures WHERE path = :p"), [{"p": p} for p in gone])
 
     def failures(self, limit: int | None = None) -> list[tuple[str, str]]:
         sql = "SELECT path, reason FROM failures ORDER BY path"
@@ -608,10 +442,9 @@ class Store:
     def failures_of(self, paths: Iterable[str]) -> dict[str, tuple[str, int | None, int | None]]:
         """{path: (reason, size, mtime_ns)} for those of ``paths`` that failed before."""
         out: dict[str, tuple[str, int | None, int | None]] = {}
-        for part in _chunks(list(paths)):
-            params = {f"p{i}": _bind(p) for i, p in enumerate(part)}
-            marks = ",".join(f":p{i}" for i in range(len(part)))
-            for r in self.rows(f"SELECT path, reason, size, mtime_ns FROM failures WHERE path IN ({marks})", **params):
+        for part in _chunks([_bind(p) for p in paths]):
+            for r in self.rows("SELECT path, reason, size, mtime_ns FROM failures WHERE path IN :ps", expanding=("ps",),
+                               ps=list(part)):
                 out[_unbind(r[0])] = (r[1], r[2], r[3])
         return out
 
@@ -624,23 +457,21 @@ class Store:
 
     def load_vectors(self, model_id: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [N], vectors float32 [N, dim]) for a model; all of them or the given ids."""
-        from sqlalchemy import text
-
         model = self.model_by_id(model_id)
         dim = model.dim if model else 0
         id_list: list[int] = []
         blobs: list[bytes] = []
         with self.engine.connect() as c:
             if ids is None:
-                result = c.execute(text("SELECT image_id, vector FROM vectors WHERE model_id = :m ORDER BY image_id"),
+                result = c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m ORDER BY image_id"),
                                    {"m": model_id})
                 for i, b in result:
                     id_list.append(i)
                     blobs.append(b)
             else:
                 for part in _chunks([int(i) for i in ids]):
-                    result = c.execute(text(f"SELECT image_id, vector FROM vectors WHERE model_id = :m "
-                                            f"AND image_id IN ({','.join(map(str, part))})"), {"m": model_id})
+                    result = c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m "
+                                            "AND image_id IN :ids", ("ids",)), {"m": model_id, "ids": list(part)})
                     for i, b in result:
                         id_list.append(i)
                         blobs.append(b)
@@ -648,23 +479,19 @@ class Store:
 
     def vector_ids(self, model_id: int) -> np.ndarray:
         """Every image id that has a vector for this model, ascending."""
-        from sqlalchemy import text
-
         with self.engine.connect() as c:
-            result = c.execute(text("SELECT image_id FROM vectors WHERE model_id = :m ORDER BY image_id"),
+            result = c.execute(_sql("SELECT image_id FROM vectors WHERE model_id = :m ORDER BY image_id"),
                                {"m": model_id})
             return np.fromiter((r[0] for r in result), dtype=np.int64)  # no list of 10M row tuples
 
     def iter_vectors(self, model_id: int, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All of a model's (ids, vectors), ``batch`` rows at a time in id order (bounded memory)."""
-        from sqlalchemy import text
-
         model = self.model_by_id(model_id)
         dim = model.dim if model else 0
         last = -1
         while True:
             with self.engine.connect() as c:  # a short read per batch: writers are never held up for long
-                rows = c.execute(text("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id > :l "
+                rows = c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id > :l "
                                       "ORDER BY image_id LIMIT :n"), {"m": model_id, "l": last, "n": batch}).fetchall()
             if not rows:
                 return
@@ -676,25 +503,21 @@ class Store:
         """Id of the (model, labels, templates) set, created on first use."""
         import json
 
-        from sqlalchemy import text
-
         lab, tpl = json.dumps(list(labels)), json.dumps(list(templates))
         with self.begin() as c:
-            c.execute(text("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
+            c.execute(_sql("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
                            "VALUES (:m, :l, :t, :now)"), {"m": model_id, "l": lab, "t": tpl, "now": time.time()})
-            return int(c.execute(text("SELECT id FROM tag_sets WHERE model_id = :m AND labels = :l AND templates = :t"),
+            return int(c.execute(_sql("SELECT id FROM tag_sets WHERE model_id = :m AND labels = :l AND templates = :t"),
                                  {"m": model_id, "l": lab, "t": tpl}).scalar())
 
     def replace_tags(self, set_id: int, image_ids: Sequence[int], tags: Sequence[tuple[int, str, float]]) -> None:
         """Set the tags of ``image_ids`` in one set to ``tags`` [(image_id, label, prob)], in one transaction."""
-        from sqlalchemy import text
-
         with self.begin() as c:
             for part in _chunks([int(i) for i in image_ids]):
-                c.execute(text(f"DELETE FROM tags WHERE set_id = :s AND image_id IN ({','.join(map(str, part))})"),
-                          {"s": set_id})
+                c.execute(_sql("DELETE FROM tags WHERE set_id = :s AND image_id IN :ids", ("ids",)),
+                          {"s": set_id, "ids": list(part)})
             if tags:
-                c.execute(text("INSERT INTO tags (set_id, image_id, label, prob) VALUES (:s, :i, :l, :p)"),
+                c.execute(_sql("INSERT INTO tags (set_id, image_id, label, prob) VALUES (:s, :i, :l, :p)"),
                           [{"s": set_id, "i": int(i), "l": lab, "p": float(p)} for i, lab, p in tags])
 
     def tag_sets(self) -> list[dict]:
@@ -710,10 +533,8 @@ class Store:
 
     def delete_tag_set(self, set_id: int) -> int:
         """Drop a label set and its tags; returns how many sets were removed (0 or 1)."""
-        from sqlalchemy import text
-
         with self.begin() as c:
-            return int(c.execute(text("DELETE FROM tag_sets WHERE id = :s"), {"s": set_id}).rowcount or 0)
+            return int(c.execute(_sql("DELETE FROM tag_sets WHERE id = :s"), {"s": set_id}).rowcount or 0)
 
     def tag_counts(self, set_id: int | None = None) -> list[tuple[str, int]]:
         """(label, images) over all sets (or one), most used first; labels compare case-insensitively."""
@@ -735,8 +556,8 @@ class Store:
         """{image_id: [(label, prob, set_id)]}, best first."""
         out: dict[int, list[tuple[str, float, int]]] = {}
         for part in _chunks([int(i) for i in image_ids]):
-            for r in self.rows(f"SELECT image_id, label, prob, set_id FROM tags WHERE image_id IN "
-                               f"({','.join(map(str, part))}) ORDER BY image_id, prob DESC"):
+            for r in self.rows("SELECT image_id, label, prob, set_id FROM tags WHERE image_id IN :ids "
+                               "ORDER BY image_id, prob DESC", expanding=("ids",), ids=list(part)):
                 out.setdefault(r[0], []).append((r[1], r[2], r[3]))
         return out
 
@@ -747,19 +568,20 @@ class Store:
 
         Returns how many were new (an identical caption already on the image is not added twice).
         """
-        from sqlalchemy import text
-
         now = time.time()
         added = 0
         with self.begin() as c:
             if replace:
                 for part in _chunks(sorted({int(i) for i, _ in pairs})):
-                    c.execute(text(f"DELETE FROM captions WHERE image_id IN ({','.join(map(str, part))})"))
-            for image_id, caption in pairs:
-                res = c.execute(text("INSERT OR IGNORE INTO captions (image_id, text, source, added_at) "
+                    c.execute(_sql("DELETE FROM captions WHERE image_id IN :ids", ("ids",)), {"ids": list(part)})
+            if pairs:
+                # One executemany; sqlite3 sums each row's direct changes into rowcount (the FTS rows the
+                # trigger touches are not counted), so ignored duplicates add 0.
+                res = c.execute(_sql("INSERT OR IGNORE INTO captions (image_id, text, source, added_at) "
                                      "VALUES (:i, :t, :s, :now)"),
-                                {"i": int(image_id), "t": caption, "s": source, "now": now})
-                added += res.rowcount or 0
+                                [{"i": int(image_id), "t": caption, "s": source, "now": now}
+                                 for image_id, caption in pairs])
+                added = res.rowcount or 0
         return added
 
     def captions_of(self, image_id: int) -> list[str]:
@@ -790,34 +612,30 @@ class Store:
         """Cached fingerprints still valid for the images' current content (the file hash must match)."""
         out: dict[int, bytes] = {}
         for part in _chunks([int(i) for i in image_ids]):
-            marks = ",".join(map(str, part))
-            for r in self.rows(f"SELECT f.image_id, f.data FROM image_fingerprints f JOIN images i "
-                               f"ON i.id = f.image_id AND i.hash = f.hash WHERE f.image_id IN ({marks})"):
+            for r in self.rows("SELECT f.image_id, f.data FROM image_fingerprints f JOIN images i "
+                               "ON i.id = f.image_id AND i.hash = f.hash WHERE f.image_id IN :ids",
+                               expanding=("ids",), ids=list(part)):
                 out[r[0]] = bytes(r[1])
         return out
 
     def save_fingerprints(self, rows: Sequence[tuple[int, str, bytes]]) -> None:
         """Cache (image_id, content hash, fingerprint bytes)."""
-        from sqlalchemy import text
-
         if not rows:
             return
         with self.begin() as c:
-            c.execute(text("INSERT OR REPLACE INTO image_fingerprints (image_id, hash, data) VALUES (:i, :h, :d)"),
+            c.execute(_sql("INSERT OR REPLACE INTO image_fingerprints (image_id, hash, data) VALUES (:i, :h, :d)"),
                       [{"i": int(i), "h": h, "d": bytes(d)} for i, h, d in rows])
 
     def vector_changes(self, model_id: int, since_version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(upserted ids, their vectors, deleted ids) for a model since ``since_version`` (for cache deltas)."""
-        from sqlalchemy import text
-
         ids: list[int] = []
         blobs: list[bytes] = []
         with self.engine.connect() as c:
-            for i, b in c.execute(text("SELECT image_id, vector FROM vectors WHERE model_id = :m AND seq > :v"),
+            for i, b in c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m AND seq > :v"),
                                   {"m": model_id, "v": since_version}):
                 ids.append(i)
                 blobs.append(b)
-            deleted = [r[0] for r in c.execute(text("SELECT DISTINCT image_id FROM vector_deletions "
+            deleted = [r[0] for r in c.execute(_sql("SELECT DISTINCT image_id FROM vector_deletions "
                                                     "WHERE model_id = :m AND seq > :v"),
                                                {"m": model_id, "v": since_version})]
         model = self.model_by_id(model_id)
@@ -827,28 +645,22 @@ class Store:
 
     def prune_deletions(self, model_id: int, through_version: int) -> None:
         """Forget tombstones a freshly rebuilt cache no longer needs."""
-        from sqlalchemy import text
-
         with self.begin() as c:
-            c.execute(text("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v"),
+            c.execute(_sql("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v"),
                       {"m": model_id, "v": through_version})
 
     # --- runs --------------------------------------------------------------------------------
     def start_run(self, model_id: int, roots: Sequence[str]) -> int:
-        from sqlalchemy import text
-
         with self.begin() as c:
-            res = c.execute(text("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)"),
+            res = c.execute(_sql("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)"),
                             {"m": model_id, "r": "\n".join(_shown(r) for r in roots), "t": time.time(),
                              "p": os.getpid()})
             return int(res.lastrowid)
 
     def finish_run(self, run_id: int, counts: dict[str, int], interrupted: bool = False) -> None:
-        from sqlalchemy import text
-
         keys = ("new", "updated", "unchanged", "moved", "removed", "failed")
         with self.begin() as c:
-            c.execute(text("UPDATE runs SET finished_at = :t, interrupted = :x, "
+            c.execute(_sql("UPDATE runs SET finished_at = :t, interrupted = :x, "
                            + ", ".join(f"{k} = :{k}" for k in keys) + " WHERE id = :id"),
                       {"t": time.time(), "x": int(interrupted), "id": run_id, **{k: counts.get(k, 0) for k in keys}})
 

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-from typer.testing import CliRunner
-
-import imgsearch.synthetic as synthetic
-
+# Before anything imports huggingface_hub (it reads these once, at import): every test, and every
+# imgsearch subprocess a test starts, sees an empty Hugging Face cache of its own, so no test passes
+# because of weights the developer happens to have cached, and none writes into that cache.
+HF_TEST_CACHE = tempfile.mkdtemp(prefix="imgsearch-test-hf-")
+atexit.register(shutil.rmtree, HF_TEST_CACHE, True)
+for _var, _sub in (("HF_HOME", ""), ("HF_HUB_CACHE", "hub"), ("HUGGINGFACE_HUB_CACHE", "hub"),
+                   ("HF_XET_CACHE", "xet"), ("HF_ASSETS_CACHE", "assets")):
+    os.environ[_var] = os.path.join(HF_TEST_CACHE, _sub) if _sub else HF_TEST_CACHE
+os.environ.pop("HF_TOKEN", None)  # and no developer credentials
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+import imgsearch.synthetic as synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="session")

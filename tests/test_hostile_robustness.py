@@ -79,7 +79,8 @@ def test_replaced_database_never_trusts_the_old_cache(cli, home, tmp_path, faiss
 
 
 def test_old_library_gets_an_identity_on_upgrade(tmp_path):
-    from imgsearch.store import SCHEMA_VERSION, Store
+    from imgsearch.migrations import SCHEMA_VERSION
+    from imgsearch.store import Store
 
     a = Store(tmp_path / "a" / "library.db")
     b = Store(tmp_path / "b" / "library.db")

@@ -181,3 +181,59 @@ def test_blend_scores_scale_both_sides():
     assert [i for i, _ in out] == [2, 3, 1]
     assert [s for _, s in out] == pytest.approx([0.68, 0.6, 0.4])
     assert [i for i, _ in keywords.blend_scores({1: 0.3, 2: 0.2}, {2: 1.0}, 0.0)] == [1, 2]
+
+
+def _index_kinds(home: Path) -> set[str]:
+    """The index types of the FAISS cache files in a home (read from their JSON headers)."""
+    kinds = set()
+    for f in (home / "index").rglob("*"):
+        if f.is_file():
+            head = f.read_bytes()[:4096]
+            for kind in ("flat", "ivfpq", "ivf"):
+                if f'"kind": "{kind}"'.encode() in head:
+                    kinds.add(kind)
+                    break
+    return kinds
+
+
+def test_blend_on_ivfpq_uses_exact_cosines(cli, tmp_path, monkeypatch):
+    """A compressed (IVF-PQ) library blends and cuts --min-score on exact cosines, not PQ estimates."""
+    photos = tmp_path / "many"
+    # PQ codebooks train 256 centroids each, so the library needs at least 256 images.
+    n = len(synthetic.generate(photos, per_class=15, size=48, fmt="jpg", seed=5, captions_file=None))
+    assert n >= 256
+    assert cli("index", photos).exit_code == 0
+    cli("caption", photos / "blue_square_000.jpg", "favourite")
+    cli("caption", photos / "green_triangle_001.jpg", "favourite")
+    # Exact cosines for every image, from the flat (exact) index this small library starts with.
+    exact = {h["path"]: h["score"] for h in ok_json(cli("query", "a red circle", "-k", "1000", "--json"))}
+    assert len(exact) == n and _index_kinds(cli.home) == {"flat"}
+    store = Store(cli.home / "library.db")
+    try:
+        kw = {store.get_images([i])[i].path: s for i, s in keywords.match(store, "favourite").items()}
+    finally:
+        store.close()
+    assert len(kw) == 2
+
+    monkeypatch.setenv("IMGSEARCH_FLAT_MAX", "100")
+    monkeypatch.setenv("IMGSEARCH_INDEX_BUDGET_MB", "0")
+    shutil.rmtree(cli.home / "index")  # a trusted cache would be reused as it is: rebuild under the new policy
+    blended = ok_json(cli("query", "a red circle", "--keyword", "favourite", "--blend", "0.3", "-k", "1000",
+                          "--json"))
+    assert _index_kinds(cli.home) == {"ivfpq"}
+    # With k above the candidate pool every candidate (the probed lists) comes back, so the blend can be recomputed from the
+    # exact cosines of exactly those images (min-max scaling runs over the candidates).
+    got = {h["path"]: h["score"] for h in blended}
+    assert len(got) > 20 and set(kw) <= set(got)
+    expected = dict(keywords.blend_scores({p: exact[p] for p in got}, kw, 0.3))
+    assert got == pytest.approx(expected, abs=2e-6)
+    assert [h["score"] for h in blended] == sorted(got.values(), reverse=True)
+
+    # --min-score cuts on the exact cosine: exactly the candidates at or above it remain, for a threshold
+    # halfway between two neighbouring exact scores (a PQ estimate lands on the wrong side of it).
+    ranked = sorted((exact[p] for p in got), reverse=True)
+    cut = (ranked[19] + ranked[20]) / 2
+    kept = ok_json(cli("query", "a red circle", "--keyword", "favourite", "--blend", "0", "-k", "1000",
+                       "--min-score", f"{cut:.7f}", "--json"))
+    assert {h["path"] for h in kept} == {p for p in got if exact[p] >= cut}
+    assert len(kept) == 20

@@ -89,3 +89,29 @@ def test_short_text_path_matches_full_context(tiny_model):
     with torch.inference_mode():
         full = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(texts)).float(), dim=-1).numpy()
     assert abs(short - full).max() < 1e-5
+
+
+def test_hf_cache_is_isolated_in_tests(tmp_path):
+    """Tests never see the developer's Hugging Face cache: a popular hub model resolves to our message."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import huggingface_hub.constants as hf
+
+    HF_TEST_CACHE = os.environ["HF_HOME"]  # conftest's per-session folder
+    assert os.path.basename(HF_TEST_CACHE).startswith("imgsearch-test-hf-")
+    assert os.path.dirname(HF_TEST_CACHE) == tempfile.gettempdir()
+    user_cache = os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    assert os.environ["HF_HUB_CACHE"].startswith(HF_TEST_CACHE)
+    assert hf.HF_HUB_CACHE.startswith(HF_TEST_CACHE) and not hf.HF_HUB_CACHE.startswith(user_cache)
+    with pytest.raises(ModelLoadError) as e:
+        resolve_weights(ModelSpec("hf-hub:timm/ViT-B-16-SigLIP"))
+    assert str(e.value) == ("cannot get weights for hf-hub:timm/ViT-B-16-SigLIP (no cached copy and the hub is "
+                            "unreachable); connect to the internet once so they are cached, or use --model "
+                            "local-dir:/path")
+    # A separate imgsearch process started by a test inherits the isolation.
+    code = "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith(HF_TEST_CACHE)

@@ -7,7 +7,6 @@ decode stage, readers, retrieval, parity) and prints.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -69,22 +68,10 @@ def precision_list(precisions: str | None, settings) -> list[str]:
 def _bar(desc: str, quiet: bool):
     if quiet:
         return None, None
-    from tqdm import tqdm
+    from ..progress import Bar
 
-    state: dict = {}
-
-    def progress(done: int, total: int) -> None:
-        if "bar" not in state:
-            state["bar"] = tqdm(total=total, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True,
-                                leave=False)
-        state["bar"].n = done
-        state["bar"].refresh() if done == total else state["bar"].update(0)
-
-    def close() -> None:
-        if "bar" in state:
-            state.pop("bar").close()
-
-    return progress, close
+    bar = Bar(desc, leave=False)
+    return bar, bar.close
 
 
 def _pct(x: float) -> str:

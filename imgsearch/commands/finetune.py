@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -68,9 +67,8 @@ def finetune_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Fine-tune CLIP on your image–caption pairs so search speaks your vocabulary."""
-    from tqdm import tqdm
-
     from ..metrics import table_rows
+    from ..progress import Bar
     from ..train.loop import (CHECKPOINT_FILE, Interrupted, StopFlag, TrainConfig, checkpoint_dir_is_ours,
                               load_checkpoint, train)
 
@@ -107,27 +105,21 @@ def finetune_cmd(
             precision=precision or settings.precision, device=device or settings.device, seed=seed, wise_alpha=wise_alpha,
             workers=settings.workers, max_pixels=settings.max_pixels)
 
-    bars: dict = {}
+    check_bar = Bar("checking images", quiet=quiet, leave=False)
+    train_bar: Bar | None = None
     rates: dict = {}
 
-    def close(name: str) -> None:
-        bar = bars.pop(name, None)
-        if bar is not None:
-            bar.close()
+    def say(line: str) -> None:
+        train_bar.write(line) if train_bar is not None and train_bar.open else err(line)
 
     def events(kind: str, **info) -> None:
+        nonlocal train_bar
         if kind == "note":
-            (tqdm.write(f"note: {info['message']}", file=sys.stderr) if "train" in bars
-             else err(f"note: {info['message']}"))
+            say(f"note: {info['message']}")
         elif kind == "check":
-            if not quiet and "check" not in bars:
-                bars["check"] = tqdm(total=info["total"], unit="img", desc="checking images", file=sys.stderr,
-                                     dynamic_ncols=True, leave=False)
-            if "check" in bars:
-                bars["check"].n = info["done"]
-                bars["check"].refresh() if info["done"] == info["total"] else bars["check"].update(0)
+            check_bar(info["done"], info["total"])
         elif kind == "start":
-            close("check")
+            check_bar.close()
             c = info["counts"]
             for where, reason in info["skipped"][:10]:
                 err(f"skipped: {where}: {reason}")
@@ -138,40 +130,37 @@ def finetune_cmd(
             err(f"{info['device']}, {info['precision']}, {info['trainable']:,} trainable parameters, "
                 f"{info['total']} steps ({info['steps_per_epoch']} per epoch), {info['workers']} decode workers"
                 + (f"; resuming at step {info['step']}" if info["resumed"] else ""))
-            if not quiet:
-                bars["train"] = tqdm(total=info["total"], initial=info["step"], unit="step", desc="fine-tuning",
-                                     file=sys.stderr, dynamic_ncols=True)
+            train_bar = Bar("fine-tuning", "step", quiet=quiet, initial=info["step"])
+            train_bar.start(info["total"])
         elif kind == "step":
-            bar = bars.get("train")
-            if bar is not None:
+            if train_bar is not None and train_bar.open:
                 # Smoothed, so one slow step (an evaluation, a checkpoint) does not make the figure jump.
                 rate = rates.setdefault("ema", info["samples_per_s"])
                 rates["ema"] = rate = 0.8 * rate + 0.2 * info["samples_per_s"]
-                bar.set_postfix_str(f"loss {info['loss']:.4f}, lr {info['lr']:.2e}, {rate:.1f} samples/s",
-                                    refresh=False)
-                bar.update(1)
+                train_bar.advance(1, f"loss {info['loss']:.4f}, lr {info['lr']:.2e}, {rate:.1f} samples/s")
         elif kind == "eval":
-            line = _eval_line(info["label"], info["metrics"])
-            (tqdm.write(line, file=sys.stderr) if "train" in bars else err(line))
-        elif kind == "save" and info["reason"] == "interrupted":
-            close("train")
+            say(_eval_line(info["label"], info["metrics"]))
+        elif kind == "save" and info["reason"] == "interrupted" and train_bar is not None:
+            train_bar.close()
+
+    def close_bars() -> None:
+        for bar in (check_bar, train_bar):
+            if bar is not None:
+                bar.close()
 
     stop = StopFlag()
     try:
         report = train(cfg, resume=ckpt, events=events, stop=stop)
     except Interrupted as e:
-        for name in list(bars):
-            close(name)
+        close_bars()
         err(f"interrupted: {e}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        for name in list(bars):
-            close(name)
+        close_bars()
         err("interrupted before training started; nothing was written")
         raise typer.Exit(130) from None
     finally:
-        for name in list(bars):
-            close(name)
+        close_bars()
     if json_out:
         typer.echo(json.dumps(report, indent=2))
         return
