@@ -18,18 +18,7 @@ from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MAX_K, Settings
 from .errors import ImgSearchError, ParamError, UsageError
 from .output import print_hits, shown, warn_if_escaped
 
-class _App(typer.Typer):
-    def __call__(self, *args, **kwargs):
-        # Console script / python -m: a plain text query is answered before Typer (and pydantic) load.
-        if not args and "args" not in kwargs and len(sys.argv) > 2:
-            from . import quickcli
-
-            if not quickcli.tried and quickcli.run(sys.argv[1:]):
-                sys.exit(0)
-        return super().__call__(*args, **kwargs)
-
-
-app = _App(
+app = typer.Typer(
     name="imgsearch",
     help="Semantic image search on your own machine: CLIP vectors in FAISS, everything else in SQLite.",
     no_args_is_help=True,

@@ -95,13 +95,8 @@ def run(argv: list[str]) -> bool:
     return True
 
 
-tried = False  # set once the fast path was attempted in this process, so cli.app does not try again
-
-
 def main() -> None:
     """Console-script entry: the fast path first (no Typer import at all), else the full CLI."""
-    global tried
-    tried = True
     if len(sys.argv) > 2 and run(sys.argv[1:]):
         sys.exit(0)
     from .cli import app
