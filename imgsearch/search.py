@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -15,7 +15,8 @@ from .encoder import Encoder, ModelSpec, known_fingerprint, resolve_weights
 from .errors import DecodeError, ModelMismatchError, ParamError, UsageError
 from .queryspec import check_k, parse_weighted, split_image_spec
 from .store import ModelRow, Store
-from .indexer import model_index
+from .indexcache import model_index
+from .results import Hit
 from .vectors import VectorIndex
 
 @dataclass(frozen=True)
@@ -78,21 +79,6 @@ class Query:
         return q
 
 
-@dataclass
-class Hit:
-    rank: int
-    id: int
-    path: str
-    score: float
-    width: int | None
-    height: int | None
-    size: int
-    taken_at: str | None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def model_row_for(store: Store, spec: ModelSpec, fingerprint: str) -> ModelRow:
     """The library's model row for these weights, or a ModelMismatchError saying what to do."""
     row = store.find_model(spec.name, spec.pretrained, fingerprint)
@@ -115,10 +101,12 @@ def model_row_for(store: Store, spec: ModelSpec, fingerprint: str) -> ModelRow:
 class Searcher:
     """A warm searcher over one library and one model: encoder and FAISS index stay loaded.
 
-    Safe to share between threads (the UI and the server keep one per process).
+    The engine behind imgsearch.Library, which owns it and documents the thread-safety contract: encodes
+    and the encoder load run under ``encode_lock``, index (re)loads under the searcher's own lock.
     """
 
-    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None):
+    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None,
+                 encode_lock=None):
         self.settings = settings
         self.store = store or Store(settings.db_path, create=False)
         spec = ModelSpec(settings.model, settings.pretrained).canonical()
@@ -132,6 +120,7 @@ class Searcher:
         self._index: VectorIndex | None = None
         self._index_version: int | None = None
         self._lock = threading.Lock()
+        self._encode_lock = encode_lock or threading.RLock()
 
     def _fingerprint(self, spec: ModelSpec) -> str:
         """Weights fingerprint without importing open_clip when the library already knows these weights."""
@@ -149,6 +138,15 @@ class Searcher:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Text vectors: from the exported numpy text tower while no torch model is loaded (a cold process
         never imports torch for text), else torch. After a torch fallback the export is made for next time."""
+        with self._encode_lock:
+            return self._encode_texts(texts)
+
+    @property
+    def loaded_encoder(self) -> Encoder | None:
+        """The encoder if one is loaded already (never loads it)."""
+        return self._encoder
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
         from . import textfast
 
         if self._encoder is None and not self._tower_failed:
@@ -168,11 +166,12 @@ class Searcher:
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            from . import encoder as encoder_mod
+        with self._encode_lock:
+            if self._encoder is None:
+                from . import encoder as encoder_mod
 
-            self._encoder = encoder_mod.load(self._spec, self.settings.device, self.settings.precision)
-        return self._encoder
+                self._encoder = encoder_mod.load(self._spec, self.settings.device, self.settings.precision)
+            return self._encoder
 
     def index(self) -> VectorIndex:
         """The FAISS index, reloaded when the library changed since it was loaded."""
@@ -193,7 +192,9 @@ class Searcher:
         imgs = [t for t in terms if t.kind == "image"]
         if imgs:
             pil = [self._query_image(t) for t in imgs]
-            out += [(t.weight, v) for t, v in zip(imgs, self.encoder.encode_images(pil))]
+            with self._encode_lock:
+                vecs = self.encoder.encode_images(pil)
+            out += [(t.weight, v) for t, v in zip(imgs, vecs)]
         ids = [t for t in terms if t.kind == "id"]
         if ids:
             found_ids, vecs = self.store.load_vectors(self.model.id, [int(t.value) for t in ids])
