@@ -128,6 +128,13 @@ class Library:
             return self._encoder
 
     @property
+    def model_label(self) -> str:
+        """How status and reports name this Library's model, e.g. "ViT-B-32 (laion2b_s34b_b79k)"."""
+        from .encoder import ModelSpec
+
+        return ModelSpec(self.settings.model, self.settings.pretrained).canonical().label
+
+    @property
     def model(self):
         """The library's model row for these weights (a ModelMismatchError says what to do when absent)."""
         return self._warm().model
@@ -198,7 +205,8 @@ class Library:
         """The ``k`` library images closest to the query, best first.
 
         ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
-        ``image``: a file path, the file's bytes, a PIL image, a (weight, image) pair, or a list of those.
+        ``image``: a file path, the file's bytes, a binary file object, a PIL image, a (weight, image) pair,
+        or a list of those. Bytes, file objects and PIL images are decoded in memory, never written to disk.
         ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like.
         Filters: ``under`` a folder, ``tag`` zero-shot tags (all must match), ``keyword`` words in names,
         folders, captions and tags; ``blend`` (0..1) mixes keyword relevance into the score instead.
@@ -277,10 +285,15 @@ class Library:
         if _is_weighted(x):
             weight, x = float(x[0]), x[1]
         if isinstance(x, (str, os.PathLike)):
-            t = image_term(str(x)) if weight == 1.0 else image_term(f"{weight}:{x}")
-            return t
-        return image_data_term(x, weight, "query image" if not hasattr(x, "filename") or not x.filename
-                               else str(x.filename))
+            return image_term(str(x)) if weight == 1.0 else image_term(f"{weight}:{x}")
+        if hasattr(x, "read") and not hasattr(x, "convert"):  # a file object, e.g. an upload kept in memory
+            name = getattr(x, "name", None)
+            data = x.read()
+            if name:
+                return image_data_term(data, weight, os.path.basename(str(name)), "the uploaded file")
+            return image_data_term(data, weight, "(file object)")
+        name = getattr(x, "filename", None)  # a PIL image opened from a file knows its name
+        return image_data_term(x, weight, str(name) if name else "(in memory)")
 
     # --- zero-shot tags, scores ------------------------------------------------------------------
     def classify(self, labels, templates=None, top: int = 1, min_prob: float = 0.0, under=None,

@@ -31,6 +31,7 @@ class Term:
     value: object  # str for text and image paths; bytes or PIL.Image.Image for images; int for ids
     weight: float = 1.0
     name: str | None = None
+    noun: str = "query image"  # how messages refer to it: "cannot use query image NAME: ..."
 
 
 def text_term(raw: str) -> Term:
@@ -48,11 +49,11 @@ def image_term(raw: str) -> Term:
     return Term("image", files.abspath(path), weight)
 
 
-def image_data_term(data, weight: float = 1.0, name: str = "uploaded image") -> Term:
+def image_data_term(data, weight: float = 1.0, name: str = "uploaded image", noun: str = "query image") -> Term:
     """An image given as file bytes or a PIL image (decoded in memory, never written to disk)."""
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
-    return Term("image", data, float(weight), name)
+    return Term("image", data, float(weight), name, noun)
 
 
 @dataclass
@@ -211,17 +212,17 @@ class Searcher:
         label = t.name or (str(value) if isinstance(value, (str, os.PathLike)) else "uploaded image")
         if not isinstance(value, (str, os.PathLike, bytes)):
             if not hasattr(value, "convert") or not hasattr(value, "size"):
-                raise UsageError(f"query image {label}: give a file path, its bytes or a PIL image")
+                raise UsageError(f"{t.noun} {label}: give a file path, its bytes, a file object or a PIL image")
             w, h = value.size
             if w * h > self.settings.max_pixels:
-                raise UsageError(f"cannot use query image {label}: {w}x{h} pixels is over the "
+                raise UsageError(f"cannot use {t.noun} {label}: {w}x{h} pixels is over the "
                                  f"{self.settings.max_pixels:,} pixel cap")
             return value if value.mode == "RGB" else value.convert("RGB")
         try:
             im, _ = images.open_image(value if isinstance(value, bytes) else str(value),
                                       draft_size=self.encoder.draft_size, max_pixels=self.settings.max_pixels)
         except DecodeError as e:
-            raise UsageError(f"cannot use query image {label}: {e}") from None
+            raise UsageError(f"cannot use {t.noun} {label}: {e}") from None
         return im
 
     def query_vector(self, query: Query) -> np.ndarray:

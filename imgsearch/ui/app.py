@@ -104,21 +104,19 @@ def parse_params(raw: Mapping[str, str]) -> Params:
     return p
 
 
-# --- per-process state: warm searcher, index jobs --------------------------------------------------
+# --- per-process state: warm library, index jobs --------------------------------------------------
 def current_settings() -> Settings:
     # `imgsearch ui` passes --home/--model/--pretrained/--device ... as IMGSEARCH_* variables.
     return Settings.from_env()
 
 
 @st.cache_resource(show_spinner="Loading the model and the index…", hash_funcs={Settings: repr})
-def warm_searcher(settings: Settings):
-    """One Searcher per library and model for the whole server process (model + FAISS stay loaded)."""
-    from imgsearch.search import Searcher
+def warm_library(settings: Settings):
+    """One Library per library and model for the whole server process, shared by every session's thread
+    (model + FAISS stay loaded; imgsearch.Library documents what it locks)."""
+    from imgsearch import Library
 
-    s = Searcher(settings)
-    s.index()  # load FAISS now, not on the first query
-    _ = s.encoder  # and the model
-    return s
+    return Library(settings=settings).load()
 
 
 @st.cache_data(ttl=10, show_spinner=False, hash_funcs={Settings: repr})
@@ -128,10 +126,11 @@ def cached_status(settings: Settings, last_job: float | None) -> dict | None:
     ``last_job`` (when this process last finished indexing) is part of the cache key, so a finished run
     shows at once.
     """
-    from imgsearch.indexer import library_status
+    from imgsearch import Library
 
     try:
-        return library_status(settings)
+        with Library(settings=settings) as lib:
+            return lib.status().as_dict()
     except LibraryError as e:
         if not settings.db_path.exists():
             return None
@@ -162,7 +161,7 @@ class IndexJobs:
         self.current: IndexJob | None = None
 
     def start(self, settings: Settings, folder: str) -> IndexJob:
-        from imgsearch.indexer import index_paths
+        from imgsearch import Library
 
         with self.lock:
             if self.current is not None and self.current.running:
@@ -177,8 +176,8 @@ class IndexJobs:
 
         def work() -> None:
             try:
-                job.report = index_paths(settings, [folder], progress=progress,
-                                         build_progress=build_progress).as_dict()
+                with Library(settings=settings) as lib:
+                    job.report = lib.index([folder], progress=progress, build_progress=build_progress).as_dict()
             except ImgSearchError as e:
                 job.error = str(e)
             except Exception as e:  # a bug: keep the server up, log the details, show one line
@@ -236,46 +235,22 @@ def on_view(image_id: int | None) -> None:
 
 
 # --- search -------------------------------------------------------------------------------------------
-def upload_vector(searcher, name: str, data: bytes):
-    """CLIP vector of an uploaded image, decoded from memory (never written to disk)."""
-    from imgsearch.errors import DecodeError
-    from imgsearch.images import open_image
+def run_search(library, p: Params, upload: tuple[str, bytes] | None):
+    """Text, the 'more like this' image and an uploaded image, minus the 'not' text."""
+    import io
 
-    if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
-        raise UsageError(f"the uploaded file {name} is {human_bytes(len(data))}; query images can be at most "
-                         f"{MAX_UPLOAD_MB} MB")
-    try:
-        im, _ = open_image(data, draft_size=searcher.encoder.draft_size, max_pixels=searcher.settings.max_pixels)
-    except DecodeError as e:
-        raise UsageError(f"cannot use the uploaded file {name}: {e}") from None
-    return searcher.encoder.encode_images([im])[0]
-
-
-def query_vector(searcher, p: Params, upload: tuple[str, bytes] | None):
-    """Text, 'more like this' image and uploaded image, minus the 'not' text: one normalised direction."""
-    import numpy as np
-
-    from imgsearch.search import Query, Term, text_term
-
-    positives = ([text_term(p.q)] if p.q else []) + ([Term("id", p.like)] if p.like is not None else [])
-    negatives = [text_term(p.neg)] if p.neg else []
-    if upload is None:
-        return searcher.query_vector(Query(positives, negatives))
-    vec = np.array(upload_vector(searcher, *upload), dtype=np.float32)
-    for w, v in searcher.embed_terms(positives):
-        vec += w * v
-    for w, v in searcher.embed_terms(negatives):
-        vec -= w * v
-    norm = float(np.linalg.norm(vec))
-    if norm < 1e-8:
-        raise UsageError("the search terms cancel out; change the 'not' text")
-    return vec / norm
-
-
-def run_search(searcher, p: Params, upload):
-    vec = query_vector(searcher, p, upload)
+    image = None
+    if upload is not None:
+        name, data = upload
+        if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
+            raise UsageError(f"the uploaded file {name} is {human_bytes(len(data))}; query images can be at most "
+                             f"{MAX_UPLOAD_MB} MB")
+        image = io.BytesIO(data)  # decoded in memory, never written to disk
+        image.name = name
     exclude = [p.like] if p.like is not None else []  # the example itself is shown above the grid
-    return searcher.search_vector(vec, p.k, min_score=p.min_score, under=p.under or None, exclude_ids=exclude)
+    return library.search(p.q or None, image=image, not_text=p.neg or None,
+                          ids=[p.like] if p.like is not None else [], k=p.k, min_score=p.min_score,
+                          under=p.under or None, exclude_ids=exclude)
 
 
 # --- rendering ----------------------------------------------------------------------------------------
@@ -309,9 +284,9 @@ def caption(name: str, score: float | None = None) -> str:
     return f"{score:.3f} · {short}" if score is not None else short
 
 
-def grid(settings: Settings, searcher, hits, key: str) -> None:
+def grid(settings: Settings, library, hits, key: str) -> None:
     """Thumbnails with score and file name; each has 'Details' and 'More like this'."""
-    paths = thumbs.thumbnails(settings, [h.id for h in hits], thumbs.THUMB, store=searcher.store)
+    paths = thumbs.thumbnails(settings, [h.id for h in hits], thumbs.THUMB, store=library.store)
     for start in range(0, len(hits), COLUMNS):
         cols = st.columns(COLUMNS)
         for col, hit in zip(cols, hits[start:start + COLUMNS]):
@@ -329,11 +304,9 @@ def grid(settings: Settings, searcher, hits, key: str) -> None:
                           type="tertiary")
 
 
-def detail(settings: Settings, searcher, image_id: int) -> None:
+def detail(settings: Settings, library, image_id: int) -> None:
     """Larger view: path, size, dimensions, date taken, and the most similar images."""
-    from imgsearch.search import Query, Term
-
-    row = thumbs.library_image(searcher.store, image_id)
+    row = thumbs.library_image(library.store, image_id)
     with st.container(border=True):
         left, right = st.columns([3, 2])
         with right:
@@ -350,14 +323,14 @@ def detail(settings: Settings, searcher, image_id: int) -> None:
             b2.button("Close", key="detail-close", on_click=on_view, args=(None,), width="stretch")
         with left:
             try:
-                st.image(str(thumbs.thumbnail(settings, row.id, thumbs.PREVIEW, store=searcher.store)),
+                st.image(str(thumbs.thumbnail(settings, row.id, thumbs.PREVIEW, store=library.store)),
                          width="stretch")
             except ImgSearchError as e:
                 st.warning(md(e))
-        similar = searcher.search(Query([Term("id", row.id)]), COLUMNS, exclude_ids=[row.id])
+        similar = library.search(ids=[row.id], k=COLUMNS, exclude_ids=[row.id])
         if similar:
             st.markdown("**Similar images**")
-            grid(settings, searcher, similar, key="similar")
+            grid(settings, library, similar, key="similar")
 
 
 def status_panel(settings: Settings) -> dict | None:
@@ -369,9 +342,9 @@ def status_panel(settings: Settings) -> dict | None:
         return None
     st.markdown(f"**Images** {status['images']}  \n**Failures** {status['failures']}  \n"
                 f"**Disk** {human_bytes(status['disk_bytes'])}")
-    from imgsearch.encoder import ModelSpec
+    from imgsearch import Library
 
-    label = ModelSpec(settings.model, settings.pretrained).canonical().label
+    label = Library(settings=settings).model_label
     st.markdown(f"**Model** {md(label)}")
     mine = [m for m in status["models"] if m["model"] == label]
     for m in mine:
@@ -452,13 +425,13 @@ def search_form() -> None:
         st.form_submit_button("Search", type="primary", on_click=on_search)
 
 
-def example_header(settings: Settings, searcher, image_id: int) -> str:
+def example_header(settings: Settings, library, image_id: int) -> str:
     """Above a 'more like this' grid: the example image itself. Returns its file name."""
-    row = thumbs.library_image(searcher.store, image_id)
+    row = thumbs.library_image(library.store, image_id)
     left, right = st.columns([1, 7], vertical_alignment="center")
     with left:
         try:
-            st.image(str(thumbs.thumbnail(settings, row.id, thumbs.THUMB, store=searcher.store)), width="stretch")
+            st.image(str(thumbs.thumbnail(settings, row.id, thumbs.THUMB, store=library.store)), width="stretch")
         except ImgSearchError as e:
             st.warning(md(e))
     with right:
@@ -477,20 +450,20 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
         st.info("The library is empty: index a folder with the form in the sidebar (or run `imgsearch index PATH`), "
                 "then search.")
         return
-    searcher = warm_searcher(settings)
+    library = warm_library(settings)
     if p.view is not None:
         try:
-            detail(settings, searcher, p.view)
+            detail(settings, library, p.view)
         except ImgSearchError as e:  # a stale or mistyped view= must not hide the results below
             st.error(md(e))
     if not (p.q or p.like is not None or upload):
         return
     t0 = time.perf_counter()
-    hits = run_search(searcher, p, upload)
+    hits = run_search(library, p, upload)
     took = time.perf_counter() - t0
     what = []
     if p.like is not None:
-        what.append(f"images like {md(example_header(settings, searcher, p.like))}")
+        what.append(f"images like {md(example_header(settings, library, p.like))}")
     if upload:
         what.append(f"images like the uploaded {md(upload[0])}")
     if p.q:
@@ -504,7 +477,7 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
                                                          else "") + ".")
         return
     st.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
-    grid(settings, searcher, hits, key="hit")
+    grid(settings, library, hits, key="hit")
 
 
 def main() -> None:
