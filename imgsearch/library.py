@@ -57,6 +57,8 @@ class Library:
                  device: str = "auto", precision: str = "auto", settings: Settings | None = None,
                  **other_settings):
         if settings is None:
+            if home is not None:
+                home = os.path.expanduser(os.fspath(home))
             settings = Settings.from_env(home=home, model=model, pretrained=pretrained,
                                          device=None if device == "auto" else device,
                                          precision=None if precision == "auto" else precision, **other_settings)

@@ -288,7 +288,8 @@ class Searcher:
             rows = self.store.get_images(i for _, i in pairs)
             hits: list[Hit] = []
             for score, i in pairs:
-                if min_score is not None and round(score, 6) < min_score:  # as shown: a shown score is a valid bound
+                # Compared as shown (rounded): a score the user copies from the output keeps that hit.
+                if min_score is not None and round(score, 6) < min_score:
                     break
                 row = rows.get(i)
                 if row is None or not os.path.exists(row.path):
