@@ -303,11 +303,3 @@ class Searcher:
                 return hits
             fetch = min(limit, fetch * 4)
 
-
-def search(settings: Settings, query: Query, k: int = 10, **kwargs) -> list[Hit]:
-    """One-shot search (opens the library, loads the model)."""
-    s = Searcher(settings)
-    try:
-        return s.search(query, k, **kwargs)
-    finally:
-        s.store.close()
