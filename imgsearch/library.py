@@ -236,7 +236,7 @@ class Library:
             hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags)
             if hits is not None:
                 return hits
-        from .search import Query
+        from .query import Query
 
         query = Query.build([self._text(t) for t in texts], [self._image(x) for x in imgs],
                             [self._text(t) for t in not_texts], [self._image(x) for x in not_imgs], ids)
@@ -264,7 +264,7 @@ class Library:
 
     @staticmethod
     def _text(t):
-        from .search import Term, text_term
+        from .query import Term, text_term
 
         if isinstance(t, Term):
             return t
@@ -279,7 +279,7 @@ class Library:
 
     @staticmethod
     def _image(x):
-        from .search import Term, image_data_term, image_term
+        from .query import Term, image_data_term, image_term
 
         if isinstance(x, Term):
             return x

@@ -115,7 +115,8 @@ class SearchService:
 
     def parse(self, body: dict):
         """(Query, k, search keyword arguments) from a JSON request; wrong types are a FieldError."""
-        from .search import Query, Term, check_k, image_data_term, text_term
+        from .query import Query, Term, image_data_term, text_term
+        from .queryspec import check_k
 
         unknown = sorted(set(body) - set(_SEARCH_FIELDS))
         if unknown:
@@ -402,7 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"hits": self.service.search(body)})
 
     def _post_image(self, url) -> None:
-        from .search import Query, check_k, image_data_term
+        from .query import Query, image_data_term
+        from .queryspec import check_k
 
         kind = self._content_type()
         if kind in ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain"):
