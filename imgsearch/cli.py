@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -93,6 +94,27 @@ def settings_of(ctx: typer.Context) -> Settings:
     return ctx.obj
 
 
+def library_of(ctx: typer.Context):
+    """The Python API over this command's settings (imgsearch.Library); close it, or use `with`."""
+    from .library import Library
+
+    return Library(settings=settings_of(ctx))
+
+
+@contextlib.contextmanager
+def flag_words(**flags):
+    """The library names a parameter ("under: no such folder"); say it as typed here ("--under x: ...").
+
+    ``flags`` maps a parameter name to (flag, value shown)."""
+    try:
+        yield
+    except ParamError as e:
+        if e.param not in flags:
+            raise
+        flag, value = flags[e.param]
+        raise UsageError(f"{flag} {value}: {e.detail}") from None
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"imgsearch {__version__}")
@@ -144,7 +166,6 @@ def index_cmd(
                                  "to the library, instead of waiting for it."),
 ):
     """Add images under PATHS to the library; re-runs only encode what changed."""
-    from .indexer import index_paths
     from .progress import Bar
 
     settings = settings_of(ctx)
@@ -163,8 +184,8 @@ def index_cmd(
         build_bar(done, total)
 
     try:
-        report = index_paths(settings, [str(p) for p in paths], progress=bar, build_progress=build_progress,
-                             wait=not no_wait)
+        with library_of(ctx) as lib:
+            report = lib.index(paths, progress=bar, build_progress=build_progress, wait=not no_wait)
     finally:
         for b in (bar, build_bar):
             if b is not None:
@@ -247,15 +268,10 @@ def query_cmd(
     flags = {"k": ("-k", k), "under": ("--under", under), "min_score": ("--min-score", min_score),
              "blend": ("--blend", blend), "keyword": ("--keyword", repr(keyword)),
              "tag": ("--tag", ", ".join(tag or []))}
-    try:
+    with flag_words(**flags):
         check_k(k)
         rows = _query_rows(settings_of(ctx), texts, image, not_text, not_image, k, min_score, under, tag, keyword,
                            blend, use_server, daemon)
-    except ParamError as e:
-        if e.param not in flags:
-            raise
-        flag, value = flags[e.param]
-        raise UsageError(f"{flag} {value}: {e.detail}") from None
     fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
     print_hits(rows, fmt, min_score=min_score, tag=tag, keyword=keyword)
 
@@ -274,32 +290,18 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
                                      extra={"tag": tag or None, "keyword": keyword, "blend": blend})
             except OSError:
                 rows = None  # the server went away mid-request: answer in-process below
-    if rows is None and texts and not (image or not_image or keyword or blend is not None):
-        # A fresh process answering text: no torch, SQLAlchemy or FAISS when the library allows (coldquery.py).
-        from .coldquery import search_texts
-
-        rows = search_texts(settings, list(texts), list(not_text or []), k, min_score,
-                            str(under) if under else None, tag or None)
     if rows is not None:
         return rows
-    if keyword and not (texts or image):
-        from .keywords import keyword_search
-        from .store import Store
+    if keyword and not (texts or image) and blend is not None:
+        raise UsageError("--blend mixes keyword and CLIP scores; give query text or --image too")
+    from .library import Library
 
-        if blend is not None:
-            raise UsageError("--blend mixes keyword and CLIP scores; give query text or --image too")
-        store = Store(settings.db_path, create=False)
-        try:
-            hits = keyword_search(store, keyword, k, under=str(under) if under else None, tags=tag)
-        finally:
-            store.close()
-    else:
-        from .search import Query, search
-
-        query = Query.build(texts or [], image or [], not_text or [], not_image or [])
-        hits = search(settings, query, k, min_score=min_score, under=str(under) if under else None,
-                      tag=tag or None, keyword=keyword, blend=blend)
-    return rows if rows is not None else [h.as_dict() for h in hits]
+    # Library.search answers a plain text query on the lean path (coldquery.py) when the library allows.
+    with Library(settings=settings) as lib:
+        hits = lib.search(list(texts or []), image=list(image or []), not_text=list(not_text or []),
+                          not_image=list(not_image or []), k=k, min_score=min_score,
+                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend)
+    return [h.as_dict() for h in hits]
 
 
 # --- status / forget ---------------------------------------------------------------------------
@@ -313,20 +315,15 @@ def status_cmd(
     import time
 
     from .files import human_bytes
-    from .indexer import library_status
-    from .store import Store
 
-    settings = settings_of(ctx)
     if failures:
-        store = Store(settings.db_path, create=False)
-        try:
-            for path, reason in store.failures():
+        with library_of(ctx) as lib:
+            for path, reason in lib.failures():
                 typer.echo(f"{shown(path)}\t{shown(reason)}")
-        finally:
-            store.close()
         warn_if_escaped("--json")
         return
-    st = library_status(settings)
+    with library_of(ctx) as lib:
+        st = lib.status().as_dict()
     if json_out:
         typer.echo(json.dumps(st, indent=2))
         return
@@ -370,9 +367,8 @@ def forget_cmd(
                                  "to the library, instead of waiting for it."),
 ):
     """Remove files or folders from the library. Nothing on disk is touched."""
-    from .indexer import forget
-
-    removed = forget(settings_of(ctx), [str(p) for p in paths], wait=not no_wait)
+    with library_of(ctx) as lib:
+        removed = lib.forget(paths, wait=not no_wait)
     if removed == 0:
         err("nothing in the library under " + ", ".join(str(p) for p in paths))
         raise typer.Exit(1)

@@ -127,7 +127,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                     f"({','.join('?' * len(want))})", want)}
                 for j in part:
                     score = float(scores[j])
-                    if min_score is not None and score < min_score:
+                    # Compared as shown (rounded): a score the user copies from the output keeps that hit.
+                    if min_score is not None and round(score, 6) < min_score:
                         return hits
                     r = rows.get(int(id_arr[j]))
                     path = _unbind(r[1]) if r is not None else None

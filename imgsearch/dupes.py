@@ -23,7 +23,7 @@ import numpy as np
 
 from . import files, images
 from .config import Settings
-from .errors import DecodeError, UsageError
+from .errors import DecodeError, ParamError
 
 DEFAULT_THRESHOLD = 0.90  # CLIP cosine for a candidate pair
 DEFAULT_MIN_MATCH = 0.96  # thumbnail correlation that confirms a pair
@@ -216,70 +216,64 @@ def _identities(rows: dict) -> dict[int, tuple[int, int]]:
     return out
 
 
-def find_duplicates(settings: Settings, under: str | None = None, threshold: float | None = None,
-                    similar: bool = False, min_match: float = DEFAULT_MIN_MATCH, searcher=None,
+def find_duplicates(settings: Settings, store, model, under: str | None = None, threshold: float | None = None,
+                    similar: bool = False, min_match: float = DEFAULT_MIN_MATCH,
                     exact: bool | None = None) -> DupeReport:
-    """Group the library's near-duplicates (or CLIP-similar images with ``similar``); deletes nothing."""
-    from .search import Searcher
+    """Group the library's near-duplicates (or CLIP-similar images with ``similar``); deletes nothing.
 
+    ``model`` is the library's model row whose stored vectors are compared: nothing is encoded, so no
+    model is loaded (imgsearch.Library finds the row without resolving weights).
+    """
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if not -1.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold {threshold}: give a cosine similarity between -1 and 1, e.g. 0.9")
+        raise ParamError("threshold", "give a cosine similarity between -1 and 1, e.g. 0.9")
     if not 0.0 <= min_match <= 1.0:
-        raise UsageError(f"--min-match {min_match}: give a pixel likeness between 0 and 1, e.g. 0.96")
+        raise ParamError("min_match", "give a pixel likeness between 0 and 1, e.g. 0.96")
     started = time.perf_counter()
-    own = searcher is None
-    searcher = searcher or Searcher(settings)
-    store = searcher.store
-    try:
-        model = searcher.model
-        ids = None
-        if under:
-            folder = files.abspath(under)
-            if not os.path.isdir(folder) and store.image_by_path(folder) is None:
-                raise UsageError(f"--under {under}: no such folder")
-            ids = store.ids_under(folder).tolist()
-        ids_arr, vecs = store.load_vectors(model.id, ids)
-        report = DupeReport("similar" if similar else "duplicates", threshold, images=len(ids_arr))
-        pairs = candidate_pairs(vecs, threshold, exact=exact)
-        report.candidates = len(pairs)
-        involved = {int(ids_arr[a]) for a, _, _ in pairs} | {int(ids_arr[b]) for _, b, _ in pairs}
-        rows = store.get_images(involved)
-        # Files deleted since indexing can be neither compared nor kept.
-        identity = _identities(rows)
-        present = set(identity)
-        prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
+    ids = None
+    if under:
+        folder = files.abspath(under)
+        if not os.path.isdir(folder) and store.image_by_path(folder) is None:
+            raise ParamError("under", "no such folder")
+        ids = store.ids_under(folder).tolist()
+    ids_arr, vecs = store.load_vectors(model.id, ids)
+    report = DupeReport("similar" if similar else "duplicates", threshold, images=len(ids_arr))
+    pairs = candidate_pairs(vecs, threshold, exact=exact)
+    report.candidates = len(pairs)
+    involved = {int(ids_arr[a]) for a, _, _ in pairs} | {int(ids_arr[b]) for _, b, _ in pairs}
+    rows = store.get_images(involved)
+    # Files deleted since indexing can be neither compared nor kept.
+    identity = _identities(rows)
+    present = set(identity)
+    prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
+    if not similar:
+        workers = settings.decode_workers()  # no encoder running: decode gets every core
+        raw, report.unreadable = _fingerprints(store, rows, present, workers, settings.max_pixels)
+        prints = {i: unpack(fp) for i, fp in raw.items()}
+    uf = UnionFind(len(ids_arr))
+    for a, b, _ in pairs:
+        ia, ib = int(ids_arr[a]), int(ids_arr[b])
+        if ia not in present or ib not in present:
+            continue
+        if identity[ia] == identity[ib]:
+            continue  # one physical file under two names (symlink, hard link): deleting "the copy" loses it
         if not similar:
-            workers = settings.decode_workers()  # no encoder running: decode gets every core
-            raw, report.unreadable = _fingerprints(store, rows, present, workers, settings.max_pixels)
-            prints = {i: unpack(fp) for i, fp in raw.items()}
-        uf = UnionFind(len(ids_arr))
-        for a, b, _ in pairs:
-            ia, ib = int(ids_arr[a]), int(ids_arr[b])
-            if ia not in present or ib not in present:
+            if ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match:
                 continue
-            if identity[ia] == identity[ib]:
-                continue  # one physical file under two names (symlink, hard link): deleting "the copy" loses it
-            if not similar:
-                if ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match:
-                    continue
-            report.confirmed += 1
-            uf.union(a, b)
-        for members in uf.groups():
-            ordered = keeper_order([rows[int(ids_arr[m])] for m in members])
-            row_of = {int(ids_arr[m]): m for m in members}
-            keep = ordered[0]
-            keep_vec = vecs[row_of[keep.id]]
-            group = []
-            for r in ordered:
-                group.append(Member(r.id, r.path, r.width, r.height, r.size, r.taken_at, keeper=r is keep,
-                                    similarity=round(float(vecs[row_of[r.id]] @ keep_vec), 4),
-                                    match=round(match_score(prints[r.id], prints[keep.id]), 4)
-                                    if r.id in prints and keep.id in prints else None))
-            report.groups.append(Group(group))
-        report.groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
-        report.seconds = time.perf_counter() - started
-        return report
-    finally:
-        if own:
-            store.close()
+        report.confirmed += 1
+        uf.union(a, b)
+    for members in uf.groups():
+        ordered = keeper_order([rows[int(ids_arr[m])] for m in members])
+        row_of = {int(ids_arr[m]): m for m in members}
+        keep = ordered[0]
+        keep_vec = vecs[row_of[keep.id]]
+        group = []
+        for r in ordered:
+            group.append(Member(r.id, r.path, r.width, r.height, r.size, r.taken_at, keeper=r is keep,
+                                similarity=round(float(vecs[row_of[r.id]] @ keep_vec), 4),
+                                match=round(match_score(prints[r.id], prints[keep.id]), 4)
+                                if r.id in prints and keep.id in prints else None))
+        report.groups.append(Group(group))
+    report.groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
+    report.seconds = time.perf_counter() - started
+    return report

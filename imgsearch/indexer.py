@@ -10,51 +10,18 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
-
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from . import files, images
 from .config import Settings, thread_budget
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
-from .vectors import BuildProgress, IndexPolicy, VectorIndex, load_or_build
-
-if TYPE_CHECKING:
-    import numpy as np
-
-
-@dataclass
-class IndexReport:
-    new: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    moved: int = 0
-    removed: int = 0
-    encoded: int = 0
-    reused: int = 0  # vectors copied from an identical file already in the library
-    aliases: int = 0  # second paths (symlinks, hard links) to a file the library already has
-    failed_before: int = 0  # failed in an earlier run and unchanged since: not retried
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    interrupted: bool = False
-    model: str = ""
-    image_tower: str = ""  # which backend/precision made the vectors, e.g. "onnxruntime int8"
-    int8_parity: float | None = None  # min cosine int8 vs fp32 on a sample of this run's images
-    parity_images: int = 0
-    decode: str = ""  # how files were decoded: Pillow, or batched tensors (and why not, when refused)
-
-    def counts(self) -> dict[str, int]:
-        return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged, "moved": self.moved,
-                "removed": self.removed, "failed": len(self.failed)}
-
-    def as_dict(self) -> dict:
-        return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "aliases": self.aliases,
-                "failed_before": self.failed_before, "seconds": round(self.seconds, 3),
-                "interrupted": self.interrupted, "model": self.model, "image_tower": self.image_tower,
-                "int8_parity": self.int8_parity, "parity_images": self.parity_images, "decode": self.decode,
-                "failures": [{"path": p, "reason": r} for p, r in self.failed]}
+from .vectors import BuildProgress
+# The read side (FAISS cache loader) and the result type live apart so search never imports the write side.
+from .indexcache import StoreVectors, cache_key, index_policy, model_index
+from .results import IndexReport
 
 
 @dataclass
@@ -571,58 +538,6 @@ def _set_torch_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def index_policy(settings: Settings) -> IndexPolicy:
-    return IndexPolicy(flat_max=settings.flat_max, memory_budget=settings.index_budget_mb << 20,
-                       recall_target=settings.recall_target)
-
-
-class StoreVectors:
-    """One model's vectors in SQLite as a vectors.VectorSource: index builds stream them in bounded chunks."""
-
-    def __init__(self, store: Store, model_id: int):
-        self.store = store
-        self.model_id = model_id
-        self._ids = store.vector_ids(model_id)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def ids(self) -> np.ndarray:
-        return self._ids
-
-    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.store.load_vectors(self.model_id, ids)
-
-    def chunks(self):
-        return self.store.iter_vectors(self.model_id)
-
-
-def model_index(settings: Settings, store: Store, model_id: int,
-                progress: BuildProgress | None = None) -> tuple[VectorIndex, int, str]:
-    """One model's FAISS index, from its cache file when trustworthy, else updated or rebuilt from SQLite.
-
-    Returns (index, library version it reflects, "loaded" | "updated" | "rebuilt").
-    """
-    model = store.model_by_id(model_id)
-    state = cache_key(store, model)
-    index, action = load_or_build(settings.index_path(model.id), state, model.dim,
-                                  lambda: StoreVectors(store, model.id),
-                                  lambda since: store.vector_changes(model.id, since), index_policy(settings),
-                                  progress, save=not store.read_only)
-    if action != "loaded" and not store.read_only:  # the cache now reflects model.version: older tombstones are spent
-        try:
-            store.prune_deletions(model.id, model.version)
-        except Exception:
-            pass  # read-only library: tombstones stay, harmlessly
-    return index, model.version, action
-
-
-def cache_key(store: Store, model: ModelRow) -> dict:
-    """What a FAISS cache file must have been built from to be trusted (see vectors.load_or_build)."""
-    return {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint,
-            "library_id": store.library_id}
-
-
 def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
     roots = []
     for p in paths:
@@ -682,7 +597,8 @@ def forget(settings: Settings, paths: Iterable[str | os.PathLike], wait: bool = 
             store.close()
 
 
-__all__ = ["IndexReport", "Indexer", "index_paths", "forget", "normalize_roots"]
+__all__ = ["IndexReport", "Indexer", "index_paths", "forget", "normalize_roots", "model_index", "StoreVectors",
+           "cache_key", "index_policy"]
 
 
 def library_status(settings: Settings) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 from . import files
 from .errors import ParamError, UsageError
 from .queryspec import check_k
+from .results import Hit
 from .store import Store
 
 # A keyword-only match list longer than this is cut to the most relevant ones when blending; the
@@ -101,7 +102,6 @@ def _folder_ids(store: Store, under: str | None) -> np.ndarray | None:
 
 def _hits(store: Store, scored: Iterable[tuple[int, float]], k: int, min_score: float | None = None) -> list:
     """Hits for (id, score) pairs in order, skipping files deleted since indexing."""
-    from .search import Hit
 
     scored = list(scored)
     hits: list = []

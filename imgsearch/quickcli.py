@@ -80,9 +80,12 @@ def run(argv: list[str]) -> bool:
 
             if client.find_server(settings) is not None:
                 return False
-        from .coldquery import search_texts
+        from .library import Library
 
-        rows = search_texts(settings, p["texts"], p["not"], p["k"], p["min_score"], p["under"], p["tag"] or None)
+        hits = Library(settings=settings).quick_search(p["texts"], not_text=p["not"], k=p["k"],
+                                                       min_score=p["min_score"], under=p["under"],
+                                                       tag=p["tag"] or None)
+        rows = None if hits is None else [h.as_dict() for h in hits]
     except Exception:  # noqa: BLE001 - the fast path must never be the reason a query fails
         return False
     if rows is None:

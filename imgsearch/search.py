@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -13,85 +12,15 @@ from . import files, images
 from .config import Settings
 from .encoder import Encoder, ModelSpec, known_fingerprint, resolve_weights
 from .errors import DecodeError, ModelMismatchError, ParamError, UsageError
-from .queryspec import check_k, parse_weighted, split_image_spec
+from .queryspec import check_k
 from .store import ModelRow, Store
-from .indexer import model_index
+from .indexcache import model_index
+from .query import Query, Term, image_data_term, image_term, text_term
+from .results import Hit
 from .vectors import VectorIndex
 
-@dataclass(frozen=True)
-class Term:
-    """One part of a query: a text, an image, or an image already in the library (by id).
-
-    An image is a file path, the file's bytes, or a PIL image; bytes and PIL images are decoded in memory,
-    so a query image never has to be written to disk. ``name`` labels it in error messages.
-    """
-
-    kind: str  # "text" | "image" | "id"
-    value: object  # str for text and image paths; bytes or PIL.Image.Image for images; int for ids
-    weight: float = 1.0
-    name: str | None = None
-
-
-def text_term(raw: str) -> Term:
-    weight, text = parse_weighted(raw)
-    if not text:
-        raise UsageError("empty query text; give some words, e.g. imgsearch query \"a red car\"")
-    return Term("text", text, weight)
-
-
-def image_term(raw: str) -> Term:
-    """An image file; 'W:path' weights it unless 'W:path' is itself an existing file."""
-    weight, path = split_image_spec(raw)
-    if not os.path.exists(path):
-        raise UsageError(f"query image not found: {path}")
-    return Term("image", files.abspath(path), weight)
-
-
-def image_data_term(data, weight: float = 1.0, name: str = "uploaded image") -> Term:
-    """An image given as file bytes or a PIL image (decoded in memory, never written to disk)."""
-    if isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    return Term("image", data, float(weight), name)
-
-
-@dataclass
-class Query:
-    positives: list[Term] = field(default_factory=list)
-    negatives: list[Term] = field(default_factory=list)
-
-    @classmethod
-    def build(cls, texts: Sequence[str] = (), images_: Sequence = (), not_texts: Sequence[str] = (),
-              not_images: Sequence = (), ids: Sequence[int] = ()) -> "Query":
-        """Texts and image specs ('W:path') as the CLI takes them; ready-made Terms (e.g. from
-        image_data_term) pass through unchanged."""
-
-        def image(p):
-            return p if isinstance(p, Term) else image_term(p)
-
-        def text(t):
-            return t if isinstance(t, Term) else text_term(t)
-
-        q = cls([text(t) for t in texts] + [image(p) for p in images_] + [Term("id", int(i)) for i in ids],
-                [text(t) for t in not_texts] + [image(p) for p in not_images])
-        if not q.positives:
-            raise UsageError("nothing to search for: give query text, an image, or both")
-        return q
-
-
-@dataclass
-class Hit:
-    rank: int
-    id: int
-    path: str
-    score: float
-    width: int | None
-    height: int | None
-    size: int
-    taken_at: str | None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
+__all__ = ["Searcher", "Query", "Term", "Hit", "text_term", "image_term", "image_data_term", "check_k",
+           "model_row_for"]
 
 def model_row_for(store: Store, spec: ModelSpec, fingerprint: str) -> ModelRow:
     """The library's model row for these weights, or a ModelMismatchError saying what to do."""
@@ -115,10 +44,12 @@ def model_row_for(store: Store, spec: ModelSpec, fingerprint: str) -> ModelRow:
 class Searcher:
     """A warm searcher over one library and one model: encoder and FAISS index stay loaded.
 
-    Safe to share between threads (the UI and the server keep one per process).
+    The engine behind imgsearch.Library, which owns it and documents the thread-safety contract: encodes
+    and the encoder load run under ``encode_lock``, index (re)loads under the searcher's own lock.
     """
 
-    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None):
+    def __init__(self, settings: Settings, encoder: Encoder | None = None, store: Store | None = None,
+                 encode_lock=None):
         self.settings = settings
         self.store = store or Store(settings.db_path, create=False)
         spec = ModelSpec(settings.model, settings.pretrained).canonical()
@@ -132,6 +63,7 @@ class Searcher:
         self._index: VectorIndex | None = None
         self._index_version: int | None = None
         self._lock = threading.Lock()
+        self._encode_lock = encode_lock or threading.RLock()
 
     def _fingerprint(self, spec: ModelSpec) -> str:
         """Weights fingerprint without importing open_clip when the library already knows these weights."""
@@ -149,6 +81,15 @@ class Searcher:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Text vectors: from the exported numpy text tower while no torch model is loaded (a cold process
         never imports torch for text), else torch. After a torch fallback the export is made for next time."""
+        with self._encode_lock:
+            return self._encode_texts(texts)
+
+    @property
+    def loaded_encoder(self) -> Encoder | None:
+        """The encoder if one is loaded already (never loads it)."""
+        return self._encoder
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
         from . import textfast
 
         if self._encoder is None and not self._tower_failed:
@@ -168,11 +109,12 @@ class Searcher:
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            from . import encoder as encoder_mod
+        with self._encode_lock:
+            if self._encoder is None:
+                from . import encoder as encoder_mod
 
-            self._encoder = encoder_mod.load(self._spec, self.settings.device, self.settings.precision)
-        return self._encoder
+                self._encoder = encoder_mod.load(self._spec, self.settings.device, self.settings.precision)
+            return self._encoder
 
     def index(self) -> VectorIndex:
         """The FAISS index, reloaded when the library changed since it was loaded."""
@@ -193,7 +135,9 @@ class Searcher:
         imgs = [t for t in terms if t.kind == "image"]
         if imgs:
             pil = [self._query_image(t) for t in imgs]
-            out += [(t.weight, v) for t, v in zip(imgs, self.encoder.encode_images(pil))]
+            with self._encode_lock:
+                vecs = self.encoder.encode_images(pil)
+            out += [(t.weight, v) for t, v in zip(imgs, vecs)]
         ids = [t for t in terms if t.kind == "id"]
         if ids:
             found_ids, vecs = self.store.load_vectors(self.model.id, [int(t.value) for t in ids])
@@ -210,17 +154,17 @@ class Searcher:
         label = t.name or (str(value) if isinstance(value, (str, os.PathLike)) else "uploaded image")
         if not isinstance(value, (str, os.PathLike, bytes)):
             if not hasattr(value, "convert") or not hasattr(value, "size"):
-                raise UsageError(f"query image {label}: give a file path, its bytes or a PIL image")
+                raise UsageError(f"{t.noun} {label}: give a file path, its bytes, a file object or a PIL image")
             w, h = value.size
             if w * h > self.settings.max_pixels:
-                raise UsageError(f"cannot use query image {label}: {w}x{h} pixels is over the "
+                raise UsageError(f"cannot use {t.noun} {label}: {w}x{h} pixels is over the "
                                  f"{self.settings.max_pixels:,} pixel cap")
             return value if value.mode == "RGB" else value.convert("RGB")
         try:
             im, _ = images.open_image(value if isinstance(value, bytes) else str(value),
                                       draft_size=self.encoder.draft_size, max_pixels=self.settings.max_pixels)
         except DecodeError as e:
-            raise UsageError(f"cannot use query image {label}: {e}") from None
+            raise UsageError(f"cannot use {t.noun} {label}: {e}") from None
         return im
 
     def query_vector(self, query: Query) -> np.ndarray:
@@ -286,7 +230,8 @@ class Searcher:
             rows = self.store.get_images(i for _, i in pairs)
             hits: list[Hit] = []
             for score, i in pairs:
-                if min_score is not None and score < min_score:
+                # Compared as shown (rounded): a score the user copies from the output keeps that hit.
+                if min_score is not None and round(score, 6) < min_score:
                     break
                 row = rows.get(i)
                 if row is None or not os.path.exists(row.path):
@@ -300,11 +245,3 @@ class Searcher:
                 return hits
             fetch = min(limit, fetch * 4)
 
-
-def search(settings: Settings, query: Query, k: int = 10, **kwargs) -> list[Hit]:
-    """One-shot search (opens the library, loads the model)."""
-    s = Searcher(settings)
-    try:
-        return s.search(query, k, **kwargs)
-    finally:
-        s.store.close()

@@ -101,22 +101,22 @@ class SearchService:
     """The warm state behind the HTTP handlers, usable without HTTP too."""
 
     def __init__(self, settings: Settings):
-        from .search import Searcher
+        from .library import Library
 
         self.settings = settings
-        self.searcher = Searcher(settings)
-        self.searcher.encoder  # load the model now, not on the first request
-        self.searcher.index()
+        # One Library shared by every request thread (its docstring says what it locks).
+        self.library = Library(settings=settings).load()  # the model and index now, not on the first request
         self.last_request = time.monotonic()
 
     def health(self) -> dict:
-        s = self.searcher
-        return {"ok": True, "pid": os.getpid(), "home": str(self.settings.home), "model": s.model.name,
-                "pretrained": s.model.pretrained, "fingerprint": s.model.fingerprint, "vectors": len(s.index())}
+        m = self.library.model
+        return {"ok": True, "pid": os.getpid(), "home": str(self.settings.home), "model": m.name,
+                "pretrained": m.pretrained, "fingerprint": m.fingerprint, "vectors": self.library.vector_count()}
 
     def parse(self, body: dict):
         """(Query, k, search keyword arguments) from a JSON request; wrong types are a FieldError."""
-        from .search import Query, Term, check_k, image_data_term, text_term
+        from .query import Query, Term, image_data_term, text_term
+        from .queryspec import check_k
 
         unknown = sorted(set(body) - set(_SEARCH_FIELDS))
         if unknown:
@@ -198,7 +198,7 @@ class SearchService:
 
     def search(self, body: dict) -> list[dict]:
         query, k, kwargs = self.parse(body)
-        return [h.as_dict() for h in self.searcher.search(query, k, **kwargs)]
+        return [h.as_dict() for h in self.library.search_query(query, k, **kwargs)]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -370,9 +370,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, self.service.health())
 
     def _status(self, url) -> None:
-        from .indexer import library_status
-
-        self._send(200, library_status(self.service.settings))
+        self._send(200, self.service.library.status().as_dict())
 
     def _get_search(self, url) -> None:
         qs = parse_qs(url.query, keep_blank_values=True)
@@ -405,7 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"hits": self.service.search(body)})
 
     def _post_image(self, url) -> None:
-        from .search import Query, check_k, image_data_term
+        from .query import Query, image_data_term
+        from .queryspec import check_k
 
         kind = self._content_type()
         if kind in ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain"):
@@ -418,7 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw:
             raise UsageError("send the image file as the request body")
         query = Query.build(images_=[image_data_term(raw, 1.0, "in the request body")])
-        self._send(200, {"hits": [h.as_dict() for h in self.service.searcher.search(query, k)]})
+        self._send(200, {"hits": [h.as_dict() for h in self.service.library.search_query(query, k)]})
 
 
 class _Reply(Exception):

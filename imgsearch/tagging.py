@@ -10,7 +10,7 @@ import numpy as np
 
 from . import files, zeroshot
 from .config import Settings, thread_budget
-from .errors import DecodeError, UsageError
+from .errors import DecodeError, ParamError, UsageError
 
 CHUNK = 8192  # images classified per step: bounds memory at N x labels floats
 
@@ -56,62 +56,54 @@ def resolve_templates(templates: Sequence[str] | None, templates_file: str | os.
 
 def _check_options(top: int, min_prob: float) -> None:
     if top < 1:
-        raise UsageError("--top must be at least 1")
+        raise ParamError("top", "give at least 1")
     if not 0.0 <= min_prob <= 1.0:
-        raise UsageError(f"--min-prob {min_prob}: give a probability between 0 and 1")
+        raise ParamError("min_prob", "give a probability between 0 and 1")
 
 
-def classify_library(settings: Settings, labels: Sequence[str], templates: Sequence[str] | None = None,
-                     top: int = 1, min_prob: float = 0.0, under: str | None = None, searcher=None,
+def classify_library(store, model, text_side, labels: Sequence[str], templates: Sequence[str] | None = None,
+                     top: int = 1, min_prob: float = 0.0, under: str | None = None,
                      keep_results: bool = False) -> TagReport:
     """Tag every indexed image (or those under a folder) with its top labels, from stored vectors.
 
+    ``model`` is the library's model row, ``text_side`` what encodes the label prompts (the exported text
+    tower or the encoder: anything with encode_texts and logit_scale); imgsearch.Library passes them.
     Re-running with the same model, labels and templates replaces that set's tags; other sets stay.
     """
-    from .search import Searcher
-
     _check_options(top, min_prob)
     labels = list(labels)
     templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
-    own = searcher is None
-    searcher = searcher or Searcher(settings)
-    store = searcher.store
-    try:
-        model = searcher.model
-        if under:
-            folder = files.abspath(under)
-            if not os.path.isdir(folder) and store.image_by_path(folder) is None:
-                raise UsageError(f"--under {under}: no such folder")
-            candidates = store.ids_under(folder)
-            ids = np.array(sorted(store.image_ids_with_vectors(model.id, candidates.tolist())), dtype=np.int64)
-        else:
-            ids = np.array([r[0] for r in store.rows("SELECT image_id FROM vectors WHERE model_id = :m "
-                                                     "ORDER BY image_id", m=model.id)], dtype=np.int64)
-        if len(ids) == 0:
-            raise UsageError(f"no indexed images{' under ' + under if under else ''} to classify; "
-                             "run `imgsearch index PATH` first")
-        encoder = searcher.text_side()  # stored vectors + label texts: no torch when the text export exists
-        label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
-        set_id = store.tag_set(model.id, labels, templates)
-        report = TagReport(set_id, model.label, labels, templates)
-        for start in range(0, len(ids), CHUNK):
-            part_ids, vecs = store.load_vectors(model.id, ids[start:start + CHUNK].tolist())
-            probs = zeroshot.classify(vecs, label_vecs, encoder.logit_scale)
-            best = zeroshot.top_labels(probs, labels, top, min_prob)
-            rows = [(int(i), lab, p) for i, tags in zip(part_ids, best) for lab, p in tags]
-            store.replace_tags(set_id, part_ids.tolist(), rows)
-            report.images += len(part_ids)
-            report.tagged += sum(1 for tags in best if tags)
-            if keep_results:
-                paths = store.get_images(part_ids.tolist())
-                report.results += [{"id": int(i), "path": paths[int(i)].path if int(i) in paths else None,
-                                    "labels": [{"label": lab, "prob": round(p, 4)} for lab, p in tags]}
-                                   for i, tags in zip(part_ids, best)]
-        report.counts = store.tag_counts(set_id)
-        return report
-    finally:
-        if own:
-            store.close()
+    if under:
+        folder = files.abspath(under)
+        if not os.path.isdir(folder) and store.image_by_path(folder) is None:
+            raise ParamError("under", "no such folder")
+        candidates = store.ids_under(folder)
+        ids = np.array(sorted(store.image_ids_with_vectors(model.id, candidates.tolist())), dtype=np.int64)
+    else:
+        ids = np.array([r[0] for r in store.rows("SELECT image_id FROM vectors WHERE model_id = :m "
+                                                 "ORDER BY image_id", m=model.id)], dtype=np.int64)
+    if len(ids) == 0:
+        raise UsageError(f"no indexed images{' under ' + under if under else ''} to classify; "
+                         "run `imgsearch index PATH` first")
+    encoder = text_side  # stored vectors + label texts: no torch when the text export exists
+    label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
+    set_id = store.tag_set(model.id, labels, templates)
+    report = TagReport(set_id, model.label, labels, templates)
+    for start in range(0, len(ids), CHUNK):
+        part_ids, vecs = store.load_vectors(model.id, ids[start:start + CHUNK].tolist())
+        probs = zeroshot.classify(vecs, label_vecs, encoder.logit_scale)
+        best = zeroshot.top_labels(probs, labels, top, min_prob)
+        rows = [(int(i), lab, p) for i, tags in zip(part_ids, best) for lab, p in tags]
+        store.replace_tags(set_id, part_ids.tolist(), rows)
+        report.images += len(part_ids)
+        report.tagged += sum(1 for tags in best if tags)
+        if keep_results:
+            paths = store.get_images(part_ids.tolist())
+            report.results += [{"id": int(i), "path": paths[int(i)].path if int(i) in paths else None,
+                                "labels": [{"label": lab, "prob": round(p, 4)} for lab, p in tags]}
+                               for i, tags in zip(part_ids, best)]
+    report.counts = store.tag_counts(set_id)
+    return report
 
 
 @dataclass
@@ -145,6 +137,8 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
         out.append(FileLabels(entry.path, error=getattr(entry, "reason", None)))
     if not out:
         raise UsageError("no image files in " + ", ".join(str(p) for p in paths))
+    if callable(encoder) and not hasattr(encoder, "encode_images"):
+        encoder = encoder()  # loaded only now that the files are known to exist (imgsearch.Library passes one)
     encoder = encoder or load(ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
     label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
     todo = [r for r in out if r.error is None]

@@ -208,7 +208,7 @@ def test_classify_library_uses_the_export_without_torch(cli, photos, settings, h
 
     s = Searcher(settings, encoder=E.load(E.ModelSpec(model_id), "cpu", "fp32"))
     try:
-        want = {r["id"]: r["labels"][0] for r in classify_library(settings, ["red", "green", "blue"], searcher=s,
+        want = {r["id"]: r["labels"][0] for r in classify_library(s.store, s.model, s.encoder, ["red", "green", "blue"],
                                                                    keep_results=True).results}
     finally:
         s.store.close()

@@ -187,9 +187,9 @@ def test_serve_on_all_interfaces_warns(cli, library, monkeypatch):
 
 
 def test_wildcard_bind_accepts_ip_hosts_and_the_client_finds_it(library, settings, cli, monkeypatch):
-    from imgsearch import search as search_mod
+    from imgsearch.library import Library  # the in-process path: Library.search
 
-    monkeypatch.setattr(search_mod, "search", None)  # answering in-process would fail
+    monkeypatch.setattr(Library, "search", None)  # answering in-process would fail
     srv, t = start(settings, "0.0.0.0")
     try:
         _, port = srv.address
@@ -382,7 +382,7 @@ def same_hits(a: list[dict], b: list[dict]) -> bool:
 
 
 def test_server_and_in_process_results_are_identical(tagged, cli, settings, monkeypatch):
-    from imgsearch import search as search_mod
+    from imgsearch.library import Library  # the in-process path: Library.search
 
     # A colour that classify gave to some images (which ones depends on the tiny model).
     tag = next(c for c in ("red", "green", "blue", "yellow")
@@ -401,7 +401,7 @@ def test_server_and_in_process_results_are_identical(tagged, cli, settings, monk
                 def must_not_run(*a, **kw):
                     raise AssertionError("answered in-process although a server was running")
 
-                m.setattr(search_mod, "search", must_not_run)
+                m.setattr(Library, "search", must_not_run)
                 served = cli("query", *args)
             local = cli("query", *args, "--no-server")
             assert served.exit_code == 0 and local.exit_code == 0, (q, served.output, local.output)

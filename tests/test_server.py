@@ -116,12 +116,12 @@ def test_server_reloads_after_an_index_run(server, cli, photos):
 
 
 def test_query_uses_running_server(server, cli, monkeypatch):
-    from imgsearch import search as search_mod
+    from imgsearch.library import Library  # the in-process path: Library.search
 
     def must_not_run(*a, **kw):
         raise AssertionError("query ran in-process although a server was running")
 
-    monkeypatch.setattr(search_mod, "search", must_not_run)
+    monkeypatch.setattr(Library, "search", must_not_run)
     r = cli("query", "a red circle", "-k", "2", "--json")
     assert r.exit_code == 0, r.output
     hits = json.loads(r.stdout)

@@ -274,7 +274,8 @@ def test_ui_command_passes_the_library_settings(cli, home, model_id, monkeypatch
     (argv, env), = FakeExec.calls
     assert argv[1:3] == ["-c", ui_cmd.LAUNCH]
     spec = json.loads(argv[3])
-    assert spec["app"] == APP
+    # `imgsearch ui` runs the page shipped inside the package (ui/app.py is the checkout's shim to it).
+    assert spec["app"] == str(Path(APP).parents[1] / "imgsearch" / "ui" / "app.py")
     opts = spec["config"]
     assert opts["server.address"] == "127.0.0.1" and opts["server.port"] == 8599
     assert opts["server.headless"] is True and opts["browser.gatherUsageStats"] is False

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import command, err, settings_of
+from ..cli import command, err, flag_words, library_of
 from ..errors import UsageError
 
 
@@ -33,15 +33,15 @@ def classify_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ):
     """Zero-shot labels for images; stored as tags (for `query --tag`) when run on the library."""
-    from ..tagging import classify_files, classify_library, resolve_labels, resolve_templates
+    from ..tagging import resolve_labels, resolve_templates
 
-    settings = settings_of(ctx)
     label_list = resolve_labels(labels, labels_file)
     templates = resolve_templates(template, templates_file)
     if paths:
         if under:
             raise UsageError("--under filters the library; it cannot be combined with FILE arguments")
-        results = classify_files(settings, [str(p) for p in paths], label_list, templates, top, min_prob)
+        with library_of(ctx) as lib, flag_words(min_prob=("--min-prob", min_prob), top=("--top", top)):
+            results = lib.classify_files(paths, label_list, templates, top, min_prob)
         if json_out:
             typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
         for r in results:
@@ -52,11 +52,9 @@ def classify_cmd(
         if any(r.error for r in results):
             raise typer.Exit(1)
         return
-    from ..lock import write_lock
-
-    with write_lock(settings.home):  # tags are library writes: one writer at a time
-        report = classify_library(settings, label_list, templates, top, min_prob,
-                                  under=str(under) if under else None, keep_results=json_out)
+    with library_of(ctx) as lib, flag_words(under=("--under", under), min_prob=("--min-prob", min_prob),
+                                            top=("--top", top)):
+        report = lib.classify(label_list, templates, top, min_prob, under=under, keep_results=json_out)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
@@ -75,21 +73,14 @@ def tags_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """List zero-shot tags with how many images carry each."""
-    from ..store import Store
-
-    store = Store(settings_of(ctx).db_path, create=False)
-    try:
+    with library_of(ctx) as lib:
         if drop_set is not None:
-            from ..lock import write_lock
-
-            with write_lock(settings_of(ctx).home):
-                dropped = store.delete_tag_set(drop_set)
-            if not dropped:
+            if not lib.drop_tag_set(drop_set):
                 raise UsageError(f"no label set {drop_set}; `imgsearch tags --sets` lists them")
             typer.echo(f"deleted label set {drop_set} and its tags")
             return
         if sets:
-            rows = store.tag_sets()
+            rows = lib.tag_sets()
             if json_out:
                 typer.echo(json.dumps(rows, indent=2))
                 return
@@ -99,7 +90,7 @@ def tags_cmd(
             if not rows:
                 err("no tags yet: run `imgsearch classify --labels \"dog,cat,car\"`")
             return
-        counts = store.tag_counts()
+        counts = lib.tags()
         if json_out:
             typer.echo(json.dumps([{"tag": t, "images": n} for t, n in counts], indent=2))
             return
@@ -108,8 +99,6 @@ def tags_cmd(
             return
         for tag, n in counts:
             typer.echo(f"{n:>6}  {tag}")
-    finally:
-        store.close()
 
 
 # --- score ------------------------------------------------------------------------------------------
@@ -121,16 +110,13 @@ def score_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """CLIP score: cosine similarity of an image with each text, and CLIPScore = 100*max(cos, 0)."""
-    from ..encoder import ModelSpec, load
-    from ..zeroshot import score_file
-
-    settings = settings_of(ctx)
     if not image.exists():
         raise UsageError(f"image not found: {image}")
-    encoder = load(ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
-    scores = score_file(encoder, image, texts, settings.max_pixels)
+    with library_of(ctx) as lib:
+        scores = lib.score(image, texts)
+        label = lib.encoder.spec.label
     if json_out:
-        typer.echo(json.dumps({"image": str(image), "model": encoder.spec.label,
+        typer.echo(json.dumps({"image": str(image), "model": label,
                                "scores": [s.as_dict() for s in scores]}, indent=2))
         return
     typer.echo(f"{'cosine':>7}  {'clipscore':>9}  text")
@@ -151,11 +137,11 @@ def duplicates_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Group copies of the same picture (resized, re-encoded, converted, lightly cropped). Deletes nothing."""
-    from ..dupes import find_duplicates
     from ..files import human_bytes
 
-    report = find_duplicates(settings_of(ctx), under=str(under) if under else None, threshold=threshold,
-                             similar=similar, min_match=min_match)
+    with library_of(ctx) as lib, flag_words(under=("--under", under), threshold=("--threshold", threshold),
+                                            min_match=("--min-match", min_match)):
+        report = lib.duplicates(under=under, threshold=threshold, similar=similar, min_match=min_match)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
@@ -185,20 +171,13 @@ def caption_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Attach captions to library images; they are searched by `query --keyword`."""
-    from ..keywords import add_caption, captions_of, import_captions
-    from ..lock import write_lock
-    from ..store import Store
-
-    settings = settings_of(ctx)
     if import_file and image:
         raise UsageError("give either IMAGE TEXT or --import FILE, not both")
     if not import_file and not image:
         raise UsageError("give IMAGE \"caption text\", IMAGE alone to see its captions, or --import FILE")
-    store = Store(settings.db_path, create=False)
-    try:
+    with library_of(ctx) as lib:
         if import_file:
-            with write_lock(settings.home):
-                report = import_captions(store, import_file, image_col, caption_col, replace)
+            report = lib.import_captions(import_file, image_col, caption_col, replace)
             if json_out:
                 typer.echo(json.dumps(report.as_dict(), indent=2))
                 return
@@ -213,7 +192,7 @@ def caption_cmd(
                 typer.echo(f"  ... and {len(report.problems) - 10} more problems")
             return
         if not text:
-            caps = captions_of(store, image)
+            caps = lib.captions(image)
             if json_out:
                 typer.echo(json.dumps({"image": str(image), "captions": caps}, indent=2))
             elif caps:
@@ -222,8 +201,5 @@ def caption_cmd(
             else:
                 err(f"no captions for {image}")
             return
-        with write_lock(settings.home):
-            added = add_caption(store, image, " ".join(text), replace)
+        added = lib.add_caption(image, " ".join(text), replace)
         typer.echo("caption added" if added else "this caption is already there")
-    finally:
-        store.close()

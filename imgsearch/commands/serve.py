@@ -33,7 +33,7 @@ def serve_cmd(
     server = SearchServer(settings, host, port, idle)
     h, p = server.address
     shown = f"[{h}]" if ":" in h else h
-    err(f"imgsearch serving {server.service.searcher.model.label} ({len(server.service.searcher.index())} images) "
+    err(f"imgsearch serving {server.service.library.model.label} ({server.service.library.vector_count()} images) "
         f"on http://{shown}:{p}/api/search?q=... (Ctrl-C stops"
         + (f"; exits after {idle_exit} idle" if idle_exit else "") + ")")
     err(f"requests need 'Authorization: Bearer TOKEN' with the token from {server_file(settings)}")

@@ -28,11 +28,13 @@ log = logging.getLogger("imgsearch.ui")
 
 
 def app_file() -> Path:
-    """ui/app.py of the source tree this package runs from (a checkout or an editable install)."""
-    path = Path(__file__).resolve().parents[2] / "ui" / "app.py"
-    if not path.is_file():
-        raise ImgSearchError(f"the web UI is not installed ({path} is missing); install imgsearch from a source "
-                             "checkout with `pip install -e '.[ui]'`")
+    """The Streamlit page shipped inside the package (imgsearch/ui/app.py), wherever the package is installed."""
+    from importlib.resources import files
+
+    path = Path(str(files("imgsearch.ui") / "app.py"))
+    if not path.is_file():  # e.g. a zipped install: Streamlit needs a real file to run
+        raise ImgSearchError(f"the web UI page is missing ({path}); reinstall imgsearch with `pip install "
+                             "'imgsearch[ui]'`")
     return path
 
 

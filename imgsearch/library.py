@@ -1,0 +1,386 @@
+"""imgsearch.Library: the Python API, and the one place that puts the pieces together.
+
+The CLI, the HTTP server and the web UI all call this class; none of them opens a Store, loads an Encoder
+or builds a Searcher itself.
+
+Thread safety: one Library may be shared by many threads (the server's request threads, the UI's
+sessions). What is locked, exactly:
+
+- opening the Store, resolving the model row and creating the warm searcher: ``_open_lock``, once;
+- loading the torch encoder and opening the exported text tower: ``_encode_lock``, which also
+  serialises every encode (texts and query images), because neither the torch model nor the tower
+  promises concurrent calls;
+- loading or reloading the FAISS index after the library changed: the searcher's own index lock.
+
+FAISS searches and database reads run concurrently: every Store call checks out its own pooled SQLite
+connection. Writes (``index``, ``forget``, ``classify``, captions, ``drop_tag_set``) take the library's
+write lock (lock.write_lock), so they are serialised across threads and processes alike.
+
+Nothing heavy is imported here: a text query on a small library is answered by coldquery (numpy and
+sqlite3 only) until something needs the full path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Sequence
+
+from .config import Settings
+from .errors import ParamError, UsageError
+from .results import Hit, IndexReport, LibraryStatus
+
+__all__ = ["Library", "Hit", "IndexReport", "LibraryStatus"]
+
+
+def _is_weighted(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], (int, float)) and not isinstance(x[0], bool)
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, list):
+        return x
+    return [x]
+
+
+class Library:
+    """One image library (a home folder) searched with one model.
+
+    ``Library(home=None, model=None, pretrained=None, device="auto", precision="auto", settings=None,
+    **other_settings)``: arguments left as None (or "auto") come from IMGSEARCH_* environment variables,
+    then the defaults; ``other_settings`` are any other Settings fields (batch_size, workers, ...).
+    """
+
+    def __init__(self, home=None, model: str | None = None, pretrained: str | None = None, *,
+                 device: str = "auto", precision: str = "auto", settings: Settings | None = None,
+                 **other_settings):
+        if settings is None:
+            if home is not None:
+                home = os.path.expanduser(os.fspath(home))
+            settings = Settings.from_env(home=home, model=model, pretrained=pretrained,
+                                         device=None if device == "auto" else device,
+                                         precision=None if precision == "auto" else precision, **other_settings)
+        elif home is not None or model is not None or pretrained is not None or other_settings:
+            raise TypeError("give settings= or the individual settings, not both")
+        self.settings = settings
+        self._store = None
+        self._searcher = None
+        self._encoder = None  # for encodes that need no library (score, classify_files) before a searcher exists
+        self._open_lock = threading.RLock()
+        self._encode_lock = threading.RLock()
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "Library":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database; the Library can't be used afterwards."""
+        with self._open_lock:
+            self._closed = True
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            self._searcher = None
+
+    def __repr__(self) -> str:
+        return f"Library(home={str(self.settings.home)!r}, model={self.settings.model!r})"
+
+    # --- the pieces, opened lazily --------------------------------------------------------------
+    @property
+    def store(self):
+        """The library database (read-only when the files are); opened on first use."""
+        with self._open_lock:
+            if self._closed:
+                raise UsageError("this Library was closed; open a new one")
+            if self._store is None:
+                from .store import Store
+
+                self._store = Store(self.settings.db_path, create=False)
+            return self._store
+
+    def _warm(self):
+        """The warm searcher: the model row for these weights, the text side and the FAISS index cache."""
+        with self._open_lock:
+            if self._searcher is None:
+                from .search import Searcher
+
+                with self._encode_lock:
+                    encoder = self._encoder
+                self._searcher = Searcher(self.settings, encoder=encoder, store=self.store,
+                                          encode_lock=self._encode_lock)
+            return self._searcher
+
+    @property
+    def encoder(self):
+        """The torch (or onnxruntime) model, loaded on first use."""
+        if self._searcher is not None:
+            return self._searcher.encoder
+        with self._encode_lock:
+            if self._encoder is None:
+                from .encoder import ModelSpec, load
+
+                self._encoder = load(ModelSpec(self.settings.model, self.settings.pretrained), self.settings.device,
+                                     self.settings.precision)
+            return self._encoder
+
+    @property
+    def model_label(self) -> str:
+        """How status and reports name this Library's model, e.g. "ViT-B-32 (laion2b_s34b_b79k)"."""
+        from .encoder import ModelSpec
+
+        return ModelSpec(self.settings.model, self.settings.pretrained).canonical().label
+
+    @property
+    def model(self):
+        """The library's model row for these weights (a ModelMismatchError says what to do when absent)."""
+        return self._warm().model
+
+    def vector_count(self) -> int:
+        """Vectors in this model's search index (loads or refreshes the index)."""
+        return len(self._warm().index())
+
+    def load(self) -> "Library":
+        """Load the model and the index now rather than on the first query (servers call this at start)."""
+        s = self._warm()
+        s.encoder
+        s.index()
+        return self
+
+    def _model_row_without_weights(self):
+        """The model row for duplicates, which never encode: no weight resolution, no torch import."""
+        if self._searcher is not None:
+            return self._searcher.model
+        from .encoder import ModelSpec, known_fingerprint
+        from .search import model_row_for
+
+        store = self.store
+        spec = ModelSpec(self.settings.model, self.settings.pretrained).canonical()
+        fp = known_fingerprint(spec)
+        if fp is None:
+            # An hf-hub model: any vectors made under this name and tag will do for comparing stored vectors.
+            rows = [m for m in store.models() if m.vectors and m.name == spec.name
+                    and (m.pretrained or None) == (spec.pretrained or None)]
+            if len(rows) == 1:
+                return rows[0]
+            fp = ""
+        return model_row_for(store, spec, fp)
+
+    # --- write side --------------------------------------------------------------------------------
+    def index(self, paths, progress=None, build_progress=None, wait: bool = True) -> IndexReport:
+        """Add (or re-index incrementally) the images under ``paths``; returns what changed."""
+        from .indexer import index_paths
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        encoder = self._encoder if self._searcher is None else self._searcher.loaded_encoder
+        return index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
+                           build_progress=build_progress, wait=wait)
+
+    def forget(self, paths, wait: bool = True) -> int:
+        """Remove files or folders from the library (the files stay on disk); returns how many images."""
+        from .indexer import forget
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        return forget(self.settings, [str(p) for p in paths], wait=wait)
+
+    def status(self) -> LibraryStatus:
+        from .indexer import library_status
+
+        return LibraryStatus.from_dict(library_status(self.settings))
+
+    def failures(self) -> list[tuple[str, str]]:
+        """Every file that failed to index, with its reason."""
+        return self.store.failures()
+
+    # --- search ------------------------------------------------------------------------------------
+    def search(self, text=None, *, image=None, not_text=None, not_image=None, ids: Iterable[int] = (),
+               k: int = 10, min_score: float | None = None, under: str | os.PathLike | None = None,
+               tag: str | Sequence[str] | None = None, keyword: str | None = None, blend: float | None = None,
+               exclude_ids: Iterable[int] = ()) -> list[Hit]:
+        """The ``k`` library images closest to the query, best first.
+
+        ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
+        ``image``: a file path, the file's bytes, a binary file object, a PIL image, a (weight, image) pair,
+        or a list of those. Bytes, file objects and PIL images are decoded in memory, never written to disk.
+        ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like.
+        Filters: ``under`` a folder, ``tag`` zero-shot tags (all must match), ``keyword`` words in names,
+        folders, captions and tags; ``blend`` (0..1) mixes keyword relevance into the score instead.
+        """
+        from .queryspec import check_k
+
+        check_k(k)
+        texts, not_texts = _as_list(text), _as_list(not_text)
+        imgs = image if isinstance(image, list) else ([] if image is None else [image])
+        not_imgs = not_image if isinstance(not_image, list) else ([] if not_image is None else [not_image])
+        ids, exclude_ids = [int(i) for i in ids], [int(i) for i in exclude_ids]
+        under = str(under) if under is not None else None
+        tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
+        if blend is not None and not keyword:
+            raise ParamError("blend", "weighs keyword relevance; give a keyword too")
+        if not (texts or imgs or ids):
+            if keyword:
+                if blend is not None:
+                    raise ParamError("blend", "mixes keyword and CLIP scores; give query text or an image too")
+                from .keywords import keyword_search
+
+                return keyword_search(self.store, keyword, k, under=under, tags=tags)
+            raise UsageError("nothing to search for: give query text, an image, or both")
+        if not (imgs or not_imgs or ids or keyword is not None or exclude_ids):
+            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags)
+            if hits is not None:
+                return hits
+        from .query import Query
+
+        query = Query.build([self._text(t) for t in texts], [self._image(x) for x in imgs],
+                            [self._text(t) for t in not_texts], [self._image(x) for x in not_imgs], ids)
+        return self._warm().search(query, k, min_score=min_score, under=under, tag=tags, keyword=keyword,
+                                   blend=blend, exclude_ids=exclude_ids)
+
+    def quick_search(self, text, *, not_text=None, k: int = 10, min_score: float | None = None, under=None,
+                     tag=None) -> list[Hit] | None:
+        """The lean path alone: plain text terms on a flat-sized library, answered with numpy and sqlite3
+        while nothing heavy is loaded (coldquery.py). None when it can't answer; then ``search`` can."""
+        texts, not_texts = _as_list(text), _as_list(not_text)
+        if (self._searcher is not None or self._encoder is not None or not texts
+                or not all(isinstance(t, str) for t in texts + not_texts)):
+            return None
+        from .coldquery import search_texts
+
+        tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
+        rows = search_texts(self.settings, texts, not_texts, k, min_score,
+                            str(under) if under is not None else None, tags)
+        return None if rows is None else [Hit(**r) for r in rows]
+
+    def search_query(self, query, k: int = 10, **filters) -> list[Hit]:
+        """A ready-made search.Query (the server builds one from JSON with its own field names)."""
+        return self._warm().search(query, k, **filters)
+
+    @staticmethod
+    def _text(t):
+        from .query import Term, text_term
+
+        if isinstance(t, Term):
+            return t
+        if _is_weighted(t):
+            text = str(t[1]).strip()
+            if not text:
+                raise UsageError("empty query text; give some words")
+            return Term("text", text, float(t[0]))
+        if not isinstance(t, str):
+            raise UsageError(f"query text must be a string or a (weight, text) pair, not {type(t).__name__}")
+        return text_term(t)
+
+    @staticmethod
+    def _image(x):
+        from .query import Term, image_data_term, image_term
+
+        if isinstance(x, Term):
+            return x
+        weight = 1.0
+        if _is_weighted(x):
+            weight, x = float(x[0]), x[1]
+        if isinstance(x, (str, os.PathLike)):
+            return image_term(str(x)) if weight == 1.0 else image_term(f"{weight}:{x}")
+        if hasattr(x, "read") and not hasattr(x, "convert"):  # a file object, e.g. an upload kept in memory
+            name = getattr(x, "name", None)
+            data = x.read()
+            if name:
+                return image_data_term(data, weight, os.path.basename(str(name)), "the uploaded file")
+            return image_data_term(data, weight, "(file object)")
+        name = getattr(x, "filename", None)  # a PIL image opened from a file knows its name
+        return image_data_term(x, weight, str(name) if name else "(in memory)")
+
+    # --- zero-shot tags, scores ------------------------------------------------------------------
+    def classify(self, labels, templates=None, top: int = 1, min_prob: float = 0.0, under=None,
+                 keep_results: bool = False):
+        """Tag every library image (or those under a folder) with its top labels; returns a TagReport."""
+        from . import tagging, zeroshot
+        from .lock import write_lock
+
+        labels = zeroshot.parse_labels(labels)
+        s = self._warm()
+        with write_lock(self.settings.home):  # tags are library writes: one writer at a time
+            return tagging.classify_library(self.store, s.model, self._text_side(), labels, templates, top,
+                                            min_prob, under=str(under) if under is not None else None,
+                                            keep_results=keep_results)
+
+    def _text_side(self):
+        s = self._warm()
+        with self._encode_lock:
+            return s.text_side()
+
+    def classify_files(self, paths, labels, templates=None, top: int = 1, min_prob: float = 0.0):
+        """Labels for image files (folders are walked) without touching the library."""
+        from . import tagging, zeroshot
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        return tagging.classify_files(self.settings, [str(p) for p in paths], zeroshot.parse_labels(labels),
+                                      templates, top, min_prob,
+                                      encoder=lambda: self.encoder)
+
+    def tags(self) -> list[tuple[str, int]]:
+        """(tag, images) pairs, most common first."""
+        return self.store.tag_counts()
+
+    def tag_sets(self) -> list[dict]:
+        return self.store.tag_sets()
+
+    def drop_tag_set(self, set_id: int) -> bool:
+        """Delete one label set and its tags; False when there is no such set."""
+        from .lock import write_lock
+
+        with write_lock(self.settings.home):
+            return bool(self.store.delete_tag_set(set_id))
+
+    def score(self, image, texts: Sequence[str]):
+        """Cosine and CLIPScore of one image file against each text (the image need not be in the library)."""
+        from .zeroshot import score_file
+
+        if isinstance(texts, str):
+            texts = [texts]
+        with self._encode_lock:
+            return score_file(self.encoder, image, list(texts), self.settings.max_pixels)
+
+    # --- duplicates, captions ----------------------------------------------------------------------
+    def duplicates(self, under=None, threshold: float | None = None, similar: bool = False,
+                   min_match: float | None = None, exact: bool | None = None):
+        """Groups of copies of one picture (or CLIP-similar images with ``similar``); deletes nothing.
+
+        Compares stored vectors and pixels only: the model is never loaded.
+        """
+        from . import dupes
+
+        return dupes.find_duplicates(self.settings, self.store, self._model_row_without_weights(),
+                                     under=str(under) if under is not None else None, threshold=threshold,
+                                     similar=similar,
+                                     min_match=dupes.DEFAULT_MIN_MATCH if min_match is None else min_match,
+                                     exact=exact)
+
+    def captions(self, path) -> list[str]:
+        from .keywords import captions_of
+
+        return captions_of(self.store, path)
+
+    def add_caption(self, path, text: str, replace: bool = False) -> bool:
+        """Attach a caption (searched by ``keyword``); False when the image already has it."""
+        from .keywords import add_caption
+        from .lock import write_lock
+
+        with write_lock(self.settings.home):
+            return add_caption(self.store, path, text, replace)
+
+    def import_captions(self, source, image_col: str = "path", caption_col: str = "caption",
+                        replace: bool = False):
+        from .keywords import import_captions
+        from .lock import write_lock
+
+        with write_lock(self.settings.home):
+            return import_captions(self.store, source, image_col, caption_col, replace)

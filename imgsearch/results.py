@@ -1,0 +1,103 @@
+"""Result types of the Python API (imgsearch.Library): plain dataclasses, standard library only, so a cold
+text query and `import imgsearch` never pay for numpy, SQLAlchemy or torch to name them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Hit:
+    """One search result: ``score`` is the cosine similarity (or keyword relevance for keyword-only search)."""
+
+    rank: int
+    id: int
+    path: str
+    score: float
+    width: int | None
+    height: int | None
+    size: int
+    taken_at: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class IndexReport:
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    encoded: int = 0
+    reused: int = 0  # vectors copied from an identical file already in the library
+    aliases: int = 0  # second paths (symlinks, hard links) to a file the library already has
+    failed_before: int = 0  # failed in an earlier run and unchanged since: not retried
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+    model: str = ""
+    image_tower: str = ""  # which backend/precision made the vectors, e.g. "onnxruntime int8"
+    int8_parity: float | None = None  # min cosine int8 vs fp32 on a sample of this run's images
+    parity_images: int = 0
+    decode: str = ""  # how files were decoded: Pillow, or batched tensors (and why not, when refused)
+
+    def counts(self) -> dict[str, int]:
+        return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged, "moved": self.moved,
+                "removed": self.removed, "failed": len(self.failed)}
+
+    def as_dict(self) -> dict:
+        return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "aliases": self.aliases,
+                "failed_before": self.failed_before, "seconds": round(self.seconds, 3),
+                "interrupted": self.interrupted, "model": self.model, "image_tower": self.image_tower,
+                "int8_parity": self.int8_parity, "parity_images": self.parity_images, "decode": self.decode,
+                "failures": [{"path": p, "reason": r} for p, r in self.failed]}
+
+
+
+
+@dataclass
+class ModelStatus:
+    """One model's vectors in the library and the state of its FAISS cache file."""
+
+    id: int
+    model: str  # label, e.g. "ViT-B-32 (laion2b_s34b_b79k)"
+    name: str
+    pretrained: str | None
+    dim: int
+    vectors: int
+    index_file: str
+    index_state: str
+    index_type: str | None
+    index_vectors: int | None
+    recall_at_10: float | None
+    nprobe: int | None
+    index_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LibraryStatus:
+    """What the library holds (Library.status); ``as_dict()`` is `imgsearch status --json`."""
+
+    home: str
+    images: int
+    failures: int
+    failed_files: list[dict] = field(default_factory=list)  # the first 20: {"path", "reason"}
+    models: list[ModelStatus] = field(default_factory=list)
+    last_run: dict | None = None
+    disk_bytes: int = 0
+    read_only: bool = False
+    schema_version: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LibraryStatus":
+        return cls(**{**d, "models": [ModelStatus(**m) for m in d["models"]]})
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["models"] = [m.as_dict() for m in self.models]
+        return out

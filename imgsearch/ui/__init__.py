@@ -1,0 +1,1 @@
+"""The Streamlit page shipped with the package (run by `imgsearch ui`)."""

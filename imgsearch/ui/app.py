@@ -1,0 +1,513 @@
+"""imgsearch web page (Streamlit): search by words or an example image, browse thumbnails, index folders.
+
+Start it with `imgsearch ui`. The search lives in the URL (?q=..., ?like=<image id>, ?view=<image id>,
+&not=, &k=, &min=, &under=), so any result page can be bookmarked or shared. The model and the index
+are loaded once per server process and shared by every browser tab. Talks only to the library's
+public API; every library error is shown as a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import streamlit as st
+
+from imgsearch import thumbs
+from imgsearch.config import Settings
+from imgsearch.errors import ImgSearchError, LibraryError, UsageError
+from imgsearch.files import human_bytes
+
+log = logging.getLogger("imgsearch.ui")
+
+COLUMNS = 5
+DEFAULT_K = 20
+MAX_K = 200
+# Query images only; the same cap is given to the server by `imgsearch ui` (--server.maxUploadSize).
+MAX_UPLOAD_MB = 20
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif"]
+MAX_QUERY_CHARS = 500
+
+
+# --- the search as it appears in the URL ------------------------------------------------------------
+@dataclass
+class Params:
+    q: str = ""
+    neg: str = ""  # URL key "not"
+    like: int | None = None  # "more like this": an image id
+    view: int | None = None  # detail view: an image id
+    k: int = DEFAULT_K
+    min_score: float | None = None  # URL key "min"
+    under: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    def to_url(self) -> dict[str, str]:
+        """Query-string form; defaults are left out so shared links stay short."""
+        out: dict[str, str] = {}
+        if self.q:
+            out["q"] = self.q
+        if self.neg:
+            out["not"] = self.neg
+        if self.like is not None:
+            out["like"] = str(self.like)
+        if self.view is not None:
+            out["view"] = str(self.view)
+        if self.k != DEFAULT_K:
+            out["k"] = str(self.k)
+        if self.min_score is not None:
+            out["min"] = f"{self.min_score:g}"
+        if self.under:
+            out["under"] = self.under
+        return out
+
+
+def parse_params(raw: Mapping[str, str]) -> Params:
+    """Read the URL; a bad value is dropped with a note in ``problems`` (shown as a warning), never raised."""
+    p = Params()
+
+    def text(key: str) -> str:
+        value = str(raw.get(key, "") or "").strip()
+        if len(value) > MAX_QUERY_CHARS:
+            p.problems.append(f"{key}= is longer than {MAX_QUERY_CHARS} characters; it was cut short")
+            value = value[:MAX_QUERY_CHARS]
+        return value
+
+    p.q, p.neg, p.under = text("q"), text("not"), text("under")
+    for key in ("like", "view"):
+        if raw.get(key):
+            try:
+                setattr(p, key, thumbs.parse_id(raw[key]))
+            except UsageError as e:
+                p.problems.append(f"{key}=: {e}; ignored")
+    if raw.get("k"):
+        try:
+            k = int(str(raw["k"]).strip())
+            if not 1 <= k <= MAX_K:
+                raise ValueError
+            p.k = k
+        except ValueError:
+            p.problems.append(f"k={str(raw['k'])[:20]!r} is not a number of results from 1 to {MAX_K}; "
+                              f"showing {DEFAULT_K}")
+    if raw.get("min"):
+        try:
+            m = float(str(raw["min"]).strip())
+            if not -1.0 <= m <= 1.0:  # NaN fails this too
+                raise ValueError
+            p.min_score = m
+        except ValueError:
+            p.problems.append(f"min={str(raw['min'])[:20]!r} is not a score from -1 to 1; ignored")
+    return p
+
+
+# --- per-process state: warm library, index jobs --------------------------------------------------
+def current_settings() -> Settings:
+    # `imgsearch ui` passes --home/--model/--pretrained/--device ... as IMGSEARCH_* variables.
+    return Settings.from_env()
+
+
+@st.cache_resource(show_spinner="Loading the model and the index…", hash_funcs={Settings: repr})
+def warm_library(settings: Settings):
+    """One Library per library and model for the whole server process, shared by every session's thread
+    (model + FAISS stay loaded; imgsearch.Library documents what it locks)."""
+    from imgsearch import Library
+
+    return Library(settings=settings).load()
+
+
+@st.cache_data(ttl=10, show_spinner=False, hash_funcs={Settings: repr})
+def cached_status(settings: Settings, last_job: float | None) -> dict | None:
+    """library_status, or None when there is no library yet (it walks the cache folders: keep it cheap).
+
+    ``last_job`` (when this process last finished indexing) is part of the cache key, so a finished run
+    shows at once.
+    """
+    from imgsearch import Library
+
+    try:
+        with Library(settings=settings) as lib:
+            return lib.status().as_dict()
+    except LibraryError as e:
+        if not settings.db_path.exists():
+            return None
+        raise e
+
+
+@dataclass
+class IndexJob:
+    folder: str
+    started: float = field(default_factory=time.time)
+    done: int = 0
+    total: int = 0
+    stage: str = ""  # set while the FAISS index is rebuilt after the files
+    finished: float | None = None
+    report: dict | None = None
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.finished is None
+
+
+class IndexJobs:
+    """At most one indexing run per library per server process, in a thread so the page stays usable."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.current: IndexJob | None = None
+
+    def start(self, settings: Settings, folder: str) -> IndexJob:
+        from imgsearch import Library
+
+        with self.lock:
+            if self.current is not None and self.current.running:
+                raise UsageError(f"already indexing {self.current.folder}; wait for it to finish")
+            job = self.current = IndexJob(folder)
+
+        def progress(done: int, total: int) -> None:
+            job.done, job.total = done, total
+
+        def build_progress(stage: str, done: int, total: int) -> None:
+            job.stage, job.done, job.total = stage, done, total
+
+        def work() -> None:
+            try:
+                with Library(settings=settings) as lib:
+                    job.report = lib.index([folder], progress=progress, build_progress=build_progress).as_dict()
+            except ImgSearchError as e:
+                job.error = str(e)
+            except Exception as e:  # a bug: keep the server up, log the details, show one line
+                log.exception("indexing %s failed", folder)
+                job.error = f"internal error: {type(e).__name__}: {e} (details in the server log)"
+            finally:
+                job.finished = time.time()
+
+        threading.Thread(target=work, name="imgsearch-index", daemon=True).start()
+        return job
+
+
+@st.cache_resource(show_spinner=False)
+def index_jobs(home: str) -> IndexJobs:
+    return IndexJobs()
+
+
+# --- URL <-> widgets ----------------------------------------------------------------------------------
+def sync_widgets(p: Params) -> None:
+    """When the URL changed (link opened, button clicked), show its search in the form."""
+    key = tuple(sorted(p.to_url().items()))
+    if st.session_state.get("_url") == key:
+        return
+    st.session_state["_url"] = key
+    st.session_state.w_q = p.q
+    st.session_state.w_not = p.neg
+    st.session_state.w_k = p.k
+    st.session_state.w_min = p.min_score
+    st.session_state.w_under = p.under
+
+
+def go(p: Params) -> None:
+    st.query_params.from_dict(p.to_url())
+
+
+def on_search() -> None:
+    """Form submitted: the form's values become the URL; an uploaded image is kept in memory only."""
+    ss = st.session_state
+    upload = ss.get("w_upload")
+    ss.upload = (upload.name, upload.getvalue()) if upload is not None else None
+    go(Params(q=(ss.w_q or "").strip()[:MAX_QUERY_CHARS], neg=(ss.w_not or "").strip()[:MAX_QUERY_CHARS],
+              k=int(ss.w_k or DEFAULT_K), min_score=ss.w_min, under=(ss.w_under or "").strip()))
+
+
+def on_more_like(image_id: int) -> None:
+    st.session_state.upload = None
+    cur = parse_params(st.query_params)
+    go(Params(like=image_id, k=cur.k, min_score=cur.min_score, under=cur.under))
+
+
+def on_view(image_id: int | None) -> None:
+    cur = parse_params(st.query_params)
+    cur.view = image_id
+    go(cur)
+
+
+# --- search -------------------------------------------------------------------------------------------
+def run_search(library, p: Params, upload: tuple[str, bytes] | None):
+    """Text, the 'more like this' image and an uploaded image, minus the 'not' text."""
+    import io
+
+    image = None
+    if upload is not None:
+        name, data = upload
+        if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
+            raise UsageError(f"the uploaded file {name} is {human_bytes(len(data))}; query images can be at most "
+                             f"{MAX_UPLOAD_MB} MB")
+        image = io.BytesIO(data)  # decoded in memory, never written to disk
+        image.name = name
+    exclude = [p.like] if p.like is not None else []  # the example itself is shown above the grid
+    return library.search(p.q or None, image=image, not_text=p.neg or None,
+                          ids=[p.like] if p.like is not None else [], k=p.k, min_score=p.min_score,
+                          under=p.under or None, exclude_ids=exclude)
+
+
+# --- rendering ----------------------------------------------------------------------------------------
+# Every ASCII punctuation character: CommonMark lets a backslash make each one literal, so no link,
+# image, emphasis, $math$, :color[directive], HTML, entity (&amp;) or table survives, and escaping the
+# ':' of '://', the '.' of 'www.' and the '@' of an address stops GFM from turning bare URLs into links.
+_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
+# Line breaks and other control characters would start new Markdown blocks (headings, lists, code);
+# bidi overrides can make 'gpj.exe' read as 'exe.jpg'; lone surrogates (bytes of a file name that is not
+# UTF-8) cannot be sent to the browser at all. Each is shown as its escape sequence instead.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": r"\n", "\r": r"\r", "\t": r"\t"}
+
+
+def _visible(m: re.Match) -> str:
+    c = m.group()
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+        return f"\\x{o - 0xDC00:02x}"
+    return _NAMED.get(c) or (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+
+
+def md(text) -> str:
+    """Any user-, file- or library-derived text (query, path, file name, tag, error message) made safe to
+    put in Markdown: it shows literally, on one line, and nothing in it can link, load or format."""
+    return _MD_PUNCT.sub(r"\\\1", _INVISIBLE.sub(_visible, str(text)))
+
+
+def caption(name: str, score: float | None = None) -> str:
+    short = name if len(name) <= 32 else name[:14] + "…" + name[-14:]
+    return f"{score:.3f} · {short}" if score is not None else short
+
+
+def grid(settings: Settings, library, hits, key: str) -> None:
+    """Thumbnails with score and file name; each has 'Details' and 'More like this'."""
+    paths = thumbs.thumbnails(settings, [h.id for h in hits], thumbs.THUMB, store=library.store)
+    for start in range(0, len(hits), COLUMNS):
+        cols = st.columns(COLUMNS)
+        for col, hit in zip(cols, hits[start:start + COLUMNS]):
+            with col:
+                thumb = paths.get(hit.id)
+                name = os.path.basename(hit.path)
+                if isinstance(thumb, ImgSearchError) or thumb is None:
+                    st.warning(f"{md(caption(name, hit.score))}: {md(thumb)}")
+                else:
+                    st.image(str(thumb), caption=md(caption(name, hit.score)), width="stretch")
+                b1, b2 = st.columns([2, 3], gap=None)
+                b1.button("Details", key=f"{key}-view-{hit.id}", on_click=on_view, args=(hit.id,), type="tertiary",
+                          help=md(hit.path))
+                b2.button("More like this", key=f"{key}-like-{hit.id}", on_click=on_more_like, args=(hit.id,),
+                          type="tertiary")
+
+
+def detail(settings: Settings, library, image_id: int) -> None:
+    """Larger view: path, size, dimensions, date taken, and the most similar images."""
+    row = thumbs.library_image(library.store, image_id)
+    with st.container(border=True):
+        left, right = st.columns([3, 2])
+        with right:
+            st.subheader(md(row.name), anchor=False)
+            st.markdown("**Path**")
+            st.code(row.path, language=None, wrap_lines=True)
+            st.markdown(f"**Size** {human_bytes(row.size)}")
+            st.markdown(f"**Dimensions** {row.width} × {row.height} px" if row.width else "**Dimensions** unknown")
+            st.markdown(f"**Taken** {md(row.taken_at.replace('T', ' '))}" if row.taken_at
+                        else "**Taken** unknown (no EXIF date)")
+            b1, b2 = st.columns(2)
+            b1.button("More like this", key="detail-like", on_click=on_more_like, args=(row.id,), type="primary",
+                      width="stretch")
+            b2.button("Close", key="detail-close", on_click=on_view, args=(None,), width="stretch")
+        with left:
+            try:
+                st.image(str(thumbs.thumbnail(settings, row.id, thumbs.PREVIEW, store=library.store)),
+                         width="stretch")
+            except ImgSearchError as e:
+                st.warning(md(e))
+        similar = library.search(ids=[row.id], k=COLUMNS, exclude_ids=[row.id])
+        if similar:
+            st.markdown("**Similar images**")
+            grid(settings, library, similar, key="similar")
+
+
+def status_panel(settings: Settings) -> dict | None:
+    st.header("Library")
+    job = index_jobs(str(settings.home)).current
+    status = cached_status(settings, job.finished if job else None)
+    if status is None:
+        st.info(f"No library yet at {md(settings.home)}. Index a folder below to start.")
+        return None
+    st.markdown(f"**Images** {status['images']}  \n**Failures** {status['failures']}  \n"
+                f"**Disk** {human_bytes(status['disk_bytes'])}")
+    from imgsearch import Library
+
+    label = Library(settings=settings).model_label
+    st.markdown(f"**Model** {md(label)}")
+    mine = [m for m in status["models"] if m["model"] == label]
+    for m in mine:
+        st.caption(f"{m['vectors']} vectors, dim {m['dim']}, index {md(m['index_state'])}")
+    if not any(m["vectors"] for m in mine):
+        st.caption("no vectors for this model yet: index a folder")
+    others = [m for m in status["models"] if m["model"] != label and m["vectors"]]
+    if others:
+        st.caption("Also in the library: " + "; ".join(f"{md(m['model'])} ({m['vectors']} vectors)" for m in others))
+    run = status.get("last_run")
+    if run and run.get("finished_at"):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"]))
+        st.markdown(f"**Last indexed** {when}" + (" (interrupted)" if run.get("interrupted") else ""))
+    if status["failed_files"]:
+        with st.expander(f"Files that failed ({status['failures']})"):
+            for f in status["failed_files"]:
+                st.caption(f"{md(f['path'])}: {md(f['reason'])}")
+    return status
+
+
+def index_panel(settings: Settings) -> None:
+    st.header("Index a folder")
+    jobs = index_jobs(str(settings.home))
+    job = jobs.current
+    with st.form("index-form", border=False):
+        folder = st.text_input("Folder to index", key="w_index", placeholder="/home/me/Pictures")
+        submitted = st.form_submit_button("Index", disabled=bool(job and job.running))
+    if submitted:
+        folder = (folder or "").strip()
+        if not folder:
+            st.error("Type the folder to index.")
+        elif not os.path.exists(os.path.expanduser(folder)):
+            st.error(f"No such folder: {md(folder)}")
+        else:
+            try:
+                job = jobs.start(settings, os.path.expanduser(folder))
+            except ImgSearchError as e:
+                st.error(md(e))
+    if job is None:
+        return
+    if job.running:
+        @st.fragment(run_every=1.0)
+        def progress() -> None:
+            j = jobs.current
+            if j is not None and j.running:
+                name = os.path.basename(j.folder.rstrip(os.sep)) or j.folder
+                if j.stage:
+                    st.progress(j.done / max(j.total, 1), text=f"Search index: {md(j.stage)}, {j.done:,}/{j.total:,} "
+                                                                "vectors")
+                elif j.total:
+                    st.progress(j.done / j.total, text=f"Indexing {md(name)}: {j.done}/{j.total} images")
+                else:  # the model loads and the folder is listed before the first image
+                    st.progress(0.0, text=f"Indexing {md(name)}: loading the model, listing files…")
+            else:  # done: redraw the whole page so the status panel and the results include the new images
+                st.rerun()
+
+        progress()
+    elif job.error:
+        st.error(f"Indexing {md(job.folder)} failed: {md(job.error)}")
+    elif job.report is not None:
+        r = job.report
+        st.success(f"Indexed {md(job.folder)}: {r['new']} new, {r['updated']} updated, {r['removed']} removed, "
+                   f"{r['failed']} failed ({r['seconds']:.1f}s)")
+
+
+def search_form() -> None:
+    with st.form("search"):
+        st.text_input("Search for", key="w_q", placeholder="a dog on a beach", max_chars=MAX_QUERY_CHARS)
+        c1, c2, c3, c4 = st.columns([3, 3, 1, 1])
+        c1.text_input("But not", key="w_not", placeholder="people", max_chars=MAX_QUERY_CHARS)
+        c2.text_input("Only in folder", key="w_under", placeholder="/home/me/Pictures/2024")
+        c3.number_input("Results", key="w_k", min_value=1, max_value=MAX_K, step=5)
+        # No value=: the URL sets it through session state (None = no minimum).
+        c4.number_input("Min score", key="w_min", min_value=-1.0, max_value=1.0, step=0.05, placeholder="any")
+        with st.expander("Search with an example image", expanded=bool(st.session_state.get("upload"))):
+            st.file_uploader(f"An image like the ones you want (up to {MAX_UPLOAD_MB} MB; kept in memory only)",
+                             type=UPLOAD_TYPES, key="w_upload", max_upload_size=MAX_UPLOAD_MB)
+        st.form_submit_button("Search", type="primary", on_click=on_search)
+
+
+def example_header(settings: Settings, library, image_id: int) -> str:
+    """Above a 'more like this' grid: the example image itself. Returns its file name."""
+    row = thumbs.library_image(library.store, image_id)
+    left, right = st.columns([1, 7], vertical_alignment="center")
+    with left:
+        try:
+            st.image(str(thumbs.thumbnail(settings, row.id, thumbs.THUMB, store=library.store)), width="stretch")
+        except ImgSearchError as e:
+            st.warning(md(e))
+    with right:
+        st.markdown(f"**Images like {md(row.name)}**")
+        st.button("Details", key="example-view", on_click=on_view, args=(row.id,), type="tertiary")
+    return row.name
+
+
+def results(settings: Settings, status: dict | None, p: Params) -> None:
+    upload = st.session_state.get("upload")
+    if not (p.q or p.like is not None or upload or p.view is not None):
+        if status is not None and status["images"]:
+            st.caption("Type what you remember, e.g. “a red car at night”, or upload an example image.")
+        return
+    if status is None or not status["images"]:
+        st.info("The library is empty: index a folder with the form in the sidebar (or run `imgsearch index PATH`), "
+                "then search.")
+        return
+    library = warm_library(settings)
+    if p.view is not None:
+        try:
+            detail(settings, library, p.view)
+        except ImgSearchError as e:  # a stale or mistyped view= must not hide the results below
+            st.error(md(e))
+    if not (p.q or p.like is not None or upload):
+        return
+    t0 = time.perf_counter()
+    hits = run_search(library, p, upload)
+    took = time.perf_counter() - t0
+    what = []
+    if p.like is not None:
+        what.append(f"images like {md(example_header(settings, library, p.like))}")
+    if upload:
+        what.append(f"images like the uploaded {md(upload[0])}")
+    if p.q:
+        what.append(f"“{md(p.q)}”")
+    if p.neg:
+        what.append(f"not “{md(p.neg)}”")
+    if p.under:
+        what.append(f"in {md(p.under)}")
+    if not hits:
+        st.info("No results for " + ", ".join(what) + (f" with score ≥ {p.min_score:g}" if p.min_score is not None
+                                                         else "") + ".")
+        return
+    st.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
+    grid(settings, library, hits, key="hit")
+
+
+def main() -> None:
+    st.set_page_config(page_title="imgsearch", page_icon="🔎", layout="wide")
+    try:
+        settings = current_settings()
+    except ImgSearchError as e:
+        st.error(md(e))
+        return
+    p = parse_params(st.query_params)
+    sync_widgets(p)
+    with st.sidebar:
+        try:
+            status = status_panel(settings)
+        except ImgSearchError as e:
+            st.error(md(e))
+            status = None
+        index_panel(settings)
+    st.title("imgsearch")
+    for problem in p.problems:
+        st.warning(f"Ignored part of the address: {md(problem)}")
+    search_form()
+    try:
+        results(settings, status, p)
+    except ImgSearchError as e:
+        st.error(md(e))
+    except Exception as e:  # a bug: one line for the user, the traceback for the server log
+        log.exception("search failed")
+        st.error(f"Internal error: {type(e).__name__}: {md(e)} (details in the server log; please report it)")
+
+
+if __name__ == "__main__":
+    main()

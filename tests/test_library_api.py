@@ -1,0 +1,249 @@
+"""imgsearch.Library, used as a Python user would: index, search by text / image / bytes, filters, tags,
+captions, duplicates, status, threads."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kind(path: str) -> str:
+    return "_".join(os.path.basename(path).split("_")[:2])
+
+
+@pytest.fixture()
+def lib(home, model_id, photos):
+    import imgsearch
+
+    with imgsearch.Library(home, model_id, device="cpu", precision="fp32", batch_size=16) as lib:
+        report = lib.index(photos)
+        assert isinstance(report, imgsearch.IndexReport) and report.new == 54 and not report.failed
+        yield lib
+
+
+def test_text_search_ranks_red_circles_first(lib):
+    import imgsearch
+
+    hits = lib.search("a red circle", k=3)
+    assert all(isinstance(h, imgsearch.Hit) for h in hits)
+    assert [kind(h.path) for h in hits] == ["red_circle"] * 3
+    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].score >= hits[-1].score
+
+
+def test_cold_library_answers_text_without_torch(home, model_id, photos, lib):
+    """A fresh Library answers a plain text query through the lean path: torch is never imported."""
+    code = ("import sys, json, imgsearch\n"
+            f"lib = imgsearch.Library({str(home)!r}, {model_id!r}, device='cpu', precision='fp32')\n"
+            "hits = lib.search('a red circle', k=3)\n"
+            "print(json.dumps({'kinds': [h.path for h in hits], 'type': type(hits[0]).__name__,\n"
+            "  'heavy': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'faiss',"
+            " 'sqlalchemy'))}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["heavy"] == [] and out["type"] == "Hit"
+    assert [kind(p) for p in out["kinds"]] == ["red_circle"] * 3
+
+
+def test_image_path_bytes_file_and_pil_rank_alike(lib, photos):
+    from PIL import Image
+
+    example = sorted(photos.glob("green_triangle*"))[0]
+    data = example.read_bytes()
+    by_path = lib.search(image=example, k=10)
+    by_str = lib.search(image=str(example), k=10)
+    by_bytes = lib.search(image=data, k=10)
+    upload = io.BytesIO(data)
+    upload.name = "upload.jpg"
+    by_file = lib.search(image=upload, k=10)
+    with Image.open(example) as im:
+        by_pil = lib.search(image=im.convert("RGB"), k=10)
+    ids = [h.id for h in by_path]
+    assert kind(by_path[0].path) == "green_triangle"
+    assert [h.id for h in by_str] == ids and [h.id for h in by_bytes] == ids and [h.id for h in by_file] == ids
+    # Pillow's JPEG draft mode is only used when the library opens the file itself: same top hits.
+    assert [kind(h.path) for h in by_pil[:3]] == ["green_triangle"] * 3
+    with pytest.raises(Exception, match="cannot use the uploaded file bad.jpg"):
+        bad = io.BytesIO(b"not an image")
+        bad.name = "bad.jpg"
+        lib.search(image=bad)
+
+
+def test_weights_negatives_and_more_like_this(lib):
+    plain = lib.search("a red circle", k=54)
+    steered = lib.search("a red circle", not_text="0.5:a red square", k=54)
+
+    def rank_sum(hits, what):
+        return sum(h.rank for h in hits if kind(h.path) == what)
+
+    assert rank_sum(steered, "red_square") > rank_sum(plain, "red_square")
+    assert kind(steered[0].path) == "red_circle"
+    # Weights as "W:text" and as (W, text) pairs agree.
+    a = lib.search(["3:a blue circle", "a purple square"], k=2)
+    b = lib.search([(3, "a blue circle"), (1, "a purple square")], k=2)
+    c = lib.search(["a blue circle", (3, "a purple square")], k=2)
+    assert kind(a[0].path) == "blue_circle" and [h.id for h in a] == [h.id for h in b]
+    assert kind(c[0].path) == "purple_square"
+    like = lib.search(ids=[plain[0].id], exclude_ids=[plain[0].id], k=3)
+    assert plain[0].id not in [h.id for h in like] and kind(like[0].path) == "red_circle"
+
+
+def test_filters_and_errors_without_cli_flags(lib, photos, tmp_path):
+    import imgsearch
+
+    hits = lib.search("a red circle", k=54, under=photos)
+    assert len(hits) == 54
+    threshold = hits[5].score  # a score as shown (rounded) is a valid bound: that hit stays
+    above = lib.search("a red circle", k=54, min_score=threshold)
+    assert len(above) == 6 and all(h.score >= threshold for h in above)
+    with pytest.raises(imgsearch.ParamError) as e:
+        lib.search("a red circle", under=tmp_path / "nope")
+    assert str(e.value) == "under: no such folder"
+    with pytest.raises(imgsearch.ParamError, match="^k: "):
+        lib.search("a red circle", k=0)
+    with pytest.raises(imgsearch.UsageError, match="nothing to search for"):
+        lib.search()
+
+
+def test_status_is_typed(lib):
+    import imgsearch
+
+    st = lib.status()
+    assert isinstance(st, imgsearch.LibraryStatus)
+    assert st.images == 54 and st.failures == 0 and st.models[0].vectors == 54
+    d = st.as_dict()
+    assert d["images"] == 54 and d["models"][0]["vectors"] == 54 and json.dumps(d)
+
+
+def test_status_json_matches_the_cli(lib, cli):
+    st = json.loads(cli("status", "--json").stdout)
+    mine = lib.status().as_dict()
+    for key in ("home", "images", "failures", "failed_files", "disk_bytes", "read_only", "schema_version"):
+        assert mine[key] == st[key]
+    assert [m["vectors"] for m in mine["models"]] == [m["vectors"] for m in st["models"]]
+
+
+def test_classify_tags_and_tag_filter(lib):
+    report = lib.classify(["red", "green", "blue"], top=1)
+    assert report.images == 54
+    counts = dict(lib.tags())
+    assert counts["red"] >= 9 and sum(counts.values()) == 54
+    sets = lib.tag_sets()
+    assert len(sets) == 1
+    hits = lib.search("a circle", tag="red", k=54)
+    assert hits and len(hits) == counts["red"]
+    assert lib.drop_tag_set(sets[0]["id"]) and lib.tags() == []
+    assert not lib.drop_tag_set(999)
+
+
+def test_captions_and_keyword_search(lib, photos):
+    target = sorted(photos.glob("blue_square*"))[0]
+    assert lib.add_caption(target, "grandma's garden party")
+    assert not lib.add_caption(target, "grandma's garden party")
+    assert lib.captions(target) == ["grandma's garden party"]
+    hits = lib.search(keyword="grandma garden")
+    assert [h.path for h in hits] == [str(target.resolve())]
+
+
+def test_duplicates_never_load_the_model(lib, home, model_id, photos):
+    import shutil
+
+    src = sorted(photos.glob("red_circle*"))[0]
+    shutil.copy(src, photos / "copy_of_it.jpg")
+    lib.index(photos)
+    code = ("import sys, json, imgsearch\n"
+            f"lib = imgsearch.Library({str(home)!r}, {model_id!r}, device='cpu', precision='fp32')\n"
+            "r = lib.duplicates()\n"
+            "print(json.dumps({'groups': [[m.path for m in g.members] for g in r.groups],\n"
+            "  'heavy': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip'))}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["heavy"] == []
+    groups = [sorted(os.path.basename(p) for p in g) for g in out["groups"]]
+    assert sorted(["copy_of_it.jpg", src.name]) in groups
+    assert not [g for g in groups if "copy_of_it.jpg" in g and src.name not in g]
+
+
+def test_import_imgsearch_is_light():
+    code = ("import sys, imgsearch\n"
+            "assert imgsearch.Library.__name__ == 'Library' and imgsearch.Hit.__name__ == 'Hit'\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'torch', 'sqlalchemy', 'faiss',"
+            " 'open_clip', 'PIL')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_one_library_shared_by_threads(lib, photos):
+    lib.load()  # every query on the warm path, as in the server and the UI
+    queries = [dict(text="a red circle"), dict(text="a blue square", not_text="a green square"),
+               dict(image=sorted(photos.glob("green_triangle*"))[0]), dict(text="a purple circle", under=photos)]
+    serial = [[h.as_dict() for h in lib.search(k=10, **q)] for q in queries]
+    results: dict[tuple[int, int], list] = {}
+    errors = []
+
+    def worker(n: int) -> None:
+        try:
+            for rep in range(3):
+                for j, q in enumerate(queries):
+                    results[(n, rep * 10 + j)] = [h.as_dict() for h in lib.search(k=10, **q)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert len(results) == 4 * 3 * len(queries)
+    for (n, key), hits in results.items():
+        want = serial[key % 10]
+        assert [h["id"] for h in hits] == [h["id"] for h in want]
+        assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in want], abs=1e-5)
+
+
+def test_wheel_ships_the_ui_page(tmp_path):
+    """A built wheel holds imgsearch/ui/app.py and `imgsearch ui` finds it from the installed copy."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ and egg-info in the checkout
+    shutil.copytree(ROOT / "imgsearch", src / "imgsearch", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    out = tmp_path / "whl"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next(out.glob("imgsearch-*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        assert "imgsearch/ui/app.py" in z.namelist()
+        z.extractall(site)
+    code = ("from imgsearch.commands.ui import app_file; import imgsearch; p = app_file(); "
+            "print(p); print(imgsearch.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    page, package = proc.stdout.split()
+    assert Path(package).is_relative_to(site) and Path(page) == site / "imgsearch" / "ui" / "app.py"
+    assert "def main()" in Path(page).read_text()
