@@ -64,7 +64,7 @@ def handle_errors(fn):
 
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 return _internal(e)
-            from .store import disk_full_message
+            from .errors import disk_full_message
 
             err("error: " + disk_full_message(e.filename or os.getcwd()))
             raise typer.Exit(1) from None
@@ -314,7 +314,7 @@ def status_cmd(
     """What the library holds: images, failures, models and their vectors, index files, disk use."""
     import time
 
-    from .files import human_bytes
+    from .output import human_bytes
 
     if failures:
         with library_of(ctx) as lib:

@@ -44,3 +44,20 @@ class ParamError(UsageError):
         super().__init__(f"{param}: {detail}")
         self.param = param
         self.detail = detail
+
+
+def disk_full_message(where) -> str:
+    """One line for a full disk, naming the free space left (shared by the store and the CLI)."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(where)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    room = f"{free / 1e6:.0f} MB free" if free >= 0 else "free space unknown"
+    return (f"disk full while writing the library at {where} ({room}); free some space (a few hundred MB "
+            "for a large run) and re-run: finished batches are kept")

@@ -9,6 +9,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from .output import human_bytes  # noqa: F401  (re-exported: sizes in reports)
 from .config import HEIC_EXTENSIONS, HOME_DB, HOME_MARKER, IMAGE_EXTENSIONS, SKIP_DIR_NAMES
 from .pathtext import display
 
@@ -175,12 +176,7 @@ def under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep) or folder == os.sep
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+
 
 
 

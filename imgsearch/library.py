@@ -30,7 +30,21 @@ from .config import Settings
 from .errors import ParamError, UsageError
 from .results import Hit, IndexReport, LibraryStatus
 
-__all__ = ["Library", "Hit", "IndexReport", "LibraryStatus"]
+__all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "templates_from"]
+
+
+def labels_from(labels=None, labels_file=None) -> list[str]:
+    """Labels for classify from a comma-separated string (or list) or a file with one label per line."""
+    from .tagging import resolve_labels
+
+    return resolve_labels(labels, labels_file)
+
+
+def templates_from(templates=None, templates_file=None) -> list[str]:
+    """Prompt templates ('a photo of {}') given directly or in a file; the default ensemble otherwise."""
+    from .tagging import resolve_templates
+
+    return resolve_templates(templates, templates_file)
 
 
 def _is_weighted(x) -> bool:

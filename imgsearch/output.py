@@ -73,3 +73,12 @@ def print_hits(rows: list[dict], fmt: str = "table", *, min_score: float | None 
         for h in rows:
             print(f"{h['rank']:>4}  {h['score']:6.4f}  {shown(h['path'])}")
         warn_if_escaped()
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB'."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import LibraryError
+from .errors import LibraryError, disk_full_message
 
 
 @dataclass(frozen=True)
@@ -694,21 +694,6 @@ def _code(exc: BaseException) -> int | None:
     """SQLite's primary result code of an sqlite3 error (extended codes carry it in the low byte)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code & 0xFF if isinstance(code, int) else None
-
-
-def disk_full_message(where: str | os.PathLike) -> str:
-    import shutil
-
-    folder = Path(where)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = -1
-    room = f"{free / 1e6:.0f} MB free" if free >= 0 else "free space unknown"
-    return (f"disk full while writing the library at {where} ({room}); free some space (a few hundred MB "
-            "for a large run) and re-run: finished batches are kept")
 
 
 def _library_error(store: "Store", exc: BaseException) -> LibraryError | None:

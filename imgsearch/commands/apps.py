@@ -33,10 +33,10 @@ def classify_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ):
     """Zero-shot labels for images; stored as tags (for `query --tag`) when run on the library."""
-    from ..tagging import resolve_labels, resolve_templates
+    from ..library import labels_from, templates_from
 
-    label_list = resolve_labels(labels, labels_file)
-    templates = resolve_templates(template, templates_file)
+    label_list = labels_from(labels, labels_file)
+    templates = templates_from(template, templates_file)
     if paths:
         if under:
             raise UsageError("--under filters the library; it cannot be combined with FILE arguments")
@@ -137,7 +137,7 @@ def duplicates_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Group copies of the same picture (resized, re-encoded, converted, lightly cropped). Deletes nothing."""
-    from ..files import human_bytes
+    from ..output import human_bytes
 
     with library_of(ctx) as lib, flag_words(under=("--under", under), threshold=("--threshold", threshold),
                                             min_match=("--min-match", min_match)):

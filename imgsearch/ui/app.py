@@ -21,7 +21,7 @@ import streamlit as st
 from imgsearch import thumbs
 from imgsearch.config import Settings
 from imgsearch.errors import ImgSearchError, LibraryError, UsageError
-from imgsearch.files import human_bytes
+from imgsearch.output import human_bytes
 
 log = logging.getLogger("imgsearch.ui")
 
