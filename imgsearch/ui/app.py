@@ -20,7 +20,7 @@ import streamlit as st
 
 from imgsearch import thumbs
 from imgsearch.config import Settings
-from imgsearch.errors import ImgSearchError, LibraryError, UsageError
+from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
 
 log = logging.getLogger("imgsearch.ui")
@@ -502,6 +502,10 @@ def main() -> None:
     search_form()
     try:
         results(settings, status, p)
+    except ParamError as e:  # the library names the parameter; the page says which field and value
+        field = {"under": ("Folder", p.under), "min_score": ("Minimum score", p.min_score), "k": ("Results", p.k)}
+        label, value = field.get(e.param, (e.param, None))
+        st.error(f"{label} {md(value)}: {md(e.detail)}" if value not in (None, "") else f"{label}: {md(e.detail)}")
     except ImgSearchError as e:
         st.error(md(e))
     except Exception as e:  # a bug: one line for the user, the traceback for the server log
