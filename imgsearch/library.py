@@ -213,6 +213,35 @@ class Library:
         """Every file that failed to index, with its reason."""
         return self.store.failures()
 
+    # --- images and thumbnails -------------------------------------------------------------------
+    THUMB = 256  # grid tiles (px, longest side)
+    PREVIEW = 1024  # detail view
+
+    @staticmethod
+    def parse_id(raw) -> int:
+        """A library image id from user input ('12', 12); anything else is a UsageError."""
+        from .thumbs import parse_id
+
+        return parse_id(raw)
+
+    def image(self, image_id):
+        """The library's row for an image id (path, size, dimensions, date taken); UsageError if unknown."""
+        from .thumbs import library_image
+
+        return library_image(self.store, image_id)
+
+    def thumbnail(self, image_id, size: int = THUMB):
+        """Path of a cached JPEG thumbnail of the image (made on first use under <home>/thumbs)."""
+        from .thumbs import thumbnail
+
+        return thumbnail(self.settings, image_id, size, store=self.store)
+
+    def thumbnails(self, ids, size: int = THUMB) -> dict:
+        """{id: thumbnail path, or the error that image gave} for many images at once (made in parallel)."""
+        from .thumbs import thumbnails
+
+        return thumbnails(self.settings, list(ids), size, store=self.store)
+
     # --- search ------------------------------------------------------------------------------------
     def search(self, text=None, *, image=None, not_text=None, not_image=None, ids: Iterable[int] = (),
                k: int = 10, min_score: float | None = None, under: str | os.PathLike | None = None,

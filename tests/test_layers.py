@@ -22,11 +22,9 @@ SHARED_BY_ALL = {f"{P}.errors", f"{P}.config"}
 FRONT_DOOR = {P} | {f"{P}.{m}" for m in ("library", "errors", "config", "output", "queryspec", "quickcli",
                                            "client", "progress", "commands", "cli", "server", "ui.app",
                                            "query", "results")}  # query, results: the API's own types
-# Known exceptions, kept visible rather than hidden: the UI renders thumbnails through imgsearch.thumbs
-# (not yet behind Library); `eval` and `finetune` never open a library and are the front ends of the
-# evaluation and training code, which they call directly.
-EXCEPTIONS = {f"{P}.ui.app": {f"{P}.thumbs"},
-              f"{P}.commands.evaluate": {f"{P}.{m}" for m in ("evaluation", "captions", "encoder", "metrics",
+# Known exceptions, kept visible rather than hidden: `eval` and `finetune` never open a library and are
+# the front ends of the evaluation and training code, which they call directly.
+EXCEPTIONS = {f"{P}.commands.evaluate": {f"{P}.{m}" for m in ("evaluation", "captions", "encoder", "metrics",
                                                               "tagging", "zeroshot", "files")},
               f"{P}.commands.finetune": {f"{P}.metrics", f"{P}.train.loop"}}
 

@@ -178,6 +178,21 @@ def test_duplicates_never_load_the_model(lib, home, model_id, photos):
     assert not [g for g in groups if "copy_of_it.jpg" in g and src.name not in g]
 
 
+def test_image_rows_and_thumbnails(lib):
+    from PIL import Image
+
+    hit = lib.search("a red circle", k=1)[0]
+    row = lib.image(str(hit.id))  # ids as typed in a URL work too
+    assert row.path == hit.path and (row.width, row.height) == (96, 96)
+    thumb = lib.thumbnail(hit.id, lib.THUMB)
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and max(im.size) <= lib.THUMB
+    many = lib.thumbnails([hit.id, 999999])
+    assert many[hit.id].is_file() and isinstance(many[999999], imgsearch.ImgSearchError)
+    with pytest.raises(imgsearch.UsageError, match="not an image id"):
+        lib.image("12; DROP TABLE images")
+
+
 def test_import_imgsearch_is_light():
     code = ("import sys, imgsearch\n"
             "assert imgsearch.Library.__name__ == 'Library' and imgsearch.Hit.__name__ == 'Hit'\n"

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import streamlit as st
 
-from imgsearch import thumbs
+from imgsearch import Library
 from imgsearch.config import Settings
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
@@ -81,7 +81,7 @@ def parse_params(raw: Mapping[str, str]) -> Params:
     for key in ("like", "view"):
         if raw.get(key):
             try:
-                setattr(p, key, thumbs.parse_id(raw[key]))
+                setattr(p, key, Library.parse_id(raw[key]))
             except UsageError as e:
                 p.problems.append(f"{key}=: {e}; ignored")
     if raw.get("k"):
@@ -114,7 +114,6 @@ def current_settings() -> Settings:
 def warm_library(settings: Settings):
     """One Library per library and model for the whole server process, shared by every session's thread
     (model + FAISS stay loaded; imgsearch.Library documents what it locks)."""
-    from imgsearch import Library
 
     return Library(settings=settings).load()
 
@@ -126,7 +125,6 @@ def cached_status(settings: Settings, last_job: float | None) -> dict | None:
     ``last_job`` (when this process last finished indexing) is part of the cache key, so a finished run
     shows at once.
     """
-    from imgsearch import Library
 
     try:
         with Library(settings=settings) as lib:
@@ -161,7 +159,6 @@ class IndexJobs:
         self.current: IndexJob | None = None
 
     def start(self, settings: Settings, folder: str) -> IndexJob:
-        from imgsearch import Library
 
         with self.lock:
             if self.current is not None and self.current.running:
@@ -286,7 +283,7 @@ def caption(name: str, score: float | None = None) -> str:
 
 def grid(settings: Settings, library, hits, key: str) -> None:
     """Thumbnails with score and file name; each has 'Details' and 'More like this'."""
-    paths = thumbs.thumbnails(settings, [h.id for h in hits], thumbs.THUMB, store=library.store)
+    paths = library.thumbnails([h.id for h in hits], library.THUMB)
     for start in range(0, len(hits), COLUMNS):
         cols = st.columns(COLUMNS)
         for col, hit in zip(cols, hits[start:start + COLUMNS]):
@@ -306,7 +303,7 @@ def grid(settings: Settings, library, hits, key: str) -> None:
 
 def detail(settings: Settings, library, image_id: int) -> None:
     """Larger view: path, size, dimensions, date taken, and the most similar images."""
-    row = thumbs.library_image(library.store, image_id)
+    row = library.image(image_id)
     with st.container(border=True):
         left, right = st.columns([3, 2])
         with right:
@@ -323,7 +320,7 @@ def detail(settings: Settings, library, image_id: int) -> None:
             b2.button("Close", key="detail-close", on_click=on_view, args=(None,), width="stretch")
         with left:
             try:
-                st.image(str(thumbs.thumbnail(settings, row.id, thumbs.PREVIEW, store=library.store)),
+                st.image(str(library.thumbnail(row.id, library.PREVIEW)),
                          width="stretch")
             except ImgSearchError as e:
                 st.warning(md(e))
@@ -342,7 +339,6 @@ def status_panel(settings: Settings) -> dict | None:
         return None
     st.markdown(f"**Images** {status['images']}  \n**Failures** {status['failures']}  \n"
                 f"**Disk** {human_bytes(status['disk_bytes'])}")
-    from imgsearch import Library
 
     label = Library(settings=settings).model_label
     st.markdown(f"**Model** {md(label)}")
@@ -427,11 +423,11 @@ def search_form() -> None:
 
 def example_header(settings: Settings, library, image_id: int) -> str:
     """Above a 'more like this' grid: the example image itself. Returns its file name."""
-    row = thumbs.library_image(library.store, image_id)
+    row = library.image(image_id)
     left, right = st.columns([1, 7], vertical_alignment="center")
     with left:
         try:
-            st.image(str(thumbs.thumbnail(settings, row.id, thumbs.THUMB, store=library.store)), width="stretch")
+            st.image(str(library.thumbnail(row.id, library.THUMB)), width="stretch")
         except ImgSearchError as e:
             st.warning(md(e))
     with right:
