@@ -181,6 +181,8 @@ def test_duplicates_never_load_the_model(lib, home, model_id, photos):
 def test_image_rows_and_thumbnails(lib):
     from PIL import Image
 
+    from imgsearch.errors import ImgSearchError, UsageError
+
     hit = lib.search("a red circle", k=1)[0]
     row = lib.image(str(hit.id))  # ids as typed in a URL work too
     assert row.path == hit.path and (row.width, row.height) == (96, 96)
@@ -188,8 +190,8 @@ def test_image_rows_and_thumbnails(lib):
     with Image.open(thumb) as im:
         assert im.format == "JPEG" and max(im.size) <= lib.THUMB
     many = lib.thumbnails([hit.id, 999999])
-    assert many[hit.id].is_file() and isinstance(many[999999], imgsearch.ImgSearchError)
-    with pytest.raises(imgsearch.UsageError, match="not an image id"):
+    assert many[hit.id].is_file() and isinstance(many[999999], ImgSearchError)
+    with pytest.raises(UsageError, match="not an image id"):
         lib.image("12; DROP TABLE images")
 
 
