@@ -20,12 +20,13 @@ HEAVY = ("torch", "open_clip", "torchvision", "sqlalchemy", "faiss")
 # Typer's command (the query command's own cold path).
 _WRAPPER = """
 import json, os, sys
-from imgsearch.cli import app
 try:
-    if os.environ.get("QUICK"):
+    if os.environ.get("QUICK"):  # as the console script and `python -m imgsearch` run it
+        from imgsearch.quickcli import main
         sys.argv = ["imgsearch"] + sys.argv[1:]
-        app()
+        main()
     else:
+        from imgsearch.cli import app
         app(sys.argv[1:], standalone_mode=False)
 finally:
     heavy = sorted(m for m in sys.modules if m.split('.')[0] in %r)
