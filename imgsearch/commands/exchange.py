@@ -28,7 +28,7 @@ def export_cmd(
     """Export the library's vectors and image metadata (parquet, or clip-retrieval's layout)."""
     from ..progress import Bar
 
-    with Bar("exporting", "vec", quiet=quiet or json_out, unit_scale=True) as bar, library_of(ctx) as lib:
+    with Bar("exporting", "vec", quiet=quiet or json_out) as bar, library_of(ctx) as lib:
         report = lib.export(folder, fmt, model=model, progress=bar)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
@@ -55,7 +55,7 @@ def import_cmd(
     from ..progress import Bar
 
     named = (ctx.parent.params.get("model") if ctx.parent is not None else None) is not None
-    with Bar("importing", quiet=quiet or json_out, unit_scale=True) as bar, library_of(ctx) as lib:
+    with Bar("importing", quiet=quiet or json_out) as bar, library_of(ctx) as lib:
         report = lib.import_(folder, trust=trust, assume_model=named, progress=bar, wait=not no_wait)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
