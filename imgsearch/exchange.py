@@ -356,12 +356,33 @@ def _prepare_target(target: Path) -> bool:
     return False
 
 
+def _move_new(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, which must not exist: a file that appeared there meanwhile is never replaced."""
+    if src.is_dir():
+        if os.path.lexists(dst):
+            raise UsageError(f"{dst} appeared while the export was being written; export into another folder")
+        os.rename(src, dst)
+        return
+    try:
+        os.link(src, dst)  # fails if dst exists, unlike rename
+    except FileExistsError:
+        raise UsageError(f"{dst} appeared while the export was being written; export into another folder"
+                         ) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(dst):
+            raise UsageError(f"{dst} appeared while the export was being written; export into another folder"
+                             ) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
 def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
     """Move the finished export from its temporary folder into ``target``; the manifest goes last."""
     top = sorted({n.split("/")[0] for n in names})
     owned.start_marker(target, EXPORT_KIND, token)
     for name in [n for n in top if n != MANIFEST] + [MANIFEST]:
-        os.rename(tmp / name, target / name)  # rename: never over anything (target was checked empty)
+        _move_new(tmp / name, target / name)
         if name not in SUBFOLDERS:
             owned.record(target, name)
     why = _remove_temp(tmp, target, token)

@@ -340,3 +340,28 @@ def test_cli_export_then_import_and_help_stays_light(lib, cli, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_import_gives_vectors_to_images_already_there_and_keeps_odd_names(lib, tmp_path, photos, model_id,
+                                                                          random_tiny_model):
+    import shutil
+
+    odd_dir = tmp_path / "odd"
+    odd_dir.mkdir()
+    odd = os.path.join(os.fsencode(odd_dir), b"caf\xe9_red_circle.jpg")  # Latin-1 name: not UTF-8
+    shutil.copy(sorted(photos.glob("red_circle*"))[0], os.fsdecode(odd))
+    assert lib.index(odd_dir).new == 1
+    out = tmp_path / "out"
+    lib.export(out, "parquet")
+    other_model = f"local-dir:{random_tiny_model}"
+    with open_lib(tmp_path / "home2", other_model) as other:
+        other.index(sorted(photos.glob("red_*")))
+    with open_lib(tmp_path / "home2", model_id) as mine:
+        r = mine.import_(out)
+        assert (r.added, r.vectors_added, r.already) == (46, 9, 0)
+        row = mine.store.image_by_path(os.fsdecode(odd))
+        assert row is not None and os.fsencode(row.path) == odd  # the exact bytes, not a mangled name
+        top = sorted(kind(h.path) for h in mine.search("a red circle", k=4))
+        assert top == [os.fsdecode(b"caf\xe9_red")] + ["red_circle"] * 3
+        counts = {m.name: m.vectors for m in mine.store.models()}
+    assert counts == {other_model: 9, model_id: 55}  # the other model's vectors are untouched

@@ -28,8 +28,12 @@ def export_cmd(
     """Export the library's vectors and image metadata (parquet, or clip-retrieval's layout)."""
     from ..progress import Bar
 
-    with Bar("exporting", "vec", quiet=quiet or json_out) as bar, library_of(ctx) as lib:
-        report = lib.export(folder, fmt, model=model, progress=bar)
+    try:
+        with Bar("exporting", "vec", quiet=quiet or json_out) as bar, library_of(ctx) as lib:
+            report = lib.export(folder, fmt, model=model, progress=bar)
+    except KeyboardInterrupt:  # not the generic "batches are saved": an unfinished export is removed
+        err("interrupted: the unfinished export was removed; run the same command again")
+        raise typer.Exit(130) from None
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
