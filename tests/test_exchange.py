@@ -334,6 +334,13 @@ def test_cli_export_then_import_and_help_stays_light(lib, cli, tmp_path):
     assert r.exit_code == 0 and r.output.startswith("exported 54 vectors of ")
     r = cli("--home", str(tmp_path / "home2"), "import", str(out), "--json")
     assert r.exit_code == 0 and json.loads(r.output)["added"] == 54
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("x")
+    r = cli("import", str(notes))
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"error: {notes} is not an export: expected img_emb/ and metadata/ (clip-retrieval) or .parquet files "
+        "with a vector column (`imgsearch export --format parquet`)")
     bad = cli("export", str(tmp_path / "y"), "--format", "csv")
     assert bad.exit_code == 2 and bad.output.strip() == "error: --format csv: choose parquet or clip-retrieval"
     code = "import sys, imgsearch.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyarrow'))"
