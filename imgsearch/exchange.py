@@ -111,7 +111,7 @@ def pick_model(store, settings: Settings, model: str | None = None):
     listed = ", ".join(f"[{m.id}] {m.label}" for m in present)
     if model:
         want = ModelSpec(model).canonical().name
-        found = [m for m in present if model in (m.name, m.label, str(m.id)) or want == m.name]
+        found = [m for m in present if model in (m.name, m.label, f"[{m.id}]", str(m.id)) or want == m.name]
         if len(found) == 1:
             return found[0]
         if not found:
@@ -636,7 +636,7 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
             raise ModelMismatchError(
                 f"{src.folder} holds vectors of {exp.get('label') or exp.get('name')} (weights {exp.get('fingerprint')})"
                 f", not of {spec.label} (weights {fp}); models never mix in a library: import with the model that "
-                f"made them (`imgsearch {how} import DIR`)")
+                f"made them (`imgsearch {how} import {src.folder}`)")
         dim = int(exp["dim"])
     else:
         dim = None
