@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -671,9 +672,7 @@ def _check_file(rec: dict, trust: bool) -> tuple[str, str | None, os.stat_result
         st = os.stat(path)
     except OSError:
         return path, None, None, "unreachable"
-    import stat as stat_mod
-
-    if not stat_mod.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode):
         return path, None, None, "unreachable"
     if rec.get("size") is not None and int(rec["size"]) != st.st_size:
         return path, None, st, f"size is {st.st_size} bytes, the export says {rec['size']}"
