@@ -427,3 +427,29 @@ class Library:
 
         with write_lock(self.settings.home):
             return import_captions(self.store, source, image_col, caption_col, replace)
+
+    # --- export and import ---------------------------------------------------------------------------
+    def export(self, folder, format: str = "parquet", *, model: str | None = None, progress=None):
+        """Write one model's vectors and image metadata into ``folder`` (new or empty); an ExportReport.
+
+        ``format``: "parquet" (one dataset, vectors as fixed-size lists) or "clip-retrieval"
+        (img_emb/img_emb_0.npy + metadata/metadata_0.parquet, for autofaiss and clip-retrieval).
+        ``model``: whose vectors (name, label or id) when the library holds several; else the only one, or
+        this Library's model. ``progress(done, total)`` per chunk of rows.
+        """
+        from .exchange import export_library
+
+        return export_library(self.settings, self.store, folder, format, model=model, progress=progress)
+
+    def import_(self, folder, *, trust: bool = False, assume_model: bool = False, progress=None,
+                wait: bool = True):
+        """Add the images of an export (parquet or clip-retrieval form) whose files are here; an ImportReport.
+
+        The export's model must be this Library's model (same weights, same dimension); mixed models are
+        refused. Each file's content hash is checked against the export unless ``trust``. ``assume_model``:
+        the export does not name its model and this Library's model made it. Importing twice adds nothing.
+        """
+        from .exchange import import_library
+
+        return import_library(self.settings, folder, trust=trust, assume_model=assume_model,
+                              encoder=lambda: self.encoder, progress=progress, wait=wait)

@@ -498,6 +498,26 @@ class Store:
             last = rows[-1][0]
             yield np.asarray([r[0] for r in rows], dtype=np.int64), _matrix([r[1] for r in rows], dim)
 
+    def iter_image_vectors(self, model_id: int, batch: int = 10_000) -> Iterator[tuple[list[ImageRow], np.ndarray]]:
+        """A model's images with their vectors, ``batch`` rows per query in id order: (rows, float32 [n, dim]).
+
+        One query per batch, keyed on the last id seen, so memory stays at one batch whatever the library's
+        size and a concurrent writer is never held up for long (exports read through this).
+        """
+        model = self.model_by_id(model_id)
+        dim = model.dim if model else 0
+        cols = ", ".join(f"i.{c.strip()}" for c in self._IMAGE_COLS.split(","))
+        last = -1
+        while True:
+            with self.engine.connect() as c:
+                rows = c.execute(_sql(f"SELECT {cols}, v.vector FROM vectors v JOIN images i ON i.id = v.image_id "
+                                      "WHERE v.model_id = :m AND v.image_id > :l ORDER BY v.image_id LIMIT :n"),
+                                 {"m": model_id, "l": last, "n": batch}).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [_image(r[:-1]) for r in rows], _matrix([r[-1] for r in rows], dim)
+
     # --- tags (zero-shot labels) ---------------------------------------------------------------
     def tag_set(self, model_id: int, labels: Sequence[str], templates: Sequence[str]) -> int:
         """Id of the (model, labels, templates) set, created on first use."""

@@ -1,0 +1,775 @@
+"""Export a library's vectors and metadata in formats other tools read, and import such exports back.
+
+Two forms, both streamed a chunk at a time (memory stays at one chunk whatever the library's size):
+
+- ``parquet``: one dataset of ``part-NNNNN.parquet`` files; each row is an image (id, path, hash, size,
+  mtime, width, height, date taken) with its vector as ``fixed_size_list<float32>[dim]``; the model's
+  identity (open_clip name, pretrained, weights fingerprint, dim) sits in every file's schema metadata.
+- ``clip-retrieval``: ``img_emb/img_emb_{i}.npy`` (float32, L2-normalised, rows x dim) and
+  ``metadata/metadata_{i}.parquet`` with ``image_path`` in the same row order: what autofaiss and
+  clip-retrieval's back end index. Shards roll over every ``SHARD_ROWS`` rows.
+
+Both carry ``_imgsearch_export.json`` (format, model, row count, files), written last: an export without
+it is unfinished. A leading underscore keeps pyarrow.dataset from reading it as data.
+
+Safety: an export goes only into a new or empty folder. It is built in a temporary folder inside it that
+carries an ownership marker (owned.py), moved into place when complete, and on failure removed file by
+file after proving imgsearch wrote it. Nothing the user put there is ever touched.
+
+Import checks that the export's model is the library's model (same weights fingerprint, same dimension)
+and refuses anything else, and inserts images whose files are reachable here; by default each file's
+content hash is checked against the export (``trust`` skips the read and takes the exported hash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import owned
+from .config import Settings
+from .errors import DataError, ModelMismatchError, UsageError
+
+FORMATS = ("parquet", "clip-retrieval")
+MANIFEST = "_imgsearch_export.json"
+FORMAT_VERSION = 1
+META_KEY = b"imgsearch"
+CHUNK = 10_000  # rows read from SQLite and written per step on export
+IMPORT_CHUNK = 2_000  # rows per import transaction: hashing the files is the slow part
+SHARD_ROWS = 1_000_000
+PARTIAL = ".partial"  # a data file still being written
+EXPORT_KIND, PART_KIND, TEMP_KIND = "export", "export-part", "export-temp"
+TEMP_PREFIX = ".imgsearch-export-"
+SUBFOLDERS = ("img_emb", "metadata")
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class ExportReport:
+    folder: str
+    format: str
+    model: str
+    dim: int
+    rows: int = 0
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"folder": self.folder, "format": self.format, "model": self.model, "dim": self.dim,
+                "rows": self.rows, "files": self.files, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class ImportReport:
+    folder: str
+    format: str
+    model: str
+    rows: int = 0  # rows in the export
+    added: int = 0  # new library images, with their vectors
+    vectors_added: int = 0  # images already in the library that got this model's vector
+    already: int = 0  # image and vector already there (a second import adds nothing)
+    unreachable: list[str] = field(default_factory=list)  # paths with no file here
+    changed: list[tuple[str, str]] = field(default_factory=list)  # (path, why) skipped: not what was exported
+    invalid: int = 0  # rows whose vector is not finite or is all zeros
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"folder": self.folder, "format": self.format, "model": self.model, "rows": self.rows,
+                "added": self.added, "vectors_added": self.vectors_added, "already": self.already,
+                "unreachable": len(self.unreachable), "unreachable_examples": self.unreachable[:10],
+                "changed": len(self.changed),
+                "changed_examples": [{"path": p, "reason": r} for p, r in self.changed[:10]],
+                "invalid": self.invalid, "seconds": round(self.seconds, 3)}
+
+
+def _arrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError("export and import need pyarrow; install it with `pip install 'imgsearch[exchange]'`"
+                         ) from None
+    return pa, pq
+
+
+# --- which model -------------------------------------------------------------------------------------
+def pick_model(store, settings: Settings, model: str | None = None):
+    """The model row whose vectors to export: the one named, the only one, or the settings' model."""
+    from .modelspec import ModelSpec
+
+    present = [m for m in store.models() if m.vectors]
+    if not present:
+        raise ModelMismatchError("the library holds no vectors to export; run `imgsearch index PATH` first")
+    listed = ", ".join(f"[{m.id}] {m.label}" for m in present)
+    if model:
+        want = ModelSpec(model).canonical().name
+        found = [m for m in present if model in (m.name, m.label, f"[{m.id}]", str(m.id)) or want == m.name]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ModelMismatchError(f"the library has no vectors for {model} (it has: {listed}); "
+                                     "give --model one of those names or ids")
+        raise UsageError(f"--model {model} matches {len(found)} models ({listed}); give the id in brackets")
+    if len(present) == 1:
+        return present[0]
+    spec = ModelSpec(settings.model, settings.pretrained).canonical()
+    current = [m for m in present if m.name == spec.name and (m.pretrained or None) == spec.pretrained]
+    if len(current) == 1:
+        return current[0]
+    raise UsageError(f"the library holds vectors of {len(present)} models ({listed}); choose one with "
+                     "`imgsearch export DIR --model NAME-OR-ID`")
+
+
+def _model_info(row) -> dict:
+    return {"name": row.name, "pretrained": row.pretrained, "fingerprint": row.fingerprint, "dim": row.dim,
+            "label": row.label}
+
+
+# --- export --------------------------------------------------------------------------------------------
+def _npy_header(rows: int, dim: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)})
+    return buf.getvalue()
+
+
+class _NpyWriter:
+    """A float32 [rows, dim] .npy written row block by row block: the header is rewritten with the final count.
+
+    numpy pads a version 1.0 header to the next multiple of 64 bytes, so the header for 0 rows and for
+    any count this writer will see have the same length and the rewrite never moves the data.
+    """
+
+    def __init__(self, path: Path, dim: int):
+        self.path, self.dim, self.rows = path, dim, 0
+        self.f = open(path, "wb")
+        self.header_len = len(_npy_header(0, dim))
+        self.f.write(_npy_header(0, dim))
+
+    def write(self, vecs: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(vecs, dtype="<f4").tobytes())
+        self.rows += len(vecs)
+
+    def close(self) -> None:
+        header = _npy_header(self.rows, self.dim)
+        if len(header) != self.header_len:  # would need ~10^50 rows; never silently write a broken file
+            raise RuntimeError(f"npy header grew from {self.header_len} to {len(header)} bytes")
+        self.f.seek(0)
+        self.f.write(header)
+        self.f.close()
+
+
+def _meta_columns(pa, rows, path_col: str) -> dict:
+    from .pathtext import display
+
+    raw = []
+    for r in rows:
+        try:
+            r.path.encode("utf-8")
+            raw.append(None)
+        except UnicodeEncodeError:  # a non-UTF-8 name: shown as \xNN, its exact bytes kept beside it
+            raw.append(os.fsencode(r.path))
+    return {
+        path_col: pa.array([display(r.path) for r in rows], pa.string()),
+        "path_raw": pa.array(raw, pa.binary()),
+        "id": pa.array([r.id for r in rows], pa.int64()),
+        "hash": pa.array([r.hash for r in rows], pa.string()),
+        "size": pa.array([r.size for r in rows], pa.int64()),
+        "mtime_ns": pa.array([r.mtime_ns for r in rows], pa.int64()),
+        "width": pa.array([r.width for r in rows], pa.int32()),
+        "height": pa.array([r.height for r in rows], pa.int32()),
+        "taken_at": pa.array([r.taken_at for r in rows], pa.string()),
+        "added_at": pa.array([r.added_at for r in rows], pa.float64()),
+    }
+
+
+def _unit(vecs: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; rows already unit length (as the library stores them) kept bit for bit."""
+    norms = np.linalg.norm(vecs, axis=1)
+    off = np.abs(norms - 1.0) > 1e-4
+    if not off.any():
+        return vecs
+    vecs = vecs.copy()
+    fix = off & (norms > 0)
+    vecs[fix] /= norms[fix, None]
+    return vecs
+
+
+class _ShardedWriter:
+    """Writes rows into shard files in the temporary folder; each finished file is recorded as imgsearch's."""
+
+    def __init__(self, pa, pq, tmp: Path, dim: int, model: dict, shard_rows: int):
+        self.pa, self.pq, self.tmp, self.dim, self.shard_rows = pa, pq, tmp, dim, shard_rows
+        self.meta = {META_KEY: json.dumps({"format_version": FORMAT_VERSION, "model": model}).encode()}
+        self.shard = -1
+        self.in_shard = 0
+        self.files: list[str] = []  # relative to the export folder, in order
+
+    def add(self, rows, vecs: np.ndarray) -> None:
+        i = 0
+        while i < len(rows):
+            if self.shard < 0 or self.in_shard >= self.shard_rows:
+                self._finish_shard()
+                self.shard += 1
+                self.in_shard = 0
+                self._open_shard()
+            take = min(len(rows) - i, self.shard_rows - self.in_shard)
+            self._write(rows[i:i + take], vecs[i:i + take])
+            self.in_shard += take
+            i += take
+
+    def close(self) -> list[str]:
+        if self.shard < 0:  # an empty export still has one (empty) shard, so readers find the layout
+            self.shard = 0
+            self._open_shard()
+        self._finish_shard()
+        return self.files
+
+    def _done(self, rel: str) -> None:
+        """Rename a finished ``.partial`` file to its name and record it in its folder's marker."""
+        path = self.tmp / rel
+        os.replace(str(path) + PARTIAL, path)
+        owned.record(path.parent, path.name)
+        self.files.append(rel)
+
+    def _open_shard(self) -> None:
+        raise NotImplementedError
+
+    def _write(self, rows, vecs) -> None:
+        raise NotImplementedError
+
+    def _finish_shard(self) -> None:
+        raise NotImplementedError
+
+
+class _ParquetWriter(_ShardedWriter):
+    def __init__(self, pa, pq, tmp, dim, model, shard_rows):
+        super().__init__(pa, pq, tmp, dim, model, shard_rows)
+        cols = _meta_columns(pa, [], "path")
+        fields = [pa.field(k, v.type) for k, v in cols.items()]
+        fields.append(pa.field("vector", pa.list_(pa.float32(), dim)))
+        self.schema = pa.schema(fields, metadata=self.meta)
+        self.writer = None
+
+    def _name(self) -> str:
+        return f"part-{self.shard:05d}.parquet"
+
+    def _open_shard(self):
+        self.writer = self.pq.ParquetWriter(str(self.tmp / self._name()) + PARTIAL, self.schema)
+
+    def _write(self, rows, vecs):
+        pa = self.pa
+        cols = _meta_columns(pa, rows, "path")
+        flat = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).reshape(-1), pa.float32())
+        cols["vector"] = pa.FixedSizeListArray.from_arrays(flat, self.dim)
+        self.writer.write_table(pa.table(cols, schema=self.schema))
+
+    def _finish_shard(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self._done(self._name())
+
+
+class _ClipRetrievalWriter(_ShardedWriter):
+    def __init__(self, pa, pq, tmp, dim, model, shard_rows):
+        super().__init__(pa, pq, tmp, dim, model, shard_rows)
+        schema = pa.table(_meta_columns(pa, [], "image_path")).schema
+        self.schema = schema.with_metadata(self.meta)
+        self.npy: _NpyWriter | None = None
+        self.writer = None
+
+    def _names(self) -> tuple[str, str]:
+        return f"img_emb/img_emb_{self.shard}.npy", f"metadata/metadata_{self.shard}.parquet"
+
+    def _open_shard(self):
+        emb, meta = self._names()
+        self.npy = _NpyWriter(Path(str(self.tmp / emb) + PARTIAL), self.dim)
+        self.writer = self.pq.ParquetWriter(str(self.tmp / meta) + PARTIAL, self.schema)
+
+    def _write(self, rows, vecs):
+        self.npy.write(vecs)
+        self.writer.write_table(self.pa.table(_meta_columns(self.pa, rows, "image_path"), schema=self.schema))
+
+    def _finish_shard(self):
+        if self.npy is not None:
+            self.npy.close()
+            self.writer.close()
+            self.npy = self.writer = None
+            for rel in self._names():
+                self._done(rel)
+
+
+def _listing(folder: Path, limit: int = 3) -> str:
+    names = sorted(os.listdir(folder))
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _remove_temp(tmp: Path, target: Path, token: str | None) -> str | None:
+    """Remove an export's temporary folder (its data subfolders first); None when gone, else why it stays."""
+    def transient(folder: Path) -> tuple[str, ...]:
+        return tuple(n for n in os.listdir(folder) if n.endswith(PARTIAL))
+
+    for sub in SUBFOLDERS:
+        part = tmp / sub
+        if part.exists() or part.is_symlink():
+            why = owned.remove(part, PART_KIND, token, where=target / sub,
+                               transient=transient(part) if part.is_dir() and not part.is_symlink() else ())
+            if why is not None:
+                return f"{part}: {why}"
+    if not tmp.is_dir() or tmp.is_symlink():
+        return f"{tmp}: it is not a plain folder"
+    why = owned.remove(tmp, TEMP_KIND, token, transient=transient(tmp))
+    return None if why is None else f"{tmp}: {why}"
+
+
+def _prepare_target(target: Path) -> bool:
+    """Make sure ``target`` may receive an export; True when this call created it."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise UsageError(f"{target} exists and is not a folder; give a new or empty folder for the export")
+    if not target.exists():
+        try:
+            target.mkdir(parents=True)
+        except OSError as e:
+            raise UsageError(f"cannot create {target} ({e.strerror or e}); give a folder you can write to") from None
+        return True
+    # The temporary folder of an export that was killed: removed only when provably imgsearch's own.
+    for name in sorted(os.listdir(target)):
+        if name.startswith(TEMP_PREFIX) and name.endswith(".tmp"):
+            why = _remove_temp(target / name, target, None)
+            if why is not None:
+                raise UsageError(f"{target} holds an unfinished export that imgsearch cannot prove it wrote "
+                                 f"({why}); remove it yourself or export into another folder")
+    if os.listdir(target):
+        what = "an earlier export" if (target / MANIFEST).exists() else f"files ({_listing(target)})"
+        raise UsageError(f"{target} is not empty: it holds {what}; export into a new or empty folder "
+                         "(imgsearch never writes over files it did not create)")
+    return False
+
+
+def _move_new(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, which must not exist: a file that appeared there meanwhile is never replaced."""
+    if src.is_dir():
+        if os.path.lexists(dst):
+            raise UsageError(f"{dst} appeared while the export was being written; export into another folder")
+        os.rename(src, dst)
+        return
+    try:
+        os.link(src, dst)  # fails if dst exists, unlike rename
+    except FileExistsError:
+        raise UsageError(f"{dst} appeared while the export was being written; export into another folder"
+                         ) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(dst):
+            raise UsageError(f"{dst} appeared while the export was being written; export into another folder"
+                             ) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
+    """Move the finished export from its temporary folder into ``target``; the manifest goes last."""
+    top = sorted({n.split("/")[0] for n in names})
+    owned.start_marker(target, EXPORT_KIND, token)
+    for name in [n for n in top if n != MANIFEST] + [MANIFEST]:
+        _move_new(tmp / name, target / name)
+        if name not in SUBFOLDERS:
+            owned.record(target, name)
+    why = _remove_temp(tmp, target, token)
+    if why is not None:  # harmless leftovers of our own; say so rather than fail a complete export
+        import warnings
+
+        warnings.warn(f"export finished but its temporary folder stayed: {why}", stacklevel=2)
+
+
+def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: str = "parquet", *,
+                   model: str | None = None, progress: ProgressFn | None = None, chunk: int = CHUNK,
+                   shard_rows: int = SHARD_ROWS) -> ExportReport:
+    """Write one model's vectors and image metadata into ``folder`` (new or empty) as ``fmt``."""
+    from . import __version__
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: choose parquet or clip-retrieval")
+    pa, pq = _arrow()
+    t0 = time.perf_counter()
+    row = pick_model(store, settings, model)
+    info = _model_info(row)
+    total = store.vector_count(row.id)
+    target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+    created = _prepare_target(target)
+    token = owned.new_token()
+    tmp = target / f"{TEMP_PREFIX}{token[:12]}.tmp"
+    report = ExportReport(str(target), fmt, row.label, row.dim)
+    try:
+        try:
+            owned.create_dir(tmp, TEMP_KIND, token)
+        except OSError as e:
+            raise UsageError(f"cannot write into {target} ({e.strerror or e}); give a folder you can write to"
+                             ) from None
+        if fmt == "clip-retrieval":
+            for sub in SUBFOLDERS:
+                os.mkdir(tmp / sub)
+                owned.start_marker(tmp / sub, PART_KIND, token, where=target / sub)
+            writer: _ShardedWriter = _ClipRetrievalWriter(pa, pq, tmp, row.dim, info, shard_rows)
+        else:
+            writer = _ParquetWriter(pa, pq, tmp, row.dim, info, shard_rows)
+        if progress:
+            progress(0, total)
+        for rows, vecs in store.iter_image_vectors(row.id, chunk):
+            writer.add(rows, _unit(vecs))
+            report.rows += len(rows)
+            if progress:
+                progress(report.rows, max(total, report.rows))
+        report.files = writer.close()
+        manifest = {"imgsearch_export": FORMAT_VERSION, "format": fmt, "model": info, "rows": report.rows,
+                    "files": report.files, "library_id": store.library_id, "imgsearch": __version__,
+                    "created_at": time.time()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        owned.record(tmp, MANIFEST)
+        _publish(tmp, target, report.files + [MANIFEST], token)
+    except BaseException:
+        if tmp.exists():
+            _remove_temp(tmp, target, token)
+        if created:
+            try:
+                os.rmdir(target)  # made by this call; rmdir keeps it if anything else is inside
+            except OSError:
+                pass
+        raise
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# --- reading an export --------------------------------------------------------------------------------
+@dataclass
+class _Source:
+    folder: Path
+    format: str
+    dim: int
+    rows: int
+    model: dict | None
+    shards: list  # parquet: [parquet path]; clip-retrieval: [(npy path, metadata path)]
+
+
+def _shard_no(path: Path) -> int:
+    m = re.search(r"_(\d+)$", path.stem)
+    return int(m.group(1)) if m else -1
+
+
+def _npy_open(path: Path):
+    """(open file positioned at the data, rows, dim, dtype) of a 2-D .npy, read without loading it."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(f))
+    except (ValueError, OSError) as e:
+        f.close()
+        raise DataError(f"{path} is not a readable .npy file ({e})") from None
+    if len(shape) != 2 or fortran or dtype.kind != "f":
+        f.close()
+        raise DataError(f"{path} holds a {dtype} array of shape {shape}; expected float rows x dim (C order)")
+    return f, int(shape[0]), int(shape[1]), dtype
+
+
+def _file_model(pq, path: Path) -> dict | None:
+    meta = pq.read_schema(path).metadata or {}
+    if META_KEY not in meta:
+        return None
+    try:
+        return json.loads(meta[META_KEY]).get("model")
+    except ValueError:
+        return None
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    return (a.get("fingerprint"), int(a.get("dim", 0))) == (b.get("fingerprint"), int(b.get("dim", 0)))
+
+
+def open_export(folder: str | os.PathLike) -> _Source:
+    """What an export folder holds (format, model, size), checked before anything is imported."""
+    pa, pq = _arrow()
+    root = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder; give the folder `imgsearch export` (or clip-retrieval) wrote")
+    manifest = None
+    if (root / MANIFEST).is_file():
+        try:
+            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{root / MANIFEST} is unreadable ({e}); export again") from None
+    elif any(n.startswith(TEMP_PREFIX) for n in os.listdir(root)):
+        raise DataError(f"{root} holds an unfinished export (it was interrupted); export again")
+    models: list[tuple[Path, dict | None]] = []
+    if (root / "img_emb").is_dir():
+        npys = sorted((root / "img_emb").glob("*.npy"), key=_shard_no)
+        metas = {_shard_no(p): p for p in (root / "metadata").glob("*.parquet")} if (root / "metadata").is_dir() \
+            else {}
+        if not npys:
+            raise DataError(f"{root / 'img_emb'} holds no .npy files; nothing to import")
+        shards, dim, rows = [], None, 0
+        for npy in npys:
+            meta = metas.get(_shard_no(npy))
+            if meta is None:
+                raise DataError(f"{npy.name} has no matching metadata/metadata_{_shard_no(npy)}.parquet "
+                                "(it names the images); the export is incomplete")
+            f, n, d, _ = _npy_open(npy)
+            f.close()
+            names = pq.read_schema(meta).names
+            if "image_path" not in names:
+                raise DataError(f"{meta} has no image_path column; it cannot say which image a vector is")
+            meta_rows = pq.ParquetFile(meta).metadata.num_rows
+            if meta_rows != n:
+                raise DataError(f"{meta.name} names {meta_rows} images but {npy.name} holds {n} vectors; "
+                                "the export is damaged")
+            if dim is not None and d != dim:
+                raise DataError(f"{npy.name} holds {d}-dimensional vectors, the others {dim}; the export is damaged")
+            dim, rows = d, rows + n
+            shards.append((npy, meta))
+            models.append((meta, _file_model(pq, meta)))
+        fmt = "clip-retrieval"
+    else:
+        parts = sorted(p for p in root.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if not parts:
+            raise DataError(f"{root} is not an export: expected img_emb/ and metadata/ (clip-retrieval) or "
+                            ".parquet files with a vector column (`imgsearch export --format parquet`)")
+        shards, dim, rows = [], None, 0
+        for part in parts:
+            schema = pq.read_schema(part)
+            if "vector" not in schema.names or not any(c in schema.names for c in ("path", "image_path")):
+                raise DataError(f"{part.name} has no vector and path columns; it is not an imgsearch parquet export")
+            vtype = schema.field("vector").type
+            if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
+                raise DataError(f"{part.name}: its vector column is {vtype}, expected fixed_size_list<float32>")
+            if dim is not None and vtype.list_size != dim:
+                raise DataError(f"{part.name} holds {vtype.list_size}-dimensional vectors, the others {dim}")
+            dim = vtype.list_size
+            rows += pq.ParquetFile(part).metadata.num_rows
+            shards.append(part)
+            models.append((part, _file_model(pq, part)))
+        fmt = "parquet"
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    for path, m in models:
+        if m is None:
+            continue
+        if model is None:
+            model = m
+        elif not _same_model(model, m):
+            raise ModelMismatchError(f"{root} mixes vectors of two models ({model.get('label')} and, in "
+                                     f"{path.name}, {m.get('label')}); import each model's export separately")
+    if model is not None and int(model.get("dim", -1)) != dim:
+        raise DataError(f"{root}: the export says its model makes {model.get('dim')}-dimensional vectors but the "
+                        f"files hold {dim}-dimensional ones; the export is damaged")
+    return _Source(root, fmt, int(dim), rows, model, shards)
+
+
+def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict], np.ndarray]]:
+    """([{path, size, hash, width, height, taken_at}], float32 vectors) a chunk at a time, in file order."""
+    pa, pq = _arrow()
+    wanted = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at")
+
+    def records(batch) -> list[dict]:
+        cols = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}
+        paths = cols["path"] if "path" in cols else cols["image_path"]
+        raw = cols["path_raw"] if "path_raw" in cols else [None] * len(paths)
+        out = []
+        for k in range(len(paths)):
+            out.append({"path": os.fsdecode(raw[k]) if raw[k] is not None else paths[k],
+                        **{c: cols[c][k] if c in cols else None
+                           for c in ("hash", "size", "width", "height", "taken_at")}})
+        return out
+
+    if src.format == "parquet":
+        for part in src.shards:
+            pf = pq.ParquetFile(part)
+            cols = [c for c in (*wanted, "vector") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=chunk, columns=cols):
+                vec = batch.column("vector")
+                flat = vec.flatten().to_numpy(zero_copy_only=False)
+                yield records(batch), np.asarray(flat, dtype=np.float32).reshape(len(vec), src.dim)
+        return
+    for npy, meta in src.shards:
+        f, n, dim, dtype = _npy_open(npy)
+        with f:
+            pf = pq.ParquetFile(meta)
+            cols = [c for c in wanted if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=chunk, columns=cols):
+                k = batch.num_rows
+                data = f.read(k * dim * dtype.itemsize)
+                if len(data) != k * dim * dtype.itemsize:
+                    raise DataError(f"{npy} ends early; the export is damaged")
+                yield records(batch), np.frombuffer(data, dtype=dtype).reshape(k, dim).astype(np.float32)
+
+
+# --- import --------------------------------------------------------------------------------------------
+def _target_identity(settings: Settings, src: _Source, assume_model: bool, encoder: Callable | None):
+    """(ModelSpec, fingerprint, dim) the imported vectors are stored under, after checking they fit."""
+    from .encoder import known_fingerprint
+    from .modelspec import ModelSpec
+    from .store import Store
+
+    spec = ModelSpec(settings.model, settings.pretrained).canonical()
+    exp = src.model
+    if exp is None and not assume_model:
+        raise UsageError(f"{src.folder} does not say which model made its vectors; name it: "
+                         f"`imgsearch --model NAME [--pretrained TAG] import {src.folder}`")
+    fp = known_fingerprint(spec)  # a tag, or the hash of the weights file: no model load
+    if fp is None and encoder is not None:  # hf-hub: the hub cache knows which weights it is
+        fp = encoder().fingerprint
+    if exp is not None:
+        if fp != exp.get("fingerprint"):
+            how = f"--model {exp.get('name')}" + (f" --pretrained {exp['pretrained']}" if exp.get("pretrained")
+                                                   else "")
+            raise ModelMismatchError(
+                f"{src.folder} holds vectors of {exp.get('label') or exp.get('name')} (weights {exp.get('fingerprint')})"
+                f", not of {spec.label} (weights {fp}); models never mix in a library: import with the model that "
+                f"made them (`imgsearch {how} import {src.folder}`)")
+        dim = int(exp["dim"])
+    else:
+        dim = None
+        if settings.db_path.exists():
+            store = Store(settings.db_path, create=False)
+            try:
+                row = store.find_model(spec.name, spec.pretrained, fp) if fp else None
+                dim = row.dim if row else None
+            finally:
+                store.close()
+        if dim is None or fp is None:
+            enc = encoder() if encoder else None
+            if enc is None:
+                raise UsageError(f"cannot tell which vectors {spec.label} makes without loading it")
+            fp, dim = enc.fingerprint, enc.dim
+    if dim != src.dim:
+        raise ModelMismatchError(f"{src.folder} holds {src.dim}-dimensional vectors but {spec.label} makes "
+                                 f"{dim}-dimensional ones; models never mix in a library: import with the model "
+                                 "that made them")
+    return spec, fp, dim
+
+
+def _check_file(rec: dict, trust: bool) -> tuple[str, str | None, os.stat_result | None, str | None]:
+    """(library path, content hash, stat, why skipped) for one exported image, checked against the disk."""
+    from . import files
+
+    raw = rec["path"]
+    if not raw:
+        return "", None, None, "unreachable"
+    path = files.abspath(raw)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path, None, None, "unreachable"
+    if not stat.S_ISREG(st.st_mode):
+        return path, None, None, "unreachable"
+    if rec.get("size") is not None and int(rec["size"]) != st.st_size:
+        return path, None, st, f"size is {st.st_size} bytes, the export says {rec['size']}"
+    if trust and rec.get("hash"):
+        return path, rec["hash"], st, None
+    try:
+        with open(path, "rb") as f:
+            digest = files.hash_file(f)
+    except OSError as e:
+        return path, None, None, "unreachable" if isinstance(e, FileNotFoundError) else f"cannot read: {e.strerror}"
+    if rec.get("hash") and digest != rec["hash"]:
+        return path, None, st, "content differs from the exported image"
+    return path, digest, st, None
+
+
+def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool = False,
+                   assume_model: bool = False, encoder: Callable | None = None,
+                   progress: ProgressFn | None = None, chunk: int = IMPORT_CHUNK, wait: bool = True) -> ImportReport:
+    """Insert an export's images (those whose files are here) and their vectors into the library.
+
+    ``trust``: take the exported content hashes instead of reading every file (size is still checked).
+    ``assume_model``: the export does not name its model and the settings' model is the one that made it.
+    ``encoder``: returns the loaded encoder, called only when the model's fingerprint or dimension needs it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .lock import write_lock
+    from .store import Store
+
+    t0 = time.perf_counter()
+    src = open_export(folder)
+    spec, fp, dim = _target_identity(settings, src, assume_model, encoder)
+    report = ImportReport(str(src.folder), src.format, spec.label, rows=src.rows)
+    with write_lock(settings.home, wait=wait):
+        store = Store(settings.db_path)
+        try:
+            model = store.get_or_create_model(spec.name, spec.pretrained, fp, dim)
+            done = 0
+            if progress:
+                progress(0, src.rows)
+            with ThreadPoolExecutor(max_workers=settings.decode_workers()) as pool:
+                for recs, vecs in _iter_rows(src, chunk):
+                    checked = list(pool.map(lambda r: _check_file(r, trust), recs))
+                    _import_chunk(store, model.id, recs, vecs, checked, report)
+                    done += len(recs)
+                    if progress:
+                        progress(done, src.rows)
+        finally:
+            store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, checked: list, report: ImportReport):
+    from .pathtext import display
+
+    ok = []
+    for k, (path, digest, st, why) in enumerate(checked):
+        if why == "unreachable":
+            report.unreachable.append(display(path or str(recs[k]["path"])))
+        elif why is not None:
+            report.changed.append((display(path), why))
+        elif not np.isfinite(vecs[k]).all() or not vecs[k].any():
+            report.invalid += 1
+        else:
+            ok.append(k)
+    if not ok:
+        return
+    existing = store.images_at(checked[k][0] for k in ok)
+    with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
+    unit = _unit(vecs[ok])
+    new, vectors, seen = [], [], set()
+    for j, k in enumerate(ok):
+        path, digest, st, _ = checked[k]
+        if path in seen:  # the same file twice in one export: the first row wins
+            report.already += 1
+            continue
+        seen.add(path)
+        row = existing.get(path)
+        if row is not None:
+            if row.hash != digest:
+                report.changed.append((display(path), "the library holds other content for this path; "
+                                                      "run `imgsearch index` on it"))
+            elif row.id in with_vec:
+                report.already += 1
+            else:
+                vectors.append((row.id, unit[j]))
+                report.vectors_added += 1
+            continue
+        rec = recs[k]
+        new.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": digest,
+                    "width": rec.get("width"), "height": rec.get("height"), "taken_at": rec.get("taken_at")})
+        vectors.append((path, unit[j]))
+        report.added += 1
+    if new or vectors:
+        store.write_batch(model_id, new=new, vectors=vectors)
+
+
+__all__ = ["FORMATS", "MANIFEST", "ExportReport", "ImportReport", "export_library", "import_library",
+           "open_export", "pick_model"]
