@@ -287,6 +287,7 @@ def test_serve_watch_answers_with_new_files_without_a_restart(home, model_id, tm
     try:
         text = out.until("imgsearch serving")
         assert "caught up: new 12" in text
+        wait_for(lambda: (home / "server.json").exists(), what="the server's discovery file")
         info = json.loads((home / "server.json").read_text())
 
         def search(q: str) -> list[str]:
