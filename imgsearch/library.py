@@ -14,7 +14,8 @@ sessions). What is locked, exactly:
 
 FAISS searches and database reads run concurrently: every Store call checks out its own pooled SQLite
 connection. Writes (``index``, ``forget``, ``classify``, captions, ``drop_tag_set``) take the library's
-write lock (lock.write_lock), so they are serialised across threads and processes alike.
+write lock (lock.write_lock), so they are serialised across threads and processes alike. A watcher's
+batch (``watcher``) holds the write lock, then ``_encode_lock``, for that batch only.
 
 Nothing heavy is imported here: a text query on a small library is answered by coldquery (numpy and
 sqlite3 only) until something needs the full path.
