@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import files
+from .config import HOME_DB, HOME_MARKER
 from .errors import ImgSearchError, UsageError
 from .results import IndexReport
 
@@ -130,9 +131,17 @@ class Watcher:
         if root is None:
             return True
         rel = os.path.relpath(path, root)
-        if rel != "." and any(files.is_hidden(part) for part in rel.split(os.sep)):
+        if rel == ".":
+            return False
+        parts = rel.split(os.sep)
+        if any(files.is_hidden(part) for part in parts) or parts[-1].lower().endswith(TEMP_SUFFIXES):
             return True
-        return os.path.basename(path).lower().endswith(TEMP_SUFFIXES)
+        folder = root
+        for part in parts[:-1]:  # another library's home inside a watched folder: its thumbnails are no photos
+            if os.path.exists(os.path.join(folder, HOME_MARKER)) and os.path.exists(os.path.join(folder, HOME_DB)):
+                return True
+            folder = os.path.join(folder, part)
+        return os.path.exists(os.path.join(folder, HOME_MARKER)) and os.path.exists(os.path.join(folder, HOME_DB))
 
     def notice(self, path: str) -> None:
         """Something happened at ``path``; it is looked at once things have been quiet for a moment."""
@@ -284,7 +293,10 @@ class Watcher:
             if kept and _under(p, kept[-1]):
                 continue
             kept.append(p)
-        changed = [p for p in kept if os.path.exists(p)]
+        # Only folders and image files: `index` given a notes.txt would record it as a failed image.
+        exts = files.image_extensions()
+        changed = [p for p in kept if os.path.isdir(p)
+                   or (os.path.isfile(p) and os.path.splitext(p)[1].lower() in exts)]
         gone = [p for p in kept if not os.path.lexists(p)]
         return changed, gone
 

@@ -127,9 +127,10 @@ def test_add_modify_rename_delete_are_followed_by_queries(lib, tmp_path):
         run.close()
 
 
-def test_partial_writes_temp_and_hidden_files_are_not_indexed(lib, tmp_path):
+def test_partial_writes_temp_hidden_and_other_files_are_not_indexed(lib, home, tmp_path):
     folder = shapes(tmp_path / "photos")
-    run = Running(lib, [folder])
+    assert home.parent == tmp_path
+    run = Running(lib, [tmp_path])  # the library's own home is inside the watched folder
     try:
         start = lib.status().images
         import io
@@ -147,10 +148,12 @@ def test_partial_writes_temp_and_hidden_files_are_not_indexed(lib, tmp_path):
                 time.sleep(0.12)
         (folder / ".hidden.jpg").write_bytes(data)
         (folder / "download.jpg.part").write_bytes(data)
+        (folder / "notes.txt").write_text("not a photo")
         wait_for(lambda: top(lib, "a red circle") == [str(slow)], what="the finished copy")
         time.sleep(1.0)  # time for anything else to (wrongly) arrive
         assert lib.status().images == start + 1
-        assert lib.failures() == []  # never indexed half-written
+        assert lib.failures() == []  # never indexed half-written; notes.txt and the library's files not tried
+        assert [b.line().split(" (")[0] for b in run.batches] == ["added 1, updated 0, moved 0, removed 0"]
     finally:
         run.close()
 
