@@ -238,6 +238,9 @@ class Output:
         return self.text
 
 
+BURST = 10
+
+
 @pytest.mark.slow
 def test_kill_9_mid_way_loses_nothing_the_next_start_catches_up(home, model_id, tmp_path):
     from imgsearch import Library
@@ -248,7 +251,7 @@ def test_kill_9_mid_way_loses_nothing_the_next_start_catches_up(home, model_id, 
     out = Output(proc)
     try:
         out.until("Ctrl-C stops")
-        for i in range(20):  # a burst; the watcher is killed somewhere in it
+        for i in range(BURST):  # a burst; the watcher is killed somewhere in it
             draw(folder / f"burst_{i:02d}.jpg", "red", "circle", seed=i)
         out.until("added")
         proc.send_signal(signal.SIGKILL)
@@ -266,7 +269,7 @@ def test_kill_9_mid_way_loses_nothing_the_next_start_catches_up(home, model_id, 
     try:
         text = out.until("Ctrl-C stops")
         assert "caught up:" in text and "removed 1" in text
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C (SIGINT may be ignored in a background test run)
         text = out.until("stopped after")
         assert proc.wait(20) == 0
     finally:
@@ -275,9 +278,9 @@ def test_kill_9_mid_way_loses_nothing_the_next_start_catches_up(home, model_id, 
             proc.wait()
     on_disk = sorted(str(p) for p in folder.glob("*.jpg"))
     with Library(home=home, model=model_id, device="cpu", precision="fp32") as lib:
-        assert lib.status().images == len(on_disk) == 12 - 1 + 20 + 1
-        reds = [h.path for h in lib.search("a red circle", k=20)]
-        assert sorted(reds) == sorted(str(folder / f"burst_{i:02d}.jpg") for i in range(20))
+        assert lib.status().images == len(on_disk) == 12 - 1 + BURST + 1
+        reds = [h.path for h in lib.search("a red circle", k=BURST)]
+        assert sorted(reds) == sorted(str(folder / f"burst_{i:02d}.jpg") for i in range(BURST))
         assert top(lib, "a blue square") == [str(late)]
 
 
@@ -303,7 +306,7 @@ def test_serve_watch_answers_with_new_files_without_a_restart(home, model_id, tm
         new = draw(folder / "new.jpg", "red", "circle")
         wait_for(lambda: search("a red circle") == [str(new)], what="the server to find the new file")
         out.until("added 1")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not (home / "server.json").exists()
     finally:

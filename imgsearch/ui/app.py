@@ -381,6 +381,9 @@ def follow_changes(settings: Settings) -> None:
 
     @st.fragment(run_every=2.0)
     def check() -> None:
+        job = index_jobs(str(settings.home)).current
+        if job is not None and job.running:
+            return  # this page's own run: its progress bar redraws the page once, when it ends
         if library_version(settings) != st.session_state.get("_version"):
             st.rerun()
 
