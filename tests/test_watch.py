@@ -251,9 +251,12 @@ def test_kill_9_mid_way_loses_nothing_the_next_start_catches_up(home, model_id, 
     out = Output(proc)
     try:
         out.until("Ctrl-C stops")
-        for i in range(BURST):  # a burst; the watcher is killed somewhere in it
+        for i in range(BURST // 2):
             draw(folder / f"burst_{i:02d}.jpg", "red", "circle", seed=i)
         out.until("added")
+        for i in range(BURST // 2, BURST):  # the watcher is killed while this batch is due or being written
+            draw(folder / f"burst_{i:02d}.jpg", "red", "circle", seed=i)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
