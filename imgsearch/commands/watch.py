@@ -63,9 +63,9 @@ def watch_cmd(
             say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
                 f"{report.removed}, failed {len(report.failed)} ({report.seconds:.1f}s)")
             n = len(watcher.roots)
-            say(f"watching {n} folder{'s' if n != 1 else ''} ({watcher.how}); {lib.status().images} images in "
-                "the library; Ctrl-C stops")
-            try:
+            try:  # from here on a stop (Ctrl-C, kill) is the normal end, even before the first batch
+                say(f"watching {n} folder{'s' if n != 1 else ''} ({watcher.how}); {lib.status().images} images "
+                    "in the library; Ctrl-C stops")
                 watcher.run()
             except KeyboardInterrupt:
                 pass
