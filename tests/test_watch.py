@@ -203,6 +203,8 @@ def test_watch_refuses_paths_that_are_not_folders(cli, tmp_path):
                                 "(index single files with `imgsearch index FILE`)")
     r = cli("watch", tmp_path / "nowhere")
     assert r.exit_code == 2 and r.stderr.strip() == f"error: no such folder: {tmp_path / 'nowhere'}"
+    r = cli("serve", "--watch", folder / "green_circle_000.jpg")
+    assert r.exit_code == 2 and "is not a folder" in r.stderr
     assert not (Path(os.environ["IMGSEARCH_HOME"]) / "library.db").exists()  # refused before any write
 
 

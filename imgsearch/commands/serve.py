@@ -36,6 +36,8 @@ def serve_cmd(
     idle = parse_duration(idle_exit) if idle_exit else None
     settings = settings_of(ctx)
     library = watcher = None
+    if poll and not watch:
+        raise UsageError("--poll is how --watch notices changes; give --watch FOLDER too")
     if watch:
         from ..library import Library
         from ..progress import Bar
