@@ -195,6 +195,38 @@ def test_a_folder_that_disappears_is_named_and_the_others_still_watched(lib, tmp
         run.close()
 
 
+def test_without_inotify_it_falls_back_to_polling_and_says_so(lib, tmp_path, monkeypatch):
+    import errno
+
+    import watchdog.observers
+
+    class NoInotify:
+        def schedule(self, *a, **k):
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(watchdog.observers, "Observer", NoInotify)
+    folder = shapes(tmp_path / "photos")
+    said = []
+    w = lib.watcher([folder], interval=0.1, debounce=0.2, say=said.append)
+    with w:
+        w.start()
+        assert w.how == "polling every 0.1s"
+        assert said == ["native file events unavailable (inotify watch limit reached); polling every 0.1s instead"]
+        w.catch_up()
+        stop = threading.Event()
+        t = threading.Thread(target=w.run, args=(stop,), daemon=True)
+        t.start()
+        try:
+            new = draw(folder / "red.jpg", "red", "circle")
+            wait_for(lambda: top(lib, "a red circle") == [str(new)], what="the polled change")
+        finally:
+            stop.set()
+            t.join(20)
+
+
 def test_watch_refuses_paths_that_are_not_folders(cli, tmp_path):
     folder = shapes(tmp_path / "photos")
     r = cli("watch", folder / "green_circle_000.jpg")
