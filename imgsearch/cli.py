@@ -376,5 +376,5 @@ def forget_cmd(
 
 
 # Command groups in their own modules register on `app` when imported (kept last: they import cli).
-for _group in ("apps", "evaluate", "exchange", "finetune", "serve", "ui"):
+for _group in ("apps", "evaluate", "exchange", "finetune", "serve", "ui", "watch"):
     importlib.import_module(f".commands.{_group}", __package__)

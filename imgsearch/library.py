@@ -14,7 +14,8 @@ sessions). What is locked, exactly:
 
 FAISS searches and database reads run concurrently: every Store call checks out its own pooled SQLite
 connection. Writes (``index``, ``forget``, ``classify``, captions, ``drop_tag_set``) take the library's
-write lock (lock.write_lock), so they are serialised across threads and processes alike.
+write lock (lock.write_lock), so they are serialised across threads and processes alike. A watcher's
+batch (``watcher``) holds the write lock, then ``_encode_lock``, for that batch only.
 
 Nothing heavy is imported here: a text query on a small library is answered by coldquery (numpy and
 sqlite3 only) until something needs the full path.
@@ -203,6 +204,38 @@ class Library:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         return forget(self.settings, [str(p) for p in paths], wait=wait)
+
+    def watcher(self, paths, *, poll: bool = False, interval: float = 1.0, debounce: float = 0.5,
+                on_batch=None, say=None):
+        """A Watcher (imgsearch/watch.py) keeping the library in step with folders: ``start()``,
+        ``catch_up()``, then ``run(stop_event)``. Batches go through ``index`` and ``forget`` like a command
+        would, under the write lock only while each batch is written."""
+        from .watch import Watcher
+
+        return Watcher(paths, self._watch_batch, self._watch_catch_up, home=self.settings.home, poll=poll,
+                       interval=interval, debounce=debounce, on_batch=on_batch, say=say)
+
+    def _watch_catch_up(self, roots, progress=None, build_progress=None) -> IndexReport:
+        self.encoder  # loaded once here, kept for every batch after
+        return self.index(roots, progress=progress, build_progress=build_progress)
+
+    def _watch_batch(self, changed: list[str], gone: list[str]) -> IndexReport:
+        """One watch batch: index what is there, then forget what is gone (a moved file's row is claimed by
+        the index first, so it keeps its id), as one writer."""
+        from .lock import write_lock
+
+        with write_lock(self.settings.home):
+            # Writer first, then the encoder: queries of a shared Library (serve --watch) wait for one batch
+            # at most, never for another process's long index run.
+            with self._encode_lock:
+                report = self.index(changed) if changed else IndexReport()
+            if gone:
+                report.removed += self.forget(gone)
+        return report
+
+    def version(self) -> int:
+        """A number that moves whenever images or vectors change, in any process (pages cache on it)."""
+        return self.store.library_version()
 
     def status(self) -> LibraryStatus:
         from .indexer import library_status

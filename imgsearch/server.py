@@ -100,12 +100,13 @@ def _only_keys(item: dict, name: str, keys: set[str]) -> None:
 class SearchService:
     """The warm state behind the HTTP handlers, usable without HTTP too."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, library=None):
         from .library import Library
 
         self.settings = settings
-        # One Library shared by every request thread (its docstring says what it locks).
-        self.library = Library(settings=settings).load()  # the model and index now, not on the first request
+        # One Library shared by every request thread (its docstring says what it locks), and by the
+        # watcher of `serve --watch`, whose batches move the version that makes searches reload the index.
+        self.library = (library or Library(settings=settings)).load()  # now, not on the first request
         self.last_request = time.monotonic()
 
     def health(self) -> dict:
@@ -516,9 +517,10 @@ class _HTTPServer(ThreadingHTTPServer):
 class SearchServer:
     """The HTTP server plus its discovery file and optional idle shutdown."""
 
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0, idle_exit: float | None = None):
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0, idle_exit: float | None = None,
+                 library=None):
         self.settings = settings
-        self.service = SearchService(settings)
+        self.service = SearchService(settings, library)
         self.token = secrets.token_urlsafe(32)
         bind = host.strip("[]")
         handler = type("Handler", (_Handler,), {"service": self.service, "token": self.token,
@@ -531,6 +533,24 @@ class SearchServer:
             reason = getattr(e, "strerror", None) or e
             raise UsageError(f"cannot listen on {host}:{port}: {reason}; pick another --port or --host") from None
         self.idle_exit = idle_exit
+        self._watching: tuple[threading.Thread, threading.Event] | None = None
+
+    def watch(self, watcher) -> None:
+        """Run a started Library watcher (``serve --watch``) in a thread for as long as the server runs."""
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                watcher.run(stop)
+            except ImgSearchError as e:  # every watched folder gone: searches go on, watching stops
+                watcher.say(f"stopped watching: {e}")
+            except Exception as e:  # a bug must not take the search server down with it
+                watcher.say(f"stopped watching: internal error: {type(e).__name__}: {e} (restart serve to "
+                            "watch again; please report it)")
+
+        thread = threading.Thread(target=run, name="imgsearch-watch", daemon=True)
+        thread.start()
+        self._watching = (thread, stop)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -580,6 +600,10 @@ class SearchServer:
         finally:
             self.httpd.server_close()
             self.remove_discovery()
+            if self._watching is not None:  # a batch being written finishes first
+                thread, stop = self._watching
+                stop.set()
+                thread.join(60)
 
     def shutdown(self) -> None:
         self.httpd.shutdown()

@@ -278,6 +278,10 @@ class Store:
     def model_version(self, model_id: int) -> int:
         return int(self.scalar("SELECT version FROM models WHERE id = :i", i=model_id) or 0)
 
+    def library_version(self) -> int:
+        """The sum of every model's version: moves with any image or vector change (watchers, other runs)."""
+        return int(self.scalar("SELECT coalesce(sum(version), 0) FROM models") or 0)
+
     # --- images ------------------------------------------------------------------------------
     _IMAGE_COLS = "id, path, size, mtime_ns, hash, width, height, taken_at, added_at"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -24,13 +26,43 @@ def serve_cmd(
     port: int = typer.Option(8577, "--port", min=0, max=65535, help="Port to listen on (0 = any free port)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; localhost unless you mean it."),
     idle_exit: str = typer.Option(None, "--idle-exit", help="Exit after this long without requests (e.g. 10m)."),
+    watch: Optional[List[Path]] = typer.Option(None, "--watch", help="Also keep this folder in step with the "
+                                               "library, as `imgsearch watch` does (repeatable)."),
+    poll: bool = typer.Option(False, "--poll", help="With --watch: poll instead of native file events."),
 ):
     """Serve searches over local HTTP with the model and index kept warm; `query` uses it automatically."""
     from ..server import SearchServer, is_loopback, server_file
 
     idle = parse_duration(idle_exit) if idle_exit else None
     settings = settings_of(ctx)
-    server = SearchServer(settings, host, port, idle)
+    library = watcher = None
+    if poll and not watch:
+        raise UsageError("--poll is how --watch notices changes; give --watch FOLDER too")
+    if watch:
+        from ..library import Library
+        from ..progress import Bar
+        from .watch import batch_printer, say
+
+        library = Library(settings=settings)
+        watcher = library.watcher(watch, poll=poll, on_batch=batch_printer(), say=say)
+        watcher.start()  # before the catch-up, so nothing written meanwhile is missed
+        try:
+            with Bar("catching up", skip_empty=True, smoothing=0.1) as bar:
+                report = watcher.catch_up(progress=bar)
+        except BaseException:
+            watcher.close()
+            raise
+        say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
+            f"{report.removed}, failed {len(report.failed)}; watching {len(watcher.roots)} folder"
+            f"{'s' if len(watcher.roots) != 1 else ''} ({watcher.how})")
+    try:
+        server = SearchServer(settings, host, port, idle, library=library)
+    except BaseException:
+        if watcher is not None:
+            watcher.close()
+        raise
+    if watcher is not None:
+        server.watch(watcher)
     h, p = server.address
     shown = f"[{h}]" if ":" in h else h
     err(f"imgsearch serving {server.service.library.model.label} ({server.service.library.vector_count()} images) "

@@ -118,12 +118,26 @@ def warm_library(settings: Settings):
     return Library(settings=settings).load()
 
 
+@st.cache_resource(show_spinner=False, hash_funcs={Settings: repr})
+def library_reader(settings: Settings):
+    """A Library used only to read its change counter: no model is loaded for it."""
+    return Library(settings=settings)
+
+
+def library_version(settings: Settings) -> int | None:
+    """Moves whenever any process (`imgsearch watch`, `index`, `forget`) changes images or vectors."""
+    try:
+        return library_reader(settings).version()
+    except LibraryError:
+        return None  # no library yet
+
+
 @st.cache_data(ttl=10, show_spinner=False, hash_funcs={Settings: repr})
-def cached_status(settings: Settings, last_job: float | None) -> dict | None:
+def cached_status(settings: Settings, last_job: float | None, version: int | None = None) -> dict | None:
     """library_status, or None when there is no library yet (it walks the cache folders: keep it cheap).
 
-    ``last_job`` (when this process last finished indexing) is part of the cache key, so a finished run
-    shows at once.
+    ``last_job`` (when this process last finished indexing) and ``version`` (the library's change counter)
+    are part of the cache key, so a finished run, here or in another process, shows at once.
     """
 
     try:
@@ -333,7 +347,7 @@ def detail(settings: Settings, library, image_id: int) -> None:
 def status_panel(settings: Settings) -> dict | None:
     st.header("Library")
     job = index_jobs(str(settings.home)).current
-    status = cached_status(settings, job.finished if job else None)
+    status = cached_status(settings, job.finished if job else None, st.session_state.get("_version"))
     if status is None:
         st.info(f"No library yet at {md(settings.home)}. Index a folder below to start.")
         return None
@@ -359,6 +373,21 @@ def status_panel(settings: Settings) -> dict | None:
             for f in status["failed_files"]:
                 st.caption(f"{md(f['path'])}: {md(f['reason'])}")
     return status
+
+
+def follow_changes(settings: Settings) -> None:
+    """Redraw the page when another process (a watcher, an index run) changed the library, so new photos
+    appear in the results without a reload; the warm Library reloads its index on the same counter."""
+
+    @st.fragment(run_every=2.0)
+    def check() -> None:
+        job = index_jobs(str(settings.home)).current
+        if job is not None and job.running:
+            return  # this page's own run: its progress bar redraws the page once, when it ends
+        if library_version(settings) != st.session_state.get("_version"):
+            st.rerun()
+
+    check()
 
 
 def index_panel(settings: Settings) -> None:
@@ -485,6 +514,7 @@ def main() -> None:
         return
     p = parse_params(st.query_params)
     sync_widgets(p)
+    st.session_state["_version"] = library_version(settings)
     with st.sidebar:
         try:
             status = status_panel(settings)
@@ -492,6 +522,7 @@ def main() -> None:
             st.error(md(e))
             status = None
         index_panel(settings)
+        follow_changes(settings)
     st.title("imgsearch")
     for problem in p.problems:
         st.warning(f"Ignored part of the address: {md(problem)}")

@@ -1,0 +1,375 @@
+"""Watched folders: `imgsearch watch` and `serve --watch` keep the library in step with the disk.
+
+The polling observer with a short interval keeps these deterministic on any file system; native events
+take the same batch path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import imgsearch.synthetic as synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+# No red and no blue shapes at the start: a red circle or a blue square added later must rank first.
+START_COLORS = ["green", "yellow", "purple", "white"]
+
+
+def shapes(folder: Path, per_class: int = 1, seed: int = 1) -> Path:
+    synthetic.generate(folder, per_class=per_class, colors=START_COLORS, size=64, fmt="jpg", seed=seed,
+                       captions_file=None)
+    return folder
+
+
+def draw(path: Path, color: str, shape: str, seed: int = 0) -> Path:
+    import random
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"  # written whole, then renamed in, as a camera import would
+    synthetic.draw_shape(color, shape, 64, random.Random(seed)).save(tmp, format="JPEG", quality=92)
+    os.replace(tmp, path)
+    return path
+
+
+def wait_for(check, timeout: float = 20.0, what: str = "the library to follow the disk"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def top(lib, text: str, k: int = 1) -> list[str]:
+    return [h.path for h in lib.search(text, k=k)]
+
+
+class Running:
+    """A Library's watcher running in a thread, as `serve --watch` runs it."""
+
+    def __init__(self, lib, paths, **kw):
+        self.said: list[str] = []
+        self.batches = []
+        self.error: BaseException | None = None
+        self.watcher = lib.watcher(paths, poll=True, interval=0.1, debounce=0.3, on_batch=self.batches.append,
+                                   say=self.said.append, **kw)
+        self.watcher.start()
+        self.caught_up = self.watcher.catch_up()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.watcher.run(self.stop)
+        except BaseException as e:
+            self.error = e
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture()
+def lib(settings):
+    from imgsearch import Library
+
+    with Library(settings=settings) as library:
+        yield library
+
+
+def test_add_modify_rename_delete_are_followed_by_queries(lib, tmp_path):
+    folder = shapes(tmp_path / "photos")
+    run = Running(lib, [folder])
+    try:
+        assert run.caught_up.new == 12
+        start = lib.status().images
+
+        new = draw(folder / "new.jpg", "red", "circle")
+        wait_for(lambda: top(lib, "a red circle") == [str(new)], what="the new red circle to be found")
+        row_id = lib.search("a red circle", k=1)[0].id
+
+        draw(folder / "new.jpg", "blue", "square", seed=3)  # same name, new picture
+        wait_for(lambda: top(lib, "a blue square") == [str(new)], what="the modified file's new content")
+        assert str(new) not in top(lib, "a red circle", k=3)
+        assert lib.search("a blue square", k=1)[0].id == row_id  # updated in place
+
+        moved = folder / "2024" / "renamed.jpg"
+        moved.parent.mkdir()
+        os.rename(new, moved)
+        wait_for(lambda: top(lib, "a blue square") == [str(moved)], what="the renamed file")
+        assert lib.search("a blue square", k=1)[0].id == row_id  # a move keeps the row (captions, tags)
+        assert lib.status().images == start + 1
+
+        moved.unlink()
+        wait_for(lambda: lib.status().images == start, what="the deleted file to be forgotten")
+        assert str(moved) not in top(lib, "a blue square", k=20)
+        assert run.error is None
+        lines = [b.line() for b in run.batches]
+        assert any(line.startswith("added 1,") for line in lines), lines
+        assert any("moved 1" in line for line in lines) and any("removed 1" in line for line in lines), lines
+    finally:
+        run.close()
+
+
+def test_partial_writes_temp_hidden_and_other_files_are_not_indexed(lib, home, tmp_path):
+    folder = shapes(tmp_path / "photos")
+    assert home.parent == tmp_path
+    run = Running(lib, [tmp_path])  # the library's own home is inside the watched folder
+    try:
+        start = lib.status().images
+        import io
+
+        import random
+
+        buf = io.BytesIO()
+        synthetic.draw_shape("red", "circle", 64, random.Random(5)).save(buf, format="JPEG", quality=92)
+        data = buf.getvalue()
+        slow = folder / "slow.jpg"
+        with open(slow, "wb") as f:  # a slow copy: pauses shorter than the quiet spell a file needs
+            for i in range(0, len(data), len(data) // 6 + 1):
+                f.write(data[i:i + len(data) // 6 + 1])
+                f.flush()
+                time.sleep(0.12)
+        (folder / ".hidden.jpg").write_bytes(data)
+        (folder / "download.jpg.part").write_bytes(data)
+        (folder / "notes.txt").write_text("not a photo")
+        wait_for(lambda: top(lib, "a red circle") == [str(slow)], what="the finished copy")
+        time.sleep(1.0)  # time for anything else to (wrongly) arrive
+        assert lib.status().images == start + 1
+        assert lib.failures() == []  # never indexed half-written; notes.txt and the library's files not tried
+        assert [b.line().split(" (")[0] for b in run.batches] == ["added 1, updated 0, moved 0, removed 0"]
+    finally:
+        run.close()
+
+
+def test_watching_holds_the_write_lock_only_while_a_batch_is_written(lib, cli, tmp_path):
+    folder = shapes(tmp_path / "photos")
+    other = shapes(tmp_path / "other", seed=2)
+    run = Running(lib, [folder])
+    try:
+        r = cli("index", "--no-wait", other)  # another writer, e.g. a second terminal
+        assert r.exit_code == 0, r.stderr
+        assert "new 12" in r.stdout
+    finally:
+        run.close()
+
+
+def test_a_folder_that_disappears_is_named_and_the_others_still_watched(lib, tmp_path):
+    a = shapes(tmp_path / "a")
+    b = tmp_path / "b"
+    b.mkdir()
+    run = Running(lib, [a, b])
+    try:
+        images = lib.status().images
+        shutil.rmtree(a)
+        wait_for(lambda: any("is gone" in s for s in run.said), what="the message about the vanished folder")
+        gone = [s for s in run.said if "is gone" in s]
+        assert len(gone) == 1 and str(a) in gone[0] and "still watching 1 folder" in gone[0]
+        assert "\n" not in gone[0]
+        assert lib.status().images == images  # maybe an unplugged drive: nothing forgotten on a guess
+
+        new = draw(b / "red.jpg", "red", "circle")
+        wait_for(lambda: top(lib, "a red circle") == [str(new)], what="the other folder still watched")
+
+        shutil.rmtree(b)
+        run.thread.join(20)
+        assert not run.thread.is_alive()
+        assert "every watched folder is gone" in str(run.error)
+    finally:
+        run.close()
+
+
+def test_without_inotify_it_falls_back_to_polling_and_says_so(lib, tmp_path, monkeypatch):
+    import errno
+
+    import watchdog.observers
+
+    class NoInotify:
+        def schedule(self, *a, **k):
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(watchdog.observers, "Observer", NoInotify)
+    folder = shapes(tmp_path / "photos")
+    said = []
+    w = lib.watcher([folder], interval=0.1, debounce=0.2, say=said.append)
+    with w:
+        w.start()
+        assert w.how == "polling every 0.1s"
+        assert said == ["native file events unavailable (inotify watch limit reached); polling every 0.1s instead"]
+        w.catch_up()
+        stop = threading.Event()
+        t = threading.Thread(target=w.run, args=(stop,), daemon=True)
+        t.start()
+        try:
+            new = draw(folder / "red.jpg", "red", "circle")
+            wait_for(lambda: top(lib, "a red circle") == [str(new)], what="the polled change")
+        finally:
+            stop.set()
+            t.join(20)
+
+
+def test_watch_refuses_paths_that_are_not_folders(cli, tmp_path):
+    folder = shapes(tmp_path / "photos")
+    r = cli("watch", folder / "green_circle_000.jpg")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"error: {folder / 'green_circle_000.jpg'} is not a folder; watch takes folders "
+                                "(index single files with `imgsearch index FILE`)")
+    r = cli("watch", tmp_path / "nowhere")
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: no such folder: {tmp_path / 'nowhere'}"
+    r = cli("serve", "--watch", folder / "green_circle_000.jpg")
+    assert r.exit_code == 2 and "is not a folder" in r.stderr
+    assert not (Path(os.environ["IMGSEARCH_HOME"]) / "library.db").exists()  # refused before any write
+
+
+# --- as separate processes ---------------------------------------------------------------------------
+def _cmd(home: Path, model_id: str, *args) -> list[str]:
+    return [sys.executable, "-m", "imgsearch", "--home", str(home), "--model", model_id, "--device", "cpu",
+            "--precision", "fp32", *[str(a) for a in args]]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "IMGSEARCH_WORKERS": "2"}
+
+
+class Output:
+    """Collects a process's stdout and stderr without blocking."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.text = ""
+
+    def until(self, needle: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        streams = [s for s in (self.proc.stdout, self.proc.stderr) if s is not None]
+        while needle not in self.text:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} in the output: {self.text[-2000:]}")
+            ready, _, _ = select.select(streams, [], [], 0.2)
+            for s in ready:
+                chunk = os.read(s.fileno(), 65536)
+                self.text += chunk.decode(errors="replace")
+            if not ready and self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode} before {needle!r}: {self.text[-2000:]}")
+        return self.text
+
+
+BURST = 10
+
+
+@pytest.mark.slow
+def test_kill_9_mid_way_loses_nothing_the_next_start_catches_up(home, model_id, tmp_path):
+    from imgsearch import Library
+
+    folder = shapes(tmp_path / "photos")
+    cmd = _cmd(home, model_id, "watch", "--poll", "--interval", "0.1", "--debounce", "0.2", folder)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    out = Output(proc)
+    try:
+        out.until("Ctrl-C stops")
+        for i in range(BURST // 2):
+            draw(folder / f"burst_{i:02d}.jpg", "red", "circle", seed=i)
+        out.until("added")
+        for i in range(BURST // 2, BURST):  # the watcher is killed while this batch is due or being written
+            draw(folder / f"burst_{i:02d}.jpg", "red", "circle", seed=i)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # While nobody watches: one more photo, one deleted.
+    late = draw(folder / "late.jpg", "blue", "square", seed=7)
+    (folder / "green_circle_000.jpg").unlink()
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    out = Output(proc)
+    try:
+        text = out.until("Ctrl-C stops")
+        assert "caught up:" in text and "removed 1" in text
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C (SIGINT may be ignored in a background test run)
+        text = out.until("stopped after")
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    on_disk = sorted(str(p) for p in folder.glob("*.jpg"))
+    with Library(home=home, model=model_id, device="cpu", precision="fp32") as lib:
+        assert lib.status().images == len(on_disk) == 12 - 1 + BURST + 1
+        reds = [h.path for h in lib.search("a red circle", k=BURST)]
+        assert sorted(reds) == sorted(str(folder / f"burst_{i:02d}.jpg") for i in range(BURST))
+        assert top(lib, "a blue square") == [str(late)]
+
+
+@pytest.mark.slow
+def test_serve_watch_answers_with_new_files_without_a_restart(home, model_id, tmp_path):
+    folder = shapes(tmp_path / "photos")
+    cmd = _cmd(home, model_id, "serve", "--port", "0", "--watch", folder, "--poll")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    out = Output(proc)
+    try:
+        text = out.until("imgsearch serving")
+        assert "caught up: new 12" in text
+        wait_for(lambda: (home / "server.json").exists(), what="the server's discovery file")
+        info = json.loads((home / "server.json").read_text())
+
+        def search(q: str) -> list[str]:
+            req = urllib.request.Request(f"http://127.0.0.1:{info['port']}/api/search?q={q.replace(' ', '+')}&k=1",
+                                         headers={"Authorization": f"Bearer {info['token']}"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return [h["path"] for h in json.loads(r.read())["hits"]]
+
+        assert search("a red circle") != [str(folder / "new.jpg")]
+        new = draw(folder / "new.jpg", "red", "circle")
+        wait_for(lambda: search("a red circle") == [str(new)], what="the server to find the new file")
+        out.until("added 1")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not (home / "server.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ui_status_follows_another_process_without_waiting_for_its_cache(settings, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from imgsearch import Library
+
+    folder = shapes(tmp_path / "photos")
+    with Library(settings=settings) as lib:
+        lib.index([folder])
+    for var in ("IMGSEARCH_MODEL", "IMGSEARCH_DEVICE", "IMGSEARCH_PRECISION"):
+        monkeypatch.setenv(var, {"IMGSEARCH_MODEL": settings.model, "IMGSEARCH_DEVICE": "cpu",
+                                 "IMGSEARCH_PRECISION": "fp32"}[var])
+    at = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert "**Images** 12" in "\n".join(m.value for m in at.sidebar.markdown)
+    t = time.monotonic()
+    with Library(settings=settings) as lib:  # a watcher in another process forgets deleted photos
+        assert lib.forget(sorted(folder.glob("green_*.jpg"))) == 3
+    at.run()
+    assert time.monotonic() - t < 10  # within the status cache's 10 s: only the change counter can refresh it
+    assert "**Images** 9" in "\n".join(m.value for m in at.sidebar.markdown)
