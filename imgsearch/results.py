@@ -92,6 +92,9 @@ class LibraryStatus:
     disk_bytes: int = 0
     read_only: bool = False
     schema_version: int | None = None
+    # taken_first/taken_last (local ISO), taken_exif/taken_file (where dates came from), with_gps,
+    # with_camera, without_meta (indexed before schema 5; the next `index` fills them)
+    when_where: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "LibraryStatus":
