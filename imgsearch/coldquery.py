@@ -132,7 +132,7 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                 part = order[start:start + step]
                 want = [int(id_arr[j]) for j in part]
                 rows = {r[0]: r for r in conn.execute(
-                    "SELECT id, path, size, width, height, taken_at FROM images WHERE id IN "
+                    "SELECT id, path, size, width, height, taken_at, taken_source FROM images WHERE id IN "
                     f"({','.join('?' * len(want))})", want)}
                 for j in part:
                     score = float(scores[j])
@@ -144,7 +144,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                     if path is None or not os.path.exists(path):
                         continue  # deleted since it was indexed
                     hits.append({"rank": len(hits) + 1, "id": r[0], "path": path, "score": round(score, 6),
-                                 "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5]})
+                                 "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5],
+                                 "taken_source": r[6]})
                     if len(hits) == k:
                         return hits
             return hits

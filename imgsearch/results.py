@@ -18,6 +18,7 @@ class Hit:
     height: int | None
     size: int
     taken_at: str | None
+    taken_source: str | None = None  # "exif", or "file": taken_at is then the file's modification time
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -250,7 +250,7 @@ class Searcher:
                 if row is None or not os.path.exists(row.path):
                     continue  # deleted since it was indexed
                 hits.append(Hit(len(hits) + 1, i, row.path, round(score, 6), row.width, row.height, row.size,
-                                row.taken_at))
+                                row.taken_at, row.taken_source))
                 if len(hits) == k:
                     return hits
             exhausted = fetch >= limit or (min_score is not None and pairs and pairs[-1][0] < min_score)

@@ -62,11 +62,9 @@ def photo(path: Path, color: str, shape: str, *, taken: str | None = None, offse
 FILE_TIME = datetime(2019, 5, 5, 12, 0, 0).timestamp()
 
 
-@pytest.fixture()
-def dated(tmp_path) -> Path:
+def make_dated(d: Path) -> Path:
     """Red circles from 2021 (Paris, Canon) and 2023 (Tokyo, Pixel), blue squares from 2023 (Pixel), a red
     circle without EXIF (file time 2019), a rotated photo and one with impossible GPS."""
-    d = tmp_path / "dated"
     for i in range(3):
         photo(d / f"red_2021_{i}.jpg", "red", "circle", taken=f"2021:0{i + 3}:10 10:00:00", offset="+01:00",
               gps=EIFFEL if i < 2 else NOTRE_DAME, make="Canon", model="Canon EOS R5", seed=i)
@@ -85,12 +83,30 @@ def dated(tmp_path) -> Path:
 
 
 @pytest.fixture()
-def lib(settings, dated):
+def dated(tmp_path) -> Path:
+    return make_dated(tmp_path / "dated")
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_model):
+    """Settings of one library over make_dated's photos, indexed once for the tests that only search it."""
+    from imgsearch import Library
+    from imgsearch.config import Settings
+
+    root = tmp_path_factory.mktemp("when-where")
+    settings = Settings(home=root / "home", model=f"local-dir:{tiny_model}", pretrained=None, device="cpu",
+                        precision="fp32", workers=2, batch_size=16)
+    with Library(settings=settings) as lib:
+        rep = lib.index(make_dated(root / "dated"))
+        assert rep.new == 11 and not rep.failed, rep.failed
+    return settings
+
+
+@pytest.fixture()
+def lib(indexed):
     from imgsearch import Library
 
-    with Library(settings=settings) as lib:
-        rep = lib.index(dated)
-        assert rep.new == 11 and not rep.failed
+    with Library(settings=indexed) as lib:
         yield lib
 
 
@@ -107,8 +123,8 @@ def names(hits) -> list[str]:
     return [Path(h.path if hasattr(h, "path") else h["path"]).name for h in hits]
 
 
-def test_exif_time_offset_gps_camera_and_size_are_stored(lib, home):
-    r = rows(home)
+def test_exif_time_offset_gps_camera_and_size_are_stored(indexed):
+    r = rows(indexed.home)
     red = r["red_2021_0.jpg"]
     assert (red["taken_at"], red["taken_utc"], red["taken_offset"], red["taken_source"]) == (
         "2021-03-10T10:00:00", "2021-03-10T09:00:00", "+01:00", "exif")
@@ -142,8 +158,12 @@ def test_after_keeps_only_later_photos_ranked_by_similarity(lib):
 
 
 def test_before_ends_at_the_end_of_its_period(lib):
-    assert sorted(names(lib.search("a red circle", before="2021", k=20))) == [
+    hits = lib.search("a red circle", before="2021", k=20)
+    assert sorted(names(hits)) == [
         "red_2021_0.jpg", "red_2021_1.jpg", "red_2021_2.jpg", "red_nodate.jpg", "yellow_badgps.jpg"]
+    dates = {Path(h.path).name: (h.taken_at, h.taken_source) for h in hits}
+    assert dates["red_nodate.jpg"] == ("2019-05-05T12:00:00", "file")  # dated by its file, and says so
+    assert dates["red_2021_0.jpg"] == ("2021-03-10T10:00:00", "exif")
     assert sorted(names(lib.search("a red circle", after="2021", before="2021", k=20))) == [
         "red_2021_0.jpg", "red_2021_1.jpg", "red_2021_2.jpg"]
     assert names(lib.search("a red circle", after="2021-04-01", before="2021-04-10", k=20)) == ["red_2021_1.jpg"]
@@ -200,24 +220,27 @@ def test_near_a_place_name_from_the_offline_gazetteer(lib, monkeypatch):
     assert str(e.value).startswith("near: no city called 'Nowhere Xanadu' in the offline gazetteer")
 
 
-def test_cold_and_full_path_give_the_same_results(lib, settings, monkeypatch):
+def test_cold_and_full_path_give_the_same_results(indexed, monkeypatch):
+    settings = indexed
     import imgsearch.coldquery
     from imgsearch import Library
 
     cases = [dict(after="2023"), dict(before="2021-03"), dict(near="48.8584,2.2945,5", camera="canon"),
-             dict(after="2022-12-31T00:00-05:00"), dict(camera="pixel", after="2023", before="2023")]
+             dict(after="2022-12-31T00:00-05:00"), dict(camera="pixel", after="2023", before="2023"),
+             dict(camera="canon", near=TOKYO)]  # nothing matches: no hits, not the nearest anyway
     cold = []
     for f in cases:
         with Library(settings=settings) as fresh:
             hits = fresh.quick_search("a red circle", k=4, **f)
         assert hits is not None, f  # the cold path answered rather than handing over
-        cold.append([(h.id, h.score) for h in hits])
+        cold.append([(h.id, h.score, h.taken_at, h.taken_source) for h in hits])
     monkeypatch.setattr(imgsearch.coldquery, "search_texts", lambda *a, **k: None)
     for f, want in zip(cases, cold):
         with Library(settings=settings) as fresh:
-            full = [(h.id, h.score) for h in fresh.search("a red circle", k=4, **f)]
-        assert [i for i, _ in full] == [i for i, _ in want], f
-        assert [s for _, s in full] == pytest.approx([s for _, s in want], abs=1e-5)
+            full = [(h.id, h.score, h.taken_at, h.taken_source) for h in fresh.search("a red circle", k=4, **f)]
+        assert [(h[0], h[2], h[3]) for h in full] == [(h[0], h[2], h[3]) for h in want], f
+        assert [h[1] for h in full] == pytest.approx([h[1] for h in want], abs=1e-5)
+    assert cold[-1] == [] and all(len(c) == 4 for c in cold[:-1])
 
 
 def test_cli_filters_and_status(cli, dated, home):
@@ -303,10 +326,10 @@ def test_keyword_only_search_honours_the_filters(lib):
         "red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"]
 
 
-def test_server_takes_and_checks_the_filters(lib, settings, dated):
+def test_server_takes_and_checks_the_filters(indexed):
     from imgsearch.server import SearchService
 
-    service = SearchService(settings)
+    service = SearchService(indexed)
     try:
         hits = service.search({"texts": ["a red circle"], "after": "2023", "near": [TOKYO[0], TOKYO[1], 5], "k": 5})
         assert sorted(names(hits)) == ["red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"]
@@ -359,7 +382,7 @@ def test_server_http_answers_400_naming_the_field(cli, dated, settings):
         t.join(10)
 
 
-def test_ui_carries_the_filters_in_the_url(lib, settings, monkeypatch):
+def test_ui_carries_the_filters_in_the_url(indexed, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     from imgsearch.ui.app import Params, parse_params
@@ -371,8 +394,8 @@ def test_ui_carries_the_filters_in_the_url(lib, settings, monkeypatch):
     for var in list(os.environ):
         if var.startswith("IMGSEARCH_"):
             monkeypatch.delenv(var)
-    monkeypatch.setenv("IMGSEARCH_HOME", str(settings.home))
-    monkeypatch.setenv("IMGSEARCH_MODEL", settings.model)
+    monkeypatch.setenv("IMGSEARCH_HOME", str(indexed.home))
+    monkeypatch.setenv("IMGSEARCH_MODEL", indexed.model)
     monkeypatch.setenv("IMGSEARCH_DEVICE", "cpu")
     monkeypatch.setenv("IMGSEARCH_PRECISION", "fp32")
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "ui" / "app.py"), default_timeout=60)
