@@ -253,7 +253,8 @@ def query_cmd(
     before: Optional[str] = typer.Option(None, "--before", help="Only photos taken before the END of this period "
                                          "(--before 2023 includes 2023; a full timestamp is excluded)."),
     near: Optional[str] = typer.Option(None, "--near", help="Only photos with GPS within KM of a point: "
-                                       "LAT,LON[,KM] in decimal degrees (default 5 km)."),
+                                       "LAT,LON[,KM] in decimal degrees (default 5 km), or a city, "
+                                       "PLACE[,KM] (needs the places extra)."),
     camera: Optional[str] = typer.Option(None, "--camera", help="Only photos whose camera make/model contains "
                                          "this text (case-insensitive)."),
     use_server: bool = typer.Option(True, "--server/--no-server", help="Use a running `imgsearch serve` for this "
