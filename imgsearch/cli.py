@@ -248,6 +248,15 @@ def query_cmd(
     blend: Optional[float] = typer.Option(None, "--blend", min=0.0, max=1.0, help="Blend keyword relevance into "
                                           "the CLIP ranking with this weight (0-1) instead of filtering by "
                                           "--keyword."),
+    after: Optional[str] = typer.Option(None, "--after", help="Only photos taken from this date on: YYYY, YYYY-MM, "
+                                        "YYYY-MM-DD or an ISO timestamp (EXIF time, else the file's)."),
+    before: Optional[str] = typer.Option(None, "--before", help="Only photos taken before the END of this period "
+                                         "(--before 2023 includes 2023; a full timestamp is excluded)."),
+    near: Optional[str] = typer.Option(None, "--near", help="Only photos with GPS within KM of a point: "
+                                       "LAT,LON[,KM] in decimal degrees (default 5 km), or a city, "
+                                       "PLACE[,KM] (needs the places extra)."),
+    camera: Optional[str] = typer.Option(None, "--camera", help="Only photos whose camera make/model contains "
+                                         "this text (case-insensitive)."),
     use_server: bool = typer.Option(True, "--server/--no-server", help="Use a running `imgsearch serve` for this "
                                     "library and model when there is one (much faster start)."),
     daemon: bool = typer.Option(False, "--daemon", help="Start a background server (exits after 10 minutes idle) "
@@ -267,18 +276,21 @@ def query_cmd(
     # The search layer and the server name the parameter ("under: no such folder"); say it as typed here.
     flags = {"k": ("-k", k), "under": ("--under", under), "min_score": ("--min-score", min_score),
              "blend": ("--blend", blend), "keyword": ("--keyword", repr(keyword)),
-             "tag": ("--tag", ", ".join(tag or []))}
+             "tag": ("--tag", ", ".join(tag or [])), "after": ("--after", after), "before": ("--before", before),
+             "near": ("--near", near), "camera": ("--camera", repr(camera))}
+    ww = {"after": after, "before": before, "near": near, "camera": camera}
     with flag_words(**flags):
         check_k(k)
         rows = _query_rows(settings_of(ctx), texts, image, not_text, not_image, k, min_score, under, tag, keyword,
-                           blend, use_server, daemon)
+                           blend, use_server, daemon, ww)
     fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
     print_hits(rows, fmt, min_score=min_score, tag=tag, keyword=keyword)
 
 def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under, tag, keyword, blend, use_server,
-                daemon) -> list[dict]:
+                daemon, ww: dict | None = None) -> list[dict]:
     """Hits as dicts: from a running server for this library and model when there is one, else in-process."""
     rows = None
+    ww = {key: v for key, v in (ww or {}).items() if v is not None}
     if use_server and (texts or image):
         from . import client
 
@@ -287,7 +299,7 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
             try:
                 rows = client.search(info, texts or [], image or [], not_text or [], not_image or [], k, min_score,
                                      str(under) if under else None,
-                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend})
+                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend, **ww})
             except OSError:
                 rows = None  # the server went away mid-request: answer in-process below
     if rows is not None:
@@ -300,7 +312,7 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
     with Library(settings=settings) as lib:
         hits = lib.search(list(texts or []), image=list(image or []), not_text=list(not_text or []),
                           not_image=list(not_image or []), k=k, min_score=min_score,
-                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend)
+                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend, **ww)
     return [h.as_dict() for h in hits]
 
 
@@ -331,6 +343,14 @@ def status_cmd(
     typer.echo(f"images    {st['images']}")
     typer.echo(f"failures  {st['failures']}" + ("  (imgsearch status --failures lists them)" if st["failures"] else ""))
     typer.echo(f"disk      {human_bytes(st['disk_bytes'])}")
+    ww = st.get("when_where") or {}
+    if ww.get("taken_first"):
+        typer.echo(f"taken     {ww['taken_first'][:10]} to {ww['taken_last'][:10]} ({ww['taken_exif']} from EXIF, "
+                   f"{ww['taken_file']} from file times)")
+    if st["images"]:
+        typer.echo(f"places    {ww.get('with_gps', 0)} with GPS, {ww.get('with_camera', 0)} with camera make/model"
+                   + (f"; {ww['without_meta']} not read yet (the next `imgsearch index` reads them)"
+                      if ww.get("without_meta") else ""))
     if st.get("read_only"):
         typer.echo("access    read-only (queries work; index, forget, captions and tags need write access)")
     run = st["last_run"]

@@ -37,10 +37,13 @@ def _connect(db: Path) -> sqlite3.Connection | None:
 
 
 def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
-                 under: str | None, tags: list[str] | None) -> list[dict] | None:
-    """Hits as dicts (the keys of search.Hit) or None when the full path must answer."""
+                 under: str | None, tags: list[str] | None, where=None) -> list[dict] | None:
+    """Hits as dicts (the keys of search.Hit) or None when the full path must answer.
+
+    ``where``: a geo.MetaFilter (dates, place, camera), decided by the same SQL and test as the full path.
+    """
     try:
-        return _search_texts(settings, texts, not_texts, k, min_score, under, tags)
+        return _search_texts(settings, texts, not_texts, k, min_score, under, tags, where)
     except Exception:  # noqa: BLE001 - a fast-path bug must never fail the query; the full path answers
         if os.environ.get("IMGSEARCH_DEBUG"):
             raise
@@ -48,12 +51,12 @@ def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: 
 
 
 def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
-                  under: str | None, tags: list[str] | None) -> list[dict] | None:
+                  under: str | None, tags: list[str] | None, where=None) -> list[dict] | None:
     from . import textfast
     from .encoder import ModelSpec, known_fingerprint
     from .files import abspath
     from .migrations import SCHEMA_VERSION
-    from .store import _like_prefix, _unbind
+    from .store import _like_prefix, _unbind, meta_filter_sql
 
     if not texts or k < 1:
         return None
@@ -90,27 +93,33 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                 return None  # the full path says why once and uses torch
             if tower.dim != dim:
                 return None
-            where, params = "", []
+            sql_where, params = "", []
             if under:
                 folder = abspath(under)  # the real path, as the library stores it
                 if not os.path.isdir(folder):
                     return None  # a file or a missing folder: the full path decides and words the error
                 folder = folder.rstrip(os.sep) or os.sep
                 if folder != os.sep:
-                    where = " AND image_id IN (SELECT id FROM images WHERE path = ? OR path LIKE ? ESCAPE '\\')"
+                    sql_where = " AND image_id IN (SELECT id FROM images WHERE path = ? OR path LIKE ? ESCAPE '\\')"
                     params = [folder, _like_prefix(folder)]
             for label in [t.strip() for t in tags or () if t]:
-                where += " AND image_id IN (SELECT image_id FROM tags WHERE label = ? COLLATE NOCASE)"
+                sql_where += " AND image_id IN (SELECT image_id FROM tags WHERE label = ? COLLATE NOCASE)"
                 params.append(label)
+            allowed = None
+            if where is not None:
+                sql, args = meta_filter_sql(where)
+                allowed = {r[0] for r in conn.execute(sql, args) if where.keeps(r[1], r[2], r[3], r[4])}
             vecs = textfast_query_vector(tower, pos, neg, dim)
             if vecs is None:
                 return None  # terms cancel out: the full path says so
             # Rows stream into one preallocated matrix: a blob list plus a joined copy tripled peak memory.
             matrix = np.empty((count, dim), dtype=np.float32)
             ids = []
-            for n, (i, b) in enumerate(conn.execute(
-                    f"SELECT image_id, vector FROM vectors WHERE model_id = ?{where}", (model_id, *params))):
-                matrix[n] = np.frombuffer(b, dtype="<f4")
+            for i, b in conn.execute(
+                    f"SELECT image_id, vector FROM vectors WHERE model_id = ?{sql_where}", (model_id, *params)):
+                if allowed is not None and i not in allowed:
+                    continue
+                matrix[len(ids)] = np.frombuffer(b, dtype="<f4")
                 ids.append(i)
             if not ids:
                 return []
@@ -123,7 +132,7 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                 part = order[start:start + step]
                 want = [int(id_arr[j]) for j in part]
                 rows = {r[0]: r for r in conn.execute(
-                    "SELECT id, path, size, width, height, taken_at FROM images WHERE id IN "
+                    "SELECT id, path, size, width, height, taken_at, taken_source FROM images WHERE id IN "
                     f"({','.join('?' * len(want))})", want)}
                 for j in part:
                     score = float(scores[j])
@@ -135,7 +144,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                     if path is None or not os.path.exists(path):
                         continue  # deleted since it was indexed
                     hits.append({"rank": len(hits) + 1, "id": r[0], "path": path, "score": round(score, 6),
-                                 "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5]})
+                                 "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5],
+                                 "taken_source": r[6]})
                     if len(hits) == k:
                         return hits
             return hits

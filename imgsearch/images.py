@@ -3,24 +3,44 @@
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from .errors import DecodeError
 
 _EXIF_IFD = 0x8769
+_GPS_IFD = 0x8825
 _DATETIME_ORIGINAL = 36867
+_OFFSET_TIME = 36880
+_OFFSET_TIME_ORIGINAL = 36881
 _DATETIME = 306
+_MAKE = 271
+_MODEL = 272
 _ORIENTATION = 274
+_OFFSET = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
 
 
 @dataclass(frozen=True)
 class ImageInfo:
     width: int  # as displayed, after EXIF orientation
     height: int
-    taken_at: str | None  # ISO 8601 from EXIF, when present
+    taken_at: str | None = None  # local wall-clock time from EXIF (ISO 8601, no offset), when present
+    taken_utc: str | None = None  # the same instant in UTC; local time taken as UTC when no offset is recorded
+    taken_offset: str | None = None  # "+02:00" as recorded (OffsetTimeOriginal / OffsetTime), else None
+    gps_lat: float | None = None  # decimal degrees, north positive
+    gps_lon: float | None = None  # decimal degrees, east positive
+    camera_make: str | None = None
+    camera_model: str | None = None
+
+    def meta(self) -> dict:
+        """The library's per-image metadata columns (EXIF only: the indexer supplies the file-time fallback)."""
+        return {"taken_at": self.taken_at, "taken_utc": self.taken_utc, "taken_offset": self.taken_offset,
+                "taken_source": "exif" if self.taken_at else None, "gps_lat": self.gps_lat,
+                "gps_lon": self.gps_lon, "camera_make": self.camera_make, "camera_model": self.camera_model}
 
 
 def _register_heif() -> None:
@@ -47,18 +67,97 @@ def _pil():
     return Image
 
 
-def _taken_at(exif) -> str | None:
-    raw = None
+def _exif_text(value, limit: int = 64) -> str | None:
+    """An EXIF ASCII field as clean text: NULs and padding stripped, control characters dropped."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return None
+    value = "".join(ch for ch in value.replace("\x00", " ") if ch.isprintable()).strip()
+    return value[:limit] or None
+
+
+def _offset(raw) -> tuple[str, timedelta] | None:
+    m = _OFFSET.match(_exif_text(raw) or "")
+    if not m:
+        return None
+    hours, minutes = int(m[2]), int(m[3])
+    if hours > 14 or minutes >= 60:  # real UTC offsets span -12:00..+14:00
+        return None
+    sign = -1 if m[1] == "-" else 1
+    return f"{m[1]}{hours:02d}:{minutes:02d}", sign * timedelta(hours=hours, minutes=minutes)
+
+
+def _degrees(value, ref, negative: str, limit: float) -> float | None:
+    """EXIF GPS (degrees, minutes, seconds) rationals and an N/S or E/W ref as signed decimal degrees."""
     try:
-        raw = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
-    except Exception:  # malformed EXIF must never fail the image
+        parts = [float(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
+    except (TypeError, ValueError, ZeroDivisionError):
         return None
-    if not raw or not isinstance(raw, str):
+    if not 1 <= len(parts) <= 3 or any(not math.isfinite(v) or v < 0 for v in parts):
+        return None  # a zero denominator reads as nan; negative parts are not DMS
+    deg = sum(v / 60 ** i for i, v in enumerate(parts))
+    if deg > limit:
         return None
+    return -deg if (_exif_text(ref) or "").upper().startswith(negative) else deg
+
+
+def _exif_meta(exif) -> dict:
+    """Capture time (with offset), GPS position and camera from parsed EXIF; each part on its own, so one
+    malformed field never loses the others (and never fails the image)."""
+    out: dict = {}
     try:
-        return datetime.strptime(raw.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").isoformat()
-    except ValueError:
-        return None
+        sub = exif.get_ifd(_EXIF_IFD)
+    except Exception:
+        sub = {}
+    try:
+        raw, offset = sub.get(_DATETIME_ORIGINAL), sub.get(_OFFSET_TIME_ORIGINAL) or sub.get(_OFFSET_TIME)
+        if not raw:
+            raw, offset = exif.get(_DATETIME), sub.get(_OFFSET_TIME)
+        local = datetime.strptime((_exif_text(raw) or "")[:19], "%Y:%m:%d %H:%M:%S")
+        out["taken_at"] = local.isoformat()
+        off = _offset(offset)
+        out["taken_offset"] = off[0] if off else None
+        out["taken_utc"] = (local - off[1] if off else local).isoformat()
+    except (ValueError, TypeError, OverflowError, AttributeError):
+        pass  # "0000:00:00 00:00:00" and friends: no date
+    try:
+        gps = exif.get_ifd(_GPS_IFD)
+        if gps:
+            lat, lon = _degrees(gps.get(2), gps.get(1), "S", 90.0), _degrees(gps.get(4), gps.get(3), "W", 180.0)
+            # 0,0 is what receivers without a fix write; a photo taken there is rarer than that bug.
+            if lat is not None and lon is not None and (lat, lon) != (0.0, 0.0):
+                out["gps_lat"], out["gps_lon"] = round(lat, 7), round(lon, 7)
+    except Exception:
+        pass
+    try:
+        out["camera_make"], out["camera_model"] = _exif_text(exif.get(_MAKE)), _exif_text(exif.get(_MODEL))
+    except Exception:
+        pass
+    return out
+
+
+def _info(w: int, h: int, exif) -> "ImageInfo":
+    return ImageInfo(w, h, **_exif_meta(exif)) if exif else ImageInfo(w, h, None)
+
+
+def read_meta(path: str | os.PathLike) -> tuple[int, int, dict]:
+    """(width, height, metadata columns) from a file's header only: no pixels are decoded.
+
+    For backfilling libraries indexed before these columns existed; raises DecodeError when unreadable.
+    """
+    Image = _pil()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                exif = im.getexif()
+    except Exception as e:
+        raise DecodeError(f"cannot read header: {e}") from None
+    if exif and exif.get(_ORIENTATION, 1) in (5, 6, 7, 8):
+        w, h = h, w
+    return w, h, _info(w, h, exif).meta()
 
 
 def _to_rgb(im):
@@ -120,9 +219,9 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
             _check_pixels(w, h, max_pixels)
             exif = im.getexif()
             orientation = exif.get(_ORIENTATION, 1) if exif else 1
-            taken = _taken_at(exif) if exif else None
             if orientation in (5, 6, 7, 8):
                 w, h = h, w
+            info = _info(w, h, exif)
             if draft_size and im.format == "JPEG" and min(im.size) > 2 * draft_size:
                 im.draft("RGB", (draft_size, draft_size))
             im.load()
@@ -142,13 +241,13 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
         raise DecodeError(f"corrupt image: {text}") from None
     except MemoryError:
         raise DecodeError("not enough memory to decode this image") from None
-    return im, ImageInfo(w, h, taken)
+    return im, info
 
 
 
 # --- batched tensor decode (nvJPEG on CUDA) ---------------------------------------------------------
 def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, int]:
-    """Size, date and EXIF orientation of JPEG bytes without decoding pixels."""
+    """Size, EXIF metadata and orientation of JPEG bytes without decoding pixels."""
     Image = _pil()
     try:
         with warnings.catch_warnings():
@@ -164,7 +263,7 @@ def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, 
             orientation = exif.get(_ORIENTATION, 1) if exif else 1
             if orientation in (5, 6, 7, 8):
                 w, h = h, w
-            return ImageInfo(w, h, _taken_at(exif) if exif else None), orientation
+            return _info(w, h, exif), orientation
     except DecodeError:
         raise
     except Exception as e:

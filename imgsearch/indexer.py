@@ -29,6 +29,7 @@ class _Work:
     entry: files.FileEntry
     old: ImageRow | None  # existing row at this path (content may have changed)
     needs_vector: bool  # False: only the fingerprint must be checked
+    meta_only: bool = False  # unchanged, indexed before schema 5: read when/where from the header only
 
 
 @dataclass
@@ -41,9 +42,36 @@ class _Done:
     skipped_decode: bool = False  # content already known; no pixels decoded
     raw: bytes | None = None  # JPEG bytes left for the batched (GPU) decoder
     orientation: int = 1
+    meta: dict | None = None  # when/where columns to backfill on an unchanged row
 
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
+
+
+def with_file_time(meta: dict, mtime_ns: int) -> dict:
+    """``meta`` with the file's mtime as the capture time (taken_source 'file') when EXIF gave none."""
+    if meta.get("taken_source") == "exif" and meta.get("taken_at"):
+        return meta
+    from datetime import datetime, timezone
+
+    when = datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc)
+    local = when.astimezone()  # this machine's zone: what the user saw the file dated
+    offset = local.utcoffset()
+    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    sign = "-" if minutes < 0 else "+"
+    return {**meta, "taken_at": local.replace(tzinfo=None).isoformat(timespec="seconds"),
+            "taken_utc": when.replace(tzinfo=None).isoformat(timespec="seconds"),
+            "taken_offset": f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}", "taken_source": "file"}
+
+
+def header_meta(path: str, mtime_ns: int) -> dict:
+    """Size and when/where of a file from its header (no pixels decoded), for rows indexed before schema 5."""
+    try:
+        w, h, meta = images.read_meta(path)
+        meta = {**meta, "width": w, "height": h}
+    except DecodeError:
+        meta = {}  # unreadable header: the file time still dates it, and it is not retried every run
+    return with_file_time(meta, mtime_ns)
 
 
 def tensor_decode_wanted(mode: str, device: str) -> bool:
@@ -146,6 +174,8 @@ class Indexer:
     # --- worker side (threads) -----------------------------------------------------------------
     def _process(self, work: _Work, known_hashes: frozenset[str], tensor_decode: bool | None = None) -> _Done:
         path = work.entry.path
+        if work.meta_only:
+            return _Done(work, skipped_decode=True, meta=header_meta(path, work.entry.mtime_ns))
         cap = self.settings.max_file_mb << 20
         data = None
         try:
@@ -155,7 +185,8 @@ class Indexer:
                     return _Done(work, error=over_cap(size, self.settings.max_file_mb))
                 digest = files.hash_file(f)
                 if work.old is not None and work.old.hash == digest and not work.needs_vector:
-                    return _Done(work, hash=digest, skipped_decode=True)  # touched, same content
+                    meta = header_meta(path, work.entry.mtime_ns) if work.old.taken_source is None else None
+                    return _Done(work, hash=digest, skipped_decode=True, meta=meta)  # touched, same content
                 if work.old is None and digest in known_hashes:
                     return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
                 if tensor_decode is None:
@@ -231,6 +262,9 @@ class Indexer:
             old = existing.get(path)
             if old is not None and old.size == entry.size and old.mtime_ns == entry.mtime_ns:
                 if old.id in with_vec:
+                    if old.taken_source is None:  # from before schema 5: a header read fills when/where
+                        work.append(_Work(entry, old, needs_vector=False, meta_only=True))
+                        continue
                     report.unchanged += 1
                     continue
                 work.append(_Work(entry, old, needs_vector=True))
@@ -246,8 +280,9 @@ class Indexer:
         # A new file whose content the library knows is a move (its old row's file is gone) or a copy.
         known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
-        if work:  # before the run is recorded: a refused int8 run leaves the library as it was
-            self._prepare_image_tower(work, report)
+        to_decode = [w for w in work if not w.meta_only]
+        if to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
+            self._prepare_image_tower(to_decode, report)
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
         batch: list[_Done] = []
@@ -360,6 +395,11 @@ class Indexer:
             pending.failures.append((e.path, res.error, e.size, e.mtime_ns))
             return
         if res.skipped_decode:
+            if res.meta is not None:
+                pending.meta.append({**res.meta, "id": w.old.id})
+            if w.meta_only:
+                report.unchanged += 1
+                return
             if w.old is not None:  # same bytes, new timestamp
                 pending.touched.append((w.old.id, e.size, e.mtime_ns))
                 report.unchanged += 1
@@ -418,7 +458,8 @@ class Indexer:
             vec_by_id = dict(zip(ids.tolist(), vecs))
             for e, src in copies:
                 pending.new.append({"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": src.hash,
-                                    "width": src.width, "height": src.height, "taken_at": src.taken_at})
+                                    "width": src.width, "height": src.height,
+                                    **with_file_time(src.meta(), e.mtime_ns)})
                 pending.vectors.append((e.path, vec_by_id[src.id]))
                 pending.cleared.append(e.path)
                 report.new += 1
@@ -455,7 +496,7 @@ class Indexer:
         for res, vec in zip(batch, vecs):
             w, e, info = res.work, res.work.entry, res.info
             record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": res.hash,
-                      "width": info.width, "height": info.height, "taken_at": info.taken_at}
+                      "width": info.width, "height": info.height, **with_file_time(info.meta(), e.mtime_ns)}
             if w.old is None:
                 pending.new.append(record)
                 pending.vectors.append((e.path, vec))
@@ -466,6 +507,8 @@ class Indexer:
                 report.updated += 1
             else:  # unchanged content, first vector for this model
                 pending.touched.append((w.old.id, e.size, e.mtime_ns))
+                if w.old.taken_source is None:
+                    pending.meta.append({**record, "id": w.old.id})
                 pending.vectors.append((w.old.id, vec))
                 report.unchanged += 1
             pending.cleared.append(e.path)
@@ -488,16 +531,18 @@ class _Pending:
         self.copies: list[tuple[files.FileEntry, str]] = []
         self.failures: list[tuple] = []
         self.cleared: list[str] = []
+        self.meta: list[dict] = []
 
     def size(self) -> int:
         return (len(self.new) + len(self.updated) + len(self.moved) + len(self.touched) + len(self.copies)
-                + len(self.failures))
+                + len(self.failures) + len(self.meta))
 
     def flush(self, store: Store, model_id: int) -> None:
         if not (self.size() or self.vectors or self.cleared):
             return
         store.write_batch(model_id, new=self.new, updated=self.updated, moved=self.moved, touched=self.touched,
-                          vectors=self.vectors, failures=self.failures, cleared_failures=self.cleared)
+                          vectors=self.vectors, failures=self.failures, cleared_failures=self.cleared,
+                          meta=self.meta)
         copies = self.copies
         self.__init__()
         self.copies = copies
@@ -631,7 +676,7 @@ def library_status(settings: Settings) -> dict:
                 "failed_files": [{"path": p, "reason": r} for p, r in store.failures(limit=20)],
                 "models": models, "last_run": _run_state(settings, store.last_run()), "disk_bytes": disk,
                 "read_only": store.read_only,
-                "schema_version": store.schema_version}
+                "schema_version": store.schema_version, "when_where": store.when_where_summary()}
     finally:
         store.close()
 

@@ -115,7 +115,7 @@ def _hits(store: Store, scored: Iterable[tuple[int, float]], k: int, min_score: 
             if row is None or not os.path.exists(row.path):
                 continue
             hits.append(Hit(len(hits) + 1, i, row.path, round(float(score), 6), row.width, row.height, row.size,
-                            row.taken_at))
+                            row.taken_at, row.taken_source))
             if len(hits) == k:
                 return hits
     return hits

@@ -279,7 +279,8 @@ class Library:
     def search(self, text=None, *, image=None, not_text=None, not_image=None, ids: Iterable[int] = (),
                k: int = 10, min_score: float | None = None, under: str | os.PathLike | None = None,
                tag: str | Sequence[str] | None = None, keyword: str | None = None, blend: float | None = None,
-               exclude_ids: Iterable[int] = ()) -> list[Hit]:
+               exclude_ids: Iterable[int] = (), after=None, before=None, near=None,
+               camera: str | None = None) -> list[Hit]:
         """The ``k`` library images closest to the query, best first.
 
         ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
@@ -288,10 +289,16 @@ class Library:
         ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like.
         Filters: ``under`` a folder, ``tag`` zero-shot tags (all must match), ``keyword`` words in names,
         folders, captions and tags; ``blend`` (0..1) mixes keyword relevance into the score instead.
+        When and where: ``after``/``before`` a capture date (YYYY, YYYY-MM, YYYY-MM-DD or ISO timestamp;
+        ``before`` ends at the end of its period), ``near`` "LAT,LON[,KM]" or (lat, lon[, km]) (5 km by
+        default), ``camera`` text in the camera's make and model. See geo.py.
         """
+        from . import geo
         from .queryspec import check_k
 
         check_k(k)
+        when_where = geo.build(after, before, near, camera)  # bad values fail here, whichever path answers
+        ww = {"after": after, "before": before, "near": near, "camera": camera} if when_where else {}
         texts, not_texts = _as_list(text), _as_list(not_text)
         imgs = image if isinstance(image, list) else ([] if image is None else [image])
         not_imgs = not_image if isinstance(not_image, list) else ([] if not_image is None else [not_image])
@@ -306,10 +313,11 @@ class Library:
                     raise ParamError("blend", "mixes keyword and CLIP scores; give query text or an image too")
                 from .keywords import keyword_search
 
-                return keyword_search(self.store, keyword, k, under=under, tags=tags)
+                return keyword_search(self.store, keyword, k, under=under, tags=tags,
+                                      allowed_ids=self.store.ids_matching(when_where) if when_where else None)
             raise UsageError("nothing to search for: give query text, an image, or both")
         if not (imgs or not_imgs or ids or keyword is not None or exclude_ids):
-            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags)
+            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags, **ww)
             if hits is not None:
                 return hits
         from .query import Query
@@ -317,10 +325,10 @@ class Library:
         query = Query.build([self._text(t) for t in texts], [self._image(x) for x in imgs],
                             [self._text(t) for t in not_texts], [self._image(x) for x in not_imgs], ids)
         return self._warm().search(query, k, min_score=min_score, under=under, tag=tags, keyword=keyword,
-                                   blend=blend, exclude_ids=exclude_ids)
+                                   blend=blend, exclude_ids=exclude_ids, **ww)
 
     def quick_search(self, text, *, not_text=None, k: int = 10, min_score: float | None = None, under=None,
-                     tag=None) -> list[Hit] | None:
+                     tag=None, after=None, before=None, near=None, camera=None) -> list[Hit] | None:
         """The lean path alone: plain text terms on a flat-sized library, answered with numpy and sqlite3
         while nothing heavy is loaded (coldquery.py). None when it can't answer; then ``search`` can."""
         texts, not_texts = _as_list(text), _as_list(not_text)
@@ -328,10 +336,11 @@ class Library:
                 or not all(isinstance(t, str) for t in texts + not_texts)):
             return None
         from .coldquery import search_texts
+        from .geo import build
 
         tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
         rows = search_texts(self.settings, texts, not_texts, k, min_score,
-                            str(under) if under is not None else None, tags)
+                            str(under) if under is not None else None, tags, build(after, before, near, camera))
         return None if rows is None else [Hit(**r) for r in rows]
 
     def search_query(self, query, k: int = 10, **filters) -> list[Hit]:

@@ -158,6 +158,21 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "INSERT INTO library_meta (key, value) VALUES ('library_id', lower(hex(randomblob(16))))",
         "ALTER TABLE runs ADD COLUMN pid INTEGER",
     ]),
+    # When and where: capture time as recorded (taken_at, local wall clock) plus its UTC instant and offset,
+    # where the time came from ('exif', or 'file' for the file's mtime), GPS position and camera. Rows from
+    # before stay NULL until the next `index` run fills them from the file headers (no re-encode).
+    (5, "when_where", [
+        "ALTER TABLE images ADD COLUMN taken_utc TEXT",
+        "ALTER TABLE images ADD COLUMN taken_offset TEXT",
+        "ALTER TABLE images ADD COLUMN taken_source TEXT",
+        "ALTER TABLE images ADD COLUMN gps_lat REAL",
+        "ALTER TABLE images ADD COLUMN gps_lon REAL",
+        "ALTER TABLE images ADD COLUMN camera_make TEXT",
+        "ALTER TABLE images ADD COLUMN camera_model TEXT",
+        "CREATE INDEX ix_images_taken_at ON images(taken_at)",
+        "CREATE INDEX ix_images_taken_utc ON images(taken_utc)",
+        "CREATE INDEX ix_images_gps ON images(gps_lat, gps_lon)",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -18,6 +18,7 @@ class Hit:
     height: int | None
     size: int
     taken_at: str | None
+    taken_source: str | None = None  # "exif", or "file": taken_at is then the file's modification time
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +93,9 @@ class LibraryStatus:
     disk_bytes: int = 0
     read_only: bool = False
     schema_version: int | None = None
+    # taken_first/taken_last (local ISO), taken_exif/taken_file (where dates came from), with_gps,
+    # with_camera, without_meta (indexed before schema 5; the next `index` fills them)
+    when_where: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "LibraryStatus":

@@ -183,16 +183,18 @@ class Searcher:
     def search(self, query: Query, k: int = 10, min_score: float | None = None, under: str | None = None,
                allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = (),
                tag: str | Sequence[str] | None = None, keyword: str | None = None,
-               blend: float | None = None) -> list[Hit]:
+               blend: float | None = None, after=None, before=None, near=None, camera=None) -> list[Hit]:
         """Top ``k`` images for ``query``; files deleted since indexing never appear.
 
         ``tag``: only images with these zero-shot tags. ``keyword``: only images whose name, folder,
         captions or tags match (see keywords.py); with ``blend`` (0..1) keyword relevance is blended
-        into the score instead of filtering.
+        into the score instead of filtering. ``after``/``before``/``near``/``camera``: capture date, place
+        and camera (see geo.py); like the others they restrict the ids the vector search may return.
         """
         check_k(k)
         if blend is not None and not keyword:
             raise ParamError("blend", "weighs keyword relevance; give a keyword too")
+        allowed_ids = self.restrict_when_where(allowed_ids, after, before, near, camera)
         vec = self.query_vector(query)
         if tag or keyword:
             from . import keywords
@@ -203,6 +205,17 @@ class Searcher:
                 return keywords.blended_search(self, vec, keyword, blend, k, min_score, under, allowed_ids,
                                                exclude_ids)
         return self.search_vector(vec, k, min_score, under, allowed_ids, exclude_ids)
+
+    def restrict_when_where(self, allowed_ids: np.ndarray | None, after=None, before=None, near=None,
+                            camera=None) -> np.ndarray | None:
+        """``allowed_ids`` narrowed to images taken in the date range, near the place, with the camera."""
+        from . import geo
+
+        f = geo.build(after, before, near, camera)
+        if f is None:
+            return allowed_ids
+        ids = self.store.ids_matching(f)
+        return ids if allowed_ids is None else np.intersect1d(allowed_ids, ids)
 
     def search_vector(self, vec: np.ndarray, k: int = 10, min_score: float | None = None, under: str | None = None,
                       allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = ()) -> list[Hit]:
@@ -237,7 +250,7 @@ class Searcher:
                 if row is None or not os.path.exists(row.path):
                     continue  # deleted since it was indexed
                 hits.append(Hit(len(hits) + 1, i, row.path, round(score, 6), row.width, row.height, row.size,
-                                row.taken_at))
+                                row.taken_at, row.taken_source))
                 if len(hits) == k:
                     return hits
             exhausted = fetch >= limit or (min_score is not None and pairs and pairs[-1][0] < min_score)

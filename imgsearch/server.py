@@ -14,12 +14,14 @@ one request field was wrong):
   GET  /api/health                      who is serving: model, home, pid
   GET  /api/status                      the same as `imgsearch status --json`
   GET  /api/search?q=TEXT&k=10&...      text search; q repeatable; also not=, under=, min_score=, id=, tag=,
-                                        keyword=, blend=
+                                        keyword=, blend=, after=, before=, near=LAT,LON[,KM], camera=
   POST /api/search                      Content-Type: application/json
                                         {"texts": ["2:red car", {"text": "night", "weight": 0.5}], "not": [...],
                                          "ids": [...], "images": [base64 or {"data": base64, "weight": 2}],
                                          "not_images": [...], "k": 10, "min_score": null, "under": null,
-                                         "tag": null, "keyword": null, "blend": null}
+                                         "tag": null, "keyword": null, "blend": null, "after": "2023",
+                                         "before": "2023-06", "near": "48.85,2.29,5" or [48.85, 2.29, 5],
+                                         "camera": "pixel"}
   POST /api/search/image?k=10           the image file as the body (Content-Type image/* or
                                         application/octet-stream)
 """
@@ -56,8 +58,9 @@ MAX_CONNECTIONS = 128  # open connections; past it the longest-idle one is dropp
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit silent (half-sent request, idle keep-alive)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _SEARCH_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", "under", "tag", "keyword",
-                  "blend")
-_GET_PARAMS = {"q", "not", "id", "k", "under", "min_score", "tag", "keyword", "blend"}
+                  "blend", "after", "before", "near", "camera")
+_WHEN_WHERE = ("after", "before", "near", "camera")
+_GET_PARAMS = {"q", "not", "id", "k", "under", "min_score", "tag", "keyword", "blend", *_WHEN_WHERE}
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?")
 
 
@@ -193,9 +196,18 @@ class SearchService:
         if blend is not None and (isinstance(blend, bool) or not isinstance(blend, (int, float))
                                   or not math.isfinite(blend)):
             raise FieldError("blend", "'blend' must be a number from 0 to 1")
+        ww = {name: body.get(name) for name in _WHEN_WHERE if body.get(name) is not None}
+        for name in ("after", "before", "camera"):
+            if name in ww and not isinstance(ww[name], str):
+                raise FieldError(name, f"{name}: must be a string, e.g. " + ('"pixel"' if name == "camera" else
+                                                                             '"2023-06" or "2023-06-01T14:30Z"'))
+        near = ww.get("near")  # values are checked by the search itself: a ParamError naming the field (400)
+        if near is not None and not (isinstance(near, str) or (
+                isinstance(near, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in near))):
+            raise FieldError("near", 'near: must be "LAT,LON[,KM]" or [lat, lon, km]')
         query = Query.build(positives, images, negatives, not_images, ids)
         return query, k, {"min_score": min_score, "under": under, "tag": tag or None, "keyword": keyword,
-                          "blend": blend}
+                          "blend": blend, **ww}
 
     def search(self, body: dict) -> list[dict]:
         query, k, kwargs = self.parse(body)
@@ -384,7 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         body = {"texts": qs.get("q", []), "not": qs.get("not", []),
                 "ids": [_int(v, "id") for v in qs.get("id", [])], "k": _int(one("k") or "10", "k"),
-                "under": one("under"), "tag": qs.get("tag") or None, "keyword": one("keyword")}
+                "under": one("under"), "tag": qs.get("tag") or None, "keyword": one("keyword"),
+                **{name: one(name) for name in _WHEN_WHERE if name in qs}}
         if "min_score" in qs:
             body["min_score"] = _float(one("min_score"), "min_score")
         if "blend" in qs:

@@ -30,6 +30,17 @@ class ImageRow:
     height: int | None = None
     taken_at: str | None = None
     added_at: float | None = None
+    taken_utc: str | None = None
+    taken_offset: str | None = None
+    taken_source: str | None = None  # 'exif' | 'file' (the file's mtime) | None (indexed before schema 5)
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+
+    def meta(self) -> dict:
+        """The when/where columns, as ImageInfo.meta() gives them (a copy of a file carries them over)."""
+        return {k: getattr(self, k) for k in META_COLUMNS}
 
     @property
     def name(self) -> str:
@@ -49,6 +60,40 @@ class ModelRow:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
+
+
+# When/where columns (migration 5), in the order _IMAGE_COLS reads them after added_at.
+META_COLUMNS = ("taken_at", "taken_utc", "taken_offset", "taken_source", "gps_lat", "gps_lon", "camera_make",
+                "camera_model")
+_META_SET = ", ".join(f"{c} = :{c}" for c in META_COLUMNS)
+
+
+def meta_filter_sql(f) -> tuple[str, list]:
+    """SQL (``?`` placeholders) selecting the candidates of a geo.MetaFilter: id, lat, lon, make, model.
+
+    The SQL narrows with the indexes (time ranges, a lat/lon box around --near); geo.MetaFilter.keeps
+    makes the exact decision (great-circle distance, case-insensitive camera text) on what comes back.
+    Shared by Store and the cold query path so both answer the same.
+    """
+    where: list[str] = []
+    params: list = []
+    for bound, op in ((f.after, ">="), (f.before, "<")):
+        if bound is not None:
+            where.append(f"{bound.column} {op} ?")
+            params.append(bound.value)
+    if f.near is not None:
+        (lat0, lat1), lon_ranges = f.near.box()
+        where.append("gps_lat BETWEEN ? AND ?")
+        params += [lat0, lat1]
+        if lon_ranges is not None:
+            where.append("(" + " OR ".join("gps_lon BETWEEN ? AND ?" for _ in lon_ranges) + ")")
+            params += [x for r in lon_ranges for x in r]
+        else:
+            where.append("gps_lon IS NOT NULL")
+    if f.camera is not None:
+        where.append("(camera_make IS NOT NULL OR camera_model IS NOT NULL)")
+    sql = "SELECT id, gps_lat, gps_lon, camera_make, camera_model FROM images"
+    return sql + (" WHERE " + " AND ".join(where) if where else ""), params
 
 
 def vector_to_blob(v: np.ndarray) -> bytes:
@@ -283,7 +328,8 @@ class Store:
         return int(self.scalar("SELECT coalesce(sum(version), 0) FROM models") or 0)
 
     # --- images ------------------------------------------------------------------------------
-    _IMAGE_COLS = "id, path, size, mtime_ns, hash, width, height, taken_at, added_at"
+    _IMAGE_COLS = ("id, path, size, mtime_ns, hash, width, height, taken_at, added_at, "
+                   + ", ".join(META_COLUMNS[1:]))
 
     def images_under(self, roots: Iterable[str]) -> dict[str, ImageRow]:
         """Every library image at or below each root (files or folders), keyed by path."""
@@ -357,31 +403,59 @@ class Store:
     def image_count(self) -> int:
         return int(self.scalar("SELECT count(*) FROM images") or 0)
 
+    def ids_matching(self, f) -> np.ndarray:
+        """Sorted ids of the images a geo.MetaFilter (dates, place, camera) lets through."""
+        sql, params = meta_filter_sql(f)
+        parts = sql.split("?")  # the generated SQL holds no literal '?': each one is a parameter
+        named = parts[0] + "".join(f":p{i}{rest}" for i, rest in enumerate(parts[1:]))
+        rows = self.rows(named, **{f"p{i}": v for i, v in enumerate(params)})
+        return np.array(sorted(r[0] for r in rows if f.keeps(r[1], r[2], r[3], r[4])), dtype=np.int64)
+
+    def ids_without_meta(self, ids: Iterable[int]) -> set[int]:
+        """Those of ``ids`` indexed before schema 5 (no when/where yet): `index` backfills them from headers."""
+        out: set[int] = set()
+        for part in _chunks([int(i) for i in ids]):
+            out.update(r[0] for r in self.rows("SELECT id FROM images WHERE taken_source IS NULL AND id IN :ids",
+                                               expanding=("ids",), ids=list(part)))
+        return out
+
+    def when_where_summary(self) -> dict:
+        """Date range and how the dates were found, GPS and camera counts (for `status`)."""
+        r = self.rows("SELECT min(taken_at), max(taken_at), count(CASE WHEN taken_source = 'exif' THEN 1 END), "
+                      "count(CASE WHEN taken_source = 'file' THEN 1 END), count(gps_lat), "
+                      "count(CASE WHEN camera_make IS NOT NULL OR camera_model IS NOT NULL THEN 1 END), "
+                      "count(CASE WHEN taken_source IS NULL THEN 1 END) FROM images")[0]
+        return {"taken_first": r[0], "taken_last": r[1], "taken_exif": r[2], "taken_file": r[3], "with_gps": r[4],
+                "with_camera": r[5], "without_meta": r[6]}
+
     # --- writes (each call is one transaction) -------------------------------------------------
     def write_batch(self, model_id: int, *, new: Sequence[dict] = (), updated: Sequence[dict] = (),
                     moved: Sequence[tuple[int, str, int, int]] = (), touched: Sequence[tuple[int, int, int]] = (),
                     vectors: Sequence[tuple[int | str, np.ndarray]] = (), cleared_failures: Sequence[str] = (),
-                    failures: Sequence[tuple[str, str, int | None, int | None]] = ()) -> dict[str, int]:
+                    failures: Sequence[tuple[str, str, int | None, int | None]] = (),
+                    meta: Sequence[dict] = ()) -> dict[str, int]:
         """Apply one batch of indexing results atomically; returns {path: id} for new images.
 
         new: dicts with path,size,mtime_ns,hash,width,height,taken_at (+ optional 'vector').
         updated: same plus 'id' (content changed: other models' vectors are dropped as stale).
         moved: (id, new_path, size, mtime_ns). touched: (id, size, mtime_ns) for same-content files.
         vectors: (image id or path of a new image, vector) for this model.
+        meta: dicts with 'id' and META_COLUMNS (when/where backfill; vectors and caches are unaffected).
         """
         now = time.time()
         ids: dict[str, int] = {}
         with self.begin() as c:
             for img in new:
                 res = c.execute(_sql(
-                    "INSERT INTO images (path, folder, name, size, mtime_ns, hash, width, height, taken_at, "
-                    "added_at, updated_at) VALUES (:path, :folder, :name, :size, :mtime_ns, :hash, :width, "
-                    ":height, :taken_at, :now, :now)"),
+                    "INSERT INTO images (path, folder, name, size, mtime_ns, hash, width, height, "
+                    + ", ".join(META_COLUMNS) + ", added_at, updated_at) VALUES (:path, :folder, :name, :size, "
+                    ":mtime_ns, :hash, :width, :height, " + ", ".join(f":{c}" for c in META_COLUMNS)
+                    + ", :now, :now)"),
                     {**_image_params(img), "now": now})
                 ids[img["path"]] = res.lastrowid
             if updated:
                 c.execute(_sql("UPDATE images SET size = :size, mtime_ns = :mtime_ns, hash = :hash, width = :width, "
-                               "height = :height, taken_at = :taken_at, updated_at = :now WHERE id = :id"),
+                               f"height = :height, {_META_SET}, updated_at = :now WHERE id = :id"),
                           [{**_image_params(img), "id": img["id"], "now": now} for img in updated])
                 c.execute(_sql("DELETE FROM vectors WHERE model_id != :m AND image_id = :id"),
                           [{"m": model_id, "id": img["id"]} for img in updated])
@@ -401,6 +475,11 @@ class Store:
                                "(:m, :i, :v, (SELECT version FROM models WHERE id = :m) + 1)"),
                           [{"m": model_id, "i": ids[k] if isinstance(k, str) else int(k), "v": vector_to_blob(v)}
                            for k, v in vectors])
+            if meta:
+                c.execute(_sql(f"UPDATE images SET width = coalesce(:width, width), height = coalesce(:height, "
+                               f"height), {_META_SET} WHERE id = :id"),
+                          [{"id": m["id"], "width": m.get("width"), "height": m.get("height"),
+                            **{k: m.get(k) for k in META_COLUMNS}} for m in meta])
             if cleared_failures:
                 c.execute(_sql("DELETE FROM failures WHERE path = :p"), [{"p": _bind(p)} for p in cleared_failures])
             if failures:
@@ -749,4 +828,4 @@ def _image_params(img: dict) -> dict:
     return {"path": _bind(path), "folder": _shown(os.path.dirname(path)), "name": _shown(os.path.basename(path)),
             "size": img["size"],
             "mtime_ns": img["mtime_ns"], "hash": img["hash"], "width": img.get("width"),
-            "height": img.get("height"), "taken_at": img.get("taken_at")}
+            "height": img.get("height"), **{c: img.get(c) for c in META_COLUMNS}}

