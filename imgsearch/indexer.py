@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from . import files, images
-from .config import Settings, thread_budget
+from .config import RAW_NEEDS_EXTRA, Settings, thread_budget
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
@@ -309,7 +309,10 @@ class Indexer:
         return report
 
     def _may_pass_now(self, reason: str, size: int) -> bool:
-        """A recorded failure that a raised cap may now let through (worth retrying although unchanged)."""
+        """A recorded failure that a raised cap or a newly installed extra may now let through (worth
+        retrying although unchanged)."""
+        if reason == RAW_NEEDS_EXTRA:
+            return files.raw_supported()
         if "IMGSEARCH_MAX_FILE_MB" in reason:
             return size <= self.settings.max_file_mb << 20
         if "IMGSEARCH_MAX_PIXELS" in reason:
