@@ -90,6 +90,14 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                 return None  # the full path says why once and uses torch
             if tower.dim != dim:
                 return None
+            from . import relevance
+
+            meta = conn.execute("SELECT value FROM library_meta WHERE key = ?",
+                                (relevance.meta_key(model_id),)).fetchone()
+            floor = relevance.parse(meta[0] if meta else None)
+            if relevance.is_stale(floor, count):
+                return None  # the full path measures it (and saves it for the next cold query)
+            cut = relevance.floor_for(floor, "text")
             where, params = "", []
             if under:
                 folder = abspath(under)  # the real path, as the library stores it
@@ -135,7 +143,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                     if path is None or not os.path.exists(path):
                         continue  # deleted since it was indexed
                     hits.append({"rank": len(hits) + 1, "id": r[0], "path": path, "score": round(score, 6),
-                                 "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5]})
+                                 "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5],
+                                 "relevant": None if cut is None else round(score, 6) >= cut})
                     if len(hits) == k:
                         return hits
             return hits

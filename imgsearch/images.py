@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import warnings
@@ -99,12 +100,27 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
     ``draft_size``: for JPEGs, let libjpeg decode at a reduced scale whose short side stays at or above
     this many pixels (much faster on large photos; the model resizes further anyway).
     Raises DecodeError with a reason for anything that is not a readable image within the pixel cap.
+    Camera RAW (by extension, or by content where the extension says nothing) goes through rawpy.
     """
+    if _is_raw(source):
+        return _open_raw(source, draft_size, max_pixels)
+    try:
+        return _open_pillow(source, draft_size, max_pixels)
+    except DecodeError:
+        # Bytes have no extension to tell a TIFF-based RAW (DNG, NEF, CR2, ARW) from a TIFF: libraw may.
+        if (isinstance(source, (bytes, bytearray, memoryview)) and bytes(source[:4]) in (b"II*\x00", b"MM\x00*")
+                and importlib.util.find_spec("rawpy") is not None):
+            try:
+                return _open_raw(source, draft_size, max_pixels)
+            except DecodeError:
+                pass
+        raise
+
+
+def _open_pillow(source, draft_size: int | None, max_pixels: int):
     Image = _pil()
     from PIL import ImageOps, UnidentifiedImageError
 
-    if _is_raw(source):
-        return _open_raw(source, draft_size, max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise DecodeError("empty file (0 bytes)")

@@ -304,6 +304,10 @@ class Indexer:
             raise
         report.failed.sort()
         store.finish_run(run_id, report.counts())
+        from . import relevance
+
+        # Measured here, when stale, so that queries (the cold path above all) find it ready.
+        relevance.current(store, model_id, self.encoder.encode_texts)
         self.refresh_cache(build_progress)
         report.seconds = time.perf_counter() - t0
         return report
@@ -625,7 +629,8 @@ def library_status(settings: Settings) -> dict:
                            "vectors": m.vectors, "index_file": str(path), "index_state": state,
                            "index_type": meta.get("kind"), "index_vectors": meta.get("count"),
                            "recall_at_10": meta.get("recall_at_10"), "nprobe": meta.get("nprobe"),
-                           "index_bytes": path.stat().st_size if path.exists() else 0})
+                           "index_bytes": path.stat().st_size if path.exists() else 0,
+                           "relevance_floor": _floor_status(store, m)})
         disk = store.disk_usage()
         for folder in (settings.index_dir, settings.thumbs_dir):
             if folder.exists():
@@ -637,6 +642,17 @@ def library_status(settings: Settings) -> dict:
                 "schema_version": store.schema_version}
     finally:
         store.close()
+
+
+def _floor_status(store: Store, model: ModelRow) -> dict | None:
+    """The stored relevance floor as status shows it (never measured here: status stays read-only)."""
+    from . import relevance
+
+    floor = relevance.parse(store.get_meta(relevance.meta_key(model.id)))
+    if floor is None:
+        return None
+    return {"text": floor.get("text"), "image": floor.get("image"), "vectors": floor.get("vectors"),
+            "stale": relevance.is_stale(floor, model.vectors)}
 
 
 def _run_state(settings: Settings, run: dict | None) -> dict | None:

@@ -18,6 +18,9 @@ class Hit:
     height: int | None
     size: int
     taken_at: str | None
+    # Above the model's calibrated relevance floor (relevance.py); None where no floor applies (keyword
+    # ranking, text and images mixed in one query).
+    relevant: bool | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +77,7 @@ class ModelStatus:
     recall_at_10: float | None
     nprobe: int | None
     index_bytes: int
+    relevance_floor: dict | None = None  # {"text", "image", "vectors", "stale"} (relevance.py)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,8 @@ one request field was wrong):
                                          "tag": null, "keyword": null, "blend": null}
   POST /api/search/image?k=10           the image file as the body (Content-Type image/* or
                                         application/octet-stream)
+Every hit carries "relevant": true/false against the model's calibrated relevance floor (relevance.py),
+null where none applies (keyword ranking, text and images mixed).
 """
 
 from __future__ import annotations

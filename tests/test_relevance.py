@@ -1,0 +1,141 @@
+"""The calibrated relevance floor on the shapes set: what the library holds passes it, what it does not hold
+(a colour/shape it lacks, nonsense) falls under it; `query --relevant`, status, server JSON and the UI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from imgsearch import synthetic
+
+# The library holds red, blue and green circles and squares: no triangles, no yellow, white or purple.
+PRESENT = ["a red circle", "a blue square", "a green circle", "a red square"]
+ABSENT = ["a yellow triangle", "a white triangle", "a purple triangle", "asdf qwerty zxcv"]
+
+
+@pytest.fixture()
+def shapes(tmp_path) -> Path:
+    folder = tmp_path / "shapes"
+    synthetic.generate(folder, per_class=3, colors=["red", "blue", "green"], shapes=("circle", "square"), size=96,
+                       fmt="png", seed=2, captions_file=None)
+    return folder
+
+
+@pytest.fixture()
+def lib(settings, shapes):
+    from imgsearch import Library
+
+    with Library(settings=settings) as library:
+        assert library.index(shapes).new == 18
+        yield library
+
+
+def kind(path: str) -> str:
+    return "_".join(Path(path).stem.split("_")[:2])
+
+
+def test_present_shapes_pass_the_floor_and_absent_ones_fall_under(lib):
+    for text in PRESENT:
+        hits = lib.search(text, k=3)
+        assert hits[0].relevant is True, (text, hits[0])
+        assert kind(hits[0].path) == text[2:].replace(" ", "_")
+    for text in ABSENT:
+        hits = lib.search(text, k=18)
+        assert [h.relevant for h in hits] == [False] * 18, (text, hits[0].score)
+
+
+def test_floor_is_measured_at_index_time_and_the_cold_path_uses_it(settings, shapes):
+    from imgsearch import Library
+    from imgsearch.store import Store
+
+    with Library(settings=settings) as lib:
+        lib.index(shapes)
+    store = Store(settings.db_path, create=False)
+    try:
+        floor = json.loads(store.get_meta("relevance:1"))
+    finally:
+        store.close()
+    assert floor["vectors"] == 18 and -1 < floor["image"] < 1 and -1 < floor["text"] < 1
+    with Library(settings=settings) as lib:
+        hits = lib.quick_search("a blue square", k=2)  # numpy + sqlite3 only: reads the stored floor
+        assert hits is not None and hits[0].relevant is True
+        assert [h.relevant for h in lib.quick_search("a yellow triangle", k=3)] == [False] * 3
+
+
+def test_image_queries_use_the_image_floor(lib, shapes):
+    red = lib.search(image=str(shapes / "red_circle_000.png"), k=3)
+    assert red[0].relevant is True and kind(red[0].path) == "red_circle"
+    mixed = lib.search("a red circle", image=str(shapes / "red_circle_001.png"), k=3)
+    assert [h.relevant for h in mixed] == [None] * 3  # neither floor is calibrated for a mix
+
+
+def test_query_relevant_keeps_good_hits_and_says_when_there_are_none(cli, shapes):
+    assert cli("index", shapes).exit_code == 0
+    r = cli("query", "a blue square", "--relevant", "-k", "18", "--json", "--no-server")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert rows and all(row["relevant"] for row in rows) and len(rows) < 18
+    assert kind(rows[0]["path"]) == "blue_square" and "no good matches" not in r.stderr
+    r = cli("query", "a yellow triangle", "--relevant", "-k", "4", "--no-server")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == "no good matches; closest results:"
+    assert len(r.stdout.splitlines()) == 1 + 4  # header + the 4 closest anyway
+    plain = json.loads(cli("query", "a yellow triangle", "-k", "4", "--json", "--no-server").stdout)
+    assert [row["relevant"] for row in plain] == [False] * 4
+
+
+def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
+    assert cli("index", shapes).exit_code == 0
+    st = json.loads(cli("status", "--json").stdout)
+    floor = st["models"][0]["relevance_floor"]
+    assert floor["vectors"] == 18 and floor["stale"] is False
+    assert f"relevance floor: text queries {floor['text']:.3f}, image queries {floor['image']:.3f}" \
+        in cli("status").stdout
+    assert cli("forget", shapes / "red_circle_000.png").exit_code == 0
+    assert json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"]["stale"] is True
+    assert cli("query", "a red circle", "-k", "1", "--no-server").exit_code == 0  # re-measures it
+    floor = json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"]
+    assert floor["vectors"] == 17 and floor["stale"] is False
+
+
+def test_server_hits_carry_relevance(settings, lib):
+    import urllib.request
+
+    from imgsearch.server import SearchServer
+
+    srv = SearchServer(settings, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        host, port = srv.address
+        out = {}
+        for q in ("a+green+circle", "a+white+triangle"):
+            req = urllib.request.Request(f"http://{host}:{port}/api/search?q={q}&k=2",
+                                         headers={"Authorization": f"Bearer {srv.token}"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                out[q] = [h["relevant"] for h in json.loads(r.read())["hits"]]
+    finally:
+        srv.shutdown()
+        t.join(10)
+    assert out == {"a+green+circle": [True, True], "a+white+triangle": [False, False]}
+
+
+def test_ui_says_no_good_matches_when_the_best_is_under_the_floor(settings, lib, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    for var, value in (("IMGSEARCH_HOME", settings.home), ("IMGSEARCH_MODEL", settings.model),
+                       ("IMGSEARCH_DEVICE", "cpu"), ("IMGSEARCH_PRECISION", "fp32")):
+        monkeypatch.setenv(var, str(value))
+    app = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+    shown = {}
+    for q in ("a white triangle", "a red circle"):
+        at = AppTest.from_file(app, default_timeout=60)
+        at.query_params["q"] = q
+        at.run()
+        assert not at.exception, at.exception
+        shown[q] = "\n".join(str(e.value) for e in at.info)
+    assert "No good matches; closest results" in shown["a white triangle"]
+    assert "No good matches" not in shown["a red circle"]
