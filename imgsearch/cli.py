@@ -273,7 +273,7 @@ def query_cmd(
     with flag_words(**flags):
         check_k(k)
         rows = _query_rows(settings_of(ctx), texts, image, not_text, not_image, k, min_score, under, tag, keyword,
-                           blend, use_server, daemon)
+                           blend, use_server, daemon, relevant)
     fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
     if relevant:
         rows = _relevant_rows(rows)
@@ -294,7 +294,7 @@ def _relevant_rows(rows: list[dict]) -> list[dict]:
     return rows
 
 def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under, tag, keyword, blend, use_server,
-                daemon) -> list[dict]:
+                daemon, relevance: bool = False) -> list[dict]:
     """Hits as dicts: from a running server for this library and model when there is one, else in-process."""
     rows = None
     if use_server and (texts or image):
@@ -318,7 +318,8 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
     with Library(settings=settings) as lib:
         hits = lib.search(list(texts or []), image=list(image or []), not_text=list(not_text or []),
                           not_image=list(not_image or []), k=k, min_score=min_score,
-                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend)
+                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend,
+                          relevance=relevance)
     return [h.as_dict() for h in hits]
 
 

@@ -37,10 +37,11 @@ def _connect(db: Path) -> sqlite3.Connection | None:
 
 
 def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
-                 under: str | None, tags: list[str] | None) -> list[dict] | None:
-    """Hits as dicts (the keys of search.Hit) or None when the full path must answer."""
+                 under: str | None, tags: list[str] | None, relevance: bool = False) -> list[dict] | None:
+    """Hits as dicts (the keys of search.Hit) or None when the full path must answer; ``relevance``: judge
+    them against the stored relevance floor (None when it is missing or stale: the full path measures it)."""
     try:
-        return _search_texts(settings, texts, not_texts, k, min_score, under, tags)
+        return _search_texts(settings, texts, not_texts, k, min_score, under, tags, relevance)
     except Exception:  # noqa: BLE001 - a fast-path bug must never fail the query; the full path answers
         if os.environ.get("IMGSEARCH_DEBUG"):
             raise
@@ -48,7 +49,7 @@ def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: 
 
 
 def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
-                  under: str | None, tags: list[str] | None) -> list[dict] | None:
+                  under: str | None, tags: list[str] | None, relevance: bool) -> list[dict] | None:
     from . import textfast
     from .encoder import ModelSpec, known_fingerprint
     from .files import abspath
@@ -90,14 +91,16 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                 return None  # the full path says why once and uses torch
             if tower.dim != dim:
                 return None
-            from . import relevance
+            cut = None
+            if relevance:
+                from . import relevance as floors
 
-            meta = conn.execute("SELECT value FROM library_meta WHERE key = ?",
-                                (relevance.meta_key(model_id),)).fetchone()
-            floor = relevance.parse(meta[0] if meta else None)
-            if relevance.is_stale(floor, count):
-                return None  # the full path measures it (and saves it for the next cold query)
-            cut = relevance.floor_for(floor, "text")
+                meta = conn.execute("SELECT value FROM library_meta WHERE key = ?",
+                                    (floors.meta_key(model_id),)).fetchone()
+                floor = floors.parse(meta[0] if meta else None)
+                if floors.is_stale(floor, count):
+                    return None  # the full path measures it (and saves it for the next cold query)
+                cut = floors.floor_for(floor, "text")
             where, params = "", []
             if under:
                 folder = abspath(under)  # the real path, as the library stores it

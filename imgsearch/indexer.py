@@ -306,8 +306,8 @@ class Indexer:
         store.finish_run(run_id, report.counts())
         from . import relevance
 
-        # Measured here, when stale, so that queries (the cold path above all) find it ready.
-        relevance.current(store, model_id, self.encoder.encode_texts)
+        # Kept fresh here once a query measured it (no text encoding here), so the cold path finds it ready.
+        relevance.current(store, model_id, None)
         self.refresh_cache(build_progress)
         report.seconds = time.perf_counter() - t0
         return report

@@ -209,6 +209,10 @@ class Library:
 
         return LibraryStatus.from_dict(library_status(self.settings))
 
+    def relevance_floor(self) -> dict | None:
+        """This model's relevance floor: {"text", "image", "vectors", ...} (relevance.py), measured if needed."""
+        return self._warm().relevance_floor()
+
     def failures(self) -> list[tuple[str, str]]:
         """Every file that failed to index, with its reason."""
         return self.store.failures()
@@ -246,7 +250,7 @@ class Library:
     def search(self, text=None, *, image=None, not_text=None, not_image=None, ids: Iterable[int] = (),
                k: int = 10, min_score: float | None = None, under: str | os.PathLike | None = None,
                tag: str | Sequence[str] | None = None, keyword: str | None = None, blend: float | None = None,
-               exclude_ids: Iterable[int] = ()) -> list[Hit]:
+               exclude_ids: Iterable[int] = (), relevance: bool = False) -> list[Hit]:
         """The ``k`` library images closest to the query, best first.
 
         ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
@@ -255,6 +259,9 @@ class Library:
         ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like.
         Filters: ``under`` a folder, ``tag`` zero-shot tags (all must match), ``keyword`` words in names,
         folders, captions and tags; ``blend`` (0..1) mixes keyword relevance into the score instead.
+        ``relevance``: mark each hit ``relevant`` (True/False) against the model's calibrated relevance floor
+        (relevance.py; the first call for a model measures it, seconds on a CPU); None for keyword ranking
+        and for text and images mixed.
         """
         from .queryspec import check_k
 
@@ -276,7 +283,8 @@ class Library:
                 return keyword_search(self.store, keyword, k, under=under, tags=tags)
             raise UsageError("nothing to search for: give query text, an image, or both")
         if not (imgs or not_imgs or ids or keyword is not None or exclude_ids):
-            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags)
+            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags,
+                                     relevance=relevance)
             if hits is not None:
                 return hits
         from .query import Query
@@ -284,10 +292,10 @@ class Library:
         query = Query.build([self._text(t) for t in texts], [self._image(x) for x in imgs],
                             [self._text(t) for t in not_texts], [self._image(x) for x in not_imgs], ids)
         return self._warm().search(query, k, min_score=min_score, under=under, tag=tags, keyword=keyword,
-                                   blend=blend, exclude_ids=exclude_ids)
+                                   blend=blend, exclude_ids=exclude_ids, relevance=relevance)
 
     def quick_search(self, text, *, not_text=None, k: int = 10, min_score: float | None = None, under=None,
-                     tag=None) -> list[Hit] | None:
+                     tag=None, relevance: bool = False) -> list[Hit] | None:
         """The lean path alone: plain text terms on a flat-sized library, answered with numpy and sqlite3
         while nothing heavy is loaded (coldquery.py). None when it can't answer; then ``search`` can."""
         texts, not_texts = _as_list(text), _as_list(not_text)
@@ -298,7 +306,7 @@ class Library:
 
         tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
         rows = search_texts(self.settings, texts, not_texts, k, min_score,
-                            str(under) if under is not None else None, tags)
+                            str(under) if under is not None else None, tags, relevance)
         return None if rows is None else [Hit(**r) for r in rows]
 
     def search_query(self, query, k: int = 10, **filters) -> list[Hit]:

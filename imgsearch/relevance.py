@@ -14,8 +14,9 @@ noise for another), so the floor is measured, per model, on the user's own libra
 - a query mixing text and image terms gets no verdict (its scores sit between the two scales).
 
 Stored in library_meta under ``relevance:<model id>`` as JSON, with the vector count it was measured on.
-It is measured at the end of `index` when missing or stale, or on the first query that needs it.
-Stale means: another method version, or a changed vector count while the library has under
+It is measured by the first query that asks for it (encoding the captions once per model: seconds on a
+CPU, so never on `index`'s clock), and from then on kept up to date at the end of `index` (a matrix
+product with the kept caption vectors) and by any query that finds it stale. Stale means: another method version, or a changed vector count while the library has under
 RECALIBRATE_SMALL vectors, or a count that moved by more than RECALIBRATE_SHARE since (new weights are a
 new model row, so they never reuse another model's floor).
 """
@@ -129,8 +130,10 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
     """The model's floor, measured again first when missing or stale (and saved when ``save``).
 
     ``store``: the library Store; ``encode_texts``: normalised text vectors for a list of strings, called
-    only the first time for a model (the captions' vectors are kept in library_meta: re-measuring after
-    `index` is then one matrix product, not 90 text encodes). None for a model without vectors.
+    only the first time for a model (the captions' vectors are kept in library_meta: re-measuring is then
+    one matrix product). Encoding 90 captions costs seconds on a CPU, so `index` passes None: it keeps a
+    floor up to date once a query asked for one, and never measures the first (the stored floor, even
+    stale, or None comes back). None for a model without vectors.
     """
     count = store.vector_count(model_id)
     floor = parse(store.get_meta(meta_key(model_id)))
@@ -139,6 +142,8 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
     if count == 0:
         return None
     captions = _caption_vectors(store, model_id, encode_texts, save)
+    if captions is None:
+        return floor
     ids = store.vector_ids(model_id)
     if len(ids) > SAMPLE:
         ids = np.sort(np.random.default_rng(0).choice(ids, SAMPLE, replace=False))
@@ -149,7 +154,7 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
     return floor
 
 
-def _caption_vectors(store, model_id: int, encode_texts, save: bool) -> np.ndarray:
+def _caption_vectors(store, model_id: int, encode_texts, save: bool) -> np.ndarray | None:
     key = f"relevance-captions:{int(model_id)}"
     digest = hashlib.sha1("\n".join(NULL_CAPTIONS).encode()).hexdigest()[:16]
     try:
@@ -159,6 +164,8 @@ def _caption_vectors(store, model_id: int, encode_texts, save: bool) -> np.ndarr
             return vecs.reshape(len(NULL_CAPTIONS), -1)
     except (ValueError, KeyError, TypeError):
         pass  # unreadable: encode again
+    if encode_texts is None:
+        return None
     vecs = np.asarray(encode_texts(list(NULL_CAPTIONS)), dtype="<f4")
     if save:
         _save(store, key, json.dumps({"captions": digest, "vectors": base64.b64encode(vecs.tobytes()).decode()}))

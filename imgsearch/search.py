@@ -186,10 +186,11 @@ class Searcher:
     def search(self, query: Query, k: int = 10, min_score: float | None = None, under: str | None = None,
                allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = (),
                tag: str | Sequence[str] | None = None, keyword: str | None = None,
-               blend: float | None = None) -> list[Hit]:
+               blend: float | None = None, relevance: bool = False) -> list[Hit]:
         """Top ``k`` images for ``query``; files deleted since indexing never appear.
 
-        ``tag``: only images with these zero-shot tags. ``keyword``: only images whose name, folder,
+        ``relevance``: set each hit's ``relevant`` against the model's relevance floor (measured on first
+        use). ``tag``: only images with these zero-shot tags. ``keyword``: only images whose name, folder,
         captions or tags match (see keywords.py); with ``blend`` (0..1) keyword relevance is blended
         into the score instead of filtering.
         """
@@ -206,12 +207,12 @@ class Searcher:
                 return keywords.blended_search(self, vec, keyword, blend, k, min_score, under, allowed_ids,
                                                exclude_ids)
         hits = self.search_vector(vec, k, min_score, under, allowed_ids, exclude_ids)
-        from . import relevance
+        if relevance and hits:
+            from . import relevance as floors
 
-        cut = relevance.floor_for(self.relevance_floor() if hits else None,
-                                  relevance.query_kind(t.kind for t in query.positives))
-        for h in hits:
-            h.relevant = None if cut is None else h.score >= cut
+            cut = floors.floor_for(self.relevance_floor(), floors.query_kind(t.kind for t in query.positives))
+            for h in hits:
+                h.relevant = None if cut is None else h.score >= cut
         return hits
 
     def relevance_floor(self) -> dict | None:

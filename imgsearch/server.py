@@ -196,7 +196,7 @@ class SearchService:
             raise FieldError("blend", "'blend' must be a number from 0 to 1")
         query = Query.build(positives, images, negatives, not_images, ids)
         return query, k, {"min_score": min_score, "under": under, "tag": tag or None, "keyword": keyword,
-                          "blend": blend}
+                          "blend": blend, "relevance": True}
 
     def search(self, body: dict) -> list[dict]:
         query, k, kwargs = self.parse(body)
@@ -419,7 +419,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw:
             raise UsageError("send the image file as the request body")
         query = Query.build(images_=[image_data_term(raw, 1.0, "in the request body")])
-        self._send(200, {"hits": [h.as_dict() for h in self.service.library.search_query(query, k)]})
+        hits = self.service.library.search_query(query, k, relevance=True)
+        self._send(200, {"hits": [h.as_dict() for h in hits]})
 
 
 class _Reply(Exception):

@@ -183,6 +183,8 @@ def test_dng_decodes_from_its_preview_or_by_demosaicing(tmp_path):
     bare = write_dng(tmp_path / "bare.dng", "red", "square", 1, preview=False)
     im, info = images.open_image(bare, draft_size=32)
     assert im.mode == "RGB" and im.size == (32, 32) and (info.width, info.height) == (64, 64)  # half size
+    im, info = images.open_image(with_preview.read_bytes())  # an upload: bytes, no extension to go by
+    assert im.size == (64, 64) and im.getpixel((32, 32))[0] > 150
     truncated = tmp_path / "cut.dng"
     truncated.write_bytes(with_preview.read_bytes()[:300])
     with pytest.raises(images.DecodeError, match="corrupt or unsupported RAW file"):

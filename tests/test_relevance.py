@@ -39,36 +39,55 @@ def kind(path: str) -> str:
 
 def test_present_shapes_pass_the_floor_and_absent_ones_fall_under(lib):
     for text in PRESENT:
-        hits = lib.search(text, k=3)
+        hits = lib.search(text, k=3, relevance=True)
         assert hits[0].relevant is True, (text, hits[0])
         assert kind(hits[0].path) == text[2:].replace(" ", "_")
     for text in ABSENT:
-        hits = lib.search(text, k=18)
+        hits = lib.search(text, k=18, relevance=True)
         assert [h.relevant for h in hits] == [False] * 18, (text, hits[0].score)
 
 
-def test_floor_is_measured_at_index_time_and_the_cold_path_uses_it(settings, shapes):
+def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_uses_it(settings, tmp_path,
+                                                                                       monkeypatch):
     from imgsearch import Library
+    from imgsearch.encoder import Encoder
     from imgsearch.store import Store
 
+    def floor():
+        store = Store(settings.db_path, create=False)
+        try:
+            return json.loads(store.get_meta("relevance:1") or "null")
+        finally:
+            store.close()
+
+    first = tmp_path / "first"
+    synthetic.generate(first, per_class=3, colors=["red", "blue"], shapes=("circle", "square"), size=96, fmt="png",
+                       seed=3, captions_file=None)
     with Library(settings=settings) as lib:
-        lib.index(shapes)
-    store = Store(settings.db_path, create=False)
-    try:
-        floor = json.loads(store.get_meta("relevance:1"))
-    finally:
-        store.close()
-    assert floor["vectors"] == 18 and -1 < floor["image"] < 1 and -1 < floor["text"] < 1
+        lib.index(first)
+        assert floor() is None  # index never pays for encoding the captions
+        assert lib.search("a blue square", k=1)[0].relevant is None  # not asked for
+        assert lib.search("a blue square", k=1, relevance=True)[0].relevant is True
+    assert floor()["vectors"] == 12
+    more = tmp_path / "more"
+    synthetic.generate(more, per_class=3, colors=["green"], shapes=("circle", "square"), size=96, fmt="png", seed=4,
+                       captions_file=None)
+    encoded = []
+    real = Encoder.encode_texts
+    monkeypatch.setattr(Encoder, "encode_texts", lambda self, texts: encoded.append(len(texts)) or real(self, texts))
     with Library(settings=settings) as lib:
-        hits = lib.quick_search("a blue square", k=2)  # numpy + sqlite3 only: reads the stored floor
-        assert hits is not None and hits[0].relevant is True
-        assert [h.relevant for h in lib.quick_search("a yellow triangle", k=3)] == [False] * 3
+        lib.index(more)
+    assert floor()["vectors"] == 18 and encoded == []  # re-measured with the kept caption vectors
+    with Library(settings=settings) as lib:
+        hits = lib.quick_search("a green circle", k=2, relevance=True)  # numpy + sqlite3: the stored floor
+        assert hits is not None and [h.relevant for h in hits] == [True, True]
+        assert [h.relevant for h in lib.quick_search("a yellow triangle", k=3, relevance=True)] == [False] * 3
 
 
 def test_image_queries_use_the_image_floor(lib, shapes):
-    red = lib.search(image=str(shapes / "red_circle_000.png"), k=3)
+    red = lib.search(image=str(shapes / "red_circle_000.png"), k=3, relevance=True)
     assert red[0].relevant is True and kind(red[0].path) == "red_circle"
-    mixed = lib.search("a red circle", image=str(shapes / "red_circle_001.png"), k=3)
+    mixed = lib.search("a red circle", image=str(shapes / "red_circle_001.png"), k=3, relevance=True)
     assert [h.relevant for h in mixed] == [None] * 3  # neither floor is calibrated for a mix
 
 
@@ -84,11 +103,13 @@ def test_query_relevant_keeps_good_hits_and_says_when_there_are_none(cli, shapes
     assert r.stderr.strip() == "no good matches; closest results:"
     assert len(r.stdout.splitlines()) == 1 + 4  # header + the 4 closest anyway
     plain = json.loads(cli("query", "a yellow triangle", "-k", "4", "--json", "--no-server").stdout)
-    assert [row["relevant"] for row in plain] == [False] * 4
+    assert [row["relevant"] for row in plain] == [None] * 4  # only judged when asked
 
 
 def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
     assert cli("index", shapes).exit_code == 0
+    assert json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"] is None
+    assert cli("query", "a red circle", "--relevant", "--no-server").exit_code == 0  # measures it
     st = json.loads(cli("status", "--json").stdout)
     floor = st["models"][0]["relevance_floor"]
     assert floor["vectors"] == 18 and floor["stale"] is False
@@ -96,7 +117,7 @@ def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
         in cli("status").stdout
     assert cli("forget", shapes / "red_circle_000.png").exit_code == 0
     assert json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"]["stale"] is True
-    assert cli("query", "a red circle", "-k", "1", "--no-server").exit_code == 0  # re-measures it
+    assert cli("query", "a red circle", "-k", "1", "--relevant", "--no-server").exit_code == 0  # re-measures it
     floor = json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"]
     assert floor["vectors"] == 17 and floor["stale"] is False
 

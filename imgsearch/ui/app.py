@@ -247,7 +247,7 @@ def run_search(library, p: Params, upload: tuple[str, bytes] | None):
     exclude = [p.like] if p.like is not None else []  # the example itself is shown above the grid
     return library.search(p.q or None, image=image, not_text=p.neg or None,
                           ids=[p.like] if p.like is not None else [], k=p.k, min_score=p.min_score,
-                          under=p.under or None, exclude_ids=exclude)
+                          under=p.under or None, exclude_ids=exclude, relevance=True)
 
 
 # --- rendering ----------------------------------------------------------------------------------------
