@@ -100,7 +100,3 @@ def kind_by_extension(path: str) -> str | None:
     if ext in NOT_IMAGE_EXTENSIONS:
         return "other"
     return None
-
-
-def is_raw_path(path: str | os.PathLike) -> bool:
-    return os.path.splitext(os.fspath(path))[1].lower() in RAW_EXTENSIONS
