@@ -131,7 +131,7 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
 
     ``store``: the library Store; ``encode_texts``: normalised text vectors for a list of strings, called
     only the first time for a model (the captions' vectors are kept in library_meta: re-measuring is then
-    one matrix product). Encoding 90 captions costs seconds on a CPU, so `index` passes None: it keeps a
+    one matrix product). Encoding the captions costs seconds on a CPU, so `index` passes None: it keeps a
     floor up to date once a query asked for one, and never measures the first (the stored floor, even
     stale, or None comes back). None for a model without vectors.
     """

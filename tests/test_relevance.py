@@ -82,11 +82,17 @@ def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_u
         hits = lib.quick_search("a green circle", k=2, relevance=True)  # numpy + sqlite3: the stored floor
         assert hits is not None and [h.relevant for h in hits] == [True, True]
         assert [h.relevant for h in lib.quick_search("a yellow triangle", k=3, relevance=True)] == [False] * 3
+        assert lib.relevance_floor() == floor()
 
 
 def test_image_queries_use_the_image_floor(lib, shapes):
-    red = lib.search(image=str(shapes / "red_circle_000.png"), k=3, relevance=True)
+    import random
+
+    probe = synthetic.draw_shape("red", "circle", 96, random.Random(77))  # a red circle the library lacks
+    red = lib.search(image=probe, k=3, relevance=True)
     assert red[0].relevant is True and kind(red[0].path) == "red_circle"
+    odd = lib.search(image=synthetic.draw_shape("yellow", "triangle", 96, random.Random(78)), k=3, relevance=True)
+    assert [h.relevant for h in odd] == [False] * 3  # nothing in the library looks like it
     mixed = lib.search("a red circle", image=str(shapes / "red_circle_001.png"), k=3, relevance=True)
     assert [h.relevant for h in mixed] == [None] * 3  # neither floor is calibrated for a mix
 
