@@ -305,7 +305,8 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
             try:
                 rows = client.search(info, texts or [], image or [], not_text or [], not_image or [], k, min_score,
                                      str(under) if under else None,
-                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend})
+                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend,
+                                            **({"relevance": True} if relevance else {})})
             except OSError:
                 rows = None  # the server went away mid-request: answer in-process below
     if rows is not None:

@@ -19,11 +19,12 @@ one request field was wrong):
                                         {"texts": ["2:red car", {"text": "night", "weight": 0.5}], "not": [...],
                                          "ids": [...], "images": [base64 or {"data": base64, "weight": 2}],
                                          "not_images": [...], "k": 10, "min_score": null, "under": null,
-                                         "tag": null, "keyword": null, "blend": null}
+                                         "tag": null, "keyword": null, "blend": null, "relevance": false}
   POST /api/search/image?k=10           the image file as the body (Content-Type image/* or
                                         application/octet-stream)
-Every hit carries "relevant": true/false against the model's calibrated relevance floor (relevance.py),
-null where none applies (keyword ranking, text and images mixed).
+With "relevance": true (relevance=1 in a URL), every hit carries "relevant": true/false against the
+model's calibrated relevance floor (relevance.py); it is null otherwise, and where no floor applies
+(keyword ranking, text and images mixed).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ MAX_CONNECTIONS = 128  # open connections; past it the longest-idle one is dropp
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit silent (half-sent request, idle keep-alive)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _SEARCH_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", "under", "tag", "keyword",
-                  "blend")
-_GET_PARAMS = {"q", "not", "id", "k", "under", "min_score", "tag", "keyword", "blend"}
+                  "blend", "relevance")
+_GET_PARAMS = {"q", "not", "id", "k", "under", "min_score", "tag", "keyword", "blend", "relevance"}
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?")
 
 
@@ -194,9 +195,12 @@ class SearchService:
         if blend is not None and (isinstance(blend, bool) or not isinstance(blend, (int, float))
                                   or not math.isfinite(blend)):
             raise FieldError("blend", "'blend' must be a number from 0 to 1")
+        relevance = body.get("relevance", False)
+        if not isinstance(relevance, bool):
+            raise FieldError("relevance", "'relevance' must be true or false")
         query = Query.build(positives, images, negatives, not_images, ids)
         return query, k, {"min_score": min_score, "under": under, "tag": tag or None, "keyword": keyword,
-                          "blend": blend, "relevance": True}
+                          "blend": blend, "relevance": relevance}
 
     def search(self, body: dict) -> list[dict]:
         query, k, kwargs = self.parse(body)
@@ -390,6 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
             body["min_score"] = _float(one("min_score"), "min_score")
         if "blend" in qs:
             body["blend"] = _float(one("blend"), "blend")
+        if "relevance" in qs:
+            body["relevance"] = _bool(one("relevance"), "relevance")
         self._send(200, {"hits": self.service.search(body)})
 
     def _post_search(self, url) -> None:
@@ -419,7 +425,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw:
             raise UsageError("send the image file as the request body")
         query = Query.build(images_=[image_data_term(raw, 1.0, "in the request body")])
-        hits = self.service.library.search_query(query, k, relevance=True)
+        relevance = _bool(qs["relevance"][-1], "relevance") if "relevance" in qs else False
+        hits = self.service.library.search_query(query, k, relevance=relevance)
         self._send(200, {"hits": [h.as_dict() for h in hits]})
 
 
@@ -436,6 +443,15 @@ def _int(value: str, name: str) -> int:
         return int(value)
     except ValueError:
         raise FieldError(name, f"'{name}' must be a whole number") from None
+
+
+def _bool(value: str, name: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no", ""):
+        return False
+    raise FieldError(name, f"{name}={value[:20]!r} must be 1/true or 0/false")
 
 
 def _float(value: str, name: str) -> float:

@@ -129,6 +129,7 @@ def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
 
 
 def test_server_hits_carry_relevance(settings, lib):
+    import urllib.error
     import urllib.request
 
     from imgsearch.server import SearchServer
@@ -139,15 +140,24 @@ def test_server_hits_carry_relevance(settings, lib):
     try:
         host, port = srv.address
         out = {}
-        for q in ("a+green+circle", "a+white+triangle"):
-            req = urllib.request.Request(f"http://{host}:{port}/api/search?q={q}&k=2",
+        for q in ("q=a+green+circle&relevance=1", "q=a+white+triangle&relevance=true", "q=a+green+circle"):
+            req = urllib.request.Request(f"http://{host}:{port}/api/search?{q}&k=2",
                                          headers={"Authorization": f"Bearer {srv.token}"})
             with urllib.request.urlopen(req, timeout=30) as r:
                 out[q] = [h["relevant"] for h in json.loads(r.read())["hits"]]
+        req = urllib.request.Request(f"http://{host}:{port}/api/search", method="POST",
+                                     data=json.dumps({"texts": ["a red square"], "k": 1, "relevance": "yes"}).encode(),
+                                     headers={"Authorization": f"Bearer {srv.token}",
+                                              "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(req, timeout=30)
+        assert bad.value.code == 400
+        assert json.loads(bad.value.read()) == {"error": "'relevance' must be true or false", "field": "relevance"}
     finally:
         srv.shutdown()
         t.join(10)
-    assert out == {"a+green+circle": [True, True], "a+white+triangle": [False, False]}
+    assert out == {"q=a+green+circle&relevance=1": [True, True], "q=a+white+triangle&relevance=true": [False, False],
+                   "q=a+green+circle": [None, None]}  # judged only when asked: same answer as in-process
 
 
 def test_ui_says_no_good_matches_when_the_best_is_under_the_floor(settings, lib, monkeypatch):
