@@ -128,7 +128,7 @@ def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
     assert floor["vectors"] == 17 and floor["stale"] is False
 
 
-def test_server_hits_carry_relevance(settings, lib):
+def test_server_hits_carry_relevance(settings, lib, cli, monkeypatch):
     import urllib.error
     import urllib.request
 
@@ -153,6 +153,11 @@ def test_server_hits_carry_relevance(settings, lib):
             urllib.request.urlopen(req, timeout=30)
         assert bad.value.code == 400
         assert json.loads(bad.value.read()) == {"error": "'relevance' must be true or false", "field": "relevance"}
+        with monkeypatch.context() as m:  # `query --relevant` asks the running server
+            m.setattr(type(lib), "search", lambda *a, **kw: pytest.fail("answered in-process"))
+            r = cli("query", "a white triangle", "--relevant", "-k", "2", "--json")
+        assert r.exit_code == 0 and r.stderr.strip() == "no good matches; closest results:"
+        assert [row["relevant"] for row in json.loads(r.stdout)] == [False, False]
     finally:
         srv.shutdown()
         t.join(10)
