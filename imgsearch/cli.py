@@ -261,6 +261,8 @@ def query_cmd(
                                     "library and model when there is one (much faster start)."),
     daemon: bool = typer.Option(False, "--daemon", help="Start a background server (exits after 10 minutes idle) "
                                 "when none runs, so the following queries are fast."),
+    relevant: bool = typer.Option(False, "--relevant", help="Only results above the model's calibrated relevance "
+                                  "floor (see `imgsearch status`); when none pass, says so and shows the closest."),
 ):
     """Find the images closest to text and/or example images."""
     if json_out + paths_out + print0 > 1:
@@ -282,12 +284,28 @@ def query_cmd(
     with flag_words(**flags):
         check_k(k)
         rows = _query_rows(settings_of(ctx), texts, image, not_text, not_image, k, min_score, under, tag, keyword,
-                           blend, use_server, daemon, ww)
+                           blend, use_server, daemon, ww, relevant)
     fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
+    if relevant:
+        rows = _relevant_rows(rows)
     print_hits(rows, fmt, min_score=min_score, tag=tag, keyword=keyword)
 
+
+def _relevant_rows(rows: list[dict]) -> list[dict]:
+    """--relevant: the hits above the floor; none above it is not an error, the closest are shown anyway
+    (stderr says so, so --json and --paths output stays clean)."""
+    good = [r for r in rows if r.get("relevant")]
+    if good or not rows:
+        return good
+    if any(r.get("relevant") is None for r in rows):
+        err("--relevant: no relevance floor for this query (text and images mixed, or keyword ranking); "
+            "showing all results")
+    else:
+        err("no good matches; closest results:")
+    return rows
+
 def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under, tag, keyword, blend, use_server,
-                daemon, ww: dict | None = None) -> list[dict]:
+                daemon, ww: dict | None = None, relevance: bool = False) -> list[dict]:
     """Hits as dicts: from a running server for this library and model when there is one, else in-process."""
     rows = None
     ww = {key: v for key, v in (ww or {}).items() if v is not None}
@@ -299,7 +317,8 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
             try:
                 rows = client.search(info, texts or [], image or [], not_text or [], not_image or [], k, min_score,
                                      str(under) if under else None,
-                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend, **ww})
+                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend, **ww,
+                                            **({"relevance": True} if relevance else {})})
             except OSError:
                 rows = None  # the server went away mid-request: answer in-process below
     if rows is not None:
@@ -312,7 +331,8 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
     with Library(settings=settings) as lib:
         hits = lib.search(list(texts or []), image=list(image or []), not_text=list(not_text or []),
                           not_image=list(not_image or []), k=k, min_score=min_score,
-                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend, **ww)
+                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend,
+                          relevance=relevance, **ww)
     return [h.as_dict() for h in hits]
 
 
@@ -377,6 +397,12 @@ def status_cmd(
                          else "") + ")")
         typer.echo(f"  [{m['id']}] {m['model']}: {m['vectors']} vectors, dim {m['dim']}, index {m['index_state']}"
                    + detail)
+        floor = m.get("relevance_floor")
+        if floor:
+            image = f", image queries {floor['image']:.3f}" if floor.get("image") is not None else ""
+            typer.echo(f"      relevance floor: text queries {floor['text']:.3f}{image} (measured on "
+                       f"{floor['vectors']} images" + ("; re-measured on the next index or query" if floor["stale"]
+                                                       else "") + ")")
 
 
 @command("forget")

@@ -37,13 +37,16 @@ def _connect(db: Path) -> sqlite3.Connection | None:
 
 
 def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
-                 under: str | None, tags: list[str] | None, where=None) -> list[dict] | None:
+                 under: str | None, tags: list[str] | None, where=None,
+                 relevance: bool = False) -> list[dict] | None:
     """Hits as dicts (the keys of search.Hit) or None when the full path must answer.
 
     ``where``: a geo.MetaFilter (dates, place, camera), decided by the same SQL and test as the full path.
+    ``relevance``: judge the hits against the stored relevance floor (None when it is missing or stale: the
+    full path measures it).
     """
     try:
-        return _search_texts(settings, texts, not_texts, k, min_score, under, tags, where)
+        return _search_texts(settings, texts, not_texts, k, min_score, under, tags, where, relevance)
     except Exception:  # noqa: BLE001 - a fast-path bug must never fail the query; the full path answers
         if os.environ.get("IMGSEARCH_DEBUG"):
             raise
@@ -51,7 +54,8 @@ def search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: 
 
 
 def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k: int, min_score: float | None,
-                  under: str | None, tags: list[str] | None, where=None) -> list[dict] | None:
+                  under: str | None, tags: list[str] | None, where=None,
+                  relevance: bool = False) -> list[dict] | None:
     from . import textfast
     from .encoder import ModelSpec, known_fingerprint
     from .files import abspath
@@ -93,6 +97,16 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                 return None  # the full path says why once and uses torch
             if tower.dim != dim:
                 return None
+            cut = None
+            if relevance:
+                from . import relevance as floors
+
+                meta = conn.execute("SELECT value FROM library_meta WHERE key = ?",
+                                    (floors.meta_key(model_id),)).fetchone()
+                floor = floors.parse(meta[0] if meta else None)
+                if floors.is_stale(floor, count):
+                    return None  # the full path measures it (and saves it for the next cold query)
+                cut = floors.floor_for(floor, "text")
             sql_where, params = "", []
             if under:
                 folder = abspath(under)  # the real path, as the library stores it
@@ -145,7 +159,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
                         continue  # deleted since it was indexed
                     hits.append({"rank": len(hits) + 1, "id": r[0], "path": path, "score": round(score, 6),
                                  "width": r[3], "height": r[4], "size": r[2], "taken_at": r[5],
-                                 "taken_source": r[6]})
+                                 "taken_source": r[6],
+                                 "relevant": None if cut is None else round(score, 6) >= cut})
                     if len(hits) == k:
                         return hits
             return hits

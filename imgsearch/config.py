@@ -9,10 +9,19 @@ from pathlib import Path
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
+# Every extension Pillow opens by itself (no Ghostscript, no Windows-only or stub plugins), so `index`
+# takes them without opening the file; files with other or no extensions are sniffed (formats.py).
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+     ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pnm", ".pbm", ".pgm", ".ppm", ".pfm", ".tga", ".icb",
+     ".vda", ".vst", ".ico", ".cur", ".icns", ".dds", ".pcx", ".dcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras",
+     ".xbm", ".xpm", ".psd", ".qoi", ".blp", ".avif", ".avifs", ".mpo", ".im", ".msp"}
 )
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
+# Camera RAW files, read through rawpy (the `raw` extra); without it they are reported, never "corrupt".
+RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".raf", ".orf", ".rw2", ".pef",
+                            ".srw"})
+RAW_NEEDS_EXTRA = "RAW file: install the raw extra (pip install 'imgsearch[raw]')"
 
 # Most results one search returns, in-process and through `serve` alike.
 MAX_K = 10_000

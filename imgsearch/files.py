@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .output import human_bytes  # noqa: F401  (re-exported: sizes in reports)
-from .config import HEIC_EXTENSIONS, HOME_DB, HOME_MARKER, IMAGE_EXTENSIONS, SKIP_DIR_NAMES
+from . import formats
+from .config import HEIC_EXTENSIONS, HOME_DB, HOME_MARKER, IMAGE_EXTENSIONS, RAW_EXTENSIONS, SKIP_DIR_NAMES
 from .pathtext import display
 
 
@@ -39,8 +40,25 @@ def heic_supported() -> bool:
     return importlib.util.find_spec("pillow_heif") is not None
 
 
+def raw_supported() -> bool:
+    """rawpy (the `raw` extra) is installed: RAW files can be decoded."""
+    return importlib.util.find_spec("rawpy") is not None
+
+
 def image_extensions() -> frozenset[str]:
-    return IMAGE_EXTENSIONS | HEIC_EXTENSIONS if heic_supported() else IMAGE_EXTENSIONS
+    """Extensions indexed without looking inside (RAW always: without rawpy they are reported, not skipped)."""
+    exts = IMAGE_EXTENSIONS | RAW_EXTENSIONS
+    return exts | HEIC_EXTENSIONS if heic_supported() else exts
+
+
+def is_image_file(path: str, heic: bool | None = None) -> bool:
+    """The walk's rule for one file: an image by extension, or by its first bytes when the extension says
+    nothing (a known non-image type is never opened). Used where single paths arrive (watch)."""
+    heic = heic_supported() if heic is None else heic
+    kind = formats.kind_by_extension(path)
+    if kind is None:
+        kind = formats.sniff(formats.read_head(path))
+    return kind in ("image", "raw") or (kind == "heic" and heic)
 
 
 def is_hidden(name: str) -> bool:
@@ -74,7 +92,7 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
     in ``skip_homes`` and any folder holding a library database with its marker): their thumbnails and
     caches are not photos either. ``link_targets`` collects the real paths that symlinks led to.
     """
-    exts = image_extensions()
+    heic = heic_supported()
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: dict[tuple[int, int], str] = {}
     homes: set[tuple[int, int]] = set()
@@ -86,7 +104,8 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
             pass
 
     def file_entry(shown: str, real: str) -> FileEntry | Skipped | Alias | None:
-        if os.path.splitext(shown)[1].lower() not in exts:
+        kind = formats.kind_by_extension(shown)
+        if kind == "other" or (kind == "heic" and not heic):
             return None
         try:
             st = os.stat(real)
@@ -96,6 +115,10 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
             return Skipped(shown, f"cannot stat: {e.strerror or e}")
         if not stat.S_ISREG(st.st_mode):
             return None
+        if kind is None:  # an odd or missing extension: the first bytes decide (one small read)
+            kind = formats.sniff(formats.read_head(real))
+            if kind is None or (kind == "heic" and not heic):
+                return None
         key = (st.st_dev, st.st_ino)
         first = seen_files.get(key)
         if first is not None:
@@ -148,7 +171,8 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
         elif os.path.lexists(root):
             result = file_entry(root, root)
             if result is None:
-                yield Skipped(root, "not an image file (unknown extension)")
+                yield Skipped(root, "not an image file (neither its extension nor its first bytes name an image "
+                                   "format imgsearch reads)")
             else:
                 yield result
         else:
@@ -181,4 +205,4 @@ def under(path: str, folder: str) -> bool:
 
 
 __all__ = ["FileEntry", "Skipped", "Alias", "walk", "content_hash", "hash_file", "display", "is_library_home",
-           "under", "abspath", "human_bytes", "image_extensions", "is_hidden"]
+           "under", "abspath", "human_bytes", "image_extensions", "is_image_file", "is_hidden", "raw_supported"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import os
@@ -10,6 +11,8 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from . import formats
+from .config import RAW_NEEDS_EXTRA
 from .errors import DecodeError
 
 _EXIF_IFD = 0x8769
@@ -196,7 +199,24 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
     ``draft_size``: for JPEGs, let libjpeg decode at a reduced scale whose short side stays at or above
     this many pixels (much faster on large photos; the model resizes further anyway).
     Raises DecodeError with a reason for anything that is not a readable image within the pixel cap.
+    Camera RAW (by extension, or by content where the extension says nothing) goes through rawpy.
     """
+    if _is_raw(source):
+        return _open_raw(source, draft_size, max_pixels)
+    try:
+        return _open_pillow(source, draft_size, max_pixels)
+    except DecodeError:
+        # Bytes have no extension to tell a TIFF-based RAW (DNG, NEF, CR2, ARW) from a TIFF: libraw may.
+        if (isinstance(source, (bytes, bytearray, memoryview)) and bytes(source[:4]) in (b"II*\x00", b"MM\x00*")
+                and importlib.util.find_spec("rawpy") is not None):
+            try:
+                return _open_raw(source, draft_size, max_pixels)
+            except DecodeError:
+                pass
+        raise
+
+
+def _open_pillow(source, draft_size: int | None, max_pixels: int):
     Image = _pil()
     from PIL import ImageOps, UnidentifiedImageError
 
@@ -243,6 +263,83 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
         raise DecodeError("not enough memory to decode this image") from None
     return im, info
 
+
+# --- camera RAW (rawpy, the `raw` extra) --------------------------------------------------------------
+def _is_raw(source) -> bool:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return formats.sniff(bytes(source[:formats.HEAD_BYTES])) == "raw"
+    kind = formats.kind_by_extension(os.fspath(source))
+    if kind is None:  # no telling extension: a CR3 or RAF renamed .dat is still RAW
+        return formats.sniff(formats.read_head(os.fspath(source))) == "raw"
+    return kind == "raw"
+
+
+# libraw's flip code -> the PIL transpose that shows the picture upright
+_RAW_FLIP = {3: 3, 5: 2, 6: 4}  # Image.Transpose.ROTATE_180, ROTATE_90 (counter-clockwise), ROTATE_270
+
+
+def _open_raw(source, draft_size: int | None, max_pixels: int):
+    """A RAW photo: its embedded preview when it is big enough for the model (no demosaicing), else a
+    half-size demosaic. ImageInfo gives the sensor picture's size, upright."""
+    try:
+        import rawpy
+    except ImportError:
+        raise DecodeError(RAW_NEEDS_EXTRA) from None
+    Image = _pil()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fp = io.BytesIO(bytes(source))
+    else:
+        fp = os.fspath(source)
+        try:
+            if os.path.getsize(fp) == 0:
+                raise DecodeError("empty file (0 bytes)")
+        except OSError as e:
+            raise DecodeError(f"cannot read file: {e.strerror or e}") from None
+    try:
+        with rawpy.imread(fp) as raw:
+            sizes = raw.sizes
+            w, h = (sizes.height, sizes.width) if sizes.flip in (5, 6) else (sizes.width, sizes.height)
+            _check_pixels(w, h, max_pixels)
+            im, taken = _raw_preview(raw, rawpy, min(draft_size or 224, w, h), max_pixels)
+            if im is None:
+                im = Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8))
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError("not enough memory to decode this image") from None
+    except Exception as e:  # rawpy.LibRawError and its kin: libraw could not read the file
+        text = str(e) or type(e).__name__
+        raise DecodeError(f"corrupt or unsupported RAW file: {text}") from None
+    return _to_rgb(im), ImageInfo(w, h, taken)
+
+
+def _raw_preview(raw, rawpy, min_side: int, max_pixels: int):
+    """(upright preview image, its EXIF date) or (None, None) when there is none at least ``min_side`` px."""
+    Image = _pil()
+    try:
+        thumb = raw.extract_thumb()
+    except Exception:  # no preview, or one libraw cannot hand over: demosaic instead
+        return None, None
+    taken = None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tagged = Image.open(io.BytesIO(thumb.data)).getexif().get(_ORIENTATION, 1) != 1
+            im, info = open_image(thumb.data, draft_size=min_side, max_pixels=max_pixels)
+        except DecodeError:
+            return None, None
+        taken = info.taken_at
+    elif thumb.format == rawpy.ThumbFormat.BITMAP:
+        im, tagged = Image.fromarray(thumb.data), False
+    else:
+        return None, None
+    if min(im.size) < min_side:
+        return None, None
+    flip = _RAW_FLIP.get(raw.sizes.flip)
+    if flip is not None and not tagged:  # previews usually carry no orientation of their own
+        im = im.transpose(flip)
+    return im, taken
 
 
 # --- batched tensor decode (nvJPEG on CUDA) ---------------------------------------------------------

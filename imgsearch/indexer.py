@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from . import files, images
-from .config import Settings, thread_budget
+from .config import RAW_NEEDS_EXTRA, Settings, thread_budget
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
@@ -339,12 +339,19 @@ class Indexer:
             raise
         report.failed.sort()
         store.finish_run(run_id, report.counts())
+        from . import relevance
+
+        # Kept fresh here once a query measured it (no text encoding here), so the cold path finds it ready.
+        relevance.current(store, model_id, None)
         self.refresh_cache(build_progress)
         report.seconds = time.perf_counter() - t0
         return report
 
     def _may_pass_now(self, reason: str, size: int) -> bool:
-        """A recorded failure that a raised cap may now let through (worth retrying although unchanged)."""
+        """A recorded failure that a raised cap or a newly installed extra may now let through (worth
+        retrying although unchanged)."""
+        if reason == RAW_NEEDS_EXTRA:
+            return files.raw_supported()
         if "IMGSEARCH_MAX_FILE_MB" in reason:
             return size <= self.settings.max_file_mb << 20
         if "IMGSEARCH_MAX_PIXELS" in reason:
@@ -667,7 +674,8 @@ def library_status(settings: Settings) -> dict:
                            "vectors": m.vectors, "index_file": str(path), "index_state": state,
                            "index_type": meta.get("kind"), "index_vectors": meta.get("count"),
                            "recall_at_10": meta.get("recall_at_10"), "nprobe": meta.get("nprobe"),
-                           "index_bytes": path.stat().st_size if path.exists() else 0})
+                           "index_bytes": path.stat().st_size if path.exists() else 0,
+                           "relevance_floor": _floor_status(store, m)})
         disk = store.disk_usage()
         for folder in (settings.index_dir, settings.thumbs_dir):
             if folder.exists():
@@ -679,6 +687,17 @@ def library_status(settings: Settings) -> dict:
                 "schema_version": store.schema_version, "when_where": store.when_where_summary()}
     finally:
         store.close()
+
+
+def _floor_status(store: Store, model: ModelRow) -> dict | None:
+    """The stored relevance floor as status shows it (never measured here: status stays read-only)."""
+    from . import relevance
+
+    floor = relevance.parse(store.get_meta(relevance.meta_key(model.id)))
+    if floor is None:
+        return None
+    return {"text": floor.get("text"), "image": floor.get("image"), "vectors": floor.get("vectors"),
+            "stale": relevance.is_stale(floor, model.vectors)}
 
 
 def _run_state(settings: Settings, run: dict | None) -> dict | None:

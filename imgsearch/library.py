@@ -242,6 +242,10 @@ class Library:
 
         return LibraryStatus.from_dict(library_status(self.settings))
 
+    def relevance_floor(self) -> dict | None:
+        """This model's relevance floor: {"text", "image", "vectors", ...} (relevance.py), measured if needed."""
+        return self._warm().relevance_floor()
+
     def failures(self) -> list[tuple[str, str]]:
         """Every file that failed to index, with its reason."""
         return self.store.failures()
@@ -280,7 +284,7 @@ class Library:
                k: int = 10, min_score: float | None = None, under: str | os.PathLike | None = None,
                tag: str | Sequence[str] | None = None, keyword: str | None = None, blend: float | None = None,
                exclude_ids: Iterable[int] = (), after=None, before=None, near=None,
-               camera: str | None = None) -> list[Hit]:
+               camera: str | None = None, relevance: bool = False) -> list[Hit]:
         """The ``k`` library images closest to the query, best first.
 
         ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
@@ -292,6 +296,9 @@ class Library:
         When and where: ``after``/``before`` a capture date (YYYY, YYYY-MM, YYYY-MM-DD or ISO timestamp;
         ``before`` ends at the end of its period), ``near`` "LAT,LON[,KM]" or (lat, lon[, km]) (5 km by
         default), ``camera`` text in the camera's make and model. See geo.py.
+        ``relevance``: mark each hit ``relevant`` (True/False) against the model's calibrated relevance floor
+        (relevance.py; the first call for a model measures it, seconds on a CPU); None for keyword ranking
+        and for text and images mixed.
         """
         from . import geo
         from .queryspec import check_k
@@ -317,7 +324,8 @@ class Library:
                                       allowed_ids=self.store.ids_matching(when_where) if when_where else None)
             raise UsageError("nothing to search for: give query text, an image, or both")
         if not (imgs or not_imgs or ids or keyword is not None or exclude_ids):
-            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags, **ww)
+            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags,
+                                     relevance=relevance, **ww)
             if hits is not None:
                 return hits
         from .query import Query
@@ -325,10 +333,11 @@ class Library:
         query = Query.build([self._text(t) for t in texts], [self._image(x) for x in imgs],
                             [self._text(t) for t in not_texts], [self._image(x) for x in not_imgs], ids)
         return self._warm().search(query, k, min_score=min_score, under=under, tag=tags, keyword=keyword,
-                                   blend=blend, exclude_ids=exclude_ids, **ww)
+                                   blend=blend, exclude_ids=exclude_ids, relevance=relevance, **ww)
 
     def quick_search(self, text, *, not_text=None, k: int = 10, min_score: float | None = None, under=None,
-                     tag=None, after=None, before=None, near=None, camera=None) -> list[Hit] | None:
+                     tag=None, after=None, before=None, near=None, camera=None,
+                     relevance: bool = False) -> list[Hit] | None:
         """The lean path alone: plain text terms on a flat-sized library, answered with numpy and sqlite3
         while nothing heavy is loaded (coldquery.py). None when it can't answer; then ``search`` can."""
         texts, not_texts = _as_list(text), _as_list(not_text)
@@ -340,7 +349,8 @@ class Library:
 
         tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
         rows = search_texts(self.settings, texts, not_texts, k, min_score,
-                            str(under) if under is not None else None, tags, build(after, before, near, camera))
+                            str(under) if under is not None else None, tags, build(after, before, near, camera),
+                            relevance)
         return None if rows is None else [Hit(**r) for r in rows]
 
     def search_query(self, query, k: int = 10, **filters) -> list[Hit]:

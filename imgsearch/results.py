@@ -19,6 +19,9 @@ class Hit:
     size: int
     taken_at: str | None
     taken_source: str | None = None  # "exif", or "file": taken_at is then the file's modification time
+    # Above the model's calibrated relevance floor (relevance.py); None where no floor applies (keyword
+    # ranking, text and images mixed in one query).
+    relevant: bool | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +78,7 @@ class ModelStatus:
     recall_at_10: float | None
     nprobe: int | None
     index_bytes: int
+    relevance_floor: dict | None = None  # {"text", "image", "vectors", "stale"} (relevance.py)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -64,6 +64,9 @@ class Searcher:
         self._index_version: int | None = None
         self._lock = threading.Lock()
         self._encode_lock = encode_lock or threading.RLock()
+        self._floor: dict | None = None
+        self._floor_version: int | None = None
+        self._floor_lock = threading.Lock()
 
     def _fingerprint(self, spec: ModelSpec) -> str:
         """Weights fingerprint without importing open_clip when the library already knows these weights."""
@@ -183,10 +186,12 @@ class Searcher:
     def search(self, query: Query, k: int = 10, min_score: float | None = None, under: str | None = None,
                allowed_ids: np.ndarray | None = None, exclude_ids: Iterable[int] = (),
                tag: str | Sequence[str] | None = None, keyword: str | None = None,
-               blend: float | None = None, after=None, before=None, near=None, camera=None) -> list[Hit]:
+               blend: float | None = None, after=None, before=None, near=None, camera=None,
+               relevance: bool = False) -> list[Hit]:
         """Top ``k`` images for ``query``; files deleted since indexing never appear.
 
-        ``tag``: only images with these zero-shot tags. ``keyword``: only images whose name, folder,
+        ``relevance``: set each hit's ``relevant`` against the model's relevance floor (measured on first
+        use). ``tag``: only images with these zero-shot tags. ``keyword``: only images whose name, folder,
         captions or tags match (see keywords.py); with ``blend`` (0..1) keyword relevance is blended
         into the score instead of filtering. ``after``/``before``/``near``/``camera``: capture date, place
         and camera (see geo.py); like the others they restrict the ids the vector search may return.
@@ -204,7 +209,26 @@ class Searcher:
             if blend is not None:
                 return keywords.blended_search(self, vec, keyword, blend, k, min_score, under, allowed_ids,
                                                exclude_ids)
-        return self.search_vector(vec, k, min_score, under, allowed_ids, exclude_ids)
+        hits = self.search_vector(vec, k, min_score, under, allowed_ids, exclude_ids)
+        if relevance and hits:
+            from . import relevance as floors
+
+            cut = floors.floor_for(self.relevance_floor(), floors.query_kind(t.kind for t in query.positives))
+            for h in hits:
+                h.relevant = None if cut is None else h.score >= cut
+        return hits
+
+    def relevance_floor(self) -> dict | None:
+        """This model's calibrated relevance floor (relevance.py), measured first if missing or stale."""
+        from . import relevance
+
+        with self._floor_lock:
+            version = self.store.model_version(self.model.id)  # one row: no vector count per query
+            if self._floor_version != version:
+                self._floor = relevance.current(self.store, self.model.id, self.encode_texts,
+                                                save=not self.store.read_only)
+                self._floor_version = version
+            return self._floor
 
     def restrict_when_where(self, allowed_ids: np.ndarray | None, after=None, before=None, near=None,
                             camera=None) -> np.ndarray | None:

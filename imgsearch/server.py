@@ -21,9 +21,12 @@ one request field was wrong):
                                          "not_images": [...], "k": 10, "min_score": null, "under": null,
                                          "tag": null, "keyword": null, "blend": null, "after": "2023",
                                          "before": "2023-06", "near": "48.85,2.29,5" or [48.85, 2.29, 5],
-                                         "camera": "pixel"}
+                                         "camera": "pixel", "relevance": false}
   POST /api/search/image?k=10           the image file as the body (Content-Type image/* or
                                         application/octet-stream)
+With "relevance": true (relevance=1 in a URL), every hit carries "relevant": true/false against the
+model's calibrated relevance floor (relevance.py); it is null otherwise, and where no floor applies
+(keyword ranking, text and images mixed).
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ MAX_CONNECTIONS = 128  # open connections; past it the longest-idle one is dropp
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit silent (half-sent request, idle keep-alive)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _SEARCH_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", "under", "tag", "keyword",
-                  "blend", "after", "before", "near", "camera")
+                  "blend", "after", "before", "near", "camera", "relevance")
 _WHEN_WHERE = ("after", "before", "near", "camera")
-_GET_PARAMS = {"q", "not", "id", "k", "under", "min_score", "tag", "keyword", "blend", *_WHEN_WHERE}
+_GET_PARAMS = {"q", "not", "id", "k", "under", "min_score", "tag", "keyword", "blend", "relevance", *_WHEN_WHERE}
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?")
 
 
@@ -205,9 +208,12 @@ class SearchService:
         if near is not None and not (isinstance(near, str) or (
                 isinstance(near, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in near))):
             raise FieldError("near", 'near: must be "LAT,LON[,KM]" or [lat, lon, km]')
+        relevance = body.get("relevance", False)
+        if not isinstance(relevance, bool):
+            raise FieldError("relevance", "'relevance' must be true or false")
         query = Query.build(positives, images, negatives, not_images, ids)
         return query, k, {"min_score": min_score, "under": under, "tag": tag or None, "keyword": keyword,
-                          "blend": blend, **ww}
+                          "blend": blend, "relevance": relevance, **ww}
 
     def search(self, body: dict) -> list[dict]:
         query, k, kwargs = self.parse(body)
@@ -402,6 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
             body["min_score"] = _float(one("min_score"), "min_score")
         if "blend" in qs:
             body["blend"] = _float(one("blend"), "blend")
+        if "relevance" in qs:
+            body["relevance"] = _bool(one("relevance"), "relevance")
         self._send(200, {"hits": self.service.search(body)})
 
     def _post_search(self, url) -> None:
@@ -431,7 +439,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw:
             raise UsageError("send the image file as the request body")
         query = Query.build(images_=[image_data_term(raw, 1.0, "in the request body")])
-        self._send(200, {"hits": [h.as_dict() for h in self.service.library.search_query(query, k)]})
+        relevance = _bool(qs["relevance"][-1], "relevance") if "relevance" in qs else False
+        hits = self.service.library.search_query(query, k, relevance=relevance)
+        self._send(200, {"hits": [h.as_dict() for h in hits]})
 
 
 class _Reply(Exception):
@@ -447,6 +457,15 @@ def _int(value: str, name: str) -> int:
         return int(value)
     except ValueError:
         raise FieldError(name, f"'{name}' must be a whole number") from None
+
+
+def _bool(value: str, name: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no", ""):
+        return False
+    raise FieldError(name, f"{name}={value[:20]!r} must be 1/true or 0/false")
 
 
 def _float(value: str, name: str) -> float:

@@ -269,6 +269,15 @@ class Store:
             self._library_id = str(self.scalar("SELECT value FROM library_meta WHERE key = 'library_id'") or "")
         return self._library_id
 
+    def get_meta(self, key: str) -> str | None:
+        """A library_meta value (small per-library facts, e.g. a model's relevance floor)."""
+        value = self.scalar("SELECT value FROM library_meta WHERE key = :k", k=key)
+        return None if value is None else str(value)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.begin() as c:
+            c.execute(_sql("INSERT OR REPLACE INTO library_meta (key, value) VALUES (:k, :v)"), {"k": key, "v": value})
+
     @property
     def schema_version(self) -> int:
         return self.scalar("SELECT max(version) FROM schema_migrations") or 0

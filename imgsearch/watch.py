@@ -293,10 +293,9 @@ class Watcher:
             if kept and _under(p, kept[-1]):
                 continue
             kept.append(p)
-        # Only folders and image files: `index` given a notes.txt would record it as a failed image.
-        exts = files.image_extensions()
-        changed = [p for p in kept if os.path.isdir(p)
-                   or (os.path.isfile(p) and os.path.splitext(p)[1].lower() in exts)]
+        # Only folders and image files (by extension or content, as the walk decides): `index` given a
+        # notes.txt would record it as a failed image.
+        changed = [p for p in kept if os.path.isdir(p) or (os.path.isfile(p) and files.is_image_file(p))]
         gone = [p for p in kept if not os.path.lexists(p)]
         return changed, gone
 

@@ -154,6 +154,11 @@ def test_partial_writes_temp_hidden_and_other_files_are_not_indexed(lib, home, t
         assert lib.status().images == start + 1
         assert lib.failures() == []  # never indexed half-written; notes.txt and the library's files not tried
         assert [b.line().split(" (")[0] for b in run.batches] == ["added 1, updated 0, moved 0, removed 0"]
+        png = io.BytesIO()
+        synthetic.draw_shape("red", "circle", 64, random.Random(6)).save(png, format="PNG")
+        (folder / "scan").write_bytes(png.getvalue())  # no extension: its first bytes say PNG, as in `index`
+        wait_for(lambda: lib.status().images == start + 2, what="the extension-less PNG")
+        assert lib.failures() == []
     finally:
         run.close()
 

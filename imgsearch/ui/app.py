@@ -19,7 +19,7 @@ from typing import Mapping
 import streamlit as st
 
 from imgsearch import Library
-from imgsearch.config import Settings
+from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, RAW_EXTENSIONS, Settings
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
 
@@ -30,7 +30,7 @@ DEFAULT_K = 20
 MAX_K = 200
 # Query images only; the same cap is given to the server by `imgsearch ui` (--server.maxUploadSize).
 MAX_UPLOAD_MB = 20
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif"]
+UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EXTENSIONS)
 MAX_QUERY_CHARS = 500
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
 
@@ -276,7 +276,7 @@ def run_search(library, p: Params, upload: tuple[str, bytes] | None):
     exclude = [p.like] if p.like is not None else []  # the example itself is shown above the grid
     return library.search(p.q or None, image=image, not_text=p.neg or None,
                           ids=[p.like] if p.like is not None else [], k=p.k, min_score=p.min_score,
-                          under=p.under or None, exclude_ids=exclude, **p.when_where())
+                          under=p.under or None, exclude_ids=exclude, relevance=True, **p.when_where())
 
 
 # --- rendering ----------------------------------------------------------------------------------------
@@ -536,6 +536,8 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
                                                          else "") + ".")
         return
     st.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
+    if hits[0].relevant is False:  # the best is under the model's calibrated floor (None: no floor applies)
+        st.info("No good matches; closest results")
     grid(settings, library, hits, key="hit")
 
 

@@ -1,0 +1,232 @@
+"""Every format Pillow opens is indexed (found by content when the extension says nothing), and camera RAW
+through the `raw` extra: a DNG written here, read with rawpy, and reported as "install the raw extra"
+(then retried once it is installed) when rawpy is missing."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgsearch import synthetic
+from imgsearch.config import RAW_NEEDS_EXTRA
+
+
+# --- a minimal DNG, written from scratch: a 16-bit RGGB mosaic, optionally an embedded JPEG preview ----
+def _ifd(entries: list[tuple[int, int, int, bytes]], base: int) -> bytes:
+    """One TIFF IFD laid out at file offset ``base``, its out-of-line values right after it."""
+    entries = sorted(entries)
+    size = 2 + 12 * len(entries) + 4
+    out, extra = struct.pack("<H", len(entries)), b""
+    for tag, typ, count, data in entries:
+        if len(data) <= 4:
+            out += struct.pack("<HHI", tag, typ, count) + data.ljust(4, b"\0")
+        else:
+            out += struct.pack("<HHII", tag, typ, count, base + size + len(extra))
+            extra += data + b"\0" * (len(data) % 2)
+    return out + struct.pack("<I", 0) + extra
+
+
+def make_dng(rgb: np.ndarray, preview: bool = True) -> bytes:
+    SHORT, LONG, ASCII, RATIONAL, SRATIONAL, BYTE = 3, 4, 2, 5, 10, 1
+    h, w, _ = rgb.shape
+    level = (rgb.astype(np.float32) / 255 * 4000).astype("<u2")
+    mosaic = np.empty((h, w), "<u2")
+    mosaic[0::2, 0::2], mosaic[0::2, 1::2] = level[0::2, 0::2, 0], level[0::2, 1::2, 1]
+    mosaic[1::2, 0::2], mosaic[1::2, 1::2] = level[1::2, 0::2, 1], level[1::2, 1::2, 2]
+    raw = mosaic.tobytes()
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(rgb).save(buf, "JPEG", quality=92)
+    jpeg = buf.getvalue() if preview else b""
+
+    def ascii_(t):
+        return (ASCII, len(t) + 1, t.encode() + b"\0")
+
+    def srat(*v):
+        return b"".join(struct.pack("<ii", int(x * 10000), 10000) for x in v)
+
+    dng = [(50706, BYTE, 4, bytes([1, 4, 0, 0])), (50707, BYTE, 4, bytes([1, 1, 0, 0])),
+           (50708, *ascii_("imgsearch test DNG")), (271, *ascii_("imgsearch")), (272, *ascii_("test DNG")),
+           (50721, SRATIONAL, 9, srat(1, 0, 0, 0, 1, 0, 0, 0, 1)),
+           (50728, RATIONAL, 3, b"".join(struct.pack("<II", 1, 1) for _ in range(3))), (50778, SHORT, 1, b"\x15\0")]
+
+    def cfa_ifd(kind: int) -> list:
+        return [(254, LONG, 1, struct.pack("<I", kind)), (256, LONG, 1, struct.pack("<I", w)),
+                (257, LONG, 1, struct.pack("<I", h)), (258, SHORT, 1, b"\x10\0"), (259, SHORT, 1, b"\x01\0"),
+                (262, SHORT, 1, struct.pack("<H", 32803)), (273, LONG, 1, struct.pack("<I", 8)),
+                (277, SHORT, 1, b"\x01\0"), (278, LONG, 1, struct.pack("<I", h)),
+                (279, LONG, 1, struct.pack("<I", len(raw))), (284, SHORT, 1, b"\x01\0"),
+                (33421, SHORT, 2, b"\x02\0\x02\0"), (33422, BYTE, 4, bytes([0, 1, 1, 2])),
+                (50710, BYTE, 3, bytes([0, 1, 2])), (50714, LONG, 1, b"\0" * 4),
+                (50717, LONG, 1, struct.pack("<I", 4095))]
+
+    off0 = 8 + len(raw) + len(jpeg)
+    off0 += off0 % 2
+    if not preview:  # the mosaic is the main image
+        return (b"II*\0" + struct.pack("<I", off0) + raw).ljust(off0, b"\0") + _ifd(cfa_ifd(0) + dng, off0)
+
+    def ifd0(sub: int) -> bytes:
+        return _ifd([(254, LONG, 1, b"\x01\0\0\0"), (256, LONG, 1, struct.pack("<I", w)),
+                     (257, LONG, 1, struct.pack("<I", h)), (258, SHORT, 3, b"\x08\0\x08\0\x08\0"),
+                     (259, SHORT, 1, b"\x07\0"), (262, SHORT, 1, b"\x06\0"),
+                     (273, LONG, 1, struct.pack("<I", 8 + len(raw))), (274, SHORT, 1, b"\x01\0"),
+                     (277, SHORT, 1, b"\x03\0"), (278, LONG, 1, struct.pack("<I", h)),
+                     (279, LONG, 1, struct.pack("<I", len(jpeg))), (284, SHORT, 1, b"\x01\0"),
+                     (330, LONG, 1, struct.pack("<I", sub))] + dng, off0)
+
+    sub = off0 + len(ifd0(0))
+    sub += sub % 2
+    head = (b"II*\0" + struct.pack("<I", off0) + raw + jpeg).ljust(off0, b"\0") + ifd0(sub)
+    return head.ljust(sub, b"\0") + _ifd(cfa_ifd(0), sub)
+
+
+def shape(color: str, kind: str, seed: int, size: int = 64):
+    return synthetic.draw_shape(color, kind, size, random.Random(seed))
+
+
+def write_dng(path: Path, color: str, kind: str, seed: int, preview: bool = True) -> Path:
+    path.write_bytes(make_dng(np.asarray(shape(color, kind, seed)), preview))
+    return path
+
+
+# Each format, saved the way Pillow writes it (mode conversions where the format needs them).
+FORMATS = {"jp2": ("JPEG2000", "RGB"), "pnm": ("PPM", "RGB"), "ppm": ("PPM", "RGB"), "pgm": ("PPM", "L"),
+           "pbm": ("PPM", "1"), "tga": ("TGA", "RGB"), "ico": ("ICO", "RGB"), "webp": ("WEBP", "RGB"),
+           "gif": ("GIF", "P"), "bmp": ("BMP", "RGB"), "tiff": ("TIFF", "RGB"), "qoi": ("QOI", "RGB"),
+           "pcx": ("PCX", "RGB"), "sgi": ("SGI", "RGB")}
+
+
+def save_as(im, path: Path, fmt: str, mode: str) -> Path:
+    im.convert(mode).save(path, fmt)
+    return path
+
+
+def hits(cli, text: str, k: int = 3) -> list[str]:
+    r = cli("query", text, "-k", str(k), "--json")
+    assert r.exit_code == 0, r.output
+    return [Path(h["path"]).name for h in json.loads(r.stdout)]
+
+
+def index_json(cli, folder) -> dict:
+    r = cli("index", folder, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+def test_every_pillow_format_and_files_found_by_content_are_indexed(cli, tmp_path):
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    expected = set()
+    for n, (ext, how) in enumerate(FORMATS.items()):
+        expected.add(save_as(shape("red", "circle", n), folder / f"red_circle.{ext}", *how).name)
+    png = io.BytesIO()
+    shape("blue", "square", 99).save(png, "PNG")
+    (folder / "blue_square.dat").write_bytes(png.getvalue())  # a PNG with a wrong extension
+    (folder / "blue_square_no_extension").write_bytes(png.getvalue())
+    expected |= {"blue_square.dat", "blue_square_no_extension"}
+    # Not images, or not photos: never opened as such, never reported as failures.
+    (folder / "notes").write_text("P1 is not a bitmap here, just a note\n")
+    (folder / "random.dat").write_bytes(bytes(random.Random(1).randrange(256) for _ in range(500)))
+    (folder / "clip.thm").write_bytes(png.getvalue())  # a video's thumbnail sidecar
+    (folder / "readme.txt").write_bytes(png.getvalue())
+
+    report = index_json(cli, folder)
+    assert report["failures"] == []
+    assert report["new"] == len(expected), report
+    r = cli("query", "a red circle", "-k", "50", "--json")
+    found = {Path(h["path"]).name for h in json.loads(r.stdout)}
+    assert found == expected
+
+
+def test_red_circle_saved_as_ppm_is_found_by_its_description(cli, tmp_path):
+    folder = tmp_path / "mixed"
+    synthetic.generate(folder, per_class=2, colors=["blue", "green", "yellow", "white"], fmt="jpg", seed=3,
+                       captions_file=None)
+    for i in range(3):
+        save_as(shape("red", "circle", 100 + i), folder / f"red_circle_{i}.ppm", "PPM", "RGB")
+    assert index_json(cli, folder)["new"] == 4 * 3 * 2 + 3
+    assert sorted(hits(cli, "a red circle")) == ["red_circle_0.ppm", "red_circle_1.ppm", "red_circle_2.ppm"]
+
+
+def test_dng_is_indexed_through_rawpy_and_found_by_what_it_shows(cli, tmp_path):
+    pytest.importorskip("rawpy", reason="the raw extra (rawpy) is part of the dev install")
+    folder = tmp_path / "raw"
+    synthetic.generate(folder, per_class=2, colors=["blue", "green", "white"], fmt="png", seed=4,
+                       captions_file=None)
+    for i in range(2):
+        write_dng(folder / f"red_circle_{i}.dng", "red", "circle", 200 + i)
+    report = index_json(cli, folder)
+    assert report["failures"] == [] and report["new"] == 3 * 3 * 2 + 2
+    assert sorted(hits(cli, "a red circle", 2)) == ["red_circle_0.dng", "red_circle_1.dng"]
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["failures"] == 0
+
+
+def test_dng_decodes_from_its_preview_or_by_demosaicing(tmp_path):
+    pytest.importorskip("rawpy", reason="the raw extra (rawpy) is part of the dev install")
+    from imgsearch import images
+
+    with_preview = write_dng(tmp_path / "p.dng", "red", "square", 1)
+    im, info = images.open_image(with_preview, draft_size=32)
+    assert (im.size, (info.width, info.height)) == ((64, 64), (64, 64))  # the preview, at full size
+    r, g, b = im.getpixel((32, 32))
+    assert r > 150 and g < 90 and b < 90  # the red square, as the preview shows it
+    bare = write_dng(tmp_path / "bare.dng", "red", "square", 1, preview=False)
+    im, info = images.open_image(bare, draft_size=32)
+    assert im.mode == "RGB" and im.size == (32, 32) and (info.width, info.height) == (64, 64)  # half size
+    im, info = images.open_image(with_preview.read_bytes())  # an upload: bytes, no extension to go by
+    assert im.size == (64, 64) and im.getpixel((32, 32))[0] > 150
+    truncated = tmp_path / "cut.dng"
+    truncated.write_bytes(with_preview.read_bytes()[:300])
+    with pytest.raises(images.DecodeError, match="corrupt or unsupported RAW file"):
+        images.open_image(truncated)
+
+
+def test_raw_without_the_extra_is_reported_then_retried_once_it_is_installed(cli, tmp_path, monkeypatch):
+    rawpy = pytest.importorskip("rawpy", reason="the raw extra (rawpy) is part of the dev install")
+    folder = tmp_path / "raw"
+    synthetic.generate(folder, per_class=1, colors=["blue"], fmt="png", seed=6, captions_file=None)
+    dng = write_dng(folder / "red_circle.dng", "red", "circle", 7)
+    monkeypatch.setitem(sys.modules, "rawpy", None)  # as if the extra were not installed
+    report = index_json(cli, folder)
+    assert report["new"] == 3
+    assert report["failures"] == [{"path": str(dng), "reason": RAW_NEEDS_EXTRA}]
+    assert "install the raw extra" in RAW_NEEDS_EXTRA and "corrupt" not in RAW_NEEDS_EXTRA
+    again = index_json(cli, folder)  # unchanged and still no rawpy: not re-read
+    assert again["failed_before"] == 1 and again["new"] == 0
+    monkeypatch.setitem(sys.modules, "rawpy", rawpy)  # the extra is installed now
+    after = index_json(cli, folder)
+    assert after["new"] == 1 and after["failures"] == [], after
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["failures"] == 0 and status["images"] == 4
+
+
+def test_an_explicit_file_that_is_no_image_says_so(cli, tmp_path):
+    note = tmp_path / "notes.bin"
+    note.write_bytes(b"hello, not a picture")
+    r = cli("index", note, "--json")
+    out = json.loads(r.stdout)
+    assert out["failures"] == [{"path": str(note), "reason": "not an image file (neither its extension nor its "
+                                                                "first bytes name an image format imgsearch reads)"}]
+
+
+def test_sniffing_reads_only_files_without_a_telling_extension(tmp_path, monkeypatch):
+    from imgsearch import files, formats
+
+    opened = []
+    real = formats.read_head
+    monkeypatch.setattr(formats, "read_head", lambda p: opened.append(Path(p).name) or real(p))
+    for name in ("a.jpg", "b.mp4", "c.txt", "d.json", "e", "f.xyz"):
+        (tmp_path / name).write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 40)
+    found = sorted(Path(e.path).name for e in files.walk([tmp_path]) if isinstance(e, files.FileEntry))
+    assert found == ["a.jpg", "e", "f.xyz"]
+    assert sorted(opened) == ["e", "f.xyz"]

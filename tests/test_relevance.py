@@ -1,0 +1,183 @@
+"""The calibrated relevance floor on the shapes set: what the library holds passes it, what it does not hold
+(a colour/shape it lacks, nonsense) falls under it; `query --relevant`, status, server JSON and the UI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from imgsearch import synthetic
+
+# The library holds red, blue and green circles and squares: no triangles, no yellow, white or purple.
+PRESENT = ["a red circle", "a blue square", "a green circle", "a red square"]
+ABSENT = ["a yellow triangle", "a white triangle", "a purple triangle", "asdf qwerty zxcv"]
+
+
+@pytest.fixture()
+def shapes(tmp_path) -> Path:
+    folder = tmp_path / "shapes"
+    synthetic.generate(folder, per_class=3, colors=["red", "blue", "green"], shapes=("circle", "square"), size=96,
+                       fmt="png", seed=2, captions_file=None)
+    return folder
+
+
+@pytest.fixture()
+def lib(settings, shapes):
+    from imgsearch import Library
+
+    with Library(settings=settings) as library:
+        assert library.index(shapes).new == 18
+        yield library
+
+
+def kind(path: str) -> str:
+    return "_".join(Path(path).stem.split("_")[:2])
+
+
+def test_present_shapes_pass_the_floor_and_absent_ones_fall_under(lib):
+    for text in PRESENT:
+        hits = lib.search(text, k=3, relevance=True)
+        assert hits[0].relevant is True, (text, hits[0])
+        assert kind(hits[0].path) == text[2:].replace(" ", "_")
+    for text in ABSENT:
+        hits = lib.search(text, k=18, relevance=True)
+        assert [h.relevant for h in hits] == [False] * 18, (text, hits[0].score)
+
+
+def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_uses_it(settings, tmp_path,
+                                                                                       monkeypatch):
+    from imgsearch import Library
+    from imgsearch.encoder import Encoder
+    from imgsearch.store import Store
+
+    def floor():
+        store = Store(settings.db_path, create=False)
+        try:
+            return json.loads(store.get_meta("relevance:1") or "null")
+        finally:
+            store.close()
+
+    first = tmp_path / "first"
+    synthetic.generate(first, per_class=3, colors=["red", "blue"], shapes=("circle", "square"), size=96, fmt="png",
+                       seed=3, captions_file=None)
+    with Library(settings=settings) as lib:
+        lib.index(first)
+        assert floor() is None  # index never pays for encoding the captions
+        assert lib.search("a blue square", k=1)[0].relevant is None  # not asked for
+        assert lib.search("a blue square", k=1, relevance=True)[0].relevant is True
+    assert floor()["vectors"] == 12
+    more = tmp_path / "more"
+    synthetic.generate(more, per_class=3, colors=["green"], shapes=("circle", "square"), size=96, fmt="png", seed=4,
+                       captions_file=None)
+    encoded = []
+    real = Encoder.encode_texts
+    monkeypatch.setattr(Encoder, "encode_texts", lambda self, texts: encoded.append(len(texts)) or real(self, texts))
+    with Library(settings=settings) as lib:
+        lib.index(more)
+    assert floor()["vectors"] == 18 and encoded == []  # re-measured with the kept caption vectors
+    with Library(settings=settings) as lib:
+        hits = lib.quick_search("a green circle", k=2, relevance=True)  # numpy + sqlite3: the stored floor
+        assert hits is not None and [h.relevant for h in hits] == [True, True]
+        assert [h.relevant for h in lib.quick_search("a yellow triangle", k=3, relevance=True)] == [False] * 3
+        assert lib.relevance_floor() == floor()
+
+
+def test_image_queries_use_the_image_floor(lib, shapes):
+    import random
+
+    probe = synthetic.draw_shape("red", "circle", 96, random.Random(77))  # a red circle the library lacks
+    red = lib.search(image=probe, k=3, relevance=True)
+    assert red[0].relevant is True and kind(red[0].path) == "red_circle"
+    odd = lib.search(image=synthetic.draw_shape("yellow", "triangle", 96, random.Random(78)), k=3, relevance=True)
+    assert [h.relevant for h in odd] == [False] * 3  # nothing in the library looks like it
+    mixed = lib.search("a red circle", image=str(shapes / "red_circle_001.png"), k=3, relevance=True)
+    assert [h.relevant for h in mixed] == [None] * 3  # neither floor is calibrated for a mix
+
+
+def test_query_relevant_keeps_good_hits_and_says_when_there_are_none(cli, shapes):
+    assert cli("index", shapes).exit_code == 0
+    r = cli("query", "a blue square", "--relevant", "-k", "18", "--json", "--no-server")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert rows and all(row["relevant"] for row in rows) and len(rows) < 18
+    assert kind(rows[0]["path"]) == "blue_square" and "no good matches" not in r.stderr
+    r = cli("query", "a yellow triangle", "--relevant", "-k", "4", "--no-server")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == "no good matches; closest results:"
+    assert len(r.stdout.splitlines()) == 1 + 4  # header + the 4 closest anyway
+    plain = json.loads(cli("query", "a yellow triangle", "-k", "4", "--json", "--no-server").stdout)
+    assert [row["relevant"] for row in plain] == [None] * 4  # only judged when asked
+
+
+def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
+    assert cli("index", shapes).exit_code == 0
+    assert json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"] is None
+    assert cli("query", "a red circle", "--relevant", "--no-server").exit_code == 0  # measures it
+    st = json.loads(cli("status", "--json").stdout)
+    floor = st["models"][0]["relevance_floor"]
+    assert floor["vectors"] == 18 and floor["stale"] is False
+    assert f"relevance floor: text queries {floor['text']:.3f}, image queries {floor['image']:.3f}" \
+        in cli("status").stdout
+    assert cli("forget", shapes / "red_circle_000.png").exit_code == 0
+    assert json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"]["stale"] is True
+    assert cli("query", "a red circle", "-k", "1", "--relevant", "--no-server").exit_code == 0  # re-measures it
+    floor = json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"]
+    assert floor["vectors"] == 17 and floor["stale"] is False
+
+
+def test_server_hits_carry_relevance(settings, lib, cli, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from imgsearch.server import SearchServer
+
+    srv = SearchServer(settings, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        host, port = srv.address
+        out = {}
+        for q in ("q=a+green+circle&relevance=1", "q=a+white+triangle&relevance=true", "q=a+green+circle"):
+            req = urllib.request.Request(f"http://{host}:{port}/api/search?{q}&k=2",
+                                         headers={"Authorization": f"Bearer {srv.token}"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                out[q] = [h["relevant"] for h in json.loads(r.read())["hits"]]
+        req = urllib.request.Request(f"http://{host}:{port}/api/search", method="POST",
+                                     data=json.dumps({"texts": ["a red square"], "k": 1, "relevance": "yes"}).encode(),
+                                     headers={"Authorization": f"Bearer {srv.token}",
+                                              "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(req, timeout=30)
+        assert bad.value.code == 400
+        assert json.loads(bad.value.read()) == {"error": "'relevance' must be true or false", "field": "relevance"}
+        with monkeypatch.context() as m:  # `query --relevant` asks the running server
+            m.setattr(type(lib), "search", lambda *a, **kw: pytest.fail("answered in-process"))
+            r = cli("query", "a white triangle", "--relevant", "-k", "2", "--json")
+        assert r.exit_code == 0 and r.stderr.strip() == "no good matches; closest results:"
+        assert [row["relevant"] for row in json.loads(r.stdout)] == [False, False]
+    finally:
+        srv.shutdown()
+        t.join(10)
+    assert out == {"q=a+green+circle&relevance=1": [True, True], "q=a+white+triangle&relevance=true": [False, False],
+                   "q=a+green+circle": [None, None]}  # judged only when asked: same answer as in-process
+
+
+def test_ui_says_no_good_matches_when_the_best_is_under_the_floor(settings, lib, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    for var, value in (("IMGSEARCH_HOME", settings.home), ("IMGSEARCH_MODEL", settings.model),
+                       ("IMGSEARCH_DEVICE", "cpu"), ("IMGSEARCH_PRECISION", "fp32")):
+        monkeypatch.setenv(var, str(value))
+    app = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+    shown = {}
+    for q in ("a white triangle", "a red circle"):
+        at = AppTest.from_file(app, default_timeout=60)
+        at.query_params["q"] = q
+        at.run()
+        assert not at.exception, at.exception
+        shown[q] = "\n".join(str(e.value) for e in at.info)
+    assert "No good matches; closest results" in shown["a white triangle"]
+    assert "No good matches" not in shown["a red circle"]
