@@ -88,6 +88,11 @@ def test_old_library_gets_an_identity_on_upgrade(tmp_path):
     a.close()
     b.close()
     with sqlite3.connect(tmp_path / "a" / "library.db") as c:  # back to a schema-3 library
+        for index in ("ix_images_taken_at", "ix_images_taken_utc", "ix_images_gps"):  # undo migration 5
+            c.execute(f"DROP INDEX {index}")
+        for column in ("taken_utc", "taken_offset", "taken_source", "gps_lat", "gps_lon", "camera_make",
+                       "camera_model"):
+            c.execute(f"ALTER TABLE images DROP COLUMN {column}")
         c.execute("DROP TABLE library_meta")
         c.execute("ALTER TABLE runs DROP COLUMN pid")
         c.execute("DELETE FROM schema_migrations WHERE version >= 4")
