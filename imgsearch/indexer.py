@@ -327,7 +327,7 @@ class Indexer:
             if enc.precision == "int8":
                 verdict = onnx_image.cached_parity(self.settings.home, enc.fingerprint, self.store.library_id,
                                                    self.settings.int8_min_cosine) or {}
-                report.int8_parity, report.parity_images = verdict.get("min_cosine"), verdict.get("images", 0)
+                report.int8_parity, report.parity_images = verdict.get("min_cosine"), 0  # 0: not measured now
             return
         if enc.device != "cpu" or enc.precision not in ("fp32", "int8"):
             report.image_tower = f"torch {enc.precision}"
@@ -346,7 +346,7 @@ class Indexer:
         verdict = onnx_image.cached_parity(self.settings.home, enc.fingerprint, library_id,
                                            self.settings.int8_min_cosine)
         if verdict is not None:  # this library's images already passed with these weights and this int8 export
-            report.int8_parity, report.parity_images = verdict["min_cosine"], verdict.get("images", 0)
+            report.int8_parity, report.parity_images = verdict["min_cosine"], 0  # 0: not measured in this run
             return
         sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
                                                            for i in range(PARITY_SAMPLE)]

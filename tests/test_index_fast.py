@@ -192,6 +192,9 @@ def test_int8_parity_verdict_is_cached_per_library_and_a_refusal_still_refuses(c
     assert r.exit_code == 0, r.output
     second = json.loads(r.output[r.output.index("{"):])
     assert calls == [] and second["new"] == 36 and second["int8_parity"] == first["int8_parity"]
+    assert second["parity_images"] == 0  # nothing measured in this run
+    r = cli("--precision", "int8", "index", _photos(tmp_path, "again", seed=14))
+    assert "min cosine" in r.output and "this library's images in an earlier run" in r.output and calls == []
 
     # The verdict belongs to this library: another library with the same export home measures again.
     from imgsearch.config import Settings
