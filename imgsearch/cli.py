@@ -208,8 +208,10 @@ def index_cmd(
         typer.echo(f"  {report.failed_before} files that failed before and are unchanged were not retried "
                    "(`imgsearch status --failures`)")
     if report.int8_parity is not None:  # int8 vectors are the same model's vectors, slightly perturbed
+        where = (f"{report.parity_images} of these images" if report.parity_images
+                 else "this library's images in an earlier run")  # a remembered verdict
         typer.echo(f"  image tower {report.image_tower}: min cosine {report.int8_parity:.4f} to fp32 on "
-                   f"{report.parity_images} of these images (refused below {settings.int8_min_cosine})")
+                   f"{where} (refused below {settings.int8_min_cosine})")
     elif report.image_tower and report.encoded:
         typer.echo(f"  image tower: {report.image_tower}")
     if report.failed:
