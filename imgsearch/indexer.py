@@ -41,6 +41,7 @@ class _Done:
     skipped_decode: bool = False  # content already known; no pixels decoded
     raw: bytes | None = None  # JPEG bytes left for the batched (GPU) decoder
     orientation: int = 1
+    vector: object = None  # already encoded elsewhere (a Ray worker): the batch encoder keeps it
 
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
@@ -130,10 +131,17 @@ class DecodeStage:
 
 
 class Indexer:
-    """One indexing run over some roots with one encoder. Use :func:`index_paths`."""
+    """One indexing run over some roots with one encoder. Use :func:`index_paths`.
 
-    def __init__(self, settings: Settings, encoder: Encoder, store: Store):
+    ``remote``: where files are read, decoded and encoded instead of this process's threads, e.g.
+    ``distributed.RayStage``: ``remote.results(indexer, work, known)`` yields one ``_Done`` per work item,
+    in order, with ``vector`` set for the encoded ones; everything else (the walk, the incremental rules,
+    the writes) stays here.
+    """
+
+    def __init__(self, settings: Settings, encoder: Encoder, store: Store, remote=None):
         self.settings = settings
+        self.remote = remote
         self.encoder = encoder
         self.store = store
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
@@ -143,7 +151,7 @@ class Indexer:
         self.budget = thread_budget(device=encoder.device, workers=settings.workers)
         self.tower_note: str | None = None
 
-    # --- worker side (threads) -----------------------------------------------------------------
+    # --- worker side (threads, or Ray workers: there only self.settings and self.stage exist) ---------
     def _process(self, work: _Work, known_hashes: frozenset[str], tensor_decode: bool | None = None) -> _Done:
         path = work.entry.path
         cap = self.settings.max_file_mb << 20
@@ -246,7 +254,9 @@ class Indexer:
         # A new file whose content the library knows is a move (its old row's file is gone) or a copy.
         known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
-        if work:  # before the run is recorded: a refused int8 run leaves the library as it was
+        if self.remote is not None:
+            report.decode, report.image_tower = self.remote.describe()
+        elif work:  # before the run is recorded: a refused int8 run leaves the library as it was
             self._prepare_image_tower(work, report)
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
@@ -262,8 +272,11 @@ class Indexer:
                 _set_torch_threads(budget.encoder)
             ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
                 self.settings.batch_size
-            results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
-                                         overlap=budget.overlap)
+            if self.remote is not None:
+                results = self.remote.results(self, work, known)
+            else:
+                results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
+                                             overlap=budget.overlap)
             for w, result in zip(work, results):
                 if isinstance(result, DecodeError):  # _process reports its own errors; this is a last resort
                     result = _Done(w, error=str(result))
@@ -445,14 +458,19 @@ class Indexer:
         return kept
 
     def _encode(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> None:
-        import torch
-
         batch = self._decode_raw(batch, pending, report)
         if not batch:
             return
-        device = self.encoder.device
-        vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in batch]))
-        for res, vec in zip(batch, vecs):
+        todo = [r for r in batch if r.vector is None]
+        if todo:
+            import torch
+
+            device = self.encoder.device
+            vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in todo]))
+            for r, vec in zip(todo, vecs):
+                r.vector = vec
+        for res in batch:
+            vec = res.vector
             w, e, info = res.work, res.work.entry, res.info
             record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": res.hash,
                       "width": info.width, "height": info.height, "taken_at": info.taken_at}
@@ -552,10 +570,11 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
                 progress: ProgressFn | None = None, store: Store | None = None,
-                build_progress: BuildProgress | None = None, wait: bool = True) -> IndexReport:
+                build_progress: BuildProgress | None = None, wait: bool = True, remote=None) -> IndexReport:
     """Index (or re-index incrementally) image files under ``paths`` with the settings' model.
 
     Holds the library's write lock for the whole run; ``wait=False`` fails at once when another run has it.
+    ``remote``: decode and encode elsewhere (see :class:`Indexer`).
     """
     from . import encoder as encoder_mod
     from .lock import write_lock
@@ -567,7 +586,7 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         own_store = store is None
         store = store or Store(settings.db_path)
         try:
-            report = Indexer(settings, enc, store).run(roots, progress, build_progress)
+            report = Indexer(settings, enc, store, remote).run(roots, progress, build_progress)
         finally:
             if own_store:
                 store.close()
