@@ -25,11 +25,10 @@ from .indexer import DecodeStage, Indexer, _Done
 
 MISSING_RAY = ("--ray needs Ray, which is not installed; install the distributed extra: "
                "pip install 'imgsearch[distributed]'")
-# Actor restarts and task retries before a run gives up: a lost node is survived, while a file or model
-# that kills its worker every time stops the run (finished batches are kept) instead of looping forever.
-RETRIES = 3
-# Test hook: the encode actor exits on this batch (1-based) of its process, as a crashed node would.
-_DIE_ON_BATCH: int | None = None
+# Test hook: the encode actor fails on this batch of its process, {"batch": 2, "how": "exit" | "raise"};
+# "exit" kills the process once (a crashed worker, which Ray restarts); "raise" is an error Ray gives up on.
+_TEST_FAULT: dict | None = None
+
 
 def check_address(address: str | None) -> str | None:
     """None or "local": a Ray started for this run; "auto", "ray://host:10001", "host:6379": a cluster."""
@@ -88,20 +87,16 @@ class RayStage:
         ray = self.ray
         if ray.is_initialized():
             return False  # the caller's Ray (a notebook, the tests): use it, leave it running
-        quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
         if self.address is None:
-            import tempfile
-
-            self.temp_dir = tempfile.mkdtemp(prefix="imgsearch-ray-")
-            ray.init(num_cpus=self.num_cpus, object_store_memory=object_store_bytes(machine_memory()),
-                     _temp_dir=self.temp_dir, **quiet)
+            self.temp_dir = start_local(self.num_cpus)
             return True
         import imgsearch
 
         try:
-            # The workers import the driver's own imgsearch, so both sides run the same code version.
-            ray.init(address=self.address, runtime_env={"py_modules": [os.path.dirname(imgsearch.__file__)]},
-                     **quiet)
+            with _quiet_backend():
+                # The workers import the driver's own imgsearch, so both sides run the same code version.
+                ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False,
+                         runtime_env={"py_modules": [os.path.dirname(imgsearch.__file__)]})
         except Exception as e:
             raise UsageError(f"cannot connect to Ray at {self.address}: {_first_line(e)}; start the cluster "
                              "with `ray start --head`, or use --ray without an address for a local Ray") from None
@@ -109,18 +104,20 @@ class RayStage:
 
     def _stop(self, started: bool) -> None:
         if not started:
+            # Someone else's Ray stays up: a stopped run's actors are freed only once its executor, caught in
+            # reference cycles with the error's traceback, is collected; until then they hold their CPUs.
+            import gc
+
+            gc.collect()
             return
         try:
             self.ray.shutdown()
         except Exception:
             pass
         if self.temp_dir and not self.keep_logs:
-            import shutil
+            remove_temp_dir(self.temp_dir)
 
-            # mkdtemp made this folder for this run alone: nothing in it is the user's.
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def _plan(self, indexer: Indexer) -> dict:
+    def _plan(self) -> dict:
         """Actor pool and resources from what the cluster has: one GPU per actor, else CPU actors."""
         resources = self.ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
@@ -131,51 +128,51 @@ class RayStage:
         return {"device": "cpu", "actors": max(1, (cpus - 1) // threads), "threads": threads, "num_gpus": 0,
                 "cpus": cpus}
 
-    def results(self, indexer: Indexer, work: list, known: frozenset):
-        """One ``_Done`` per work item, in order; vectors come encoded by the actor pool."""
+    def _pipeline(self, indexer: Indexer, work: list, known: frozenset):
+        """The Ray Data plan: decode tasks, then the encoder actor pool; rows keep the work's order."""
         import numpy as np
+        from ray.data import ActorPoolStrategy
 
         ray = self.ray
-        started = self._start()
-        try:
-            from ray.data import ActorPoolStrategy, DataContext
+        plan = self._plan()
+        enc = indexer.encoder
+        batch = max(1, self.settings.batch_size)
+        size = enc.image_size
+        # A sorted array is shared zero-copy by the workers on a node; a Python set would be unpickled per task.
+        known_ref = ray.put(np.array(sorted(known), dtype="S") if known else np.zeros(0, dtype="S1"))
+        light = SimpleNamespace(preprocess=enc.preprocess, draft_size=enc.draft_size, device="cpu")
+        per_block = max(1, min(4 * batch, -(-len(work) // (2 * plan["cpus"]))))
+        rows = [{"i": i, "work": pickle.dumps(w, protocol=5)} for i, w in enumerate(work)]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
+        ds = ds.map_batches(
+            _decode_batch, batch_size=batch, num_cpus=1,
+            fn_kwargs={"settings": self.settings, "light": light, "known_ref": known_ref},
+            # A decode task holds one full-size image plus its batch of model inputs. Declaring it also keeps
+            # Ray from fusing decoding into the encoder actors, which would idle the model while decoding.
+            memory=(256 << 20) + batch * 3 * size * size * 4)
+        ds = ds.map_batches(
+            _EncodeActor, batch_size=batch,
+            compute=ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
+            num_cpus=plan["threads"], num_gpus=plan["num_gpus"],
+            fn_constructor_kwargs={"spec": enc.spec, "device": plan["device"], "precision": self.settings.precision,
+                                   "fingerprint": enc.fingerprint, "threads": plan["threads"],
+                                   "fault": _TEST_FAULT})
+        self.layout = (f"{plan['cpus']} CPUs: decode tasks of 1 CPU, up to {plan['actors']} encoder actors "
+                       f"on {plan['device']} ({plan['threads']} threads each), batch {batch}")
+        return ds
 
-            for name in ("ray", "ray.data"):
-                logging.getLogger(name).setLevel(logging.ERROR)
-            ctx = DataContext.get_current()
-            ctx.execution_options.preserve_order = True  # rows come back in work order: same ids as a plain run
-            ctx.enable_progress_bars = False  # the driver's own bar counts files
-            ctx.print_on_execution_start = False
-            plan = self._plan(indexer)
-            enc = indexer.encoder
-            batch = max(1, self.settings.batch_size)
-            size = enc.image_size
-            # A sorted array is shared zero-copy by every worker on a node; a Python set would be unpickled per task.
-            known_ref = ray.put(np.array(sorted(known), dtype="S") if known else np.zeros(0, dtype="S1"))
-            light = SimpleNamespace(preprocess=enc.preprocess, draft_size=enc.draft_size, device="cpu")
-            per_block = max(1, min(4 * batch, -(-len(work) // (2 * plan["cpus"]))))
-            rows = [{"i": i, "work": pickle.dumps(w, protocol=5)} for i, w in enumerate(work)]
-            ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
-            ds = ds.map_batches(
-                _decode_batch, batch_size=batch, num_cpus=1, max_retries=RETRIES,
-                fn_kwargs={"settings": self.settings, "light": light, "known_ref": known_ref},
-                # A decode task holds one full-size image plus its batch of model inputs. Declaring it also
-                # keeps Ray from fusing decoding into the encoder actors, which would idle a GPU while decoding.
-                memory=(256 << 20) + batch * 3 * size * size * 4)
-            ds = ds.map_batches(
-                _EncodeActor, batch_size=batch,
-                compute=ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
-                num_cpus=plan["threads"], num_gpus=plan["num_gpus"],
-                max_restarts=RETRIES, max_task_retries=RETRIES,
-                fn_constructor_kwargs={"spec": enc.spec, "device": plan["device"],
-                                       "precision": self.settings.precision, "fingerprint": enc.fingerprint,
-                                       "threads": plan["threads"], "die_on_batch": _DIE_ON_BATCH})
-            self.layout = (f"{plan['cpus']} CPUs: decode tasks of 1 CPU, up to {plan['actors']} encoder actors "
-                           f"on {plan['device']} ({plan['threads']} threads each), batch {batch}")
-            waiting: dict[int, _Done] = {}
+    def results(self, indexer: Indexer, work: list, known: frozenset):
+        """One ``_Done`` per work item, in order; vectors come encoded by the actor pool."""
+        started = self._start()
+        failure = ds = stream = None
+        try:
+            with _quiet_data():
+                ds = self._pipeline(indexer, work, known)  # a Dataset keeps the settings it was made under
+            stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+            waiting: dict[int, _Done] = {}  # out-of-order rows (none while Ray preserves order)
             nxt = 0
             try:
-                for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                for out in stream:
                     for i, blob, vec, has in zip(out["i"], out["done"], out["vec"], out["has"]):
                         done = pickle.loads(blob)
                         done.work = work[int(i)]
@@ -188,23 +185,105 @@ class RayStage:
             except ImgSearchError:
                 raise
             except Exception as e:
-                raise ImgSearchError(self._failure(e)) from None
-            if nxt != len(work):
-                raise ImgSearchError(f"Ray returned {nxt} of {len(work)} files; re-run to finish (finished batches "
-                                     "are kept)")
+                failure = self._failure(e)
+            finally:
+                # Stops the executor when the driver stops early (Ctrl-C, a failed write) or Ray failed.
+                getattr(stream, "close", lambda: None)()
+            if failure is None and nxt != len(work):
+                failure = f"Ray returned {nxt} of {len(work)} files"
         finally:
+            del ds, stream
             self._stop(started)
+        if failure is not None:  # raised here, outside the except: nothing keeps Ray's traceback alive
+            raise ImgSearchError(f"the Ray run stopped ({failure}); the batches written so far are kept, re-run "
+                                 f"the same command to finish" + (f"; Ray's logs are in {self.temp_dir}"
+                                                                  if self.keep_logs else ""))
 
     def _failure(self, e: BaseException) -> str:
-        cause = _first_line(e)
-        for line in str(e).splitlines():  # Ray wraps the worker's error; its own message is the useful line
-            if "ImgSearchError" in line or "ModelLoadError" in line or "UsageError" in line:
-                cause = line.split(":", 1)[-1].strip()
-                break
-        self.keep_logs = bool(self.temp_dir)
-        logs = f"; Ray's logs are in {self.temp_dir}" if self.temp_dir else ""
-        return (f"the Ray run stopped ({cause}); the batches written so far are kept, re-run the same command "
-                f"to finish{logs}")
+        self.keep_logs = bool(self.temp_dir)  # the message names the folder
+        return _root_cause(e)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The worker's own error inside Ray's wrappers, as one line.
+
+    Ray hands the driver its wrapper (RayTaskError around UserCodeException) with the worker's traceback
+    as text; the worker's exception is the last "Name: message" line there that is not Ray's own.
+    """
+    import re
+
+    cause = None
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines():
+        m = re.match(r"^([A-Za-z_][\w.]*): (.+)$", line.strip())
+        if m and not m[1].startswith("ray") and (m[1].endswith(("Error", "Exception")) or "." in m[1]):
+            cause = m
+    if cause is None:
+        return _first_line(e)
+    name = cause[1].rsplit(".", 1)[-1]
+    if cause[1].startswith("imgsearch."):  # our own errors already say what to do
+        return cause[2][:300]
+    return f"{name}: {cause[2]}"[:300]
+
+
+def start_local(num_cpus: int) -> str:
+    """Start a Ray for this process alone, sized to the machine; returns its temporary folder."""
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="imgsearch-ray-")
+    try:
+        with _quiet_backend():
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes(machine_memory()),
+                     _temp_dir=temp_dir, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    except BaseException:
+        remove_temp_dir(temp_dir)
+        raise
+    return temp_dir
+
+
+def remove_temp_dir(temp_dir: str) -> None:
+    import shutil
+
+    # mkdtemp made this folder for one Ray run alone (sockets, logs): nothing in it is the user's.
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class _quiet_backend:
+    """Ray's C++ core logs an error line on every actor pool Ray Data makes (its arguments live in the object
+    store, ray-project/ray#53727); a run's real failures reach the user as exceptions. RAY_BACKEND_LOG_LEVEL
+    set by the user wins."""
+
+    def __enter__(self):
+        self.had = "RAY_BACKEND_LOG_LEVEL" in os.environ
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+
+    def __exit__(self, *exc):
+        if not self.had:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+
+
+class _quiet_data:
+    """Ray Data settings for one index run, restored afterwards (a notebook's own Ray keeps its settings)."""
+
+    def __enter__(self):
+        from ray.data import DataContext
+
+        self.ctx = DataContext.get_current()
+        opts = self.ctx.execution_options
+        self.saved = (opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start)
+        opts.preserve_order = True  # rows come back in work order: the same ids as a plain run
+        self.ctx.enable_progress_bars = False  # the driver's own bar counts files
+        self.ctx.print_on_execution_start = False
+        self.levels = {n: logging.getLogger(n).level for n in ("ray", "ray.data")}
+        for n in self.levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        opts = self.ctx.execution_options
+        opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = self.saved
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:
@@ -279,7 +358,7 @@ class _EncodeActor:
     """Ray actor holding the model; checks it has the driver's weights before encoding anything."""
 
     def __init__(self, spec: ModelSpec, device: str, precision: str, fingerprint: str, threads: int,
-                 die_on_batch: int | None = None):
+                 fault: dict | None = None):
         import torch
 
         from . import encoder
@@ -290,7 +369,7 @@ class _EncodeActor:
         if self.encoder.fingerprint != fingerprint:
             raise ModelLoadError(f"the weights of {spec.label} on this Ray worker differ from the driver's "
                                  "(another file at the same path?); give every node the same model files")
-        self.die_on_batch = die_on_batch
+        self.fault = fault
         self.batches = 0
 
     def __call__(self, batch: dict) -> dict:
@@ -298,11 +377,20 @@ class _EncodeActor:
         import torch
 
         self.batches += 1
-        if self.die_on_batch is not None and self.batches >= self.die_on_batch:
-            os._exit(1)
+        if self.fault and self.batches == self.fault["batch"]:
+            _test_fault(self.fault)
         px = batch["px"]
         has = np.array([p.size > 0 for p in px], dtype=bool)
         vec = np.zeros((len(px), self.encoder.dim), dtype=np.float32)
         if has.any():
             vec[has] = self.encoder.encode_image_tensors(torch.from_numpy(np.stack([p for p in px if p.size])))
         return {"i": batch["i"], "done": batch["done"], "vec": vec, "has": has}
+
+
+def _test_fault(fault: dict) -> None:
+    if fault["how"] == "raise":
+        raise RuntimeError("test fault: encoder actor failed")
+    marker = fault["marker"]
+    if not os.path.exists(marker):  # once per run: the restarted actor goes on
+        open(marker, "w").close()
+        os._exit(1)
