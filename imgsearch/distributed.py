@@ -76,6 +76,18 @@ class RayStage:
         self.temp_dir: str | None = None
         self.keep_logs = False  # the error message names the log folder: keep it
         self.layout = ""
+        self.started: bool | None = None  # None: not connected; True: this run's Ray; False: the caller's
+
+    def open(self) -> None:
+        """Connect now (a cluster address fails fast, before the model loads); a local Ray starts only when
+        there is something to encode."""
+        if self.started is None:
+            self.started = self._start()
+
+    def close(self) -> None:
+        if self.started is not None:
+            started, self.started = self.started, None
+            self._stop(started)
 
     def describe(self) -> tuple[str, str]:
         where = self.address or "a local Ray"
@@ -147,9 +159,10 @@ class RayStage:
         ds = ds.map_batches(
             _decode_batch, batch_size=batch, num_cpus=1,
             fn_kwargs={"settings": self.settings, "light": light, "known_ref": known_ref},
-            # A decode task holds one full-size image plus its batch of model inputs. Declaring it also keeps
-            # Ray from fusing decoding into the encoder actors, which would idle the model while decoding.
-            memory=(256 << 20) + batch * 3 * size * size * 4)
+            # A decode worker holds torch (~0.5 GB measured), one full-size image and its batch of model inputs.
+            # Declaring it also keeps Ray from fusing decoding into the encoder actors (different resources),
+            # which would idle the model while decoding.
+            memory=(768 << 20) + batch * 3 * size * size * 4)
         ds = ds.map_batches(
             _EncodeActor, batch_size=batch,
             compute=ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
@@ -163,11 +176,12 @@ class RayStage:
 
     def results(self, indexer: Indexer, work: list, known: frozenset):
         """One ``_Done`` per work item, in order; vectors come encoded by the actor pool."""
-        started = self._start()
+        self.open()
         failure = ds = stream = None
+        quiet = _quiet_data()
         try:
-            with _quiet_data():
-                ds = self._pipeline(indexer, work, known)  # a Dataset keeps the settings it was made under
+            quiet.__enter__()  # for the whole stream: Ray Data logs while it runs, too
+            ds = self._pipeline(indexer, work, known)  # a Dataset keeps the settings it was made under
             stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
             waiting: dict[int, _Done] = {}  # out-of-order rows (none while Ray preserves order)
             nxt = 0
@@ -193,7 +207,8 @@ class RayStage:
                 failure = f"Ray returned {nxt} of {len(work)} files"
         finally:
             del ds, stream
-            self._stop(started)
+            quiet.__exit__(None, None, None)
+            self.close()
         if failure is not None:  # raised here, outside the except: nothing keeps Ray's traceback alive
             raise ImgSearchError(f"the Ray run stopped ({failure}); the batches written so far are kept, re-run "
                                  f"the same command to finish" + (f"; Ray's logs are in {self.temp_dir}"
@@ -250,15 +265,25 @@ def remove_temp_dir(temp_dir: str) -> None:
 
 
 class _quiet_backend:
-    """Ray's C++ core logs an error line on every actor pool Ray Data makes (its arguments live in the object
-    store, ray-project/ray#53727); a run's real failures reach the user as exceptions. RAY_BACKEND_LOG_LEVEL
-    set by the user wins."""
+    """Around ray.init: Ray's C++ core logs an error line on every actor pool Ray Data makes (its arguments
+    live in the object store, ray-project/ray#53727), so its log level goes to fatal (a level the user set
+    wins); setting it prints a line of its own at init, so init's stderr is muted. Failures still arrive
+    as exceptions, and the full logs stay in Ray's session folder."""
 
     def __enter__(self):
+        import sys
+
         self.had = "RAY_BACKEND_LOG_LEVEL" in os.environ
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        sys.stderr.flush()
+        self.saved_fd = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
 
     def __exit__(self, *exc):
+        os.dup2(self.saved_fd, 2)
+        os.close(self.saved_fd)
         if not self.had:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
 
@@ -266,23 +291,26 @@ class _quiet_backend:
 class _quiet_data:
     """Ray Data settings for one index run, restored afterwards (a notebook's own Ray keeps its settings)."""
 
+    saved = None
+
     def __enter__(self):
         from ray.data import DataContext
 
+        self.levels = {n: logging.getLogger(n).level for n in ("ray", "ray.data")}
+        for n in self.levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
         self.ctx = DataContext.get_current()
         opts = self.ctx.execution_options
         self.saved = (opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start)
         opts.preserve_order = True  # rows come back in work order: the same ids as a plain run
         self.ctx.enable_progress_bars = False  # the driver's own bar counts files
         self.ctx.print_on_execution_start = False
-        self.levels = {n: logging.getLogger(n).level for n in ("ray", "ray.data")}
-        for n in self.levels:
-            logging.getLogger(n).setLevel(logging.ERROR)
 
     def __exit__(self, *exc):
-        opts = self.ctx.execution_options
-        opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = self.saved
-        for n, level in self.levels.items():
+        if self.saved is not None:
+            opts = self.ctx.execution_options
+            opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = self.saved
+        for n, level in getattr(self, "levels", {}).items():
             logging.getLogger(n).setLevel(level)
 
 

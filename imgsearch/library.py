@@ -202,9 +202,15 @@ class Library:
             from .distributed import RayStage
 
             remote = RayStage(self.settings, ray)  # a missing Ray or a malformed address fails before any work
+            if remote.address is not None:
+                remote.open()  # an unreachable cluster too
         encoder = self._encoder if self._searcher is None else self._searcher.loaded_encoder
-        return index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
-                           build_progress=build_progress, wait=wait, remote=remote)
+        try:
+            return index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
+                               build_progress=build_progress, wait=wait, remote=remote)
+        finally:
+            if remote is not None:
+                remote.close()
 
     def forget(self, paths, wait: bool = True) -> int:
         """Remove files or folders from the library (the files stay on disk); returns how many images."""
