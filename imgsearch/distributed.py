@@ -98,6 +98,7 @@ class RayStage:
         """Connect or start; True when this run started Ray (and so shuts it down)."""
         ray = self.ray
         if ray.is_initialized():
+            _free_stopped_runs()
             return False  # the caller's Ray (a notebook, the tests): use it, leave it running
         if self.address is None:
             self.temp_dir = start_local(self.num_cpus)
@@ -116,11 +117,7 @@ class RayStage:
 
     def _stop(self, started: bool) -> None:
         if not started:
-            # Someone else's Ray stays up: a stopped run's actors are freed only once its executor, caught in
-            # reference cycles with the error's traceback, is collected; until then they hold their CPUs.
-            import gc
-
-            gc.collect()
+            _free_stopped_runs()
             return
         try:
             self.ray.shutdown()
@@ -312,6 +309,16 @@ class _quiet_data:
             opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = self.saved
         for n, level in getattr(self, "levels", {}).items():
             logging.getLogger(n).setLevel(level)
+
+
+def _free_stopped_runs() -> None:
+    """On a Ray that stays up (the caller's), a stopped run's actors live until the handles its executor
+    keeps are collected; collect what is already garbage when a run ends and when the next one starts.
+    (Seen with Ray 2.60: after a failed run an actor can stay longer; a Ray this module started is shut down
+    instead, which frees everything.)"""
+    import gc
+
+    gc.collect()
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,7 +1,7 @@
 """`imgsearch index --ray`: the same library as a plain run, whatever happens to the Ray workers.
 
-The Ray tests share one local Ray of 2 CPUs (starting one takes seconds) and one plain-indexed reference
-library of the same folder.
+The Ray tests share one local Ray of 2 CPUs (starting one takes seconds; the failure test first runs on a
+Ray of its own, as the command line does) and one plain-indexed reference library of the same folder.
 """
 
 from __future__ import annotations
@@ -17,15 +17,23 @@ from imgsearch.config import Settings
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def shared_ray():
+    """Starts a local Ray of 2 CPUs when called (unless one runs); shut down after the module's tests."""
     import ray
 
     from imgsearch import distributed
 
-    temp_dir = distributed.start_local(num_cpus=2)
-    yield ray
+    made: list[str] = []
+
+    def ensure():
+        if not ray.is_initialized():
+            made.append(distributed.start_local(num_cpus=2))
+        return ray
+
+    yield ensure
     ray.shutdown()
-    distributed.remove_temp_dir(temp_dir)
+    for temp_dir in made:
+        distributed.remove_temp_dir(temp_dir)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,45 @@ def _assert_same(got, want):
 
 
 @pytest.mark.slow
-def test_ray_index_makes_the_library_a_plain_index_makes(local_ray, plain, folder, cli, home, monkeypatch):
+def test_a_failed_worker_keeps_the_library_and_a_rerun_completes_it(shared_ray, plain, folder, cli, home,
+                                                                      monkeypatch, tmp_path):
+    import os
+
+    import ray
+
+    from imgsearch import distributed
+
+    # First on its own Ray, as the command line runs: started for the run, stopped when the run fails.
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("IMGSEARCH_BATCH_SIZE", "8")
+    monkeypatch.setattr(distributed, "_TEST_FAULT", {"batch": 2, "how": "raise"})
+    failed = cli("index", folder, "--ray")
+    assert failed.exit_code == 1
+    message = failed.output.strip().splitlines()[-1]
+    assert message.startswith("error: the Ray run stopped (RuntimeError: test fault: encoder actor failed); "
+                              "the batches written so far are kept, re-run the same command to finish; "
+                              "Ray's logs are in ")
+    logs = message.rsplit(" ", 1)[-1]
+    assert os.path.isdir(logs) and not ray.is_initialized()
+    distributed.remove_temp_dir(logs)
+    rows, vectors, _ = _library(home)
+    assert len(rows) < 54 and set(vectors) == {r[0] for r in rows}  # every row kept has its vector
+    assert set(rows) <= set(plain[0])
+
+    # The rerun loses its encoder process mid-run (a crashed node): Ray restarts it and the run completes.
+    shared_ray()
+    marker = tmp_path / "died"
+    monkeypatch.setattr(distributed, "_TEST_FAULT", {"batch": 2, "how": "exit", "marker": str(marker)})
+    rerun = cli("index", folder, "--ray")
+    assert rerun.exit_code == 0, rerun.output
+    assert marker.exists()  # the worker really died
+    _assert_same(_library(home), plain)
+
+
+@pytest.mark.slow
+def test_ray_index_makes_the_library_a_plain_index_makes(shared_ray, plain, folder, cli, home, monkeypatch):
+    shared_ray()
     monkeypatch.setenv("IMGSEARCH_BATCH_SIZE", "8")  # several batches through each stage
     result = cli("index", "--ray", folder)  # no address: before a folder it is the local Ray
     assert result.exit_code == 0, result.output
@@ -88,31 +134,6 @@ def test_ray_index_makes_the_library_a_plain_index_makes(local_ray, plain, folde
     again = cli("index", folder, "--ray")
     assert again.exit_code == 0, again.output
     assert "new 0, updated 0, unchanged 54" in again.output and "3 files that failed before" in again.output
-
-
-@pytest.mark.slow
-def test_a_failed_worker_keeps_the_library_and_a_rerun_completes_it(local_ray, plain, folder, cli, home,
-                                                                      monkeypatch, tmp_path):
-    from imgsearch import distributed
-
-    monkeypatch.setenv("IMGSEARCH_BATCH_SIZE", "8")
-    monkeypatch.setattr(distributed, "_TEST_FAULT", {"batch": 2, "how": "raise"})
-    failed = cli("index", folder, "--ray")
-    assert failed.exit_code == 1
-    message = failed.output.strip().splitlines()[-1]
-    assert message.startswith("error: the Ray run stopped (") and "test fault: encoder actor failed" in message
-    assert message.endswith("the batches written so far are kept, re-run the same command to finish")
-    rows, vectors, _ = _library(home)
-    assert len(rows) < 54 and set(vectors) == {r[0] for r in rows}  # every row kept has its vector
-    assert set(rows) <= set(plain[0])
-
-    # The rerun loses its encoder process mid-run (a crashed node): Ray restarts it and the run completes.
-    marker = tmp_path / "died"
-    monkeypatch.setattr(distributed, "_TEST_FAULT", {"batch": 2, "how": "exit", "marker": str(marker)})
-    rerun = cli("index", folder, "--ray")
-    assert rerun.exit_code == 0, rerun.output
-    assert marker.exists()  # the worker really died
-    _assert_same(_library(home), plain)
 
 
 def test_ray_missing_says_to_install_the_extra(cli, folder, monkeypatch):
