@@ -163,8 +163,7 @@ def _optional_ray_value():
 
         def parse_args(self, ctx, args):
             out: list[str] = []
-            rest = iter(enumerate(args))
-            for k, a in rest:
+            for k, a in enumerate(args):
                 out.append(a)
                 if a == "--":
                     out.extend(args[k + 1:])

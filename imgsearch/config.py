@@ -24,6 +24,7 @@ def is_ray_address(text: str) -> bool:
 
     return bool(re.fullmatch(r"local|auto|ray://[^\s/]+|[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]:\d+", text))
 
+
 # Folders that hold app metadata, not photos (Synology, macOS, Windows, VCS).
 SKIP_DIR_NAMES = frozenset(
     {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
