@@ -43,6 +43,7 @@ class _Done:
     raw: bytes | None = None  # JPEG bytes left for the batched (GPU) decoder
     orientation: int = 1
     meta: dict | None = None  # when/where columns to backfill on an unchanged row
+    vector: object = None  # already encoded elsewhere (a Ray worker): the batch encoder keeps it
 
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
@@ -158,10 +159,17 @@ class DecodeStage:
 
 
 class Indexer:
-    """One indexing run over some roots with one encoder. Use :func:`index_paths`."""
+    """One indexing run over some roots with one encoder. Use :func:`index_paths`.
 
-    def __init__(self, settings: Settings, encoder: Encoder, store: Store):
+    ``remote``: where files are read, decoded and encoded instead of this process's threads, e.g.
+    ``distributed.RayStage``: ``remote.results(indexer, work, known)`` yields one ``_Done`` per work item,
+    in order, with ``vector`` set for the encoded ones; everything else (the walk, the incremental rules,
+    the writes) stays here.
+    """
+
+    def __init__(self, settings: Settings, encoder: Encoder, store: Store, remote=None):
         self.settings = settings
+        self.remote = remote
         self.encoder = encoder
         self.store = store
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
@@ -171,7 +179,7 @@ class Indexer:
         self.budget = thread_budget(device=encoder.device, workers=settings.workers)
         self.tower_note: str | None = None
 
-    # --- worker side (threads) -----------------------------------------------------------------
+    # --- worker side (threads, or Ray workers: there only self.settings and self.stage exist) ---------
     def _process(self, work: _Work, known_hashes: frozenset[str], tensor_decode: bool | None = None) -> _Done:
         path = work.entry.path
         if work.meta_only:
@@ -281,7 +289,9 @@ class Indexer:
         known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
         to_decode = [w for w in work if not w.meta_only]
-        if to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
+        if self.remote is not None:
+            report.decode, report.image_tower = self.remote.describe()
+        elif to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
             self._prepare_image_tower(to_decode, report)
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
@@ -297,8 +307,11 @@ class Indexer:
                 _set_torch_threads(budget.encoder)
             ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
                 self.settings.batch_size
-            results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
-                                         overlap=budget.overlap)
+            if self.remote is not None:
+                results = self.remote.results(self, work, known)
+            else:
+                results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
+                                             overlap=budget.overlap)
             for w, result in zip(work, results):
                 if isinstance(result, DecodeError):  # _process reports its own errors; this is a last resort
                     result = _Done(w, error=str(result))
@@ -510,14 +523,19 @@ class Indexer:
         batch = self._decode_raw(batch, pending, report)
         if not batch:
             return
-        if _torch_free(self.encoder):
-            vecs = self.encoder.encode_image_tensors([r.tensor for r in batch])
-        else:
-            import torch
+        todo = [r for r in batch if r.vector is None]
+        if todo:
+            if _torch_free(self.encoder):
+                vecs = self.encoder.encode_image_tensors([r.tensor for r in todo])
+            else:
+                import torch
 
-            device = self.encoder.device
-            vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in batch]))
-        for res, vec in zip(batch, vecs):
+                device = self.encoder.device
+                vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in todo]))
+            for r, vec in zip(todo, vecs):
+                r.vector = vec
+        for res in batch:
+            vec = res.vector
             w, e, info = res.work, res.work.entry, res.info
             record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": res.hash,
                       "width": info.width, "height": info.height, **with_file_time(info.meta(), e.mtime_ns)}
@@ -626,10 +644,11 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
                 progress: ProgressFn | None = None, store: Store | None = None,
-                build_progress: BuildProgress | None = None, wait: bool = True) -> IndexReport:
+                build_progress: BuildProgress | None = None, wait: bool = True, remote=None) -> IndexReport:
     """Index (or re-index incrementally) image files under ``paths`` with the settings' model.
 
     Holds the library's write lock for the whole run; ``wait=False`` fails at once when another run has it.
+    ``remote``: decode and encode elsewhere (see :class:`Indexer`).
     """
     from . import encoder as encoder_mod
     from .lock import write_lock
@@ -642,10 +661,12 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         if store is None and settings.db_path.exists():
             store = Store(settings.db_path)
         try:
-            enc = encoder or _torch_free_encoder(settings, store) or encoder_mod.load(
+            # A Ray run encodes on its workers' torch models; the driver's encoder names the model and makes
+            # the text export, so it is never the ONNX-only one.
+            enc = encoder or (None if remote is not None else _torch_free_encoder(settings, store)) or encoder_mod.load(
                 ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
             store = store or Store(settings.db_path)
-            report = Indexer(settings, enc, store).run(roots, progress, build_progress)
+            report = Indexer(settings, enc, store, remote).run(roots, progress, build_progress)
         finally:
             if own_store and store is not None:
                 store.close()
