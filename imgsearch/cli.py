@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MAX_K, Settings
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MAX_K, Settings, is_ray_address
 from .errors import ImgSearchError, ParamError, UsageError
 from .output import print_hits, shown, warn_if_escaped
 
@@ -155,7 +155,27 @@ def main(
 
 
 # --- index -------------------------------------------------------------------------------------
-@command("index")
+def _optional_ray_value():
+    from typer.core import TyperCommand
+
+    class OptionalRay(TyperCommand):
+        """`--ray` with no address (last, before another option, or before a folder) means a local Ray."""
+
+        def parse_args(self, ctx, args):
+            out: list[str] = []
+            for k, a in enumerate(args):
+                out.append(a)
+                if a == "--":
+                    out.extend(args[k + 1:])
+                    break
+                if a == "--ray" and (k + 1 == len(args) or not is_ray_address(args[k + 1])):
+                    out.append("local")
+            return super().parse_args(ctx, out)
+
+    return OptionalRay
+
+
+@command("index", cls=_optional_ray_value())
 def index_cmd(
     ctx: typer.Context,
     paths: List[Path] = typer.Argument(..., help="Folders or image files (recursive)."),
@@ -164,6 +184,10 @@ def index_cmd(
     failures_log: Optional[Path] = typer.Option(None, "--log", help="Also write failed files and reasons here."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing "
                                  "to the library, instead of waiting for it."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                      help="Decode and encode on Ray Data: alone, a local Ray sized to this "
+                                      "machine; with auto or ray://HOST:10001, a cluster whose workers see the "
+                                      "files at the same paths (needs the distributed extra)."),
 ):
     """Add images under PATHS to the library; re-runs only encode what changed."""
     from .progress import Bar
@@ -185,7 +209,7 @@ def index_cmd(
 
     try:
         with library_of(ctx) as lib:
-            report = lib.index(paths, progress=bar, build_progress=build_progress, wait=not no_wait)
+            report = lib.index(paths, progress=bar, build_progress=build_progress, wait=not no_wait, ray=ray)
     finally:
         for b in (bar, build_bar):
             if b is not None:
@@ -208,8 +232,10 @@ def index_cmd(
         typer.echo(f"  {report.failed_before} files that failed before and are unchanged were not retried "
                    "(`imgsearch status --failures`)")
     if report.int8_parity is not None:  # int8 vectors are the same model's vectors, slightly perturbed
+        where = (f"{report.parity_images} of these images" if report.parity_images
+                 else "this library's images in an earlier run")  # a remembered verdict
         typer.echo(f"  image tower {report.image_tower}: min cosine {report.int8_parity:.4f} to fp32 on "
-                   f"{report.parity_images} of these images (refused below {settings.int8_min_cosine})")
+                   f"{where} (refused below {settings.int8_min_cosine})")
     elif report.image_tower and report.encoded:
         typer.echo(f"  image tower: {report.image_tower}")
     if report.failed:

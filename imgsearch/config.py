@@ -26,6 +26,14 @@ RAW_NEEDS_EXTRA = "RAW file: install the raw extra (pip install 'imgsearch[raw]'
 # Most results one search returns, in-process and through `serve` alike.
 MAX_K = 10_000
 
+
+def is_ray_address(text: str) -> bool:
+    """What `index --ray ADDRESS` accepts: local, auto, ray://HOST[:PORT] or HOST:PORT (anything else is a path)."""
+    import re
+
+    return bool(re.fullmatch(r"local|auto|ray://[^\s/]+|[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]:\d+", text))
+
+
 # Folders that hold app metadata, not photos (Synology, macOS, Windows, VCS).
 SKIP_DIR_NAMES = frozenset(
     {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",

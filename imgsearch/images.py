@@ -413,6 +413,50 @@ class TensorPreprocess:
         return ((x - m) / s)[0]
 
 
+class NumpyPreprocess:
+    """The model's eval preprocess on a PIL image, in Pillow + numpy: the torch-free indexing path.
+
+    open_clip's eval transform resizes a PIL image with Pillow itself (torchvision hands PIL input to
+    ``Image.resize``), crops the centre and normalises; doing the same steps here gives the same pixels
+    without importing torch or torchvision. Built from a TensorPreprocess, so it takes exactly the
+    configurations that one was checked to reproduce.
+    """
+
+    def __init__(self, spec: TensorPreprocess):
+        import numpy as np
+
+        self.spec = spec
+        self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1) * 255.0
+        self._scale = 1.0 / (np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1) * 255.0)
+
+    def __call__(self, im):
+        """RGB PIL image -> normalised float32 CHW numpy array."""
+        import numpy as np
+
+        Image = _pil()
+        th, tw = self.spec.size
+        w, h = im.size
+        if self.spec.resize_mode == "squash":
+            nh, nw = th, tw
+        elif w <= h:  # torchvision Resize(int): the short side to size, the long side truncated
+            nh, nw = int(tw * h / w), tw
+        else:
+            nh, nw = th, int(th * w / h)
+        if (nw, nh) != (w, h):
+            resample = Image.BICUBIC if self.spec.interpolation == "bicubic" else Image.BILINEAR
+            im = im.resize((nw, nh), resample)
+        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        if top or left or (nh, nw) != (th, tw):
+            im = im.crop((left, top, left + tw, top + th))
+        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
+        return (x - self._mean) * self._scale
+
+
+def numpy_preprocess(cfg: dict) -> NumpyPreprocess:
+    """The torch-free preprocess for a model's recorded ``preprocess_cfg``; UnsupportedPreprocess if it has none."""
+    return NumpyPreprocess(tensor_preprocess(cfg))
+
+
 def preprocess_cfg_of(model) -> dict:
     """open_clip's ``preprocess_cfg`` of a loaded model (what its own torchvision preprocess was built from)."""
     module = getattr(model, "visual", model)

@@ -43,6 +43,7 @@ class _Done:
     raw: bytes | None = None  # JPEG bytes left for the batched (GPU) decoder
     orientation: int = 1
     meta: dict | None = None  # when/where columns to backfill on an unchanged row
+    vector: object = None  # already encoded elsewhere (a Ray worker): the batch encoder keeps it
 
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
@@ -158,10 +159,17 @@ class DecodeStage:
 
 
 class Indexer:
-    """One indexing run over some roots with one encoder. Use :func:`index_paths`."""
+    """One indexing run over some roots with one encoder. Use :func:`index_paths`.
 
-    def __init__(self, settings: Settings, encoder: Encoder, store: Store):
+    ``remote``: where files are read, decoded and encoded instead of this process's threads, e.g.
+    ``distributed.RayStage``: ``remote.results(indexer, work, known)`` yields one ``_Done`` per work item,
+    in order, with ``vector`` set for the encoded ones; everything else (the walk, the incremental rules,
+    the writes) stays here.
+    """
+
+    def __init__(self, settings: Settings, encoder: Encoder, store: Store, remote=None):
         self.settings = settings
+        self.remote = remote
         self.encoder = encoder
         self.store = store
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
@@ -171,7 +179,7 @@ class Indexer:
         self.budget = thread_budget(device=encoder.device, workers=settings.workers)
         self.tower_note: str | None = None
 
-    # --- worker side (threads) -----------------------------------------------------------------
+    # --- worker side (threads, or Ray workers: there only self.settings and self.stage exist) ---------
     def _process(self, work: _Work, known_hashes: frozenset[str], tensor_decode: bool | None = None) -> _Done:
         path = work.entry.path
         if work.meta_only:
@@ -281,7 +289,9 @@ class Indexer:
         known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
         to_decode = [w for w in work if not w.meta_only]
-        if to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
+        if self.remote is not None:
+            report.decode, report.image_tower = self.remote.describe()
+        elif to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
             self._prepare_image_tower(to_decode, report)
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
@@ -293,12 +303,15 @@ class Indexer:
         results = None
         try:
             budget = self.budget
-            if self.encoder.device == "cpu":
+            if self.encoder.device == "cpu" and not _torch_free(self.encoder):
                 _set_torch_threads(budget.encoder)
             ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
                 self.settings.batch_size
-            results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
-                                         overlap=budget.overlap)
+            if self.remote is not None:
+                results = self.remote.results(self, work, known)
+            else:
+                results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
+                                             overlap=budget.overlap)
             for w, result in zip(work, results):
                 if isinstance(result, DecodeError):  # _process reports its own errors; this is a last resort
                     result = _Done(w, error=str(result))
@@ -364,6 +377,13 @@ class Indexer:
         from . import onnx_image
 
         enc = self.encoder
+        if _torch_free(enc):  # made only from a verified export (and, for int8, a recorded parity pass)
+            report.image_tower = enc.image_backend.describe()
+            if enc.precision == "int8":
+                verdict = onnx_image.cached_parity(self.settings.home, enc.fingerprint, self.store.library_id,
+                                                   self.settings.int8_min_cosine) or {}
+                report.int8_parity, report.parity_images = verdict.get("min_cosine"), 0  # 0: not measured now
+            return
         if enc.device != "cpu" or enc.precision not in ("fp32", "int8"):
             report.image_tower = f"torch {enc.precision}"
             return
@@ -376,6 +396,12 @@ class Indexer:
                                                 self.budget.encoder) or ""
         report.image_tower = enc.image_backend.describe() if enc.image_backend is not None else "torch fp32"
         if enc.precision != "int8" or enc.image_backend is None:
+            return
+        library_id = self.store.library_id
+        verdict = onnx_image.cached_parity(self.settings.home, enc.fingerprint, library_id,
+                                           self.settings.int8_min_cosine)
+        if verdict is not None:  # this library's images already passed with these weights and this int8 export
+            report.int8_parity, report.parity_images = verdict["min_cosine"], 0  # 0: not measured in this run
             return
         sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
                                                            for i in range(PARITY_SAMPLE)]
@@ -391,6 +417,7 @@ class Indexer:
             enc.image_backend = None
             raise UsageError(f"--precision int8 is too far from fp32 on your images (min cosine {cos:.4f} < "
                              f"{threshold} on {len(tensors)} images); index with --precision fp32")
+        onnx_image.record_parity(self.settings.home, enc.fingerprint, library_id, cos, len(tensors))
 
     def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,
                missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]]) -> None:
@@ -493,14 +520,22 @@ class Indexer:
         return kept
 
     def _encode(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> None:
-        import torch
-
         batch = self._decode_raw(batch, pending, report)
         if not batch:
             return
-        device = self.encoder.device
-        vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in batch]))
-        for res, vec in zip(batch, vecs):
+        todo = [r for r in batch if r.vector is None]
+        if todo:
+            if _torch_free(self.encoder):
+                vecs = self.encoder.encode_image_tensors([r.tensor for r in todo])
+            else:
+                import torch
+
+                device = self.encoder.device
+                vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in todo]))
+            for r, vec in zip(todo, vecs):
+                r.vector = vec
+        for res in batch:
+            vec = res.vector
             w, e, info = res.work, res.work.entry, res.info
             record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": res.hash,
                       "width": info.width, "height": info.height, **with_file_time(info.meta(), e.mtime_ns)}
@@ -583,6 +618,11 @@ PARITY_SAMPLE = 32  # images decoded to check int8 against fp32 before an int8 r
 ORT_MIN_RUN = 200  # files a run must have before onnxruntime fp32 is considered (auto backend)
 
 
+def _torch_free(encoder) -> bool:
+    """An onnx_image.LiteEncoder: numpy arrays in, and nothing here may import torch for it."""
+    return bool(getattr(encoder, "torch_free", False))
+
+
 def _set_torch_threads(n: int) -> None:
     import torch
 
@@ -604,30 +644,52 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
                 progress: ProgressFn | None = None, store: Store | None = None,
-                build_progress: BuildProgress | None = None, wait: bool = True) -> IndexReport:
+                build_progress: BuildProgress | None = None, wait: bool = True, remote=None) -> IndexReport:
     """Index (or re-index incrementally) image files under ``paths`` with the settings' model.
 
     Holds the library's write lock for the whole run; ``wait=False`` fails at once when another run has it.
+    ``remote``: decode and encode elsewhere (see :class:`Indexer`).
     """
     from . import encoder as encoder_mod
     from .lock import write_lock
 
     roots = normalize_roots(paths)
     with write_lock(settings.home, wait=wait):
-        enc = encoder or encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
-                                          settings.precision)
         own_store = store is None
-        store = store or Store(settings.db_path)
+        # An existing library is opened first (its id keys the int8 parity verdict); a new one only after the
+        # model loaded, so a bad --model never leaves an empty library behind.
+        if store is None and settings.db_path.exists():
+            store = Store(settings.db_path)
         try:
-            report = Indexer(settings, enc, store).run(roots, progress, build_progress)
+            # A Ray run encodes on its workers' torch models; the driver's encoder names the model and makes
+            # the text export, so it is never the ONNX-only one.
+            enc = encoder or (None if remote is not None else _torch_free_encoder(settings, store)) or encoder_mod.load(
+                ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
+            store = store or Store(settings.db_path)
+            report = Indexer(settings, enc, store, remote).run(roots, progress, build_progress)
         finally:
-            if own_store:
+            if own_store and store is not None:
                 store.close()
-        # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
-        from .textfast import ensure_export
+        if not _torch_free(enc):
+            # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
+            # (A torch-free run is only chosen when it exists already.)
+            from .textfast import ensure_export
 
-        ensure_export(settings.home, enc)
+            ensure_export(settings.home, enc)
         return report
+
+
+def _torch_free_encoder(settings: Settings, store: Store | None):
+    """The ONNX-only encoder when every proof it needs is on disk (see onnx_image.torch_free_encoder); None
+    when this run must load torch. IMGSEARCH_TORCH_FREE=0 turns it off (for comparing the two paths)."""
+    if os.environ.get("IMGSEARCH_TORCH_FREE", "1") == "0":
+        return None
+    from . import onnx_image
+
+    library_id = store.library_id if store is not None else None
+    enc, _why = onnx_image.torch_free_encoder(settings, library_id,
+                                              thread_budget(device="cpu", workers=settings.workers).encoder)
+    return enc
 
 
 def forget(settings: Settings, paths: Iterable[str | os.PathLike], wait: bool = True) -> int:

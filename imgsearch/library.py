@@ -187,15 +187,31 @@ class Library:
         return model_row_for(store, spec, fp)
 
     # --- write side --------------------------------------------------------------------------------
-    def index(self, paths, progress=None, build_progress=None, wait: bool = True) -> IndexReport:
-        """Add (or re-index incrementally) the images under ``paths``; returns what changed."""
+    def index(self, paths, progress=None, build_progress=None, wait: bool = True,
+              ray: str | None = None) -> IndexReport:
+        """Add (or re-index incrementally) the images under ``paths``; returns what changed.
+
+        ``ray``: decode and encode on Ray Data: "local" starts a Ray for this run, else a cluster address
+        ("auto", "ray://host:10001"). The files must be readable by every worker at the same paths.
+        """
         from .indexer import index_paths
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        remote = None
+        if ray is not None:
+            from .distributed import RayStage
+
+            remote = RayStage(self.settings, ray)  # a missing Ray or a malformed address fails before any work
+            if remote.address is not None:
+                remote.open()  # an unreachable cluster too
         encoder = self._encoder if self._searcher is None else self._searcher.loaded_encoder
-        return index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
-                           build_progress=build_progress, wait=wait)
+        try:
+            return index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
+                               build_progress=build_progress, wait=wait, remote=remote)
+        finally:
+            if remote is not None:
+                remote.close()
 
     def forget(self, paths, wait: bool = True) -> int:
         """Remove files or folders from the library (the files stay on disk); returns how many images."""

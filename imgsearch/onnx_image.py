@@ -27,6 +27,9 @@ PROBE_IMAGES = 4
 FP32_FILE = "image-fp32.onnx"
 INT8_FILE = "image-int8.onnx"
 MANIFEST = "manifest.json"
+# How the int8 tower is made; part of every int8 parity verdict's key, so a changed recipe is re-checked.
+INT8_RECIPE = {"ops": ["MatMul", "Gemm"], "per_channel": True, "reduce_range": False}
+PREPROCESS_MAX_DIFF = 1e-4  # numpy vs torch preprocess, in normalised units (measured: 2.4e-7)
 
 _said: set[str] = set()
 
@@ -182,8 +185,9 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
 
         logging.disable(logging.WARNING)  # its advice to pre-process the model goes to the root logger
         try:
-            quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                             per_channel=True, extra_options={"MatMulConstBOnly": True})
+            quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=list(INT8_RECIPE["ops"]),
+                             weight_type=QuantType.QInt8, per_channel=INT8_RECIPE["per_channel"],
+                             reduce_range=INT8_RECIPE["reduce_range"], extra_options={"MatMulConstBOnly": True})
         finally:
             logging.disable(logging.NOTSET)
         os.replace(tmp, out)
@@ -204,6 +208,9 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
     if not fresh:
         manifest = {"format": FORMAT, "fingerprint": encoder.fingerprint, "model": encoder.spec.label,
                     "opset": OPSET, "input_size": encoder.image_size, "onnxruntime": ort.__version__}
+    if "preprocess" not in manifest:
+        manifest.update(dim=int(encoder.dim), preprocess=_checked_preprocess(encoder))
+        _write_manifest(folder, manifest)
     probe = probe_batch(encoder.image_size)
     ref = None
     fp32_path = folder / FP32_FILE
@@ -221,11 +228,11 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
         return OrtImageTower(fp32_path, "fp32", threads), manifest
     int8_path = folder / INT8_FILE
     entry8 = manifest.get("int8") if fresh else None
-    if entry8 is None or not int8_path.is_file():
+    if entry8 is None or not int8_path.is_file() or _recipe_of(entry8) != INT8_RECIPE:
         _quantise_int8(fp32_path, int8_path)
         ref = ref if ref is not None else _torch_features(encoder, probe)
         cos = float((OrtImageTower(int8_path, "int8", threads).encode(probe) * ref).sum(1).min())
-        entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, "ops": ["MatMul", "Gemm"], "per_channel": True}
+        entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, **INT8_RECIPE}
         manifest["int8"] = entry8
         _write_manifest(folder, manifest)
     return OrtImageTower(int8_path, "int8", threads), manifest
@@ -243,10 +250,7 @@ def _timed(fn, batch, runs: int = 2) -> float:
 
 def fp32_decision(encoder, home, tower: OrtImageTower, manifest: dict) -> dict:
     """torch or onnxruntime for fp32 on this CPU: measured once per CPU model, thread count and versions."""
-    import onnxruntime
-    import torch
-
-    key = f"{cpu_model()} | {tower.threads} threads | torch {torch.__version__} | ort {onnxruntime.__version__}"
+    key = decision_key(tower.threads)
     decisions = manifest.setdefault("fp32_backend", {})
     if key in decisions:
         return decisions[key]
@@ -301,5 +305,209 @@ def int8_parity(encoder, tensors) -> float:
     return float((got * ref).sum(1).min())
 
 
+def _checked_preprocess(encoder) -> dict | None:
+    """The model's preprocess_cfg when the torch-free numpy preprocess reproduces its torch preprocess, else None.
+
+    Checked on two odd-sized probe pictures (landscape and portrait), so a later torch-free run can trust the
+    recorded config without loading torchvision.
+    """
+    from PIL import Image
+
+    from .images import UnsupportedPreprocess, numpy_preprocess, preprocess_cfg_of, tensor_preprocess
+
+    cfg = preprocess_cfg_of(encoder.model)
+    try:
+        tensor_preprocess(cfg, encoder.preprocess)  # also: its Normalize agrees with the cfg
+        pre = numpy_preprocess(cfg)
+    except UnsupportedPreprocess:
+        return None
+    rng = np.random.default_rng(7)
+    for w, h in ((517, 333), (301, 613)):
+        im = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        ref = encoder.preprocess(im).numpy()
+        got = pre(im)
+        if got.shape != ref.shape or float(np.abs(got - ref).max()) > PREPROCESS_MAX_DIFF:
+            return None
+    return {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, list, tuple))}
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def decision_key(threads: int) -> str:
+    """What a measured fp32 torch-vs-onnxruntime verdict holds for; read from package metadata, not imports,
+    so a torch-free run can look it up."""
+    return f"{cpu_model()} | {threads} threads | torch {_version('torch')} | ort {_version('onnxruntime')}"
+
+
+def _recipe_of(entry: dict) -> dict:
+    return {k: entry.get(k) for k in INT8_RECIPE}
+
+
+def _file_id(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _parity_key(library_id: str, home, fingerprint: str) -> tuple[Path, str, dict]:
+    folder = export_dir(home, fingerprint)
+    return folder, str(library_id), {"recipe": INT8_RECIPE, "int8_file": _file_id(folder / INT8_FILE)}
+
+
+def cached_parity(home, fingerprint: str, library_id: str | None, threshold: float) -> dict | None:
+    """A passed int8 parity check recorded for this library, weights and int8 export, when it still clears
+    ``threshold``; None means measure (again)."""
+    if not library_id:
+        return None
+    try:
+        folder, key, ident = _parity_key(library_id, home, fingerprint)
+    except OSError:
+        return None
+    manifest = _read_manifest(folder)
+    if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
+        return None
+    verdict = (manifest.get("int8_parity") or {}).get(key)
+    if not verdict or any(verdict.get(k) != v for k, v in ident.items()):
+        return None
+    return verdict if float(verdict.get("min_cosine", -1)) >= threshold else None
+
+
+def record_parity(home, fingerprint: str, library_id: str | None, cos: float, images: int) -> None:
+    """Remember a passed int8 parity check (refusals are not cached: the next run measures again)."""
+    if not library_id:
+        return
+    try:
+        folder, key, ident = _parity_key(library_id, home, fingerprint)
+        manifest = _read_manifest(folder)
+        if manifest.get("fingerprint") != fingerprint:
+            return
+        manifest.setdefault("int8_parity", {})[key] = {"min_cosine": cos, "images": images, **ident,
+                                                       "measured": time.strftime("%Y-%m-%d")}
+        _write_manifest(folder, manifest)
+    except OSError:
+        pass  # a cache: the next run measures again
+
+
+class LiteEncoder:
+    """Just enough of an Encoder to index with a verified ONNX image tower: no torch, torchvision or open_clip.
+
+    Built by :func:`torch_free_encoder` only from an export whose manifest names these weights; the
+    preprocess is the numpy copy of the model's own, checked against torchvision when it was recorded.
+    """
+
+    model = None
+    weights_path = None
+    torch_free = True
+
+    def __init__(self, spec, fingerprint: str, precision: str, manifest: dict, tower: OrtImageTower):
+        from .images import numpy_preprocess
+
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.device = "cpu"
+        self.precision = precision
+        self.dim = int(manifest["dim"])
+        self.image_size = int(manifest["input_size"])
+        self.preprocess = numpy_preprocess(manifest["preprocess"])
+        self.image_backend = tower
+
+    @property
+    def draft_size(self) -> int:
+        return 2 * self.image_size  # as Encoder.draft_size: the same decode, so the same vectors
+
+    def encode_image_tensors(self, batch) -> np.ndarray:
+        return self.image_backend.encode(np.stack(batch) if isinstance(batch, (list, tuple)) else batch)
+
+    def describe(self) -> str:
+        return f"{self.spec.label} on cpu ({self.precision}, image tower {self.image_backend.describe()}, " \
+               f"dim {self.dim}, torch not loaded)"
+
+
+def _no_gpu_without_torch(device: str) -> bool:
+    """True when ``device`` certainly resolves to the CPU, decided without importing torch.
+
+    auto picks CUDA only with a GPU driver loaded (NVIDIA's /proc and /dev entries, ROCm's /dev/kfd) and
+    MPS only on Apple Silicon; where either could exist, torch decides as before.
+    """
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    import platform
+
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return False
+    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
+
+
+def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[LiteEncoder | None, str]:
+    """A LiteEncoder when this run can index without torch, else (None, why not).
+
+    Needs: the CPU, fp32 or int8, a weights fingerprint known without loading the model (the same
+    size + head/tail hash of the weights file the torch path computes, so a fine-tune never meets a
+    stale export), an export of those weights that passed its check against torch with a verified
+    preprocess, onnxruntime chosen for fp32 (measured or asked for) or, for int8, a passed parity
+    check recorded for this library, and the text export the next cold query needs.
+    """
+    from .encoder import known_fingerprint, pick_precision
+    from .errors import UsageError
+    from .modelspec import ModelSpec
+
+    if not _no_gpu_without_torch(settings.device):
+        return None, "a GPU may be present"
+    try:
+        precision = pick_precision(settings.precision, "cpu")
+    except UsageError as e:
+        return None, str(e)
+    if precision not in ("fp32", "int8") or (precision == "fp32" and settings.image_backend == "torch"):
+        return None, f"precision {precision} runs on torch"
+    spec = ModelSpec(settings.model, settings.pretrained).canonical()
+    try:
+        fingerprint = known_fingerprint(spec)
+    except OSError:
+        fingerprint = None
+    if not fingerprint:
+        return None, "weights fingerprint needs open_clip"
+    folder = export_dir(settings.home, fingerprint)
+    manifest = _read_manifest(folder)
+    if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
+        return None, "no image export for these weights"
+    if not (manifest.get("fp32") or {}).get("passed") or not manifest.get("preprocess") or "dim" not in manifest:
+        return None, "image export not verified"
+    if precision == "fp32":
+        if settings.image_backend != "onnx" and \
+                (manifest.get("fp32_backend") or {}).get(decision_key(threads), {}).get("backend") != "onnxruntime":
+            return None, "onnxruntime fp32 not measured faster here"
+        path, kind = folder / FP32_FILE, "fp32"
+    else:
+        entry8 = manifest.get("int8")
+        if not entry8 or _recipe_of(entry8) != INT8_RECIPE or \
+                cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None:
+            return None, "no int8 parity verdict for this library"
+        path, kind = folder / INT8_FILE, "int8"
+    if not path.is_file():
+        return None, "export file missing"
+    from . import textfast
+
+    try:
+        textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
+    except (textfast.ExportError, OSError, ValueError, KeyError):
+        return None, "no verified text export yet"
+    try:
+        tower = OrtImageTower(path, kind, threads)
+    except OnnxUnavailable as e:
+        return None, str(e)
+    except Exception as e:  # a damaged file: torch rebuilds it
+        return None, f"export unreadable ({type(e).__name__})"
+    return LiteEncoder(spec, fingerprint, precision, manifest, tower), "ok"
+
+
 __all__ = ["attach", "ensure_export", "int8_parity", "export_dir", "OrtImageTower", "OnnxUnavailable",
-           "FP32_MIN_COSINE", "FORMAT"]
+           "FP32_MIN_COSINE", "FORMAT", "LiteEncoder", "torch_free_encoder", "cached_parity", "record_parity",
+           "decision_key", "INT8_RECIPE"]

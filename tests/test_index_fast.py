@@ -1,0 +1,221 @@
+"""Fast indexing: torch-free `index` from a verified ONNX export, numpy preprocess, skipped random init,
+the cached int8 parity verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgsearch import onnx_image
+from imgsearch.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs `imgsearch ...` as the console script does and says on stderr whether torch & co. were imported.
+PROBE = r"""
+import atexit, sys
+heavy = ("torch", "torchvision", "open_clip")
+atexit.register(lambda: print("HEAVY:" + ",".join(m for m in heavy if m in sys.modules), file=sys.stderr))
+sys.argv = ["imgsearch"] + sys.argv[1:]
+from imgsearch.quickcli import main
+main()
+"""
+
+
+def _index_process(home: Path, model: str, folder: Path, *args: str, env: dict | None = None):
+    full = dict(os.environ, PYTHONPATH=str(ROOT), IMGSEARCH_HOME=str(home), **(env or {}))
+    out = subprocess.run([sys.executable, "-c", PROBE, "--model", model, "--device", "cpu", *args, "index",
+                          str(folder), "--json", "--quiet"], env=full, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    heavy = next(x for x in out.stderr.splitlines() if x.startswith("HEAVY:"))[len("HEAVY:"):]
+    return json.loads(out.stdout[out.stdout.index("{"):]), heavy
+
+
+def _vectors_by_path(home: Path, model: str) -> dict[str, np.ndarray]:
+    from imgsearch.store import Store
+
+    store = Store(home / "library.db", create=False)
+    try:
+        (row,) = [m for m in store.models() if m.vectors]
+        ids, vecs = store.load_vectors(row.id)
+        paths = {r.id: p for p, r in store.images_under(["/"]).items()}
+        return {paths[i]: v for i, v in zip(ids.tolist(), vecs)}
+    finally:
+        store.close()
+
+
+def _photos(tmp_path: Path, name: str, seed: int) -> Path:
+    folder = tmp_path / name
+    generate(folder, per_class=2, size=96, fmt="jpg", seed=seed, captions_file=None)
+    return folder
+
+
+@pytest.mark.slow
+def test_index_with_a_verified_export_never_imports_torch_and_gives_torch_vectors(settings, photos, tmp_path,
+                                                                                   monkeypatch):
+    from imgsearch.indexer import index_paths
+
+    more = _photos(tmp_path, "more", seed=9)
+    # First run on torch: makes and verifies the image export (onnx asked for) and the text export.
+    first = index_paths(settings.with_(image_backend="onnx"), [photos])
+    assert first.image_tower == "onnxruntime fp32"
+    report, heavy = _index_process(settings.home, settings.model, more, "--precision", "fp32",
+                                   env={"IMGSEARCH_IMAGE_BACKEND": "onnx"})
+    assert heavy == "" and report["new"] == 36 and report["image_tower"] == "onnxruntime fp32"
+
+    # The same photos through torch, in a library of their own.
+    ref_home = tmp_path / "ref-home"
+    monkeypatch.setenv("IMGSEARCH_TORCH_FREE", "0")
+    ref = index_paths(settings.with_(home=ref_home, image_backend="torch"), [more])
+    assert ref.image_tower == "torch fp32" and ref.new == 36
+    got, want = _vectors_by_path(settings.home, settings.model), _vectors_by_path(ref_home, settings.model)
+    mine = {p: v for p, v in got.items() if p.startswith(str(more))}
+    assert sorted(mine) == sorted(want)
+    assert min(float(mine[p] @ want[p]) for p in want) >= 0.9999
+    # ids follow the walk order in both paths
+    from imgsearch.store import Store
+
+    def order(h):
+        s = Store(h / "library.db", create=False)
+        try:
+            rows = s.images_under([str(more)])
+            return [p for p, _ in sorted(rows.items(), key=lambda kv: kv[1].id)]
+        finally:
+            s.close()
+
+    assert order(settings.home) == order(ref_home)
+    # And a cold text query finds the new photos without torch either (the text export was made by run one).
+    assert (settings.home / "exports").is_dir()
+
+
+@pytest.mark.slow
+def test_changed_checkpoint_is_never_served_by_the_stale_export(tiny_model, settings, photos, tmp_path):
+    from imgsearch.encoder import ModelSpec, build, save_local_dir
+    from imgsearch.indexer import index_paths
+    from imgsearch.synthetic import build_tiny_clip
+
+    model_dir = tmp_path / "model"
+    base = build(ModelSpec(f"local-dir:{tiny_model}"), "cpu", "fp32")
+    cfg = json.loads((tiny_model / "open_clip_config.json").read_text())
+    save_local_dir(base.model, cfg["model_cfg"], model_dir, cfg.get("preprocess_cfg"))
+    s = settings.with_(model=f"local-dir:{model_dir}", image_backend="onnx")
+    index_paths(s, [photos])
+    lite, why = onnx_image.torch_free_encoder(s, None, 2)
+    assert lite is not None, why
+
+    # A "fine-tune" into the same folder: same path, new weights.
+    model, new_cfg = build_tiny_clip(seed=7)
+    save_local_dir(model, new_cfg, model_dir, {"size": new_cfg["vision_cfg"]["image_size"]})
+    lite, why = onnx_image.torch_free_encoder(s, None, 2)
+    assert lite is None and why == "no image export for these weights"
+    more = _photos(tmp_path, "more", seed=11)
+    report, heavy = _index_process(s.home, s.model, more, "--precision", "fp32",
+                                   env={"IMGSEARCH_IMAGE_BACKEND": "onnx"})
+    assert "torch" in heavy.split(",") and report["new"] == 36
+
+
+def test_numpy_preprocess_matches_open_clips_torch_preprocess(tiny_model):
+    import open_clip
+    from PIL import Image
+
+    from imgsearch.encoder import ModelSpec, build
+    from imgsearch.images import numpy_preprocess, preprocess_cfg_of
+
+    enc = build(ModelSpec(f"local-dir:{tiny_model}"), "cpu", "fp32")
+    mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
+    cases = [(enc.preprocess, numpy_preprocess(preprocess_cfg_of(enc.model)))]
+    for size, interp, mode in ((224, "bicubic", "shortest"), (256, "bilinear", "shortest"), (224, "bicubic", "squash")):
+        torch_pre = open_clip.image_transform(size, is_train=False, mean=mean, std=std, resize_mode=mode,
+                                              interpolation=interp)
+        cases.append((torch_pre, numpy_preprocess({"size": size, "mean": mean, "std": std, "interpolation": interp,
+                                                   "resize_mode": mode})))
+    rng = np.random.default_rng(0)
+    for torch_pre, np_pre in cases:
+        for w, h in ((1024, 768), (768, 1024), (333, 517), (41, 40), (224, 224), (900, 120)):
+            im = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+            want = torch_pre(im).numpy()
+            got = np_pre(im)
+            assert got.shape == want.shape and got.dtype == np.float32
+            assert float(np.abs(got - want).max()) < 1e-5, (w, h)
+
+
+def test_skipped_random_init_loads_the_same_model_and_catches_unset_tensors(tiny_model, monkeypatch):
+    import open_clip.factory as factory
+    import torch
+
+    from imgsearch import encoder as encoder_mod
+    from imgsearch.encoder import ModelSpec
+
+    spec = ModelSpec(f"local-dir:{tiny_model}").canonical()
+    fast, _, untouched = encoder_mod._create(spec, "cpu", skip_init=True)
+    slow, _, _ = encoder_mod._create(spec, "cpu", skip_init=False)
+    assert not untouched
+    a, b = fast.state_dict(), slow.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fast.eval().encode_image(x), slow.eval().encode_image(x))
+    assert all(p.requires_grad for p in fast.parameters())  # fine-tuning builds through here too
+
+    # A loader that sets less than everything (not strict) leaves a skipped tensor: reported, not used.
+    def partial(model, path, strict=True, **kw):
+        sd = factory.load_state_dict(path)
+        sd.pop("visual.transformer.resblocks.0.mlp.c_fc.weight")  # a Linear: set by nn.init
+        return model.load_state_dict(sd, strict=False)
+
+    monkeypatch.setattr(factory, "load_checkpoint", partial)
+    _, _, untouched = encoder_mod._create(spec, "cpu", skip_init=True)
+    assert untouched
+
+
+@pytest.mark.slow
+def test_int8_parity_verdict_is_cached_per_library_and_a_refusal_still_refuses(cli, photos, home, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")  # what the 32 px tiny model reaches (see test_image_ort)
+    r = cli("--precision", "int8", "index", photos, "--json")
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.output[r.output.index("{"):])
+    assert first["image_tower"] == "onnxruntime int8" and first["parity_images"] == 32
+
+    # New photos, torch path: the recorded verdict is used and no torch-vs-int8 pass runs.
+    monkeypatch.setenv("IMGSEARCH_TORCH_FREE", "0")
+    calls = []
+    real = onnx_image.int8_parity
+    monkeypatch.setattr(onnx_image, "int8_parity", lambda *a: calls.append(1) or real(*a))
+    r = cli("--precision", "int8", "index", _photos(tmp_path, "more", seed=12), "--json")
+    assert r.exit_code == 0, r.output
+    second = json.loads(r.output[r.output.index("{"):])
+    assert calls == [] and second["new"] == 36 and second["int8_parity"] == first["int8_parity"]
+    assert second["parity_images"] == 0  # nothing measured in this run
+    r = cli("--precision", "int8", "index", _photos(tmp_path, "again", seed=14))
+    assert "min cosine" in r.output and "this library's images in an earlier run" in r.output and calls == []
+
+    # The verdict belongs to this library: another library with the same export home measures again.
+    from imgsearch.config import Settings
+    from imgsearch.store import Store
+
+    s = Settings.from_env(model=cli.model, device="cpu", precision="int8", home=home)
+    store = Store(s.db_path, create=False)
+    try:
+        lib_id = store.library_id
+    finally:
+        store.close()
+    monkeypatch.delenv("IMGSEARCH_TORCH_FREE")
+    lite, why = onnx_image.torch_free_encoder(s, lib_id, 2)
+    assert lite is not None and lite.precision == "int8", why
+    assert onnx_image.torch_free_encoder(s, "another-library", 2) == (None, "no int8 parity verdict for this library")
+
+    # A stricter gate than the recorded cosine: measured again, and refused as before, library untouched.
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "1.01")
+    monkeypatch.setenv("IMGSEARCH_TORCH_FREE", "0")
+    before = json.loads(cli("status", "--json").output)["images"]
+    r = cli("--precision", "int8", "index", _photos(tmp_path, "third", seed=13))
+    assert r.exit_code != 0 and calls == [1]
+    assert "--precision int8 is too far from fp32 on your images" in r.output.strip().splitlines()[-1]
+    assert json.loads(cli("status", "--json").output)["images"] == before
