@@ -64,6 +64,8 @@ class Searcher:
         self._index_version: int | None = None
         self._lock = threading.Lock()
         self._encode_lock = encode_lock or threading.RLock()
+        # Query language: --lang, else each query's script, else the language recorded at index time.
+        self.lang, self.library_lang = settings.lang, self.store.meta("lang")
 
     def _fingerprint(self, spec: ModelSpec) -> str:
         """Weights fingerprint without importing open_clip when the library already knows these weights."""
@@ -100,8 +102,8 @@ class Searcher:
                     self._tower_failed = True
                     textfast.warn_once(self.model.label, str(e))
             if self._tower is not None:
-                return self._tower.encode(list(texts))
-        vecs = self.encoder.encode_texts(list(texts))
+                return self._tower.encode(list(texts), self.lang, self.library_lang)
+        vecs = self.encoder.encode_texts(list(texts), self.lang, self.library_lang)
         if self._tower_failed:
             self._tower_failed = False  # one attempt per searcher
             textfast.ensure_export(self.settings.home, self.encoder, quiet=True)

@@ -224,6 +224,16 @@ class Store:
             self._library_id = str(self.scalar("SELECT value FROM library_meta WHERE key = 'library_id'") or "")
         return self._library_id
 
+    def meta(self, key: str) -> str | None:
+        """A library-wide setting (library_meta), e.g. the query language; None when unset."""
+        value = self.scalar("SELECT value FROM library_meta WHERE key = :k", k=key)
+        return None if value is None else str(value)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.begin() as c:
+            c.execute(_sql("INSERT INTO library_meta (key, value) VALUES (:k, :v) "
+                           "ON CONFLICT(key) DO UPDATE SET value = excluded.value"), {"k": key, "v": value})
+
     @property
     def schema_version(self) -> int:
         return self.scalar("SELECT max(version) FROM schema_migrations") or 0
