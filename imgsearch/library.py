@@ -324,8 +324,10 @@ class Library:
         """The lean path alone: plain text terms on a flat-sized library, answered with numpy and sqlite3
         while nothing heavy is loaded (coldquery.py). None when it can't answer; then ``search`` can."""
         texts, not_texts = _as_list(text), _as_list(not_text)
-        self._hint(texts + not_texts)
-        return self._quick(texts, not_texts, k, min_score, under, tag)
+        hits = self._quick(texts, not_texts, k, min_score, under, tag)
+        if hits is not None:  # else the caller goes on to ``search``, which gives the hint: once per query
+            self._hint(texts + not_texts)
+        return hits
 
     def _quick(self, texts: list, not_texts: list, k: int, min_score, under, tag) -> list[Hit] | None:
         if (self._searcher is not None or self._encoder is not None or not texts
