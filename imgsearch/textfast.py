@@ -209,7 +209,10 @@ def load_tower(folder: str | os.PathLike, fingerprint: str):
 
         if meta.get("kind") != textort.KIND or meta.get("fingerprint") != fingerprint:
             raise ExportError("manifest is for another kind of tower or other weights")
-        return textort.open_export(folder, meta)
+        try:
+            return textort.open_export(folder, meta)
+        except textort.TowerError as e:
+            raise ExportError(str(e)) from None
     return TextTower(folder, fingerprint)
 
 
@@ -326,7 +329,10 @@ def build_export(home: str | os.PathLike, encoder) -> Path:
     from . import textort
 
     if textort.is_hf_tower(encoder):
-        return textort.build_export(home, encoder)
+        try:
+            return textort.build_export(export_dir(home, encoder.fingerprint), encoder, PARITY_PROMPTS)
+        except textort.TowerError as e:
+            raise ExportError(str(e)) from None
     final = export_dir(home, encoder.fingerprint)
     model = encoder.model
     try:

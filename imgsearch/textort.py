@@ -31,6 +31,10 @@ _LANG_SLOT = -1  # where the language token goes in a recorded special-token tem
 _PLAIN = re.compile(r"[ -%'-~]*")  # printable ASCII without '&': ftfy and html.unescape change nothing
 
 
+class TowerError(Exception):
+    """The export is missing, damaged, unverified or not possible for this tower (textfast words it)."""
+
+
 def _clean_whitespace(text: str) -> str:
     """open_clip's HFTokenizer cleaning ("whitespace": ftfy, HTML entities, runs of spaces), ftfy only when needed."""
     if not _PLAIN.fullmatch(text):
@@ -46,16 +50,14 @@ class OrtTextTower:
     """A verified export; ``encode(texts, lang, default_lang)`` returns L2-normalised float32 [N, dim]."""
 
     def __init__(self, folder: Path, meta: dict):
-        from .textfast import ExportError
-
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise ExportError(f"{e.name} is not installed (pip install 'imgsearch[multilingual,fast]')") from None
+            raise TowerError(f"{e.name} is not installed (pip install 'imgsearch[multilingual,fast]')") from None
         for name in (ONNX_FILE, TOKENIZER_FILE):
             if not (folder / name).is_file():
-                raise ExportError(f"{name} missing from the export")
+                raise TowerError(f"{name} missing from the export")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # a handful of tokens: a thread pool costs more than it saves
         opts.inter_op_num_threads = 1
@@ -107,12 +109,10 @@ class OrtTextTower:
 
 
 def open_export(folder: Path, meta: dict) -> OrtTextTower:
-    from .textfast import ExportError
-
     if meta.get("format") != FORMAT:
-        raise ExportError("manifest is for another format")
+        raise TowerError("manifest is for another format")
     if not meta.get("verified"):
-        raise ExportError(meta.get("reason") or f"export failed verification against torch: {meta.get('parity')}")
+        raise TowerError(meta.get("reason") or f"export failed verification against torch: {meta.get('parity')}")
     return OrtTextTower(folder, meta)
 
 
@@ -135,40 +135,37 @@ def _special_template(tok, lang: str | None) -> tuple[list[int], list[int]]:
     return prefix, suffix
 
 
-def build_export(home, encoder) -> Path:
-    """Export and verify ``encoder``'s Hugging Face text tower (fp32, CPU); returns the export folder.
+def build_export(final: Path, encoder, prompts: list[str]) -> Path:
+    """Export ``encoder``'s Hugging Face text tower (fp32, CPU) to ``final`` and verify it on ``prompts``.
 
-    Raises textfast.ExportError when this tower or tokenizer is not one this path reproduces.
+    Raises TowerError when this tower or tokenizer is not one this path reproduces.
     """
     import torch
 
     from .lang import NLLB_CODES
-    from .textfast import MANIFEST as TF_MANIFEST
-    from .textfast import PARITY_PROMPTS, ExportError, export_dir
 
     text = getattr(encoder.model, "text", None)
     tok = encoder.tokenizer
     config = getattr(text, "config", None)
     if config is None or not hasattr(tok, "tokenizer") or not hasattr(tok.tokenizer, "backend_tokenizer"):
-        raise ExportError("text tower is not a Hugging Face model with a fast tokenizer")
+        raise TowerError("text tower is not a Hugging Face model with a fast tokenizer")
     if getattr(tok, "tokenizer_mode", "") or getattr(tok, "strip_sep_token", False):
-        raise ExportError("tokenizer mode is not supported")
+        raise TowerError("tokenizer mode is not supported")
     from open_clip.tokenizer import _clean_whitespace as oc_clean
 
     if getattr(tok, "clean_fn", None) is not oc_clean:
-        raise ExportError("tokenizer cleaning is not open_clip's default (whitespace)")
+        raise TowerError("tokenizer cleaning is not open_clip's default (whitespace)")
     takes_language = encoder.takes_language
     import importlib.util
 
     for package in ("onnx", "onnxruntime", "tokenizers"):  # onnx: the exporter needs it
         if importlib.util.find_spec(package) is None:
-            raise ExportError(f"{package} is not installed (pip install 'imgsearch[multilingual,fast]')")
+            raise TowerError(f"{package} is not installed (pip install 'imgsearch[multilingual,fast]')")
     prefix, suffix = _special_template(tok, "eng_Latn" if takes_language else None)
     lang_ids = {}
     if takes_language:
         vocab = tok.tokenizer.get_vocab()
         lang_ids = {c: int(vocab[c]) for c in NLLB_CODES if c in vocab}
-    final = export_dir(home, encoder.fingerprint)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".text.", dir=final.parent))
     try:
@@ -195,26 +192,26 @@ def build_export(home, encoder) -> Path:
         tower = OrtTextTower(tmp, meta)
         same_ids, cos = True, 1.0
         for lang in (("eng_Latn", "kor_Hang") if takes_language else (None,)):
-            ours = tower.tokenize(PARITY_PROMPTS, lang)
-            ref = encoder.tokenize(PARITY_PROMPTS, lang)
+            ours = tower.tokenize(prompts, lang)
+            ref = encoder.tokenize(prompts, lang)
             ours_padded = [r + [pad] * (ref.shape[1] - len(r)) for r in ours]
             same_ids = same_ids and ours_padded == ref.tolist()
-            want = encoder.encode_texts(PARITY_PROMPTS, lang)
-            got = tower.encode(PARITY_PROMPTS, lang)
+            want = encoder.encode_texts(prompts, lang)
+            got = tower.encode(prompts, lang)
             cos = min(cos, float(np.min(np.sum(got * want, axis=1))))
         meta.update(verified=bool(same_ids and cos >= MIN_COSINE), parity={
-            "prompts": len(PARITY_PROMPTS), "token_ids_identical": same_ids, "min_cosine": round(cos, 7)})
-        (tmp / TF_MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
+            "prompts": len(prompts), "token_ids_identical": same_ids, "min_cosine": round(cos, 7)})
+        (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
         if final.exists():  # made by an earlier or concurrent run for the same weights: keep theirs
             shutil.rmtree(tmp)
             return final
         tmp.rename(final)
-    except ExportError:
+    except TowerError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"exporting the text tower failed ({type(e).__name__}: {str(e)[:120]})") from None
+        raise TowerError(f"exporting the text tower failed ({type(e).__name__}: {str(e)[:120]})") from None
     return final
 
 
