@@ -63,7 +63,7 @@ def check(code: str | None) -> str | None:
     fixed = {c.lower(): c for c in NLLB_CODES}.get(code.lower())
     if fixed:
         return fixed
-    near = difflib.get_close_matches(code, sorted(NLLB_CODES), n=3, cutoff=0.5)
+    near = difflib.get_close_matches(code, sorted(NLLB_CODES), n=3, cutoff=0.75)
     hint = f" (did you mean {', '.join(near)}?)" if near else ""
     raise UsageError(f"unknown language code {code!r}{hint}; use an NLLB code such as kor_Hang, deu_Latn or "
                      "jpn_Jpan (see README, Multilingual search)")
