@@ -126,8 +126,9 @@ def main(
     ctx: typer.Context,
     home: Optional[Path] = typer.Option(None, "--home", help="Library folder [env IMGSEARCH_HOME; default "
                                         "~/.local/share/imgsearch]", show_default=False),
-    model: Optional[str] = typer.Option(None, "--model", help=f"open_clip model: a built-in name, hf-hub:org/repo "
-                                        f"or local-dir:/path [env IMGSEARCH_MODEL; default {DEFAULT_MODEL}]",
+    model: Optional[str] = typer.Option(None, "--model", help=f"open_clip model: a built-in name, hf-hub:org/repo, "
+                                        f"local-dir:/path or `multilingual` (XLM-R ViT-B-32, any language) "
+                                        f"[env IMGSEARCH_MODEL; default {DEFAULT_MODEL}]",
                                         show_default=False),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights for a built-in model: a tag or a "
                                              f"checkpoint file [env IMGSEARCH_PRETRAINED; default {DEFAULT_PRETRAINED}"
@@ -143,12 +144,20 @@ def main(
                                             show_default=False),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: see config.thread_budget]",
                                           show_default=False),
+    lang: Optional[str] = typer.Option(None, "--lang", help="Query language as an NLLB code, e.g. kor_Hang, "
+                                       "deu_Latn [env IMGSEARCH_LANG; default: guessed from the query's script, "
+                                       "else the language `index --lang` recorded, else eng_Latn]",
+                                       show_default=False),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ):
     """Semantic image search on your own machine."""
     try:
         ctx.obj = Settings.from_env(home=home, model=model, pretrained=pretrained, device=device,
-                                    batch_size=batch_size, precision=precision, workers=workers)
+                                    batch_size=batch_size, precision=precision, workers=workers, lang=lang)
+        if ctx.obj.lang is not None:
+            from .library import Library
+
+            Library(settings=ctx.obj)  # checks the code: a typo fails before any work, in one line
     except ImgSearchError as e:
         err(f"error: {e}")
         raise typer.Exit(e.exit_code) from None

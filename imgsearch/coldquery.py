@@ -123,7 +123,8 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
             if where is not None:
                 sql, args = meta_filter_sql(where)
                 allowed = {r[0] for r in conn.execute(sql, args) if where.keeps(r[1], r[2], r[3], r[4])}
-            vecs = textfast_query_vector(tower, pos, neg, dim)
+            row = conn.execute("SELECT value FROM library_meta WHERE key = 'lang'").fetchone()
+            vecs = textfast_query_vector(tower, pos, neg, dim, settings.lang, row[0] if row else None)
             if vecs is None:
                 return None  # terms cancel out: the full path says so
             # Rows stream into one preallocated matrix: a blob list plus a joined copy tripled peak memory.
@@ -171,10 +172,10 @@ def _search_texts(settings: Settings, texts: list[str], not_texts: list[str], k:
 
 
 def textfast_query_vector(tower, pos: list[tuple[float, str]], neg: list[tuple[float, str]],
-                          dim: int) -> np.ndarray | None:
+                          dim: int, lang: str | None = None, library_lang: str | None = None) -> np.ndarray | None:
     """Weighted sum of positives minus negatives, normalised, as search.Searcher.query_vector does."""
     texts = [t for _, t in pos + neg]
-    vecs = tower.encode(texts)
+    vecs = tower.encode(texts, lang, library_lang)
     out = np.zeros(dim, dtype=np.float32)
     for (w, _), v in zip(pos, vecs[:len(pos)]):
         out += w * v

@@ -90,6 +90,7 @@ class Settings:
     recall_target: float = 0.95  # recall@10 the IVF probe count is tuned for
     gpu_decode: str = "auto"  # auto (on with CUDA) | on | off: batched torchvision/nvJPEG decode of JPEGs
     image_backend: str = "auto"  # auto (measured per CPU) | torch | onnx: who runs the fp32 image tower on CPU
+    lang: str | None = None  # NLLB code of the query language (lang.py); None: guessed from the script
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -117,6 +118,8 @@ class Settings:
             values["gpu_decode"] = env["IMGSEARCH_GPU_DECODE"]
         if env.get("IMGSEARCH_IMAGE_BACKEND"):
             values["image_backend"] = env["IMGSEARCH_IMAGE_BACKEND"]
+        if env.get("IMGSEARCH_LANG"):
+            values["lang"] = env["IMGSEARCH_LANG"]
         values["index_budget_mb"] = _env_int("IMGSEARCH_INDEX_BUDGET_MB", cls.index_budget_mb)
         settings = cls(**values)
         clean = {k: v for k, v in overrides.items() if v is not None}

@@ -327,17 +327,56 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.encode_image_tensors(torch.stack([self.preprocess(im) for im in images]))
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Encode texts; returns L2-normalised float32 [N, dim]."""
+    def encode_texts(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
+        """Encode texts; returns L2-normalised float32 [N, dim].
+
+        ``lang`` (an NLLB code) is the language of every text; without it each text's language is guessed from
+        its script, then ``default_lang``, then English. Only tokenizers that take a language (NLLB) use it.
+        """
         import torch
 
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            tokens = self.tokenizer(list(texts)).to(self.device)
-            feats = self._text_forward(tokens)
+            tokens = self.tokenize(list(texts), lang, default_lang).to(self.device)
+            feats = self._text_forward(self._trim_padding(tokens))
             feats = torch.nn.functional.normalize(feats, dim=-1)
             return feats.cpu().numpy()
+
+    @property
+    def takes_language(self) -> bool:
+        """Whether the tokenizer needs the text's language (NLLB's language token)."""
+        return callable(getattr(self.tokenizer, "set_lang_fn", None))
+
+    def tokenize(self, texts: list[str], lang: str | None = None, default_lang: str | None = None):
+        """Token ids [N, context] as the model's tokenizer makes them, in each text's language where it matters."""
+        import torch
+
+        if not self.takes_language:
+            return self.tokenizer(texts)
+        from .lang import query_language
+
+        langs = [query_language(t, lang, default_lang) for t in texts]
+        rows: list = [None] * len(texts)
+        # The language is tokenizer state: one call per language, rows put back in the caller's order.
+        for code in dict.fromkeys(langs):
+            idx = [i for i, c in enumerate(langs) if c == code]
+            self.tokenizer.set_language(code)
+            for i, row in zip(idx, self.tokenizer([texts[i] for i in idx])):
+                rows[i] = row
+        return torch.stack(rows)
+
+    def _trim_padding(self, tokens):
+        """Drop padding columns every row shares at the end, for Hugging Face text towers.
+
+        Their attention mask hides padding and positions are absolute, so the used prefix gives the same
+        output while a short query costs a fraction of the context length. CLIP's own tower shortens itself.
+        """
+        pad = getattr(getattr(getattr(self.model, "text", None), "config", None), "pad_token_id", None)
+        if pad is None or getattr(self.tokenizer, "tokenizer_mode", "") == "clips":
+            return tokens
+        used = (tokens != pad).any(dim=0).nonzero()
+        return tokens[:, :int(used.max()) + 1] if len(used) else tokens
 
     @property
     def draft_size(self) -> int:
@@ -378,6 +417,12 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
     except ModelLoadError:
         raise
     except Exception as e:
+        missing = isinstance(e, ImportError) and (e.name or "").split(".")[0] in ("transformers", "tokenizers",
+                                                                                  "sentencepiece")
+        if missing or "install transformers" in str(e).lower():
+            raise ModelLoadError(
+                f"{spec.label} has a Hugging Face text tower, which needs the transformers and tokenizers packages; "
+                "pip install 'imgsearch[multilingual]'") from None
         if "download" in str(e).lower():
             raise ModelLoadError(
                 f"cannot download the weights of {spec.label} and no cached copy exists; connect to the internet "
@@ -454,7 +499,10 @@ def _create(spec: ModelSpec, device: str, skip_init: bool):
                     setattr(mod, name, fn)
 
     with no_init():
-        if spec.name.startswith((LOCAL_DIR, HF_HUB)):
+        if spec.name.startswith(LOCAL_DIR):
+            overrides = _local_text_cfg(Path(spec.name[len(LOCAL_DIR):]))
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, **overrides)
+        elif spec.name.startswith(HF_HUB):
             model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
         else:
             model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained,
@@ -462,6 +510,23 @@ def _create(spec: ModelSpec, device: str, skip_init: bool):
     untouched = bool(skipped) and any(t.numel() and t.untyped_storage().data_ptr() in skipped
                                       for t in list(model.parameters()) + list(model.buffers()))
     return model, preprocess, untouched
+
+
+def _local_text_cfg(folder: Path) -> dict:
+    """text_cfg override for a local-dir model whose Hugging Face tower config lives in the folder.
+
+    open_clip resolves ``hf_model_name`` against the working directory; a folder we wrote names it
+    relative to itself, so the model still loads after it is moved.
+    """
+    try:
+        text_cfg = read_local_config(folder)["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    name = text_cfg.get("hf_model_name") if isinstance(text_cfg, dict) else None
+    if not isinstance(name, str) or not name or os.path.isabs(name) or not (folder / name / "config.json").is_file():
+        return {}
+    # The folder's checkpoint holds the tower's weights: never look for pretrained ones by that name.
+    return {"text_cfg": {**text_cfg, "hf_model_name": str((folder / name).resolve()), "hf_model_pretrained": False}}
 
 
 _cache: dict[tuple, Encoder] = {}
@@ -528,9 +593,26 @@ def why_not_replaceable(out: str | os.PathLike) -> str | None:
     return owned.why_not_ours(out, MODEL_KIND, token)
 
 
+def hf_text_files(model, tokenizer) -> dict[str, bytes]:
+    """The files that let a Hugging Face text tower load from its model folder alone: the tower's config
+    (config.json) and the tokenizer's files. Empty for CLIP's own text tower."""
+    import tempfile
+
+    config = getattr(getattr(model, "text", None), "config", None)
+    if config is None or not hasattr(config, "save_pretrained") or not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    with tempfile.TemporaryDirectory(prefix="imgsearch-hf-") as d:
+        tokenizer.save_pretrained(d)
+        config.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
 def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preprocess_cfg: dict | None = None,
-                   extra_files: dict[str, str] | None = None) -> Path:
+                   extra_files: dict[str, str | bytes] | None = None, tokenizer=None) -> Path:
     """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically.
+
+    A Hugging Face text tower is written with its config and ``tokenizer``'s files, and the config names
+    the folder itself ("."), so the model loads offline and after a move (see _local_text_cfg).
 
     Files go to a temporary sibling folder that is renamed into place, so a crash never leaves a
     half-written model where a later command would load it. An existing ``out_dir`` is replaced only
@@ -544,6 +626,11 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
 
     from . import owned
 
+    hf_files = hf_text_files(model, tokenizer)
+    if hf_files:
+        text_cfg = {**model_cfg["text_cfg"], "hf_model_name": ".", "hf_tokenizer_name": "."}
+        model_cfg = {**model_cfg, "text_cfg": text_cfg}
+        extra_files = {**hf_files, **(extra_files or {})}
     out = Path(out_dir).absolute()
     reason = why_not_replaceable(out)
     if reason is not None:
@@ -559,8 +646,8 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
         owned.record(tmp, CONFIG_FILE, WEIGHTS_FILE, *(extra_files or {}))
         _swap_into_place(tmp, out)
     except BaseException:

@@ -79,6 +79,10 @@ class Library:
                                          precision=None if precision == "auto" else precision, **other_settings)
         elif home is not None or model is not None or pretrained is not None or other_settings:
             raise TypeError("give settings= or the individual settings, not both")
+        if settings.lang is not None:
+            from .lang import check
+
+            settings = settings.with_(lang=check(settings.lang))  # an unknown code fails here, in one line
         self.settings = settings
         self._store = None
         self._searcher = None
@@ -207,11 +211,39 @@ class Library:
                 remote.open()  # an unreachable cluster too
         encoder = self._encoder if self._searcher is None else self._searcher.loaded_encoder
         try:
-            return index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
-                               build_progress=build_progress, wait=wait, remote=remote)
+            report = index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
+                                 build_progress=build_progress, wait=wait, remote=remote)
         finally:
             if remote is not None:
                 remote.close()
+        if self.settings.lang and self.store.get_meta("lang") != self.settings.lang:
+            # Recorded with the library: later queries in Latin script default to it (lang.query_language).
+            self.store.set_meta("lang", self.settings.lang)
+        return report
+
+    @property
+    def lang(self) -> str | None:
+        """The query language: --lang / IMGSEARCH_LANG, else the one recorded when the library was indexed."""
+        return self.settings.lang or (self.store.get_meta("lang") if self.settings.db_path.is_file() else None)
+
+    def language_hint(self, texts) -> str | None:
+        """One line for a query an English-only model cannot read (non-Latin script), naming the
+        multilingual preset; None when the query is fine for this model."""
+        from .lang import english_only_hint, non_latin
+        from .modelspec import ModelSpec, english_only
+
+        texts = [t[1] if _is_weighted(t) else t for t in texts]
+        if not non_latin(texts):
+            return None
+        spec = ModelSpec(self.settings.model, self.settings.pretrained)
+        return english_only_hint(spec.canonical().label) if english_only(spec) else None
+
+    def _hint(self, texts) -> None:
+        import sys
+
+        hint = self.language_hint(texts)
+        if hint:
+            print(hint, file=sys.stderr)
 
     def forget(self, paths, wait: bool = True) -> int:
         """Remove files or folders from the library (the files stay on disk); returns how many images."""
@@ -339,9 +371,9 @@ class Library:
                 return keyword_search(self.store, keyword, k, under=under, tags=tags,
                                       allowed_ids=self.store.ids_matching(when_where) if when_where else None)
             raise UsageError("nothing to search for: give query text, an image, or both")
+        self._hint(texts + not_texts)
         if not (imgs or not_imgs or ids or keyword is not None or exclude_ids):
-            hits = self.quick_search(texts, not_text=not_texts, k=k, min_score=min_score, under=under, tag=tags,
-                                     relevance=relevance, **ww)
+            hits = self._quick(texts, not_texts, k, min_score, under, tags, when_where, relevance)
             if hits is not None:
                 return hits
         from .query import Query
@@ -357,16 +389,23 @@ class Library:
         """The lean path alone: plain text terms on a flat-sized library, answered with numpy and sqlite3
         while nothing heavy is loaded (coldquery.py). None when it can't answer; then ``search`` can."""
         texts, not_texts = _as_list(text), _as_list(not_text)
+        from .geo import build
+
+        hits = self._quick(texts, not_texts, k, min_score, under, tag, build(after, before, near, camera), relevance)
+        if hits is not None:  # else the caller goes on to ``search``, which gives the hint: once per query
+            self._hint(texts + not_texts)
+        return hits
+
+    def _quick(self, texts: list, not_texts: list, k: int, min_score, under, tag, where=None,
+               relevance: bool = False) -> list[Hit] | None:
         if (self._searcher is not None or self._encoder is not None or not texts
                 or not all(isinstance(t, str) for t in texts + not_texts)):
             return None
         from .coldquery import search_texts
-        from .geo import build
 
         tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
         rows = search_texts(self.settings, texts, not_texts, k, min_score,
-                            str(under) if under is not None else None, tags, build(after, before, near, camera),
-                            relevance)
+                            str(under) if under is not None else None, tags, where, relevance)
         return None if rows is None else [Hit(**r) for r in rows]
 
     def search_query(self, query, k: int = 10, **filters) -> list[Hit]:

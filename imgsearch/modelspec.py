@@ -13,6 +13,14 @@ LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
+# Short names for good defaults. "multilingual": open_clip's XLM-R base text tower with a ViT-B-32 image tower
+# (Korean R@1 on XM3600 0.435 against 0.001 for the English default, open_clip's multilingual table) at the
+# cost of a 1.1 GB download once, the same image tower speed as the default.
+PRESETS = {"multilingual": ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k")}
+
+# Name parts of open_clip models whose text tower reads many languages (XLM-R, mT5/SigLIP-i18n, NLLB, Gemma).
+_MULTILINGUAL_NAMES = ("xlm-roberta", "xlm_roberta", "nllb", "i18n", "mt5", "siglip2", "multilingual", "mclip")
+
 
 def looks_like_file(value: str) -> bool:
     """Whether a --pretrained value names a checkpoint file rather than an open_clip tag like 'openai'."""
@@ -29,6 +37,8 @@ class ModelSpec:
     def canonical(self) -> "ModelSpec":
         """Absolute paths for local dirs and checkpoint files, so the same model always has one key."""
         name, pretrained = self.name, self.pretrained or None
+        if name in PRESETS:
+            name, pretrained = PRESETS[name][0], pretrained or PRESETS[name][1]
         if name.startswith(LOCAL_DIR):
             name = LOCAL_DIR + os.path.abspath(os.path.expanduser(name[len(LOCAL_DIR):]))
             pretrained = None
@@ -46,3 +56,25 @@ class ModelSpec:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
+
+
+def english_only(spec: ModelSpec) -> bool:
+    """Whether the model's text tower is English-only, judged without loading it (no open_clip import).
+
+    A local-dir model is English-only when its config names no Hugging Face tokenizer or text tower (it then
+    uses CLIP's English BPE); other models by their name. An unreadable config counts as not English-only:
+    a missing hint costs less than a wrong one.
+    """
+    spec = spec.canonical()
+    if spec.name.startswith(LOCAL_DIR):
+        import json
+
+        try:
+            with open(os.path.join(spec.name[len(LOCAL_DIR):], "open_clip_config.json"), encoding="utf-8") as f:
+                text_cfg = json.load(f)["model_cfg"]["text_cfg"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        names = " ".join(str(text_cfg.get(k) or "") for k in ("hf_model_name", "hf_tokenizer_name")).lower()
+        # CLIP's BPE tower is English; a Hugging Face tower is usually there for its languages.
+        return not names.strip()
+    return not any(part in spec.name.lower() for part in _MULTILINGUAL_NAMES)

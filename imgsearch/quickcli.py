@@ -12,7 +12,7 @@ import math
 import sys
 
 _GLOBALS = {"--home": "home", "--model": "model", "--pretrained": "pretrained", "--device": "device",
-            "--precision": "precision"}
+            "--precision": "precision", "--lang": "lang"}
 _FLAGS = {"--json", "--paths", "--print0", "--no-server", "--server"}
 
 

@@ -67,6 +67,8 @@ class Searcher:
         self._floor: dict | None = None
         self._floor_version: int | None = None
         self._floor_lock = threading.Lock()
+        # Query language: --lang, else each query's script, else the language recorded at index time.
+        self.lang, self.library_lang = settings.lang, self.store.get_meta("lang")
 
     def _fingerprint(self, spec: ModelSpec) -> str:
         """Weights fingerprint without importing open_clip when the library already knows these weights."""
@@ -103,8 +105,8 @@ class Searcher:
                     self._tower_failed = True
                     textfast.warn_once(self.model.label, str(e))
             if self._tower is not None:
-                return self._tower.encode(list(texts))
-        vecs = self.encoder.encode_texts(list(texts))
+                return self._tower.encode(list(texts), self.lang, self.library_lang)
+        vecs = self.encoder.encode_texts(list(texts), self.lang, self.library_lang)
         if self._tower_failed:
             self._tower_failed = False  # one attempt per searcher
             textfast.ensure_export(self.settings.home, self.encoder, quiet=True)

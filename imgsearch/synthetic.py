@@ -120,8 +120,6 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None
     and shape words rather than one fixed sentence.
     """
     import open_clip
-    import torch
-    import torch.nn.functional as F
 
     from .encoder import save_local_dir
 
@@ -129,8 +127,24 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None
     rng = random.Random(seed)
     model, cfg = build_tiny_clip(seed)
     size = cfg["vision_cfg"]["image_size"]
-    preprocess = open_clip.image_transform(size, is_train=False)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
+    _train_on_shapes(model, cfg, tokenizer, lambda c, s: [t.format(c=c, s=s) for t in TEMPLATES], rng, steps,
+                     colors, shapes, seed, batch_size, lr, n_images)
+    model.eval()
+    preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                      "std": list(open_clip.OPENAI_DATASET_STD)}
+    return save_local_dir(model, cfg, out_dir, preprocess_cfg)
+
+
+def _train_on_shapes(model, cfg: dict, tokenizer, captions_of, rng: random.Random, steps: int, colors, shapes,
+                     seed: int, batch_size: int, lr: float, n_images: int) -> None:
+    """Contrastive training on generated shapes; ``captions_of(colour, shape)`` lists a class's captions."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    size = cfg["vision_cfg"]["image_size"]
+    preprocess = open_clip.image_transform(size, is_train=False)
     classes = [(c, s) for c in colors for s in shapes]
     labels, images = [], []
     for i in range(n_images):
@@ -139,15 +153,15 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None
         images.append(preprocess(draw_shape(c, s, 64, rng)))
     images_t = torch.stack(images)
     labels_t = torch.tensor(labels)
-    captions = [[t.format(c=c, s=s) for t in TEMPLATES] for c, s in classes]
-    tokens = {(k, j): tokenizer([captions[k][j]])[0] for k in range(len(classes)) for j in range(len(TEMPLATES))}
+    captions = [captions_of(c, s) for c, s in classes]
+    tokens = {(k, j): tokenizer([captions[k][j]])[0] for k in range(len(classes)) for j in range(len(captions[k]))}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, n_images, (batch_size,), generator=g)
         lab = labels_t[idx]
-        txt = torch.stack([tokens[(int(k), rng.randrange(len(TEMPLATES)))] for k in lab])
+        txt = torch.stack([tokens[(int(k), rng.randrange(len(captions[int(k)])))] for k in lab])
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
         img_f, txt_f, scale = model(images_t[idx], txt)
@@ -160,7 +174,83 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-    model.eval()
-    preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                      "std": list(open_clip.OPENAI_DATASET_STD)}
-    return save_local_dir(model, cfg, out_dir, preprocess_cfg)
+
+
+# Korean captions for the shapes: the multilingual tiny model learns them next to the English ones.
+KOREAN_COLORS = {"red": "빨간", "green": "초록", "blue": "파란", "yellow": "노란", "purple": "보라색", "white": "하얀"}
+KOREAN_SHAPES = {"circle": "원", "square": "사각형", "triangle": "삼각형"}
+KOREAN_TEMPLATES = ("{c} {s}", "{c} {s} 사진", "{c} {s} 그림", "{c} {s}의 사진")
+# XLM-R's special tokens, at XLM-R's ids, so the tower's config (pad 1, bos 0, eos 2) matches.
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+def bilingual_captions(color: str, shape: str) -> list[str]:
+    return ([t.format(c=color, s=shape) for t in TEMPLATES]
+            + [t.format(c=KOREAN_COLORS[color], s=KOREAN_SHAPES[shape]) for t in KOREAN_TEMPLATES])
+
+
+def train_tokenizer(texts: list[str], folder: str | os.PathLike, vocab_size: int = 400):
+    """A small BPE tokenizer (sentencepiece-style word boundaries) trained on ``texts``, saved with
+    ``save_pretrained`` so transformers' AutoTokenizer (and open_clip's HFTokenizer) load it from ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                                       show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def tiny_multilingual_config(embed_dim: int = 64, image_size: int = 32, width: int = 64, layers: int = 2,
+                             context_length: int = 16, hf_model_name: str = ".") -> dict:
+    """model_cfg of a tiny CLIP whose text tower is a Hugging Face XLM-R built from ``hf_model_name``'s config."""
+    cfg = tiny_model_config(embed_dim, image_size, width, layers, context_length)
+    cfg["text_cfg"] = {"hf_model_name": hf_model_name, "hf_tokenizer_name": hf_model_name, "hf_proj_type": "linear",
+                       "hf_pooler_type": "mean_pooler", "context_length": context_length,
+                       "hf_model_pretrained": False}  # a new tower from its config: there are no weights to fetch
+    return cfg
+
+
+def pretrain_tiny_multilingual_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None, shapes=SHAPES,
+                                    seed: int = 0, batch_size: int = 64, lr: float = 2e-3, n_images: int = 720,
+                                    width: int = 64):
+    """Like pretrain_tiny_clip, with a locally trained tokenizer and a tiny XLM-R text tower, on English and
+    Korean captions; saved as a local-dir model that holds its tokenizer and tower config."""
+    import tempfile
+
+    import open_clip
+    import torch
+    from open_clip.tokenizer import HFTokenizer
+    from transformers import XLMRobertaConfig
+
+    from .encoder import save_local_dir
+
+    colors = list(colors or COLORS)
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="imgsearch-tiny-hf-") as tmp:
+        texts = [t for c in colors for s in shapes for t in bilingual_captions(c, s)]
+        train_tokenizer(texts, tmp)
+        context_length = 16
+        XLMRobertaConfig(vocab_size=len(HFTokenizer(tmp).tokenizer), hidden_size=width,
+                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width,
+                         max_position_embeddings=context_length + 2, pad_token_id=1, bos_token_id=0,
+                         eos_token_id=2).save_pretrained(tmp)
+        cfg = tiny_multilingual_config(width=width, context_length=context_length, hf_model_name=tmp)
+        torch.manual_seed(seed)
+        model = open_clip.CustomTextCLIP(**cfg)
+        tokenizer = HFTokenizer(tmp, context_length=context_length)
+        _train_on_shapes(model, cfg, tokenizer, bilingual_captions, rng, steps, colors, shapes, seed, batch_size,
+                         lr, n_images)
+        model.eval()
+        size = cfg["vision_cfg"]["image_size"]
+        preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                          "std": list(open_clip.OPENAI_DATASET_STD)}
+        cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
+        return save_local_dir(model, cfg, out_dir, preprocess_cfg, tokenizer=tokenizer)

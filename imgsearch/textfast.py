@@ -127,14 +127,15 @@ class TextTower:
         """exp(logit_scale) of the model, for zero-shot probabilities (classify) without torch."""
         return float(self.meta["logit_scale"])
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
+    def encode_texts(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
         """Same contract as Encoder.encode_texts, so zeroshot.label_embeddings takes either."""
-        return self.encode(list(texts))
+        return self.encode(list(texts), lang, default_lang)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(list(texts))
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
+        """CLIP's BPE tower reads no language token: ``lang`` is accepted for the common contract."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         rows = self.tokenize(texts)
@@ -196,11 +197,30 @@ class TextTower:
 _towers: dict[tuple[str, str], TextTower] = {}
 
 
+def load_tower(folder: str | os.PathLike, fingerprint: str):
+    """The verified export in ``folder``: CLIP's BPE tower in numpy, or a Hugging Face tower (textort)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    if isinstance(meta, dict) and meta.get("kind") is not None:
+        from . import textort
+
+        if meta.get("kind") != textort.KIND or meta.get("fingerprint") != fingerprint:
+            raise ExportError("manifest is for another kind of tower or other weights")
+        try:
+            return textort.open_export(folder, meta)
+        except textort.TowerError as e:
+            raise ExportError(str(e)) from None
+    return TextTower(folder, fingerprint)
+
+
 def open_tower(home: str | os.PathLike, fingerprint: str) -> TextTower:
     key = (str(home), fingerprint)
     tower = _towers.get(key)
     if tower is None:
-        tower = _towers[key] = TextTower(export_dir(home, fingerprint), fingerprint)
+        tower = _towers[key] = load_tower(export_dir(home, fingerprint), fingerprint)
     return tower
 
 
@@ -306,6 +326,13 @@ def build_export(home: str | os.PathLike, encoder) -> Path:
 
     if encoder.precision != "fp32":
         raise ExportError("the export is made from an fp32 model only")
+    from . import textort
+
+    if textort.is_hf_tower(encoder):
+        try:
+            return textort.build_export(export_dir(home, encoder.fingerprint), encoder, PARITY_PROMPTS)
+        except textort.TowerError as e:
+            raise ExportError(str(e)) from None
     final = export_dir(home, encoder.fingerprint)
     model = encoder.model
     try:
@@ -367,7 +394,7 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
     try:
         folder = export_dir(home, encoder.fingerprint)
         try:
-            TextTower(folder, encoder.fingerprint)
+            load_tower(folder, encoder.fingerprint)
             return folder
         except ExportError:
             pass
@@ -384,8 +411,15 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
             from . import encoder as encoder_mod
 
             encoder = encoder_mod.build(encoder.spec, "cpu", "fp32")
-        build_export(home, encoder)
-        TextTower(folder, encoder.fingerprint)
+        try:
+            build_export(home, encoder)
+        except ExportError as e:
+            if not folder.exists():  # record "not supported" so later runs neither retry nor repeat the note
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "fingerprint": encoder.fingerprint,
+                                                           "verified": False, "reason": str(e)}), encoding="utf-8")
+            raise
+        load_tower(folder, encoder.fingerprint)
         return folder
     except Exception as e:  # noqa: BLE001 - any failure only means "no fast path"
         if not quiet:

@@ -533,7 +533,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         "summary": _summary(base_metrics, final),
     }
     save_local_dir(model, model_cfg, out, preprocess_cfg,
-                   extra_files={REPORT_FILE: json.dumps(report, indent=2, default=_jsonable)})
+                   extra_files={REPORT_FILE: json.dumps(report, indent=2, default=_jsonable)}, tokenizer=tokenizer)
     if os.path.lexists(ckdir):
         left = owned.remove(ckdir, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,))
         if left is not None:
