@@ -357,6 +357,12 @@ def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under
             except OSError:
                 rows = None  # the server went away mid-request: answer in-process below
     if rows is not None:
+        if texts:  # the server's Library printed its hint on the server's stderr: say it here, where it is read
+            from .library import Library
+
+            hint = Library(settings=settings).language_hint([*texts, *(not_text or [])])
+            if hint:
+                typer.echo(hint, err=True)
         return rows
     if keyword and not (texts or image) and blend is not None:
         raise UsageError("--blend mixes keyword and CLIP scores; give query text or --image too")

@@ -126,6 +126,11 @@ def test_query_uses_running_server(server, cli, monkeypatch):
     assert r.exit_code == 0, r.output
     hits = json.loads(r.stdout)
     assert kind(hits[0]["path"]) == "red_circle"
+    r = cli("query", "빨간 원", "-k", "2")  # an English-only model: the hint reaches the user, not the server log
+    assert r.exit_code == 0, r.output
+    assert [line for line in r.stderr.splitlines() if line.startswith("hint:")] == [
+        line for line in r.stderr.splitlines() if "--model multilingual" in line] != []
+    assert len([line for line in r.stderr.splitlines() if line.startswith("hint:")]) == 1
     r = cli("query", "--image", "missing.jpg")
     assert r.exit_code == 2 and "not found" in r.stderr
 
