@@ -67,6 +67,8 @@ class RayStage:
 
     def __init__(self, settings: Settings, address: str | None = None, num_cpus: int | None = None):
         self.address = check_address(address)
+        if self.address is None:
+            _require_token()  # before Ray is imported: it reads its authentication mode once, on import
         self.ray = _import_ray()
         if settings.precision == "int8":
             raise UsageError("--precision int8 is not available with --ray (its parity check runs locally); "
@@ -241,6 +243,8 @@ def start_local(num_cpus: int) -> str:
     """Start a Ray for this process alone, sized to the machine; returns its temporary folder."""
     import tempfile
 
+    _require_token()
+
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="imgsearch-ray-")
@@ -252,6 +256,22 @@ def start_local(num_cpus: int) -> str:
         remove_temp_dir(temp_dir)
         raise
     return temp_dir
+
+
+def _require_token() -> None:
+    """A local Ray listens on every interface (its GCS and workers bind to 0.0.0.0 whatever the node
+    address), and anyone who reaches those ports can run code as this user. So the Ray we start accepts
+    only clients holding a random token, which its own processes inherit from this environment. Ray reads
+    the mode once, when it is imported, so this runs before that, and the token stays for the process's
+    life (a second local Ray reuses it). When Ray was imported already (a notebook that uses Ray itself),
+    or the user configured Ray's authentication, their settings stand."""
+    import secrets
+    import sys
+
+    if "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def remove_temp_dir(temp_dir: str) -> None:

@@ -142,3 +142,28 @@ def test_ray_missing_says_to_install_the_extra(cli, folder, monkeypatch):
     assert result.exit_code == 2
     assert result.output.strip() == ("error: --ray needs Ray, which is not installed; install the distributed "
                                      "extra: pip install 'imgsearch[distributed]'")
+
+
+@pytest.mark.slow
+def test_the_local_ray_refuses_clients_without_its_token(tmp_path):
+    """Ray binds its ports on every interface: a process without this run's token must not get in."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    script = (
+        "import os, subprocess, sys\n"
+        "from imgsearch import distributed\n"
+        "temp = distributed.start_local(num_cpus=1)\n"
+        "import ray\n"
+        "address = ray.get_runtime_context().gcs_address\n"
+        "env = {k: v for k, v in os.environ.items() if not k.startswith('RAY_AUTH')}\n"
+        "r = subprocess.run([sys.executable, '-c', f'import ray; ray.init(address={address!r}); print(1)'],\n"
+        "                   env=env, capture_output=True, text=True, timeout=120)\n"
+        "print('intruder', r.returncode, r.stdout.strip() or '-', os.environ['RAY_AUTH_MODE'])\n"
+        "ray.shutdown()\n"
+        "distributed.remove_temp_dir(temp)\n")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    line = [x for x in r.stdout.splitlines() if x.startswith("intruder")]
+    assert line and line[0].split()[1] != "0" and line[0].split()[2] == "-" and line[0].endswith("token"), r.stderr[-2000:]
