@@ -2,6 +2,7 @@
 
     python bench/index_throughput.py [--n1mp 300] [--n12mp 40] [--batch 32] [--model local-dir:...]
     python bench/index_throughput.py --exif-only [--n1mp 300]   # just the EXIF cost, no model
+    python bench/index_throughput.py --draft [--n1mp 96] [--n12mp 20]  # draft decode: time and embedding cosine
 
 Target: pipeline / model-only >= 0.8 on 1 MP photos (decoding must hide behind encoding).
 Also prints the JPEG draft-decode speed-up on 12 MP photos, and what reading the when/where EXIF fields
@@ -71,6 +72,34 @@ def decode_rate(paths, draft: int | None) -> float:
     for p in paths:
         open_image(p, draft_size=draft)
     return len(paths) / (time.perf_counter() - t)
+
+
+def draft_quality(enc, folder: Path, n: int, label: str) -> None:
+    """The JPEG draft decode against a full decode: ms per image (decode + the model's preprocess, one
+    thread) and what it does to the model's input (PSNR) and to the embedding (cosine)."""
+    import numpy as np
+    import torch
+
+    from imgsearch.images import open_image
+
+    paths = sorted(folder.glob("*.jpg"))[:n]
+    out = {}
+    for name, draft in (("full", None), ("draft", enc.draft_size)):
+        t = time.perf_counter()
+        tensors = [enc.preprocess(open_image(p, draft_size=draft)[0]) for p in paths]
+        ms = (time.perf_counter() - t) / len(paths) * 1e3
+        x = torch.stack([torch.as_tensor(np.asarray(v)) for v in tensors])
+        out[name] = (ms, x, np.asarray(enc.encode_image_tensors(x)))
+    (fm, fx, fe), (dm, dx, de) = out["full"], out["draft"]
+    from imgsearch.images import preprocess_cfg_of
+
+    std = float(np.mean(preprocess_cfg_of(enc.model).get("std", (0.27, 0.26, 0.28))))  # back to 0..1 pixel units
+    rms = float(((fx - dx) ** 2).mean().sqrt()) * std
+    psnr = 20 * np.log10(1.0 / rms) if rms > 0 else float("inf")
+    cos = (fe * de).sum(1)
+    print(f"{label} draft decode (short side >= {enc.draft_size}): {dm:.1f} ms/img vs full {fm:.1f} ms/img "
+          f"({fm / dm:.2f}x) | model input PSNR {psnr:.1f} dB | embedding cosine min {cos.min():.6f} "
+          f"mean {cos.mean():.6f} ({len(paths)} photos)")
 
 
 def exif_cost(folder: Path, n: int) -> None:
@@ -145,6 +174,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "imgsearch-bench-photos"))
     ap.add_argument("--exif-only", action="store_true", help="only measure the EXIF when/where parse cost")
+    ap.add_argument("--draft", action="store_true", help="only measure the JPEG draft decode: time, PSNR, cosine")
     args = ap.parse_args()
     if args.exif_only:
         exif_cost(make_photos(Path(args.data) / "1MP", max(args.n1mp, 1), 1152, 864), max(args.n1mp, 1))
@@ -159,6 +189,11 @@ def main() -> None:
     model = args.model or random_vit_b32()
     enc = encoder.load(encoder.ModelSpec(model), args.device, args.precision)
     settings = Settings.from_env(model=model, batch_size=args.batch, device=args.device, precision=args.precision)
+    if args.draft:
+        for label, n, (w, h) in (("1 MP", args.n1mp, (1024, 768)), ("12 MP", args.n12mp, (4000, 3000))):
+            if n > 0:
+                draft_quality(enc, make_photos(Path(args.data) / f"draft-{w}x{h}", n, w, h), n, label)
+        return
     print(f"model {enc.describe()}, batch {args.batch}, decode workers {settings.decode_workers()}, "
           f"torch threads {torch.get_num_threads()}")
     data = Path(args.data)

@@ -177,8 +177,8 @@ def test_dng_decodes_from_its_preview_or_by_demosaicing(tmp_path):
 
     with_preview = write_dng(tmp_path / "p.dng", "red", "square", 1)
     im, info = images.open_image(with_preview, draft_size=32)
-    assert (im.size, (info.width, info.height)) == ((64, 64), (64, 64))  # the preview, at full size
-    r, g, b = im.getpixel((32, 32))
+    assert (im.size, (info.width, info.height)) == ((32, 32), (64, 64))  # the JPEG preview, draft-decoded
+    r, g, b = im.getpixel((16, 16))
     assert r > 150 and g < 90 and b < 90  # the red square, as the preview shows it
     bare = write_dng(tmp_path / "bare.dng", "red", "square", 1, preview=False)
     im, info = images.open_image(bare, draft_size=32)
