@@ -658,13 +658,23 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         own_store = store is None
         # An existing library is opened first (its id keys the int8 parity verdict); a new one only after the
         # model loaded, so a bad --model never leaves an empty library behind.
+        if encoder is None and remote is None and os.environ.get("IMGSEARCH_TORCH_FREE", "1") != "0":
+            from . import onnx_image
+
+            # The ONNX session loads on the idle core while the library opens (SQLAlchemy, the store).
+            onnx_image.prestart_lite(settings, thread_budget(device="cpu", workers=settings.workers).encoder)
         if store is None and settings.db_path.exists():
             store = Store(settings.db_path)
         try:
             # A Ray run encodes on its workers' torch models; the driver's encoder names the model and makes
             # the text export, so it is never the ONNX-only one.
-            enc = encoder or (None if remote is not None else _torch_free_encoder(settings, store)) or encoder_mod.load(
-                ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
+            enc = encoder or (None if remote is not None else _torch_free_encoder(settings, store))
+            if enc is None:
+                from . import onnx_image
+
+                onnx_image.drop_prestarted()
+                enc = encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
+                                       settings.precision)
             store = store or Store(settings.db_path)
             report = Indexer(settings, enc, store, remote).run(roots, progress, build_progress)
         finally:

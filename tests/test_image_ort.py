@@ -255,3 +255,34 @@ def test_device_mps_without_apple_gpu_is_one_line_error(cli, photos, monkeypatch
     r = cli("--device", "mps", "index", photos)
     assert r.exit_code != 0
     assert "--device mps was given but" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_prestarted_session_is_used_only_for_the_same_file(tiny_model, home, monkeypatch):
+    """A session begun in the background (while the library opens) serves the tower that asks for that
+    file; once the file is replaced (a rebuilt export), the tower loads the new file instead."""
+    import os
+    import threading
+
+    enc = _encoder(tiny_model)
+    onnx_image.ensure_export(enc, home, "fp32", threads=1)
+    path = onnx_image.export_dir(home, enc.fingerprint) / onnx_image.FP32_FILE
+    made = []
+    real = onnx_image._new_session
+
+    def counting(p, threads):
+        made.append(threading.current_thread().name)
+        return real(p, threads)
+
+    monkeypatch.setattr(onnx_image, "_new_session", counting)
+    onnx_image.prestart(path, 1)
+    tower = onnx_image.OrtImageTower(path, "fp32", 1)
+    assert made == ["onnx-session"]  # loaded once, on the background thread
+    probe = onnx_image.probe_batch(enc.image_size, 2)
+    expected = tower.encode(probe)
+
+    onnx_image.prestart(path, 1)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed after the head start
+    tower = onnx_image.OrtImageTower(path, "fp32", 1)
+    assert made == ["onnx-session", "onnx-session", "MainThread"]
+    assert np.allclose(tower.encode(probe), expected, atol=1e-6)
