@@ -163,6 +163,8 @@ def main() -> None:
         if not args.no_rclip:
             rclip.append(run_rclip(photos))
             print(f"round {r + 1} rclip whole process {rclip[-1]:.2f} img/s", flush=True)
+    for home in [x["home"] for rs in results.values() for x in rs] + list(seeds.values()):
+        shutil.rmtree(home, ignore_errors=True)  # the bench's own temporary libraries
     print("\nmedians:")
     rc = statistics.median(rclip) if rclip else None
     for mode in modes:
