@@ -381,7 +381,7 @@ class Encoder:
     @property
     def draft_size(self) -> int:
         """Short side JPEGs are decoded at (libjpeg's reduced-scale decode) before the model's resize."""
-        from .images import draft_size_for
+        from .config import draft_size_for
 
         return draft_size_for(self.image_size)
 

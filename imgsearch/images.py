@@ -192,18 +192,6 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
             "(raise IMGSEARCH_MAX_PIXELS if this file is genuine)")
 
 
-def draft_size_for(image_size: int) -> int:
-    """The short side a JPEG is decoded at (at least) for a model with ``image_size`` input: 1.5x the input.
-
-    libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT (an averaging filter, no aliasing), and the
-    model's own antialiased bicubic resize does the rest. Measured on AMD EPYC (Zen 3) with ViT-B-32-256
-    on 1024x768 photos: a 1/2-scale decode costs 10.2 ms per image against 18.3 ms for the full decode,
-    with embedding cosine >= 0.99999 to it and 48 dB PSNR on the model input (bench/index_throughput.py
-    --draft measures it). Twice the input size, the earlier rule, left every photo under 2 MP at full scale.
-    """
-    return (3 * int(image_size) + 1) // 2
-
-
 def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = None,
                max_pixels: int = 100_000_000):
     """Decode ``source`` (file bytes or a path) to an RGB PIL image plus its ImageInfo.

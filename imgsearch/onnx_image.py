@@ -546,7 +546,7 @@ class LiteEncoder:
 
     @property
     def draft_size(self) -> int:
-        from .images import draft_size_for
+        from .config import draft_size_for
 
         return draft_size_for(self.image_size)  # as Encoder.draft_size: the same decode, so the same vectors
 
