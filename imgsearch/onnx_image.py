@@ -117,9 +117,9 @@ _started: dict[tuple, object] = {}  # (path, file id, threads) -> Future of a se
 def prestart(path: Path, threads: int) -> None:
     """Begin creating the session for ``path`` on a background thread.
 
-    onnxruntime releases the GIL while it loads, optimises and pre-packs a model (0.6 s for ViT-B-32 int8,
-    1.6 s fp32 on 2 Zen 3 cores), so the caller's imports, database and file walk run meanwhile, on the
-    core the single-threaded start-up leaves idle. OrtImageTower picks the session up if the file is still
+    onnxruntime releases the GIL while it optimises and pre-packs a model (0.6-0.8 s for ViT-B-32 on 2 Zen 3
+    cores), so the caller's imports and database opening run meanwhile, on the core the single-threaded
+    start-up leaves idle. OrtImageTower picks the session up if the file is still
     the one it was started from; a session nobody asks for is dropped with the process.
     """
     import threading
@@ -138,9 +138,32 @@ def prestart(path: Path, threads: int) -> None:
             fut.set_result(_new_session(path, threads))
         except BaseException as e:  # handed to whoever asks; nobody may
             fut.set_exception(e)
+        finally:
+            _inflight.remove(fut)
 
+    global _settle_registered
+    if not _settle_registered:
+        import atexit
+
+        atexit.register(_settle)
+        _settle_registered = True
     _started[key] = fut
+    _inflight.append(fut)
     threading.Thread(target=work, name="onnx-session", daemon=True).start()
+
+
+_inflight: list = []  # head starts still loading, picked up or not
+_settle_registered = False
+
+
+def _settle() -> None:
+    """At exit, let a session still loading finish first: interpreter shutdown while onnxruntime's loader
+    runs on a daemon thread could crash the process on its way out (an error exit, a Ctrl-C)."""
+    for fut in list(_inflight):
+        try:
+            fut.exception(timeout=60)
+        except Exception:
+            pass
 
 
 def drop_prestarted() -> None:

@@ -286,3 +286,11 @@ def test_prestarted_session_is_used_only_for_the_same_file(tiny_model, home, mon
     tower = onnx_image.OrtImageTower(path, "fp32", 1)
     assert made == ["onnx-session", "onnx-session", "MainThread"]
     assert np.allclose(tower.encode(probe), expected, atol=1e-6)
+
+    # A process that exits (an error, a Ctrl-C) while a head start is still loading exits cleanly.
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from imgsearch import onnx_image; "
+            f"onnx_image.prestart(Path({str(path)!r}), 1); sys.exit(3)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3 and out.stderr == "", out.stderr[-500:]
