@@ -658,7 +658,7 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         own_store = store is None
         # An existing library is opened first (its id keys the int8 parity verdict); a new one only after the
         # model loaded, so a bad --model never leaves an empty library behind.
-        if encoder is None and remote is None and os.environ.get("IMGSEARCH_TORCH_FREE", "1") != "0":
+        if encoder is None and remote is None and _torch_free_allowed():
             from . import onnx_image
 
             # The ONNX session loads on the idle core while the library opens (SQLAlchemy, the store).
@@ -689,10 +689,14 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         return report
 
 
+def _torch_free_allowed() -> bool:
+    return os.environ.get("IMGSEARCH_TORCH_FREE", "1") != "0"
+
+
 def _torch_free_encoder(settings: Settings, store: Store | None):
     """The ONNX-only encoder when every proof it needs is on disk (see onnx_image.torch_free_encoder); None
     when this run must load torch. IMGSEARCH_TORCH_FREE=0 turns it off (for comparing the two paths)."""
-    if os.environ.get("IMGSEARCH_TORCH_FREE", "1") == "0":
+    if not _torch_free_allowed():
         return None
     from . import onnx_image
 
