@@ -165,8 +165,8 @@ class Settings:
             raise UsageError(f"IMGSEARCH_INT8_MIN_COSINE={value!r} is not a number; unset it or give e.g. 0.99") from None
 
 
-# Measured on ViT-B-32-256 (see README, "int8"): at this cosine the top-10 neighbours of a query stay
-# mostly the same; below it retrieval visibly reorders.
+# Measured on ViT-B-32-256 (see docs/cli.md, "int8 on the CPU"): at this cosine the top-10 neighbours of a
+# query stay mostly the same; below it retrieval visibly reorders.
 INT8_MIN_COSINE = 0.99
 
 
