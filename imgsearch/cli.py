@@ -6,7 +6,6 @@ import contextlib
 import functools
 import importlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -300,26 +299,21 @@ def query_cmd(
                                   "floor (see `imgsearch status`); when none pass, says so and shows the closest."),
 ):
     """Find the images closest to text and/or example images."""
+    from .request import SearchRequest
+
     if json_out + paths_out + print0 > 1:
         raise UsageError("--json, --paths and --print0 are exclusive; pick one output format")
-    if min_score is not None and not math.isfinite(min_score):
-        raise UsageError(f"--min-score {min_score} is not a number; give a cosine score such as 0.25")
-    from .queryspec import check_k
-
-    if not (texts or image or keyword):
-        raise UsageError("nothing to search for: give query text, --image FILE, or both")
-    if blend is not None and not keyword:
-        raise UsageError("--blend weighs keyword relevance; give --keyword too")
-    # The search layer and the server name the parameter ("under: no such folder"); say it as typed here.
+    # The request names the parameter ("under: no such folder"); say it as typed here.
     flags = {"k": ("-k", k), "under": ("--under", under), "min_score": ("--min-score", min_score),
              "blend": ("--blend", blend), "keyword": ("--keyword", repr(keyword)),
              "tag": ("--tag", ", ".join(tag or [])), "after": ("--after", after), "before": ("--before", before),
              "near": ("--near", near), "camera": ("--camera", repr(camera))}
-    ww = {"after": after, "before": before, "near": near, "camera": camera}
     with flag_words(**flags):
-        check_k(k)
-        rows = _query_rows(settings_of(ctx), texts, image, not_text, not_image, k, min_score, under, tag, keyword,
-                           blend, use_server, daemon, ww, relevant)
+        request = SearchRequest.build(list(texts or []), image=list(image or []), not_text=list(not_text or []),
+                                      not_image=list(not_image or []), k=k, min_score=min_score, under=under,
+                                      tag=tag or None, keyword=keyword, blend=blend, after=after, before=before,
+                                      near=near, camera=camera, relevance=relevant)
+        rows = _query_rows(settings_of(ctx), request, use_server, daemon)
     fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
     if relevant:
         rows = _relevant_rows(rows)
@@ -339,42 +333,28 @@ def _relevant_rows(rows: list[dict]) -> list[dict]:
         err("no good matches; closest results:")
     return rows
 
-def _query_rows(settings, texts, image, not_text, not_image, k, min_score, under, tag, keyword, blend, use_server,
-                daemon, ww: dict | None = None, relevance: bool = False) -> list[dict]:
-    """Hits as dicts: from a running server for this library and model when there is one, else in-process."""
-    rows = None
-    ww = {key: v for key, v in (ww or {}).items() if v is not None}
-    if use_server and (texts or image):
-        from . import client
-
-        info = client.find_server(settings) or (client.start_daemon(settings) if daemon else None)
-        if info is not None:
-            try:
-                rows = client.search(info, texts or [], image or [], not_text or [], not_image or [], k, min_score,
-                                     str(under) if under else None,
-                                     extra={"tag": tag or None, "keyword": keyword, "blend": blend, **ww,
-                                            **({"relevance": True} if relevance else {})})
-            except OSError:
-                rows = None  # the server went away mid-request: answer in-process below
-    if rows is not None:
-        if texts:  # the server's Library printed its hint on the server's stderr: say it here, where it is read
-            from .library import Library
-
-            hint = Library(settings=settings).language_hint([*texts, *(not_text or [])])
-            if hint:
-                typer.echo(hint, err=True)
-        return rows
-    if keyword and not (texts or image) and blend is not None:
-        raise UsageError("--blend mixes keyword and CLIP scores; give query text or --image too")
+def _query_rows(settings, request, use_server: bool, daemon: bool) -> list[dict]:
+    """Hits as dicts: from a running server for this library and model when there is one, else in-process.
+    Both answer the same SearchRequest with the same engine."""
     from .library import Library
 
-    # Library.search answers a plain text query on the lean path (coldquery.py) when the library allows.
     with Library(settings=settings) as lib:
-        hits = lib.search(list(texts or []), image=list(image or []), not_text=list(not_text or []),
-                          not_image=list(not_image or []), k=k, min_score=min_score,
-                          under=str(under) if under else None, tag=tag or None, keyword=keyword, blend=blend,
-                          relevance=relevance, **ww)
-    return [h.as_dict() for h in hits]
+        if use_server and not request.keyword_only:
+            from . import client
+
+            info = client.find_server(settings) or (client.start_daemon(settings) if daemon else None)
+            if info is not None:
+                try:
+                    rows = client.search(info, request)
+                except OSError:
+                    rows = None  # the server went away mid-request: answer in-process below
+                if rows is not None:
+                    # The server's Library printed its hint on the server's stderr: say it here, where it is read.
+                    hint = lib.language_hint(request.texts)
+                    if hint:
+                        typer.echo(hint, err=True)
+                    return rows
+        return [h.as_dict() for h in lib.run(request)]
 
 
 # --- status / forget ---------------------------------------------------------------------------

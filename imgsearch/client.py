@@ -3,7 +3,6 @@ through a warm server starts in a fraction of a second (no torch, numpy or SQLAl
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -16,7 +15,6 @@ from pathlib import Path
 from .config import Settings
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .modelspec import ModelSpec
-from .queryspec import split_image_spec
 
 SERVER_FILE = "server.json"
 
@@ -87,27 +85,10 @@ def _request(info: dict, method: str, path: str, body: dict | None, timeout: flo
         raise ImgSearchError(f"search server: {message}") from None
 
 
-def search(info: dict, texts, images, not_texts, not_images, k: int, min_score, under, extra: dict | None = None,
-           timeout: float = 60.0) -> list[dict]:
-    """Run one query on the server; image files are sent as bytes with their weights (the server reads no
-    client paths), texts as typed ('2:red car' is weighted by the server exactly as in-process)."""
-
-    def encode(specs):
-        out = []
-        for raw in specs:
-            weight, path = split_image_spec(raw)
-            if not os.path.exists(path):
-                raise UsageError(f"query image not found: {path}")
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                raise UsageError(f"cannot use query image {path}: {e.strerror or e}") from None
-            out.append({"data": base64.b64encode(data).decode(), "weight": weight})
-        return out
-
-    body = {"texts": list(texts), "not": list(not_texts), "images": encode(images), "not_images": encode(not_images),
-            "k": k, "min_score": min_score, "under": os.path.abspath(under) if under else None, **(extra or {})}
-    return _request(info, "POST", "/api/search", body, timeout)["hits"]
+def search(info: dict, request, timeout: float = 60.0) -> list[dict]:
+    """Run one request.SearchRequest on the server; image files are sent as their bytes (the server reads no
+    client paths)."""
+    return _request(info, "POST", "/api/search", request.to_json(), timeout)["hits"]
 
 
 def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0) -> dict | None:

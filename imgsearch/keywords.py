@@ -1,6 +1,6 @@
 """Keyword search (SQLite FTS5 over file names, folders, captions and tags) and its combination with CLIP.
 
-Two ways to combine, both used by ``Searcher.search(..., keyword=..., blend=...)``:
+Two ways to combine, both chosen by a SearchRequest's ``keyword`` and ``blend`` (search.Searcher):
 - filter (default): only images matching the keywords, ranked by CLIP; the filter runs inside the
   vector search (``allowed_ids``), so it never returns fewer hits than exist.
 - blend: ``score = (1 - w) * clip + w * keyword`` where both are scaled to 0..1 over the candidates
@@ -16,14 +16,11 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from . import files
 from .errors import ParamError, UsageError
-from .queryspec import check_k
-from .results import Hit
 from .store import Store
 
 # A keyword-only match list longer than this is cut to the most relevant ones when blending; the
@@ -71,67 +68,15 @@ def match(store: Store, text: str, limit: int | None = None) -> dict[int, float]
     return {i: max(rel / top, 1e-6) for i, rel in found}
 
 
-def restrict(store: Store, allowed_ids: np.ndarray | None, tags: str | Sequence[str] | None = None,
-             keyword: str | None = None) -> np.ndarray | None:
-    """Intersect ``allowed_ids`` with images carrying all ``tags`` and matching ``keyword``."""
-    allowed = allowed_ids
-    if tags:
-        labels = [tags] if isinstance(tags, str) else [t for t in tags if t]
-        if labels:
-            with_tags = store.ids_with_tags([t.strip() for t in labels])
-            allowed = with_tags if allowed is None else np.intersect1d(allowed, with_tags)
-    if keyword:
-        matched = np.array(sorted(match(store, keyword)), dtype=np.int64)
-        allowed = matched if allowed is None else np.intersect1d(allowed, matched)
-    return allowed
+def keyword_search(store: Store, request) -> list:
+    """A keyword-only request (no CLIP): Hits scored by keyword relevance, best match 1.0, after the request's
+    other filters."""
+    from .search import allowed_ids, hits_for
 
-
-def check_blend(weight: float | None) -> None:
-    if weight is not None and not 0.0 <= weight <= 1.0:
-        raise ParamError("blend", "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
-
-
-def _folder_ids(store: Store, under: str | None) -> np.ndarray | None:
-    if not under:
-        return None
-    folder = files.abspath(under)
-    if not os.path.isdir(folder) and store.image_by_path(folder) is None:
-        raise ParamError("under", "no such folder")
-    return store.ids_under(folder)
-
-
-def _hits(store: Store, scored: Iterable[tuple[int, float]], k: int, min_score: float | None = None) -> list:
-    """Hits for (id, score) pairs in order, skipping files deleted since indexing."""
-
-    scored = list(scored)
-    hits: list = []
-    for start in range(0, len(scored), max(4 * k, 64)):
-        chunk = scored[start:start + max(4 * k, 64)]
-        rows = store.get_images(i for i, _ in chunk)
-        for i, score in chunk:
-            if min_score is not None and score < min_score:
-                return hits
-            row = rows.get(i)
-            if row is None or not os.path.exists(row.path):
-                continue
-            hits.append(Hit(len(hits) + 1, i, row.path, round(float(score), 6), row.width, row.height, row.size,
-                            row.taken_at, row.taken_source))
-            if len(hits) == k:
-                return hits
-    return hits
-
-
-def keyword_search(store: Store, text: str, k: int = 10, under: str | None = None,
-                   tags: str | Sequence[str] | None = None, allowed_ids: np.ndarray | None = None) -> list:
-    """Keyword-only ranking (no CLIP): Hits scored by relevance, best match 1.0."""
-    check_k(k)
-    allowed = restrict(store, allowed_ids, tags)
-    in_folder = _folder_ids(store, under)
-    if in_folder is not None:
-        allowed = in_folder if allowed is None else np.intersect1d(allowed, in_folder)
+    allowed = allowed_ids(store, request, keyword_filter=False)
     keep = None if allowed is None else set(allowed.tolist())
-    scored = sorted(match(store, text).items(), key=lambda p: (-p[1], p[0]))
-    return _hits(store, ((i, s) for i, s in scored if keep is None or i in keep), k)
+    scored = sorted(match(store, request.keyword).items(), key=lambda p: (-p[1], p[0]))
+    return hits_for(store, ((i, s) for i, s in scored if keep is None or i in keep), request.k)
 
 
 def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: float) -> list[tuple[int, float]]:
@@ -149,37 +94,30 @@ def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: floa
     return out
 
 
-def blended_search(searcher, vec: np.ndarray, text: str, weight: float, k: int = 10, min_score: float | None = None,
-                   under: str | None = None, allowed_ids: np.ndarray | None = None,
-                   exclude_ids: Iterable[int] = ()) -> list:
-    """CLIP and keyword scores blended; ``min_score`` still applies to the CLIP cosine."""
-    check_blend(weight)
+def blended_search(searcher, vec: np.ndarray, request, allowed: np.ndarray | None) -> list:
+    """CLIP and keyword scores blended (``request.blend``); ``min_score`` still applies to the CLIP cosine."""
+    from .search import hits_for
+
     store = searcher.store
-    allowed = allowed_ids
-    in_folder = _folder_ids(store, under)
-    if in_folder is not None:
-        allowed = in_folder if allowed is None else np.intersect1d(allowed, in_folder)
-    exclude = {int(i) for i in exclude_ids}
-    kw = match(store, text, limit=BLEND_KEYWORD_LIMIT)
+    exclude = set(request.exclude_ids)
+    kw = match(store, request.keyword, limit=BLEND_KEYWORD_LIMIT)
     if allowed is not None:
         keep = set(allowed.tolist())
         kw = {i: s for i, s in kw.items() if i in keep}
-    index = searcher.index()
-    model_id = searcher.model.id
     clip: dict[int, float] = {}
-    pool = max(100, 5 * k + len(exclude))
+    pool = max(100, 5 * request.k + len(exclude))
     # Scores are exact cosines whatever the index type: IVF-PQ candidates are re-ranked with the stored
     # vectors (as the plain search does), so --min-score and the blend never see a PQ estimate.
-    scores, ids = index.search(vec[None, :], pool, allowed=allowed,
-                               exact_vectors=lambda want: store.load_vectors(model_id, want))
+    scores, ids = searcher.index().search(vec[None, :], pool, allowed=allowed, exact_vectors=searcher.exact_vectors)
     clip.update((int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0)
     missing = np.array(sorted(set(kw) - set(clip)), dtype=np.int64)
     if len(missing):
         # Keyword matches outside the CLIP pool: score them straight from SQLite (an IVF probe could miss them).
-        got, vecs = store.load_vectors(model_id, missing)
+        got, vecs = searcher.exact_vectors(missing)
         clip.update((int(i), float(s)) for i, s in zip(got, vecs @ np.asarray(vec, dtype=np.float32)))
+    min_score = request.min_score
     clip = {i: s for i, s in clip.items() if i not in exclude and (min_score is None or s >= min_score)}
-    return _hits(store, blend_scores(clip, kw, weight), k)
+    return hits_for(store, blend_scores(clip, kw, request.blend), request.k)
 
 
 # --- captions (searchable text the user attaches to images) ----------------------------------------

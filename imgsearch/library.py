@@ -17,8 +17,8 @@ connection. Writes (``index``, ``forget``, ``classify``, captions, ``drop_tag_se
 write lock (lock.write_lock), so they are serialised across threads and processes alike. A watcher's
 batch (``watcher``) holds the write lock, then ``_encode_lock``, for that batch only.
 
-Nothing heavy is imported here: a text query on a small library is answered by coldquery (numpy and
-sqlite3 only) until something needs the full path.
+Nothing heavy is imported here: a text query on a flat-sized library loads numpy, SQLite and the exported
+text tower, and nothing more (search.py says how the engine stays lean).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import threading
 from typing import Iterable, Sequence
 
 from .config import Settings
-from .errors import ParamError, UsageError
+from .errors import UsageError
+from .request import SearchRequest
 from .results import Hit, IndexReport, LibraryStatus
 
 __all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "templates_from"]
@@ -46,18 +47,6 @@ def templates_from(templates=None, templates_file=None) -> list[str]:
     from .tagging import resolve_templates
 
     return resolve_templates(templates, templates_file)
-
-
-def _is_weighted(x) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], (int, float)) and not isinstance(x[0], bool)
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    if isinstance(x, list):
-        return x
-    return [x]
 
 
 class Library:
@@ -86,7 +75,7 @@ class Library:
         self.settings = settings
         self._store = None
         self._searcher = None
-        self._encoder = None  # for encodes that need no library (score, classify_files) before a searcher exists
+        self._encoder = None  # the image encoder (and torch text tower where no export can exist), loaded once
         self._open_lock = threading.RLock()
         self._encode_lock = threading.RLock()
         self._closed = False
@@ -124,22 +113,17 @@ class Library:
             return self._store
 
     def _warm(self):
-        """The warm searcher: the model row for these weights, the text side and the FAISS index cache."""
+        """The warm searcher: the model row for these weights, the text encoder and the vector index."""
         with self._open_lock:
             if self._searcher is None:
                 from .search import Searcher
 
-                with self._encode_lock:
-                    encoder = self._encoder
-                self._searcher = Searcher(self.settings, encoder=encoder, store=self.store,
-                                          encode_lock=self._encode_lock)
+                self._searcher = Searcher(self.settings, self.store, lambda: self.encoder, self._encode_lock)
             return self._searcher
 
     @property
     def encoder(self):
-        """The torch (or onnxruntime) model, loaded on first use."""
-        if self._searcher is not None:
-            return self._searcher.encoder
+        """The torch (or onnxruntime) model, loaded on first use and kept for every later use."""
         with self._encode_lock:
             if self._encoder is None:
                 from .encoder import ModelSpec, load
@@ -167,7 +151,7 @@ class Library:
     def load(self) -> "Library":
         """Load the model and the index now rather than on the first query (servers call this at start)."""
         s = self._warm()
-        s.encoder
+        s.text_encoder()
         s.index()
         return self
 
@@ -209,9 +193,8 @@ class Library:
             remote = RayStage(self.settings, ray)  # a missing Ray or a malformed address fails before any work
             if remote.address is not None:
                 remote.open()  # an unreachable cluster too
-        encoder = self._encoder if self._searcher is None else self._searcher.loaded_encoder
         try:
-            report = index_paths(self.settings, [str(p) for p in paths], encoder=encoder, progress=progress,
+            report = index_paths(self.settings, [str(p) for p in paths], encoder=self._encoder, progress=progress,
                                  build_progress=build_progress, wait=wait, remote=remote)
         finally:
             if remote is not None:
@@ -232,7 +215,7 @@ class Library:
         from .lang import english_only_hint, non_latin
         from .modelspec import ModelSpec, english_only
 
-        texts = [t[1] if _is_weighted(t) else t for t in texts]
+        texts = [t[1] if isinstance(t, tuple) else t for t in texts]
         if not non_latin(texts):
             return None
         spec = ModelSpec(self.settings.model, self.settings.pretrained)
@@ -347,105 +330,21 @@ class Library:
         ``relevance``: mark each hit ``relevant`` (True/False) against the model's calibrated relevance floor
         (relevance.py; the first call for a model measures it, seconds on a CPU); None for keyword ranking
         and for text and images mixed.
+        A wrong value raises a ParamError naming the parameter (request.SearchRequest checks them all).
         """
-        from . import geo
-        from .queryspec import check_k
+        return self.run(SearchRequest.build(
+            text, image=image, not_text=not_text, not_image=not_image, ids=ids, k=k, min_score=min_score,
+            under=under, tag=tag, keyword=keyword, blend=blend, exclude_ids=exclude_ids, after=after, before=before,
+            near=near, camera=camera, relevance=relevance))
 
-        check_k(k)
-        when_where = geo.build(after, before, near, camera)  # bad values fail here, whichever path answers
-        ww = {"after": after, "before": before, "near": near, "camera": camera} if when_where else {}
-        texts, not_texts = _as_list(text), _as_list(not_text)
-        imgs = image if isinstance(image, list) else ([] if image is None else [image])
-        not_imgs = not_image if isinstance(not_image, list) else ([] if not_image is None else [not_image])
-        ids, exclude_ids = [int(i) for i in ids], [int(i) for i in exclude_ids]
-        under = str(under) if under is not None else None
-        tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
-        if blend is not None and not keyword:
-            raise ParamError("blend", "weighs keyword relevance; give a keyword too")
-        if not (texts or imgs or ids):
-            if keyword:
-                if blend is not None:
-                    raise ParamError("blend", "mixes keyword and CLIP scores; give query text or an image too")
-                from .keywords import keyword_search
+    def run(self, request: SearchRequest) -> list[Hit]:
+        """Answer a ready-made SearchRequest (the server, the UI and the CLI build one from their input)."""
+        if request.keyword_only:
+            from .keywords import keyword_search
 
-                return keyword_search(self.store, keyword, k, under=under, tags=tags,
-                                      allowed_ids=self.store.ids_matching(when_where) if when_where else None)
-            raise UsageError("nothing to search for: give query text, an image, or both")
-        self._hint(texts + not_texts)
-        if not (imgs or not_imgs or ids or keyword is not None or exclude_ids):
-            hits = self._quick(texts, not_texts, k, min_score, under, tags, when_where, relevance)
-            if hits is not None:
-                return hits
-        from .query import Query
-
-        query = Query.build([self._text(t) for t in texts], [self._image(x) for x in imgs],
-                            [self._text(t) for t in not_texts], [self._image(x) for x in not_imgs], ids)
-        return self._warm().search(query, k, min_score=min_score, under=under, tag=tags, keyword=keyword,
-                                   blend=blend, exclude_ids=exclude_ids, relevance=relevance, **ww)
-
-    def quick_search(self, text, *, not_text=None, k: int = 10, min_score: float | None = None, under=None,
-                     tag=None, after=None, before=None, near=None, camera=None,
-                     relevance: bool = False) -> list[Hit] | None:
-        """The lean path alone: plain text terms on a flat-sized library, answered with numpy and sqlite3
-        while nothing heavy is loaded (coldquery.py). None when it can't answer; then ``search`` can."""
-        texts, not_texts = _as_list(text), _as_list(not_text)
-        from .geo import build
-
-        hits = self._quick(texts, not_texts, k, min_score, under, tag, build(after, before, near, camera), relevance)
-        if hits is not None:  # else the caller goes on to ``search``, which gives the hint: once per query
-            self._hint(texts + not_texts)
-        return hits
-
-    def _quick(self, texts: list, not_texts: list, k: int, min_score, under, tag, where=None,
-               relevance: bool = False) -> list[Hit] | None:
-        if (self._searcher is not None or self._encoder is not None or not texts
-                or not all(isinstance(t, str) for t in texts + not_texts)):
-            return None
-        from .coldquery import search_texts
-
-        tags = [tag] if isinstance(tag, str) else (list(tag) if tag else None)
-        rows = search_texts(self.settings, texts, not_texts, k, min_score,
-                            str(under) if under is not None else None, tags, where, relevance)
-        return None if rows is None else [Hit(**r) for r in rows]
-
-    def search_query(self, query, k: int = 10, **filters) -> list[Hit]:
-        """A ready-made search.Query (the server builds one from JSON with its own field names)."""
-        return self._warm().search(query, k, **filters)
-
-    @staticmethod
-    def _text(t):
-        from .query import Term, text_term
-
-        if isinstance(t, Term):
-            return t
-        if _is_weighted(t):
-            text = str(t[1]).strip()
-            if not text:
-                raise UsageError("empty query text; give some words")
-            return Term("text", text, float(t[0]))
-        if not isinstance(t, str):
-            raise UsageError(f"query text must be a string or a (weight, text) pair, not {type(t).__name__}")
-        return text_term(t)
-
-    @staticmethod
-    def _image(x):
-        from .query import Term, image_data_term, image_term
-
-        if isinstance(x, Term):
-            return x
-        weight = 1.0
-        if _is_weighted(x):
-            weight, x = float(x[0]), x[1]
-        if isinstance(x, (str, os.PathLike)):
-            return image_term(str(x)) if weight == 1.0 else image_term(f"{weight}:{x}")
-        if hasattr(x, "read") and not hasattr(x, "convert"):  # a file object, e.g. an upload kept in memory
-            name = getattr(x, "name", None)
-            data = x.read()
-            if name:
-                return image_data_term(data, weight, os.path.basename(str(name)), "the uploaded file")
-            return image_data_term(data, weight, "(file object)")
-        name = getattr(x, "filename", None)  # a PIL image opened from a file knows its name
-        return image_data_term(x, weight, str(name) if name else "(in memory)")
+            return keyword_search(self.store, request)
+        self._hint(request.texts)
+        return self._warm().search(request)
 
     # --- zero-shot tags, scores ------------------------------------------------------------------
     def classify(self, labels, templates=None, top: int = 1, min_prob: float = 0.0, under=None,
@@ -462,9 +361,7 @@ class Library:
                                             keep_results=keep_results)
 
     def _text_side(self):
-        s = self._warm()
-        with self._encode_lock:
-            return s.text_side()
+        return self._warm().text_encoder()
 
     def classify_files(self, paths, labels, templates=None, top: int = 1, min_prob: float = 0.0):
         """Labels for image files (folders are walked) without touching the library."""

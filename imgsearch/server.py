@@ -31,12 +31,9 @@ model's calibrated relevance floor (relevance.py); it is null otherwise, and whe
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import ipaddress
 import json
-import math
 import os
 import re
 import secrets
@@ -54,16 +51,11 @@ from .config import Settings
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 
 MAX_BODY = 25 << 20  # bytes per request
-MAX_IMAGES = 16
 SERVER_FILE = "server.json"
 LISTEN_BACKLOG = 128  # bursts of clients queue instead of getting connection resets
 MAX_CONNECTIONS = 128  # open connections; past it the longest-idle one is dropped to make room
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit silent (half-sent request, idle keep-alive)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
-_SEARCH_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", "under", "tag", "keyword",
-                  "blend", "after", "before", "near", "camera", "relevance")
-_WHEN_WHERE = ("after", "before", "near", "camera")
-_GET_PARAMS = {"q", "not", "id", "k", "under", "min_score", "tag", "keyword", "blend", "relevance", *_WHEN_WHERE}
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?")
 
 
@@ -80,27 +72,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
-
-
-class FieldError(UsageError):
-    """One request field has the wrong type; the JSON error names it."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-def _weight(item: dict, name: str) -> float:
-    w = item.get("weight", 1.0)
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-        raise FieldError(name, f"'{name}.weight' must be a finite number")
-    return float(w)
-
-
-def _only_keys(item: dict, name: str, keys: set[str]) -> None:
-    extra = sorted(set(item) - keys)
-    if extra:
-        raise FieldError(name, f"'{name}' has unknown key {extra[0]!r}; use {', '.join(sorted(keys))}")
 
 
 class SearchService:
@@ -120,104 +91,8 @@ class SearchService:
         return {"ok": True, "pid": os.getpid(), "home": str(self.settings.home), "model": m.name,
                 "pretrained": m.pretrained, "fingerprint": m.fingerprint, "vectors": self.library.vector_count()}
 
-    def parse(self, body: dict):
-        """(Query, k, search keyword arguments) from a JSON request; wrong types are a FieldError."""
-        from .query import Query, Term, image_data_term, text_term
-        from .queryspec import check_k
-
-        unknown = sorted(set(body) - set(_SEARCH_FIELDS))
-        if unknown:
-            raise FieldError(unknown[0], f"unknown field {unknown[0]!r}; the fields are {', '.join(_SEARCH_FIELDS)}")
-
-        def items(key: str) -> list:
-            value = body.get(key)
-            if value is None:
-                return []
-            return value if isinstance(value, list) else [value]
-
-        def texts(key: str) -> list:
-            out = []
-            for n, item in enumerate(items(key)):
-                name = f"{key}[{n}]"
-                if isinstance(item, str):
-                    out.append(text_term(item))  # '2:red car' is weighted as on the command line
-                elif isinstance(item, dict):
-                    _only_keys(item, name, {"text", "weight"})
-                    text = item.get("text")
-                    if not isinstance(text, str) or not text.strip():
-                        raise FieldError(name, f"'{name}.text' must be some words")
-                    out.append(Term("text", text.strip(), _weight(item, name)))
-                else:
-                    raise FieldError(key, f"'{key}' must be a string or a list of strings")
-            return out
-
-        def pictures(key: str) -> list:
-            out = []
-            for n, item in enumerate(items(key)):
-                name = f"{key}[{n}]"
-                weight = 1.0
-                if isinstance(item, dict):
-                    _only_keys(item, name, {"data", "weight"})
-                    weight = _weight(item, name)
-                    item = item.get("data")
-                if not isinstance(item, str):
-                    raise FieldError(key, f"'{key}' must be a list of base64 strings or "
-                                          '{"data": base64, "weight": number} objects')
-                try:
-                    data = base64.b64decode(item, validate=True)
-                except (binascii.Error, ValueError):
-                    raise FieldError(name, f"'{name}': images must be base64-encoded file contents") from None
-                out.append(image_data_term(data, weight, name))
-            return out
-
-        positives, negatives = texts("texts"), texts("not")
-        images, not_images = pictures("images"), pictures("not_images")
-        if len(images) + len(not_images) > MAX_IMAGES:
-            raise FieldError("images", f"at most {MAX_IMAGES} images per request")
-        ids = body.get("ids") or []
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise FieldError("ids", "'ids' must be a list of image ids")
-        k = body.get("k", 10)
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise FieldError("k", "'k' must be a whole number")
-        check_k(k)
-        min_score = body.get("min_score")
-        if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))
-                                      or not math.isfinite(min_score)):
-            raise FieldError("min_score", "'min_score' must be a number")
-        under = body.get("under")
-        if under is not None and not isinstance(under, str):
-            raise FieldError("under", "'under' must be a folder path")
-        tag = body.get("tag")
-        if tag is not None and not (isinstance(tag, str) or (isinstance(tag, list)
-                                                             and all(isinstance(t, str) for t in tag))):
-            raise FieldError("tag", "'tag' must be a string or a list of strings")
-        keyword = body.get("keyword")
-        if keyword is not None and not isinstance(keyword, str):
-            raise FieldError("keyword", "'keyword' must be a string")
-        blend = body.get("blend")
-        if blend is not None and (isinstance(blend, bool) or not isinstance(blend, (int, float))
-                                  or not math.isfinite(blend)):
-            raise FieldError("blend", "'blend' must be a number from 0 to 1")
-        ww = {name: body.get(name) for name in _WHEN_WHERE if body.get(name) is not None}
-        for name in ("after", "before", "camera"):
-            if name in ww and not isinstance(ww[name], str):
-                raise FieldError(name, f"{name}: must be a string, e.g. " + ('"pixel"' if name == "camera" else
-                                                                             '"2023-06" or "2023-06-01T14:30Z"'))
-        near = ww.get("near")  # values are checked by the search itself: a ParamError naming the field (400)
-        if near is not None and not (isinstance(near, str) or (
-                isinstance(near, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in near))):
-            raise FieldError("near", 'near: must be "LAT,LON[,KM]" or [lat, lon, km]')
-        relevance = body.get("relevance", False)
-        if not isinstance(relevance, bool):
-            raise FieldError("relevance", "'relevance' must be true or false")
-        query = Query.build(positives, images, negatives, not_images, ids)
-        return query, k, {"min_score": min_score, "under": under, "tag": tag or None, "keyword": keyword,
-                          "blend": blend, "relevance": relevance, **ww}
-
-    def search(self, body: dict) -> list[dict]:
-        query, k, kwargs = self.parse(body)
-        return [h.as_dict() for h in self.library.search_query(query, k, **kwargs)]
+    def search(self, request) -> list[dict]:
+        return [h.as_dict() for h in self.library.run(request)]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -375,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(e.code, e.message)
         except ModelMismatchError as e:
             self._error(409, str(e))
-        except (FieldError, ParamError) as e:
+        except ParamError as e:
             self._error(400, str(e), e.param)
         except UsageError as e:
             self._error(400, str(e))
@@ -392,56 +267,39 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, self.service.library.status().as_dict())
 
     def _get_search(self, url) -> None:
-        qs = parse_qs(url.query, keep_blank_values=True)
-        unknown = sorted(set(qs) - _GET_PARAMS)
-        if unknown:
-            raise FieldError(unknown[0], f"unknown parameter {unknown[0]!r}; use {', '.join(sorted(_GET_PARAMS))}")
+        from .request import SearchRequest
 
-        def one(name):
-            return qs[name][-1] if name in qs else None
-
-        body = {"texts": qs.get("q", []), "not": qs.get("not", []),
-                "ids": [_int(v, "id") for v in qs.get("id", [])], "k": _int(one("k") or "10", "k"),
-                "under": one("under"), "tag": qs.get("tag") or None, "keyword": one("keyword"),
-                **{name: one(name) for name in _WHEN_WHERE if name in qs}}
-        if "min_score" in qs:
-            body["min_score"] = _float(one("min_score"), "min_score")
-        if "blend" in qs:
-            body["blend"] = _float(one("blend"), "blend")
-        if "relevance" in qs:
-            body["relevance"] = _bool(one("relevance"), "relevance")
-        self._send(200, {"hits": self.service.search(body)})
+        request = SearchRequest.from_params(parse_qs(url.query, keep_blank_values=True))
+        self._send(200, {"hits": self.service.search(request)})
 
     def _post_search(self, url) -> None:
+        from .request import SearchRequest
+
         if self._content_type() != "application/json":
             raise _Reply(415, "send the search as JSON with 'Content-Type: application/json'")
         raw = self._body()
         try:
             body = json.loads(raw or b"{}")
+        except RecursionError:
+            raise UsageError("request body is nested too deeply; send a flat JSON object of search fields") from None
         except ValueError:
             raise UsageError("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise UsageError("request body must be a JSON object")
-        self._send(200, {"hits": self.service.search(body)})
+        self._send(200, {"hits": self.service.search(SearchRequest.from_json(body))})
 
     def _post_image(self, url) -> None:
-        from .query import Query, image_data_term
-        from .queryspec import check_k
+        from .request import SearchRequest, Term
 
         kind = self._content_type()
         if kind in ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain"):
             # What a web form may send cross-site without asking first; an image upload is never one.
             raise _Reply(415, "send the image with 'Content-Type: image/jpeg' (or its type, or "
                               "application/octet-stream)")
-        qs = parse_qs(url.query)
-        k = check_k(_int(qs.get("k", ["10"])[-1], "k"))
         raw = self._body()
         if not raw:
             raise UsageError("send the image file as the request body")
-        query = Query.build(images_=[image_data_term(raw, 1.0, "in the request body")])
-        relevance = _bool(qs["relevance"][-1], "relevance") if "relevance" in qs else False
-        hits = self.service.library.search_query(query, k, relevance=relevance)
-        self._send(200, {"hits": [h.as_dict() for h in hits]})
+        request = SearchRequest.from_params(parse_qs(url.query, keep_blank_values=True),
+                                            image=Term("image", raw, 1.0, "in the request body"))
+        self._send(200, {"hits": self.service.search(request)})
 
 
 class _Reply(Exception):
@@ -450,32 +308,6 @@ class _Reply(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def _int(value: str, name: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise FieldError(name, f"'{name}' must be a whole number") from None
-
-
-def _bool(value: str, name: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "true", "yes"):
-        return True
-    if v in ("0", "false", "no", ""):
-        return False
-    raise FieldError(name, f"{name}={value[:20]!r} must be 1/true or 0/false")
-
-
-def _float(value: str, name: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise FieldError(name, f"'{name}' must be a number")
-    return number
 
 
 class _HTTPServer(ThreadingHTTPServer):

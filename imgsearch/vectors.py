@@ -1,8 +1,8 @@
-"""FAISS wrapper: choose, build, update, search, save and load an index. Knows ids and vectors, nothing else.
+"""The vector index: choose, build, update, search, save and load. Knows ids and vectors, nothing else.
 
-Vectors are L2-normalised, so inner product is cosine similarity. The index type follows the collection:
-exact (flat) while it is small, IVF with a sampled-trained coarse quantizer above that, IVF-PQ when the raw
-vectors do not fit the memory budget; the IVF probe count is tuned to a recall target measured against exact
+Vectors are L2-normalised, so inner product is cosine similarity. The backend follows the collection: exact
+search in numpy (``FlatIndex``) while it is small, so a cold query never imports FAISS; FAISS IVF with a
+sampled-trained coarse quantizer above that, IVF-PQ when the raw vectors do not fit the memory budget; the IVF probe count is tuned to a recall target measured against exact
 search. The saved file carries a header with the caller's metadata and a checksum, so a stale or damaged
 file is detected, never trusted.
 """
@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 MAGIC = b"IMGSFAIS"
-FORMAT = 2
+FORMAT = 3  # 3: flat indexes are numpy arrays (ids, then vectors), not a FAISS blob
 BuildProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -66,6 +66,69 @@ def plan_for(n: int, dim: int, policy: IndexPolicy = IndexPolicy()) -> Plan:
     return Plan("ivfpq", nlist, m)
 
 
+class FlatIndex:
+    """Exact inner-product search over (id, vector) rows in numpy: the backend of every flat-sized library.
+
+    Same calls as the FAISS indexes it stands in for (``ntotal``, ``add_with_ids``, ``remove_ids``,
+    ``search``), so VectorIndex treats both alike. Ties are broken by id, so every process ranks alike.
+    """
+
+    BLOCK = 1 << 24  # scores per query block (64 MB of float32): bounds memory for many queries at once
+
+    def __init__(self, dim: int, ids: np.ndarray | None = None, vectors: np.ndarray | None = None):
+        self.d = dim
+        self.ids = np.zeros(0, dtype=np.int64) if ids is None else ids
+        self.vectors = np.zeros((0, dim), dtype=np.float32) if vectors is None else vectors
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.ids)
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.ids = np.concatenate([self.ids, ids])
+        self.vectors = np.concatenate([self.vectors, vectors])
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        keep = ~np.isin(self.ids, ids)
+        removed = int(len(keep) - keep.sum())
+        if removed:
+            self.ids, self.vectors = self.ids[keep], self.vectors[keep]
+        return removed
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
+        ids, vectors = self.ids, self.vectors
+        if allowed is not None:
+            keep = np.isin(ids, allowed)
+            ids, vectors = ids[keep], vectors[keep]
+        n = len(ids)
+        k = min(k, n)
+        out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(queries), k), -1, dtype=np.int64)
+        if k == 0:
+            return out_s, out_i
+        step = max(1, self.BLOCK // max(n, 1))
+        for start in range(0, len(queries), step):
+            scores = queries[start:start + step] @ vectors.T
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(scores), 1))
+            for row, cand in enumerate(top):
+                order = np.lexsort((ids[cand], -scores[row, cand]))  # best score first, then the lower id
+                out_s[start + row] = scores[row, cand[order]]
+                out_i[start + row] = ids[cand[order]]
+        return out_s, out_i
+
+    def payload(self) -> bytes:
+        return np.ascontiguousarray(self.ids, dtype="<i8").tobytes() + \
+            np.ascontiguousarray(self.vectors, dtype="<f4").tobytes()
+
+    @classmethod
+    def from_payload(cls, payload, dim: int, count: int) -> "FlatIndex":
+        if len(payload) != count * (8 + 4 * dim):
+            raise ValueError("flat index payload has the wrong size")
+        ids = np.frombuffer(payload, dtype="<i8", count=count)
+        vectors = np.frombuffer(payload, dtype="<f4", offset=8 * count).reshape(count, dim)
+        return cls(dim, ids, vectors)
+
+
 class VectorIndex:
     """Nearest-neighbour index over (id, vector) pairs, inner product on normalised vectors."""
 
@@ -77,14 +140,11 @@ class VectorIndex:
         self.nprobe = nprobe
         self.recall = recall
         self.built_count = built_count
-        self._gpu = None  # GPU copy of a flat index, made on first use when faiss-gpu sees a GPU
 
     # --- building ----------------------------------------------------------------------------
     @classmethod
     def empty(cls, dim: int) -> "VectorIndex":
-        import faiss
-
-        return cls(dim, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), Plan("flat"), recall=1.0)
+        return cls(dim, FlatIndex(dim), Plan("flat"), recall=1.0)
 
     @classmethod
     def build(cls, ids: np.ndarray, vectors: np.ndarray, dim: int, policy: IndexPolicy = IndexPolicy(),
@@ -103,16 +163,19 @@ class VectorIndex:
         and one chunk, so IVF-PQ builds of collections far larger than memory work. ``progress(stage, done,
         total)`` hears about IVF builds, which take minutes at millions of vectors.
         """
-        import faiss
-
         n = len(source)
         plan = plan_for(n, dim, policy)
         if plan.kind == "flat":
-            vi = cls.empty(dim)
-            for ids, vectors in source.chunks():
-                vi.add(ids, vectors)
-            vi.built_count = n
-            return vi
+            ids = np.empty(n, dtype=np.int64)
+            vectors = np.empty((n, dim), dtype=np.float32)  # filled in place: no list of chunks plus a copy
+            done = 0
+            for part_ids, part in source.chunks():
+                ids[done:done + len(part_ids)] = part_ids
+                vectors[done:done + len(part_ids)] = part
+                done += len(part_ids)
+            return cls(dim, FlatIndex(dim, ids[:done], vectors[:done]), plan, recall=1.0, built_count=done)
+        import faiss
+
         quantizer = faiss.IndexFlatIP(dim)
         if plan.kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
@@ -178,15 +241,16 @@ class VectorIndex:
         if vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have dimension {vectors.shape[1]}, index has {self.dim}")
         self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-        self._gpu = None
 
     def remove(self, ids: np.ndarray) -> int:
-        import faiss
-
         if len(ids) == 0:
             return 0
-        self._gpu = None
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if isinstance(self.index, FlatIndex):
+            return self.index.remove_ids(ids)
+        import faiss
+
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
 
     def outgrown(self, policy: IndexPolicy) -> bool:
         """True when the collection changed enough that another index type or list count suits it better."""
@@ -213,40 +277,39 @@ class VectorIndex:
 
     def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
                 nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         empty = (np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64))
         n = len(self)
         if n == 0 or k <= 0:
             return empty
-        sel = None
         if allowed is not None:
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
             if len(allowed) == 0:
                 return empty
             k = min(k, len(allowed))
-            sel = faiss.IDSelectorBatch(allowed)
         k = min(k, n)
-        if sel is None and self.plan.kind == "flat" and n >= 20_000 and gpu_count() > 0:
-            if self._gpu is None:  # exact search on the GPU (faiss-gpu); filtered searches stay on the CPU
-                self._gpu = faiss.index_cpu_to_all_gpus(self.index)
-            return self._gpu.search(queries, k)
-        if self.plan.kind == "flat":
-            params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        else:
-            probe = nprobe or self.nprobe or 1
-            if sel is not None:
-                probe = self.plan.nlist  # a filter can leave most lists empty: look everywhere
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=min(probe, self.plan.nlist)) if sel is not None \
-                else faiss.SearchParametersIVF(nprobe=min(probe, self.plan.nlist))
+        if isinstance(self.index, FlatIndex):
+            return self.index.search(queries, k, allowed)
+        import faiss
+
+        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        probe = nprobe or self.nprobe or 1
+        if sel is not None:
+            probe = self.plan.nlist  # a filter can leave most lists empty: look everywhere
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=min(probe, self.plan.nlist)) if sel is not None \
+            else faiss.SearchParametersIVF(nprobe=min(probe, self.plan.nlist))
         return self.index.search(queries, k, params=params)
 
     @property
     def nbytes(self) -> int:
+        return len(self._payload())
+
+    def _payload(self):
+        if isinstance(self.index, FlatIndex):
+            return self.index.payload()
         import faiss
 
-        return int(faiss.serialize_index(self.index).nbytes)
+        return faiss.serialize_index(self.index)
 
     # --- persistence -------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -255,11 +318,9 @@ class VectorIndex:
 
     def save(self, path: str | os.PathLike, meta: dict) -> None:
         """Write atomically: temp file + fsync + rename. ``meta`` says what state it was built from."""
-        import faiss
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = faiss.serialize_index(self.index)
+        payload = memoryview(self._payload())
         # The payload size lets `status` spot a truncated file without reading gigabytes of vectors.
         header = json.dumps({**meta, **self.meta(), "payload_bytes": int(payload.nbytes)}).encode()
         h = hashlib.blake2b(header, digest_size=16)
@@ -296,8 +357,6 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple["VectorIndex", dict]:
-        import faiss
-
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
@@ -317,8 +376,13 @@ class VectorIndex:
             raise IndexFileError("index file checksum does not match (damaged or truncated)")
         try:
             meta = json.loads(header)
-            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
             plan = Plan(**meta["plan"])
+            if plan.kind == "flat":
+                index = FlatIndex.from_payload(payload, int(meta["dim"]), int(meta["count"]))
+            else:
+                import faiss
+
+                index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise IndexFileError(f"cannot read the index: {e}") from None
         if index.d != meta["dim"] or index.ntotal != meta["count"]:

@@ -1,4 +1,6 @@
-"""A cold text query answers without torch/open_clip/SQLAlchemy/FAISS, from a verified text export."""
+"""One engine: every door (a fresh CLI process, the Python API with torch loaded, a running server) answers a
+text query with the same text encoder (the verified export) and the same vector backend, so ids and scores agree;
+a cold process imports no torch, open_clip or FAISS to do it."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,57 +16,60 @@ import pytest
 
 from imgsearch import textfast
 
-HEAVY = ("torch", "open_clip", "torchvision", "sqlalchemy", "faiss")
+HEAVY = ("torch", "open_clip", "torchvision", "faiss")
 
-# Run the CLI in a fresh interpreter and report which heavy modules it imported (stdout: the CLI's JSON).
-# QUICK=1 runs it as the console script does (app() reading sys.argv: the pre-Typer path), else through
-# Typer's command (the query command's own cold path).
+# Run the console script's entry in a fresh interpreter and report which heavy modules it imported.
 _WRAPPER = """
-import json, os, sys
+import json, sys
 try:
-    if os.environ.get("QUICK"):  # as the console script and `python -m imgsearch` run it
-        from imgsearch.quickcli import main
-        sys.argv = ["imgsearch"] + sys.argv[1:]
-        main()
-    else:
-        from imgsearch.cli import app
-        app(sys.argv[1:], standalone_mode=False)
+    from imgsearch.quickcli import main
+    sys.argv = ["imgsearch"] + sys.argv[1:]
+    main()
+except SystemExit as e:
+    if e.code:
+        raise
 finally:
     heavy = sorted(m for m in sys.modules if m.split('.')[0] in %r)
     sys.stderr.write('\\nHEAVY=' + json.dumps(heavy) + '\\n')
-""" % (HEAVY + ("pydantic",),)
+""" % (HEAVY,)
 
 
-def cold_query(home: Path, model_id: str, *args: str, quick: bool = False) -> tuple[list[dict], list[str], str]:
+def cold_run(home: Path, model_id: str, *args: str) -> tuple[str, list[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    if quick:
-        env["QUICK"] = "1"
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, "--home", str(home), "--model", model_id, "--device",
-                           "cpu", "--precision", "fp32", "query", "--no-server", "--json", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+                           "cpu", "--precision", "fp32", *args], capture_output=True, text=True, env=env, timeout=300)
     err, _, heavy = proc.stderr.rpartition("HEAVY=")
     assert proc.returncode == 0, proc.stderr
-    heavy = json.loads(heavy)
-    return json.loads(proc.stdout), heavy if quick else [m for m in heavy if not m.startswith("pydantic")], err
+    return proc.stdout, json.loads(heavy), err
 
 
-def torch_ranking(settings, text: str, k: int = 10) -> list[tuple[int, float]]:
-    from imgsearch import encoder as E
-    from imgsearch.search import Query, Searcher
-
-    enc = E.load(E.ModelSpec(settings.model, settings.pretrained), "cpu", "fp32")
-    s = Searcher(settings, encoder=enc)
-    try:
-        return [(h.id, h.score) for h in s.search(Query.build([text]), k)]
-    finally:
-        s.store.close()
+def cold_query(home: Path, model_id: str, *args: str) -> tuple[list[dict], list[str], str]:
+    out, heavy, err = cold_run(home, model_id, "query", "--no-server", "--json", *args)
+    return json.loads(out), heavy, err
 
 
 def export_of(settings) -> Path:
     from imgsearch.encoder import ModelSpec, known_fingerprint
 
     return textfast.export_dir(settings.home, known_fingerprint(ModelSpec(settings.model).canonical()))
+
+
+def torch_ranking(settings, text: str, k: int = 10) -> list[tuple[int, float]]:
+    """The ranking torch itself gives: the torch text tower against the stored vectors, exactly."""
+    from imgsearch import Library
+    from imgsearch import encoder as E
+
+    enc = E.load(E.ModelSpec(settings.model, settings.pretrained), "cpu", "fp32")
+    with Library(settings=settings) as lib:
+        ids, vecs = lib.store.load_vectors(lib.model.id)
+    scores = vecs @ enc.encode_texts([text])[0]
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(int(ids[i]), float(scores[i])) for i in order]
+
+
+def ranking(hits) -> list[tuple[int, float]]:
+    return [(h["id"], h["score"]) if isinstance(h, dict) else (h.id, h.score) for h in hits]
 
 
 HARD = textfast.PARITY_PROMPTS + ["a red circle", "A BLUE square.", "  green\u00a0triangle  ", "naïve 🍕", "\x7f",
@@ -87,63 +93,90 @@ def test_export_matches_open_clip_tokens_and_torch_vectors(tiny_model, tmp_path)
     assert tower.logit_scale == pytest.approx(enc.logit_scale, rel=1e-6)
 
 
-def test_cold_query_imports_no_torch_and_ranks_like_torch(cli, photos, settings, home, model_id):
+def test_every_door_gives_the_same_ids_and_scores(cli, photos, settings, home, model_id):
+    """A fresh CLI process, the Python API after an image query loaded torch, and a running server. The last two
+    load the model at the machine's own precision (bf16 on CPUs with AVX512-BF16 or AMX), the first none."""
+    from imgsearch import Library, client
+    from imgsearch.config import Settings
+    from imgsearch.request import SearchRequest
+    from imgsearch.server import SearchServer
+
     assert cli("index", photos, "-q").exit_code == 0
     assert json.loads((export_of(settings) / textfast.MANIFEST).read_text())["verified"]
-    hits, heavy, err = cold_query(home, model_id, "a red circle", "-k", "8")
-    assert heavy == []
-    assert "torch" not in err
-    want = torch_ranking(settings, "a red circle", 8)
-    assert [h["id"] for h in hits] == [i for i, _ in want]
-    assert [h["score"] for h in hits] == pytest.approx([s for _, s in want], abs=1e-4)
-    assert "circle" in Path(hits[0]["path"]).name
-    # As the console script runs it: answered before Typer, so not even pydantic is imported.
-    quick, heavy_q, _ = cold_query(home, model_id, "a red circle", "-k", "8", quick=True)
-    assert heavy_q == [] and quick == hits
+    probe, heavy, err = cold_query(home, model_id, "a red circle", "-k", "12")
+    assert heavy == [] and "torch" not in err  # the cold door: numpy, SQLite and the export only
+    floor = str(round((probe[8]["score"] + probe[9]["score"]) / 2, 6))
+    args = ("a red circle", "--not", "0.5:a green square", "--under", str(photos), "--min-score", floor, "-k", "8")
+    cold, heavy, _ = cold_query(home, model_id, *args)
+    assert heavy == [] and len(cold) == 8 and "red_circle" in Path(cold[0]["path"]).name
 
-    # Filters and deleted files behave as on the full path, still without torch.
-    victim = Path(hits[0]["path"])
-    victim.unlink()
-    hits2, heavy2, _ = cold_query(home, model_id, "a red circle", "-k", "8", "--under", str(photos),
-                                  "--min-score", str((hits[4]["score"] + hits[5]["score"]) / 2))
-    assert heavy2 == []
-    assert str(victim) not in [h["path"] for h in hits2]
-    assert [h["id"] for h in hits2] == [h["id"] for h in hits[1:5]]
+    with Library(home, model_id, device="cpu") as lib:
+        lib.search(image=cold[0]["path"], k=1)  # an image term loads the torch model
+        assert lib._encoder is not None
+        warm = lib.search("a red circle", not_text=(0.5, "a green square"), under=photos, min_score=float(floor), k=8)
+    assert [i for i, _ in ranking(warm)] == [i for i, _ in ranking(cold)]
+    assert np.allclose([s for _, s in ranking(warm)], [s for _, s in ranking(cold)], atol=1e-6, rtol=0)
+
+    srv = SearchServer(Settings.from_env(model=model_id, device="cpu"), "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        host, port = srv.address
+        served = client.search({"host": host, "port": port, "token": srv.token}, SearchRequest.build(
+            "a red circle", not_text="0.5:a green square", under=photos, min_score=float(floor), k=8))
+    finally:
+        srv.shutdown()
+        t.join(10)
+    assert ranking(served) == ranking(cold)
 
 
-def test_missing_or_truncated_export_falls_back_to_torch_once_then_rebuilds(cli, photos, settings, home, model_id):
+def test_missing_or_truncated_export_is_made_again_and_every_query_uses_it(cli, photos, settings, home, model_id):
     assert cli("index", photos, "-q").exit_code == 0
+    want, _, _ = cold_query(home, model_id, "a blue square", "--not", "a red circle")
     folder = export_of(settings)
     weights = folder / textfast.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    # This process loads torch once to make the export again, then answers with the export, as every door does.
     hits, heavy, err = cold_query(home, model_id, "a blue square", "--not", "a red circle")
-    assert "torch" in heavy
-    assert err.count("using torch (slower start)") == 1 and "truncated" in err
-    assert [h["id"] for h in hits][:3] == [i for i, _ in torch_ranking_not(settings)][:3]
-    # The fallback query repaired the export: the next process is cold again.
+    assert "torch" in heavy and "using torch" not in err
+    assert ranking(hits) == ranking(want)
     assert weights.stat().st_size == 4 * json.loads((folder / textfast.MANIFEST).read_text())["floats"]
-    hits2, heavy2, err2 = cold_query(home, model_id, "a blue square", "--not", "a red circle")
-    assert heavy2 == [] and "torch" not in err2
-    assert [h["id"] for h in hits2] == [h["id"] for h in hits]
+    hits2, heavy2, _ = cold_query(home, model_id, "a blue square", "--not", "a red circle")
+    assert heavy2 == [] and ranking(hits2) == ranking(want)
 
     import shutil
 
-    shutil.rmtree(folder.parent.parent)  # no export at all
-    hits3, heavy3, err3 = cold_query(home, model_id, "a blue square", "--not", "a red circle")
-    assert "torch" in heavy3 and err3.count("export missing") == 1
-    assert [h["id"] for h in hits3] == [h["id"] for h in hits]
+    shutil.rmtree(folder.parent.parent)  # no export at all: two queries in one process agree exactly
+    from imgsearch import Library
+
+    with Library(home, model_id, device="cpu", precision="fp32") as lib:
+        first = lib.search("a blue square", not_text="a red circle")
+        second = lib.search("a blue square", not_text="a red circle")
+    assert ranking(first) == ranking(second) == ranking(want)
 
 
-def torch_ranking_not(settings):
-    from imgsearch import encoder as E
-    from imgsearch.search import Query, Searcher
+def test_a_model_whose_text_tower_cannot_be_exported_uses_torch_with_one_note(cli, photos, settings, home, model_id,
+                                                                            monkeypatch, capsys):
+    from imgsearch import Library
 
-    enc = E.load(E.ModelSpec(settings.model, settings.pretrained), "cpu", "fp32")
-    s = Searcher(settings, encoder=enc)
-    try:
-        return [(h.id, h.score) for h in s.search(Query.build(["a blue square"], not_texts=["a red circle"]), 10)]
-    finally:
-        s.store.close()
+    assert cli("index", photos, "-q").exit_code == 0
+    import shutil
+
+    shutil.rmtree(export_of(settings).parent)
+
+    def unsupported(*a, **k):
+        raise textfast.ExportError("text tower is not open_clip's CLIP text transformer")
+
+    monkeypatch.setattr(textfast, "_describe", unsupported)
+    monkeypatch.setattr(textfast, "_warned", set())
+    with Library(home, model_id, device="cpu", precision="fp32") as lib:
+        capsys.readouterr()
+        hits = lib.search("a red circle", k=3)
+        again = lib.search("a red circle", k=3)
+        assert lib._warm().text_encoder() is lib._encoder  # torch, chosen once for this library and model
+    assert "red_circle" in Path(hits[0].path).name and ranking(again) == ranking(hits)
+    err = capsys.readouterr().err
+    assert err.count("using torch") == 1 and "not open_clip's CLIP text transformer" in err
 
 
 def test_changed_weights_get_a_new_export_and_never_use_the_old_one(tiny_model, photos, home, tmp_path):
@@ -193,39 +226,17 @@ def test_changed_weights_get_a_new_export_and_never_use_the_old_one(tiny_model, 
 
 def test_classify_library_uses_the_export_without_torch(cli, photos, settings, home, model_id):
     assert cli("index", photos, "-q").exit_code == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, "--home", str(home), "--model", model_id, "classify",
-                           "--labels", "red,green,blue", "--json"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    heavy = json.loads(proc.stderr.rpartition("HEAVY=")[2])
+    out, heavy, _ = cold_run(home, model_id, "classify", "--labels", "red,green,blue", "--json")
     assert not [m for m in heavy if m.split(".")[0] in ("torch", "open_clip", "torchvision")]
-    got = {r["id"]: r["labels"][0] for r in json.loads(proc.stdout)["results"]}
+    got = {r["id"]: r["labels"][0] for r in json.loads(out)["results"]}
 
+    from imgsearch import Library
     from imgsearch import encoder as E
-    from imgsearch.search import Searcher
     from imgsearch.tagging import classify_library
 
-    s = Searcher(settings, encoder=E.load(E.ModelSpec(model_id), "cpu", "fp32"))
-    try:
-        want = {r["id"]: r["labels"][0] for r in classify_library(s.store, s.model, s.encoder, ["red", "green", "blue"],
-                                                                   keep_results=True).results}
-    finally:
-        s.store.close()
+    with Library(settings=settings) as lib:
+        want = {r["id"]: r["labels"][0] for r in classify_library(
+            lib.store, lib.model, E.load(E.ModelSpec(model_id), "cpu", "fp32"), ["red", "green", "blue"],
+            keep_results=True).results}
     assert len(got) == 54 and {i: g["label"] for i, g in got.items()} == {i: w["label"] for i, w in want.items()}
     assert [got[i]["prob"] for i in sorted(got)] == pytest.approx([want[i]["prob"] for i in sorted(want)], abs=2e-3)
-
-
-def test_quick_parser_leaves_everything_unusual_to_typer():
-    from imgsearch.quickcli import _parse
-
-    ok = _parse(["--home", "/h", "query", "a red car", "2:night", "-k", "3", "--min-score", "0.2", "--under", "/p",
-                 "--tag", "dog", "--not", "cat", "--json", "--no-server"])
-    assert ok == {"globals": {"home": "/h"}, "texts": ["a red car", "2:night"], "not": ["cat"], "tag": ["dog"],
-                  "k": 3, "min_score": 0.2, "under": "/p", "json": True, "paths": False, "print0": False, "server": False}
-    for argv in (["query", "-h"], ["query", "x", "--image", "a.jpg"], ["query", "x", "--keyword", "k"],
-                 ["query", "x", "-k", "0"], ["query", "x", "-k", "many"], ["query", "x", "--json", "--paths"],
-                 ["query"], ["--verbose", "query", "x"], ["index", "x"], ["query", "x", "--top=3"],
-                 ["query", "x", "--daemon"], ["--home", "query", "x"]):
-        assert _parse(argv) is None, argv

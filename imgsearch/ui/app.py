@@ -19,20 +19,21 @@ from typing import Mapping
 import streamlit as st
 
 from imgsearch import Library
-from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, RAW_EXTENSIONS, Settings
+from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, MAX_K, RAW_EXTENSIONS, Settings
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
+from imgsearch.request import MAX_TEXT, SearchRequest, Term
 
 log = logging.getLogger("imgsearch.ui")
 
 COLUMNS = 5
 DEFAULT_K = 20
-MAX_K = 200
 # Query images only; the same cap is given to the server by `imgsearch ui` (--server.maxUploadSize).
 MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EXTENSIONS)
-MAX_QUERY_CHARS = 500
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
+# The page's URL names that differ from the search request's (request.SearchRequest.from_params).
+URL_NAMES = {"min": "min_score", "like": "id"}
 
 
 # --- the search as it appears in the URL ------------------------------------------------------------
@@ -76,43 +77,47 @@ class Params:
 
 
 def parse_params(raw: Mapping[str, str]) -> Params:
-    """Read the URL; a bad value is dropped with a note in ``problems`` (shown as a warning), never raised."""
+    """Read the URL into the form's fields. The search itself is checked by request_of, with the same
+    messages as every other door; here a value the form cannot show is left at its default."""
     p = Params()
 
     def text(key: str) -> str:
-        value = str(raw.get(key, "") or "").strip()
-        if len(value) > MAX_QUERY_CHARS:
-            p.problems.append(f"{key}= is longer than {MAX_QUERY_CHARS} characters; it was cut short")
-            value = value[:MAX_QUERY_CHARS]
-        return value
+        return str(raw.get(key, "") or "").strip()
 
     p.q, p.neg, p.under = text("q"), text("not"), text("under")
     for key in WHEN_WHERE:
         setattr(p, key, text(key))
-    for key in ("like", "view"):
-        if raw.get(key):
-            try:
-                setattr(p, key, Library.parse_id(raw[key]))
-            except UsageError as e:
-                p.problems.append(f"{key}=: {e}; ignored")
-    if raw.get("k"):
+    if raw.get("view"):
         try:
-            k = int(str(raw["k"]).strip())
-            if not 1 <= k <= MAX_K:
-                raise ValueError
-            p.k = k
-        except ValueError:
-            p.problems.append(f"k={str(raw['k'])[:20]!r} is not a number of results from 1 to {MAX_K}; "
-                              f"showing {DEFAULT_K}")
-    if raw.get("min"):
+            p.view = Library.parse_id(raw["view"])
+        except UsageError as e:
+            p.problems.append(f"view=: {e}; ignored")
+    for key, attr, kind in (("like", "like", int), ("k", "k", int), ("min", "min_score", float)):
         try:
-            m = float(str(raw["min"]).strip())
-            if not -1.0 <= m <= 1.0:  # NaN fails this too
-                raise ValueError
-            p.min_score = m
+            setattr(p, attr, kind(text(key))) if text(key) else None
         except ValueError:
-            p.problems.append(f"min={str(raw['min'])[:20]!r} is not a score from -1 to 1; ignored")
+            pass  # request_of names it
     return p
+
+
+def request_of(raw: Mapping[str, str], upload: tuple[str, bytes] | None = None) -> SearchRequest:
+    """The URL's search as a SearchRequest (and an uploaded image, kept in memory): a bad value is a
+    ParamError naming it, as at every other door."""
+    from imgsearch.request import PARAMS
+
+    # A page address may carry other parameters (view=, a tracker's); only the search's own are read.
+    params = {key: value for key, value in raw.items() if URL_NAMES.get(key, key) in PARAMS}
+    params.setdefault("k", str(DEFAULT_K))
+    image = None
+    if upload is not None:
+        name, data = upload
+        if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
+            raise UsageError(f"the uploaded file {name} is {human_bytes(len(data))}; query images can be at most "
+                             f"{MAX_UPLOAD_MB} MB")
+        image = Term("image", data, 1.0, name, "the uploaded file")
+    request = SearchRequest.from_params(params, URL_NAMES, image)
+    # The example itself is shown above the grid; every hit is judged against the relevance floor.
+    return request.with_(exclude_ids=request.ids, relevance=True)
 
 
 # --- per-process state: warm library, index jobs --------------------------------------------------
@@ -242,9 +247,9 @@ def on_search() -> None:
     ss = st.session_state
     upload = ss.get("w_upload")
     ss.upload = (upload.name, upload.getvalue()) if upload is not None else None
-    go(Params(q=(ss.w_q or "").strip()[:MAX_QUERY_CHARS], neg=(ss.w_not or "").strip()[:MAX_QUERY_CHARS],
+    go(Params(q=(ss.w_q or "").strip(), neg=(ss.w_not or "").strip(),
               k=int(ss.w_k or DEFAULT_K), min_score=ss.w_min, under=(ss.w_under or "").strip(),
-              **{key: (ss.get(f"w_{key}") or "").strip()[:MAX_QUERY_CHARS] for key in WHEN_WHERE}))
+              **{key: (ss.get(f"w_{key}") or "").strip() for key in WHEN_WHERE}))
 
 
 def on_more_like(image_id: int) -> None:
@@ -261,24 +266,6 @@ def on_view(image_id: int | None) -> None:
 
 
 # --- search -------------------------------------------------------------------------------------------
-def run_search(library, p: Params, upload: tuple[str, bytes] | None):
-    """Text, the 'more like this' image and an uploaded image, minus the 'not' text."""
-    import io
-
-    image = None
-    if upload is not None:
-        name, data = upload
-        if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
-            raise UsageError(f"the uploaded file {name} is {human_bytes(len(data))}; query images can be at most "
-                             f"{MAX_UPLOAD_MB} MB")
-        image = io.BytesIO(data)  # decoded in memory, never written to disk
-        image.name = name
-    exclude = [p.like] if p.like is not None else []  # the example itself is shown above the grid
-    return library.search(p.q or None, image=image, not_text=p.neg or None,
-                          ids=[p.like] if p.like is not None else [], k=p.k, min_score=p.min_score,
-                          under=p.under or None, exclude_ids=exclude, relevance=True, **p.when_where())
-
-
 # --- rendering ----------------------------------------------------------------------------------------
 # Every ASCII punctuation character: CommonMark lets a backslash make each one literal, so no link,
 # image, emphasis, $math$, :color[directive], HTML, entity (&amp;) or table survives, and escaping the
@@ -458,9 +445,9 @@ def index_panel(settings: Settings) -> None:
 
 def search_form() -> None:
     with st.form("search"):
-        st.text_input("Search for", key="w_q", placeholder="a dog on a beach", max_chars=MAX_QUERY_CHARS)
+        st.text_input("Search for", key="w_q", placeholder="a dog on a beach", max_chars=MAX_TEXT)
         c1, c2, c3, c4 = st.columns([3, 3, 1, 1])
-        c1.text_input("But not", key="w_not", placeholder="people", max_chars=MAX_QUERY_CHARS)
+        c1.text_input("But not", key="w_not", placeholder="people", max_chars=MAX_TEXT)
         c2.text_input("Only in folder", key="w_under", placeholder="/home/me/Pictures/2024")
         c3.number_input("Results", key="w_k", min_value=1, max_value=MAX_K, step=5)
         # No value=: the URL sets it through session state (None = no minimum).
@@ -513,8 +500,9 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
             st.error(md(e))
     if not (p.q or p.like is not None or upload):
         return
+    request = request_of(st.query_params, upload)
     t0 = time.perf_counter()
-    hits = run_search(library, p, upload)
+    hits = library.run(request)
     took = time.perf_counter() - t0
     what = []
     if p.like is not None:
@@ -566,7 +554,9 @@ def main() -> None:
     try:
         results(settings, status, p)
     except ParamError as e:  # the library names the parameter; the page says which field and value
-        field = {"under": ("Folder", p.under), "min_score": ("Minimum score", p.min_score), "k": ("Results", p.k),
+        raw = st.query_params
+        field = {"under": ("Folder", p.under), "min_score": ("Minimum score", raw.get("min")),
+                 "k": ("Results", raw.get("k")), "ids": ("Like image", raw.get("like")),
                  "after": ("Taken from", p.after), "before": ("Taken until", p.before), "near": ("Near", p.near),
                  "camera": ("Camera", p.camera)}
         label, value = field.get(e.param, (e.param, None))

@@ -1,0 +1,407 @@
+"""One search request: every door (CLI, HTTP server, web UI, Python API) builds a SearchRequest, validated here
+once, and search.Searcher answers it. A wrong value is a ParamError naming the field, the same text at every
+door (the CLI says the flag, the server answers 400 with the field, the UI shows it).
+
+Standard library only, so the server client and the CLI parse requests without importing numpy or a model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+
+from .config import MAX_K
+from .errors import ParamError, UsageError
+
+MAX_WEIGHT = 1000.0
+MAX_TERMS = 64  # texts, images and ids together: each one is an encode, so this bounds a request's work
+MAX_IMAGES = 16
+MAX_TEXT = 1000  # characters per query text (CLIP reads 77 tokens; the rest only costs tokenizer time)
+MAX_STRING = 4096  # any other string field (folders, keywords, camera, places)
+MAX_ID = (1 << 63) - 1  # SQLite's largest integer
+_WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def parse_weighted(raw: str) -> tuple[float, str]:
+    """'2:red car' -> (2.0, 'red car'); 'red car' -> (1.0, 'red car')."""
+    m = _WEIGHT.match(raw)
+    if m:
+        weight = float(m.group(1))
+        # Beyond this, float32 query vectors overflow (inf/nan scores): reject rather than return nothing.
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            digits = m.group(1) if len(m.group(1)) <= 12 else m.group(1)[:8] + "…"
+            raise UsageError(f"weight {digits} in {raw[:40]!r} is out of range; use a number between "
+                             f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, e.g. 2:\"red car\"")
+        return weight, m.group(2).strip()
+    return 1.0, raw.strip()
+
+
+def split_image_spec(raw: str) -> tuple[float, str]:
+    """'W:path' -> (W, path), unless 'W:path' is itself an existing file (then weight 1)."""
+    if os.path.exists(raw):
+        return 1.0, raw
+    return parse_weighted(raw)
+
+
+def check_k(k) -> int:
+    """The one limit on results per search."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ParamError("k", f"give a whole number from 1 to {MAX_K}")
+    return k
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a query: a text, an image, or an image already in the library (by id).
+
+    An image is a file path, the file's bytes, or a PIL image; bytes and PIL images are decoded in memory,
+    so a query image never has to be written to disk. ``name`` labels it in error messages.
+    """
+
+    kind: str  # "text" | "image" | "id"
+    value: object  # str for text and image paths; bytes or PIL.Image.Image for images; int for ids
+    weight: float = 1.0
+    name: str | None = None
+    noun: str = "query image"  # how messages refer to it: "cannot use query image NAME: ..."
+
+
+def _number(value, name: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParamError(name, what)
+    return float(value)
+
+
+def _string(value, name: str, limit: int = MAX_STRING) -> str:
+    if not isinstance(value, str):
+        raise ParamError(name, "must be text")
+    if "\x00" in value:
+        raise ParamError(name, "contains a NUL character; remove it")
+    if len(value) > limit:
+        raise ParamError(name, f"is longer than {limit} characters; shorten it")
+    return value
+
+
+def _weight(w, name: str) -> float:
+    w = _number(w, name, "a weight must be a finite number")
+    if abs(w) > MAX_WEIGHT:
+        raise ParamError(name, f"a weight must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return w
+
+
+def _is_weighted(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], (int, float)) and not isinstance(x[0], bool)
+
+
+def _listed(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) and not _is_weighted(x) else [x]
+
+
+def text_term(raw, name: str = "text") -> Term:
+    """A query text: '2:red car', or a (weight, text) pair."""
+    if isinstance(raw, Term):
+        return raw
+    if _is_weighted(raw):
+        weight, text = _weight(raw[0], name), _string(raw[1], name, MAX_TEXT).strip()
+    else:
+        if not isinstance(raw, str):
+            raise ParamError(name, f"query text must be a string or a (weight, text) pair, not {type(raw).__name__}")
+        weight, text = parse_weighted(_string(raw, name, MAX_TEXT))
+    if not text:
+        raise UsageError("empty query text; give some words, e.g. imgsearch query \"a red car\"")
+    return Term("text", text, weight)
+
+
+def image_term(raw, name: str = "image") -> Term:
+    """A query image: a path ('W:path' weights it unless that is itself a file), bytes, a binary file object
+    or a PIL image, alone or as a (weight, image) pair."""
+    if isinstance(raw, Term):
+        return raw
+    weight = 1.0
+    if _is_weighted(raw):
+        weight, raw = _weight(raw[0], name), raw[1]
+    if isinstance(raw, (str, os.PathLike)):
+        raw = _string(os.fspath(raw), name)
+        if weight == 1.0:
+            weight, raw = split_image_spec(raw)
+        if not os.path.exists(raw):
+            raise UsageError(f"query image not found: {raw}")
+        from .files import abspath
+
+        return Term("image", abspath(raw), weight)
+    if isinstance(raw, (bytearray, memoryview)):
+        raw = bytes(raw)
+    if isinstance(raw, bytes):
+        return Term("image", raw, weight, "uploaded image")
+    if hasattr(raw, "read") and not hasattr(raw, "convert"):  # a file object, e.g. an upload kept in memory
+        label = os.path.basename(str(getattr(raw, "name", "") or "")) or "(file object)"
+        return Term("image", raw.read(), weight, label, "the uploaded file" if label != "(file object)" else
+                    "query image")
+    if hasattr(raw, "convert") and hasattr(raw, "size"):  # a PIL image
+        return Term("image", raw, weight, str(getattr(raw, "filename", "") or "") or "(in memory)")
+    raise ParamError(name, "give a file path, its bytes, a file object or a PIL image")
+
+
+def _ids(values, name: str) -> tuple[int, ...]:
+    out = []
+    for v in _listed(values):
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_ID:
+            raise ParamError(name, f"{str(v)[:24]!r} is not an image id (a whole number from 1)")
+        out.append(v)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """A validated search. Build it with ``SearchRequest.build(...)`` (Python values), ``from_json`` (the
+    server's JSON body) or ``from_params`` (URL parameters); never construct it field by field."""
+
+    positives: tuple[Term, ...] = ()
+    negatives: tuple[Term, ...] = ()
+    k: int = 10
+    min_score: float | None = None
+    under: str | None = None
+    tags: tuple[str, ...] = ()
+    keyword: str | None = None
+    blend: float | None = None
+    exclude_ids: tuple[int, ...] = ()
+    when: dict = field(default_factory=dict)  # after/before/near/camera as given (validated by geo.build)
+    relevance: bool = False
+
+    @classmethod
+    def build(cls, text=None, *, image=None, not_text=None, not_image=None, ids=(), k: int = 10, min_score=None,
+              under=None, tag=None, keyword=None, blend=None, exclude_ids=(), after=None, before=None, near=None,
+              camera=None, relevance: bool = False) -> "SearchRequest":
+        """Every door's values, checked once. ``text``/``not_text``: a string ("2:red car" weighs it), a
+        (weight, text) pair, or a list of those; ``image``/``not_image``: a path, bytes, a binary file object, a
+        PIL image, a (weight, image) pair or a list of those; ``ids``: library images to find more like."""
+        texts, not_texts = _listed(text), _listed(not_text)
+        images, not_images = _listed(image), _listed(not_image)
+        id_list = _ids(ids, "ids")
+        if len(texts) + len(not_texts) + len(images) + len(not_images) + len(id_list) > MAX_TERMS:
+            raise ParamError("texts", f"at most {MAX_TERMS} query terms (texts, images and ids) per search")
+        if len(images) + len(not_images) > MAX_IMAGES:
+            raise ParamError("images", f"at most {MAX_IMAGES} images per search")
+        positives = tuple([text_term(t, "texts") for t in texts] + [image_term(x, "images") for x in images]
+                          + [Term("id", i) for i in id_list])
+        negatives = tuple([text_term(t, "not") for t in not_texts] + [image_term(x, "not_images") for x in not_images])
+        check_k(k)
+        if min_score is not None:
+            min_score = _number(min_score, "min_score", "give a cosine score between -1 and 1, such as 0.25")
+            if not -1.0 <= min_score <= 1.0:
+                raise ParamError("min_score", "give a cosine score between -1 and 1, such as 0.25")
+        if under is not None:
+            under = _string(os.fspath(under) if isinstance(under, os.PathLike) else under, "under")
+            if not under.strip():
+                under = None
+        tags = tuple(_string(t, "tag").strip() for t in _listed(tag))
+        if len(tags) > MAX_TERMS:
+            raise ParamError("tag", f"at most {MAX_TERMS} tags")
+        tags = tuple(t for t in tags if t)
+        if keyword is not None:
+            keyword = _string(keyword, "keyword").strip() or None
+        if blend is not None:
+            blend = _number(blend, "blend", "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
+            if not 0.0 <= blend <= 1.0:
+                raise ParamError("blend", "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
+            if not keyword:
+                raise ParamError("blend", "weighs keyword relevance; give a keyword too")
+            if not positives:
+                raise ParamError("blend", "mixes keyword and CLIP scores; give query text or an image too")
+        if not (positives or keyword):
+            raise UsageError("nothing to search for: give query text, an image, or both")
+        when = {}
+        for name, value in (("after", after), ("before", before), ("near", near), ("camera", camera)):
+            if value is None or value == "":
+                continue
+            if isinstance(value, str):
+                value = _string(value, name)
+            when[name] = list(value) if isinstance(value, tuple) else value
+        if when:
+            from .geo import build as when_where
+
+            when_where(**when)  # a bad date, place or camera fails here, whichever door it came through
+        if not isinstance(relevance, bool):
+            raise ParamError("relevance", "must be true or false")
+        return cls(positives, negatives, k, min_score, under, tags, keyword, blend, _ids(exclude_ids, "exclude_ids"),
+                   when, relevance)
+
+    @classmethod
+    def from_json(cls, body) -> "SearchRequest":
+        """The server's POST body: {"texts": ["2:red car", {"text": "night", "weight": 0.5}], "not": [...],
+        "ids": [...], "images": [base64 or {"data": base64, "weight": 2}], "not_images": [...], "k": 10, ...}."""
+        if not isinstance(body, dict):
+            raise ParamError("body", "the request must be a JSON object of search fields")
+        unknown = sorted(set(body) - set(JSON_FIELDS))
+        if unknown:
+            raise ParamError(str(unknown[0])[:40], f"unknown field; the fields are {', '.join(JSON_FIELDS)}")
+
+        def items(key: str) -> list:
+            value = body.get(key)
+            if value is None:
+                return []
+            items = value if isinstance(value, list) else [value]
+            if len(items) > MAX_TERMS:
+                raise ParamError(key, f"at most {MAX_TERMS} query terms (texts, images and ids) per search")
+            return items
+
+        def texts(key: str) -> list:
+            out = []
+            for n, item in enumerate(items(key)):
+                if isinstance(item, dict):
+                    name = f"{key}[{n}]"
+                    _only_keys(item, name, {"text", "weight"})
+                    text = item.get("text")
+                    if not isinstance(text, str) or not text.strip():
+                        raise ParamError(name, "'text' must be some words")
+                    out.append((_weight(item.get("weight", 1.0), name), text))
+                elif isinstance(item, str):
+                    out.append(item)
+                else:
+                    raise ParamError(key, "must be a string or a list of strings")
+            return out
+
+        def pictures(key: str) -> list:
+            out = []
+            for n, item in enumerate(items(key)):
+                name, weight = f"{key}[{n}]", 1.0
+                if isinstance(item, dict):
+                    _only_keys(item, name, {"data", "weight"})
+                    weight, item = _weight(item.get("weight", 1.0), name), item.get("data")
+                if not isinstance(item, str):
+                    raise ParamError(key, 'must be a list of base64 strings or {"data": base64, "weight": number} '
+                                          "objects")
+                try:
+                    data = base64.b64decode(item, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ParamError(name, "images must be base64-encoded file contents") from None
+                out.append(Term("image", data, weight, name))
+            return out
+
+        ids = body.get("ids") or []
+        if not isinstance(ids, list) or any(isinstance(i, str) for i in ids):
+            raise ParamError("ids", "must be a list of image ids")
+        relevance = body.get("relevance", False)
+        return cls.build(texts("texts"), image=pictures("images"), not_text=texts("not"),
+                         not_image=pictures("not_images"), ids=ids, k=body.get("k", 10),
+                         min_score=body.get("min_score"), under=body.get("under"), tag=body.get("tag"),
+                         keyword=body.get("keyword"), blend=body.get("blend"), after=body.get("after"),
+                         before=body.get("before"), near=body.get("near"), camera=body.get("camera"),
+                         relevance=False if relevance is None else relevance)
+
+    @classmethod
+    def from_params(cls, params, names: dict | None = None, image=None) -> "SearchRequest":
+        """URL parameters ({name: [values]} as urllib.parse.parse_qs gives them, or {name: value}): q
+        (repeatable), not, id, k, min_score, under, tag, keyword, blend, relevance, after, before, near,
+        camera. ``names`` maps another door's parameter names onto these (the web UI says min= for
+        min_score=); ``image``: an image term sent beside them (the server's image upload)."""
+        got: dict[str, list[str]] = {}
+        for key, value in params.items():
+            key = (names or {}).get(key, key)
+            if key not in PARAMS:
+                raise ParamError(str(key)[:40], f"unknown parameter; use {', '.join(sorted(PARAMS))}")
+            got.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+
+        def one(key: str):
+            values = got.get(key) or []
+            if len(values) > 1:
+                raise ParamError(key, "give it once")
+            return values[0] if values else None
+
+        def typed(key: str, kind, what: str):
+            raw = one(key)
+            if raw is None or str(raw).strip() == "":
+                return None
+            try:
+                value = kind(str(raw).strip())
+            except ValueError:
+                raise ParamError(key, what) from None
+            if kind is float and not math.isfinite(value):
+                raise ParamError(key, what)
+            return value
+
+        rel = str(one("relevance") or "").strip().lower()
+        if rel not in _TRUE | _FALSE:
+            raise ParamError("relevance", "give 1 or 0")
+        return cls.build([q for q in got.get("q", []) if q.strip()], image=image,
+                         not_text=[q for q in got.get("not", []) if q.strip()], ids=got.get("id", []),
+                         k=typed("k", int, f"give a whole number from 1 to {MAX_K}") or 10,
+                         min_score=typed("min_score", float, "give a cosine score between -1 and 1, such as 0.25"),
+                         under=one("under"), tag=got.get("tag") or None, keyword=one("keyword"),
+                         blend=typed("blend", float, "give a keyword weight between 0 and 1"),
+                         after=one("after"), before=one("before"), near=one("near"), camera=one("camera"),
+                         relevance=rel in _TRUE)
+
+    def to_json(self) -> dict:
+        """The server's JSON body for this request (image files are sent as their bytes: the server reads no
+        client paths). from_json(to_json()) gives the same request."""
+
+        def terms(kind: str, seq) -> list:
+            out = []
+            for t in seq:
+                if t.kind != kind:
+                    continue
+                if kind == "text":
+                    out.append({"text": t.value, "weight": t.weight})
+                else:
+                    out.append({"data": base64.b64encode(_image_bytes(t)).decode(), "weight": t.weight})
+            return out
+
+        body = {"texts": terms("text", self.positives), "not": terms("text", self.negatives),
+                "images": terms("image", self.positives), "not_images": terms("image", self.negatives),
+                "ids": list(self.ids), "k": self.k, "min_score": self.min_score,
+                "under": os.path.abspath(self.under) if self.under else None, "tag": list(self.tags) or None,
+                "keyword": self.keyword, "blend": self.blend, "relevance": self.relevance, **self.when}
+        return {k: v for k, v in body.items() if v not in (None, [], False)}
+
+    # --- what the engine asks -------------------------------------------------------------------
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(int(t.value) for t in self.positives if t.kind == "id")
+
+    @property
+    def texts(self) -> list[str]:
+        return [str(t.value) for t in self.positives + self.negatives if t.kind == "text"]
+
+    @property
+    def keyword_only(self) -> bool:
+        return not self.positives
+
+    def with_(self, **changes) -> "SearchRequest":
+        return replace(self, **changes)
+
+
+JSON_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", "under", "tag", "keyword", "blend",
+               "after", "before", "near", "camera", "relevance")
+PARAMS = frozenset({"q", "not", "id", "k", "min_score", "under", "tag", "keyword", "blend", "relevance", "after",
+                    "before", "near", "camera"})
+
+
+def _only_keys(item: dict, name: str, keys: set[str]) -> None:
+    extra = sorted(str(k) for k in set(item) - keys)
+    if extra:
+        raise ParamError(name, f"unknown key {extra[0][:40]!r}; use {', '.join(sorted(keys))}")
+
+
+def _image_bytes(t: Term) -> bytes:
+    if isinstance(t.value, bytes):
+        return t.value
+    if isinstance(t.value, str):
+        try:
+            with open(t.value, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise UsageError(f"cannot use query image {t.value}: {e.strerror or e}") from None
+    import io
+
+    buf = io.BytesIO()
+    t.value.save(buf, format="PNG")  # a PIL image: sent losslessly
+    return buf.getvalue()
