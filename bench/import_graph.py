@@ -72,15 +72,14 @@ def _bound_strings(tree: ast.AST) -> dict[str, list[str] | None]:
         for target, value, iterated in pairs:
             if not isinstance(target, ast.Name):
                 continue
-            if iterated and isinstance(value, ast.Name) and value.id in values:
-                found = values[value.id]  # `for g in GROUPS` with GROUPS = ("a", "b")
-            elif iterated:
-                found = _literal_strings(value) if not isinstance(value, ast.Constant) else None
-            elif (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
-                  and value.func.attr == "get" and isinstance(value.func.value, ast.Name)):
-                found = dicts.get(value.func.value.id)  # `module = _LAZY.get(name)`
-            elif isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name):
-                found = dicts.get(value.value.id)
+            if isinstance(value, ast.Name):
+                found = values.get(value.id)  # `for g in GROUPS` with GROUPS = ("a", "b")
+            elif isinstance(value, ast.Subscript) or (isinstance(value, ast.Call)
+                                                      and getattr(value.func, "attr", "") == "get"):
+                holder = value.value if isinstance(value, ast.Subscript) else value.func.value
+                found = dicts.get(getattr(holder, "id", ""))  # `module = _LAZY.get(name)`
+            elif iterated and isinstance(value, ast.Constant):
+                found = None  # the characters of a string
             else:
                 found = _literal_strings(value)
             old = values.get(target.id, [])
