@@ -1,8 +1,5 @@
-"""The command line's shared pieces: the Typer app and the error mapping every command goes through.
-
-cli.py defines the core commands and loads the groups in this package; each group registers its
-commands on `app`. Both import from here, so no command module imports cli (no import cycle).
-"""
+"""The CLI's shared pieces (the Typer app, the error mapping every command goes through): cli.py and the
+command groups here, which register on `app`, both import them, so no group imports cli (no cycle)."""
 
 from __future__ import annotations
 
