@@ -4,7 +4,7 @@ The Python API is ``imgsearch.Library`` (see library.py). Names are resolved on 
 ``import imgsearch`` (and the CLI's --help) never imports numpy, SQLAlchemy or torch.
 """
 
-__version__ = "0.1.0"
+from .config import VERSION as __version__
 
 _LAZY = {
     "Library": "library",

@@ -105,13 +105,11 @@ class RayStage:
         if self.address is None:
             self.temp_dir = start_local(self.num_cpus)
             return True
-        import imgsearch
-
         try:
             with _quiet_backend():
                 # The workers import the driver's own imgsearch, so both sides run the same code version.
                 ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False,
-                         runtime_env={"py_modules": [os.path.dirname(imgsearch.__file__)]})
+                         runtime_env={"py_modules": [os.path.dirname(__file__)]})
         except Exception as e:
             raise UsageError(f"cannot connect to Ray at {self.address}: {_first_line(e)}; start the cluster "
                              "with `ray start --head`, or use --ray without an address for a local Ray") from None

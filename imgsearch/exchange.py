@@ -397,7 +397,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
                    model: str | None = None, progress: ProgressFn | None = None, chunk: int = CHUNK,
                    shard_rows: int = SHARD_ROWS) -> ExportReport:
     """Write one model's vectors and image metadata into ``folder`` (new or empty) as ``fmt``."""
-    from . import __version__
+    from .config import VERSION as __version__
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt}: choose parquet or clip-retrieval")

@@ -80,8 +80,7 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
         candidates = store.ids_under(folder)
         ids = np.array(sorted(store.image_ids_with_vectors(model.id, candidates.tolist())), dtype=np.int64)
     else:
-        ids = np.array([r[0] for r in store.rows("SELECT image_id FROM vectors WHERE model_id = :m "
-                                                 "ORDER BY image_id", m=model.id)], dtype=np.int64)
+        ids = store.vector_ids(model.id)
     if len(ids) == 0:
         raise UsageError(f"no indexed images{' under ' + under if under else ''} to classify; "
                          "run `imgsearch index PATH` first")

@@ -190,7 +190,7 @@ def test_internal_errors_are_one_short_line():
     import typer
     from typer.testing import CliRunner
 
-    from imgsearch.cli import handle_errors
+    from imgsearch.commands import handle_errors
 
     app = typer.Typer()
 

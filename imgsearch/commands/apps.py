@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import command, err, flag_words, library_of
+from . import command, err, flag_words, library_of
 from ..errors import UsageError
 
 

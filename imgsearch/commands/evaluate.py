@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import app, err, handle_errors, settings_of
+from . import app, err, handle_errors, settings_of
 from ..errors import DataError, UsageError
 from ..evaluation import encode_files, load_for_images, parity, read_image_folder, retrieval_eval
 from ..evaluation import read_class_map
@@ -23,7 +23,7 @@ app.add_typer(grp, name="eval")
 
 
 def eval_command(name: str):
-    """grp.command with cli.command's error mapping: one line on stderr and an exit code."""
+    """grp.command with the error mapping of `command`: one line on stderr and an exit code."""
 
     def decorate(fn):
         return grp.command(name)(handle_errors(fn))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import command, err, library_of
+from . import command, err, library_of
 from ..output import shown
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import command, err, settings_of
+from . import command, err, settings_of
 from ..errors import UsageError
 
 

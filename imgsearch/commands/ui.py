@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from ..cli import command, err, settings_of
+from . import command, err, settings_of
 from ..errors import ImgSearchError, UsageError
 
 MAX_UPLOAD_MB = 20  # query images only; anything bigger is not a photo someone meant to search with

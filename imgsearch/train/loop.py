@@ -310,7 +310,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     """
     import torch
 
-    from .. import __version__
+    from ..config import VERSION as __version__
     from ..encoder import ModelSpec, build, pick_device, save_local_dir
     from ..metrics import headline
     from .data import PairDataset, StepBatches, default_workers, make_loader, prepare
