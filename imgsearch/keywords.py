@@ -68,17 +68,6 @@ def match(store: Store, text: str, limit: int | None = None) -> dict[int, float]
     return {i: max(rel / top, 1e-6) for i, rel in found}
 
 
-def keyword_search(store: Store, request) -> list:
-    """A keyword-only request (no CLIP): Hits scored by keyword relevance, best match 1.0, after the request's
-    other filters."""
-    from .search import allowed_ids, hits_for
-
-    allowed = allowed_ids(store, request, keyword_filter=False)
-    keep = None if allowed is None else set(allowed.tolist())
-    scored = sorted(match(store, request.keyword).items(), key=lambda p: (-p[1], p[0]))
-    return hits_for(store, ((i, s) for i, s in scored if keep is None or i in keep), request.k)
-
-
 def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: float) -> list[tuple[int, float]]:
     """(id, (1-w)*clip01 + w*keyword) best first; clip01 is min-max scaled over the candidates."""
     if not clip:
@@ -96,7 +85,7 @@ def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: floa
 
 def blended_search(searcher, vec: np.ndarray, request, allowed: np.ndarray | None) -> list:
     """CLIP and keyword scores blended (``request.blend``); ``min_score`` still applies to the CLIP cosine."""
-    from .search import hits_for
+    from .results import hits_for
 
     store = searcher.store
     exclude = set(request.exclude_ids)

@@ -340,7 +340,7 @@ class Library:
     def run(self, request: SearchRequest) -> list[Hit]:
         """Answer a ready-made SearchRequest (the server, the UI and the CLI build one from their input)."""
         if request.keyword_only:
-            from .keywords import keyword_search
+            from .search import keyword_search
 
             return keyword_search(self.store, request)
         self._hint(request.texts)

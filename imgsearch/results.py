@@ -3,6 +3,7 @@ text query and `import imgsearch` never pay for numpy, SQLAlchemy or torch to na
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 
@@ -109,3 +110,26 @@ class LibraryStatus:
         out = asdict(self)
         out["models"] = [m.as_dict() for m in self.models]
         return out
+
+
+def hits_for(store, scored, k: int, min_score: float | None = None) -> list[Hit]:
+    """Hits for (id, score) pairs, best first, skipping files deleted since indexing; stops at ``k`` or at the
+    first score under ``min_score`` (compared as shown, rounded: a score copied from the output keeps its hit)."""
+    scored = list(scored)
+    hits: list[Hit] = []
+    step = max(4 * k, 64)
+    for start in range(0, len(scored), step):
+        chunk = scored[start:start + step]
+        rows = store.get_images(i for i, _ in chunk)
+        for i, score in chunk:
+            score = round(float(score), 6)
+            if min_score is not None and score < min_score:
+                return hits
+            row = rows.get(i)
+            if row is None or not os.path.exists(row.path):
+                continue
+            hits.append(Hit(len(hits) + 1, i, row.path, score, row.width, row.height, row.size, row.taken_at,
+                            row.taken_source))
+            if len(hits) == k:
+                return hits
+    return hits

@@ -23,9 +23,9 @@ from .config import Settings
 from .errors import DecodeError, ModelMismatchError, ParamError, UsageError
 from .modelspec import ModelSpec
 from .request import SearchRequest, Term
-from .results import Hit
+from .results import Hit, hits_for
 
-__all__ = ["Searcher", "SearchRequest", "Term", "Hit", "model_row_for", "allowed_ids", "hits_for"]
+__all__ = ["Searcher", "SearchRequest", "Term", "Hit", "model_row_for", "allowed_ids", "keyword_search"]
 
 
 def model_row_for(store, spec: ModelSpec, fingerprint: str):
@@ -77,27 +77,15 @@ def allowed_ids(store, request: SearchRequest, keyword_filter: bool = True) -> n
     return allowed
 
 
-def hits_for(store, scored, k: int, min_score: float | None = None) -> list[Hit]:
-    """Hits for (id, score) pairs, best first, skipping files deleted since indexing; stops at ``k`` or at the
-    first score under ``min_score`` (compared as shown, rounded: a score copied from the output keeps its hit)."""
-    scored = list(scored)
-    hits: list[Hit] = []
-    step = max(4 * k, 64)
-    for start in range(0, len(scored), step):
-        chunk = scored[start:start + step]
-        rows = store.get_images(i for i, _ in chunk)
-        for i, score in chunk:
-            score = round(float(score), 6)
-            if min_score is not None and score < min_score:
-                return hits
-            row = rows.get(i)
-            if row is None or not os.path.exists(row.path):
-                continue
-            hits.append(Hit(len(hits) + 1, i, row.path, score, row.width, row.height, row.size, row.taken_at,
-                            row.taken_source))
-            if len(hits) == k:
-                return hits
-    return hits
+def keyword_search(store, request: SearchRequest) -> list[Hit]:
+    """A keyword-only request (no CLIP): hits scored by keyword relevance, best match 1.0, after the request's
+    other filters. Needs no model."""
+    from .keywords import match
+
+    allowed = allowed_ids(store, request, keyword_filter=False)
+    keep = None if allowed is None else set(allowed.tolist())
+    scored = sorted(match(store, request.keyword).items(), key=lambda p: (-p[1], p[0]))
+    return hits_for(store, ((i, s) for i, s in scored if keep is None or i in keep), request.k)
 
 
 class Searcher:
