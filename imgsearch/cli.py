@@ -241,6 +241,7 @@ def _query_rows(settings, request, use_server: bool, daemon: bool) -> list[dict]
     from .library import Library
 
     with Library(settings=settings) as lib:
+        rows = None
         if use_server and not request.keyword_only:
             from . import client
 
@@ -250,13 +251,10 @@ def _query_rows(settings, request, use_server: bool, daemon: bool) -> list[dict]
                     rows = client.search(info, request)
                 except OSError:
                     rows = None  # the server went away mid-request: answer in-process below
-                if rows is not None:
-                    # The server's Library printed its hint on the server's stderr: say it here, where it is read.
-                    hint = lib.language_hint(request.texts)
-                    if hint:
-                        typer.echo(hint, err=True)
-                    return rows
-        return [h.as_dict() for h in lib.run(request)]
+        hint = lib.language_hint(request.texts)  # said here, on the user's terminal, whoever answers
+        if hint:
+            typer.echo(hint, err=True)
+        return rows if rows is not None else [h.as_dict() for h in lib.run(request)]
 
 
 # --- status / forget ---------------------------------------------------------------------------

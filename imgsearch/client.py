@@ -99,7 +99,10 @@ def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]
     cmd += ["--device", settings.device, "--precision", settings.precision, "serve", "--idle-exit", idle_exit]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    from .quickcli import OWN_ENV
+
+    env = {k: v for k, v in os.environ.items() if OWN_ENV.get(k) != v}  # the server picks its own threads
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         info = find_server(settings)

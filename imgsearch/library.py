@@ -332,18 +332,20 @@ class Library:
         and for text and images mixed.
         A wrong value raises a ParamError naming the parameter (request.SearchRequest checks them all).
         """
-        return self.run(SearchRequest.build(
+        request = SearchRequest.build(
             text, image=image, not_text=not_text, not_image=not_image, ids=ids, k=k, min_score=min_score,
             under=under, tag=tag, keyword=keyword, blend=blend, exclude_ids=exclude_ids, after=after, before=before,
-            near=near, camera=camera, relevance=relevance))
+            near=near, camera=camera, relevance=relevance)
+        self._hint(request.texts)
+        return self.run(request)
 
     def run(self, request: SearchRequest) -> list[Hit]:
-        """Answer a ready-made SearchRequest (the server, the UI and the CLI build one from their input)."""
+        """Answer a ready-made SearchRequest (the server, the UI and the CLI build one from their input; each
+        says the language hint where its user reads it)."""
         if request.keyword_only:
             from .search import keyword_search
 
             return keyword_search(self.store, request)
-        self._hint(request.texts)
         return self._warm().search(request)
 
     # --- zero-shot tags, scores ------------------------------------------------------------------

@@ -1,9 +1,20 @@
-"""Console-script entry point."""
+"""Console-script entry point: the `imgsearch` program itself (never imported by a host program)."""
 
 from __future__ import annotations
 
+import os
+import sys
+
+# What this process set for itself, so the servers it starts (query --daemon) do not inherit it.
+OWN_ENV: dict[str, str] = {}
+
 
 def main() -> None:
+    # A query embeds a handful of tokens: OpenBLAS's thread pool costs more than it saves there, and on a busy
+    # 2-core machine its spinning threads made the text forward 20x slower (measured). This is the program's
+    # own process, so it may choose, before numpy loads; a user's own setting wins.
+    if "query" in sys.argv[1:] and "OPENBLAS_NUM_THREADS" not in os.environ:
+        os.environ["OPENBLAS_NUM_THREADS"] = OWN_ENV["OPENBLAS_NUM_THREADS"] = "1"
     from .cli import app
 
     app(prog_name="imgsearch")

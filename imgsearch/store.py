@@ -7,8 +7,13 @@ The schema upgrades itself when opened (numbered, named migrations).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import queue
+import re
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +131,39 @@ def _sql(statement: str, expanding: tuple[str, ...] = ()):
     return clause.bindparams(*(bindparam(name, expanding=True) for name in expanding)) if expanding else clause
 
 
+def _expand(statement: str, expanding: tuple[str, ...], params: dict) -> tuple[str, dict]:
+    """The same statement for the sqlite3 module: each expanding ``IN :ids`` becomes one named placeholder per
+    item, so values never get spliced into the SQL text."""
+    for name in expanding:
+        values = list(params.pop(name))
+        names = [f"{name}_{i}" for i in range(len(values))]
+        statement = re.sub(rf":{name}\b", "(" + ", ".join(f":{n}" for n in names) + ")" if names else "(NULL)",
+                           statement)
+        params.update(zip(names, values))
+    return statement, params
+
+
+class _Reader:
+    """A pooled sqlite3 connection whose ``execute(statement, params, expanding)`` takes the store's statements."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def execute(self, statement: str, params: dict | None = None, expanding: tuple[str, ...] = ()):
+        statement, params = _expand(statement, expanding, dict(params or {}))
+        return self.conn.execute(statement, params)
+
+
+class _Writer:
+    """A SQLAlchemy connection in a transaction, with the same ``execute`` as _Reader (executemany for a list)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, statement, params=None, expanding: tuple[str, ...] = ()):
+        return self.conn.execute(_sql(statement, expanding) if isinstance(statement, str) else statement, params)
+
+
 def _like_prefix(folder: str) -> str | bytes:
     folder = folder.rstrip(os.sep)
     escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -175,8 +213,6 @@ class Store:
     """
 
     def __init__(self, db_path: str | os.PathLike, *, create: bool = True, read_only: bool | None = None):
-        from sqlalchemy import create_engine, event
-
         self.path = Path(db_path)
         if not self.path.exists():
             if not create:
@@ -188,33 +224,88 @@ class Store:
                 raise LibraryError(f"cannot create library folder {self.path.parent}: {e.strerror or e}") from None
         # A library on read-only media or without write permission still answers queries.
         self.read_only = (self.path.exists() and not _writable(self.path)) if read_only is None else read_only
-        # hide_parameters: an error must never carry the statement's values (vector blobs) to the user.
-        if self.read_only:
-            self.engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True,
-                                        creator=self._connect_read_only)
-        else:
-            self.engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True)
-
-        @event.listens_for(self.engine, "connect")
-        def _pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA busy_timeout = 30000")
-            if not self.read_only:
-                cur.execute("PRAGMA journal_mode = WAL")
-                cur.execute("PRAGMA synchronous = NORMAL")
-            cur.execute("PRAGMA foreign_keys = ON")
-            cur.close()
-
-        @event.listens_for(self.engine, "handle_error")
-        def _translate(context):
-            better = _library_error(self, context.original_exception)
-            if better is not None:
-                raise better
-
         self._library_id: str | None = None
-        self._migrate()
+        self._engine = None
+        self._engine_lock = threading.RLock()
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()  # read connections between calls
+        from .migrations import SCHEMA_VERSION
+
+        # Reads go straight to SQLite; SQLAlchemy (a fifth of a cold query's start) is loaded by the first write,
+        # or now when the schema must be created or upgraded.
+        if not self.path.exists() or self._current_schema() != SCHEMA_VERSION:
+            self.engine
         if create:
             self._mark_home()
+
+    @property
+    def engine(self):
+        """The SQLAlchemy engine for writes (and migrations), made on first use."""
+        with self._engine_lock:
+            if self._engine is None:
+                from sqlalchemy import create_engine, event
+
+                # hide_parameters: an error must never carry the statement's values (vector blobs) to the user.
+                if self.read_only:
+                    engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True,
+                                           creator=self._connect_read_only)
+                else:
+                    engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True)
+
+                @event.listens_for(engine, "connect")
+                def _pragmas(dbapi_conn, _record):
+                    cur = dbapi_conn.cursor()
+                    cur.execute("PRAGMA busy_timeout = 30000")
+                    if not self.read_only:
+                        cur.execute("PRAGMA journal_mode = WAL")
+                        cur.execute("PRAGMA synchronous = NORMAL")
+                    cur.execute("PRAGMA foreign_keys = ON")
+                    cur.close()
+
+                @event.listens_for(engine, "handle_error")
+                def _translate(context):
+                    better = _library_error(self, context.original_exception)
+                    if better is not None:
+                        raise better
+
+                self._engine = engine
+                try:
+                    self._migrate()
+                except BaseException:
+                    self._engine = None
+                    engine.dispose()
+                    raise
+            return self._engine
+
+    def _current_schema(self) -> int | None:
+        """The schema version read without SQLAlchemy; None when SQLite cannot say (SQLAlchemy's open does)."""
+        try:
+            with self._read() as c:
+                return c.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+        except (sqlite3.Error, LibraryError):
+            return None
+
+    @contextlib.contextmanager
+    def _read(self):
+        """A read connection (sqlite3, WAL: it sees every committed write) for one call, then back to the idle
+        pool; never used by two threads at once."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            try:
+                conn = self._connect_read_only() if self.read_only else \
+                    sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 30000")
+            except sqlite3.Error as e:
+                raise _open_error(self.path, e) from None
+        try:
+            yield _Reader(conn)
+        except sqlite3.Error as e:
+            better = _library_error(self, e)
+            if better is not None:
+                raise better from None
+            raise
+        finally:
+            self._idle.put(conn)
 
     def _mark_home(self) -> None:
         """Leave the marker by which `index` recognises (and skips) this folder as a library home."""
@@ -276,32 +367,43 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.begin() as c:
-            c.execute(_sql("INSERT OR REPLACE INTO library_meta (key, value) VALUES (:k, :v)"), {"k": key, "v": value})
+            c.execute("INSERT OR REPLACE INTO library_meta (key, value) VALUES (:k, :v)", {"k": key, "v": value})
 
     @property
     def schema_version(self) -> int:
         return self.scalar("SELECT max(version) FROM schema_migrations") or 0
 
     # --- small helpers -----------------------------------------------------------------------
+    @contextlib.contextmanager
     def begin(self):
-        return self.engine.begin()
+        """One write transaction (SQLAlchemy); its ``execute`` takes the statement text as reads do."""
+        with self.engine.begin() as c:
+            yield _Writer(c)
 
     def scalar(self, sql: str, **params):
-        with self.engine.connect() as c:
-            return c.execute(_sql(sql), params).scalar()
+        with self._read() as c:
+            row = c.execute(sql, params).fetchone()
+            return None if row is None else row[0]
 
     def rows(self, sql: str, *, expanding: tuple[str, ...] = (), **params) -> list:
-        with self.engine.connect() as c:
-            return list(c.execute(_sql(sql, expanding), params))
+        with self._read() as c:
+            return c.execute(sql, params, expanding).fetchall()
 
     def close(self) -> None:
-        self.engine.dispose()
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
     # --- models ------------------------------------------------------------------------------
     def get_or_create_model(self, name: str, pretrained: str | None, fingerprint: str, dim: int) -> ModelRow:
         with self.begin() as c:
-            c.execute(_sql("INSERT OR IGNORE INTO models (name, pretrained, fingerprint, dim, created_at) "
-                           "VALUES (:n, :p, :f, :d, :t)"),
+            c.execute("INSERT OR IGNORE INTO models (name, pretrained, fingerprint, dim, created_at) "
+                           "VALUES (:n, :p, :f, :d, :t)",
                       {"n": name, "p": pretrained or "", "f": fingerprint, "d": dim, "t": time.time()})
         row = self.find_model(name, pretrained, fingerprint)
         assert row is not None
@@ -463,42 +565,42 @@ class Store:
                     {**_image_params(img), "now": now})
                 ids[img["path"]] = res.lastrowid
             if updated:
-                c.execute(_sql("UPDATE images SET size = :size, mtime_ns = :mtime_ns, hash = :hash, width = :width, "
-                               f"height = :height, {_META_SET}, updated_at = :now WHERE id = :id"),
+                c.execute("UPDATE images SET size = :size, mtime_ns = :mtime_ns, hash = :hash, width = :width, "
+                               f"height = :height, {_META_SET}, updated_at = :now WHERE id = :id",
                           [{**_image_params(img), "id": img["id"], "now": now} for img in updated])
-                c.execute(_sql("DELETE FROM vectors WHERE model_id != :m AND image_id = :id"),
+                c.execute("DELETE FROM vectors WHERE model_id != :m AND image_id = :id",
                           [{"m": model_id, "id": img["id"]} for img in updated])
             if moved:
-                c.execute(_sql("DELETE FROM images WHERE path = :path AND id != :id"),
+                c.execute("DELETE FROM images WHERE path = :path AND id != :id",
                           [{"id": i, "path": _bind(p)} for i, p, _, _ in moved])
-                c.execute(_sql("UPDATE images SET path = :path, folder = :folder, name = :name, size = :size, "
-                               "mtime_ns = :mtime_ns, updated_at = :now WHERE id = :id"),
+                c.execute("UPDATE images SET path = :path, folder = :folder, name = :name, size = :size, "
+                               "mtime_ns = :mtime_ns, updated_at = :now WHERE id = :id",
                           [{"id": i, "path": _bind(p), "folder": _shown(os.path.dirname(p)),
                             "name": _shown(os.path.basename(p)),
                             "size": s, "mtime_ns": m, "now": now} for i, p, s, m in moved])
             if touched:
-                c.execute(_sql("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id"),
+                c.execute("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id",
                           [{"id": i, "s": s, "m": m} for i, s, m in touched])
             if vectors:
-                c.execute(_sql("INSERT OR REPLACE INTO vectors (model_id, image_id, vector, seq) VALUES "
-                               "(:m, :i, :v, (SELECT version FROM models WHERE id = :m) + 1)"),
+                c.execute("INSERT OR REPLACE INTO vectors (model_id, image_id, vector, seq) VALUES "
+                               "(:m, :i, :v, (SELECT version FROM models WHERE id = :m) + 1)",
                           [{"m": model_id, "i": ids[k] if isinstance(k, str) else int(k), "v": vector_to_blob(v)}
                            for k, v in vectors])
             if meta:
-                c.execute(_sql(f"UPDATE images SET width = coalesce(:width, width), height = coalesce(:height, "
-                               f"height), {_META_SET} WHERE id = :id"),
+                c.execute(f"UPDATE images SET width = coalesce(:width, width), height = coalesce(:height, "
+                               f"height), {_META_SET} WHERE id = :id",
                           [{"id": m["id"], "width": m.get("width"), "height": m.get("height"),
                             **{k: m.get(k) for k in META_COLUMNS}} for m in meta])
             if cleared_failures:
-                c.execute(_sql("DELETE FROM failures WHERE path = :p"), [{"p": _bind(p)} for p in cleared_failures])
+                c.execute("DELETE FROM failures WHERE path = :p", [{"p": _bind(p)} for p in cleared_failures])
             if failures:
-                c.execute(_sql("INSERT OR REPLACE INTO failures (path, reason, size, mtime_ns, at) "
-                               "VALUES (:p, :r, :s, :m, :t)"),
+                c.execute("INSERT OR REPLACE INTO failures (path, reason, size, mtime_ns, at) "
+                               "VALUES (:p, :r, :s, :m, :t)",
                           [{"p": _bind(p), "r": r, "s": s, "m": m, "t": now} for p, r, s, m in failures])
             if new or updated or moved or vectors:
-                c.execute(_sql("UPDATE models SET version = version + 1 WHERE id = :m"), {"m": model_id})
+                c.execute("UPDATE models SET version = version + 1 WHERE id = :m", {"m": model_id})
             if updated:  # other models lost vectors for these images
-                c.execute(_sql("UPDATE models SET version = version + 1 WHERE id != :m"), {"m": model_id})
+                c.execute("UPDATE models SET version = version + 1 WHERE id != :m", {"m": model_id})
         return ids
 
     def delete_images(self, ids: Iterable[int]) -> int:
@@ -523,7 +625,7 @@ class Store:
                                  {"p": _bind(root), "like": _like_prefix(root) if root != os.sep else "%"})
                 gone = [r[0] for r in rows if _unbind(r[0]) not in keep]
                 if gone:
-                    c.execute(_sql("DELETE FROM failures WHERE path = :p"), [{"p": p} for p in gone])
+                    c.execute("DELETE FROM failures WHERE path = :p", [{"p": p} for p in gone])
 
     def failures(self, limit: int | None = None) -> list[tuple[str, str]]:
         sql = "SELECT path, reason FROM failures ORDER BY path"
@@ -553,17 +655,17 @@ class Store:
         dim = model.dim if model else 0
         id_list: list[int] = []
         blobs: list[bytes] = []
-        with self.engine.connect() as c:
+        with self._read() as c:
             if ids is None:
-                result = c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m ORDER BY image_id"),
+                result = c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m ORDER BY image_id",
                                    {"m": model_id})
                 for i, b in result:
                     id_list.append(i)
                     blobs.append(b)
             else:
                 for part in _chunks([int(i) for i in ids]):
-                    result = c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m "
-                                            "AND image_id IN :ids", ("ids",)), {"m": model_id, "ids": list(part)})
+                    result = c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id IN :ids",
+                                       {"m": model_id, "ids": list(part)}, ("ids",))
                     for i, b in result:
                         id_list.append(i)
                         blobs.append(b)
@@ -571,8 +673,8 @@ class Store:
 
     def vector_ids(self, model_id: int) -> np.ndarray:
         """Every image id that has a vector for this model, ascending."""
-        with self.engine.connect() as c:
-            result = c.execute(_sql("SELECT image_id FROM vectors WHERE model_id = :m ORDER BY image_id"),
+        with self._read() as c:
+            result = c.execute("SELECT image_id FROM vectors WHERE model_id = :m ORDER BY image_id",
                                {"m": model_id})
             return np.fromiter((r[0] for r in result), dtype=np.int64)  # no list of 10M row tuples
 
@@ -582,9 +684,9 @@ class Store:
         dim = model.dim if model else 0
         last = -1
         while True:
-            with self.engine.connect() as c:  # a short read per batch: writers are never held up for long
-                rows = c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id > :l "
-                                      "ORDER BY image_id LIMIT :n"), {"m": model_id, "l": last, "n": batch}).fetchall()
+            with self._read() as c:  # a short read per batch: writers are never held up for long
+                rows = c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id > :l "
+                                      "ORDER BY image_id LIMIT :n", {"m": model_id, "l": last, "n": batch}).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
@@ -601,9 +703,9 @@ class Store:
         cols = ", ".join(f"i.{c.strip()}" for c in self._IMAGE_COLS.split(","))
         last = -1
         while True:
-            with self.engine.connect() as c:
-                rows = c.execute(_sql(f"SELECT {cols}, v.vector FROM vectors v JOIN images i ON i.id = v.image_id "
-                                      "WHERE v.model_id = :m AND v.image_id > :l ORDER BY v.image_id LIMIT :n"),
+            with self._read() as c:
+                rows = c.execute(f"SELECT {cols}, v.vector FROM vectors v JOIN images i ON i.id = v.image_id "
+                                      "WHERE v.model_id = :m AND v.image_id > :l ORDER BY v.image_id LIMIT :n",
                                  {"m": model_id, "l": last, "n": batch}).fetchall()
             if not rows:
                 return
@@ -617,9 +719,9 @@ class Store:
 
         lab, tpl = json.dumps(list(labels)), json.dumps(list(templates))
         with self.begin() as c:
-            c.execute(_sql("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
-                           "VALUES (:m, :l, :t, :now)"), {"m": model_id, "l": lab, "t": tpl, "now": time.time()})
-            return int(c.execute(_sql("SELECT id FROM tag_sets WHERE model_id = :m AND labels = :l AND templates = :t"),
+            c.execute("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
+                           "VALUES (:m, :l, :t, :now)", {"m": model_id, "l": lab, "t": tpl, "now": time.time()})
+            return int(c.execute("SELECT id FROM tag_sets WHERE model_id = :m AND labels = :l AND templates = :t",
                                  {"m": model_id, "l": lab, "t": tpl}).scalar())
 
     def replace_tags(self, set_id: int, image_ids: Sequence[int], tags: Sequence[tuple[int, str, float]]) -> None:
@@ -629,7 +731,7 @@ class Store:
                 c.execute(_sql("DELETE FROM tags WHERE set_id = :s AND image_id IN :ids", ("ids",)),
                           {"s": set_id, "ids": list(part)})
             if tags:
-                c.execute(_sql("INSERT INTO tags (set_id, image_id, label, prob) VALUES (:s, :i, :l, :p)"),
+                c.execute("INSERT INTO tags (set_id, image_id, label, prob) VALUES (:s, :i, :l, :p)",
                           [{"s": set_id, "i": int(i), "l": lab, "p": float(p)} for i, lab, p in tags])
 
     def tag_sets(self) -> list[dict]:
@@ -646,7 +748,7 @@ class Store:
     def delete_tag_set(self, set_id: int) -> int:
         """Drop a label set and its tags; returns how many sets were removed (0 or 1)."""
         with self.begin() as c:
-            return int(c.execute(_sql("DELETE FROM tag_sets WHERE id = :s"), {"s": set_id}).rowcount or 0)
+            return int(c.execute("DELETE FROM tag_sets WHERE id = :s", {"s": set_id}).rowcount or 0)
 
     def tag_counts(self, set_id: int | None = None) -> list[tuple[str, int]]:
         """(label, images) over all sets (or one), most used first; labels compare case-insensitively."""
@@ -689,8 +791,8 @@ class Store:
             if pairs:
                 # One executemany; sqlite3 sums each row's direct changes into rowcount (the FTS rows the
                 # trigger touches are not counted), so ignored duplicates add 0.
-                res = c.execute(_sql("INSERT OR IGNORE INTO captions (image_id, text, source, added_at) "
-                                     "VALUES (:i, :t, :s, :now)"),
+                res = c.execute("INSERT OR IGNORE INTO captions (image_id, text, source, added_at) "
+                                     "VALUES (:i, :t, :s, :now)",
                                 [{"i": int(image_id), "t": caption, "s": source, "now": now}
                                  for image_id, caption in pairs])
                 added = res.rowcount or 0
@@ -735,20 +837,20 @@ class Store:
         if not rows:
             return
         with self.begin() as c:
-            c.execute(_sql("INSERT OR REPLACE INTO image_fingerprints (image_id, hash, data) VALUES (:i, :h, :d)"),
+            c.execute("INSERT OR REPLACE INTO image_fingerprints (image_id, hash, data) VALUES (:i, :h, :d)",
                       [{"i": int(i), "h": h, "d": bytes(d)} for i, h, d in rows])
 
     def vector_changes(self, model_id: int, since_version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(upserted ids, their vectors, deleted ids) for a model since ``since_version`` (for cache deltas)."""
         ids: list[int] = []
         blobs: list[bytes] = []
-        with self.engine.connect() as c:
-            for i, b in c.execute(_sql("SELECT image_id, vector FROM vectors WHERE model_id = :m AND seq > :v"),
+        with self._read() as c:
+            for i, b in c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m AND seq > :v",
                                   {"m": model_id, "v": since_version}):
                 ids.append(i)
                 blobs.append(b)
-            deleted = [r[0] for r in c.execute(_sql("SELECT DISTINCT image_id FROM vector_deletions "
-                                                    "WHERE model_id = :m AND seq > :v"),
+            deleted = [r[0] for r in c.execute("SELECT DISTINCT image_id FROM vector_deletions "
+                                                    "WHERE model_id = :m AND seq > :v",
                                                {"m": model_id, "v": since_version})]
         model = self.model_by_id(model_id)
         dim = model.dim if model else 0
@@ -758,13 +860,13 @@ class Store:
     def prune_deletions(self, model_id: int, through_version: int) -> None:
         """Forget tombstones a freshly rebuilt cache no longer needs."""
         with self.begin() as c:
-            c.execute(_sql("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v"),
+            c.execute("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v",
                       {"m": model_id, "v": through_version})
 
     # --- runs --------------------------------------------------------------------------------
     def start_run(self, model_id: int, roots: Sequence[str]) -> int:
         with self.begin() as c:
-            res = c.execute(_sql("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)"),
+            res = c.execute("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)",
                             {"m": model_id, "r": "\n".join(_shown(r) for r in roots), "t": time.time(),
                              "p": os.getpid()})
             return int(res.lastrowid)

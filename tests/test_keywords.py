@@ -122,7 +122,7 @@ def test_blend_moves_keyword_matches_up_by_weight(cli, trip):
     assert full[0]["path"] == str(target)
     assert all(0.0 <= h["score"] <= 1.0 for h in half)
     r = cli("query", "a red circle", "--blend", "0.5")
-    assert r.exit_code == 2 and "give --keyword" in r.stderr
+    assert r.exit_code == 2 and "--blend 0.5: weighs keyword relevance; give a keyword too" in r.stderr
 
 
 def test_tags_are_keywords_and_tag_filter_combines(cli, trip):

@@ -79,9 +79,9 @@ def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_u
         lib.index(more)
     assert floor()["vectors"] == 18 and encoded == []  # re-measured with the kept caption vectors
     with Library(settings=settings) as lib:
-        hits = lib.quick_search("a green circle", k=2, relevance=True)  # numpy + sqlite3: the stored floor
-        assert hits is not None and [h.relevant for h in hits] == [True, True]
-        assert [h.relevant for h in lib.quick_search("a yellow triangle", k=3, relevance=True)] == [False] * 3
+        hits = lib.search("a green circle", k=2, relevance=True)  # a fresh Library: the stored floor
+        assert [h.relevant for h in hits] == [True, True]
+        assert [h.relevant for h in lib.search("a yellow triangle", k=3, relevance=True)] == [False] * 3
         assert lib.relevance_floor() == floor()
 
 
@@ -152,7 +152,7 @@ def test_server_hits_carry_relevance(settings, lib, cli, monkeypatch):
         with pytest.raises(urllib.error.HTTPError) as bad:
             urllib.request.urlopen(req, timeout=30)
         assert bad.value.code == 400
-        assert json.loads(bad.value.read()) == {"error": "'relevance' must be true or false", "field": "relevance"}
+        assert json.loads(bad.value.read()) == {"error": "relevance: must be true or false", "field": "relevance"}
         with monkeypatch.context() as m:  # `query --relevant` asks the running server
             m.setattr(type(lib), "search", lambda *a, **kw: pytest.fail("answered in-process"))
             r = cli("query", "a white triangle", "--relevant", "-k", "2", "--json")
