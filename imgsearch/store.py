@@ -182,8 +182,11 @@ class Store:
             if not create:
                 raise LibraryError(f"no library at {self.path.parent}; run `imgsearch index PATH` first "
                                    "(or pass --home to point at an existing library)")
+            from .config import create_private, make_home
+
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                make_home(self.path.parent)
+                create_private(self.path)  # before SQLite makes it 0644; its -wal and -shm copy this mode
             except OSError as e:
                 raise LibraryError(f"cannot create library folder {self.path.parent}: {e.strerror or e}") from None
         # A library on read-only media or without write permission still answers queries.
