@@ -102,6 +102,15 @@ def main() -> None:
     """Console-script entry: the fast path first (no Typer import at all), else the full CLI."""
     if len(sys.argv) > 2 and run(sys.argv[1:]):
         sys.exit(0)
+    import signal
+
     from .cli import app
 
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    # `kill` stops a command as Ctrl-C does, so its clean-up runs (an export's temporary folder, a server's
+    # discovery file, a watcher's last batch). Only this entry point, which owns its process, does so: the
+    # library never touches signal handlers, which belong to whatever program imported it.
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="imgsearch")
