@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,21 +60,14 @@ def read_captions(source: str | os.PathLike, image_col: str = "path", caption_co
         problem: dict[str, str | None] = {}
         for p in result.pairs:
             if p.path not in problem:
-                problem[p.path] = _file_problem(p.path)
+                problem[p.path] = None if os.path.isfile(p.path) else (
+                    "not a regular file" if os.path.exists(p.path) else "image not found")
             if problem[p.path] is None:
                 kept.append(p)
             else:
                 result.problems.append((_where(result.source, p.line), f"{problem[p.path]}: {p.path}"))
         result.pairs = kept
     return result
-
-
-def _file_problem(path: str) -> str | None:
-    """Why ``path`` cannot be a training image (None when it can): missing, or a device, FIFO or folder."""
-    try:
-        return None if stat.S_ISREG(os.stat(path).st_mode) else "not a regular file"
-    except OSError:
-        return "image not found"
 
 
 def _where(source: str, line: int | None) -> str:

@@ -50,22 +50,9 @@ def make_home(home: str | os.PathLike) -> Path:
     """The library home, created private to this user (0700) when missing: it holds every path, caption
     and thumbnail. A folder that already exists keeps the permissions its owner gave it."""
     home = Path(home)
-    if not home.is_dir():
-        home.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            home.mkdir(mode=0o700)  # the umask can only take bits away: never wider than 0700
-        except FileExistsError:  # made meanwhile by another run
-            pass
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)  # the umask can only take bits away: never wider than 0700
     return home
-
-
-def create_private(path: str | os.PathLike) -> None:
-    """Create the empty file ``path`` readable and writable by this user only; an existing file is left as
-    it is (never truncated, never re-permissioned)."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
 
 
 def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:

@@ -136,8 +136,6 @@ def stored_time(value) -> str | None:
             value = datetime.fromisoformat(value.strip())
         except ValueError:
             return None
-    if type(value) is date:
-        value = datetime(value.year, value.month, value.day)
     return value.replace(tzinfo=None).isoformat(timespec="seconds") if isinstance(value, datetime) else None
 
 

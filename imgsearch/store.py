@@ -182,11 +182,12 @@ class Store:
             if not create:
                 raise LibraryError(f"no library at {self.path.parent}; run `imgsearch index PATH` first "
                                    "(or pass --home to point at an existing library)")
-            from .config import create_private, make_home
+            from .config import make_home
 
             try:
                 make_home(self.path.parent)
-                create_private(self.path)  # before SQLite makes it 0644; its -wal and -shm copy this mode
+                # Made here before SQLite would make it 0644; its -wal and -shm files copy this mode.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             except OSError as e:
                 raise LibraryError(f"cannot create library folder {self.path.parent}: {e.strerror or e}") from None
         # A library on read-only media or without write permission still answers queries.
