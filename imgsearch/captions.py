@@ -57,14 +57,15 @@ def read_captions(source: str | os.PathLike, image_col: str = "path", caption_co
                             ".jsonl or a folder of images with .txt sidecars")
     if check_files:
         kept = []
-        exists: dict[str, bool] = {}
+        problem: dict[str, str | None] = {}
         for p in result.pairs:
-            if p.path not in exists:
-                exists[p.path] = os.path.isfile(p.path)
-            if exists[p.path]:
+            if p.path not in problem:
+                problem[p.path] = None if os.path.isfile(p.path) else (
+                    "not a regular file" if os.path.exists(p.path) else "image not found")
+            if problem[p.path] is None:
                 kept.append(p)
             else:
-                result.problems.append((_where(result.source, p.line), f"image not found: {p.path}"))
+                result.problems.append((_where(result.source, p.line), f"{problem[p.path]}: {p.path}"))
         result.pairs = kept
     return result
 

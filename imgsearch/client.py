@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import Settings
+from .config import Settings, make_home
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .modelspec import ModelSpec
 
@@ -93,8 +93,8 @@ def search(info: dict, request, timeout: float = 60.0) -> list[dict]:
 
 def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0) -> dict | None:
     """Start `imgsearch serve --idle-exit` in the background for this library and wait until it answers."""
-    Path(settings.home).mkdir(parents=True, exist_ok=True)
-    log = open(Path(settings.home) / "server.log", "ab")
+    log_path = make_home(settings.home) / "server.log"  # queries and paths: for this user's eyes only
+    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     cmd = [sys.executable, "-m", "imgsearch", "--home", str(settings.home), "--model", settings.model]
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]

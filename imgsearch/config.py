@@ -48,6 +48,15 @@ HOME_DB = "library.db"
 HOME_MARKER = ".imgsearch-home"
 
 
+def make_home(home: str | os.PathLike) -> Path:
+    """The library home, created private to this user (0700) when missing: it holds every path, caption
+    and thumbnail. A folder that already exists keeps the permissions its owner gave it."""
+    home = Path(home)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)  # the umask can only take bits away: never wider than 0700
+    return home
+
+
 def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:
     """Where a model's exported towers live: <home>/exports/<weights fingerprint, file-name safe>/."""
     import re

@@ -16,9 +16,13 @@ Safety: an export goes only into a new or empty folder. It is built in a tempora
 carries an ownership marker (owned.py), moved into place when complete, and on failure removed file by
 file after proving imgsearch wrote it. Nothing the user put there is ever touched.
 
-Import checks that the export's model is the library's model (same weights fingerprint, same dimension)
-and refuses anything else, and inserts images whose files are reachable here; by default each file's
-content hash is checked against the export (``trust`` skips the read and takes the exported hash).
+Import trusts nothing it reads. The export's model must be the library's (same weights fingerprint, same
+dimension). Every row is checked by type and range (a finite, non-zero vector; a path that is text without
+NUL; whole-number size, width and height within reason; a capture time that is a real date, else none),
+and a bad row is skipped and counted. A path is resolved against the export's folder, and what it names
+must be a regular file whose first bytes are an image format imgsearch reads, of the exported size; by
+default its content hash is checked too (``trust`` takes the exported hash and judges the file by its
+name the way the walk does, reading nothing).
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ PARTIAL = ".partial"  # a data file still being written
 EXPORT_KIND, PART_KIND, TEMP_KIND = "export", "export-part", "export-temp"
 TEMP_PREFIX = ".imgsearch-export-"
 SUBFOLDERS = ("img_emb", "metadata")
+NOT_IMAGE = "not-image: "  # _check_file's verdict on a path naming no image file
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux: a longer name is not a path anything here can open
+MAX_SIDE = 1 << 20  # pixels per side: far beyond any photo, far below what overflows a product
+MAX_SIZE = 1 << 50  # bytes
+HASH = re.compile(r"[0-9a-f]{32}")  # files.hash_file's BLAKE2b-128 in hex
+EXAMPLES = 10  # problems kept by name in an ImportReport; the rest are counted
 
 ProgressFn = Callable[[int, int], None]
 
@@ -79,16 +89,27 @@ class ImportReport:
     already: int = 0  # image and vector already there (a second import adds nothing)
     unreachable: list[str] = field(default_factory=list)  # paths with no file here
     changed: list[tuple[str, str]] = field(default_factory=list)  # (path, why) skipped: not what was exported
-    invalid: int = 0  # rows whose vector is not finite or is all zeros
+    not_images: list[tuple[str, str]] = field(default_factory=list)  # (path, why): no image file imgsearch reads
+    invalid: int = 0  # rows skipped for a bad value (vector, path, size, width, height)
+    invalid_examples: list[str] = field(default_factory=list)  # "row N: why", the first few
     seconds: float = 0.0
 
+    def bad_row(self, row: int, why: str) -> None:
+        self.invalid += 1
+        if len(self.invalid_examples) < EXAMPLES:
+            self.invalid_examples.append(f"row {row + 1}: {why}")
+
     def as_dict(self) -> dict:
+        def examples(pairs):
+            return [{"path": p, "reason": r} for p, r in pairs[:EXAMPLES]]
+
         return {"folder": self.folder, "format": self.format, "model": self.model, "rows": self.rows,
                 "added": self.added, "vectors_added": self.vectors_added, "already": self.already,
-                "unreachable": len(self.unreachable), "unreachable_examples": self.unreachable[:10],
-                "changed": len(self.changed),
-                "changed_examples": [{"path": p, "reason": r} for p, r in self.changed[:10]],
-                "invalid": self.invalid, "seconds": round(self.seconds, 3)}
+                "unreachable": len(self.unreachable), "unreachable_examples": self.unreachable[:EXAMPLES],
+                "changed": len(self.changed), "changed_examples": examples(self.changed),
+                "not_images": len(self.not_images), "not_images_examples": examples(self.not_images),
+                "invalid": self.invalid, "invalid_examples": self.invalid_examples,
+                "seconds": round(self.seconds, 3)}
 
 
 def _arrow():
@@ -577,20 +598,59 @@ def open_export(folder: str | os.PathLike) -> _Source:
     return _Source(root, fmt, int(dim), rows, model, shards)
 
 
-def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict], np.ndarray]]:
-    """([{path, size, hash, width, height, taken_at}], float32 vectors) a chunk at a time, in file order."""
+def _whole(value, name: str, low: int, high: int) -> int | None:
+    """An exported count as an int in [low, high] (None when absent); ValueError saying why otherwise."""
+    if value is None or (isinstance(value, float) and value != value):  # NaN: how pandas writes "absent"
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name} {value!r:.40} is not a whole number from {low} to {high}")
+    return value
+
+
+def _record(path, raw, digest, size, width, height, taken) -> dict:
+    """One exported row's metadata checked by type and range; ValueError saying what is wrong."""
+    from .geo import stored_time
+
+    if raw is not None:
+        if not isinstance(raw, bytes):
+            raise ValueError(f"path_raw is {type(raw).__name__}, not bytes")
+        path = os.fsdecode(raw)
+    if not isinstance(path, str) or not path:
+        raise ValueError("its path is missing" if path in (None, "") else f"its path is {type(path).__name__}, "
+                                                                             "not text")
+    if "\0" in path:
+        raise ValueError("its path holds a NUL character")
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise ValueError(f"its path is longer than {MAX_PATH_BYTES} bytes")
+    return {"path": path, "size": _whole(size, "size", 0, MAX_SIZE), "width": _whole(width, "width", 1, MAX_SIDE),
+            "height": _whole(height, "height", 1, MAX_SIDE),
+            "hash": digest if isinstance(digest, str) and HASH.fullmatch(digest) else None,  # else: read the file
+            "taken_at": stored_time(taken)}
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, and its row is refused
+        return np.asarray(values, dtype=np.float32)
+
+
+def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.ndarray]]:
+    """(rows, float32 vectors) a chunk at a time, in file order. A row is {path, size, hash, width, height,
+    taken_at}, checked, or the text saying why it is unusable; a null vector comes back as NaN."""
     pa, pq = _arrow()
     wanted = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at")
 
-    def records(batch) -> list[dict]:
+    def records(batch) -> list[dict | str]:
         cols = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}
+        absent = [None] * batch.num_rows
         paths = cols["path"] if "path" in cols else cols["image_path"]
-        raw = cols["path_raw"] if "path_raw" in cols else [None] * len(paths)
-        out = []
-        for k in range(len(paths)):
-            out.append({"path": os.fsdecode(raw[k]) if raw[k] is not None else paths[k],
-                        **{c: cols[c][k] if c in cols else None
-                           for c in ("hash", "size", "width", "height", "taken_at")}})
+        out: list[dict | str] = []
+        for values in zip(paths, *(cols.get(c, absent) for c in wanted[2:])):
+            try:
+                out.append(_record(*values))
+            except ValueError as e:
+                out.append(str(e))
         return out
 
     if src.format == "parquet":
@@ -599,8 +659,12 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict], np.ndarra
             cols = [c for c in (*wanted, "vector") if c in pf.schema_arrow.names]
             for batch in pf.iter_batches(batch_size=chunk, columns=cols):
                 vec = batch.column("vector")
-                flat = vec.flatten().to_numpy(zero_copy_only=False)
-                yield records(batch), np.asarray(flat, dtype=np.float32).reshape(len(vec), src.dim)
+                # .values, not .flatten(): flatten drops null rows and would shift every vector after one.
+                flat = vec.values.slice(vec.offset * src.dim, len(vec) * src.dim).to_numpy(zero_copy_only=False)
+                vecs = _float32(flat).reshape(len(vec), src.dim)
+                if vec.null_count:
+                    vecs = np.where(vec.is_null().to_numpy(zero_copy_only=False)[:, None], np.nan, vecs)
+                yield records(batch), vecs
         return
     for npy, meta in src.shards:
         f, n, dim, dtype = _npy_open(npy)
@@ -612,7 +676,7 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict], np.ndarra
                 data = f.read(k * dim * dtype.itemsize)
                 if len(data) != k * dim * dtype.itemsize:
                     raise DataError(f"{npy} ends early; the export is damaged")
-                yield records(batch), np.frombuffer(data, dtype=dtype).reshape(k, dim).astype(np.float32)
+                yield records(batch), _float32(np.frombuffer(data, dtype=dtype)).reshape(k, dim)
 
 
 # --- import --------------------------------------------------------------------------------------------
@@ -660,30 +724,40 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
     return spec, fp, dim
 
 
-def _check_file(rec: dict, trust: bool) -> tuple[str, str | None, os.stat_result | None, str | None]:
-    """(library path, content hash, stat, why skipped) for one exported image, checked against the disk."""
-    from . import files
+def _check_file(rec: dict, folder: Path, trust: bool, heic: bool
+                ) -> tuple[str, str | None, os.stat_result | None, str | None]:
+    """(library path, content hash, stat, why skipped) for one exported image, checked against the disk.
 
-    raw = rec["path"]
-    if not raw:
-        return "", None, None, "unreachable"
-    path = files.abspath(raw)
+    ``why`` is None (import it), "unreachable", NOT_IMAGE + a reason, or why the file is not the one exported.
+    """
+    from . import files, formats
+
+    path = os.path.realpath(os.path.join(folder, rec["path"]))  # a relative path is the export's, not the cwd's
+    digest = rec["hash"] if trust else None
     try:
         st = os.stat(path)
-    except OSError:
-        return path, None, None, "unreachable"
-    if not stat.S_ISREG(st.st_mode):
-        return path, None, None, "unreachable"
-    if rec.get("size") is not None and int(rec["size"]) != st.st_size:
-        return path, None, st, f"size is {st.st_size} bytes, the export says {rec['size']}"
-    if trust and rec.get("hash"):
-        return path, rec["hash"], st, None
-    try:
-        with open(path, "rb") as f:
-            digest = files.hash_file(f)
+        if not stat.S_ISREG(st.st_mode):  # never opened: opening a device or a FIFO can block or act
+            return path, None, None, NOT_IMAGE + "not a regular file"
+        if digest:  # trusted: judged by its name as the walk does (the first bytes only if the name says nothing)
+            is_image = files.is_image_file(path, heic)
+        else:
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+                st = os.fstat(f.fileno())  # the file opened, not whatever the path named a moment ago
+                kind = formats.sniff(f.read(formats.HEAD_BYTES)) if stat.S_ISREG(st.st_mode) else "other"
+                if kind is None and formats.kind_by_extension(path) == "raw":
+                    kind = "raw"  # libraw reads RAW formats whose signature sniff does not know (CRW, MRW, X3F)
+                is_image = kind in ("image", "raw") or (kind == "heic" and heic)
+                if is_image and rec["size"] in (None, st.st_size):
+                    f.seek(0)
+                    digest = files.hash_file(f)
     except OSError as e:
-        return path, None, None, "unreachable" if isinstance(e, FileNotFoundError) else f"cannot read: {e.strerror}"
-    if rec.get("hash") and digest != rec["hash"]:
+        gone = isinstance(e, (FileNotFoundError, NotADirectoryError))
+        return path, None, None, "unreachable" if gone else f"cannot read: {e.strerror or e}"
+    if not is_image:
+        return path, None, st, NOT_IMAGE + "not an image file imgsearch reads"
+    if rec["size"] is not None and rec["size"] != st.st_size:
+        return path, None, st, f"size is {st.st_size} bytes, the export says {rec['size']}"
+    if rec["hash"] and digest != rec["hash"]:
         return path, None, st, "content differs from the exported image"
     return path, digest, st, None
 
@@ -699,6 +773,7 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from . import files
     from .lock import write_lock
     from .store import Store
 
@@ -713,10 +788,19 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
             done = 0
             if progress:
                 progress(0, src.rows)
+            heic = files.heic_supported()
             with ThreadPoolExecutor(max_workers=settings.decode_workers()) as pool:
                 for recs, vecs in _iter_rows(src, chunk):
-                    checked = list(pool.map(lambda r: _check_file(r, trust), recs))
-                    _import_chunk(store, model.id, recs, vecs, checked, report)
+                    usable = np.isfinite(vecs).all(axis=1) & vecs.any(axis=1)
+                    keep = []
+                    for k, rec in enumerate(recs):
+                        if isinstance(rec, str) or not usable[k]:
+                            report.bad_row(done + k, rec if isinstance(rec, str)
+                                           else "its vector is missing, all zeros or not finite")
+                        else:
+                            keep.append(k)
+                    checked = list(pool.map(lambda k: _check_file(recs[k], src.folder, trust, heic), keep))
+                    _import_chunk(store, model.id, [recs[k] for k in keep], vecs[keep], checked, report)
                     done += len(recs)
                     if progress:
                         progress(done, src.rows)
@@ -731,14 +815,14 @@ def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, chec
 
     ok = []
     for k, (path, digest, st, why) in enumerate(checked):
-        if why == "unreachable":
-            report.unreachable.append(display(path or str(recs[k]["path"])))
-        elif why is not None:
-            report.changed.append((display(path), why))
-        elif not np.isfinite(vecs[k]).all() or not vecs[k].any():
-            report.invalid += 1
-        else:
+        if why is None:
             ok.append(k)
+        elif why == "unreachable":
+            report.unreachable.append(display(path))
+        elif why.startswith(NOT_IMAGE):
+            report.not_images.append((display(path), why[len(NOT_IMAGE):]))
+        else:
+            report.changed.append((display(path), why))
     if not ok:
         return
     existing = store.images_at(checked[k][0] for k in ok)

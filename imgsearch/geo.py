@@ -108,22 +108,35 @@ def _period(raw: str, param: str) -> tuple[datetime, datetime] | None:
         return None
     y, mo, d = int(m[1]), int(m[2] or 1), int(m[3] or 1)
     try:
-        if not 1 <= y <= 9998:
-            raise ValueError
         start = datetime(y, mo, d)
     except ValueError:
         raise ParamError(param, f"{raw!r} is not a real date; give {DATE_FORMATS}") from None
-    if m[3]:
-        end = datetime.fromordinal(start.toordinal() + 1)
-    elif m[2]:
-        end = datetime(y + (mo == 12), mo % 12 + 1, 1)
-    else:
-        end = datetime(y + 1, 1, 1)
+    try:
+        if m[3]:
+            end = datetime.fromordinal(start.toordinal() + 1)
+        elif m[2]:
+            end = datetime(y + (mo == 12), mo % 12 + 1, 1)
+        else:
+            end = datetime(y + 1, 1, 1)
+    except ValueError:  # a period ending after 9999, the last year a capture time can hold (and the indexer
+        end = datetime.max  # stores): its end is the end of time
     return start, end
 
 
 def _iso(dt: datetime) -> str:
-    return dt.isoformat(timespec="seconds")
+    # datetime.max keeps its fraction: as text it must sort after 9999-12-31T23:59:59, a time photos can have
+    return dt.isoformat(timespec="microseconds" if dt == datetime.max else "seconds")
+
+
+def stored_time(value) -> str | None:
+    """``value`` as the library stores a capture time (local wall clock, ISO 8601 to the second, the form the
+    indexer writes and the date filters compare with), or None when it is not a real date and time."""
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    return value.replace(tzinfo=None).isoformat(timespec="seconds") if isinstance(value, datetime) else None
 
 
 def parse_bound(raw, param: str) -> TimeBound | None:

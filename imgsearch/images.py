@@ -91,8 +91,12 @@ def _offset(raw) -> tuple[str, timedelta] | None:
     return f"{m[1]}{hours:02d}:{minutes:02d}", sign * timedelta(hours=hours, minutes=minutes)
 
 
-def _degrees(value, ref, negative: str, limit: float) -> float | None:
-    """EXIF GPS (degrees, minutes, seconds) rationals and an N/S or E/W ref as signed decimal degrees."""
+def _degrees(value, ref, refs: str, limit: float) -> float | None:
+    """EXIF GPS (degrees, minutes, seconds) rationals and an N/S or E/W ref (``refs``: "NS" or "EW") as
+    signed decimal degrees; None when either is malformed, a missing or unknown ref included (no sign)."""
+    ref = (_exif_text(ref) or "").upper()
+    if len(ref) != 1 or ref not in refs:
+        return None
     try:
         parts = [float(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
     except (TypeError, ValueError, ZeroDivisionError):
@@ -102,7 +106,7 @@ def _degrees(value, ref, negative: str, limit: float) -> float | None:
     deg = sum(v / 60 ** i for i, v in enumerate(parts))
     if deg > limit:
         return None
-    return -deg if (_exif_text(ref) or "").upper().startswith(negative) else deg
+    return -deg if ref == refs[1] else deg
 
 
 def _exif_meta(exif) -> dict:
@@ -127,7 +131,7 @@ def _exif_meta(exif) -> dict:
     try:
         gps = exif.get_ifd(_GPS_IFD)
         if gps:
-            lat, lon = _degrees(gps.get(2), gps.get(1), "S", 90.0), _degrees(gps.get(4), gps.get(3), "W", 180.0)
+            lat, lon = _degrees(gps.get(2), gps.get(1), "NS", 90.0), _degrees(gps.get(4), gps.get(3), "EW", 180.0)
             # 0,0 is what receivers without a fix write; a photo taken there is rarer than that bug.
             if lat is not None and lon is not None and (lat, lon) != (0.0, 0.0):
                 out["gps_lat"], out["gps_lon"] = round(lat, 7), round(lon, 7)
@@ -201,6 +205,9 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
     Raises DecodeError with a reason for anything that is not a readable image within the pixel cap.
     Camera RAW (by extension, or by content where the extension says nothing) goes through rawpy.
     """
+    if not isinstance(source, (bytes, bytearray, memoryview)) and os.path.exists(source) \
+            and not os.path.isfile(source):  # /dev/zero, a FIFO, a folder: no image, and a read may never end
+        raise DecodeError("not a regular file")
     if _is_raw(source):
         return _open_raw(source, draft_size, max_pixels)
     try:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .config import make_home
 from .errors import LibraryError
 
 LOCK_NAME = "write.lock"
@@ -87,8 +88,8 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True, timeout: float | N
                 _held[key] = (me, _held[key][1] - 1)
         return
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        make_home(home)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as e:
         raise LibraryError(f"cannot write to the library at {home} ({e.strerror or e}); queries work, but "
                            "indexing, forget, captions and tags need write access") from None

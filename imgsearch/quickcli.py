@@ -15,6 +15,15 @@ def main() -> None:
     # own process, so it may choose, before numpy loads; a user's own setting wins.
     if "query" in sys.argv[1:] and "OPENBLAS_NUM_THREADS" not in os.environ:
         os.environ["OPENBLAS_NUM_THREADS"] = OWN_ENV["OPENBLAS_NUM_THREADS"] = "1"
+    import signal
+
     from .cli import app
 
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    # `kill` stops a command as Ctrl-C does, so its clean-up runs (an export's temporary folder, a server's
+    # discovery file, a watcher's last batch). Only this entry point, which owns its process, does so: the
+    # library never touches signal handlers, which belong to whatever program imported it.
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="imgsearch")

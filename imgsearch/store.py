@@ -205,11 +205,12 @@ def _shown(path: str) -> str:
 class Store:
     """One open library database. Cheap to open; safe to share between threads.
 
-    Every method checks a connection out of SQLAlchemy's pool for its own duration and returns it, so no
-    SQLite connection is ever used by two threads at once. For a file database SQLAlchemy uses a QueuePool
-    and opens connections with ``check_same_thread=False`` (so a pooled one may move between threads), and
-    the read-only creator below does the same. Concurrent writers are serialised by SQLite itself (WAL,
-    30 s busy timeout); each write method is one transaction. The server and UI rely on this.
+    Every method checks a connection out of a pool for its own duration and returns it, so no SQLite
+    connection is ever used by two threads at once: reads use the sqlite3 module's connections directly (kept
+    in ``_idle``), writes SQLAlchemy's engine and its QueuePool, made by the first write. Connections are
+    opened with ``check_same_thread=False`` (so a pooled one may move between threads). Concurrent writers
+    are serialised by SQLite itself (WAL, 30 s busy timeout); each write method is one transaction, and a
+    read sees every committed one. The server and UI rely on this.
     """
 
     def __init__(self, db_path: str | os.PathLike, *, create: bool = True, read_only: bool | None = None):
@@ -218,8 +219,12 @@ class Store:
             if not create:
                 raise LibraryError(f"no library at {self.path.parent}; run `imgsearch index PATH` first "
                                    "(or pass --home to point at an existing library)")
+            from .config import make_home
+
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                make_home(self.path.parent)
+                # Made here before SQLite would make it 0644; its -wal and -shm files copy this mode.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             except OSError as e:
                 raise LibraryError(f"cannot create library folder {self.path.parent}: {e.strerror or e}") from None
         # A library on read-only media or without write permission still answers queries.

@@ -416,3 +416,28 @@ def test_ui_carries_the_filters_in_the_url(indexed, monkeypatch):
     at.run()
     assert not at.exception
     assert any("Near 91,0: latitude 91 is outside" in str(e.value).replace("\\", "") for e in at.error)
+
+
+def test_gps_with_an_unknown_hemisphere_is_dropped_not_read_as_north_east(tmp_path):
+    from imgsearch import images
+
+    where = {2: dms(EIFFEL[0]), 4: dms(EIFFEL[1])}
+    for name, refs in (("q.jpg", {1: "Q", 3: "E"}), ("nul.jpg", {1: "N", 3: "\x00"}), ("none.jpg", {1: "N"})):
+        meta = images.read_meta(photo(tmp_path / name, "red", "circle", raw_gps={**where, **refs}))[2]
+        assert (meta.get("gps_lat"), meta.get("gps_lon")) == (None, None), name
+    west = images.read_meta(photo(tmp_path / "sw.jpg", "red", "circle", raw_gps={**where, 1: "S", 3: "w"}))[2]
+    assert (west["gps_lat"], west["gps_lon"]) == pytest.approx((-EIFFEL[0], -EIFFEL[1]), abs=1e-5)
+
+
+def test_every_date_the_indexer_stores_can_be_filtered_for(tmp_path, random_tiny_model):
+    from imgsearch import Library
+
+    d = tmp_path / "dated"
+    photo(d / "last.jpg", "red", "circle", taken="9999:12:31 23:59:59", seed=1)
+    photo(d / "now.jpg", "red", "circle", taken="2024:01:01 00:00:00", seed=2)
+    with Library(tmp_path / "home", f"local-dir:{random_tiny_model}", device="cpu", precision="fp32") as lib:
+        assert lib.index(d).new == 2
+        assert names(lib.search("a red circle", after="9999", k=5)) == ["last.jpg"]
+        assert names(lib.search("a red circle", after="9999-12-31", before="9999-12-31", k=5)) == ["last.jpg"]
+        assert sorted(names(lib.search("a red circle", before="9999", k=5))) == ["last.jpg", "now.jpg"]
+        assert names(lib.search("a red circle", after="2025", before="9998", k=5)) == []

@@ -49,7 +49,7 @@ def import_cmd(
     folder: Path = typer.Argument(..., help="A folder written by `imgsearch export` (either format) or "
                                   "clip-retrieval (then name its model with --model before `import`)."),
     trust: bool = typer.Option(False, "--trust", help="Take the export's content hashes instead of reading every "
-                               "file (sizes are still checked)."),
+                               "file: sizes are still checked, and a file must still be named like an image."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing "
@@ -77,5 +77,10 @@ def import_cmd(
         path, why = report.changed[0]
         err(f"  {len(report.changed)} files differ from the export and were skipped, e.g. {path}: {why}; "
             "`imgsearch index` them to encode them again")
+    if report.not_images:
+        path, why = report.not_images[0]
+        err(f"  {len(report.not_images)} paths name no image file imgsearch reads and were skipped, e.g. {path}: "
+            f"{why}")
     if report.invalid:
-        err(f"  {report.invalid} vectors were not usable (zero or not finite) and were skipped")
+        err(f"  {report.invalid} rows of the export hold unusable values and were skipped, e.g. "
+            f"{report.invalid_examples[0]}")

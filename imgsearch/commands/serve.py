@@ -72,13 +72,7 @@ def serve_cmd(
     if not is_loopback(host):
         err("warning: listening beyond this machine; anyone who can reach it and obtains the token can search your "
             "library and see its file paths, and the token crosses the network unencrypted (plain HTTP)")
-    import signal
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt  # unwinds serve_forever so the discovery file is removed
-
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
+    try:  # Ctrl-C, or `kill` (the entry point makes SIGTERM a KeyboardInterrupt): the discovery file goes
         server.serve_forever()
     except KeyboardInterrupt:
         err("stopped")

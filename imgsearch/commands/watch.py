@@ -45,14 +45,8 @@ def watch_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, and no line per batch."),
 ):
     """Index PATHS now, then keep indexing new, changed, moved and deleted files as they happen (Ctrl-C stops)."""
-    import signal
-
     from ..progress import Bar
 
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt  # `kill` stops it as cleanly as Ctrl-C
-
-    signal.signal(signal.SIGTERM, _terminate)
     with library_of(ctx) as lib:
         watcher = lib.watcher(paths, poll=poll, interval=interval, debounce=debounce,
                               on_batch=batch_printer(quiet), say=say)

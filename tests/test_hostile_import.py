@@ -1,0 +1,214 @@
+"""Hostile pass, issue 21 points 3 and 6: `import` trusts nothing it reads (crafted values, paths naming
+system files, devices and FIFOs, relative paths, bogus dates); the home is private to its user; a
+non-regular file says so; `kill` during `export` removes its temporary folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgsearch import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def open_lib(home, model):
+    import imgsearch
+
+    return imgsearch.Library(home, model, device="cpu", precision="fp32", batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, random_tiny_model):
+    """18 shapes indexed with an untrained tiny model (quick to make; these tests need no ranking) and
+    exported as parquet: (model, photos, home, export)."""
+    base = tmp_path_factory.mktemp("hostile-import")
+    synthetic.generate(base / "photos", per_class=1, size=64, fmt="jpg", seed=1, captions_file=None)
+    model = f"local-dir:{random_tiny_model}"
+    with open_lib(base / "home", model) as lib:
+        assert lib.index(base / "photos").new == 18
+        lib.export(base / "export", "parquet")
+    return model, base / "photos", base / "home", base / "export"
+
+
+@pytest.fixture()
+def cli(home, exported):
+    """The CLI with the untrained model (so these tests never wait for the trained one)."""
+    from conftest import Cli
+
+    return Cli(home, exported[0])
+
+
+def craft(exported, folder: Path, *parts: dict, base: dict | None = None) -> Path:
+    """A copy of the export into ``folder``: ``base`` replaces columns of its own part, and each of ``parts``
+    (column name -> values; ``vector`` rows as lists or None) becomes one more part file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(exported[3], folder)
+    first = folder / "part-00000.parquet"
+    table = pq.read_table(first)
+    meta, dim = table.schema.metadata, table.schema.field("vector").type.list_size
+    for name, values in (base or {}).items():
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+    pq.write_table(table, first)
+    for i, cols in enumerate(parts, 1):
+        cols = dict(cols)
+        cols["vector"] = pa.array(cols["vector"], pa.list_(pa.float32(), dim))
+        pq.write_table(pa.table(cols).replace_schema_metadata(meta), folder / f"part-{i:05d}.parquet")
+    return folder
+
+
+def good_vector(exported) -> list[float]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(exported[3] / "part-00000.parquet").column("vector")[0].as_py()
+
+
+def test_rows_with_bad_values_are_skipped_counted_and_named(exported, tmp_path, cli):
+    vec = good_vector(exported)
+    photo = str(sorted(exported[1].glob("*.jpg"))[0])
+    nan, zero = [float("nan")] * len(vec), [0.0] * len(vec)
+    out = craft(exported, tmp_path / "export",
+                {"path": [1, 2], "vector": [vec, vec]},  # an integer path column
+                {"path": [photo, photo], "size": ["big", "1"], "vector": [vec, vec]},  # size as text
+                {"path": [photo] * 6, "path_raw": [b"/etc/\x00passwd", None, None, None, None, None],
+                 "width": [None, None, None, None, 2 ** 62, -5],
+                 "vector": [vec, None, nan, zero, vec, vec]},
+                {"path": [photo], "width": [1e300], "vector": [vec]})
+    r = cli("--home", str(tmp_path / "home"), "import", str(out))
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("imported 18 new images")
+    assert "11 rows of the export hold unusable values and were skipped, e.g. row 19: its path is int" in r.stderr
+    from imgsearch.exchange import import_library
+
+    with open_lib(tmp_path / "home", exported[0]) as lib:
+        report = import_library(lib.settings, out)
+        assert (report.added, report.already, report.invalid) == (0, 18, 11)
+        reasons = "\n".join(report.invalid_examples)
+        for why in ("its path is int, not text", "size 'big' is not a whole number", "NUL character",
+                    "its vector is missing, all zeros or not finite", "width 4611686018427387904 is not",
+                    "width -5 is not"):
+            assert why in reasons
+        assert lib.store.image_count() == 18 and lib.store.vector_count(lib.model.id) == 18
+        assert sorted(r.width for r in lib.store.images_at([photo]).values()) == [64]
+
+
+def test_only_image_files_are_imported_and_relative_paths_are_the_exports(exported, tmp_path, cli,
+                                                                           monkeypatch):
+    from imgsearch.files import content_hash
+
+    vec = good_vector(exported)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    notes = tmp_path / "notes.txt.jpg"
+    notes.write_text("not a picture\n")
+    targets = ["/etc/passwd", "../" * 40 + "etc/hostname", "/proc/self/environ", "/dev/zero", str(fifo),
+               str(notes), "photos/mine.jpg"]
+    out = craft(exported, tmp_path / "export", {"path": targets, "vector": [vec] * len(targets)})
+    red = sorted(exported[1].glob("red_circle*"))[0]
+    (out / "photos").mkdir()
+    shutil.copy(red, out / "photos" / "mine.jpg")  # beside the export: that is where its relative path points
+    decoy = tmp_path / "cwd" / "photos" / "mine.jpg"
+    decoy.parent.mkdir(parents=True)
+    shutil.copy(sorted(exported[1].glob("blue_square*"))[0], decoy)
+    monkeypatch.chdir(decoy.parent.parent)  # and not where the user happens to stand
+    r = cli("--home", str(tmp_path / "home"), "import", str(out))
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("imported 19 new images")
+    assert "6 paths name no image file imgsearch reads and were skipped, e.g. /etc/passwd: not an image" in r.stderr
+    from imgsearch.exchange import import_library
+
+    with open_lib(tmp_path / "home", exported[0]) as lib:
+        paths = {h.path for h in lib.search("a red circle", k=50)}
+        assert len(paths) == 19 and str(out / "photos" / "mine.jpg") in paths and str(decoy) not in paths
+        assert not any(p.startswith(("/etc", "/proc", "/dev")) or "pipe" in p or "notes" in p for p in paths)
+        trusting = tmp_path / "trusting"
+        hashes = [content_hash(Path(p).read_bytes()) if p.startswith("/etc") else None for p in targets]
+        out2 = craft(exported, trusting, {"path": targets[:4], "hash": hashes[:4], "vector": [vec] * 4})
+        report = import_library(lib.settings, out2, trust=True)
+        assert [p for p, _ in report.not_images] == ["/etc/passwd", "/etc/hostname", f"/proc/{os.getpid()}/environ",
+                                                     "/dev/zero"]
+        assert report.not_images[3][1] == "not a regular file"
+        assert lib.store.image_count() == 19
+
+
+def test_bogus_capture_times_are_dropped_not_stored(exported, tmp_path, cli):
+    import pyarrow.parquet as pq
+
+    paths = pq.read_table(exported[3] / "part-00000.parquet").column("path").to_pylist()
+    taken = ["not a date", "9999-99-99T99:99", "'; DROP TABLE images; --", "2023-06-01T10:00:00+02:00",
+             "2023-06-02"] + [None] * (len(paths) - 5)
+    out = craft(exported, tmp_path / "export", base={"taken_at": taken})
+    assert cli("--home", str(tmp_path / "home"), "import", str(out)).exit_code == 0
+    with open_lib(tmp_path / "home", exported[0]) as lib:
+        rows = lib.store.images_at(paths)
+        assert [rows[p].taken_at for p in paths[:5]] == [None, None, None, "2023-06-01T10:00:00",
+                                                         "2023-06-02T00:00:00"]
+        dated = {h.path for h in lib.search("a red circle", after="2020", k=50)}
+        assert dated == set(paths[3:5])
+    status = cli("--home", str(tmp_path / "home"), "status")
+    assert status.exit_code == 0 and "taken     2023-06-01 to 2023-06-02" in status.stdout
+
+
+def test_the_home_and_its_database_are_private(exported, tmp_path, cli):
+    home = tmp_path / "new" / "home"
+    assert cli("--home", str(home), "import", str(exported[3])).exit_code == 0
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (home, *home.iterdir())}
+    assert mode["home"] == 0o700
+    assert mode["library.db"] == mode["write.lock"] == 0o600
+    assert mode.get("library.db-wal", 0o600) == 0o600
+    # A folder the user made keeps the permissions the user gave it; what imgsearch creates in it is private.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine.chmod(0o755)
+    assert cli("--home", str(mine), "import", str(exported[3])).exit_code == 0
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755
+    assert stat.S_IMODE((mine / "library.db").stat().st_mode) == 0o600
+
+
+def test_a_device_is_not_a_regular_file(exported, tmp_path, cli):
+    from imgsearch.captions import read_captions
+
+    r = cli("--home", str(exported[2]), "query", "--image", "/dev/zero", "--no-server")
+    assert r.exit_code != 0 and r.stderr.strip() == "error: cannot use query image /dev/zero: not a regular file"
+    table = tmp_path / "captions.csv"
+    table.write_text(f"path,caption\n/dev/zero,zeros\n{tmp_path / 'gone.jpg'},nothing\n")
+    problems = [why for _, why in read_captions(table).problems]
+    assert problems == ["not a regular file: /dev/zero", f"image not found: {tmp_path / 'gone.jpg'}"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
+def test_kill_during_export_removes_its_temporary_folder(exported, tmp_path, cli):
+    home = tmp_path / "home"
+    shutil.copytree(exported[2], home)
+    out = tmp_path / "out"
+    out.mkdir()
+    # The process signals itself once the export's temporary folder exists: no race against a sleep.
+    code = ("import os, signal, sys\n"
+            "from imgsearch import exchange, quickcli\n"
+            "real = exchange._unit\n"
+            "def unit(v):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(v)\n"
+            "exchange._unit = unit\n"
+            "sys.argv = ['imgsearch'] + sys.argv[1:]\n"
+            "quickcli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--home", str(home), "--model", exported[0], "export",
+                           str(out), "-q"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted: the unfinished export was removed" in proc.stderr
+    assert os.listdir(out) == []
+    # Only the entry point of a CLI process takes SIGTERM over; the commands, run inside this process, do not.
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli("--home", str(home), "export", str(tmp_path / "out2"), "-q").exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is before
