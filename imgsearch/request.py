@@ -328,12 +328,13 @@ class SearchRequest:
                 raise ParamError(key, what)
             return value
 
+        k = typed("k", int, f"give a whole number from 1 to {MAX_K}")
         rel = str(one("relevance") or "").strip().lower()
         if rel not in _TRUE | _FALSE:
             raise ParamError("relevance", "give 1 or 0")
         return cls.build([q for q in got.get("q", []) if q.strip()], image=image,
                          not_text=[q for q in got.get("not", []) if q.strip()], ids=got.get("id", []),
-                         k=typed("k", int, f"give a whole number from 1 to {MAX_K}") or 10,
+                         k=10 if k is None else k,
                          min_score=typed("min_score", float, "give a cosine score between -1 and 1, such as 0.25"),
                          under=one("under"), tag=got.get("tag") or None, keyword=one("keyword"),
                          blend=typed("blend", float, "give a keyword weight between 0 and 1"),

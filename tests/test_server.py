@@ -184,3 +184,19 @@ def test_query_daemon_starts_a_server_that_later_queries_use(cli, photos, home):
         assert find_server(Settings.from_env(home=home, model=cli.model)) is not None
     finally:
         os.kill(info["pid"], signal.SIGTERM)
+
+
+def test_hostile_requests_get_a_400_naming_the_field_never_a_500(server):
+    many = {"texts": [f"word {i}" for i in range(150_000)]}  # 1.5 MB: refused before any encoding
+    code, res = call(server, "POST", "/api/search", many)
+    assert code == 400 and res["field"] == "texts" and "at most 64 query terms" in res["error"]
+    code, res = call(server, "POST", "/api/search", raw=b"[" * 100_000 + b"]" * 100_000)
+    assert code == 400 and "nested too deeply" in res["error"]
+    code, res = call(server, "POST", "/api/search", {"texts": ["x"], "ids": [2 ** 70]})
+    assert code == 400 and res["field"] == "ids"
+    code, res = call(server, "GET", "/api/search?q=red&under=%00")
+    assert code == 400 and res == {"error": "under: contains a NUL character; remove it", "field": "under"}
+    code, res = call(server, "POST", "/api/search", {"texts": ["x"], "under": "a\x00b"})
+    assert code == 400 and res["field"] == "under"
+    code, res = call(server, "GET", "/api/search?q=a+red+circle&k=2")  # and the server still answers
+    assert code == 200 and len(res["hits"]) == 2

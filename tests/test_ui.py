@@ -146,14 +146,22 @@ def test_no_results_above_min_score(page):
     assert at.number_input(key="w_min").value == pytest.approx(0.999)
 
 
-def test_bad_query_string_is_reported_not_raised(page):
-    at = open_url(page, q="a red circle", k="lots", min="7", like="../../etc/passwd", view="/etc/passwd")
-    warnings = texts(at.warning)
-    assert "k='lots' is not a number of results" in warnings
-    assert "min='7' is not a score" in warnings
-    assert "like=: not an image id: '../../etc/passwd'" in warnings
-    assert "view=: not an image id: '/etc/passwd'" in warnings
-    # the good part of the address still runs, with defaults for the rest
+def test_bad_query_string_is_refused_as_at_every_door(page):
+    """The page's URL becomes the same SearchRequest as the server's: the same refusal, naming the field."""
+    cases = [(dict(k="lots"), "Results lots: give a whole number from 1 to 10000"),
+             (dict(min="7"), "Minimum score 7: give a cosine score between -1 and 1, such as 0.25"),
+             (dict(like="../../etc/passwd"), "Like image ../../etc/passwd: '../../etc/passwd' is not an image id"),
+             (dict(under="\x00"), "contains a NUL character; remove it")]
+    for params, message in cases:
+        for key in list(page.query_params):
+            del page.query_params[key]
+        at = open_url(page, q="a red circle", **params)
+        assert message in texts(at.error), (params, texts(at.error))
+        assert not captions(at) and "Internal error" not in texts(at.error)
+    for key in list(page.query_params):
+        del page.query_params[key]
+    at = open_url(page, q="a red circle", view="/etc/passwd")  # the page's own view= is only ignored
+    assert "view=: not an image id: '/etc/passwd'" in texts(at.warning)
     assert len(result_names(at)) == 20 and result_names(at)[0].startswith("red_circle")
 
 

@@ -1,0 +1,86 @@
+"""One request type: a wrong value gets the same refusal, naming the field, at every door (Python API, the
+server's JSON and URL parameters, the web UI's URL, the CLI)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from imgsearch import Library
+from imgsearch.errors import ParamError, UsageError
+from imgsearch.request import MAX_TERMS, SearchRequest
+
+# (field, Python keywords, JSON body, URL parameters, CLI arguments)
+BAD = [
+    ("k", {"k": 0}, {"texts": ["x"], "k": 0}, {"q": "x", "k": "0"}, ["x", "-k", "0"]),
+    ("min_score", {"min_score": math.nan}, {"texts": ["x"], "min_score": 2}, {"q": "x", "min_score": "nan"},
+     ["x", "--min-score", "nan"]),
+    ("under", {"under": "/tmp/a\x00b"}, {"texts": ["x"], "under": "/tmp/a\x00b"}, {"q": "x", "under": "/tmp/a\x00b"},
+     None),  # argv cannot carry a NUL
+    ("ids", {"ids": [2 ** 70]}, {"texts": ["x"], "ids": [2 ** 70]}, {"q": "x", "id": str(2 ** 70)}, None),
+    ("blend", {"blend": 0.5}, {"texts": ["x"], "blend": 0.5}, {"q": "x", "blend": "0.5"}, ["x", "--blend", "0.5"]),
+    ("after", {"after": "not a date"}, {"texts": ["x"], "after": "not a date"}, {"q": "x", "after": "not a date"},
+     ["x", "--after", "not a date"]),
+    ("texts", {"text": ["x"] * (MAX_TERMS + 1)}, {"texts": ["x"] * (MAX_TERMS + 1)}, {"q": ["x"] * (MAX_TERMS + 1)},
+     ["x"] * (MAX_TERMS + 1)),
+]
+
+
+def _refusal(fn) -> ParamError:
+    with pytest.raises(ParamError) as e:
+        fn()
+    return e.value
+
+
+@pytest.mark.parametrize("field, kw, body, params, argv", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_field_is_refused_alike_at_every_door(field, kw, body, params, argv, home, cli):
+    from imgsearch.ui.app import request_of
+
+    api = _refusal(lambda: Library(home).search(**{"text": "x", **kw}))  # before the library is even opened
+    assert api.param == field
+    doors = [lambda: SearchRequest.from_json(body), lambda: SearchRequest.from_params(params)]
+    if not any(isinstance(v, list) for v in params.values()):  # the page's URL holds one value per name
+        doors.append(lambda: request_of(params))
+    for door in doors:
+        other = _refusal(door)
+        assert (other.param, other.detail) == (api.param, api.detail)
+    if argv is not None:
+        r = cli("query", *argv, "--no-server")
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.strip().endswith(api.detail), r.stderr
+
+
+def test_min_score_out_of_range_or_not_a_number_says_the_same_everywhere(home):
+    want = "min_score: give a cosine score between -1 and 1, such as 0.25"
+    for fn in (lambda: Library(home).search("x", min_score=math.inf), lambda: Library(home).search("x", min_score=2),
+               lambda: SearchRequest.from_json({"texts": ["x"], "min_score": 2}),
+               lambda: SearchRequest.from_json({"texts": ["x"], "min_score": "0.2"}),
+               lambda: SearchRequest.from_params({"q": "x", "min_score": "nan"})):
+        assert str(_refusal(fn)) == want
+
+
+def test_json_the_server_cannot_use_is_named(home):
+    assert _refusal(lambda: SearchRequest.from_json({"texts": ["x"], "bogus": 1})).param == "bogus"
+    assert _refusal(lambda: SearchRequest.from_json({"texts": [{"text": "x", "weight": "2"}]})).param == "texts[0]"
+    assert _refusal(lambda: SearchRequest.from_json({"texts": ["x"], "ids": ["1"]})).param == "ids"
+    assert _refusal(lambda: SearchRequest.from_json({"texts": ["x"], "relevance": "yes"})).param == "relevance"
+    assert _refusal(lambda: SearchRequest.from_json([1, 2])).param == "body"
+    with pytest.raises(UsageError, match="nothing to search for"):
+        SearchRequest.from_json({})
+
+
+def test_a_request_round_trips_through_json(tmp_path):
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(img)
+    r = SearchRequest.build(["2:red car", (0.5, "night")], image=[str(img)], not_text="people", ids=[3], k=7,
+                            min_score=0.1, under=str(tmp_path), tag=["dog"], keyword="trip", blend=0.3,
+                            after="2023", near=(48.85, 2.29, 5), relevance=True)
+    back = SearchRequest.from_json(r.to_json())
+    assert [(t.kind, t.weight) for t in back.positives] == [("text", 2.0), ("text", 0.5), ("image", 1.0), ("id", 1.0)]
+    assert back.positives[2].value == img.read_bytes()  # the server gets the file's bytes, never the path
+    assert (back.k, back.min_score, back.under, back.tags, back.keyword, back.blend, back.relevance) == (
+        7, 0.1, str(tmp_path), ("dog",), "trip", 0.3, True)
+    assert back.when == {"after": "2023", "near": [48.85, 2.29, 5]} and back.ids == (3,)
