@@ -26,8 +26,9 @@ _held_guard = threading.Lock()
 
 def _say_waiting(pid: int | None) -> None:
     who = f" (pid {pid})" if pid else ""
-    print(f"another imgsearch run{who} is writing to this library; waiting… (Ctrl-C to stop)",
-          file=sys.stderr, flush=True)
+    # One write for the line and its newline, so it cannot run into a line another thread writes (serve --watch).
+    sys.stderr.write(f"another imgsearch run{who} is writing to this library; waiting… (Ctrl-C to stop)\n")
+    sys.stderr.flush()
 
 
 def holder_pid(home: str | os.PathLike) -> int | None:

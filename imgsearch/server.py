@@ -365,15 +365,21 @@ class _HTTPServer(ThreadingHTTPServer):
             self._conns.pop(request, None)
         super().shutdown_request(request)
 
+    _log_lock = threading.Lock()  # one for every server in the process: they share one stderr
+
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         who = f"{client_address[0]}:{client_address[1]}" if isinstance(client_address, tuple) else "a client"
         if isinstance(exc, (ConnectionError, TimeoutError)):
             line = f"request from {who} aborted ({type(exc).__name__})"
         else:
-            line = f"request from {who} failed: {type(exc).__name__}: {exc}"
+            line = f"request from {who} failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
         try:
-            print(f"imgsearch serve: {line}", file=sys.stderr, flush=True)
+            # The line and its newline in one write: print() writes them apart, and lines from requests
+            # failing at the same moment ran together.
+            with self._log_lock:
+                sys.stderr.write(f"imgsearch serve: {line}\n")
+                sys.stderr.flush()
         except (OSError, ValueError):
             pass
 

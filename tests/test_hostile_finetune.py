@@ -137,6 +137,47 @@ def test_resume_from_its_own_checkpoint_folder_removes_it_afterwards(cli, interr
     assert not ours.exists() and "note:" not in r.stderr
 
 
+# --- issue 21 point 5: flags given with --resume are honoured, or refused in one line -----------------
+
+def copy_of(checkpoint: Path, folder: Path) -> Path:
+    folder.mkdir()
+    shutil.copy(checkpoint / "checkpoint.pt", folder / "checkpoint.pt")
+    return folder
+
+
+def test_resume_honours_the_run_length_and_settings_given_now(cli, interrupted, tmp_path):
+    out, ckpt = tmp_path / "model", copy_of(interrupted, tmp_path / "ckpt")
+    # The checkpoint's run is 2 steps of 16 pairs; 8 x 2 accumulated is the same 16 pairs per step.
+    r = cli("finetune", "--resume", ckpt, "--out", out, "--max-steps", "3", "--lr", "0.002",
+            "--batch-size", "8", "--grad-accum", "2", model=None)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "training_report.json").read_text())
+    hp = report["hyperparameters"]
+    assert report["steps"] == 3 and hp["total_steps"] == 3
+    assert (hp["lr"], hp["batch_size"], hp["grad_accum"]) == (0.002, 8, 2)
+    said = next(line for line in r.stderr.splitlines() if line.startswith(f"resuming {ckpt} with the checkpoint's"))
+    from_checkpoint, given_now = said.split("; given now: ")
+    assert "--max-steps" not in from_checkpoint and "--lr" not in from_checkpoint
+    for setting in ("--model local-dir:", "--seed 0", "--val-fraction 0.25", "--wd 0.0", "--device cpu"):
+        assert setting in from_checkpoint, said
+    assert given_now == f"--out {out} --max-steps 3 --lr 0.002 --batch-size 8 --grad-accum 2"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "7"], "--seed cannot change on --resume (the checkpoint's run has --seed 0)"),
+    (["--model", "ViT-B-32"], "--model cannot change on --resume (the checkpoint's run has --model local-dir:"),
+    (["--lock-text"], "--lock-text cannot change on --resume (the checkpoint's run has no --lock-text)"),
+    (["--batch-size", "8"], "--batch-size x --grad-accum must stay 16 pairs per step on --resume"),
+    (["--max-steps", "1"], "--max-steps 1 ends at step 1, but the checkpoint is already at step 1"),
+])
+def test_resume_refuses_a_flag_it_cannot_honour_in_one_line(cli, interrupted, tmp_path, args, message):
+    ckpt = copy_of(interrupted, tmp_path / "ckpt")
+    r = cli("finetune", "--resume", ckpt, "--out", tmp_path / "model", *args, model=None)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: {message}"), r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and os.listdir(ckpt) == ["checkpoint.pt"]
+
+
 # --- point 1: --out only replaces a model folder imgsearch wrote --------------------------------------
 
 def looks_like_a_model(folder: Path) -> None:

@@ -60,7 +60,8 @@ def finetune_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda [default: the global --device]"),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, the data order and augmentation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its "
-                                          "checkpoint folder (same data order and step count)."),
+                                          "checkpoint folder with its settings; flags given now override those "
+                                          "that can change (run length, --lr, --wd, --warmup, --device ...)."),
     wise_alpha: Optional[float] = typer.Option(None, "--wise-alpha", help="Write the WiSE-FT blend (1-A)*base + "
                                                "A*fine-tuned (e.g. 0.5) and evaluate all three."),
     json_out: bool = typer.Option(False, "--json", help="Print the training report as JSON."),
@@ -70,17 +71,23 @@ def finetune_cmd(
     from ..metrics import table_rows
     from ..progress import Bar
     from ..train.loop import (CHECKPOINT_FILE, Interrupted, StopFlag, TrainConfig, checkpoint_dir_is_ours,
-                              load_checkpoint, train)
+                              load_checkpoint, resumed_config, shown_setting, train)
 
     settings = settings_of(ctx)
     ckpt = None
     if resume is not None:
+        from dataclasses import fields
+
         ckpt = load_checkpoint(resume)
-        cfg = TrainConfig(**ckpt["config"])
-        if captions is not None:
-            cfg.captions = str(captions)
-        if out is not None:
-            cfg.out = str(out)
+        names = [f.name for f in fields(TrainConfig) if f.name in ctx.params]
+        # Only what the user typed now overrides the checkpoint; an option's default must not. (By name:
+        # Typer carries its own copy of click's ParameterSource.)
+        given = {n: str(v) if isinstance(v, Path) else v for n, v in ctx.params.items()
+                 if n in names and ctx.get_parameter_source(n).name == "COMMANDLINE"}
+        cfg = resumed_config(ckpt, given)
+        kept = [shown_setting(cfg, n) for n in names if n not in given]
+        err(f"resuming {resume} with the checkpoint's settings: " + " ".join(k for k in kept if not k.startswith("no "))
+            + (f"; given now: {' '.join(shown_setting(cfg, n) for n in given)}" if given else ""))
         # Checkpoints go on into the resumed folder only when imgsearch provably made it for this run;
         # a file given by name (or a folder a user filled) is read and left alone, never written or removed.
         folder = resume if resume.is_dir() else resume.parent

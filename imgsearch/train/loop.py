@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DataError, ImgSearchError, UsageError
@@ -66,6 +66,52 @@ class TrainConfig:
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint_dir or (str(Path(self.out).absolute()) + ".checkpoint"))
+
+
+# What --resume cannot change: the weights and optimizer state are of this model with these towers
+# trainable, and the step count and data order are of this split and seed.
+FIXED_ON_RESUME = ("model", "pretrained", "val", "val_fraction", "image_col", "caption_col", "seed", "lock_image",
+                   "lock_text", "unlocked_layers")
+
+
+def flag_of(name: str) -> str:
+    return name if name == "captions" else "--" + name.replace("_", "-")  # captions: the positional argument
+
+
+def shown_setting(cfg: TrainConfig, name: str) -> str:
+    """``--lr 0.001`` as the user would type it (a bare flag for a switch that is on; "no --val" if unset)."""
+    value = getattr(cfg, name)
+    if value is None or value is False:
+        return f"no {flag_of(name)}"
+    return flag_of(name) if value is True else f"{flag_of(name)} {value}"
+
+
+def resumed_config(ckpt: dict, changes: dict) -> TrainConfig:
+    """The checkpoint's settings with ``changes`` (TrainConfig fields the user gave anew) applied.
+
+    Raises UsageError naming the first change a resumed run cannot honour.
+    """
+    old = TrainConfig(**ckpt["config"])
+    for name in FIXED_ON_RESUME:
+        if name in changes and changes[name] != getattr(old, name):
+            raise UsageError(f"{flag_of(name)} cannot change on --resume (the checkpoint's run has "
+                             f"{shown_setting(old, name)}); leave "
+                             "it out, or start a new run without --resume")
+    if "epochs" in changes and "max_steps" not in changes:
+        changes = {**changes, "max_steps": None}  # a run length given now replaces the checkpoint's
+    cfg = replace(old, **changes)
+    per_step = old.batch_size * old.grad_accum
+    if cfg.batch_size * cfg.grad_accum != per_step:
+        # The step count, the data order and each step's negatives are all in steps of this many pairs.
+        raise UsageError(f"--batch-size x --grad-accum must stay {per_step} pairs per step on --resume (the checkpoint "
+                         f"has {shown_setting(old, 'batch_size')} {shown_setting(old, 'grad_accum')}); e.g. halve "
+                         "--batch-size and double --grad-accum to use less memory")
+    total, step = cfg.max_steps or cfg.epochs * ckpt["steps_per_epoch"], ckpt["step"]
+    if total <= step:
+        length = "max_steps" if cfg.max_steps else "epochs"
+        raise UsageError(f"{shown_setting(cfg, length)} ends at step {total}, but the checkpoint is already at step "
+                         f"{step}; give a longer run to train on")
+    return cfg
 
 
 @dataclass
@@ -395,7 +441,10 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        for group, wanted in zip(optimizer.param_groups, groups):
+            group["weight_decay"] = wanted["weight_decay"]  # loading restored the checkpoint's; --wd may be new
+        if resume["scaler"]:  # empty when saved without fp16 (another device or precision than now)
+            scaler.load_state_dict(resume["scaler"])
         step, history, base_metrics = resume["step"], resume["history"], resume["base_metrics"]
         best, train_seconds = resume["best"], resume["train_seconds"]
     emit("start", model=spec.label, step=step, total=total, epochs=epochs, steps_per_epoch=steps_per_epoch, counts=data.counts(),
