@@ -226,8 +226,8 @@ def pick_precision(precision: str, device: str) -> str:
 
 
 class Encoder:
-    """A loaded CLIP model with the preprocess and tokenizer that belong to it; the image tower always runs on
-    torch here (onnx_image.select returns a separate encoder for an ONNX Runtime one, so nothing changes this one)."""
+    """A loaded CLIP model with the preprocess and tokenizer that belong to it; its image tower is always torch
+    (onnx_image.select returns another object for an ONNX Runtime one: this one, often shared, never changes)."""
 
     torch_free = False
 

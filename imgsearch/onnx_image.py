@@ -444,9 +444,10 @@ def select(encoder, settings, threads: int, files: int | None = None):
 
 
 def _ort_may_run(device: str, precision: str, mode: str, files: int | None = None) -> bool:
+    """Whether onnxruntime is in question at all, before any export or measurement is looked at."""
     small = files is not None and files < ORT_MIN_RUN
-    return device == "cpu" and (precision == "int8" or precision == "fp32" and not (
-        mode == "torch" or (mode == "auto" and small)))
+    return device == "cpu" and (precision == "int8" or (precision == "fp32" and mode != "torch"
+                                                        and not (mode == "auto" and small)))
 
 
 def int8_parity(encoder, tensors) -> float:
