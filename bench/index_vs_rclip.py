@@ -92,8 +92,8 @@ from imgsearch import onnx_image
 model, photos, precision, backend, batch, home = sys.argv[1:7]
 budget = thread_budget(device="cpu")
 torch.set_num_threads(budget.encoder)
-enc = load(ModelSpec(model), "cpu", precision)
-onnx_image.attach(enc, home, backend, budget.encoder)
+enc = onnx_image.select(load(ModelSpec(model), "cpu", precision),
+                        Settings.from_env(home=home, image_backend=backend), budget.encoder)
 files = sorted(__import__("glob").glob(photos + "/*.jpg"))
 tensors = [enc.preprocess(open_image(p, draft_size=enc.draft_size)[0]) for p in files]
 batch = int(batch)

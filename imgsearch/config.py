@@ -101,6 +101,7 @@ class Settings:
     recall_target: float = 0.95  # recall@10 the IVF probe count is tuned for
     gpu_decode: str = "auto"  # auto (on with CUDA) | on | off: batched torchvision/nvJPEG decode of JPEGs
     image_backend: str = "auto"  # auto (measured per CPU) | torch | onnx: who runs the fp32 image tower on CPU
+    torch_free: bool = True  # index without torch from a verified ONNX export (IMGSEARCH_TORCH_FREE=0: never)
     lang: str | None = None  # NLLB code of the query language (lang.py); None: guessed from the script
 
     @classmethod
@@ -129,6 +130,7 @@ class Settings:
             values["gpu_decode"] = env["IMGSEARCH_GPU_DECODE"]
         if env.get("IMGSEARCH_IMAGE_BACKEND"):
             values["image_backend"] = env["IMGSEARCH_IMAGE_BACKEND"]
+        values["torch_free"] = env.get("IMGSEARCH_TORCH_FREE", "1") != "0"
         if env.get("IMGSEARCH_LANG"):
             values["lang"] = env["IMGSEARCH_LANG"]
         values["index_budget_mb"] = _env_int("IMGSEARCH_INDEX_BUDGET_MB", cls.index_budget_mb)

@@ -226,7 +226,10 @@ def pick_precision(precision: str, device: str) -> str:
 
 
 class Encoder:
-    """A loaded CLIP model with the preprocess and tokenizer that belong to it."""
+    """A loaded CLIP model with the preprocess and tokenizer that belong to it; its image tower is always torch
+    (onnx_image.select returns another object for an ONNX Runtime one: this one, often shared, never changes)."""
+
+    torch_free = False
 
     def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: str, precision: str,
                  fingerprint: str, weights_path: str | None):
@@ -241,8 +244,6 @@ class Encoder:
         self.fingerprint = fingerprint
         self.weights_path = weights_path
         self._lock = threading.Lock()  # one forward pass at a time (UI/server share one encoder)
-        # None: torch runs the image tower. Else an onnx_image.OrtImageTower (set by onnx_image.attach).
-        self.image_backend = None
         size = getattr(model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         with torch.inference_mode():
@@ -300,14 +301,6 @@ class Encoder:
     # --- public ----------------------------------------------------------------------------
     def encode_image_tensors(self, batch) -> np.ndarray:
         """Encode a preprocessed [N,3,H,W] batch; returns L2-normalised float32 [N, dim]."""
-        backend = self.image_backend
-        if backend is not None:
-            with self._lock:
-                return backend.encode(batch.float().numpy() if hasattr(batch, "numpy") else batch)
-        return self.encode_image_tensors_torch(batch)
-
-    def encode_image_tensors_torch(self, batch) -> np.ndarray:
-        """The torch image tower, whatever backend is attached (the reference ONNX exports are checked against)."""
         import torch
 
         with self._lock, torch.inference_mode():
@@ -389,9 +382,13 @@ class Encoder:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().item())
 
+    @property
+    def image_tower(self) -> str:
+        """What runs the image tower, as the index report names it (int8 here is the fallback to fp32)."""
+        return "torch fp32" if self.precision == "int8" else f"torch {self.precision}"
+
     def describe(self) -> str:
-        tower = f", image tower {self.image_backend.describe()}" if self.image_backend is not None else ""
-        return f"{self.spec.label} on {self.device} ({self.precision}{tower}, dim {self.dim})"
+        return f"{self.spec.label} on {self.device} ({self.precision}, dim {self.dim})"
 
 
 def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Encoder:

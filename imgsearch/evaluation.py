@@ -16,21 +16,21 @@ from .errors import DataError, UsageError
 
 
 def load_for_images(spec, settings, precision: str | None = None):
-    """The encoder with the image backend `index` would use (onnxruntime fp32/int8 on CPU where chosen)."""
+    """The image encoder `index` would use (onnx_image.select: onnxruntime fp32/int8 on CPU where chosen)."""
     from . import onnx_image
     from .config import thread_budget
     from .encoder import load
 
     enc = load(spec, settings.device, precision or settings.precision)
-    if enc.device == "cpu":
-        budget = thread_budget(device="cpu", workers=settings.workers)
-        import torch
+    if enc.device != "cpu":
+        return enc
+    budget = thread_budget(device="cpu", workers=settings.workers)
+    import torch
 
-        torch.set_num_threads(budget.encoder)
-        # eval never creates a library: without one, the exports go to a scratch folder instead.
-        home = settings.home if settings.home.exists() else Path(tempfile.gettempdir()) / "imgsearch-eval-exports"
-        onnx_image.attach(enc, home, settings.image_backend, budget.encoder)
-    return enc
+    torch.set_num_threads(budget.encoder)
+    # eval never creates a library: without one, the exports go to a scratch folder instead.
+    home = settings.home if settings.home.exists() else Path(tempfile.gettempdir()) / "imgsearch-eval-exports"
+    return onnx_image.select(enc, settings.with_(home=home), budget.encoder)
 
 
 def index_stage(encoder, settings, tensor: bool | None = None, device: str | None = None):
@@ -266,10 +266,9 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
     if "refused" in main or not main.get("images"):
         first = f" (e.g. {failures[0][0]}: {failures[0][1]})" if failures else ""
         raise DataError(f"none of the images could be read{first}; nothing to compare")
-    tower = fast.image_backend.describe() if fast.image_backend is not None else f"torch {fast.precision}"
     seen = set()
     skipped = [(p, r) for p, r in failures if not (p in seen or seen.add(p))]
-    return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision, "image_tower": tower,
+    return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision, "image_tower": fast.image_tower,
             "batch_size": settings.batch_size, "draft_size": fast.draft_size, "stage": main["stage"],
             "decode": main["decode"], "images": main["images"], "min_cosine": main["min_cosine"],
             "mean_cosine": main["mean_cosine"], "files": main["files"],  # worst first

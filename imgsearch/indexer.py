@@ -177,7 +177,6 @@ class Indexer:
         self.stage = DecodeStage(encoder, settings.max_pixels,
                                  tensor_decode_wanted(settings.gpu_decode, encoder.device))
         self.budget = thread_budget(device=encoder.device, workers=settings.workers)
-        self.tower_note: str | None = None
 
     # --- worker side (threads, or Ray workers: there only self.settings and self.stage exist) ---------
     def _process(self, work: _Work, known_hashes: frozenset[str], tensor_decode: bool | None = None) -> _Done:
@@ -292,7 +291,7 @@ class Indexer:
         if self.remote is not None:
             report.decode, report.image_tower = self.remote.describe()
         elif to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
-            self._prepare_image_tower(to_decode, report)
+            self._choose_image_encoder(to_decode, report)
         run_id = store.start_run(model_id, roots)
         pending = _Pending()
         batch: list[_Done] = []
@@ -303,7 +302,7 @@ class Indexer:
         results = None
         try:
             budget = self.budget
-            if self.encoder.device == "cpu" and not _torch_free(self.encoder):
+            if self.encoder.device == "cpu" and not self.encoder.torch_free:
                 _set_torch_threads(budget.encoder)
             ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
                 self.settings.batch_size
@@ -372,36 +371,19 @@ class Indexer:
             return m is None or int(m[1]) * int(m[2]) <= self.settings.max_pixels
         return False
 
-    def _prepare_image_tower(self, work: list[_Work], report: IndexReport) -> None:
-        """Choose the image backend for this run; for int8, measure it against fp32 on this run's images first."""
+    def _choose_image_encoder(self, work: list[_Work], report: IndexReport) -> None:
+        """This run's image encoder (onnx_image.select; the one given stays as it was); int8 must first match
+        fp32 on this run's images, or this library's in an earlier run."""
         from . import onnx_image
 
-        enc = self.encoder
-        if _torch_free(enc):  # made only from a verified export (and, for int8, a recorded parity pass)
-            report.image_tower = enc.image_backend.describe()
-            if enc.precision == "int8":
-                verdict = onnx_image.cached_parity(self.settings.home, enc.fingerprint, self.store.library_id,
-                                                   self.settings.int8_min_cosine) or {}
-                report.int8_parity, report.parity_images = verdict.get("min_cosine"), 0  # 0: not measured now
+        enc = self.encoder = onnx_image.select(self.encoder, self.settings, self.budget.encoder, len(work))
+        report.image_tower = enc.image_tower
+        if enc.image_tower != "onnxruntime int8":
             return
-        if enc.device != "cpu" or enc.precision not in ("fp32", "int8"):
-            report.image_tower = f"torch {enc.precision}"
-            return
-        if enc.precision == "fp32" and self.settings.image_backend == "auto" and len(work) < ORT_MIN_RUN:
-            # The one-off export and backend timing (~10 s for ViT-B-32) costs more than it saves on a small run.
-            report.image_tower = "torch fp32"
-            return
-        if self.tower_note is None:
-            self.tower_note = onnx_image.attach(enc, self.settings.home, self.settings.image_backend,
-                                                self.budget.encoder) or ""
-        report.image_tower = enc.image_backend.describe() if enc.image_backend is not None else "torch fp32"
-        if enc.precision != "int8" or enc.image_backend is None:
-            return
-        library_id = self.store.library_id
-        verdict = onnx_image.cached_parity(self.settings.home, enc.fingerprint, library_id,
-                                           self.settings.int8_min_cosine)
-        if verdict is not None:  # this library's images already passed with these weights and this int8 export
-            report.int8_parity, report.parity_images = verdict["min_cosine"], 0  # 0: not measured in this run
+        home, library_id, threshold = self.settings.home, self.store.library_id, self.settings.int8_min_cosine
+        verdict = onnx_image.cached_parity(home, enc.fingerprint, library_id, threshold)
+        if verdict is not None or enc.torch_free:  # a torch-free one is only made with a recorded pass
+            report.int8_parity, report.parity_images = (verdict or {}).get("min_cosine"), 0  # 0: not measured now
             return
         sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
                                                            for i in range(PARITY_SAMPLE)]
@@ -412,12 +394,10 @@ class Indexer:
             return
         cos = onnx_image.int8_parity(enc, tensors)
         report.int8_parity, report.parity_images = cos, len(tensors)
-        threshold = self.settings.int8_min_cosine
         if cos < threshold:
-            enc.image_backend = None
             raise UsageError(f"--precision int8 is too far from fp32 on your images (min cosine {cos:.4f} < "
                              f"{threshold} on {len(tensors)} images); index with --precision fp32")
-        onnx_image.record_parity(self.settings.home, enc.fingerprint, library_id, cos, len(tensors))
+        onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
 
     def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,
                missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]]) -> None:
@@ -525,7 +505,7 @@ class Indexer:
             return
         todo = [r for r in batch if r.vector is None]
         if todo:
-            if _torch_free(self.encoder):
+            if self.encoder.torch_free:
                 vecs = self.encoder.encode_image_tensors([r.tensor for r in todo])
             else:
                 import torch
@@ -615,12 +595,6 @@ def _known_match(path: str, rows: list[ImageRow]) -> tuple[str, ImageRow | None]
 
 
 PARITY_SAMPLE = 32  # images decoded to check int8 against fp32 before an int8 run
-ORT_MIN_RUN = 200  # files a run must have before onnxruntime fp32 is considered (auto backend)
-
-
-def _torch_free(encoder) -> bool:
-    """An onnx_image.LiteEncoder: numpy arrays in, and nothing here may import torch for it."""
-    return bool(getattr(encoder, "torch_free", False))
 
 
 def _set_torch_threads(n: int) -> None:
@@ -651,27 +625,26 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
     ``remote``: decode and encode elsewhere (see :class:`Indexer`).
     """
     from . import encoder as encoder_mod
+    from . import onnx_image
     from .lock import write_lock
 
     roots = normalize_roots(paths)
     with write_lock(settings.home, wait=wait):
         own_store = store is None
         # An existing library is opened first (its id keys the int8 parity verdict); a new one only after the
-        # model loaded, so a bad --model never leaves an empty library behind.
-        if encoder is None and remote is None and _torch_free_allowed():
-            from . import onnx_image
-
-            # The ONNX session loads on the idle core while the library opens (SQLAlchemy, the store).
-            onnx_image.prestart_lite(settings, thread_budget(device="cpu", workers=settings.workers).encoder)
+        # model loaded, so a bad --model never leaves an empty library behind. A Ray run encodes on its workers'
+        # torch models; the driver's encoder names the model and makes the text export, so it is never torch-free.
+        torch_free = encoder is None and remote is None and settings.torch_free
+        threads = thread_budget(device="cpu", workers=settings.workers).encoder
+        if torch_free:  # its ONNX session loads on the idle core while the library opens (SQLAlchemy, the store)
+            onnx_image.prestart_lite(settings, threads)
         if store is None and settings.db_path.exists():
             store = Store(settings.db_path)
         try:
-            # A Ray run encodes on its workers' torch models; the driver's encoder names the model and makes
-            # the text export, so it is never the ONNX-only one.
-            enc = encoder or (None if remote is not None else _torch_free_encoder(settings, store))
+            enc = encoder
+            if torch_free:
+                enc = onnx_image.torch_free_encoder(settings, store and store.library_id, threads)[0]
             if enc is None:
-                from . import onnx_image
-
                 onnx_image.drop_prestarted()
                 enc = encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
                                        settings.precision)
@@ -680,30 +653,13 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         finally:
             if own_store and store is not None:
                 store.close()
-        if not _torch_free(enc):
+        if not enc.torch_free:
             # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
             # (A torch-free run is only chosen when it exists already.)
             from .textfast import ensure_export
 
             ensure_export(settings.home, enc)
         return report
-
-
-def _torch_free_allowed() -> bool:
-    return os.environ.get("IMGSEARCH_TORCH_FREE", "1") != "0"
-
-
-def _torch_free_encoder(settings: Settings, store: Store | None):
-    """The ONNX-only encoder when every proof it needs is on disk (see onnx_image.torch_free_encoder); None
-    when this run must load torch. IMGSEARCH_TORCH_FREE=0 turns it off (for comparing the two paths)."""
-    if not _torch_free_allowed():
-        return None
-    from . import onnx_image
-
-    library_id = store.library_id if store is not None else None
-    enc, _why = onnx_image.torch_free_encoder(settings, library_id,
-                                              thread_budget(device="cpu", workers=settings.workers).encoder)
-    return enc
 
 
 def forget(settings: Settings, paths: Iterable[str | os.PathLike], wait: bool = True) -> int:

@@ -1,10 +1,12 @@
-"""The image tower on ONNX Runtime: fp32 where it beats torch on this CPU, opt-in dynamic int8.
+"""Which image encoder an index run uses (select), and the image tower on ONNX Runtime it may pick: fp32 where
+it beats torch on this CPU, opt-in dynamic int8, or the whole run without torch (torch_free_encoder).
 
 Exports live in ``<home>/exports/<sanitised weights fingerprint>/image/`` (image-fp32.onnx,
 image-int8.onnx, manifest.json). The folder is keyed by the weights fingerprint, and the manifest repeats
 the fingerprint and format, so a fine-tuned or replaced model never runs a stale export. An export is used
 only after it matched the torch tower on a probe batch (fp32: every cosine >= 0.9999); a failed check is
-recorded and torch runs instead.
+recorded and torch runs instead. The chosen tower is a new OrtEncoder: the torch encoder, which other threads
+may be using, never changes backend.
 
 Nothing here imports onnxruntime or onnx unless an export is needed; when they are missing the caller
 gets torch and one line on stderr.
@@ -196,7 +198,7 @@ class OrtImageTower:
 def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
     import torch
 
-    return encoder.encode_image_tensors_torch(torch.from_numpy(batch))
+    return encoder.encode_image_tensors(torch.from_numpy(batch))
 
 
 def _export_fp32(encoder, path: Path) -> None:
@@ -411,45 +413,50 @@ def fp32_decision(encoder, home, tower: OrtImageTower, manifest: dict) -> dict:
     return decision
 
 
-def attach(encoder, home, mode: str = "auto", threads: int = 1) -> str | None:
-    """Pick the image backend for ``encoder`` (fp32/int8 on CPU); returns a note for the user or None.
+ORT_MIN_RUN = 200  # files a run must have before onnxruntime fp32 is exported and timed (auto backend)
 
-    mode: auto (measured choice for fp32), torch, onnx. int8 always needs onnxruntime; without it, or when
-    an export fails, the tower stays on torch fp32 and stderr says so once.
+
+def select(encoder, settings, threads: int, files: int | None = None):
+    """The image encoder a run uses. ``encoder`` may be shared (a server's queries) and is never changed.
+
+    A torch-free encoder (torch_free_encoder) is already the choice. A torch one stays, except on the CPU:
+    int8 runs on onnxruntime (the caller's parity gate says whether it may), and fp32 does when image_backend
+    is onnx, or auto and onnxruntime was measured faster here (fp32_decision; a run of fewer than
+    ORT_MIN_RUN ``files`` does not pay for the first export and timing). Those come back as an OrtEncoder
+    over ``encoder``; without onnxruntime, or when an export fails, torch runs fp32 and stderr says so once.
     """
-    encoder.image_backend = None
-    if encoder.device != "cpu" or encoder.precision not in ("fp32", "int8"):
-        return None
-    if encoder.precision == "fp32" and mode == "torch":
-        return None
+    mode, precision = settings.image_backend, encoder.precision
+    if encoder.torch_free or not _ort_may_run(encoder.device, precision, mode, files):
+        return encoder
     try:
-        tower, manifest = ensure_export(encoder, home, encoder.precision, threads)
+        tower, manifest = ensure_export(encoder, settings.home, precision, threads)
     except OnnxUnavailable as e:
-        if encoder.precision == "int8":
+        if precision == "int8":
             say_once(f"note: {e}; --precision int8 falls back to torch fp32")
         elif mode == "onnx":
             say_once(f"note: {e}; the image tower runs on torch")
-        return None
-    if encoder.precision == "int8":
-        encoder.image_backend = tower
-        return "image tower: onnxruntime int8"
-    if mode == "auto":
-        decision = fp32_decision(encoder, home, tower, manifest)
-        if decision["backend"] != "onnxruntime":
-            return (f"image tower: torch fp32 (measured {decision['torch_img_s']} img/s vs onnxruntime "
-                    f"{decision['onnxruntime_img_s']} img/s on this CPU)")
-    encoder.image_backend = tower
-    return "image tower: onnxruntime fp32"
+        return encoder
+    if precision == "fp32" and mode == "auto" and \
+            fp32_decision(encoder, settings.home, tower, manifest)["backend"] != "onnxruntime":
+        return encoder
+    return OrtEncoder(tower, encoder.spec, encoder.fingerprint, precision, encoder.dim, encoder.image_size,
+                      encoder.preprocess, encoder)
+
+
+def _ort_may_run(device: str, precision: str, mode: str, files: int | None = None) -> bool:
+    """Whether onnxruntime is in question at all, before any export or measurement is looked at."""
+    small = files is not None and files < ORT_MIN_RUN
+    return device == "cpu" and (precision == "int8" or (precision == "fp32" and mode != "torch"
+                                                        and not (mode == "auto" and small)))
 
 
 def int8_parity(encoder, tensors) -> float:
-    """Min cosine between the attached int8 tower and torch fp32 on the user's decoded images."""
+    """Min cosine between an int8 OrtEncoder and its torch encoder (fp32) on the user's decoded images."""
     import torch
 
-    batch = torch.stack(list(tensors)).float().numpy()
-    ref = encoder.encode_image_tensors_torch(torch.from_numpy(batch))
-    got = encoder.image_backend.encode(batch)
-    return float((got * ref).sum(1).min())
+    batch = torch.stack(list(tensors)).float()
+    ref = encoder.torch_encoder.encode_image_tensors(batch)
+    return float((encoder.encode_image_tensors(batch) * ref).sum(1).min())
 
 
 def _checked_preprocess(encoder) -> dict | None:
@@ -541,28 +548,29 @@ def record_parity(home, fingerprint: str, library_id: str | None, cos: float, im
         pass  # a cache: the next run measures again
 
 
-class LiteEncoder:
-    """Just enough of an Encoder to index with a verified ONNX image tower: no torch, torchvision or open_clip.
+class OrtEncoder:
+    """An image encoder whose tower is a verified ONNX export on onnxruntime: its own object, so no torch encoder
+    changes backend.
 
-    Built by :func:`torch_free_encoder` only from an export whose manifest names these weights; the
-    preprocess is the numpy copy of the model's own, checked against torchvision when it was recorded.
+    Over a loaded ``torch_encoder`` (select): that encoder's preprocess and model, and its text side and
+    everything else through attribute lookup. Without one (torch_free_encoder): no torch, torchvision or
+    open_clip import, and the numpy copy of the model's preprocess, checked against torchvision when the
+    export recorded it.
     """
 
-    model = None
-    weights_path = None
-    torch_free = True
+    def __init__(self, tower: OrtImageTower, spec, fingerprint: str, precision: str, dim: int, image_size: int,
+                 preprocess, torch_encoder=None):
+        self.image_backend, self.image_tower = tower, tower.describe()
+        self.spec, self.fingerprint, self.precision, self.device = spec, fingerprint, precision, "cpu"
+        self.dim, self.image_size, self.preprocess = int(dim), int(image_size), preprocess
+        self.torch_encoder, self.torch_free = torch_encoder, torch_encoder is None
+        self.model = getattr(torch_encoder, "model", None)
 
-    def __init__(self, spec, fingerprint: str, precision: str, manifest: dict, tower: OrtImageTower):
-        from .images import numpy_preprocess
-
-        self.spec = spec
-        self.fingerprint = fingerprint
-        self.device = "cpu"
-        self.precision = precision
-        self.dim = int(manifest["dim"])
-        self.image_size = int(manifest["input_size"])
-        self.preprocess = numpy_preprocess(manifest["preprocess"])
-        self.image_backend = tower
+    def __getattr__(self, name):  # only for names not set above: the text side, logit_scale, ...
+        base = self.__dict__.get("torch_encoder")
+        if base is None:
+            raise AttributeError(name)
+        return getattr(base, name)
 
     @property
     def draft_size(self) -> int:
@@ -571,11 +579,13 @@ class LiteEncoder:
         return draft_size_for(self.image_size)  # as Encoder.draft_size: the same decode, so the same vectors
 
     def encode_image_tensors(self, batch) -> np.ndarray:
+        """Preprocessed images (a list, numpy or a CPU torch batch) -> L2-normalised float32 [N, dim]."""
         return self.image_backend.encode(np.stack(batch) if isinstance(batch, (list, tuple)) else batch)
 
-    def describe(self) -> str:
-        return f"{self.spec.label} on cpu ({self.precision}, image tower {self.image_backend.describe()}, " \
-               f"dim {self.dim}, torch not loaded)"
+    def encode_images(self, images) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_image_tensors([np.asarray(self.preprocess(im)) for im in images])
 
 
 def _no_gpu_without_torch(device: str) -> bool:
@@ -607,7 +617,7 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
         precision = pick_precision(settings.precision, "cpu")
     except UsageError as e:
         return None, str(e)
-    if precision not in ("fp32", "int8") or (precision == "fp32" and settings.image_backend == "torch"):
+    if not _ort_may_run("cpu", precision, settings.image_backend):
         return None, f"precision {precision} runs on torch"
     spec = ModelSpec(settings.model, settings.pretrained).canonical()
     try:
@@ -626,16 +636,12 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
         if settings.image_backend != "onnx" and \
                 (manifest.get("fp32_backend") or {}).get(decision_key(threads), {}).get("backend") != "onnxruntime":
             return None, "onnxruntime fp32 not measured faster here"
-        path, kind = folder / FP32_FILE, "fp32"
-    else:
-        entry8 = manifest.get("int8")
-        if not entry8 or _recipe_of(entry8) != INT8_RECIPE:
-            return None, "no int8 export"
-        path, kind = folder / INT8_FILE, "int8"
+    elif _recipe_of(manifest.get("int8") or {}) != INT8_RECIPE:
+        return None, "no int8 export"
+    path = folder / (FP32_FILE if precision == "fp32" else INT8_FILE)
     if not path.is_file():
         return None, "export file missing"
-    return {"spec": spec, "fingerprint": fingerprint, "precision": precision, "manifest": manifest,
-            "path": path, "kind": kind}, "ok"
+    return {"spec": spec, "fingerprint": fingerprint, "precision": precision, "manifest": manifest, "path": path}, "ok"
 
 
 def prestart_lite(settings, threads: int) -> None:
@@ -648,8 +654,8 @@ def prestart_lite(settings, threads: int) -> None:
         prestart(cand["path"], threads)
 
 
-def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[LiteEncoder | None, str]:
-    """A LiteEncoder when this run can index without torch, else (None, why not).
+def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[OrtEncoder | None, str]:
+    """An OrtEncoder without torch when this run can index without torch, else (None, why not).
 
     Needs: the CPU, fp32 or int8, a weights fingerprint known without loading the model (the same
     size + head/tail hash of the weights file the torch path computes, so a fine-tune never meets a
@@ -671,14 +677,18 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
     except (textfast.ExportError, OSError, ValueError, KeyError):
         return None, "no verified text export yet"
     try:
-        tower = OrtImageTower(cand["path"], cand["kind"], threads)
+        tower = OrtImageTower(cand["path"], cand["precision"], threads)
     except OnnxUnavailable as e:
         return None, str(e)
     except Exception as e:  # a damaged file: torch rebuilds it
         return None, f"export unreadable ({type(e).__name__})"
-    return LiteEncoder(cand["spec"], fingerprint, cand["precision"], cand["manifest"], tower), "ok"
+    from .images import numpy_preprocess
+
+    manifest = cand["manifest"]
+    return OrtEncoder(tower, cand["spec"], fingerprint, cand["precision"], manifest["dim"], manifest["input_size"],
+                      numpy_preprocess(manifest["preprocess"])), "ok"
 
 
-__all__ = ["attach", "ensure_export", "int8_parity", "export_dir", "OrtImageTower", "OnnxUnavailable",
-           "FP32_MIN_COSINE", "FORMAT", "LiteEncoder", "torch_free_encoder", "cached_parity", "record_parity",
+__all__ = ["select", "ensure_export", "int8_parity", "export_dir", "OrtImageTower", "OnnxUnavailable",
+           "FP32_MIN_COSINE", "FORMAT", "OrtEncoder", "torch_free_encoder", "cached_parity", "record_parity",
            "decision_key", "INT8_RECIPE", "prestart", "prestart_lite", "drop_prestarted"]

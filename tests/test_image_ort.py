@@ -38,8 +38,8 @@ def test_fp32_export_matches_torch_on_photos(tiny_model, home, photos):
     assert on_disk["fingerprint"] == enc.fingerprint and on_disk["input_size"] == enc.image_size
     batch = _decoded(enc, photos)
     ref = enc.encode_image_tensors(batch)
-    enc.image_backend = tower
-    got = enc.encode_image_tensors(batch)
+    ort = onnx_image.OrtEncoder(tower, enc.spec, enc.fingerprint, "fp32", enc.dim, enc.image_size, enc.preprocess, enc)
+    got = ort.encode_image_tensors(batch)
     assert got.shape == ref.shape
     assert float((got * ref).sum(1).min()) >= 0.9999
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
@@ -55,10 +55,10 @@ def test_export_graph_is_lean_and_the_model_is_restored(tiny_model, home, photos
     visual = enc.model.visual
     attn_types = [type(b.attn) for b in visual.transformer.resblocks]
     batch = _decoded(enc, photos, 4)
-    before = enc.encode_image_tensors_torch(batch)
+    before = enc.encode_image_tensors(batch)
     tower, manifest = onnx_image.ensure_export(enc, home, "fp32", threads=1)
     assert [type(b.attn) for b in visual.transformer.resblocks] == attn_types == [torch.nn.MultiheadAttention] * 2
-    assert np.array_equal(enc.encode_image_tensors_torch(batch), before)
+    assert np.array_equal(enc.encode_image_tensors(batch), before)
     assert manifest["format"] == onnx_image.FORMAT and manifest["fp32"]["min_cosine"] >= 0.9999
     graph = onnx.load(str(onnx_image.export_dir(home, enc.fingerprint) / onnx_image.FP32_FILE)).graph
     ops = [n.op_type for n in graph.node]
@@ -89,7 +89,7 @@ def test_export_is_rebuilt_for_changed_weights_and_never_used_after_a_failed_che
     tower2, manifest2 = onnx_image.ensure_export(enc2, home, "fp32")
     assert onnx_image.export_dir(home, enc2.fingerprint) != old_folder
     batch = _decoded(enc2, photos, 6)
-    assert float((tower2.encode(batch.numpy()) * enc2.encode_image_tensors_torch(batch)).sum(1).min()) >= 0.9999
+    assert float((tower2.encode(batch.numpy()) * enc2.encode_image_tensors(batch)).sum(1).min()) >= 0.9999
 
     # A manifest from other weights in the folder (copied, or written by an older version) is not trusted.
     folder2 = onnx_image.export_dir(home, enc2.fingerprint)
@@ -107,7 +107,10 @@ def test_export_is_rebuilt_for_changed_weights_and_never_used_after_a_failed_che
     (folder2 / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(onnx_image.OnnxUnavailable, match="does not match torch"):
         onnx_image.ensure_export(enc2, home, "fp32")
-    assert onnx_image.attach(enc2, home, "onnx") is None and enc2.image_backend is None
+    from imgsearch.config import Settings
+
+    settings = Settings.from_env(home=home, image_backend="onnx")
+    assert onnx_image.select(enc2, settings, 1) is enc2 and enc2.image_tower == "torch fp32"
 
 
 @pytest.mark.slow
@@ -294,3 +297,22 @@ def test_prestarted_session_is_used_only_for_the_same_file(tiny_model, home, mon
             f"onnx_image.prestart(Path({str(path)!r}), 1); sys.exit(3)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3 and out.stderr == "", out.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_an_int8_index_run_leaves_the_librarys_shared_encoder_as_it_was(model_id, home, photos, monkeypatch):
+    """Indexing picks an image encoder of its own: the Library's encoder, which its queries (a server's other
+    threads) share, encodes a query image as before an int8 run, on the same backend."""
+    import imgsearch
+    from imgsearch.images import open_image
+
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")  # what the 32 px tiny model reaches (see above)
+    query = open_image(str(sorted(photos.rglob("*.jpg"))[0]))[0]
+    with imgsearch.Library(home, model_id, device="cpu", precision="int8", batch_size=16) as lib:
+        before, backend = lib.encoder.encode_images([query]), lib.encoder.describe()
+        report = lib.index(photos)
+        assert report.image_tower == "onnxruntime int8" and report.parity_images == 32
+        after = lib.encoder.encode_images([query])
+        # The same vector (torch fp32; other thread counts may reorder sums), where int8 moves it by ~1e-3.
+        assert np.abs(after - before).max() < 1e-5, np.abs(after - before).max()
+        assert lib.encoder.describe() == backend

@@ -57,8 +57,7 @@ def _photos(tmp_path: Path, name: str, seed: int) -> Path:
 
 
 @pytest.mark.slow
-def test_index_with_a_verified_export_never_imports_torch_and_gives_torch_vectors(settings, photos, tmp_path,
-                                                                                   monkeypatch):
+def test_index_with_a_verified_export_never_imports_torch_and_gives_torch_vectors(settings, photos, tmp_path):
     from imgsearch.indexer import index_paths
 
     more = _photos(tmp_path, "more", seed=9)
@@ -71,8 +70,7 @@ def test_index_with_a_verified_export_never_imports_torch_and_gives_torch_vector
 
     # The same photos through torch, in a library of their own.
     ref_home = tmp_path / "ref-home"
-    monkeypatch.setenv("IMGSEARCH_TORCH_FREE", "0")
-    ref = index_paths(settings.with_(home=ref_home, image_backend="torch"), [more])
+    ref = index_paths(settings.with_(home=ref_home, image_backend="torch", torch_free=False), [more])
     assert ref.image_tower == "torch fp32" and ref.new == 36
     got, want = _vectors_by_path(settings.home, settings.model), _vectors_by_path(ref_home, settings.model)
     mine = {p: v for p, v in got.items() if p.startswith(str(more))}

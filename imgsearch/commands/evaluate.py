@@ -136,8 +136,7 @@ def zeroshot_cmd(
             raise DataError(f"none of the {len(paths)} images in {folder} could be read")
         scores = vecs @ label_embeddings(enc, class_names, templates).T
         m = classification_metrics(scores, truth_all[ok], class_names, top_confusions=max(show, 10))
-        tower = enc.image_backend.describe() if enc.image_backend is not None else f"torch {enc.precision}"
-        results.append({"model": label, "precision": enc.precision, "image_tower": tower, **m})
+        results.append({"model": label, "precision": enc.precision, "image_tower": enc.image_tower, **m})
     if json_out:
         typer.echo(json.dumps({"folder": str(folder), "classes": class_names, "templates": templates,
                                "skipped": [{"where": w, "reason": r} for w, r in skipped], "models": results},
