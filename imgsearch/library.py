@@ -123,7 +123,8 @@ class Library:
 
     @property
     def encoder(self):
-        """The torch (or onnxruntime) model, loaded on first use and kept for every later use."""
+        """The torch model (image queries, and texts where no export can exist), loaded once and never changed:
+        an index run chooses its own image encoder (onnx_image.select)."""
         with self._encode_lock:
             if self._encoder is None:
                 from .encoder import ModelSpec, load
