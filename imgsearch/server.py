@@ -22,8 +22,10 @@ one request field was wrong):
                                          "tag": null, "keyword": null, "blend": null, "after": "2023",
                                          "before": "2023-06", "near": "48.85,2.29,5" or [48.85, 2.29, 5],
                                          "camera": "pixel", "relevance": false}
-  POST /api/search/image?k=10           the image file as the body (Content-Type image/* or
-                                        application/octet-stream)
+  POST /api/search/image?k=10&...      the image file as the body (Content-Type image/* or
+                                        application/octet-stream); the URL takes GET /api/search's parameters
+Every search is one request.SearchRequest (from_json / from_params): a wrong value is a 400 naming the field,
+in the words the CLI and the Python API use; at most 64 terms per request.
 With "relevance": true (relevance=1 in a URL), every hit carries "relevant": true/false against the
 model's calibrated relevance floor (relevance.py); it is null otherwise, and where no floor applies
 (keyword ranking, text and images mixed).
