@@ -680,11 +680,10 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
 
 
 # --- import --------------------------------------------------------------------------------------------
-def _target_identity(settings: Settings, src: _Source, assume_model: bool, encoder: Callable | None):
+def _target_identity(settings: Settings, src: _Source, assume_model: bool, encoder: Callable | None, open_store):
     """(ModelSpec, fingerprint, dim) the imported vectors are stored under, after checking they fit."""
     from .encoder import known_fingerprint
     from .modelspec import ModelSpec
-    from .store import Store
 
     spec = ModelSpec(settings.model, settings.pretrained).canonical()
     exp = src.model
@@ -706,12 +705,8 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
     else:
         dim = None
         if settings.db_path.exists():
-            store = Store(settings.db_path, create=False)
-            try:
-                row = store.find_model(spec.name, spec.pretrained, fp) if fp else None
-                dim = row.dim if row else None
-            finally:
-                store.close()
+            row = open_store().find_model(spec.name, spec.pretrained, fp) if fp else None
+            dim = row.dim if row else None
         if dim is None or fp is None:
             enc = encoder() if encoder else None
             if enc is None:
@@ -763,49 +758,46 @@ def _check_file(rec: dict, folder: Path, trust: bool, heic: bool
 
 
 def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool = False,
-                   assume_model: bool = False, encoder: Callable | None = None,
+                   assume_model: bool = False, encoder: Callable | None = None, open_store: Callable = None,
                    progress: ProgressFn | None = None, chunk: int = IMPORT_CHUNK, wait: bool = True) -> ImportReport:
     """Insert an export's images (those whose files are here) and their vectors into the library.
 
     ``trust``: take the exported content hashes instead of reading every file (size is still checked).
     ``assume_model``: the export does not name its model and the settings' model is the one that made it.
     ``encoder``: returns the loaded encoder, called only when the model's fingerprint or dimension needs it.
+    ``open_store``: returns the library's Store, creating the library when there is none (the Library's).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from . import files
     from .lock import write_lock
-    from .store import Store
 
     t0 = time.perf_counter()
     src = open_export(folder)
-    spec, fp, dim = _target_identity(settings, src, assume_model, encoder)
+    spec, fp, dim = _target_identity(settings, src, assume_model, encoder, open_store)
     report = ImportReport(str(src.folder), src.format, spec.label, rows=src.rows)
     with write_lock(settings.home, wait=wait):
-        store = Store(settings.db_path)
-        try:
-            model = store.get_or_create_model(spec.name, spec.pretrained, fp, dim)
-            done = 0
-            if progress:
-                progress(0, src.rows)
-            heic = files.heic_supported()
-            with ThreadPoolExecutor(max_workers=settings.decode_workers()) as pool:
-                for recs, vecs in _iter_rows(src, chunk):
-                    usable = np.isfinite(vecs).all(axis=1) & vecs.any(axis=1)
-                    keep = []
-                    for k, rec in enumerate(recs):
-                        if isinstance(rec, str) or not usable[k]:
-                            report.bad_row(done + k, rec if isinstance(rec, str)
-                                           else "its vector is missing, all zeros or not finite")
-                        else:
-                            keep.append(k)
-                    checked = list(pool.map(lambda k: _check_file(recs[k], src.folder, trust, heic), keep))
-                    _import_chunk(store, model.id, [recs[k] for k in keep], vecs[keep], checked, report)
-                    done += len(recs)
-                    if progress:
-                        progress(done, src.rows)
-        finally:
-            store.close()
+        store = open_store()
+        model = store.get_or_create_model(spec.name, spec.pretrained, fp, dim)
+        done = 0
+        if progress:
+            progress(0, src.rows)
+        heic = files.heic_supported()
+        with ThreadPoolExecutor(max_workers=settings.decode_workers()) as pool:
+            for recs, vecs in _iter_rows(src, chunk):
+                usable = np.isfinite(vecs).all(axis=1) & vecs.any(axis=1)
+                keep = []
+                for k, rec in enumerate(recs):
+                    if isinstance(rec, str) or not usable[k]:
+                        report.bad_row(done + k, rec if isinstance(rec, str)
+                                       else "its vector is missing, all zeros or not finite")
+                    else:
+                        keep.append(k)
+                checked = list(pool.map(lambda k: _check_file(recs[k], src.folder, trust, heic), keep))
+                _import_chunk(store, model.id, [recs[k] for k in keep], vecs[keep], checked, report)
+                done += len(recs)
+                if progress:
+                    progress(done, src.rows)
     report.seconds = time.perf_counter() - t0
     return report
 

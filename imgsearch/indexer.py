@@ -617,7 +617,7 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
-                progress: ProgressFn | None = None, store: Store | None = None,
+                progress: ProgressFn | None = None, store: Store | None = None, open_store=None,
                 build_progress: BuildProgress | None = None, wait: bool = True, remote=None) -> IndexReport:
     """Index (or re-index incrementally) image files under ``paths`` with the settings' model.
 
@@ -639,7 +639,7 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         if torch_free:  # its ONNX session loads on the idle core while the library opens (SQLAlchemy, the store)
             onnx_image.prestart_lite(settings, threads)
         if store is None and settings.db_path.exists():
-            store = Store(settings.db_path)
+            store = open_store() if open_store else Store(settings.db_path)
         try:
             enc = encoder
             if torch_free:
@@ -648,10 +648,10 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
                 onnx_image.drop_prestarted()
                 enc = encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
                                        settings.precision)
-            store = store or Store(settings.db_path)
+            store = store or (open_store() if open_store else Store(settings.db_path))
             report = Indexer(settings, enc, store, remote).run(roots, progress, build_progress)
         finally:
-            if own_store and store is not None:
+            if own_store and open_store is None and store is not None:
                 store.close()
         if not enc.torch_free:
             # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
@@ -662,63 +662,54 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         return report
 
 
-def forget(settings: Settings, paths: Iterable[str | os.PathLike], wait: bool = True) -> int:
+def forget(settings: Settings, store: Store, paths: Iterable[str | os.PathLike], wait: bool = True) -> int:
     """Remove files or folders (by path prefix) from the library; the files themselves are untouched."""
     from .lock import write_lock
 
     targets = [files.abspath(p) for p in paths]
     if not targets:
         raise UsageError("give at least one file or folder to forget")
-    Store(settings.db_path, create=False).close()  # "no library" before any lock file is made
     with write_lock(settings.home, wait=wait):
-        store = Store(settings.db_path, create=False)
-        try:
-            rows = store.images_under(targets)
-            removed = store.delete_images(r.id for r in rows.values())
-            store.delete_failures_under(targets)
-            return removed
-        finally:
-            store.close()
+        rows = store.images_under(targets)
+        removed = store.delete_images(r.id for r in rows.values())
+        store.delete_failures_under(targets)
+        return removed
 
 
 __all__ = ["IndexReport", "Indexer", "index_paths", "forget", "normalize_roots", "model_index", "StoreVectors",
            "cache_key", "index_policy"]
 
 
-def library_status(settings: Settings) -> dict:
+def library_status(settings: Settings, store: Store) -> dict:
     """What is in the library: images, failures, models with vector counts, cache files, disk use."""
     from .vectors import cache_state
 
-    store = Store(settings.db_path, create=False)
-    try:
-        models = []
-        for m in store.models():
-            path = settings.index_path(m.id)
-            state, meta = cache_state(path)
-            if state == "ok" and meta.get("library_id") != store.library_id:
-                state = "stale: built for another library database (rebuilt on next query)"
-            elif state == "ok" and meta.get("fingerprint") != m.fingerprint:
-                state = "stale (rebuilt on next query)"
-            elif state == "ok" and meta.get("version") != m.version:
-                state = "stale (updated on next query)"
-            meta = meta or {}
-            models.append({"id": m.id, "model": m.label, "name": m.name, "pretrained": m.pretrained, "dim": m.dim,
-                           "vectors": m.vectors, "index_file": str(path), "index_state": state,
-                           "index_type": meta.get("kind"), "index_vectors": meta.get("count"),
-                           "recall_at_10": meta.get("recall_at_10"), "nprobe": meta.get("nprobe"),
-                           "index_bytes": path.stat().st_size if path.exists() else 0,
-                           "relevance_floor": _floor_status(store, m)})
-        disk = store.disk_usage()
-        for folder in (settings.index_dir, settings.thumbs_dir):
-            if folder.exists():
-                disk += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        return {"home": str(settings.home), "images": store.image_count(), "failures": store.failure_count(),
-                "failed_files": [{"path": p, "reason": r} for p, r in store.failures(limit=20)],
-                "models": models, "last_run": _run_state(settings, store.last_run()), "disk_bytes": disk,
-                "read_only": store.read_only,
-                "schema_version": store.schema_version, "when_where": store.when_where_summary()}
-    finally:
-        store.close()
+    models = []
+    for m in store.models():
+        path = settings.index_path(m.id)
+        state, meta = cache_state(path)
+        if state == "ok" and meta.get("library_id") != store.library_id:
+            state = "stale: built for another library database (rebuilt on next query)"
+        elif state == "ok" and meta.get("fingerprint") != m.fingerprint:
+            state = "stale (rebuilt on next query)"
+        elif state == "ok" and meta.get("version") != m.version:
+            state = "stale (updated on next query)"
+        meta = meta or {}
+        models.append({"id": m.id, "model": m.label, "name": m.name, "pretrained": m.pretrained, "dim": m.dim,
+                       "vectors": m.vectors, "index_file": str(path), "index_state": state,
+                       "index_type": meta.get("kind"), "index_vectors": meta.get("count"),
+                       "recall_at_10": meta.get("recall_at_10"), "nprobe": meta.get("nprobe"),
+                       "index_bytes": path.stat().st_size if path.exists() else 0,
+                       "relevance_floor": _floor_status(store, m)})
+    disk = store.disk_usage()
+    for folder in (settings.index_dir, settings.thumbs_dir):
+        if folder.exists():
+            disk += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return {"home": str(settings.home), "images": store.image_count(), "failures": store.failure_count(),
+            "failed_files": [{"path": p, "reason": r} for p, r in store.failures(limit=20)],
+            "models": models, "last_run": _run_state(settings, store.last_run()), "disk_bytes": disk,
+            "read_only": store.read_only,
+            "schema_version": store.schema_version, "when_where": store.when_where_summary()}
 
 
 def _floor_status(store: Store, model: ModelRow) -> dict | None:

@@ -103,13 +103,17 @@ class Library:
     @property
     def store(self):
         """The library database (read-only when the files are); opened on first use."""
+        return self._open_store(create=False)
+
+    def _open_store(self, create: bool = True):
+        """The one Store of this Library; ``create`` makes the library (index and import do)."""
         with self._open_lock:
             if self._closed:
                 raise UsageError("this Library was closed; open a new one")
             if self._store is None:
                 from .store import Store
 
-                self._store = Store(self.settings.db_path, create=False)
+                self._store = Store(self.settings.db_path, create=create)
             return self._store
 
     def _warm(self):
@@ -195,7 +199,8 @@ class Library:
             if remote.address is not None:
                 remote.open()  # an unreachable cluster too
         try:
-            report = index_paths(self.settings, [str(p) for p in paths], encoder=self._encoder, progress=progress,
+            report = index_paths(self.settings, [str(p) for p in paths], encoder=self._encoder,
+                                 open_store=self._open_store, progress=progress,
                                  build_progress=build_progress, wait=wait, remote=remote)
         finally:
             if remote is not None:
@@ -235,7 +240,7 @@ class Library:
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        return forget(self.settings, [str(p) for p in paths], wait=wait)
+        return forget(self.settings, self.store, [str(p) for p in paths], wait=wait)
 
     def watcher(self, paths, *, poll: bool = False, interval: float = 1.0, debounce: float = 0.5,
                 on_batch=None, say=None):
@@ -272,7 +277,7 @@ class Library:
     def status(self) -> LibraryStatus:
         from .indexer import library_status
 
-        return LibraryStatus.from_dict(library_status(self.settings))
+        return LibraryStatus.from_dict(library_status(self.settings, self.store))
 
     def relevance_floor(self) -> dict | None:
         """This model's relevance floor: {"text", "image", "vectors", ...} (relevance.py), measured if needed."""
@@ -459,4 +464,5 @@ class Library:
         from .exchange import import_library
 
         return import_library(self.settings, folder, trust=trust, assume_model=assume_model,
+                              open_store=self._open_store,
                               encoder=lambda: self.encoder, progress=progress, wait=wait)

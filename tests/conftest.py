@@ -116,12 +116,3 @@ def captioned(tmp_path) -> Path:
     folder = tmp_path / "captioned"
     synthetic.generate(folder, per_class=6, size=40, fmt="png", seed=5)
     return folder / "captions.csv"
-
-
-@pytest.fixture()
-def faiss_path(monkeypatch):
-    """Text queries take the FAISS path: the lean cold path (coldquery) reads vectors from SQLite and never
-    touches the FAISS cache, so tests about that cache must route around it."""
-    import imgsearch.coldquery
-
-    monkeypatch.setattr(imgsearch.coldquery, "search_texts", lambda *a, **k: None)

@@ -67,7 +67,7 @@ def assert_same_results(a, b):
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "clip-retrieval"])
-def test_round_trip_into_a_fresh_home_gives_the_same_results(lib, photos, tmp_path, model_id, fmt, faiss_path):
+def test_round_trip_into_a_fresh_home_gives_the_same_results(lib, photos, tmp_path, model_id, fmt):
     before = results(lib, photos)
     assert [kind(p) for p, _ in before[0][:3]] == ["red_circle"] * 3  # the trained model ranks sensibly
     report = lib.export(tmp_path / "out", fmt)

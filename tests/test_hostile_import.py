@@ -87,10 +87,8 @@ def test_rows_with_bad_values_are_skipped_counted_and_named(exported, tmp_path, 
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("imported 18 new images")
     assert "11 rows of the export hold unusable values and were skipped, e.g. row 19: its path is int" in r.stderr
-    from imgsearch.exchange import import_library
-
     with open_lib(tmp_path / "home", exported[0]) as lib:
-        report = import_library(lib.settings, out)
+        report = lib.import_(out)
         assert (report.added, report.already, report.invalid) == (0, 18, 11)
         reasons = "\n".join(report.invalid_examples)
         for why in ("its path is int, not text", "size 'big' is not a whole number", "NUL character",
@@ -124,7 +122,6 @@ def test_only_image_files_are_imported_and_relative_paths_are_the_exports(export
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("imported 19 new images")
     assert "6 paths name no image file imgsearch reads and were skipped, e.g. /etc/passwd: not an image" in r.stderr
-    from imgsearch.exchange import import_library
 
     with open_lib(tmp_path / "home", exported[0]) as lib:
         paths = {h.path for h in lib.search("a red circle", k=50)}
@@ -133,7 +130,7 @@ def test_only_image_files_are_imported_and_relative_paths_are_the_exports(export
         trusting = tmp_path / "trusting"
         hashes = [content_hash(Path(p).read_bytes()) if p.startswith("/etc") else None for p in targets]
         out2 = craft(exported, trusting, {"path": targets[:4], "hash": hashes[:4], "vector": [vec] * 4})
-        report = import_library(lib.settings, out2, trust=True)
+        report = lib.import_(out2, trust=True)
         assert [p for p, _ in report.not_images] == ["/etc/passwd", "/etc/hostname", f"/proc/{os.getpid()}/environ",
                                                      "/dev/zero"]
         assert report.not_images[3][1] == "not a regular file"

@@ -38,7 +38,7 @@ def db_count(home: Path, table: str) -> int:
 
 
 # --- point 5: a replaced library.db never trusts the old FAISS cache ------------------------------------
-def test_replaced_database_never_trusts_the_old_cache(cli, home, tmp_path, faiss_path):
+def test_replaced_database_never_trusts_the_old_cache(cli, home, tmp_path):
     """Same model id, version and fingerprint in a new library.db: the old cache maps ids to other images."""
     first, second = tmp_path / "first", tmp_path / "second"
     synthetic.generate(first / "a", per_class=6, colors=["blue"], shapes=("triangle",), captions_file=None)
@@ -101,7 +101,7 @@ def test_old_library_gets_an_identity_on_upgrade(tmp_path):
     s.close()
 
 
-def test_truncated_cache_is_reported_damaged_and_rebuilt(cli, home, photos, faiss_path):
+def test_truncated_cache_is_reported_damaged_and_rebuilt(cli, home, photos):
     assert cli("index", photos).exit_code == 0
     cache = home / "index" / "model-1.faiss"
     data = cache.read_bytes()

@@ -127,7 +127,7 @@ def test_rewritten_model_weights_are_a_different_model(cli, photos, tmp_path):
     assert r.exit_code == 1 and "different weights" in r.stderr
 
 
-def test_faiss_cache_missing_damaged_or_stale_is_rebuilt(cli, photos, home, faiss_path):
+def test_faiss_cache_missing_damaged_or_stale_is_rebuilt(cli, photos, home):
     cli("index", photos)
     expected = hits_of(cli("query", "a purple square", "--json"))
     (cache,) = list((home / "index").glob("model-*.faiss"))
