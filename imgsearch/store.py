@@ -808,12 +808,6 @@ class Store:
         return {r[0]: bool(r[1]) for r in self.rows("SELECT image_id, keep FROM album_pins WHERE album_id = :a",
                                                     a=album_id)}
 
-    def album_pin_paths(self, album_id: int) -> list[tuple[str, bool]]:
-        """(path, pinned in) of each pin: how an export names them."""
-        return [(_unbind(r[0]), bool(r[1])) for r in self.rows(
-            "SELECT i.path, p.keep FROM album_pins p JOIN images i ON i.id = p.image_id WHERE p.album_id = :a",
-            a=album_id)]
-
     def set_album_pins(self, album_id: int, ids: Iterable[int], keep: bool) -> None:
         with self.begin() as c:
             c.execute(_sql("INSERT OR REPLACE INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)"),
