@@ -329,7 +329,7 @@ def restore(store, records) -> int:
         rows = store.images_at(pins)
         album_id = store.add_album(name, json.dumps(rec["request"], sort_keys=True), 0, "",
                                    {rows[p].id: keep for p, keep in pins.items() if p in rows},
-                                   created_at=rec.get("created_at") if isinstance(rec.get("created_at"), (int, float))
+                                   created_at=rec["created_at"] if isinstance(rec.get("created_at"), (int, float))
                                    else None)
         added += album_id is not None
     return added

@@ -778,8 +778,8 @@ class Store:
         """A new album with its pins and (model id, query vector), in one transaction; None when the name is taken."""
         now = time.time()
         with self.begin() as c:
-            res = c.execute(_sql("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, digest) "
-                                 "VALUES (:n, :r, :c, :t, :m, :d)"),
+            res = c.execute(_sql("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, "
+                                 "digest) VALUES (:n, :r, :c, :t, :m, :d)"),
                             {"n": name, "r": request, "c": created_at or now, "t": now, "m": members, "d": digest})
             if not res.rowcount:
                 return None

@@ -88,7 +88,8 @@ def test_save_show_list_answer_as_the_query_does(lib, cli, cut):
     raw = cli("album", "show", "reds", "--print0").stdout_bytes
     assert raw.split(b"\0")[:-1] == [os.fsencode(p) for p in reds]
     table = cli("album", "show", "reds").stdout.splitlines()
-    assert table[0].startswith("album reds: 3 photos, last change ") and "search: 'a red circle' --min-score" in table[0]
+    assert table[0].startswith("album reds: 3 photos, last change ")
+    assert "search: 'a red circle' --min-score" in table[0]
 
     listed = cli("album", "list").stdout.splitlines()
     assert listed[0].split() == ["album", "photos", "changed", "search"]
