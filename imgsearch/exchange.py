@@ -92,6 +92,7 @@ class ImportReport:
     not_images: list[tuple[str, str]] = field(default_factory=list)  # (path, why): no image file imgsearch reads
     invalid: int = 0  # rows skipped for a bad value (vector, path, size, width, height)
     invalid_examples: list[str] = field(default_factory=list)  # "row N: why", the first few
+    albums: int = 0  # albums of the export added (those whose name was free here)
     seconds: float = 0.0
 
     def bad_row(self, row: int, why: str) -> None:
@@ -108,7 +109,7 @@ class ImportReport:
                 "unreachable": len(self.unreachable), "unreachable_examples": self.unreachable[:EXAMPLES],
                 "changed": len(self.changed), "changed_examples": examples(self.changed),
                 "not_images": len(self.not_images), "not_images_examples": examples(self.not_images),
-                "invalid": self.invalid, "invalid_examples": self.invalid_examples,
+                "invalid": self.invalid, "invalid_examples": self.invalid_examples, "albums": self.albums,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -354,7 +355,7 @@ def _remove_temp(tmp: Path, target: Path, token: str | None) -> str | None:
     return None if why is None else f"{tmp}: {why}"
 
 
-def _prepare_target(target: Path) -> bool:
+def prepare_target(target: Path) -> bool:
     """Make sure ``target`` may receive an export; True when this call created it."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UsageError(f"{target} exists and is not a folder; give a new or empty folder for the export")
@@ -417,7 +418,9 @@ def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
 def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: str = "parquet", *,
                    model: str | None = None, progress: ProgressFn | None = None, chunk: int = CHUNK,
                    shard_rows: int = SHARD_ROWS) -> ExportReport:
-    """Write one model's vectors and image metadata into ``folder`` (new or empty) as ``fmt``."""
+    """Write one model's vectors and image metadata into ``folder`` (new or empty) as ``fmt``; the manifest
+    also carries the library's albums (their saved searches and pins by path)."""
+    from . import albums
     from .config import VERSION as __version__
 
     if fmt not in FORMATS:
@@ -428,7 +431,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
     info = _model_info(row)
     total = store.vector_count(row.id)
     target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
-    created = _prepare_target(target)
+    created = prepare_target(target)
     token = owned.new_token()
     tmp = target / f"{TEMP_PREFIX}{token[:12]}.tmp"
     report = ExportReport(str(target), fmt, row.label, row.dim)
@@ -455,7 +458,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
         report.files = writer.close()
         manifest = {"imgsearch_export": FORMAT_VERSION, "format": fmt, "model": info, "rows": report.rows,
                     "files": report.files, "library_id": store.library_id, "imgsearch": __version__,
-                    "created_at": time.time()}
+                    "created_at": time.time(), "albums": albums.dump(store)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         owned.record(tmp, MANIFEST)
         _publish(tmp, target, report.files + [MANIFEST], token)
@@ -481,6 +484,7 @@ class _Source:
     rows: int
     model: dict | None
     shards: list  # parquet: [parquet path]; clip-retrieval: [(npy path, metadata path)]
+    albums: list = field(default_factory=list)  # from the manifest (albums.dump)
 
 
 def _shard_no(path: Path) -> int:
@@ -595,7 +599,8 @@ def open_export(folder: str | os.PathLike) -> _Source:
     if model is not None and int(model.get("dim", -1)) != dim:
         raise DataError(f"{root}: the export says its model makes {model.get('dim')}-dimensional vectors but the "
                         f"files hold {dim}-dimensional ones; the export is damaged")
-    return _Source(root, fmt, int(dim), rows, model, shards)
+    return _Source(root, fmt, int(dim), rows, model, shards,
+                   manifest.get("albums") or [] if isinstance(manifest, dict) else [])
 
 
 def _whole(value, name: str, low: int, high: int) -> int | None:
@@ -770,6 +775,7 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
     from concurrent.futures import ThreadPoolExecutor
 
     from . import files
+    from . import albums
     from .lock import write_lock
 
     t0 = time.perf_counter()
@@ -798,6 +804,7 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
                 done += len(recs)
                 if progress:
                     progress(done, src.rows)
+        report.albums = albums.restore(store, src.albums)
     report.seconds = time.perf_counter() - t0
     return report
 

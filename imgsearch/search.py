@@ -85,7 +85,8 @@ def keyword_search(store, request: SearchRequest) -> list[Hit]:
     allowed = allowed_ids(store, request, keyword_filter=False)
     keep = None if allowed is None else set(allowed.tolist())
     scored = sorted(match(store, request.keyword).items(), key=lambda p: (-p[1], p[0]))
-    return hits_for(store, ((i, s) for i, s in scored if keep is None or i in keep), request.k)
+    return hits_for(store, ((i, s) for i, s in scored if (keep is None or i in keep) and i not in
+                            request.exclude_ids), request.k)
 
 
 class Searcher:
@@ -215,10 +216,11 @@ class Searcher:
         return vec / norm
 
     # --- search -------------------------------------------------------------------------------------
-    def search(self, request: SearchRequest) -> list[Hit]:
-        """The request's top hits; files deleted since indexing never appear."""
+    def search(self, request: SearchRequest, vector: np.ndarray | None = None) -> list[Hit]:
+        """The request's top hits; files deleted since indexing never appear. ``vector``: the request's
+        query vector when already known (an album keeps its own)."""
         allowed = allowed_ids(self.store, request)
-        vec = self.query_vector(request)
+        vec = self.query_vector(request) if vector is None else vector
         if request.blend is not None:
             from .keywords import blended_search
 
