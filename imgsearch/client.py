@@ -99,9 +99,9 @@ def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]
     cmd += ["--device", settings.device, "--precision", settings.precision, "serve", "--idle-exit", idle_exit]
-    from .quickcli import OWN_ENV
+    from .config import CLI_ENV
 
-    env = {k: v for k, v in os.environ.items() if OWN_ENV.get(k) != v}  # the server picks its own threads
+    env = {k: v for k, v in os.environ.items() if CLI_ENV.get(k) != v}  # the server picks its own threads
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

@@ -25,6 +25,8 @@ RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".ra
                             ".srw"})
 RAW_NEEDS_EXTRA = "RAW file: install the raw extra (pip install 'imgsearch[raw]')"
 
+# What the imgsearch program set in its own environment (quickcli.main), so servers it starts do not inherit it.
+CLI_ENV: dict[str, str] = {}
 # Most results one search returns, in-process and through `serve` alike.
 MAX_K = 10_000
 

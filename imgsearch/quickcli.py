@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-# What this process set for itself, so the servers it starts (query --daemon) do not inherit it.
-OWN_ENV: dict[str, str] = {}
+from .config import CLI_ENV
+
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     # 2-core machine its spinning threads made the text forward 20x slower (measured). This is the program's
     # own process, so it may choose, before numpy loads; a user's own setting wins.
     if "query" in sys.argv[1:] and "OPENBLAS_NUM_THREADS" not in os.environ:
-        os.environ["OPENBLAS_NUM_THREADS"] = OWN_ENV["OPENBLAS_NUM_THREADS"] = "1"
+        os.environ["OPENBLAS_NUM_THREADS"] = CLI_ENV["OPENBLAS_NUM_THREADS"] = "1"
     import signal
 
     from .cli import app
