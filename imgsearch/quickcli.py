@@ -100,6 +100,11 @@ def run(argv: list[str]) -> bool:
 
 def main() -> None:
     """Console-script entry: the fast path first (no Typer import at all), else the full CLI."""
+    import warnings
+
+    # Here imgsearch is the host program, so it may set this: Pillow's per-file warnings (odd EXIF, a size
+    # over its bomb limit) would break into the progress bars, and such a file is reported or fine anyway.
+    warnings.filterwarnings("ignore", module="PIL")
     if len(sys.argv) > 2 and run(sys.argv[1:]):
         sys.exit(0)
     from .cli import app

@@ -160,10 +160,10 @@ class Searcher:
         if not isinstance(value, (str, os.PathLike, bytes)):
             if not hasattr(value, "convert") or not hasattr(value, "size"):
                 raise UsageError(f"{t.noun} {label}: give a file path, its bytes, a file object or a PIL image")
-            w, h = value.size
-            if w * h > self.settings.max_pixels:
-                raise UsageError(f"cannot use {t.noun} {label}: {w}x{h} pixels is over the "
-                                 f"{self.settings.max_pixels:,} pixel cap")
+            try:
+                images.check_size(*value.size, self.settings.max_pixels)
+            except DecodeError as e:
+                raise UsageError(f"cannot use {t.noun} {label}: {e}") from None
             return value if value.mode == "RGB" else value.convert("RGB")
         try:
             im, _ = images.open_image(value if isinstance(value, bytes) else str(value),
