@@ -130,11 +130,8 @@ def read_meta(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[in
     For backfilling libraries indexed before these columns existed; raises DecodeError when unreadable.
     """
     with _opened(path, max_pixels) as im:
-        w, h = im.size
-        exif = im.getexif()
-    if exif and exif.get(_ORIENTATION, 1) in (5, 6, 7, 8):
-        w, h = h, w
-    return w, h, _info(w, h, exif).meta()
+        info, _ = _header(im)
+    return info.width, info.height, info.meta()
 
 
 def _to_rgb(im):
@@ -279,22 +276,27 @@ def _opened(source, max_pixels: int):
         raise DecodeError("not enough memory to decode this image") from None
 
 
-def _decode(im, draft_size: int | None):
-    """(upright RGB image, ImageInfo) of an image from :func:`_opened`: EXIF, JPEG draft, then the pixels."""
-    from PIL import ImageOps
-
+def _header(im) -> tuple[ImageInfo, int]:
+    """ImageInfo (size as displayed) and EXIF orientation of an image from :func:`_opened`."""
     exif = im.getexif()
     orientation = exif.get(_ORIENTATION, 1) if exif else 1
     w, h = im.size
     if orientation in (5, 6, 7, 8):
         w, h = h, w
-    info = _info(w, h, exif)
+    return _info(w, h, exif), orientation
+
+
+def _decode(im, draft_size: int | None):
+    """(upright RGB image, ImageInfo, EXIF orientation) of an image from :func:`_opened`."""
+    from PIL import ImageOps
+
+    info, orientation = _header(im)
     if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:  # else no reduced scale fits
         im.draft("RGB", (draft_size, draft_size))
     im.load()
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
-    return _to_rgb(im), info
+    return _to_rgb(im), info, orientation
 
 
 def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
@@ -310,7 +312,7 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
         return _open_raw(source, draft_size, max_pixels)
     try:
         with _opened(source, max_pixels) as im:
-            return _decode(im, draft_size)
+            return _decode(im, draft_size)[:2]
     except DecodeError:
         # Bytes have no extension to tell a TIFF-based RAW (DNG, NEF, CR2, ARW) from a TIFF: libraw may.
         if (isinstance(source, (bytes, bytearray, memoryview)) and bytes(source[:4]) in (b"II*\x00", b"MM\x00*")
@@ -345,15 +347,8 @@ def _open_raw(source, draft_size: int | None, max_pixels: int):
         raise DecodeError(RAW_NEEDS_EXTRA) from None
     from PIL import Image
 
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        fp = io.BytesIO(bytes(source))
-    else:
-        fp = os.fspath(source)
-        try:
-            if os.path.getsize(fp) == 0:
-                raise DecodeError("empty file (0 bytes)")
-        except OSError as e:
-            raise DecodeError(f"cannot read file: {e.strerror or e}") from None
+    _binary(source).close()  # an empty or unreadable file gets the reason any image would
+    fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
     try:
         with rawpy.imread(fp) as raw:
             sizes = raw.sizes
@@ -384,11 +379,10 @@ def _raw_preview(raw, rawpy, min_side: int, max_pixels: int):
     if thumb.format == rawpy.ThumbFormat.JPEG:
         try:
             with _opened(thumb.data, max_pixels) as im:  # the preview's own size is checked before decoding
-                tagged = im.getexif().get(_ORIENTATION, 1) != 1
-                im, info = _decode(im, min_side)
+                im, info, orientation = _decode(im, min_side)
         except DecodeError:
             return None, None
-        taken = info.taken_at
+        taken, tagged = info.taken_at, orientation != 1
     elif thumb.format == rawpy.ThumbFormat.BITMAP:  # libraw has decoded it (within its own thumbnail limit)
         try:
             check_size(thumb.data.shape[1], thumb.data.shape[0], max_pixels)
@@ -413,12 +407,7 @@ def jpeg_header(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[ImageInfo, i
             raise DecodeError("not a JPEG")
         if im.mode not in ("RGB", "L"):
             raise DecodeError(f"{im.mode} JPEG")  # CMYK/YCCK: leave to Pillow
-        exif = im.getexif()
-    orientation = exif.get(_ORIENTATION, 1) if exif else 1
-    w, h = im.size
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return _info(w, h, exif), orientation
+        return _header(im)
 
 
 class UnsupportedPreprocess(ValueError):
