@@ -25,6 +25,10 @@ RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".ra
                             ".srw"})
 RAW_NEEDS_EXTRA = "RAW file: install the raw extra (pip install 'imgsearch[raw]')"
 
+# The decompression-bomb cap (IMGSEARCH_MAX_PIXELS): Pillow's own default limit, so that no picture we accept
+# makes Pillow warn. Pillow refuses above twice its limit (PIL.Image.MAX_IMAGE_PIXELS, the host program's).
+MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
 # What the imgsearch program set in its own environment (quickcli.main), so servers it starts do not inherit it.
 CLI_ENV: dict[str, str] = {}
 # Most results one search returns, in-process and through `serve` alike.
@@ -95,7 +99,7 @@ class Settings:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     batch_size: int = 32
     workers: int = 0  # decode threads; 0 = pick from CPU count
-    max_pixels: int = 100_000_000  # decompression-bomb cap
+    max_pixels: int = MAX_PIXELS  # decompression-bomb cap
     max_file_mb: int = 256  # larger files are not read: peak memory stays near workers x this
     write_batch: int = 256  # rows per transaction while indexing
     flat_max: int = 50_000  # exact FAISS search up to this many vectors, IVF above

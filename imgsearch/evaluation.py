@@ -205,8 +205,8 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
     """
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
 
+    from . import images
     from .encoder import build
     from .errors import DecodeError
 
@@ -216,8 +216,7 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
     refs, ref_inputs, failures = {}, {}, []
     for n, path in enumerate(paths, start=1):
         try:
-            with Image.open(path) as im:  # full decode, no draft; orientation as every viewer shows it
-                im = ImageOps.exif_transpose(im).convert("RGB")
+            im, _ = images.open_image(path, max_pixels=settings.max_pixels)  # full decode, no draft, upright
             x = ref.preprocess(im)
         except Exception as e:
             failures.append((path, str(e) or type(e).__name__))

@@ -1,4 +1,7 @@
-"""Decode images safely: EXIF orientation, reduced-size JPEG decode, pixel cap, odd modes."""
+"""Decode images safely: EXIF orientation, reduced-size JPEG decode, size checks before decoding, odd modes.
+
+Pillow's process-wide settings are never touched: its own bomb check stays on, our cap is passed per call.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,13 @@ import io
 import math
 import os
 import re
-import warnings
+import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from . import formats
-from .config import RAW_NEEDS_EXTRA
+from .config import MAX_PIXELS, RAW_NEEDS_EXTRA
 from .errors import DecodeError
 
 _EXIF_IFD = 0x8769
@@ -44,30 +48,6 @@ class ImageInfo:
         return {"taken_at": self.taken_at, "taken_utc": self.taken_utc, "taken_offset": self.taken_offset,
                 "taken_source": "exif" if self.taken_at else None, "gps_lat": self.gps_lat,
                 "gps_lon": self.gps_lon, "camera_make": self.camera_make, "camera_model": self.camera_model}
-
-
-def _register_heif() -> None:
-    try:
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()
-    except ImportError:
-        pass
-
-
-_heif_done = False
-
-
-def _pil():
-    global _heif_done
-    from PIL import Image
-
-    if not _heif_done:
-        _register_heif()
-        # We enforce our own pixel cap with a readable message; Pillow's would raise mid-decode.
-        Image.MAX_IMAGE_PIXELS = None
-        _heif_done = True
-    return Image
 
 
 def _exif_text(value, limit: int = 64) -> str | None:
@@ -148,27 +128,19 @@ def _info(w: int, h: int, exif) -> "ImageInfo":
     return ImageInfo(w, h, **_exif_meta(exif)) if exif else ImageInfo(w, h, None)
 
 
-def read_meta(path: str | os.PathLike) -> tuple[int, int, dict]:
+def read_meta(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[int, int, dict]:
     """(width, height, metadata columns) from a file's header only: no pixels are decoded.
 
     For backfilling libraries indexed before these columns existed; raises DecodeError when unreadable.
     """
-    Image = _pil()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                w, h = im.size
-                exif = im.getexif()
-    except Exception as e:
-        raise DecodeError(f"cannot read header: {e}") from None
-    if exif and exif.get(_ORIENTATION, 1) in (5, 6, 7, 8):
-        w, h = h, w
-    return w, h, _info(w, h, exif).meta()
+    with _opened(path, max_pixels) as im:
+        info, _ = _header(im)
+    return info.width, info.height, info.meta()
 
 
 def _to_rgb(im):
-    Image = _pil()
+    from PIL import Image
+
     if im.mode == "RGB":
         return im
     if im.mode == "P":
@@ -189,20 +161,155 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+# The model scales a picture's short side to its input (224 px or so) before cropping the centre, so a
+# 1x120000 strip, 0.12 MP and far under the pixel cap, would first become 224 x 27 million pixels. Within
+# this ratio that step stays within 100 model inputs; no camera, panorama or scrolling screenshot is longer.
+MAX_ASPECT = 100
+
+
+def check_size(w: int, h: int, max_pixels: int, what: str = "image") -> None:
+    """Refuse a picture over the pixel cap, or too elongated to scale, before its pixels are decoded."""
     if w * h > max_pixels:
         raise DecodeError(
-            f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap "
+            f"{what} too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap "
             "(raise IMGSEARCH_MAX_PIXELS if this file is genuine)")
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        raise DecodeError(f"{what} too elongated: {w}x{h}, one side over {MAX_ASPECT} times the other "
+                          "(crop it to index it)")
 
 
-def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = None,
-               max_pixels: int = 100_000_000):
+_PNG = b"\x89PNG\r\n\x1a\n"
+_DIB_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+
+
+def _icon_pictures(fp, head: bytes):
+    """(width, height) of every picture an ICO, CUR or ICNS file holds, each read from the picture's own
+    header: the directory's size (at most 256 or 1024 px) need not be the embedded PNG's, and Pillow
+    decodes an ICO's picture while opening the file, so these are checked before Pillow sees it."""
+    from PIL import Image
+
+    blocks = []  # (offset, length) of each picture
+    if head[:4] in (b"\0\0\1\0", b"\0\0\2\0"):  # ICO, CUR: 16-byte entries, data length at +8, offset at +12
+        fp.seek(6)
+        table = fp.read(16 * int.from_bytes(head[4:6], "little"))
+        blocks = [struct.unpack_from("<II", table, k + 8)[::-1] for k in range(0, len(table) - 15, 16)]
+    elif head[:4] == b"icns":  # blocks of type, length (header included), data
+        pos, end = 8, int.from_bytes(head[4:8], "big")
+        while pos + 8 <= end:
+            fp.seek(pos + 4)
+            length = int.from_bytes(fp.read(4), "big")
+            if length < 8:
+                break
+            blocks.append((pos + 8, length - 8))
+            pos += length
+    for offset, length in blocks:
+        fp.seek(offset)
+        top = fp.read(24)
+        if top[:8] == _PNG:
+            yield struct.unpack(">II", top[16:24])
+        elif int.from_bytes(top[:4], "little") in _DIB_HEADER_SIZES:  # an ICO bitmap; its height counts the mask
+            w, h = struct.unpack_from("<HH" if top[0] == 12 else "<ii", top, 4)
+            yield abs(w), abs(h) // 2
+        elif top[:4] == b"\xff\x4f\xff\x51" or top[:12] == b"\0\0\0\x0cjP  \r\n\x87\n":  # JPEG 2000 (ICNS)
+            fp.seek(offset)
+            with Image.open(io.BytesIO(fp.read(length)), formats=["JPEG2000"]) as sub:  # header only
+                yield sub.size
+
+
+def _binary(source):
+    """``source`` (bytes or a path) as a readable binary file; DecodeError when empty or unreadable."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise DecodeError("empty file (0 bytes)")
+        return io.BytesIO(source)
+    try:
+        f = open(source, "rb")
+    except OSError as e:
+        raise DecodeError(f"cannot read file: {e.strerror or e}") from None
+    if os.fstat(f.fileno()).st_size == 0:
+        f.close()
+        raise DecodeError("empty file (0 bytes)")
+    return f
+
+
+def _heif(fp):
+    """A HEIC/HEIF photo through pillow-heif's image class, without registering it with Pillow."""
+    try:
+        from pillow_heif import HeifImageFile
+    except ImportError:
+        raise DecodeError("HEIC/HEIF file: install the heic extra (pip install 'imgsearch[heic]')") from None
+    fp.seek(0)
+    return HeifImageFile(fp)
+
+
+@contextmanager
+def _opened(source, max_pixels: int):
+    """The one way a file is opened for decoding: Pillow's image of ``source`` (path or bytes), no pixel
+    decoded, once its size and shape, and those of every picture in an icon file, pass :func:`check_size`.
+    Failures, in the ``with`` body (the decode) too, become DecodeError. Pillow's own bomb check stays on:
+    beyond twice ``PIL.Image.MAX_IMAGE_PIXELS`` (the host program's setting) it refuses whatever our cap."""
+    from PIL import Image, UnidentifiedImageError
+
+    fp = _binary(source)
+    try:
+        with fp:
+            head = fp.read(formats.HEAD_BYTES)
+            for w, h in _icon_pictures(fp, head):
+                check_size(w, h, max_pixels, "picture inside this icon file")
+            fp.seek(0)
+            try:
+                im = Image.open(fp)
+            except UnidentifiedImageError:
+                if formats.sniff(head) != "heic":
+                    raise
+                im = _heif(fp)
+            check_size(*im.size, max_pixels)
+            yield im
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError("not an image Pillow can read (unknown or corrupt format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, if made an error
+        raise DecodeError(f"image too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
+        text = str(e) or type(e).__name__
+        if "truncated" in text.lower():
+            raise DecodeError("truncated image file (incomplete download or copy?)") from None
+        raise DecodeError(f"corrupt image: {text}") from None
+    except MemoryError:
+        raise DecodeError("not enough memory to decode this image") from None
+
+
+def _header(im) -> tuple[ImageInfo, int]:
+    """ImageInfo (size as displayed) and EXIF orientation of an image from :func:`_opened`."""
+    exif = im.getexif()
+    orientation = exif.get(_ORIENTATION, 1) if exif else 1
+    w, h = im.size
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return _info(w, h, exif), orientation
+
+
+def _decode(im, draft_size: int | None):
+    """(upright RGB image, ImageInfo, EXIF orientation) of an image from :func:`_opened`."""
+    from PIL import ImageOps
+
+    info, orientation = _header(im)
+    if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:  # else no reduced scale fits
+        im.draft("RGB", (draft_size, draft_size))
+    im.load()
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    return _to_rgb(im), info, orientation
+
+
+def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
     """Decode ``source`` (file bytes or a path) to an RGB PIL image plus its ImageInfo.
 
     ``draft_size``: for JPEGs, let libjpeg decode at a reduced scale whose short side stays at or above
     this many pixels (much faster on large photos; the model resizes further anyway).
-    Raises DecodeError with a reason for anything that is not a readable image within the pixel cap.
+    Raises DecodeError with a reason for anything that is not a readable image within the pixel cap and
+    the aspect ratio (:func:`check_size`), checked before any pixel is decoded.
     Camera RAW (by extension, or by content where the extension says nothing) goes through rawpy.
     """
     if not isinstance(source, (bytes, bytearray, memoryview)) and os.path.exists(source) \
@@ -211,7 +318,8 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
     if _is_raw(source):
         return _open_raw(source, draft_size, max_pixels)
     try:
-        return _open_pillow(source, draft_size, max_pixels)
+        with _opened(source, max_pixels) as im:
+            return _decode(im, draft_size)[:2]
     except DecodeError:
         # Bytes have no extension to tell a TIFF-based RAW (DNG, NEF, CR2, ARW) from a TIFF: libraw may.
         if (isinstance(source, (bytes, bytearray, memoryview)) and bytes(source[:4]) in (b"II*\x00", b"MM\x00*")
@@ -221,54 +329,6 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
             except DecodeError:
                 pass
         raise
-
-
-def _open_pillow(source, draft_size: int | None, max_pixels: int):
-    Image = _pil()
-    from PIL import ImageOps, UnidentifiedImageError
-
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise DecodeError("empty file (0 bytes)")
-        fp = io.BytesIO(source)
-    else:
-        try:
-            if os.path.getsize(source) == 0:
-                raise DecodeError("empty file (0 bytes)")
-        except OSError as e:
-            raise DecodeError(f"cannot read file: {e.strerror or e}") from None
-        fp = source
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = Image.open(fp)
-            w, h = im.size
-            _check_pixels(w, h, max_pixels)
-            exif = im.getexif()
-            orientation = exif.get(_ORIENTATION, 1) if exif else 1
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
-            info = _info(w, h, exif)
-            if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:  # else no reduced scale fits
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-            if orientation != 1:
-                im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-    except DecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise DecodeError("not an image Pillow can read (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-        text = str(e) or type(e).__name__
-        if "truncated" in text.lower():
-            raise DecodeError("truncated image file (incomplete download or copy?)") from None
-        raise DecodeError(f"corrupt image: {text}") from None
-    except MemoryError:
-        raise DecodeError("not enough memory to decode this image") from None
-    return im, info
 
 
 # --- camera RAW (rawpy, the `raw` extra) --------------------------------------------------------------
@@ -292,21 +352,15 @@ def _open_raw(source, draft_size: int | None, max_pixels: int):
         import rawpy
     except ImportError:
         raise DecodeError(RAW_NEEDS_EXTRA) from None
-    Image = _pil()
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        fp = io.BytesIO(bytes(source))
-    else:
-        fp = os.fspath(source)
-        try:
-            if os.path.getsize(fp) == 0:
-                raise DecodeError("empty file (0 bytes)")
-        except OSError as e:
-            raise DecodeError(f"cannot read file: {e.strerror or e}") from None
+    from PIL import Image
+
+    _binary(source).close()  # an empty or unreadable file gets the reason any image would
+    fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
     try:
         with rawpy.imread(fp) as raw:
             sizes = raw.sizes
             w, h = (sizes.height, sizes.width) if sizes.flip in (5, 6) else (sizes.width, sizes.height)
-            _check_pixels(w, h, max_pixels)
+            check_size(w, h, max_pixels)  # the sensor's picture, before libraw demosaics it
             im, taken = _raw_preview(raw, rawpy, min(draft_size or 224, w, h), max_pixels)
             if im is None:
                 im = Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8))
@@ -322,7 +376,8 @@ def _open_raw(source, draft_size: int | None, max_pixels: int):
 
 def _raw_preview(raw, rawpy, min_side: int, max_pixels: int):
     """(upright preview image, its EXIF date) or (None, None) when there is none at least ``min_side`` px."""
-    Image = _pil()
+    from PIL import Image
+
     try:
         thumb = raw.extract_thumb()
     except Exception:  # no preview, or one libraw cannot hand over: demosaic instead
@@ -330,14 +385,16 @@ def _raw_preview(raw, rawpy, min_side: int, max_pixels: int):
     taken = None
     if thumb.format == rawpy.ThumbFormat.JPEG:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tagged = Image.open(io.BytesIO(thumb.data)).getexif().get(_ORIENTATION, 1) != 1
-            im, info = open_image(thumb.data, draft_size=min_side, max_pixels=max_pixels)
+            with _opened(thumb.data, max_pixels) as im:  # the preview's own size is checked before decoding
+                im, info, orientation = _decode(im, min_side)
         except DecodeError:
             return None, None
-        taken = info.taken_at
-    elif thumb.format == rawpy.ThumbFormat.BITMAP:
+        taken, tagged = info.taken_at, orientation != 1
+    elif thumb.format == rawpy.ThumbFormat.BITMAP:  # libraw has decoded it (within its own thumbnail limit)
+        try:
+            check_size(thumb.data.shape[1], thumb.data.shape[0], max_pixels)
+        except DecodeError:
+            return None, None
         im, tagged = Image.fromarray(thumb.data), False
     else:
         return None, None
@@ -350,28 +407,14 @@ def _raw_preview(raw, rawpy, min_side: int, max_pixels: int):
 
 
 # --- batched tensor decode (nvJPEG on CUDA) ---------------------------------------------------------
-def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, int]:
+def jpeg_header(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[ImageInfo, int]:
     """Size, EXIF metadata and orientation of JPEG bytes without decoding pixels."""
-    Image = _pil()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = Image.open(io.BytesIO(data))
-            if im.format != "JPEG":
-                raise DecodeError("not a JPEG")
-            w, h = im.size
-            _check_pixels(w, h, max_pixels)
-            if im.mode not in ("RGB", "L"):
-                raise DecodeError(f"{im.mode} JPEG")  # CMYK/YCCK: leave to Pillow
-            exif = im.getexif()
-            orientation = exif.get(_ORIENTATION, 1) if exif else 1
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
-            return _info(w, h, exif), orientation
-    except DecodeError:
-        raise
-    except Exception as e:
-        raise DecodeError(f"corrupt image: {e}") from None
+    with _opened(data, max_pixels) as im:
+        if im.format != "JPEG":
+            raise DecodeError("not a JPEG")
+        if im.mode not in ("RGB", "L"):
+            raise DecodeError(f"{im.mode} JPEG")  # CMYK/YCCK: leave to Pillow
+        return _header(im)
 
 
 class UnsupportedPreprocess(ValueError):
@@ -440,7 +483,8 @@ class NumpyPreprocess:
         """RGB PIL image -> normalised float32 CHW numpy array."""
         import numpy as np
 
-        Image = _pil()
+        from PIL import Image
+
         th, tw = self.spec.size
         w, h = im.size
         if self.spec.resize_mode == "squash":

@@ -192,10 +192,10 @@ class Searcher:
         value = t.value
         label = t.name or str(value)
         if not isinstance(value, (str, bytes)):  # a PIL image
-            w, h = value.size
-            if w * h > self.settings.max_pixels:
-                raise UsageError(f"cannot use {t.noun} {label}: {w}x{h} pixels is over the "
-                                 f"{self.settings.max_pixels:,} pixel cap")
+            try:
+                images.check_size(*value.size, self.settings.max_pixels)
+            except DecodeError as e:
+                raise UsageError(f"cannot use {t.noun} {label}: {e}") from None
             return value if value.mode == "RGB" else value.convert("RGB")
         try:
             im, _ = images.open_image(value, draft_size=draft_size, max_pixels=self.settings.max_pixels)

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .config import MAX_PIXELS
 from .errors import DataError, DecodeError, UsageError
 
 # Photo-style prompts: CLIP was trained on alt-text, where a bare label word is rare, and averaging
@@ -167,7 +168,7 @@ def clip_score(image_vector: np.ndarray, text_vectors: np.ndarray) -> np.ndarray
     return np.asarray(text_vectors, dtype=np.float32) @ np.asarray(image_vector, dtype=np.float32).reshape(-1)
 
 
-def encode_file(encoder, path: str | os.PathLike, max_pixels: int = 100_000_000) -> np.ndarray:
+def encode_file(encoder, path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One image file's normalised vector; a missing or unreadable file is a UsageError naming it."""
     from . import images
 
@@ -183,7 +184,7 @@ def encode_file(encoder, path: str | os.PathLike, max_pixels: int = 100_000_000)
 
 
 def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
-               max_pixels: int = 100_000_000) -> list[TextScore]:
+               max_pixels: int = MAX_PIXELS) -> list[TextScore]:
     """CLIP score of an image file against each text, in the order given."""
     texts = [t.strip() for t in texts]
     if not texts or not all(texts):

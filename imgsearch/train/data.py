@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..captions import Pair, read_captions
+from ..config import MAX_PIXELS
 from ..errors import DataError, UsageError
 from ..images import open_image
 from ..metrics import Gallery, build_gallery
@@ -72,7 +73,7 @@ def split_by_image(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[l
 
 def prepare(source, *, val_source=None, image_col: str = "path", caption_col: str = "caption",
             val_fraction: float = 0.1, seed: int = 0, batch_size: int = 32, draft_size: int = 448,
-            max_pixels: int = 100_000_000, workers: int = 2, progress=None) -> PreparedData:
+            max_pixels: int = MAX_PIXELS, workers: int = 2, progress=None) -> PreparedData:
     """Read, check and split the captions; raise DataError before any training when they cannot work."""
     if val_source is None and not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -135,7 +136,7 @@ class PairDataset:
     not on which worker decodes them: a resumed run sees exactly the same inputs.
     """
 
-    def __init__(self, pairs: list[Pair], transform, tokenizer, draft_size: int, max_pixels: int = 100_000_000):
+    def __init__(self, pairs: list[Pair], transform, tokenizer, draft_size: int, max_pixels: int = MAX_PIXELS):
         import torch
 
         self.gallery: Gallery = build_gallery(pairs)
@@ -218,7 +219,7 @@ def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False):
 
 
 def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int, batch_size: int = 64,
-                    max_pixels: int = 100_000_000, overlap: bool = True):
+                    max_pixels: int = MAX_PIXELS, overlap: bool = True):
     """Yield [B,3,H,W] batches in order, decoded by images.decode_many (the indexer's decode path).
 
     ``overlap`` True: the next batch decodes while the caller encodes this one (at most two batches in

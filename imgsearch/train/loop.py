@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..config import MAX_PIXELS
 from ..errors import DataError, ImgSearchError, UsageError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -60,7 +61,7 @@ class TrainConfig:
     seed: int = 0
     wise_alpha: float | None = None
     workers: int = 0  # decode processes; 0 = half the cores
-    max_pixels: int = 100_000_000
+    max_pixels: int = MAX_PIXELS
     checkpoint_dir: str | None = None  # None = "<out>.checkpoint" next to --out
 
     @property

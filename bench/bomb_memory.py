@@ -1,0 +1,122 @@
+"""Peak memory of `imgsearch index` on a small folder, clean and with each decompression-bomb file added.
+
+    python bench/bomb_memory.py [--model local-dir:/path]
+
+Each run is a fresh `python -m imgsearch index` child in a fresh home; its peak RSS is read from
+os.wait4's rusage of that child alone. The bombs are tiny files that decode (or resize) to gigabytes:
+a 1x120000 PNG (the model's resize of its short side makes a 64-px-tall strip millions wide), a 16x65000
+JPEG, and an ICO and an ICNS whose directories say 256x256 but whose PNG payload is 40000x40000 (real,
+all-black, 1-bit pixel data). Target: every bomb run within 300 MB of the clean run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def black_png(width: int, height: int) -> bytes:
+    """A real 1-bit greyscale PNG of ``width`` x ``height`` black pixels (compresses ~1000:1)."""
+    row, z = b"\0" * (1 + (width + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def ico_holding(payload: bytes) -> bytes:
+    """An ICO whose one directory entry says 256x256 (0, 0) and points at ``payload``."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(payload), 22) + payload
+
+
+def icns_holding(payload: bytes) -> bytes:
+    """An ICNS with one 256x256 ('ic08') entry whose data is ``payload``."""
+    block = b"ic08" + struct.pack(">I", 8 + len(payload)) + payload
+    return b"icns" + struct.pack(">I", 8 + len(block)) + block
+
+
+def bombs(folder: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"wide.png": folder / "wide.png", "tall.jpg": folder / "tall.jpg",
+           "hidden.ico": folder / "hidden.ico", "hidden.icns": folder / "hidden.icns"}
+    Image.linear_gradient("L").resize((1, 120000)).save(out["wide.png"])
+    Image.linear_gradient("L").resize((16, 65000)).convert("RGB").save(out["tall.jpg"], quality=80)
+    huge = black_png(40000, 40000)
+    out["hidden.ico"].write_bytes(ico_holding(huge))
+    out["hidden.icns"].write_bytes(icns_holding(huge))
+    return out
+
+
+def tiny_model(folder: Path) -> str:
+    if not (folder / "open_clip_model.safetensors").exists():
+        from imgsearch.synthetic import pretrain_tiny_clip
+
+        pretrain_tiny_clip(folder, steps=20, seed=0)
+    return f"local-dir:{folder}"
+
+
+def run_index(folder: Path, model: str, work: Path) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="home-", dir=work))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
+    env.update(IMGSEARCH_HOME=str(home), IMGSEARCH_MODEL=model, IMGSEARCH_DEVICE="cpu", IMGSEARCH_PRECISION="fp32",
+               PYTHONPATH=str(ROOT))
+    child = subprocess.Popen([sys.executable, "-m", "imgsearch", "index", str(folder), "--json"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = child.stdout.read(), child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    try:
+        rep = json.loads(out)
+    except ValueError:
+        rep = {"error": (err.decode(errors="replace").strip().splitlines() or ["?"])[-1]}
+    return {"peak_mb": usage.ru_maxrss / 1024, "rc": child.returncode, "new": rep.get("new"),
+            "failures": {Path(f["path"]).name: f["reason"] for f in rep.get("failures", [])},
+            "error": rep.get("error")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model id (default: a tiny CLIP trained for a few steps in a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="imgsearch-bombs-"))
+    try:
+        from imgsearch import synthetic
+
+        model = args.model or tiny_model(work / "model")
+        clean = work / "clean"
+        synthetic.generate(clean, per_class=1, size=96, fmt="jpg", seed=1, captions_file=None)
+        made = bombs(work / "bombs")
+        base = run_index(clean, model, work)
+        print(json.dumps({"run": "clean", **base}))
+        for name, path in made.items():
+            folder = work / f"with-{name}"
+            shutil.copytree(clean, folder)
+            shutil.copy(path, folder / name)
+            res = run_index(folder, model, work)
+            res["over_clean_mb"] = round(res["peak_mb"] - base["peak_mb"], 1)
+            res["within_300mb"] = res["over_clean_mb"] <= 300
+            print(json.dumps({"run": name, "bytes": path.stat().st_size, **res}))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
