@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,6 +92,10 @@ class Settings:
     gpu_decode: str = "auto"  # auto (on with CUDA) | on | off: batched torchvision/nvJPEG decode of JPEGs
     image_backend: str = "auto"  # auto (measured per CPU) | torch | onnx: who runs the fp32 image tower on CPU
     lang: str | None = None  # NLLB code of the query language (lang.py); None: guessed from the script
+    # True only in imgsearch's own process (the CLI sets it): then process-wide settings that speed a run up
+    # (torch's thread count, Ray's environment) may be changed. In a program that uses the library they stay
+    # the program's own.
+    own_process: bool = False
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -225,6 +230,29 @@ def thread_budget(cores: int | None = None, device: str = "cpu", workers: int = 
     if on_cpu:
         return ThreadBudget(n, encoder=n, decode=workers if workers > 0 else n, overlap=False)
     return ThreadBudget(n, encoder=1, decode=workers if workers > 0 else max(1, min(8, n)), overlap=True)
+
+
+@contextmanager
+def torch_threads(settings: Settings, n: int):
+    """torch's intra-op thread count set to ``n`` for the block and put back after, in imgsearch's own process.
+
+    torch.set_num_threads is process-wide and holds for as long as it is set, for every thread: set around
+    an index run it would slow or oversubscribe whatever else the program runs meanwhile, however soon it
+    is put back. So inside someone else's program the count stays theirs (torch's default is one thread per
+    core, the budget's count too unless an affinity mask or container limits the cores; set your own with
+    torch.set_num_threads), and only the CLI, which owns its process, sets the budget's.
+    """
+    if not settings.own_process:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def training_workers(device: str = "cpu", workers: int = 0, cores: int | None = None) -> int:

@@ -7,7 +7,6 @@ import io
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -151,11 +150,9 @@ def read_meta(path: str | os.PathLike) -> tuple[int, int, dict]:
     """
     Image = _pil()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                w, h = im.size
-                exif = im.getexif()
+        with Image.open(path) as im:
+            w, h = im.size
+            exif = im.getexif()
     except Exception as e:
         raise DecodeError(f"cannot read header: {e}") from None
     if exif and exif.get(_ORIENTATION, 1) in (5, 6, 7, 8):
@@ -232,22 +229,20 @@ def _open_pillow(source, draft_size: int | None, max_pixels: int):
             raise DecodeError(f"cannot read file: {e.strerror or e}") from None
         fp = source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = Image.open(fp)
-            w, h = im.size
-            _check_pixels(w, h, max_pixels)
-            exif = im.getexif()
-            orientation = exif.get(_ORIENTATION, 1) if exif else 1
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
-            info = _info(w, h, exif)
-            if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:  # else no reduced scale fits
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-            if orientation != 1:
-                im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
+        im = Image.open(fp)
+        w, h = im.size
+        _check_pixels(w, h, max_pixels)
+        exif = im.getexif()
+        orientation = exif.get(_ORIENTATION, 1) if exif else 1
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w
+        info = _info(w, h, exif)
+        if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:  # else no reduced scale fits
+            im.draft("RGB", (draft_size, draft_size))
+        im.load()
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
+        im = _to_rgb(im)
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -323,9 +318,7 @@ def _raw_preview(raw, rawpy, min_side: int, max_pixels: int):
     taken = None
     if thumb.format == rawpy.ThumbFormat.JPEG:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tagged = Image.open(io.BytesIO(thumb.data)).getexif().get(_ORIENTATION, 1) != 1
+            tagged = Image.open(io.BytesIO(thumb.data)).getexif().get(_ORIENTATION, 1) != 1
             im, info = open_image(thumb.data, draft_size=min_side, max_pixels=max_pixels)
         except DecodeError:
             return None, None
@@ -347,20 +340,18 @@ def jpeg_header(data: bytes, max_pixels: int = 100_000_000) -> tuple[ImageInfo, 
     """Size, EXIF metadata and orientation of JPEG bytes without decoding pixels."""
     Image = _pil()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = Image.open(io.BytesIO(data))
-            if im.format != "JPEG":
-                raise DecodeError("not a JPEG")
-            w, h = im.size
-            _check_pixels(w, h, max_pixels)
-            if im.mode not in ("RGB", "L"):
-                raise DecodeError(f"{im.mode} JPEG")  # CMYK/YCCK: leave to Pillow
-            exif = im.getexif()
-            orientation = exif.get(_ORIENTATION, 1) if exif else 1
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
-            return _info(w, h, exif), orientation
+        im = Image.open(io.BytesIO(data))
+        if im.format != "JPEG":
+            raise DecodeError("not a JPEG")
+        w, h = im.size
+        _check_pixels(w, h, max_pixels)
+        if im.mode not in ("RGB", "L"):
+            raise DecodeError(f"{im.mode} JPEG")  # CMYK/YCCK: leave to Pillow
+        exif = im.getexif()
+        orientation = exif.get(_ORIENTATION, 1) if exif else 1
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w
+        return _info(w, h, exif), orientation
     except DecodeError:
         raise
     except Exception as e:
