@@ -160,14 +160,14 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
         raise ModelLoadError(
             f"model {name} needs weights: give --pretrained TAG (e.g. {_example_tag(name)}) or a checkpoint "
             "file, or use --model local-dir:/path; imgsearch never runs a randomly initialised model")
-    if _looks_like_file(pretrained):
-        if not os.path.isfile(pretrained):
-            raise ModelLoadError(f"checkpoint file {pretrained} does not exist; check --pretrained")
-        return file_fingerprint(pretrained), pretrained
     open_clip = import_open_clip()
     if name not in open_clip.list_models():
         raise ModelLoadError(f"unknown model {name!r}; `python -c \"import open_clip; print(open_clip.list_models())\"` "
                              "lists the built-in names")
+    if _looks_like_file(pretrained):
+        if not os.path.isfile(pretrained):
+            raise ModelLoadError(f"checkpoint file {pretrained} does not exist; check --pretrained")
+        return file_fingerprint(pretrained), pretrained
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelLoadError(f"unknown pretrained tag {pretrained!r} for {name}; known tags: {', '.join(tags) or 'none'}")
@@ -512,8 +512,8 @@ def _load_on_meta(cls, model_cfg: dict, weights_path: str):
     the checkpoint over it, mostly first-touching 600 MB of fresh memory. On the meta device parameters have
     shapes but no memory and init does nothing; the checkpoint's tensors then become the parameters. Torch's
     default-device context is thread-local, so another thread building modules meanwhile is not affected.
-    Buffers the checkpoint does not hold are computed in __init__, so on meta they stay empty: open_clip's
-    causal attention masks are made again here, and any other one sends the model down the ordinary path.
+    Buffers the checkpoint does not hold are computed in __init__, so on meta they stay empty: the known
+    ones are made again here, and any other one sends the model down the ordinary path.
     """
     import copy
 
@@ -537,10 +537,15 @@ def _load_on_meta(cls, model_cfg: dict, weights_path: str):
         load_checkpoint(model, weights_path)
     finally:
         del model.load_state_dict
+    remade = {  # made as their modules' __init__ makes them (the tests compare them with an ordinary build)
+        "attn_mask": lambda shape, dtype: torch.full(shape, float("-inf"), dtype=dtype).triu_(1),  # causal
+        "position_ids": lambda shape, dtype: torch.arange(shape[-1], dtype=dtype).expand(shape),  # HF towers
+        "token_type_ids": lambda shape, dtype: torch.zeros(shape, dtype=dtype),
+    }
     for module in model.modules():
-        mask = module._buffers.get("attn_mask")
-        if mask is not None and mask.is_meta and mask.dim() == 2 and mask.shape[0] == mask.shape[1]:
-            module.attn_mask = torch.full(mask.shape, float("-inf"), dtype=mask.dtype).triu_(1)
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_meta and name in remade:
+                module._buffers[name] = remade[name](buf.shape, buf.dtype)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return None
     return model
@@ -548,8 +553,7 @@ def _load_on_meta(cls, model_cfg: dict, weights_path: str):
 
 def _model_source(spec: ModelSpec, weights_path: str | None) -> tuple[dict, dict, str, Path | None]:
     """(model config, preprocess config, weights file, local-dir folder or None) of ``spec``."""
-    import open_clip
-
+    open_clip = import_open_clip()
     name, folder = spec.name, None
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):])
