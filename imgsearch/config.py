@@ -92,9 +92,8 @@ class Settings:
     gpu_decode: str = "auto"  # auto (on with CUDA) | on | off: batched torchvision/nvJPEG decode of JPEGs
     image_backend: str = "auto"  # auto (measured per CPU) | torch | onnx: who runs the fp32 image tower on CPU
     lang: str | None = None  # NLLB code of the query language (lang.py); None: guessed from the script
-    # True only in imgsearch's own process (the CLI sets it): then process-wide settings that speed a run up
-    # (torch's thread count, Ray's environment) may be changed. In a program that uses the library they stay
-    # the program's own.
+    # True only in imgsearch's own process (the CLI): process-wide settings (torch's thread count, Ray's
+    # environment) may then be changed for a run; in a program using the library they stay the program's.
     own_process: bool = False
 
     @classmethod
@@ -236,12 +235,9 @@ def thread_budget(cores: int | None = None, device: str = "cpu", workers: int = 
 def torch_threads(settings: Settings, n: int):
     """torch's intra-op thread count set to ``n`` for the block and put back after, in imgsearch's own process.
 
-    torch.set_num_threads is process-wide and holds for as long as it is set, for every thread: set around
-    an index run it would slow or oversubscribe whatever else the program runs meanwhile, however soon it
-    is put back. So inside someone else's program the count stays theirs (torch's default is one thread per
-    core, the budget's count too unless an affinity mask or container limits the cores; set your own with
-    torch.set_num_threads), and only the CLI, which owns its process, sets the budget's.
-    """
+    torch.set_num_threads is process-wide: set for an index run, however briefly, it slows or oversubscribes
+    whatever else the program runs meanwhile. So in someone else's program the count stays theirs (torch's
+    default, one per core, is the budget's too unless an affinity mask or a container limits the cores)."""
     if not settings.own_process:
         yield
         return

@@ -44,22 +44,18 @@ def _local_weights(folder: Path) -> Path | None:
 
 
 def import_open_clip():
-    """open_clip, imported so that the program we run in keeps its environment and warnings filters.
-
-    Its import sets TOKENIZERS_PARALLELISM (open_clip.tokenizer) and TORCHINDUCTOR_CACHE_DIR (torch._dynamo,
-    which torchvision imports) in os.environ, where every child process of the program would inherit them,
-    and sympy adds a warnings filter. Those are put back as they were; the first import happens here.
-    """
+    """open_clip, its first import leaving the program's environment and warnings filters as they were: it
+    sets TOKENIZERS_PARALLELISM, torch._dynamo (through torchvision) TORCHINDUCTOR_CACHE_DIR, which every
+    child process would inherit, and sympy adds a filter."""
     import sys
+    import warnings
 
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
-    import warnings
-
-    env = {key: os.environ.get(key) for key in _SET_BY_IMPORT}
+    env = {key: os.environ.get(key) for key in ("TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR")}
     with warnings.catch_warnings():  # restores the filters on exit
         import open_clip
-    for key, value in env.items():  # only these: a change the program makes meanwhile stays
+    for key, value in env.items():  # only these: whatever else the program sets meanwhile stays
         if value is None:
             os.environ.pop(key, None)
         else:
@@ -67,65 +63,42 @@ def import_open_clip():
     return open_clip
 
 
-_SET_BY_IMPORT = ("TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR")
-
-
 _hub_reachable: bool | None = None
 
 
 def _hub_offline() -> bool:
     """True when Hugging Face files come from the cache alone: HF_HUB_OFFLINE is set, or the hub cannot be
-    reached (asked once per process, in 3 s: without a network huggingface_hub retries for about a minute
-    before failing). Each of our hub calls is told so itself (local_files_only); the process's own
-    huggingface_hub settings, which the program we run in may rely on, stay as they are.
-    """
+    reached (asked once, in 3 s: without a network huggingface_hub retries for about a minute). Each of our
+    hub calls is told (local_files_only); the process's huggingface_hub settings stay the program's."""
     global _hub_reachable
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return True
-    if _hub_reachable is None:
+    if _hub_reachable is None and not constants.HF_HUB_OFFLINE:
         import socket
         from urllib.parse import urlparse
 
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
         try:
-            socket.create_connection((host, 443), timeout=3).close()
+            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
             _hub_reachable = True
         except OSError:
             _hub_reachable = False
-    return not _hub_reachable
-
-
-def _hub_file(repo: str, *names: str) -> str:
-    """The first of ``names`` that hub ``repo`` has: its path in the cache, downloaded first when online."""
-    from huggingface_hub import hf_hub_download
-
-    offline = _hub_offline()
-    for name in names[:-1]:
-        try:
-            return hf_hub_download(repo, name, local_files_only=offline)
-        except Exception:
-            pass
-    return hf_hub_download(repo, names[-1], local_files_only=offline)
+    return constants.HF_HUB_OFFLINE or not _hub_reachable
 
 
 def _hub_weights(repo: str, name: str = "") -> str:
-    """A model's weights in hub ``repo``, preferring the safetensors form as open_clip does."""
+    """A model's weights file from hub ``repo``, its safetensors form first (as open_clip does)."""
+    from huggingface_hub import hf_hub_download
+
     import_open_clip()
     from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 
     name = name or HF_WEIGHTS_NAME
-    return _hub_file(repo, *_get_safe_alternatives(name), name)
-
-
-def _tag_weights(tag: dict) -> str:
-    """The weights file of an open_clip pretrained tag's config, downloaded first when not cached."""
-    if not tag.get("hf_hub"):
-        from open_clip.pretrained import download_pretrained
-
-        return download_pretrained(tag)  # a URL: without a network urllib fails at once
-    return _hub_weights(*os.path.split(tag["hf_hub"]))
+    for alternative in _get_safe_alternatives(name):
+        try:
+            return hf_hub_download(repo, alternative, local_files_only=_hub_offline())
+        except Exception:
+            pass
+    return hf_hub_download(repo, name, local_files_only=_hub_offline())
 
 
 def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
@@ -473,12 +446,10 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
 
 
 def _create(spec: ModelSpec, weights_path: str | None, on_meta: bool = True):
-    """(model with the checkpoint's weights on the CPU, eval preprocess, tokenizer), as open_clip's factory
-    makes them but without its root-logger calls: each of its logging.info() gives a program that has not
-    configured logging a root handler, which silently turns that program's own later basicConfig into a no-op.
-
-    ``on_meta``: see _load_on_meta; a model that cannot be built that way is built the ordinary way.
-    """
+    """(model with the checkpoint's weights on the CPU, eval preprocess, tokenizer) as open_clip's factory
+    makes them, without its root-logger calls: each logging.info() there gives a program that has not set up
+    logging a root handler, silently turning its own later basicConfig into a no-op. ``on_meta``: see
+    _load_on_meta (a model that cannot be built that way is built the ordinary way)."""
     open_clip = import_open_clip()
     from open_clip.factory import load_checkpoint
     from open_clip.model import set_model_preprocess_cfg
@@ -491,7 +462,7 @@ def _create(spec: ModelSpec, weights_path: str | None, on_meta: bool = True):
         text_cfg["hf_model_pretrained"] = False
     if "timm_model_name" in vision_cfg:
         vision_cfg["timm_model_pretrained"] = False
-    tokenizer = _tokenizer(spec, text_cfg, folder)
+    tokenizer = _tokenizer(text_cfg, folder)
     custom = model_cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
     cls = (open_clip.CoCa if "multimodal_cfg" in model_cfg else open_clip.CustomTextCLIP) if custom else open_clip.CLIP
     model = _load_on_meta(cls, model_cfg, weights_path) if on_meta else None
@@ -558,50 +529,44 @@ def _model_source(spec: ModelSpec, weights_path: str | None) -> tuple[dict, dict
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):])
         config = read_local_config(folder)
-        config["model_cfg"]["text_cfg"] = _local_text_cfg(folder, config["model_cfg"]["text_cfg"])
+        text_cfg = config["model_cfg"]["text_cfg"]
+        tower = text_cfg.get("hf_model_name")
+        # open_clip resolves a Hugging Face tower's folder against the working directory; a folder we wrote
+        # names it relative to itself, so the model still loads after it is moved.
+        if isinstance(tower, str) and tower and not os.path.isabs(tower) and (folder / tower / "config.json").is_file():
+            text_cfg["hf_model_name"] = str((folder / tower).resolve())
     elif name.startswith(HF_HUB):
-        with open(_hub_file(name[len(HF_HUB):], "open_clip_config.json"), encoding="utf-8") as f:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(name[len(HF_HUB):], "open_clip_config.json", local_files_only=_hub_offline())
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
     else:
         tag = open_clip.get_pretrained_cfg(name, spec.pretrained or "")
         config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": tag}
-        weights_path = weights_path or _tag_weights(tag)
+        # A tag's weights: from the hub (cache alone when offline), else a URL (urllib fails at once offline).
+        weights_path = weights_path or (_hub_weights(*os.path.split(tag["hf_hub"])) if tag.get("hf_hub")
+                                        else open_clip.pretrained.download_pretrained(tag))
     text_cfg = config["model_cfg"]["text_cfg"]
-    if _hub_offline():  # a Hugging Face tower's files from the cache alone, without huggingface_hub's retries
+    if folder is None and _hub_offline():  # a hub tower's files from the cache alone, without the retries
         from huggingface_hub import snapshot_download
 
         for key in ("hf_model_name", "hf_tokenizer_name"):
-            if text_cfg.get(key) and not os.path.isdir(text_cfg[key]):
+            if text_cfg.get(key):
                 text_cfg[key] = snapshot_download(text_cfg[key], local_files_only=True)
     return config["model_cfg"], config.get("preprocess_cfg") or {}, weights_path, folder
 
 
-def _tokenizer(spec: ModelSpec, text_cfg: dict, folder: Path | None):
-    """The tokenizer open_clip.get_tokenizer picks for this config."""
-    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SigLipTokenizer, SimpleTokenizer
+def _tokenizer(text_cfg: dict, folder: Path | None):
+    """The tokenizer open_clip.get_tokenizer picks for this config (every SigLIP config names its HF one)."""
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
 
     length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
     extra = text_cfg.get("tokenizer_kwargs", {})
     if text_cfg.get("hf_tokenizer_name"):
         return HFTokenizer(str(folder) if folder else text_cfg["hf_tokenizer_name"], context_length=length,
                            tokenizer_mode=text_cfg.get("tokenizer_mode"), **extra)
-    lower = spec.name.lower()
-    if "siglip" in lower and not spec.name.startswith((LOCAL_DIR, HF_HUB)):
-        return SigLipTokenizer("gemma" if "siglip2" in lower else "mc4" if "i18n" in lower else "c4-en",
-                               context_length=length)
     return SimpleTokenizer(context_length=length, **extra)
-
-
-def _local_text_cfg(folder: Path, text_cfg: dict) -> dict:
-    """A local-dir model's text_cfg, its Hugging Face tower config found in the folder.
-
-    open_clip resolves ``hf_model_name`` against the working directory; a folder we wrote names it
-    relative to itself, so the model still loads after it is moved.
-    """
-    name = text_cfg.get("hf_model_name") if isinstance(text_cfg, dict) else None
-    if not isinstance(name, str) or not name or os.path.isabs(name) or not (folder / name / "config.json").is_file():
-        return text_cfg
-    return {**text_cfg, "hf_model_name": str((folder / name).resolve())}
 
 
 _cache: dict[tuple, Encoder] = {}
@@ -687,7 +652,7 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
     """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically.
 
     A Hugging Face text tower is written with its config and ``tokenizer``'s files, and the config names
-    the folder itself ("."), so the model loads offline and after a move (see _local_text_cfg).
+    the folder itself ("."), so the model loads offline and after a move (see _model_source).
 
     Files go to a temporary sibling folder that is renamed into place, so a crash never leaves a
     half-written model where a later command would load it. An existing ``out_dir`` is replaced only
