@@ -52,9 +52,15 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ):
     """Semantic image search on your own machine."""
+    import warnings
+
+    # This process is imgsearch's own: Pillow's notes on odd files (corrupt EXIF, palette transparency) are
+    # not the user's business here. The library leaves the filters to the program it runs in.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         ctx.obj = Settings.from_env(home=home, model=model, pretrained=pretrained, device=device,
-                                    batch_size=batch_size, precision=precision, workers=workers, lang=lang)
+                                    batch_size=batch_size, precision=precision, workers=workers, lang=lang,
+                                    own_process=True)
         if ctx.obj.lang is not None:
             from .library import Library
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -109,6 +110,9 @@ class Settings:
     image_backend: str = "auto"  # auto (measured per CPU) | torch | onnx: who runs the fp32 image tower on CPU
     torch_free: bool = True  # index without torch from a verified ONNX export (IMGSEARCH_TORCH_FREE=0: never)
     lang: str | None = None  # NLLB code of the query language (lang.py); None: guessed from the script
+    # True only in imgsearch's own process (the CLI): process-wide settings (torch's thread count, Ray's
+    # environment) may then be changed for a run; in a program using the library they stay the program's.
+    own_process: bool = False
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -244,6 +248,26 @@ def thread_budget(cores: int | None = None, device: str = "cpu", workers: int = 
     if on_cpu:
         return ThreadBudget(n, encoder=n, decode=workers if workers > 0 else n, overlap=False)
     return ThreadBudget(n, encoder=1, decode=workers if workers > 0 else max(1, min(8, n)), overlap=True)
+
+
+@contextmanager
+def torch_threads(settings: Settings, n: int):
+    """torch's intra-op thread count set to ``n`` for the block and put back after, in imgsearch's own process.
+
+    torch.set_num_threads is process-wide: set for an index run, however briefly, it slows or oversubscribes
+    whatever else the program runs meanwhile. So in someone else's program the count stays theirs (torch's
+    default, one per core, is the budget's too unless an affinity mask or a container limits the cores)."""
+    if not settings.own_process:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def training_workers(device: str = "cpu", workers: int = 0, cores: int | None = None) -> int:

@@ -67,7 +67,7 @@ class RayStage:
 
     def __init__(self, settings: Settings, address: str | None = None, num_cpus: int | None = None):
         self.address = check_address(address)
-        if self.address is None:
+        if self.address is None and settings.own_process:
             _require_token()  # before Ray is imported: it reads its authentication mode once, on import
         self.ray = _import_ray()
         if settings.precision == "int8":
@@ -103,10 +103,10 @@ class RayStage:
             _free_stopped_runs()
             return False  # the caller's Ray (a notebook, the tests): use it, leave it running
         if self.address is None:
-            self.temp_dir = start_local(self.num_cpus)
+            self.temp_dir = start_local(self.num_cpus, self.settings.own_process)
             return True
         try:
-            with _quiet_backend():
+            with _quiet_backend(self.settings.own_process):
                 # The workers import the driver's own imgsearch, so both sides run the same code version.
                 ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False,
                          runtime_env={"py_modules": [os.path.dirname(__file__)]})
@@ -153,6 +153,12 @@ class RayStage:
         per_block = max(1, min(4 * batch, -(-len(work) // (2 * plan["cpus"]))))
         rows = [{"i": i, "work": pickle.dumps(w, protocol=5)} for i, w in enumerate(work)]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
+        # The dataset's own copy of Ray Data's settings (the datasets made from it copy it): the process's
+        # current DataContext, which the program's own datasets use, is left alone.
+        ctx = ds.context
+        ctx.execution_options.preserve_order = True  # rows come back in work order: the same ids as a plain run
+        ctx.enable_progress_bars = False  # the driver's own bar counts files
+        ctx.print_on_execution_start = False
         ds = ds.map_batches(
             _decode_batch, batch_size=batch, num_cpus=1,
             fn_kwargs={"settings": self.settings, "light": light, "known_ref": known_ref},
@@ -175,7 +181,7 @@ class RayStage:
         """One ``_Done`` per work item, in order; vectors come encoded by the actor pool."""
         self.open()
         failure = ds = stream = None
-        quiet = _quiet_data()
+        quiet = _quiet_loggers(self.settings.own_process)
         try:
             quiet.__enter__()  # for the whole stream: Ray Data logs while it runs, too
             ds = self._pipeline(indexer, work, known)  # a Dataset keeps the settings it was made under
@@ -237,17 +243,23 @@ def _root_cause(e: BaseException) -> str:
     return f"{name}: {cause[2]}"[:300]
 
 
-def start_local(num_cpus: int) -> str:
-    """Start a Ray for this process alone, sized to the machine; returns its temporary folder."""
+def start_local(num_cpus: int, own_process: bool = True) -> str:
+    """Start a Ray for this process alone, sized to the machine; returns its temporary folder.
+
+    ``own_process`` False (inside someone else's program): Ray's own token authentication (on by default
+    since Ray 2.60, its token kept in ~/.ray) and its own log lines, instead of this process's environment
+    and stderr being changed for them.
+    """
     import tempfile
 
-    _require_token()
+    if own_process:
+        _require_token()
 
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="imgsearch-ray-")
     try:
-        with _quiet_backend():
+        with _quiet_backend(own_process):
             ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes(machine_memory()),
                      _temp_dir=temp_dir, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     except BaseException:
@@ -280,14 +292,20 @@ def remove_temp_dir(temp_dir: str) -> None:
 
 
 class _quiet_backend:
-    """Around ray.init: Ray's C++ core logs an error line on every actor pool Ray Data makes (its arguments
-    live in the object store, ray-project/ray#53727), so its log level goes to fatal (a level the user set
-    wins); setting it prints a line of its own at init, so init's stderr is muted. Failures still arrive
-    as exceptions, and the full logs stay in Ray's session folder."""
+    """Around ray.init in imgsearch's own process (``own``): Ray's C++ core logs an error line on every actor
+    pool Ray Data makes (its arguments live in the object store, ray-project/ray#53727), so its log level goes
+    to fatal (a level the user set wins); setting it prints a line of its own at init, so init's stderr is
+    muted. Failures still arrive as exceptions, and the full logs stay in Ray's session folder. Both are
+    process-wide, so in someone else's program Ray's lines are left to show."""
+
+    def __init__(self, own: bool):
+        self.own = own
 
     def __enter__(self):
         import sys
 
+        if not self.own:
+            return
         self.had = "RAY_BACKEND_LOG_LEVEL" in os.environ
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         sys.stderr.flush()
@@ -297,35 +315,27 @@ class _quiet_backend:
         os.close(null)
 
     def __exit__(self, *exc):
+        if not self.own:
+            return
         os.dup2(self.saved_fd, 2)
         os.close(self.saved_fd)
         if not self.had:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
 
 
-class _quiet_data:
-    """Ray Data settings for one index run, restored afterwards (a notebook's own Ray keeps its settings)."""
+class _quiet_loggers:
+    """Ray's Python loggers at ERROR for one index run in imgsearch's own process (``own``), restored after;
+    a logger's level is process-wide, so in someone else's program they keep theirs."""
 
-    saved = None
+    def __init__(self, own: bool):
+        self.levels = {n: logging.getLogger(n).level for n in ("ray", "ray.data")} if own else {}
 
     def __enter__(self):
-        from ray.data import DataContext
-
-        self.levels = {n: logging.getLogger(n).level for n in ("ray", "ray.data")}
         for n in self.levels:
             logging.getLogger(n).setLevel(logging.ERROR)
-        self.ctx = DataContext.get_current()
-        opts = self.ctx.execution_options
-        self.saved = (opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start)
-        opts.preserve_order = True  # rows come back in work order: the same ids as a plain run
-        self.ctx.enable_progress_bars = False  # the driver's own bar counts files
-        self.ctx.print_on_execution_start = False
 
     def __exit__(self, *exc):
-        if self.saved is not None:
-            opts = self.ctx.execution_options
-            opts.preserve_order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = self.saved
-        for n, level in getattr(self, "levels", {}).items():
+        for n, level in self.levels.items():
             logging.getLogger(n).setLevel(level)
 
 

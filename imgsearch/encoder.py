@@ -43,34 +43,62 @@ def _local_weights(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-_hub_checked = False
-
-
-def _go_offline_if_hub_unreachable() -> None:
-    """Without a network, huggingface_hub retries for about a minute before failing; ask once, quickly.
-
-    When the hub cannot be reached, switch huggingface_hub to offline mode: cached weights still load,
-    and missing ones fail at once with our message instead of after the retries.
-    """
-    global _hub_checked
-    if _hub_checked or os.environ.get("HF_HUB_OFFLINE"):
-        return
-    _hub_checked = True
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return
-    except OSError:
-        pass
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def import_open_clip():
+    """open_clip, its first import leaving the program's environment and warnings filters as they were: it
+    sets TOKENIZERS_PARALLELISM, torch._dynamo (through torchvision) TORCHINDUCTOR_CACHE_DIR, which every
+    child process would inherit, and sympy adds a filter."""
     import sys
+    import warnings
 
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:  # already imported: its flag was read at import time
-        constants.HF_HUB_OFFLINE = True
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    env = {key: os.environ.get(key) for key in ("TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR")}
+    with warnings.catch_warnings():  # restores the filters on exit
+        import open_clip
+    for key, value in env.items():  # only these: whatever else the program sets meanwhile stays
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return open_clip
+
+
+_hub_reachable: bool | None = None
+
+
+def _hub_offline() -> bool:
+    """True when Hugging Face files come from the cache alone: HF_HUB_OFFLINE is set, or the hub cannot be
+    reached (asked once, in 3 s: without a network huggingface_hub retries for about a minute). Each of our
+    hub calls is told (local_files_only); the process's huggingface_hub settings stay the program's."""
+    global _hub_reachable
+    from huggingface_hub import constants
+
+    if _hub_reachable is None and not constants.HF_HUB_OFFLINE:
+        import socket
+        from urllib.parse import urlparse
+
+        try:
+            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+            _hub_reachable = True
+        except OSError:
+            _hub_reachable = False
+    return constants.HF_HUB_OFFLINE or not _hub_reachable
+
+
+def _hub_weights(repo: str, name: str = "") -> str:
+    """A model's weights file from hub ``repo``, its safetensors form first (as open_clip does)."""
+    from huggingface_hub import hf_hub_download
+
+    import_open_clip()
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    name = name or HF_WEIGHTS_NAME
+    for alternative in _get_safe_alternatives(name):
+        try:
+            return hf_hub_download(repo, alternative, local_files_only=_hub_offline())
+        except Exception:
+            pass
+    return hf_hub_download(repo, name, local_files_only=_hub_offline())
 
 
 def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
@@ -93,14 +121,10 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
                                  "refusing to run a randomly initialised model")
         return file_fingerprint(weights), str(weights)
     if name.startswith(HF_HUB):
-        _go_offline_if_hub_unreachable()
-        from open_clip.pretrained import download_pretrained_from_hf
-
-        repo = name[len(HF_HUB):]
         try:
-            path = download_pretrained_from_hf(repo)
+            path = _hub_weights(name[len(HF_HUB):])
         except Exception as e:  # offline, unknown repo, no cached copy
-            where = "no cached copy and the hub is unreachable" if os.environ.get("HF_HUB_OFFLINE") else _short(e)
+            where = "no cached copy and the hub is unreachable" if _hub_offline() else _short(e)
             raise ModelLoadError(
                 f"cannot get weights for {name} ({where}); connect to the internet once so they are "
                 "cached, or use --model local-dir:/path") from None
@@ -109,16 +133,14 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
         raise ModelLoadError(
             f"model {name} needs weights: give --pretrained TAG (e.g. {_example_tag(name)}) or a checkpoint "
             "file, or use --model local-dir:/path; imgsearch never runs a randomly initialised model")
+    open_clip = import_open_clip()
+    if name not in open_clip.list_models():
+        raise ModelLoadError(f"unknown model {name!r}; `python -c \"import open_clip; print(open_clip.list_models())\"` "
+                             "lists the built-in names")
     if _looks_like_file(pretrained):
         if not os.path.isfile(pretrained):
             raise ModelLoadError(f"checkpoint file {pretrained} does not exist; check --pretrained")
         return file_fingerprint(pretrained), pretrained
-    _go_offline_if_hub_unreachable()
-    import open_clip
-
-    if name not in open_clip.list_models():
-        raise ModelLoadError(f"unknown model {name!r}; `python -c \"import open_clip; print(open_clip.list_models())\"` "
-                             "lists the built-in names")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelLoadError(f"unknown pretrained tag {pretrained!r} for {name}; known tags: {', '.join(tags) or 'none'}")
@@ -149,9 +171,7 @@ def known_fingerprint(spec: ModelSpec) -> str | None:
 
 def _example_tag(name: str) -> str:
     try:
-        import open_clip
-
-        tags = open_clip.list_pretrained_tags_by_model(name)
+        tags = import_open_clip().list_pretrained_tags_by_model(name)
         return tags[0] if tags else "laion2b_s34b_b79k"
     except Exception:
         return "laion2b_s34b_b79k"
@@ -397,17 +417,10 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
     fingerprint, weights_path = resolve_weights(spec)
     device = pick_device(device)
     precision = pick_precision(precision, device)
-    import open_clip
     import torch
 
-    # open_clip reports through the root logger (e.g. "Failed to download ..."); we raise one clear error.
-    logging.disable(logging.CRITICAL)  # also huggingface_hub's retry warnings while offline
     try:
-        model, preprocess, untouched = _create(spec, device, skip_init=True)
-        if untouched:  # the checkpoint did not set everything: build it the ordinary way
-            del model
-            model, preprocess, _ = _create(spec, device, skip_init=False)
-        tokenizer = open_clip.get_tokenizer(spec.name)
+        model, preprocess, tokenizer = _create(spec, weights_path)
     except ModelLoadError:
         raise
     except Exception as e:
@@ -423,104 +436,134 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
                 "once so open_clip caches them, or use --model local-dir:/path") from None
         raise ModelLoadError(f"cannot load model {spec.label}: {_short(e)}; check that the weights file matches "
                              "the model architecture") from None
-    finally:
-        logging.disable(logging.NOTSET)
-    model.eval()
+    model = model.to(device).eval()
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     return Encoder(spec, model, preprocess, tokenizer, device, precision, fingerprint, weights_path)
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                   "sparse_")
-_init_lock = threading.Lock()
+def _create(spec: ModelSpec, weights_path: str | None, on_meta: bool = True):
+    """(model with the checkpoint's weights on the CPU, eval preprocess, tokenizer) as open_clip's factory
+    makes them, without its root-logger calls: each logging.info() there gives a program that has not set up
+    logging a root handler, silently turning its own later basicConfig into a no-op. ``on_meta``: see
+    _load_on_meta (a model that cannot be built that way is built the ordinary way)."""
+    open_clip = import_open_clip()
+    from open_clip.factory import load_checkpoint
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    model_cfg, preprocess_cfg, weights_path, folder = _model_source(spec, weights_path)
+    text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
+    # The checkpoint holds every tower's weights: never fetch pretrained ones for a tower.
+    if "hf_model_name" in text_cfg:
+        text_cfg["hf_model_pretrained"] = False
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False
+    tokenizer = _tokenizer(text_cfg, folder)
+    custom = model_cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
+    cls = (open_clip.CoCa if "multimodal_cfg" in model_cfg else open_clip.CustomTextCLIP) if custom else open_clip.CLIP
+    model = _load_on_meta(cls, model_cfg, weights_path) if on_meta else None
+    if model is None:
+        model = cls(**model_cfg)
+        load_checkpoint(model, weights_path)
+    preprocess_cfg = merge_preprocess_dict(PreprocessCfg(), preprocess_cfg)
+    preprocess_cfg["size"] = getattr(model.visual, "image_size", preprocess_cfg["size"])
+    set_model_preprocess_cfg(model, preprocess_cfg)
+    return model, image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False), tokenizer
 
 
-def _create(spec: ModelSpec, device: str, skip_init: bool):
-    """open_clip's model + eval preprocess; ``skip_init`` leaves out the random initialisation.
+def _load_on_meta(cls, model_cfg: dict, weights_path: str):
+    """The model built on torch's meta device with the checkpoint's tensors assigned to it; None when some
+    tensor would be left without a value.
 
-    Building ViT-B-32 spent ~4 s of a ~6.5 s build on 2 cores in random init and in copying the checkpoint
-    over it, mostly first-touching 600 MB of fresh memory. Both are wasted: open_clip loads full checkpoints
-    with strict=True, which replaces every parameter. With ``skip_init`` torch.nn.init's functions do nothing
-    (the parameters stay untouched torch.empty memory) and load_state_dict assigns the checkpoint's tensors
-    instead of copying into them. Returns (model, preprocess, untouched): ``untouched`` is True when a tensor
-    that init skipped is still in the model (a loader that set less than everything), so the caller must
-    build again without skipping.
+    Building ViT-B-32 the ordinary way spent ~4 s of a ~6.5 s load on 2 cores in random init and in copying
+    the checkpoint over it, mostly first-touching 600 MB of fresh memory. On the meta device parameters have
+    shapes but no memory and init does nothing; the checkpoint's tensors then become the parameters. Torch's
+    default-device context is thread-local, so another thread building modules meanwhile is not affected.
+    Buffers the checkpoint does not hold are computed in __init__, so on meta they stay empty: the known
+    ones are made again here, and any other one sends the model down the ordinary path.
     """
-    import contextlib
+    import copy
 
-    import open_clip
     import torch
+    from open_clip.factory import load_checkpoint
 
-    skipped: set[int] = set()  # storages whose init was skipped
-
-    @contextlib.contextmanager
-    def no_init():
-        if not skip_init:
-            yield
-            return
-
-        def skip(tensor, *args, **kwargs):
-            if tensor.numel():
-                skipped.add(tensor.untyped_storage().data_ptr())
-            return tensor
-
-        real_load = torch.nn.Module.load_state_dict
-
-        def load_assigning(module, state_dict, strict=True, assign=False):
-            # Assigned tensors keep their own dtype and device: match the module's, as copying would.
-            current = module.state_dict(keep_vars=True)
-            fitted = {k: (v.to(device=current[k].device, dtype=current[k].dtype)
-                          if k in current and torch.is_tensor(v) and torch.is_tensor(current[k]) else v)
-                      for k, v in state_dict.items()}
-            return real_load(module, fitted, strict=strict, assign=True)
-
-        # MultiheadAttention imported its init functions by name, so its module is patched as well.
-        import torch.nn.modules.activation as activation
-
-        with _init_lock:  # module-level functions: one build at a time swaps them
-            saved = [(mod, name, getattr(mod, name)) for mod in (torch.nn.init, activation)
-                     for name in _INIT_FUNCTIONS if hasattr(mod, name)]
-            try:
-                for mod, name, _ in saved:
-                    setattr(mod, name, skip)
-                torch.nn.Module.load_state_dict = load_assigning
-                yield
-            finally:
-                torch.nn.Module.load_state_dict = real_load
-                for mod, name, fn in saved:
-                    setattr(mod, name, fn)
-
-    with no_init():
-        if spec.name.startswith(LOCAL_DIR):
-            overrides = _local_text_cfg(Path(spec.name[len(LOCAL_DIR):]))
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, **overrides)
-        elif spec.name.startswith(HF_HUB):
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
-        else:
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained,
-                                                                         device=device)
-    untouched = bool(skipped) and any(t.numel() and t.untyped_storage().data_ptr() in skipped
-                                      for t in list(model.parameters()) + list(model.buffers()))
-    return model, preprocess, untouched
-
-
-def _local_text_cfg(folder: Path) -> dict:
-    """text_cfg override for a local-dir model whose Hugging Face tower config lives in the folder.
-
-    open_clip resolves ``hf_model_name`` against the working directory; a folder we wrote names it
-    relative to itself, so the model still loads after it is moved.
-    """
     try:
-        text_cfg = read_local_config(folder)["model_cfg"]["text_cfg"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    name = text_cfg.get("hf_model_name") if isinstance(text_cfg, dict) else None
-    if not isinstance(name, str) or not name or os.path.isabs(name) or not (folder / name / "config.json").is_file():
-        return {}
-    # The folder's checkpoint holds the tower's weights: never look for pretrained ones by that name.
-    return {"text_cfg": {**text_cfg, "hf_model_name": str((folder / name).resolve()), "hf_model_pretrained": False}}
+        with torch.device("meta"):
+            model = cls(**copy.deepcopy(model_cfg))
+    except Exception:  # an __init__ that needs real numbers
+        return None
+    kinds = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items()}
+
+    def assign(state_dict, strict=True):
+        # An assigned tensor keeps its own dtype (an fp16 checkpoint): convert it as copying into it would.
+        fitted = {k: v.to(kinds[k]) if k in kinds else v for k, v in state_dict.items()}
+        return type(model).load_state_dict(model, fitted, strict=strict, assign=True)
+
+    model.load_state_dict = assign  # on this one instance, for open_clip's checkpoint conversions
+    try:
+        load_checkpoint(model, weights_path)
+    finally:
+        del model.load_state_dict
+    remade = {  # made as their modules' __init__ makes them (the tests compare them with an ordinary build)
+        "attn_mask": lambda shape, dtype: torch.full(shape, float("-inf"), dtype=dtype).triu_(1),  # causal
+        "position_ids": lambda shape, dtype: torch.arange(shape[-1], dtype=dtype).expand(shape),  # HF towers
+        "token_type_ids": lambda shape, dtype: torch.zeros(shape, dtype=dtype),
+    }
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_meta and name in remade:
+                module._buffers[name] = remade[name](buf.shape, buf.dtype)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    return model
+
+
+def _model_source(spec: ModelSpec, weights_path: str | None) -> tuple[dict, dict, str, Path | None]:
+    """(model config, preprocess config, weights file, local-dir folder or None) of ``spec``."""
+    open_clip = import_open_clip()
+    name, folder = spec.name, None
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name[len(LOCAL_DIR):])
+        config = read_local_config(folder)
+        text_cfg = config["model_cfg"]["text_cfg"]
+        tower = text_cfg.get("hf_model_name")
+        # open_clip resolves a Hugging Face tower's folder against the working directory; a folder we wrote
+        # names it relative to itself, so the model still loads after it is moved.
+        if isinstance(tower, str) and tower and not os.path.isabs(tower) and (folder / tower / "config.json").is_file():
+            text_cfg["hf_model_name"] = str((folder / tower).resolve())
+    elif name.startswith(HF_HUB):
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(name[len(HF_HUB):], "open_clip_config.json", local_files_only=_hub_offline())
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    else:
+        tag = open_clip.get_pretrained_cfg(name, spec.pretrained or "")
+        config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": tag}
+        # A tag's weights: from the hub (cache alone when offline), else a URL (urllib fails at once offline).
+        weights_path = weights_path or (_hub_weights(*os.path.split(tag["hf_hub"])) if tag.get("hf_hub")
+                                        else open_clip.pretrained.download_pretrained(tag))
+    text_cfg = config["model_cfg"]["text_cfg"]
+    if folder is None and _hub_offline():  # a hub tower's files from the cache alone, without the retries
+        from huggingface_hub import snapshot_download
+
+        for key in ("hf_model_name", "hf_tokenizer_name"):
+            if text_cfg.get(key):
+                text_cfg[key] = snapshot_download(text_cfg[key], local_files_only=True)
+    return config["model_cfg"], config.get("preprocess_cfg") or {}, weights_path, folder
+
+
+def _tokenizer(text_cfg: dict, folder: Path | None):
+    """The tokenizer open_clip.get_tokenizer picks for this config (every SigLIP config names its HF one)."""
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
+
+    length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    extra = text_cfg.get("tokenizer_kwargs", {})
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(str(folder) if folder else text_cfg["hf_tokenizer_name"], context_length=length,
+                           tokenizer_mode=text_cfg.get("tokenizer_mode"), **extra)
+    return SimpleTokenizer(context_length=length, **extra)
 
 
 _cache: dict[tuple, Encoder] = {}
@@ -606,7 +649,7 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
     """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically.
 
     A Hugging Face text tower is written with its config and ``tokenizer``'s files, and the config names
-    the folder itself ("."), so the model loads offline and after a move (see _local_text_cfg).
+    the folder itself ("."), so the model loads offline and after a move (see _model_source).
 
     Files go to a temporary sibling folder that is renamed into place, so a crash never leaves a
     half-written model where a later command would load it. An existing ``out_dir`` is replaced only

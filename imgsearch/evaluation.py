@@ -7,6 +7,7 @@ code `finetune` reports with.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import tempfile
@@ -25,9 +26,6 @@ def load_for_images(spec, settings, precision: str | None = None):
     if enc.device != "cpu":
         return enc
     budget = thread_budget(device="cpu", workers=settings.workers)
-    import torch
-
-    torch.set_num_threads(budget.encoder)
     # eval never creates a library: without one, the exports go to a scratch folder instead.
     home = settings.home if settings.home.exists() else Path(tempfile.gettempdir()) / "imgsearch-eval-exports"
     return onnx_image.select(enc, settings.with_(home=home), budget.encoder)
@@ -47,7 +45,7 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None)
     import numpy as np
     import torch
 
-    from .config import thread_budget
+    from .config import thread_budget, torch_threads
     from .errors import DecodeError
 
     stage = stage or index_stage(encoder, settings)
@@ -62,18 +60,19 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None)
             batch.clear()
             batch_idx.clear()
 
-    results = stage.decode_files(paths, budget.decode, settings.batch_size, budget.overlap)
-    for i, t in enumerate(results):
-        if isinstance(t, DecodeError):
-            failures.append((paths[i], str(t)))
-        else:
-            batch.append(t)
-            batch_idx.append(i)
-            if len(batch) >= settings.batch_size:
-                flush()
-        if progress:
-            progress(i + 1, len(paths))
-    flush()
+    with torch_threads(settings, budget.encoder) if encoder.device == "cpu" else contextlib.nullcontext():
+        results = stage.decode_files(paths, budget.decode, settings.batch_size, budget.overlap)
+        for i, t in enumerate(results):
+            if isinstance(t, DecodeError):
+                failures.append((paths[i], str(t)))
+            else:
+                batch.append(t)
+                batch_idx.append(i)
+                if len(batch) >= settings.batch_size:
+                    flush()
+            if progress:
+                progress(i + 1, len(paths))
+        flush()
     matrix = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), dtype=np.float32)
     return matrix, ok, failures
 

@@ -7,6 +7,7 @@ the batch in flight and the next run picks up where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from . import files, images
-from .config import RAW_NEEDS_EXTRA, Settings, thread_budget
+from .config import RAW_NEEDS_EXTRA, Settings, thread_budget, torch_threads
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
@@ -302,8 +303,6 @@ class Indexer:
         results = None
         try:
             budget = self.budget
-            if self.encoder.device == "cpu" and not self.encoder.torch_free:
-                _set_torch_threads(budget.encoder)
             ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
                 self.settings.batch_size
             if self.remote is not None:
@@ -597,13 +596,6 @@ def _known_match(path: str, rows: list[ImageRow]) -> tuple[str, ImageRow | None]
 PARITY_SAMPLE = 32  # images decoded to check int8 against fp32 before an int8 run
 
 
-def _set_torch_threads(n: int) -> None:
-    import torch
-
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
 def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
     roots = []
     for p in paths:
@@ -649,7 +641,10 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
                 enc = encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
                                        settings.precision)
             store = store or (open_store() if open_store else Store(settings.db_path))
-            report = Indexer(settings, enc, store, remote).run(roots, progress, build_progress)
+            indexer = Indexer(settings, enc, store, remote)
+            torch_cpu = remote is None and enc.device == "cpu" and not enc.torch_free
+            with torch_threads(settings, indexer.budget.encoder) if torch_cpu else contextlib.nullcontext():
+                report = indexer.run(roots, progress, build_progress)
         finally:
             if own_store and open_store is None and store is not None:
                 store.close()

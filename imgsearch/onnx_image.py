@@ -321,24 +321,29 @@ class _lean_for_export:
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise OnnxUnavailable("onnxruntime is not installed (pip install 'imgsearch[fast]')") from None
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        # Only weight MatMul/Gemm (the transformer's projections and MLPs, ~all the FLOPs): the patch
-        # embedding conv and attention's activation x activation products stay fp32, which keeps the
-        # cosine to fp32 up at little cost in speed.
-        import logging
+    """The int8 model of ``fp32``, quantised in a child process: onnxruntime's quantiser logs through the
+    root logger (advice to pre-process, a line per tensor), which would give a program without logging set
+    up a root handler and so turn its own later logging.basicConfig into a no-op. The child's is its own."""
+    import subprocess
 
-        logging.disable(logging.WARNING)  # its advice to pre-process the model goes to the root logger
-        try:
-            quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=list(INT8_RECIPE["ops"]),
-                             weight_type=QuantType.QInt8, per_channel=INT8_RECIPE["per_channel"],
-                             reduce_range=INT8_RECIPE["reduce_range"], extra_options={"MatMulConstBOnly": True})
-        finally:
-            logging.disable(logging.NOTSET)
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise OnnxUnavailable("onnxruntime is not installed (pip install 'imgsearch[fast]')")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    # Only weight MatMul/Gemm (the transformer's projections and MLPs, ~all the FLOPs): the patch
+    # embedding conv and attention's activation x activation products stay fp32, which keeps the
+    # cosine to fp32 up at little cost in speed.
+    code = ("import json, sys\n"
+            "from onnxruntime.quantization import QuantType, quantize_dynamic\n"
+            "r = json.loads(sys.argv[3])\n"
+            "quantize_dynamic(sys.argv[1], sys.argv[2], op_types_to_quantize=r['ops'], weight_type=QuantType.QInt8,\n"
+            "                 per_channel=r['per_channel'], reduce_range=r['reduce_range'],\n"
+            "                 extra_options={'MatMulConstBOnly': True})\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(fp32), str(tmp), json.dumps(INT8_RECIPE)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise RuntimeError(lines[-1])
         os.replace(tmp, out)
     except Exception as e:
         tmp.unlink(missing_ok=True)

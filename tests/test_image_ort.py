@@ -178,7 +178,11 @@ def test_thread_budget_never_oversubscribes():
 
 
 @pytest.mark.slow
-def test_indexing_sets_torch_threads_and_never_decodes_while_encoding(settings, photos, monkeypatch):
+@pytest.mark.parametrize("own_process", [True, False])
+def test_indexing_sets_torch_threads_only_in_its_own_process_and_never_decodes_while_encoding(
+        settings, photos, monkeypatch, own_process):
+    """The CLI (own_process) encodes with the budget's thread count and puts the count back after the run;
+    inside someone else's program the count stays the program's own throughout."""
     import torch
 
     import imgsearch.config as config
@@ -188,7 +192,7 @@ def test_indexing_sets_torch_threads_and_never_decodes_while_encoding(settings, 
 
     monkeypatch.setattr(config, "cpu_cores", lambda: 1)
     enc = encoder_mod.load(encoder_mod.ModelSpec(settings.model), "cpu", "fp32")
-    settings = settings.with_(workers=0, image_backend="torch")
+    settings = settings.with_(workers=0, image_backend="torch", own_process=own_process)
     decoding = []
     lock = threading.Lock()
     overlaps = []
@@ -205,20 +209,24 @@ def test_indexing_sets_torch_threads_and_never_decodes_while_encoding(settings, 
                 decoding.pop()
 
     real_encode = enc.encode_image_tensors
+    threads = []
 
     def encode(batch):
         with lock:
             overlaps.append(len(decoding))
+        threads.append(torch.get_num_threads())
         return real_encode(batch)
 
     monkeypatch.setattr(images, "open_image", open_image)
     monkeypatch.setattr(enc, "encode_image_tensors", encode)
     saved = torch.get_num_threads()
+    torch.set_num_threads(3)  # the program's own count, not the budget's 1
     try:
         report = index_paths(settings, [photos], encoder=enc)
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(saved)
+    assert threads and set(threads) == ({1} if own_process else {3})
     assert report.new == 54 and report.encoded == 54
     assert overlaps and max(overlaps) == 0, overlaps
 

@@ -143,7 +143,7 @@ def test_numpy_preprocess_matches_open_clips_torch_preprocess(tiny_model):
             assert float(np.abs(got - want).max()) < 1e-5, (w, h)
 
 
-def test_skipped_random_init_loads_the_same_model_and_catches_unset_tensors(tiny_model, monkeypatch):
+def test_model_built_on_meta_loads_the_same_model_and_catches_unset_tensors(tiny_model, monkeypatch):
     import open_clip.factory as factory
     import torch
 
@@ -151,25 +151,31 @@ def test_skipped_random_init_loads_the_same_model_and_catches_unset_tensors(tiny
     from imgsearch.encoder import ModelSpec
 
     spec = ModelSpec(f"local-dir:{tiny_model}").canonical()
-    fast, _, untouched = encoder_mod._create(spec, "cpu", skip_init=True)
-    slow, _, _ = encoder_mod._create(spec, "cpu", skip_init=False)
-    assert not untouched
+    weights = encoder_mod.resolve_weights(spec)[1]
+    on_meta, real = [], encoder_mod._load_on_meta
+    monkeypatch.setattr(encoder_mod, "_load_on_meta", lambda *a: on_meta.append(real(*a)) or on_meta[-1])
+    fast, _, _ = encoder_mod._create(spec, weights)
+    slow, _, _ = encoder_mod._create(spec, weights, on_meta=False)
+    assert on_meta and on_meta[0] is fast  # the fast path was taken, not the fallback
     a, b = fast.state_dict(), slow.state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert torch.equal(fast.attn_mask, slow.attn_mask)  # computed in __init__, not in the checkpoint
     x = torch.randn(3, 3, 32, 32)
+    tokens = torch.tensor([[49406, 320, 736, 49407] + [0] * 12])
     with torch.no_grad():
         assert torch.equal(fast.eval().encode_image(x), slow.eval().encode_image(x))
+        assert torch.equal(fast.encode_text(tokens), slow.encode_text(tokens))
     assert all(p.requires_grad for p in fast.parameters())  # fine-tuning builds through here too
 
-    # A loader that sets less than everything (not strict) leaves a skipped tensor: reported, not used.
+    # A loader that sets less than everything leaves a tensor without a value: built the ordinary way instead.
     def partial(model, path, strict=True, **kw):
         sd = factory.load_state_dict(path)
-        sd.pop("visual.transformer.resblocks.0.mlp.c_fc.weight")  # a Linear: set by nn.init
+        sd.pop("visual.transformer.resblocks.0.mlp.c_fc.weight")
         return model.load_state_dict(sd, strict=False)
 
     monkeypatch.setattr(factory, "load_checkpoint", partial)
-    _, _, untouched = encoder_mod._create(spec, "cpu", skip_init=True)
-    assert untouched
+    model, _, _ = encoder_mod._create(spec, weights)
+    assert on_meta[-1] is None and not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 @pytest.mark.slow

@@ -162,3 +162,27 @@ def test_multilingual_preset_names_xlm_roberta_and_fails_offline_in_one_line(cli
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "xlm-roberta-base-ViT-B-32" in lines[0] and "internet" in lines[0], r.stderr
+
+
+def test_hf_text_tower_built_on_meta_equals_the_ordinary_build(ml_model, monkeypatch):
+    """The fast load (meta device, checkpoint assigned) makes the Hugging Face tower's buffers that the
+    checkpoint does not hold (position and token type ids) as the tower's own __init__ does."""
+    import torch
+
+    from imgsearch import encoder as encoder_mod
+
+    spec = encoder_mod.ModelSpec(f"local-dir:{ml_model}").canonical()
+    weights = encoder_mod.resolve_weights(spec)[1]
+    on_meta, real = [], encoder_mod._load_on_meta
+    monkeypatch.setattr(encoder_mod, "_load_on_meta", lambda *a: on_meta.append(real(*a)) or on_meta[-1])
+    fast, _, tokenizer = encoder_mod._create(spec, weights)
+    slow, _, _ = encoder_mod._create(spec, weights, on_meta=False)
+    assert on_meta and on_meta[0] is fast  # the fast path was taken, not the fallback
+    a, b = dict(fast.named_buffers()), dict(slow.named_buffers())
+    assert "text.transformer.embeddings.position_ids" in a and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    a, b = fast.state_dict(), slow.state_dict()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    tokens = tokenizer(["빨간 원", "a red circle"])
+    with torch.no_grad():
+        assert torch.equal(fast.eval().encode_text(tokens), slow.eval().encode_text(tokens))
