@@ -37,7 +37,7 @@ def state():
                     for n, l in loggers.items() if isinstance(l, logging.Logger)},
         "warnings": [repr(f) for f in warnings.filters],
         "recursion": sys.getrecursionlimit(),
-        "pillow": [PIL.Image.MAX_IMAGE_PIXELS, sorted(PIL.Image.OPEN)],
+        "pillow": PIL.Image.MAX_IMAGE_PIXELS,  # (Pillow fills its plugin registry itself on first use)
         "signals": [repr(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM)],
         "torch": [repr(getattr(torch.nn.init, n)) for n in sorted(dir(torch.nn.init)) if n.endswith("_")]
                  + [repr(torch.nn.Module.load_state_dict), str(torch.get_default_dtype()),
