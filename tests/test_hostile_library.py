@@ -192,13 +192,10 @@ def test_non_utf8_file_name_is_indexed_and_reopened(cli, tmp_path, settings):
     # The text outputs show it escaped instead of crashing.
     r = cli("query", "a shape", "-k", "16")
     assert r.exit_code == 0 and "caf\\xe9 \\xff.png" in r.stdout
-    from imgsearch.search import Query, Searcher, Term
+    from imgsearch import Library
 
-    s = Searcher(settings)
-    try:
-        found = {h.path for h in s.search(Query([Term("text", "a shape", 1.0)]), 16)}
-    finally:
-        s.store.close()
+    with Library(settings=settings) as lib:
+        found = {h.path for h in lib.search("a shape", k=16)}
     assert os.fsdecode(bad) in found
 
     # It moves like any other file, and a broken copy of it fails with its name escaped.

@@ -476,16 +476,13 @@ def test_cli_errors_keep_flag_wording_with_and_without_server(library, cli, sett
 def test_python_api_takes_image_bytes_and_pil_images(library, settings):
     from PIL import Image
 
-    from imgsearch.search import Query, Searcher, image_data_term
+    from imgsearch import Library
 
     photo = library / "green_triangle_001.jpg"
-    s = Searcher(settings)
-    try:
-        by_path = s.search(Query.build(images_=[str(photo)]), 3)
-        by_bytes = s.search(Query.build(images_=[image_data_term(photo.read_bytes())]), 3)
+    with Library(settings=settings) as lib:
+        by_path = lib.search(image=str(photo), k=3)
+        by_bytes = lib.search(image=photo.read_bytes(), k=3)
         with Image.open(photo) as im:
-            by_pil = s.search(Query.build(images_=[image_data_term(im.convert("RGB"))]), 3)
-    finally:
-        s.store.close()
+            by_pil = lib.search(image=im.convert("RGB"), k=3)
     assert by_path == by_bytes and by_path[0].path == str(photo)
     assert [h.id for h in by_pil] == [h.id for h in by_path]
