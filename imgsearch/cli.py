@@ -199,6 +199,10 @@ def query_cmd(
                                 "when none runs, so the following queries are fast."),
     relevant: bool = typer.Option(False, "--relevant", help="Only results above the model's calibrated relevance "
                                   "floor (see `imgsearch status`); when none pass, says so and shows the closest."),
+    like: Optional[List[str]] = typer.Option(None, "--like", help="A library image (id or path) that is what you "
+                                             "want: refine the query toward it (repeatable)."),
+    unlike: Optional[List[str]] = typer.Option(None, "--unlike", help="A library image (id or path) that is not "
+                                               "what you want: refine the query away from it (repeatable)."),
 ):
     """Find the images closest to text and/or example images."""
     from .request import SearchRequest
@@ -209,12 +213,14 @@ def query_cmd(
     flags = {"k": ("-k", k), "under": ("--under", under), "min_score": ("--min-score", min_score),
              "blend": ("--blend", blend), "keyword": ("--keyword", repr(keyword)),
              "tag": ("--tag", ", ".join(tag or [])), "after": ("--after", after), "before": ("--before", before),
-             "near": ("--near", near), "camera": ("--camera", repr(camera))}
+             "near": ("--near", near), "camera": ("--camera", repr(camera)),
+             "like": ("--like", ", ".join(like or [])), "unlike": ("--unlike", ", ".join(unlike or []))}
     with flag_words(**flags):
         request = SearchRequest.build(list(texts or []), image=list(image or []), not_text=list(not_text or []),
                                       not_image=list(not_image or []), k=k, min_score=min_score, under=under,
                                       tag=tag or None, keyword=keyword, blend=blend, after=after, before=before,
-                                      near=near, camera=camera, relevance=relevant)
+                                      near=near, camera=camera, relevance=relevant, like=like or (),
+                                      unlike=unlike or ())
         rows = _query_rows(settings_of(ctx), request, use_server, daemon)
     fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
     if relevant:
