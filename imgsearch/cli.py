@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .commands import app, command, err, flag_words, library_of, settings_of
+from .commands import app, command, err, library_of, search_options, settings_of
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MAX_K, Settings, is_ray_address
 from .errors import ImgSearchError, UsageError
 from .output import print_hits, shown, warn_if_escaped
@@ -160,72 +160,32 @@ def index_cmd(
 
 # --- query -------------------------------------------------------------------------------------
 @command("query")
+@search_options
 def query_cmd(
     ctx: typer.Context,
-    texts: Optional[List[str]] = typer.Argument(None, help="What to look for; several combine. Prefix a weight "
-                                                "as in 2:\"red car\"."),
-    image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Find images like this file "
-                                              "(repeatable, W:FILE weights it)."),
-    not_text: Optional[List[str]] = typer.Option(None, "--not", help="Text to steer away from (repeatable)."),
-    not_image: Optional[List[str]] = typer.Option(None, "--not-image", help="Image to steer away from."),
-    k: int = typer.Option(10, "-k", "--top", help=f"Number of results (1 to {MAX_K})."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
-    under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
+    search: dict,
     json_out: bool = typer.Option(False, "--json", help="Print a JSON array of hits."),
     paths_out: bool = typer.Option(False, "--paths", help="Print bare paths, one per line (names with control "
                                    "characters escaped; see --print0)."),
     print0: bool = typer.Option(False, "--print0", help="Print bare paths, each ended by a NUL byte, verbatim "
                                 "(for `xargs -0`)."),
-    tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only images with this zero-shot tag (from "
-                                            "`imgsearch classify`; repeatable: all must match)."),
-    keyword: Optional[str] = typer.Option(None, "--keyword", help="Only images whose file name, folder, captions "
-                                          "or tags contain these words (word prefixes; \"a phrase\"; -word "
-                                          "excludes). Alone, ranks by keywords only."),
-    blend: Optional[float] = typer.Option(None, "--blend", min=0.0, max=1.0, help="Blend keyword relevance into "
-                                          "the CLIP ranking with this weight (0-1) instead of filtering by "
-                                          "--keyword."),
-    after: Optional[str] = typer.Option(None, "--after", help="Only photos taken from this date on: YYYY, YYYY-MM, "
-                                        "YYYY-MM-DD or an ISO timestamp (EXIF time, else the file's)."),
-    before: Optional[str] = typer.Option(None, "--before", help="Only photos taken before the END of this period "
-                                         "(--before 2023 includes 2023; a full timestamp is excluded)."),
-    near: Optional[str] = typer.Option(None, "--near", help="Only photos with GPS within KM of a point: "
-                                       "LAT,LON[,KM] in decimal degrees (default 5 km), or a city, "
-                                       "PLACE[,KM] (needs the places extra)."),
-    camera: Optional[str] = typer.Option(None, "--camera", help="Only photos whose camera make/model contains "
-                                         "this text (case-insensitive)."),
     use_server: bool = typer.Option(True, "--server/--no-server", help="Use a running `imgsearch serve` for this "
                                     "library and model when there is one (much faster start)."),
     daemon: bool = typer.Option(False, "--daemon", help="Start a background server (exits after 10 minutes idle) "
                                 "when none runs, so the following queries are fast."),
-    relevant: bool = typer.Option(False, "--relevant", help="Only results above the model's calibrated relevance "
-                                  "floor (see `imgsearch status`); when none pass, says so and shows the closest."),
-    like: Optional[List[str]] = typer.Option(None, "--like", help="A library image (id or path) that is what you "
-                                             "want: refine the query toward it (repeatable)."),
-    unlike: Optional[List[str]] = typer.Option(None, "--unlike", help="A library image (id or path) that is not "
-                                               "what you want: refine the query away from it (repeatable)."),
 ):
-    """Find the images closest to text and/or example images."""
+    """Find the images closest to text and/or example images (--relevant: when none pass, says so and shows
+    the closest)."""
     from .request import SearchRequest
 
     if json_out + paths_out + print0 > 1:
         raise UsageError("--json, --paths and --print0 are exclusive; pick one output format")
-    # The request names the parameter ("under: no such folder"); say it as typed here.
-    flags = {"k": ("-k", k), "under": ("--under", under), "min_score": ("--min-score", min_score),
-             "blend": ("--blend", blend), "keyword": ("--keyword", repr(keyword)),
-             "tag": ("--tag", ", ".join(tag or [])), "after": ("--after", after), "before": ("--before", before),
-             "near": ("--near", near), "camera": ("--camera", repr(camera)),
-             "like": ("--like", ", ".join(like or [])), "unlike": ("--unlike", ", ".join(unlike or []))}
-    with flag_words(**flags):
-        request = SearchRequest.build(list(texts or []), image=list(image or []), not_text=list(not_text or []),
-                                      not_image=list(not_image or []), k=k, min_score=min_score, under=under,
-                                      tag=tag or None, keyword=keyword, blend=blend, after=after, before=before,
-                                      near=near, camera=camera, relevance=relevant, like=like or (),
-                                      unlike=unlike or ())
-        rows = _query_rows(settings_of(ctx), request, use_server, daemon)
+    request = SearchRequest.build(**{**search, "k": 10 if search["k"] is None else search["k"]})
+    rows = _query_rows(settings_of(ctx), request, use_server, daemon)
     fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
-    if relevant:
+    if request.relevance:
         rows = _relevant_rows(rows)
-    print_hits(rows, fmt, min_score=min_score, tag=tag, keyword=keyword)
+    print_hits(rows, fmt, min_score=request.min_score, tag=request.tags, keyword=request.keyword)
 
 
 def _relevant_rows(rows: list[dict]) -> list[dict]:
@@ -352,5 +312,5 @@ def forget_cmd(
 
 # Command groups in their own modules register on `app` when imported (kept last: --help lists the
 # core commands first).
-for _group in ("apps", "evaluate", "exchange", "finetune", "serve", "ui", "watch"):
+for _group in ("albums", "apps", "evaluate", "exchange", "finetune", "serve", "ui", "watch"):
     importlib.import_module(f".commands.{_group}", __package__)

@@ -80,6 +80,7 @@ class ImportReport:
     unreachable: list[str] = field(default_factory=list)  # paths with no file here
     changed: list[tuple[str, str]] = field(default_factory=list)  # (path, why) skipped: not what was exported
     invalid: int = 0  # rows whose vector is not finite or is all zeros
+    albums: int = 0  # albums of the export added (those whose name was free here)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -88,7 +89,7 @@ class ImportReport:
                 "unreachable": len(self.unreachable), "unreachable_examples": self.unreachable[:10],
                 "changed": len(self.changed),
                 "changed_examples": [{"path": p, "reason": r} for p, r in self.changed[:10]],
-                "invalid": self.invalid, "seconds": round(self.seconds, 3)}
+                "invalid": self.invalid, "albums": self.albums, "seconds": round(self.seconds, 3)}
 
 
 def _arrow():
@@ -333,7 +334,7 @@ def _remove_temp(tmp: Path, target: Path, token: str | None) -> str | None:
     return None if why is None else f"{tmp}: {why}"
 
 
-def _prepare_target(target: Path) -> bool:
+def prepare_target(target: Path) -> bool:
     """Make sure ``target`` may receive an export; True when this call created it."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UsageError(f"{target} exists and is not a folder; give a new or empty folder for the export")
@@ -396,7 +397,9 @@ def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
 def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: str = "parquet", *,
                    model: str | None = None, progress: ProgressFn | None = None, chunk: int = CHUNK,
                    shard_rows: int = SHARD_ROWS) -> ExportReport:
-    """Write one model's vectors and image metadata into ``folder`` (new or empty) as ``fmt``."""
+    """Write one model's vectors and image metadata into ``folder`` (new or empty) as ``fmt``; the manifest
+    also carries the library's albums (their saved searches and pins by path)."""
+    from . import albums
     from .config import VERSION as __version__
 
     if fmt not in FORMATS:
@@ -407,7 +410,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
     info = _model_info(row)
     total = store.vector_count(row.id)
     target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
-    created = _prepare_target(target)
+    created = prepare_target(target)
     token = owned.new_token()
     tmp = target / f"{TEMP_PREFIX}{token[:12]}.tmp"
     report = ExportReport(str(target), fmt, row.label, row.dim)
@@ -434,7 +437,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
         report.files = writer.close()
         manifest = {"imgsearch_export": FORMAT_VERSION, "format": fmt, "model": info, "rows": report.rows,
                     "files": report.files, "library_id": store.library_id, "imgsearch": __version__,
-                    "created_at": time.time()}
+                    "created_at": time.time(), "albums": albums.dump(store)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         owned.record(tmp, MANIFEST)
         _publish(tmp, target, report.files + [MANIFEST], token)
@@ -460,6 +463,7 @@ class _Source:
     rows: int
     model: dict | None
     shards: list  # parquet: [parquet path]; clip-retrieval: [(npy path, metadata path)]
+    albums: list = field(default_factory=list)  # from the manifest (albums.dump)
 
 
 def _shard_no(path: Path) -> int:
@@ -574,7 +578,8 @@ def open_export(folder: str | os.PathLike) -> _Source:
     if model is not None and int(model.get("dim", -1)) != dim:
         raise DataError(f"{root}: the export says its model makes {model.get('dim')}-dimensional vectors but the "
                         f"files hold {dim}-dimensional ones; the export is damaged")
-    return _Source(root, fmt, int(dim), rows, model, shards)
+    return _Source(root, fmt, int(dim), rows, model, shards,
+                   manifest.get("albums") or [] if isinstance(manifest, dict) else [])
 
 
 def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict], np.ndarray]]:
@@ -699,6 +704,7 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from . import albums
     from .lock import write_lock
     from .store import Store
 
@@ -720,6 +726,7 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
                     done += len(recs)
                     if progress:
                         progress(done, src.rows)
+            report.albums = albums.restore(store, src.albums)
         finally:
             store.close()
     report.seconds = time.perf_counter() - t0

@@ -202,7 +202,14 @@ class Library:
         if self.settings.lang and self.store.get_meta("lang") != self.settings.lang:
             # Recorded with the library: later queries in Latin script default to it (lang.query_language).
             self.store.set_meta("lang", self.settings.lang)
+        if report.new or report.updated or report.moved or report.removed:
+            self._albums_follow()
         return report
+
+    def _albums_follow(self) -> None:
+        """After the library changed: evaluate every album, so each records when a photo joined or left it."""
+        if self.store.albums():
+            self.albums()
 
     @property
     def lang(self) -> str | None:
@@ -234,7 +241,10 @@ class Library:
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        return forget(self.settings, [str(p) for p in paths], wait=wait)
+        removed = forget(self.settings, [str(p) for p in paths], wait=wait)
+        if removed:
+            self._albums_follow()
+        return removed
 
     def watcher(self, paths, *, poll: bool = False, interval: float = 1.0, debounce: float = 0.5,
                 on_batch=None, say=None):
@@ -348,6 +358,80 @@ class Library:
         self._hint(request.texts)
         return self._warm().search(request)
 
+    # --- albums: saved searches that stay current (albums.py) --------------------------------------
+    # Album writes are single small transactions: they do not wait for the write lock (an index run may
+    # hold it for hours); SQLite serialises them.
+    def albums(self) -> list:
+        """Every album, evaluated now: ``Album`` with name, query (the saved search as command-line words),
+        request (as stored), count, grows, pinned, dropped, created_at, changed_at (when a photo last joined
+        or left) and ``problem``: why its saved search no longer runs (a folder gone, a tag set dropped),
+        set instead of raising, so one broken album never hides the others."""
+        from . import albums
+
+        return albums.every(self.store, self._warm)
+
+    def album(self, name: str):
+        """One album evaluated now, its members ranked in ``hits`` (pinned photos in, dropped ones out,
+        deleted files never). A ParamError names an unknown album; a UsageError says why a saved search no
+        longer runs (the album is kept)."""
+        from . import albums
+
+        album = albums.current(self.store, self._warm, albums.load(self.store, name))
+        if album.problem:
+            raise UsageError(album.problem)
+        return album
+
+    def save_album(self, name: str, text=None, *, k: int | None = None, request: SearchRequest | None = None,
+                   **search):
+        """Save a search as an album and return it evaluated (an ``Album``). The search is ``search()``'s
+        arguments, or a ready ``request``; example images must be files (their absolute path is kept).
+        ``k``: how many photos at most; when None, an album with a threshold (``min_score``, ``relevance``)
+        or of keywords only holds every photo that passes (up to the query limit) and new photos join it,
+        else it is the top 10 now. A duplicate name is a ParamError; nothing is saved then."""
+        from . import albums
+
+        if request is None:
+            request = SearchRequest.build(text, k=10, **search)
+        elif text is not None or search:
+            raise TypeError("give request= or the search's arguments, not both")
+        return albums.save(self.store, self._warm, name, albums.with_k(request, k))
+
+    def rename_album(self, name: str, new_name: str) -> None:
+        from . import albums
+
+        albums.rename(self.store, name, new_name)
+
+    def delete_album(self, name: str) -> None:
+        """Delete the album (its saved search and pins); never a photo."""
+        from . import albums
+
+        self.store.delete_album(albums.load(self.store, name)[0])
+
+    def pin(self, name: str, paths):
+        """Keep photos (files, or every library photo in a folder) in the album whatever its search says;
+        returns (photos pinned, the album evaluated now). A path not in the library is a UsageError."""
+        from . import albums
+
+        return albums.pin(self.store, self._warm, name, paths, True)
+
+    def unpin(self, name: str, paths):
+        """Drop photos from the album whatever its search says (``pin`` brings them back); as ``pin``."""
+        from . import albums
+
+        return albums.pin(self.store, self._warm, name, paths, False)
+
+    def export_album(self, name: str, folder, *, link: bool = False) -> list[str]:
+        """Copy (or with ``link`` symlink) the album's photos, best first, into a new or empty folder; a name
+        taken twice gets " (2)"; returns the files written. Never overwrites anything."""
+        from pathlib import Path
+
+        from . import albums
+        from .exchange import prepare_target
+
+        album = self.album(name)
+        target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+        return albums.export(album, target, prepare_target(target), link)
+
     # --- zero-shot tags, scores ------------------------------------------------------------------
     def classify(self, labels, templates=None, top: int = 1, min_prob: float = 0.0, under=None,
                  keep_results: bool = False):
@@ -457,5 +541,8 @@ class Library:
         """
         from .exchange import import_library
 
-        return import_library(self.settings, folder, trust=trust, assume_model=assume_model,
-                              encoder=lambda: self.encoder, progress=progress, wait=wait)
+        report = import_library(self.settings, folder, trust=trust, assume_model=assume_model,
+                                encoder=lambda: self.encoder, progress=progress, wait=wait)
+        if report.added or report.vectors_added or report.albums:
+            self._albums_follow()
+        return report

@@ -173,6 +173,34 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "CREATE INDEX ix_images_taken_utc ON images(taken_utc)",
         "CREATE INDEX ix_images_gps ON images(gps_lat, gps_lon)",
     ]),
+    # Smart albums (albums.py): the saved search as JSON, not a list of photos; what its members were when
+    # last evaluated (count, and a digest of their ids to tell when that changed); photos pinned in (keep 1)
+    # or dropped (keep 0) by id, so pins follow moved files; and its query vector per model, so an album
+    # of example images needs neither the image tower nor the example files again until the model changes.
+    (6, "albums", [
+        """CREATE TABLE albums (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            request TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            changed_at REAL NOT NULL,
+            members INTEGER NOT NULL DEFAULT 0,
+            digest TEXT NOT NULL DEFAULT ''
+        )""",
+        """CREATE TABLE album_pins (
+            album_id INTEGER NOT NULL REFERENCES albums(id) ON DELETE CASCADE,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            keep INTEGER NOT NULL,
+            PRIMARY KEY (album_id, image_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX ix_album_pins_image ON album_pins(image_id)",
+        """CREATE TABLE album_vectors (
+            album_id INTEGER NOT NULL REFERENCES albums(id) ON DELETE CASCADE,
+            model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+            vector BLOB NOT NULL,
+            PRIMARY KEY (album_id, model_id)
+        ) WITHOUT ROWID""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -254,10 +254,11 @@ class Searcher:
         return vecs
 
     # --- search -------------------------------------------------------------------------------------
-    def search(self, request: SearchRequest) -> list[Hit]:
-        """The request's top hits; files deleted since indexing never appear."""
+    def search(self, request: SearchRequest, vector: np.ndarray | None = None) -> list[Hit]:
+        """The request's top hits; files deleted since indexing never appear. ``vector``: the request's
+        query vector when already known (an album keeps its own)."""
         allowed = allowed_ids(self.store, request)
-        vec = self.query_vector(request)
+        vec = self.query_vector(request) if vector is None else vector
         if request.blend is not None:
             from .keywords import blended_search
 

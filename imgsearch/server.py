@@ -26,6 +26,13 @@ one request field was wrong):
                                          "unlike": [7]}
   POST /api/search/image?k=10           the image file as the body (Content-Type image/* or
                                         application/octet-stream)
+  GET  /api/albums                      {"albums": [...]}: every album evaluated now (name, query, request,
+                                        count, grows, pinned, dropped, created_at, changed_at, problem)
+  GET  /api/albums/NAME                 {"album": {...}, "hits": [...]}: its photos now, best first
+  POST /api/albums                      save one: {"name": "beach", ...the search fields of POST /api/search}
+                                        (example images as library "ids": the server reads no client files;
+                                        no "k": every photo above min_score / relevance, else the top 10)
+  DELETE /api/albums/NAME               delete the album (never a photo)
 With "relevance": true (relevance=1 in a URL), every hit carries "relevant": true/false against the
 model's calibrated relevance floor (relevance.py); it is null otherwise, and where no floor applies
 (keyword ranking, text and images mixed).
@@ -47,7 +54,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse, urlsplit
+from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
 from .config import Settings
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
@@ -220,11 +227,16 @@ class _Handler(BaseHTTPRequestHandler):
         routes = {("GET", "/api/health"): self._health, ("GET", "/api/status"): self._status,
                   ("GET", "/api/search"): self._get_search, ("POST", "/api/search"): self._post_search,
                   ("POST", "/api/search/image"): self._post_image}
+        routes.update({("GET", "/api/albums"): self._albums, ("POST", "/api/albums"): self._save_album})
         route = routes.get((self.command, url.path))
+        if url.path.startswith("/api/albums/"):
+            routes = {("GET", url.path): self._album, ("DELETE", url.path): self._delete_album}
+            route = routes.get((self.command, url.path))
         if route is None:
             if any(p == url.path for _, p in routes):
                 return self._error(405, f"{self.command} is not allowed on {url.path}")
-            return self._error(404, f"no endpoint {url.path}; see /api/health, /api/status, /api/search")
+            return self._error(404, f"no endpoint {url.path}; see /api/health, /api/status, /api/search, "
+                                    "/api/albums")
         self._guard(lambda: route(url))
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
@@ -274,19 +286,43 @@ class _Handler(BaseHTTPRequestHandler):
         request = SearchRequest.from_params(parse_qs(url.query, keep_blank_values=True))
         self._send(200, {"hits": self.service.search(request)})
 
-    def _post_search(self, url) -> None:
-        from .request import SearchRequest
-
+    def _json(self):
         if self._content_type() != "application/json":
             raise _Reply(415, "send the search as JSON with 'Content-Type: application/json'")
         raw = self._body()
         try:
-            body = json.loads(raw or b"{}")
+            return json.loads(raw or b"{}")
         except RecursionError:
             raise UsageError("request body is nested too deeply; send a flat JSON object of search fields") from None
         except ValueError:
             raise UsageError("request body is not valid JSON") from None
-        self._send(200, {"hits": self.service.search(SearchRequest.from_json(body))})
+
+    def _post_search(self, url) -> None:
+        from .request import SearchRequest
+
+        self._send(200, {"hits": self.service.search(SearchRequest.from_json(self._json()))})
+
+    def _albums(self, url) -> None:
+        self._send(200, {"albums": [a.as_dict() for a in self.service.library.albums()]})
+
+    def _album(self, url) -> None:
+        album = self.service.library.album(unquote(url.path[len("/api/albums/"):]))
+        self._send(200, {"album": album.as_dict(), "hits": [h.as_dict() for h in album.hits]})
+
+    def _save_album(self, url) -> None:
+        from .request import SearchRequest
+
+        body = self._json()
+        if not isinstance(body, dict):
+            raise ParamError("body", "send the album as a JSON object: its name and the search fields")
+        name, k = body.pop("name", None), body.pop("k", None)
+        album = self.service.library.save_album(name, request=SearchRequest.from_json(body), k=k)
+        self._send(200, {"album": album.as_dict()})
+
+    def _delete_album(self, url) -> None:
+        name = unquote(url.path[len("/api/albums/"):])
+        self.service.library.delete_album(name)
+        self._send(200, {"deleted": name})
 
     def _post_image(self, url) -> None:
         from .request import SearchRequest, Term

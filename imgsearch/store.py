@@ -761,6 +761,80 @@ class Store:
             c.execute(_sql("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v"),
                       {"m": model_id, "v": through_version})
 
+    # --- albums (albums.py: saved searches; members are evaluated, not stored) ------------------
+    _ALBUM_COLS = "id, name, request, created_at, changed_at, members, digest"
+
+    def albums(self) -> list:
+        """Every album row (id, name, request JSON, created_at, changed_at, members, digest), by name."""
+        return self.rows(f"SELECT {self._ALBUM_COLS} FROM albums ORDER BY name COLLATE NOCASE")
+
+    def album(self, name: str):
+        """The album row of this name (case-insensitive), or None."""
+        rows = self.rows(f"SELECT {self._ALBUM_COLS} FROM albums WHERE name = :n", n=name)
+        return rows[0] if rows else None
+
+    def add_album(self, name: str, request: str, members: int, digest: str, pins: dict[int, bool] | None = None,
+                  vector: tuple[int, np.ndarray] | None = None, created_at: float | None = None) -> int | None:
+        """A new album with its pins and (model id, query vector), in one transaction; None when the name is taken."""
+        now = time.time()
+        with self.begin() as c:
+            res = c.execute(_sql("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, digest) "
+                                 "VALUES (:n, :r, :c, :t, :m, :d)"),
+                            {"n": name, "r": request, "c": created_at or now, "t": now, "m": members, "d": digest})
+            if not res.rowcount:
+                return None
+            album_id = int(res.lastrowid)
+            if pins:
+                c.execute(_sql("INSERT INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)"),
+                          [{"a": album_id, "i": int(i), "k": int(keep)} for i, keep in pins.items()])
+            if vector is not None:
+                c.execute(_sql("INSERT INTO album_vectors (album_id, model_id, vector) VALUES (:a, :m, :v)"),
+                          {"a": album_id, "m": vector[0], "v": vector_to_blob(vector[1])})
+        return album_id
+
+    def rename_album(self, album_id: int, name: str) -> bool:
+        """False when another album has the name."""
+        with self.begin() as c:
+            return bool(c.execute(_sql("UPDATE OR IGNORE albums SET name = :n WHERE id = :a"),
+                                  {"n": name, "a": album_id}).rowcount)
+
+    def delete_album(self, album_id: int) -> None:
+        """The album, its pins and vectors; never an image."""
+        with self.begin() as c:
+            c.execute(_sql("DELETE FROM albums WHERE id = :a"), {"a": album_id})
+
+    def album_pins(self, album_id: int) -> dict[int, bool]:
+        """{image id: True pinned in, False dropped}."""
+        return {r[0]: bool(r[1]) for r in self.rows("SELECT image_id, keep FROM album_pins WHERE album_id = :a",
+                                                    a=album_id)}
+
+    def album_pin_paths(self, album_id: int) -> list[tuple[str, bool]]:
+        """(path, pinned in) of each pin: how an export names them."""
+        return [(_unbind(r[0]), bool(r[1])) for r in self.rows(
+            "SELECT i.path, p.keep FROM album_pins p JOIN images i ON i.id = p.image_id WHERE p.album_id = :a",
+            a=album_id)]
+
+    def set_album_pins(self, album_id: int, ids: Iterable[int], keep: bool) -> None:
+        with self.begin() as c:
+            c.execute(_sql("INSERT OR REPLACE INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)"),
+                      [{"a": album_id, "i": int(i), "k": int(keep)} for i in ids])
+
+    def album_vector(self, album_id: int, model_id: int) -> np.ndarray | None:
+        blob = self.scalar("SELECT vector FROM album_vectors WHERE album_id = :a AND model_id = :m",
+                           a=album_id, m=model_id)
+        return None if blob is None else _matrix([blob], 0)[0]
+
+    def save_album_vector(self, album_id: int, model_id: int, vector: np.ndarray) -> None:
+        with self.begin() as c:
+            c.execute(_sql("INSERT OR REPLACE INTO album_vectors (album_id, model_id, vector) VALUES (:a, :m, :v)"),
+                      {"a": album_id, "m": model_id, "v": vector_to_blob(vector)})
+
+    def album_evaluated(self, album_id: int, members: int, digest: str) -> None:
+        """Record an evaluation; the last-change time moves only when the members did."""
+        with self.begin() as c:
+            c.execute(_sql("UPDATE albums SET members = :m, digest = :d, changed_at = :t WHERE id = :a "
+                           "AND digest != :d"), {"a": album_id, "m": members, "d": digest, "t": time.time()})
+
     # --- runs --------------------------------------------------------------------------------
     def start_run(self, model_id: int, roots: Sequence[str]) -> int:
         with self.begin() as c:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import sys
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from ..config import Settings
+from ..config import MAX_K, Settings
 from ..errors import ImgSearchError, ParamError, UsageError, disk_full_message
 
 app = typer.Typer(
@@ -73,11 +76,11 @@ def handle_errors(fn):
     return wrapper
 
 
-def command(*args, **kwargs):
-    """app.command that turns library errors into one line on stderr and an exit code."""
+def command(*args, group: typer.Typer | None = None, **kwargs):
+    """app.command (or ``group``'s) that turns library errors into one line on stderr and an exit code."""
 
     def decorate(fn):
-        return app.command(*args, **kwargs)(handle_errors(fn))
+        return (group or app).command(*args, **kwargs)(handle_errors(fn))
 
     return decorate
 
@@ -105,3 +108,71 @@ def flag_words(**flags):
             raise
         flag, value = flags[e.param]
         raise UsageError(f"{flag} {value}: {e.detail}") from None
+
+
+def _search_params(
+    texts: Optional[List[str]] = typer.Argument(None, help="What to look for; several combine. Prefix a weight "
+                                                "as in 2:\"red car\"."),
+    image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Find images like this file "
+                                              "(repeatable, W:FILE weights it)."),
+    not_text: Optional[List[str]] = typer.Option(None, "--not", help="Text to steer away from (repeatable)."),
+    not_image: Optional[List[str]] = typer.Option(None, "--not-image", help="Image to steer away from."),
+    k: Optional[int] = typer.Option(None, "-k", "--top", help=f"Number of results (1 to {MAX_K}) [default 10].",
+                                    show_default=False),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
+    under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only images with this zero-shot tag (from "
+                                            "`imgsearch classify`; repeatable: all must match)."),
+    keyword: Optional[str] = typer.Option(None, "--keyword", help="Only images whose file name, folder, captions "
+                                          "or tags contain these words (word prefixes; \"a phrase\"; -word "
+                                          "excludes). Alone, ranks by keywords only."),
+    blend: Optional[float] = typer.Option(None, "--blend", min=0.0, max=1.0, help="Blend keyword relevance into "
+                                          "the CLIP ranking with this weight (0-1) instead of filtering by "
+                                          "--keyword."),
+    after: Optional[str] = typer.Option(None, "--after", help="Only photos taken from this date on: YYYY, YYYY-MM, "
+                                        "YYYY-MM-DD or an ISO timestamp (EXIF time, else the file's)."),
+    before: Optional[str] = typer.Option(None, "--before", help="Only photos taken before the END of this period "
+                                         "(--before 2023 includes 2023; a full timestamp is excluded)."),
+    near: Optional[str] = typer.Option(None, "--near", help="Only photos with GPS within KM of a point: "
+                                       "LAT,LON[,KM] in decimal degrees (default 5 km), or a city, "
+                                       "PLACE[,KM] (needs the places extra)."),
+    camera: Optional[str] = typer.Option(None, "--camera", help="Only photos whose camera make/model contains "
+                                         "this text (case-insensitive)."),
+    relevant: bool = typer.Option(False, "--relevant", help="Only results above the model's calibrated relevance "
+                                  "floor (see `imgsearch status`)."),
+    like: Optional[List[str]] = typer.Option(None, "--like", help="A library image (id or path) that is what you "
+                                             "want: refine the query toward it (repeatable)."),
+    unlike: Optional[List[str]] = typer.Option(None, "--unlike", help="A library image (id or path) that is not "
+                                               "what you want: refine the query away from it (repeatable)."),
+):
+    """The search arguments and options of `imgsearch query`, which `imgsearch album save` shares."""
+
+
+def search_options(fn):
+    """Give a command `imgsearch query`'s search arguments and options, declared once above. The command
+    receives them as ``search``: the keywords of SearchRequest.build and Library.search (``k`` None when -k
+    was not given); a ParamError raised anywhere in it names the flag as typed ("--under x: no such folder")."""
+    shared = inspect.signature(_search_params, eval_str=True).parameters
+    params = [p.replace(kind=p.KEYWORD_ONLY) for p in
+              [*inspect.signature(fn, eval_str=True).parameters.values(), *shared.values()] if p.name != "search"]
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        v = {name: kw.pop(name) for name in shared}
+        search = dict(text=list(v["texts"] or []), image=list(v["image"] or []), not_text=list(v["not_text"] or []),
+                      not_image=list(v["not_image"] or []), k=v["k"], min_score=v["min_score"], under=v["under"],
+                      tag=v["tag"] or None, keyword=v["keyword"], blend=v["blend"], after=v["after"],
+                      before=v["before"], near=v["near"], camera=v["camera"], relevance=v["relevant"],
+                      like=v["like"] or (), unlike=v["unlike"] or ())
+        flags = {"k": ("-k", v["k"]), "under": ("--under", v["under"]), "min_score": ("--min-score", v["min_score"]),
+                 "blend": ("--blend", v["blend"]), "keyword": ("--keyword", repr(v["keyword"])),
+                 "tag": ("--tag", ", ".join(v["tag"] or [])), "after": ("--after", v["after"]),
+                 "before": ("--before", v["before"]), "near": ("--near", v["near"]),
+                 "camera": ("--camera", repr(v["camera"])), "like": ("--like", ", ".join(v["like"] or [])),
+                 "unlike": ("--unlike", ", ".join(v["unlike"] or []))}
+        with flag_words(**flags):
+            return fn(search=search, **kw)
+
+    wrapper.__signature__ = inspect.Signature(params)  # what Typer reads: the command's own, then the shared
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper

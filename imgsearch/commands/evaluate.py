@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from . import app, err, handle_errors, settings_of
+from . import app, command, err, settings_of
 from ..errors import DataError, UsageError
 from ..evaluation import encode_files, load_for_images, parity, read_image_folder, retrieval_eval
 from ..evaluation import read_class_map
@@ -20,15 +20,6 @@ from ..evaluation import read_class_map
 grp = typer.Typer(help="Measure models on your own data: zero-shot accuracy, retrieval recall, fast-path parity.",
                   no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(grp, name="eval")
-
-
-def eval_command(name: str):
-    """grp.command with the error mapping of `command`: one line on stderr and an exit code."""
-
-    def decorate(fn):
-        return grp.command(name)(handle_errors(fn))
-
-    return decorate
 
 
 # --- shared helpers (no printing) -------------------------------------------------------------------
@@ -87,7 +78,7 @@ def _report_skipped(skipped: list[tuple[str, str]], limit: int = 10) -> None:
 
 # --- zeroshot -------------------------------------------------------------------------------------
 
-@eval_command("zeroshot")
+@command("zeroshot", group=grp)
 def zeroshot_cmd(
     ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder with one subfolder of images per class (ImageFolder layout)."),
@@ -165,7 +156,7 @@ def zeroshot_cmd(
 
 # --- retrieval ------------------------------------------------------------------------------------
 
-@eval_command("retrieval")
+@command("retrieval", group=grp)
 def retrieval_cmd(
     ctx: typer.Context,
     captions: Path = typer.Argument(..., help="Captions in the finetune formats: .csv/.tsv (path,caption), .jsonl, "
@@ -214,7 +205,7 @@ def retrieval_cmd(
 
 # --- parity ---------------------------------------------------------------------------------------
 
-@eval_command("parity")
+@command("parity", group=grp)
 def parity_cmd(
     ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder (or image file) to sample images from."),

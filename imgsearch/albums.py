@@ -1,0 +1,328 @@
+"""Smart albums: a saved search that stays current.
+
+An album keeps the search REQUEST, never a frozen list: texts with their weights, example images by their
+absolute path, library ids, filters, k and the threshold, as JSON in the ``albums`` table. Its members are
+whatever the one engine answers for that request now, plus the photos pinned in and minus the photos
+dropped (pins are image ids, so they follow moved files). Evaluating is cheap: the query vector is kept per
+model (``album_vectors``), so an album of example images needs neither the image tower nor the example
+files again until the library's model changes, and then the album is re-embedded from its saved request.
+
+Why evaluated and not materialised: every door then sees the same members at once (a photo forgotten,
+tagged, captioned or moved out of ``under`` leaves, a new one that passes joins, with no refresh to miss),
+and nothing can drift from the request. What an evaluation found is recorded (member count and a digest of
+the ids), so ``list`` can say when the members last changed; ``Library.index`` (and so ``watch``)
+evaluates every album after a batch that changed the library, which dates a newcomer's arrival.
+
+A threshold (``min_score`` or ``relevance``; a keyword-only album matches or not) makes an album grow:
+it holds every photo that passes, up to k (default: the query limit). Without one, it is the top k now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import MAX_K
+from .errors import ImgSearchError, ParamError, UsageError
+from .request import SearchRequest, Term, check_k
+from .results import Hit, hits_for
+
+MAX_NAME = 100
+_WHEN = ("after", "before", "near", "camera")
+
+
+@dataclass
+class Album:
+    """One album as last evaluated: ``count`` members, ``changed_at`` when a photo last joined or left;
+    ``problem`` says why its saved search no longer runs (then count is the last one known)."""
+
+    name: str
+    query: str  # the saved search as command-line words
+    request: dict  # the saved search as stored: texts, weights, image paths, filters, k
+    count: int
+    grows: bool  # new photos that pass join (a threshold), else it is the top k now
+    pinned: int
+    dropped: int
+    created_at: float
+    changed_at: float
+    problem: str | None = None
+    hits: list[Hit] = field(default_factory=list)  # the members, ranked (Library.album fills it)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("hits")
+        return out
+
+
+def check_name(name) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ParamError("name", "give the album a name")
+    name = name.strip()
+    if len(name) > MAX_NAME or "/" in name or not name.isprintable():
+        raise ParamError("name", f"an album name is up to {MAX_NAME} printable characters, without '/'")
+    return name
+
+
+# --- the saved request ---------------------------------------------------------------------------------------
+def grows(request: SearchRequest) -> bool:
+    return request.min_score is not None or request.relevance or request.keyword_only
+
+
+def with_k(request: SearchRequest, k) -> SearchRequest:
+    """The album's k: as given, else every photo that passes a threshold, else the top 10 (the request's)."""
+    if k is not None:
+        return request.with_(k=check_k(k))
+    return request.with_(k=MAX_K) if grows(request) else request
+
+
+def record_of(request: SearchRequest) -> dict:
+    """The stable JSON form of a request (the server's field names; example images as absolute paths)."""
+    from .files import abspath
+
+    images = [t for t in request.positives + request.negatives if t.kind == "image"]
+    if any(not isinstance(t.value, str) for t in images):
+        raise ParamError("images", "an album keeps its example images as files: give their paths (or library "
+                                   "ids), not bytes")
+    record = request.with_(positives=tuple(t for t in request.positives if t.kind != "image"),
+                           negatives=tuple(t for t in request.negatives if t.kind != "image")).to_json()
+    for key, terms in (("images", request.positives), ("not_images", request.negatives)):
+        record[key] = [{"path": t.value, "weight": t.weight} for t in terms if t.kind == "image"]
+    if request.under:
+        record["under"] = abspath(request.under)
+    return {k: v for k, v in record.items() if v not in (None, [], False)}
+
+
+def request_of(record: dict) -> SearchRequest:
+    """The request back from its record. Example images are not opened here: their vector is kept."""
+
+    def terms(key: str, kind: str):
+        return [(t["weight"], t["text"]) if kind == "text" else Term("image", t["path"], float(t["weight"]))
+                for t in record.get(key, [])]
+
+    return SearchRequest.build(terms("texts", "text"), image=terms("images", "image"),
+                               not_text=terms("not", "text"), not_image=terms("not_images", "image"),
+                               ids=record.get("ids", ()), k=record.get("k", 10),
+                               relevance=record.get("relevance", False),
+                               **{f: record.get(f) for f in ("min_score", "under", "tag", "keyword", "blend", *_WHEN)},
+                               like=record.get("like", ()), unlike=record.get("unlike", ()))
+
+
+def describe(record: dict) -> str:
+    """The saved search as the words of `imgsearch album save` (ids as id:N)."""
+    import shlex
+
+    def weighted(t: dict, value: str) -> str:
+        return value if t["weight"] == 1 else f"{t['weight']:g}:{value}"
+
+    words = [weighted(t, t["text"]) for t in record.get("texts", [])] + [f"id:{i}" for i in record.get("ids", [])]
+    words = [shlex.quote(w) for w in words]
+    for key, flag, what in (("images", "--image", "path"), ("not", "--not", "text"),
+                            ("not_images", "--not-image", "path")):
+        words += [f"{flag} {shlex.quote(weighted(t, t[what]))}" for t in record.get(key, [])]
+    for key in ("min_score", "under", "keyword", "blend", *_WHEN):
+        if record.get(key) is not None:
+            value = record[key]
+            value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            words.append(f"--{key.replace('_', '-')} {shlex.quote(value)}")
+    words += [f"--tag {shlex.quote(t)}" for t in record.get("tag", [])]
+    words += [f"--{key} {shlex.quote(str(m))}" for key in ("like", "unlike") for m in record.get(key, [])]
+    words += ["--relevant"] * bool(record.get("relevance")) + [f"-k {record['k']}"] * (record.get("k", MAX_K) != MAX_K)
+    return " ".join(words)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+def evaluate(store, warm, request: SearchRequest, album_id: int | None = None, pins: dict | None = None):
+    """(members ranked, query vector, model id) of a request now; ``warm()`` gives the Searcher (not called
+    for a keyword-only album). Pinned photos are in whatever the search says, dropped ones out."""
+    pins = pins or {}
+    req = request.with_(exclude_ids=tuple(i for i, keep in pins.items() if not keep), relevance=False)
+    if request.tags:  # the engine finds no photo for a tag no set has; an album says why
+        labels = {label.lower() for s in store.tag_sets() for label in s["labels"]}
+        for tag in request.tags:
+            if tag.lower() not in labels:
+                raise ParamError("tag", f"{tag!r} is in no tag set (dropped, or never made by `imgsearch "
+                                        "classify`; `imgsearch tags` lists them)")
+    vec = model_id = None
+    if request.relevance:
+        from . import relevance
+
+        kind = relevance.query_kind(t.kind for t in request.positives)
+        if kind is None:
+            raise ParamError("relevance", "needs a text-only or an image-only search (no floor is calibrated "
+                                          "for a mix, nor for keywords alone); give --min-score instead")
+    if request.keyword_only:
+        from .search import keyword_search
+
+        hits = keyword_search(store, req)
+    else:
+        searcher = warm()
+        model_id = searcher.model.id
+        vec = store.album_vector(album_id, model_id) if album_id is not None else None
+        if vec is None:
+            vec = searcher.query_vector(request)
+            if album_id is not None and not store.read_only:
+                store.save_album_vector(album_id, model_id, vec)
+        if request.relevance:
+            cut = relevance.floor_for(searcher.relevance_floor(), kind)
+            req = req.with_(min_score=cut if request.min_score is None else max(cut, request.min_score))
+        hits = searcher.search(req, vec)
+    extra = [i for i, keep in pins.items() if keep and i not in {h.id for h in hits}]
+    if extra:
+        scores = {}
+        if vec is not None:
+            ids, vecs = store.load_vectors(model_id, extra)
+            scores = dict(zip(ids.tolist(), (vecs @ vec).tolist()))
+        hits = sorted(hits + hits_for(store, [(i, scores.get(i, 0.0)) for i in extra], len(extra)),
+                      key=lambda h: -h.score)
+        for rank, h in enumerate(hits, 1):
+            h.rank = rank
+    return hits, vec, model_id
+
+
+def _digest(hits: list[Hit]) -> str:
+    return hashlib.blake2b(",".join(map(str, sorted(h.id for h in hits))).encode(), digest_size=8).hexdigest()
+
+
+def load(store, name):
+    row = store.album(check_name(name))
+    if row is None:
+        raise UsageError(f"no album named {name!r}; `imgsearch album list` shows them")
+    return row
+
+
+def current(store, warm, row) -> Album:
+    """The album evaluated now, its record updated; ``problem`` set when its saved search no longer runs."""
+    record, pins = json.loads(row[2]), store.album_pins(row[0])
+    request, hits, problem, changed_at, count = None, [], None, row[4], row[5]
+    try:
+        request = request_of(record)
+        hits = evaluate(store, warm, request, row[0], pins)[0]
+    except ImgSearchError as e:
+        detail = (f"folder {record.get('under')} no longer exists" if isinstance(e, ParamError) and e.param == "under"
+                  else str(e))
+        problem = (f"album {row[1]}: {detail}; the album is kept as saved (`imgsearch album list` shows its search; "
+                   f"save a corrected one, or `imgsearch album delete {row[1]}`)")
+    else:
+        count, digest = len(hits), _digest(hits)
+        if digest != row[6] and not store.read_only:
+            store.album_evaluated(row[0], count, digest)
+            changed_at = time.time()
+    return Album(row[1], describe(record), record, count, request is not None and grows(request),
+                 sum(pins.values()), len(pins) - sum(pins.values()), row[3], changed_at, problem, hits)
+
+
+def every(store, warm) -> list[Album]:
+    return [current(store, warm, row) for row in store.albums()]
+
+
+def save(store, warm, name, request: SearchRequest) -> Album:
+    name = check_name(name)
+    if store.album(name) is not None:
+        raise UsageError(f"an album named {name!r} already exists; pick another name (or `imgsearch album "
+                         f"delete {name}` first)")
+    record = record_of(request)
+    hits, vec, model_id = evaluate(store, warm, request)
+    album_id = store.add_album(name, json.dumps(record, sort_keys=True), len(hits), _digest(hits),
+                               vector=None if vec is None else (model_id, vec))
+    if album_id is None:
+        raise UsageError(f"an album named {name!r} already exists; pick another name")
+    return current(store, warm, store.album(name))
+
+
+def pin(store, warm, name, paths, keep: bool) -> tuple[int, Album]:
+    """Pin photos (files, or every photo in a folder) in (``keep``) or out of an album: (photos, album)."""
+    from .files import abspath
+
+    row = load(store, name)
+    wanted = [abspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    found = store.images_at(wanted)
+    for path in [p for p in wanted if p not in found]:
+        under = store.images_under([path])
+        if not under:
+            raise UsageError(f"{path} is not in the library; `imgsearch index` it first")
+        found.update(under)
+    store.set_album_pins(row[0], sorted({r.id for r in found.values()}), keep)
+    return len({r.id for r in found.values()}), current(store, warm, row)
+
+
+def rename(store, name, new_name) -> None:
+    row, new_name = load(store, name), check_name(new_name)
+    if not store.rename_album(row[0], new_name):
+        raise UsageError(f"an album named {new_name!r} already exists; pick another name")
+
+
+def export(album: Album, target: Path, created: bool, link: bool = False) -> list[str]:
+    """The album's photos into ``target``, a new (``created``) or empty folder, copied (modification times
+    kept) or symlinked; a name taken twice gets " (2)". Never overwrites; on failure removes exactly what it
+    made, and the folder when it made it."""
+    import shutil
+
+    made: list[Path] = []
+    taken: set[str] = set()
+    try:
+        for h in album.hits:
+            stem, ext = os.path.splitext(os.path.basename(h.path))
+            name, n = stem + ext, 1
+            while name.lower() in taken:  # case-blind: the folder may be on a case-insensitive disk
+                n += 1
+                name = f"{stem} ({n}){ext}"
+            taken.add(name.lower())
+            dst = target / name
+            try:
+                if link:
+                    os.symlink(h.path, dst)
+                    made.append(dst)
+                    continue
+                with open(h.path, "rb") as src, open(dst, "xb") as out:
+                    made.append(dst)
+                    shutil.copyfileobj(src, out, 1 << 20)
+                st = os.stat(h.path)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            except OSError as e:
+                hint = "; try --copy" if link else ""
+                raise UsageError(f"cannot export {h.path} to {dst}: {e.strerror or e}{hint}; nothing was left "
+                                 f"in {target}") from None
+    except BaseException:
+        for path in made:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if created:
+            try:
+                os.rmdir(target)
+            except OSError:
+                pass
+        raise
+    return [str(p) for p in made]
+
+
+# --- in a library export -------------------------------------------------------------------------------------
+def dump(store) -> list[dict]:
+    """Every album for an export's manifest: name, saved search and pins by path."""
+    return [{"name": r[1], "request": json.loads(r[2]), "created_at": r[3],
+             "pins": [[p, keep] for p, keep in store.album_pin_paths(r[0])]} for r in store.albums()]
+
+
+def restore(store, records) -> int:
+    """An export's albums added to this library, those whose name is free here; pins found by path. A
+    damaged record is skipped. Returns how many were added."""
+    added = 0
+    for rec in records if isinstance(records, list) else []:
+        try:
+            name = check_name(rec["name"])
+            request_of(rec["request"])
+            pins = {str(p): bool(keep) for p, keep in rec.get("pins") or []}
+        except (ImgSearchError, KeyError, TypeError, ValueError):
+            continue
+        rows = store.images_at(pins)
+        album_id = store.add_album(name, json.dumps(rec["request"], sort_keys=True), 0, "",
+                                   {rows[p].id: keep for p, keep in pins.items() if p in rows},
+                                   created_at=rec.get("created_at") if isinstance(rec.get("created_at"), float)
+                                   else None)
+        added += album_id is not None
+    return added
