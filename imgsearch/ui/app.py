@@ -259,6 +259,7 @@ def sync_widgets(p: Params) -> None:
     st.session_state.w_k = p.k
     st.session_state.w_min = p.min_score
     st.session_state.w_under = p.under
+    st.session_state.w_page = "Albums" if p.page == "albums" else "Search"
     for key in WHEN_WHERE:
         st.session_state[f"w_{key}"] = getattr(p, key)
 
@@ -550,8 +551,6 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
     what = []
     if p.example is not None:
         what.append(f"images like {md(example_header(settings, library, p.example))}")
-    elif p.like or p.unlike:
-        marks_bar(library, p, request)
     if upload:
         what.append(f"images like the uploaded {md(upload[0])}")
     if p.q:
@@ -568,29 +567,31 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
         st.info("No results for " + ", ".join(what) + (f" with score ≥ {p.min_score:g}" if p.min_score is not None
                                                          else "") + ".")
         return
-    st.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
+    said, save = st.columns([6, 1], vertical_alignment="center")
+    said.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
+    with save.popover("Save as album"):
+        save_album_form(library, request)
+    if (p.like or p.unlike) and p.example is None:
+        left, right = st.columns([6, 1], vertical_alignment="center")
+        left.markdown(f"Refined by 👍 {len(p.like)} · 👎 {len(p.unlike)}: the search moves toward the images you "
+                      "liked and away from the others.")
+        right.button("Clear marks", key="marks-clear", on_click=on_change, kwargs={"like": (), "unlike": ()},
+                     type="tertiary")
     if hits[0].relevant is False:  # the best is under the model's calibrated floor (None: no floor applies)
         st.info("No good matches; closest results")
     views(settings, library, hits, "hit", p)
 
 
-def marks_bar(library, p: Params, request: SearchRequest) -> None:
-    """Above a refined search: how many marks refine it, and a way to clear them or keep it as an album."""
-    left, mid, right = st.columns([4, 1, 2], vertical_alignment="center")
-    left.markdown(f"Refined by 👍 {len(p.like)} · 👎 {len(p.unlike)}: the search moves toward the images you "
-                  "liked and away from the others.")
-    mid.button("Clear marks", key="marks-clear", on_click=on_change, kwargs={"like": (), "unlike": ()},
-               type="tertiary")
-    with right.popover("Save as album"):
-        with st.form("save-album", border=False):
-            name = st.text_input("Album name", max_chars=100)
-            if st.form_submit_button("Save"):
-                try:  # the search as asked: the page's own exclusions and relevance marks are not part of it
-                    album = library.save_album(name, request=request.with_(exclude_ids=(), relevance=False),
-                                               k=request.k)
-                    st.success(f"Saved album {md(album.name)} ({album.count} photos)")
-                except ImgSearchError as e:
-                    st.error(md(e))
+def save_album_form(library, request: SearchRequest) -> None:
+    """Keep this search, marks included, as an album (a saved search that stays current)."""
+    with st.form("save-album", border=False):
+        name = st.text_input("Album name", max_chars=100, key="w_album_name")
+        if st.form_submit_button("Save"):
+            try:  # the search as asked: the page's own exclusions and relevance marks are not part of it
+                album = library.save_album(name, request=request.with_(exclude_ids=(), relevance=False), k=request.k)
+                st.success(f"Saved album {md(album.name)} ({album.count} photos); see Albums in the sidebar")
+            except ImgSearchError as e:
+                st.error(md(e))
 
 
 def views(settings: Settings, library, hits, key: str, p: Params | None = None) -> None:
@@ -636,6 +637,7 @@ def photo_map(settings: Settings, library, hits, key: str) -> None:
     import math
 
     import pydeck as pdk
+    from pydeck.types import String
 
     points = pins(hits)
     if not points:
@@ -643,18 +645,30 @@ def photo_map(settings: Settings, library, hits, key: str) -> None:
         return
     lats, lons = [p["lat"] for p in points], [p["lon"] for p in points]
     span = max(max(lats) - min(lats), max(lons) - min(lons), 0.005)
+    # deck.gl draws the world 512 px wide at zoom 0: fit the pins' extent in about 600 px
     view = pdk.ViewState(latitude=(max(lats) + min(lats)) / 2, longitude=(max(lons) + min(lons)) / 2,
-                         zoom=max(0.0, min(16.0, math.log2(360 / span) - 1.5)))
-    layers = [pdk.Layer("ScatterplotLayer", points, id="photos", get_position=["lon", "lat"], get_radius="radius",
-                        radius_units="pixels", get_fill_color=[214, 39, 40, 210], get_line_color=[255, 255, 255],
+                         zoom=max(0.0, min(16.0, math.log2(600 / 512 * 360 / span))))
+    # Offline there is no base map: faint lines of latitude and longitude give the pins their bearings.
+    step = next(s for s in (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30) if span / s <= 12)
+    west, east = max(-180.0, min(lons) - 2 * span), min(180.0, max(lons) + 2 * span)
+    south, north = max(-85.0, min(lats) - 2 * span), min(85.0, max(lats) + 2 * span)
+    lines = [{"path": [[x * step, south], [x * step, north]]} for x in range(math.ceil(west / step),
+                                                                             math.floor(east / step) + 1)]
+    lines += [{"path": [[west, y * step], [east, y * step]]} for y in range(math.ceil(south / step),
+                                                                            math.floor(north / step) + 1)]
+    layers = [pdk.Layer("PathLayer", lines, id="grid", get_path="path", get_color=[160, 160, 160, 90],
+                        width_min_pixels=1),
+              pdk.Layer("ScatterplotLayer", points, id="photos", get_position=["lon", "lat"], get_radius="radius",
+                        radius_units=String("pixels"), get_fill_color=[214, 39, 40, 210], get_line_color=[255, 255, 255],
                         stroked=True, line_width_min_pixels=1.5, pickable=True),
               pdk.Layer("TextLayer", [p for p in points if p["label"]], id="counts", get_position=["lon", "lat"],
                         get_text="label", get_size=13, get_color=[255, 255, 255])]
     tiles = st.toggle("Base map (loads map tiles from the internet)", key=f"{key}-tiles")
-    deck = pdk.Deck(layers=layers, initial_view_state=view, map_provider="carto" if tiles else None,
-                    map_style="light" if tiles else None, tooltip={"text": "{title}"})
+    deck = pdk.Deck(layers=layers, initial_view_state=view, tooltip={"text": "{title}"},
+                    **({"map_provider": "carto", "map_style": "light"} if tiles else {"map_provider": None}))
     event = st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key=f"{key}-map", height=460)
-    st.caption(f"{sum(p['count'] for p in points)} of {len(hits)} photos have a GPS position; click a pin.")
+    st.caption(f"{sum(p['count'] for p in points)} of {len(hits)} photos have a GPS position; click a pin. "
+               f"Grid lines every {step:g}°.")
     chosen = (event.selection.get("objects") or {}).get("photos") or []
     if chosen:
         ids = [int(i) for i in str(chosen[0]["ids"]).split(",")]
@@ -706,6 +720,78 @@ def on_brush(key: str) -> None:
     on_change(after=day(min(ends)), before=day(max(ends)), view=None)
 
 
+# --- albums -------------------------------------------------------------------------------------------
+def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
+    """Every album (a saved search that stays current), and the one opened: its photos as a grid, on the map
+    and on the timeline; rename, delete, export."""
+    if status is None or not status["images"]:
+        st.info("The library is empty: index a folder with the form in the sidebar first.")
+        return
+    library = warm_library(settings)
+    if p.album:
+        return album_view(settings, library, p.album)
+    albums = library.albums()
+    st.header("Albums", anchor=False)
+    if not albums:
+        st.info("No albums yet: search, mark results with 👍/👎 to refine it, then **Save as album** (or run "
+                "`imgsearch album save NAME QUERY`).")
+    for album in albums:
+        c1, c2, c3 = st.columns([3, 1, 6], vertical_alignment="center")
+        c1.button(md(album.name), key=f"album-open-{album.name}", on_click=on_change,
+                  kwargs={"page": "albums", "album": album.name}, type="tertiary")
+        c2.markdown(f"{album.count} photos")
+        c3.caption(md(album.problem) if album.problem else f"{md(album.query)} · changed "
+                   + time.strftime("%Y-%m-%d %H:%M", time.localtime(album.changed_at)))
+
+
+def album_view(settings: Settings, library, name: str) -> None:
+    try:
+        album = library.album(name)
+    except ImgSearchError as e:
+        st.error(md(e))
+        st.button("All albums", on_click=on_change, kwargs={"album": ""})
+        return
+    top, back = st.columns([6, 1], vertical_alignment="center")
+    top.header(f"Album: {md(album.name)}", anchor=False)
+    back.button("All albums", on_click=on_change, kwargs={"album": ""}, type="tertiary")
+    st.caption(f"{album.count} photos · {md(album.query)}")
+    with st.expander("Rename, delete or export"):
+        with st.form("album-rename", border=False):
+            new = st.text_input("New name", value=album.name, max_chars=100, key="w_album_rename")
+            if st.form_submit_button("Rename"):
+                try:
+                    library.rename_album(album.name, new)
+                    on_change(album=new.strip())
+                    st.rerun()
+                except ImgSearchError as e:
+                    st.error(md(e))
+        with st.form("album-export", border=False):
+            folder = st.text_input("Export to a new or empty folder", placeholder="/home/me/Desktop/beach",
+                                   key="w_album_export")
+            link = st.checkbox("Symbolic links instead of copies", key="w_album_link")
+            if st.form_submit_button("Export"):
+                try:
+                    if not folder.strip():
+                        raise UsageError("type the folder to export to")
+                    written = library.export_album(album.name, os.path.expanduser(folder.strip()), link=link)
+                    st.success(f"Exported {len(written)} photos to {md(folder.strip())}")
+                except ImgSearchError as e:
+                    st.error(md(e))
+        with st.form("album-delete", border=False):
+            sure = st.checkbox("Delete this album (its saved search only; no photo is touched)", key="w_album_sure")
+            if st.form_submit_button("Delete"):
+                if not sure:
+                    st.warning("Tick the box to delete the album.")
+                else:
+                    library.delete_album(album.name)
+                    on_change(album="")
+                    st.rerun()
+    if album.hits:
+        views(settings, library, album.hits, "album")
+    else:
+        st.info("No photos in this album now.")
+
+
 def main() -> None:
     st.set_page_config(page_title="imgsearch", page_icon="🔎", layout="wide")
     try:
@@ -717,6 +803,9 @@ def main() -> None:
     sync_widgets(p)
     st.session_state["_version"] = library_version(settings)
     with st.sidebar:
+        st.radio("Page", ["Search", "Albums"], key="w_page", horizontal=True, label_visibility="collapsed",
+                 on_change=lambda: on_change(page="albums" if st.session_state.w_page == "Albums" else "",
+                                             album="", view=None))
         try:
             status = status_panel(settings)
         except ImgSearchError as e:
@@ -727,13 +816,18 @@ def main() -> None:
     st.title("imgsearch")
     for problem in p.problems:
         st.warning(f"Ignored part of the address: {md(problem)}")
-    search_form()
+    if p.page != "albums":
+        search_form()
     try:
-        results(settings, status, p)
+        if p.page == "albums":
+            albums_page(settings, status, p)
+        else:
+            results(settings, status, p)
     except ParamError as e:  # the library names the parameter; the page says which field and value
         raw = st.query_params
         field = {"under": ("Folder", p.under), "min_score": ("Minimum score", raw.get("min")),
-                 "k": ("Results", raw.get("k")), "ids": ("Like image", raw.get("like")),
+                 "k": ("Results", raw.get("k")), "like": ("Liked images", raw.get("like")),
+                 "unlike": ("Unliked images", raw.get("unlike")),
                  "after": ("Taken from", p.after), "before": ("Taken until", p.before), "near": ("Near", p.near),
                  "camera": ("Camera", p.camera)}
         label, value = field.get(e.param, (e.param, None))
