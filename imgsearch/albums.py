@@ -144,7 +144,7 @@ def evaluate(store, warm, request: SearchRequest, album_id: int | None = None, p
         labels = {label.lower() for s in store.tag_sets() for label in s["labels"]}
         for tag in request.tags:
             if tag.lower() not in labels:
-                raise ParamError("tag", f"{tag!r} is in no tag set (dropped, or never made by `imgsearch "
+                raise ParamError("tag", f"no tag set has {tag!r} (dropped, or never made by `imgsearch "
                                         "classify`; `imgsearch tags` lists them)")
     vec = model_id = None
     if request.relevance:
@@ -168,6 +168,9 @@ def evaluate(store, warm, request: SearchRequest, album_id: int | None = None, p
                 store.save_album_vector(album_id, model_id, vec)
         if request.relevance:
             cut = relevance.floor_for(searcher.relevance_floor(), kind)
+            if cut is None:
+                raise ParamError("relevance", "this library has no relevance floor yet (too few photos); give "
+                                              "--min-score instead")
             req = req.with_(min_score=cut if request.min_score is None else max(cut, request.min_score))
         hits = searcher.search(req, vec)
     extra = [i for i, keep in pins.items() if keep and i not in {h.id for h in hits}]
@@ -202,8 +205,9 @@ def current(store, warm, row) -> Album:
         request = request_of(record)
         hits = evaluate(store, warm, request, row[0], pins)[0]
     except ImgSearchError as e:
-        detail = (f"folder {record.get('under')} no longer exists" if isinstance(e, ParamError) and e.param == "under"
-                  else str(e))
+        detail = e.detail if isinstance(e, ParamError) else str(e)
+        if isinstance(e, ParamError) and e.param == "under":
+            detail = f"folder {record.get('under')} no longer exists"
         problem = (f"album {row[1]}: {detail}; the album is kept as saved (`imgsearch album list` shows its search; "
                    f"save a corrected one, or `imgsearch album delete {row[1]}`)")
     else:
@@ -304,8 +308,13 @@ def export(album: Album, target: Path, created: bool, link: bool = False) -> lis
 # --- in a library export -------------------------------------------------------------------------------------
 def dump(store) -> list[dict]:
     """Every album for an export's manifest: name, saved search and pins by path."""
-    return [{"name": r[1], "request": json.loads(r[2]), "created_at": r[3],
-             "pins": [[p, keep] for p, keep in store.album_pin_paths(r[0])]} for r in store.albums()]
+    out = []
+    for r in store.albums():
+        pins = store.album_pins(r[0])
+        rows = store.get_images(pins)
+        out.append({"name": r[1], "request": json.loads(r[2]), "created_at": r[3],
+                    "pins": [[rows[i].path, keep] for i, keep in pins.items() if i in rows]})
+    return out
 
 
 def restore(store, records) -> int:
@@ -317,12 +326,12 @@ def restore(store, records) -> int:
             name = check_name(rec["name"])
             request_of(rec["request"])
             pins = {str(p): bool(keep) for p, keep in rec.get("pins") or []}
-        except (ImgSearchError, KeyError, TypeError, ValueError):
+        except (ImgSearchError, AttributeError, KeyError, TypeError, ValueError):
             continue
         rows = store.images_at(pins)
         album_id = store.add_album(name, json.dumps(rec["request"], sort_keys=True), 0, "",
                                    {rows[p].id: keep for p, keep in pins.items() if p in rows},
-                                   created_at=rec.get("created_at") if isinstance(rec.get("created_at"), float)
+                                   created_at=rec["created_at"] if isinstance(rec.get("created_at"), (int, float))
                                    else None)
         added += album_id is not None
     return added

@@ -11,7 +11,7 @@ import typer
 
 from . import __version__
 from .commands import app, command, err, library_of, search_options, settings_of
-from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, MAX_K, Settings, is_ray_address
+from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings, is_ray_address
 from .errors import ImgSearchError, UsageError
 from .output import print_hits, shown, warn_if_escaped
 

@@ -104,7 +104,8 @@ def keyword_search(store, request: SearchRequest) -> list[Hit]:
     allowed = allowed_ids(store, request, keyword_filter=False)
     keep = None if allowed is None else set(allowed.tolist())
     scored = sorted(match(store, request.keyword).items(), key=lambda p: (-p[1], p[0]))
-    return hits_for(store, ((i, s) for i, s in scored if keep is None or i in keep), request.k)
+    return hits_for(store, ((i, s) for i, s in scored if (keep is None or i in keep) and i not in
+                            request.exclude_ids), request.k)
 
 
 class Searcher:

@@ -226,12 +226,11 @@ class _Handler(BaseHTTPRequestHandler):
                                headers={"WWW-Authenticate": 'Bearer realm="imgsearch"'})
         routes = {("GET", "/api/health"): self._health, ("GET", "/api/status"): self._status,
                   ("GET", "/api/search"): self._get_search, ("POST", "/api/search"): self._post_search,
-                  ("POST", "/api/search/image"): self._post_image}
-        routes.update({("GET", "/api/albums"): self._albums, ("POST", "/api/albums"): self._save_album})
-        route = routes.get((self.command, url.path))
-        if url.path.startswith("/api/albums/"):
+                  ("POST", "/api/search/image"): self._post_image, ("GET", "/api/albums"): self._albums,
+                  ("POST", "/api/albums"): self._save_album}
+        if url.path.startswith("/api/albums/"):  # /api/albums/NAME
             routes = {("GET", url.path): self._album, ("DELETE", url.path): self._delete_album}
-            route = routes.get((self.command, url.path))
+        route = routes.get((self.command, url.path))
         if route is None:
             if any(p == url.path for _, p in routes):
                 return self._error(405, f"{self.command} is not allowed on {url.path}")

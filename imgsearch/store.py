@@ -778,8 +778,8 @@ class Store:
         """A new album with its pins and (model id, query vector), in one transaction; None when the name is taken."""
         now = time.time()
         with self.begin() as c:
-            res = c.execute(_sql("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, digest) "
-                                 "VALUES (:n, :r, :c, :t, :m, :d)"),
+            res = c.execute(_sql("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, "
+                                 "digest) VALUES (:n, :r, :c, :t, :m, :d)"),
                             {"n": name, "r": request, "c": created_at or now, "t": now, "m": members, "d": digest})
             if not res.rowcount:
                 return None
@@ -807,12 +807,6 @@ class Store:
         """{image id: True pinned in, False dropped}."""
         return {r[0]: bool(r[1]) for r in self.rows("SELECT image_id, keep FROM album_pins WHERE album_id = :a",
                                                     a=album_id)}
-
-    def album_pin_paths(self, album_id: int) -> list[tuple[str, bool]]:
-        """(path, pinned in) of each pin: how an export names them."""
-        return [(_unbind(r[0]), bool(r[1])) for r in self.rows(
-            "SELECT i.path, p.keep FROM album_pins p JOIN images i ON i.id = p.image_id WHERE p.album_id = :a",
-            a=album_id)]
 
     def set_album_pins(self, album_id: int, ids: Iterable[int], keep: bool) -> None:
         with self.begin() as c:

@@ -128,8 +128,8 @@ def export_cmd(
     ctx: typer.Context,
     name: str = NAME,
     folder: Path = typer.Argument(..., help="A new or empty folder."),
-    link: bool = typer.Option(False, "--link/--copy", show_default=False, help="Symlinks to the photos, or copies that stand on "
-                              "their own [default --copy]."),
+    link: bool = typer.Option(False, "--link/--copy", show_default=False,
+                              help="Symlinks to the photos, or copies that stand on their own [default --copy]."),
 ):
     """Put the album's photos into a new or empty folder; a name taken twice gets " (2)"; nothing is
     overwritten."""

@@ -69,6 +69,8 @@ def import_cmd(
         parts.append(f"{report.vectors_added} vectors for images already in the library")
     if report.already:
         parts.append(f"{report.already} already present")
+    if report.albums:
+        parts.append(f"{report.albums} album{'s' if report.albums != 1 else ''}")
     typer.echo(", ".join(parts) + f" with {report.model} from {shown(report.folder)} in {report.seconds:.1f}s")
     if report.unreachable:
         err(f"  {len(report.unreachable)} images are not reachable here (no such file), e.g. "
