@@ -348,8 +348,8 @@ def test_unknown_marks_in_the_url(page):
     assert "Liked images 999999: image id 999999 is not in the library" in texts(at.error)
     assert not captions(at)
     del at.query_params["like"]
-    at = open_url(page, unlike="/nowhere/x.jpg")
-    assert "/nowhere/x.jpg is not in the library" in texts(at.error)
+    at = open_url(page, unlike="/etc/passwd")  # the page marks by id only: no file name is echoed back
+    assert "Unliked images /etc/passwd: give image ids, as in unlike=12,31" in texts(at.error)
 
 
 def test_refined_search_saved_as_album_and_the_albums_page(page, library, tmp_path):

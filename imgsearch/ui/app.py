@@ -130,6 +130,9 @@ def request_of(raw: Mapping[str, str], upload: tuple[str, bytes] | None = None) 
     # A page address may carry other parameters (view=, a tracker's); only the search's own are read.
     params = {key: value for key, value in raw.items() if URL_NAMES.get(key, key) in PARAMS}
     params.setdefault("k", str(DEFAULT_K))
+    for key in ("like", "unlike"):  # the page marks by id; a path would only echo the server's file names back
+        if not all(part.strip().isdigit() for part in str(raw.get(key) or "0").split(",")):
+            raise ParamError(key, f"give image ids, as in {key}=12,31")
     image = None
     if upload is not None:
         name, data = upload
