@@ -348,15 +348,14 @@ def grid(settings: Settings, library, hits, key: str, p: Params | None = None) -
                     st.warning(f"{md(caption(name, hit.score))}: {md(thumb)}")
                 else:
                     st.image(str(thumb), caption=md(caption(name, hit.score)), width="stretch")
-                if p is not None:
-                    m1, m2, _ = st.columns([1, 1, 3], gap=None)
-                    for col_, good, label in ((m1, True, "👍"), (m2, False, "👎")):
-                        on = hit.id in (p.like if good else p.unlike)
-                        col_.button(label, key=f"{key}-{'up' if good else 'down'}-{hit.id}", on_click=on_mark,
-                                    args=(hit.id, good), type="primary" if on else "tertiary",
-                                    help=("Unmark" if on else "Mark as what you want" if good
-                                          else "Mark as not what you want") + "; the next search is refined")
-                b1, b2 = st.columns([2, 3], gap=None)
+                # one row: [👍 👎] Details, More like this
+                *marks, b1, b2 = st.columns([0.8, 0.8, 2, 4.4] if p is not None else [2, 3], gap=None)
+                for col_, good, label in zip(marks, (True, False), ("👍", "👎")):
+                    on = hit.id in (p.like if good else p.unlike)
+                    col_.button(label, key=f"{key}-{'up' if good else 'down'}-{hit.id}", on_click=on_mark,
+                                args=(hit.id, good), type="primary" if on else "tertiary",
+                                help="Unmark" if on else "What you want: refine toward it" if good
+                                else "Not what you want: refine away from it")
                 b1.button("Details", key=f"{key}-view-{hit.id}", on_click=on_view, args=(hit.id,), type="tertiary",
                           help=md(hit.path))
                 b2.button("More like this", key=f"{key}-like-{hit.id}", on_click=on_more_like, args=(hit.id,),
