@@ -107,7 +107,8 @@ def request_of(record: dict) -> SearchRequest:
                                not_text=terms("not", "text"), not_image=terms("not_images", "image"),
                                ids=record.get("ids", ()), k=record.get("k", 10),
                                relevance=record.get("relevance", False),
-                               **{f: record.get(f) for f in ("min_score", "under", "tag", "keyword", "blend", *_WHEN)})
+                               **{f: record.get(f) for f in ("min_score", "under", "tag", "keyword", "blend", *_WHEN)},
+                               like=record.get("like", ()), unlike=record.get("unlike", ()))
 
 
 def describe(record: dict) -> str:
@@ -128,6 +129,7 @@ def describe(record: dict) -> str:
             value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             words.append(f"--{key.replace('_', '-')} {shlex.quote(value)}")
     words += [f"--tag {shlex.quote(t)}" for t in record.get("tag", [])]
+    words += [f"--{key} {shlex.quote(str(m))}" for key in ("like", "unlike") for m in record.get(key, [])]
     words += ["--relevant"] * bool(record.get("relevance")) + [f"-k {record['k']}"] * (record.get("k", MAX_K) != MAX_K)
     return " ".join(words)
 

@@ -331,13 +331,15 @@ class Library:
                k: int = 10, min_score: float | None = None, under: str | os.PathLike | None = None,
                tag: str | Sequence[str] | None = None, keyword: str | None = None, blend: float | None = None,
                exclude_ids: Iterable[int] = (), after=None, before=None, near=None,
-               camera: str | None = None, relevance: bool = False) -> list[Hit]:
+               camera: str | None = None, relevance: bool = False, like=(), unlike=()) -> list[Hit]:
         """The ``k`` library images closest to the query, best first.
 
         ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
         ``image``: a file path, the file's bytes, a binary file object, a PIL image, a (weight, image) pair,
         or a list of those. Bytes, file objects and PIL images are decoded in memory, never written to disk.
         ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like.
+        ``like`` / ``unlike``: library images (ids or paths) marked good or bad among earlier results: the
+        query moves toward the liked ones and away from the others (search.rocchio).
         Filters: ``under`` a folder, ``tag`` zero-shot tags (all must match), ``keyword`` words in names,
         folders, captions and tags; ``blend`` (0..1) mixes keyword relevance into the score instead.
         When and where: ``after``/``before`` a capture date (YYYY, YYYY-MM, YYYY-MM-DD or ISO timestamp;
@@ -351,7 +353,7 @@ class Library:
         request = SearchRequest.build(
             text, image=image, not_text=not_text, not_image=not_image, ids=ids, k=k, min_score=min_score,
             under=under, tag=tag, keyword=keyword, blend=blend, exclude_ids=exclude_ids, after=after, before=before,
-            near=near, camera=camera, relevance=relevance)
+            near=near, camera=camera, relevance=relevance, like=like, unlike=unlike)
         self._hint(request.texts)
         return self.run(request)
 

@@ -23,6 +23,7 @@ MAX_IMAGES = 16
 MAX_TEXT = 1000  # characters per query text (CLIP reads 77 tokens; the rest only costs tokenizer time)
 MAX_STRING = 4096  # any other string field (folders, keywords, camera, places)
 MAX_ID = (1 << 63) - 1  # SQLite's largest integer
+MAX_MARKS = 1000  # liked or unliked images per search: stored vectors, averaged (no encode)
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -159,6 +160,26 @@ def _ids(values, name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _marks(values, name: str) -> tuple[int | str, ...]:
+    """Library images marked good (like) or bad (unlike): ids, or paths of indexed files (made absolute
+    here; the engine finds their ids and names any that is not in the library)."""
+    out: list[int | str] = []
+    for v in _listed(values):
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if isinstance(v, str) and not v.strip().isdigit():
+            if not v.strip():
+                raise ParamError(name, "give an image id or the path of a library image, not an empty value")
+            from .files import abspath
+
+            out.append(abspath(_string(v, name)))
+        else:
+            out += _ids([v], name)
+    if len(out) > MAX_MARKS:
+        raise ParamError(name, f"at most {MAX_MARKS} marked images")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SearchRequest:
     """A validated search. Build it with ``SearchRequest.build(...)`` (Python values), ``from_json`` (the
@@ -175,14 +196,17 @@ class SearchRequest:
     exclude_ids: tuple[int, ...] = ()
     when: dict = field(default_factory=dict)  # after/before/near/camera as given (validated by geo.build)
     relevance: bool = False
+    like: tuple[int | str, ...] = ()  # results marked good: image ids or library paths (search.rocchio)
+    unlike: tuple[int | str, ...] = ()  # and bad
 
     @classmethod
     def build(cls, text=None, *, image=None, not_text=None, not_image=None, ids=(), k: int = 10, min_score=None,
               under=None, tag=None, keyword=None, blend=None, exclude_ids=(), after=None, before=None, near=None,
-              camera=None, relevance: bool = False) -> "SearchRequest":
+              camera=None, relevance: bool = False, like=(), unlike=()) -> "SearchRequest":
         """Every door's values, checked once. ``text``/``not_text``: a string ("2:red car" weighs it), a
         (weight, text) pair, or a list of those; ``image``/``not_image``: a path, bytes, a binary file object, a
-        PIL image, a (weight, image) pair or a list of those; ``ids``: library images to find more like."""
+        PIL image, a (weight, image) pair or a list of those; ``ids``: library images to find more like;
+        ``like``/``unlike``: library images (ids or paths) marked good or bad, to refine the query by."""
         texts, not_texts = _listed(text), _listed(not_text)
         images, not_images = _listed(image), _listed(not_image)
         id_list = _ids(ids, "ids")
@@ -193,6 +217,7 @@ class SearchRequest:
         positives = tuple([text_term(t, "texts") for t in texts] + [image_term(x, "images") for x in images]
                           + [Term("id", i) for i in id_list])
         negatives = tuple([text_term(t, "not") for t in not_texts] + [image_term(x, "not_images") for x in not_images])
+        like, unlike = _marks(like, "like"), _marks(unlike, "unlike")
         check_k(k)
         if min_score is not None:
             min_score = _number(min_score, "min_score", "give a cosine score between -1 and 1, such as 0.25")
@@ -214,9 +239,9 @@ class SearchRequest:
                 raise ParamError("blend", "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
             if not keyword:
                 raise ParamError("blend", "weighs keyword relevance; give a keyword too")
-            if not positives:
+            if not (positives or like):
                 raise ParamError("blend", "mixes keyword and CLIP scores; give query text or an image too")
-        if not (positives or keyword):
+        if not (positives or keyword or like):
             raise UsageError("nothing to search for: give query text, an image, or both")
         when = {}
         for name, value in (("after", after), ("before", before), ("near", near), ("camera", camera)):
@@ -232,7 +257,7 @@ class SearchRequest:
         if not isinstance(relevance, bool):
             raise ParamError("relevance", "must be true or false")
         return cls(positives, negatives, k, min_score, under, tags, keyword, blend, _ids(exclude_ids, "exclude_ids"),
-                   when, relevance)
+                   when, relevance, like, unlike)
 
     @classmethod
     def from_json(cls, body) -> "SearchRequest":
@@ -289,19 +314,23 @@ class SearchRequest:
         ids = body.get("ids") or []
         if not isinstance(ids, list) or any(isinstance(i, str) for i in ids):
             raise ParamError("ids", "must be a list of image ids")
+        for key in ("like", "unlike"):
+            if not isinstance(body.get(key) or [], list):
+                raise ParamError(key, "must be a list of image ids or library paths")
         relevance = body.get("relevance", False)
         return cls.build(texts("texts"), image=pictures("images"), not_text=texts("not"),
                          not_image=pictures("not_images"), ids=ids, k=body.get("k", 10),
                          min_score=body.get("min_score"), under=body.get("under"), tag=body.get("tag"),
                          keyword=body.get("keyword"), blend=body.get("blend"), after=body.get("after"),
                          before=body.get("before"), near=body.get("near"), camera=body.get("camera"),
-                         relevance=False if relevance is None else relevance)
+                         relevance=False if relevance is None else relevance, like=body.get("like") or (),
+                         unlike=body.get("unlike") or ())
 
     @classmethod
     def from_params(cls, params, names: dict | None = None, image=None) -> "SearchRequest":
         """URL parameters ({name: [values]} as urllib.parse.parse_qs gives them, or {name: value}): q
         (repeatable), not, id, k, min_score, under, tag, keyword, blend, relevance, after, before, near,
-        camera. ``names`` maps another door's parameter names onto these (the web UI says min= for
+        camera, like and unlike (repeatable, or ids joined by commas: like=1,2). ``names`` maps another door's parameter names onto these (the web UI says min= for
         min_score=); ``image``: an image term sent beside them (the server's image upload)."""
         got: dict[str, list[str]] = {}
         for key, value in params.items():
@@ -328,6 +357,14 @@ class SearchRequest:
                 raise ParamError(key, what)
             return value
 
+        def marks(key: str) -> list[str]:
+            # like=1,2 is two ids; any other value is one path (a path may hold a comma)
+            out = []
+            for v in got.get(key, []):
+                parts = str(v).split(",")
+                out += parts if all(p.strip().isdigit() for p in parts) else [v]
+            return [v for v in out if str(v).strip()]
+
         k = typed("k", int, f"give a whole number from 1 to {MAX_K}")
         rel = str(one("relevance") or "").strip().lower()
         if rel not in _TRUE | _FALSE:
@@ -339,7 +376,7 @@ class SearchRequest:
                          under=one("under"), tag=got.get("tag") or None, keyword=one("keyword"),
                          blend=typed("blend", float, "give a keyword weight between 0 and 1"),
                          after=one("after"), before=one("before"), near=one("near"), camera=one("camera"),
-                         relevance=rel in _TRUE)
+                         relevance=rel in _TRUE, like=marks("like"), unlike=marks("unlike"))
 
     def to_json(self) -> dict:
         """The server's JSON body for this request (image files are sent as their bytes: the server reads no
@@ -360,7 +397,8 @@ class SearchRequest:
                 "images": terms("image", self.positives), "not_images": terms("image", self.negatives),
                 "ids": list(self.ids), "k": self.k, "min_score": self.min_score,
                 "under": os.path.abspath(self.under) if self.under else None, "tag": list(self.tags) or None,
-                "keyword": self.keyword, "blend": self.blend, "relevance": self.relevance, **self.when}
+                "keyword": self.keyword, "blend": self.blend, "relevance": self.relevance, "like": list(self.like),
+                "unlike": list(self.unlike), **self.when}
         return {k: v for k, v in body.items() if v not in (None, [], False)}
 
     # --- what the engine asks -------------------------------------------------------------------
@@ -374,16 +412,16 @@ class SearchRequest:
 
     @property
     def keyword_only(self) -> bool:
-        return not self.positives
+        return not (self.positives or self.like)
 
     def with_(self, **changes) -> "SearchRequest":
         return replace(self, **changes)
 
 
 JSON_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", "under", "tag", "keyword", "blend",
-               "after", "before", "near", "camera", "relevance")
+               "after", "before", "near", "camera", "relevance", "like", "unlike")
 PARAMS = frozenset({"q", "not", "id", "k", "min_score", "under", "tag", "keyword", "blend", "relevance", "after",
-                    "before", "near", "camera"})
+                    "before", "near", "camera", "like", "unlike"})
 
 
 def _only_keys(item: dict, name: str, keys: set[str]) -> None:

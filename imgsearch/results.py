@@ -23,6 +23,8 @@ class Hit:
     # Above the model's calibrated relevance floor (relevance.py); None where no floor applies (keyword
     # ranking, text and images mixed in one query).
     relevant: bool | None = None
+    gps_lat: float | None = None  # where it was taken (EXIF GPS), for maps
+    gps_lon: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,7 +131,7 @@ def hits_for(store, scored, k: int, min_score: float | None = None) -> list[Hit]
             if row is None or not os.path.exists(row.path):
                 continue
             hits.append(Hit(len(hits) + 1, i, row.path, score, row.width, row.height, row.size, row.taken_at,
-                            row.taken_source))
+                            row.taken_source, gps_lat=row.gps_lat, gps_lon=row.gps_lon))
             if len(hits) == k:
                 return hits
     return hits

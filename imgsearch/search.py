@@ -25,7 +25,26 @@ from .modelspec import ModelSpec
 from .request import SearchRequest, Term
 from .results import Hit, hits_for
 
-__all__ = ["Searcher", "SearchRequest", "Term", "Hit", "model_row_for", "allowed_ids", "keyword_search"]
+__all__ = ["Searcher", "SearchRequest", "Term", "Hit", "model_row_for", "allowed_ids", "keyword_search", "rocchio"]
+
+# Refinement by example (like/unlike marks): q' = a*q + b*mean(liked) - c*mean(unliked). Measured by
+# bench/refine_gain.py on the shapes library: see docs/performance.md.
+ROCCHIO = (1.0, 2.0, 1.0)
+
+
+def rocchio(query: np.ndarray, liked: np.ndarray, unliked: np.ndarray, weights=ROCCHIO) -> np.ndarray:
+    """The query moved toward the mean of the liked vectors and away from the unliked ones, normalised.
+    ``query`` may be zero (marks alone: "more like these")."""
+    a, b, c = weights
+    vec = a * np.asarray(query, dtype=np.float32)
+    if len(liked):
+        vec = vec + b * np.asarray(liked, dtype=np.float32).mean(axis=0)
+    if len(unliked):
+        vec = vec - c * np.asarray(unliked, dtype=np.float32).mean(axis=0)
+    norm = float(np.linalg.norm(vec))
+    if norm < 1e-8:
+        raise UsageError("the marked images cancel out the query; unmark some, or like at least one image")
+    return (vec / norm).astype(np.float32)
 
 
 def model_row_for(store, spec: ModelSpec, fingerprint: str):
@@ -204,16 +223,36 @@ class Searcher:
         return im
 
     def query_vector(self, request: SearchRequest) -> np.ndarray:
-        """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space)."""
+        """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space), then
+        refined by the marked images (``rocchio``)."""
         vec = np.zeros(self.model.dim, dtype=np.float32)
         for w, v in self.embed_terms(request.positives):
             vec += w * v
         for w, v in self.embed_terms(request.negatives):
             vec -= w * v
-        norm = float(np.linalg.norm(vec))
-        if norm < 1e-8:
-            raise UsageError("the query terms cancel out; change the weights or drop a negative term")
-        return vec / norm
+        if request.positives or request.negatives:
+            norm = float(np.linalg.norm(vec))
+            if norm < 1e-8:
+                raise UsageError("the query terms cancel out; change the weights or drop a negative term")
+            vec /= norm
+        if request.like or request.unlike:
+            vec = rocchio(vec, self.marked_vectors(request.like, "like"), self.marked_vectors(request.unlike, "unlike"))
+        return vec
+
+    def marked_vectors(self, marks, field: str) -> np.ndarray:
+        """The stored vectors of marked images (ids, or paths of library files); a ParamError names the first
+        mark that is not in the library."""
+        paths = [m for m in marks if isinstance(m, str)]
+        rows = self.store.images_at(paths) if paths else {}
+        for p in paths:
+            if p not in rows:
+                raise ParamError(field, f"{p} is not in the library; mark an indexed image (or index it first)")
+        ids = [rows[m].id if isinstance(m, str) else int(m) for m in marks]
+        found, vecs = self.store.load_vectors(self.model.id, ids)
+        missing = sorted(set(ids) - set(found.tolist()))
+        if missing:
+            raise ParamError(field, f"image id {missing[0]} is not in the library (or has no vector for this model)")
+        return vecs
 
     # --- search -------------------------------------------------------------------------------------
     def search(self, request: SearchRequest, vector: np.ndarray | None = None) -> list[Hit]:
@@ -229,7 +268,8 @@ class Searcher:
         if request.relevance and hits:
             from . import relevance as floors
 
-            cut = floors.floor_for(self.relevance_floor(), floors.query_kind(t.kind for t in request.positives))
+            kinds = [t.kind for t in request.positives] + (["id"] if request.like else [])
+            cut = floors.floor_for(self.relevance_floor(), floors.query_kind(kinds))
             for h in hits:
                 h.relevant = None if cut is None else h.score >= cut
         return hits

@@ -14,14 +14,16 @@ one request field was wrong):
   GET  /api/health                      who is serving: model, home, pid
   GET  /api/status                      the same as `imgsearch status --json`
   GET  /api/search?q=TEXT&k=10&...      text search; q repeatable; also not=, under=, min_score=, id=, tag=,
-                                        keyword=, blend=, after=, before=, near=LAT,LON[,KM], camera=
+                                        keyword=, blend=, after=, before=, near=LAT,LON[,KM], camera=,
+                                        like=, unlike= (library image ids, like=1,2, or paths; repeatable)
   POST /api/search                      Content-Type: application/json
                                         {"texts": ["2:red car", {"text": "night", "weight": 0.5}], "not": [...],
                                          "ids": [...], "images": [base64 or {"data": base64, "weight": 2}],
                                          "not_images": [...], "k": 10, "min_score": null, "under": null,
                                          "tag": null, "keyword": null, "blend": null, "after": "2023",
                                          "before": "2023-06", "near": "48.85,2.29,5" or [48.85, 2.29, 5],
-                                         "camera": "pixel", "relevance": false}
+                                         "camera": "pixel", "relevance": false, "like": [12, "/p/a.jpg"],
+                                         "unlike": [7]}
   POST /api/search/image?k=10&...      the image file as the body (Content-Type image/* or
                                         application/octet-stream); the URL takes GET /api/search's parameters
   GET  /api/albums                      {"albums": [...]}: every album evaluated now (name, query, request,

@@ -150,7 +150,7 @@ def test_bad_query_string_is_refused_as_at_every_door(page):
     """The page's URL becomes the same SearchRequest as the server's: the same refusal, naming the field."""
     cases = [(dict(k="lots"), "Results lots: give a whole number from 1 to 10000"),
              (dict(min="7"), "Minimum score 7: give a cosine score between -1 and 1, such as 0.25"),
-             (dict(like="../../etc/passwd"), "Like image ../../etc/passwd: '../../etc/passwd' is not an image id"),
+             (dict(like="../../etc/passwd"), "Liked images ../../etc/passwd: give image ids, as in like=12,31"),
              (dict(under="\x00"), "contains a NUL character; remove it")]
     for params, message in cases:
         for key in list(page.query_params):
@@ -325,3 +325,68 @@ def test_ui_command_port_in_use(cli):
         r = cli("ui", "--port", str(port))
     assert r.exit_code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "pick another --port" in r.stderr
+
+
+def test_marks_refine_the_search_and_live_in_the_url(page, library):
+    from imgsearch import Library
+
+    at = open_url(page, q="red", k="12")
+    names = result_names(at)
+    ids = {n: b.key.rsplit("-", 1)[1] for n, b in zip(names, [b for b in at.button if b.key.startswith("hit-up-")])}
+    good = next(i for n, i in ids.items() if n.startswith("red_circle"))
+    bad = next(i for n, i in ids.items() if n.startswith("red_square"))
+    at.button(key=f"hit-up-{good}").click().run()
+    at.button(key=f"hit-down-{bad}").click().run()
+    assert not at.exception and not at.error
+    assert at.query_params == {"q": "red", "k": "12", "like": good, "unlike": bad}  # a shareable refined search
+    assert "Refined by 👍 1 · 👎 1" in texts(at.markdown)
+    assert at.button(key=f"hit-up-{good}").proto.type == "primary"  # shown pressed
+    settings, _ = library
+    with Library(settings=settings) as lib:
+        want = [h.path for h in lib.search("red", k=12, like=[int(good)], unlike=[int(bad)])]
+    assert result_names(at) == [os.path.basename(p) for p in want]  # the page ranks as the engine does
+    at.button(key=f"hit-down-{good}").click().run()  # 👎 on a liked image moves it
+    assert at.query_params == {"q": "red", "k": "12", "unlike": f"{bad},{good}"}
+    at.button(key="marks-clear").click().run()
+    assert at.query_params == {"q": "red", "k": "12"} and "Refined by" not in texts(at.markdown)
+
+
+def test_unknown_marks_in_the_url(page):
+    at = open_url(page, q="red", like="999999")
+    assert "Liked images 999999: image id 999999 is not in the library" in texts(at.error)
+    assert not captions(at)
+    del at.query_params["like"]
+    at = open_url(page, unlike="/etc/passwd")  # the page marks by id only: no file name is echoed back
+    assert "Unliked images /etc/passwd: give image ids, as in unlike=12,31" in texts(at.error)
+
+
+def test_refined_search_saved_as_album_and_the_albums_page(page, library, tmp_path):
+    at = open_url(page, q="a red circle", k="6")
+    first = next(b for b in at.button if b.key.startswith("hit-up-")).key.rsplit("-", 1)[1]
+    at.button(key=f"hit-up-{first}").click().run()
+    shown = result_names(at)
+    at.text_input(key="w_album_name").input("reds")
+    at.button(key="FormSubmitter:save-album-Save").click().run()
+    assert not at.exception and "Saved album reds (6 photos)" in texts(at.success)
+
+    at.query_params.clear()  # a new address
+    at = open_url(page, page="albums")
+    at.button(key="album-open-reds").click().run()
+    assert "Album: reds" in texts(at.header)
+    assert f"--like {first}" in texts(at.caption)  # the marks are part of the saved search
+    assert result_names(at) == shown  # the album holds what the refined search showed
+
+    at.text_input(key="w_album_rename").input("red ones")
+    at.button(key="FormSubmitter:album-rename-Rename").click().run()
+    assert at.query_params["album"] == "red ones" and "Album: red ones" in texts(at.header)
+    out = tmp_path / "export"
+    at.text_input(key="w_album_export").input(str(out))
+    at.button(key="FormSubmitter:album-export-Export").click().run()
+    assert f"Exported 6 photos to {out}" in texts(at.success)
+    assert sorted(p.name for p in out.iterdir()) == sorted(shown)
+    at.button(key="FormSubmitter:album-delete-Delete").click().run()
+    assert "Tick the box" in texts(at.warning)  # nothing deleted without it
+    at.checkbox(key="w_album_sure").check()
+    at.button(key="FormSubmitter:album-delete-Delete").click().run()
+    assert at.query_params == {"page": "albums"} and "No albums yet" in texts(at.info)
+    assert sorted(p.name for p in out.iterdir()) == sorted(shown)  # the photos stay

@@ -45,6 +45,11 @@ def server(settings, photos, tmp_path):
     from imgsearch.indexer import index_paths
 
     assert index_paths(settings, [photos]).new == 54
+    yield from run_ui(settings, tmp_path)
+
+
+def run_ui(settings, tmp_path):
+    """Start `imgsearch ui` over the settings' library, yield its URL, then stop it as Ctrl+C does."""
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
@@ -134,5 +139,104 @@ def test_search_in_a_real_browser(server, tmp_path):
             expect(page.get_by_test_id("stProgress")).to_be_visible(timeout=30_000)
             expect(page.get_by_text(f"Indexed {more}: 6 new", exact=False)).to_be_visible(timeout=120_000)
             expect(page.get_by_text("Images 60")).to_be_visible(timeout=30_000)
+        finally:
+            browser.close()
+
+
+@pytest.fixture()
+def travels(settings, tmp_path):
+    """`imgsearch ui` over test_when_where's photos (red circles from Paris 2021 and Tokyo 2023 with EXIF GPS
+    and dates, others without GPS) and an album "trips" of all 11; yields its URL."""
+    from imgsearch import Library
+
+    from test_when_where import make_dated
+
+    with Library(settings=settings) as lib:
+        assert lib.index(make_dated(tmp_path / "dated")).new == 11
+        lib.save_album("trips", "a red circle", k=11)
+    yield from run_ui(settings, tmp_path)
+
+
+def red_blobs(png: bytes) -> list[tuple[float, float]]:
+    """Centres of the red pins in a screenshot of the map (pixels of the pin colour, grouped by distance)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    ys, xs = np.nonzero((rgb[..., 0] > 180) & (rgb[..., 1] < 110) & (rgb[..., 2] < 110))
+    groups: list[list[tuple[int, int]]] = []
+    for x, y in zip(xs.tolist(), ys.tolist()):
+        group = next((g for g in groups if abs(g[0][0] - x) < 40 and abs(g[0][1] - y) < 40), None)
+        if group is None:
+            groups.append([(x, y)])
+        else:
+            group.append((x, y))
+    return [(sum(x for x, _ in g) / len(g), sum(y for _, y in g) / len(g)) for g in groups if len(g) > 30]
+
+
+def test_album_map_and_timeline_in_a_real_browser(travels, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    taken = {"red_2021": "2021-03", "red_2023": "2023-03", "blue_2023": "2023-07", "red_nodate": "2019-05",
+             "green_rotated": "2022-12", "yellow_badgps": "2020-01"}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(travels + "/?page=albums", timeout=90_000)
+            page.get_by_role("button", name="trips").click(timeout=90_000)
+            page.wait_for_url("**album=trips*", timeout=30_000)
+            expect(page.get_by_text("Album: trips")).to_be_visible(timeout=30_000)
+            expect(page.locator(CAPTION)).to_have_count(11, timeout=30_000)
+
+            # The map: no tile server is reachable, and none is needed; two pins of three photos each.
+            page.get_by_role("tab", name="Map").click()
+            chart = page.get_by_test_id("stDeckGlJsonChart")
+            expect(chart).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("6 of 11 photos have a GPS position")).to_be_visible()
+            page.wait_for_timeout(2000)  # deck.gl draws on the next animation frames
+            shot = tmp_path / "map.png"
+            pins = red_blobs(chart.screenshot(path=str(shot)))
+            assert len(pins) == 2, pins
+            box = chart.bounding_box()
+            west, east = sorted(pins)  # Paris lies west of Tokyo, and north of it
+            assert west[1] < east[1]
+            page.mouse.move(box["x"] + east[0], box["y"] + east[1])
+            expect(page.get_by_text("3 photos", exact=True)).to_be_visible(timeout=10_000)  # the pin's tooltip
+            page.mouse.click(box["x"] + east[0], box["y"] + east[1])
+            expect(page.get_by_text("3 photos here")).to_be_visible(timeout=30_000)
+            here = names(page.locator('[role="tabpanel"]:visible'))
+            assert sorted(here) == ["red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"], here
+            print(f"screenshot: {shot}")
+
+            # The timeline on a search: dragging across the earlier years searches those dates only.
+            page.goto(travels + "/?q=a+red+circle&k=11", timeout=60_000)
+            expect(page.locator(CAPTION)).to_have_count(11, timeout=60_000)
+            page.get_by_role("tab", name="Timeline").click()
+            plot = page.get_by_test_id("stVegaLiteChart")
+            expect(plot).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1000)
+            plot.screenshot(path=str(tmp_path / "timeline.png"))
+            box = plot.bounding_box()
+            y = box["y"] + box["height"] * 0.4
+            page.mouse.move(box["x"] + box["width"] * 0.1, y)  # right of the y axis
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.55, y, steps=8)
+            page.mouse.up()
+            # Streamlit rewrites the address with history.replaceState, which page.url does not follow.
+            page.wait_for_function("() => location.search.includes('after=')", timeout=30_000)
+            query = dict(p.split("=", 1) for p in page.evaluate("location.search")[1:].split("&"))
+            after, before = query["after"], query["before"]
+            expect(page.get_by_text(f"taken from {after}", exact=False)).to_be_visible(timeout=30_000)
+            found = names(page)
+            assert found, "the brushed range holds photos"
+            for name in found:
+                month = next(v for k, v in taken.items() if name.startswith(k))
+                assert after[:7] <= month <= before[:7], (name, after, before)
+            assert not any(n.startswith(("red_2023", "blue_2023")) for n in found), found
         finally:
             browser.close()

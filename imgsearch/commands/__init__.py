@@ -140,6 +140,10 @@ def _search_params(
                                          "this text (case-insensitive)."),
     relevant: bool = typer.Option(False, "--relevant", help="Only results above the model's calibrated relevance "
                                   "floor (see `imgsearch status`)."),
+    like: Optional[List[str]] = typer.Option(None, "--like", help="A library image (id or path) that is what you "
+                                             "want: refine the query toward it (repeatable)."),
+    unlike: Optional[List[str]] = typer.Option(None, "--unlike", help="A library image (id or path) that is not "
+                                               "what you want: refine the query away from it (repeatable)."),
 ):
     """The search arguments and options of `imgsearch query`, which `imgsearch album save` shares."""
 
@@ -158,12 +162,14 @@ def search_options(fn):
         search = dict(text=list(v["texts"] or []), image=list(v["image"] or []), not_text=list(v["not_text"] or []),
                       not_image=list(v["not_image"] or []), k=v["k"], min_score=v["min_score"], under=v["under"],
                       tag=v["tag"] or None, keyword=v["keyword"], blend=v["blend"], after=v["after"],
-                      before=v["before"], near=v["near"], camera=v["camera"], relevance=v["relevant"])
+                      before=v["before"], near=v["near"], camera=v["camera"], relevance=v["relevant"],
+                      like=v["like"] or (), unlike=v["unlike"] or ())
         flags = {"k": ("-k", v["k"]), "under": ("--under", v["under"]), "min_score": ("--min-score", v["min_score"]),
                  "blend": ("--blend", v["blend"]), "keyword": ("--keyword", repr(v["keyword"])),
                  "tag": ("--tag", ", ".join(v["tag"] or [])), "after": ("--after", v["after"]),
                  "before": ("--before", v["before"]), "near": ("--near", v["near"]),
-                 "camera": ("--camera", repr(v["camera"]))}
+                 "camera": ("--camera", repr(v["camera"])), "like": ("--like", ", ".join(v["like"] or [])),
+                 "unlike": ("--unlike", ", ".join(v["unlike"] or []))}
         with flag_words(**flags):
             return fn(search=search, **kw)
 

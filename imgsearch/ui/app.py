@@ -1,9 +1,11 @@
-"""imgsearch web page (Streamlit): search by words or an example image, browse thumbnails, index folders.
+"""imgsearch web page (Streamlit): search by words or an example image, refine with 👍/👎, browse the results
+as thumbnails, on a map and on a timeline, keep searches as albums, index folders.
 
-Start it with `imgsearch ui`. The search lives in the URL (?q=..., ?like=<image id>, ?view=<image id>,
-&not=, &k=, &min=, &under=, &after=, &before=, &near=, &camera=), so any result page can be bookmarked or shared. The model and the index
-are loaded once per server process and shared by every browser tab. Talks only to the library's
-public API; every library error is shown as a message, never a traceback.
+Start it with `imgsearch ui`. The search lives in the URL (?q=..., ?like=<ids>&unlike=<ids> (marks; one
+like alone is "more like this"), ?view=<image id>, &not=, &k=, &min=, &under=, &after=, &before=, &near=,
+&camera=; ?page=albums&album=NAME), so any page can be bookmarked or shared. The model and the index are
+loaded once per server process and shared by every browser tab. Talks only to the library's public API;
+every library error is shown as a message, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Mapping
 
 import streamlit as st
@@ -33,7 +36,7 @@ MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EXTENSIONS)
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
 # The page's URL names that differ from the search request's (request.SearchRequest.from_params).
-URL_NAMES = {"min": "min_score", "like": "id"}
+URL_NAMES = {"min": "min_score"}
 
 
 # --- the search as it appears in the URL ------------------------------------------------------------
@@ -41,7 +44,8 @@ URL_NAMES = {"min": "min_score", "like": "id"}
 class Params:
     q: str = ""
     neg: str = ""  # URL key "not"
-    like: int | None = None  # "more like this": an image id
+    like: tuple[int, ...] = ()  # results marked 👍 (one alone, without text: "more like this")
+    unlike: tuple[int, ...] = ()  # and 👎
     view: int | None = None  # detail view: an image id
     k: int = DEFAULT_K
     min_score: float | None = None  # URL key "min"
@@ -50,6 +54,8 @@ class Params:
     before: str = ""
     near: str = ""  # "LAT,LON[,KM]"
     camera: str = ""
+    page: str = ""  # "albums", else the search
+    album: str = ""  # the album open on the albums page
     problems: list[str] = field(default_factory=list)
 
     def when_where(self) -> dict:
@@ -62,8 +68,9 @@ class Params:
             out["q"] = self.q
         if self.neg:
             out["not"] = self.neg
-        if self.like is not None:
-            out["like"] = str(self.like)
+        for key in ("like", "unlike"):
+            if getattr(self, key):
+                out[key] = ",".join(map(str, getattr(self, key)))
         if self.view is not None:
             out["view"] = str(self.view)
         if self.k != DEFAULT_K:
@@ -72,8 +79,21 @@ class Params:
             out["min"] = f"{self.min_score:g}"
         if self.under:
             out["under"] = self.under
-        out.update({key: getattr(self, key) for key in WHEN_WHERE if getattr(self, key)})
+        out.update({key: getattr(self, key) for key in (*WHEN_WHERE, "page", "album") if getattr(self, key)})
         return out
+
+    @property
+    def example(self) -> int | None:
+        """The image of a "more like this" search: one 👍 and nothing else to search for."""
+        return self.like[0] if len(self.like) == 1 and not (self.q or self.neg or self.unlike) else None
+
+    def marked(self, image_id: int, good: bool) -> "Params":
+        """This search with one result's 👍 (good) or 👎 toggled; marking one way unmarks the other."""
+        mine, other = ("like", "unlike") if good else ("unlike", "like")
+        marks = {key: [i for i in getattr(self, key) if i != image_id] for key in (mine, other)}
+        if image_id not in getattr(self, mine):
+            marks[mine].append(image_id)
+        return replace(self, view=None, **{key: tuple(ids) for key, ids in marks.items()})
 
 
 def parse_params(raw: Mapping[str, str]) -> Params:
@@ -84,15 +104,17 @@ def parse_params(raw: Mapping[str, str]) -> Params:
     def text(key: str) -> str:
         return str(raw.get(key, "") or "").strip()
 
-    p.q, p.neg, p.under = text("q"), text("not"), text("under")
+    p.q, p.neg, p.under, p.page, p.album = text("q"), text("not"), text("under"), text("page"), text("album")
     for key in WHEN_WHERE:
         setattr(p, key, text(key))
+    for key in ("like", "unlike"):  # ids joined by commas; request_of names a bad one
+        setattr(p, key, tuple(int(i) for i in text(key).split(",") if i.strip().isdigit()))
     if raw.get("view"):
         try:
             p.view = Library.parse_id(raw["view"])
         except UsageError as e:
             p.problems.append(f"view=: {e}; ignored")
-    for key, attr, kind in (("like", "like", int), ("k", "k", int), ("min", "min_score", float)):
+    for key, attr, kind in (("k", "k", int), ("min", "min_score", float)):
         try:
             setattr(p, attr, kind(text(key))) if text(key) else None
         except ValueError:
@@ -108,6 +130,9 @@ def request_of(raw: Mapping[str, str], upload: tuple[str, bytes] | None = None) 
     # A page address may carry other parameters (view=, a tracker's); only the search's own are read.
     params = {key: value for key, value in raw.items() if URL_NAMES.get(key, key) in PARAMS}
     params.setdefault("k", str(DEFAULT_K))
+    for key in ("like", "unlike"):  # the page marks by id; a path would only echo the server's file names back
+        if not all(part.strip().isdigit() for part in str(raw.get(key) or "0").split(",")):
+            raise ParamError(key, f"give image ids, as in {key}=12,31")
     image = None
     if upload is not None:
         name, data = upload
@@ -116,8 +141,11 @@ def request_of(raw: Mapping[str, str], upload: tuple[str, bytes] | None = None) 
                              f"{MAX_UPLOAD_MB} MB")
         image = Term("image", data, 1.0, name, "the uploaded file")
     request = SearchRequest.from_params(params, URL_NAMES, image)
-    # The example itself is shown above the grid; every hit is judged against the relevance floor.
-    return request.with_(exclude_ids=request.ids, relevance=True)
+    # A "more like this" example is shown above the grid, not in it; every hit is judged against the
+    # relevance floor.
+    alone = len(request.like) == 1 and not (request.positives or request.negatives or request.unlike)
+    example = request.like if alone and isinstance(request.like[0], int) else ()
+    return request.with_(exclude_ids=request.ids + example, relevance=True)
 
 
 # --- per-process state: warm library, index jobs --------------------------------------------------
@@ -234,6 +262,7 @@ def sync_widgets(p: Params) -> None:
     st.session_state.w_k = p.k
     st.session_state.w_min = p.min_score
     st.session_state.w_under = p.under
+    st.session_state.w_page = "Albums" if p.page == "albums" else "Search"
     for key in WHEN_WHERE:
         st.session_state[f"w_{key}"] = getattr(p, key)
 
@@ -243,11 +272,13 @@ def go(p: Params) -> None:
 
 
 def on_search() -> None:
-    """Form submitted: the form's values become the URL; an uploaded image is kept in memory only."""
+    """Form submitted: the form's values become the URL (the 👍/👎 marks stay: they refine this search
+    too); an uploaded image is kept in memory only."""
     ss = st.session_state
     upload = ss.get("w_upload")
     ss.upload = (upload.name, upload.getvalue()) if upload is not None else None
-    go(Params(q=(ss.w_q or "").strip(), neg=(ss.w_not or "").strip(),
+    cur = parse_params(st.query_params)
+    go(Params(q=(ss.w_q or "").strip(), neg=(ss.w_not or "").strip(), like=cur.like, unlike=cur.unlike,
               k=int(ss.w_k or DEFAULT_K), min_score=ss.w_min, under=(ss.w_under or "").strip(),
               **{key: (ss.get(f"w_{key}") or "").strip() for key in WHEN_WHERE}))
 
@@ -255,14 +286,20 @@ def on_search() -> None:
 def on_more_like(image_id: int) -> None:
     st.session_state.upload = None
     cur = parse_params(st.query_params)
-    go(Params(like=image_id, k=cur.k, min_score=cur.min_score, under=cur.under,
+    go(Params(like=(image_id,), k=cur.k, min_score=cur.min_score, under=cur.under,
               **{key: getattr(cur, key) for key in WHEN_WHERE}))
 
 
+def on_mark(image_id: int, good: bool) -> None:
+    go(parse_params(st.query_params).marked(image_id, good))
+
+
 def on_view(image_id: int | None) -> None:
-    cur = parse_params(st.query_params)
-    cur.view = image_id
-    go(cur)
+    go(replace(parse_params(st.query_params), view=image_id))
+
+
+def on_change(**fields) -> None:
+    go(replace(parse_params(st.query_params), **fields))
 
 
 # --- search -------------------------------------------------------------------------------------------
@@ -297,8 +334,9 @@ def caption(name: str, score: float | None = None) -> str:
     return f"{score:.3f} · {short}" if score is not None else short
 
 
-def grid(settings: Settings, library, hits, key: str) -> None:
-    """Thumbnails with score and file name; each has 'Details' and 'More like this'."""
+def grid(settings: Settings, library, hits, key: str, p: Params | None = None) -> None:
+    """Thumbnails with score and file name; each has 'Details' and 'More like this', and with ``p`` (a
+    search to refine) 👍 and 👎, shown pressed when marked."""
     paths = library.thumbnails([h.id for h in hits], library.THUMB)
     for start in range(0, len(hits), COLUMNS):
         cols = st.columns(COLUMNS)
@@ -310,14 +348,21 @@ def grid(settings: Settings, library, hits, key: str) -> None:
                     st.warning(f"{md(caption(name, hit.score))}: {md(thumb)}")
                 else:
                     st.image(str(thumb), caption=md(caption(name, hit.score)), width="stretch")
-                b1, b2 = st.columns([2, 3], gap=None)
+                # one row: [👍 👎] Details, More like this
+                *marks, b1, b2 = st.columns([0.8, 0.8, 2, 4.4] if p is not None else [2, 3], gap=None)
+                for col_, good, label in zip(marks, (True, False), ("👍", "👎")):
+                    on = hit.id in (p.like if good else p.unlike)
+                    col_.button(label, key=f"{key}-{'up' if good else 'down'}-{hit.id}", on_click=on_mark,
+                                args=(hit.id, good), type="primary" if on else "tertiary",
+                                help="Unmark" if on else "What you want: refine toward it" if good
+                                else "Not what you want: refine away from it")
                 b1.button("Details", key=f"{key}-view-{hit.id}", on_click=on_view, args=(hit.id,), type="tertiary",
                           help=md(hit.path))
                 b2.button("More like this", key=f"{key}-like-{hit.id}", on_click=on_more_like, args=(hit.id,),
                           type="tertiary")
 
 
-def detail(settings: Settings, library, image_id: int) -> None:
+def detail(settings: Settings, library, image_id: int, key: str = "detail", close: bool = True) -> None:
     """Larger view: path, size, dimensions, date taken, and the most similar images."""
     row = library.image(image_id)
     with st.container(border=True):
@@ -337,9 +382,10 @@ def detail(settings: Settings, library, image_id: int) -> None:
             if row.camera_make or row.camera_model:
                 st.markdown(f"**Camera** {md(' '.join(x for x in (row.camera_make, row.camera_model) if x))}")
             b1, b2 = st.columns(2)
-            b1.button("More like this", key="detail-like", on_click=on_more_like, args=(row.id,), type="primary",
+            b1.button("More like this", key=f"{key}-like", on_click=on_more_like, args=(row.id,), type="primary",
                       width="stretch")
-            b2.button("Close", key="detail-close", on_click=on_view, args=(None,), width="stretch")
+            if close:
+                b2.button("Close", key=f"{key}-close", on_click=on_view, args=(None,), width="stretch")
         with left:
             try:
                 st.image(str(library.thumbnail(row.id, library.PREVIEW)),
@@ -349,7 +395,7 @@ def detail(settings: Settings, library, image_id: int) -> None:
         similar = library.search(ids=[row.id], k=COLUMNS, exclude_ids=[row.id])
         if similar:
             st.markdown("**Similar images**")
-            grid(settings, library, similar, key="similar")
+            grid(settings, library, similar, key=f"{key}-similar")
 
 
 def status_panel(settings: Settings) -> dict | None:
@@ -484,7 +530,7 @@ def example_header(settings: Settings, library, image_id: int) -> str:
 
 def results(settings: Settings, status: dict | None, p: Params) -> None:
     upload = st.session_state.get("upload")
-    if not (p.q or p.like is not None or upload or p.view is not None):
+    if not (p.q or p.like or upload or p.view is not None):
         if status is not None and status["images"]:
             st.caption("Type what you remember, e.g. “a red car at night”, or upload an example image.")
         return
@@ -498,15 +544,15 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
             detail(settings, library, p.view)
         except ImgSearchError as e:  # a stale or mistyped view= must not hide the results below
             st.error(md(e))
-    if not (p.q or p.like is not None or upload):
+    if not (p.q or p.like or upload):
         return
     request = request_of(st.query_params, upload)
     t0 = time.perf_counter()
     hits = library.run(request)
     took = time.perf_counter() - t0
     what = []
-    if p.like is not None:
-        what.append(f"images like {md(example_header(settings, library, p.like))}")
+    if p.example is not None:
+        what.append(f"images like {md(example_header(settings, library, p.example))}")
     if upload:
         what.append(f"images like the uploaded {md(upload[0])}")
     if p.q:
@@ -523,10 +569,229 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
         st.info("No results for " + ", ".join(what) + (f" with score ≥ {p.min_score:g}" if p.min_score is not None
                                                          else "") + ".")
         return
-    st.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
+    said, save = st.columns([6, 1], vertical_alignment="center")
+    said.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
+    with save.popover("Save as album"):
+        save_album_form(library, request)
+    if (p.like or p.unlike) and p.example is None:
+        left, right = st.columns([6, 1], vertical_alignment="center")
+        left.markdown(f"Refined by 👍 {len(p.like)} · 👎 {len(p.unlike)}: the search moves toward the images you "
+                      "liked and away from the others.")
+        right.button("Clear marks", key="marks-clear", on_click=on_change, kwargs={"like": (), "unlike": ()},
+                     type="tertiary")
     if hits[0].relevant is False:  # the best is under the model's calibrated floor (None: no floor applies)
         st.info("No good matches; closest results")
-    grid(settings, library, hits, key="hit")
+    views(settings, library, hits, "hit", p)
+
+
+def save_album_form(library, request: SearchRequest) -> None:
+    """Keep this search, marks included, as an album (a saved search that stays current)."""
+    with st.form("save-album", border=False):
+        name = st.text_input("Album name", max_chars=100, key="w_album_name")
+        if st.form_submit_button("Save"):
+            try:  # the search as asked: the page's own exclusions and relevance marks are not part of it
+                album = library.save_album(name, request=request.with_(exclude_ids=(), relevance=False), k=request.k)
+                st.success(f"Saved album {md(album.name)} ({album.count} photos); see Albums in the sidebar")
+            except ImgSearchError as e:
+                st.error(md(e))
+
+
+def views(settings: Settings, library, hits, key: str, p: Params | None = None) -> None:
+    """Hits as a thumbnail grid, on a map and on a timeline (whose brush narrows the search's dates)."""
+    tab_grid, tab_map, tab_time = st.tabs(["Grid", "Map", "Timeline"])
+    with tab_grid:
+        grid(settings, library, hits, key, p)
+    with tab_map:
+        photo_map(settings, library, hits, key)
+    with tab_time:
+        timeline(hits, key, narrow=p is not None)
+
+
+# --- map and timeline ---------------------------------------------------------------------------------
+def pins(hits, cells: int = 24) -> list[dict]:
+    """Photos with GPS grouped on a grid laid over their extent (``cells`` across): one pin per cell, at its
+    photos' mean position, sized by how many it holds, listing them best first."""
+    placed = [h for h in hits if h.gps_lat is not None and h.gps_lon is not None]
+    if not placed:
+        return []
+    cell = max(max(h.gps_lat for h in placed) - min(h.gps_lat for h in placed),
+               max(h.gps_lon for h in placed) - min(h.gps_lon for h in placed), 1e-4) / cells
+    groups: dict[tuple[int, int], list] = {}
+    for h in placed:
+        groups.setdefault((int(h.gps_lat // cell), int(h.gps_lon // cell)), []).append(h)
+    out = []
+    for members in groups.values():
+        n = len(members)
+        name = os.path.basename(members[0].path)
+        out.append({"lat": sum(h.gps_lat for h in members) / n, "lon": sum(h.gps_lon for h in members) / n,
+                    "count": n, "ids": ",".join(str(h.id) for h in members), "radius": 7 + 4 * n ** 0.5,
+                    "label": str(n) if n > 1 else "", "title": f"{n} photos" if n > 1 else _visible_text(name)})
+    return out
+
+
+def _visible_text(text: str) -> str:
+    return _INVISIBLE.sub(_visible, text)  # a deck.gl tooltip is plain text: only invisible characters matter
+
+
+def photo_map(settings: Settings, library, hits, key: str) -> None:
+    """The photos with GPS as pins on a plain canvas (no tile server needed; a base map is optional). A
+    click on a pin opens its photo, or lists a cluster's photos, below the map."""
+    import math
+
+    import pydeck as pdk
+    from pydeck.types import String
+
+    points = pins(hits)
+    if not points:
+        st.info("None of these photos has a GPS position.")
+        return
+    lats, lons = [p["lat"] for p in points], [p["lon"] for p in points]
+    span = max(max(lats) - min(lats), max(lons) - min(lons), 0.005)
+    # deck.gl draws the world 512 px wide at zoom 0: fit the pins' extent in about 600 px
+    view = pdk.ViewState(latitude=(max(lats) + min(lats)) / 2, longitude=(max(lons) + min(lons)) / 2,
+                         zoom=max(0.0, min(16.0, math.log2(600 / 512 * 360 / span))))
+    # Offline there is no base map: faint lines of latitude and longitude give the pins their bearings.
+    step = next(s for s in (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30) if span / s <= 12)
+    west, east = max(-180.0, min(lons) - 2 * span), min(180.0, max(lons) + 2 * span)
+    south, north = max(-85.0, min(lats) - 2 * span), min(85.0, max(lats) + 2 * span)
+    lines = [{"path": [[x * step, south], [x * step, north]]} for x in range(math.ceil(west / step),
+                                                                             math.floor(east / step) + 1)]
+    lines += [{"path": [[west, y * step], [east, y * step]]} for y in range(math.ceil(south / step),
+                                                                            math.floor(north / step) + 1)]
+    layers = [pdk.Layer("PathLayer", lines, id="grid", get_path="path", get_color=[160, 160, 160, 90],
+                        width_min_pixels=1),
+              pdk.Layer("ScatterplotLayer", points, id="photos", get_position=["lon", "lat"], get_radius="radius",
+                        radius_units=String("pixels"), get_fill_color=[214, 39, 40, 210], get_line_color=[255, 255, 255],
+                        stroked=True, line_width_min_pixels=1.5, pickable=True),
+              pdk.Layer("TextLayer", [p for p in points if p["label"]], id="counts", get_position=["lon", "lat"],
+                        get_text="label", get_size=13, get_color=[255, 255, 255])]
+    tiles = st.toggle("Base map (loads map tiles from the internet)", key=f"{key}-tiles")
+    deck = pdk.Deck(layers=layers, initial_view_state=view, tooltip={"text": "{title}"},
+                    **({"map_provider": "carto", "map_style": "light"} if tiles else {"map_provider": None}))
+    event = st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key=f"{key}-map", height=460)
+    st.caption(f"{sum(p['count'] for p in points)} of {len(hits)} photos have a GPS position; click a pin. "
+               f"Grid lines every {step:g}°.")
+    chosen = (event.selection.get("objects") or {}).get("photos") or []
+    if chosen:
+        ids = [int(i) for i in str(chosen[0]["ids"]).split(",")]
+        if len(ids) == 1:
+            detail(settings, library, ids[0], key=f"{key}-pin", close=False)
+        else:
+            st.markdown(f"**{len(ids)} photos here**")
+            grid(settings, library, [h for h in hits if h.id in set(ids)], key=f"{key}-pin")
+
+
+def timeline(hits, key: str, narrow: bool = True) -> None:
+    """A histogram of the photos' capture dates; with ``narrow``, dragging across it searches those dates
+    only (the range becomes --after/--before)."""
+    import altair as alt
+    import pandas as pd
+
+    taken = [h.taken_at[:10] for h in hits if h.taken_at]
+    if not taken:
+        st.info("None of these photos has a capture date.")
+        return
+    frame = pd.DataFrame({"taken": pd.to_datetime(taken)})
+    days = (frame.taken.max() - frame.taken.min()).days
+    unit = "yearmonthdate" if days <= 92 else "yearmonth" if days <= 3660 else "year"
+    chart = alt.Chart(frame).mark_bar(color="#d62728").encode(
+        x=alt.X(f"{unit}(taken):T", title="taken"), y=alt.Y("count():Q", title="photos"))
+    if narrow:
+        chart = chart.add_params(alt.selection_interval(encodings=["x"], name="when"))
+        st.altair_chart(chart, on_select=partial(on_brush, f"{key}-timeline"), key=f"{key}-timeline",
+                        width="stretch")
+        st.caption("Drag across the bars to search those dates only.")
+    else:
+        st.altair_chart(chart, width="stretch")
+    st.caption(f"{len(taken)} of {len(hits)} photos have a capture date.")
+
+
+def on_brush(key: str) -> None:
+    """The timeline's brush moved: its ends become the search's first and last day."""
+    from datetime import datetime, timezone
+
+    ends = next(iter((st.session_state[key].selection.get("when") or {}).values()), None)
+    if not ends:
+        return
+
+    def day(v) -> str:
+        if isinstance(v, (int, float)):  # Vega-Lite gives times as milliseconds since 1970
+            return datetime.fromtimestamp(v / 1000, timezone.utc).date().isoformat()
+        return str(v)[:10]
+
+    on_change(after=day(min(ends)), before=day(max(ends)), view=None)
+
+
+# --- albums -------------------------------------------------------------------------------------------
+def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
+    """Every album (a saved search that stays current), and the one opened: its photos as a grid, on the map
+    and on the timeline; rename, delete, export."""
+    if status is None or not status["images"]:
+        st.info("The library is empty: index a folder with the form in the sidebar first.")
+        return
+    library = warm_library(settings)
+    if p.album:
+        return album_view(settings, library, p.album)
+    albums = library.albums()
+    st.header("Albums", anchor=False)
+    if not albums:
+        st.info("No albums yet: search, mark results with 👍/👎 to refine it, then **Save as album** (or run "
+                "`imgsearch album save NAME QUERY`).")
+    for album in albums:
+        c1, c2, c3 = st.columns([3, 1, 6], vertical_alignment="center")
+        c1.button(md(album.name), key=f"album-open-{album.name}", on_click=on_change,
+                  kwargs={"page": "albums", "album": album.name}, type="tertiary")
+        c2.markdown(f"{album.count} photos")
+        c3.caption(md(album.problem) if album.problem else f"{md(album.query)} · changed "
+                   + time.strftime("%Y-%m-%d %H:%M", time.localtime(album.changed_at)))
+
+
+def album_view(settings: Settings, library, name: str) -> None:
+    try:
+        album = library.album(name)
+    except ImgSearchError as e:
+        st.error(md(e))
+        st.button("All albums", on_click=on_change, kwargs={"album": ""})
+        return
+    top, back = st.columns([6, 1], vertical_alignment="center")
+    top.header(f"Album: {md(album.name)}", anchor=False)
+    back.button("All albums", on_click=on_change, kwargs={"album": ""}, type="tertiary")
+    st.caption(f"{album.count} photos · {md(album.query)}")
+    with st.expander("Rename, delete or export"):
+        with st.form("album-rename", border=False):
+            new = st.text_input("New name", value=album.name, max_chars=100, key="w_album_rename")
+            if st.form_submit_button("Rename"):
+                try:
+                    library.rename_album(album.name, new)
+                    on_change(album=new.strip())
+                    st.rerun()
+                except ImgSearchError as e:
+                    st.error(md(e))
+        with st.form("album-export", border=False):
+            folder = st.text_input("Export to a new or empty folder", placeholder="/home/me/Desktop/beach",
+                                   key="w_album_export")
+            link = st.checkbox("Symbolic links instead of copies", key="w_album_link")
+            if st.form_submit_button("Export"):
+                try:
+                    if not folder.strip():
+                        raise UsageError("type the folder to export to")
+                    written = library.export_album(album.name, os.path.expanduser(folder.strip()), link=link)
+                    st.success(f"Exported {len(written)} photos to {md(folder.strip())}")
+                except ImgSearchError as e:
+                    st.error(md(e))
+        with st.form("album-delete", border=False):
+            sure = st.checkbox("Delete this album (its saved search only; no photo is touched)", key="w_album_sure")
+            if st.form_submit_button("Delete"):
+                if not sure:
+                    st.warning("Tick the box to delete the album.")
+                else:
+                    library.delete_album(album.name)
+                    on_change(album="")
+                    st.rerun()
+    if album.hits:
+        views(settings, library, album.hits, "album")
+    else:
+        st.info("No photos in this album now.")
 
 
 def main() -> None:
@@ -540,6 +805,9 @@ def main() -> None:
     sync_widgets(p)
     st.session_state["_version"] = library_version(settings)
     with st.sidebar:
+        st.radio("Page", ["Search", "Albums"], key="w_page", horizontal=True, label_visibility="collapsed",
+                 on_change=lambda: on_change(page="albums" if st.session_state.w_page == "Albums" else "",
+                                             album="", view=None))
         try:
             status = status_panel(settings)
         except ImgSearchError as e:
@@ -550,13 +818,18 @@ def main() -> None:
     st.title("imgsearch")
     for problem in p.problems:
         st.warning(f"Ignored part of the address: {md(problem)}")
-    search_form()
+    if p.page != "albums":
+        search_form()
     try:
-        results(settings, status, p)
+        if p.page == "albums":
+            albums_page(settings, status, p)
+        else:
+            results(settings, status, p)
     except ParamError as e:  # the library names the parameter; the page says which field and value
         raw = st.query_params
         field = {"under": ("Folder", p.under), "min_score": ("Minimum score", raw.get("min")),
-                 "k": ("Results", raw.get("k")), "ids": ("Like image", raw.get("like")),
+                 "k": ("Results", raw.get("k")), "like": ("Liked images", raw.get("like")),
+                 "unlike": ("Unliked images", raw.get("unlike")),
                  "after": ("Taken from", p.after), "before": ("Taken until", p.before), "near": ("Near", p.near),
                  "camera": ("Camera", p.camera)}
         label, value = field.get(e.param, (e.param, None))
