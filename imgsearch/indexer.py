@@ -609,7 +609,7 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
-                progress: ProgressFn | None = None, store: Store | None = None, open_store=None,
+                progress: ProgressFn | None = None, store: Store | None = None, open_store=None, load_encoder=None,
                 build_progress: BuildProgress | None = None, wait: bool = True, remote=None) -> IndexReport:
     """Index (or re-index incrementally) image files under ``paths`` with the settings' model.
 
@@ -638,8 +638,8 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
                 enc = onnx_image.torch_free_encoder(settings, store and store.library_id, threads)[0]
             if enc is None:
                 onnx_image.drop_prestarted()
-                enc = encoder_mod.load(ModelSpec(settings.model, settings.pretrained), settings.device,
-                                       settings.precision)
+                enc = load_encoder() if load_encoder else encoder_mod.load(
+                    ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
             store = store or (open_store() if open_store else Store(settings.db_path))
             indexer = Indexer(settings, enc, store, remote)
             torch_cpu = remote is None and enc.device == "cpu" and not enc.torch_free

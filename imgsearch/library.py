@@ -200,7 +200,7 @@ class Library:
                 remote.open()  # an unreachable cluster too
         try:
             report = index_paths(self.settings, [str(p) for p in paths], encoder=self._encoder,
-                                 open_store=self._open_store, progress=progress,
+                                 open_store=self._open_store, load_encoder=lambda: self.encoder, progress=progress,
                                  build_progress=build_progress, wait=wait, remote=remote)
         finally:
             if remote is not None:

@@ -154,24 +154,23 @@ def current_settings() -> Settings:
     return Settings.from_env()
 
 
+@st.cache_resource(show_spinner=False, hash_funcs={Settings: repr})
+def the_library(settings: Settings):
+    """The one Library per library and model for the whole server process, shared by every session's thread
+    and the index runs started here (imgsearch.Library documents what it locks); it loads what each use needs."""
+    return Library(settings=settings)
+
+
 @st.cache_resource(show_spinner="Loading the model and the index…", hash_funcs={Settings: repr})
 def warm_library(settings: Settings):
-    """One Library per library and model for the whole server process, shared by every session's thread
-    (model + FAISS stay loaded; imgsearch.Library documents what it locks)."""
-
-    return Library(settings=settings).load()
-
-
-@st.cache_resource(show_spinner=False, hash_funcs={Settings: repr})
-def library_reader(settings: Settings):
-    """A Library used only to read its change counter: no model is loaded for it."""
-    return Library(settings=settings)
+    """That same Library with its model and index loaded, once."""
+    return the_library(settings).load()
 
 
 def library_version(settings: Settings) -> int | None:
     """Moves whenever any process (`imgsearch watch`, `index`, `forget`) changes images or vectors."""
     try:
-        return library_reader(settings).version()
+        return the_library(settings).version()
     except LibraryError:
         return None  # no library yet
 
@@ -185,8 +184,7 @@ def cached_status(settings: Settings, last_job: float | None, version: int | Non
     """
 
     try:
-        with Library(settings=settings) as lib:
-            return lib.status().as_dict()
+        return the_library(settings).status().as_dict()
     except LibraryError as e:
         if not settings.db_path.exists():
             return None
@@ -231,8 +229,8 @@ class IndexJobs:
 
         def work() -> None:
             try:
-                with Library(settings=settings) as lib:
-                    job.report = lib.index([folder], progress=progress, build_progress=build_progress).as_dict()
+                lib = the_library(settings)
+                job.report = lib.index([folder], progress=progress, build_progress=build_progress).as_dict()
             except ImgSearchError as e:
                 job.error = str(e)
             except Exception as e:  # a bug: keep the server up, log the details, show one line
@@ -408,7 +406,7 @@ def status_panel(settings: Settings) -> dict | None:
     st.markdown(f"**Images** {status['images']}  \n**Failures** {status['failures']}  \n"
                 f"**Disk** {human_bytes(status['disk_bytes'])}")
 
-    label = Library(settings=settings).model_label
+    label = the_library(settings).model_label
     st.markdown(f"**Model** {md(label)}")
     mine = [m for m in status["models"] if m["model"] == label]
     for m in mine:
