@@ -2,37 +2,32 @@
 
 Two forms, both streamed a chunk at a time (memory stays at one chunk whatever the library's size):
 
-- ``parquet``: one dataset of ``part-NNNNN.parquet`` files; each row is an image (id, path, hash, size,
-  mtime, width, height, date taken) with its vector as ``fixed_size_list<float32>[dim]``; the model's
-  identity (open_clip name, pretrained, weights fingerprint, dim) sits in every file's schema metadata.
-- ``clip-retrieval``: ``img_emb/img_emb_{i}.npy`` (float32, L2-normalised, rows x dim) and
-  ``metadata/metadata_{i}.parquet`` with ``image_path`` in the same row order: what autofaiss and
-  clip-retrieval's back end index. Shards roll over every ``SHARD_ROWS`` rows.
+- ``parquet``: ``part-NNNNN.parquet`` files; a row is an image (id, path, hash, size, mtime, width, height,
+  date taken) with its vector as ``fixed_size_list<float32>[dim]``; the model's identity sits in every
+  file's schema metadata.
+- ``clip-retrieval``: ``img_emb/img_emb_{i}.npy`` (float32, L2-normalised) and ``metadata/metadata_{i}.parquet``
+  with ``image_path`` in the same row order, what autofaiss and clip-retrieval index; shards of ``SHARD_ROWS``.
 
-Both carry ``_imgsearch_export.json`` (format, model, row count, files), written last: an export without
-it is unfinished. A leading underscore keeps pyarrow.dataset from reading it as data.
+Both carry ``_imgsearch_export.json``, written last: an export without it is unfinished (the leading
+underscore keeps pyarrow.dataset from reading it as data). An export goes only into a new or empty folder,
+built in a temporary folder marked as imgsearch's (owned.py), so a failed one is removed file by file and
+nothing the user put there is touched.
 
-Safety: an export goes only into a new or empty folder. It is built in a temporary folder inside it that
-carries an ownership marker (owned.py), moved into place when complete, and on failure removed file by
-file after proving imgsearch wrote it. Nothing the user put there is ever touched.
-
-Import trusts nothing it reads. The export's model must be the library's (same weights fingerprint, same
-dimension). Every row is checked by type and range (a finite, non-zero vector; a path that is text without
-NUL; whole-number size, width and height within reason; a capture time that is a real date, else none),
-and a bad row is skipped and counted. A path is resolved against the export's folder, and what it names
-must be a regular file whose first bytes are an image format imgsearch reads, of the exported size; by
-default its content hash is checked too (``trust`` takes the exported hash and judges the file by its
-name the way the walk does, reading nothing).
+Import trusts nothing it reads: the model must be the library's (weights fingerprint, dimension); each row
+is checked by type and range and a bad one skipped and counted; a path is resolved against the export's
+folder and must name a regular image file of the exported size, and by default of the exported content
+(``trust`` takes the exported hash and judges the file by its name, as the walk does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -74,8 +69,7 @@ class ExportReport:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"folder": self.folder, "format": self.format, "model": self.model, "dim": self.dim,
-                "rows": self.rows, "files": self.files, "seconds": round(self.seconds, 3)}
+        return {**asdict(self), "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -151,11 +145,6 @@ def pick_model(store, settings: Settings, model: str | None = None):
                      "`imgsearch export DIR --model NAME-OR-ID`")
 
 
-def _model_info(row) -> dict:
-    return {"name": row.name, "pretrained": row.pretrained, "fingerprint": row.fingerprint, "dim": row.dim,
-            "label": row.label}
-
-
 # --- export --------------------------------------------------------------------------------------------
 def _npy_header(rows: int, dim: int) -> bytes:
     import io
@@ -163,32 +152,6 @@ def _npy_header(rows: int, dim: int) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)})
     return buf.getvalue()
-
-
-class _NpyWriter:
-    """A float32 [rows, dim] .npy written row block by row block: the header is rewritten with the final count.
-
-    numpy pads a version 1.0 header to the next multiple of 64 bytes, so the header for 0 rows and for
-    any count this writer will see have the same length and the rewrite never moves the data.
-    """
-
-    def __init__(self, path: Path, dim: int):
-        self.path, self.dim, self.rows = path, dim, 0
-        self.f = open(path, "wb")
-        self.header_len = len(_npy_header(0, dim))
-        self.f.write(_npy_header(0, dim))
-
-    def write(self, vecs: np.ndarray) -> None:
-        self.f.write(np.ascontiguousarray(vecs, dtype="<f4").tobytes())
-        self.rows += len(vecs)
-
-    def close(self) -> None:
-        header = _npy_header(self.rows, self.dim)
-        if len(header) != self.header_len:  # would need ~10^50 rows; never silently write a broken file
-            raise RuntimeError(f"npy header grew from {self.header_len} to {len(header)} bytes")
-        self.f.seek(0)
-        self.f.write(header)
-        self.f.close()
 
 
 def _meta_columns(pa, rows, path_col: str) -> dict:
@@ -227,109 +190,79 @@ def _unit(vecs: np.ndarray) -> np.ndarray:
     return vecs
 
 
-class _ShardedWriter:
-    """Writes rows into shard files in the temporary folder; each finished file is recorded as imgsearch's."""
+class _ShardWriter:
+    """Writes rows into shard files in the temporary folder; each finished file is recorded as imgsearch's.
 
-    def __init__(self, pa, pq, tmp: Path, dim: int, model: dict, shard_rows: int):
+    A clip-retrieval .npy is written row block by row block and its header rewritten with the final count:
+    numpy pads a version 1.0 header to a multiple of 64 bytes, so the rewrite never moves the data.
+    """
+
+    def __init__(self, pa, pq, tmp: Path, fmt: str, dim: int, model: dict, shard_rows: int):
         self.pa, self.pq, self.tmp, self.dim, self.shard_rows = pa, pq, tmp, dim, shard_rows
-        self.meta = {META_KEY: json.dumps({"format_version": FORMAT_VERSION, "model": model}).encode()}
-        self.shard = -1
-        self.in_shard = 0
+        self.clip = fmt == "clip-retrieval"
+        self.path_col = "image_path" if self.clip else "path"
+        fields = [pa.field(k, v.type) for k, v in _meta_columns(pa, [], self.path_col).items()]
+        if not self.clip:
+            fields.append(pa.field("vector", pa.list_(pa.float32(), dim)))
+        meta = {META_KEY: json.dumps({"format_version": FORMAT_VERSION, "model": model}).encode()}
+        self.schema = pa.schema(fields, metadata=meta)
+        self.shard, self.in_shard = -1, 0
+        self.writer = self.npy = None
         self.files: list[str] = []  # relative to the export folder, in order
 
+    def _names(self) -> list[str]:
+        if self.clip:
+            return [f"img_emb/img_emb_{self.shard}.npy", f"metadata/metadata_{self.shard}.parquet"]
+        return [f"part-{self.shard:05d}.parquet"]
+
+    def _open_shard(self) -> None:
+        self.shard, self.in_shard = self.shard + 1, 0
+        *emb, meta = self._names()
+        if emb:
+            self.npy = open(str(self.tmp / emb[0]) + PARTIAL, "wb")
+            self.npy.write(_npy_header(0, self.dim))
+        self.writer = self.pq.ParquetWriter(str(self.tmp / meta) + PARTIAL, self.schema)
+
     def add(self, rows, vecs: np.ndarray) -> None:
-        i = 0
+        pa, i = self.pa, 0
         while i < len(rows):
-            if self.shard < 0 or self.in_shard >= self.shard_rows:
+            if self.writer is None or self.in_shard >= self.shard_rows:
                 self._finish_shard()
-                self.shard += 1
-                self.in_shard = 0
                 self._open_shard()
             take = min(len(rows) - i, self.shard_rows - self.in_shard)
-            self._write(rows[i:i + take], vecs[i:i + take])
+            cols = _meta_columns(pa, rows[i:i + take], self.path_col)
+            if self.npy:
+                self.npy.write(np.ascontiguousarray(vecs[i:i + take], dtype="<f4").tobytes())
+            else:
+                flat = pa.array(np.ascontiguousarray(vecs[i:i + take], dtype=np.float32).reshape(-1), pa.float32())
+                cols["vector"] = pa.FixedSizeListArray.from_arrays(flat, self.dim)
+            self.writer.write_table(pa.table(cols, schema=self.schema))
             self.in_shard += take
             i += take
 
+    def _finish_shard(self) -> None:
+        if self.writer is None:
+            return
+        if self.npy:
+            header = _npy_header(self.in_shard, self.dim)
+            if len(header) != len(_npy_header(0, self.dim)):  # would need ~10^50 rows; never write a broken file
+                raise RuntimeError(f"npy header grew to {len(header)} bytes")
+            self.npy.seek(0)
+            self.npy.write(header)
+            self.npy.close()
+        self.writer.close()
+        self.writer = self.npy = None
+        for rel in self._names():  # each finished ``.partial`` file renamed and recorded in its folder's marker
+            path = self.tmp / rel
+            os.replace(str(path) + PARTIAL, path)
+            owned.record(path.parent, path.name)
+            self.files.append(rel)
+
     def close(self) -> list[str]:
         if self.shard < 0:  # an empty export still has one (empty) shard, so readers find the layout
-            self.shard = 0
             self._open_shard()
         self._finish_shard()
         return self.files
-
-    def _done(self, rel: str) -> None:
-        """Rename a finished ``.partial`` file to its name and record it in its folder's marker."""
-        path = self.tmp / rel
-        os.replace(str(path) + PARTIAL, path)
-        owned.record(path.parent, path.name)
-        self.files.append(rel)
-
-    def _open_shard(self) -> None:
-        raise NotImplementedError
-
-    def _write(self, rows, vecs) -> None:
-        raise NotImplementedError
-
-    def _finish_shard(self) -> None:
-        raise NotImplementedError
-
-
-class _ParquetWriter(_ShardedWriter):
-    def __init__(self, pa, pq, tmp, dim, model, shard_rows):
-        super().__init__(pa, pq, tmp, dim, model, shard_rows)
-        cols = _meta_columns(pa, [], "path")
-        fields = [pa.field(k, v.type) for k, v in cols.items()]
-        fields.append(pa.field("vector", pa.list_(pa.float32(), dim)))
-        self.schema = pa.schema(fields, metadata=self.meta)
-        self.writer = None
-
-    def _name(self) -> str:
-        return f"part-{self.shard:05d}.parquet"
-
-    def _open_shard(self):
-        self.writer = self.pq.ParquetWriter(str(self.tmp / self._name()) + PARTIAL, self.schema)
-
-    def _write(self, rows, vecs):
-        pa = self.pa
-        cols = _meta_columns(pa, rows, "path")
-        flat = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).reshape(-1), pa.float32())
-        cols["vector"] = pa.FixedSizeListArray.from_arrays(flat, self.dim)
-        self.writer.write_table(pa.table(cols, schema=self.schema))
-
-    def _finish_shard(self):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            self._done(self._name())
-
-
-class _ClipRetrievalWriter(_ShardedWriter):
-    def __init__(self, pa, pq, tmp, dim, model, shard_rows):
-        super().__init__(pa, pq, tmp, dim, model, shard_rows)
-        schema = pa.table(_meta_columns(pa, [], "image_path")).schema
-        self.schema = schema.with_metadata(self.meta)
-        self.npy: _NpyWriter | None = None
-        self.writer = None
-
-    def _names(self) -> tuple[str, str]:
-        return f"img_emb/img_emb_{self.shard}.npy", f"metadata/metadata_{self.shard}.parquet"
-
-    def _open_shard(self):
-        emb, meta = self._names()
-        self.npy = _NpyWriter(Path(str(self.tmp / emb) + PARTIAL), self.dim)
-        self.writer = self.pq.ParquetWriter(str(self.tmp / meta) + PARTIAL, self.schema)
-
-    def _write(self, rows, vecs):
-        self.npy.write(vecs)
-        self.writer.write_table(self.pa.table(_meta_columns(self.pa, rows, "image_path"), schema=self.schema))
-
-    def _finish_shard(self):
-        if self.npy is not None:
-            self.npy.close()
-            self.writer.close()
-            self.npy = self.writer = None
-            for rel in self._names():
-                self._done(rel)
 
 
 def _listing(folder: Path, limit: int = 3) -> str:
@@ -381,23 +314,20 @@ def prepare_target(target: Path) -> bool:
 
 def _move_new(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, which must not exist: a file that appeared there meanwhile is never replaced."""
-    if src.is_dir():
-        if os.path.lexists(dst):
-            raise UsageError(f"{dst} appeared while the export was being written; export into another folder")
-        os.rename(src, dst)
-        return
-    try:
-        os.link(src, dst)  # fails if dst exists, unlike rename
-    except FileExistsError:
-        raise UsageError(f"{dst} appeared while the export was being written; export into another folder"
-                         ) from None
-    except OSError:  # a file system without hard links: check, then rename
-        if os.path.lexists(dst):
-            raise UsageError(f"{dst} appeared while the export was being written; export into another folder"
-                             ) from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
+    appeared = UsageError(f"{dst} appeared while the export was being written; export into another folder")
+    if not src.is_dir():
+        try:
+            os.link(src, dst)  # fails if dst exists, unlike rename
+        except FileExistsError:
+            raise appeared from None
+        except OSError:  # a file system without hard links: check, then rename
+            pass
+        else:
+            os.unlink(src)
+            return
+    if os.path.lexists(dst):
+        raise appeared
+    os.rename(src, dst)
 
 
 def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
@@ -428,7 +358,8 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
     pa, pq = _arrow()
     t0 = time.perf_counter()
     row = pick_model(store, settings, model)
-    info = _model_info(row)
+    info = {"name": row.name, "pretrained": row.pretrained, "fingerprint": row.fingerprint, "dim": row.dim,
+            "label": row.label}
     total = store.vector_count(row.id)
     target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
     created = prepare_target(target)
@@ -445,9 +376,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
             for sub in SUBFOLDERS:
                 os.mkdir(tmp / sub)
                 owned.start_marker(tmp / sub, PART_KIND, token, where=target / sub)
-            writer: _ShardedWriter = _ClipRetrievalWriter(pa, pq, tmp, row.dim, info, shard_rows)
-        else:
-            writer = _ParquetWriter(pa, pq, tmp, row.dim, info, shard_rows)
+        writer = _ShardWriter(pa, pq, tmp, fmt, row.dim, info, shard_rows)
         if progress:
             progress(0, total)
         for rows, vecs in store.iter_image_vectors(row.id, chunk):
@@ -466,10 +395,8 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
         if tmp.exists():
             _remove_temp(tmp, target, token)
         if created:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(target)  # made by this call; rmdir keeps it if anything else is inside
-            except OSError:
-                pass
         raise
     report.seconds = time.perf_counter() - t0
     return report
@@ -539,14 +466,14 @@ def open_export(folder: str | os.PathLike) -> _Source:
             raise DataError(f"{root / MANIFEST} is unreadable ({e}); export again") from None
     elif any(n.startswith(TEMP_PREFIX) for n in os.listdir(root)):
         raise DataError(f"{root} holds an unfinished export (it was interrupted); export again")
-    models: list[tuple[Path, dict | None]] = []
+    pieces = []  # (shard, the parquet file that names its model, rows, dim)
     if (root / "img_emb").is_dir():
+        fmt = "clip-retrieval"
         npys = sorted((root / "img_emb").glob("*.npy"), key=_shard_no)
         metas = {_shard_no(p): p for p in (root / "metadata").glob("*.parquet")} if (root / "metadata").is_dir() \
             else {}
         if not npys:
             raise DataError(f"{root / 'img_emb'} holds no .npy files; nothing to import")
-        shards, dim, rows = [], None, 0
         for npy in npys:
             meta = metas.get(_shard_no(npy))
             if meta is None:
@@ -554,25 +481,19 @@ def open_export(folder: str | os.PathLike) -> _Source:
                                 "(it names the images); the export is incomplete")
             f, n, d, _ = _npy_open(npy)
             f.close()
-            names = pq.read_schema(meta).names
-            if "image_path" not in names:
+            if "image_path" not in pq.read_schema(meta).names:
                 raise DataError(f"{meta} has no image_path column; it cannot say which image a vector is")
             meta_rows = pq.ParquetFile(meta).metadata.num_rows
             if meta_rows != n:
                 raise DataError(f"{meta.name} names {meta_rows} images but {npy.name} holds {n} vectors; "
                                 "the export is damaged")
-            if dim is not None and d != dim:
-                raise DataError(f"{npy.name} holds {d}-dimensional vectors, the others {dim}; the export is damaged")
-            dim, rows = d, rows + n
-            shards.append((npy, meta))
-            models.append((meta, _file_model(pq, meta)))
-        fmt = "clip-retrieval"
+            pieces.append(((npy, meta), meta, n, d))
     else:
+        fmt = "parquet"
         parts = sorted(p for p in root.glob("*.parquet") if not p.name.startswith((".", "_")))
         if not parts:
             raise DataError(f"{root} is not an export: expected img_emb/ and metadata/ (clip-retrieval) or "
                             ".parquet files with a vector column (`imgsearch export --format parquet`)")
-        shards, dim, rows = [], None, 0
         for part in parts:
             schema = pq.read_schema(part)
             if "vector" not in schema.names or not any(c in schema.names for c in ("path", "image_path")):
@@ -580,15 +501,14 @@ def open_export(folder: str | os.PathLike) -> _Source:
             vtype = schema.field("vector").type
             if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
                 raise DataError(f"{part.name}: its vector column is {vtype}, expected fixed_size_list<float32>")
-            if dim is not None and vtype.list_size != dim:
-                raise DataError(f"{part.name} holds {vtype.list_size}-dimensional vectors, the others {dim}")
-            dim = vtype.list_size
-            rows += pq.ParquetFile(part).metadata.num_rows
-            shards.append(part)
-            models.append((part, _file_model(pq, part)))
-        fmt = "parquet"
+            pieces.append((part, part, pq.ParquetFile(part).metadata.num_rows, vtype.list_size))
+    dim = pieces[0][3]
     model = manifest.get("model") if isinstance(manifest, dict) else None
-    for path, m in models:
+    for shard, path, _, d in pieces:
+        if d != dim:
+            name = (shard[0] if fmt == "clip-retrieval" else shard).name
+            raise DataError(f"{name} holds {d}-dimensional vectors, the others {dim}; the export is damaged")
+        m = _file_model(pq, path)
         if m is None:
             continue
         if model is None:
@@ -599,7 +519,7 @@ def open_export(folder: str | os.PathLike) -> _Source:
     if model is not None and int(model.get("dim", -1)) != dim:
         raise DataError(f"{root}: the export says its model makes {model.get('dim')}-dimensional vectors but the "
                         f"files hold {dim}-dimensional ones; the export is damaged")
-    return _Source(root, fmt, int(dim), rows, model, shards,
+    return _Source(root, fmt, int(dim), sum(p[2] for p in pieces), model, [p[0] for p in pieces],
                    manifest.get("albums") or [] if isinstance(manifest, dict) else [])
 
 

@@ -1,17 +1,16 @@
 """Watched folders: turn file-system events into small batches for the library's own index and forget.
 
-watchdog reports events (inotify on Linux; its polling observer where inotify is unavailable or on
-request). Events only name paths: what a path means is decided when its batch is applied, by looking at
-the disk then (there: index it; gone: forget it), so a burst of create/modify/rename/delete events on one
-file collapses into one look. A file is applied only once its size and mtime have stayed the same across
-a quiet spell (``debounce``), so a half-copied photo is not indexed as a broken one. The writing itself is
-not done here: ``apply(changed, gone)`` is the library's incremental, crash-safe index + forget, and the
-catch-up at start is a normal incremental index of the roots, so a watcher killed at any point loses
-nothing that the next start does not find.
+watchdog reports events (inotify, or polling where inotify is unavailable or asked for). Events only name
+paths: what a path means is decided when its batch is applied, by looking at the disk then, so a burst of
+events on one file collapses into one look. A file is applied only once its size and mtime have stayed the
+same across a quiet spell (``debounce``), so a half-copied photo is not indexed as a broken one. Writing is
+the library's crash-safe incremental index + forget (``apply``), and the start's catch-up is a normal
+incremental index, so a watcher killed at any point loses nothing the next start does not find.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -41,10 +40,6 @@ class Batch:
     gone: list[str] = field(default_factory=list)  # paths that were forgotten
     seconds: float = 0.0
     error: str | None = None  # the one-line message of an ImgSearchError that stopped this batch
-
-    @property
-    def removed(self) -> int:
-        return self.report.removed
 
     def line(self) -> str:
         """One line for a terminal or a log."""
@@ -136,12 +131,10 @@ class Watcher:
         parts = rel.split(os.sep)
         if any(files.is_hidden(part) for part in parts) or parts[-1].lower().endswith(TEMP_SUFFIXES):
             return True
-        folder = root
-        for part in parts[:-1]:  # another library's home inside a watched folder: its thumbnails are no photos
-            if os.path.exists(os.path.join(folder, HOME_MARKER)) and os.path.exists(os.path.join(folder, HOME_DB)):
-                return True
-            folder = os.path.join(folder, part)
-        return os.path.exists(os.path.join(folder, HOME_MARKER)) and os.path.exists(os.path.join(folder, HOME_DB))
+        # Another library's home inside a watched folder: its thumbnails are no photos.
+        folders = (os.path.join(root, *parts[:i]) for i in range(len(parts)))
+        return any(os.path.exists(os.path.join(f, HOME_MARKER)) and os.path.exists(os.path.join(f, HOME_DB))
+                   for f in folders)
 
     def notice(self, path: str) -> None:
         """Something happened at ``path``; it is looked at once things have been quiet for a moment."""
@@ -185,10 +178,7 @@ class Watcher:
                 from watchdog.observers import Observer
 
                 observer = Observer()
-                for root in self.roots:
-                    self._watches[root] = observer.schedule(handler, root, recursive=True)
-                observer.start()
-                self._observer = observer
+                self._observe(observer, handler)
                 self.how = "inotify" if "inotify" in type(observer).__name__.lower() else type(observer).__name__
                 return
             except OSError as e:  # no inotify, or its watch limit reached (a big tree): polling still works
@@ -196,16 +186,16 @@ class Watcher:
                          "instead")
                 self._watches.clear()
                 if observer is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         observer.stop()
-                    except Exception:
-                        pass
-        observer = PollingObserver(timeout=self.interval)
+        self._observe(PollingObserver(timeout=self.interval), handler)
+        self.how = f"polling every {self.interval:g}s"
+
+    def _observe(self, observer, handler) -> None:
         for root in self.roots:
             self._watches[root] = observer.schedule(handler, root, recursive=True)
         observer.start()
         self._observer = observer
-        self.how = f"polling every {self.interval:g}s"
 
     def catch_up(self, progress=None, build_progress=None) -> IndexReport:
         """A normal incremental index of every root: whatever changed while nothing was watching."""
@@ -215,10 +205,8 @@ class Watcher:
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()
-            try:
+            with contextlib.suppress(RuntimeError):
                 observer.join(5)
-            except RuntimeError:
-                pass
 
     def __enter__(self) -> "Watcher":
         return self
@@ -249,10 +237,8 @@ class Watcher:
             self.roots.remove(root)
             watch = self._watches.pop(root, None)
             if watch is not None and self._observer is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self._observer.unschedule(watch)
-                except Exception:
-                    pass
             with self._lock:
                 for p in [p for p in self._pending if _under(p, root)]:
                     del self._pending[p]

@@ -50,11 +50,8 @@ def check_images(paths: list[str], draft_size: int, max_pixels: int, workers: in
     from ..images import decode_many
 
     bad: dict[str, str] = {}
-
-    def probe(path: str):
-        open_image(path, draft_size=draft_size, max_pixels=max_pixels)
-
-    for n, (path, result) in enumerate(zip(paths, decode_many(paths, probe, workers)), start=1):
+    results = decode_many(paths, lambda path: open_image(path, draft_size=draft_size, max_pixels=max_pixels), workers)
+    for n, (path, result) in enumerate(zip(paths, results), start=1):
         if isinstance(result, DecodeError):
             bad[path] = str(result)
         if progress:
@@ -85,32 +82,28 @@ def prepare(source, *, val_source=None, image_col: str = "path", caption_col: st
     all_paths = sorted({p.path for p in main.pairs} | ({p.path for p in val_set.pairs} if val_set else set()))
     bad = check_images(all_paths, draft_size, max_pixels, workers, progress)
 
-    def usable(pairs, prefix=""):
+    def keep(pairs, why_not):
+        """The pairs ``why_not(path)`` finds nothing against; the others are listed in ``skipped``."""
         kept = []
         for p in pairs:
-            if p.path in bad:
-                where = f"{main.source}:{p.line}" if p.line else p.path
-                skipped.append((where, f"{prefix}unreadable image {p.path}: {bad[p.path]}"))
+            why = why_not(p.path)
+            if why:
+                skipped.append((f"{main.source}:{p.line}" if p.line else p.path, why))
             else:
                 kept.append(p)
         return kept
 
-    pairs = usable(main.pairs)
+    pairs = keep(main.pairs, lambda path: path in bad and f"unreadable image {path}: {bad[path]}")
     if not pairs:
         detail = "; ".join(f"{w}: {r}" for w, r in skipped[:3])
         raise DataError(f"no usable image–caption pairs in {source}" + (f" ({detail})" if detail else "")
                         + "; check the paths (relative paths resolve against the captions file's folder) "
                           "and the column names")
     if val_set is not None:
-        val = usable(val_set.pairs, "validation: ")
+        val = keep(val_set.pairs, lambda path: path in bad and f"validation: unreadable image {path}: {bad[path]}")
         val_images = {p.path for p in val}
-        train = []
-        for p in pairs:
-            if p.path in val_images:
-                skipped.append((f"{main.source}:{p.line}" if p.line else p.path,
-                                "image is also in the validation set; kept out of training"))
-            else:
-                train.append(p)
+        train = keep(pairs, lambda path: path in val_images and "image is also in the validation set; kept out of "
+                                                                "training")
     else:
         n_images = len({p.path for p in pairs})
         if n_images < 4:
@@ -212,10 +205,9 @@ def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False):
     """A DataLoader that decodes in ``workers`` processes and keeps a few batches ready ahead."""
     from torch.utils.data import DataLoader
 
-    kwargs = {}
-    if workers > 0:
-        kwargs = {"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": _ignore_sigint}
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory, **kwargs)
+    kwargs = {"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": _ignore_sigint}
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
+                      **(kwargs if workers > 0 else {}))
 
 
 def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int, batch_size: int = 64,
@@ -247,12 +239,5 @@ def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int,
         yield torch.stack(batch)
 
 
-def default_workers(setting: int, device: str = "cpu") -> int:
-    """Decode worker processes for training: the --workers setting, else config.training_workers' share."""
-    from ..config import training_workers
-
-    return training_workers(device, setting)
-
-
 __all__ = ["PreparedData", "prepare", "check_images", "split_by_image", "PairDataset", "StepBatches",
-           "epoch_order", "make_loader", "decode_for_eval", "default_workers"]
+           "epoch_order", "make_loader", "decode_for_eval"]

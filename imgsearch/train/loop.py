@@ -15,10 +15,11 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..config import MAX_PIXELS
+from .. import owned
 from ..errors import DataError, ImgSearchError, UsageError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -120,7 +121,6 @@ class StopFlag:
     """Set by the first Ctrl-C (or by a caller); the loop stops after the optimizer step in flight."""
 
     requested: bool = False
-    _previous: object = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def catching_sigint(self):
@@ -133,11 +133,11 @@ class StopFlag:
                 raise KeyboardInterrupt
             self.requested = True
 
-        self._previous = signal.signal(signal.SIGINT, handler)
+        previous = signal.signal(signal.SIGINT, handler)
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signal.SIGINT, previous)
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -162,7 +162,6 @@ def param_groups(model, wd: float) -> list[dict]:
 def training_precision(precision: str, device: str) -> str:
     """auto: fp16 autocast + grad scaler on CUDA, bf16 autocast on CPUs with native bf16, else fp32."""
     from ..encoder import pick_precision
-    from ..errors import UsageError
 
     if precision == "int8":
         raise UsageError("--precision int8 is for indexing only (a quantised copy of the image tower); "
@@ -220,8 +219,6 @@ _CHECKPOINT_TMP = CHECKPOINT_FILE + ".tmp"
 
 def checkpoint_dir_is_ours(folder: str | os.PathLike, token: str | None) -> bool:
     """Whether ``folder`` is a checkpoint folder imgsearch made for the run holding ``token``."""
-    from .. import owned
-
     return token is not None and owned.why_not_ours(folder, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,)) is None
 
 
@@ -231,8 +228,6 @@ def pick_checkpoint_dir(preferred: Path, token: str) -> tuple[Path, str | None]:
     A folder that exists and is not this run's own checkpoint folder (a user's folder, or another run's
     checkpoint that may still be resumed) is never written to; a numbered sibling is used instead.
     """
-    from .. import owned
-
     candidate, n = preferred, 1
     while os.path.lexists(candidate) and not checkpoint_dir_is_ours(candidate, token):
         n += 1
@@ -263,17 +258,10 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(msg)
 
 
-@dataclass
-class ValSet:
-    images: list[str]
-    tokens: object  # [n_texts, ctx] LongTensor
-    matches: list[tuple[int, int]]
-    pair_index: list[tuple[int, int]]
-
-
-def evaluate(model, val: ValSet, preprocess, device: str, precision: str, batch_size: int, draft_size: int,
+def evaluate(model, val, preprocess, device: str, precision: str, batch_size: int, draft_size: int,
              workers: int, max_pixels: int, overlap: bool = True) -> dict:
-    """Validation loss (over fixed batches of pairs) and retrieval metrics on the held-out images."""
+    """Validation loss (over fixed batches of pairs) and retrieval metrics on the held-out images of ``val``
+    (a PairDataset)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -284,16 +272,12 @@ def evaluate(model, val: ValSet, preprocess, device: str, precision: str, batch_
 
     was_training = model.training
     model.eval()
-    img_feats, txt_feats = [], []
     with torch.inference_mode(), autocast_for(precision, device):
-        for batch in decode_for_eval(val.images, preprocess, draft_size, workers, batch_size, max_pixels,
-                                     overlap):
-            img_feats.append(F.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
-        for i in range(0, len(val.tokens), batch_size):
-            txt_feats.append(F.normalize(model.encode_text(val.tokens[i:i + batch_size].to(device)).float(), dim=-1))
-        img = torch.cat(img_feats)
-        txt = torch.cat(txt_feats)
-        idx = torch.tensor(val.pair_index, dtype=torch.long, device=img.device)
+        batches = decode_for_eval(val.gallery.images, preprocess, draft_size, workers, batch_size, max_pixels, overlap)
+        img = torch.cat([F.normalize(model.encode_image(b.to(device)).float(), dim=-1) for b in batches])
+        txt = torch.cat([F.normalize(model.encode_text(val.tokens[i:i + batch_size].to(device)).float(), dim=-1)
+                         for i in range(0, len(val.tokens), batch_size)])
+        idx = val.index.to(img.device)
         total, count = 0.0, 0
         for lo in range(0, len(idx), batch_size):
             chunk = idx[lo:lo + batch_size]
@@ -305,15 +289,13 @@ def evaluate(model, val: ValSet, preprocess, device: str, precision: str, batch_
                 count += len(chunk)
     model.train(was_training)
     metrics = retrieval_metrics(img.cpu().numpy().astype(np.float32), txt.cpu().numpy().astype(np.float32),
-                                val.matches)
+                                val.gallery.matches)
     metrics["val_loss"] = total / count if count else float("nan")
     return metrics
 
 
 def _save_checkpoint(path: Path, payload: dict, token: str) -> None:
     import torch
-
-    from .. import owned
 
     try:
         owned.create_dir(path, CHECKPOINT_KIND, token)
@@ -358,9 +340,12 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     import torch
 
     from ..config import VERSION as __version__
+    from ..config import thread_budget, training_workers
     from ..encoder import ModelSpec, build, pick_device, save_local_dir
     from ..metrics import headline
-    from .data import PairDataset, StepBatches, default_workers, make_loader, prepare
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from .data import PairDataset, StepBatches, make_loader, prepare
     from .loss import MAX_LOG_SCALE, contrastive_loss
     from .wise import interpolate
 
@@ -369,8 +354,6 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     validate(cfg)
     out = Path(cfg.out).absolute()
     check_out_dir(out)
-    from .. import owned
-
     # The token ties this run's checkpoint folder to its checkpoints: only a folder whose marker carries
     # it is ever written to or removed, and a resumed run keeps the token of the run it continues.
     token = (resume or {}).get("owner_token") or owned.new_token()
@@ -379,10 +362,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         emit("note", message=f"{passed_over}; this run's checkpoints go to {ckdir}")
     device = pick_device(cfg.device)
     precision = training_precision(cfg.precision, device)
-    workers = default_workers(cfg.workers, device)
+    workers = training_workers(device, cfg.workers)
     # Checking and evaluating decode outside the training step: the indexing thread budget applies.
-    from ..config import thread_budget
-
     budget = thread_budget(device=device, workers=cfg.workers)
     torch.manual_seed(cfg.seed)
 
@@ -391,8 +372,6 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     enc = build(spec, device, "fp32")
     model, preprocess, tokenizer = enc.model, enc.preprocess, enc.tokenizer
     model_cfg, preprocess_cfg = base_model_config(spec, model)
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
     # open_clip's own training transform (RandomResizedCrop 0.9-1.0 of the image, no colour jitter):
     # mild enough that colour and layout words in captions stay true of the crop.
     train_transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=True)
@@ -407,10 +386,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         raise DataError("the captions or images changed since the checkpoint was written; --resume needs the "
                         "same data (start a new run without --resume to use the new data)")
     train_set = PairDataset(data.train, train_transform, tokenizer, draft, cfg.max_pixels)
-    val_set = PairDataset(data.val, preprocess, tokenizer, draft, cfg.max_pixels)
-    val = ValSet(val_set.gallery.images, val_set.tokens, val_set.gallery.matches, val_set.gallery.pair_index)
-    batches0 = StepBatches(len(train_set), cfg.batch_size, cfg.grad_accum, cfg.seed, 0, 0)
-    steps_per_epoch = batches0.steps_per_epoch
+    val = PairDataset(data.val, preprocess, tokenizer, draft, cfg.max_pixels)
+    steps_per_epoch = StepBatches(len(train_set), cfg.batch_size, cfg.grad_accum, cfg.seed, 0, 0).steps_per_epoch
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.1 * total))
     epochs = math.ceil(total / steps_per_epoch)
@@ -454,8 +431,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     if base_metrics is None:
         base_metrics = run_eval("base")
 
-    def checkpoint_payload() -> dict:
-        return {
+    def save_checkpoint(reason: str) -> None:
+        _save_checkpoint(ckdir, {
             "format": CHECKPOINT_FORMAT, "version": 1, "imgsearch": __version__, "created": time.time(),
             "config": asdict(cfg), "step": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
             "base": {"model": spec.name, "pretrained": spec.pretrained, "fingerprint": enc.fingerprint},
@@ -464,12 +441,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "history": history, "base_metrics": base_metrics, "best": best, "train_seconds": train_seconds,
             "owner_token": token,
-        }
-
-    def save_checkpoint(reason: str) -> Path:
-        _save_checkpoint(ckdir, checkpoint_payload(), token)
+        }, token)
         emit("save", path=str(ckdir), reason=reason, step=step)
-        return ckdir
 
     # --- the loop --------------------------------------------------------------------------------------
     batches = StepBatches(len(train_set), cfg.batch_size, cfg.grad_accum, cfg.seed, step, total)
@@ -485,9 +458,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
                 lr = lr_at(step, cfg.lr, warmup, total)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                micro = [next(it) for _ in range(cfg.grad_accum)]
                 micro = [(x.to(device, non_blocking=True), t.to(device, non_blocking=True), ii.to(device),
-                          ti.to(device)) for x, t, ii, ti in micro]
+                          ti.to(device)) for x, t, ii, ti in (next(it) for _ in range(cfg.grad_accum))]
                 if cfg.grad_accum == 1:
                     x, t, ii, ti = micro[0]
                     with autocast():
@@ -542,9 +514,9 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         if not stop.requested:  # a second Ctrl-C, possibly mid-update: nothing consistent to save
             raise Interrupted("stopped immediately (second Ctrl-C); the last epoch checkpoint, if any, is in "
                               f"{ckdir}") from None
-        path = save_checkpoint("interrupted")
+        save_checkpoint("interrupted")
         raise Interrupted(f"stopped at step {step}/{total}; checkpoint saved. Continue with: imgsearch finetune "
-                          f"--resume {path}") from None
+                          f"--resume {ckdir}") from None
     finally:
         del it, loader  # stop the decode workers now, not at garbage collection
 
