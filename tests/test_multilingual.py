@@ -69,7 +69,7 @@ def test_korean_query_finds_red_circles_through_cli_cold_path_and_api(cli, photo
     assert {c.split("_")[0] for c in blue} == {"blue"} and blue.count("blue_square") >= 2
 
     # A fresh process answers from the ONNX export without importing torch, with the same ranking.
-    hits, heavy, err = cold_query(home, ml_id, "빨간 원", "-k", "3", quick=True)
+    hits, heavy, err = cold_query(home, ml_id, "빨간 원", "-k", "3")
     assert heavy == [] and "hint" not in err
     assert [h["id"] for h in hits] == [h["id"] for h in warm]
     assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in warm], abs=1e-4)
@@ -134,7 +134,7 @@ def test_english_only_model_prints_one_hint_naming_the_preset(cli, photos, home,
     from imgsearch import Library
 
     assert Library(home=home, model=ml_id).language_hint(["빨간 원"]) is None  # a multilingual model reads it
-    _, _, err = cold_query(home, model_id, "빨간 원", quick=True)  # the torch-free path says it too
+    _, _, err = cold_query(home, model_id, "빨간 원")  # a fresh process says it too
     assert [line for line in err.splitlines() if line.startswith("hint:")] == hints
 
 
