@@ -90,6 +90,7 @@ def test_score_and_classify_read_korean_labels(cli, photos, home, ml_id):
     assert tagged.count("red_circle") == 3 and not {"blue_square", "green_triangle"} & set(tagged)
 
 
+@pytest.mark.slow
 def test_finetuned_multilingual_model_keeps_its_tokenizer_and_still_reads_korean(cli, captioned, tmp_path, ml_id):
     out = tmp_path / "tuned"
     r = cli("finetune", str(captioned), "--out", str(out), "--epochs", "1", "--batch-size", "16", model=ml_id)
