@@ -78,12 +78,15 @@ def settings(home, model_id):
     return Settings.from_env(model=model_id, device="cpu", precision="fp32", batch_size=16)
 
 
-@pytest.fixture()
-def photos(tmp_path) -> Path:
-    """A folder of 54 generated JPEG/PNG shapes (3 per colour x shape)."""
-    folder = tmp_path / "photos"
+def make_photos(folder: Path) -> Path:
+    """54 generated JPEG shapes (3 per colour x shape) in ``folder``."""
     synthetic.generate(folder, per_class=3, size=96, fmt="jpg", seed=1, captions_file=None)
     return folder
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    return make_photos(tmp_path / "photos")
 
 
 class Cli:
