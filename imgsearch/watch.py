@@ -94,6 +94,8 @@ class Watcher:
     index. ``on_batch(Batch)`` and ``say(str)`` report; nothing here prints.
     """
 
+    clock = staticmethod(time.monotonic)  # when events happened and quiet spells end (a test may stop it)
+
     def __init__(self, paths, apply: Callable[[list[str], list[str]], IndexReport],
                  catch_up: Callable[..., IndexReport], *, home=None, poll: bool = False, interval: float = 1.0,
                  debounce: float = 0.5, on_batch: Callable[[Batch], None] | None = None,
@@ -141,7 +143,7 @@ class Watcher:
         path = os.fsdecode(path)
         if self.ignored(path):
             return
-        now = time.monotonic()
+        now = self.clock()
         sig = _signature(path)
         with self._lock:
             self._pending[path] = now
@@ -253,7 +255,7 @@ class Watcher:
 
     def _ready(self) -> tuple[list[str], list[str]]:
         """Paths whose batch is due: quiet for ``debounce`` (or waiting ``MAX_DELAY``) and no longer changing."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if not self._pending:
                 return [], []

@@ -26,6 +26,19 @@ from typer.testing import CliRunner  # noqa: E402
 import imgsearch.synthetic as synthetic  # noqa: E402
 
 
+def trained_once(cache: Path, train) -> Path:
+    """``cache``, made by ``train(cache)`` unless it is there already. Test runs sharing the cache dir (several
+    at once on one machine) wait for the one that trains instead of each training a copy of its own."""
+    import fcntl
+
+    if not (cache / "open_clip_model.safetensors").exists():
+        with open(cache.parent / f"{cache.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+            if not (cache / "open_clip_model.safetensors").exists():
+                train(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def tiny_model(request) -> Path:
     """A tiny open_clip model trained for a few seconds on coloured shapes (local-dir format).
@@ -38,9 +51,7 @@ def tiny_model(request) -> Path:
     steps = 600
     key = hashlib.sha1(Path(synthetic.__file__).read_bytes() + str(steps).encode()).hexdigest()[:12]
     cache = Path(request.config.cache.mkdir("imgsearch-tiny-model")) / key
-    if not (cache / "open_clip_model.safetensors").exists():
-        synthetic.pretrain_tiny_clip(cache, steps=steps, seed=0)
-    return cache
+    return trained_once(cache, lambda out: synthetic.pretrain_tiny_clip(out, steps=steps, seed=0))
 
 
 @pytest.fixture()
@@ -67,12 +78,15 @@ def settings(home, model_id):
     return Settings.from_env(model=model_id, device="cpu", precision="fp32", batch_size=16)
 
 
-@pytest.fixture()
-def photos(tmp_path) -> Path:
-    """A folder of 54 generated JPEG/PNG shapes (3 per colour x shape)."""
-    folder = tmp_path / "photos"
+def make_photos(folder: Path) -> Path:
+    """54 generated JPEG shapes (3 per colour x shape) in ``folder``."""
     synthetic.generate(folder, per_class=3, size=96, fmt="jpg", seed=1, captions_file=None)
     return folder
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    return make_photos(tmp_path / "photos")
 
 
 class Cli:

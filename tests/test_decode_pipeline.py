@@ -230,6 +230,7 @@ def test_index_with_tensor_decode_on_cpu_gives_the_pillow_vectors(squash_model, 
 
 # --- eval parity measures the indexer's decode stage ------------------------------------------------
 
+@pytest.mark.slow
 def test_eval_parity_reports_every_index_decode_stage(cli, squash_model, wide_photos, tmp_path, monkeypatch):
     model = f"local-dir:{squash_model}"
     r = cli("eval", "parity", wide_photos, "--json", model=model)

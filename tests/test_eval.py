@@ -64,7 +64,8 @@ def test_zeroshot_several_models_side_by_side_and_class_mapping(cli, shapes_fold
     assert res["classes"][0] == "circle that is blue"
     trained, rand = res["models"]
     assert str(tiny_model) in trained["model"] and str(random_tiny_model) in rand["model"]
-    assert rand["top1"] < trained["top1"] or trained["top1"] == 1.0
+    # Each model's own numbers: the trained one reads the mapped names, the untrained one is near chance (1/18).
+    assert trained["top1"] >= 0.5 and rand["top1"] <= 0.25 and rand["top5"] < trained["top5"]
     as_json = tmp_path / "names.json"
     as_json.write_text(json.dumps({p.name: p.name.upper() for p in shapes_folder.iterdir()}))
     assert ok_json(cli("eval", "zeroshot", shapes_folder, "--classes", as_json, "--json"))["classes"][0] == "BLUE_CIRCLE"

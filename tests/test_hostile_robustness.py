@@ -159,6 +159,7 @@ def test_no_wait_fails_clearly_while_another_run_writes(cli, home, model_id, pho
     assert db_count(home, "images") == 54
 
 
+@pytest.mark.slow
 def test_two_index_runs_at_once_both_succeed(home, model_id, photos):
     procs = [subprocess.Popen(cli_cmd(home, model_id, "index", "--json", "-q", photos), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -356,6 +357,7 @@ def test_non_numeric_min_score_is_rejected(cli, value):
     assert f"--min-score {value}: give a cosine score between -1 and 1" in r.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_shows_as_interrupted(cli, home, model_id, tmp_path):
     photos = tmp_path / "many"
     synthetic.generate(photos, per_class=6, size=48, captions_file=None)

@@ -202,6 +202,7 @@ def run_page(port: int, query_string: str) -> list[tuple[str, str]]:
     pytest.fail("the page did not finish within 90 s")
 
 
+@pytest.mark.slow
 def test_the_page_works_through_the_guard_and_shows_names_literally(server, library):
     from urllib.parse import urlencode
 

@@ -24,10 +24,21 @@ def kind(path: str) -> str:
     return "_".join(Path(path).stem.split("_")[:2])
 
 
-def test_text_query_ranks_matching_images_first(cli, photos):
-    r = cli("index", photos)
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_model):
+    """A CLI on one library of the 54 photos, indexed once for the tests that only query it."""
+    from conftest import Cli, make_photos
+
+    root = tmp_path_factory.mktemp("index-query")
+    cli = Cli(root / "home", f"local-dir:{tiny_model}")
+    r = cli("index", make_photos(root / "photos"))
     assert r.exit_code == 0, r.output
     assert "new 54" in r.stdout
+    return cli
+
+
+def test_text_query_ranks_matching_images_first(home, indexed):
+    cli = indexed
     for color, shape in [("red", "circle"), ("blue", "square"), ("yellow", "triangle")]:
         hits = hits_of(cli("query", f"a {color} {shape}", "-k", "3", "--json"))
         kinds = [kind(h["path"]) for h in hits]
@@ -37,8 +48,8 @@ def test_text_query_ranks_matching_images_first(cli, photos):
         assert kinds.count(f"{color}_{shape}") >= 2, kinds
 
 
-def test_json_output_shape_and_paths_and_table(cli, photos):
-    cli("index", photos)
+def test_json_output_shape_and_paths_and_table(home, indexed):
+    cli = indexed
     hits = hits_of(cli("query", "a green triangle", "--json"))
     assert len(hits) == 10
     for i, h in enumerate(hits, start=1):
@@ -53,8 +64,8 @@ def test_json_output_shape_and_paths_and_table(cli, photos):
     assert table[1].split()[0] == "1" and table[1].split()[2] == hits[0]["path"]
 
 
-def test_image_query_finds_same_kind(cli, photos, tmp_path):
-    cli("index", photos)
+def test_image_query_finds_same_kind(home, indexed, tmp_path):
+    cli = indexed
     probe = tmp_path / "probe.png"
     import random
 
@@ -64,8 +75,9 @@ def test_image_query_finds_same_kind(cli, photos, tmp_path):
     assert kinds[0] == "yellow_square" and kinds.count("yellow_square") >= 2, kinds
 
 
-def test_negative_and_weighted_terms(cli, photos):
-    cli("index", photos)
+def test_negative_and_weighted_terms(home, indexed):
+    cli = indexed
+
     def ranks(hits, k):
         return [h["rank"] for h in hits if kind(h["path"]) == k]
 

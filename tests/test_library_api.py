@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -30,8 +31,24 @@ def lib(home, model_id, photos):
         yield lib
 
 
-def test_text_search_ranks_red_circles_first(lib):
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_model):
+    """One library over the 54 photos, indexed once for the tests that only read it."""
     import imgsearch
+    from conftest import make_photos
+
+    root = tmp_path_factory.mktemp("library-api")
+    home, model_id, photos = root / "home", f"local-dir:{tiny_model}", make_photos(root / "photos")
+    with imgsearch.Library(home, model_id, device="cpu", precision="fp32", batch_size=16, workers=2) as lib:
+        report = lib.index(photos)
+        assert isinstance(report, imgsearch.IndexReport) and report.new == 54 and not report.failed
+        yield SimpleNamespace(lib=lib, home=home, model_id=model_id, photos=photos)
+
+
+def test_text_search_ranks_red_circles_first(indexed):
+    import imgsearch
+
+    lib = indexed.lib
 
     hits = lib.search("a red circle", k=3)
     assert all(isinstance(h, imgsearch.Hit) for h in hits)
@@ -39,8 +56,9 @@ def test_text_search_ranks_red_circles_first(lib):
     assert [h.rank for h in hits] == [1, 2, 3] and hits[0].score >= hits[-1].score
 
 
-def test_cold_library_answers_text_without_torch(home, model_id, photos, lib):
+def test_cold_library_answers_text_without_torch(indexed):
     """A fresh Library answers a plain text query through the lean path: torch is never imported."""
+    home, model_id = indexed.home, indexed.model_id
     code = ("import sys, json, imgsearch\n"
             f"lib = imgsearch.Library({str(home)!r}, {model_id!r}, device='cpu', precision='fp32')\n"
             "hits = lib.search('a red circle', k=3)\n"
@@ -56,8 +74,10 @@ def test_cold_library_answers_text_without_torch(home, model_id, photos, lib):
     assert [kind(p) for p in out["kinds"]] == ["red_circle"] * 3
 
 
-def test_image_path_bytes_file_and_pil_rank_alike(lib, photos):
+def test_image_path_bytes_file_and_pil_rank_alike(indexed):
     from PIL import Image
+
+    lib, photos = indexed.lib, indexed.photos
 
     example = sorted(photos.glob("green_triangle*"))[0]
     data = example.read_bytes()
@@ -80,7 +100,8 @@ def test_image_path_bytes_file_and_pil_rank_alike(lib, photos):
         lib.search(image=bad)
 
 
-def test_weights_negatives_and_more_like_this(lib):
+def test_weights_negatives_and_more_like_this(indexed):
+    lib = indexed.lib
     plain = lib.search("a red circle", k=54)
     steered = lib.search("a red circle", not_text="0.5:a red square", k=54)
 
@@ -99,8 +120,10 @@ def test_weights_negatives_and_more_like_this(lib):
     assert plain[0].id not in [h.id for h in like] and kind(like[0].path) == "red_circle"
 
 
-def test_filters_and_errors_without_cli_flags(lib, photos, tmp_path):
+def test_filters_and_errors_without_cli_flags(indexed, tmp_path):
     import imgsearch
+
+    lib, photos = indexed.lib, indexed.photos
 
     hits = lib.search("a red circle", k=54, under=photos)
     assert len(hits) == 54
@@ -116,8 +139,10 @@ def test_filters_and_errors_without_cli_flags(lib, photos, tmp_path):
         lib.search()
 
 
-def test_status_is_typed(lib):
+def test_status_is_typed(indexed):
     import imgsearch
+
+    lib = indexed.lib
 
     st = lib.status()
     assert isinstance(st, imgsearch.LibraryStatus)
@@ -126,7 +151,10 @@ def test_status_is_typed(lib):
     assert d["images"] == 54 and d["models"][0]["vectors"] == 54 and json.dumps(d)
 
 
-def test_status_json_matches_the_cli(lib, cli):
+def test_status_json_matches_the_cli(home, indexed):
+    from conftest import Cli
+
+    lib, cli = indexed.lib, Cli(indexed.home, indexed.model_id)
     st = json.loads(cli("status", "--json").stdout)
     mine = lib.status().as_dict()
     for key in ("home", "images", "failures", "failed_files", "disk_bytes", "read_only", "schema_version"):
@@ -178,10 +206,12 @@ def test_duplicates_never_load_the_model(lib, home, model_id, photos):
     assert not [g for g in groups if "copy_of_it.jpg" in g and src.name not in g]
 
 
-def test_image_rows_and_thumbnails(lib):
+def test_image_rows_and_thumbnails(indexed):
     from PIL import Image
 
     from imgsearch.errors import ImgSearchError, UsageError
+
+    lib = indexed.lib
 
     hit = lib.search("a red circle", k=1)[0]
     row = lib.image(str(hit.id))  # ids as typed in a URL work too
@@ -206,7 +236,8 @@ def test_import_imgsearch_is_light():
     assert proc.stdout.strip() == "[]"
 
 
-def test_one_library_shared_by_threads(lib, photos):
+def test_one_library_shared_by_threads(indexed):
+    lib, photos = indexed.lib, indexed.photos
     lib.load()  # every query on the warm path, as in the server and the UI
     queries = [dict(text="a red circle"), dict(text="a blue square", not_text="a green square"),
                dict(image=sorted(photos.glob("green_triangle*"))[0]), dict(text="a purple circle", under=photos)]

@@ -12,6 +12,7 @@ import pytest
 import imgsearch.synthetic as synthetic
 from imgsearch import lang
 
+from conftest import trained_once
 from test_cold_query import cold_query
 
 STEPS = 300
@@ -26,9 +27,7 @@ def ml_model(request) -> Path:
     torch.set_num_threads(2)
     key = hashlib.sha1(Path(synthetic.__file__).read_bytes() + f"ml{STEPS}".encode()).hexdigest()[:12]
     cache = Path(request.config.cache.mkdir("imgsearch-tiny-multilingual")) / key
-    if not (cache / "open_clip_model.safetensors").exists():
-        synthetic.pretrain_tiny_multilingual_clip(cache, steps=STEPS, seed=0)
-    return cache
+    return trained_once(cache, lambda out: synthetic.pretrain_tiny_multilingual_clip(out, steps=STEPS, seed=0))
 
 
 @pytest.fixture()
@@ -91,6 +90,7 @@ def test_score_and_classify_read_korean_labels(cli, photos, home, ml_id):
     assert tagged.count("red_circle") == 3 and not {"blue_square", "green_triangle"} & set(tagged)
 
 
+@pytest.mark.slow
 def test_finetuned_multilingual_model_keeps_its_tokenizer_and_still_reads_korean(cli, captioned, tmp_path, ml_id):
     out = tmp_path / "tuned"
     r = cli("finetune", str(captioned), "--out", str(out), "--epochs", "1", "--batch-size", "16", model=ml_id)

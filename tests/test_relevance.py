@@ -16,21 +16,44 @@ PRESENT = ["a red circle", "a blue square", "a green circle", "a red square"]
 ABSENT = ["a yellow triangle", "a white triangle", "a purple triangle", "asdf qwerty zxcv"]
 
 
-@pytest.fixture()
-def shapes(tmp_path) -> Path:
-    folder = tmp_path / "shapes"
+def make_shapes(folder: Path) -> Path:
     synthetic.generate(folder, per_class=3, colors=["red", "blue", "green"], shapes=("circle", "square"), size=96,
                        fmt="png", seed=2, captions_file=None)
     return folder
 
 
 @pytest.fixture()
-def lib(settings, shapes):
-    from imgsearch import Library
+def shapes(tmp_path) -> Path:
+    return make_shapes(tmp_path / "shapes")
 
+
+class Shared:
+    """One library over the shapes, indexed (and its floor measured) once for the tests that only search it."""
+
+    def __init__(self, settings, library, folder: Path):
+        from conftest import Cli
+
+        self.settings, self.lib, self.shapes = settings, library, folder
+        self.cli = Cli(settings.home, settings.model)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_model):
+    from imgsearch import Library
+    from imgsearch.config import Settings
+
+    root = tmp_path_factory.mktemp("relevance")
+    settings = Settings(home=root / "home", model=f"local-dir:{tiny_model}", pretrained=None, device="cpu",
+                        precision="fp32", workers=2, batch_size=16)
+    folder = make_shapes(root / "shapes")
     with Library(settings=settings) as library:
-        assert library.index(shapes).new == 18
-        yield library
+        assert library.index(folder).new == 18
+        yield Shared(settings, library, folder)
+
+
+@pytest.fixture()
+def lib(shared):
+    return shared.lib
 
 
 def kind(path: str) -> str:
@@ -47,10 +70,8 @@ def test_present_shapes_pass_the_floor_and_absent_ones_fall_under(lib):
         assert [h.relevant for h in hits] == [False] * 18, (text, hits[0].score)
 
 
-def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_uses_it(settings, tmp_path,
-                                                                                       monkeypatch):
+def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_uses_it(settings, tmp_path):
     from imgsearch import Library
-    from imgsearch.encoder import Encoder
     from imgsearch.store import Store
 
     def floor():
@@ -72,20 +93,33 @@ def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_u
     more = tmp_path / "more"
     synthetic.generate(more, per_class=3, colors=["green"], shapes=("circle", "square"), size=96, fmt="png", seed=4,
                        captions_file=None)
-    encoded = []
-    real = Encoder.encode_texts
-    monkeypatch.setattr(Encoder, "encode_texts", lambda self, texts: encoded.append(len(texts)) or real(self, texts))
     with Library(settings=settings) as lib:
         lib.index(more)
-    assert floor()["vectors"] == 18 and encoded == []  # re-measured with the kept caption vectors
+    assert floor()["vectors"] == 18  # re-measured from the kept caption vectors
     with Library(settings=settings) as lib:
         hits = lib.search("a green circle", k=2, relevance=True)  # a fresh Library: the stored floor
         assert [h.relevant for h in hits] == [True, True]
         assert [h.relevant for h in lib.search("a yellow triangle", k=3, relevance=True)] == [False] * 3
         assert lib.relevance_floor() == floor()
+    # Without kept caption vectors, index leaves the floor as it was: re-measuring would mean encoding the
+    # captions, which index never pays for (whichever text encoder the library has).
+    store = Store(settings.db_path, create=False)
+    try:
+        store.set_meta("relevance-captions:1", "null")
+    finally:
+        store.close()
+    third = tmp_path / "third"
+    synthetic.generate(third, per_class=2, colors=["red"], shapes=("triangle",), size=96, fmt="png", seed=5,
+                       captions_file=None)
+    with Library(settings=settings) as lib:
+        assert lib.index(third).new == 2
+    assert floor()["vectors"] == 18
+    with Library(settings=settings) as lib:  # a query encodes them again and measures
+        assert lib.relevance_floor()["vectors"] == 20
+    assert floor()["vectors"] == 20
 
 
-def test_image_queries_use_the_image_floor(lib, shapes):
+def test_image_queries_use_the_image_floor(lib, shared):
     import random
 
     probe = synthetic.draw_shape("red", "circle", 96, random.Random(77))  # a red circle the library lacks
@@ -93,12 +127,12 @@ def test_image_queries_use_the_image_floor(lib, shapes):
     assert red[0].relevant is True and kind(red[0].path) == "red_circle"
     odd = lib.search(image=synthetic.draw_shape("yellow", "triangle", 96, random.Random(78)), k=3, relevance=True)
     assert [h.relevant for h in odd] == [False] * 3  # nothing in the library looks like it
-    mixed = lib.search("a red circle", image=str(shapes / "red_circle_001.png"), k=3, relevance=True)
+    mixed = lib.search("a red circle", image=str(shared.shapes / "red_circle_001.png"), k=3, relevance=True)
     assert [h.relevant for h in mixed] == [None] * 3  # neither floor is calibrated for a mix
 
 
-def test_query_relevant_keeps_good_hits_and_says_when_there_are_none(cli, shapes):
-    assert cli("index", shapes).exit_code == 0
+def test_query_relevant_keeps_good_hits_and_says_when_there_are_none(home, shared):
+    cli = shared.cli
     r = cli("query", "a blue square", "--relevant", "-k", "18", "--json", "--no-server")
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
@@ -128,12 +162,13 @@ def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
     assert floor["vectors"] == 17 and floor["stale"] is False
 
 
-def test_server_hits_carry_relevance(settings, lib, cli, monkeypatch):
+def test_server_hits_carry_relevance(home, shared, monkeypatch):
     import urllib.error
     import urllib.request
 
     from imgsearch.server import SearchServer
 
+    settings, lib, cli = shared.settings, shared.lib, shared.cli
     srv = SearchServer(settings, "127.0.0.1", 0)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -165,9 +200,10 @@ def test_server_hits_carry_relevance(settings, lib, cli, monkeypatch):
                    "q=a+green+circle": [None, None]}  # judged only when asked: same answer as in-process
 
 
-def test_ui_says_no_good_matches_when_the_best_is_under_the_floor(settings, lib, monkeypatch):
+def test_ui_says_no_good_matches_when_the_best_is_under_the_floor(home, shared, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
+    settings = shared.settings
     for var, value in (("IMGSEARCH_HOME", settings.home), ("IMGSEARCH_MODEL", settings.model),
                        ("IMGSEARCH_DEVICE", "cpu"), ("IMGSEARCH_PRECISION", "fp32")):
         monkeypatch.setenv(var, str(value))

@@ -16,11 +16,10 @@ import pytest
 from imgsearch import synthetic
 
 
-@pytest.fixture()
-def server(cli, photos, settings):
+def serving(settings):
+    """A SearchServer for ``settings`` running in a thread (yields it; shut down afterwards)."""
     from imgsearch.server import SearchServer
 
-    assert cli("index", photos).exit_code == 0
     srv = SearchServer(settings, "127.0.0.1", 0)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -31,6 +30,30 @@ def server(cli, photos, settings):
     yield srv
     srv.shutdown()
     t.join(10)
+
+
+@pytest.fixture()
+def server(cli, photos, settings):
+    assert cli("index", photos).exit_code == 0
+    yield from serving(settings)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_model):
+    """A server on one library of the 54 photos, indexed once for the tests that only search through it;
+    .cli runs the CLI on that library."""
+    from conftest import Cli, make_photos
+    from imgsearch.config import Settings
+
+    root = tmp_path_factory.mktemp("server")
+    settings = Settings(home=root / "home", model=f"local-dir:{tiny_model}", pretrained=None, device="cpu",
+                        precision="fp32", workers=2, batch_size=16)
+    cli = Cli(settings.home, settings.model)
+    photos = make_photos(root / "photos")
+    assert cli("index", photos).exit_code == 0
+    for srv in serving(settings):
+        srv.cli, srv.photos = cli, photos
+        yield srv
 
 
 def call(srv, method, path, body=None, raw: bytes | None = None):
@@ -52,7 +75,8 @@ def kind(path: str) -> str:
     return "_".join(Path(path).stem.split("_")[:2])
 
 
-def test_endpoints_answer_searches(server, photos):
+def test_endpoints_answer_searches(home, shared):
+    server, photos = shared, shared.photos
     code, health = call(server, "GET", "/api/health")
     assert code == 200 and health["vectors"] == 54 and health["pid"] == os.getpid()
     code, res = call(server, "GET", "/api/search?q=a+red+circle&k=3")
@@ -69,7 +93,8 @@ def test_endpoints_answer_searches(server, photos):
     assert code == 200 and st["images"] == 54
 
 
-def test_bad_requests_get_json_errors(server):
+def test_bad_requests_get_json_errors(home, shared):
+    server = shared
     assert call(server, "GET", "/api/nothing")[0] == 404
     code, res = call(server, "POST", "/api/search", raw=b"{not json")
     assert code == 400 and "not valid JSON" in res["error"]
@@ -85,7 +110,8 @@ def test_bad_requests_get_json_errors(server):
     assert code == 400 and "base64" in res["error"]
 
 
-def test_oversize_upload_is_refused(server, monkeypatch):
+def test_oversize_upload_is_refused(home, shared, monkeypatch):
+    server = shared
     import imgsearch.server as srvmod
 
     monkeypatch.setattr(srvmod, "MAX_BODY", 1000)
@@ -93,7 +119,8 @@ def test_oversize_upload_is_refused(server, monkeypatch):
     assert code == 413 and "over" in res["error"]
 
 
-def test_concurrent_requests(server):
+def test_concurrent_requests(home, shared):
+    server = shared
     queries = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 5
 
     def one(q):
@@ -115,8 +142,10 @@ def test_server_reloads_after_an_index_run(server, cli, photos):
     assert str(photos / "zz_new.jpg") in [h["path"] for h in res["hits"]] and len(res["hits"]) == 55
 
 
-def test_query_uses_running_server(server, cli, monkeypatch):
+def test_query_uses_running_server(home, shared, monkeypatch):
     from imgsearch.library import Library  # the in-process path: Library.search
+
+    cli = shared.cli
 
     def must_not_run(*a, **kw):
         raise AssertionError("query ran in-process although a server was running")
