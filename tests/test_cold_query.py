@@ -93,6 +93,7 @@ def test_export_matches_open_clip_tokens_and_torch_vectors(tiny_model, tmp_path)
     assert tower.logit_scale == pytest.approx(enc.logit_scale, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_every_door_gives_the_same_ids_and_scores(cli, photos, settings, home, model_id):
     """A fresh CLI process, the Python API after an image query loaded torch, and a running server. The last two
     load the model at the machine's own precision (bf16 on CPUs with AVX512-BF16 or AMX), the first none."""
@@ -130,6 +131,7 @@ def test_every_door_gives_the_same_ids_and_scores(cli, photos, settings, home, m
     assert ranking(served) == ranking(cold)
 
 
+@pytest.mark.slow
 def test_missing_or_truncated_export_is_made_again_and_every_query_uses_it(cli, photos, settings, home, model_id):
     assert cli("index", photos, "-q").exit_code == 0
     want, _, _ = cold_query(home, model_id, "a blue square", "--not", "a red circle")
@@ -179,6 +181,7 @@ def test_a_model_whose_text_tower_cannot_be_exported_uses_torch_with_one_note(cl
     assert err.count("using torch") == 1 and "not open_clip's CLIP text transformer" in err
 
 
+@pytest.mark.slow
 def test_changed_weights_get_a_new_export_and_never_use_the_old_one(tiny_model, photos, home, tmp_path):
     import shutil
 
@@ -224,6 +227,7 @@ def test_changed_weights_get_a_new_export_and_never_use_the_old_one(tiny_model, 
     assert [h["id"] for h in hits] == [i for i, _ in torch_ranking(settings, "a green triangle", 5)]
 
 
+@pytest.mark.slow
 def test_classify_library_uses_the_export_without_torch(cli, photos, settings, home, model_id):
     assert cli("index", photos, "-q").exit_code == 0
     out, heavy, _ = cold_run(home, model_id, "classify", "--labels", "red,green,blue", "--json")
