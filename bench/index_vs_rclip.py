@@ -1,6 +1,6 @@
 """`imgsearch index` (whole process) vs rclip on the same 1 MP photos, random ViT-B-32-256 in both tools.
 
-    nice python bench/index_vs_rclip.py [--n 300] [--rounds 2] [--modes torch,onnx,int8] [--no-rclip]
+    nice python bench/index_vs_rclip.py [--n 300] [--rounds 2] [--modes torch,bf16,onnx,int8] [--no-rclip]
 
 Per round, alternating to cancel drift (A B A B): for each imgsearch mode a fresh library indexes the
 folder in its own process (wall time, so start-up counts as it does for a user), then rclip does the same
@@ -8,10 +8,11 @@ through ../shared/peers/rclip_bench.sh. Each imgsearch process also reports its 
 and a separate process measures the model-only rate of the same backend on pre-decoded tensors (same
 batch, same threads), so "pipeline / model" shows whether decoding keeps the encoder fed (target >= 0.9).
 
-Modes: torch = torch fp32, onnx = onnxruntime fp32, int8 = onnxruntime dynamic int8. Exports are made
-(and the fp32 backend decision measured) once before timing, into a shared export home. Each timed run
-starts from a copy of its mode's warm-up library, as a user's later runs do: with a verified export the
-onnx and int8 runs never import torch, and int8 reuses the parity verdict that library recorded.
+Modes: torch = torch fp32, bf16 = torch bf16 (CPUs with AVX512-BF16 or AMX), onnx = onnxruntime fp32, int8 =
+onnxruntime dynamic int8. Exports are made (and the fp32 backend decision measured) once before timing, into
+a shared export home. Each timed run starts from a copy of its mode's warm-up library, as a user's later
+runs do: with a verified export the onnx and int8 runs never import torch, and int8 reuses the parity
+verdict that library recorded.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from common import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers"))  # the rclip harness beside the repo
-MODES = {"torch": ("fp32", "torch"), "onnx": ("fp32", "onnx"), "int8": ("int8", "auto")}
+MODES = {"torch": ("fp32", "torch"), "bf16": ("bf16", "torch"), "onnx": ("fp32", "onnx"), "int8": ("int8", "auto")}
 
 
 def random_vit_b32_256(folder: Path) -> str:
