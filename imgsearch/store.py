@@ -252,13 +252,11 @@ class Store:
 
                 @event.listens_for(engine, "connect")
                 def _pragmas(dbapi_conn, _record):
-                    cur = dbapi_conn.cursor()
-                    cur.execute("PRAGMA busy_timeout = 30000")
+                    dbapi_conn.execute("PRAGMA busy_timeout = 30000")
                     if not self.read_only:
-                        cur.execute("PRAGMA journal_mode = WAL")
-                        cur.execute("PRAGMA synchronous = NORMAL")
-                    cur.execute("PRAGMA foreign_keys = ON")
-                    cur.close()
+                        dbapi_conn.execute("PRAGMA journal_mode = WAL")
+                        dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+                    dbapi_conn.execute("PRAGMA foreign_keys = ON")
 
                 @event.listens_for(engine, "handle_error")
                 def _translate(context):
