@@ -11,8 +11,8 @@ import typer
 from typer.core import TyperCommand
 
 from . import __version__
-from .commands import (JSON_HITS, JSON_REPORT, NO_WAIT, PATHS, PRINT0, QUIET, app, command, err, hits_format,
-                       library_of, plural, search_options, settings_of, when)
+from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, hits_format, library_of, plural,
+                       search_options, settings_of, when)
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings, is_ray_address
 from .errors import ImgSearchError
 from .output import print_hits, shown, warn_if_escaped
@@ -92,8 +92,8 @@ class _OptionalRay(TyperCommand):
 def index_cmd(
     ctx: typer.Context,
     paths: List[Path] = typer.Argument(..., help="Folders or image files (recursive)."),
-    json_out: bool = JSON_REPORT,
-    quiet: bool = QUIET,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     failures_log: Optional[Path] = typer.Option(None, "--log", help="Also write failed files and reasons here."),
     no_wait: bool = NO_WAIT,
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",

@@ -95,8 +95,6 @@ def plural(n: int, word: str) -> str:
 
 
 # Options several commands share, declared once with their help.
-JSON_REPORT = typer.Option(False, "--json", help="Print the report as JSON.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 NO_WAIT = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing to the "
                        "library, instead of waiting for it.")
 JSON_HITS = typer.Option(False, "--json", help="Print a JSON array of hits.")

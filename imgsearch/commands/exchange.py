@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from . import JSON_REPORT, NO_WAIT, QUIET, command, err, library_of, plural
+from . import NO_WAIT, command, err, library_of, plural
 from ..output import shown
 
 
@@ -22,8 +22,8 @@ def export_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Whose vectors, when the library holds several "
                                         "models: a name, or the id `imgsearch status` shows in brackets.",
                                         show_default=False),
-    json_out: bool = JSON_REPORT,
-    quiet: bool = QUIET,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Export the library's vectors and image metadata (parquet, or clip-retrieval's layout)."""
     from ..progress import Bar
@@ -50,8 +50,8 @@ def import_cmd(
                                   "clip-retrieval (then name its model with --model before `import`)."),
     trust: bool = typer.Option(False, "--trust", help="Take the export's content hashes instead of reading every "
                                "file: sizes are still checked, and a file must still be named like an image."),
-    json_out: bool = JSON_REPORT,
-    quiet: bool = QUIET,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     no_wait: bool = NO_WAIT,
 ):
     """Add an export's images and vectors to the library (files must be reachable here; model must match)."""
