@@ -259,14 +259,15 @@ def status_cmd(
         typer.echo("access    read-only (queries work; index, forget, captions and tags need write access)")
     run = st["last_run"]
     if run and run["finished_at"]:
-        typer.echo(f"last run  {when(run['finished_at'])}: new {run['new']}, updated {run['updated']}, removed {run['removed']}, "
-                   f"failed {run['failed']}" + (" (interrupted)" if run["interrupted"] else ""))
+        typer.echo(f"last run  {when(run['finished_at'])}: new {run['new']}, updated {run['updated']}, "
+                   f"removed {run['removed']}, failed {run['failed']}"
+                   + (" (interrupted)" if run["interrupted"] else ""))
     elif run:
         if run["state"] == "running":
             typer.echo(f"last run  started {when(run['started_at'])}, still running (pid {run['pid']})")
         else:
-            typer.echo(f"last run  started {when(run['started_at'])}: interrupted (process ended before finishing; finished batches "
-                       "are kept, re-run `imgsearch index` to complete it)")
+            typer.echo(f"last run  started {when(run['started_at'])}: interrupted (process ended before "
+                       "finishing; finished batches are kept, re-run `imgsearch index` to complete it)")
     typer.echo("models")
     if not st["models"]:
         typer.echo("  none yet: run `imgsearch index PATH`")

@@ -9,7 +9,8 @@ from typing import List
 
 import typer
 
-from . import JSON_HITS, PATHS, PRINT0, app, command, err, hits_format, library_of, plural, search_options, when
+from . import (JSON_HITS, PATHS, PRINT0, app, command, err, hits_format, library_of, plural, search_options,
+               when)
 from ..output import print_hits, shown
 
 grp = typer.Typer(help="Smart albums: saved searches whose photos stay current as the library changes.",
@@ -46,7 +47,8 @@ def list_cmd(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", 
     width = max(len(a.name) for a in albums)
     typer.echo(f"{'album':<{width}}  {'photos':>6}  {'changed':<16}  search")
     for a in albums:
-        typer.echo(f"{a.name:<{width}}  {a.count if not a.problem else '?':>6}  {when(a.changed_at)}  {a.query}")
+        count = a.count if not a.problem else "?"
+        typer.echo(f"{a.name:<{width}}  {count:>6}  {when(a.changed_at)}  {a.query}")
     for a in albums:
         if a.problem:
             err(f"warning: {a.problem}")
@@ -65,8 +67,8 @@ def show_cmd(
     with library_of(ctx) as lib:
         album = lib.album(name)
     if fmt == "table":
-        typer.echo(f"album {album.name}: {plural(album.count, 'photo')}, last change {when(album.changed_at)}; "
-                   f"search: {album.query}")
+        typer.echo(f"album {album.name}: {plural(album.count, 'photo')}, last change "
+                   f"{when(album.changed_at)}; search: {album.query}")
         if not album.hits:
             return
     print_hits([h.as_dict() for h in album.hits], fmt)
