@@ -19,6 +19,7 @@ it holds every photo that passes, up to k (default: the query limit). Without on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -249,8 +250,9 @@ def pin(store, warm, name, paths, keep: bool) -> tuple[int, Album]:
         if not under:
             raise UsageError(f"{path} is not in the library; `imgsearch index` it first")
         found.update(under)
-    store.set_album_pins(row[0], sorted({r.id for r in found.values()}), keep)
-    return len({r.id for r in found.values()}), current(store, warm, row)
+    ids = sorted({r.id for r in found.values()})
+    store.set_album_pins(row[0], ids, keep)
+    return len(ids), current(store, warm, row)
 
 
 def rename(store, name, new_name) -> None:
@@ -292,15 +294,11 @@ def export(album: Album, target: Path, created: bool, link: bool = False) -> lis
                                  f"in {target}") from None
     except BaseException:
         for path in made:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
         if created:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(target)
-            except OSError:
-                pass
         raise
     return [str(p) for p in made]
 

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import __version__
-from .commands import app, command, err, library_of, search_options, settings_of
+from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, hits_format, library_of, plural,
+                       search_options, settings_of, when)
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings, is_ray_address
-from .errors import ImgSearchError, UsageError
+from .errors import ImgSearchError
 from .output import print_hits, shown, warn_if_escaped
 
 
@@ -71,35 +73,29 @@ def main(
 
 
 # --- index -------------------------------------------------------------------------------------
-def _optional_ray_value():
-    from typer.core import TyperCommand
+class _OptionalRay(TyperCommand):
+    """`--ray` with no address (last, before another option, or before a folder) means a local Ray."""
 
-    class OptionalRay(TyperCommand):
-        """`--ray` with no address (last, before another option, or before a folder) means a local Ray."""
-
-        def parse_args(self, ctx, args):
-            out: list[str] = []
-            for k, a in enumerate(args):
-                out.append(a)
-                if a == "--":
-                    out.extend(args[k + 1:])
-                    break
-                if a == "--ray" and (k + 1 == len(args) or not is_ray_address(args[k + 1])):
-                    out.append("local")
-            return super().parse_args(ctx, out)
-
-    return OptionalRay
+    def parse_args(self, ctx, args):
+        out: list[str] = []
+        for k, a in enumerate(args):
+            out.append(a)
+            if a == "--":
+                out.extend(args[k + 1:])
+                break
+            if a == "--ray" and (k + 1 == len(args) or not is_ray_address(args[k + 1])):
+                out.append("local")
+        return super().parse_args(ctx, out)
 
 
-@command("index", cls=_optional_ray_value())
+@command("index", cls=_OptionalRay)
 def index_cmd(
     ctx: typer.Context,
     paths: List[Path] = typer.Argument(..., help="Folders or image files (recursive)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     failures_log: Optional[Path] = typer.Option(None, "--log", help="Also write failed files and reasons here."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing "
-                                 "to the library, instead of waiting for it."),
+    no_wait: bool = NO_WAIT,
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                       help="Decode and encode on Ray Data: alone, a local Ray sized to this "
                                       "machine; with auto or ray://HOST:10001, a cluster whose workers see the "
@@ -170,11 +166,9 @@ def index_cmd(
 def query_cmd(
     ctx: typer.Context,
     search: dict,
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON array of hits."),
-    paths_out: bool = typer.Option(False, "--paths", help="Print bare paths, one per line (names with control "
-                                   "characters escaped; see --print0)."),
-    print0: bool = typer.Option(False, "--print0", help="Print bare paths, each ended by a NUL byte, verbatim "
-                                "(for `xargs -0`)."),
+    json_out: bool = JSON_HITS,
+    paths_out: bool = PATHS,
+    print0: bool = PRINT0,
     use_server: bool = typer.Option(True, "--server/--no-server", help="Use a running `imgsearch serve` for this "
                                     "library and model when there is one (much faster start)."),
     daemon: bool = typer.Option(False, "--daemon", help="Start a background server (exits after 10 minutes idle) "
@@ -184,11 +178,9 @@ def query_cmd(
     the closest)."""
     from .request import SearchRequest
 
-    if json_out + paths_out + print0 > 1:
-        raise UsageError("--json, --paths and --print0 are exclusive; pick one output format")
+    fmt = hits_format(json_out, paths_out, print0)
     request = SearchRequest.build(**{**search, "k": 10 if search["k"] is None else search["k"]})
     rows = _query_rows(settings_of(ctx), request, use_server, daemon)
-    fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
     if request.relevance:
         rows = _relevant_rows(rows)
     print_hits(rows, fmt, min_score=request.min_score, tag=request.tags, keyword=request.keyword)
@@ -206,6 +198,7 @@ def _relevant_rows(rows: list[dict]) -> list[dict]:
     else:
         err("no good matches; closest results:")
     return rows
+
 
 def _query_rows(settings, request, use_server: bool, daemon: bool) -> list[dict]:
     """Hits as dicts: from a running server for this library and model when there is one, else in-process.
@@ -237,8 +230,6 @@ def status_cmd(
     failures: bool = typer.Option(False, "--failures", help="List every failed file with its reason."),
 ):
     """What the library holds: images, failures, models and their vectors, index files, disk use."""
-    import time
-
     from .output import human_bytes
 
     if failures:
@@ -268,16 +259,15 @@ def status_cmd(
         typer.echo("access    read-only (queries work; index, forget, captions and tags need write access)")
     run = st["last_run"]
     if run and run["finished_at"]:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"]))
-        typer.echo(f"last run  {when}: new {run['new']}, updated {run['updated']}, removed {run['removed']}, "
-                   f"failed {run['failed']}" + (" (interrupted)" if run["interrupted"] else ""))
+        typer.echo(f"last run  {when(run['finished_at'])}: new {run['new']}, updated {run['updated']}, "
+                   f"removed {run['removed']}, failed {run['failed']}"
+                   + (" (interrupted)" if run["interrupted"] else ""))
     elif run:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started_at"]))
         if run["state"] == "running":
-            typer.echo(f"last run  started {when}, still running (pid {run['pid']})")
+            typer.echo(f"last run  started {when(run['started_at'])}, still running (pid {run['pid']})")
         else:
-            typer.echo(f"last run  started {when}: interrupted (process ended before finishing; finished batches "
-                       "are kept, re-run `imgsearch index` to complete it)")
+            typer.echo(f"last run  started {when(run['started_at'])}: interrupted (process ended before "
+                       "finishing; finished batches are kept, re-run `imgsearch index` to complete it)")
     typer.echo("models")
     if not st["models"]:
         typer.echo("  none yet: run `imgsearch index PATH`")
@@ -302,8 +292,7 @@ def status_cmd(
 def forget_cmd(
     ctx: typer.Context,
     paths: List[Path] = typer.Argument(..., help="Files or folders to remove from the library (files stay on disk)."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing "
-                                 "to the library, instead of waiting for it."),
+    no_wait: bool = NO_WAIT,
 ):
     """Remove files or folders from the library. Nothing on disk is touched."""
     with library_of(ctx) as lib:
@@ -311,7 +300,7 @@ def forget_cmd(
     if removed == 0:
         err("nothing in the library under " + ", ".join(str(p) for p in paths))
         raise typer.Exit(1)
-    typer.echo(f"removed {removed} image{'s' if removed != 1 else ''} from the library")
+    typer.echo(f"removed {plural(removed, 'image')} from the library")
 
 
 # Command groups in their own modules register on `app` when imported (kept last: --help lists the

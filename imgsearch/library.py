@@ -1,29 +1,20 @@
-"""imgsearch.Library: the Python API, and the one place that puts the pieces together.
+"""imgsearch.Library: the Python API, and the one place that puts the pieces together (the CLI, the server
+and the UI call it; none of them opens a Store, loads an Encoder or builds a Searcher itself).
 
-The CLI, the HTTP server and the web UI all call this class; none of them opens a Store, loads an Encoder
-or builds a Searcher itself.
+Thread safety: one Library may be shared by many threads. ``_open_lock`` guards opening the Store and the
+warm searcher; ``_encode_lock`` loading the encoders and every encode (neither the torch model nor the
+exported tower promises concurrent calls); the searcher's own lock reloading the FAISS index. Searches
+and reads run concurrently (each Store call has its own pooled connection). Writes take the library's
+write lock (lock.write_lock), across threads and processes; a watcher's batch holds it, then
+``_encode_lock``, for that batch only.
 
-Thread safety: one Library may be shared by many threads (the server's request threads, the UI's
-sessions). What is locked, exactly:
-
-- opening the Store, resolving the model row and creating the warm searcher: ``_open_lock``, once;
-- loading the torch encoder and opening the exported text tower: ``_encode_lock``, which also
-  serialises every encode (texts and query images), because neither the torch model nor the tower
-  promises concurrent calls;
-- loading or reloading the FAISS index after the library changed: the searcher's own index lock.
-
-FAISS searches and database reads run concurrently: every Store call checks out its own pooled SQLite
-connection. Writes (``index``, ``forget``, ``classify``, captions, ``drop_tag_set``) take the library's
-write lock (lock.write_lock), so they are serialised across threads and processes alike. A watcher's
-batch (``watcher``) holds the write lock, then ``_encode_lock``, for that batch only.
-
-Nothing heavy is imported here: a text query on a flat-sized library loads numpy, SQLite and the exported
-text tower, and nothing more (search.py says how the engine stays lean).
+Nothing heavy is imported here (search.py says how the engine stays lean).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Iterable, Sequence
 
@@ -234,13 +225,6 @@ class Library:
         spec = ModelSpec(self.settings.model, self.settings.pretrained)
         return english_only_hint(spec.canonical().label) if english_only(spec) else None
 
-    def _hint(self, texts) -> None:
-        import sys
-
-        hint = self.language_hint(texts)
-        if hint:
-            print(hint, file=sys.stderr)
-
     def forget(self, paths, wait: bool = True) -> int:
         """Remove files or folders from the library (the files stay on disk); returns how many images."""
         from .indexer import forget
@@ -354,7 +338,9 @@ class Library:
             text, image=image, not_text=not_text, not_image=not_image, ids=ids, k=k, min_score=min_score,
             under=under, tag=tag, keyword=keyword, blend=blend, exclude_ids=exclude_ids, after=after, before=before,
             near=near, camera=camera, relevance=relevance, like=like, unlike=unlike)
-        self._hint(request.texts)
+        hint = self.language_hint(request.texts)
+        if hint:
+            print(hint, file=sys.stderr)
         return self.run(request)
 
     def run(self, request: SearchRequest) -> list[Hit]:
@@ -450,12 +436,9 @@ class Library:
         labels = zeroshot.parse_labels(labels)
         s = self._warm()
         with write_lock(self.settings.home):  # tags are library writes: one writer at a time
-            return tagging.classify_library(self.store, s.model, self._text_side(), labels, templates, top,
+            return tagging.classify_library(self.store, s.model, s.text_encoder(), labels, templates, top,
                                             min_prob, under=str(under) if under is not None else None,
                                             keep_results=keep_results)
-
-    def _text_side(self):
-        return self._warm().text_encoder()
 
     def classify_files(self, paths, labels, templates=None, top: int = 1, min_prob: float = 0.0):
         """Labels for image files (folders are walked) without touching the library."""
@@ -464,8 +447,7 @@ class Library:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         return tagging.classify_files(self.settings, [str(p) for p in paths], zeroshot.parse_labels(labels),
-                                      templates, top, min_prob,
-                                      encoder=lambda: self.encoder)
+                                      templates, top, min_prob, encoder=lambda: self.encoder)
 
     def tags(self) -> list[tuple[str, int]]:
         """(tag, images) pairs, most common first."""
@@ -501,9 +483,8 @@ class Library:
 
         return dupes.find_duplicates(self.settings, self.store, self._model_row_without_weights(),
                                      under=str(under) if under is not None else None, threshold=threshold,
-                                     similar=similar,
-                                     min_match=dupes.DEFAULT_MIN_MATCH if min_match is None else min_match,
-                                     exact=exact)
+                                     similar=similar, exact=exact,
+                                     min_match=dupes.DEFAULT_MIN_MATCH if min_match is None else min_match)
 
     def captions(self, path) -> list[str]:
         from .keywords import captions_of

@@ -228,26 +228,23 @@ def migrate(engine, path: Path, *, read_only: bool) -> None:
     """
     from sqlalchemy import text
 
+    with engine.connect() as c:  # a read first: a newer library must not even get the bookkeeping table
+        done = applied(c)
+    refuse_newer(done, path)
     if read_only:
-        with engine.connect() as c:
-            done = applied(c)
-        refuse_newer(done, path)
         if max(done, default=0) < SCHEMA_VERSION:
             raise LibraryError(
                 f"library {path.parent} is read-only and was written by an older imgsearch (schema "
                 f"{max(done, default=0)} < {SCHEMA_VERSION}); open it once where it is writable to upgrade it")
         return
-    with engine.connect() as c:  # a read first: a newer library must not even get the bookkeeping table
-        refuse_newer(applied(c), path)
     with engine.begin() as c:
         c.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"))
         done = applied(c)
         refuse_newer(done, path)
         for version, name, statements in MIGRATIONS:
-            if version in done:
-                continue
-            for stmt in statements:
-                c.execute(text(stmt))
-            c.execute(text("INSERT INTO schema_migrations VALUES (:v, :n, :t)"),
-                      {"v": version, "n": name, "t": time.time()})
+            if version not in done:
+                for stmt in statements:
+                    c.execute(text(stmt))
+                c.execute(text("INSERT INTO schema_migrations VALUES (:v, :n, :t)"),
+                          {"v": version, "n": name, "t": time.time()})

@@ -9,11 +9,7 @@ from .config import CLI_ENV
 
 
 def main() -> None:
-    import warnings
-
-    # Here imgsearch is the host program, so it may set this: Pillow's per-file warnings (odd EXIF, a size
-    # over its bomb limit) would break into the progress bars, and such a file is reported or fine anyway.
-    warnings.filterwarnings("ignore", module="PIL")
+    # Pillow's per-file warnings are silenced by the CLI's own callback (cli.main), which every command runs.
     # A query embeds a handful of tokens: OpenBLAS's thread pool costs more than it saves there, and on a busy
     # 2-core machine its spinning threads made the text forward 20x slower (measured). This is the program's
     # own process, so it may choose, before numpy loads; a user's own setting wins.

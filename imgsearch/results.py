@@ -62,8 +62,6 @@ class IndexReport:
                 "failures": [{"path": p, "reason": r} for p, r in self.failed]}
 
 
-
-
 @dataclass
 class ModelStatus:
     """One model's vectors in the library and the state of its FAISS cache file."""
@@ -109,9 +107,7 @@ class LibraryStatus:
         return cls(**{**d, "models": [ModelStatus(**m) for m in d["models"]]})
 
     def as_dict(self) -> dict:
-        out = asdict(self)
-        out["models"] = [m.as_dict() for m in self.models]
-        return out
+        return asdict(self)  # the models too: asdict recurses into them
 
 
 def hits_for(store, scored, k: int, min_score: float | None = None) -> list[Hit]:

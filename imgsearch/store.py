@@ -11,7 +11,6 @@ import contextlib
 import functools
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import LibraryError, disk_full_message
+from .pathtext import display as _shown
 
 
 @dataclass(frozen=True)
@@ -70,29 +70,36 @@ class ModelRow:
 # When/where columns (migration 5), in the order _IMAGE_COLS reads them after added_at.
 META_COLUMNS = ("taken_at", "taken_utc", "taken_offset", "taken_source", "gps_lat", "gps_lon", "camera_make",
                 "camera_model")
-_META_SET = ", ".join(f"{c} = :{c}" for c in META_COLUMNS)
+# What an index run writes about a file's content (its path, folder and name come from _path_params).
+_CONTENT = ("size", "mtime_ns", "hash", "width", "height", *META_COLUMNS)
 
 
-def meta_filter_sql(f) -> tuple[str, list]:
-    """SQL (``?`` placeholders) selecting the candidates of a geo.MetaFilter: id, lat, lon, make, model.
+def _set(columns) -> str:
+    return ", ".join(f"{c} = :{c}" for c in columns)
+
+
+def meta_filter_sql(f) -> tuple[str, dict]:
+    """SQL selecting the candidates of a geo.MetaFilter: id, lat, lon, make, model.
 
     The SQL narrows with the indexes (time ranges, a lat/lon box around --near); geo.MetaFilter.keeps
     makes the exact decision (great-circle distance, case-insensitive camera text) on what comes back.
-    Shared by Store and the cold query path so both answer the same.
     """
     where: list[str] = []
-    params: list = []
+    params: dict = {}
+
+    def bind(value) -> str:
+        params[f"p{len(params)}"] = value
+        return f":p{len(params) - 1}"
+
     for bound, op in ((f.after, ">="), (f.before, "<")):
         if bound is not None:
-            where.append(f"{bound.column} {op} ?")
-            params.append(bound.value)
+            where.append(f"{bound.column} {op} {bind(bound.value)}")
     if f.near is not None:
         (lat0, lat1), lon_ranges = f.near.box()
-        where.append("gps_lat BETWEEN ? AND ?")
-        params += [lat0, lat1]
+        where.append(f"gps_lat BETWEEN {bind(lat0)} AND {bind(lat1)}")
         if lon_ranges is not None:
-            where.append("(" + " OR ".join("gps_lon BETWEEN ? AND ?" for _ in lon_ranges) + ")")
-            params += [x for r in lon_ranges for x in r]
+            boxes = [f"gps_lon BETWEEN {bind(a)} AND {bind(b)}" for a, b in lon_ranges]
+            where.append("(" + " OR ".join(boxes) + ")")
         else:
             where.append("gps_lon IS NOT NULL")
     if f.camera is not None:
@@ -112,66 +119,62 @@ def _matrix(blobs: list[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
 
 
+def _ids_and_matrix(rows: Iterable[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 [N], vectors float32 [N, dim]) from (image_id, blob) rows, streamed (no list of rows)."""
+    ids: list[int] = []
+    blobs: list[bytes] = []
+    for i, b in rows:
+        ids.append(i)
+        blobs.append(b)
+    return np.asarray(ids, dtype=np.int64), _matrix(blobs, dim)
+
+
 def _chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
 
 
 @functools.lru_cache(maxsize=256)
-def _sql(statement: str, expanding: tuple[str, ...] = ()):
-    """The SQLAlchemy statement for ``statement``, with ``expanding`` parameters bound as lists.
+def _sql(statement: str):
+    """The SQLAlchemy statement for ``statement`` (SQLAlchemy is imported on first use: importing this module
+    stays cheap)."""
+    from sqlalchemy import text
 
-    SQLAlchemy is imported here, on first use, so importing this module stays cheap. An expanding
-    parameter (``IN :ids``) takes a Python list and becomes one bound placeholder per item, so values
-    never get spliced into the SQL text and the statement text stays the same for every batch.
-    """
-    from sqlalchemy import bindparam, text
-
-    clause = text(statement)
-    return clause.bindparams(*(bindparam(name, expanding=True) for name in expanding)) if expanding else clause
+    return text(statement)
 
 
-def _expand(statement: str, expanding: tuple[str, ...], params: dict) -> tuple[str, dict]:
-    """The same statement for the sqlite3 module: each expanding ``IN :ids`` becomes one named placeholder per
-    item, so values never get spliced into the SQL text."""
-    for name in expanding:
-        values = list(params.pop(name))
-        names = [f"{name}_{i}" for i in range(len(values))]
-        statement = re.sub(rf":{name}\b", "(" + ", ".join(f":{n}" for n in names) + ")" if names else "(NULL)",
-                           statement)
-        params.update(zip(names, values))
-    return statement, params
-
-
-class _Reader:
-    """A pooled sqlite3 connection whose ``execute(statement, params, expanding)`` takes the store's statements."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def execute(self, statement: str, params: dict | None = None, expanding: tuple[str, ...] = ()):
-        statement, params = _expand(statement, expanding, dict(params or {}))
-        return self.conn.execute(statement, params)
+def _in(statement: str, values: Sequence, params: dict) -> tuple[str, dict]:
+    """``statement`` with its ``IN :ids`` over ``values``: one named placeholder per value, so values never
+    get spliced into the SQL text."""
+    names = [f"ids_{i}" for i in range(len(values))]
+    placeholders = "(" + ", ".join(f":{n}" for n in names) + ")"
+    return statement.replace(":ids", placeholders), {**params, **dict(zip(names, values))}
 
 
 class _Writer:
-    """A SQLAlchemy connection in a transaction, with the same ``execute`` as _Reader (executemany for a list)."""
+    """A SQLAlchemy connection in a transaction; ``execute`` takes statement text (a list: executemany)."""
 
     def __init__(self, conn):
         self.conn = conn
 
-    def execute(self, statement, params=None, expanding: tuple[str, ...] = ()):
-        return self.conn.execute(_sql(statement, expanding) if isinstance(statement, str) else statement, params)
+    def execute(self, statement, params=None):
+        return self.conn.execute(_sql(statement) if isinstance(statement, str) else statement, params)
+
+    def execute_in(self, statement: str, ids: Iterable[int], **params) -> None:
+        """``statement`` with its ``IN :ids`` over ``ids``, 500 at a time."""
+        for part in _chunks([int(i) for i in ids]):
+            self.execute(*_in(statement, part, params))
 
 
-def _like_prefix(folder: str) -> str | bytes:
-    folder = folder.rstrip(os.sep)
-    escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return _bind(escaped + os.sep + "%")
-
-
-# SQLite's LIKE skips BLOB values (non-UTF-8 paths, see _bind) unless both sides are cast to text.
-_BLOB_UNDER = "OR (typeof(path) = 'blob' AND CAST(path AS TEXT) LIKE CAST(:like AS TEXT) ESCAPE '\\')"
+def _under(root: str) -> tuple[str, dict]:
+    """A WHERE condition and its parameters for the paths at or below ``root`` (a file or a folder)."""
+    root = root.rstrip(os.sep) or os.sep
+    if root == os.sep:
+        return "1", {}
+    like = root.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + os.sep + "%"
+    # SQLite's LIKE skips BLOB values (non-UTF-8 paths, see _bind) unless both sides are cast to text.
+    return ("(path = :p OR path LIKE :like ESCAPE '\\' OR (typeof(path) = 'blob' AND CAST(path AS TEXT) "
+            "LIKE CAST(:like AS TEXT) ESCAPE '\\'))", {"p": _bind(root), "like": _bind(like)})
 
 
 def _bind(path: str) -> str | bytes:
@@ -194,12 +197,6 @@ def _unbind(value: str | bytes) -> str:
 
 def _image(r) -> "ImageRow":
     return ImageRow(r[0], _unbind(r[1]), *r[2:])
-
-
-def _shown(path: str) -> str:
-    from .pathtext import display
-
-    return display(path)
 
 
 class Store:
@@ -250,21 +247,16 @@ class Store:
                 from sqlalchemy import create_engine, event
 
                 # hide_parameters: an error must never carry the statement's values (vector blobs) to the user.
-                if self.read_only:
-                    engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True,
-                                           creator=self._connect_read_only)
-                else:
-                    engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True)
+                engine = create_engine(f"sqlite:///{self.path}", future=True, hide_parameters=True,
+                                       **({"creator": self._connect_read_only} if self.read_only else {}))
 
                 @event.listens_for(engine, "connect")
                 def _pragmas(dbapi_conn, _record):
-                    cur = dbapi_conn.cursor()
-                    cur.execute("PRAGMA busy_timeout = 30000")
+                    dbapi_conn.execute("PRAGMA busy_timeout = 30000")
                     if not self.read_only:
-                        cur.execute("PRAGMA journal_mode = WAL")
-                        cur.execute("PRAGMA synchronous = NORMAL")
-                    cur.execute("PRAGMA foreign_keys = ON")
-                    cur.close()
+                        dbapi_conn.execute("PRAGMA journal_mode = WAL")
+                        dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+                    dbapi_conn.execute("PRAGMA foreign_keys = ON")
 
                 @event.listens_for(engine, "handle_error")
                 def _translate(context):
@@ -284,8 +276,7 @@ class Store:
     def _current_schema(self) -> int | None:
         """The schema version read without SQLAlchemy; None when SQLite cannot say (SQLAlchemy's open does)."""
         try:
-            with self._read() as c:
-                return c.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+            return self.schema_version
         except (sqlite3.Error, LibraryError):
             return None
 
@@ -303,7 +294,7 @@ class Store:
             except sqlite3.Error as e:
                 raise _open_error(self.path, e) from None
         try:
-            yield _Reader(conn)
+            yield conn
         except sqlite3.Error as e:
             better = _library_error(self, e)
             if better is not None:
@@ -328,7 +319,6 @@ class Store:
 
     def _connect_read_only(self):
         """A read-only connection; ``immutable`` when SQLite cannot create the WAL index file beside it."""
-        import sqlite3
         from urllib.parse import quote
 
         uri = "file:" + quote(str(self.path.resolve()))
@@ -347,7 +337,7 @@ class Store:
                                "writable) to query it")
         return sqlite3.connect(uri + "?immutable=1", uri=True, check_same_thread=False)
 
-    # --- schema ------------------------------------------------------------------------------
+    # --- schema and small helpers --------------------------------------------------------------
     def _migrate(self) -> None:
         import sqlalchemy as sa
 
@@ -362,7 +352,7 @@ class Store:
     def library_id(self) -> str:
         """This database's random identity (made when it was created): caches record which library built them."""
         if self._library_id is None:
-            self._library_id = str(self.scalar("SELECT value FROM library_meta WHERE key = 'library_id'") or "")
+            self._library_id = self.get_meta("library_id") or ""
         return self._library_id
 
     def get_meta(self, key: str) -> str | None:
@@ -371,28 +361,58 @@ class Store:
         return None if value is None else str(value)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self.begin() as c:
-            c.execute("INSERT OR REPLACE INTO library_meta (key, value) VALUES (:k, :v)", {"k": key, "v": value})
+        self._write("INSERT OR REPLACE INTO library_meta (key, value) VALUES (:k, :v)",
+                    {"k": key, "v": value})
 
     @property
     def schema_version(self) -> int:
         return self.scalar("SELECT max(version) FROM schema_migrations") or 0
 
-    # --- small helpers -----------------------------------------------------------------------
     @contextlib.contextmanager
     def begin(self):
         """One write transaction (SQLAlchemy); its ``execute`` takes the statement text as reads do."""
         with self.engine.begin() as c:
             yield _Writer(c)
 
+    def _write(self, sql: str, params=None):
+        """One statement as its own transaction (a list of parameter dicts: executemany)."""
+        with self.begin() as c:
+            return c.execute(sql, params)
+
     def scalar(self, sql: str, **params):
         with self._read() as c:
             row = c.execute(sql, params).fetchone()
             return None if row is None else row[0]
 
-    def rows(self, sql: str, *, expanding: tuple[str, ...] = (), **params) -> list:
+    def rows(self, sql: str, **params) -> list:
         with self._read() as c:
-            return c.execute(sql, params, expanding).fetchall()
+            return c.execute(sql, params).fetchall()
+
+    def _rows_in(self, sql: str, values: Iterable, **params) -> Iterator:
+        """The rows of ``sql`` with its ``IN :ids`` over ``values``, 500 at a time."""
+        for part in _chunks(list(values)):
+            with self._read() as c:
+                rows = c.execute(*_in(sql, part, params)).fetchall()
+            yield from rows
+
+    def _stream(self, sql: str, **params) -> Iterator:
+        """The rows of ``sql`` as SQLite hands them over, without a list of them all."""
+        with self._read() as c:
+            yield from c.execute(sql, params)
+
+    def _pages(self, sql: str, batch: int, **params) -> Iterator[list]:
+        """``sql`` (rows after image id ``:l``, ``LIMIT :n``, id first) a page at a time: a short read per
+        page, so memory stays at one page and a writer is never held up for long."""
+        last = -1
+        while True:
+            rows = self.rows(sql, **params, l=last, n=batch)
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield rows
+
+    def _dim(self, model_id: int) -> int:
+        return int(self.scalar("SELECT dim FROM models WHERE id = :i", i=model_id) or 0)
 
     def close(self) -> None:
         with self._engine_lock:
@@ -405,36 +425,33 @@ class Store:
                 return
 
     # --- models ------------------------------------------------------------------------------
+    _MODEL_COLS = "id, name, pretrained, fingerprint, dim, version"
+
     def get_or_create_model(self, name: str, pretrained: str | None, fingerprint: str, dim: int) -> ModelRow:
-        with self.begin() as c:
-            c.execute("INSERT OR IGNORE INTO models (name, pretrained, fingerprint, dim, created_at) "
-                           "VALUES (:n, :p, :f, :d, :t)",
-                      {"n": name, "p": pretrained or "", "f": fingerprint, "d": dim, "t": time.time()})
+        self._write("INSERT OR IGNORE INTO models (name, pretrained, fingerprint, dim, created_at) "
+                    "VALUES (:n, :p, :f, :d, :t)",
+                    {"n": name, "p": pretrained or "", "f": fingerprint, "d": dim, "t": time.time()})
         row = self.find_model(name, pretrained, fingerprint)
-        assert row is not None
         if row.dim != dim:
             raise LibraryError(f"model {row.label} is recorded with dimension {row.dim} but loads with {dim}")
         return row
 
+    def _model_where(self, where: str, **params) -> ModelRow | None:
+        r = self.rows(f"SELECT {self._MODEL_COLS} FROM models WHERE {where}", **params)
+        return ModelRow(r[0][0], r[0][1], r[0][2] or None, *r[0][3:]) if r else None
+
     def find_model(self, name: str, pretrained: str | None, fingerprint: str) -> ModelRow | None:
-        r = self.rows("SELECT id, name, pretrained, fingerprint, dim, version FROM models "
-                      "WHERE name = :n AND pretrained = :p AND fingerprint = :f",
-                      n=name, p=pretrained or "", f=fingerprint)
-        return self._model(r[0]) if r else None
+        return self._model_where("name = :n AND pretrained = :p AND fingerprint = :f",
+                                 n=name, p=pretrained or "", f=fingerprint)
 
     def model_by_id(self, model_id: int) -> ModelRow | None:
-        r = self.rows("SELECT id, name, pretrained, fingerprint, dim, version FROM models WHERE id = :i", i=model_id)
-        return self._model(r[0]) if r else None
-
-    @staticmethod
-    def _model(r, vectors: int = 0) -> ModelRow:
-        return ModelRow(r[0], r[1], r[2] or None, r[3], r[4], r[5], vectors)
+        return self._model_where("id = :i", i=model_id)
 
     def models(self) -> list[ModelRow]:
         """Every model with its vector count."""
-        rows = self.rows("SELECT m.id, m.name, m.pretrained, m.fingerprint, m.dim, m.version, "
-                         "(SELECT count(*) FROM vectors v WHERE v.model_id = m.id) FROM models m ORDER BY m.id")
-        return [self._model(r, r[6]) for r in rows]
+        rows = self.rows(f"SELECT {self._MODEL_COLS}, (SELECT count(*) FROM vectors v "
+                         "WHERE v.model_id = m.id) FROM models m ORDER BY m.id")
+        return [ModelRow(r[0], r[1], r[2] or None, *r[3:]) for r in rows]
 
     def model_version(self, model_id: int) -> int:
         return int(self.scalar("SELECT version FROM models WHERE id = :i", i=model_id) or 0)
@@ -451,70 +468,41 @@ class Store:
         """Every library image at or below each root (files or folders), keyed by path."""
         out: dict[str, ImageRow] = {}
         for root in roots:
-            root = root.rstrip(os.sep) or os.sep
-            if root == os.sep:
-                rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images")
-            else:
-                rows = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p "
-                                 f"OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}", p=_bind(root),
-                                 like=_like_prefix(root))
-            for r in rows:
-                row = _image(r)
-                out[row.path] = row
+            where, params = _under(root)
+            out.update((row.path, row) for row in map(_image, self.rows(
+                f"SELECT {self._IMAGE_COLS} FROM images WHERE {where}", **params)))
         return out
 
     def image_ids_with_vectors(self, model_id: int, ids: Iterable[int]) -> set[int]:
-        have: set[int] = set()
-        ids = list(ids)
-        for part in _chunks([int(i) for i in ids]):
-            have.update(r[0] for r in self.rows("SELECT image_id FROM vectors WHERE model_id = :m AND image_id IN :ids",
-                                                expanding=("ids",), m=model_id, ids=list(part)))
-        return have
+        return {r[0] for r in self._rows_in("SELECT image_id FROM vectors WHERE model_id = :m "
+                                            "AND image_id IN :ids", map(int, ids), m=model_id)}
 
     def images_by_hash(self, hashes: Iterable[str]) -> dict[str, list[ImageRow]]:
         out: dict[str, list[ImageRow]] = {}
-        hashes = list(set(hashes))
-        for part in _chunks(hashes):
-            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE hash IN :hs", expanding=("hs",),
-                               hs=list(part)):
-                out.setdefault(r[4], []).append(_image(r))
+        for r in self._rows_in(f"SELECT {self._IMAGE_COLS} FROM images WHERE hash IN :ids", set(hashes)):
+            out.setdefault(r[4], []).append(_image(r))
         return out
 
     def get_images(self, ids: Iterable[int]) -> dict[int, ImageRow]:
-        out: dict[int, ImageRow] = {}
-        ids = [int(i) for i in ids]
-        for part in _chunks(ids):
-            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE id IN :ids", expanding=("ids",),
-                               ids=list(part)):
-                out[r[0]] = _image(r)
-        return out
+        rows = self._rows_in(f"SELECT {self._IMAGE_COLS} FROM images WHERE id IN :ids", map(int, ids))
+        return {r[0]: _image(r) for r in rows}
 
     def image_by_path(self, path: str) -> ImageRow | None:
-        r = self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path = :p", p=_bind(path))
-        return _image(r[0]) if r else None
+        return self.images_at([path]).get(path)
 
     def images_at(self, paths: Iterable[str]) -> dict[str, ImageRow]:
-        """The library rows at exactly these paths, keyed by path (looked up 500 at a time)."""
-        out: dict[str, ImageRow] = {}
-        for part in _chunks([_bind(p) for p in paths]):
-            for r in self.rows(f"SELECT {self._IMAGE_COLS} FROM images WHERE path IN :ps", expanding=("ps",),
-                               ps=list(part)):
-                row = _image(r)
-                out[row.path] = row
-        return out
+        """The library rows at exactly these paths, keyed by path."""
+        return {row.path: row for row in map(_image, self._rows_in(
+            f"SELECT {self._IMAGE_COLS} FROM images WHERE path IN :ids", map(_bind, paths)))}
 
     def image_hashes(self) -> set[str]:
         """Every content hash in the library (new files matching one may be moves or copies)."""
         return {r[0] for r in self.rows("SELECT DISTINCT hash FROM images")}
 
     def ids_under(self, folder: str) -> np.ndarray:
-        folder = folder.rstrip(os.sep) or os.sep
-        if folder == os.sep:
-            rows = self.rows("SELECT id FROM images")
-        else:
-            rows = self.rows(f"SELECT id FROM images WHERE path = :p OR path LIKE :like ESCAPE '\\' {_BLOB_UNDER}",
-                             p=_bind(folder), like=_like_prefix(folder))
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+        where, params = _under(folder)
+        return np.fromiter((r[0] for r in self.rows(f"SELECT id FROM images WHERE {where}", **params)),
+                           dtype=np.int64)
 
     def image_count(self) -> int:
         return int(self.scalar("SELECT count(*) FROM images") or 0)
@@ -522,18 +510,7 @@ class Store:
     def ids_matching(self, f) -> np.ndarray:
         """Sorted ids of the images a geo.MetaFilter (dates, place, camera) lets through."""
         sql, params = meta_filter_sql(f)
-        parts = sql.split("?")  # the generated SQL holds no literal '?': each one is a parameter
-        named = parts[0] + "".join(f":p{i}{rest}" for i, rest in enumerate(parts[1:]))
-        rows = self.rows(named, **{f"p{i}": v for i, v in enumerate(params)})
-        return np.array(sorted(r[0] for r in rows if f.keeps(r[1], r[2], r[3], r[4])), dtype=np.int64)
-
-    def ids_without_meta(self, ids: Iterable[int]) -> set[int]:
-        """Those of ``ids`` indexed before schema 5 (no when/where yet): `index` backfills them from headers."""
-        out: set[int] = set()
-        for part in _chunks([int(i) for i in ids]):
-            out.update(r[0] for r in self.rows("SELECT id FROM images WHERE taken_source IS NULL AND id IN :ids",
-                                               expanding=("ids",), ids=list(part)))
-        return out
+        return np.array(sorted(r[0] for r in self.rows(sql, **params) if f.keeps(*r[1:])), dtype=np.int64)
 
     def when_where_summary(self) -> dict:
         """Date range and how the dates were found, GPS and camera counts (for `status`)."""
@@ -541,8 +518,8 @@ class Store:
                       "count(CASE WHEN taken_source = 'file' THEN 1 END), count(gps_lat), "
                       "count(CASE WHEN camera_make IS NOT NULL OR camera_model IS NOT NULL THEN 1 END), "
                       "count(CASE WHEN taken_source IS NULL THEN 1 END) FROM images")[0]
-        return {"taken_first": r[0], "taken_last": r[1], "taken_exif": r[2], "taken_file": r[3], "with_gps": r[4],
-                "with_camera": r[5], "without_meta": r[6]}
+        return dict(zip(("taken_first", "taken_last", "taken_exif", "taken_file", "with_gps", "with_camera",
+                         "without_meta"), r))
 
     # --- writes (each call is one transaction) -------------------------------------------------
     def write_batch(self, model_id: int, *, new: Sequence[dict] = (), updated: Sequence[dict] = (),
@@ -560,18 +537,15 @@ class Store:
         """
         now = time.time()
         ids: dict[str, int] = {}
+        cols = ("path", "folder", "name", *_CONTENT)
+        insert = (f"INSERT INTO images ({', '.join(cols)}, added_at, updated_at) "
+                  f"VALUES ({', '.join(':' + k for k in cols)}, :now, :now)")
         with self.begin() as c:
             for img in new:
-                res = c.execute(_sql(
-                    "INSERT INTO images (path, folder, name, size, mtime_ns, hash, width, height, "
-                    + ", ".join(META_COLUMNS) + ", added_at, updated_at) VALUES (:path, :folder, :name, :size, "
-                    ":mtime_ns, :hash, :width, :height, " + ", ".join(f":{c}" for c in META_COLUMNS)
-                    + ", :now, :now)"),
-                    {**_image_params(img), "now": now})
+                res = c.execute(insert, {**_image_params(img), "now": now})
                 ids[img["path"]] = res.lastrowid
             if updated:
-                c.execute("UPDATE images SET size = :size, mtime_ns = :mtime_ns, hash = :hash, width = :width, "
-                               f"height = :height, {_META_SET}, updated_at = :now WHERE id = :id",
+                c.execute(f"UPDATE images SET {_set(_CONTENT)}, updated_at = :now WHERE id = :id",
                           [{**_image_params(img), "id": img["id"], "now": now} for img in updated])
                 c.execute("DELETE FROM vectors WHERE model_id != :m AND image_id = :id",
                           [{"m": model_id, "id": img["id"]} for img in updated])
@@ -579,28 +553,27 @@ class Store:
                 c.execute("DELETE FROM images WHERE path = :path AND id != :id",
                           [{"id": i, "path": _bind(p)} for i, p, _, _ in moved])
                 c.execute("UPDATE images SET path = :path, folder = :folder, name = :name, size = :size, "
-                               "mtime_ns = :mtime_ns, updated_at = :now WHERE id = :id",
-                          [{"id": i, "path": _bind(p), "folder": _shown(os.path.dirname(p)),
-                            "name": _shown(os.path.basename(p)),
-                            "size": s, "mtime_ns": m, "now": now} for i, p, s, m in moved])
+                          "mtime_ns = :mtime_ns, updated_at = :now WHERE id = :id",
+                          [{**_path_params(p), "id": i, "size": s, "mtime_ns": m, "now": now}
+                           for i, p, s, m in moved])
             if touched:
                 c.execute("UPDATE images SET size = :s, mtime_ns = :m WHERE id = :id",
                           [{"id": i, "s": s, "m": m} for i, s, m in touched])
             if vectors:
                 c.execute("INSERT OR REPLACE INTO vectors (model_id, image_id, vector, seq) VALUES "
-                               "(:m, :i, :v, (SELECT version FROM models WHERE id = :m) + 1)",
+                          "(:m, :i, :v, (SELECT version FROM models WHERE id = :m) + 1)",
                           [{"m": model_id, "i": ids[k] if isinstance(k, str) else int(k), "v": vector_to_blob(v)}
                            for k, v in vectors])
             if meta:
                 c.execute(f"UPDATE images SET width = coalesce(:width, width), height = coalesce(:height, "
-                               f"height), {_META_SET} WHERE id = :id",
+                          f"height), {_set(META_COLUMNS)} WHERE id = :id",
                           [{"id": m["id"], "width": m.get("width"), "height": m.get("height"),
                             **{k: m.get(k) for k in META_COLUMNS}} for m in meta])
             if cleared_failures:
                 c.execute("DELETE FROM failures WHERE path = :p", [{"p": _bind(p)} for p in cleared_failures])
             if failures:
                 c.execute("INSERT OR REPLACE INTO failures (path, reason, size, mtime_ns, at) "
-                               "VALUES (:p, :r, :s, :m, :t)",
+                          "VALUES (:p, :r, :s, :m, :t)",
                           [{"p": _bind(p), "r": r, "s": s, "m": m, "t": now} for p, r, s, m in failures])
             if new or updated or moved or vectors:
                 c.execute("UPDATE models SET version = version + 1 WHERE id = :m", {"m": model_id})
@@ -614,9 +587,8 @@ class Store:
         if not ids:
             return 0
         with self.begin() as c:
-            for part in _chunks(ids):
-                c.execute(_sql("DELETE FROM images WHERE id IN :ids", ("ids",)), {"ids": list(part)})
-            c.execute(_sql("UPDATE models SET version = version + 1"))
+            c.execute_in("DELETE FROM images WHERE id IN :ids", ids)
+            c.execute("UPDATE models SET version = version + 1")
         return len(ids)
 
     def delete_failures_under(self, roots: Iterable[str], keep: set[str] | None = None) -> None:
@@ -624,28 +596,20 @@ class Store:
         keep = keep or set()
         with self.begin() as c:
             for root in roots:
-                root = root.rstrip(os.sep) or os.sep
-                rows = c.execute(_sql("SELECT path FROM failures WHERE path = :p OR path LIKE :like ESCAPE '\\' "
-                                      + _BLOB_UNDER),
-                                 {"p": _bind(root), "like": _like_prefix(root) if root != os.sep else "%"})
+                where, params = _under(root)
+                rows = c.execute(f"SELECT path FROM failures WHERE {where}", params)
                 gone = [r[0] for r in rows if _unbind(r[0]) not in keep]
                 if gone:
                     c.execute("DELETE FROM failures WHERE path = :p", [{"p": p} for p in gone])
 
     def failures(self, limit: int | None = None) -> list[tuple[str, str]]:
-        sql = "SELECT path, reason FROM failures ORDER BY path"
-        if limit:
-            sql += f" LIMIT {int(limit)}"
+        sql = "SELECT path, reason FROM failures ORDER BY path" + (f" LIMIT {int(limit)}" if limit else "")
         return [(_shown(_unbind(r[0])), r[1]) for r in self.rows(sql)]
 
     def failures_of(self, paths: Iterable[str]) -> dict[str, tuple[str, int | None, int | None]]:
         """{path: (reason, size, mtime_ns)} for those of ``paths`` that failed before."""
-        out: dict[str, tuple[str, int | None, int | None]] = {}
-        for part in _chunks([_bind(p) for p in paths]):
-            for r in self.rows("SELECT path, reason, size, mtime_ns FROM failures WHERE path IN :ps", expanding=("ps",),
-                               ps=list(part)):
-                out[_unbind(r[0])] = (r[1], r[2], r[3])
-        return out
+        return {_unbind(r[0]): tuple(r[1:]) for r in self._rows_in(
+            "SELECT path, reason, size, mtime_ns FROM failures WHERE path IN :ids", map(_bind, paths))}
 
     def failure_count(self) -> int:
         return int(self.scalar("SELECT count(*) FROM failures") or 0)
@@ -656,66 +620,49 @@ class Store:
 
     def load_vectors(self, model_id: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [N], vectors float32 [N, dim]) for a model; all of them or the given ids."""
-        model = self.model_by_id(model_id)
-        dim = model.dim if model else 0
-        id_list: list[int] = []
-        blobs: list[bytes] = []
-        with self._read() as c:
-            if ids is None:
-                result = c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m ORDER BY image_id",
-                                   {"m": model_id})
-                for i, b in result:
-                    id_list.append(i)
-                    blobs.append(b)
-            else:
-                for part in _chunks([int(i) for i in ids]):
-                    result = c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id IN :ids",
-                                       {"m": model_id, "ids": list(part)}, ("ids",))
-                    for i, b in result:
-                        id_list.append(i)
-                        blobs.append(b)
-        return np.asarray(id_list, dtype=np.int64), _matrix(blobs, dim)
+        if ids is None:
+            rows = self._stream("SELECT image_id, vector FROM vectors WHERE model_id = :m ORDER BY image_id",
+                                m=model_id)
+        else:
+            rows = self._rows_in("SELECT image_id, vector FROM vectors WHERE model_id = :m "
+                                 "AND image_id IN :ids", map(int, ids), m=model_id)
+        return _ids_and_matrix(rows, self._dim(model_id))
 
     def vector_ids(self, model_id: int) -> np.ndarray:
         """Every image id that has a vector for this model, ascending."""
-        with self._read() as c:
-            result = c.execute("SELECT image_id FROM vectors WHERE model_id = :m ORDER BY image_id",
-                               {"m": model_id})
-            return np.fromiter((r[0] for r in result), dtype=np.int64)  # no list of 10M row tuples
+        rows = self._stream("SELECT image_id FROM vectors WHERE model_id = :m ORDER BY image_id", m=model_id)
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)  # no list of 10M row tuples
 
     def iter_vectors(self, model_id: int, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All of a model's (ids, vectors), ``batch`` rows at a time in id order (bounded memory)."""
-        model = self.model_by_id(model_id)
-        dim = model.dim if model else 0
-        last = -1
-        while True:
-            with self._read() as c:  # a short read per batch: writers are never held up for long
-                rows = c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id > :l "
-                                      "ORDER BY image_id LIMIT :n", {"m": model_id, "l": last, "n": batch}).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield np.asarray([r[0] for r in rows], dtype=np.int64), _matrix([r[1] for r in rows], dim)
+        dim = self._dim(model_id)
+        for rows in self._pages("SELECT image_id, vector FROM vectors WHERE model_id = :m AND image_id > :l "
+                                "ORDER BY image_id LIMIT :n", batch, m=model_id):
+            yield _ids_and_matrix(rows, dim)
 
     def iter_image_vectors(self, model_id: int, batch: int = 10_000) -> Iterator[tuple[list[ImageRow], np.ndarray]]:
-        """A model's images with their vectors, ``batch`` rows per query in id order: (rows, float32 [n, dim]).
-
-        One query per batch, keyed on the last id seen, so memory stays at one batch whatever the library's
-        size and a concurrent writer is never held up for long (exports read through this).
-        """
-        model = self.model_by_id(model_id)
-        dim = model.dim if model else 0
+        """A model's images with their vectors, ``batch`` rows per query in id order: (rows, float32 [n, dim])
+        (exports read through this)."""
+        dim = self._dim(model_id)
         cols = ", ".join(f"i.{c.strip()}" for c in self._IMAGE_COLS.split(","))
-        last = -1
-        while True:
-            with self._read() as c:
-                rows = c.execute(f"SELECT {cols}, v.vector FROM vectors v JOIN images i ON i.id = v.image_id "
-                                      "WHERE v.model_id = :m AND v.image_id > :l ORDER BY v.image_id LIMIT :n",
-                                 {"m": model_id, "l": last, "n": batch}).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
+        for rows in self._pages(f"SELECT {cols}, v.vector FROM vectors v JOIN images i ON i.id = v.image_id "
+                                "WHERE v.model_id = :m AND v.image_id > :l ORDER BY v.image_id LIMIT :n",
+                                batch, m=model_id):
             yield [_image(r[:-1]) for r in rows], _matrix([r[-1] for r in rows], dim)
+
+    def vector_changes(self, model_id: int, since_version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(upserted ids, their vectors, deleted ids) for a model since ``since_version`` (cache deltas)."""
+        since = {"m": model_id, "v": since_version}
+        ids, vecs = _ids_and_matrix(self._stream("SELECT image_id, vector FROM vectors WHERE model_id = :m "
+                                                 "AND seq > :v", **since), self._dim(model_id))
+        deleted = [r[0] for r in self.rows("SELECT DISTINCT image_id FROM vector_deletions "
+                                           "WHERE model_id = :m AND seq > :v", **since)]
+        return ids, vecs, np.asarray(deleted, dtype=np.int64)
+
+    def prune_deletions(self, model_id: int, through_version: int) -> None:
+        """Forget tombstones a freshly rebuilt cache no longer needs."""
+        self._write("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v",
+                    {"m": model_id, "v": through_version})
 
     # --- tags (zero-shot labels) ---------------------------------------------------------------
     def tag_set(self, model_id: int, labels: Sequence[str], templates: Sequence[str]) -> int:
@@ -725,16 +672,14 @@ class Store:
         lab, tpl = json.dumps(list(labels)), json.dumps(list(templates))
         with self.begin() as c:
             c.execute("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
-                           "VALUES (:m, :l, :t, :now)", {"m": model_id, "l": lab, "t": tpl, "now": time.time()})
+                      "VALUES (:m, :l, :t, :now)", {"m": model_id, "l": lab, "t": tpl, "now": time.time()})
             return int(c.execute("SELECT id FROM tag_sets WHERE model_id = :m AND labels = :l AND templates = :t",
                                  {"m": model_id, "l": lab, "t": tpl}).scalar())
 
     def replace_tags(self, set_id: int, image_ids: Sequence[int], tags: Sequence[tuple[int, str, float]]) -> None:
         """Set the tags of ``image_ids`` in one set to ``tags`` [(image_id, label, prob)], in one transaction."""
         with self.begin() as c:
-            for part in _chunks([int(i) for i in image_ids]):
-                c.execute(_sql("DELETE FROM tags WHERE set_id = :s AND image_id IN :ids", ("ids",)),
-                          {"s": set_id, "ids": list(part)})
+            c.execute_in("DELETE FROM tags WHERE set_id = :s AND image_id IN :ids", image_ids, s=set_id)
             if tags:
                 c.execute("INSERT INTO tags (set_id, image_id, label, prob) VALUES (:s, :i, :l, :p)",
                           [{"s": set_id, "i": int(i), "l": lab, "p": float(p)} for i, lab, p in tags])
@@ -752,8 +697,7 @@ class Store:
 
     def delete_tag_set(self, set_id: int) -> int:
         """Drop a label set and its tags; returns how many sets were removed (0 or 1)."""
-        with self.begin() as c:
-            return int(c.execute("DELETE FROM tag_sets WHERE id = :s", {"s": set_id}).rowcount or 0)
+        return int(self._write("DELETE FROM tag_sets WHERE id = :s", {"s": set_id}).rowcount or 0)
 
     def tag_counts(self, set_id: int | None = None) -> list[tuple[str, int]]:
         """(label, images) over all sets (or one), most used first; labels compare case-insensitively."""
@@ -764,23 +708,11 @@ class Store:
 
     def ids_with_tags(self, labels: Sequence[str]) -> np.ndarray:
         """Images carrying every one of ``labels`` (case-insensitive, from any set), sorted."""
-        result: set[int] | None = None
-        for label in labels:
-            ids = {r[0] for r in self.rows("SELECT DISTINCT image_id FROM tags WHERE label = :l COLLATE NOCASE",
-                                           l=label)}
-            result = ids if result is None else result & ids
-        return np.array(sorted(result or ()), dtype=np.int64)
+        sql = "SELECT DISTINCT image_id FROM tags WHERE label = :l COLLATE NOCASE"
+        found = [{r[0] for r in self.rows(sql, l=label)} for label in labels]
+        return np.array(sorted(set.intersection(*found) if found else ()), dtype=np.int64)
 
-    def tags_of(self, image_ids: Iterable[int]) -> dict[int, list[tuple[str, float, int]]]:
-        """{image_id: [(label, prob, set_id)]}, best first."""
-        out: dict[int, list[tuple[str, float, int]]] = {}
-        for part in _chunks([int(i) for i in image_ids]):
-            for r in self.rows("SELECT image_id, label, prob, set_id FROM tags WHERE image_id IN :ids "
-                               "ORDER BY image_id, prob DESC", expanding=("ids",), ids=list(part)):
-                out.setdefault(r[0], []).append((r[1], r[2], r[3]))
-        return out
-
-    # --- captions ------------------------------------------------------------------------------
+    # --- captions and keyword search (FTS5 over name, folder, captions, tags) ------------------
     def add_captions(self, pairs: Sequence[tuple[int, str]], source: str | None = None,
                      replace: bool = False) -> int:
         """Store (image_id, text) captions; ``replace`` first drops those images' old captions.
@@ -788,85 +720,48 @@ class Store:
         Returns how many were new (an identical caption already on the image is not added twice).
         """
         now = time.time()
-        added = 0
         with self.begin() as c:
             if replace:
-                for part in _chunks(sorted({int(i) for i, _ in pairs})):
-                    c.execute(_sql("DELETE FROM captions WHERE image_id IN :ids", ("ids",)), {"ids": list(part)})
-            if pairs:
-                # One executemany; sqlite3 sums each row's direct changes into rowcount (the FTS rows the
-                # trigger touches are not counted), so ignored duplicates add 0.
-                res = c.execute("INSERT OR IGNORE INTO captions (image_id, text, source, added_at) "
-                                     "VALUES (:i, :t, :s, :now)",
-                                [{"i": int(image_id), "t": caption, "s": source, "now": now}
-                                 for image_id, caption in pairs])
-                added = res.rowcount or 0
-        return added
+                c.execute_in("DELETE FROM captions WHERE image_id IN :ids", sorted({i for i, _ in pairs}))
+            if not pairs:
+                return 0
+            # One executemany; sqlite3 sums each row's direct changes into rowcount (the FTS rows the
+            # trigger touches are not counted), so ignored duplicates add 0.
+            return c.execute("INSERT OR IGNORE INTO captions (image_id, text, source, added_at) "
+                             "VALUES (:i, :t, :s, :now)",
+                             [{"i": int(image_id), "t": caption, "s": source, "now": now}
+                              for image_id, caption in pairs]).rowcount or 0
 
     def captions_of(self, image_id: int) -> list[str]:
         return [r[0] for r in self.rows("SELECT text FROM captions WHERE image_id = :i ORDER BY id", i=image_id)]
 
-    def caption_count(self) -> int:
-        return int(self.scalar("SELECT count(*) FROM captions") or 0)
-
-    # --- keyword search (FTS5 over name, folder, captions, tags) -------------------------------
     def keyword_matches(self, fts_query: str, weights: tuple[float, float, float, float] = (4.0, 2.0, 3.0, 3.0),
                         limit: int | None = None) -> list[tuple[int, float]]:
         """[(image_id, relevance)] for an FTS5 MATCH expression, most relevant first (relevance > 0).
 
         ``weights`` rank name, folder, captions and tags columns (bm25 column weights).
         """
-        import sqlalchemy as sa
-
         w = ", ".join(str(float(x)) for x in weights)
         sql = (f"SELECT rowid, -bm25(image_text, {w}) AS rel FROM image_text WHERE image_text MATCH :q "
                "ORDER BY rel DESC" + (f" LIMIT {int(limit)}" if limit else ""))
         try:
             return [(int(r[0]), float(r[1])) for r in self.rows(sql, q=fts_query)]
-        except sa.exc.OperationalError as e:
-            raise LibraryError(f"keyword search failed ({e.orig}); check the library with `imgsearch status`") from None
+        except sqlite3.OperationalError as e:
+            raise LibraryError(f"keyword search failed ({e}); check the library with `imgsearch status`") \
+                from None
 
     # --- perceptual fingerprints (cache for `duplicates`) -------------------------------------
     def fingerprints(self, image_ids: Iterable[int]) -> dict[int, bytes]:
         """Cached fingerprints still valid for the images' current content (the file hash must match)."""
-        out: dict[int, bytes] = {}
-        for part in _chunks([int(i) for i in image_ids]):
-            for r in self.rows("SELECT f.image_id, f.data FROM image_fingerprints f JOIN images i "
-                               "ON i.id = f.image_id AND i.hash = f.hash WHERE f.image_id IN :ids",
-                               expanding=("ids",), ids=list(part)):
-                out[r[0]] = bytes(r[1])
-        return out
+        return {r[0]: bytes(r[1]) for r in self._rows_in(
+            "SELECT f.image_id, f.data FROM image_fingerprints f JOIN images i ON i.id = f.image_id "
+            "AND i.hash = f.hash WHERE f.image_id IN :ids", map(int, image_ids))}
 
     def save_fingerprints(self, rows: Sequence[tuple[int, str, bytes]]) -> None:
         """Cache (image_id, content hash, fingerprint bytes)."""
-        if not rows:
-            return
-        with self.begin() as c:
-            c.execute("INSERT OR REPLACE INTO image_fingerprints (image_id, hash, data) VALUES (:i, :h, :d)",
-                      [{"i": int(i), "h": h, "d": bytes(d)} for i, h, d in rows])
-
-    def vector_changes(self, model_id: int, since_version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(upserted ids, their vectors, deleted ids) for a model since ``since_version`` (for cache deltas)."""
-        ids: list[int] = []
-        blobs: list[bytes] = []
-        with self._read() as c:
-            for i, b in c.execute("SELECT image_id, vector FROM vectors WHERE model_id = :m AND seq > :v",
-                                  {"m": model_id, "v": since_version}):
-                ids.append(i)
-                blobs.append(b)
-            deleted = [r[0] for r in c.execute("SELECT DISTINCT image_id FROM vector_deletions "
-                                                    "WHERE model_id = :m AND seq > :v",
-                                               {"m": model_id, "v": since_version})]
-        model = self.model_by_id(model_id)
-        dim = model.dim if model else 0
-        vecs = _matrix(blobs, dim)
-        return np.asarray(ids, dtype=np.int64), vecs, np.asarray(deleted, dtype=np.int64)
-
-    def prune_deletions(self, model_id: int, through_version: int) -> None:
-        """Forget tombstones a freshly rebuilt cache no longer needs."""
-        with self.begin() as c:
-            c.execute("DELETE FROM vector_deletions WHERE model_id = :m AND seq <= :v",
-                      {"m": model_id, "v": through_version})
+        if rows:
+            self._write("INSERT OR REPLACE INTO image_fingerprints (image_id, hash, data) "
+                        "VALUES (:i, :h, :d)", [{"i": int(i), "h": h, "d": bytes(d)} for i, h, d in rows])
 
     # --- albums (albums.py: saved searches; members are evaluated, not stored) ------------------
     _ALBUM_COLS = "id, name, request, created_at, changed_at, members, digest"
@@ -885,30 +780,28 @@ class Store:
         """A new album with its pins and (model id, query vector), in one transaction; None when the name is taken."""
         now = time.time()
         with self.begin() as c:
-            res = c.execute(_sql("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, "
-                                 "digest) VALUES (:n, :r, :c, :t, :m, :d)"),
+            res = c.execute("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, "
+                            "digest) VALUES (:n, :r, :c, :t, :m, :d)",
                             {"n": name, "r": request, "c": created_at or now, "t": now, "m": members, "d": digest})
             if not res.rowcount:
                 return None
             album_id = int(res.lastrowid)
             if pins:
-                c.execute(_sql("INSERT INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)"),
+                c.execute("INSERT INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)",
                           [{"a": album_id, "i": int(i), "k": int(keep)} for i, keep in pins.items()])
             if vector is not None:
-                c.execute(_sql("INSERT INTO album_vectors (album_id, model_id, vector) VALUES (:a, :m, :v)"),
+                c.execute("INSERT INTO album_vectors (album_id, model_id, vector) VALUES (:a, :m, :v)",
                           {"a": album_id, "m": vector[0], "v": vector_to_blob(vector[1])})
         return album_id
 
     def rename_album(self, album_id: int, name: str) -> bool:
         """False when another album has the name."""
-        with self.begin() as c:
-            return bool(c.execute(_sql("UPDATE OR IGNORE albums SET name = :n WHERE id = :a"),
-                                  {"n": name, "a": album_id}).rowcount)
+        return bool(self._write("UPDATE OR IGNORE albums SET name = :n WHERE id = :a",
+                                {"n": name, "a": album_id}).rowcount)
 
     def delete_album(self, album_id: int) -> None:
         """The album, its pins and vectors; never an image."""
-        with self.begin() as c:
-            c.execute(_sql("DELETE FROM albums WHERE id = :a"), {"a": album_id})
+        self._write("DELETE FROM albums WHERE id = :a", {"a": album_id})
 
     def album_pins(self, album_id: int) -> dict[int, bool]:
         """{image id: True pinned in, False dropped}."""
@@ -916,9 +809,8 @@ class Store:
                                                     a=album_id)}
 
     def set_album_pins(self, album_id: int, ids: Iterable[int], keep: bool) -> None:
-        with self.begin() as c:
-            c.execute(_sql("INSERT OR REPLACE INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)"),
-                      [{"a": album_id, "i": int(i), "k": int(keep)} for i in ids])
+        self._write("INSERT OR REPLACE INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)",
+                    [{"a": album_id, "i": int(i), "k": int(keep)} for i in ids])
 
     def album_vector(self, album_id: int, model_id: int) -> np.ndarray | None:
         blob = self.scalar("SELECT vector FROM album_vectors WHERE album_id = :a AND model_id = :m",
@@ -926,47 +818,35 @@ class Store:
         return None if blob is None else _matrix([blob], 0)[0]
 
     def save_album_vector(self, album_id: int, model_id: int, vector: np.ndarray) -> None:
-        with self.begin() as c:
-            c.execute(_sql("INSERT OR REPLACE INTO album_vectors (album_id, model_id, vector) VALUES (:a, :m, :v)"),
-                      {"a": album_id, "m": model_id, "v": vector_to_blob(vector)})
+        self._write("INSERT OR REPLACE INTO album_vectors (album_id, model_id, vector) VALUES (:a, :m, :v)",
+                    {"a": album_id, "m": model_id, "v": vector_to_blob(vector)})
 
     def album_evaluated(self, album_id: int, members: int, digest: str) -> None:
         """Record an evaluation; the last-change time moves only when the members did."""
-        with self.begin() as c:
-            c.execute(_sql("UPDATE albums SET members = :m, digest = :d, changed_at = :t WHERE id = :a "
-                           "AND digest != :d"), {"a": album_id, "m": members, "d": digest, "t": time.time()})
+        self._write("UPDATE albums SET members = :m, digest = :d, changed_at = :t WHERE id = :a "
+                    "AND digest != :d", {"a": album_id, "m": members, "d": digest, "t": time.time()})
 
     # --- runs --------------------------------------------------------------------------------
+    _RUN_COUNTS = ("new", "updated", "unchanged", "moved", "removed", "failed")
+    _RUN_COLS = ("id", "model_id", "roots", "started_at", "finished_at", *_RUN_COUNTS, "interrupted", "pid")
+
     def start_run(self, model_id: int, roots: Sequence[str]) -> int:
-        with self.begin() as c:
-            res = c.execute("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)",
-                            {"m": model_id, "r": "\n".join(_shown(r) for r in roots), "t": time.time(),
-                             "p": os.getpid()})
-            return int(res.lastrowid)
+        return int(self._write("INSERT INTO runs (model_id, roots, started_at, pid) VALUES (:m, :r, :t, :p)",
+                               {"m": model_id, "r": "\n".join(_shown(r) for r in roots), "t": time.time(),
+                                "p": os.getpid()}).lastrowid)
 
     def finish_run(self, run_id: int, counts: dict[str, int], interrupted: bool = False) -> None:
-        keys = ("new", "updated", "unchanged", "moved", "removed", "failed")
-        with self.begin() as c:
-            c.execute(_sql("UPDATE runs SET finished_at = :t, interrupted = :x, "
-                           + ", ".join(f"{k} = :{k}" for k in keys) + " WHERE id = :id"),
-                      {"t": time.time(), "x": int(interrupted), "id": run_id, **{k: counts.get(k, 0) for k in keys}})
+        self._write(f"UPDATE runs SET finished_at = :t, interrupted = :x, {_set(self._RUN_COUNTS)} "
+                    "WHERE id = :id", {"t": time.time(), "x": int(interrupted), "id": run_id,
+                                       **{k: counts.get(k, 0) for k in self._RUN_COUNTS}})
 
     def last_run(self) -> dict | None:
-        r = self.rows("SELECT id, model_id, roots, started_at, finished_at, new, updated, unchanged, moved, "
-                      "removed, failed, interrupted, pid FROM runs ORDER BY id DESC LIMIT 1")
-        if not r:
-            return None
-        keys = ("id", "model_id", "roots", "started_at", "finished_at", "new", "updated", "unchanged", "moved",
-                "removed", "failed", "interrupted", "pid")
-        return dict(zip(keys, r[0]))
+        r = self.rows(f"SELECT {', '.join(self._RUN_COLS)} FROM runs ORDER BY id DESC LIMIT 1")
+        return dict(zip(self._RUN_COLS, r[0])) if r else None
 
     def disk_usage(self) -> int:
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            p = Path(str(self.path) + suffix)
-            if p.exists():
-                total += p.stat().st_size
-        return total
+        paths = [Path(str(self.path) + suffix) for suffix in ("", "-wal", "-shm")]
+        return sum(p.stat().st_size for p in paths if p.exists())
 
 
 def _writable(db: Path) -> bool:
@@ -1007,9 +887,10 @@ def _open_error(path: Path, e) -> LibraryError:
     return LibraryError(f"cannot open library database {path} ({orig}); check its permissions and free disk space")
 
 
+def _path_params(path: str) -> dict:
+    return {"path": _bind(path), "folder": _shown(os.path.dirname(path)),
+            "name": _shown(os.path.basename(path))}
+
+
 def _image_params(img: dict) -> dict:
-    path = img["path"]
-    return {"path": _bind(path), "folder": _shown(os.path.dirname(path)), "name": _shown(os.path.basename(path)),
-            "size": img["size"],
-            "mtime_ns": img["mtime_ns"], "hash": img["hash"], "width": img.get("width"),
-            "height": img.get("height"), **{c: img.get(c) for c in META_COLUMNS}}
+    return {**_path_params(img["path"]), **{c: img.get(c) for c in _CONTENT}}

@@ -8,6 +8,7 @@ import functools
 import inspect
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -83,6 +84,31 @@ def command(*args, group: typer.Typer | None = None, **kwargs):
         return (group or app).command(*args, **kwargs)(handle_errors(fn))
 
     return decorate
+
+
+def when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+# Options several commands share, declared once with their help.
+NO_WAIT = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing to the "
+                       "library, instead of waiting for it.")
+JSON_HITS = typer.Option(False, "--json", help="Print a JSON array of hits.")
+PATHS = typer.Option(False, "--paths", help="Print bare paths, one per line (names with control characters "
+                     "escaped; see --print0).")
+PRINT0 = typer.Option(False, "--print0", help="Print bare paths, each ended by a NUL byte, verbatim (for "
+                      "`xargs -0`).")
+
+
+def hits_format(json_out: bool, paths_out: bool, print0: bool) -> str:
+    """How print_hits prints: the one of JSON_HITS, PATHS and PRINT0 given, else a table."""
+    if json_out + paths_out + print0 > 1:
+        raise UsageError("--json, --paths and --print0 are exclusive; pick one output format")
+    return "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
 
 
 def settings_of(ctx: typer.Context) -> Settings:

@@ -4,14 +4,13 @@ current (imgsearch.Library's album methods; albums.py says how)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import List
 
 import typer
 
-from . import app, command, err, library_of, search_options
-from ..errors import UsageError
+from . import (JSON_HITS, PATHS, PRINT0, app, command, err, hits_format, library_of, plural, search_options,
+               when)
 from ..output import print_hits, shown
 
 grp = typer.Typer(help="Smart albums: saved searches whose photos stay current as the library changes.",
@@ -19,14 +18,6 @@ grp = typer.Typer(help="Smart albums: saved searches whose photos stay current a
 app.add_typer(grp, name="album")
 
 NAME = typer.Argument(..., help="The album's name.")
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
-
-
-def _photos(n: int) -> str:
-    return f"{n} photo{'s' if n != 1 else ''}"
 
 
 @command("save", group=grp)
@@ -39,7 +30,7 @@ def save_cmd(ctx: typer.Context, search: dict, name: str = NAME):
         album = lib.save_album(name, **search)
     how = ("new photos that pass join it" if album.grows else
            f"the top {album.request['k']} now (--min-score or --relevant lets new photos join)")
-    typer.echo(f"saved album {album.name}: {_photos(album.count)}; {how}")
+    typer.echo(f"saved album {album.name}: {plural(album.count, 'photo')}; {how}")
 
 
 @command("list", group=grp)
@@ -56,7 +47,8 @@ def list_cmd(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", 
     width = max(len(a.name) for a in albums)
     typer.echo(f"{'album':<{width}}  {'photos':>6}  {'changed':<16}  search")
     for a in albums:
-        typer.echo(f"{a.name:<{width}}  {a.count if not a.problem else '?':>6}  {_when(a.changed_at)}  {a.query}")
+        count = a.count if not a.problem else "?"
+        typer.echo(f"{a.name:<{width}}  {count:>6}  {when(a.changed_at)}  {a.query}")
     for a in albums:
         if a.problem:
             err(f"warning: {a.problem}")
@@ -66,21 +58,17 @@ def list_cmd(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", 
 def show_cmd(
     ctx: typer.Context,
     name: str = NAME,
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON array of hits."),
-    paths_out: bool = typer.Option(False, "--paths", help="Print bare paths, one per line (names with control "
-                                   "characters escaped; see --print0)."),
-    print0: bool = typer.Option(False, "--print0", help="Print bare paths, each ended by a NUL byte, verbatim "
-                                "(for `xargs -0`)."),
+    json_out: bool = JSON_HITS,
+    paths_out: bool = PATHS,
+    print0: bool = PRINT0,
 ):
     """The album's photos now, best first (as `imgsearch query` prints hits)."""
-    if json_out + paths_out + print0 > 1:
-        raise UsageError("--json, --paths and --print0 are exclusive; pick one output format")
+    fmt = hits_format(json_out, paths_out, print0)
     with library_of(ctx) as lib:
         album = lib.album(name)
-    fmt = "json" if json_out else "print0" if print0 else "paths" if paths_out else "table"
     if fmt == "table":
-        typer.echo(f"album {album.name}: {_photos(album.count)}, last change {_when(album.changed_at)}; "
-                   f"search: {album.query}")
+        typer.echo(f"album {album.name}: {plural(album.count, 'photo')}, last change "
+                   f"{when(album.changed_at)}; search: {album.query}")
         if not album.hits:
             return
     print_hits([h.as_dict() for h in album.hits], fmt)
@@ -89,8 +77,8 @@ def show_cmd(
 def _pin(ctx: typer.Context, name: str, paths: List[Path], keep: bool) -> None:
     with library_of(ctx) as lib:
         n, album = (lib.pin if keep else lib.unpin)(name, paths)
-    typer.echo(f"{'pinned' if keep else 'dropped'} {_photos(n)} {'in' if keep else 'from'} album {album.name} "
-               f"({_photos(album.count)} now)")
+    typer.echo(f"{'pinned' if keep else 'dropped'} {plural(n, 'photo')} {'in' if keep else 'from'} album "
+               f"{album.name} ({plural(album.count, 'photo')} now)")
 
 
 @command("pin", group=grp)
@@ -135,5 +123,5 @@ def export_cmd(
     overwritten."""
     with library_of(ctx) as lib:
         written = lib.export_album(name, folder, link=link)
-    typer.echo(f"{'linked' if link else 'copied'} {_photos(len(written))} of album {name} into "
+    typer.echo(f"{'linked' if link else 'copied'} {plural(len(written), 'photo')} of album {name} into "
                f"{shown(str(folder))}")

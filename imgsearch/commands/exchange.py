@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from . import command, err, library_of
+from . import NO_WAIT, command, err, library_of, plural
 from ..output import shown
 
 
@@ -52,8 +52,7 @@ def import_cmd(
                                "file: sizes are still checked, and a file must still be named like an image."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing "
-                                 "to the library, instead of waiting for it."),
+    no_wait: bool = NO_WAIT,
 ):
     """Add an export's images and vectors to the library (files must be reachable here; model must match)."""
     from ..progress import Bar
@@ -70,7 +69,7 @@ def import_cmd(
     if report.already:
         parts.append(f"{report.already} already present")
     if report.albums:
-        parts.append(f"{report.albums} album{'s' if report.albums != 1 else ''}")
+        parts.append(plural(report.albums, "album"))
     typer.echo(", ".join(parts) + f" with {report.model} from {shown(report.folder)} in {report.seconds:.1f}s")
     if report.unreachable:
         err(f"  {len(report.unreachable)} images are not reachable here (no such file), e.g. "

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from . import command, err, settings_of
+from . import command, err, plural, settings_of
 from ..errors import UsageError
 
 
@@ -53,8 +53,8 @@ def serve_cmd(
             watcher.close()
             raise
         say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
-            f"{report.removed}, failed {len(report.failed)}; watching {len(watcher.roots)} folder"
-            f"{'s' if len(watcher.roots) != 1 else ''} ({watcher.how})")
+            f"{report.removed}, failed {len(report.failed)}; watching {plural(len(watcher.roots), 'folder')} "
+            f"({watcher.how})")
     try:
         server = SearchServer(settings, host, port, idle, library=library)
     except BaseException:

@@ -8,7 +8,7 @@ from typing import List
 
 import typer
 
-from . import command, err, library_of
+from . import command, err, library_of, plural
 from ..output import shown
 
 
@@ -56,10 +56,9 @@ def watch_cmd(
                 report = watcher.catch_up(progress=bar)
             say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
                 f"{report.removed}, failed {len(report.failed)} ({report.seconds:.1f}s)")
-            n = len(watcher.roots)
             try:  # from here on a stop (Ctrl-C, kill) is the normal end, even before the first batch
-                say(f"watching {n} folder{'s' if n != 1 else ''} ({watcher.how}); {lib.status().images} images "
-                    "in the library; Ctrl-C stops")
+                say(f"watching {plural(len(watcher.roots), 'folder')} ({watcher.how}); {lib.status().images} "
+                    "images in the library; Ctrl-C stops")
                 watcher.run()
             except KeyboardInterrupt:
                 pass
