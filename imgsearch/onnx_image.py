@@ -19,9 +19,12 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .config import draft_size_for, model_exports_dir
 
 FORMAT = 2  # 2: the lean graph (_lean_for_export); a format-1 export is rebuilt once
 OPSET = 17
@@ -48,8 +51,6 @@ class OnnxUnavailable(Exception):
 
 
 def export_dir(home: str | os.PathLike, fingerprint: str) -> Path:
-    from .config import model_exports_dir
-
     return model_exports_dir(home, fingerprint) / "image"
 
 
@@ -76,11 +77,6 @@ def probe_batch(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
             a, b, f = rng.uniform(-1.5, 1.5, 3)
             out[i, c] = a * xx + b * yy + 0.5 * np.sin(6.28 * (f + 1) * (xx + yy)) + rng.normal(0, 0.3, (size, size))
     return out
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -121,51 +117,21 @@ def prestart(path: Path, threads: int) -> None:
 
     onnxruntime releases the GIL while it optimises and pre-packs a model (0.6-0.8 s for ViT-B-32 on 2 Zen 3
     cores), so the caller's imports and database opening run meanwhile, on the core the single-threaded
-    start-up leaves idle. OrtImageTower picks the session up if the file is still
-    the one it was started from; a session nobody asks for is dropped with the process.
+    start-up leaves idle. OrtImageTower picks the session up if the file is still the one it was started
+    from; a session nobody asks for is dropped with the process. An executor's thread, because the
+    interpreter joins those before it shuts down: exiting while onnxruntime's loader ran on a daemon thread
+    could crash the process on its way out (an error exit, a Ctrl-C).
     """
-    import threading
-    from concurrent.futures import Future
+    from concurrent.futures import ThreadPoolExecutor
 
     try:
         key = (str(path), tuple(_file_id(path)), threads)
     except OSError:
         return
-    if key in _started:
-        return
-    fut: Future = Future()
-
-    def work():
-        try:
-            fut.set_result(_new_session(path, threads))
-        except BaseException as e:  # handed to whoever asks; nobody may
-            fut.set_exception(e)
-        finally:
-            _inflight.remove(fut)
-
-    global _settle_registered
-    if not _settle_registered:
-        import atexit
-
-        atexit.register(_settle)
-        _settle_registered = True
-    _started[key] = fut
-    _inflight.append(fut)
-    threading.Thread(target=work, name="onnx-session", daemon=True).start()
-
-
-_inflight: list = []  # head starts still loading, picked up or not
-_settle_registered = False
-
-
-def _settle() -> None:
-    """At exit, let a session still loading finish first: interpreter shutdown while onnxruntime's loader
-    runs on a daemon thread could crash the process on its way out (an error exit, a Ctrl-C)."""
-    for fut in list(_inflight):
-        try:
-            fut.exception(timeout=60)
-        except Exception:
-            pass
+    if key not in _started:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="onnx-session")
+        _started[key] = pool.submit(_new_session, path, threads)
+        pool.shutdown(wait=False)
 
 
 def drop_prestarted() -> None:
@@ -188,8 +154,9 @@ class OrtImageTower:
         self.path = path
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return _normalise(self.session.run(None, {self.input: batch})[0])
+        x = self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        x = x.astype(np.float32, copy=False)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def describe(self) -> str:
         return f"onnxruntime {self.kind}"
@@ -203,8 +170,6 @@ def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
 
 def _export_fp32(encoder, path: Path) -> None:
     import torch
-
-    import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # the exporter needs it
         raise OnnxUnavailable("the onnx package is not installed (pip install 'imgsearch[fast]')") from None
@@ -236,8 +201,6 @@ def _export_fp32(encoder, path: Path) -> None:
             if mha is not None:
                 mha.set_fastpath_enabled(fast)
         os.replace(tmp, path)
-    except OnnxUnavailable:
-        raise
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise OnnxUnavailable(f"exporting the image tower failed ({type(e).__name__}: {str(e)[:120]})") from None
@@ -285,39 +248,22 @@ def _lean_fits(mha) -> bool:
             and mha.bias_k is None and not mha.add_zero_attn and mha.dropout == 0.0)
 
 
-class _lean_for_export:
+@contextmanager
+def _lean_for_export(model):
     """Swap a ViT image tower's attention modules for their lean equivalent while exporting; the model is
     restored on exit. Towers of another shape (ResNets, ConvNeXt, timm) export unchanged.
 
     (The patch-embedding Conv was tried as a MatMul too: quantised it dropped ViT-B-32's int8 parity from
     0.990 to 0.953, and kept fp32 it cost what the Conv costs.)"""
-
-    def __init__(self, model):
-        self.visual = getattr(model, "visual", None)
-        self.saved: list[tuple[object, str, object]] = []
-
-    def __enter__(self):
-        v = self.visual
-        blocks = getattr(getattr(v, "transformer", None), "resblocks", None) or []
-        try:
-            for blk in blocks:
-                attn = getattr(blk, "attn", None)
-                if attn is not None and _lean_fits(attn):
-                    self._swap(blk, "attn", _lean_attention(attn))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _swap(self, owner, name: str, new) -> None:
-        self.saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, new)
-
-    def __exit__(self, *exc):
-        while self.saved:
-            owner, name, old = self.saved.pop()
-            setattr(owner, name, old)
-        return False
+    blocks = getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", None) or []
+    swapped = [(blk, blk.attn) for blk in blocks if getattr(blk, "attn", None) is not None and _lean_fits(blk.attn)]
+    try:
+        for blk, attn in swapped:
+            blk.attn = _lean_attention(attn)
+        yield
+    finally:
+        for blk, attn in swapped:
+            blk.attn = attn
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:
@@ -326,8 +272,6 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
     up a root handler and so turn its own later logging.basicConfig into a no-op. The child's is its own."""
     import subprocess
 
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise OnnxUnavailable("onnxruntime is not installed (pip install 'imgsearch[fast]')")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     # Only weight MatMul/Gemm (the transformer's projections and MLPs, ~all the FLOPs): the patch
     # embedding conv and attention's activation x activation products stay fp32, which keeps the
@@ -570,18 +514,13 @@ class OrtEncoder:
         self.dim, self.image_size, self.preprocess = int(dim), int(image_size), preprocess
         self.torch_encoder, self.torch_free = torch_encoder, torch_encoder is None
         self.model = getattr(torch_encoder, "model", None)
+        self.draft_size = draft_size_for(self.image_size)  # as Encoder's: the same decode, so the same vectors
 
     def __getattr__(self, name):  # only for names not set above: the text side, logit_scale, ...
         base = self.__dict__.get("torch_encoder")
         if base is None:
             raise AttributeError(name)
         return getattr(base, name)
-
-    @property
-    def draft_size(self) -> int:
-        from .config import draft_size_for
-
-        return draft_size_for(self.image_size)  # as Encoder.draft_size: the same decode, so the same vectors
 
     def encode_image_tensors(self, batch) -> np.ndarray:
         """Preprocessed images (a list, numpy or a CPU torch batch) -> L2-normalised float32 [N, dim]."""
