@@ -191,6 +191,15 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class ThreadBudget:
     """How many threads each stage of an image pipeline may use so that together they fit the cores.

@@ -184,15 +184,9 @@ def _short(e: BaseException) -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: bf16 matmuls are much faster than fp32 on such CPUs."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    from .config import cpuinfo
+
+    return bool({"amx_bf16", "avx512_bf16"} & set((cpuinfo("flags") or "").split()))
 
 
 def _mps_available() -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import draft_size_for, model_exports_dir
+from .config import cpuinfo, draft_size_for, model_exports_dir
 
 FORMAT = 2  # 2: the lean graph (_lean_for_export); a format-1 export is rebuilt once
 OPSET = 17
@@ -55,16 +55,9 @@ def export_dir(home: str | os.PathLike, fingerprint: str) -> Path:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine() or "unknown cpu"
+    return cpuinfo("model name") or platform.processor() or platform.machine() or "unknown cpu"
 
 
 def probe_batch(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
