@@ -585,11 +585,6 @@ def read_local_config(folder: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-__all__ = ["ModelSpec", "Encoder", "build", "load", "resolve_weights", "file_fingerprint",
-           "cpu_has_fast_bf16", "pick_device", "pick_precision", "read_local_config",
-           "LOCAL_DIR", "HF_HUB", "CONFIG_FILE", "WEIGHTS_FILE"]
-
-
 MODEL_KIND = "model"
 
 

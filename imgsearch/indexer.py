@@ -21,7 +21,7 @@ from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
 from .vectors import BuildProgress
 # The read side (FAISS cache loader) and the result type live apart so search never imports the write side.
-from .indexcache import StoreVectors, cache_key, index_policy, model_index
+from .indexcache import model_index
 from .results import IndexReport
 
 
@@ -119,6 +119,21 @@ class DecodeStage:
         im, info = images.open_image(source, draft_size=self.encoder.draft_size, max_pixels=self.max_pixels)
         return self.encoder.preprocess(im), info
 
+    def read_jpeg(self, f) -> tuple[bytes, images.ImageInfo, int] | None:
+        """(bytes, ImageInfo, EXIF orientation) of the open file ``f`` when the batch decoder takes it, None
+        to leave it to Pillow (not a JPEG, CMYK, odd markers); DecodeError when it is over the caps."""
+        f.seek(0)
+        if f.read(2) != b"\xff\xd8":
+            return None
+        f.seek(0)
+        data = f.read()  # within the file-size cap
+        try:
+            return data, *images.jpeg_header(data, self.max_pixels)
+        except DecodeError as e:
+            if "too large" in str(e):
+                raise
+            return None
+
     def batch(self, datas: list[bytes], orientations: list[int]) -> list:
         """Tensor decode of JPEG bytes on the encoder's device: one tensor or None (give it to Pillow) each."""
         return images.decode_jpegs(datas, orientations, self.tensor_pre, self.device)
@@ -132,21 +147,14 @@ class DecodeStage:
 
         def read(path):
             with open(path, "rb") as f:
-                data = f.read()
-            if data[:2] == b"\xff\xd8":
-                try:
-                    return data, images.jpeg_header(data, self.max_pixels)[1]
-                except DecodeError as e:
-                    if "too large" in str(e):
-                        raise
-            return data, None
+                return path, self.read_jpeg(f)
 
         from itertools import islice
 
         stream = images.decode_many(paths, read, workers, 2 * batch_size if overlap else batch_size, overlap)
         while part := list(islice(stream, batch_size)):
             jpegs = [k for k, r in enumerate(part) if not isinstance(r, DecodeError) and r[1] is not None]
-            done = dict(zip(jpegs, self.batch([part[k][0] for k in jpegs], [part[k][1] for k in jpegs])))
+            done = dict(zip(jpegs, self.batch([part[k][1][0] for k in jpegs], [part[k][1][2] for k in jpegs])))
             for k, r in enumerate(part):
                 if isinstance(r, DecodeError):
                     yield r
@@ -185,7 +193,7 @@ class Indexer:
         if work.meta_only:
             return _Done(work, skipped_decode=True, meta=header_meta(path, work.entry.mtime_ns))
         cap = self.settings.max_file_mb << 20
-        data = None
+        jpeg = None
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -197,23 +205,14 @@ class Indexer:
                     return _Done(work, hash=digest, skipped_decode=True, meta=meta)  # touched, same content
                 if work.old is None and digest in known_hashes:
                     return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
-                if tensor_decode is None:
-                    tensor_decode = self.stage.tensor
-                if tensor_decode:
-                    f.seek(0)
-                    if f.read(2) == b"\xff\xd8":
-                        f.seek(0)
-                        data = f.read()  # the batched GPU decoder takes bytes; within the cap
+                if self.stage.tensor if tensor_decode is None else tensor_decode:
+                    jpeg = self.stage.read_jpeg(f)
         except OSError as e:
             return _Done(work, error=f"cannot read file: {e.strerror or e}")
-        if data is not None:
-            try:
-                info, orientation = images.jpeg_header(data, self.stage.max_pixels)
-                return _Done(work, hash=digest, info=info, raw=data, orientation=orientation)
-            except DecodeError as e:
-                if "too large" in str(e):
-                    return _Done(work, hash=digest, error=str(e))
-                # anything else (CMYK, odd markers): Pillow below decides
+        except DecodeError as e:
+            return _Done(work, hash=digest, error=str(e))
+        if jpeg is not None:
+            return _Done(work, hash=digest, raw=jpeg[0], info=jpeg[1], orientation=jpeg[2])
         try:
             # From the file, not a bytes copy: Pillow reads what it decodes (a draft JPEG decode reads less).
             tensor, info = self.stage.pillow(path)
@@ -354,7 +353,7 @@ class Indexer:
 
         # Kept fresh here once a query measured it (no text encoding here), so the cold path finds it ready.
         relevance.current(store, model_id, None)
-        self.refresh_cache(build_progress)
+        model_index(self.settings, store, model_id, build_progress)  # the next query starts fast
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -535,10 +534,6 @@ class Indexer:
             pending.cleared.append(e.path)
         report.encoded += len(batch)
 
-    def refresh_cache(self, progress: BuildProgress | None = None) -> None:
-        """Bring this model's FAISS cache up to date so the next query starts fast."""
-        model_index(self.settings, self.store, self.model.id, progress)
-
 
 class _Pending:
     """Results waiting for the next transaction."""
@@ -669,10 +664,6 @@ def forget(settings: Settings, store: Store, paths: Iterable[str | os.PathLike],
         removed = store.delete_images(r.id for r in rows.values())
         store.delete_failures_under(targets)
         return removed
-
-
-__all__ = ["IndexReport", "Indexer", "index_paths", "forget", "normalize_roots", "model_index", "StoreVectors",
-           "cache_key", "index_policy"]
 
 
 def library_status(settings: Settings, store: Store) -> dict:

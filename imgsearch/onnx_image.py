@@ -624,8 +624,3 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
     manifest = cand["manifest"]
     return OrtEncoder(tower, cand["spec"], fingerprint, cand["precision"], manifest["dim"], manifest["input_size"],
                       numpy_preprocess(manifest["preprocess"])), "ok"
-
-
-__all__ = ["select", "ensure_export", "int8_parity", "export_dir", "OrtImageTower", "OnnxUnavailable",
-           "FP32_MIN_COSINE", "FORMAT", "OrtEncoder", "torch_free_encoder", "cached_parity", "record_parity",
-           "decision_key", "INT8_RECIPE", "prestart", "prestart_lite", "drop_prestarted"]
