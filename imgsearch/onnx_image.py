@@ -1,15 +1,11 @@
 """Which image encoder an index run uses (select), and the image tower on ONNX Runtime it may pick: fp32 where
 it beats torch on this CPU, opt-in dynamic int8, or the whole run without torch (torch_free_encoder).
 
-Exports live in ``<home>/exports/<sanitised weights fingerprint>/image/`` (image-fp32.onnx,
-image-int8.onnx, manifest.json). The folder is keyed by the weights fingerprint, and the manifest repeats
-the fingerprint and format, so a fine-tuned or replaced model never runs a stale export. An export is used
-only after it matched the torch tower on a probe batch (fp32: every cosine >= 0.9999); a failed check is
-recorded and torch runs instead. The chosen tower is a new OrtEncoder: the torch encoder, which other threads
-may be using, never changes backend.
-
-Nothing here imports onnxruntime or onnx unless an export is needed; when they are missing the caller
-gets torch and one line on stderr.
+Exports live in ``<home>/exports/<weights fingerprint>/image/`` (image-fp32.onnx, image-int8.onnx,
+manifest.json); the manifest repeats the fingerprint and format, so a fine-tuned or replaced model never runs
+a stale export. An export is used only after it matched the torch tower on a probe batch (fp32: every cosine
+>= 0.9999). The chosen tower is a new OrtEncoder: the torch encoder, which other threads may be using, never
+changes backend. onnxruntime and onnx are imported only when needed; without them torch runs, with one note.
 """
 
 from __future__ import annotations
@@ -102,26 +98,29 @@ def _new_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-_started: dict[tuple, object] = {}  # (path, file id, threads) -> Future of a session begun by prestart()
+_started: dict[tuple, object] = {}  # _session_key -> Future of a session begun by prestart()
+
+
+def _session_key(path: Path, threads: int) -> tuple | None:
+    """What a prestarted session is for: this file as it is now (size, mtime) and the thread count."""
+    try:
+        return str(path), tuple(_file_id(path)), threads
+    except OSError:
+        return None
 
 
 def prestart(path: Path, threads: int) -> None:
-    """Begin creating the session for ``path`` on a background thread.
+    """Begin creating the session for ``path`` on a background thread, for OrtImageTower to pick up.
 
     onnxruntime releases the GIL while it optimises and pre-packs a model (0.6-0.8 s for ViT-B-32 on 2 Zen 3
-    cores), so the caller's imports and database opening run meanwhile, on the core the single-threaded
-    start-up leaves idle. OrtImageTower picks the session up if the file is still the one it was started
-    from; a session nobody asks for is dropped with the process. An executor's thread, because the
-    interpreter joins those before it shuts down: exiting while onnxruntime's loader ran on a daemon thread
-    could crash the process on its way out (an error exit, a Ctrl-C).
+    cores), so the caller's imports and database opening run meanwhile on the idle core. An executor's
+    thread, because the interpreter joins those before it shuts down: exiting while onnxruntime's loader ran
+    on a daemon thread could crash the process on its way out (an error exit, a Ctrl-C).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    try:
-        key = (str(path), tuple(_file_id(path)), threads)
-    except OSError:
-        return
-    if key not in _started:
+    key = _session_key(path, threads)
+    if key is not None and key not in _started:
         pool = ThreadPoolExecutor(1, thread_name_prefix="onnx-session")
         _started[key] = pool.submit(_new_session, path, threads)
         pool.shutdown(wait=False)
@@ -136,15 +135,11 @@ class OrtImageTower:
     """An onnxruntime session over an exported image tower; encode() returns L2-normalised float32 rows."""
 
     def __init__(self, path: Path, kind: str, threads: int):
-        try:
-            fut = _started.pop((str(path), tuple(_file_id(path)), threads), None)
-        except OSError:
-            fut = None
+        fut = _started.pop(_session_key(path, threads), None)
         self.session = fut.result() if fut is not None else _new_session(path, threads)
         self.input = self.session.get_inputs()[0].name
         self.kind = kind
         self.threads = threads
-        self.path = path
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         x = self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -249,7 +244,7 @@ def _lean_for_export(model):
     (The patch-embedding Conv was tried as a MatMul too: quantised it dropped ViT-B-32's int8 parity from
     0.990 to 0.953, and kept fp32 it cost what the Conv costs.)"""
     blocks = getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", None) or []
-    swapped = [(blk, blk.attn) for blk in blocks if getattr(blk, "attn", None) is not None and _lean_fits(blk.attn)]
+    swapped = [(blk, blk.attn) for blk in blocks if _lean_fits(getattr(blk, "attn", None))]
     try:
         for blk, attn in swapped:
             blk.attn = _lean_attention(attn)
@@ -361,11 +356,10 @@ ORT_MIN_RUN = 200  # files a run must have before onnxruntime fp32 is exported a
 def select(encoder, settings, threads: int, files: int | None = None):
     """The image encoder a run uses. ``encoder`` may be shared (a server's queries) and is never changed.
 
-    A torch-free encoder (torch_free_encoder) is already the choice. A torch one stays, except on the CPU:
-    int8 runs on onnxruntime (the caller's parity gate says whether it may), and fp32 does when image_backend
-    is onnx, or auto and onnxruntime was measured faster here (fp32_decision; a run of fewer than
-    ORT_MIN_RUN ``files`` does not pay for the first export and timing). Those come back as an OrtEncoder
-    over ``encoder``; without onnxruntime, or when an export fails, torch runs fp32 and stderr says so once.
+    A torch-free encoder is already the choice. A torch one stays, except on the CPU: int8 runs on
+    onnxruntime (the caller's parity gate says whether it may), and fp32 does when image_backend is onnx, or
+    auto and onnxruntime was measured faster here (a run of fewer than ORT_MIN_RUN ``files`` does not pay for
+    the first export and timing). Without onnxruntime, or when an export fails, torch runs, with one note.
     """
     mode, precision = settings.image_backend, encoder.precision
     if encoder.torch_free or not _ort_may_run(encoder.device, precision, mode, files):
@@ -492,12 +486,8 @@ def record_parity(home, fingerprint: str, library_id: str | None, cos: float, im
 
 class OrtEncoder:
     """An image encoder whose tower is a verified ONNX export on onnxruntime: its own object, so no torch encoder
-    changes backend.
-
-    Over a loaded ``torch_encoder`` (select): that encoder's preprocess and model, and its text side and
-    everything else through attribute lookup. Without one (torch_free_encoder): no torch, torchvision or
-    open_clip import, and the numpy copy of the model's preprocess, checked against torchvision when the
-    export recorded it.
+    changes backend. Over a loaded ``torch_encoder`` (select), everything else is that encoder's; without one
+    (torch_free_encoder), no torch import, and the numpy preprocess the export verified.
     """
 
     def __init__(self, tower: OrtImageTower, spec, fingerprint: str, precision: str, dim: int, image_size: int,
@@ -594,11 +584,9 @@ def prestart_lite(settings, threads: int) -> None:
 def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[OrtEncoder | None, str]:
     """An OrtEncoder without torch when this run can index without torch, else (None, why not).
 
-    Needs: the CPU, fp32 or int8, a weights fingerprint known without loading the model (the same
-    size + head/tail hash of the weights file the torch path computes, so a fine-tune never meets a
-    stale export), an export of those weights that passed its check against torch with a verified
-    preprocess, onnxruntime chosen for fp32 (measured or asked for) or, for int8, a passed parity
-    check recorded for this library, and the text export the next cold query needs.
+    Needs: the CPU, fp32 or int8, the weights fingerprint known without loading the model, an export of
+    those weights that passed its check with a verified preprocess, onnxruntime chosen for fp32 (measured or
+    asked for) or, for int8, a passed parity check recorded for this library, and the text export.
     """
     cand, why = _lite_candidate(settings, threads)
     if cand is None:
