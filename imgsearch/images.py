@@ -556,8 +556,8 @@ def _normalize_of(preprocess):
 
 
 # EXIF orientation -> (transpose H and W first, then flip these CHW dims); 6 and 8 are the two rotations.
-_ORIENT = {2: (False, [2]), 3: (False, [1, 2]), 4: (False, [1]), 5: (True, []), 6: (True, [2]), 7: (True, [1, 2]),
-           8: (True, [1])}
+_ORIENT = {2: (False, [2]), 3: (False, [1, 2]), 4: (False, [1]),
+           5: (True, []), 6: (True, [2]), 7: (True, [1, 2]), 8: (True, [1])}
 
 
 def _orient(t, orientation: int):

@@ -154,7 +154,8 @@ class DecodeStage:
         stream = images.decode_many(paths, read, workers, 2 * batch_size if overlap else batch_size, overlap)
         while part := list(islice(stream, batch_size)):
             jpegs = [k for k, r in enumerate(part) if not isinstance(r, DecodeError) and r[1] is not None]
-            done = dict(zip(jpegs, self.batch([part[k][1][0] for k in jpegs], [part[k][1][2] for k in jpegs])))
+            tensors = self.batch([part[k][1][0] for k in jpegs], [part[k][1][2] for k in jpegs])
+            done = dict(zip(jpegs, tensors))
             for k, r in enumerate(part):
                 if isinstance(r, DecodeError):
                     yield r
@@ -247,9 +248,10 @@ class Indexer:
         outside = [p for p in seen if p not in existing and not any(files.under(p, r) for r in roots)]
         if outside:
             existing.update(store.images_at(outside))
-        with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
-        self._with_vec = with_vec
+        # The run's state, shared by the methods below (main thread only).
+        self._with_vec = with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
         self._claimed: set[int] = set()  # rows moved to a new path in this run
+        self._report, self._pending, self._batch = report, _Pending(), []
 
         # Files that failed before and have not changed since fail again: not re-read every run.
         prior = store.failures_of(p for p, e in seen.items()
@@ -279,13 +281,14 @@ class Indexer:
                 work.append(_Work(entry, old, needs_vector=old is None or old.id not in with_vec))
 
         # Rows whose file is gone are move sources first; whatever is not claimed is removed at the end.
-        missing = {p: r for p, r in existing.items() if p not in seen and p not in problems and p not in aliases}
-        missing_by_hash: dict[str, list[ImageRow]] = {}
-        for r in missing.values():
-            missing_by_hash.setdefault(r.hash, []).append(r)
+        self._missing = {p: r for p, r in existing.items()
+                         if p not in seen and p not in problems and p not in aliases}
+        self._missing_by_hash: dict[str, list[ImageRow]] = {}
+        for r in self._missing.values():
+            self._missing_by_hash.setdefault(r.hash, []).append(r)
         has_new = any(w.old is None for w in work)
         # A new file whose content the library knows is a move (its old row's file is gone) or a copy.
-        known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
+        known = frozenset(self._missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
         to_decode = [w for w in work if not w.meta_only]
         if self.remote is not None:
@@ -293,10 +296,8 @@ class Indexer:
         elif to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
             self._choose_image_encoder(to_decode, report)
         run_id = store.start_run(model_id, roots)
-        pending = _Pending()
-        batch: list[_Done] = []
+        pending = self._pending
         total = len(work)
-        done = 0
         if progress:
             progress(0, total)
         results = None
@@ -309,30 +310,24 @@ class Indexer:
             else:
                 results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
                                              overlap=budget.overlap)
-            for w, result in zip(work, results):
+            for done, (w, result) in enumerate(zip(work, results), 1):
                 if isinstance(result, DecodeError):  # _process reports its own errors; this is a last resort
                     result = _Done(w, error=str(result))
-                self._route(result, report, pending, batch, missing, missing_by_hash)
+                self._route(result)
                 if len(pending.copies) >= self.settings.write_batch:
-                    self._resolve_known(pending, report, batch, missing, missing_by_hash)
-                if len(batch) >= self.settings.batch_size:
-                    self._encode(batch, pending, report)
-                    batch = []
-                if pending.size() >= self.settings.write_batch or (pending.vectors and not batch):
-                    self._resolve_known(pending, report, batch, missing, missing_by_hash)
+                    self._resolve_known()
+                if len(self._batch) >= self.settings.batch_size:
+                    self._encode()
+                if pending.size() >= self.settings.write_batch or (pending.vectors and not self._batch):
+                    self._resolve_known()
                     pending.flush(store, model_id)
-                done += 1
                 if progress:
                     progress(done, total)
-            self._resolve_known(pending, report, batch, missing, missing_by_hash)
-            if batch:
-                self._encode(batch, pending, report)
-                batch = []
+            self._resolve_known()
+            self._encode()
             pending.flush(store, model_id)
-            gone = [r.id for p, r in missing.items()]
-            report.removed = store.delete_images(gone)
-            for path, reason in problems.items():
-                report.failed.append((path, reason))
+            report.removed = store.delete_images(r.id for r in self._missing.values())
+            report.failed.extend(problems.items())
             if problems:
                 pending.failures.extend((p, r, None, None) for p, r in problems.items())
                 pending.flush(store, model_id)
@@ -397,14 +392,15 @@ class Indexer:
                              f"{threshold} on {len(tensors)} images); index with --precision fp32")
         onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
 
-    def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,
-               missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]]) -> None:
-        """Decide what one processed file means for the library (main thread only)."""
-        w = res.work
-        e = w.entry
+    def _fail(self, e: files.FileEntry, error: str) -> None:
+        self._report.failed.append((e.path, error))
+        self._pending.failures.append((e.path, error, e.size, e.mtime_ns))
+
+    def _route(self, res: _Done) -> None:
+        """Decide what one processed file means for the library."""
+        w, e, pending, report = res.work, res.work.entry, self._pending, self._report
         if res.error is not None:
-            report.failed.append((e.path, res.error))
-            pending.failures.append((e.path, res.error, e.size, e.mtime_ns))
+            self._fail(e, res.error)
             return
         if res.skipped_decode:
             if res.meta is not None:
@@ -417,35 +413,33 @@ class Indexer:
                 report.unchanged += 1
                 pending.cleared.append(e.path)
                 return
-            candidates = missing_by_hash.get(res.hash) or []
+            candidates = self._missing_by_hash.get(res.hash) or []
             if candidates:
-                self._move(candidates.pop(), e, report, pending, batch, missing)
+                self._move(candidates.pop(), e)
                 return
             # Elsewhere in the library: decided in batches by _resolve_known (one lookup per 500 hashes).
             pending.copies.append((e, res.hash))
             return
-        batch.append(res)
+        self._batch.append(res)
 
-    def _move(self, row: ImageRow, e: files.FileEntry, report: IndexReport, pending: "_Pending", batch: list,
-              missing: dict[str, ImageRow]) -> None:
+    def _move(self, row: ImageRow, e: files.FileEntry) -> None:
         """The row's file now lives at ``e.path``: keep the row (id, vectors, captions, tags), change its path."""
-        missing.pop(row.path, None)
+        self._missing.pop(row.path, None)
         self._claimed.add(row.id)
-        pending.moved.append((row.id, e.path, e.size, e.mtime_ns))
-        pending.cleared.append(e.path)
-        report.moved += 1
+        self._pending.moved.append((row.id, e.path, e.size, e.mtime_ns))
+        self._pending.cleared.append(e.path)
+        self._report.moved += 1
         if row.id not in self._with_vec:  # moved, but never encoded with this model
             redo = self._process(_Work(e, row, True), frozenset())
             if redo.error is None and not redo.skipped_decode:
-                batch.append(redo)
+                self._batch.append(redo)
 
-    def _resolve_known(self, pending: "_Pending", report: IndexReport, batch: list, missing: dict[str, ImageRow],
-                       missing_by_hash: dict[str, list[ImageRow]]) -> None:
+    def _resolve_known(self) -> None:
         """New files whose content the library already has, anywhere: a move across runs, an alias or a copy."""
+        pending, report, store = self._pending, self._report, self.store
         if not pending.copies:
             return
         todo, pending.copies = pending.copies, []
-        store = self.store
         by_hash = store.images_by_hash(h for _, h in todo)
         row_ids = [r.id for rows in by_hash.values() for r in rows]
         self._with_vec |= store.image_ids_with_vectors(self.model.id, row_ids)
@@ -454,7 +448,7 @@ class Indexer:
             same = sorted((r for r in by_hash.get(digest, []) if r.path != e.path), key=lambda r: r.id)
             kind, row = _known_match(e.path, [r for r in same if r.id not in self._claimed])
             if kind == "moved":
-                self._move(row, e, report, pending, batch, missing)
+                self._move(row, e)
             elif kind == "alias":  # a hard link to a file the library has under another name
                 report.aliases += 1
             else:
@@ -463,8 +457,7 @@ class Indexer:
                     copies.append((e, source))
                     continue
                 # Known content but no vector to copy for this model: decode after all.
-                redo = self._process(_Work(e, None, True), frozenset())
-                self._route(redo, report, pending, batch, missing, missing_by_hash)
+                self._route(self._process(_Work(e, None, True), frozenset()))
         if copies:
             ids, vecs = store.load_vectors(self.model.id, sorted({src.id for _, src in copies}))
             vec_by_id = dict(zip(ids.tolist(), vecs))
@@ -477,7 +470,7 @@ class Indexer:
                 report.new += 1
                 report.reused += 1
 
-    def _decode_raw(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> list[_Done]:
+    def _decode_raw(self, batch: list[_Done]) -> list[_Done]:
         """Decode the batch's JPEG bytes together on the encoder's device; Pillow for the ones that fail."""
         raw = [r for r in batch if r.raw is not None]
         if not raw:
@@ -491,16 +484,15 @@ class Indexer:
             if r.tensor is None:
                 r = self._process(_Work(r.work.entry, r.work.old, True), frozenset(), tensor_decode=False)
                 if r.error is not None:
-                    report.failed.append((r.work.entry.path, r.error))
-                    pending.failures.append((r.work.entry.path, r.error, r.work.entry.size, r.work.entry.mtime_ns))
+                    self._fail(r.work.entry, r.error)
                     continue
             kept.append(r)
         return kept
 
-    def _encode(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> None:
-        batch = self._decode_raw(batch, pending, report)
-        if not batch:
-            return
+    def _encode(self) -> None:
+        """Encode the batch waiting and queue its rows and vectors for the next transaction."""
+        batch, self._batch = self._decode_raw(self._batch), []
+        pending, report = self._pending, self._report
         todo = [r for r in batch if r.vector is None]
         if todo:
             if self.encoder.torch_free:

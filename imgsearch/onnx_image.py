@@ -497,7 +497,7 @@ class OrtEncoder:
         self.dim, self.image_size, self.preprocess = int(dim), int(image_size), preprocess
         self.torch_encoder, self.torch_free = torch_encoder, torch_encoder is None
         self.model = getattr(torch_encoder, "model", None)
-        self.draft_size = draft_size_for(self.image_size)  # as Encoder's: the same decode, so the same vectors
+        self.draft_size = draft_size_for(self.image_size)  # Encoder's: the same decode, the same vectors
 
     def __getattr__(self, name):  # only for names not set above: the text side, logit_scale, ...
         base = self.__dict__.get("torch_encoder")

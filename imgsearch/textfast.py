@@ -87,15 +87,17 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 
 class _Tower:
-    """A verified export of ``KIND`` in ``folder``, with Encoder's text contract (so search and zeroshot take
-    either): ``encode_texts(texts, lang, default_lang)`` -> L2-normalised float32 [N, dim], ``logit_scale``."""
+    """A verified export of ``KIND`` in ``folder``, with Encoder's text contract, so search and zeroshot
+    take either: ``encode_texts(texts, lang, default_lang)`` (L2-normalised float32 [N, dim]) and
+    ``logit_scale``."""
 
     KIND: str | None = None
 
     def __init__(self, folder: str | os.PathLike, fingerprint: str):
         self.folder = Path(folder)
         meta = _read_manifest(self.folder)
-        if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint or meta.get("kind") != self.KIND:
+        want = (FORMAT, fingerprint, self.KIND)
+        if (meta.get("format"), meta.get("fingerprint"), meta.get("kind")) != want:
             raise ExportError("manifest is for another format, kind of tower or other weights")
         if not meta.get("verified") or "logit_scale" not in meta:
             raise ExportError(meta.get("reason") or f"export failed verification against torch: {meta.get('parity')}")
@@ -395,7 +397,7 @@ def _describe(model, tokenizer) -> tuple[dict, list[tuple[str, object]]]:
 
 
 def _write_clip(encoder, tmp: Path) -> dict:
-    """CLIP's BPE tower into ``tmp``: one float32 file and the tokenizer tables; returns the manifest's facts."""
+    """CLIP's BPE tower into ``tmp``: a float32 file and the tokenizer tables; returns the manifest's facts."""
     from open_clip import tokenizer as oc_tok
 
     from .bpe import write_tables
