@@ -518,15 +518,12 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
             return folder
         except ExportError:
             pass
-        manifest = folder / MANIFEST
-        if manifest.is_file():
-            old = json.loads(manifest.read_text(encoding="utf-8"))
-            if old.get("fingerprint") == encoder.fingerprint and old.get("format") == FORMAT \
-                    and old.get("verified") is False:
-                return None  # verified once and failed: do not pay for it again on every run
-            # Damaged export of ours (manifest names these weights): replace it.
+        if (folder / MANIFEST).is_file():
+            old = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if old.get("fingerprint") == encoder.fingerprint:
-                shutil.rmtree(folder)
+                if old.get("format") == FORMAT and old.get("verified") is False:
+                    return None  # verified once and failed: do not pay for it again on every run
+                shutil.rmtree(folder)  # damaged, and ours (its manifest names these weights): replace it
         if encoder.precision != "fp32" or not str(encoder.device).startswith("cpu"):
             from . import encoder as encoder_mod
 
