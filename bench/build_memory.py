@@ -34,7 +34,7 @@ def rss_kb() -> int:
 
 def child(home: str, mode: str, budget_mb: int) -> None:
     from imgsearch.config import Settings
-    from imgsearch.indexer import index_policy, model_index
+    from imgsearch.indexcache import index_policy, model_index
     from imgsearch.store import Store
     from imgsearch.vectors import VectorIndex
 

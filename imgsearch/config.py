@@ -127,23 +127,13 @@ class Settings:
             values["pretrained"] = None
         if "IMGSEARCH_PRETRAINED" in env:
             values["pretrained"] = env["IMGSEARCH_PRETRAINED"] or None
-        if env.get("IMGSEARCH_DEVICE"):
-            values["device"] = env["IMGSEARCH_DEVICE"]
-        if env.get("IMGSEARCH_PRECISION"):
-            values["precision"] = env["IMGSEARCH_PRECISION"]
-        values["batch_size"] = _env_int("IMGSEARCH_BATCH_SIZE", cls.batch_size)
-        values["workers"] = _env_int("IMGSEARCH_WORKERS", cls.workers)
-        values["max_pixels"] = _env_int("IMGSEARCH_MAX_PIXELS", cls.max_pixels)
-        values["max_file_mb"] = _env_int("IMGSEARCH_MAX_FILE_MB", cls.max_file_mb)
-        values["flat_max"] = _env_int("IMGSEARCH_FLAT_MAX", cls.flat_max)
-        if env.get("IMGSEARCH_GPU_DECODE"):
-            values["gpu_decode"] = env["IMGSEARCH_GPU_DECODE"]
-        if env.get("IMGSEARCH_IMAGE_BACKEND"):
-            values["image_backend"] = env["IMGSEARCH_IMAGE_BACKEND"]
+        # The other fields each read IMGSEARCH_<FIELD NAME>, e.g. IMGSEARCH_GPU_DECODE, IMGSEARCH_MAX_FILE_MB.
+        for key in ("device", "precision", "gpu_decode", "image_backend", "lang"):
+            if env.get(f"IMGSEARCH_{key.upper()}"):
+                values[key] = env[f"IMGSEARCH_{key.upper()}"]
+        for key in ("batch_size", "workers", "max_pixels", "max_file_mb", "flat_max", "index_budget_mb"):
+            values[key] = _env_int(f"IMGSEARCH_{key.upper()}", getattr(cls, key))
         values["torch_free"] = env.get("IMGSEARCH_TORCH_FREE", "1") != "0"
-        if env.get("IMGSEARCH_LANG"):
-            values["lang"] = env["IMGSEARCH_LANG"]
-        values["index_budget_mb"] = _env_int("IMGSEARCH_INDEX_BUDGET_MB", cls.index_budget_mb)
         settings = cls(**values)
         clean = {k: v for k, v in overrides.items() if v is not None}
         if "model" in clean and "pretrained" not in clean and clean["model"] != DEFAULT_MODEL:
@@ -201,6 +191,15 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class ThreadBudget:
     """How many threads each stage of an image pipeline may use so that together they fit the cores.
@@ -214,20 +213,13 @@ class ThreadBudget:
     decode: int  # image decode threads
     overlap: bool
 
-    @property
-    def busy_threads(self) -> int:
-        return self.encoder + self.decode if self.overlap else max(self.encoder, self.decode)
-
 
 def draft_size_for(image_size: int) -> int:
     """The short side a JPEG is decoded at (at least) for a model with ``image_size`` input: 1.5x the input.
 
-    libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT (close to an area average), and the
-    model's own antialiased bicubic resize does the rest. Measured on AMD EPYC (Zen 3) with ViT-B-32-256
-    on 1024x768 photos: a 1/2-scale decode costs 10.2 ms per image against 18.3 ms for the full decode,
-    with embedding cosine >= 0.99999 to it and 48 dB PSNR on the model input (bench/index_throughput.py
-    --draft measures it). The earlier rule (twice the input, strictly) decoded every photo whose short side
-    was up to 4x the input (1024 px for 256) at full scale.
+    libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT, and the model's antialiased resize does the rest.
+    On AMD EPYC (Zen 3), ViT-B-32-256, 1024x768 photos: 10.2 ms per image at 1/2 scale against 18.3 ms in
+    full, embedding cosine >= 0.99999 (bench/index_throughput.py --draft).
     """
     return (3 * int(image_size) + 1) // 2
 
@@ -235,17 +227,14 @@ def draft_size_for(image_size: int) -> int:
 def thread_budget(cores: int | None = None, device: str = "cpu", workers: int = 0) -> ThreadBudget:
     """The one worker-count policy (indexing, eval, training data checks, duplicate fingerprints).
 
-    On a CPU the encoder's intra-op threads and the decode threads would otherwise fight for the same
-    cores: torch's parallel GEMMs wait at every barrier for the thread the OS preempted to decode, which
-    cost 42% of the model-only rate on 2 loaded cores. A 1 MP JPEG decoded at twice the input size costs
-    ~10 ms, encoding ~130 ms per image (ViT-B-32, 2 cores): so decoding a batch with every core and then
-    encoding it with every core keeps the encoder busy >= 90% of the time without ever running more
-    threads than cores. On a GPU the encoder needs no cores: decode overlaps with all of them (<= 8).
-    An explicit ``workers`` (--workers / IMGSEARCH_WORKERS) sets the decode threads and is honoured.
+    On a CPU, decode threads preempting the encoder's intra-op threads stall its GEMMs at every barrier (42%
+    of the model-only rate lost on 2 loaded cores); decoding a batch with every core, then encoding it with
+    every core, keeps the encoder >= 90% busy (decode ~10 ms, encode ~130 ms per image, ViT-B-32, 2 cores).
+    On a GPU the encoder needs no cores: decode overlaps, up to 8 threads. An explicit ``workers``
+    (--workers / IMGSEARCH_WORKERS) sets the decode threads.
     """
     n = cores or cpu_cores()
-    on_cpu = not (device.startswith("cuda") or device.startswith("mps"))
-    if on_cpu:
+    if not device.startswith(("cuda", "mps")):
         return ThreadBudget(n, encoder=n, decode=workers if workers > 0 else n, overlap=False)
     return ThreadBudget(n, encoder=1, decode=workers if workers > 0 else max(1, min(8, n)), overlap=True)
 

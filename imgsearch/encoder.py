@@ -184,15 +184,9 @@ def _short(e: BaseException) -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: bf16 matmuls are much faster than fp32 on such CPUs."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    from .config import cpuinfo
+
+    return bool({"amx_bf16", "avx512_bf16"} & set((cpuinfo("flags") or "").split()))
 
 
 def _mps_available() -> bool:
@@ -280,11 +274,6 @@ class Encoder:
             return torch.autocast(self.device.split(":")[0], dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _dtype(self):
-        import torch
-
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
-
     def _text_forward(self, tokens):
         with self._autocast():
             out = self._short_text(tokens) if self._text_can_shorten() else self.model.encode_text(tokens)
@@ -326,7 +315,7 @@ class Encoder:
         with self._lock, torch.inference_mode():
             if self.device.startswith("cuda") and batch.device.type == "cpu":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
-            batch = batch.to(self._dtype())
+            batch = batch.to(torch.bfloat16 if self.precision == "bf16" else torch.float32)
             with self._autocast():
                 feats = self.model.encode_image(batch)
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
@@ -476,12 +465,10 @@ def _load_on_meta(cls, model_cfg: dict, weights_path: str):
     """The model built on torch's meta device with the checkpoint's tensors assigned to it; None when some
     tensor would be left without a value.
 
-    Building ViT-B-32 the ordinary way spent ~4 s of a ~6.5 s load on 2 cores in random init and in copying
-    the checkpoint over it, mostly first-touching 600 MB of fresh memory. On the meta device parameters have
-    shapes but no memory and init does nothing; the checkpoint's tensors then become the parameters. Torch's
-    default-device context is thread-local, so another thread building modules meanwhile is not affected.
-    Buffers the checkpoint does not hold are computed in __init__, so on meta they stay empty: the known
-    ones are made again here, and any other one sends the model down the ordinary path.
+    The ordinary build spent ~4 s of a ~6.5 s ViT-B-32 load (2 cores) in random init and copying the
+    checkpoint over it; on meta, init does nothing and the checkpoint's tensors become the parameters. The
+    default-device context is thread-local, so other threads are not affected. Buffers computed in __init__
+    stay empty on meta: the known ones are made again here, any other sends the model the ordinary way.
     """
     import copy
 
@@ -591,11 +578,6 @@ def read_local_config(folder: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-__all__ = ["ModelSpec", "Encoder", "build", "load", "resolve_weights", "file_fingerprint",
-           "cpu_has_fast_bf16", "pick_device", "pick_precision", "read_local_config",
-           "LOCAL_DIR", "HF_HUB", "CONFIG_FILE", "WEIGHTS_FILE"]
-
-
 MODEL_KIND = "model"
 
 
@@ -646,15 +628,13 @@ def hf_text_files(model, tokenizer) -> dict[str, bytes]:
 
 def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preprocess_cfg: dict | None = None,
                    extra_files: dict[str, str | bytes] | None = None, tokenizer=None) -> Path:
-    """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically.
+    """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically: into a temporary
+    sibling folder renamed into place, so a crash never leaves a half-written model where it would load.
 
     A Hugging Face text tower is written with its config and ``tokenizer``'s files, and the config names
-    the folder itself ("."), so the model loads offline and after a move (see _model_source).
-
-    Files go to a temporary sibling folder that is renamed into place, so a crash never leaves a
-    half-written model where a later command would load it. An existing ``out_dir`` is replaced only
-    when it is empty or is a model folder imgsearch wrote (proven by its ownership marker); anything
-    else raises UsageError and is left untouched.
+    the folder itself ("."), so the model loads offline and after a move (see _model_source). An existing
+    ``out_dir`` is replaced only when it is empty or a model folder imgsearch wrote (its ownership marker
+    proves it); anything else raises UsageError and is left untouched.
     """
     import shutil
     import tempfile

@@ -124,10 +124,6 @@ def _exif_meta(exif) -> dict:
     return out
 
 
-def _info(w: int, h: int, exif) -> "ImageInfo":
-    return ImageInfo(w, h, **_exif_meta(exif)) if exif else ImageInfo(w, h, None)
-
-
 def read_meta(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[int, int, dict]:
     """(width, height, metadata columns) from a file's header only: no pixels are decoded.
 
@@ -287,7 +283,7 @@ def _header(im) -> tuple[ImageInfo, int]:
     w, h = im.size
     if orientation in (5, 6, 7, 8):
         w, h = h, w
-    return _info(w, h, exif), orientation
+    return (ImageInfo(w, h, **_exif_meta(exif)) if exif else ImageInfo(w, h)), orientation
 
 
 def _decode(im, draft_size: int | None):
@@ -438,12 +434,8 @@ class TensorPreprocess:
     interpolation: str  # "bicubic" | "bilinear"
     resize_mode: str  # "shortest" (resize the short side, centre crop) | "squash" (resize to size, any aspect)
 
-    def __call__(self, t):
-        """CHW uint8 (any device) -> normalised float CHW, as torchvision's Resize/CenterCrop/Normalize do it."""
-        import torch
-        import torch.nn.functional as F
-
-        _, h, w = t.shape
+    def geometry(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(height, width) a h x w picture is resized to, and (top, left) of the centre crop of ``size``."""
         th, tw = self.size
         if self.resize_mode == "squash":
             nh, nw = th, tw
@@ -451,12 +443,20 @@ class TensorPreprocess:
             nh, nw = th, int(th * w / h)
         else:
             nh, nw = int(tw * h / w), tw
+        return nh, nw, int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+
+    def __call__(self, t):
+        """CHW uint8 (any device) -> normalised float CHW, as torchvision's Resize/CenterCrop/Normalize do it."""
+        import torch
+        import torch.nn.functional as F
+
+        _, h, w = t.shape
+        (th, tw), (nh, nw, top, left) = self.size, self.geometry(h, w)
         x = t.unsqueeze(0).float()
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, antialias=True, align_corners=False)
         # Pillow rounds to 8 bits after resizing; so does this, so both paths see the same pixels.
         x = x.clamp_(0, 255).round_()
-        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
         x = x[:, :, top:top + th, left:left + tw].div_(255.0)
         m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
@@ -485,18 +485,11 @@ class NumpyPreprocess:
 
         from PIL import Image
 
-        th, tw = self.spec.size
         w, h = im.size
-        if self.spec.resize_mode == "squash":
-            nh, nw = th, tw
-        elif w <= h:  # torchvision Resize(int): the short side to size, the long side truncated
-            nh, nw = int(tw * h / w), tw
-        else:
-            nh, nw = th, int(th * w / h)
+        (th, tw), (nh, nw, top, left) = self.spec.size, self.spec.geometry(h, w)
         if (nw, nh) != (w, h):
             resample = Image.BICUBIC if self.spec.interpolation == "bicubic" else Image.BILINEAR
             im = im.resize((nw, nh), resample)
-        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
         if top or left or (nh, nw) != (th, tw):
             im = im.crop((left, top, left + tw, top + th))
         x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
@@ -562,25 +555,18 @@ def _normalize_of(preprocess):
     return None
 
 
+# EXIF orientation -> (transpose H and W first, then flip these CHW dims); 6 and 8 are the two rotations.
+_ORIENT = {2: (False, [2]), 3: (False, [1, 2]), 4: (False, [1]),
+           5: (True, []), 6: (True, [2]), 7: (True, [1, 2]), 8: (True, [1])}
+
+
 def _orient(t, orientation: int):
     """Apply an EXIF orientation to a CHW tensor (same result as ImageOps.exif_transpose)."""
     import torch
 
-    if orientation == 2:
-        return torch.flip(t, dims=[2])
-    if orientation == 3:
-        return torch.flip(t, dims=[1, 2])
-    if orientation == 4:
-        return torch.flip(t, dims=[1])
-    if orientation == 5:
-        return t.transpose(1, 2)
-    if orientation == 6:
-        return torch.rot90(t, k=-1, dims=[1, 2])
-    if orientation == 7:
-        return torch.flip(t.transpose(1, 2), dims=[1, 2])
-    if orientation == 8:
-        return torch.rot90(t, k=1, dims=[1, 2])
-    return t
+    transpose, dims = _ORIENT.get(orientation, (False, []))
+    t = t.transpose(1, 2) if transpose else t
+    return torch.flip(t, dims=dims) if dims else t
 
 
 def decode_jpegs(datas: list[bytes], orientations: list[int], pre: TensorPreprocess, device: str) -> list:
@@ -602,10 +588,7 @@ def decode_jpegs(datas: list[bytes], orientations: list[int], pre: TensorPreproc
                 decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
             except Exception:
                 decoded.append(None)
-    out = []
-    for t, o in zip(decoded, orientations):
-        out.append(None if t is None else pre(_orient(t, o)))
-    return out
+    return [None if t is None else pre(_orient(t, o)) for t, o in zip(decoded, orientations)]
 
 
 # --- the one decode pipeline ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .errors import DecodeError, UsageError
 from .store import ImageRow, ModelRow, Store
 from .vectors import BuildProgress
 # The read side (FAISS cache loader) and the result type live apart so search never imports the write side.
-from .indexcache import StoreVectors, cache_key, index_policy, model_index
+from .indexcache import model_index
 from .results import IndexReport
 
 
@@ -119,6 +119,21 @@ class DecodeStage:
         im, info = images.open_image(source, draft_size=self.encoder.draft_size, max_pixels=self.max_pixels)
         return self.encoder.preprocess(im), info
 
+    def read_jpeg(self, f) -> tuple[bytes, images.ImageInfo, int] | None:
+        """(bytes, ImageInfo, EXIF orientation) of the open file ``f`` when the batch decoder takes it, None
+        to leave it to Pillow (not a JPEG, CMYK, odd markers); DecodeError when it is over the caps."""
+        f.seek(0)
+        if f.read(2) != b"\xff\xd8":
+            return None
+        f.seek(0)
+        data = f.read()  # within the file-size cap
+        try:
+            return data, *images.jpeg_header(data, self.max_pixels)
+        except DecodeError as e:
+            if "too large" in str(e):
+                raise
+            return None
+
     def batch(self, datas: list[bytes], orientations: list[int]) -> list:
         """Tensor decode of JPEG bytes on the encoder's device: one tensor or None (give it to Pillow) each."""
         return images.decode_jpegs(datas, orientations, self.tensor_pre, self.device)
@@ -132,21 +147,15 @@ class DecodeStage:
 
         def read(path):
             with open(path, "rb") as f:
-                data = f.read()
-            if data[:2] == b"\xff\xd8":
-                try:
-                    return data, images.jpeg_header(data, self.max_pixels)[1]
-                except DecodeError as e:
-                    if "too large" in str(e):
-                        raise
-            return data, None
+                return path, self.read_jpeg(f)
 
         from itertools import islice
 
         stream = images.decode_many(paths, read, workers, 2 * batch_size if overlap else batch_size, overlap)
         while part := list(islice(stream, batch_size)):
             jpegs = [k for k, r in enumerate(part) if not isinstance(r, DecodeError) and r[1] is not None]
-            done = dict(zip(jpegs, self.batch([part[k][0] for k in jpegs], [part[k][1] for k in jpegs])))
+            tensors = self.batch([part[k][1][0] for k in jpegs], [part[k][1][2] for k in jpegs])
+            done = dict(zip(jpegs, tensors))
             for k, r in enumerate(part):
                 if isinstance(r, DecodeError):
                     yield r
@@ -185,7 +194,7 @@ class Indexer:
         if work.meta_only:
             return _Done(work, skipped_decode=True, meta=header_meta(path, work.entry.mtime_ns))
         cap = self.settings.max_file_mb << 20
-        data = None
+        jpeg = None
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -197,23 +206,14 @@ class Indexer:
                     return _Done(work, hash=digest, skipped_decode=True, meta=meta)  # touched, same content
                 if work.old is None and digest in known_hashes:
                     return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
-                if tensor_decode is None:
-                    tensor_decode = self.stage.tensor
-                if tensor_decode:
-                    f.seek(0)
-                    if f.read(2) == b"\xff\xd8":
-                        f.seek(0)
-                        data = f.read()  # the batched GPU decoder takes bytes; within the cap
+                if self.stage.tensor if tensor_decode is None else tensor_decode:
+                    jpeg = self.stage.read_jpeg(f)
         except OSError as e:
             return _Done(work, error=f"cannot read file: {e.strerror or e}")
-        if data is not None:
-            try:
-                info, orientation = images.jpeg_header(data, self.stage.max_pixels)
-                return _Done(work, hash=digest, info=info, raw=data, orientation=orientation)
-            except DecodeError as e:
-                if "too large" in str(e):
-                    return _Done(work, hash=digest, error=str(e))
-                # anything else (CMYK, odd markers): Pillow below decides
+        except DecodeError as e:
+            return _Done(work, hash=digest, error=str(e))
+        if jpeg is not None:
+            return _Done(work, hash=digest, raw=jpeg[0], info=jpeg[1], orientation=jpeg[2])
         try:
             # From the file, not a bytes copy: Pillow reads what it decodes (a draft JPEG decode reads less).
             tensor, info = self.stage.pillow(path)
@@ -248,9 +248,10 @@ class Indexer:
         outside = [p for p in seen if p not in existing and not any(files.under(p, r) for r in roots)]
         if outside:
             existing.update(store.images_at(outside))
-        with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
-        self._with_vec = with_vec
+        # The run's state, shared by the methods below (main thread only).
+        self._with_vec = with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
         self._claimed: set[int] = set()  # rows moved to a new path in this run
+        self._report, self._pending, self._batch = report, _Pending(), []
 
         # Files that failed before and have not changed since fail again: not re-read every run.
         prior = store.failures_of(p for p, e in seen.items()
@@ -280,13 +281,14 @@ class Indexer:
                 work.append(_Work(entry, old, needs_vector=old is None or old.id not in with_vec))
 
         # Rows whose file is gone are move sources first; whatever is not claimed is removed at the end.
-        missing = {p: r for p, r in existing.items() if p not in seen and p not in problems and p not in aliases}
-        missing_by_hash: dict[str, list[ImageRow]] = {}
-        for r in missing.values():
-            missing_by_hash.setdefault(r.hash, []).append(r)
+        self._missing = {p: r for p, r in existing.items()
+                         if p not in seen and p not in problems and p not in aliases}
+        self._missing_by_hash: dict[str, list[ImageRow]] = {}
+        for r in self._missing.values():
+            self._missing_by_hash.setdefault(r.hash, []).append(r)
         has_new = any(w.old is None for w in work)
         # A new file whose content the library knows is a move (its old row's file is gone) or a copy.
-        known = frozenset(missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
+        known = frozenset(self._missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
 
         to_decode = [w for w in work if not w.meta_only]
         if self.remote is not None:
@@ -294,10 +296,8 @@ class Indexer:
         elif to_decode:  # before the run is recorded: a refused int8 run leaves the library as it was
             self._choose_image_encoder(to_decode, report)
         run_id = store.start_run(model_id, roots)
-        pending = _Pending()
-        batch: list[_Done] = []
+        pending = self._pending
         total = len(work)
-        done = 0
         if progress:
             progress(0, total)
         results = None
@@ -310,30 +310,24 @@ class Indexer:
             else:
                 results = images.decode_many(work, lambda w: self._process(w, known), budget.decode, ahead,
                                              overlap=budget.overlap)
-            for w, result in zip(work, results):
+            for done, (w, result) in enumerate(zip(work, results), 1):
                 if isinstance(result, DecodeError):  # _process reports its own errors; this is a last resort
                     result = _Done(w, error=str(result))
-                self._route(result, report, pending, batch, missing, missing_by_hash)
+                self._route(result)
                 if len(pending.copies) >= self.settings.write_batch:
-                    self._resolve_known(pending, report, batch, missing, missing_by_hash)
-                if len(batch) >= self.settings.batch_size:
-                    self._encode(batch, pending, report)
-                    batch = []
-                if pending.size() >= self.settings.write_batch or (pending.vectors and not batch):
-                    self._resolve_known(pending, report, batch, missing, missing_by_hash)
+                    self._resolve_known()
+                if len(self._batch) >= self.settings.batch_size:
+                    self._encode()
+                if pending.size() >= self.settings.write_batch or (pending.vectors and not self._batch):
+                    self._resolve_known()
                     pending.flush(store, model_id)
-                done += 1
                 if progress:
                     progress(done, total)
-            self._resolve_known(pending, report, batch, missing, missing_by_hash)
-            if batch:
-                self._encode(batch, pending, report)
-                batch = []
+            self._resolve_known()
+            self._encode()
             pending.flush(store, model_id)
-            gone = [r.id for p, r in missing.items()]
-            report.removed = store.delete_images(gone)
-            for path, reason in problems.items():
-                report.failed.append((path, reason))
+            report.removed = store.delete_images(r.id for r in self._missing.values())
+            report.failed.extend(problems.items())
             if problems:
                 pending.failures.extend((p, r, None, None) for p, r in problems.items())
                 pending.flush(store, model_id)
@@ -354,7 +348,7 @@ class Indexer:
 
         # Kept fresh here once a query measured it (no text encoding here), so the cold path finds it ready.
         relevance.current(store, model_id, None)
-        self.refresh_cache(build_progress)
+        model_index(self.settings, store, model_id, build_progress)  # the next query starts fast
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -398,14 +392,15 @@ class Indexer:
                              f"{threshold} on {len(tensors)} images); index with --precision fp32")
         onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
 
-    def _route(self, res: _Done, report: IndexReport, pending: "_Pending", batch: list,
-               missing: dict[str, ImageRow], missing_by_hash: dict[str, list[ImageRow]]) -> None:
-        """Decide what one processed file means for the library (main thread only)."""
-        w = res.work
-        e = w.entry
+    def _fail(self, e: files.FileEntry, error: str) -> None:
+        self._report.failed.append((e.path, error))
+        self._pending.failures.append((e.path, error, e.size, e.mtime_ns))
+
+    def _route(self, res: _Done) -> None:
+        """Decide what one processed file means for the library."""
+        w, e, pending, report = res.work, res.work.entry, self._pending, self._report
         if res.error is not None:
-            report.failed.append((e.path, res.error))
-            pending.failures.append((e.path, res.error, e.size, e.mtime_ns))
+            self._fail(e, res.error)
             return
         if res.skipped_decode:
             if res.meta is not None:
@@ -418,35 +413,33 @@ class Indexer:
                 report.unchanged += 1
                 pending.cleared.append(e.path)
                 return
-            candidates = missing_by_hash.get(res.hash) or []
+            candidates = self._missing_by_hash.get(res.hash) or []
             if candidates:
-                self._move(candidates.pop(), e, report, pending, batch, missing)
+                self._move(candidates.pop(), e)
                 return
             # Elsewhere in the library: decided in batches by _resolve_known (one lookup per 500 hashes).
             pending.copies.append((e, res.hash))
             return
-        batch.append(res)
+        self._batch.append(res)
 
-    def _move(self, row: ImageRow, e: files.FileEntry, report: IndexReport, pending: "_Pending", batch: list,
-              missing: dict[str, ImageRow]) -> None:
+    def _move(self, row: ImageRow, e: files.FileEntry) -> None:
         """The row's file now lives at ``e.path``: keep the row (id, vectors, captions, tags), change its path."""
-        missing.pop(row.path, None)
+        self._missing.pop(row.path, None)
         self._claimed.add(row.id)
-        pending.moved.append((row.id, e.path, e.size, e.mtime_ns))
-        pending.cleared.append(e.path)
-        report.moved += 1
+        self._pending.moved.append((row.id, e.path, e.size, e.mtime_ns))
+        self._pending.cleared.append(e.path)
+        self._report.moved += 1
         if row.id not in self._with_vec:  # moved, but never encoded with this model
             redo = self._process(_Work(e, row, True), frozenset())
             if redo.error is None and not redo.skipped_decode:
-                batch.append(redo)
+                self._batch.append(redo)
 
-    def _resolve_known(self, pending: "_Pending", report: IndexReport, batch: list, missing: dict[str, ImageRow],
-                       missing_by_hash: dict[str, list[ImageRow]]) -> None:
+    def _resolve_known(self) -> None:
         """New files whose content the library already has, anywhere: a move across runs, an alias or a copy."""
+        pending, report, store = self._pending, self._report, self.store
         if not pending.copies:
             return
         todo, pending.copies = pending.copies, []
-        store = self.store
         by_hash = store.images_by_hash(h for _, h in todo)
         row_ids = [r.id for rows in by_hash.values() for r in rows]
         self._with_vec |= store.image_ids_with_vectors(self.model.id, row_ids)
@@ -455,7 +448,7 @@ class Indexer:
             same = sorted((r for r in by_hash.get(digest, []) if r.path != e.path), key=lambda r: r.id)
             kind, row = _known_match(e.path, [r for r in same if r.id not in self._claimed])
             if kind == "moved":
-                self._move(row, e, report, pending, batch, missing)
+                self._move(row, e)
             elif kind == "alias":  # a hard link to a file the library has under another name
                 report.aliases += 1
             else:
@@ -464,8 +457,7 @@ class Indexer:
                     copies.append((e, source))
                     continue
                 # Known content but no vector to copy for this model: decode after all.
-                redo = self._process(_Work(e, None, True), frozenset())
-                self._route(redo, report, pending, batch, missing, missing_by_hash)
+                self._route(self._process(_Work(e, None, True), frozenset()))
         if copies:
             ids, vecs = store.load_vectors(self.model.id, sorted({src.id for _, src in copies}))
             vec_by_id = dict(zip(ids.tolist(), vecs))
@@ -478,7 +470,7 @@ class Indexer:
                 report.new += 1
                 report.reused += 1
 
-    def _decode_raw(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> list[_Done]:
+    def _decode_raw(self, batch: list[_Done]) -> list[_Done]:
         """Decode the batch's JPEG bytes together on the encoder's device; Pillow for the ones that fail."""
         raw = [r for r in batch if r.raw is not None]
         if not raw:
@@ -492,16 +484,15 @@ class Indexer:
             if r.tensor is None:
                 r = self._process(_Work(r.work.entry, r.work.old, True), frozenset(), tensor_decode=False)
                 if r.error is not None:
-                    report.failed.append((r.work.entry.path, r.error))
-                    pending.failures.append((r.work.entry.path, r.error, r.work.entry.size, r.work.entry.mtime_ns))
+                    self._fail(r.work.entry, r.error)
                     continue
             kept.append(r)
         return kept
 
-    def _encode(self, batch: list[_Done], pending: "_Pending", report: IndexReport) -> None:
-        batch = self._decode_raw(batch, pending, report)
-        if not batch:
-            return
+    def _encode(self) -> None:
+        """Encode the batch waiting and queue its rows and vectors for the next transaction."""
+        batch, self._batch = self._decode_raw(self._batch), []
+        pending, report = self._pending, self._report
         todo = [r for r in batch if r.vector is None]
         if todo:
             if self.encoder.torch_free:
@@ -534,10 +525,6 @@ class Indexer:
                 report.unchanged += 1
             pending.cleared.append(e.path)
         report.encoded += len(batch)
-
-    def refresh_cache(self, progress: BuildProgress | None = None) -> None:
-        """Bring this model's FAISS cache up to date so the next query starts fast."""
-        model_index(self.settings, self.store, self.model.id, progress)
 
 
 class _Pending:
@@ -669,10 +656,6 @@ def forget(settings: Settings, store: Store, paths: Iterable[str | os.PathLike],
         removed = store.delete_images(r.id for r in rows.values())
         store.delete_failures_under(targets)
         return removed
-
-
-__all__ = ["IndexReport", "Indexer", "index_paths", "forget", "normalize_roots", "model_index", "StoreVectors",
-           "cache_key", "index_policy"]
 
 
 def library_status(settings: Settings, store: Store) -> dict:

@@ -1,15 +1,11 @@
 """Which image encoder an index run uses (select), and the image tower on ONNX Runtime it may pick: fp32 where
 it beats torch on this CPU, opt-in dynamic int8, or the whole run without torch (torch_free_encoder).
 
-Exports live in ``<home>/exports/<sanitised weights fingerprint>/image/`` (image-fp32.onnx,
-image-int8.onnx, manifest.json). The folder is keyed by the weights fingerprint, and the manifest repeats
-the fingerprint and format, so a fine-tuned or replaced model never runs a stale export. An export is used
-only after it matched the torch tower on a probe batch (fp32: every cosine >= 0.9999); a failed check is
-recorded and torch runs instead. The chosen tower is a new OrtEncoder: the torch encoder, which other threads
-may be using, never changes backend.
-
-Nothing here imports onnxruntime or onnx unless an export is needed; when they are missing the caller
-gets torch and one line on stderr.
+Exports live in ``<home>/exports/<weights fingerprint>/image/`` (image-fp32.onnx, image-int8.onnx,
+manifest.json); the manifest repeats the fingerprint and format, so a fine-tuned or replaced model never runs
+a stale export. An export is used only after it matched the torch tower on a probe batch (fp32: every cosine
+>= 0.9999). The chosen tower is a new OrtEncoder: the torch encoder, which other threads may be using, never
+changes backend. onnxruntime and onnx are imported only when needed; without them torch runs, with one note.
 """
 
 from __future__ import annotations
@@ -19,9 +15,12 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .config import cpuinfo, draft_size_for, model_exports_dir
 
 FORMAT = 2  # 2: the lean graph (_lean_for_export); a format-1 export is rebuilt once
 OPSET = 17
@@ -48,22 +47,13 @@ class OnnxUnavailable(Exception):
 
 
 def export_dir(home: str | os.PathLike, fingerprint: str) -> Path:
-    from .config import model_exports_dir
-
     return model_exports_dir(home, fingerprint) / "image"
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine() or "unknown cpu"
+    return cpuinfo("model name") or platform.processor() or platform.machine() or "unknown cpu"
 
 
 def probe_batch(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
@@ -76,11 +66,6 @@ def probe_batch(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
             a, b, f = rng.uniform(-1.5, 1.5, 3)
             out[i, c] = a * xx + b * yy + 0.5 * np.sin(6.28 * (f + 1) * (xx + yy)) + rng.normal(0, 0.3, (size, size))
     return out
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -113,59 +98,32 @@ def _new_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-_started: dict[tuple, object] = {}  # (path, file id, threads) -> Future of a session begun by prestart()
+_started: dict[tuple, object] = {}  # _session_key -> Future of a session begun by prestart()
+
+
+def _session_key(path: Path, threads: int) -> tuple | None:
+    """What a prestarted session is for: this file as it is now (size, mtime) and the thread count."""
+    try:
+        return str(path), tuple(_file_id(path)), threads
+    except OSError:
+        return None
 
 
 def prestart(path: Path, threads: int) -> None:
-    """Begin creating the session for ``path`` on a background thread.
+    """Begin creating the session for ``path`` on a background thread, for OrtImageTower to pick up.
 
     onnxruntime releases the GIL while it optimises and pre-packs a model (0.6-0.8 s for ViT-B-32 on 2 Zen 3
-    cores), so the caller's imports and database opening run meanwhile, on the core the single-threaded
-    start-up leaves idle. OrtImageTower picks the session up if the file is still
-    the one it was started from; a session nobody asks for is dropped with the process.
+    cores), so the caller's imports and database opening run meanwhile on the idle core. An executor's
+    thread, because the interpreter joins those before it shuts down: exiting while onnxruntime's loader ran
+    on a daemon thread could crash the process on its way out (an error exit, a Ctrl-C).
     """
-    import threading
-    from concurrent.futures import Future
+    from concurrent.futures import ThreadPoolExecutor
 
-    try:
-        key = (str(path), tuple(_file_id(path)), threads)
-    except OSError:
-        return
-    if key in _started:
-        return
-    fut: Future = Future()
-
-    def work():
-        try:
-            fut.set_result(_new_session(path, threads))
-        except BaseException as e:  # handed to whoever asks; nobody may
-            fut.set_exception(e)
-        finally:
-            _inflight.remove(fut)
-
-    global _settle_registered
-    if not _settle_registered:
-        import atexit
-
-        atexit.register(_settle)
-        _settle_registered = True
-    _started[key] = fut
-    _inflight.append(fut)
-    threading.Thread(target=work, name="onnx-session", daemon=True).start()
-
-
-_inflight: list = []  # head starts still loading, picked up or not
-_settle_registered = False
-
-
-def _settle() -> None:
-    """At exit, let a session still loading finish first: interpreter shutdown while onnxruntime's loader
-    runs on a daemon thread could crash the process on its way out (an error exit, a Ctrl-C)."""
-    for fut in list(_inflight):
-        try:
-            fut.exception(timeout=60)
-        except Exception:
-            pass
+    key = _session_key(path, threads)
+    if key is not None and key not in _started:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="onnx-session")
+        _started[key] = pool.submit(_new_session, path, threads)
+        pool.shutdown(wait=False)
 
 
 def drop_prestarted() -> None:
@@ -177,19 +135,16 @@ class OrtImageTower:
     """An onnxruntime session over an exported image tower; encode() returns L2-normalised float32 rows."""
 
     def __init__(self, path: Path, kind: str, threads: int):
-        try:
-            fut = _started.pop((str(path), tuple(_file_id(path)), threads), None)
-        except OSError:
-            fut = None
+        fut = _started.pop(_session_key(path, threads), None)
         self.session = fut.result() if fut is not None else _new_session(path, threads)
         self.input = self.session.get_inputs()[0].name
         self.kind = kind
         self.threads = threads
-        self.path = path
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return _normalise(self.session.run(None, {self.input: batch})[0])
+        x = self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        x = x.astype(np.float32, copy=False)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def describe(self) -> str:
         return f"onnxruntime {self.kind}"
@@ -203,8 +158,6 @@ def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
 
 def _export_fp32(encoder, path: Path) -> None:
     import torch
-
-    import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # the exporter needs it
         raise OnnxUnavailable("the onnx package is not installed (pip install 'imgsearch[fast]')") from None
@@ -236,8 +189,6 @@ def _export_fp32(encoder, path: Path) -> None:
             if mha is not None:
                 mha.set_fastpath_enabled(fast)
         os.replace(tmp, path)
-    except OnnxUnavailable:
-        raise
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise OnnxUnavailable(f"exporting the image tower failed ({type(e).__name__}: {str(e)[:120]})") from None
@@ -285,39 +236,22 @@ def _lean_fits(mha) -> bool:
             and mha.bias_k is None and not mha.add_zero_attn and mha.dropout == 0.0)
 
 
-class _lean_for_export:
+@contextmanager
+def _lean_for_export(model):
     """Swap a ViT image tower's attention modules for their lean equivalent while exporting; the model is
     restored on exit. Towers of another shape (ResNets, ConvNeXt, timm) export unchanged.
 
     (The patch-embedding Conv was tried as a MatMul too: quantised it dropped ViT-B-32's int8 parity from
     0.990 to 0.953, and kept fp32 it cost what the Conv costs.)"""
-
-    def __init__(self, model):
-        self.visual = getattr(model, "visual", None)
-        self.saved: list[tuple[object, str, object]] = []
-
-    def __enter__(self):
-        v = self.visual
-        blocks = getattr(getattr(v, "transformer", None), "resblocks", None) or []
-        try:
-            for blk in blocks:
-                attn = getattr(blk, "attn", None)
-                if attn is not None and _lean_fits(attn):
-                    self._swap(blk, "attn", _lean_attention(attn))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _swap(self, owner, name: str, new) -> None:
-        self.saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, new)
-
-    def __exit__(self, *exc):
-        while self.saved:
-            owner, name, old = self.saved.pop()
-            setattr(owner, name, old)
-        return False
+    blocks = getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", None) or []
+    swapped = [(blk, blk.attn) for blk in blocks if _lean_fits(getattr(blk, "attn", None))]
+    try:
+        for blk, attn in swapped:
+            blk.attn = _lean_attention(attn)
+        yield
+    finally:
+        for blk, attn in swapped:
+            blk.attn = attn
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:
@@ -326,8 +260,6 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
     up a root handler and so turn its own later logging.basicConfig into a no-op. The child's is its own."""
     import subprocess
 
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise OnnxUnavailable("onnxruntime is not installed (pip install 'imgsearch[fast]')")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     # Only weight MatMul/Gemm (the transformer's projections and MLPs, ~all the FLOPs): the patch
     # embedding conv and attention's activation x activation products stay fp32, which keeps the
@@ -424,11 +356,10 @@ ORT_MIN_RUN = 200  # files a run must have before onnxruntime fp32 is exported a
 def select(encoder, settings, threads: int, files: int | None = None):
     """The image encoder a run uses. ``encoder`` may be shared (a server's queries) and is never changed.
 
-    A torch-free encoder (torch_free_encoder) is already the choice. A torch one stays, except on the CPU:
-    int8 runs on onnxruntime (the caller's parity gate says whether it may), and fp32 does when image_backend
-    is onnx, or auto and onnxruntime was measured faster here (fp32_decision; a run of fewer than
-    ORT_MIN_RUN ``files`` does not pay for the first export and timing). Those come back as an OrtEncoder
-    over ``encoder``; without onnxruntime, or when an export fails, torch runs fp32 and stderr says so once.
+    A torch-free encoder is already the choice. A torch one stays, except on the CPU: int8 runs on
+    onnxruntime (the caller's parity gate says whether it may), and fp32 does when image_backend is onnx, or
+    auto and onnxruntime was measured faster here (a run of fewer than ORT_MIN_RUN ``files`` does not pay for
+    the first export and timing). Without onnxruntime, or when an export fails, torch runs, with one note.
     """
     mode, precision = settings.image_backend, encoder.precision
     if encoder.torch_free or not _ort_may_run(encoder.device, precision, mode, files):
@@ -555,12 +486,8 @@ def record_parity(home, fingerprint: str, library_id: str | None, cos: float, im
 
 class OrtEncoder:
     """An image encoder whose tower is a verified ONNX export on onnxruntime: its own object, so no torch encoder
-    changes backend.
-
-    Over a loaded ``torch_encoder`` (select): that encoder's preprocess and model, and its text side and
-    everything else through attribute lookup. Without one (torch_free_encoder): no torch, torchvision or
-    open_clip import, and the numpy copy of the model's preprocess, checked against torchvision when the
-    export recorded it.
+    changes backend. Over a loaded ``torch_encoder`` (select), everything else is that encoder's; without one
+    (torch_free_encoder), no torch import, and the numpy preprocess the export verified.
     """
 
     def __init__(self, tower: OrtImageTower, spec, fingerprint: str, precision: str, dim: int, image_size: int,
@@ -570,18 +497,13 @@ class OrtEncoder:
         self.dim, self.image_size, self.preprocess = int(dim), int(image_size), preprocess
         self.torch_encoder, self.torch_free = torch_encoder, torch_encoder is None
         self.model = getattr(torch_encoder, "model", None)
+        self.draft_size = draft_size_for(self.image_size)  # Encoder's: the same decode, the same vectors
 
     def __getattr__(self, name):  # only for names not set above: the text side, logit_scale, ...
         base = self.__dict__.get("torch_encoder")
         if base is None:
             raise AttributeError(name)
         return getattr(base, name)
-
-    @property
-    def draft_size(self) -> int:
-        from .config import draft_size_for
-
-        return draft_size_for(self.image_size)  # as Encoder.draft_size: the same decode, so the same vectors
 
     def encode_image_tensors(self, batch) -> np.ndarray:
         """Preprocessed images (a list, numpy or a CPU torch batch) -> L2-normalised float32 [N, dim]."""
@@ -662,11 +584,9 @@ def prestart_lite(settings, threads: int) -> None:
 def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[OrtEncoder | None, str]:
     """An OrtEncoder without torch when this run can index without torch, else (None, why not).
 
-    Needs: the CPU, fp32 or int8, a weights fingerprint known without loading the model (the same
-    size + head/tail hash of the weights file the torch path computes, so a fine-tune never meets a
-    stale export), an export of those weights that passed its check against torch with a verified
-    preprocess, onnxruntime chosen for fp32 (measured or asked for) or, for int8, a passed parity
-    check recorded for this library, and the text export the next cold query needs.
+    Needs: the CPU, fp32 or int8, the weights fingerprint known without loading the model, an export of
+    those weights that passed its check with a verified preprocess, onnxruntime chosen for fp32 (measured or
+    asked for) or, for int8, a passed parity check recorded for this library, and the text export.
     """
     cand, why = _lite_candidate(settings, threads)
     if cand is None:
@@ -692,8 +612,3 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
     manifest = cand["manifest"]
     return OrtEncoder(tower, cand["spec"], fingerprint, cand["precision"], manifest["dim"], manifest["input_size"],
                       numpy_preprocess(manifest["preprocess"])), "ok"
-
-
-__all__ = ["select", "ensure_export", "int8_parity", "export_dir", "OrtImageTower", "OnnxUnavailable",
-           "FP32_MIN_COSINE", "FORMAT", "OrtEncoder", "torch_free_encoder", "cached_parity", "record_parity",
-           "decision_key", "INT8_RECIPE", "prestart", "prestart_lite", "drop_prestarted"]

@@ -1,13 +1,18 @@
-"""Text tower without torch: an exported, verified copy of a CLIP text tower run in numpy on mmap'd weights.
+"""Text towers without torch: a verified export of the model's text tower, made once per weights fingerprint.
 
-A cold `imgsearch query` spent seconds importing torch and open_clip to encode five words. Instead, once per
-model (keyed by its weights fingerprint) the text tower is written to
-``<home>/exports/<fingerprint>/text/`` as one raw float32 file plus a JSON manifest and the BPE merges file.
-The forward pass maps the file read-only: the 49408-row token table is only touched at the rows a query
-uses, and the transformer runs on the used positions only (causal attention pooled at end-of-text, so
-padding never matters). Before an export is used it is checked against the torch tower on hard prompts
-(identical token ids, cosine >= MIN_COSINE); the manifest records the result and an unverified or damaged
-export is never used. Importing this module costs numpy and nothing else.
+A cold `imgsearch query` spent seconds importing torch and open_clip to encode five words. Instead the text
+tower is exported to ``<home>/exports/<fingerprint>/text/`` with a JSON manifest. Before an export is used it
+is checked against the torch tower on hard prompts (identical token ids, cosine >= MIN_COSINE, in two
+languages where the tokenizer takes one); the manifest records the verdict, and an unverified or damaged
+export is never used. Two kinds:
+
+- CLIP's own BPE transformer (TextTower): one raw float32 file run in numpy, memory-mapped, so the 49408-row
+  token table is only touched at the rows a query uses; the transformer runs on the used positions only
+  (causal attention pooled at end-of-text, so padding never matters).
+- A Hugging Face tower (OrtTextTower; XLM-R, NLLB, BERT-style): ONNX run by onnxruntime, tokenized by the
+  `tokenizers` package from the fast tokenizer's tokenizer.json.
+
+Importing this module costs numpy and nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,11 +29,17 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = 1
+HF_KIND = "hf-onnx"  # the manifest's "kind" of a Hugging Face tower; CLIP's BPE tower has none
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.f32"
 MERGES = "bpe_simple_vocab_16e6.txt.gz"
+ONNX_FILE = "text.onnx"
+TOKENIZER_FILE = "tokenizer.json"
 MIN_COSINE = 0.9999
+OPSET = 17
 BATCH = 32  # texts per forward chunk: bounds the [B*n, 4*width] MLP activations for long label lists
+_LANG_SLOT = -1  # where the language token goes in a recorded special-token template
+_PLAIN = re.compile(r"[ -%'-~]*")  # printable ASCII without '&': ftfy and html.unescape change nothing
 
 # Prompts the export must reproduce exactly: long (truncated at the context length), unicode, emoji,
 # accents, CJK, empty-ish, HTML entities, control characters, contractions, digits, special-token text.
@@ -52,7 +64,61 @@ def export_dir(home: str | os.PathLike, fingerprint: str) -> Path:
     return model_exports_dir(home, fingerprint) / "text"
 
 
-# --- numpy forward ---------------------------------------------------------------------------------
+def _read_manifest(folder: Path) -> dict:
+    """The manifest in ``folder``; ExportError saying why there is no readable one."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError("text encoder export missing; `imgsearch index` or this query makes it") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"no readable manifest ({e.__class__.__name__})") from None
+
+
+def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
+    ids = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+    return ids
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class _Tower:
+    """A verified export of ``KIND`` in ``folder``, with Encoder's text contract, so search and zeroshot
+    take either: ``encode_texts(texts, lang, default_lang)`` (L2-normalised float32 [N, dim]) and
+    ``logit_scale``."""
+
+    KIND: str | None = None
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        self.folder = Path(folder)
+        meta = _read_manifest(self.folder)
+        want = (FORMAT, fingerprint, self.KIND)
+        if (meta.get("format"), meta.get("fingerprint"), meta.get("kind")) != want:
+            raise ExportError("manifest is for another format, kind of tower or other weights")
+        if not meta.get("verified") or "logit_scale" not in meta:
+            raise ExportError(meta.get("reason") or f"export failed verification against torch: {meta.get('parity')}")
+        self.meta = meta
+        self.dim = int(meta["dim"])
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale) of the model, for zero-shot probabilities (classify) without torch."""
+        return float(self.meta["logit_scale"])
+
+    def encode(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._encode(self.tokenize(texts, lang, default_lang))
+
+    encode_texts = encode
+
+
+# --- CLIP's BPE tower in numpy -----------------------------------------------------------------------
 def _erf(x: np.ndarray) -> np.ndarray:
     """erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit); numpy has none, scipy costs an import."""
     z = np.abs(x)
@@ -79,23 +145,13 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.n
     return xc / np.sqrt(var + eps) * w + b
 
 
-class TextTower:
-    """A verified export, memory-mapped; ``encode(texts)`` returns L2-normalised float32 [N, dim]."""
+class TextTower(_Tower):
+    """CLIP's BPE text tower in numpy on the memory-mapped weights file; reads no language token."""
 
     def __init__(self, folder: str | os.PathLike, fingerprint: str):
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ExportError("text encoder export missing; `imgsearch index` or this query makes it") from None
-        except (OSError, ValueError) as e:
-            raise ExportError(f"no readable manifest ({e.__class__.__name__})") from None
-        if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint:
-            raise ExportError("manifest is for another format or other weights")
-        if not meta.get("verified") or "logit_scale" not in meta:
-            raise ExportError(meta.get("reason") or f"export failed verification against torch: {meta.get('parity')}")
-        total = int(meta["floats"])
-        path = folder / WEIGHTS
+        super().__init__(folder, fingerprint)
+        total = int(self.meta["floats"])
+        path = self.folder / WEIGHTS
         try:
             size = path.stat().st_size
         except OSError:
@@ -104,50 +160,27 @@ class TextTower:
             raise ExportError(f"weights file has {size} bytes, expected {4 * total} (damaged or truncated)")
         from .bpe import MERGES_TXT, VOCAB_TXT
 
-        if not ((folder / MERGES_TXT).is_file() and (folder / VOCAB_TXT).is_file()):
+        if not ((self.folder / MERGES_TXT).is_file() and (self.folder / VOCAB_TXT).is_file()):
             raise ExportError("tokenizer tables missing")
-        self.meta = meta
-        self.folder = folder
         flat = np.memmap(path, dtype="<f4", mode="r", shape=(total,))
         self._w = {name: flat[off:off + int(np.prod(shape))].reshape(shape)
-                   for name, (off, shape) in meta["arrays"].items()}
-        self.dim = int(meta["dim"])
+                   for name, (off, shape) in self.meta["arrays"].items()}
         self._tok = None
 
-    @property
-    def tokenizer(self):
+    def tokenize(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> list[list[int]]:
         if self._tok is None:
             from . import bpe
 
             self._tok = bpe.load(str(self.folder), int(self.meta["context_length"]))
-        return self._tok
+        return self._tok(list(texts))
 
-    @property
-    def logit_scale(self) -> float:
-        """exp(logit_scale) of the model, for zero-shot probabilities (classify) without torch."""
-        return float(self.meta["logit_scale"])
-
-    def encode_texts(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
-        """Same contract as Encoder.encode_texts, so zeroshot.label_embeddings takes either."""
-        return self.encode(list(texts), lang, default_lang)
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts))
-
-    def encode(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
-        """CLIP's BPE tower reads no language token: ``lang`` is accepted for the common contract."""
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        rows = self.tokenize(texts)
-        out = [self._forward(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
-        return np.concatenate(out)
+    def _encode(self, rows: list[list[int]]) -> np.ndarray:
+        return np.concatenate([self._forward(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)])
 
     def _forward(self, rows: list[list[int]]) -> np.ndarray:
         m, w = self.meta, self._w
-        n = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), n), dtype=np.int64)  # 0-padded like open_clip; causal attention ignores it
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = r
+        ids = _padded(rows, 0)  # 0-padded like open_clip; causal attention ignores it
+        n = ids.shape[1]
         used, inverse = np.unique(ids, return_inverse=True)
         table = np.asarray(w["token_embedding"][used], dtype=np.float32)  # copies only the used rows
         x = table[inverse.reshape(ids.shape)] + w["positional_embedding"][:n]
@@ -189,34 +222,82 @@ class TextTower:
             x = x @ w["proj.w"]
             if "proj.b" in w:
                 x = x + w["proj.b"]
-        x = x.astype(np.float32, copy=False)
-        norm = np.linalg.norm(x, axis=-1, keepdims=True)
-        return x / np.maximum(norm, 1e-12)
+        return _normalised(x)
 
 
-_towers: dict[tuple[str, str], TextTower] = {}
+# --- a Hugging Face tower on onnxruntime -------------------------------------------------------------
+def _clean_whitespace(text: str) -> str:
+    """open_clip's HFTokenizer cleaning ("whitespace": ftfy, HTML entities, runs of spaces), ftfy only when needed."""
+    if not _PLAIN.fullmatch(text):
+        import html
+
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split())
 
 
-def load_tower(folder: str | os.PathLike, fingerprint: str):
-    """The verified export in ``folder``: CLIP's BPE tower in numpy, or a Hugging Face tower (textort)."""
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        meta = {}
-    if isinstance(meta, dict) and meta.get("kind") is not None:
-        from . import textort
+class OrtTextTower(_Tower):
+    """A Hugging Face text tower exported to ONNX, tokenized as open_clip's HFTokenizer does."""
 
-        if meta.get("kind") != textort.KIND or meta.get("fingerprint") != fingerprint:
-            raise ExportError("manifest is for another kind of tower or other weights")
+    KIND = HF_KIND
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        super().__init__(folder, fingerprint)
         try:
-            return textort.open_export(folder, meta)
-        except textort.TowerError as e:
-            raise ExportError(str(e)) from None
-    return TextTower(folder, fingerprint)
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ExportError(f"{e.name} is not installed (pip install 'imgsearch[multilingual,fast]')") from None
+        for name in (ONNX_FILE, TOKENIZER_FILE):
+            if not (self.folder / name).is_file():
+                raise ExportError(f"{name} missing from the export")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1  # a handful of tokens: a thread pool costs more than it saves
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER_FILE))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+
+    def tokenize(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> list[list[int]]:
+        """Token ids as open_clip's HFTokenizer makes them (before padding)."""
+        m = self.meta
+        prefix, suffix = m["prefix"], m["suffix"]
+        room = int(m["context_length"]) - len(prefix) - len(suffix)
+        langs = [None] * len(texts)
+        if m.get("lang_ids"):
+            from .lang import query_language
+
+            langs = [query_language(t, lang, default_lang) for t in texts]
+        out = []
+        cleaned = [_clean_whitespace(t) for t in texts]
+        for enc, code in zip(self.tokenizer.encode_batch(cleaned, add_special_tokens=False), langs):
+            slot = int(m["lang_ids"].get(code, m["lang_ids"].get("eng_Latn", 0))) if code else None
+            pre = [slot if t == _LANG_SLOT else t for t in prefix]
+            post = [slot if t == _LANG_SLOT else t for t in suffix]
+            out.append(pre + list(enc.ids[:max(room, 0)]) + post)
+        return out
+
+    def _encode(self, rows: list[list[int]]) -> np.ndarray:
+        # Padding is masked and positions are absolute: the used length suffices.
+        return _normalised(self.session.run(None, {"input_ids": _padded(rows, int(self.meta["pad_id"]))})[0])
 
 
-def open_tower(home: str | os.PathLike, fingerprint: str) -> TextTower:
+_towers: dict[tuple[str, str], _Tower] = {}
+
+
+def load_tower(folder: str | os.PathLike, fingerprint: str) -> _Tower:
+    """The verified export in ``folder``, of whichever kind its manifest names."""
+    try:
+        hf = _read_manifest(Path(folder)).get("kind") == HF_KIND
+    except ExportError:
+        hf = False  # TextTower words why
+    return (OrtTextTower if hf else TextTower)(folder, fingerprint)
+
+
+def open_tower(home: str | os.PathLike, fingerprint: str) -> _Tower:
     key = (str(home), fingerprint)
     tower = _towers.get(key)
     if tower is None:
@@ -315,75 +396,114 @@ def _describe(model, tokenizer) -> tuple[dict, list[tuple[str, object]]]:
     return facts, tensors
 
 
-def build_export(home: str | os.PathLike, encoder) -> Path:
-    """Write and verify the text export for ``encoder`` (a loaded torch Encoder); returns its folder.
-
-    A failed verification is recorded (verified: false) so it is not retried on every run; any other
-    problem raises ExportError and leaves nothing behind.
-    """
-    import torch
+def _write_clip(encoder, tmp: Path) -> dict:
+    """CLIP's BPE tower into ``tmp``: a float32 file and the tokenizer tables; returns the manifest's facts."""
     from open_clip import tokenizer as oc_tok
 
+    from .bpe import write_tables
+
+    facts, tensors = _describe(encoder.model, encoder.tokenizer)
+    arrays, off = {}, 0
+    with open(tmp / WEIGHTS, "wb") as f:
+        for name, ten in tensors:
+            a = ten.numpy().astype("<f4", copy=False)
+            f.write(a.tobytes())
+            arrays[name] = [off, list(a.shape)]
+            off += a.size
+    bpe_src = Path(oc_tok.default_bpe())
+    shutil.copyfile(bpe_src, tmp / MERGES)
+    write_tables(bpe_src, tmp)
+    return {**facts, "floats": off, "arrays": arrays}
+
+
+def _special_template(tok, lang: str | None) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) special ids the tokenizer puts around a text, the language token as _LANG_SLOT."""
+    if lang is not None:
+        tok.set_language(lang)
+    inner = tok.tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tok.tokenizer("a b")["input_ids"]
+    for start in range(len(full) - len(inner) + 1):
+        if full[start:start + len(inner)] == inner:
+            prefix, suffix = full[:start], full[start + len(inner):]
+            break
+    else:
+        raise ValueError("special tokens are not around the text")
+    if lang is not None:
+        lang_id = tok.tokenizer.convert_tokens_to_ids(lang)
+        prefix = [_LANG_SLOT if t == lang_id else t for t in prefix]
+        suffix = [_LANG_SLOT if t == lang_id else t for t in suffix]
+    return prefix, suffix
+
+
+def _write_hf(encoder, tmp: Path) -> dict:
+    """A Hugging Face tower into ``tmp``: ONNX (token ids -> projected features) and tokenizer.json."""
+    import importlib.util
+
+    import torch
+    from open_clip.tokenizer import _clean_whitespace as oc_clean
+
+    from .lang import NLLB_CODES
+
+    text, tok = encoder.model.text, encoder.tokenizer
+    if not hasattr(tok, "tokenizer") or not hasattr(tok.tokenizer, "backend_tokenizer"):
+        raise ExportError("text tower is not a Hugging Face model with a fast tokenizer")
+    if getattr(tok, "tokenizer_mode", "") or getattr(tok, "strip_sep_token", False):
+        raise ExportError("tokenizer mode is not supported")
+    if getattr(tok, "clean_fn", None) is not oc_clean:
+        raise ExportError("tokenizer cleaning is not open_clip's default (whitespace)")
+    for package in ("onnx", "onnxruntime", "tokenizers"):  # onnx: the exporter needs it
+        if importlib.util.find_spec(package) is None:
+            raise ExportError(f"{package} is not installed (pip install 'imgsearch[multilingual,fast]')")
+    prefix, suffix = _special_template(tok, "eng_Latn" if encoder.takes_language else None)
+    vocab = tok.tokenizer.get_vocab() if encoder.takes_language else {}
+    pad = int(text.config.pad_token_id)
+    probe = torch.tensor([[prefix[0] if prefix and prefix[0] >= 0 else pad] + [pad] * 3] * 2, dtype=torch.long)
+    probe[:, 1] = 5
+    with torch.no_grad():
+        torch.onnx.export(text.eval(), (probe,), str(tmp / ONNX_FILE), input_names=["input_ids"],
+                          output_names=["features"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "n", 1: "len"}, "features": {0: "n"}})
+    tok.tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_FILE))
+    return {"kind": HF_KIND, "context_length": int(tok.context_length), "pad_id": pad, "prefix": prefix,
+            "suffix": suffix, "lang_ids": {c: int(vocab[c]) for c in NLLB_CODES if c in vocab}}
+
+
+def build_export(home: str | os.PathLike, encoder) -> Path:
+    """Write and verify the text export for ``encoder`` (a loaded fp32 torch Encoder); returns its folder.
+
+    A failed verification is recorded (verified: false) so it is not retried on every run; ExportError
+    says this tower cannot be exported, and like any other problem leaves nothing behind.
+    """
     if encoder.precision != "fp32":
         raise ExportError("the export is made from an fp32 model only")
-    from . import textort
-
-    if textort.is_hf_tower(encoder):
-        try:
-            return textort.build_export(export_dir(home, encoder.fingerprint), encoder, PARITY_PROMPTS)
-        except textort.TowerError as e:
-            raise ExportError(str(e)) from None
+    hf = getattr(getattr(encoder.model, "text", None), "config", None) is not None
     final = export_dir(home, encoder.fingerprint)
-    model = encoder.model
-    try:
-        facts, tensors = _describe(model, encoder.tokenizer)
-    except ExportError as e:
-        # Record "not supported" so later runs do not retry (and do not repeat the note) for these weights.
-        final.mkdir(parents=True, exist_ok=True)
-        (final / MANIFEST).write_text(json.dumps({"format": FORMAT, "fingerprint": encoder.fingerprint,
-                                                  "verified": False, "reason": str(e)}), encoding="utf-8")
-        raise
-    bpe_src = Path(oc_tok.default_bpe())
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".text.", dir=final.parent))
     try:
-        arrays, off = {}, 0
-        with open(tmp / WEIGHTS, "wb") as f:
-            for name, ten in tensors:
-                a = ten.numpy().astype("<f4", copy=False)
-                f.write(a.tobytes())
-                arrays[name] = [off, list(a.shape)]
-                off += a.size
-        shutil.copyfile(bpe_src, tmp / MERGES)
-        from .bpe import write_tables
-
-        write_tables(bpe_src, tmp)
-        dim = int(tensors[-1][1].shape[-1]) if tensors[-1][0].startswith("proj") else facts["width"]
-        meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "model": encoder.spec.label, **facts,
-                "dim": dim, "floats": off, "arrays": arrays, "verified": True,
+        meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "model": encoder.spec.label,
+                "dim": int(encoder.dim), **(_write_hf if hf else _write_clip)(encoder, tmp), "verified": True,
                 "logit_scale": float(encoder.logit_scale)}
         (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
-        # Verify against the torch tower in fp32 (a bf16 encoder's own output is not the reference).
-        tower = TextTower(tmp, encoder.fingerprint)
-        ours = tower.tokenize(PARITY_PROMPTS)
-        ref = encoder.tokenizer(PARITY_PROMPTS)
-        ours_padded = [r + [0] * (ref.shape[1] - len(r)) for r in ours]
-        same_ids = ours_padded == ref.tolist()
-        with torch.inference_mode():
-            ids = torch.tensor(ours_padded, dtype=torch.long)
-            want = torch.nn.functional.normalize(encoder._text_forward(ids.to(encoder.device)).float(), dim=-1)
-            want = want.cpu().numpy()
-        got = tower.encode(PARITY_PROMPTS)
-        cos = float(np.min(np.sum(got * want, axis=1)))
+        tower = load_tower(tmp, encoder.fingerprint)
+        same_ids, cos, pad = True, 1.0, int(meta.get("pad_id", 0))
+        # Against the torch tower in fp32, in two languages when the tokenizer takes one.
+        for lang in (("eng_Latn", "kor_Hang") if encoder.takes_language else (None,)):
+            ours, ref = tower.tokenize(PARITY_PROMPTS, lang), encoder.tokenize(PARITY_PROMPTS, lang)
+            same_ids = same_ids and [r + [pad] * (ref.shape[1] - len(r)) for r in ours] == ref.tolist()
+            got, want = tower.encode(PARITY_PROMPTS, lang), encoder.encode_texts(PARITY_PROMPTS, lang)
+            cos = min(cos, float(np.min(np.sum(got * want, axis=1))))
         meta.update(verified=bool(same_ids and cos >= MIN_COSINE), parity={
             "prompts": len(PARITY_PROMPTS), "token_ids_identical": same_ids, "min_cosine": round(cos, 7)})
         (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
-        if final.exists():  # made by an earlier or concurrent run; ours is the same weights, keep theirs
+        if final.exists():  # made by an earlier or concurrent run for the same weights: keep theirs
             shutil.rmtree(tmp)
-            return final
-        tmp.rename(final)
-    except BaseException:
+        else:
+            tmp.rename(final)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if hf and isinstance(e, Exception) and not isinstance(e, ExportError):
+            raise ExportError(f"exporting the text tower failed ({type(e).__name__}: {str(e)[:120]})") from None
         raise
     return final
 
@@ -398,15 +518,12 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
             return folder
         except ExportError:
             pass
-        manifest = folder / MANIFEST
-        if manifest.is_file():
-            old = json.loads(manifest.read_text(encoding="utf-8"))
-            if old.get("fingerprint") == encoder.fingerprint and old.get("format") == FORMAT \
-                    and old.get("verified") is False:
-                return None  # verified once and failed: do not pay for it again on every run
-            # Damaged export of ours (manifest names these weights): replace it.
+        if (folder / MANIFEST).is_file():
+            old = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if old.get("fingerprint") == encoder.fingerprint:
-                shutil.rmtree(folder)
+                if old.get("format") == FORMAT and old.get("verified") is False:
+                    return None  # verified once and failed: do not pay for it again on every run
+                shutil.rmtree(folder)  # damaged, and ours (its manifest names these weights): replace it
         if encoder.precision != "fp32" or not str(encoder.device).startswith("cpu"):
             from . import encoder as encoder_mod
 

@@ -169,8 +169,8 @@ def test_thread_budget_never_oversubscribes():
 
     for cores in (1, 2, 4, 16):
         b = thread_budget(cores, "cpu")
-        assert b.busy_threads <= cores and b.encoder == cores and b.decode >= 1, b
-        assert not b.overlap
+        assert not b.overlap  # decode and encode take turns: at most max(encoder, decode) threads are busy
+        assert max(b.encoder, b.decode) <= cores and b.encoder == cores and b.decode >= 1, b
         g = thread_budget(cores, "cuda")
         assert g.overlap and 1 <= g.decode <= min(8, cores)
         assert 1 <= training_workers("cpu", cores=cores) <= max(1, cores // 2)
@@ -287,7 +287,7 @@ def test_prestarted_session_is_used_only_for_the_same_file(tiny_model, home, mon
     monkeypatch.setattr(onnx_image, "_new_session", counting)
     onnx_image.prestart(path, 1)
     tower = onnx_image.OrtImageTower(path, "fp32", 1)
-    assert made == ["onnx-session"]  # loaded once, on the background thread
+    assert made == ["onnx-session_0"]  # loaded once, on the background thread
     probe = onnx_image.probe_batch(enc.image_size, 2)
     expected = tower.encode(probe)
 
@@ -295,7 +295,7 @@ def test_prestarted_session_is_used_only_for_the_same_file(tiny_model, home, mon
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed after the head start
     tower = onnx_image.OrtImageTower(path, "fp32", 1)
-    assert made == ["onnx-session", "onnx-session", "MainThread"]
+    assert made == ["onnx-session_0", "onnx-session_0", "MainThread"]
     assert np.allclose(tower.encode(probe), expected, atol=1e-6)
 
     # A process that exits (an error, a Ctrl-C) while a head start is still loading exits cleanly.

@@ -179,7 +179,7 @@ def test_streaming_build_never_holds_the_whole_collection(budget):
 
 
 def test_store_streams_vectors_in_id_order(tmp_path):
-    from imgsearch.indexer import StoreVectors
+    from imgsearch.indexcache import StoreVectors
     from imgsearch.store import Store
 
     store = Store(tmp_path / "lib.db")
