@@ -287,7 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ParamError("body", "send the album as a JSON object: its name and the search fields")
         name, k = body.pop("name", None), body.pop("k", None)
-        return {"album": self.service.library.save_album(name, request=SearchRequest.from_json(body), k=k).as_dict()}
+        album = self.service.library.save_album(name, request=SearchRequest.from_json(body), k=k)
+        return {"album": album.as_dict()}
 
     def _delete_album(self, url) -> dict:
         name = unquote(url.path[len("/api/albums/"):])

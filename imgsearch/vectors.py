@@ -3,8 +3,8 @@
 Vectors are L2-normalised, so inner product is cosine similarity. The backend follows the collection: exact
 search in numpy (``FlatIndex``) while it is small, so a cold query never imports FAISS; FAISS IVF above
 that, IVF-PQ when the raw vectors do not fit the memory budget, its probe count tuned to a recall target
-measured against exact search. The saved file carries a header with the caller's metadata and a checksum, so a stale or damaged
-file is detected, never trusted.
+measured against exact search. The saved file carries a header with the caller's metadata and a checksum,
+so a stale or damaged file is detected, never trusted.
 """
 
 from __future__ import annotations
