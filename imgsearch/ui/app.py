@@ -22,6 +22,7 @@ from typing import Mapping
 import streamlit as st
 
 from imgsearch import Library
+from imgsearch.commands.ui import MAX_UPLOAD_MB  # the cap `imgsearch ui` gives Streamlit's server too
 from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, MAX_K, RAW_EXTENSIONS, Settings
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
@@ -31,8 +32,6 @@ log = logging.getLogger("imgsearch.ui")
 
 COLUMNS = 5
 DEFAULT_K = 20
-# Query images only; the same cap is given to the server by `imgsearch ui` (--server.maxUploadSize).
-MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EXTENSIONS)
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
 # The page's URL names that differ from the search request's (request.SearchRequest.from_params).
