@@ -232,18 +232,12 @@ class VectorIndex:
     def remove(self, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if isinstance(self.index, FlatIndex):
-            return self.index.remove_ids(ids)
-        import faiss
-
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))  # numpy or FAISS alike
 
     def outgrown(self, policy: IndexPolicy) -> bool:
         """True when the collection changed enough that another index type or list count suits it better."""
         n = len(self)
-        wanted = plan_for(n, self.dim, policy)
-        if wanted.kind != self.plan.kind:
+        if plan_for(n, self.dim, policy).kind != self.plan.kind:
             return True
         return self.plan.kind != "flat" and (n > 4 * self.built_count or n < self.built_count // 4)
 
@@ -390,12 +384,9 @@ def rerank(queries: np.ndarray, ids: np.ndarray, k: int, exact_vectors) -> tuple
     where = {int(i): n for n, i in enumerate(np.asarray(got_ids).tolist())}
     for row, q in enumerate(queries):
         cand = [int(i) for i in ids[row] if i >= 0 and int(i) in where]
-        if not cand:
-            continue
-        scores = vecs[[where[i] for i in cand]] @ q
-        best = np.argsort(-scores)[:k]
-        out_s[row, :len(best)] = scores[best]
-        out_i[row, :len(best)] = np.asarray(cand, dtype=np.int64)[best]
+        exact = FlatIndex(len(q), np.asarray(cand, dtype=np.int64), vecs[[where[i] for i in cand]])
+        scores, best = exact.search(q[None, :], k)
+        out_s[row, :best.shape[1]], out_i[row, :best.shape[1]] = scores[0], best[0]
     return out_s, out_i
 
 
