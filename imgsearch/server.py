@@ -52,10 +52,8 @@ def server_file(settings: Settings) -> Path:
 def is_loopback(host: str) -> bool:
     """True for addresses only this machine can reach (localhost, 127.x, ::1)."""
     name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
 
@@ -133,9 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
         m = _HOST.fullmatch(value.strip().lower())
         if not m:
             return False
-        name, port = m.group(1), m.group(2)
-        if name.endswith(".") and not name.startswith("["):
-            name = name[:-1]
+        name, port = m.group(1).removesuffix("."), m.group(2)  # a bracketed address ends in "]"
         port = int(port) if port else scheme_port
         if port is not None and port != self.server.server_address[1]:
             return False
@@ -417,8 +413,7 @@ class SearchServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.httpd.server_address[:2]
-        return host, port
+        return tuple(self.httpd.server_address[:2])
 
     def write_discovery(self) -> None:
         """server.json: how to reach this server and its token, readable by this user only from the start."""
@@ -486,11 +481,6 @@ def _is_wildcard(host: str) -> bool:
 
 def _allowed_names(host: str) -> frozenset[str]:
     """Host header names that mean this machine: loopback, the --host value and, on a wildcard bind, its name."""
-    names = set(LOOPBACK_NAMES)
-    if host and not _is_wildcard(host):
-        names.add(f"[{host.lower()}]" if ":" in host else host.lower())
     if _is_wildcard(host):
-        for name in (socket.gethostname(), socket.getfqdn()):
-            if name:
-                names.add(name.lower())
-    return frozenset(names)
+        return LOOPBACK_NAMES | {name.lower() for name in (socket.gethostname(), socket.getfqdn()) if name}
+    return LOOPBACK_NAMES | {f"[{host.lower()}]" if ":" in host else host.lower()}
