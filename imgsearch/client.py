@@ -19,10 +19,6 @@ from .modelspec import ModelSpec
 SERVER_FILE = "server.json"
 
 
-def _spec_matches(info: dict, settings: Settings) -> bool:
-    return ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained"))
-
-
 def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
     """The discovery record of a live server for this library and model, or None."""
     path = Path(settings.home) / SERVER_FILE
@@ -34,7 +30,7 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
         return None
     if not isinstance(info, dict) or not isinstance(info.get("token"), str):
         return None
-    if not _spec_matches(info, settings):
+    if not ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained")):
         return None
     try:
         os.kill(int(info["pid"]), 0)

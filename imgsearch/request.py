@@ -26,6 +26,10 @@ MAX_ID = (1 << 63) - 1  # SQLite's largest integer
 MAX_MARKS = 1000  # liked or unliked images per search: stored vectors, averaged (no encode)
 _WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+# What to give instead of a bad value, the same words at every door.
+HINTS = {"k": f"give a whole number from 1 to {MAX_K}",
+         "min_score": "give a cosine score between -1 and 1, such as 0.25",
+         "blend": "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)"}
 
 
 def parse_weighted(raw: str) -> tuple[float, str]:
@@ -42,17 +46,10 @@ def parse_weighted(raw: str) -> tuple[float, str]:
     return 1.0, raw.strip()
 
 
-def split_image_spec(raw: str) -> tuple[float, str]:
-    """'W:path' -> (W, path), unless 'W:path' is itself an existing file (then weight 1)."""
-    if os.path.exists(raw):
-        return 1.0, raw
-    return parse_weighted(raw)
-
-
 def check_k(k) -> int:
     """The one limit on results per search."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ParamError("k", f"give a whole number from 1 to {MAX_K}")
+        raise ParamError("k", HINTS["k"])
     return k
 
 
@@ -71,9 +68,13 @@ class Term:
     noun: str = "query image"  # how messages refer to it: "cannot use query image NAME: ..."
 
 
-def _number(value, name: str, what: str) -> float:
+def _number(value, name: str, what: str, low: float = -math.inf, high: float = math.inf,
+            outside: str | None = None) -> float:
+    """A finite number from ``low`` to ``high``; ``outside`` says what is wrong with one out of range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ParamError(name, what)
+    if not low <= value <= high:
+        raise ParamError(name, outside or what)
     return float(value)
 
 
@@ -88,10 +89,8 @@ def _string(value, name: str, limit: int = MAX_STRING) -> str:
 
 
 def _weight(w, name: str) -> float:
-    w = _number(w, name, "a weight must be a finite number")
-    if abs(w) > MAX_WEIGHT:
-        raise ParamError(name, f"a weight must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
-    return w
+    return _number(w, name, "a weight must be a finite number", -MAX_WEIGHT, MAX_WEIGHT,
+                   f"a weight must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
 
 
 def _is_weighted(x) -> bool:
@@ -129,8 +128,8 @@ def image_term(raw, name: str = "image") -> Term:
         weight, raw = _weight(raw[0], name), raw[1]
     if isinstance(raw, (str, os.PathLike)):
         raw = _string(os.fspath(raw), name)
-        if weight == 1.0:
-            weight, raw = split_image_spec(raw)
+        if weight == 1.0 and not os.path.exists(raw):  # 'W:path' weighs it, unless that is itself a file
+            weight, raw = parse_weighted(raw)
         if not os.path.exists(raw):
             raise UsageError(f"query image not found: {raw}")
         from .files import abspath
@@ -220,9 +219,7 @@ class SearchRequest:
         like, unlike = _marks(like, "like"), _marks(unlike, "unlike")
         check_k(k)
         if min_score is not None:
-            min_score = _number(min_score, "min_score", "give a cosine score between -1 and 1, such as 0.25")
-            if not -1.0 <= min_score <= 1.0:
-                raise ParamError("min_score", "give a cosine score between -1 and 1, such as 0.25")
+            min_score = _number(min_score, "min_score", HINTS["min_score"], -1.0, 1.0)
         if under is not None:
             under = _string(os.fspath(under) if isinstance(under, os.PathLike) else under, "under")
             if not under.strip():
@@ -234,9 +231,7 @@ class SearchRequest:
         if keyword is not None:
             keyword = _string(keyword, "keyword").strip() or None
         if blend is not None:
-            blend = _number(blend, "blend", "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
-            if not 0.0 <= blend <= 1.0:
-                raise ParamError("blend", "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)")
+            blend = _number(blend, "blend", HINTS["blend"], 0.0, 1.0)
             if not keyword:
                 raise ParamError("blend", "weighs keyword relevance; give a keyword too")
             if not (positives or like):
@@ -328,10 +323,9 @@ class SearchRequest:
 
     @classmethod
     def from_params(cls, params, names: dict | None = None, image=None) -> "SearchRequest":
-        """URL parameters ({name: [values]} as urllib.parse.parse_qs gives them, or {name: value}): q
-        (repeatable), not, id, k, min_score, under, tag, keyword, blend, relevance, after, before, near,
-        camera, like and unlike (repeatable, or ids joined by commas: like=1,2). ``names`` maps another door's parameter names onto these (the web UI says min= for
-        min_score=); ``image``: an image term sent beside them (the server's image upload)."""
+        """URL parameters ({name: [values]} as urllib.parse.parse_qs gives them, or {name: value}), named as
+        in PARAMS; q, not, id, tag, like and unlike repeat (like=1,2 is two ids). ``names`` maps another
+        door's names onto these (the web UI's min=); ``image``: an image term sent beside them."""
         got: dict[str, list[str]] = {}
         for key, value in params.items():
             key = (names or {}).get(key, key)
@@ -345,17 +339,13 @@ class SearchRequest:
                 raise ParamError(key, "give it once")
             return values[0] if values else None
 
-        def typed(key: str, kind, what: str):
+        def typed(key: str, kind):  # build checks the value (nan, inf, range) with the same words
             raw = one(key)
-            if raw is None or str(raw).strip() == "":
-                return None
+            raw = "" if raw is None else str(raw).strip()
             try:
-                value = kind(str(raw).strip())
+                return kind(raw) if raw else None
             except ValueError:
-                raise ParamError(key, what) from None
-            if kind is float and not math.isfinite(value):
-                raise ParamError(key, what)
-            return value
+                raise ParamError(key, HINTS[key]) from None
 
         def marks(key: str) -> list[str]:
             # like=1,2 is two ids; any other value is one path (a path may hold a comma)
@@ -365,16 +355,15 @@ class SearchRequest:
                 out += parts if all(p.strip().isdigit() for p in parts) else [v]
             return [v for v in out if str(v).strip()]
 
-        k = typed("k", int, f"give a whole number from 1 to {MAX_K}")
+        k = typed("k", int)
         rel = str(one("relevance") or "").strip().lower()
         if rel not in _TRUE | _FALSE:
             raise ParamError("relevance", "give 1 or 0")
         return cls.build([q for q in got.get("q", []) if q.strip()], image=image,
                          not_text=[q for q in got.get("not", []) if q.strip()], ids=got.get("id", []),
                          k=10 if k is None else k,
-                         min_score=typed("min_score", float, "give a cosine score between -1 and 1, such as 0.25"),
-                         under=one("under"), tag=got.get("tag") or None, keyword=one("keyword"),
-                         blend=typed("blend", float, "give a keyword weight between 0 and 1"),
+                         min_score=typed("min_score", float), under=one("under"), tag=got.get("tag") or None,
+                         keyword=one("keyword"), blend=typed("blend", float),
                          after=one("after"), before=one("before"), near=one("near"), camera=one("camera"),
                          relevance=rel in _TRUE, like=marks("like"), unlike=marks("unlike"))
 

@@ -1,15 +1,9 @@
 """The search engine: one Searcher answers every SearchRequest, from every door.
 
-Its parts are chosen once per library and model, never duplicated:
-- the text encoder: the verified export of the model's text tower (textfast: numpy, or ONNX for Hugging Face
-  towers) wherever one exists or can be made, so a fresh CLI process, the Python API with torch loaded and the
-  server embed a query identically; torch only to make the export, or where no export can exist;
-- the vector backend: exact search in numpy for flat-sized libraries, FAISS IVF above (vectors.py), both
-  behind the same cache of the SQLite vectors (indexcache.py);
-- each filter (folder, tags, keywords, dates, place, camera, deleted files) written once, in ``allowed_ids``.
-
-Lean start-up is a property of this engine: nothing here imports torch, open_clip or FAISS until a request
-needs them (an image term, an IVF-sized library, a model without an export).
+Its parts are chosen once per library and model: the text encoder (the verified export of the text tower
+wherever one exists or can be made, so every door embeds a query identically; torch only to make it or where
+none can exist) and the vector backend (vectors.py, behind indexcache.py). Each filter is written once, in
+``allowed_ids``. Nothing here imports torch, open_clip or FAISS until a request needs them.
 """
 
 from __future__ import annotations
@@ -209,18 +203,13 @@ class Searcher:
         from . import images
 
         value = t.value
-        label = t.name or str(value)
-        if not isinstance(value, (str, bytes)):  # a PIL image
-            try:
-                images.check_size(*value.size, self.settings.max_pixels)
-            except DecodeError as e:
-                raise UsageError(f"cannot use {t.noun} {label}: {e}") from None
-            return value if value.mode == "RGB" else value.convert("RGB")
         try:
-            im, _ = images.open_image(value, draft_size=draft_size, max_pixels=self.settings.max_pixels)
+            if isinstance(value, (str, bytes)):
+                return images.open_image(value, draft_size=draft_size, max_pixels=self.settings.max_pixels)[0]
+            images.check_size(*value.size, self.settings.max_pixels)  # a PIL image
         except DecodeError as e:
-            raise UsageError(f"cannot use {t.noun} {label}: {e}") from None
-        return im
+            raise UsageError(f"cannot use {t.noun} {t.name or value}: {e}") from None
+        return value if value.mode == "RGB" else value.convert("RGB")
 
     def query_vector(self, request: SearchRequest) -> np.ndarray:
         """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space), then

@@ -9,35 +9,9 @@ marks as coming from another site (Origin, Sec-Fetch-Site) are refused; and ever
 token that only the 0600 ``server.json`` holds (``Authorization: Bearer TOKEN``). Without the token,
 /api/health answers ``{"ok": true}`` and nothing else.
 
-Endpoints (all answer JSON; errors are ``{"error": message}`` with a 4xx/5xx code, plus ``"field"`` when
-one request field was wrong):
-  GET  /api/health                      who is serving: model, home, pid
-  GET  /api/status                      the same as `imgsearch status --json`
-  GET  /api/search?q=TEXT&k=10&...      text search; q repeatable; also not=, under=, min_score=, id=, tag=,
-                                        keyword=, blend=, after=, before=, near=LAT,LON[,KM], camera=,
-                                        like=, unlike= (library image ids, like=1,2, or paths; repeatable)
-  POST /api/search                      Content-Type: application/json
-                                        {"texts": ["2:red car", {"text": "night", "weight": 0.5}], "not": [...],
-                                         "ids": [...], "images": [base64 or {"data": base64, "weight": 2}],
-                                         "not_images": [...], "k": 10, "min_score": null, "under": null,
-                                         "tag": null, "keyword": null, "blend": null, "after": "2023",
-                                         "before": "2023-06", "near": "48.85,2.29,5" or [48.85, 2.29, 5],
-                                         "camera": "pixel", "relevance": false, "like": [12, "/p/a.jpg"],
-                                         "unlike": [7]}
-  POST /api/search/image?k=10&...      the image file as the body (Content-Type image/* or
-                                        application/octet-stream); the URL takes GET /api/search's parameters
-  GET  /api/albums                      {"albums": [...]}: every album evaluated now (name, query, request,
-                                        count, grows, pinned, dropped, created_at, changed_at, problem)
-  GET  /api/albums/NAME                 {"album": {...}, "hits": [...]}: its photos now, best first
-  POST /api/albums                      save one: {"name": "beach", ...the search fields of POST /api/search}
-                                        (example images as library "ids": the server reads no client files;
-                                        no "k": every photo above min_score / relevance, else the top 10)
-  DELETE /api/albums/NAME               delete the album (never a photo)
-Every search is one request.SearchRequest (from_json / from_params): a wrong value is a 400 naming the field,
-in the words the CLI and the Python API use; at most 64 terms per request.
-With "relevance": true (relevance=1 in a URL), every hit carries "relevant": true/false against the
-model's calibrated relevance floor (relevance.py); it is null otherwise, and where no floor applies
-(keyword ranking, text and images mixed).
+Endpoints, their JSON and their error codes: docs/cli.md (`imgsearch serve`). Every search is one
+request.SearchRequest (from_json / from_params), so a wrong value is a 400 naming the field, in the words
+the CLI and the Python API use; errors are ``{"error": message}``, plus ``"field"`` when one field was wrong.
 """
 
 from __future__ import annotations
@@ -58,11 +32,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
+from .client import SERVER_FILE
 from .config import Settings
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
+from .request import SearchRequest, Term
 
 MAX_BODY = 25 << 20  # bytes per request
-SERVER_FILE = "server.json"
 LISTEN_BACKLOG = 128  # bursts of clients queue instead of getting connection resets
 MAX_CONNECTIONS = 128  # open connections; past it the longest-idle one is dropped to make room
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit silent (half-sent request, idle keep-alive)
@@ -77,10 +52,8 @@ def server_file(settings: Settings) -> Path:
 def is_loopback(host: str) -> bool:
     """True for addresses only this machine can reach (localhost, 127.x, ::1)."""
     name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
 
@@ -114,7 +87,6 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "imgsearch"
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out at once, no delayed-ACK stall per request
-    timeout = REQUEST_TIMEOUT
 
     def log_message(self, fmt, *args):  # quiet: the CLI prints what matters
         pass
@@ -159,21 +131,11 @@ class _Handler(BaseHTTPRequestHandler):
         m = _HOST.fullmatch(value.strip().lower())
         if not m:
             return False
-        name, port = m.group(1), m.group(2)
-        if name.endswith(".") and not name.startswith("["):
-            name = name[:-1]
+        name, port = m.group(1).removesuffix("."), m.group(2)  # a bracketed address ends in "]"
         port = int(port) if port else scheme_port
         if port is not None and port != self.server.server_address[1]:
             return False
-        if name in self.allowed_names:
-            return True
-        if self.any_ip_host:
-            try:
-                ipaddress.ip_address(name.strip("[]"))
-                return True
-            except ValueError:
-                return False
-        return False
+        return name in self.allowed_names or (self.any_ip_host and _is_ip(name.strip("[]")))
 
     def _refusal(self) -> tuple[int, str] | None:
         """Why this request may not be served, or None. Says nothing about the library."""
@@ -238,7 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(405, f"{self.command} is not allowed on {url.path}")
             return self._error(404, f"no endpoint {url.path}; see /api/health, /api/status, /api/search, "
                                     "/api/albums")
-        self._guard(lambda: route(url))
+        self._guard(lambda: self._send(200, route(url)))
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
@@ -274,18 +236,16 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # never kill the server over one request
             self._error(500, f"internal error: {type(e).__name__}: {e}")
 
-    # --- endpoints ----------------------------------------------------------------------------
-    def _health(self, url) -> None:
-        self._send(200, self.service.health())
+    # --- endpoints: each returns its JSON answer ------------------------------------------------
+    def _health(self, url) -> dict:
+        return self.service.health()
 
-    def _status(self, url) -> None:
-        self._send(200, self.service.library.status().as_dict())
+    def _status(self, url) -> dict:
+        return self.service.library.status().as_dict()
 
-    def _get_search(self, url) -> None:
-        from .request import SearchRequest
-
-        request = SearchRequest.from_params(parse_qs(url.query, keep_blank_values=True))
-        self._send(200, {"hits": self.service.search(request)})
+    def _get_search(self, url, image: Term | None = None) -> dict:
+        request = SearchRequest.from_params(parse_qs(url.query, keep_blank_values=True), image=image)
+        return {"hits": self.service.search(request)}
 
     def _json(self):
         if self._content_type() != "application/json":
@@ -298,47 +258,38 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise UsageError("request body is not valid JSON") from None
 
-    def _post_search(self, url) -> None:
-        from .request import SearchRequest
+    def _post_search(self, url) -> dict:
+        return {"hits": self.service.search(SearchRequest.from_json(self._json()))}
 
-        self._send(200, {"hits": self.service.search(SearchRequest.from_json(self._json()))})
-
-    def _albums(self, url) -> None:
-        self._send(200, {"albums": [a.as_dict() for a in self.service.library.albums()]})
-
-    def _album(self, url) -> None:
-        album = self.service.library.album(unquote(url.path[len("/api/albums/"):]))
-        self._send(200, {"album": album.as_dict(), "hits": [h.as_dict() for h in album.hits]})
-
-    def _save_album(self, url) -> None:
-        from .request import SearchRequest
-
-        body = self._json()
-        if not isinstance(body, dict):
-            raise ParamError("body", "send the album as a JSON object: its name and the search fields")
-        name, k = body.pop("name", None), body.pop("k", None)
-        album = self.service.library.save_album(name, request=SearchRequest.from_json(body), k=k)
-        self._send(200, {"album": album.as_dict()})
-
-    def _delete_album(self, url) -> None:
-        name = unquote(url.path[len("/api/albums/"):])
-        self.service.library.delete_album(name)
-        self._send(200, {"deleted": name})
-
-    def _post_image(self, url) -> None:
-        from .request import SearchRequest, Term
-
-        kind = self._content_type()
-        if kind in ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain"):
+    def _post_image(self, url) -> dict:
+        if self._content_type() in ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain"):
             # What a web form may send cross-site without asking first; an image upload is never one.
             raise _Reply(415, "send the image with 'Content-Type: image/jpeg' (or its type, or "
                               "application/octet-stream)")
         raw = self._body()
         if not raw:
             raise UsageError("send the image file as the request body")
-        request = SearchRequest.from_params(parse_qs(url.query, keep_blank_values=True),
-                                            image=Term("image", raw, 1.0, "in the request body"))
-        self._send(200, {"hits": self.service.search(request)})
+        return self._get_search(url, Term("image", raw, 1.0, "in the request body"))
+
+    def _albums(self, url) -> dict:
+        return {"albums": [a.as_dict() for a in self.service.library.albums()]}
+
+    def _album(self, url) -> dict:
+        album = self.service.library.album(unquote(url.path[len("/api/albums/"):]))
+        return {"album": album.as_dict(), "hits": [h.as_dict() for h in album.hits]}
+
+    def _save_album(self, url) -> dict:
+        body = self._json()
+        if not isinstance(body, dict):
+            raise ParamError("body", "send the album as a JSON object: its name and the search fields")
+        name, k = body.pop("name", None), body.pop("k", None)
+        album = self.service.library.save_album(name, request=SearchRequest.from_json(body), k=k)
+        return {"album": album.as_dict()}
+
+    def _delete_album(self, url) -> dict:
+        name = unquote(url.path[len("/api/albums/"):])
+        self.service.library.delete_album(name)
+        return {"deleted": name}
 
 
 class _Reply(Exception):
@@ -358,7 +309,6 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, address, handler, max_connections: int):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.max_connections = max_connections
-        self.request_queue_size = LISTEN_BACKLOG
         # socket -> monotonic time it started waiting for a request, or None while a request runs
         self._conns: dict = {}
         self._conns_lock = threading.Lock()
@@ -463,8 +413,7 @@ class SearchServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.httpd.server_address[:2]
-        return host, port
+        return tuple(self.httpd.server_address[:2])
 
     def write_discovery(self) -> None:
         """server.json: how to reach this server and its token, readable by this user only from the start."""
@@ -518,17 +467,20 @@ class SearchServer:
         self.httpd.shutdown()
 
 
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 def _is_wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
 
 def _allowed_names(host: str) -> frozenset[str]:
     """Host header names that mean this machine: loopback, the --host value and, on a wildcard bind, its name."""
-    names = set(LOOPBACK_NAMES)
-    if host and not _is_wildcard(host):
-        names.add(f"[{host.lower()}]" if ":" in host else host.lower())
     if _is_wildcard(host):
-        for name in (socket.gethostname(), socket.getfqdn()):
-            if name:
-                names.add(name.lower())
-    return frozenset(names)
+        return LOOPBACK_NAMES | {name.lower() for name in (socket.gethostname(), socket.getfqdn()) if name}
+    return LOOPBACK_NAMES | {f"[{host.lower()}]" if ":" in host else host.lower()}

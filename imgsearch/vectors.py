@@ -1,10 +1,10 @@
 """The vector index: choose, build, update, search, save and load. Knows ids and vectors, nothing else.
 
 Vectors are L2-normalised, so inner product is cosine similarity. The backend follows the collection: exact
-search in numpy (``FlatIndex``) while it is small, so a cold query never imports FAISS; FAISS IVF with a
-sampled-trained coarse quantizer above that, IVF-PQ when the raw vectors do not fit the memory budget; the IVF probe count is tuned to a recall target measured against exact
-search. The saved file carries a header with the caller's metadata and a checksum, so a stale or damaged
-file is detected, never trusted.
+search in numpy (``FlatIndex``) while it is small, so a cold query never imports FAISS; FAISS IVF above
+that, IVF-PQ when the raw vectors do not fit the memory budget, its probe count tuned to a recall target
+measured against exact search. The saved file carries a header with the caller's metadata and a checksum,
+so a stale or damaged file is detected, never trusted.
 """
 
 from __future__ import annotations
@@ -143,10 +143,6 @@ class VectorIndex:
 
     # --- building ----------------------------------------------------------------------------
     @classmethod
-    def empty(cls, dim: int) -> "VectorIndex":
-        return cls(dim, FlatIndex(dim), Plan("flat"), recall=1.0)
-
-    @classmethod
     def build(cls, ids: np.ndarray, vectors: np.ndarray, dim: int, policy: IndexPolicy = IndexPolicy(),
               seed: int = 0) -> "VectorIndex":
         """Index in-memory vectors (see ``build_from`` for collections that do not fit in memory)."""
@@ -182,7 +178,8 @@ class VectorIndex:
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = 10
-        if gpu_count() > 0:
+        gpus = gpu_count() > 0
+        if gpus:
             # k-means for the coarse quantizer is the slow part of building; faiss-gpu runs it on the GPU.
             index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
         report = progress or (lambda stage, done, total: None)
@@ -194,7 +191,7 @@ class VectorIndex:
         _, train = source.take(train_ids)
         index.train(np.ascontiguousarray(train, dtype=np.float32))
         del train
-        if gpu_count() > 0:
+        if gpus:
             index.clustering_index = None
         probe = _TruthProbe(source, rng.choice(all_ids, size=min(policy.sample_queries, n), replace=False))
         added = 0
@@ -205,26 +202,16 @@ class VectorIndex:
             added += len(ids)
             report(f"building {plan.label}", added, n)
         vi = cls(dim, index, plan, built_count=n)
-        vi.tune(probe, policy, source.take)
-        return vi
-
-    def tune(self, probe: "_TruthProbe", policy: IndexPolicy, exact_vectors) -> None:
-        """Pick the smallest probe count whose recall@10 against exact search meets the target."""
-        if self.plan.kind == "flat":
-            self.recall = 1.0
-            return
-        best = (self.plan.nlist, 0.0)
-        nprobe = 1
-        # Successive probe counts re-rank mostly the same candidates: read each one's vector (SQLite) once.
-        exact_vectors = _Memo(exact_vectors, max_rows=(256 << 20) // (4 * self.dim))
-        while nprobe <= self.plan.nlist:
-            r = probe.recall(self, nprobe, exact_vectors)
-            best = (nprobe, r)
-            # A small margin over the target so that other queries than the sample still meet it.
-            if r >= min(1.0, policy.recall_target + 0.01):
-                break
-            nprobe *= 2
-        self.nprobe, self.recall = best
+        # The smallest probe count whose recall@10 against exact search meets the target, with a small
+        # margin so that other queries than the sample still meet it. Successive probe counts re-rank mostly
+        # the same candidates: read each one's vector (SQLite) once.
+        exact_vectors = _Memo(source.take, max_rows=(256 << 20) // (4 * dim))
+        vi.nprobe = 1
+        while True:
+            vi.recall = probe.recall(vi, vi.nprobe, exact_vectors)
+            if vi.recall >= min(1.0, policy.recall_target + 0.01) or vi.nprobe * 2 > plan.nlist:
+                return vi
+            vi.nprobe *= 2
 
     # --- updating ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -245,18 +232,12 @@ class VectorIndex:
     def remove(self, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if isinstance(self.index, FlatIndex):
-            return self.index.remove_ids(ids)
-        import faiss
-
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))  # numpy or FAISS alike
 
     def outgrown(self, policy: IndexPolicy) -> bool:
         """True when the collection changed enough that another index type or list count suits it better."""
         n = len(self)
-        wanted = plan_for(n, self.dim, policy)
-        if wanted.kind != self.plan.kind:
+        if plan_for(n, self.dim, policy).kind != self.plan.kind:
             return True
         return self.plan.kind != "flat" and (n > 4 * self.built_count or n < self.built_count // 4)
 
@@ -292,12 +273,10 @@ class VectorIndex:
             return self.index.search(queries, k, allowed)
         import faiss
 
-        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
-        probe = nprobe or self.nprobe or 1
-        if sel is not None:
-            probe = self.plan.nlist  # a filter can leave most lists empty: look everywhere
-        params = faiss.SearchParametersIVF(sel=sel, nprobe=min(probe, self.plan.nlist)) if sel is not None \
-            else faiss.SearchParametersIVF(nprobe=min(probe, self.plan.nlist))
+        if allowed is not None:  # a filter can leave most lists empty: look everywhere
+            params = faiss.SearchParametersIVF(sel=faiss.IDSelectorBatch(allowed), nprobe=self.plan.nlist)
+        else:
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe or 1, self.plan.nlist))
         return self.index.search(queries, k, params=params)
 
     @property
@@ -323,15 +302,13 @@ class VectorIndex:
         payload = memoryview(self._payload())
         # The payload size lets `status` spot a truncated file without reading gigabytes of vectors.
         header = json.dumps({**meta, **self.meta(), "payload_bytes": int(payload.nbytes)}).encode()
-        h = hashlib.blake2b(header, digest_size=16)
-        h.update(memoryview(payload))
         # mkstemp creates a new file (O_EXCL): never truncates one that some other process or user owns.
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + h.digest())
-                f.write(memoryview(payload))
+                f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + _digest(header, [payload]))
+                f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -343,39 +320,19 @@ class VectorIndex:
     def read_meta(path: str | os.PathLike) -> dict:
         """The metadata header alone (cheap: does not read the vectors)."""
         with open(path, "rb") as f:
-            head = f.read(16)
-            if len(head) < 16 or head[:8] != MAGIC:
-                raise IndexFileError("not an imgsearch index file")
-            fmt, hlen = struct.unpack("<II", head[8:16])
-            if fmt != FORMAT:
-                raise IndexFileError(f"index file format {fmt} is not {FORMAT}")
-            header = f.read(hlen)
-            try:
-                return json.loads(header)
-            except ValueError:
-                raise IndexFileError("index file header is damaged") from None
+            return _read_header(f)[0]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple["VectorIndex", dict]:
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                meta, header, digest = _read_header(f)
+                payload = f.read()
         except FileNotFoundError:
             raise IndexFileError("index file is missing") from None
-        if len(data) < 16 or data[:8] != MAGIC:
-            raise IndexFileError("not an imgsearch index file")
-        fmt, hlen = struct.unpack("<II", data[8:16])
-        if fmt != FORMAT:
-            raise IndexFileError(f"index file format {fmt} is not {FORMAT}")
-        view = memoryview(data)
-        header = bytes(view[16:16 + hlen])
-        digest = bytes(view[16 + hlen:32 + hlen])
-        payload = view[32 + hlen:]
-        h = hashlib.blake2b(header, digest_size=16)
-        h.update(payload)
-        if h.digest() != digest:
+        if _digest(header, [payload]) != digest:
             raise IndexFileError("index file checksum does not match (damaged or truncated)")
         try:
-            meta = json.loads(header)
             plan = Plan(**meta["plan"])
             if plan.kind == "flat":
                 index = FlatIndex.from_payload(payload, int(meta["dim"]), int(meta["count"]))
@@ -391,6 +348,31 @@ class VectorIndex:
         return vi, meta
 
 
+def _read_header(f) -> tuple[dict, bytes, bytes]:
+    """(metadata, header bytes, checksum) of an index file open at its start; leaves it at the payload."""
+    head = f.read(16)
+    if len(head) < 16 or head[:8] != MAGIC:
+        raise IndexFileError("not an imgsearch index file")
+    fmt, hlen = struct.unpack("<II", head[8:16])
+    if fmt != FORMAT:
+        raise IndexFileError(f"index file format {fmt} is not {FORMAT}")
+    header, digest = f.read(hlen), f.read(16)
+    try:
+        meta = json.loads(header)
+    except ValueError:
+        raise IndexFileError("index file header is damaged") from None
+    if not isinstance(meta, dict) or len(digest) < 16:
+        raise IndexFileError("index file header is damaged")
+    return meta, header, digest
+
+
+def _digest(header: bytes, blocks) -> bytes:
+    h = hashlib.blake2b(header, digest_size=16)
+    for block in blocks:
+        h.update(block)
+    return h.digest()
+
+
 def rerank(queries: np.ndarray, ids: np.ndarray, k: int, exact_vectors) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner products for candidate ids (per query row, -1 = none); the best k of each row."""
     flat = np.unique(ids[ids >= 0])
@@ -402,12 +384,9 @@ def rerank(queries: np.ndarray, ids: np.ndarray, k: int, exact_vectors) -> tuple
     where = {int(i): n for n, i in enumerate(np.asarray(got_ids).tolist())}
     for row, q in enumerate(queries):
         cand = [int(i) for i in ids[row] if i >= 0 and int(i) in where]
-        if not cand:
-            continue
-        scores = vecs[[where[i] for i in cand]] @ q
-        best = np.argsort(-scores)[:k]
-        out_s[row, :len(best)] = scores[best]
-        out_i[row, :len(best)] = np.asarray(cand, dtype=np.int64)[best]
+        exact = FlatIndex(len(q), np.asarray(cand, dtype=np.int64), vecs[[where[i] for i in cand]])
+        scores, best = exact.search(q[None, :], k)
+        out_s[row, :best.shape[1]], out_i[row, :best.shape[1]] = scores[0], best[0]
     return out_s, out_i
 
 
@@ -588,21 +567,14 @@ def cache_state(path: str | os.PathLike, verify_max: int = 1 << 30) -> tuple[str
     if not os.path.exists(path):
         return "missing", None
     try:
-        meta = VectorIndex.read_meta(path)
         with open(path, "rb") as f:
-            _, header_len = struct.unpack("<II", f.read(16)[8:16])
+            meta, header, digest = _read_header(f)
             size = os.fstat(f.fileno()).st_size
-            payload = size - 32 - header_len
+            payload = size - 32 - len(header)
             if payload < 0 or ("payload_bytes" in meta and payload != meta["payload_bytes"]):
                 return "damaged", None
-            if size <= verify_max:
-                header = f.read(header_len)
-                digest = f.read(16)
-                h = hashlib.blake2b(header, digest_size=16)
-                for block in iter(lambda: f.read(8 << 20), b""):
-                    h.update(block)
-                if h.digest() != digest:
-                    return "damaged", None
+            if size <= verify_max and _digest(header, iter(lambda: f.read(8 << 20), b"")) != digest:
+                return "damaged", None
         return "ok", meta
-    except (IndexFileError, OSError, ValueError, struct.error):
+    except (IndexFileError, OSError, ValueError):
         return "damaged", None

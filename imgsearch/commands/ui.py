@@ -69,14 +69,10 @@ def _check_streamlit_version() -> None:
 
 
 # --- who may talk to the page ------------------------------------------------------------------------
-# A web page the user merely visits can make the browser talk to 127.0.0.1 (DNS rebinding: its own name
-# is re-pointed at 127.0.0.1, so the browser treats the UI as same-origin with the attacker's page). The
-# browser still sends the attacker's name, in Host and in Origin, so the server refuses any request whose
-# Host is not a name of this machine and any page whose Origin is not the UI itself. Streamlit checks
-# neither for HTTP (its server.allowedHosts covers the websocket only, and is empty by default), so
-# serve() wraps Streamlit's ASGI app in HostGuard, through st.App's public `middleware=` hook: it runs
-# before every route (page, /_stcore/stream websocket, /_stcore/*, /media), and no internal API is
-# patched.
+# A page the user merely visits can rebind its own DNS name to 127.0.0.1, but the browser still sends that
+# name in Host and Origin: so any request whose Host is not a name of this machine, or whose Origin is not
+# the UI itself, is refused. Streamlit checks neither for HTTP, so serve() puts HostGuard in front of every
+# route through st.App's public `middleware=` hook.
 def _host_and_port(value: str) -> tuple[str, int | None] | None:
     """'127.0.0.1:8501' / '[::1]:8501' / 'LocalHost.' -> ('localhost', None); None if it is not a bare host."""
     try:
@@ -109,48 +105,39 @@ class HostPolicy:
     def __init__(self, bind_host: str, port: int | None = None):
         bind = bind_host.strip().strip("[]").lower().rstrip(".")
         self.port = port
-        self.wildcard = bind in WILDCARD_HOSTS
+        self.any_ip = bind in WILDCARD_HOSTS
         names = set(LOOPBACK_NAMES)
-        if self.wildcard:
+        if self.any_ip:
             machine = socket.gethostname().lower().rstrip(".")
             if machine:
                 names |= {machine, machine + ".local"}
         else:
             names.add(bind)
         self.names = frozenset(names)
-        self.any_ip = self.wildcard
-
-    def host_allowed(self, hostname: str) -> bool:
-        return hostname in self.names or (self.any_ip and _is_ip(hostname))
 
     def shown(self) -> str:
         names = ", ".join(f"[{n}]" if ":" in n else n for n in sorted(self.names))
         return names + (" and this machine's IP addresses" if self.any_ip else "")
 
     def refusal(self, host: str | None, origin: str | None) -> str | None:
-        """Why a request with these headers is refused, or None if it may pass.
-
-        ``origin`` is None when the request has no Origin header (a non-browser client, or a same-origin
-        navigation); a browser sends one on every websocket handshake and every cross-origin request.
-        """
+        """Why a request with these headers is refused, or None. ``origin`` is None without an Origin header
+        (a browser sends one on every websocket handshake and every cross-origin request)."""
         parsed = _host_and_port(host) if host else None
-        if parsed is None or not self.host_allowed(parsed[0]):
+        if parsed is None or not (parsed[0] in self.names or (self.any_ip and _is_ip(parsed[0]))):
             where = f"http://127.0.0.1:{self.port}/" if self.port else "http://127.0.0.1:PORT/"
             return (f"imgsearch ui refused a request for host {host!r}: it answers only to {self.shown()}. "
                     f"Open it as {where} (or start `imgsearch ui --host NAME` to serve it under NAME).")
         if origin is None:
             return None
-        o = urlsplit(origin) if origin != "null" else None
         try:
-            o_port = o.port if o else None
+            o = urlsplit(origin)
+            default = 443 if o.scheme == "https" else 80
+            ok = o.scheme in ("http", "https") and o.hostname and \
+                (o.hostname.rstrip("."), o.port or default) == (parsed[0], parsed[1] or default)
         except ValueError:
-            o = None
-        if o is None or o.scheme not in ("http", "https") or not o.hostname:
-            return f"imgsearch ui refused a request from the page at {origin!r}: only its own page may use it."
-        default = 443 if o.scheme == "https" else 80
-        if (o.hostname.rstrip("."), o_port or default) != (parsed[0], parsed[1] or default):
-            return f"imgsearch ui refused a request from the page at {origin!r}: only its own page may use it."
-        return None
+            ok = False
+        return None if ok else (f"imgsearch ui refused a request from the page at {origin!r}: only its own "
+                                "page may use it.")
 
 
 class HostGuard:
@@ -214,8 +201,8 @@ def streamlit_config(host: str, port: int) -> dict:
 
 def streamlit_env(settings) -> dict[str, str]:
     """Environment for the Streamlit process: the global options travel as IMGSEARCH_* variables."""
-    env = dict(os.environ)
-    env.update({
+    return {
+        **os.environ,
         "IMGSEARCH_HOME": str(Path(settings.home).expanduser().resolve()),
         "IMGSEARCH_MODEL": settings.model,
         # Always set, even empty: from_env would otherwise drop the tag of a non-default model.
@@ -226,8 +213,7 @@ def streamlit_env(settings) -> dict[str, str]:
         "IMGSEARCH_WORKERS": str(settings.workers),
         "IMGSEARCH_MAX_PIXELS": str(settings.max_pixels),
         "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
-    })
-    return env
+    }
 
 
 def streamlit_argv(app: Path, host: str, port: int) -> list[str]:

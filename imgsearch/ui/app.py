@@ -22,6 +22,7 @@ from typing import Mapping
 import streamlit as st
 
 from imgsearch import Library
+from imgsearch.commands.ui import MAX_UPLOAD_MB  # the cap `imgsearch ui` gives Streamlit's server too
 from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, MAX_K, RAW_EXTENSIONS, Settings
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
@@ -31,8 +32,6 @@ log = logging.getLogger("imgsearch.ui")
 
 COLUMNS = 5
 DEFAULT_K = 20
-# Query images only; the same cap is given to the server by `imgsearch ui` (--server.maxUploadSize).
-MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EXTENSIONS)
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
 # The page's URL names that differ from the search request's (request.SearchRequest.from_params).
@@ -63,24 +62,12 @@ class Params:
 
     def to_url(self) -> dict[str, str]:
         """Query-string form; defaults are left out so shared links stay short."""
-        out: dict[str, str] = {}
-        if self.q:
-            out["q"] = self.q
-        if self.neg:
-            out["not"] = self.neg
-        for key in ("like", "unlike"):
-            if getattr(self, key):
-                out[key] = ",".join(map(str, getattr(self, key)))
-        if self.view is not None:
-            out["view"] = str(self.view)
-        if self.k != DEFAULT_K:
-            out["k"] = str(self.k)
-        if self.min_score is not None:
-            out["min"] = f"{self.min_score:g}"
-        if self.under:
-            out["under"] = self.under
-        out.update({key: getattr(self, key) for key in (*WHEN_WHERE, "page", "album") if getattr(self, key)})
-        return out
+        out = {"q": self.q, "not": self.neg, "like": ",".join(map(str, self.like)),
+               "unlike": ",".join(map(str, self.unlike)), "view": "" if self.view is None else str(self.view),
+               "k": "" if self.k == DEFAULT_K else str(self.k),
+               "min": "" if self.min_score is None else f"{self.min_score:g}", "under": self.under,
+               **{key: getattr(self, key) for key in (*WHEN_WHERE, "page", "album")}}
+        return {key: value for key, value in out.items() if value}
 
     @property
     def example(self) -> int | None:
@@ -149,11 +136,6 @@ def request_of(raw: Mapping[str, str], upload: tuple[str, bytes] | None = None) 
 
 
 # --- per-process state: warm library, index jobs --------------------------------------------------
-def current_settings() -> Settings:
-    # `imgsearch ui` passes --home/--model/--pretrained/--device ... as IMGSEARCH_* variables.
-    return Settings.from_env()
-
-
 @st.cache_resource(show_spinner=False, hash_funcs={Settings: repr})
 def the_library(settings: Settings):
     """The one Library per library and model for the whole server process, shared by every session's thread
@@ -182,13 +164,12 @@ def cached_status(settings: Settings, last_job: float | None, version: int | Non
     ``last_job`` (when this process last finished indexing) and ``version`` (the library's change counter)
     are part of the cache key, so a finished run, here or in another process, shows at once.
     """
-
     try:
         return the_library(settings).status().as_dict()
-    except LibraryError as e:
+    except LibraryError:
         if not settings.db_path.exists():
             return None
-        raise e
+        raise
 
 
 @dataclass
@@ -215,7 +196,6 @@ class IndexJobs:
         self.current: IndexJob | None = None
 
     def start(self, settings: Settings, folder: str) -> IndexJob:
-
         with self.lock:
             if self.current is not None and self.current.running:
                 raise UsageError(f"already indexing {self.current.folder}; wait for it to finish")
@@ -254,15 +234,9 @@ def sync_widgets(p: Params) -> None:
     key = tuple(sorted(p.to_url().items()))
     if st.session_state.get("_url") == key:
         return
-    st.session_state["_url"] = key
-    st.session_state.w_q = p.q
-    st.session_state.w_not = p.neg
-    st.session_state.w_k = p.k
-    st.session_state.w_min = p.min_score
-    st.session_state.w_under = p.under
-    st.session_state.w_page = "Albums" if p.page == "albums" else "Search"
-    for key in WHEN_WHERE:
-        st.session_state[f"w_{key}"] = getattr(p, key)
+    st.session_state.update({"_url": key, "w_q": p.q, "w_not": p.neg, "w_k": p.k, "w_min": p.min_score,
+                             "w_under": p.under, "w_page": "Albums" if p.page == "albums" else "Search",
+                             **{f"w_{key}": getattr(p, key) for key in WHEN_WHERE}})
 
 
 def go(p: Params) -> None:
@@ -300,7 +274,6 @@ def on_change(**fields) -> None:
     go(replace(parse_params(st.query_params), **fields))
 
 
-# --- search -------------------------------------------------------------------------------------------
 # --- rendering ----------------------------------------------------------------------------------------
 # Every ASCII punctuation character: CommonMark lets a backslash make each one literal, so no link,
 # image, emphasis, $math$, :color[directive], HTML, entity (&amp;) or table survives, and escaping the
@@ -360,6 +333,13 @@ def grid(settings: Settings, library, hits, key: str, p: Params | None = None) -
                           type="tertiary")
 
 
+def thumbnail(library, image_id: int, size: int) -> None:
+    try:
+        st.image(str(library.thumbnail(image_id, size)), width="stretch")
+    except ImgSearchError as e:
+        st.warning(md(e))
+
+
 def detail(settings: Settings, library, image_id: int, key: str = "detail", close: bool = True) -> None:
     """Larger view: path, size, dimensions, date taken, and the most similar images."""
     row = library.image(image_id)
@@ -385,11 +365,7 @@ def detail(settings: Settings, library, image_id: int, key: str = "detail", clos
             if close:
                 b2.button("Close", key=f"{key}-close", on_click=on_view, args=(None,), width="stretch")
         with left:
-            try:
-                st.image(str(library.thumbnail(row.id, library.PREVIEW)),
-                         width="stretch")
-            except ImgSearchError as e:
-                st.warning(md(e))
+            thumbnail(library, row.id, library.PREVIEW)
         similar = library.search(ids=[row.id], k=COLUMNS, exclude_ids=[row.id])
         if similar:
             st.markdown("**Similar images**")
@@ -516,10 +492,7 @@ def example_header(settings: Settings, library, image_id: int) -> str:
     row = library.image(image_id)
     left, right = st.columns([1, 7], vertical_alignment="center")
     with left:
-        try:
-            st.image(str(library.thumbnail(row.id, library.THUMB)), width="stretch")
-        except ImgSearchError as e:
-            st.warning(md(e))
+        thumbnail(library, row.id, library.THUMB)
     with right:
         st.markdown(f"**Images like {md(row.name)}**")
         st.button("Details", key="example-view", on_click=on_view, args=(row.id,), type="tertiary")
@@ -620,15 +593,12 @@ def pins(hits, cells: int = 24) -> list[dict]:
     out = []
     for members in groups.values():
         n = len(members)
-        name = os.path.basename(members[0].path)
+        # a deck.gl tooltip is plain text: only invisible characters matter
+        name = _INVISIBLE.sub(_visible, os.path.basename(members[0].path))
         out.append({"lat": sum(h.gps_lat for h in members) / n, "lon": sum(h.gps_lon for h in members) / n,
                     "count": n, "ids": ",".join(str(h.id) for h in members), "radius": 7 + 4 * n ** 0.5,
-                    "label": str(n) if n > 1 else "", "title": f"{n} photos" if n > 1 else _visible_text(name)})
+                    "label": str(n) if n > 1 else "", "title": f"{n} photos" if n > 1 else name})
     return out
-
-
-def _visible_text(text: str) -> str:
-    return _INVISIBLE.sub(_visible, text)  # a deck.gl tooltip is plain text: only invisible characters matter
 
 
 def photo_map(settings: Settings, library, hits, key: str) -> None:
@@ -795,7 +765,7 @@ def album_view(settings: Settings, library, name: str) -> None:
 def main() -> None:
     st.set_page_config(page_title="imgsearch", page_icon="🔎", layout="wide")
     try:
-        settings = current_settings()
+        settings = Settings.from_env()  # `imgsearch ui` passes --home, --model, ... as IMGSEARCH_* variables
     except ImgSearchError as e:
         st.error(md(e))
         return
