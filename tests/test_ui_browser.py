@@ -89,6 +89,14 @@ def run_ui(settings, tmp_path):
             assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def settled(page) -> None:
+    """Wait until Streamlit has finished its rerun: no running indicator and no element still marked stale
+    (a rerun leaves the previous results on screen, marked data-stale, until the new ones replace them)."""
+    page.wait_for_function("() => !document.querySelector('[data-testid^=stStatusWidgetRunning]')"
+                           " && !document.querySelector('[data-testid=stElementContainer][data-stale=true]')",
+                           timeout=60_000)
+
+
 def names(page) -> list[str]:
     """Result file names, best first, from the captions under the thumbnails ('0.845 · x.jpg')."""
     return [c.split(" · ", 1)[1] for c in page.locator(CAPTION).all_inner_texts() if " · " in c]
@@ -209,6 +217,7 @@ def test_album_map_and_timeline_in_a_real_browser(travels, tmp_path):
             expect(page.get_by_text("3 photos", exact=True)).to_be_visible(timeout=10_000)  # the pin's tooltip
             page.mouse.click(box["x"] + east[0], box["y"] + east[1])
             expect(page.get_by_text("3 photos here")).to_be_visible(timeout=30_000)
+            settled(page)
             here = names(page.locator('[role="tabpanel"]:visible'))
             assert sorted(here) == ["red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"], here
             print(f"screenshot: {shot}")
@@ -232,6 +241,7 @@ def test_album_map_and_timeline_in_a_real_browser(travels, tmp_path):
             query = dict(p.split("=", 1) for p in page.evaluate("location.search")[1:].split("&"))
             after, before = query["after"], query["before"]
             expect(page.get_by_text(f"taken from {after}", exact=False)).to_be_visible(timeout=30_000)
+            settled(page)
             found = names(page)
             assert found, "the brushed range holds photos"
             for name in found:
