@@ -282,12 +282,15 @@ def _save(model, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
     sizes = [np.dtype(k).itemsize * a.size for (_, a), (k, _) in zip(inits, kinds)]
     data = path.with_name(path.name + ".data")
     tmp, data_tmp = (q.with_name(f".{q.name}.{os.getpid()}.tmp") for q in (path, data))
-    external = sum(sizes) > EXTERNAL_BYTES
+    external = sum(sizes) > EXTERNAL_BYTES  # ints are a few shapes and indices
     try:
         metas, offset = [], 0
         for (name, a), (_, kind), size in zip(inits, kinds, sizes):
             t = TensorProto(name=name, dims=a.shape, data_type=kind)
-            if external:
+            if external and kind != TensorProto.FLOAT:  # shapes and indices stay inline, for shape inference
+                t.raw_data = np.ascontiguousarray(a, "<i8").tobytes()
+                graph.initializer.append(t)
+            elif external:
                 t.data_location = TensorProto.EXTERNAL
                 for key, value in (("location", data.name), ("offset", offset), ("length", size)):
                     t.external_data.add(key=key, value=str(value))
@@ -299,8 +302,9 @@ def _save(model, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
             if external:
                 f.write(model.SerializeToString())
                 with open(data_tmp, "wb") as d:
-                    for (_, a), (k, _) in zip(inits, kinds):
-                        np.ascontiguousarray(a, k).tofile(d)
+                    for (_, a), (k, kind) in zip(inits, kinds):
+                        if kind == TensorProto.FLOAT:
+                            np.ascontiguousarray(a, k).tofile(d)
             else:
                 body = graph.SerializeToString()
                 lengths = [len(m) + n for m, n in zip(metas, sizes)]
