@@ -240,18 +240,20 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
     pos[0] += arrays[p + "class_embedding"]
     x = ln(g.op("Add", x, g.init(p + "positional_embedding+class", pos)), p + "ln_pre")
     qkv_shape, merged = i64("qkv_shape", [0, 0, 3, heads, hd]), i64("merged", [-1, tokens, width])
+    axis0 = i64("axis0", [0])
     scale = f32("scale", hd ** -0.5)
     for i in range(s["layers"]):
         b = f"{p}transformer.resblocks.{i}."
         qkv = g.op("Reshape", linear(ln(x, b + "ln_1"), b + "attn", "in_proj_weight", "in_proj_bias"), qkv_shape)
-        q, k, v = g.op("Split", g.op("Transpose", qkv, perm=[2, 0, 3, 1, 4]), outputs=3, axis=0)  # [1,n,h,t,hd]
-        att = g.op("Softmax", g.op("MatMul", g.op("Mul", q, scale), g.op("Transpose", k, perm=[0, 1, 2, 4, 3])),
-                   axis=-1)
-        o = g.op("Reshape", g.op("Transpose", g.op("MatMul", att, v), perm=[0, 1, 3, 2, 4]), merged)
+        # Squeezed to 4-D [n, heads, tokens, hd]: with 5-D Transposes and MatMuls int8 measured slower.
+        q, k, v = (g.op("Squeeze", t, axis0) for t in g.op("Split", g.op("Transpose", qkv, perm=[2, 0, 3, 1, 4]),
+                                                          outputs=3, axis=0))
+        att = g.op("Softmax", g.op("MatMul", g.op("Mul", q, scale), g.op("Transpose", k, perm=[0, 1, 3, 2])), axis=-1)
+        o = g.op("Reshape", g.op("Transpose", g.op("MatMul", att, v), perm=[0, 2, 1, 3]), merged)
         x = g.op("Add", x, linear(o, b + "attn.out_proj"))
         x = g.op("Add", x, linear(act(linear(ln(x, b + "ln_2"), b + "mlp.c_fc")), b + "mlp.c_proj"))
     # ln_post normalises each token on its own: on the class token alone it gives the same row.
-    x = ln(g.op("Gather", x, i64("first", 0), axis=1), p + "ln_post")
+    x = ln(g.op("Gather", x, i64("class_token", 0), axis=1), p + "ln_post")
     g.nodes.append(helper.make_node("MatMul", [x, g.init(p + "proj", arrays[p + "proj"])], ["features"]))
     size = s["image_size"]
     graph = helper.make_graph(g.nodes, "clip_image", [helper.make_tensor_value_info(
