@@ -15,14 +15,13 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .config import cpuinfo, draft_size_for, model_exports_dir
 
-FORMAT = 2  # 2: the lean graph (_lean_for_export); a format-1 export is rebuilt once
+FORMAT = 2  # 2: the lean graph (clipgraph); a format-1 export is rebuilt once
 OPSET = 17
 FP32_MIN_COSINE = 0.9999
 PROBE_IMAGES = 4
@@ -157,101 +156,43 @@ def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
 
 
 def _export_fp32(encoder, path: Path) -> None:
-    import torch
+    """The fp32 image graph: for open_clip's plain ViT built from the loaded model's tensors (clipgraph: lean,
+    and no second trace of the model), for any other tower traced by torch.onnx.export."""
+    import importlib.util
 
-    if importlib.util.find_spec("onnx") is None:  # the exporter needs it
+    if importlib.util.find_spec("onnx") is None:  # both writers need it
         raise OnnxUnavailable("the onnx package is not installed (pip install 'imgsearch[fast]')") from None
+    from . import clipgraph
 
-    class Tower(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixels):
-            return self.model.encode_image(pixels)
-
-    size = encoder.image_size
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        # The TorchScript exporter cannot trace nn.MultiheadAttention's fused inference kernel (blocks the
-        # lean swap leaves alone still run it).
-        mha = getattr(torch.backends, "mha", None)
-        fast = mha.get_fastpath_enabled() if mha is not None else None
-        if mha is not None:
-            mha.set_fastpath_enabled(False)
         try:
-            with torch.no_grad(), _lean_for_export(encoder.model):
-                torch.onnx.export(Tower(encoder.model).eval(), (torch.from_numpy(probe_batch(size, 2)),), str(tmp),
-                                  input_names=["pixels"], output_names=["features"],
-                                  dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
-                                  opset_version=OPSET, dynamo=False)
-        finally:
-            if mha is not None:
-                mha.set_fastpath_enabled(fast)
+            clipgraph.write_image_graph(clipgraph.state_arrays(encoder.model),
+                                        clipgraph.model_facts(encoder.model, "visual"), path, OPSET)
+            return
+        except clipgraph.Unsupported:
+            pass
+        import torch
+
+        class Tower(torch.nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixels):
+                return self.model.encode_image(pixels)
+
+        # Traced with autograd recording (thread-local): nn.MultiheadAttention then skips its fused inference
+        # kernel, which the TorchScript exporter cannot trace.
+        with torch.enable_grad():
+            pixels = torch.from_numpy(probe_batch(encoder.image_size, 2)).requires_grad_()
+            torch.onnx.export(Tower(encoder.model).eval(), (pixels,), str(tmp), input_names=["pixels"],
+                              output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                              opset_version=OPSET, dynamo=False)
         os.replace(tmp, path)
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise OnnxUnavailable(f"exporting the image tower failed ({type(e).__name__}: {str(e)[:120]})") from None
-
-
-def _lean_attention(mha):
-    """Self-attention of an ``nn.MultiheadAttention`` (no mask), written so the exported graph is lean.
-
-    torch's own module traces to eight Transposes and three Gathers per block (sequence-first shuffles
-    around every head split); this is the same arithmetic with one permute of the fused QKV projection, a
-    Split and one Transpose back. Measured on AMD EPYC (Zen 3), 2 threads, ViT-B-32-256 int8: Transpose +
-    Gather 190 -> 100 ms per batch of 32 (of ~2.1 s). Outputs equal the module's (max difference 0.0).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    class Lean(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = mha
-
-        def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **kw):
-            m = self.mha
-            if attn_mask is not None or kw.get("key_padding_mask") is not None \
-                    or (key is not None and key is not query) or (value is not None and value is not query):
-                return m(query, key, value, need_weights=need_weights, attn_mask=attn_mask, **kw)
-            x = query if m.batch_first else query.transpose(0, 1)
-            n, length, dim = x.shape
-            heads = m.num_heads
-            hd = dim // heads
-            qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(n, length, 3, heads, hd)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            att = torch.softmax(torch.matmul(q * (hd ** -0.5), k.transpose(-2, -1)), dim=-1)
-            out = torch.matmul(att, v).transpose(1, 2).reshape(n, length, dim)
-            out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
-            return (out if m.batch_first else out.transpose(0, 1)), None
-
-    return Lean()
-
-
-def _lean_fits(mha) -> bool:
-    import torch
-
-    return (type(mha) is torch.nn.MultiheadAttention and mha._qkv_same_embed_dim and mha.in_proj_bias is not None
-            and mha.bias_k is None and not mha.add_zero_attn and mha.dropout == 0.0)
-
-
-@contextmanager
-def _lean_for_export(model):
-    """Swap a ViT image tower's attention modules for their lean equivalent while exporting; the model is
-    restored on exit. Towers of another shape (ResNets, ConvNeXt, timm) export unchanged.
-
-    (The patch-embedding Conv was tried as a MatMul too: quantised it dropped ViT-B-32's int8 parity from
-    0.990 to 0.953, and kept fp32 it cost what the Conv costs.)"""
-    blocks = getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", None) or []
-    swapped = [(blk, blk.attn) for blk in blocks if _lean_fits(getattr(blk, "attn", None))]
-    try:
-        for blk, attn in swapped:
-            blk.attn = _lean_attention(attn)
-        yield
-    finally:
-        for blk, attn in swapped:
-            blk.attn = attn
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:

@@ -317,83 +317,24 @@ def warn_once(label: str, reason: str) -> None:
 
 
 # --- export (needs torch; runs at the end of an index run or after a torch-encoded query) --------------------
-def _describe(model, tokenizer) -> tuple[dict, list[tuple[str, object]]]:
-    """Architecture facts and the tensors to write, or ExportError when this text tower is not plain CLIP."""
-    import torch
+def _describe(model, tokenizer) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """Architecture facts and the arrays to write (clipgraph.text_weights over the model's state dict), or
+    ExportError when this text tower or its tokenizer is not plain CLIP."""
     from open_clip import tokenizer as oc_tok
-    from open_clip import transformer as oc_tr
 
-    need = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-    if not all(getattr(model, a, None) is not None for a in need):
-        raise ExportError("text tower is not open_clip's CLIP text transformer")
-    if getattr(model, "text_pool_type", "argmax") not in ("argmax", "eos"):
-        raise ExportError(f"text pooling {model.text_pool_type!r} is not supported")
+    from . import clipgraph
+
     if not isinstance(tokenizer, oc_tok.SimpleTokenizer) or tokenizer.reduction_fn is not None:
         raise ExportError(f"tokenizer {type(tokenizer).__name__} is not CLIP's BPE tokenizer")
     if tokenizer.clean_fn is not oc_tok._clean_lower or len(tokenizer.all_special_ids) != 2:
         raise ExportError("tokenizer uses non-default cleaning or extra special tokens")
-    blocks = list(model.transformer.resblocks)
-    acts, eps = set(), set()
-    tensors: list[tuple[str, object]] = []
-
-    def t(x):
-        return x.detach().to("cpu", torch.float32).contiguous()
-
-    def ln(name, mod):
-        if not isinstance(mod, torch.nn.LayerNorm) or not mod.elementwise_affine:
-            raise ExportError(f"{name} is not a LayerNorm")
-        eps.add(float(mod.eps))
-        tensors.extend([(name + ".w", t(mod.weight)), (name + ".b", t(mod.bias))])
-
-    tensors.append(("token_embedding", t(model.token_embedding.weight)))
-    tensors.append(("positional_embedding", t(model.positional_embedding)))
-    for i, blk in enumerate(blocks):
-        p = f"l{i}."
-        if type(blk) is not oc_tr.ResidualAttentionBlock or hasattr(blk, "ln_1_kv"):
-            raise ExportError(f"text block {type(blk).__name__} is not supported")
-        attn = blk.attn
-        if attn.in_proj_weight is None or attn.in_proj_bias is None or not attn.batch_first:
-            raise ExportError("attention layout is not supported")
-        ln(p + "ln_1", blk.ln_1)
-        tensors += [(p + "in_proj.w", t(attn.in_proj_weight).T.contiguous()), (p + "in_proj.b", t(attn.in_proj_bias)),
-                    (p + "out_proj.w", t(attn.out_proj.weight).T.contiguous()),
-                    (p + "out_proj.b", t(attn.out_proj.bias))]
-        for ls in ("ls_1", "ls_2"):
-            mod = getattr(blk, ls)
-            if isinstance(mod, oc_tr.LayerScale):
-                tensors.append((p + ls, t(mod.gamma)))
-            elif not isinstance(mod, torch.nn.Identity):
-                raise ExportError("layer scale is not supported")
-        ln(p + "ln_2", blk.ln_2)
-        g = blk.mlp.gelu
-        if isinstance(g, oc_tr.QuickGELU):
-            acts.add("quick_gelu")
-        elif isinstance(g, torch.nn.GELU):
-            acts.add("gelu_tanh" if g.approximate == "tanh" else "gelu")
-        else:
-            raise ExportError(f"activation {type(g).__name__} is not supported")
-        tensors += [(p + "c_fc.w", t(blk.mlp.c_fc.weight).T.contiguous()), (p + "c_fc.b", t(blk.mlp.c_fc.bias)),
-                    (p + "c_proj.w", t(blk.mlp.c_proj.weight).T.contiguous()),
-                    (p + "c_proj.b", t(blk.mlp.c_proj.bias))]
-    ln("ln_final", model.ln_final)
-    proj = model.text_projection
-    if isinstance(proj, torch.nn.Linear):
-        tensors.append(("proj.w", t(proj.weight).T.contiguous()))
-        if proj.bias is not None:
-            tensors.append(("proj.b", t(proj.bias)))
-    elif proj is not None:
-        tensors.append(("proj.w", t(proj)))
-    if len(acts) != 1 or len(eps) != 1:
-        raise ExportError("mixed activations or LayerNorm eps across layers")
-    heads = {b.attn.num_heads for b in blocks}
-    if len(heads) != 1:
-        raise ExportError("mixed head counts")
-    width = int(model.positional_embedding.shape[1])
-    facts = {"width": width, "heads": heads.pop(), "layers": len(blocks), "act": acts.pop(), "eps": eps.pop(),
-             "context_length": int(tokenizer.context_length), "pool": getattr(model, "text_pool_type", "argmax"),
-             "eos_id": int(tokenizer.eot_token_id), "sot_id": int(tokenizer.sot_token_id),
-             "vocab_size": int(model.token_embedding.weight.shape[0])}
-    return facts, tensors
+    try:
+        facts, arrays = clipgraph.text_weights(clipgraph.state_arrays(model), clipgraph.model_facts(model, "text"))
+    except clipgraph.Unsupported as e:
+        raise ExportError(str(e)) from None
+    facts.update(context_length=int(tokenizer.context_length), eos_id=int(tokenizer.eot_token_id),
+                 sot_id=int(tokenizer.sot_token_id))
+    return facts, arrays
 
 
 def _write_clip(encoder, tmp: Path) -> dict:
@@ -406,8 +347,8 @@ def _write_clip(encoder, tmp: Path) -> dict:
     arrays, off = {}, 0
     with open(tmp / WEIGHTS, "wb") as f:
         for name, ten in tensors:
-            a = ten.numpy().astype("<f4", copy=False)
-            f.write(a.tobytes())
+            a = np.ascontiguousarray(ten, "<f4")
+            a.tofile(f)
             arrays[name] = [off, list(a.shape)]
             off += a.size
     bpe_src = Path(oc_tok.default_bpe())

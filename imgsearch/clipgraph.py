@@ -1,0 +1,364 @@
+"""The exports of an open_clip CLIP made from its tensors: the image tower as an ONNX graph, the text tower as
+the numpy weights textfast runs.
+
+The tensors are a loaded model's state dict (numpy views, no copy: state_arrays) or a safetensors checkpoint,
+memory-mapped without importing torch (Checkpoint). What tensors cannot say (heads, activation, LayerNorm eps,
+pooling) comes from the loaded model's modules (model_facts) or the open_clip model config (config_facts).
+Only open_clip's plain CLIP towers are described; anything else raises Unsupported with the difference, and
+the caller falls back to torch. Whoever uses a result verifies it against torch first (onnx_image.ensure_export,
+textfast.build_export). Importing this module costs numpy; writing a graph imports onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+EXTERNAL_BYTES = 1_500_000_000  # initializers past this go to a data file beside the graph (protobuf's 2 GB cap)
+_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+          "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+          "mlp.c_proj.weight", "mlp.c_proj.bias")
+_NOT_A_TOWER = {"logit_scale", "logit_bias", "attn_mask"}
+
+
+class Unsupported(Exception):
+    """These tensors or this config are not a tower described here; the message says what differs."""
+
+
+class Checkpoint(Mapping):
+    """A safetensors file's tensors by name, each memory-mapped on access (bf16 widened to float32)."""
+
+    _DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+    def __init__(self, path: str | os.PathLike):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self._header, self._base = header, 8 + size
+        self._raw = np.memmap(path, np.uint8, "r")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        entry = self._header[name]
+        if entry["dtype"] not in self._DTYPES:
+            raise Unsupported(f"tensor {name} is {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        a = self._raw[self._base + start:self._base + end].view(self._DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return (a.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else a
+
+    def __iter__(self):
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+
+def state_arrays(model) -> dict[str, np.ndarray]:
+    """A loaded model's floating-point state as float32 numpy arrays: views of an fp32 CPU model's tensors."""
+    return {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _act_name(module) -> str:
+    from open_clip.transformer import QuickGELU
+    from torch import nn
+
+    if isinstance(module, QuickGELU):
+        return "quick_gelu"
+    if type(module) is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    raise Unsupported(f"activation {type(module).__name__} is not supported")
+
+
+def model_facts(model, tower: str) -> dict:
+    """What the ``tower`` ("visual" or "text") tensors of a loaded open_clip model cannot say, from its modules."""
+    from open_clip import transformer as oc
+    from torch import nn
+
+    if tower == "visual":
+        owner = getattr(model, "visual", None)
+        if type(owner) is not oc.VisionTransformer:
+            raise Unsupported(f"image tower {type(owner).__name__} is not open_clip's VisionTransformer")
+        if owner.attn_pool is not None or owner.pool_type != "tok":
+            raise Unsupported("the image tower pools otherwise than by its class token")
+        h, w = owner.image_size
+        if h != w:
+            raise Unsupported(f"image size {h}x{w} is not square")
+        facts, norms = {"image_size": int(h)}, [owner.ln_pre, owner.ln_post]
+    else:
+        owner = model
+        if getattr(model, "attn_mask", None) is None or getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+            raise Unsupported("text tower is not open_clip's causal CLIP text transformer")
+        facts, norms = {"pool": model.text_pool_type}, [getattr(model, "ln_final", None)]
+    blocks = list(getattr(getattr(owner, "transformer", None), "resblocks", []))
+    if not blocks or any(type(b) is not oc.ResidualAttentionBlock or type(b.attn) is not nn.MultiheadAttention
+                         or hasattr(b, "ln_1_kv") for b in blocks):
+        raise Unsupported(f"{tower} blocks are not open_clip's ResidualAttentionBlock")
+    norms += [n for b in blocks for n in (b.ln_1, b.ln_2)]
+    if not all(isinstance(n, nn.LayerNorm) for n in norms):
+        raise Unsupported(f"{tower} norms are not LayerNorm")
+    acts, eps, heads = ({f(b) for b in blocks} for f in (lambda b: _act_name(b.mlp.gelu), lambda b: b.ln_1.eps,
+                                                          lambda b: b.attn.num_heads))
+    eps |= {n.eps for n in norms}
+    if len(acts) != 1 or len(eps) != 1 or len(heads) != 1:
+        raise Unsupported(f"mixed activations, LayerNorm eps or head counts across {tower} layers")
+    return {**facts, "act": acts.pop(), "eps": float(eps.pop()), "heads": int(heads.pop())}
+
+
+_VIT_EXTRAS = ("timm_model_name", "attentional_pool", "ls_init_value", "no_ln_pre", "final_ln_after_pool",
+               "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
+               "scale_fc", "output_tokens")
+_TEXT_EXTRAS = ("hf_model_name", "no_causal_mask", "embed_cls", "block_type", "qk_norm", "scaled_cosine_attn",
+                "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc", "output_tokens")
+
+
+def config_facts(model_cfg: dict, tower: str) -> dict:
+    """model_facts from an open_clip model config (open_clip's defaults where it says nothing), without torch."""
+    cfg = model_cfg.get("vision_cfg" if tower == "visual" else "text_cfg") or {}
+    if model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg:
+        raise Unsupported("the model is not open_clip's CLIP")
+    extras = [k for k in (_VIT_EXTRAS if tower == "visual" else _TEXT_EXTRAS) if cfg.get(k)]
+    act_kwargs = dict(cfg.get("act_kwargs") or {})
+    approx = act_kwargs.pop("approximate", "none")
+    if extras or act_kwargs or set(cfg.get("norm_kwargs") or {}) - {"eps"}:
+        raise Unsupported(f"{tower} config sets {extras or 'other norm or activation arguments'}")
+    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu_tanh" if approx == "tanh" else "gelu"
+    eps = float((cfg.get("norm_kwargs") or {}).get("eps", 1e-5))
+    if tower == "visual":
+        size, layers = cfg.get("image_size", 224), cfg.get("layers", 12)
+        if isinstance(layers, (list, tuple)) or cfg.get("pool_type", "tok") != "tok" \
+                or cfg.get("pos_embed_type", "learnable") != "learnable":
+            raise Unsupported("the image tower is not a ViT pooled by its class token")
+        if isinstance(size, (list, tuple)):
+            if size[0] != size[1]:
+                raise Unsupported(f"image size {size} is not square")
+            size = size[0]
+        return {"image_size": int(size), "act": act, "eps": eps,
+                "heads": int(cfg.get("width", 768)) // int(cfg.get("head_width", 64))}
+    pool = cfg.get("pool_type", "argmax")
+    if pool not in ("argmax", "eos"):
+        raise Unsupported(f"text pooling {pool!r} is not supported")
+    return {"pool": pool, "act": act, "eps": eps, "heads": int(cfg.get("heads", 8))}
+
+
+def _check_keys(have: set, want: set, tower: str) -> None:
+    extra, missing = sorted(have - want), sorted(want - have)
+    if extra or missing:
+        raise Unsupported(f"{tower} tower has tensors {extra[:3]} and lacks {missing[:3]}" if extra else
+                          f"{tower} tower lacks tensors {missing[:3]}")
+
+
+def _layers(keys, prefix: str) -> int:
+    return len({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
+
+
+def vit_shape(arrays: Mapping, facts: dict) -> dict:
+    """The plain open_clip ViT in ``arrays`` (state-dict names): width, layers, heads, patch, image size, dim."""
+    p = "visual."
+    have = {k[len(p):] for k in arrays if k.startswith(p)}
+    if "conv1.weight" not in have or "transformer.resblocks.0.attn.in_proj_weight" not in have:
+        raise Unsupported("the image tower is not open_clip's ViT")
+    width, channels, patch, patch_w = arrays[p + "conv1.weight"].shape
+    layers = _layers(have, "transformer.resblocks.")
+    _check_keys(have, {"conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight", "ln_pre.bias",
+                       "ln_post.weight", "ln_post.bias", "proj"}
+                | {f"transformer.resblocks.{i}.{n}" for i in range(layers) for n in _BLOCK}, "image")
+    tokens = arrays[p + "positional_embedding"].shape[0]
+    grid = math.isqrt(tokens - 1)
+    size = int(facts.get("image_size") or grid * patch)
+    if channels != 3 or patch != patch_w or (size // patch) ** 2 + 1 != tokens or width % facts["heads"]:
+        raise Unsupported(f"image tower shapes do not fit: conv {arrays[p + 'conv1.weight'].shape}, {tokens} "
+                          f"positions for {size} px, {facts['heads']} heads of width {width}")
+    return {"width": int(width), "layers": layers, "heads": int(facts["heads"]), "patch": int(patch),
+            "image_size": size, "tokens": int(tokens), "dim": int(arrays[p + "proj"].shape[1])}
+
+
+class _Graph:
+    """ONNX nodes and initializers (name, array; arrays are views, written one at a time by _save)."""
+
+    def __init__(self):
+        self.nodes, self.inits = [], []
+
+    def init(self, name: str, array) -> str:
+        self.inits.append((name, np.asarray(array)))
+        return name
+
+    def op(self, op: str, *inputs: str, outputs: int = 1, **attrs):
+        from onnx import helper
+
+        names = [f"{op}_{len(self.nodes)}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+
+def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, opset: int) -> dict:
+    """The fp32 ONNX graph of the ViT image tower in ``arrays``: input "pixels" [n, 3, S, S], output "features"
+    [n, dim], unnormalised, as open_clip's encode_image. Written to ``path`` (a temporary name, then renamed);
+    returns vit_shape's dict.
+
+    Lean by construction: the patch embedding stays a Conv (as a MatMul it quantised worse: ViT-B-32 int8
+    parity 0.990 -> 0.953), one fused QKV MatMul per block with heads split by Reshape/Transpose, and three
+    Transposes per block where torch's traced attention has eight.
+    """
+    from onnx import TensorProto, helper
+
+    s = vit_shape(arrays, facts)
+    width, heads, tokens, p = s["width"], s["heads"], s["tokens"], "visual."
+    hd = width // heads
+    g = _Graph()
+    f32 = lambda name, v: g.init(name, np.array(v, np.float32))  # noqa: E731
+    i64 = lambda name, v: g.init(name, np.array(v, np.int64))  # noqa: E731
+
+    def ln(x, key):
+        return g.op("LayerNormalization", x, g.init(key + ".weight", arrays[key + ".weight"]),
+                    g.init(key + ".bias", arrays[key + ".bias"]), axis=-1, epsilon=facts["eps"])
+
+    def linear(x, key, weight="weight", bias="bias"):  # x @ W.T + b, W.T stored as a view
+        w = g.init(f"{key}.{weight}.T", arrays[f"{key}.{weight}"].T)
+        return g.op("Add", g.op("MatMul", x, w), g.init(f"{key}.{bias}", arrays[f"{key}.{bias}"]))
+
+    if facts["act"] == "quick_gelu":
+        quick = f32("quick", 1.702)
+        act = lambda x: g.op("Mul", x, g.op("Sigmoid", g.op("Mul", x, quick)))  # noqa: E731
+    elif facts["act"] == "gelu":  # erf form, as torch exports it: onnxruntime fuses it into one Gelu
+        half, one, sqrt2 = f32("half", 0.5), f32("one", 1.0), f32("sqrt2", math.sqrt(2.0))
+        act = lambda x: g.op("Mul", g.op("Mul", x, g.op("Add", g.op("Erf", g.op("Div", x, sqrt2)), one)), half)  # noqa
+    else:
+        raise Unsupported(f"activation {facts['act']} is not in the image graph")
+
+    x = g.op("Conv", "pixels", g.init(p + "conv1.weight", arrays[p + "conv1.weight"]),
+             kernel_shape=[s["patch"]] * 2, strides=[s["patch"]] * 2)
+    x = g.op("Transpose", g.op("Reshape", x, i64("patches", [0, width, -1])), perm=[0, 2, 1])
+    # An empty first slot for the class token, filled by the position table: the class embedding is folded
+    # into its row 0, so no Expand of it to the batch is needed.
+    x = g.op("Pad", x, i64("cls_slot", [0, 1, 0, 0, 0, 0]))
+    pos = arrays[p + "positional_embedding"].astype(np.float32)
+    pos[0] += arrays[p + "class_embedding"]
+    x = ln(g.op("Add", x, g.init(p + "positional_embedding+class", pos)), p + "ln_pre")
+    qkv_shape, merged = i64("qkv_shape", [0, 0, 3, heads, hd]), i64("merged", [-1, tokens, width])
+    axis0 = i64("axis0", [0])
+    scale = f32("scale", hd ** -0.5)
+    for i in range(s["layers"]):
+        b = f"{p}transformer.resblocks.{i}."
+        qkv = g.op("Reshape", linear(ln(x, b + "ln_1"), b + "attn", "in_proj_weight", "in_proj_bias"), qkv_shape)
+        # Squeezed to 4-D [n, heads, tokens, hd]: with 5-D Transposes and MatMuls int8 measured slower.
+        q, k, v = (g.op("Squeeze", t, axis0) for t in g.op("Split", g.op("Transpose", qkv, perm=[2, 0, 3, 1, 4]),
+                                                          outputs=3, axis=0))
+        att = g.op("Softmax", g.op("MatMul", g.op("Mul", q, scale), g.op("Transpose", k, perm=[0, 1, 3, 2])), axis=-1)
+        o = g.op("Reshape", g.op("Transpose", g.op("MatMul", att, v), perm=[0, 2, 1, 3]), merged)
+        x = g.op("Add", x, linear(o, b + "attn.out_proj"))
+        x = g.op("Add", x, linear(act(linear(ln(x, b + "ln_2"), b + "mlp.c_fc")), b + "mlp.c_proj"))
+    # ln_post normalises each token on its own: on the class token alone it gives the same row.
+    x = ln(g.op("Gather", x, i64("class_token", 0), axis=1), p + "ln_post")
+    g.nodes.append(helper.make_node("MatMul", [x, g.init(p + "proj", arrays[p + "proj"])], ["features"]))
+    size = s["image_size"]
+    graph = helper.make_graph(g.nodes, "clip_image", [helper.make_tensor_value_info(
+        "pixels", TensorProto.FLOAT, ["n", 3, size, size])], [helper.make_tensor_value_info(
+            "features", TensorProto.FLOAT, ["n", s["dim"]])])
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8,
+                            producer_name="imgsearch"), g.inits, Path(path))
+    return s
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _save(model, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """``model`` with ``inits`` as its graph's float initializers, streamed one tensor at a time: building a
+    ViT-B image tower (350 MB) as one protobuf message would hold two more copies of it. Past EXTERNAL_BYTES
+    the tensors go to ``<path>.data``. Written under temporary names, then renamed into place."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    kinds = [("<i8", TensorProto.INT64) if a.dtype.kind in "iu" else ("<f4", TensorProto.FLOAT) for _, a in inits]
+    sizes = [np.dtype(k).itemsize * a.size for (_, a), (k, _) in zip(inits, kinds)]
+    data = path.with_name(path.name + ".data")
+    tmp, data_tmp = (q.with_name(f".{q.name}.{os.getpid()}.tmp") for q in (path, data))
+    external = sum(sizes) > EXTERNAL_BYTES  # ints are a few shapes and indices
+    try:
+        metas, offset = [], 0
+        for (name, a), (_, kind), size in zip(inits, kinds, sizes):
+            t = TensorProto(name=name, dims=a.shape, data_type=kind)
+            if external and kind != TensorProto.FLOAT:  # shapes and indices stay inline, for shape inference
+                t.raw_data = np.ascontiguousarray(a, "<i8").tobytes()
+                graph.initializer.append(t)
+            elif external:
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", offset), ("length", size)):
+                    t.external_data.add(key=key, value=str(value))
+                offset += size
+                graph.initializer.append(t)
+            else:  # raw_data (field 9) follows each tensor's header; protobuf reads fields in any order
+                metas.append(t.SerializeToString() + b"\x4a" + _varint(size))
+        with open(tmp, "wb") as f:
+            if external:
+                f.write(model.SerializeToString())
+                with open(data_tmp, "wb") as d:
+                    for (_, a), (k, kind) in zip(inits, kinds):
+                        if kind == TensorProto.FLOAT:
+                            np.ascontiguousarray(a, k).tofile(d)
+            else:
+                body = graph.SerializeToString()
+                lengths = [len(m) + n for m, n in zip(metas, sizes)]
+                model.ClearField("graph")  # the graph (field 7) is written by hand: its nodes, then each tensor
+                f.write(model.SerializeToString() + b"\x3a" + _varint(len(body) + sum(
+                    1 + len(_varint(n)) + n for n in lengths)) + body)
+                for meta, n, (_, a), (k, _) in zip(metas, lengths, inits, kinds):
+                    f.write(b"\x2a" + _varint(n) + meta)  # initializer: field 5 of the graph
+                    np.ascontiguousarray(a, k).tofile(f)
+        if external:
+            os.replace(data_tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        data_tmp.unlink(missing_ok=True)
+
+
+def text_weights(arrays: Mapping, facts: dict) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """The plain CLIP text tower in ``arrays`` as textfast's facts and (name, array) list: weights transposed
+    to [in, out] (views), layer scale kept. Tokenizer facts are the caller's."""
+    have = {k for k in arrays if not k.startswith("visual.") and k not in _NOT_A_TOWER}
+    layers = _layers(have, "transformer.resblocks.")
+    block = "transformer.resblocks.{}."
+    want = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"}
+    want |= {block.format(i) + n for i in range(layers) for n in _BLOCK}
+    want |= {k for k in have if k.startswith("text_projection") or
+             any(k == block.format(i) + f"ls_{j}.gamma" for i in range(layers) for j in (1, 2))}
+    if not layers:
+        raise Unsupported("no open_clip CLIP text tower in these weights")
+    _check_keys(have, want, "text")
+    out = [("token_embedding", arrays["token_embedding.weight"]), ("positional_embedding",
+                                                                  arrays["positional_embedding"])]
+    rename = [("ln_1.w", "ln_1.weight", False), ("ln_1.b", "ln_1.bias", False),
+              ("in_proj.w", "attn.in_proj_weight", True), ("in_proj.b", "attn.in_proj_bias", False),
+              ("out_proj.w", "attn.out_proj.weight", True), ("out_proj.b", "attn.out_proj.bias", False),
+              ("ls_1", "ls_1.gamma", False), ("ln_2.w", "ln_2.weight", False), ("ln_2.b", "ln_2.bias", False),
+              ("c_fc.w", "mlp.c_fc.weight", True), ("c_fc.b", "mlp.c_fc.bias", False),
+              ("c_proj.w", "mlp.c_proj.weight", True), ("c_proj.b", "mlp.c_proj.bias", False),
+              ("ls_2", "ls_2.gamma", False)]
+    for i in range(layers):
+        out += [(f"l{i}.{ours}", arrays[block.format(i) + theirs].T if t else arrays[block.format(i) + theirs])
+                for ours, theirs, t in rename if block.format(i) + theirs in have]
+    out += [("ln_final.w", arrays["ln_final.weight"]), ("ln_final.b", arrays["ln_final.bias"])]
+    if "text_projection" in have:
+        out.append(("proj.w", arrays["text_projection"]))
+    elif "text_projection.weight" in have:
+        out.append(("proj.w", arrays["text_projection.weight"].T))
+        if "text_projection.bias" in have:
+            out.append(("proj.b", arrays["text_projection.bias"]))
+    width = int(arrays["positional_embedding"].shape[1])
+    if width % facts["heads"]:
+        raise Unsupported(f"{facts['heads']} heads do not divide text width {width}")
+    return ({"width": width, "heads": int(facts["heads"]), "layers": layers, "act": facts["act"],
+             "eps": float(facts["eps"]), "pool": facts["pool"],
+             "vocab_size": int(arrays["token_embedding.weight"].shape[0])}, out)
