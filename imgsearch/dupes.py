@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 import numpy as np
 
@@ -59,10 +60,8 @@ def unpack(fp: bytes) -> np.ndarray:
 
 
 def match_score(a: bytes | np.ndarray, b: bytes | np.ndarray) -> float:
-    """Pixel likeness of two fingerprints in [-1, 1]: best correlation over the crop combinations.
-
-    Takes fingerprint bytes, or their ``unpack``ed form (faster when one image is in many pairs).
-    """
+    """Pixel likeness of two fingerprints (bytes, or ``unpack``ed: faster when one image is in many pairs)
+    in [-1, 1]: the best correlation over the crop combinations."""
     a = unpack(a) if isinstance(a, bytes) else a
     b = unpack(b) if isinstance(b, bytes) else b
     return float((a @ b.T).max())
@@ -71,11 +70,8 @@ def match_score(a: bytes | np.ndarray, b: bytes | np.ndarray) -> float:
 # --- candidates -------------------------------------------------------------------------------------
 def candidate_pairs(vectors: np.ndarray, threshold: float, k: int = NEIGHBOURS,
                     exact: bool | None = None) -> list[tuple[int, int, float]]:
-    """(row_a, row_b, cosine) with row_a < row_b for neighbours at or above ``threshold``.
-
-    k-NN search keeps the output at most N*k pairs whatever the threshold; ``exact`` forces flat
-    (True) or IVF (False) search, by default flat up to EXACT_MAX rows.
-    """
+    """(row_a, row_b, cosine) with row_a < row_b for neighbours at or above ``threshold``; k-NN search keeps
+    the output at most N*k pairs. ``exact`` forces flat (True) or IVF (False) search, else flat up to EXACT_MAX."""
     from .vectors import IndexPolicy, VectorIndex
 
     n = len(vectors)
@@ -91,9 +87,7 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, k: int = NEIGHBOURS,
     index = VectorIndex.build(np.arange(n, dtype=np.int64), x, x.shape[1], policy)
     nprobe = None if exact else min(max(index.nprobe, NPROBE), index.plan.nlist)
     scores, nbrs = index.search(x, kk, nprobe=nprobe)
-    rows = np.repeat(np.arange(n, dtype=np.int64), kk)
-    cols = nbrs.ravel()
-    sims = scores.ravel()
+    rows, cols, sims = np.repeat(np.arange(n, dtype=np.int64), kk), nbrs.ravel(), scores.ravel()
     keep = (cols >= 0) & (cols != rows) & (sims >= threshold)
     rows, cols, sims = rows[keep], cols[keep], sims[keep]
     a, b = np.minimum(rows, cols), np.maximum(rows, cols)
@@ -172,8 +166,6 @@ class DupeReport:
 
 
 def _age_key(row) -> tuple:
-    from datetime import datetime
-
     mtime = datetime.fromtimestamp(row.mtime_ns / 1e9).isoformat()
     return (row.taken_at or mtime, row.mtime_ns)
 
@@ -188,12 +180,11 @@ def _fingerprints(store, rows: dict, ids: set[int], workers: int, max_pixels: in
     known = store.fingerprints(ids)
     todo = [rows[i] for i in sorted(ids - set(known))]
     failed: list[tuple[str, str]] = []
+    fresh = []
 
     def compute(row):
-        im, _ = images.open_image(row.path, draft_size=128, max_pixels=max_pixels)
-        return fingerprint(im)
+        return fingerprint(images.open_image(row.path, draft_size=128, max_pixels=max_pixels)[0])
 
-    fresh = []
     for row, fp in zip(todo, images.decode_many(todo, compute, workers)):
         if isinstance(fp, DecodeError):
             failed.append((row.path, str(fp)))
@@ -220,10 +211,7 @@ def find_duplicates(settings: Settings, store, model, under: str | None = None, 
                     similar: bool = False, min_match: float = DEFAULT_MIN_MATCH,
                     exact: bool | None = None) -> DupeReport:
     """Group the library's near-duplicates (or CLIP-similar images with ``similar``); deletes nothing.
-
-    ``model`` is the library's model row whose stored vectors are compared: nothing is encoded, so no
-    model is loaded (imgsearch.Library finds the row without resolving weights).
-    """
+    ``model`` is the model row whose stored vectors are compared: nothing is encoded, no model loaded."""
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if not -1.0 <= threshold <= 1.0:
         raise ParamError("threshold", "give a cosine similarity between -1 and 1, e.g. 0.9")
@@ -244,22 +232,18 @@ def find_duplicates(settings: Settings, store, model, under: str | None = None, 
     rows = store.get_images(involved)
     # Files deleted since indexing can be neither compared nor kept.
     identity = _identities(rows)
-    present = set(identity)
     prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
-    if not similar:
-        workers = settings.decode_workers()  # no encoder running: decode gets every core
-        raw, report.unreadable = _fingerprints(store, rows, present, workers, settings.max_pixels)
+    if not similar:  # no encoder running: decoding gets every core
+        raw, report.unreadable = _fingerprints(store, rows, set(identity), settings.decode_workers(),
+                                               settings.max_pixels)
         prints = {i: unpack(fp) for i, fp in raw.items()}
     uf = UnionFind(len(ids_arr))
     for a, b, _ in pairs:
         ia, ib = int(ids_arr[a]), int(ids_arr[b])
-        if ia not in present or ib not in present:
+        if ia not in identity or ib not in identity or identity[ia] == identity[ib]:
+            continue  # gone, or one physical file under two names (symlink, hard link): deleting "the copy" loses it
+        if not similar and (ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match):
             continue
-        if identity[ia] == identity[ib]:
-            continue  # one physical file under two names (symlink, hard link): deleting "the copy" loses it
-        if not similar:
-            if ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match:
-                continue
         report.confirmed += 1
         uf.union(a, b)
     for members in uf.groups():
@@ -267,13 +251,12 @@ def find_duplicates(settings: Settings, store, model, under: str | None = None, 
         row_of = {int(ids_arr[m]): m for m in members}
         keep = ordered[0]
         keep_vec = vecs[row_of[keep.id]]
-        group = []
-        for r in ordered:
-            group.append(Member(r.id, r.path, r.width, r.height, r.size, r.taken_at, keeper=r is keep,
-                                similarity=round(float(vecs[row_of[r.id]] @ keep_vec), 4),
-                                match=round(match_score(prints[r.id], prints[keep.id]), 4)
-                                if r.id in prints and keep.id in prints else None))
-        report.groups.append(Group(group))
+        report.groups.append(Group([
+            Member(r.id, r.path, r.width, r.height, r.size, r.taken_at, keeper=r is keep,
+                   similarity=round(float(vecs[row_of[r.id]] @ keep_vec), 4),
+                   match=round(match_score(prints[r.id], prints[keep.id]), 4)
+                   if r.id in prints and keep.id in prints else None)
+            for r in ordered]))
     report.groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
     report.seconds = time.perf_counter() - started
     return report
