@@ -8,10 +8,11 @@ from typing import Sequence
 
 import numpy as np
 
-from . import files, images, zeroshot
-from .config import Settings, thread_budget
+from . import files, zeroshot
+from .config import Settings
 from .encoder import ModelSpec, load
-from .errors import DecodeError, ParamError, UsageError
+from .errors import ParamError, UsageError
+from .evaluation import encode_files
 
 CHUNK = 8192  # images classified per step: bounds memory at N x labels floats
 
@@ -134,32 +135,12 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
     encoder = encoder or load(ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
     label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
     todo = [r for r in out if r.error is None]
-    budget = thread_budget(device=encoder.device, workers=settings.workers)
-
-    def decode(r: FileLabels):
-        im, _ = images.open_image(r.path, draft_size=encoder.draft_size, max_pixels=settings.max_pixels)
-        return encoder.preprocess(im)
-
-    batch: list[tuple[FileLabels, object]] = []  # (file, decoded model input)
-
-    def flush():
-        import torch
-
-        probs = zeroshot.classify(encoder.encode_image_tensors(torch.stack([t for _, t in batch])), label_vecs,
-                                  encoder.logit_scale)
-        for (r, _), tags in zip(batch, zeroshot.top_labels(probs, labels, top, min_prob)):
-            r.labels = tags
-        batch.clear()
-
-    # Decoding runs in threads, batch by batch, the way `index` does it (same thread budget).
-    ahead = max(2 * settings.batch_size, 4 * budget.decode) if budget.overlap else settings.batch_size
-    for r, result in zip(todo, images.decode_many(todo, decode, budget.decode, ahead, overlap=budget.overlap)):
-        if isinstance(result, DecodeError):
-            r.error = str(result)
-            continue
-        batch.append((r, result))
-        if len(batch) >= settings.batch_size:
-            flush()
-    if batch:
-        flush()
+    # Decoded and encoded as `index` does it: its decode stage, thread budget and batches.
+    vecs, ok, failures = encode_files(encoder, [r.path for r in todo], settings)
+    errors = dict(failures)
+    for r in todo:
+        r.error = errors.get(r.path)
+    probs = zeroshot.classify(vecs, label_vecs, encoder.logit_scale)
+    for k, tags in zip(ok, zeroshot.top_labels(probs, labels, top, min_prob)):
+        todo[k].labels = tags
     return out
