@@ -46,8 +46,7 @@ def draw_shape(color: str, shape: str, size: int = 64, rng: random.Random | None
     bg = tuple(rng.randint(0, 60) for _ in range(3))
     im = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(im)
-    fill = rgb or COLORS[color]
-    fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in fill)
+    fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in rgb or COLORS[color])
     r = rng.uniform(0.25, 0.4) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     if shape == "circle":
@@ -107,8 +106,7 @@ def build_tiny_clip(seed: int = 0, **cfg_overrides):
 
     cfg = tiny_model_config(**cfg_overrides)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg)
-    return model, cfg
+    return open_clip.CLIP(**cfg), cfg
 
 
 def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None, shapes=SHAPES,
@@ -120,12 +118,11 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None
     colors = list(colors or COLORS)
     rng = random.Random(seed)
     model, cfg = build_tiny_clip(seed)
-    size = cfg["vision_cfg"]["image_size"]
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
     _train_on_shapes(model, cfg, tokenizer, lambda c, s: [t.format(c=c, s=s) for t in TEMPLATES], rng, steps,
                      colors, shapes, seed, batch_size, lr, n_images)
     model.eval()
-    return save_local_dir(model, cfg, out_dir, _preprocess_cfg(size))
+    return save_local_dir(model, cfg, out_dir, _preprocess_cfg(cfg["vision_cfg"]["image_size"]))
 
 
 def _preprocess_cfg(size: int) -> dict:
@@ -141,8 +138,7 @@ def _train_on_shapes(model, cfg: dict, tokenizer, captions_of, rng: random.Rando
     import torch
     import torch.nn.functional as F
 
-    size = cfg["vision_cfg"]["image_size"]
-    preprocess = open_clip.image_transform(size, is_train=False)
+    preprocess = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
     classes = [(c, s) for c in colors for s in shapes]
     labels_t = torch.arange(n_images) % len(classes)
     images_t = torch.stack([preprocess(draw_shape(*classes[i % len(classes)], 64, rng)) for i in range(n_images)])
