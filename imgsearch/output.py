@@ -54,10 +54,8 @@ def print_hits(rows: list[dict], fmt: str = "table", *, min_score: float | None 
         print(json.dumps(rows, indent=2))
     elif fmt == "print0":
         sys.stdout.flush()
-        out = sys.stdout.buffer
-        for h in rows:
-            out.write(os.fsencode(h["path"]) + b"\0")
-        out.flush()
+        sys.stdout.buffer.write(b"".join(os.fsencode(h["path"]) + b"\0" for h in rows))
+        sys.stdout.buffer.flush()
     elif fmt == "paths":
         for h in rows:
             print(shown(h["path"]))
