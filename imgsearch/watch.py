@@ -117,10 +117,8 @@ class Watcher:
     # --- events (observer thread) ----------------------------------------------------------------
     def ignored(self, path: str) -> bool:
         """Paths no batch should see: the library's own home, hidden and temporary files, outside the roots."""
-        if self.home is not None and _under(path, self.home):
-            return True
         root = next((r for r in self.roots if _under(path, r)), None)
-        if root is None:
+        if root is None or (self.home is not None and _under(path, self.home)):
             return True
         rel = os.path.relpath(path, root)
         if rel == ".":
