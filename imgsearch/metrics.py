@@ -31,9 +31,7 @@ def build_gallery(pairs) -> Gallery:
     txt_ids: dict[str, int] = {}
     pair_index = []
     for p in pairs:
-        i = img_ids.setdefault(p.path, len(img_ids))
-        t = txt_ids.setdefault(p.caption, len(txt_ids))
-        pair_index.append((i, t))
+        pair_index.append((img_ids.setdefault(p.path, len(img_ids)), txt_ids.setdefault(p.caption, len(txt_ids))))
     return Gallery(list(img_ids), list(txt_ids), sorted(set(pair_index)), pair_index)
 
 
