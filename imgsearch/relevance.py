@@ -90,9 +90,7 @@ def is_stale(floor: dict | None, vectors: int) -> bool:
 
 def floor_for(floor: dict | None, kind: str | None) -> float | None:
     """The cut-off for a query kind ("text" or "image"), None when there is none."""
-    if floor is None or kind is None:
-        return None
-    value = floor.get(kind)
+    value = None if floor is None or kind is None else floor.get(kind)
     return float(value) if isinstance(value, (int, float)) else None
 
 
