@@ -70,8 +70,7 @@ class BPETokenizer:
         self.alphabet, _ = byte_alphabet()
         self._rank_memo: dict[tuple[str, str], int | None] = {}
         self._id_memo: dict[str, int] = {}
-        self.sot_id = self._id(SOT)
-        self.eot_id = self._id(EOT)
+        self.sot_id, self.eot_id = self._id(SOT), self._id(EOT)
         self.context_length = int(context_length)
         self._memo: dict[str, list[int]] = {SOT: [self.sot_id], EOT: [self.eot_id]}
         self._full_pat = None

@@ -183,11 +183,10 @@ def _read_sidecars(folder: Path) -> CaptionSet:
         if not sidecar.is_file():
             continue
         try:
-            lines = [ln.strip() for ln in sidecar.read_text(encoding="utf-8-sig").splitlines()]
+            caps = [ln.strip() for ln in sidecar.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         except (OSError, UnicodeDecodeError) as e:
             out.problems.append((str(sidecar), f"cannot read caption: {e}"))
             continue
-        caps = [ln for ln in lines if ln]
         if not caps:
             out.problems.append((str(sidecar), "empty caption"))
         out.pairs.extend(Pair(item.path, c) for c in caps)

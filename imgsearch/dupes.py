@@ -166,8 +166,7 @@ class DupeReport:
 
 
 def _age_key(row) -> tuple:
-    mtime = datetime.fromtimestamp(row.mtime_ns / 1e9).isoformat()
-    return (row.taken_at or mtime, row.mtime_ns)
+    return (row.taken_at or datetime.fromtimestamp(row.mtime_ns / 1e9).isoformat(), row.mtime_ns)
 
 
 def keeper_order(rows: list) -> list:

@@ -147,6 +147,5 @@ def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
     texts = [t.strip() for t in texts]
     if not texts or not all(texts):
         raise UsageError("give at least one non-empty text to score the image against")
-    vec = encode_file(encoder, path, max_pixels)
-    cos = clip_score(vec, encoder.encode_texts(texts))
+    cos = clip_score(encode_file(encoder, path, max_pixels), encoder.encode_texts(texts))
     return [TextScore(t, float(c)) for t, c in zip(texts, cos)]

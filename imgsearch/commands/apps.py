@@ -181,8 +181,7 @@ def caption_cmd(
             if json_out:
                 typer.echo(json.dumps({"image": str(image), "captions": caps}, indent=2))
             elif caps:
-                for c in caps:
-                    typer.echo(c)
+                typer.echo("\n".join(caps))
             else:
                 err(f"no captions for {image}")
             return

@@ -63,8 +63,7 @@ def split_by_image(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[l
     """Hold out a random ``val_fraction`` of the images (with all their captions); no image is in both."""
     images = sorted({p.path for p in pairs})
     random.Random(seed).shuffle(images)
-    n_val = max(2, round(val_fraction * len(images)))
-    val_images = set(images[:n_val])
+    val_images = set(images[:max(2, round(val_fraction * len(images)))])
     return [p for p in pairs if p.path not in val_images], [p for p in pairs if p.path in val_images]
 
 
