@@ -1,22 +1,16 @@
 """Export a library's vectors and metadata in formats other tools read, and import such exports back.
 
-Two forms, both streamed a chunk at a time (memory stays at one chunk whatever the library's size):
+Two forms, both streamed a chunk at a time: ``parquet`` (``part-NNNNN.parquet``, a row per image with its
+vector as ``fixed_size_list<float32>[dim]``, the model in every file's schema metadata) and ``clip-retrieval``
+(``img_emb/img_emb_{i}.npy`` float32 unit rows beside ``metadata/metadata_{i}.parquet`` with ``image_path``
+in the same order, what autofaiss and clip-retrieval index). Both carry ``_imgsearch_export.json``, written
+last: an export without it is unfinished (the underscore keeps pyarrow.dataset from reading it as data).
+An export is built in a temporary folder marked as imgsearch's (owned.py) inside a new or empty folder, so a
+failed one is removed file by file and nothing the user put there is touched.
 
-- ``parquet``: ``part-NNNNN.parquet`` files; a row is an image (id, path, hash, size, mtime, width, height,
-  date taken) with its vector as ``fixed_size_list<float32>[dim]``; the model's identity sits in every
-  file's schema metadata.
-- ``clip-retrieval``: ``img_emb/img_emb_{i}.npy`` (float32, L2-normalised) and ``metadata/metadata_{i}.parquet``
-  with ``image_path`` in the same row order, what autofaiss and clip-retrieval index; shards of ``SHARD_ROWS``.
-
-Both carry ``_imgsearch_export.json``, written last: an export without it is unfinished (the leading
-underscore keeps pyarrow.dataset from reading it as data). An export goes only into a new or empty folder,
-built in a temporary folder marked as imgsearch's (owned.py), so a failed one is removed file by file and
-nothing the user put there is touched.
-
-Import trusts nothing it reads: the model must be the library's (weights fingerprint, dimension); each row
-is checked by type and range and a bad one skipped and counted; a path is resolved against the export's
-folder and must name a regular image file of the exported size, and by default of the exported content
-(``trust`` takes the exported hash and judges the file by its name, as the walk does).
+Import trusts nothing it reads: the model must be the library's (fingerprint, dimension); a bad row is
+skipped and counted; a path must name a regular image file of the exported size, and by default of the
+exported content (``trust`` takes the exported hash and judges the file by its name, as the walk does).
 """
 
 from __future__ import annotations
@@ -159,16 +153,12 @@ def _npy_header(rows: int, dim: int) -> bytes:
 
 
 def _meta_columns(pa, rows, path_col: str) -> dict:
-    raw = []
-    for r in rows:
-        try:
-            r.path.encode("utf-8")
-            raw.append(None)
-        except UnicodeEncodeError:  # a non-UTF-8 name: shown as \xNN, its exact bytes kept beside it
-            raw.append(os.fsencode(r.path))
+    shown = [display(r.path) for r in rows]
     return {
-        path_col: pa.array([display(r.path) for r in rows], pa.string()),
-        "path_raw": pa.array(raw, pa.binary()),
+        path_col: pa.array(shown, pa.string()),
+        # A non-UTF-8 name is shown as \xNN; its exact bytes are kept beside it.
+        "path_raw": pa.array([None if s == r.path else os.fsencode(r.path) for s, r in zip(shown, rows)],
+                             pa.binary()),
         "id": pa.array([r.id for r in rows], pa.int64()),
         "hash": pa.array([r.hash for r in rows], pa.string()),
         "size": pa.array([r.size for r in rows], pa.int64()),
@@ -738,7 +728,3 @@ def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, chec
         report.added += 1
     if new or vectors:
         store.write_batch(model_id, new=new, vectors=vectors)
-
-
-__all__ = ["FORMATS", "MANIFEST", "ExportReport", "ImportReport", "export_library", "import_library",
-           "open_export", "pick_model"]
