@@ -10,7 +10,6 @@ import numpy as np
 
 from . import files, zeroshot
 from .config import Settings
-from .encoder import ModelSpec, load
 from .errors import ParamError, UsageError
 from .evaluation import encode_files
 
@@ -119,8 +118,9 @@ class FileLabels:
 
 def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], labels: Sequence[str],
                    templates: Sequence[str] | None = None, top: int = 1, min_prob: float = 0.0,
-                   encoder=None) -> list[FileLabels]:
-    """Labels for image files (folders are walked) without touching the library."""
+                   *, encoder) -> list[FileLabels]:
+    """Labels for image files (folders are walked) without touching the library; ``encoder`` is the encoder
+    or a function returning it, called once the files are known to exist (imgsearch.Library passes one)."""
     _check_options(top, min_prob)
     labels = list(labels)
     templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
@@ -130,9 +130,8 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
     out = [FileLabels(e.path, error=getattr(e, "reason", None)) for e in files.walk([str(p) for p in paths])]
     if not out:
         raise UsageError("no image files in " + ", ".join(str(p) for p in paths))
-    if callable(encoder) and not hasattr(encoder, "encode_images"):
-        encoder = encoder()  # loaded only now that the files are known to exist (imgsearch.Library passes one)
-    encoder = encoder or load(ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
+    if not hasattr(encoder, "encode_images"):
+        encoder = encoder()
     label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
     todo = [r for r in out if r.error is None]
     # Decoded and encoded as `index` does it: its decode stage, thread budget and batches.

@@ -121,15 +121,15 @@ class TextScore:
         return {"text": self.text, "cosine": round(self.cosine, 6), "clipscore": round(self.clipscore, 4)}
 
 
-def clip_score(image_vector: np.ndarray, text_vectors: np.ndarray) -> np.ndarray:
-    """Cosine of one normalised image vector with each normalised text vector."""
-    return np.asarray(text_vectors, dtype=np.float32) @ np.asarray(image_vector, dtype=np.float32).reshape(-1)
-
-
-def encode_file(encoder, path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """One image file's normalised vector; a missing or unreadable file is a UsageError naming it."""
+def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
+               max_pixels: int = MAX_PIXELS) -> list[TextScore]:
+    """CLIP score of an image file against each text, in the order given; a missing or unreadable file is a
+    UsageError naming it."""
     from . import images
 
+    texts = [t.strip() for t in texts]
+    if not texts or not all(texts):
+        raise UsageError("give at least one non-empty text to score the image against")
     if not os.path.exists(path):
         raise UsageError(f"image not found: {path}")
     if os.path.isdir(path):
@@ -138,14 +138,5 @@ def encode_file(encoder, path: str | os.PathLike, max_pixels: int = MAX_PIXELS) 
         im, _ = images.open_image(str(path), draft_size=encoder.draft_size, max_pixels=max_pixels)
     except DecodeError as e:
         raise UsageError(f"cannot read image {path}: {e}") from None
-    return encoder.encode_images([im])[0]
-
-
-def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
-               max_pixels: int = MAX_PIXELS) -> list[TextScore]:
-    """CLIP score of an image file against each text, in the order given."""
-    texts = [t.strip() for t in texts]
-    if not texts or not all(texts):
-        raise UsageError("give at least one non-empty text to score the image against")
-    cos = clip_score(encode_file(encoder, path, max_pixels), encoder.encode_texts(texts))
+    cos = encoder.encode_texts(texts) @ encoder.encode_images([im])[0]  # both L2-normalised
     return [TextScore(t, float(c)) for t, c in zip(texts, cos)]
