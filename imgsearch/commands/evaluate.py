@@ -12,7 +12,7 @@ import typer
 
 from . import app, command, err, settings_of
 from ..errors import DataError, UsageError
-from ..evaluation import encode_files, load_for_images, parity, read_class_map, read_image_folder, retrieval_eval
+from ..evaluation import encode_files, load_for_images, parity, read_image_folder, retrieval_eval
 from ..progress import Bar
 
 grp = typer.Typer(help="Measure models on your own data: zero-shot accuracy, retrieval recall, fast-path parity.",
@@ -235,6 +235,3 @@ def parity_cmd(
         err(f"parity below threshold: min cosine {st['min_cosine']:.6f} < {threshold} ({r['precision']}, decode "
             f"stage {st['stage']})")
         raise typer.Exit(1)
-
-
-__all__ = ["grp", "read_class_map"]  # read_class_map's old home: importers keep working
