@@ -219,7 +219,3 @@ def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int,
             batch = []
     if batch:
         yield torch.stack(batch)
-
-
-__all__ = ["PreparedData", "prepare", "check_images", "split_by_image", "PairDataset", "StepBatches",
-           "epoch_order", "make_loader", "decode_for_eval"]

@@ -17,9 +17,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..config import MAX_PIXELS
 from .. import owned
-from ..config import VERSION, thread_budget, training_workers
+from ..config import MAX_PIXELS, VERSION, thread_budget, training_workers
 from ..encoder import LOCAL_DIR, ModelSpec, build, pick_device, pick_precision, read_local_config, save_local_dir
 from ..encoder import why_not_replaceable
 from ..errors import DataError, ImgSearchError, UsageError
@@ -250,8 +249,7 @@ def validate(cfg: TrainConfig) -> None:
 
 def evaluate(model, val, preprocess, device: str, precision: str, batch_size: int, draft_size: int,
              workers: int, max_pixels: int, overlap: bool = True) -> dict:
-    """Validation loss (over fixed batches of pairs) and retrieval metrics on the held-out images of ``val``
-    (a PairDataset)."""
+    """Validation loss (over fixed batches of pairs) and retrieval metrics on ``val`` (a PairDataset)."""
     import torch
     import torch.nn.functional as F
 
@@ -515,13 +513,9 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
                             "warmup": warmup, "total_steps": total, "steps_per_epoch": steps_per_epoch,
                             "epochs_run": round(step / steps_per_epoch, 3), "precision": precision,
                             "device": device, "trainable_parameters": trainable},
-        "steps": step,
-        "best_step": best["step"] if best else step,
-        "train_seconds": round(train_seconds, 3),
+        "steps": step, "best_step": best["step"] if best else step, "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(step * per_step / train_seconds, 2) if train_seconds > 0 else None,
-        "results": results,
-        "history": history,
-        "improved": headline(final) > headline(base_metrics),
+        "results": results, "history": history, "improved": headline(final) > headline(base_metrics),
         "summary": _summary(base_metrics, final),
     }
     save_local_dir(model, model_cfg, out, preprocess_cfg,
@@ -543,7 +537,3 @@ def _summary(base: dict, final: dict) -> str:
 
 def _jsonable(x):
     return None if isinstance(x, float) and not math.isfinite(x) else str(x)
-
-
-__all__ = ["TrainConfig", "StopFlag", "Interrupted", "train", "lr_at", "param_groups", "evaluate",
-           "load_checkpoint", "training_precision", "REPORT_FILE", "CHECKPOINT_FILE"]
