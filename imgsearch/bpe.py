@@ -25,14 +25,9 @@ def byte_alphabet() -> tuple[list[str], list[str]]:
     Printable bytes stand for themselves, the others get chr(256 + k) in byte order; the vocabulary lists the
     printable ones first, so ids are not byte order."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    keep = set(printable)
-    by_byte: dict[int, str] = {b: chr(b) for b in printable}
-    order = [chr(b) for b in printable]
-    for b in range(256):
-        if b not in keep:
-            by_byte[b] = chr(256 + len(order) - len(printable))
-            order.append(by_byte[b])
-    return [by_byte[b] for b in range(256)], order
+    others = sorted(set(range(256)) - set(printable))
+    by_byte = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(others)}
+    return [by_byte[b] for b in range(256)], [by_byte[b] for b in printable + others]
 
 
 MERGES_TXT = "bpe_merges.txt"
