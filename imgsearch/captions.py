@@ -191,6 +191,3 @@ def _read_sidecars(folder: Path) -> CaptionSet:
             out.problems.append((str(sidecar), "empty caption"))
         out.pairs.extend(Pair(item.path, c) for c in caps)
     return out
-
-
-__all__ = ["Pair", "CaptionSet", "read_captions"]

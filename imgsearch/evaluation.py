@@ -240,7 +240,3 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
             "mean_cosine": main["mean_cosine"], "files": main["files"],  # worst first
             "stages": [{k: v for k, v in s.items() if k != "files"} for s in measured],
             "skipped": [{"where": p, "reason": r} for p, r in skipped]}
-
-
-__all__ = ["load_for_images", "index_stage", "encode_files", "read_class_map", "read_image_folder",
-           "retrieval_eval", "parity_stages", "parity"]

@@ -12,7 +12,6 @@ from typing import Iterable, Iterator
 from .output import human_bytes  # noqa: F401  (re-exported: sizes in reports)
 from . import formats
 from .config import HOME_DB, HOME_MARKER, SKIP_DIR_NAMES
-from .pathtext import display
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,3 @@ def under(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` itself or inside it."""
     folder = folder.rstrip(os.sep) or os.sep
     return path == folder or path.startswith(folder + os.sep) or folder == os.sep
-
-
-__all__ = ["FileEntry", "Skipped", "Alias", "walk", "content_hash", "hash_file", "display", "under", "abspath",
-           "human_bytes", "is_image_file", "is_hidden", "raw_supported"]

@@ -131,7 +131,3 @@ def classification_metrics(scores: np.ndarray, truth, classes: list[str], top_co
         "per_class": per_class,
         "confused": [{"true": classes[t], "predicted": classes[p], "count": n} for (t, p), n in confused],
     }
-
-
-__all__ = ["Gallery", "build_gallery", "retrieval_metrics", "classification_metrics", "headline", "table_rows",
-           "KS"]

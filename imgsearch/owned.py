@@ -121,6 +121,3 @@ def remove(folder: str | os.PathLike, kind: str, token: str | None = None, where
     except OSError as e:
         return f"it could not be removed ({e.strerror or e})"
     return None
-
-
-__all__ = ["MARKER", "new_token", "create_dir", "start_marker", "record", "read_marker", "why_not_ours", "remove"]

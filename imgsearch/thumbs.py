@@ -134,6 +134,3 @@ def thumbnail(settings: Settings, image_id: object, size: int = THUMB, store: St
     if isinstance(made, ImgSearchError):
         raise made
     return made
-
-
-__all__ = ["THUMB", "PREVIEW", "SIZES", "parse_id", "cache_path", "library_image", "thumbnail", "thumbnails"]
