@@ -213,12 +213,9 @@ def _root_cause(e: BaseException) -> str:
 
 
 def start_local(num_cpus: int, own_process: bool = True) -> str:
-    """Start a Ray for this process alone, sized to the machine; returns its temporary folder.
-
-    ``own_process`` False (inside someone else's program): Ray's own token authentication (on by default
-    since Ray 2.60, its token kept in ~/.ray) and its own log lines, instead of this process's environment
-    and stderr being changed for them.
-    """
+    """Start a Ray for this process alone, sized to the machine; returns its temporary folder. Inside someone
+    else's program (not ``own_process``) Ray keeps its own token authentication (on by default since Ray
+    2.60) and log lines, instead of this process's environment and stderr being changed for them."""
     if own_process:
         _require_token()
 

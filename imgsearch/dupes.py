@@ -1,16 +1,12 @@
 """Near-duplicate groups: CLIP neighbours from FAISS propose pairs, a perceptual fingerprint confirms them.
 
-1. Candidates: each image's k nearest neighbours in CLIP space above a cosine threshold. Exact
-   (flat) search for small libraries, an IVF index beyond ``EXACT_MAX`` images, so the work grows
-   like N^1.5 rather than N^2 (bench/duplicates_scale.py measures it).
-2. Confirmation: each candidate image is decoded once into a perceptual fingerprint (16x16 colour
-   thumbnails of the whole frame and of its central 90%, cached in SQLite per content hash); a pair
-   is the same picture when the best correlation between those thumbnails reaches ``min_match``.
-   Resized, re-encoded, format-converted and EXIF-stripped copies score ~0.999 and light crops
-   (a few % per side) stay above 0.96; two different photos of the same subject fall below,
-   although CLIP finds them alike. ``similar=True`` skips this step and groups by CLIP alone.
-3. Groups: union-find over confirmed pairs. The suggested keeper comes first: largest resolution,
-   then oldest (EXIF date, else file time). Nothing is ever deleted here.
+1. Candidates: each image's k nearest CLIP neighbours above a cosine threshold (flat search, IVF beyond
+   ``EXACT_MAX`` images: N^1.5 work rather than N^2, bench/duplicates_scale.py).
+2. Confirmation: a perceptual fingerprint per image (cached in SQLite per content hash); resized,
+   re-encoded, converted and lightly cropped copies score above 0.96, two photos of one subject fall
+   below although CLIP finds them alike. ``similar=True`` groups by CLIP alone.
+3. Groups: union-find over confirmed pairs, the suggested keeper first (largest, then oldest). Nothing is
+   ever deleted here.
 """
 
 from __future__ import annotations

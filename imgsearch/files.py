@@ -67,14 +67,11 @@ def abspath(path: str | os.PathLike) -> str:
 
 def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.PathLike] = (),
          aliases: bool = False, link_targets: list[str] | None = None) -> Iterator[FileEntry | Skipped | Alias]:
-    """Yield every image file under ``roots`` (files or folders), and a Skipped for each problem.
-
-    Paths come back with symlinks resolved, and a physical file (same device and inode) comes back once:
-    further paths to it are dropped, or yielded as Alias when ``aliases``. Follows symlinked folders but
-    never visits the same folder twice, so symlink loops end. Hidden files and folders are skipped
-    silently: they are not photos the user meant to index. So are imgsearch library homes (the folders
-    in ``skip_homes`` and any folder holding a library database with its marker): their thumbnails and
-    caches are not photos either. ``link_targets`` collects the real paths that symlinks led to."""
+    """Yield every image file under ``roots`` (files or folders), and a Skipped for each problem. Paths come
+    back with symlinks resolved, one physical file once (further paths dropped, or yielded as Alias when
+    ``aliases``); a folder is never visited twice, so symlink loops end. Hidden files and folders and library
+    homes (``skip_homes``, any folder holding a library database and its marker) are skipped silently: they
+    are not photos. ``link_targets`` collects the real paths that symlinks led to."""
     heic = heic_supported()
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: dict[tuple[int, int], str] = {}

@@ -1,8 +1,7 @@
 """One writer at a time per library: an advisory lock on <home>/write.lock, held for a whole write command.
 
-SQLite alone serialises transactions, not runs: two `index` runs that planned the same new files, or a
-`forget` between an index run's batches, collide. Readers never take this lock. The holder writes its pid
-in the file so a waiting run can name it.
+SQLite alone serialises transactions, not runs (two `index` runs planning the same new files collide).
+Readers never take it. The holder writes its pid in the file so a waiting run can name it.
 """
 
 from __future__ import annotations

@@ -1,21 +1,13 @@
 """A per-model relevance floor: the score above which a hit is "probably relevant", not just "nearest".
 
-A raw cosine means different things for different models (0.25 is a strong text match for one CLIP and
-noise for another), so the floor is measured, per model, on the user's own library:
-
-- text queries: each of NULL_CAPTIONS (generic captions about everyday photos) is scored against the
-  library's image vectors and its best 1% (the 99th percentile) taken; the floor is the upper quartile of
-  those. A query whose top hits beat it matches the library better than three in four unrelated captions
-  match their own best images; a quartile, not the maximum, keeps a caption that happens to describe the
-  library (a dog library and "a dog on the grass") from lifting the floor for everyone.
-- image queries: the 90th percentile of the cosine between random pairs of distinct library images.
-- a query mixing text and image terms gets no verdict (its scores sit between the two scales).
-
-Stored in library_meta under ``relevance:<model id>`` with the vector count it was measured on. The first
-query that asks measures it (encoding the captions once per model: seconds on a CPU, so never on `index`'s
-clock); then `index` and any query that finds it stale measure it again, a matrix product with the kept
-caption vectors. Stale: another method version, or a vector count that changed under RECALIBRATE_SMALL
-vectors or moved by more than RECALIBRATE_SHARE.
+A raw cosine means different things for different models, so the floor is measured per model on the
+user's own library. Text queries: the upper quartile of the 99th-percentile scores of NULL_CAPTIONS
+(generic captions) against the library's images; a quartile, not the maximum, keeps a caption that happens
+to describe the library ("a dog on the grass" in a dog library) from lifting the floor for everyone. Image
+queries: the 90th percentile of the cosine between random pairs of distinct images. A query mixing text and
+image terms gets no verdict. Stored in library_meta with the vector count it was measured on; the first
+query that asks measures it (encoding the captions once per model, never on `index`'s clock), then `index`
+and stale queries measure it again from the kept caption vectors.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Watched folders: turn file-system events into small batches for the library's own index and forget.
 
-watchdog reports events (inotify, or polling where inotify is unavailable or asked for). Events only name
-paths: what a path means is decided when its batch is applied, by looking at the disk then, so a burst of
-events on one file collapses into one look. A file is applied only once its size and mtime have stayed the
-same across a quiet spell (``debounce``), so a half-copied photo is not indexed as a broken one. Writing is
-the library's crash-safe incremental index + forget (``apply``), and the start's catch-up is a normal
-incremental index, so a watcher killed at any point loses nothing the next start does not find.
+Events (watchdog: inotify, or polling) only name paths: a path is looked at when its batch is applied, once
+its size and mtime have stayed the same across a quiet spell (``debounce``), so a burst of events is one look
+and a half-copied photo is not indexed as a broken one. Writing is the library's crash-safe incremental
+index + forget, so a watcher killed at any point loses nothing the next start does not find.
 """
 
 from __future__ import annotations
