@@ -1,12 +1,10 @@
 """Proof that imgsearch made a folder, so it only ever removes or replaces what it wrote itself.
 
-A folder imgsearch may later delete or replace (a fine-tuning checkpoint, a model written by `finetune`)
-gets a marker file recording its kind, its real path, a random token and every file imgsearch wrote there
-with its size and mtime. The token is also kept where the check happens (in the checkpoint, in the model
-config), so a marker copied elsewhere proves nothing. The folder counts as imgsearch's only when the marker
-names this path and carries the expected token, every recorded file is unchanged and nothing else is there.
-Removal unlinks those files by name and rmdir's the folder (never a recursive delete), so anything that
-appears meanwhile keeps the folder in place.
+A folder imgsearch may later delete or replace gets a marker recording its kind, its real path, a random
+token (also kept where the check happens, so a copied marker proves nothing) and every file written there
+with its size and mtime. It is imgsearch's only when the marker names this path and token, every recorded
+file is unchanged and nothing else is there. Removal unlinks those files by name and rmdir's the folder
+(never a recursive delete), so anything that appears meanwhile keeps the folder in place.
 """
 
 from __future__ import annotations

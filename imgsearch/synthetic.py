@@ -229,5 +229,5 @@ def pretrain_tiny_multilingual_clip(out_dir: str | os.PathLike, steps: int = 300
                          lr, n_images)
         model.eval()
         cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
-        size = cfg["vision_cfg"]["image_size"]
-        return save_local_dir(model, cfg, out_dir, _preprocess_cfg(size), tokenizer=tokenizer)
+        return save_local_dir(model, cfg, out_dir, _preprocess_cfg(cfg["vision_cfg"]["image_size"]),
+                              tokenizer=tokenizer)
