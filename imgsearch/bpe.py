@@ -1,11 +1,8 @@
-"""CLIP's byte-level BPE tokenizer without torch: the same token ids as open_clip's SimpleTokenizer.
-
-open_clip's tokenizer module imports torch (seconds on a small CPU), so the cold text path carries its own.
-Cleaning, pre-tokenising pattern, merge order and truncation follow SimpleTokenizer(clean="lower"); the
-exporter checks the ids against open_clip on a hard prompt set before an export is used.
-ftfy and regex are imported only for text that needs them: for printable ASCII without '&', ftfy.fix_text
-and html.unescape change nothing, and \\p{L}/\\p{N} reduce to [a-z]/[0-9] after lower-casing.
-"""
+"""CLIP's byte-level BPE tokenizer without torch (open_clip's tokenizer module imports it: seconds on a small
+CPU): the same token ids as open_clip's SimpleTokenizer(clean="lower"), which the exporter checks on a hard
+prompt set before an export is used. ftfy and regex are imported only for text that needs them: for printable
+ASCII without '&', ftfy.fix_text and html.unescape change nothing, and \\p{L}/\\p{N} reduce to [a-z]/[0-9]
+after lower-casing."""
 
 from __future__ import annotations
 
@@ -25,19 +22,12 @@ _PLAIN = re.compile(r"[\x20-\x25\x27-\x7e]*")  # printable ASCII except '&'
 
 def byte_alphabet() -> tuple[list[str], list[str]]:
     """GPT-2/CLIP's reversible byte mapping: (character of each byte value, the base vocabulary order).
-
-    Printable bytes stand for themselves; the others get chr(256 + k) in byte order. The vocabulary lists
-    the printable ones first, then the remapped ones, so ids are not byte order.
-    """
+    Printable bytes stand for themselves, the others get chr(256 + k) in byte order; the vocabulary lists the
+    printable ones first, so ids are not byte order."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    keep = set(printable)
-    by_byte: dict[int, str] = {b: chr(b) for b in printable}
-    order = [chr(b) for b in printable]
-    for b in range(256):
-        if b not in keep:
-            by_byte[b] = chr(256 + len(order) - len(printable))
-            order.append(by_byte[b])
-    return [by_byte[b] for b in range(256)], order
+    others = sorted(set(range(256)) - set(printable))
+    by_byte = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(others)}
+    return [by_byte[b] for b in range(256)], [by_byte[b] for b in printable + others]
 
 
 MERGES_TXT = "bpe_merges.txt"
@@ -63,12 +53,10 @@ def write_tables(gz_path: str | Path, folder: str | Path) -> None:
 
 class BPETokenizer:
     """Encode texts to CLIP token ids ([sot] ids [eot], truncated to the context length).
-
     Building open_clip's two 49k-entry dicts took 0.2-0.3 s, most of a cold query's budget. Instead the
     tables stay one newline-delimited string each and a lookup is a substring search plus a newline count
     (line number = merge rank or token id), memoised: a query touches a few dozen entries. rfind, because
-    open_clip's dicts keep the last of duplicate entries.
-    """
+    open_clip's dicts keep the last of duplicate entries."""
 
     def __init__(self, folder: str | Path, context_length: int = 77):
         folder = Path(folder)
@@ -77,21 +65,16 @@ class BPETokenizer:
         self.alphabet, _ = byte_alphabet()
         self._rank_memo: dict[tuple[str, str], int | None] = {}
         self._id_memo: dict[str, int] = {}
-        self.sot_id = self._id(SOT)
-        self.eot_id = self._id(EOT)
+        self.sot_id, self.eot_id = self._id(SOT), self._id(EOT)
         self.context_length = int(context_length)
         self._memo: dict[str, list[int]] = {SOT: [self.sot_id], EOT: [self.eot_id]}
         self._full_pat = None
 
     def _rank(self, pair: tuple[str, str]) -> int | None:
-        try:
-            return self._rank_memo[pair]
-        except KeyError:
-            pass
-        pos = self._merges.rfind(f"\n{pair[0]} {pair[1]}\n")
-        rank = self._merges.count("\n", 0, pos) if pos >= 0 else None
-        self._rank_memo[pair] = rank
-        return rank
+        if pair not in self._rank_memo:
+            pos = self._merges.rfind(f"\n{pair[0]} {pair[1]}\n")
+            self._rank_memo[pair] = self._merges.count("\n", 0, pos) if pos >= 0 else None
+        return self._rank_memo[pair]
 
     def _id(self, token: str) -> int:
         got = self._id_memo.get(token)
@@ -105,13 +88,12 @@ class BPETokenizer:
     # --- cleaning ------------------------------------------------------------------------------
     @staticmethod
     def clean(text: str) -> str:
-        if _PLAIN.fullmatch(text):
-            return " ".join(text.split()).lower()
-        import html
+        if not _PLAIN.fullmatch(text):
+            import html
 
-        import ftfy
+            import ftfy
 
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+            text = html.unescape(html.unescape(ftfy.fix_text(text)))
         return " ".join(text.split()).lower()
 
     def _pieces(self, text: str) -> list[str]:
@@ -134,16 +116,11 @@ class BPETokenizer:
         symbols = [self.alphabet[b] for b in piece.encode("utf-8")]
         symbols[-1] += "</w>"
         while len(symbols) > 1:
-            best, best_rank = None, None
-            for pair in zip(symbols, symbols[1:]):
-                r = self._rank(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = pair, r
-            if best is None:
+            ranked = [(r, pair) for pair in zip(symbols, symbols[1:]) if (r := self._rank(pair)) is not None]
+            if not ranked:
                 break
-            a, b = best
-            merged: list[str] = []
-            i = 0
+            a, b = min(ranked)[1]
+            merged, i = [], 0
             while i < len(symbols):
                 if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
                     merged.append(a + b)
@@ -158,22 +135,13 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of the cleaned text without start/end tokens."""
-        out: list[int] = []
-        for piece in self._pieces(self.clean(text)):
-            out.extend(self._merge(piece))
-        return out
+        return [i for piece in self._pieces(self.clean(text)) for i in self._merge(piece)]
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         """[sot] + ids + [eot] per text; over-long texts keep the first tokens and end with eot."""
-        rows = []
         n = self.context_length
-        for text in texts:
-            ids = [self.sot_id, *self.encode(text), self.eot_id]
-            if len(ids) > n:
-                ids = ids[:n]
-                ids[-1] = self.eot_id
-            rows.append(ids)
-        return rows
+        rows = [[self.sot_id, *self.encode(text), self.eot_id] for text in texts]
+        return [ids if len(ids) <= n else ids[:n - 1] + [self.eot_id] for ids in rows]
 
 
 @lru_cache(maxsize=4)

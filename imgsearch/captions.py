@@ -1,7 +1,6 @@
-"""Read image–caption pairs from CSV/TSV, JSONL or a folder of images with sidecar .txt captions.
-
-Shared by `finetune`, `eval retrieval` and `caption --import`. Bad rows are collected with their line
-numbers instead of stopping the read; a file that cannot be used at all raises DataError.
+"""Read image–caption pairs from CSV/TSV, JSONL or a folder of images with sidecar .txt captions (for
+`finetune`, `eval retrieval` and `caption --import`). Bad rows are collected with their line numbers; a file
+that cannot be used at all raises DataError.
 """
 
 from __future__ import annotations
@@ -28,14 +27,6 @@ class CaptionSet:
     source: str
     pairs: list[Pair] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
-
-    @property
-    def images(self) -> list[str]:
-        return sorted({p.path for p in self.pairs})
-
-    def summary(self) -> str:
-        return (f"{len(self.pairs)} captions for {len(self.images)} images from {self.source}"
-                + (f"; {len(self.problems)} skipped" if self.problems else ""))
 
 
 def read_captions(source: str | os.PathLike, image_col: str = "path", caption_col: str = "caption",
@@ -65,13 +56,10 @@ def read_captions(source: str | os.PathLike, image_col: str = "path", caption_co
             if problem[p.path] is None:
                 kept.append(p)
             else:
-                result.problems.append((_where(result.source, p.line), f"{problem[p.path]}: {p.path}"))
+                where = f"{result.source}:{p.line}" if p.line else result.source
+                result.problems.append((where, f"{problem[p.path]}: {p.path}"))
         result.pairs = kept
     return result
-
-
-def _where(source: str, line: int | None) -> str:
-    return f"{source}:{line}" if line else source
 
 
 def _resolve(base: Path, raw: str) -> str:
@@ -96,19 +84,13 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
                                 f"({', '.join(header)}); rename with --image-col / --caption-col")
             ii, ci = header.index(image_col), header.index(caption_col)
             for row in reader:
-                line = reader.line_num
                 if not row or all(not c.strip() for c in row):
                     continue
                 if len(row) != len(header):
-                    out.problems.append((f"{path}:{line}", f"expected {len(header)} fields, found {len(row)}"))
+                    out.problems.append((f"{path}:{reader.line_num}", f"expected {len(header)} fields, "
+                                                                      f"found {len(row)}"))
                     continue
-                img, cap = row[ii].strip(), row[ci].strip()
-                if not img:
-                    out.problems.append((f"{path}:{line}", "empty image path"))
-                elif not cap:
-                    out.problems.append((f"{path}:{line}", "empty caption"))
-                else:
-                    out.pairs.append(Pair(_resolve(base, img), cap, line))
+                _add(out, base, reader.line_num, {image_col: row[ii], caption_col: row[ci]}, image_col, caption_col)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except csv.Error as e:
@@ -118,16 +100,24 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
     return out
 
 
+def read_text(path: str | os.PathLike, what: str = "") -> str:
+    """A UTF-8 text file (a BOM dropped), or a one-line DataError; ``what`` names the kind of file in messages."""
+    name = f"{what} file {path}" if what else str(path)
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{what or 'text'} file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{name} is a folder; give a text file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read {name}: {e.strerror or e}") from None
+
+
 def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
     out = CaptionSet(str(path))
-    base = path.parent
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -138,34 +128,38 @@ def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
         if not isinstance(obj, dict):
             out.problems.append((f"{path}:{line_no}", "expected a JSON object"))
             continue
-        where = f"{path}:{line_no}"
-        missing = [c for c in (image_col, caption_col) if c not in obj]
-        if missing:
-            out.problems.append((where, f"missing field '{missing[0]}'"))
-            continue
-        img, cap = obj[image_col], obj[caption_col]
-        if not isinstance(img, str):
-            out.problems.append((where, f"field '{image_col}' is {_json_kind(img)}; it must be the image path as "
-                                        "text"))
-            continue
-        if not img.strip():
-            out.problems.append((where, "empty image path"))
-            continue
-        # Only text is a caption: str(None) would store the caption "None", str(5) the caption "5".
-        caps = cap if isinstance(cap, list) else [cap]
-        if not caps:
-            out.problems.append((where, "empty caption list"))
-        for n, c in enumerate(caps, start=1):
-            which = f"caption {n} in '{caption_col}'" if isinstance(cap, list) else f"field '{caption_col}'"
-            if not isinstance(c, str):
-                out.problems.append((where, f"{which} is {_json_kind(c)}; a caption must be text"))
-            elif not c.strip():
-                out.problems.append((where, "empty caption"))
-            else:
-                out.pairs.append(Pair(_resolve(base, img), c.strip(), line_no))
+        _add(out, path.parent, line_no, obj, image_col, caption_col)
     if not out.pairs and not out.problems:
         raise DataError(f"{path} holds no captions")
     return out
+
+
+def _add(out: CaptionSet, base: Path, line: int, obj: dict, image_col: str, caption_col: str) -> None:
+    """One row (a JSON object, or a table row as one) as pairs, or as the problems that stop it."""
+    where = f"{out.source}:{line}"
+    missing = [c for c in (image_col, caption_col) if c not in obj]
+    if missing:
+        out.problems.append((where, f"missing field '{missing[0]}'"))
+        return
+    img, cap = obj[image_col], obj[caption_col]
+    if not isinstance(img, str):
+        out.problems.append((where, f"field '{image_col}' is {_json_kind(img)}; it must be the image path as text"))
+        return
+    if not img.strip():
+        out.problems.append((where, "empty image path"))
+        return
+    # Only text is a caption: str(None) would store the caption "None", str(5) the caption "5".
+    caps = cap if isinstance(cap, list) else [cap]
+    if not caps:
+        out.problems.append((where, "empty caption list"))
+    for n, c in enumerate(caps, start=1):
+        which = f"caption {n} in '{caption_col}'" if isinstance(cap, list) else f"field '{caption_col}'"
+        if not isinstance(c, str):
+            out.problems.append((where, f"{which} is {_json_kind(c)}; a caption must be text"))
+        elif not c.strip():
+            out.problems.append((where, "empty caption"))
+        else:
+            out.pairs.append(Pair(_resolve(base, img), c.strip(), line))
 
 
 def _json_kind(value) -> str:
@@ -189,15 +183,11 @@ def _read_sidecars(folder: Path) -> CaptionSet:
         if not sidecar.is_file():
             continue
         try:
-            lines = [ln.strip() for ln in sidecar.read_text(encoding="utf-8-sig").splitlines()]
+            caps = [ln.strip() for ln in sidecar.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         except (OSError, UnicodeDecodeError) as e:
             out.problems.append((str(sidecar), f"cannot read caption: {e}"))
             continue
-        caps = [ln for ln in lines if ln]
         if not caps:
             out.problems.append((str(sidecar), "empty caption"))
         out.pairs.extend(Pair(item.path, c) for c in caps)
     return out
-
-
-__all__ = ["Pair", "CaptionSet", "read_captions"]

@@ -1,21 +1,24 @@
 """`imgsearch index --ray`: the decode and encode stages of an index run on Ray Data.
 
-The driver (this process) walks the folders, applies the incremental rules and writes SQLite exactly as
-a plain run does (indexer.Indexer); only the per-file work moves: Ray tasks read, hash and decode files
-with the indexer's own ``_process`` (EXIF orientation, draft decode, HEIC, the same failure reasons), and
-an actor pool holding the model encodes them. Results stream back in order and land in SQLite in the
-usual crash-safe batches, so an interrupted run is resumed by running it again.
-
-Workers read the files by the driver's paths: they must see the same files at the same paths (one
-machine, or a shared filesystem mounted alike on every node). Ray is imported only here, and only
-when a run has files to encode.
+The driver walks the folders and writes SQLite exactly as a plain run does (indexer.Indexer); Ray tasks
+read, hash and decode files with the indexer's own ``_process``, and an actor pool holding the model
+encodes them. Results stream back in order into the usual crash-safe batches, so an interrupted run is
+resumed by running it again. Workers read the files by the driver's paths: one machine, or a shared
+filesystem mounted alike on every node. Ray is imported only here, and only when there is work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import pickle
+import re
+import secrets
+import shutil
+import sys
+import tempfile
 from types import SimpleNamespace
 
 from .config import Settings, cpu_cores, is_ray_address
@@ -30,35 +33,13 @@ MISSING_RAY = ("--ray needs Ray, which is not installed; install the distributed
 _TEST_FAULT: dict | None = None
 
 
-def check_address(address: str | None) -> str | None:
-    """None or "local": a Ray started for this run; "auto", "ray://host:10001", "host:6379": a cluster."""
-    if address is None or address == "local":
-        return None
-    if not is_ray_address(address):
-        raise UsageError(f"--ray {address!r} is not a Ray address; give auto, ray://HOST:10001 or HOST:6379, "
-                         "or put --ray after the folders to start a local Ray")
-    return address
-
-
-def _import_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401  (the extra, not just ray core)
-    except ImportError:
-        raise UsageError(MISSING_RAY) from None
-    return ray
-
-
-def machine_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 8 << 30
-
-
-def object_store_bytes(memory: int) -> int:
+def object_store_bytes() -> int:
     """Shared memory for blocks in flight: the stream holds a few batches, so 1/16 of RAM within 0.5-4 GiB
     (1.5 GiB on a 24 GB machine) instead of Ray's default 30%, which would starve the encoder."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        memory = 8 << 30
     return max(512 << 20, min(4 << 30, memory // 16))
 
 
@@ -66,10 +47,19 @@ class RayStage:
     """Decode and encode on Ray for one index run (``Indexer(remote=...)``)."""
 
     def __init__(self, settings: Settings, address: str | None = None, num_cpus: int | None = None):
-        self.address = check_address(address)
+        # None or "local": a Ray started for this run; "auto", "ray://host:10001", "host:6379": a cluster.
+        self.address = None if address in (None, "local") else address
+        if self.address is not None and not is_ray_address(address):
+            raise UsageError(f"--ray {address!r} is not a Ray address; give auto, ray://HOST:10001 or "
+                             "HOST:6379, or put --ray after the folders to start a local Ray")
         if self.address is None and settings.own_process:
             _require_token()  # before Ray is imported: it reads its authentication mode once, on import
-        self.ray = _import_ray()
+        try:
+            import ray
+            import ray.data  # noqa: F401  (the extra, not just ray core)
+        except ImportError:
+            raise UsageError(MISSING_RAY) from None
+        self.ray = ray
         if settings.precision == "int8":
             raise UsageError("--precision int8 is not available with --ray (its parity check runs locally); "
                              "use --precision fp32 or bf16")
@@ -77,7 +67,6 @@ class RayStage:
         self.num_cpus = num_cpus or cpu_cores()
         self.temp_dir: str | None = None
         self.keep_logs = False  # the error message names the log folder: keep it
-        self.layout = ""
         self.started: bool | None = None  # None: not connected; True: this run's Ray; False: the caller's
 
     def open(self) -> None:
@@ -87,13 +76,17 @@ class RayStage:
             self.started = self._start()
 
     def close(self) -> None:
-        if self.started is not None:
-            started, self.started = self.started, None
-            self._stop(started)
+        started, self.started = self.started, None
+        if started is False:
+            _free_stopped_runs()
+        elif started:
+            with contextlib.suppress(Exception):
+                self.ray.shutdown()
+            if self.temp_dir and not self.keep_logs:
+                remove_temp_dir(self.temp_dir)
 
     def describe(self) -> tuple[str, str]:
-        where = self.address or "a local Ray"
-        return f"Pillow on Ray tasks ({where})", "torch on Ray actors"
+        return f"Pillow on Ray tasks ({self.address or 'a local Ray'})", "torch on Ray actors"
 
     # --- driver ------------------------------------------------------------------------------------
     def _start(self) -> bool:
@@ -115,17 +108,6 @@ class RayStage:
                              "with `ray start --head`, or use --ray without an address for a local Ray") from None
         return True
 
-    def _stop(self, started: bool) -> None:
-        if not started:
-            _free_stopped_runs()
-            return
-        try:
-            self.ray.shutdown()
-        except Exception:
-            pass
-        if self.temp_dir and not self.keep_logs:
-            remove_temp_dir(self.temp_dir)
-
     def _plan(self) -> dict:
         """Actor pool and resources from what the cluster has: one GPU per actor, else CPU actors."""
         resources = self.ray.cluster_resources()
@@ -146,7 +128,6 @@ class RayStage:
         plan = self._plan()
         enc = indexer.encoder
         batch = max(1, self.settings.batch_size)
-        size = enc.image_size
         # A sorted array is shared zero-copy by the workers on a node; a Python set would be unpickled per task.
         known_ref = ray.put(np.array(sorted(known), dtype="S") if known else np.zeros(0, dtype="S1"))
         light = SimpleNamespace(preprocess=enc.preprocess, draft_size=enc.draft_size, device="cpu")
@@ -165,7 +146,7 @@ class RayStage:
             # A decode worker holds torch (~0.5 GB measured), one full-size image and its batch of model inputs.
             # Declaring it also keeps Ray from fusing decoding into the encoder actors (different resources),
             # which would idle the model while decoding.
-            memory=(768 << 20) + batch * 3 * size * size * 4)
+            memory=(768 << 20) + batch * 3 * enc.image_size ** 2 * 4)
         ds = ds.map_batches(
             _EncodeActor, batch_size=batch,
             compute=ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
@@ -173,8 +154,6 @@ class RayStage:
             fn_constructor_kwargs={"spec": enc.spec, "device": plan["device"], "precision": self.settings.precision,
                                    "fingerprint": enc.fingerprint, "threads": plan["threads"],
                                    "fault": _TEST_FAULT})
-        self.layout = (f"{plan['cpus']} CPUs: decode tasks of 1 CPU, up to {plan['actors']} encoder actors "
-                       f"on {plan['device']} ({plan['threads']} threads each), batch {batch}")
         return ds
 
     def results(self, indexer: Indexer, work: list, known: frozenset):
@@ -202,7 +181,8 @@ class RayStage:
             except ImgSearchError:
                 raise
             except Exception as e:
-                failure = self._failure(e)
+                self.keep_logs = bool(self.temp_dir)  # the message names the folder
+                failure = _root_cause(e)
             finally:
                 # Stops the executor when the driver stops early (Ctrl-C, a failed write) or Ray failed.
                 getattr(stream, "close", lambda: None)()
@@ -217,19 +197,10 @@ class RayStage:
                                  f"the same command to finish" + (f"; Ray's logs are in {self.temp_dir}"
                                                                   if self.keep_logs else ""))
 
-    def _failure(self, e: BaseException) -> str:
-        self.keep_logs = bool(self.temp_dir)  # the message names the folder
-        return _root_cause(e)
-
 
 def _root_cause(e: BaseException) -> str:
-    """The worker's own error inside Ray's wrappers, as one line.
-
-    Ray hands the driver its wrapper (RayTaskError around UserCodeException) with the worker's traceback
-    as text; the worker's exception is the last "Name: message" line there that is not Ray's own.
-    """
-    import re
-
+    """The worker's own error inside Ray's wrappers (RayTaskError around UserCodeException, the worker's
+    traceback as text), as one line: the last "Name: message" line there that is not Ray's own."""
     cause = None
     for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines():
         m = re.match(r"^([A-Za-z_][\w.]*): (.+)$", line.strip())
@@ -237,21 +208,14 @@ def _root_cause(e: BaseException) -> str:
             cause = m
     if cause is None:
         return _first_line(e)
-    name = cause[1].rsplit(".", 1)[-1]
-    if cause[1].startswith("imgsearch."):  # our own errors already say what to do
-        return cause[2][:300]
-    return f"{name}: {cause[2]}"[:300]
+    own = cause[1].startswith("imgsearch.")  # our own errors already say what to do: their message alone
+    return (cause[2] if own else f"{cause[1].rsplit('.', 1)[-1]}: {cause[2]}")[:300]
 
 
 def start_local(num_cpus: int, own_process: bool = True) -> str:
-    """Start a Ray for this process alone, sized to the machine; returns its temporary folder.
-
-    ``own_process`` False (inside someone else's program): Ray's own token authentication (on by default
-    since Ray 2.60, its token kept in ~/.ray) and its own log lines, instead of this process's environment
-    and stderr being changed for them.
-    """
-    import tempfile
-
+    """Start a Ray for this process alone, sized to the machine; returns its temporary folder. Inside someone
+    else's program (not ``own_process``) Ray keeps its own token authentication (on by default since Ray
+    2.60) and log lines, instead of this process's environment and stderr being changed for them."""
     if own_process:
         _require_token()
 
@@ -260,7 +224,7 @@ def start_local(num_cpus: int, own_process: bool = True) -> str:
     temp_dir = tempfile.mkdtemp(prefix="imgsearch-ray-")
     try:
         with _quiet_backend(own_process):
-            ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes(machine_memory()),
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes(),
                      _temp_dir=temp_dir, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     except BaseException:
         remove_temp_dir(temp_dir)
@@ -275,9 +239,6 @@ def _require_token() -> None:
     the mode once, when it is imported, so this runs before that, and the token stays for the process's
     life (a second local Ray reuses it). When Ray was imported already (a notebook that uses Ray itself),
     or the user configured Ray's authentication, their settings stand."""
-    import secrets
-    import sys
-
     if "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -285,67 +246,53 @@ def _require_token() -> None:
 
 
 def remove_temp_dir(temp_dir: str) -> None:
-    import shutil
-
     # mkdtemp made this folder for one Ray run alone (sockets, logs): nothing in it is the user's.
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-class _quiet_backend:
+@contextlib.contextmanager
+def _quiet_backend(own: bool):
     """Around ray.init in imgsearch's own process (``own``): Ray's C++ core logs an error line on every actor
     pool Ray Data makes (its arguments live in the object store, ray-project/ray#53727), so its log level goes
     to fatal (a level the user set wins); setting it prints a line of its own at init, so init's stderr is
     muted. Failures still arrive as exceptions, and the full logs stay in Ray's session folder. Both are
     process-wide, so in someone else's program Ray's lines are left to show."""
-
-    def __init__(self, own: bool):
-        self.own = own
-
-    def __enter__(self):
-        import sys
-
-        if not self.own:
-            return
-        self.had = "RAY_BACKEND_LOG_LEVEL" in os.environ
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        sys.stderr.flush()
-        self.saved_fd = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
-
-    def __exit__(self, *exc):
-        if not self.own:
-            return
-        os.dup2(self.saved_fd, 2)
-        os.close(self.saved_fd)
-        if not self.had:
+    if not own:
+        yield
+        return
+    had = "RAY_BACKEND_LOG_LEVEL" in os.environ
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        if not had:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
 
 
-class _quiet_loggers:
+@contextlib.contextmanager
+def _quiet_loggers(own: bool):
     """Ray's Python loggers at ERROR for one index run in imgsearch's own process (``own``), restored after;
     a logger's level is process-wide, so in someone else's program they keep theirs."""
-
-    def __init__(self, own: bool):
-        self.levels = {n: logging.getLogger(n).level for n in ("ray", "ray.data")} if own else {}
-
-    def __enter__(self):
-        for n in self.levels:
-            logging.getLogger(n).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for n, level in self.levels.items():
+    levels = {n: logging.getLogger(n).level for n in ("ray", "ray.data")} if own else {}
+    for n in levels:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
             logging.getLogger(n).setLevel(level)
 
 
 def _free_stopped_runs() -> None:
-    """On a Ray that stays up (the caller's), a stopped run's actors live until the handles its executor
-    keeps are collected; collect what is already garbage when a run ends and when the next one starts.
-    (Seen with Ray 2.60: after a failed run an actor can stay longer; a Ray this module started is shut down
-    instead, which frees everything.)"""
-    import gc
-
+    # On a Ray that stays up (the caller's), a stopped run's actors live until the handles its executor keeps
+    # are collected (seen with Ray 2.60); collect what is already garbage when a run ends and the next starts.
     gc.collect()
 
 
@@ -365,8 +312,6 @@ class _Known:
         import numpy as np
 
         a = self.array
-        if not len(a):
-            return False
         key = digest.encode()
         k = int(np.searchsorted(a, key))
         return k < len(a) and a[k] == key
@@ -400,8 +345,7 @@ def _decode_batch(batch: dict, settings: Settings, light, known_ref) -> dict:
     side = _FileSide(settings, light)
     known = _Known(ray.get(known_ref))
     n = len(batch["i"])
-    done_col = np.empty(n, dtype=object)
-    px = np.empty(n, dtype=object)
+    done_col, px = np.empty(n, dtype=object), np.empty(n, dtype=object)
     empty = np.zeros((0, 0, 0), dtype=np.float32)
     for k, blob in enumerate(batch["work"]):
         work = pickle.loads(blob)
@@ -409,10 +353,8 @@ def _decode_batch(batch: dict, settings: Settings, light, known_ref) -> dict:
             done = side._process(work, known)
         except Exception as e:  # as images.decode_many does locally: one broken file never stops the run
             done = _Done(work, error=f"cannot decode: {type(e).__name__}: {e}")
-        tensor = done.tensor
-        px[k] = tensor.numpy() if tensor is not None else empty
-        done.tensor = None
-        done.work = None  # the driver has it
+        px[k] = done.tensor.numpy() if done.tensor is not None else empty
+        done.tensor = done.work = None  # the driver has the work
         done_col[k] = pickle.dumps(done, protocol=5)
     return {"i": batch["i"], "done": done_col, "px": px}
 
@@ -432,8 +374,7 @@ class _EncodeActor:
         if self.encoder.fingerprint != fingerprint:
             raise ModelLoadError(f"the weights of {spec.label} on this Ray worker differ from the driver's "
                                  "(another file at the same path?); give every node the same model files")
-        self.fault = fault
-        self.batches = 0
+        self.fault, self.batches = fault, 0
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -441,7 +382,11 @@ class _EncodeActor:
 
         self.batches += 1
         if self.fault and self.batches == self.fault["batch"]:
-            _test_fault(self.fault)
+            if self.fault["how"] == "raise":
+                raise RuntimeError("test fault: encoder actor failed")
+            if not os.path.exists(self.fault["marker"]):  # once per run: the restarted actor goes on
+                open(self.fault["marker"], "w").close()
+                os._exit(1)
         px = batch["px"]
         has = np.array([p.size > 0 for p in px], dtype=bool)
         vec = np.zeros((len(px), self.encoder.dim), dtype=np.float32)
@@ -449,11 +394,3 @@ class _EncodeActor:
             vec[has] = self.encoder.encode_image_tensors(torch.from_numpy(np.stack([p for p in px if p.size])))
         return {"i": batch["i"], "done": batch["done"], "vec": vec, "has": has}
 
-
-def _test_fault(fault: dict) -> None:
-    if fault["how"] == "raise":
-        raise RuntimeError("test fault: encoder actor failed")
-    marker = fault["marker"]
-    if not os.path.exists(marker):  # once per run: the restarted actor goes on
-        open(marker, "w").close()
-        os._exit(1)

@@ -1,16 +1,12 @@
 """Near-duplicate groups: CLIP neighbours from FAISS propose pairs, a perceptual fingerprint confirms them.
 
-1. Candidates: each image's k nearest neighbours in CLIP space above a cosine threshold. Exact
-   (flat) search for small libraries, an IVF index beyond ``EXACT_MAX`` images, so the work grows
-   like N^1.5 rather than N^2 (bench/duplicates_scale.py measures it).
-2. Confirmation: each candidate image is decoded once into a perceptual fingerprint (16x16 colour
-   thumbnails of the whole frame and of its central 90%, cached in SQLite per content hash); a pair
-   is the same picture when the best correlation between those thumbnails reaches ``min_match``.
-   Resized, re-encoded, format-converted and EXIF-stripped copies score ~0.999 and light crops
-   (a few % per side) stay above 0.96; two different photos of the same subject fall below,
-   although CLIP finds them alike. ``similar=True`` skips this step and groups by CLIP alone.
-3. Groups: union-find over confirmed pairs. The suggested keeper comes first: largest resolution,
-   then oldest (EXIF date, else file time). Nothing is ever deleted here.
+1. Candidates: each image's k nearest CLIP neighbours above a cosine threshold (flat search, IVF beyond
+   ``EXACT_MAX`` images: N^1.5 work rather than N^2, bench/duplicates_scale.py).
+2. Confirmation: a perceptual fingerprint per image (cached in SQLite per content hash); resized,
+   re-encoded, converted and lightly cropped copies score above 0.96, two photos of one subject fall
+   below although CLIP finds them alike. ``similar=True`` groups by CLIP alone.
+3. Groups: union-find over confirmed pairs, the suggested keeper first (largest, then oldest). Nothing is
+   ever deleted here.
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 import numpy as np
 
@@ -59,10 +56,8 @@ def unpack(fp: bytes) -> np.ndarray:
 
 
 def match_score(a: bytes | np.ndarray, b: bytes | np.ndarray) -> float:
-    """Pixel likeness of two fingerprints in [-1, 1]: best correlation over the crop combinations.
-
-    Takes fingerprint bytes, or their ``unpack``ed form (faster when one image is in many pairs).
-    """
+    """Pixel likeness of two fingerprints (bytes, or ``unpack``ed: faster when one image is in many pairs)
+    in [-1, 1]: the best correlation over the crop combinations."""
     a = unpack(a) if isinstance(a, bytes) else a
     b = unpack(b) if isinstance(b, bytes) else b
     return float((a @ b.T).max())
@@ -71,11 +66,8 @@ def match_score(a: bytes | np.ndarray, b: bytes | np.ndarray) -> float:
 # --- candidates -------------------------------------------------------------------------------------
 def candidate_pairs(vectors: np.ndarray, threshold: float, k: int = NEIGHBOURS,
                     exact: bool | None = None) -> list[tuple[int, int, float]]:
-    """(row_a, row_b, cosine) with row_a < row_b for neighbours at or above ``threshold``.
-
-    k-NN search keeps the output at most N*k pairs whatever the threshold; ``exact`` forces flat
-    (True) or IVF (False) search, by default flat up to EXACT_MAX rows.
-    """
+    """(row_a, row_b, cosine) with row_a < row_b for neighbours at or above ``threshold``; k-NN search keeps
+    the output at most N*k pairs. ``exact`` forces flat (True) or IVF (False) search, else flat up to EXACT_MAX."""
     from .vectors import IndexPolicy, VectorIndex
 
     n = len(vectors)
@@ -91,9 +83,7 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, k: int = NEIGHBOURS,
     index = VectorIndex.build(np.arange(n, dtype=np.int64), x, x.shape[1], policy)
     nprobe = None if exact else min(max(index.nprobe, NPROBE), index.plan.nlist)
     scores, nbrs = index.search(x, kk, nprobe=nprobe)
-    rows = np.repeat(np.arange(n, dtype=np.int64), kk)
-    cols = nbrs.ravel()
-    sims = scores.ravel()
+    rows, cols, sims = np.repeat(np.arange(n, dtype=np.int64), kk), nbrs.ravel(), scores.ravel()
     keep = (cols >= 0) & (cols != rows) & (sims >= threshold)
     rows, cols, sims = rows[keep], cols[keep], sims[keep]
     a, b = np.minimum(rows, cols), np.maximum(rows, cols)
@@ -172,10 +162,7 @@ class DupeReport:
 
 
 def _age_key(row) -> tuple:
-    from datetime import datetime
-
-    mtime = datetime.fromtimestamp(row.mtime_ns / 1e9).isoformat()
-    return (row.taken_at or mtime, row.mtime_ns)
+    return (row.taken_at or datetime.fromtimestamp(row.mtime_ns / 1e9).isoformat(), row.mtime_ns)
 
 
 def keeper_order(rows: list) -> list:
@@ -188,12 +175,11 @@ def _fingerprints(store, rows: dict, ids: set[int], workers: int, max_pixels: in
     known = store.fingerprints(ids)
     todo = [rows[i] for i in sorted(ids - set(known))]
     failed: list[tuple[str, str]] = []
+    fresh = []
 
     def compute(row):
-        im, _ = images.open_image(row.path, draft_size=128, max_pixels=max_pixels)
-        return fingerprint(im)
+        return fingerprint(images.open_image(row.path, draft_size=128, max_pixels=max_pixels)[0])
 
-    fresh = []
     for row, fp in zip(todo, images.decode_many(todo, compute, workers)):
         if isinstance(fp, DecodeError):
             failed.append((row.path, str(fp)))
@@ -220,10 +206,7 @@ def find_duplicates(settings: Settings, store, model, under: str | None = None, 
                     similar: bool = False, min_match: float = DEFAULT_MIN_MATCH,
                     exact: bool | None = None) -> DupeReport:
     """Group the library's near-duplicates (or CLIP-similar images with ``similar``); deletes nothing.
-
-    ``model`` is the library's model row whose stored vectors are compared: nothing is encoded, so no
-    model is loaded (imgsearch.Library finds the row without resolving weights).
-    """
+    ``model`` is the model row whose stored vectors are compared: nothing is encoded, no model loaded."""
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if not -1.0 <= threshold <= 1.0:
         raise ParamError("threshold", "give a cosine similarity between -1 and 1, e.g. 0.9")
@@ -244,22 +227,18 @@ def find_duplicates(settings: Settings, store, model, under: str | None = None, 
     rows = store.get_images(involved)
     # Files deleted since indexing can be neither compared nor kept.
     identity = _identities(rows)
-    present = set(identity)
     prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
-    if not similar:
-        workers = settings.decode_workers()  # no encoder running: decode gets every core
-        raw, report.unreadable = _fingerprints(store, rows, present, workers, settings.max_pixels)
+    if not similar:  # no encoder running: decoding gets every core
+        raw, report.unreadable = _fingerprints(store, rows, set(identity), settings.decode_workers(),
+                                               settings.max_pixels)
         prints = {i: unpack(fp) for i, fp in raw.items()}
     uf = UnionFind(len(ids_arr))
     for a, b, _ in pairs:
         ia, ib = int(ids_arr[a]), int(ids_arr[b])
-        if ia not in present or ib not in present:
+        if ia not in identity or ib not in identity or identity[ia] == identity[ib]:
+            continue  # gone, or one physical file under two names (symlink, hard link): deleting "the copy" loses it
+        if not similar and (ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match):
             continue
-        if identity[ia] == identity[ib]:
-            continue  # one physical file under two names (symlink, hard link): deleting "the copy" loses it
-        if not similar:
-            if ia not in prints or ib not in prints or match_score(prints[ia], prints[ib]) < min_match:
-                continue
         report.confirmed += 1
         uf.union(a, b)
     for members in uf.groups():
@@ -267,13 +246,12 @@ def find_duplicates(settings: Settings, store, model, under: str | None = None, 
         row_of = {int(ids_arr[m]): m for m in members}
         keep = ordered[0]
         keep_vec = vecs[row_of[keep.id]]
-        group = []
-        for r in ordered:
-            group.append(Member(r.id, r.path, r.width, r.height, r.size, r.taken_at, keeper=r is keep,
-                                similarity=round(float(vecs[row_of[r.id]] @ keep_vec), 4),
-                                match=round(match_score(prints[r.id], prints[keep.id]), 4)
-                                if r.id in prints and keep.id in prints else None))
-        report.groups.append(Group(group))
+        report.groups.append(Group([
+            Member(r.id, r.path, r.width, r.height, r.size, r.taken_at, keeper=r is keep,
+                   similarity=round(float(vecs[row_of[r.id]] @ keep_vec), 4),
+                   match=round(match_score(prints[r.id], prints[keep.id]), 4)
+                   if r.id in prints and keep.id in prints else None)
+            for r in ordered]))
     report.groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
     report.seconds = time.perf_counter() - started
     return report

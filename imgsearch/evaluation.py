@@ -1,8 +1,6 @@
 """Measuring models on the user's own data (the library side of `imgsearch eval`): no printing, no CLI.
-
-Images are encoded by the indexer's own decode stage (indexer.DecodeStage through images.decode_many),
-with the encoder, precision and batches `index` uses; recall@k comes from imgsearch.metrics, the same
-code `finetune` reports with.
+Images are encoded by the indexer's own decode stage, encoder, precision and batches; recall@k comes from
+imgsearch.metrics, as `finetune` reports it.
 """
 
 from __future__ import annotations
@@ -13,13 +11,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from .errors import DataError, UsageError
+from .config import thread_budget
+from .errors import DataError, DecodeError, UsageError
 
 
 def load_for_images(spec, settings, precision: str | None = None):
     """The image encoder `index` would use (onnx_image.select: onnxruntime fp32/int8 on CPU where chosen)."""
     from . import onnx_image
-    from .config import thread_budget
     from .encoder import load
 
     enc = load(spec, settings.device, precision or settings.precision)
@@ -40,25 +38,22 @@ def index_stage(encoder, settings, tensor: bool | None = None, device: str | Non
     return DecodeStage(encoder, settings.max_pixels, tensor, device)
 
 
-def encode_files(encoder, paths: list[str], settings, progress=None, stage=None):
-    """Encode image files the way the indexer does; returns (vectors [n_ok, dim], ok indices, failures)."""
+def encode_files(encoder, paths: list[str], settings, progress=None, stage=None, each=None):
+    """Encode image files the way the indexer does; returns (vectors [n_ok, dim], ok indices, failures).
+    ``each(i, tensor)`` sees every decoded model input."""
     import numpy as np
     import torch
 
-    from .config import thread_budget, torch_threads
-    from .errors import DecodeError
+    from .config import torch_threads
 
     stage = stage or index_stage(encoder, settings)
     budget = thread_budget(device=encoder.device, workers=settings.workers)
-    vecs, ok, failures = [], [], []
-    batch, batch_idx = [], []
+    vecs, ok, failures, batch = [], [], [], []
 
     def flush():
         if batch:
             vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
-            ok.extend(batch_idx)
             batch.clear()
-            batch_idx.clear()
 
     with torch_threads(settings, budget.encoder) if encoder.device == "cpu" else contextlib.nullcontext():
         results = stage.decode_files(paths, budget.decode, settings.batch_size, budget.overlap)
@@ -66,8 +61,10 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None)
             if isinstance(t, DecodeError):
                 failures.append((paths[i], str(t)))
             else:
+                if each:
+                    each(i, t)
+                ok.append(i)
                 batch.append(t)
-                batch_idx.append(i)
                 if len(batch) >= settings.batch_size:
                     flush()
             if progress:
@@ -79,14 +76,9 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None)
 
 def read_class_map(path: Path) -> dict[str, str]:
     """Folder -> class name from JSON ({"folder": "name"}) or a CSV of folder,name rows (header optional)."""
-    if not path.is_file():
-        raise DataError(f"classes file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"classes file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"cannot read classes file {path}: {e.strerror or e}") from None
+    from .captions import read_text
+
+    text = read_text(path, "classes")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -94,8 +86,7 @@ def read_class_map(path: Path) -> dict[str, str]:
             raise DataError(f"{path} is not valid JSON ({e}); expected {{\"folder\": \"class name\"}}") from None
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise DataError(f"{path}: expected a JSON object mapping folder names to class names")
-        empty = [k for k, v in data.items() if not v.strip()]
-        if empty:
+        if empty := [k for k, v in data.items() if not v.strip()]:
             raise DataError(f"{path}: folder {empty[0]!r} has an empty class name; give each folder a name")
         return {str(k): v.strip() for k, v in data.items()}
     out = {}
@@ -150,8 +141,7 @@ def read_image_folder(folder: Path, classes_file: Path | None):
         if not files:
             notes.append((str(sub), "class folder has no images; class skipped"))
             continue
-        name = mapping[sub.name] if mapping else sub.name.replace("_", " ")
-        classes.append(name)
+        classes.append(mapping[sub.name] if mapping else sub.name.replace("_", " "))
         items.extend((f, len(classes) - 1) for f in sorted(files))
     if len(classes) < 2:
         raise DataError(f"{folder} has {len(classes)} class folder(s) with images; zero-shot evaluation needs at "
@@ -181,10 +171,8 @@ def retrieval_eval(encoder, caption_set, settings, progress=None) -> tuple[dict,
 
 
 def parity_stages(encoder, settings) -> list[tuple[str, object]]:
-    """(name, DecodeStage) for every decode path `index` may take on this machine, the one it takes first.
-
-    "pillow" always; "tensor" (torchvision on the CPU) always; "nvjpeg" when the encoder is on CUDA.
-    """
+    """(name, DecodeStage) for every decode path `index` may take on this machine, the one it takes first:
+    "pillow", "tensor" (torchvision on the CPU), and "nvjpeg" when the encoder is on CUDA."""
     used = index_stage(encoder, settings)
     # A model the tensor path refused: `index` decodes with Pillow, and its stage says why.
     pillow = used if not used.tensor else index_stage(encoder, settings, False)
@@ -197,17 +185,12 @@ def parity_stages(encoder, settings) -> list[tuple[str, object]]:
 
 def parity(spec, paths: list[str], settings, progress=None, precision: str | None = None) -> dict:
     """Cosine between the indexer's decode stage + encoder and open_clip's plain reference path, per file.
-
-    Every decode stage `index` may use is measured (see parity_stages); the top-level numbers are the stage
-    `index` uses with these settings, ``stages`` has each one. A stage the model's preprocess rules out
-    (the tensor path refused it) is listed with the reason and no numbers: `index` decodes with Pillow then.
-    """
+    Every stage of parity_stages is measured; the top-level numbers are the one `index` uses, ``stages``
+    has each. A stage the model's preprocess rules out is listed with the reason and no numbers."""
     import numpy as np
-    import torch
 
     from . import images
     from .encoder import build
-    from .errors import DecodeError
 
     fast = load_for_images(spec, settings, precision)
     ref = build(spec, fast.device, "fp32")  # same weights, full precision
@@ -224,32 +207,17 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
         refs[path] = ref.encode_image_tensors(x[None])[0]
         if progress:
             progress(n, len(paths) * (1 + len(stages)))
-    budget_workers = settings.decode_workers(fast.device)
     measured = []
+    good = [p for p in paths if p in refs]
     for k, (name, stage) in enumerate(stages, start=1):
         if name != "pillow" and not stage.tensor:  # refused for this model; `index` uses Pillow instead
             measured.append({"stage": name, "refused": stage.refused})
             continue
-        rows, diff, batch, names = [], 0.0, [], []
-
-        def flush():
-            if batch:
-                vecs = fast.encode_image_tensors(torch.stack([t.to(fast.device) for t in batch]))
-                rows.extend((p, float(np.dot(v, refs[p]))) for p, v in zip(names, vecs))
-                batch.clear()
-                names.clear()
-
-        good = [p for p in paths if p in refs]
-        for path, t in zip(good, stage.decode_files(good, budget_workers, settings.batch_size)):
-            if isinstance(t, DecodeError):
-                failures.append((path, str(t)))
-                continue
-            diff = max(diff, float((t.float().cpu() - ref_inputs[path]).abs().max()))
-            batch.append(t)
-            names.append(path)
-            if len(batch) >= settings.batch_size:
-                flush()
-        flush()
+        diffs = [0.0]
+        vecs, ok, failed = encode_files(fast, good, settings, stage=stage, each=lambda i, t: diffs.append(
+            float((t.float().cpu() - ref_inputs[good[i]]).abs().max())))
+        failures += failed
+        rows = [(good[i], float(np.dot(v, refs[good[i]]))) for i, v in zip(ok, vecs)]
         if progress:
             progress(len(paths) * (1 + k), len(paths) * (1 + len(stages)))
         if not rows:
@@ -259,7 +227,7 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
         rows.sort(key=lambda x: x[1])
         measured.append({"stage": name, "decode": stage.describe(), "images": len(rows),
                          "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                         "max_abs_input_diff": diff, "files": [{"path": p, "cosine": c} for p, c in rows]})
+                         "max_abs_input_diff": max(diffs), "files": [{"path": p, "cosine": c} for p, c in rows]})
     main = measured[0]
     if "refused" in main or not main.get("images"):
         first = f" (e.g. {failures[0][0]}: {failures[0][1]})" if failures else ""
@@ -272,7 +240,3 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
             "mean_cosine": main["mean_cosine"], "files": main["files"],  # worst first
             "stages": [{k: v for k, v in s.items() if k != "files"} for s in measured],
             "skipped": [{"where": p, "reason": r} for p, r in skipped]}
-
-
-__all__ = ["load_for_images", "index_stage", "encode_files", "read_class_map", "read_image_folder",
-           "retrieval_eval", "parity_stages", "parity"]

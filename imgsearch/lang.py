@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import unicodedata
+from collections import Counter
 
 from .errors import UsageError
 
@@ -58,9 +59,7 @@ def check(code: str | None) -> str | None:
     if code is None or code == "":
         return None
     code = code.strip()
-    if code in NLLB_CODES:
-        return code
-    fixed = {c.lower(): c for c in NLLB_CODES}.get(code.lower())
+    fixed = code if code in NLLB_CODES else {c.lower(): c for c in NLLB_CODES}.get(code.lower())
     if fixed:
         return fixed
     near = difflib.get_close_matches(code, sorted(NLLB_CODES), n=3, cutoff=0.75)
@@ -69,24 +68,10 @@ def check(code: str | None) -> str | None:
                      "jpn_Jpan (see README, Multilingual search)")
 
 
-def _script_counts(text: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for ch in text:
-        if not ch.isalpha():
-            continue
-        name = unicodedata.name(ch, "")
-        for prefix, lang in _SCRIPTS:
-            if name.startswith(prefix):
-                counts[lang] = counts.get(lang, 0) + 1
-                break
-        else:
-            counts["other"] = counts.get("other", 0) + 1
-    return counts
-
-
 def detect(text: str) -> str | None:
     """The NLLB code a query's script points to, or None for Latin-script (or letterless) text."""
-    counts = _script_counts(text)
+    names = [unicodedata.name(ch, "") for ch in text if ch.isalpha()]
+    counts = Counter(next((lang for prefix, lang in _SCRIPTS if name.startswith(prefix)), "other") for name in names)
     if not counts:
         return None
     if "jpn_Jpan" in counts and counts.get("zho_Hans"):  # kanji among kana is Japanese

@@ -1,8 +1,7 @@
 """One writer at a time per library: an advisory lock on <home>/write.lock, held for a whole write command.
 
-SQLite alone serialises transactions, not runs: two `index` runs that planned the same new files, or a
-`forget` between an index run's batches, collide (IntegrityError, FOREIGN KEY). Readers (query, status,
-serve) never take this lock. The holder writes its pid in the file so a waiting run can name it.
+SQLite alone serialises transactions, not runs (two `index` runs planning the same new files collide).
+Readers never take it. The holder writes its pid in the file so a waiting run can name it.
 """
 
 from __future__ import annotations
@@ -76,11 +75,9 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True, timeout: float | N
     me = threading.get_ident()
     with _held_guard:
         owner = _held.get(key)
-        if owner and owner[0] == me:
+        reentered = bool(owner) and owner[0] == me
+        if reentered:
             _held[key] = (me, owner[1] + 1)
-            reentered = True
-        else:
-            reentered = False
     if reentered:
         try:
             yield

@@ -1,12 +1,13 @@
 """Retrieval metrics (R@k, mean rank) for image–caption sets; the one implementation `finetune` and `eval` share.
 
-An image and a caption match when that caption was written for that image. Identical caption strings are
-one text (so "a red circle" written for five images is one query with five right answers), and an image
-with several captions is one image query with several right answers.
+Identical caption strings are one text ("a red circle" written for five images is one query with five right
+answers), and an image with several captions is one image query with several right answers.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,54 +31,32 @@ def build_gallery(pairs) -> Gallery:
     txt_ids: dict[str, int] = {}
     pair_index = []
     for p in pairs:
-        i = img_ids.setdefault(p.path, len(img_ids))
-        t = txt_ids.setdefault(p.caption, len(txt_ids))
-        pair_index.append((i, t))
+        pair_index.append((img_ids.setdefault(p.path, len(img_ids)), txt_ids.setdefault(p.caption, len(txt_ids))))
     return Gallery(list(img_ids), list(txt_ids), sorted(set(pair_index)), pair_index)
-
-
-def _ranks(sim: np.ndarray, relevant: list[np.ndarray], chunk: int = 1024) -> np.ndarray:
-    """1-based rank of the best-placed relevant column for each row of ``sim`` (ties count in our favour)."""
-    out = np.empty(sim.shape[0], dtype=np.int64)
-    for start in range(0, sim.shape[0], chunk):
-        block = sim[start:start + chunk]
-        for r in range(block.shape[0]):
-            best = block[r, relevant[start + r]].max()
-            out[start + r] = 1 + int((block[r] > best).sum())
-    return out
 
 
 def _chance_recall(n_items: int, n_relevant: np.ndarray, k: int) -> float:
     """Expected R@k of a random ranking: 1 - C(N-m, k) / C(N, k), averaged over queries."""
-    vals = []
-    for m in n_relevant:
-        miss = 1.0
-        for j in range(min(k, n_items)):
-            miss *= max(0.0, (n_items - m - j) / (n_items - j))
-        vals.append(1.0 - miss)
+    vals = [1.0 - math.prod(max(0.0, (n_items - m - j) / (n_items - j)) for j in range(min(k, n_items)))
+            for m in n_relevant]
     return float(np.mean(vals)) if vals else 0.0
 
 
 def _direction(sim: np.ndarray, relevant: list[np.ndarray], n_items: int) -> dict:
-    ranks = _ranks(sim, relevant)
+    # 1-based rank of the best-placed relevant column of each row (ties count in our favour).
+    ranks = np.array([1 + int((row > row[rel].max()).sum()) for row, rel in zip(sim, relevant)], dtype=np.int64)
     n_rel = np.array([len(r) for r in relevant])
-    out = {f"R@{k}": float((ranks <= k).mean()) for k in KS}
-    out["mean_rank"] = float(ranks.mean())
-    out["median_rank"] = float(np.median(ranks))
-    out["queries"] = int(len(ranks))
-    out["chance"] = {f"R@{k}": _chance_recall(n_items, n_rel, k) for k in KS}
-    # A random ranking puts the first of m relevant items among N at (N + 1) / (m + 1) on average.
-    out["chance"]["mean_rank"] = float(np.mean((n_items + 1) / (n_rel + 1)))
-    return out
+    return {**{f"R@{k}": float((ranks <= k).mean()) for k in KS}, "mean_rank": float(ranks.mean()),
+            "median_rank": float(np.median(ranks)), "queries": int(len(ranks)),
+            # A random ranking puts the first of m relevant items among N at (N + 1) / (m + 1) on average.
+            "chance": {**{f"R@{k}": _chance_recall(n_items, n_rel, k) for k in KS},
+                       "mean_rank": float(np.mean((n_items + 1) / (n_rel + 1)))}}
 
 
 def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, matches) -> dict:
     """Image→text and text→image recall@1/5/10 and mean rank from L2-normalised embeddings.
-
-    ``matches`` lists (image row, text row) pairs that belong together; every image and every text must
-    appear in at least one. Returns {"image_to_text": {...}, "text_to_image": {...}} with recalls as
-    fractions, ranks 1-based, and what a random ranking would score under "chance".
-    """
+    ``matches`` lists the (image row, text row) pairs that belong together; every image and text must be in
+    one. Recalls are fractions, ranks 1-based, and "chance" is what a random ranking would score."""
     image_emb = np.asarray(image_emb, dtype=np.float32)
     text_emb = np.asarray(text_emb, dtype=np.float32)
     n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
@@ -129,11 +108,8 @@ def table_rows(named: list[tuple[str, dict]], with_loss: bool = True) -> list[st
 
 
 def classification_metrics(scores: np.ndarray, truth, classes: list[str], top_confusions: int = 10) -> dict:
-    """Zero-shot accuracy from [N, C] scores (higher = more likely) and true class indices.
-
-    top-1 / top-5 accuracy (top-k with k = min(5, C)), per-class accuracy worst first, and the most
-    frequent (true -> predicted) mistakes.
-    """
+    """Zero-shot top-1 / top-k (k = min(5, C)) accuracy from [N, C] scores (higher = more likely) and true
+    class indices; per-class accuracy worst first, and the most frequent (true -> predicted) mistakes."""
     scores = np.asarray(scores, dtype=np.float32)
     truth = np.asarray(truth, dtype=np.int64)
     order = np.argsort(-scores, axis=1, kind="stable")
@@ -146,10 +122,7 @@ def classification_metrics(scores: np.ndarray, truth, classes: list[str], top_co
         if mask.any():
             per_class.append({"class": name, "accuracy": float(top1[mask].mean()), "images": int(mask.sum())})
     per_class.sort(key=lambda x: (x["accuracy"], x["class"]))
-    confusion: dict[tuple[int, int], int] = {}
-    for t, p in zip(truth, order[:, 0]):
-        if t != p:
-            confusion[(int(t), int(p))] = confusion.get((int(t), int(p)), 0) + 1
+    confusion = Counter((int(t), int(p)) for t, p in zip(truth, order[:, 0]) if t != p)
     confused = sorted(confusion.items(), key=lambda kv: (-kv[1], kv[0]))[:top_confusions]
     return {
         "images": int(len(truth)), "classes": len(classes),
@@ -158,7 +131,3 @@ def classification_metrics(scores: np.ndarray, truth, classes: list[str], top_co
         "per_class": per_class,
         "confused": [{"true": classes[t], "predicted": classes[p], "count": n} for (t, p), n in confused],
     }
-
-
-__all__ = ["Gallery", "build_gallery", "retrieval_metrics", "classification_metrics", "headline", "table_rows",
-           "KS"]

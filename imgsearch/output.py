@@ -13,6 +13,7 @@ def err(msg: str) -> None:
 
 
 _CONTROL = {c for c in range(0x20)} | {0x7F} | set(range(0x80, 0xA0))
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t"}
 
 
 def shown(name: str) -> str:
@@ -23,12 +24,8 @@ def shown(name: str) -> str:
     out = []
     for ch in name:
         o = ord(ch)
-        if ch in "\\'":
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
         elif 0xDC80 <= o <= 0xDCFF:  # an undecodable byte kept by surrogateescape
             out.append(f"\\x{o - 0xDC00:02x}")
         elif o in _CONTROL:
@@ -57,10 +54,8 @@ def print_hits(rows: list[dict], fmt: str = "table", *, min_score: float | None 
         print(json.dumps(rows, indent=2))
     elif fmt == "print0":
         sys.stdout.flush()
-        out = sys.stdout.buffer
-        for h in rows:
-            out.write(os.fsencode(h["path"]) + b"\0")
-        out.flush()
+        sys.stdout.buffer.write(b"".join(os.fsencode(h["path"]) + b"\0" for h in rows))
+        sys.stdout.buffer.flush()
     elif fmt == "paths":
         for h in rows:
             print(shown(h["path"]))
@@ -81,4 +76,3 @@ def human_bytes(n: float) -> str:
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"

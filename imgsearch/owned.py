@@ -1,15 +1,10 @@
 """Proof that imgsearch made a folder, so it only ever removes or replaces what it wrote itself.
 
-When imgsearch creates a folder it may later delete or replace (a fine-tuning checkpoint folder, a model
-folder written by `finetune`), it writes a marker file into it recording what kind of folder it is, the
-folder's real path, a random token and every file it wrote there with its size and mtime. The token is
-also kept where the check happens (inside the checkpoint, inside the model config), so a marker copied
-elsewhere proves nothing.
-
-A folder counts as imgsearch's only when the marker is there, names this path, carries the expected
-token, every recorded file is unchanged and nothing else is in the folder. Removal then unlinks those
-files by name and rmdir's the folder (never a recursive delete), so anything that appears meanwhile keeps
-the folder, and its contents, in place.
+A folder imgsearch may later delete or replace gets a marker recording its kind, its real path, a random
+token (also kept where the check happens, so a copied marker proves nothing) and every file written there
+with its size and mtime. It is imgsearch's only when the marker names this path and token, every recorded
+file is unchanged and nothing else is there. Removal unlinks those files by name and rmdir's the folder
+(never a recursive delete), so anything that appears meanwhile keeps the folder in place.
 """
 
 from __future__ import annotations
@@ -41,9 +36,7 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
         info = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
-        return None
-    return info
+    return info if isinstance(info, dict) and isinstance(info.get("files"), dict) else None
 
 
 def start_marker(folder: str | os.PathLike, kind: str, token: str, where: str | os.PathLike | None = None) -> None:
@@ -75,11 +68,9 @@ def record(folder: str | os.PathLike, *names: str) -> None:
 def why_not_ours(folder: str | os.PathLike, kind: str, token: str | None = None,
                  where: str | os.PathLike | None = None, transient: tuple[str, ...] = ()) -> str | None:
     """None when imgsearch provably made ``folder`` and it holds only what imgsearch wrote; else the reason.
-
     ``token``: the token the caller holds (None: only when it holds none, e.g. a model config without one).
     ``where``: the path the marker must name when the folder has just been renamed by imgsearch itself.
-    ``transient``: names imgsearch writes and renames away (temp files of an interrupted write).
-    """
+    ``transient``: names imgsearch writes and renames away (temp files of an interrupted write)."""
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
         return "it is not a plain folder"
@@ -123,14 +114,8 @@ def remove(folder: str | os.PathLike, kind: str, token: str | None = None, where
     info = read_marker(folder) or {"files": {}}
     try:
         for name in [*info["files"], *transient, MARKER + ".tmp", MARKER]:
-            try:
-                os.unlink(folder / name)
-            except FileNotFoundError:
-                pass
+            (folder / name).unlink(missing_ok=True)
         os.rmdir(folder)  # fails, keeping the folder, if anything else appeared meanwhile
     except OSError as e:
         return f"it could not be removed ({e.strerror or e})"
     return None
-
-
-__all__ = ["MARKER", "new_token", "create_dir", "start_marker", "record", "read_marker", "why_not_ours", "remove"]

@@ -8,17 +8,13 @@ import sys
 
 
 class Bar:
-    """A tqdm bar made on the first report, fed absolute counts: ``bar(done, total)``.
-
+    """A tqdm bar made on the first report, fed absolute counts: ``bar(done, total)``; a context manager.
     quiet: draw nothing. skip_empty: no bar for a job of 0 items. leave: keep the finished bar on screen.
-    Extra keyword arguments go to tqdm (unit_scale, smoothing, initial, ...). Usable as a context manager.
-    """
+    Extra keyword arguments go to tqdm (unit_scale, smoothing, initial, ...)."""
 
     def __init__(self, desc: str, unit: str = "img", *, quiet: bool = False, leave: bool = True,
                  skip_empty: bool = False, **options):
-        self.desc = desc
-        self.quiet = quiet
-        self.skip_empty = skip_empty
+        self.desc, self.quiet, self.skip_empty = desc, quiet, skip_empty
         self._options = {"unit": unit, "leave": leave, **options}
         self._bar = None
 

@@ -1,29 +1,19 @@
 """A per-model relevance floor: the score above which a hit is "probably relevant", not just "nearest".
 
-A raw cosine means different things for different models (0.25 is a strong text match for one CLIP and
-noise for another), so the floor is measured, per model, on the user's own library:
-
-- text queries: a fixed list of generic captions about everyday photos (NULL_CAPTIONS) is scored against
-  the library's image vectors. For each caption we take the score of its best 1% of images (the 99th
-  percentile); the floor is the upper quartile of those over all captions. A query whose top hits beat
-  it matches the library better than three in four unrelated captions match their own best images.
-  Taking a quartile over captions, not the maximum, keeps a caption that happens to describe the
-  library (a dog library and "a dog on the grass") from lifting the floor for everyone.
-- image queries ("more like this", query images): the 90th percentile of the cosine between random pairs
-  of distinct library images: more alike than 9 in 10 random pairs of your photos.
-- a query mixing text and image terms gets no verdict (its scores sit between the two scales).
-
-Stored in library_meta under ``relevance:<model id>`` as JSON, with the vector count it was measured on.
-It is measured by the first query that asks for it (encoding the captions once per model: seconds on a
-CPU, so never on `index`'s clock), and from then on kept up to date at the end of `index` (a matrix
-product with the kept caption vectors) and by any query that finds it stale. Stale means: another method version, or a changed vector count while the library has under
-RECALIBRATE_SMALL vectors, or a count that moved by more than RECALIBRATE_SHARE since (new weights are a
-new model row, so they never reuse another model's floor).
+A raw cosine means different things for different models, so the floor is measured per model on the
+user's own library. Text queries: the upper quartile of the 99th-percentile scores of NULL_CAPTIONS
+(generic captions) against the library's images; a quartile, not the maximum, keeps a caption that happens
+to describe the library ("a dog on the grass" in a dog library) from lifting the floor for everyone. Image
+queries: the 90th percentile of the cosine between random pairs of distinct images. A query mixing text and
+image terms gets no verdict. Stored in library_meta with the vector count it was measured on; the first
+query that asks measures it (encoding the captions once per model, never on `index`'s clock), then `index`
+and stale queries measure it again from the kept caption vectors.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import time
@@ -76,33 +66,23 @@ def meta_key(model_id: int) -> str:
 
 def parse(value: str | None) -> dict | None:
     """The stored floor, or None when absent, unreadable or from another method version."""
-    if not value:
-        return None
     try:
-        floor = json.loads(value)
+        floor = json.loads(value) if value else None
     except ValueError:
         return None
-    if not isinstance(floor, dict) or floor.get("method") != METHOD:
-        return None
-    return floor
+    return floor if isinstance(floor, dict) and floor.get("method") == METHOD else None
 
 
 def is_stale(floor: dict | None, vectors: int) -> bool:
     if floor is None:
         return True
     then = int(floor.get("vectors") or 0)
-    if then == vectors:
-        return False
-    if then < RECALIBRATE_SMALL:
-        return True
-    return abs(vectors - then) > RECALIBRATE_SHARE * then
+    return then != vectors and (then < RECALIBRATE_SMALL or abs(vectors - then) > RECALIBRATE_SHARE * then)
 
 
 def floor_for(floor: dict | None, kind: str | None) -> float | None:
     """The cut-off for a query kind ("text" or "image"), None when there is none."""
-    if floor is None or kind is None:
-        return None
-    value = floor.get(kind)
+    value = None if floor is None or kind is None else floor.get(kind)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -115,10 +95,8 @@ def calibrate(image_vecs: np.ndarray, caption_vecs: np.ndarray, vectors: int | N
     if len(vecs) == 0:
         return out
     scores = np.asarray(caption_vecs, dtype=np.float32) @ vecs.T  # (captions, images)
-    per_caption = np.percentile(scores, CAPTION_PERCENTILE, axis=1)
-    out["text"] = round(float(np.percentile(per_caption, CAPTION_QUANTILE)), 6)
-    m = len(vecs)
-    if m >= 2:
+    out["text"] = round(float(np.percentile(np.percentile(scores, CAPTION_PERCENTILE, axis=1), CAPTION_QUANTILE)), 6)
+    if (m := len(vecs)) >= 2:
         rng = np.random.default_rng(0)  # seeded: the same library gives the same floor
         a = rng.integers(0, m, PAIRS)
         b = (a + rng.integers(1, m, PAIRS)) % m  # never an image with itself
@@ -127,14 +105,10 @@ def calibrate(image_vecs: np.ndarray, caption_vecs: np.ndarray, vectors: int | N
 
 
 def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | None:
-    """The model's floor, measured again first when missing or stale (and saved when ``save``).
-
-    ``store``: the library Store; ``encode_texts``: normalised text vectors for a list of strings, called
-    only the first time for a model (the captions' vectors are kept in library_meta: re-measuring is then
-    one matrix product). Encoding the captions costs seconds on a CPU, so `index` passes None: it keeps a
-    floor up to date once a query asked for one, and never measures the first (the stored floor, even
-    stale, or None comes back). None for a model without vectors.
-    """
+    """The model's floor, measured again first when missing or stale (and saved when ``save``); None for a
+    model without vectors. ``encode_texts`` (normalised text vectors for a list of strings) is called only
+    the first time for a model: the captions' vectors are kept. `index` passes None (encoding them costs
+    seconds): it keeps a floor up to date once a query asked for one, and gets the stored one, or None."""
     count = store.vector_count(model_id)
     floor = parse(store.get_meta(meta_key(model_id)))
     if not is_stale(floor, count):
@@ -150,7 +124,7 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
     _, vecs = store.load_vectors(model_id, ids.tolist())
     floor = calibrate(vecs, captions, count)
     if save:
-        _save(store, meta_key(model_id), dumps(floor))
+        _save(store, meta_key(model_id), json.dumps(floor, sort_keys=True))
     return floor
 
 
@@ -173,14 +147,8 @@ def _caption_vectors(store, model_id: int, encode_texts, save: bool) -> np.ndarr
 
 
 def _save(store, key: str, value: str) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a read-only or busy library keeps the floor in memory for this process
         store.set_meta(key, value)
-    except Exception:  # noqa: BLE001 - a read-only or busy library keeps the floor in memory for this process
-        pass
-
-
-def dumps(floor: dict) -> str:
-    return json.dumps(floor, sort_keys=True)
 
 
 def query_kind(kinds_of_positive_terms) -> str | None:

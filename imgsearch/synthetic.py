@@ -1,7 +1,5 @@
-"""Captioned synthetic images (coloured shapes) and a tiny CLIP trained on them.
-
-Used by the tests, the benches and `make run`'s demo, so that retrieval can be checked without
-downloading anything: "a red circle" must bring back red circles.
+"""Captioned synthetic images (coloured shapes) and a tiny CLIP trained on them, for the tests, the benches
+and `make run`'s demo: retrieval is checked without downloading anything ("a red circle" finds red circles).
 """
 
 from __future__ import annotations
@@ -10,8 +8,11 @@ import csv
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .encoder import save_local_dir
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -45,11 +46,9 @@ def draw_shape(color: str, shape: str, size: int = 64, rng: random.Random | None
     bg = tuple(rng.randint(0, 60) for _ in range(3))
     im = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(im)
-    fill = rgb or COLORS[color]
-    fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in fill)
+    fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in rgb or COLORS[color])
     r = rng.uniform(0.25, 0.4) * size
-    cx = rng.uniform(r, size - r)
-    cy = rng.uniform(r, size - r)
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
@@ -84,8 +83,7 @@ def generate(folder: str | os.PathLike, per_class: int = 4, colors=None, shapes=
         with open(folder / captions_file, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["path", "caption"])
-            for s in samples:
-                w.writerow([os.path.relpath(s.path, folder), s.caption])
+            w.writerows([os.path.relpath(s.path, folder), s.caption] for s in samples)
     return samples
 
 
@@ -108,32 +106,29 @@ def build_tiny_clip(seed: int = 0, **cfg_overrides):
 
     cfg = tiny_model_config(**cfg_overrides)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg)
-    return model, cfg
+    return open_clip.CLIP(**cfg), cfg
 
 
 def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None, shapes=SHAPES,
                        seed: int = 0, batch_size: int = 64, lr: float = 2e-3, n_images: int = 720):
-    """Train a tiny CLIP on generated shapes for a few seconds and save it as a local-dir model.
-
-    Returns the saved folder. Captions are varied templates so that the text tower learns the colour
-    and shape words rather than one fixed sentence.
-    """
+    """Train a tiny CLIP on generated shapes for a few seconds; returns the local-dir model folder it saved.
+    Captions are varied templates, so the text tower learns the colour and shape words, not one sentence."""
     import open_clip
-
-    from .encoder import save_local_dir
 
     colors = list(colors or COLORS)
     rng = random.Random(seed)
     model, cfg = build_tiny_clip(seed)
-    size = cfg["vision_cfg"]["image_size"]
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
     _train_on_shapes(model, cfg, tokenizer, lambda c, s: [t.format(c=c, s=s) for t in TEMPLATES], rng, steps,
                      colors, shapes, seed, batch_size, lr, n_images)
     model.eval()
-    preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                      "std": list(open_clip.OPENAI_DATASET_STD)}
-    return save_local_dir(model, cfg, out_dir, preprocess_cfg)
+    return save_local_dir(model, cfg, out_dir, _preprocess_cfg(cfg["vision_cfg"]["image_size"]))
+
+
+def _preprocess_cfg(size: int) -> dict:
+    import open_clip
+
+    return {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
 
 
 def _train_on_shapes(model, cfg: dict, tokenizer, captions_of, rng: random.Random, steps: int, colors, shapes,
@@ -143,16 +138,10 @@ def _train_on_shapes(model, cfg: dict, tokenizer, captions_of, rng: random.Rando
     import torch
     import torch.nn.functional as F
 
-    size = cfg["vision_cfg"]["image_size"]
-    preprocess = open_clip.image_transform(size, is_train=False)
+    preprocess = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
     classes = [(c, s) for c in colors for s in shapes]
-    labels, images = [], []
-    for i in range(n_images):
-        c, s = classes[i % len(classes)]
-        labels.append(i % len(classes))
-        images.append(preprocess(draw_shape(c, s, 64, rng)))
-    images_t = torch.stack(images)
-    labels_t = torch.tensor(labels)
+    labels_t = torch.arange(n_images) % len(classes)
+    images_t = torch.stack([preprocess(draw_shape(*classes[i % len(classes)], 64, rng)) for i in range(n_images)])
     captions = [captions_of(c, s) for c, s in classes]
     tokens = {(k, j): tokenizer([captions[k][j]])[0] for k in range(len(classes)) for j in range(len(captions[k]))}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -208,29 +197,15 @@ def train_tokenizer(texts: list[str], folder: str | os.PathLike, vocab_size: int
     return fast
 
 
-def tiny_multilingual_config(embed_dim: int = 64, image_size: int = 32, width: int = 64, layers: int = 2,
-                             context_length: int = 16, hf_model_name: str = ".") -> dict:
-    """model_cfg of a tiny CLIP whose text tower is a Hugging Face XLM-R built from ``hf_model_name``'s config."""
-    cfg = tiny_model_config(embed_dim, image_size, width, layers, context_length)
-    cfg["text_cfg"] = {"hf_model_name": hf_model_name, "hf_tokenizer_name": hf_model_name, "hf_proj_type": "linear",
-                       "hf_pooler_type": "mean_pooler", "context_length": context_length,
-                       "hf_model_pretrained": False}  # a new tower from its config: there are no weights to fetch
-    return cfg
-
-
 def pretrain_tiny_multilingual_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None, shapes=SHAPES,
                                     seed: int = 0, batch_size: int = 64, lr: float = 2e-3, n_images: int = 720,
                                     width: int = 64):
     """Like pretrain_tiny_clip, with a locally trained tokenizer and a tiny XLM-R text tower, on English and
     Korean captions; saved as a local-dir model that holds its tokenizer and tower config."""
-    import tempfile
-
     import open_clip
     import torch
     from open_clip.tokenizer import HFTokenizer
     from transformers import XLMRobertaConfig
-
-    from .encoder import save_local_dir
 
     colors = list(colors or COLORS)
     rng = random.Random(seed)
@@ -242,15 +217,17 @@ def pretrain_tiny_multilingual_clip(out_dir: str | os.PathLike, steps: int = 300
                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width,
                          max_position_embeddings=context_length + 2, pad_token_id=1, bos_token_id=0,
                          eos_token_id=2).save_pretrained(tmp)
-        cfg = tiny_multilingual_config(width=width, context_length=context_length, hf_model_name=tmp)
+        # The text tower: a Hugging Face XLM-R built from the config in ``tmp`` (new, so no weights to fetch).
+        cfg = {**tiny_model_config(width=width, context_length=context_length),
+               "text_cfg": {"hf_model_name": tmp, "hf_tokenizer_name": tmp, "hf_proj_type": "linear",
+                            "hf_pooler_type": "mean_pooler", "context_length": context_length,
+                            "hf_model_pretrained": False}}
         torch.manual_seed(seed)
         model = open_clip.CustomTextCLIP(**cfg)
         tokenizer = HFTokenizer(tmp, context_length=context_length)
         _train_on_shapes(model, cfg, tokenizer, bilingual_captions, rng, steps, colors, shapes, seed, batch_size,
                          lr, n_images)
         model.eval()
-        size = cfg["vision_cfg"]["image_size"]
-        preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                          "std": list(open_clip.OPENAI_DATASET_STD)}
         cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
-        return save_local_dir(model, cfg, out_dir, preprocess_cfg, tokenizer=tokenizer)
+        return save_local_dir(model, cfg, out_dir, _preprocess_cfg(cfg["vision_cfg"]["image_size"]),
+                              tokenizer=tokenizer)

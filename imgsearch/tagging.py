@@ -9,8 +9,9 @@ from typing import Sequence
 import numpy as np
 
 from . import files, zeroshot
-from .config import Settings, thread_budget
-from .errors import DecodeError, ParamError, UsageError
+from .config import Settings
+from .errors import ParamError, UsageError
+from .evaluation import encode_files
 
 CHUNK = 8192  # images classified per step: bounds memory at N x labels floats
 
@@ -65,11 +66,9 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
                      top: int = 1, min_prob: float = 0.0, under: str | None = None,
                      keep_results: bool = False) -> TagReport:
     """Tag every indexed image (or those under a folder) with its top labels, from stored vectors.
-
-    ``model`` is the library's model row, ``text_side`` what encodes the label prompts (the exported text
-    tower or the encoder: anything with encode_texts and logit_scale); imgsearch.Library passes them.
-    Re-running with the same model, labels and templates replaces that set's tags; other sets stay.
-    """
+    ``model`` is the library's model row, ``text_side`` anything with encode_texts and logit_scale (the
+    exported text tower or the encoder). Re-running with the same model, labels and templates replaces that
+    set's tags; other sets stay."""
     _check_options(top, min_prob)
     labels = list(labels)
     templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
@@ -77,20 +76,19 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
         folder = files.abspath(under)
         if not os.path.isdir(folder) and store.image_by_path(folder) is None:
             raise ParamError("under", "no such folder")
-        candidates = store.ids_under(folder)
-        ids = np.array(sorted(store.image_ids_with_vectors(model.id, candidates.tolist())), dtype=np.int64)
+        ids = np.array(sorted(store.image_ids_with_vectors(model.id, store.ids_under(folder).tolist())), dtype=np.int64)
     else:
         ids = store.vector_ids(model.id)
     if len(ids) == 0:
         raise UsageError(f"no indexed images{' under ' + under if under else ''} to classify; "
                          "run `imgsearch index PATH` first")
-    encoder = text_side  # stored vectors + label texts: no torch when the text export exists
-    label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
+    # Stored vectors + label texts: no torch when the text export exists.
+    label_vecs = zeroshot.label_embeddings(text_side, labels, templates)
     set_id = store.tag_set(model.id, labels, templates)
     report = TagReport(set_id, model.label, labels, templates)
     for start in range(0, len(ids), CHUNK):
         part_ids, vecs = store.load_vectors(model.id, ids[start:start + CHUNK].tolist())
-        probs = zeroshot.classify(vecs, label_vecs, encoder.logit_scale)
+        probs = zeroshot.classify(vecs, label_vecs, text_side.logit_scale)
         best = zeroshot.top_labels(probs, labels, top, min_prob)
         rows = [(int(i), lab, p) for i, tags in zip(part_ids, best) for lab, p in tags]
         store.replace_tags(set_id, part_ids.tolist(), rows)
@@ -120,55 +118,28 @@ class FileLabels:
 
 def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], labels: Sequence[str],
                    templates: Sequence[str] | None = None, top: int = 1, min_prob: float = 0.0,
-                   encoder=None) -> list[FileLabels]:
-    """Labels for image files (folders are walked) without touching the library."""
-    from . import images
-    from .encoder import ModelSpec, load
-
+                   *, encoder) -> list[FileLabels]:
+    """Labels for image files (folders are walked) without touching the library; ``encoder`` is the encoder
+    or a function returning it, called once the files are known to exist (imgsearch.Library passes one)."""
     _check_options(top, min_prob)
     labels = list(labels)
     templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
     for p in paths:
         if not os.path.exists(p):
             raise UsageError(f"image not found: {p}")
-    out: list[FileLabels] = []
-    for entry in files.walk([str(p) for p in paths]):
-        out.append(FileLabels(entry.path, error=getattr(entry, "reason", None)))
+    out = [FileLabels(e.path, error=getattr(e, "reason", None)) for e in files.walk([str(p) for p in paths])]
     if not out:
         raise UsageError("no image files in " + ", ".join(str(p) for p in paths))
-    if callable(encoder) and not hasattr(encoder, "encode_images"):
-        encoder = encoder()  # loaded only now that the files are known to exist (imgsearch.Library passes one)
-    encoder = encoder or load(ModelSpec(settings.model, settings.pretrained), settings.device, settings.precision)
+    if not hasattr(encoder, "encode_images"):
+        encoder = encoder()
     label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
     todo = [r for r in out if r.error is None]
-    budget = thread_budget(device=encoder.device, workers=settings.workers)
-
-    def decode(r: FileLabels):
-        im, _ = images.open_image(r.path, draft_size=encoder.draft_size, max_pixels=settings.max_pixels)
-        return encoder.preprocess(im)
-
-    batch, tensors = [], []
-
-    def flush():
-        import torch
-
-        probs = zeroshot.classify(encoder.encode_image_tensors(torch.stack(tensors)), label_vecs,
-                                  encoder.logit_scale)
-        for r, tags in zip(batch, zeroshot.top_labels(probs, labels, top, min_prob)):
-            r.labels = tags
-        batch.clear()
-        tensors.clear()
-
-    # Decoding runs in threads, batch by batch, the way `index` does it (same thread budget).
-    ahead = max(2 * settings.batch_size, 4 * budget.decode) if budget.overlap else settings.batch_size
-    for r, result in zip(todo, images.decode_many(todo, decode, budget.decode, ahead, overlap=budget.overlap)):
-        if isinstance(result, DecodeError):
-            r.error = str(result)
-            continue
-        batch.append(r)
-        tensors.append(result)
-        if len(batch) >= settings.batch_size:
-            flush()
-    if batch:
-        flush()
+    # Decoded and encoded as `index` does it: its decode stage, thread budget and batches.
+    vecs, ok, failures = encode_files(encoder, [r.path for r in todo], settings)
+    errors = dict(failures)
+    for r in todo:
+        r.error = errors.get(r.path)
+    probs = zeroshot.classify(vecs, label_vecs, encoder.logit_scale)
+    for k, tags in zip(ok, zeroshot.top_labels(probs, labels, top, min_prob)):
+        todo[k].labels = tags
     return out

@@ -1,15 +1,16 @@
-"""Thumbnails of library images, made once and cached on disk under the library home.
-
-Only images in the library can be thumbnailed, and only by their id: the file read is always the path
-the library recorded for that id, so nothing a user types (or puts in a URL) can name a file to read.
-Cache files are named from the id and the content hash alone, so a changed photo gets a new thumbnail.
+"""Thumbnails of library images, made once and cached under the library home. Only a library image can be
+thumbnailed, by its id: the file read is the path the library recorded, so nothing a user types (or puts in
+a URL) can name a file to read. A cache file is named from the id and content hash, so a changed photo gets
+a new thumbnail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import images
@@ -63,19 +64,14 @@ def _write_atomic(im, dest: Path) -> None:
             im.save(f, "JPEG", quality=85, optimize=True)
         os.replace(tmp, dest)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
 def _drop_stale(dest: Path, image_id: int) -> None:
-    """Remove thumbnails of older contents of the same image (same id, other hash).
-
-    Only names cache_path() makes ("<id>-<hex hash or x>.jpg", plain files) are removed: anything else that
-    ended up in the folder was not written here and stays.
-    """
+    """Remove thumbnails of older contents of the same image (same id, other hash): only plain files named
+    as cache_path() names them; anything else in the folder was not written here and stays."""
     own_name = re.compile(rf"{image_id}-(?:[0-9a-f]+|x)\.jpg")
     try:
         for old in dest.parent.iterdir():
@@ -94,32 +90,16 @@ def library_image(store: Store, image_id: object) -> ImageRow:
     return row
 
 
-def _ensure(settings: Settings, row: ImageRow, size: int) -> Path:
-    dest = cache_path(settings, row, size)
-    if dest.exists():
-        return dest
-    im = _render(row, size, settings.max_pixels)
-    _write_atomic(im, dest)
-    _drop_stale(dest, row.id)
-    return dest
-
-
 def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None = None,
                workers: int = 4) -> dict[int, Path | ImgSearchError]:
-    """Thumbnails for many library images at once: {id: path, or the error that image gave}.
-
-    Missing ones are made in parallel threads (decoding releases the GIL), so a fresh grid fills fast.
-    """
+    """Thumbnails for many library images at once: {id: path, or the error that image gave}. Missing ones
+    are made in parallel threads (decoding releases the GIL), so a fresh grid fills fast."""
     if size not in SIZES:
         raise UsageError(f"thumbnail size must be one of {', '.join(map(str, SIZES))}")
-    wanted = [parse_id(i) for i in ids]
-    own = store is None
-    store = store or Store(settings.db_path, create=False)
-    try:
+    wanted = [parse_id(i) for i in ids]  # before opening anything
+    own = contextlib.closing(Store(settings.db_path, create=False)) if store is None else contextlib.nullcontext(store)
+    with own as store:
         rows = store.get_images(wanted)
-    finally:
-        if own:
-            store.close()
     out: dict[int, Path | ImgSearchError] = {}
     todo: list[ImageRow] = []
     for i in wanted:
@@ -132,42 +112,25 @@ def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None =
             todo.append(row)
 
     def make(row: ImageRow) -> Path | ImgSearchError:
+        dest = cache_path(settings, row, size)
         try:
-            return _ensure(settings, row, size)
+            _write_atomic(_render(row, size, settings.max_pixels), dest)
         except ImgSearchError as e:
             return e
         except OSError as e:  # e.g. the thumbnail folder is not writable
             return DataError(f"cannot write a thumbnail under {settings.thumbs_dir}: {e.strerror or e}")
+        _drop_stale(dest, row.id)
+        return dest
 
-    if len(todo) > 1 and workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(workers, len(todo)), thread_name_prefix="thumbs") as pool:
-            for row, result in zip(todo, pool.map(make, todo)):
-                out[row.id] = result
-    else:
-        for row in todo:
-            out[row.id] = make(row)
+    with ThreadPoolExecutor(max(1, min(workers, len(todo))), thread_name_prefix="thumbs") as pool:
+        out.update(zip([row.id for row in todo], pool.map(make, todo)))
     return out
 
 
 def thumbnail(settings: Settings, image_id: object, size: int = THUMB, store: Store | None = None) -> Path:
-    """Path of a cached JPEG thumbnail (longest side ``size``) of library image ``image_id``.
-
-    Made on first use and reused afterwards. Raises UsageError for a malformed or unknown id or size,
-    DataError when the image file is gone or unreadable.
-    """
-    if size not in SIZES:
-        raise UsageError(f"thumbnail size must be one of {', '.join(map(str, SIZES))}")
-    image_id = parse_id(image_id)  # before opening anything
-    own = store is None
-    store = store or Store(settings.db_path, create=False)
-    try:
-        row = library_image(store, image_id)
-    finally:
-        if own:
-            store.close()
-    return _ensure(settings, row, size)
-
-
-__all__ = ["THUMB", "PREVIEW", "SIZES", "parse_id", "cache_path", "library_image", "thumbnail", "thumbnails"]
+    """Path of a cached JPEG thumbnail (longest side ``size``) of library image ``image_id``, made on first
+    use. UsageError for a malformed or unknown id or size, DataError when the file is gone or unreadable."""
+    made = thumbnails(settings, [image_id], size, store, workers=1)[parse_id(image_id)]
+    if isinstance(made, ImgSearchError):
+        raise made
+    return made

@@ -1,11 +1,9 @@
 """Watched folders: turn file-system events into small batches for the library's own index and forget.
 
-watchdog reports events (inotify, or polling where inotify is unavailable or asked for). Events only name
-paths: what a path means is decided when its batch is applied, by looking at the disk then, so a burst of
-events on one file collapses into one look. A file is applied only once its size and mtime have stayed the
-same across a quiet spell (``debounce``), so a half-copied photo is not indexed as a broken one. Writing is
-the library's crash-safe incremental index + forget (``apply``), and the start's catch-up is a normal
-incremental index, so a watcher killed at any point loses nothing the next start does not find.
+Events (watchdog: inotify, or polling) only name paths: a path is looked at when its batch is applied, once
+its size and mtime have stayed the same across a quiet spell (``debounce``), so a burst of events is one look
+and a half-copied photo is not indexed as a broken one. Writing is the library's crash-safe incremental
+index + forget, so a watcher killed at any point loses nothing the next start does not find.
 """
 
 from __future__ import annotations
@@ -88,11 +86,9 @@ def _signature(path: str) -> tuple | None:
 
 class Watcher:
     """Keeps a library in step with folders: ``start()``, ``catch_up()``, then ``run()`` until stopped.
-
     ``apply(changed, gone)`` writes one batch and returns an IndexReport (``removed`` counting the
     forgotten images too); ``catch_up(roots, progress, build_progress)`` is the start's full incremental
-    index. ``on_batch(Batch)`` and ``say(str)`` report; nothing here prints.
-    """
+    index. ``on_batch(Batch)`` and ``say(str)`` report; nothing here prints."""
 
     clock = staticmethod(time.monotonic)  # when events happened and quiet spells end (a test may stop it)
 
@@ -101,12 +97,9 @@ class Watcher:
                  debounce: float = 0.5, on_batch: Callable[[Batch], None] | None = None,
                  say: Callable[[str], None] | None = None):
         self.roots = check_folders(paths)
-        self._apply = apply
-        self._catch_up = catch_up
+        self._apply, self._catch_up = apply, catch_up
         self.home = files.abspath(home) if home is not None else None
-        self.poll = poll
-        self.interval = interval
-        self.debounce = debounce
+        self.poll, self.interval, self.debounce = poll, interval, debounce
         self.on_batch = on_batch or (lambda b: None)
         self.say = say or (lambda s: None)
         self.how = ""  # "inotify" / "polling every 1s": said in the status line
@@ -122,10 +115,8 @@ class Watcher:
     # --- events (observer thread) ----------------------------------------------------------------
     def ignored(self, path: str) -> bool:
         """Paths no batch should see: the library's own home, hidden and temporary files, outside the roots."""
-        if self.home is not None and _under(path, self.home):
-            return True
         root = next((r for r in self.roots if _under(path, r)), None)
-        if root is None:
+        if root is None or (self.home is not None and _under(path, self.home)):
             return True
         rel = os.path.relpath(path, root)
         if rel == ".":
@@ -146,9 +137,8 @@ class Watcher:
         now = self.clock()
         sig = _signature(path)
         with self._lock:
-            self._pending[path] = now
+            self._pending[path] = self._last_event = now
             self._sigs[path] = sig
-            self._last_event = now
 
     def _handler(self):
         from watchdog.events import FileSystemEventHandler
@@ -275,12 +265,10 @@ class Watcher:
                 del self._pending[p]
                 self._sigs.pop(p, None)
         # A folder in the batch covers everything under it (indexing it also drops its vanished files).
-        ready.sort()
         kept: list[str] = []
-        for p in ready:
-            if kept and _under(p, kept[-1]):
-                continue
-            kept.append(p)
+        for p in sorted(ready):
+            if not (kept and _under(p, kept[-1])):
+                kept.append(p)
         # Only folders and image files (by extension or content, as the walk decides): `index` given a
         # notes.txt would record it as a failed image.
         changed = [p for p in kept if os.path.isdir(p) or (os.path.isfile(p) and files.is_image_file(p))]
@@ -300,10 +288,8 @@ class Watcher:
                 self.notice(p)
         batch.seconds = time.perf_counter() - t0
         self.batches += 1
-        t = self.totals
-        r = batch.report
-        t.new, t.updated, t.moved, t.removed = t.new + r.new, t.updated + r.updated, t.moved + r.moved, \
-            t.removed + r.removed
-        t.failed.extend(r.failed)
+        for name in ("new", "updated", "moved", "removed"):
+            setattr(self.totals, name, getattr(self.totals, name) + getattr(batch.report, name))
+        self.totals.failed.extend(batch.report.failed)
         if not batch.empty:
             self.on_batch(batch)

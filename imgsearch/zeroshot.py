@@ -1,29 +1,6 @@
-"""Zero-shot classification with prompt ensembles, and CLIP score of an image against texts.
-
-Public API (used by `classify`, `score` and `eval zeroshot`):
-
-- ``DEFAULT_TEMPLATES``: the default prompt ensemble; each template holds ``{}`` where the label goes.
-  ``SINGLE_TEMPLATE``: the one-prompt baseline ("a photo of a {}.") to compare ensembles against.
-- ``parse_labels(text)``: "dog, cat,car" -> ["dog", "cat", "car"] (UsageError when empty, a single
-  label, or repeated).
-- ``read_labels(path)`` / ``read_templates(path)``: one entry per line; blank lines and lines starting
-  with ``#`` are skipped. Raise DataError (missing/empty file, template without ``{}``).
-- ``check_templates(templates)``: validate templates given on the command line (UsageError).
-- ``prompts(label, templates)``: the texts that describe one label.
-- ``label_embeddings(encoder, labels, templates=DEFAULT_TEMPLATES) -> np.ndarray [L, dim]``: per label,
-  the L2-normalised text embeddings of all its prompts are averaged and the mean renormalised (the
-  ensembling of the CLIP paper, section 3.1.4).
-- ``classify(image_vectors, label_vectors, logit_scale) -> np.ndarray [N, L]``: softmax over labels of
-  ``logit_scale * cosine``; each row sums to 1.
-- ``top_labels(probs, labels, top=1, min_prob=0.0)``: per image, [(label, prob)] best first.
-- ``clip_score(image_vector, text_vectors)`` -> cosines; ``CLIPSCORE_WEIGHT * max(cos, 0)`` is the
-  CLIPScore convention (Hessel et al. 2021, as torchmetrics reports it).
-- ``encode_file(encoder, path)``: one image file's vector (UsageError naming a missing/unreadable file).
-- ``score_file(encoder, path, texts) -> [TextScore(text, cosine, .clipscore)]``: CLIP score of a file
-  outside the library.
-
-Inputs are L2-normalised float32 vectors as ``Encoder.encode_images`` / ``encode_texts`` return them.
-"""
+"""Zero-shot classification with prompt ensembles, and CLIP score of an image against texts (used by
+`classify`, `score` and `eval zeroshot`). Vectors in and out are L2-normalised float32, as
+``Encoder.encode_images`` / ``encode_texts`` return them."""
 
 from __future__ import annotations
 
@@ -39,20 +16,13 @@ from .errors import DataError, DecodeError, UsageError
 # Photo-style prompts: CLIP was trained on alt-text, where a bare label word is rare, and averaging
 # several phrasings cancels some of each one's quirks (CLIP paper: +3.5% ImageNet over one prompt).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a dark photo of a {}.",
-    "a cropped photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of the small {}.",
-    "a photo of the large {}.",
-    "a picture of a {}.",
+    "a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.", "a bright photo of a {}.",
+    "a dark photo of a {}.", "a cropped photo of a {}.", "a good photo of a {}.", "a photo of the small {}.",
+    "a photo of the large {}.", "a picture of a {}.",
 )
-SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
+SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)  # the one-prompt baseline to compare ensembles with
 PLACEHOLDER = "{}"
-CLIPSCORE_WEIGHT = 100.0
+CLIPSCORE_WEIGHT = 100.0  # CLIPScore = 100 * max(cos, 0) (Hessel et al. 2021, as torchmetrics reports it)
 
 
 def parse_labels(text: str | Sequence[str]) -> list[str]:
@@ -68,27 +38,18 @@ def _unique_labels(labels: list[str], where: str, error=UsageError) -> list[str]
     if len(labels) < 2:
         raise error(f"{where}: only one label ({labels[0]!r}); give at least two, since probabilities compare "
                     "labels with each other")
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for lab in labels:
-        key = lab.casefold()
-        if key in seen:
+        if lab.casefold() in seen:
             raise error(f"{where}: label {lab!r} is given twice; each label must be unique")
-        seen[key] = lab
+        seen.add(lab.casefold())
     return labels
 
 
 def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = [line.strip() for line in f]
-    except FileNotFoundError:
-        raise DataError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"{what} file {path} is a folder; give a text file with one entry per line") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{what} file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"cannot read {what} file {path}: {e.strerror or e}") from None
+    from .captions import read_text
+
+    lines = [line.strip() for line in read_text(path, what).split("\n")]
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -120,7 +81,8 @@ def prompts(label: str, templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[st
 
 
 def label_embeddings(encoder, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-    """[len(labels), dim] float32: per label, mean of its normalised prompt embeddings, renormalised."""
+    """[len(labels), dim] float32: per label, mean of its normalised prompt embeddings, renormalised (the
+    CLIP paper's ensembling, section 3.1.4)."""
     labels = list(labels)
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     texts = [p for lab in labels for p in prompts(lab, templates)]
@@ -142,12 +104,8 @@ def classify(image_vectors: np.ndarray, label_vectors: np.ndarray, logit_scale: 
 def top_labels(probs: np.ndarray, labels: Sequence[str], top: int = 1,
                min_prob: float = 0.0) -> list[list[tuple[str, float]]]:
     """Per row of ``probs``: up to ``top`` (label, probability) pairs at or above ``min_prob``, best first."""
-    out: list[list[tuple[str, float]]] = []
-    top = max(1, min(int(top), len(labels)))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
-    for row, idx in zip(probs, order):
-        out.append([(labels[j], float(row[j])) for j in idx if row[j] >= min_prob])
-    return out
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :max(1, min(int(top), len(labels)))]
+    return [[(labels[j], float(row[j])) for j in idx if row[j] >= min_prob] for row, idx in zip(probs, order)]
 
 
 @dataclass(frozen=True)
@@ -163,15 +121,15 @@ class TextScore:
         return {"text": self.text, "cosine": round(self.cosine, 6), "clipscore": round(self.clipscore, 4)}
 
 
-def clip_score(image_vector: np.ndarray, text_vectors: np.ndarray) -> np.ndarray:
-    """Cosine of one normalised image vector with each normalised text vector."""
-    return np.asarray(text_vectors, dtype=np.float32) @ np.asarray(image_vector, dtype=np.float32).reshape(-1)
-
-
-def encode_file(encoder, path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """One image file's normalised vector; a missing or unreadable file is a UsageError naming it."""
+def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
+               max_pixels: int = MAX_PIXELS) -> list[TextScore]:
+    """CLIP score of an image file against each text, in the order given; a missing or unreadable file is a
+    UsageError naming it."""
     from . import images
 
+    texts = [t.strip() for t in texts]
+    if not texts or not all(texts):
+        raise UsageError("give at least one non-empty text to score the image against")
     if not os.path.exists(path):
         raise UsageError(f"image not found: {path}")
     if os.path.isdir(path):
@@ -180,15 +138,5 @@ def encode_file(encoder, path: str | os.PathLike, max_pixels: int = MAX_PIXELS) 
         im, _ = images.open_image(str(path), draft_size=encoder.draft_size, max_pixels=max_pixels)
     except DecodeError as e:
         raise UsageError(f"cannot read image {path}: {e}") from None
-    return encoder.encode_images([im])[0]
-
-
-def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
-               max_pixels: int = MAX_PIXELS) -> list[TextScore]:
-    """CLIP score of an image file against each text, in the order given."""
-    texts = [t.strip() for t in texts]
-    if not texts or not all(texts):
-        raise UsageError("give at least one non-empty text to score the image against")
-    vec = encode_file(encoder, path, max_pixels)
-    cos = clip_score(vec, encoder.encode_texts(texts))
+    cos = encoder.encode_texts(texts) @ encoder.encode_images([im])[0]  # both L2-normalised
     return [TextScore(t, float(c)) for t, c in zip(texts, cos)]

@@ -322,7 +322,7 @@ def test_eval_zeroshot_classes_file_not_utf8_is_one_line(cli, tmp_path, suffix):
 
 
 def test_class_file_with_an_empty_name_is_refused(tmp_path):
-    from imgsearch.commands.evaluate import read_class_map
+    from imgsearch.evaluation import read_class_map
     from imgsearch.errors import DataError
 
     f = tmp_path / "names.csv"

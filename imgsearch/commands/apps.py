@@ -10,10 +10,7 @@ import typer
 
 from . import command, err, flag_words, library_of
 from ..errors import UsageError
-
-
-def _fmt_labels(labels) -> str:
-    return ", ".join(f"{lab} {p:.2f}" for lab, p in labels) or "(below --min-prob)"
+from ..output import human_bytes
 
 
 # --- classify / tags --------------------------------------------------------------------------------
@@ -48,7 +45,7 @@ def classify_cmd(
             if r.error:
                 err(f"error: {r.path}: {r.error}")
             elif not json_out:
-                typer.echo(f"{r.path}\t{_fmt_labels(r.labels)}")
+                typer.echo(f"{r.path}\t" + (", ".join(f"{lab} {p:.2f}" for lab, p in r.labels) or "(below --min-prob)"))
         if any(r.error for r in results):
             raise typer.Exit(1)
         return
@@ -79,26 +76,16 @@ def tags_cmd(
                 raise UsageError(f"no label set {drop_set}; `imgsearch tags --sets` lists them")
             typer.echo(f"deleted label set {drop_set} and its tags")
             return
-        if sets:
-            rows = lib.tag_sets()
-            if json_out:
-                typer.echo(json.dumps(rows, indent=2))
-                return
-            for s in rows:
-                typer.echo(f"set {s['id']}: {s['images']} images, {s['model']}, {len(s['templates'])} templates, "
-                           f"labels: {', '.join(s['labels'])}")
-            if not rows:
-                err("no tags yet: run `imgsearch classify --labels \"dog,cat,car\"`")
-            return
-        counts = lib.tags()
-        if json_out:
-            typer.echo(json.dumps([{"tag": t, "images": n} for t, n in counts], indent=2))
-            return
-        if not counts:
-            err("no tags yet: run `imgsearch classify --labels \"dog,cat,car\"`")
-            return
-        for tag, n in counts:
-            typer.echo(f"{n:>6}  {tag}")
+        rows = lib.tag_sets() if sets else lib.tags()
+    if json_out:
+        typer.echo(json.dumps(rows if sets else [{"tag": t, "images": n} for t, n in rows], indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row[1]:>6}  {row[0]}" if not sets else
+                   f"set {row['id']}: {row['images']} images, {row['model']}, {len(row['templates'])} templates, "
+                   f"labels: {', '.join(row['labels'])}")
+    if not rows:
+        err("no tags yet: run `imgsearch classify --labels \"dog,cat,car\"`")
 
 
 # --- score ------------------------------------------------------------------------------------------
@@ -137,8 +124,6 @@ def duplicates_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Group copies of the same picture (resized, re-encoded, converted, lightly cropped). Deletes nothing."""
-    from ..output import human_bytes
-
     with library_of(ctx) as lib, flag_words(under=("--under", under), threshold=("--threshold", threshold),
                                             min_match=("--min-match", min_match)):
         report = lib.duplicates(under=under, threshold=threshold, similar=similar, min_match=min_match)
@@ -196,8 +181,7 @@ def caption_cmd(
             if json_out:
                 typer.echo(json.dumps({"image": str(image), "captions": caps}, indent=2))
             elif caps:
-                for c in caps:
-                    typer.echo(c)
+                typer.echo("\n".join(caps))
             else:
                 err(f"no captions for {image}")
             return

@@ -1,11 +1,9 @@
 """`imgsearch eval zeroshot|retrieval|parity`: measure models on the user's own data; never touches the library.
-
-Parses options, calls imgsearch.evaluation (the library side: encoding through the indexer's own
-decode stage, readers, retrieval, parity) and prints.
-"""
+Parses options, calls imgsearch.evaluation (the library side) and prints."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -15,11 +13,13 @@ import typer
 from . import app, command, err, settings_of
 from ..errors import DataError, UsageError
 from ..evaluation import encode_files, load_for_images, parity, read_image_folder, retrieval_eval
-from ..evaluation import read_class_map
+from ..progress import Bar
 
 grp = typer.Typer(help="Measure models on your own data: zero-shot accuracy, retrieval recall, fast-path parity.",
                   no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(grp, name="eval")
+MODELS_OPTION = typer.Option(None, "--models", "-m", help="Model to compare (repeatable): local-dir:DIR, "
+                             "hf-hub:org/repo or NAME:PRETRAINED [default: the global --model]")
 
 
 # --- shared helpers (no printing) -------------------------------------------------------------------
@@ -38,8 +38,7 @@ def model_specs(models: list[str] | None, settings) -> list:
         if m.startswith((LOCAL_DIR, HF_HUB)):
             specs.append(ModelSpec(m))
         elif ":" in m:
-            name, tag = m.split(":", 1)
-            specs.append(ModelSpec(name, tag))
+            specs.append(ModelSpec(*m.split(":", 1)))
         else:
             specs.append(ModelSpec(m, settings.pretrained if m == settings.model else None))
     return specs
@@ -54,15 +53,6 @@ def precision_list(precisions: str | None, settings) -> list[str]:
     if bad or not out:
         raise UsageError(f"--precisions got {precisions!r}; give a comma-separated list of auto, fp32, bf16, fp16, int8")
     return out
-
-
-def _bar(desc: str, quiet: bool):
-    if quiet:
-        return None, None
-    from ..progress import Bar
-
-    bar = Bar(desc, leave=False)
-    return bar, bar.close
 
 
 def _pct(x: float) -> str:
@@ -87,9 +77,7 @@ def zeroshot_cmd(
     template: Optional[List[str]] = typer.Option(None, "--template", help="Prompt template with {} for the class "
                                                  "(repeatable); replaces the default ensemble."),
     templates_file: Optional[Path] = typer.Option(None, "--templates-file", help="Prompt templates, one per line."),
-    models: Optional[List[str]] = typer.Option(None, "--models", "-m", help="Model to compare (repeatable): "
-                                               "local-dir:DIR, hf-hub:org/repo or NAME:PRETRAINED [default: the "
-                                               "global --model]"),
+    models: Optional[List[str]] = MODELS_OPTION,
     show: int = typer.Option(10, "--show", min=0, help="Worst classes and confused pairs listed per model."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="Compare precisions side by side, e.g. "
                                              "fp32,int8 [default: the global --precision]"),
@@ -111,16 +99,11 @@ def zeroshot_cmd(
     truth_all = np.array([c for _, c in items])
     results = []
     precs = precision_list(precisions, settings)
-    runs = [(spec, p) for spec in specs for p in precs]
-    for spec, prec in runs:
+    for spec, prec in itertools.product(specs, precs):
         enc = load_for_images(spec, settings, prec)
         label = spec.label if len(precs) == 1 else f"{spec.label} [{prec}]"
-        progress, close = _bar(f"encoding ({label})", quiet or json_out)
-        try:
-            vecs, ok, failures = encode_files(enc, paths, settings, progress)
-        finally:
-            if close:
-                close()
+        with Bar(f"encoding ({label})", leave=False, quiet=quiet or json_out) as bar:
+            vecs, ok, failures = encode_files(enc, paths, settings, bar)
         if not results:
             skipped += [(p, f"unreadable image: {r}") for p, r in failures]
         if not ok:
@@ -162,9 +145,7 @@ def retrieval_cmd(
                                     "or a folder of images with .txt sidecars."),
     image_col: str = typer.Option("path", "--image-col", help="Image path column/field name."),
     caption_col: str = typer.Option("caption", "--caption-col", help="Caption column/field name."),
-    models: Optional[List[str]] = typer.Option(None, "--models", "-m", help="Model to compare (repeatable): "
-                                               "local-dir:DIR, hf-hub:org/repo or NAME:PRETRAINED [default: the "
-                                               "global --model]"),
+    models: Optional[List[str]] = MODELS_OPTION,
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
@@ -182,12 +163,8 @@ def retrieval_cmd(
     results = []
     for spec in model_specs(models, settings):
         enc = load(spec, settings.device, settings.precision)
-        progress, close = _bar(f"encoding ({spec.label})", quiet or json_out)
-        try:
-            m, failures = retrieval_eval(enc, cs, settings, progress)
-        finally:
-            if close:
-                close()
+        with Bar(f"encoding ({spec.label})", leave=False, quiet=quiet or json_out) as bar:
+            m, failures = retrieval_eval(enc, cs, settings, bar)
         if not results:
             skipped += [(p, f"unreadable image: {r}") for p, r in failures]
         results.append((spec.label, m))
@@ -196,10 +173,8 @@ def retrieval_cmd(
                                "models": [{"model": label, **m} for label, m in results]}, indent=2))
         return
     _report_skipped(skipped)
-    m0 = results[0][1]
-    typer.echo(f"{m0['images']} images, {m0['texts']} distinct captions")
-    for row in table_rows(results, with_loss=False):
-        typer.echo(row)
+    typer.echo(f"{results[0][1]['images']} images, {results[0][1]['texts']} distinct captions")
+    typer.echo("\n".join(table_rows(results, with_loss=False)))
 
 
 # --- parity ---------------------------------------------------------------------------------------
@@ -230,12 +205,8 @@ def parity_cmd(
         files = [files[int(i * len(files) / n)] for i in range(n)]
     results = []
     for prec in precision_list(precisions, settings):
-        progress, close = _bar(f"comparing ({prec})", quiet or json_out)
-        try:
-            res = parity(ModelSpec(settings.model, settings.pretrained), files, settings, progress, prec)
-        finally:
-            if close:
-                close()
+        with Bar(f"comparing ({prec})", leave=False, quiet=quiet or json_out) as bar:
+            res = parity(ModelSpec(settings.model, settings.pretrained), files, settings, bar, prec)
         res["threshold"] = threshold
         # Every decode stage `index` may take must pass, not only today's: a drifting tensor path is a bug.
         res["passed"] = all(st["min_cosine"] >= threshold for st in res["stages"] if st.get("images"))
@@ -259,12 +230,8 @@ def parity_cmd(
                 elif st.get("images"):
                     typer.echo(f"  stage {st['stage']} ({st['decode']}): min cosine {st['min_cosine']:.6f}, mean "
                                f"{st['mean_cosine']:.6f}, max input difference {st['max_abs_input_diff']:.4f}")
-    failed = [(r, st) for r in results for st in r["stages"] if st.get("images") and st["min_cosine"] < threshold]
-    if failed:
+    if failed := [(r, st) for r in results for st in r["stages"] if st.get("images") and st["min_cosine"] < threshold]:
         r, st = failed[0]
         err(f"parity below threshold: min cosine {st['min_cosine']:.6f} < {threshold} ({r['precision']}, decode "
             f"stage {st['stage']})")
         raise typer.Exit(1)
-
-
-__all__ = ["grp", "read_class_map"]  # read_class_map's old home: importers keep working

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import signal
 from dataclasses import dataclass, field
 
 from ..captions import Pair, read_captions
 from ..config import MAX_PIXELS
-from ..errors import DataError, UsageError
-from ..images import open_image
+from ..errors import DataError, DecodeError, UsageError
+from ..images import decode_many, open_image
 from ..metrics import Gallery, build_gallery
 
 
@@ -42,13 +43,8 @@ class PreparedData:
 
 def check_images(paths: list[str], draft_size: int, max_pixels: int, workers: int,
                  progress=None) -> dict[str, str]:
-    """Decode every image once before training starts; returns {path: reason} for the unusable ones.
-
-    Doing this up front is what lets a corrupt file stop nothing an hour in.
-    """
-    from ..errors import DecodeError
-    from ..images import decode_many
-
+    """Decode every image once before training starts (so a corrupt file stops nothing an hour in);
+    returns {path: reason} for the unusable ones."""
     bad: dict[str, str] = {}
     results = decode_many(paths, lambda path: open_image(path, draft_size=draft_size, max_pixels=max_pixels), workers)
     for n, (path, result) in enumerate(zip(paths, results), start=1):
@@ -63,8 +59,7 @@ def split_by_image(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[l
     """Hold out a random ``val_fraction`` of the images (with all their captions); no image is in both."""
     images = sorted({p.path for p in pairs})
     random.Random(seed).shuffle(images)
-    n_val = max(2, round(val_fraction * len(images)))
-    val_images = set(images[:n_val])
+    val_images = set(images[:max(2, round(val_fraction * len(images)))])
     return [p for p in pairs if p.path not in val_images], [p for p in pairs if p.path in val_images]
 
 
@@ -123,19 +118,15 @@ def prepare(source, *, val_source=None, image_col: str = "path", caption_col: st
 
 
 class PairDataset:
-    """Pairs as model inputs: (image tensor, caption tokens, image id, caption id).
-
-    Items are requested as (pair index, augmentation seed) so random crops depend only on the step,
-    not on which worker decodes them: a resumed run sees exactly the same inputs.
-    """
+    """Pairs as model inputs: (image tensor, caption tokens, image id, caption id). Items are requested as
+    (pair index, augmentation seed), so random crops depend only on the step, not on which worker decodes
+    them: a resumed run sees exactly the same inputs."""
 
     def __init__(self, pairs: list[Pair], transform, tokenizer, draft_size: int, max_pixels: int = MAX_PIXELS):
         import torch
 
         self.gallery: Gallery = build_gallery(pairs)
-        self.transform = transform
-        self.draft_size = draft_size
-        self.max_pixels = max_pixels
+        self.transform, self.draft_size, self.max_pixels = transform, draft_size, max_pixels
         tokens = [tokenizer(self.gallery.texts[i:i + 1024]) for i in range(0, len(self.gallery.texts), 1024)]
         self.tokens = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.long)
         self.index = torch.tensor(self.gallery.pair_index, dtype=torch.long)
@@ -165,9 +156,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 class StepBatches:
     """Micro-batches for optimizer steps [start, total): epoch e uses epoch_order(seed, e), drop_last.
-
-    One step is ``accum`` micro-batches of ``batch_size`` pairs; an epoch is as many whole steps as fit.
-    """
+    One step is ``accum`` micro-batches of ``batch_size`` pairs; an epoch is as many whole steps as fit."""
 
     def __init__(self, n: int, batch_size: int, accum: int, seed: int, start: int, total: int):
         self.n, self.batch_size, self.accum, self.seed = n, batch_size, accum, seed
@@ -196,8 +185,6 @@ class StepBatches:
 def _ignore_sigint(_worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; only the training process decides what to do with it
     # (finish the step, save a checkpoint), so the decode workers must keep serving batches meanwhile.
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -213,15 +200,10 @@ def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool = False):
 def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int, batch_size: int = 64,
                     max_pixels: int = MAX_PIXELS, overlap: bool = True):
     """Yield [B,3,H,W] batches in order, decoded by images.decode_many (the indexer's decode path).
-
     ``overlap`` True: the next batch decodes while the caller encodes this one (at most two batches in
     memory); False: decoding and the caller's encoding take turns (config.thread_budget's CPU policy).
-    Raises DecodeError for an image that stopped being readable since check_images passed it.
-    """
+    Raises DecodeError for an image that stopped being readable since check_images passed it."""
     import torch
-
-    from ..errors import DecodeError
-    from ..images import decode_many
 
     def load(path):
         im, _ = open_image(path, draft_size=draft_size, max_pixels=max_pixels)
@@ -237,7 +219,3 @@ def decode_for_eval(paths: list[str], preprocess, draft_size: int, workers: int,
             batch = []
     if batch:
         yield torch.stack(batch)
-
-
-__all__ = ["PreparedData", "prepare", "check_images", "split_by_image", "PairDataset", "StepBatches",
-           "epoch_order", "make_loader", "decode_for_eval"]

@@ -1,9 +1,8 @@
 """The fine-tuning loop: one flat function, nanoGPT style, that runs the same on a laptop CPU and a GPU.
 
 train(cfg) loads the base model, checks and splits the data, evaluates the base, trains with AdamW and
-warmup+cosine, evaluates after every epoch keeping the best weights, survives Ctrl-C with a checkpoint
-that --resume continues exactly, optionally blends with WiSE-FT, and writes an open_clip local-dir model
-plus training_report.json atomically.
+warmup+cosine, evaluates after every epoch keeping the best weights, survives Ctrl-C with a checkpoint that
+--resume continues exactly, optionally blends with WiSE-FT, and writes an open_clip local-dir model.
 """
 
 from __future__ import annotations
@@ -18,9 +17,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..config import MAX_PIXELS
 from .. import owned
+from ..config import MAX_PIXELS, VERSION, thread_budget, training_workers
+from ..encoder import LOCAL_DIR, ModelSpec, build, pick_device, pick_precision, read_local_config, save_local_dir
+from ..encoder import why_not_replaceable
 from ..errors import DataError, ImgSearchError, UsageError
+from ..metrics import headline, retrieval_metrics
+from .data import PairDataset, StepBatches, decode_for_eval, make_loader, prepare
+from .loss import MAX_LOG_SCALE, contrastive_loss
+from .wise import interpolate
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "imgsearch-finetune-checkpoint"
@@ -89,16 +94,13 @@ def shown_setting(cfg: TrainConfig, name: str) -> str:
 
 
 def resumed_config(ckpt: dict, changes: dict) -> TrainConfig:
-    """The checkpoint's settings with ``changes`` (TrainConfig fields the user gave anew) applied.
-
-    Raises UsageError naming the first change a resumed run cannot honour.
-    """
+    """The checkpoint's settings with ``changes`` (TrainConfig fields the user gave anew) applied; a
+    UsageError names the first change a resumed run cannot honour."""
     old = TrainConfig(**ckpt["config"])
     for name in FIXED_ON_RESUME:
         if name in changes and changes[name] != getattr(old, name):
             raise UsageError(f"{flag_of(name)} cannot change on --resume (the checkpoint's run has "
-                             f"{shown_setting(old, name)}); leave "
-                             "it out, or start a new run without --resume")
+                             f"{shown_setting(old, name)}); leave it out, or start a new run without --resume")
     if "epochs" in changes and "max_steps" not in changes:
         changes = {**changes, "max_steps": None}  # a run length given now replaces the checkpoint's
     cfg = replace(old, **changes)
@@ -110,8 +112,7 @@ def resumed_config(ckpt: dict, changes: dict) -> TrainConfig:
                          "--batch-size and double --grad-accum to use less memory")
     total, step = cfg.max_steps or cfg.epochs * ckpt["steps_per_epoch"], ckpt["step"]
     if total <= step:
-        length = "max_steps" if cfg.max_steps else "epochs"
-        raise UsageError(f"{shown_setting(cfg, length)} ends at step {total}, but the checkpoint is already at step "
+        raise UsageError(f"{shown_setting(cfg, 'max_steps' if cfg.max_steps else 'epochs')} ends at step {total}, but the checkpoint is already at step "
                          f"{step}; give a longer run to train on")
     return cfg
 
@@ -161,8 +162,6 @@ def param_groups(model, wd: float) -> list[dict]:
 
 def training_precision(precision: str, device: str) -> str:
     """auto: fp16 autocast + grad scaler on CUDA, bf16 autocast on CPUs with native bf16, else fp32."""
-    from ..encoder import pick_precision
-
     if precision == "int8":
         raise UsageError("--precision int8 is for indexing only (a quantised copy of the image tower); "
                          "fine-tune with auto, fp32, bf16 or fp16")
@@ -183,24 +182,17 @@ def base_model_config(spec, model) -> tuple[dict, dict]:
     """(model_cfg, preprocess_cfg) of the base, so the written config rebuilds the same network."""
     import open_clip
 
-    from ..encoder import LOCAL_DIR, read_local_config
-
-    if spec.name.startswith(LOCAL_DIR):
-        model_cfg = read_local_config(spec.name[len(LOCAL_DIR):]).get("model_cfg")
-    else:
-        model_cfg = open_clip.get_model_config(spec.name)
+    model_cfg = (read_local_config(spec.name[len(LOCAL_DIR):]).get("model_cfg") if spec.name.startswith(LOCAL_DIR)
+                 else open_clip.get_model_config(spec.name))
     if not model_cfg:
         raise UsageError(f"cannot find the architecture config of {spec.label}; fine-tuning needs a model "
                          "whose open_clip config is known")
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
-    preprocess_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
-    return model_cfg, preprocess_cfg
+    return model_cfg, {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
 
 
 def check_out_dir(out: Path) -> None:
     """Refuse before training to write over anything but an empty folder or a model imgsearch wrote."""
-    from ..encoder import why_not_replaceable
-
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder path for the fine-tuned model")
     reason = why_not_replaceable(out)
@@ -223,11 +215,8 @@ def checkpoint_dir_is_ours(folder: str | os.PathLike, token: str | None) -> bool
 
 
 def pick_checkpoint_dir(preferred: Path, token: str) -> tuple[Path, str | None]:
-    """(folder for this run's checkpoints, why ``preferred`` was passed over or None).
-
-    A folder that exists and is not this run's own checkpoint folder (a user's folder, or another run's
-    checkpoint that may still be resumed) is never written to; a numbered sibling is used instead.
-    """
+    """(folder for this run's checkpoints, why ``preferred`` was passed over or None). A folder that is not
+    this run's own (a user's, or another run's checkpoint that may still be resumed) is never written to."""
     candidate, n = preferred, 1
     while os.path.lexists(candidate) and not checkpoint_dir_is_ours(candidate, token):
         n += 1
@@ -260,15 +249,9 @@ def validate(cfg: TrainConfig) -> None:
 
 def evaluate(model, val, preprocess, device: str, precision: str, batch_size: int, draft_size: int,
              workers: int, max_pixels: int, overlap: bool = True) -> dict:
-    """Validation loss (over fixed batches of pairs) and retrieval metrics on the held-out images of ``val``
-    (a PairDataset)."""
-    import numpy as np
+    """Validation loss (over fixed batches of pairs) and retrieval metrics on ``val`` (a PairDataset)."""
     import torch
     import torch.nn.functional as F
-
-    from ..metrics import retrieval_metrics
-    from .data import decode_for_eval
-    from .loss import contrastive_loss
 
     was_training = model.training
     model.eval()
@@ -288,10 +271,8 @@ def evaluate(model, val, preprocess, device: str, precision: str, batch_size: in
                 total += float(loss) * len(chunk)
                 count += len(chunk)
     model.train(was_training)
-    metrics = retrieval_metrics(img.cpu().numpy().astype(np.float32), txt.cpu().numpy().astype(np.float32),
-                                val.gallery.matches)
-    metrics["val_loss"] = total / count if count else float("nan")
-    return metrics
+    return {**retrieval_metrics(img.cpu().numpy(), txt.cpu().numpy(), val.gallery.matches),
+            "val_loss": total / count if count else float("nan")}
 
 
 def _save_checkpoint(path: Path, payload: dict, token: str) -> None:
@@ -333,21 +314,10 @@ def _state_cpu(model) -> dict:
 
 def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: StopFlag | None = None) -> dict:
     """Fine-tune, evaluate, write ``cfg.out``; returns the report (also written as training_report.json).
-
     ``events(kind, **info)`` receives progress: "check" (done, total), "start", "step", "eval", "save".
-    ``resume`` is a checkpoint from load_checkpoint(); the run then continues at its step.
-    """
+    ``resume`` is a checkpoint from load_checkpoint(); the run then continues at its step."""
     import torch
-
-    from ..config import VERSION as __version__
-    from ..config import thread_budget, training_workers
-    from ..encoder import ModelSpec, build, pick_device, save_local_dir
-    from ..metrics import headline
     from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    from .data import PairDataset, StepBatches, make_loader, prepare
-    from .loss import MAX_LOG_SCALE, contrastive_loss
-    from .wise import interpolate
 
     emit = events or (lambda kind, **info: None)
     stop = stop or StopFlag()
@@ -433,7 +403,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
 
     def save_checkpoint(reason: str) -> None:
         _save_checkpoint(ckdir, {
-            "format": CHECKPOINT_FORMAT, "version": 1, "imgsearch": __version__, "created": time.time(),
+            "format": CHECKPOINT_FORMAT, "version": 1, "imgsearch": VERSION, "created": time.time(),
             "config": asdict(cfg), "step": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
             "base": {"model": spec.name, "pretrained": spec.pretrained, "fingerprint": enc.fingerprint},
             "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
@@ -472,8 +442,7 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
                     # spliced into the cached ones (open_clip's accum_freq trick; 2x forward, 1/N memory).
                     with torch.no_grad(), autocast():
                         cached = [(model.encode_image(x), model.encode_text(t)) for x, t, _, _ in micro]
-                    ids_i = torch.cat([m[2] for m in micro])
-                    ids_t = torch.cat([m[3] for m in micro])
+                    ids_i, ids_t = torch.cat([m[2] for m in micro]), torch.cat([m[3] for m in micro])
                     for j, (x, t, _, _) in enumerate(micro):
                         with autocast():
                             fi, ft = model.encode_image(x), model.encode_text(t)
@@ -528,15 +497,14 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     if cfg.wise_alpha is not None:
         if base_state is None:  # resumed run: the original weights come from the base model again
             base_state = _state_cpu(build(spec, "cpu", "fp32").model)
-        blended = interpolate(base_state, _state_cpu(model), cfg.wise_alpha)
-        model.load_state_dict(blended)
+        model.load_state_dict(interpolate(base_state, _state_cpu(model), cfg.wise_alpha))
         results["wise"] = run_eval(f"WiSE-FT alpha {cfg.wise_alpha}")
     model.eval()
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(False)
     final = results.get("wise", result_metrics)
     report = {
-        "imgsearch": __version__,
+        "imgsearch": VERSION,
         "base_model": {"model": spec.name, "pretrained": spec.pretrained, "fingerprint": enc.fingerprint},
         "output": str(out),
         "data": {"source": data.source, "val_source": data.val_source, **data.counts(),
@@ -545,20 +513,15 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
                             "warmup": warmup, "total_steps": total, "steps_per_epoch": steps_per_epoch,
                             "epochs_run": round(step / steps_per_epoch, 3), "precision": precision,
                             "device": device, "trainable_parameters": trainable},
-        "steps": step,
-        "best_step": best["step"] if best else step,
-        "train_seconds": round(train_seconds, 3),
+        "steps": step, "best_step": best["step"] if best else step, "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(step * per_step / train_seconds, 2) if train_seconds > 0 else None,
-        "results": results,
-        "history": history,
-        "improved": headline(final) > headline(base_metrics),
+        "results": results, "history": history, "improved": headline(final) > headline(base_metrics),
         "summary": _summary(base_metrics, final),
     }
     save_local_dir(model, model_cfg, out, preprocess_cfg,
                    extra_files={REPORT_FILE: json.dumps(report, indent=2, default=_jsonable)}, tokenizer=tokenizer)
     if os.path.lexists(ckdir):
-        left = owned.remove(ckdir, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,))
-        if left is not None:
+        if (left := owned.remove(ckdir, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,))) is not None:
             emit("note", message=f"left the checkpoint folder {ckdir} in place: {left}")
     emit("done", report=report)
     return report
@@ -573,10 +536,4 @@ def _summary(base: dict, final: dict) -> str:
 
 
 def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
-
-
-__all__ = ["TrainConfig", "StopFlag", "Interrupted", "train", "lr_at", "param_groups", "evaluate",
-           "load_checkpoint", "training_precision", "REPORT_FILE", "CHECKPOINT_FILE"]
+    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
