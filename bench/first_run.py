@@ -6,8 +6,8 @@ The issue-23 setting: 1 MP JPEGs, random ViT-B-32-256 weights saved as a plain s
 (`--model ViT-B-32-256 --pretrained weights.safetensors`), the default image backend and precision. Per round,
 alternating (A B A B) to cancel drift:
 - first: `imgsearch index` into a new, empty home: imports, model, exports and the encode loop all count;
-- later: `imgsearch index` of the same photos into a new library in a home that keeps the exports the first
-  run made (a user's second library, or a re-index);
+- later: `imgsearch index` of another N photos into the same library (a user's next run: the exports and
+  any measurement or parity verdict the first run recorded are there);
 - rclip 3.3 through ../shared/peers/rclip_bench.sh (same photos, same architecture, random weights).
 Each imgsearch process is sampled from /proc (the process and its children) for peak summed RSS. Prints
 img/s, peak RSS and the ratios against rclip from the same round, and names the CPU.
@@ -114,6 +114,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     photos = make_photos(work / f"photos-{args.n}", args.n, 1024, 768)
+    more = make_photos(work / f"photos-{args.n}-more", args.n, 1024, 768, seed=1)
     checkpoint = random_checkpoint(work / "vit-b-32-256-random.safetensors")
     from imgsearch.onnx_image import cpu_model
 
@@ -124,10 +125,7 @@ def main() -> None:
         home = Path(tempfile.mkdtemp(prefix="first-run-", dir=work))
         try:
             rows["first"].append(run_index(home, checkpoint, photos, args.precision))
-            (home / "library.db").unlink()  # a new library; the exports folder stays
-            for extra in ("library.db-wal", "library.db-shm"):
-                (home / extra).unlink(missing_ok=True)
-            rows["later"].append(run_index(home, checkpoint, photos, args.precision))
+            rows["later"].append(run_index(home, checkpoint, more, args.precision))
         finally:
             shutil.rmtree(home, ignore_errors=True)  # the bench's own temporary home
         for kind in rows:
