@@ -36,6 +36,8 @@ UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EX
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
 # The page's URL names that differ from the search request's (request.SearchRequest.from_params).
 URL_NAMES = {"min": "min_score"}
+# The search form's text fields: URL key (its widget is "w_<key>") -> Params field.
+TEXT_FIELDS = {"q": "q", "not": "neg", "under": "under", **{key: key for key in WHEN_WHERE}}
 
 
 # --- the search as it appears in the URL ------------------------------------------------------------
@@ -91,9 +93,8 @@ def parse_params(raw: Mapping[str, str]) -> Params:
     def text(key: str) -> str:
         return str(raw.get(key, "") or "").strip()
 
-    p.q, p.neg, p.under, p.page, p.album = text("q"), text("not"), text("under"), text("page"), text("album")
-    for key in WHEN_WHERE:
-        setattr(p, key, text(key))
+    for key, attr in {**TEXT_FIELDS, "page": "page", "album": "album"}.items():
+        setattr(p, attr, text(key))
     for key in ("like", "unlike"):  # ids joined by commas; request_of names a bad one
         setattr(p, key, tuple(int(i) for i in text(key).split(",") if i.strip().isdigit()))
     if raw.get("view"):
@@ -201,16 +202,14 @@ class IndexJobs:
                 raise UsageError(f"already indexing {self.current.folder}; wait for it to finish")
             job = self.current = IndexJob(folder)
 
-        def progress(done: int, total: int) -> None:
-            job.done, job.total = done, total
-
-        def build_progress(stage: str, done: int, total: int) -> None:
+        def progress(done: int, total: int, stage: str = "") -> None:
             job.stage, job.done, job.total = stage, done, total
 
         def work() -> None:
             try:
                 lib = the_library(settings)
-                job.report = lib.index([folder], progress=progress, build_progress=build_progress).as_dict()
+                job.report = lib.index([folder], progress=progress,
+                                       build_progress=lambda stage, d, t: progress(d, t, stage)).as_dict()
             except ImgSearchError as e:
                 job.error = str(e)
             except Exception as e:  # a bug: keep the server up, log the details, show one line
@@ -234,9 +233,9 @@ def sync_widgets(p: Params) -> None:
     key = tuple(sorted(p.to_url().items()))
     if st.session_state.get("_url") == key:
         return
-    st.session_state.update({"_url": key, "w_q": p.q, "w_not": p.neg, "w_k": p.k, "w_min": p.min_score,
-                             "w_under": p.under, "w_page": "Albums" if p.page == "albums" else "Search",
-                             **{f"w_{key}": getattr(p, key) for key in WHEN_WHERE}})
+    st.session_state.update({"_url": key, "w_k": p.k, "w_min": p.min_score,
+                             "w_page": "Albums" if p.page == "albums" else "Search",
+                             **{f"w_{name}": getattr(p, attr) for name, attr in TEXT_FIELDS.items()}})
 
 
 def go(p: Params) -> None:
@@ -250,9 +249,8 @@ def on_search() -> None:
     upload = ss.get("w_upload")
     ss.upload = (upload.name, upload.getvalue()) if upload is not None else None
     cur = parse_params(st.query_params)
-    go(Params(q=(ss.w_q or "").strip(), neg=(ss.w_not or "").strip(), like=cur.like, unlike=cur.unlike,
-              k=int(ss.w_k or DEFAULT_K), min_score=ss.w_min, under=(ss.w_under or "").strip(),
-              **{key: (ss.get(f"w_{key}") or "").strip() for key in WHEN_WHERE}))
+    go(Params(like=cur.like, unlike=cur.unlike, k=int(ss.w_k or DEFAULT_K), min_score=ss.w_min,
+              **{attr: (ss.get(f"w_{key}") or "").strip() for key, attr in TEXT_FIELDS.items()}))
 
 
 def on_more_like(image_id: int) -> None:
@@ -264,10 +262,6 @@ def on_more_like(image_id: int) -> None:
 
 def on_mark(image_id: int, good: bool) -> None:
     go(parse_params(st.query_params).marked(image_id, good))
-
-
-def on_view(image_id: int | None) -> None:
-    go(replace(parse_params(st.query_params), view=image_id))
 
 
 def on_change(**fields) -> None:
@@ -305,7 +299,7 @@ def caption(name: str, score: float | None = None) -> str:
     return f"{score:.3f} · {short}" if score is not None else short
 
 
-def grid(settings: Settings, library, hits, key: str, p: Params | None = None) -> None:
+def grid(library, hits, key: str, p: Params | None = None) -> None:
     """Thumbnails with score and file name; each has 'Details' and 'More like this', and with ``p`` (a
     search to refine) 👍 and 👎, shown pressed when marked."""
     paths = library.thumbnails([h.id for h in hits], library.THUMB)
@@ -327,8 +321,8 @@ def grid(settings: Settings, library, hits, key: str, p: Params | None = None) -
                                 args=(hit.id, good), type="primary" if on else "tertiary",
                                 help="Unmark" if on else "What you want: refine toward it" if good
                                 else "Not what you want: refine away from it")
-                b1.button("Details", key=f"{key}-view-{hit.id}", on_click=on_view, args=(hit.id,), type="tertiary",
-                          help=md(hit.path))
+                b1.button("Details", key=f"{key}-view-{hit.id}", on_click=on_change, kwargs={"view": hit.id},
+                          type="tertiary", help=md(hit.path))
                 b2.button("More like this", key=f"{key}-like-{hit.id}", on_click=on_more_like, args=(hit.id,),
                           type="tertiary")
 
@@ -340,7 +334,7 @@ def thumbnail(library, image_id: int, size: int) -> None:
         st.warning(md(e))
 
 
-def detail(settings: Settings, library, image_id: int, key: str = "detail", close: bool = True) -> None:
+def detail(library, image_id: int, key: str = "detail", close: bool = True) -> None:
     """Larger view: path, size, dimensions, date taken, and the most similar images."""
     row = library.image(image_id)
     with st.container(border=True):
@@ -363,13 +357,14 @@ def detail(settings: Settings, library, image_id: int, key: str = "detail", clos
             b1.button("More like this", key=f"{key}-like", on_click=on_more_like, args=(row.id,), type="primary",
                       width="stretch")
             if close:
-                b2.button("Close", key=f"{key}-close", on_click=on_view, args=(None,), width="stretch")
+                b2.button("Close", key=f"{key}-close", on_click=on_change, kwargs={"view": None},
+                          width="stretch")
         with left:
             thumbnail(library, row.id, library.PREVIEW)
         similar = library.search(ids=[row.id], k=COLUMNS, exclude_ids=[row.id])
         if similar:
             st.markdown("**Similar images**")
-            grid(settings, library, similar, key=f"{key}-similar")
+            grid(library, similar, key=f"{key}-similar")
 
 
 def status_panel(settings: Settings) -> dict | None:
@@ -487,7 +482,7 @@ def search_form() -> None:
         st.form_submit_button("Search", type="primary", on_click=on_search)
 
 
-def example_header(settings: Settings, library, image_id: int) -> str:
+def example_header(library, image_id: int) -> str:
     """Above a 'more like this' grid: the example image itself. Returns its file name."""
     row = library.image(image_id)
     left, right = st.columns([1, 7], vertical_alignment="center")
@@ -495,7 +490,7 @@ def example_header(settings: Settings, library, image_id: int) -> str:
         thumbnail(library, row.id, library.THUMB)
     with right:
         st.markdown(f"**Images like {md(row.name)}**")
-        st.button("Details", key="example-view", on_click=on_view, args=(row.id,), type="tertiary")
+        st.button("Details", key="example-view", on_click=on_change, kwargs={"view": row.id}, type="tertiary")
     return row.name
 
 
@@ -512,7 +507,7 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
     library = warm_library(settings)
     if p.view is not None:
         try:
-            detail(settings, library, p.view)
+            detail(library, p.view)
         except ImgSearchError as e:  # a stale or mistyped view= must not hide the results below
             st.error(md(e))
     if not (p.q or p.like or upload):
@@ -521,21 +516,11 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
     t0 = time.perf_counter()
     hits = library.run(request)
     took = time.perf_counter() - t0
-    what = []
-    if p.example is not None:
-        what.append(f"images like {md(example_header(settings, library, p.example))}")
-    if upload:
-        what.append(f"images like the uploaded {md(upload[0])}")
-    if p.q:
-        what.append(f"“{md(p.q)}”")
-    if p.neg:
-        what.append(f"not “{md(p.neg)}”")
-    if p.under:
-        what.append(f"in {md(p.under)}")
-    for key, label in (("after", "taken from"), ("before", "until the end of"), ("near", "near"),
-                       ("camera", "camera")):
-        if getattr(p, key):
-            what.append(f"{label} {md(getattr(p, key))}")
+    said = ((p.example is not None and example_header(library, p.example), "images like {}"),
+            (upload and upload[0], "images like the uploaded {}"), (p.q, "“{}”"), (p.neg, "not “{}”"),
+            (p.under, "in {}"), (p.after, "taken from {}"), (p.before, "until the end of {}"),
+            (p.near, "near {}"), (p.camera, "camera {}"))
+    what = [form.format(md(value)) for value, form in said if value]
     if not hits:
         st.info("No results for " + ", ".join(what) + (f" with score ≥ {p.min_score:g}" if p.min_score is not None
                                                          else "") + ".")
@@ -552,7 +537,7 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
                      type="tertiary")
     if hits[0].relevant is False:  # the best is under the model's calibrated floor (None: no floor applies)
         st.info("No good matches; closest results")
-    views(settings, library, hits, "hit", p)
+    views(library, hits, "hit", p)
 
 
 def save_album_form(library, request: SearchRequest) -> None:
@@ -567,13 +552,13 @@ def save_album_form(library, request: SearchRequest) -> None:
                 st.error(md(e))
 
 
-def views(settings: Settings, library, hits, key: str, p: Params | None = None) -> None:
+def views(library, hits, key: str, p: Params | None = None) -> None:
     """Hits as a thumbnail grid, on a map and on a timeline (whose brush narrows the search's dates)."""
     tab_grid, tab_map, tab_time = st.tabs(["Grid", "Map", "Timeline"])
     with tab_grid:
-        grid(settings, library, hits, key, p)
+        grid(library, hits, key, p)
     with tab_map:
-        photo_map(settings, library, hits, key)
+        photo_map(library, hits, key)
     with tab_time:
         timeline(hits, key, narrow=p is not None)
 
@@ -601,7 +586,7 @@ def pins(hits, cells: int = 24) -> list[dict]:
     return out
 
 
-def photo_map(settings: Settings, library, hits, key: str) -> None:
+def photo_map(library, hits, key: str) -> None:
     """The photos with GPS as pins on a plain canvas (no tile server needed; a base map is optional). A
     click on a pin opens its photo, or lists a cluster's photos, below the map."""
     import math
@@ -643,10 +628,10 @@ def photo_map(settings: Settings, library, hits, key: str) -> None:
     if chosen:
         ids = [int(i) for i in str(chosen[0]["ids"]).split(",")]
         if len(ids) == 1:
-            detail(settings, library, ids[0], key=f"{key}-pin", close=False)
+            detail(library, ids[0], key=f"{key}-pin", close=False)
         else:
             st.markdown(f"**{len(ids)} photos here**")
-            grid(settings, library, [h for h in hits if h.id in set(ids)], key=f"{key}-pin")
+            grid(library, [h for h in hits if h.id in set(ids)], key=f"{key}-pin")
 
 
 def timeline(hits, key: str, narrow: bool = True) -> None:
@@ -699,7 +684,7 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
         return
     library = warm_library(settings)
     if p.album:
-        return album_view(settings, library, p.album)
+        return album_view(library, p.album)
     albums = library.albums()
     st.header("Albums", anchor=False)
     if not albums:
@@ -714,7 +699,7 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
                    + time.strftime("%Y-%m-%d %H:%M", time.localtime(album.changed_at)))
 
 
-def album_view(settings: Settings, library, name: str) -> None:
+def album_view(library, name: str) -> None:
     try:
         album = library.album(name)
     except ImgSearchError as e:
@@ -757,7 +742,7 @@ def album_view(settings: Settings, library, name: str) -> None:
                     on_change(album="")
                     st.rerun()
     if album.hits:
-        views(settings, library, album.hits, "album")
+        views(library, album.hits, "album")
     else:
         st.info("No photos in this album now.")
 
