@@ -159,14 +159,9 @@ def _meta_columns(pa, rows, path_col: str) -> dict:
         # A non-UTF-8 name is shown as \xNN; its exact bytes are kept beside it.
         "path_raw": pa.array([None if s == r.path else os.fsencode(r.path) for s, r in zip(shown, rows)],
                              pa.binary()),
-        "id": pa.array([r.id for r in rows], pa.int64()),
-        "hash": pa.array([r.hash for r in rows], pa.string()),
-        "size": pa.array([r.size for r in rows], pa.int64()),
-        "mtime_ns": pa.array([r.mtime_ns for r in rows], pa.int64()),
-        "width": pa.array([r.width for r in rows], pa.int32()),
-        "height": pa.array([r.height for r in rows], pa.int32()),
-        "taken_at": pa.array([r.taken_at for r in rows], pa.string()),
-        "added_at": pa.array([r.added_at for r in rows], pa.float64()),
+        **{name: pa.array([getattr(r, name) for r in rows], getattr(pa, kind)()) for name, kind in (
+            ("id", "int64"), ("hash", "string"), ("size", "int64"), ("mtime_ns", "int64"), ("width", "int32"),
+            ("height", "int32"), ("taken_at", "string"), ("added_at", "float64"))},
     }
 
 
@@ -445,8 +440,7 @@ def open_export(folder: str | os.PathLike) -> _Source:
     if (root / "img_emb").is_dir():
         fmt = "clip-retrieval"
         npys = sorted((root / "img_emb").glob("*.npy"), key=_shard_no)
-        metas = {_shard_no(p): p for p in (root / "metadata").glob("*.parquet")} if (root / "metadata").is_dir() \
-            else {}
+        metas = {_shard_no(p): p for p in (root / "metadata").glob("*.parquet")}  # none when it is not a folder
         if not npys:
             raise DataError(f"{root / 'img_emb'} holds no .npy files; nothing to import")
         for npy in npys:
