@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import queue
 import sqlite3
@@ -667,8 +668,6 @@ class Store:
     # --- tags (zero-shot labels) ---------------------------------------------------------------
     def tag_set(self, model_id: int, labels: Sequence[str], templates: Sequence[str]) -> int:
         """Id of the (model, labels, templates) set, created on first use."""
-        import json
-
         lab, tpl = json.dumps(list(labels)), json.dumps(list(templates))
         with self.begin() as c:
             c.execute("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
@@ -686,8 +685,6 @@ class Store:
 
     def tag_sets(self) -> list[dict]:
         """Every label set with its model and how many images it tagged."""
-        import json
-
         rows = self.rows("SELECT s.id, s.model_id, m.name, m.pretrained, s.labels, s.templates, s.created_at, "
                          "(SELECT count(DISTINCT image_id) FROM tags t WHERE t.set_id = s.id) "
                          "FROM tag_sets s JOIN models m ON m.id = s.model_id ORDER BY s.id")
