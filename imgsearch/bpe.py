@@ -54,11 +54,16 @@ def read_merges(gz_path: str | Path) -> list[str]:
 
 def write_tables(gz_path: str | Path, folder: str | Path) -> None:
     """Plain-text merge and vocabulary tables (one entry per line, line number = rank / id) for fast start."""
-    merges = read_merges(gz_path)
+    merges = "\n".join(read_merges(gz_path))
     _, base = byte_alphabet()
-    vocab = base + [c + "</w>" for c in base] + [m.replace(" ", "") for m in merges] + [SOT, EOT]
-    Path(folder, MERGES_TXT).write_text("\n".join(merges), encoding="utf-8")
+    # A merge line is two symbols and one space; symbols never hold a space (it is remapped).
+    vocab = base + [c + "</w>" for c in base] + [merges.replace(" ", ""), SOT, EOT]
+    Path(folder, MERGES_TXT).write_text(merges, encoding="utf-8")
     Path(folder, VOCAB_TXT).write_text("\n".join(vocab), encoding="utf-8")
+
+
+# (merges table, vocabulary table) -> (pair -> merge rank, token -> id, pre-token -> ids)
+_memos: dict[tuple[str, str], tuple[dict[tuple[str, str], int | None], dict[str, int], dict[str, list[int]]]] = {}
 
 
 class BPETokenizer:
@@ -75,12 +80,13 @@ class BPETokenizer:
         self._merges = "\n" + (folder / MERGES_TXT).read_text(encoding="utf-8") + "\n"
         self._vocab = "\n" + (folder / VOCAB_TXT).read_text(encoding="utf-8") + "\n"
         self.alphabet, _ = byte_alphabet()
-        self._rank_memo: dict[tuple[str, str], int | None] = {}
-        self._id_memo: dict[str, int] = {}
+        # Shared by every tokenizer over the same tables in this process (every export copies open_clip's
+        # one file): a new export's parity check or a second library does not redo the same searches.
+        self._rank_memo, self._id_memo, self._memo = _memos.setdefault((self._merges, self._vocab), ({}, {}, {}))
         self.sot_id = self._id(SOT)
         self.eot_id = self._id(EOT)
         self.context_length = int(context_length)
-        self._memo: dict[str, list[int]] = {SOT: [self.sot_id], EOT: [self.eot_id]}
+        self._memo.update({SOT: [self.sot_id], EOT: [self.eot_id]})
         self._full_pat = None
 
     def _rank(self, pair: tuple[str, str]) -> int | None:
