@@ -22,9 +22,27 @@ os.environ.pop("HF_TOKEN", None)  # and no developer credentials
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 import pytest  # noqa: E402
+import typer.testing  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import imgsearch.synthetic as synthetic  # noqa: E402
+
+
+_click_commands: dict[int, tuple[object, object]] = {}
+
+
+def _click_command_once(app):
+    """typer's CliRunner turns the Typer app into a click command on every invoke (~0.05 s of CPU, paid
+    about a thousand times a run); a real process does it once. The app is complete once imported, so the
+    command is built once per app and reused, as click's own CliRunner is used."""
+    made = _click_commands.get(id(app))
+    if made is None or made[0] is not app:
+        made = _click_commands[id(app)] = (app, _build_click_command(app))
+    return made[1]
+
+
+_build_click_command = typer.testing._get_command
+typer.testing._get_command = _click_command_once
 
 
 def trained_once(cache: Path, train) -> Path:
