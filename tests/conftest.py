@@ -32,9 +32,9 @@ _click_commands: dict[int, tuple[object, object]] = {}
 
 
 def _click_command_once(app):
-    """typer's CliRunner turns the Typer app into a click command on every invoke (~0.05 s of CPU, paid
-    about a thousand times a run); a real process does it once. The app is complete once imported, so the
-    command is built once per app and reused, as click's own CliRunner is used."""
+    """typer's CliRunner turns the Typer app into a click command on every invoke (~10 ms of CPU, paid on
+    each of the suite's in-process CLI calls); a real process does it once. The app is complete once
+    imported, so the command is built once per app and reused, as click's own CliRunner is used."""
     made = _click_commands.get(id(app))
     if made is None or made[0] is not app:
         made = _click_commands[id(app)] = (app, _build_click_command(app))
@@ -83,7 +83,7 @@ _made_exports: dict[tuple[str, str], Path] = {}  # (weights fingerprint, model l
 @pytest.fixture(autouse=True)
 def text_export_made_once(request, monkeypatch, tmp_path_factory):
     """The CLIP text export (textfast) of a model is built and verified against torch once per test session,
-    then copied into each fresh library home that asks for it (~0.3 s of CPU per index run saved). The copy
+    then copied into each fresh library home that asks for it (0.2-0.5 s of CPU per index run saved). The copy
     is what the build writes for the same weights and label; tests about making exports are marked real_export."""
     if request.node.get_closest_marker("real_export"):
         return
