@@ -21,6 +21,7 @@ N_MERGES = 49152 - 256 - 2  # merges CLIP's vocabulary was built from (the file 
 _ASCII_PAT = re.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+",
                         re.IGNORECASE)
 _PLAIN = re.compile(r"[\x20-\x25\x27-\x7e]*")  # printable ASCII except '&'
+_memos: dict[tuple[str, str], tuple[dict, dict, dict]] = {}  # (merges, vocab) -> (rank, id, pre-token memos)
 
 
 def byte_alphabet() -> tuple[list[str], list[str]]:
@@ -56,14 +57,9 @@ def write_tables(gz_path: str | Path, folder: str | Path) -> None:
     """Plain-text merge and vocabulary tables (one entry per line, line number = rank / id) for fast start."""
     merges = "\n".join(read_merges(gz_path))
     _, base = byte_alphabet()
-    # A merge line is two symbols and one space; symbols never hold a space (it is remapped).
-    vocab = base + [c + "</w>" for c in base] + [merges.replace(" ", ""), SOT, EOT]
+    vocab = base + [c + "</w>" for c in base] + [merges.replace(" ", ""), SOT, EOT]  # symbols hold no space
     Path(folder, MERGES_TXT).write_text(merges, encoding="utf-8")
     Path(folder, VOCAB_TXT).write_text("\n".join(vocab), encoding="utf-8")
-
-
-# (merges table, vocabulary table) -> (pair -> merge rank, token -> id, pre-token -> ids)
-_memos: dict[tuple[str, str], tuple[dict[tuple[str, str], int | None], dict[str, int], dict[str, list[int]]]] = {}
 
 
 class BPETokenizer:
@@ -71,8 +67,9 @@ class BPETokenizer:
 
     Building open_clip's two 49k-entry dicts took 0.2-0.3 s, most of a cold query's budget. Instead the
     tables stay one newline-delimited string each and a lookup is a substring search plus a newline count
-    (line number = merge rank or token id), memoised: a query touches a few dozen entries. rfind, because
-    open_clip's dicts keep the last of duplicate entries.
+    (line number = merge rank or token id), memoised: a query touches a few dozen entries. The memos are shared
+    by all tokenizers over the same tables (every export copies one file) so that each new export's parity
+    check does not redo them. rfind, because open_clip's dicts keep the last of duplicate entries.
     """
 
     def __init__(self, folder: str | Path, context_length: int = 77):
@@ -80,8 +77,6 @@ class BPETokenizer:
         self._merges = "\n" + (folder / MERGES_TXT).read_text(encoding="utf-8") + "\n"
         self._vocab = "\n" + (folder / VOCAB_TXT).read_text(encoding="utf-8") + "\n"
         self.alphabet, _ = byte_alphabet()
-        # Shared by every tokenizer over the same tables in this process (every export copies open_clip's
-        # one file): a new export's parity check or a second library does not redo the same searches.
         self._rank_memo, self._id_memo, self._memo = _memos.setdefault((self._merges, self._vocab), ({}, {}, {}))
         self.sot_id = self._id(SOT)
         self.eot_id = self._id(EOT)
