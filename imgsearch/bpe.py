@@ -18,6 +18,7 @@ N_MERGES = 49152 - 256 - 2  # merges CLIP's vocabulary was built from (the file 
 _ASCII_PAT = re.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+",
                         re.IGNORECASE)
 _PLAIN = re.compile(r"[\x20-\x25\x27-\x7e]*")  # printable ASCII except '&'
+_memos: dict[tuple[str, str], tuple[dict, dict, dict]] = {}  # (merges, vocab) -> (rank, id, pre-token memos)
 
 
 def byte_alphabet() -> tuple[list[str], list[str]]:
@@ -44,10 +45,10 @@ def read_merges(gz_path: str | Path) -> list[str]:
 
 def write_tables(gz_path: str | Path, folder: str | Path) -> None:
     """Plain-text merge and vocabulary tables (one entry per line, line number = rank / id) for fast start."""
-    merges = read_merges(gz_path)
+    merges = "\n".join(read_merges(gz_path))
     _, base = byte_alphabet()
-    vocab = base + [c + "</w>" for c in base] + [m.replace(" ", "") for m in merges] + [SOT, EOT]
-    Path(folder, MERGES_TXT).write_text("\n".join(merges), encoding="utf-8")
+    vocab = base + [c + "</w>" for c in base] + [merges.replace(" ", ""), SOT, EOT]  # symbols hold no space
+    Path(folder, MERGES_TXT).write_text(merges, encoding="utf-8")
     Path(folder, VOCAB_TXT).write_text("\n".join(vocab), encoding="utf-8")
 
 
@@ -55,19 +56,19 @@ class BPETokenizer:
     """Encode texts to CLIP token ids ([sot] ids [eot], truncated to the context length).
     Building open_clip's two 49k-entry dicts took 0.2-0.3 s, most of a cold query's budget. Instead the
     tables stay one newline-delimited string each and a lookup is a substring search plus a newline count
-    (line number = merge rank or token id), memoised: a query touches a few dozen entries. rfind, because
-    open_clip's dicts keep the last of duplicate entries."""
+    (line number = merge rank or token id), memoised: a query touches a few dozen entries. The memos are shared
+    by all tokenizers over the same tables, so each new export's parity check does not redo them. rfind,
+    because open_clip's dicts keep the last of duplicate entries."""
 
     def __init__(self, folder: str | Path, context_length: int = 77):
         folder = Path(folder)
         self._merges = "\n" + (folder / MERGES_TXT).read_text(encoding="utf-8") + "\n"
         self._vocab = "\n" + (folder / VOCAB_TXT).read_text(encoding="utf-8") + "\n"
         self.alphabet, _ = byte_alphabet()
-        self._rank_memo: dict[tuple[str, str], int | None] = {}
-        self._id_memo: dict[str, int] = {}
+        self._rank_memo, self._id_memo, self._memo = _memos.setdefault((self._merges, self._vocab), ({}, {}, {}))
         self.sot_id, self.eot_id = self._id(SOT), self._id(EOT)
         self.context_length = int(context_length)
-        self._memo: dict[str, list[int]] = {SOT: [self.sot_id], EOT: [self.eot_id]}
+        self._memo.update({SOT: [self.sot_id], EOT: [self.eot_id]})
         self._full_pat = None
 
     def _rank(self, pair: tuple[str, str]) -> int | None:

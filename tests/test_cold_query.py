@@ -16,6 +16,8 @@ import pytest
 
 from imgsearch import textfast
 
+pytestmark = pytest.mark.real_export  # these tests are about making the text export
+
 HEAVY = ("torch", "open_clip", "torchvision", "faiss")
 
 # Run the console script's entry in a fresh interpreter and report which heavy modules it imported.

@@ -31,15 +31,50 @@ def start(settings, host="127.0.0.1"):
     return srv, t
 
 
-@pytest.fixture()
-def library(cli, photos):
+def indexed_once(root, tiny_model, tagged=False):
+    """(home, photos): the 54 photos indexed in a library of their own, once per module. Tests get a copy of
+    the home (``copy_home``); the photos stay shared, and no test here changes them."""
+    from conftest import Cli, make_photos
+
+    photos = make_photos(root / "photos")
+    cli = Cli(root / "home", f"local-dir:{tiny_model}")
+    if tagged:
+        sub = photos / "sub"
+        sub.mkdir()
+        for p in sorted(photos.glob("*_00[01].jpg")):
+            shutil.move(p, sub / p.name)
     assert cli("index", photos).exit_code == 0
-    return photos
+    if tagged:
+        assert cli("classify", "--labels", "red,green,blue,yellow", "--json").exit_code == 0
+    return cli.home, photos
+
+
+def copy_home(indexed, home):
+    shutil.copytree(indexed[0], home)
+    return indexed[1]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_model):
+    return indexed_once(tmp_path_factory.mktemp("hostile-server"), tiny_model)
 
 
 @pytest.fixture()
-def server(library, settings):
+def library(indexed, home):
+    return copy_home(indexed, home)
+
+
+@pytest.fixture(scope="module")
+def server(indexed, tmp_path_factory, tiny_model):
+    """One server, on a copy of the library, for the tests that only send it requests; .photos are its photos."""
+    from imgsearch.config import Settings
+
+    home = tmp_path_factory.mktemp("served") / "home"
+    settings = Settings(home=home, model=f"local-dir:{tiny_model}", pretrained=None, device="cpu",
+                        precision="fp32", workers=2, batch_size=16)
+    photos = copy_home(indexed, home)
     srv, t = start(settings)
+    srv.photos = photos
     yield srv
     srv.shutdown()
     t.join(10)
@@ -93,8 +128,9 @@ def token_of(home) -> str:
 
 
 # --- nobody in -------------------------------------------------------------------------------
-def test_rebinding_page_gets_nothing_even_with_the_token(server, home):
+def test_rebinding_page_gets_nothing_even_with_the_token(server):
     _, port = server.address
+    home = server.settings.home
     for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.nip.io:{port}",
                  f"localhost:{port + 1}", ""):
         code, res = get(server, "/api/status", {"Host": host})
@@ -115,7 +151,8 @@ def test_cross_origin_requests_are_refused(server):
     assert code == 200
 
 
-def test_token_is_required_and_the_folder_oracle_is_gone(server, home, tmp_path):
+def test_token_is_required_and_the_folder_oracle_is_gone(server, tmp_path):
+    home = server.settings.home
     (tmp_path / "secret").mkdir()
     answers = set()
     for path in ("/api/status", "/api/search?q=x", f"/api/search?q=x&under={tmp_path / 'secret'}",
@@ -133,7 +170,8 @@ def test_token_is_required_and_the_folder_oracle_is_gone(server, home, tmp_path)
     assert token_of(home) == server.token
 
 
-def test_simple_cross_site_posts_are_refused(server, photos):
+def test_simple_cross_site_posts_are_refused(server):
+    photos = server.photos
     body = json.dumps({"texts": ["a red circle"]}).encode()
     for kind in ("text/plain", "application/x-www-form-urlencoded", None):
         headers = {"Content-Type": kind} if kind else {}
@@ -378,15 +416,15 @@ def test_server_errors_name_fields_not_flags_and_leak_no_temp_paths(server, tmp_
 
 
 # --- the same answers with or without a server ------------------------------------------------
+@pytest.fixture(scope="module")
+def tagged_once(tmp_path_factory, tiny_model):
+    return indexed_once(tmp_path_factory.mktemp("tagged"), tiny_model, tagged=True)
+
+
 @pytest.fixture()
-def tagged(cli, photos):
-    sub = photos / "sub"
-    sub.mkdir()
-    for p in sorted(photos.glob("*_00[01].jpg")):
-        shutil.move(p, sub / p.name)
-    assert cli("index", photos).exit_code == 0
-    assert cli("classify", "--labels", "red,green,blue,yellow", "--json").exit_code == 0
-    return photos
+def tagged(tagged_once, home):
+    """The photos, a third of them moved to sub/, indexed and classified by colour (a copy of the library)."""
+    return copy_home(tagged_once, home)
 
 
 QUERIES = [
