@@ -24,7 +24,6 @@ import re
 import secrets
 import socket
 import sys
-import tempfile
 import threading
 import time
 from http import HTTPStatus
@@ -33,7 +32,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
 from .client import SERVER_FILE
-from .config import Settings
+from .config import Settings, atomic_file
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
 
@@ -420,18 +419,8 @@ class SearchServer:
         host, port = self.address
         info = {**self.service.health(), "host": host, "port": port, "token": self.token,
                 "started_at": time.time()}
-        path = server_file(self.settings)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(info))
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_file(server_file(self.settings)) as f:  # created 0600
+            f.write(json.dumps(info).encode())
 
     def remove_discovery(self) -> None:
         path = server_file(self.settings)
