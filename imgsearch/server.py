@@ -28,10 +28,9 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
-from .client import SERVER_FILE
+from .client import server_file
 from .config import Settings, atomic_file
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
@@ -42,10 +41,6 @@ MAX_CONNECTIONS = 128  # open connections; past it the longest-idle one is dropp
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit silent (half-sent request, idle keep-alive)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?")
-
-
-def server_file(settings: Settings) -> Path:
-    return settings.home / SERVER_FILE
 
 
 def is_loopback(host: str) -> bool:
