@@ -174,7 +174,7 @@ def query_cmd(
 
     fmt = hits_format(json_out, paths_out, print0)
     request = SearchRequest.build(**{**search, "k": 10 if search["k"] is None else search["k"]})
-    rows = _query_rows(settings_of(ctx), request, use_server, daemon)
+    rows = _query_rows(ctx, request, use_server, daemon)
     if request.relevance:
         rows = _relevant_rows(rows)
     print_hits(rows, fmt, min_score=request.min_score, tag=request.tags, keyword=request.keyword)
@@ -194,17 +194,15 @@ def _relevant_rows(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _query_rows(settings, request, use_server: bool, daemon: bool) -> list[dict]:
+def _query_rows(ctx: typer.Context, request, use_server: bool, daemon: bool) -> list[dict]:
     """Hits as dicts: from a running server for this library and model when there is one, else in-process.
     Both answer the same SearchRequest with the same engine."""
-    from .library import Library
-
-    with Library(settings=settings) as lib:
+    with library_of(ctx) as lib:
         rows = None
         if use_server and not request.keyword_only:
             from . import client
 
-            info = client.find_server(settings) or (client.start_daemon(settings) if daemon else None)
+            info = client.find_server(lib.settings) or (client.start_daemon(lib.settings) if daemon else None)
             if info is not None:
                 try:
                     rows = client.search(info, request)
