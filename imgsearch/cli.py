@@ -11,10 +11,9 @@ import typer
 from typer.core import TyperCommand
 
 from . import __version__
-from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, hits_format, library_of, plural,
-                       search_options, settings_of, when)
+from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, handle_errors, hits_format, library_of,
+                       plural, search_options, settings_of, when)
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings, is_ray_address
-from .errors import ImgSearchError
 from .output import print_hits, shown, warn_if_escaped
 
 
@@ -25,6 +24,7 @@ def _version(value: bool):
 
 
 @app.callback()
+@handle_errors
 def main(
     ctx: typer.Context,
     home: Optional[Path] = typer.Option(None, "--home", help="Library folder [env IMGSEARCH_HOME; default "
@@ -59,17 +59,11 @@ def main(
     # This process is imgsearch's own: Pillow's notes on odd files (corrupt EXIF, palette transparency) are
     # not the user's business here. The library leaves the filters to the program it runs in.
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
-    try:
-        ctx.obj = Settings.from_env(home=home, model=model, pretrained=pretrained, device=device,
-                                    batch_size=batch_size, precision=precision, workers=workers, lang=lang,
-                                    own_process=True)
-        if ctx.obj.lang is not None:
-            from .library import Library
-
-            Library(settings=ctx.obj)  # checks the code: a typo fails before any work, in one line
-    except ImgSearchError as e:
-        err(f"error: {e}")
-        raise typer.Exit(e.exit_code) from None
+    ctx.obj = Settings.from_env(home=home, model=model, pretrained=pretrained, device=device,
+                                batch_size=batch_size, precision=precision, workers=workers, lang=lang,
+                                own_process=True)
+    if ctx.obj.lang is not None:
+        library_of(ctx)  # checks the code: a typo fails before any work, in one line
 
 
 # --- index -------------------------------------------------------------------------------------
@@ -180,7 +174,7 @@ def query_cmd(
 
     fmt = hits_format(json_out, paths_out, print0)
     request = SearchRequest.build(**{**search, "k": 10 if search["k"] is None else search["k"]})
-    rows = _query_rows(settings_of(ctx), request, use_server, daemon)
+    rows = _query_rows(ctx, request, use_server, daemon)
     if request.relevance:
         rows = _relevant_rows(rows)
     print_hits(rows, fmt, min_score=request.min_score, tag=request.tags, keyword=request.keyword)
@@ -200,17 +194,15 @@ def _relevant_rows(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _query_rows(settings, request, use_server: bool, daemon: bool) -> list[dict]:
+def _query_rows(ctx: typer.Context, request, use_server: bool, daemon: bool) -> list[dict]:
     """Hits as dicts: from a running server for this library and model when there is one, else in-process.
     Both answer the same SearchRequest with the same engine."""
-    from .library import Library
-
-    with Library(settings=settings) as lib:
+    with library_of(ctx) as lib:
         rows = None
         if use_server and not request.keyword_only:
             from . import client
 
-            info = client.find_server(settings) or (client.start_daemon(settings) if daemon else None)
+            info = client.find_server(lib.settings) or (client.start_daemon(lib.settings) if daemon else None)
             if info is not None:
                 try:
                     rows = client.search(info, request)

@@ -19,9 +19,13 @@ from .modelspec import ModelSpec
 SERVER_FILE = "server.json"
 
 
+def server_file(settings: Settings) -> Path:
+    return Path(settings.home) / SERVER_FILE
+
+
 def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
     """The discovery record of a live server for this library and model, or None."""
-    path = Path(settings.home) / SERVER_FILE
+    path = server_file(settings)
     try:
         if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
             return None  # someone else's file could point our queries at their server

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,6 +62,28 @@ def make_home(home: str | os.PathLike) -> Path:
     home.parent.mkdir(parents=True, exist_ok=True)
     home.mkdir(mode=0o700, exist_ok=True)  # the umask can only take bits away: never wider than 0700
     return home
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, durable: bool = False):
+    """A new binary file beside ``path``, renamed onto it when the block ends (removed if the block fails), so
+    readers see the old file or the new one, never half of one. mkstemp creates it exclusively and 0600: no
+    file another process or user owns is ever truncated. ``durable``: fsync'd before the rename."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:

@@ -18,9 +18,10 @@ from datetime import datetime
 
 import numpy as np
 
-from . import files, images
+from . import images
 from .config import Settings
 from .errors import DecodeError, ParamError
+from .search import folder_ids
 
 DEFAULT_THRESHOLD = 0.90  # CLIP cosine for a candidate pair
 DEFAULT_MIN_MATCH = 0.96  # thumbnail correlation that confirms a pair
@@ -202,8 +203,8 @@ def _identities(rows: dict) -> dict[int, tuple[int, int]]:
     return out
 
 
-def find_duplicates(settings: Settings, store, model, under: str | None = None, threshold: float | None = None,
-                    similar: bool = False, min_match: float = DEFAULT_MIN_MATCH,
+def find_duplicates(settings: Settings, store, model, under: str | os.PathLike | None = None,
+                    threshold: float | None = None, similar: bool = False, min_match: float = DEFAULT_MIN_MATCH,
                     exact: bool | None = None) -> DupeReport:
     """Group the library's near-duplicates (or CLIP-similar images with ``similar``); deletes nothing.
     ``model`` is the model row whose stored vectors are compared: nothing is encoded, no model loaded."""
@@ -213,12 +214,7 @@ def find_duplicates(settings: Settings, store, model, under: str | None = None, 
     if not 0.0 <= min_match <= 1.0:
         raise ParamError("min_match", "give a pixel likeness between 0 and 1, e.g. 0.96")
     started = time.perf_counter()
-    ids = None
-    if under:
-        folder = files.abspath(under)
-        if not os.path.isdir(folder) and store.image_by_path(folder) is None:
-            raise ParamError("under", "no such folder")
-        ids = store.ids_under(folder).tolist()
+    ids = folder_ids(store, under).tolist() if under else None
     ids_arr, vecs = store.load_vectors(model.id, ids)
     report = DupeReport("similar" if similar else "duplicates", threshold, images=len(ids_arr))
     pairs = candidate_pairs(vecs, threshold, exact=exact)

@@ -437,8 +437,7 @@ class Library:
         s = self._warm()
         with write_lock(self.settings.home):  # tags are library writes: one writer at a time
             return tagging.classify_library(self.store, s.model, s.text_encoder(), labels, templates, top,
-                                            min_prob, under=str(under) if under is not None else None,
-                                            keep_results=keep_results)
+                                            min_prob, under=under, keep_results=keep_results)
 
     def classify_files(self, paths, labels, templates=None, top: int = 1, min_prob: float = 0.0):
         """Labels for image files (folders are walked) without touching the library."""
@@ -482,8 +481,7 @@ class Library:
         from . import dupes
 
         return dupes.find_duplicates(self.settings, self.store, self._model_row_without_weights(),
-                                     under=str(under) if under is not None else None, threshold=threshold,
-                                     similar=similar, exact=exact,
+                                     under=under, threshold=threshold, similar=similar, exact=exact,
                                      min_match=dupes.DEFAULT_MIN_MATCH if min_match is None else min_match)
 
     def captions(self, path) -> list[str]:

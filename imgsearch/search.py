@@ -60,6 +60,16 @@ def model_row_for(store, spec: ModelSpec, fingerprint: str):
     raise ModelMismatchError("the library is empty; run `imgsearch index PATH` first")
 
 
+def folder_ids(store, under: str | os.PathLike) -> np.ndarray:
+    """The ids of the library images in folder ``under`` (or that one image); a ParamError when neither."""
+    from .files import abspath
+
+    folder = abspath(under)
+    if not os.path.isdir(folder) and store.image_by_path(folder) is None:
+        raise ParamError("under", "no such folder")
+    return store.ids_under(folder)
+
+
 def allowed_ids(store, request: SearchRequest, keyword_filter: bool = True) -> np.ndarray | None:
     """The ids a request's filters let through (None: all): folder, zero-shot tags, keywords (unless they are
     blended into the score instead), capture date, place and camera."""
@@ -71,12 +81,7 @@ def allowed_ids(store, request: SearchRequest, keyword_filter: bool = True) -> n
         allowed = ids if allowed is None else np.intersect1d(allowed, ids)
 
     if request.under:
-        from .files import abspath
-
-        folder = abspath(request.under)
-        if not os.path.isdir(folder) and store.image_by_path(folder) is None:
-            raise ParamError("under", "no such folder")
-        narrow(store.ids_under(folder))
+        narrow(folder_ids(store, request.under))
     if request.when:
         from .geo import build
 

@@ -24,16 +24,14 @@ import re
 import secrets
 import socket
 import sys
-import tempfile
 import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
-from .client import SERVER_FILE
-from .config import Settings
+from .client import server_file
+from .config import Settings, atomic_file
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
 
@@ -43,10 +41,6 @@ MAX_CONNECTIONS = 128  # open connections; past it the longest-idle one is dropp
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit silent (half-sent request, idle keep-alive)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?")
-
-
-def server_file(settings: Settings) -> Path:
-    return settings.home / SERVER_FILE
 
 
 def is_loopback(host: str) -> bool:
@@ -420,18 +414,8 @@ class SearchServer:
         host, port = self.address
         info = {**self.service.health(), "host": host, "port": port, "token": self.token,
                 "started_at": time.time()}
-        path = server_file(self.settings)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(info))
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_file(server_file(self.settings)) as f:  # created 0600
+            f.write(json.dumps(info).encode())
 
     def remove_discovery(self) -> None:
         path = server_file(self.settings)

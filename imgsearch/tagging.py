@@ -12,6 +12,7 @@ from . import files, zeroshot
 from .config import Settings
 from .errors import ParamError, UsageError
 from .evaluation import encode_files
+from .search import folder_ids
 
 CHUNK = 8192  # images classified per step: bounds memory at N x labels floats
 
@@ -63,7 +64,7 @@ def _check_options(top: int, min_prob: float) -> None:
 
 
 def classify_library(store, model, text_side, labels: Sequence[str], templates: Sequence[str] | None = None,
-                     top: int = 1, min_prob: float = 0.0, under: str | None = None,
+                     top: int = 1, min_prob: float = 0.0, under: str | os.PathLike | None = None,
                      keep_results: bool = False) -> TagReport:
     """Tag every indexed image (or those under a folder) with its top labels, from stored vectors.
     ``model`` is the library's model row, ``text_side`` anything with encode_texts and logit_scale (the
@@ -73,14 +74,12 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
     labels = list(labels)
     templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
     if under:
-        folder = files.abspath(under)
-        if not os.path.isdir(folder) and store.image_by_path(folder) is None:
-            raise ParamError("under", "no such folder")
-        ids = np.array(sorted(store.image_ids_with_vectors(model.id, store.ids_under(folder).tolist())), dtype=np.int64)
+        ids = np.array(sorted(store.image_ids_with_vectors(model.id, folder_ids(store, under).tolist())),
+                       dtype=np.int64)
     else:
         ids = store.vector_ids(model.id)
     if len(ids) == 0:
-        raise UsageError(f"no indexed images{' under ' + under if under else ''} to classify; "
+        raise UsageError(f"no indexed images{f' under {under}' if under else ''} to classify; "
                          "run `imgsearch index PATH` first")
     # Stored vectors + label texts: no torch when the text export exists.
     label_vecs = zeroshot.label_embeddings(text_side, labels, templates)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import images
-from .config import Settings
+from .config import Settings, atomic_file
 from .errors import DataError, DecodeError, ImgSearchError, UsageError
 from .store import ImageRow, Store
 
@@ -54,19 +53,6 @@ def _render(row: ImageRow, size: int, max_pixels: int):
         raise DataError(f"cannot make a thumbnail of {row.path}: {e}") from None
     im.thumbnail((size, size))
     return im
-
-
-def _write_atomic(im, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpg", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, "JPEG", quality=85, optimize=True)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _drop_stale(dest: Path, image_id: int) -> None:
@@ -114,7 +100,10 @@ def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None =
     def make(row: ImageRow) -> Path | ImgSearchError:
         dest = cache_path(settings, row, size)
         try:
-            _write_atomic(_render(row, size, settings.max_pixels), dest)
+            im = _render(row, size, settings.max_pixels)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(dest) as f:
+                im.save(f, "JPEG", quality=85, optimize=True)
         except ImgSearchError as e:
             return e
         except OSError as e:  # e.g. the thumbnail folder is not writable

@@ -14,12 +14,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+
+from .config import atomic_file
 
 MAGIC = b"IMGSFAIS"
 FORMAT = 3  # 3: flat indexes are numpy arrays (ids, then vectors), not a FAISS blob
@@ -302,19 +303,9 @@ class VectorIndex:
         payload = memoryview(self._payload())
         # The payload size lets `status` spot a truncated file without reading gigabytes of vectors.
         header = json.dumps({**meta, **self.meta(), "payload_bytes": int(payload.nbytes)}).encode()
-        # mkstemp creates a new file (O_EXCL): never truncates one that some other process or user owns.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + _digest(header, [payload]))
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_file(path, durable=True) as f:
+            f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + _digest(header, [payload]))
+            f.write(payload)
 
     @staticmethod
     def read_meta(path: str | os.PathLike) -> dict:

@@ -72,10 +72,6 @@ def check_folders(paths) -> list[str]:
     return roots
 
 
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
 def _signature(path: str) -> tuple | None:
     try:
         st = os.stat(path)
@@ -115,8 +111,8 @@ class Watcher:
     # --- events (observer thread) ----------------------------------------------------------------
     def ignored(self, path: str) -> bool:
         """Paths no batch should see: the library's own home, hidden and temporary files, outside the roots."""
-        root = next((r for r in self.roots if _under(path, r)), None)
-        if root is None or (self.home is not None and _under(path, self.home)):
+        root = next((r for r in self.roots if files.under(path, r)), None)
+        if root is None or (self.home is not None and files.under(path, self.home)):
             return True
         rel = os.path.relpath(path, root)
         if rel == ".":
@@ -232,7 +228,7 @@ class Watcher:
                 with contextlib.suppress(Exception):
                     self._observer.unschedule(watch)
             with self._lock:
-                for p in [p for p in self._pending if _under(p, root)]:
+                for p in [p for p in self._pending if files.under(p, root)]:
                     del self._pending[p]
                     self._sigs.pop(p, None)
             left = len(self.roots)
@@ -267,7 +263,7 @@ class Watcher:
         # A folder in the batch covers everything under it (indexing it also drops its vanished files).
         kept: list[str] = []
         for p in sorted(ready):
-            if not (kept and _under(p, kept[-1])):
+            if not (kept and files.under(p, kept[-1])):
                 kept.append(p)
         # Only folders and image files (by extension or content, as the walk decides): `index` given a
         # notes.txt would record it as a failed image.

@@ -94,6 +94,18 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def report_skipped(skipped: list[tuple[str, str]], all_in: str, limit: int = 10) -> None:
+    """The first ``limit`` (where, reason) pairs on stderr; ``all_in`` says where the rest are listed."""
+    for where, reason in skipped[:limit]:
+        err(f"skipped: {where}: {reason}")
+    if len(skipped) > limit:
+        err(f"... and {len(skipped) - limit} more skipped ({all_in})")
+
+
 # Options several commands share, declared once with their help.
 NO_WAIT = typer.Option(False, "--no-wait", help="Fail at once when another imgsearch run is writing to the "
                        "library, instead of waiting for it.")

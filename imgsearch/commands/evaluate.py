@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from . import app, command, err, settings_of
+from . import app, command, err, pct, report_skipped, settings_of
 from ..errors import DataError, UsageError
 from ..evaluation import encode_files, load_for_images, parity, read_image_folder, retrieval_eval
 from ..progress import Bar
@@ -53,17 +53,6 @@ def precision_list(precisions: str | None, settings) -> list[str]:
     if bad or not out:
         raise UsageError(f"--precisions got {precisions!r}; give a comma-separated list of auto, fp32, bf16, fp16, int8")
     return out
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _report_skipped(skipped: list[tuple[str, str]], limit: int = 10) -> None:
-    for where, reason in skipped[:limit]:
-        err(f"skipped: {where}: {reason}")
-    if len(skipped) > limit:
-        err(f"... and {len(skipped) - limit} more skipped (--json lists all)")
 
 
 # --- zeroshot -------------------------------------------------------------------------------------
@@ -116,20 +105,20 @@ def zeroshot_cmd(
                                "skipped": [{"where": w, "reason": r} for w, r in skipped], "models": results},
                               indent=2))
         return
-    _report_skipped(skipped)
+    report_skipped(skipped, "--json lists all")
     width = max(len("model"), *(len(r["model"]) for r in results)) + 2
     k5 = results[0]["top5_k"]
     typer.echo(f"{'model':<{width}}{'top-1':>7} {'top-' + str(k5):>7} {'images':>7} {'classes':>7}")
     for r in results:
-        typer.echo(f"{r['model']:<{width}}{_pct(r['top1']):>7} {_pct(r['top5']):>7} {r['images']:>7} "
+        typer.echo(f"{r['model']:<{width}}{pct(r['top1']):>7} {pct(r['top5']):>7} {r['images']:>7} "
                    f"{r['classes']:>7}")
-    typer.echo(f"chance{'':<{width - 6}}{_pct(1 / len(class_names)):>7} {_pct(k5 / len(class_names)):>7}")
+    typer.echo(f"chance{'':<{width - 6}}{pct(1 / len(class_names)):>7} {pct(k5 / len(class_names)):>7}")
     if show:
         for r in results:
             prefix = f" ({r['model']})" if len(results) > 1 else ""
             typer.echo(f"\nworst classes{prefix}:")
             for c in r["per_class"][:show]:
-                typer.echo(f"  {_pct(c['accuracy']):>6}  {c['class']} ({c['images']} images)")
+                typer.echo(f"  {pct(c['accuracy']):>6}  {c['class']} ({c['images']} images)")
             if r["confused"]:
                 typer.echo(f"most confused{prefix} (true -> predicted):")
                 for c in r["confused"][:show]:
@@ -172,7 +161,7 @@ def retrieval_cmd(
         typer.echo(json.dumps({"captions": str(captions), "skipped": [{"where": w, "reason": r} for w, r in skipped],
                                "models": [{"model": label, **m} for label, m in results]}, indent=2))
         return
-    _report_skipped(skipped)
+    report_skipped(skipped, "--json lists all")
     typer.echo(f"{results[0][1]['images']} images, {results[0][1]['texts']} distinct captions")
     typer.echo("\n".join(table_rows(results, with_loss=False)))
 

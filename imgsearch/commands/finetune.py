@@ -8,18 +8,14 @@ from typing import Optional
 
 import typer
 
-from . import command, err, settings_of
+from . import command, err, pct, report_skipped, settings_of
 from ..errors import UsageError
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def _eval_line(label: str, m: dict) -> str:
     i2t, t2i = m["image_to_text"], m["text_to_image"]
-    return (f"{label}: val loss {m['val_loss']:.4f} | image→text R@1 {_pct(i2t['R@1'])} R@5 {_pct(i2t['R@5'])} | "
-            f"text→image R@1 {_pct(t2i['R@1'])} R@5 {_pct(t2i['R@5'])} (chance {_pct(t2i['chance']['R@1'])})")
+    return (f"{label}: val loss {m['val_loss']:.4f} | image→text R@1 {pct(i2t['R@1'])} R@5 {pct(i2t['R@5'])} | "
+            f"text→image R@1 {pct(t2i['R@1'])} R@5 {pct(t2i['R@5'])} (chance {pct(t2i['chance']['R@1'])})")
 
 
 @command("finetune")
@@ -128,10 +124,7 @@ def finetune_cmd(
         elif kind == "start":
             check_bar.close()
             c = info["counts"]
-            for where, reason in info["skipped"][:10]:
-                err(f"skipped: {where}: {reason}")
-            if len(info["skipped"]) > 10:
-                err(f"... and {len(info['skipped']) - 10} more skipped (all listed in training_report.json)")
+            report_skipped(info["skipped"], "all listed in training_report.json")
             err(f"training {info['model']} on {c['train_pairs']} pairs ({c['train_images']} images), validating on "
                 f"{c['val_pairs']} pairs ({c['val_images']} images); {c['skipped']} skipped")
             err(f"{info['device']}, {info['precision']}, {info['trainable']:,} trainable parameters, "

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from . import command, err, plural, settings_of
+from . import command, err, library_of, plural, settings_of
 from ..errors import UsageError
 
 
@@ -39,11 +39,10 @@ def serve_cmd(
     if poll and not watch:
         raise UsageError("--poll is how --watch notices changes; give --watch FOLDER too")
     if watch:
-        from ..library import Library
         from ..progress import Bar
         from .watch import batch_printer, say
 
-        library = Library(settings=settings)
+        library = library_of(ctx)
         watcher = library.watcher(watch, poll=poll, on_batch=batch_printer(), say=say)
         watcher.start()  # before the catch-up, so nothing written meanwhile is missed
         try:
