@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repository on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's imgsearch
 
 WEIGHTS = [(1.0, b, c) for b in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0) for c in (0.0, 0.5, 1.0, 2.0)]
 

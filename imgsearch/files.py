@@ -9,7 +9,6 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .output import human_bytes  # noqa: F401  (re-exported: sizes in reports)
 from . import formats
 from .config import HOME_DB, HOME_MARKER, SKIP_DIR_NAMES
 

@@ -22,6 +22,7 @@ from .store import ImageRow, ModelRow, Store
 from .vectors import BuildProgress
 # The read side (FAISS cache loader) and the result type live apart so search never imports the write side.
 from .indexcache import model_index
+from .output import human_bytes
 from .results import IndexReport
 
 
@@ -557,7 +558,7 @@ class _Pending:
 
 
 def over_cap(size: int, cap_mb: int) -> str:
-    return (f"file is {files.human_bytes(size)}, over the {cap_mb} MB cap; raise IMGSEARCH_MAX_FILE_MB "
+    return (f"file is {human_bytes(size)}, over the {cap_mb} MB cap; raise IMGSEARCH_MAX_FILE_MB "
             "if it is a genuine image")
 
 
