@@ -604,6 +604,8 @@ def make_exports(settings, threads: int) -> str:
         return str(e)
     if precision not in ("int8", "fp32") or (precision == "fp32" and settings.image_backend != "onnx"):
         return f"{precision} {settings.image_backend} runs are not made without torch"
+    if any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "onnx")):
+        return "onnxruntime or onnx is not installed"  # the torch run says so
     try:
         source = checkpoint_source(spec)
         if source is None:
@@ -618,7 +620,7 @@ def make_exports(settings, threads: int) -> str:
         print(f"note: making the ONNX and text exports of {spec.label} from its tensors (once, without torch)",
               file=sys.stderr)
         _ensure_files(export_dir(settings.home, fingerprint), fingerprint, spec.label, facts["image_size"],
-                      precision, threads, lambda p: _write_graph(arrays, facts, p),
+                      precision, threads, lambda p: clipgraph.write_image_graph(arrays, facts, p, OPSET),
                       lambda probe: _unit(textfast.reference_features(arrays, facts, "visual", probe)), "numpy",
                       lambda: {"dim": int(arrays["visual.proj"].shape[1]), "preprocess": preprocess})
         if not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
@@ -635,14 +637,6 @@ def make_exports(settings, threads: int) -> str:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _write_graph(arrays, facts: dict, path: Path) -> None:
-    if importlib.util.find_spec("onnx") is None:
-        raise OnnxUnavailable("the onnx package is not installed (pip install 'imgsearch[fast]')")
-    from .clipgraph import write_image_graph
-
-    write_image_graph(arrays, facts, path, OPSET)
 
 
 def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[OrtEncoder | None, str]:
