@@ -657,8 +657,8 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
         if made != "ok":
             return None, why if cand is None else made
         cand, why = _lite_candidate(settings, threads)
-        if cand is None:
-            return None, why
+    if cand is None:
+        return None, why
     fingerprint = cand["fingerprint"]
     try:
         textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
