@@ -611,21 +611,23 @@ def make_exports(settings, threads: int) -> str:
         if source is None:
             return "the weights are not a safetensors file"
         model_cfg, pre, weights = source
-        fingerprint, arrays = known_fingerprint(spec), clipgraph.Checkpoint(weights)
+        # Each step maps the file anew: its pages leave this process when the step ends, not after the
+        # int8 quantiser (a child process with a GB of its own) has run.
+        fingerprint, tensors = known_fingerprint(spec), lambda: clipgraph.Checkpoint(weights)
         facts = clipgraph.config_facts(model_cfg, "visual")
-        clipgraph.check_config(model_cfg, arrays)
+        clipgraph.check_config(model_cfg, tensors())
         preprocess = {**PREPROCESS_DEFAULTS, **{k: v for k, v in pre.items() if k in PREPROCESS_DEFAULTS and v is not None},
                       "size": [facts["image_size"]] * 2}
         numpy_preprocess(preprocess)
         print(f"note: making the ONNX and text exports of {spec.label} from its tensors (once, without torch)",
               file=sys.stderr)
         _ensure_files(export_dir(settings.home, fingerprint), fingerprint, spec.label, facts["image_size"],
-                      precision, threads, lambda p: clipgraph.write_image_graph(arrays, facts, p, OPSET),
-                      lambda probe: _unit(textfast.reference_features(arrays, facts, "visual", probe)), "numpy",
-                      lambda: {"dim": int(arrays["visual.proj"].shape[1]), "preprocess": preprocess})
+                      precision, threads, lambda p: clipgraph.write_image_graph(tensors(), facts, p, OPSET),
+                      lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
+                      lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
         if not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
             bpe = Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0], textfast.MERGES)
-            textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, arrays, bpe)
+            textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, tensors(), bpe)
         return "ok"
     except (clipgraph.Unsupported, UnsupportedPreprocess, textfast.ExportError, OnnxUnavailable) as e:
         why = str(e)
