@@ -51,6 +51,9 @@ class Checkpoint(Mapping):
         a = self._raw[self._base + start:self._base + end].view(self._DTYPES[entry["dtype"]]).reshape(entry["shape"])
         return (a.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else a
 
+    def shape_of(self, name: str) -> list[int]:
+        return list(self._header[name]["shape"])
+
     def __iter__(self):
         return iter(self._header)
 
@@ -143,6 +146,29 @@ def config_facts(model_cfg: dict, tower: str) -> dict:
     if pool not in ("argmax", "eos"):
         raise Unsupported(f"text pooling {pool!r} is not supported")
     return {"pool": pool, "act": act, "eps": eps, "heads": int(cfg.get("heads", 8))}
+
+
+def check_config(model_cfg: dict, arrays: Mapping) -> None:
+    """Unsupported when the sizes an open_clip config declares (open_clip's defaults where it says nothing) are
+    not the tensors' sizes: open_clip would refuse these weights for it, or resize them."""
+    v, t = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    width, text_width, patch = v.get("width", 768), t.get("width", 512), v.get("patch_size", 16)
+    want = {"visual.conv1.weight": [width, 3, patch, patch], "visual.proj": [width, model_cfg.get("embed_dim")],
+            "visual.transformer.resblocks.0.mlp.c_fc.weight": [int(width * v.get("mlp_ratio", 4.0)), width],
+            "token_embedding.weight": [t.get("vocab_size", 49408), text_width],
+            "positional_embedding": [t.get("context_length", 77), text_width],
+            f"visual.transformer.resblocks.{v.get('layers', 12) - 1}.ln_1.weight": [width],
+            f"transformer.resblocks.{t.get('layers', 12) - 1}.ln_1.weight": [text_width]}
+    if "text_projection" in arrays:
+        want["text_projection"] = [text_width, model_cfg.get("embed_dim")]
+    shape_of = getattr(arrays, "shape_of", lambda k: list(arrays[k].shape))
+    for name, shape in want.items():
+        have = shape_of(name) if name in arrays else None
+        if have != shape:
+            raise Unsupported(f"the config does not fit the weights: {name} is {have}, the config says {shape}")
+    for tower, layers in (("visual.", v.get("layers", 12)), ("", t.get("layers", 12))):
+        if f"{tower}transformer.resblocks.{layers}.ln_1.weight" in arrays:
+            raise Unsupported(f"the config does not fit the weights: {tower or 'text '}layers beyond {layers}")
 
 
 def _check_keys(have: set, want: set, tower: str) -> None:

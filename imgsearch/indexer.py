@@ -367,7 +367,8 @@ class Indexer:
 
     def _choose_image_encoder(self, work: list[_Work], report: IndexReport) -> None:
         """This run's image encoder (onnx_image.select; the one given stays as it was); int8 must first match
-        fp32 on this run's images, or this library's in an earlier run."""
+        fp32 (torch, or the fp32 export on a torch-free run) on this run's images, or this library's in an
+        earlier run."""
         from . import onnx_image
 
         enc = self.encoder = onnx_image.select(self.encoder, self.settings, self.budget.encoder, len(work))
@@ -376,7 +377,7 @@ class Indexer:
             return
         home, library_id, threshold = self.settings.home, self.store.library_id, self.settings.int8_min_cosine
         verdict = onnx_image.cached_parity(home, enc.fingerprint, library_id, threshold)
-        if verdict is not None or enc.torch_free:  # a torch-free one is only made with a recorded pass
+        if verdict is not None:
             report.int8_parity, report.parity_images = (verdict or {}).get("min_cosine"), 0  # 0: not measured now
             return
         sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]

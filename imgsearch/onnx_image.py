@@ -137,7 +137,7 @@ class OrtImageTower:
         fut = _started.pop(_session_key(path, threads), None)
         self.session = fut.result() if fut is not None else _new_session(path, threads)
         self.input = self.session.get_inputs()[0].name
-        self.kind = kind
+        self.path, self.kind = path, kind
         self.threads = threads
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
@@ -224,45 +224,66 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
 
 
 def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[OrtImageTower, dict]:
-    """A verified session for ``kind`` (fp32 | int8), exporting or rebuilding it first when needed."""
-    ort = _import_ort()
+    """A verified session for ``kind`` (fp32 | int8), exporting or rebuilding it first when needed; an export
+    checked only against the numpy reference (made without torch) is checked against torch now."""
     if encoder.device != "cpu" or encoder.precision == "bf16":
         raise OnnxUnavailable(f"the ONNX image tower runs fp32/int8 on the CPU, not {encoder.device} {encoder.precision}")
-    folder = export_dir(home, encoder.fingerprint)
+    path, manifest = _ensure_files(export_dir(home, encoder.fingerprint), encoder.fingerprint, encoder.spec.label,
+                                   encoder.image_size, kind, threads, lambda p: _export_fp32(encoder, p),
+                                   lambda probe: _torch_features(encoder, probe), "torch",
+                                   lambda: {"dim": int(encoder.dim), "preprocess": _checked_preprocess(encoder)})
+    return OrtImageTower(path, kind, threads), manifest
+
+
+def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: str, threads: int, write, reference,
+                  checked: str, describe) -> tuple[Path, dict]:
+    """The export file for ``kind`` in ``folder`` and its manifest, made where missing: ``write(path)`` writes
+    the fp32 graph, ``reference(probe)`` gives the features it must match (``checked``: "torch" or "numpy"),
+    ``describe()`` the manifest's dim and preprocess. A "numpy"-checked entry is checked again by torch."""
+    ort = _import_ort()
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
-    fresh = manifest.get("fingerprint") == encoder.fingerprint and manifest.get("format") == FORMAT
+    fresh = manifest.get("fingerprint") == fingerprint and manifest.get("format") == FORMAT
     if not fresh:
-        manifest = {"format": FORMAT, "fingerprint": encoder.fingerprint, "model": encoder.spec.label,
-                    "opset": OPSET, "input_size": encoder.image_size, "onnxruntime": ort.__version__}
-    if "preprocess" not in manifest:
-        manifest.update(dim=int(encoder.dim), preprocess=_checked_preprocess(encoder))
-        _write_manifest(folder, manifest)
-    probe = probe_batch(encoder.image_size)
-    ref = None
-    fp32_path = folder / FP32_FILE
+        manifest = {"format": FORMAT, "fingerprint": fingerprint, "model": label, "opset": OPSET,
+                    "input_size": size, "onnxruntime": ort.__version__}
+    recheck = lambda e: checked == "torch" and (e or {}).get("checked") == "numpy"  # noqa: E731
     entry = manifest.get("fp32") if fresh else None
-    if entry is None or not fp32_path.is_file():
-        _export_fp32(encoder, fp32_path)
-        ref = _torch_features(encoder, probe)
-        cos = float((OrtImageTower(fp32_path, "fp32", threads).encode(probe) * ref).sum(1).min())
-        entry = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE, "threshold": FP32_MIN_COSINE}
+    if "preprocess" not in manifest or recheck(entry):
+        manifest.update(describe())
+        _write_manifest(folder, manifest)
+    probe, refs = probe_batch(size), []
+
+    def cosine(path: Path, kind: str) -> float:  # the reference (L2-normalised) is computed once
+        refs[:] = refs or [reference(probe)]
+        return float((OrtImageTower(path, kind, threads).encode(probe) * refs[0]).sum(1).min())
+
+    fp32_path = folder / FP32_FILE
+    missing = entry is None or not fp32_path.is_file()
+    if missing or recheck(entry):
+        if missing:
+            write(fp32_path)
+        cos = cosine(fp32_path, "fp32")
+        entry = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE, "threshold": FP32_MIN_COSINE,
+                 "checked": checked}
         manifest["fp32"] = entry
         _write_manifest(folder, manifest)
     if not entry.get("passed"):
-        raise OnnxUnavailable(f"the exported image tower does not match torch (cosine {entry['min_cosine']:.6f})")
+        raise OnnxUnavailable(f"the exported image tower does not match {entry.get('checked', 'torch')} "
+                              f"(cosine {entry['min_cosine']:.6f})")
     if kind == "fp32":
-        return OrtImageTower(fp32_path, "fp32", threads), manifest
+        return fp32_path, manifest
     int8_path = folder / INT8_FILE
     entry8 = manifest.get("int8") if fresh else None
-    if entry8 is None or not int8_path.is_file() or _recipe_of(entry8) != INT8_RECIPE:
-        _quantise_int8(fp32_path, int8_path)
-        ref = ref if ref is not None else _torch_features(encoder, probe)
-        cos = float((OrtImageTower(int8_path, "int8", threads).encode(probe) * ref).sum(1).min())
-        entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, **INT8_RECIPE}
+    missing = entry8 is None or not int8_path.is_file() or _recipe_of(entry8) != INT8_RECIPE
+    if missing or recheck(entry8):
+        if missing:
+            _quantise_int8(fp32_path, int8_path)
+        cos = cosine(int8_path, "int8")
+        entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, **INT8_RECIPE, "checked": checked}
         manifest["int8"] = entry8
         _write_manifest(folder, manifest)
-    return OrtImageTower(int8_path, "int8", threads), manifest
+    return int8_path, manifest
 
 
 def _timed(fn, batch, runs: int = 2) -> float:
@@ -328,11 +349,14 @@ def _ort_may_run(device: str, precision: str, mode: str, files: int | None = Non
 
 
 def int8_parity(encoder, tensors) -> float:
-    """Min cosine between an int8 OrtEncoder and its torch encoder (fp32) on the user's decoded images."""
-    import torch
-
-    batch = torch.stack(list(tensors)).float()
-    ref = encoder.torch_encoder.encode_image_tensors(batch)
+    """Min cosine between an int8 OrtEncoder and fp32 on the user's decoded images: its torch encoder, or for a
+    torch-free one the fp32 export on onnxruntime (the same arithmetic, checked against its reference)."""
+    batch = np.stack([np.asarray(t, np.float32) for t in tensors])
+    if encoder.torch_encoder is None:
+        tower = encoder.image_backend
+        ref = OrtImageTower(tower.path.with_name(FP32_FILE), "fp32", tower.threads).encode(batch)
+    else:
+        ref = _torch_features(encoder.torch_encoder, batch)
     return float((encoder.encode_image_tensors(batch) * ref).sum(1).min())
 
 
@@ -522,22 +546,122 @@ def prestart_lite(settings, threads: int) -> None:
         prestart(cand["path"], threads)
 
 
+# open_clip's PreprocessCfg() defaults: what it uses where a config names none (tests compare them)
+PREPROCESS_DEFAULTS = {"size": 224, "mode": "RGB", "mean": [0.48145466, 0.4578275, 0.40821073],
+                       "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                       "resize_mode": "shortest", "fill_color": 0}
+
+
+def checkpoint_source(spec) -> tuple[dict, dict, Path] | None:
+    """(open_clip model config, preprocess config, safetensors file) of ``spec``, read as files without importing
+    open_clip: a local-dir folder's config and weights, or a model name's packaged config and a --pretrained
+    .safetensors file. None when the weights are no safetensors file; clipgraph.Unsupported for a config
+    that cannot be read."""
+    from .clipgraph import Unsupported
+    from .encoder import CONFIG_FILE, LOCAL_DIR, _local_weights
+
+    local = spec.name.startswith(LOCAL_DIR)
+    try:
+        weights = _local_weights(Path(spec.name[len(LOCAL_DIR):])) if local else Path(spec.pretrained or "")
+    except OSError:
+        return None
+    if weights is None or weights.suffix != ".safetensors" or not weights.is_file():
+        return None
+    try:
+        if local:
+            config = json.loads((weights.parent / CONFIG_FILE).read_text(encoding="utf-8"))
+        else:
+            where = importlib.util.find_spec("open_clip")  # the package folder, found without importing it
+            config = {"model_cfg": json.loads(Path(list(where.submodule_search_locations)[0], "model_configs",
+                                                    f"{spec.name}.json").read_text(encoding="utf-8"))}
+        model_cfg, pre = config["model_cfg"], config.get("preprocess_cfg") or {}
+        if not isinstance(model_cfg, dict) or not isinstance(pre, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise Unsupported(f"no readable open_clip config ({type(e).__name__})") from None
+    return model_cfg, pre, weights
+
+
+def make_exports(settings, threads: int) -> str:
+    """The image export (fp32, and int8 for an int8 run) and the text export of a safetensors checkpoint, made
+    without torch or open_clip where missing, for a CPU run that encodes on onnxruntime (int8, or fp32 asked
+    for); "ok", else why not (the caller loads torch, which makes them; a reason is noted once on stderr).
+
+    Graphs and weights come from the tensors (clipgraph), what tensors cannot say from the open_clip config
+    (refused where it does not fit the tensors), and each export is checked against the tower computed in
+    numpy straight from the tensors (textfast.reference_features), recorded as "checked": "numpy".
+    """
+    from . import clipgraph, textfast
+    from .encoder import known_fingerprint, pick_precision
+    from .errors import UsageError
+    from .images import UnsupportedPreprocess, numpy_preprocess
+    from .modelspec import ModelSpec
+
+    spec = ModelSpec(settings.model, settings.pretrained).canonical()
+    try:
+        precision = pick_precision(settings.precision, "cpu")
+    except UsageError as e:
+        return str(e)
+    if precision not in ("int8", "fp32") or (precision == "fp32" and settings.image_backend != "onnx"):
+        return f"{precision} {settings.image_backend} runs are not made without torch"
+    if any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "onnx")):
+        return "onnxruntime or onnx is not installed"  # the torch run says so
+    try:
+        source = checkpoint_source(spec)
+        if source is None:
+            return "the weights are not a safetensors file"
+        model_cfg, pre, weights = source
+        # Each step maps the file anew: its pages leave this process when the step ends, not after the
+        # int8 quantiser (a child process with a GB of its own) has run.
+        fingerprint, tensors = known_fingerprint(spec), lambda: clipgraph.Checkpoint(weights)
+        facts = clipgraph.config_facts(model_cfg, "visual")
+        clipgraph.check_config(model_cfg, tensors())
+        preprocess = {**PREPROCESS_DEFAULTS, **{k: v for k, v in pre.items() if k in PREPROCESS_DEFAULTS and v is not None},
+                      "size": [facts["image_size"]] * 2}
+        numpy_preprocess(preprocess)
+        print(f"note: making the ONNX and text exports of {spec.label} from its tensors (once, without torch)",
+              file=sys.stderr)
+        _ensure_files(export_dir(settings.home, fingerprint), fingerprint, spec.label, facts["image_size"],
+                      precision, threads, lambda p: clipgraph.write_image_graph(tensors(), facts, p, OPSET),
+                      lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
+                      lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
+        if not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
+            bpe = Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0], textfast.MERGES)
+            textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, tensors(), bpe)
+        return "ok"
+    except (clipgraph.Unsupported, UnsupportedPreprocess, textfast.ExportError, OnnxUnavailable) as e:
+        why = str(e)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # damaged checkpoint, config or export: torch says more
+        why = f"{type(e).__name__}: {str(e)[:120]}"
+    say_once(f"note: cannot make the exports of {spec.label} without torch ({why}); this run loads torch")
+    return why
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[OrtEncoder | None, str]:
     """An OrtEncoder without torch when this run can index without torch, else (None, why not).
 
     Needs: the CPU, fp32 or int8, the weights fingerprint known without loading the model, an export of
     those weights that passed its check with a verified preprocess, onnxruntime chosen for fp32 (measured or
-    asked for) or, for int8, a passed parity check recorded for this library, and the text export.
+    asked for), and the text export. Exports missing for a safetensors checkpoint are made first
+    (make_exports). An int8 run without a recorded parity verdict for this library measures it (the indexer).
     """
+    from . import textfast
+
     cand, why = _lite_candidate(settings, threads)
+    text = textfast.export_dir(settings.home, cand["fingerprint"]) if cand else None
+    if why in ("no image export for these weights", "image export not verified", "no int8 export",
+               "export file missing") or (cand and not (text / textfast.MANIFEST).is_file()):
+        made = make_exports(settings, threads)
+        if made != "ok":
+            return None, why if cand is None else made
+        cand, why = _lite_candidate(settings, threads)
     if cand is None:
         return None, why
     fingerprint = cand["fingerprint"]
-    if cand["precision"] == "int8" and \
-            cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None:
-        return None, "no int8 parity verdict for this library"
-    from . import textfast
-
     try:
         textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
     except (textfast.ExportError, OSError, ValueError, KeyError):

@@ -145,6 +145,50 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.n
     return xc / np.sqrt(var + eps) * w + b
 
 
+def reference_features(arrays, facts: dict, tower: str, inputs) -> np.ndarray:
+    """A plain CLIP tower's unnormalised features computed straight from its state-dict tensors (open_clip's
+    names and layouts, none of an export's): the independent check of an export made without torch.
+    ``tower`` "visual": ``inputs`` are normalised pixels [n, 3, S, S]; "text": token id rows."""
+    p = "visual." if tower == "visual" else ""
+    eps, act, heads = float(facts["eps"]), facts["act"], int(facts["heads"])
+    mask = np.float32(0)
+    if tower == "visual":
+        conv = arrays[p + "conv1.weight"]
+        width, patch = conv.shape[0], conv.shape[2]
+        n, c, size, _ = inputs.shape
+        g = size // patch
+        x = inputs.reshape(n, c, g, patch, g, patch).transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, -1)
+        x = x @ np.asarray(conv, np.float32).reshape(width, -1).T
+        x = np.concatenate([np.broadcast_to(arrays[p + "class_embedding"], (n, 1, width)), x], 1)
+        x = _layer_norm(x + arrays[p + "positional_embedding"], arrays[p + "ln_pre.weight"], arrays[p + "ln_pre.bias"], eps)
+    else:
+        ids = _padded(inputs, 0)
+        x = np.asarray(arrays["token_embedding.weight"])[ids] + arrays["positional_embedding"][:ids.shape[1]]
+        mask = np.triu(np.full((ids.shape[1],) * 2, -np.inf, np.float32), 1)
+    n, t, width = x.shape
+    layers = sum(1 for k in arrays if k.startswith(p + "transformer.resblocks.") and k.endswith(".ln_1.weight"))
+    for i in range(layers):
+        w = lambda k: arrays[f"{p}transformer.resblocks.{i}.{k}"]  # noqa: E731
+        gamma = lambda k: arrays.get(f"{p}transformer.resblocks.{i}.{k}", 1.0)  # noqa: E731 - layer scale
+        q, k, v = (z.reshape(n, t, heads, -1).transpose(0, 2, 1, 3) for z in np.split(
+            _layer_norm(x, w("ln_1.weight"), w("ln_1.bias"), eps) @ w("attn.in_proj_weight").T
+            + w("attn.in_proj_bias"), 3, axis=-1))
+        a = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1]) + mask
+        a = np.exp(a - a.max(-1, keepdims=True))
+        o = ((a / a.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(n, t, width)
+        x = x + (o @ w("attn.out_proj.weight").T + w("attn.out_proj.bias")) * gamma("ls_1.gamma")
+        h = _act(_layer_norm(x, w("ln_2.weight"), w("ln_2.bias"), eps) @ w("mlp.c_fc.weight").T + w("mlp.c_fc.bias"), act)
+        x = x + (h @ w("mlp.c_proj.weight").T + w("mlp.c_proj.bias")) * gamma("ls_2.gamma")
+    if tower == "visual":
+        return _layer_norm(x[:, 0], arrays[p + "ln_post.weight"], arrays[p + "ln_post.bias"], eps) @ arrays[p + "proj"]
+    x = _layer_norm(x, arrays["ln_final.weight"], arrays["ln_final.bias"], eps)[np.arange(n), ids.argmax(-1)]
+    if "text_projection" in arrays:
+        return x @ arrays["text_projection"]
+    if "text_projection.weight" in arrays:
+        return x @ arrays["text_projection.weight"].T + arrays.get("text_projection.bias", 0.0)
+    return x
+
+
 class TextTower(_Tower):
     """CLIP's BPE text tower in numpy on the memory-mapped weights file; reads no language token."""
 
@@ -337,13 +381,10 @@ def _describe(model, tokenizer) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     return facts, arrays
 
 
-def _write_clip(encoder, tmp: Path) -> dict:
+def _write_clip(facts: dict, tensors: list[tuple[str, np.ndarray]], bpe_src: Path, tmp: Path) -> dict:
     """CLIP's BPE tower into ``tmp``: a float32 file and the tokenizer tables; returns the manifest's facts."""
-    from open_clip import tokenizer as oc_tok
-
     from .bpe import write_tables
 
-    facts, tensors = _describe(encoder.model, encoder.tokenizer)
     arrays, off = {}, 0
     with open(tmp / WEIGHTS, "wb") as f:
         for name, ten in tensors:
@@ -351,7 +392,6 @@ def _write_clip(encoder, tmp: Path) -> dict:
             a.tofile(f)
             arrays[name] = [off, list(a.shape)]
             off += a.size
-    bpe_src = Path(oc_tok.default_bpe())
     shutil.copyfile(bpe_src, tmp / MERGES)
     write_tables(bpe_src, tmp)
     return {**facts, "floats": off, "arrays": arrays}
@@ -409,57 +449,114 @@ def _write_hf(encoder, tmp: Path) -> dict:
             "suffix": suffix, "lang_ids": {c: int(vocab[c]) for c in NLLB_CODES if c in vocab}}
 
 
-def build_export(home: str | os.PathLike, encoder) -> Path:
-    """Write and verify the text export for ``encoder`` (a loaded fp32 torch Encoder); returns its folder.
+def _torch_check(tower: _Tower, encoder) -> dict:
+    """The export's verdict against the torch tower in fp32: identical token ids and cosine >= MIN_COSINE on
+    PARITY_PROMPTS, in two languages when the tokenizer takes one."""
+    same_ids, cos, pad = True, 1.0, int(tower.meta.get("pad_id", 0))
+    for lang in (("eng_Latn", "kor_Hang") if encoder.takes_language else (None,)):
+        ours, ref = tower.tokenize(PARITY_PROMPTS, lang), encoder.tokenize(PARITY_PROMPTS, lang)
+        same_ids = same_ids and [r + [pad] * (ref.shape[1] - len(r)) for r in ours] == ref.tolist()
+        got, want = tower.encode(PARITY_PROMPTS, lang), encoder.encode_texts(PARITY_PROMPTS, lang)
+        cos = min(cos, float(np.min(np.sum(got * want, axis=1))))
+    return {"verified": bool(same_ids and cos >= MIN_COSINE), "checked": "torch", "parity": {
+        "prompts": len(PARITY_PROMPTS), "token_ids_identical": same_ids, "min_cosine": round(cos, 7)}}
 
-    A failed verification is recorded (verified: false) so it is not retried on every run; ExportError
-    says this tower cannot be exported, and like any other problem leaves nothing behind.
-    """
-    if encoder.precision != "fp32":
-        raise ExportError("the export is made from an fp32 model only")
-    hf = getattr(getattr(encoder.model, "text", None), "config", None) is not None
-    final = export_dir(home, encoder.fingerprint)
+
+def _publish(home, fingerprint: str, meta: dict, write, check) -> Path:
+    """Write an export into a temporary folder (``write(tmp)`` -> its facts), record ``check(tower)``'s verdict
+    in its manifest and rename it into place; a failed check is kept (verified: false) so it is not retried
+    on every run. Anything raised leaves nothing behind."""
+    final = export_dir(home, fingerprint)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".text.", dir=final.parent))
     try:
-        meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "model": encoder.spec.label,
-                "dim": int(encoder.dim), **(_write_hf if hf else _write_clip)(encoder, tmp), "verified": True,
-                "logit_scale": float(encoder.logit_scale)}
+        meta = {"format": FORMAT, "fingerprint": fingerprint, **meta, **write(tmp), "verified": True}
         (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
-        tower = load_tower(tmp, encoder.fingerprint)
-        same_ids, cos, pad = True, 1.0, int(meta.get("pad_id", 0))
-        # Against the torch tower in fp32, in two languages when the tokenizer takes one.
-        for lang in (("eng_Latn", "kor_Hang") if encoder.takes_language else (None,)):
-            ours, ref = tower.tokenize(PARITY_PROMPTS, lang), encoder.tokenize(PARITY_PROMPTS, lang)
-            same_ids = same_ids and [r + [pad] * (ref.shape[1] - len(r)) for r in ours] == ref.tolist()
-            got, want = tower.encode(PARITY_PROMPTS, lang), encoder.encode_texts(PARITY_PROMPTS, lang)
-            cos = min(cos, float(np.min(np.sum(got * want, axis=1))))
-        meta.update(verified=bool(same_ids and cos >= MIN_COSINE), parity={
-            "prompts": len(PARITY_PROMPTS), "token_ids_identical": same_ids, "min_cosine": round(cos, 7)})
+        meta.update(check(load_tower(tmp, fingerprint)))
         (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
         if final.exists():  # made by an earlier or concurrent run for the same weights: keep theirs
             shutil.rmtree(tmp)
         else:
             tmp.rename(final)
-    except BaseException as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if hf and isinstance(e, Exception) and not isinstance(e, ExportError):
-            raise ExportError(f"exporting the text tower failed ({type(e).__name__}: {str(e)[:120]})") from None
         raise
     return final
+
+
+def build_export(home: str | os.PathLike, encoder) -> Path:
+    """Write and verify the text export for ``encoder`` (a loaded fp32 torch Encoder); returns its folder.
+    ExportError says this tower cannot be exported."""
+    if encoder.precision != "fp32":
+        raise ExportError("the export is made from an fp32 model only")
+    hf = getattr(getattr(encoder.model, "text", None), "config", None) is not None
+
+    def write(tmp: Path) -> dict:
+        if hf:
+            return _write_hf(encoder, tmp)
+        from open_clip import tokenizer as oc_tok
+
+        return _write_clip(*_describe(encoder.model, encoder.tokenizer), Path(oc_tok.default_bpe()), tmp)
+
+    try:
+        return _publish(home, encoder.fingerprint, {"model": encoder.spec.label, "dim": int(encoder.dim),
+                                                    "logit_scale": float(encoder.logit_scale)}, write,
+                        lambda tower: _torch_check(tower, encoder))
+    except Exception as e:
+        if hf and not isinstance(e, ExportError):
+            raise ExportError(f"exporting the text tower failed ({type(e).__name__}: {str(e)[:120]})") from None
+        raise
+
+
+def export_from_checkpoint(home, fingerprint: str, label: str, model_cfg: dict, arrays, bpe_src: Path) -> Path:
+    """CLIP's text export without torch: the tensors of a checkpoint (clipgraph.Checkpoint) described by its
+    open_clip ``model_cfg``, the BPE tables from ``bpe_src`` (open_clip's file). Checked against
+    reference_features, the tower computed straight from the checkpoint's tensors (manifest "checked":
+    "numpy"); the first index run that loads torch checks it against torch (ensure_export)."""
+    from . import clipgraph
+
+    text_cfg = model_cfg.get("text_cfg") or {}
+    if any(text_cfg.get(k) for k in ("hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs")):
+        raise ExportError("the tokenizer is not CLIP's plain BPE tokenizer")
+    try:
+        facts, tensors = clipgraph.text_weights(arrays, clipgraph.config_facts(model_cfg, "text"))
+        logit_scale = math.exp(float(np.asarray(arrays["logit_scale"]).reshape(-1)[0]))
+    except (clipgraph.Unsupported, KeyError) as e:
+        raise ExportError(str(e)) from None
+    if facts["pool"] != "argmax":
+        raise ExportError(f"text pooling {facts['pool']!r} is left to torch")
+    prompts = PARITY_PROMPTS[:8]  # short ones: the torch check later takes them all
+
+    def write(tmp: Path) -> dict:
+        from .bpe import BPETokenizer
+
+        out = _write_clip(facts, tensors, bpe_src, tmp)
+        tok = BPETokenizer(tmp, int(text_cfg.get("context_length", 77)))
+        return {**out, "context_length": tok.context_length, "sot_id": tok.sot_id, "eos_id": tok.eot_id}
+
+    def check(tower: _Tower) -> dict:
+        want = _normalised(reference_features(arrays, facts, "text", tower.tokenize(prompts)))
+        cos = float(np.min(np.sum(tower.encode(prompts) * want, axis=1)))
+        return {"verified": cos >= MIN_COSINE, "checked": "numpy", "parity": {"prompts": len(prompts),
+                                                                               "min_cosine": round(cos, 7)}}
+
+    proj = dict(tensors).get("proj.w")
+    dim = int(proj.shape[1]) if proj is not None else facts["width"]
+    return _publish(home, fingerprint, {"model": label, "dim": dim, "logit_scale": logit_scale}, write, check)
 
 
 def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path | None:
     """Make the text export for this model if it is missing or unusable; never raises (the fast path is
     an optimisation). Returns the folder when a verified export exists afterwards."""
     try:
-        folder = export_dir(home, encoder.fingerprint)
+        folder, checked = export_dir(home, encoder.fingerprint), None
         try:
-            load_tower(folder, encoder.fingerprint)
-            return folder
+            checked = load_tower(folder, encoder.fingerprint)
+            if checked.meta.get("checked") != "numpy":
+                return folder
         except ExportError:
             pass
-        if (folder / MANIFEST).is_file():
+        if checked is None and (folder / MANIFEST).is_file():
             old = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if old.get("fingerprint") == encoder.fingerprint:
                 if old.get("format") == FORMAT and old.get("verified") is False:
@@ -469,6 +566,15 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
             from . import encoder as encoder_mod
 
             encoder = encoder_mod.build(encoder.spec, "cpu", "fp32")
+        if checked is not None:  # made without torch (export_from_checkpoint): checked against torch once
+            meta = {**checked.meta, **_torch_check(checked, encoder)}
+            tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(meta), encoding="utf-8")
+            os.replace(tmp, folder / MANIFEST)
+            _towers.pop((str(home), encoder.fingerprint), None)
+            if not meta["verified"]:
+                raise ExportError(f"the export made without torch does not match torch: {meta['parity']}")
+            return folder
         try:
             build_export(home, encoder)
         except ExportError as e:

@@ -72,6 +72,12 @@ def test_towers_it_does_not_describe_are_refused_with_the_reason(tmp_path):
     with pytest.raises(clipgraph.Unsupported, match="image tower is not a ViT"):
         clipgraph.config_facts(cfg, "visual")
     assert not (tmp_path / "g.onnx").exists()
+    model, cfg = _clip()  # a config whose sizes are not the tensors' (open_clip would refuse them)
+    clipgraph.check_config(cfg, clipgraph.state_arrays(model))
+    with pytest.raises(clipgraph.Unsupported, match=r"visual.proj is \[64, 64\], the config says \[64, 32\]"):
+        clipgraph.check_config({**cfg, "embed_dim": 32}, clipgraph.state_arrays(model))
+    with pytest.raises(clipgraph.Unsupported, match="text layers beyond 1"):
+        clipgraph.check_config({**cfg, "text_cfg": {**cfg["text_cfg"], "layers": 1}}, clipgraph.state_arrays(model))
 
 
 def test_a_refused_vit_is_traced_by_torch_and_verified(tmp_path, home):

@@ -28,21 +28,27 @@ main()
 """
 
 
-def _index_process(home: Path, model: str, folder: Path, *args: str, env: dict | None = None):
+def _process(home: Path, model: str, *args: str, env: dict | None = None, ok: bool = True):
+    """(stdout, heavy modules imported, stderr) of `imgsearch --model MODEL --device cpu ARGS` in a fresh process."""
     full = dict(os.environ, PYTHONPATH=str(ROOT), IMGSEARCH_HOME=str(home), **(env or {}))
-    out = subprocess.run([sys.executable, "-c", PROBE, "--model", model, "--device", "cpu", *args, "index",
-                          str(folder), "--json", "--quiet"], env=full, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", PROBE, "--model", model, "--device", "cpu", *args], env=full,
+                         capture_output=True, text=True, timeout=300)
+    assert (out.returncode == 0) == ok, out.stderr[-2000:]
     heavy = next(x for x in out.stderr.splitlines() if x.startswith("HEAVY:"))[len("HEAVY:"):]
-    return json.loads(out.stdout[out.stdout.index("{"):]), heavy
+    return out.stdout, heavy, out.stderr
 
 
-def _vectors_by_path(home: Path, model: str) -> dict[str, np.ndarray]:
+def _index_process(home: Path, model: str, folder: Path, *args: str, env: dict | None = None):
+    out, heavy, _ = _process(home, model, *args, "index", str(folder), "--json", "--quiet", env=env)
+    return json.loads(out[out.index("{"):]), heavy
+
+
+def _vectors_by_path(home: Path, model: str, fingerprint: str | None = None) -> dict[str, np.ndarray]:
     from imgsearch.store import Store
 
     store = Store(home / "library.db", create=False)
     try:
-        (row,) = [m for m in store.models() if m.vectors]
+        (row,) = [m for m in store.models() if m.vectors and fingerprint in (None, m.fingerprint)]
         ids, vecs = store.load_vectors(row.id)
         paths = {r.id: p for p, r in store.images_under(["/"]).items()}
         return {paths[i]: v for i, v in zip(ids.tolist(), vecs)}
@@ -110,12 +116,19 @@ def test_changed_checkpoint_is_never_served_by_the_stale_export(tiny_model, sett
     # A "fine-tune" into the same folder: same path, new weights.
     model, new_cfg = build_tiny_clip(seed=7)
     save_local_dir(model, new_cfg, model_dir, {"size": new_cfg["vision_cfg"]["image_size"]})
-    lite, why = onnx_image.torch_free_encoder(s, None, 2)
-    assert lite is None and why == "no image export for these weights"
+    assert onnx_image._lite_candidate(s, 2) == (None, "no image export for these weights")
     more = _photos(tmp_path, "more", seed=11)
     report, heavy = _index_process(s.home, s.model, more, "--precision", "fp32",
                                    env={"IMGSEARCH_IMAGE_BACKEND": "onnx"})
-    assert "torch" in heavy.split(",") and report["new"] == 36
+    assert report["new"] == 36 and heavy == ""  # the new weights' exports were made from their tensors
+    new = build(ModelSpec(s.model), "cpu", "fp32")
+    assert new.fingerprint != base.fingerprint
+    got = _vectors_by_path(s.home, s.model, new.fingerprint)
+    from PIL import Image
+
+    for path in sorted(p for p in got if p.startswith(str(more)))[:4]:
+        with Image.open(path) as im:
+            assert float(got[path] @ new.encode_images([im.convert("RGB")])[0]) >= 0.999
 
 
 def test_numpy_preprocess_matches_open_clips_torch_preprocess(tiny_model):
@@ -213,7 +226,8 @@ def test_int8_parity_verdict_is_cached_per_library_and_a_refusal_still_refuses(c
     monkeypatch.delenv("IMGSEARCH_TORCH_FREE")
     lite, why = onnx_image.torch_free_encoder(s, lib_id, 2)
     assert lite is not None and lite.precision == "int8", why
-    assert onnx_image.torch_free_encoder(s, "another-library", 2) == (None, "no int8 parity verdict for this library")
+    assert onnx_image.cached_parity(home, lite.fingerprint, lib_id, 0.98) is not None
+    assert onnx_image.cached_parity(home, lite.fingerprint, "another-library", 0.98) is None  # measures its own
 
     # A stricter gate than the recorded cosine: measured again, and refused as before, library untouched.
     monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "1.01")
@@ -223,3 +237,117 @@ def test_int8_parity_verdict_is_cached_per_library_and_a_refusal_still_refuses(c
     assert r.exit_code != 0 and calls == [1]
     assert "--precision int8 is too far from fp32 on your images" in r.output.strip().splitlines()[-1]
     assert json.loads(cli("status", "--json").output)["images"] == before
+
+
+def _top(home: Path, model: str, text: str, k: int) -> list[str]:
+    out, heavy, _ = _process(home, model, "query", text, "-k", str(k), "--no-server", "--json")
+    assert heavy == ""
+    return [h["path"] for h in json.loads(out)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_first_index_from_a_safetensors_checkpoint_makes_its_exports_without_torch(settings, photos, tmp_path,
+                                                                                  precision, monkeypatch):
+    from imgsearch.encoder import ModelSpec, known_fingerprint
+    from imgsearch.indexer import index_paths
+
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")  # what the 32 px tiny model reaches (see test_image_ort)
+    env = {"IMGSEARCH_IMAGE_BACKEND": "onnx"}
+    report, heavy = _index_process(settings.home, settings.model, photos, "--precision", precision, env=env)
+    assert heavy == "" and report["new"] == 54 and report["failed"] == 0
+    assert report["image_tower"] == f"onnxruntime {precision}"
+    if precision == "int8":  # measured against the fp32 export on onnxruntime, and recorded for later runs
+        assert report["parity_images"] == 32 and report["int8_parity"] >= 0.98
+    exports = settings.home / "exports" / known_fingerprint(ModelSpec(settings.model).canonical())
+    image = json.loads((exports / "image" / "manifest.json").read_text())
+    text = json.loads((exports / "text" / "manifest.json").read_text())
+    assert image["fp32"]["checked"] == text["checked"] == "numpy" and text["verified"]
+
+    ref_home = tmp_path / "ref-home"
+    ref = index_paths(settings.with_(home=ref_home, image_backend="torch", torch_free=False), [photos])
+    assert ref.image_tower == "torch fp32"
+    for query, kind in (("a red circle", "red_circle"), ("a green triangle", "green_triangle")):
+        got, want = _top(settings.home, settings.model, query, 5), _top(ref_home, settings.model, query, 5)
+        assert all(kind in Path(p).name for p in got[:3]) and set(got[:3]) == set(want[:3])
+        if precision == "fp32":
+            assert got == want
+
+    if precision == "int8":  # a later run that loads torch anyway checks both exports against torch
+        later = index_paths(settings.with_(precision="int8", torch_free=False),
+                            [_photos(tmp_path, "more", seed=9)])
+        assert later.new == 36 and later.parity_images == 0  # the verdict measured without torch is used
+        image = json.loads((exports / "image" / "manifest.json").read_text())
+        text = json.loads((exports / "text" / "manifest.json").read_text())
+        assert image["fp32"]["checked"] == image["int8"]["checked"] == text["checked"] == "torch"
+        assert image["fp32"]["passed"] and text["verified"] and text["parity"]["token_ids_identical"]
+
+
+@pytest.mark.slow
+def test_towers_and_checkpoints_it_cannot_read_go_through_torch(home, photos, tmp_path):
+    import open_clip
+    import torch
+
+    from imgsearch.encoder import save_local_dir
+    from imgsearch.synthetic import tiny_model_config
+
+    cfg = tiny_model_config()
+    cfg["vision_cfg"]["ls_init_value"] = 0.1  # layer scale: not a tower clipgraph describes
+    torch.manual_seed(0)
+    scaled = save_local_dir(open_clip.CLIP(**cfg), cfg, tmp_path / "scaled", {"size": 32})
+    env = {"IMGSEARCH_INT8_MIN_COSINE": "0.5"}
+    _, heavy, err = _process(home, f"local-dir:{scaled}", "--precision", "int8", "index", str(photos), env=env)
+    assert "torch" in heavy.split(",") and "image tower is not" not in err
+    assert err.count("cannot make the exports") == 1 and "ls_init_value" in err
+
+    pickled = tmp_path / "pickled"  # a torch pickle, not safetensors: torch as before, and nothing said
+    pickled.mkdir()
+    (pickled / "open_clip_config.json").write_text((scaled / "open_clip_config.json").read_text())
+    torch.save(open_clip.CLIP(**cfg).state_dict(), pickled / "open_clip_pytorch_model.bin")
+    _, heavy, err = _process(tmp_path / "home2", f"local-dir:{pickled}", "--precision", "int8", "index",
+                             str(photos), env=env)
+    assert "torch" in heavy.split(",") and "cannot make the exports" not in err
+
+
+@pytest.mark.slow
+def test_a_config_that_does_not_fit_its_weights_is_refused_in_one_line_and_torch_decides(tiny_model, home, photos,
+                                                                                        tmp_path):
+    config = json.loads((tiny_model / "open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"]["image_size"] = 48  # open_clip resizes the position table; we do not
+    moved = tmp_path / "resized"
+    moved.mkdir()
+    (moved / "open_clip_config.json").write_text(json.dumps(config))
+    (moved / "open_clip_model.safetensors").symlink_to(tiny_model / "open_clip_model.safetensors")
+    out, heavy, err = _process(home, f"local-dir:{moved}", "--precision", "fp32", "index", str(photos), "--json",
+                               env={"IMGSEARCH_IMAGE_BACKEND": "onnx"})
+    notes = [line for line in err.splitlines() if "cannot make the exports" in line]
+    assert len(notes) == 1 and "image tower shapes do not fit" in notes[0]
+    assert "torch" in heavy.split(",") and json.loads(out[out.index("{"):])["new"] == 54
+
+    (moved / "open_clip_config.json").write_text(json.dumps(config)[:-20])  # damaged: torch cannot read it either
+    _, heavy, err = _process(tmp_path / "home2", f"local-dir:{moved}", "--precision", "int8", "index", str(photos),
+                             ok=False)
+    assert "no readable open_clip config (JSONDecodeError)" in err and "Traceback" not in err
+
+
+def test_a_model_names_config_and_preprocess_are_open_clips_read_without_importing_it(tmp_path):
+    import dataclasses
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    code = ("import json, sys; sys.modules['torch'] = None\n"
+            "from imgsearch import onnx_image\n"
+            "from imgsearch.modelspec import ModelSpec\n"
+            "cfg, pre, path = onnx_image.checkpoint_source(ModelSpec('ViT-B-32-256', sys.argv[1]))\n"
+            "assert 'open_clip' not in sys.modules\n"
+            "print(json.dumps([cfg, pre, str(path)]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(weights)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-800:]
+    cfg, pre, path = json.loads(done.stdout)
+    assert cfg == open_clip.get_model_config("ViT-B-32-256") and pre == {} and path == str(weights)
+    defaults = json.loads(json.dumps(dataclasses.asdict(PreprocessCfg())))  # tuples as JSON lists
+    assert onnx_image.PREPROCESS_DEFAULTS == defaults
