@@ -84,7 +84,7 @@ def _import_ort():
     try:
         import onnxruntime
     except ImportError:
-        raise OnnxUnavailable("onnxruntime is not installed (pip install 'imgsearch[fast]')") from None
+        raise OnnxUnavailable("onnxruntime is not installed (imgsearch installs it: pip install onnxruntime)") from None
     return onnxruntime
 
 
@@ -161,7 +161,7 @@ def _export_fp32(encoder, path: Path) -> None:
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # both writers need it
-        raise OnnxUnavailable("the onnx package is not installed (pip install 'imgsearch[fast]')") from None
+        raise OnnxUnavailable("the onnx package is not installed (imgsearch installs it: pip install onnx)") from None
     from . import clipgraph
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -292,7 +292,7 @@ class OrtTextTower(_Tower):
             import onnxruntime as ort
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise ExportError(f"{e.name} is not installed (pip install 'imgsearch[multilingual,fast]')") from None
+            raise ExportError(f"{e.name} is not installed (pip install 'imgsearch[multilingual]')") from None
         for name in (ONNX_FILE, TOKENIZER_FILE):
             if not (self.folder / name).is_file():
                 raise ExportError(f"{name} missing from the export")
@@ -434,7 +434,7 @@ def _write_hf(encoder, tmp: Path) -> dict:
         raise ExportError("tokenizer cleaning is not open_clip's default (whitespace)")
     for package in ("onnx", "onnxruntime", "tokenizers"):  # onnx: the exporter needs it
         if importlib.util.find_spec(package) is None:
-            raise ExportError(f"{package} is not installed (pip install 'imgsearch[multilingual,fast]')")
+            raise ExportError(f"{package} is not installed (pip install 'imgsearch[multilingual]')")
     prefix, suffix = _special_template(tok, "eng_Latn" if encoder.takes_language else None)
     vocab = tok.tokenizer.get_vocab() if encoder.takes_language else {}
     pad = int(text.config.pad_token_id)

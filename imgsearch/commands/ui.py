@@ -34,7 +34,7 @@ def app_file() -> Path:
     path = Path(str(files("imgsearch.ui") / "app.py"))
     if not path.is_file():  # e.g. a zipped install: Streamlit needs a real file to run
         raise ImgSearchError(f"the web UI page is missing ({path}); reinstall imgsearch with `pip install "
-                             "'imgsearch[ui]'`")
+                             "--force-reinstall imgsearch`")
     return path
 
 
@@ -253,7 +253,7 @@ def ui_cmd(
     import importlib.util
 
     if importlib.util.find_spec("streamlit") is None:
-        raise ImgSearchError("the web UI needs Streamlit; install it with `pip install 'imgsearch[ui]'`")
+        raise ImgSearchError("the web UI needs Streamlit, which imgsearch installs; install it again with `pip install 'streamlit>=1.67'`")
     _check_streamlit_version()
     settings = settings_of(ctx)
     app = app_file()
