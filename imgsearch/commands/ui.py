@@ -253,7 +253,8 @@ def ui_cmd(
     import importlib.util
 
     if importlib.util.find_spec("streamlit") is None:
-        raise ImgSearchError("the web UI needs Streamlit, which imgsearch installs; install it again with `pip install 'streamlit>=1.67'`")
+        raise ImgSearchError("the web UI needs Streamlit, which imgsearch installs; install it again with "
+                             "`pip install 'streamlit>=1.67'`")
     _check_streamlit_version()
     settings = settings_of(ctx)
     app = app_file()
