@@ -155,9 +155,10 @@ def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
     return encoder.encode_image_tensors(torch.from_numpy(batch))
 
 
-def _export_fp32(encoder, path: Path) -> None:
-    """The fp32 image graph: for open_clip's plain ViT built from the loaded model's tensors (clipgraph: lean,
-    and no second trace of the model), for any other tower traced by torch.onnx.export."""
+def _export(encoder, path: Path, int8: bool = False) -> None:
+    """The fp32 (or int8) image graph: for open_clip's plain ViT built from the loaded model's tensors
+    (clipgraph: lean, and no second trace of the model), for any other tower traced by torch.onnx.export (its
+    int8 graph quantised from the fp32 file beside it)."""
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # both writers need it
@@ -168,10 +169,11 @@ def _export_fp32(encoder, path: Path) -> None:
     try:
         try:
             clipgraph.write_image_graph(clipgraph.state_arrays(encoder.model),
-                                        clipgraph.model_facts(encoder.model, "visual"), path, OPSET)
+                                        clipgraph.model_facts(encoder.model, "visual"), path, OPSET, int8)
             return
         except clipgraph.Unsupported:
-            pass
+            if int8:
+                return _quantise_int8(path.with_name(FP32_FILE), path)
         import torch
 
         class Tower(torch.nn.Module):
@@ -190,13 +192,16 @@ def _export_fp32(encoder, path: Path) -> None:
                               output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
                               opset_version=OPSET, dynamo=False)
         os.replace(tmp, path)
+    except OnnxUnavailable:  # the quantiser's, which says what failed
+        raise
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise OnnxUnavailable(f"exporting the image tower failed ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:
-    """The int8 model of ``fp32``, quantised in a child process: onnxruntime's quantiser logs through the
+    """The int8 model of ``fp32`` (a traced tower; clipgraph writes its own towers' int8 graph with the same
+    arithmetic), quantised in a child process: onnxruntime's quantiser logs through the
     root logger (advice to pre-process, a line per tensor), which would give a program without logging set
     up a root handler and so turn its own later logging.basicConfig into a no-op. The child's is its own."""
     import subprocess
@@ -229,7 +234,7 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
     if encoder.device != "cpu" or encoder.precision == "bf16":
         raise OnnxUnavailable(f"the ONNX image tower runs fp32/int8 on the CPU, not {encoder.device} {encoder.precision}")
     path, manifest = _ensure_files(export_dir(home, encoder.fingerprint), encoder.fingerprint, encoder.spec.label,
-                                   encoder.image_size, kind, threads, lambda p: _export_fp32(encoder, p),
+                                   encoder.image_size, kind, threads, lambda p, int8: _export(encoder, p, int8),
                                    lambda probe: _torch_features(encoder, probe), "torch",
                                    lambda: {"dim": int(encoder.dim), "preprocess": _checked_preprocess(encoder)})
     return OrtImageTower(path, kind, threads), manifest
@@ -238,7 +243,7 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
 def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: str, threads: int, write, reference,
                   checked: str, describe) -> tuple[Path, dict]:
     """The export file for ``kind`` in ``folder`` and its manifest, made where missing: ``write(path)`` writes
-    the fp32 graph, ``reference(probe)`` gives the features it must match (``checked``: "torch" or "numpy"),
+    the fp32 graph (``write(path, True)`` the int8 one), ``reference(probe)`` gives the features it must match (``checked``: "torch" or "numpy"),
     ``describe()`` the manifest's dim and preprocess. A "numpy"-checked entry is checked again by torch."""
     ort = _import_ort()
     folder.mkdir(parents=True, exist_ok=True)
@@ -262,7 +267,7 @@ def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: s
     missing = entry is None or not fp32_path.is_file()
     if missing or recheck(entry):
         if missing:
-            write(fp32_path)
+            write(fp32_path, False)
         cos = cosine(fp32_path, "fp32")
         entry = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE, "threshold": FP32_MIN_COSINE,
                  "checked": checked}
@@ -278,7 +283,7 @@ def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: s
     missing = entry8 is None or not int8_path.is_file() or _recipe_of(entry8) != INT8_RECIPE
     if missing or recheck(entry8):
         if missing:
-            _quantise_int8(fp32_path, int8_path)
+            write(int8_path, True)
         cos = cosine(int8_path, "int8")
         entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, **INT8_RECIPE, "checked": checked}
         manifest["int8"] = entry8
@@ -611,8 +616,8 @@ def make_exports(settings, threads: int) -> str:
         if source is None:
             return "the weights are not a safetensors file"
         model_cfg, pre, weights = source
-        # Each step maps the file anew: its pages leave this process when the step ends, not after the
-        # int8 quantiser (a child process with a GB of its own) has run.
+        # Each step maps the file anew: its pages leave this process when the step ends, not while the
+        # checks' onnxruntime sessions are loaded.
         fingerprint, tensors = known_fingerprint(spec), lambda: clipgraph.Checkpoint(weights)
         facts = clipgraph.config_facts(model_cfg, "visual")
         clipgraph.check_config(model_cfg, tensors())
@@ -622,7 +627,7 @@ def make_exports(settings, threads: int) -> str:
         print(f"note: making the ONNX and text exports of {spec.label} from its tensors (once, without torch)",
               file=sys.stderr)
         _ensure_files(export_dir(settings.home, fingerprint), fingerprint, spec.label, facts["image_size"],
-                      precision, threads, lambda p: clipgraph.write_image_graph(tensors(), facts, p, OPSET),
+                      precision, threads, lambda p, int8: clipgraph.write_image_graph(tensors(), facts, p, OPSET, int8),
                       lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
                       lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
         if not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():

@@ -17,11 +17,15 @@ from imgsearch.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs `imgsearch ...` as the console script does and says on stderr whether torch & co. were imported.
+# Runs `imgsearch ...` as the console script does and says on stderr whether torch & co. were imported, and
+# whether a child process (such as onnxruntime's quantiser) was started.
 PROBE = r"""
-import atexit, sys
-heavy = ("torch", "torchvision", "open_clip")
-atexit.register(lambda: print("HEAVY:" + ",".join(m for m in heavy if m in sys.modules), file=sys.stderr))
+import atexit, subprocess, sys
+heavy, children = ("torch", "torchvision", "open_clip", "onnxruntime.quantization"), []
+popen = subprocess.Popen.__init__
+subprocess.Popen.__init__ = lambda self, *a, **k: children.append(1) or popen(self, *a, **k)
+atexit.register(lambda: print("HEAVY:" + ",".join([m for m in heavy if m in sys.modules]
+                                                  + ["child process"] * bool(children)), file=sys.stderr))
 sys.argv = ["imgsearch"] + sys.argv[1:]
 from imgsearch.quickcli import main
 main()
