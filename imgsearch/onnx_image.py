@@ -141,6 +141,8 @@ class OrtImageTower:
         self.threads = threads
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is None:  # released while another tower ran (int8_parity)
+            self.session = _new_session(self.path, self.threads)
         x = self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         x = x.astype(np.float32, copy=False)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -355,10 +357,12 @@ def _ort_may_run(device: str, precision: str, mode: str, files: int | None = Non
 
 def int8_parity(encoder, tensors) -> float:
     """Min cosine between an int8 OrtEncoder and fp32 on the user's decoded images: its torch encoder, or for a
-    torch-free one the fp32 export on onnxruntime (the same arithmetic, checked against its reference)."""
+    torch-free one the fp32 export on onnxruntime (the same arithmetic, checked against its reference), run
+    while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to load it again)."""
     batch = np.stack([np.asarray(t, np.float32) for t in tensors])
     if encoder.torch_encoder is None:
         tower = encoder.image_backend
+        tower.session = None
         ref = OrtImageTower(tower.path.with_name(FP32_FILE), "fp32", tower.threads).encode(batch)
     else:
         ref = _torch_features(encoder.torch_encoder, batch)

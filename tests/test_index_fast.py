@@ -287,6 +287,29 @@ def test_first_index_from_a_safetensors_checkpoint_makes_its_exports_without_tor
         assert image["fp32"]["passed"] and text["verified"] and text["parity"]["token_ids_identical"]
 
 
+def test_a_torch_free_int8_run_holds_one_onnxruntime_session_at_a_time(settings, photos, monkeypatch):
+    """Its exports' checks and the int8 parity pass on the user's images (fp32 export vs int8) load one
+    image session at a time, so the first run's peak memory is one model's, not two."""
+    import weakref
+
+    from imgsearch.indexer import index_paths
+
+    live, most, real = set(), [], onnx_image._new_session
+
+    def tracked(path, threads):
+        session = real(path, threads)
+        live.add(id(session))
+        weakref.finalize(session, live.discard, id(session))
+        most.append(len(live))
+        return session
+
+    monkeypatch.setattr(onnx_image, "_new_session", tracked)
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")  # what the 32 px tiny model reaches
+    report = index_paths(settings.with_(precision="int8"), [photos])
+    assert report.image_tower == "onnxruntime int8" and report.parity_images == 32 and report.new == 54
+    assert len(most) >= 4 and max(most) == 1  # fp32 and int8 checks, then fp32 parity, int8 parity and run
+
+
 @pytest.mark.slow
 def test_towers_and_checkpoints_it_cannot_read_go_through_torch(home, photos, tmp_path):
     import open_clip
