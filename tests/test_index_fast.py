@@ -296,8 +296,8 @@ def test_a_torch_free_int8_run_holds_one_onnxruntime_session_at_a_time(settings,
 
     live, most, real = set(), [], onnx_image._new_session
 
-    def tracked(path, threads):
-        session = real(path, threads)
+    def tracked(*args):
+        session = real(*args)
         live.add(id(session))
         weakref.finalize(session, live.discard, id(session))
         most.append(len(live))
