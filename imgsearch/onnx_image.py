@@ -143,9 +143,10 @@ class OrtImageTower:
         self.threads = threads
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        if self.session is None:  # released while another tower ran (int8_parity)
-            self.session = _new_session(self.path, self.threads)
-        x = self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        session = self.session
+        if session is None:  # released while another tower ran (int8_parity)
+            session = self.session = _new_session(self.path, self.threads)
+        x = session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         x = x.astype(np.float32, copy=False)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -204,10 +205,10 @@ def _export(encoder, path: Path, int8: bool = False) -> None:
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:
-    """The int8 model of ``fp32`` (a traced tower; clipgraph writes its own towers' int8 graph with the same
-    arithmetic), quantised in a child process: onnxruntime's quantiser logs through the
-    root logger (advice to pre-process, a line per tensor), which would give a program without logging set
-    up a root handler and so turn its own later logging.basicConfig into a no-op. The child's is its own."""
+    """The int8 model of a traced tower's ``fp32`` file (clipgraph writes its own towers' int8 graph, the same
+    arithmetic), quantised in a child process: onnxruntime's quantiser logs through the root logger (advice to
+    pre-process, a line per tensor), which would give a program without logging set up a root handler and so
+    turn its own later logging.basicConfig into a no-op. The child's is its own."""
     import subprocess
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -246,9 +247,10 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
 
 def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: str, threads: int, write, reference,
                   checked: str, describe) -> tuple[Path, dict]:
-    """The export file for ``kind`` in ``folder`` and its manifest, made where missing: ``write(path)`` writes
-    the fp32 graph (``write(path, True)`` the int8 one), ``reference(probe)`` gives the features it must match (``checked``: "torch" or "numpy"),
-    ``describe()`` the manifest's dim and preprocess. A "numpy"-checked entry is checked again by torch."""
+    """The export file for ``kind`` in ``folder`` and its manifest, made where missing: ``write(path, int8)``
+    writes the fp32 or int8 graph, ``reference(probe)`` gives the features it must match (``checked``: "torch"
+    or "numpy"), ``describe()`` the manifest's dim and preprocess. A "numpy"-checked entry is checked again by
+    torch. Each check loads one session at a time (once=True) and gives its memory back (trim_heap)."""
     ort = _import_ort()
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
