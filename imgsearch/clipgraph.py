@@ -204,8 +204,7 @@ def vit_shape(arrays: Mapping, facts: dict) -> dict:
 
 
 class _Graph:
-    """ONNX nodes and initializers (name, array; arrays are views or _Int8Columns, written one at a time by
-    _save)."""
+    """ONNX nodes and initializers (name, array: views or _Int8Columns, written one at a time by _save)."""
 
     def __init__(self):
         self.nodes, self.inits = [], []
@@ -214,10 +213,10 @@ class _Graph:
         self.inits.append((name, array))
         return name
 
-    def op(self, op: str, *inputs: str, outputs: int = 1, **attrs):
+    def op(self, op: str, *inputs: str, outputs: int = 1, output: str | None = None, **attrs):
         from onnx import helper
 
-        names = [f"{op}_{len(self.nodes)}_{i}" for i in range(outputs)]
+        names = [output] if output else [f"{op}_{len(self.nodes)}_{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op, list(inputs), names, **attrs))
         return names[0] if outputs == 1 else names
 
@@ -268,19 +267,15 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
         return g.op("LayerNormalization", x, g.init(key + ".weight", arrays[key + ".weight"]),
                     g.init(key + ".bias", arrays[key + ".bias"]), axis=-1, epsilon=facts["eps"])
 
-    def matmul(x, name, w, out=None):  # x @ w, w [in, out]
+    def matmul(x, name, w, output=None):  # x @ w, w [in, out]
         if not int8:
-            out = out or f"MatMul_{len(g.nodes)}_0"
-            g.nodes.append(helper.make_node("MatMul", [x, g.init(name, w)], [out]))
-            return out
+            return g.op("MatMul", x, g.init(name, w), output=output)
         q = _Int8Columns(w)
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
         scale = g.op("Mul", xs, g.init(name + "_scale", q.scale))
         y = g.op("MatMulInteger", xq, g.init(name + "_quantized", q), xz,
                  g.init(name + "_zero_point", np.zeros(w.shape[1], np.int8)))
-        out = out or f"Mul_{len(g.nodes)}_0"
-        g.nodes.append(helper.make_node("Mul", [g.op("Cast", y, to=TensorProto.FLOAT), scale], [out]))
-        return out
+        return g.op("Mul", g.op("Cast", y, to=TensorProto.FLOAT), scale, output=output)
 
     def linear(x, key, weight="weight", bias="bias"):  # x @ W.T + b, W.T stored as a view
         y = matmul(x, f"{key}.{weight}.T", arrays[f"{key}.{weight}"].T)
