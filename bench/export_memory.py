@@ -83,7 +83,7 @@ def onnx_child(model: str, mode: str, out: str, root: str) -> None:
         clipgraph.model_facts = refuse
     ready = rss_kb()
     t = time.perf_counter()
-    onnx_image._export_fp32(enc, Path(out))
+    onnx_image._export(enc, Path(out))
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"mode": mode, "seconds": seconds, "ready_mb": ready / 1024, "peak_mb": peak / 1024,

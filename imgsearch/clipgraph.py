@@ -204,27 +204,51 @@ def vit_shape(arrays: Mapping, facts: dict) -> dict:
 
 
 class _Graph:
-    """ONNX nodes and initializers (name, array; arrays are views, written one at a time by _save)."""
+    """ONNX nodes and initializers (name, array: views or _Int8Columns, written one at a time by _save)."""
 
     def __init__(self):
         self.nodes, self.inits = [], []
 
     def init(self, name: str, array) -> str:
-        self.inits.append((name, np.asarray(array)))
+        self.inits.append((name, array))
         return name
 
-    def op(self, op: str, *inputs: str, outputs: int = 1, **attrs):
+    def op(self, op: str, *inputs: str, outputs: int = 1, output: str | None = None, **attrs):
         from onnx import helper
 
-        names = [f"{op}_{len(self.nodes)}_{i}" for i in range(outputs)]
+        names = [output] if output else [f"{op}_{len(self.nodes)}_{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op, list(inputs), names, **attrs))
         return names[0] if outputs == 1 else names
 
 
-def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, opset: int) -> dict:
-    """The fp32 ONNX graph of the ViT image tower in ``arrays``: input "pixels" [n, 3, S, S], output "features"
+class _Int8Columns:
+    """A weight [in, out] quantised per output column (symmetric int8, zero point 0), as onnxruntime's
+    quantize_dynamic(per_channel=True, reduce_range=False) does it, to the same bits: scale = max|w| / 127
+    rounded from float64 to float32 (1.0 for an all-zero column), q = round-half-even(w / scale). The scales
+    now; the int8 tensor only when _save writes it, so no more than one weight is quantised at a time."""
+
+    dtype = np.dtype(np.int8)
+
+    def __init__(self, w: np.ndarray):
+        self.w, self.shape, self.size = w, w.shape, w.size
+        absmax = np.maximum(w.max(0), -w.min(0)).astype(np.float64)
+        scale = absmax * 2 / 254
+        self.scale = np.where(scale < np.finfo(np.float32).tiny, 1.0, scale).astype(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        q = np.asarray(self.w, np.float32) / self.scale
+        return np.clip(q.round(out=q), -128, 127, out=q).astype(dtype or np.int8)
+
+
+def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, opset: int, int8: bool = False) -> dict:
+    """The ONNX graph of the ViT image tower in ``arrays``: input "pixels" [n, 3, S, S], output "features"
     [n, dim], unnormalised, as open_clip's encode_image. Written to ``path`` (a temporary name, then renamed);
     returns vit_shape's dict.
+
+    ``int8``: every weight MatMul dynamically quantised, the graph onnxruntime's quantize_dynamic makes of the
+    fp32 one (INT8_RECIPE in onnx_image, MatMulConstBOnly): DynamicQuantizeLinear of the activation (uint8),
+    MatMulInteger with the int8 weight, Cast, Mul by the product of the two scales. The patch-embedding Conv
+    and attention's activation x activation MatMuls stay fp32.
 
     Lean by construction: the patch embedding stays a Conv (as a MatMul it quantised worse: ViT-B-32 int8
     parity 0.990 -> 0.953), one fused QKV MatMul per block with heads split by Reshape/Transpose, and three
@@ -243,9 +267,19 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
         return g.op("LayerNormalization", x, g.init(key + ".weight", arrays[key + ".weight"]),
                     g.init(key + ".bias", arrays[key + ".bias"]), axis=-1, epsilon=facts["eps"])
 
+    def matmul(x, name, w, output=None):  # x @ w, w [in, out]
+        if not int8:
+            return g.op("MatMul", x, g.init(name, w), output=output)
+        q = _Int8Columns(w)
+        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
+        scale = g.op("Mul", xs, g.init(name + "_scale", q.scale))
+        y = g.op("MatMulInteger", xq, g.init(name + "_quantized", q), xz,
+                 g.init(name + "_zero_point", np.zeros(w.shape[1], np.int8)))
+        return g.op("Mul", g.op("Cast", y, to=TensorProto.FLOAT), scale, output=output)
+
     def linear(x, key, weight="weight", bias="bias"):  # x @ W.T + b, W.T stored as a view
-        w = g.init(f"{key}.{weight}.T", arrays[f"{key}.{weight}"].T)
-        return g.op("Add", g.op("MatMul", x, w), g.init(f"{key}.{bias}", arrays[f"{key}.{bias}"]))
+        y = matmul(x, f"{key}.{weight}.T", arrays[f"{key}.{weight}"].T)
+        return g.op("Add", y, g.init(f"{key}.{bias}", arrays[f"{key}.{bias}"]))
 
     if facts["act"] == "quick_gelu":
         quick = f32("quick", 1.702)
@@ -280,7 +314,7 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
         x = g.op("Add", x, linear(act(linear(ln(x, b + "ln_2"), b + "mlp.c_fc")), b + "mlp.c_proj"))
     # ln_post normalises each token on its own: on the class token alone it gives the same row.
     x = ln(g.op("Gather", x, i64("class_token", 0), axis=1), p + "ln_post")
-    g.nodes.append(helper.make_node("MatMul", [x, g.init(p + "proj", arrays[p + "proj"])], ["features"]))
+    matmul(x, p + "proj", arrays[p + "proj"], "features")
     size = s["image_size"]
     graph = helper.make_graph(g.nodes, "clip_image", [helper.make_tensor_value_info(
         "pixels", TensorProto.FLOAT, ["n", 3, size, size])], [helper.make_tensor_value_info(
@@ -306,16 +340,17 @@ def _save(model, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
     from onnx import TensorProto
 
     graph = model.graph
-    kinds = [("<i8", TensorProto.INT64) if a.dtype.kind in "iu" else ("<f4", TensorProto.FLOAT) for _, a in inits]
+    kinds = [{"i8": ("<i8", TensorProto.INT64), "i1": ("i1", TensorProto.INT8)}.get(
+        a.dtype.str[1:], ("<f4", TensorProto.FLOAT)) for _, a in inits]
     sizes = [np.dtype(k).itemsize * a.size for (_, a), (k, _) in zip(inits, kinds)]
     data = path.with_name(path.name + ".data")
     tmp, data_tmp = (q.with_name(f".{q.name}.{os.getpid()}.tmp") for q in (path, data))
-    external = sum(sizes) > EXTERNAL_BYTES  # ints are a few shapes and indices
+    external = sum(sizes) > EXTERNAL_BYTES  # int64s are a few shapes and indices
     try:
         metas, offset = [], 0
         for (name, a), (_, kind), size in zip(inits, kinds, sizes):
             t = TensorProto(name=name, dims=a.shape, data_type=kind)
-            if external and kind != TensorProto.FLOAT:  # shapes and indices stay inline, for shape inference
+            if external and kind == TensorProto.INT64:  # shapes and indices stay inline, for shape inference
                 t.raw_data = np.ascontiguousarray(a, "<i8").tobytes()
                 graph.initializer.append(t)
             elif external:
@@ -331,7 +366,7 @@ def _save(model, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
                 f.write(model.SerializeToString())
                 with open(data_tmp, "wb") as d:
                     for (_, a), (k, kind) in zip(inits, kinds):
-                        if kind == TensorProto.FLOAT:
+                        if kind != TensorProto.INT64:
                             np.ascontiguousarray(a, k).tofile(d)
             else:
                 body = graph.SerializeToString()

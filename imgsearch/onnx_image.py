@@ -88,9 +88,11 @@ def _import_ort():
     return onnxruntime
 
 
-def _new_session(path: Path, threads: int):
+def _new_session(path: Path, threads: int, once: bool = False):
     ort = _import_ort()
     opts = ort.SessionOptions()
+    if once:  # a check's few images: weights left unpacked (ViT-B-32 fp32: 374 MB loaded, not 535), as fast here
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.intra_op_num_threads = max(1, threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -133,15 +135,18 @@ def drop_prestarted() -> None:
 class OrtImageTower:
     """An onnxruntime session over an exported image tower; encode() returns L2-normalised float32 rows."""
 
-    def __init__(self, path: Path, kind: str, threads: int):
-        fut = _started.pop(_session_key(path, threads), None)
-        self.session = fut.result() if fut is not None else _new_session(path, threads)
+    def __init__(self, path: Path, kind: str, threads: int, once: bool = False):
+        fut = None if once else _started.pop(_session_key(path, threads), None)
+        self.session = fut.result() if fut is not None else _new_session(path, threads, once)
         self.input = self.session.get_inputs()[0].name
         self.path, self.kind = path, kind
         self.threads = threads
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        x = self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        session = self.session
+        if session is None:  # released while another tower ran (int8_parity)
+            session = self.session = _new_session(self.path, self.threads)
+        x = session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         x = x.astype(np.float32, copy=False)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -155,9 +160,10 @@ def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
     return encoder.encode_image_tensors(torch.from_numpy(batch))
 
 
-def _export_fp32(encoder, path: Path) -> None:
-    """The fp32 image graph: for open_clip's plain ViT built from the loaded model's tensors (clipgraph: lean,
-    and no second trace of the model), for any other tower traced by torch.onnx.export."""
+def _export(encoder, path: Path, int8: bool = False) -> None:
+    """The fp32 (or int8) image graph: for open_clip's plain ViT built from the loaded model's tensors
+    (clipgraph: lean, and no second trace of the model), for any other tower traced by torch.onnx.export (its
+    int8 graph quantised from the fp32 file beside it)."""
     import importlib.util
 
     if importlib.util.find_spec("onnx") is None:  # both writers need it
@@ -168,10 +174,11 @@ def _export_fp32(encoder, path: Path) -> None:
     try:
         try:
             clipgraph.write_image_graph(clipgraph.state_arrays(encoder.model),
-                                        clipgraph.model_facts(encoder.model, "visual"), path, OPSET)
+                                        clipgraph.model_facts(encoder.model, "visual"), path, OPSET, int8)
             return
         except clipgraph.Unsupported:
-            pass
+            if int8:
+                return _quantise_int8(path.with_name(FP32_FILE), path)
         import torch
 
         class Tower(torch.nn.Module):
@@ -190,15 +197,18 @@ def _export_fp32(encoder, path: Path) -> None:
                               output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
                               opset_version=OPSET, dynamo=False)
         os.replace(tmp, path)
+    except OnnxUnavailable:  # the quantiser's, which says what failed
+        raise
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise OnnxUnavailable(f"exporting the image tower failed ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:
-    """The int8 model of ``fp32``, quantised in a child process: onnxruntime's quantiser logs through the
-    root logger (advice to pre-process, a line per tensor), which would give a program without logging set
-    up a root handler and so turn its own later logging.basicConfig into a no-op. The child's is its own."""
+    """The int8 model of a traced tower's ``fp32`` file (clipgraph writes its own towers' int8 graph, the same
+    arithmetic), quantised in a child process: onnxruntime's quantiser logs through the root logger (advice to
+    pre-process, a line per tensor), which would give a program without logging set up a root handler and so
+    turn its own later logging.basicConfig into a no-op. The child's is its own."""
     import subprocess
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -229,7 +239,7 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
     if encoder.device != "cpu" or encoder.precision == "bf16":
         raise OnnxUnavailable(f"the ONNX image tower runs fp32/int8 on the CPU, not {encoder.device} {encoder.precision}")
     path, manifest = _ensure_files(export_dir(home, encoder.fingerprint), encoder.fingerprint, encoder.spec.label,
-                                   encoder.image_size, kind, threads, lambda p: _export_fp32(encoder, p),
+                                   encoder.image_size, kind, threads, lambda p, int8: _export(encoder, p, int8),
                                    lambda probe: _torch_features(encoder, probe), "torch",
                                    lambda: {"dim": int(encoder.dim), "preprocess": _checked_preprocess(encoder)})
     return OrtImageTower(path, kind, threads), manifest
@@ -237,9 +247,10 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
 
 def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: str, threads: int, write, reference,
                   checked: str, describe) -> tuple[Path, dict]:
-    """The export file for ``kind`` in ``folder`` and its manifest, made where missing: ``write(path)`` writes
-    the fp32 graph, ``reference(probe)`` gives the features it must match (``checked``: "torch" or "numpy"),
-    ``describe()`` the manifest's dim and preprocess. A "numpy"-checked entry is checked again by torch."""
+    """The export file for ``kind`` in ``folder`` and its manifest, made where missing: ``write(path, int8)``
+    writes the fp32 or int8 graph, ``reference(probe)`` gives the features it must match (``checked``: "torch"
+    or "numpy"), ``describe()`` the manifest's dim and preprocess. A "numpy"-checked entry is checked again by
+    torch. Each check loads one session at a time (once=True) and gives its memory back (trim_heap)."""
     ort = _import_ort()
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
@@ -256,13 +267,15 @@ def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: s
 
     def cosine(path: Path, kind: str) -> float:  # the reference (L2-normalised) is computed once
         refs[:] = refs or [reference(probe)]
-        return float((OrtImageTower(path, kind, threads).encode(probe) * refs[0]).sum(1).min())
+        cos = float((OrtImageTower(path, kind, threads, once=True).encode(probe) * refs[0]).sum(1).min())
+        trim_heap()
+        return cos
 
     fp32_path = folder / FP32_FILE
     missing = entry is None or not fp32_path.is_file()
     if missing or recheck(entry):
         if missing:
-            write(fp32_path)
+            write(fp32_path, False)
         cos = cosine(fp32_path, "fp32")
         entry = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE, "threshold": FP32_MIN_COSINE,
                  "checked": checked}
@@ -278,7 +291,7 @@ def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: s
     missing = entry8 is None or not int8_path.is_file() or _recipe_of(entry8) != INT8_RECIPE
     if missing or recheck(entry8):
         if missing:
-            _quantise_int8(fp32_path, int8_path)
+            write(int8_path, True)
         cos = cosine(int8_path, "int8")
         entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, **INT8_RECIPE, "checked": checked}
         manifest["int8"] = entry8
@@ -350,14 +363,30 @@ def _ort_may_run(device: str, precision: str, mode: str, files: int | None = Non
 
 def int8_parity(encoder, tensors) -> float:
     """Min cosine between an int8 OrtEncoder and fp32 on the user's decoded images: its torch encoder, or for a
-    torch-free one the fp32 export on onnxruntime (the same arithmetic, checked against its reference)."""
+    torch-free one the fp32 export on onnxruntime (the same arithmetic, checked against its reference), run
+    while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to load it again)."""
     batch = np.stack([np.asarray(t, np.float32) for t in tensors])
     if encoder.torch_encoder is None:
         tower = encoder.image_backend
-        ref = OrtImageTower(tower.path.with_name(FP32_FILE), "fp32", tower.threads).encode(batch)
+        tower.session = None
+        trim_heap()
+        ref = OrtImageTower(tower.path.with_name(FP32_FILE), "fp32", tower.threads, once=True).encode(batch)
+        trim_heap()
     else:
         ref = _torch_features(encoder.torch_encoder, batch)
     return float((encoder.encode_image_tensors(batch) * ref).sum(1).min())
+
+
+def trim_heap() -> None:
+    """Hand the heap pages a freed onnxruntime session leaves behind back to the system. glibc keeps them for
+    the process otherwise (ViT-B-32 fp32: 550 MB), and the next session or the decode buffers do not reuse
+    them all. No setting changes; elsewhere than glibc it does nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _checked_preprocess(encoder) -> dict | None:
@@ -611,8 +640,8 @@ def make_exports(settings, threads: int) -> str:
         if source is None:
             return "the weights are not a safetensors file"
         model_cfg, pre, weights = source
-        # Each step maps the file anew: its pages leave this process when the step ends, not after the
-        # int8 quantiser (a child process with a GB of its own) has run.
+        # Each step maps the file anew: its pages leave this process when the step ends, not while the
+        # checks' onnxruntime sessions are loaded.
         fingerprint, tensors = known_fingerprint(spec), lambda: clipgraph.Checkpoint(weights)
         facts = clipgraph.config_facts(model_cfg, "visual")
         clipgraph.check_config(model_cfg, tensors())
@@ -622,12 +651,13 @@ def make_exports(settings, threads: int) -> str:
         print(f"note: making the ONNX and text exports of {spec.label} from its tensors (once, without torch)",
               file=sys.stderr)
         _ensure_files(export_dir(settings.home, fingerprint), fingerprint, spec.label, facts["image_size"],
-                      precision, threads, lambda p: clipgraph.write_image_graph(tensors(), facts, p, OPSET),
+                      precision, threads, lambda p, int8: clipgraph.write_image_graph(tensors(), facts, p, OPSET, int8),
                       lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
                       lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
         if not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
             bpe = Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0], textfast.MERGES)
             textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, tensors(), bpe)
+            trim_heap()
         return "ok"
     except (clipgraph.Unsupported, UnsupportedPreprocess, textfast.ExportError, OnnxUnavailable) as e:
         why = str(e)

@@ -110,6 +110,33 @@ def test_large_initializers_go_to_a_data_file_beside_the_graph(tmp_path, monkeyp
     assert (_unit(_run(tmp_path / "g.onnx", pixels)) * _unit(_torch_features(model, pixels))).sum(1).min() >= 0.9999
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_int8_graph_is_onnxruntimes_quantisation_of_the_fp32_graph_to_the_bit(tmp_path, monkeypatch, external):
+    """The int8 graph written from the tensors is the one quantize_dynamic made of the fp32 graph (the
+    INT8_RECIPE every int8 export and parity verdict is keyed by): same ops, same int8 weights and scales, so
+    the same features; without a quantiser and with no more than one weight quantised at a time."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, _ = _clip()
+    arrays, facts = clipgraph.state_arrays(model), clipgraph.model_facts(model, "visual")
+    arrays["visual.transformer.resblocks.0.mlp.c_fc.weight"][5] = 0  # an all-zero column gets scale 1
+    clipgraph.write_image_graph(arrays, facts, tmp_path / "fp32.onnx", onnx_image.OPSET)
+    onnx_image._quantise_int8(tmp_path / "fp32.onnx", tmp_path / "theirs.onnx")
+    monkeypatch.setattr(clipgraph, "EXTERNAL_BYTES", 0 if external else clipgraph.EXTERNAL_BYTES)
+    clipgraph.write_image_graph(arrays, facts, tmp_path / "ours.onnx", onnx_image.OPSET, int8=True)
+    assert (tmp_path / "ours.onnx.data").exists() == external
+    theirs, ours = (onnx.load(str(tmp_path / f"{n}.onnx")) for n in ("theirs", "ours"))
+    ops = [n.op_type for n in ours.graph.node]
+    assert ops == [n.op_type for n in theirs.graph.node] and ops.count("MatMulInteger") == 2 * 4 + 1
+    want = {t.name: numpy_helper.to_array(t) for t in theirs.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
+    pixels = onnx_image.probe_batch(32)
+    assert np.array_equal(_run(tmp_path / "ours.onnx", pixels), _run(tmp_path / "theirs.onnx", pixels))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_both_towers_from_a_safetensors_file_without_torch(tmp_path, dtype):
     import safetensors.torch

@@ -280,9 +280,9 @@ def test_prestarted_session_is_used_only_for_the_same_file(tiny_model, home, mon
     made = []
     real = onnx_image._new_session
 
-    def counting(p, threads):
+    def counting(*args):
         made.append(threading.current_thread().name)
-        return real(p, threads)
+        return real(*args)
 
     monkeypatch.setattr(onnx_image, "_new_session", counting)
     onnx_image.prestart(path, 1)

@@ -17,11 +17,15 @@ from imgsearch.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs `imgsearch ...` as the console script does and says on stderr whether torch & co. were imported.
+# Runs `imgsearch ...` as the console script does and says on stderr whether torch & co. were imported, and
+# whether a child process (such as onnxruntime's quantiser) was started.
 PROBE = r"""
-import atexit, sys
-heavy = ("torch", "torchvision", "open_clip")
-atexit.register(lambda: print("HEAVY:" + ",".join(m for m in heavy if m in sys.modules), file=sys.stderr))
+import atexit, subprocess, sys
+heavy, children = ("torch", "torchvision", "open_clip", "onnxruntime.quantization"), []
+popen = subprocess.Popen.__init__
+subprocess.Popen.__init__ = lambda self, *a, **k: children.append(1) or popen(self, *a, **k)
+atexit.register(lambda: print("HEAVY:" + ",".join([m for m in heavy if m in sys.modules]
+                                                  + ["child process"] * bool(children)), file=sys.stderr))
 sys.argv = ["imgsearch"] + sys.argv[1:]
 from imgsearch.quickcli import main
 main()
@@ -281,6 +285,29 @@ def test_first_index_from_a_safetensors_checkpoint_makes_its_exports_without_tor
         text = json.loads((exports / "text" / "manifest.json").read_text())
         assert image["fp32"]["checked"] == image["int8"]["checked"] == text["checked"] == "torch"
         assert image["fp32"]["passed"] and text["verified"] and text["parity"]["token_ids_identical"]
+
+
+def test_a_torch_free_int8_run_holds_one_onnxruntime_session_at_a_time(settings, photos, monkeypatch):
+    """Its exports' checks and the int8 parity pass on the user's images (fp32 export vs int8) load one
+    image session at a time, so the first run's peak memory is one model's, not two."""
+    import weakref
+
+    from imgsearch.indexer import index_paths
+
+    live, most, real = set(), [], onnx_image._new_session
+
+    def tracked(*args):
+        session = real(*args)
+        live.add(id(session))
+        weakref.finalize(session, live.discard, id(session))
+        most.append(len(live))
+        return session
+
+    monkeypatch.setattr(onnx_image, "_new_session", tracked)
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")  # what the 32 px tiny model reaches
+    report = index_paths(settings.with_(precision="int8"), [photos])
+    assert report.image_tower == "onnxruntime int8" and report.parity_images == 32 and report.new == 54
+    assert len(most) >= 4 and max(most) == 1  # fp32 and int8 checks, then fp32 parity, int8 parity and run
 
 
 @pytest.mark.slow
