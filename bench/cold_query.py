@@ -90,7 +90,7 @@ def main() -> None:
         # rclip's own harness (its venv, random ONNX export, index of the same photos, 5 cold queries).
         proc = subprocess.run(["bash", str(SHARED / "rclip_bench.sh"), str(photos), "cold_query"],
                               env=dict(env, PEERS=str(PEERS)), capture_output=True, text=True)
-        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        last = ([ln for ln in proc.stdout.splitlines() if ln.startswith("rclip ")] or [""])[-1]  # its summary line
         fields = dict(f.split("=", 1) for f in last.split()[1:] if "=" in f)
         if proc.returncode != 0 or "query_s_median" not in fields:
             print(f"rclip bench failed: {proc.stderr[-500:]}", file=sys.stderr)
