@@ -331,9 +331,6 @@ def _timed(fn, batch, runs: int = 2) -> float:
     return len(batch) / best
 
 
-SPEEDS = "img_s"  # manifest: {decision_key: {image tower name: img/s on the probe batch}}
-
-
 def _contenders(precision: str, auto: bool) -> list[str]:
     """The image towers a run at ``precision`` chooses between by speed, torch first: fp32 also onnxruntime
     fp32, and an auto run (--precision and image backend auto) also onnxruntime int8."""
@@ -344,7 +341,7 @@ def _contenders(precision: str, auto: bool) -> list[str]:
 def recorded_best(manifest: dict, names: list[str], threads: int) -> str | None:
     """The fastest of ``names`` as timed here before (CPU model, threads, versions: decision_key); None when
     one of them was not timed here."""
-    speeds = (manifest.get(SPEEDS) or {}).get(decision_key(threads)) or {}
+    speeds = (manifest.get("img_s") or {}).get(decision_key(threads)) or {}
     if manifest.get("format") != FORMAT or any(n not in speeds for n in names):
         return None
     return max(names, key=speeds.get)
@@ -358,7 +355,7 @@ def measure(encoder, home, manifest: dict, towers: list[OrtImageTower]) -> str:
     speeds = {encoder.image_tower: _timed(lambda b: _torch_features(encoder, b), batch)}
     speeds.update((t.describe(), _timed(t.encode, batch)) for t in towers)
     speeds = {name: round(v, 2) for name, v in speeds.items()}
-    manifest.setdefault(SPEEDS, {})[decision_key(towers[0].threads)] = speeds
+    manifest.setdefault("img_s", {})[decision_key(towers[0].threads)] = speeds
     _write_manifest(export_dir(home, encoder.fingerprint), manifest)
     best = max(speeds, key=speeds.get)
     say_once(f"note: image tower timed on this CPU: {', '.join(f'{n} {v:.1f} img/s' for n, v in speeds.items())}; "
@@ -394,7 +391,8 @@ def select(encoder, settings, threads: int, files: int | None = None):
     try:
         if precision == "bf16" and _verified(export_dir(settings.home, encoder.fingerprint), encoder.fingerprint,
                                               "int8")[0] is None:
-            make_exports(settings.with_(precision="int8"), threads)  # from the checkpoint's tensors, where it can
+            # from the checkpoint's tensors, where it can; the text export is made from the loaded model (index_paths)
+            make_exports(settings.with_(precision="int8"), threads, text=False)
         towers = [ensure_export(encoder, settings.home, name.split()[1], threads) for name in names]
     except OnnxUnavailable as e:
         if precision == "int8":
@@ -663,10 +661,10 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path] | None:
     return model_cfg, pre, weights
 
 
-def make_exports(settings, threads: int) -> str:
-    """The image export (fp32, and int8 for an int8 run) and the text export of a safetensors checkpoint, made
-    without torch or open_clip where missing, for a CPU run that encodes on onnxruntime (int8, or fp32 asked
-    for); "ok", else why not (the caller loads torch, which makes them; a reason is noted once on stderr).
+def make_exports(settings, threads: int, text: bool = True) -> str:
+    """The image export (fp32, and int8 for an int8 run) and (``text``) the text export of a safetensors
+    checkpoint, made without torch or open_clip where missing, for a CPU run that encodes on onnxruntime (int8,
+    or fp32 asked for, or auto's int8 contender); "ok", else why not (the caller loads torch, which makes them; a reason is noted once on stderr).
 
     Graphs and weights come from the tensors (clipgraph), what tensors cannot say from the open_clip config
     (refused where it does not fit the tensors), and each export is checked against the tower computed in
@@ -706,7 +704,7 @@ def make_exports(settings, threads: int) -> str:
                       precision, threads, lambda p, int8: clipgraph.write_image_graph(tensors(), facts, p, OPSET, int8),
                       lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
                       lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
-        if not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
+        if text and not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
             bpe = Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0], textfast.MERGES)
             textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, tensors(), bpe)
             trim_heap()
