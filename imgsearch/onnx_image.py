@@ -391,7 +391,7 @@ def select(encoder, settings, threads: int, files: int | None = None):
     try:
         if precision == "bf16" and _verified(export_dir(settings.home, encoder.fingerprint), encoder.fingerprint,
                                               "int8")[0] is None:
-            # from the checkpoint's tensors, where it can; the text export is made from the loaded model (index_paths)
+            # from the checkpoint's tensors where it can (the text export: from the loaded model, index_paths)
             make_exports(settings.with_(precision="int8"), threads, text=False)
         towers = [ensure_export(encoder, settings.home, name.split()[1], threads) for name in names]
     except OnnxUnavailable as e:
@@ -401,11 +401,9 @@ def select(encoder, settings, threads: int, files: int | None = None):
             say_once(f"note: {e}; the image tower runs on torch")
         return encoder
     best = measure(encoder, settings.home, towers[-1][1], [t for t, _ in towers]) if timing else names[0]
-    tower = next((t for t, _ in towers if t.describe() == best), None)
-    if tower is None:
-        return encoder
-    return OrtEncoder(tower, encoder.spec, encoder.fingerprint, tower.kind, encoder.dim, encoder.image_size,
-                      encoder.preprocess, encoder)
+    tower = next((t for t, _ in towers if t.describe() == best), None)  # None: torch measured fastest
+    return encoder if tower is None else OrtEncoder(tower, encoder.spec, encoder.fingerprint, tower.kind, encoder.dim,
+                                                    encoder.image_size, encoder.preprocess, encoder)
 
 
 def _ort_may_run(device: str, precision: str, mode: str, files: int | None = None, auto: bool = False) -> bool:
@@ -664,7 +662,8 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path] | None:
 def make_exports(settings, threads: int, text: bool = True) -> str:
     """The image export (fp32, and int8 for an int8 run) and (``text``) the text export of a safetensors
     checkpoint, made without torch or open_clip where missing, for a CPU run that encodes on onnxruntime (int8,
-    or fp32 asked for, or auto's int8 contender); "ok", else why not (the caller loads torch, which makes them; a reason is noted once on stderr).
+    or fp32 asked for, or auto's int8 contender); "ok", else why not (the caller loads torch, which makes
+    them; a reason is noted once on stderr).
 
     Graphs and weights come from the tensors (clipgraph), what tensors cannot say from the open_clip config
     (refused where it does not fit the tensors), and each export is checked against the tower computed in
