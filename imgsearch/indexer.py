@@ -368,7 +368,7 @@ class Indexer:
     def _choose_image_encoder(self, work: list[_Work], report: IndexReport) -> None:
         """This run's image encoder (onnx_image.select; the one given stays as it was); int8 must first match
         fp32 (torch, or the fp32 export on a torch-free run) on this run's images, or this library's in an
-        earlier run."""
+        earlier run: else --precision int8 is refused, and auto keeps torch at its precision."""
         from . import onnx_image
 
         enc = self.encoder = onnx_image.select(self.encoder, self.settings, self.budget.encoder, len(work))
@@ -389,6 +389,15 @@ class Indexer:
             return
         cos = onnx_image.int8_parity(enc, tensors)
         report.int8_parity, report.parity_images = cos, len(tensors)
+        if cos < threshold and self.settings.precision == "auto" and enc.torch_encoder is not None:
+            # auto chose int8 for its speed: this library keeps the torch tower (and asks again next run)
+            base = enc.torch_encoder
+            self.encoder = onnx_image.select(base, self.settings.with_(precision=base.precision), self.budget.encoder,
+                                             len(work))
+            report.image_tower, report.int8_parity, report.parity_images = self.encoder.image_tower, None, 0
+            onnx_image.say_once(f"note: int8 is too far from fp32 on your images (min cosine {cos:.4f} < {threshold} "
+                                f"on {len(tensors)} images); this run encodes on {report.image_tower}")
+            return
         if cos < threshold:
             raise UsageError(f"--precision int8 is too far from fp32 on your images (min cosine {cos:.4f} < "
                              f"{threshold} on {len(tensors)} images); index with --precision fp32")

@@ -235,14 +235,36 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
 
 def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[OrtImageTower, dict]:
     """A verified session for ``kind`` (fp32 | int8), exporting or rebuilding it first when needed; an export
-    checked only against the numpy reference (made without torch) is checked against torch now."""
-    if encoder.device != "cpu" or encoder.precision == "bf16":
-        raise OnnxUnavailable(f"the ONNX image tower runs fp32/int8 on the CPU, not {encoder.device} {encoder.precision}")
-    path, manifest = _ensure_files(export_dir(home, encoder.fingerprint), encoder.fingerprint, encoder.spec.label,
-                                   encoder.image_size, kind, threads, lambda p, int8: _export(encoder, p, int8),
-                                   lambda probe: _torch_features(encoder, probe), "torch",
-                                   lambda: {"dim": int(encoder.dim), "preprocess": _checked_preprocess(encoder)})
+    checked only against the numpy reference (made without torch) is checked against torch now. A bf16
+    encoder's weights can neither write nor check an fp32 graph: it uses only an export made from the
+    checkpoint's tensors (make_exports)."""
+    folder = export_dir(home, encoder.fingerprint)
+    if encoder.device != "cpu":
+        raise OnnxUnavailable(f"the ONNX image tower runs fp32/int8 on the CPU, not {encoder.device}")
+    if encoder.precision == "bf16":
+        path, manifest, why = _verified(folder, encoder.fingerprint, kind)
+        if path is None:
+            raise OnnxUnavailable(why)
+    else:
+        path, manifest = _ensure_files(folder, encoder.fingerprint, encoder.spec.label, encoder.image_size, kind,
+                                       threads, lambda p, int8: _export(encoder, p, int8),
+                                       lambda probe: _torch_features(encoder, probe), "torch",
+                                       lambda: {"dim": int(encoder.dim), "preprocess": _checked_preprocess(encoder)})
     return OrtImageTower(path, kind, threads), manifest
+
+
+def _verified(folder: Path, fingerprint: str, kind: str) -> tuple[Path | None, dict, str]:
+    """(the ``kind`` export file in ``folder``, its manifest, "ok") when it is there and verified, else
+    (None, manifest, why not)."""
+    manifest = _read_manifest(folder)
+    if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
+        return None, manifest, "no image export for these weights"
+    if not (manifest.get("fp32") or {}).get("passed") or not manifest.get("preprocess") or "dim" not in manifest:
+        return None, manifest, "image export not verified"
+    if kind == "int8" and _recipe_of(manifest.get("int8") or {}) != INT8_RECIPE:
+        return None, manifest, "no int8 export"
+    path = folder / (INT8_FILE if kind == "int8" else FP32_FILE)
+    return (path, manifest, "ok") if path.is_file() else (None, manifest, "export file missing")
 
 
 def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: str, threads: int, write, reference,
@@ -309,23 +331,39 @@ def _timed(fn, batch, runs: int = 2) -> float:
     return len(batch) / best
 
 
-def fp32_decision(encoder, home, tower: OrtImageTower, manifest: dict) -> dict:
-    """torch or onnxruntime for fp32 on this CPU: measured once per CPU model, thread count and versions."""
-    key = decision_key(tower.threads)
-    decisions = manifest.setdefault("fp32_backend", {})
-    if key in decisions:
-        return decisions[key]
+def _contenders(precision: str, auto: bool) -> list[str]:
+    """The image towers a run at ``precision`` chooses between by speed, torch first: fp32 also onnxruntime
+    fp32, and an auto run (--precision and image backend auto) also onnxruntime int8."""
+    return [f"torch {precision}"] + [f"onnxruntime {k}" for k in ("fp32", "int8")
+                                     if k == precision or (auto and k == "int8")]
+
+
+def recorded_best(manifest: dict, names: list[str], threads: int) -> str | None:
+    """The fastest of ``names`` as timed here before (CPU model, threads, versions: decision_key); None when
+    one of them was not timed here."""
+    speeds = (manifest.get("img_s") or {}).get(decision_key(threads)) or {}
+    if manifest.get("format") != FORMAT or any(n not in speeds for n in names):
+        return None
+    return max(names, key=speeds.get)
+
+
+def measure(encoder, home, manifest: dict, towers: list[OrtImageTower]) -> str:
+    """Times torch at the encoder's precision and each of ``towers`` on the same probe batch, records the
+    figures in the manifest (once per machine and weights: recorded_best reads them) and says the choice
+    once; returns the fastest one's name."""
     batch = probe_batch(encoder.image_size, 8)
-    torch_ips = _timed(lambda b: _torch_features(encoder, b), batch)
-    ort_ips = _timed(tower.encode, batch)
-    decision = {"backend": "onnxruntime" if ort_ips > torch_ips else "torch", "torch_img_s": round(torch_ips, 2),
-                "onnxruntime_img_s": round(ort_ips, 2), "batch": len(batch), "measured": time.strftime("%Y-%m-%d")}
-    decisions[key] = decision
+    speeds = {encoder.image_tower: _timed(lambda b: _torch_features(encoder, b), batch)}
+    speeds.update((t.describe(), _timed(t.encode, batch)) for t in towers)
+    speeds = {name: round(v, 2) for name, v in speeds.items()}
+    manifest.setdefault("img_s", {})[decision_key(towers[0].threads)] = speeds
     _write_manifest(export_dir(home, encoder.fingerprint), manifest)
-    return decision
+    best = max(speeds, key=speeds.get)
+    say_once(f"note: image tower timed on this CPU: {', '.join(f'{n} {v:.1f} img/s' for n, v in speeds.items())}; "
+             f"{best} is used from now on (recorded with the export)")
+    return best
 
 
-ORT_MIN_RUN = 200  # files a run must have before onnxruntime fp32 is exported and timed (auto backend)
+ORT_MIN_RUN = 200  # files a run must have before onnxruntime is exported and timed (auto backend)
 
 
 def select(encoder, settings, threads: int, files: int | None = None):
@@ -333,40 +371,54 @@ def select(encoder, settings, threads: int, files: int | None = None):
 
     A torch-free encoder is already the choice. A torch one stays, except on the CPU: int8 runs on
     onnxruntime (the caller's parity gate says whether it may), and fp32 does when image_backend is onnx, or
-    auto and onnxruntime was measured faster here (a run of fewer than ORT_MIN_RUN ``files`` does not pay for
-    the first export and timing). Without onnxruntime, or when an export fails, torch runs, with one note.
+    auto and onnxruntime was measured faster here; with --precision auto too, onnxruntime int8 is timed
+    against torch at its precision (and fp32 on onnxruntime) and runs where fastest, behind the parity gate.
+    A run of fewer than ORT_MIN_RUN ``files`` does not pay for the first export and timing. Without
+    onnxruntime, or when an export fails, torch runs, with one note.
     """
     mode, precision = settings.image_backend, encoder.precision
-    if encoder.torch_free or not _ort_may_run(encoder.device, precision, mode, files):
+    auto = settings.precision == "auto" and mode == "auto"
+    if encoder.torch_free or not _ort_may_run(encoder.device, precision, mode, files, auto):
         return encoder
+    names, timing = _contenders(precision, auto), False
+    if precision == "int8" or mode == "onnx":
+        names = names[-1:]
+    else:
+        best = recorded_best(_read_manifest(export_dir(settings.home, encoder.fingerprint)), names, threads)
+        if best == names[0]:
+            return encoder
+        names, timing = ([best], False) if best else (names[1:], True)
     try:
-        tower, manifest = ensure_export(encoder, settings.home, precision, threads)
+        if precision == "bf16" and _verified(export_dir(settings.home, encoder.fingerprint), encoder.fingerprint,
+                                              "int8")[0] is None:
+            # from the checkpoint's tensors where it can (the text export: from the loaded model, index_paths)
+            make_exports(settings.with_(precision="int8"), threads, text=False)
+        towers = [ensure_export(encoder, settings.home, name.split()[1], threads) for name in names]
     except OnnxUnavailable as e:
         if precision == "int8":
             say_once(f"note: {e}; --precision int8 falls back to torch fp32")
         elif mode == "onnx":
             say_once(f"note: {e}; the image tower runs on torch")
         return encoder
-    if precision == "fp32" and mode == "auto" and \
-            fp32_decision(encoder, settings.home, tower, manifest)["backend"] != "onnxruntime":
-        return encoder
-    return OrtEncoder(tower, encoder.spec, encoder.fingerprint, precision, encoder.dim, encoder.image_size,
-                      encoder.preprocess, encoder)
+    best = measure(encoder, settings.home, towers[-1][1], [t for t, _ in towers]) if timing else names[0]
+    tower = next((t for t, _ in towers if t.describe() == best), None)  # None: torch measured fastest
+    return encoder if tower is None else OrtEncoder(tower, encoder.spec, encoder.fingerprint, tower.kind, encoder.dim,
+                                                    encoder.image_size, encoder.preprocess, encoder)
 
 
-def _ort_may_run(device: str, precision: str, mode: str, files: int | None = None) -> bool:
+def _ort_may_run(device: str, precision: str, mode: str, files: int | None = None, auto: bool = False) -> bool:
     """Whether onnxruntime is in question at all, before any export or measurement is looked at."""
     small = files is not None and files < ORT_MIN_RUN
-    return device == "cpu" and (precision == "int8" or (precision == "fp32" and mode != "torch"
+    return device == "cpu" and (precision == "int8" or ((precision == "fp32" or auto) and mode != "torch"
                                                         and not (mode == "auto" and small)))
 
 
 def int8_parity(encoder, tensors) -> float:
-    """Min cosine between an int8 OrtEncoder and fp32 on the user's decoded images: its torch encoder, or for a
-    torch-free one the fp32 export on onnxruntime (the same arithmetic, checked against its reference), run
+    """Min cosine between an int8 OrtEncoder and fp32 on the user's decoded images: its fp32 torch encoder, or
+    else the fp32 export on onnxruntime (the same arithmetic, checked against its reference), run
     while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to load it again)."""
     batch = np.stack([np.asarray(t, np.float32) for t in tensors])
-    if encoder.torch_encoder is None:
+    if encoder.torch_encoder is None or encoder.torch_encoder.precision != "fp32":  # bf16 is no fp32 reference
         tower = encoder.image_backend
         tower.session = None
         trim_heap()
@@ -538,7 +590,8 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
         precision = pick_precision(settings.precision, "cpu")
     except UsageError as e:
         return None, str(e)
-    if not _ort_may_run("cpu", precision, settings.image_backend):
+    auto = settings.precision == "auto" and settings.image_backend == "auto"
+    if not _ort_may_run("cpu", precision, settings.image_backend, auto=auto):
         return None, f"precision {precision} runs on torch"
     spec = ModelSpec(settings.model, settings.pretrained).canonical()
     try:
@@ -547,22 +600,17 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
         fingerprint = None
     if not fingerprint:
         return None, "weights fingerprint needs open_clip"
-    folder = export_dir(settings.home, fingerprint)
-    manifest = _read_manifest(folder)
-    if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
-        return None, "no image export for these weights"
-    if not (manifest.get("fp32") or {}).get("passed") or not manifest.get("preprocess") or "dim" not in manifest:
-        return None, "image export not verified"
-    if precision == "fp32":
-        if settings.image_backend != "onnx" and \
-                (manifest.get("fp32_backend") or {}).get(decision_key(threads), {}).get("backend") != "onnxruntime":
-            return None, "onnxruntime fp32 not measured faster here"
-    elif _recipe_of(manifest.get("int8") or {}) != INT8_RECIPE:
-        return None, "no int8 export"
-    path = folder / (FP32_FILE if precision == "fp32" else INT8_FILE)
-    if not path.is_file():
-        return None, "export file missing"
-    return {"spec": spec, "fingerprint": fingerprint, "precision": precision, "manifest": manifest, "path": path}, "ok"
+    folder, kind = export_dir(settings.home, fingerprint), precision
+    if settings.image_backend != "onnx" and precision != "int8":
+        best = recorded_best(_read_manifest(folder), _contenders(precision, auto), threads)
+        if not best or best.startswith("torch"):
+            return None, f"onnxruntime not measured faster than torch {precision} here"
+        kind = best.split()[1]
+    path, manifest, why = _verified(folder, fingerprint, kind)
+    if path is None:
+        return None, why
+    return {"spec": spec, "fingerprint": fingerprint, "precision": kind, "manifest": manifest, "path": path,
+            "auto": auto}, "ok"
 
 
 def prestart_lite(settings, threads: int) -> None:
@@ -611,10 +659,11 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path] | None:
     return model_cfg, pre, weights
 
 
-def make_exports(settings, threads: int) -> str:
-    """The image export (fp32, and int8 for an int8 run) and the text export of a safetensors checkpoint, made
-    without torch or open_clip where missing, for a CPU run that encodes on onnxruntime (int8, or fp32 asked
-    for); "ok", else why not (the caller loads torch, which makes them; a reason is noted once on stderr).
+def make_exports(settings, threads: int, text: bool = True) -> str:
+    """The image export (fp32, and int8 for an int8 run) and (``text``) the text export of a safetensors
+    checkpoint, made without torch or open_clip where missing, for a CPU run that encodes on onnxruntime (int8,
+    or fp32 asked for, or auto's int8 contender); "ok", else why not (the caller loads torch, which makes
+    them; a reason is noted once on stderr).
 
     Graphs and weights come from the tensors (clipgraph), what tensors cannot say from the open_clip config
     (refused where it does not fit the tensors), and each export is checked against the tower computed in
@@ -654,7 +703,7 @@ def make_exports(settings, threads: int) -> str:
                       precision, threads, lambda p, int8: clipgraph.write_image_graph(tensors(), facts, p, OPSET, int8),
                       lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
                       lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
-        if not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
+        if text and not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
             bpe = Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0], textfast.MERGES)
             textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, tensors(), bpe)
             trim_heap()
@@ -692,6 +741,9 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
     if cand is None:
         return None, why
     fingerprint = cand["fingerprint"]
+    if cand["auto"] and cand["precision"] == "int8" and \
+            cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None:
+        return None, "int8 not yet checked against fp32 on this library's images"  # the torch run checks it
     try:
         textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
     except (textfast.ExportError, OSError, ValueError, KeyError):

@@ -378,3 +378,97 @@ def test_a_model_names_config_and_preprocess_are_open_clips_read_without_importi
     assert cfg == open_clip.get_model_config("ViT-B-32-256") and pre == {} and path == str(weights)
     defaults = json.loads(json.dumps(dataclasses.asdict(PreprocessCfg())))  # tuples as JSON lists
     assert onnx_image.PREPROCESS_DEFAULTS == defaults
+
+
+def _timer(calls: list, torch: float, int8: float, fp32: float = 5.0):
+    """onnx_image._timed with fixed img/s per tower (no wall clock): torch at any precision, or an onnxruntime
+    tower by its kind; ``calls`` collects what was timed."""
+    def timed(fn, batch, runs=2):
+        tower = getattr(fn, "__self__", None)
+        calls.append(tower.kind if tower is not None else "torch")
+        return {None: torch, "int8": int8, "fp32": fp32}[getattr(tower, "kind", None)]
+    return timed
+
+
+def _json(r):
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output[r.output.index("{"):])
+
+
+def _stderr(r) -> str:
+    try:
+        return r.stderr
+    except ValueError:  # older click mixes stderr into output
+        return r.output
+
+
+@pytest.mark.slow
+def test_auto_precision_runs_int8_where_timed_faster_and_later_runs_go_torch_free(cli, photos, home, tmp_path,
+                                                                                  monkeypatch):
+    calls = []
+    monkeypatch.setattr(onnx_image, "ORT_MIN_RUN", 1)
+    monkeypatch.setattr(onnx_image, "_timed", _timer(calls, torch=10.0, int8=20.0))
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")  # what the 32 px tiny model reaches (see test_image_ort)
+    onnx_image._said.clear()
+    r = cli("--precision", "auto", "index", photos, "--json")
+    first = _json(r)
+    assert first["image_tower"] == "onnxruntime int8" and first["parity_images"] == 32 and first["new"] == 54
+    assert first["int8_parity"] >= 0.98 and "torch" in calls and "int8" in calls
+    assert [x for x in _stderr(r).splitlines() if "image tower timed" in x][0].endswith(
+        "onnxruntime int8 is used from now on (recorded with the export)")
+
+    # The next auto run of this library: the recorded timing and parity verdict, no torch at all.
+    report, heavy = _index_process(home, cli.model, _photos(tmp_path, "more", seed=21), "--precision", "auto")
+    assert heavy == "" and report["image_tower"] == "onnxruntime int8" and report["new"] == 36
+
+
+@pytest.mark.slow
+def test_auto_precision_keeps_torch_where_torch_is_faster_or_int8_fails_parity(cli, photos, home, tmp_path,
+                                                                             monkeypatch):
+    from imgsearch.encoder import pick_precision
+
+    torch_tower = f"torch {pick_precision('auto', 'cpu')}"  # bf16 on CPUs with native bf16, else fp32
+    calls = []
+    monkeypatch.setattr(onnx_image, "ORT_MIN_RUN", 1)
+    monkeypatch.setattr(onnx_image, "_timed", _timer(calls, torch=30.0, int8=20.0))
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")
+    report = _json(cli("--precision", "auto", "index", photos, "--json"))
+    assert report["image_tower"] == torch_tower and report["int8_parity"] is None and "int8" in calls
+    calls.clear()  # timed once for this machine and weights
+    report = _json(cli("--precision", "auto", "index", _photos(tmp_path, "more", seed=22), "--json"))
+    assert report["image_tower"] == torch_tower and report["new"] == 36 and calls == []
+
+    # int8 faster, but too far from fp32 on these photos: the run stays on torch, one line says why.
+    other = tmp_path / "other-home"
+    monkeypatch.setattr(onnx_image, "_timed", _timer(calls, torch=10.0, int8=20.0))
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "1.01")
+    onnx_image._said.clear()
+    r = cli("--home", other, "--precision", "auto", "index", photos, "--json")
+    report = _json(r)
+    assert report["image_tower"] == torch_tower and report["new"] == 54 and report["int8_parity"] is None
+    (note,) = [x for x in _stderr(r).splitlines() if "too far from fp32" in x]
+    assert note.startswith("note: int8 is too far from fp32 on your images") and note.endswith(torch_tower)
+
+
+@pytest.mark.slow
+def test_explicit_precisions_torch_backend_and_small_auto_runs_never_time_int8(cli, photos, home, tmp_path,
+                                                                              monkeypatch):
+    calls = []
+    monkeypatch.setattr(onnx_image, "_timed", _timer(calls, torch=10.0, int8=99.0))
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")
+    from imgsearch.encoder import pick_precision
+
+    # Fewer files than ORT_MIN_RUN (200): as before, torch at auto's precision, nothing exported or timed.
+    assert _json(cli("--precision", "auto", "index", photos, "--json"))["image_tower"] == \
+        f"torch {pick_precision('auto', 'cpu')}"
+    assert calls == [] and not list(home.glob("exports/*/image"))
+    monkeypatch.setattr(onnx_image, "ORT_MIN_RUN", 1)
+    runs = {"bf16": ("torch bf16", []), "fp32": ("torch fp32", ["torch", "fp32"])}
+    for precision, (tower, timed) in runs.items():
+        calls.clear()
+        r = cli("--home", tmp_path / precision, "--precision", precision, "index", photos, "--json")
+        assert _json(r)["image_tower"] == tower and calls == timed, precision
+    monkeypatch.setenv("IMGSEARCH_IMAGE_BACKEND", "torch")
+    calls.clear()
+    r = cli("--home", tmp_path / "torch", "--precision", "auto", "index", photos, "--json")
+    assert _json(r)["image_tower"] == f"torch {pick_precision('auto', 'cpu')}" and calls == []
