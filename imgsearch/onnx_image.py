@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import cpuinfo, draft_size_for, model_exports_dir
+from .config import atomic_file, cpuinfo, draft_size_for, model_exports_dir
 
 FORMAT = 2  # 2: the lean graph (clipgraph); a format-1 export is rebuilt once
 OPSET = 17
@@ -75,9 +75,8 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    with atomic_file(folder / MANIFEST) as f:
+        f.write(json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 def _import_ort():

@@ -568,9 +568,10 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
             encoder = encoder_mod.build(encoder.spec, "cpu", "fp32")
         if checked is not None:  # made without torch (export_from_checkpoint): checked against torch once
             meta = {**checked.meta, **_torch_check(checked, encoder)}
-            tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(meta), encoding="utf-8")
-            os.replace(tmp, folder / MANIFEST)
+            from .config import atomic_file
+
+            with atomic_file(folder / MANIFEST) as f:
+                f.write(json.dumps(meta).encode("utf-8"))
             _towers.pop((str(home), encoder.fingerprint), None)
             if not meta["verified"]:
                 raise ExportError(f"the export made without torch does not match torch: {meta['parity']}")
