@@ -186,3 +186,19 @@ def captioned(tmp_path) -> Path:
     folder = tmp_path / "captioned"
     synthetic.generate(folder, per_class=6, size=40, fmt="png", seed=5)
     return folder / "captions.csv"
+
+
+def built_both_ways(monkeypatch, model_dir: Path):
+    """The local-dir model built on the meta device (checked that this path was taken, not its fallback) and
+    built the plain way, for tests that compare the two: (fast, slow, tokenizer, spec, weights, on_meta), where
+    on_meta records what each later meta-device build returned."""
+    from imgsearch import encoder as encoder_mod
+
+    spec = encoder_mod.ModelSpec(f"local-dir:{model_dir}").canonical()
+    weights = encoder_mod.resolve_weights(spec)[1]
+    on_meta, real = [], encoder_mod._load_on_meta
+    monkeypatch.setattr(encoder_mod, "_load_on_meta", lambda *a: on_meta.append(real(*a)) or on_meta[-1])
+    fast, _, tokenizer = encoder_mod._create(spec, weights)
+    slow, _, _ = encoder_mod._create(spec, weights, on_meta=False)
+    assert on_meta and on_meta[0] is fast  # the fast path was taken, not the fallback
+    return fast, slow, tokenizer, spec, weights, on_meta

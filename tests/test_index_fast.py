@@ -164,16 +164,11 @@ def test_model_built_on_meta_loads_the_same_model_and_catches_unset_tensors(tiny
     import open_clip.factory as factory
     import torch
 
-    from imgsearch import encoder as encoder_mod
-    from imgsearch.encoder import ModelSpec
+    from conftest import built_both_ways
 
-    spec = ModelSpec(f"local-dir:{tiny_model}").canonical()
-    weights = encoder_mod.resolve_weights(spec)[1]
-    on_meta, real = [], encoder_mod._load_on_meta
-    monkeypatch.setattr(encoder_mod, "_load_on_meta", lambda *a: on_meta.append(real(*a)) or on_meta[-1])
-    fast, _, _ = encoder_mod._create(spec, weights)
-    slow, _, _ = encoder_mod._create(spec, weights, on_meta=False)
-    assert on_meta and on_meta[0] is fast  # the fast path was taken, not the fallback
+    from imgsearch import encoder as encoder_mod
+
+    fast, slow, _, spec, weights, on_meta = built_both_ways(monkeypatch, tiny_model)
     a, b = fast.state_dict(), slow.state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert torch.equal(fast.attn_mask, slow.attn_mask)  # computed in __init__, not in the checkpoint

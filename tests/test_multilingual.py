@@ -169,15 +169,9 @@ def test_hf_text_tower_built_on_meta_equals_the_ordinary_build(ml_model, monkeyp
     checkpoint does not hold (position and token type ids) as the tower's own __init__ does."""
     import torch
 
-    from imgsearch import encoder as encoder_mod
+    from conftest import built_both_ways
 
-    spec = encoder_mod.ModelSpec(f"local-dir:{ml_model}").canonical()
-    weights = encoder_mod.resolve_weights(spec)[1]
-    on_meta, real = [], encoder_mod._load_on_meta
-    monkeypatch.setattr(encoder_mod, "_load_on_meta", lambda *a: on_meta.append(real(*a)) or on_meta[-1])
-    fast, _, tokenizer = encoder_mod._create(spec, weights)
-    slow, _, _ = encoder_mod._create(spec, weights, on_meta=False)
-    assert on_meta and on_meta[0] is fast  # the fast path was taken, not the fallback
+    fast, slow, tokenizer, *_ = built_both_ways(monkeypatch, ml_model)
     a, b = dict(fast.named_buffers()), dict(slow.named_buffers())
     assert "text.transformer.embeddings.position_ids" in a and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
