@@ -146,8 +146,7 @@ class OrtImageTower:
         if session is None:  # released while another tower ran (int8_parity)
             session = self.session = _new_session(self.path, self.threads)
         x = session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        x = x.astype(np.float32, copy=False)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return _unit(x.astype(np.float32, copy=False))
 
     def describe(self) -> str:
         return f"onnxruntime {self.kind}"
