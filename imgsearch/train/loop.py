@@ -430,22 +430,28 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
                     g["lr"] = lr
                 micro = [(x.to(device, non_blocking=True), t.to(device, non_blocking=True), ii.to(device),
                           ti.to(device)) for x, t, ii, ti in (next(it) for _ in range(cfg.grad_accum))]
-                # Gradient accumulation that keeps every pair of the whole step as a negative: features of
-                # all micro-batches first (no graph; one alone needs none), then each micro-batch again with
-                # a graph, spliced into the cached ones (open_clip's accum_freq trick; 2x forward, 1/N memory).
-                with torch.no_grad(), autocast():
-                    cached = ([(model.encode_image(x), model.encode_text(t)) for x, t, _, _ in micro]
-                              if len(micro) > 1 else [])
-                ids_i, ids_t = torch.cat([m[2] for m in micro]), torch.cat([m[3] for m in micro])
-                for j, (x, t, _, _) in enumerate(micro):
+                if cfg.grad_accum == 1:
+                    x, t, ii, ti = micro[0]
                     with autocast():
-                        fi, ft = model.encode_image(x), model.encode_text(t)
-                        imgs = torch.cat([c[0] for c in cached[:j]] + [fi] + [c[0] for c in cached[j + 1:]])
-                        txts = torch.cat([c[1] for c in cached[:j]] + [ft] + [c[1] for c in cached[j + 1:]])
-                        # The temperature sees the whole-step loss once, not once per micro-batch.
-                        scale = model.logit_scale if j == 0 else model.logit_scale.detach()
-                        loss = contrastive_loss(imgs, txts, scale, ids_i, ids_t)
+                        loss = contrastive_loss(model.encode_image(x), model.encode_text(t), model.logit_scale,
+                                                ii, ti)
                     scaler.scale(loss).backward()
+                else:
+                    # Gradient accumulation that keeps every pair of the whole step as a negative: features
+                    # of all micro-batches first (no graph), then each micro-batch again with a graph,
+                    # spliced into the cached ones (open_clip's accum_freq trick; 2x forward, 1/N memory).
+                    with torch.no_grad(), autocast():
+                        cached = [(model.encode_image(x), model.encode_text(t)) for x, t, _, _ in micro]
+                    ids_i, ids_t = torch.cat([m[2] for m in micro]), torch.cat([m[3] for m in micro])
+                    for j, (x, t, _, _) in enumerate(micro):
+                        with autocast():
+                            fi, ft = model.encode_image(x), model.encode_text(t)
+                            imgs = torch.cat([c[0] for c in cached[:j]] + [fi] + [c[0] for c in cached[j + 1:]])
+                            txts = torch.cat([c[1] for c in cached[:j]] + [ft] + [c[1] for c in cached[j + 1:]])
+                            # The temperature sees the whole-step loss once, not once per micro-batch.
+                            scale = model.logit_scale if j == 0 else model.logit_scale.detach()
+                            loss = contrastive_loss(imgs, txts, scale, ids_i, ids_t)
+                        scaler.scale(loss).backward()
                 if not torch.isfinite(loss.detach()) and precision != "fp16":
                     raise DataError(f"the loss became {float(loss.detach())} at step {step + 1}; lower --lr")
                 scaler.step(optimizer)
