@@ -43,6 +43,21 @@ def _local_weights(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
+TORCH_EXTRA = "pip install 'imgsearch[torch]'"
+
+
+def torch_installed() -> bool:
+    """Whether torch and open_clip can be imported (found without importing them). The default install leaves
+    them out: indexing and queries run on onnxruntime and numpy; GPUs, bf16, fine-tuning need them."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
+
+
+def needs_torch(what: str) -> str:
+    return f"{what} needs torch and open_clip, which this install leaves out; add them with: {TORCH_EXTRA}"
+
+
 def import_open_clip():
     """open_clip, its first import leaving the program's environment and warnings filters as they were: it
     sets TOKENIZERS_PARALLELISM, torch._dynamo (through torchvision) TORCHINDUCTOR_CACHE_DIR, which every
@@ -50,8 +65,10 @@ def import_open_clip():
     import sys
     import warnings
 
-    if "open_clip" in sys.modules:
+    if sys.modules.get("open_clip") is not None:
         return sys.modules["open_clip"]
+    if not torch_installed():
+        raise ModelLoadError(needs_torch("this model"))
     env = {key: os.environ.get(key) for key in ("TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR")}
     with warnings.catch_warnings():  # restores the filters on exit
         import open_clip
@@ -89,13 +106,12 @@ def _hub_weights(repo: str, name: str = "") -> str:
     """A model's weights file from hub ``repo``, its safetensors form first (as open_clip does)."""
     from huggingface_hub import hf_hub_download
 
-    import_open_clip()
-    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
-
-    name = name or HF_WEIGHTS_NAME
-    for alternative in _get_safe_alternatives(name):
+    name = name or "open_clip_pytorch_model.bin"
+    safe = WEIGHTS_FILE if name == "open_clip_pytorch_model.bin" else \
+        name.rsplit(".", 1)[0] + ".safetensors" if name.endswith((".bin", ".pth")) else None
+    if safe:
         try:
-            return hf_hub_download(repo, alternative, local_files_only=_hub_offline())
+            return hf_hub_download(repo, safe, local_files_only=_hub_offline())
         except Exception:
             pass
     return hf_hub_download(repo, name, local_files_only=_hub_offline())
@@ -198,6 +214,10 @@ def _mps_available() -> bool:
 
 def pick_device(device: str) -> str:
     """auto: a CUDA GPU, else Apple Silicon's GPU (MPS), else the CPU."""
+    if not torch_installed():
+        if device in ("auto", "cpu"):
+            return "cpu"
+        raise UsageError(needs_torch(f"--device {device}"))
     import torch
 
     if device == "auto":
@@ -223,6 +243,8 @@ def pick_precision(precision: str, device: str) -> str:
     fp16 opts in. int8 (onnxruntime dynamic quantisation of the image tower) exists on the CPU only.
     """
     if precision == "auto":
+        if not torch_installed():
+            return "int8"  # onnxruntime, behind the parity gate (fp32 where int8 is too far on a library's images)
         if device.startswith("cuda"):
             return "fp16"
         if device.startswith("mps"):
@@ -403,6 +425,8 @@ class Encoder:
 def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Encoder:
     """Load model + preprocess + tokenizer; raise ModelLoadError with what to do when it fails."""
     spec = spec.canonical()
+    if not torch_installed():
+        raise ModelLoadError(needs_torch(f"{spec.label} on torch"))
     fingerprint, weights_path = resolve_weights(spec)
     device = pick_device(device)
     precision = pick_precision(precision, device)

@@ -18,14 +18,17 @@ from .errors import DataError, DecodeError, UsageError
 def load_for_images(spec, settings, precision: str | None = None):
     """The image encoder `index` would use (onnx_image.select: onnxruntime fp32/int8 on CPU where chosen)."""
     from . import onnx_image
-    from .encoder import load
+    from .encoder import load, torch_installed
 
-    enc = load(spec, settings.device, precision or settings.precision)
-    if enc.device != "cpu":
-        return enc
     budget = thread_budget(device="cpu", workers=settings.workers)
     # eval never creates a library: without one, the exports go to a scratch folder instead.
     home = settings.home if settings.home.exists() else Path(tempfile.gettempdir()) / "imgsearch-eval-exports"
+    if not torch_installed():
+        return onnx_image.query_encoder(settings.with_(home=home, model=spec.name, pretrained=spec.pretrained,
+                                                       precision=precision or settings.precision), budget.encoder)
+    enc = load(spec, settings.device, precision or settings.precision)
+    if enc.device != "cpu":
+        return enc
     return onnx_image.select(enc, settings.with_(home=home), budget.encoder)
 
 
@@ -42,20 +45,26 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None,
     """Encode image files the way the indexer does; returns (vectors [n_ok, dim], ok indices, failures).
     ``each(i, tensor)`` sees every decoded model input."""
     import numpy as np
-    import torch
 
     from .config import torch_threads
 
     stage = stage or index_stage(encoder, settings)
     budget = thread_budget(device=encoder.device, workers=settings.workers)
     vecs, ok, failures, batch = [], [], [], []
+    torch_free = getattr(encoder, "torch_free", False)  # numpy inputs, onnxruntime's own threads
 
     def flush():
         if batch:
-            vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
+            if torch_free:
+                vecs.append(encoder.encode_image_tensors(batch))
+            else:
+                import torch
+
+                vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
             batch.clear()
 
-    with torch_threads(settings, budget.encoder) if encoder.device == "cpu" else contextlib.nullcontext():
+    with torch_threads(settings, budget.encoder) if encoder.device == "cpu" and not torch_free \
+            else contextlib.nullcontext():
         results = stage.decode_files(paths, budget.decode, settings.batch_size, budget.overlap)
         for i, t in enumerate(results):
             if isinstance(t, DecodeError):

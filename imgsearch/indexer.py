@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 from . import files, images
 from .config import RAW_NEEDS_EXTRA, Settings, thread_budget, torch_threads
 from .encoder import Encoder, ModelSpec
-from .errors import DecodeError, UsageError
+from .errors import DecodeError, ModelLoadError, UsageError
 from .store import ImageRow, ModelRow, Store
 from .vectors import BuildProgress
 # The read side (FAISS cache loader) and the result type live apart so search never imports the write side.
@@ -389,11 +389,16 @@ class Indexer:
             return
         cos = onnx_image.int8_parity(enc, tensors)
         report.int8_parity, report.parity_images = cos, len(tensors)
-        if cos < threshold and self.settings.precision == "auto" and enc.torch_encoder is not None:
-            # auto chose int8 for its speed: this library keeps the torch tower (and asks again next run)
-            base = enc.torch_encoder
-            self.encoder = onnx_image.select(base, self.settings.with_(precision=base.precision), self.budget.encoder,
-                                             len(work))
+        if cos < threshold and self.settings.precision == "auto":
+            # auto chose int8 for its speed: this library keeps the torch tower (and asks again next run), or
+            # without torch the fp32 export (remembered)
+            if enc.torch_encoder is None:
+                self.encoder = onnx_image.fp32_twin(enc)
+                onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
+            else:
+                base = enc.torch_encoder
+                self.encoder = onnx_image.select(base, self.settings.with_(precision=base.precision),
+                                                 self.budget.encoder, len(work))
             report.image_tower, report.int8_parity, report.parity_images = self.encoder.image_tower, None, 0
             onnx_image.say_once(f"note: int8 is too far from fp32 on your images (min cosine {cos:.4f} < {threshold} "
                                 f"on {len(tensors)} images); this run encodes on {report.image_tower}")
@@ -633,7 +638,9 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         try:
             enc = encoder
             if torch_free:
-                enc = onnx_image.torch_free_encoder(settings, store and store.library_id, threads)[0]
+                enc, why = onnx_image.torch_free_encoder(settings, store and store.library_id, threads)
+                if enc is None and not encoder_mod.torch_installed():
+                    raise ModelLoadError(encoder_mod.needs_torch(f"indexing here ({why})"))
             if enc is None:
                 onnx_image.drop_prestarted()
                 enc = load_encoder() if load_encoder else encoder_mod.load(

@@ -119,11 +119,18 @@ class Library:
     @property
     def encoder(self):
         """The torch model (image queries, and texts where no export can exist), loaded once and never changed:
-        an index run chooses its own image encoder (onnx_image.select)."""
+        an index run chooses its own image encoder (onnx_image.select). Without torch installed, the fp32
+        image export and the text export on onnxruntime and numpy (onnx_image.query_encoder)."""
         with self._encode_lock:
             if self._encoder is None:
-                from .encoder import ModelSpec, load
+                from .encoder import ModelSpec, load, torch_installed
 
+                if not torch_installed():
+                    from .config import thread_budget
+                    from .onnx_image import query_encoder
+
+                    self._encoder = query_encoder(self.settings, thread_budget(workers=self.settings.workers).encoder)
+                    return self._encoder
                 self._encoder = load(ModelSpec(self.settings.model, self.settings.pretrained), self.settings.device,
                                      self.settings.precision)
             return self._encoder

@@ -18,6 +18,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # cost of a 1.1 GB download once, the same image tower speed as the default.
 PRESETS = {"multilingual": ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k")}
 
+# open_clip's pretrained tags whose weights (open_clip_model.safetensors), config (open_clip_config.json) and
+# BPE tables (merges.txt) its Hugging Face repo holds: the default model and the common ViTs. These are resolved
+# and exported without torch or open_clip (onnx_image.checkpoint_source), the same files open_clip downloads.
+HUB_TAGS = {
+    ("ViT-B-32", "laion2b_s34b_b79k"): "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+    ("ViT-B-32", "datacomp_xl_s13b_b90k"): "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
+    ("ViT-B-16", "laion2b_s34b_b88k"): "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+    ("ViT-B-16", "datacomp_xl_s13b_b90k"): "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K",
+    ("ViT-L-14", "laion2b_s32b_b82k"): "laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
+    ("ViT-L-14", "datacomp_xl_s13b_b90k"): "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K",
+    ("ViT-H-14", "laion2b_s32b_b79k"): "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+}
+
 # Name parts of open_clip models whose text tower reads many languages (XLM-R, mT5/SigLIP-i18n, NLLB, Gemma).
 _MULTILINGUAL_NAMES = ("xlm-roberta", "xlm_roberta", "nllb", "i18n", "mt5", "siglip2", "multilingual", "mclip")
 
@@ -56,6 +69,14 @@ class ModelSpec:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
+
+
+def hub_repo(spec: ModelSpec) -> str | None:
+    """The Hugging Face repo holding ``spec``'s open_clip files (an hf-hub: name, or a tag in HUB_TAGS)."""
+    spec = spec.canonical()
+    if spec.name.startswith(HF_HUB):
+        return spec.name[len(HF_HUB):].strip("/")
+    return HUB_TAGS.get((spec.name, spec.pretrained or ""))
 
 
 def english_only(spec: ModelSpec) -> bool:

@@ -494,9 +494,10 @@ def _parity_key(library_id: str, home, fingerprint: str) -> tuple[Path, str, dic
     return folder, str(library_id), {"recipe": INT8_RECIPE, "int8_file": _file_id(folder / INT8_FILE)}
 
 
-def cached_parity(home, fingerprint: str, library_id: str | None, threshold: float) -> dict | None:
-    """A passed int8 parity check recorded for this library, weights and int8 export, when it still clears
-    ``threshold``; None means measure (again)."""
+def cached_parity(home, fingerprint: str, library_id: str | None, threshold: float,
+                  failed: bool = False) -> dict | None:
+    """The int8 parity check recorded for this library, weights and int8 export, when it still clears
+    ``threshold`` (``failed``: when it does not); None means measure (again)."""
     if not library_id:
         return None
     try:
@@ -509,11 +510,12 @@ def cached_parity(home, fingerprint: str, library_id: str | None, threshold: flo
     verdict = (manifest.get("int8_parity") or {}).get(key)
     if not verdict or any(verdict.get(k) != v for k, v in ident.items()):
         return None
-    return verdict if float(verdict.get("min_cosine", -1)) >= threshold else None
+    return verdict if (float(verdict.get("min_cosine", -1)) >= threshold) != failed else None
 
 
 def record_parity(home, fingerprint: str, library_id: str | None, cos: float, images: int) -> None:
-    """Remember a passed int8 parity check (refusals are not cached: the next run measures again)."""
+    """Remember an int8 parity check: a pass, or a failure where auto fell back to fp32 without torch (auto's
+    torch runs and --precision int8 refusals are not cached: the next run measures again)."""
     if not library_id:
         return
     try:
@@ -534,6 +536,8 @@ class OrtEncoder:
     (torch_free_encoder), no torch import, and the numpy preprocess the export verified.
     """
 
+    text_tower = None  # torch-free: the library's text export (torch_free_encoder)
+
     def __init__(self, tower: OrtImageTower, spec, fingerprint: str, precision: str, dim: int, image_size: int,
                  preprocess, torch_encoder=None):
         self.image_backend, self.image_tower = tower, tower.describe()
@@ -544,8 +548,8 @@ class OrtEncoder:
         self.draft_size = draft_size_for(self.image_size)  # Encoder's: the same decode, the same vectors
 
     def __getattr__(self, name):  # only for names not set above: the text side, logit_scale, ...
-        base = self.__dict__.get("torch_encoder")
-        if base is None:
+        base = self.__dict__.get("torch_encoder") or self.__dict__.get("text_tower")  # torch-free: the text export
+        if base is None or name.startswith("_"):
             raise AttributeError(name)
         return getattr(base, name)
 
@@ -559,13 +563,23 @@ class OrtEncoder:
         return self.encode_image_tensors([np.asarray(self.preprocess(im)) for im in images])
 
 
+def fp32_twin(encoder: OrtEncoder) -> OrtEncoder:
+    """A torch-free int8 encoder's fp32 export on onnxruntime, for libraries where int8 fails its parity."""
+    tower = OrtImageTower(encoder.image_backend.path.with_name(FP32_FILE), "fp32", encoder.image_backend.threads)
+    return OrtEncoder(tower, encoder.spec, encoder.fingerprint, "fp32", encoder.dim, encoder.image_size,
+                      encoder.preprocess)
+
+
 def _no_gpu_without_torch(device: str) -> bool:
     """True when ``device`` certainly resolves to the CPU, decided without importing torch.
 
     auto picks CUDA only with a GPU driver loaded (NVIDIA's /proc and /dev entries, ROCm's /dev/kfd) and
-    MPS only on Apple Silicon; where either could exist, torch decides as before.
+    MPS only on Apple Silicon; where either could exist, torch decides as before. Without torch installed,
+    auto is the CPU.
     """
-    if device == "cpu":
+    from .encoder import torch_installed
+
+    if device == "cpu" or (device == "auto" and not torch_installed()):
         return True
     if device != "auto":
         return False
@@ -578,7 +592,7 @@ def _no_gpu_without_torch(device: str) -> bool:
 
 def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
     """What a torch-free run would use, from what is on disk for any library: else (None, why not)."""
-    from .encoder import known_fingerprint, pick_precision
+    from .encoder import known_fingerprint, pick_precision, torch_installed
     from .errors import UsageError
     from .modelspec import ModelSpec
 
@@ -599,7 +613,7 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
     if not fingerprint:
         return None, "weights fingerprint needs open_clip"
     folder, kind = export_dir(settings.home, fingerprint), precision
-    if settings.image_backend != "onnx" and precision != "int8":
+    if settings.image_backend != "onnx" and precision != "int8" and torch_installed():
         best = recorded_best(_read_manifest(folder), _contenders(precision, auto), threads)
         if not best or best.startswith("torch"):
             return None, f"onnxruntime not measured faster than torch {precision} here"
@@ -627,34 +641,73 @@ PREPROCESS_DEFAULTS = {"size": 224, "mode": "RGB", "mean": [0.48145466, 0.457827
                        "resize_mode": "shortest", "fill_color": 0}
 
 
-def checkpoint_source(spec) -> tuple[dict, dict, Path] | None:
-    """(open_clip model config, preprocess config, safetensors file) of ``spec``, read as files without importing
-    open_clip: a local-dir folder's config and weights, or a model name's packaged config and a --pretrained
-    .safetensors file. None when the weights are no safetensors file; clipgraph.Unsupported for a config
-    that cannot be read."""
+def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
+    """(open_clip model config, preprocess config, safetensors file, CLIP BPE table) of ``spec``, read as files
+    without importing open_clip: a local-dir folder's config and weights; a model name's packaged config and a
+    --pretrained .safetensors file; or the files of a Hugging Face repo (an hf-hub: name, or a tag of
+    modelspec.HUB_TAGS), fetched into huggingface_hub's cache as open_clip would fetch them. The BPE table is
+    open_clip's own file where open_clip is installed, else the repo's or the folder's merges.txt. None when
+    the weights are no safetensors file; clipgraph.Unsupported for a config or table that cannot be read;
+    ModelLoadError when a hub file cannot be had."""
     from .clipgraph import Unsupported
     from .encoder import CONFIG_FILE, LOCAL_DIR, _local_weights
+    from .modelspec import HUB_TAGS, hub_repo, looks_like_file
+    from .textfast import MERGES
 
-    local = spec.name.startswith(LOCAL_DIR)
-    try:
-        weights = _local_weights(Path(spec.name[len(LOCAL_DIR):])) if local else Path(spec.pretrained or "")
-    except OSError:
-        return None
+    where = importlib.util.find_spec("open_clip")  # the package folder, found without importing it
+    package = Path(list(where.submodule_search_locations)[0]) if where else None
+    local, repo = spec.name.startswith(LOCAL_DIR), hub_repo(spec)
+    if repo:
+        weights, config_file, merges = _hub_files(repo, spec.label)
+    elif not local and spec.pretrained and not looks_like_file(spec.pretrained):
+        raise Unsupported(f"open_clip resolves the tag {spec.pretrained!r}; without it, the tags fetched are: "
+                          + ", ".join(f"{n} {t}" for n, t in HUB_TAGS))
+    else:
+        try:
+            weights = _local_weights(Path(spec.name[len(LOCAL_DIR):])) if local else Path(spec.pretrained or "")
+        except OSError:
+            return None
+        config_file = weights and (weights.parent / CONFIG_FILE if local else
+                                   package and package / "model_configs" / f"{spec.name}.json")
+        merges = weights and weights.parent / "merges.txt"
     if weights is None or weights.suffix != ".safetensors" or not weights.is_file():
         return None
+    if config_file is None:
+        raise Unsupported(f"the config of {spec.name} comes with open_clip")
     try:
-        if local:
-            config = json.loads((weights.parent / CONFIG_FILE).read_text(encoding="utf-8"))
-        else:
-            where = importlib.util.find_spec("open_clip")  # the package folder, found without importing it
-            config = {"model_cfg": json.loads(Path(list(where.submodule_search_locations)[0], "model_configs",
-                                                    f"{spec.name}.json").read_text(encoding="utf-8"))}
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        config = config if local or repo else {"model_cfg": config}
         model_cfg, pre = config["model_cfg"], config.get("preprocess_cfg") or {}
         if not isinstance(model_cfg, dict) or not isinstance(pre, dict):
             raise TypeError("not a JSON object")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise Unsupported(f"no readable open_clip config ({type(e).__name__})") from None
-    return model_cfg, pre, weights
+    bpe = package / MERGES if package else merges
+    if bpe is None or not bpe.is_file():
+        raise Unsupported("no CLIP BPE table (open_clip's, or a merges.txt beside the weights)")
+    return model_cfg, pre, weights, bpe
+
+
+def _hub_files(repo: str, label: str) -> tuple[Path, Path, Path | None]:
+    """(weights, config, merges.txt or None) of an open_clip model's Hugging Face repo, from huggingface_hub's
+    cache, fetched there first when the hub can be reached."""
+    from huggingface_hub import hf_hub_download
+
+    from .encoder import CONFIG_FILE, _hub_offline, _hub_weights, _short
+    from .errors import ModelLoadError
+
+    offline = _hub_offline()
+    try:
+        weights, config = Path(_hub_weights(repo)), Path(hf_hub_download(repo, CONFIG_FILE, local_files_only=offline))
+    except Exception as e:  # offline without a cached copy, an unknown repo, a failed download
+        where = "no cached copy and the hub is unreachable" if offline else _short(e)
+        raise ModelLoadError(f"cannot get the weights of {label} from Hugging Face ({repo}: {where}); connect to "
+                             "the internet once so they are cached, or use --model local-dir:/path") from None
+    try:
+        merges = Path(hf_hub_download(repo, "merges.txt", local_files_only=offline))
+    except Exception:
+        merges = None
+    return weights, config, merges
 
 
 def make_exports(settings, threads: int, text: bool = True) -> str:
@@ -668,7 +721,7 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
     numpy straight from the tensors (textfast.reference_features), recorded as "checked": "numpy".
     """
     from . import clipgraph, textfast
-    from .encoder import known_fingerprint, pick_precision
+    from .encoder import known_fingerprint, pick_precision, torch_installed
     from .errors import UsageError
     from .images import UnsupportedPreprocess, numpy_preprocess
     from .modelspec import ModelSpec
@@ -678,7 +731,8 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
         precision = pick_precision(settings.precision, "cpu")
     except UsageError as e:
         return str(e)
-    if precision not in ("int8", "fp32") or (precision == "fp32" and settings.image_backend != "onnx"):
+    if precision not in ("int8", "fp32") or (precision == "fp32" and settings.image_backend != "onnx"
+                                             and torch_installed()):
         return f"{precision} {settings.image_backend} runs are not made without torch"
     if any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "onnx")):
         return "onnxruntime or onnx is not installed"  # the torch run says so
@@ -686,7 +740,7 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
         source = checkpoint_source(spec)
         if source is None:
             return "the weights are not a safetensors file"
-        model_cfg, pre, weights = source
+        model_cfg, pre, weights, bpe = source
         # Each step maps the file anew: its pages leave this process when the step ends, not while the
         # checks' onnxruntime sessions are loaded.
         fingerprint, tensors = known_fingerprint(spec), lambda: clipgraph.Checkpoint(weights)
@@ -702,7 +756,6 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
                       lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
                       lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
         if text and not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
-            bpe = Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0], textfast.MERGES)
             textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, tensors(), bpe)
             trim_heap()
         return "ok"
@@ -710,7 +763,8 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
         why = str(e)
     except (OSError, ValueError, KeyError, TypeError) as e:  # damaged checkpoint, config or export: torch says more
         why = f"{type(e).__name__}: {str(e)[:120]}"
-    say_once(f"note: cannot make the exports of {spec.label} without torch ({why}); this run loads torch")
+    if torch_installed():
+        say_once(f"note: cannot make the exports of {spec.label} without torch ({why}); this run loads torch")
     return why
 
 
@@ -727,6 +781,7 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
     (make_exports). An int8 run without a recorded parity verdict for this library measures it (the indexer).
     """
     from . import textfast
+    from .encoder import torch_installed
 
     cand, why = _lite_candidate(settings, threads)
     text = textfast.export_dir(settings.home, cand["fingerprint"]) if cand else None
@@ -734,16 +789,19 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
                "export file missing") or (cand and not (text / textfast.MANIFEST).is_file()):
         made = make_exports(settings, threads)
         if made != "ok":
-            return None, why if cand is None else made
+            return None, why if cand is None and torch_installed() else made
         cand, why = _lite_candidate(settings, threads)
     if cand is None:
         return None, why
     fingerprint = cand["fingerprint"]
-    if cand["auto"] and cand["precision"] == "int8" and \
-            cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None:
-        return None, "int8 not yet checked against fp32 on this library's images"  # the torch run checks it
+    if cand["auto"] and cand["precision"] == "int8":
+        if not torch_installed():  # the run's parity gate checks int8 against the fp32 export, else fp32 runs
+            if cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine, failed=True):
+                cand["precision"], cand["path"] = "fp32", cand["path"].with_name(FP32_FILE)
+        elif cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None:
+            return None, "int8 not yet checked against fp32 on this library's images"  # the torch run checks it
     try:
-        textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
+        text = textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
     except (textfast.ExportError, OSError, ValueError, KeyError):
         return None, "no verified text export yet"
     try:
@@ -755,5 +813,21 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
     from .images import numpy_preprocess
 
     manifest = cand["manifest"]
-    return OrtEncoder(tower, cand["spec"], fingerprint, cand["precision"], manifest["dim"], manifest["input_size"],
-                      numpy_preprocess(manifest["preprocess"])), "ok"
+    enc = OrtEncoder(tower, cand["spec"], fingerprint, cand["precision"], manifest["dim"], manifest["input_size"],
+                     numpy_preprocess(manifest["preprocess"]))
+    enc.text_tower = text  # encode_texts, logit_scale: the one text encoder the library's queries use
+    return enc, "ok"
+
+
+def query_encoder(settings, threads: int) -> OrtEncoder:
+    """Without torch installed, the encoder of image queries, CLIP scores, file tags and eval: the fp32 image
+    export (int8 where asked for; made from the checkpoint where missing) and the text export; ModelLoadError
+    says why there is none."""
+    from .encoder import needs_torch
+    from .errors import ModelLoadError
+
+    precision = "int8" if settings.precision == "int8" else "fp32"
+    enc, why = torch_free_encoder(settings.with_(precision=precision, image_backend="onnx"), None, threads)
+    if enc is None:
+        raise ModelLoadError(needs_torch(f"encoding images here ({why})"))
+    return enc

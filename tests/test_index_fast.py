@@ -363,14 +363,15 @@ def test_a_model_names_config_and_preprocess_are_open_clips_read_without_importi
     code = ("import json, sys; sys.modules['torch'] = None\n"
             "from imgsearch import onnx_image\n"
             "from imgsearch.modelspec import ModelSpec\n"
-            "cfg, pre, path = onnx_image.checkpoint_source(ModelSpec('ViT-B-32-256', sys.argv[1]))\n"
+            "cfg, pre, path, bpe = onnx_image.checkpoint_source(ModelSpec('ViT-B-32-256', sys.argv[1]))\n"
             "assert 'open_clip' not in sys.modules\n"
-            "print(json.dumps([cfg, pre, str(path)]))\n")
+            "print(json.dumps([cfg, pre, str(path), str(bpe)]))\n")
     done = subprocess.run([sys.executable, "-c", code, str(weights)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stderr[-800:]
-    cfg, pre, path = json.loads(done.stdout)
+    cfg, pre, path, bpe = json.loads(done.stdout)
     assert cfg == open_clip.get_model_config("ViT-B-32-256") and pre == {} and path == str(weights)
+    assert Path(bpe).read_bytes() == Path(open_clip.tokenizer.default_bpe()).read_bytes()
     defaults = json.loads(json.dumps(dataclasses.asdict(PreprocessCfg())))  # tuples as JSON lists
     assert onnx_image.PREPROCESS_DEFAULTS == defaults
 

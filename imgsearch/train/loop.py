@@ -316,6 +316,10 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     """Fine-tune, evaluate, write ``cfg.out``; returns the report (also written as training_report.json).
     ``events(kind, **info)`` receives progress: "check" (done, total), "start", "step", "eval", "save".
     ``resume`` is a checkpoint from load_checkpoint(); the run then continues at its step."""
+    from ..encoder import needs_torch, torch_installed
+
+    if not torch_installed():
+        raise UsageError(needs_torch("fine-tuning"))
     import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
