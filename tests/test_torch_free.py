@@ -1,0 +1,202 @@
+"""The default install has no torch and no open_clip (they are the `torch` extra). Each test runs imgsearch in a
+fresh process where importing torch, torchvision, open_clip or transformers fails, as on such an install:
+indexing, text and image queries, tags, scores, eval and the web page work from the exports made straight from
+the checkpoint's tensors; what needs torch says so in one line naming the extra."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs each argv of sys.argv[1] (JSON) through the CLI in this one process, torch & co. unimportable, and prints
+# [exit code, stdout, stderr] per command as JSON. sys.argv[2] (JSON): extra HUB_TAGS entries, as
+# [[name, tag, repo], ...]. sys.argv[3]: a query the web page runs at the end ("" for none).
+DRIVER = r"""
+import json, os, sys
+for m in ("torch", "torchvision", "open_clip", "transformers"):
+    sys.modules[m] = None
+from imgsearch import modelspec
+for name, tag, repo in json.loads(sys.argv[2]):
+    modelspec.HUB_TAGS[(name, tag)] = repo
+from typer.testing import CliRunner
+from imgsearch.cli import app
+out = []
+for argv in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(app, argv)
+    try:
+        err = r.stderr
+    except ValueError:
+        err = ""
+    if r.exception and not isinstance(r.exception, SystemExit):
+        err += f"EXCEPTION {type(r.exception).__name__}: {r.exception}"
+    out.append([r.exit_code, r.stdout, err])
+if sys.argv[3]:
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file(os.path.join(sys.argv[4], "imgsearch", "ui", "app.py"), default_timeout=60)
+    at.query_params["q"] = sys.argv[3]
+    at.run()
+    names = [c.replace("\\", "").split(" · ", 1)[1] for img in at.image for c in img.captions if " · " in c]
+    out.append([bool(at.exception), names, [str(e.value) for e in at.error]])
+assert not any(m in sys.modules and sys.modules[m] is not None for m in ("torch", "open_clip"))
+print("RESULT:" + json.dumps(out))
+"""
+
+
+def _run(home: Path, commands: list[list[str]], hub: list | None = None, page_query: str = "",
+         env: dict | None = None) -> list:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
+    full.update(PYTHONPATH=str(ROOT), IMGSEARCH_HOME=str(home), IMGSEARCH_WORKERS="2", **(env or {}))
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands), json.dumps(hub or []), page_query,
+                           str(ROOT)], env=full, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT:"))
+    return json.loads(line[len("RESULT:"):])
+
+
+def _merges_txt(path: Path) -> None:
+    """CLIP's BPE merges in the Hugging Face merges.txt layout (a version line, then one merge per line)."""
+    from imgsearch.bpe import read_merges
+
+    gz = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+    path.write_text("#version: 0.2\n" + "\n".join(read_merges(gz)) + "\n", encoding="utf-8")
+
+
+@pytest.fixture()
+def model_dir(tiny_model, tmp_path) -> Path:
+    """The tiny model as a local-dir folder with a merges.txt (no open_clip to read CLIP's BPE from)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        (folder / name).symlink_to(tiny_model / name)
+    _merges_txt(folder / "merges.txt")
+    return folder
+
+
+def _ok(result) -> str:
+    code, out, err = result
+    assert code == 0, (out + err)[-2000:]
+    return out
+
+
+def _one_line_error(result, *parts: str) -> str:
+    code, out, err = result
+    text = (out + err).strip()
+    assert code != 0 and "Traceback" not in text and "EXCEPTION" not in text, text[-2000:]
+    line = next(x for x in text.splitlines() if x.startswith("error:"))
+    assert all(p in line for p in parts), line
+    return line
+
+
+def test_without_torch_index_queries_tags_eval_and_the_page_work_and_torch_only_paths_name_the_extra(
+        model_dir, photos, tmp_path):
+    model = ["--model", f"local-dir:{model_dir}"]
+    red = str(photos / "red_circle_000.jpg")
+    classes = tmp_path / "classes"
+    for colour in ("red", "blue"):
+        (classes / colour).mkdir(parents=True)
+        for p in photos.glob(f"{colour}_*.jpg"):
+            (classes / colour / p.name).symlink_to(p)
+    captions = tmp_path / "captions.csv"
+    captions.write_text(f"path,caption\n{red},a red circle\n")
+    results = _run(tmp_path / "home", [
+        model + ["index", str(photos), "--json"],
+        model + ["query", "a red circle", "-k", "3", "--json"],
+        model + ["query", "--image", red, "-k", "3", "--json"],
+        model + ["classify", str(photos / "blue_square_001.jpg"), "--labels", "red,blue,green"],
+        model + ["score", red, "a red circle", "a blue square"],
+        model + ["eval", "zeroshot", str(classes), "--json"],
+        model + ["index", str(photos), "--json"],  # a later run: nothing new, no second parity check
+        model + ["--precision", "bf16", "index", str(photos)],
+        model + ["finetune", str(captions), "--out", str(tmp_path / "tuned")],
+        model + ["--device", "cuda", "index", str(photos)],
+    ], page_query="a red circle", env={"IMGSEARCH_MODEL": f"local-dir:{model_dir}"})  # the page's model
+    index, text, image, classify, score, zeroshot, again, bf16, finetune, cuda, page = results
+
+    report = json.loads(_ok(index))
+    # auto without torch: int8 on onnxruntime, checked against the fp32 export on these photos
+    assert report["new"] == 54 and report["image_tower"] == "onnxruntime int8"
+    assert report["int8_parity"] >= 0.99 and report["parity_images"] > 0
+    hits = [Path(h["path"]).name for h in json.loads(_ok(text))]
+    assert all(n.startswith("red_circle") for n in hits), hits
+    hits = [Path(h["path"]).name for h in json.loads(_ok(image))]
+    assert hits[0] == "red_circle_000.jpg" and all(n.startswith("red_circle") for n in hits), hits
+    assert _ok(classify).split("\t")[1].split()[0] == "blue"
+    lines = _ok(score).splitlines()[1:]
+    assert lines[0].endswith("a red circle") and float(lines[0].split()[0]) > float(lines[1].split()[0])
+    assert json.loads(_ok(zeroshot))["models"][0]["top1"] >= 0.9  # chance: 0.5
+    again = json.loads(_ok(again))
+    assert again["unchanged"] == 54 and again["parity_images"] == 0
+    for result in (bf16, finetune, cuda):
+        _one_line_error(result, "needs torch and open_clip", "pip install 'imgsearch[torch]'")
+    assert not (tmp_path / "tuned").exists()
+    crashed, names, errors = page
+    assert not crashed and not errors and names[0].startswith("red_circle"), (names[:5], errors)
+
+
+def test_where_int8_is_too_far_auto_indexes_on_the_fp32_export_and_remembers_it(model_dir, photos, tmp_path):
+    model = ["--model", f"local-dir:{model_dir}"]
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.new("RGB", (96, 96), (200, 40, 30)).save(more / "another.jpg")
+    first, second = _run(tmp_path / "home", [model + ["index", str(photos), "--json"],
+                                             model + ["index", str(more), "--json"]],
+                         env={"IMGSEARCH_INT8_MIN_COSINE": "1.0"})  # no int8 graph clears 1.0
+    assert "int8 is too far from fp32 on your images" in first[2] and "onnxruntime fp32" in first[2]
+    first = json.loads(_ok(first))
+    assert first["new"] == 54 and first["image_tower"] == "onnxruntime fp32"
+    second = json.loads(_ok(second))
+    assert second["new"] == 1 and second["image_tower"] == "onnxruntime fp32" and second["parity_images"] == 0  # not measured again
+
+
+def _fake_hub(root: Path, repo: str, model_dir: Path, merges: bool = True) -> Path:
+    """A Hugging Face cache holding ``repo`` as the hub lays it out (refs/main -> a snapshot folder)."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(sha)
+    for name in ("open_clip_config.json", "open_clip_model.safetensors") + (("merges.txt",) if merges else ()):
+        (snap / name).write_bytes((model_dir / name).read_bytes())
+    return root
+
+
+def test_a_pretrained_tag_is_fetched_from_its_hub_repo_without_open_clip(model_dir, photos, tmp_path):
+    hub = _fake_hub(tmp_path / "hf", "imgsearch-test/tiny", model_dir)
+    tag = ["--model", "tiny-vit", "--pretrained", "test_tag"]
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    index, query, unknown, default = _run(tmp_path / "home", [
+        tag + ["index", str(photos), "--json"],
+        tag + ["query", "a red circle", "-k", "3", "--json"],
+        ["--model", "tiny-vit", "--pretrained", "other_tag", "index", str(photos)],
+        ["index", str(photos)],  # the default model: not in this cache, and the hub is offline
+    ], hub=[["tiny-vit", "test_tag", "imgsearch-test/tiny"]], env=env)
+    report = json.loads(_ok(index))
+    assert report["new"] == 54 and report["model"] == "tiny-vit (test_tag)"
+    hits = [Path(h["path"]).name for h in json.loads(_ok(query))]
+    assert all(n.startswith("red_circle") for n in hits), hits
+    _one_line_error(unknown, "open_clip resolves the tag 'other_tag'", "ViT-B-32 laion2b_s34b_b79k",
+                    "pip install 'imgsearch[torch]'")
+    _one_line_error(default, "cannot get the weights of ViT-B-32 (laion2b_s34b_b79k)",
+                    "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "connect to the internet once")
+
+
+def test_a_hub_merges_txt_gives_the_tables_open_clips_bpe_file_gives(tmp_path):
+    from imgsearch.bpe import write_tables
+
+    gz = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+    _merges_txt(tmp_path / "merges.txt")
+    for name, source in (("a", gz), ("b", tmp_path / "merges.txt")):
+        (tmp_path / name).mkdir()
+        write_tables(source, tmp_path / name)
+    for table in ("bpe_merges.txt", "bpe_vocab.txt"):
+        assert (tmp_path / "a" / table).read_bytes() == (tmp_path / "b" / table).read_bytes()
