@@ -1,9 +1,13 @@
 """A user's first `imgsearch index` (fresh home, no exports) and a later one, against rclip, whole processes.
 
     nice python bench/first_run.py [--n 300] [--rounds 2] [--no-rclip] [--precision auto]
+                                   [--python VENV/bin/python --local-dir]
 
 The issue-23 setting: 1 MP JPEGs, random ViT-B-32-256 weights saved as a plain safetensors checkpoint
-(`--model ViT-B-32-256 --pretrained weights.safetensors`), the default image backend and precision. Per round,
+(`--model ViT-B-32-256 --pretrained weights.safetensors`), the default image backend and precision. --local-dir
+gives the same weights as a model folder (config, weights, merges.txt: what a hub tag resolves to, and what an
+install without open_clip reads); --python runs imgsearch (this checkout) on another environment, e.g. the default
+install's, which has no torch. Per round,
 alternating (A B A B) to cancel drift:
 - first: `imgsearch index` into a new, empty home: imports, model, exports and the encode loop all count;
 - later: `imgsearch index` of another N photos into the same library (a user's next run: the exports and
@@ -44,6 +48,21 @@ def random_checkpoint(path: Path) -> Path:
     return path
 
 
+def model_folder(checkpoint: Path) -> Path:
+    """``checkpoint`` as a local-dir model: open_clip's ViT-B-32-256 config, the weights, CLIP's BPE merges."""
+    folder = checkpoint.with_suffix("")
+    if not (folder / "merges.txt").exists():
+        folder.mkdir(exist_ok=True)
+        code = ("import json, sys, open_clip; from pathlib import Path; from imgsearch.bpe import read_merges; "
+                "d = Path(sys.argv[1]); (d / 'open_clip_config.json').write_text(json.dumps("
+                "{'model_cfg': open_clip.get_model_config('ViT-B-32-256'), 'preprocess_cfg': {}})); "
+                "(d / 'merges.txt').write_text('#version: 0.2\\n' + '\\n'.join(read_merges("
+                "open_clip.tokenizer.default_bpe())) + '\\n')")
+        subprocess.run([sys.executable, "-c", code, str(folder)], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        (folder / "open_clip_model.safetensors").symlink_to(checkpoint)
+    return folder
+
+
 def _tree_rss(root: int) -> int:
     pids, stack = [], [root]
     while stack:
@@ -65,10 +84,9 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def run_index(home: Path, checkpoint: Path, photos: Path, precision: str) -> dict:
+def run_index(home: Path, model: list[str], photos: Path, precision: str, python: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), IMGSEARCH_HOME=str(home))
-    cmd = [sys.executable, "-m", "imgsearch", "--model", "ViT-B-32-256", "--pretrained", str(checkpoint),
-           "--precision", precision, "index", str(photos), "--json", "--quiet"]
+    cmd = [python, "-m", "imgsearch", *model, "--precision", precision, "index", str(photos), "--json", "--quiet"]
     peak = 0
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -109,6 +127,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--no-rclip", action="store_true")
+    ap.add_argument("--python", default=sys.executable, help="the environment imgsearch runs on")
+    ap.add_argument("--local-dir", action="store_true", help="the weights as a local-dir model folder")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "imgsearch-first-run"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -116,16 +136,20 @@ def main() -> None:
     photos = make_photos(work / f"photos-{args.n}", args.n, 1024, 768)
     more = make_photos(work / f"photos-{args.n}-more", args.n, 1024, 768, seed=1)
     checkpoint = random_checkpoint(work / "vit-b-32-256-random.safetensors")
+    model = (["--model", f"local-dir:{model_folder(checkpoint)}"] if args.local_dir
+             else ["--model", "ViT-B-32-256", "--pretrained", str(checkpoint)])
     from imgsearch.onnx_image import cpu_model
 
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; {args.n} photos 1024x768; precision {args.precision}")
+    torch = subprocess.run([args.python, "-c", "import torch"], capture_output=True).returncode == 0
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; {args.n} photos 1024x768; precision {args.precision}; "
+          f"{args.python} ({'with' if torch else 'without'} torch); {' '.join(model)}")
     rows: dict[str, list[dict]] = {"first": [], "later": []}
     rclip: list[tuple[float, float]] = []
     for r in range(args.rounds):
         home = Path(tempfile.mkdtemp(prefix="first-run-", dir=work))
         try:
-            rows["first"].append(run_index(home, checkpoint, photos, args.precision))
-            rows["later"].append(run_index(home, checkpoint, more, args.precision))
+            rows["first"].append(run_index(home, model, photos, args.precision, args.python))
+            rows["later"].append(run_index(home, model, more, args.precision, args.python))
         finally:
             shutil.rmtree(home, ignore_errors=True)  # the bench's own temporary home
         for kind in rows:

@@ -252,7 +252,7 @@ class Indexer:
         # The run's state, shared by the methods below (main thread only).
         self._with_vec = with_vec = store.image_ids_with_vectors(model_id, (r.id for r in existing.values()))
         self._claimed: set[int] = set()  # rows moved to a new path in this run
-        self._report, self._pending, self._batch = report, _Pending(), []
+        self._report, self._pending, self._batch, self._sampled = report, _Pending(), [], {}
 
         # Files that failed before and have not changed since fail again: not re-read every run.
         prior = store.failures_of(p for p, e in seen.items()
@@ -382,12 +382,13 @@ class Indexer:
             return
         sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
                                                            for i in range(PARITY_SAMPLE)]
-        tensors = [res.tensor for res in images.decode_many(
+        done = [res for res in images.decode_many(
             sample, lambda w: self._process(_Work(w.entry, None, True), frozenset(), False), self.budget.decode)
             if isinstance(res, _Done) and res.tensor is not None]
+        tensors = [res.tensor for res in done]
         if not tensors:
             return
-        cos = onnx_image.int8_parity(enc, tensors)
+        cos, feats = onnx_image.int8_parity(enc, tensors)
         report.int8_parity, report.parity_images = cos, len(tensors)
         if cos < threshold and self.settings.precision == "auto":
             # auto chose int8 for its speed: this library keeps the torch tower (and asks again next run), or
@@ -407,6 +408,8 @@ class Indexer:
             raise UsageError(f"--precision int8 is too far from fp32 on your images (min cosine {cos:.4f} < "
                              f"{threshold} on {len(tensors)} images); index with --precision fp32")
         onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
+        # the sample's int8 vectors are this run's: those files are decoded again (hash, metadata), not encoded
+        self._sampled = {(r.work.entry.path, r.work.entry.size, r.work.entry.mtime_ns): v for r, v in zip(done, feats)}
 
     def _fail(self, e: files.FileEntry, error: str) -> None:
         self._report.failed.append((e.path, error))
@@ -509,6 +512,10 @@ class Indexer:
         """Encode the batch waiting and queue its rows and vectors for the next transaction."""
         batch, self._batch = self._decode_raw(self._batch), []
         pending, report = self._pending, self._report
+        for r in batch:
+            if r.vector is None and self._sampled:
+                e = r.work.entry
+                r.vector = self._sampled.pop((e.path, e.size, e.mtime_ns), None)
         todo = [r for r in batch if r.vector is None]
         if todo:
             if self.encoder.torch_free:

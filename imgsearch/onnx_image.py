@@ -411,10 +411,11 @@ def _ort_may_run(device: str, precision: str, mode: str, files: int | None = Non
                                                         and not (mode == "auto" and small)))
 
 
-def int8_parity(encoder, tensors) -> float:
-    """Min cosine between an int8 OrtEncoder and fp32 on the user's decoded images: its fp32 torch encoder, or
-    else the fp32 export on onnxruntime (the same arithmetic, checked against its reference), run
-    while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to load it again)."""
+def int8_parity(encoder, tensors) -> tuple[float, np.ndarray]:
+    """(min cosine, the int8 features) of an int8 OrtEncoder against fp32 on the user's decoded images: its fp32
+    torch encoder, or else the fp32 export on onnxruntime (the same arithmetic, checked against its reference),
+    run while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to load it
+    again). The int8 features are the run's own vectors for those images where int8 passes."""
     batch = np.stack([np.asarray(t, np.float32) for t in tensors])
     if encoder.torch_encoder is None or encoder.torch_encoder.precision != "fp32":  # bf16 is no fp32 reference
         tower = encoder.image_backend
@@ -424,7 +425,8 @@ def int8_parity(encoder, tensors) -> float:
         trim_heap()
     else:
         ref = _torch_features(encoder.torch_encoder, batch)
-    return float((encoder.encode_image_tensors(batch) * ref).sum(1).min())
+    feats = encoder.encode_image_tensors(batch)
+    return float((feats * ref).sum(1).min()), feats
 
 
 def trim_heap() -> None:

@@ -305,6 +305,32 @@ def test_a_torch_free_int8_run_holds_one_onnxruntime_session_at_a_time(settings,
     assert len(most) >= 4 and max(most) == 1  # fp32 and int8 checks, then fp32 parity, int8 parity and run
 
 
+def test_the_int8_parity_samples_vectors_are_stored_as_encoded_and_not_encoded_twice(settings, photos, monkeypatch):
+    from imgsearch.evaluation import encode_files
+    from imgsearch.indexer import PARITY_SAMPLE, index_paths
+    from imgsearch.store import Store
+
+    encoded = []
+    real = onnx_image.OrtEncoder.encode_image_tensors
+    monkeypatch.setattr(onnx_image.OrtEncoder, "encode_image_tensors",
+                        lambda self, batch: encoded.append(len(batch)) or real(self, batch))
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")
+    s = settings.with_(precision="int8")
+    report = index_paths(s, [photos])
+    assert report.image_tower == "onnxruntime int8" and report.parity_images == PARITY_SAMPLE == 32
+    assert sum(encoded) == 54  # the parity pass's 32, then the other 22
+    enc, _ = onnx_image.torch_free_encoder(s, None, 2)
+    store = Store(s.db_path)
+    try:
+        rows, vecs = next(store.iter_image_vectors(store.models()[0].id))
+    finally:
+        store.close()
+    again, ok, _ = encode_files(enc, [r.path for r in rows], s)  # the indexer's decode, one encode per file
+    assert len(ok) == len(rows) == 54
+    # each file's own vector (dynamic int8 scales by batch, so not bit-equal; another shape's is < 0.99)
+    assert float((again * vecs).sum(1).min()) > 0.999
+
+
 @pytest.mark.slow
 def test_towers_and_checkpoints_it_cannot_read_go_through_torch(home, photos, tmp_path):
     import open_clip
