@@ -6,7 +6,7 @@ memory-mapped without importing torch (Checkpoint). What tensors cannot say (hea
 pooling) comes from the loaded model's modules (model_facts) or the open_clip model config (config_facts).
 Only open_clip's plain CLIP towers are described; anything else raises Unsupported with the difference, and
 the caller falls back to torch. Whoever uses a result verifies it against torch first (onnx_image.ensure_export,
-textfast.build_export). Importing this module costs numpy; writing a graph imports onnx.
+textfast.build_export). Importing this module costs numpy; graphs are written as protobuf by hand (no onnx import).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -214,11 +215,66 @@ class _Graph:
         return name
 
     def op(self, op: str, *inputs: str, outputs: int = 1, output: str | None = None, **attrs):
-        from onnx import helper
-
         names = [output] if output else [f"{op}_{len(self.nodes)}_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op, list(inputs), names, **attrs))
+        self.nodes.append(_node(op, inputs, names, attrs))
         return names[0] if outputs == 1 else names
+
+
+# --- ONNX's protobuf messages, written by hand (onnx.proto, proto2: repeated numbers unpacked) -------------
+# Importing onnx costs 0.6 s (ml_dtypes), a tenth of a first run; these few messages are all a graph needs.
+FLOAT, INT8, INT64 = 1, 3, 7  # TensorProto.DataType
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int64s as their two's complement, as protobuf writes them
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One field: bytes/str length-delimited, float as fixed32, int as varint."""
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes):
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def _node(op: str, inputs, outputs, attrs: dict) -> bytes:
+    """NodeProto: input 1, output 2, op_type 4, attribute 5 (AttributeProto: name 1, f 2, i 3, ints 8,
+    type 20: FLOAT 1, INT 2, INTS 7)."""
+    out = b"".join(_field(1, x) for x in inputs) + b"".join(_field(2, x) for x in outputs) + _field(4, op)
+    for name, value in sorted(attrs.items()):
+        if isinstance(value, float):
+            body = _field(2, value) + _field(20, 1)
+        elif isinstance(value, (list, tuple)):
+            body = b"".join(_field(8, v) for v in value) + _field(20, 7)
+        else:
+            body = _field(3, value) + _field(20, 2)
+        out += _field(5, _field(1, name) + body)
+    return out
+
+
+def _value_info(name: str, elem_type: int, shape) -> bytes:
+    """ValueInfoProto: name 1, type 2 (TypeProto.tensor_type 1: elem_type 1, shape 2 of dims 1: value 1 or
+    param 2)."""
+    dims = b"".join(_field(1, _field(2, d) if isinstance(d, str) else _field(1, d)) for d in shape)
+    return _field(1, name) + _field(2, _field(1, _field(1, elem_type) + _field(2, dims)))
+
+
+def _tensor_header(name: str, shape, data_type: int, external: dict | None = None) -> bytes:
+    """TensorProto without its data: dims 1, data_type 2, name 8, external_data 13 (key 1, value 2),
+    data_location 14 (EXTERNAL 1)."""
+    out = b"".join(_field(1, d) for d in shape) + _field(2, data_type) + _field(8, name)
+    if external is not None:
+        out += b"".join(_field(13, _field(1, k) + _field(2, str(v))) for k, v in external.items()) + _field(14, 1)
+    return out
 
 
 class _Int8Columns:
@@ -254,8 +310,6 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
     parity 0.990 -> 0.953), one fused QKV MatMul per block with heads split by Reshape/Transpose, and three
     Transposes per block where torch's traced attention has eight.
     """
-    from onnx import TensorProto, helper
-
     s = vit_shape(arrays, facts)
     width, heads, tokens, p = s["width"], s["heads"], s["tokens"], "visual."
     hd = width // heads
@@ -275,7 +329,7 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
         scale = g.op("Mul", xs, g.init(name + "_scale", q.scale))
         y = g.op("MatMulInteger", xq, g.init(name + "_quantized", q), xz,
                  g.init(name + "_zero_point", np.zeros(w.shape[1], np.int8)))
-        return g.op("Mul", g.op("Cast", y, to=TensorProto.FLOAT), scale, output=output)
+        return g.op("Mul", g.op("Cast", y, to=FLOAT), scale, output=output)
 
     def linear(x, key, weight="weight", bias="bias"):  # x @ W.T + b, W.T stored as a view
         y = matmul(x, f"{key}.{weight}.T", arrays[f"{key}.{weight}"].T)
@@ -316,68 +370,48 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
     x = ln(g.op("Gather", x, i64("class_token", 0), axis=1), p + "ln_post")
     matmul(x, p + "proj", arrays[p + "proj"], "features")
     size = s["image_size"]
-    graph = helper.make_graph(g.nodes, "clip_image", [helper.make_tensor_value_info(
-        "pixels", TensorProto.FLOAT, ["n", 3, size, size])], [helper.make_tensor_value_info(
-            "features", TensorProto.FLOAT, ["n", s["dim"]])])
-    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8,
-                            producer_name="imgsearch"), g.inits, Path(path))
+    graph = (b"".join(_field(1, n) for n in g.nodes) + _field(2, "clip_image")
+             + _field(11, _value_info("pixels", FLOAT, ["n", 3, size, size]))
+             + _field(12, _value_info("features", FLOAT, ["n", s["dim"]])))
+    # ModelProto: ir_version 1, producer_name 2, opset_import 8 (domain 1, version 2); the graph, field 7, by _save
+    model = _field(1, 8) + _field(2, "imgsearch") + _field(8, _field(1, "") + _field(2, opset))
+    _save(model, graph, g.inits, Path(path))
     return s
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _save(model, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
-    """``model`` with ``inits`` as its graph's float initializers, streamed one tensor at a time: building a
-    ViT-B image tower (350 MB) as one protobuf message would hold two more copies of it. Past EXTERNAL_BYTES
-    the tensors go to ``<path>.data``. Written under temporary names, then renamed into place."""
-    from onnx import TensorProto
-
-    graph = model.graph
-    kinds = [{"i8": ("<i8", TensorProto.INT64), "i1": ("i1", TensorProto.INT8)}.get(
-        a.dtype.str[1:], ("<f4", TensorProto.FLOAT)) for _, a in inits]
+def _save(model: bytes, graph: bytes, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """The serialised ModelProto ``model`` with ``graph`` (its GraphProto fields but the initializers) and
+    ``inits`` as the graph's initializers (field 5), streamed one tensor at a time: building a ViT-B image
+    tower (350 MB) as one message would hold two more copies of it. Past EXTERNAL_BYTES the tensors go to
+    ``<path>.data``, int64 shapes and indices staying inline for shape inference. Written under temporary
+    names, then renamed into place."""
+    kinds = [{"i8": ("<i8", INT64), "i1": ("i1", INT8)}.get(a.dtype.str[1:], ("<f4", FLOAT)) for _, a in inits]
     sizes = [np.dtype(k).itemsize * a.size for (_, a), (k, _) in zip(inits, kinds)]
     data = path.with_name(path.name + ".data")
     tmp, data_tmp = (q.with_name(f".{q.name}.{os.getpid()}.tmp") for q in (path, data))
-    external = sum(sizes) > EXTERNAL_BYTES  # int64s are a few shapes and indices
+    external = sum(sizes) > EXTERNAL_BYTES
     try:
-        metas, offset = [], 0
-        for (name, a), (_, kind), size in zip(inits, kinds, sizes):
-            t = TensorProto(name=name, dims=a.shape, data_type=kind)
-            if external and kind == TensorProto.INT64:  # shapes and indices stay inline, for shape inference
-                t.raw_data = np.ascontiguousarray(a, "<i8").tobytes()
-                graph.initializer.append(t)
-            elif external:
-                t.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data.name), ("offset", offset), ("length", size)):
-                    t.external_data.add(key=key, value=str(value))
+        heads, offset = [], 0
+        for (name, a), (k, kind), size in zip(inits, kinds, sizes):
+            if external and kind != INT64:
+                heads.append((_tensor_header(name, a.shape, kind, {"location": data.name, "offset": offset,
+                                                                   "length": size}), 0))
                 offset += size
-                graph.initializer.append(t)
             else:  # raw_data (field 9) follows each tensor's header; protobuf reads fields in any order
-                metas.append(t.SerializeToString() + b"\x4a" + _varint(size))
+                heads.append((_tensor_header(name, a.shape, kind) + _varint(9 << 3 | 2) + _varint(size), size))
+        lengths = [len(h) + n for h, n in heads]
         with open(tmp, "wb") as f:
-            if external:
-                f.write(model.SerializeToString())
-                with open(data_tmp, "wb") as d:
-                    for (_, a), (k, kind) in zip(inits, kinds):
-                        if kind != TensorProto.INT64:
-                            np.ascontiguousarray(a, k).tofile(d)
-            else:
-                body = graph.SerializeToString()
-                lengths = [len(m) + n for m, n in zip(metas, sizes)]
-                model.ClearField("graph")  # the graph (field 7) is written by hand: its nodes, then each tensor
-                f.write(model.SerializeToString() + b"\x3a" + _varint(len(body) + sum(
-                    1 + len(_varint(n)) + n for n in lengths)) + body)
-                for meta, n, (_, a), (k, _) in zip(metas, lengths, inits, kinds):
-                    f.write(b"\x2a" + _varint(n) + meta)  # initializer: field 5 of the graph
+            f.write(model + _varint(7 << 3 | 2) + _varint(len(graph) + sum(
+                1 + len(_varint(n)) + n for n in lengths)) + graph)
+            for (head, inline), n, (_, a), (k, _) in zip(heads, lengths, inits, kinds):
+                f.write(_varint(5 << 3 | 2) + _varint(n) + head)
+                if inline:
                     np.ascontiguousarray(a, k).tofile(f)
         if external:
+            with open(data_tmp, "wb") as d:
+                for (_, a), (k, kind) in zip(inits, kinds):
+                    if kind != INT64:
+                        np.ascontiguousarray(a, k).tofile(d)
             os.replace(data_tmp, data)
         os.replace(tmp, path)
     finally:

@@ -162,10 +162,6 @@ def _export(encoder, path: Path, int8: bool = False) -> None:
     """The fp32 (or int8) image graph: for open_clip's plain ViT built from the loaded model's tensors
     (clipgraph: lean, and no second trace of the model), for any other tower traced by torch.onnx.export (its
     int8 graph quantised from the fp32 file beside it)."""
-    import importlib.util
-
-    if importlib.util.find_spec("onnx") is None:  # both writers need it
-        raise OnnxUnavailable("the onnx package is not installed (imgsearch installs it: pip install onnx)") from None
     from . import clipgraph
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -175,6 +171,8 @@ def _export(encoder, path: Path, int8: bool = False) -> None:
                                         clipgraph.model_facts(encoder.model, "visual"), path, OPSET, int8)
             return
         except clipgraph.Unsupported:
+            if importlib.util.find_spec("onnx") is None:  # torch's exporter and onnxruntime's quantiser need it
+                raise OnnxUnavailable("the onnx package is not installed (pip install onnx)") from None
             if int8:
                 return _quantise_int8(path.with_name(FP32_FILE), path)
         import torch
@@ -736,8 +734,8 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
     if precision not in ("int8", "fp32") or (precision == "fp32" and settings.image_backend != "onnx"
                                              and torch_installed()):
         return f"{precision} {settings.image_backend} runs are not made without torch"
-    if any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "onnx")):
-        return "onnxruntime or onnx is not installed"  # the torch run says so
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed"  # the torch run says so
     try:
         source = checkpoint_source(spec)
         if source is None:

@@ -106,6 +106,9 @@ def test_large_initializers_go_to_a_data_file_beside_the_graph(tmp_path, monkeyp
                                 tmp_path / "g.onnx", onnx_image.OPSET)
     assert (tmp_path / "g.onnx").stat().st_size < 20_000 < (tmp_path / "g.onnx.data").stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]  # no temporary left
+    import onnx
+
+    onnx.checker.check_model(str(tmp_path / "g.onnx"), full_check=True)
     pixels = onnx_image.probe_batch(32)
     assert (_unit(_run(tmp_path / "g.onnx", pixels)) * _unit(_torch_features(model, pixels))).sum(1).min() >= 0.9999
 
@@ -146,7 +149,7 @@ def test_both_towers_from_a_safetensors_file_without_torch(tmp_path, dtype):
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, tmp_path / "w.safetensors")
     model.load_state_dict(state)  # the reference holds the same (rounded) numbers
-    code = ("import json, sys; sys.modules['torch'] = None\n"
+    code = ("import json, sys; sys.modules['torch'] = sys.modules['onnx'] = None\n"  # the protobuf is ours
             "from imgsearch import clipgraph\n"
             "cfg, path = json.loads(sys.argv[1]), sys.argv[2]\n"
             "w = clipgraph.Checkpoint(path + '/w.safetensors')\n"
@@ -161,6 +164,12 @@ def test_both_towers_from_a_safetensors_file_without_torch(tmp_path, dtype):
     assert json.loads(done.stdout) == facts
     ours = dict(clipgraph.text_weights(clipgraph.Checkpoint(tmp_path / "w.safetensors"), facts)[1])
     assert [n for n, _ in arrays] == list(ours) and all(np.array_equal(a, ours[n]) for n, a in arrays)
+    import onnx
+
+    onnx.checker.check_model(str(tmp_path / "g.onnx"), full_check=True)  # a valid model, shapes inferred
+    graph = onnx.load(str(tmp_path / "g.onnx")).graph
+    assert [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in
+            (*graph.input, *graph.output)] == [("pixels", ["n", 3, 32, 32]), ("features", ["n", 64])]
     pixels = onnx_image.probe_batch(32)
     got, want = _run(tmp_path / "g.onnx", pixels), _torch_features(model.float(), pixels)
     assert (_unit(got) * _unit(want)).sum(1).min() >= 0.9999

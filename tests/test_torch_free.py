@@ -1,5 +1,5 @@
 """The default install has no torch and no open_clip (they are the `torch` extra). Each test runs imgsearch in a
-fresh process where importing torch, torchvision, open_clip or transformers fails, as on such an install:
+fresh process where importing torch, torchvision, open_clip, transformers or onnx fails, as on such an install:
 indexing, text and image queries, tags, scores, eval and the web page work from the exports made straight from
 the checkpoint's tensors; what needs torch says so in one line naming the extra."""
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # [[name, tag, repo], ...]. sys.argv[3]: a query the web page runs at the end ("" for none).
 DRIVER = r"""
 import json, os, sys
-for m in ("torch", "torchvision", "open_clip", "transformers"):
+for m in ("torch", "torchvision", "open_clip", "transformers", "onnx"):
     sys.modules[m] = None
 from imgsearch import modelspec
 for name, tag, repo in json.loads(sys.argv[2]):
