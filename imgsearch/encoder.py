@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import ModelLoadError, UsageError
 from .modelspec import HF_HUB, LOCAL_DIR, ModelSpec  # noqa: F401  (re-exported: the encoder's public names)
+from .modelspec import hub_repo
 from .modelspec import WEIGHT_SUFFIXES as _WEIGHT_SUFFIXES
 from .modelspec import looks_like_file as _looks_like_file
 
@@ -145,6 +146,8 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
                 f"cannot get weights for {name} ({where}); connect to the internet once so they are "
                 "cached, or use --model local-dir:/path") from None
         return file_fingerprint(path), str(path)
+    if not torch_installed() and hub_repo(spec):  # a tag whose files are fetched without open_clip
+        return f"tag:{name}:{pretrained}", None
     if not pretrained:
         raise ModelLoadError(
             f"model {name} needs weights: give --pretrained TAG (e.g. {_example_tag(name)}) or a checkpoint "

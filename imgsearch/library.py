@@ -67,6 +67,7 @@ class Library:
         self._store = None
         self._searcher = None
         self._encoder = None  # the image encoder (and torch text tower where no export can exist), loaded once
+        self._query = None  # what encodes query images, scores and file tags (_images); False: the encoder
         self._open_lock = threading.RLock()
         self._encode_lock = threading.RLock()
         self._closed = False
@@ -113,7 +114,8 @@ class Library:
             if self._searcher is None:
                 from .search import Searcher
 
-                self._searcher = Searcher(self.settings, self.store, lambda: self.encoder, self._encode_lock)
+                self._searcher = Searcher(self.settings, self.store, lambda: self.encoder, self._encode_lock,
+                                          self._images)
             return self._searcher
 
     @property
@@ -134,6 +136,29 @@ class Library:
                 self._encoder = load(ModelSpec(self.settings.model, self.settings.pretrained), self.settings.device,
                                      self.settings.precision)
             return self._encoder
+
+    def _images(self):
+        """What encodes query images, CLIP scores and file tags: on the CPU, a verified fp32 image export with
+        the text export (onnx_image.query_encoder: no torch import), so a cold `query --image` starts in a
+        fraction of a second; else the encoder (torch, or without torch the exports, made where missing).
+        Index runs choose their own (onnx_image.select)."""
+        from .encoder import torch_installed
+        from .onnx_image import _no_gpu_without_torch
+
+        with self._encode_lock:
+            if self._query is None:
+                self._query = False
+                if torch_installed() and self.settings.torch_free and _no_gpu_without_torch(self.settings.device):
+                    from .config import thread_budget
+                    from .errors import ModelLoadError
+                    from .onnx_image import query_encoder
+
+                    try:
+                        self._query = query_encoder(self.settings, thread_budget(workers=self.settings.workers).encoder,
+                                                    make=False)
+                    except ModelLoadError:
+                        pass  # this tower or checkpoint has no torch-free export: torch encodes
+            return self._query or self.encoder
 
     @property
     def model_label(self) -> str:
@@ -453,7 +478,7 @@ class Library:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         return tagging.classify_files(self.settings, [str(p) for p in paths], zeroshot.parse_labels(labels),
-                                      templates, top, min_prob, encoder=lambda: self.encoder)
+                                      templates, top, min_prob, encoder=self._images)
 
     def tags(self) -> list[tuple[str, int]]:
         """(tag, images) pairs, most common first."""
@@ -476,7 +501,7 @@ class Library:
         if isinstance(texts, str):
             texts = [texts]
         with self._encode_lock:
-            return score_file(self.encoder, image, list(texts), self.settings.max_pixels)
+            return score_file(self._images(), image, list(texts), self.settings.max_pixels)
 
     # --- duplicates, captions ----------------------------------------------------------------------
     def duplicates(self, under=None, threshold: float | None = None, similar: bool = False,

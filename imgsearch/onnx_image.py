@@ -772,7 +772,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[OrtEncoder | None, str]:
+def torch_free_encoder(settings, library_id: str | None, threads: int,
+                       make: bool = True) -> tuple[OrtEncoder | None, str]:
     """An OrtEncoder without torch when this run can index without torch, else (None, why not).
 
     Needs: the CPU, fp32 or int8, the weights fingerprint known without loading the model, an export of
@@ -785,8 +786,8 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
 
     cand, why = _lite_candidate(settings, threads)
     text = textfast.export_dir(settings.home, cand["fingerprint"]) if cand else None
-    if why in ("no image export for these weights", "image export not verified", "no int8 export",
-               "export file missing") or (cand and not (text / textfast.MANIFEST).is_file()):
+    if make and why in ("no image export for these weights", "image export not verified", "no int8 export",
+                        "export file missing") or (make and cand and not (text / textfast.MANIFEST).is_file()):
         made = make_exports(settings, threads)
         if made != "ok":
             return None, why if cand is None and torch_installed() else made
@@ -819,15 +820,15 @@ def torch_free_encoder(settings, library_id: str | None, threads: int) -> tuple[
     return enc, "ok"
 
 
-def query_encoder(settings, threads: int) -> OrtEncoder:
-    """Without torch installed, the encoder of image queries, CLIP scores, file tags and eval: the fp32 image
-    export (int8 where asked for; made from the checkpoint where missing) and the text export; ModelLoadError
-    says why there is none."""
+def query_encoder(settings, threads: int, make: bool = True) -> OrtEncoder:
+    """The torch-free encoder of image queries, CLIP scores, file tags and eval: the fp32 image export (int8
+    where asked for; made from the checkpoint where missing, with ``make``) and the text export;
+    ModelLoadError says why there is none."""
     from .encoder import needs_torch
     from .errors import ModelLoadError
 
     precision = "int8" if settings.precision == "int8" else "fp32"
-    enc, why = torch_free_encoder(settings.with_(precision=precision, image_backend="onnx"), None, threads)
+    enc, why = torch_free_encoder(settings.with_(precision=precision, image_backend="onnx"), None, threads, make)
     if enc is None:
         raise ModelLoadError(needs_torch(f"encoding images here ({why})"))
     return enc

@@ -115,12 +115,13 @@ class Searcher:
     index (re)loads under the searcher's own lock.
     """
 
-    def __init__(self, settings: Settings, store, load_encoder, encode_lock):
+    def __init__(self, settings: Settings, store, load_encoder, encode_lock, load_images=None):
         from .encoder import known_fingerprint, resolve_weights
 
         self.settings = settings
         self.store = store
-        self._load_encoder = load_encoder
+        self._load_encoder = load_encoder  # the model (torch): a text tower without an export, and making one
+        self._load_images = load_images or load_encoder  # what encodes query images
         spec = ModelSpec(settings.model, settings.pretrained).canonical()
         # Check the library before paying for a model load: a mismatch is reported in milliseconds.
         fp = known_fingerprint(spec)
@@ -188,7 +189,7 @@ class Searcher:
             out += [(t.weight, v) for t, v in zip(texts, self.encode_texts([str(t.value) for t in texts]))]
         imgs = [t for t in terms if t.kind == "image"]
         if imgs:
-            encoder = self.encoder
+            encoder = self._load_images()
             pil = [self._query_image(t, encoder.draft_size) for t in imgs]
             with self._encode_lock:
                 vecs = encoder.encode_images(pil)

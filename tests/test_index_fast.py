@@ -494,3 +494,21 @@ def test_explicit_precisions_torch_backend_and_small_auto_runs_never_time_int8(c
     calls.clear()
     r = cli("--home", tmp_path / "torch", "--precision", "auto", "index", photos, "--json")
     assert _json(r)["image_tower"] == f"torch {pick_precision('auto', 'cpu')}" and calls == []
+
+
+@pytest.mark.slow
+def test_a_cold_image_query_runs_on_the_verified_fp32_export_without_importing_torch(settings, photos):
+    report, heavy = _index_process(settings.home, settings.model, photos, "--precision", "int8",
+                                   env={"IMGSEARCH_INT8_MIN_COSINE": "0.98"})
+    assert heavy == "" and report["image_tower"] == "onnxruntime int8"  # the run made the fp32 export too
+    red = str(photos / "red_circle_000.jpg")
+    out, heavy, _ = _process(settings.home, settings.model, "query", "--image", red, "-k", "4", "--json")
+    assert heavy == ""
+    fast = [(Path(h["path"]).name, h["score"]) for h in json.loads(out)]
+    out, heavy, _ = _process(settings.home, settings.model, "--precision", "fp32", "query", "--image", red,
+                             "-k", "4", "--json", env={"IMGSEARCH_TORCH_FREE": "0"})
+    assert "torch" in heavy.split(",")
+    slow = [(Path(h["path"]).name, h["score"]) for h in json.loads(out)]
+    assert fast[0][0] == "red_circle_000.jpg" and all(n.startswith("red_circle") for n, _ in fast[:3])
+    assert [n for n, _ in fast] == [n for n, _ in slow]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(fast, slow)) < 1e-4  # the same fp32 tower, two runtimes
