@@ -11,7 +11,7 @@ encoder's thread count (one per core), batch of probe images in the model's inpu
 - onnxruntime fp32 and int8, the exports `index` makes (imgsearch.onnx_image.make_exports, from the tensors).
 bf16 on onnxruntime is not in the table: its CPU provider has no bf16 matrix kernels on x86.
 Prints img/s per format, the ratio to torch fp32, and the CPU's flags that matter (AVX2, AVX-512 BF16/VNNI,
-AMX). Best of --runs after a warm-up.
+AMX). Best of --runs after a warm-up (the timer `--precision auto` uses).
 """
 
 from __future__ import annotations
@@ -26,16 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def best_rate(fn, batch, runs: int) -> float:
-    fn(batch)
-    best = float("inf")
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn(batch)
-        best = min(best, time.perf_counter() - t)
-    return len(batch) / best
 
 
 def main() -> None:
@@ -84,14 +74,14 @@ def main() -> None:
     def bf16(b, tower=visual16):
         return tower(b.to(torch.bfloat16)).float()
 
-    rates["torch fp32"] = best_rate(fp32, x, args.runs)
-    rates["torch bf16"] = best_rate(bf16, x, args.runs)
+    rates["torch fp32"] = onnx_image._timed(fp32, x, args.runs)
+    rates["torch bf16"] = onnx_image._timed(bf16, x, args.runs)
     if not args.no_compile:
         compiled = torch.compile(visual16)
         t = time.perf_counter()
         bf16(x, compiled)
         print(f"torch.compile (inductor) bf16: first call {time.perf_counter() - t:.1f} s (compile + one batch)")
-        rates["torch bf16 compiled"] = best_rate(lambda b: bf16(b, compiled), x, args.runs)
+        rates["torch bf16 compiled"] = onnx_image._timed(lambda b: bf16(b, compiled), x, args.runs)
 
     home = Path(tempfile.mkdtemp(prefix="formats-", dir=work))
     settings = Settings(home=home, model=f"local-dir:{folder}", pretrained=None, device="cpu", precision="int8",
@@ -100,7 +90,7 @@ def main() -> None:
     exports = next((home / "exports").iterdir()) / "image"
     for kind in ("fp32", "int8"):
         tower = onnx_image.OrtImageTower(exports / f"image-{kind}.onnx", kind, threads)
-        rates[f"onnxruntime {kind}"] = best_rate(tower.encode, np.ascontiguousarray(batch), args.runs)
+        rates[f"onnxruntime {kind}"] = onnx_image._timed(tower.encode, np.ascontiguousarray(batch), args.runs)
         tower.session = None
 
     base = rates["torch fp32"]
