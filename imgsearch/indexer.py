@@ -388,7 +388,7 @@ class Indexer:
         tensors = [res.tensor for res in done]
         if not tensors:
             return
-        cos, feats = onnx_image.int8_parity(enc, tensors)
+        cos, feats, speeds = onnx_image.int8_parity(enc, tensors)
         report.int8_parity, report.parity_images = cos, len(tensors)
         if cos < threshold and self.settings.precision == "auto":
             # auto chose int8 for its speed: this library keeps the torch tower (and asks again next run), or
@@ -408,6 +408,15 @@ class Indexer:
             raise UsageError(f"--precision int8 is too far from fp32 on your images (min cosine {cos:.4f} < "
                              f"{threshold} on {len(tensors)} images); index with --precision fp32")
         onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
+        if speeds and self.settings.precision == "auto" and enc.torch_encoder is None:
+            # without torch, auto runs the faster of int8 and the fp32 export, as timed on this sample
+            onnx_image.record_speeds(home, enc.fingerprint, speeds, self.budget.encoder)
+            if speeds["onnxruntime fp32"] > speeds["onnxruntime int8"]:
+                self.encoder = onnx_image.fp32_twin(enc)
+                report.image_tower = self.encoder.image_tower
+                timed = ", ".join(f"{n} {v:.1f} img/s" for n, v in speeds.items())
+                onnx_image.say_once(f"note: image tower timed on this CPU: {timed}; onnxruntime fp32 is used from now on")
+                return
         # the sample's int8 vectors are this run's: those files are decoded again (hash, metadata), not encoded
         self._sampled = {(r.work.entry.path, r.work.entry.size, r.work.entry.mtime_ns): v for r, v in zip(done, feats)}
 

@@ -409,22 +409,45 @@ def _ort_may_run(device: str, precision: str, mode: str, files: int | None = Non
                                                         and not (mode == "auto" and small)))
 
 
-def int8_parity(encoder, tensors) -> tuple[float, np.ndarray]:
-    """(min cosine, the int8 features) of an int8 OrtEncoder against fp32 on the user's decoded images: its fp32
-    torch encoder, or else the fp32 export on onnxruntime (the same arithmetic, checked against its reference),
-    run while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to load it
-    again). The int8 features are the run's own vectors for those images where int8 passes."""
+def int8_parity(encoder, tensors) -> tuple[float, np.ndarray, dict]:
+    """(min cosine, the int8 features, img/s) of an int8 OrtEncoder against fp32 on the user's decoded images:
+    its fp32 torch encoder, or else the fp32 export on onnxruntime (the same arithmetic, checked against its
+    reference), run while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to
+    load it again). The int8 features are the run's own vectors for those images where int8 passes. With
+    the fp32 export as the reference, both towers' img/s on these images come free: a torch-free auto run
+    chooses between them by it."""
     batch = np.stack([np.asarray(t, np.float32) for t in tensors])
+    speeds, clock = {}, time.perf_counter
     if encoder.torch_encoder is None or encoder.torch_encoder.precision != "fp32":  # bf16 is no fp32 reference
         tower = encoder.image_backend
         tower.session = None
         trim_heap()
-        ref = OrtImageTower(tower.path.with_name(FP32_FILE), "fp32", tower.threads, once=True).encode(batch)
+        fp32 = OrtImageTower(tower.path.with_name(FP32_FILE), "fp32", tower.threads, once=True)
+        t = clock()
+        ref = fp32.encode(batch)
+        speeds["onnxruntime fp32"] = len(batch) / (clock() - t)
+        del fp32
         trim_heap()
+        encoder.image_backend.encode(batch[:1])  # the int8 session loaded again before it is timed
     else:
         ref = _torch_features(encoder.torch_encoder, batch)
+    t = clock()
     feats = encoder.encode_image_tensors(batch)
-    return float((feats * ref).sum(1).min()), feats
+    if speeds:
+        speeds["onnxruntime int8"] = len(batch) / (clock() - t)
+    return float((feats * ref).sum(1).min()), feats, {k: round(v, 2) for k, v in speeds.items()}
+
+
+def record_speeds(home, fingerprint: str, speeds: dict, threads: int) -> None:
+    """Remember towers' img/s measured here (recorded_best reads them: once per machine and weights)."""
+    folder = export_dir(home, fingerprint)
+    manifest = _read_manifest(folder)
+    if manifest.get("fingerprint") == fingerprint:
+        manifest.setdefault("img_s", {}).setdefault(decision_key(threads), {}).update(speeds)
+        try:
+            _write_manifest(folder, manifest)
+        except OSError:
+            pass  # a cache: the next run measures again
 
 
 def trim_heap() -> None:
@@ -797,7 +820,9 @@ def torch_free_encoder(settings, library_id: str | None, threads: int,
     fingerprint = cand["fingerprint"]
     if cand["auto"] and cand["precision"] == "int8":
         if not torch_installed():  # the run's parity gate checks int8 against the fp32 export, else fp32 runs
-            if cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine, failed=True):
+            towers = ["onnxruntime fp32", "onnxruntime int8"]  # timed on a parity pass (indexer)
+            if cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine, failed=True) or \
+                    recorded_best(cand["manifest"], towers, threads) == towers[0]:
                 cand["precision"], cand["path"] = "fp32", cand["path"].with_name(FP32_FILE)
         elif cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None:
             return None, "int8 not yet checked against fp32 on this library's images"  # the torch run checks it

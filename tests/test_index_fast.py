@@ -512,3 +512,28 @@ def test_a_cold_image_query_runs_on_the_verified_fp32_export_without_importing_t
     assert fast[0][0] == "red_circle_000.jpg" and all(n.startswith("red_circle") for n, _ in fast[:3])
     assert [n for n, _ in fast] == [n for n, _ in slow]
     assert max(abs(a - b) for (_, a), (_, b) in zip(fast, slow)) < 1e-4  # the same fp32 tower, two runtimes
+
+
+def test_without_torch_auto_runs_the_tower_timed_faster_on_the_parity_sample_and_remembers_it(settings, photos,
+                                                                                            tmp_path, monkeypatch):
+    """Without torch, auto times int8 and the fp32 export on the parity pass's own images (no extra encode)
+    and runs the faster: here the fp32 export is made to look faster, so the run and the next use it."""
+    from imgsearch import encoder as encoder_mod
+    from imgsearch.indexer import index_paths
+
+    monkeypatch.setattr(encoder_mod, "torch_installed", lambda: False)
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")
+    real, timed = onnx_image.int8_parity, []
+
+    def parity(enc, tensors):
+        cos, feats, speeds = real(enc, tensors)
+        timed.append(dict(speeds))
+        return cos, feats, {"onnxruntime fp32": 50.0, "onnxruntime int8": 40.0}
+
+    monkeypatch.setattr(onnx_image, "int8_parity", parity)
+    s = settings.with_(precision="auto")
+    first = index_paths(s, [photos])
+    assert first.new == 54 and first.image_tower == "onnxruntime fp32"
+    assert timed and set(timed[0]) == {"onnxruntime fp32", "onnxruntime int8"} and min(timed[0].values()) > 0
+    later = index_paths(s, [_photos(tmp_path, "more", seed=3)])
+    assert later.new > 0 and later.image_tower == "onnxruntime fp32" and len(timed) == 1  # not timed again
