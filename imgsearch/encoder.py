@@ -172,11 +172,11 @@ def known_fingerprint(spec: ModelSpec) -> str | None:
 
     Local-dir folders and checkpoint files are fingerprinted from their bytes; a pretrained tag is its own
     fingerprint, and it is only trusted when the library already holds vectors under it (open_clip
-    validated the tag when they were made). hf-hub models need the hub's cache lookup: None.
-    """
+    validated the tag when they were made). hf-hub models need the hub's cache lookup: None, but without
+    torch installed that lookup is made (ModelLoadError when it fails)."""
     name, pretrained = spec.name, spec.pretrained
-    if name.startswith(HF_HUB):
-        return None
+    if name.startswith(HF_HUB):  # without torch installed, the hub's cache lookup is the only way
+        return None if torch_installed() else resolve_weights(spec)[0]
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):])
         weights = _local_weights(folder) if (folder / CONFIG_FILE).is_file() else None

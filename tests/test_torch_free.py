@@ -174,11 +174,15 @@ def test_a_pretrained_tag_is_fetched_from_its_hub_repo_without_open_clip(model_d
     hub = _fake_hub(tmp_path / "hf", "imgsearch-test/tiny", model_dir)
     tag = ["--model", "tiny-vit", "--pretrained", "test_tag"]
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    index, query, unknown, default = _run(tmp_path / "home", [
+    hub_name = ["--model", "hf-hub:imgsearch-test/tiny"]
+    index, query, unknown, default, by_name, by_name_query, missing = _run(tmp_path / "home", [
         tag + ["index", str(photos), "--json"],
         tag + ["query", "a red circle", "-k", "3", "--json"],
         ["--model", "tiny-vit", "--pretrained", "other_tag", "index", str(photos)],
         ["index", str(photos)],  # the default model: not in this cache, and the hub is offline
+        hub_name + ["index", str(photos), "--json"],  # the same repo by name: a model of its own in the library
+        hub_name + ["query", "a red circle", "-k", "3", "--json"],
+        ["--model", "hf-hub:imgsearch-test/absent", "index", str(photos)],
     ], hub=[["tiny-vit", "test_tag", "imgsearch-test/tiny"]], env=env)
     report = json.loads(_ok(index))
     assert report["new"] == 54 and report["model"] == "tiny-vit (test_tag)"
@@ -188,6 +192,11 @@ def test_a_pretrained_tag_is_fetched_from_its_hub_repo_without_open_clip(model_d
                     "pip install 'imgsearch[torch]'")
     _one_line_error(default, "cannot get the weights of ViT-B-32 (laion2b_s34b_b79k)",
                     "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "connect to the internet once")
+    report = json.loads(_ok(by_name))
+    assert report["encoded"] == 54 and report["model"] == "hf-hub:imgsearch-test/tiny"
+    hits = [Path(h["path"]).name for h in json.loads(_ok(by_name_query))]
+    assert all(n.startswith("red_circle") for n in hits), hits
+    _one_line_error(missing, "hf-hub:imgsearch-test/absent", "connect to the internet once")
 
 
 def test_a_hub_merges_txt_gives_the_tables_open_clips_bpe_file_gives(tmp_path):
