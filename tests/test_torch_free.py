@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # [[name, tag, repo], ...]. sys.argv[3]: a query the web page runs at the end ("" for none).
 DRIVER = r"""
 import json, os, sys
+startup = set(sys.modules)  # the interpreter's own (site, .pth hooks): not imgsearch's imports
 for m in ("torch", "torchvision", "open_clip", "transformers", "onnx"):
     sys.modules[m] = None
 from imgsearch import modelspec
@@ -47,19 +48,58 @@ if sys.argv[3]:
     names = [c.replace("\\", "").split(" · ", 1)[1] for img in at.image for c in img.captions if " · " in c]
     out.append([bool(at.exception), names, [str(e.value) for e in at.error]])
 assert not any(m in sys.modules and sys.modules[m] is not None for m in ("torch", "open_clip"))
+print("MODULES:" + json.dumps(sorted({n.split(".")[0] for n, v in list(sys.modules.items())
+                                      if v is not None and n not in startup})))
 print("RESULT:" + json.dumps(out))
 """
 
 
 def _run(home: Path, commands: list[list[str]], hub: list | None = None, page_query: str = "",
-         env: dict | None = None) -> list:
+         env: dict | None = None, modules: list | None = None) -> list:
     full = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
     full.update(PYTHONPATH=str(ROOT), IMGSEARCH_HOME=str(home), IMGSEARCH_WORKERS="2", **(env or {}))
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands), json.dumps(hub or []), page_query,
                            str(ROOT)], env=full, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT:"))
+    if modules is not None:  # the top-level modules the process imported
+        modules += json.loads(next(x for x in done.stdout.splitlines() if x.startswith("MODULES:"))[8:])
     return json.loads(line[len("RESULT:"):])
+
+
+def _all_from_the_default_install(imported: list[str]) -> None:
+    """Every imported module that an installed distribution provides (the others: the standard library, this
+    checkout, names packages register at run time) comes with the default install."""
+    import importlib.metadata as metadata
+    import re
+
+    owners = metadata.packages_distributions()
+    default = _default_install()
+    assert not {"torch", "torchvision", "open-clip-torch", "onnx"} & default
+    outside = {m: owners[m] for m in imported if m in owners and m != "imgsearch"
+               and not any(re.sub(r"[-_.]+", "-", d).lower() in default for d in owners[m])}
+    assert not outside, outside
+
+
+def _default_install() -> set[str]:
+    """The distributions `pip install .` brings: pyproject's dependencies and theirs, no extras (read from the
+    metadata of what is installed here)."""
+    import importlib.metadata as metadata
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    todo = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    seen: set[str] = set()
+    while todo:
+        req = Requirement(todo.pop())
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        todo += metadata.requires(req.name) or []
+    return seen
 
 
 def _merges_txt(path: Path) -> None:
@@ -98,6 +138,8 @@ def _one_line_error(result, *parts: str) -> str:
 
 def test_without_torch_index_queries_tags_eval_and_the_page_work_and_torch_only_paths_name_the_extra(
         model_dir, photos, tmp_path):
+    """... and everything those commands imported comes with the default install (pyproject's dependencies
+    and theirs), so the blocked imports here stand for a real `pip install .` without the torch extra."""
     model = ["--model", f"local-dir:{model_dir}"]
     red = str(photos / "red_circle_000.jpg")
     classes = tmp_path / "classes"
@@ -118,7 +160,8 @@ def test_without_torch_index_queries_tags_eval_and_the_page_work_and_torch_only_
         model + ["--precision", "bf16", "index", str(photos)],
         model + ["finetune", str(captions), "--out", str(tmp_path / "tuned")],
         model + ["--device", "cuda", "index", str(photos)],
-    ], page_query="a red circle", env={"IMGSEARCH_MODEL": f"local-dir:{model_dir}"})  # the page's model
+    ], page_query="a red circle", env={"IMGSEARCH_MODEL": f"local-dir:{model_dir}"},  # the page's model
+        modules=(imported := []))
     index, text, image, classify, score, zeroshot, again, bf16, finetune, cuda, page = results
 
     report = json.loads(_ok(index))
@@ -140,6 +183,8 @@ def test_without_torch_index_queries_tags_eval_and_the_page_work_and_torch_only_
     assert not (tmp_path / "tuned").exists()
     crashed, names, errors = page
     assert not crashed and not errors and names[0].startswith("red_circle"), (names[:5], errors)
+    _all_from_the_default_install(imported)
+    assert {"onnxruntime", "numpy", "PIL", "streamlit"} <= set(imported)  # the check saw the real imports
 
 
 def test_where_int8_is_too_far_auto_indexes_on_the_fp32_export_and_remembers_it(model_dir, photos, tmp_path):
@@ -183,7 +228,9 @@ def test_a_pretrained_tag_is_fetched_from_its_hub_repo_without_open_clip(model_d
         hub_name + ["index", str(photos), "--json"],  # the same repo by name: a model of its own in the library
         hub_name + ["query", "a red circle", "-k", "3", "--json"],
         ["--model", "hf-hub:imgsearch-test/absent", "index", str(photos)],
-    ], hub=[["tiny-vit", "test_tag", "imgsearch-test/tiny"]], env=env)
+    ], hub=[["tiny-vit", "test_tag", "imgsearch-test/tiny"]], env=env, modules=(imported := []))
+    _all_from_the_default_install(imported)
+    assert "huggingface_hub" in imported
     report = json.loads(_ok(index))
     assert report["new"] == 54 and report["model"] == "tiny-vit (test_tag)"
     hits = [Path(h["path"]).name for h in json.loads(_ok(query))]
