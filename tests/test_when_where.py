@@ -443,3 +443,26 @@ def test_every_date_the_indexer_stores_can_be_filtered_for(tmp_path, random_tiny
         assert names(lib.search("a red circle", after="9999-12-31", before="9999-12-31", k=5)) == ["last.jpg"]
         assert sorted(names(lib.search("a red circle", before="9999", k=5))) == ["last.jpg", "now.jpg"]
         assert names(lib.search("a red circle", after="2025", before="9998", k=5)) == []
+
+
+def test_places_across_the_antimeridian_stay_neighbours_on_the_map():
+    """Fiji's photos at 179.9 and -179.9 are 20 km apart: one pin between them, not two pins at the map's two
+    edges with a 24-cell grid 15 degrees wide lumping the rest together."""
+    from types import SimpleNamespace
+
+    from imgsearch.geo import lon_frame, unwrap
+    from imgsearch.ui.app import pins
+
+    def hit(i, lat, lon):
+        return SimpleNamespace(id=i, path=f"/p/{i}.jpg", gps_lat=lat, gps_lon=lon)
+
+    fiji = [hit(1, -17.80, 179.90), hit(2, -17.80, -179.90), hit(3, -17.70, 179.95)]
+    out = pins(fiji + [hit(4, -13.8, -172.0)])  # and Samoa, 8 degrees east
+    assert sorted(p["count"] for p in out) == [1, 3]
+    both = next(p for p in out if p["count"] == 3)
+    assert abs(unwrap(both["lon"], 180.0) - 179.983) < 0.01 and both["ids"] == "1,2,3"
+    samoa = next(p for p in out if p["count"] == 1)
+    assert 7 < samoa["lon"] - both["lon"] < 9  # east of Fiji on the same copy of the world, as the map draws it
+    europe = pins([hit(5, 48.85, 2.35), hit(6, 52.52, 13.40)])  # elsewhere nothing moves
+    assert sorted(p["lon"] for p in europe) == pytest.approx([2.35, 13.40])
+    assert lon_frame([170, -170, 175]) in (180.0, -180.0) and lon_frame([2, 15]) == 8.5

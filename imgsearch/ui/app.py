@@ -567,20 +567,26 @@ def views(library, hits, key: str, p: Params | None = None) -> None:
 def pins(hits, cells: int = 24) -> list[dict]:
     """Photos with GPS grouped on a grid laid over their extent (``cells`` across): one pin per cell, at its
     photos' mean position, sized by how many it holds, listing them best first."""
+    from imgsearch.geo import lon_frame, unwrap
+
     placed = [h for h in hits if h.gps_lat is not None and h.gps_lon is not None]
     if not placed:
         return []
+    # longitudes unwrapped around the places' own middle: pins across the antimeridian stay neighbours (the
+    # map draws longitudes past 180 on the next copy of the world, where they belong)
+    frame = lon_frame([h.gps_lon for h in placed])
+    lon = {h.id: unwrap(h.gps_lon, frame) for h in placed}
     cell = max(max(h.gps_lat for h in placed) - min(h.gps_lat for h in placed),
-               max(h.gps_lon for h in placed) - min(h.gps_lon for h in placed), 1e-4) / cells
+               max(lon.values()) - min(lon.values()), 1e-4) / cells
     groups: dict[tuple[int, int], list] = {}
     for h in placed:
-        groups.setdefault((int(h.gps_lat // cell), int(h.gps_lon // cell)), []).append(h)
+        groups.setdefault((int(h.gps_lat // cell), int(lon[h.id] // cell)), []).append(h)
     out = []
     for members in groups.values():
         n = len(members)
         # a deck.gl tooltip is plain text: only invisible characters matter
         name = _INVISIBLE.sub(_visible, os.path.basename(members[0].path))
-        out.append({"lat": sum(h.gps_lat for h in members) / n, "lon": sum(h.gps_lon for h in members) / n,
+        out.append({"lat": sum(h.gps_lat for h in members) / n, "lon": sum(lon[h.id] for h in members) / n,
                     "count": n, "ids": ",".join(str(h.id) for h in members), "radius": 7 + 4 * n ** 0.5,
                     "label": str(n) if n > 1 else "", "title": f"{n} photos" if n > 1 else name})
     return out
@@ -605,7 +611,8 @@ def photo_map(library, hits, key: str) -> None:
                          zoom=max(0.0, min(16.0, math.log2(600 / 512 * 360 / span))))
     # Offline there is no base map: faint lines of latitude and longitude give the pins their bearings.
     step = next(s for s in (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30) if span / s <= 12)
-    west, east = max(-180.0, min(lons) - 2 * span), min(180.0, max(lons) + 2 * span)
+    middle = (max(lons) + min(lons)) / 2  # pins() unwrapped the longitudes around it: the grid follows
+    west, east = max(middle - 180, min(lons) - 2 * span), min(middle + 180, max(lons) + 2 * span)
     south, north = max(-85.0, min(lats) - 2 * span), min(85.0, max(lats) + 2 * span)
     lines = [{"path": [[x * step, south], [x * step, north]]} for x in range(math.ceil(west / step),
                                                                              math.floor(east / step) + 1)]
