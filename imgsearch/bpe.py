@@ -36,10 +36,16 @@ VOCAB_TXT = "bpe_vocab.txt"
 
 
 def read_merges(gz_path: str | Path) -> list[str]:
-    """The merge lines ("a b") CLIP uses, in rank order, from open_clip's bpe_simple_vocab_16e6.txt.gz."""
+    """The merge lines ("a b") CLIP uses, in rank order, from open_clip's bpe_simple_vocab_16e6.txt.gz, a
+    Hugging Face merges.txt (the same lines) or a Hugging Face tokenizer.json (its BPE model's merges)."""
     raw = Path(gz_path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
+    if raw.lstrip()[:1] == b"{":
+        import json
+
+        merges = json.loads(raw)["model"]["merges"]  # "a b" strings, or [a, b] pairs in newer files
+        return [m if isinstance(m, str) else " ".join(m) for m in merges][:N_MERGES]
     return raw.decode("utf-8").split("\n")[1:N_MERGES + 1]  # first line is a version header
 
 

@@ -669,7 +669,8 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
     without importing open_clip: a local-dir folder's config and weights; a model name's packaged config and a
     --pretrained .safetensors file; or the files of a Hugging Face repo (an hf-hub: name, or a tag of
     modelspec.HUB_TAGS), fetched into huggingface_hub's cache as open_clip would fetch them. The BPE table is
-    open_clip's own file where open_clip is installed, else the repo's or the folder's merges.txt. None when
+    open_clip's own file where open_clip is installed, else the repo's merges.txt (or tokenizer.json) or the
+    folder's merges.txt. None when
     the weights are no safetensors file; clipgraph.Unsupported for a config or table that cannot be read;
     ModelLoadError when a hub file cannot be had."""
     from .clipgraph import Unsupported
@@ -712,8 +713,8 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
 
 
 def _hub_files(repo: str, label: str) -> tuple[Path, Path, Path | None]:
-    """(weights, config, merges.txt or None) of an open_clip model's Hugging Face repo, from huggingface_hub's
-    cache, fetched there first when the hub can be reached."""
+    """(weights, config, CLIP's BPE merges: merges.txt or tokenizer.json, or None) of an open_clip model's
+    Hugging Face repo, from huggingface_hub's cache, fetched there first when the hub can be reached."""
     from huggingface_hub import hf_hub_download
 
     from .encoder import CONFIG_FILE, _hub_offline, _hub_weights, _short
@@ -726,10 +727,13 @@ def _hub_files(repo: str, label: str) -> tuple[Path, Path, Path | None]:
         where = "no cached copy and the hub is unreachable" if offline else _short(e)
         raise ModelLoadError(f"cannot get the weights of {label} from Hugging Face ({repo}: {where}); connect to "
                              "the internet once so they are cached, or use --model local-dir:/path") from None
-    try:
-        merges = Path(hf_hub_download(repo, "merges.txt", local_files_only=offline))
-    except Exception:
-        merges = None
+    merges = None
+    for name in ("merges.txt", "tokenizer.json"):  # CLIP's BPE merges, in either of the hub's layouts
+        try:
+            merges = Path(hf_hub_download(repo, name, local_files_only=offline))
+            break
+        except Exception:
+            pass
     return weights, config, merges
 
 

@@ -202,24 +202,32 @@ def test_where_int8_is_too_far_auto_indexes_on_the_fp32_export_and_remembers_it(
     assert second["new"] == 1 and second["image_tower"] == "onnxruntime fp32" and second["parity_images"] == 0  # not measured again
 
 
-def _fake_hub(root: Path, repo: str, model_dir: Path, merges: bool = True) -> Path:
-    """A Hugging Face cache holding ``repo`` as the hub lays it out (refs/main -> a snapshot folder)."""
+def _fake_hub(root: Path, repo: str, model_dir: Path, tokenizer_json: bool = False) -> Path:
+    """A Hugging Face cache holding ``repo`` as the hub lays it out (refs/main -> a snapshot folder), with
+    CLIP's BPE merges as merges.txt, or only inside a tokenizer.json (newer files: [a, b] pairs)."""
     sha = "0123456789abcdef0123456789abcdef01234567"
     folder = root / f"models--{repo.replace('/', '--')}"
     snap = folder / "snapshots" / sha
     snap.mkdir(parents=True)
     (folder / "refs").mkdir()
     (folder / "refs" / "main").write_text(sha)
-    for name in ("open_clip_config.json", "open_clip_model.safetensors") + (("merges.txt",) if merges else ()):
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         (snap / name).write_bytes((model_dir / name).read_bytes())
+    lines = (model_dir / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    if tokenizer_json:
+        merges = [line.split(" ") for line in lines if line]
+        (snap / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": merges}}))
+    else:
+        (snap / "merges.txt").write_text((model_dir / "merges.txt").read_text(encoding="utf-8"))
     return root
 
 
 def test_a_pretrained_tag_is_fetched_from_its_hub_repo_without_open_clip(model_dir, photos, tmp_path):
     hub = _fake_hub(tmp_path / "hf", "imgsearch-test/tiny", model_dir)
+    _fake_hub(hub, "imgsearch-test/tiny-tok", model_dir, tokenizer_json=True)
     tag = ["--model", "tiny-vit", "--pretrained", "test_tag"]
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    hub_name = ["--model", "hf-hub:imgsearch-test/tiny"]
+    hub_name = ["--model", "hf-hub:imgsearch-test/tiny-tok"]  # merges from its tokenizer.json
     index, query, unknown, default, by_name, by_name_query, missing = _run(tmp_path / "home", [
         tag + ["index", str(photos), "--json"],
         tag + ["query", "a red circle", "-k", "3", "--json"],
@@ -240,19 +248,22 @@ def test_a_pretrained_tag_is_fetched_from_its_hub_repo_without_open_clip(model_d
     _one_line_error(default, "cannot get the weights of ViT-B-32 (laion2b_s34b_b79k)",
                     "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "connect to the internet once")
     report = json.loads(_ok(by_name))
-    assert report["encoded"] == 54 and report["model"] == "hf-hub:imgsearch-test/tiny"
+    assert report["encoded"] == 54 and report["model"] == "hf-hub:imgsearch-test/tiny-tok"
     hits = [Path(h["path"]).name for h in json.loads(_ok(by_name_query))]
     assert all(n.startswith("red_circle") for n in hits), hits
     _one_line_error(missing, "hf-hub:imgsearch-test/absent", "connect to the internet once")
 
 
-def test_a_hub_merges_txt_gives_the_tables_open_clips_bpe_file_gives(tmp_path):
+def test_a_hub_merges_txt_or_tokenizer_json_gives_the_tables_open_clips_bpe_file_gives(tmp_path):
     from imgsearch.bpe import write_tables
 
     gz = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
     _merges_txt(tmp_path / "merges.txt")
-    for name, source in (("a", gz), ("b", tmp_path / "merges.txt")):
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"merges": [m for m in merges if m]}}))
+    for name, source in (("a", gz), ("b", tmp_path / "merges.txt"), ("c", tmp_path / "tokenizer.json")):
         (tmp_path / name).mkdir()
         write_tables(source, tmp_path / name)
     for table in ("bpe_merges.txt", "bpe_vocab.txt"):
-        assert (tmp_path / "a" / table).read_bytes() == (tmp_path / "b" / table).read_bytes()
+        assert (tmp_path / "a" / table).read_bytes() == (tmp_path / "b" / table).read_bytes() == \
+            (tmp_path / "c" / table).read_bytes()
