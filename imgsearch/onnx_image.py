@@ -670,9 +670,8 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
     --pretrained .safetensors file; or the files of a Hugging Face repo (an hf-hub: name, or a tag of
     modelspec.HUB_TAGS), fetched into huggingface_hub's cache as open_clip would fetch them. The BPE table is
     open_clip's own file where open_clip is installed, else the repo's merges.txt (or tokenizer.json) or the
-    folder's merges.txt. None when
-    the weights are no safetensors file; clipgraph.Unsupported for a config or table that cannot be read;
-    ModelLoadError when a hub file cannot be had."""
+    folder's merges.txt. None when the weights are no safetensors file; clipgraph.Unsupported for a config
+    or table that cannot be read; ModelLoadError when a hub file cannot be had."""
     from .clipgraph import Unsupported
     from .encoder import CONFIG_FILE, LOCAL_DIR, _local_weights
     from .modelspec import HUB_TAGS, hub_repo, looks_like_file

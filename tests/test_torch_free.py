@@ -199,7 +199,8 @@ def test_where_int8_is_too_far_auto_indexes_on_the_fp32_export_and_remembers_it(
     first = json.loads(_ok(first))
     assert first["new"] == 54 and first["image_tower"] == "onnxruntime fp32"
     second = json.loads(_ok(second))
-    assert second["new"] == 1 and second["image_tower"] == "onnxruntime fp32" and second["parity_images"] == 0  # not measured again
+    # the failure is remembered: not measured again
+    assert second["new"] == 1 and second["image_tower"] == "onnxruntime fp32" and second["parity_images"] == 0
 
 
 def _fake_hub(root: Path, repo: str, model_dir: Path, tokenizer_json: bool = False) -> Path:
