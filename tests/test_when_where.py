@@ -450,8 +450,7 @@ def test_places_across_the_antimeridian_stay_neighbours_on_the_map():
     edges with a 24-cell grid 15 degrees wide lumping the rest together."""
     from types import SimpleNamespace
 
-    from imgsearch.geo import lon_frame, unwrap
-    from imgsearch.ui.app import pins
+    from imgsearch.ui.app import lon_frame, pins, unwrap
 
     def hit(i, lat, lon):
         return SimpleNamespace(id=i, path=f"/p/{i}.jpg", gps_lat=lat, gps_lon=lon)

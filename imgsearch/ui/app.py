@@ -564,11 +564,25 @@ def views(library, hits, key: str, p: Params | None = None) -> None:
 
 
 # --- map and timeline ---------------------------------------------------------------------------------
+def lon_frame(lons) -> float:
+    """The meridian at the middle of the narrowest arc holding every longitude (the complement of the widest
+    gap between them), so that unwrap() keeps a set of places continuous, across the antimeridian too:
+    Fiji's 179.9 and -179.9 are 0.2 degrees apart, not 359.8."""
+    xs = sorted(x % 360.0 for x in lons)
+    gaps = [(xs[(i + 1) % len(xs)] - xs[i]) % 360.0 for i in range(len(xs))]
+    widest = max(range(len(xs)), key=gaps.__getitem__)
+    middle = xs[(widest + 1) % len(xs)] + (360.0 - gaps[widest]) % 360.0 / 2
+    return (middle + 180.0) % 360.0 - 180.0
+
+
+def unwrap(lon: float, frame: float) -> float:
+    """``lon`` moved by whole turns to within 180 degrees of ``frame`` (may leave [-180, 180])."""
+    return frame + (lon - frame + 180.0) % 360.0 - 180.0
+
+
 def pins(hits, cells: int = 24) -> list[dict]:
     """Photos with GPS grouped on a grid laid over their extent (``cells`` across): one pin per cell, at its
     photos' mean position, sized by how many it holds, listing them best first."""
-    from imgsearch.geo import lon_frame, unwrap
-
     placed = [h for h in hits if h.gps_lat is not None and h.gps_lon is not None]
     if not placed:
         return []
