@@ -556,6 +556,8 @@ def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path
                 return folder
         except ExportError:
             pass
+        if getattr(encoder, "torch_free", False):  # no torch to check or make it with (make_exports makes it)
+            return folder if checked is not None else None
         if checked is None and (folder / MANIFEST).is_file():
             old = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if old.get("fingerprint") == encoder.fingerprint:

@@ -268,3 +268,27 @@ def test_a_hub_merges_txt_or_tokenizer_json_gives_the_tables_open_clips_bpe_file
     for table in ("bpe_merges.txt", "bpe_vocab.txt"):
         assert (tmp_path / "a" / table).read_bytes() == (tmp_path / "b" / table).read_bytes() == \
             (tmp_path / "c" / table).read_bytes()
+
+
+def test_an_imported_library_answers_text_and_image_queries_without_torch(model_dir, photos, tmp_path):
+    """A fresh home filled by `import` has no exports yet: the first query makes them from the weights (no
+    torch), and the text export says it was checked against numpy, never that torch checked it."""
+    model = ["--model", f"local-dir:{model_dir}"]
+    a, b, out = ["--home", str(tmp_path / "a")], ["--home", str(tmp_path / "b")], tmp_path / "vectors"
+    red = str(photos / "red_circle_000.jpg")
+    index, export, imported, text, image = _run(tmp_path / "unused", [
+        a + model + ["index", str(photos), "--quiet"],
+        a + model + ["export", str(out)],
+        b + model + ["import", str(out)],
+        b + model + ["query", "a red circle", "-k", "3", "--json"],
+        b + model + ["query", "--image", red, "-k", "3", "--json"],
+    ])
+    for result in (index, export, imported):
+        _ok(result)
+    hits = [Path(h["path"]).name for h in json.loads(_ok(text))]
+    assert all(n.startswith("red_circle") for n in hits), hits
+    hits = [Path(h["path"]).name for h in json.loads(_ok(image))]
+    assert hits[0] == "red_circle_000.jpg", hits
+    manifest = next((tmp_path / "b" / "exports").glob("*/text/manifest.json"))
+    meta = json.loads(manifest.read_text())
+    assert meta["verified"] and meta["checked"] == "numpy"
