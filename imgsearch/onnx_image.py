@@ -604,13 +604,15 @@ def _no_gpu_without_torch(device: str) -> bool:
 
     if device == "cpu" or (device == "auto" and not torch_installed()):
         return True
-    if device != "auto":
-        return False
+    return device == "auto" and not _gpu_possible()
+
+
+def _gpu_possible() -> bool:
+    """A GPU driver is loaded (NVIDIA's /proc and /dev entries, ROCm's /dev/kfd), or this is Apple Silicon."""
     import platform
 
-    if sys.platform == "darwin" and platform.machine() == "arm64":
-        return False
-    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
+    return (sys.platform == "darwin" and platform.machine() == "arm64") or \
+        any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
 
 
 def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
@@ -808,8 +810,12 @@ def torch_free_encoder(settings, library_id: str | None, threads: int, make: boo
     (make_exports). An int8 run without a recorded parity verdict for this library measures it (the indexer).
     """
     from . import textfast
-    from .encoder import torch_installed
+    from .encoder import TORCH_EXTRA, torch_installed
 
+    if settings.device == "auto" and not torch_installed() and _gpu_possible():
+        extra = TORCH_EXTRA if sys.platform == "darwin" else TORCH_EXTRA.replace("[torch]", "[gpu]")
+        say_once(f"note: this machine has a GPU, but this install has no torch, so images are encoded on the CPU; "
+                 f"{extra} encodes on the GPU")
     cand, why = _lite_candidate(settings, threads)
     text = textfast.export_dir(settings.home, cand["fingerprint"]) if cand else None
     if make and why in ("no image export for these weights", "image export not verified", "no int8 export",

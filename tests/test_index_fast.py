@@ -537,3 +537,17 @@ def test_without_torch_auto_runs_the_tower_timed_faster_on_the_parity_sample_and
     assert timed and set(timed[0]) == {"onnxruntime fp32", "onnxruntime int8"} and min(timed[0].values()) > 0
     later = index_paths(s, [_photos(tmp_path, "more", seed=3)])
     assert later.new > 0 and later.image_tower == "onnxruntime fp32" and len(timed) == 1  # not timed again
+
+
+def test_without_torch_a_gpu_machine_is_told_once_how_to_encode_on_its_gpu(settings, photos, monkeypatch, capsys):
+    from imgsearch import encoder as encoder_mod
+    from imgsearch.indexer import index_paths
+
+    monkeypatch.setattr(encoder_mod, "torch_installed", lambda: False)
+    monkeypatch.setattr(onnx_image, "_gpu_possible", lambda: True)
+    monkeypatch.setattr(onnx_image, "_said", set())
+    monkeypatch.setenv("IMGSEARCH_INT8_MIN_COSINE", "0.98")
+    report = index_paths(settings.with_(precision="auto", device="auto"), [photos])
+    assert report.new == 54 and report.image_tower == "onnxruntime int8"  # on the CPU, as before
+    notes = [line for line in capsys.readouterr().err.splitlines() if "has a GPU" in line]
+    assert len(notes) == 1 and "pip install 'imgsearch[" in notes[0]
