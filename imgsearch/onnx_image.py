@@ -134,18 +134,19 @@ def drop_prestarted() -> None:
 class OrtImageTower:
     """An onnxruntime session over an exported image tower; encode() returns L2-normalised float32 rows."""
 
-    def __init__(self, path: Path, kind: str, threads: int, once: bool = False):
+    def __init__(self, path: Path, kind: str, threads: int, once: bool = False, lazy: bool = False):
+        """``lazy``: no session until the first encode (a parity pass would release it before using it),
+        unless one was prestarted."""
         fut = None if once else _started.pop(_session_key(path, threads), None)
-        self.session = fut.result() if fut is not None else _new_session(path, threads, once)
-        self.input = self.session.get_inputs()[0].name
+        self.session = fut.result() if fut is not None else None if lazy else _new_session(path, threads, once)
         self.path, self.kind = path, kind
         self.threads = threads
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         session = self.session
-        if session is None:  # released while another tower ran (int8_parity)
+        if session is None:  # not loaded yet (lazy), or released while another tower ran (int8_parity)
             session = self.session = _new_session(self.path, self.threads)
-        x = session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        x = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         return _unit(x.astype(np.float32, copy=False))
 
     def describe(self) -> str:
@@ -839,8 +840,11 @@ def torch_free_encoder(settings, library_id: str | None, threads: int, make: boo
         text = textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
     except (textfast.ExportError, OSError, ValueError, KeyError):
         return None, "no verified text export yet"
+    # an int8 tower whose parity this run measures first loads its session after that pass, once
+    lazy = cand["precision"] == "int8" and \
+        cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None
     try:
-        tower = OrtImageTower(cand["path"], cand["precision"], threads, once)
+        tower = OrtImageTower(cand["path"], cand["precision"], threads, once, lazy)
     except OnnxUnavailable as e:
         return None, str(e)
     except Exception as e:  # a damaged file: torch rebuilds it
