@@ -120,9 +120,9 @@ class Library:
 
     @property
     def encoder(self):
-        """The torch model (image queries, and texts where no export can exist), loaded once and never changed:
-        an index run chooses its own image encoder (onnx_image.select). Without torch installed, the fp32
-        image export and the text export on onnxruntime and numpy (onnx_image.query_encoder)."""
+        """The torch model (the watcher's batches, image queries where no export exists, texts where none can
+        exist), loaded once and never changed: an index run chooses its own image encoder (onnx_image.select).
+        Without torch installed, the fp32 image export and the text export (onnx_image.query_encoder)."""
         with self._encode_lock:
             if self._encoder is None:
                 from .encoder import ModelSpec, load, torch_installed
