@@ -62,7 +62,9 @@ def needs_torch(what: str) -> str:
 def import_open_clip():
     """open_clip, its first import leaving the program's environment and warnings filters as they were: it
     sets TOKENIZERS_PARALLELISM, torch._dynamo (through torchvision) TORCHINDUCTOR_CACHE_DIR, which every
-    child process would inherit, and sympy adds a filter."""
+    child process would inherit, and torch, numpy and sympy add warnings filters. Only what the import
+    added is taken out again, in place: the program's filter list is never swapped for a copy, so what
+    its other threads change meanwhile stays (a filter one of them adds during the import excepted)."""
     import sys
     import warnings
 
@@ -71,8 +73,13 @@ def import_open_clip():
     if not torch_installed():
         raise ModelLoadError(needs_torch("this model"))
     env = {key: os.environ.get(key) for key in ("TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR")}
-    with warnings.catch_warnings():  # restores the filters on exit
-        import open_clip
+    before = {id(f) for f in warnings.filters}
+    import open_clip
+
+    added = [f for f in warnings.filters if id(f) not in before]
+    if added:
+        warnings.filters[:] = [f for f in warnings.filters if not any(f is a for a in added)]
+        warnings._filters_mutated()  # as filterwarnings() does: the C module re-reads the list
     for key, value in env.items():  # only these: whatever else the program sets meanwhile stays
         if value is None:
             os.environ.pop(key, None)
