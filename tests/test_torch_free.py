@@ -25,9 +25,14 @@ import json, os, sys
 startup = set(sys.modules)  # the interpreter's own (site, .pth hooks): not imgsearch's imports
 for m in ("torch", "torchvision", "open_clip", "transformers", "onnx"):
     sys.modules[m] = None
-from imgsearch import modelspec
+from imgsearch import modelspec, onnx_image
 for name, tag, repo in json.loads(sys.argv[2]):
     modelspec.HUB_TAGS[(name, tag)] = repo
+real_parity = onnx_image.int8_parity
+def parity(enc, tensors):  # the tiny model's two towers are too close to time: int8 is made the faster
+    cos, feats, speeds = real_parity(enc, tensors)
+    return cos, feats, {k: 2.0 if k.endswith("int8") else 1.0 for k in speeds}
+onnx_image.int8_parity = parity
 from typer.testing import CliRunner
 from imgsearch.cli import app
 out = []
