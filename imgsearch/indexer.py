@@ -410,12 +410,10 @@ class Indexer:
         onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
         if speeds and self.settings.precision == "auto" and enc.torch_encoder is None:
             # without torch, auto runs the faster of int8 and the fp32 export, as timed on this sample
-            onnx_image.record_speeds(home, enc.fingerprint, speeds, self.budget.encoder)
-            if speeds["onnxruntime fp32"] > speeds["onnxruntime int8"]:
+            if onnx_image.record_speeds(home, enc.fingerprint, speeds, self.budget.encoder) == "onnxruntime fp32":
                 self.encoder = onnx_image.fp32_twin(enc)
                 report.image_tower = self.encoder.image_tower
-                timed = ", ".join(f"{n} {v:.1f} img/s" for n, v in speeds.items())
-                onnx_image.say_once(f"note: image tower timed on this CPU: {timed}; onnxruntime fp32 is used from now on")
+                onnx_image.say_choice(speeds, report.image_tower)
                 return
         # the sample's int8 vectors are this run's: those files are decoded again (hash, metadata), not encoded
         self._sampled = {(r.work.entry.path, r.work.entry.size, r.work.entry.mtime_ns): v for r, v in zip(done, feats)}

@@ -128,10 +128,7 @@ class Library:
                 from .encoder import ModelSpec, load, torch_installed
 
                 if not torch_installed():
-                    from .config import thread_budget
-                    from .onnx_image import query_encoder
-
-                    self._encoder = query_encoder(self.settings, thread_budget(workers=self.settings.workers).encoder)
+                    self._encoder = self._export_encoder(make=True)
                     return self._encoder
                 self._encoder = load(ModelSpec(self.settings.model, self.settings.pretrained), self.settings.device,
                                      self.settings.precision)
@@ -149,16 +146,19 @@ class Library:
             if self._query is None:
                 self._query = False
                 if torch_installed() and self.settings.torch_free and _no_gpu_without_torch(self.settings.device):
-                    from .config import thread_budget
                     from .errors import ModelLoadError
-                    from .onnx_image import query_encoder
 
                     try:
-                        self._query = query_encoder(self.settings, thread_budget(workers=self.settings.workers).encoder,
-                                                    make=False)
+                        self._query = self._export_encoder(make=False)
                     except ModelLoadError:
                         pass  # this tower or checkpoint has no torch-free export: torch encodes
             return self._query or self.encoder
+
+    def _export_encoder(self, make: bool):
+        from .config import thread_budget
+        from .onnx_image import query_encoder
+
+        return query_encoder(self.settings, thread_budget(workers=self.settings.workers).encoder, make=make)
 
     @property
     def model_label(self) -> str:

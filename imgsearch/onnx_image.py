@@ -352,11 +352,8 @@ def measure(encoder, home, manifest: dict, towers: list[OrtImageTower]) -> str:
     speeds = {encoder.image_tower: _timed(lambda b: _torch_features(encoder, b), batch)}
     speeds.update((t.describe(), _timed(t.encode, batch)) for t in towers)
     speeds = {name: round(v, 2) for name, v in speeds.items()}
-    manifest.setdefault("img_s", {})[decision_key(towers[0].threads)] = speeds
-    _write_manifest(export_dir(home, encoder.fingerprint), manifest)
-    best = max(speeds, key=speeds.get)
-    say_once(f"note: image tower timed on this CPU: {', '.join(f'{n} {v:.1f} img/s' for n, v in speeds.items())}; "
-             f"{best} is used from now on (recorded with the export)")
+    best = record_speeds(home, encoder.fingerprint, speeds, towers[0].threads)
+    say_choice(speeds, best)
     return best
 
 
@@ -439,8 +436,9 @@ def int8_parity(encoder, tensors) -> tuple[float, np.ndarray, dict]:
     return float((feats * ref).sum(1).min()), feats, {k: round(v, 2) for k, v in speeds.items()}
 
 
-def record_speeds(home, fingerprint: str, speeds: dict, threads: int) -> None:
-    """Remember towers' img/s measured here (recorded_best reads them: once per machine and weights)."""
+def record_speeds(home, fingerprint: str, speeds: dict, threads: int) -> str:
+    """Remember towers' img/s measured here (recorded_best reads them: once per machine and weights); returns
+    the fastest."""
     folder = export_dir(home, fingerprint)
     manifest = _read_manifest(folder)
     if manifest.get("fingerprint") == fingerprint:
@@ -449,6 +447,12 @@ def record_speeds(home, fingerprint: str, speeds: dict, threads: int) -> None:
             _write_manifest(folder, manifest)
         except OSError:
             pass  # a cache: the next run measures again
+    return max(speeds, key=speeds.get)
+
+
+def say_choice(speeds: dict, best: str) -> None:
+    timed = ", ".join(f"{n} {v:.1f} img/s" for n, v in speeds.items())
+    say_once(f"note: image tower timed on this CPU: {timed}; {best} is used from now on (recorded with the export)")
 
 
 def trim_heap() -> None:
