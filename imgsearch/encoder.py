@@ -174,6 +174,9 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
     return f"tag:{name}:{pretrained}", None
 
 
+_hub_fingerprints: dict[ModelSpec, str] = {}  # hf-hub models looked up on the hub this process (no torch)
+
+
 def known_fingerprint(spec: ModelSpec) -> str | None:
     """The fingerprint resolve_weights would return, when it needs no open_clip import and no network.
 
@@ -182,8 +185,12 @@ def known_fingerprint(spec: ModelSpec) -> str | None:
     validated the tag when they were made). hf-hub models need the hub's cache lookup: None, but without
     torch installed that lookup is made (ModelLoadError when it fails)."""
     name, pretrained = spec.name, spec.pretrained
-    if name.startswith(HF_HUB):  # without torch installed, the hub's cache lookup is the only way
-        return None if torch_installed() else resolve_weights(spec)[0]
+    if name.startswith(HF_HUB):  # without torch installed, the hub's cache lookup is the only way: once
+        if torch_installed():
+            return None
+        if spec not in _hub_fingerprints:
+            _hub_fingerprints[spec] = resolve_weights(spec)[0]
+        return _hub_fingerprints[spec]
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):])
         weights = _local_weights(folder) if (folder / CONFIG_FILE).is_file() else None

@@ -51,7 +51,7 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None,
     stage = stage or index_stage(encoder, settings)
     budget = thread_budget(device=encoder.device, workers=settings.workers)
     vecs, ok, failures, batch = [], [], [], []
-    torch_free = getattr(encoder, "torch_free", False)  # numpy inputs, onnxruntime's own threads
+    torch_free = encoder.torch_free  # numpy inputs, onnxruntime's own threads
 
     def flush():
         if batch:

@@ -652,6 +652,7 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         try:
             enc = encoder
             if torch_free:
+                onnx_image.say_gpu_unused(settings)
                 enc, why = onnx_image.torch_free_encoder(settings, store and store.library_id, threads)
                 if enc is None and not encoder_mod.torch_installed():
                     raise ModelLoadError(encoder_mod.needs_torch(f"indexing here ({why})"))

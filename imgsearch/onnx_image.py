@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import atomic_file, cpuinfo, draft_size_for, model_exports_dir
+from .textfast import _normalised  # the one row normaliser (numpy only)
 
 FORMAT = 2  # 2: the lean graph (clipgraph); a format-1 export is rebuilt once
 OPSET = 17
@@ -147,7 +148,7 @@ class OrtImageTower:
         if session is None:  # not loaded yet (lazy), or released while another tower ran (int8_parity)
             session = self.session = _new_session(self.path, self.threads)
         x = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return _unit(x.astype(np.float32, copy=False))
+        return _normalised(x)
 
     def describe(self) -> str:
         return f"onnxruntime {self.kind}"
@@ -344,7 +345,7 @@ def recorded_best(manifest: dict, names: list[str], threads: int) -> str | None:
     return max(names, key=speeds.get)
 
 
-def measure(encoder, home, manifest: dict, towers: list[OrtImageTower]) -> str:
+def measure(encoder, home, towers: list[OrtImageTower]) -> str:
     """Times torch at the encoder's precision and each of ``towers`` on the same probe batch, records the
     figures in the manifest (once per machine and weights: recorded_best reads them) and says the choice
     once; returns the fastest one's name."""
@@ -394,7 +395,7 @@ def select(encoder, settings, threads: int, files: int | None = None):
         elif mode == "onnx":
             say_once(f"note: {e}; the image tower runs on torch")
         return encoder
-    best = measure(encoder, settings.home, towers[-1][1], [t for t, _ in towers]) if timing else names[0]
+    best = measure(encoder, settings.home, [t for t, _ in towers]) if timing else names[0]
     tower = next((t for t, _ in towers if t.describe() == best), None)  # None: torch measured fastest
     return encoder if tower is None else OrtEncoder(tower, encoder.spec, encoder.fingerprint, tower.kind, encoder.dim,
                                                     encoder.image_size, encoder.preprocess, encoder)
@@ -612,6 +613,16 @@ def _no_gpu_without_torch(device: str) -> bool:
     return device == "auto" and not _gpu_possible()
 
 
+def say_gpu_unused(settings) -> None:
+    """Without torch on a machine with a GPU, an index run says once that it encodes on the CPU, and how not to."""
+    from .encoder import TORCH_EXTRA, torch_installed
+
+    if settings.device == "auto" and not torch_installed() and _gpu_possible():
+        extra = TORCH_EXTRA if sys.platform == "darwin" else TORCH_EXTRA.replace("[torch]", "[gpu]")
+        say_once(f"note: this machine has a GPU, but this install has no torch, so images are encoded on the CPU; "
+                 f"{extra} encodes on the GPU")
+
+
 def _gpu_possible() -> bool:
     """A GPU driver is loaded (NVIDIA's /proc and /dev entries, ROCm's /dev/kfd), or this is Apple Silicon."""
     import platform
@@ -784,10 +795,11 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
         numpy_preprocess(preprocess)
         print(f"note: making the ONNX and text exports of {spec.label} from its tensors (once, without torch)",
               file=sys.stderr)
+        reference = lambda probe: _normalised(textfast.reference_features(tensors(), facts, "visual", probe))  # noqa
         _ensure_files(export_dir(settings.home, fingerprint), fingerprint, spec.label, facts["image_size"],
                       precision, threads, lambda p, int8: clipgraph.write_image_graph(tensors(), facts, p, OPSET, int8),
-                      lambda probe: _unit(textfast.reference_features(tensors(), facts, "visual", probe)), "numpy",
-                      lambda: {"dim": int(tensors().shape_of("visual.proj")[1]), "preprocess": preprocess})
+                      reference, "numpy", lambda: {"dim": int(tensors().shape_of("visual.proj")[1]),
+                                                   "preprocess": preprocess})
         if text and not (textfast.export_dir(settings.home, fingerprint) / textfast.MANIFEST).is_file():
             textfast.export_from_checkpoint(settings.home, fingerprint, spec.label, model_cfg, tensors(), bpe)
             trim_heap()
@@ -801,10 +813,6 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
     return why
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def torch_free_encoder(settings, library_id: str | None, threads: int, make: bool = True,
                        once: bool = False) -> tuple[OrtEncoder | None, str]:
     """An OrtEncoder without torch when this run can index without torch, else (None, why not).
@@ -815,38 +823,34 @@ def torch_free_encoder(settings, library_id: str | None, threads: int, make: boo
     (make_exports). An int8 run without a recorded parity verdict for this library measures it (the indexer).
     """
     from . import textfast
-    from .encoder import TORCH_EXTRA, torch_installed
+    from .encoder import torch_installed
 
-    if settings.device == "auto" and not torch_installed() and _gpu_possible():
-        extra = TORCH_EXTRA if sys.platform == "darwin" else TORCH_EXTRA.replace("[torch]", "[gpu]")
-        say_once(f"note: this machine has a GPU, but this install has no torch, so images are encoded on the CPU; "
-                 f"{extra} encodes on the GPU")
     cand, why = _lite_candidate(settings, threads)
-    text = textfast.export_dir(settings.home, cand["fingerprint"]) if cand else None
+    text_dir = textfast.export_dir(settings.home, cand["fingerprint"]) if cand else None
     if make and why in ("no image export for these weights", "image export not verified", "no int8 export",
-                        "export file missing") or (make and cand and not (text / textfast.MANIFEST).is_file()):
+                        "export file missing") or (make and cand and not (text_dir / textfast.MANIFEST).is_file()):
         made = make_exports(settings, threads)
         if made != "ok":
             return None, why if cand is None and torch_installed() else made
         cand, why = _lite_candidate(settings, threads)
     if cand is None:
         return None, why
-    fingerprint = cand["fingerprint"]
+    fingerprint, threshold = cand["fingerprint"], settings.int8_min_cosine
+    passed = cached_parity(settings.home, fingerprint, library_id, threshold) if cand["precision"] == "int8" else None
     if cand["auto"] and cand["precision"] == "int8":
         if not torch_installed():  # the run's parity gate checks int8 against the fp32 export, else fp32 runs
             towers = ["onnxruntime fp32", "onnxruntime int8"]  # timed on a parity pass (indexer)
-            if cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine, failed=True) or \
-                    recorded_best(cand["manifest"], towers, threads) == towers[0]:
+            if (passed is None and cached_parity(settings.home, fingerprint, library_id, threshold, failed=True)) \
+                    or recorded_best(cand["manifest"], towers, threads) == towers[0]:
                 cand["precision"], cand["path"] = "fp32", cand["path"].with_name(FP32_FILE)
-        elif cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None:
+        elif passed is None:
             return None, "int8 not yet checked against fp32 on this library's images"  # the torch run checks it
     try:
         text = textfast.TextTower(textfast.export_dir(settings.home, fingerprint), fingerprint)
     except (textfast.ExportError, OSError, ValueError, KeyError):
         return None, "no verified text export yet"
     # an int8 tower whose parity this run measures first loads its session after that pass, once
-    lazy = cand["precision"] == "int8" and \
-        cached_parity(settings.home, fingerprint, library_id, settings.int8_min_cosine) is None
+    lazy = cand["precision"] == "int8" and passed is None
     try:
         tower = OrtImageTower(cand["path"], cand["precision"], threads, once, lazy)
     except OnnxUnavailable as e:

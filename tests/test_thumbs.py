@@ -47,7 +47,7 @@ def test_thumbnail_is_made_once_and_reused(settings, indexed, monkeypatch):
     assert thumbs.thumbnail(settings, str(ids["red_circle_000.jpg"])) == path
     assert thumbs.thumbnails(settings, [ids["red_circle_000.jpg"]])[ids["red_circle_000.jpg"]] == path
     assert path.stat().st_mtime_ns == mtime
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]  # no temp files left behind
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "1/../2", "1.0", "-1", "0", "0x1", "１",

@@ -621,11 +621,11 @@ def photo_map(library, hits, key: str) -> None:
     lats, lons = [p["lat"] for p in points], [p["lon"] for p in points]
     span = max(max(lats) - min(lats), max(lons) - min(lons), 0.005)
     # deck.gl draws the world 512 px wide at zoom 0: fit the pins' extent in about 600 px
-    view = pdk.ViewState(latitude=(max(lats) + min(lats)) / 2, longitude=(max(lons) + min(lons)) / 2,
+    middle = (max(lons) + min(lons)) / 2  # pins() unwrapped the longitudes around it: the grid follows
+    view = pdk.ViewState(latitude=(max(lats) + min(lats)) / 2, longitude=middle,
                          zoom=max(0.0, min(16.0, math.log2(600 / 512 * 360 / span))))
     # Offline there is no base map: faint lines of latitude and longitude give the pins their bearings.
     step = next(s for s in (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30) if span / s <= 12)
-    middle = (max(lons) + min(lons)) / 2  # pins() unwrapped the longitudes around it: the grid follows
     west, east = max(middle - 180, min(lons) - 2 * span), min(middle + 180, max(lons) + 2 * span)
     south, north = max(-85.0, min(lats) - 2 * span), min(85.0, max(lats) + 2 * span)
     lines = [{"path": [[x * step, south], [x * step, north]]} for x in range(math.ceil(west / step),
