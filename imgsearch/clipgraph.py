@@ -1,12 +1,11 @@
 """The exports of an open_clip CLIP made from its tensors: the image tower as an ONNX graph, the text tower as
 the numpy weights textfast runs.
 
-The tensors are a loaded model's state dict (numpy views, no copy: state_arrays) or a safetensors checkpoint,
-memory-mapped without importing torch (Checkpoint). What tensors cannot say (heads, activation, LayerNorm eps,
-pooling) comes from the loaded model's modules (model_facts) or the open_clip model config (config_facts).
-Only open_clip's plain CLIP towers are described; anything else raises Unsupported with the difference, and
-the caller falls back to torch. Whoever uses a result verifies it against torch first (onnx_image.ensure_export,
-textfast.build_export). Importing this module costs numpy; graphs are written as protobuf by hand (no onnx import).
+The tensors are a loaded model's state dict (numpy views: state_arrays) or a safetensors checkpoint, memory-mapped
+without torch (Checkpoint); what they cannot say (heads, activation, eps, pooling) comes from the model's modules
+(model_facts) or its open_clip config (config_facts). Only open_clip's plain CLIP towers are described: anything
+else raises Unsupported and the caller falls back to torch. Every result is verified before use. Graphs are
+written as protobuf by hand (no onnx import).
 """
 
 from __future__ import annotations
@@ -278,10 +277,9 @@ def _tensor_header(name: str, shape, data_type: int, external: dict | None = Non
 
 
 class _Int8Columns:
-    """A weight [in, out] quantised per output column (symmetric int8, zero point 0), as onnxruntime's
-    quantize_dynamic(per_channel=True, reduce_range=False) does it, to the same bits: scale = max|w| / 127
-    rounded from float64 to float32 (1.0 for an all-zero column), q = round-half-even(w / scale). The scales
-    now; the int8 tensor only when _save writes it, so no more than one weight is quantised at a time."""
+    """A weight [in, out] quantised per output column to the bits onnxruntime's quantize_dynamic(per_channel=True,
+    reduce_range=False) gives: scale = max|w| / 127 rounded from float64 to float32 (1.0 for a zero column),
+    q = round-half-even(w / scale). The int8 tensor is made only when _save writes it, one weight at a time."""
 
     dtype = np.dtype(np.int8)
 
@@ -297,18 +295,13 @@ class _Int8Columns:
 
 
 def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, opset: int, int8: bool = False) -> dict:
-    """The ONNX graph of the ViT image tower in ``arrays``: input "pixels" [n, 3, S, S], output "features"
-    [n, dim], unnormalised, as open_clip's encode_image. Written to ``path`` (a temporary name, then renamed);
-    returns vit_shape's dict.
+    """The ONNX graph of the ViT image tower in ``arrays`` ("pixels" [n, 3, S, S] -> unnormalised "features"
+    [n, dim], as open_clip's encode_image), written to ``path``; returns vit_shape's dict.
 
-    ``int8``: every weight MatMul dynamically quantised, the graph onnxruntime's quantize_dynamic makes of the
-    fp32 one (INT8_RECIPE in onnx_image, MatMulConstBOnly): DynamicQuantizeLinear of the activation (uint8),
-    MatMulInteger with the int8 weight, Cast, Mul by the product of the two scales. The patch-embedding Conv
-    and attention's activation x activation MatMuls stay fp32.
-
-    Lean by construction: the patch embedding stays a Conv (as a MatMul it quantised worse: ViT-B-32 int8
-    parity 0.990 -> 0.953), one fused QKV MatMul per block with heads split by Reshape/Transpose, and three
-    Transposes per block where torch's traced attention has eight.
+    ``int8``: every weight MatMul dynamically quantised as onnxruntime's quantize_dynamic does it (INT8_RECIPE
+    in onnx_image): DynamicQuantizeLinear, MatMulInteger, Cast, Mul by both scales. The patch Conv stays fp32
+    (as a MatMul it quantised worse: ViT-B-32 int8 parity 0.990 -> 0.953), and so does attention's activation
+    x activation; one fused QKV MatMul per block, three Transposes where torch's traced attention has eight.
     """
     s = vit_shape(arrays, facts)
     width, heads, tokens, p = s["width"], s["heads"], s["tokens"], "visual."
@@ -380,11 +373,10 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
 
 
 def _save(model: bytes, graph: bytes, inits: list[tuple[str, np.ndarray]], path: Path) -> None:
-    """The serialised ModelProto ``model`` with ``graph`` (its GraphProto fields but the initializers) and
-    ``inits`` as the graph's initializers (field 5), streamed one tensor at a time: building a ViT-B image
-    tower (350 MB) as one message would hold two more copies of it. Past EXTERNAL_BYTES the tensors go to
-    ``<path>.data``, int64 shapes and indices staying inline for shape inference. Written under temporary
-    names, then renamed into place."""
+    """The ModelProto ``model`` with ``graph`` (GraphProto fields but the initializers) and ``inits`` as its
+    initializers (field 5), streamed one tensor at a time (one message would hold two more copies of a 350 MB
+    tower). Past EXTERNAL_BYTES the tensors go to ``<path>.data``, int64 ones staying inline for shape
+    inference. Written under temporary names, then renamed into place."""
     kinds = [{"i8": ("<i8", INT64), "i1": ("i1", INT8)}.get(a.dtype.str[1:], ("<f4", FLOAT)) for _, a in inits]
     sizes = [np.dtype(k).itemsize * a.size for (_, a), (k, _) in zip(inits, kinds)]
     data = path.with_name(path.name + ".data")
@@ -420,8 +412,8 @@ def _save(model: bytes, graph: bytes, inits: list[tuple[str, np.ndarray]], path:
 
 
 def text_weights(arrays: Mapping, facts: dict) -> tuple[dict, list[tuple[str, np.ndarray]]]:
-    """The plain CLIP text tower in ``arrays`` as textfast's facts and (name, array) list: weights transposed
-    to [in, out] (views), layer scale kept. Tokenizer facts are the caller's."""
+    """The plain CLIP text tower in ``arrays`` as textfast's facts and (name, array) list (weights as [in, out]
+    views, layer scale kept); tokenizer facts are the caller's."""
     have = {k for k in arrays if not k.startswith("visual.") and k not in _NOT_A_TOWER}
     layers = _layers(have, "transformer.resblocks.")
     block = "transformer.resblocks.{}."

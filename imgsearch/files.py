@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import os
 import stat
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -46,11 +47,8 @@ def raw_supported() -> bool:
 def is_image_file(path: str, heic: bool | None = None) -> bool:
     """The walk's rule for one file: an image by extension, or by its first bytes when the extension says
     nothing (a known non-image type is never opened). Used where single paths arrive (watch)."""
-    heic = heic_supported() if heic is None else heic
-    kind = formats.kind_by_extension(path)
-    if kind is None:
-        kind = formats.sniff(formats.read_head(path))
-    return kind in ("image", "raw") or (kind == "heic" and heic)
+    kind = formats.kind_by_extension(path) or formats.sniff(formats.read_head(path))
+    return kind in ("image", "raw") or (kind == "heic" and (heic_supported() if heic is None else heic))
 
 
 def is_hidden(name: str) -> bool:
@@ -65,22 +63,19 @@ def abspath(path: str | os.PathLike) -> str:
 
 
 def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.PathLike] = (),
-         aliases: bool = False, link_targets: list[str] | None = None) -> Iterator[FileEntry | Skipped | Alias]:
+         aliases: bool = False) -> Iterator[FileEntry | Skipped | Alias]:
     """Yield every image file under ``roots`` (files or folders), and a Skipped for each problem. Paths come
     back with symlinks resolved, one physical file once (further paths dropped, or yielded as Alias when
     ``aliases``); a folder is never visited twice, so symlink loops end. Hidden files and folders and library
-    homes (``skip_homes``, any folder holding a library database and its marker) are skipped silently: they
-    are not photos. ``link_targets`` collects the real paths that symlinks led to."""
+    homes (``skip_homes``, any folder holding a library database and its marker) are skipped silently."""
     heic = heic_supported()
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: dict[tuple[int, int], str] = {}
     homes: set[tuple[int, int]] = set()
     for h in skip_homes:
-        try:
+        with suppress(OSError):
             st = os.stat(h)
             homes.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
 
     def file_entry(shown: str, real: str) -> FileEntry | Skipped | Alias | None:
         kind = formats.kind_by_extension(shown)
@@ -134,8 +129,6 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
                 link, is_dir = False, False
             # The parent is already real, so only a symlink entry needs resolving (no realpath per file).
             real = os.path.realpath(full) if link else full
-            if link and link_targets is not None:
-                link_targets.append(real)
             if is_dir:
                 yield from visit_dir(real)
                 continue

@@ -27,39 +27,30 @@ NOT_IMAGE_EXTENSIONS = frozenset(
      ".xcf", ".kra", ".part", ".crdownload", ".tmp", ".swp", ".bak", ".faiss", ".safetensors", ".pt", ".npy"}
 )
 
-_BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DIB_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # BMP info headers (also in ICO bitmaps)
 _HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+_FTYP_BRANDS = {b"avif": "image", b"avis": "image", b"crx ": "raw", **dict.fromkeys(_HEIC_BRANDS, "heic")}  # crx: CR3
 
 
 def sniff(head: bytes) -> str | None:
     """"image", "raw", "heic" or None (not an image format we know) from a file's first bytes."""
-    if head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n" or head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image"
     if head[:4] in (b"IIRO", b"IIRS", b"MMOR", b"IIU\x00") or head[:15] == b"FUJIFILMCCD-RAW":
         return "raw"  # Olympus, Panasonic, Fujifilm: TIFF-like but not TIFF
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "image"  # TIFF; TIFF-based RAW (DNG, NEF, CR2...) without its extension is read as TIFF
-    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
+    if (head[:3] == b"\xff\xd8\xff" or head[:8] == PNG_SIGNATURE or head[:6] in (b"GIF87a", b"GIF89a")
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            # TIFF; a TIFF-based RAW (DNG, NEF, CR2...) without its extension is read as TIFF
+            or head[:4] in (b"II*\x00", b"MM\x00*")
+            or (head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in DIB_HEADER_SIZES)
+            # JPEG 2000: jp2 box, raw codestream
+            or head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51"
+            or _is_pnm(head)
+            # ICO / CUR: image count > 0, reserved byte 0
+            or (head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00") and len(head) >= 10 and head[4] and head[9] == 0)
+            # PSD, QOI, DDS, ICNS, Sun raster
+            or head[:4] in (b"8BPS", b"qoif", b"DDS ", b"icns", b"\x59\xa6\x6a\x95")):
         return "image"
-    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
-        return "image"  # JPEG 2000: jp2 box, raw codestream
-    if _is_pnm(head):
-        return "image"
-    if head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00") and len(head) >= 10 and head[4] and head[9] == 0:
-        return "image"  # ICO / CUR: image count > 0, reserved byte 0
-    if head[:4] in (b"8BPS", b"qoif", b"DDS ", b"icns", b"\x59\xa6\x6a\x95"):
-        return "image"  # PSD, QOI, DDS, ICNS, Sun raster
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"avif", b"avis"):
-            return "image"
-        if brand == b"crx ":
-            return "raw"  # Canon CR3
-        if brand in _HEIC_BRANDS:
-            return "heic"
-    return None
+    return _FTYP_BRANDS.get(head[8:12]) if head[4:8] == b"ftyp" else None
 
 
 def _is_pnm(head: bytes) -> bool:
@@ -91,12 +82,6 @@ def read_head(path: str) -> bytes:
 def kind_by_extension(path: str) -> str | None:
     """"image", "raw", "heic", "other" (a known non-image type: never opened) or None (sniff to know)."""
     ext = os.path.splitext(path)[1].lower()
-    if ext in IMAGE_EXTENSIONS:
-        return "image"
-    if ext in RAW_EXTENSIONS:
-        return "raw"
-    if ext in HEIC_EXTENSIONS:
-        return "heic"
-    if ext in NOT_IMAGE_EXTENSIONS:
-        return "other"
-    return None
+    kinds = (("image", IMAGE_EXTENSIONS), ("raw", RAW_EXTENSIONS), ("heic", HEIC_EXTENSIONS),
+             ("other", NOT_IMAGE_EXTENSIONS))
+    return next((kind for kind, exts in kinds if ext in exts), None)

@@ -11,7 +11,7 @@ import math
 import os
 import re
 import struct
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -19,15 +19,10 @@ from . import formats
 from .config import MAX_PIXELS, RAW_NEEDS_EXTRA
 from .errors import DecodeError
 
-_EXIF_IFD = 0x8769
-_GPS_IFD = 0x8825
-_DATETIME_ORIGINAL = 36867
-_OFFSET_TIME = 36880
-_OFFSET_TIME_ORIGINAL = 36881
-_DATETIME = 306
-_MAKE = 271
-_MODEL = 272
-_ORIENTATION = 274
+# EXIF tags
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_DATETIME, _MAKE, _MODEL, _ORIENTATION = 306, 271, 272, 274
+_DATETIME_ORIGINAL, _OFFSET_TIME, _OFFSET_TIME_ORIGINAL = 36867, 36880, 36881
 _OFFSET = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
 
 
@@ -97,7 +92,8 @@ def _exif_meta(exif) -> dict:
         sub = exif.get_ifd(_EXIF_IFD)
     except Exception:
         sub = {}
-    try:
+    # "0000:00:00 00:00:00" and friends: no date
+    with suppress(ValueError, TypeError, OverflowError, AttributeError):
         raw, offset = sub.get(_DATETIME_ORIGINAL), sub.get(_OFFSET_TIME_ORIGINAL) or sub.get(_OFFSET_TIME)
         if not raw:
             raw, offset = exif.get(_DATETIME), sub.get(_OFFSET_TIME)
@@ -106,29 +102,21 @@ def _exif_meta(exif) -> dict:
         off = _offset(offset)
         out["taken_offset"] = off[0] if off else None
         out["taken_utc"] = (local - off[1] if off else local).isoformat()
-    except (ValueError, TypeError, OverflowError, AttributeError):
-        pass  # "0000:00:00 00:00:00" and friends: no date
-    try:
+    with suppress(Exception):
         gps = exif.get_ifd(_GPS_IFD)
         if gps:
             lat, lon = _degrees(gps.get(2), gps.get(1), "NS", 90.0), _degrees(gps.get(4), gps.get(3), "EW", 180.0)
             # 0,0 is what receivers without a fix write; a photo taken there is rarer than that bug.
             if lat is not None and lon is not None and (lat, lon) != (0.0, 0.0):
                 out["gps_lat"], out["gps_lon"] = round(lat, 7), round(lon, 7)
-    except Exception:
-        pass
-    try:
+    with suppress(Exception):
         out["camera_make"], out["camera_model"] = _exif_text(exif.get(_MAKE)), _exif_text(exif.get(_MODEL))
-    except Exception:
-        pass
     return out
 
 
 def read_meta(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[int, int, dict]:
-    """(width, height, metadata columns) from a file's header only: no pixels are decoded.
-
-    For backfilling libraries indexed before these columns existed; raises DecodeError when unreadable.
-    """
+    """(width, height, metadata columns) from a file's header only (no pixels decoded), for backfilling
+    libraries indexed before these columns existed; DecodeError when unreadable."""
     with _opened(path, max_pixels) as im:
         info, _ = _header(im)
     return info.width, info.height, info.meta()
@@ -174,14 +162,9 @@ def check_size(w: int, h: int, max_pixels: int, what: str = "image") -> None:
                           "(crop it to index it)")
 
 
-_PNG = b"\x89PNG\r\n\x1a\n"
-_DIB_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
-
-
 def _icon_pictures(fp, head: bytes):
-    """(width, height) of every picture an ICO, CUR or ICNS file holds, each read from the picture's own
-    header: the directory's size (at most 256 or 1024 px) need not be the embedded PNG's, and Pillow
-    decodes an ICO's picture while opening the file, so these are checked before Pillow sees it."""
+    """(width, height) of every picture an ICO, CUR or ICNS file holds, from each picture's own header (the
+    directory's size need not be the embedded PNG's), checked before Pillow, which decodes an ICO on open."""
     from PIL import Image
 
     blocks = []  # (offset, length) of each picture
@@ -201,9 +184,9 @@ def _icon_pictures(fp, head: bytes):
     for offset, length in blocks:
         fp.seek(offset)
         top = fp.read(24)
-        if top[:8] == _PNG:
+        if top[:8] == formats.PNG_SIGNATURE:
             yield struct.unpack(">II", top[16:24])
-        elif int.from_bytes(top[:4], "little") in _DIB_HEADER_SIZES:  # an ICO bitmap; its height counts the mask
+        elif int.from_bytes(top[:4], "little") in formats.DIB_HEADER_SIZES:  # an ICO bitmap; its height counts the mask
             w, h = struct.unpack_from("<HH" if top[0] == 12 else "<ii", top, 4)
             yield abs(w), abs(h) // 2
         elif top[:4] == b"\xff\x4f\xff\x51" or top[:12] == b"\0\0\0\x0cjP  \r\n\x87\n":  # JPEG 2000 (ICNS)
@@ -241,9 +224,8 @@ def _heif(fp):
 @contextmanager
 def _opened(source, max_pixels: int):
     """The one way a file is opened for decoding: Pillow's image of ``source`` (path or bytes), no pixel
-    decoded, once its size and shape, and those of every picture in an icon file, pass :func:`check_size`.
-    Failures, in the ``with`` body (the decode) too, become DecodeError. Pillow's own bomb check stays on:
-    beyond twice ``PIL.Image.MAX_IMAGE_PIXELS`` (the host program's setting) it refuses whatever our cap."""
+    decoded, once its size (and every picture's in an icon file) passes :func:`check_size`. Failures, in the
+    ``with`` body too, become DecodeError. Pillow's own bomb check (the host program's setting) stays on."""
     from PIL import Image, UnidentifiedImageError
 
     fp = _binary(source)
@@ -302,11 +284,9 @@ def _decode(im, draft_size: int | None):
 def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
     """Decode ``source`` (file bytes or a path) to an RGB PIL image plus its ImageInfo.
 
-    ``draft_size``: for JPEGs, let libjpeg decode at a reduced scale whose short side stays at or above
-    this many pixels (much faster on large photos; the model resizes further anyway).
-    Raises DecodeError with a reason for anything that is not a readable image within the pixel cap and
-    the aspect ratio (:func:`check_size`), checked before any pixel is decoded.
-    Camera RAW (by extension, or by content where the extension says nothing) goes through rawpy.
+    ``draft_size``: let libjpeg decode a JPEG at a reduced scale whose short side stays at or above this (much
+    faster on large photos). DecodeError with a reason for anything that is not a readable image within the
+    caps (:func:`check_size`, checked before any pixel is decoded). Camera RAW goes through rawpy.
     """
     if not isinstance(source, (bytes, bytearray, memoryview)) and os.path.exists(source) \
             and not os.path.isfile(source):  # /dev/zero, a FIFO, a folder: no image, and a read may never end
@@ -320,10 +300,8 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
         # Bytes have no extension to tell a TIFF-based RAW (DNG, NEF, CR2, ARW) from a TIFF: libraw may.
         if (isinstance(source, (bytes, bytearray, memoryview)) and bytes(source[:4]) in (b"II*\x00", b"MM\x00*")
                 and importlib.util.find_spec("rawpy") is not None):
-            try:
+            with suppress(DecodeError):
                 return _open_raw(source, draft_size, max_pixels)
-            except DecodeError:
-                pass
         raise
 
 
@@ -331,10 +309,8 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
 def _is_raw(source) -> bool:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return formats.sniff(bytes(source[:formats.HEAD_BYTES])) == "raw"
-    kind = formats.kind_by_extension(os.fspath(source))
-    if kind is None:  # no telling extension: a CR3 or RAF renamed .dat is still RAW
-        return formats.sniff(formats.read_head(os.fspath(source))) == "raw"
-    return kind == "raw"
+    path = os.fspath(source)  # with no telling extension, the content decides: a CR3 renamed .dat is still RAW
+    return (formats.kind_by_extension(path) or formats.sniff(formats.read_head(path))) == "raw"
 
 
 # libraw's flip code -> the PIL transpose that shows the picture upright
@@ -378,21 +354,17 @@ def _raw_preview(raw, rawpy, min_side: int, max_pixels: int):
         thumb = raw.extract_thumb()
     except Exception:  # no preview, or one libraw cannot hand over: demosaic instead
         return None, None
-    taken = None
-    if thumb.format == rawpy.ThumbFormat.JPEG:
-        try:
+    try:  # a preview over the caps or unreadable: demosaic instead
+        if thumb.format == rawpy.ThumbFormat.JPEG:
             with _opened(thumb.data, max_pixels) as im:  # the preview's own size is checked before decoding
                 im, info, orientation = _decode(im, min_side)
-        except DecodeError:
-            return None, None
-        taken, tagged = info.taken_at, orientation != 1
-    elif thumb.format == rawpy.ThumbFormat.BITMAP:  # libraw has decoded it (within its own thumbnail limit)
-        try:
+            taken, tagged = info.taken_at, orientation != 1
+        elif thumb.format == rawpy.ThumbFormat.BITMAP:  # libraw has decoded it (within its own thumbnail limit)
             check_size(thumb.data.shape[1], thumb.data.shape[0], max_pixels)
-        except DecodeError:
+            im, taken, tagged = Image.fromarray(thumb.data), None, False
+        else:
             return None, None
-        im, tagged = Image.fromarray(thumb.data), False
-    else:
+    except DecodeError:
         return None, None
     if min(im.size) < min_side:
         return None, None
@@ -423,11 +395,8 @@ _TENSOR_INTERPOLATION = ("bicubic", "bilinear")
 
 @dataclass(frozen=True)
 class TensorPreprocess:
-    """The model's eval preprocess, rebuilt for CHW uint8 tensors on any device (the batched decode path).
-
-    Built only by :func:`tensor_preprocess` from the model's own ``preprocess_cfg``; every field comes
-    from there, nothing falls back to a default.
-    """
+    """The model's eval preprocess for CHW uint8 tensors on any device (the batched decode path); built only by
+    :func:`tensor_preprocess` from the model's own ``preprocess_cfg``, nothing falls back to a default."""
     size: tuple[int, int]  # (height, width)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -466,10 +435,9 @@ class TensorPreprocess:
 class NumpyPreprocess:
     """The model's eval preprocess on a PIL image, in Pillow + numpy: the torch-free indexing path.
 
-    open_clip's eval transform resizes a PIL image with Pillow itself (torchvision hands PIL input to
-    ``Image.resize``), crops the centre and normalises; doing the same steps here gives the same pixels
-    without importing torch or torchvision. Built from a TensorPreprocess, so it takes exactly the
-    configurations that one was checked to reproduce.
+    open_clip's eval transform resizes a PIL image with Pillow itself, crops the centre and normalises; the
+    same steps here give the same pixels without torch. Built from a TensorPreprocess, so it takes exactly
+    the configurations that one was checked to reproduce.
     """
 
     def __init__(self, spec: TensorPreprocess):
@@ -516,15 +484,12 @@ def tensor_preprocess(cfg: dict, preprocess=None) -> TensorPreprocess:
     missing = [k for k in ("size", "mean", "std") if k not in cfg]
     if missing:
         raise UnsupportedPreprocess(f"the model's preprocess_cfg has no {', '.join(missing)}")
-    mode = cfg.get("mode", "RGB")
-    if mode != "RGB":
-        raise UnsupportedPreprocess(f"image mode {mode!r}")
-    resize = cfg.get("resize_mode", "shortest")
-    if resize not in _TENSOR_RESIZE:
-        raise UnsupportedPreprocess(f"resize_mode {resize!r}")
+    mode, resize = cfg.get("mode", "RGB"), cfg.get("resize_mode", "shortest")
     interp = cfg.get("interpolation", "bicubic")
-    if interp not in _TENSOR_INTERPOLATION:
-        raise UnsupportedPreprocess(f"interpolation {interp!r}")
+    for what, value, allowed in (("image mode", mode, ("RGB",)), ("resize_mode", resize, _TENSOR_RESIZE),
+                                 ("interpolation", interp, _TENSOR_INTERPOLATION)):
+        if value not in allowed:
+            raise UnsupportedPreprocess(f"{what} {value!r}")
     size = cfg["size"]
     size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
     if len(size) != 2 or (resize == "shortest" and size[0] != size[1]):
@@ -570,11 +535,8 @@ def _orient(t, orientation: int):
 
 
 def decode_jpegs(datas: list[bytes], orientations: list[int], pre: TensorPreprocess, device: str) -> list:
-    """Decode a batch of JPEGs with torchvision (nvJPEG when ``device`` is CUDA) and preprocess them there.
-
-    Returns one entry per input: a normalised CHW tensor on ``device``, or None where decoding failed (the
-    caller falls back to Pillow for those).
-    """
+    """Decode a batch of JPEGs with torchvision (nvJPEG when ``device`` is CUDA) and preprocess them there: a
+    normalised CHW tensor on ``device`` per input, or None where decoding failed (Pillow's, then)."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -593,16 +555,12 @@ def decode_jpegs(datas: list[bytes], orientations: list[int], pre: TensorPreproc
 
 # --- the one decode pipeline ------------------------------------------------------------------------
 def decode_many(items, decode, workers: int, ahead: int | None = None, overlap: bool = True):
-    """Yield ``decode(item)`` for each item, in order, decoded by ``workers`` threads.
+    """Yield ``decode(item)`` for each item, in order, decoded by ``workers`` threads (< 1: this thread).
 
-    A DecodeError (or any exception: one broken file must not stop a run) is yielded in the item's place
-    as a DecodeError value; nothing is raised mid-stream. At most ``ahead`` items are in flight, so
-    memory stays bounded however many items come.
-
-    ``overlap`` True: decoding runs ahead while the consumer works (the consumer's work needs few cores,
-    e.g. a GPU encoder). False: chunks of ``ahead`` are decoded, then handed over, and nothing decodes
-    until the consumer asks for the next chunk, so decode and a CPU encoder take turns at the cores.
-    ``workers`` < 1 decodes in the calling thread.
+    Any exception is yielded in the item's place as a DecodeError (one broken file must not stop a run). At
+    most ``ahead`` items are in flight, so memory stays bounded. ``overlap`` True: decoding runs ahead while
+    the consumer works (e.g. a GPU encoder); False: chunks of ``ahead`` are decoded, then handed over, so
+    decode and a CPU encoder take turns at the cores.
     """
     workers = max(0, int(workers))
     ahead = max(1, ahead if ahead is not None else 4 * max(1, workers))

@@ -1,8 +1,7 @@
 """Index folders: walk -> read + hash -> decode + preprocess (worker threads) -> encode -> SQLite.
 
-Decoding overlaps encoding: worker threads read, hash and decode upcoming files while the model runs
-on the current batch. Every batch is written in one transaction, so an interrupted run loses at most
-the batch in flight and the next run picks up where it stopped.
+Worker threads decode upcoming files while the model encodes the current batch. Every batch is written in one
+transaction, so an interrupted run loses at most the batch in flight and the next run picks up there.
 """
 
 from __future__ import annotations
@@ -59,8 +58,7 @@ def with_file_time(meta: dict, mtime_ns: int) -> dict:
 
     when = datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc)
     local = when.astimezone()  # this machine's zone: what the user saw the file dated
-    offset = local.utcoffset()
-    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    minutes = int(local.utcoffset().total_seconds() // 60)
     sign = "-" if minutes < 0 else "+"
     return {**meta, "taken_at": local.replace(tzinfo=None).isoformat(timespec="seconds"),
             "taken_utc": when.replace(tzinfo=None).isoformat(timespec="seconds"),
@@ -83,12 +81,11 @@ def tensor_decode_wanted(mode: str, device: str) -> bool:
 
 
 class DecodeStage:
-    """How indexing turns a file into the model's input tensor; fixed for a run and passed, never flipped.
+    """How indexing turns a file into the model's input tensor; fixed for a run, never flipped.
 
-    Pillow: JPEG draft decode + the model's own torchvision preprocess. Tensor (``tensor=True``): JPEG
-    bytes decoded in batches by torchvision on the encoder's device (nvJPEG on CUDA) and preprocessed
-    from the model's ``preprocess_cfg``; a model whose preprocess that path cannot reproduce is refused
-    here and decoded with Pillow, and so is every file the batch decoder rejects.
+    Pillow: JPEG draft decode + the model's own preprocess. Tensor (``tensor=True``): JPEG bytes decoded in
+    batches by torchvision on the encoder's device (nvJPEG on CUDA) and preprocessed from the model's
+    ``preprocess_cfg``; a model whose preprocess that cannot reproduce, and every file it rejects, gets Pillow.
     """
 
     def __init__(self, encoder: Encoder, max_pixels: int, tensor: bool, device: str | None = None):
@@ -141,9 +138,9 @@ class DecodeStage:
 
     def decode_files(self, paths: list[str], workers: int, batch_size: int, overlap: bool = True):
         """The whole stage on ``paths``, in order: a model input tensor or a DecodeError per path."""
+        ahead = 2 * batch_size if overlap else batch_size
         if not self.tensor:
-            yield from images.decode_many(paths, lambda p: self.pillow(p)[0], workers,
-                                          2 * batch_size if overlap else batch_size, overlap)
+            yield from images.decode_many(paths, lambda p: self.pillow(p)[0], workers, ahead, overlap)
             return
 
         def read(path):
@@ -152,7 +149,7 @@ class DecodeStage:
 
         from itertools import islice
 
-        stream = images.decode_many(paths, read, workers, 2 * batch_size if overlap else batch_size, overlap)
+        stream = images.decode_many(paths, read, workers, ahead, overlap)
         while part := list(islice(stream, batch_size)):
             jpegs = [k for k, r in enumerate(part) if not isinstance(r, DecodeError) and r[1] is not None]
             tensors = self.batch([part[k][1][0] for k in jpegs], [part[k][1][2] for k in jpegs])
@@ -172,17 +169,13 @@ class DecodeStage:
 class Indexer:
     """One indexing run over some roots with one encoder. Use :func:`index_paths`.
 
-    ``remote``: where files are read, decoded and encoded instead of this process's threads, e.g.
-    ``distributed.RayStage``: ``remote.results(indexer, work, known)`` yields one ``_Done`` per work item,
-    in order, with ``vector`` set for the encoded ones; everything else (the walk, the incremental rules,
-    the writes) stays here.
+    ``remote`` (e.g. ``distributed.RayStage``) reads, decodes and encodes instead of this process's threads:
+    ``remote.results(indexer, work, known)`` yields one ``_Done`` per work item, in order, with ``vector`` set
+    for the encoded ones; the walk, the incremental rules and the writes stay here.
     """
 
     def __init__(self, settings: Settings, encoder: Encoder, store: Store, remote=None):
-        self.settings = settings
-        self.remote = remote
-        self.encoder = encoder
-        self.store = store
+        self.settings, self.remote, self.encoder, self.store = settings, remote, encoder, store
         self.model: ModelRow = store.get_or_create_model(encoder.spec.name, encoder.spec.pretrained,
                                                          encoder.fingerprint, encoder.dim)
         self.stage = DecodeStage(encoder, settings.max_pixels,
@@ -258,11 +251,9 @@ class Indexer:
         prior = store.failures_of(p for p, e in seen.items()
                                   if (old := existing.get(p)) is None or old.size != e.size
                                   or old.mtime_ns != e.mtime_ns or old.id not in with_vec)
-        still_failing: set[str] = set()
-        for path, (reason, size, mtime_ns) in prior.items():
-            entry = seen[path]
-            if (size, mtime_ns) == (entry.size, entry.mtime_ns) and not self._may_pass_now(reason, size):
-                still_failing.add(path)
+        still_failing = {path for path, (reason, size, mtime_ns) in prior.items()
+                         if (size, mtime_ns) == (seen[path].size, seen[path].mtime_ns)
+                         and not self._may_pass_now(reason, size)}
         report.failed_before = len(still_failing)
 
         work: list[_Work] = []
@@ -270,16 +261,14 @@ class Indexer:
             if path in still_failing:
                 continue
             old = existing.get(path)
-            if old is not None and old.size == entry.size and old.mtime_ns == entry.mtime_ns:
-                if old.id in with_vec:
-                    if old.taken_source is None:  # from before schema 5: a header read fills when/where
-                        work.append(_Work(entry, old, needs_vector=False, meta_only=True))
-                        continue
+            vec = old is not None and old.id in with_vec
+            if vec and old.size == entry.size and old.mtime_ns == entry.mtime_ns:
+                if old.taken_source is None:  # from before schema 5: a header read fills when/where
+                    work.append(_Work(entry, old, needs_vector=False, meta_only=True))
+                else:
                     report.unchanged += 1
-                    continue
-                work.append(_Work(entry, old, needs_vector=True))
             else:
-                work.append(_Work(entry, old, needs_vector=old is None or old.id not in with_vec))
+                work.append(_Work(entry, old, needs_vector=not vec))
 
         # Rows whose file is gone are move sources first; whatever is not claimed is removed at the end.
         self._missing = {p: r for p, r in existing.items()
@@ -338,10 +327,8 @@ class Indexer:
                 results.close()  # stop the decode threads before the run is recorded as interrupted
             report.interrupted = True
             report.seconds = time.perf_counter() - t0
-            try:
+            with contextlib.suppress(Exception):
                 store.finish_run(run_id, report.counts(), interrupted=True)
-            except Exception:
-                pass
             raise
         report.failed.sort()
         store.finish_run(run_id, report.counts())
@@ -366,9 +353,8 @@ class Indexer:
         return False
 
     def _choose_image_encoder(self, work: list[_Work], report: IndexReport) -> None:
-        """This run's image encoder (onnx_image.select; the one given stays as it was); int8 must first match
-        fp32 (torch, or the fp32 export on a torch-free run) on this run's images, or this library's in an
-        earlier run: else --precision int8 is refused, and auto keeps torch at its precision."""
+        """This run's image encoder (onnx_image.select); int8 must first match fp32 on this run's images, or on this
+        library's in an earlier run: else --precision int8 is refused, and auto falls back (torch, or fp32)."""
         from . import onnx_image
 
         enc = self.encoder = onnx_image.select(self.encoder, self.settings, self.budget.encoder, len(work))
@@ -378,7 +364,7 @@ class Indexer:
         home, library_id, threshold = self.settings.home, self.store.library_id, self.settings.int8_min_cosine
         verdict = onnx_image.cached_parity(home, enc.fingerprint, library_id, threshold)
         if verdict is not None:
-            report.int8_parity, report.parity_images = (verdict or {}).get("min_cosine"), 0  # 0: not measured now
+            report.int8_parity, report.parity_images = verdict.get("min_cosine"), 0  # 0: not measured now
             return
         sample = work if len(work) <= PARITY_SAMPLE else [work[int(i * len(work) / PARITY_SAMPLE)]
                                                            for i in range(PARITY_SAMPLE)]
@@ -439,8 +425,7 @@ class Indexer:
                 report.unchanged += 1
                 pending.cleared.append(e.path)
                 return
-            candidates = self._missing_by_hash.get(res.hash) or []
-            if candidates:
+            if candidates := self._missing_by_hash.get(res.hash):
                 self._move(candidates.pop(), e)
                 return
             # Elsewhere in the library: decided in batches by _resolve_known (one lookup per 500 hashes).
@@ -503,8 +488,7 @@ class Indexer:
             return batch
         tensors = self.stage.batch([r.raw for r in raw], [r.orientation for r in raw])
         for r, t in zip(raw, tensors):
-            r.raw = None
-            r.tensor = t
+            r.raw, r.tensor = None, t
         kept = []
         for r in batch:
             if r.tensor is None:
@@ -530,30 +514,26 @@ class Indexer:
             else:
                 import torch
 
-                device = self.encoder.device
-                vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(device) for r in todo]))
+                vecs = self.encoder.encode_image_tensors(torch.stack([r.tensor.to(self.encoder.device) for r in todo]))
             for r, vec in zip(todo, vecs):
                 r.vector = vec
         for res in batch:
-            vec = res.vector
             w, e, info = res.work, res.work.entry, res.info
             record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": res.hash,
                       "width": info.width, "height": info.height, **with_file_time(info.meta(), e.mtime_ns)}
+            pending.vectors.append((e.path if w.old is None else w.old.id, res.vector))
+            pending.cleared.append(e.path)
             if w.old is None:
                 pending.new.append(record)
-                pending.vectors.append((e.path, vec))
                 report.new += 1
             elif w.old.hash != res.hash:
                 pending.updated.append({**record, "id": w.old.id})
-                pending.vectors.append((w.old.id, vec))
                 report.updated += 1
             else:  # unchanged content, first vector for this model
                 pending.touched.append((w.old.id, e.size, e.mtime_ns))
                 if w.old.taken_source is None:
                     pending.meta.append({**record, "id": w.old.id})
-                pending.vectors.append((w.old.id, vec))
                 report.unchanged += 1
-            pending.cleared.append(e.path)
         report.encoded += len(batch)
 
 
@@ -628,11 +608,8 @@ def normalize_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
 def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encoder: Encoder | None = None,
                 progress: ProgressFn | None = None, store: Store | None = None, open_store=None, load_encoder=None,
                 build_progress: BuildProgress | None = None, wait: bool = True, remote=None) -> IndexReport:
-    """Index (or re-index incrementally) image files under ``paths`` with the settings' model.
-
-    Holds the library's write lock for the whole run; ``wait=False`` fails at once when another run has it.
-    ``remote``: decode and encode elsewhere (see :class:`Indexer`).
-    """
+    """Index (or re-index incrementally) image files under ``paths`` with the settings' model, holding the
+    write lock (``wait=False``: fail at once when another run has it); ``remote``: see :class:`Indexer`."""
     from . import encoder as encoder_mod
     from . import onnx_image
     from .lock import write_lock
@@ -641,8 +618,7 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
     with write_lock(settings.home, wait=wait):
         own_store = store is None
         # An existing library is opened first (its id keys the int8 parity verdict); a new one only after the
-        # model loaded, so a bad --model never leaves an empty library behind. A Ray run encodes on its workers'
-        # torch models; the driver's encoder names the model and makes the text export, so it is never torch-free.
+        # model loaded, so a bad --model leaves no empty library. A Ray run (remote) is never torch-free.
         torch_free = encoder is None and remote is None and settings.torch_free
         threads = thread_budget(device="cpu", workers=settings.workers).encoder
         if torch_free:  # its ONNX session loads on the idle core while the library opens (SQLAlchemy, the store)
@@ -669,8 +645,7 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
             if own_store and open_store is None and store is not None:
                 store.close()
         if not enc.torch_free:
-            # The torch-free text tower a cold `query` uses; made once per weights fingerprint, never fails the run.
-            # (A torch-free run is only chosen when it exists already.)
+            # The text export a cold `query` uses; made once per weights fingerprint, never fails the run.
             from .textfast import ensure_export
 
             ensure_export(settings.home, enc)

@@ -10,9 +10,9 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from .config import make_home
 from .errors import LibraryError
@@ -21,13 +21,6 @@ LOCK_NAME = "write.lock"
 
 _held: dict[str, tuple[int, int]] = {}  # lock path -> (thread id, depth): re-entrant within one thread
 _held_guard = threading.Lock()
-
-
-def _say_waiting(pid: int | None) -> None:
-    who = f" (pid {pid})" if pid else ""
-    # One write for the line and its newline, so it cannot run into a line another thread writes (serve --watch).
-    sys.stderr.write(f"another imgsearch run{who} is writing to this library; waiting… (Ctrl-C to stop)\n")
-    sys.stderr.flush()
 
 
 def holder_pid(home: str | os.PathLike) -> int | None:
@@ -60,10 +53,9 @@ def is_held(home: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def write_lock(home: str | os.PathLike, *, wait: bool = True, timeout: float | None = None,
-               on_wait: Callable[[int | None], None] | None = _say_waiting) -> Iterator[None]:
-    """Hold the library's write lock. Another holder: ``on_wait(pid)`` once, then wait (or fail at once with
-    ``wait=False``, or after ``timeout`` seconds) with a LibraryError that names the holder."""
+def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
+    """Hold the library's write lock. Another holder: say so once and wait, or with ``wait=False`` fail at once
+    with a LibraryError that names the holder."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): SQLite's own locking is all there is
@@ -96,22 +88,18 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True, timeout: float | N
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             pid = holder_pid(home)
+            who = f" (pid {pid})" if pid else ""
             if not wait:
-                raise LibraryError(f"another imgsearch run{f' (pid {pid})' if pid else ''} is writing to this "
-                                   "library; try again when it has finished (or leave out --no-wait)") from None
-            if on_wait:
-                on_wait(pid)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                # Polling (not a blocking flock) keeps Ctrl-C and the timeout responsive.
+                raise LibraryError(f"another imgsearch run{who} is writing to this library; try again when it has "
+                                   "finished (or leave out --no-wait)") from None
+            # One write for the line and its newline, so it cannot run into another thread's line (serve --watch).
+            sys.stderr.write(f"another imgsearch run{who} is writing to this library; waiting… (Ctrl-C to stop)\n")
+            sys.stderr.flush()
+            while True:  # polling, not a blocking flock, keeps Ctrl-C responsive
                 time.sleep(0.1)
-                try:
+                with suppress(OSError):
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
-                except OSError:
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise LibraryError(f"another imgsearch run (pid {holder_pid(home) or '?'}) was still "
-                                           f"writing to this library after {timeout:g}s; try again later") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         with _held_guard:

@@ -1,15 +1,15 @@
 """Which image encoder an index run uses (select), and the image tower on ONNX Runtime it may pick: fp32 where
 it beats torch on this CPU, opt-in dynamic int8, or the whole run without torch (torch_free_encoder).
 
-Exports live in ``<home>/exports/<weights fingerprint>/image/`` (image-fp32.onnx, image-int8.onnx,
-manifest.json); the manifest repeats the fingerprint and format, so a fine-tuned or replaced model never runs
-a stale export. An export is used only after it matched the torch tower on a probe batch (fp32: every cosine
->= 0.9999). The chosen tower is a new OrtEncoder: the torch encoder, which other threads may be using, never
-changes backend. onnxruntime and onnx are imported only when needed; without them torch runs, with one note.
+Exports live in ``<home>/exports/<weights fingerprint>/image/`` with a manifest repeating the fingerprint and
+format (a replaced model never runs a stale export); one is used only after it matched the torch tower on a
+probe batch (fp32: every cosine >= 0.9999). The chosen tower is a new OrtEncoder: a torch encoder other threads
+may use never changes backend. onnxruntime and onnx are imported only when needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -113,11 +113,9 @@ def _session_key(path: Path, threads: int) -> tuple | None:
 def prestart(path: Path, threads: int) -> None:
     """Begin creating the session for ``path`` on a background thread, for OrtImageTower to pick up.
 
-    onnxruntime releases the GIL while it optimises and pre-packs a model (0.6-0.8 s for ViT-B-32 on 2 Zen 3
-    cores), so the caller's imports and database opening run meanwhile on the idle core. An executor's
-    thread, because the interpreter joins those before it shuts down: exiting while onnxruntime's loader ran
-    on a daemon thread could crash the process on its way out (an error exit, a Ctrl-C).
-    """
+    onnxruntime releases the GIL while it loads a model (ViT-B-32: 0.6-0.8 s on 2 Zen 3 cores), so the caller's
+    imports run meanwhile. An executor's thread, which the interpreter joins at shutdown: exiting while
+    onnxruntime loaded on a daemon thread could crash the process (an error exit, a Ctrl-C)."""
     from concurrent.futures import ThreadPoolExecutor
 
     key = _session_key(path, threads)
@@ -136,12 +134,10 @@ class OrtImageTower:
     """An onnxruntime session over an exported image tower; encode() returns L2-normalised float32 rows."""
 
     def __init__(self, path: Path, kind: str, threads: int, once: bool = False, lazy: bool = False):
-        """``lazy``: no session until the first encode (a parity pass would release it before using it),
-        unless one was prestarted."""
+        """``lazy``: no session until the first encode (a parity pass would release it first), unless prestarted."""
         fut = None if once else _started.pop(_session_key(path, threads), None)
         self.session = fut.result() if fut is not None else None if lazy else _new_session(path, threads, once)
-        self.path, self.kind = path, kind
-        self.threads = threads
+        self.path, self.kind, self.threads = path, kind, threads
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         session = self.session
@@ -161,9 +157,8 @@ def _torch_features(encoder, batch: np.ndarray) -> np.ndarray:
 
 
 def _export(encoder, path: Path, int8: bool = False) -> None:
-    """The fp32 (or int8) image graph: for open_clip's plain ViT built from the loaded model's tensors
-    (clipgraph: lean, and no second trace of the model), for any other tower traced by torch.onnx.export (its
-    int8 graph quantised from the fp32 file beside it)."""
+    """The fp32 (or int8) image graph: built from the tensors for open_clip's plain ViT (clipgraph), else traced
+    by torch.onnx.export (int8: quantised from the fp32 file beside it)."""
     from . import clipgraph
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -203,16 +198,13 @@ def _export(encoder, path: Path, int8: bool = False) -> None:
 
 
 def _quantise_int8(fp32: Path, out: Path) -> None:
-    """The int8 model of a traced tower's ``fp32`` file (clipgraph writes its own towers' int8 graph, the same
-    arithmetic), quantised in a child process: onnxruntime's quantiser logs through the root logger (advice to
-    pre-process, a line per tensor), which would give a program without logging set up a root handler and so
-    turn its own later logging.basicConfig into a no-op. The child's is its own."""
+    """The int8 model of a traced tower's ``fp32`` file, quantised in a child process: onnxruntime's quantiser
+    logs through the root logger, which would make a host program's later logging.basicConfig a no-op."""
     import subprocess
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    # Only weight MatMul/Gemm (the transformer's projections and MLPs, ~all the FLOPs): the patch
-    # embedding conv and attention's activation x activation products stay fp32, which keeps the
-    # cosine to fp32 up at little cost in speed.
+    # Only weight MatMul/Gemm (~all the FLOPs): the patch conv and attention's activation x activation
+    # products stay fp32, which keeps the cosine to fp32 up at little cost in speed.
     code = ("import json, sys\n"
             "from onnxruntime.quantization import QuantType, quantize_dynamic\n"
             "r = json.loads(sys.argv[3])\n"
@@ -232,10 +224,9 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
 
 
 def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[OrtImageTower, dict]:
-    """A verified session for ``kind`` (fp32 | int8), exporting or rebuilding it first when needed; an export
-    checked only against the numpy reference (made without torch) is checked against torch now. A bf16
-    encoder's weights can neither write nor check an fp32 graph: it uses only an export made from the
-    checkpoint's tensors (make_exports)."""
+    """A verified session for ``kind`` (fp32 | int8), exported first where needed; a numpy-checked export is
+    checked against torch now. A bf16 encoder can neither write nor check an fp32 graph: it uses only an
+    export made from the checkpoint's tensors (make_exports)."""
     folder = export_dir(home, encoder.fingerprint)
     if encoder.device != "cpu":
         raise OnnxUnavailable(f"the ONNX image tower runs fp32/int8 on the CPU, not {encoder.device}")
@@ -252,8 +243,7 @@ def ensure_export(encoder, home, kind: str = "fp32", threads: int = 1) -> tuple[
 
 
 def _verified(folder: Path, fingerprint: str, kind: str) -> tuple[Path | None, dict, str]:
-    """(the ``kind`` export file in ``folder``, its manifest, "ok") when it is there and verified, else
-    (None, manifest, why not)."""
+    """(the ``kind`` export file, its manifest, "ok") when there and verified, else (None, manifest, why not)."""
     manifest = _read_manifest(folder)
     if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
         return None, manifest, "no image export for these weights"
@@ -268,55 +258,44 @@ def _verified(folder: Path, fingerprint: str, kind: str) -> tuple[Path | None, d
 def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: str, threads: int, write, reference,
                   checked: str, describe) -> tuple[Path, dict]:
     """The export file for ``kind`` in ``folder`` and its manifest, made where missing: ``write(path, int8)``
-    writes the fp32 or int8 graph, ``reference(probe)`` gives the features it must match (``checked``: "torch"
-    or "numpy"), ``describe()`` the manifest's dim and preprocess. A "numpy"-checked entry is checked again by
-    torch. Each check loads one session at a time (once=True) and gives its memory back (trim_heap)."""
+    writes a graph, ``reference(probe)`` gives the features it must match (``checked``: "torch" or "numpy"; a
+    "numpy"-checked entry is checked again by torch), ``describe()`` the manifest's dim and preprocess. Each
+    check loads one session at a time (once=True) and gives its memory back (trim_heap)."""
     ort = _import_ort()
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
-    fresh = manifest.get("fingerprint") == fingerprint and manifest.get("format") == FORMAT
-    if not fresh:
+    if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
         manifest = {"format": FORMAT, "fingerprint": fingerprint, "model": label, "opset": OPSET,
                     "input_size": size, "onnxruntime": ort.__version__}
     recheck = lambda e: checked == "torch" and (e or {}).get("checked") == "numpy"  # noqa: E731
-    entry = manifest.get("fp32") if fresh else None
+    entry = manifest.get("fp32")
     if "preprocess" not in manifest or recheck(entry):
         manifest.update(describe())
         _write_manifest(folder, manifest)
     probe, refs = probe_batch(size), []
 
-    def cosine(path: Path, kind: str) -> float:  # the reference (L2-normalised) is computed once
-        refs[:] = refs or [reference(probe)]
-        cos = float((OrtImageTower(path, kind, threads, once=True).encode(probe) * refs[0]).sum(1).min())
-        trim_heap()
-        return cos
+    def made(k: str, file: str, record) -> tuple[Path, dict]:
+        """``k``'s file and manifest entry, written where missing or stale and checked where unchecked."""
+        path, entry = folder / file, manifest.get(k)
+        missing = entry is None or not path.is_file() or (k == "int8" and _recipe_of(entry) != INT8_RECIPE)
+        if missing or recheck(entry):
+            if missing:
+                write(path, k == "int8")
+            refs[:] = refs or [reference(probe)]  # the reference (L2-normalised) is computed once
+            cos = float((OrtImageTower(path, k, threads, once=True).encode(probe) * refs[0]).sum(1).min())
+            trim_heap()
+            entry = manifest[k] = {"file": file, **record(cos), "checked": checked}
+            _write_manifest(folder, manifest)
+        return path, entry
 
-    fp32_path = folder / FP32_FILE
-    missing = entry is None or not fp32_path.is_file()
-    if missing or recheck(entry):
-        if missing:
-            write(fp32_path, False)
-        cos = cosine(fp32_path, "fp32")
-        entry = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE, "threshold": FP32_MIN_COSINE,
-                 "checked": checked}
-        manifest["fp32"] = entry
-        _write_manifest(folder, manifest)
+    path, entry = made("fp32", FP32_FILE, lambda c: {"min_cosine": c, "passed": c >= FP32_MIN_COSINE,
+                                                      "threshold": FP32_MIN_COSINE})
     if not entry.get("passed"):
         raise OnnxUnavailable(f"the exported image tower does not match {entry.get('checked', 'torch')} "
                               f"(cosine {entry['min_cosine']:.6f})")
     if kind == "fp32":
-        return fp32_path, manifest
-    int8_path = folder / INT8_FILE
-    entry8 = manifest.get("int8") if fresh else None
-    missing = entry8 is None or not int8_path.is_file() or _recipe_of(entry8) != INT8_RECIPE
-    if missing or recheck(entry8):
-        if missing:
-            write(int8_path, True)
-        cos = cosine(int8_path, "int8")
-        entry8 = {"file": INT8_FILE, "probe_min_cosine": cos, **INT8_RECIPE, "checked": checked}
-        manifest["int8"] = entry8
-        _write_manifest(folder, manifest)
-    return int8_path, manifest
+        return path, manifest
+    return made("int8", INT8_FILE, lambda c: {"probe_min_cosine": c, **INT8_RECIPE})[0], manifest
 
 
 def _timed(fn, batch, runs: int = 2) -> float:
@@ -330,15 +309,13 @@ def _timed(fn, batch, runs: int = 2) -> float:
 
 
 def _contenders(precision: str, auto: bool) -> list[str]:
-    """The image towers a run at ``precision`` chooses between by speed, torch first: fp32 also onnxruntime
-    fp32, and an auto run (--precision and image backend auto) also onnxruntime int8."""
+    """The image towers a run at ``precision`` chooses between by speed, torch first (auto: also int8)."""
     return [f"torch {precision}"] + [f"onnxruntime {k}" for k in ("fp32", "int8")
                                      if k == precision or (auto and k == "int8")]
 
 
 def recorded_best(manifest: dict, names: list[str], threads: int) -> str | None:
-    """The fastest of ``names`` as timed here before (CPU model, threads, versions: decision_key); None when
-    one of them was not timed here."""
+    """The fastest of ``names`` as timed here before (decision_key); None when one of them was not."""
     speeds = (manifest.get("img_s") or {}).get(decision_key(threads)) or {}
     if manifest.get("format") != FORMAT or any(n not in speeds for n in names):
         return None
@@ -346,9 +323,8 @@ def recorded_best(manifest: dict, names: list[str], threads: int) -> str | None:
 
 
 def measure(encoder, home, towers: list[OrtImageTower]) -> str:
-    """Times torch at the encoder's precision and each of ``towers`` on the same probe batch, records the
-    figures in the manifest (once per machine and weights: recorded_best reads them) and says the choice
-    once; returns the fastest one's name."""
+    """Times torch and each of ``towers`` on one probe batch, records the figures (record_speeds) and says the
+    choice; returns the fastest one's name."""
     batch = probe_batch(encoder.image_size, 8)
     speeds = {encoder.image_tower: _timed(lambda b: _torch_features(encoder, b), batch)}
     speeds.update((t.describe(), _timed(t.encode, batch)) for t in towers)
@@ -362,15 +338,12 @@ ORT_MIN_RUN = 200  # files a run must have before onnxruntime is exported and ti
 
 
 def select(encoder, settings, threads: int, files: int | None = None):
-    """The image encoder a run uses. ``encoder`` may be shared (a server's queries) and is never changed.
+    """The image encoder a run uses; ``encoder`` may be shared (a server's queries) and is never changed.
 
-    A torch-free encoder is already the choice. A torch one stays, except on the CPU: int8 runs on
-    onnxruntime (the caller's parity gate says whether it may), and fp32 does when image_backend is onnx, or
-    auto and onnxruntime was measured faster here; with --precision auto too, onnxruntime int8 is timed
-    against torch at its precision (and fp32 on onnxruntime) and runs where fastest, behind the parity gate.
-    A run of fewer than ORT_MIN_RUN ``files`` does not pay for the first export and timing. Without
-    onnxruntime, or when an export fails, torch runs, with one note.
-    """
+    A torch encoder stays, except on the CPU: int8 runs on onnxruntime (behind the caller's parity gate), fp32
+    does with image_backend onnx, or auto where onnxruntime was measured faster; --precision auto also times
+    onnxruntime int8. A run of fewer than ORT_MIN_RUN ``files`` does not pay for the first export and timing.
+    Without onnxruntime, or when an export fails, torch runs, with one note."""
     mode, precision = settings.image_backend, encoder.precision
     auto = settings.precision == "auto" and mode == "auto"
     if encoder.torch_free or not _ort_may_run(encoder.device, precision, mode, files, auto):
@@ -409,12 +382,11 @@ def _ort_may_run(device: str, precision: str, mode: str, files: int | None = Non
 
 
 def int8_parity(encoder, tensors) -> tuple[float, np.ndarray, dict]:
-    """(min cosine, the int8 features, img/s) of an int8 OrtEncoder against fp32 on the user's decoded images:
-    its fp32 torch encoder, or else the fp32 export on onnxruntime (the same arithmetic, checked against its
-    reference), run while the int8 session is released: one session in memory at a time (ViT-B-32: 0.2 s to
-    load it again). The int8 features are the run's own vectors for those images where int8 passes. With
-    the fp32 export as the reference, both towers' img/s on these images come free: a torch-free auto run
-    chooses between them by it."""
+    """(min cosine, the int8 features, img/s) of an int8 OrtEncoder against fp32 on the user's decoded images.
+
+    The reference is its fp32 torch encoder, else the fp32 export, run while the int8 session is released (one
+    session in memory at a time; ViT-B-32: 0.2 s to load it again), which also times both towers for a
+    torch-free auto run. The int8 features are the run's own vectors for those images where int8 passes."""
     batch = np.stack([np.asarray(t, np.float32) for t in tensors])
     speeds, clock = {}, time.perf_counter
     if encoder.torch_encoder is None or encoder.torch_encoder.precision != "fp32":  # bf16 is no fp32 reference
@@ -438,16 +410,13 @@ def int8_parity(encoder, tensors) -> tuple[float, np.ndarray, dict]:
 
 
 def record_speeds(home, fingerprint: str, speeds: dict, threads: int) -> str:
-    """Remember towers' img/s measured here (recorded_best reads them: once per machine and weights); returns
-    the fastest."""
+    """Remember towers' img/s measured here (recorded_best reads them); returns the fastest."""
     folder = export_dir(home, fingerprint)
     manifest = _read_manifest(folder)
     if manifest.get("fingerprint") == fingerprint:
         manifest.setdefault("img_s", {}).setdefault(decision_key(threads), {}).update(speeds)
-        try:
+        with contextlib.suppress(OSError):  # a cache: the next run measures again
             _write_manifest(folder, manifest)
-        except OSError:
-            pass  # a cache: the next run measures again
     return max(speeds, key=speeds.get)
 
 
@@ -457,23 +426,17 @@ def say_choice(speeds: dict, best: str) -> None:
 
 
 def trim_heap() -> None:
-    """Hand the heap pages a freed onnxruntime session leaves behind back to the system. glibc keeps them for
-    the process otherwise (ViT-B-32 fp32: 550 MB), and the next session or the decode buffers do not reuse
-    them all. No setting changes; elsewhere than glibc it does nothing."""
+    """Hand the heap pages a freed onnxruntime session leaves back to the system (glibc keeps them otherwise;
+    ViT-B-32 fp32: 550 MB, not all reused). No setting changes; elsewhere than glibc it does nothing."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _checked_preprocess(encoder) -> dict | None:
-    """The model's preprocess_cfg when the torch-free numpy preprocess reproduces its torch preprocess, else None.
-
-    Checked on two odd-sized probe pictures (landscape and portrait), so a later torch-free run can trust the
-    recorded config without loading torchvision.
-    """
+    """The model's preprocess_cfg when the numpy preprocess reproduces its torch one on two odd-sized probe
+    pictures (so a torch-free run can trust it), else None."""
     from PIL import Image
 
     from .images import UnsupportedPreprocess, numpy_preprocess, preprocess_cfg_of, tensor_preprocess
@@ -504,8 +467,7 @@ def _version(dist: str) -> str:
 
 
 def decision_key(threads: int) -> str:
-    """What a measured fp32 torch-vs-onnxruntime verdict holds for; read from package metadata, not imports,
-    so a torch-free run can look it up."""
+    """What a measured speed verdict holds for; from package metadata, not imports (a torch-free run reads it)."""
     return f"{cpu_model()} | {threads} threads | torch {_version('torch')} | ort {_version('onnxruntime')}"
 
 
@@ -518,24 +480,27 @@ def _file_id(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _parity_key(library_id: str, home, fingerprint: str) -> tuple[Path, str, dict]:
+def _parity_key(home, fingerprint: str, library_id: str | None) -> tuple[Path, dict, str, dict] | None:
+    """(export folder, its manifest, library key, what a verdict must match) of the weights' export, or None."""
+    if not library_id:
+        return None
     folder = export_dir(home, fingerprint)
-    return folder, str(library_id), {"recipe": INT8_RECIPE, "int8_file": _file_id(folder / INT8_FILE)}
+    try:
+        ident = {"recipe": INT8_RECIPE, "int8_file": _file_id(folder / INT8_FILE)}
+    except OSError:
+        return None
+    manifest = _read_manifest(folder)
+    return (folder, manifest, str(library_id), ident) if manifest.get("fingerprint") == fingerprint else None
 
 
 def cached_parity(home, fingerprint: str, library_id: str | None, threshold: float,
                   failed: bool = False) -> dict | None:
     """The int8 parity check recorded for this library, weights and int8 export, when it still clears
     ``threshold`` (``failed``: when it does not); None means measure (again)."""
-    if not library_id:
+    found = _parity_key(home, fingerprint, library_id)
+    if found is None or found[1].get("format") != FORMAT:
         return None
-    try:
-        folder, key, ident = _parity_key(library_id, home, fingerprint)
-    except OSError:
-        return None
-    manifest = _read_manifest(folder)
-    if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
-        return None
+    _, manifest, key, ident = found
     verdict = (manifest.get("int8_parity") or {}).get(key)
     if not verdict or any(verdict.get(k) != v for k, v in ident.items()):
         return None
@@ -545,25 +510,18 @@ def cached_parity(home, fingerprint: str, library_id: str | None, threshold: flo
 def record_parity(home, fingerprint: str, library_id: str | None, cos: float, images: int) -> None:
     """Remember an int8 parity check: a pass, or a failure where auto fell back to fp32 without torch (auto's
     torch runs and --precision int8 refusals are not cached: the next run measures again)."""
-    if not library_id:
-        return
-    try:
-        folder, key, ident = _parity_key(library_id, home, fingerprint)
-        manifest = _read_manifest(folder)
-        if manifest.get("fingerprint") != fingerprint:
-            return
+    found = _parity_key(home, fingerprint, library_id)
+    if found is not None:
+        folder, manifest, key, ident = found
         manifest.setdefault("int8_parity", {})[key] = {"min_cosine": cos, "images": images, **ident,
                                                        "measured": time.strftime("%Y-%m-%d")}
-        _write_manifest(folder, manifest)
-    except OSError:
-        pass  # a cache: the next run measures again
+        with contextlib.suppress(OSError):  # a cache: the next run measures again
+            _write_manifest(folder, manifest)
 
 
 class OrtEncoder:
-    """An image encoder whose tower is a verified ONNX export on onnxruntime: its own object, so no torch encoder
-    changes backend. Over a loaded ``torch_encoder`` (select), everything else is that encoder's; without one
-    (torch_free_encoder), no torch import, and the numpy preprocess the export verified.
-    """
+    """An image encoder whose tower is a verified ONNX export on onnxruntime. Over a loaded ``torch_encoder``
+    (select) everything else is that encoder's; without one (torch_free_encoder), no torch import."""
 
     text_tower = None  # torch-free: the library's text export (torch_free_encoder)
 
@@ -600,17 +558,11 @@ def fp32_twin(encoder: OrtEncoder) -> OrtEncoder:
 
 
 def _no_gpu_without_torch(device: str) -> bool:
-    """True when ``device`` certainly resolves to the CPU, decided without importing torch.
-
-    auto picks CUDA only with a GPU driver loaded (NVIDIA's /proc and /dev entries, ROCm's /dev/kfd) and
-    MPS only on Apple Silicon; where either could exist, torch decides as before. Without torch installed,
-    auto is the CPU.
-    """
+    """True when ``device`` certainly resolves to the CPU, decided without importing torch (auto without torch
+    is the CPU; with it, auto may pick a GPU only where _gpu_possible)."""
     from .encoder import torch_installed
 
-    if device == "cpu" or (device == "auto" and not torch_installed()):
-        return True
-    return device == "auto" and not _gpu_possible()
+    return device == "cpu" or (device == "auto" and (not torch_installed() or not _gpu_possible()))
 
 
 def say_gpu_unused(settings) -> None:
@@ -647,10 +599,9 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
     if not _ort_may_run("cpu", precision, settings.image_backend, auto=auto):
         return None, f"precision {precision} runs on torch"
     spec = ModelSpec(settings.model, settings.pretrained).canonical()
-    try:
+    fingerprint = None
+    with contextlib.suppress(OSError):
         fingerprint = known_fingerprint(spec)
-    except OSError:
-        fingerprint = None
     if not fingerprint:
         return None, "weights fingerprint needs open_clip"
     folder, kind = export_dir(settings.home, fingerprint), precision
@@ -684,12 +635,10 @@ PREPROCESS_DEFAULTS = {"size": 224, "mode": "RGB", "mean": [0.48145466, 0.457827
 
 def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
     """(open_clip model config, preprocess config, safetensors file, CLIP BPE table) of ``spec``, read as files
-    without importing open_clip: a local-dir folder's config and weights; a model name's packaged config and a
-    --pretrained .safetensors file; or the files of a Hugging Face repo (an hf-hub: name, or a tag of
-    modelspec.HUB_TAGS), fetched into huggingface_hub's cache as open_clip would fetch them. The BPE table is
-    open_clip's own file where open_clip is installed, else the repo's merges.txt (or tokenizer.json) or the
-    folder's merges.txt. None when the weights are no safetensors file; clipgraph.Unsupported for a config
-    or table that cannot be read; ModelLoadError when a hub file cannot be had."""
+    without importing open_clip: a local-dir folder's; a model name's packaged config and --pretrained file; or
+    a Hugging Face repo's (hf-hub: or a modelspec.HUB_TAGS tag), fetched as open_clip would. The BPE table is
+    open_clip's own where installed, else the repo's or folder's merges. None when the weights are no
+    safetensors file; clipgraph.Unsupported for an unreadable config or table; ModelLoadError for a hub file."""
     from .clipgraph import Unsupported
     from .encoder import CONFIG_FILE, LOCAL_DIR, _local_weights
     from .modelspec import HUB_TAGS, hub_repo, looks_like_file
@@ -730,8 +679,8 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
 
 
 def _hub_files(repo: str, label: str) -> tuple[Path, Path, Path | None]:
-    """(weights, config, CLIP's BPE merges: merges.txt or tokenizer.json, or None) of an open_clip model's
-    Hugging Face repo, from huggingface_hub's cache, fetched there first when the hub can be reached."""
+    """(weights, config, CLIP's BPE merges or None) of an open_clip model's Hugging Face repo, from
+    huggingface_hub's cache, fetched there first when the hub can be reached."""
     from huggingface_hub import hf_hub_download
 
     from .encoder import CONFIG_FILE, _hub_offline, _hub_weights, _short
@@ -744,25 +693,19 @@ def _hub_files(repo: str, label: str) -> tuple[Path, Path, Path | None]:
         where = "no cached copy and the hub is unreachable" if offline else _short(e)
         raise ModelLoadError(f"cannot get the weights of {label} from Hugging Face ({repo}: {where}); connect to "
                              "the internet once so they are cached, or use --model local-dir:/path") from None
-    merges = None
     for name in ("merges.txt", "tokenizer.json"):  # CLIP's BPE merges, in either of the hub's layouts
-        try:
-            merges = Path(hf_hub_download(repo, name, local_files_only=offline))
-            break
-        except Exception:
-            pass
-    return weights, config, merges
+        with contextlib.suppress(Exception):
+            return weights, config, Path(hf_hub_download(repo, name, local_files_only=offline))
+    return weights, config, None
 
 
 def make_exports(settings, threads: int, text: bool = True) -> str:
     """The image export (fp32, and int8 for an int8 run) and (``text``) the text export of a safetensors
-    checkpoint, made without torch or open_clip where missing, for a CPU run that encodes on onnxruntime (int8,
-    or fp32 asked for, or auto's int8 contender); "ok", else why not (the caller loads torch, which makes
-    them; a reason is noted once on stderr).
+    checkpoint, made without torch or open_clip where missing; "ok", else why not (the caller loads torch,
+    which makes them; a reason is noted once on stderr).
 
-    Graphs and weights come from the tensors (clipgraph), what tensors cannot say from the open_clip config
-    (refused where it does not fit the tensors), and each export is checked against the tower computed in
-    numpy straight from the tensors (textfast.reference_features), recorded as "checked": "numpy".
+    Graphs come from the tensors (clipgraph) and the open_clip config (refused where it does not fit them);
+    each export is checked against the tower computed in numpy (textfast.reference_features): "checked": "numpy".
     """
     from . import clipgraph, textfast
     from .encoder import known_fingerprint, pick_precision, torch_installed
@@ -790,8 +733,8 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
         fingerprint, tensors = known_fingerprint(spec), lambda: clipgraph.Checkpoint(weights)
         facts = clipgraph.config_facts(model_cfg, "visual")
         clipgraph.check_config(model_cfg, tensors())
-        preprocess = {**PREPROCESS_DEFAULTS, **{k: v for k, v in pre.items() if k in PREPROCESS_DEFAULTS and v is not None},
-                      "size": [facts["image_size"]] * 2}
+        given = {k: v for k, v in pre.items() if k in PREPROCESS_DEFAULTS and v is not None}
+        preprocess = {**PREPROCESS_DEFAULTS, **given, "size": [facts["image_size"]] * 2}
         numpy_preprocess(preprocess)
         print(f"note: making the ONNX and text exports of {spec.label} from its tensors (once, without torch)",
               file=sys.stderr)
@@ -817,11 +760,9 @@ def torch_free_encoder(settings, library_id: str | None, threads: int, make: boo
                        once: bool = False) -> tuple[OrtEncoder | None, str]:
     """An OrtEncoder without torch when this run can index without torch, else (None, why not).
 
-    Needs: the CPU, fp32 or int8, the weights fingerprint known without loading the model, an export of
-    those weights that passed its check with a verified preprocess, onnxruntime chosen for fp32 (measured or
-    asked for), and the text export. Exports missing for a safetensors checkpoint are made first
-    (make_exports). An int8 run without a recorded parity verdict for this library measures it (the indexer).
-    """
+    Needs the CPU, fp32 or int8, the weights fingerprint known without the model, a verified export (made first
+    for a safetensors checkpoint: make_exports), onnxruntime chosen for fp32, and the text export. An int8 run
+    without a parity verdict for this library measures it (the indexer)."""
     from . import textfast
     from .encoder import torch_installed
 
@@ -867,9 +808,8 @@ def torch_free_encoder(settings, library_id: str | None, threads: int, make: boo
 
 
 def query_encoder(settings, threads: int, make: bool = True) -> OrtEncoder:
-    """The torch-free encoder of image queries, CLIP scores, file tags and eval: the fp32 image export (int8
-    where asked for; made from the checkpoint where missing, with ``make``) and the text export;
-    ModelLoadError says why there is none."""
+    """The torch-free encoder of image queries, CLIP scores, file tags and eval (fp32, or int8 where asked for;
+    exports made where missing, with ``make``); ModelLoadError says why there is none."""
     from .encoder import needs_torch
     from .errors import ModelLoadError
 

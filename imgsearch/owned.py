@@ -1,9 +1,8 @@
 """Proof that imgsearch made a folder, so it only ever removes or replaces what it wrote itself.
 
-A folder imgsearch may later delete or replace gets a marker recording its kind, its real path, a random
-token (also kept where the check happens, so a copied marker proves nothing) and every file written there
-with its size and mtime. It is imgsearch's only when the marker names this path and token, every recorded
-file is unchanged and nothing else is there. Removal unlinks those files by name and rmdir's the folder
+Such a folder gets a marker recording its kind, real path, a random token (also kept by the caller, so a
+copied marker proves nothing) and every file written there with its size and mtime; it is imgsearch's only when
+all of these still hold and nothing else is there. Removal unlinks those files by name and rmdir's the folder
 (never a recursive delete), so anything that appears meanwhile keeps the folder in place.
 """
 

@@ -1,6 +1,5 @@
-"""Progress bars on stderr for the commands: one adapter from imgsearch's ``progress(done, total)``
-callbacks to tqdm, imported only when a bar is actually drawn (so `--quiet`, `--json` pipelines and
-`--help` never load it)."""
+"""Progress bars on stderr: imgsearch's ``progress(done, total)`` callbacks drawn by tqdm, imported only when a
+bar is drawn (so `--quiet`, `--json` and `--help` never load it)."""
 
 from __future__ import annotations
 

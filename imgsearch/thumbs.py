@@ -1,7 +1,6 @@
-"""Thumbnails of library images, made once and cached under the library home. Only a library image can be
-thumbnailed, by its id: the file read is the path the library recorded, so nothing a user types (or puts in
-a URL) can name a file to read. A cache file is named from the id and content hash, so a changed photo gets
-a new thumbnail.
+"""Thumbnails of library images, made once and cached under the library home, named by image id and content
+hash (a changed photo gets a new one). Only the path the library recorded is read: nothing a user types (or
+puts in a URL) can name a file to read.
 """
 
 from __future__ import annotations
@@ -59,12 +58,10 @@ def _drop_stale(dest: Path, image_id: int) -> None:
     """Remove thumbnails of older contents of the same image (same id, other hash): only plain files named
     as cache_path() names them; anything else in the folder was not written here and stays."""
     own_name = re.compile(rf"{image_id}-(?:[0-9a-f]+|x)\.jpg")
-    try:
+    with contextlib.suppress(OSError):  # a leftover file costs disk space, nothing else
         for old in dest.parent.iterdir():
             if old != dest and own_name.fullmatch(old.name) and old.is_file() and not old.is_symlink():
                 old.unlink(missing_ok=True)
-    except OSError:
-        pass  # a leftover file costs disk space, nothing else
 
 
 def library_image(store: Store, image_id: object) -> ImageRow:
@@ -92,8 +89,8 @@ def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None =
         row = rows.get(i)
         if row is None:
             out[i] = UsageError(f"image id {i} is not in the library")
-        elif cache_path(settings, row, size).exists():
-            out[i] = cache_path(settings, row, size)
+        elif (cached := cache_path(settings, row, size)).exists():
+            out[i] = cached
         else:
             todo.append(row)
 
