@@ -340,8 +340,7 @@ def write_image_graph(arrays: Mapping, facts: dict, path: str | os.PathLike, ops
     x = g.op("Conv", "pixels", g.init(p + "conv1.weight", arrays[p + "conv1.weight"]),
              kernel_shape=[s["patch"]] * 2, strides=[s["patch"]] * 2)
     x = g.op("Transpose", g.op("Reshape", x, i64("patches", [0, width, -1])), perm=[0, 2, 1])
-    # An empty first slot for the class token, filled by the position table: the class embedding is folded
-    # into its row 0, so no Expand of it to the batch is needed.
+    # An empty class-token slot, filled by the position table (class embedding folded into row 0: no Expand).
     x = g.op("Pad", x, i64("cls_slot", [0, 1, 0, 0, 0, 0]))
     pos = arrays[p + "positional_embedding"].astype(np.float32)
     pos[0] += arrays[p + "class_embedding"]

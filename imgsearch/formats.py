@@ -13,8 +13,7 @@ from .config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, RAW_EXTENSIONS
 
 HEAD_BYTES = 32
 
-# Never sniffed: such files are not photos even when they hold image bytes (.thm is a video's JPEG
-# thumbnail, .part/.crdownload a download still being written).
+# Never sniffed: not photos even when they hold image bytes (.thm: a video's thumbnail; .part: a download).
 NOT_IMAGE_EXTENSIONS = frozenset(
     {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".html", ".htm", ".css", ".js", ".ts",
      ".py", ".pyc", ".ipynb", ".c", ".h", ".cpp", ".java", ".go", ".rs", ".rb", ".sh", ".yaml", ".yml", ".toml",

@@ -145,9 +145,8 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-# The model scales a picture's short side to its input (224 px or so) before cropping the centre, so a
-# 1x120000 strip, 0.12 MP and far under the pixel cap, would first become 224 x 27 million pixels. Within
-# this ratio that step stays within 100 model inputs; no camera, panorama or scrolling screenshot is longer.
+# The model scales a picture's short side to ~224 px before its centre crop: a 1x120000 strip (0.12 MP) would
+# become 224 x 27 million pixels. Within this ratio that stays within 100 model inputs; no real photo is longer.
 MAX_ASPECT = 100
 
 
@@ -433,12 +432,8 @@ class TensorPreprocess:
 
 
 class NumpyPreprocess:
-    """The model's eval preprocess on a PIL image, in Pillow + numpy: the torch-free indexing path.
-
-    open_clip's eval transform resizes a PIL image with Pillow itself, crops the centre and normalises; the
-    same steps here give the same pixels without torch. Built from a TensorPreprocess, so it takes exactly
-    the configurations that one was checked to reproduce.
-    """
+    """The model's eval preprocess on a PIL image in Pillow + numpy (the torch-free path): open_clip resizes PIL
+    input with Pillow itself, so the same steps give the same pixels. Built from a checked TensorPreprocess."""
 
     def __init__(self, spec: TensorPreprocess):
         import numpy as np
@@ -476,11 +471,8 @@ def preprocess_cfg_of(model) -> dict:
 
 
 def tensor_preprocess(cfg: dict, preprocess=None) -> TensorPreprocess:
-    """The tensor path for a model's ``preprocess_cfg``; raises UnsupportedPreprocess saying why it can't be.
-
-    ``preprocess`` (the model's torchvision pipeline), when given, must normalise with the same mean/std as
-    ``cfg``: a model whose two descriptions disagree is left to Pillow rather than guessed at.
-    """
+    """The tensor path for a model's ``preprocess_cfg``, else UnsupportedPreprocess saying why. ``preprocess``
+    (the model's torchvision pipeline), when given, must normalise as ``cfg`` says, else Pillow is left to it."""
     missing = [k for k in ("size", "mean", "std") if k not in cfg]
     if missing:
         raise UnsupportedPreprocess(f"the model's preprocess_cfg has no {', '.join(missing)}")
@@ -503,21 +495,13 @@ def tensor_preprocess(cfg: dict, preprocess=None) -> TensorPreprocess:
 
     mean, std = triple(cfg["mean"], "mean"), triple(cfg["std"], "std")
     if preprocess is not None:
-        norm = _normalize_of(preprocess)
+        norm = next((t for t in getattr(preprocess, "transforms", []) if type(t).__name__ == "Normalize"), None)
         if norm is None:
             raise UnsupportedPreprocess("the model's preprocess has no Normalize step")
-        if any(abs(a - b) > 1e-6 for a, b in zip(norm[0] + norm[1], mean + std)):
+        given = [float(v) for part in (norm.mean, norm.std) for v in (list(part) * 3 if len(part) == 1 else part)]
+        if any(abs(a - b) > 1e-6 for a, b in zip(given, mean + std)):
             raise UnsupportedPreprocess("the model's preprocess normalises differently from its preprocess_cfg")
     return TensorPreprocess(size, mean, std, interp, resize)
-
-
-def _normalize_of(preprocess):
-    for t in getattr(preprocess, "transforms", []):
-        if type(t).__name__ == "Normalize":
-            m = tuple(float(v) for v in t.mean)
-            s = tuple(float(v) for v in t.std)
-            return (m * 3 if len(m) == 1 else m), (s * 3 if len(s) == 1 else s)
-    return None
 
 
 # EXIF orientation -> (transpose H and W first, then flip these CHW dims); 6 and 8 are the two rotations.

@@ -89,9 +89,8 @@ class DecodeStage:
     """
 
     def __init__(self, encoder: Encoder, max_pixels: int, tensor: bool, device: str | None = None):
-        self.encoder = encoder
+        self.encoder, self.max_pixels = encoder, max_pixels
         self.device = device or encoder.device  # where the batch decoder runs (cuda: nvJPEG)
-        self.max_pixels = max_pixels
         self.tensor_pre: images.TensorPreprocess | None = None
         self.refused: str | None = None
         if tensor:
@@ -193,7 +192,8 @@ class Indexer:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size > cap:  # never read: peak memory stays near workers x cap
-                    return _Done(work, error=over_cap(size, self.settings.max_file_mb))
+                    return _Done(work, error=f"file is {human_bytes(size)}, over the {self.settings.max_file_mb} MB "
+                                             "cap; raise IMGSEARCH_MAX_FILE_MB if it is a genuine image")
                 digest = files.hash_file(f)
                 if work.old is not None and work.old.hash == digest and not work.needs_vector:
                     meta = header_meta(path, work.entry.mtime_ns) if work.old.taken_source is None else None
@@ -341,8 +341,7 @@ class Indexer:
         return report
 
     def _may_pass_now(self, reason: str, size: int) -> bool:
-        """A recorded failure that a raised cap or a newly installed extra may now let through (worth
-        retrying although unchanged)."""
+        """A recorded failure that a raised cap or a newly installed extra may now let through (retried)."""
         if reason == RAW_NEEDS_EXTRA:
             return files.raw_supported()
         if "IMGSEARCH_MAX_FILE_MB" in reason:
@@ -377,8 +376,7 @@ class Indexer:
         cos, feats, speeds = onnx_image.int8_parity(enc, tensors)
         report.int8_parity, report.parity_images = cos, len(tensors)
         if cos < threshold and self.settings.precision == "auto":
-            # auto chose int8 for its speed: this library keeps the torch tower (and asks again next run), or
-            # without torch the fp32 export (remembered)
+            # auto chose int8 for speed: the torch tower instead (asked again next run), or the fp32 export (kept)
             if enc.torch_encoder is None:
                 self.encoder = onnx_image.fp32_twin(enc)
                 onnx_image.record_parity(home, enc.fingerprint, library_id, cos, len(tensors))
@@ -566,11 +564,6 @@ class _Pending:
         self.copies = copies
 
 
-def over_cap(size: int, cap_mb: int) -> str:
-    return (f"file is {human_bytes(size)}, over the {cap_mb} MB cap; raise IMGSEARCH_MAX_FILE_MB "
-            "if it is a genuine image")
-
-
 def _known_match(path: str, rows: list[ImageRow]) -> tuple[str, ImageRow | None]:
     """How a new file at ``path`` relates to library rows with the same content.
 
@@ -694,8 +687,8 @@ def library_status(settings: Settings, store: Store) -> dict:
     return {"home": str(settings.home), "images": store.image_count(), "failures": store.failure_count(),
             "failed_files": [{"path": p, "reason": r} for p, r in store.failures(limit=20)],
             "models": models, "last_run": _run_state(settings, store.last_run()), "disk_bytes": disk,
-            "read_only": store.read_only,
-            "schema_version": store.schema_version, "when_where": store.when_where_summary()}
+            "read_only": store.read_only, "schema_version": store.schema_version,
+            "when_where": store.when_where_summary()}
 
 
 def _floor_status(store: Store, model: ModelRow) -> dict | None:

@@ -182,8 +182,7 @@ def _export(encoder, path: Path, int8: bool = False) -> None:
             def forward(self, pixels):
                 return self.model.encode_image(pixels)
 
-        # Traced with autograd recording (thread-local): nn.MultiheadAttention then skips its fused inference
-        # kernel, which the TorchScript exporter cannot trace.
+        # With autograd on (thread-local), nn.MultiheadAttention skips its fused kernel, which TorchScript can't trace.
         with torch.enable_grad():
             pixels = torch.from_numpy(probe_batch(encoder.image_size, 2)).requires_grad_()
             torch.onnx.export(Tower(encoder.model).eval(), (pixels,), str(tmp), input_names=["pixels"],
@@ -203,8 +202,7 @@ def _quantise_int8(fp32: Path, out: Path) -> None:
     import subprocess
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    # Only weight MatMul/Gemm (~all the FLOPs): the patch conv and attention's activation x activation
-    # products stay fp32, which keeps the cosine to fp32 up at little cost in speed.
+    # Only weight MatMul/Gemm (~all FLOPs): conv and activation x activation stay fp32 (better cosine, little cost).
     code = ("import json, sys\n"
             "from onnxruntime.quantization import QuantType, quantize_dynamic\n"
             "r = json.loads(sys.argv[3])\n"
@@ -728,8 +726,7 @@ def make_exports(settings, threads: int, text: bool = True) -> str:
         if source is None:
             return "the weights are not a safetensors file"
         model_cfg, pre, weights, bpe = source
-        # Each step maps the file anew: its pages leave this process when the step ends, not while the
-        # checks' onnxruntime sessions are loaded.
+        # Each step maps the file anew, so its pages leave the process before the checks' sessions load.
         fingerprint, tensors = known_fingerprint(spec), lambda: clipgraph.Checkpoint(weights)
         facts = clipgraph.config_facts(model_cfg, "visual")
         clipgraph.check_config(model_cfg, tensors())

@@ -107,8 +107,7 @@ def remove(folder: str | os.PathLike, kind: str, token: str | None = None, where
            transient: tuple[str, ...] = ()) -> str | None:
     """Delete an imgsearch folder file by file; returns None when gone, else why it was left in place."""
     folder = Path(folder)
-    reason = why_not_ours(folder, kind, token, where, transient)
-    if reason is not None:
+    if (reason := why_not_ours(folder, kind, token, where, transient)) is not None:
         return reason
     info = read_marker(folder) or {"files": {}}
     try:
