@@ -324,9 +324,8 @@ def measure(encoder, home, towers: list[OrtImageTower]) -> str:
     """Times torch and each of ``towers`` on one probe batch, records the figures (record_speeds) and says the
     choice; returns the fastest one's name."""
     batch = probe_batch(encoder.image_size, 8)
-    speeds = {encoder.image_tower: _timed(lambda b: _torch_features(encoder, b), batch)}
-    speeds.update((t.describe(), _timed(t.encode, batch)) for t in towers)
-    speeds = {name: round(v, 2) for name, v in speeds.items()}
+    fns = {encoder.image_tower: lambda b: _torch_features(encoder, b), **{t.describe(): t.encode for t in towers}}
+    speeds = {name: round(_timed(fn, batch), 2) for name, fn in fns.items()}
     best = record_speeds(home, encoder.fingerprint, speeds, towers[0].threads)
     say_choice(speeds, best)
     return best
