@@ -1,9 +1,7 @@
-"""The fine-tuning loop: one flat function, nanoGPT style, that runs the same on a laptop CPU and a GPU.
-
-train(cfg) loads the base model, checks and splits the data, evaluates the base, trains with AdamW and
-warmup+cosine, evaluates after every epoch keeping the best weights, survives Ctrl-C with a checkpoint that
---resume continues exactly, optionally blends with WiSE-FT, and writes an open_clip local-dir model.
-"""
+"""The fine-tuning loop: one flat function, nanoGPT style, the same on a laptop CPU and a GPU. train(cfg) loads
+the base model, checks and splits the data, evaluates the base, trains with AdamW and warmup+cosine, evaluates
+after every epoch keeping the best weights, survives Ctrl-C with a checkpoint that --resume continues exactly,
+optionally blends with WiSE-FT, and writes an open_clip local-dir model."""
 
 from __future__ import annotations
 
@@ -441,9 +439,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
                                                 ii, ti)
                     scaler.scale(loss).backward()
                 else:
-                    # Gradient accumulation that keeps every pair of the whole step as a negative: features
-                    # of all micro-batches first (no graph), then each micro-batch again with a graph,
-                    # spliced into the cached ones (open_clip's accum_freq trick; 2x forward, 1/N memory).
+                    # Every pair of the step stays a negative (open_clip's accum_freq trick): all features without
+                    # a graph, then each micro-batch again with one, spliced in (2x forward, 1/N memory).
                     with torch.no_grad(), autocast():
                         cached = [(model.encode_image(x), model.encode_text(t)) for x, t, _, _ in micro]
                     ids_i, ids_t = torch.cat([m[2] for m in micro]), torch.cat([m[3] for m in micro])
