@@ -254,6 +254,16 @@ def pick_precision(precision: str, device: str) -> str:
     return precision
 
 
+def autocast_for(precision: str, device: str):
+    import torch
+
+    if precision == "fp16":  # CUDA or Apple MPS
+        return torch.autocast("mps" if device.startswith("mps") else "cuda", dtype=torch.float16)
+    if precision == "bf16":
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class Encoder:
     """A loaded CLIP model with the preprocess and tokenizer that belong to it; its image tower is always torch
     (onnx_image.select returns another object for an ONNX Runtime one: this one, often shared, never changes)."""
@@ -279,12 +289,8 @@ class Encoder:
             probe = tokenizer(["a"]).to(device)
             self.dim = int(self._text_forward(probe).shape[-1])
 
-    def _autocast(self):
-        import torch
-
-        if self.precision == "fp16" and self.device.startswith(("cuda", "mps")):
-            return torch.autocast(self.device.split(":")[0], dtype=torch.float16)
-        return contextlib.nullcontext()
+    def _autocast(self):  # bf16: the model itself is cast
+        return autocast_for(self.precision, self.device) if self.precision == "fp16" else contextlib.nullcontext()
 
     def _text_forward(self, tokens):
         with self._autocast():

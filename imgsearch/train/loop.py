@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import owned
 from ..config import MAX_PIXELS, VERSION, thread_budget, training_workers
 from ..encoder import LOCAL_DIR, ModelSpec, build, pick_device, pick_precision, read_local_config, save_local_dir
-from ..encoder import why_not_replaceable
+from ..encoder import autocast_for, why_not_replaceable
 from ..errors import DataError, ImgSearchError, UsageError
 from ..metrics import headline, retrieval_metrics
 from .data import PairDataset, StepBatches, decode_for_eval, make_loader, prepare
@@ -164,16 +164,6 @@ def training_precision(precision: str, device: str) -> str:
         raise UsageError("--precision int8 is for indexing only (a quantised copy of the image tower); "
                          "fine-tune with auto, fp32, bf16 or fp16")
     return pick_precision(precision, device)  # the same rule as inference
-
-
-def autocast_for(precision: str, device: str):
-    import torch
-
-    if precision == "fp16":  # CUDA or Apple MPS
-        return torch.autocast("mps" if device.startswith("mps") else "cuda", dtype=torch.float16)
-    if precision == "bf16":
-        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def base_model_config(spec, model) -> tuple[dict, dict]:
