@@ -1,8 +1,7 @@
-"""CLIP's byte-level BPE tokenizer without torch (open_clip's tokenizer module imports it: seconds on a small
-CPU): the same token ids as open_clip's SimpleTokenizer(clean="lower"), which the exporter checks on a hard
-prompt set before an export is used. ftfy and regex are imported only for text that needs them: for printable
-ASCII without '&', ftfy.fix_text and html.unescape change nothing, and \\p{L}/\\p{N} reduce to [a-z]/[0-9]
-after lower-casing."""
+"""CLIP's byte-level BPE tokenizer without torch (whose import takes seconds on a small CPU): the token ids of
+open_clip's SimpleTokenizer(clean="lower"), which the exporter checks before an export is used. ftfy and regex
+are imported only for text that needs them: for printable ASCII without '&', ftfy.fix_text and html.unescape
+change nothing, and \\p{L}/\\p{N} reduce to [a-z]/[0-9] after lower-casing."""
 
 from __future__ import annotations
 
@@ -21,10 +20,20 @@ _PLAIN = re.compile(r"[\x20-\x25\x27-\x7e]*")  # printable ASCII except '&'
 _memos: dict[tuple[str, str], tuple[dict, dict, dict]] = {}  # (merges, vocab) -> (rank, id, pre-token memos)
 
 
+def clean_whitespace(text: str) -> str:
+    """open_clip's "whitespace" cleaning (ftfy, HTML entities, runs of spaces), ftfy only when needed."""
+    if not _PLAIN.fullmatch(text):
+        import html
+
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split())
+
+
 def byte_alphabet() -> tuple[list[str], list[str]]:
     """GPT-2/CLIP's reversible byte mapping: (character of each byte value, the base vocabulary order).
-    Printable bytes stand for themselves, the others get chr(256 + k) in byte order; the vocabulary lists the
-    printable ones first, so ids are not byte order."""
+    Printable bytes stand for themselves, the others get chr(256 + k); the vocabulary lists printable ones first."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     others = sorted(set(range(256)) - set(printable))
     by_byte = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(others)}
@@ -37,7 +46,7 @@ VOCAB_TXT = "bpe_vocab.txt"
 
 def read_merges(gz_path: str | Path) -> list[str]:
     """The merge lines ("a b") CLIP uses, in rank order, from open_clip's bpe_simple_vocab_16e6.txt.gz, a
-    Hugging Face merges.txt (the same lines) or a Hugging Face tokenizer.json (its BPE model's merges)."""
+    Hugging Face merges.txt or tokenizer.json."""
     raw = Path(gz_path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
@@ -60,11 +69,10 @@ def write_tables(gz_path: str | Path, folder: str | Path) -> None:
 
 class BPETokenizer:
     """Encode texts to CLIP token ids ([sot] ids [eot], truncated to the context length).
-    Building open_clip's two 49k-entry dicts took 0.2-0.3 s, most of a cold query's budget. Instead the
-    tables stay one newline-delimited string each and a lookup is a substring search plus a newline count
-    (line number = merge rank or token id), memoised: a query touches a few dozen entries. The memos are shared
-    by all tokenizers over the same tables, so each new export's parity check does not redo them. rfind,
-    because open_clip's dicts keep the last of duplicate entries."""
+    Building open_clip's two 49k-entry dicts took 0.2-0.3 s, most of a cold query's budget. Instead each table
+    stays one newline-delimited string and a lookup is a substring search plus a newline count (line number =
+    rank or id), memoised (shared by tokenizers over the same tables). rfind: open_clip's dicts keep the last
+    of duplicate entries."""
 
     def __init__(self, folder: str | Path, context_length: int = 77):
         folder = Path(folder)
@@ -92,17 +100,6 @@ class BPETokenizer:
             got = self._id_memo[token] = self._vocab.count("\n", 0, pos)
         return got
 
-    # --- cleaning ------------------------------------------------------------------------------
-    @staticmethod
-    def clean(text: str) -> str:
-        if not _PLAIN.fullmatch(text):
-            import html
-
-            import ftfy
-
-            text = html.unescape(html.unescape(ftfy.fix_text(text)))
-        return " ".join(text.split()).lower()
-
     def _pieces(self, text: str) -> list[str]:
         if text.isascii():
             return _ASCII_PAT.findall(text)
@@ -114,12 +111,10 @@ class BPETokenizer:
                 regex.IGNORECASE)
         return self._full_pat.findall(text)
 
-    # --- BPE -----------------------------------------------------------------------------------
     def _merge(self, piece: str) -> list[int]:
         """Token ids of one pre-token: apply the lowest-ranked adjacent merge until none applies."""
-        hit = self._memo.get(piece)
-        if hit is not None:
-            return hit
+        if piece in self._memo:
+            return self._memo[piece]
         symbols = [self.alphabet[b] for b in piece.encode("utf-8")]
         symbols[-1] += "</w>"
         while len(symbols) > 1:
@@ -136,13 +131,12 @@ class BPETokenizer:
                     merged.append(symbols[i])
                     i += 1
             symbols = merged
-        out = [self._id(s) for s in symbols]
-        self._memo[piece] = out
+        out = self._memo[piece] = [self._id(s) for s in symbols]
         return out
 
     def encode(self, text: str) -> list[int]:
         """Ids of the cleaned text without start/end tokens."""
-        return [i for piece in self._pieces(self.clean(text)) for i in self._merge(piece)]
+        return [i for piece in self._pieces(clean_whitespace(text).lower()) for i in self._merge(piece)]
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         """[sot] + ids + [eot] per text; over-long texts keep the first tokens and end with eot."""

@@ -1,7 +1,6 @@
 """Read image–caption pairs from CSV/TSV, JSONL or a folder of images with sidecar .txt captions (for
 `finetune`, `eval retrieval` and `caption --import`). Bad rows are collected with their line numbers; a file
-that cannot be used at all raises DataError.
-"""
+that cannot be used at all raises DataError."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ class CaptionSet:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
 
 
-def read_captions(source: str | os.PathLike, image_col: str = "path", caption_col: str = "caption",
-                  check_files: bool = True) -> CaptionSet:
+def read_captions(source: str | os.PathLike, image_col: str = "path", caption_col: str = "caption") -> CaptionSet:
     """Parse ``source`` (.csv, .tsv, .jsonl/.ndjson, or a folder with sidecar .txt files)."""
     src = Path(source)
     if not src.exists():
@@ -46,19 +44,11 @@ def read_captions(source: str | os.PathLike, image_col: str = "path", caption_co
         else:
             raise DataError(f"{source}: unknown captions format {suffix or '(no extension)'}; use .csv, .tsv, "
                             ".jsonl or a folder of images with .txt sidecars")
-    if check_files:
-        kept = []
-        problem: dict[str, str | None] = {}
-        for p in result.pairs:
-            if p.path not in problem:
-                problem[p.path] = None if os.path.isfile(p.path) else (
-                    "not a regular file" if os.path.exists(p.path) else "image not found")
-            if problem[p.path] is None:
-                kept.append(p)
-            else:
-                where = f"{result.source}:{p.line}" if p.line else result.source
-                result.problems.append((where, f"{problem[p.path]}: {p.path}"))
-        result.pairs = kept
+    problem = {path: None if os.path.isfile(path) else "not a regular file" if os.path.exists(path)
+               else "image not found" for path in {p.path for p in result.pairs}}
+    result.problems += [(f"{result.source}:{p.line}" if p.line else result.source, f"{problem[p.path]}: {p.path}")
+                        for p in result.pairs if problem[p.path]]
+    result.pairs = [p for p in result.pairs if problem[p.path] is None]
     return result
 
 
@@ -73,9 +63,8 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter=delimiter)
-            try:
-                header = next(reader)
-            except StopIteration:
+            header = next(reader, None)
+            if header is None:
                 raise DataError(f"{path} is empty; expected a header row with '{image_col}' and '{caption_col}'")
             header = [h.strip() for h in header]
             missing = [c for c in (image_col, caption_col) if c not in header]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,9 +14,7 @@ import numpy as np
 
 from .errors import ModelLoadError, UsageError
 from .modelspec import HF_HUB, LOCAL_DIR, ModelSpec  # noqa: F401  (re-exported: the encoder's public names)
-from .modelspec import hub_repo
-from .modelspec import WEIGHT_SUFFIXES as _WEIGHT_SUFFIXES
-from .modelspec import looks_like_file as _looks_like_file
+from .modelspec import WEIGHT_SUFFIXES, hub_repo, looks_like_file
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -35,13 +34,11 @@ def file_fingerprint(path: str | os.PathLike, sample: int = 4 << 20) -> str:
 
 
 def _local_weights(folder: Path) -> Path | None:
-    preferred = [WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                 "model.safetensors", "pytorch_model.bin"]
-    for name in preferred:
+    for name in (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                 "model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return folder / name
-    found = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
-    return found[0] if found else None
+    return min((p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES), default=None)
 
 
 TORCH_EXTRA = "pip install 'imgsearch[torch]'"
@@ -60,11 +57,9 @@ def needs_torch(what: str) -> str:
 
 
 def import_open_clip():
-    """open_clip, its first import leaving the program's environment and warnings filters as they were: it
-    sets TOKENIZERS_PARALLELISM, torch._dynamo (through torchvision) TORCHINDUCTOR_CACHE_DIR, which every
-    child process would inherit, and torch, numpy and sympy add warnings filters. Only what the import
-    added is taken out again, in place: the program's filter list is never swapped for a copy, so what
-    its other threads change meanwhile stays (a filter one of them adds during the import excepted)."""
+    """open_clip, its first import leaving the program's environment and warnings filters as they were (it sets
+    TOKENIZERS_PARALLELISM and TORCHINDUCTOR_CACHE_DIR, which child processes inherit, and adds filters). Only
+    what the import added is taken out, in place, so other threads' changes meanwhile stay."""
     import sys
     import warnings
 
@@ -76,9 +71,8 @@ def import_open_clip():
     before = {id(f) for f in warnings.filters}
     import open_clip
 
-    added = [f for f in warnings.filters if id(f) not in before]
-    if added:
-        warnings.filters[:] = [f for f in warnings.filters if not any(f is a for a in added)]
+    if any(id(f) not in before for f in warnings.filters):
+        warnings.filters[:] = [f for f in warnings.filters if id(f) in before]
         warnings._filters_mutated()  # as filterwarnings() does: the C module re-reads the list
     for key, value in env.items():  # only these: whatever else the program sets meanwhile stays
         if value is None:
@@ -93,8 +87,7 @@ _hub_reachable: bool | None = None
 
 def _hub_offline() -> bool:
     """True when Hugging Face files come from the cache alone: HF_HUB_OFFLINE is set, or the hub cannot be
-    reached (asked once, in 3 s: without a network huggingface_hub retries for about a minute). Each of our
-    hub calls is told (local_files_only); the process's huggingface_hub settings stay the program's."""
+    reached (asked once, in 3 s: offline, huggingface_hub retries for a minute). Passed as local_files_only."""
     global _hub_reachable
     from huggingface_hub import constants
 
@@ -118,18 +111,14 @@ def _hub_weights(repo: str, name: str = "") -> str:
     safe = WEIGHTS_FILE if name == "open_clip_pytorch_model.bin" else \
         name.rsplit(".", 1)[0] + ".safetensors" if name.endswith((".bin", ".pth")) else None
     if safe:
-        try:
+        with contextlib.suppress(Exception):
             return hf_hub_download(repo, safe, local_files_only=_hub_offline())
-        except Exception:
-            pass
     return hf_hub_download(repo, name, local_files_only=_hub_offline())
 
 
 def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
-    """Check that weights exist before building anything; return (fingerprint, weights path or None).
-
-    open_clip happily builds a randomly initialised network when weights are missing; we never do.
-    """
+    """(fingerprint, weights path or None), checked before anything is built: open_clip happily builds a
+    randomly initialised network when weights are missing; we never do."""
     name, pretrained = spec.name, spec.pretrained
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):])
@@ -163,7 +152,7 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
     if name not in open_clip.list_models():
         raise ModelLoadError(f"unknown model {name!r}; `python -c \"import open_clip; print(open_clip.list_models())\"` "
                              "lists the built-in names")
-    if _looks_like_file(pretrained):
+    if looks_like_file(pretrained):
         if not os.path.isfile(pretrained):
             raise ModelLoadError(f"checkpoint file {pretrained} does not exist; check --pretrained")
         return file_fingerprint(pretrained), pretrained
@@ -179,13 +168,10 @@ _hub_fingerprints: dict[ModelSpec, str] = {}  # hf-hub models looked up on the h
 
 def known_fingerprint(spec: ModelSpec) -> str | None:
     """The fingerprint resolve_weights would return, when it needs no open_clip import and no network.
-
-    Local-dir folders and checkpoint files are fingerprinted from their bytes; a pretrained tag is its own
-    fingerprint, and it is only trusted when the library already holds vectors under it (open_clip
-    validated the tag when they were made). hf-hub models need the hub's cache lookup: None, but without
-    torch installed that lookup is made (ModelLoadError when it fails)."""
+    A tag is trusted only when the library already holds vectors under it (open_clip validated it then).
+    hf-hub models: None, but without torch the hub's cache lookup is made once (ModelLoadError if it fails)."""
     name, pretrained = spec.name, spec.pretrained
-    if name.startswith(HF_HUB):  # without torch installed, the hub's cache lookup is the only way: once
+    if name.startswith(HF_HUB):
         if torch_installed():
             return None
         if spec not in _hub_fingerprints:
@@ -197,17 +183,15 @@ def known_fingerprint(spec: ModelSpec) -> str | None:
         return file_fingerprint(weights) if weights is not None else None
     if not pretrained:
         return None
-    if _looks_like_file(pretrained):
+    if looks_like_file(pretrained):
         return file_fingerprint(pretrained) if os.path.isfile(pretrained) else None
     return f"tag:{name}:{pretrained}"
 
 
 def _example_tag(name: str) -> str:
-    try:
-        tags = import_open_clip().list_pretrained_tags_by_model(name)
-        return tags[0] if tags else "laion2b_s34b_b79k"
-    except Exception:
-        return "laion2b_s34b_b79k"
+    with contextlib.suppress(Exception):
+        return import_open_clip().list_pretrained_tags_by_model(name)[0]
+    return "laion2b_s34b_b79k"
 
 
 def _short(e: BaseException) -> str:
@@ -225,8 +209,7 @@ def cpu_has_fast_bf16() -> bool:
 def _mps_available() -> bool:
     import torch
 
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def pick_device(device: str) -> str:
@@ -238,27 +221,20 @@ def pick_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if _mps_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was given but no CUDA GPU is available; use --device cpu or auto")
-    if device == "mps":
-        if not _mps_available():
-            raise UsageError("--device mps was given but this torch has no usable Apple GPU (MPS needs macOS 12.3+ "
-                             "on Apple Silicon); use --device cpu or auto")
-        return device
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if device == "mps" and not _mps_available():
+        raise UsageError("--device mps was given but this torch has no usable Apple GPU (MPS needs macOS 12.3+ "
+                         "on Apple Silicon); use --device cpu or auto")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
     return device
 
 
 def pick_precision(precision: str, device: str) -> str:
-    """auto: fp16 on CUDA, fp32 on MPS, bf16 on CPUs with AMX/AVX512-BF16, else fp32.
-
-    MPS defaults to fp32 because its fp16 autocast coverage varies between macOS/torch releases; --precision
-    fp16 opts in. int8 (onnxruntime dynamic quantisation of the image tower) exists on the CPU only.
-    """
+    """auto: fp16 on CUDA, fp32 on MPS (its fp16 autocast coverage varies between releases; fp16 opts in), bf16
+    on CPUs with AMX/AVX512-BF16, else fp32. int8 (onnxruntime, the image tower) is CPU only."""
     if precision == "auto":
         if not torch_installed():
             return "int8"  # onnxruntime, behind the parity gate (fp32 where int8 is too far on a library's images)
@@ -276,6 +252,16 @@ def pick_precision(precision: str, device: str) -> str:
     if precision == "bf16" and device.startswith("mps"):
         raise UsageError("bf16 is not supported on MPS; use --precision fp32 or fp16")
     return precision
+
+
+def autocast_for(precision: str, device: str):
+    import torch
+
+    if precision == "fp16":  # CUDA or Apple MPS
+        return torch.autocast("mps" if device.startswith("mps") else "cuda", dtype=torch.float16)
+    if precision == "bf16":
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Encoder:
@@ -303,15 +289,8 @@ class Encoder:
             probe = tokenizer(["a"]).to(device)
             self.dim = int(self._text_forward(probe).shape[-1])
 
-    # --- low level -------------------------------------------------------------------------
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.precision == "fp16" and self.device.startswith(("cuda", "mps")):
-            return torch.autocast(self.device.split(":")[0], dtype=torch.float16)
-        return contextlib.nullcontext()
+    def _autocast(self):  # bf16: the model itself is cast
+        return autocast_for(self.precision, self.device) if self.precision == "fp16" else contextlib.nullcontext()
 
     def _text_forward(self, tokens):
         with self._autocast():
@@ -319,11 +298,8 @@ class Encoder:
         return out.float()
 
     def _text_can_shorten(self) -> bool:
-        """True for open_clip's CLIP text tower: causal attention pooled at the end-of-text token.
-
-        Then every position after the last end-of-text token is padding that no pooled output can see, so
-        the transformer can run on the used length only: a short query costs a tenth of 77 tokens.
-        """
+        """True for open_clip's CLIP text tower (causal attention pooled at end-of-text): no pooled output sees
+        the padding, so the transformer runs on the used length only (a short query: a tenth of 77 tokens)."""
         m = self.model
         return (hasattr(m, "token_embedding") and hasattr(m, "positional_embedding") and hasattr(m, "transformer")
                 and getattr(m, "attn_mask", None) is not None and getattr(m, "text_pool_type", "") in ("argmax", "eos")
@@ -346,7 +322,6 @@ class Encoder:
             x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
         return x
 
-    # --- public ----------------------------------------------------------------------------
     def encode_image_tensors(self, batch) -> np.ndarray:
         """Encode a preprocessed [N,3,H,W] batch; returns L2-normalised float32 [N, dim]."""
         import torch
@@ -357,8 +332,7 @@ class Encoder:
             batch = batch.to(torch.bfloat16 if self.precision == "bf16" else torch.float32)
             with self._autocast():
                 feats = self.model.encode_image(batch)
-            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-            return feats.cpu().numpy()
+            return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
 
     def encode_images(self, images) -> np.ndarray:
         """Encode PIL images (already RGB)."""
@@ -369,11 +343,7 @@ class Encoder:
         return self.encode_image_tensors(torch.stack([self.preprocess(im) for im in images]))
 
     def encode_texts(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
-        """Encode texts; returns L2-normalised float32 [N, dim].
-
-        ``lang`` (an NLLB code) is the language of every text; without it each text's language is guessed from
-        its script, then ``default_lang``, then English. Only tokenizers that take a language (NLLB) use it.
-        """
+        """Encode texts; returns L2-normalised float32 [N, dim]. ``lang``/``default_lang``: see tokenize."""
         import torch
 
         if not texts:
@@ -381,8 +351,7 @@ class Encoder:
         with self._lock, torch.inference_mode():
             tokens = self.tokenize(list(texts), lang, default_lang).to(self.device)
             feats = self._text_forward(self._trim_padding(tokens))
-            feats = torch.nn.functional.normalize(feats, dim=-1)
-            return feats.cpu().numpy()
+            return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
 
     @property
     def takes_language(self) -> bool:
@@ -390,7 +359,8 @@ class Encoder:
         return callable(getattr(self.tokenizer, "set_lang_fn", None))
 
     def tokenize(self, texts: list[str], lang: str | None = None, default_lang: str | None = None):
-        """Token ids [N, context] as the model's tokenizer makes them, in each text's language where it matters."""
+        """Token ids [N, context] as the model's tokenizer makes them. Only tokenizers that take a language (NLLB)
+        use ``lang`` (every text's); without it each text's script, then ``default_lang``, then English."""
         import torch
 
         if not self.takes_language:
@@ -408,11 +378,8 @@ class Encoder:
         return torch.stack(rows)
 
     def _trim_padding(self, tokens):
-        """Drop padding columns every row shares at the end, for Hugging Face text towers.
-
-        Their attention mask hides padding and positions are absolute, so the used prefix gives the same
-        output while a short query costs a fraction of the context length. CLIP's own tower shortens itself.
-        """
+        """Drop the padding columns all rows end with, for Hugging Face text towers: their attention mask hides
+        padding and positions are absolute, so the used prefix gives the same output, cheaper."""
         pad = getattr(getattr(getattr(self.model, "text", None), "config", None), "pad_token_id", None)
         if pad is None or getattr(self.tokenizer, "tokenizer_mode", "") == "clips":
             return tokens
@@ -473,10 +440,9 @@ def build(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enc
 
 
 def _create(spec: ModelSpec, weights_path: str | None, on_meta: bool = True):
-    """(model with the checkpoint's weights on the CPU, eval preprocess, tokenizer) as open_clip's factory
-    makes them, without its root-logger calls: each logging.info() there gives a program that has not set up
-    logging a root handler, silently turning its own later basicConfig into a no-op. ``on_meta``: see
-    _load_on_meta (a model that cannot be built that way is built the ordinary way)."""
+    """(model with the checkpoint's weights on the CPU, eval preprocess, tokenizer) as open_clip's factory makes
+    them, without its root-logger calls (logging.info() there would turn the program's later basicConfig into a
+    no-op). ``on_meta``: see _load_on_meta."""
     open_clip = import_open_clip()
     from open_clip.factory import load_checkpoint
     from open_clip.model import set_model_preprocess_cfg
@@ -504,13 +470,11 @@ def _create(spec: ModelSpec, weights_path: str | None, on_meta: bool = True):
 
 def _load_on_meta(cls, model_cfg: dict, weights_path: str):
     """The model built on torch's meta device with the checkpoint's tensors assigned to it; None when some
-    tensor would be left without a value.
+    tensor would be left without a value (then it is built the ordinary way).
 
-    The ordinary build spent ~4 s of a ~6.5 s ViT-B-32 load (2 cores) in random init and copying the
-    checkpoint over it; on meta, init does nothing and the checkpoint's tensors become the parameters. The
-    default-device context is thread-local, so other threads are not affected. Buffers computed in __init__
-    stay empty on meta: the known ones are made again here, any other sends the model the ordinary way.
-    """
+    The ordinary build spent ~4 s of a ~6.5 s ViT-B-32 load (2 cores) in random init and copying the checkpoint
+    over it. The default-device context is thread-local. Buffers computed in __init__ stay empty on meta: the
+    known ones are remade here."""
     import copy
 
     import torch
@@ -542,9 +506,7 @@ def _load_on_meta(cls, model_cfg: dict, weights_path: str):
         for name, buf in module._buffers.items():
             if buf is not None and buf.is_meta and name in remade:
                 module._buffers[name] = remade[name](buf.shape, buf.dtype)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        return None
-    return model
+    return None if any(t.is_meta for t in (*model.parameters(), *model.buffers())) else model
 
 
 def _model_source(spec: ModelSpec, weights_path: str | None) -> tuple[dict, dict, str, Path | None]:
@@ -563,9 +525,8 @@ def _model_source(spec: ModelSpec, weights_path: str | None) -> tuple[dict, dict
     elif name.startswith(HF_HUB):
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(name[len(HF_HUB):], "open_clip_config.json", local_files_only=_hub_offline())
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        path = hf_hub_download(name[len(HF_HUB):], CONFIG_FILE, local_files_only=_hub_offline())
+        config = read_local_config(Path(path).parent)
     else:
         tag = open_clip.get_pretrained_cfg(name, spec.pretrained or "")
         config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": tag}
@@ -604,13 +565,11 @@ def load(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enco
     key = (spec, device, precision)
     with _cache_lock:
         enc = _cache.get(key)
-        if enc is not None:
-            # A re-written local-dir model (new fine-tune into the same folder) must be reloaded.
-            if enc.weights_path is None or (os.path.exists(enc.weights_path)
-                                           and file_fingerprint(enc.weights_path) == enc.fingerprint):
-                return enc
-        enc = build(spec, device, precision)
-        _cache[key] = enc
+        # A re-written local-dir model (new fine-tune into the same folder) must be reloaded.
+        if enc is not None and (enc.weights_path is None or (
+                os.path.exists(enc.weights_path) and file_fingerprint(enc.weights_path) == enc.fingerprint)):
+            return enc
+        enc = _cache[key] = build(spec, device, precision)
         return enc
 
 
@@ -653,30 +612,14 @@ def why_not_replaceable(out: str | os.PathLike) -> str | None:
     return owned.why_not_ours(out, MODEL_KIND, token)
 
 
-def hf_text_files(model, tokenizer) -> dict[str, bytes]:
-    """The files that let a Hugging Face text tower load from its model folder alone: the tower's config
-    (config.json) and the tokenizer's files. Empty for CLIP's own text tower."""
-    import tempfile
-
-    config = getattr(getattr(model, "text", None), "config", None)
-    if config is None or not hasattr(config, "save_pretrained") or not hasattr(tokenizer, "save_pretrained"):
-        return {}
-    with tempfile.TemporaryDirectory(prefix="imgsearch-hf-") as d:
-        tokenizer.save_pretrained(d)
-        config.save_pretrained(d)
-        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
-
-
 def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preprocess_cfg: dict | None = None,
                    extra_files: dict[str, str | bytes] | None = None, tokenizer=None) -> Path:
-    """Write ``model`` as an open_clip local-dir model (config + safetensors), atomically: into a temporary
-    sibling folder renamed into place, so a crash never leaves a half-written model where it would load.
+    """Write ``model`` as an open_clip local-dir model (config + safetensors) into a temporary sibling folder
+    renamed into place, so a crash never leaves a half-written model where it would load.
 
-    A Hugging Face text tower is written with its config and ``tokenizer``'s files, and the config names
-    the folder itself ("."), so the model loads offline and after a move (see _model_source). An existing
-    ``out_dir`` is replaced only when it is empty or a model folder imgsearch wrote (its ownership marker
-    proves it); anything else raises UsageError and is left untouched.
-    """
+    A Hugging Face text tower is written with its config and ``tokenizer``'s files, the config naming the folder
+    itself ("."), so the model loads offline and after a move. An existing ``out_dir`` is replaced only when it
+    is empty or a model folder imgsearch wrote (its ownership marker); anything else raises UsageError."""
     import shutil
     import tempfile
 
@@ -684,11 +627,15 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
 
     from . import owned
 
-    hf_files = hf_text_files(model, tokenizer)
-    if hf_files:
+    config = getattr(getattr(model, "text", None), "config", None)
+    if hasattr(config, "save_pretrained") and hasattr(tokenizer, "save_pretrained"):
+        with tempfile.TemporaryDirectory(prefix="imgsearch-hf-") as d:
+            tokenizer.save_pretrained(d)
+            config.save_pretrained(d)
+            hf_files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+        extra_files = {**hf_files, **(extra_files or {})}
         text_cfg = {**model_cfg["text_cfg"], "hf_model_name": ".", "hf_tokenizer_name": "."}
         model_cfg = {**model_cfg, "text_cfg": text_cfg}
-        extra_files = {**hf_files, **(extra_files or {})}
     out = Path(out_dir).absolute()
     reason = why_not_replaceable(out)
     if reason is not None:

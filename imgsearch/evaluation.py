@@ -1,7 +1,5 @@
-"""Measuring models on the user's own data (the library side of `imgsearch eval`): no printing, no CLI.
-Images are encoded by the indexer's own decode stage, encoder, precision and batches; recall@k comes from
-imgsearch.metrics, as `finetune` reports it.
-"""
+"""Measuring models on the user's own data (the library side of `imgsearch eval`): no printing, no CLI. Images
+are encoded by the indexer's decode stage, encoder, precision and batches; recall@k comes from imgsearch.metrics."""
 
 from __future__ import annotations
 
@@ -54,14 +52,13 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None,
     torch_free = encoder.torch_free  # numpy inputs, onnxruntime's own threads
 
     def flush():
-        if batch:
-            if torch_free:
-                vecs.append(encoder.encode_image_tensors(batch))
-            else:
-                import torch
+        if batch and torch_free:
+            vecs.append(encoder.encode_image_tensors(batch))
+        elif batch:
+            import torch
 
-                vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
-            batch.clear()
+            vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
+        batch.clear()
 
     with torch_threads(settings, budget.encoder) if encoder.device == "cpu" and not torch_free \
             else contextlib.nullcontext():
@@ -104,16 +101,16 @@ def read_class_map(path: Path) -> dict[str, str]:
     except csv.Error as e:
         raise DataError(f"classes file {path} is not a valid CSV ({e}); write one 'folder,name' line per class") from None
     for n, row in enumerate(rows, start=1):
-        if not row or all(not c.strip() for c in row):
+        row = [c.strip() for c in row]
+        if not any(row):
             continue
         if len(row) != 2:
             raise DataError(f"{path}:{n}: expected 'folder,name', found {len(row)} field(s)")
-        if n == 1 and [c.strip().lower() for c in row] == ["folder", "name"]:
+        if n == 1 and [c.lower() for c in row] == ["folder", "name"]:
             continue
-        if not row[0].strip() or not row[1].strip():
-            raise DataError(f"{path}:{n}: empty {'folder' if not row[0].strip() else 'class name'}; "
-                            "write 'folder,name'")
-        out[row[0].strip()] = row[1].strip()
+        if not all(row):
+            raise DataError(f"{path}:{n}: empty {'folder' if not row[0] else 'class name'}; write 'folder,name'")
+        out[row[0]] = row[1]
     if not out:
         raise DataError(f"{path} maps no folders; write one 'folder,name' line per class")
     return out
@@ -175,8 +172,7 @@ def retrieval_eval(encoder, caption_set, settings, progress=None) -> tuple[dict,
     if len(gallery.images) < 2:
         raise DataError(f"{caption_set.source} has {len(gallery.images)} readable image(s); retrieval needs at "
                         "least 2")
-    texts = encoder.encode_texts(gallery.texts)
-    return retrieval_metrics(vecs, texts, gallery.matches), failures
+    return retrieval_metrics(vecs, encoder.encode_texts(gallery.texts), gallery.matches), failures
 
 
 def parity_stages(encoder, settings) -> list[tuple[str, object]]:
@@ -193,9 +189,8 @@ def parity_stages(encoder, settings) -> list[tuple[str, object]]:
 
 
 def parity(spec, paths: list[str], settings, progress=None, precision: str | None = None) -> dict:
-    """Cosine between the indexer's decode stage + encoder and open_clip's plain reference path, per file.
-    Every stage of parity_stages is measured; the top-level numbers are the one `index` uses, ``stages``
-    has each. A stage the model's preprocess rules out is listed with the reason and no numbers."""
+    """Cosine between the indexer's decode stage + encoder and open_clip's plain reference path, per file, for
+    every stage of parity_stages (top-level numbers: the one `index` uses; a stage the model rules out: why)."""
     import numpy as np
 
     from . import images
@@ -243,9 +238,8 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
         raise DataError(f"none of the images could be read{first}; nothing to compare")
     seen = set()
     skipped = [(p, r) for p, r in failures if not (p in seen or seen.add(p))]
-    return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision, "image_tower": fast.image_tower,
-            "batch_size": settings.batch_size, "draft_size": fast.draft_size, "stage": main["stage"],
-            "decode": main["decode"], "images": main["images"], "min_cosine": main["min_cosine"],
-            "mean_cosine": main["mean_cosine"], "files": main["files"],  # worst first
+    return {"model": fast.spec.label, "device": fast.device, "precision": fast.precision,
+            "image_tower": fast.image_tower, "batch_size": settings.batch_size, "draft_size": fast.draft_size,
+            **{k: main[k] for k in ("stage", "decode", "images", "min_cosine", "mean_cosine", "files")},  # worst first
             "stages": [{k: v for k, v in s.items() if k != "files"} for s in measured],
             "skipped": [{"where": p, "reason": r} for p, r in skipped]}

@@ -1,9 +1,8 @@
 """Query languages: NLLB language codes, a script-based guess, and the English-only model hint.
 
-Standard library only (the cold query path imports it). NLLB-CLIP's tokenizer starts every text with a
-language token, so it must be told the language; other multilingual towers (XLM-R, SigLIP-i18n) ignore it.
-Latin-script text cannot be told apart by script alone (German and English look alike), so a guess is made
-only for other scripts; Latin text uses --lang, the library's recorded language, then English.
+Standard library only (the cold query path imports it). NLLB-CLIP's tokenizer starts every text with a language
+token; other multilingual towers ignore it. Script alone cannot tell Latin-script languages apart, so only other
+scripts are guessed; Latin text uses --lang, the library's recorded language, then English.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ _PERSIAN = set("پچژگ")
 
 def check(code: str | None) -> str | None:
     """The code itself when NLLB knows it (None passes through); else a UsageError naming close ones."""
-    if code is None or code == "":
+    if not code:
         return None
     code = code.strip()
     fixed = code if code in NLLB_CODES else {c.lower(): c for c in NLLB_CODES}.get(code.lower())

@@ -1,8 +1,6 @@
 """Retrieval metrics (R@k, mean rank) for image–caption sets; the one implementation `finetune` and `eval` share.
-
-Identical caption strings are one text ("a red circle" written for five images is one query with five right
-answers), and an image with several captions is one image query with several right answers.
-"""
+Identical caption strings are one text query (every image they caption a right answer); an image with several
+captions is one image query with several right answers."""
 
 from __future__ import annotations
 
@@ -99,8 +97,7 @@ def table_rows(named: list[tuple[str, dict]], with_loss: bool = True) -> list[st
                          f"{x['mean_rank']:>9.1f}  ")
         return "".join(cells).rstrip()
 
-    for label, m in named:
-        rows.append(fmt(label, m, m.get("val_loss")))
+    rows += [fmt(label, m, m.get("val_loss")) for label, m in named]
     if named:
         chance = {d: named[0][1][d]["chance"] for d in ("image_to_text", "text_to_image")}
         rows.append(fmt("chance", chance, None))

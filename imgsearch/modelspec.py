@@ -1,8 +1,5 @@
-"""Which model the user asked for, in one canonical form. Standard library only.
-
-The encoder keys libraries and caches by this form, and the server client compares a running server's
-model against it; both import it from here so the rule exists once (the client must not import numpy).
-"""
+"""Which model the user asked for, in one canonical form, which keys libraries and caches and the server client
+compares a server's model against. Standard library only (the client must not import numpy)."""
 
 from __future__ import annotations
 
@@ -13,14 +10,12 @@ LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
-# Short names for good defaults. "multilingual": open_clip's XLM-R base text tower with a ViT-B-32 image tower
-# (Korean R@1 on XM3600 0.435 against 0.001 for the English default, open_clip's multilingual table) at the
-# cost of a 1.1 GB download once, the same image tower speed as the default.
+# Short names for good defaults. "multilingual": XLM-R base text tower, ViT-B-32 image tower (Korean R@1 on XM3600
+# 0.435 against 0.001 for the English default) for a 1.1 GB download once, at the default's image tower speed.
 PRESETS = {"multilingual": ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k")}
 
-# open_clip's pretrained tags whose weights (open_clip_model.safetensors), config (open_clip_config.json) and
-# BPE tables (merges.txt) its Hugging Face repo holds: the default model and the common ViTs. These are resolved
-# and exported without torch or open_clip (onnx_image.checkpoint_source), the same files open_clip downloads.
+# open_clip tags whose Hugging Face repo holds weights, config and BPE tables (merges.txt): the default model and
+# common ViTs, resolved and exported without torch or open_clip (onnx_image.checkpoint_source).
 HUB_TAGS = {
     ("ViT-B-32", "laion2b_s34b_b79k"): "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
     ("ViT-B-32", "datacomp_xl_s13b_b90k"): "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
@@ -80,12 +75,9 @@ def hub_repo(spec: ModelSpec) -> str | None:
 
 
 def english_only(spec: ModelSpec) -> bool:
-    """Whether the model's text tower is English-only, judged without loading it (no open_clip import).
-
-    A local-dir model is English-only when its config names no Hugging Face tokenizer or text tower (it then
-    uses CLIP's English BPE); other models by their name. An unreadable config counts as not English-only:
-    a missing hint costs less than a wrong one.
-    """
+    """Whether the model's text tower is English-only, judged without open_clip: a local-dir model when its
+    config names no Hugging Face tower or tokenizer (an unreadable one counts as not: a missing hint costs less
+    than a wrong one), other models by their name."""
     spec = spec.canonical()
     if spec.name.startswith(LOCAL_DIR):
         import json
@@ -95,7 +87,5 @@ def english_only(spec: ModelSpec) -> bool:
                 text_cfg = json.load(f)["model_cfg"]["text_cfg"]
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        names = " ".join(str(text_cfg.get(k) or "") for k in ("hf_model_name", "hf_tokenizer_name")).lower()
-        # CLIP's BPE tower is English; a Hugging Face tower is usually there for its languages.
-        return not names.strip()
+        return not any(str(text_cfg.get(k) or "").strip() for k in ("hf_model_name", "hf_tokenizer_name"))
     return not any(part in spec.name.lower() for part in _MULTILINGUAL_NAMES)

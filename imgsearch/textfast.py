@@ -1,26 +1,24 @@
 """Text towers without torch: a verified export of the model's text tower, made once per weights fingerprint.
 
-A cold `imgsearch query` spent seconds importing torch and open_clip to encode five words. Instead the text
-tower is exported to ``<home>/exports/<fingerprint>/text/`` with a JSON manifest. Before an export is used it
-is checked against the torch tower on hard prompts (identical token ids, cosine >= MIN_COSINE, in two
-languages where the tokenizer takes one); the manifest records the verdict, and an unverified or damaged
-export is never used. Two kinds:
+A cold `imgsearch query` spent seconds importing torch and open_clip to encode five words. The text tower is
+exported to ``<home>/exports/<fingerprint>/text/`` with a JSON manifest recording its check against the torch
+tower on hard prompts (identical token ids, cosine >= MIN_COSINE, in two languages where the tokenizer takes
+one); an unverified or damaged export is never used. Two kinds:
 
-- CLIP's own BPE transformer (TextTower): one raw float32 file run in numpy, memory-mapped, so the 49408-row
-  token table is only touched at the rows a query uses; the transformer runs on the used positions only
-  (causal attention pooled at end-of-text, so padding never matters).
-- A Hugging Face tower (OrtTextTower; XLM-R, NLLB, BERT-style): ONNX run by onnxruntime, tokenized by the
-  `tokenizers` package from the fast tokenizer's tokenizer.json.
+- CLIP's BPE transformer (TextTower): one memory-mapped float32 file run in numpy (only the token table rows
+  a query uses are touched), on the used positions only (causal attention pooled at end-of-text).
+- A Hugging Face tower (OrtTextTower; XLM-R, NLLB, BERT-style): ONNX on onnxruntime, tokenized by the
+  `tokenizers` package from tokenizer.json.
 
 Importing this module costs numpy and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -39,7 +37,6 @@ MIN_COSINE = 0.9999
 OPSET = 17
 BATCH = 32  # texts per forward chunk: bounds the [B*n, 4*width] MLP activations for long label lists
 _LANG_SLOT = -1  # where the language token goes in a recorded special-token template
-_PLAIN = re.compile(r"[ -%'-~]*")  # printable ASCII without '&': ftfy and html.unescape change nothing
 
 # Prompts the export must reproduce exactly: long (truncated at the context length), unicode, emoji,
 # accents, CJK, empty-ish, HTML entities, control characters, contractions, digits, special-token text.
@@ -87,9 +84,8 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 
 class _Tower:
-    """A verified export of ``KIND`` in ``folder``, with Encoder's text contract, so search and zeroshot
-    take either: ``encode_texts(texts, lang, default_lang)`` (L2-normalised float32 [N, dim]) and
-    ``logit_scale``."""
+    """A verified export of ``KIND`` in ``folder`` with Encoder's text contract (``encode_texts``,
+    ``logit_scale``), so search and zeroshot take either."""
 
     KIND: str | None = None
 
@@ -106,8 +102,7 @@ class _Tower:
 
     @property
     def logit_scale(self) -> float:
-        """exp(logit_scale) of the model, for zero-shot probabilities (classify) without torch."""
-        return float(self.meta["logit_scale"])
+        return float(self.meta["logit_scale"])  # exp(logit_scale), for classify's probabilities
 
     def encode(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> np.ndarray:
         texts = list(texts)
@@ -146,9 +141,9 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.n
 
 
 def reference_features(arrays, facts: dict, tower: str, inputs) -> np.ndarray:
-    """A plain CLIP tower's unnormalised features computed straight from its state-dict tensors (open_clip's
-    names and layouts, none of an export's): the independent check of an export made without torch.
-    ``tower`` "visual": ``inputs`` are normalised pixels [n, 3, S, S]; "text": token id rows."""
+    """A plain CLIP tower's unnormalised features straight from its state-dict tensors (open_clip's names and
+    layouts, none of an export's): the independent check of an export made without torch. ``inputs``:
+    normalised pixels [n, 3, S, S] for ``tower`` "visual", token id rows for "text"."""
     p = "visual." if tower == "visual" else ""
     eps, act, heads = float(facts["eps"]), facts["act"], int(facts["heads"])
     mask = np.float32(0)
@@ -246,41 +241,21 @@ class TextTower(_Tower):
             att /= att.sum(-1, keepdims=True)
             o = np.einsum("bhqk,bhkd->bqhd", att, v).reshape(b * n, width)
             o = np.dot(o, w[p + "out_proj.w"]) + w[p + "out_proj.b"]
-            if p + "ls_1" in w:
-                o = o * w[p + "ls_1"]
-            x = x + o
+            x = x + (o * w[p + "ls_1"] if p + "ls_1" in w else o)  # layer scale
             h = _layer_norm(x, w[p + "ln_2.w"], w[p + "ln_2.b"], eps)
             h = _act(np.dot(h, w[p + "c_fc.w"]) + w[p + "c_fc.b"], act)
             h = np.dot(h, w[p + "c_proj.w"]) + w[p + "c_proj.b"]
-            if p + "ls_2" in w:
-                h = h * w[p + "ls_2"]
-            x = x + h
+            x = x + (h * w[p + "ls_2"] if p + "ls_2" in w else h)
         x = x.reshape(b, n, width)
         x = _layer_norm(x, w["ln_final.w"], w["ln_final.b"], eps)
-        if m["pool"] == "argmax":
-            pos = ids.argmax(-1)
-        else:  # "eos": first end-of-text token
-            pos = (ids == int(m["eos_id"])).argmax(-1)
-        x = x[np.arange(b), pos]
+        # "argmax": the highest id (end-of-text); "eos": the first end-of-text token
+        x = x[np.arange(b), (ids if m["pool"] == "argmax" else ids == int(m["eos_id"])).argmax(-1)]
         if "proj.w" in w:
-            x = x @ w["proj.w"]
-            if "proj.b" in w:
-                x = x + w["proj.b"]
+            x = x @ w["proj.w"] + w.get("proj.b", 0)
         return _normalised(x)
 
 
 # --- a Hugging Face tower on onnxruntime -------------------------------------------------------------
-def _clean_whitespace(text: str) -> str:
-    """open_clip's HFTokenizer cleaning ("whitespace": ftfy, HTML entities, runs of spaces), ftfy only when needed."""
-    if not _PLAIN.fullmatch(text):
-        import html
-
-        import ftfy
-
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return " ".join(text.split())
-
-
 class OrtTextTower(_Tower):
     """A Hugging Face text tower exported to ONNX, tokenized as open_clip's HFTokenizer does."""
 
@@ -307,21 +282,18 @@ class OrtTextTower(_Tower):
 
     def tokenize(self, texts: list[str], lang: str | None = None, default_lang: str | None = None) -> list[list[int]]:
         """Token ids as open_clip's HFTokenizer makes them (before padding)."""
+        from .bpe import clean_whitespace
+        from .lang import query_language
+
         m = self.meta
         prefix, suffix = m["prefix"], m["suffix"]
         room = int(m["context_length"]) - len(prefix) - len(suffix)
-        langs = [None] * len(texts)
-        if m.get("lang_ids"):
-            from .lang import query_language
-
-            langs = [query_language(t, lang, default_lang) for t in texts]
+        langs = [query_language(t, lang, default_lang) if m.get("lang_ids") else None for t in texts]
+        encoded = self.tokenizer.encode_batch([clean_whitespace(t) for t in texts], add_special_tokens=False)
         out = []
-        cleaned = [_clean_whitespace(t) for t in texts]
-        for enc, code in zip(self.tokenizer.encode_batch(cleaned, add_special_tokens=False), langs):
+        for enc, code in zip(encoded, langs):
             slot = int(m["lang_ids"].get(code, m["lang_ids"].get("eng_Latn", 0))) if code else None
-            pre = [slot if t == _LANG_SLOT else t for t in prefix]
-            post = [slot if t == _LANG_SLOT else t for t in suffix]
-            out.append(pre + list(enc.ids[:max(room, 0)]) + post)
+            out.append([slot if t == _LANG_SLOT else t for t in [*prefix, *enc.ids[:max(room, 0)], *suffix]])
         return out
 
     def _encode(self, rows: list[list[int]]) -> np.ndarray:
@@ -343,10 +315,9 @@ def load_tower(folder: str | os.PathLike, fingerprint: str) -> _Tower:
 
 def open_tower(home: str | os.PathLike, fingerprint: str) -> _Tower:
     key = (str(home), fingerprint)
-    tower = _towers.get(key)
-    if tower is None:
-        tower = _towers[key] = load_tower(export_dir(home, fingerprint), fingerprint)
-    return tower
+    if key not in _towers:
+        _towers[key] = load_tower(export_dir(home, fingerprint), fingerprint)
+    return _towers[key]
 
 
 _warned: set[str] = set()
@@ -354,10 +325,9 @@ _warned: set[str] = set()
 
 def warn_once(label: str, reason: str) -> None:
     """One line on stderr per model and process when the torch fallback is taken."""
-    if label in _warned:
-        return
-    _warned.add(label)
-    print(f"note: fast text encoder for {label} not usable ({reason}); using torch (slower start)", file=sys.stderr)
+    if label not in _warned:
+        _warned.add(label)
+        print(f"note: fast text encoder for {label} not usable ({reason}); using torch (slower start)", file=sys.stderr)
 
 
 # --- export (needs torch; runs at the end of an index run or after a torch-encoded query) --------------------
@@ -409,11 +379,10 @@ def _special_template(tok, lang: str | None) -> tuple[list[int], list[int]]:
             break
     else:
         raise ValueError("special tokens are not around the text")
-    if lang is not None:
-        lang_id = tok.tokenizer.convert_tokens_to_ids(lang)
-        prefix = [_LANG_SLOT if t == lang_id else t for t in prefix]
-        suffix = [_LANG_SLOT if t == lang_id else t for t in suffix]
-    return prefix, suffix
+    if lang is None:
+        return prefix, suffix
+    lang_id = tok.tokenizer.convert_tokens_to_ids(lang)
+    return [_LANG_SLOT if t == lang_id else t for t in prefix], [_LANG_SLOT if t == lang_id else t for t in suffix]
 
 
 def _write_hf(encoder, tmp: Path) -> dict:
@@ -464,8 +433,7 @@ def _torch_check(tower: _Tower, encoder) -> dict:
 
 def _publish(home, fingerprint: str, meta: dict, write, check) -> Path:
     """Write an export into a temporary folder (``write(tmp)`` -> its facts), record ``check(tower)``'s verdict
-    in its manifest and rename it into place; a failed check is kept (verified: false) so it is not retried
-    on every run. Anything raised leaves nothing behind."""
+    in its manifest and rename it into place; a failed check is kept (verified: false), not retried each run."""
     final = export_dir(home, fingerprint)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".text.", dir=final.parent))
@@ -485,8 +453,7 @@ def _publish(home, fingerprint: str, meta: dict, write, check) -> Path:
 
 
 def build_export(home: str | os.PathLike, encoder) -> Path:
-    """Write and verify the text export for ``encoder`` (a loaded fp32 torch Encoder); returns its folder.
-    ExportError says this tower cannot be exported."""
+    """Write and verify the text export for ``encoder`` (a loaded fp32 torch Encoder); returns its folder."""
     if encoder.precision != "fp32":
         raise ExportError("the export is made from an fp32 model only")
     hf = getattr(getattr(encoder.model, "text", None), "config", None) is not None
@@ -509,10 +476,9 @@ def build_export(home: str | os.PathLike, encoder) -> Path:
 
 
 def export_from_checkpoint(home, fingerprint: str, label: str, model_cfg: dict, arrays, bpe_src: Path) -> Path:
-    """CLIP's text export without torch: the tensors of a checkpoint (clipgraph.Checkpoint) described by its
-    open_clip ``model_cfg``, the BPE tables from ``bpe_src`` (open_clip's file). Checked against
-    reference_features, the tower computed straight from the checkpoint's tensors (manifest "checked":
-    "numpy"); the first index run that loads torch checks it against torch (ensure_export)."""
+    """CLIP's text export without torch, from a checkpoint's tensors (clipgraph.Checkpoint), its open_clip
+    ``model_cfg`` and the BPE tables in ``bpe_src``. Checked against reference_features ("checked": "numpy");
+    the first index run that loads torch checks it against torch (ensure_export)."""
     from . import clipgraph
 
     text_cfg = model_cfg.get("text_cfg") or {}
@@ -546,16 +512,14 @@ def export_from_checkpoint(home, fingerprint: str, label: str, model_cfg: dict, 
 
 
 def ensure_export(home: str | os.PathLike, encoder, quiet: bool = False) -> Path | None:
-    """Make the text export for this model if it is missing or unusable; never raises (the fast path is
-    an optimisation). Returns the folder when a verified export exists afterwards."""
+    """Make the text export for this model if it is missing or unusable; returns its folder when a verified
+    export exists afterwards. Never raises: the fast path is an optimisation."""
     try:
         folder, checked = export_dir(home, encoder.fingerprint), None
-        try:
+        with contextlib.suppress(ExportError):
             checked = load_tower(folder, encoder.fingerprint)
             if checked.meta.get("checked") != "numpy":
                 return folder
-        except ExportError:
-            pass
         if getattr(encoder, "torch_free", False):  # no torch to check or make it with (make_exports makes it)
             return folder if checked is not None else None
         if checked is None and (folder / MANIFEST).is_file():

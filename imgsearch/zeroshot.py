@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import MAX_PIXELS
 from .errors import DataError, DecodeError, UsageError
+from .textfast import _normalised
 
 # Photo-style prompts: CLIP was trained on alt-text, where a bare label word is rare, and averaging
 # several phrasings cancels some of each one's quirks (CLIP paper: +3.5% ImageNet over one prompt).
@@ -81,15 +82,12 @@ def prompts(label: str, templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[st
 
 
 def label_embeddings(encoder, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-    """[len(labels), dim] float32: per label, mean of its normalised prompt embeddings, renormalised (the
-    CLIP paper's ensembling, section 3.1.4)."""
+    """[len(labels), dim] float32: each label's mean normalised prompt embedding, renormalised (CLIP paper 3.1.4)."""
     labels = list(labels)
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     texts = [p for lab in labels for p in prompts(lab, templates)]
-    vecs = encoder.encode_texts(texts).reshape(len(labels), len(templates), -1)
-    vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=-1, keepdims=True), 1e-12)
-    mean = vecs.mean(axis=1)
-    return (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+    vecs = _normalised(encoder.encode_texts(texts).reshape(len(labels), len(templates), -1))
+    return _normalised(vecs.mean(axis=1))
 
 
 def classify(image_vectors: np.ndarray, label_vectors: np.ndarray, logit_scale: float = 100.0) -> np.ndarray:
@@ -123,8 +121,7 @@ class TextScore:
 
 def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
                max_pixels: int = MAX_PIXELS) -> list[TextScore]:
-    """CLIP score of an image file against each text, in the order given; a missing or unreadable file is a
-    UsageError naming it."""
+    """CLIP score of an image file against each text, in order; a missing or unreadable file is a UsageError."""
     from . import images
 
     texts = [t.strip() for t in texts]

@@ -43,8 +43,7 @@ class PreparedData:
 
 def check_images(paths: list[str], draft_size: int, max_pixels: int, workers: int,
                  progress=None) -> dict[str, str]:
-    """Decode every image once before training starts (so a corrupt file stops nothing an hour in);
-    returns {path: reason} for the unusable ones."""
+    """Decode every image once before training (a corrupt file stops nothing an hour in); {path: reason} of bad ones."""
     bad: dict[str, str] = {}
     results = decode_many(paths, lambda path: open_image(path, draft_size=draft_size, max_pixels=max_pixels), workers)
     for n, (path, result) in enumerate(zip(paths, results), start=1):
@@ -176,8 +175,7 @@ class StepBatches:
             base = pos * per_step
             for m in range(self.accum):
                 lo = base + m * self.batch_size
-                # Seed by (step, slot in the step): fixed by position, independent of workers and of how
-                # the step is cut into micro-batches.
+                # Seeded by (step, slot): independent of workers and of how a step is cut into micro-batches.
                 yield [(order[lo + j], (self.seed * 1_000_003 + step * per_step + m * self.batch_size + j)
                         % (2 ** 63)) for j in range(self.batch_size)]
 

@@ -1,9 +1,7 @@
-"""The fine-tuning loop: one flat function, nanoGPT style, that runs the same on a laptop CPU and a GPU.
-
-train(cfg) loads the base model, checks and splits the data, evaluates the base, trains with AdamW and
-warmup+cosine, evaluates after every epoch keeping the best weights, survives Ctrl-C with a checkpoint that
---resume continues exactly, optionally blends with WiSE-FT, and writes an open_clip local-dir model.
-"""
+"""The fine-tuning loop: one flat function, nanoGPT style, the same on a laptop CPU and a GPU. train(cfg) loads
+the base model, checks and splits the data, evaluates the base, trains with AdamW and warmup+cosine, evaluates
+after every epoch keeping the best weights, survives Ctrl-C with a checkpoint that --resume continues exactly,
+optionally blends with WiSE-FT, and writes an open_clip local-dir model."""
 
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from pathlib import Path
 from .. import owned
 from ..config import MAX_PIXELS, VERSION, thread_budget, training_workers
 from ..encoder import LOCAL_DIR, ModelSpec, build, pick_device, pick_precision, read_local_config, save_local_dir
-from ..encoder import why_not_replaceable
+from ..encoder import autocast_for, why_not_replaceable
 from ..errors import DataError, ImgSearchError, UsageError
 from ..metrics import headline, retrieval_metrics
 from .data import PairDataset, StepBatches, decode_for_eval, make_loader, prepare
@@ -166,16 +164,6 @@ def training_precision(precision: str, device: str) -> str:
         raise UsageError("--precision int8 is for indexing only (a quantised copy of the image tower); "
                          "fine-tune with auto, fp32, bf16 or fp16")
     return pick_precision(precision, device)  # the same rule as inference
-
-
-def autocast_for(precision: str, device: str):
-    import torch
-
-    if precision == "fp16":  # CUDA or Apple MPS
-        return torch.autocast("mps" if device.startswith("mps") else "cuda", dtype=torch.float16)
-    if precision == "bf16":
-        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def base_model_config(spec, model) -> tuple[dict, dict]:
@@ -441,9 +429,8 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
                                                 ii, ti)
                     scaler.scale(loss).backward()
                 else:
-                    # Gradient accumulation that keeps every pair of the whole step as a negative: features
-                    # of all micro-batches first (no graph), then each micro-batch again with a graph,
-                    # spliced into the cached ones (open_clip's accum_freq trick; 2x forward, 1/N memory).
+                    # Every pair of the step stays a negative (open_clip's accum_freq trick): all features without
+                    # a graph, then each micro-batch again with one, spliced in (2x forward, 1/N memory).
                     with torch.no_grad(), autocast():
                         cached = [(model.encode_image(x), model.encode_text(t)) for x, t, _, _ in micro]
                     ids_i, ids_t = torch.cat([m[2] for m in micro]), torch.cat([m[3] for m in micro])

@@ -9,13 +9,9 @@ MAX_LOG_SCALE = math.log(MAX_LOGIT_SCALE)
 
 
 def contrastive_loss(image_features, text_features, logit_scale, image_ids, text_ids):
-    """Mean of image→text and text→image cross-entropy over one batch of pairs.
-
-    ``logit_scale`` is the model's learnable log-temperature; the scale it gives is capped at 100 as in
-    CLIP. Row i's positive is column i. Other columns that show the same image or the same caption text
-    (several captions per image, one caption for many images) are removed from the softmax instead of
-    being pushed away: they are right answers too, just not this row's.
-    """
+    """Mean of image→text and text→image cross-entropy over one batch; ``logit_scale`` is the model's learnable
+    log-temperature (its scale capped at 100, as in CLIP). Row i's positive is column i; other columns with the
+    same image or caption text are right answers too, so they leave the softmax instead of being pushed away."""
     import torch
     import torch.nn.functional as F
 
