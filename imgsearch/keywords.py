@@ -73,14 +73,10 @@ def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: floa
     if not clip:
         return []
     values = np.fromiter(clip.values(), dtype=np.float64)
-    lo, hi = float(values.min()), float(values.max())
-    span = hi - lo
-    out = []
-    for i, c in clip.items():
-        c01 = (c - lo) / span if span > 1e-12 else 1.0
-        out.append((i, (1.0 - weight) * c01 + weight * keyword.get(i, 0.0)))
-    out.sort(key=lambda p: (-p[1], p[0]))
-    return out
+    lo, span = float(values.min()), float(values.max()) - float(values.min())
+    out = [(i, (1.0 - weight) * ((c - lo) / span if span > 1e-12 else 1.0) + weight * keyword.get(i, 0.0))
+           for i, c in clip.items()]
+    return sorted(out, key=lambda p: (-p[1], p[0]))
 
 
 def blended_search(searcher, vec: np.ndarray, request, allowed: np.ndarray | None) -> list:
@@ -93,12 +89,11 @@ def blended_search(searcher, vec: np.ndarray, request, allowed: np.ndarray | Non
     if allowed is not None:
         keep = set(allowed.tolist())
         kw = {i: s for i, s in kw.items() if i in keep}
-    clip: dict[int, float] = {}
     pool = max(100, 5 * request.k + len(exclude))
     # Scores are exact cosines whatever the index type: IVF-PQ candidates are re-ranked with the stored
     # vectors (as the plain search does), so --min-score and the blend never see a PQ estimate.
     scores, ids = searcher.index().search(vec[None, :], pool, allowed=allowed, exact_vectors=searcher.exact_vectors)
-    clip.update((int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0)
+    clip = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}
     missing = np.array(sorted(set(kw) - set(clip)), dtype=np.int64)
     if len(missing):
         # Keyword matches outside the CLIP pool: score them straight from SQLite (an IVF probe could miss them).
@@ -156,7 +151,7 @@ def import_captions(store: Store, source: str | os.PathLike, image_col: str = "p
     report = CaptionImport(str(source), problems=list(result.problems))
     rows = store.images_at(p.path for p in result.pairs)  # one lookup per 500 paths, not one per caption
     report.not_in_library = list(dict.fromkeys(p.path for p in result.pairs if p.path not in rows))
-    texts = [(rows[p.path].id, " ".join(p.caption.split())) for p in result.pairs if p.path in rows]
+    texts = ((rows[p.path].id, " ".join(p.caption.split())) for p in result.pairs if p.path in rows)
     pairs = [(image_id, text) for image_id, text in texts if text]
     if pairs:
         report.added = store.add_captions(pairs, source=str(source), replace=replace)

@@ -205,19 +205,18 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-def applied(conn) -> set[int]:
-    """Versions recorded in a library (an SQLAlchemy connection); empty for a brand-new file."""
+def applied(conn, path: Path) -> set[int]:
+    """Versions recorded in a library (an SQLAlchemy connection; empty for a brand-new file), refusing one
+    written by a newer imgsearch."""
     from sqlalchemy import text
 
     has = conn.execute(text("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'")).first()
-    return {r[0] for r in conn.execute(text("SELECT version FROM schema_migrations"))} if has else set()
-
-
-def refuse_newer(done: set[int], path: Path) -> None:
+    done = {r[0] for r in conn.execute(text("SELECT version FROM schema_migrations"))} if has else set()
     if done and max(done) > SCHEMA_VERSION:
         raise LibraryError(
             f"library {path} was written by a newer imgsearch (schema {max(done)} > "
             f"{SCHEMA_VERSION}); upgrade imgsearch to use it")
+    return done
 
 
 def migrate(engine, path: Path, *, read_only: bool) -> None:
@@ -229,8 +228,7 @@ def migrate(engine, path: Path, *, read_only: bool) -> None:
     from sqlalchemy import text
 
     with engine.connect() as c:  # a read first: a newer library must not even get the bookkeeping table
-        done = applied(c)
-    refuse_newer(done, path)
+        done = applied(c, path)
     if read_only:
         if max(done, default=0) < SCHEMA_VERSION:
             raise LibraryError(
@@ -240,8 +238,7 @@ def migrate(engine, path: Path, *, read_only: bool) -> None:
     with engine.begin() as c:
         c.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"))
-        done = applied(c)
-        refuse_newer(done, path)
+        done = applied(c, path)
         for version, name, statements in MIGRATIONS:
             if version not in done:
                 for stmt in statements:

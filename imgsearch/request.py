@@ -1,8 +1,6 @@
 """One search request: every door (CLI, HTTP server, web UI, Python API) builds a SearchRequest, validated here
 once, and search.Searcher answers it. A wrong value is a ParamError naming the field, the same text at every
-door (the CLI says the flag, the server answers 400 with the field, the UI shows it).
-
-Standard library only, so the server client and the CLI parse requests without importing numpy or a model.
+door. Standard library only: the server client and the CLI parse requests without numpy or a model.
 """
 
 from __future__ import annotations
@@ -109,9 +107,9 @@ def text_term(raw, name: str = "text") -> Term:
         return raw
     if _is_weighted(raw):
         weight, text = _weight(raw[0], name), _string(raw[1], name, MAX_TEXT).strip()
+    elif not isinstance(raw, str):
+        raise ParamError(name, f"query text must be a string or a (weight, text) pair, not {type(raw).__name__}")
     else:
-        if not isinstance(raw, str):
-            raise ParamError(name, f"query text must be a string or a (weight, text) pair, not {type(raw).__name__}")
         weight, text = parse_weighted(_string(raw, name, MAX_TEXT))
     if not text:
         raise UsageError("empty query text; give some words, e.g. imgsearch query \"a red car\"")
@@ -266,9 +264,7 @@ class SearchRequest:
 
         def items(key: str) -> list:
             value = body.get(key)
-            if value is None:
-                return []
-            items = value if isinstance(value, list) else [value]
+            items = [] if value is None else value if isinstance(value, list) else [value]
             if len(items) > MAX_TERMS:
                 raise ParamError(key, f"at most {MAX_TERMS} query terms (texts, images and ids) per search")
             return items
@@ -315,11 +311,8 @@ class SearchRequest:
         relevance = body.get("relevance", False)
         return cls.build(texts("texts"), image=pictures("images"), not_text=texts("not"),
                          not_image=pictures("not_images"), ids=ids, k=body.get("k", 10),
-                         min_score=body.get("min_score"), under=body.get("under"), tag=body.get("tag"),
-                         keyword=body.get("keyword"), blend=body.get("blend"), after=body.get("after"),
-                         before=body.get("before"), near=body.get("near"), camera=body.get("camera"),
                          relevance=False if relevance is None else relevance, like=body.get("like") or (),
-                         unlike=body.get("unlike") or ())
+                         unlike=body.get("unlike") or (), **{key: body.get(key) for key in _PLAIN_FIELDS})
 
     @classmethod
     def from_params(cls, params, names: dict | None = None, image=None) -> "SearchRequest":
@@ -372,15 +365,9 @@ class SearchRequest:
         client paths). from_json(to_json()) gives the same request."""
 
         def terms(kind: str, seq) -> list:
-            out = []
-            for t in seq:
-                if t.kind != kind:
-                    continue
-                if kind == "text":
-                    out.append({"text": t.value, "weight": t.weight})
-                else:
-                    out.append({"data": base64.b64encode(_image_bytes(t)).decode(), "weight": t.weight})
-            return out
+            return [{"text": t.value, "weight": t.weight} if kind == "text" else
+                    {"data": base64.b64encode(_image_bytes(t)).decode(), "weight": t.weight}
+                    for t in seq if t.kind == kind]
 
         body = {"texts": terms("text", self.positives), "not": terms("text", self.negatives),
                 "images": terms("image", self.positives), "not_images": terms("image", self.negatives),
@@ -411,6 +398,7 @@ JSON_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", 
                "after", "before", "near", "camera", "relevance", "like", "unlike")
 PARAMS = frozenset({"q", "not", "id", "k", "min_score", "under", "tag", "keyword", "blend", "relevance", "after",
                     "before", "near", "camera", "like", "unlike"})
+_PLAIN_FIELDS = ("min_score", "under", "tag", "keyword", "blend", "after", "before", "near", "camera")  # JSON as is
 
 
 def _only_keys(item: dict, name: str, keys: set[str]) -> None:

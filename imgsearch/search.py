@@ -1,9 +1,9 @@
 """The search engine: one Searcher answers every SearchRequest, from every door.
 
-Its parts are chosen once per library and model: the text encoder (the verified export of the text tower
-wherever one exists or can be made, so every door embeds a query identically; torch only to make it or where
-none can exist) and the vector backend (vectors.py, behind indexcache.py). Each filter is written once, in
-``allowed_ids``. Nothing here imports torch, open_clip or FAISS until a request needs them.
+Its parts are chosen once per library and model: the text encoder (the verified text-tower export wherever one
+exists or can be made, so every door embeds a query identically; torch only to make it or where none can) and
+the vector backend (vectors.py via indexcache.py). Each filter is written once, in ``allowed_ids``. Nothing here
+imports torch, open_clip or FAISS until a request needs them.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ def rocchio(query: np.ndarray, liked: np.ndarray, unliked: np.ndarray, weights=R
     ``query`` may be zero (marks alone: "more like these")."""
     a, b, c = weights
     vec = a * np.asarray(query, dtype=np.float32)
-    if len(liked):
-        vec = vec + b * np.asarray(liked, dtype=np.float32).mean(axis=0)
-    if len(unliked):
-        vec = vec - c * np.asarray(unliked, dtype=np.float32).mean(axis=0)
+    for sign, weight, marked in ((1, b, liked), (-1, c, unliked)):
+        if len(marked):
+            vec = vec + sign * weight * np.asarray(marked, dtype=np.float32).mean(axis=0)
     norm = float(np.linalg.norm(vec))
     if norm < 1e-8:
         raise UsageError("the marked images cancel out the query; unmark some, or like at least one image")
@@ -128,14 +127,8 @@ class Searcher:
         if fp is None or (fp.startswith("tag:") and store.find_model(spec.name, spec.pretrained, fp) is None):
             fp = resolve_weights(spec)[0]  # validates the tag / hub model and words the error
         self.model = model_row_for(store, spec, fp)
-        self._text = None
-        self._index = None
-        self._index_version: int | None = None
-        self._lock = threading.Lock()
-        self._encode_lock = encode_lock
-        self._floor: dict | None = None
-        self._floor_version: int | None = None
-        self._floor_lock = threading.Lock()
+        self._text = self._index = self._index_version = self._floor = self._floor_version = None
+        self._lock, self._floor_lock, self._encode_lock = threading.Lock(), threading.Lock(), encode_lock
         # Query language: --lang, else each query's script, else the language recorded at index time.
         self.lang, self.library_lang = settings.lang, store.get_meta("lang")
 
