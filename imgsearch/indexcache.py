@@ -9,7 +9,7 @@ import contextlib
 import numpy as np
 
 from .config import Settings
-from .store import ModelRow, Store
+from .store import Store
 from .vectors import BuildProgress, IndexPolicy, VectorIndex, load_or_build
 
 
@@ -44,7 +44,9 @@ def model_index(settings: Settings, store: Store, model_id: int,
     """One model's FAISS index, from its cache file when trustworthy, else updated or rebuilt from SQLite:
     (index, library version it reflects, "loaded" | "updated" | "rebuilt")."""
     model = store.model_by_id(model_id)
-    state = cache_key(store, model)
+    # What the cache file must have been built from to be trusted (the library_id: not another library.db).
+    state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint,
+             "library_id": store.library_id}
     index, action = load_or_build(settings.index_path(model.id), state, model.dim,
                                   lambda: StoreVectors(store, model.id),
                                   lambda since: store.vector_changes(model.id, since), index_policy(settings),
@@ -53,11 +55,3 @@ def model_index(settings: Settings, store: Store, model_id: int,
         with contextlib.suppress(Exception):  # a library that cannot be written keeps them, harmlessly
             store.prune_deletions(model.id, model.version)
     return index, model.version, action
-
-
-def cache_key(store: Store, model: ModelRow) -> dict:
-    """What a FAISS cache file must have been built from to be trusted (see vectors.load_or_build)."""
-    return {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint,
-            "library_id": store.library_id}
-
-

@@ -1,13 +1,12 @@
-"""Keyword search (SQLite FTS5 over file names, folders, captions and tags) and its combination with CLIP.
+"""Keyword search (SQLite FTS5 over file names, folders, captions and tags) and its combination with CLIP,
+chosen by a SearchRequest's ``keyword`` and ``blend``:
+- filter (default): only images matching the keywords, ranked by CLIP; the filter runs inside the vector search
+  (``allowed_ids``), so it never returns fewer hits than exist.
+- blend: ``score = (1 - w) * clip + w * keyword``, both scaled to 0..1 over the candidates (CLIP's top hits plus
+  the keyword matches); an image that matches no keyword scores 0 on that side.
 
-Two ways to combine, both chosen by a SearchRequest's ``keyword`` and ``blend`` (search.Searcher):
-- filter (default): only images matching the keywords, ranked by CLIP; the filter runs inside the
-  vector search (``allowed_ids``), so it never returns fewer hits than exist.
-- blend: ``score = (1 - w) * clip + w * keyword`` where both are scaled to 0..1 over the candidates
-  (CLIP's top hits plus the keyword matches); images that match no keyword score 0 on that side.
-
-Keyword syntax: words must all match, each as a word prefix ("2019" matches IMG_20190501.jpg);
-"double quotes" match a phrase; -word excludes. Case and accents are ignored.
+Keyword syntax: words must all match, each as a word prefix ("2019" matches IMG_20190501.jpg); "double quotes"
+match a phrase; -word excludes. Case and accents are ignored.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ def to_fts(text: str) -> str:
     except ValueError:  # unbalanced quote: take the words as they are
         parts = text.replace('"', " ").split()
     phrases = {m.group(1) for m in re.finditer(r'"([^"]+)"', text)}
-    positives: list[str] = []
-    negatives: list[str] = []
+    positives, negatives = [], []
     for part in parts:
         negate = part.startswith("-") and len(part) > 1
         term = part[1:] if negate else part

@@ -1,9 +1,7 @@
-"""The library schema as numbered, named migrations, and the upgrade that applies them on open.
+"""The library schema as numbered, named migrations (recorded in ``schema_migrations``), applied on open.
 
-A library remembers which migrations it has in ``schema_migrations``. Opening it applies the missing ones
-in order, in one transaction, so a crash half-way leaves the old schema intact. A library written by a
-newer imgsearch (a version above ours) is refused untouched: an older program must not guess at tables
-it does not know.
+The missing ones are applied in order in one transaction, so a crash half-way leaves the old schema intact. A
+library written by a newer imgsearch is refused untouched: an older program must not guess at unknown tables.
 """
 
 from __future__ import annotations
@@ -220,11 +218,8 @@ def applied(conn, path: Path) -> set[int]:
 
 
 def migrate(engine, path: Path, *, read_only: bool) -> None:
-    """Bring the library behind ``engine`` up to SCHEMA_VERSION, or explain why it cannot be.
-
-    Read-only libraries are never written: one already current is fine, an older one gets the advice to
-    open it where it is writable. The newer-version check runs before anything is created.
-    """
+    """Bring the library behind ``engine`` up to SCHEMA_VERSION, or explain why it cannot be. A read-only
+    library is never written (an older one gets the advice to open it where it is writable)."""
     from sqlalchemy import text
 
     with engine.connect() as c:  # a read first: a newer library must not even get the bookkeeping table

@@ -133,10 +133,8 @@ def image_term(raw, name: str = "image") -> Term:
         from .files import abspath
 
         return Term("image", abspath(raw), weight)
-    if isinstance(raw, (bytearray, memoryview)):
-        raw = bytes(raw)
-    if isinstance(raw, bytes):
-        return Term("image", raw, weight, "uploaded image")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return Term("image", bytes(raw), weight, "uploaded image")
     if hasattr(raw, "read") and not hasattr(raw, "convert"):  # a file object, e.g. an upload kept in memory
         label = os.path.basename(str(getattr(raw, "name", "") or "")) or "(file object)"
         return Term("image", raw.read(), weight, label, "the uploaded file" if label != "(file object)" else

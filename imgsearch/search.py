@@ -108,10 +108,8 @@ def keyword_search(store, request: SearchRequest) -> list[Hit]:
 
 class Searcher:
     """One library and one model, warm: the text encoder, the image encoder (loaded by the Library that owns
-    this searcher, on first image term) and the vector index stay loaded.
-
-    imgsearch.Library creates it and documents the thread-safety contract: encodes run under ``encode_lock``,
-    index (re)loads under the searcher's own lock.
+    this searcher, on first image term) and the vector index stay loaded. imgsearch.Library creates it and
+    documents the thread-safety contract: encodes run under ``encode_lock``, index (re)loads under its own lock.
     """
 
     def __init__(self, settings: Settings, store, load_encoder, encode_lock, load_images=None):
@@ -214,10 +212,9 @@ class Searcher:
         """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space), then
         refined by the marked images (``rocchio``)."""
         vec = np.zeros(self.model.dim, dtype=np.float32)
-        for w, v in self.embed_terms(request.positives):
-            vec += w * v
-        for w, v in self.embed_terms(request.negatives):
-            vec -= w * v
+        for sign, terms in ((1, request.positives), (-1, request.negatives)):
+            for w, v in self.embed_terms(terms):
+                vec += sign * w * v
         if request.positives or request.negatives:
             norm = float(np.linalg.norm(vec))
             if norm < 1e-8:

@@ -543,8 +543,7 @@ class Store:
             if meta:
                 c.execute(f"UPDATE images SET width = coalesce(:width, width), height = coalesce(:height, "
                           f"height), {_set(META_COLUMNS)} WHERE id = :id",
-                          [{"id": m["id"], "width": m.get("width"), "height": m.get("height"),
-                            **{k: m.get(k) for k in META_COLUMNS}} for m in meta])
+                          [{"id": m["id"], **{k: m.get(k) for k in ("width", "height", *META_COLUMNS)}} for m in meta])
             if cleared_failures:
                 c.execute("DELETE FROM failures WHERE path = :p", [{"p": _bind(p)} for p in cleared_failures])
             if failures:

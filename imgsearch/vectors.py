@@ -334,13 +334,11 @@ def _read_header(f) -> tuple[dict, bytes, bytes]:
     if fmt != FORMAT:
         raise IndexFileError(f"index file format {fmt} is not {FORMAT}")
     header, digest = f.read(hlen), f.read(16)
-    try:
+    with contextlib.suppress(ValueError):
         meta = json.loads(header)
-    except ValueError:
-        raise IndexFileError("index file header is damaged") from None
-    if not isinstance(meta, dict) or len(digest) < 16:
-        raise IndexFileError("index file header is damaged")
-    return meta, header, digest
+        if isinstance(meta, dict) and len(digest) == 16:
+            return meta, header, digest
+    raise IndexFileError("index file header is damaged")
 
 
 def _digest(header: bytes, blocks) -> bytes:
