@@ -134,8 +134,7 @@ def _caption_vectors(store, model_id: int, encode_texts, save: bool) -> np.ndarr
     with contextlib.suppress(ValueError, KeyError, TypeError):  # unreadable: encode again
         kept = json.loads(store.get_meta(key) or "null")
         if isinstance(kept, dict) and kept.get("captions") == digest:
-            vecs = np.frombuffer(base64.b64decode(kept["vectors"]), dtype="<f4")
-            return vecs.reshape(len(NULL_CAPTIONS), -1)
+            return np.frombuffer(base64.b64decode(kept["vectors"]), dtype="<f4").reshape(len(NULL_CAPTIONS), -1)
     if encode_texts is None:
         return None
     vecs = np.asarray(encode_texts(list(NULL_CAPTIONS)), dtype="<f4")

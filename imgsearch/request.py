@@ -53,21 +53,17 @@ def check_k(k) -> int:
 
 @dataclass(frozen=True)
 class Term:
-    """One part of a query: a text, an image, or an image already in the library (by id).
-
-    An image is a file path, the file's bytes, or a PIL image; bytes and PIL images are decoded in memory,
-    so a query image never has to be written to disk. ``name`` labels it in error messages.
-    """
+    """One part of a query: a text, an image, or an image already in the library (by id). An image is a file
+    path, the file's bytes or a PIL image: bytes are decoded in memory, never written to disk."""
 
     kind: str  # "text" | "image" | "id"
     value: object  # str for text and image paths; bytes or PIL.Image.Image for images; int for ids
     weight: float = 1.0
-    name: str | None = None
+    name: str | None = None  # labels it in error messages
     noun: str = "query image"  # how messages refer to it: "cannot use query image NAME: ..."
 
 
-def _number(value, name: str, what: str, low: float = -math.inf, high: float = math.inf,
-            outside: str | None = None) -> float:
+def _number(value, name: str, what: str, low: float, high: float, outside: str | None = None) -> float:
     """A finite number from ``low`` to ``high``; ``outside`` says what is wrong with one out of range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ParamError(name, what)

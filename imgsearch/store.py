@@ -140,11 +140,11 @@ def _in(statement: str, values: Sequence, params: dict) -> tuple[str, dict]:
     return statement.replace(":ids", placeholders), {**params, **dict(zip(names, values))}
 
 
+@dataclass
 class _Writer:
     """A SQLAlchemy connection in a transaction; ``execute`` takes statement text (a list: executemany)."""
 
-    def __init__(self, conn):
-        self.conn = conn
+    conn: object
 
     def execute(self, statement, params=None):
         return self.conn.execute(_sql(statement) if isinstance(statement, str) else statement, params)
