@@ -505,10 +505,9 @@ class Store:
                     meta: Sequence[dict] = ()) -> dict[str, int]:
         """Apply one batch of indexing results atomically; returns {path: id} for new images.
 
-        new: dicts with path,size,mtime_ns,hash,width,height,taken_at (+ optional 'vector').
-        updated: same plus 'id' (content changed: other models' vectors are dropped as stale).
-        moved: (id, new_path, size, mtime_ns). touched: (id, size, mtime_ns) for same-content files.
-        vectors: (image id or path of a new image, vector) for this model.
+        new: dicts with 'path' and the _CONTENT columns; updated: the same plus 'id' (content changed: other
+        models' vectors are dropped as stale). moved: (id, new_path, size, mtime_ns). touched: (id, size,
+        mtime_ns) for same-content files. vectors: (image id or path of a new image, vector) for this model.
         meta: dicts with 'id' and META_COLUMNS (when/where backfill; vectors and caches are unaffected).
         """
         now = time.time()

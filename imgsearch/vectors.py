@@ -172,7 +172,9 @@ class VectorIndex:
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = 10
-        gpus = gpu_count() > 0
+        gpus = False
+        with contextlib.suppress(Exception):  # faiss-cpu has no GPUs (nor, in some builds, get_num_gpus)
+            gpus = faiss.get_num_gpus() > 0
         if gpus:
             # k-means for the coarse quantizer is the slow part of building; faiss-gpu runs it on the GPU.
             index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
@@ -363,15 +365,6 @@ def rerank(queries: np.ndarray, ids: np.ndarray, k: int, exact_vectors) -> tuple
         scores, best = exact.search(q[None, :], k)
         out_s[row, :best.shape[1]], out_i[row, :best.shape[1]] = scores[0], best[0]
     return out_s, out_i
-
-
-def gpu_count() -> int:
-    """GPUs faiss can use (0 with faiss-cpu)."""
-    import faiss
-
-    with contextlib.suppress(Exception):
-        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-    return 0
 
 
 class VectorSource(Protocol):
