@@ -4,10 +4,12 @@ it never writes image rows, so the query side does not import the indexer."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .config import Settings
-from .store import ModelRow, Store
+from .store import Store
 from .vectors import BuildProgress, IndexPolicy, VectorIndex, load_or_build
 
 
@@ -39,27 +41,17 @@ class StoreVectors:
 
 def model_index(settings: Settings, store: Store, model_id: int,
                 progress: BuildProgress | None = None) -> tuple[VectorIndex, int, str]:
-    """One model's FAISS index, from its cache file when trustworthy, else updated or rebuilt from SQLite.
-
-    Returns (index, library version it reflects, "loaded" | "updated" | "rebuilt").
-    """
+    """One model's FAISS index, from its cache file when trustworthy, else updated or rebuilt from SQLite:
+    (index, library version it reflects, "loaded" | "updated" | "rebuilt")."""
     model = store.model_by_id(model_id)
-    state = cache_key(store, model)
+    # What the cache file must have been built from to be trusted (the library_id: not another library.db).
+    state = {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint,
+             "library_id": store.library_id}
     index, action = load_or_build(settings.index_path(model.id), state, model.dim,
                                   lambda: StoreVectors(store, model.id),
                                   lambda since: store.vector_changes(model.id, since), index_policy(settings),
                                   progress, save=not store.read_only)
     if action != "loaded" and not store.read_only:  # the cache now reflects model.version: older tombstones are spent
-        try:
+        with contextlib.suppress(Exception):  # a library that cannot be written keeps them, harmlessly
             store.prune_deletions(model.id, model.version)
-        except Exception:
-            pass  # read-only library: tombstones stay, harmlessly
     return index, model.version, action
-
-
-def cache_key(store: Store, model: ModelRow) -> dict:
-    """What a FAISS cache file must have been built from to be trusted (see vectors.load_or_build)."""
-    return {"model_id": model.id, "version": model.version, "fingerprint": model.fingerprint,
-            "library_id": store.library_id}
-
-

@@ -1,13 +1,12 @@
-"""Keyword search (SQLite FTS5 over file names, folders, captions and tags) and its combination with CLIP.
+"""Keyword search (SQLite FTS5 over file names, folders, captions and tags) and its combination with CLIP,
+chosen by a SearchRequest's ``keyword`` and ``blend``:
+- filter (default): only images matching the keywords, ranked by CLIP; the filter runs inside the vector search
+  (``allowed_ids``), so it never returns fewer hits than exist.
+- blend: ``score = (1 - w) * clip + w * keyword``, both scaled to 0..1 over the candidates (CLIP's top hits plus
+  the keyword matches); an image that matches no keyword scores 0 on that side.
 
-Two ways to combine, both chosen by a SearchRequest's ``keyword`` and ``blend`` (search.Searcher):
-- filter (default): only images matching the keywords, ranked by CLIP; the filter runs inside the
-  vector search (``allowed_ids``), so it never returns fewer hits than exist.
-- blend: ``score = (1 - w) * clip + w * keyword`` where both are scaled to 0..1 over the candidates
-  (CLIP's top hits plus the keyword matches); images that match no keyword score 0 on that side.
-
-Keyword syntax: words must all match, each as a word prefix ("2019" matches IMG_20190501.jpg);
-"double quotes" match a phrase; -word excludes. Case and accents are ignored.
+Keyword syntax: words must all match, each as a word prefix ("2019" matches IMG_20190501.jpg); "double quotes"
+match a phrase; -word excludes. Case and accents are ignored.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ def to_fts(text: str) -> str:
     except ValueError:  # unbalanced quote: take the words as they are
         parts = text.replace('"', " ").split()
     phrases = {m.group(1) for m in re.finditer(r'"([^"]+)"', text)}
-    positives: list[str] = []
-    negatives: list[str] = []
+    positives, negatives = [], []
     for part in parts:
         negate = part.startswith("-") and len(part) > 1
         term = part[1:] if negate else part
@@ -73,14 +71,10 @@ def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: floa
     if not clip:
         return []
     values = np.fromiter(clip.values(), dtype=np.float64)
-    lo, hi = float(values.min()), float(values.max())
-    span = hi - lo
-    out = []
-    for i, c in clip.items():
-        c01 = (c - lo) / span if span > 1e-12 else 1.0
-        out.append((i, (1.0 - weight) * c01 + weight * keyword.get(i, 0.0)))
-    out.sort(key=lambda p: (-p[1], p[0]))
-    return out
+    lo, span = float(values.min()), float(values.max()) - float(values.min())
+    out = [(i, (1.0 - weight) * ((c - lo) / span if span > 1e-12 else 1.0) + weight * keyword.get(i, 0.0))
+           for i, c in clip.items()]
+    return sorted(out, key=lambda p: (-p[1], p[0]))
 
 
 def blended_search(searcher, vec: np.ndarray, request, allowed: np.ndarray | None) -> list:
@@ -93,12 +87,11 @@ def blended_search(searcher, vec: np.ndarray, request, allowed: np.ndarray | Non
     if allowed is not None:
         keep = set(allowed.tolist())
         kw = {i: s for i, s in kw.items() if i in keep}
-    clip: dict[int, float] = {}
     pool = max(100, 5 * request.k + len(exclude))
     # Scores are exact cosines whatever the index type: IVF-PQ candidates are re-ranked with the stored
     # vectors (as the plain search does), so --min-score and the blend never see a PQ estimate.
     scores, ids = searcher.index().search(vec[None, :], pool, allowed=allowed, exact_vectors=searcher.exact_vectors)
-    clip.update((int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0)
+    clip = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}
     missing = np.array(sorted(set(kw) - set(clip)), dtype=np.int64)
     if len(missing):
         # Keyword matches outside the CLIP pool: score them straight from SQLite (an IVF probe could miss them).
@@ -156,7 +149,7 @@ def import_captions(store: Store, source: str | os.PathLike, image_col: str = "p
     report = CaptionImport(str(source), problems=list(result.problems))
     rows = store.images_at(p.path for p in result.pairs)  # one lookup per 500 paths, not one per caption
     report.not_in_library = list(dict.fromkeys(p.path for p in result.pairs if p.path not in rows))
-    texts = [(rows[p.path].id, " ".join(p.caption.split())) for p in result.pairs if p.path in rows]
+    texts = ((rows[p.path].id, " ".join(p.caption.split())) for p in result.pairs if p.path in rows)
     pairs = [(image_id, text) for image_id, text in texts if text]
     if pairs:
         report.added = store.add_captions(pairs, source=str(source), replace=replace)

@@ -1,9 +1,7 @@
-"""The library schema as numbered, named migrations, and the upgrade that applies them on open.
+"""The library schema as numbered, named migrations (recorded in ``schema_migrations``), applied on open.
 
-A library remembers which migrations it has in ``schema_migrations``. Opening it applies the missing ones
-in order, in one transaction, so a crash half-way leaves the old schema intact. A library written by a
-newer imgsearch (a version above ours) is refused untouched: an older program must not guess at tables
-it does not know.
+The missing ones are applied in order in one transaction, so a crash half-way leaves the old schema intact. A
+library written by a newer imgsearch is refused untouched: an older program must not guess at unknown tables.
 """
 
 from __future__ import annotations
@@ -205,32 +203,27 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-def applied(conn) -> set[int]:
-    """Versions recorded in a library (an SQLAlchemy connection); empty for a brand-new file."""
+def applied(conn, path: Path) -> set[int]:
+    """Versions recorded in a library (an SQLAlchemy connection; empty for a brand-new file), refusing one
+    written by a newer imgsearch."""
     from sqlalchemy import text
 
     has = conn.execute(text("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'")).first()
-    return {r[0] for r in conn.execute(text("SELECT version FROM schema_migrations"))} if has else set()
-
-
-def refuse_newer(done: set[int], path: Path) -> None:
+    done = {r[0] for r in conn.execute(text("SELECT version FROM schema_migrations"))} if has else set()
     if done and max(done) > SCHEMA_VERSION:
         raise LibraryError(
             f"library {path} was written by a newer imgsearch (schema {max(done)} > "
             f"{SCHEMA_VERSION}); upgrade imgsearch to use it")
+    return done
 
 
 def migrate(engine, path: Path, *, read_only: bool) -> None:
-    """Bring the library behind ``engine`` up to SCHEMA_VERSION, or explain why it cannot be.
-
-    Read-only libraries are never written: one already current is fine, an older one gets the advice to
-    open it where it is writable. The newer-version check runs before anything is created.
-    """
+    """Bring the library behind ``engine`` up to SCHEMA_VERSION, or explain why it cannot be. A read-only
+    library is never written (an older one gets the advice to open it where it is writable)."""
     from sqlalchemy import text
 
     with engine.connect() as c:  # a read first: a newer library must not even get the bookkeeping table
-        done = applied(c)
-    refuse_newer(done, path)
+        done = applied(c, path)
     if read_only:
         if max(done, default=0) < SCHEMA_VERSION:
             raise LibraryError(
@@ -240,8 +233,7 @@ def migrate(engine, path: Path, *, read_only: bool) -> None:
     with engine.begin() as c:
         c.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"))
-        done = applied(c)
-        refuse_newer(done, path)
+        done = applied(c, path)
         for version, name, statements in MIGRATIONS:
             if version not in done:
                 for stmt in statements:

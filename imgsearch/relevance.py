@@ -1,13 +1,13 @@
 """A per-model relevance floor: the score above which a hit is "probably relevant", not just "nearest".
 
-A raw cosine means different things for different models, so the floor is measured per model on the
-user's own library. Text queries: the upper quartile of the 99th-percentile scores of NULL_CAPTIONS
-(generic captions) against the library's images; a quartile, not the maximum, keeps a caption that happens
-to describe the library ("a dog on the grass" in a dog library) from lifting the floor for everyone. Image
-queries: the 90th percentile of the cosine between random pairs of distinct images. A query mixing text and
-image terms gets no verdict. Stored in library_meta with the vector count it was measured on; the first
-query that asks measures it (encoding the captions once per model, never on `index`'s clock), then `index`
-and stale queries measure it again from the kept caption vectors.
+A raw cosine means different things for different models, so the floor is measured per model on the user's own
+library. Text queries: the upper quartile of the 99th-percentile scores of NULL_CAPTIONS (generic captions)
+against the library's images; a quartile, not the maximum, keeps a caption that happens to describe the library
+("a dog on the grass" in a dog library) from lifting the floor for everyone. Image queries: the 90th percentile
+of the cosine between random pairs of distinct images. A query mixing text and image terms gets no verdict.
+Stored in library_meta with the vector count it was measured on; the first query that asks measures it (encoding
+the captions once per model, never on `index`'s clock), then `index` and stale queries measure it again from the
+kept caption vectors.
 """
 
 from __future__ import annotations
@@ -131,13 +131,10 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
 def _caption_vectors(store, model_id: int, encode_texts, save: bool) -> np.ndarray | None:
     key = f"relevance-captions:{int(model_id)}"
     digest = hashlib.sha1("\n".join(NULL_CAPTIONS).encode()).hexdigest()[:16]
-    try:
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # unreadable: encode again
         kept = json.loads(store.get_meta(key) or "null")
         if isinstance(kept, dict) and kept.get("captions") == digest:
-            vecs = np.frombuffer(base64.b64decode(kept["vectors"]), dtype="<f4")
-            return vecs.reshape(len(NULL_CAPTIONS), -1)
-    except (ValueError, KeyError, TypeError):
-        pass  # unreadable: encode again
+            return np.frombuffer(base64.b64decode(kept["vectors"]), dtype="<f4").reshape(len(NULL_CAPTIONS), -1)
     if encode_texts is None:
         return None
     vecs = np.asarray(encode_texts(list(NULL_CAPTIONS)), dtype="<f4")

@@ -1,8 +1,6 @@
 """One search request: every door (CLI, HTTP server, web UI, Python API) builds a SearchRequest, validated here
 once, and search.Searcher answers it. A wrong value is a ParamError naming the field, the same text at every
-door (the CLI says the flag, the server answers 400 with the field, the UI shows it).
-
-Standard library only, so the server client and the CLI parse requests without importing numpy or a model.
+door. Standard library only: the server client and the CLI parse requests without numpy or a model.
 """
 
 from __future__ import annotations
@@ -55,21 +53,17 @@ def check_k(k) -> int:
 
 @dataclass(frozen=True)
 class Term:
-    """One part of a query: a text, an image, or an image already in the library (by id).
-
-    An image is a file path, the file's bytes, or a PIL image; bytes and PIL images are decoded in memory,
-    so a query image never has to be written to disk. ``name`` labels it in error messages.
-    """
+    """One part of a query: a text, an image, or an image already in the library (by id). An image is a file
+    path, the file's bytes or a PIL image: bytes are decoded in memory, never written to disk."""
 
     kind: str  # "text" | "image" | "id"
     value: object  # str for text and image paths; bytes or PIL.Image.Image for images; int for ids
     weight: float = 1.0
-    name: str | None = None
+    name: str | None = None  # labels it in error messages
     noun: str = "query image"  # how messages refer to it: "cannot use query image NAME: ..."
 
 
-def _number(value, name: str, what: str, low: float = -math.inf, high: float = math.inf,
-            outside: str | None = None) -> float:
+def _number(value, name: str, what: str, low: float, high: float, outside: str | None = None) -> float:
     """A finite number from ``low`` to ``high``; ``outside`` says what is wrong with one out of range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ParamError(name, what)
@@ -109,9 +103,9 @@ def text_term(raw, name: str = "text") -> Term:
         return raw
     if _is_weighted(raw):
         weight, text = _weight(raw[0], name), _string(raw[1], name, MAX_TEXT).strip()
+    elif not isinstance(raw, str):
+        raise ParamError(name, f"query text must be a string or a (weight, text) pair, not {type(raw).__name__}")
     else:
-        if not isinstance(raw, str):
-            raise ParamError(name, f"query text must be a string or a (weight, text) pair, not {type(raw).__name__}")
         weight, text = parse_weighted(_string(raw, name, MAX_TEXT))
     if not text:
         raise UsageError("empty query text; give some words, e.g. imgsearch query \"a red car\"")
@@ -135,10 +129,8 @@ def image_term(raw, name: str = "image") -> Term:
         from .files import abspath
 
         return Term("image", abspath(raw), weight)
-    if isinstance(raw, (bytearray, memoryview)):
-        raw = bytes(raw)
-    if isinstance(raw, bytes):
-        return Term("image", raw, weight, "uploaded image")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return Term("image", bytes(raw), weight, "uploaded image")
     if hasattr(raw, "read") and not hasattr(raw, "convert"):  # a file object, e.g. an upload kept in memory
         label = os.path.basename(str(getattr(raw, "name", "") or "")) or "(file object)"
         return Term("image", raw.read(), weight, label, "the uploaded file" if label != "(file object)" else
@@ -266,9 +258,7 @@ class SearchRequest:
 
         def items(key: str) -> list:
             value = body.get(key)
-            if value is None:
-                return []
-            items = value if isinstance(value, list) else [value]
+            items = [] if value is None else value if isinstance(value, list) else [value]
             if len(items) > MAX_TERMS:
                 raise ParamError(key, f"at most {MAX_TERMS} query terms (texts, images and ids) per search")
             return items
@@ -315,11 +305,8 @@ class SearchRequest:
         relevance = body.get("relevance", False)
         return cls.build(texts("texts"), image=pictures("images"), not_text=texts("not"),
                          not_image=pictures("not_images"), ids=ids, k=body.get("k", 10),
-                         min_score=body.get("min_score"), under=body.get("under"), tag=body.get("tag"),
-                         keyword=body.get("keyword"), blend=body.get("blend"), after=body.get("after"),
-                         before=body.get("before"), near=body.get("near"), camera=body.get("camera"),
                          relevance=False if relevance is None else relevance, like=body.get("like") or (),
-                         unlike=body.get("unlike") or ())
+                         unlike=body.get("unlike") or (), **{key: body.get(key) for key in _PLAIN_FIELDS})
 
     @classmethod
     def from_params(cls, params, names: dict | None = None, image=None) -> "SearchRequest":
@@ -372,15 +359,9 @@ class SearchRequest:
         client paths). from_json(to_json()) gives the same request."""
 
         def terms(kind: str, seq) -> list:
-            out = []
-            for t in seq:
-                if t.kind != kind:
-                    continue
-                if kind == "text":
-                    out.append({"text": t.value, "weight": t.weight})
-                else:
-                    out.append({"data": base64.b64encode(_image_bytes(t)).decode(), "weight": t.weight})
-            return out
+            return [{"text": t.value, "weight": t.weight} if kind == "text" else
+                    {"data": base64.b64encode(_image_bytes(t)).decode(), "weight": t.weight}
+                    for t in seq if t.kind == kind]
 
         body = {"texts": terms("text", self.positives), "not": terms("text", self.negatives),
                 "images": terms("image", self.positives), "not_images": terms("image", self.negatives),
@@ -411,6 +392,7 @@ JSON_FIELDS = ("texts", "not", "images", "not_images", "ids", "k", "min_score", 
                "after", "before", "near", "camera", "relevance", "like", "unlike")
 PARAMS = frozenset({"q", "not", "id", "k", "min_score", "under", "tag", "keyword", "blend", "relevance", "after",
                     "before", "near", "camera", "like", "unlike"})
+_PLAIN_FIELDS = ("min_score", "under", "tag", "keyword", "blend", "after", "before", "near", "camera")  # JSON as is
 
 
 def _only_keys(item: dict, name: str, keys: set[str]) -> None:

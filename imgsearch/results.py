@@ -7,8 +7,13 @@ import os
 from dataclasses import asdict, dataclass, field
 
 
+class _AsDict:
+    def as_dict(self) -> dict:
+        return asdict(self)  # nested dataclasses too (LibraryStatus.models)
+
+
 @dataclass
-class Hit:
+class Hit(_AsDict):
     """One search result: ``score`` is the cosine similarity (or keyword relevance for keyword-only search)."""
 
     rank: int
@@ -25,9 +30,6 @@ class Hit:
     relevant: bool | None = None
     gps_lat: float | None = None  # where it was taken (EXIF GPS), for maps
     gps_lon: float | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -63,7 +65,7 @@ class IndexReport:
 
 
 @dataclass
-class ModelStatus:
+class ModelStatus(_AsDict):
     """One model's vectors in the library and the state of its FAISS cache file."""
 
     id: int
@@ -81,12 +83,9 @@ class ModelStatus:
     index_bytes: int
     relevance_floor: dict | None = None  # {"text", "image", "vectors", "stale"} (relevance.py)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class LibraryStatus:
+class LibraryStatus(_AsDict):
     """What the library holds (Library.status); ``as_dict()`` is `imgsearch status --json`."""
 
     home: str
@@ -105,9 +104,6 @@ class LibraryStatus:
     @classmethod
     def from_dict(cls, d: dict) -> "LibraryStatus":
         return cls(**{**d, "models": [ModelStatus(**m) for m in d["models"]]})
-
-    def as_dict(self) -> dict:
-        return asdict(self)  # the models too: asdict recurses into them
 
 
 def hits_for(store, scored, k: int, min_score: float | None = None) -> list[Hit]:

@@ -1,9 +1,9 @@
 """The search engine: one Searcher answers every SearchRequest, from every door.
 
-Its parts are chosen once per library and model: the text encoder (the verified export of the text tower
-wherever one exists or can be made, so every door embeds a query identically; torch only to make it or where
-none can exist) and the vector backend (vectors.py, behind indexcache.py). Each filter is written once, in
-``allowed_ids``. Nothing here imports torch, open_clip or FAISS until a request needs them.
+Its parts are chosen once per library and model: the text encoder (the verified text-tower export wherever one
+exists or can be made, so every door embeds a query identically; torch only to make it or where none can) and
+the vector backend (vectors.py via indexcache.py). Each filter is written once, in ``allowed_ids``. Nothing here
+imports torch, open_clip or FAISS until a request needs them.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ def rocchio(query: np.ndarray, liked: np.ndarray, unliked: np.ndarray, weights=R
     ``query`` may be zero (marks alone: "more like these")."""
     a, b, c = weights
     vec = a * np.asarray(query, dtype=np.float32)
-    if len(liked):
-        vec = vec + b * np.asarray(liked, dtype=np.float32).mean(axis=0)
-    if len(unliked):
-        vec = vec - c * np.asarray(unliked, dtype=np.float32).mean(axis=0)
+    for sign, weight, marked in ((1, b, liked), (-1, c, unliked)):
+        if len(marked):
+            vec = vec + sign * weight * np.asarray(marked, dtype=np.float32).mean(axis=0)
     norm = float(np.linalg.norm(vec))
     if norm < 1e-8:
         raise UsageError("the marked images cancel out the query; unmark some, or like at least one image")
@@ -109,10 +108,8 @@ def keyword_search(store, request: SearchRequest) -> list[Hit]:
 
 class Searcher:
     """One library and one model, warm: the text encoder, the image encoder (loaded by the Library that owns
-    this searcher, on first image term) and the vector index stay loaded.
-
-    imgsearch.Library creates it and documents the thread-safety contract: encodes run under ``encode_lock``,
-    index (re)loads under the searcher's own lock.
+    this searcher, on first image term) and the vector index stay loaded. imgsearch.Library creates it and
+    documents the thread-safety contract: encodes run under ``encode_lock``, index (re)loads under its own lock.
     """
 
     def __init__(self, settings: Settings, store, load_encoder, encode_lock, load_images=None):
@@ -128,14 +125,8 @@ class Searcher:
         if fp is None or (fp.startswith("tag:") and store.find_model(spec.name, spec.pretrained, fp) is None):
             fp = resolve_weights(spec)[0]  # validates the tag / hub model and words the error
         self.model = model_row_for(store, spec, fp)
-        self._text = None
-        self._index = None
-        self._index_version: int | None = None
-        self._lock = threading.Lock()
-        self._encode_lock = encode_lock
-        self._floor: dict | None = None
-        self._floor_version: int | None = None
-        self._floor_lock = threading.Lock()
+        self._text = self._index = self._index_version = self._floor = self._floor_version = None
+        self._lock, self._floor_lock, self._encode_lock = threading.Lock(), threading.Lock(), encode_lock
         # Query language: --lang, else each query's script, else the language recorded at index time.
         self.lang, self.library_lang = settings.lang, store.get_meta("lang")
 
@@ -221,10 +212,9 @@ class Searcher:
         """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space), then
         refined by the marked images (``rocchio``)."""
         vec = np.zeros(self.model.dim, dtype=np.float32)
-        for w, v in self.embed_terms(request.positives):
-            vec += w * v
-        for w, v in self.embed_terms(request.negatives):
-            vec -= w * v
+        for sign, terms in ((1, request.positives), (-1, request.negatives)):
+            for w, v in self.embed_terms(terms):
+                vec += sign * w * v
         if request.positives or request.negatives:
             norm = float(np.linalg.norm(vec))
             if norm < 1e-8:

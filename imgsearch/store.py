@@ -1,8 +1,5 @@
-"""SQLite library through SQLAlchemy: images, models, vectors, failures, runs. All SQL lives here
-(the schema itself in migrations.py).
-
-SQLite is the source of truth, vectors included; FAISS files are caches built from it.
-The schema upgrades itself when opened (numbered, named migrations).
+"""The SQLite library (images, models, vectors, failures, runs): all SQL lives here, but the schema
+(migrations.py, applied on open). SQLite is the source of truth, vectors included; FAISS files are caches.
 """
 
 from __future__ import annotations
@@ -80,11 +77,8 @@ def _set(columns) -> str:
 
 
 def meta_filter_sql(f) -> tuple[str, dict]:
-    """SQL selecting the candidates of a geo.MetaFilter: id, lat, lon, make, model.
-
-    The SQL narrows with the indexes (time ranges, a lat/lon box around --near); geo.MetaFilter.keeps
-    makes the exact decision (great-circle distance, case-insensitive camera text) on what comes back.
-    """
+    """SQL selecting (id, lat, lon, make, model) of a geo.MetaFilter's candidates, narrowed with the indexes
+    (time ranges, a lat/lon box around --near); geo.MetaFilter.keeps makes the exact decision on them."""
     where: list[str] = []
     params: dict = {}
 
@@ -96,17 +90,14 @@ def meta_filter_sql(f) -> tuple[str, dict]:
         if bound is not None:
             where.append(f"{bound.column} {op} {bind(bound.value)}")
     if f.near is not None:
-        (lat0, lat1), lon_ranges = f.near.box()
+        (lat0, lat1), lon_ranges = f.near.box()  # no lon ranges: the circle reaches a pole
         where.append(f"gps_lat BETWEEN {bind(lat0)} AND {bind(lat1)}")
-        if lon_ranges is not None:
-            boxes = [f"gps_lon BETWEEN {bind(a)} AND {bind(b)}" for a, b in lon_ranges]
-            where.append("(" + " OR ".join(boxes) + ")")
-        else:
-            where.append("gps_lon IS NOT NULL")
+        boxes = [f"gps_lon BETWEEN {bind(a)} AND {bind(b)}" for a, b in lon_ranges or ()]
+        where.append("(" + " OR ".join(boxes) + ")" if boxes else "gps_lon IS NOT NULL")
     if f.camera is not None:
         where.append("(camera_make IS NOT NULL OR camera_model IS NOT NULL)")
-    sql = "SELECT id, gps_lat, gps_lon, camera_make, camera_model FROM images"
-    return sql + (" WHERE " + " AND ".join(where) if where else ""), params
+    return ("SELECT id, gps_lat, gps_lon, camera_make, camera_model FROM images"
+            + (" WHERE " + " AND ".join(where) if where else "")), params
 
 
 def vector_to_blob(v: np.ndarray) -> bytes:
@@ -122,8 +113,7 @@ def _matrix(blobs: list[bytes], dim: int) -> np.ndarray:
 
 def _ids_and_matrix(rows: Iterable[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [N], vectors float32 [N, dim]) from (image_id, blob) rows, streamed (no list of rows)."""
-    ids: list[int] = []
-    blobs: list[bytes] = []
+    ids, blobs = [], []
     for i, b in rows:
         ids.append(i)
         blobs.append(b)
@@ -137,26 +127,24 @@ def _chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
 
 @functools.lru_cache(maxsize=256)
 def _sql(statement: str):
-    """The SQLAlchemy statement for ``statement`` (SQLAlchemy is imported on first use: importing this module
-    stays cheap)."""
+    """The SQLAlchemy statement (SQLAlchemy is imported on first use: importing this module stays cheap)."""
     from sqlalchemy import text
 
     return text(statement)
 
 
 def _in(statement: str, values: Sequence, params: dict) -> tuple[str, dict]:
-    """``statement`` with its ``IN :ids`` over ``values``: one named placeholder per value, so values never
-    get spliced into the SQL text."""
+    """``statement`` with its ``IN :ids`` over ``values``, one named placeholder each (never spliced into SQL)."""
     names = [f"ids_{i}" for i in range(len(values))]
     placeholders = "(" + ", ".join(f":{n}" for n in names) + ")"
     return statement.replace(":ids", placeholders), {**params, **dict(zip(names, values))}
 
 
+@dataclass
 class _Writer:
     """A SQLAlchemy connection in a transaction; ``execute`` takes statement text (a list: executemany)."""
 
-    def __init__(self, conn):
-        self.conn = conn
+    conn: object
 
     def execute(self, statement, params=None):
         return self.conn.execute(_sql(statement) if isinstance(statement, str) else statement, params)
@@ -179,12 +167,9 @@ def _under(root: str) -> tuple[str, dict]:
 
 
 def _bind(path: str) -> str | bytes:
-    """A path as SQLite stores it: text, or raw bytes (a BLOB) for a name that is not valid UTF-8.
-
-    Such names reach Python as surrogate escapes, which SQLite text cannot hold. Their bytes round-trip
-    exactly (os.fsdecode gives back the path that reopens the file), and a BLOB never equals a text value,
-    so an escaped name cannot collide with a real one. Valid names stay text, as in older libraries.
-    """
+    """A path as SQLite stores it: text, or raw bytes (a BLOB) for a name that is not valid UTF-8 (surrogate
+    escapes, which SQLite text cannot hold). The bytes round-trip exactly through os.fsdecode, and a BLOB never
+    equals a text value, so an escaped name cannot collide with a real one."""
     try:
         path.encode("utf-8")
         return path
@@ -196,19 +181,21 @@ def _unbind(value: str | bytes) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
-def _image(r) -> "ImageRow":
+def _image(r) -> ImageRow:
     return ImageRow(r[0], _unbind(r[1]), *r[2:])
 
 
-class Store:
-    """One open library database. Cheap to open; safe to share between threads.
+def _model(r) -> ModelRow:
+    return ModelRow(r[0], r[1], r[2] or None, *r[3:])  # pretrained is stored as '' when there is none
 
-    Every method checks a connection out of a pool for its own duration and returns it, so no SQLite
-    connection is ever used by two threads at once: reads use the sqlite3 module's connections directly (kept
-    in ``_idle``), writes SQLAlchemy's engine and its QueuePool, made by the first write. Connections are
-    opened with ``check_same_thread=False`` (so a pooled one may move between threads). Concurrent writers
-    are serialised by SQLite itself (WAL, 30 s busy timeout); each write method is one transaction, and a
-    read sees every committed one. The server and UI rely on this.
+
+class Store:
+    """One open library database. Cheap to open; safe to share between threads (the server and UI rely on it).
+
+    Each method checks a connection out of a pool for its own duration, so no SQLite connection is used by two
+    threads at once (``check_same_thread=False`` lets a pooled one move between them): reads use sqlite3
+    connections (``_idle``), writes SQLAlchemy's engine, made by the first write. SQLite serialises writers
+    (WAL, 30 s busy timeout); each write method is one transaction, and a read sees every committed one.
     """
 
     def __init__(self, db_path: str | os.PathLike, *, create: bool = True, read_only: bool | None = None):
@@ -225,8 +212,10 @@ class Store:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             except OSError as e:
                 raise LibraryError(f"cannot create library folder {self.path.parent}: {e.strerror or e}") from None
-        # A library on read-only media or without write permission still answers queries.
-        self.read_only = (self.path.exists() and not _writable(self.path)) if read_only is None else read_only
+        # A library on read-only media or without write permission still answers queries. SQLite writes the
+        # file, and its folder for the WAL and journal files.
+        writable = os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+        self.read_only = not writable if read_only is None else read_only
         self._library_id: str | None = None
         self._engine = None
         self._engine_lock = threading.RLock()
@@ -234,8 +223,11 @@ class Store:
         from .migrations import SCHEMA_VERSION
 
         # Reads go straight to SQLite; SQLAlchemy (a fifth of a cold query's start) is loaded by the first write,
-        # or now when the schema must be created or upgraded.
-        if not self.path.exists() or self._current_schema() != SCHEMA_VERSION:
+        # or now when the schema must be created or upgraded (or SQLite alone cannot read its version).
+        schema = None
+        with contextlib.suppress(sqlite3.Error, LibraryError):
+            schema = self.schema_version
+        if schema != SCHEMA_VERSION:
             self.engine
         if create:
             self._mark_home()
@@ -261,8 +253,7 @@ class Store:
 
                 @event.listens_for(engine, "handle_error")
                 def _translate(context):
-                    better = _library_error(self, context.original_exception)
-                    if better is not None:
+                    if (better := _library_error(self, context.original_exception)) is not None:
                         raise better
 
                 self._engine = engine
@@ -274,17 +265,9 @@ class Store:
                     raise
             return self._engine
 
-    def _current_schema(self) -> int | None:
-        """The schema version read without SQLAlchemy; None when SQLite cannot say (SQLAlchemy's open does)."""
-        try:
-            return self.schema_version
-        except (sqlite3.Error, LibraryError):
-            return None
-
     @contextlib.contextmanager
     def _read(self):
-        """A read connection (sqlite3, WAL: it sees every committed write) for one call, then back to the idle
-        pool; never used by two threads at once."""
+        """A read connection (sqlite3, WAL: it sees every committed write) for one call, then back to ``_idle``."""
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
@@ -297,8 +280,7 @@ class Store:
         try:
             yield conn
         except sqlite3.Error as e:
-            better = _library_error(self, e)
-            if better is not None:
+            if (better := _library_error(self, e)) is not None:
                 raise better from None
             raise
         finally:
@@ -311,12 +293,10 @@ class Store:
         marker = self.path.parent / HOME_MARKER
         if marker.exists():
             return
-        try:
+        with contextlib.suppress(OSError):  # read-only home: it is still recognised as the current home by identity
             marker.write_text("This folder is an imgsearch library home (library.db, index/, thumbs/).\n"
                               "`imgsearch index` never indexes a folder holding this file and a library.db.\n",
                               encoding="utf-8")
-        except OSError:
-            pass  # read-only home: it is still recognised as the current home by identity
 
     def _connect_read_only(self):
         """A read-only connection; ``immutable`` when SQLite cannot create the WAL index file beside it."""
@@ -404,13 +384,10 @@ class Store:
     def _pages(self, sql: str, batch: int, **params) -> Iterator[list]:
         """``sql`` (rows after image id ``:l``, ``LIMIT :n``, id first) a page at a time: a short read per
         page, so memory stays at one page and a writer is never held up for long."""
-        last = -1
-        while True:
-            rows = self.rows(sql, **params, l=last, n=batch)
-            if not rows:
-                return
-            last = rows[-1][0]
+        rows = self.rows(sql, **params, l=-1, n=batch)
+        while rows:
             yield rows
+            rows = self.rows(sql, **params, l=rows[-1][0], n=batch)
 
     def _dim(self, model_id: int) -> int:
         return int(self.scalar("SELECT dim FROM models WHERE id = :i", i=model_id) or 0)
@@ -419,11 +396,9 @@ class Store:
         with self._engine_lock:
             if self._engine is not None:
                 self._engine.dispose()
-        while True:
-            try:
+        with contextlib.suppress(queue.Empty):
+            while True:
                 self._idle.get_nowait().close()
-            except queue.Empty:
-                return
 
     # --- models ------------------------------------------------------------------------------
     _MODEL_COLS = "id, name, pretrained, fingerprint, dim, version"
@@ -439,7 +414,7 @@ class Store:
 
     def _model_where(self, where: str, **params) -> ModelRow | None:
         r = self.rows(f"SELECT {self._MODEL_COLS} FROM models WHERE {where}", **params)
-        return ModelRow(r[0][0], r[0][1], r[0][2] or None, *r[0][3:]) if r else None
+        return _model(r[0]) if r else None
 
     def find_model(self, name: str, pretrained: str | None, fingerprint: str) -> ModelRow | None:
         return self._model_where("name = :n AND pretrained = :p AND fingerprint = :f",
@@ -452,7 +427,7 @@ class Store:
         """Every model with its vector count."""
         rows = self.rows(f"SELECT {self._MODEL_COLS}, (SELECT count(*) FROM vectors v "
                          "WHERE v.model_id = m.id) FROM models m ORDER BY m.id")
-        return [ModelRow(r[0], r[1], r[2] or None, *r[3:]) for r in rows]
+        return [_model(r) for r in rows]
 
     def model_version(self, model_id: int) -> int:
         return int(self.scalar("SELECT version FROM models WHERE id = :i", i=model_id) or 0)
@@ -530,10 +505,9 @@ class Store:
                     meta: Sequence[dict] = ()) -> dict[str, int]:
         """Apply one batch of indexing results atomically; returns {path: id} for new images.
 
-        new: dicts with path,size,mtime_ns,hash,width,height,taken_at (+ optional 'vector').
-        updated: same plus 'id' (content changed: other models' vectors are dropped as stale).
-        moved: (id, new_path, size, mtime_ns). touched: (id, size, mtime_ns) for same-content files.
-        vectors: (image id or path of a new image, vector) for this model.
+        new: dicts with 'path' and the _CONTENT columns; updated: the same plus 'id' (content changed: other
+        models' vectors are dropped as stale). moved: (id, new_path, size, mtime_ns). touched: (id, size,
+        mtime_ns) for same-content files. vectors: (image id or path of a new image, vector) for this model.
         meta: dicts with 'id' and META_COLUMNS (when/where backfill; vectors and caches are unaffected).
         """
         now = time.time()
@@ -568,8 +542,7 @@ class Store:
             if meta:
                 c.execute(f"UPDATE images SET width = coalesce(:width, width), height = coalesce(:height, "
                           f"height), {_set(META_COLUMNS)} WHERE id = :id",
-                          [{"id": m["id"], "width": m.get("width"), "height": m.get("height"),
-                            **{k: m.get(k) for k in META_COLUMNS}} for m in meta])
+                          [{"id": m["id"], **{k: m.get(k) for k in ("width", "height", *META_COLUMNS)}} for m in meta])
             if cleared_failures:
                 c.execute("DELETE FROM failures WHERE path = :p", [{"p": _bind(p)} for p in cleared_failures])
             if failures:
@@ -712,10 +685,8 @@ class Store:
     # --- captions and keyword search (FTS5 over name, folder, captions, tags) ------------------
     def add_captions(self, pairs: Sequence[tuple[int, str]], source: str | None = None,
                      replace: bool = False) -> int:
-        """Store (image_id, text) captions; ``replace`` first drops those images' old captions.
-
-        Returns how many were new (an identical caption already on the image is not added twice).
-        """
+        """Store (image_id, text) captions (``replace``: drop those images' old ones first); how many were new
+        (an identical caption already on the image is not added twice)."""
         now = time.time()
         with self.begin() as c:
             if replace:
@@ -734,10 +705,8 @@ class Store:
 
     def keyword_matches(self, fts_query: str, weights: tuple[float, float, float, float] = (4.0, 2.0, 3.0, 3.0),
                         limit: int | None = None) -> list[tuple[int, float]]:
-        """[(image_id, relevance)] for an FTS5 MATCH expression, most relevant first (relevance > 0).
-
-        ``weights`` rank name, folder, captions and tags columns (bm25 column weights).
-        """
+        """[(image_id, relevance > 0)] for an FTS5 MATCH expression, most relevant first; ``weights``: the bm25
+        weights of the name, folder, captions and tags columns."""
         w = ", ".join(str(float(x)) for x in weights)
         sql = (f"SELECT rowid, -bm25(image_text, {w}) AS rel FROM image_text WHERE image_text MATCH :q "
                "ORDER BY rel DESC" + (f" LIMIT {int(limit)}" if limit else ""))
@@ -844,11 +813,6 @@ class Store:
     def disk_usage(self) -> int:
         paths = [Path(str(self.path) + suffix) for suffix in ("", "-wal", "-shm")]
         return sum(p.stat().st_size for p in paths if p.exists())
-
-
-def _writable(db: Path) -> bool:
-    """Whether SQLite may write here (the file, and its folder for the WAL and journal files)."""
-    return os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)
 
 
 SQLITE_READONLY, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 11, 14, 13, 26

@@ -1,14 +1,14 @@
 """The vector index: choose, build, update, search, save and load. Knows ids and vectors, nothing else.
 
-Vectors are L2-normalised, so inner product is cosine similarity. The backend follows the collection: exact
-search in numpy (``FlatIndex``) while it is small, so a cold query never imports FAISS; FAISS IVF above
-that, IVF-PQ when the raw vectors do not fit the memory budget, its probe count tuned to a recall target
-measured against exact search. The saved file carries a header with the caller's metadata and a checksum,
-so a stale or damaged file is detected, never trusted.
+Vectors are L2-normalised (inner product = cosine). Exact numpy search (``FlatIndex``) while the collection is
+small, so a cold query never imports FAISS; FAISS IVF above that, IVF-PQ when the raw vectors exceed the memory
+budget, the probe count tuned to a recall target measured against exact search. The saved file's header carries
+the caller's metadata and a checksum: a stale or damaged file is detected, never trusted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -49,9 +49,7 @@ class Plan:
 
     @property
     def label(self) -> str:
-        if self.kind == "flat":
-            return "Flat (exact)"
-        return f"IVF{self.nlist},Flat" if self.kind == "ivf" else f"IVF{self.nlist},PQ{self.pq_m}"
+        return {"flat": "Flat (exact)", "ivf": f"IVF{self.nlist},Flat"}.get(self.kind, f"IVF{self.nlist},PQ{self.pq_m}")
 
 
 def plan_for(n: int, dim: int, policy: IndexPolicy = IndexPolicy()) -> Plan:
@@ -68,11 +66,8 @@ def plan_for(n: int, dim: int, policy: IndexPolicy = IndexPolicy()) -> Plan:
 
 
 class FlatIndex:
-    """Exact inner-product search over (id, vector) rows in numpy: the backend of every flat-sized library.
-
-    Same calls as the FAISS indexes it stands in for (``ntotal``, ``add_with_ids``, ``remove_ids``,
-    ``search``), so VectorIndex treats both alike. Ties are broken by id, so every process ranks alike.
-    """
+    """Exact inner-product search in numpy for flat-sized libraries, with the calls of the FAISS indexes it
+    stands in for (``ntotal``, ``add_with_ids``, ``remove_ids``, ``search``). Ties go to the lower id."""
 
     BLOCK = 1 << 24  # scores per query block (64 MB of float32): bounds memory for many queries at once
 
@@ -130,17 +125,16 @@ class FlatIndex:
         return cls(dim, ids, vectors)
 
 
+@dataclass(eq=False)
 class VectorIndex:
     """Nearest-neighbour index over (id, vector) pairs, inner product on normalised vectors."""
 
-    def __init__(self, dim: int, index, plan: Plan = Plan("flat"), nprobe: int = 0,
-                 recall: float | None = None, built_count: int = 0):
-        self.dim = dim
-        self.index = index
-        self.plan = plan
-        self.nprobe = nprobe
-        self.recall = recall
-        self.built_count = built_count
+    dim: int
+    index: object  # FlatIndex or a FAISS index
+    plan: Plan = Plan("flat")
+    nprobe: int = 0
+    recall: float | None = None
+    built_count: int = 0
 
     # --- building ----------------------------------------------------------------------------
     @classmethod
@@ -152,13 +146,12 @@ class VectorIndex:
     @classmethod
     def build_from(cls, source: "VectorSource", dim: int, policy: IndexPolicy = IndexPolicy(),
                    seed: int = 0, progress: BuildProgress | None = None) -> "VectorIndex":
-        """Index every vector of ``source`` in one streaming pass, never holding the whole collection.
+        """Index every vector of ``source`` in one streaming pass: peak memory is the index, the training
+        sample and one chunk, so IVF-PQ builds of collections far larger than memory work.
 
-        The quantizer trains on a random sample from the whole collection (folders are ordered, so the
-        first rows are not representative); the exact neighbours the probe count is tuned against are
-        gathered during the same pass that adds the vectors. Peak memory is the index, the training sample
-        and one chunk, so IVF-PQ builds of collections far larger than memory work. ``progress(stage, done,
-        total)`` hears about IVF builds, which take minutes at millions of vectors.
+        The quantizer trains on a random sample of the whole collection (folders are ordered: the first rows
+        are not representative); the pass that adds the vectors also gathers the exact neighbours the probe
+        count is tuned against. ``progress(stage, done, total)`` hears about IVF builds (minutes at millions).
         """
         n = len(source)
         plan = plan_for(n, dim, policy)
@@ -179,7 +172,9 @@ class VectorIndex:
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
         index.cp.niter = 10
-        gpus = gpu_count() > 0
+        gpus = False
+        with contextlib.suppress(Exception):  # faiss-cpu has no GPUs (nor, in some builds, get_num_gpus)
+            gpus = faiss.get_num_gpus() > 0
         if gpus:
             # k-means for the coarse quantizer is the slow part of building; faiss-gpu runs it on the GPU.
             index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
@@ -238,9 +233,8 @@ class VectorIndex:
     def outgrown(self, policy: IndexPolicy) -> bool:
         """True when the collection changed enough that another index type or list count suits it better."""
         n = len(self)
-        if plan_for(n, self.dim, policy).kind != self.plan.kind:
-            return True
-        return self.plan.kind != "flat" and (n > 4 * self.built_count or n < self.built_count // 4)
+        return plan_for(n, self.dim, policy).kind != self.plan.kind or \
+            (self.plan.kind != "flat" and (n > 4 * self.built_count or n < self.built_count // 4))
 
     # --- searching ---------------------------------------------------------------------------
     REFINE = 10  # PQ codes are coarse: fetch this many times k candidates and re-rank them exactly
@@ -248,28 +242,22 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
                nprobe: int | None = None, exact_vectors=None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row; ids of -1 pad when fewer exist. ``allowed`` restricts ids.
-
-        ``exact_vectors(ids) -> (ids, vectors)``: where the full vectors live (SQLite); with IVF-PQ the
-        candidates are re-ranked with them, which is what makes compressed codes usable.
-        """
+        ``exact_vectors(ids) -> (ids, vectors)`` reads the full vectors (SQLite): IVF-PQ candidates are
+        re-ranked with them, which is what makes compressed codes usable."""
         if self.plan.kind == "ivfpq" and exact_vectors is not None:
-            scores, ids = self._search(queries, k * self.REFINE, allowed, nprobe)
+            _, ids = self._search(queries, k * self.REFINE, allowed, nprobe)
             return rerank(np.atleast_2d(queries), ids, k, exact_vectors)
         return self._search(queries, k, allowed, nprobe)
 
     def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
                 nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        empty = (np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64))
-        n = len(self)
-        if n == 0 or k <= 0:
-            return empty
         if allowed is not None:
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
-            if len(allowed) == 0:
-                return empty
             k = min(k, len(allowed))
-        k = min(k, n)
+        k = min(k, len(self))
+        if k <= 0:
+            return np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64)
         if isinstance(self.index, FlatIndex):
             return self.index.search(queries, k, allowed)
         import faiss
@@ -335,8 +323,8 @@ class VectorIndex:
             raise IndexFileError(f"cannot read the index: {e}") from None
         if index.d != meta["dim"] or index.ntotal != meta["count"]:
             raise IndexFileError("index file contents disagree with its header")
-        vi = cls(meta["dim"], index, plan, meta.get("nprobe", 0), meta.get("recall_at_10"), meta.get("built_count", 0))
-        return vi, meta
+        return cls(meta["dim"], index, plan, meta.get("nprobe", 0), meta.get("recall_at_10"),
+                   meta.get("built_count", 0)), meta
 
 
 def _read_header(f) -> tuple[dict, bytes, bytes]:
@@ -348,13 +336,11 @@ def _read_header(f) -> tuple[dict, bytes, bytes]:
     if fmt != FORMAT:
         raise IndexFileError(f"index file format {fmt} is not {FORMAT}")
     header, digest = f.read(hlen), f.read(16)
-    try:
+    with contextlib.suppress(ValueError):
         meta = json.loads(header)
-    except ValueError:
-        raise IndexFileError("index file header is damaged") from None
-    if not isinstance(meta, dict) or len(digest) < 16:
-        raise IndexFileError("index file header is damaged")
-    return meta, header, digest
+        if isinstance(meta, dict) and len(digest) == 16:
+            return meta, header, digest
+    raise IndexFileError("index file header is damaged")
 
 
 def _digest(header: bytes, blocks) -> bytes:
@@ -379,16 +365,6 @@ def rerank(queries: np.ndarray, ids: np.ndarray, k: int, exact_vectors) -> tuple
         scores, best = exact.search(q[None, :], k)
         out_s[row, :best.shape[1]], out_i[row, :best.shape[1]] = scores[0], best[0]
     return out_s, out_i
-
-
-def gpu_count() -> int:
-    """GPUs faiss can use (0 with faiss-cpu)."""
-    import faiss
-
-    try:
-        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-    except Exception:
-        return 0
 
 
 class VectorSource(Protocol):
@@ -451,19 +427,15 @@ class _Memo:
         fresh = dict(zip(np.asarray(got_ids).tolist(), got)) if len(got_ids) else {}
         if len(self.kept) + len(fresh) <= self.max_rows:
             self.kept.update(fresh)
-        rows = [(i, self.kept.get(i, fresh.get(i))) for i in want.tolist()]
-        rows = [(i, v) for i, v in rows if v is not None]
+        rows = [(i, v) for i in want.tolist() if (v := self.kept.get(i, fresh.get(i))) is not None]
         if not rows:
             return want[:0], np.zeros((0, 0), dtype=np.float32)
         return np.array([i for i, _ in rows], dtype=np.int64), np.stack([v for _, v in rows])
 
 
 class _TruthProbe:
-    """Exact top-k neighbours of sample queries drawn from the collection, gathered chunk by chunk.
-
-    Each query's own vector is excluded from both the exact and the approximate lists, so it behaves as a
-    held-out query rather than trivially finding itself.
-    """
+    """Exact top-k neighbours of sample queries drawn from the collection, gathered chunk by chunk. A query's
+    own vector is left out of both the exact and the approximate lists: it acts as a held-out query."""
 
     def __init__(self, source: VectorSource, query_ids: np.ndarray, k: int = 10):
         self.own, self.queries = source.take(np.asarray(query_ids, dtype=np.int64))
@@ -515,17 +487,15 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
                   fetch_changes: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
                   policy: IndexPolicy = IndexPolicy(),
                   progress: BuildProgress | None = None, save: bool = True) -> tuple[VectorIndex, str]:
-    """The index for ``state`` (model_id, version, fingerprint, library_id), from the cache file when it can be
-    trusted: every key but the version must match, so a cache built for another database is rebuilt.
-    ``save=False`` (a read-only library) builds in memory and leaves the cache file alone.
+    """(index, "loaded" | "updated" | "rebuilt") for ``state`` (model_id, version, fingerprint, library_id).
 
-    A cache built from an older version is brought up to date with ``fetch_changes(version)`` (upserted ids,
-    their vectors, deleted ids) instead of a rebuild, unless the collection outgrew its index type.
-    Returns (index, "loaded" | "updated" | "rebuilt").
+    The cache file is trusted when every key but the version matches (a cache of another database is rebuilt);
+    one from an older version is brought up to date with ``fetch_changes(version)`` (upserted ids, their
+    vectors, deleted ids) unless the collection outgrew its index type. ``save=False`` (a read-only library)
+    leaves the cache file alone.
     """
-    action = "rebuilt"
-    index = None
-    try:
+    index, action = None, "rebuilt"
+    with contextlib.suppress(IndexFileError, OSError, ValueError, KeyError):
         cached, meta = VectorIndex.load(path)
         same_source = all(meta.get(k) == state[k] for k in state if k != "version") and cached.dim == dim
         if same_source and meta.get("version") == state["version"]:
@@ -536,25 +506,17 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
             cached.add(ids, vecs)
             if not cached.outgrown(policy):
                 index, action = cached, "updated"
-    except (IndexFileError, OSError, ValueError, KeyError):
-        pass
     if index is None:
         index = VectorIndex.build_from(full(), dim, policy, progress=progress)
-    if not save:
-        return index, action
-    try:
-        index.save(path, state)
-    except OSError:
-        pass  # a read-only library still answers queries; the cache is only an optimisation
+    if save:
+        with contextlib.suppress(OSError):  # a read-only library still answers queries: the cache is optional
+            index.save(path, state)
     return index, action
 
 
 def cache_state(path: str | os.PathLike, verify_max: int = 1 << 30) -> tuple[str, dict | None]:
-    """('ok'|'missing'|'damaged', header) for status reports, without loading vectors into FAISS.
-
-    The file's size must match its header; files up to ``verify_max`` bytes also have their checksum
-    verified (streamed), so a truncated or damaged cache is never reported as ok.
-    """
+    """('ok'|'missing'|'damaged', header) for status reports, without loading the vectors: the file's size
+    must match its header, and files up to ``verify_max`` bytes have their checksum verified (streamed)."""
     if not os.path.exists(path):
         return "missing", None
     try:
