@@ -302,12 +302,11 @@ def grid(library, hits, key: str, p: Params | None = None) -> None:
         cols = st.columns(COLUMNS)
         for col, hit in zip(cols, hits[start:start + COLUMNS]):
             with col:
-                thumb = paths.get(hit.id)
-                name = os.path.basename(hit.path)
+                thumb, label = paths.get(hit.id), md(caption(os.path.basename(hit.path), hit.score))
                 if isinstance(thumb, ImgSearchError) or thumb is None:
-                    st.warning(f"{md(caption(name, hit.score))}: {md(thumb)}")
+                    st.warning(f"{label}: {md(thumb)}")
                 else:
-                    st.image(str(thumb), caption=md(caption(name, hit.score)), width="stretch")
+                    st.image(str(thumb), caption=label, width="stretch")
                 # one row: [👍 👎] Details, More like this
                 *marks, b1, b2 = st.columns([0.8, 0.8, 2, 4.4] if p is not None else [2, 3], gap=None)
                 for col_, good, label in zip(marks, (True, False), ("👍", "👎")):
