@@ -50,11 +50,8 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
 def _url_host(host: str) -> str:
     """Where to connect: a wildcard bind is reached on loopback; IPv6 literals go in brackets."""
     host = str(host).strip("[]")
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+    wildcards = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}
+    return wildcards.get(host) or (f"[{host}]" if ":" in host else host)
 
 
 def _request(info: dict, method: str, path: str, body: dict | None, timeout: float) -> dict:
