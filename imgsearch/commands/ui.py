@@ -86,12 +86,9 @@ def _host_and_port(value: str) -> tuple[str, int | None] | None:
 
 
 class HostPolicy:
-    """The Host names (any port) and page origins the UI answers, for the address it listens on.
-
-    Always the loopback names and the --host given. With a wildcard --host (0.0.0.0, ::) people on the
-    network open the page by this machine's IP or name, so any IP address and the machine's own host name
-    are allowed too: a rebinding page always sends its own domain name, never an IP address.
-    """
+    """The Host names (any port) and page origins the UI answers: the loopback names and the --host given;
+    with a wildcard --host (0.0.0.0, ::) people on the network open the page by this machine's IP or name,
+    so any IP address and its host name too (a rebinding page always sends its own domain name, never an IP)."""
 
     def __init__(self, bind_host: str, port: int | None = None):
         bind = bind_host.strip().strip("[]").lower().rstrip(".")
