@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from contextlib import suppress
 from pathlib import Path
 from typing import List, Optional
 
@@ -206,10 +207,8 @@ def _query_rows(ctx: typer.Context, request, use_server: bool, daemon: bool) -> 
 
             info = client.find_server(lib.settings) or (client.start_daemon(lib.settings) if daemon else None)
             if info is not None:
-                try:
+                with suppress(OSError):  # the server went away mid-request: answer in-process below
                     rows = client.search(info, request)
-                except OSError:
-                    rows = None  # the server went away mid-request: answer in-process below
         hint = lib.language_hint(request.texts)  # said here, on the user's terminal, whoever answers
         if hint:
             typer.echo(hint, err=True)
@@ -256,12 +255,11 @@ def status_cmd(
         typer.echo(f"last run  {when(run['finished_at'])}: new {run['new']}, updated {run['updated']}, "
                    f"removed {run['removed']}, failed {run['failed']}"
                    + (" (interrupted)" if run["interrupted"] else ""))
+    elif run and run["state"] == "running":
+        typer.echo(f"last run  started {when(run['started_at'])}, still running (pid {run['pid']})")
     elif run:
-        if run["state"] == "running":
-            typer.echo(f"last run  started {when(run['started_at'])}, still running (pid {run['pid']})")
-        else:
-            typer.echo(f"last run  started {when(run['started_at'])}: interrupted (process ended before "
-                       "finishing; finished batches are kept, re-run `imgsearch index` to complete it)")
+        typer.echo(f"last run  started {when(run['started_at'])}: interrupted (process ended before "
+                   "finishing; finished batches are kept, re-run `imgsearch index` to complete it)")
     typer.echo("models")
     if not st["models"]:
         typer.echo("  none yet: run `imgsearch index PATH`")

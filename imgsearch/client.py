@@ -10,9 +10,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 
-from .config import Settings, make_home
+from .config import CLI_ENV, Settings, make_home
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .modelspec import ModelSpec
 
@@ -32,9 +33,8 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("token"), str):
-        return None
-    if not ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained")):
+    if not isinstance(info, dict) or not isinstance(info.get("token"), str) or \
+            not ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained")):
         return None
     try:
         os.kill(int(info["pid"]), 0)
@@ -44,19 +44,14 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
         health = _request(info, "GET", "/api/health", None, timeout)
     except (OSError, ImgSearchError):
         return None
-    if health.get("pid") != info.get("pid"):
-        return None
-    return info
+    return info if health.get("pid") == info.get("pid") else None
 
 
 def _url_host(host: str) -> str:
     """Where to connect: a wildcard bind is reached on loopback; IPv6 literals go in brackets."""
     host = str(host).strip("[]")
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+    wildcards = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}
+    return wildcards.get(host) or (f"[{host}]" if ":" in host else host)
 
 
 def _request(info: dict, method: str, path: str, body: dict | None, timeout: float) -> dict:
@@ -70,12 +65,10 @@ def _request(info: dict, method: str, path: str, body: dict | None, timeout: flo
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
-        field = None
-        try:
+        message, field = str(e), None
+        with suppress(ValueError, AttributeError):
             payload = json.loads(e.read())
             message, field = payload.get("error", str(e)), payload.get("field")
-        except (ValueError, AttributeError):
-            message = str(e)
         if e.code == 409:
             raise ModelMismatchError(message) from None
         if e.code == 400 and isinstance(field, str) and message.startswith(f"{field}: "):
@@ -99,8 +92,6 @@ def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]
     cmd += ["--device", settings.device, "--precision", settings.precision, "serve", "--idle-exit", idle_exit]
-    from .config import CLI_ENV
-
     env = {k: v for k, v in os.environ.items() if CLI_ENV.get(k) != v}  # the server picks its own threads
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     deadline = time.monotonic() + wait

@@ -34,11 +34,8 @@ class DataError(ImgSearchError):
 
 
 class ParamError(UsageError):
-    """A bad value for one named search parameter.
-
-    The message is worded for the Python and HTTP APIs ("under: no such folder"); the CLI rewords it with
-    its own flag and the value the user typed ("--under ~/x: no such folder").
-    """
+    """A bad value for one named search parameter, worded for the Python and HTTP APIs ("under: no such
+    folder"); the CLI rewords it with its flag and the value typed ("--under ~/x: no such folder")."""
 
     def __init__(self, param: str, detail: str):
         super().__init__(f"{param}: {detail}")
@@ -49,15 +46,14 @@ class ParamError(UsageError):
 def disk_full_message(where) -> str:
     """One line for a full disk, naming the free space left (shared by the store and the CLI)."""
     import shutil
+    from contextlib import suppress
     from pathlib import Path
 
     folder = Path(where)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = -1
-    room = f"{free / 1e6:.0f} MB free" if free >= 0 else "free space unknown"
+    room = "free space unknown"
+    with suppress(OSError):
+        room = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free"
     return (f"disk full while writing the library at {where} ({room}); free some space (a few hundred MB "
             "for a large run) and re-run: finished batches are kept")

@@ -12,7 +12,7 @@ def err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-_CONTROL = {c for c in range(0x20)} | {0x7F} | set(range(0x80, 0xA0))
+_CONTROL = set(range(0x20)) | {0x7F} | set(range(0x80, 0xA0))
 _ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t"}
 
 

@@ -3,15 +3,14 @@
 JSON over HTTP on localhost. `imgsearch query` finds a running server through ``<home>/server.json`` and
 uses it when it serves the same model; the server reloads the index when an index run changed the library.
 
-Who may ask: every request must name this machine in its Host header (localhost, 127.0.0.1, [::1] or the
-``--host`` address), so a web page that rebinds its DNS name to 127.0.0.1 is refused; requests a browser
-marks as coming from another site (Origin, Sec-Fetch-Site) are refused; and every endpoint wants the random
-token that only the 0600 ``server.json`` holds (``Authorization: Bearer TOKEN``). Without the token,
-/api/health answers ``{"ok": true}`` and nothing else.
+Who may ask: the Host header must name this machine (localhost, 127.0.0.1, [::1] or the ``--host``
+address), so a page that rebinds its DNS name to 127.0.0.1 is refused; so are requests a browser marks as
+cross-site (Origin, Sec-Fetch-Site); and every endpoint wants the random token only the 0600 ``server.json``
+holds (``Authorization: Bearer TOKEN``). Without it, /api/health answers ``{"ok": true}`` and nothing else.
 
-Endpoints, their JSON and their error codes: docs/cli.md (`imgsearch serve`). Every search is one
-request.SearchRequest (from_json / from_params), so a wrong value is a 400 naming the field, in the words
-the CLI and the Python API use; errors are ``{"error": message}``, plus ``"field"`` when one field was wrong.
+Endpoints and error codes: docs/cli.md (`imgsearch serve`). Every search is one request.SearchRequest, so a
+wrong value is a 400 naming the field as the CLI and the Python API do; errors are ``{"error": message}``,
+plus ``"field"`` when one field was wrong.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
@@ -129,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         port = int(port) if port else scheme_port
         if port is not None and port != self.server.server_address[1]:
             return False
-        return name in self.allowed_names or (self.any_ip_host and _is_ip(name.strip("[]")))
+        return name in self.allowed_names or (self.any_ip_host and is_ip(name.strip("[]")))
 
     def _refusal(self) -> tuple[int, str] | None:
         """Why this request may not be served, or None. Says nothing about the library."""
@@ -182,9 +182,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(401, "missing or wrong token; send 'Authorization: Bearer TOKEN' with the token "
                                     "from server.json in the library folder",
                                headers={"WWW-Authenticate": 'Bearer realm="imgsearch"'})
-        routes = {("GET", "/api/health"): self._health, ("GET", "/api/status"): self._status,
+        lib = self.service.library
+        routes = {("GET", "/api/health"): lambda url: self.service.health(),
+                  ("GET", "/api/status"): lambda url: lib.status().as_dict(),
                   ("GET", "/api/search"): self._get_search, ("POST", "/api/search"): self._post_search,
-                  ("POST", "/api/search/image"): self._post_image, ("GET", "/api/albums"): self._albums,
+                  ("POST", "/api/search/image"): self._post_image,
+                  ("GET", "/api/albums"): lambda url: {"albums": [a.as_dict() for a in lib.albums()]},
                   ("POST", "/api/albums"): self._save_album}
         if url.path.startswith("/api/albums/"):  # /api/albums/NAME
             routes = {("GET", url.path): self._album, ("DELETE", url.path): self._delete_album}
@@ -218,25 +221,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             raise  # the client went away: nothing to answer; the server logs one line
         except _Reply as e:
-            self._error(e.code, e.message)
-        except ModelMismatchError as e:
-            self._error(409, str(e))
-        except ParamError as e:
-            self._error(400, str(e), e.param)
-        except UsageError as e:
-            self._error(400, str(e))
-        except ImgSearchError as e:
-            self._error(500, str(e))
+            self._error(*e.args)
+        except ImgSearchError as e:  # a ParamError names its field
+            code = 409 if isinstance(e, ModelMismatchError) else 400 if isinstance(e, UsageError) else 500
+            self._error(code, str(e), getattr(e, "param", None))
         except Exception as e:  # never kill the server over one request
             self._error(500, f"internal error: {type(e).__name__}: {e}")
 
     # --- endpoints: each returns its JSON answer ------------------------------------------------
-    def _health(self, url) -> dict:
-        return self.service.health()
-
-    def _status(self, url) -> dict:
-        return self.service.library.status().as_dict()
-
     def _get_search(self, url, image: Term | None = None) -> dict:
         request = SearchRequest.from_params(parse_qs(url.query, keep_blank_values=True), image=image)
         return {"hits": self.service.search(request)}
@@ -265,9 +257,6 @@ class _Handler(BaseHTTPRequestHandler):
             raise UsageError("send the image file as the request body")
         return self._get_search(url, Term("image", raw, 1.0, "in the request body"))
 
-    def _albums(self, url) -> dict:
-        return {"albums": [a.as_dict() for a in self.service.library.albums()]}
-
     def _album(self, url) -> dict:
         album = self.service.library.album(unquote(url.path[len("/api/albums/"):]))
         return {"album": album.as_dict(), "hits": [h.as_dict() for h in album.hits]}
@@ -287,11 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Reply(Exception):
-    """An HTTP error answer decided inside an endpoint."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+    """An HTTP error answer decided inside an endpoint: _Reply(code, message)."""
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -319,20 +304,16 @@ class _HTTPServer(ThreadingHTTPServer):
                 # a real one; shutdown (not close) wakes its thread, which then closes its own socket.
                 victim = min(idle, key=lambda p: p[0])[1]
                 del self._conns[victim]
-                try:
+                with suppress(OSError):
                     victim.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             self._conns[request] = time.monotonic()
         super().process_request(request, client_address)
 
     def _refuse(self, request) -> None:
         body = b'{"error": "server busy: too many requests at once; try again"}'
-        try:
+        with suppress(OSError):
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        except OSError:
-            pass
         self.shutdown_request(request)
 
     def mark(self, request, busy: bool) -> bool:
@@ -357,14 +338,11 @@ class _HTTPServer(ThreadingHTTPServer):
             line = f"request from {who} aborted ({type(exc).__name__})"
         else:
             line = f"request from {who} failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
-        try:
-            # The line and its newline in one write: print() writes them apart, and lines from requests
-            # failing at the same moment ran together.
-            with self._log_lock:
-                sys.stderr.write(f"imgsearch serve: {line}\n")
-                sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+        # The line and its newline in one write: print() writes them apart, and lines from requests
+        # failing at the same moment ran together.
+        with suppress(OSError, ValueError), self._log_lock:
+            sys.stderr.write(f"imgsearch serve: {line}\n")
+            sys.stderr.flush()
 
 
 class SearchServer:
@@ -419,12 +397,10 @@ class SearchServer:
 
     def remove_discovery(self) -> None:
         path = server_file(self.settings)
-        try:
+        with suppress(OSError, ValueError, AttributeError):
             info = json.loads(path.read_text())
             if info.get("pid") == os.getpid() and info.get("token") == self.token:
                 path.unlink()
-        except (OSError, ValueError, AttributeError):
-            pass
 
     def _watch_idle(self) -> None:
         while True:
@@ -451,10 +427,9 @@ class SearchServer:
         self.httpd.shutdown()
 
 
-def _is_ip(name: str) -> bool:
+def is_ip(name: str) -> bool:
     try:
-        ipaddress.ip_address(name)
-        return True
+        return bool(ipaddress.ip_address(name))
     except ValueError:
         return False
 

@@ -137,7 +137,6 @@ def library_of(ctx: typer.Context):
 @contextlib.contextmanager
 def flag_words(**flags):
     """The library names a parameter ("under: no such folder"); say it as typed here ("--under x: ...").
-
     ``flags`` maps a parameter name to (flag, value shown)."""
     try:
         yield

@@ -34,10 +34,11 @@ def classify_cmd(
 
     label_list = labels_from(labels, labels_file)
     templates = templates_from(template, templates_file)
+    flags = {"min_prob": ("--min-prob", min_prob), "top": ("--top", top)}
     if paths:
         if under:
             raise UsageError("--under filters the library; it cannot be combined with FILE arguments")
-        with library_of(ctx) as lib, flag_words(min_prob=("--min-prob", min_prob), top=("--top", top)):
+        with library_of(ctx) as lib, flag_words(**flags):
             results = lib.classify_files(paths, label_list, templates, top, min_prob)
         if json_out:
             typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
@@ -49,8 +50,7 @@ def classify_cmd(
         if any(r.error for r in results):
             raise typer.Exit(1)
         return
-    with library_of(ctx) as lib, flag_words(under=("--under", under), min_prob=("--min-prob", min_prob),
-                                            top=("--top", top)):
+    with library_of(ctx) as lib, flag_words(under=("--under", under), **flags):
         report = lib.classify(label_list, templates, top, min_prob, under=under, keep_results=json_out)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))

@@ -23,25 +23,20 @@ MODELS_OPTION = typer.Option(None, "--models", "-m", help="Model to compare (rep
 
 
 # --- shared helpers (no printing) -------------------------------------------------------------------
-
 def model_specs(models: list[str] | None, settings) -> list:
     """--models values (local-dir:DIR, hf-hub:org/repo, NAME:PRETRAINED or NAME) -> ModelSpecs."""
     from ..encoder import HF_HUB, LOCAL_DIR, ModelSpec
 
-    if not models:
-        return [ModelSpec(settings.model, settings.pretrained)]
-    specs = []
-    for m in models:
-        m = m.strip()
+    def spec(m: str):
         if not m:
             raise UsageError("--models got an empty value")
         if m.startswith((LOCAL_DIR, HF_HUB)):
-            specs.append(ModelSpec(m))
-        elif ":" in m:
-            specs.append(ModelSpec(*m.split(":", 1)))
-        else:
-            specs.append(ModelSpec(m, settings.pretrained if m == settings.model else None))
-    return specs
+            return ModelSpec(m)
+        if ":" in m:
+            return ModelSpec(*m.split(":", 1))
+        return ModelSpec(m, settings.pretrained if m == settings.model else None)
+
+    return [spec(m.strip()) for m in models] if models else [ModelSpec(settings.model, settings.pretrained)]
 
 
 def precision_list(precisions: str | None, settings) -> list[str]:
@@ -49,14 +44,12 @@ def precision_list(precisions: str | None, settings) -> list[str]:
     if not precisions:
         return [settings.precision]
     out = [p.strip() for p in precisions.split(",") if p.strip()]
-    bad = [p for p in out if p not in ("auto", "fp32", "bf16", "fp16", "int8")]
-    if bad or not out:
+    if not out or any(p not in ("auto", "fp32", "bf16", "fp16", "int8") for p in out):
         raise UsageError(f"--precisions got {precisions!r}; give a comma-separated list of auto, fp32, bf16, fp16, int8")
     return out
 
 
 # --- zeroshot -------------------------------------------------------------------------------------
-
 @command("zeroshot", group=grp)
 def zeroshot_cmd(
     ctx: typer.Context,
@@ -126,7 +119,6 @@ def zeroshot_cmd(
 
 
 # --- retrieval ------------------------------------------------------------------------------------
-
 @command("retrieval", group=grp)
 def retrieval_cmd(
     ctx: typer.Context,
@@ -167,7 +159,6 @@ def retrieval_cmd(
 
 
 # --- parity ---------------------------------------------------------------------------------------
-
 @command("parity", group=grp)
 def parity_cmd(
     ctx: typer.Context,

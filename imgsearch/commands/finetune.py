@@ -132,12 +132,11 @@ def finetune_cmd(
                 + (f"; resuming at step {info['step']}" if info["resumed"] else ""))
             train_bar = Bar("fine-tuning", "step", quiet=quiet, initial=info["step"])
             train_bar.start(info["total"])
-        elif kind == "step":
-            if train_bar is not None and train_bar.open:
-                # Smoothed, so one slow step (an evaluation, a checkpoint) does not make the figure jump.
-                rate = rates.setdefault("ema", info["samples_per_s"])
-                rates["ema"] = rate = 0.8 * rate + 0.2 * info["samples_per_s"]
-                train_bar.advance(1, f"loss {info['loss']:.4f}, lr {info['lr']:.2e}, {rate:.1f} samples/s")
+        elif kind == "step" and train_bar is not None and train_bar.open:
+            # Smoothed, so one slow step (an evaluation, a checkpoint) does not make the figure jump.
+            rate = rates.setdefault("ema", info["samples_per_s"])
+            rates["ema"] = rate = 0.8 * rate + 0.2 * info["samples_per_s"]
+            train_bar.advance(1, f"loss {info['loss']:.4f}, lr {info['lr']:.2e}, {rate:.1f} samples/s")
         elif kind == "eval":
             say(_eval_line(info["label"], info["metrics"]))
         elif kind == "save" and info["reason"] == "interrupted" and train_bar is not None:
@@ -148,16 +147,12 @@ def finetune_cmd(
             if bar is not None:
                 bar.close()
 
-    stop = StopFlag()
     try:
-        report = train(cfg, resume=ckpt, events=events, stop=stop)
-    except Interrupted as e:
+        report = train(cfg, resume=ckpt, events=events, stop=StopFlag())
+    except (Interrupted, KeyboardInterrupt) as e:
         close_bars()
-        err(f"interrupted: {e}")
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        close_bars()
-        err("interrupted before training started; nothing was written")
+        err(f"interrupted: {e}" if isinstance(e, Interrupted) else
+            "interrupted before training started; nothing was written")
         raise typer.Exit(130) from None
     finally:
         close_bars()

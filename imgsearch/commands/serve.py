@@ -38,23 +38,19 @@ def serve_cmd(
     library = watcher = None
     if poll and not watch:
         raise UsageError("--poll is how --watch notices changes; give --watch FOLDER too")
-    if watch:
-        from ..progress import Bar
-        from .watch import batch_printer, say
+    try:
+        if watch:
+            from ..progress import Bar
+            from .watch import batch_printer, say
 
-        library = library_of(ctx)
-        watcher = library.watcher(watch, poll=poll, on_batch=batch_printer(), say=say)
-        watcher.start()  # before the catch-up, so nothing written meanwhile is missed
-        try:
+            library = library_of(ctx)
+            watcher = library.watcher(watch, poll=poll, on_batch=batch_printer(), say=say)
+            watcher.start()  # before the catch-up, so nothing written meanwhile is missed
             with Bar("catching up", skip_empty=True, smoothing=0.1) as bar:
                 report = watcher.catch_up(progress=bar)
-        except BaseException:
-            watcher.close()
-            raise
-        say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
-            f"{report.removed}, failed {len(report.failed)}; watching {plural(len(watcher.roots), 'folder')} "
-            f"({watcher.how})")
-    try:
+            say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
+                f"{report.removed}, failed {len(report.failed)}; watching {plural(len(watcher.roots), 'folder')} "
+                f"({watcher.how})")
         server = SearchServer(settings, host, port, idle, library=library)
     except BaseException:
         if watcher is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -86,21 +85,10 @@ def _host_and_port(value: str) -> tuple[str, int | None] | None:
     return hostname.rstrip("."), port
 
 
-def _is_ip(hostname: str) -> bool:
-    try:
-        ipaddress.ip_address(hostname)
-    except ValueError:
-        return False
-    return True
-
-
 class HostPolicy:
-    """The Host names (any port) and page origins the UI answers, for the address it listens on.
-
-    Always the loopback names and the --host given. With a wildcard --host (0.0.0.0, ::) people on the
-    network open the page by this machine's IP or name, so any IP address and the machine's own host name
-    are allowed too: a rebinding page always sends its own domain name, never an IP address.
-    """
+    """The Host names (any port) and page origins the UI answers: the loopback names and the --host given;
+    with a wildcard --host (0.0.0.0, ::) people on the network open the page by this machine's IP or name,
+    so any IP address and its host name too (a rebinding page always sends its own domain name, never an IP)."""
 
     def __init__(self, bind_host: str, port: int | None = None):
         bind = bind_host.strip().strip("[]").lower().rstrip(".")
@@ -122,8 +110,10 @@ class HostPolicy:
     def refusal(self, host: str | None, origin: str | None) -> str | None:
         """Why a request with these headers is refused, or None. ``origin`` is None without an Origin header
         (a browser sends one on every websocket handshake and every cross-origin request)."""
+        from ..server import is_ip
+
         parsed = _host_and_port(host) if host else None
-        if parsed is None or not (parsed[0] in self.names or (self.any_ip and _is_ip(parsed[0]))):
+        if parsed is None or not (parsed[0] in self.names or (self.any_ip and is_ip(parsed[0]))):
             where = f"http://127.0.0.1:{self.port}/" if self.port else "http://127.0.0.1:PORT/"
             return (f"imgsearch ui refused a request for host {host!r}: it answers only to {self.shown()}. "
                     f"Open it as {where} (or start `imgsearch ui --host NAME` to serve it under NAME).")
@@ -223,12 +213,9 @@ def streamlit_argv(app: Path, host: str, port: int) -> list[str]:
 
 
 def serve(spec_json: str | None = None) -> None:
-    """Run Streamlit's server for the page with HostGuard in front of every route; blocks until stopped.
-
-    Runs in the interpreter exec'd by `imgsearch ui`. Through `python -c`, st.App.run treats the page
-    itself as the main script (as `streamlit run ui/app.py` would): its folder is on sys.path and its
-    sys.argv is bare.
-    """
+    """Run Streamlit's server for the page with HostGuard in front of every route, in the interpreter
+    `imgsearch ui` exec'd; st.App.run treats the page as the main script, as `streamlit run` would (its
+    folder on sys.path, a bare sys.argv)."""
     import streamlit as st
     from starlette.middleware import Middleware
 
@@ -236,8 +223,7 @@ def serve(spec_json: str | None = None) -> None:
     guard = Middleware(HostGuard, policy=HostPolicy(spec["host"], spec["port"]))
     try:
         st.App(spec["app"], middleware=[guard]).run(config=spec["config"])
-    except KeyboardInterrupt:
-        # uvicorn shuts down gracefully on Ctrl+C, then raises the signal again; the stop was asked for.
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl+C, then raises the signal again
         pass
 
 

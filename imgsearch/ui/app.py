@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Mapping
@@ -22,6 +23,7 @@ from typing import Mapping
 import streamlit as st
 
 from imgsearch import Library
+from imgsearch.commands import when
 from imgsearch.commands.ui import MAX_UPLOAD_MB  # the cap `imgsearch ui` gives Streamlit's server too
 from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, MAX_K, RAW_EXTENSIONS, Settings
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
@@ -58,9 +60,6 @@ class Params:
     page: str = ""  # "albums", else the search
     album: str = ""  # the album open on the albums page
     problems: list[str] = field(default_factory=list)
-
-    def when_where(self) -> dict:
-        return {key: getattr(self, key) or None for key in WHEN_WHERE}
 
     def to_url(self) -> dict[str, str]:
         """Query-string form; defaults are left out so shared links stay short."""
@@ -103,10 +102,8 @@ def parse_params(raw: Mapping[str, str]) -> Params:
         except UsageError as e:
             p.problems.append(f"view=: {e}; ignored")
     for key, attr, kind in (("k", "k", int), ("min", "min_score", float)):
-        try:
+        with suppress(ValueError):  # request_of names it
             setattr(p, attr, kind(text(key))) if text(key) else None
-        except ValueError:
-            pass  # request_of names it
     return p
 
 
@@ -160,11 +157,9 @@ def library_version(settings: Settings) -> int | None:
 
 @st.cache_data(ttl=10, show_spinner=False, hash_funcs={Settings: repr})
 def cached_status(settings: Settings, last_job: float | None, version: int | None = None) -> dict | None:
-    """library_status, or None when there is no library yet (it walks the cache folders: keep it cheap).
-
-    ``last_job`` (when this process last finished indexing) and ``version`` (the library's change counter)
-    are part of the cache key, so a finished run, here or in another process, shows at once.
-    """
+    """The library's status, or None when there is none yet (it walks the cache folders: keep it cheap).
+    ``last_job`` (this process's last index run) and ``version`` (the library's change counter) are in the
+    cache key, so a finished run, here or in another process, shows at once."""
     try:
         return the_library(settings).status().as_dict()
     except LibraryError:
@@ -307,12 +302,11 @@ def grid(library, hits, key: str, p: Params | None = None) -> None:
         cols = st.columns(COLUMNS)
         for col, hit in zip(cols, hits[start:start + COLUMNS]):
             with col:
-                thumb = paths.get(hit.id)
-                name = os.path.basename(hit.path)
+                thumb, label = paths.get(hit.id), md(caption(os.path.basename(hit.path), hit.score))
                 if isinstance(thumb, ImgSearchError) or thumb is None:
-                    st.warning(f"{md(caption(name, hit.score))}: {md(thumb)}")
+                    st.warning(f"{label}: {md(thumb)}")
                 else:
-                    st.image(str(thumb), caption=md(caption(name, hit.score)), width="stretch")
+                    st.image(str(thumb), caption=label, width="stretch")
                 # one row: [👍 👎] Details, More like this
                 *marks, b1, b2 = st.columns([0.8, 0.8, 2, 4.4] if p is not None else [2, 3], gap=None)
                 for col_, good, label in zip(marks, (True, False), ("👍", "👎")):
@@ -389,8 +383,8 @@ def status_panel(settings: Settings) -> dict | None:
         st.caption("Also in the library: " + "; ".join(f"{md(m['model'])} ({m['vectors']} vectors)" for m in others))
     run = status.get("last_run")
     if run and run.get("finished_at"):
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"]))
-        st.markdown(f"**Last indexed** {when}" + (" (interrupted)" if run.get("interrupted") else ""))
+        st.markdown(f"**Last indexed** {when(run['finished_at'])}"
+                    + (" (interrupted)" if run.get("interrupted") else ""))
     if status["failed_files"]:
         with st.expander(f"Files that failed ({status['failures']})"):
             for f in status["failed_files"]:
@@ -635,8 +629,8 @@ def photo_map(library, hits, key: str) -> None:
     layers = [pdk.Layer("PathLayer", lines, id="grid", get_path="path", get_color=[160, 160, 160, 90],
                         width_min_pixels=1),
               pdk.Layer("ScatterplotLayer", points, id="photos", get_position=["lon", "lat"], get_radius="radius",
-                        radius_units=String("pixels"), get_fill_color=[214, 39, 40, 210], get_line_color=[255, 255, 255],
-                        stroked=True, line_width_min_pixels=1.5, pickable=True),
+                        radius_units=String("pixels"), get_fill_color=[214, 39, 40, 210],
+                        get_line_color=[255, 255, 255], stroked=True, line_width_min_pixels=1.5, pickable=True),
               pdk.Layer("TextLayer", [p for p in points if p["label"]], id="counts", get_position=["lon", "lat"],
                         get_text="label", get_size=13, get_color=[255, 255, 255])]
     tiles = st.toggle("Base map (loads map tiles from the internet)", key=f"{key}-tiles")
@@ -716,8 +710,7 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
         c1.button(md(album.name), key=f"album-open-{album.name}", on_click=on_change,
                   kwargs={"page": "albums", "album": album.name}, type="tertiary")
         c2.markdown(f"{album.count} photos")
-        c3.caption(md(album.problem) if album.problem else f"{md(album.query)} · changed "
-                   + time.strftime("%Y-%m-%d %H:%M", time.localtime(album.changed_at)))
+        c3.caption(md(album.problem) if album.problem else f"{md(album.query)} · changed {when(album.changed_at)}")
 
 
 def album_view(library, name: str) -> None:
