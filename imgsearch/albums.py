@@ -216,10 +216,6 @@ def current(store, warm, row) -> Album:
                  sum(pins.values()), len(pins) - sum(pins.values()), row[3], changed_at, problem, hits)
 
 
-def every(store, warm) -> list[Album]:
-    return [current(store, warm, row) for row in store.albums()]
-
-
 def save(store, warm, name, request: SearchRequest) -> Album:
     name = check_name(name)
     if store.album(name) is not None:

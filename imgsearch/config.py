@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,12 +15,11 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
 # Every extension Pillow opens by itself (no Ghostscript, no Windows-only or stub plugins), so `index`
 # takes them without opening the file; files with other or no extensions are sniffed (formats.py).
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
-     ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pnm", ".pbm", ".pgm", ".ppm", ".pfm", ".tga", ".icb",
-     ".vda", ".vst", ".ico", ".cur", ".icns", ".dds", ".pcx", ".dcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras",
-     ".xbm", ".xpm", ".psd", ".qoi", ".blp", ".avif", ".avifs", ".mpo", ".im", ".msp"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib",
+                              ".tif", ".tiff", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pnm", ".pbm", ".pgm",
+                              ".ppm", ".pfm", ".tga", ".icb", ".vda", ".vst", ".ico", ".cur", ".icns", ".dds", ".pcx",
+                              ".dcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras", ".xbm", ".xpm", ".psd", ".qoi", ".blp",
+                              ".avif", ".avifs", ".mpo", ".im", ".msp"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 # Camera RAW files, read through rawpy (the `raw` extra); without it they are reported, never "corrupt".
 RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".raf", ".orf", ".rw2", ".pef",
@@ -38,17 +38,12 @@ MAX_K = 10_000
 
 def is_ray_address(text: str) -> bool:
     """What `index --ray ADDRESS` accepts: local, auto, ray://HOST[:PORT] or HOST:PORT (anything else is a path)."""
-    import re
-
     return bool(re.fullmatch(r"local|auto|ray://[^\s/]+|[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]:\d+", text))
 
 
 # Folders that hold app metadata, not photos (Synology, macOS, Windows, VCS).
-SKIP_DIR_NAMES = frozenset(
-    {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
-     "__MACOSX", "lost+found", "node_modules"}
-)
-
+SKIP_DIR_NAMES = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
+                            "__MACOSX", "lost+found", "node_modules"})
 
 # A library home holds HOME_DB and HOME_MARKER; `index` skips such folders (their thumbnails are not photos).
 HOME_DB = "library.db"
@@ -88,8 +83,6 @@ def atomic_file(path: str | os.PathLike, durable: bool = False):
 
 def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:
     """Where a model's exported towers live: <home>/exports/<weights fingerprint, file-name safe>/."""
-    import re
-
     return Path(home) / "exports" / re.sub(r"[^A-Za-z0-9._-]", "_", fingerprint)[:120]
 
 

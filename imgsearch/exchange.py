@@ -590,10 +590,8 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
                 f"made them (`imgsearch {how} import {src.folder}`)")
         dim = int(exp["dim"])
     else:
-        dim = None
-        if settings.db_path.exists():
-            row = open_store().find_model(spec.name, spec.pretrained, fp) if fp else None
-            dim = row.dim if row else None
+        row = open_store().find_model(spec.name, spec.pretrained, fp) if fp and settings.db_path.exists() else None
+        dim = row.dim if row else None
         if dim is None or fp is None:
             enc = encoder() if encoder else None
             if enc is None:

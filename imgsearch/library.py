@@ -69,8 +69,7 @@ class Library:
 
             settings = settings.with_(lang=check(settings.lang))  # an unknown code fails here, in one line
         self.settings = settings
-        self._store = None
-        self._searcher = None
+        self._store = self._searcher = None
         self._encoder = None  # the image encoder (and torch text tower where no export can exist), loaded once
         self._query = None  # what encodes query images, scores and file tags (_images); False: the encoder
         self._open_lock = threading.RLock()
@@ -90,8 +89,7 @@ class Library:
             self._closed = True
             if self._store is not None:
                 self._store.close()
-                self._store = None
-            self._searcher = None
+            self._store = self._searcher = None
 
     def __repr__(self) -> str:
         return f"Library(home={str(self.settings.home)!r}, model={self.settings.model!r})"
@@ -378,7 +376,7 @@ class Library:
     def albums(self) -> list:
         """Every album evaluated now (albums.Album); ``problem`` says why a saved search no longer runs (a
         folder gone, a tag set dropped), set instead of raising, so one broken album never hides the others."""
-        return albums.every(self.store, self._warm)
+        return [albums.current(self.store, self._warm, row) for row in self.store.albums()]
 
     def album(self, name: str):
         """One album evaluated now, its members ranked in ``hits`` (pinned photos in, dropped ones out,

@@ -115,9 +115,9 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None
 
 
 def _train_and_save(model, cfg: dict, tokenizer, captions_of, out_dir, steps: int, colors, shapes, seed: int,
-                    batch_size: int, lr: float, n_images: int, **save):
+                    batch_size: int, lr: float, n_images: int, save_tokenizer: bool = False):
     """Contrastive training on generated shapes (``captions_of(colour, shape)`` lists a class's captions),
-    then the model saved as a local-dir model in ``out_dir``; returns its folder."""
+    then the model saved as a local-dir model in ``out_dir`` (with its tokenizer if ``save_tokenizer``)."""
     import open_clip
     import torch
     import torch.nn.functional as F
@@ -152,7 +152,7 @@ def _train_and_save(model, cfg: dict, tokenizer, captions_of, out_dir, steps: in
     model.eval()
     preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
                       "std": list(open_clip.OPENAI_DATASET_STD)}
-    return save_local_dir(model, cfg, out_dir, preprocess_cfg, **save)
+    return save_local_dir(model, cfg, out_dir, preprocess_cfg, tokenizer=tokenizer if save_tokenizer else None)
 
 
 # Korean captions for the shapes: the multilingual tiny model learns them next to the English ones.
@@ -215,4 +215,4 @@ def pretrain_tiny_multilingual_clip(out_dir: str | os.PathLike, steps: int = 300
         tokenizer = HFTokenizer(tmp, context_length=context_length)
         cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")  # the model is built: saved beside it
         return _train_and_save(model, cfg, tokenizer, bilingual_captions, out_dir, steps, colors, shapes, seed,
-                               batch_size, lr, n_images, tokenizer=tokenizer)
+                               batch_size, lr, n_images, save_tokenizer=True)

@@ -272,8 +272,7 @@ class Watcher:
     def _run_batch(self, changed: list[str], gone: list[str]) -> None:
         t0 = time.perf_counter()
         try:
-            report = self._apply(changed, gone)
-            batch = Batch(report, changed, gone)
+            batch = Batch(self._apply(changed, gone), changed, gone)
         except ImgSearchError as e:
             batch = Batch(IndexReport(), changed, gone, error=str(e))
             # A file that vanished (or came back) between the look and the write: look at it again.
