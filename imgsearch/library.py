@@ -338,20 +338,17 @@ class Library:
 
         ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
         ``image``: a file path, the file's bytes, a binary file object, a PIL image, a (weight, image) pair,
-        or a list of those. Bytes, file objects and PIL images are decoded in memory, never written to disk.
-        ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like.
-        ``like`` / ``unlike``: library images (ids or paths) marked good or bad among earlier results: the
-        query moves toward the liked ones and away from the others (search.rocchio).
+        or a list of those; bytes, file objects and PIL images are decoded in memory, never written to disk.
+        ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like; ``like`` /
+        ``unlike``: library images (ids or paths) marked good or bad among earlier results (search.rocchio).
         Filters: ``under`` a folder, ``tag`` zero-shot tags (all must match), ``keyword`` words in names,
         folders, captions and tags; ``blend`` (0..1) mixes keyword relevance into the score instead.
-        When and where: ``after``/``before`` a capture date (YYYY, YYYY-MM, YYYY-MM-DD or ISO timestamp;
-        ``before`` ends at the end of its period), ``near`` "LAT,LON[,KM]" or (lat, lon[, km]) (5 km by
-        default), ``camera`` text in the camera's make and model. See geo.py.
-        ``relevance``: mark each hit ``relevant`` (True/False) against the model's calibrated relevance floor
-        (relevance.py; the first call for a model measures it, seconds on a CPU); None for keyword ranking
-        and for text and images mixed.
-        A wrong value raises a ParamError naming the parameter (request.SearchRequest checks them all).
-        """
+        When and where (geo.py): ``after``/``before`` a capture date (YYYY, YYYY-MM, YYYY-MM-DD or ISO
+        timestamp; ``before`` ends at the end of its period), ``near`` "LAT,LON[,KM]" or (lat, lon[, km]) (5 km
+        by default), ``camera`` text in the camera's make and model.
+        ``relevance``: mark each hit ``relevant`` against the model's calibrated relevance floor (relevance.py;
+        measured on a model's first call, seconds on a CPU); None for keyword ranking and text-image mixes.
+        A wrong value raises a ParamError naming the parameter (request.SearchRequest checks them all)."""
         request = SearchRequest.build(
             text, image=image, not_text=not_text, not_image=not_image, ids=ids, k=k, min_score=min_score,
             under=under, tag=tag, keyword=keyword, blend=blend, exclude_ids=exclude_ids, after=after, before=before,
