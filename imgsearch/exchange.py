@@ -585,9 +585,9 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
             how = f"--model {exp.get('name')}" + (f" --pretrained {exp['pretrained']}" if exp.get("pretrained")
                                                    else "")
             raise ModelMismatchError(
-                f"{src.folder} holds vectors of {exp.get('label') or exp.get('name')} (weights {exp.get('fingerprint')})"
-                f", not of {spec.label} (weights {fp}); models never mix in a library: import with the model that "
-                f"made them (`imgsearch {how} import {src.folder}`)")
+                f"{src.folder} holds vectors of {exp.get('label') or exp.get('name')} "
+                f"(weights {exp.get('fingerprint')}), not of {spec.label} (weights {fp}); models never mix in a "
+                f"library: import with the model that made them (`imgsearch {how} import {src.folder}`)")
         dim = int(exp["dim"])
     else:
         row = open_store().find_model(spec.name, spec.pretrained, fp) if fp and settings.db_path.exists() else None
