@@ -1,20 +1,18 @@
 """Smart albums: a saved search that stays current.
 
-An album keeps the search REQUEST, never a frozen list: texts with their weights, example images by their
-absolute path, library ids, filters, k and the threshold, as JSON in the ``albums`` table. Its members are
-whatever the one engine answers for that request now, plus the photos pinned in and minus the photos
-dropped (pins are image ids, so they follow moved files). Evaluating is cheap: the query vector is kept per
-model (``album_vectors``), so an album of example images needs neither the image tower nor the example
-files again until the library's model changes, and then the album is re-embedded from its saved request.
+An album keeps the search REQUEST (texts and weights, example images by absolute path, ids, filters, k,
+threshold) as JSON in the ``albums`` table, never a frozen list. Its members are what the one engine answers
+for it now, plus photos pinned in, minus photos dropped (pins are image ids: they follow moved files). The
+query vector is kept per model (``album_vectors``), so example images are not re-embedded until the model
+changes.
 
-Why evaluated and not materialised: every door then sees the same members at once (a photo forgotten,
-tagged, captioned or moved out of ``under`` leaves, a new one that passes joins, with no refresh to miss),
-and nothing can drift from the request. What an evaluation found is recorded (member count and a digest of
-the ids), so ``list`` can say when the members last changed; ``Library.index`` (and so ``watch``)
-evaluates every album after a batch that changed the library, which dates a newcomer's arrival.
+Evaluated, not materialised: every door sees the same members at once (no refresh to miss) and nothing
+drifts from the request. Each evaluation records the member count and a digest of the ids, so ``list`` can
+say when members last changed; ``Library.index`` (so ``watch``) evaluates every album after a batch that
+changed the library, which dates a newcomer's arrival.
 
-A threshold (``min_score`` or ``relevance``; a keyword-only album matches or not) makes an album grow:
-it holds every photo that passes, up to k (default: the query limit). Without one, it is the top k now.
+A threshold (``min_score`` or ``relevance``; a keyword-only album matches or not) makes an album grow: it
+holds every photo that passes, up to k (default: the query limit). Without one, it is the top k now.
 """
 
 from __future__ import annotations
@@ -54,9 +52,7 @@ class Album:
     hits: list[Hit] = field(default_factory=list)  # the members, ranked (Library.album fills it)
 
     def as_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("hits")
-        return out
+        return {k: v for k, v in asdict(self).items() if k != "hits"}
 
 
 def check_name(name) -> str:
@@ -218,10 +214,6 @@ def current(store, warm, row) -> Album:
             changed_at = time.time()
     return Album(row[1], describe(record), record, count, request is not None and grows(request),
                  sum(pins.values()), len(pins) - sum(pins.values()), row[3], changed_at, problem, hits)
-
-
-def every(store, warm) -> list[Album]:
-    return [current(store, warm, row) for row in store.albums()]
 
 
 def save(store, warm, name, request: SearchRequest) -> Album:

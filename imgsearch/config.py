@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,12 +15,11 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
 # Every extension Pillow opens by itself (no Ghostscript, no Windows-only or stub plugins), so `index`
 # takes them without opening the file; files with other or no extensions are sniffed (formats.py).
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
-     ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pnm", ".pbm", ".pgm", ".ppm", ".pfm", ".tga", ".icb",
-     ".vda", ".vst", ".ico", ".cur", ".icns", ".dds", ".pcx", ".dcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras",
-     ".xbm", ".xpm", ".psd", ".qoi", ".blp", ".avif", ".avifs", ".mpo", ".im", ".msp"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib",
+                              ".tif", ".tiff", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".pnm", ".pbm", ".pgm",
+                              ".ppm", ".pfm", ".tga", ".icb", ".vda", ".vst", ".ico", ".cur", ".icns", ".dds", ".pcx",
+                              ".dcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras", ".xbm", ".xpm", ".psd", ".qoi", ".blp",
+                              ".avif", ".avifs", ".mpo", ".im", ".msp"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 # Camera RAW files, read through rawpy (the `raw` extra); without it they are reported, never "corrupt".
 RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".raf", ".orf", ".rw2", ".pef",
@@ -38,17 +38,12 @@ MAX_K = 10_000
 
 def is_ray_address(text: str) -> bool:
     """What `index --ray ADDRESS` accepts: local, auto, ray://HOST[:PORT] or HOST:PORT (anything else is a path)."""
-    import re
-
     return bool(re.fullmatch(r"local|auto|ray://[^\s/]+|[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]:\d+", text))
 
 
 # Folders that hold app metadata, not photos (Synology, macOS, Windows, VCS).
-SKIP_DIR_NAMES = frozenset(
-    {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
-     "__MACOSX", "lost+found", "node_modules"}
-)
-
+SKIP_DIR_NAMES = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
+                            "__MACOSX", "lost+found", "node_modules"})
 
 # A library home holds HOME_DB and HOME_MARKER; `index` skips such folders (their thumbnails are not photos).
 HOME_DB = "library.db"
@@ -88,8 +83,6 @@ def atomic_file(path: str | os.PathLike, durable: bool = False):
 
 def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:
     """Where a model's exported towers live: <home>/exports/<weights fingerprint, file-name safe>/."""
-    import re
-
     return Path(home) / "exports" / re.sub(r"[^A-Za-z0-9._-]", "_", fingerprint)[:120]
 
 
@@ -99,16 +92,17 @@ def default_home() -> Path:
     return Path(base) / "imgsearch"
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, kind=int, what: str = "a whole number"):
+    """The environment variable ``name`` as a ``kind``; ``default`` when unset or empty."""
     value = os.environ.get(name)
-    if value is None or value == "":
+    if not value:
         return default
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
         from .errors import UsageError
 
-        raise UsageError(f"{name}={value!r} is not a whole number; unset it or give e.g. {default}") from None
+        raise UsageError(f"{name}={value!r} is not {what}; unset it or give e.g. {default}") from None
 
 
 @dataclass(frozen=True)
@@ -154,7 +148,7 @@ class Settings:
             if env.get(f"IMGSEARCH_{key.upper()}"):
                 values[key] = env[f"IMGSEARCH_{key.upper()}"]
         for key in ("batch_size", "workers", "max_pixels", "max_file_mb", "flat_max", "index_budget_mb"):
-            values[key] = _env_int(f"IMGSEARCH_{key.upper()}", getattr(cls, key))
+            values[key] = _env_number(f"IMGSEARCH_{key.upper()}", getattr(cls, key))
         values["torch_free"] = env.get("IMGSEARCH_TORCH_FREE", "1") != "0"
         settings = cls(**values)
         clean = {k: v for k, v in overrides.items() if v is not None}
@@ -189,15 +183,7 @@ class Settings:
     @property
     def int8_min_cosine(self) -> float:
         """Lowest int8-vs-fp32 cosine on a sample of the user's images that `index --precision int8` accepts."""
-        value = os.environ.get("IMGSEARCH_INT8_MIN_COSINE")
-        if not value:
-            return INT8_MIN_COSINE
-        try:
-            return float(value)
-        except ValueError:
-            from .errors import UsageError
-
-            raise UsageError(f"IMGSEARCH_INT8_MIN_COSINE={value!r} is not a number; unset it or give e.g. 0.99") from None
+        return _env_number("IMGSEARCH_INT8_MIN_COSINE", INT8_MIN_COSINE, float, "a number")
 
 
 # Measured on ViT-B-32-256 (see docs/cli.md, "int8 on the CPU"): at this cosine the top-10 neighbours of a
@@ -225,10 +211,7 @@ def cpuinfo(field: str) -> str | None:
 @dataclass(frozen=True)
 class ThreadBudget:
     """How many threads each stage of an image pipeline may use so that together they fit the cores.
-
-    ``overlap`` False means decoding and encoding take turns (decode a batch with ``decode`` threads, then
-    encode it with ``encoder`` threads), so at most max(decode, encoder) threads are ever busy.
-    """
+    ``overlap`` False: decoding and encoding take turns, so at most max(decode, encoder) threads are busy."""
 
     cores: int
     encoder: int  # intra-op threads of torch / onnxruntime
@@ -238,36 +221,29 @@ class ThreadBudget:
 
 def draft_size_for(image_size: int) -> int:
     """The short side a JPEG is decoded at (at least) for a model with ``image_size`` input: 1.5x the input.
-
-    libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT, and the model's antialiased resize does the rest.
-    On AMD EPYC (Zen 3), ViT-B-32-256, 1024x768 photos: 10.2 ms per image at 1/2 scale against 18.3 ms in
-    full, embedding cosine >= 0.99999 (bench/index_throughput.py --draft).
-    """
+    libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT, the model's antialiased resize does the rest. On AMD
+    EPYC (Zen 3), ViT-B-32-256, 1024x768 photos: 10.2 ms per image at 1/2 scale against 18.3 ms in full,
+    embedding cosine >= 0.99999 (bench/index_throughput.py --draft)."""
     return (3 * int(image_size) + 1) // 2
 
 
 def thread_budget(cores: int | None = None, device: str = "cpu", workers: int = 0) -> ThreadBudget:
     """The one worker-count policy (indexing, eval, training data checks, duplicate fingerprints).
-
     On a CPU, decode threads preempting the encoder's intra-op threads stall its GEMMs at every barrier (42%
     of the model-only rate lost on 2 loaded cores); decoding a batch with every core, then encoding it with
     every core, keeps the encoder >= 90% busy (decode ~10 ms, encode ~130 ms per image, ViT-B-32, 2 cores).
-    On a GPU the encoder needs no cores: decode overlaps, up to 8 threads. An explicit ``workers``
-    (--workers / IMGSEARCH_WORKERS) sets the decode threads.
-    """
+    On a GPU the encoder needs no cores: decode overlaps, up to 8 threads. ``workers`` sets the decode threads."""
     n = cores or cpu_cores()
-    if not device.startswith(("cuda", "mps")):
-        return ThreadBudget(n, encoder=n, decode=workers if workers > 0 else n, overlap=False)
-    return ThreadBudget(n, encoder=1, decode=workers if workers > 0 else max(1, min(8, n)), overlap=True)
+    gpu = device.startswith(("cuda", "mps"))
+    decode = workers if workers > 0 else max(1, min(8, n)) if gpu else n
+    return ThreadBudget(n, encoder=1 if gpu else n, decode=decode, overlap=gpu)
 
 
 @contextmanager
 def torch_threads(settings: Settings, n: int):
-    """torch's intra-op thread count set to ``n`` for the block and put back after, in imgsearch's own process.
-
-    torch.set_num_threads is process-wide: set for an index run, however briefly, it slows or oversubscribes
-    whatever else the program runs meanwhile. So in someone else's program the count stays theirs (torch's
-    default, one per core, is the budget's too unless an affinity mask or a container limits the cores)."""
+    """torch's intra-op thread count set to ``n`` for the block and put back after, in imgsearch's own process:
+    it is process-wide, so in someone else's program the count stays theirs (torch's default, one per core, is
+    the budget's too unless an affinity mask or a container limits the cores)."""
     if not settings.own_process:
         yield
         return
@@ -282,12 +258,7 @@ def torch_threads(settings: Settings, n: int):
 
 
 def training_workers(device: str = "cpu", workers: int = 0, cores: int | None = None) -> int:
-    """DataLoader decode processes for fine-tuning, from the same policy as indexing.
-
-    Training overlaps decoding with the step (DataLoader processes), and a training step costs about three
-    encodes per image, so on a CPU a quarter of the cores keeps it fed; on a GPU the indexing rule applies.
-    """
+    """DataLoader decode processes for fine-tuning, from the same policy as indexing: a training step costs
+    about three encodes per image, so on a CPU a quarter of the cores keeps it fed; on a GPU as indexing."""
     budget = thread_budget(cores, device, workers)
-    if workers > 0 or budget.overlap:
-        return budget.decode
-    return max(1, budget.cores // 4)
+    return budget.decode if workers > 0 or budget.overlap else max(1, budget.cores // 4)

@@ -1,10 +1,10 @@
 """`imgsearch index --ray`: the decode and encode stages of an index run on Ray Data.
 
-The driver walks the folders and writes SQLite exactly as a plain run does (indexer.Indexer); Ray tasks
-read, hash and decode files with the indexer's own ``_process``, and an actor pool holding the model
-encodes them. Results stream back in order into the usual crash-safe batches, so an interrupted run is
-resumed by running it again. Workers read the files by the driver's paths: one machine, or a shared
-filesystem mounted alike on every node. Ray is imported only here, and only when there is work.
+The driver walks the folders and writes SQLite as a plain run does (indexer.Indexer); Ray tasks read, hash
+and decode files with the indexer's own ``_process``, and an actor pool holding the model encodes them.
+Results stream back in order into the usual crash-safe batches (an interrupted run is resumed by running it
+again). Workers read the files by the driver's paths: one machine, or a shared filesystem mounted alike on
+every node. Ray is imported only here, and only when there is work.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def object_store_bytes() -> int:
 class RayStage:
     """Decode and encode on Ray for one index run (``Indexer(remote=...)``)."""
 
-    def __init__(self, settings: Settings, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, settings: Settings, address: str | None = None):
         # None or "local": a Ray started for this run; "auto", "ray://host:10001", "host:6379": a cluster.
         self.address = None if address in (None, "local") else address
         if self.address is not None and not is_ray_address(address):
@@ -64,14 +64,12 @@ class RayStage:
             raise UsageError("--precision int8 is not available with --ray (its parity check runs locally); "
                              "use --precision fp32 or bf16")
         self.settings = settings
-        self.num_cpus = num_cpus or cpu_cores()
         self.temp_dir: str | None = None
         self.keep_logs = False  # the error message names the log folder: keep it
         self.started: bool | None = None  # None: not connected; True: this run's Ray; False: the caller's
 
     def open(self) -> None:
-        """Connect now (a cluster address fails fast, before the model loads); a local Ray starts only when
-        there is something to encode."""
+        """Connect now: a cluster address fails fast, before the model loads (a local Ray waits for work)."""
         if self.started is None:
             self.started = self._start()
 
@@ -96,7 +94,7 @@ class RayStage:
             _free_stopped_runs()
             return False  # the caller's Ray (a notebook, the tests): use it, leave it running
         if self.address is None:
-            self.temp_dir = start_local(self.num_cpus, self.settings.own_process)
+            self.temp_dir = start_local(cpu_cores(), self.settings.own_process)
             return True
         try:
             with _quiet_backend(self.settings.own_process):
@@ -134,18 +132,15 @@ class RayStage:
         per_block = max(1, min(4 * batch, -(-len(work) // (2 * plan["cpus"]))))
         rows = [{"i": i, "work": pickle.dumps(w, protocol=5)} for i, w in enumerate(work)]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
-        # The dataset's own copy of Ray Data's settings (the datasets made from it copy it): the process's
-        # current DataContext, which the program's own datasets use, is left alone.
-        ctx = ds.context
+        ctx = ds.context  # the dataset's own copy of Ray Data's settings: the process's DataContext stays alone
         ctx.execution_options.preserve_order = True  # rows come back in work order: the same ids as a plain run
         ctx.enable_progress_bars = False  # the driver's own bar counts files
         ctx.print_on_execution_start = False
         ds = ds.map_batches(
             _decode_batch, batch_size=batch, num_cpus=1,
             fn_kwargs={"settings": self.settings, "light": light, "known_ref": known_ref},
-            # A decode worker holds torch (~0.5 GB measured), one full-size image and its batch of model inputs.
-            # Declaring it also keeps Ray from fusing decoding into the encoder actors (different resources),
-            # which would idle the model while decoding.
+            # A decode worker holds torch (~0.5 GB measured), one full-size image and its batch of model inputs;
+            # declared, it also keeps Ray from fusing decoding into the encoder actors (idling the model).
             memory=(768 << 20) + batch * 3 * enc.image_size ** 2 * 4)
         ds = ds.map_batches(
             _EncodeActor, batch_size=batch,
@@ -213,9 +208,9 @@ def _root_cause(e: BaseException) -> str:
 
 
 def start_local(num_cpus: int, own_process: bool = True) -> str:
-    """Start a Ray for this process alone, sized to the machine; returns its temporary folder. Inside someone
-    else's program (not ``own_process``) Ray keeps its own token authentication (on by default since Ray
-    2.60) and log lines, instead of this process's environment and stderr being changed for them."""
+    """Start a Ray for this process alone, sized to the machine; returns its temporary folder. In someone
+    else's program (not ``own_process``) Ray keeps its own token authentication (default since Ray 2.60)
+    and log lines: this process's environment and stderr stay as they are."""
     if own_process:
         _require_token()
 
@@ -233,12 +228,10 @@ def start_local(num_cpus: int, own_process: bool = True) -> str:
 
 
 def _require_token() -> None:
-    """A local Ray listens on every interface (its GCS and workers bind to 0.0.0.0 whatever the node
-    address), and anyone who reaches those ports can run code as this user. So the Ray we start accepts
-    only clients holding a random token, which its own processes inherit from this environment. Ray reads
-    the mode once, when it is imported, so this runs before that, and the token stays for the process's
-    life (a second local Ray reuses it). When Ray was imported already (a notebook that uses Ray itself),
-    or the user configured Ray's authentication, their settings stand."""
+    """A local Ray listens on every interface (0.0.0.0 whatever the node address), and anyone reaching its
+    ports can run code as this user: the Ray we start accepts only clients holding a random token, which its
+    processes inherit from this environment. Ray reads the mode once, on import, so this runs before; the
+    token stays for the process's life. Ray already imported, or its authentication configured: theirs stands."""
     if "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -253,10 +246,9 @@ def remove_temp_dir(temp_dir: str) -> None:
 @contextlib.contextmanager
 def _quiet_backend(own: bool):
     """Around ray.init in imgsearch's own process (``own``): Ray's C++ core logs an error line on every actor
-    pool Ray Data makes (its arguments live in the object store, ray-project/ray#53727), so its log level goes
-    to fatal (a level the user set wins); setting it prints a line of its own at init, so init's stderr is
-    muted. Failures still arrive as exceptions, and the full logs stay in Ray's session folder. Both are
-    process-wide, so in someone else's program Ray's lines are left to show."""
+    pool Ray Data makes (ray-project/ray#53727), so its log level goes to fatal (unless the user set one),
+    which prints a line at init, so init's stderr is muted. Failures still raise; the full logs stay in Ray's
+    session folder. Both are process-wide, so in someone else's program Ray's lines are left to show."""
     if not own:
         yield
         return
@@ -311,10 +303,9 @@ class _Known:
     def __contains__(self, digest: str) -> bool:
         import numpy as np
 
-        a = self.array
         key = digest.encode()
-        k = int(np.searchsorted(a, key))
-        return k < len(a) and a[k] == key
+        k = int(np.searchsorted(self.array, key))
+        return k < len(self.array) and self.array[k] == key
 
 
 class _FileSide:

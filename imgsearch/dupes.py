@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -176,7 +177,7 @@ def _fingerprints(store, rows: dict, ids: set[int], workers: int, max_pixels: in
     known = store.fingerprints(ids)
     todo = [rows[i] for i in sorted(ids - set(known))]
     failed: list[tuple[str, str]] = []
-    fresh = []
+    fresh = []  # (id, content hash, fingerprint) to cache
 
     def compute(row):
         return fingerprint(images.open_image(row.path, draft_size=128, max_pixels=max_pixels)[0])
@@ -195,11 +196,9 @@ def _identities(rows: dict) -> dict[int, tuple[int, int]]:
     """(device, inode) of each row's file; rows whose file is gone are left out."""
     out: dict[int, tuple[int, int]] = {}
     for i, r in rows.items():
-        try:
+        with contextlib.suppress(OSError):
             st = os.stat(r.path)
-        except OSError:
-            continue
-        out[i] = (st.st_dev, st.st_ino)
+            out[i] = (st.st_dev, st.st_ino)
     return out
 
 
@@ -221,8 +220,7 @@ def find_duplicates(settings: Settings, store, model, under: str | os.PathLike |
     report.candidates = len(pairs)
     involved = {int(ids_arr[a]) for a, _, _ in pairs} | {int(ids_arr[b]) for _, b, _ in pairs}
     rows = store.get_images(involved)
-    # Files deleted since indexing can be neither compared nor kept.
-    identity = _identities(rows)
+    identity = _identities(rows)  # files deleted since indexing can be neither compared nor kept
     prints: dict[int, np.ndarray] = {}  # unpacked once: an image may sit in many pairs
     if not similar:  # no encoder running: decoding gets every core
         raw, report.unreadable = _fingerprints(store, rows, set(identity), settings.decode_workers(),

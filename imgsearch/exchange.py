@@ -3,10 +3,9 @@
 Two forms, both streamed a chunk at a time: ``parquet`` (``part-NNNNN.parquet``, a row per image with its
 vector as ``fixed_size_list<float32>[dim]``, the model in every file's schema metadata) and ``clip-retrieval``
 (``img_emb/img_emb_{i}.npy`` float32 unit rows beside ``metadata/metadata_{i}.parquet`` with ``image_path``
-in the same order, what autofaiss and clip-retrieval index). Both carry ``_imgsearch_export.json``, written
-last: an export without it is unfinished (the underscore keeps pyarrow.dataset from reading it as data).
-An export is built in a temporary folder marked as imgsearch's (owned.py) inside a new or empty folder, so a
-failed one is removed file by file and nothing the user put there is touched.
+in the same order, what autofaiss and clip-retrieval index). ``_imgsearch_export.json``, written last, marks
+a finished export (the underscore keeps pyarrow.dataset from reading it). An export is built in a temporary
+folder marked as imgsearch's (owned.py), so a failed one is removed file by file, nothing else touched.
 
 Import trusts nothing it reads: the model must be the library's (fingerprint, dimension); a bad row is
 skipped and counted; a path must name a regular image file of the exported size, and by default of the
@@ -50,7 +49,6 @@ PARTIAL = ".partial"  # a data file still being written
 EXPORT_KIND, PART_KIND, TEMP_KIND = "export", "export-part", "export-temp"
 TEMP_PREFIX = ".imgsearch-export-"
 SUBFOLDERS = ("img_emb", "metadata")
-NOT_IMAGE = "not-image: "  # _check_file's verdict on a path naming no image file
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux: a longer name is not a path anything here can open
 MAX_SIDE = 1 << 20  # pixels per side: far beyond any photo, far below what overflows a product
 MAX_SIZE = 1 << 50  # bytes
@@ -587,15 +585,13 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
             how = f"--model {exp.get('name')}" + (f" --pretrained {exp['pretrained']}" if exp.get("pretrained")
                                                    else "")
             raise ModelMismatchError(
-                f"{src.folder} holds vectors of {exp.get('label') or exp.get('name')} (weights {exp.get('fingerprint')})"
-                f", not of {spec.label} (weights {fp}); models never mix in a library: import with the model that "
-                f"made them (`imgsearch {how} import {src.folder}`)")
+                f"{src.folder} holds vectors of {exp.get('label') or exp.get('name')} "
+                f"(weights {exp.get('fingerprint')}), not of {spec.label} (weights {fp}); models never mix in a "
+                f"library: import with the model that made them (`imgsearch {how} import {src.folder}`)")
         dim = int(exp["dim"])
     else:
-        dim = None
-        if settings.db_path.exists():
-            row = open_store().find_model(spec.name, spec.pretrained, fp) if fp else None
-            dim = row.dim if row else None
+        row = open_store().find_model(spec.name, spec.pretrained, fp) if fp and settings.db_path.exists() else None
+        dim = row.dim if row else None
         if dim is None or fp is None:
             enc = encoder() if encoder else None
             if enc is None:
@@ -609,15 +605,15 @@ def _target_identity(settings: Settings, src: _Source, assume_model: bool, encod
 
 
 def _check_file(rec: dict, folder: Path, trust: bool, heic: bool
-                ) -> tuple[str, str | None, os.stat_result | None, str | None]:
+                ) -> tuple[str, str | None, os.stat_result | None, str | tuple[str, str] | None]:
     """(library path, content hash, stat, why skipped) for one exported image, checked against the disk;
-    ``why`` is None (import it), "unreachable", NOT_IMAGE + a reason, or why the file is not the one exported."""
+    ``why`` is None (import it), "unreachable", or (the ImportReport list it goes to, the reason)."""
     path = os.path.realpath(os.path.join(folder, rec["path"]))  # a relative path is the export's, not the cwd's
     digest = rec["hash"] if trust else None
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):  # never opened: opening a device or a FIFO can block or act
-            return path, None, None, NOT_IMAGE + "not a regular file"
+            return path, None, None, ("not_images", "not a regular file")
         if digest:  # trusted: judged by its name as the walk does (the first bytes only if the name says nothing)
             is_image = files.is_image_file(path, heic)
         else:
@@ -632,13 +628,13 @@ def _check_file(rec: dict, folder: Path, trust: bool, heic: bool
                     digest = files.hash_file(f)
     except OSError as e:
         gone = isinstance(e, (FileNotFoundError, NotADirectoryError))
-        return path, None, None, "unreachable" if gone else f"cannot read: {e.strerror or e}"
+        return path, None, None, "unreachable" if gone else ("changed", f"cannot read: {e.strerror or e}")
     if not is_image:
-        return path, None, st, NOT_IMAGE + "not an image file imgsearch reads"
+        return path, None, st, ("not_images", "not an image file imgsearch reads")
     if rec["size"] is not None and rec["size"] != st.st_size:
-        return path, None, st, f"size is {st.st_size} bytes, the export says {rec['size']}"
+        return path, None, st, ("changed", f"size is {st.st_size} bytes, the export says {rec['size']}")
     if rec["hash"] and digest != rec["hash"]:
-        return path, None, st, "content differs from the exported image"
+        return path, None, st, ("changed", "content differs from the exported image")
     return path, digest, st, None
 
 
@@ -688,10 +684,8 @@ def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, chec
             ok.append(k)
         elif why == "unreachable":
             report.unreachable.append(display(path))
-        elif why.startswith(NOT_IMAGE):
-            report.not_images.append((display(path), why[len(NOT_IMAGE):]))
         else:
-            report.changed.append((display(path), why))
+            getattr(report, why[0]).append((display(path), why[1]))
     if not ok:
         return
     existing = store.images_at(checked[k][0] for k in ok)

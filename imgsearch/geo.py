@@ -76,13 +76,6 @@ class MetaFilter:
         return ((self.near is None or self.near.contains(lat, lon))
                 and (self.camera is None or self.camera in " ".join(f"{make or ''} {model or ''}".split()).casefold()))
 
-    def as_dict(self) -> dict:
-        """The filter as the API takes it back (after/before as given, near as [lat, lon, km])."""
-        return {"after": self.after.shown if self.after else None,
-                "before": self.before.shown if self.before else None,
-                "near": [self.near.lat, self.near.lon, self.near.km] if self.near else None,
-                "camera": self.camera}
-
 
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Great-circle distance in km."""

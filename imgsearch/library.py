@@ -3,27 +3,35 @@ and the UI call it; none of them opens a Store, loads an Encoder or builds a Sea
 
 Thread safety: one Library may be shared by many threads. ``_open_lock`` guards opening the Store and the
 warm searcher; ``_encode_lock`` loading the encoders and every encode (neither the torch model nor the
-exported tower promises concurrent calls); the searcher's own lock reloading the FAISS index. Searches
-and reads run concurrently (each Store call has its own pooled connection). Writes take the library's
-write lock (lock.write_lock), across threads and processes; a watcher's batch holds it, then
-``_encode_lock``, for that batch only.
-
+exported tower promises concurrent calls); the searcher's own lock reloading the FAISS index. Searches and
+reads run concurrently (each Store call has its own pooled connection). Writes take the write lock
+(lock.write_lock) across threads and processes; a watcher's batch holds it, then ``_encode_lock``.
 Nothing heavy is imported here (search.py says how the engine stays lean).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Iterable, Sequence
 
+from . import albums
 from .config import Settings
 from .errors import UsageError
+from .lock import write_lock
+from .modelspec import ModelSpec, english_only
 from .request import SearchRequest
 from .results import Hit, IndexReport, LibraryStatus
 
 __all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "templates_from"]
+
+
+def _paths(paths) -> list[str]:
+    """One path or many, as text."""
+    return [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
 
 
 def labels_from(labels=None, labels_file=None) -> list[str]:
@@ -41,12 +49,9 @@ def templates_from(templates=None, templates_file=None) -> list[str]:
 
 
 class Library:
-    """One image library (a home folder) searched with one model.
-
-    ``Library(home=None, model=None, pretrained=None, device="auto", precision="auto", settings=None,
-    **other_settings)``: arguments left as None (or "auto") come from IMGSEARCH_* environment variables,
-    then the defaults; ``other_settings`` are any other Settings fields (batch_size, workers, ...).
-    """
+    """One image library (a home folder) searched with one model. Arguments left as None (or "auto") come
+    from IMGSEARCH_* environment variables, then the defaults; ``other_settings`` are any other Settings
+    fields (batch_size, workers, ...), or give ``settings`` alone."""
 
     def __init__(self, home=None, model: str | None = None, pretrained: str | None = None, *,
                  device: str = "auto", precision: str = "auto", settings: Settings | None = None,
@@ -64,8 +69,7 @@ class Library:
 
             settings = settings.with_(lang=check(settings.lang))  # an unknown code fails here, in one line
         self.settings = settings
-        self._store = None
-        self._searcher = None
+        self._store = self._searcher = None
         self._encoder = None  # the image encoder (and torch text tower where no export can exist), loaded once
         self._query = None  # what encodes query images, scores and file tags (_images); False: the encoder
         self._open_lock = threading.RLock()
@@ -85,8 +89,7 @@ class Library:
             self._closed = True
             if self._store is not None:
                 self._store.close()
-                self._store = None
-            self._searcher = None
+            self._store = self._searcher = None
 
     def __repr__(self) -> str:
         return f"Library(home={str(self.settings.home)!r}, model={self.settings.model!r})"
@@ -121,24 +124,21 @@ class Library:
     @property
     def encoder(self):
         """The torch model (the watcher's batches, image queries where no export exists, texts where none can
-        exist), loaded once and never changed: an index run chooses its own image encoder (onnx_image.select).
+        exist), loaded once and never changed (an index run chooses its own image encoder, onnx_image.select).
         Without torch installed, the fp32 image export and the text export (onnx_image.query_encoder)."""
         with self._encode_lock:
             if self._encoder is None:
-                from .encoder import ModelSpec, load, torch_installed
+                from .encoder import load, torch_installed
 
-                if not torch_installed():
-                    self._encoder = self._export_encoder(make=True)
-                    return self._encoder
-                self._encoder = load(ModelSpec(self.settings.model, self.settings.pretrained), self.settings.device,
-                                     self.settings.precision)
+                spec = ModelSpec(self.settings.model, self.settings.pretrained)
+                self._encoder = (load(spec, self.settings.device, self.settings.precision) if torch_installed()
+                                 else self._export_encoder(make=True))
             return self._encoder
 
     def _images(self):
-        """What encodes query images, CLIP scores and file tags: on the CPU, a verified fp32 image export with
-        the text export (onnx_image.query_encoder: no torch import), so a cold `query --image` starts in a
-        fraction of a second; else the encoder (torch, or without torch the exports, made where missing).
-        Index runs choose their own (onnx_image.select)."""
+        """What encodes query images, CLIP scores and file tags: on the CPU a verified fp32 image export with
+        the text export (no torch import: a cold `query --image` starts in a fraction of a second), else the
+        encoder."""
         from .encoder import torch_installed
         from .onnx_image import _no_gpu_without_torch
 
@@ -148,10 +148,8 @@ class Library:
                 if torch_installed() and self.settings.torch_free and _no_gpu_without_torch(self.settings.device):
                     from .errors import ModelLoadError
 
-                    try:
+                    with contextlib.suppress(ModelLoadError):  # no torch-free export of this tower: torch encodes
                         self._query = self._export_encoder(make=False)
-                    except ModelLoadError:
-                        pass  # this tower or checkpoint has no torch-free export: torch encodes
             return self._query or self.encoder
 
     def _export_encoder(self, make: bool):
@@ -163,8 +161,6 @@ class Library:
     @property
     def model_label(self) -> str:
         """How status and reports name this Library's model, e.g. "ViT-B-32 (laion2b_s34b_b79k)"."""
-        from .encoder import ModelSpec
-
         return ModelSpec(self.settings.model, self.settings.pretrained).canonical().label
 
     @property
@@ -187,7 +183,7 @@ class Library:
         """The model row for duplicates, which never encode: no weight resolution, no torch import."""
         if self._searcher is not None:
             return self._searcher.model
-        from .encoder import ModelSpec, known_fingerprint
+        from .encoder import known_fingerprint
         from .search import model_row_for
 
         store = self.store
@@ -206,14 +202,10 @@ class Library:
     def index(self, paths, progress=None, build_progress=None, wait: bool = True,
               ray: str | None = None) -> IndexReport:
         """Add (or re-index incrementally) the images under ``paths``; returns what changed.
-
         ``ray``: decode and encode on Ray Data: "local" starts a Ray for this run, else a cluster address
-        ("auto", "ray://host:10001"). The files must be readable by every worker at the same paths.
-        """
+        ("auto", "ray://host:10001"). The files must be readable by every worker at the same paths."""
         from .indexer import index_paths
 
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
         remote = None
         if ray is not None:
             from .distributed import RayStage
@@ -222,7 +214,7 @@ class Library:
             if remote.address is not None:
                 remote.open()  # an unreachable cluster too
         try:
-            report = index_paths(self.settings, [str(p) for p in paths], encoder=self._encoder,
+            report = index_paths(self.settings, _paths(paths), encoder=self._encoder,
                                  open_store=self._open_store, load_encoder=lambda: self.encoder, progress=progress,
                                  build_progress=build_progress, wait=wait, remote=remote)
         finally:
@@ -249,7 +241,6 @@ class Library:
         """One line for a query an English-only model cannot read (non-Latin script), naming the
         multilingual preset; None when the query is fine for this model."""
         from .lang import english_only_hint, non_latin
-        from .modelspec import ModelSpec, english_only
 
         texts = [t[1] if isinstance(t, tuple) else t for t in texts]
         if not non_latin(texts):
@@ -261,9 +252,7 @@ class Library:
         """Remove files or folders from the library (the files stay on disk); returns how many images."""
         from .indexer import forget
 
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        removed = forget(self.settings, self.store, [str(p) for p in paths], wait=wait)
+        removed = forget(self.settings, self.store, _paths(paths), wait=wait)
         if removed:
             self._albums_follow()
         return removed
@@ -283,13 +272,10 @@ class Library:
         return self.index(roots, progress=progress, build_progress=build_progress)
 
     def _watch_batch(self, changed: list[str], gone: list[str]) -> IndexReport:
-        """One watch batch: index what is there, then forget what is gone (a moved file's row is claimed by
-        the index first, so it keeps its id), as one writer."""
-        from .lock import write_lock
-
+        """One watch batch, as one writer: index what is there, then forget what is gone (the index claims a
+        moved file's row first, so it keeps its id). Writer first, then the encoder: queries of a shared
+        Library (serve --watch) wait for one batch at most, never for another process's long index run."""
         with write_lock(self.settings.home):
-            # Writer first, then the encoder: queries of a shared Library (serve --watch) wait for one batch
-            # at most, never for another process's long index run.
             with self._encode_lock:
                 report = self.index(changed) if changed else IndexReport()
             if gone:
@@ -352,20 +338,17 @@ class Library:
 
         ``text``: a string ("2:red car" weighs it), a (weight, text) pair, or a list of those.
         ``image``: a file path, the file's bytes, a binary file object, a PIL image, a (weight, image) pair,
-        or a list of those. Bytes, file objects and PIL images are decoded in memory, never written to disk.
-        ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like.
-        ``like`` / ``unlike``: library images (ids or paths) marked good or bad among earlier results: the
-        query moves toward the liked ones and away from the others (search.rocchio).
+        or a list of those; bytes, file objects and PIL images are decoded in memory, never written to disk.
+        ``not_text`` / ``not_image`` steer away; ``ids``: library images to find more like; ``like`` /
+        ``unlike``: library images (ids or paths) marked good or bad among earlier results (search.rocchio).
         Filters: ``under`` a folder, ``tag`` zero-shot tags (all must match), ``keyword`` words in names,
         folders, captions and tags; ``blend`` (0..1) mixes keyword relevance into the score instead.
-        When and where: ``after``/``before`` a capture date (YYYY, YYYY-MM, YYYY-MM-DD or ISO timestamp;
-        ``before`` ends at the end of its period), ``near`` "LAT,LON[,KM]" or (lat, lon[, km]) (5 km by
-        default), ``camera`` text in the camera's make and model. See geo.py.
-        ``relevance``: mark each hit ``relevant`` (True/False) against the model's calibrated relevance floor
-        (relevance.py; the first call for a model measures it, seconds on a CPU); None for keyword ranking
-        and for text and images mixed.
-        A wrong value raises a ParamError naming the parameter (request.SearchRequest checks them all).
-        """
+        When and where (geo.py): ``after``/``before`` a capture date (YYYY, YYYY-MM, YYYY-MM-DD or ISO
+        timestamp; ``before`` ends at the end of its period), ``near`` "LAT,LON[,KM]" or (lat, lon[, km]) (5 km
+        by default), ``camera`` text in the camera's make and model.
+        ``relevance``: mark each hit ``relevant`` against the model's calibrated relevance floor (relevance.py;
+        measured on a model's first call, seconds on a CPU); None for keyword ranking and text-image mixes.
+        A wrong value raises a ParamError naming the parameter (request.SearchRequest checks them all)."""
         request = SearchRequest.build(
             text, image=image, not_text=not_text, not_image=not_image, ids=ids, k=k, min_score=min_score,
             under=under, tag=tag, keyword=keyword, blend=blend, exclude_ids=exclude_ids, after=after, before=before,
@@ -388,20 +371,14 @@ class Library:
     # Album writes are single small transactions: they do not wait for the write lock (an index run may
     # hold it for hours); SQLite serialises them.
     def albums(self) -> list:
-        """Every album, evaluated now: ``Album`` with name, query (the saved search as command-line words),
-        request (as stored), count, grows, pinned, dropped, created_at, changed_at (when a photo last joined
-        or left) and ``problem``: why its saved search no longer runs (a folder gone, a tag set dropped),
-        set instead of raising, so one broken album never hides the others."""
-        from . import albums
-
-        return albums.every(self.store, self._warm)
+        """Every album evaluated now (albums.Album); ``problem`` says why a saved search no longer runs (a
+        folder gone, a tag set dropped), set instead of raising, so one broken album never hides the others."""
+        return [albums.current(self.store, self._warm, row) for row in self.store.albums()]
 
     def album(self, name: str):
         """One album evaluated now, its members ranked in ``hits`` (pinned photos in, dropped ones out,
         deleted files never). A ParamError names an unknown album; a UsageError says why a saved search no
         longer runs (the album is kept)."""
-        from . import albums
-
         album = albums.current(self.store, self._warm, albums.load(self.store, name))
         if album.problem:
             raise UsageError(album.problem)
@@ -414,8 +391,6 @@ class Library:
         ``k``: how many photos at most; when None, an album with a threshold (``min_score``, ``relevance``)
         or of keywords only holds every photo that passes (up to the query limit) and new photos join it,
         else it is the top 10 now. A duplicate name is a ParamError; nothing is saved then."""
-        from . import albums
-
         if request is None:
             request = SearchRequest.build(text, k=10, **search)
         elif text is not None or search:
@@ -423,35 +398,24 @@ class Library:
         return albums.save(self.store, self._warm, name, albums.with_k(request, k))
 
     def rename_album(self, name: str, new_name: str) -> None:
-        from . import albums
-
         albums.rename(self.store, name, new_name)
 
     def delete_album(self, name: str) -> None:
         """Delete the album (its saved search and pins); never a photo."""
-        from . import albums
-
         self.store.delete_album(albums.load(self.store, name)[0])
 
     def pin(self, name: str, paths):
         """Keep photos (files, or every library photo in a folder) in the album whatever its search says;
         returns (photos pinned, the album evaluated now). A path not in the library is a UsageError."""
-        from . import albums
-
         return albums.pin(self.store, self._warm, name, paths, True)
 
     def unpin(self, name: str, paths):
         """Drop photos from the album whatever its search says (``pin`` brings them back); as ``pin``."""
-        from . import albums
-
         return albums.pin(self.store, self._warm, name, paths, False)
 
     def export_album(self, name: str, folder, *, link: bool = False) -> list[str]:
         """Copy (or with ``link`` symlink) the album's photos, best first, into a new or empty folder; a name
         taken twice gets " (2)"; returns the files written. Never overwrites anything."""
-        from pathlib import Path
-
-        from . import albums
         from .exchange import prepare_target
 
         album = self.album(name)
@@ -463,7 +427,6 @@ class Library:
                  keep_results: bool = False):
         """Tag every library image (or those under a folder) with its top labels; returns a TagReport."""
         from . import tagging, zeroshot
-        from .lock import write_lock
 
         labels = zeroshot.parse_labels(labels)
         s = self._warm()
@@ -475,9 +438,7 @@ class Library:
         """Labels for image files (folders are walked) without touching the library."""
         from . import tagging, zeroshot
 
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        return tagging.classify_files(self.settings, [str(p) for p in paths], zeroshot.parse_labels(labels),
+        return tagging.classify_files(self.settings, _paths(paths), zeroshot.parse_labels(labels),
                                       templates, top, min_prob, encoder=self._images)
 
     def tags(self) -> list[tuple[str, int]]:
@@ -489,8 +450,6 @@ class Library:
 
     def drop_tag_set(self, set_id: int) -> bool:
         """Delete one label set and its tags; False when there is no such set."""
-        from .lock import write_lock
-
         with write_lock(self.settings.home):
             return bool(self.store.delete_tag_set(set_id))
 
@@ -498,18 +457,15 @@ class Library:
         """Cosine and CLIPScore of one image file against each text (the image need not be in the library)."""
         from .zeroshot import score_file
 
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
         with self._encode_lock:
-            return score_file(self._images(), image, list(texts), self.settings.max_pixels)
+            return score_file(self._images(), image, texts, self.settings.max_pixels)
 
     # --- duplicates, captions ----------------------------------------------------------------------
     def duplicates(self, under=None, threshold: float | None = None, similar: bool = False,
                    min_match: float | None = None, exact: bool | None = None):
         """Groups of copies of one picture (or CLIP-similar images with ``similar``); deletes nothing.
-
-        Compares stored vectors and pixels only: the model is never loaded.
-        """
+        Compares stored vectors and pixels only: the model is never loaded."""
         from . import dupes
 
         return dupes.find_duplicates(self.settings, self.store, self._model_row_without_weights(),
@@ -524,7 +480,6 @@ class Library:
     def add_caption(self, path, text: str, replace: bool = False) -> bool:
         """Attach a caption (searched by ``keyword``); False when the image already has it."""
         from .keywords import add_caption
-        from .lock import write_lock
 
         with write_lock(self.settings.home):
             return add_caption(self.store, path, text, replace)
@@ -532,7 +487,6 @@ class Library:
     def import_captions(self, source, image_col: str = "path", caption_col: str = "caption",
                         replace: bool = False):
         from .keywords import import_captions
-        from .lock import write_lock
 
         with write_lock(self.settings.home):
             return import_captions(self.store, source, image_col, caption_col, replace)
@@ -540,12 +494,10 @@ class Library:
     # --- export and import ---------------------------------------------------------------------------
     def export(self, folder, format: str = "parquet", *, model: str | None = None, progress=None):
         """Write one model's vectors and image metadata into ``folder`` (new or empty); an ExportReport.
-
         ``format``: "parquet" (one dataset, vectors as fixed-size lists) or "clip-retrieval"
         (img_emb/img_emb_0.npy + metadata/metadata_0.parquet, for autofaiss and clip-retrieval).
         ``model``: whose vectors (name, label or id) when the library holds several; else the only one, or
-        this Library's model. ``progress(done, total)`` per chunk of rows.
-        """
+        this Library's model. ``progress(done, total)`` per chunk of rows."""
         from .exchange import export_library
 
         return export_library(self.settings, self.store, folder, format, model=model, progress=progress)
@@ -553,11 +505,9 @@ class Library:
     def import_(self, folder, *, trust: bool = False, assume_model: bool = False, progress=None,
                 wait: bool = True):
         """Add the images of an export (parquet or clip-retrieval form) whose files are here; an ImportReport.
-
-        The export's model must be this Library's model (same weights, same dimension); mixed models are
-        refused. Each file's content hash is checked against the export unless ``trust``. ``assume_model``:
-        the export does not name its model and this Library's model made it. Importing twice adds nothing.
-        """
+        The export's model must be this Library's (same weights, same dimension): models never mix. Each
+        file's content hash is checked against the export unless ``trust``. ``assume_model``: the export does
+        not name its model and this Library's model made it. Importing twice adds nothing."""
         from .exchange import import_library
 
         report = import_library(self.settings, folder, trust=trust, assume_model=assume_model,

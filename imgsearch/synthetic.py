@@ -14,14 +14,9 @@ from pathlib import Path
 
 from .encoder import save_local_dir
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (30, 60, 220),
-    "yellow": (235, 220, 30),
-    "purple": (140, 40, 170),
-    "white": (245, 245, 245),
-}
+COLORS: dict[str, tuple[int, int, int]] = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
+                                           "yellow": (235, 220, 30), "purple": (140, 40, 170),
+                                           "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
 TEMPLATES = ("a {c} {s}", "a photo of a {c} {s}", "{c} {s}", "a picture of a {c} {s}")
 
@@ -90,13 +85,11 @@ def generate(folder: str | os.PathLike, per_class: int = 4, colors=None, shapes=
 def tiny_model_config(embed_dim: int = 64, image_size: int = 32, width: int = 64, layers: int = 2,
                       context_length: int = 16) -> dict:
     """An open_clip model_cfg small enough to train on a CPU in seconds (~4M parameters)."""
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 32,
-                       "patch_size": 8},
-        "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": width, "heads": 2,
-                     "layers": layers},
-    }
+    return {"embed_dim": embed_dim,
+            "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 32,
+                           "patch_size": 8},
+            "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": width, "heads": 2,
+                         "layers": layers}}
 
 
 def build_tiny_clip(seed: int = 0, **cfg_overrides):
@@ -115,31 +108,24 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, steps: int = 300, colors=None
     Captions are varied templates, so the text tower learns the colour and shape words, not one sentence."""
     import open_clip
 
-    colors = list(colors or COLORS)
-    rng = random.Random(seed)
     model, cfg = build_tiny_clip(seed)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
-    _train_on_shapes(model, cfg, tokenizer, lambda c, s: [t.format(c=c, s=s) for t in TEMPLATES], rng, steps,
-                     colors, shapes, seed, batch_size, lr, n_images)
-    model.eval()
-    return save_local_dir(model, cfg, out_dir, _preprocess_cfg(cfg["vision_cfg"]["image_size"]))
+    return _train_and_save(model, cfg, tokenizer, lambda c, s: [t.format(c=c, s=s) for t in TEMPLATES], out_dir,
+                           steps, colors, shapes, seed, batch_size, lr, n_images)
 
 
-def _preprocess_cfg(size: int) -> dict:
-    import open_clip
-
-    return {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
-
-
-def _train_on_shapes(model, cfg: dict, tokenizer, captions_of, rng: random.Random, steps: int, colors, shapes,
-                     seed: int, batch_size: int, lr: float, n_images: int) -> None:
-    """Contrastive training on generated shapes; ``captions_of(colour, shape)`` lists a class's captions."""
+def _train_and_save(model, cfg: dict, tokenizer, captions_of, out_dir, steps: int, colors, shapes, seed: int,
+                    batch_size: int, lr: float, n_images: int, save_tokenizer: bool = False):
+    """Contrastive training on generated shapes (``captions_of(colour, shape)`` lists a class's captions),
+    then the model saved as a local-dir model in ``out_dir`` (with its tokenizer if ``save_tokenizer``)."""
     import open_clip
     import torch
     import torch.nn.functional as F
 
-    preprocess = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
-    classes = [(c, s) for c in colors for s in shapes]
+    rng = random.Random(seed)
+    size = cfg["vision_cfg"]["image_size"]
+    preprocess = open_clip.image_transform(size, is_train=False)
+    classes = [(c, s) for c in list(colors or COLORS) for s in shapes]
     labels_t = torch.arange(n_images) % len(classes)
     images_t = torch.stack([preprocess(draw_shape(*classes[i % len(classes)], 64, rng)) for i in range(n_images)])
     captions = [captions_of(c, s) for c, s in classes]
@@ -163,6 +149,10 @@ def _train_on_shapes(model, cfg: dict, tokenizer, captions_of, rng: random.Rando
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
+    model.eval()
+    preprocess_cfg = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                      "std": list(open_clip.OPENAI_DATASET_STD)}
+    return save_local_dir(model, cfg, out_dir, preprocess_cfg, tokenizer=tokenizer if save_tokenizer else None)
 
 
 # Korean captions for the shapes: the multilingual tiny model learns them next to the English ones.
@@ -207,10 +197,8 @@ def pretrain_tiny_multilingual_clip(out_dir: str | os.PathLike, steps: int = 300
     from open_clip.tokenizer import HFTokenizer
     from transformers import XLMRobertaConfig
 
-    colors = list(colors or COLORS)
-    rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="imgsearch-tiny-hf-") as tmp:
-        texts = [t for c in colors for s in shapes for t in bilingual_captions(c, s)]
+        texts = [t for c in list(colors or COLORS) for s in shapes for t in bilingual_captions(c, s)]
         train_tokenizer(texts, tmp)
         context_length = 16
         XLMRobertaConfig(vocab_size=len(HFTokenizer(tmp).tokenizer), hidden_size=width,
@@ -225,9 +213,6 @@ def pretrain_tiny_multilingual_clip(out_dir: str | os.PathLike, steps: int = 300
         torch.manual_seed(seed)
         model = open_clip.CustomTextCLIP(**cfg)
         tokenizer = HFTokenizer(tmp, context_length=context_length)
-        _train_on_shapes(model, cfg, tokenizer, bilingual_captions, rng, steps, colors, shapes, seed, batch_size,
-                         lr, n_images)
-        model.eval()
-        cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
-        return save_local_dir(model, cfg, out_dir, _preprocess_cfg(cfg["vision_cfg"]["image_size"]),
-                              tokenizer=tokenizer)
+        cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")  # the model is built: saved beside it
+        return _train_and_save(model, cfg, tokenizer, bilingual_captions, out_dir, steps, colors, shapes, seed,
+                               batch_size, lr, n_images, save_tokenizer=True)

@@ -56,11 +56,13 @@ def resolve_templates(templates: Sequence[str] | None, templates_file: str | os.
     return list(zeroshot.DEFAULT_TEMPLATES)
 
 
-def _check_options(top: int, min_prob: float) -> None:
+def _checked(labels, templates, top: int, min_prob: float) -> tuple[list[str], list[str]]:
+    """(labels, templates, the default ensemble when None) once ``top`` and ``min_prob`` are checked."""
     if top < 1:
         raise ParamError("top", "give at least 1")
     if not 0.0 <= min_prob <= 1.0:
         raise ParamError("min_prob", "give a probability between 0 and 1")
+    return list(labels), list(templates or zeroshot.DEFAULT_TEMPLATES)
 
 
 def classify_library(store, model, text_side, labels: Sequence[str], templates: Sequence[str] | None = None,
@@ -70,9 +72,7 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
     ``model`` is the library's model row, ``text_side`` anything with encode_texts and logit_scale (the
     exported text tower or the encoder). Re-running with the same model, labels and templates replaces that
     set's tags; other sets stay."""
-    _check_options(top, min_prob)
-    labels = list(labels)
-    templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
+    labels, templates = _checked(labels, templates, top, min_prob)
     if under:
         ids = np.array(sorted(store.image_ids_with_vectors(model.id, folder_ids(store, under).tolist())),
                        dtype=np.int64)
@@ -81,8 +81,7 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
     if len(ids) == 0:
         raise UsageError(f"no indexed images{f' under {under}' if under else ''} to classify; "
                          "run `imgsearch index PATH` first")
-    # Stored vectors + label texts: no torch when the text export exists.
-    label_vecs = zeroshot.label_embeddings(text_side, labels, templates)
+    label_vecs = zeroshot.label_embeddings(text_side, labels, templates)  # no torch with a text export
     set_id = store.tag_set(model.id, labels, templates)
     report = TagReport(set_id, model.label, labels, templates)
     for start in range(0, len(ids), CHUNK):
@@ -96,8 +95,7 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
         if keep_results:
             paths = store.get_images(part_ids.tolist())
             report.results += [{"id": int(i), "path": paths[int(i)].path if int(i) in paths else None,
-                                "labels": [{"label": lab, "prob": round(p, 4)} for lab, p in tags]}
-                               for i, tags in zip(part_ids, best)]
+                                "labels": _labelled(tags)} for i, tags in zip(part_ids, best)]
     report.counts = store.tag_counts(set_id)
     return report
 
@@ -109,10 +107,11 @@ class FileLabels:
     error: str | None = None
 
     def as_dict(self) -> dict:
-        out: dict = {"path": self.path, "labels": [{"label": lab, "prob": round(p, 4)} for lab, p in self.labels]}
-        if self.error:
-            out["error"] = self.error
-        return out
+        return {"path": self.path, "labels": _labelled(self.labels), **({"error": self.error} if self.error else {})}
+
+
+def _labelled(tags: list[tuple[str, float]]) -> list[dict]:
+    return [{"label": lab, "prob": round(p, 4)} for lab, p in tags]
 
 
 def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], labels: Sequence[str],
@@ -120,9 +119,7 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
                    *, encoder) -> list[FileLabels]:
     """Labels for image files (folders are walked) without touching the library; ``encoder`` is the encoder
     or a function returning it, called once the files are known to exist (imgsearch.Library passes one)."""
-    _check_options(top, min_prob)
-    labels = list(labels)
-    templates = list(templates or zeroshot.DEFAULT_TEMPLATES)
+    labels, templates = _checked(labels, templates, top, min_prob)
     for p in paths:
         if not os.path.exists(p):
             raise UsageError(f"image not found: {p}")

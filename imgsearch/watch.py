@@ -1,9 +1,9 @@
 """Watched folders: turn file-system events into small batches for the library's own index and forget.
 
-Events (watchdog: inotify, or polling) only name paths: a path is looked at when its batch is applied, once
-its size and mtime have stayed the same across a quiet spell (``debounce``), so a burst of events is one look
-and a half-copied photo is not indexed as a broken one. Writing is the library's crash-safe incremental
-index + forget, so a watcher killed at any point loses nothing the next start does not find.
+Events (watchdog: inotify, or polling) only name paths; a path is looked at once its size and mtime stayed
+the same across a quiet spell (``debounce``): a burst of events is one look, and a half-copied photo is not
+indexed as a broken one. Writing is the library's crash-safe incremental index + forget, so a watcher killed
+at any point loses nothing the next start does not find.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class Batch:
     error: str | None = None  # the one-line message of an ImgSearchError that stopped this batch
 
     def line(self) -> str:
-        """One line for a terminal or a log."""
         if self.error:
             return f"batch of {len(self.changed) + len(self.gone)} paths not applied: {self.error}"
         r = self.report
@@ -130,8 +129,7 @@ class Watcher:
         path = os.fsdecode(path)
         if self.ignored(path):
             return
-        now = self.clock()
-        sig = _signature(path)
+        now, sig = self.clock(), _signature(path)
         with self._lock:
             self._pending[path] = self._last_event = now
             self._sigs[path] = sig
@@ -274,8 +272,7 @@ class Watcher:
     def _run_batch(self, changed: list[str], gone: list[str]) -> None:
         t0 = time.perf_counter()
         try:
-            report = self._apply(changed, gone)
-            batch = Batch(report, changed, gone)
+            batch = Batch(self._apply(changed, gone), changed, gone)
         except ImgSearchError as e:
             batch = Batch(IndexReport(), changed, gone, error=str(e))
             # A file that vanished (or came back) between the look and the write: look at it again.
