@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import atomic_file
+
 EXTERNAL_BYTES = 1_500_000_000  # initializers past this go to a data file beside the graph (protobuf's 2 GB cap)
 _BLOCK = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
           "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
@@ -375,39 +377,32 @@ def _save(model: bytes, graph: bytes, inits: list[tuple[str, np.ndarray]], path:
     """The ModelProto ``model`` with ``graph`` (GraphProto fields but the initializers) and ``inits`` as its
     initializers (field 5), streamed one tensor at a time (one message would hold two more copies of a 350 MB
     tower). Past EXTERNAL_BYTES the tensors go to ``<path>.data``, int64 ones staying inline for shape
-    inference. Written under temporary names, then renamed into place."""
+    inference. Written under temporary names (config.atomic_file), then renamed into place."""
     kinds = [{"i8": ("<i8", INT64), "i1": ("i1", INT8)}.get(a.dtype.str[1:], ("<f4", FLOAT)) for _, a in inits]
     sizes = [np.dtype(k).itemsize * a.size for (_, a), (k, _) in zip(inits, kinds)]
     data = path.with_name(path.name + ".data")
-    tmp, data_tmp = (q.with_name(f".{q.name}.{os.getpid()}.tmp") for q in (path, data))
     external = sum(sizes) > EXTERNAL_BYTES
-    try:
-        heads, offset = [], 0
-        for (name, a), (k, kind), size in zip(inits, kinds, sizes):
-            if external and kind != INT64:
-                heads.append((_tensor_header(name, a.shape, kind, {"location": data.name, "offset": offset,
-                                                                   "length": size}), 0))
-                offset += size
-            else:  # raw_data (field 9) follows each tensor's header; protobuf reads fields in any order
-                heads.append((_tensor_header(name, a.shape, kind) + _varint(9 << 3 | 2) + _varint(size), size))
-        lengths = [len(h) + n for h, n in heads]
-        with open(tmp, "wb") as f:
-            f.write(model + _varint(7 << 3 | 2) + _varint(len(graph) + sum(
-                1 + len(_varint(n)) + n for n in lengths)) + graph)
-            for (head, inline), n, (_, a), (k, _) in zip(heads, lengths, inits, kinds):
-                f.write(_varint(5 << 3 | 2) + _varint(n) + head)
-                if inline:
-                    np.ascontiguousarray(a, k).tofile(f)
+    heads, offset = [], 0
+    for (name, a), (k, kind), size in zip(inits, kinds, sizes):
+        if external and kind != INT64:
+            heads.append((_tensor_header(name, a.shape, kind, {"location": data.name, "offset": offset,
+                                                               "length": size}), 0))
+            offset += size
+        else:  # raw_data (field 9) follows each tensor's header; protobuf reads fields in any order
+            heads.append((_tensor_header(name, a.shape, kind) + _varint(9 << 3 | 2) + _varint(size), size))
+    lengths = [len(h) + n for h, n in heads]
+    with atomic_file(path) as f:  # the data file is renamed into place first, then the graph
+        f.write(model + _varint(7 << 3 | 2) + _varint(len(graph) + sum(1 + len(_varint(n)) + n for n in lengths))
+                + graph)
+        for (head, inline), n, (_, a), (k, _) in zip(heads, lengths, inits, kinds):
+            f.write(_varint(5 << 3 | 2) + _varint(n) + head)
+            if inline:
+                np.ascontiguousarray(a, k).tofile(f)
         if external:
-            with open(data_tmp, "wb") as d:
+            with atomic_file(data) as d:
                 for (_, a), (k, kind) in zip(inits, kinds):
                     if kind != INT64:
                         np.ascontiguousarray(a, k).tofile(d)
-            os.replace(data_tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        data_tmp.unlink(missing_ok=True)
 
 
 def text_weights(arrays: Mapping, facts: dict) -> tuple[dict, list[tuple[str, np.ndarray]]]:
