@@ -51,9 +51,9 @@ def read_merges(gz_path: str | Path) -> list[str]:
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if raw.lstrip()[:1] == b"{":
-        import json
+        from .config import read_json
 
-        merges = json.loads(raw)["model"]["merges"]  # "a b" strings, or [a, b] pairs in newer files
+        merges = read_json(raw)["model"]["merges"]  # "a b" strings, or [a, b] pairs in newer files
         return [m if isinstance(m, str) else " ".join(m) for m in merges][:N_MERGES]
     return raw.decode("utf-8").split("\n")[1:N_MERGES + 1]  # first line is a version header
 

@@ -5,11 +5,11 @@ that cannot be used at all raises DataError."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import read_json
 from .errors import DataError
 from .files import FileEntry, abspath, walk
 
@@ -110,7 +110,7 @@ def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = read_json(line)
         except ValueError as e:
             out.problems.append((f"{path}:{line_no}", f"not valid JSON ({e.msg})"))
             continue

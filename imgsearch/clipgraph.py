@@ -33,17 +33,51 @@ class Unsupported(Exception):
 
 
 class Checkpoint(Mapping):
-    """A safetensors file's tensors by name, each memory-mapped on access (bf16 widened to float32)."""
+    """A safetensors file's tensors by name, each memory-mapped on access (bf16 widened to float32). The header
+    is checked before use (its length against the file, every tensor's extent against the data), so a damaged
+    or hostile file is refused in one line (ModelLoadError) instead of asking for its claimed gigabytes."""
 
     _DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+    _SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+    MAX_HEADER = 100_000_000  # the safetensors format's own cap on the JSON header
 
     def __init__(self, path: str | os.PathLike):
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+        from .errors import ModelLoadError
+
+        def refuse(why: str):
+            return ModelLoadError(f"{path} is not a readable safetensors file ({why}); download it again, or use other "
+                                  "weights")
+
+        try:
+            self._raw = np.memmap(path, np.uint8, "r")
+        except ValueError:  # numpy cannot map an empty file
+            raise refuse("it is empty") from None
+        size = int.from_bytes(bytes(self._raw[:8]), "little")
+        if len(self._raw) < 10 or not 2 <= size <= min(len(self._raw) - 8, self.MAX_HEADER):
+            raise refuse("its header length does not fit the file")
+        try:
+            header = json.loads(bytes(self._raw[8:8 + size]))
+        except (ValueError, RecursionError):
+            raise refuse("its header is not JSON") from None
+        if not isinstance(header, dict):
+            raise refuse("its header is not a table of tensors")
         header.pop("__metadata__", None)
+        data = len(self._raw) - 8 - size
+        for name, entry in header.items():
+            if not self._fits(entry, data):
+                raise refuse(f"tensor {str(name)[:80]!r} does not fit the file")
         self._header, self._base = header, 8 + size
-        self._raw = np.memmap(path, np.uint8, "r")
+
+    @classmethod
+    def _fits(cls, entry, data: int) -> bool:
+        try:
+            (start, end), shape, itemsize = entry["data_offsets"], entry["shape"], cls._SIZES[entry["dtype"]]
+            ints = all(type(v) is int for v in (start, end, *shape))
+            return ints and 0 <= start <= end <= data and min(shape, default=0) >= 0 \
+                and math.prod(shape) * itemsize == end - start
+        except (TypeError, KeyError, ValueError):
+            return False
 
     def __getitem__(self, name: str) -> np.ndarray:
         entry = self._header[name]

@@ -81,6 +81,17 @@ def atomic_file(path: str | os.PathLike, durable: bool = False):
         raise
 
 
+def read_json(text: str | bytes):
+    """json.loads for files a user or another program gave: JSON nested too deeply for the parser (a RecursionError,
+    which no ``except ValueError`` sees) is a JSONDecodeError too, so the caller's one-line message covers it."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
 def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:
     """Where a model's exported towers live: <home>/exports/<weights fingerprint, file-name safe>/."""
     return Path(home) / "exports" / re.sub(r"[^A-Za-z0-9._-]", "_", fingerprint)[:120]

@@ -574,8 +574,9 @@ def load(spec: ModelSpec, device: str = "auto", precision: str = "auto") -> Enco
 
 
 def read_local_config(folder: str | os.PathLike) -> dict:
-    with open(Path(folder) / CONFIG_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    from .config import read_json
+
+    return read_json((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
 
 
 MODEL_KIND = "model"

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import tempfile
 from pathlib import Path
 
-from .config import thread_budget
+from .config import read_json, thread_budget
 from .errors import DataError, DecodeError, UsageError
 
 
@@ -87,7 +86,7 @@ def read_class_map(path: Path) -> dict[str, str]:
     text = read_text(path, "classes")
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = read_json(text)
         except ValueError as e:
             raise DataError(f"{path} is not valid JSON ({e}); expected {{\"folder\": \"class name\"}}") from None
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):

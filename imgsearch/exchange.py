@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import albums, files, formats, owned
-from .config import VERSION, Settings
+from .config import VERSION, Settings, read_json
 from .encoder import known_fingerprint
 from .errors import DataError, ModelMismatchError, UsageError
 from .geo import stored_time
@@ -415,7 +415,7 @@ def _npy_open(path: Path):
 def _file_model(pq, path: Path) -> dict | None:
     meta = pq.read_schema(path).metadata or {}
     try:
-        return json.loads(meta[META_KEY]).get("model") if META_KEY in meta else None
+        return read_json(meta[META_KEY]).get("model") if META_KEY in meta else None
     except ValueError:
         return None
 
@@ -429,7 +429,7 @@ def open_export(folder: str | os.PathLike) -> _Source:
     manifest = None
     if (root / MANIFEST).is_file():
         try:
-            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+            manifest = read_json((root / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise DataError(f"{root / MANIFEST} is unreadable ({e}); export again") from None
     elif any(n.startswith(TEMP_PREFIX) for n in os.listdir(root)):

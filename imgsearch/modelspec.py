@@ -80,11 +80,11 @@ def english_only(spec: ModelSpec) -> bool:
     than a wrong one), other models by their name."""
     spec = spec.canonical()
     if spec.name.startswith(LOCAL_DIR):
-        import json
+        from .config import read_json
 
         try:
             with open(os.path.join(spec.name[len(LOCAL_DIR):], "open_clip_config.json"), encoding="utf-8") as f:
-                text_cfg = json.load(f)["model_cfg"]["text_cfg"]
+                text_cfg = read_json(f.read())["model_cfg"]["text_cfg"]
         except (OSError, ValueError, KeyError, TypeError):
             return False
         return not any(str(text_cfg.get(k) or "").strip() for k in ("hf_model_name", "hf_tokenizer_name"))

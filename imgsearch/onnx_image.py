@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import atomic_file, cpuinfo, draft_size_for, model_exports_dir
+from .config import atomic_file, cpuinfo, draft_size_for, model_exports_dir, read_json
 from .textfast import _normalised  # the one row normaliser (numpy only)
 
 FORMAT = 2  # 2: the lean graph (clipgraph); a format-1 export is rebuilt once
@@ -662,7 +662,7 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
     if config_file is None:
         raise Unsupported(f"the config of {spec.name} comes with open_clip")
     try:
-        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        config = read_json(Path(config_file).read_text(encoding="utf-8"))
         config = config if local or repo else {"model_cfg": config}
         model_cfg, pre = config["model_cfg"], config.get("preprocess_cfg") or {}
         if not isinstance(model_cfg, dict) or not isinstance(pre, dict):

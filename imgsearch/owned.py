@@ -13,6 +13,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .config import read_json
+
 MARKER = ".imgsearch-owned.json"
 
 
@@ -32,7 +34,7 @@ def _write_marker(folder: Path, info: dict) -> None:
 
 def read_marker(folder: str | os.PathLike) -> dict | None:
     try:
-        info = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+        info = read_json((Path(folder) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) and isinstance(info.get("files"), dict) else None
