@@ -5,14 +5,15 @@ change nothing, and \\p{L}/\\p{N} reduce to [a-z]/[0-9] after lower-casing."""
 
 from __future__ import annotations
 
-import gzip
 import re
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"
 N_MERGES = 49152 - 256 - 2  # merges CLIP's vocabulary was built from (the file holds more)
+MAX_TABLE_BYTES = 16 << 20  # CLIP's tables are 1.4 MB unpacked, tokenizer.json ~4 MB: past this, refused
 
 _ASCII_PAT = re.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+",
                         re.IGNORECASE)
@@ -46,10 +47,24 @@ VOCAB_TXT = "bpe_vocab.txt"
 
 def read_merges(gz_path: str | Path) -> list[str]:
     """The merge lines ("a b") CLIP uses, in rank order, from open_clip's bpe_simple_vocab_16e6.txt.gz, a
-    Hugging Face merges.txt or tokenizer.json."""
-    raw = Path(gz_path).read_bytes()
+    Hugging Face merges.txt or tokenizer.json. A file (or its gzip contents) past MAX_TABLE_BYTES is a
+    ValueError: a few kilobytes of gzip could otherwise unpack to gigabytes."""
+    path = Path(gz_path)
+    too_big = f"{path} is larger than a BPE table can be ({MAX_TABLE_BYTES >> 20} MB)"
+    if path.stat().st_size > MAX_TABLE_BYTES:
+        raise ValueError(too_big)
+    raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        unpack, parts, size, data = zlib.decompressobj(16 + zlib.MAX_WBITS), [], 0, raw
+        while not unpack.eof:  # a megabyte at a time, so a bomb is stopped at the cap, not after it
+            chunk = unpack.decompress(data, 1 << 20)
+            data, size = unpack.unconsumed_tail, size + len(chunk)
+            if size > MAX_TABLE_BYTES:
+                raise ValueError(f"{too_big} once unpacked")
+            if not chunk and not data:
+                raise ValueError(f"{path} is cut short (its gzip stream ends early); download it again")
+            parts.append(chunk)
+        raw = b"".join(parts)
     if raw.lstrip()[:1] == b"{":
         from .config import read_json
 

@@ -96,3 +96,30 @@ def test_json_nested_past_the_parser_is_bad_input_at_every_reader(tmp_path):
     (export / MANIFEST).write_text(DEEP)
     with pytest.raises(DataError, match=f"{MANIFEST} is unreadable"):
         open_export(export)
+
+
+def test_a_gzip_bomb_posing_as_clips_bpe_table_is_refused_within_its_cap(tmp_path):
+    """100 MB of zeros in 100 KB of gzip beside the weights: read_merges stops at its cap, never unpacks it all."""
+    import gzip
+    import tracemalloc
+
+    from imgsearch import bpe
+
+    bomb = tmp_path / "merges.txt"
+    bomb.write_bytes(gzip.compress(b"\0" * (100 << 20), compresslevel=1))
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="larger than a BPE table can be .* once unpacked"):
+            bpe.read_merges(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bpe.MAX_TABLE_BYTES + (8 << 20)
+    table = tmp_path / "table.txt.gz"
+    table.write_bytes(gzip.compress(b"#version: 0.2\na b\nab c\n"))
+    assert bpe.read_merges(table) == ["a b", "ab c", ""]
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(gzip.compress(("#version: 0.2\n" + "".join(f"a{i} b{i}\n" for i in range(5000))).encode())[:-200])
+    with pytest.raises(ValueError, match="cut short"):
+        bpe.read_merges(cut)
