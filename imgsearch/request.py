@@ -79,6 +79,10 @@ def _string(value, name: str, limit: int = MAX_STRING) -> str:
         raise ParamError(name, "contains a NUL character; remove it")
     if len(value) > limit:
         raise ParamError(name, f"is longer than {limit} characters; shorten it")
+    try:  # a lone surrogate (JSON "\ud800") is no text; a file name's undecodable bytes (\udc80-\udcff) are
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ParamError(name, "is not valid Unicode text (a lone surrogate); send it as UTF-8") from None
     return value
 
 
@@ -232,7 +236,7 @@ class SearchRequest:
             raise UsageError("nothing to search for: give query text, an image, or both")
         when = {}
         for name, value in (("after", after), ("before", before), ("near", near), ("camera", camera)):
-            if value is None or value == "":
+            if value is None or (isinstance(value, str) and not value.strip()):  # as geo.build reads it: not given
                 continue
             if isinstance(value, str):
                 value = _string(value, name)

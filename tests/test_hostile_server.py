@@ -400,6 +400,25 @@ def test_nan_weights_and_scores_are_400(server):
     assert code == 400 and res["field"] == "min_score"
 
 
+@pytest.mark.parametrize("field", ["after", "before", "near", "camera"])
+def test_a_blank_date_place_or_camera_is_no_filter_through_either_transport(server, field):
+    """Found by fuzzing: a value of spaces passed the request check but built no filter, then failed (500)."""
+    want = get(server, "/api/search?q=a+red+circle")
+    assert want[0] == 200 and want[1]["hits"]
+    assert get(server, f"/api/search?q=a+red+circle&{field}=%20%20") == want
+    assert get(server, "/api/search", body={"texts": ["a red circle"], field: "  "}, method="POST") == want
+
+
+@pytest.mark.parametrize("field", ["under", "tag", "keyword", "texts", "camera"])
+def test_a_lone_surrogate_is_400_naming_the_field(server, field):
+    """JSON's "\\ud800" decodes to a lone surrogate, which no database or file name can hold (was a 500)."""
+    body = b'{"texts": ["a red circle"], "%s": "\\ud800"}' % field.encode()
+    if field == "texts":
+        body = b'{"texts": ["\\ud800 circle"]}'
+    code, res = get(server, "/api/search", {"Content-Type": "application/json"}, body=body, method="POST")
+    assert code == 400 and res["field"].split("[")[0] == field and "lone surrogate" in res["error"], res
+
+
 def test_server_errors_name_fields_not_flags_and_leak_no_temp_paths(server, tmp_path):
     import base64
 
