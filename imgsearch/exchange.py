@@ -52,6 +52,7 @@ SUBFOLDERS = ("img_emb", "metadata")
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux: a longer name is not a path anything here can open
 MAX_SIDE = 1 << 20  # pixels per side: far beyond any photo, far below what overflows a product
 MAX_SIZE = 1 << 50  # bytes
+WANTED = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at")  # what import reads
 HASH = re.compile(r"[0-9a-f]{32}")  # files.hash_file's BLAKE2b-128 in hex
 EXAMPLES = 10  # problems kept by name in an ImportReport; the rest are counted
 
@@ -420,6 +421,23 @@ def _file_model(pq, path: Path) -> dict | None:
         return None
 
 
+def _sizes_fit(pq, path: Path, dim: int) -> None:
+    """Refuse a parquet file whose columns that import reads unpack to more than their values can hold (a path
+    is at most MAX_PATH_BYTES, a vector ``dim`` float64s), read from its metadata before any page is: zstd makes
+    a 1.5 GB path of one letter 50 KB, and reading it took 6 GB."""
+    meta = pq.ParquetFile(path).metadata
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name = column.path_in_schema.split(".")[0]
+            per_row = MAX_PATH_BYTES + 64 if name in WANTED else 8 * dim + 64 if name == "vector" else None
+            if per_row is not None and column.total_uncompressed_size > per_row * group.num_rows + (1 << 20):
+                raise DataError(f"{path.name}: its {name} column unpacks to {column.total_uncompressed_size >> 20} MB "
+                                f"for {group.num_rows} rows, more than such values can hold; the export is damaged "
+                                "or was made to exhaust memory")
+
+
 def open_export(folder: str | os.PathLike) -> _Source:
     """What an export folder holds (format, model, size), checked before anything is imported."""
     pa, pq = _arrow()
@@ -470,6 +488,8 @@ def open_export(folder: str | os.PathLike) -> _Source:
                 raise DataError(f"{part.name}: its vector column is {vtype}, expected fixed_size_list<float32>")
             pieces.append((part, part, pq.ParquetFile(part).metadata.num_rows, vtype.list_size))
     dim = pieces[0][3]
+    for _, path, _, _ in pieces:
+        _sizes_fit(pq, path, dim)
     model = manifest.get("model") if isinstance(manifest, dict) else None
     for shard, path, _, d in pieces:
         if d != dim:
@@ -529,7 +549,7 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
     """(rows, float32 vectors) a chunk at a time, in file order. A row is {path, size, hash, width, height,
     taken_at}, checked, or the text saying why it is unusable; a null vector comes back as NaN."""
     pa, pq = _arrow()
-    wanted = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at")
+    wanted = WANTED
 
     def records(batch) -> list[dict | str]:
         cols = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}

@@ -72,6 +72,30 @@ def good_vector(exported) -> list[float]:
     return pq.read_table(exported[3] / "part-00000.parquet").column("vector")[0].as_py()
 
 
+@pytest.mark.parametrize("column", ["path", "path_raw", "hash"])
+def test_a_column_that_unpacks_to_gigabytes_is_refused_before_it_is_read(exported, tmp_path, cli, column):
+    """A zstd part whose one value is 12 MB of a single letter is a few kB on disk (a 1.5 GB one, 50 kB, took
+    6 GB to import): its metadata says what it unpacks to, and the import stops before reading any row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "export"
+    shutil.copytree(exported[3], out)
+    part = out / "part-00000.parquet"
+    table = pq.read_table(part)
+    values = table.column(column).to_pylist()
+    values[1] = ("/" + "a" * (12 << 20)).encode() if column == "path_raw" else "/" + "a" * (12 << 20)
+    field = table.schema.field(column)
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, field.type))
+    pq.write_table(table, part, compression="zstd", use_dictionary=False)
+    assert part.stat().st_size < 1 << 20
+    r = cli("--home", str(tmp_path / "home"), "import", str(out))
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip() == (f"error: part-00000.parquet: its {column} column unpacks to 12 MB for 18 rows, more "
+                                "than such values can hold; the export is damaged or was made to exhaust memory")
+    assert not (tmp_path / "home" / "library.db").exists()  # nothing imported, nothing made
+
+
 def test_rows_with_bad_values_are_skipped_counted_and_named(exported, tmp_path, cli):
     vec = good_vector(exported)
     photo = str(sorted(exported[1].glob("*.jpg"))[0])
