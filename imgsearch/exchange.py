@@ -421,21 +421,103 @@ def _file_model(pq, path: Path) -> dict | None:
         return None
 
 
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte, pos, value, shift = buf[pos], pos + 1, value | (buf[pos] & 0x7F) << shift, shift + 7
+        if not byte & 0x80:
+            return value, pos
+        if shift > 70:
+            raise ValueError("varint too long")
+
+
+def _skip(buf, pos: int, kind: int) -> int:
+    """Past one Thrift compact value of type ``kind`` (a bool is in its field header, or a byte in a list)."""
+    if kind in (1, 2):
+        return pos
+    if kind in (3, 7):
+        return pos + (1 if kind == 3 else 8)
+    if kind in (4, 5, 6):
+        return _varint(buf, pos)[1]
+    if kind == 8:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if kind in (9, 10, 11):
+        if kind == 11:
+            n, pos = _varint(buf, pos)
+            kinds, pos = ((buf[pos] >> 4, buf[pos] & 0x0F), pos + 1) if n else ((), pos)
+        else:
+            n, kinds, pos = buf[pos] >> 4, (buf[pos] & 0x0F,), pos + 1
+            if n == 15:
+                n, pos = _varint(buf, pos)
+        for _ in range(n):
+            for k in kinds:
+                pos = pos + 1 if k in (1, 2) else _skip(buf, pos, k)
+        return pos
+    if kind == 12:
+        return _fields(buf, pos)[1]
+    raise ValueError(f"Thrift type {kind}")
+
+
+def _fields(buf, pos: int) -> tuple[dict, int]:
+    """A Thrift compact struct's top-level i32 fields (id -> value), and the position past it."""
+    fields, fid = {}, 0
+    while head := buf[pos]:
+        pos, kind = pos + 1, head & 0x0F
+        if head >> 4:
+            fid += head >> 4
+        else:
+            fid, pos = _varint(buf, pos)
+            fid = (fid >> 1) ^ -(fid & 1)
+        if kind == 5:
+            value, pos = _varint(buf, pos)
+            fields[fid] = (value >> 1) ^ -(value & 1)
+        else:
+            pos = _skip(buf, pos, kind)
+    return fields, pos + 1
+
+
+def _pages_unpack_to(buf, start: int, length: int) -> int:
+    """What a column chunk's pages unpack to by their own headers (Thrift PageHeader: 2 = uncompressed size, 3 =
+    compressed size): what the reader allocates, whatever the chunk's metadata claims."""
+    pos, end, total = start, start + length, 0
+    while pos < end:
+        header, pos = _fields(buf, pos)
+        unpacked, packed = header.get(2, -1), header.get(3, -1)
+        if unpacked < 0 or packed < 0:
+            raise ValueError("a page header without its sizes")
+        total, pos = total + unpacked, pos + packed
+    return total
+
+
 def _sizes_fit(pq, path: Path, dim: int) -> None:
     """Refuse a parquet file whose columns that import reads unpack to more than their values can hold (a path
-    is at most MAX_PATH_BYTES, a vector ``dim`` float64s), read from its metadata before any page is: zstd makes
-    a 1.5 GB path of one letter 50 KB, and reading it took 6 GB."""
+    is at most MAX_PATH_BYTES, a vector ``dim`` float64s), as each page's header says, before any page is read:
+    zstd makes a 1.5 GB path of one letter 50 KB, and reading it took 6 GB."""
+    import mmap
+
     meta = pq.ParquetFile(path).metadata
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
-        for c in range(group.num_columns):
-            column = group.column(c)
-            name = column.path_in_schema.split(".")[0]
-            per_row = MAX_PATH_BYTES + 64 if name in WANTED else 8 * dim + 64 if name == "vector" else None
-            if per_row is not None and column.total_uncompressed_size > per_row * group.num_rows + (1 << 20):
-                raise DataError(f"{path.name}: its {name} column unpacks to {column.total_uncompressed_size >> 20} MB "
-                                f"for {group.num_rows} rows, more than such values can hold; the export is damaged "
-                                "or was made to exhaust memory")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                name = column.path_in_schema.split(".")[0]
+                per_row = MAX_PATH_BYTES + 64 if name in WANTED else 8 * dim + 64 if name == "vector" else None
+                if per_row is None:
+                    continue
+                start = column.dictionary_page_offset if column.has_dictionary_page and \
+                    column.dictionary_page_offset else column.data_page_offset
+                try:
+                    size = max(column.total_uncompressed_size,
+                               _pages_unpack_to(buf, start, column.total_compressed_size))
+                except (IndexError, ValueError, RecursionError):
+                    raise DataError(f"{path.name}: the pages of its {name} column cannot be read; the export is "
+                                    "damaged") from None
+                if size > per_row * group.num_rows + (1 << 20):
+                    raise DataError(f"{path.name}: its {name} column unpacks to {size >> 20} MB for "
+                                    f"{group.num_rows} rows, more than such values can hold; the export is damaged "
+                                    "or was made to exhaust memory")
 
 
 def open_export(folder: str | os.PathLike) -> _Source:

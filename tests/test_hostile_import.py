@@ -72,10 +72,39 @@ def good_vector(exported) -> list[float]:
     return pq.read_table(exported[3] / "part-00000.parquet").column("vector")[0].as_py()
 
 
-@pytest.mark.parametrize("column", ["path", "path_raw", "hash"])
-def test_a_column_that_unpacks_to_gigabytes_is_refused_before_it_is_read(exported, tmp_path, cli, column):
+def understate(part: Path, column: str, size: int) -> None:
+    """Rewrite ``column``'s total_uncompressed_size in the parquet footer as ``size`` (a Thrift varint of the
+    same length, so nothing moves): metadata that lies about what the pages unpack to."""
+    import struct
+
+    import pyarrow.parquet as pq
+
+    def chunk():
+        meta = pq.ParquetFile(part).metadata.row_group(0)
+        return next(meta.column(c) for c in range(meta.num_columns) if meta.column(c).path_in_schema == column)
+
+    real = chunk()
+
+    def varint(n: int, length: int = 0) -> bytes:
+        groups = [(n >> shift) & 0x7F for shift in range(0, max(n.bit_length(), 1), 7)]
+        groups += [0] * (length - len(groups))
+        return bytes([g | 0x80 for g in groups[:-1]] + [groups[-1]])
+
+    data = bytearray(part.read_bytes())
+    footer = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+    old = varint(real.total_uncompressed_size * 2)  # zigzag of a positive i64
+    at = data.index(old, footer)
+    assert data.count(old, footer) == 1
+    data[at:at + len(old)] = varint(size * 2, len(old))
+    part.write_bytes(bytes(data))
+    assert chunk().total_uncompressed_size == size
+
+
+@pytest.mark.parametrize("column, lie", [("path", False), ("path_raw", False), ("hash", False), ("path", True)])
+def test_a_column_that_unpacks_to_gigabytes_is_refused_before_it_is_read(exported, tmp_path, cli, column, lie):
     """A zstd part whose one value is 12 MB of a single letter is a few kB on disk (a 1.5 GB one, 50 kB, took
-    6 GB to import): its metadata says what it unpacks to, and the import stops before reading any row."""
+    6 GB to import): each page's header says what it unpacks to, and the import stops before reading any row,
+    even where the file's metadata understates it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -89,6 +118,8 @@ def test_a_column_that_unpacks_to_gigabytes_is_refused_before_it_is_read(exporte
     table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, field.type))
     pq.write_table(table, part, compression="zstd", use_dictionary=False)
     assert part.stat().st_size < 1 << 20
+    if lie:
+        understate(part, column, 1000)
     r = cli("--home", str(tmp_path / "home"), "import", str(out))
     assert r.exit_code == 1, r.output
     assert r.stderr.strip() == (f"error: part-00000.parquet: its {column} column unpacks to 12 MB for 18 rows, more "
@@ -232,3 +263,19 @@ def test_kill_during_export_removes_its_temporary_folder(exported, tmp_path, cli
     before = signal.getsignal(signal.SIGTERM)
     assert cli("--home", str(home), "export", str(tmp_path / "out2"), "-q").exit_code == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_part_whose_page_headers_are_garbled_is_refused_in_one_line(exported, tmp_path, cli):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "export"
+    shutil.copytree(exported[3], out)
+    part = out / "part-00000.parquet"
+    chunk = pq.ParquetFile(part).metadata.row_group(0).column(0)
+    data = bytearray(part.read_bytes())
+    data[chunk.dictionary_page_offset or chunk.data_page_offset] = 0x1F  # field 1 of Thrift type 15: no such type
+    part.write_bytes(bytes(data))
+    r = cli("--home", str(tmp_path / "home"), "import", str(out))
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip() == ("error: part-00000.parquet: the pages of its path column cannot be read; the export "
+                                "is damaged")
