@@ -1,12 +1,18 @@
-"""Peak memory of `imgsearch index` on a small folder, clean and with each decompression-bomb file added.
+"""Peak memory of `imgsearch index` on a small folder, clean and with each decompression-bomb file added;
+and of `imgsearch import` and `index` fed hostile exports and weights.
 
     python bench/bomb_memory.py [--model local-dir:/path]
 
-Each run is a fresh `python -m imgsearch index` child in a fresh home; its peak RSS is read from
-os.wait4's rusage of that child alone. The bombs are tiny files that decode (or resize) to gigabytes:
-a 1x120000 PNG (the model's resize of its short side makes a 64-px-tall strip millions wide), a 16x65000
-JPEG, and an ICO and an ICNS whose directories say 256x256 but whose PNG payload is 40000x40000 (real,
-all-black, 1-bit pixel data). Target: every bomb run within 300 MB of the clean run.
+Each run is a fresh `python -m imgsearch index` child in a fresh home; its peak RSS is read from a small
+wrapper's rusage of its children (bench/common.peak_child). The bombs are tiny files that decode (or resize)
+to gigabytes: a 1x120000 PNG (the model's resize of its short side makes a 64-px-tall strip millions wide), a
+16x65000 JPEG, and an ICO and an ICNS whose directories say 256x256 but whose PNG payload is 40000x40000
+(real, all-black, 1-bit pixel data).
+Target: every bomb run within 300 MB of the clean run.
+Then (tiny default model only): `import` of the clean library's parquet export, and of that export with one
+path made 1.5 GB of one letter (zstd: ~50 kB on disk), once with honest metadata and once with a footer that
+says the column unpacks to 1000 bytes; and `index --precision int8` with the model's weights replaced by a
+549-byte safetensors file whose header claims 4 EiB. Target: the same, and each refused in one line.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import peak_child  # noqa: E402
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -76,18 +85,70 @@ def run_index(folder: Path, model: str, work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
     env.update(IMGSEARCH_HOME=str(home), IMGSEARCH_MODEL=model, IMGSEARCH_DEVICE="cpu", IMGSEARCH_PRECISION="fp32",
                PYTHONPATH=str(ROOT))
-    child = subprocess.Popen([sys.executable, "-m", "imgsearch", "index", str(folder), "--json"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = child.stdout.read(), child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    rc, peak, out, err = peak_child([sys.executable, "-m", "imgsearch", "index", str(folder), "--json"], env)
     try:
         rep = json.loads(out)
     except ValueError:
         rep = {"error": (err.decode(errors="replace").strip().splitlines() or ["?"])[-1]}
-    return {"peak_mb": usage.ru_maxrss / 1024, "rc": child.returncode, "new": rep.get("new"),
+    return {"peak_mb": round(peak, 1), "rc": rc, "new": rep.get("new"),
             "failures": {Path(f["path"]).name: f["reason"] for f in rep.get("failures", [])},
             "error": rep.get("error")}
+
+
+def _child(args: list[str], env: dict) -> dict:
+    rc, peak, out, err = peak_child([sys.executable, "-m", "imgsearch", *args], env)
+    lines = err.decode(errors="replace").strip().splitlines()
+    return {"peak_mb": round(peak, 1), "rc": rc,
+            "said": lines[-1][:160] if lines else out.decode(errors="replace").strip()[:160]}
+
+
+def parquet_bomb(export: str, folder: str, lie: str) -> None:
+    """A copy of ``export`` whose first path is 1.5 GB of one letter (zstd); ``lie`` "1": its footer says 1000 B.
+    Run in a child process (below): the bench's own peak memory would otherwise count in its children's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_hostile_import import understate  # the footer rewrite the import test uses
+
+    shutil.copytree(export, folder)
+    part = Path(folder) / "part-00000.parquet"
+    table = pq.read_table(part)
+    paths = table.column("path").to_pylist()
+    paths[0] = "/" + "a" * (1500 << 20)
+    table = table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
+    pq.write_table(table, part, compression="zstd", use_dictionary=False)
+    if lie == "1":
+        understate(part, "path", 1000)
+
+
+def hostile_inputs(model_dir: Path, model: str, clean: Path, work: Path) -> None:
+    """import and index fed a parquet bomb (honest and lying metadata) and a safetensors header bomb."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
+    env.update(IMGSEARCH_DEVICE="cpu", IMGSEARCH_PRECISION="fp32", PYTHONPATH=str(ROOT))
+    home = work / "source-home"
+    _child(["--home", str(home), "--model", model, "index", str(clean)], env)
+    _child(["--home", str(home), "--model", model, "export", str(work / "export"), "--format", "parquet"], env)
+    runs = {"clean export": work / "export"}
+    for name, lie in (("1.5 GB path", "0"), ("1.5 GB path, understated", "1")):
+        runs[name] = folder = work / name.replace(" ", "-").replace(",", "")
+        subprocess.run([sys.executable, "-c", "import sys, bomb_memory as b; b.parquet_bomb(*sys.argv[1:])",
+                        str(work / "export"), str(folder), lie], check=True, cwd=Path(__file__).parent)
+    base = None
+    for name, folder in runs.items():
+        target = work / f"import-{len(name)}"
+        shutil.copytree(home, target)
+        res = _child(["--home", str(target), "--model", model, "import", str(folder)], env)
+        base = base or res["peak_mb"]
+        size = sum(f.stat().st_size for f in folder.glob("*.parquet"))
+        print(json.dumps({"run": f"import: {name}", "bytes": size, **res,
+                          "over_clean_mb": round(res["peak_mb"] - base, 1)}))
+    bad = work / "bad-weights"
+    shutil.copytree(model_dir, bad)
+    (bad / "open_clip_model.safetensors").write_bytes(struct.pack("<Q", 2 ** 62) + b"{}" + b"\0" * 539)
+    res = _child(["--home", str(work / "bad-home"), "--model", f"local-dir:{bad}", "--precision", "int8", "index",
+                  str(clean)], env)
+    print(json.dumps({"run": "index: 549-byte weights claiming a 4 EiB header", **res}))
 
 
 def main() -> None:
@@ -113,6 +174,8 @@ def main() -> None:
             res["over_clean_mb"] = round(res["peak_mb"] - base["peak_mb"], 1)
             res["within_300mb"] = res["over_clean_mb"] <= 300
             print(json.dumps({"run": name, "bytes": path.stat().st_size, **res}))
+        if not args.model:
+            hostile_inputs(work / "model", model, clean, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

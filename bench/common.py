@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -63,3 +64,17 @@ def make_photos(folder: str | os.PathLike, count: int, width: int, height: int, 
         for t in todo:
             _photo(t)
     return folder
+
+
+def peak_child(cmd: list[str], env: dict | None = None) -> tuple[int, float, bytes, bytes]:
+    """(exit code, peak RSS in MB, stdout, stderr) of ``cmd`` alone. Linux keeps a process's peak RSS across
+    fork and exec, so a child of a big bench process reports the bench's size; the command runs under a small
+    Python wrapper instead, whose children's peak is the command's own."""
+    wrapper = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:],capture_output=True);"
+               "sys.stdout.buffer.write(r.stdout);sys.stderr.buffer.write(r.stderr);"
+               "sys.stderr.write('\\n@peak %d %f' % (r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN)"
+               ".ru_maxrss / 1024))")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, capture_output=True)
+    err, _, tail = proc.stderr.rpartition(b"\n@peak ")
+    rc, peak = tail.split()
+    return int(rc), float(peak), proc.stdout, err
