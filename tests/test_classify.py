@@ -225,6 +225,10 @@ def test_score_ranks_matching_caption_highest_outside_library(cli, tmp_path, hom
 def test_score_bad_inputs(cli, tmp_path):
     r = cli("score", tmp_path / "missing.jpg", "a cat")
     assert r.exit_code == 2 and "image not found" in r.stderr
+    r = cli("score", "a" * 5000, "a cat")  # a name too long to stat (was an internal error)
+    assert r.exit_code == 2 and r.stderr.strip() == "error: image not found: " + "a" * 300
+    r = cli("eval", "parity", tmp_path / ("b" * 5000))
+    assert r.exit_code == 2 and r.stderr.strip().endswith(" does not exist") and len(r.stderr) < 400, r.stderr
     bad = tmp_path / "bad.png"
     bad.write_text("hello", encoding="utf-8")
     r = cli("score", bad, "a cat")

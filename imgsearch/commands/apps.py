@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -97,11 +98,11 @@ def score_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """CLIP score: cosine similarity of an image with each text, and CLIPScore = 100*max(cos, 0)."""
-    if not image.exists():
-        raise UsageError(f"image not found: {image}")
+    if not os.path.exists(image):  # False for a name too long to stat, too (Path.exists raises there)
+        raise UsageError(f"image not found: {str(image)[:300]}")
     with library_of(ctx) as lib:
         scores = lib.score(image, texts)
-        label = lib.encoder.spec.label
+        label = lib.model_label  # not lib.encoder: that would load torch for a name
     if json_out:
         typer.echo(json.dumps({"image": str(image), "model": label,
                                "scores": [s.as_dict() for s in scores]}, indent=2))

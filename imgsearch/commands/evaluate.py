@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -176,8 +177,8 @@ def parity_cmd(
     from ..files import FileEntry, walk
 
     settings = settings_of(ctx)
-    if not folder.exists():
-        raise UsageError(f"{folder} does not exist")
+    if not os.path.exists(folder):
+        raise UsageError(f"{str(folder)[:300]} does not exist")
     files = sorted(e.path for e in walk([folder]) if isinstance(e, FileEntry))
     if not files:
         raise DataError(f"no images found under {folder}")
