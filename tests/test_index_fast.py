@@ -523,6 +523,10 @@ def test_a_cold_image_query_runs_on_the_verified_fp32_export_without_importing_t
     assert fast[0][0] == "red_circle_000.jpg" and all(n.startswith("red_circle") for n, _ in fast[:3])
     assert [n for n, _ in fast] == [n for n, _ in slow]
     assert max(abs(a - b) for (_, a), (_, b) in zip(fast, slow)) < 1e-4  # the same fp32 tower, two runtimes
+    out, heavy, _ = _process(settings.home, settings.model, "score", red, "a red circle", "a blue square", "--json")
+    assert heavy == ""  # `score` named its model by loading the torch encoder (4.9 s, 950 MB for a name)
+    scored = json.loads(out)
+    assert scored["model"] == report["model"] and scored["scores"][0]["cosine"] > scored["scores"][1]["cosine"]
 
 
 def test_without_torch_auto_runs_the_tower_timed_faster_on_the_parity_sample_and_remembers_it(settings, photos,
