@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -306,7 +307,7 @@ CRAFTED = "red\nvictim.txt\nx.png"
 def crafted(tmp_path) -> Path:
     folder = tmp_path / "crafted"
     synthetic.generate(folder, per_class=2, size=64, captions_file=None)
-    synthetic.draw_shape("red", "circle", 64).save(folder / CRAFTED)
+    synthetic.draw_shape("red", "circle", 64, random.Random(6)).save(folder / CRAFTED)
     (folder / "bad\x1bname.jpg").write_bytes(b"not an image")
     return folder
 

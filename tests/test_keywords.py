@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def test_deleting_and_moving_images_keeps_text_index_in_sync(cli, trip, settings
     moved_id = store.image_by_path(str(new)).id
     tag_count = "SELECT count(*) FROM tags WHERE image_id = :i"
     assert store.scalar(tag_count, i=moved_id)
-    synthetic.draw_shape("white", "square", 96).save(new, quality=90)
+    synthetic.draw_shape("white", "square", 96, random.Random(6)).save(new, quality=90)
     cli("index", trip)
     assert store.scalar(tag_count, i=moved_id) == 0 and store.captions_of(moved_id) == ["holiday"]
     store.close()

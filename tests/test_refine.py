@@ -4,6 +4,7 @@ every door, and a mark that is not in the library is refused with its id or path
 from __future__ import annotations
 
 import json
+import random
 import threading
 import urllib.error
 import urllib.parse
@@ -81,7 +82,7 @@ def test_unknown_marks_are_named_in_the_python_api(lib, shapes, tmp_path):
         lib.search("red", like=[999999])
     assert e.value.param == "like" and "image id 999999 is not in the library" in str(e.value)
     outside = tmp_path / "not-indexed.png"
-    synthetic.draw_shape("red", "circle").save(outside)
+    synthetic.draw_shape("red", "circle", 64, random.Random(6)).save(outside)
     with pytest.raises(ParamError) as e:
         lib.search("red", unlike=[str(outside)])
     assert e.value.param == "unlike" and f"{outside} is not in the library" in str(e.value)
