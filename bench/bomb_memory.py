@@ -85,7 +85,7 @@ def run_index(folder: Path, model: str, work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
     env.update(IMGSEARCH_HOME=str(home), IMGSEARCH_MODEL=model, IMGSEARCH_DEVICE="cpu", IMGSEARCH_PRECISION="fp32",
                PYTHONPATH=str(ROOT))
-    rc, peak, out, err = peak_child([sys.executable, "-m", "imgsearch", "index", str(folder), "--json"], env)
+    rc, peak, _, out, err = peak_child([sys.executable, "-m", "imgsearch", "index", str(folder), "--json"], env)
     try:
         rep = json.loads(out)
     except ValueError:
@@ -96,7 +96,7 @@ def run_index(folder: Path, model: str, work: Path) -> dict:
 
 
 def _child(args: list[str], env: dict) -> dict:
-    rc, peak, out, err = peak_child([sys.executable, "-m", "imgsearch", *args], env)
+    rc, peak, _, out, err = peak_child([sys.executable, "-m", "imgsearch", *args], env)
     lines = err.decode(errors="replace").strip().splitlines()
     return {"peak_mb": round(peak, 1), "rc": rc,
             "said": lines[-1][:160] if lines else out.decode(errors="replace").strip()[:160]}

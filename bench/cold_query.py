@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_photos  # noqa: E402
+from common import make_photos, peak_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("PEERS", "/tmp/peers"))
@@ -44,16 +44,10 @@ def vit_b32_256(folder: Path) -> str:
 
 def one_run(cmd: list[str], env: dict) -> tuple[float, float]:
     """Wall time and this child's own peak RSS (measured by a tiny wrapper so earlier children don't count)."""
-    wrapper = ("import resource,subprocess,sys,time;t=time.perf_counter();"
-               "r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE);"
-               "w=time.perf_counter()-t;"
-               "sys.stderr.write(r.stderr.decode()[-2000:]) if r.returncode else None;"
-               "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024);sys.exit(r.returncode)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
-    wall, rss = proc.stdout.split()
-    return float(wall), float(rss)
+    rc, rss, wall, _, err = peak_child(cmd, env)
+    if rc != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err.decode(errors='replace')[-2000:]}")
+    return wall, rss
 
 
 def main() -> None:

@@ -66,15 +66,16 @@ def make_photos(folder: str | os.PathLike, count: int, width: int, height: int, 
     return folder
 
 
-def peak_child(cmd: list[str], env: dict | None = None) -> tuple[int, float, bytes, bytes]:
-    """(exit code, peak RSS in MB, stdout, stderr) of ``cmd`` alone. Linux keeps a process's peak RSS across
-    fork and exec, so a child of a big bench process reports the bench's size; the command runs under a small
-    Python wrapper instead, whose children's peak is the command's own."""
-    wrapper = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:],capture_output=True);"
+def peak_child(cmd: list[str], env: dict | None = None) -> tuple[int, float, float, bytes, bytes]:
+    """(exit code, peak RSS in MB, wall seconds, stdout, stderr) of ``cmd`` alone. Linux keeps a process's peak
+    RSS across fork and exec, so a child of a big bench process reports the bench's size; the command runs under
+    a small Python wrapper instead, whose children's peak is the command's own, and which times it."""
+    wrapper = ("import resource,subprocess,sys,time;t=time.perf_counter();"
+               "r=subprocess.run(sys.argv[1:],capture_output=True);w=time.perf_counter()-t;"
                "sys.stdout.buffer.write(r.stdout);sys.stderr.buffer.write(r.stderr);"
-               "sys.stderr.write('\\n@peak %d %f' % (r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN)"
-               ".ru_maxrss / 1024))")
+               "sys.stderr.write('\\n@peak %d %f %f' % (r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN)"
+               ".ru_maxrss / 1024, w))")
     proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, capture_output=True)
     err, _, tail = proc.stderr.rpartition(b"\n@peak ")
-    rc, peak = tail.split()
-    return int(rc), float(peak), proc.stdout, err
+    rc, peak, wall = tail.split()
+    return int(rc), float(peak), float(wall), proc.stdout, err

@@ -81,6 +81,9 @@ def atomic_file(path: str | os.PathLike, durable: bool = False):
         raise
 
 
+NESTED_JSON = "nested too deeply"  # read_json's JSONDecodeError message for a RecursionError
+
+
 def read_json(text: str | bytes):
     """json.loads for files a user or another program gave: JSON nested too deeply for the parser (a RecursionError,
     which no ``except ValueError`` sees) is a JSONDecodeError too, so the caller's one-line message covers it."""
@@ -89,7 +92,7 @@ def read_json(text: str | bytes):
     try:
         return json.loads(text)
     except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+        raise json.JSONDecodeError(NESTED_JSON, text if isinstance(text, str) else "", 0) from None
 
 
 def model_exports_dir(home: str | os.PathLike, fingerprint: str) -> Path:

@@ -272,8 +272,9 @@ def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: s
         manifest.update(describe())
         _write_manifest(folder, manifest)
     path, entry = folder / FP32_FILE, manifest.get("fp32")
-    if entry is None or not path.is_file() or recheck(entry):
-        if entry is None or not path.is_file():
+    missing = entry is None or not path.is_file()
+    if missing or recheck(entry):
+        if missing:
             write(path, False)
         want = reference(probe := probe_batch(size))  # first: the numpy forward and a session never overlap
         cos = float((OrtImageTower(path, "fp32", threads, once=True).encode(probe) * want).sum(1).min())

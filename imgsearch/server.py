@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
 from .client import server_file
-from .config import Settings, atomic_file
+from .config import NESTED_JSON, Settings, atomic_file, read_json
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
 
@@ -238,11 +238,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reply(415, "send the search as JSON with 'Content-Type: application/json'")
         raw = self._body()
         try:
-            return json.loads(raw or b"{}")
-        except RecursionError:
-            raise UsageError("request body is nested too deeply; send a flat JSON object of search fields") from None
-        except ValueError:
-            raise UsageError("request body is not valid JSON") from None
+            return read_json(raw or b"{}")
+        except ValueError as e:
+            raise UsageError("request body is nested too deeply; send a flat JSON object of search fields"
+                             if getattr(e, "msg", "") == NESTED_JSON else "request body is not valid JSON") from None
 
     def _post_search(self, url) -> dict:
         return {"hits": self.service.search(SearchRequest.from_json(self._json()))}
