@@ -18,7 +18,6 @@ import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import albums
 from .config import Settings
 from .errors import UsageError
 from .lock import write_lock
@@ -32,6 +31,13 @@ __all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "tem
 def _paths(paths) -> list[str]:
     """One path or many, as text."""
     return [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+
+
+def _albums():
+    """albums.py, imported on first use: the cold query, which every CLI start may be, never loads it."""
+    from . import albums
+
+    return albums
 
 
 def labels_from(labels=None, labels_file=None) -> list[str]:
@@ -373,13 +379,13 @@ class Library:
     def albums(self) -> list:
         """Every album evaluated now (albums.Album); ``problem`` says why a saved search no longer runs (a
         folder gone, a tag set dropped), set instead of raising, so one broken album never hides the others."""
-        return [albums.current(self.store, self._warm, row) for row in self.store.albums()]
+        return [_albums().current(self.store, self._warm, row) for row in self.store.albums()]
 
     def album(self, name: str):
         """One album evaluated now, its members ranked in ``hits`` (pinned photos in, dropped ones out,
         deleted files never). A ParamError names an unknown album; a UsageError says why a saved search no
         longer runs (the album is kept)."""
-        album = albums.current(self.store, self._warm, albums.load(self.store, name))
+        album = _albums().current(self.store, self._warm, _albums().load(self.store, name))
         if album.problem:
             raise UsageError(album.problem)
         return album
@@ -395,23 +401,23 @@ class Library:
             request = SearchRequest.build(text, k=10, **search)
         elif text is not None or search:
             raise TypeError("give request= or the search's arguments, not both")
-        return albums.save(self.store, self._warm, name, albums.with_k(request, k))
+        return _albums().save(self.store, self._warm, name, _albums().with_k(request, k))
 
     def rename_album(self, name: str, new_name: str) -> None:
-        albums.rename(self.store, name, new_name)
+        _albums().rename(self.store, name, new_name)
 
     def delete_album(self, name: str) -> None:
         """Delete the album (its saved search and pins); never a photo."""
-        self.store.delete_album(albums.load(self.store, name)[0])
+        self.store.delete_album(_albums().load(self.store, name)[0])
 
     def pin(self, name: str, paths):
         """Keep photos (files, or every library photo in a folder) in the album whatever its search says;
         returns (photos pinned, the album evaluated now). A path not in the library is a UsageError."""
-        return albums.pin(self.store, self._warm, name, paths, True)
+        return _albums().pin(self.store, self._warm, name, paths, True)
 
     def unpin(self, name: str, paths):
         """Drop photos from the album whatever its search says (``pin`` brings them back); as ``pin``."""
-        return albums.pin(self.store, self._warm, name, paths, False)
+        return _albums().pin(self.store, self._warm, name, paths, False)
 
     def export_album(self, name: str, folder, *, link: bool = False) -> list[str]:
         """Copy (or with ``link`` symlink) the album's photos, best first, into a new or empty folder; a name
@@ -420,7 +426,7 @@ class Library:
 
         album = self.album(name)
         target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
-        return albums.export(album, target, prepare_target(target), link)
+        return _albums().export(album, target, prepare_target(target), link)
 
     # --- zero-shot tags, scores ------------------------------------------------------------------
     def classify(self, labels, templates=None, top: int = 1, min_prob: float = 0.0, under=None,
