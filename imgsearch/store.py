@@ -160,10 +160,16 @@ def _under(root: str) -> tuple[str, dict]:
     root = root.rstrip(os.sep) or os.sep
     if root == os.sep:
         return "1", {}
-    like = root.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + os.sep + "%"
-    # SQLite's LIKE skips BLOB values (non-UTF-8 paths, see _bind) unless both sides are cast to text.
-    return ("(path = :p OR path LIKE :like ESCAPE '\\' OR (typeof(path) = 'blob' AND CAST(path AS TEXT) "
-            "LIKE CAST(:like AS TEXT) ESCAPE '\\'))", {"p": _bind(root), "like": _bind(like)})
+    # A byte range, not LIKE (which ignores ASCII case: /p/cats took in /p/Cats, and `index /p/cats` then
+    # removed /p/Cats's images): the paths below root start with root + sep and sort before the byte after sep.
+    # Text and BLOB paths (_bind) compare only with their own kind, so each kind gets its range.
+    low = os.fsencode(root + os.sep)
+    high = low[:-1] + bytes([low[-1] + 1])
+    params = {"p": _bind(root), "blo": low, "bhi": high}
+    with contextlib.suppress(UnicodeDecodeError):  # a non-UTF-8 root holds no text paths
+        params.update(lo=low.decode(), hi=high.decode())
+    text = " OR (path >= :lo AND path < :hi)" if "lo" in params else ""
+    return f"(path = :p OR (path >= :blo AND path < :bhi){text})", params
 
 
 def _bind(path: str) -> str | bytes:

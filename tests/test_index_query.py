@@ -109,6 +109,22 @@ def test_under_and_min_score_filters(cli, tmp_path):
     assert r.exit_code == 2 and "no such folder" in r.stderr
 
 
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="needs a case-sensitive file system")
+def test_folders_whose_names_differ_in_case_stay_apart(cli, tmp_path):
+    """--under, index and forget of cats/ never take in Cats/ (SQL LIKE ignores case: `index cats` removed
+    the images of Cats from the library)."""
+    cats, upper = tmp_path / "lib" / "cats", tmp_path / "lib" / "Cats"
+    synthetic.generate(cats, per_class=1, colors=["blue"], size=64, captions_file=None, seed=3)
+    synthetic.generate(upper, per_class=1, colors=["red"], size=64, captions_file=None, seed=4)
+    cli("index", tmp_path / "lib")
+    hits = hits_of(cli("query", "a red circle", "--under", cats, "-k", "50", "--json"))
+    assert [Path(h["path"]).parent for h in hits] == [cats] * 3
+    rep = json.loads(cli("index", cats, "--json").stdout)
+    assert (rep["unchanged"], rep["removed"]) == (3, 0)
+    assert "removed 3 images" in cli("forget", cats).stdout
+    assert {Path(h["path"]).parent for h in hits_of(cli("query", "a red circle", "-k", "50", "--json"))} == {upper}
+
+
 def test_incremental_rerun_encodes_nothing(cli, photos):
     cli("index", photos)
     r = cli("index", photos, "--json")
