@@ -2,8 +2,9 @@
 chosen by a SearchRequest's ``keyword`` and ``blend``:
 - filter (default): only images matching the keywords, ranked by CLIP; the filter runs inside the vector search
   (``allowed_ids``), so it never returns fewer hits than exist.
-- blend: ``score = (1 - w) * clip + w * keyword``, both scaled to 0..1 over the candidates (CLIP's top hits plus
-  the keyword matches); an image that matches no keyword scores 0 on that side.
+- blend: ``score = (1 - w) * clip + w * keyword``, both scaled to 0..1: the cosine between the lowest and highest
+  of the library's BLEND_POOL best hits and the keyword matches (below that, under 0), keyword relevance by the
+  best match; an image that matches no keyword scores 0 on that side.
 
 Keyword syntax: words must all match, each as a word prefix ("2019" matches IMG_20190501.jpg); "double quotes"
 match a phrase; -word excludes. Case and accents are ignored.
@@ -25,6 +26,7 @@ from .store import Store
 # A keyword-only match list longer than this is cut to the most relevant ones when blending; the
 # CLIP side still sees every image.
 BLEND_KEYWORD_LIMIT = 10_000
+BLEND_POOL = 100  # CLIP's side of a blend is scaled over the library's this many best hits and the keyword matches
 _WORD = re.compile(r"\w", re.UNICODE)
 
 
@@ -66,40 +68,46 @@ def match(store: Store, text: str, limit: int | None = None) -> dict[int, float]
     return {i: max(rel / top, 1e-6) for i, rel in found}
 
 
-def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: float) -> list[tuple[int, float]]:
-    """(id, (1-w)*clip01 + w*keyword) best first; clip01 is min-max scaled over the candidates."""
+def blend_scores(clip: dict[int, float], keyword: dict[int, float], weight: float,
+                 scale: tuple[float, float] | None = None) -> list[tuple[int, float]]:
+    """(id, (1-w)*clip01 + w*keyword) best first; clip01 is the cosine min-max scaled over ``scale`` (lowest,
+    highest), the candidates' own range when None."""
     if not clip:
         return []
-    values = np.fromiter(clip.values(), dtype=np.float64)
-    lo, span = float(values.min()), float(values.max()) - float(values.min())
+    lo, hi = scale or (min(clip.values()), max(clip.values()))
+    span = hi - lo
     out = [(i, (1.0 - weight) * ((c - lo) / span if span > 1e-12 else 1.0) + weight * keyword.get(i, 0.0))
            for i, c in clip.items()]
     return sorted(out, key=lambda p: (-p[1], p[0]))
 
 
 def blended_search(searcher, vec: np.ndarray, request, allowed: np.ndarray | None) -> list:
-    """CLIP and keyword scores blended (``request.blend``); ``min_score`` still applies to the CLIP cosine."""
+    """CLIP and keyword scores blended (``request.blend``). An image's score depends on the query alone: the
+    cosine is scaled over the library's BLEND_POOL best hits and every keyword match, before any filter, so k,
+    the filters, ``exclude_ids`` and ``min_score`` (on the cosine) only remove hits, never rescore the rest."""
     from .results import hits_for
 
     store = searcher.store
-    exclude = set(request.exclude_ids)
     kw = match(store, request.keyword, limit=BLEND_KEYWORD_LIMIT)
-    if allowed is not None:
-        keep = set(allowed.tolist())
-        kw = {i: s for i, s in kw.items() if i in keep}
-    pool = max(100, 5 * request.k + len(exclude))
-    # Scores are exact cosines whatever the index type: IVF-PQ candidates are re-ranked with the stored
-    # vectors (as the plain search does), so --min-score and the blend never see a PQ estimate.
-    scores, ids = searcher.index().search(vec[None, :], pool, allowed=allowed, exact_vectors=searcher.exact_vectors)
-    clip = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}
-    missing = np.array(sorted(set(kw) - set(clip)), dtype=np.int64)
+    # Exact cosines whatever the index type: IVF-PQ candidates are re-ranked with the stored vectors, and the
+    # keyword matches outside the pool are scored straight from SQLite (an IVF probe could miss them).
+    scores, ids = searcher.index().search(vec[None, :], BLEND_POOL, exact_vectors=searcher.exact_vectors)
+    cosine = {int(i): round(float(s), 6) for s, i in zip(scores[0], ids[0]) if i >= 0}
+    missing = np.array(sorted(set(kw) - set(cosine)), dtype=np.int64)
     if len(missing):
-        # Keyword matches outside the CLIP pool: score them straight from SQLite (an IVF probe could miss them).
         got, vecs = searcher.exact_vectors(missing)
-        clip.update((int(i), float(s)) for i, s in zip(got, vecs @ np.asarray(vec, dtype=np.float32)))
-    min_score = request.min_score
-    clip = {i: s for i, s in clip.items() if i not in exclude and (min_score is None or s >= min_score)}
-    return hits_for(store, blend_scores(clip, kw, request.blend), request.k)
+        cosine.update((int(i), round(float(s), 6)) for i, s in zip(got, vecs @ np.asarray(vec, dtype=np.float32)))
+    if not cosine:
+        return []
+    scale = min(cosine.values()), max(cosine.values())
+    # The candidates: CLIP's best k that pass the filters (an image no keyword matches ranks by its cosine
+    # alone) and every keyword match that passes them.
+    clip = {h.id: h.score for h in searcher.search_vector(vec, request.k, request.min_score, allowed,
+                                                          request.exclude_ids)}
+    keep = None if allowed is None else set(allowed.tolist())
+    clip.update((i, cosine[i]) for i in kw if i in cosine and (keep is None or i in keep)
+                and i not in request.exclude_ids and (request.min_score is None or cosine[i] >= request.min_score))
+    return hits_for(store, blend_scores(clip, kw, request.blend, scale), request.k)
 
 
 # --- captions (searchable text the user attaches to images) ----------------------------------------

@@ -126,6 +126,35 @@ def test_blend_moves_keyword_matches_up_by_weight(cli, trip):
     assert r.exit_code == 2 and "--blend 0.5: weighs keyword relevance; give a keyword too" in r.stderr
 
 
+def test_a_blended_score_depends_on_the_query_not_on_k_filters_or_exclusions(trip, settings, monkeypatch):
+    """k, --min-score, --under and exclude_ids only remove hits from a blend: CLIP used to be rescaled over
+    whatever candidates were left, so a threshold or a folder rescored and reordered the rest, and a larger k
+    changed the top 10 (its pool grew with k)."""
+    from imgsearch import Library
+
+    monkeypatch.setattr(keywords, "BLEND_POOL", 5)  # fewer than the library's images: k reaches past the pool
+    with Library(settings=settings) as lib:
+        lib.index(trip)
+        query = dict(text="a blue square", keyword="red", blend=0.4)
+        ranked = {h.id: h.score for h in lib.search(**query, k=18)}
+        assert len(ranked) == 18
+        cosine = {h.id: h.score for h in lib.search("a blue square", k=18)}
+        reds = {h.id for h in lib.search(keyword="red", k=18)}
+        assert len(reds) == 6 and next(iter(ranked)) in reds and next(iter(cosine)) not in reds  # reds lifted
+
+        def same_scores(hits, kept):
+            got = {h.id: h.score for h in hits}
+            assert list(got) == [i for i in ranked if i in kept][:len(got)] and got == {i: ranked[i] for i in got}
+
+        same_scores(lib.search(**query, k=4), set(ranked))
+        cut = sorted(cosine.values())[9]
+        same_scores(lib.search(**query, k=18, min_score=cut), {i for i, c in cosine.items() if c >= cut})
+        in_trip = {h.id for h in lib.search("x", keyword="trip", k=18)}
+        same_scores(lib.search(**query, k=18, under=trip / "2019 Trip"), in_trip)
+        best = next(iter(ranked))
+        same_scores(lib.search(**query, k=18, exclude_ids=[best]), set(ranked) - {best})
+
+
 def test_tags_are_keywords_and_tag_filter_combines(cli, trip):
     cli("index", trip)
     cli("classify", "--labels", "red,green,blue")
@@ -223,12 +252,15 @@ def test_blend_on_ivfpq_uses_exact_cosines(cli, tmp_path, monkeypatch):
     blended = ok_json(cli("query", "a red circle", "--keyword", "favourite", "--blend", "0.3", "-k", "1000",
                           "--json"))
     assert _index_kinds(cli.home) == {"ivfpq"}
-    # With k above the candidate pool every candidate (the probed lists) comes back, so the blend can be recomputed from the
-    # exact cosines of exactly those images (min-max scaling runs over the candidates).
+    # With k above the library every image comes back. Its blend is 0.7 * (cosine - lo) / (hi - lo) + 0.3 * keyword,
+    # lo and hi one pair for the query: solved from two unmatched images, every image fits its exact cosine (a
+    # PQ estimate is off by far more than the rounding).
     got = {h["path"]: h["score"] for h in blended}
-    assert len(got) > 20 and set(kw) <= set(got)
-    expected = dict(keywords.blend_scores({p: exact[p] for p in got}, kw, 0.3))
-    assert got == pytest.approx(expected, abs=2e-6)
+    assert len(got) == n and set(kw) <= set(got)
+    ends = sorted((p for p in got if p not in kw), key=exact.get)
+    slope = (got[ends[-1]] - got[ends[0]]) / (exact[ends[-1]] - exact[ends[0]])
+    fitted = {p: got[ends[0]] + slope * (exact[p] - exact[ends[0]]) + 0.3 * kw.get(p, 0.0) for p in got}
+    assert got == pytest.approx(fitted, abs=1e-5)
     assert [h["score"] for h in blended] == sorted(got.values(), reverse=True)
 
     # --min-score cuts on the exact cosine: exactly the candidates at or above it remain, for a threshold
