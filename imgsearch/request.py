@@ -386,7 +386,7 @@ class SearchRequest:
 
     @property
     def keyword_only(self) -> bool:
-        return not (self.positives or self.like)
+        return not (self.positives or self.negatives or self.like)
 
     def with_(self, **changes) -> "SearchRequest":
         return replace(self, **changes)

@@ -96,14 +96,14 @@ def allowed_ids(store, request: SearchRequest, keyword_filter: bool = True) -> n
 
 def keyword_search(store, request: SearchRequest) -> list[Hit]:
     """A keyword-only request (no CLIP): hits scored by keyword relevance, best match 1.0, after the request's
-    other filters. Needs no model."""
+    other filters; ``min_score`` cuts on that score. Needs no model."""
     from .keywords import match
 
     allowed = allowed_ids(store, request, keyword_filter=False)
     keep = None if allowed is None else set(allowed.tolist())
     scored = sorted(match(store, request.keyword).items(), key=lambda p: (-p[1], p[0]))
     return hits_for(store, ((i, s) for i, s in scored if (keep is None or i in keep) and i not in
-                            request.exclude_ids), request.k)
+                            request.exclude_ids), request.k, request.min_score)
 
 
 class Searcher:

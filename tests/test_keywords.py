@@ -64,6 +64,20 @@ def test_keyword_alone_ranks_by_keywords(cli, trip):
     assert r.exit_code == 2 and "give query text" in r.stderr
 
 
+def test_keywords_with_only_not_terms_or_a_min_score(cli, trip):
+    """--not beside keywords alone ranks the matches away from it (it was dropped: the red circles it steered
+    away from came first), and --min-score cuts a keyword ranking on its score, the one shown (it was ignored)."""
+    cli("index", trip)
+    hits = ok_json(cli("query", "--keyword", "red", "--not", "a red circle", "-k", "50", "--json"))
+    names = [Path(h["path"]).name for h in hits]
+    assert len(names) == 6 and all(n.startswith("red_") for n in names)
+    assert {n[:10] for n in names[-2:]} == {"red_circle"} and hits[0]["score"] > hits[-1]["score"]
+    ranked = ok_json(cli("query", "--keyword", "2019", "--json"))
+    assert len(ranked) == 4 and ranked[0]["score"] == 1.0 and ranked[-1]["score"] < 1.0
+    kept = ok_json(cli("query", "--keyword", "2019", "--min-score", ranked[-1]["score"] + 1e-6, "--json"))
+    assert kept == [h for h in ranked if h["score"] > ranked[-1]["score"]] and kept
+
+
 def test_captions_are_stored_and_searchable(cli, trip, tmp_path):
     cli("index", trip)
     target = trip / "green_circle_000.jpg"

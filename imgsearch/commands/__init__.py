@@ -156,7 +156,8 @@ def _search_params(
     not_image: Optional[List[str]] = typer.Option(None, "--not-image", help="Image to steer away from."),
     k: Optional[int] = typer.Option(None, "-k", "--top", help=f"Number of results (1 to {MAX_K}) [default 10].",
                                     show_default=False),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score "
+                                              "(keyword relevance when ranking by keywords alone)."),
     under: Optional[Path] = typer.Option(None, "--under", help="Only results inside this folder."),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only images with this zero-shot tag (from "
                                             "`imgsearch classify`; repeatable: all must match)."),
