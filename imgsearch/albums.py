@@ -147,7 +147,7 @@ def evaluate(store, warm, request: SearchRequest, album_id: int | None = None, p
     if request.relevance:
         from . import relevance
 
-        kind = relevance.query_kind(t.kind for t in request.positives)
+        kind = relevance.query_kind(request.term_kinds)
         if kind is None:
             raise ParamError("relevance", "needs a text-only or an image-only search (no floor is calibrated "
                                           "for a mix, nor for keywords alone); give --min-score instead")

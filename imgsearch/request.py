@@ -385,6 +385,11 @@ class SearchRequest:
         return [str(t.value) for t in self.positives + self.negatives if t.kind == "text"]
 
     @property
+    def term_kinds(self) -> list[str]:
+        """The positive terms' kinds, images marked good counting as ids: which relevance floor applies."""
+        return [t.kind for t in self.positives] + (["id"] if self.like else [])
+
+    @property
     def keyword_only(self) -> bool:
         return not (self.positives or self.negatives or self.like)
 

@@ -253,8 +253,7 @@ class Searcher:
         if request.relevance and hits:
             from . import relevance as floors
 
-            kinds = [t.kind for t in request.positives] + (["id"] if request.like else [])
-            cut = floors.floor_for(self.relevance_floor(), floors.query_kind(kinds))
+            cut = floors.floor_for(self.relevance_floor(), floors.query_kind(request.term_kinds))
             for h in hits:
                 h.relevant = None if cut is None else h.score >= cut
         return hits

@@ -136,6 +136,19 @@ def test_new_photos_join_threshold_albums_and_the_top_k_is_the_top_now(lib, tmp_
     assert gone["reds"].count == 3 and gone["named circles"].count == 18
 
 
+def test_relevant_albums_judge_marked_images_as_the_query_does(lib):
+    """Images marked good count as image terms for the relevance floor in an album as in a query: likes alone
+    take the image floor (the album refused them), text with likes has no floor (the album cut on the text one)."""
+    from imgsearch.errors import ParamError
+
+    liked = [h.id for h in lib.search("a blue circle", k=2)]
+    relevant = [h.id for h in lib.search(like=liked, relevance=True, k=54) if h.relevant]
+    assert relevant and [h.id for h in lib.save_album("likes", like=liked, relevance=True).hits] == relevant
+    assert {h.relevant for h in lib.search("a blue circle", like=liked, relevance=True)} == {None}
+    with pytest.raises(ParamError, match="needs a text-only or an image-only search"):
+        lib.save_album("mixed", "a blue circle", like=liked, relevance=True)
+
+
 def test_pins_keep_or_drop_whatever_the_search_says_and_survive_a_restart(lib, home, model_id, photos, cut):
     lib.save_album("reds", "a red circle", min_score=cut)
     square = photos / "blue_square_000.jpg"
