@@ -149,8 +149,9 @@ def evaluate(store, warm, request: SearchRequest, album_id: int | None = None, p
 
         kind = relevance.query_kind(request.term_kinds)
         if kind is None:
-            raise ParamError("relevance", "needs a text-only or an image-only search (no floor is calibrated "
-                                          "for a mix, nor for keywords alone); give --min-score instead")
+            raise ParamError("relevance", "needs a text-only or an image-only search without --not terms or "
+                                          "unliked photos (no floor is calibrated for those, nor for keywords "
+                                          "alone); give --min-score instead")
     if request.keyword_only:
         from .search import keyword_search
 

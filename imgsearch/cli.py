@@ -190,8 +190,8 @@ def _relevant_rows(rows: list[dict]) -> list[dict]:
     if good or not rows:
         return good
     if any(r.get("relevant") is None for r in rows):
-        err("--relevant: no relevance floor for this query (text and images mixed, --not terms alone, or keyword "
-            "ranking); showing all results")
+        err("--relevant: no relevance floor for this query (text and images mixed, --not terms or "
+            "unliked images, or keyword ranking); showing all results")
     else:
         err("no good matches; closest results:")
     return rows

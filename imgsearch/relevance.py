@@ -4,7 +4,8 @@ A raw cosine means different things for different models, so the floor is measur
 library. Text queries: the upper quartile of the 99th-percentile scores of NULL_CAPTIONS (generic captions)
 against the library's images; a quartile, not the maximum, keeps a caption that happens to describe the library
 ("a dog on the grass" in a dog library) from lifting the floor for everyone. Image queries: the 90th percentile
-of the cosine between random pairs of distinct images. A query mixing text and image terms gets no verdict.
+of the cosine between random pairs of distinct images. A query mixing text and image terms, or steered away
+from something (negatives, unliked images), gets no verdict.
 Stored in library_meta with the vector count it was measured on; the first query that asks measures it (encoding
 the captions once per model, never on `index`'s clock), then `index` and stale queries measure it again from the
 kept caption vectors.
@@ -148,8 +149,10 @@ def _save(store, key: str, value: str) -> None:
         store.set_meta(key, value)
 
 
-def query_kind(kinds_of_positive_terms) -> str | None:
-    """Which floor a query is judged by: "text" for text terms only, "image" for images and library ids
-    only, None for a mix (its scores sit between the two scales and neither floor is calibrated for them)."""
-    kinds = {"text" if k == "text" else "image" for k in kinds_of_positive_terms}
+def query_kind(kinds) -> str | None:
+    """Which floor a query is judged by (SearchRequest.term_kinds): "text" for text terms only, "image" for
+    images and library ids only, None for a mix (its scores sit between the two scales and neither floor is
+    calibrated for them) and for a query steered away from something ("not"): subtracting a direction lowers
+    every score, so the floor judged most of the images the query ranks first irrelevant."""
+    kinds = {{"text": "text", "image": "image", "id": "image"}.get(k) for k in kinds}
     return kinds.pop() if len(kinds) == 1 else None

@@ -386,8 +386,10 @@ class SearchRequest:
 
     @property
     def term_kinds(self) -> list[str]:
-        """The positive terms' kinds, images marked good counting as ids: which relevance floor applies."""
-        return [t.kind for t in self.positives] + (["id"] if self.like else [])
+        """Which relevance floor applies (relevance.query_kind): the positive terms' kinds, images marked good
+        counting as ids, and "not" for negatives or images marked bad."""
+        return [t.kind for t in self.positives] + (["id"] if self.like else []) + \
+            (["not"] if self.negatives or self.unlike else [])
 
     @property
     def keyword_only(self) -> bool:

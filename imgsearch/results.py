@@ -26,7 +26,7 @@ class Hit(_AsDict):
     taken_at: str | None
     taken_source: str | None = None  # "exif", or "file": taken_at is then the file's modification time
     # Above the model's calibrated relevance floor (relevance.py); None where no floor applies (keyword
-    # ranking, text and images mixed in one query, negatives alone).
+    # ranking, text and images mixed in one query, negatives or unliked images).
     relevant: bool | None = None
     gps_lat: float | None = None  # where it was taken (EXIF GPS), for maps
     gps_lon: float | None = None

@@ -131,6 +131,21 @@ def test_image_queries_use_the_image_floor(lib, shared):
     assert [h.relevant for h in mixed] == [None] * 3  # neither floor is calibrated for a mix
 
 
+def test_a_query_steered_away_gets_no_verdict_rather_than_failing_its_best_hits(lib):
+    """A --not term or an unliked image lowers every score: the text floor judged every square that "a blue square
+    --not a circle" ranks first irrelevant. Such a query gets no verdict, as a mix does, and an album says so."""
+    from imgsearch.errors import ParamError
+
+    assert all(h.relevant for h in lib.search("a blue square", k=3, relevance=True))
+    steered = lib.search("a blue square", not_text="a circle", k=6, relevance=True)
+    assert {kind(h.path).split("_")[1] for h in steered} == {"square"}
+    assert [h.relevant for h in steered] == [None] * 6
+    circle = lib.search("a circle", k=1)[0].id
+    assert {h.relevant for h in lib.search("a blue square", unlike=[circle], k=6, relevance=True)} == {None}
+    with pytest.raises(ParamError, match="without --not terms or unliked photos"):
+        lib.save_album("squares", "a blue square", not_text="a circle", relevance=True)
+
+
 def test_query_relevant_keeps_good_hits_and_says_when_there_are_none(home, shared):
     cli = shared.cli
     r = cli("query", "a blue square", "--relevant", "-k", "18", "--json", "--no-server")
