@@ -41,6 +41,7 @@ def byte_alphabet() -> tuple[list[str], list[str]]:
     return [by_byte[b] for b in range(256)], [by_byte[b] for b in printable + others]
 
 
+MERGES = "bpe_simple_vocab_16e6.txt.gz"  # open_clip's packaged BPE table
 MERGES_TXT = "bpe_merges.txt"
 VOCAB_TXT = "bpe_vocab.txt"
 

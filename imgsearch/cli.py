@@ -140,7 +140,7 @@ def index_cmd(
     if report.failed_before:
         typer.echo(f"  {report.failed_before} files that failed before and are unchanged were not retried "
                    "(`imgsearch status --failures`)")
-    if report.int8_parity is not None:  # int8 vectors are the same model's vectors, slightly perturbed
+    if report.int8_parity is not None and report.image_tower.endswith("int8"):  # moot when the faster fp32 export ran
         where = (f"{report.parity_images} of these images" if report.parity_images
                  else "this library's images in an earlier run")  # a remembered verdict
         typer.echo(f"  image tower {report.image_tower}: min cosine {report.int8_parity:.4f} to fp32 on "

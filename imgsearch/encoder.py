@@ -637,6 +637,14 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
         extra_files = {**hf_files, **(extra_files or {})}
         text_cfg = {**model_cfg["text_cfg"], "hf_model_name": ".", "hf_tokenizer_name": "."}
         model_cfg = {**model_cfg, "text_cfg": text_cfg}
+    elif not model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        # CLIP's BPE table beside the weights, as a hub repo has it: the default install has no open_clip to provide it
+        import importlib.util
+
+        from .bpe import MERGES, read_merges
+
+        table = Path(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0], MERGES)
+        extra_files = {"merges.txt": "#version: 0.2\n" + "\n".join(read_merges(table)) + "\n", **(extra_files or {})}
     out = Path(out_dir).absolute()
     reason = why_not_replaceable(out)
     if reason is not None:

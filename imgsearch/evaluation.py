@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .config import read_json, thread_budget
-from .errors import DataError, DecodeError, UsageError
+from .errors import DataError, DecodeError, ModelLoadError, UsageError
 
 
 def load_for_images(spec, settings, precision: str | None = None):
@@ -193,8 +193,10 @@ def parity(spec, paths: list[str], settings, progress=None, precision: str | Non
     import numpy as np
 
     from . import images
-    from .encoder import build
+    from .encoder import build, needs_torch, torch_installed
 
+    if not torch_installed():  # before any export is made for the fast side: the reference is open_clip's
+        raise ModelLoadError(needs_torch("eval parity"))
     fast = load_for_images(spec, settings, precision)
     ref = build(spec, fast.device, "fp32")  # same weights, full precision
     stages = parity_stages(fast, settings)

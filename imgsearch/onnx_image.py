@@ -83,7 +83,12 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 def _import_ort():
     try:
         import onnxruntime
-    except ImportError:
+    except ImportError as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C while its extension loaded: pybind11 wraps it
+            raise e.__cause__ from None
+        if not isinstance(e, ModuleNotFoundError):
+            raise OnnxUnavailable(f"onnxruntime does not load ({e}); reinstall it: pip install --force-reinstall "
+                                  "onnxruntime") from None
         raise OnnxUnavailable("onnxruntime is not installed (imgsearch installs it: pip install onnxruntime)") from None
     return onnxruntime
 
@@ -670,7 +675,7 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
         raise Unsupported(f"no readable open_clip config ({type(e).__name__})") from None
     bpe = package / MERGES if package else merges
     if bpe is None or not bpe.is_file():
-        raise Unsupported("no CLIP BPE table (open_clip's, or a merges.txt beside the weights)")
+        raise Unsupported("no merges.txt, CLIP's BPE table, beside the weights: open_clip would provide it")
     return model_cfg, pre, weights, bpe
 
 

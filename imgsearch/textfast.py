@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .bpe import MERGES
+
 FORMAT = 1
 HF_KIND = "hf-onnx"  # the manifest's "kind" of a Hugging Face tower; CLIP's BPE tower has none
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.f32"
-MERGES = "bpe_simple_vocab_16e6.txt.gz"
 ONNX_FILE = "text.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MIN_COSINE = 0.9999

@@ -133,7 +133,6 @@ def retrieval_cmd(
 ):
     """Image→text and text→image recall@1/5/10 and mean rank on captioned images."""
     from ..captions import read_captions
-    from ..encoder import load
     from ..metrics import table_rows
 
     settings = settings_of(ctx)
@@ -144,7 +143,7 @@ def retrieval_cmd(
         raise DataError(f"no usable image–caption pairs in {captions}" + (f" ({detail})" if detail else ""))
     results = []
     for spec in model_specs(models, settings):
-        enc = load(spec, settings.device, settings.precision)
+        enc = load_for_images(spec, settings)
         with Bar(f"encoding ({spec.label})", leave=False, quiet=quiet or json_out) as bar:
             m, failures = retrieval_eval(enc, cs, settings, bar)
         if not results:
