@@ -344,6 +344,18 @@ def test_xargs_0_reaches_only_the_named_file(cli, crafted, tmp_path):
     assert CRAFTED in picked and "victim.txt" not in picked and len(picked) == 37
 
 
+def test_duplicates_and_classify_lines_escape_names_as_query_does(cli, crafted):
+    shutil.copyfile(crafted / CRAFTED, crafted / "copy.png")
+    assert cli("index", crafted).exit_code == 0
+    escaped = f"$'{crafted}/red\\nvictim.txt\\nx.png'"
+    r = cli("duplicates")
+    lines = r.stdout.splitlines()  # the group, its two files, the summary: no name split over lines
+    assert r.exit_code == 0 and len(lines) == 4 and any(line.endswith(escaped) for line in lines), r.stdout
+    assert "1 name with control characters shown escaped" in r.stderr and "--json" in r.stderr
+    r = cli("classify", crafted / CRAFTED, "--labels", "red,blue")
+    assert r.exit_code == 0 and r.stdout.splitlines() == [f"{escaped}\tred 1.00"], r.stdout
+
+
 # --- point 15: absurd weights and scores, killed runs ----------------------------------------------------
 def test_overflowing_weight_is_rejected(cli):
     r = cli("query", "1" * 400 + ":a red circle")

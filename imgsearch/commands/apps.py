@@ -11,7 +11,7 @@ import typer
 
 from . import command, err, flag_words, library_of
 from ..errors import UsageError
-from ..output import human_bytes
+from ..output import human_bytes, shown, warn_if_escaped
 
 
 # --- classify / tags --------------------------------------------------------------------------------
@@ -45,9 +45,11 @@ def classify_cmd(
             typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
         for r in results:
             if r.error:
-                err(f"error: {r.path}: {r.error}")
+                err(f"error: {shown(r.path)}: {r.error}")
             elif not json_out:
-                typer.echo(f"{r.path}\t" + (", ".join(f"{lab} {p:.2f}" for lab, p in r.labels) or "(below --min-prob)"))
+                typer.echo(f"{shown(r.path)}\t" + (", ".join(f"{lab} {p:.2f}" for lab, p in r.labels)
+                                                   or "(below --min-prob)"))
+        warn_if_escaped("--json")
         if any(r.error for r in results):
             raise typer.Exit(1)
         return
@@ -136,9 +138,10 @@ def duplicates_cmd(
         typer.echo(f"group {n} ({len(g.members)} images)")
         for m in g.members:
             res = f"{m.width}x{m.height}" if m.width else "?"
-            typer.echo(f"  {'keep' if m.keeper else '    '}  {res:>11}  {human_bytes(m.size):>9}  {m.path}")
+            typer.echo(f"  {'keep' if m.keeper else '    '}  {res:>11}  {human_bytes(m.size):>9}  {shown(m.path)}")
     for path, reason in report.unreadable:
-        err(f"warning: could not compare {path}: {reason}")
+        err(f"warning: could not compare {shown(path)}: {reason}")
+    warn_if_escaped("--json")
     typer.echo(f"{len(report.groups)} {what} among {report.images} images ({report.candidates} CLIP candidate "
                f"pairs, {report.confirmed} confirmed) in {report.seconds:.1f}s; nothing was deleted")
 
