@@ -144,6 +144,15 @@ class Settings:
     # environment) may then be changed for a run; in a program using the library they stay the program's.
     own_process: bool = False
 
+    def __post_init__(self):
+        # checked here, at every door: an unknown value reached the torch-free path as a reason it "needs torch"
+        from .errors import UsageError
+
+        if self.precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise UsageError(f"unknown precision {self.precision!r}; use auto, fp32, bf16, fp16 or int8")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise UsageError(f"unknown device {self.device!r}; use auto, cpu, cuda or mps")
+
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         """Defaults, then IMGSEARCH_* environment variables, then explicit overrides (None = unset)."""

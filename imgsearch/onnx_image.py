@@ -591,7 +591,7 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
     from .modelspec import ModelSpec
 
     if not _no_gpu_without_torch(settings.device):
-        return None, "a GPU may be present"
+        return None, "a GPU may be present" if settings.device == "auto" else f"--device {settings.device}"
     try:
         precision = pick_precision(settings.precision, "cpu")
     except UsageError as e:

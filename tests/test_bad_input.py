@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from imgsearch import synthetic
@@ -194,6 +196,20 @@ def test_bad_paths_and_arguments_exit_2(cli, photos):
     notimg.write_text("hello")
     r = cli("query", "--image", notimg)
     assert r.exit_code == 2 and "cannot use query image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_device_or_precision_is_refused_at_every_door(cli, home):
+    """A text query ignored them; without torch, `index` took them for a reason it "needs torch" (exit 1)."""
+    from imgsearch import Library
+    from imgsearch.cli import app
+    from imgsearch.errors import UsageError
+
+    for flag, value, refusal in (("--precision", "bf61", "unknown precision 'bf61'; use auto, fp32, bf16, fp16 or int8"),
+                                 ("--device", "gpu", "unknown device 'gpu'; use auto, cpu, cuda or mps")):
+        r = cli.runner.invoke(app, ["--home", str(home), "--model", cli.model, flag, value, "query", "a red circle"])
+        assert r.exit_code == 2 and r.stderr.strip() == f"error: {refusal}", r.output
+        with pytest.raises(UsageError, match=re.escape(refusal)):
+            Library(home, cli.model, **{flag[2:]: value})
 
 
 def test_batched_tensor_jpeg_decode_matches_pillow(cli, photos, tmp_path, monkeypatch, settings):
