@@ -15,6 +15,7 @@ from . import __version__
 from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, handle_errors, hits_format, library_of,
                        plural, search_options, settings_of, when)
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings, is_ray_address
+from .errors import UsageError
 from .output import print_hits, shown, warn_if_escaped
 
 
@@ -102,6 +103,11 @@ def index_cmd(
     from .progress import Bar
 
     settings = settings_of(ctx)
+    if failures_log:  # a path it cannot write fails now, not once the run is done
+        try:
+            failures_log.write_text("", encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--log {failures_log}: cannot write it ({e.strerror or e})") from None
     bar = Bar("indexing", quiet=quiet, skip_empty=True, smoothing=0.1)
     build_bar: Bar | None = None
 

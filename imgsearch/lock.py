@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
-from .config import make_home
+from .config import HOME_DB, make_home
 from .errors import LibraryError
 
 LOCK_NAME = "write.lock"
@@ -81,8 +81,10 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
         make_home(home)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as e:
-        raise LibraryError(f"cannot write to the library at {home} ({e.strerror or e}); queries work, but "
-                           "indexing, forget, captions and tags need write access") from None
+        why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+        raise LibraryError(f"cannot write to the library at {home} ({why})" + (
+            "; queries work, but indexing, forget, captions and tags need write access"
+            if (home / HOME_DB).is_file() else "; give --home a folder you can write to")) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from imgsearch import synthetic
+from imgsearch.cli import app
 
 
 def report(cli, *paths) -> dict:
@@ -183,6 +184,14 @@ def test_exif_orientation_is_applied(cli, tmp_path, settings):
 def test_bad_paths_and_arguments_exit_2(cli, photos):
     r = cli("index", photos / "missing-folder")
     assert r.exit_code == 2 and "no such file or folder" in r.stderr
+    # before the run, not after it as an internal error
+    r = cli("index", photos, "--log", photos / "missing-folder" / "failures.txt")
+    assert r.exit_code == 2 and r.stderr.strip() == \
+        f"error: --log {photos / 'missing-folder' / 'failures.txt'}: cannot write it (No such file or directory)"
+    a_file = photos / "red_circle_000.jpg"
+    r = cli.runner.invoke(app, ["--home", str(a_file), "--model", cli.model, "index", str(photos)])
+    assert r.exit_code == 1 and r.stderr.strip() == f"error: cannot write to the library at {a_file} (a file, not " \
+        "a folder); give --home a folder you can write to"
     cli("index", photos)
     r = cli("query", "--image", photos / "nope.jpg")
     assert r.exit_code == 2 and r.stderr.strip() == f"error: query image not found: {photos / 'nope.jpg'}"
@@ -201,7 +210,6 @@ def test_bad_paths_and_arguments_exit_2(cli, photos):
 def test_an_unknown_device_or_precision_is_refused_at_every_door(cli, home):
     """A text query ignored them; without torch, `index` took them for a reason it "needs torch" (exit 1)."""
     from imgsearch import Library
-    from imgsearch.cli import app
     from imgsearch.errors import UsageError
 
     for flag, value, refusal in (("--precision", "bf61", "unknown precision 'bf61'; use auto, fp32, bf16, fp16 or int8"),
