@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ModelLoadError, UsageError
 from .modelspec import HF_HUB, LOCAL_DIR, ModelSpec  # noqa: F401  (re-exported: the encoder's public names)
-from .modelspec import WEIGHT_SUFFIXES, hub_repo, looks_like_file
+from .modelspec import WEIGHT_SUFFIXES, english_only, hub_repo, looks_like_file
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -52,7 +52,10 @@ def torch_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
 
 
-def needs_torch(what: str) -> str:
+def needs_torch(what: str, spec: ModelSpec | None = None) -> str:
+    if spec is not None and not english_only(spec):  # the torch extra alone would not load it either
+        return (f"{spec.canonical().label} has a Hugging Face text tower, which needs torch, open_clip and "
+                "transformers; add them with: pip install 'imgsearch[multilingual]'")
     return f"{what} needs torch and open_clip, which this install leaves out; add them with: {TORCH_EXTRA}"
 
 

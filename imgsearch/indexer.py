@@ -624,7 +624,8 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
                 onnx_image.say_gpu_unused(settings)
                 enc, why = onnx_image.torch_free_encoder(settings, store and store.library_id, threads)
                 if enc is None and not encoder_mod.torch_installed():
-                    raise ModelLoadError(encoder_mod.needs_torch(f"indexing here ({why})"))
+                    raise ModelLoadError(encoder_mod.needs_torch(f"indexing here ({why})",
+                                                                 ModelSpec(settings.model, settings.pretrained)))
             if enc is None:
                 onnx_image.drop_prestarted()
                 enc = load_encoder() if load_encoder else encoder_mod.load(

@@ -812,11 +812,13 @@ def query_encoder(settings, threads: int, make: bool = True) -> OrtEncoder:
     exports made where missing, with ``make``); ModelLoadError says why there is none."""
     from .encoder import needs_torch
     from .errors import ModelLoadError
+    from .modelspec import ModelSpec
 
     precision = "int8" if settings.precision == "int8" else "fp32"
     # weights left unpacked (once): a query's few images run as fast, in 30% less memory (ViT-B-32: 374 MB)
     enc, why = torch_free_encoder(settings.with_(precision=precision, image_backend="onnx"), None, threads, make,
                                   once=True)
     if enc is None:
-        raise ModelLoadError(needs_torch(f"encoding images here ({why})"))
+        spec = ModelSpec(settings.model, settings.pretrained)
+        raise ModelLoadError(needs_torch(f"encoding images here ({why})", spec))
     return enc

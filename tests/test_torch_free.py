@@ -332,3 +332,11 @@ def test_ctrl_c_while_onnxruntime_loads_stops_the_run_like_any_ctrl_c(model_dir,
                     env={"TEST_SYS_PATH": str(tmp_path / "fake")})
     code, out, err = index
     assert code == 130 and "interrupted" in err and "needs torch" not in err, (out + err)[-2000:]
+
+
+def test_a_model_with_a_hugging_face_text_tower_names_the_extra_that_loads_it(photos, tmp_path):
+    """The torch extra alone has no transformers: it was the extra named, under a list of hub tags."""
+    (index,) = _run(tmp_path / "home", [["--model", "multilingual", "index", str(photos)]])
+    line = _one_line_error(index, "xlm-roberta-base-ViT-B-32 (laion5b_s13b_b90k) has a Hugging Face text tower",
+                           "pip install 'imgsearch[multilingual]'")
+    assert "imgsearch[torch]" not in line and "tags fetched" not in line
