@@ -49,8 +49,8 @@ def main(
                                             "without torch installed: int8 where close enough, else fp32]"
                                             "; int8 = quantised image tower on CPU, for index",
                                             show_default=False),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [default: see config.thread_budget]",
-                                          show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decode threads [env IMGSEARCH_WORKERS; "
+                                          "default: one per core, up to 8 on a GPU]", show_default=False),
     lang: Optional[str] = typer.Option(None, "--lang", help="Query language as an NLLB code, e.g. kor_Hang, "
                                        "deu_Latn [env IMGSEARCH_LANG; default: guessed from the query's script, "
                                        "else the language `index --lang` recorded, else eng_Latn]",
