@@ -19,6 +19,7 @@ for _var, _sub in (("HF_HOME", ""), ("HF_HUB_CACHE", "hub"), ("HUGGINGFACE_HUB_C
                    ("HF_XET_CACHE", "xet"), ("HF_ASSETS_CACHE", "assets")):
     os.environ[_var] = os.path.join(HF_TEST_CACHE, _sub) if _sub else HF_TEST_CACHE
 os.environ.pop("HF_TOKEN", None)  # and no developer credentials
+os.environ["XDG_CACHE_HOME"] = os.path.join(HF_TEST_CACHE, "cache")  # `eval` without a library keeps exports there
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 import pytest  # noqa: E402

@@ -340,3 +340,22 @@ def test_a_model_with_a_hugging_face_text_tower_names_the_extra_that_loads_it(ph
     line = _one_line_error(index, "xlm-roberta-base-ViT-B-32 (laion5b_s13b_b90k) has a Hugging Face text tower",
                            "pip install 'imgsearch[multilingual]'")
     assert "imgsearch[torch]" not in line and "tags fetched" not in line
+
+
+def test_eval_without_a_library_keeps_its_exports_in_this_users_cache(model_dir, photos, tmp_path):
+    """Not in a fixed folder of the shared temp dir, which another user may own (eval then failed: "needs torch")
+    or fill with exports of their making."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    (shared / "imgsearch-eval-exports").write_text("another user's")
+    classes = tmp_path / "classes"
+    for colour in ("red", "blue"):
+        (classes / colour).mkdir(parents=True)
+        for p in photos.glob(f"{colour}_*.jpg"):
+            (classes / colour / p.name).symlink_to(p)
+    (zeroshot,) = _run(tmp_path / "no-library", [
+        ["--model", f"local-dir:{model_dir}", "eval", "zeroshot", str(classes), "--json"]],
+        env={"TMPDIR": str(shared), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert json.loads(_ok(zeroshot))["models"][0]["top1"] >= 0.9
+    assert list((tmp_path / "cache" / "imgsearch" / "eval-exports").glob("exports/*/image/manifest.json"))
+    assert not (tmp_path / "no-library").exists()
