@@ -114,3 +114,20 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
             os.ftruncate(fd, 0)  # a pid left behind would be named by the next waiter
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created when missing) for the block, waited for: a short
+    read-modify-write of a file several processes share. Without flock (Windows), none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -75,6 +75,13 @@ def _read_manifest(folder: Path) -> dict:
         return {}
 
 
+def _manifest_lock(folder: Path):
+    """Held while a manifest is read, changed and written back: several processes may make or time one export."""
+    from .lock import file_lock
+
+    return file_lock(folder / ".manifest.lock")
+
+
 def _write_manifest(folder: Path, manifest: dict) -> None:
     with atomic_file(folder / MANIFEST) as f:
         f.write(json.dumps(manifest, indent=2).encode("utf-8"))
@@ -267,37 +274,38 @@ def _ensure_files(folder: Path, fingerprint: str, label: str, size: int, kind: s
     probed: the int8 parity gate checks it against fp32 on the user's own photos before any run uses it."""
     ort = _import_ort()
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = _read_manifest(folder)
-    if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
-        manifest = {"format": FORMAT, "fingerprint": fingerprint, "model": label, "opset": OPSET,
-                    "input_size": size, "onnxruntime": ort.__version__}
-    recheck = lambda e: checked == "torch" and (e or {}).get("checked") == "numpy"  # noqa: E731
-    entry = manifest.get("fp32")
-    if "preprocess" not in manifest or recheck(entry):
-        manifest.update(describe())
-        _write_manifest(folder, manifest)
-    path, entry = folder / FP32_FILE, manifest.get("fp32")
-    missing = entry is None or not path.is_file()
-    if missing or recheck(entry):
-        if missing:
-            write(path, False)
-        want = reference(probe := probe_batch(size))  # first: the numpy forward and a session never overlap
-        cos = float((OrtImageTower(path, "fp32", threads, once=True).encode(probe) * want).sum(1).min())
-        trim_heap()
-        entry = manifest["fp32"] = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE,
-                                    "threshold": FP32_MIN_COSINE, "checked": checked}
-        _write_manifest(folder, manifest)
-    if not entry.get("passed"):
-        raise OnnxUnavailable(f"the exported image tower does not match {entry.get('checked', 'torch')} "
-                              f"(cosine {entry['min_cosine']:.6f})")
-    if kind == "fp32":
+    with _manifest_lock(folder):  # one process at a time: a concurrent one's manifest would drop entries
+        manifest = _read_manifest(folder)
+        if manifest.get("fingerprint") != fingerprint or manifest.get("format") != FORMAT:
+            manifest = {"format": FORMAT, "fingerprint": fingerprint, "model": label, "opset": OPSET,
+                        "input_size": size, "onnxruntime": ort.__version__}
+        recheck = lambda e: checked == "torch" and (e or {}).get("checked") == "numpy"  # noqa: E731
+        entry = manifest.get("fp32")
+        if "preprocess" not in manifest or recheck(entry):
+            manifest.update(describe())
+            _write_manifest(folder, manifest)
+        path, entry = folder / FP32_FILE, manifest.get("fp32")
+        missing = entry is None or not path.is_file()
+        if missing or recheck(entry):
+            if missing:
+                write(path, False)
+            want = reference(probe := probe_batch(size))  # first: the numpy forward and a session never overlap
+            cos = float((OrtImageTower(path, "fp32", threads, once=True).encode(probe) * want).sum(1).min())
+            trim_heap()
+            entry = manifest["fp32"] = {"file": FP32_FILE, "min_cosine": cos, "passed": cos >= FP32_MIN_COSINE,
+                                        "threshold": FP32_MIN_COSINE, "checked": checked}
+            _write_manifest(folder, manifest)
+        if not entry.get("passed"):
+            raise OnnxUnavailable(f"the exported image tower does not match {entry.get('checked', 'torch')} "
+                                  f"(cosine {entry['min_cosine']:.6f})")
+        if kind == "fp32":
+            return path, manifest
+        path, entry = folder / INT8_FILE, manifest.get("int8")
+        if entry is None or not path.is_file() or _recipe_of(entry) != INT8_RECIPE:
+            write(path, True)  # no probe check: the parity gate measures it on the user's own photos before use
+            manifest["int8"] = {"file": INT8_FILE, **INT8_RECIPE}
+            _write_manifest(folder, manifest)
         return path, manifest
-    path, entry = folder / INT8_FILE, manifest.get("int8")
-    if entry is None or not path.is_file() or _recipe_of(entry) != INT8_RECIPE:
-        write(path, True)  # no probe check: the parity gate measures it on the user's own photos before use
-        manifest["int8"] = {"file": INT8_FILE, **INT8_RECIPE}
-        _write_manifest(folder, manifest)
-    return path, manifest
 
 
 def _timed(fn, batch, runs: int = 2) -> float:
@@ -413,10 +421,10 @@ def int8_parity(encoder, tensors) -> tuple[float, np.ndarray, dict]:
 def record_speeds(home, fingerprint: str, speeds: dict, threads: int) -> str:
     """Remember towers' img/s measured here (recorded_best reads them); returns the fastest."""
     folder = export_dir(home, fingerprint)
-    manifest = _read_manifest(folder)
-    if manifest.get("fingerprint") == fingerprint:
-        manifest.setdefault("img_s", {}).setdefault(decision_key(threads), {}).update(speeds)
-        with contextlib.suppress(OSError):  # a cache: the next run measures again
+    with contextlib.suppress(OSError), _manifest_lock(folder):  # a cache: the next run measures again
+        manifest = _read_manifest(folder)
+        if manifest.get("fingerprint") == fingerprint:
+            manifest.setdefault("img_s", {}).setdefault(decision_key(threads), {}).update(speeds)
             _write_manifest(folder, manifest)
     return max(speeds, key=speeds.get)
 
@@ -511,12 +519,12 @@ def cached_parity(home, fingerprint: str, library_id: str | None, threshold: flo
 def record_parity(home, fingerprint: str, library_id: str | None, cos: float, images: int) -> None:
     """Remember an int8 parity check: a pass, or a failure where auto fell back to fp32 without torch (auto's
     torch runs and --precision int8 refusals are not cached: the next run measures again)."""
-    found = _parity_key(home, fingerprint, library_id)
-    if found is not None:
-        folder, manifest, key, ident = found
-        manifest.setdefault("int8_parity", {})[key] = {"min_cosine": cos, "images": images, **ident,
-                                                       "measured": time.strftime("%Y-%m-%d")}
-        with contextlib.suppress(OSError):  # a cache: the next run measures again
+    with contextlib.suppress(OSError), _manifest_lock(export_dir(home, fingerprint)):  # a cache: measured again
+        found = _parity_key(home, fingerprint, library_id)
+        if found is not None:
+            folder, manifest, key, ident = found
+            manifest.setdefault("int8_parity", {})[key] = {"min_cosine": cos, "images": images, **ident,
+                                                           "measured": time.strftime("%Y-%m-%d")}
             _write_manifest(folder, manifest)
 
 

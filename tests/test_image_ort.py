@@ -324,3 +324,30 @@ def test_an_int8_index_run_leaves_the_librarys_shared_encoder_as_it_was(model_id
         # The same vector (torch fp32; other thread counts may reorder sums), where int8 moves it by ~1e-3.
         assert np.abs(after - before).max() < 1e-5, np.abs(after - before).max()
         assert lib.encoder.describe() == backend
+
+
+@pytest.mark.slow
+def test_an_export_made_twice_at_once_keeps_both_runs_manifest_entries(tiny_model, home, monkeypatch):
+    """A query's fp32 export and a first index run's int8 one, made at once for the same weights: the query
+    wrote its stale manifest last, the index run found no int8 entry and stopped ("needs torch"). Threads
+    stand in for the two processes: the index run starts while the query writes its graph."""
+    from imgsearch import clipgraph
+    from imgsearch.config import Settings
+
+    base = Settings.from_env(home=home, model=f"local-dir:{tiny_model}", device="cpu")
+    real, index_run, done = clipgraph.write_image_graph, [], threading.Event()
+
+    def write_graph(*args, **kw):
+        if not index_run:
+            index_run.append(threading.Thread(target=lambda: index_run.append(
+                onnx_image.make_exports(base.with_(precision="int8"), 1, text=False)) or done.set()))
+            index_run[0].start()
+            done.wait(3)  # before the fix it finished meanwhile; now it waits for this export's lock
+        return real(*args, **kw)
+
+    monkeypatch.setattr(clipgraph, "write_image_graph", write_graph)
+    assert onnx_image.make_exports(base.with_(precision="fp32", image_backend="onnx"), 1, text=False) == "ok"
+    index_run[0].join()
+    assert index_run[1] == "ok"
+    manifest = json.loads(next(home.glob("exports/*/image/manifest.json")).read_text())
+    assert manifest["fp32"]["passed"] and manifest["int8"]["file"] == onnx_image.INT8_FILE, manifest
