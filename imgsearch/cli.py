@@ -144,8 +144,9 @@ def index_cmd(
     if report.aliases:
         typer.echo(f"  {report.aliases} paths were second names (symlinks, hard links) of files indexed once")
     if report.failed_before:
-        typer.echo(f"  {report.failed_before} files that failed before and are unchanged were not retried "
-                   "(`imgsearch status --failures`)")
+        one = report.failed_before == 1
+        typer.echo(f"  {report.failed_before} file{'' if one else 's'} that failed before and {'is' if one else 'are'} "
+                   f"unchanged {'was' if one else 'were'} not retried (`imgsearch status --failures`)")
     if report.int8_parity is not None and report.image_tower.endswith("int8"):  # moot when the faster fp32 export ran
         where = (f"{report.parity_images} of these images" if report.parity_images
                  else "this library's images in an earlier run")  # a remembered verdict

@@ -97,4 +97,5 @@ def non_latin(texts) -> bool:
 
 def english_only_hint(label: str) -> str:
     return (f"hint: {label} is an English-only model and this query is not in Latin script; "
-            f"for other languages index with `imgsearch --model {PRESET} index PATH` (see README, Multilingual search)")
+            f"for other languages install imgsearch[multilingual] and index with `imgsearch --model {PRESET} index "
+            "PATH` (see README, Multilingual search)")

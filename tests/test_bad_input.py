@@ -77,6 +77,7 @@ def test_pixel_cap_is_configurable(cli, tmp_path, monkeypatch):
     rep = report(cli, folder)
     reason = rep["failures"][0]["reason"]
     assert rep["failed"] == 1 and "too large: 200x200" in reason and "IMGSEARCH_MAX_PIXELS" in reason
+    assert "1 file that failed before and is unchanged was not retried" in cli("index", folder).stdout
     monkeypatch.setenv("IMGSEARCH_MAX_PIXELS", "100000")
     assert report(cli, folder)["new"] == 1
 
