@@ -3,6 +3,8 @@ through a warm server starts in a fraction of a second (no torch, numpy or SQLAl
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -18,6 +20,7 @@ from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .modelspec import ModelSpec
 
 SERVER_FILE = "server.json"
+CHALLENGE = "X-Imgsearch-Challenge"  # a client's random value; /api/health answers proof(token, value)
 
 
 def server_file(settings: Settings) -> Path:
@@ -40,11 +43,19 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
         os.kill(int(info["pid"]), 0)
     except (OSError, KeyError, ValueError):
         return None  # left behind by a server that died
+    # The server that wrote the record proves it holds the token before the token or a query is sent: after
+    # it died, another program (another user's) may listen on its port, while its pid went to a process of ours.
+    challenge = os.urandom(16).hex()
     try:
-        health = _request(info, "GET", "/api/health", None, timeout)
+        health = _request(info, "GET", "/api/health", None, timeout, {CHALLENGE: challenge})
     except (OSError, ImgSearchError):
         return None
-    return info if health.get("pid") == info.get("pid") else None
+    answer = health.get("proof") if isinstance(health, dict) else None
+    return info if isinstance(answer, str) and hmac.compare_digest(answer, proof(info["token"], challenge)) else None
+
+
+def proof(token: str, challenge: str) -> str:
+    return hmac.new(token.encode(), challenge.encode(), hashlib.sha256).hexdigest()
 
 
 def _url_host(host: str) -> str:
@@ -54,10 +65,12 @@ def _url_host(host: str) -> str:
     return wildcards.get(host) or (f"[{host}]" if ":" in host else host)
 
 
-def _request(info: dict, method: str, path: str, body: dict | None, timeout: float) -> dict:
+def _request(info: dict, method: str, path: str, body: dict | None, timeout: float,
+             headers: dict | None = None) -> dict:
+    """``headers``: sent instead of the token."""
     url = f"http://{_url_host(info['host'])}:{int(info['port'])}{path}"
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Authorization": f"Bearer {info['token']}"}
+    headers = dict(headers or {"Authorization": f"Bearer {info['token']}"})
     if data is not None:
         headers["Content-Type"] = "application/json"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)

@@ -30,7 +30,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
-from .client import server_file
+from .client import CHALLENGE, proof, server_file
 from .config import NESTED_JSON, Settings, atomic_file, read_json
 from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
@@ -133,11 +133,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refusal(self) -> tuple[int, str] | None:
         """Why this request may not be served, or None. Says nothing about the library."""
-        host = self.headers.get("Host")
-        if not host or not self._names_this_machine(host):
+        hosts, origins = self.headers.get_all("Host") or [], self.headers.get_all("Origin") or []
+        if len(hosts) != 1 or not self._names_this_machine(hosts[0]):  # two Host headers: which one is meant?
             return 403, "this server answers only requests addressed to localhost"
-        origin = self.headers.get("Origin")
-        if origin is not None:
+        if len(origins) > 1:
+            return 403, "cross-origin requests are not allowed"
+        if origins:
+            origin = origins[0]
             try:
                 parts = urlsplit(origin)
                 ok = parts.scheme == "http" and self._names_this_machine(parts.netloc, 80)
@@ -161,14 +163,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.service.last_request = time.monotonic()
         te = self.headers.get("Transfer-Encoding")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        self._unread_body = bool(te) or length != 0
+        # One plain decimal number: int() also takes "+5", "1_0" and " 5", and of two lengths the first was used.
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length") or ["0"]}
+        length = lengths.pop() if len(lengths) == 1 else ""
+        self._length = int(length) if re.fullmatch(r"[0-9]{1,18}", length) else None
+        self._unread_body = bool(te) or self._length != 0
         if te is not None:
             return self._error(411, "chunked request bodies are not supported; send Content-Length")
-        if length < 0:
+        if self._length is None:
             return self._error(400, "bad Content-Length")
         refusal = self._refusal()
         if refusal:
@@ -177,7 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
         authorized = self._authorized()
         if url.path == "/api/health" and self.command == "GET" and not authorized and \
                 not self.headers.get("Authorization"):
-            return self._send(200, {"ok": True})  # liveness only: no paths, no pid
+            # Liveness only (no paths, no pid); to a client's challenge, proof that this server holds the token.
+            challenge = self.headers.get(CHALLENGE)
+            return self._send(200, {"ok": True, **({"proof": proof(self.token, challenge)} if challenge else {})})
         if not authorized:
             return self._error(401, "missing or wrong token; send 'Authorization: Bearer TOKEN' with the token "
                                     "from server.json in the library folder",
@@ -202,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self._length
         if length > MAX_BODY:
             raise _Reply(413, f"request body over {MAX_BODY >> 20} MB")
         data = self.rfile.read(length) if length else b""

@@ -543,3 +543,133 @@ def test_python_api_takes_image_bytes_and_pil_images(library, settings):
             by_pil = lib.search(image=im.convert("RGB"), k=3)
     assert by_path == by_bytes and by_path[0].path == str(photo)
     assert [h.id for h in by_pil] == [h.id for h in by_path]
+
+
+# --- fourth pass: what reaches the port besides a search ---------------------------------------
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n0 0 moveto 64 64 lineto stroke\nshowpage\n"
+
+
+def test_an_uploaded_or_indexed_postscript_file_never_runs_ghostscript(library, settings, cli, tmp_path, monkeypatch):
+    """Pillow left to itself tries every plugin: its EPS one hands the bytes (through a temp file) to Ghostscript,
+    an outside interpreter. An upload, or a .jpg in a photo folder, holding PostScript must never reach it."""
+    from PIL import EpsImagePlugin
+
+    ran = tmp_path / "ghostscript-ran"
+    fake = tmp_path / "gs"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {ran}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", str(fake))  # as if Ghostscript were installed
+    srv, t = start(settings)
+    try:
+        code, res = get(srv, "/api/search/image?k=1", {"Content-Type": "application/postscript"}, body=EPS,
+                        method="POST")
+        assert (code, res["error"]) == (400, "cannot use query image in the request body: not an image Pillow can "
+                                             "read (unknown or corrupt format)")
+        code, _ = get(srv, "/api/search", body={"images": [__import__("base64").b64encode(EPS).decode()]},
+                      method="POST")
+        assert code == 400
+    finally:
+        srv.shutdown()
+        t.join(10)
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(EPS)
+    r = cli("index", folder, "--json")
+    assert r.exit_code == 0, r.output
+    assert [f["reason"] for f in json.loads(r.stdout)["failures"]] == [
+        "not an image Pillow can read (unknown or corrupt format)"]
+    assert not ran.exists()
+
+
+def test_an_album_deleted_while_the_albums_are_evaluated_is_no_error(library, settings, monkeypatch):
+    """GET /api/albums reads the albums, then evaluates each; a DELETE landing in between made the evaluation
+    store a vector for an album that no longer existed: a 500 (and, in a watch batch, the watcher stopped)."""
+    from imgsearch.store import Store
+
+    srv, t = start(settings)
+    try:
+        code, _ = get(srv, "/api/albums", body={"name": "reds", "texts": ["a red circle"], "k": 5}, method="POST")
+        assert code == 200
+        listed = Store.albums
+
+        def then_deleted(self):
+            rows = listed(self)
+            for row in rows:  # another client's DELETE /api/albums/reds, just after the list was read
+                self.delete_album(row[0])
+            return rows
+
+        monkeypatch.setattr(Store, "albums", then_deleted)
+        code, res = get(srv, "/api/albums")
+        assert code == 200, res
+        monkeypatch.undo()
+        assert get(srv, "/api/albums") == (200, {"albums": []})
+        code, res = get(srv, "/api/albums/reds")
+        assert code == 400 and "no album named 'reds'" in res["error"]
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+def test_a_program_on_a_dead_servers_port_gets_neither_token_nor_query(library, settings, cli):
+    """server.json outlives a killed server. Its pid can go to another process of ours, its port to another
+    program (another user's), which may well answer with that pid: it must never see the token or the query."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class Stranger(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.do_POST()
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(f"{self.requestline}\n{self.headers}\n{body.decode(errors='replace')}")
+            answer = {"ok": True, "pid": os.getpid(), "proof": "0" * 64,
+                      "hits": [{"rank": 1, "id": 1, "path": "/elsewhere/not-yours.jpg", "score": 1.0}]}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    stranger = HTTPServer(("127.0.0.1", 0), Stranger)
+    t = threading.Thread(target=stranger.serve_forever, daemon=True)
+    t.start()
+    try:
+        record = {"ok": True, "pid": os.getpid(), "home": str(settings.home), "model": settings.model,
+                  "pretrained": None, "host": "127.0.0.1", "port": stranger.server_address[1],
+                  "token": "the-dead-servers-token"}
+        (settings.home / "server.json").write_text(json.dumps(record))
+        r = cli("query", "a secret red circle", "-k", "1", "--json")
+    finally:
+        stranger.shutdown()
+        t.join(10)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["path"].startswith(str(library))  # answered in-process
+    assert seen  # it was asked to prove itself...
+    assert not any("the-dead-servers-token" in s or "secret" in s for s in seen), seen  # ...and told nothing
+
+
+@pytest.mark.parametrize("length", ["+5", "1_0", "5\r\nContent-Length: 7", "9" * 5000, "-1", ""])
+def test_content_length_is_one_plain_number(server, length):
+    """int() takes '+5' and '1_0', and of two lengths the first was used: a proxy in front reading them another
+    way would see a different request boundary."""
+    _, port = server.address
+    answer = raw_http(server, (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer "
+                               f"{server.token}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+                               '{"texts": ["a red circle"]}').encode())
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"bad Content-Length" in answer and answer.count(b"HTTP/1.1") == 1
+
+
+def test_a_second_host_or_origin_header_is_refused(server):
+    _, port = server.address
+    for extra in (f"Host: evil.example:{port}", "Origin: http://evil.example"):
+        answer = raw_http(server, (f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                   + (f"Origin: http://127.0.0.1:{port}\r\n" if "Origin" in extra else "")
+                                   + f"{extra}\r\nAuthorization: Bearer {server.token}\r\nConnection: close\r\n\r\n"
+                                   ).encode())
+        assert answer.startswith(b"HTTP/1.1 403 ") and b'"images"' not in answer, extra
