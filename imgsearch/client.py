@@ -99,8 +99,11 @@ def search(info: dict, request, timeout: float = 60.0) -> list[dict]:
 
 def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0) -> dict | None:
     """Start `imgsearch serve --idle-exit` in the background for this library and wait until it answers."""
-    log_path = make_home(settings.home) / "server.log"  # queries and paths: for this user's eyes only
-    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    try:
+        log_path = make_home(settings.home) / "server.log"  # queries and paths: for this user's eyes only
+        log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    except OSError:
+        return None  # a read-only library: no server could publish itself there; the caller answers in-process
     cmd = [sys.executable, "-m", "imgsearch", "--home", str(settings.home), "--model", settings.model]
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
 from .client import CHALLENGE, proof, server_file
 from .config import NESTED_JSON, Settings, atomic_file, read_json
-from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
+from .errors import ImgSearchError, LibraryError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
 
 MAX_BODY = 25 << 20  # bytes per request
@@ -227,7 +227,11 @@ class _Handler(BaseHTTPRequestHandler):
         except _Reply as e:
             self._error(*e.args)
         except ImgSearchError as e:  # a ParamError names its field
-            code = 409 if isinstance(e, ModelMismatchError) else 400 if isinstance(e, UsageError) else 500
+            # The library's state, no fault of the server: no vectors for this model, or an album written to a
+            # read-only library.
+            conflict = isinstance(e, ModelMismatchError) or (isinstance(e, LibraryError)
+                                                             and self.service.library.store.read_only)
+            code = 409 if conflict else 400 if isinstance(e, UsageError) else 500
             self._error(code, str(e), getattr(e, "param", None))
         except Exception as e:  # never kill the server over one request
             self._error(500, f"internal error: {type(e).__name__}: {e}")
@@ -395,8 +399,13 @@ class SearchServer:
         host, port = self.address
         info = {**self.service.health(), "host": host, "port": port, "token": self.token,
                 "started_at": time.time()}
-        with atomic_file(server_file(self.settings)) as f:  # created 0600
-            f.write(json.dumps(info).encode())
+        try:
+            with atomic_file(server_file(self.settings)) as f:  # created 0600
+                f.write(json.dumps(info).encode())
+        except OSError as e:  # e.g. a library on read-only media: no client could learn the token
+            raise LibraryError(f"cannot write {server_file(self.settings)} ({e.strerror or e}), where clients find "
+                               "the server and its token; query the library directly (queries work without "
+                               "write access), or serve a writable copy") from None
 
     def remove_discovery(self) -> None:
         path = server_file(self.settings)
@@ -413,10 +422,10 @@ class SearchServer:
                 return
 
     def serve_forever(self) -> None:
-        self.write_discovery()
-        if self.idle_exit:
-            threading.Thread(target=self._watch_idle, daemon=True).start()
         try:
+            self.write_discovery()
+            if self.idle_exit:
+                threading.Thread(target=self._watch_idle, daemon=True).start()
             self.httpd.serve_forever(poll_interval=0.2)
         finally:
             self.httpd.server_close()

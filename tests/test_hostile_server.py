@@ -673,3 +673,54 @@ def test_a_second_host_or_origin_header_is_refused(server):
                                    + f"{extra}\r\nAuthorization: Bearer {server.token}\r\nConnection: close\r\n\r\n"
                                    ).encode())
         assert answer.startswith(b"HTTP/1.1 403 ") and b'"images"' not in answer, extra
+
+
+def test_an_album_written_to_a_read_only_library_is_a_conflict_not_a_server_fault(library, settings, monkeypatch):
+    import imgsearch.store
+
+    real = os.access
+    monkeypatch.setattr(imgsearch.store.os, "access", lambda path, mode, *a, **kw: False if mode & os.W_OK and
+                        str(path).startswith(str(settings.home)) else real(path, mode, *a, **kw))  # read-only media
+    srv, t = start(settings)
+    try:
+        assert srv.service.library.store.read_only
+        code, res = get(srv, "/api/albums", body={"name": "reds", "texts": ["a red circle"]}, method="POST")
+        assert code == 409 and "is read-only" in res["error"], res
+        code, res = get(srv, "/api/search?q=a+red+circle&k=1")
+        assert code == 200 and "red_circle" in res["hits"][0]["path"]
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+def test_serve_and_query_daemon_on_a_read_only_library(library, cli, settings, monkeypatch):
+    """Queries work on read-only media; serve cannot publish its token there and says so in one line, and
+    query --daemon answers in-process (both were an internal error)."""
+    import errno
+    import signal
+    import tempfile
+
+    real_mkstemp, real_open = tempfile.mkstemp, os.open
+
+    def refused(path):
+        if str(path).startswith(str(settings.home)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def mkstemp(*a, dir=None, **kw):
+        refused(dir)
+        return real_mkstemp(*a, dir=dir, **kw)
+
+    def open_(path, *a, **kw):
+        refused(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
+    r = cli("serve", "--port", "0")
+    assert r.exit_code == 1 and "internal error" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {settings.home / 'server.json'} "
+                                                        "(Read-only file system)")
+    r = cli("query", "a red circle", "-k", "1", "--json", "--daemon")
+    assert r.exit_code == 0 and "red_circle" in json.loads(r.stdout)[0]["path"], r.output
+    assert not (settings.home / "server.json").exists()
