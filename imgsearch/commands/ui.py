@@ -267,8 +267,8 @@ def ui_cmd(
     shown = f"[{host}]" if ":" in host else host
     err(f"imgsearch UI for {settings.home} at http://{shown}:{port}/  (Ctrl+C stops it)")
     if host not in LOOPBACK_NAMES:
-        err("warning: listening beyond this machine; anyone who can reach it can search and view your photos "
-            "and index any folder this account can read")
+        err("warning: listening beyond this machine; anyone who can reach it can search and view your photos, "
+            "change and export your albums, and index any folder this account can read")
         err(f"it answers requests addressed to {HostPolicy(host, port).shown()}; others get 403")
     argv = streamlit_argv(app, host, port)
     sys.stdout.flush()
