@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import suppress
+from http.client import HTTPException
 from pathlib import Path
 
 from .config import CLI_ENV, Settings, make_home
@@ -36,19 +37,21 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("token"), str) or \
+    fields = (("token", str), ("host", str), ("port", int), ("pid", int))
+    if not isinstance(info, dict) or not all(isinstance(info.get(key), kind) for key, kind in fields) or \
+            not (0 < info["port"] < 65536 and info["pid"] > 0) or \
             not ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained")):
-        return None
+        return None  # not a record a server wrote (damaged, edited, another program's)
     try:
-        os.kill(int(info["pid"]), 0)
-    except (OSError, KeyError, ValueError):
+        os.kill(info["pid"], 0)
+    except (OSError, OverflowError):
         return None  # left behind by a server that died
     # The server that wrote the record proves it holds the token before the token or a query is sent: after
     # it died, another program (another user's) may listen on its port, while its pid went to a process of ours.
     challenge = os.urandom(16).hex()
     try:
         health = _request(info, "GET", "/api/health", None, timeout, {CHALLENGE: challenge})
-    except (OSError, ImgSearchError):
+    except (OSError, ValueError, HTTPException, ImgSearchError):  # no server, or not ours (not even JSON)
         return None
     answer = health.get("proof") if isinstance(health, dict) else None
     return info if isinstance(answer, str) and hmac.compare_digest(answer, proof(info["token"], challenge)) else None

@@ -724,3 +724,36 @@ def test_serve_and_query_daemon_on_a_read_only_library(library, cli, settings, m
     r = cli("query", "a red circle", "-k", "1", "--json", "--daemon")
     assert r.exit_code == 0 and "red_circle" in json.loads(r.stdout)[0]["path"], r.output
     assert not (settings.home / "server.json").exists()
+
+
+def test_a_damaged_server_file_or_a_web_page_on_its_port_is_ignored(library, settings, cli):
+    """server.json is checked before use (a hand edit, a damaged disk, another program's record) and so is
+    what answers on its port: each was an internal error of `imgsearch query`."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class WebPage(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = b"<html>a dev server that took the port</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    page = HTTPServer(("127.0.0.1", 0), WebPage)
+    t = threading.Thread(target=page.serve_forever, daemon=True)
+    t.start()
+    good = {"pid": os.getpid(), "model": settings.model, "pretrained": None, "host": "127.0.0.1",
+            "port": page.server_address[1], "token": "t"}
+    try:
+        for change in ({}, {"port": "abc"}, {"port": None}, {"pid": None}, {"pid": 2 ** 70}, {"host": "a b"},
+                       {"host": "x" * 300}, {"host": None}):
+            (settings.home / "server.json").write_text(json.dumps({**good, **change}))
+            r = cli("query", "a red circle", "-k", "1", "--json")
+            assert r.exit_code == 0 and json.loads(r.stdout)[0]["path"].startswith(str(library)), (change, r.output)
+    finally:
+        page.shutdown()
+        t.join(10)
