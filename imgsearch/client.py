@@ -51,7 +51,7 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
     challenge = os.urandom(16).hex()
     try:
         health = _request(info, "GET", "/api/health", None, timeout, {CHALLENGE: challenge})
-    except (OSError, ValueError, HTTPException, ImgSearchError):  # no server, or not ours (not even JSON)
+    except (OSError, ValueError, ImgSearchError):  # no server, or not ours (not even JSON)
         return None
     answer = health.get("proof") if isinstance(health, dict) else None
     return info if isinstance(answer, str) and hmac.compare_digest(answer, proof(info["token"], challenge)) else None
@@ -92,6 +92,8 @@ def _request(info: dict, method: str, path: str, body: dict | None, timeout: flo
         if 400 <= e.code < 500:
             raise UsageError(message) from None
         raise ImgSearchError(f"search server: {message}") from None
+    except HTTPException as e:  # e.g. the answer cut short: the server stopped meanwhile, as if it were gone
+        raise ConnectionError(f"search server: {type(e).__name__}") from None
 
 
 def search(info: dict, request, timeout: float = 60.0) -> list[dict]:

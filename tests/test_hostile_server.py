@@ -757,3 +757,43 @@ def test_a_damaged_server_file_or_a_web_page_on_its_port_is_ignored(library, set
     finally:
         page.shutdown()
         t.join(10)
+
+
+def test_a_server_that_stops_mid_answer_leaves_the_query_to_be_answered_in_process(library, settings, cli):
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from imgsearch.client import CHALLENGE, proof
+
+    class Dying(BaseHTTPRequestHandler):  # proves itself, then stops half-way through the search's answer
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            challenge = self.headers.get(CHALLENGE)
+            body = json.dumps({"ok": True, "pid": os.getpid(),
+                               **({"proof": proof("t", challenge)} if challenge else {})}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b'{"hits": [')
+            self.close_connection = True
+
+    dying = HTTPServer(("127.0.0.1", 0), Dying)
+    t = threading.Thread(target=dying.serve_forever, daemon=True)
+    t.start()
+    try:
+        (settings.home / "server.json").write_text(json.dumps({
+            "pid": os.getpid(), "model": settings.model, "pretrained": None, "host": "127.0.0.1",
+            "port": dying.server_address[1], "token": "t"}))
+        r = cli("query", "a red circle", "-k", "1", "--json")
+    finally:
+        dying.shutdown()
+        t.join(10)
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["path"].startswith(str(library)), r.output
