@@ -294,7 +294,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         # socket -> monotonic time it started waiting for a request, or None while a request runs
         self._conns: dict = {}
-        self._conns_lock = threading.Lock()
+        self._conns_lock = threading.RLock()  # _refuse, under it, closes through shutdown_request
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):

@@ -797,3 +797,35 @@ def test_a_server_that_stops_mid_answer_leaves_the_query_to_be_answered_in_proce
         dying.shutdown()
         t.join(10)
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["path"].startswith(str(library)), r.output
+
+
+def test_a_connection_past_the_cap_while_every_request_runs_gets_503_and_the_server_lives_on(
+        library, settings, monkeypatch):
+    """Refusing it closed the socket under the lock the refusal already held: the server stopped accepting
+    anyone, for good (a burst of long requests, or bodies sent slowly, reached it)."""
+    from imgsearch import server as srvmod
+
+    monkeypatch.setattr(srvmod, "MAX_CONNECTIONS", 4)
+    srv, t = start(settings)
+    host, port = srv.address
+    running = []
+    try:
+        for _ in range(4):  # requests whose bodies are still on their way: running, not idle
+            s = socket.create_connection((host, port), timeout=30)
+            s.sendall(f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {srv.token}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            running.append(s)
+        deadline = time.monotonic() + 60
+        while sum(v is None for v in list(srv.httpd._conns.values())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = raw_http(srv, f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(), timeout=30)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        for s in running:
+            s.close()
+        running = []
+        assert get(srv, "/api/health")[0] == 200
+    finally:
+        for s in running:
+            s.close()
+        threading.Thread(target=srv.shutdown, daemon=True).start()  # a deadlocked server never stops
+        t.join(10)
