@@ -3,6 +3,8 @@ through a warm server starts in a fraction of a second (no torch, numpy or SQLAl
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import suppress
+from http.client import HTTPException
 from pathlib import Path
 
 from .config import CLI_ENV, Settings, make_home
@@ -18,6 +21,7 @@ from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
 from .modelspec import ModelSpec
 
 SERVER_FILE = "server.json"
+CHALLENGE = "X-Imgsearch-Challenge"  # a client's random value; /api/health answers proof(token, value)
 
 
 def server_file(settings: Settings) -> Path:
@@ -33,18 +37,28 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("token"), str) or \
+    fields = (("token", str), ("host", str), ("port", int), ("pid", int))
+    if not isinstance(info, dict) or not all(isinstance(info.get(key), kind) for key, kind in fields) or \
+            not (0 < info["port"] < 65536 and info["pid"] > 0) or \
             not ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained")):
-        return None
+        return None  # not a record a server wrote (damaged, edited, another program's)
     try:
-        os.kill(int(info["pid"]), 0)
-    except (OSError, KeyError, ValueError):
+        os.kill(info["pid"], 0)
+    except (OSError, OverflowError):
         return None  # left behind by a server that died
+    # The server that wrote the record proves it holds the token before the token or a query is sent: after
+    # it died, another program (another user's) may listen on its port, while its pid went to a process of ours.
+    challenge = os.urandom(16).hex()
     try:
-        health = _request(info, "GET", "/api/health", None, timeout)
-    except (OSError, ImgSearchError):
+        health = _request(info, "GET", "/api/health", None, timeout, {CHALLENGE: challenge})
+    except (OSError, ValueError, ImgSearchError):  # no server, or not ours (not even JSON)
         return None
-    return info if health.get("pid") == info.get("pid") else None
+    answer = health.get("proof") if isinstance(health, dict) else None
+    return info if isinstance(answer, str) and hmac.compare_digest(answer, proof(info["token"], challenge)) else None
+
+
+def proof(token: str, challenge: str) -> str:
+    return hmac.new(token.encode(), challenge.encode(), hashlib.sha256).hexdigest()
 
 
 def _url_host(host: str) -> str:
@@ -54,10 +68,12 @@ def _url_host(host: str) -> str:
     return wildcards.get(host) or (f"[{host}]" if ":" in host else host)
 
 
-def _request(info: dict, method: str, path: str, body: dict | None, timeout: float) -> dict:
+def _request(info: dict, method: str, path: str, body: dict | None, timeout: float,
+             headers: dict | None = None) -> dict:
+    """``headers``: sent instead of the token."""
     url = f"http://{_url_host(info['host'])}:{int(info['port'])}{path}"
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Authorization": f"Bearer {info['token']}"}
+    headers = dict(headers or {"Authorization": f"Bearer {info['token']}"})
     if data is not None:
         headers["Content-Type"] = "application/json"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -76,6 +92,8 @@ def _request(info: dict, method: str, path: str, body: dict | None, timeout: flo
         if 400 <= e.code < 500:
             raise UsageError(message) from None
         raise ImgSearchError(f"search server: {message}") from None
+    except HTTPException as e:  # e.g. the answer cut short: the server stopped meanwhile, as if it were gone
+        raise ConnectionError(f"search server: {type(e).__name__}") from None
 
 
 def search(info: dict, request, timeout: float = 60.0) -> list[dict]:
@@ -86,8 +104,11 @@ def search(info: dict, request, timeout: float = 60.0) -> list[dict]:
 
 def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0) -> dict | None:
     """Start `imgsearch serve --idle-exit` in the background for this library and wait until it answers."""
-    log_path = make_home(settings.home) / "server.log"  # queries and paths: for this user's eyes only
-    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    try:
+        log_path = make_home(settings.home) / "server.log"  # queries and paths: for this user's eyes only
+        log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    except OSError:
+        return None  # a read-only library: no server could publish itself there; the caller answers in-process
     cmd = [sys.executable, "-m", "imgsearch", "--home", str(settings.home), "--model", settings.model]
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]

@@ -812,7 +812,7 @@ def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, chec
                 report.vectors_added += 1
             continue
         rec = recs[k]
-        new.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": digest,
+        new.append({"path": path, "size": st.st_size, "mtime_ns": files.mtime_ns(st), "hash": digest,
                     "width": rec.get("width"), "height": rec.get("height"), "taken_at": rec.get("taken_at")})
         vectors.append((path, unit[j]))
         report.added += 1

@@ -56,6 +56,12 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in SKIP_DIR_NAMES
 
 
+def mtime_ns(st: os.stat_result) -> int:
+    """A file's modification time as the library keeps it: within SQLite's integer range, so a file dated past
+    2262 or before 1678 (a wrong clock, `touch -d`) is indexed instead of failing its whole batch."""
+    return max(-(1 << 63), min(st.st_mtime_ns, (1 << 63) - 1))
+
+
 def abspath(path: str | os.PathLike) -> str:
     """The library's name for a path: absolute with symlinks resolved. One physical file reached through
     ``lib`` and a symlink ``link-to-lib`` must be one library row, so every path the user gives is resolved."""
@@ -98,7 +104,7 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
         if first is not None:
             return Alias(shown, first) if aliases else None
         seen_files[key] = real
-        return FileEntry(real, st.st_size, st.st_mtime_ns)
+        return FileEntry(real, st.st_size, mtime_ns(st))
 
     def visit_dir(path: str) -> Iterator[FileEntry | Skipped | Alias]:
         try:

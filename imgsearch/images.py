@@ -5,6 +5,7 @@ Pillow's process-wide settings are never touched: its own bomb check stays on, o
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import math
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from . import formats
-from .config import MAX_PIXELS, RAW_NEEDS_EXTRA
+from .config import IMAGE_EXTENSIONS, MAX_PIXELS, RAW_NEEDS_EXTRA
 from .errors import DecodeError
 
 # EXIF tags
@@ -24,6 +25,7 @@ _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
 _DATETIME, _MAKE, _MODEL, _ORIENTATION = 306, 271, 272, 274
 _DATETIME_ORIGINAL, _OFFSET_TIME, _OFFSET_TIME_ORIGINAL = 36867, 36880, 36881
 _OFFSET = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
+_PRELOADED = ("JPEG", "PNG", "GIF", "BMP", "DIB", "PPM")  # registered before Pillow imports any other plugin
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,27 @@ def _heif(fp):
     return HeifImageFile(fp)
 
 
+def _pillow_open(fp):
+    """Pillow's image of ``fp`` in one of the formats of IMAGE_EXTENSIONS only: left to itself Pillow tries
+    every plugin it has, and its EPS one runs Ghostscript (an outside interpreter, fed a temp file) on whatever
+    the bytes hold. A JPEG or PNG imports no other plugin."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(fp, formats=_PRELOADED)
+    except UnidentifiedImageError:
+        return Image.open(fp, formats=_other_formats())
+
+
+@functools.cache
+def _other_formats() -> tuple[str, ...]:
+    from PIL import Image
+
+    Image.init()
+    names = Image.registered_extensions()
+    return tuple(sorted({names.get(e) for e in IMAGE_EXTENSIONS} & set(Image.OPEN) - set(_PRELOADED)))
+
+
 @contextmanager
 def _opened(source, max_pixels: int):
     """The one way a file is opened for decoding: Pillow's image of ``source`` (path or bytes), no pixel
@@ -235,7 +258,7 @@ def _opened(source, max_pixels: int):
                 check_size(w, h, max_pixels, "picture inside this icon file")
             fp.seek(0)
             try:
-                im = Image.open(fp)
+                im = _pillow_open(fp)
             except UnidentifiedImageError:
                 if formats.sniff(head) != "heic":
                     raise

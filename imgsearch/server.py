@@ -30,9 +30,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
-from .client import server_file
+from .client import CHALLENGE, proof, server_file
 from .config import NESTED_JSON, Settings, atomic_file, read_json
-from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
+from .errors import ImgSearchError, LibraryError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
 
 MAX_BODY = 25 << 20  # bytes per request
@@ -133,14 +133,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refusal(self) -> tuple[int, str] | None:
         """Why this request may not be served, or None. Says nothing about the library."""
-        host = self.headers.get("Host")
-        if not host or not self._names_this_machine(host):
+        hosts, origins = self.headers.get_all("Host") or [], self.headers.get_all("Origin") or []
+        if len(hosts) != 1 or not self._names_this_machine(hosts[0]):  # two Host headers: which one is meant?
             return 403, "this server answers only requests addressed to localhost"
-        origin = self.headers.get("Origin")
-        if origin is not None:
+        if origins:
             try:
-                parts = urlsplit(origin)
-                ok = parts.scheme == "http" and self._names_this_machine(parts.netloc, 80)
+                parts = urlsplit(origins[0])
+                ok = len(origins) == 1 and parts.scheme == "http" and self._names_this_machine(parts.netloc, 80)
             except ValueError:
                 ok = False
             if not ok:
@@ -161,14 +160,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.service.last_request = time.monotonic()
         te = self.headers.get("Transfer-Encoding")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        self._unread_body = bool(te) or length != 0
+        # One plain decimal number: int() also takes "+5", "1_0" and " 5", and of two lengths the first was used.
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length") or ["0"]}
+        length = lengths.pop() if len(lengths) == 1 else ""
+        self._length = int(length) if re.fullmatch(r"[0-9]{1,18}", length) else None
+        self._unread_body = bool(te) or self._length != 0
         if te is not None:
             return self._error(411, "chunked request bodies are not supported; send Content-Length")
-        if length < 0:
+        if self._length is None:
             return self._error(400, "bad Content-Length")
         refusal = self._refusal()
         if refusal:
@@ -177,7 +176,9 @@ class _Handler(BaseHTTPRequestHandler):
         authorized = self._authorized()
         if url.path == "/api/health" and self.command == "GET" and not authorized and \
                 not self.headers.get("Authorization"):
-            return self._send(200, {"ok": True})  # liveness only: no paths, no pid
+            # Liveness only (no paths, no pid); to a client's challenge, proof that this server holds the token.
+            challenge = self.headers.get(CHALLENGE)
+            return self._send(200, {"ok": True, **({"proof": proof(self.token, challenge)} if challenge else {})})
         if not authorized:
             return self._error(401, "missing or wrong token; send 'Authorization: Bearer TOKEN' with the token "
                                     "from server.json in the library folder",
@@ -202,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self._length
         if length > MAX_BODY:
             raise _Reply(413, f"request body over {MAX_BODY >> 20} MB")
         data = self.rfile.read(length) if length else b""
@@ -223,7 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
         except _Reply as e:
             self._error(*e.args)
         except ImgSearchError as e:  # a ParamError names its field
-            code = 409 if isinstance(e, ModelMismatchError) else 400 if isinstance(e, UsageError) else 500
+            # The library's state, no fault of the server: no vectors for this model, or an album written to a
+            # read-only library.
+            conflict = isinstance(e, ModelMismatchError) or (isinstance(e, LibraryError)
+                                                             and self.service.library.store.read_only)
+            code = 409 if conflict else 400 if isinstance(e, UsageError) else 500
             self._error(code, str(e), getattr(e, "param", None))
         except Exception as e:  # never kill the server over one request
             self._error(500, f"internal error: {type(e).__name__}: {e}")
@@ -289,7 +294,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         # socket -> monotonic time it started waiting for a request, or None while a request runs
         self._conns: dict = {}
-        self._conns_lock = threading.Lock()
+        self._conns_lock = threading.RLock()  # _refuse, under it, closes through shutdown_request
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
@@ -391,8 +396,13 @@ class SearchServer:
         host, port = self.address
         info = {**self.service.health(), "host": host, "port": port, "token": self.token,
                 "started_at": time.time()}
-        with atomic_file(server_file(self.settings)) as f:  # created 0600
-            f.write(json.dumps(info).encode())
+        try:
+            with atomic_file(server_file(self.settings)) as f:  # created 0600
+                f.write(json.dumps(info).encode())
+        except OSError as e:  # e.g. a library on read-only media: no client could learn the token
+            raise LibraryError(f"cannot write {server_file(self.settings)} ({e.strerror or e}), where clients find "
+                               "the server and its token; query the library directly (queries work without "
+                               "write access), or serve a writable copy") from None
 
     def remove_discovery(self) -> None:
         path = server_file(self.settings)
@@ -409,10 +419,10 @@ class SearchServer:
                 return
 
     def serve_forever(self) -> None:
-        self.write_discovery()
-        if self.idle_exit:
-            threading.Thread(target=self._watch_idle, daemon=True).start()
         try:
+            self.write_discovery()
+            if self.idle_exit:
+                threading.Thread(target=self._watch_idle, daemon=True).start()
             self.httpd.serve_forever(poll_interval=0.2)
         finally:
             self.httpd.server_close()

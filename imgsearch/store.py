@@ -781,7 +781,9 @@ class Store:
                                                     a=album_id)}
 
     def set_album_pins(self, album_id: int, ids: Iterable[int], keep: bool) -> None:
-        self._write("INSERT OR REPLACE INTO album_pins (album_id, image_id, keep) VALUES (:a, :i, :k)",
+        """Pins of an album and images that still exist: another thread or process may delete either meanwhile."""
+        self._write("INSERT OR REPLACE INTO album_pins (album_id, image_id, keep) SELECT :a, :i, :k WHERE EXISTS "
+                    "(SELECT 1 FROM albums WHERE id = :a) AND EXISTS (SELECT 1 FROM images WHERE id = :i)",
                     [{"a": album_id, "i": int(i), "k": int(keep)} for i in ids])
 
     def album_vector(self, album_id: int, model_id: int) -> np.ndarray | None:
@@ -790,7 +792,9 @@ class Store:
         return None if blob is None else _matrix([blob], 0)[0]
 
     def save_album_vector(self, album_id: int, model_id: int, vector: np.ndarray) -> None:
-        self._write("INSERT OR REPLACE INTO album_vectors (album_id, model_id, vector) VALUES (:a, :m, :v)",
+        """Kept only while the album exists: it may be deleted while it is evaluated (a request, a watch batch)."""
+        self._write("INSERT OR REPLACE INTO album_vectors (album_id, model_id, vector) SELECT :a, :m, :v "
+                    "WHERE EXISTS (SELECT 1 FROM albums WHERE id = :a)",
                     {"a": album_id, "m": model_id, "v": vector_to_blob(vector)})
 
     def album_evaluated(self, album_id: int, members: int, digest: str) -> None:

@@ -275,10 +275,11 @@ class Watcher:
             batch = Batch(self._apply(changed, gone), changed, gone)
         except ImgSearchError as e:
             batch = Batch(IndexReport(), changed, gone, error=str(e))
-            # A file that vanished (or came back) between the look and the write: look at it again.
-            again = [p for p in changed if not os.path.exists(p)] + [p for p in gone if os.path.lexists(p)]
-            for p in again:
-                self.notice(p)
+            # A file that vanished (or came back) between the look and the write stopped the whole batch: look
+            # at every path of it again (the rest were neither indexed nor forgotten).
+            if any(not os.path.exists(p) for p in changed) or any(os.path.lexists(p) for p in gone):
+                for p in changed + gone:
+                    self.notice(p)
         batch.seconds = time.perf_counter() - t0
         self.batches += 1
         for name in ("new", "updated", "moved", "removed"):

@@ -406,3 +406,22 @@ def test_killed_run_shows_as_interrupted(cli, home, model_id, tmp_path):
     assert st["last_run"]["state"] == "interrupted (process ended)" and st["last_run"]["finished_at"] is None
     line = [x for x in cli("status").stdout.splitlines() if x.startswith("last run")]
     assert len(line) == 1 and "interrupted (process ended" in line[0]
+
+
+@pytest.mark.slow
+def test_a_photo_dated_after_2262_is_indexed_with_the_rest(cli, tmp_path):
+    """Its modification time in nanoseconds is past SQLite's integer range: writing it failed the whole batch
+    (an internal error of index, of the web page's index form; the watcher of serve --watch stopped)."""
+    photos = tmp_path / "photos"
+    synthetic.generate(photos, per_class=1, colors=["red", "blue"], shapes=["circle", "square"], size=64,
+                       fmt="jpg", seed=1, captions_file=None)
+    late = photos / "red_circle_000.jpg"
+    os.utime(late, (32503680000, 32503680000))  # the year 3000: a wrong clock, or `touch -d`
+    if os.stat(late).st_mtime_ns < 1 << 63:
+        pytest.skip("this file system cannot date a file after 2262")
+    first = cli("index", photos, "--json")
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["new"] == 4 and json.loads(first.stdout)["failures"] == []
+    assert hits_of(cli("query", "a red circle", "-k", "1", "--json"))[0]["path"] == str(late)
+    again = json.loads(cli("index", photos, "--json").stdout)
+    assert again["unchanged"] == 4 and again["updated"] == 0  # its date is kept the same way each time

@@ -543,3 +543,289 @@ def test_python_api_takes_image_bytes_and_pil_images(library, settings):
             by_pil = lib.search(image=im.convert("RGB"), k=3)
     assert by_path == by_bytes and by_path[0].path == str(photo)
     assert [h.id for h in by_pil] == [h.id for h in by_path]
+
+
+# --- fourth pass: what reaches the port besides a search ---------------------------------------
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n0 0 moveto 64 64 lineto stroke\nshowpage\n"
+
+
+def test_an_uploaded_or_indexed_postscript_file_never_runs_ghostscript(library, settings, cli, tmp_path, monkeypatch):
+    """Pillow left to itself tries every plugin: its EPS one hands the bytes (through a temp file) to Ghostscript,
+    an outside interpreter. An upload, or a .jpg in a photo folder, holding PostScript must never reach it."""
+    from PIL import EpsImagePlugin
+
+    ran = tmp_path / "ghostscript-ran"
+    fake = tmp_path / "gs"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {ran}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", str(fake))  # as if Ghostscript were installed
+    srv, t = start(settings)
+    try:
+        code, res = get(srv, "/api/search/image?k=1", {"Content-Type": "application/postscript"}, body=EPS,
+                        method="POST")
+        assert (code, res["error"]) == (400, "cannot use query image in the request body: not an image Pillow can "
+                                             "read (unknown or corrupt format)")
+        code, _ = get(srv, "/api/search", body={"images": [__import__("base64").b64encode(EPS).decode()]},
+                      method="POST")
+        assert code == 400
+    finally:
+        srv.shutdown()
+        t.join(10)
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(EPS)
+    r = cli("index", folder, "--json")
+    assert r.exit_code == 0, r.output
+    assert [f["reason"] for f in json.loads(r.stdout)["failures"]] == [
+        "not an image Pillow can read (unknown or corrupt format)"]
+    assert not ran.exists()
+
+
+def test_an_album_deleted_while_the_albums_are_evaluated_is_no_error(library, settings, monkeypatch):
+    """GET /api/albums reads the albums, then evaluates each; a DELETE landing in between made the evaluation
+    store a vector for an album that no longer existed: a 500 (and, in a watch batch, the watcher stopped)."""
+    from imgsearch.store import Store
+
+    srv, t = start(settings)
+    try:
+        code, _ = get(srv, "/api/albums", body={"name": "reds", "texts": ["a red circle"], "k": 5}, method="POST")
+        assert code == 200
+        listed = Store.albums
+
+        def then_deleted(self):
+            rows = listed(self)
+            for row in rows:  # another client's DELETE /api/albums/reds, just after the list was read
+                self.delete_album(row[0])
+            return rows
+
+        monkeypatch.setattr(Store, "albums", then_deleted)
+        code, res = get(srv, "/api/albums")
+        assert code == 200, res
+        monkeypatch.undo()
+        assert get(srv, "/api/albums") == (200, {"albums": []})
+        code, res = get(srv, "/api/albums/reds")
+        assert code == 400 and "no album named 'reds'" in res["error"]
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+def test_a_program_on_a_dead_servers_port_gets_neither_token_nor_query(library, settings, cli):
+    """server.json outlives a killed server. Its pid can go to another process of ours, its port to another
+    program (another user's), which may well answer with that pid: it must never see the token or the query."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class Stranger(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.do_POST()
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(f"{self.requestline}\n{self.headers}\n{body.decode(errors='replace')}")
+            answer = {"ok": True, "pid": os.getpid(), "proof": "0" * 64,
+                      "hits": [{"rank": 1, "id": 1, "path": "/elsewhere/not-yours.jpg", "score": 1.0}]}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    stranger = HTTPServer(("127.0.0.1", 0), Stranger)
+    t = threading.Thread(target=stranger.serve_forever, daemon=True)
+    t.start()
+    try:
+        record = {"ok": True, "pid": os.getpid(), "home": str(settings.home), "model": settings.model,
+                  "pretrained": None, "host": "127.0.0.1", "port": stranger.server_address[1],
+                  "token": "the-dead-servers-token"}
+        (settings.home / "server.json").write_text(json.dumps(record))
+        r = cli("query", "a secret red circle", "-k", "1", "--json")
+    finally:
+        stranger.shutdown()
+        t.join(10)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["path"].startswith(str(library))  # answered in-process
+    assert seen  # it was asked to prove itself...
+    assert not any("the-dead-servers-token" in s or "secret" in s for s in seen), seen  # ...and told nothing
+
+
+@pytest.mark.parametrize("length", ["+5", "1_0", "5\r\nContent-Length: 7", "9" * 5000, "-1", ""])
+def test_content_length_is_one_plain_number(server, length):
+    """int() takes '+5' and '1_0', and of two lengths the first was used: a proxy in front reading them another
+    way would see a different request boundary."""
+    _, port = server.address
+    answer = raw_http(server, (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer "
+                               f"{server.token}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+                               '{"texts": ["a red circle"]}').encode())
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"bad Content-Length" in answer and answer.count(b"HTTP/1.1") == 1
+
+
+def test_a_second_host_or_origin_header_is_refused(server):
+    _, port = server.address
+    for extra in (f"Host: evil.example:{port}", "Origin: http://evil.example"):
+        answer = raw_http(server, (f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                   + (f"Origin: http://127.0.0.1:{port}\r\n" if "Origin" in extra else "")
+                                   + f"{extra}\r\nAuthorization: Bearer {server.token}\r\nConnection: close\r\n\r\n"
+                                   ).encode())
+        assert answer.startswith(b"HTTP/1.1 403 ") and b'"images"' not in answer, extra
+
+
+def test_an_album_written_to_a_read_only_library_is_a_conflict_not_a_server_fault(library, settings, monkeypatch):
+    import imgsearch.store
+
+    real = os.access
+    monkeypatch.setattr(imgsearch.store.os, "access", lambda path, mode, *a, **kw: False if mode & os.W_OK and
+                        str(path).startswith(str(settings.home)) else real(path, mode, *a, **kw))  # read-only media
+    srv, t = start(settings)
+    try:
+        assert srv.service.library.store.read_only
+        code, res = get(srv, "/api/albums", body={"name": "reds", "texts": ["a red circle"]}, method="POST")
+        assert code == 409 and "is read-only" in res["error"], res
+        code, res = get(srv, "/api/search?q=a+red+circle&k=1")
+        assert code == 200 and "red_circle" in res["hits"][0]["path"]
+    finally:
+        srv.shutdown()
+        t.join(10)
+
+
+def test_serve_and_query_daemon_on_a_read_only_library(library, cli, settings, monkeypatch):
+    """Queries work on read-only media; serve cannot publish its token there and says so in one line, and
+    query --daemon answers in-process (both were an internal error)."""
+    import errno
+    import signal
+    import tempfile
+
+    real_mkstemp, real_open = tempfile.mkstemp, os.open
+
+    def refused(path):
+        if str(path).startswith(str(settings.home)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def mkstemp(*a, dir=None, **kw):
+        refused(dir)
+        return real_mkstemp(*a, dir=dir, **kw)
+
+    def open_(path, *a, **kw):
+        refused(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
+    r = cli("serve", "--port", "0")
+    assert r.exit_code == 1 and "internal error" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {settings.home / 'server.json'} "
+                                                        "(Read-only file system)")
+    r = cli("query", "a red circle", "-k", "1", "--json", "--daemon")
+    assert r.exit_code == 0 and "red_circle" in json.loads(r.stdout)[0]["path"], r.output
+    assert not (settings.home / "server.json").exists()
+
+
+def test_a_damaged_server_file_or_a_web_page_on_its_port_is_ignored(library, settings, cli):
+    """server.json is checked before use (a hand edit, a damaged disk, another program's record) and so is
+    what answers on its port: each was an internal error of `imgsearch query`."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class WebPage(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = b"<html>a dev server that took the port</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    page = HTTPServer(("127.0.0.1", 0), WebPage)
+    t = threading.Thread(target=page.serve_forever, daemon=True)
+    t.start()
+    good = {"pid": os.getpid(), "model": settings.model, "pretrained": None, "host": "127.0.0.1",
+            "port": page.server_address[1], "token": "t"}
+    try:
+        for change in ({}, {"port": "abc"}, {"port": None}, {"pid": None}, {"pid": 2 ** 70}, {"host": "a b"},
+                       {"host": "x" * 300}, {"host": None}):
+            (settings.home / "server.json").write_text(json.dumps({**good, **change}))
+            r = cli("query", "a red circle", "-k", "1", "--json")
+            assert r.exit_code == 0 and json.loads(r.stdout)[0]["path"].startswith(str(library)), (change, r.output)
+    finally:
+        page.shutdown()
+        t.join(10)
+
+
+def test_a_server_that_stops_mid_answer_leaves_the_query_to_be_answered_in_process(library, settings, cli):
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from imgsearch.client import CHALLENGE, proof
+
+    class Dying(BaseHTTPRequestHandler):  # proves itself, then stops half-way through the search's answer
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            challenge = self.headers.get(CHALLENGE)
+            body = json.dumps({"ok": True, "pid": os.getpid(),
+                               **({"proof": proof("t", challenge)} if challenge else {})}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b'{"hits": [')
+            self.close_connection = True
+
+    dying = HTTPServer(("127.0.0.1", 0), Dying)
+    t = threading.Thread(target=dying.serve_forever, daemon=True)
+    t.start()
+    try:
+        (settings.home / "server.json").write_text(json.dumps({
+            "pid": os.getpid(), "model": settings.model, "pretrained": None, "host": "127.0.0.1",
+            "port": dying.server_address[1], "token": "t"}))
+        r = cli("query", "a red circle", "-k", "1", "--json")
+    finally:
+        dying.shutdown()
+        t.join(10)
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["path"].startswith(str(library)), r.output
+
+
+def test_a_connection_past_the_cap_while_every_request_runs_gets_503_and_the_server_lives_on(
+        library, settings, monkeypatch):
+    """Refusing it closed the socket under the lock the refusal already held: the server stopped accepting
+    anyone, for good (a burst of long requests, or bodies sent slowly, reached it)."""
+    from imgsearch import server as srvmod
+
+    monkeypatch.setattr(srvmod, "MAX_CONNECTIONS", 4)
+    srv, t = start(settings)
+    host, port = srv.address
+    running = []
+    try:
+        for _ in range(4):  # requests whose bodies are still on their way: running, not idle
+            s = socket.create_connection((host, port), timeout=30)
+            s.sendall(f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {srv.token}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            running.append(s)
+        deadline = time.monotonic() + 60
+        while sum(v is None for v in list(srv.httpd._conns.values())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = raw_http(srv, f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(), timeout=30)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        for s in running:
+            s.close()
+        running = []
+        assert get(srv, "/api/health")[0] == 200
+    finally:
+        for s in running:
+            s.close()
+        threading.Thread(target=srv.shutdown, daemon=True).start()  # a deadlocked server never stops
+        t.join(10)

@@ -250,3 +250,43 @@ def test_album_map_and_timeline_in_a_real_browser(travels, tmp_path):
             assert not any(n.startswith(("red_2023", "blue_2023")) for n in found), found
         finally:
             browser.close()
+
+
+def test_another_site_cannot_show_the_page_in_a_frame(server):
+    """A page elsewhere framing the UI (its websocket then carries the UI's own Origin, which the host check
+    lets through) could lure clicks onto an album's Delete or the index form: the browser must refuse."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); "
+                    ".ci/run does this")
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from playwright.sync_api import sync_playwright
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = f"<h1>win a prize</h1><iframe width=900 height=600 src='{server}/?page=albums'></iframe>".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    other = HTTPServer(("127.0.0.1", 0), Elsewhere)  # another origin: another port
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{other.server_address[1]}/", wait_until="load", timeout=90_000)
+            framed = [f for f in page.frames if f != page.main_frame]
+            assert len(framed) == 1 and not framed[0].url.startswith(server), framed[0].url  # an error page
+            # the page itself, opened directly, still works
+            page.goto(server + "/?page=albums", timeout=90_000)
+            page.get_by_text("No albums yet").wait_for(timeout=90_000)
+        finally:
+            browser.close()
+            other.shutdown()

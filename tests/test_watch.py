@@ -176,6 +176,28 @@ def test_a_file_is_looked_at_only_after_a_quiet_spell_in_which_it_stopped_changi
     assert watcher._ready() == ([], [str(photo)])  # gone: to be forgotten; notes.txt is no photo to index
 
 
+def test_a_file_that_vanishes_mid_batch_costs_the_batch_nothing_else(lib, tmp_path):
+    """One file of a batch gone between the look and the write stopped the whole batch; only that file was
+    looked at again, so a new photo that came in the same batch was never indexed."""
+    folder = shapes(tmp_path / "photos")
+    watcher = lib.watcher([folder], poll=True, debounce=0.5)
+    now = [100.0]
+    watcher.clock = lambda: now[0]
+    assert watcher.catch_up().new == 12
+    new, brief = draw(folder / "new.jpg", "red", "circle"), draw(folder / "brief.jpg", "blue", "square")
+    for photo in (new, brief):
+        watcher.notice(str(photo))
+    now[0] += 0.5
+    changed, gone = watcher._ready()
+    assert changed == [str(brief), str(new)]
+    brief.unlink()  # e.g. a download moved on at once
+    watcher._run_batch(changed, gone)  # not applied: brief.jpg is not there to index
+    now[0] += 0.5
+    watcher._run_batch(*watcher._ready())
+    assert top(lib, "a red circle") == [str(new)]
+    assert str(brief) not in top(lib, "a blue square", k=20)
+
+
 def test_partial_writes_temp_hidden_and_other_files_are_not_indexed(lib, home, tmp_path):
     import io
     import random

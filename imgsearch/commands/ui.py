@@ -130,8 +130,15 @@ class HostPolicy:
                                 "page may use it.")
 
 
+# Another site's page could show the UI in a frame of its own and lure clicks onto it (an album's Delete):
+# no page but the UI's own may frame it. (A frame's websocket carries the UI's own Origin, so HostPolicy
+# alone lets it through.)
+NO_FRAMING = [(b"x-frame-options", b"SAMEORIGIN"), (b"content-security-policy", b"frame-ancestors 'self'")]
+
+
 class HostGuard:
-    """ASGI middleware: answers 403 to a request, or refuses a websocket handshake, that HostPolicy refuses."""
+    """ASGI middleware: answers 403 to a request, or refuses a websocket handshake, that HostPolicy refuses;
+    every answer forbids framing by other sites."""
 
     def __init__(self, app, policy: HostPolicy):
         self.app = app
@@ -140,6 +147,8 @@ class HostGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            send = _unframed(send)
         hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
         origins = [v for k, v in scope.get("headers", ()) if k == b"origin"]
         if len(hosts) != 1 or len(origins) > 1:  # two Host headers: which one did the browser mean?
@@ -160,6 +169,16 @@ class HostGuard:
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _unframed(send):
+    """``send`` with NO_FRAMING added to the response's headers."""
+    async def unframed(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *NO_FRAMING]}
+        await send(message)
+
+    return unframed
 
 
 def streamlit_config(host: str, port: int) -> dict:
@@ -248,8 +267,8 @@ def ui_cmd(
     shown = f"[{host}]" if ":" in host else host
     err(f"imgsearch UI for {settings.home} at http://{shown}:{port}/  (Ctrl+C stops it)")
     if host not in LOOPBACK_NAMES:
-        err("warning: listening beyond this machine; anyone who can reach it can search and view your photos "
-            "and index any folder this account can read")
+        err("warning: listening beyond this machine; anyone who can reach it can search and view your photos, "
+            "change and export your albums, and index any folder this account can read")
         err(f"it answers requests addressed to {HostPolicy(host, port).shown()}; others get 403")
     argv = streamlit_argv(app, host, port)
     sys.stdout.flush()
