@@ -160,10 +160,14 @@ def _under(root: str) -> tuple[str, dict]:
     root = root.rstrip(os.sep) or os.sep
     if root == os.sep:
         return "1", {}
-    like = root.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + os.sep + "%"
-    # SQLite's LIKE skips BLOB values (non-UTF-8 paths, see _bind) unless both sides are cast to text.
-    return ("(path = :p OR path LIKE :like ESCAPE '\\' OR (typeof(path) = 'blob' AND CAST(path AS TEXT) "
-            "LIKE CAST(:like AS TEXT) ESCAPE '\\'))", {"p": _bind(root), "like": _bind(like)})
+    # A range, not LIKE, which ignores ASCII case (/photos/Trip took /photos/trip with it). Compared byte by
+    # byte, the paths below root run from root + "/" to just before root + "0" ("0" follows "/"). A BLOB (a
+    # non-UTF-8 path, see _bind) only compares with BLOBs, so those get the same range in bytes.
+    after = chr(ord(os.sep) + 1)
+    raw = os.fsencode(root)
+    return ("(path = :p OR (path >= :lo AND path < :hi) OR (path >= :raw_lo AND path < :raw_hi))",
+            {"p": _bind(root), "lo": _bind(root + os.sep), "hi": _bind(root + after),
+             "raw_lo": raw + os.fsencode(os.sep), "raw_hi": raw + os.fsencode(after)})
 
 
 def _bind(path: str) -> str | bytes:

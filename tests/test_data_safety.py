@@ -1,0 +1,83 @@
+"""A hostile pass on the user's files and library: nothing of the user's is lost, nothing that is not
+imgsearch's is touched, a killed run leaves a library that opens and a rerun that completes.
+
+Kill points are found deterministically: a child process patches one function to SIGKILL itself on its Nth
+call (``killed_at``), never by sleeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from imgsearch import synthetic
+
+
+def ok_json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_line(result, code: int = 1) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in lines[0] and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def killed_at(target: str, n: int, *argv, before: str = "") -> subprocess.CompletedProcess:
+    """Run ``python -c before; imgsearch ARGV`` in a child that SIGKILLs itself on the ``n``th call of
+    ``target`` ("module:attr.attr"), before that call does anything; asserts that it was killed there."""
+    code = textwrap.dedent(f"""
+        import importlib, os, signal, sys
+        {before}
+        module, attr = {target!r}.split(":")
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        real, calls = getattr(owner, name), [0]
+        def hooked(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == {n}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        setattr(owner, name, hooked)
+        from imgsearch.cli import app
+        sys.argv = ["imgsearch", *sys.argv[1:]]
+        app()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    return proc
+
+
+# --- forget and index take exactly the folder named -----------------------------------------------------
+def test_a_folder_differing_only_in_case_or_by_a_wildcard_is_never_taken_along(cli, tmp_path):
+    """SQLite's LIKE ignores ASCII case: `index p/Trip` removed the rows of p/trip, `forget p/TRIP` (no such
+    folder) forgot p/Trip."""
+    root = tmp_path / "p"
+    names = ("trip", "Trip", "tr_p", "trip2", "t%p")
+    for seed, name in enumerate(names):
+        synthetic.generate(root / name, per_class=1, colors=["red"], shapes=("circle",), size=48, seed=seed,
+                           captions_file=None)
+    assert ok_json(cli("index", root, "--json"))["new"] == 5
+    assert cli("caption", root / "trip" / "red_circle_000.png", "grandma's zeppelin").exit_code == 0
+    rep = ok_json(cli("index", root / "Trip", "--json"))
+    assert (rep["unchanged"], rep["removed"]) == (1, 0)
+    assert ok_json(cli("status", "--json"))["images"] == 5
+    under = ok_json(cli("query", "a red circle", "--under", root / "Trip", "-k", "10", "--json"))
+    assert [Path(h["path"]).parent.name for h in under] == ["Trip"]
+    assert "nothing in the library" in one_line(cli("forget", root / "TRIP"))
+    for name in ("tr_p", "trip", "t%p"):
+        assert cli("forget", root / name).stdout.strip() == "removed 1 image from the library"
+    left = ok_json(cli("query", "a red circle", "-k", "10", "--json"))
+    assert sorted(Path(h["path"]).parent.name for h in left) == ["Trip", "trip2"]
