@@ -81,3 +81,54 @@ def test_a_folder_differing_only_in_case_or_by_a_wildcard_is_never_taken_along(c
         assert cli("forget", root / name).stdout.strip() == "removed 1 image from the library"
     left = ok_json(cli("query", "a red circle", "-k", "10", "--json"))
     assert sorted(Path(h["path"]).parent.name for h in left) == ["Trip", "trip2"]
+
+
+# --- a migration killed half-way ------------------------------------------------------------------------
+def back_to_schema_4(db: Path) -> None:
+    """Undo migrations 5 and 6, as a library written by imgsearch of schema 4 is."""
+    with sqlite3.connect(db) as c:
+        for table in ("album_vectors", "album_pins", "albums"):
+            c.execute(f"DROP TABLE {table}")
+        for index in ("ix_images_taken_at", "ix_images_taken_utc", "ix_images_gps"):
+            c.execute(f"DROP INDEX {index}")
+        for column in ("taken_utc", "taken_offset", "taken_source", "gps_lat", "gps_lon", "camera_make",
+                       "camera_model"):
+            c.execute(f"ALTER TABLE images DROP COLUMN {column}")
+        c.execute("DELETE FROM schema_migrations WHERE version >= 5")
+
+
+@pytest.mark.parametrize("version, statements_done", [(5, 3), (5, 9), (6, 1)])
+def test_a_migration_killed_half_way_is_redone_whole_on_the_next_open(cli, home, model_id, tmp_path, version,
+                                                                      statements_done):
+    """Each CREATE and ALTER committed on its own: a kill after some of them left a library no later run could
+    open ("duplicate column name: taken_utc")."""
+    folder = tmp_path / "pics"
+    synthetic.generate(folder, per_class=1, colors=["red", "blue"], size=48, captions_file=None)
+    assert ok_json(cli("index", folder, "--json"))["new"] == 6
+    target = folder / "red_circle_000.png"
+    assert cli("caption", target, "grandma's zeppelin").exit_code == 0
+    back_to_schema_4(home / "library.db")
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from imgsearch import migrations
+
+        class KilledAfter(list):
+            def __iter__(self):
+                for i, statement in enumerate(list.__iter__(self)):
+                    if i == {statements_done}:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield statement
+
+        migrations.MIGRATIONS[:] = [(v, name, KilledAfter(s) if v == {version} else s)
+                                    for v, name, s in migrations.MIGRATIONS]
+        from imgsearch.cli import app
+        sys.argv = ["imgsearch", "--home", sys.argv[1], "status"]
+        app()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, str(home)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    st = ok_json(cli("status", "--json"))
+    assert (st["schema_version"], st["images"], st["models"][0]["vectors"]) == (6, 6, 6)
+    assert [Path(h["path"]).name for h in ok_json(cli("query", "--keyword", "zeppelin", "--json"))] == [target.name]
+    assert cli("album", "save", "reds", "a red circle").exit_code == 0  # migration 6's tables are there
+    assert ok_json(cli("index", folder, "--json"))["unchanged"] == 6
