@@ -829,8 +829,10 @@ def _code(exc: BaseException) -> int | None:
 
 
 def _library_error(store: "Store", exc: BaseException) -> LibraryError | None:
-    """A one-line LibraryError for SQLite failures a user can act on (full disk, read-only files)."""
+    """A one-line LibraryError for SQLite failures a user can act on (full disk, read-only files, damage)."""
     code = _code(exc)
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or "malformed" in str(exc):  # a damaged page met by any query
+        return _open_error(store.path, exc)
     if code == SQLITE_FULL or "database or disk is full" in str(exc):
         return LibraryError(disk_full_message(store.path.parent))
     if code == SQLITE_READONLY or "readonly database" in str(exc):

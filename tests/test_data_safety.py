@@ -132,3 +132,28 @@ def test_a_migration_killed_half_way_is_redone_whole_on_the_next_open(cli, home,
     assert [Path(h["path"]).name for h in ok_json(cli("query", "--keyword", "zeppelin", "--json"))] == [target.name]
     assert cli("album", "save", "reds", "a red circle").exit_code == 0  # migration 6's tables are there
     assert ok_json(cli("index", folder, "--json"))["unchanged"] == 6
+
+
+# --- a damaged library ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("table", ["images", "models"])
+def test_a_damaged_page_inside_the_database_is_one_line_and_the_file_is_kept(cli, home, tmp_path, table):
+    """A database whose header is fine but one of whose pages is garbage: every command said 'internal error:
+    DatabaseError: database disk image is malformed ... please report it'."""
+    folder = tmp_path / "pics"
+    synthetic.generate(folder, per_class=1, colors=["red", "blue"], size=48, captions_file=None)
+    assert cli("index", folder).exit_code == 0
+    db = home / "library.db"
+    with sqlite3.connect(db) as c:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = c.execute("PRAGMA page_size").fetchone()[0]
+        pages = [r[0] for r in c.execute("SELECT pageno FROM dbstat WHERE name = ?", (table,))]
+    with open(db, "r+b") as f:
+        for page in pages:
+            f.seek((page - 1) * page_size)
+            f.write(bytes(range(256)) * (page_size // 256))
+    damaged = db.read_bytes()
+    for args in (("status",), ("query", "a red circle"), ("index", folder), ("forget", folder),
+                 ("export", tmp_path / "out", "-q"), ("album", "save", "reds", "a red circle")):
+        line = one_line(cli(*args))
+        assert "is damaged. Copy it somewhere safe first" in line and str(db) in line, (args, line)
+    assert db.read_bytes() == damaged and not (tmp_path / "out").exists()
