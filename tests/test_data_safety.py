@@ -157,3 +157,59 @@ def test_a_damaged_page_inside_the_database_is_one_line_and_the_file_is_kept(cli
         line = one_line(cli(*args))
         assert "is damaged. Copy it somewhere safe first" in line and str(db) in line, (args, line)
     assert db.read_bytes() == damaged and not (tmp_path / "out").exists()
+
+
+# --- index removes a row only when its file is gone ------------------------------------------------------
+def small_folder(folder: Path, seed: int = 0) -> Path:
+    synthetic.generate(folder, per_class=1, colors=["red", "blue"], size=48, captions_file=None, seed=seed)
+    return folder
+
+
+def test_indexing_a_home_that_holds_photos_keeps_their_rows(model_id, tmp_path):
+    """IMGSEARCH_HOME=~/Pictures: `index ~/Pictures/trip` added the trip, then `index ~/Pictures` skipped the
+    whole folder as a library home and removed every row under it, captions with them."""
+    from conftest import Cli
+
+    pictures = tmp_path / "Pictures"
+    trip = small_folder(pictures / "trip")
+    cli = Cli(pictures, model_id)
+    assert ok_json(cli("index", trip, "--json"))["new"] == 6
+    assert cli("caption", trip / "red_circle_000.png", "grandma's zeppelin").exit_code == 0
+    rep = ok_json(cli("index", pictures, "--json"))
+    assert (rep["new"], rep["removed"]) == (0, 0)
+    assert ok_json(cli("status", "--json"))["images"] == 6
+    assert len(ok_json(cli("query", "--keyword", "zeppelin", "--json"))) == 1
+    (trip / "blue_circle_000.png").unlink()  # a file that is really gone still goes
+    assert ok_json(cli("index", trip, "--json"))["removed"] == 1
+
+
+def test_a_hidden_folder_indexed_by_name_survives_an_index_of_its_parent(cli, tmp_path):
+    root = small_folder(tmp_path / "photos")
+    private = small_folder(root / ".private", seed=1)
+    assert ok_json(cli("index", private, "--json"))["new"] == 6
+    rep = ok_json(cli("index", root, "--json"))
+    assert (rep["new"], rep["removed"]) == (6, 0)
+    assert ok_json(cli("status", "--json"))["images"] == 12
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_rows(cli, tmp_path, monkeypatch):
+    """A permission or I/O error on one subfolder made every image in it look deleted."""
+    root = tmp_path / "photos"
+    small_folder(root / "a")
+    locked = small_folder(root / "b", seed=1)
+    assert ok_json(cli("index", root, "--json"))["new"] == 12
+    real = os.scandir
+
+    def unlistable(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", unlistable)
+    rep = ok_json(cli("index", root, "--json"))
+    assert (rep["removed"], rep["unchanged"]) == (0, 6)
+    assert [f["path"] for f in rep["failures"]] == [str(locked)]
+    assert ok_json(cli("status", "--json"))["images"] == 12
+    monkeypatch.setattr(os, "scandir", real)
+    rep = ok_json(cli("index", root, "--json"))
+    assert (rep["removed"], rep["unchanged"], rep["failed"]) == (0, 12, 0)
