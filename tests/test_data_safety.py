@@ -213,3 +213,30 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(cli, tmp_path, monkeypatc
     monkeypatch.setattr(os, "scandir", real)
     rep = ok_json(cli("index", root, "--json"))
     assert (rep["removed"], rep["unchanged"], rep["failed"]) == (0, 12, 0)
+
+
+# --- watch ----------------------------------------------------------------------------------------------
+def test_a_watched_folder_replaced_by_an_empty_one_keeps_its_images(settings, tmp_path):
+    """An unmounted drive leaves its empty mount point: the poller saw every photo deleted and forgot them all
+    (inotify went on watching the vanished folder, silently)."""
+    from test_watch import Running, draw, shapes, wait_for
+
+    from imgsearch import Library
+
+    drive, other = shapes(tmp_path / "drive"), tmp_path / "other"
+    other.mkdir()
+    with Library(settings=settings) as lib:
+        run = Running(lib, [drive, other])
+        try:
+            images = lib.status().images
+            assert images == 12
+            drive.rename(tmp_path / "unmounted")
+            drive.mkdir()  # the mount point, now empty
+            wait_for(lambda: any("is gone" in s for s in run.said), what="the message about the unmounted drive")
+            assert [s for s in run.said if "is gone" in s][0].startswith(f"watched folder {drive} is gone")
+            new = draw(other / "red.jpg", "red", "circle")
+            wait_for(lambda: [h.path for h in lib.search("a red circle", k=1)] == [str(new)],
+                     what="the other folder still watched")
+            assert lib.status().images == images + 1 and run.error is None
+        finally:
+            run.close()
