@@ -267,6 +267,23 @@ def _remove_temp(tmp: Path, target: Path, token: str | None) -> str | None:
     return None if why is None else f"{tmp}: {why}"
 
 
+def _unpublish(target: Path, token: str | None) -> str | None:
+    """Take back a publish that did not finish (``target`` has imgsearch's export marker but no manifest): the
+    data moved in, then the marker; the folder stays. None when done or when there is nothing to take back."""
+    info = owned.read_marker(target)
+    if info is None or info.get("kind") != EXPORT_KIND or (target / MANIFEST).exists():
+        return None
+    token = token or info.get("token")
+    for sub in SUBFOLDERS:
+        if os.path.lexists(target / sub) and (why := owned.remove(target / sub, PART_KIND, token)) is not None:
+            return f"{target / sub}: {why}"
+    if (why := owned.why_not_ours(target, EXPORT_KIND, token)) is not None:
+        return f"{target}: {why}"
+    for name in [*info["files"], owned.MARKER]:
+        (target / name).unlink(missing_ok=True)
+    return None
+
+
 def prepare_target(target: Path) -> bool:
     """Make sure ``target`` may receive an export; True when this call created it."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
@@ -284,6 +301,9 @@ def prepare_target(target: Path) -> bool:
             if why is not None:
                 raise UsageError(f"{target} holds an unfinished export that imgsearch cannot prove it wrote "
                                  f"({why}); remove it yourself or export into another folder")
+    if (why := _unpublish(target, None)) is not None:  # killed while moving its files into place
+        raise UsageError(f"{target} holds an unfinished export that imgsearch cannot prove it wrote ({why}); "
+                         "remove it yourself or export into another folder")
     if names := sorted(os.listdir(target)):
         listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = "an earlier export" if (target / MANIFEST).exists() else f"files ({listed})"
@@ -315,9 +335,9 @@ def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
     top = sorted({n.split("/")[0] for n in names})
     owned.start_marker(target, EXPORT_KIND, token)
     for name in [n for n in top if n != MANIFEST] + [MANIFEST]:
+        if name not in SUBFOLDERS:  # before the move: killed in between, a file in target is still provably ours
+            owned.record(target, name, source=tmp)
         _move_new(tmp / name, target / name)
-        if name not in SUBFOLDERS:
-            owned.record(target, name)
     why = _remove_temp(tmp, target, token)
     if why is not None:  # harmless leftovers of our own; say so rather than fail a complete export
         warnings.warn(f"export finished but its temporary folder stayed: {why}", stacklevel=2)
@@ -369,6 +389,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
     except BaseException:
         if tmp.exists():
             _remove_temp(tmp, target, token)
+        _unpublish(target, token)
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(target)  # made by this call; rmdir keeps it if anything else is inside

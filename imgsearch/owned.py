@@ -54,14 +54,16 @@ def create_dir(folder: str | os.PathLike, kind: str, token: str) -> Path:
     return folder
 
 
-def record(folder: str | os.PathLike, *names: str) -> None:
-    """Note in the marker that imgsearch wrote these files (as they are now) in its own ``folder``."""
+def record(folder: str | os.PathLike, *names: str, source: str | os.PathLike | None = None) -> None:
+    """Note in the marker that imgsearch wrote these files (as they are now) in its own ``folder``; ``source``:
+    the folder they are in until imgsearch renames them into ``folder`` (a rename keeps size and mtime), so no
+    moment exists when they are there unrecorded."""
     folder = Path(folder)
     info = read_marker(folder)
     if info is None:
         raise FileNotFoundError(f"{folder} has no {MARKER}")
     for name in names:
-        st = os.lstat(folder / name)
+        st = os.lstat(Path(source or folder) / name)
         info["files"][name] = [st.st_size, st.st_mtime_ns]
     _write_marker(folder, info)
 

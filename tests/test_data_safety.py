@@ -240,3 +240,43 @@ def test_a_watched_folder_replaced_by_an_empty_one_keeps_its_images(settings, tm
             assert lib.status().images == images + 1 and run.error is None
         finally:
             run.close()
+
+
+# --- export killed while moving its files into place --------------------------------------------------
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("fmt, moves_done", [("parquet", 1), ("clip-retrieval", 1), ("clip-retrieval", 2)])
+def test_an_export_killed_while_publishing_is_cleared_by_the_next_one(cli, home, model_id, tmp_path, fmt,
+                                                                      moves_done):
+    """Killed after some of its files were moved into the folder: every later export refused the folder ('not
+    empty: it holds files (.imgsearch-owned.json, img_emb)'), files imgsearch itself had written."""
+    small_folder(tmp_path / "pics")
+    assert cli("index", tmp_path / "pics").exit_code == 0
+    clean = tmp_path / "clean"
+    assert cli("export", clean, "--format", fmt, "-q").exit_code == 0
+    out = tmp_path / "out"
+    killed_at("imgsearch.exchange:_move_new", moves_done + 1, "--home", home, "--model", model_id, "export", out,
+              "--format", fmt, "-q")
+    assert any(not n.startswith(".imgsearch-export-") for n in os.listdir(out))  # killed half-published
+    r = cli("export", out, "--format", fmt, "-q")
+    assert r.exit_code == 0, r.output
+    assert listing(out) == listing(clean)
+    with sqlite3.connect(home / "library.db") as c:
+        assert c.execute("SELECT count(*) FROM images").fetchone()[0] == 6
+
+
+def test_a_half_published_export_holding_a_user_file_is_left_as_it_is(cli, home, model_id, tmp_path):
+    small_folder(tmp_path / "pics")
+    assert cli("index", tmp_path / "pics").exit_code == 0
+    out = tmp_path / "out"
+    killed_at("imgsearch.exchange:_move_new", 3, "--home", home, "--model", model_id, "export", out, "--format",
+              "clip-retrieval", "-q")
+    (out / "img_emb" / "notes.txt").write_text("mine")
+    before = listing(out)
+    line = one_line(cli("export", out, "--format", "clip-retrieval", "-q"), code=2)
+    assert "unfinished export that imgsearch cannot prove it wrote" in line and "notes.txt" in line
+    # Only the temporary folder, provably imgsearch's, went; what was moved in stays with the user's file.
+    assert listing(out) == [p for p in before if not p.startswith(".imgsearch-export-")]
+    assert (out / "img_emb" / "notes.txt").read_text() == "mine" and (out / "metadata").is_dir()
