@@ -37,7 +37,14 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
         info = read_json((Path(folder) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return info if isinstance(info, dict) and isinstance(info.get("files"), dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+        return None
+    # Each entry a plain name in this folder with [size, mtime_ns]: a marker anyone could have written must not
+    # name "../../thesis.pdf" for removal.
+    plain = all(isinstance(name, str) and name not in ("", ".", "..") and os.sep not in name and "\0" not in name
+                and isinstance(st, list) and len(st) == 2 and all(type(v) is int for v in st)
+                for name, st in info["files"].items())
+    return info if plain else None
 
 
 def start_marker(folder: str | os.PathLike, kind: str, token: str, where: str | os.PathLike | None = None) -> None:

@@ -280,3 +280,24 @@ def test_a_half_published_export_holding_a_user_file_is_left_as_it_is(cli, home,
     # Only the temporary folder, provably imgsearch's, went; what was moved in stays with the user's file.
     assert listing(out) == [p for p in before if not p.startswith(".imgsearch-export-")]
     assert (out / "img_emb" / "notes.txt").read_text() == "mine" and (out / "metadata").is_dir()
+
+
+def test_a_planted_marker_never_names_a_file_outside_its_folder(cli, tmp_path):
+    """A folder anyone can write to (/tmp/out) holding a fake leftover export whose marker lists
+    '../../thesis.pdf' with that file's size and mtime: the next export into it deleted the thesis."""
+    small_folder(tmp_path / "pics")
+    assert cli("index", tmp_path / "pics").exit_code == 0
+    thesis = tmp_path / "Documents" / "thesis.pdf"
+    thesis.parent.mkdir()
+    thesis.write_bytes(b"%PDF years of work")
+    out = tmp_path / "shared" / "out"
+    planted = out / ".imgsearch-export-000000000000.tmp"
+    planted.mkdir(parents=True)
+    st = thesis.stat()
+    relative = os.path.relpath(thesis, planted)
+    for files in ({relative: [st.st_size, st.st_mtime_ns]}, {"x": "not a size"}):
+        (planted / ".imgsearch-owned.json").write_text(json.dumps(
+            {"kind": "export-temp", "token": "0" * 32, "path": os.path.realpath(planted), "files": files}))
+        line = one_line(cli("export", out, "-q"), code=2)
+        assert "cannot prove it wrote" in line
+        assert thesis.read_bytes() == b"%PDF years of work" and planted.is_dir()
