@@ -312,9 +312,13 @@ def prepare_target(target: Path) -> bool:
     return False
 
 
+def _appeared(path) -> UsageError:
+    return UsageError(f"{path} appeared while the export was being written; export into another folder")
+
+
 def _move_new(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, which must not exist: a file that appeared there meanwhile is never replaced."""
-    appeared = UsageError(f"{dst} appeared while the export was being written; export into another folder")
+    appeared = _appeared(dst)
     if not src.is_dir():
         try:
             os.link(src, dst)  # fails if dst exists, unlike rename
@@ -333,7 +337,10 @@ def _move_new(src: Path, dst: Path) -> None:
 def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
     """Move the finished export from its temporary folder into ``target``; the manifest goes last."""
     top = sorted({n.split("/")[0] for n in names})
-    owned.start_marker(target, EXPORT_KIND, token)
+    try:
+        owned.start_marker(target, EXPORT_KIND, token)
+    except FileExistsError as e:
+        raise _appeared(e.filename) from None
     for name in [n for n in top if n != MANIFEST] + [MANIFEST]:
         if name not in SUBFOLDERS:  # before the move: killed in between, a file in target is still provably ours
             owned.record(target, name, source=tmp)

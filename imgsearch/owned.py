@@ -27,8 +27,10 @@ def _real(path: str | os.PathLike) -> str:
 
 
 def _write_marker(folder: Path, info: dict) -> None:
+    """Written to a new file (O_EXCL: never through a link planted in a folder others can write to), renamed."""
     tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+        f.write(json.dumps(info, indent=1))
     os.replace(tmp, folder / MARKER)
 
 

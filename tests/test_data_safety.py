@@ -301,3 +301,28 @@ def test_a_planted_marker_never_names_a_file_outside_its_folder(cli, tmp_path):
         line = one_line(cli("export", out, "-q"), code=2)
         assert "cannot prove it wrote" in line
         assert thesis.read_bytes() == b"%PDF years of work" and planted.is_dir()
+
+
+def test_a_link_planted_in_the_export_folder_after_the_check_is_never_written_through(cli, tmp_path, monkeypatch):
+    """An export folder others can write to: between the check that it is empty and the export's first write,
+    someone links the name of the ownership marker's temporary file to a file of the user's, which the export
+    then overwrote with its marker."""
+    from imgsearch import exchange
+
+    small_folder(tmp_path / "pics")
+    assert cli("index", tmp_path / "pics").exit_code == 0
+    victim = tmp_path / ".bashrc"
+    victim.write_text("my shell settings")
+    out = tmp_path / "shared" / "out"
+    real = exchange.prepare_target
+
+    def then_planted(target):
+        made = real(target)
+        os.symlink(victim, target / ".imgsearch-owned.json.tmp")
+        return made
+
+    monkeypatch.setattr(exchange, "prepare_target", then_planted)
+    line = one_line(cli("export", out, "-q"), code=2)
+    assert line.endswith("appeared while the export was being written; export into another folder")
+    assert victim.read_text() == "my shell settings"
+    assert os.listdir(out) == [".imgsearch-owned.json.tmp"]  # the planted link, nothing of the export's
