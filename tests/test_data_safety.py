@@ -326,3 +326,29 @@ def test_a_link_planted_in_the_export_folder_after_the_check_is_never_written_th
     assert line.endswith("appeared while the export was being written; export into another folder")
     assert victim.read_text() == "my shell settings"
     assert os.listdir(out) == [".imgsearch-owned.json.tmp"]  # the planted link, nothing of the export's
+
+
+# --- the thumbnail cache --------------------------------------------------------------------------------
+def test_a_thumbnail_that_is_a_link_is_neither_served_nor_replaced_and_a_damaged_one_is_made_again(
+        settings, tmp_path):
+    """A link at a thumbnail's name was served as the thumbnail (a user's file, read through the UI), and an
+    empty thumbnail (a power cut before it reached the disk) was served for ever."""
+    from imgsearch import Library
+    from imgsearch.errors import DataError
+
+    small_folder(tmp_path / "pics")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web page")
+    with Library(settings=settings) as lib:
+        lib.index(tmp_path / "pics")
+        first, second = (h.id for h in lib.search("a red circle", k=2))
+        made = lib.thumbnail(first)
+        made.unlink()
+        made.symlink_to(secret)
+        with pytest.raises(DataError, match="is not a thumbnail imgsearch wrote"):
+            lib.thumbnail(first)
+        assert made.is_symlink() and secret.read_text() == "not for the web page"
+        assert isinstance(lib.thumbnails([first, second])[first], DataError)
+        damaged = lib.thumbnail(second)
+        damaged.write_bytes(b"")
+        assert lib.thumbnail(second).read_bytes()[:3] == b"\xff\xd8\xff"
