@@ -352,3 +352,26 @@ def test_a_thumbnail_that_is_a_link_is_neither_served_nor_replaced_and_a_damaged
         damaged = lib.thumbnail(second)
         damaged.write_bytes(b"")
         assert lib.thumbnail(second).read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+# --- finetune --out -------------------------------------------------------------------------------------
+def test_an_interrupt_between_the_two_renames_puts_the_previous_model_back(tmp_path, monkeypatch):
+    """Ctrl-C after the previous model was renamed aside and before the new one took its place: the new one was
+    deleted and the previous one stayed hidden in '.model.old-XXXX', so --out named nothing."""
+    from imgsearch.encoder import WEIGHTS_FILE, save_local_dir
+
+    out = tmp_path / "model"
+    save_local_dir(*synthetic.build_tiny_clip(seed=1), out)
+    weights = (out / WEIGHTS_FILE).read_bytes()
+    real = Path.rename
+
+    def interrupted(self, target):
+        if Path(target) == out:
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_local_dir(*synthetic.build_tiny_clip(seed=2), out)
+    assert (out / WEIGHTS_FILE).read_bytes() == weights
+    assert os.listdir(tmp_path) == ["model"]
