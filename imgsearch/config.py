@@ -60,25 +60,60 @@ def make_home(home: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, durable: bool = False):
+def atomic_file(path: str | os.PathLike, durable: bool = False, sweep: bool = False):
     """A new binary file beside ``path``, renamed onto it when the block ends (removed if the block fails), so
     readers see the old file or the new one, never half of one. mkstemp creates it exclusively and 0600: no
-    file another process or user owns is ever truncated. ``durable``: fsync'd before the rename."""
+    file another process or user owns is ever truncated. ``durable``: fsync'd before the rename. ``sweep``:
+    first remove what writers of ``path`` that were killed left behind (_sweep_temps)."""
     import tempfile
 
     path = Path(path)
+    if sweep:
+        _sweep_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            held = _flock(fd)  # kept until after the rename: a sweep never takes a file still being written
             yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if held:
+                os.replace(tmp, path)
+        if not held:  # no flock (Windows), where an open file cannot be renamed
+            os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _flock(fd: int) -> bool:
+    """An exclusive lock on an open file, without waiting; False when another process holds one (or no flock)."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def _sweep_temps(path: Path) -> None:
+    """Remove the temporary files of ``path`` that killed writers left (a vector cache's is as large as the
+    cache): atomic_file's own names beside it that no process holds locked, so nobody is still writing them."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's names for this file
+    with suppress(OSError):
+        for name in os.listdir(path.parent):
+            if not pattern.fullmatch(name):
+                continue
+            with suppress(OSError):
+                fd = os.open(path.parent / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                try:
+                    if _flock(fd) and os.path.samestat(os.fstat(fd), os.lstat(path.parent / name)):
+                        os.unlink(path.parent / name)
+                finally:
+                    os.close(fd)
 
 
 NESTED_JSON = "nested too deeply"  # read_json's JSONDecodeError message for a RecursionError

@@ -375,3 +375,23 @@ def test_an_interrupt_between_the_two_renames_puts_the_previous_model_back(tmp_p
         save_local_dir(*synthetic.build_tiny_clip(seed=2), out)
     assert (out / WEIGHTS_FILE).read_bytes() == weights
     assert os.listdir(tmp_path) == ["model"]
+
+
+# --- what a killed run leaves in the home ---------------------------------------------------------------
+def test_a_vector_cache_write_killed_half_way_leaves_nothing_the_next_run_keeps(cli, home, model_id, tmp_path):
+    """Killed while writing the vector cache (as large as the vectors): its temporary file stayed in
+    <home>/index for ever, one more per kill. One that another process is still writing is never touched."""
+    import fcntl
+
+    folder = small_folder(tmp_path / "pics")
+    assert cli("index", folder).exit_code == 0
+    (home / "index" / "model-1.faiss").unlink()  # the next query writes it again
+    killed_at("os:fsync", 1, "--home", home, "--model", model_id, "query", "a red circle")
+    (left,) = [p.name for p in (home / "index").iterdir() if p.name.endswith(".tmp")]
+    assert left.startswith(".model-1.faiss.")
+    busy = home / "index" / ".model-1.faiss.busy0000.tmp"  # another process's write in progress
+    with open(busy, "wb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert ok_json(cli("index", folder, "--json"))["unchanged"] == 6
+        assert sorted(os.listdir(home / "index")) == [busy.name, "model-1.faiss"]
+    assert ok_json(cli("status", "--json"))["models"][0]["index_state"] == "ok"
