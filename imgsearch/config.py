@@ -64,12 +64,12 @@ def atomic_file(path: str | os.PathLike, durable: bool = False, sweep: bool = Fa
     """A new binary file beside ``path``, renamed onto it when the block ends (removed if the block fails), so
     readers see the old file or the new one, never half of one. mkstemp creates it exclusively and 0600: no
     file another process or user owns is ever truncated. ``durable``: fsync'd before the rename. ``sweep``:
-    first remove what writers of ``path`` that were killed left behind (_sweep_temps)."""
+    first remove what writers of ``path`` that were killed left behind."""
     import tempfile
 
     path = Path(path)
     if sweep:
-        _sweep_temps(path)
+        sweep_temps(path.parent, rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's names below
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -89,7 +89,7 @@ def atomic_file(path: str | os.PathLike, durable: bool = False, sweep: bool = Fa
 
 
 def _flock(fd: int) -> bool:
-    """An exclusive lock on an open file, without waiting; False when another process holds one (or no flock)."""
+    """An exclusive lock on an open file or folder, without waiting; False when another process holds one."""
     try:
         import fcntl
 
@@ -99,19 +99,43 @@ def _flock(fd: int) -> bool:
         return False
 
 
-def _sweep_temps(path: Path) -> None:
-    """Remove the temporary files of ``path`` that killed writers left (a vector cache's is as large as the
-    cache): atomic_file's own names beside it that no process holds locked, so nobody is still writing them."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's names for this file
+@contextmanager
+def held(folder: str | os.PathLike):
+    """Lock ``folder`` while imgsearch writes into it, so that sweep_temps leaves it alone."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        _flock(fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+def sweep_temps(folder: str | os.PathLike, pattern: str) -> None:
+    """Remove what killed writers left in ``folder``, a folder of imgsearch's home: entries whose whole name
+    ``pattern`` matches (the writer's own temporary names), untouched for a minute and locked by no process
+    (each writer locks its own until done): a file, or a folder's plain files and then the folder."""
+    import stat
+    import time
+
+    names = re.compile(pattern)
     with suppress(OSError):
-        for name in os.listdir(path.parent):
-            if not pattern.fullmatch(name):
+        for name in os.listdir(folder):
+            if not names.fullmatch(name):
                 continue
+            path = os.path.join(folder, name)
             with suppress(OSError):
-                fd = os.open(path.parent / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
                 try:
-                    if _flock(fd) and os.path.samestat(os.fstat(fd), os.lstat(path.parent / name)):
-                        os.unlink(path.parent / name)
+                    st = os.fstat(fd)
+                    if st.st_mtime > time.time() - 60 or not _flock(fd) or not os.path.samestat(st, os.lstat(path)):
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        for entry in os.scandir(path):
+                            if entry.is_file(follow_symlinks=False):
+                                os.unlink(entry.path)
+                        os.rmdir(path)  # fails, keeping the folder, when it holds anything else
+                    else:
+                        os.unlink(path)
                 finally:
                     os.close(fd)
 
