@@ -441,12 +441,22 @@ def _npy_open(path: Path):
     return f, int(shape[0]), int(shape[1]), dtype
 
 
+def _checked_model(model, where: Path) -> dict | None:
+    """An export's record of the model that made it (None: it names none); a DataError when it is garbled."""
+    if model is None or (isinstance(model, dict) and isinstance(model.get("fingerprint"), str)
+                         and type(model.get("dim")) is int and model["dim"] > 0
+                         and all(isinstance(model.get(k), (str, type(None))) for k in ("name", "pretrained", "label"))):
+        return model
+    raise DataError(f"{where}: its record of the model that made the vectors is damaged; export again")
+
+
 def _file_model(pq, path: Path) -> dict | None:
     meta = pq.read_schema(path).metadata or {}
     try:
-        return read_json(meta[META_KEY]).get("model") if META_KEY in meta else None
+        info = read_json(meta[META_KEY]) if META_KEY in meta else None
     except ValueError:
         return None
+    return _checked_model(info.get("model") if isinstance(info, dict) else None, path)
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -600,7 +610,7 @@ def open_export(folder: str | os.PathLike) -> _Source:
     dim = pieces[0][3]
     for _, path, _, _ in pieces:
         _sizes_fit(pq, path, dim)
-    model = manifest.get("model") if isinstance(manifest, dict) else None
+    model = _checked_model(manifest.get("model") if isinstance(manifest, dict) else None, root / MANIFEST)
     for shard, path, _, d in pieces:
         if d != dim:
             name = (shard[0] if fmt == "clip-retrieval" else shard).name

@@ -411,3 +411,30 @@ def test_a_text_export_killed_half_way_is_cleared_by_the_next_build(cli, home, m
     os.utime(left, (0, 0))
     assert ok_json(cli("index", folder, "--json"))["unchanged"] == 6  # the export is built in this run
     assert sorted(os.listdir(exports)) == ["text"]
+
+
+# --- a garbled export -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["x", {"dim": "abc", "fingerprint": "f"}, {"dim": True, "fingerprint": "f"}])
+def test_a_garbled_model_record_in_an_export_is_one_line_and_imports_nothing(cli, tmp_path, model):
+    """The model record of an export's manifest or of a parquet file's metadata, garbled: 'internal error:
+    AttributeError: 'str' object has no attribute 'get''."""
+    import pyarrow.parquet as pq
+
+    small_folder(tmp_path / "pics")
+    assert cli("index", tmp_path / "pics").exit_code == 0
+    for where in ("manifest", "parquet"):
+        out = tmp_path / f"out-{where}"
+        assert cli("export", out, "-q").exit_code == 0
+        if where == "manifest":
+            manifest = json.loads((out / "_imgsearch_export.json").read_text())
+            (out / "_imgsearch_export.json").write_text(json.dumps({**manifest, "model": model}))
+        else:
+            (out / "_imgsearch_export.json").unlink()
+            part = out / "part-00000.parquet"
+            table = pq.read_table(part)
+            meta = {b"imgsearch": json.dumps({"format_version": 1, "model": model}).encode()}
+            pq.write_table(table.replace_schema_metadata(meta), part)
+        home2 = tmp_path / f"home-{where}"
+        line = one_line(cli("--home", home2, "import", out, "-q"))
+        assert "its record of the model that made the vectors is damaged" in line
+        assert not (home2 / "library.db").exists()
