@@ -438,3 +438,22 @@ def test_a_garbled_model_record_in_an_export_is_one_line_and_imports_nothing(cli
         line = one_line(cli("--home", home2, "import", out, "-q"))
         assert "its record of the model that made the vectors is damaged" in line
         assert not (home2 / "library.db").exists()
+
+
+def test_a_damaged_vector_is_one_line_never_misread_and_the_next_index_makes_it_again(cli, home, tmp_path):
+    """A vector blob of the wrong length: every command failed with 'internal error: ValueError: buffer size
+    must be a multiple of element size', and one short blob beside one as much too long was read as two
+    vectors, each shifted."""
+    folder = small_folder(tmp_path / "pics")
+    assert cli("index", folder).exit_code == 0
+    truth = [h["path"] for h in ok_json(cli("query", "a red circle", "-k", "6", "--json"))]
+    with sqlite3.connect(home / "library.db") as c:
+        (a, va), (b, vb) = c.execute("SELECT image_id, vector FROM vectors ORDER BY image_id LIMIT 2").fetchall()
+        c.execute("UPDATE vectors SET vector = ? WHERE image_id = ?", (va[:-4], a))
+        c.execute("UPDATE vectors SET vector = ? WHERE image_id = ?", (vb + b"\0" * 4, b))
+    (home / "index" / "model-1.faiss").unlink()
+    for args in (("query", "a red circle"), ("export", tmp_path / "out", "-q"), ("duplicates",)):
+        line = one_line(cli(*args))
+        assert f"the stored vector of image {a} is damaged" in line and "imgsearch index" in line, line
+    assert ok_json(cli("index", folder, "--json"))["encoded"] == 2
+    assert [h["path"] for h in ok_json(cli("query", "a red circle", "-k", "6", "--json"))] == truth
