@@ -79,9 +79,11 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
         return
     try:
         make_home(home)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # The pid is written into this file, never through a link to another one.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except OSError as e:
-        raise LibraryError(f"cannot write to the library at {home} ({e.strerror or e}); queries work, but "
+        why = f"{LOCK_NAME} is a symbolic link; remove it" if os.path.islink(path) else e.strerror or e
+        raise LibraryError(f"cannot write to the library at {home} ({why}); queries work, but "
                            "indexing, forget, captions and tags need write access") from None
     try:
         try:

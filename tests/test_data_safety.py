@@ -457,3 +457,15 @@ def test_a_damaged_vector_is_one_line_never_misread_and_the_next_index_makes_it_
         assert f"the stored vector of image {a} is damaged" in line and "imgsearch index" in line, line
     assert ok_json(cli("index", folder, "--json"))["encoded"] == 2
     assert [h["path"] for h in ok_json(cli("query", "a red circle", "-k", "6", "--json"))] == truth
+
+
+def test_a_write_lock_that_is_a_link_is_never_written_through(cli, home, tmp_path):
+    folder = small_folder(tmp_path / "pics")
+    assert cli("index", folder).exit_code == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    (home / "write.lock").unlink()
+    (home / "write.lock").symlink_to(notes)
+    line = one_line(cli("forget", folder))
+    assert "write.lock is a symbolic link; remove it" in line
+    assert notes.read_text() == "my notes" and ok_json(cli("status", "--json"))["images"] == 6
