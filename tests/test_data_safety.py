@@ -469,3 +469,50 @@ def test_a_write_lock_that_is_a_link_is_never_written_through(cli, home, tmp_pat
     line = one_line(cli("forget", folder))
     assert "write.lock is a symbolic link; remove it" in line
     assert notes.read_text() == "my notes" and ok_json(cli("status", "--json"))["images"] == 6
+
+
+# --- kill -9 at points of each writing command ------------------------------------------------------------
+def tree_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def strays(home: Path) -> list[str]:
+    """Files in the home that are none of a library's own (temporary files a killed run left)."""
+    own = ("library.db", "library.db-wal", "library.db-shm", "write.lock", ".imgsearch-home")
+    return [str(p.relative_to(home)) for p in home.rglob("*") if p.is_file() and p.name not in own
+            and not p.match("index/model-*.faiss") and "exports" not in p.relative_to(home).parts[:1]]
+
+
+@pytest.mark.parametrize("args, target, n", [
+    pytest.param(("--batch-size", "2", "index", "{pics}"), "imgsearch.store:Store.write_batch", 2,
+                 marks=pytest.mark.slow),  # the child loads the model
+    (("import", "{export}"), "imgsearch.store:Store.write_batch", 1),
+    (("album", "save", "reds", "a red circle"), "imgsearch.store:Store.add_album", 1),
+    (("album", "pin", "blues", "{pics}/blue_circle_000.png"), "imgsearch.store:Store.set_album_pins", 1),
+    (("forget", "{pics}/red_circle_000.png"), "imgsearch.store:Store.delete_images", 1),
+])
+def test_a_command_killed_at_its_write_leaves_a_library_that_opens_tells_the_truth_and_completes_a_rerun(
+        cli, home, model_id, tmp_path, args, target, n):
+    pics = small_folder(tmp_path / "pics")
+    export = tmp_path / "export"
+    if args[0] == "import":  # a library elsewhere made the export; this one starts empty
+        from conftest import Cli
+
+        other = Cli(tmp_path / "other-home", model_id)
+        assert other("index", pics).exit_code == 0 and other("export", export, "-q").exit_code == 0
+    elif args[0] != "--batch-size":  # album and forget work on an indexed library
+        assert cli("index", pics).exit_code == 0
+        assert cli("album", "save", "blues", "a blue circle").exit_code == 0
+    photos_before = tree_of(pics)
+    argv = [a.format(pics=pics, export=export) for a in args]
+    killed_at(target, n, "--home", home, "--model", model_id, "--device", "cpu", "--precision", "fp32", *argv)
+    with sqlite3.connect(home / "library.db") as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    st = ok_json(cli("status", "--json"))
+    if args[2:3] == ("index",):
+        assert st["last_run"]["state"] == "interrupted (process ended)" and st["images"] == 2  # one batch of 2
+    r = cli(*argv)
+    assert r.exit_code == 0, r.output
+    st = ok_json(cli("status", "--json"))
+    assert st["images"] == (5 if args[0] == "forget" else 6) and st["models"][0]["vectors"] == st["images"]
+    assert tree_of(pics) == photos_before and strays(home) == []
