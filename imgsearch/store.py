@@ -166,14 +166,16 @@ def _under(root: str) -> tuple[str, dict]:
     root = root.rstrip(os.sep) or os.sep
     if root == os.sep:
         return "1", {}
-    # A range, not LIKE, which ignores ASCII case (/photos/Trip took /photos/trip with it). Compared byte by
-    # byte, the paths below root run from root + "/" to just before root + "0" ("0" follows "/"). A BLOB (a
-    # non-UTF-8 path, see _bind) only compares with BLOBs, so those get the same range in bytes.
-    after = chr(ord(os.sep) + 1)
-    raw = os.fsencode(root)
-    return ("(path = :p OR (path >= :lo AND path < :hi) OR (path >= :raw_lo AND path < :raw_hi))",
-            {"p": _bind(root), "lo": _bind(root + os.sep), "hi": _bind(root + after),
-             "raw_lo": raw + os.fsencode(os.sep), "raw_hi": raw + os.fsencode(after)})
+    # A byte range, not LIKE (which ignores ASCII case: /p/cats took in /p/Cats, and `index /p/cats` then
+    # removed /p/Cats's images): the paths below root start with root + sep and sort before the byte after sep.
+    # Text and BLOB paths (_bind) compare only with their own kind, so each kind gets its range.
+    low = os.fsencode(root + os.sep)
+    high = low[:-1] + bytes([low[-1] + 1])
+    params = {"p": _bind(root), "blo": low, "bhi": high}
+    with contextlib.suppress(UnicodeDecodeError):  # a non-UTF-8 root holds no text paths
+        params.update(lo=low.decode(), hi=high.decode())
+    text = " OR (path >= :lo AND path < :hi)" if "lo" in params else ""
+    return f"(path = :p OR (path >= :blo AND path < :bhi){text})", params
 
 
 def _bind(path: str) -> str | bytes:
