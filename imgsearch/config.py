@@ -112,10 +112,10 @@ def held(folder: str | os.PathLike):
 
 def sweep_temps(folder: str | os.PathLike, pattern: str) -> None:
     """Remove what killed writers left in ``folder``, a folder of imgsearch's home: entries whose whole name
-    ``pattern`` matches (the writer's own temporary names), untouched for a minute and locked by no process
-    (each writer locks its own until done): a file, or a folder's plain files and then the folder."""
+    ``pattern`` matches (the writer's own temporary names) that no process holds locked (each writer locks its
+    own before it writes a byte into it, so an empty one may be a write about to begin and is left): a file,
+    or a folder's plain files and then the folder."""
     import stat
-    import time
 
     names = re.compile(pattern)
     with suppress(OSError):
@@ -124,18 +124,17 @@ def sweep_temps(folder: str | os.PathLike, pattern: str) -> None:
                 continue
             path = os.path.join(folder, name)
             with suppress(OSError):
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
                 try:
                     st = os.fstat(fd)
-                    if st.st_mtime > time.time() - 60 or not _flock(fd) or not os.path.samestat(st, os.lstat(path)):
+                    inside = os.listdir(path) if stat.S_ISDIR(st.st_mode) else None
+                    started = bool(inside) if inside is not None else stat.S_ISREG(st.st_mode) and st.st_size > 0
+                    if not started or not _flock(fd) or not os.path.samestat(st, os.lstat(path)):
                         continue
-                    if stat.S_ISDIR(st.st_mode):
-                        for entry in os.scandir(path):
-                            if entry.is_file(follow_symlinks=False):
-                                os.unlink(entry.path)
-                        os.rmdir(path)  # fails, keeping the folder, when it holds anything else
-                    else:
-                        os.unlink(path)
+                    for entry in [os.path.join(path, n) for n in inside or ()]:
+                        if os.path.isfile(entry) and not os.path.islink(entry):
+                            os.unlink(entry)
+                    (os.rmdir if inside is not None else os.unlink)(path)  # rmdir keeps a folder holding more
                 finally:
                     os.close(fd)
 
