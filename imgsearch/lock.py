@@ -77,13 +77,13 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
             with _held_guard:
                 _held[key] = (me, _held[key][1] - 1)
         return
+    if os.path.islink(path):  # the pid is written into this file, never through a link to another (O_NOFOLLOW)
+        raise LibraryError(f"{path} is a symbolic link; remove it (imgsearch writes its pid there)")
     try:
         make_home(home)
-        # The pid is written into this file, never through a link to another one.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except OSError as e:
-        why = f"{LOCK_NAME} is a symbolic link; remove it" if os.path.islink(path) else e.strerror or e
-        raise LibraryError(f"cannot write to the library at {home} ({why}); queries work, but "
+        raise LibraryError(f"cannot write to the library at {home} ({e.strerror or e}); queries work, but "
                            "indexing, forget, captions and tags need write access") from None
     try:
         try:
