@@ -32,12 +32,11 @@ def one_line(result, code: int = 1) -> str:
     return lines[0]
 
 
-def killed_at(target: str, n: int, *argv, before: str = "") -> subprocess.CompletedProcess:
-    """Run ``python -c before; imgsearch ARGV`` in a child that SIGKILLs itself on the ``n``th call of
-    ``target`` ("module:attr.attr"), before that call does anything; asserts that it was killed there."""
+def killed_at(target: str, n: int, *argv) -> subprocess.CompletedProcess:
+    """Run ``imgsearch ARGV`` in a child that SIGKILLs itself on the ``n``th call of ``target``
+    ("module:attr.attr"), before that call does anything; asserts that it was killed there."""
     code = textwrap.dedent(f"""
         import importlib, os, signal, sys
-        {before}
         module, attr = {target!r}.split(":")
         owner = importlib.import_module(module)
         *path, name = attr.split(".")
