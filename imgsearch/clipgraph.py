@@ -425,7 +425,7 @@ def _save(model: bytes, graph: bytes, inits: list[tuple[str, np.ndarray]], path:
         else:  # raw_data (field 9) follows each tensor's header; protobuf reads fields in any order
             heads.append((_tensor_header(name, a.shape, kind) + _varint(9 << 3 | 2) + _varint(size), size))
     lengths = [len(h) + n for h, n in heads]
-    with atomic_file(path) as f:  # the data file is renamed into place first, then the graph
+    with atomic_file(path, sweep=True) as f:  # the data file is renamed into place first, then the graph
         f.write(model + _varint(7 << 3 | 2) + _varint(len(graph) + sum(1 + len(_varint(n)) + n for n in lengths))
                 + graph)
         for (head, inline), n, (_, a), (k, _) in zip(heads, lengths, inits, kinds):
@@ -433,7 +433,7 @@ def _save(model: bytes, graph: bytes, inits: list[tuple[str, np.ndarray]], path:
             if inline:
                 np.ascontiguousarray(a, k).tofile(f)
         if external:
-            with atomic_file(data) as d:
+            with atomic_file(data, sweep=True) as d:
                 for (_, a), (k, kind) in zip(inits, kinds):
                     if kind != INT64:
                         np.ascontiguousarray(a, k).tofile(d)

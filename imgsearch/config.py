@@ -60,25 +60,83 @@ def make_home(home: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, durable: bool = False):
+def atomic_file(path: str | os.PathLike, durable: bool = False, sweep: bool = False):
     """A new binary file beside ``path``, renamed onto it when the block ends (removed if the block fails), so
     readers see the old file or the new one, never half of one. mkstemp creates it exclusively and 0600: no
-    file another process or user owns is ever truncated. ``durable``: fsync'd before the rename."""
+    file another process or user owns is ever truncated. ``durable``: fsync'd before the rename. ``sweep``:
+    first remove what writers of ``path`` that were killed left behind."""
     import tempfile
 
     path = Path(path)
+    if sweep:
+        sweep_temps(path.parent, rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's names below
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            held = _flock(fd)  # kept until after the rename: a sweep never takes a file still being written
             yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if held:
+                os.replace(tmp, path)
+        if not held:  # no flock (Windows), where an open file cannot be renamed
+            os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _flock(fd: int) -> bool:
+    """An exclusive lock on an open file or folder, without waiting; False when another process holds one."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+@contextmanager
+def held(folder: str | os.PathLike):
+    """Lock ``folder`` while imgsearch writes into it, so that sweep_temps leaves it alone."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        _flock(fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+def sweep_temps(folder: str | os.PathLike, pattern: str) -> None:
+    """Remove what killed writers left in ``folder``, a folder of imgsearch's home: entries whose whole name
+    ``pattern`` matches (the writer's own temporary names) that no process holds locked (each writer locks its
+    own before it writes a byte into it, so an empty one may be a write about to begin and is left): a file,
+    or a folder's plain files and then the folder."""
+    import stat
+
+    names = re.compile(pattern)
+    with suppress(OSError):
+        for name in os.listdir(folder):
+            if not names.fullmatch(name):
+                continue
+            path = os.path.join(folder, name)
+            with suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+                try:
+                    st = os.fstat(fd)
+                    inside = os.listdir(path) if stat.S_ISDIR(st.st_mode) else None
+                    started = bool(inside) if inside is not None else stat.S_ISREG(st.st_mode) and st.st_size > 0
+                    if not started or not _flock(fd) or not os.path.samestat(st, os.lstat(path)):
+                        continue
+                    for entry in [os.path.join(path, n) for n in inside or ()]:
+                        if os.path.isfile(entry) and not os.path.islink(entry):
+                            os.unlink(entry)
+                    (os.rmdir if inside is not None else os.unlink)(path)  # rmdir keeps a folder holding more
+                finally:
+                    os.close(fd)
 
 
 NESTED_JSON = "nested too deeply"  # read_json's JSONDecodeError message for a RecursionError

@@ -692,8 +692,16 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         return
     # Renaming onto a fresh empty folder of our own never clobbers an existing name.
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old)
-    tmp.rename(out)
+    try:
+        os.replace(out, old)
+        tmp.rename(out)
+    except BaseException:  # Ctrl-C or a failure between the two renames: the previous model goes back
+        if not os.path.lexists(out):
+            with contextlib.suppress(OSError):
+                os.rename(old, out)
+        with contextlib.suppress(OSError):
+            os.rmdir(old)  # the empty folder made above, when nothing was moved into it
+        raise
     left = owned.remove(old, MODEL_KIND, old_token, where=Path(os.path.realpath(out.parent)) / out.name)
     if left is not None:
         logging.getLogger(__name__).warning("left the previous model in %s: %s", old, left)

@@ -267,6 +267,23 @@ def _remove_temp(tmp: Path, target: Path, token: str | None) -> str | None:
     return None if why is None else f"{tmp}: {why}"
 
 
+def _unpublish(target: Path, token: str | None) -> str | None:
+    """Take back a publish that did not finish (``target`` has imgsearch's export marker but no manifest): the
+    data moved in, then the marker; the folder stays. None when done or when there is nothing to take back."""
+    info = owned.read_marker(target)
+    if info is None or info.get("kind") != EXPORT_KIND or (target / MANIFEST).exists():
+        return None
+    token = token or info.get("token")
+    for sub in SUBFOLDERS:
+        if os.path.lexists(target / sub) and (why := owned.remove(target / sub, PART_KIND, token)) is not None:
+            return f"{target / sub}: {why}"
+    if (why := owned.why_not_ours(target, EXPORT_KIND, token)) is not None:
+        return f"{target}: {why}"
+    for name in [*info["files"], owned.MARKER]:
+        (target / name).unlink(missing_ok=True)
+    return None
+
+
 def prepare_target(target: Path) -> bool:
     """Make sure ``target`` may receive an export; True when this call created it."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
@@ -284,6 +301,9 @@ def prepare_target(target: Path) -> bool:
             if why is not None:
                 raise UsageError(f"{target} holds an unfinished export that imgsearch cannot prove it wrote "
                                  f"({why}); remove it yourself or export into another folder")
+    if (why := _unpublish(target, None)) is not None:  # killed while moving its files into place
+        raise UsageError(f"{target} holds an unfinished export that imgsearch cannot prove it wrote ({why}); "
+                         "remove it yourself or export into another folder")
     if names := sorted(os.listdir(target)):
         listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = "an earlier export" if (target / MANIFEST).exists() else f"files ({listed})"
@@ -292,9 +312,13 @@ def prepare_target(target: Path) -> bool:
     return False
 
 
+def _appeared(path) -> UsageError:
+    return UsageError(f"{path} appeared while the export was being written; export into another folder")
+
+
 def _move_new(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, which must not exist: a file that appeared there meanwhile is never replaced."""
-    appeared = UsageError(f"{dst} appeared while the export was being written; export into another folder")
+    appeared = _appeared(dst)
     if not src.is_dir():
         try:
             os.link(src, dst)  # fails if dst exists, unlike rename
@@ -313,11 +337,14 @@ def _move_new(src: Path, dst: Path) -> None:
 def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
     """Move the finished export from its temporary folder into ``target``; the manifest goes last."""
     top = sorted({n.split("/")[0] for n in names})
-    owned.start_marker(target, EXPORT_KIND, token)
+    try:
+        owned.start_marker(target, EXPORT_KIND, token)
+    except FileExistsError as e:
+        raise _appeared(e.filename) from None
     for name in [n for n in top if n != MANIFEST] + [MANIFEST]:
+        if name not in SUBFOLDERS:  # before the move: killed in between, a file in target is still provably ours
+            owned.record(target, name, source=tmp)
         _move_new(tmp / name, target / name)
-        if name not in SUBFOLDERS:
-            owned.record(target, name)
     why = _remove_temp(tmp, target, token)
     if why is not None:  # harmless leftovers of our own; say so rather than fail a complete export
         warnings.warn(f"export finished but its temporary folder stayed: {why}", stacklevel=2)
@@ -369,6 +396,7 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
     except BaseException:
         if tmp.exists():
             _remove_temp(tmp, target, token)
+        _unpublish(target, token)
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(target)  # made by this call; rmdir keeps it if anything else is inside
@@ -413,12 +441,22 @@ def _npy_open(path: Path):
     return f, int(shape[0]), int(shape[1]), dtype
 
 
+def _checked_model(model, where: Path) -> dict | None:
+    """An export's record of the model that made it (None: it names none); a DataError when it is garbled."""
+    if model is None or (isinstance(model, dict) and isinstance(model.get("fingerprint"), str)
+                         and type(model.get("dim")) is int and model["dim"] > 0
+                         and all(isinstance(model.get(k), (str, type(None))) for k in ("name", "pretrained", "label"))):
+        return model
+    raise DataError(f"{where}: its record of the model that made the vectors is damaged; export again")
+
+
 def _file_model(pq, path: Path) -> dict | None:
     meta = pq.read_schema(path).metadata or {}
     try:
-        return read_json(meta[META_KEY]).get("model") if META_KEY in meta else None
+        info = read_json(meta[META_KEY]) if META_KEY in meta else None
     except ValueError:
         return None
+    return _checked_model(info.get("model") if isinstance(info, dict) else None, path)
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -572,7 +610,7 @@ def open_export(folder: str | os.PathLike) -> _Source:
     dim = pieces[0][3]
     for _, path, _, _ in pieces:
         _sizes_fit(pq, path, dim)
-    model = manifest.get("model") if isinstance(manifest, dict) else None
+    model = _checked_model(manifest.get("model") if isinstance(manifest, dict) else None, root / MANIFEST)
     for shard, path, _, d in pieces:
         if d != dim:
             name = (shard[0] if fmt == "clip-retrieval" else shard).name

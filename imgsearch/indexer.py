@@ -272,7 +272,7 @@ class Indexer:
 
         # Rows whose file is gone are move sources first; whatever is not claimed is removed at the end.
         self._missing = {p: r for p, r in existing.items()
-                         if p not in seen and p not in problems and p not in aliases}
+                         if p not in seen and p not in problems and p not in aliases and _gone(p, problems)}
         self._missing_by_hash: dict[str, list[ImageRow]] = {}
         for r in self._missing.values():
             self._missing_by_hash.setdefault(r.hash, []).append(r)
@@ -644,6 +644,21 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
 
             ensure_export(settings.home, enc)
         return report
+
+
+def _gone(path: str, problems: dict[str, str]) -> bool:
+    """Whether an indexed file the walk did not yield is gone. One it skipped without looking (inside a library
+    home or a hidden folder) is still a file there, and one in a folder it could not list (permissions, an I/O
+    error) may be: their rows stay, with their captions, tags and album pins."""
+    if os.path.isfile(path):
+        return False
+    folder = os.path.dirname(path)
+    while folder not in problems:
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return True
+        folder = parent
+    return False
 
 
 def forget(settings: Settings, store: Store, paths: Iterable[str | os.PathLike], wait: bool = True) -> int:

@@ -77,9 +77,11 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
             with _held_guard:
                 _held[key] = (me, _held[key][1] - 1)
         return
+    if os.path.islink(path):  # the pid is written into this file, never through a link to another (O_NOFOLLOW)
+        raise LibraryError(f"{path} is a symbolic link; remove it (imgsearch writes its pid there)")
     try:
         make_home(home)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except OSError as e:
         why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror or e
         raise LibraryError(f"cannot write to the library at {home} ({why})" + (

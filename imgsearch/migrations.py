@@ -231,6 +231,10 @@ def migrate(engine, path: Path, *, read_only: bool) -> None:
                 f"{max(done, default=0)} < {SCHEMA_VERSION}); open it once where it is writable to upgrade it")
         return
     with engine.begin() as c:
+        # Python's sqlite3 opens a transaction only before INSERT/UPDATE/DELETE: without this BEGIN each
+        # CREATE and ALTER committed on its own, and a run killed half-way left a library that no later open
+        # could upgrade ("table images already exists"). IMMEDIATE: a second process waits, then finds it done.
+        c.exec_driver_sql("BEGIN IMMEDIATE")
         c.execute(text("CREATE TABLE IF NOT EXISTS schema_migrations ("
                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"))
         done = applied(c, path)

@@ -27,8 +27,10 @@ def _real(path: str | os.PathLike) -> str:
 
 
 def _write_marker(folder: Path, info: dict) -> None:
+    """Written to a new file (O_EXCL: never through a link planted in a folder others can write to), renamed."""
     tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+        f.write(json.dumps(info, indent=1))
     os.replace(tmp, folder / MARKER)
 
 
@@ -37,7 +39,14 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
         info = read_json((Path(folder) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return info if isinstance(info, dict) and isinstance(info.get("files"), dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+        return None
+    # Each entry a plain name in this folder with [size, mtime_ns]: a marker anyone could have written must not
+    # name "../../thesis.pdf" for removal.
+    plain = all(isinstance(name, str) and name not in ("", ".", "..") and os.sep not in name and "\0" not in name
+                and isinstance(st, list) and len(st) == 2 and all(type(v) is int for v in st)
+                for name, st in info["files"].items())
+    return info if plain else None
 
 
 def start_marker(folder: str | os.PathLike, kind: str, token: str, where: str | os.PathLike | None = None) -> None:
@@ -54,14 +63,16 @@ def create_dir(folder: str | os.PathLike, kind: str, token: str) -> Path:
     return folder
 
 
-def record(folder: str | os.PathLike, *names: str) -> None:
-    """Note in the marker that imgsearch wrote these files (as they are now) in its own ``folder``."""
+def record(folder: str | os.PathLike, *names: str, source: str | os.PathLike | None = None) -> None:
+    """Note in the marker that imgsearch wrote these files (as they are now) in its own ``folder``; ``source``:
+    the folder they are in until imgsearch renames them into ``folder`` (a rename keeps size and mtime), so no
+    moment exists when they are there unrecorded."""
     folder = Path(folder)
     info = read_marker(folder)
     if info is None:
         raise FileNotFoundError(f"{folder} has no {MARKER}")
     for name in names:
-        st = os.lstat(folder / name)
+        st = os.lstat(Path(source or folder) / name)
         info["files"][name] = [st.st_size, st.st_mtime_ns]
     _write_marker(folder, info)
 

@@ -104,10 +104,16 @@ def vector_to_blob(v: np.ndarray) -> bytes:
     return np.ascontiguousarray(v, dtype="<f4").tobytes()
 
 
-def _matrix(blobs: list[bytes], dim: int) -> np.ndarray:
-    """Stacked float32 vectors from their SQLite blobs ([0, dim] when there are none)."""
+def _matrix(blobs: list[bytes], dim: int, ids: Sequence[int] = ()) -> np.ndarray:
+    """Stacked float32 vectors from their SQLite blobs ([0, dim] when there are none); a blob of another length
+    (a damaged library) is a LibraryError, never read as a vector (nor as the start of the next one)."""
     if not blobs:
         return np.zeros((0, dim), dtype=np.float32)
+    wrong = np.fromiter(map(len, blobs), np.int64, len(blobs)) != 4 * dim
+    if dim and wrong.any():
+        k = int(np.argmax(wrong))
+        raise LibraryError(f"the stored vector of image {ids[k] if ids else '?'} is damaged ({len(blobs[k])} bytes, "
+                           f"not {4 * dim}); run `imgsearch index` on your photo folders to make it again")
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32, copy=False)
 
 
@@ -117,7 +123,7 @@ def _ids_and_matrix(rows: Iterable[tuple[int, bytes]], dim: int) -> tuple[np.nda
     for i, b in rows:
         ids.append(i)
         blobs.append(b)
-    return np.asarray(ids, dtype=np.int64), _matrix(blobs, dim)
+    return np.asarray(ids, dtype=np.int64), _matrix(blobs, dim, ids)
 
 
 def _chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
@@ -456,8 +462,10 @@ class Store:
         return out
 
     def image_ids_with_vectors(self, model_id: int, ids: Iterable[int]) -> set[int]:
-        return {r[0] for r in self._rows_in("SELECT image_id FROM vectors WHERE model_id = :m "
-                                            "AND image_id IN :ids", map(int, ids), m=model_id)}
+        """Those of ``ids`` with a sound vector of this model (a damaged one is made again by the next index)."""
+        return {r[0] for r in self._rows_in("SELECT image_id FROM vectors WHERE model_id = :m AND length(vector) = "
+                                            ":n AND image_id IN :ids", map(int, ids), m=model_id,
+                                            n=4 * self._dim(model_id))}
 
     def images_by_hash(self, hashes: Iterable[str]) -> dict[str, list[ImageRow]]:
         out: dict[str, list[ImageRow]] = {}
@@ -628,7 +636,7 @@ class Store:
         for rows in self._pages(f"SELECT {cols}, v.vector FROM vectors v JOIN images i ON i.id = v.image_id "
                                 "WHERE v.model_id = :m AND v.image_id > :l ORDER BY v.image_id LIMIT :n",
                                 batch, m=model_id):
-            yield [_image(r[:-1]) for r in rows], _matrix([r[-1] for r in rows], dim)
+            yield [_image(r[:-1]) for r in rows], _matrix([r[-1] for r in rows], dim, [r[0] for r in rows])
 
     def vector_changes(self, model_id: int, since_version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(upserted ids, their vectors, deleted ids) for a model since ``since_version`` (cache deltas)."""
@@ -835,8 +843,10 @@ def _code(exc: BaseException) -> int | None:
 
 
 def _library_error(store: "Store", exc: BaseException) -> LibraryError | None:
-    """A one-line LibraryError for SQLite failures a user can act on (full disk, read-only files)."""
+    """A one-line LibraryError for SQLite failures a user can act on (full disk, read-only files, damage)."""
     code = _code(exc)
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or "malformed" in str(exc):  # a damaged page met by any query
+        return _open_error(store.path, exc)
     if code == SQLITE_FULL or "database or disk is full" in str(exc):
         return LibraryError(disk_full_message(store.path.parent))
     if code == SQLITE_READONLY or "readonly database" in str(exc):

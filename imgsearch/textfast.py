@@ -435,18 +435,22 @@ def _torch_check(tower: _Tower, encoder) -> dict:
 def _publish(home, fingerprint: str, meta: dict, write, check) -> Path:
     """Write an export into a temporary folder (``write(tmp)`` -> its facts), record ``check(tower)``'s verdict
     in its manifest and rename it into place; a failed check is kept (verified: false), not retried each run."""
+    from .config import held, sweep_temps
+
     final = export_dir(home, fingerprint)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temps(final.parent, r"\.text\.[a-z0-9_]{8}")  # the folders of builds that were killed (mkdtemp's names)
     tmp = Path(tempfile.mkdtemp(prefix=".text.", dir=final.parent))
     try:
-        meta = {"format": FORMAT, "fingerprint": fingerprint, **meta, **write(tmp), "verified": True}
-        (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
-        meta.update(check(load_tower(tmp, fingerprint)))
-        (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
-        if final.exists():  # made by an earlier or concurrent run for the same weights: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(final)
+        with held(tmp):
+            meta = {"format": FORMAT, "fingerprint": fingerprint, **meta, **write(tmp), "verified": True}
+            (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
+            meta.update(check(load_tower(tmp, fingerprint)))
+            (tmp / MANIFEST).write_text(json.dumps(meta), encoding="utf-8")
+            if final.exists():  # made by an earlier or concurrent run for the same weights: keep theirs
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

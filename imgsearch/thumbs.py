@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,6 +65,21 @@ def _drop_stale(dest: Path, image_id: int) -> None:
                 old.unlink(missing_ok=True)
 
 
+def _usable(path: Path) -> bool:
+    """Whether a thumbnail imgsearch wrote is cached at ``path`` (False: none, or a damaged one, made again over
+    it). Anything else there (a link to a file of the user's, a folder) is a DataError and stays as it is."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path} is not a thumbnail imgsearch wrote (a link or a folder); remove it")
+        with open(path, "rb") as f:  # a JPEG; not one left empty by a power cut before it reached the disk
+            return f.read(3) == b"\xff\xd8\xff"
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise DataError(f"cannot read the thumbnail {path}: {e.strerror or e}") from None
+
+
 def library_image(store: Store, image_id: object) -> ImageRow:
     """The library's record of image ``image_id`` (path, size, dimensions, date taken), or a UsageError."""
     image_id = parse_id(image_id)
@@ -89,10 +105,15 @@ def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None =
         row = rows.get(i)
         if row is None:
             out[i] = UsageError(f"image id {i} is not in the library")
-        elif (cached := cache_path(settings, row, size)).exists():
-            out[i] = cached
-        else:
-            todo.append(row)
+            continue
+        try:
+            cached = cache_path(settings, row, size)
+            if _usable(cached):
+                out[i] = cached
+            else:
+                todo.append(row)
+        except DataError as e:
+            out[i] = e
 
     def make(row: ImageRow) -> Path | ImgSearchError:
         dest = cache_path(settings, row, size)

@@ -291,7 +291,7 @@ class VectorIndex:
         payload = memoryview(self._payload())
         # The payload size lets `status` spot a truncated file without reading gigabytes of vectors.
         header = json.dumps({**meta, **self.meta(), "payload_bytes": int(payload.nbytes)}).encode()
-        with atomic_file(path, durable=True) as f:
+        with atomic_file(path, durable=True, sweep=True) as f:
             f.write(MAGIC + struct.pack("<II", FORMAT, len(header)) + header + _digest(header, [payload]))
             f.write(payload)
 

@@ -71,6 +71,16 @@ def check_folders(paths) -> list[str]:
     return roots
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which folder is at ``path``: another one there (a drive unmounted from its mount point, a folder put in
+    the place of one renamed away) is not the folder that was watched."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _signature(path: str) -> tuple | None:
     try:
         st = os.stat(path)
@@ -92,6 +102,7 @@ class Watcher:
                  debounce: float = 0.5, on_batch: Callable[[Batch], None] | None = None,
                  say: Callable[[str], None] | None = None):
         self.roots = check_folders(paths)
+        self._identities = {root: _identity(root) for root in self.roots}
         self._apply, self._catch_up = apply, catch_up
         self.home = files.abspath(home) if home is not None else None
         self.poll, self.interval, self.debounce = poll, interval, debounce
@@ -217,9 +228,10 @@ class Watcher:
     # --- batches ---------------------------------------------------------------------------------------
     def _check_roots(self) -> None:
         for root in list(self.roots):
-            if os.path.isdir(root):
+            if os.path.isdir(root) and _identity(root) == self._identities[root]:
                 continue
-            # Deleted, renamed or unmounted: its images stay (an unplugged drive must not empty the library).
+            # Deleted, renamed or unmounted: its images stay (an unplugged drive must not empty the library, and
+            # the empty mount point left in its place must not read as every photo deleted).
             self.roots.remove(root)
             watch = self._watches.pop(root, None)
             if watch is not None and self._observer is not None:
