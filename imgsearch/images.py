@@ -132,13 +132,14 @@ def _to_rgb(im):
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High bit depth grayscale: stretch to 8 bits instead of clipping to white.
+        # High bit depth grayscale: scaled from its nominal range (16 bits; else the first of 0..1 for floats,
+        # 8 or 16 bits that holds it), as a viewer shows it: a dark scan stays dark, none is clipped to white.
         import numpy as np
 
-        arr = np.asarray(im, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        im = Image.fromarray(arr.astype("uint8"), "L")
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float32))
+        tops = {"I": (255.0, 65535.0), "F": (1.0, 255.0, 65535.0)}.get(im.mode, (65535.0,))
+        top = next((t for t in tops if arr.max() <= t), float(arr.max()))
+        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype("uint8"), "L")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
         background = Image.new("RGB", im.size, (255, 255, 255))
@@ -281,25 +282,30 @@ def _opened(source, max_pixels: int):
 
 
 def _header(im) -> tuple[ImageInfo, int]:
-    """ImageInfo (size as displayed) and EXIF orientation of an image from :func:`_opened`."""
+    """ImageInfo (size as displayed) and the EXIF orientation left to apply of an image from :func:`_opened`."""
     exif = im.getexif()
     orientation = exif.get(_ORIENTATION, 1) if exif else 1
-    w, h = im.size
+    tiff = im.format == "TIFF"  # Pillow turns a TIFF upright as it loads it (and from 11 reports that size)
+    w, h = (im.tag_v2.get(256), im.tag_v2.get(257)) if tiff else im.size
     if orientation in (5, 6, 7, 8):
         w, h = h, w
-    return (ImageInfo(w, h, **_exif_meta(exif)) if exif else ImageInfo(w, h)), orientation
+    return (ImageInfo(w, h, **_exif_meta(exif)) if exif else ImageInfo(w, h)), 1 if tiff else orientation
+
+
+# EXIF orientation -> the PIL transpose that shows the picture upright (Image.Transpose values, as
+# ImageOps.exif_transpose maps them; that one also rewrites the EXIF and fails on a malformed block)
+_UPRIGHT = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
 
 
 def _decode(im, draft_size: int | None):
     """(upright RGB image, ImageInfo, EXIF orientation) of an image from :func:`_opened`."""
-    from PIL import ImageOps
-
     info, orientation = _header(im)
-    if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:  # else no reduced scale fits
+    # MPO: a JPEG with more pictures after it (phones' HDR gain maps, stereo cameras); the first is the photo
+    if draft_size and im.format in ("JPEG", "MPO") and min(im.size) >= 2 * draft_size:  # else no scale fits
         im.draft("RGB", (draft_size, draft_size))
     im.load()
-    if orientation != 1:
-        im = ImageOps.exif_transpose(im)
+    if orientation in _UPRIGHT:
+        im = im.transpose(_UPRIGHT[orientation])
     return _to_rgb(im), info, orientation
 
 

@@ -230,3 +230,108 @@ def test_sniffing_reads_only_files_without_a_telling_extension(tmp_path, monkeyp
     found = sorted(Path(e.path).name for e in files.walk([tmp_path]) if isinstance(e, files.FileEntry))
     assert found == ["a.jpg", "e", "f.xyz"]
     assert sorted(opened) == ["e", "f.xyz"]
+
+
+# --- pixels: what the model sees is the picture a viewer shows ----------------------------------------------
+def upright() -> np.ndarray:
+    """An asymmetric 120 x 200 picture (gradients, a red block top left): every turn and flip shows."""
+    a = np.zeros((120, 200, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, 200)[None, :]
+    a[..., 1] = np.linspace(0, 255, 120)[:, None]
+    a[:30, :40] = (255, 0, 0)
+    return a
+
+
+# What a camera stores for each EXIF orientation: the upright picture turned back by the inverse transform.
+STORED = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_90",
+          7: "TRANSVERSE", 8: "ROTATE_270"}
+
+
+def tagged(rgb: np.ndarray, orientation: int, fmt: str, exif: bytes | None = None) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(rgb)
+    if orientation != 1:
+        im = im.transpose(getattr(Image.Transpose, STORED[orientation]))
+    if exif is None:
+        tags = Image.Exif()
+        tags[274] = orientation
+        exif = tags.tobytes()
+    buf = io.BytesIO()
+    im.save(buf, fmt, exif=exif, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_every_exif_orientation_decodes_upright_at_its_displayed_size(fmt):
+    from imgsearch import images
+
+    want = upright()
+    for orientation in range(1, 9):
+        im, info = images.open_image(tagged(want, orientation, fmt))
+        # TIFF: Pillow turns it itself; it used to be turned (and its size swapped) twice
+        assert (im.size, (info.width, info.height)) == ((200, 120), (200, 120)), (fmt, orientation)
+        assert np.abs(np.asarray(im, np.float32) - want).mean() < 3, (fmt, orientation)
+
+
+def odd_exif(orientation: int) -> bytes:
+    """EXIF with an orientation and XResolution (a rational) written as the text "72", as some tools do."""
+    entries = [(274, 3, 1, struct.pack("<HH", orientation, 0)), (282, 2, 3, b"72\0\0")]
+    ifd = struct.pack("<H", 2) + b"".join(struct.pack("<HHI", t, kind, n) + v for t, kind, n, v in entries)
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+def test_a_rotated_photo_with_a_malformed_exif_field_is_read_upright_not_failed():
+    """Pillow's exif_transpose writes the EXIF back and fails on a field it cannot write: such a portrait photo
+    was refused as 'corrupt image'."""
+    from imgsearch import images
+
+    want = upright()
+    im, info = images.open_image(tagged(want, 6, "JPEG", odd_exif(6)))
+    assert (im.size, (info.width, info.height)) == ((200, 120), (200, 120))
+    assert np.abs(np.asarray(im, np.float32) - want).mean() < 3
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grayscale_keeps_its_brightness(fmt):
+    """A dark 16-bit scan was stretched to full contrast (a night shot turned grey-white), a flat one turned black."""
+    from PIL import Image
+
+    from imgsearch import images
+
+    gray = np.asarray(Image.fromarray(upright()).convert("L"), np.float32)
+    for level in (gray / 4, np.full_like(gray, 91.0)):  # dark (0..63 of 255), and one flat mid grey
+        buf = io.BytesIO()
+        Image.fromarray((level * 257).astype(np.uint16)).save(buf, fmt)
+        assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I;16")
+        im, _ = images.open_image(buf.getvalue())
+        assert np.abs(np.asarray(im.convert("L"), np.float32) - level).max() <= 1
+
+
+def test_a_jpeg_with_a_second_picture_is_draft_decoded_like_any_jpeg():
+    """Phones write HDR gain maps (and stereo cameras a second view) after the photo: Pillow calls that MPO, and
+    it was decoded at full size (4 to 64 times the pixels and memory of a draft decode)."""
+    from PIL import Image
+
+    from imgsearch import images
+
+    photo, extra = Image.fromarray(upright()).resize((2000, 1200)), Image.new("RGB", (500, 300), "blue")
+    mpo, jpeg = io.BytesIO(), io.BytesIO()
+    photo.save(mpo, "MPO", save_all=True, append_images=[extra])
+    photo.save(jpeg, "JPEG")
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    im, info = images.open_image(mpo.getvalue(), draft_size=224)
+    assert im.size == images.open_image(jpeg.getvalue(), draft_size=224)[0].size == (500, 300)
+    assert (info.width, info.height) == (2000, 1200) and im.getpixel((5, 5))[0] > 200  # the photo, not the map
+
+
+def test_rotated_tiffs_and_photos_with_odd_exif_are_indexed_at_their_displayed_size(cli, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "portrait.tif").write_bytes(tagged(upright(), 6, "TIFF"))
+    (folder / "odd_exif.jpg").write_bytes(tagged(upright(), 8, "JPEG", odd_exif(8)))
+    report = index_json(cli, folder)
+    assert (report["new"], report["failures"]) == (2, [])
+    r = cli("query", "a red square", "-k", "5", "--json")
+    sizes = {Path(h["path"]).name: (h["width"], h["height"]) for h in json.loads(r.stdout)}
+    assert sizes == {"portrait.tif": (200, 120), "odd_exif.jpg": (200, 120)}
