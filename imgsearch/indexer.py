@@ -341,7 +341,10 @@ class Indexer:
         return report
 
     def _may_pass_now(self, reason: str, size: int) -> bool:
-        """A recorded failure that a raised cap or a newly installed extra may now let through (retried)."""
+        """A recorded failure that a raised cap, a newly installed extra or a fixed machine may now let through
+        (retried): a read error or a lack of memory says nothing about the file (chmod changes no mtime)."""
+        if reason.startswith(("cannot read file", "not enough memory")):
+            return True
         if reason == RAW_NEEDS_EXTRA:
             return files.raw_supported()
         if "IMGSEARCH_MAX_FILE_MB" in reason:

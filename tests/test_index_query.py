@@ -154,6 +154,29 @@ def test_touched_file_is_not_reencoded(cli, photos):
     assert (rep["unchanged"], rep["encoded"], rep["updated"]) == (54, 0, 0)
 
 
+def test_a_file_that_could_not_be_read_is_retried_once_readable(cli, photos, monkeypatch):
+    """A read error (permissions, a flaky drive or share) is the machine's state, not the file's: fixing it
+    (chmod) changes neither size nor mtime, and the file was skipped as 'failed before' on every later run."""
+    from imgsearch import files
+
+    target = photos / "red_circle_000.jpg"
+    real = files.hash_file
+
+    def denied(f, *a):
+        if f.name == str(target):
+            raise PermissionError(13, "Permission denied")
+        return real(f, *a)
+
+    monkeypatch.setattr(files, "hash_file", denied)
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert rep["new"] == 53
+    assert rep["failures"] == [{"path": str(target), "reason": "cannot read file: Permission denied"}]
+    monkeypatch.setattr(files, "hash_file", real)  # permissions fixed
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["new"], rep["failed_before"], rep["failures"]) == (1, 0, [])
+    assert str(target) in [h["path"] for h in hits_of(cli("query", "a red circle", "-k", "3", "--json"))]
+
+
 def test_deleted_file_disappears(cli, photos):
     cli("index", photos)
     gone = photos / "red_circle_001.jpg"
