@@ -127,10 +127,12 @@ def read_meta(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[in
 def _to_rgb(im):
     from PIL import Image
 
+    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):  # a colour key: onto white like an alpha
+        im = im.convert("RGBA")
     if im.mode == "RGB":
         return im
     if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        im = im.convert("RGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # High bit depth grayscale: scaled from its nominal range (16 bits; else the first of 0..1 for floats,
         # 8 or 16 bits that holds it), as a viewer shows it: a dark scan stays dark, none is clipped to white.

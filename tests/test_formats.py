@@ -308,6 +308,29 @@ def test_16_bit_grayscale_keeps_its_brightness(fmt):
         assert np.abs(np.asarray(im.convert("L"), np.float32) - level).max() <= 1
 
 
+def test_transparency_is_white_however_the_file_stores_it():
+    """An alpha channel, a palette's transparent entry and a PNG colour key (tRNS in an RGB or grayscale PNG) all
+    show the background; the colour key's pixels were kept as they are stored (black here)."""
+    from PIL import Image
+
+    from imgsearch import images
+
+    logo = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    logo.paste((200, 30, 30, 255), (10, 5, 30, 25))
+    gray = Image.new("LA", (40, 30), (0, 0))
+    gray.paste((120, 255), (10, 5, 30, 25))
+    palette = logo.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    saved = {"RGBA": (logo, {}), "P": (palette, {"transparency": palette.getpixel((0, 0))}),
+             "RGB": (logo.convert("RGB"), {"transparency": (0, 0, 0)}), "LA": (gray, {}),
+             "L": (gray.convert("L"), {"transparency": 0})}
+    for mode, (im, options) in saved.items():
+        buf = io.BytesIO()
+        im.save(buf, "PNG", **options)
+        out, _ = images.open_image(buf.getvalue())
+        assert Image.open(io.BytesIO(buf.getvalue())).mode == mode
+        assert (out.getpixel((2, 2)), out.getpixel((20, 15))[0]) == ((255, 255, 255), 200 if "L" not in mode else 120)
+
+
 def test_a_jpeg_with_a_second_picture_is_draft_decoded_like_any_jpeg():
     """Phones write HDR gain maps (and stereo cameras a second view) after the photo: Pillow calls that MPO, and
     it was decoded at full size (4 to 64 times the pixels and memory of a draft decode)."""
