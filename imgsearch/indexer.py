@@ -316,7 +316,7 @@ class Indexer:
             self._resolve_known()
             self._encode()
             pending.flush(store, model_id)
-            report.removed = store.delete_images(r.id for r in self._missing.values())
+            report.removed += store.delete_images(r.id for r in self._missing.values())
             report.failed.extend(problems.items())
             if problems:
                 pending.failures.extend((p, r, None, None) for p, r in problems.items())
@@ -431,6 +431,12 @@ class Indexer:
                 return
             # Elsewhere in the library: decided in batches by _resolve_known (one lookup per 500 hashes).
             pending.copies.append((e, res.hash))
+            return
+        if w.old is not None and w.old.hash != res.hash and (candidates := self._missing_by_hash.get(res.hash)):
+            # A gone file's content now at this path (mv b.jpg a.jpg): b's row moves here, a's row goes (its
+            # captions, tags and pins stay with the picture they were given to).
+            self._move(candidates.pop(), e)
+            report.removed += 1
             return
         self._batch.append(res)
 

@@ -203,6 +203,22 @@ def test_moved_and_renamed_files_keep_vectors(cli, photos):
     assert by_path.get(str(new)) == ids[str(old)]
 
 
+def test_a_file_moved_over_another_keeps_its_own_row_and_captions(cli, photos):
+    """`mv blue.jpg red.jpg`: the blue square's row (id, vector, caption) moves to red.jpg and the red circle's
+    goes. It was re-encoded into the red circle's row, which kept "Grandma's red circle" on the blue square."""
+    cli("index", photos)
+    red, blue = photos / "red_circle_000.jpg", photos / "blue_square_000.jpg"
+    ids = {h["path"]: h["id"] for h in hits_of(cli("query", "a blue square", "-k", "54", "--json"))}
+    assert cli("caption", red, "Grandma's red circle").exit_code == 0
+    assert cli("caption", blue, "the lake").exit_code == 0
+    blue.replace(red)
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["moved"], rep["removed"], rep["updated"], rep["encoded"]) == (1, 1, 0, 0)
+    assert json.loads(cli("caption", red, "--json").stdout)["captions"] == ["the lake"]
+    hits = hits_of(cli("query", "a blue square", "-k", "53", "--json"))
+    assert {h["path"]: h["id"] for h in hits}[str(red)] == ids[str(blue)] and len(hits) == 53
+
+
 def test_identical_copy_reuses_vector(cli, photos, tmp_path):
     cli("index", photos)
     shutil.copy(photos / "green_square_000.jpg", photos / "copy.jpg")
