@@ -44,8 +44,8 @@ def main(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch [default 32]",
                                              show_default=False),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16 or int8 [default auto: "
-                                            "fp16 on CUDA, fp32 on MPS, bf16 on CPUs with AMX/AVX512-BF16, else fp32; a CPU "
-                                            "index of 200+ files uses int8 where timed faster and close enough; "
+                                            "fp16 on CUDA, fp32 on MPS, bf16 on CPUs with AMX/AVX512-BF16, else fp32; a "
+                                            "CPU index of 200+ files uses int8 where timed faster and close enough; "
                                             "without torch installed: int8 where close enough, else fp32]"
                                             "; int8 = quantised image tower on CPU, for index",
                                             show_default=False),

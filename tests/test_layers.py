@@ -174,3 +174,18 @@ def test_architecture_notes_cover_every_module_and_the_readme_links_inside_the_r
                and not (ROOT / t).resolve().is_relative_to(ROOT)]
     broken = [t for t in links if not t.startswith(("http://", "https://", "mailto:")) and not (ROOT / t).exists()]
     assert outside == [] and broken == []
+
+
+def test_every_name_a_bench_script_imports_from_the_package_exists():
+    """bench/ reaches into the package (often inside main()); a renamed class must fail here, not on the next
+    person who runs the benchmark (bench/query_latency.py imported search.Query long after it was gone)."""
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == P:
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names if not hasattr(module, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not missing
