@@ -12,8 +12,8 @@ import typer
 from typer.core import TyperCommand
 
 from . import __version__
-from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, handle_errors, hits_format, library_of,
-                       plural, search_options, settings_of, when)
+from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, handle_errors, hits_format, kept_lines,
+                       library_of, plural, search_options, settings_of, when)
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings, is_ray_address
 from .errors import UsageError
 from .output import print_hits, shown, warn_if_escaped
@@ -141,6 +141,8 @@ def index_cmd(
     typer.echo(f"  new {report.new}, updated {report.updated}, unchanged {report.unchanged}, moved {report.moved}, "
                f"removed {report.removed}, failed {len(report.failed)}"
                + (f" (vectors reused for {report.reused} identical files)" if report.reused else ""))
+    for line in kept_lines(report):
+        typer.echo(f"  {line}")
     if report.aliases:
         typer.echo(f"  {report.aliases} paths were second names (symlinks, hard links) of files indexed once")
     if report.failed_before:

@@ -7,6 +7,7 @@ transaction, so an interrupted run loses at most the batch in flight and the nex
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import time
@@ -316,7 +317,7 @@ class Indexer:
             self._resolve_known()
             self._encode()
             pending.flush(store, model_id)
-            report.removed += store.delete_images(r.id for r in self._missing.values())
+            report.removed += store.delete_images(self._gone_ids(seen, aliases, problems))
             report.failed.extend(problems.items())
             if problems:
                 pending.failures.extend((p, r, None, None) for p, r in problems.items())
@@ -339,6 +340,27 @@ class Indexer:
         model_index(self.settings, store, model_id, build_progress)  # the next query starts fast
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _gone_ids(self, *walked) -> list[int]:
+        """Ids of the rows whose file is gone, from a folder that still holds images. A folder that holds none at
+        all now (the empty mount point of a drive not mounted, a root that is empty) keeps its rows, counted in
+        ``report.kept`` by that folder: nothing in it says its photos were deleted."""
+        yielding: set[str] = set()
+        for path in itertools.chain(*walked):
+            folder = os.path.dirname(path)
+            while folder not in yielding:
+                yielding.add(folder)
+                folder = os.path.dirname(folder)
+        ids, kept = [], self._report.kept
+        for path, row in self._missing.items():
+            folder = os.path.dirname(path)
+            while not os.path.isdir(folder):
+                folder = os.path.dirname(folder)
+            if folder in yielding:
+                ids.append(row.id)
+            else:
+                kept[folder] = kept.get(folder, 0) + 1
+        return ids
 
     def _may_pass_now(self, reason: str, size: int) -> bool:
         """A recorded failure that a raised cap, a newly installed extra or a fixed machine may now let through

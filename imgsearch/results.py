@@ -44,6 +44,9 @@ class IndexReport:
     aliases: int = 0  # second paths (symlinks, hard links) to a file the library already has
     failed_before: int = 0  # failed in an earlier run and unchanged since: not retried
     failed: list[tuple[str, str]] = field(default_factory=list)
+    # folder -> images kept although their files were not found: the folder holds no images at all now (an
+    # unmounted drive's empty mount point); `imgsearch forget FOLDER` drops them
+    kept: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False
     model: str = ""
@@ -61,7 +64,7 @@ class IndexReport:
                 "failed_before": self.failed_before, "seconds": round(self.seconds, 3),
                 "interrupted": self.interrupted, "model": self.model, "image_tower": self.image_tower,
                 "int8_parity": self.int8_parity, "parity_images": self.parity_images, "decode": self.decode,
-                "failures": [{"path": p, "reason": r} for p, r in self.failed]}
+                "failures": [{"path": p, "reason": r} for p, r in self.failed], "kept": self.kept}
 
 
 @dataclass

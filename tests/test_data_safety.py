@@ -214,6 +214,45 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(cli, tmp_path, monkeypatc
     assert (rep["removed"], rep["unchanged"], rep["failed"]) == (0, 12, 0)
 
 
+def test_a_drive_that_is_not_mounted_keeps_its_images_and_says_how_to_drop_them(cli, home, tmp_path):
+    """`index /mnt/photos` (or `index /mnt`, or a watcher's catch-up) while the drive was not mounted: the empty
+    mount point read as every photo deleted, and every row under it went, captions and album pins with them."""
+    mnt = tmp_path / "mnt"
+    drive, other = small_folder(mnt / "photos"), small_folder(mnt / "other", seed=1)
+    small_folder(drive / "trip", seed=2)
+    assert ok_json(cli("index", mnt, "--json"))["new"] == 18
+    assert cli("caption", drive / "trip" / "red_circle_000.png", "grandma's zeppelin").exit_code == 0
+    assert cli("album", "save", "trip", "a red circle").exit_code == 0
+    assert cli("album", "pin", "trip", drive / "trip" / "blue_circle_000.png").exit_code == 0
+    drive.rename(tmp_path / "unplugged")
+    drive.mkdir()  # the mount point stays, empty
+    r = cli("index", drive)
+    assert r.exit_code == 0, r.output
+    assert "removed 0," in r.stdout and (
+        f"  kept 12 images under {drive}, which holds no images now (a drive not mounted?); "
+        f"`imgsearch forget {drive}` drops them\n") in r.stdout
+    rep = ok_json(cli("index", mnt, "--json"))  # the drive as one folder of a root that yields others
+    assert (rep["removed"], rep["unchanged"], rep["kept"]) == (0, 6, {str(drive): 12})
+    drive.rmdir()
+    assert "no such file or folder" in one_line(cli("index", drive), code=2)
+    drive.mkdir()
+    with sqlite3.connect(home / "library.db") as c:
+        assert c.execute("SELECT count(*) FROM images").fetchone()[0] == 18
+        assert c.execute("SELECT count(*) FROM album_pins").fetchone()[0] == 1
+    assert len(ok_json(cli("query", "--keyword", "zeppelin", "--json"))) == 0  # hits skip files not there
+    drive.rmdir()
+    (tmp_path / "unplugged").rename(drive)  # mounted again: nothing to redo, captions there
+    rep = ok_json(cli("index", mnt, "--json"))
+    assert (rep["new"], rep["removed"], rep["unchanged"], rep["kept"]) == (0, 0, 18, {})
+    assert len(ok_json(cli("query", "--keyword", "zeppelin", "--json"))) == 1
+    for name in os.listdir(drive / "trip"):  # files deleted in a folder that still yields files go
+        (drive / "trip" / name).unlink()
+    (drive / "trip").rmdir()
+    (other / "red_circle_000.png").unlink()
+    rep = ok_json(cli("index", mnt, "--json"))
+    assert (rep["removed"], rep["kept"]) == (7, {})
+
+
 # --- watch ----------------------------------------------------------------------------------------------
 def test_a_watched_folder_replaced_by_an_empty_one_keeps_its_images(settings, tmp_path):
     """An unmounted drive leaves its empty mount point: the poller saw every photo deleted and forgot them all

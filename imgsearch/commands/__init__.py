@@ -7,6 +7,7 @@ import contextlib
 import functools
 import inspect
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,18 @@ def when(t: float) -> str:
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def kept_lines(report) -> list[str]:
+    """One line per folder whose images an index run kept although it found none of their files there."""
+    from ..output import shown
+
+    lines = []
+    for folder, n in report.kept.items():
+        where = shown(folder)
+        lines.append(f"kept {plural(n, 'image')} under {where}, which holds no images now (a drive not mounted?); "
+                     f"`imgsearch forget {shlex.quote(folder) if where == folder else where}` drops them")
+    return lines
 
 
 def pct(x: float) -> str:

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from . import command, err, library_of, plural, settings_of
+from . import command, err, kept_lines, library_of, plural, settings_of
 from ..errors import UsageError
 
 
@@ -51,6 +51,8 @@ def serve_cmd(
             say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
                 f"{report.removed}, failed {len(report.failed)}; watching {plural(len(watcher.roots), 'folder')} "
                 f"({watcher.how})")
+            for line in kept_lines(report):
+                say(line)
         server = SearchServer(settings, host, port, idle, library=library)
     except BaseException:
         if watcher is not None:

@@ -8,7 +8,7 @@ from typing import List
 
 import typer
 
-from . import command, err, library_of, plural
+from . import command, err, kept_lines, library_of, plural
 from ..output import shown
 
 
@@ -56,6 +56,8 @@ def watch_cmd(
                 report = watcher.catch_up(progress=bar)
             say(f"caught up: new {report.new}, updated {report.updated}, moved {report.moved}, removed "
                 f"{report.removed}, failed {len(report.failed)} ({report.seconds:.1f}s)")
+            for line in kept_lines(report):
+                say(line)
             try:  # from here on a stop (Ctrl-C, kill) is the normal end, even before the first batch
                 say(f"watching {plural(len(watcher.roots), 'folder')} ({watcher.how}); {lib.status().images} "
                     "images in the library; Ctrl-C stops")
