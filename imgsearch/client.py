@@ -16,11 +16,12 @@ from contextlib import suppress
 from http.client import HTTPException
 from pathlib import Path
 
-from .config import CLI_ENV, Settings, make_home
-from .errors import ImgSearchError, ModelMismatchError, ParamError, UsageError
+from .config import CLI_ENV, Settings, atomic_file, make_home
+from .errors import ImgSearchError, LibraryError, ModelMismatchError, ParamError, UsageError
 from .modelspec import ModelSpec
 
 SERVER_FILE = "server.json"
+SERVER_LOCK = "server.lock"  # held while a starting server checks and writes server.json
 CHALLENGE = "X-Imgsearch-Challenge"  # a client's random value; /api/health answers proof(token, value)
 
 
@@ -28,8 +29,9 @@ def server_file(settings: Settings) -> Path:
     return Path(settings.home) / SERVER_FILE
 
 
-def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
-    """The discovery record of a live server for this library and model, or None."""
+def find_server(settings: Settings, timeout: float = 0.5, any_model: bool = False) -> dict | None:
+    """The discovery record of a live server for this library and model (``any_model``: whatever it serves),
+    or None."""
     path = server_file(settings)
     try:
         if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
@@ -40,7 +42,8 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
     fields = (("token", str), ("host", str), ("port", int), ("pid", int))
     if not isinstance(info, dict) or not all(isinstance(info.get(key), kind) for key, kind in fields) or \
             not (0 < info["port"] < 65536 and info["pid"] > 0) or \
-            not ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"), info.get("pretrained")):
+            not (any_model or ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"),
+                                                                                        info.get("pretrained"))):
         return None  # not a record a server wrote (damaged, edited, another program's)
     try:
         os.kill(info["pid"], 0)
@@ -55,6 +58,26 @@ def find_server(settings: Settings, timeout: float = 0.5) -> dict | None:
         return None
     answer = health.get("proof") if isinstance(health, dict) else None
     return info if isinstance(answer, str) and hmac.compare_digest(answer, proof(info["token"], challenge)) else None
+
+
+def refuse_if_served(settings: Settings, token: str | None = None) -> None:
+    """A one-line LibraryError when another server, alive and proving it holds its token, serves this library."""
+    info = find_server(settings, timeout=5.0, any_model=True)  # a server busy loading may answer slowly
+    if info is not None and info["token"] != token:
+        raise LibraryError(f"another imgsearch serve (pid {info['pid']}, port {info['port']}) is serving this "
+                           "library; `imgsearch query` uses it (stop it to serve this library here)")
+
+
+def publish(settings: Settings, info: dict) -> None:
+    """Write the discovery record of a starting server, readable by this user only from the start. It is taken
+    from a server that died, never from one that runs: one record per library, so that one could not be found."""
+    from .lock import file_lock
+
+    path = server_file(settings)
+    with file_lock(path.with_name(SERVER_LOCK)):  # two servers starting at once: the second finds the first
+        refuse_if_served(settings, info["token"])
+        with atomic_file(path) as f:  # created 0600
+            f.write(json.dumps(info).encode())
 
 
 def proof(token: str, challenge: str) -> str:

@@ -30,8 +30,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
-from .client import CHALLENGE, proof, server_file
-from .config import NESTED_JSON, Settings, atomic_file, read_json
+from .client import CHALLENGE, proof, publish, server_file
+from .config import NESTED_JSON, Settings, read_json
 from .errors import ImgSearchError, LibraryError, ModelMismatchError, ParamError, UsageError
 from .request import SearchRequest, Term
 
@@ -392,13 +392,11 @@ class SearchServer:
         return tuple(self.httpd.server_address[:2])
 
     def write_discovery(self) -> None:
-        """server.json: how to reach this server and its token, readable by this user only from the start."""
+        """server.json: how to reach this server and its token (client.publish)."""
         host, port = self.address
-        info = {**self.service.health(), "host": host, "port": port, "token": self.token,
-                "started_at": time.time()}
         try:
-            with atomic_file(server_file(self.settings)) as f:  # created 0600
-                f.write(json.dumps(info).encode())
+            publish(self.settings, {**self.service.health(), "host": host, "port": port, "token": self.token,
+                                    "started_at": time.time()})
         except OSError as e:  # e.g. a library on read-only media: no client could learn the token
             raise LibraryError(f"cannot write {server_file(self.settings)} ({e.strerror or e}), where clients find "
                                "the server and its token; query the library directly (queries work without "

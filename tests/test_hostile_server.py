@@ -256,6 +256,42 @@ def test_client_ignores_a_server_file_without_token(library, cli, settings, home
         t.join(10)
 
 
+def test_a_second_server_on_one_library_refuses_and_the_first_stays_found(library, settings, cli, monkeypatch,
+                                                                          random_tiny_model):
+    """A second `serve` (another port, another model) overwrote server.json; once it exited, the first server
+    ran on but `query` could no longer find it. Only a record left by a server that died is taken over."""
+    import signal
+
+    from imgsearch.client import find_server
+    from imgsearch.errors import LibraryError
+    from imgsearch.server import SearchServer
+
+    first, t = start(settings)
+    monkeypatch.setattr(SearchServer, "serve_forever", lambda self: (self.write_discovery(), self.httpd.server_close()))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
+    record = (settings.home / "server.json").read_text()
+    try:
+        port = first.address[1]
+        for model in ("default", f"local-dir:{random_tiny_model}"):
+            r = cli("serve", "--port", "0", model=model)
+            assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+                f"error: another imgsearch serve (pid {os.getpid()}, port {port}) is serving this library; "
+                "`imgsearch query` uses it (stop it to serve this library here)"], r.output
+        second = SearchServer(settings, "127.0.0.1", 0)  # started while the first was still loading: refused too
+        with pytest.raises(LibraryError, match=f"port {port}"):
+            second.write_discovery()
+        second.httpd.server_close()
+        assert (settings.home / "server.json").read_text() == record
+        assert find_server(settings)["token"] == first.token
+    finally:
+        first.shutdown()
+        t.join(10)
+    (settings.home / "server.json").write_text(record)  # as a killed server leaves it: pid alive, port closed
+    r = cli("serve", "--port", "0")
+    assert r.exit_code == 0, r.output
+    assert json.loads((settings.home / "server.json").read_text())["token"] != first.token
+
+
 # --- keeps working under load and abuse ------------------------------------------------------
 def test_bursts_of_clients_are_queued_not_reset(server):
     assert server.httpd.request_queue_size >= 128

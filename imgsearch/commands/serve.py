@@ -31,6 +31,7 @@ def serve_cmd(
     poll: bool = typer.Option(False, "--poll", help="With --watch: poll instead of native file events."),
 ):
     """Serve searches over local HTTP with the model and index kept warm; `query` uses it automatically."""
+    from ..client import refuse_if_served
     from ..server import SearchServer, is_loopback, server_file
 
     idle = parse_duration(idle_exit) if idle_exit else None
@@ -38,6 +39,7 @@ def serve_cmd(
     library = watcher = None
     if poll and not watch:
         raise UsageError("--poll is how --watch notices changes; give --watch FOLDER too")
+    refuse_if_served(settings)  # before the model loads; checked again when this server publishes itself
     try:
         if watch:
             from ..progress import Bar
