@@ -17,13 +17,11 @@ holds every photo that passes, up to k (default: the query limit). Without one, 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .config import MAX_K
 from .errors import ImgSearchError, ParamError, UsageError
@@ -252,48 +250,6 @@ def rename(store, name, new_name) -> None:
     row, new_name = load(store, name), check_name(new_name)
     if not store.rename_album(row[0], new_name):
         raise UsageError(f"an album named {new_name!r} already exists; pick another name")
-
-
-def export(album: Album, target: Path, created: bool, link: bool = False) -> list[str]:
-    """The album's photos into ``target``, a new (``created``) or empty folder, copied (modification times
-    kept) or symlinked; a name taken twice gets " (2)". Never overwrites; on failure removes exactly what it
-    made, and the folder when it made it."""
-    import shutil
-
-    made: list[Path] = []
-    taken: set[str] = set()
-    try:
-        for h in album.hits:
-            stem, ext = os.path.splitext(os.path.basename(h.path))
-            name, n = stem + ext, 1
-            while name.lower() in taken:  # case-blind: the folder may be on a case-insensitive disk
-                n += 1
-                name = f"{stem} ({n}){ext}"
-            taken.add(name.lower())
-            dst = target / name
-            try:
-                if link:
-                    os.symlink(h.path, dst)
-                    made.append(dst)
-                    continue
-                with open(h.path, "rb") as src, open(dst, "xb") as out:
-                    made.append(dst)
-                    shutil.copyfileobj(src, out, 1 << 20)
-                st = os.stat(h.path)
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-            except OSError as e:
-                hint = "; try --copy" if link else ""
-                raise UsageError(f"cannot export {h.path} to {dst}: {e.strerror or e}{hint}; nothing was left "
-                                 f"in {target}") from None
-    except BaseException:
-        for path in made:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(target)
-        raise
-    return [str(p) for p in made]
 
 
 # --- in a library export -------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ def _move_new(src: Path, dst: Path) -> None:
     appeared = _appeared(dst)
     if not src.is_dir():
         try:
-            os.link(src, dst)  # fails if dst exists, unlike rename
+            os.link(src, dst, follow_symlinks=False)  # fails if dst exists, unlike rename; a link stays a link
         except FileExistsError:
             raise appeared from None
         except OSError:  # a file system without hard links: check, then rename
@@ -335,15 +335,15 @@ def _move_new(src: Path, dst: Path) -> None:
 
 
 def _publish(tmp: Path, target: Path, names: list[str], token: str) -> None:
-    """Move the finished export from its temporary folder into ``target``; the manifest goes last."""
-    top = sorted({n.split("/")[0] for n in names})
+    """Move the finished export from its temporary folder into ``target``; the manifest, if any, goes last."""
+    top = sorted({n.split("/")[0] for n in names}, key=lambda n: (n == MANIFEST, n))
     try:
         owned.start_marker(target, EXPORT_KIND, token)
     except FileExistsError as e:
         raise _appeared(e.filename) from None
-    for name in [n for n in top if n != MANIFEST] + [MANIFEST]:
-        if name not in SUBFOLDERS:  # before the move: killed in between, a file in target is still provably ours
-            owned.record(target, name, source=tmp)
+    # Recorded before they move: killed in between, a file in target is still provably ours.
+    owned.record(target, *[n for n in top if n not in SUBFOLDERS], source=tmp)
+    for name in top:
         _move_new(tmp / name, target / name)
     why = _remove_temp(tmp, target, token)
     if why is not None:  # harmless leftovers of our own; say so rather than fail a complete export
@@ -363,17 +363,8 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
     info = {"name": row.name, "pretrained": row.pretrained, "fingerprint": row.fingerprint, "dim": row.dim,
             "label": row.label}
     total = store.vector_count(row.id)
-    target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
-    created = prepare_target(target)
-    token = owned.new_token()
-    tmp = target / f"{TEMP_PREFIX}{token[:12]}.tmp"
-    report = ExportReport(str(target), fmt, row.label, row.dim)
-    try:
-        try:
-            owned.create_dir(tmp, TEMP_KIND, token)
-        except OSError as e:
-            raise UsageError(f"cannot write into {target} ({e.strerror or e}); give a folder you can write to"
-                             ) from None
+    with _export_into(folder) as (target, tmp, token):
+        report = ExportReport(str(target), fmt, row.label, row.dim)
         if fmt == "clip-retrieval":
             for sub in SUBFOLDERS:
                 os.mkdir(tmp / sub)
@@ -393,6 +384,26 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         owned.record(tmp, MANIFEST)
         _publish(tmp, target, report.files + [MANIFEST], token)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@contextlib.contextmanager
+def _export_into(folder: str | os.PathLike) -> Iterator[tuple[Path, Path, str]]:
+    """(target, temporary folder, token) of an export into ``folder``, a new or empty folder (what a killed export
+    left there, provably imgsearch's, is taken back first). The block writes into the temporary folder and
+    publishes; when it fails, what it wrote goes, moved files included, and the target when this call made it."""
+    target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+    created = prepare_target(target)
+    token = owned.new_token()
+    tmp = target / f"{TEMP_PREFIX}{token[:12]}.tmp"
+    try:
+        try:
+            owned.create_dir(tmp, TEMP_KIND, token)
+        except OSError as e:
+            raise UsageError(f"cannot write into {target} ({e.strerror or e}); give a folder you can write to"
+                             ) from None
+        yield target, tmp, token
     except BaseException:
         if tmp.exists():
             _remove_temp(tmp, target, token)
@@ -401,8 +412,43 @@ def export_library(settings: Settings, store, folder: str | os.PathLike, fmt: st
             with contextlib.suppress(OSError):
                 os.rmdir(target)  # made by this call; rmdir keeps it if anything else is inside
         raise
-    report.seconds = time.perf_counter() - t0
-    return report
+
+
+def export_album(album: albums.Album, folder: str | os.PathLike, link: bool = False) -> list[str]:
+    """The album's photos into ``folder``, a new or empty folder, copied (modification times kept) or symlinked; a
+    name taken twice gets " (2)". Made as `export` is (temporary folder, then published), so an export that fails
+    or is killed is taken back (by the next export into that folder); never overwrites. The paths written."""
+    import shutil
+
+    names: list[str] = []
+    taken: set[str] = set()
+    with _export_into(folder) as (target, tmp, token):
+        for h in album.hits:
+            stem, ext = os.path.splitext(os.path.basename(h.path))
+            name, n = stem + ext, 1
+            while name.lower() in taken:  # case-blind: the folder may be on a case-insensitive disk
+                n += 1
+                name = f"{stem} ({n}){ext}"
+            taken.add(name.lower())
+            part = tmp / (name + PARTIAL)  # until the marker names it
+            try:
+                if link:
+                    os.symlink(h.path, part)
+                else:
+                    with open(h.path, "rb") as src, open(part, "xb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    st = os.stat(h.path)
+                    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+            except OSError as e:
+                raise UsageError(f"cannot export {h.path} to {target / name}: {e.strerror or e}"
+                                 f"{'; try --copy' if link else ''}; nothing was left in {target}") from None
+            names.append(name)
+        owned.record(tmp, *names, suffix=PARTIAL)
+        for name in names:
+            os.replace(tmp / (name + PARTIAL), tmp / name)
+        _publish(tmp, target, names, token)
+        os.unlink(target / owned.MARKER)  # finished: the folder and the photos are the user's now
+    return [str(target / name) for name in names]
 
 
 # --- reading an export --------------------------------------------------------------------------------

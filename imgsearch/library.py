@@ -15,7 +15,6 @@ import contextlib
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import Settings
@@ -422,11 +421,9 @@ class Library:
     def export_album(self, name: str, folder, *, link: bool = False) -> list[str]:
         """Copy (or with ``link`` symlink) the album's photos, best first, into a new or empty folder; a name
         taken twice gets " (2)"; returns the files written. Never overwrites anything."""
-        from .exchange import prepare_target
+        from .exchange import export_album
 
-        album = self.album(name)
-        target = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
-        return _albums().export(album, target, prepare_target(target), link)
+        return export_album(self.album(name), folder, link)
 
     # --- zero-shot tags, scores ------------------------------------------------------------------
     def classify(self, labels, templates=None, top: int = 1, min_prob: float = 0.0, under=None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from .config import read_json
@@ -63,16 +64,17 @@ def create_dir(folder: str | os.PathLike, kind: str, token: str) -> Path:
     return folder
 
 
-def record(folder: str | os.PathLike, *names: str, source: str | os.PathLike | None = None) -> None:
+def record(folder: str | os.PathLike, *names: str, source: str | os.PathLike | None = None,
+           suffix: str = "") -> None:
     """Note in the marker that imgsearch wrote these files (as they are now) in its own ``folder``; ``source``:
-    the folder they are in until imgsearch renames them into ``folder`` (a rename keeps size and mtime), so no
-    moment exists when they are there unrecorded."""
+    the folder they are in, and ``suffix``: what their names end with, until imgsearch renames them into ``folder``
+    (a rename keeps size and mtime), so no moment exists when they are there unrecorded."""
     folder = Path(folder)
     info = read_marker(folder)
     if info is None:
         raise FileNotFoundError(f"{folder} has no {MARKER}")
     for name in names:
-        st = os.lstat(Path(source or folder) / name)
+        st = os.lstat(Path(source or folder) / (name + suffix))
         info["files"][name] = [st.st_size, st.st_mtime_ns]
     _write_marker(folder, info)
 
@@ -109,7 +111,7 @@ def why_not_ours(folder: str | os.PathLike, kind: str, token: str | None = None,
             st = os.lstat(folder / name)
         except FileNotFoundError:
             continue
-        if not os.path.isfile(folder / name) or os.path.islink(folder / name):
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):  # a link is removed, never followed
             return f"{name} is no longer the file imgsearch wrote"
         if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
             return f"{name} was changed after imgsearch wrote it"

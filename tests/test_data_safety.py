@@ -366,6 +366,30 @@ def test_a_link_planted_in_the_export_folder_after_the_check_is_never_written_th
     assert os.listdir(out) == [".imgsearch-owned.json.tmp"]  # the planted link, nothing of the export's
 
 
+@pytest.mark.parametrize("at, calls, how", [("shutil:copyfileobj", 3, "--copy"),
+                                           ("imgsearch.exchange:_move_new", 3, "--copy"),
+                                           ("imgsearch.exchange:_move_new", 3, "--link")])
+def test_an_album_export_killed_half_way_is_taken_back_by_the_next_one(cli, home, model_id, tmp_path, at, calls,
+                                                                       how):
+    """`album export` killed while copying: the copies stayed, and every later export refused the folder as not
+    empty, copies imgsearch itself had made, until the user deleted them by hand."""
+    small_folder(tmp_path / "pics")
+    assert cli("index", tmp_path / "pics").exit_code == 0
+    assert cli("album", "save", "all", "a shape", "-k", "6").exit_code == 0
+    clean = tmp_path / "clean"
+    assert cli("album", "export", "all", clean, how).exit_code == 0
+    out = tmp_path / "out"
+    killed_at(at, calls, "--home", home, "--model", model_id, "album", "export", "all", out, how)
+    assert os.listdir(out)  # killed half-way
+    r = cli("album", "export", "all", out, how)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"{'linked' if how == '--link' else 'copied'} 6 photos of album all into {out}"
+    assert listing(out) == listing(clean) and len(listing(out)) == 6
+    for name in os.listdir(out):
+        assert (out / name).is_symlink() == (how == "--link") and (out / name).read_bytes() == \
+            (tmp_path / "pics" / name).read_bytes()
+
+
 # --- the thumbnail cache --------------------------------------------------------------------------------
 def test_a_thumbnail_that_is_a_link_is_neither_served_nor_replaced_and_a_damaged_one_is_made_again(
         settings, tmp_path):
