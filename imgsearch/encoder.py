@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -630,6 +631,7 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
     from safetensors.torch import save_file
 
     from . import owned
+    from .config import held, sweep_temps
 
     config = getattr(getattr(model, "text", None), "config", None)
     if hasattr(config, "save_pretrained") and hasattr(tokenizer, "save_pretrained"):
@@ -655,18 +657,24 @@ def save_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike, preproces
     out.parent.mkdir(parents=True, exist_ok=True)
     token = owned.new_token()
     final = Path(os.path.realpath(out.parent)) / out.name
+    leftover = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}")  # mkdtemp's names below
+    for name in filter(leftover.fullmatch, os.listdir(out.parent)):  # saves of this --out killed before the rename
+        info = owned.read_marker(out.parent / name) or {}
+        if (info.get("kind"), info.get("path")) == (MODEL_KIND, os.path.realpath(final)):
+            sweep_temps(out.parent, re.escape(name))  # unless a save still writes it (it holds a lock)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        owned.start_marker(tmp, MODEL_KIND, token, where=final)
-        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {},
-                  "imgsearch": {"owner_token": token}}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-        owned.record(tmp, CONFIG_FILE, WEIGHTS_FILE, *(extra_files or {}))
-        _swap_into_place(tmp, out)
+        with held(tmp):
+            owned.start_marker(tmp, MODEL_KIND, token, where=final)
+            config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {},
+                      "imgsearch": {"owner_token": token}}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+            owned.record(tmp, CONFIG_FILE, WEIGHTS_FILE, *(extra_files or {}))
+            _swap_into_place(tmp, out)
     except BaseException:
         # tmp is the folder mkdtemp made for this call alone, so everything in it is ours.
         shutil.rmtree(tmp, ignore_errors=True)

@@ -439,6 +439,35 @@ def test_an_interrupt_between_the_two_renames_puts_the_previous_model_back(tmp_p
     assert os.listdir(tmp_path) == ["model"]
 
 
+@pytest.mark.slow
+def test_a_finetune_killed_during_its_final_save_leaves_nothing_the_next_save_keeps(tmp_path, captioned,
+                                                                                    random_tiny_model):
+    """kill -9 while `finetune` wrote its model: a hidden '.model.XXXXXXXX' folder with a partial model stayed
+    beside --out for ever, one more per kill. One that a save still writes, or that is not imgsearch's, stays."""
+    import fcntl
+    import shutil
+
+    from imgsearch.encoder import save_local_dir
+
+    out = tmp_path / "model"
+    killed_at("safetensors.torch:save_file", 1, "--model", f"local-dir:{random_tiny_model}", "--device", "cpu",
+              "--precision", "fp32", "finetune", captioned, "--out", out, "--max-steps", "1")
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]
+    assert not out.exists() and (left / "open_clip_config.json").exists()
+    busy = shutil.copytree(left, tmp_path / ".model.busy0000")  # another save of --out, still writing
+    mine = tmp_path / ".model.user0000"  # a user's folder that only looks like one
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        save_local_dir(*synthetic.build_tiny_clip(seed=1), out)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model")) == [busy.name, mine.name]
+    assert (mine / "notes.txt").read_text() == "mine" and (out / "open_clip_config.json").exists()
+
+
 # --- what a killed run leaves in the home ---------------------------------------------------------------
 def test_a_vector_cache_write_killed_half_way_leaves_nothing_the_next_run_keeps(cli, home, model_id, tmp_path):
     """Killed while writing the vector cache (as large as the vectors): its temporary file stayed in
