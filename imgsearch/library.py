@@ -434,8 +434,8 @@ class Library:
         labels = zeroshot.parse_labels(labels)
         s = self._warm()
         with write_lock(self.settings.home):  # tags are library writes: one writer at a time
-            return tagging.classify_library(self.store, s.model, s.text_encoder(), labels, templates, top,
-                                            min_prob, under=under, keep_results=keep_results)
+            return tagging.classify_library(self.store, s.model, s.text_encoder(), labels, templates, top, min_prob,
+                                            under=under, keep_results=keep_results, langs=(s.lang, s.library_lang))
 
     def classify_files(self, paths, labels, templates=None, top: int = 1, min_prob: float = 0.0):
         """Labels for image files (folders are walked) without touching the library."""
@@ -462,7 +462,7 @@ class Library:
 
         texts = [texts] if isinstance(texts, str) else list(texts)
         with self._encode_lock:
-            return score_file(self._images(), image, texts, self.settings.max_pixels)
+            return score_file(self._images(), image, texts, self.settings.max_pixels, (self.settings.lang, self.lang))
 
     # --- duplicates, captions ----------------------------------------------------------------------
     def duplicates(self, under=None, threshold: float | None = None, similar: bool = False,

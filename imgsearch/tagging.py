@@ -67,7 +67,7 @@ def _checked(labels, templates, top: int, min_prob: float) -> tuple[list[str], l
 
 def classify_library(store, model, text_side, labels: Sequence[str], templates: Sequence[str] | None = None,
                      top: int = 1, min_prob: float = 0.0, under: str | os.PathLike | None = None,
-                     keep_results: bool = False) -> TagReport:
+                     keep_results: bool = False, langs: tuple = ()) -> TagReport:
     """Tag every indexed image (or those under a folder) with its top labels, from stored vectors.
     ``model`` is the library's model row, ``text_side`` anything with encode_texts and logit_scale (the
     exported text tower or the encoder). Re-running with the same model, labels and templates replaces that
@@ -81,7 +81,7 @@ def classify_library(store, model, text_side, labels: Sequence[str], templates: 
     if len(ids) == 0:
         raise UsageError(f"no indexed images{f' under {under}' if under else ''} to classify; "
                          "run `imgsearch index PATH` first")
-    label_vecs = zeroshot.label_embeddings(text_side, labels, templates)  # no torch with a text export
+    label_vecs = zeroshot.label_embeddings(text_side, labels, templates, langs)  # no torch with a text export
     set_id = store.tag_set(model.id, labels, templates)
     report = TagReport(set_id, model.label, labels, templates)
     for start in range(0, len(ids), CHUNK):
@@ -128,7 +128,7 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
         raise UsageError("no image files in " + ", ".join(str(p) for p in paths))
     if not hasattr(encoder, "encode_images"):
         encoder = encoder()
-    label_vecs = zeroshot.label_embeddings(encoder, labels, templates)
+    label_vecs = zeroshot.label_embeddings(encoder, labels, templates, (settings.lang,))
     todo = [r for r in out if r.error is None]
     # Decoded and encoded as `index` does it: its decode stage, thread budget and batches.
     vecs, ok, failures = encode_files(encoder, [r.path for r in todo], settings)

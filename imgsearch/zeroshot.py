@@ -81,12 +81,14 @@ def prompts(label: str, templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[st
     return [t.replace(PLACEHOLDER, label, 1) for t in templates]
 
 
-def label_embeddings(encoder, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-    """[len(labels), dim] float32: each label's mean normalised prompt embedding, renormalised (CLIP paper 3.1.4)."""
+def label_embeddings(encoder, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                     langs: tuple = ()) -> np.ndarray:
+    """[len(labels), dim] float32: each label's mean normalised prompt embedding, renormalised (CLIP paper 3.1.4).
+    ``langs``: (lang, default_lang) as a query's texts get them (encode_texts), for towers that take one."""
     labels = list(labels)
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     texts = [p for lab in labels for p in prompts(lab, templates)]
-    vecs = _normalised(encoder.encode_texts(texts).reshape(len(labels), len(templates), -1))
+    vecs = _normalised(encoder.encode_texts(texts, *langs).reshape(len(labels), len(templates), -1))
     return _normalised(vecs.mean(axis=1))
 
 
@@ -119,9 +121,10 @@ class TextScore:
         return {"text": self.text, "cosine": round(self.cosine, 6), "clipscore": round(self.clipscore, 4)}
 
 
-def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
-               max_pixels: int = MAX_PIXELS) -> list[TextScore]:
-    """CLIP score of an image file against each text, in order; a missing or unreadable file is a UsageError."""
+def score_file(encoder, path: str | os.PathLike, texts: Sequence[str], max_pixels: int = MAX_PIXELS,
+               langs: tuple = ()) -> list[TextScore]:
+    """CLIP score of an image file against each text, in order (``langs`` as label_embeddings); a missing or
+    unreadable file is a UsageError."""
     from . import images
 
     texts = [t.strip() for t in texts]
@@ -135,5 +138,5 @@ def score_file(encoder, path: str | os.PathLike, texts: Sequence[str],
         im, _ = images.open_image(str(path), draft_size=encoder.draft_size, max_pixels=max_pixels)
     except DecodeError as e:
         raise UsageError(f"cannot read image {path}: {e}") from None
-    cos = encoder.encode_texts(texts) @ encoder.encode_images([im])[0]  # both L2-normalised
+    cos = encoder.encode_texts(texts, *langs) @ encoder.encode_images([im])[0]  # both L2-normalised
     return [TextScore(t, float(c)) for t, c in zip(texts, cos)]

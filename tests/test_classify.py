@@ -237,3 +237,29 @@ def test_score_bad_inputs(cli, tmp_path):
     synthetic.draw_shape("red", "circle", 64, random.Random(1)).save(good)
     r = cli("score", good, "  ")
     assert r.exit_code == 2 and "non-empty text" in r.stderr
+
+
+def test_score_and_classify_encode_texts_in_the_query_language(cli, photos, home, tiny_model, monkeypatch):
+    """--lang (and the library's recorded language) reaches every text a library encodes: a query's, a score's,
+    a classification's labels, a loose file's labels; an NLLB tower reads the language as a token, so a label
+    tokenized as English would not match the same words in a query."""
+    from imgsearch import Library, textfast
+    from imgsearch.encoder import Encoder
+
+    assert cli("index", photos).exit_code == 0
+    seen = []
+    for cls in (textfast._Tower, Encoder):
+        real = cls.encode_texts
+
+        def spy(self, texts, lang=None, default_lang=None, _real=real):
+            seen.append(lang)
+            return _real(self, texts, lang, default_lang)
+
+        monkeypatch.setattr(cls, "encode_texts", spy)
+    photo = str(sorted(photos.glob("red_circle_*"))[0])
+    with Library(home, f"local-dir:{tiny_model}", lang="deu_Latn") as lib:
+        lib.search("ein roter Kreis")
+        lib.score(photo, ["ein roter Kreis"])
+        lib.classify(["rot", "blau"])
+        lib.classify_files([photo], ["rot", "blau"])
+    assert len(seen) >= 4 and set(seen) == {"deu_Latn"}, seen
