@@ -78,8 +78,8 @@ def _degrees(value, ref, refs: str, limit: float) -> float | None:
         parts = [float(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
     except (TypeError, ValueError, ZeroDivisionError):
         return None
-    if not 1 <= len(parts) <= 3 or any(not math.isfinite(v) or v < 0 for v in parts):
-        return None  # a zero denominator reads as nan; negative parts are not DMS
+    if not 1 <= len(parts) <= 3 or any(not math.isfinite(v) or v < 0 for v in parts) or max(parts[1:], default=0) >= 60:
+        return None  # a zero denominator reads as nan; negative parts, or minutes or seconds past 59, are not DMS
     deg = sum(v / 60 ** i for i, v in enumerate(parts))
     if deg > limit:
         return None
@@ -94,12 +94,16 @@ def _exif_meta(exif) -> dict:
         sub = exif.get_ifd(_EXIF_IFD)
     except Exception:
         sub = {}
-    # "0000:00:00 00:00:00" and friends: no date
     with suppress(ValueError, TypeError, OverflowError, AttributeError):
-        raw, offset = sub.get(_DATETIME_ORIGINAL), sub.get(_OFFSET_TIME_ORIGINAL) or sub.get(_OFFSET_TIME)
-        if not raw:
-            raw, offset = exif.get(_DATETIME), sub.get(_OFFSET_TIME)
-        local = datetime.strptime((_exif_text(raw) or "")[:19], "%Y:%m:%d %H:%M:%S")
+        # The capture time, else the file's own date-time where that one is blank or "0000:00:00 00:00:00".
+        for raw, offset in ((sub.get(_DATETIME_ORIGINAL), sub.get(_OFFSET_TIME_ORIGINAL) or sub.get(_OFFSET_TIME)),
+                            (exif.get(_DATETIME), sub.get(_OFFSET_TIME))):
+            text = (_exif_text(raw) or "")[:19]  # "2019:06:01 12:00:00"; some tools write 2019-06-01 or a T
+            with suppress(ValueError):
+                local = datetime.strptime(f"{text[:4]}:{text[5:7]}:{text[8:10]} {text[11:]}", "%Y:%m:%d %H:%M:%S")
+                break
+        else:
+            raise ValueError("no date")
         out["taken_at"] = local.isoformat()
         off = _offset(offset)
         out["taken_offset"] = off[0] if off else None

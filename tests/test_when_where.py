@@ -465,3 +465,25 @@ def test_places_across_the_antimeridian_stay_neighbours_on_the_map():
     europe = pins([hit(5, 48.85, 2.35), hit(6, 52.52, 13.40)])  # elsewhere nothing moves
     assert sorted(p["lon"] for p in europe) == pytest.approx([2.35, 13.40])
     assert lon_frame([170, -170, 175]) in (180.0, -180.0) and lon_frame([2, 15]) == 8.5
+
+
+def test_a_blank_capture_time_falls_back_to_the_file_date_and_dashed_dates_are_read(tmp_path):
+    """Cameras that never had their clock set write "0000:00:00 00:00:00" as the capture time and keep a real
+    DateTime; some tools write dates with dashes. Both used to leave the photo undated for --after/--before.
+    GPS minutes or seconds past 59 are not a position."""
+    from PIL import Image
+
+    from imgsearch import images
+
+    zeroed = photo(tmp_path / "zeroed.jpg", "red", "circle", taken="0000:00:00 00:00:00")
+    with Image.open(zeroed) as im:
+        exif = im.getexif()
+        exif[306] = "2018:03:04 05:06:07"
+        im.save(tmp_path / "fallback.jpg", exif=exif)
+    assert images.read_meta(tmp_path / "fallback.jpg")[2]["taken_at"] == "2018-03-04T05:06:07"
+    assert images.read_meta(zeroed)[2]["taken_at"] is None
+    dashed = photo(tmp_path / "dashed.jpg", "red", "circle", taken="2019-06-01 12:00:00", offset="+02:00")
+    assert images.read_meta(dashed)[2]["taken_utc"] == "2019-06-01T10:00:00"
+    bad = photo(tmp_path / "min75.jpg", "red", "circle",
+                raw_gps={1: "N", 2: (48.0, 75.0, 0.0), 3: "E", 4: (2.0, 17.0, 0.0)})
+    assert images.read_meta(bad)[2].get("gps_lat") is None
