@@ -164,6 +164,27 @@ def default_home() -> Path:
     return Path(base) / "imgsearch"
 
 
+def user_cache_dir() -> Path:
+    """Per-user cache dir: $XDG_CACHE_HOME/imgsearch or ~/.cache/imgsearch."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "imgsearch")
+
+
+def check_device(device: str) -> None:
+    """A UsageError for a --device imgsearch does not know (Settings, and finetune's own --device)."""
+    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        from .errors import UsageError
+
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+
+
+def check_precision(precision: str) -> None:
+    """A UsageError for a --precision imgsearch does not know (Settings, and finetune's own --precision)."""
+    if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+        from .errors import UsageError
+
+        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16, fp16 or int8")
+
+
 def _env_number(name: str, default, kind=int, what: str = "a whole number"):
     """The environment variable ``name`` as a ``kind``; ``default`` when unset or empty."""
     value = os.environ.get(name)
@@ -204,12 +225,8 @@ class Settings:
 
     def __post_init__(self):
         # checked here, at every door: an unknown value reached the torch-free path as a reason it "needs torch"
-        from .errors import UsageError
-
-        if self.precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
-            raise UsageError(f"unknown precision {self.precision!r}; use auto, fp32, bf16, fp16 or int8")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise UsageError(f"unknown device {self.device!r}; use auto, cpu, cuda or mps")
+        check_precision(self.precision)
+        check_device(self.device)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -218,6 +218,9 @@ def _mps_available() -> bool:
 
 def pick_device(device: str) -> str:
     """auto: a CUDA GPU, else Apple Silicon's GPU (MPS), else the CPU."""
+    from .config import check_device
+
+    check_device(device)
     if not torch_installed():
         if device in ("auto", "cpu"):
             return "cpu"
@@ -231,14 +234,15 @@ def pick_device(device: str) -> str:
     if device == "mps" and not _mps_available():
         raise UsageError("--device mps was given but this torch has no usable Apple GPU (MPS needs macOS 12.3+ "
                          "on Apple Silicon); use --device cpu or auto")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
     return device
 
 
 def pick_precision(precision: str, device: str) -> str:
     """auto: fp16 on CUDA, fp32 on MPS (its fp16 autocast coverage varies between releases; fp16 opts in), bf16
     on CPUs with AMX/AVX512-BF16, else fp32. int8 (onnxruntime, the image tower) is CPU only."""
+    from .config import check_precision
+
+    check_precision(precision)
     if precision == "auto":
         if not torch_installed():
             return "int8"  # onnxruntime, behind the parity gate (fp32 where int8 is too far on a library's images)
@@ -247,8 +251,6 @@ def pick_precision(precision: str, device: str) -> str:
         if device.startswith("mps"):
             return "fp32"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision not in ("fp32", "bf16", "fp16", "int8"):
-        raise UsageError(f"unknown precision {precision!r}; use auto, fp32, bf16, fp16 or int8")
     if precision == "fp16" and not device.startswith(("cuda", "mps")):
         raise UsageError("fp16 needs a GPU (CUDA or Apple MPS); on CPU use --precision fp32, bf16 or int8")
     if precision == "int8" and device != "cpu":

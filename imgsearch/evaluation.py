@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 from pathlib import Path
 
-from .config import read_json, thread_budget
+from .config import read_json, thread_budget, user_cache_dir
 from .errors import DataError, DecodeError, ModelLoadError, UsageError
 
 
@@ -20,8 +19,7 @@ def load_for_images(spec, settings, precision: str | None = None):
     budget = thread_budget(device="cpu", workers=settings.workers)
     # eval never creates a library: without one, the exports go to this user's cache (a shared /tmp folder was
     # another user's to own, or to fill with exports of their making)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    home = settings.home if settings.home.exists() else Path(cache, "imgsearch", "eval-exports")
+    home = settings.home if settings.home.exists() else user_cache_dir() / "eval-exports"
     if not torch_installed():
         return onnx_image.query_encoder(settings.with_(home=home, model=spec.name, pretrained=spec.pretrained,
                                                        precision=precision or settings.precision), budget.encoder)
