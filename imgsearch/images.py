@@ -159,11 +159,22 @@ def _to_rgb(im):
 MAX_ASPECT = 100
 
 
-def check_size(w: int, h: int, max_pixels: int, what: str = "image") -> None:
-    """Refuse a picture over the pixel cap, or too elongated to scale, before its pixels are decoded."""
-    if w * h > max_pixels:
+def _reduced(im, draft_size: int | None) -> bool:
+    """Whether libjpeg will decode ``im`` at 1/2 to 1/8 of its size for ``draft_size`` (as _decode drafts): a
+    sequential JPEG or MPO only, whose decoder keeps a few rows of blocks; a progressive one holds every
+    coefficient of the full-size picture whatever the scale."""
+    return bool(draft_size) and im.format in ("JPEG", "MPO") and not im.info.get("progressive") \
+        and min(im.size) >= 2 * draft_size
+
+
+def check_size(w: int, h: int, max_pixels: int, what: str = "image", reduced: bool = False) -> None:
+    """Refuse a picture over the pixel cap, or too elongated to scale, before its pixels are decoded. A JPEG
+    decoded reduced (at most a quarter of its pixels) may be twice the cap, Pillow's own refusal threshold:
+    100 MP camera photos pass."""
+    cap = max_pixels * (2 if reduced else 1)
+    if w * h > cap:
         raise DecodeError(
-            f"{what} too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap "
+            f"{what} too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {cap / 1e6:.0f} MP cap "
             "(raise IMGSEARCH_MAX_PIXELS if this file is genuine)")
     if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
         raise DecodeError(f"{what} too elongated: {w}x{h}, one side over {MAX_ASPECT} times the other "
@@ -251,10 +262,11 @@ def _other_formats() -> tuple[str, ...]:
 
 
 @contextmanager
-def _opened(source, max_pixels: int):
+def _opened(source, max_pixels: int, draft_size: int | None = None):
     """The one way a file is opened for decoding: Pillow's image of ``source`` (path or bytes), no pixel
-    decoded, once its size (and every picture's in an icon file) passes :func:`check_size`. Failures, in the
-    ``with`` body too, become DecodeError. Pillow's own bomb check (the host program's setting) stays on."""
+    decoded, once its size (and every picture's in an icon file) passes :func:`check_size`, at the reduced
+    size a JPEG will be decoded at for ``draft_size``. Failures, in the ``with`` body too, become DecodeError.
+    Pillow's own bomb check (the host program's setting) stays on."""
     from PIL import Image, UnidentifiedImageError
 
     fp = _binary(source)
@@ -270,7 +282,7 @@ def _opened(source, max_pixels: int):
                 if formats.sniff(head) != "heic":
                     raise
                 im = _heif(fp)
-            check_size(*im.size, max_pixels)
+            check_size(*im.size, max_pixels, reduced=_reduced(im, draft_size))
             yield im
     except DecodeError:
         raise
@@ -328,7 +340,7 @@ def open_image(source: bytes | str | os.PathLike, *, draft_size: int | None = No
     if _is_raw(source):
         return _open_raw(source, draft_size, max_pixels)
     try:
-        with _opened(source, max_pixels) as im:
+        with _opened(source, max_pixels, draft_size) as im:
             return _decode(im, draft_size)[:2]
     except DecodeError:
         # Bytes have no extension to tell a TIFF-based RAW (DNG, NEF, CR2, ARW) from a TIFF: libraw may.

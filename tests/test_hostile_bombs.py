@@ -82,6 +82,23 @@ def test_elongated_pictures_are_refused_and_ordinary_icons_still_open(tmp_path):
         assert im.mode == "RGB" and min(im.size) >= 48 and im.getpixel((10, 10)) == (0, 0, 255), (fmt, extra)
 
 
+def test_a_camera_jpeg_decoded_reduced_may_pass_the_cap(tmp_path):
+    """A 100 MP camera JPEG needs ~25 MB decoded at 1/8 (bench: 414 MB in full): where it is decoded reduced
+    for the model, twice the cap applies; a progressive one, whose decoder holds every coefficient of the
+    full picture, and a full decode keep the cap. Here the cap is 1 MP and the photo 1.5 MP."""
+    gradient = Image.linear_gradient("L").convert("RGB").resize((1500, 1000))
+    for name, extra in (("camera.jpg", {}), ("progressive.jpg", {"progressive": True})):
+        gradient.save(tmp_path / name, "JPEG", **extra)
+    im, info = images.open_image(tmp_path / "camera.jpg", draft_size=224, max_pixels=1_000_000)
+    assert (info.width, info.height) == (1500, 1000) and max(im.size) <= 750  # decoded at 1/2 or less
+    for path, draft, why in ((tmp_path / "progressive.jpg", 224, "1500x1000 = 2 MP exceeds the 1 MP cap"),
+                             (tmp_path / "camera.jpg", None, "1500x1000 = 2 MP exceeds the 1 MP cap")):
+        with pytest.raises(DecodeError, match=why):
+            images.open_image(path, draft_size=draft, max_pixels=1_000_000)
+    with pytest.raises(DecodeError, match=r"1500x1000 = 2 MP exceeds the 1 MP cap"):  # twice the cap at most
+        images.open_image(tmp_path / "camera.jpg", draft_size=224, max_pixels=700_000)
+
+
 def test_index_records_each_bomb_and_indexes_the_rest(cli, photos):
     (photos / "wide.png").write_bytes(wide_png())
     (photos / "hidden.ico").write_bytes(HIDDEN_ICO)
