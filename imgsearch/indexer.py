@@ -119,7 +119,8 @@ class DecodeStage:
 
     def read_jpeg(self, f) -> tuple[bytes, images.ImageInfo, int] | None:
         """(bytes, ImageInfo, EXIF orientation) of the open file ``f`` when the batch decoder takes it, None
-        to leave it to Pillow (not a JPEG, CMYK, odd markers); DecodeError when it is over the caps."""
+        to leave it to Pillow (not a JPEG, CMYK, odd markers, or over the full-decode cap: Pillow decodes
+        it reduced, or refuses it)."""
         f.seek(0)
         if f.read(2) != b"\xff\xd8":
             return None
@@ -127,9 +128,7 @@ class DecodeStage:
         data = f.read()  # within the file-size cap
         try:
             return data, *images.jpeg_header(data, self.max_pixels)
-        except DecodeError as e:
-            if "too large" in str(e):
-                raise
+        except DecodeError:
             return None
 
     def batch(self, datas: list[bytes], orientations: list[int]) -> list:

@@ -233,6 +233,9 @@ def test_batched_tensor_jpeg_decode_matches_pillow(cli, photos, tmp_path, monkey
     synthetic.draw_shape("red", "circle", 96, random.Random(4)).convert("CMYK").save(photos / "cmyk.jpg")
     good = (photos / "red_square_000.jpg").read_bytes()
     (photos / "cut.jpg").write_bytes(good[: len(good) // 2])
+    # over the full-decode cap: the batch decoder leaves it to Pillow, which decodes it reduced (twice the cap)
+    Image.open(photos / "red_square_000.jpg").resize((600, 600)).save(photos / "big.jpg")
+    monkeypatch.setenv("IMGSEARCH_MAX_PIXELS", "300000")
     assert cli("index", photos).exit_code == 0
     store = Store(settings.db_path)
     m = store.models()[0]
@@ -242,7 +245,7 @@ def test_batched_tensor_jpeg_decode_matches_pillow(cli, photos, tmp_path, monkey
     monkeypatch.setenv("IMGSEARCH_GPU_DECODE", "on")
     r = cli("--home", other, "index", photos, "--json")
     rep = json.loads(r.stdout)
-    assert rep["new"] == 56 and [Path(f["path"]).name for f in rep["failures"]] == ["cut.jpg"]
+    assert rep["new"] == 57 and [Path(f["path"]).name for f in rep["failures"]] == ["cut.jpg"]
     store = Store(other / "library.db")
     ids2, tensor_vecs = store.load_vectors(store.models()[0].id)
     paths = {r.id: r.path for r in store.get_images(ids2).values()}
