@@ -6,8 +6,9 @@ and of `imgsearch import` and `index` fed hostile exports and weights.
 Each run is a fresh `python -m imgsearch index` child in a fresh home; its peak RSS is read from a small
 wrapper's rusage of its children (bench/common.peak_child). The bombs are tiny files that decode (or resize)
 to gigabytes: a 1x120000 PNG (the model's resize of its short side makes a 64-px-tall strip millions wide), a
-16x65000 JPEG, and an ICO and an ICNS whose directories say 256x256 but whose PNG payload is 40000x40000
-(real, all-black, 1-bit pixel data).
+16x65000 JPEG, an ICO and an ICNS whose directories say 256x256 but whose PNG payload is 40000x40000
+(real, all-black, 1-bit pixel data), and two 1.8 kB JPEGs claiming 13000x13000 (169 MP, within the doubled
+cap of a JPEG decoded reduced), one of them with its components in separate scans.
 Target: every bomb run within 300 MB of the clean run.
 Then (tiny default model only): `import` of the clean library's parquet export, and of that export with one
 path made 1.5 GB of one letter (zstd: ~50 kB on disk), once with honest metadata and once with a footer that
@@ -66,6 +67,12 @@ def bombs(folder: Path) -> dict[str, Path]:
            "hidden.ico": folder / "hidden.ico", "hidden.icns": folder / "hidden.icns"}
     Image.linear_gradient("L").resize((1, 120000)).save(out["wide.png"])
     Image.linear_gradient("L").resize((16, 65000)).convert("RGB").save(out["tall.jpg"], quality=80)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_hostile_bombs import claimed_jpeg  # 169 MP claimed: within twice the cap a reduced decode gets
+
+    for name, scans in (("claimed.jpg", False), ("claimed-scans.jpg", True)):
+        out[name] = folder / name
+        out[name].write_bytes(claimed_jpeg(13000, 13000, one_component_scan=scans))
     huge = black_png(40000, 40000)
     out["hidden.ico"].write_bytes(ico_holding(huge))
     out["hidden.icns"].write_bytes(icns_holding(huge))

@@ -160,11 +160,18 @@ MAX_ASPECT = 100
 
 
 def _reduced(im, draft_size: int | None) -> bool:
-    """Whether libjpeg will decode ``im`` at 1/2 to 1/8 of its size for ``draft_size`` (as _decode drafts): a
-    sequential JPEG or MPO only, whose decoder keeps a few rows of blocks; a progressive one holds every
-    coefficient of the full-size picture whatever the scale."""
-    return bool(draft_size) and im.format in ("JPEG", "MPO") and not im.info.get("progressive") \
-        and min(im.size) >= 2 * draft_size
+    """Whether libjpeg will decode ``im``, just opened, at 1/2 to 1/8 of its size for ``draft_size`` (as
+    _decode drafts) holding a few rows of blocks: a sequential JPEG whose first scan holds every component.
+    A progressive one, or one whose components come in separate scans, holds every coefficient of the
+    full-size picture whatever the scale (1 GB for a 1.8 kB file claiming 169 MP, where the host program lets
+    Pillow load truncated files)."""
+    if not draft_size or im.format != "JPEG" or im.info.get("progressive") or min(im.size) < 2 * draft_size:
+        return False
+    n, end = len(im.layer), im.fp.tell()  # Pillow stops reading right after the first scan's header
+    im.fp.seek(max(0, end - 8 - 2 * n))
+    sos = im.fp.read(8 + 2 * n)  # FFDA, its length, the scan's component count, ...
+    im.fp.seek(end)
+    return sos[:2] == b"\xff\xda" and sos[4] == n
 
 
 def check_size(w: int, h: int, max_pixels: int, what: str = "image", reduced: bool = False) -> None:

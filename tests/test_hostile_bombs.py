@@ -82,6 +82,19 @@ def test_elongated_pictures_are_refused_and_ordinary_icons_still_open(tmp_path):
         assert im.mode == "RGB" and min(im.size) >= 48 and im.getpixel((10, 10)) == (0, 0, 255), (fmt, extra)
 
 
+def claimed_jpeg(width: int, height: int, one_component_scan: bool = False) -> bytes:
+    """A sequential JPEG whose frame claims ``width`` x ``height``, cut 1 kB into its scan; with
+    ``one_component_scan`` its first scan holds one of its three components (the others would come later)."""
+    buf = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").save(buf, "JPEG", subsampling=0)
+    data = bytearray(buf.getvalue())
+    sof, sos = data.index(b"\xff\xc0"), data.index(b"\xff\xda")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    if one_component_scan:  # FFDA, length 8, 1 component (its id and tables), spectral selection, approximation
+        data[sos:sos + 14] = b"\xff\xda\x00\x08\x01" + data[sos + 5:sos + 7] + data[sos + 11:sos + 14]
+    return bytes(data[:sos + 1024])
+
+
 def test_a_camera_jpeg_decoded_reduced_may_pass_the_cap(tmp_path):
     """A 100 MP camera JPEG needs ~25 MB decoded at 1/8 (bench: 414 MB in full): where it is decoded reduced
     for the model, twice the cap applies; a progressive one, whose decoder holds every coefficient of the
@@ -97,6 +110,12 @@ def test_a_camera_jpeg_decoded_reduced_may_pass_the_cap(tmp_path):
             images.open_image(path, draft_size=draft, max_pixels=1_000_000)
     with pytest.raises(DecodeError, match=r"1500x1000 = 2 MP exceeds the 1 MP cap"):  # twice the cap at most
         images.open_image(tmp_path / "camera.jpg", draft_size=224, max_pixels=700_000)
+    # Components in separate scans: libjpeg holds the whole picture's coefficients (1 GB for a 1.8 kB file
+    # claiming 169 MP, where a host lets Pillow load truncated files), so the cap is not doubled.
+    with pytest.raises(DecodeError, match="truncated"):  # within the doubled cap: decoding starts
+        images.open_image(claimed_jpeg(1500, 1000), draft_size=224, max_pixels=1_000_000)
+    with pytest.raises(DecodeError, match="1500x1000 = 2 MP exceeds the 1 MP cap"):
+        images.open_image(claimed_jpeg(1500, 1000, one_component_scan=True), draft_size=224, max_pixels=1_000_000)
 
 
 def test_index_records_each_bomb_and_indexes_the_rest(cli, photos):
