@@ -98,13 +98,14 @@ def request_of(record: dict) -> SearchRequest:
     images are not opened here: their vector is kept."""
 
     def absolute(path, key: str) -> str:
-        if not os.path.isabs(_string(path, key)):  # relative to what? The record was written with absolute ones
+        if not os.path.isabs(_string(path, key)):  # relative to what? Records are written with absolute ones
             raise ParamError(key, "an album keeps its files and folders by absolute path")
         return path
 
     def terms(key: str, kind: str):
         return [(t["weight"], t["text"]) if kind == "text" else
-                Term("image", absolute(t["path"], key), _weight(t["weight"], key)) for t in record.get(key, [])]
+                Term("image", absolute(t["path"], key), _weight(t["weight"], key))
+                for t in record.get(key, [])]
 
     try:
         if record.get("under") is not None:
@@ -117,8 +118,8 @@ def request_of(record: dict) -> SearchRequest:
                                    not_text=terms("not", "text"), not_image=terms("not_images", "image"),
                                    ids=record.get("ids", ()), k=record.get("k", 10),
                                    relevance=record.get("relevance", False),
-                                   **{f: record.get(f) for f in ("min_score", "under", "tag", "keyword", "blend",
-                                                                 *_WHEN)},
+                                   **{f: record.get(f)
+                                      for f in ("min_score", "under", "tag", "keyword", "blend", *_WHEN)},
                                    like=record.get("like", ()), unlike=record.get("unlike", ()))
     except (AttributeError, KeyError, TypeError, ValueError):
         raise ParamError("request", "the saved search is damaged (not as imgsearch writes one)") from None
@@ -239,9 +240,11 @@ def current(store, warm, row) -> Album:
         count, seen, digest = len(hits), _seen(row[6]), _digest(hits)
         model = str(model_id or "")  # "": keyword-only, no model
         if seen.get(model) != digest and not store.read_only:
-            store.album_evaluated(row[0], count, json.dumps({**seen, model: digest}, sort_keys=True), model in seen)
+            seen_now = json.dumps({**seen, model: digest}, sort_keys=True)
+            store.album_evaluated(row[0], count, seen_now, model in seen)
             changed_at = time.time() if model in seen else changed_at
-    return Album(row[1], describe(record) if request is not None else "", record, count, request is not None and grows(request),
+    query = describe(record) if request is not None else ""  # a damaged record may not describe
+    return Album(row[1], query, record, count, request is not None and grows(request),
                  sum(pins.values()), len(pins) - sum(pins.values()), row[3], changed_at, problem, hits)
 
 
@@ -281,7 +284,8 @@ def rename(store, name, new_name) -> None:
     row, new_name = load(store, name), check_name(new_name)
     if not store.rename_album(row[0], new_name):
         taken = store.album(new_name)
-        raise UsageError(f"an album named {(taken[1] if taken else new_name)!r} already exists; pick another name")
+        new_name = taken[1] if taken else new_name
+        raise UsageError(f"an album named {new_name!r} already exists; pick another name")
 
 
 # --- marked photos: by id in the library, by path in an export ---------------------------------------------
@@ -323,8 +327,8 @@ def dump(store) -> list[dict]:
 
 
 def restore(store, records) -> int:
-    """An export's albums added to this library, those whose name is free here; pins and marked photos found by
-    path. A damaged record is skipped. Returns how many were added."""
+    """An export's albums added to this library, those whose name is free here; pins and marked photos found
+    by path. A damaged record is skipped. Returns how many were added."""
     added = 0
     for rec in records if isinstance(records, list) else []:
         try:
@@ -335,9 +339,10 @@ def restore(store, records) -> int:
             continue
         rows = store.images_at(pins)
         created = rec.get("created_at")
+        if type(created) not in (int, float) or not math.isfinite(created):
+            created = None
         album_id = store.add_album(name, json.dumps(record, sort_keys=True), 0, "",
                                    {rows[p].id: keep for p, keep in pins.items() if p in rows},
-                                   created_at=created if type(created) in (int, float) and math.isfinite(created)
-                                   else None)
+                                   created_at=created)
         added += album_id is not None
     return added

@@ -225,8 +225,8 @@ class Searcher:
             good = set(liked)
             both = next((m for m, i in zip(request.unlike, unliked) if i in good), None)
             if both is not None:  # the two marks pull opposite ways: which one was meant?
-                raise ParamError("unlike", f"{f'image id {both}' if isinstance(both, int) else both} is marked both "
-                                           "liked and unliked; keep one of the two marks")
+                both = f"image id {both}" if isinstance(both, int) else both
+                raise ParamError("unlike", f"{both} is marked both liked and unliked; keep one of the marks")
             vec = rocchio(vec, self.marked_vectors(liked, "like"), self.marked_vectors(unliked, "unlike"))
         return vec
 

@@ -825,8 +825,8 @@ class Store:
     def album_evaluated(self, album_id: int, members: int, digest: str, changed: bool) -> None:
         """Record an evaluation (``digest``: the members each model found); the last-change time moves when
         ``changed`` (members joined or left, not a first look with another model)."""
-        self._write("UPDATE albums SET members = :m, digest = :d, changed_at = CASE WHEN :c THEN :t ELSE changed_at "
-                    "END WHERE id = :a AND digest != :d",
+        self._write("UPDATE albums SET members = :m, digest = :d, "
+                    "changed_at = CASE WHEN :c THEN :t ELSE changed_at END WHERE id = :a AND digest != :d",
                     {"a": album_id, "m": members, "d": digest, "c": int(changed), "t": time.time()})
 
     # --- runs --------------------------------------------------------------------------------

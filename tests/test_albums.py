@@ -224,7 +224,7 @@ def test_unknown_duplicate_and_invalid_names(lib, cli, photos, tmp_path, cut):
                  ("rename", "nope", "x"), ("delete", "nope"), ("export", "nope", tmp_path / "out")):
         fails(cli("album", *args), "no album named 'nope'", "album list")
     assert not (tmp_path / "out").exists()
-    fails(cli("album", "save", "REDS", "a blue square"), "an album named 'reds' already exists")  # named as it is
+    fails(cli("album", "save", "REDS", "a blue square"), "an album named 'reds' already exists")  # as it is
     assert cli("album", "save", "blue", "a blue square").exit_code == 0
     fails(cli("album", "rename", "blue", "Reds"), "an album named 'reds' already exists")
     fails(cli("album", "save", "a/b", "a red circle"), "name:", "without '/'")
@@ -241,7 +241,7 @@ def test_unknown_duplicate_and_invalid_names(lib, cli, photos, tmp_path, cut):
 
 
 def test_names_compare_regardless_of_case_in_every_script(lib, cli):
-    """SQLite's NOCASE folds ASCII only: 'Été' and 'été' were two albums, and `album show ÉTÉ` found neither."""
+    """SQLite's NOCASE folds ASCII only: 'Été' and 'été' were two albums; `album show ÉTÉ` found neither."""
     assert cli("album", "save", "Été", "a red circle", "-k", "3").exit_code == 0
     for taken in ("été", "ÉTÉ", "E\u0301te\u0301"):  # the accent typed as a character of its own too
         fails(cli("album", "save", taken, "a blue square"), "an album named 'Été' already exists")
@@ -251,7 +251,8 @@ def test_names_compare_regardless_of_case_in_every_script(lib, cli):
     assert cli("album", "rename", "STRASSE", "strasse").exit_code == 0  # its own name in another case
     assert [a.name for a in lib.albums()] == ["strasse", "Été"]
     shown = cli("album", "show", "été", "--paths")
-    assert shown.exit_code == 0 and shown.stdout.splitlines() == paths(lib.album("ÉTÉ")) and len(paths(lib.album("Été"))) == 3
+    assert shown.exit_code == 0 and shown.stdout.splitlines() == paths(lib.album("ÉTÉ"))
+    assert len(paths(lib.album("Été"))) == 3
 
 
 def test_a_request_that_no_longer_runs_is_named_and_kept(lib, cli, tmp_path, photos, cut):
@@ -333,7 +334,8 @@ def test_marked_photos_travel_with_a_library_export_as_photos_not_ids(lib, photo
     another photo, so the import showed albums of the wrong photos."""
     pytest.importorskip("pyarrow")
     blue = {n: str(photos / f"blue_{n}_000.jpg") for n in ("triangle", "circle")}
-    lib.save_album("refined", "a blue shape", like=[blue["triangle"]], unlike=[blue["circle"]], k=5, under=photos)
+    lib.save_album("refined", "a blue shape", like=[blue["triangle"]], unlike=[blue["circle"]], k=5,
+                   under=photos)
     lib.save_album("more like", ids=[lib.search(like=[str(photos / "green_square_000.jpg")], k=1)[0].id], k=4,
                    under=photos)
     expected = {a.name: paths(a) for a in (lib.album("refined"), lib.album("more like"))}
@@ -350,7 +352,7 @@ def test_marked_photos_travel_with_a_library_export_as_photos_not_ids(lib, photo
 def test_a_damaged_album_in_an_export_is_skipped_and_breaks_nothing(lib, cli, photos, tmp_path):
     """An export's manifest is a file anyone can edit: an album record with a number for an example image made
     every `album list` and `index` fail after the import, a NaN weight gave NaN scores, a relative folder was
-    read against whatever folder the command ran in, an infinite date made `album list --json` invalid JSON."""
+    read against the folder the command ran in, an infinite date made `album list --json` invalid JSON."""
     pytest.importorskip("pyarrow")
     lib.export(tmp_path / "export")
     manifest = tmp_path / "export" / "_imgsearch_export.json"
@@ -371,7 +373,8 @@ def test_a_damaged_album_in_an_export_is_skipped_and_breaks_nothing(lib, cli, ph
     assert listed.exit_code == 0, listed.output
     albums = {a["name"]: a for a in json.loads(listed.stdout, parse_constant=lambda c: pytest.fail(c))}
     assert sorted(albums) == ["forever", "good"] and albums["good"]["created_at"] == 1.5e9
-    assert paths(lib.album("forever")) == paths(lib.album("good")) == [h.path for h in lib.search("a red circle", k=3)]
+    top = [h.path for h in lib.search("a red circle", k=3)]
+    assert paths(lib.album("forever")) == paths(lib.album("good")) == top
     assert lib.index(photos).unchanged == 54  # and indexing, which evaluates every album, still works
 
 

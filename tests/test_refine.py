@@ -113,7 +113,7 @@ def test_unknown_marks_at_the_command_line(shapes, tmp_path):
 
 
 def test_a_photo_both_liked_and_unliked_is_refused_at_every_door(lib, shapes):
-    """Two opposite marks on one photo cancelled in part (2 toward it, 1 away) without a word: which was meant?"""
+    """Opposite marks on one photo cancelled in part (2 toward it, 1 away) without a word: which was meant?"""
     from typer.testing import CliRunner
 
     from imgsearch.cli import app
@@ -124,7 +124,7 @@ def test_a_photo_both_liked_and_unliked_is_refused_at_every_door(lib, shapes):
     first = sorted(photos.glob("red_circle_*"))[0]
     first_id = lib.search(like=[str(first)], k=1)[0].id
     for like, unlike, named in ((liked, [unliked[0], liked[1]], f"image id {liked[1]}"),
-                                ([first_id], [str(first)], str(first))):  # an id and the path of the same photo
+                                ([first_id], [str(first)], str(first))):  # one photo's id and path
         with pytest.raises(ParamError) as e:
             lib.search("red", like=like, unlike=unlike)
         assert e.value.param == "unlike" and f"{named} is marked both liked and unliked" in str(e.value)
@@ -132,7 +132,8 @@ def test_a_photo_both_liked_and_unliked_is_refused_at_every_door(lib, shapes):
     bad = CliRunner().invoke(app, pre + ["query", "red", "--like", str(liked[0]), "--unlike", str(liked[0]),
                                          "--no-server"])
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
-        f"error: --unlike {liked[0]}: image id {liked[0]} is marked both liked and unliked; keep one of the two marks"]
+        f"error: --unlike {liked[0]}: image id {liked[0]} is marked both liked and unliked; keep one of "
+        "the marks"]
     with pytest.raises(ParamError, match="both liked and unliked"):
         lib.save_album("both", "red", like=liked, unlike=liked[:1])
     assert lib.albums() == []
