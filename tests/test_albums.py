@@ -312,6 +312,21 @@ def test_export_copies_or_links_into_a_new_or_empty_folder_only(lib, cli, tmp_pa
     assert os.listdir(full) == ["notes.txt"] and (full / "notes.txt").read_text() == "mine"
 
 
+def test_export_of_photos_whose_names_are_near_the_length_limit(lib, tmp_path, photos):
+    """Each copy is first written as NAME.partial: a photo with a name of 248 to 255 bytes failed the whole
+    export ("File name too long"). Such a name loses its end instead."""
+    long = tmp_path / "long"
+    long.mkdir()
+    for size in (251, 255):
+        shutil.copy(photos / "red_circle_000.jpg", long / ("x" * (size - 4) + ".jpg"))
+    lib.index(long)
+    lib.save_album("long", "a red circle", under=long, k=2)
+    written = [Path(w) for w in lib.export_album("long", tmp_path / "out")]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(w.name for w in written) and len(written) == 2
+    assert all(w.name.startswith("x" * 200) and w.suffix == ".jpg" and len(w.name) <= 255 for w in written)
+    assert all(w.read_bytes() == (photos / "red_circle_000.jpg").read_bytes() for w in written)
+
+
 # --- they survive: export/import of the library, and a change of model -----------------------------------------
 def test_albums_travel_with_a_library_export(lib, photos, tmp_path, model_id, cut):
     pytest.importorskip("pyarrow")
