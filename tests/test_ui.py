@@ -390,3 +390,23 @@ def test_refined_search_saved_as_album_and_the_albums_page(page, library, tmp_pa
     at.button(key="FormSubmitter:album-delete-Delete").click().run()
     assert at.query_params == {"page": "albums"} and "No albums yet" in texts(at.info)
     assert sorted(p.name for p in out.iterdir()) == sorted(shown)  # the photos stay
+
+
+def test_an_album_that_no_longer_runs_can_be_deleted_from_its_page(page, library, tmp_path):
+    """Its folder gone, the album's page showed only the error: the album could be removed from the command
+    line only."""
+    from imgsearch import Library
+
+    gone = tmp_path / "trip"
+    gone.mkdir()
+    with Library(settings=library[0]) as lib:
+        lib.save_album("Trip", "a red circle", under=gone, k=3)
+    gone.rmdir()
+    at = open_url(page, page="albums", album="trip")
+    assert f"album Trip: folder {gone} no longer exists" in texts(at.error)
+    assert "Album: Trip" in texts(at.header)
+    at.checkbox(key="w_album_sure").check()
+    at.button(key="FormSubmitter:album-delete-Delete").click().run()
+    assert at.query_params == {"page": "albums"} and "No albums yet" in texts(at.info)
+    at = open_url(page, page="albums", album="nope")  # no such album: said, and nothing to rename or delete
+    assert "no album named 'nope'" in texts(at.error) and not at.checkbox and "Album:" not in texts(at.header)
