@@ -286,7 +286,10 @@ def _unpublish(target: Path, token: str | None) -> str | None:
 
 def prepare_target(target: Path) -> bool:
     """Make sure ``target`` may receive an export; True when this call created it."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
+    if target.is_symlink():  # never written through: a link can be swapped for another while the export runs
+        raise UsageError(f"{target} is a symbolic link; give the folder it points to ({os.path.realpath(target)}), "
+                         "or a new or empty folder")
+    if target.exists() and not target.is_dir():
         raise UsageError(f"{target} exists and is not a folder; give a new or empty folder for the export")
     if not target.exists():
         try:

@@ -310,6 +310,10 @@ def test_export_copies_or_links_into_a_new_or_empty_folder_only(lib, cli, tmp_pa
     fails(cli("album", "export", "reds", full), f"{full} is not empty", "notes.txt")
     fails(cli("album", "export", "reds", full / "notes.txt"), "is not a folder")
     assert os.listdir(full) == ["notes.txt"] and (full / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")  # never written through: it says where it points
+    fails(cli("album", "export", "reds", tmp_path / "link"), "is a symbolic link", str(tmp_path / "empty"))
+    assert os.listdir(tmp_path / "empty") == []
 
 
 def test_export_of_photos_whose_names_are_near_the_length_limit(lib, tmp_path, photos):
