@@ -652,15 +652,19 @@ def photo_map(library, hits, key: str) -> None:
 def timeline(hits, key: str, narrow: bool = True) -> None:
     """A histogram of the photos' capture dates; with ``narrow``, dragging across it searches those dates
     only (the range becomes --after/--before)."""
+    from datetime import date
+
     import altair as alt
     import pandas as pd
 
-    taken = [h.taken_at[:10] for h in hits if h.taken_at]
+    taken = sorted(h.taken_at[:10] for h in hits if h.taken_at)
     if not taken:
         st.info("None of these photos has a capture date.")
         return
-    frame = pd.DataFrame({"taken": pd.to_datetime(taken)})
-    days = (frame.taken.max() - frame.taken.min()).days
+    # ISO text, as Altair would send dates: pandas before 3.0 holds no date past 2262 or before 1677, and a
+    # camera's "9999:12:31" or a year typed as 0201 must not take the page down.
+    frame = pd.DataFrame({"taken": [f"{day}T00:00:00" for day in taken]})
+    days = (date.fromisoformat(taken[-1]) - date.fromisoformat(taken[0])).days
     unit = "yearmonthdate" if days <= 92 else "yearmonth" if days <= 3660 else "year"
     chart = alt.Chart(frame).mark_bar(color="#d62728").encode(
         x=alt.X(f"{unit}(taken):T", title="taken"), y=alt.Y("count():Q", title="photos"))
