@@ -490,9 +490,10 @@ def test_a_blank_capture_time_falls_back_to_the_file_date_and_dashed_dates_are_r
 
 
 def test_the_timeline_shows_dates_far_in_the_past_and_the_future():
-    """The indexer keeps EXIF dates from year 1 to 9999 (a camera's "9999:12:31", a year typed as 0201); pandas
-    before 3.0 holds none past 2262 or before 1677, and the timeline, drawn under every search, failed the page.
-    (Under pandas 3 the old code drew them too: this guards installs with an older pandas, as streamlit allows.)"""
+    """The indexer keeps EXIF dates from year 1 to 9999 (a camera's "9999:12:31", a year typed as 0201);
+    pandas before 3.0 holds none past 2262 or before 1677, and the timeline, drawn under every search, failed
+    the page. (Under pandas 3 the old code drew them too: this guards installs with an older pandas, which
+    streamlit allows.)"""
     from streamlit.testing.v1 import AppTest
 
     def page():
@@ -501,7 +502,8 @@ def test_the_timeline_shows_dates_far_in_the_past_and_the_future():
         from imgsearch.ui.app import timeline
 
         dates = ["0201-05-06T10:00:00", "9999-12-31T23:59:59", "2023-03-01T12:00:00", None]
-        timeline([SimpleNamespace(id=i, path=f"/p/{i}.jpg", taken_at=d) for i, d in enumerate(dates)], "t", False)
+        hits = [SimpleNamespace(id=i, path=f"/p/{i}.jpg", taken_at=d) for i, d in enumerate(dates)]
+        timeline(hits, "t", narrow=False)
 
     at = AppTest.from_function(page, default_timeout=60)
     at.run()
