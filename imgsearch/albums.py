@@ -254,9 +254,11 @@ def save(store, warm, name, request: SearchRequest) -> Album:
         raise UsageError(f"an album named {row[1]!r} already exists; pick another name (or `imgsearch album "
                          f"delete {row[1]}` first)")
     record = record_of(request)
-    hits, vec, model_id = evaluate(store, warm, request)
+    # The request's exclude_ids (search()'s): photos dropped from the album, as `unpin` drops them
+    drops = dict.fromkeys(store.get_images(request.exclude_ids), False)
+    hits, vec, model_id = evaluate(store, warm, request, pins=drops)
     album_id = store.add_album(name, json.dumps(_by_id(store, record), sort_keys=True), len(hits),
-                               json.dumps({str(model_id or ""): _digest(hits)}),
+                               json.dumps({str(model_id or ""): _digest(hits)}), drops,
                                vector=None if vec is None else (model_id, vec))
     if album_id is None:
         raise UsageError(f"an album named {name!r} already exists; pick another name")

@@ -175,6 +175,14 @@ def test_pins_keep_or_drop_whatever_the_search_says_and_survive_a_restart(lib, h
         assert [a.name for a in again.albums()] == ["circles"] and again.status().images == 54 and square.exists()
 
 
+def test_photos_excluded_from_the_search_saved_as_an_album_are_dropped_from_it(lib, cut):
+    """save_album takes search()'s arguments: exclude_ids was taken, and silently forgotten."""
+    top = lib.search("a red circle", k=1)[0]
+    album = lib.save_album("reds", "a red circle", min_score=cut, exclude_ids=[top.id, 999999])
+    assert top.path not in paths(album) and album.count == 2 and album.dropped == 1
+    assert lib.pin("reds", [top.path])[1].count == 3  # as any dropped photo, pin brings it back
+
+
 def test_pin_unpin_rename_delete_from_the_command_line(lib, cli, photos, cut):
     cli("album", "save", "reds", "a red circle", "--min-score", cut)
     out = cli("album", "pin", "reds", photos / "blue_square_000.jpg", photos / "blue_square_001.jpg")
