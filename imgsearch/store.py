@@ -179,7 +179,7 @@ def _under(root: str) -> tuple[str, dict]:
     return f"(path = :p OR (path >= :blo AND path < :bhi){text})", params
 
 
-def album_key(name: str) -> str:
+def _album_key(name: str) -> str:
     """What album names are compared by: case folded in every script, composed accents made one character."""
     return unicodedata.normalize("NFC", name.casefold())
 
@@ -758,15 +758,15 @@ class Store:
 
     def album(self, name: str):
         """The album row of this name regardless of case in any script (an exact match first), or None."""
-        key = album_key(name)
-        named = [r for r in self.albums() if album_key(r[1]) == key]
+        key = _album_key(name)
+        named = [r for r in self.albums() if _album_key(r[1]) == key]
         return next((r for r in named if r[1] == name), named[0] if named else None)
 
     @staticmethod
     def _album_name_taken(c: _Writer, name: str, album_id: int = 0) -> bool:
         # In the writing transaction: SQLite's NOCASE folds ASCII only ('Été' and 'été' would both pass it).
-        key = album_key(name)
-        return any(album_key(n) == key for n, in c.execute("SELECT name FROM albums WHERE id != :a",
+        key = _album_key(name)
+        return any(_album_key(n) == key for n, in c.execute("SELECT name FROM albums WHERE id != :a",
                                                             {"a": album_id}).fetchall())
 
     def add_album(self, name: str, request: str, members: int, digest: str, pins: dict[int, bool] | None = None,
