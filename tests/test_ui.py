@@ -410,3 +410,22 @@ def test_an_album_that_no_longer_runs_can_be_deleted_from_its_page(page, library
     assert at.query_params == {"page": "albums"} and "No albums yet" in texts(at.info)
     at = open_url(page, page="albums", album="nope")  # no such album: said, and nothing to rename or delete
     assert "no album named 'nope'" in texts(at.error) and not at.checkbox and "Album:" not in texts(at.header)
+
+
+def test_a_search_with_a_min_score_saved_as_album_keeps_every_photo_above_it(page, library):
+    """As `album save --min-score` does: every photo above the threshold, and new ones join. The page's
+    Results (how many thumbnails to show) capped the album at the photos on the screen."""
+    from imgsearch import Library
+
+    with Library(settings=library[0]) as lib:
+        cut = round(lib.search("a red circle", k=10)[9].score, 3)
+        above = [h.path for h in lib.search("a red circle", k=54, min_score=cut)]
+        at = open_url(page, q="a red circle", k="3", min=str(cut))
+        at.text_input(key="w_album_name").input("warm")
+        at.button(key="FormSubmitter:save-album-Save").click().run()
+        try:
+            assert len(above) > 3 and f"Saved album warm ({len(above)} photos)" in texts(at.success)
+            album = lib.album("warm")
+            assert [h.path for h in album.hits] == above and album.grows
+        finally:
+            lib.delete_album("warm")

@@ -540,7 +540,9 @@ def save_album_form(library, request: SearchRequest) -> None:
         name = st.text_input("Album name", max_chars=100, key="w_album_name")
         if st.form_submit_button("Save"):
             try:  # the search as asked: the page's own exclusions and relevance marks are not part of it
-                album = library.save_album(name, request=request.with_(exclude_ids=(), relevance=False), k=request.k)
+                # With a min score, as `album save --min-score`: every photo above it (Results: how many shown)
+                k = None if request.min_score is not None else request.k
+                album = library.save_album(name, request=request.with_(exclude_ids=(), relevance=False), k=k)
                 st.success(f"Saved album {md(album.name)} ({album.count} photos); see Albums in the sidebar")
             except ImgSearchError as e:
                 st.error(md(e))
