@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 
 from .config import MAX_K
 from .errors import ImgSearchError, ParamError, UsageError
-from .request import SearchRequest, Term, check_k
+from .request import SearchRequest, Term, _string, _weight, check_k
 from .results import Hit, hits_for
 
 MAX_NAME = 100
@@ -56,7 +58,7 @@ class Album:
 def check_name(name) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ParamError("name", "give the album a name")
-    name = name.strip()
+    name = unicodedata.normalize("NFC", name.strip())  # "é" typed as one character or as e + accent: one name
     if len(name) > MAX_NAME or "/" in name or not name.isprintable():
         raise ParamError("name", f"an album name is up to {MAX_NAME} printable characters, without '/'")
     return name
@@ -92,18 +94,35 @@ def record_of(request: SearchRequest) -> dict:
 
 
 def request_of(record: dict) -> SearchRequest:
-    """The request back from its record. Example images are not opened here: their vector is kept."""
+    """The request back from its record, checked as at any door (an export's record may be damaged). Example
+    images are not opened here: their vector is kept."""
+
+    def absolute(path, key: str) -> str:
+        if not os.path.isabs(_string(path, key)):  # relative to what? Records are written with absolute ones
+            raise ParamError(key, "an album keeps its files and folders by absolute path")
+        return path
 
     def terms(key: str, kind: str):
-        return [(t["weight"], t["text"]) if kind == "text" else Term("image", t["path"], float(t["weight"]))
+        return [(t["weight"], t["text"]) if kind == "text" else
+                Term("image", absolute(t["path"], key), _weight(t["weight"], key))
                 for t in record.get(key, [])]
 
-    return SearchRequest.build(terms("texts", "text"), image=terms("images", "image"),
-                               not_text=terms("not", "text"), not_image=terms("not_images", "image"),
-                               ids=record.get("ids", ()), k=record.get("k", 10),
-                               relevance=record.get("relevance", False),
-                               **{f: record.get(f) for f in ("min_score", "under", "tag", "keyword", "blend", *_WHEN)},
-                               like=record.get("like", ()), unlike=record.get("unlike", ()))
+    try:
+        if record.get("under") is not None:
+            absolute(record["under"], "under")
+        for key in ("like", "unlike"):
+            for mark in record.get(key, []):
+                if isinstance(mark, str):
+                    absolute(mark, key)
+        return SearchRequest.build(terms("texts", "text"), image=terms("images", "image"),
+                                   not_text=terms("not", "text"), not_image=terms("not_images", "image"),
+                                   ids=record.get("ids", ()), k=record.get("k", 10),
+                                   relevance=record.get("relevance", False),
+                                   **{f: record.get(f)
+                                      for f in ("min_score", "under", "tag", "keyword", "blend", *_WHEN)},
+                                   like=record.get("like", ()), unlike=record.get("unlike", ()))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ParamError("request", "the saved search is damaged (not as imgsearch writes one)") from None
 
 
 def describe(record: dict) -> str:
@@ -186,6 +205,15 @@ def _digest(hits: list[Hit]) -> str:
     return hashlib.blake2b(",".join(map(str, sorted(h.id for h in hits))).encode(), digest_size=8).hexdigest()
 
 
+def _seen(digests: str) -> dict:
+    """The members each model found when it last evaluated the album, as stored: {model id: _digest}."""
+    try:
+        seen = json.loads(digests)
+    except ValueError:  # none yet (an imported album)
+        return {}
+    return seen if isinstance(seen, dict) else {}
+
+
 def load(store, name):
     row = store.album(check_name(name))
     if row is None:
@@ -199,7 +227,7 @@ def current(store, warm, row) -> Album:
     request, hits, problem, changed_at, count = None, [], None, row[4], row[5]
     try:
         request = request_of(record)
-        hits = evaluate(store, warm, request, row[0], pins)[0]
+        hits, _, model_id = evaluate(store, warm, request, row[0], pins)
     except ImgSearchError as e:
         detail = e.detail if isinstance(e, ParamError) else str(e)
         if isinstance(e, ParamError) and e.param == "under":
@@ -207,22 +235,30 @@ def current(store, warm, row) -> Album:
         problem = (f"album {row[1]}: {detail}; the album is kept as saved (`imgsearch album list` shows its search; "
                    f"save a corrected one, or `imgsearch album delete {row[1]}`)")
     else:
-        count, digest = len(hits), _digest(hits)
-        if digest != row[6] and not store.read_only:
-            store.album_evaluated(row[0], count, digest)
-            changed_at = time.time()
-    return Album(row[1], describe(record), record, count, request is not None and grows(request),
+        # Members are compared with what the same model found last: two models disagree, and switching between
+        # them is no change; a first look with a model only records what it finds.
+        count, seen, digest = len(hits), _seen(row[6]), _digest(hits)
+        model = str(model_id or "")  # "": keyword-only, no model
+        if seen.get(model) != digest and not store.read_only:
+            seen_now = json.dumps({**seen, model: digest}, sort_keys=True)
+            store.album_evaluated(row[0], count, seen_now, model in seen)
+            changed_at = time.time() if model in seen else changed_at
+    query = describe(record) if request is not None else ""  # a damaged record may not describe
+    return Album(row[1], query, record, count, request is not None and grows(request),
                  sum(pins.values()), len(pins) - sum(pins.values()), row[3], changed_at, problem, hits)
 
 
 def save(store, warm, name, request: SearchRequest) -> Album:
     name = check_name(name)
-    if store.album(name) is not None:
-        raise UsageError(f"an album named {name!r} already exists; pick another name (or `imgsearch album "
-                         f"delete {name}` first)")
+    if (row := store.album(name)) is not None:  # the name as it is, "Beach" when "beach" was asked
+        raise UsageError(f"an album named {row[1]!r} already exists; pick another name (or `imgsearch album "
+                         f"delete {row[1]}` first)")
     record = record_of(request)
-    hits, vec, model_id = evaluate(store, warm, request)
-    album_id = store.add_album(name, json.dumps(record, sort_keys=True), len(hits), _digest(hits),
+    # The request's exclude_ids (search()'s): photos dropped from the album, as `unpin` drops them
+    drops = dict.fromkeys(store.get_images(request.exclude_ids), False)
+    hits, vec, model_id = evaluate(store, warm, request, pins=drops)
+    album_id = store.add_album(name, json.dumps(_by_id(store, record), sort_keys=True), len(hits),
+                               json.dumps({str(model_id or ""): _digest(hits)}), drops,
                                vector=None if vec is None else (model_id, vec))
     if album_id is None:
         raise UsageError(f"an album named {name!r} already exists; pick another name")
@@ -249,36 +285,66 @@ def pin(store, warm, name, paths, keep: bool) -> tuple[int, Album]:
 def rename(store, name, new_name) -> None:
     row, new_name = load(store, name), check_name(new_name)
     if not store.rename_album(row[0], new_name):
+        taken = store.album(new_name)
+        new_name = taken[1] if taken else new_name
         raise UsageError(f"an album named {new_name!r} already exists; pick another name")
+
+
+# --- marked photos: by id in the library, by path in an export ---------------------------------------------
+_MARKS = ("ids", "like", "unlike")  # a record's library photos: examples ("more like this") and marks
+
+
+def _by_id(store, record: dict) -> dict:
+    """``record`` with the library photos it names by path (marks; an export's examples) named by id, so they
+    follow a moved file as pins do. An export's example that is not in this library stays an example image, by
+    its path."""
+    rows = store.images_at([m for key in _MARKS for m in record.get(key, []) if isinstance(m, str)])
+    out = {**record, **{key: [rows[m].id if isinstance(m, str) and m in rows else m for m in record[key]]
+                        for key in _MARKS if key in record}}
+    lost = [m for m in out.get("ids", []) if isinstance(m, str)]
+    if lost:
+        out["ids"] = [m for m in out["ids"] if not isinstance(m, str)]
+        out["images"] = [*out.get("images", []), *({"path": p, "weight": 1.0} for p in lost)]
+    return {k: v for k, v in out.items() if v != []}
+
+
+def _by_path(store, record: dict) -> dict:
+    """``record`` with the library ids it holds as the photos' paths: in another library an id is another
+    photo, or none. A photo forgotten since is left out (the album answered from its kept query vector)."""
+    rows = store.get_images([m for key in _MARKS for m in record.get(key, []) if not isinstance(m, str)])
+    return {**record, **{key: [m if isinstance(m, str) else rows[m].path for m in record[key]
+                               if isinstance(m, str) or m in rows] for key in _MARKS if key in record}}
 
 
 # --- in a library export -------------------------------------------------------------------------------------
 def dump(store) -> list[dict]:
-    """Every album for an export's manifest: name, saved search and pins by path."""
+    """Every album for an export's manifest: name, saved search (its photos by path) and pins by path."""
     out = []
     for r in store.albums():
         pins = store.album_pins(r[0])
         rows = store.get_images(pins)
-        out.append({"name": r[1], "request": json.loads(r[2]), "created_at": r[3],
+        out.append({"name": r[1], "request": _by_path(store, json.loads(r[2])), "created_at": r[3],
                     "pins": [[rows[i].path, keep] for i, keep in pins.items() if i in rows]})
     return out
 
 
 def restore(store, records) -> int:
-    """An export's albums added to this library, those whose name is free here; pins found by path. A
-    damaged record is skipped. Returns how many were added."""
+    """An export's albums added to this library, those whose name is free here; pins and marked photos found
+    by path. A damaged record is skipped. Returns how many were added."""
     added = 0
     for rec in records if isinstance(records, list) else []:
         try:
             name = check_name(rec["name"])
-            request_of(rec["request"])
+            record = record_of(request_of(_by_id(store, rec["request"])))  # as `album save` writes it
             pins = {str(p): bool(keep) for p, keep in rec.get("pins") or []}
         except (ImgSearchError, AttributeError, KeyError, TypeError, ValueError):
             continue
         rows = store.images_at(pins)
-        album_id = store.add_album(name, json.dumps(rec["request"], sort_keys=True), 0, "",
+        created = rec.get("created_at")
+        if type(created) not in (int, float) or not math.isfinite(created):
+            created = None
+        album_id = store.add_album(name, json.dumps(record, sort_keys=True), 0, "",
                                    {rows[p].id: keep for p, keep in pins.items() if p in rows},
-                                   created_at=rec["created_at"] if isinstance(rec.get("created_at"), (int, float))
-                                   else None)
+                                   created_at=created)
         added += album_id is not None
     return added

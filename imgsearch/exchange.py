@@ -286,7 +286,10 @@ def _unpublish(target: Path, token: str | None) -> str | None:
 
 def prepare_target(target: Path) -> bool:
     """Make sure ``target`` may receive an export; True when this call created it."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
+    if target.is_symlink():  # never written through: a link can be swapped for another while the export runs
+        raise UsageError(f"{target} is a symbolic link; give the folder it points to ({os.path.realpath(target)}), "
+                         "or a new or empty folder")
+    if target.exists() and not target.is_dir():
         raise UsageError(f"{target} exists and is not a folder; give a new or empty folder for the export")
     if not target.exists():
         try:
@@ -423,12 +426,20 @@ def export_album(album: albums.Album, folder: str | os.PathLike, link: bool = Fa
     names: list[str] = []
     taken: set[str] = set()
     with _export_into(folder) as (target, tmp, token):
+        longest = 255  # bytes in a file name, ours (the PARTIAL suffix, " (2)") included
+        with contextlib.suppress(OSError, ValueError):
+            longest = os.pathconf(tmp, "PC_NAME_MAX")
         for h in album.hits:
             stem, ext = os.path.splitext(os.path.basename(h.path))
-            name, n = stem + ext, 1
-            while name.lower() in taken:  # case-blind: the folder may be on a case-insensitive disk
-                n += 1
-                name = f"{stem} ({n}){ext}"
+            n = 1
+            while True:
+                name = f"{stem} ({n}){ext}" if n > 1 else stem + ext
+                if len(os.fsencode(name + PARTIAL)) > longest and stem:
+                    stem = stem[:-1]  # a name near the limit loses its end rather than fail the export
+                elif name.lower() in taken:  # case-blind: the folder may be on a case-insensitive disk
+                    n += 1
+                else:
+                    break
             taken.add(name.lower())
             part = tmp / (name + PARTIAL)  # until the marker names it
             try:

@@ -382,8 +382,8 @@ class Library:
 
     def album(self, name: str):
         """One album evaluated now, its members ranked in ``hits`` (pinned photos in, dropped ones out,
-        deleted files never). A ParamError names an unknown album; a UsageError says why a saved search no
-        longer runs (the album is kept)."""
+        deleted files never). A UsageError names an unknown album, or says why its saved search no longer runs
+        (the album is kept)."""
         album = _albums().current(self.store, self._warm, _albums().load(self.store, name))
         if album.problem:
             raise UsageError(album.problem)
@@ -395,7 +395,7 @@ class Library:
         arguments, or a ready ``request``; example images must be files (their absolute path is kept).
         ``k``: how many photos at most; when None, an album with a threshold (``min_score``, ``relevance``)
         or of keywords only holds every photo that passes (up to the query limit) and new photos join it,
-        else it is the top 10 now. A duplicate name is a ParamError; nothing is saved then."""
+        else it is the top 10 now. A name taken (regardless of case) is a UsageError; nothing is saved then."""
         if request is None:
             request = SearchRequest.build(text, k=10, **search)
         elif text is not None or search:

@@ -221,18 +221,29 @@ class Searcher:
                 raise UsageError("the query terms cancel out; change the weights or drop a negative term")
             vec /= norm
         if request.like or request.unlike:
-            vec = rocchio(vec, self.marked_vectors(request.like, "like"), self.marked_vectors(request.unlike, "unlike"))
+            liked, unliked = self.marked_ids(request.like, "like"), self.marked_ids(request.unlike, "unlike")
+            good = set(liked)
+            both = next((m for m, i in zip(request.unlike, unliked) if i in good), None)
+            if both is not None:  # the two marks pull opposite ways: which one was meant?
+                both = f"image id {both}" if isinstance(both, int) else both
+                raise ParamError("unlike", f"{both} is marked both liked and unliked; keep one of the marks")
+            vec = rocchio(vec, self.marked_vectors(liked, "like"), self.marked_vectors(unliked, "unlike"))
         return vec
 
-    def marked_vectors(self, marks, field: str) -> np.ndarray:
-        """The stored vectors of marked images (ids, or paths of library files); a ParamError names the first
-        mark that is not in the library."""
+    def marked_ids(self, marks, field: str) -> list[int]:
+        """The ids of marked images (ids, or paths of library files); a ParamError names the first path that
+        is not in the library."""
         paths = [m for m in marks if isinstance(m, str)]
         rows = self.store.images_at(paths) if paths else {}
         for p in paths:
             if p not in rows:
                 raise ParamError(field, f"{p} is not in the library; mark an indexed image (or index it first)")
-        ids = [rows[m].id if isinstance(m, str) else int(m) for m in marks]
+        return [rows[m].id if isinstance(m, str) else int(m) for m in marks]
+
+    def marked_vectors(self, marks, field: str) -> np.ndarray:
+        """The stored vectors of marked images (as ``marked_ids`` takes them); a ParamError names the first
+        mark that is not in the library."""
+        ids = self.marked_ids(marks, field)
         found, vecs = self.store.load_vectors(self.model.id, ids)
         missing = sorted(set(ids) - set(found.tolist()))
         if missing:

@@ -12,6 +12,7 @@ import queue
 import sqlite3
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -176,6 +177,11 @@ def _under(root: str) -> tuple[str, dict]:
         params.update(lo=low.decode(), hi=high.decode())
     text = " OR (path >= :lo AND path < :hi)" if "lo" in params else ""
     return f"(path = :p OR (path >= :blo AND path < :bhi){text})", params
+
+
+def _album_key(name: str) -> str:
+    """What album names are compared by: case folded in every script, composed accents made one character."""
+    return unicodedata.normalize("NFC", name.casefold())
 
 
 def _bind(path: str) -> str | bytes:
@@ -751,15 +757,25 @@ class Store:
         return self.rows(f"SELECT {self._ALBUM_COLS} FROM albums ORDER BY name COLLATE NOCASE")
 
     def album(self, name: str):
-        """The album row of this name (case-insensitive), or None."""
-        rows = self.rows(f"SELECT {self._ALBUM_COLS} FROM albums WHERE name = :n", n=name)
-        return rows[0] if rows else None
+        """The album row of this name regardless of case in any script (an exact match first), or None."""
+        key = _album_key(name)
+        named = [r for r in self.albums() if _album_key(r[1]) == key]
+        return next((r for r in named if r[1] == name), named[0] if named else None)
+
+    @staticmethod
+    def _album_name_taken(c: _Writer, name: str, album_id: int = 0) -> bool:
+        # In the writing transaction: SQLite's NOCASE folds ASCII only ('Été' and 'été' would both pass it).
+        key = _album_key(name)
+        return any(_album_key(n) == key for n, in c.execute("SELECT name FROM albums WHERE id != :a",
+                                                            {"a": album_id}).fetchall())
 
     def add_album(self, name: str, request: str, members: int, digest: str, pins: dict[int, bool] | None = None,
                   vector: tuple[int, np.ndarray] | None = None, created_at: float | None = None) -> int | None:
         """A new album with its pins and (model id, query vector), in one transaction; None when the name is taken."""
         now = time.time()
         with self.begin() as c:
+            if self._album_name_taken(c, name):
+                return None
             res = c.execute("INSERT OR IGNORE INTO albums (name, request, created_at, changed_at, members, "
                             "digest) VALUES (:n, :r, :c, :t, :m, :d)",
                             {"n": name, "r": request, "c": created_at or now, "t": now, "m": members, "d": digest})
@@ -776,8 +792,9 @@ class Store:
 
     def rename_album(self, album_id: int, name: str) -> bool:
         """False when another album has the name."""
-        return bool(self._write("UPDATE OR IGNORE albums SET name = :n WHERE id = :a",
-                                {"n": name, "a": album_id}).rowcount)
+        with self.begin() as c:
+            return not self._album_name_taken(c, name, album_id) and bool(c.execute(
+                "UPDATE OR IGNORE albums SET name = :n WHERE id = :a", {"n": name, "a": album_id}).rowcount)
 
     def delete_album(self, album_id: int) -> None:
         """The album, its pins and vectors; never an image."""
@@ -805,10 +822,12 @@ class Store:
                     "WHERE EXISTS (SELECT 1 FROM albums WHERE id = :a)",
                     {"a": album_id, "m": model_id, "v": vector_to_blob(vector)})
 
-    def album_evaluated(self, album_id: int, members: int, digest: str) -> None:
-        """Record an evaluation; the last-change time moves only when the members did."""
-        self._write("UPDATE albums SET members = :m, digest = :d, changed_at = :t WHERE id = :a "
-                    "AND digest != :d", {"a": album_id, "m": members, "d": digest, "t": time.time()})
+    def album_evaluated(self, album_id: int, members: int, digest: str, changed: bool) -> None:
+        """Record an evaluation (``digest``: the members each model found); the last-change time moves when
+        ``changed`` (members joined or left, not a first look with another model)."""
+        self._write("UPDATE albums SET members = :m, digest = :d, "
+                    "changed_at = CASE WHEN :c THEN :t ELSE changed_at END WHERE id = :a AND digest != :d",
+                    {"a": album_id, "m": members, "d": digest, "c": int(changed), "t": time.time()})
 
     # --- runs --------------------------------------------------------------------------------
     _RUN_COUNTS = ("new", "updated", "unchanged", "moved", "removed", "failed")

@@ -112,6 +112,33 @@ def test_unknown_marks_at_the_command_line(shapes, tmp_path):
     assert f"{missing} is not in the library" in bad.stderr and "Traceback" not in bad.output
 
 
+def test_a_photo_both_liked_and_unliked_is_refused_at_every_door(lib, shapes):
+    """Opposite marks on one photo cancelled in part (2 toward it, 1 away) without a word: which was meant?"""
+    from typer.testing import CliRunner
+
+    from imgsearch.cli import app
+    from imgsearch.errors import ParamError
+
+    settings, photos = shapes
+    liked, unliked = marks(lib, "red", "red_circle", "red_square")
+    first = sorted(photos.glob("red_circle_*"))[0]
+    first_id = lib.search(like=[str(first)], k=1)[0].id
+    for like, unlike, named in ((liked, [unliked[0], liked[1]], f"image id {liked[1]}"),
+                                ([first_id], [str(first)], str(first))):  # one photo's id and path
+        with pytest.raises(ParamError) as e:
+            lib.search("red", like=like, unlike=unlike)
+        assert e.value.param == "unlike" and f"{named} is marked both liked and unliked" in str(e.value)
+    pre = ["--home", str(settings.home), "--model", settings.model, "--device", "cpu", "--precision", "fp32"]
+    bad = CliRunner().invoke(app, pre + ["query", "red", "--like", str(liked[0]), "--unlike", str(liked[0]),
+                                         "--no-server"])
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --unlike {liked[0]}: image id {liked[0]} is marked both liked and unliked; keep one of "
+        "the marks"]
+    with pytest.raises(ParamError, match="both liked and unliked"):
+        lib.save_album("both", "red", like=liked, unlike=liked[:1])
+    assert lib.albums() == []
+
+
 def test_marks_through_the_server(shapes):
     from imgsearch.server import SearchServer
 
@@ -150,6 +177,8 @@ def test_marks_through_the_server(shapes):
         assert code == 400 and res["field"] == "unlike" and f"{gone} is not in the library" in res["error"]
         code, res = call("/api/search", {"texts": ["red"], "like": {"id": 1}})
         assert code == 400 and res["field"] == "like"
+        code, res = call(f"/api/search?q=red&like={ids}&unlike={liked[0]}")
+        assert code == 400 and res["field"] == "unlike" and "marked both liked and unliked" in res["error"]
     finally:
         srv.shutdown()
         t.join(10)

@@ -390,3 +390,42 @@ def test_refined_search_saved_as_album_and_the_albums_page(page, library, tmp_pa
     at.button(key="FormSubmitter:album-delete-Delete").click().run()
     assert at.query_params == {"page": "albums"} and "No albums yet" in texts(at.info)
     assert sorted(p.name for p in out.iterdir()) == sorted(shown)  # the photos stay
+
+
+def test_an_album_that_no_longer_runs_can_be_deleted_from_its_page(page, library, tmp_path):
+    """Its folder gone, the album's page showed only the error: the album could be removed from the command
+    line only."""
+    from imgsearch import Library
+
+    gone = tmp_path / "trip"
+    gone.mkdir()
+    with Library(settings=library[0]) as lib:
+        lib.save_album("Trip", "a red circle", under=gone, k=3)
+    gone.rmdir()
+    at = open_url(page, page="albums", album="trip")
+    assert f"album Trip: folder {gone} no longer exists" in texts(at.error)
+    assert "Album: Trip" in texts(at.header)
+    at.checkbox(key="w_album_sure").check()
+    at.button(key="FormSubmitter:album-delete-Delete").click().run()
+    assert at.query_params == {"page": "albums"} and "No albums yet" in texts(at.info)
+    at = open_url(page, page="albums", album="nope")  # no such album: said, and nothing to rename or delete
+    assert "no album named 'nope'" in texts(at.error) and not at.checkbox and "Album:" not in texts(at.header)
+
+
+def test_a_search_with_a_min_score_saved_as_album_keeps_every_photo_above_it(page, library):
+    """As `album save --min-score` does: every photo above the threshold, and new ones join. The page's
+    Results (how many thumbnails to show) capped the album at the photos on the screen."""
+    from imgsearch import Library
+
+    with Library(settings=library[0]) as lib:
+        cut = round(lib.search("a red circle", k=10)[9].score, 3)
+        above = [h.path for h in lib.search("a red circle", k=54, min_score=cut)]
+        at = open_url(page, q="a red circle", k="3", min=str(cut))
+        at.text_input(key="w_album_name").input("warm")
+        at.button(key="FormSubmitter:save-album-Save").click().run()
+        try:
+            assert len(above) > 3 and f"Saved album warm ({len(above)} photos)" in texts(at.success)
+            album = lib.album("warm")
+            assert [h.path for h in album.hits] == above and album.grows
+        finally:
+            lib.delete_album("warm")

@@ -487,3 +487,27 @@ def test_a_blank_capture_time_falls_back_to_the_file_date_and_dashed_dates_are_r
     bad = photo(tmp_path / "min75.jpg", "red", "circle",
                 raw_gps={1: "N", 2: (48.0, 75.0, 0.0), 3: "E", 4: (2.0, 17.0, 0.0)})
     assert images.read_meta(bad)[2].get("gps_lat") is None
+
+
+def test_the_timeline_shows_dates_far_in_the_past_and_the_future():
+    """The indexer keeps EXIF dates from year 1 to 9999 (a camera's "9999:12:31", a year typed as 0201);
+    pandas before 3.0 holds none past 2262 or before 1677, and the timeline, drawn under every search, failed
+    the page. (Under pandas 3 the old code drew them too: this guards installs with an older pandas, which
+    streamlit allows.)"""
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        from types import SimpleNamespace
+
+        from imgsearch.ui.app import timeline
+
+        dates = ["0201-05-06T10:00:00", "9999-12-31T23:59:59", "2023-03-01T12:00:00", None]
+        hits = [SimpleNamespace(id=i, path=f"/p/{i}.jpg", taken_at=d) for i, d in enumerate(dates)]
+        timeline(hits, "t", narrow=False)
+
+    at = AppTest.from_function(page, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    chart = next(e for e in at.main if getattr(e, "type", "").endswith("vega_lite_chart"))
+    assert json.loads(chart.proto.spec)["encoding"]["x"]["timeUnit"] == "year"  # 9,798 years: one bar a year
+    assert "3 of 4 photos have a capture date." in [c.value for c in at.caption]

@@ -540,7 +540,9 @@ def save_album_form(library, request: SearchRequest) -> None:
         name = st.text_input("Album name", max_chars=100, key="w_album_name")
         if st.form_submit_button("Save"):
             try:  # the search as asked: the page's own exclusions and relevance marks are not part of it
-                album = library.save_album(name, request=request.with_(exclude_ids=(), relevance=False), k=request.k)
+                # With a min score, as `album save --min-score`: every photo above it (Results: how many shown)
+                k = None if request.min_score is not None else request.k
+                album = library.save_album(name, request=request.with_(exclude_ids=(), relevance=False), k=k)
                 st.success(f"Saved album {md(album.name)} ({album.count} photos); see Albums in the sidebar")
             except ImgSearchError as e:
                 st.error(md(e))
@@ -652,15 +654,19 @@ def photo_map(library, hits, key: str) -> None:
 def timeline(hits, key: str, narrow: bool = True) -> None:
     """A histogram of the photos' capture dates; with ``narrow``, dragging across it searches those dates
     only (the range becomes --after/--before)."""
+    from datetime import date
+
     import altair as alt
     import pandas as pd
 
-    taken = [h.taken_at[:10] for h in hits if h.taken_at]
+    taken = sorted(h.taken_at[:10] for h in hits if h.taken_at)
     if not taken:
         st.info("None of these photos has a capture date.")
         return
-    frame = pd.DataFrame({"taken": pd.to_datetime(taken)})
-    days = (frame.taken.max() - frame.taken.min()).days
+    # ISO text, as Altair would send dates: pandas before 3.0 holds no date past 2262 or before 1677, and a
+    # camera's "9999:12:31" or a year typed as 0201 must not take the page down.
+    frame = pd.DataFrame({"taken": [f"{day}T00:00:00" for day in taken]})
+    days = (date.fromisoformat(taken[-1]) - date.fromisoformat(taken[0])).days
     unit = "yearmonthdate" if days <= 92 else "yearmonth" if days <= 3660 else "year"
     chart = alt.Chart(frame).mark_bar(color="#d62728").encode(
         x=alt.X(f"{unit}(taken):T", title="taken"), y=alt.Y("count():Q", title="photos"))
@@ -714,50 +720,61 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
 
 
 def album_view(library, name: str) -> None:
+    """One album: its photos, and forms to rename, export or delete it. An album whose saved search no longer
+    runs (its folder gone...) says why and can still be renamed or deleted here."""
     try:
         album = library.album(name)
+        name = album.name
     except ImgSearchError as e:
         st.error(md(e))
-        st.button("All albums", on_click=on_change, kwargs={"album": ""})
-        return
+        album, kept = None, next((a for a in library.albums() if a.name.casefold() == name.casefold()), None)
+        if kept is None:  # no such album
+            st.button("All albums", on_click=on_change, kwargs={"album": ""})
+            return
+        name = kept.name
     top, back = st.columns([6, 1], vertical_alignment="center")
-    top.header(f"Album: {md(album.name)}", anchor=False)
+    top.header(f"Album: {md(name)}", anchor=False)
     back.button("All albums", on_click=on_change, kwargs={"album": ""}, type="tertiary")
-    st.caption(f"{album.count} photos · {md(album.query)}")
-    with st.expander("Rename, delete or export"):
+    if album:
+        st.caption(f"{album.count} photos · {md(album.query)}")
+    with st.expander("Rename, delete or export", expanded=album is None):
         with st.form("album-rename", border=False):
-            new = st.text_input("New name", value=album.name, max_chars=100, key="w_album_rename")
+            new = st.text_input("New name", value=name, max_chars=100, key="w_album_rename")
             if st.form_submit_button("Rename"):
                 try:
-                    library.rename_album(album.name, new)
+                    library.rename_album(name, new)
                     on_change(album=new.strip())
                     st.rerun()
                 except ImgSearchError as e:
                     st.error(md(e))
-        with st.form("album-export", border=False):
-            folder = st.text_input("Export to a new or empty folder", placeholder="/home/me/Desktop/beach",
-                                   key="w_album_export")
-            link = st.checkbox("Symbolic links instead of copies", key="w_album_link")
-            if st.form_submit_button("Export"):
-                try:
-                    if not folder.strip():
-                        raise UsageError("type the folder to export to")
-                    written = library.export_album(album.name, os.path.expanduser(folder.strip()), link=link)
-                    st.success(f"Exported {len(written)} photos to {md(folder.strip())}")
-                except ImgSearchError as e:
-                    st.error(md(e))
+        if album:
+            with st.form("album-export", border=False):
+                folder = st.text_input("Export to a new or empty folder", key="w_album_export",
+                                       placeholder="/home/me/Desktop/beach")
+                link = st.checkbox("Symbolic links instead of copies", key="w_album_link")
+                if st.form_submit_button("Export"):
+                    try:
+                        if not folder.strip():
+                            raise UsageError("type the folder to export to")
+                        written = library.export_album(name, os.path.expanduser(folder.strip()), link=link)
+                        st.success(f"Exported {len(written)} photos to {md(folder.strip())}")
+                    except ImgSearchError as e:
+                        st.error(md(e))
         with st.form("album-delete", border=False):
             sure = st.checkbox("Delete this album (its saved search only; no photo is touched)", key="w_album_sure")
             if st.form_submit_button("Delete"):
                 if not sure:
                     st.warning("Tick the box to delete the album.")
                 else:
-                    library.delete_album(album.name)
-                    on_change(album="")
-                    st.rerun()
-    if album.hits:
+                    try:  # another page or process may have deleted or renamed it meanwhile
+                        library.delete_album(name)
+                        on_change(album="")
+                        st.rerun()
+                    except ImgSearchError as e:
+                        st.error(md(e))
+    if album and album.hits:
         views(library, album.hits, "album")
-    else:
+    elif album:
         st.info("No photos in this album now.")
 
 
