@@ -335,7 +335,9 @@ def restore(store, records) -> int:
     for rec in records if isinstance(records, list) else []:
         try:
             name = check_name(rec["name"])
-            record = record_of(request_of(_by_id(store, rec["request"])))  # as `album save` writes it
+            # An id is another library's photo (exports before marks travelled by path held ids): left out
+            foreign = {k: [m for m in rec["request"][k] if isinstance(m, str)] for k in _MARKS if k in rec["request"]}
+            record = record_of(request_of(_by_id(store, {**rec["request"], **foreign})))  # as `album save` writes
             pins = {str(p): bool(keep) for p, keep in rec.get("pins") or []}
         except (ImgSearchError, AttributeError, KeyError, TypeError, ValueError):
             continue

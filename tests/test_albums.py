@@ -392,14 +392,18 @@ def test_a_damaged_album_in_an_export_is_skipped_and_breaks_nothing(lib, cli, ph
                       {"name": "texts", "request": {"texts": "a red circle"}},
                       {"name": "listed", "request": ["a red circle"]},
                       {"name": "forever", "request": search, "created_at": float("inf")},
-                      {"name": "good", "request": search, "created_at": 1.5e9}]
+                      {"name": "good", "request": search, "created_at": 1.5e9},
+                      # an export from before marks travelled by path: its ids name the other library's photos
+                      {"name": "old ids", "request": {**search, "like": [7], "unlike": [red, 9]}}]
     manifest.write_text(json.dumps(meta))
 
-    assert lib.import_(tmp_path / "export").albums == 2
+    assert lib.import_(tmp_path / "export").albums == 3
     listed = cli("album", "list", "--json")
     assert listed.exit_code == 0, listed.output
     albums = {a["name"]: a for a in json.loads(listed.stdout, parse_constant=lambda c: pytest.fail(c))}
-    assert sorted(albums) == ["forever", "good"] and albums["good"]["created_at"] == 1.5e9
+    assert sorted(albums) == ["forever", "good", "old ids"] and albums["good"]["created_at"] == 1.5e9
+    assert "like" not in albums["old ids"]["request"] and albums["old ids"]["request"]["unlike"] == [
+        lib.store.images_at([red])[red].id]  # the path found here, kept by id
     top = [h.path for h in lib.search("a red circle", k=3)]
     assert paths(lib.album("forever")) == paths(lib.album("good")) == top
     assert lib.index(photos).unchanged == 54  # and indexing, which evaluates every album, still works
