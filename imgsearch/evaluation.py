@@ -59,6 +59,8 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None,
             vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
         batch.clear()
 
+    if progress:  # the bar starts with the work, so its rate counts the first batch too
+        progress(0, len(paths))
     with torch_threads(settings, budget.encoder) if encoder.device == "cpu" and not torch_free \
             else contextlib.nullcontext():
         results = stage.decode_files(paths, budget.decode, settings.batch_size, budget.overlap)
@@ -72,9 +74,11 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None,
                 batch.append(t)
                 if len(batch) >= settings.batch_size:
                     flush()
-            if progress:
+            if progress and not batch:  # images count once encoded, not when decoded ahead of the model
                 progress(i + 1, len(paths))
         flush()
+        if progress:
+            progress(len(paths), len(paths))
     matrix = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), dtype=np.float32)
     return matrix, ok, failures
 

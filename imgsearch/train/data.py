@@ -45,6 +45,8 @@ def check_images(paths: list[str], draft_size: int, max_pixels: int, workers: in
                  progress=None) -> dict[str, str]:
     """Decode every image once before training (a corrupt file stops nothing an hour in); {path: reason} of bad ones."""
     bad: dict[str, str] = {}
+    if progress:  # the bar starts with the work: its rate then counts the first images too
+        progress(0, len(paths))
     results = decode_many(paths, lambda path: open_image(path, draft_size=draft_size, max_pixels=max_pixels), workers)
     for n, (path, result) in enumerate(zip(paths, results), start=1):
         if isinstance(result, DecodeError):
