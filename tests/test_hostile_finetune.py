@@ -357,3 +357,48 @@ def test_faiss_save_never_clobbers_a_file_named_like_its_old_temp_file(tmp_path)
     assert bystander.read_text() == "someone else's"
     assert sorted(os.listdir(tmp_path)) == sorted([path.name, bystander.name])
     assert len(VectorIndex.load(path)[0]) == 4
+
+
+def interrupt_at_step_1(cfg) -> Path:
+    """Train ``cfg`` until Ctrl-C at step 1; its checkpoint folder."""
+    from imgsearch.train.loop import Interrupted, train
+
+    def ctrl_c(kind, **info):
+        if kind == "step" and info["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(cfg, events=ctrl_c)
+    return cfg.checkpoint_path
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(cli, random_tiny_model, tmp_path,
+                                                                     monkeypatch):
+    """The checkpoint kept captions.csv and --out as typed, so a resume from anywhere else failed with "captions
+    source not found" (or would have written the model under the new folder)."""
+    synthetic.generate(tmp_path / "shoot", per_class=2, size=40, fmt="png", seed=5)
+    monkeypatch.chdir(tmp_path / "shoot")
+    ckpt = interrupt_at_step_1(train_cfg(Path("captions.csv"), Path("tuned"), random_tiny_model))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = cli("finetune", "--resume", ckpt, *FAST, model=None)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "shoot" / "tuned" / "open_clip_model.safetensors").is_file() and not os.listdir(elsewhere)
+
+
+def test_resume_after_the_base_model_folder_changed_is_one_line(cli, random_tiny_model, captioned, tmp_path):
+    """A base folder holding other weights now (here another architecture) was an internal error from
+    load_state_dict; the checkpoint records the base weights' fingerprint and resume compares it."""
+    from imgsearch.encoder import save_local_dir
+
+    base = Path(shutil.copytree(random_tiny_model, tmp_path / "base"))
+    ckpt = interrupt_at_step_1(train_cfg(captioned, tmp_path / "tuned", base, max_steps=3))
+    model, cfg = synthetic.build_tiny_clip(seed=3, layers=3)
+    shutil.rmtree(base)
+    save_local_dir(model, cfg, base, {"size": cfg["vision_cfg"]["image_size"]})
+    r = cli("finetune", "--resume", ckpt, *FAST, model=None)
+    assert r.exit_code == 1 and r.stderr.splitlines()[-1] == (
+        f"error: the weights of local-dir:{base} changed since the checkpoint was trained from them; --resume needs "
+        "the same base model (or start a new run without --resume)"), r.output
+    assert (ckpt / "checkpoint.pt").is_file() and not (tmp_path / "tuned").exists()

@@ -68,6 +68,14 @@ class TrainConfig:
     max_pixels: int = MAX_PIXELS
     checkpoint_dir: str | None = None  # None = "<out>.checkpoint" next to --out
 
+    def __post_init__(self):
+        # Absolute paths and model: a checkpoint is resumed from wherever the user is then, not where the run began.
+        for name in ("captions", "out", "val"):
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.abspath(getattr(self, name)))
+        spec = ModelSpec(self.model, self.pretrained).canonical()
+        self.model, self.pretrained = spec.name, spec.pretrained
+
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint_dir or (str(Path(self.out).absolute()) + ".checkpoint"))
@@ -95,13 +103,13 @@ def resumed_config(ckpt: dict, changes: dict) -> TrainConfig:
     """The checkpoint's settings with ``changes`` (TrainConfig fields the user gave anew) applied; a
     UsageError names the first change a resumed run cannot honour."""
     old = TrainConfig(**ckpt["config"])
-    for name in FIXED_ON_RESUME:
-        if name in changes and changes[name] != getattr(old, name):
-            raise UsageError(f"{flag_of(name)} cannot change on --resume (the checkpoint's run has "
-                             f"{shown_setting(old, name)}); leave it out, or start a new run without --resume")
     if "epochs" in changes and "max_steps" not in changes:
         changes = {**changes, "max_steps": None}  # a run length given now replaces the checkpoint's
-    cfg = replace(old, **changes)
+    cfg = replace(old, **changes)  # paths and model in the checkpoint's form, to compare
+    for name in FIXED_ON_RESUME:
+        if name in changes and getattr(cfg, name) != getattr(old, name):
+            raise UsageError(f"{flag_of(name)} cannot change on --resume (the checkpoint's run has "
+                             f"{shown_setting(old, name)}); leave it out, or start a new run without --resume")
     per_step = old.batch_size * old.grad_accum
     if cfg.batch_size * cfg.grad_accum != per_step:
         # The step count, the data order and each step's negatives are all in steps of this many pairs.
@@ -332,6 +340,9 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     # --- model: fp32 master weights; mixed precision comes from autocast ----------------------------
     spec = ModelSpec(cfg.model, cfg.pretrained).canonical()
     enc = build(spec, device, "fp32")
+    if resume is not None and resume["base"]["fingerprint"] != enc.fingerprint:
+        raise DataError(f"the weights of {spec.label} changed since the checkpoint was trained from them; --resume "
+                        "needs the same base model (or start a new run without --resume)")
     model, preprocess, tokenizer = enc.model, enc.preprocess, enc.tokenizer
     model_cfg, preprocess_cfg = base_model_config(spec, model)
     # open_clip's own training transform (RandomResizedCrop 0.9-1.0 of the image, no colour jitter):
