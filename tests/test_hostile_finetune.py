@@ -305,6 +305,26 @@ def test_jsonl_null_and_non_text_captions_are_skipped_with_their_line(tmp_path):
     }
 
 
+def test_a_json_array_of_captions_is_read_like_jsonl(tmp_path):
+    """captions.json holding the usual JSON array (pretty-printed) gave one "not valid JSON" problem per line and
+    no pairs, so finetune, eval retrieval and caption --import all refused it."""
+    from imgsearch.captions import read_captions
+    from imgsearch.errors import DataError
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    src = tmp_path / "captions.json"
+    src.write_text(json.dumps([{"path": "a.png", "caption": "a red circle"}, "b.png",
+                               {"path": "b.png", "caption": ["a blue square", "a square"]}], indent=2))
+    cs = read_captions(src)
+    assert [(Path(p.path).name, p.caption) for p in cs.pairs] == [
+        ("a.png", "a red circle"), ("b.png", "a blue square"), ("b.png", "a square")]
+    assert cs.problems == [(f"{src}:2", "expected a JSON object")]  # by item number
+    src.write_text('[{"path": "a.png", "caption": "x"},')
+    with pytest.raises(DataError, match=r"captions.json is not valid JSON \(Expecting value: line 1 column 36"):
+        read_captions(src)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_eval_zeroshot_classes_file_not_utf8_is_one_line(cli, tmp_path, suffix):
     folder = tmp_path / "classes"
