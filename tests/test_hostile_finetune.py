@@ -422,3 +422,35 @@ def test_resume_after_the_base_model_folder_changed_is_one_line(cli, random_tiny
         f"error: the weights of local-dir:{base} changed since the checkpoint was trained from them; --resume needs "
         "the same base model (or start a new run without --resume)"), r.output
     assert (ckpt / "checkpoint.pt").is_file() and not (tmp_path / "tuned").exists()
+
+
+def test_a_training_image_moved_away_mid_run_stops_with_a_checkpoint_to_resume(cli, random_tiny_model, tmp_path):
+    """A photo moved while training ran ended the run with the decode worker's whole traceback as the "error"
+    and no checkpoint: every step done was lost. It now saves one and says which file to put back."""
+    from imgsearch.captions import read_captions
+    from imgsearch.errors import DataError
+    from imgsearch.train.data import split_by_image
+    from imgsearch.train.loop import train
+
+    synthetic.generate(tmp_path / "shoot", per_class=2, size=40, fmt="png", seed=5)
+    cfg = train_cfg(tmp_path / "shoot" / "captions.csv", tmp_path / "tuned", random_tiny_model, max_steps=4)
+    training, _ = split_by_image(read_captions(cfg.captions).pairs, cfg.val_fraction, cfg.seed)
+    away = tmp_path / "away"
+    away.mkdir()
+
+    def move_the_training_images_once_checked(kind, **info):
+        if kind == "start":
+            for path in {p.path for p in training}:
+                shutil.move(path, away)
+
+    with pytest.raises(DataError) as e:
+        train(cfg, events=move_the_training_images_once_checked)
+    message = str(e.value)
+    assert message.startswith("stopped at step 0/4: ") and "cannot read file: No such file or directory" in message
+    assert message.endswith(f"checkpoint saved. Put the image back, then continue with: imgsearch finetune --resume "
+                            f"{cfg.checkpoint_path}") and "\n" not in message
+    for f in away.iterdir():
+        shutil.move(f, tmp_path / "shoot")
+    r = cli("finetune", "--resume", cfg.checkpoint_path, *FAST, model=None)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "tuned" / "training_report.json").read_text())["steps"] == 4

@@ -140,7 +140,11 @@ class PairDataset:
 
         idx, aug_seed = item
         img_id, txt_id = (int(x) for x in self.index[idx])
-        im, _ = open_image(self.gallery.images[img_id], draft_size=self.draft_size, max_pixels=self.max_pixels)
+        path = self.gallery.images[img_id]
+        try:
+            im, _ = open_image(path, draft_size=self.draft_size, max_pixels=self.max_pixels)
+        except DecodeError as e:  # moved or changed since check_images passed it
+            raise DecodeError(f"{path}: {e}") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aug_seed)
             x = self.transform(im)

@@ -19,7 +19,7 @@ from .. import owned
 from ..config import MAX_PIXELS, VERSION, thread_budget, training_workers
 from ..encoder import LOCAL_DIR, ModelSpec, build, pick_device, pick_precision, read_local_config, save_local_dir
 from ..encoder import autocast_for, why_not_replaceable
-from ..errors import DataError, ImgSearchError, UsageError
+from ..errors import DataError, DecodeError, ImgSearchError, UsageError
 from ..metrics import headline, retrieval_metrics
 from .data import PairDataset, StepBatches, decode_for_eval, make_loader, prepare
 from .loss import MAX_LOG_SCALE, contrastive_loss
@@ -488,6 +488,11 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         save_checkpoint("interrupted")
         raise Interrupted(f"stopped at step {step}/{total}; checkpoint saved. Continue with: imgsearch finetune "
                           f"--resume {ckdir}") from None
+    except DecodeError as e:  # an image gone since it was checked; raised between steps, so the state is whole
+        save_checkpoint("interrupted")
+        why = str(e).strip().splitlines()[-1].removeprefix(f"{DecodeError.__module__}.DecodeError: ")  # a worker's
+        raise DataError(f"stopped at step {step}/{total}: {why}; checkpoint saved. Put the image back, then "
+                        f"continue with: imgsearch finetune --resume {ckdir}") from None
     finally:
         del it, loader  # stop the decode workers now, not at garbage collection
 
