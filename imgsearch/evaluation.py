@@ -150,8 +150,10 @@ def read_image_folder(folder: Path, classes_file: Path | None):
         if not files:
             notes.append((str(sub), "class folder has no images; class skipped"))
             continue
-        classes.append(mapping[sub.name] if mapping else sub.name.replace("_", " "))
-        items.extend((f, len(classes) - 1) for f in sorted(files))
+        name = mapping[sub.name] if mapping else sub.name.replace("_", " ")
+        if name not in classes:  # folders given one name (a --classes file mapping two to "cat") are one class
+            classes.append(name)
+        items.extend((f, classes.index(name)) for f in sorted(files))
     if len(classes) < 2:
         raise DataError(f"{folder} has {len(classes)} class folder(s) with images; zero-shot evaluation needs at "
                         "least 2 subfolders, one per class, each holding images")

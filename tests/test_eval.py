@@ -71,6 +71,19 @@ def test_zeroshot_several_models_side_by_side_and_class_mapping(cli, shapes_fold
     assert ok_json(cli("eval", "zeroshot", shapes_folder, "--classes", as_json, "--json"))["classes"][0] == "BLUE_CIRCLE"
 
 
+def test_folders_given_one_class_name_are_one_class(cli, shapes_folder, tmp_path):
+    """A --classes file naming the shape only (red_circle and blue_circle both "circle") made a class per folder
+    under the same name: they split the votes, "circle -> circle" was a confusion and chance was 1/18."""
+    mapping = tmp_path / "shapes.csv"
+    mapping.write_text("".join(f"{p.name},{p.name.split('_')[1]}\n" for p in sorted(shapes_folder.iterdir())))
+    res = ok_json(cli("eval", "zeroshot", shapes_folder, "--classes", mapping, "--json"))
+    m = res["models"][0]
+    assert res["classes"] == ["circle", "square", "triangle"] and m["classes"] == 3
+    assert sorted((c["class"], c["images"]) for c in m["per_class"]) == [("circle", 12), ("square", 12),
+                                                                        ("triangle", 12)]
+    assert all(c["true"] != c["predicted"] for c in m["confused"])
+
+
 def test_zeroshot_bad_inputs(cli, shapes_folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
