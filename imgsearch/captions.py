@@ -107,7 +107,8 @@ def read_text(path: str | os.PathLike, what: str = "") -> str:
 def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
     out = CaptionSet(str(path))
     text, rows = read_text(path), []
-    array = text.lstrip().startswith("[")  # a .json file holding one array of objects: problems named by item number
+    # A .json file holding one array of objects (problems named by item number); .jsonl is one object a line
+    array = path.suffix.lower() == ".json" and text.lstrip().startswith("[")
     if array:
         try:
             rows = list(enumerate(read_json(text), start=1))
