@@ -106,14 +106,23 @@ def read_text(path: str | os.PathLike, what: str = "") -> str:
 
 def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
     out = CaptionSet(str(path))
-    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+    text, rows = read_text(path), []
+    # A .json file holding one array of objects (problems named by item number); .jsonl is one object a line
+    array = path.suffix.lower() == ".json" and text.lstrip().startswith("[")
+    if array:
+        try:
+            rows = list(enumerate(read_json(text), start=1))
+        except ValueError as e:
+            raise DataError(f"{path} is not valid JSON ({e}); give an array of objects, or one object per line"
+                            ) from None
+    for line_no, line in enumerate(() if array else text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = read_json(line)
+            rows.append((line_no, read_json(line)))
         except ValueError as e:
             out.problems.append((f"{path}:{line_no}", f"not valid JSON ({e.msg})"))
-            continue
+    for line_no, obj in rows:
         if not isinstance(obj, dict):
             out.problems.append((f"{path}:{line_no}", "expected a JSON object"))
             continue

@@ -59,6 +59,8 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None,
             vecs.append(encoder.encode_image_tensors(torch.stack([t.to(encoder.device) for t in batch])))
         batch.clear()
 
+    if progress:  # the bar starts with the work, so its rate counts the first batch too
+        progress(0, len(paths))
     with torch_threads(settings, budget.encoder) if encoder.device == "cpu" and not torch_free \
             else contextlib.nullcontext():
         results = stage.decode_files(paths, budget.decode, settings.batch_size, budget.overlap)
@@ -72,9 +74,11 @@ def encode_files(encoder, paths: list[str], settings, progress=None, stage=None,
                 batch.append(t)
                 if len(batch) >= settings.batch_size:
                     flush()
-            if progress:
+            if progress and not batch:  # images count once encoded, not when decoded ahead of the model
                 progress(i + 1, len(paths))
         flush()
+        if progress:
+            progress(len(paths), len(paths))
     matrix = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), dtype=np.float32)
     return matrix, ok, failures
 
@@ -146,8 +150,10 @@ def read_image_folder(folder: Path, classes_file: Path | None):
         if not files:
             notes.append((str(sub), "class folder has no images; class skipped"))
             continue
-        classes.append(mapping[sub.name] if mapping else sub.name.replace("_", " "))
-        items.extend((f, len(classes) - 1) for f in sorted(files))
+        name = mapping[sub.name] if mapping else sub.name.replace("_", " ")
+        if name not in classes:  # folders given one name (a --classes file mapping two to "cat") are one class
+            classes.append(name)
+        items.extend((f, classes.index(name)) for f in sorted(files))
     if len(classes) < 2:
         raise DataError(f"{folder} has {len(classes)} class folder(s) with images; zero-shot evaluation needs at "
                         "least 2 subfolders, one per class, each holding images")

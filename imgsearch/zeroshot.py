@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import MAX_PIXELS
 from .errors import DataError, DecodeError, UsageError
+from .request import MAX_TEXT
 from .textfast import _normalised
 
 # Photo-style prompts: CLIP was trained on alt-text, where a bare label word is rare, and averaging
@@ -41,10 +42,17 @@ def _unique_labels(labels: list[str], where: str, error=UsageError) -> list[str]
                     "labels with each other")
     seen: set[str] = set()
     for lab in labels:
+        _short(lab, where, "label", error)
         if lab.casefold() in seen:
             raise error(f"{where}: label {lab!r} is given twice; each label must be unique")
         seen.add(lab.casefold())
     return labels
+
+
+def _short(text: str, where: str, what: str, error) -> None:
+    if len(text) > MAX_TEXT:  # CLIP reads 77 tokens: a longer line is a wrong file, not a label
+        raise error(f"{where}: a {what} of {len(text):,} characters ({text[:40]!r}...); a {what} is a few words, "
+                    f"at most {MAX_TEXT} characters")
 
 
 def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
@@ -65,6 +73,7 @@ def check_templates(templates: Sequence[str], where: str = "--template", error=U
     if not out:
         raise error(f"{where}: no templates given; a template looks like \"a satellite photo of {{}}\"")
     for t in out:
+        _short(t, where, "template", error)
         if t.count(PLACEHOLDER) != 1:
             raise error(f"{where}: template {t!r} must contain {{}} exactly once where the label goes, "
                         "e.g. \"a satellite photo of {}\"")

@@ -138,6 +138,19 @@ def test_empty_labels_file_and_empty_library(cli, tmp_path):
     assert r.exit_code == 1 and "imgsearch index" in r.stderr
 
 
+def test_a_labels_file_with_a_huge_line_is_refused_in_one_line(cli, tmp_path):
+    """A wrong file given as --labels-file (one 10 MB line) became a label: encoded 10 times, stored as a tag
+    and its label set, and printed in full by classify and `tags`."""
+    f = tmp_path / "labels.txt"
+    f.write_bytes("\ufeffdog\n\n".encode() + b"x" * 10_000_000 + b"\ncat\n")
+    r = cli("classify", "--labels-file", f)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr == (f"error: labels file {f}: a label of 10,000,000 characters ('{'x' * 40}'...); a label is "
+                        "a few words, at most 1000 characters\n")
+    r = cli("classify", "--labels", "a,b", "--template", "a photo of {} " + "y" * 1000)
+    assert r.exit_code == 2 and "a template of 1,014 characters" in r.stderr
+
+
 def test_unreadable_file_is_reported_and_others_still_labelled(cli, tmp_path):
     good = tmp_path / "red.png"
     synthetic.draw_shape("red", "circle", 96, random.Random(1)).save(good)

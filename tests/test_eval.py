@@ -71,6 +71,19 @@ def test_zeroshot_several_models_side_by_side_and_class_mapping(cli, shapes_fold
     assert ok_json(cli("eval", "zeroshot", shapes_folder, "--classes", as_json, "--json"))["classes"][0] == "BLUE_CIRCLE"
 
 
+def test_folders_given_one_class_name_are_one_class(cli, shapes_folder, tmp_path):
+    """A --classes file naming the shape only (red_circle and blue_circle both "circle") made a class per folder
+    under the same name: they split the votes, "circle -> circle" was a confusion and chance was 1/18."""
+    mapping = tmp_path / "shapes.csv"
+    mapping.write_text("".join(f"{p.name},{p.name.split('_')[1]}\n" for p in sorted(shapes_folder.iterdir())))
+    res = ok_json(cli("eval", "zeroshot", shapes_folder, "--classes", mapping, "--json"))
+    m = res["models"][0]
+    assert res["classes"] == ["circle", "square", "triangle"] and m["classes"] == 3
+    assert sorted((c["class"], c["images"]) for c in m["per_class"]) == [("circle", 12), ("square", 12),
+                                                                        ("triangle", 12)]
+    assert all(c["true"] != c["predicted"] for c in m["confused"])
+
+
 def test_zeroshot_bad_inputs(cli, shapes_folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -152,3 +165,26 @@ def test_parity_bad_inputs(cli, tmp_path):
     (empty / "x.jpg").write_bytes(b"nope")
     r = cli("eval", "parity", empty)
     assert r.exit_code == 1 and "x.jpg" in r.stderr and "none of the images" in r.stderr
+
+
+def test_the_encoding_bar_starts_with_the_work_and_ends_after_the_last_encode(settings, tmp_path):
+    """The bar used to appear at the first decoded image and reach 100% before any image was encoded, so eval
+    showed rates like 500,000 img/s: it now starts at 0 before decoding and counts encoded images."""
+    from imgsearch.encoder import ModelSpec
+    from imgsearch.evaluation import encode_files, load_for_images
+
+    synthetic.generate(tmp_path / "few", per_class=1, size=40, fmt="jpg", seed=3, captions_file=None)
+    paths = sorted(str(p) for p in (tmp_path / "few").glob("*.jpg"))[:12]
+    s = settings.with_(batch_size=5)
+    s.home.mkdir(parents=True)  # eval's exports go to the home, not to this user's cache
+    enc = load_for_images(ModelSpec(s.model), s, "fp32")
+    log, real = [], enc.encode_image_tensors
+    enc.encode_image_tensors = lambda batch: log.append(("encoded", len(batch))) or real(batch)
+    vecs, ok, _ = encode_files(enc, paths, s, lambda done, total: log.append((done, total)))
+    assert len(ok) == 12 and log[0] == (0, 12) and log[-1] == (12, 12)
+    encoded = 0
+    for event in log:  # every count shown is of images already encoded
+        if event[0] == "encoded":
+            encoded += event[1]
+        else:
+            assert event[0] <= encoded

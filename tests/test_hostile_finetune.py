@@ -305,6 +305,26 @@ def test_jsonl_null_and_non_text_captions_are_skipped_with_their_line(tmp_path):
     }
 
 
+def test_a_json_array_of_captions_is_read_like_jsonl(tmp_path):
+    """captions.json holding the usual JSON array (pretty-printed) gave one "not valid JSON" problem per line and
+    no pairs, so finetune, eval retrieval and caption --import all refused it."""
+    from imgsearch.captions import read_captions
+    from imgsearch.errors import DataError
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    src = tmp_path / "captions.json"
+    src.write_text(json.dumps([{"path": "a.png", "caption": "a red circle"}, "b.png",
+                               {"path": "b.png", "caption": ["a blue square", "a square"]}], indent=2))
+    cs = read_captions(src)
+    assert [(Path(p.path).name, p.caption) for p in cs.pairs] == [
+        ("a.png", "a red circle"), ("b.png", "a blue square"), ("b.png", "a square")]
+    assert cs.problems == [(f"{src}:2", "expected a JSON object")]  # by item number
+    src.write_text('[{"path": "a.png", "caption": "x"},')
+    with pytest.raises(DataError, match=r"captions.json is not valid JSON \(Expecting value: line 1 column 36"):
+        read_captions(src)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_eval_zeroshot_classes_file_not_utf8_is_one_line(cli, tmp_path, suffix):
     folder = tmp_path / "classes"
@@ -357,3 +377,80 @@ def test_faiss_save_never_clobbers_a_file_named_like_its_old_temp_file(tmp_path)
     assert bystander.read_text() == "someone else's"
     assert sorted(os.listdir(tmp_path)) == sorted([path.name, bystander.name])
     assert len(VectorIndex.load(path)[0]) == 4
+
+
+def interrupt_at_step_1(cfg) -> Path:
+    """Train ``cfg`` until Ctrl-C at step 1; its checkpoint folder."""
+    from imgsearch.train.loop import Interrupted, train
+
+    def ctrl_c(kind, **info):
+        if kind == "step" and info["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(cfg, events=ctrl_c)
+    return cfg.checkpoint_path
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(cli, random_tiny_model, tmp_path,
+                                                                     monkeypatch):
+    """The checkpoint kept captions.csv and --out as typed, so a resume from anywhere else failed with "captions
+    source not found" (or would have written the model under the new folder)."""
+    synthetic.generate(tmp_path / "shoot", per_class=2, size=40, fmt="png", seed=5)
+    monkeypatch.chdir(tmp_path / "shoot")
+    ckpt = interrupt_at_step_1(train_cfg(Path("captions.csv"), Path("tuned"), random_tiny_model))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = cli("finetune", "--resume", ckpt, *FAST, model=None)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "shoot" / "tuned" / "open_clip_model.safetensors").is_file() and not os.listdir(elsewhere)
+
+
+def test_resume_after_the_base_model_folder_changed_is_one_line(cli, random_tiny_model, captioned, tmp_path):
+    """A base folder holding other weights now (here another architecture) was an internal error from
+    load_state_dict; the checkpoint records the base weights' fingerprint and resume compares it."""
+    from imgsearch.encoder import save_local_dir
+
+    base = Path(shutil.copytree(random_tiny_model, tmp_path / "base"))
+    ckpt = interrupt_at_step_1(train_cfg(captioned, tmp_path / "tuned", base, max_steps=3))
+    model, cfg = synthetic.build_tiny_clip(seed=3, layers=3)
+    shutil.rmtree(base)
+    save_local_dir(model, cfg, base, {"size": cfg["vision_cfg"]["image_size"]})
+    r = cli("finetune", "--resume", ckpt, *FAST, model=None)
+    assert r.exit_code == 1 and r.stderr.splitlines()[-1] == (
+        f"error: the weights of local-dir:{base} changed since the checkpoint was trained from them; --resume needs "
+        "the same base model (or start a new run without --resume)"), r.output
+    assert (ckpt / "checkpoint.pt").is_file() and not (tmp_path / "tuned").exists()
+
+
+def test_a_training_image_moved_away_mid_run_stops_with_a_checkpoint_to_resume(cli, random_tiny_model, tmp_path):
+    """A photo moved while training ran ended the run with the decode worker's whole traceback as the "error"
+    and no checkpoint: every step done was lost. It now saves one and says which file to put back."""
+    from imgsearch.captions import read_captions
+    from imgsearch.errors import DataError
+    from imgsearch.train.data import split_by_image
+    from imgsearch.train.loop import train
+
+    synthetic.generate(tmp_path / "shoot", per_class=2, size=40, fmt="png", seed=5)
+    cfg = train_cfg(tmp_path / "shoot" / "captions.csv", tmp_path / "tuned", random_tiny_model, max_steps=4)
+    training, _ = split_by_image(read_captions(cfg.captions).pairs, cfg.val_fraction, cfg.seed)
+    away = tmp_path / "away"
+    away.mkdir()
+
+    def move_the_training_images_once_checked(kind, **info):
+        if kind == "start":
+            for path in {p.path for p in training}:
+                shutil.move(path, away)
+
+    with pytest.raises(DataError) as e:
+        train(cfg, events=move_the_training_images_once_checked)
+    message = str(e.value)
+    assert message.startswith("stopped at step 0/4: ") and "cannot read file: No such file or directory" in message
+    assert message.endswith(f"checkpoint saved. Put the image back, then continue with: imgsearch finetune --resume "
+                            f"{cfg.checkpoint_path}") and "\n" not in message
+    for f in away.iterdir():
+        shutil.move(f, tmp_path / "shoot")
+    r = cli("finetune", "--resume", cfg.checkpoint_path, *FAST, model=None)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "tuned" / "training_report.json").read_text())["steps"] == 4

@@ -45,6 +45,8 @@ def check_images(paths: list[str], draft_size: int, max_pixels: int, workers: in
                  progress=None) -> dict[str, str]:
     """Decode every image once before training (a corrupt file stops nothing an hour in); {path: reason} of bad ones."""
     bad: dict[str, str] = {}
+    if progress:  # the bar starts with the work: its rate then counts the first images too
+        progress(0, len(paths))
     results = decode_many(paths, lambda path: open_image(path, draft_size=draft_size, max_pixels=max_pixels), workers)
     for n, (path, result) in enumerate(zip(paths, results), start=1):
         if isinstance(result, DecodeError):
@@ -138,7 +140,11 @@ class PairDataset:
 
         idx, aug_seed = item
         img_id, txt_id = (int(x) for x in self.index[idx])
-        im, _ = open_image(self.gallery.images[img_id], draft_size=self.draft_size, max_pixels=self.max_pixels)
+        path = self.gallery.images[img_id]
+        try:
+            im, _ = open_image(path, draft_size=self.draft_size, max_pixels=self.max_pixels)
+        except DecodeError as e:  # moved or changed since check_images passed it
+            raise DecodeError(f"{path}: {e}") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aug_seed)
             x = self.transform(im)

@@ -19,7 +19,7 @@ from .. import owned
 from ..config import MAX_PIXELS, VERSION, thread_budget, training_workers
 from ..encoder import LOCAL_DIR, ModelSpec, build, pick_device, pick_precision, read_local_config, save_local_dir
 from ..encoder import autocast_for, why_not_replaceable
-from ..errors import DataError, ImgSearchError, UsageError
+from ..errors import DataError, DecodeError, ImgSearchError, UsageError
 from ..metrics import headline, retrieval_metrics
 from .data import PairDataset, StepBatches, decode_for_eval, make_loader, prepare
 from .loss import MAX_LOG_SCALE, contrastive_loss
@@ -68,6 +68,14 @@ class TrainConfig:
     max_pixels: int = MAX_PIXELS
     checkpoint_dir: str | None = None  # None = "<out>.checkpoint" next to --out
 
+    def __post_init__(self):
+        # Absolute paths and model: a checkpoint is resumed from wherever the user is then, not where the run began.
+        for name in ("captions", "out", "val"):
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.abspath(getattr(self, name)))
+        spec = ModelSpec(self.model, self.pretrained).canonical()
+        self.model, self.pretrained = spec.name, spec.pretrained
+
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint_dir or (str(Path(self.out).absolute()) + ".checkpoint"))
@@ -95,13 +103,13 @@ def resumed_config(ckpt: dict, changes: dict) -> TrainConfig:
     """The checkpoint's settings with ``changes`` (TrainConfig fields the user gave anew) applied; a
     UsageError names the first change a resumed run cannot honour."""
     old = TrainConfig(**ckpt["config"])
-    for name in FIXED_ON_RESUME:
-        if name in changes and changes[name] != getattr(old, name):
-            raise UsageError(f"{flag_of(name)} cannot change on --resume (the checkpoint's run has "
-                             f"{shown_setting(old, name)}); leave it out, or start a new run without --resume")
     if "epochs" in changes and "max_steps" not in changes:
         changes = {**changes, "max_steps": None}  # a run length given now replaces the checkpoint's
-    cfg = replace(old, **changes)
+    cfg = replace(old, **changes)  # paths and model in the checkpoint's form, to compare
+    for name in FIXED_ON_RESUME:
+        if name in changes and getattr(cfg, name) != getattr(old, name):
+            raise UsageError(f"{flag_of(name)} cannot change on --resume (the checkpoint's run has "
+                             f"{shown_setting(old, name)}); leave it out, or start a new run without --resume")
     per_step = old.batch_size * old.grad_accum
     if cfg.batch_size * cfg.grad_accum != per_step:
         # The step count, the data order and each step's negatives are all in steps of this many pairs.
@@ -332,6 +340,9 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     # --- model: fp32 master weights; mixed precision comes from autocast ----------------------------
     spec = ModelSpec(cfg.model, cfg.pretrained).canonical()
     enc = build(spec, device, "fp32")
+    if resume is not None and resume["base"]["fingerprint"] != enc.fingerprint:
+        raise DataError(f"the weights of {spec.label} changed since the checkpoint was trained from them; --resume "
+                        "needs the same base model (or start a new run without --resume)")
     model, preprocess, tokenizer = enc.model, enc.preprocess, enc.tokenizer
     model_cfg, preprocess_cfg = base_model_config(spec, model)
     # open_clip's own training transform (RandomResizedCrop 0.9-1.0 of the image, no colour jitter):
@@ -477,6 +488,11 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         save_checkpoint("interrupted")
         raise Interrupted(f"stopped at step {step}/{total}; checkpoint saved. Continue with: imgsearch finetune "
                           f"--resume {ckdir}") from None
+    except DecodeError as e:  # an image gone since it was checked; raised between steps, so the state is whole
+        save_checkpoint("interrupted")
+        why = str(e).strip().splitlines()[-1].removeprefix(f"{DecodeError.__module__}.DecodeError: ")  # a worker's
+        raise DataError(f"stopped at step {step}/{total}: {why}; checkpoint saved. Put the image back, then "
+                        f"continue with: imgsearch finetune --resume {ckdir}") from None
     finally:
         del it, loader  # stop the decode workers now, not at garbage collection
 
