@@ -256,6 +256,33 @@ def test_empty_out_folder_is_used(captioned, random_tiny_model, tmp_path):
     assert (out / "open_clip_model.safetensors").is_file() and owned.why_not_ours(out, "model") is None
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_once_the_training_is_done_waits_for_the_model(captioned, random_tiny_model, tmp_path, presses):
+    """Ctrl-C during the final evaluations or the save ended the run with "interrupted before training started;
+    nothing was written": the finished training was lost. One Ctrl-C now waits for the model to be written, a
+    second abandons it and says so."""
+    from imgsearch.train.loop import Interrupted, train
+
+    out, notes = tmp_path / "out", []
+
+    def ctrl_c_at_the_wise_evaluation(kind, **info):
+        if kind == "note":
+            notes.append(info["message"])
+        if kind == "eval" and info["label"].startswith("WiSE-FT"):
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, after the last training step
+
+    cfg = train_cfg(captioned, out, random_tiny_model, max_steps=1, wise_alpha=0.5)
+    if presses == 1:
+        assert train(cfg, events=ctrl_c_at_the_wise_evaluation)["steps"] == 1
+        assert (out / "open_clip_model.safetensors").is_file() and notes == [
+            f"finishing: writing {out} first; Ctrl-C again abandons the run"]
+    else:
+        with pytest.raises(Interrupted, match=f"stopped before {out} was written .second Ctrl-C.; run the fine-"):
+            train(cfg, events=ctrl_c_at_the_wise_evaluation)
+        assert not out.exists()
+
+
 # --- the ownership proof itself -----------------------------------------------------------------------
 
 def test_marker_proves_nothing_when_copied_moved_or_joined_by_other_files(tmp_path):

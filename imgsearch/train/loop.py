@@ -130,7 +130,8 @@ class StopFlag:
     requested: bool = False
 
     @contextlib.contextmanager
-    def catching_sigint(self):
+    def catching_sigint(self, notice=None):
+        """``notice()`` is called on the first Ctrl-C (say what is being finished first)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -139,6 +140,8 @@ class StopFlag:
             if self.requested:  # a second Ctrl-C means stop now, unsaved
                 raise KeyboardInterrupt
             self.requested = True
+            if notice is not None:
+                notice()
 
         previous = signal.signal(signal.SIGINT, handler)
         try:
@@ -497,36 +500,47 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
         del it, loader  # stop the decode workers now, not at garbage collection
 
     # --- result ----------------------------------------------------------------------------------------
-    if best is not None and best["model"] is not None:
-        model.load_state_dict(best["model"])
-    result_metrics = best["metrics"] if best is not None else history[-1]
-    results = {"base": base_metrics, "finetuned": result_metrics}
-    if cfg.wise_alpha is not None:
-        if base_state is None:  # resumed run: the original weights come from the base model again
-            base_state = _state_cpu(build(spec, "cpu", "fp32").model)
-        model.load_state_dict(interpolate(base_state, _state_cpu(model), cfg.wise_alpha))
-        results["wise"] = run_eval(f"WiSE-FT alpha {cfg.wise_alpha}")
-    model.eval()
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(False)
-    final = results.get("wise", result_metrics)
-    report = {
-        "imgsearch": VERSION,
-        "base_model": {"model": spec.name, "pretrained": spec.pretrained, "fingerprint": enc.fingerprint},
-        "output": str(out),
-        "data": {"source": data.source, "val_source": data.val_source, **data.counts(),
-                 "skipped_reasons": [{"where": w, "reason": r} for w, r in data.skipped]},
-        "hyperparameters": {**{k: v for k, v in asdict(cfg).items() if k not in ("captions", "out", "val")},
-                            "warmup": warmup, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-                            "epochs_run": round(step / steps_per_epoch, 3), "precision": precision,
-                            "device": device, "trainable_parameters": trainable},
-        "steps": step, "best_step": best["step"] if best else step, "train_seconds": round(train_seconds, 3),
-        "samples_per_second": round(step * per_step / train_seconds, 2) if train_seconds > 0 else None,
-        "results": results, "history": history, "improved": headline(final) > headline(base_metrics),
-        "summary": _summary(base_metrics, final),
-    }
-    save_local_dir(model, model_cfg, out, preprocess_cfg,
-                   extra_files={REPORT_FILE: json.dumps(report, indent=2, default=_jsonable)}, tokenizer=tokenizer)
+    # Training is done: a first Ctrl-C waits for the model to be written (the evaluations and WiSE-FT take a
+    # while, and nothing else holds the run), a second one abandons it.
+    stop.requested = False
+    try:
+        with stop.catching_sigint(lambda: emit("note", message=f"finishing: writing {out} first; Ctrl-C again "
+                                                                "abandons the run")):
+            if best is not None and best["model"] is not None:
+                model.load_state_dict(best["model"])
+            result_metrics = best["metrics"] if best is not None else history[-1]
+            results = {"base": base_metrics, "finetuned": result_metrics}
+            if cfg.wise_alpha is not None:
+                if base_state is None:  # resumed run: the original weights come from the base model again
+                    base_state = _state_cpu(build(spec, "cpu", "fp32").model)
+                model.load_state_dict(interpolate(base_state, _state_cpu(model), cfg.wise_alpha))
+                results["wise"] = run_eval(f"WiSE-FT alpha {cfg.wise_alpha}")
+            model.eval()
+            if cfg.grad_checkpointing:
+                model.set_grad_checkpointing(False)
+            final = results.get("wise", result_metrics)
+            report = {
+                "imgsearch": VERSION,
+                "base_model": {"model": spec.name, "pretrained": spec.pretrained, "fingerprint": enc.fingerprint},
+                "output": str(out),
+                "data": {"source": data.source, "val_source": data.val_source, **data.counts(),
+                         "skipped_reasons": [{"where": w, "reason": r} for w, r in data.skipped]},
+                "hyperparameters": {**{k: v for k, v in asdict(cfg).items() if k not in ("captions", "out", "val")},
+                                    "warmup": warmup, "total_steps": total, "steps_per_epoch": steps_per_epoch,
+                                    "epochs_run": round(step / steps_per_epoch, 3), "precision": precision,
+                                    "device": device, "trainable_parameters": trainable},
+                "steps": step, "best_step": best["step"] if best else step, "train_seconds": round(train_seconds, 3),
+                "samples_per_second": round(step * per_step / train_seconds, 2) if train_seconds > 0 else None,
+                "results": results, "history": history, "improved": headline(final) > headline(base_metrics),
+                "summary": _summary(base_metrics, final),
+            }
+            save_local_dir(model, model_cfg, out, preprocess_cfg,
+                           extra_files={REPORT_FILE: json.dumps(report, indent=2, default=_jsonable)},
+                           tokenizer=tokenizer)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped before {out} was written (second Ctrl-C); run the fine-tuning again"
+                          + (f", or continue from the last checkpoint: imgsearch finetune --resume {ckdir}"
+                             if (ckdir / CHECKPOINT_FILE).is_file() else "")) from None
     if os.path.lexists(ckdir):
         if (left := owned.remove(ckdir, CHECKPOINT_KIND, token, transient=(_CHECKPOINT_TMP,))) is not None:
             emit("note", message=f"left the checkpoint folder {ckdir} in place: {left}")
