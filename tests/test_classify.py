@@ -68,6 +68,9 @@ def test_reclassify_replaces_same_set_and_keeps_other_sets(cli, photos):
     assert [s["labels"] for s in sets] == [["circle", "square", "triangle"], ["red", "blue"]]
     counts = {t["tag"]: t["images"] for t in ok_json(cli("tags", "--json"))}
     assert counts["red"] == counts["blue"] == 54  # --top 2 of 2 labels: every image gets both
+    for wrong in ("9" * 23, "0"):  # past SQLite's integers was an internal error (OverflowError)
+        r = cli("tags", "--drop-set", wrong)
+        assert r.exit_code == 2 and "Invalid value for '--drop-set'" in r.output, r.output
     r = cli("tags", "--drop-set", str(sets[1]["id"]))
     assert r.exit_code == 0
     assert {t["tag"] for t in ok_json(cli("tags", "--json"))} <= {"circle", "square", "triangle"}

@@ -69,7 +69,8 @@ def classify_cmd(
 def tags_cmd(
     ctx: typer.Context,
     sets: bool = typer.Option(False, "--sets", help="List the label sets (model, labels, templates) instead."),
-    drop_set: Optional[int] = typer.Option(None, "--drop-set", help="Delete the tags of this label set."),
+    drop_set: Optional[int] = typer.Option(None, "--drop-set", min=1, max=2**63 - 1,
+                                           help="Delete the tags of this label set."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """List zero-shot tags with how many images carry each."""
