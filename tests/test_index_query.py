@@ -219,6 +219,34 @@ def test_a_file_moved_over_another_keeps_its_own_row_and_captions(cli, photos):
     assert {h["path"]: h["id"] for h in hits}[str(red)] == ids[str(blue)] and len(hits) == 53
 
 
+def test_swapped_names_reuse_both_vectors_and_captions_stay_with_the_path(cli, photos, tmp_path):
+    """`mv a t; mv b a; mv t b`: both contents are in the library, yet both files were decoded and encoded
+    again. Each path keeps its row and captions (an edit keeps them too); the vector and size come from the row
+    that held the same bytes."""
+    import random
+
+    red, blue = photos / "red_circle_000.jpg", photos / "blue_small.jpg"
+    synthetic.draw_shape("blue", "square", 64, random.Random(3)).save(blue, quality=90)
+    os.utime(blue, ns=(1, 10**18))  # its own time: a swap must not look like an untouched file
+    shutil.copy(red, tmp_path / "probe.jpg")  # the red circle's bytes, outside the library
+    cli("index", photos)
+    ids = {h["path"]: h["id"] for h in hits_of(cli("query", "a red circle", "-k", "55", "--json"))}
+    assert cli("caption", red, "Grandma's red circle").exit_code == 0
+    red.rename(photos / "t")
+    blue.rename(red)
+    (photos / "t").rename(blue)
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["updated"], rep["reused"], rep["encoded"], rep["new"], rep["moved"]) == (2, 2, 0, 0, 0)
+    (top,) = hits_of(cli("query", "--image", tmp_path / "probe.jpg", "-k", "1", "--json"))
+    assert top["path"] == str(blue) and top["score"] == pytest.approx(1, abs=1e-4)
+    assert (top["id"], top["width"]) == (ids[str(blue)], 96)
+    hits = {h["path"]: h for h in hits_of(cli("query", "a blue square", "-k", "55", "--json"))}
+    assert (hits[str(red)]["id"], hits[str(red)]["width"], len(hits)) == (ids[str(red)], 64, 55)
+    assert json.loads(cli("caption", red, "--json").stdout)["captions"] == ["Grandma's red circle"]
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["unchanged"], rep["encoded"]) == (55, 0)
+
+
 def test_identical_copy_reuses_vector(cli, photos, tmp_path):
     cli("index", photos)
     shutil.copy(photos / "green_square_000.jpg", photos / "copy.jpg")
