@@ -146,6 +146,33 @@ class StoppedClock:
         self.stopped_at = None
 
 
+def test_a_file_moved_over_another_while_watched_brings_its_row_and_captions_as_index_does(lib, tmp_path):
+    """`mv blue.jpg red.jpg` is one batch: red.jpg changed, blue.jpg gone. The batch re-encoded the blue square
+    into red.jpg's row, which kept "Grandma's red circle", and forgot blue.jpg's row with "the lake" on it;
+    `index` moves the blue square's row over (docs/cli.md). Swapping two names encoded both again."""
+    folder = shapes(tmp_path / "photos")
+    red, blue = draw(folder / "red.jpg", "red", "circle"), draw(folder / "blue.jpg", "blue", "square", seed=3)
+    os.utime(blue, ns=(1, 10**18))  # not the red one's size and time
+    lib.index([folder])
+    ids = {h.path: h.id for h in lib.search("a blue square", k=14)}
+    assert lib.add_caption(red, "Grandma's red circle") and lib.add_caption(blue, "the lake")
+    blue.replace(red)
+    report = lib._watch_batch([str(red)], [str(blue)])
+    assert (report.moved, report.removed, report.updated, report.encoded) == (1, 1, 0, 0)
+    assert lib.captions(red) == ["the lake"] and top(lib, "a blue square") == [str(red)]
+    assert lib.search("a blue square", k=1)[0].id == ids[str(blue)] and lib.status().images == 13
+
+    draw(blue, "yellow", "triangle", seed=4)
+    lib.index([folder])
+    (folder / "t.jpg").write_bytes(red.read_bytes())
+    blue.replace(red)  # mv red t; mv blue red; mv t blue, as a watcher sees it
+    (folder / "t.jpg").replace(blue)
+    report = lib._watch_batch([str(blue), str(red)], [str(folder / "t.jpg")])
+    assert (report.updated, report.reused, report.encoded, report.moved) == (2, 2, 0, 0)
+    assert top(lib, "a yellow triangle") == [str(red)] and top(lib, "a blue square") == [str(blue)]
+    assert lib.captions(red) == ["the lake"]  # a path keeps its captions when its content changes
+
+
 def test_a_file_is_looked_at_only_after_a_quiet_spell_in_which_it_stopped_changing(tmp_path):
     from imgsearch.watch import Watcher
 
