@@ -12,7 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import files, images
 from .config import RAW_NEEDS_EXTRA, Settings, thread_budget, torch_threads
@@ -240,7 +240,8 @@ class Indexer:
                 seen[item.path] = item
         existing = store.images_under(roots)
         # Symlinks may lead outside the roots; those files' rows are found by path.
-        outside = [p for p in seen if p not in existing and not any(files.under(p, r) for r in roots)]
+        inside = set(roots)  # a path's folders looked up, not each root tried: a watch batch has thousands of roots
+        outside = [p for p in seen if p not in existing and inside.isdisjoint(_folders(p))]
         if outside:
             existing.update(store.images_at(outside))
         # The run's state, shared by the methods below (main thread only).
@@ -679,6 +680,13 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
 
             ensure_export(settings.home, enc)
         return report
+
+
+def _folders(path: str) -> Iterator[str]:
+    """``path`` and every folder above it."""
+    yield path
+    while (parent := os.path.dirname(path)) != path:
+        yield (path := parent)
 
 
 def _gone(path: str, problems: dict[str, str]) -> bool:

@@ -173,6 +173,21 @@ def test_a_file_moved_over_another_while_watched_brings_its_row_and_captions_as_
     assert lib.captions(red) == ["the lake"]  # a path keeps its captions when its content changes
 
 
+def test_a_batch_of_many_new_files_costs_the_same_per_file_as_a_small_one(lib, tmp_path, monkeypatch):
+    """A watch batch names every changed file as a root of its index run, and each new file was tested against
+    every root: a card of 5000 photos copied in took 12.5M path comparisons per batch (seconds holding the lock,
+    and in serve --watch the encoder, so queries waited)."""
+    from imgsearch import files
+
+    calls, real = [0], files.under
+    monkeypatch.setattr(files, "under", lambda *a: calls.__setitem__(0, calls[0] + 1) or real(*a))
+    folder = shapes(tmp_path / "photos", per_class=13)
+    paths = sorted(str(p) for p in folder.glob("*.jpg"))
+    report = lib._watch_batch(paths, [])
+    assert report.new == len(paths) == 156 and top(lib, "a green circle")[0].startswith(str(folder))
+    assert calls[0] < 2 * len(paths)  # was 12k here
+
+
 def test_a_file_is_looked_at_only_after_a_quiet_spell_in_which_it_stopped_changing(tmp_path):
     from imgsearch.watch import Watcher
 
