@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Callable
 from . import files
 from .config import HOME_DB, HOME_MARKER
 from .errors import ImgSearchError, UsageError
+from .output import shown
 from .results import IndexReport
 
 # Names editors, browsers and copy tools write first and rename when done: only the final name is a photo.
@@ -241,9 +243,9 @@ class Watcher:
                 for p in [p for p in self._pending if files.under(p, root)]:
                     del self._pending[p]
                     self._sigs.pop(p, None)
-            left = len(self.roots)
-            self.say(f"watched folder {root} is gone (deleted, renamed or unmounted); its images stay in the "
-                     f"library (`imgsearch forget {root}` removes them); "
+            left, where = len(self.roots), shown(root)  # a name with a newline or non-UTF-8 bytes: one line
+            self.say(f"watched folder {where} is gone (deleted, renamed or unmounted); its images stay in the "
+                     f"library (`imgsearch forget {shlex.quote(root) if where == root else where}` removes them); "
                      + (f"still watching {left} folder{'s' if left != 1 else ''}" if left else "nothing left"))
             if not left:
                 raise FoldersGone("every watched folder is gone; nothing left to watch (start `imgsearch watch` "

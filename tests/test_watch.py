@@ -332,6 +332,26 @@ def test_a_folder_that_disappears_is_named_and_the_others_still_watched(lib, tmp
         run.close()
 
 
+def test_a_vanished_folder_with_an_odd_name_is_named_in_one_line_that_can_be_pasted(tmp_path):
+    """A watched folder named with a newline or a non-UTF-8 byte was named raw: the line broke in two, the byte
+    came out as \\udcff, and the `imgsearch forget` it suggested could not be pasted."""
+    from imgsearch.watch import Watcher
+
+    odd, spaced = os.fsdecode(os.fsencode(str(tmp_path)) + b"/trip\xff\nday"), tmp_path / "My Photos"
+    os.mkdir(odd)
+    spaced.mkdir()
+    (tmp_path / "other").mkdir()
+    said = []
+    watcher = Watcher([odd, spaced, tmp_path / "other"], apply=None, catch_up=None, say=said.append)
+    os.rmdir(odd)
+    spaced.rmdir()
+    watcher._check_roots()
+    assert len(said) == 2 and not any("\n" in line or "\udcff" in line for line in said), said
+    assert f"folder $'{tmp_path}/trip\\xff\\nday' is gone" in said[0]
+    assert f"(`imgsearch forget $'{tmp_path}/trip\\xff\\nday'` removes them)" in said[0]
+    assert f"(`imgsearch forget '{spaced}'` removes them)" in said[1]
+
+
 def test_without_inotify_it_falls_back_to_polling_and_says_so(lib, tmp_path, monkeypatch):
     import errno
 
