@@ -271,6 +271,21 @@ def test_forget_removes_folder_not_files(cli, tmp_path):
     assert r.exit_code == 1 and "nothing in the library" in r.stderr
 
 
+def test_forget_of_an_empty_path_is_refused_and_forgets_nothing(cli, photos, monkeypatch):
+    """`imgsearch forget "$DIR"` with DIR unset forgot every image under the current folder (captions, tags
+    and album pins with them)."""
+    cli("index", photos)
+    assert cli("caption", photos / "red_circle_000.jpg", "Grandma's").exit_code == 0
+    monkeypatch.chdir(photos)
+    r = cli("forget", "")
+    assert r.exit_code == 2 and r.stderr.strip() == ("error: an empty path was given to forget (an unset "
+                                                     "variable?); name the files or folders, `.` for the current folder")
+    assert json.loads(cli("status", "--json").stdout)["images"] == 54
+    assert json.loads(cli("caption", "red_circle_000.jpg", "--json").stdout)["captions"] == ["Grandma's"]
+    r = cli("forget", "red_circle_000.jpg")  # a relative path still names what it names
+    assert r.exit_code == 0 and "removed 1 image" in r.stdout
+
+
 def test_status_reports_models_and_failures(cli, photos):
     (photos / "broken.jpg").write_bytes(b"not a jpeg at all")
     cli("index", photos)
