@@ -278,8 +278,9 @@ def test_forget_of_an_empty_path_is_refused_and_forgets_nothing(cli, photos, mon
     assert cli("caption", photos / "red_circle_000.jpg", "Grandma's").exit_code == 0
     monkeypatch.chdir(photos)
     r = cli("forget", "")
-    assert r.exit_code == 2 and r.stderr.strip() == ("error: an empty path was given to forget (an unset "
-                                                     "variable?); name the files or folders, `.` for the current folder")
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "error: an empty path was given to forget (an unset variable?); name the files or folders, `.` for the "
+        "current folder")
     assert json.loads(cli("status", "--json").stdout)["images"] == 54
     assert json.loads(cli("caption", "red_circle_000.jpg", "--json").stdout)["captions"] == ["Grandma's"]
     r = cli("forget", "red_circle_000.jpg")  # a relative path still names what it names
