@@ -384,6 +384,30 @@ def test_without_inotify_it_falls_back_to_polling_and_says_so(lib, tmp_path, mon
             t.join(20)
 
 
+def test_a_symlinked_folder_in_a_watched_one_is_followed_as_the_catch_up_indexed_it(lib, tmp_path):
+    """photos/phone -> phone-sync: the catch-up indexed the linked folder, but inotify does not follow links, so
+    photos arriving there later were never added and deleted ones never forgotten (polling did follow them)."""
+    folder, target = shapes(tmp_path / "photos"), tmp_path / "phone-sync"
+    old = draw(target / "sub" / "old.jpg", "blue", "square")
+    (folder / "phone").symlink_to(target)
+    (target / "loop").symlink_to(folder)  # and back: walked once
+    watcher = lib.watcher([folder], interval=0.1, debounce=0.2)
+    with watcher:
+        watcher.start()
+        assert watcher.catch_up().new == 13 and watcher.links == [str(target)]
+        stop = threading.Event()
+        thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            new = draw(target / "sub" / "red.jpg", "red", "circle")  # written where the phone syncs to
+            wait_for(lambda: top(lib, "a red circle") == [str(new)], what="the photo in the linked folder")
+            old.unlink()
+            wait_for(lambda: lib.status().images == 13, what="the photo deleted in the linked folder")
+        finally:
+            stop.set()
+            thread.join(20)
+
+
 def test_watch_refuses_paths_that_are_not_folders(cli, tmp_path):
     folder = shapes(tmp_path / "photos")
     r = cli("watch", folder / "green_circle_000.jpg")
