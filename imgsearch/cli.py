@@ -292,14 +292,14 @@ def status_cmd(
 @command("forget")
 def forget_cmd(
     ctx: typer.Context,
-    paths: List[Path] = typer.Argument(..., help="Files or folders to remove from the library (files stay on disk)."),
+    paths: List[str] = typer.Argument(..., help="Files or folders to remove from the library (files stay on disk)."),
     no_wait: bool = NO_WAIT,
 ):
     """Remove files or folders from the library. Nothing on disk is touched."""
     with library_of(ctx) as lib:
         removed = lib.forget(paths, wait=not no_wait)
     if removed == 0:
-        err("nothing in the library under " + ", ".join(str(p) for p in paths))
+        err("nothing in the library under " + ", ".join(shown(p) for p in paths))
         raise typer.Exit(1)
     typer.echo(f"removed {plural(removed, 'image')} from the library")
 

@@ -12,7 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import files, images
 from .config import RAW_NEEDS_EXTRA, Settings, thread_budget, torch_threads
@@ -198,8 +198,8 @@ class Indexer:
                 if work.old is not None and work.old.hash == digest and not work.needs_vector:
                     meta = header_meta(path, work.entry.mtime_ns) if work.old.taken_source is None else None
                     return _Done(work, hash=digest, skipped_decode=True, meta=meta)  # touched, same content
-                if work.old is None and digest in known_hashes:
-                    return _Done(work, hash=digest, skipped_decode=True)  # a move or a copy of a known image
+                if digest in known_hashes and (work.old is None or work.old.hash != digest):
+                    return _Done(work, hash=digest, skipped_decode=True)  # a move, copy or swap of a known image
                 if self.stage.tensor if tensor_decode is None else tensor_decode:
                     jpeg = self.stage.read_jpeg(f)
         except OSError as e:
@@ -239,7 +239,8 @@ class Indexer:
                 seen[item.path] = item
         existing = store.images_under(roots)
         # Symlinks may lead outside the roots; those files' rows are found by path.
-        outside = [p for p in seen if p not in existing and not any(files.under(p, r) for r in roots)]
+        inside = set(roots)  # a path's folders looked up, not each root tried: a watch batch has thousands of roots
+        outside = [p for p in seen if p not in existing and inside.isdisjoint(_folders(p))]
         if outside:
             existing.update(store.images_at(outside))
         # The run's state, shared by the methods below (main thread only).
@@ -276,9 +277,10 @@ class Indexer:
         self._missing_by_hash: dict[str, list[ImageRow]] = {}
         for r in self._missing.values():
             self._missing_by_hash.setdefault(r.hash, []).append(r)
-        has_new = any(w.old is None for w in work)
-        # A new file whose content the library knows is a move (its old row's file is gone) or a copy.
-        known = frozenset(self._missing_by_hash) | frozenset(store.image_hashes() if has_new else ())
+        hashed = any(not w.meta_only for w in work)
+        # A new or changed file whose content the library knows is a move (its old row's file is gone), a copy
+        # or a swap of names (mv a t; mv b a; mv t b): its vector is reused, not encoded again.
+        known = frozenset(self._missing_by_hash) | frozenset(store.image_hashes() if hashed else ())
 
         to_decode = [w for w in work if not w.meta_only]
         if self.remote is not None:
@@ -442,22 +444,19 @@ class Indexer:
             if w.meta_only:
                 report.unchanged += 1
                 return
-            if w.old is not None:  # same bytes, new timestamp
+            if w.old is not None and w.old.hash == res.hash:  # same bytes, new timestamp
                 pending.touched.append((w.old.id, e.size, e.mtime_ns))
                 report.unchanged += 1
                 pending.cleared.append(e.path)
                 return
-            if candidates := self._missing_by_hash.get(res.hash):
-                self._move(candidates.pop(), e)
-                return
-            # Elsewhere in the library: decided in batches by _resolve_known (one lookup per 500 hashes).
-            pending.copies.append((e, res.hash))
-            return
-        if w.old is not None and w.old.hash != res.hash and (candidates := self._missing_by_hash.get(res.hash)):
+        if (w.old is None or w.old.hash != res.hash) and (candidates := self._missing_by_hash.get(res.hash)):
             # A gone file's content now at this path (mv b.jpg a.jpg): b's row moves here, a's row goes (its
             # captions, tags and pins stay with the picture they were given to).
             self._move(candidates.pop(), e)
-            report.removed += 1
+            report.removed += w.old is not None
+            return
+        if res.skipped_decode:  # elsewhere in the library: decided in batches by _resolve_known
+            pending.copies.append((e, res.hash, w.old))
             return
         self._batch.append(res)
 
@@ -474,39 +473,45 @@ class Indexer:
                 self._batch.append(redo)
 
     def _resolve_known(self) -> None:
-        """New files whose content the library already has, anywhere: a move across runs, an alias or a copy."""
+        """New or changed files whose content the library already has, anywhere: a move across runs, an alias, a
+        copy, or names swapped (a changed file keeps its own row, captions and tags; its vector is reused)."""
         pending, report, store = self._pending, self._report, self.store
         if not pending.copies:
             return
         todo, pending.copies = pending.copies, []
-        by_hash = store.images_by_hash(h for _, h in todo)
+        by_hash = store.images_by_hash(h for _, h, _ in todo)
         row_ids = [r.id for rows in by_hash.values() for r in rows]
         self._with_vec |= store.image_ids_with_vectors(self.model.id, row_ids)
-        copies: list[tuple[files.FileEntry, ImageRow]] = []
-        for e, digest in todo:
+        copies: list[tuple[files.FileEntry, ImageRow, ImageRow | None]] = []
+        for e, digest, old in todo:
             same = sorted((r for r in by_hash.get(digest, []) if r.path != e.path), key=lambda r: r.id)
             kind, row = _known_match(e.path, [r for r in same if r.id not in self._claimed])
             if kind == "moved":
                 self._move(row, e)
-            elif kind == "alias":  # a hard link to a file the library has under another name
+                report.removed += old is not None  # the row at this path goes, as in mv b.jpg a.jpg
+            elif kind == "alias" and old is None:  # a hard link to a file the library has under another name
                 report.aliases += 1
             else:
                 source = next((r for r in same if r.id in self._with_vec), None)  # a moved row's vector too
                 if source is not None:
-                    copies.append((e, source))
+                    copies.append((e, source, old))
                     continue
                 # Known content but no vector to copy for this model: decode after all.
-                self._route(self._process(_Work(e, None, True), frozenset()))
+                self._route(self._process(_Work(e, old, True), frozenset()))
         if copies:
-            ids, vecs = store.load_vectors(self.model.id, sorted({src.id for _, src in copies}))
+            ids, vecs = store.load_vectors(self.model.id, sorted({src.id for _, src, _ in copies}))
             vec_by_id = dict(zip(ids.tolist(), vecs))
-            for e, src in copies:
-                pending.new.append({"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": src.hash,
-                                    "width": src.width, "height": src.height,
-                                    **with_file_time(src.meta(), e.mtime_ns)})
-                pending.vectors.append((e.path, vec_by_id[src.id]))
+            for e, src, old in copies:
+                record = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "hash": src.hash,
+                          "width": src.width, "height": src.height, **with_file_time(src.meta(), e.mtime_ns)}
+                if old is None:
+                    pending.new.append(record)
+                    report.new += 1
+                else:  # new content at a known path: the row, its captions and tags stay with the path
+                    pending.updated.append({**record, "id": old.id})
+                    report.updated += 1
+                pending.vectors.append((e.path if old is None else old.id, vec_by_id[src.id]))
                 pending.cleared.append(e.path)
-                report.new += 1
                 report.reused += 1
 
     def _decode_raw(self, batch: list[_Done]) -> list[_Done]:
@@ -574,7 +579,7 @@ class _Pending:
         self.moved: list[tuple] = []
         self.touched: list[tuple] = []
         self.vectors: list[tuple] = []
-        self.copies: list[tuple[files.FileEntry, str]] = []
+        self.copies: list[tuple[files.FileEntry, str, ImageRow | None]] = []  # (file, hash, its row)
         self.failures: list[tuple] = []
         self.cleared: list[str] = []
         self.meta: list[dict] = []
@@ -676,6 +681,13 @@ def index_paths(settings: Settings, paths: Iterable[str | os.PathLike], *, encod
         return report
 
 
+def _folders(path: str) -> Iterator[str]:
+    """``path`` and every folder above it."""
+    yield path
+    while (parent := os.path.dirname(path)) != path:
+        yield (path := parent)
+
+
 def _gone(path: str, problems: dict[str, str]) -> bool:
     """Whether an indexed file the walk did not yield is gone. One it skipped without looking (inside a library
     home or a hidden folder) is still a file there, and one in a folder it could not list (permissions, an I/O
@@ -695,6 +707,10 @@ def forget(settings: Settings, store: Store, paths: Iterable[str | os.PathLike],
     """Remove files or folders (by path prefix) from the library; the files themselves are untouched."""
     from .lock import write_lock
 
+    paths = [os.fspath(p) for p in paths]
+    if "" in paths:  # `forget "$DIR"` with DIR unset must not forget the current folder's images
+        raise UsageError("an empty path was given to forget (an unset variable?); name the files or folders, "
+                         "`.` for the current folder")
     targets = [files.abspath(p) for p in paths]
     if not targets:
         raise UsageError("give at least one file or folder to forget")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Callable
 from . import files
 from .config import HOME_DB, HOME_MARKER
 from .errors import ImgSearchError, UsageError
+from .output import shown
 from .results import IndexReport
 
 # Names editors, browsers and copy tools write first and rename when done: only the final name is a photo.
@@ -89,6 +91,27 @@ def _signature(path: str) -> tuple | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino) if not os.path.isdir(path) else ("dir",)
 
 
+def _linked_folders(roots: list[str]) -> list[str]:
+    """The real folders outside ``roots`` that symlinked folders below them (or below those) lead to."""
+    found: list[str] = []
+    todo, seen = list(roots), set()
+    while todo:
+        folder = todo.pop()
+        if (key := _identity(folder)) in seen:
+            continue
+        seen.add(key)
+        with contextlib.suppress(OSError), os.scandir(folder) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    if files.is_hidden(e.name) or not e.is_dir():
+                        continue
+                    real = os.path.realpath(e.path) if e.is_symlink() else e.path
+                    if not any(files.under(real, r) for r in roots + found):
+                        found.append(real)
+                    todo.append(real)
+    return found
+
+
 class Watcher:
     """Keeps a library in step with folders: ``start()``, ``catch_up()``, then ``run()`` until stopped.
     ``apply(changed, gone)`` writes one batch and returns an IndexReport (``removed`` counting the
@@ -112,6 +135,7 @@ class Watcher:
         self.batches = 0
         self.totals = IndexReport()
         self._observer = None
+        self.links: list[str] = []  # folders outside the roots that symlinked folders in them lead to
         self._watches: dict[str, object] = {}
         self._lock = threading.Lock()
         self._pending: dict[str, float] = {}  # path -> monotonic time of its last event
@@ -121,7 +145,7 @@ class Watcher:
     # --- events (observer thread) ----------------------------------------------------------------
     def ignored(self, path: str) -> bool:
         """Paths no batch should see: the library's own home, hidden and temporary files, outside the roots."""
-        root = next((r for r in self.roots if files.under(path, r)), None)
+        root = next((r for r in self.roots + self.links if files.under(path, r)), None)
         if root is None or (self.home is not None and files.under(path, self.home)):
             return True
         rel = os.path.relpath(path, root)
@@ -191,6 +215,10 @@ class Watcher:
     def _observe(self, observer, handler) -> None:
         for root in self.roots:
             self._watches[root] = observer.schedule(handler, root, recursive=True)
+        # The walk (catch-up) follows symlinked folders, inotify does not: each target outside gets its own watch.
+        self.links = _linked_folders(self.roots)
+        for folder in self.links:
+            observer.schedule(handler, folder, recursive=True)
         observer.start()
         self._observer = observer
 
@@ -241,9 +269,9 @@ class Watcher:
                 for p in [p for p in self._pending if files.under(p, root)]:
                     del self._pending[p]
                     self._sigs.pop(p, None)
-            left = len(self.roots)
-            self.say(f"watched folder {root} is gone (deleted, renamed or unmounted); its images stay in the "
-                     f"library (`imgsearch forget {root}` removes them); "
+            left, where = len(self.roots), shown(root)  # a name with a newline or non-UTF-8 bytes: one line
+            self.say(f"watched folder {where} is gone (deleted, renamed or unmounted); its images stay in the "
+                     f"library (`imgsearch forget {shlex.quote(root) if where == root else where}` removes them); "
                      + (f"still watching {left} folder{'s' if left != 1 else ''}" if left else "nothing left"))
             if not left:
                 raise FoldersGone("every watched folder is gone; nothing left to watch (start `imgsearch watch` "

@@ -219,6 +219,34 @@ def test_a_file_moved_over_another_keeps_its_own_row_and_captions(cli, photos):
     assert {h["path"]: h["id"] for h in hits}[str(red)] == ids[str(blue)] and len(hits) == 53
 
 
+def test_swapped_names_reuse_both_vectors_and_captions_stay_with_the_path(cli, photos, tmp_path):
+    """`mv a t; mv b a; mv t b`: both contents are in the library, yet both files were decoded and encoded
+    again. Each path keeps its row and captions (an edit keeps them too); the vector and size come from the row
+    that held the same bytes."""
+    import random
+
+    red, blue = photos / "red_circle_000.jpg", photos / "blue_small.jpg"
+    synthetic.draw_shape("blue", "square", 64, random.Random(3)).save(blue, quality=90)
+    os.utime(blue, ns=(1, 10**18))  # its own time: a swap must not look like an untouched file
+    shutil.copy(red, tmp_path / "probe.jpg")  # the red circle's bytes, outside the library
+    cli("index", photos)
+    ids = {h["path"]: h["id"] for h in hits_of(cli("query", "a red circle", "-k", "55", "--json"))}
+    assert cli("caption", red, "Grandma's red circle").exit_code == 0
+    red.rename(photos / "t")
+    blue.rename(red)
+    (photos / "t").rename(blue)
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["updated"], rep["reused"], rep["encoded"], rep["new"], rep["moved"]) == (2, 2, 0, 0, 0)
+    (top,) = hits_of(cli("query", "--image", tmp_path / "probe.jpg", "-k", "1", "--json"))
+    assert top["path"] == str(blue) and top["score"] == pytest.approx(1, abs=1e-4)
+    assert (top["id"], top["width"]) == (ids[str(blue)], 96)
+    hits = {h["path"]: h for h in hits_of(cli("query", "a blue square", "-k", "55", "--json"))}
+    assert (hits[str(red)]["id"], hits[str(red)]["width"], len(hits)) == (ids[str(red)], 64, 55)
+    assert json.loads(cli("caption", red, "--json").stdout)["captions"] == ["Grandma's red circle"]
+    rep = json.loads(cli("index", photos, "--json").stdout)
+    assert (rep["unchanged"], rep["encoded"]) == (55, 0)
+
+
 def test_identical_copy_reuses_vector(cli, photos, tmp_path):
     cli("index", photos)
     shutil.copy(photos / "green_square_000.jpg", photos / "copy.jpg")
@@ -241,6 +269,22 @@ def test_forget_removes_folder_not_files(cli, tmp_path):
     assert len(hits) == 18 and all(h["path"].startswith(str(b)) for h in hits)
     r = cli("forget", tmp_path / "never")
     assert r.exit_code == 1 and "nothing in the library" in r.stderr
+
+
+def test_forget_of_an_empty_path_is_refused_and_forgets_nothing(cli, photos, monkeypatch):
+    """`imgsearch forget "$DIR"` with DIR unset forgot every image under the current folder (captions, tags
+    and album pins with them)."""
+    cli("index", photos)
+    assert cli("caption", photos / "red_circle_000.jpg", "Grandma's").exit_code == 0
+    monkeypatch.chdir(photos)
+    r = cli("forget", "")
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "error: an empty path was given to forget (an unset variable?); name the files or folders, `.` for the "
+        "current folder")
+    assert json.loads(cli("status", "--json").stdout)["images"] == 54
+    assert json.loads(cli("caption", "red_circle_000.jpg", "--json").stdout)["captions"] == ["Grandma's"]
+    r = cli("forget", "red_circle_000.jpg")  # a relative path still names what it names
+    assert r.exit_code == 0 and "removed 1 image" in r.stdout
 
 
 def test_status_reports_models_and_failures(cli, photos):

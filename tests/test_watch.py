@@ -146,6 +146,48 @@ class StoppedClock:
         self.stopped_at = None
 
 
+def test_a_file_moved_over_another_while_watched_brings_its_row_and_captions_as_index_does(lib, tmp_path):
+    """`mv blue.jpg red.jpg` is one batch: red.jpg changed, blue.jpg gone. The batch re-encoded the blue square
+    into red.jpg's row, which kept "Grandma's red circle", and forgot blue.jpg's row with "the lake" on it;
+    `index` moves the blue square's row over (docs/cli.md). Swapping two names encoded both again."""
+    folder = shapes(tmp_path / "photos")
+    red, blue = draw(folder / "red.jpg", "red", "circle"), draw(folder / "blue.jpg", "blue", "square", seed=3)
+    os.utime(blue, ns=(1, 10**18))  # not the red one's size and time
+    lib.index([folder])
+    ids = {h.path: h.id for h in lib.search("a blue square", k=14)}
+    assert lib.add_caption(red, "Grandma's red circle") and lib.add_caption(blue, "the lake")
+    blue.replace(red)
+    report = lib._watch_batch([str(red)], [str(blue)])
+    assert (report.moved, report.removed, report.updated, report.encoded) == (1, 1, 0, 0)
+    assert lib.captions(red) == ["the lake"] and top(lib, "a blue square") == [str(red)]
+    assert lib.search("a blue square", k=1)[0].id == ids[str(blue)] and lib.status().images == 13
+
+    draw(blue, "yellow", "triangle", seed=4)
+    lib.index([folder])
+    (folder / "t.jpg").write_bytes(red.read_bytes())
+    blue.replace(red)  # mv red t; mv blue red; mv t blue, as a watcher sees it
+    (folder / "t.jpg").replace(blue)
+    report = lib._watch_batch([str(blue), str(red)], [str(folder / "t.jpg")])
+    assert (report.updated, report.reused, report.encoded, report.moved) == (2, 2, 0, 0)
+    assert top(lib, "a yellow triangle") == [str(red)] and top(lib, "a blue square") == [str(blue)]
+    assert lib.captions(red) == ["the lake"]  # a path keeps its captions when its content changes
+
+
+def test_a_batch_of_many_new_files_costs_the_same_per_file_as_a_small_one(lib, tmp_path, monkeypatch):
+    """A watch batch names every changed file as a root of its index run, and each new file was tested against
+    every root: a card of 5000 photos copied in took 12.5M path comparisons per batch (seconds holding the lock,
+    and in serve --watch the encoder, so queries waited)."""
+    from imgsearch import files
+
+    calls, real = [0], files.under
+    monkeypatch.setattr(files, "under", lambda *a: calls.__setitem__(0, calls[0] + 1) or real(*a))
+    folder = shapes(tmp_path / "photos", per_class=13)
+    paths = sorted(str(p) for p in folder.glob("*.jpg"))
+    report = lib._watch_batch(paths, [])
+    assert report.new == len(paths) == 156 and top(lib, "a green circle")[0].startswith(str(folder))
+    assert calls[0] < 2 * len(paths)  # was 12k here
+
+
 def test_a_file_is_looked_at_only_after_a_quiet_spell_in_which_it_stopped_changing(tmp_path):
     from imgsearch.watch import Watcher
 
@@ -290,6 +332,26 @@ def test_a_folder_that_disappears_is_named_and_the_others_still_watched(lib, tmp
         run.close()
 
 
+def test_a_vanished_folder_with_an_odd_name_is_named_in_one_line_that_can_be_pasted(tmp_path):
+    """A watched folder named with a newline or a non-UTF-8 byte was named raw: the line broke in two, the byte
+    came out as \\udcff, and the `imgsearch forget` it suggested could not be pasted."""
+    from imgsearch.watch import Watcher
+
+    odd, spaced = os.fsdecode(os.fsencode(str(tmp_path)) + b"/trip\xff\nday"), tmp_path / "My Photos"
+    os.mkdir(odd)
+    spaced.mkdir()
+    (tmp_path / "other").mkdir()
+    said = []
+    watcher = Watcher([odd, spaced, tmp_path / "other"], apply=None, catch_up=None, say=said.append)
+    os.rmdir(odd)
+    spaced.rmdir()
+    watcher._check_roots()
+    assert len(said) == 2 and not any("\n" in line or "\udcff" in line for line in said), said
+    assert f"folder $'{tmp_path}/trip\\xff\\nday' is gone" in said[0]
+    assert f"(`imgsearch forget $'{tmp_path}/trip\\xff\\nday'` removes them)" in said[0]
+    assert f"(`imgsearch forget '{spaced}'` removes them)" in said[1]
+
+
 def test_without_inotify_it_falls_back_to_polling_and_says_so(lib, tmp_path, monkeypatch):
     import errno
 
@@ -320,6 +382,30 @@ def test_without_inotify_it_falls_back_to_polling_and_says_so(lib, tmp_path, mon
         finally:
             stop.set()
             t.join(20)
+
+
+def test_a_symlinked_folder_in_a_watched_one_is_followed_as_the_catch_up_indexed_it(lib, tmp_path):
+    """photos/phone -> phone-sync: the catch-up indexed the linked folder, but inotify does not follow links, so
+    photos arriving there later were never added and deleted ones never forgotten (polling did follow them)."""
+    folder, target = shapes(tmp_path / "photos"), tmp_path / "phone-sync"
+    old = draw(target / "sub" / "old.jpg", "blue", "square")
+    (folder / "phone").symlink_to(target)
+    (target / "loop").symlink_to(folder)  # and back: walked once
+    watcher = lib.watcher([folder], interval=0.1, debounce=0.2)
+    with watcher:
+        watcher.start()
+        assert watcher.catch_up().new == 13 and watcher.links == [str(target)]
+        stop = threading.Event()
+        thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            new = draw(target / "sub" / "red.jpg", "red", "circle")  # written where the phone syncs to
+            wait_for(lambda: top(lib, "a red circle") == [str(new)], what="the photo in the linked folder")
+            old.unlink()
+            wait_for(lambda: lib.status().images == 13, what="the photo deleted in the linked folder")
+        finally:
+            stop.set()
+            thread.join(20)
 
 
 def test_watch_refuses_paths_that_are_not_folders(cli, tmp_path):
