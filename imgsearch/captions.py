@@ -72,14 +72,22 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
                 raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} in header "
                                 f"({', '.join(header)}); rename with --image-col / --caption-col")
             ii, ci = header.index(image_col), header.index(caption_col)
+            start = reader.line_num + 1
             for row in reader:
+                line, start = start, reader.line_num + 1
                 if not row or all(not c.strip() for c in row):
                     continue
                 if len(row) != len(header):
-                    out.problems.append((f"{path}:{reader.line_num}", f"expected {len(header)} fields, "
-                                                                      f"found {len(row)}"))
+                    out.problems.append((f"{path}:{line}", f"expected {len(header)} fields, found {len(row)}"))
                     continue
-                _add(out, base, reader.line_num, {image_col: row[ii], caption_col: row[ci]}, image_col, caption_col)
+                if start > line + 1 and any(  # a row over several lines, one of them a row of an image of ours:
+                        os.path.isfile(_resolve(base, rest.partition(delimiter)[0]))  # a quote left open ate it
+                        for rest in row[ci].splitlines()[1:] if delimiter in rest):
+                    out.problems.append((f"{path}:{line}", f"a quote opened in this row is not closed at its end, so "
+                                                           f"the rows up to line {start - 1} were read as its "
+                                                           "caption; close the quote"))
+                    continue
+                _add(out, base, line, {image_col: row[ii], caption_col: row[ci]}, image_col, caption_col)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except csv.Error as e:

@@ -307,6 +307,27 @@ def test_marker_proves_nothing_when_copied_moved_or_joined_by_other_files(tmp_pa
 
 # --- point 15: null captions and non-UTF-8 class files ------------------------------------------------
 
+def test_a_quote_left_open_in_a_caption_csv_is_named_not_swallowed(tmp_path):
+    """A caption that opens a quote and never closes it read the rows after it, up to the next quote, as its
+    own caption, silently: those images were left out of training. Captions over several lines still work."""
+    from imgsearch.captions import read_captions
+
+    for name in "abcde":
+        (tmp_path / f"{name}.png").write_bytes(b"x")
+    src = tmp_path / "captions.csv"
+    src.write_text('path,caption\na.png,a red circle\nb.png,"a blue square\nc.png,a green triangle\n'
+                   'd.png,a red square\ne.png,"two\nlines"\n')
+    cs = read_captions(src)
+    assert [(p.caption, p.line) for p in cs.pairs] == [("a red circle", 2)]
+    assert cs.problems == [(f"{src}:3", "a quote opened in this row is not closed at its end, so the rows up to "
+                                        "line 6 were read as its caption; close the quote"),
+                           (f"{src}:7", "expected 2 fields, found 1")]
+    src.write_text('path,caption\na.png,a red circle\ne.png,"two\nlines, on purpose"\nb.png,"Sunset" at dusk\n')
+    cs = read_captions(src)
+    assert [(p.caption, p.line) for p in cs.pairs] == [("a red circle", 2), ("two\nlines, on purpose", 3),
+                                                       ("Sunset at dusk", 5)] and cs.problems == []
+
+
 def test_jsonl_null_and_non_text_captions_are_skipped_with_their_line(tmp_path):
     from imgsearch.captions import read_captions
 
