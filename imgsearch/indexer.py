@@ -235,6 +235,7 @@ class Indexer:
             elif isinstance(item, files.Alias):
                 report.aliases += 1  # one physical file, one row: the path walked first
                 aliases.add(item.path)
+                report.alias_paths.add(item.path)
             else:
                 seen[item.path] = item
         existing = store.images_under(roots)
@@ -491,6 +492,7 @@ class Indexer:
                 report.removed += old is not None  # the row at this path goes, as in mv b.jpg a.jpg
             elif kind == "alias" and old is None:  # a hard link to a file the library has under another name
                 report.aliases += 1
+                report.alias_paths.add(e.path)
             else:
                 source = next((r for r in same if r.id in self._with_vec), None)  # a moved row's vector too
                 if source is not None:

@@ -79,6 +79,7 @@ class Library:
         self._query = None  # what encodes query images, scores and file tags (_images); False: the encoder
         self._open_lock = threading.RLock()
         self._encode_lock = threading.RLock()
+        self._links: set[str] = set()  # hard links and symlinks watch batches saw to images kept at another path
         self._closed = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -274,18 +275,38 @@ class Library:
 
     def _watch_catch_up(self, roots, progress=None, build_progress=None) -> IndexReport:
         self.encoder  # loaded once here, kept for every batch after
-        return self.index(roots, progress=progress, build_progress=build_progress)
+        report = self.index(roots, progress=progress, build_progress=build_progress)
+        self._links |= report.alias_paths
+        return report
 
     def _watch_batch(self, changed: list[str], gone: list[str]) -> IndexReport:
         """One watch batch, as one writer: index what is there, then forget what is gone (the index claims a
         moved file's row first, so it keeps its id). Writer first, then the encoder: queries of a shared
         Library (serve --watch) wait for one batch at most, never for another process's long index run."""
         with write_lock(self.settings.home):
+            if gone and self._links:  # rm a.jpg of hard links a.jpg, b.jpg: a's row moves to b, as index does
+                changed = changed + self._surviving_links(gone, set(changed))
             with self._encode_lock:
                 report = self.index(changed) if changed else IndexReport()
+            self._links |= report.alias_paths
             if gone:
                 report.removed += self.forget(gone)
         return report
+
+    def _surviving_links(self, gone: list[str], changed: set[str]) -> list[str]:
+        """Known other names of gone rows' files: the same size and time as a row, so the same unchanged inode
+        (not a file being written); the index confirms by content and moves the row there."""
+        marks = {(r.size, r.mtime_ns) for r in self.store.images_under(gone).values()}
+        out = []
+        for p in sorted(self._links - changed):
+            try:
+                st = os.stat(p)
+            except OSError:
+                self._links.discard(p)
+                continue
+            if (st.st_size, st.st_mtime_ns) in marks:
+                out.append(p)
+        return out
 
     def version(self) -> int:
         """A number that moves whenever images or vectors change, in any process (pages cache on it)."""

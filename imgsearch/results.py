@@ -42,6 +42,7 @@ class IndexReport:
     encoded: int = 0
     reused: int = 0  # vectors copied from an identical file already in the library
     aliases: int = 0  # second paths (symlinks, hard links) to a file the library already has
+    alias_paths: set[str] = field(default_factory=set, repr=False)  # those paths (watch moves a row to one)
     failed_before: int = 0  # failed in an earlier run and unchanged since: not retried
     failed: list[tuple[str, str]] = field(default_factory=list)
     # folder -> images kept although their files were not found: the folder holds no images at all now (an

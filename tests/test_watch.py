@@ -558,3 +558,24 @@ def test_ui_status_follows_another_process_without_waiting_for_its_cache(setting
         assert lib.forget(sorted(folder.glob("green_*.jpg"))) == 3
     at.run()
     assert "**Images** 9" in "\n".join(m.value for m in at.sidebar.markdown)
+
+
+def test_removing_one_of_two_hard_links_while_watched_keeps_the_row_at_the_other_as_index_does(lib, tmp_path):
+    """a.jpg and b.jpg are one file (one row, at a.jpg). `rm a.jpg` while watched forgot the row, its caption
+    and its id although the picture is still there as b.jpg; `index` moves the row to b.jpg."""
+    folder = shapes(tmp_path / "photos")
+    a = draw(folder / "a.jpg", "red", "circle")
+    (folder / "sub").mkdir()
+    b = folder / "sub" / "b.jpg"  # in another folder: hard links need not be neighbours
+    os.link(a, b)
+    report = lib._watch_catch_up([folder])
+    assert (report.new, report.aliases) == (13, 1)
+    assert lib.add_caption(a, "Grandma's red circle")
+    before = lib.search("a red circle", k=1)[0]
+    assert before.path == str(a)
+    a.unlink()
+    report = lib._watch_batch([], [str(a)])
+    assert (report.moved, report.removed, report.encoded) == (1, 0, 0)
+    hit = lib.search("a red circle", k=1)[0]
+    assert (hit.path, hit.id) == (str(b), before.id) and lib.captions(b) == ["Grandma's red circle"]
+    assert lib.status().images == 13
