@@ -446,6 +446,16 @@ class Library:
 
         return export_album(self.album(name), folder, link)
 
+    def indexed_folder_of(self, path) -> str | None:
+        """The folder at or above ``path`` that `index` or `watch` was given, if any: its next index reads
+        ``path`` too (an album exported there is indexed again as copies)."""
+        from .files import abspath
+
+        chain = [abspath(path)]
+        while chain[-1] != os.path.dirname(chain[-1]):
+            chain.append(os.path.dirname(chain[-1]))
+        return self.store.indexed_root(chain)
+
     # --- zero-shot tags, scores ------------------------------------------------------------------
     def classify(self, labels, templates=None, top: int = 1, min_prob: float = 0.0, under=None,
                  keep_results: bool = False):

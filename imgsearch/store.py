@@ -843,6 +843,13 @@ class Store:
                     "WHERE id = :id", {"t": time.time(), "x": int(interrupted), "id": run_id,
                                        **{k: counts.get(k, 0) for k in self._RUN_COUNTS}})
 
+    def indexed_root(self, folders: Sequence[str]) -> str | None:
+        """One of ``folders`` that an index run (or watch) was given as a root, if any."""
+        lines = {f"\n{_shown(f)}\n": f for f in folders}
+        where = " OR ".join(f"instr(char(10) || roots || char(10), :f{i}) > 0" for i in range(len(lines)))
+        hit = self.rows(f"SELECT roots FROM runs WHERE {where} LIMIT 1", **{f"f{i}": k for i, k in enumerate(lines)})
+        return next((f for k, f in lines.items() if k in f"\n{hit[0][0]}\n"), None) if hit else None
+
     def last_run(self) -> dict | None:
         r = self.rows(f"SELECT {', '.join(self._RUN_COLS)} FROM runs ORDER BY id DESC LIMIT 1")
         return dict(zip(self._RUN_COLS, r[0])) if r else None

@@ -514,3 +514,26 @@ def test_watch_adds_a_new_matching_photo_to_an_album(settings, tmp_path, cut):
             assert run.error is None
         finally:
             run.close()
+
+
+def test_export_into_an_indexed_folder_says_its_next_index_adds_the_copies(lib, cli, tmp_path, photos, cut):
+    """Copies exported into an indexed folder came back as new images at its next index (duplicate hits,
+    and a growing album took in its own copies) without a word; links are taken as the photos themselves."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(photos / "green_square_000.jpg", mine / "green.jpg")
+    assert lib.index(mine).new == 1
+    lib.save_album("reds", "a red circle", min_score=cut)
+
+    out = cli("album", "export", "reds", mine / "album" / "reds")
+    assert out.exit_code == 0 and out.stdout.strip() == \
+        f"copied 3 photos of album reds into {mine / 'album' / 'reds'}"
+    assert out.stderr.strip() == f"note: {mine / 'album' / 'reds'} is inside the indexed folder {mine}: its next " \
+        "`imgsearch index` adds these copies as new images; --link or a folder outside it avoids that"
+    assert lib.index(mine).new == 3  # what the note warns of
+
+    linked = cli("album", "export", "reds", mine / "links", "--link")
+    assert linked.exit_code == 0 and linked.stderr == ""
+    assert (lib.index(mine).new, len(os.listdir(mine / "links"))) == (0, 6)  # as the note says: no new image
+    outside = cli("album", "export", "reds", tmp_path / "outside")
+    assert outside.exit_code == 0 and outside.stderr == ""

@@ -123,5 +123,9 @@ def export_cmd(
     overwritten."""
     with library_of(ctx) as lib:
         written = lib.export_album(name, folder, link=link)
+        root = None if link or not written else lib.indexed_folder_of(folder)
     typer.echo(f"{'linked' if link else 'copied'} {plural(len(written), 'photo')} of album {name} into "
                f"{shown(str(folder))}")
+    if root is not None:  # the walk takes links as the photos they point to, copies as new images
+        err(f"note: {shown(str(folder))} is inside the indexed folder {shown(root)}: its next `imgsearch index` "
+            "adds these copies as new images; --link or a folder outside it avoids that")
