@@ -660,9 +660,15 @@ class Store:
 
     # --- tags (zero-shot labels) ---------------------------------------------------------------
     def tag_set(self, model_id: int, labels: Sequence[str], templates: Sequence[str]) -> int:
-        """Id of the (model, labels, templates) set, created on first use."""
+        """Id of the (model, labels, templates) set, created on first use; the same labels and templates in
+        another order are that set (listed in the order it was made with)."""
         lab, tpl = json.dumps(list(labels)), json.dumps(list(templates))
+        same = (sorted(labels), sorted(templates))
         with self.begin() as c:
+            for set_id, lab_in, tpl_in in c.execute("SELECT id, labels, templates FROM tag_sets WHERE model_id = :m "
+                                                    "ORDER BY id", {"m": model_id}).fetchall():
+                if (sorted(json.loads(lab_in)), sorted(json.loads(tpl_in))) == same:
+                    return int(set_id)
             c.execute("INSERT OR IGNORE INTO tag_sets (model_id, labels, templates, created_at) "
                       "VALUES (:m, :l, :t, :now)", {"m": model_id, "l": lab, "t": tpl, "now": time.time()})
             return int(c.execute("SELECT id FROM tag_sets WHERE model_id = :m AND labels = :l AND templates = :t",

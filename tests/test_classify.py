@@ -76,6 +76,21 @@ def test_reclassify_replaces_same_set_and_keeps_other_sets(cli, photos):
     assert {t["tag"] for t in ok_json(cli("tags", "--json"))} <= {"circle", "square", "triangle"}
 
 
+def test_the_same_labels_and_templates_in_another_order_reuse_their_set(cli, photos):
+    """`--labels a,b,c` then `--labels c,b,a` made a second, identical set: `tags --sets` listed both and
+    `tags` counted every image twice."""
+    cli("index", photos)
+    tpl = ["--template", "a {} shape", "--template", "{}"]
+    first = ok_json(cli("classify", "--labels", "circle,square,triangle", *tpl, "--json"))
+    again = ok_json(cli("classify", "--labels", "triangle,circle,square", *tpl[2:], *tpl[:2], "--json"))
+    assert again["set"] == first["set"] and again["labels"] == ["triangle", "circle", "square"]
+    sets = ok_json(cli("tags", "--sets", "--json"))
+    assert [(s["labels"], s["templates"]) for s in sets] == [(["circle", "square", "triangle"], ["a {} shape", "{}"])]
+    assert sum(t["images"] for t in ok_json(cli("tags", "--json"))) == 54  # not doubled
+    other = ok_json(cli("classify", "--labels", "triangle,circle", *tpl, "--json"))  # fewer labels: another set
+    assert other["set"] != first["set"] and len(ok_json(cli("tags", "--sets", "--json"))) == 2
+
+
 def test_top_and_min_prob(cli, photos):
     cli("index", photos)
     report = ok_json(cli("classify", "--labels", ",".join(COLOURS), "--top", "3", "--min-prob", "0.2", "--json"))
