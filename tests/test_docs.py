@@ -3,13 +3,15 @@
 docs/cli.md is checked against the real `--help` of every command and sub-command (found by walking the
 Typer app's command tree, so a new command or option without documentation fails here), every relative
 link in README.md and docs/*.md must lead to a file and heading that exist, and the README stays a one-page
-guide. Names are compared, never help prose, so rewording a help text cannot break these tests.
+guide. Names are compared, never help prose, so rewording a help text cannot break these tests. The
+Python examples (```python blocks of docs/api.md and README.md) run as written against a tiny library.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import shutil
 from pathlib import Path
 
 import typer.main
@@ -19,6 +21,7 @@ from imgsearch.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_MD = ROOT / "docs" / "cli.md"
+API_MD = ROOT / "docs" / "api.md"
 README = ROOT / "README.md"
 README_MAX_LINES = 300
 HELP_OPTIONS = {"-h", "--help"}  # on every command; cli.md says so once instead of in every table
@@ -30,6 +33,10 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"(#{1,6})\s+(.+?)\s*#*\s*$")
 COMMAND_HEADING = re.compile(r"`imgsearch((?: [a-z][\w-]*)*)`")
 RUNS_IMGSEARCH = re.compile(r"(?:^|[\s/])imgsearch\s")
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# Python examples the suite cannot run (a GPU, a real pretrained model, Ray): a text the block contains -> why.
+# Every other block runs; an entry that matches no block fails, so this list cannot go stale.
+PYTHON_NOT_RUN: dict[str, str] = {}
 
 
 # --- the command line as --help shows it --------------------------------------------------------------
@@ -248,3 +255,56 @@ def test_readme_is_a_one_page_guide_with_the_test_command():
     assert "make test" in text  # .ci/run calls the README's test command
     for doc in ("docs/cli.md", "docs/api.md", "docs/performance.md", "docs/security.md", "docs/architecture.md"):
         assert f"]({doc})" in text, f"the README links {doc}"
+
+
+def python_examples() -> list[tuple[str, str]]:
+    """(where, code) of every ```python block of docs/api.md and README.md."""
+    found = []
+    for doc in (API_MD, README):
+        text = doc.read_text(encoding="utf-8")
+        for m in PYTHON_BLOCK.finditer(text):
+            found.append((f"{doc.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 2}", m.group(1)))
+    return found
+
+
+def test_python_examples_run_as_written(home, model_id, tmp_path, monkeypatch, capsys):
+    """Each example runs unchanged in a fresh user folder: "~" holds Pictures/ (12 generated shapes, the red
+    and blue ones in Pictures/2024) and is the current folder, with example.jpg (a red circle); the model
+    comes from IMGSEARCH_MODEL, as the API reference says arguments left out do. What an example prints is
+    what a user would see: its report counts the new images, its text search finds red shapes first."""
+    import imgsearch.synthetic as synthetic
+
+    examples = python_examples()
+    assert [w for w, _ in examples if w.startswith("docs/api.md")], "docs/api.md shows no ```python example"
+    for text in PYTHON_NOT_RUN:
+        assert sum(text in code for _, code in examples) == 1, f"PYTHON_NOT_RUN entry {text!r} matches no block"
+    monkeypatch.setenv("IMGSEARCH_MODEL", model_id)
+    monkeypatch.setenv("IMGSEARCH_DEVICE", "cpu")
+    monkeypatch.setenv("IMGSEARCH_PRECISION", "fp32")
+    ran = []
+    for n, (where, code) in enumerate(examples):
+        if any(text in code for text in PYTHON_NOT_RUN):
+            continue  # listed above, with the reason
+        user = tmp_path / f"user{n}"
+        pictures = user / "Pictures"
+        synthetic.generate(pictures / "2024", per_class=1, colors=["red", "blue"], size=48, fmt="jpg", seed=3,
+                           captions_file=None)
+        synthetic.generate(pictures, per_class=1, colors=["green", "yellow"], size=48, fmt="jpg", seed=4,
+                           captions_file=None)
+        shutil.copy(pictures / "2024" / "red_circle_000.jpg", user / "example.jpg")
+        monkeypatch.setenv("HOME", str(user))
+        monkeypatch.chdir(user)
+        exec(compile(code, where, "exec"), {"__name__": "__main__"})
+        lines = capsys.readouterr().out.splitlines()
+        if 'report.new, "new,"' in code:
+            assert lines[0] == "12 new, 0 failed", where
+        hits = [re.fullmatch(r"-?\d\.\d{3}  (\S+)", line) for line in lines]
+        hits = [Path(m.group(1)) for m in hits if m]
+        asked = re.search(r"search\(\"a red car[^\"]*\", k=(\d+)", code)
+        if asked:
+            assert len(hits) == int(asked.group(1)) and hits[0].name.startswith("red_"), (where, lines)
+            assert all(h.is_relative_to(pictures) and h.is_file() for h in hits), where
+        if 'as_dict()["images"]' in code:
+            assert lines[-1] == "12", where
+        ran.append(where)
+    assert ran, "no Python example ran"
