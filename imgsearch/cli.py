@@ -140,11 +140,13 @@ def index_cmd(
                + (f" ({report.encoded} encoded, {rate:.1f} images/s)" if report.encoded else ""))
     typer.echo(f"  new {report.new}, updated {report.updated}, unchanged {report.unchanged}, moved {report.moved}, "
                f"removed {report.removed}, failed {len(report.failed)}"
-               + (f" (vectors reused for {report.reused} identical files)" if report.reused else ""))
+               + (f" (vectors reused for {plural(report.reused, 'identical file')})" if report.reused else ""))
     for line in kept_lines(report):
         typer.echo(f"  {line}")
     if report.aliases:
-        typer.echo(f"  {report.aliases} paths were second names (symlinks, hard links) of files indexed once")
+        one = report.aliases == 1
+        typer.echo(f"  {plural(report.aliases, 'path')} {'was a second name' if one else 'were second names'} "
+                   "(symlinks, hard links) of files indexed once")
     if report.failed_before:
         one = report.failed_before == 1
         typer.echo(f"  {report.failed_before} file{'' if one else 's'} that failed before and {'is' if one else 'are'} "
