@@ -231,15 +231,20 @@ def _query_rows(ctx: typer.Context, request, use_server: bool, daemon: bool) -> 
 def status_cmd(
     ctx: typer.Context,
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
-    failures: bool = typer.Option(False, "--failures", help="List every failed file with its reason."),
+    failures: bool = typer.Option(False, "--failures", help="List every failed file with its reason (PATH, tab, "
+                                  "REASON; with --json, an array of {path, reason})."),
 ):
     """What the library holds: images, failures, models and their vectors, index files, disk use."""
     from .output import human_bytes
 
     if failures:
         with library_of(ctx) as lib:
-            for path, reason in lib.failures():
-                typer.echo(f"{shown(path)}\t{shown(reason)}")
+            rows = lib.failures()
+        if json_out:  # the same objects as `status --json`'s failed_files
+            typer.echo(json.dumps([{"path": p, "reason": r} for p, r in rows], indent=2))
+            return
+        for path, reason in rows:
+            typer.echo(f"{shown(path)}\t{shown(reason)}")
         warn_if_escaped("--json")
         return
     with library_of(ctx) as lib:
