@@ -322,3 +322,27 @@ def test_help_does_not_import_torch():
             "bad = [m for m in ('torch', 'open_clip', 'faiss', 'numpy') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_index_report_counts_one_copy_and_one_second_name_in_the_singular(cli, tmp_path):
+    """The report said '(vectors reused for 1 identical files)' and '1 paths were second names'."""
+    folder = tmp_path / "one"
+    synthetic.generate(folder, per_class=1, colors=["red"], shapes=["circle"], size=64, captions_file=None)
+    (img,) = folder.iterdir()
+    cli("index", folder)
+    shutil.copy(img, folder / "copy.png")  # a copy of a file the library knows: its vector is reused
+    os.symlink(img, folder / "link.png")
+    r = cli("index", folder)
+    assert r.exit_code == 0, r.output
+    assert "new 1," in r.stdout and "(vectors reused for 1 identical file)" in r.stdout
+    assert "  1 path was a second name (symlinks, hard links) of files indexed once" in r.stdout
+
+
+def test_status_failures_json_is_json(cli, photos):
+    """`status --failures --json` printed tab-separated lines, --json silently ignored."""
+    (photos / "broken.jpg").write_bytes(b"not a jpeg at all")
+    cli("index", photos)
+    r = cli("status", "--failures", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout) == json.loads(cli("status", "--json").stdout)["failed_files"]
+    assert json.loads(r.stdout)[0]["path"] == str(photos / "broken.jpg")
