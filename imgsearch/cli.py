@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shlex
 from contextlib import suppress
 from pathlib import Path
 from typing import List, Optional
@@ -306,7 +307,8 @@ def forget_cmd(
     with library_of(ctx) as lib:
         removed = lib.forget(paths, wait=not no_wait)
     if removed == 0:
-        err("nothing in the library under " + ", ".join(shown(p) for p in paths))
+        names = ", ".join(shlex.quote(p) if shown(p) == p else shown(p) for p in paths)
+        err(f"error: nothing in the library under {names}; name files or folders that `imgsearch index` added")
         raise typer.Exit(1)
     typer.echo(f"removed {plural(removed, 'image')} from the library")
 

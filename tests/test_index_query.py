@@ -346,3 +346,14 @@ def test_status_failures_json_is_json(cli, photos):
     assert r.exit_code == 0
     assert json.loads(r.stdout) == json.loads(cli("status", "--json").stdout)["failed_files"]
     assert json.loads(r.stdout)[0]["path"] == str(photos / "broken.jpg")
+
+
+def test_forget_of_nothing_is_an_error_line_naming_the_path_as_typed(cli, photos, monkeypatch):
+    """It printed 'nothing in the library under with space': no 'error:', the name unquoted, no way on."""
+    cli("index", photos)
+    monkeypatch.chdir(photos)
+    r = cli("forget", "with space")
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == ["error: nothing in the library under 'with space'; name files or folders "
+                                     "that `imgsearch index` added"]
+    assert json.loads(cli("status", "--json").stdout)["images"] == 54
