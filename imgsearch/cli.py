@@ -112,6 +112,11 @@ def index_cmd(
     bar = Bar("indexing", quiet=quiet, skip_empty=True, smoothing=0.1)
     build_bar: Bar | None = None
 
+    def progress(done: int, total: int) -> None:
+        bar(done, total)
+        if done == total:  # closed now: a close after the index is saved would redraw it with that time too
+            bar.close()
+
     def build_progress(stage: str, done: int, total: int) -> None:
         nonlocal build_bar
         if quiet:
@@ -125,7 +130,7 @@ def index_cmd(
 
     try:
         with library_of(ctx) as lib:
-            report = lib.index(paths, progress=bar, build_progress=build_progress, wait=not no_wait, ray=ray)
+            report = lib.index(paths, progress=progress, build_progress=build_progress, wait=not no_wait, ray=ray)
     finally:
         for b in (bar, build_bar):
             if b is not None:
