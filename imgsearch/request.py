@@ -233,7 +233,7 @@ class SearchRequest:
             if not (positives or like):
                 raise ParamError("blend", "mixes keyword and CLIP scores; give query text or an image too")
         if not (positives or keyword or like):
-            raise UsageError("nothing to search for: give query text, an image, or both")
+            raise UsageError("nothing to search for: give query text, an image or a keyword")
         when = {}
         for name, value in (("after", after), ("before", before), ("near", near), ("camera", camera)):
             if value is None or (isinstance(value, str) and not value.strip()):  # as geo.build reads it: not given

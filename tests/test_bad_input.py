@@ -197,7 +197,7 @@ def test_bad_paths_and_arguments_exit_2(cli, photos):
     r = cli("query", "--image", photos / "nope.jpg")
     assert r.exit_code == 2 and r.stderr.strip() == f"error: query image not found: {photos / 'nope.jpg'}"
     r = cli("query")
-    assert r.exit_code == 2 and "nothing to search for" in r.stderr
+    assert r.exit_code == 2 and "nothing to search for: give query text, an image or a keyword" in r.stderr
     r = cli("query", "x", "--json", "--paths")
     assert r.exit_code == 2
     r = cli("query", "x", "--bogus-option")
