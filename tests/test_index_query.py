@@ -338,6 +338,20 @@ def test_index_report_counts_one_copy_and_one_second_name_in_the_singular(cli, t
     assert "  1 path was a second name (symlinks, hard links) of files indexed once" in r.stdout
 
 
+def test_index_of_a_folder_without_images_says_so(cli, tmp_path):
+    """An empty folder, or one whose images are all in a hidden folder, printed an all-zero report alone."""
+    folder = tmp_path / "empty"
+    synthetic.generate(folder / ".hidden", per_class=1, colors=["red"], shapes=["circle"], size=64,
+                       captions_file=None)
+    r = cli("index", folder)
+    assert r.exit_code == 0 and "new 0, updated 0" in r.stdout
+    assert f"  no images found under {folder} (hidden folders and imgsearch libraries are skipped)" in r.stdout
+    synthetic.generate(folder, per_class=1, colors=["red"], shapes=["circle"], size=64, captions_file=None)
+    r = cli("index", folder)
+    assert "new 1," in r.stdout and "no images found" not in r.stdout
+    assert "no images found" not in cli("index", folder).stdout  # unchanged ones are images too
+
+
 def test_status_failures_json_is_json(cli, photos):
     """`status --failures --json` printed tab-separated lines, --json silently ignored."""
     (photos / "broken.jpg").write_bytes(b"not a jpeg at all")
