@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shlex
 from contextlib import suppress
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +16,7 @@ from .commands import (JSON_HITS, NO_WAIT, PATHS, PRINT0, app, command, err, han
                        library_of, plural, search_options, settings_of, when)
 from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings, is_ray_address
 from .errors import UsageError
-from .output import print_hits, shown, warn_if_escaped
+from .output import print_hits, shell_word, shown, warn_if_escaped
 
 
 def _version(value: bool):
@@ -315,7 +314,7 @@ def forget_cmd(
     with library_of(ctx) as lib:
         removed = lib.forget(paths, wait=not no_wait)
     if removed == 0:
-        names = ", ".join(shlex.quote(p) if shown(p) == p else shown(p) for p in paths)
+        names = ", ".join(shell_word(p) for p in paths)
         err(f"error: nothing in the library under {names}; name files or folders that `imgsearch index` added")
         raise typer.Exit(1)
     typer.echo(f"removed {plural(removed, 'image')} from the library")

@@ -39,6 +39,14 @@ def shown(name: str) -> str:
 shown.escaped = 0
 
 
+def shell_word(name: str) -> str:
+    """A path to paste into a suggested command: shown()'s $'...' form where it escapes, else shell-quoted."""
+    import shlex
+
+    word = shown(name)
+    return shlex.quote(name) if word == name else word
+
+
 def warn_if_escaped(hint: str = "--print0 or --json") -> None:
     """One stderr line when some names were shown escaped (they are not usable as paths as printed)."""
     if shown.escaped:

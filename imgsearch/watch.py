@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Callable
 from . import files
 from .config import HOME_DB, HOME_MARKER
 from .errors import ImgSearchError, UsageError
-from .output import shown
+from .output import shell_word, shown
 from .results import IndexReport
 
 # Names editors, browsers and copy tools write first and rename when done: only the final name is a photo.
@@ -271,7 +270,7 @@ class Watcher:
                     self._sigs.pop(p, None)
             left, where = len(self.roots), shown(root)  # a name with a newline or non-UTF-8 bytes: one line
             self.say(f"watched folder {where} is gone (deleted, renamed or unmounted); its images stay in the "
-                     f"library (`imgsearch forget {shlex.quote(root) if where == root else where}` removes them); "
+                     f"library (`imgsearch forget {shell_word(root)}` removes them); "
                      + (f"still watching {left} folder{'s' if left != 1 else ''}" if left else "nothing left"))
             if not left:
                 raise FoldersGone("every watched folder is gone; nothing left to watch (start `imgsearch watch` "
