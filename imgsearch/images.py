@@ -131,7 +131,7 @@ def read_meta(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[in
 def _to_rgb(im):
     from PIL import Image
 
-    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):  # a colour key: onto white like an alpha
+    if "transparency" in im.info and im.mode in ("1", "P", "L", "RGB"):  # a colour key: onto white like an alpha
         im = im.convert("RGBA")
     if im.mode == "RGB":
         return im

@@ -309,8 +309,8 @@ def test_16_bit_grayscale_keeps_its_brightness(fmt):
 
 
 def test_transparency_is_white_however_the_file_stores_it():
-    """An alpha channel, a palette's transparent entry and a PNG colour key (tRNS in an RGB or grayscale PNG) all
-    show the background; the colour key's pixels were kept as they are stored (black here)."""
+    """An alpha channel, a palette's transparent entry and a PNG colour key (tRNS in an RGB, grayscale or 1-bit
+    PNG) all show the background; the colour key's pixels were kept as they are stored (black here)."""
     from PIL import Image
 
     from imgsearch import images
@@ -322,13 +322,15 @@ def test_transparency_is_white_however_the_file_stores_it():
     palette = logo.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
     saved = {"RGBA": (logo, {}), "P": (palette, {"transparency": palette.getpixel((0, 0))}),
              "RGB": (logo.convert("RGB"), {"transparency": (0, 0, 0)}), "LA": (gray, {}),
-             "L": (gray.convert("L"), {"transparency": 0})}
+             "L": (gray.convert("L"), {"transparency": 0}),
+             "1": (gray.convert("L").point(lambda v: 255 * (v > 0)).convert("1"), {"transparency": 0})}  # 1-bit art
     for mode, (im, options) in saved.items():
         buf = io.BytesIO()
         im.save(buf, "PNG", **options)
         out, _ = images.open_image(buf.getvalue())
         assert Image.open(io.BytesIO(buf.getvalue())).mode == mode
-        assert (out.getpixel((2, 2)), out.getpixel((20, 15))[0]) == ((255, 255, 255), 200 if "L" not in mode else 120)
+        ink = {"L": 120, "LA": 120, "1": 255}.get(mode, 200)
+        assert (out.getpixel((2, 2)), out.getpixel((20, 15))[0]) == ((255, 255, 255), ink), mode
 
 
 def test_a_jpeg_with_a_second_picture_is_draft_decoded_like_any_jpeg():
