@@ -298,8 +298,8 @@ def _opened(source, max_pixels: int, draft_size: int | None = None):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, if made an error
         raise DecodeError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
-        text = str(e) or type(e).__name__
-        if "truncated" in text.lower():
+        text = " ".join(str(e).split()) or type(e).__name__  # one line: libheif's messages end in a newline
+        if "truncated" in text.lower() or "end of file" in text.lower():  # libheif: "Unexpected end of file"
             raise DecodeError("truncated image file (incomplete download or copy?)") from None
         raise DecodeError(f"corrupt image: {text}") from None
     except MemoryError:

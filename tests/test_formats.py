@@ -360,3 +360,15 @@ def test_rotated_tiffs_and_photos_with_odd_exif_are_indexed_at_their_displayed_s
     r = cli("query", "a red square", "-k", "5", "--json")
     sizes = {Path(h["path"]).name: (h["width"], h["height"]) for h in json.loads(r.stdout)}
     assert sizes == {"portrait.tif": (200, 120), "odd_exif.jpg": (200, 120)}
+
+
+def test_a_half_copied_heic_is_called_truncated_in_one_line(cli, tmp_path):
+    """libheif ends its messages with a newline: the report showed an escaped $'corrupt image: ...\\n' instead
+    of the line every other cut-off photo gets."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the heic extra is part of the dev install")
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(shape("red", "circle", 3)).save(buf, quality=90)
+    cut = tmp_path / "IMG_0002.HEIC"
+    cut.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    report = index_json(cli, tmp_path)
+    assert report["failures"] == [{"path": str(cut), "reason": "truncated image file (incomplete download or copy?)"}]
