@@ -148,7 +148,8 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
             yield from visit_dir(root)
         elif os.path.lexists(root):
             yield file_entry(root, root) or Skipped(root, "not an image file (neither its extension nor its first "
-                                                          "bytes name an image format imgsearch reads)")
+                                                          "bytes name an image format imgsearch reads)"
+                                                    if os.path.isfile(root) else "not a regular file")
         else:
             yield Skipped(root, "no such file or folder")
 

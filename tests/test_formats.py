@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import struct
 import sys
@@ -217,6 +218,10 @@ def test_an_explicit_file_that_is_no_image_says_so(cli, tmp_path):
     out = json.loads(r.stdout)
     assert out["failures"] == [{"path": str(note), "reason": "not an image file (neither its extension nor its "
                                                                 "first bytes name an image format imgsearch reads)"}]
+    fifo = tmp_path / "clip.jpg"  # named like a photo, but a pipe: the reason said its extension named no image
+    os.mkfifo(fifo)
+    out = json.loads(cli("index", fifo, "--json").stdout)
+    assert out["failures"] == [{"path": str(fifo), "reason": "not a regular file"}]
 
 
 def test_sniffing_reads_only_files_without_a_telling_extension(tmp_path, monkeypatch):
