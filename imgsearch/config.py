@@ -22,8 +22,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
                               ".avif", ".avifs", ".mpo", ".im", ".msp"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 # Camera RAW files, read through rawpy (the `raw` extra); without it they are reported, never "corrupt".
-RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".raf", ".orf", ".rw2", ".pef",
-                            ".srw"})
+RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".sr2", ".srf", ".raf", ".orf",
+                            ".rw2", ".rwl", ".pef", ".srw", ".3fr", ".fff", ".iiq", ".mos", ".mrw", ".kdc", ".dcr",
+                            ".erf", ".mef"})
 RAW_NEEDS_EXTRA = "RAW file: install the raw extra (pip install 'imgsearch[raw]')"
 
 # The decompression-bomb cap (IMGSEARCH_MAX_PIXELS): Pillow's own default limit, so that no picture we accept

@@ -377,3 +377,18 @@ def test_a_half_copied_heic_is_called_truncated_in_one_line(cli, tmp_path):
     cut.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
     report = index_json(cli, tmp_path)
     assert report["failures"] == [{"path": str(cut), "reason": "truncated image file (incomplete download or copy?)"}]
+
+
+def test_raw_of_every_common_camera_is_read_as_raw(cli, tmp_path, monkeypatch):
+    """Hasselblad .3FR and Phase One .IIQ (TIFF-based) went to Pillow, which called them 'not an image', and an
+    old Canon .CRW was passed over without a word; rawpy reads them all."""
+    pytest.importorskip("rawpy", reason="the raw extra (rawpy) is part of the dev install")
+    for i, ext in enumerate(("3FR", "IIQ")):
+        write_dng(tmp_path / f"red_square.{ext}", "red", "square", 30 + i, preview=False)
+    report = index_json(cli, tmp_path)
+    assert (report["new"], report["failures"]) == (2, [])
+    crw = tmp_path / "old" / "IMG_0001.CRW"  # a CRW is no TIFF: nothing in its first bytes says image
+    crw.parent.mkdir()
+    crw.write_bytes(b"II\x1a\0\0\0HEAPCCDR" + bytes(200))
+    monkeypatch.setitem(sys.modules, "rawpy", None)
+    assert index_json(cli, crw.parent)["failures"] == [{"path": str(crw), "reason": RAW_NEEDS_EXTRA}]
