@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
                               ".dcx", ".sgi", ".rgb", ".rgba", ".bw", ".ras", ".xbm", ".xpm", ".psd", ".qoi", ".blp",
                               ".avif", ".avifs", ".mpo", ".im", ".msp"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
+HEIC_NEEDS_EXTRA = "HEIC/HEIF file: install the heic extra (pip install 'imgsearch[heic]')"
 # Camera RAW files, read through rawpy (the `raw` extra); without it they are reported, never "corrupt".
 RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".sr2", ".srf", ".raf", ".orf",
                             ".rw2", ".rwl", ".pef", ".srw", ".3fr", ".fff", ".iiq", ".mos", ".mrw", ".kdc", ".dcr",

@@ -44,11 +44,12 @@ def raw_supported() -> bool:
     return importlib.util.find_spec("rawpy") is not None
 
 
-def is_image_file(path: str, heic: bool | None = None) -> bool:
+def is_image_file(path: str, heic: bool = True) -> bool:
     """The walk's rule for one file: an image by extension, or by its first bytes when the extension says
-    nothing (a known non-image type is never opened). Used where single paths arrive (watch)."""
+    nothing (a known non-image type is never opened). Used where single paths arrive (watch). ``heic`` False:
+    HEIC is not (the walk takes HEIC files without the extra too, so that decoding says what to install)."""
     kind = formats.kind_by_extension(path) or formats.sniff(formats.read_head(path))
-    return kind in ("image", "raw") or (kind == "heic" and (heic_supported() if heic is None else heic))
+    return kind in ("image", "raw") or (kind == "heic" and heic)
 
 
 def is_hidden(name: str) -> bool:
@@ -74,7 +75,6 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
     back with symlinks resolved, one physical file once (further paths dropped, or yielded as Alias when
     ``aliases``); a folder is never visited twice, so symlink loops end. Hidden files and folders and library
     homes (``skip_homes``, any folder holding a library database and its marker) are skipped silently."""
-    heic = heic_supported()
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: dict[tuple[int, int], str] = {}
     homes: set[tuple[int, int]] = set()
@@ -85,7 +85,7 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
 
     def file_entry(shown: str, real: str) -> FileEntry | Skipped | Alias | None:
         kind = formats.kind_by_extension(shown)
-        if kind == "other" or (kind == "heic" and not heic):
+        if kind == "other":
             return None
         try:
             st = os.stat(real)
@@ -97,7 +97,7 @@ def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.Pa
             return None
         if kind is None:  # an odd or missing extension: the first bytes decide (one small read)
             kind = formats.sniff(formats.read_head(real))
-            if kind is None or (kind == "heic" and not heic):
+            if kind is None:
                 return None
         key = (st.st_dev, st.st_ino)
         first = seen_files.get(key)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from . import formats
-from .config import IMAGE_EXTENSIONS, MAX_PIXELS, RAW_NEEDS_EXTRA
+from .config import HEIC_NEEDS_EXTRA, IMAGE_EXTENSIONS, MAX_PIXELS, RAW_NEEDS_EXTRA
 from .errors import DecodeError
 
 # EXIF tags
@@ -242,7 +242,7 @@ def _heif(fp):
     try:
         from pillow_heif import HeifImageFile
     except ImportError:
-        raise DecodeError("HEIC/HEIF file: install the heic extra (pip install 'imgsearch[heic]')") from None
+        raise DecodeError(HEIC_NEEDS_EXTRA) from None
     fp.seek(0)
     return HeifImageFile(fp)
 

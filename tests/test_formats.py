@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from imgsearch import synthetic
-from imgsearch.config import RAW_NEEDS_EXTRA
+from imgsearch.config import HEIC_NEEDS_EXTRA, RAW_NEEDS_EXTRA
 
 
 # --- a minimal DNG, written from scratch: a 16-bit RGGB mosaic, optionally an embedded JPEG preview ----
@@ -209,6 +209,24 @@ def test_raw_without_the_extra_is_reported_then_retried_once_it_is_installed(cli
     assert after["new"] == 1 and after["failures"] == [], after
     status = json.loads(cli("status", "--json").stdout)
     assert status["failures"] == 0 and status["images"] == 4
+
+
+def test_heic_without_the_extra_is_reported_then_indexed_once_it_is_installed(cli, tmp_path, monkeypatch):
+    """Without pillow-heif a folder of iPhone photos was indexed as if it held none of them, without a word
+    (RAW files say what to install); now they are reported like RAW and read once the extra is there."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the heic extra is part of the dev install")
+    shape("blue", "square", 8).save(tmp_path / "blue_square.png")
+    photo = tmp_path / "IMG_0001.HEIC"
+    pillow_heif.from_pillow(shape("red", "circle", 9)).save(photo, quality=90)
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if the extra were not installed
+    report = index_json(cli, tmp_path)
+    assert report["new"] == 1
+    assert report["failures"] == [{"path": str(photo), "reason": HEIC_NEEDS_EXTRA}]
+    assert "install the heic extra" in HEIC_NEEDS_EXTRA
+    monkeypatch.setitem(sys.modules, "pillow_heif", pillow_heif)  # the extra is installed now
+    after = index_json(cli, tmp_path)
+    assert after["new"] == 1 and after["failures"] == [], after
+    assert hits(cli, "a red circle", 1) == ["IMG_0001.HEIC"]
 
 
 def test_an_explicit_file_that_is_no_image_says_so(cli, tmp_path):
