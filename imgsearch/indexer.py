@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from . import files, images
-from .config import RAW_NEEDS_EXTRA, Settings, thread_budget, torch_threads
+from .config import HEIC_NEEDS_EXTRA, RAW_NEEDS_EXTRA, Settings, thread_budget, torch_threads
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, ModelLoadError, UsageError
 from .store import ImageRow, ModelRow, Store
@@ -371,6 +371,8 @@ class Indexer:
             return True
         if reason == RAW_NEEDS_EXTRA:
             return files.raw_supported()
+        if reason == HEIC_NEEDS_EXTRA:
+            return files.heic_supported()
         if "IMGSEARCH_MAX_FILE_MB" in reason:
             return size <= self.settings.max_file_mb << 20
         if "IMGSEARCH_MAX_PIXELS" in reason:
