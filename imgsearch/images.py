@@ -286,6 +286,10 @@ def _opened(source, max_pixels: int, draft_size: int | None = None):
             try:
                 im = _pillow_open(fp)
             except UnidentifiedImageError:
+                if head[:4] == b"8BPS" and (head[4:6] == b"\0\2" or head[22:24] in (b"\0\x10", b"\0\x20")):
+                    kind = "large-document (PSB)" if head[4:6] == b"\0\2" else f"{head[23]}-bit"
+                    raise DecodeError(f"{kind} Photoshop file: Pillow reads 8-bit PSDs only "
+                                      "(save an 8-bit copy or a TIFF to index it)") from None
                 if formats.sniff(head) != "heic":
                     raise
                 im = _heif(fp)

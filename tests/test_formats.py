@@ -229,6 +229,26 @@ def test_heic_without_the_extra_is_reported_then_indexed_once_it_is_installed(cl
     assert hits(cli, "a red circle", 1) == ["IMG_0001.HEIC"]
 
 
+def psd(rgb: np.ndarray, depth: int) -> bytes:
+    """A flat RGB Photoshop file, uncompressed, at 8 or 16 bits per channel (Lightroom's "Edit in Photoshop"
+    writes 16)."""
+    h, w, _ = rgb.shape
+    planes = (rgb.astype(">u2") * 257 if depth == 16 else rgb).transpose(2, 0, 1).tobytes()
+    return b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, h, w, depth, 3) + bytes(4 + 4 + 4 + 2) + planes
+
+
+def test_a_16_bit_photoshop_file_is_not_called_corrupt(cli, tmp_path):
+    """Pillow reads 8-bit PSDs only: a photographer's 16-bit edits were each reported 'unknown or corrupt format'."""
+    rgb = np.asarray(shape("red", "square", 12))
+    (tmp_path / "red_square.psd").write_bytes(psd(rgb, 8))
+    edit = tmp_path / "IMG_0001-Edit.psd"
+    edit.write_bytes(psd(rgb, 16))
+    report = index_json(cli, tmp_path)
+    assert report["new"] == 1
+    assert report["failures"] == [{"path": str(edit), "reason": "16-bit Photoshop file: Pillow reads 8-bit PSDs "
+                                                                "only (save an 8-bit copy or a TIFF to index it)"}]
+
+
 def test_an_explicit_file_that_is_no_image_says_so(cli, tmp_path):
     note = tmp_path / "notes.bin"
     note.write_bytes(b"hello, not a picture")
