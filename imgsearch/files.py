@@ -162,11 +162,6 @@ def hash_file(f, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def content_hash(data: bytes) -> str:
-    """Content fingerprint of a file's bytes (BLAKE2b-128, hex); same value as hash_file."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def under(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` itself or inside it."""
     folder = folder.rstrip(os.sep) or os.sep

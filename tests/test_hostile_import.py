@@ -156,7 +156,9 @@ def test_rows_with_bad_values_are_skipped_counted_and_named(exported, tmp_path, 
 
 def test_only_image_files_are_imported_and_relative_paths_are_the_exports(exported, tmp_path, cli,
                                                                            monkeypatch):
-    from imgsearch.files import content_hash
+    import io
+
+    from imgsearch.files import hash_file
 
     vec = good_vector(exported)
     fifo = tmp_path / "pipe.jpg"
@@ -183,7 +185,7 @@ def test_only_image_files_are_imported_and_relative_paths_are_the_exports(export
         assert len(paths) == 19 and str(out / "photos" / "mine.jpg") in paths and str(decoy) not in paths
         assert not any(p.startswith(("/etc", "/proc", "/dev")) or "pipe" in p or "notes" in p for p in paths)
         trusting = tmp_path / "trusting"
-        hashes = [content_hash(Path(p).read_bytes()) if p.startswith("/etc") else None for p in targets]
+        hashes = [hash_file(io.BytesIO(Path(p).read_bytes())) if p.startswith("/etc") else None for p in targets]
         out2 = craft(exported, trusting, {"path": targets[:4], "hash": hashes[:4], "vector": [vec] * 4})
         report = lib.import_(out2, trust=True)
         assert [p for p, _ in report.not_images] == ["/etc/passwd", "/etc/hostname", f"/proc/{os.getpid()}/environ",
