@@ -161,17 +161,20 @@ MAX_ASPECT = 100
 
 def _reduced(im, draft_size: int | None) -> bool:
     """Whether libjpeg will decode ``im``, just opened, at 1/2 to 1/8 of its size for ``draft_size`` (as
-    _decode drafts) holding a few rows of blocks: a sequential JPEG whose first scan holds every component.
-    A progressive one, or one whose components come in separate scans, holds every coefficient of the
-    full-size picture whatever the scale (1 GB for a 1.8 kB file claiming 169 MP, where the host program lets
-    Pillow load truncated files)."""
-    if not draft_size or im.format != "JPEG" or im.info.get("progressive") or min(im.size) < 2 * draft_size:
+    _decode drafts) holding a few rows of blocks: a sequential JPEG (or an MPO's first picture) whose first scan
+    holds every component. A progressive one, or one whose components come in separate scans, holds every
+    coefficient of the full-size picture whatever the scale (1 GB for a 1.8 kB file claiming 169 MP, where the
+    host program lets Pillow load truncated files)."""
+    if not draft_size or im.format not in ("JPEG", "MPO") or im.info.get("progressive") \
+            or min(im.size) < 2 * draft_size:
         return False
-    n, end = len(im.layer), im.fp.tell()  # Pillow stops reading right after the first scan's header
-    im.fp.seek(max(0, end - 8 - 2 * n))
-    sos = im.fp.read(8 + 2 * n)  # FFDA, its length, the scan's component count, ...
-    im.fp.seek(end)
-    return sos[:2] == b"\xff\xda" and sos[4] == n
+    fp, end = im.fp, im.fp.tell()
+    fp.seek(2)  # the markers after SOI, each FFxx and a length, up to the first scan's (FFDA)
+    while len(seg := fp.read(4)) == 4 and seg[0] == 0xFF and seg[1] != 0xDA and (size := seg[2] << 8 | seg[3]) >= 2:
+        fp.seek(size - 2, 1)
+    components = fp.read(1)
+    fp.seek(end)
+    return seg[:2] == b"\xff\xda" and components == bytes([len(im.layer)])
 
 
 def check_size(w: int, h: int, max_pixels: int, what: str = "image", reduced: bool = False) -> None:

@@ -102,8 +102,11 @@ def test_a_camera_jpeg_decoded_reduced_may_pass_the_cap(tmp_path):
     gradient = Image.linear_gradient("L").convert("RGB").resize((1500, 1000))
     for name, extra in (("camera.jpg", {}), ("progressive.jpg", {"progressive": True})):
         gradient.save(tmp_path / name, "JPEG", **extra)
-    im, info = images.open_image(tmp_path / "camera.jpg", draft_size=224, max_pixels=1_000_000)
-    assert (info.width, info.height) == (1500, 1000) and max(im.size) <= 750  # decoded at 1/2 or less
+    # A phone's HDR photo (its gain map a second picture after it: Pillow says MPO) is decoded the same way.
+    gradient.save(tmp_path / "ultra_hdr.jpg", "MPO", save_all=True, append_images=[gradient.resize((375, 250))])
+    for name in ("camera.jpg", "ultra_hdr.jpg"):
+        im, info = images.open_image(tmp_path / name, draft_size=224, max_pixels=1_000_000)
+        assert (info.width, info.height) == (1500, 1000) and max(im.size) <= 750, name  # decoded at 1/2 or less
     for path, draft, why in ((tmp_path / "progressive.jpg", 224, "1500x1000 = 2 MP exceeds the 1 MP cap"),
                              (tmp_path / "camera.jpg", None, "1500x1000 = 2 MP exceeds the 1 MP cap")):
         with pytest.raises(DecodeError, match=why):
