@@ -205,7 +205,7 @@ def parse_near(raw) -> Near | None:
         lat, lon, km = [float(p) for p in parts] + [DEFAULT_KM] * (3 - len(parts))
         if not all(map(math.isfinite, (lat, lon, km))):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer too large for a float
         raise ParamError("near", f"give {NEAR_FORMAT}") from None
     if not -90 <= lat <= 90:
         raise ParamError("near", f"latitude {lat:g} is outside -90..90; give {NEAR_FORMAT}")

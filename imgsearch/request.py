@@ -65,7 +65,8 @@ class Term:
 
 def _number(value, name: str, what: str, low: float, high: float, outside: str | None = None) -> float:
     """A finite number from ``low`` to ``high``; ``outside`` says what is wrong with one out of range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # compared, not math.isfinite: a JSON integer may be too large for a float (10**400 overflows)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
         raise ParamError(name, what)
     if not low <= value <= high:
         raise ParamError(name, outside or what)

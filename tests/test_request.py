@@ -84,3 +84,16 @@ def test_a_request_round_trips_through_json(tmp_path):
     assert (back.k, back.min_score, back.under, back.tags, back.keyword, back.blend, back.relevance) == (
         7, 0.1, str(tmp_path), ("dog",), "trip", 0.3, True)
     assert back.when == {"after": "2023", "near": [48.85, 2.29, 5]} and back.ids == (3,)
+
+
+def test_a_number_too_big_for_a_float_is_refused_naming_its_field(home):
+    """JSON numbers have any number of digits: 10**400 reached math.isfinite / float() and the server answered
+    'internal error: OverflowError'."""
+    huge = 10 ** 400
+    for body, field in (({"texts": ["x"], "min_score": huge}, "min_score"),
+                        ({"texts": ["x"], "keyword": "x", "blend": huge}, "blend"),
+                        ({"texts": [{"text": "x", "weight": huge}]}, "texts[0]"),
+                        ({"texts": ["x"], "near": [huge, 2]}, "near"),
+                        ({"texts": ["x"], "near": [1, 2, huge]}, "near")):
+        assert _refusal(lambda: SearchRequest.from_json(body)).param == field
+    assert _refusal(lambda: Library(home).search("x", near=(1, huge))).param == "near"
