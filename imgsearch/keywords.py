@@ -53,9 +53,8 @@ def to_fts(text: str) -> str:
     if not positives:
         raise ParamError("keyword", "has no words to look for; give e.g. 2019 or '\"red car\" -draft'")
     expr = " AND ".join(positives)
-    for neg in negatives:
-        expr = f"({expr}) NOT {neg}"
-    return expr
+    # One NOT of all the exclusions: a NOT per word nested, and past ~100 of them FTS5's parser overflowed
+    return f"({expr}) NOT ({' OR '.join(negatives)})" if negatives else expr
 
 
 def match(store: Store, text: str, limit: int | None = None) -> dict[int, float]:
