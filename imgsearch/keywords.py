@@ -27,7 +27,7 @@ from .store import Store
 # CLIP side still sees every image.
 BLEND_KEYWORD_LIMIT = 10_000
 BLEND_POOL = 100  # CLIP's side of a blend is scaled over the library's this many best hits and the keyword matches
-_WORD = re.compile(r"\w", re.UNICODE)
+_WORD = re.compile(r"[^\W_]")  # a letter or digit: what FTS5 (unicode61) makes words of
 
 
 def _quote(term: str) -> str:
