@@ -15,7 +15,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 
 from .errors import ParamError
 
@@ -119,24 +119,20 @@ def stored_time(value) -> str | None:
 
 
 def parse_bound(raw, param: str) -> TimeBound | None:
-    """``raw`` (text, date or datetime) as the start (``after``) or end (``before``) of a time range."""
+    """``raw`` (text; request.py turns a date or datetime into its ISO text) as the start (``after``) or end
+    (``before``) of a time range."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
-    if isinstance(raw, datetime):
-        dt, shown = raw, raw.isoformat()
-    elif isinstance(raw, date):
-        return parse_bound(raw.isoformat(), param)
-    elif isinstance(raw, str):
-        shown = raw.strip()
-        period = _period(shown, param)
-        if period is not None:
-            return TimeBound("taken_at", _iso(period[1] if param == "before" else period[0]), shown)
-        try:
-            dt = datetime.fromisoformat(shown)
-        except ValueError:
-            raise ParamError(param, f"{shown[:40]!r} is not a date; give {DATE_FORMATS}") from None
-    else:
+    if not isinstance(raw, str):
         raise ParamError(param, f"give the date as text: {DATE_FORMATS}")
+    shown = raw.strip()
+    period = _period(shown, param)
+    if period is not None:
+        return TimeBound("taken_at", _iso(period[1] if param == "before" else period[0]), shown)
+    try:
+        dt = datetime.fromisoformat(shown)
+    except ValueError:
+        raise ParamError(param, f"{shown[:40]!r} is not a date; give {DATE_FORMATS}") from None
     if dt.tzinfo is not None:
         try:
             utc = dt.astimezone(timezone.utc).replace(tzinfo=None)

@@ -11,6 +11,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
+from datetime import date
 
 from .config import MAX_K
 from .errors import ParamError, UsageError
@@ -239,6 +240,8 @@ class SearchRequest:
         for name, value in (("after", after), ("before", before), ("near", near), ("camera", camera)):
             if value is None or (isinstance(value, str) and not value.strip()):  # as geo.build reads it: not given
                 continue
+            if isinstance(value, date):  # a date or datetime (Python API) as its ISO text: what JSON can carry
+                value = value.isoformat()
             if isinstance(value, str):
                 value = _string(value, name)
             when[name] = list(value) if isinstance(value, tuple) else value

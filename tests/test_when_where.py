@@ -174,6 +174,24 @@ def test_before_ends_at_the_end_of_its_period(lib):
                             k=3)) == ["green_rotated.jpg"]
 
 
+
+def test_dates_and_datetimes_from_python_work_in_an_album_too(lib):
+    """after/before take a date or datetime (docs/api.md): a search did, but saving it as an album failed with
+    'TypeError: Object of type date is not JSON serializable'."""
+    from datetime import date, timedelta, timezone
+
+    want = sorted(names(lib.search("a red circle", after="2021", before="2021-12-31", k=20)))
+    album = lib.save_album("2021", "a red circle", after=date(2021, 1, 1), before=date(2021, 12, 31), k=20)
+    try:
+        assert sorted(names(album.hits)) == want == ["red_2021_0.jpg", "red_2021_1.jpg", "red_2021_2.jpg"]
+        assert sorted(names(lib.album("2021").hits)) == want  # read back from the library
+    finally:
+        lib.delete_album("2021")
+    # An aware datetime is an instant, as its ISO text is: 23:30 on 31 Dec 2022 at -05:00 is 04:30 UTC.
+    utc = timezone(timedelta(0))
+    assert names(lib.search("a green triangle", after=datetime(2023, 1, 1, 4, tzinfo=utc),
+                            before=datetime(2023, 1, 1, 5, tzinfo=utc), k=3)) == ["green_rotated.jpg"]
+
 def test_near_and_camera(lib):
     near_paris = names(lib.search("a red circle", near="48.8584,2.2945,5", k=10))
     assert sorted(near_paris) == ["red_2021_0.jpg", "red_2021_1.jpg", "red_2021_2.jpg"]
