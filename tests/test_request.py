@@ -97,3 +97,13 @@ def test_a_number_too_big_for_a_float_is_refused_naming_its_field(home):
                         ({"texts": ["x"], "near": [1, 2, huge]}, "near")):
         assert _refusal(lambda: SearchRequest.from_json(body)).param == field
     assert _refusal(lambda: Library(home).search("x", near=(1, huge))).param == "near"
+
+
+def test_a_cli_refusal_stays_one_short_line_whatever_the_value(home, cli):
+    """The flag's value was echoed as typed: a newline in it split the message into two lines, and a pasted
+    page came back whole."""
+    for argv in (["x", "--after", "2023\nfoo"], ["x", "--near", "48.85\n2.29"],
+                 ["--keyword", "x" * 5000], ["x", "--near", "9" * 5000]):
+        r = cli("query", *argv, "--no-server")
+        assert r.exit_code == 2 and r.stderr.startswith("error: --"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and len(r.stderr) < 400, r.stderr[:400]

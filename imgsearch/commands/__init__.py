@@ -157,7 +157,8 @@ def flag_words(**flags):
         if e.param not in flags:
             raise
         flag, value = flags[e.param]
-        raise UsageError(f"{flag} {value}: {e.detail}") from None
+        value = "".join(ch if ch.isprintable() else "?" for ch in str(value))  # one line, however it was typed
+        raise UsageError(f"{flag} {value if len(value) <= 80 else value[:80] + '…'}: {e.detail}") from None
 
 
 def _search_params(
