@@ -20,6 +20,8 @@ BAD = [
      None),  # argv cannot carry a NUL
     ("ids", {"ids": [2 ** 70]}, {"texts": ["x"], "ids": [2 ** 70]}, {"q": "x", "id": str(2 ** 70)}, None),
     ("blend", {"blend": 0.5}, {"texts": ["x"], "blend": 0.5}, {"q": "x", "blend": "0.5"}, ["x", "--blend", "0.5"]),
+    ("blend", {"keyword": "x", "blend": math.nan}, {"texts": ["x"], "keyword": "x", "blend": 1.5},
+     {"q": "x", "keyword": "x", "blend": "nan"}, ["x", "--keyword", "x", "--blend", "nan"]),
     ("after", {"after": "not a date"}, {"texts": ["x"], "after": "not a date"}, {"q": "x", "after": "not a date"},
      ["x", "--after", "not a date"]),
     ("texts", {"text": ["x"] * (MAX_TERMS + 1)}, {"texts": ["x"] * (MAX_TERMS + 1)}, {"q": ["x"] * (MAX_TERMS + 1)},

@@ -178,7 +178,7 @@ def _search_params(
     keyword: Optional[str] = typer.Option(None, "--keyword", help="Only images whose file name, folder, captions "
                                           "or tags contain these words (word prefixes; \"a phrase\"; -word "
                                           "excludes). Alone, ranks by keywords only."),
-    blend: Optional[float] = typer.Option(None, "--blend", min=0.0, max=1.0, help="Blend keyword relevance into "
+    blend: Optional[float] = typer.Option(None, "--blend", help="Blend keyword relevance into "
                                           "the CLIP ranking with this weight (0-1) instead of filtering by "
                                           "--keyword."),
     after: Optional[str] = typer.Option(None, "--after", help="Only photos taken from this date on: YYYY, YYYY-MM, "
