@@ -103,8 +103,8 @@ def _period(raw: str, param: str) -> tuple[datetime, datetime] | None:
 
 
 def _iso(dt: datetime) -> str:
-    # datetime.max keeps its fraction: as text it must sort after 9999-12-31T23:59:59, a time photos can have
-    return dt.isoformat(timespec="microseconds" if dt == datetime.max else "seconds")
+    # A fraction is kept: 10:00:00.5 sorts after the 10:00:00 photos have (and datetime.max after 23:59:59)
+    return dt.isoformat(timespec="microseconds" if dt.microsecond else "seconds")
 
 
 def stored_time(value) -> str | None:

@@ -172,7 +172,11 @@ def test_before_ends_at_the_end_of_its_period(lib):
     # ...and an instant with an offset compares with the UTC time of capture.
     assert names(lib.search("a green triangle", after="2023-01-01T04:00Z", before="2023-01-01T05:00Z",
                             k=3)) == ["green_rotated.jpg"]
-
+    # A timestamp's fraction of a second counts: red_2021_0 was taken at 10:00:00 (the bound was cut to whole
+    # seconds, so --after 10:00:00.5 kept it and --before 10:00:00.5 dropped it).
+    assert names(lib.search("a red circle", after="2021-03-10T10:00:00.5", before="2021-03-11", k=20)) == []
+    assert names(lib.search("a red circle", after="2021-03-10T09:59:59.5", before="2021-03-10T10:00:00.5",
+                            k=20)) == ["red_2021_0.jpg"]
 
 
 def test_dates_and_datetimes_from_python_work_in_an_album_too(lib):
