@@ -172,10 +172,10 @@ def _gazetteer() -> dict[str, list[tuple[int, float, float, str, str]]]:
 def place(name: str) -> tuple[float, float, str]:
     """(lat, lon, "Name, CC") of the most populous city called ``name`` ("Paris", "Paris FR", "Paris, US")."""
     text = " ".join(name.replace(",", " ").split())
-    words = text.split(" ")
-    country = words[-1].upper() if len(words) > 1 and len(words[-1]) == 2 and words[-1].isalpha() else None
-    city = " ".join(words[:-1]) if country else text
-    found = [e for e in _gazetteer().get(city.casefold(), []) if country is None or e[3] == country]
+    city, _, code = text.rpartition(" ")
+    # Two letters at the end may be a country code ("Paris US") or part of the name ("Hoi An", "Santa Fe")
+    found = [e for e in _gazetteer().get(city.casefold(), []) if len(code) == 2 and e[3] == code.upper()] or \
+        _gazetteer().get(text.casefold(), [])
     if not found:
         raise ParamError("near", f"no city called {name[:60]!r} in the offline gazetteer (cities over 15,000 "
                                  f"people; add a country code, e.g. 'Paris FR'); or give {NEAR_FORMAT}")

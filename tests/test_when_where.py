@@ -237,6 +237,12 @@ def test_near_a_place_name_from_the_offline_gazetteer(lib, monkeypatch):
     assert names(lib.search("a red circle", near="Paris US", k=10)) == []  # Paris, Texas
     assert names(lib.search("a red circle", near="Tokyo", k=10)) == []
     assert len(lib.search("a red circle", near="Tokyo,10", k=10)) == 3
+    # A name ending in two letters is a city too, not NAME + country code ("no city called 'Hoi An'"):
+    # Tokyo is about 3,900 km from Hoi An, Paris about 9,900 km.
+    assert sorted(names(lib.search("a red circle", near="Hoi An,5000", k=10))) == [
+        "red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"]
+    assert [geo.place(name)[2] for name in ("Santa Fe US", "Tai Po", "Mui Ne")] == [
+        "Santa Fe, US", "Tai Po, HK", "Mui Ne, VN"]
     with pytest.raises(ParamError) as e:
         lib.search("a red circle", near="Nowhere Xanadu")
     assert str(e.value).startswith("near: no city called 'Nowhere Xanadu' in the offline gazetteer")
