@@ -15,7 +15,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from .errors import ParamError
 
@@ -224,7 +224,10 @@ def build(after=None, before=None, near=None, camera=None) -> MetaFilter | None:
     """The filter for these API/CLI values, or None when none is given; bad values are ParamErrors."""
     f = MetaFilter(parse_bound(after, "after"), parse_bound(before, "before"), parse_near(near),
                    parse_camera(camera))
-    if f.after and f.before and f.after.column == f.before.column and f.after.value >= f.before.value:
-        raise ParamError("before", f"{f.before.shown!r} ends before 'after' {f.after.shown!r} begins; give a "
-                                   "later 'before' or an earlier 'after'")
+    if f.after and f.before:
+        # An instant against a local time: local times lie within 15 hours of UTC (EXIF offsets up to 14:59)
+        gap = timedelta(hours=0 if f.after.column == f.before.column else 15)
+        if datetime.fromisoformat(f.after.value) - datetime.fromisoformat(f.before.value) >= gap:
+            raise ParamError("before", f"{f.before.shown!r} ends before 'after' {f.after.shown!r} begins; give a "
+                                       "later 'before' or an earlier 'after'")
     return f if (f.after or f.before or f.near or f.camera) else None

@@ -172,6 +172,8 @@ def test_before_ends_at_the_end_of_its_period(lib):
     # ...and an instant with an offset compares with the UTC time of capture.
     assert names(lib.search("a green triangle", after="2023-01-01T04:00Z", before="2023-01-01T05:00Z",
                             k=3)) == ["green_rotated.jpg"]
+    assert names(lib.search("a green triangle", after="2023-01-01T04:00Z", before="2022", k=3)) == [
+        "green_rotated.jpg"]  # UTC after 04:00, local time in 2022: not an empty range
     # A timestamp's fraction of a second counts: red_2021_0 was taken at 10:00:00 (the bound was cut to whole
     # seconds, so --after 10:00:00.5 kept it and --before 10:00:00.5 dropped it).
     assert names(lib.search("a red circle", after="2021-03-10T10:00:00.5", before="2021-03-11", k=20)) == []
@@ -286,6 +288,9 @@ def test_cli_filters_and_status(cli, dated, home):
     (["--after", "2023-13"], "--after 2023-13: '2023-13' is not a real date; give YYYY, YYYY-MM, YYYY-MM-DD"),
     (["--before", "last week"], "--before last week: 'last week' is not a date; give YYYY, YYYY-MM"),
     (["--after", "2023", "--before", "2022"], "--before 2022: '2022' ends before 'after' '2023' begins"),
+    # an instant and a period: local times lie within 15 hours of UTC, so a day apart no photo fits (it
+    # searched and found nothing, silently)
+    (["--after", "2023-01-02T00:00Z", "--before", "2022"], "--before 2022: '2022' ends before 'after' '2023-01-02"),
     (["--near", "95,10"], "--near 95,10: latitude 95 is outside -90..90; give LAT,LON or LAT,LON,KM"),
     (["--near", "45,200"], "--near 45,200: longitude 200 is outside -180..180"),
     (["--near", "45"], "--near 45: give LAT,LON or LAT,LON,KM in decimal degrees, e.g. 48.8584,2.2945,5"),
