@@ -420,6 +420,8 @@ def _image_bytes(t: Term) -> bytes:
     if isinstance(t.value, bytes):
         return t.value
     if isinstance(t.value, str):
+        if os.path.exists(t.value) and not os.path.isfile(t.value):  # /dev/zero, a FIFO: no end to read
+            raise UsageError(f"cannot use query image {t.value}: not a regular file")
         try:
             with open(t.value, "rb") as f:
                 return f.read()

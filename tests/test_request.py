@@ -4,6 +4,8 @@ server's JSON and URL parameters, the web UI's URL, the CLI)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -109,3 +111,14 @@ def test_a_cli_refusal_stays_one_short_line_whatever_the_value(home, cli):
         r = cli("query", *argv, "--no-server")
         assert r.exit_code == 2 and r.stderr.startswith("error: --"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and len(r.stderr) < 400, r.stderr[:400]
+
+
+def test_a_device_is_not_read_to_be_sent_to_the_server():
+    """A query image goes to a running server as its bytes: `query -i /dev/zero` (the server is used by default)
+    read until memory ran out (and a FIFO waited forever), where --no-server refuses it at once. In a process
+    capped at 512 MB, so that the old behaviour fails fast."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 29, 1 << 29)); "
+            "from imgsearch.request import SearchRequest; SearchRequest.build(image='/dev/zero').to_json()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == (
+        "imgsearch.errors.UsageError: cannot use query image /dev/zero: not a regular file"), r.stderr
