@@ -50,6 +50,10 @@ def test_keyword_filters_clip_ranking_by_folder_and_name(cli, trip):
     # -word excludes; a phrase must match in order.
     excl = ok_json(cli("query", "a red circle", "--keyword", "2019 -trip", "--json"))
     assert [Path(h["path"]).name for h in excl] == ["IMG_20190501_beach.jpg"]
+    # Any number of them: each nested one more NOT, and past about a hundred FTS5's parser overflowed (the
+    # search failed with 'check the library', though the library was fine).
+    many = " ".join(f"-zebra{i}" for i in range(150))
+    assert ok_json(cli("query", "a red circle", "--keyword", f"2019 -trip {many}", "--json")) == excl
     assert ok_json(cli("query", "a red circle", "--keyword", '"trip 2019"', "--json")) == []
 
 
@@ -63,18 +67,6 @@ def test_keyword_alone_ranks_by_keywords(cli, trip):
     r = cli("query", "--keyword", "circle", "--blend", "0.5")
     assert r.exit_code == 2 and "give query text" in r.stderr
 
-
-
-def test_many_excluded_words_still_search(cli, trip):
-    """Each -word nested one more NOT: past about a hundred, FTS5's parser overflowed and the search failed
-    with 'check the library', though the library was fine."""
-    cli("index", trip)
-    want = {h["path"] for h in ok_json(cli("query", "--keyword", "2019", "-k", "50", "--json"))}
-    excluded = " ".join(f"-zebra{i}" for i in range(150))
-    assert len(want) == 4
-    assert {h["path"] for h in ok_json(cli("query", "--keyword", f"2019 {excluded}", "-k", "50", "--json"))} == want
-    hits = ok_json(cli("query", "--keyword", f"2019 {excluded} -trip", "--json"))
-    assert [Path(h["path"]).name for h in hits] == ["IMG_20190501_beach.jpg"]
 
 def test_keywords_with_only_not_terms_or_a_min_score(cli, trip):
     """--not beside keywords alone ranks the matches away from it (it was dropped: the red circles it steered
