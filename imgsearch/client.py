@@ -45,6 +45,8 @@ def find_server(settings: Settings, timeout: float = 0.5, any_model: bool = Fals
             not (any_model or ModelSpec(settings.model, settings.pretrained).same_model(info.get("model"),
                                                                                         info.get("pretrained"))):
         return None  # not a record a server wrote (damaged, edited, another program's)
+    if not any_model and info.get("lang") != settings.lang:
+        return None  # it encodes query texts in its own --lang
     try:
         os.kill(info["pid"], 0)
     except (OSError, OverflowError):
@@ -135,7 +137,8 @@ def start_daemon(settings: Settings, idle_exit: str = "10m", wait: float = 180.0
     cmd = [sys.executable, "-m", "imgsearch", "--home", str(settings.home), "--model", settings.model]
     if settings.pretrained:
         cmd += ["--pretrained", settings.pretrained]
-    cmd += ["--device", settings.device, "--precision", settings.precision, "serve", "--idle-exit", idle_exit]
+    cmd += ["--device", settings.device, "--precision", settings.precision] + (
+        ["--lang", settings.lang] if settings.lang else []) + ["serve", "--idle-exit", idle_exit]
     env = {k: v for k, v in os.environ.items() if CLI_ENV.get(k) != v}  # the server picks its own threads
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     deadline = time.monotonic() + wait

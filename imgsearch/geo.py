@@ -15,7 +15,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from .errors import ParamError
 
@@ -103,8 +103,8 @@ def _period(raw: str, param: str) -> tuple[datetime, datetime] | None:
 
 
 def _iso(dt: datetime) -> str:
-    # datetime.max keeps its fraction: as text it must sort after 9999-12-31T23:59:59, a time photos can have
-    return dt.isoformat(timespec="microseconds" if dt == datetime.max else "seconds")
+    # A fraction is kept: 10:00:00.5 sorts after the 10:00:00 photos have (and datetime.max after 23:59:59)
+    return dt.isoformat(timespec="microseconds" if dt.microsecond else "seconds")
 
 
 def stored_time(value) -> str | None:
@@ -119,24 +119,20 @@ def stored_time(value) -> str | None:
 
 
 def parse_bound(raw, param: str) -> TimeBound | None:
-    """``raw`` (text, date or datetime) as the start (``after``) or end (``before``) of a time range."""
+    """``raw`` (text; request.py turns a date or datetime into its ISO text) as the start (``after``) or end
+    (``before``) of a time range."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
-    if isinstance(raw, datetime):
-        dt, shown = raw, raw.isoformat()
-    elif isinstance(raw, date):
-        return parse_bound(raw.isoformat(), param)
-    elif isinstance(raw, str):
-        shown = raw.strip()
-        period = _period(shown, param)
-        if period is not None:
-            return TimeBound("taken_at", _iso(period[1] if param == "before" else period[0]), shown)
-        try:
-            dt = datetime.fromisoformat(shown)
-        except ValueError:
-            raise ParamError(param, f"{shown[:40]!r} is not a date; give {DATE_FORMATS}") from None
-    else:
+    if not isinstance(raw, str):
         raise ParamError(param, f"give the date as text: {DATE_FORMATS}")
+    shown = raw.strip()
+    period = _period(shown, param)
+    if period is not None:
+        return TimeBound("taken_at", _iso(period[1] if param == "before" else period[0]), shown)
+    try:
+        dt = datetime.fromisoformat(shown)
+    except ValueError:
+        raise ParamError(param, f"{shown[:40]!r} is not a date; give {DATE_FORMATS}") from None
     if dt.tzinfo is not None:
         try:
             utc = dt.astimezone(timezone.utc).replace(tzinfo=None)
@@ -176,10 +172,10 @@ def _gazetteer() -> dict[str, list[tuple[int, float, float, str, str]]]:
 def place(name: str) -> tuple[float, float, str]:
     """(lat, lon, "Name, CC") of the most populous city called ``name`` ("Paris", "Paris FR", "Paris, US")."""
     text = " ".join(name.replace(",", " ").split())
-    words = text.split(" ")
-    country = words[-1].upper() if len(words) > 1 and len(words[-1]) == 2 and words[-1].isalpha() else None
-    city = " ".join(words[:-1]) if country else text
-    found = [e for e in _gazetteer().get(city.casefold(), []) if country is None or e[3] == country]
+    city, _, code = text.rpartition(" ")
+    # Two letters at the end may be a country code ("Paris US") or part of the name ("Hoi An", "Santa Fe")
+    found = [e for e in _gazetteer().get(city.casefold(), []) if len(code) == 2 and e[3] == code.upper()] or \
+        _gazetteer().get(text.casefold(), [])
     if not found:
         raise ParamError("near", f"no city called {name[:60]!r} in the offline gazetteer (cities over 15,000 "
                                  f"people; add a country code, e.g. 'Paris FR'); or give {NEAR_FORMAT}")
@@ -205,7 +201,7 @@ def parse_near(raw) -> Near | None:
         lat, lon, km = [float(p) for p in parts] + [DEFAULT_KM] * (3 - len(parts))
         if not all(map(math.isfinite, (lat, lon, km))):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer too large for a float
         raise ParamError("near", f"give {NEAR_FORMAT}") from None
     if not -90 <= lat <= 90:
         raise ParamError("near", f"latitude {lat:g} is outside -90..90; give {NEAR_FORMAT}")
@@ -228,7 +224,10 @@ def build(after=None, before=None, near=None, camera=None) -> MetaFilter | None:
     """The filter for these API/CLI values, or None when none is given; bad values are ParamErrors."""
     f = MetaFilter(parse_bound(after, "after"), parse_bound(before, "before"), parse_near(near),
                    parse_camera(camera))
-    if f.after and f.before and f.after.column == f.before.column and f.after.value >= f.before.value:
-        raise ParamError("before", f"{f.before.shown!r} ends before 'after' {f.after.shown!r} begins; give a "
-                                   "later 'before' or an earlier 'after'")
+    if f.after and f.before:
+        # An instant against a local time: local times lie within 15 hours of UTC (EXIF offsets up to 14:59)
+        gap = timedelta(hours=0 if f.after.column == f.before.column else 15)
+        if datetime.fromisoformat(f.after.value) - datetime.fromisoformat(f.before.value) >= gap:
+            raise ParamError("before", f"{f.before.shown!r} ends before 'after' {f.after.shown!r} begins; give a "
+                                       "later 'before' or an earlier 'after'")
     return f if (f.after or f.before or f.near or f.camera) else None

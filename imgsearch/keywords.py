@@ -27,7 +27,7 @@ from .store import Store
 # CLIP side still sees every image.
 BLEND_KEYWORD_LIMIT = 10_000
 BLEND_POOL = 100  # CLIP's side of a blend is scaled over the library's this many best hits and the keyword matches
-_WORD = re.compile(r"\w", re.UNICODE)
+_WORD = re.compile(r"[^\W_]")  # a letter or digit: what FTS5 (unicode61) makes words of
 
 
 def _quote(term: str) -> str:
@@ -53,9 +53,8 @@ def to_fts(text: str) -> str:
     if not positives:
         raise ParamError("keyword", "has no words to look for; give e.g. 2019 or '\"red car\" -draft'")
     expr = " AND ".join(positives)
-    for neg in negatives:
-        expr = f"({expr}) NOT {neg}"
-    return expr
+    # One NOT of all the exclusions: a NOT per word nested, and past ~100 of them FTS5's parser overflowed
+    return f"({expr}) NOT ({' OR '.join(negatives)})" if negatives else expr
 
 
 def match(store: Store, text: str, limit: int | None = None) -> dict[int, float]:

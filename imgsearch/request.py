@@ -11,6 +11,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
+from datetime import date
 
 from .config import MAX_K
 from .errors import ParamError, UsageError
@@ -65,7 +66,8 @@ class Term:
 
 def _number(value, name: str, what: str, low: float, high: float, outside: str | None = None) -> float:
     """A finite number from ``low`` to ``high``; ``outside`` says what is wrong with one out of range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # compared, not math.isfinite: a JSON integer may be too large for a float (10**400 overflows)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
         raise ParamError(name, what)
     if not low <= value <= high:
         raise ParamError(name, outside or what)
@@ -238,6 +240,8 @@ class SearchRequest:
         for name, value in (("after", after), ("before", before), ("near", near), ("camera", camera)):
             if value is None or (isinstance(value, str) and not value.strip()):  # as geo.build reads it: not given
                 continue
+            if isinstance(value, date):  # a date or datetime (Python API) as its ISO text: what JSON can carry
+                value = value.isoformat()
             if isinstance(value, str):
                 value = _string(value, name)
             when[name] = list(value) if isinstance(value, tuple) else value
@@ -416,6 +420,8 @@ def _image_bytes(t: Term) -> bytes:
     if isinstance(t.value, bytes):
         return t.value
     if isinstance(t.value, str):
+        if os.path.exists(t.value) and not os.path.isfile(t.value):  # /dev/zero, a FIFO: no end to read
+            raise UsageError(f"cannot use query image {t.value}: not a regular file")
         try:
             with open(t.value, "rb") as f:
                 return f.read()

@@ -396,7 +396,7 @@ class SearchServer:
         host, port = self.address
         try:
             publish(self.settings, {**self.service.health(), "host": host, "port": port, "token": self.token,
-                                    "started_at": time.time()})
+                                    "lang": self.service.library.settings.lang, "started_at": time.time()})
         except OSError as e:  # e.g. a library on read-only media: no client could learn the token
             raise LibraryError(f"cannot write {server_file(self.settings)} ({e.strerror or e}), where clients find "
                                "the server and its token; query the library directly (queries work without "

@@ -4,6 +4,8 @@ server's JSON and URL parameters, the web UI's URL, the CLI)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +22,8 @@ BAD = [
      None),  # argv cannot carry a NUL
     ("ids", {"ids": [2 ** 70]}, {"texts": ["x"], "ids": [2 ** 70]}, {"q": "x", "id": str(2 ** 70)}, None),
     ("blend", {"blend": 0.5}, {"texts": ["x"], "blend": 0.5}, {"q": "x", "blend": "0.5"}, ["x", "--blend", "0.5"]),
+    ("blend", {"keyword": "x", "blend": math.nan}, {"texts": ["x"], "keyword": "x", "blend": 1.5},
+     {"q": "x", "keyword": "x", "blend": "nan"}, ["x", "--keyword", "x", "--blend", "nan"]),
     ("after", {"after": "not a date"}, {"texts": ["x"], "after": "not a date"}, {"q": "x", "after": "not a date"},
      ["x", "--after", "not a date"]),
     ("texts", {"text": ["x"] * (MAX_TERMS + 1)}, {"texts": ["x"] * (MAX_TERMS + 1)}, {"q": ["x"] * (MAX_TERMS + 1)},
@@ -84,3 +88,37 @@ def test_a_request_round_trips_through_json(tmp_path):
     assert (back.k, back.min_score, back.under, back.tags, back.keyword, back.blend, back.relevance) == (
         7, 0.1, str(tmp_path), ("dog",), "trip", 0.3, True)
     assert back.when == {"after": "2023", "near": [48.85, 2.29, 5]} and back.ids == (3,)
+
+
+def test_a_number_too_big_for_a_float_is_refused_naming_its_field(home):
+    """JSON numbers have any number of digits: 10**400 reached math.isfinite / float() and the server answered
+    'internal error: OverflowError'."""
+    huge = 10 ** 400
+    for body, field in (({"texts": ["x"], "min_score": huge}, "min_score"),
+                        ({"texts": ["x"], "keyword": "x", "blend": huge}, "blend"),
+                        ({"texts": [{"text": "x", "weight": huge}]}, "texts[0]"),
+                        ({"texts": ["x"], "near": [huge, 2]}, "near"),
+                        ({"texts": ["x"], "near": [1, 2, huge]}, "near")):
+        assert _refusal(lambda: SearchRequest.from_json(body)).param == field
+    assert _refusal(lambda: Library(home).search("x", near=(1, huge))).param == "near"
+
+
+def test_a_cli_refusal_stays_one_short_line_whatever_the_value(home, cli):
+    """The flag's value was echoed as typed: a newline in it split the message into two lines, and a pasted
+    page came back whole."""
+    for argv in (["x", "--after", "2023\nfoo"], ["x", "--near", "48.85\n2.29"],
+                 ["--keyword", "x" * 5000], ["x", "--near", "9" * 5000]):
+        r = cli("query", *argv, "--no-server")
+        assert r.exit_code == 2 and r.stderr.startswith("error: --"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and len(r.stderr) < 400, r.stderr[:400]
+
+
+def test_a_device_is_not_read_to_be_sent_to_the_server():
+    """A query image goes to a running server as its bytes: `query -i /dev/zero` (the server is used by default)
+    read until memory ran out (and a FIFO waited forever), where --no-server refuses it at once. In a process
+    capped at 512 MB, so that the old behaviour fails fast."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 29, 1 << 29)); "
+            "from imgsearch.request import SearchRequest; SearchRequest.build(image='/dev/zero').to_json()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == (
+        "imgsearch.errors.UsageError: cannot use query image /dev/zero: not a regular file"), r.stderr

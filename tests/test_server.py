@@ -75,6 +75,16 @@ def kind(path: str) -> str:
     return "_".join(Path(path).stem.split("_")[:2])
 
 
+
+def test_a_query_in_another_language_is_not_answered_by_a_server_reading_its_own(shared):
+    """The server encodes with its own --lang: `imgsearch --lang deu_Latn query ...` was answered by a server
+    started without it, in English, silently. Such a query is answered in-process (or by a server with its
+    language)."""
+    from imgsearch.client import find_server
+
+    assert find_server(shared.settings) is not None  # this server (no --lang) for queries without one
+    assert find_server(shared.settings.with_(lang="deu_Latn")) is None
+
 def test_endpoints_answer_searches(home, shared):
     server, photos = shared, shared.photos
     code, health = call(server, "GET", "/api/health")

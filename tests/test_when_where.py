@@ -172,7 +172,31 @@ def test_before_ends_at_the_end_of_its_period(lib):
     # ...and an instant with an offset compares with the UTC time of capture.
     assert names(lib.search("a green triangle", after="2023-01-01T04:00Z", before="2023-01-01T05:00Z",
                             k=3)) == ["green_rotated.jpg"]
+    assert names(lib.search("a green triangle", after="2023-01-01T04:00Z", before="2022", k=3)) == [
+        "green_rotated.jpg"]  # UTC after 04:00, local time in 2022: not an empty range
+    # A timestamp's fraction of a second counts: red_2021_0 was taken at 10:00:00 (the bound was cut to whole
+    # seconds, so --after 10:00:00.5 kept it and --before 10:00:00.5 dropped it).
+    assert names(lib.search("a red circle", after="2021-03-10T10:00:00.5", before="2021-03-11", k=20)) == []
+    assert names(lib.search("a red circle", after="2021-03-10T09:59:59.5", before="2021-03-10T10:00:00.5",
+                            k=20)) == ["red_2021_0.jpg"]
 
+
+def test_dates_and_datetimes_from_python_work_in_an_album_too(lib):
+    """after/before take a date or datetime (docs/api.md): a search did, but saving it as an album failed with
+    'TypeError: Object of type date is not JSON serializable'."""
+    from datetime import date, timedelta, timezone
+
+    want = sorted(names(lib.search("a red circle", after="2021", before="2021-12-31", k=20)))
+    album = lib.save_album("2021", "a red circle", after=date(2021, 1, 1), before=date(2021, 12, 31), k=20)
+    try:
+        assert sorted(names(album.hits)) == want == ["red_2021_0.jpg", "red_2021_1.jpg", "red_2021_2.jpg"]
+        assert sorted(names(lib.album("2021").hits)) == want  # read back from the library
+    finally:
+        lib.delete_album("2021")
+    # An aware datetime is an instant, as its ISO text is: 23:30 on 31 Dec 2022 at -05:00 is 04:30 UTC.
+    utc = timezone(timedelta(0))
+    assert names(lib.search("a green triangle", after=datetime(2023, 1, 1, 4, tzinfo=utc),
+                            before=datetime(2023, 1, 1, 5, tzinfo=utc), k=3)) == ["green_rotated.jpg"]
 
 def test_near_and_camera(lib):
     near_paris = names(lib.search("a red circle", near="48.8584,2.2945,5", k=10))
@@ -215,6 +239,12 @@ def test_near_a_place_name_from_the_offline_gazetteer(lib, monkeypatch):
     assert names(lib.search("a red circle", near="Paris US", k=10)) == []  # Paris, Texas
     assert names(lib.search("a red circle", near="Tokyo", k=10)) == []
     assert len(lib.search("a red circle", near="Tokyo,10", k=10)) == 3
+    # A name ending in two letters is a city too, not NAME + country code ("no city called 'Hoi An'"):
+    # Tokyo is about 3,900 km from Hoi An, Paris about 9,900 km.
+    assert sorted(names(lib.search("a red circle", near="Hoi An,5000", k=10))) == [
+        "red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"]
+    assert [geo.place(name)[2] for name in ("Santa Fe US", "Tai Po", "Mui Ne")] == [
+        "Santa Fe, US", "Tai Po, HK", "Mui Ne, VN"]
     with pytest.raises(ParamError) as e:
         lib.search("a red circle", near="Nowhere Xanadu")
     assert str(e.value).startswith("near: no city called 'Nowhere Xanadu' in the offline gazetteer")
@@ -258,6 +288,9 @@ def test_cli_filters_and_status(cli, dated, home):
     (["--after", "2023-13"], "--after 2023-13: '2023-13' is not a real date; give YYYY, YYYY-MM, YYYY-MM-DD"),
     (["--before", "last week"], "--before last week: 'last week' is not a date; give YYYY, YYYY-MM"),
     (["--after", "2023", "--before", "2022"], "--before 2022: '2022' ends before 'after' '2023' begins"),
+    # an instant and a period: local times lie within 15 hours of UTC, so a day apart no photo fits (it
+    # searched and found nothing, silently)
+    (["--after", "2023-01-02T00:00Z", "--before", "2022"], "--before 2022: '2022' ends before 'after' '2023-01-02"),
     (["--near", "95,10"], "--near 95,10: latitude 95 is outside -90..90; give LAT,LON or LAT,LON,KM"),
     (["--near", "45,200"], "--near 45,200: longitude 200 is outside -180..180"),
     (["--near", "45"], "--near 45: give LAT,LON or LAT,LON,KM in decimal degrees, e.g. 48.8584,2.2945,5"),

@@ -157,7 +157,8 @@ def flag_words(**flags):
         if e.param not in flags:
             raise
         flag, value = flags[e.param]
-        raise UsageError(f"{flag} {value}: {e.detail}") from None
+        value = "".join(ch if ch.isprintable() else "?" for ch in str(value))  # one line, however it was typed
+        raise UsageError(f"{flag} {value if len(value) <= 80 else value[:80] + '…'}: {e.detail}") from None
 
 
 def _search_params(
@@ -177,7 +178,7 @@ def _search_params(
     keyword: Optional[str] = typer.Option(None, "--keyword", help="Only images whose file name, folder, captions "
                                           "or tags contain these words (word prefixes; \"a phrase\"; -word "
                                           "excludes). Alone, ranks by keywords only."),
-    blend: Optional[float] = typer.Option(None, "--blend", min=0.0, max=1.0, help="Blend keyword relevance into "
+    blend: Optional[float] = typer.Option(None, "--blend", help="Blend keyword relevance into "
                                           "the CLIP ranking with this weight (0-1) instead of filtering by "
                                           "--keyword."),
     after: Optional[str] = typer.Option(None, "--after", help="Only photos taken from this date on: YYYY, YYYY-MM, "
