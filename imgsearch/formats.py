@@ -8,6 +8,7 @@ missing extensions) costs one 32-byte read, matched against the signatures below
 from __future__ import annotations
 
 import os
+import stat
 
 from .config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, RAW_EXTENSIONS
 
@@ -62,6 +63,23 @@ def _is_pnm(head: bytes) -> bool:
     rest = head[2:].lstrip(b" \t\r\n")
     return rest[:1].isdigit() or rest[:1] == b"#" or (head[1:2] == b"7" and rest[:5] in (
         b"WIDTH", b"HEIGH", b"DEPTH", b"MAXVA", b"TUPLT", b"ENDHD"))
+
+
+def open_regular(path: str | os.PathLike):
+    """``path`` opened for binary reading when it is a regular file, else OSError "not a regular file". Opened
+    without blocking and checked once open: a FIFO or a device put where a file was after the walk saw it (or
+    given by name) is refused, never read forever."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_head(path: str) -> bytes:

@@ -231,7 +231,7 @@ def _binary(source):
             raise DecodeError("empty file (0 bytes)")
         return io.BytesIO(source)
     try:
-        f = open(source, "rb")
+        f = formats.open_regular(source)
     except OSError as e:
         raise DecodeError(f"cannot read file: {e.strerror or e}") from None
     if os.fstat(f.fileno()).st_size == 0:

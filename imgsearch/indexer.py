@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from . import files, images
+from . import files, formats, images
 from .config import HEIC_NEEDS_EXTRA, RAW_NEEDS_EXTRA, Settings, thread_budget, torch_threads
 from .encoder import Encoder, ModelSpec
 from .errors import DecodeError, ModelLoadError, UsageError
@@ -143,7 +143,7 @@ class DecodeStage:
             return
 
         def read(path):
-            with open(path, "rb") as f:
+            with formats.open_regular(path) as f:
                 return path, self.read_jpeg(f)
 
         from itertools import islice
@@ -189,7 +189,7 @@ class Indexer:
         cap = self.settings.max_file_mb << 20
         jpeg = None
         try:
-            with open(path, "rb") as f:
+            with formats.open_regular(path) as f:  # a FIFO swapped in since the walk never blocks the run
                 size = os.fstat(f.fileno()).st_size
                 if size > cap:  # never read: peak memory stays near workers x cap
                     return _Done(work, error=f"file is {human_bytes(size)}, over the {self.settings.max_file_mb} MB "

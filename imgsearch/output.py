@@ -39,6 +39,13 @@ def shown(name: str) -> str:
 shown.escaped = 0
 
 
+def one_line(text: str) -> str:
+    """A message as one printable line: a control character (a newline in a file name it quotes) shown as its
+    escape, a byte that is not UTF-8 as \\xNN."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF
+                   else ch.encode("unicode_escape").decode() for ch in text)
+
+
 def shell_word(name: str) -> str:
     """A path to paste into a suggested command: shown()'s $'...' form where it escapes, else shell-quoted."""
     import shlex

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import date
 
+from . import formats
 from .config import MAX_K
 from .errors import ParamError, UsageError
 
@@ -420,10 +421,8 @@ def _image_bytes(t: Term) -> bytes:
     if isinstance(t.value, bytes):
         return t.value
     if isinstance(t.value, str):
-        if os.path.exists(t.value) and not os.path.isfile(t.value):  # /dev/zero, a FIFO: no end to read
-            raise UsageError(f"cannot use query image {t.value}: not a regular file")
         try:
-            with open(t.value, "rb") as f:
+            with formats.open_regular(t.value) as f:  # /dev/zero or a FIFO: no end to read
                 return f.read()
         except OSError as e:
             raise UsageError(f"cannot use query image {t.value}: {e.strerror or e}") from None

@@ -83,19 +83,17 @@ def test_pixel_cap_is_configurable(cli, tmp_path, monkeypatch):
 
 
 def test_unreadable_file_is_reported(cli, photos, monkeypatch):
-    import builtins
+    from imgsearch import formats
 
-    import imgsearch.indexer as indexer
+    real_open = formats.open_regular
 
-    real_open = builtins.open
-
-    def guarded_open(path, *a, **kw):
+    def guarded_open(path):
         if str(path).endswith("blue_circle_001.jpg"):
             raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *a, **kw)
+        return real_open(path)
 
     # Root reads everything, so permission errors are simulated at the point the indexer reads files.
-    monkeypatch.setattr(indexer, "open", guarded_open, raising=False)
+    monkeypatch.setattr(formats, "open_regular", guarded_open)
     rep = report(cli, photos)
     assert rep["new"] == 53
     assert rep["failures"] == [{"path": str(photos / "blue_circle_001.jpg"),
@@ -256,3 +254,16 @@ def test_batched_tensor_jpeg_decode_matches_pillow(cli, photos, tmp_path, monkey
     by_path = {pil_paths[i]: v for i, v in zip(ids.tolist(), pil_vecs)}
     cos = [float(v @ by_path[paths[i]]) for i, v in zip(ids2.tolist(), tensor_vecs)]
     assert min(cos) > 0.995
+
+
+def test_an_error_naming_a_crafted_file_stays_on_one_line(cli, photos, tmp_path):
+    """A newline in a file's name split the error naming it over two lines (`query --image`, `--like` of a path
+    the library does not hold): the CLI prints every error escaped, as one line."""
+    assert cli("index", photos).exit_code == 0
+    bad = tmp_path / "bad\nname.jpg"
+    bad.write_bytes(b"not a picture")
+    for argv in (["--image", bad], ["red", "--like", bad]):
+        r = cli("query", *argv, "--no-server")
+        assert r.exit_code != 0
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "bad\\nname.jpg" in r.stderr

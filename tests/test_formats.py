@@ -262,6 +262,41 @@ def test_an_explicit_file_that_is_no_image_says_so(cli, tmp_path):
     assert out["failures"] == [{"path": str(fifo), "reason": "not a regular file"}]
 
 
+def test_a_photo_swapped_for_a_pipe_after_the_walk_never_hangs_the_run(home, model_id, tmp_path, monkeypatch):
+    """Between the walk (which skips pipes) and the read, a photo replaced by a FIFO made `open` wait for a
+    writer forever: the run hung, holding the write lock. Every photo is now opened without blocking and checked
+    once open."""
+    import threading
+
+    import imgsearch
+    from imgsearch import files, synthetic
+
+    synthetic.generate(tmp_path / "p", per_class=2, colors=["red"], shapes=("circle",), captions_file=None)
+    victim = sorted((tmp_path / "p").rglob("*.png"))[0]
+    walk = files.walk
+
+    def swapping_walk(*a, **kw):
+        for entry in walk(*a, **kw):
+            if getattr(entry, "path", None) == str(victim):
+                victim.unlink()
+                os.mkfifo(victim)
+            yield entry
+
+    monkeypatch.setattr(files, "walk", swapping_walk)
+    done = {}
+    with imgsearch.Library(home, model_id, device="cpu", precision="fp32") as lib:
+        run = threading.Thread(target=lambda: done.setdefault("report", lib.index(tmp_path / "p")), daemon=True)
+        run.start()
+        run.join(300)  # only the old, blocking read ever waits here
+        hung = run.is_alive()
+        if hung:  # a writer ends the blocked read, so the library closes
+            open(victim, "wb").close()
+            run.join()
+        assert not hung, "index blocked reading a FIFO"
+    assert done["report"].failed == [(str(victim), "cannot read file: not a regular file")]
+    assert done["report"].new == 1
+
+
 def test_sniffing_reads_only_files_without_a_telling_extension(tmp_path, monkeypatch):
     from imgsearch import files, formats
 

@@ -48,7 +48,9 @@ def handle_errors(fn):
         try:
             return fn(*a, **kw)
         except ImgSearchError as e:
-            err(f"error: {e}")
+            from ..output import one_line
+
+            err(f"error: {one_line(str(e))}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err("interrupted: finished batches are saved; run the same command again to continue")
@@ -157,7 +159,7 @@ def flag_words(**flags):
         if e.param not in flags:
             raise
         flag, value = flags[e.param]
-        value = "".join(ch if ch.isprintable() else "?" for ch in str(value))  # one line, however it was typed
+        value = str(value)  # handle_errors prints it on one line
         raise UsageError(f"{flag} {value if len(value) <= 80 else value[:80] + '…'}: {e.detail}") from None
 
 
