@@ -27,9 +27,19 @@ from .results import Hit, IndexReport, LibraryStatus
 __all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "templates_from"]
 
 
-def _paths(paths) -> list[str]:
-    """One path or many, as text."""
-    return [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+def _paths(paths, verb: str) -> list[str]:
+    """One path or many (str, bytes or os.PathLike), as text, for the method ``verb``. An empty path is refused:
+    `imgsearch forget "$DIR"` with DIR unset must not mean the current folder."""
+    try:
+        out = [os.fsdecode(p) for p in ([paths] if isinstance(paths, (str, bytes, os.PathLike)) else paths)]
+    except TypeError:
+        raise TypeError(f"{verb}: give a path or a list of paths, not {type(paths).__name__}") from None
+    if "" in out:
+        raise UsageError(f"an empty path was given to {verb} (an unset variable?); name the files or folders, "
+                         "`.` for the current folder")
+    if not out:
+        raise UsageError(f"give at least one file or folder to {verb}")
+    return out
 
 
 def _albums():
@@ -220,7 +230,7 @@ class Library:
             if remote.address is not None:
                 remote.open()  # an unreachable cluster too
         try:
-            report = index_paths(self.settings, _paths(paths), encoder=self._encoder,
+            report = index_paths(self.settings, _paths(paths, "index"), encoder=self._encoder,
                                  open_store=self._open_store, load_encoder=lambda: self.encoder, progress=progress,
                                  build_progress=build_progress, wait=wait, remote=remote)
         finally:
@@ -258,7 +268,7 @@ class Library:
         """Remove files or folders from the library (the files stay on disk); returns how many images."""
         from .indexer import forget
 
-        removed = forget(self.settings, self.store, _paths(paths), wait=wait)
+        removed = forget(self.settings, self.store, _paths(paths, "forget"), wait=wait)
         if removed:
             self._albums_follow()
         return removed
@@ -270,8 +280,8 @@ class Library:
         would, under the write lock only while each batch is written."""
         from .watch import Watcher
 
-        return Watcher(paths, self._watch_batch, self._watch_catch_up, home=self.settings.home, poll=poll,
-                       interval=interval, debounce=debounce, on_batch=on_batch, say=say)
+        return Watcher(_paths(paths, "watch"), self._watch_batch, self._watch_catch_up, home=self.settings.home,
+                       poll=poll, interval=interval, debounce=debounce, on_batch=on_batch, say=say)
 
     def _watch_catch_up(self, roots, progress=None, build_progress=None) -> IndexReport:
         self.encoder  # loaded once here, kept for every batch after
@@ -433,11 +443,11 @@ class Library:
     def pin(self, name: str, paths):
         """Keep photos (files, or every library photo in a folder) in the album whatever its search says;
         returns (photos pinned, the album evaluated now). A path not in the library is a UsageError."""
-        return _albums().pin(self.store, self._warm, name, paths, True)
+        return _albums().pin(self.store, self._warm, name, _paths(paths, "pin"), True)
 
     def unpin(self, name: str, paths):
         """Drop photos from the album whatever its search says (``pin`` brings them back); as ``pin``."""
-        return _albums().pin(self.store, self._warm, name, paths, False)
+        return _albums().pin(self.store, self._warm, name, _paths(paths, "unpin"), False)
 
     def export_album(self, name: str, folder, *, link: bool = False) -> list[str]:
         """Copy (or with ``link`` symlink) the album's photos, best first, into a new or empty folder; a name
@@ -472,7 +482,7 @@ class Library:
         """Labels for image files (folders are walked) without touching the library."""
         from . import tagging, zeroshot
 
-        return tagging.classify_files(self.settings, _paths(paths), zeroshot.parse_labels(labels),
+        return tagging.classify_files(self.settings, _paths(paths, "classify"), zeroshot.parse_labels(labels),
                                       templates, top, min_prob, encoder=self._images)
 
     def tags(self) -> list[tuple[str, int]]:

@@ -295,3 +295,28 @@ def test_wheel_ships_the_ui_page(tmp_path):
     page, package = proc.stdout.split()
     assert Path(package).is_relative_to(site) and Path(page) == site / "imgsearch" / "ui" / "app.py"
     assert "def main()" in Path(page).read_text()
+
+
+def test_paths_are_one_path_in_any_form_and_an_empty_one_is_refused(indexed, tmp_path, monkeypatch):
+    """A str, Path or bytes path is that one path to every method that takes paths (bytes were read as a list of
+    numbers, and a str given to watcher as one-letter folders); an empty path (an unset variable) is refused, not
+    read as the current folder; a value that is no path is a TypeError naming the method."""
+    import shutil
+
+    import imgsearch
+
+    lib, photos = indexed.lib, indexed.photos
+    assert lib.index(os.fsencode(photos)).unchanged == 54
+    for given in (str(photos), photos, os.fsencode(photos), [photos]):
+        assert lib.watcher(given).roots == [str(photos.resolve())]
+    shutil.copy(sorted(photos.glob("*.jpg"))[0], tmp_path / "in-the-current-folder.jpg")
+    monkeypatch.chdir(tmp_path)
+    for verb, call in (("index", lambda: lib.index("")), ("watch", lambda: lib.watcher("")),
+                       ("forget", lambda: lib.forget([photos, ""]))):
+        with pytest.raises(imgsearch.UsageError, match=f"^an empty path was given to {verb} "):
+            call()
+    with pytest.raises(imgsearch.UsageError, match="^give at least one file or folder to pin$"):
+        lib.pin("no album needed to say so", [])
+    with pytest.raises(TypeError, match="^index: give a path or a list of paths, not NoneType$"):
+        lib.index(None)
+    assert lib.status().images == 54 and len(lib.search("a red circle", k=54)) == 54
