@@ -320,3 +320,24 @@ def test_paths_are_one_path_in_any_form_and_an_empty_one_is_refused(indexed, tmp
     with pytest.raises(TypeError, match="^index: give a path or a list of paths, not NoneType$"):
         lib.index(None)
     assert lib.status().images == 54 and len(lib.search("a red circle", k=54)) == 54
+
+
+def test_classify_checks_templates_top_and_min_prob_as_the_cli_does(indexed):
+    """One template given as a string is that template (it was split into one-letter templates); a template
+    without {} (every label the same prompt) and a top or min_prob that is no number are refused in one line
+    before anything is written."""
+    import imgsearch
+
+    lib, photos = indexed.lib, indexed.photos
+    red = sorted(photos.glob("red_circle*"))[0]
+    one = lib.classify_files(red, ["red", "green", "blue"], templates="a {} shape")[0].labels
+    assert one == lib.classify_files(red, ["red", "green", "blue"], templates=["a {} shape"])[0].labels
+    assert one[0][0] == "red"
+    for bad in ("no placeholder", ["a {} shape", "a photo"]):
+        with pytest.raises(imgsearch.UsageError, match="^templates: template 'no placeholder|a photo' must contain"):
+            lib.classify(["red", "green"], templates=bad)
+    with pytest.raises(imgsearch.ParamError, match="^top: "):
+        lib.classify(["red", "green"], top="2")
+    with pytest.raises(imgsearch.ParamError, match="^min_prob: "):
+        lib.classify_files(photos, ["red", "green"], min_prob="0.5")
+    assert lib.tag_sets() == []
