@@ -291,10 +291,10 @@ class Indexer:
         run_id = store.start_run(model_id, roots)
         pending = self._pending
         total = len(work)
-        if progress:
-            progress(0, total)
         results = None
         try:
+            if progress:
+                progress(0, total)
             budget = self.budget
             ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
                 self.settings.batch_size

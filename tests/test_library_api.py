@@ -341,3 +341,28 @@ def test_classify_checks_templates_top_and_min_prob_as_the_cli_does(indexed):
     with pytest.raises(imgsearch.ParamError, match="^min_prob: "):
         lib.classify_files(photos, ["red", "green"], min_prob="0.5")
     assert lib.tag_sets() == []
+
+
+@pytest.mark.parametrize("stop_at", [0, 20])
+def test_a_progress_callback_that_raises_stops_the_run_as_an_interruption(lib, photos, stop_at):
+    """The host's exception (a cancel button, Ctrl-C) comes through as raised, the run is recorded as
+    interrupted at whichever call it came (the first call's left it 'running' for good), the write lock is free
+    and the next run finishes the work."""
+    from imgsearch import lock, synthetic
+
+    more = photos.parent / "more"
+    synthetic.generate(more, per_class=2, size=64, fmt="png", seed=3, captions_file=None)
+    calls = []
+
+    def cancel(done, total):
+        calls.append(done)
+        if done == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lib.index(more, progress=cancel)
+    assert calls[-1] == stop_at and not lock.is_held(lib.settings.home)
+    assert lib.status().last_run["state"] == "interrupted"
+    report = lib.index(more)
+    assert report.new + report.unchanged == 36 and lib.status().last_run["state"] == "finished"
+    assert lib.status().images == 54 + 36
