@@ -366,3 +366,20 @@ def test_a_progress_callback_that_raises_stops_the_run_as_an_interruption(lib, p
     report = lib.index(more)
     assert report.new + report.unchanged == 36 and lib.status().last_run["state"] == "finished"
     assert lib.status().images == 54 + 36
+
+
+def test_numeric_settings_are_checked_when_the_library_opens(home, model_id, monkeypatch):
+    """A batch size, worker count or size cap that is no whole number (or under its least value) is refused in
+    one line when the Library is made: batch_size="8" was a TypeError deep inside the first index run, and
+    max_pixels=-1 (or IMGSEARCH_MAX_PIXELS=0) recorded every image as failed ("over the -0 MP cap")."""
+    import imgsearch
+
+    for bad in (dict(batch_size="8"), dict(batch_size=0), dict(workers=-1), dict(max_pixels=-1),
+                dict(max_file_mb=0), dict(workers=True)):
+        (name, value), = bad.items()
+        with pytest.raises(imgsearch.UsageError, match=f"^{name} must be a whole number from [01], not {value!r} "):
+            imgsearch.Library(home, model_id, **bad)
+    monkeypatch.setenv("IMGSEARCH_MAX_PIXELS", "0")
+    with pytest.raises(imgsearch.UsageError, match=r"\(IMGSEARCH_MAX_PIXELS or max_pixels=\)$"):
+        imgsearch.Library(home, model_id)
+    assert not home.exists()
