@@ -494,8 +494,9 @@ class Library:
 
     def drop_tag_set(self, set_id: int) -> bool:
         """Delete one label set and its tags; False when there is no such set."""
+        store = self.store  # a home without a library is refused before the lock's file is made there
         with write_lock(self.settings.home):
-            return bool(self.store.delete_tag_set(set_id))
+            return bool(store.delete_tag_set(set_id))
 
     def score(self, image, texts: Sequence[str]):
         """Cosine and CLIPScore of one image file against each text (the image need not be in the library)."""
@@ -525,15 +526,17 @@ class Library:
         """Attach a caption (searched by ``keyword``); False when the image already has it."""
         from .keywords import add_caption
 
+        store = self.store  # as drop_tag_set
         with write_lock(self.settings.home):
-            return add_caption(self.store, path, text, replace)
+            return add_caption(store, path, text, replace)
 
     def import_captions(self, source, image_col: str = "path", caption_col: str = "caption",
                         replace: bool = False):
         from .keywords import import_captions
 
+        store = self.store  # as drop_tag_set
         with write_lock(self.settings.home):
-            return import_captions(self.store, source, image_col, caption_col, replace)
+            return import_captions(store, source, image_col, caption_col, replace)
 
     # --- export and import ---------------------------------------------------------------------------
     def export(self, folder, format: str = "parquet", *, model: str | None = None, progress=None):

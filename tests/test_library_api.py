@@ -383,3 +383,17 @@ def test_numeric_settings_are_checked_when_the_library_opens(home, model_id, mon
     with pytest.raises(imgsearch.UsageError, match=r"\(IMGSEARCH_MAX_PIXELS or max_pixels=\)$"):
         imgsearch.Library(home, model_id)
     assert not home.exists()
+
+
+def test_writes_to_a_home_without_a_library_leave_no_folder_behind(indexed, tmp_path, model_id):
+    """A caption, a dropped tag set or a captions import for a home that holds no library (a typo) says so in
+    one line and creates nothing there (the write lock's file and its folder were made first)."""
+    import imgsearch
+
+    typo = tmp_path / "no-such-home"
+    lib = imgsearch.Library(typo, model_id)
+    for call in (lambda: lib.add_caption(sorted(indexed.photos.glob("*.jpg"))[0], "our dog"),
+                 lambda: lib.drop_tag_set(1), lambda: lib.import_captions(tmp_path / "captions.csv")):
+        with pytest.raises(imgsearch.LibraryError, match=f"^no library at {typo}; "):
+            call()
+    assert not typo.exists()
