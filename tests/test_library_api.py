@@ -397,3 +397,20 @@ def test_writes_to_a_home_without_a_library_leave_no_folder_behind(indexed, tmp_
         with pytest.raises(imgsearch.LibraryError, match=f"^no library at {typo}; "):
             call()
     assert not typo.exists()
+
+
+def test_ids_and_marks_take_any_iterable_of_ids(indexed):
+    """ids, exclude_ids, like and unlike take a set, a range, a generator or a numpy array of ids as they take a
+    list (a set of the ids already shown was refused as "'{3, 7}' is not an image id"), and numpy integers."""
+    import numpy as np
+
+    lib = indexed.lib
+    shown = lib.search("a red circle", k=3)
+    seen = {h.id for h in shown}
+    rest = lib.search("a red circle", k=3, exclude_ids=seen)
+    assert seen.isdisjoint(h.id for h in rest) and [h.id for h in rest] == [
+        h.id for h in lib.search("a red circle", k=6)][3:]
+    assert [h.id for h in lib.search(ids=np.array(sorted(seen)), k=3)] == [
+        h.id for h in lib.search(ids=sorted(seen), k=3)]
+    assert [h.id for h in lib.search("a red circle", like=(i for i in seen), unlike=[np.int64(rest[0].id)])] == [
+        h.id for h in lib.search("a red circle", like=sorted(seen), unlike=[rest[0].id])]
