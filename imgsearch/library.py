@@ -42,6 +42,14 @@ def _paths(paths, verb: str) -> list[str]:
     return out
 
 
+def _request(request, where: str) -> SearchRequest:
+    """``request`` when it is a SearchRequest; a TypeError saying how to make one otherwise (a JSON body)."""
+    if not isinstance(request, SearchRequest):
+        raise TypeError(f"{where} takes a SearchRequest (SearchRequest.build(...), .from_json(body) or "
+                        f".from_params(params) makes one), not {type(request).__name__}")
+    return request
+
+
 def _albums():
     """albums.py, imported on first use: the cold query, which every CLI start may be, never loads it."""
     from . import albums
@@ -77,7 +85,9 @@ class Library:
             settings = Settings.from_env(home=home, model=model, pretrained=pretrained,
                                          device=None if device == "auto" else device,
                                          precision=None if precision == "auto" else precision, **other_settings)
-        elif home is not None or model is not None or pretrained is not None or other_settings:
+        elif not isinstance(settings, Settings):
+            raise TypeError(f"settings= takes an imgsearch.config.Settings, not {type(settings).__name__}")
+        elif (home, model, pretrained, device, precision, other_settings) != (None, None, None, "auto", "auto", {}):
             raise TypeError("give settings= or the individual settings, not both")
         if settings.lang is not None:
             from .lang import check
@@ -397,7 +407,7 @@ class Library:
     def run(self, request: SearchRequest) -> list[Hit]:
         """Answer a ready-made SearchRequest (the server, the UI and the CLI build one from their input; each
         says the language hint where its user reads it)."""
-        if request.keyword_only:
+        if _request(request, "run()").keyword_only:
             from .search import keyword_search
 
             return keyword_search(self.store, request)
@@ -431,6 +441,7 @@ class Library:
             request = SearchRequest.build(text, k=10, **search)
         elif text is not None or search:
             raise TypeError("give request= or the search's arguments, not both")
+        request = _request(request, "save_album(request=)")
         return _albums().save(self.store, self._warm, name, _albums().with_k(request, k))
 
     def rename_album(self, name: str, new_name: str) -> None:

@@ -414,3 +414,24 @@ def test_ids_and_marks_take_any_iterable_of_ids(indexed):
         h.id for h in lib.search(ids=sorted(seen), k=3)]
     assert [h.id for h in lib.search("a red circle", like=(i for i in seen), unlike=[np.int64(rest[0].id)])] == [
         h.id for h in lib.search("a red circle", like=sorted(seen), unlike=[rest[0].id])]
+
+
+def test_objects_of_the_wrong_kind_get_a_type_error_saying_what_to_give(indexed, home):
+    """run() and save_album(request=) given the server's JSON body (a dict) say how to make a SearchRequest of it
+    (they failed on an internal attribute); Library(settings=) refuses a dict, and settings= with a device or a
+    precision besides, which it ignored."""
+    import imgsearch
+    from imgsearch.request import SearchRequest
+
+    lib = indexed.lib
+    body = {"texts": ["a red circle"], "k": 3}
+    with pytest.raises(TypeError, match=r"^run\(\) takes a SearchRequest \(.*from_json\(body\).*\), not dict$"):
+        lib.run(body)
+    with pytest.raises(TypeError, match=r"^save_album\(request=\) takes a SearchRequest "):
+        lib.save_album("reds", request=body)
+    assert lib.albums() == []
+    assert [h.id for h in lib.run(SearchRequest.from_json(body))] == [h.id for h in lib.search("a red circle", k=3)]
+    with pytest.raises(TypeError, match="^give settings= or the individual settings, not both$"):
+        imgsearch.Library(settings=lib.settings, device="cpu")
+    with pytest.raises(TypeError, match=r"^settings= takes an imgsearch\.config\.Settings, not dict$"):
+        imgsearch.Library(settings={"home": str(home)})
