@@ -81,7 +81,7 @@ class Library:
                  **other_settings):
         if settings is None:
             if home is not None:
-                home = os.path.expanduser(os.fspath(home))
+                home = os.path.expanduser(os.fsdecode(home))
             settings = Settings.from_env(home=home, model=model, pretrained=pretrained,
                                          device=None if device == "auto" else device,
                                          precision=None if precision == "auto" else precision, **other_settings)

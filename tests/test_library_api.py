@@ -307,6 +307,8 @@ def test_paths_are_one_path_in_any_form_and_an_empty_one_is_refused(indexed, tmp
 
     lib, photos = indexed.lib, indexed.photos
     assert lib.index(os.fsencode(photos)).unchanged == 54
+    with imgsearch.Library(os.fsencode(indexed.home), indexed.model_id) as by_bytes:
+        assert by_bytes.status().images == 54
     for given in (str(photos), photos, os.fsencode(photos), [photos]):
         assert lib.watcher(given).roots == [str(photos.resolve())]
     shutil.copy(sorted(photos.glob("*.jpg"))[0], tmp_path / "in-the-current-folder.jpg")
