@@ -117,6 +117,10 @@ class Library:
                 self._store.close()
             self._store = self._searcher = None
 
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise UsageError("this Library was closed; open a new one")
+
     def __repr__(self) -> str:
         return f"Library(home={str(self.settings.home)!r}, model={self.settings.model!r})"
 
@@ -129,8 +133,7 @@ class Library:
     def _open_store(self, create: bool = True):
         """The one Store of this Library; ``create`` makes the library (index and import do)."""
         with self._open_lock:
-            if self._closed:
-                raise UsageError("this Library was closed; open a new one")
+            self._refuse_closed()
             if self._store is None:
                 from .store import Store
 
@@ -153,6 +156,7 @@ class Library:
         exist), loaded once and never changed (an index run chooses its own image encoder, onnx_image.select).
         Without torch installed, the fp32 image export and the text export (onnx_image.query_encoder)."""
         with self._encode_lock:
+            self._refuse_closed()
             if self._encoder is None:
                 from .encoder import load, torch_installed
 
@@ -169,6 +173,7 @@ class Library:
         from .onnx_image import _no_gpu_without_torch
 
         with self._encode_lock:
+            self._refuse_closed()
             if self._query is None:
                 self._query = False
                 if torch_installed() and self.settings.torch_free and _no_gpu_without_torch(self.settings.device):

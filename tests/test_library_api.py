@@ -437,3 +437,18 @@ def test_objects_of_the_wrong_kind_get_a_type_error_saying_what_to_give(indexed,
         imgsearch.Library(settings=lib.settings, device="cpu")
     with pytest.raises(TypeError, match=r"^settings= takes an imgsearch\.config\.Settings, not dict$"):
         imgsearch.Library(settings={"home": str(home)})
+
+
+def test_a_closed_library_refuses_every_use(indexed):
+    """After close() (or its with block) nothing loads a model again (classify_files did, a model load of
+    seconds for a real one); a second with block refuses use as the first close promised."""
+    import imgsearch
+
+    photo = sorted(indexed.photos.glob("red_circle*"))[0]
+    with imgsearch.Library(indexed.home, indexed.model_id, device="cpu", precision="fp32") as lib:
+        assert lib.search("a red circle", k=1)
+    for call in (lambda: lib.classify_files(photo, ["red", "blue"]), lambda: lib.score(photo, ["red"]),
+                 lambda: lib.search("a red circle"), lambda: lib.encoder):
+        with pytest.raises(imgsearch.UsageError, match="^this Library was closed; open a new one$"):
+            with lib:
+                call()
