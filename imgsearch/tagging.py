@@ -63,10 +63,8 @@ def _checked(labels, templates, top: int, min_prob: float) -> tuple[list[str], l
         raise ParamError("top", "give a whole number, at least 1")
     if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
         raise ParamError("min_prob", "give a probability between 0 and 1")
-    if not templates:
-        return list(labels), list(zeroshot.DEFAULT_TEMPLATES)
-    return list(labels), zeroshot.check_templates([templates] if isinstance(templates, str) else templates,
-                                                  "templates")
+    templates = [templates] if isinstance(templates, str) else templates or zeroshot.DEFAULT_TEMPLATES
+    return list(labels), zeroshot.check_templates(templates, "templates")
 
 
 def classify_library(store, model, text_side, labels: Sequence[str], templates: Sequence[str] | None = None,
