@@ -270,7 +270,7 @@ def pin(store, warm, name, paths, keep: bool) -> tuple[int, Album]:
     from .files import abspath
 
     row = load(store, name)
-    wanted = [abspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    wanted = [abspath(p) for p in paths]
     found = store.images_at(wanted)
     for path in [p for p in wanted if p not in found]:
         under = store.images_under([path])

@@ -188,7 +188,8 @@ def _fingerprints(store, rows: dict, ids: set[int], workers: int, max_pixels: in
         else:
             known[row.id] = fp
             fresh.append((row.id, row.hash, fp))
-    store.save_fingerprints(fresh)
+    if not store.read_only:  # a cache: a read-only library still answers, computing them again next time
+        store.save_fingerprints(fresh)
     return known, failed
 
 

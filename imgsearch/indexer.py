@@ -291,10 +291,10 @@ class Indexer:
         run_id = store.start_run(model_id, roots)
         pending = self._pending
         total = len(work)
-        if progress:
-            progress(0, total)
         results = None
         try:
+            if progress:
+                progress(0, total)
             budget = self.budget
             ahead = max(2 * self.settings.batch_size, 4 * budget.decode) if budget.overlap else \
                 self.settings.batch_size
@@ -711,13 +711,7 @@ def forget(settings: Settings, store: Store, paths: Iterable[str | os.PathLike],
     """Remove files or folders (by path prefix) from the library; the files themselves are untouched."""
     from .lock import write_lock
 
-    paths = [os.fspath(p) for p in paths]
-    if "" in paths:  # `forget "$DIR"` with DIR unset must not forget the current folder's images
-        raise UsageError("an empty path was given to forget (an unset variable?); name the files or folders, "
-                         "`.` for the current folder")
-    targets = [files.abspath(p) for p in paths]
-    if not targets:
-        raise UsageError("give at least one file or folder to forget")
+    targets = [files.abspath(p) for p in paths]  # Library.forget refused an empty path or none
     with write_lock(settings.home, wait=wait):
         rows = store.images_under(targets)
         removed = store.delete_images(r.id for r in rows.values())

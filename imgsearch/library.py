@@ -27,9 +27,27 @@ from .results import Hit, IndexReport, LibraryStatus
 __all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "templates_from"]
 
 
-def _paths(paths) -> list[str]:
-    """One path or many, as text."""
-    return [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+def _paths(paths, verb: str) -> list[str]:
+    """One path or many (str, bytes or os.PathLike), as text, for the method ``verb``. An empty path is refused:
+    `imgsearch forget "$DIR"` with DIR unset must not mean the current folder."""
+    try:
+        out = [os.fsdecode(p) for p in ([paths] if isinstance(paths, (str, bytes, os.PathLike)) else paths)]
+    except TypeError:
+        raise TypeError(f"{verb}: give a path or a list of paths, not {type(paths).__name__}") from None
+    if "" in out:
+        raise UsageError(f"an empty path was given to {verb} (an unset variable?); name the files or folders, "
+                         "`.` for the current folder")
+    if not out:
+        raise UsageError(f"give at least one file or folder to {verb}")
+    return out
+
+
+def _request(request, where: str) -> SearchRequest:
+    """``request`` when it is a SearchRequest; a TypeError saying how to make one otherwise (a JSON body)."""
+    if not isinstance(request, SearchRequest):
+        raise TypeError(f"{where} takes a SearchRequest (SearchRequest.build(...), .from_json(body) or "
+                        f".from_params(params) makes one), not {type(request).__name__}")
+    return request
 
 
 def _albums():
@@ -63,11 +81,13 @@ class Library:
                  **other_settings):
         if settings is None:
             if home is not None:
-                home = os.path.expanduser(os.fspath(home))
+                home = os.path.expanduser(os.fsdecode(home))
             settings = Settings.from_env(home=home, model=model, pretrained=pretrained,
                                          device=None if device == "auto" else device,
                                          precision=None if precision == "auto" else precision, **other_settings)
-        elif home is not None or model is not None or pretrained is not None or other_settings:
+        elif not isinstance(settings, Settings):
+            raise TypeError(f"settings= takes an imgsearch.config.Settings, not {type(settings).__name__}")
+        elif (home, model, pretrained, device, precision, other_settings) != (None, None, None, "auto", "auto", {}):
             raise TypeError("give settings= or the individual settings, not both")
         if settings.lang is not None:
             from .lang import check
@@ -97,6 +117,10 @@ class Library:
                 self._store.close()
             self._store = self._searcher = None
 
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise UsageError("this Library was closed; open a new one")
+
     def __repr__(self) -> str:
         return f"Library(home={str(self.settings.home)!r}, model={self.settings.model!r})"
 
@@ -109,8 +133,7 @@ class Library:
     def _open_store(self, create: bool = True):
         """The one Store of this Library; ``create`` makes the library (index and import do)."""
         with self._open_lock:
-            if self._closed:
-                raise UsageError("this Library was closed; open a new one")
+            self._refuse_closed()
             if self._store is None:
                 from .store import Store
 
@@ -133,6 +156,7 @@ class Library:
         exist), loaded once and never changed (an index run chooses its own image encoder, onnx_image.select).
         Without torch installed, the fp32 image export and the text export (onnx_image.query_encoder)."""
         with self._encode_lock:
+            self._refuse_closed()
             if self._encoder is None:
                 from .encoder import load, torch_installed
 
@@ -149,6 +173,7 @@ class Library:
         from .onnx_image import _no_gpu_without_torch
 
         with self._encode_lock:
+            self._refuse_closed()
             if self._query is None:
                 self._query = False
                 if torch_installed() and self.settings.torch_free and _no_gpu_without_torch(self.settings.device):
@@ -220,7 +245,7 @@ class Library:
             if remote.address is not None:
                 remote.open()  # an unreachable cluster too
         try:
-            report = index_paths(self.settings, _paths(paths), encoder=self._encoder,
+            report = index_paths(self.settings, _paths(paths, "index"), encoder=self._encoder,
                                  open_store=self._open_store, load_encoder=lambda: self.encoder, progress=progress,
                                  build_progress=build_progress, wait=wait, remote=remote)
         finally:
@@ -258,7 +283,7 @@ class Library:
         """Remove files or folders from the library (the files stay on disk); returns how many images."""
         from .indexer import forget
 
-        removed = forget(self.settings, self.store, _paths(paths), wait=wait)
+        removed = forget(self.settings, self.store, _paths(paths, "forget"), wait=wait)
         if removed:
             self._albums_follow()
         return removed
@@ -270,8 +295,8 @@ class Library:
         would, under the write lock only while each batch is written."""
         from .watch import Watcher
 
-        return Watcher(paths, self._watch_batch, self._watch_catch_up, home=self.settings.home, poll=poll,
-                       interval=interval, debounce=debounce, on_batch=on_batch, say=say)
+        return Watcher(_paths(paths, "watch"), self._watch_batch, self._watch_catch_up, home=self.settings.home,
+                       poll=poll, interval=interval, debounce=debounce, on_batch=on_batch, say=say)
 
     def _watch_catch_up(self, roots, progress=None, build_progress=None) -> IndexReport:
         self.encoder  # loaded once here, kept for every batch after
@@ -387,7 +412,7 @@ class Library:
     def run(self, request: SearchRequest) -> list[Hit]:
         """Answer a ready-made SearchRequest (the server, the UI and the CLI build one from their input; each
         says the language hint where its user reads it)."""
-        if request.keyword_only:
+        if _request(request, "run()").keyword_only:
             from .search import keyword_search
 
             return keyword_search(self.store, request)
@@ -421,6 +446,7 @@ class Library:
             request = SearchRequest.build(text, k=10, **search)
         elif text is not None or search:
             raise TypeError("give request= or the search's arguments, not both")
+        request = _request(request, "save_album(request=)")
         return _albums().save(self.store, self._warm, name, _albums().with_k(request, k))
 
     def rename_album(self, name: str, new_name: str) -> None:
@@ -433,11 +459,11 @@ class Library:
     def pin(self, name: str, paths):
         """Keep photos (files, or every library photo in a folder) in the album whatever its search says;
         returns (photos pinned, the album evaluated now). A path not in the library is a UsageError."""
-        return _albums().pin(self.store, self._warm, name, paths, True)
+        return _albums().pin(self.store, self._warm, name, _paths(paths, "pin"), True)
 
     def unpin(self, name: str, paths):
         """Drop photos from the album whatever its search says (``pin`` brings them back); as ``pin``."""
-        return _albums().pin(self.store, self._warm, name, paths, False)
+        return _albums().pin(self.store, self._warm, name, _paths(paths, "unpin"), False)
 
     def export_album(self, name: str, folder, *, link: bool = False) -> list[str]:
         """Copy (or with ``link`` symlink) the album's photos, best first, into a new or empty folder; a name
@@ -472,7 +498,7 @@ class Library:
         """Labels for image files (folders are walked) without touching the library."""
         from . import tagging, zeroshot
 
-        return tagging.classify_files(self.settings, _paths(paths), zeroshot.parse_labels(labels),
+        return tagging.classify_files(self.settings, _paths(paths, "classify"), zeroshot.parse_labels(labels),
                                       templates, top, min_prob, encoder=self._images)
 
     def tags(self) -> list[tuple[str, int]]:
@@ -484,8 +510,9 @@ class Library:
 
     def drop_tag_set(self, set_id: int) -> bool:
         """Delete one label set and its tags; False when there is no such set."""
+        store = self.store  # a home without a library is refused before the lock's file is made there
         with write_lock(self.settings.home):
-            return bool(self.store.delete_tag_set(set_id))
+            return bool(store.delete_tag_set(set_id))
 
     def score(self, image, texts: Sequence[str]):
         """Cosine and CLIPScore of one image file against each text (the image need not be in the library)."""
@@ -515,15 +542,17 @@ class Library:
         """Attach a caption (searched by ``keyword``); False when the image already has it."""
         from .keywords import add_caption
 
+        store = self.store  # as drop_tag_set
         with write_lock(self.settings.home):
-            return add_caption(self.store, path, text, replace)
+            return add_caption(store, path, text, replace)
 
     def import_captions(self, source, image_col: str = "path", caption_col: str = "caption",
                         replace: bool = False):
         from .keywords import import_captions
 
+        store = self.store  # as drop_tag_set
         with write_lock(self.settings.home):
-            return import_captions(self.store, source, image_col, caption_col, replace)
+            return import_captions(store, source, image_col, caption_col, replace)
 
     # --- export and import ---------------------------------------------------------------------------
     def export(self, folder, format: str = "parquet", *, model: str | None = None, progress=None):

@@ -147,11 +147,20 @@ def image_term(raw, name: str = "image") -> Term:
     raise ParamError(name, "give a file path, its bytes, a file object or a PIL image")
 
 
+def _many(values) -> list:
+    """One id or mark, or any iterable of them (a set of the ids already shown, a numpy array); None: none."""
+    if values is None or isinstance(values, (str, bytes, os.PathLike)) or not hasattr(values, "__iter__"):
+        return _listed(values)
+    return list(values)
+
+
 def _ids(values, name: str) -> tuple[int, ...]:
     out = []
-    for v in _listed(values):
+    for v in _many(values):
         if isinstance(v, str) and v.strip().isdigit():
             v = int(v.strip())
+        elif not isinstance(v, int) and hasattr(type(v), "__index__"):
+            v = v.__index__()  # a numpy integer
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_ID:
             raise ParamError(name, f"{str(v)[:24]!r} is not an image id (a whole number from 1)")
         out.append(v)
@@ -162,7 +171,7 @@ def _marks(values, name: str) -> tuple[int | str, ...]:
     """Library images marked good (like) or bad (unlike): ids, or paths of indexed files (made absolute
     here; the engine finds their ids and names any that is not in the library)."""
     out: list[int | str] = []
-    for v in _listed(values):
+    for v in _many(values):
         if isinstance(v, os.PathLike):
             v = os.fspath(v)
         if isinstance(v, str) and not v.strip().isdigit():

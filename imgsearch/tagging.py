@@ -57,12 +57,14 @@ def resolve_templates(templates: Sequence[str] | None, templates_file: str | os.
 
 
 def _checked(labels, templates, top: int, min_prob: float) -> tuple[list[str], list[str]]:
-    """(labels, templates, the default ensemble when None) once ``top`` and ``min_prob`` are checked."""
-    if top < 1:
-        raise ParamError("top", "give at least 1")
-    if not 0.0 <= min_prob <= 1.0:
+    """(labels, templates: one string is one template, the default ensemble when None) once they, ``top`` and
+    ``min_prob`` are checked (the Python API's values reach here unchecked)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ParamError("top", "give a whole number, at least 1")
+    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
         raise ParamError("min_prob", "give a probability between 0 and 1")
-    return list(labels), list(templates or zeroshot.DEFAULT_TEMPLATES)
+    templates = [templates] if isinstance(templates, str) else templates or zeroshot.DEFAULT_TEMPLATES
+    return list(labels), zeroshot.check_templates(templates, "templates")
 
 
 def classify_library(store, model, text_side, labels: Sequence[str], templates: Sequence[str] | None = None,

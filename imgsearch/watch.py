@@ -67,8 +67,6 @@ def check_folders(paths) -> list[str]:
                              "`imgsearch index FILE`)")
         if full not in roots:
             roots.append(full)
-    if not roots:
-        raise UsageError("give at least one folder to watch")
     return roots
 
 

@@ -161,6 +161,20 @@ def test_deleted_and_changed_files(cli, library):
     assert "red.png" not in {Path(m["path"]).name for m in red["images"]}
 
 
+def test_a_read_only_library_finds_duplicates_too(cli, library, home, monkeypatch):
+    """duplicates only reads the library: on read-only media it answers (the pixel fingerprints it cannot cache
+    are computed again next time) instead of refusing as a write would."""
+    import imgsearch.store
+
+    assert cli("index", library).exit_code == 0
+    real = os.access
+    monkeypatch.setattr(imgsearch.store.os, "access", lambda path, mode, *a, **kw: False if mode & os.W_OK and
+                        str(path).startswith(str(home)) else real(path, mode, *a, **kw))  # read-only media
+    assert "read-only" in cli("status").stdout
+    out = run_json(cli)
+    assert {Path(g["keeper"]).name for g in out["groups"]} == {"red.jpg", "blue.jpg"}
+
+
 def test_empty_library_message(cli):
     r = cli("duplicates")
     assert r.exit_code == 1 and "imgsearch index" in r.stderr

@@ -295,3 +295,160 @@ def test_wheel_ships_the_ui_page(tmp_path):
     page, package = proc.stdout.split()
     assert Path(package).is_relative_to(site) and Path(page) == site / "imgsearch" / "ui" / "app.py"
     assert "def main()" in Path(page).read_text()
+
+
+def test_paths_are_one_path_in_any_form_and_an_empty_one_is_refused(indexed, tmp_path, monkeypatch):
+    """A str, Path or bytes path is that one path to every method that takes paths (bytes were read as a list of
+    numbers, and a str given to watcher as one-letter folders); an empty path (an unset variable) is refused, not
+    read as the current folder; a value that is no path is a TypeError naming the method."""
+    import shutil
+
+    import imgsearch
+
+    lib, photos = indexed.lib, indexed.photos
+    assert lib.index(os.fsencode(photos)).unchanged == 54
+    with imgsearch.Library(os.fsencode(indexed.home), indexed.model_id) as by_bytes:
+        assert by_bytes.status().images == 54
+    for given in (str(photos), photos, os.fsencode(photos), [photos]):
+        assert lib.watcher(given).roots == [str(photos.resolve())]
+    shutil.copy(sorted(photos.glob("*.jpg"))[0], tmp_path / "in-the-current-folder.jpg")
+    monkeypatch.chdir(tmp_path)
+    for verb, call in (("index", lambda: lib.index("")), ("watch", lambda: lib.watcher("")),
+                       ("forget", lambda: lib.forget([photos, ""]))):
+        with pytest.raises(imgsearch.UsageError, match=f"^an empty path was given to {verb} "):
+            call()
+    with pytest.raises(imgsearch.UsageError, match="^give at least one file or folder to pin$"):
+        lib.pin("no album needed to say so", [])
+    with pytest.raises(TypeError, match="^index: give a path or a list of paths, not NoneType$"):
+        lib.index(None)
+    assert lib.status().images == 54 and len(lib.search("a red circle", k=54)) == 54
+
+
+def test_classify_checks_templates_top_and_min_prob_as_the_cli_does(indexed):
+    """One template given as a string is that template (it was split into one-letter templates); a template
+    without {} (every label the same prompt) and a top or min_prob that is no number are refused in one line
+    before anything is written."""
+    import imgsearch
+
+    lib, photos = indexed.lib, indexed.photos
+    red = sorted(photos.glob("red_circle*"))[0]
+    one = lib.classify_files(red, ["red", "green", "blue"], templates="a {} shape")[0].labels
+    assert one == lib.classify_files(red, ["red", "green", "blue"], templates=["a {} shape"])[0].labels
+    assert one[0][0] == "red"
+    for bad in ("no placeholder", ["a {} shape", "a photo"]):
+        with pytest.raises(imgsearch.UsageError, match="^templates: template 'no placeholder|a photo' must contain"):
+            lib.classify(["red", "green"], templates=bad)
+    with pytest.raises(imgsearch.ParamError, match="^top: "):
+        lib.classify(["red", "green"], top="2")
+    with pytest.raises(imgsearch.ParamError, match="^min_prob: "):
+        lib.classify_files(photos, ["red", "green"], min_prob="0.5")
+    assert lib.tag_sets() == []
+
+
+@pytest.mark.parametrize("stop_at", [0, 20])
+def test_a_progress_callback_that_raises_stops_the_run_as_an_interruption(lib, photos, stop_at):
+    """The host's exception (a cancel button, Ctrl-C) comes through as raised, the run is recorded as
+    interrupted at whichever call it came (the first call's left it 'running' for good), the write lock is free
+    and the next run finishes the work."""
+    from imgsearch import lock, synthetic
+
+    more = photos.parent / "more"
+    synthetic.generate(more, per_class=2, size=64, fmt="png", seed=3, captions_file=None)
+    calls = []
+
+    def cancel(done, total):
+        calls.append(done)
+        if done == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lib.index(more, progress=cancel)
+    assert calls[-1] == stop_at and not lock.is_held(lib.settings.home)
+    assert lib.status().last_run["state"] == "interrupted"
+    report = lib.index(more)
+    assert report.new + report.unchanged == 36 and lib.status().last_run["state"] == "finished"
+    assert lib.status().images == 54 + 36
+
+
+def test_numeric_settings_are_checked_when_the_library_opens(home, model_id, monkeypatch):
+    """A batch size, worker count or size cap that is no whole number (or under its least value) is refused in
+    one line when the Library is made: batch_size="8" was a TypeError deep inside the first index run, and
+    max_pixels=-1 (or IMGSEARCH_MAX_PIXELS=0) recorded every image as failed ("over the -0 MP cap")."""
+    import imgsearch
+
+    for bad in (dict(batch_size="8"), dict(batch_size=0), dict(workers=-1), dict(max_pixels=-1),
+                dict(max_file_mb=0), dict(workers=True)):
+        (name, value), = bad.items()
+        with pytest.raises(imgsearch.UsageError, match=f"^{name} must be a whole number from [01], not {value!r} "):
+            imgsearch.Library(home, model_id, **bad)
+    monkeypatch.setenv("IMGSEARCH_MAX_PIXELS", "0")
+    with pytest.raises(imgsearch.UsageError, match=r"\(IMGSEARCH_MAX_PIXELS or max_pixels=\)$"):
+        imgsearch.Library(home, model_id)
+    assert not home.exists()
+
+
+def test_writes_to_a_home_without_a_library_leave_no_folder_behind(indexed, tmp_path, model_id):
+    """A caption, a dropped tag set or a captions import for a home that holds no library (a typo) says so in
+    one line and creates nothing there (the write lock's file and its folder were made first)."""
+    import imgsearch
+
+    typo = tmp_path / "no-such-home"
+    lib = imgsearch.Library(typo, model_id)
+    for call in (lambda: lib.add_caption(sorted(indexed.photos.glob("*.jpg"))[0], "our dog"),
+                 lambda: lib.drop_tag_set(1), lambda: lib.import_captions(tmp_path / "captions.csv")):
+        with pytest.raises(imgsearch.LibraryError, match=f"^no library at {typo}; "):
+            call()
+    assert not typo.exists()
+
+
+def test_ids_and_marks_take_any_iterable_of_ids(indexed):
+    """ids, exclude_ids, like and unlike take a set, a range, a generator or a numpy array of ids as they take a
+    list (a set of the ids already shown was refused as "'{3, 7}' is not an image id"), and numpy integers."""
+    import numpy as np
+
+    lib = indexed.lib
+    shown = lib.search("a red circle", k=3)
+    seen = {h.id for h in shown}
+    rest = lib.search("a red circle", k=3, exclude_ids=seen)
+    assert seen.isdisjoint(h.id for h in rest) and [h.id for h in rest] == [
+        h.id for h in lib.search("a red circle", k=6)][3:]
+    assert [h.id for h in lib.search(ids=np.array(sorted(seen)), k=3)] == [
+        h.id for h in lib.search(ids=sorted(seen), k=3)]
+    assert [h.id for h in lib.search("a red circle", like=(i for i in seen), unlike=[np.int64(rest[0].id)])] == [
+        h.id for h in lib.search("a red circle", like=sorted(seen), unlike=[rest[0].id])]
+
+
+def test_objects_of_the_wrong_kind_get_a_type_error_saying_what_to_give(indexed, home):
+    """run() and save_album(request=) given the server's JSON body (a dict) say how to make a SearchRequest of it
+    (they failed on an internal attribute); Library(settings=) refuses a dict, and settings= with a device or a
+    precision besides, which it ignored."""
+    import imgsearch
+    from imgsearch.request import SearchRequest
+
+    lib = indexed.lib
+    body = {"texts": ["a red circle"], "k": 3}
+    with pytest.raises(TypeError, match=r"^run\(\) takes a SearchRequest \(.*from_json\(body\).*\), not dict$"):
+        lib.run(body)
+    with pytest.raises(TypeError, match=r"^save_album\(request=\) takes a SearchRequest "):
+        lib.save_album("reds", request=body)
+    assert lib.albums() == []
+    assert [h.id for h in lib.run(SearchRequest.from_json(body))] == [h.id for h in lib.search("a red circle", k=3)]
+    with pytest.raises(TypeError, match="^give settings= or the individual settings, not both$"):
+        imgsearch.Library(settings=lib.settings, device="cpu")
+    with pytest.raises(TypeError, match=r"^settings= takes an imgsearch\.config\.Settings, not dict$"):
+        imgsearch.Library(settings={"home": str(home)})
+
+
+def test_a_closed_library_refuses_every_use(indexed):
+    """After close() (or its with block) nothing loads a model again (classify_files did, a model load of
+    seconds for a real one); a second with block refuses use as the first close promised."""
+    import imgsearch
+
+    photo = sorted(indexed.photos.glob("red_circle*"))[0]
+    with imgsearch.Library(indexed.home, indexed.model_id, device="cpu", precision="fp32") as lib:
+        assert lib.search("a red circle", k=1)
+    for call in (lambda: lib.classify_files(photo, ["red", "blue"]), lambda: lib.score(photo, ["red"]),
+                 lambda: lib.search("a red circle"), lambda: lib.encoder):
+        with pytest.raises(imgsearch.UsageError, match="^this Library was closed; open a new one$"):
+            with lib:
+                call()
