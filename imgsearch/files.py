@@ -66,7 +66,7 @@ def mtime_ns(st: os.stat_result) -> int:
 def abspath(path: str | os.PathLike) -> str:
     """The library's name for a path: absolute with symlinks resolved. One physical file reached through
     ``lib`` and a symlink ``link-to-lib`` must be one library row, so every path the user gives is resolved."""
-    return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    return os.path.realpath(os.path.abspath(os.path.expanduser(os.fsdecode(path))))
 
 
 def walk(roots: Iterable[str | os.PathLike], *, skip_homes: Iterable[str | os.PathLike] = (),

@@ -76,7 +76,9 @@ def open_regular(path: str | os.PathLike):
             raise OSError(0, "not a regular file")
         if nonblock:
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        f = os.fdopen(fd, "rb")
+        f.raw.name = os.fsdecode(path)  # named as open() names it (Pillow and messages read it)
+        return f
     except BaseException:
         os.close(fd)
         raise
