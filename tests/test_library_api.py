@@ -311,6 +311,9 @@ def test_paths_are_one_path_in_any_form_and_an_empty_one_is_refused(indexed, tmp
         assert by_bytes.status().images == 54
     for given in (str(photos), photos, os.fsencode(photos), [photos]):
         assert lib.watcher(given).roots == [str(photos.resolve())]
+    one = os.fsencode(sorted(photos.glob("*.jpg"))[0])  # methods of one path (they failed in files.abspath)
+    assert lib.add_caption(one, "a bytes path") and lib.captions(one) == ["a bytes path"]
+    assert lib.indexed_folder_of(one) == str(photos.resolve())
     shutil.copy(sorted(photos.glob("*.jpg"))[0], tmp_path / "in-the-current-folder.jpg")
     monkeypatch.chdir(tmp_path)
     for verb, call in (("index", lambda: lib.index("")), ("watch", lambda: lib.watcher("")),
