@@ -429,3 +429,26 @@ def test_a_search_with_a_min_score_saved_as_album_keeps_every_photo_above_it(pag
             assert [h.path for h in album.hits] == above and album.grows
         finally:
             lib.delete_album("warm")
+
+
+def test_details_open_on_an_album_page(page, library):
+    """An album's Details button put view= in the address, but the album page never showed the view: the
+    click did nothing."""
+    from imgsearch import Library
+
+    with Library(settings=library[0]) as lib:
+        lib.save_album("blues", "a blue square", k=4)
+    try:
+        at = open_url(page, page="albums", album="blues")
+        first = result_names(at)[0]
+        next(b for b in at.button if b.key and b.key.startswith("album-view-")).click().run()
+        assert not at.exception and not at.error
+        assert at.query_params["album"] == "blues" and "view" in at.query_params
+        assert "**Similar images**" in texts(at.markdown)
+        assert any(c.value.endswith(first) for c in at.code)  # the full path of the photo clicked
+        at.button(key="detail-close").click().run()
+        assert at.query_params == {"page": "albums", "album": "blues"}
+        assert "**Similar images**" not in texts(at.markdown) and "Album: blues" in texts(at.header)
+    finally:
+        with Library(settings=library[0]) as lib:
+            lib.delete_album("blues")

@@ -361,6 +361,15 @@ def detail(library, image_id: int, key: str = "detail", close: bool = True) -> N
             grid(library, similar, key=f"{key}-similar")
 
 
+def viewed(library, image_id: int | None) -> None:
+    """The detail view the address asks for (view=), if any."""
+    if image_id is not None:
+        try:
+            detail(library, image_id)
+        except ImgSearchError as e:  # a stale or mistyped view= must not hide the page below
+            st.error(md(e))
+
+
 def status_panel(settings: Settings) -> dict | None:
     st.header("Library")
     job = index_jobs(str(settings.home)).current
@@ -499,11 +508,7 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
                 "then search.")
         return
     library = warm_library(settings)
-    if p.view is not None:
-        try:
-            detail(library, p.view)
-        except ImgSearchError as e:  # a stale or mistyped view= must not hide the results below
-            st.error(md(e))
+    viewed(library, p.view)
     if not (p.q or p.like or upload):
         return
     request = request_of(st.query_params, upload)
@@ -705,7 +710,7 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
         return
     library = warm_library(settings)
     if p.album:
-        return album_view(library, p.album)
+        return album_view(library, p.album, p.view)
     albums = library.albums()
     st.header("Albums", anchor=False)
     if not albums:
@@ -719,7 +724,7 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
         c3.caption(md(album.problem) if album.problem else f"{md(album.query)} · changed {when(album.changed_at)}")
 
 
-def album_view(library, name: str) -> None:
+def album_view(library, name: str, view: int | None = None) -> None:
     """One album: its photos, and forms to rename, export or delete it. An album whose saved search no longer
     runs (its folder gone...) says why and can still be renamed or deleted here."""
     try:
@@ -737,6 +742,7 @@ def album_view(library, name: str) -> None:
     back.button("All albums", on_click=on_change, kwargs={"album": ""}, type="tertiary")
     if album:
         st.caption(f"{album.count} photos · {md(album.query)}")
+        viewed(library, view)
     with st.expander("Rename, delete or export", expanded=album is None):
         with st.form("album-rename", border=False):
             new = st.text_input("New name", value=name, max_chars=100, key="w_album_rename")
