@@ -215,6 +215,25 @@ def test_upload_search_and_bad_uploads(page):
     assert "query images can be at most 20 MB" in texts(at.error)
 
 
+def test_marking_a_result_of_an_upload_search_refines_it(page):
+    """A 👍 on a result of an uploaded-image search was shown as a "more like this" of the marked photo
+    (its header, no "Refined by", no Clear marks), though the upload still took part in the search; and
+    Save as album asked for a name only to refuse the upload with a message about paths and bytes."""
+    at = open_url(page)
+    at.file_uploader(key="w_upload").set_value(("mine.png", _png("green", "triangle"), "image/png"))
+    at.button(key="FormSubmitter:search-Search").click().run()
+    marked = next(b for b in at.button if b.key and b.key.startswith("hit-up-")).key.rsplit("-", 1)[1]
+    at.button(key=f"hit-up-{marked}").click().run()
+    assert not at.exception and not at.error
+    assert at.query_params == {"like": marked}
+    assert "images like the uploaded mine.png" in texts(at.caption)
+    assert "Refined by 👍 1 · 👎 0" in texts(at.markdown) and at.button(key="marks-clear")
+    assert not [b for b in at.button if b.key == "example-view"]  # no "Images like <the marked photo>" header
+    assert at.button(key=f"hit-up-{marked}").proto.type == "primary"  # the marked photo stays, pressed
+    assert not [t for t in at.text_input if t.key == "w_album_name"]
+    assert "the uploaded mine.png is not a file in the library" in texts(at.caption)
+
+
 def test_index_a_folder_from_the_page(tmp_path, monkeypatch, model_id):
     from streamlit.testing.v1 import AppTest
 

@@ -512,10 +512,11 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
     if not (p.q or p.like or upload):
         return
     request = request_of(st.query_params, upload)
+    example = None if upload else p.example  # with an upload, one 👍 refines it: not "more like this"
     t0 = time.perf_counter()
     hits = library.run(request)
     took = time.perf_counter() - t0
-    said = ((p.example is not None and example_header(library, p.example), "images like {}"),
+    said = ((example is not None and example_header(library, example), "images like {}"),
             (upload and upload[0], "images like the uploaded {}"), (p.q, "“{}”"), (p.neg, "not “{}”"),
             (p.under, "in {}"), (p.after, "taken from {}"), (p.before, "until the end of {}"),
             (p.near, "near {}"), (p.camera, "camera {}"))
@@ -527,8 +528,12 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
     said, save = st.columns([6, 1], vertical_alignment="center")
     said.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
     with save.popover("Save as album"):
-        save_album_form(library, request)
-    if (p.like or p.unlike) and p.example is None:
+        if upload:  # an album's search runs again later, from files in the library
+            st.caption(f"An album keeps its example images as files, and the uploaded {md(upload[0])} is not a "
+                       "file in the library: index its folder, then save **More like this** on it.")
+        else:
+            save_album_form(library, request)
+    if (p.like or p.unlike) and example is None:
         left, right = st.columns([6, 1], vertical_alignment="center")
         left.markdown(f"Refined by 👍 {len(p.like)} · 👎 {len(p.unlike)}: the search moves toward the images you "
                       "liked and away from the others.")
