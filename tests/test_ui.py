@@ -471,3 +471,26 @@ def test_details_open_on_an_album_page(page, library):
     finally:
         with Library(settings=library[0]) as lib:
             lib.delete_album("blues")
+
+
+def test_a_long_result_list_is_drawn_a_page_at_a_time(page, monkeypatch):
+    """Results 3000 on a library of a few thousand photos drew every thumbnail (and made every missing one
+    first) with four buttons each: over a minute per redraw, and again for each 👍. The grid now shows a page
+    and a button for the next; a new search starts at its first page again."""
+    import imgsearch.ui.app as app
+
+    monkeypatch.setattr(app, "PAGE", 20, raising=False)  # the library has 54 photos
+    at = open_url(page, q="a red circle", k="54")
+    assert len(result_names(at)) == 20
+    assert "54 results for “a red circle”" in texts(at.caption)
+    more = at.button(key="hit-more")
+    assert more.label == "Show 20 more (20 of 54 shown)"
+    more.click().run()
+    first40 = result_names(at)
+    assert len(first40) == 40 and at.button(key="hit-more").label == "Show 14 more (40 of 54 shown)"
+    at.button(key="hit-more").click().run()
+    assert result_names(at)[:40] == first40 and len(result_names(at)) == 54
+    assert not [b for b in at.button if b.key == "hit-more"]
+    at.query_params["q"] = "a blue square"
+    at.run()
+    assert len(result_names(at)) == 20  # another search: its first page

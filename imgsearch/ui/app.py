@@ -33,6 +33,7 @@ from imgsearch.request import MAX_TEXT, SearchRequest, Term
 log = logging.getLogger("imgsearch.ui")
 
 COLUMNS = 5
+PAGE = 100  # thumbnails a grid draws at once: with a few hundred, each redraw (each 👍) took many seconds
 DEFAULT_K = 20
 UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EXTENSIONS)
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
@@ -228,7 +229,7 @@ def sync_widgets(p: Params) -> None:
     key = tuple(sorted(p.to_url().items()))
     if st.session_state.get("_url") == key:
         return
-    st.session_state.update({"_url": key, "w_k": p.k, "w_min": p.min_score,
+    st.session_state.update({"_url": key, "_shown": PAGE, "w_k": p.k, "w_min": p.min_score,
                              "w_page": "Albums" if p.page == "albums" else "Search",
                              **{f"w_{name}": getattr(p, attr) for name, attr in TEXT_FIELDS.items()}})
 
@@ -295,8 +296,10 @@ def caption(name: str, score: float | None = None) -> str:
 
 
 def grid(library, hits, key: str, p: Params | None = None) -> None:
-    """Thumbnails with score and file name; each has 'Details' and 'More like this', and with ``p`` (a
-    search to refine) 👍 and 👎, shown pressed when marked."""
+    """Thumbnails with score and file name, a page at a time; each has 'Details' and 'More like this', and
+    with ``p`` (a search to refine) 👍 and 👎, shown pressed when marked."""
+    shown = st.session_state.get("_shown", PAGE)  # back to one page whenever the address changes
+    rest, hits = len(hits) - shown, hits[:shown]
     paths = library.thumbnails([h.id for h in hits], library.THUMB)
     for start in range(0, len(hits), COLUMNS):
         cols = st.columns(COLUMNS)
@@ -319,6 +322,9 @@ def grid(library, hits, key: str, p: Params | None = None) -> None:
                           type="tertiary", help=md(hit.path))
                 b2.button("More like this", key=f"{key}-like-{hit.id}", on_click=on_more_like, args=(hit.id,),
                           type="tertiary")
+    if rest > 0:
+        st.button(f"Show {min(rest, PAGE)} more ({shown} of {shown + rest} shown)", key=f"{key}-more",
+                  on_click=lambda: st.session_state.update(_shown=shown + PAGE))
 
 
 def thumbnail(library, image_id: int, size: int) -> None:
