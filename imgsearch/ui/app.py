@@ -284,10 +284,15 @@ def _visible(m: re.Match) -> str:
     return _NAMED.get(c) or (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
 
 
+def visible(text) -> str:
+    """Text for the browser as plain text (a code block, a tooltip): on one line, every character seen."""
+    return _INVISIBLE.sub(_visible, str(text))
+
+
 def md(text) -> str:
     """Any user-, file- or library-derived text (query, path, file name, tag, error message) made safe to
     put in Markdown: it shows literally, on one line, and nothing in it can link, load or format."""
-    return _MD_PUNCT.sub(r"\\\1", _INVISIBLE.sub(_visible, str(text)))
+    return _MD_PUNCT.sub(r"\\\1", visible(text))
 
 
 def caption(name: str, score: float | None = None) -> str:
@@ -342,7 +347,7 @@ def detail(library, image_id: int, key: str = "detail", close: bool = True) -> N
         with right:
             st.subheader(md(row.name), anchor=False)
             st.markdown("**Path**")
-            st.code(row.path, language=None, wrap_lines=True)
+            st.code(visible(row.path), language=None, wrap_lines=True)
             st.markdown(f"**Size** {human_bytes(row.size)}")
             st.markdown(f"**Dimensions** {row.width} × {row.height} px" if row.width else "**Dimensions** unknown")
             st.markdown(f"**Taken** {md(row.taken_at.replace('T', ' '))}"
@@ -610,8 +615,7 @@ def pins(hits, cells: int = 24) -> list[dict]:
     out = []
     for members in groups.values():
         n = len(members)
-        # a deck.gl tooltip is plain text: only invisible characters matter
-        name = _INVISIBLE.sub(_visible, os.path.basename(members[0].path))
+        name = visible(os.path.basename(members[0].path))  # a deck.gl tooltip is plain text
         out.append({"lat": sum(h.gps_lat for h in members) / n, "lon": sum(lon[h.id] for h in members) / n,
                     "count": n, "ids": ",".join(str(h.id) for h in members), "radius": 7 + 4 * n ** 0.5,
                     "label": str(n) if n > 1 else "", "title": f"{n} photos" if n > 1 else name})
