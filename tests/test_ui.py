@@ -494,3 +494,25 @@ def test_a_long_result_list_is_drawn_a_page_at_a_time(page, monkeypatch):
     at.query_params["q"] = "a blue square"
     at.run()
     assert len(result_names(at)) == 20  # another search: its first page
+
+
+def test_a_relative_folder_typed_on_the_page_is_named_in_full(page, library, tmp_path, monkeypatch):
+    """A page has no current folder its user can see: an album exported to 'beach' said 'Exported 4 photos to
+    beach' while the copies went to the server's working folder, wherever that was."""
+    from imgsearch import Library
+
+    monkeypatch.chdir(tmp_path)  # where `imgsearch ui` was started
+    with Library(settings=library[0]) as lib:
+        lib.save_album("greens", "a green circle", k=4)
+    try:
+        at = open_url(page, page="albums", album="greens")
+        at.text_input(key="w_album_export").input("beach")
+        at.button(key="FormSubmitter:album-export-Export").click().run()
+        assert f"Exported 4 photos to {tmp_path / 'beach'}" in texts(at.success)
+        assert len(list((tmp_path / "beach").iterdir())) == 4
+        at.text_input(key="w_index").input("nowhere")
+        at.button(key="FormSubmitter:index-form-Index").click().run()
+        assert f"No such folder: {tmp_path / 'nowhere'}" in texts(at.sidebar.error)
+    finally:
+        with Library(settings=library[0]) as lib:
+            lib.delete_album("greens")

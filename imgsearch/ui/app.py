@@ -427,6 +427,13 @@ def follow_changes(settings: Settings) -> None:
     check()
 
 
+def typed_folder(text: str | None) -> str:
+    """A folder typed into the page, in full: the page's user cannot see the server's current folder, which a
+    relative path would be read from."""
+    text = (text or "").strip()
+    return os.path.abspath(os.path.expanduser(text)) if text else ""
+
+
 def index_panel(settings: Settings) -> None:
     st.header("Index a folder")
     jobs = index_jobs(str(settings.home))
@@ -435,14 +442,14 @@ def index_panel(settings: Settings) -> None:
         folder = st.text_input("Folder to index", key="w_index", placeholder="/home/me/Pictures")
         submitted = st.form_submit_button("Index", disabled=bool(job and job.running))
     if submitted:
-        folder = (folder or "").strip()
+        folder = typed_folder(folder)
         if not folder:
             st.error("Type the folder to index.")
-        elif not os.path.exists(os.path.expanduser(folder)):
+        elif not os.path.exists(folder):
             st.error(f"No such folder: {md(folder)}")
         else:
             try:
-                job = jobs.start(settings, os.path.expanduser(folder))
+                job = jobs.start(settings, folder)
             except ImgSearchError as e:
                 st.error(md(e))
     if job is None:
@@ -775,10 +782,11 @@ def album_view(library, name: str, view: int | None = None) -> None:
                 link = st.checkbox("Symbolic links instead of copies", key="w_album_link")
                 if st.form_submit_button("Export"):
                     try:
-                        if not folder.strip():
+                        target = typed_folder(folder)
+                        if not target:
                             raise UsageError("type the folder to export to")
-                        written = library.export_album(name, os.path.expanduser(folder.strip()), link=link)
-                        st.success(f"Exported {len(written)} photos to {md(folder.strip())}")
+                        written = library.export_album(name, target, link=link)
+                        st.success(f"Exported {len(written)} photos to {md(target)}")
                     except ImgSearchError as e:
                         st.error(md(e))
         with st.form("album-delete", border=False):
