@@ -840,7 +840,8 @@ def main() -> None:
             results(settings, status, p)
     except ParamError as e:  # the library names the parameter; the page says which field and value
         raw = st.query_params
-        field = {"under": ("Folder", p.under), "min_score": ("Minimum score", raw.get("min")),
+        field = {"texts": ("Search for", None), "not": ("But not", None),  # too long to repeat
+                 "under": ("Folder", p.under), "min_score": ("Minimum score", raw.get("min")),
                  "k": ("Results", raw.get("k")), "like": ("Liked images", raw.get("like")),
                  "unlike": ("Unliked images", raw.get("unlike")),
                  "after": ("Taken from", p.after), "before": ("Taken until", p.before), "near": ("Near", p.near),
