@@ -295,8 +295,13 @@ def md(text) -> str:
     return _MD_PUNCT.sub(r"\\\1", visible(text))
 
 
+def shortened(text: str, width: int) -> str:
+    """``text`` with its middle left out when longer than ``width``: both ends stay readable."""
+    return text if len(text) <= width else text[:width // 2 - 2] + "…" + text[2 - width // 2:]
+
+
 def caption(name: str, score: float | None = None) -> str:
-    short = name if len(name) <= 32 else name[:14] + "…" + name[-14:]
+    short = shortened(name, 32)
     return f"{score:.3f} · {short}" if score is not None else short
 
 
@@ -847,7 +852,8 @@ def main() -> None:
                  "after": ("Taken from", p.after), "before": ("Taken until", p.before), "near": ("Near", p.near),
                  "camera": ("Camera", p.camera)}
         label, value = field.get(e.param, (e.param, None))
-        st.error(f"{label} {md(value)}: {md(e.detail)}" if value not in (None, "") else f"{label}: {md(e.detail)}")
+        st.error(f"{label} {md(shortened(value, 80))}: {md(e.detail)}" if value not in (None, "")
+                 else f"{label}: {md(e.detail)}")
     except ImgSearchError as e:
         st.error(md(e))
     except Exception as e:  # a bug: one line for the user, the traceback for the server log
