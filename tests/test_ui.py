@@ -255,15 +255,25 @@ def test_index_a_folder_from_the_page(tmp_path, monkeypatch, model_id):
     at.button(key="FormSubmitter:index-form-Index").click().run()
     assert f"No such folder: {tmp_path / 'missing'}" in texts(at.sidebar.error)
 
-    at.text_input(key="w_index").input(str(photos))
-    at.button(key="FormSubmitter:index-form-Index").click().run()
-    assert not at.exception
-    deadline = time.time() + 60
-    while "Indexed" not in texts(at.sidebar.success) and time.time() < deadline:
-        time.sleep(0.3)
-        at.run()  # a browser would be re-polled by the progress fragment
-    assert not at.exception
-    assert f"Indexed {photos}: 6 new, 0 updated, 0 removed, 1 failed" in texts(at.sidebar.success)
+    def index(folder) -> str:
+        """Index ``folder`` from the sidebar; what the sidebar says when the run has finished."""
+        at.text_input(key="w_index").input(str(folder))
+        at.button(key="FormSubmitter:index-form-Index").click().run()
+        assert not at.exception
+        deadline = time.time() + 60
+        while not (at.sidebar.success or at.sidebar.warning) and time.time() < deadline:
+            time.sleep(0.3)
+            at.run()  # a browser would be re-polled by the progress fragment
+        assert not at.exception
+        return texts(at.sidebar.success) + texts(at.sidebar.warning)
+
+    # the wrong folder (its photos in a hidden one): said so, not an all-zero report alone, as `index` does
+    hidden = tmp_path / "albums"
+    synthetic.generate(hidden / ".thumbs", per_class=1, colors=["red"], shapes=["circle"], size=64,
+                       captions_file=None)
+    assert index(hidden) == (f"Indexed {hidden}: no images found there (hidden folders and imgsearch libraries "
+                             "are skipped)")
+    assert f"Indexed {photos}: 6 new, 0 updated, 0 removed, 1 failed" in index(photos)
     at.run()  # the status panel refreshes after a run finishes
     assert "**Images** 6" in texts(at.sidebar.markdown)
     open_url(at, q="a blue square")

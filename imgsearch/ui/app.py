@@ -29,6 +29,7 @@ from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, MAX_K, RAW_EXTEN
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
 from imgsearch.request import MAX_TEXT, SearchRequest, Term
+from imgsearch.results import IndexReport
 
 log = logging.getLogger("imgsearch.ui")
 
@@ -177,7 +178,7 @@ class IndexJob:
     total: int = 0
     stage: str = ""  # set while the FAISS index is rebuilt after the files
     finished: float | None = None
-    report: dict | None = None
+    report: IndexReport | None = None
     error: str | None = None
 
     @property
@@ -205,7 +206,7 @@ class IndexJobs:
             try:
                 lib = the_library(settings)
                 job.report = lib.index([folder], progress=progress,
-                                       build_progress=lambda stage, d, t: progress(d, t, stage)).as_dict()
+                                       build_progress=lambda stage, d, t: progress(d, t, stage))
             except ImgSearchError as e:
                 job.error = str(e)
             except Exception as e:  # a bug: keep the server up, log the details, show one line
@@ -480,8 +481,12 @@ def index_panel(settings: Settings) -> None:
         st.error(f"Indexing {md(job.folder)} failed: {md(job.error)}")
     elif job.report is not None:
         r = job.report
-        st.success(f"Indexed {md(job.folder)}: {r['new']} new, {r['updated']} updated, {r['removed']} removed, "
-                   f"{r['failed']} failed ({r['seconds']:.1f}s)")
+        if r.found_nothing:  # as `imgsearch index` says it
+            st.warning(f"Indexed {md(job.folder)}: no images found there (hidden folders and imgsearch libraries "
+                       "are skipped)")
+        else:
+            st.success(f"Indexed {md(job.folder)}: {r.new} new, {r.updated} updated, {r.removed} removed, "
+                       f"{len(r.failed)} failed ({r.seconds:.1f}s)")
 
 
 def search_form() -> None:
