@@ -506,6 +506,13 @@ def test_a_long_result_list_is_drawn_a_page_at_a_time(page, monkeypatch):
     more.click().run()
     first40 = result_names(at)
     assert len(first40) == 40 and at.button(key="hit-more").label == "Show 14 more (40 of 54 shown)"
+    mark = [b for b in at.button if b.key.startswith("hit-up-")][30].key
+    at.button(key=mark).click().run()  # a 👍 (or Details) refines this search: the page scrolled to stays
+    assert len(result_names(at)) == 40 and "like" in at.query_params
+    at.button(key=mark).click().run()
+    next(b for b in at.button if b.key.startswith("hit-view-")).click().run()
+    at.button(key="detail-close").click().run()
+    assert result_names(at) == first40
     at.button(key="hit-more").click().run()
     assert result_names(at)[:40] == first40 and len(result_names(at)) == 54
     assert not [b for b in at.button if b.key == "hit-more"]

@@ -226,11 +226,15 @@ def index_jobs(home: str) -> IndexJobs:
 
 # --- URL <-> widgets ----------------------------------------------------------------------------------
 def sync_widgets(p: Params) -> None:
-    """When the URL changed (link opened, button clicked), show its search in the form."""
+    """When the URL changed (link opened, button clicked), show its search in the form; another search (not
+    just other marks or details) starts at the first page of results."""
+    search = tuple(sorted(replace(p, like=(), unlike=(), view=None).to_url().items()))
+    if st.session_state.get("_search") != search:
+        st.session_state.update(_search=search, _shown=PAGE)
     key = tuple(sorted(p.to_url().items()))
     if st.session_state.get("_url") == key:
         return
-    st.session_state.update({"_url": key, "_shown": PAGE, "w_k": p.k, "w_min": p.min_score,
+    st.session_state.update({"_url": key, "w_k": p.k, "w_min": p.min_score,
                              "w_page": "Albums" if p.page == "albums" else "Search",
                              **{f"w_{name}": getattr(p, attr) for name, attr in TEXT_FIELDS.items()}})
 
@@ -309,7 +313,7 @@ def caption(name: str, score: float | None = None) -> str:
 def grid(library, hits, key: str, p: Params | None = None) -> None:
     """Thumbnails with score and file name, a page at a time; each has 'Details' and 'More like this', and
     with ``p`` (a search to refine) 👍 and 👎, shown pressed when marked."""
-    shown = st.session_state.get("_shown", PAGE)  # back to one page whenever the address changes
+    shown = st.session_state.get("_shown", PAGE)
     rest, hits = len(hits) - shown, hits[:shown]
     paths = library.thumbnails([h.id for h in hits], library.THUMB)
     for start in range(0, len(hits), COLUMNS):
