@@ -863,6 +863,8 @@ def main() -> None:
         label, value = field.get(e.param, (e.param, None))
         st.error(f"{label} {md(shortened(value, 80))}: {md(e.detail)}" if value not in (None, "")
                  else f"{label}: {md(e.detail)}")
+        if e.param in ("like", "unlike"):  # e.g. a marked photo since removed; Search keeps the marks
+            st.button("Clear marks", key="marks-clear", on_click=on_change, kwargs={"like": (), "unlike": ()})
     except ImgSearchError as e:
         st.error(md(e))
     except Exception as e:  # a bug: one line for the user, the traceback for the server log
