@@ -679,7 +679,9 @@ def photo_map(library, hits, key: str) -> None:
     tiles = st.toggle("Base map (loads map tiles from the internet)", key=f"{key}-tiles")
     deck = pdk.Deck(layers=layers, initial_view_state=view, tooltip={"text": "{title}"},
                     **({"map_provider": "carto", "map_style": "light"} if tiles else {"map_provider": None}))
-    event = st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key=f"{key}-map", height=460)
+    on_map = hash(frozenset(i for p in points for i in p["ids"].split(",")))  # a click is on these photos' pins
+    event = st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key=f"{key}-map-{on_map}",
+                            height=460)
     st.caption(f"{sum(p['count'] for p in points)} of {len(hits)} photos have a GPS position; click a pin. "
                f"Grid lines every {step:g}°.")
     chosen = (event.selection.get("objects") or {}).get("photos") or []
