@@ -148,7 +148,7 @@ def index_cmd(
                + (f" (vectors reused for {plural(report.reused, 'identical file')})" if report.reused else ""))
     for line in kept_lines(report):
         typer.echo(f"  {line}")
-    if not (any(report.counts().values()) or report.aliases or report.failed_before or report.kept):
+    if report.found_nothing:
         typer.echo(f"  no images found under {', '.join(shown(str(p)) for p in paths)} (hidden folders and "
                    "imgsearch libraries are skipped)")
     if report.aliases:

@@ -60,6 +60,11 @@ class IndexReport:
         return {"new": self.new, "updated": self.updated, "unchanged": self.unchanged, "moved": self.moved,
                 "removed": self.removed, "failed": len(self.failed)}
 
+    @property
+    def found_nothing(self) -> bool:
+        """No image at all under the paths indexed: not even an unchanged, aliased, failed or kept one."""
+        return not (any(self.counts().values()) or self.aliases or self.failed_before or self.kept)
+
     def as_dict(self) -> dict:
         return {**self.counts(), "encoded": self.encoded, "reused": self.reused, "aliases": self.aliases,
                 "failed_before": self.failed_before, "seconds": round(self.seconds, 3),

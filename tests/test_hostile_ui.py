@@ -26,6 +26,7 @@ LINK_NAME = "[x](http:__e.x) *b*.png"
 IMAGE_NAME = "![t](https:__e.x_t.png).png"
 ODD_NAME = "a\n# b &amp; <i>`c`.png"
 INJECTED = "[click](https://evil.example) ![t](https://evil.example/t.png)"
+BYTES_NAME = "caf\udce9 \u202egnp.png"  # the byte 0xE9 (Latin-1 é, not UTF-8) and a right-to-left override
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,12 @@ def library(tmp_path_factory, tiny_model):
     (photos / "odd").mkdir()
     for name in (LINK_NAME, IMAGE_NAME, ODD_NAME):
         shutil.copy(circle, photos / "odd" / name)
+    (photos / "bytes").mkdir()
+    shutil.copy(circle, photos / "bytes" / BYTES_NAME)
     settings = Settings(home=root / "home", model=f"local-dir:{tiny_model}", pretrained=None, device="cpu",
                         precision="fp32", workers=2)
     report = index_paths(settings, [photos])
-    assert report.new == 8 + 3 and not report.failed
+    assert report.new == 8 + 3 + 1 and not report.failed
     return settings, photos
 
 
@@ -305,6 +308,20 @@ def test_file_names_with_markdown_show_literally(page, library):
     assert any(c.value.endswith(LINK_NAME) for c in at.code)
     for src in everything_drawn(at):
         assert_inert(src)
+
+
+def test_details_of_a_file_whose_name_is_not_utf8(page, library):
+    """A file name holding bytes that are not UTF-8 (an old archive, a camera card) replaced the whole page
+    with 'Internal error: UnicodeEncodeError' when its Details opened: its path went to the browser raw."""
+    folder = library[1] / "bytes"
+    page.query_params["q"] = "a red circle"
+    page.query_params["under"] = str(folder)
+    at = page.run()
+    next(b for b in at.button if b.key and b.key.startswith("hit-view-")).click().run()
+    assert not at.exception and not at.error
+    assert [c.value for c in at.code] == [f"{folder}/caf\\xe9 \\u202egnp.png"]  # the path, every character visible
+    assert [plain_text(h.value) for h in at.subheader] == ["caf\\xe9 \\u202egnp.png"]
+    assert len([b for b in at.button if b.key and b.key.startswith("hit-view-")]) == 1  # its result stays below
 
 
 def test_md_escapes_every_markdown_construct():

@@ -151,15 +151,23 @@ def test_bad_query_string_is_refused_as_at_every_door(page):
     cases = [(dict(k="lots"), "Results lots: give a whole number from 1 to 10000"),
              (dict(min="7"), "Minimum score 7: give a cosine score between -1 and 1, such as 0.25"),
              (dict(like="../../etc/passwd"), "Liked images ../../etc/passwd: give image ids, as in like=12,31"),
-             (dict(under="\x00"), "contains a NUL character; remove it")]
+             (dict(under="\x00"), "contains a NUL character; remove it"),
+             # only an address can carry these (the form's fields stop at 1000): named as the form names them
+             (dict(q="a" * 1001), "Search for: is longer than 1000 characters; shorten it"),
+             ({"not": "b" * 1001}, "But not: is longer than 1000 characters; shorten it")]
     for params, message in cases:
         for key in list(page.query_params):
             del page.query_params[key]
-        at = open_url(page, q="a red circle", **params)
+        at = open_url(page, **{"q": "a red circle", **params})
         assert message in texts(at.error), (params, texts(at.error))
         assert not captions(at) and "Internal error" not in texts(at.error)
     for key in list(page.query_params):
         del page.query_params[key]
+    # 3000 marks in an address: one short line, not the 14 kB value repeated back
+    at = open_url(page, q="a red circle", like=",".join(str(i) for i in range(1, 3001)))
+    assert [texts(at.error)] == ["Liked images 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16…993,2994,2995,2996,2997,"
+                                 "2998,2999,3000: at most 1000 marked images"]
+    del page.query_params["like"]
     at = open_url(page, q="a red circle", view="/etc/passwd")  # the page's own view= is only ignored
     assert "view=: not an image id: '/etc/passwd'" in texts(at.warning)
     assert len(result_names(at)) == 20 and result_names(at)[0].startswith("red_circle")
@@ -215,6 +223,25 @@ def test_upload_search_and_bad_uploads(page):
     assert "query images can be at most 20 MB" in texts(at.error)
 
 
+def test_marking_a_result_of_an_upload_search_refines_it(page):
+    """A 👍 on a result of an uploaded-image search was shown as a "more like this" of the marked photo
+    (its header, no "Refined by", no Clear marks), though the upload still took part in the search; and
+    Save as album asked for a name only to refuse the upload with a message about paths and bytes."""
+    at = open_url(page)
+    at.file_uploader(key="w_upload").set_value(("mine.png", _png("green", "triangle"), "image/png"))
+    at.button(key="FormSubmitter:search-Search").click().run()
+    marked = next(b for b in at.button if b.key and b.key.startswith("hit-up-")).key.rsplit("-", 1)[1]
+    at.button(key=f"hit-up-{marked}").click().run()
+    assert not at.exception and not at.error
+    assert at.query_params == {"like": marked}
+    assert "images like the uploaded mine.png" in texts(at.caption)
+    assert "Refined by 👍 1 · 👎 0" in texts(at.markdown) and at.button(key="marks-clear")
+    assert not [b for b in at.button if b.key == "example-view"]  # no "Images like <the marked photo>" header
+    assert at.button(key=f"hit-up-{marked}").proto.type == "primary"  # the marked photo stays, pressed
+    assert not [t for t in at.text_input if t.key == "w_album_name"]
+    assert "the uploaded mine.png is not a file in the library" in texts(at.caption)
+
+
 def test_index_a_folder_from_the_page(tmp_path, monkeypatch, model_id):
     from streamlit.testing.v1 import AppTest
 
@@ -228,15 +255,25 @@ def test_index_a_folder_from_the_page(tmp_path, monkeypatch, model_id):
     at.button(key="FormSubmitter:index-form-Index").click().run()
     assert f"No such folder: {tmp_path / 'missing'}" in texts(at.sidebar.error)
 
-    at.text_input(key="w_index").input(str(photos))
-    at.button(key="FormSubmitter:index-form-Index").click().run()
-    assert not at.exception
-    deadline = time.time() + 60
-    while "Indexed" not in texts(at.sidebar.success) and time.time() < deadline:
-        time.sleep(0.3)
-        at.run()  # a browser would be re-polled by the progress fragment
-    assert not at.exception
-    assert f"Indexed {photos}: 6 new, 0 updated, 0 removed, 1 failed" in texts(at.sidebar.success)
+    def index(folder) -> str:
+        """Index ``folder`` from the sidebar; what the sidebar says when the run has finished."""
+        at.text_input(key="w_index").input(str(folder))
+        at.button(key="FormSubmitter:index-form-Index").click().run()
+        assert not at.exception
+        deadline = time.time() + 60
+        while not (at.sidebar.success or at.sidebar.warning) and time.time() < deadline:
+            time.sleep(0.3)
+            at.run()  # a browser would be re-polled by the progress fragment
+        assert not at.exception
+        return texts(at.sidebar.success) + texts(at.sidebar.warning)
+
+    # the wrong folder (its photos in a hidden one): said so, not an all-zero report alone, as `index` does
+    hidden = tmp_path / "albums"
+    synthetic.generate(hidden / ".thumbs", per_class=1, colors=["red"], shapes=["circle"], size=64,
+                       captions_file=None)
+    assert index(hidden) == (f"Indexed {hidden}: no images found there (hidden folders and imgsearch libraries "
+                             "are skipped)")
+    assert f"Indexed {photos}: 6 new, 0 updated, 0 removed, 1 failed" in index(photos)
     at.run()  # the status panel refreshes after a run finishes
     assert "**Images** 6" in texts(at.sidebar.markdown)
     open_url(at, q="a blue square")
@@ -355,7 +392,10 @@ def test_unknown_marks_in_the_url(page):
     at = open_url(page, q="red", like="999999")
     assert "Liked images 999999: image id 999999 is not in the library" in texts(at.error)
     assert not captions(at)
-    del at.query_params["like"]
+    # a marked photo since removed from the library (or a link from another one): Search keeps the marks, so
+    # the page offered no way out but editing the address
+    at.button(key="marks-clear").click().run()
+    assert at.query_params == {"q": "red"} and not at.error and result_names(at)
     at = open_url(page, unlike="/etc/passwd")  # the page marks by id only: no file name is echoed back
     assert "Unliked images /etc/passwd: give image ids, as in unlike=12,31" in texts(at.error)
 
@@ -429,3 +469,78 @@ def test_a_search_with_a_min_score_saved_as_album_keeps_every_photo_above_it(pag
             assert [h.path for h in album.hits] == above and album.grows
         finally:
             lib.delete_album("warm")
+
+
+def test_details_open_on_an_album_page(page, library):
+    """An album's Details button put view= in the address, but the album page never showed the view: the
+    click did nothing."""
+    from imgsearch import Library
+
+    with Library(settings=library[0]) as lib:
+        lib.save_album("blues", "a blue square", k=4)
+    try:
+        at = open_url(page, page="albums", album="blues")
+        first = result_names(at)[0]
+        next(b for b in at.button if b.key and b.key.startswith("album-view-")).click().run()
+        assert not at.exception and not at.error
+        assert at.query_params["album"] == "blues" and "view" in at.query_params
+        assert "**Similar images**" in texts(at.markdown)
+        assert any(c.value.endswith(first) for c in at.code)  # the full path of the photo clicked
+        at.button(key="detail-close").click().run()
+        assert at.query_params == {"page": "albums", "album": "blues"}
+        assert "**Similar images**" not in texts(at.markdown) and "Album: blues" in texts(at.header)
+    finally:
+        with Library(settings=library[0]) as lib:
+            lib.delete_album("blues")
+
+
+def test_a_long_result_list_is_drawn_a_page_at_a_time(page, monkeypatch):
+    """Results 3000 on a library of a few thousand photos drew every thumbnail (and made every missing one
+    first) with four buttons each: over a minute per redraw, and again for each 👍. The grid now shows a page
+    and a button for the next; a new search starts at its first page again."""
+    import imgsearch.ui.app as app
+
+    monkeypatch.setattr(app, "PAGE", 20, raising=False)  # the library has 54 photos
+    at = open_url(page, q="a red circle", k="54")
+    assert len(result_names(at)) == 20
+    assert "54 results for “a red circle”" in texts(at.caption)
+    more = at.button(key="hit-more")
+    assert more.label == "Show 20 more (20 of 54 shown)"
+    more.click().run()
+    first40 = result_names(at)
+    assert len(first40) == 40 and at.button(key="hit-more").label == "Show 14 more (40 of 54 shown)"
+    mark = [b for b in at.button if b.key.startswith("hit-up-")][30].key
+    at.button(key=mark).click().run()  # a 👍 (or Details) refines this search: the page scrolled to stays
+    assert len(result_names(at)) == 40 and "like" in at.query_params
+    at.button(key=mark).click().run()
+    next(b for b in at.button if b.key.startswith("hit-view-")).click().run()
+    at.button(key="detail-close").click().run()
+    assert result_names(at) == first40
+    at.button(key="hit-more").click().run()
+    assert result_names(at)[:40] == first40 and len(result_names(at)) == 54
+    assert not [b for b in at.button if b.key == "hit-more"]
+    at.query_params["q"] = "a blue square"
+    at.run()
+    assert len(result_names(at)) == 20  # another search: its first page
+
+
+def test_a_relative_folder_typed_on_the_page_is_named_in_full(page, library, tmp_path, monkeypatch):
+    """A page has no current folder its user can see: an album exported to 'beach' said 'Exported 4 photos to
+    beach' while the copies went to the server's working folder, wherever that was."""
+    from imgsearch import Library
+
+    monkeypatch.chdir(tmp_path)  # where `imgsearch ui` was started
+    with Library(settings=library[0]) as lib:
+        lib.save_album("greens", "a green circle", k=4)
+    try:
+        at = open_url(page, page="albums", album="greens")
+        at.text_input(key="w_album_export").input("beach")
+        at.button(key="FormSubmitter:album-export-Export").click().run()
+        assert f"Exported 4 photos to {tmp_path / 'beach'}" in texts(at.success)
+        assert len(list((tmp_path / "beach").iterdir())) == 4
+        at.text_input(key="w_index").input("nowhere")
+        at.button(key="FormSubmitter:index-form-Index").click().run()
+        assert f"No such folder: {tmp_path / 'nowhere'}" in texts(at.sidebar.error)
+    finally:
+        with Library(settings=library[0]) as lib:
+            lib.delete_album("greens")

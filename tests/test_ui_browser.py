@@ -222,6 +222,25 @@ def test_album_map_and_timeline_in_a_real_browser(travels, tmp_path):
             assert sorted(here) == ["red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"], here
             print(f"screenshot: {shot}")
 
+            # A pin clicked on a search's map, then another search: the click belongs to the first one's pins
+            # (it was kept, and "3 photos here" stood under a map of Paris alone).
+            page.goto(travels + "/?q=a+red+circle&k=11", timeout=60_000)
+            expect(page.locator(CAPTION)).to_have_count(11, timeout=60_000)
+            page.get_by_role("tab", name="Map").click()
+            expect(page.get_by_text("6 of 11 photos have a GPS position")).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(2000)  # deck.gl draws on the next animation frames
+            east = max(red_blobs(chart.screenshot()))  # Tokyo's pin
+            box = chart.bounding_box()  # where the screenshot scrolled the map to
+            page.mouse.click(box["x"] + east[0], box["y"] + east[1])
+            expect(page.get_by_text("3 photos here")).to_be_visible(timeout=30_000)
+            page.get_by_text("When and where").click()
+            page.get_by_role("textbox", name="Near (lat,lon[,km])").fill("48.8584,2.2945,10")
+            page.get_by_role("button", name="Search", exact=True).click()
+            expect(page.get_by_text("3 of 3 photos have a GPS position")).to_be_visible(timeout=30_000)
+            settled(page)
+            assert not page.get_by_text("photos here").count()
+            assert sorted(names(page.locator('[role="tabpanel"]:visible'))) == []
+
             # The timeline on a search: dragging across the earlier years searches those dates only.
             page.goto(travels + "/?q=a+red+circle&k=11", timeout=60_000)
             expect(page.locator(CAPTION)).to_have_count(11, timeout=60_000)

@@ -29,10 +29,12 @@ from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, MAX_K, RAW_EXTEN
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
 from imgsearch.output import human_bytes
 from imgsearch.request import MAX_TEXT, SearchRequest, Term
+from imgsearch.results import IndexReport
 
 log = logging.getLogger("imgsearch.ui")
 
 COLUMNS = 5
+PAGE = 100  # thumbnails a grid draws at once: with a few hundred, each redraw (each 👍) took many seconds
 DEFAULT_K = 20
 UPLOAD_TYPES = sorted(e[1:] for e in IMAGE_EXTENSIONS | HEIC_EXTENSIONS | RAW_EXTENSIONS)
 WHEN_WHERE = ("after", "before", "near", "camera")  # URL keys, Params fields and Library.search arguments
@@ -176,7 +178,7 @@ class IndexJob:
     total: int = 0
     stage: str = ""  # set while the FAISS index is rebuilt after the files
     finished: float | None = None
-    report: dict | None = None
+    report: IndexReport | None = None
     error: str | None = None
 
     @property
@@ -204,7 +206,7 @@ class IndexJobs:
             try:
                 lib = the_library(settings)
                 job.report = lib.index([folder], progress=progress,
-                                       build_progress=lambda stage, d, t: progress(d, t, stage)).as_dict()
+                                       build_progress=lambda stage, d, t: progress(d, t, stage))
             except ImgSearchError as e:
                 job.error = str(e)
             except Exception as e:  # a bug: keep the server up, log the details, show one line
@@ -224,7 +226,11 @@ def index_jobs(home: str) -> IndexJobs:
 
 # --- URL <-> widgets ----------------------------------------------------------------------------------
 def sync_widgets(p: Params) -> None:
-    """When the URL changed (link opened, button clicked), show its search in the form."""
+    """When the URL changed (link opened, button clicked), show its search in the form; another search (not
+    just other marks or details) starts at the first page of results."""
+    search = tuple(sorted(replace(p, like=(), unlike=(), view=None).to_url().items()))
+    if st.session_state.get("_search") != search:
+        st.session_state.update(_search=search, _shown=PAGE)
     key = tuple(sorted(p.to_url().items()))
     if st.session_state.get("_url") == key:
         return
@@ -283,20 +289,32 @@ def _visible(m: re.Match) -> str:
     return _NAMED.get(c) or (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
 
 
+def visible(text) -> str:
+    """Text for the browser as plain text (a code block, a tooltip): on one line, every character seen."""
+    return _INVISIBLE.sub(_visible, str(text))
+
+
 def md(text) -> str:
     """Any user-, file- or library-derived text (query, path, file name, tag, error message) made safe to
     put in Markdown: it shows literally, on one line, and nothing in it can link, load or format."""
-    return _MD_PUNCT.sub(r"\\\1", _INVISIBLE.sub(_visible, str(text)))
+    return _MD_PUNCT.sub(r"\\\1", visible(text))
+
+
+def shortened(text: str, width: int) -> str:
+    """``text`` with its middle left out when longer than ``width``: both ends stay readable."""
+    return text if len(text) <= width else text[:width // 2 - 2] + "…" + text[2 - width // 2:]
 
 
 def caption(name: str, score: float | None = None) -> str:
-    short = name if len(name) <= 32 else name[:14] + "…" + name[-14:]
+    short = shortened(name, 32)
     return f"{score:.3f} · {short}" if score is not None else short
 
 
 def grid(library, hits, key: str, p: Params | None = None) -> None:
-    """Thumbnails with score and file name; each has 'Details' and 'More like this', and with ``p`` (a
-    search to refine) 👍 and 👎, shown pressed when marked."""
+    """Thumbnails with score and file name, a page at a time; each has 'Details' and 'More like this', and
+    with ``p`` (a search to refine) 👍 and 👎, shown pressed when marked."""
+    shown = st.session_state.get("_shown", PAGE)
+    rest, hits = len(hits) - shown, hits[:shown]
     paths = library.thumbnails([h.id for h in hits], library.THUMB)
     for start in range(0, len(hits), COLUMNS):
         cols = st.columns(COLUMNS)
@@ -319,6 +337,9 @@ def grid(library, hits, key: str, p: Params | None = None) -> None:
                           type="tertiary", help=md(hit.path))
                 b2.button("More like this", key=f"{key}-like-{hit.id}", on_click=on_more_like, args=(hit.id,),
                           type="tertiary")
+    if rest > 0:
+        st.button(f"Show {min(rest, PAGE)} more ({shown} of {shown + rest} shown)", key=f"{key}-more",
+                  on_click=lambda: st.session_state.update(_shown=shown + PAGE))
 
 
 def thumbnail(library, image_id: int, size: int) -> None:
@@ -336,7 +357,7 @@ def detail(library, image_id: int, key: str = "detail", close: bool = True) -> N
         with right:
             st.subheader(md(row.name), anchor=False)
             st.markdown("**Path**")
-            st.code(row.path, language=None, wrap_lines=True)
+            st.code(visible(row.path), language=None, wrap_lines=True)
             st.markdown(f"**Size** {human_bytes(row.size)}")
             st.markdown(f"**Dimensions** {row.width} × {row.height} px" if row.width else "**Dimensions** unknown")
             st.markdown(f"**Taken** {md(row.taken_at.replace('T', ' '))}"
@@ -359,6 +380,15 @@ def detail(library, image_id: int, key: str = "detail", close: bool = True) -> N
         if similar:
             st.markdown("**Similar images**")
             grid(library, similar, key=f"{key}-similar")
+
+
+def viewed(library, image_id: int | None) -> None:
+    """The detail view the address asks for (view=), if any."""
+    if image_id is not None:
+        try:
+            detail(library, image_id)
+        except ImgSearchError as e:  # a stale or mistyped view= must not hide the page below
+            st.error(md(e))
 
 
 def status_panel(settings: Settings) -> dict | None:
@@ -407,6 +437,13 @@ def follow_changes(settings: Settings) -> None:
     check()
 
 
+def typed_folder(text: str | None) -> str:
+    """A folder typed into the page, in full: the page's user cannot see the server's current folder, which a
+    relative path would be read from."""
+    text = (text or "").strip()
+    return os.path.abspath(os.path.expanduser(text)) if text else ""
+
+
 def index_panel(settings: Settings) -> None:
     st.header("Index a folder")
     jobs = index_jobs(str(settings.home))
@@ -415,14 +452,14 @@ def index_panel(settings: Settings) -> None:
         folder = st.text_input("Folder to index", key="w_index", placeholder="/home/me/Pictures")
         submitted = st.form_submit_button("Index", disabled=bool(job and job.running))
     if submitted:
-        folder = (folder or "").strip()
+        folder = typed_folder(folder)
         if not folder:
             st.error("Type the folder to index.")
-        elif not os.path.exists(os.path.expanduser(folder)):
+        elif not os.path.exists(folder):
             st.error(f"No such folder: {md(folder)}")
         else:
             try:
-                job = jobs.start(settings, os.path.expanduser(folder))
+                job = jobs.start(settings, folder)
             except ImgSearchError as e:
                 st.error(md(e))
     if job is None:
@@ -448,8 +485,12 @@ def index_panel(settings: Settings) -> None:
         st.error(f"Indexing {md(job.folder)} failed: {md(job.error)}")
     elif job.report is not None:
         r = job.report
-        st.success(f"Indexed {md(job.folder)}: {r['new']} new, {r['updated']} updated, {r['removed']} removed, "
-                   f"{r['failed']} failed ({r['seconds']:.1f}s)")
+        if r.found_nothing:  # as `imgsearch index` says it
+            st.warning(f"Indexed {md(job.folder)}: no images found there (hidden folders and imgsearch libraries "
+                       "are skipped)")
+        else:
+            st.success(f"Indexed {md(job.folder)}: {r.new} new, {r.updated} updated, {r.removed} removed, "
+                       f"{len(r.failed)} failed ({r.seconds:.1f}s)")
 
 
 def search_form() -> None:
@@ -499,18 +540,15 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
                 "then search.")
         return
     library = warm_library(settings)
-    if p.view is not None:
-        try:
-            detail(library, p.view)
-        except ImgSearchError as e:  # a stale or mistyped view= must not hide the results below
-            st.error(md(e))
+    viewed(library, p.view)
     if not (p.q or p.like or upload):
         return
     request = request_of(st.query_params, upload)
+    example = None if upload else p.example  # with an upload, one 👍 refines it: not "more like this"
     t0 = time.perf_counter()
     hits = library.run(request)
     took = time.perf_counter() - t0
-    said = ((p.example is not None and example_header(library, p.example), "images like {}"),
+    said = ((example is not None and example_header(library, example), "images like {}"),
             (upload and upload[0], "images like the uploaded {}"), (p.q, "“{}”"), (p.neg, "not “{}”"),
             (p.under, "in {}"), (p.after, "taken from {}"), (p.before, "until the end of {}"),
             (p.near, "near {}"), (p.camera, "camera {}"))
@@ -522,8 +560,12 @@ def results(settings: Settings, status: dict | None, p: Params) -> None:
     said, save = st.columns([6, 1], vertical_alignment="center")
     said.caption(f"{len(hits)} results for {', '.join(what)} ({took * 1000:.0f} ms)")
     with save.popover("Save as album"):
-        save_album_form(library, request)
-    if (p.like or p.unlike) and p.example is None:
+        if upload:  # an album's search runs again later, from files in the library
+            st.caption(f"An album keeps its example images as files, and the uploaded {md(upload[0])} is not a "
+                       "file in the library: index its folder, then save **More like this** on it.")
+        else:
+            save_album_form(library, request)
+    if (p.like or p.unlike) and example is None:
         left, right = st.columns([6, 1], vertical_alignment="center")
         left.markdown(f"Refined by 👍 {len(p.like)} · 👎 {len(p.unlike)}: the search moves toward the images you "
                       "liked and away from the others.")
@@ -594,8 +636,7 @@ def pins(hits, cells: int = 24) -> list[dict]:
     out = []
     for members in groups.values():
         n = len(members)
-        # a deck.gl tooltip is plain text: only invisible characters matter
-        name = _INVISIBLE.sub(_visible, os.path.basename(members[0].path))
+        name = visible(os.path.basename(members[0].path))  # a deck.gl tooltip is plain text
         out.append({"lat": sum(h.gps_lat for h in members) / n, "lon": sum(lon[h.id] for h in members) / n,
                     "count": n, "ids": ",".join(str(h.id) for h in members), "radius": 7 + 4 * n ** 0.5,
                     "label": str(n) if n > 1 else "", "title": f"{n} photos" if n > 1 else name})
@@ -638,7 +679,9 @@ def photo_map(library, hits, key: str) -> None:
     tiles = st.toggle("Base map (loads map tiles from the internet)", key=f"{key}-tiles")
     deck = pdk.Deck(layers=layers, initial_view_state=view, tooltip={"text": "{title}"},
                     **({"map_provider": "carto", "map_style": "light"} if tiles else {"map_provider": None}))
-    event = st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key=f"{key}-map", height=460)
+    on_map = hash(frozenset(i for p in points for i in p["ids"].split(",")))  # a click is on these photos' pins
+    event = st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key=f"{key}-map-{on_map}",
+                            height=460)
     st.caption(f"{sum(p['count'] for p in points)} of {len(hits)} photos have a GPS position; click a pin. "
                f"Grid lines every {step:g}°.")
     chosen = (event.selection.get("objects") or {}).get("photos") or []
@@ -705,7 +748,7 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
         return
     library = warm_library(settings)
     if p.album:
-        return album_view(library, p.album)
+        return album_view(library, p.album, p.view)
     albums = library.albums()
     st.header("Albums", anchor=False)
     if not albums:
@@ -719,7 +762,7 @@ def albums_page(settings: Settings, status: dict | None, p: Params) -> None:
         c3.caption(md(album.problem) if album.problem else f"{md(album.query)} · changed {when(album.changed_at)}")
 
 
-def album_view(library, name: str) -> None:
+def album_view(library, name: str, view: int | None = None) -> None:
     """One album: its photos, and forms to rename, export or delete it. An album whose saved search no longer
     runs (its folder gone...) says why and can still be renamed or deleted here."""
     try:
@@ -737,6 +780,7 @@ def album_view(library, name: str) -> None:
     back.button("All albums", on_click=on_change, kwargs={"album": ""}, type="tertiary")
     if album:
         st.caption(f"{album.count} photos · {md(album.query)}")
+        viewed(library, view)
     with st.expander("Rename, delete or export", expanded=album is None):
         with st.form("album-rename", border=False):
             new = st.text_input("New name", value=name, max_chars=100, key="w_album_rename")
@@ -754,10 +798,11 @@ def album_view(library, name: str) -> None:
                 link = st.checkbox("Symbolic links instead of copies", key="w_album_link")
                 if st.form_submit_button("Export"):
                     try:
-                        if not folder.strip():
+                        target = typed_folder(folder)
+                        if not target:
                             raise UsageError("type the folder to export to")
-                        written = library.export_album(name, os.path.expanduser(folder.strip()), link=link)
-                        st.success(f"Exported {len(written)} photos to {md(folder.strip())}")
+                        written = library.export_album(name, target, link=link)
+                        st.success(f"Exported {len(written)} photos to {md(target)}")
                     except ImgSearchError as e:
                         st.error(md(e))
         with st.form("album-delete", border=False):
@@ -811,13 +856,17 @@ def main() -> None:
             results(settings, status, p)
     except ParamError as e:  # the library names the parameter; the page says which field and value
         raw = st.query_params
-        field = {"under": ("Folder", p.under), "min_score": ("Minimum score", raw.get("min")),
+        field = {"texts": ("Search for", None), "not": ("But not", None),  # too long to repeat
+                 "under": ("Folder", p.under), "min_score": ("Minimum score", raw.get("min")),
                  "k": ("Results", raw.get("k")), "like": ("Liked images", raw.get("like")),
                  "unlike": ("Unliked images", raw.get("unlike")),
                  "after": ("Taken from", p.after), "before": ("Taken until", p.before), "near": ("Near", p.near),
                  "camera": ("Camera", p.camera)}
         label, value = field.get(e.param, (e.param, None))
-        st.error(f"{label} {md(value)}: {md(e.detail)}" if value not in (None, "") else f"{label}: {md(e.detail)}")
+        st.error(f"{label} {md(shortened(value, 80))}: {md(e.detail)}" if value not in (None, "")
+                 else f"{label}: {md(e.detail)}")
+        if e.param in ("like", "unlike"):  # e.g. a marked photo since removed; Search keeps the marks
+            st.button("Clear marks", key="marks-clear", on_click=on_change, kwargs={"like": (), "unlike": ()})
     except ImgSearchError as e:
         st.error(md(e))
     except Exception as e:  # a bug: one line for the user, the traceback for the server log
