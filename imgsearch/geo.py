@@ -4,10 +4,9 @@ path shares it; the SQL that narrows the candidates is store.meta_filter_sql.
 
 Dates: YYYY, YYYY-MM, YYYY-MM-DD (or YYYYMMDD) and ISO weeks (2023-W22, or its day 2023-W22-3) are periods of
 the photo's local wall-clock time as the camera recorded it (23:30 on 31 December in Tokyo belongs to that
-year). ``after`` starts at the beginning of its period, ``before`` ends at its end, so after=2023
-before=2023 is all of 2023. A full ISO timestamp is an instant:
-with an offset (``...+02:00`` or ``...Z``) it is compared with the UTC instant of capture, without one with
-the local time; ``before`` excludes it.
+year). ``after`` starts at the beginning of its period, ``before`` ends at its end, so after=2023 before=2023
+is all of 2023. A full ISO timestamp is an instant: with an offset (``...+02:00`` or ``...Z``) it is compared
+with the UTC instant of capture, without one with the local time; ``before`` excludes it.
 """
 
 from __future__ import annotations
