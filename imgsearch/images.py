@@ -48,7 +48,10 @@ class ImageInfo:
 
 
 def _exif_text(value, limit: int = 64) -> str | None:
-    """An EXIF ASCII field as clean text: NULs and padding stripped, control characters dropped."""
+    """An EXIF ASCII field as clean text: NULs and padding stripped, control characters dropped. Cameras (phones
+    named "Xiaomi 红米") write UTF-8 there: read as UTF-8, else latin-1 (Pillow gives its bytes as latin-1 text)."""
+    with suppress(UnicodeError, AttributeError):
+        value = (value.encode("latin-1") if isinstance(value, str) else value).decode("utf-8")
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if not isinstance(value, str):

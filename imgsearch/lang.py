@@ -55,15 +55,15 @@ _PERSIAN = set("پچژگ")
 
 def check(code: str | None) -> str | None:
     """The code itself when NLLB knows it (None passes through); else a UsageError naming close ones."""
-    if not code:
+    code = (code or "").strip()
+    if not code:  # IMGSEARCH_LANG=" " is not set
         return None
-    code = code.strip()
     fixed = code if code in NLLB_CODES else {c.lower(): c for c in NLLB_CODES}.get(code.lower())
     if fixed:
         return fixed
     near = difflib.get_close_matches(code, sorted(NLLB_CODES), n=3, cutoff=0.75)
     hint = f" (did you mean {', '.join(near)}?)" if near else ""
-    raise UsageError(f"unknown language code {code!r}{hint}; use an NLLB code such as kor_Hang, deu_Latn or "
+    raise UsageError(f"unknown language code {code[:40]!r}{hint}; use an NLLB code such as kor_Hang, deu_Latn or "
                      "jpn_Jpan (see README, Multilingual search)")
 
 

@@ -77,7 +77,8 @@ def print_hits(rows: list[dict], fmt: str = "table", *, min_score: float | None 
         warn_if_escaped()
     elif not rows:
         err("no results" + (" above --min-score" if min_score is not None else "")
-            + (" with tag " + ", ".join(tag) if tag else "") + (f" matching --keyword {keyword!r}" if keyword else ""))
+            + (" with tag " + one_line(", ".join(tag)) if tag else "")
+            + (f" matching --keyword {keyword!r}" if keyword else ""))
     else:
         print(f"{'rank':>4}  {'score':>6}  path")
         for h in rows:

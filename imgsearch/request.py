@@ -24,7 +24,7 @@ MAX_TEXT = 1000  # characters per query text (CLIP reads 77 tokens; the rest onl
 MAX_STRING = 4096  # any other string field (folders, keywords, camera, places)
 MAX_ID = (1 << 63) - 1  # SQLite's largest integer
 MAX_MARKS = 1000  # liked or unliked images per search: stored vectors, averaged (no encode)
-_WEIGHT = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*:(.+)$", re.S)
+WEIGHTED = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*:(.+)$", re.S)  # W:TEXT
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 # What to give instead of a bad value, the same words at every door.
 HINTS = {"k": f"give a whole number from 1 to {MAX_K}",
@@ -32,10 +32,11 @@ HINTS = {"k": f"give a whole number from 1 to {MAX_K}",
          "blend": "give a keyword weight between 0 and 1 (0 = CLIP only, 1 = keywords only)"}
 
 
-def parse_weighted(raw: str) -> tuple[float, str]:
-    """'2:red car' -> (2.0, 'red car'); 'red car' -> (1.0, 'red car')."""
-    m = _WEIGHT.match(raw)
-    if m:
+def parse_weighted(raw: str, ratios: bool = False) -> tuple[float, str]:
+    """'2:red car' -> (2.0, 'red car'); 'red car' -> (1.0, 'red car'). ``ratios``: a digit right after the colon
+    makes it words, not a weight ('16:9 wallpaper', '12:30'; '2: 3 dogs' weighs '3 dogs')."""
+    m = WEIGHTED.match(raw)
+    if m and not (ratios and m[2][:1].isdigit()):
         weight = float(m.group(1))
         # Beyond this, float32 query vectors overflow (inf/nan scores): reject rather than return nothing.
         if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
@@ -113,7 +114,7 @@ def text_term(raw, name: str = "text") -> Term:
     elif not isinstance(raw, str):
         raise ParamError(name, f"query text must be a string or a (weight, text) pair, not {type(raw).__name__}")
     else:
-        weight, text = parse_weighted(_string(raw, name, MAX_TEXT))
+        weight, text = parse_weighted(_string(raw, name, MAX_TEXT), ratios=True)
     if not text:
         raise UsageError("empty query text; give some words, e.g. imgsearch query \"a red car\"")
     return Term("text", text, weight)
@@ -401,9 +402,9 @@ class SearchRequest:
     @property
     def term_kinds(self) -> list[str]:
         """Which relevance floor applies (relevance.query_kind): the positive terms' kinds, images marked good
-        counting as ids, and "not" for negatives or images marked bad."""
+        counting as ids, and "not" for negatives (--not terms, negative weights) or images marked bad."""
         return [t.kind for t in self.positives] + (["id"] if self.like else []) + \
-            (["not"] if self.negatives or self.unlike else [])
+            (["not"] if self.negatives or self.unlike or any(t.weight < 0 for t in self.positives) else [])
 
     @property
     def keyword_only(self) -> bool:

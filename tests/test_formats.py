@@ -465,3 +465,22 @@ def test_raw_of_every_common_camera_is_read_as_raw(cli, tmp_path, monkeypatch):
     crw.write_bytes(b"II\x1a\0\0\0HEAPCCDR" + bytes(200))
     monkeypatch.setitem(sys.modules, "rawpy", None)
     assert index_json(cli, crw.parent)["failures"] == [{"path": str(crw), "reason": RAW_NEEDS_EXTRA}]
+
+
+def test_a_camera_name_written_in_utf8_is_read_and_found_by_camera(cli, tmp_path):
+    """EXIF text was decoded as latin-1 only: a phone that names itself in UTF-8 ("Xiaomi 红米") was stored as
+    'Xiaomi çº¢ç±³' and `--camera 红米` never found its photos. A latin-1 name still reads as latin-1."""
+    from PIL import Image
+
+    def photo(name: str, make: bytes, model: bytes, color: str) -> None:
+        exif = Image.Exif()
+        exif[0x010F], exif[0x0110] = make, model  # bytes: Pillow writes them as they are
+        shape(color, "circle", 1).save(tmp_path / name, quality=95, exif=exif)
+
+    photo("phone.jpg", b"Xiaomi", "Xiaomi 红米".encode(), "red")
+    photo("old.jpg", b"Caf\xe9 Cam", b"Mod\xe8le 1", "blue")
+    assert index_json(cli, tmp_path)["new"] == 2
+    for camera, found in (("红米", ["phone.jpg"]), ("café cam modèle", ["old.jpg"])):
+        r = cli("query", "a red circle", "--camera", camera, "--json", "--no-server")
+        assert r.exit_code == 0, r.output
+        assert [Path(h["path"]).name for h in json.loads(r.stdout)] == found, camera

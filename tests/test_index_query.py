@@ -93,6 +93,35 @@ def test_negative_and_weighted_terms(home, indexed):
     assert kind(top_purple[0]["path"]) == "purple_square"
 
 
+def test_a_negative_weight_on_the_command_line_steers_away_as_not_does(home, indexed):
+    """`query dog -1:cat` stopped with click's 'No such option: -1' (and `query -- -1:cat` had a relevance
+    floor that --not does not)."""
+    args = ("-k", "10", "--json", "--no-server")
+
+    def hits(*argv):
+        return [(h["path"], pytest.approx(h["score"], abs=1e-5)) for h in hits_of(indexed("query", *args, *argv))]
+
+    steered = hits("a red circle", "--not", "0.5:a red square")
+    assert hits("a red circle", "-0.5:a red square") == hits("-0.5:a red square", "a red circle") == steered
+    assert hits("a red circle", "--", "-0.5:a red square") == steered
+    relevant = hits_of(indexed("query", *args, "--relevant", "a red circle", "-0.5:a red square"))
+    assert {h["relevant"] for h in relevant} == {None}  # as with --not: no floor for a query steered away
+    # the value of an option stays that option's: minus -1 times a red square is plus a red square
+    assert hits("a red circle", "--not", "-1:a red square") == hits("a red circle", "a red square")
+
+
+def test_no_results_names_a_tag_on_one_line(home, indexed):
+    r = indexed("query", "a red circle", "--tag", "dog\nrm -rf", "--no-server")
+    assert r.exit_code == 0 and r.stderr.splitlines() == ["no results with tag dog\\nrm -rf"], r.stderr
+
+
+def test_a_blank_lang_is_not_set_and_a_long_one_is_cut(home, indexed, monkeypatch):
+    monkeypatch.setenv("IMGSEARCH_LANG", " ")
+    assert len(hits_of(indexed("query", "a red circle", "-k", "1", "--json", "--no-server"))) == 1
+    r = indexed("--lang", "x" * 5000, "query", "a red circle", "--no-server")
+    assert r.exit_code == 2 and r.stderr.startswith("error: unknown language code 'xxx") and len(r.stderr) < 300
+
+
 def test_under_and_min_score_filters(cli, tmp_path):
     a, b = tmp_path / "lib" / "a", tmp_path / "lib" / "b"
     synthetic.generate(a, per_class=2, colors=["red", "blue"], size=64, captions_file=None, seed=3)

@@ -122,3 +122,20 @@ def test_a_device_is_not_read_to_be_sent_to_the_server():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stderr.strip().splitlines()[-1] == (
         "imgsearch.errors.UsageError: cannot use query image /dev/zero: not a regular file"), r.stderr
+
+
+def test_a_weight_is_read_alike_at_every_door_and_a_ratio_or_a_time_is_words():
+    """'.5:red', '2.:red' and '1e2:red' were searched as those words, and '16:9 wallpaper' as weight 16 on
+    '9 wallpaper'; each now reads the same as the CLI argument, a JSON text and a URL q."""
+    from imgsearch.ui.app import request_of
+
+    cases = {".5:red": (0.5, "red"), "2.:red": (2.0, "red"), "1e2:red": (100.0, "red"), "-0.5:red": (-0.5, "red"),
+             "16:9 wallpaper": (1.0, "16:9 wallpaper"), "12:30": (1.0, "12:30"), "2: 3 dogs": (2.0, "3 dogs"),
+             "note: red": (1.0, "note: red")}
+    for raw, want in cases.items():
+        for door in (lambda: SearchRequest.build(raw), lambda: SearchRequest.from_json({"texts": [raw]}),
+                     lambda: SearchRequest.from_params({"q": [raw]}), lambda: request_of({"q": raw})):
+            term = door().positives[0]
+            assert (term.weight, term.value) == want, raw
+    with pytest.raises(UsageError, match="weight 1e4 in '1e4:red' is out of range"):
+        SearchRequest.build("1e4:red")

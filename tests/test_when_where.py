@@ -181,6 +181,23 @@ def test_before_ends_at_the_end_of_its_period(lib):
                             k=20)) == ["red_2021_0.jpg"]
 
 
+def test_compact_and_week_dates_are_the_same_periods_as_dashed_ones(lib):
+    """datetime.fromisoformat reads 20210410 and 2021-W14 as midnight: --before 20210410 dropped that day (and
+    --after 20210410 --before 20210410 was refused as an empty range), where --before 2021-04-10 keeps it."""
+    from imgsearch.errors import ParamError
+    from imgsearch.request import SearchRequest
+
+    day = ["red_2021_1.jpg"]  # taken on Saturday 10 April 2021, in ISO week 2021-W14
+    for after, before in (("2021-04-10", "2021-04-10"), ("20210410", "20210410"), ("2021-W14-6", "2021W146"),
+                          ("2021-W14", "2021W14")):
+        assert names(lib.search("a red circle", after=after, before=before, k=20)) == day, (after, before)
+        assert names(lib.run(SearchRequest.from_params({"q": "a red circle", "after": after, "before": before}))) \
+            == day
+    assert names(lib.search("a red circle", after="2021-W14-7", before="2021-W15", k=20)) == []
+    with pytest.raises(ParamError, match="'20210231' is not a real date"):
+        lib.search("a red circle", before="20210231")
+
+
 def test_dates_and_datetimes_from_python_work_in_an_album_too(lib):
     """after/before take a date or datetime (docs/api.md): a search did, but saving it as an album failed with
     'TypeError: Object of type date is not JSON serializable'."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from ..config import MAX_K, Settings
 from ..errors import ImgSearchError, ParamError, UsageError, disk_full_message
@@ -84,6 +85,7 @@ def command(*args, group: typer.Typer | None = None, **kwargs):
     """app.command (or ``group``'s) that turns library errors into one line on stderr and an exit code."""
 
     def decorate(fn):
+        kwargs.setdefault("cls", getattr(fn, "command_class", None))  # search_options' own parsing
         return (group or app).command(*args, **kwargs)(handle_errors(fn))
 
     return decorate
@@ -202,6 +204,25 @@ def _search_params(
     """The search arguments and options of `imgsearch query`, which `imgsearch album save` shares."""
 
 
+class _SearchCommand(TyperCommand):
+    """A negative weight (`-1:cat`) is a query text, not an unknown option: it goes past a `--`, where click
+    reads it as one (unless it is the value of the option before it, as in `--not -1:cat`)."""
+
+    def parse_args(self, ctx, args):
+        from ..request import WEIGHTED
+
+        takes_value = {o for p in self.get_params(ctx) if p.param_type_name == "option" and not p.is_flag
+                       for o in p.opts}
+        head, tail, value_next = [], [], False
+        for n, a in enumerate(args):
+            if a == "--" and not value_next:
+                tail += args[n + 1:]
+                break
+            (head if value_next or a[:1] != "-" or not WEIGHTED.match(a) else tail).append(a)
+            value_next = not value_next and a in takes_value
+        return super().parse_args(ctx, head + ["--"] * bool(tail) + tail)
+
+
 def search_options(fn):
     """Give a command `imgsearch query`'s search arguments and options, declared once above. The command
     receives them as ``search``: the keywords of SearchRequest.build and Library.search (``k`` None when -k
@@ -229,4 +250,5 @@ def search_options(fn):
 
     wrapper.__signature__ = inspect.Signature(params)  # what Typer reads: the command's own, then the shared
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    wrapper.command_class = _SearchCommand
     return wrapper
