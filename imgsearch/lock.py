@@ -95,7 +95,7 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
             who = f" (pid {pid})" if pid else ""
             if not wait:
                 raise LibraryError(f"another imgsearch run{who} is writing to this library; try again when it has "
-                                   "finished (or leave out --no-wait)") from None
+                                   "finished, or wait for it (leave out --no-wait; wait=True in Python)") from None
             # One write for the line and its newline, so it cannot run into another thread's line (serve --watch).
             sys.stderr.write(f"another imgsearch run{who} is writing to this library; waiting… (Ctrl-C to stop)\n")
             sys.stderr.flush()

@@ -499,3 +499,29 @@ def test_values_of_the_wrong_type_are_refused_at_the_door_naming_the_argument(in
     # A model named by its id, as the CLI's --model 1 names it.
     report = lib.export(tmp_path / "by-id", model=lib.model.id)
     assert report.rows == 54
+
+
+def test_wait_false_tells_a_python_caller_how_to_wait(indexed):
+    """forget(wait=False) while another writer holds the lock fails at once in one line that says how to wait
+    in Python as well as on the command line (it said only "leave out --no-wait"), and removes nothing."""
+    import imgsearch
+    from imgsearch.lock import write_lock
+
+    held, done = threading.Event(), threading.Event()
+
+    def other_writer():
+        with write_lock(indexed.home):
+            held.set()
+            done.wait()
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(imgsearch.LibraryError, match=r"^another imgsearch run \(pid \d+\) is writing to this "
+                                                         r"library; .*wait=True in Python"):
+            indexed.lib.forget(indexed.photos, wait=False)
+    finally:
+        done.set()
+        writer.join()
+    assert indexed.lib.status().images == 54
