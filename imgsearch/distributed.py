@@ -49,7 +49,7 @@ class RayStage:
     def __init__(self, settings: Settings, address: str | None = None):
         # None or "local": a Ray started for this run; "auto", "ray://host:10001", "host:6379": a cluster.
         if address is not None and not isinstance(address, str):
-            raise ParamError("ray", "give \"local\" (a Ray for this run), \"auto\" or an address such as ray://HOST:10001")
+            raise ParamError("ray", 'give "local" (a Ray for this run), "auto" or an address such as ray://HOST:10001')
         self.address = None if address in (None, "local") else address
         if self.address is not None and not is_ray_address(address):
             raise UsageError(f"--ray {address!r} is not a Ray address; give auto, ray://HOST:10001 or "
