@@ -368,7 +368,8 @@ class Library:
         return library_image(self.store, image_id)
 
     def thumbnail(self, image_id, size: int = THUMB):
-        """Path of a cached JPEG thumbnail of the image (made on first use under <home>/thumbs)."""
+        """Path of a cached JPEG thumbnail of the image (made on first use under <home>/thumbs, or where the home
+        cannot be written in a private temporary folder removed at exit)."""
         from .thumbs import thumbnail
 
         return thumbnail(self.settings, image_id, size, store=self.store)
