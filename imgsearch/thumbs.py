@@ -25,7 +25,7 @@ THUMB = 256  # grid tiles
 PREVIEW = 1024  # detail view
 SIZES = (THUMB, PREVIEW)  # a fixed set, so the cache cannot be grown by asking for odd sizes
 SPARE_KIND = "thumbnails"
-_spare: dict[str, tuple[Path, str]] = {}  # thumbs_dir -> (folder, token): this process's cache for an unwritable home
+_spare: dict[str, Path] = {}  # thumbs_dir -> this process's folder of thumbnails for a home it cannot write
 _spare_lock = threading.Lock()  # making a spare folder; its marker's read-modify-write
 
 
@@ -56,13 +56,13 @@ def _spare_path(settings: Settings, row: ImageRow, size: int, make: bool = False
     (0700) temporary folder made on first need and removed at exit by owned.remove, which unlinks only the files
     recorded there as written here. None when there is no such folder and ``make`` is False."""
     with _spare_lock:
-        spare = _spare.get(str(settings.thumbs_dir))
-        if spare is None and make:
+        folder = _spare.get(str(settings.thumbs_dir))
+        if folder is None and make:
             folder, token = Path(tempfile.mkdtemp(prefix="imgsearch-thumbs-")), owned.new_token()
             owned.start_marker(folder, SPARE_KIND, token)
             atexit.register(owned.remove, folder, SPARE_KIND, token)
-            spare = _spare[str(settings.thumbs_dir)] = (folder, token)
-    return None if spare is None else spare[0] / f"{size}-{cache_path(settings, row, size).name}"
+            _spare[str(settings.thumbs_dir)] = folder
+    return None if folder is None else folder / f"{size}-{cache_path(settings, row, size).name}"
 
 
 def _render(row: ImageRow, size: int, max_pixels: int):
