@@ -226,14 +226,17 @@ class Settings:
     own_process: bool = False
 
     def __post_init__(self):
+        from .errors import UsageError
+
+        for name in ("model", "pretrained", "device", "precision", "gpu_decode", "image_backend", "lang"):
+            if not isinstance(getattr(self, name), (str, type(None))):  # Library(lang=5) failed inside a check
+                raise UsageError(f"{name} must be text, not {getattr(self, name)!r} ({name}=)")
         # checked here, at every door: an unknown value reached the torch-free path as a reason it "needs torch"
         check_precision(self.precision)
         check_device(self.device)
         for name, least in (("batch_size", 1), ("workers", 0), ("max_pixels", 1), ("max_file_mb", 1)):
             value = getattr(self, name)  # Library(batch_size="8") failed deep in the first index run
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                from .errors import UsageError
-
                 raise UsageError(f"{name} must be a whole number from {least}, not {value!r} "
                                  f"(IMGSEARCH_{name.upper()} or {name}=)")
 

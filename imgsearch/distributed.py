@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 from .config import Settings, cpu_cores, is_ray_address
 from .encoder import ModelSpec
-from .errors import ImgSearchError, ModelLoadError, UsageError
+from .errors import ImgSearchError, ModelLoadError, ParamError, UsageError
 from .indexer import DecodeStage, Indexer, _Done
 
 MISSING_RAY = ("--ray needs Ray, which is not installed; install the distributed extra: "
@@ -48,6 +48,8 @@ class RayStage:
 
     def __init__(self, settings: Settings, address: str | None = None):
         # None or "local": a Ray started for this run; "auto", "ray://host:10001", "host:6379": a cluster.
+        if address is not None and not isinstance(address, str):
+            raise ParamError("ray", 'give "local" (a Ray for this run), "auto" or an address such as ray://HOST:10001')
         self.address = None if address in (None, "local") else address
         if self.address is not None and not is_ray_address(address):
             raise UsageError(f"--ray {address!r} is not a Ray address; give auto, ray://HOST:10001 or "

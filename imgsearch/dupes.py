@@ -21,7 +21,8 @@ import numpy as np
 
 from . import images
 from .config import Settings
-from .errors import DecodeError, ParamError
+from .errors import DecodeError
+from .request import _number
 from .search import folder_ids
 
 DEFAULT_THRESHOLD = 0.90  # CLIP cosine for a candidate pair
@@ -208,11 +209,9 @@ def find_duplicates(settings: Settings, store, model, under: str | os.PathLike |
                     exact: bool | None = None) -> DupeReport:
     """Group the library's near-duplicates (or CLIP-similar images with ``similar``); deletes nothing.
     ``model`` is the model row whose stored vectors are compared: nothing is encoded, no model loaded."""
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    if not -1.0 <= threshold <= 1.0:
-        raise ParamError("threshold", "give a cosine similarity between -1 and 1, e.g. 0.9")
-    if not 0.0 <= min_match <= 1.0:
-        raise ParamError("min_match", "give a pixel likeness between 0 and 1, e.g. 0.96")
+    threshold = _number(DEFAULT_THRESHOLD if threshold is None else threshold, "threshold",
+                        "give a cosine similarity between -1 and 1, e.g. 0.9", -1.0, 1.0)
+    min_match = _number(min_match, "min_match", "give a pixel likeness between 0 and 1, e.g. 0.96", 0.0, 1.0)
     started = time.perf_counter()
     ids = folder_ids(store, under).tolist() if under else None
     ids_arr, vecs = store.load_vectors(model.id, ids)

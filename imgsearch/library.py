@@ -18,10 +18,10 @@ import threading
 from typing import Iterable, Sequence
 
 from .config import Settings
-from .errors import UsageError
+from .errors import ParamError, UsageError
 from .lock import write_lock
 from .modelspec import ModelSpec, english_only
-from .request import SearchRequest
+from .request import MAX_ID, SearchRequest, _many
 from .results import Hit, IndexReport, LibraryStatus
 
 __all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "templates_from"]
@@ -368,7 +368,8 @@ class Library:
         return library_image(self.store, image_id)
 
     def thumbnail(self, image_id, size: int = THUMB):
-        """Path of a cached JPEG thumbnail of the image (made on first use under <home>/thumbs)."""
+        """Path of a cached JPEG thumbnail of the image (made on first use under <home>/thumbs, or where the home
+        cannot be written in a private temporary folder removed at exit)."""
         from .thumbs import thumbnail
 
         return thumbnail(self.settings, image_id, size, store=self.store)
@@ -377,7 +378,7 @@ class Library:
         """{id: thumbnail path, or the error that image gave} for many images at once (made in parallel)."""
         from .thumbs import thumbnails
 
-        return thumbnails(self.settings, list(ids), size, store=self.store)
+        return thumbnails(self.settings, _many(ids), size, store=self.store)  # one id, or any iterable of them
 
     # --- search ------------------------------------------------------------------------------------
     def search(self, text=None, *, image=None, not_text=None, not_image=None, ids: Iterable[int] = (),
@@ -510,17 +511,19 @@ class Library:
 
     def drop_tag_set(self, set_id: int) -> bool:
         """Delete one label set and its tags; False when there is no such set."""
+        if isinstance(set_id, bool) or not isinstance(set_id, int) or not 1 <= set_id <= MAX_ID:
+            raise ParamError("set_id", "give a tag set id, a whole number from 1 (tag_sets() lists them)")
         store = self.store  # a home without a library is refused before the lock's file is made there
         with write_lock(self.settings.home):
             return bool(store.delete_tag_set(set_id))
 
     def score(self, image, texts: Sequence[str]):
-        """Cosine and CLIPScore of one image file against each text (the image need not be in the library)."""
-        from .zeroshot import score_file
+        """Cosine and CLIPScore of one image against each text: a path, the file's bytes, a binary file object or
+        a PIL image, as search()'s ``image`` (it need not be in the library)."""
+        from .zeroshot import score_image
 
-        texts = [texts] if isinstance(texts, str) else list(texts)
         with self._encode_lock:
-            return score_file(self._images(), image, texts, self.settings.max_pixels, (self.settings.lang, self.lang))
+            return score_image(self._images, image, texts, self.settings.max_pixels, (self.settings.lang, self.lang))
 
     # --- duplicates, captions ----------------------------------------------------------------------
     def duplicates(self, under=None, threshold: float | None = None, similar: bool = False,
@@ -542,6 +545,8 @@ class Library:
         """Attach a caption (searched by ``keyword``); False when the image already has it."""
         from .keywords import add_caption
 
+        if not isinstance(text, str):
+            raise ParamError("text", "a caption is text, e.g. \"our dog at the beach\"")
         store = self.store  # as drop_tag_set
         with write_lock(self.settings.home):
             return add_caption(store, path, text, replace)
@@ -563,7 +568,10 @@ class Library:
         this Library's model. ``progress(done, total)`` per chunk of rows."""
         from .exchange import export_library
 
-        return export_library(self.settings, self.store, folder, format, model=model, progress=progress)
+        if model is not None and (isinstance(model, bool) or not isinstance(model, (str, int))):
+            raise ParamError("model", "give the name, label or id of a model the library holds")
+        return export_library(self.settings, self.store, folder, format, model=None if model is None else str(model),
+                              progress=progress)
 
     def import_(self, folder, *, trust: bool = False, assume_model: bool = False, progress=None,
                 wait: bool = True):

@@ -79,6 +79,7 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
         return
     if os.path.islink(path):  # the pid is written into this file, never through a link to another (O_NOFOLLOW)
         raise LibraryError(f"{path} is a symbolic link; remove it (imgsearch writes its pid there)")
+    made = not os.path.lexists(home)  # by this run: removed again if it leaves only the lock file there
     try:
         make_home(home)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -95,7 +96,7 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
             who = f" (pid {pid})" if pid else ""
             if not wait:
                 raise LibraryError(f"another imgsearch run{who} is writing to this library; try again when it has "
-                                   "finished (or leave out --no-wait)") from None
+                                   "finished, or wait for it (leave out --no-wait; wait=True in Python)") from None
             # One write for the line and its newline, so it cannot run into another thread's line (serve --watch).
             sys.stderr.write(f"another imgsearch run{who} is writing to this library; waiting… (Ctrl-C to stop)\n")
             sys.stderr.flush()
@@ -104,6 +105,10 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
                 with suppress(OSError):
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
+        if not _same_file(fd, path):  # its holder removed the home it had made and left empty: lock it anew
+            with write_lock(home, wait=wait):
+                yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         with _held_guard:
@@ -114,8 +119,19 @@ def write_lock(home: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
             with _held_guard:
                 _held.pop(key, None)
             os.ftruncate(fd, 0)  # a pid left behind would be named by the next waiter
+            with suppress(OSError):  # a first run that wrote nothing (a bad --model) leaves no folder behind
+                if made and os.listdir(home) == [LOCK_NAME] and _same_file(fd, path):
+                    os.unlink(path)
+                    os.rmdir(home)  # never recursive: anything that appeared meanwhile keeps it
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except OSError:
+        return False
 
 
 @contextmanager

@@ -106,6 +106,21 @@ def keyword_search(store, request: SearchRequest) -> list[Hit]:
                             request.exclude_ids), request.k, request.min_score)
 
 
+def query_image(t: Term, draft_size: int, max_pixels: int):
+    """An image term decoded to RGB (a search's, a score's): from a path, from bytes in memory, or a PIL image as
+    given."""
+    from . import images
+
+    value = t.value
+    try:
+        if isinstance(value, (str, bytes)):
+            return images.open_image(value, draft_size=draft_size, max_pixels=max_pixels)[0]
+        images.check_size(*value.size, max_pixels)  # a PIL image
+    except DecodeError as e:
+        raise UsageError(f"cannot use {t.noun} {t.name or value}: {e}") from None
+    return value if value.mode == "RGB" else value.convert("RGB")
+
+
 class Searcher:
     """One library and one model, warm: the text encoder, the image encoder (loaded by the Library that owns
     this searcher, on first image term) and the vector index stay loaded. imgsearch.Library creates it and
@@ -181,7 +196,7 @@ class Searcher:
         imgs = [t for t in terms if t.kind == "image"]
         if imgs:
             encoder = self._load_images()
-            pil = [self._query_image(t, encoder.draft_size) for t in imgs]
+            pil = [query_image(t, encoder.draft_size, self.settings.max_pixels) for t in imgs]
             with self._encode_lock:
                 vecs = encoder.encode_images(pil)
             out += [(t.weight, v) for t, v in zip(imgs, vecs)]
@@ -194,19 +209,6 @@ class Searcher:
                     raise UsageError(f"image id {t.value} is not in the library")
                 out.append((t.weight, by_id[int(t.value)]))
         return out
-
-    def _query_image(self, t: Term, draft_size: int):
-        """An image term decoded to RGB: from a path, from bytes in memory, or a PIL image as given."""
-        from . import images
-
-        value = t.value
-        try:
-            if isinstance(value, (str, bytes)):
-                return images.open_image(value, draft_size=draft_size, max_pixels=self.settings.max_pixels)[0]
-            images.check_size(*value.size, self.settings.max_pixels)  # a PIL image
-        except DecodeError as e:
-            raise UsageError(f"cannot use {t.noun} {t.name or value}: {e}") from None
-        return value if value.mode == "RGB" else value.convert("RGB")
 
     def query_vector(self, request: SearchRequest) -> np.ndarray:
         """Weighted sum of positives minus weighted negatives, normalised (a direction in CLIP space), then

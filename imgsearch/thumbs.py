@@ -1,18 +1,22 @@
 """Thumbnails of library images, made once and cached under the library home, named by image id and content
 hash (a changed photo gets a new one). Only the path the library recorded is read: nothing a user types (or
-puts in a URL) can name a file to read.
+puts in a URL) can name a file to read. A home that cannot be written (read-only media, a library the user may
+only read) gets its thumbnails in a private temporary folder instead, removed when the program ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import stat
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import images
+from . import images, owned
 from .config import Settings, atomic_file
 from .errors import DataError, DecodeError, ImgSearchError, UsageError
 from .store import ImageRow, Store
@@ -20,6 +24,9 @@ from .store import ImageRow, Store
 THUMB = 256  # grid tiles
 PREVIEW = 1024  # detail view
 SIZES = (THUMB, PREVIEW)  # a fixed set, so the cache cannot be grown by asking for odd sizes
+SPARE_KIND = "thumbnails"
+_spare: dict[str, Path] = {}  # thumbs_dir -> this process's folder of thumbnails for a home it cannot write
+_spare_lock = threading.Lock()  # making a spare folder; its marker's read-modify-write
 
 
 def parse_id(raw: object) -> int:
@@ -44,6 +51,20 @@ def cache_path(settings: Settings, row: ImageRow, size: int) -> Path:
     return settings.thumbs_dir / str(size) / f"{row.id % 256:02x}" / f"{row.id}-{digest}.jpg"
 
 
+def _spare_path(settings: Settings, row: ImageRow, size: int, make: bool = False) -> Path | None:
+    """Where this process keeps the thumbnail of ``row`` when the home's cache cannot be written: a private
+    (0700) temporary folder made on first need and removed at exit by owned.remove, which unlinks only the files
+    recorded there as written here. None when there is no such folder and ``make`` is False."""
+    with _spare_lock:
+        folder = _spare.get(str(settings.thumbs_dir))
+        if folder is None and make:
+            folder, token = Path(tempfile.mkdtemp(prefix="imgsearch-thumbs-")), owned.new_token()
+            owned.start_marker(folder, SPARE_KIND, token)
+            atexit.register(owned.remove, folder, SPARE_KIND, token)
+            _spare[str(settings.thumbs_dir)] = folder
+    return None if folder is None else folder / f"{size}-{cache_path(settings, row, size).name}"
+
+
 def _render(row: ImageRow, size: int, max_pixels: int):
     try:
         im, _ = images.open_image(row.path, draft_size=size, max_pixels=max_pixels)
@@ -53,6 +74,11 @@ def _render(row: ImageRow, size: int, max_pixels: int):
         raise DataError(f"cannot make a thumbnail of {row.path}: {e}") from None
     im.thumbnail((size, size))
     return im
+
+
+def _save(im, dest: Path) -> None:
+    with atomic_file(dest) as f:
+        im.save(f, "JPEG", quality=85, optimize=True)
 
 
 def _drop_stale(dest: Path, image_id: int) -> None:
@@ -108,7 +134,9 @@ def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None =
             continue
         try:
             cached = cache_path(settings, row, size)
-            if _usable(cached):
+            if not _usable(cached):
+                cached = _spare_path(settings, row, size)
+            if cached is not None and _usable(cached):
                 out[i] = cached
             else:
                 todo.append(row)
@@ -119,12 +147,17 @@ def thumbnails(settings: Settings, ids, size: int = THUMB, store: Store | None =
         dest = cache_path(settings, row, size)
         try:
             im = _render(row, size, settings.max_pixels)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(dest) as f:
-                im.save(f, "JPEG", quality=85, optimize=True)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _save(im, dest)
+            except OSError:  # read-only media, a home the user may only read: this process's spare cache
+                _save(im, dest := _spare_path(settings, row, size, make=True))
+                with _spare_lock:
+                    owned.record(dest.parent, dest.name)
+                return dest
         except ImgSearchError as e:
             return e
-        except OSError as e:  # e.g. the thumbnail folder is not writable
+        except OSError as e:  # not even a temporary folder could be written
             return DataError(f"cannot write a thumbnail under {settings.thumbs_dir}: {e.strerror or e}")
         _drop_stale(dest, row.id)
         return dest

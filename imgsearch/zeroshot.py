@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from .config import MAX_PIXELS
-from .errors import DataError, DecodeError, UsageError
-from .request import MAX_TEXT
+from .errors import DataError, ParamError, UsageError
+from .request import MAX_TEXT, _many, _string, image_term
 from .textfast import _normalised
 
 # Photo-style prompts: CLIP was trained on alt-text, where a bare label word is rare, and averaging
@@ -29,7 +29,10 @@ CLIPSCORE_WEIGHT = 100.0  # CLIPScore = 100 * max(cos, 0) (Hessel et al. 2021, a
 
 def parse_labels(text: str | Sequence[str]) -> list[str]:
     """Comma-separated labels (or a list of them) -> clean, unique labels in the given order."""
-    parts = text.split(",") if isinstance(text, str) else [p for item in text for p in item.split(",")]
+    items = _many(text)
+    if not all(isinstance(item, str) for item in items):
+        raise ParamError("labels", "give a comma-separated string or a list of labels")
+    parts = [p for item in items for p in item.split(",")]
     return _unique_labels([p.strip() for p in parts], "--labels")
 
 
@@ -69,6 +72,9 @@ def read_labels(path: str | os.PathLike) -> list[str]:
 
 def check_templates(templates: Sequence[str], where: str = "--template", error=UsageError) -> list[str]:
     """Every template must hold exactly one ``{}`` for the label."""
+    templates = _many(templates)
+    if not all(isinstance(t, str) for t in templates):
+        raise error(f"{where}: give templates as text, e.g. \"a satellite photo of {{}}\"")
     out = [t.strip() for t in templates if t.strip()]
     if not out:
         raise error(f"{where}: no templates given; a template looks like \"a satellite photo of {{}}\"")
@@ -130,22 +136,18 @@ class TextScore:
         return {"text": self.text, "cosine": round(self.cosine, 6), "clipscore": round(self.clipscore, 4)}
 
 
-def score_file(encoder, path: str | os.PathLike, texts: Sequence[str], max_pixels: int = MAX_PIXELS,
-               langs: tuple = ()) -> list[TextScore]:
-    """CLIP score of an image file against each text, in order (``langs`` as label_embeddings); a missing or
-    unreadable file is a UsageError."""
-    from . import images
+def score_image(load_encoder, image, texts: Sequence[str], max_pixels: int = MAX_PIXELS,
+                langs: tuple = ()) -> list[TextScore]:
+    """CLIP score of an image against each text, in order. ``image`` as a search's (request.image_term: a path, the
+    file's bytes, a binary file object or a PIL image); both are checked before ``load_encoder()`` loads the model.
+    ``langs`` as label_embeddings. A missing or unreadable image, or a text that is none, is a UsageError."""
+    from .search import query_image
 
-    texts = [t.strip() for t in texts]
+    texts = [_string(t, "texts", MAX_TEXT).strip() for t in _many(texts)]
     if not texts or not all(texts):
         raise UsageError("give at least one non-empty text to score the image against")
-    if not os.path.exists(path):
-        raise UsageError(f"image not found: {path}")
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a folder; give an image file")
-    try:
-        im, _ = images.open_image(str(path), draft_size=encoder.draft_size, max_pixels=max_pixels)
-    except DecodeError as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
-    cos = encoder.encode_texts(texts, *langs) @ encoder.encode_images([im])[0]  # both L2-normalised
+    term = image_term(image)
+    encoder = load_encoder()
+    pixels = query_image(term, encoder.draft_size, max_pixels)
+    cos = encoder.encode_texts(texts, *langs) @ encoder.encode_images([pixels])[0]  # both L2-normalised
     return [TextScore(t, float(c)) for t, c in zip(texts, cos)]

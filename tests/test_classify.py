@@ -263,7 +263,7 @@ def test_score_bad_inputs(cli, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("hello", encoding="utf-8")
     r = cli("score", bad, "a cat")
-    assert r.exit_code == 2 and "cannot read image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 2 and "cannot use query image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     good = tmp_path / "ok.png"
     synthetic.draw_shape("red", "circle", 64, random.Random(1)).save(good)
     r = cli("score", good, "  ")

@@ -264,3 +264,55 @@ def test_huge_files_are_capped_streamed_and_not_retried(home, model_id, tmp_path
     reasons = {Path(f["path"]).name: f["reason"] for f in rep["failures"]}
     assert set(reasons) == {"huge1.jpg", "huge2.jpg"} and "not an image" in reasons["huge1.jpg"]
     assert rss < limit, f"peak RSS {rss / 2**20:.0f} MB, {base / 2**20:.0f} MB without the big files"
+
+
+@pytest.mark.slow
+def test_a_first_index_that_fails_leaves_no_new_home_behind(tmp_path, model_id):
+    """A first `index` with a bad --model made the home folder for its write lock and left it holding only
+    write.lock (a stray folder at the path typed): the folder it made goes again; a folder the user made stays,
+    and a later run with a good model works."""
+    import imgsearch
+
+    photos = tmp_path / "pics"
+    synthetic.generate(photos, per_class=1, colors=["red", "blue"], shapes=("circle",), size=64, captions_file=None)
+    home = tmp_path / "new-home"
+    bad = imgsearch.Library(home, f"local-dir:{tmp_path / 'no-such-model'}", device="cpu")
+    with pytest.raises(imgsearch.ModelLoadError, match="does not exist"):
+        bad.index(photos)
+    assert not home.exists()
+    home.mkdir()  # the user's own empty folder
+    with pytest.raises(imgsearch.ModelLoadError, match="does not exist"):
+        bad.index(photos)
+    assert home.is_dir()
+    with imgsearch.Library(home, model_id, device="cpu", precision="fp32") as lib:
+        assert lib.index(photos).new == 2 and lib.status().images == 2
+
+
+def test_a_run_waiting_for_a_home_its_maker_removes_locks_the_home_anew(tmp_path, monkeypatch):
+    """The waiter held the lock file of the home a failed first run removed: it makes the home again and locks
+    the new lock file, so a third run cannot write beside it."""
+    import threading
+
+    from imgsearch import lock
+
+    home, waiting, inside = tmp_path / "new-home", threading.Event(), []
+
+    class Stderr:
+        def write(self, text):
+            if "waiting" in text:
+                waiting.set()
+
+        def flush(self):
+            pass
+
+    def second_run():
+        with lock.write_lock(home):
+            inside.append((home / lock.LOCK_NAME).is_file() and lock.is_held(home))
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    with lock.write_lock(home):
+        waiter = threading.Thread(target=second_run)
+        waiter.start()
+        assert waiting.wait(60)
+    waiter.join(60)
+    assert inside == [True] and not lock.is_held(home)

@@ -455,3 +455,73 @@ def test_a_closed_library_refuses_every_use(indexed):
         with pytest.raises(imgsearch.UsageError, match="^this Library was closed; open a new one$"):
             with lib:
                 call()
+
+
+def test_values_of_the_wrong_type_are_refused_at_the_door_naming_the_argument(indexed, home, model_id, tmp_path):
+    """A value of the wrong type to a public method gets one line naming the argument, before any work (each
+    was an AttributeError or TypeError from inside: score took a photo's bytes for a path and quoted the whole
+    file as "image not found: b'\\xff\\xd8...'"), and nothing is written; score takes an image as search does."""
+    import imgsearch
+
+    lib = indexed.lib
+    red = sorted(indexed.photos.glob("red_circle*"))[0]
+    texts = ["a red circle", "a blue square"]
+    by_path = [s.cosine for s in lib.score(red, texts)]
+    assert [s.cosine for s in lib.score(red.read_bytes(), texts)] == pytest.approx(by_path, abs=1e-5)
+    assert by_path[0] > by_path[1]
+    with pytest.raises(imgsearch.UsageError) as bad:
+        lib.score(b"\x00" * 100_000, texts)
+    assert len(str(bad.value)) < 200 and "\n" not in str(bad.value)
+    refused = [
+        (imgsearch.ParamError, "^texts: must be text$", lambda: lib.score(red, [5])),
+        (imgsearch.UsageError, "^give at least one non-empty text", lambda: lib.score(red, None)),
+        (imgsearch.ParamError, "^image: give a file path", lambda: lib.score(object(), texts)),
+        (imgsearch.ParamError, "^text: a caption is text", lambda: lib.add_caption(red, 5)),
+        (imgsearch.ParamError, "^model: give the name, label or id", lambda: lib.export(tmp_path / "out", model=1.5)),
+        (imgsearch.UsageError, r"^lang must be text, not 5 \(lang=\)$", lambda: imgsearch.Library(home, lang=5)),
+        (imgsearch.UsageError, "^device must be text", lambda: imgsearch.Library(home, device=5)),
+        (imgsearch.ParamError, "^min_match: give a pixel likeness", lambda: lib.duplicates(min_match="x")),
+        (imgsearch.ParamError, "^threshold: give a cosine", lambda: lib.duplicates(threshold=[0.9])),
+        (imgsearch.ParamError, '^ray: give "local"', lambda: lib.index(indexed.photos, ray=True)),
+        (imgsearch.ParamError, "^labels: give a comma-separated", lambda: lib.classify(5)),
+        (imgsearch.UsageError, "^templates: give templates as text", lambda: lib.classify("red,blue", templates=5)),
+        (imgsearch.ParamError, "^set_id: give a tag set id", lambda: lib.drop_tag_set(object())),
+        (imgsearch.ParamError, "^set_id: give a tag set id", lambda: lib.drop_tag_set(2 ** 70)),
+    ]
+    for error, message, call in refused:
+        with pytest.raises(error, match=message):
+            call()
+    assert lib.captions(red) == [] and lib.tag_sets() == [] and not (tmp_path / "out").exists()
+    assert not home.exists() and lib.status().images == 54
+    # One id, or any iterable of them, as search's ids: "12" was read as the ids 1 and 2.
+    one = lib.search("a red circle", k=1)[0].id
+    assert set(lib.thumbnails(str(one))) == set(lib.thumbnails(one)) == {one}
+    # A model named by its id, as the CLI's --model 1 names it.
+    report = lib.export(tmp_path / "by-id", model=lib.model.id)
+    assert report.rows == 54
+
+
+def test_wait_false_tells_a_python_caller_how_to_wait(indexed):
+    """forget(wait=False) while another writer holds the lock fails at once in one line that says how to wait
+    in Python as well as on the command line (it said only "leave out --no-wait"), and removes nothing."""
+    import imgsearch
+    from imgsearch.lock import write_lock
+
+    held, done = threading.Event(), threading.Event()
+
+    def other_writer():
+        with write_lock(indexed.home):
+            held.set()
+            done.wait()
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(imgsearch.LibraryError, match=r"^another imgsearch run \(pid \d+\) is writing to this "
+                                                         r"library; .*wait=True in Python"):
+            indexed.lib.forget(indexed.photos, wait=False)
+    finally:
+        done.set()
+        writer.join()
+    assert indexed.lib.status().images == 54

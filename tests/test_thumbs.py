@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -100,3 +101,33 @@ def test_missing_file_is_a_clear_error(settings, indexed):
     os.unlink(photos / "blue_circle_000.jpg")
     with pytest.raises(DataError, match="no longer on disk"):
         thumbs.thumbnail(settings, ids["blue_circle_000.jpg"], size=thumbs.PREVIEW)
+
+
+def test_a_library_the_user_cannot_write_still_has_thumbnails(settings, indexed):
+    """On read-only media (or a home the user may only read) thumbnails were a DataError, so the web page showed
+    no pictures: they are made in a private temporary folder imgsearch owns, reused, never written into the
+    library, and that folder is gone when the program ends."""
+    import json
+    import sys
+
+    from test_hostile_robustness import _read_only_possible, _run_read_only, _snapshot
+
+    if not _read_only_possible():  # root without mount namespaces: chmod would prove nothing
+        pytest.skip("running as root without permission to make a read-only bind mount")
+    ids, _ = indexed
+    wanted = sorted(ids.values())
+    before = _snapshot(settings.home)
+    script = ("import json, sys\nfrom PIL import Image\nimport imgsearch\n"
+              "lib = imgsearch.Library(sys.argv[1])\nseen = {}\n"
+              "for i, p in lib.thumbnails(sys.argv[2:]).items():\n"
+              "    with Image.open(p) as im:\n        seen[i] = (str(p), im.format, max(im.size))\n"
+              "print(json.dumps([seen, str(lib.thumbnail(sys.argv[2])), lib.status().read_only]))\n")
+    r = _run_read_only(settings.home, [sys.executable, "-c", script, str(settings.home), *map(str, wanted)])
+    assert r.returncode == 0, r.stderr
+    seen, again, read_only = json.loads(r.stdout)
+    assert read_only and sorted(map(int, seen)) == wanted
+    for path, fmt, longest in seen.values():
+        assert fmt == "JPEG" and longest == thumbs.THUMB and settings.home not in Path(path).parents
+    assert again == seen[str(wanted[0])][0]  # made once, then reused
+    assert not Path(again).parent.exists()  # removed at exit
+    assert _snapshot(settings.home) == before and not settings.thumbs_dir.exists()
