@@ -44,12 +44,23 @@ def read_captions(source: str | os.PathLike, image_col: str = "path", caption_co
         else:
             raise DataError(f"{source}: unknown captions format {suffix or '(no extension)'}; use .csv, .tsv, "
                             ".jsonl or a folder of images with .txt sidecars")
-    problem = {path: None if os.path.isfile(path) else "not a regular file" if os.path.exists(path)
-               else "image not found" for path in {p.path for p in result.pairs}}
-    result.problems += [(f"{result.source}:{p.line}" if p.line else result.source, f"{problem[p.path]}: {p.path}")
+    problem = {path: _problem(path, src.parent) for path in {p.path for p in result.pairs}}
+    result.problems += [(f"{result.source}:{p.line}" if p.line else result.source, problem[p.path])
                         for p in result.pairs if problem[p.path]]
     result.pairs = [p for p in result.pairs if problem[p.path] is None]
     return result
+
+
+def _problem(path: str, base: Path) -> str | None:
+    """Why the image at ``path`` cannot be used, None when it can; ``base``: where relative paths start."""
+    if os.path.isfile(path):
+        return None
+    if os.path.exists(path):
+        return f"not a regular file: {path}"
+    rel = os.path.relpath(path, abspath(base))  # found from the current folder: the file was written from there
+    hint = not rel.startswith("..") and os.path.isfile(rel)
+    return f"image not found: {path}" + ("; paths are relative to the captions file's folder, not the current one:"
+                                         " write them from there, or in full" if hint else "")
 
 
 def _resolve(base: Path, raw: str) -> str:

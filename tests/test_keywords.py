@@ -143,6 +143,25 @@ def test_caption_import_reads_utf16_and_names_a_sidecar_it_cannot_read(cli, trip
                                    "is not UTF-8 text (unexpected end of data at byte 3); save it as UTF-8"}]
 
 
+def test_caption_import_from_paths_written_from_the_current_folder_says_where_paths_start(cli, trip, tmp_path,
+                                                                                           monkeypatch):
+    """Paths in a captions file are relative to its folder (docs/cli.md); a file written from the current folder
+    had every row skipped as "image not found" with no word of why the images were plainly there."""
+    cli("index", trip)
+    table = tmp_path / "lists" / "caps.csv"
+    table.parent.mkdir()
+    table.write_text("path,caption\nphotos/red_square_000.jpg,lake\nphotos/gone.jpg,nothing\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    report = ok_json(cli("caption", "--import", table, "--json"))
+    wrong = tmp_path / "lists" / "photos"
+    assert report["added"] == 0 and report["problems"] == [
+        {"where": f"{table}:2", "reason": f"image not found: {wrong / 'red_square_000.jpg'}; paths are relative to "
+         "the captions file's folder, not the current one: write them from there, or in full"},
+        {"where": f"{table}:3", "reason": f"image not found: {wrong / 'gone.jpg'}"}]  # not here either: no hint
+    table.write_text("path,caption\n../photos/red_square_000.jpg,lake\n", encoding="utf-8")
+    assert ok_json(cli("caption", "--import", table, "--json"))["added"] == 1
+
+
 def test_blend_moves_keyword_matches_up_by_weight(cli, trip):
     cli("index", trip)
     target = trip / "green_triangle_000.jpg"
