@@ -44,12 +44,23 @@ def read_captions(source: str | os.PathLike, image_col: str = "path", caption_co
         else:
             raise DataError(f"{source}: unknown captions format {suffix or '(no extension)'}; use .csv, .tsv, "
                             ".jsonl or a folder of images with .txt sidecars")
-    problem = {path: None if os.path.isfile(path) else "not a regular file" if os.path.exists(path)
-               else "image not found" for path in {p.path for p in result.pairs}}
-    result.problems += [(f"{result.source}:{p.line}" if p.line else result.source, f"{problem[p.path]}: {p.path}")
+    problem = {path: _problem(path, src.parent) for path in {p.path for p in result.pairs}}
+    result.problems += [(f"{result.source}:{p.line}" if p.line else result.source, problem[p.path])
                         for p in result.pairs if problem[p.path]]
     result.pairs = [p for p in result.pairs if problem[p.path] is None]
     return result
+
+
+def _problem(path: str, base: Path) -> str | None:
+    """Why the image at ``path`` cannot be used, None when it can; ``base``: where relative paths start."""
+    if os.path.isfile(path):
+        return None
+    if os.path.exists(path):
+        return f"not a regular file: {path}"
+    rel = os.path.relpath(path, abspath(base))  # found from the current folder: the file was written from there
+    hint = not rel.startswith("..") and os.path.isfile(rel)
+    return f"image not found: {path}" + ("; paths are relative to the captions file's folder, not the current one:"
+                                         " write them from there, or in full" if hint else "")
 
 
 def _resolve(base: Path, raw: str) -> str:
@@ -61,7 +72,7 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
     out = CaptionSet(str(path))
     base = path.parent
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding=_encoding(path)) as f:
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
@@ -97,11 +108,19 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
     return out
 
 
+def _encoding(path: str | os.PathLike) -> str:
+    """UTF-16 when the file starts with its byte-order mark (Excel's "Unicode Text", Notepad's "Unicode"),
+    else UTF-8 with or without one."""
+    with open(path, "rb") as f:
+        return "utf-16" if f.read(2) in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
 def read_text(path: str | os.PathLike, what: str = "") -> str:
-    """A UTF-8 text file (a BOM dropped), or a one-line DataError; ``what`` names the kind of file in messages."""
+    """A UTF-8 or UTF-16 text file (a BOM dropped), or a one-line DataError; ``what`` names the kind of file in
+    messages."""
     name = f"{what} file {path}" if what else str(path)
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
+        return Path(path).read_text(encoding=_encoding(path))
     except FileNotFoundError:
         raise DataError(f"{what or 'text'} file not found: {path}") from None
     except IsADirectoryError:
@@ -189,9 +208,9 @@ def _read_sidecars(folder: Path) -> CaptionSet:
         if not sidecar.is_file():
             continue
         try:
-            caps = [ln.strip() for ln in sidecar.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            out.problems.append((str(sidecar), f"cannot read caption: {e}"))
+            caps = [ln.strip() for ln in read_text(sidecar, "caption").splitlines() if ln.strip()]
+        except DataError as e:  # names the sidecar
+            out.problems.append((item.path, str(e)))
             continue
         if not caps:
             out.problems.append((str(sidecar), "empty caption"))

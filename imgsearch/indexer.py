@@ -759,7 +759,7 @@ def _floor_status(store: Store, model: ModelRow) -> dict | None:
     if floor is None:
         return None
     return {"text": floor.get("text"), "image": floor.get("image"), "vectors": floor.get("vectors"),
-            "stale": relevance.is_stale(floor, model.vectors)}
+            "stale": relevance.is_stale(floor, model.vectors, model.version)}
 
 
 def _run_state(settings: Settings, run: dict | None) -> dict | None:

@@ -500,7 +500,8 @@ class Library:
         from . import tagging, zeroshot
 
         return tagging.classify_files(self.settings, _paths(paths, "classify"), zeroshot.parse_labels(labels),
-                                      templates, top, min_prob, encoder=self._images)
+                                      templates, top, min_prob, encoder=self._images,
+                                      langs=(self.settings.lang, self.lang))
 
     def tags(self) -> list[tuple[str, int]]:
         """(tag, images) pairs, most common first."""

@@ -6,9 +6,9 @@ against the library's images; a quartile, not the maximum, keeps a caption that 
 ("a dog on the grass" in a dog library) from lifting the floor for everyone. Image queries: the 90th percentile
 of the cosine between random pairs of distinct images. A query mixing text and image terms, or steered away
 from something (negatives, unliked images), gets no verdict.
-Stored in library_meta with the vector count it was measured on; the first query that asks measures it (encoding
-the captions once per model, never on `index`'s clock), then `index` and stale queries measure it again from the
-kept caption vectors.
+Stored in library_meta with the vector count and model version it was measured on; the first query that asks
+measures it (encoding the captions once per model, never on `index`'s clock), then `index` and stale queries
+measure it again from the kept caption vectors.
 """
 
 from __future__ import annotations
@@ -74,11 +74,15 @@ def parse(value: str | None) -> dict | None:
     return floor if isinstance(floor, dict) and floor.get("method") == METHOD else None
 
 
-def is_stale(floor: dict | None, vectors: int) -> bool:
+def is_stale(floor: dict | None, vectors: int, version: int) -> bool:
+    """Under RECALIBRATE_SMALL images any change counts (``version``: the model's, moved by every image and
+    vector write), even one that keeps the count (photos replaced); above, a count moved by RECALIBRATE_SHARE."""
     if floor is None:
         return True
     then = int(floor.get("vectors") or 0)
-    return then != vectors and (then < RECALIBRATE_SMALL or abs(vectors - then) > RECALIBRATE_SHARE * then)
+    if then < RECALIBRATE_SMALL:
+        return floor.get("version") != version
+    return abs(vectors - then) > RECALIBRATE_SHARE * then
 
 
 def floor_for(floor: dict | None, kind: str | None) -> float | None:
@@ -87,11 +91,12 @@ def floor_for(floor: dict | None, kind: str | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def calibrate(image_vecs: np.ndarray, caption_vecs: np.ndarray, vectors: int | None = None) -> dict:
+def calibrate(image_vecs: np.ndarray, caption_vecs: np.ndarray, vectors: int | None = None,
+              version: int | None = None) -> dict:
     """Both floors from (a sample of) the library's image vectors and the NULL_CAPTIONS' text vectors;
-    ``vectors``: how many the library has (the sample's size when not given)."""
+    ``vectors``: how many the library has (the sample's size when not given); ``version``: the model's then."""
     vecs = np.asarray(image_vecs, dtype=np.float32)
-    out: dict = {"method": METHOD, "vectors": int(len(vecs) if vectors is None else vectors),
+    out: dict = {"method": METHOD, "vectors": int(len(vecs) if vectors is None else vectors), "version": version,
                  "captions": len(caption_vecs), "at": round(time.time(), 3), "text": None, "image": None}
     if len(vecs) == 0:
         return out
@@ -110,9 +115,9 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
     model without vectors. ``encode_texts`` (normalised text vectors for a list of strings) is called only
     the first time for a model: the captions' vectors are kept. `index` passes None (encoding them costs
     seconds): it keeps a floor up to date once a query asked for one, and gets the stored one, or None."""
-    count = store.vector_count(model_id)
-    floor = parse(store.get_meta(meta_key(model_id)))
-    if not is_stale(floor, count):
+    version, count = store.model_version(model_id), store.vector_count(model_id)  # version first: a write
+    floor = parse(store.get_meta(meta_key(model_id)))  # in between makes this floor stale, never wrongly fresh
+    if not is_stale(floor, count, version):
         return floor
     if count == 0:
         return None
@@ -123,7 +128,7 @@ def current(store, model_id: int, encode_texts, *, save: bool = True) -> dict | 
     if len(ids) > SAMPLE:
         ids = np.sort(np.random.default_rng(0).choice(ids, SAMPLE, replace=False))
     _, vecs = store.load_vectors(model_id, ids.tolist())
-    floor = calibrate(vecs, captions, count)
+    floor = calibrate(vecs, captions, count, version)
     if save:
         _save(store, meta_key(model_id), json.dumps(floor, sort_keys=True))
     return floor

@@ -118,9 +118,10 @@ def _labelled(tags: list[tuple[str, float]]) -> list[dict]:
 
 def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], labels: Sequence[str],
                    templates: Sequence[str] | None = None, top: int = 1, min_prob: float = 0.0,
-                   *, encoder) -> list[FileLabels]:
+                   *, encoder, langs: tuple = ()) -> list[FileLabels]:
     """Labels for image files (folders are walked) without touching the library; ``encoder`` is the encoder
-    or a function returning it, called once the files are known to exist (imgsearch.Library passes one)."""
+    or a function returning it, called once the files are known to exist (imgsearch.Library passes one);
+    ``langs`` as classify_library's."""
     labels, templates = _checked(labels, templates, top, min_prob)
     for p in paths:
         if not os.path.exists(p):
@@ -130,7 +131,7 @@ def classify_files(settings: Settings, paths: Sequence[str | os.PathLike], label
         raise UsageError("no image files in " + ", ".join(str(p) for p in paths))
     if not hasattr(encoder, "encode_images"):
         encoder = encoder()
-    label_vecs = zeroshot.label_embeddings(encoder, labels, templates, (settings.lang,))
+    label_vecs = zeroshot.label_embeddings(encoder, labels, templates, langs)
     todo = [r for r in out if r.error is None]
     # Decoded and encoded as `index` does it: its decode stage, thread budget and batches.
     vecs, ok, failures = encode_files(encoder, [r.path for r in todo], settings)

@@ -273,7 +273,8 @@ def test_score_bad_inputs(cli, tmp_path):
 def test_score_and_classify_encode_texts_in_the_query_language(cli, photos, home, tiny_model, monkeypatch):
     """--lang (and the library's recorded language) reaches every text a library encodes: a query's, a score's,
     a classification's labels, a loose file's labels; an NLLB tower reads the language as a token, so a label
-    tokenized as English would not match the same words in a query."""
+    tokenized as English would not match the same words in a query. Without --lang, the language recorded
+    when the library was indexed is every text's default (loose files' labels went without it: English)."""
     from imgsearch import Library, textfast
     from imgsearch.encoder import Encoder
 
@@ -283,14 +284,22 @@ def test_score_and_classify_encode_texts_in_the_query_language(cli, photos, home
         real = cls.encode_texts
 
         def spy(self, texts, lang=None, default_lang=None, _real=real):
-            seen.append(lang)
+            seen.append((lang, default_lang))
             return _real(self, texts, lang, default_lang)
 
         monkeypatch.setattr(cls, "encode_texts", spy)
     photo = str(sorted(photos.glob("red_circle_*"))[0])
-    with Library(home, f"local-dir:{tiny_model}", lang="deu_Latn") as lib:
+
+    def every_door(lib):
+        seen.clear()
         lib.search("ein roter Kreis")
         lib.score(photo, ["ein roter Kreis"])
         lib.classify(["rot", "blau"])
         lib.classify_files([photo], ["rot", "blau"])
-    assert len(seen) >= 4 and set(seen) == {"deu_Latn"}, seen
+        return seen
+
+    with Library(home, f"local-dir:{tiny_model}", lang="deu_Latn") as lib:
+        assert len(every_door(lib)) >= 4 and {lang for lang, _ in seen} == {"deu_Latn"}, seen
+        lib.index(photos)  # records the language with the library
+    with Library(home, f"local-dir:{tiny_model}") as lib:
+        assert len(every_door(lib)) >= 4 and {default for _, default in seen} == {"deu_Latn"}, seen

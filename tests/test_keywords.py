@@ -125,6 +125,43 @@ def test_caption_bad_inputs(cli, trip, tmp_path):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_caption_import_reads_utf16_and_names_a_sidecar_it_cannot_read(cli, trip, tmp_path):
+    """Excel's "Unicode Text" and Notepad's "Unicode" save UTF-16 with a byte-order mark: such a TSV was refused
+    as "not UTF-8", and a UTF-16 sidecar was skipped with Python's codec error, saying nothing of what to do."""
+    cli("index", trip)
+    table = tmp_path / "excel.tsv"  # Windows line ends, paths relative to the table's folder
+    table.write_bytes(f"path\tcaption\r\n{(trip / 'red_square_000.jpg').relative_to(tmp_path)}\tÉté à la plage\r\n"
+                      .encode("utf-16"))
+    assert ok_json(cli("caption", "--import", table, "--json"))["added"] == 1
+    assert cli("caption", trip / "red_square_000.jpg").stdout.splitlines() == ["Été à la plage"]
+    (trip / "blue_circle_001.txt").write_bytes("fête\r\nnoël\r\n".encode("utf-16"))
+    (trip / "green_circle_000.txt").write_bytes("caf\xe9".encode("latin-1"))
+    report = ok_json(cli("caption", "--import", trip, "--json"))
+    assert report["added"] == 2 and cli("caption", trip / "blue_circle_001.jpg").stdout.split() == ["fête", "noël"]
+    sidecar = trip / "green_circle_000.txt"
+    assert report["problems"] == [{"where": str(trip / "green_circle_000.jpg"), "reason": f"caption file {sidecar} "
+                                   "is not UTF-8 text (unexpected end of data at byte 3); save it as UTF-8"}]
+
+
+def test_caption_import_from_paths_written_from_the_current_folder_says_where_paths_start(cli, trip, tmp_path,
+                                                                                           monkeypatch):
+    """Paths in a captions file are relative to its folder (docs/cli.md); a file written from the current folder
+    had every row skipped as "image not found" with no word of why the images were plainly there."""
+    cli("index", trip)
+    table = tmp_path / "lists" / "caps.csv"
+    table.parent.mkdir()
+    table.write_text("path,caption\nphotos/red_square_000.jpg,lake\nphotos/gone.jpg,nothing\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    report = ok_json(cli("caption", "--import", table, "--json"))
+    wrong = tmp_path / "lists" / "photos"
+    assert report["added"] == 0 and report["problems"] == [
+        {"where": f"{table}:2", "reason": f"image not found: {wrong / 'red_square_000.jpg'}; paths are relative to "
+         "the captions file's folder, not the current one: write them from there, or in full"},
+        {"where": f"{table}:3", "reason": f"image not found: {wrong / 'gone.jpg'}"}]  # not here either: no hint
+    table.write_text("path,caption\n../photos/red_square_000.jpg,lake\n", encoding="utf-8")
+    assert ok_json(cli("caption", "--import", table, "--json"))["added"] == 1
+
+
 def test_blend_moves_keyword_matches_up_by_weight(cli, trip):
     cli("index", trip)
     target = trip / "green_triangle_000.jpg"

@@ -119,6 +119,32 @@ def test_first_query_measures_the_floor_index_keeps_it_fresh_and_the_cold_path_u
     assert floor()["vectors"] == 20
 
 
+def test_photos_replaced_without_changing_the_count_measure_the_floor_again(settings, tmp_path):
+    """docs/cli.md: under 1,000 images `index` re-measures the floor after any change. Six blue squares replaced
+    by six different shapes under the same names keep the count: the image floor measured on six near-identical
+    squares (near 1) stayed, and judged the new red circles irrelevant to a red circle."""
+    import random
+
+    from imgsearch import Library
+
+    folder = tmp_path / "six"
+    synthetic.generate(folder, per_class=6, colors=["blue"], shapes=("square",), size=96, fmt="png", seed=6,
+                       captions_file=None)
+    probe = synthetic.draw_shape("red", "circle", 96, random.Random(79))
+    with Library(settings=settings) as lib:
+        lib.index(folder)
+        assert [h.relevant for h in lib.search(image=probe, k=6, relevance=True)] == [False] * 6
+        now = [("red", "circle"), ("red", "circle"), ("green", "triangle"), ("yellow", "square"),
+               ("purple", "circle"), ("white", "triangle")]
+        for i, (path, (color, shape)) in enumerate(zip(sorted(folder.iterdir()), now)):
+            synthetic.draw_shape(color, shape, 96, random.Random(i)).save(path)
+        assert lib.index(folder).updated == 6
+    with Library(settings=settings) as lib:
+        hits = lib.search(image=probe, k=6, relevance=True)
+        assert [h.relevant for h in hits[:2]] == [True, True] and [h.relevant for h in hits[3:]] == [False] * 3
+        assert {h.path for h in hits[:2]} == {str(p) for p in sorted(folder.iterdir())[:2]}
+
+
 def test_image_queries_use_the_image_floor(lib, shared):
     import random
 
