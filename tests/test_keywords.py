@@ -329,3 +329,14 @@ def test_blend_on_ivfpq_uses_exact_cosines(cli, tmp_path, monkeypatch):
                        "--min-score", f"{cut:.7f}", "--json"))
     assert {h["path"] for h in kept} == {p for p in got if exact[p] >= cut}
     assert len(kept) == 20
+
+
+def test_caption_import_counts_in_words_a_person_writes(cli, trip, tmp_path):
+    """'added 1 captions' and '1 images are not in the library': one is singular."""
+    cli("index", trip)
+    table = tmp_path / "one.csv"
+    table.write_text(f"path,caption\n{trip / 'red_square_000.jpg'},at the beach\n{tmp_path / 'elsewhere.jpg'},x\n")
+    (tmp_path / "elsewhere.jpg").write_bytes((trip / "red_square_000.jpg").read_bytes())
+    lines = cli("caption", "--import", table).stdout.splitlines()
+    assert lines[0] == f"added 1 caption from {table}"
+    assert lines[1].startswith("  1 image is not in the library (run `imgsearch index` first), e.g. ")

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from . import command, err, flag_words, library_of
+from . import command, err, flag_words, library_of, plural
 from ..errors import UsageError
 from ..output import human_bytes, shown, warn_if_escaped
 
@@ -134,7 +134,8 @@ def duplicates_cmd(
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
-    what = "groups of similar images" if similar else "duplicate groups"
+    count, noun = len(report.groups), "group" if len(report.groups) == 1 else "groups"
+    what = f"{count} {noun} of similar images" if similar else f"{count} duplicate {noun}"
     for n, g in enumerate(report.groups, 1):
         typer.echo(f"group {n} ({len(g.members)} images)")
         for m in g.members:
@@ -143,8 +144,8 @@ def duplicates_cmd(
     for path, reason in report.unreadable:
         err(f"warning: could not compare {shown(path)}: {reason}")
     warn_if_escaped("--json")
-    typer.echo(f"{len(report.groups)} {what} among {report.images} images ({report.candidates} CLIP candidate "
-               f"pairs, {report.confirmed} confirmed) in {report.seconds:.1f}s; nothing was deleted")
+    typer.echo(f"{what} among {plural(report.images, 'image')} ({plural(report.candidates, 'CLIP candidate pair')}, "
+               f"{report.confirmed} confirmed) in {report.seconds:.1f}s; nothing was deleted")
 
 
 # --- caption ----------------------------------------------------------------------------------------
@@ -171,10 +172,11 @@ def caption_cmd(
             if json_out:
                 typer.echo(json.dumps(report.as_dict(), indent=2))
                 return
-            typer.echo(f"added {report.added} captions from {import_file}"
+            typer.echo(f"added {plural(report.added, 'caption')} from {import_file}"
                        + (f" ({report.already} already present)" if report.already else ""))
             if report.not_in_library:
-                typer.echo(f"  {len(report.not_in_library)} images are not in the library (run `imgsearch index` "
+                missing = len(report.not_in_library)
+                typer.echo(f"  {plural(missing, 'image')} {'is' if missing == 1 else 'are'} not in the library (run `imgsearch index` "
                            f"first), e.g. {report.not_in_library[0]}")
             for where, reason in report.problems[:10]:
                 typer.echo(f"  skipped {where}: {reason}")
