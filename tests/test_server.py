@@ -223,8 +223,9 @@ def test_idle_exit_and_duration_parsing(settings, cli, photos):
     from imgsearch.server import SearchServer
 
     assert parse_duration("10m") == 600 and parse_duration("90") == 90 and parse_duration("2h") == 7200
-    with pytest.raises(UsageError):
-        parse_duration("soon")
+    for wrong in ("soon", "0", "0.0s"):  # zero was taken, and the server never exited
+        with pytest.raises(UsageError, match="give a duration above zero"):
+            parse_duration(wrong)
     cli("index", photos)
     srv = SearchServer(settings, "127.0.0.1", 0, idle_exit=0.5)
     t = threading.Thread(target=srv.serve_forever, daemon=True)

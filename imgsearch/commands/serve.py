@@ -15,8 +15,8 @@ from ..errors import UsageError
 def parse_duration(text: str) -> float:
     """'90', '90s', '10m', '2h' -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
-    if not m:
-        raise UsageError(f"--idle-exit {text!r}: give a duration such as 90s, 10m or 2h")
+    if not m or not float(m.group(1)):  # zero: the server would say it exits when idle, and never did
+        raise UsageError(f"--idle-exit {text!r}: give a duration above zero, such as 90s, 10m or 2h")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
