@@ -52,7 +52,8 @@ SUBFOLDERS = ("img_emb", "metadata")
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux: a longer name is not a path anything here can open
 MAX_SIDE = 1 << 20  # pixels per side: far beyond any photo, far below what overflows a product
 MAX_SIZE = 1 << 50  # bytes
-WANTED = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at")  # what import reads
+WANTED = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at",  # what import reads
+          "taken_utc", "taken_offset", "taken_source", "gps_lat", "gps_lon", "camera_make", "camera_model")
 HASH = re.compile(r"[0-9a-f]{32}")  # files.hash_file's BLAKE2b-128 in hex
 EXAMPLES = 10  # problems kept by name in an ImportReport; the rest are counted
 
@@ -160,7 +161,9 @@ def _meta_columns(pa, rows, path_col: str) -> dict:
                              pa.binary()),
         **{name: pa.array([getattr(r, name) for r in rows], getattr(pa, kind)()) for name, kind in (
             ("id", "int64"), ("hash", "string"), ("size", "int64"), ("mtime_ns", "int64"), ("width", "int32"),
-            ("height", "int32"), ("taken_at", "string"), ("added_at", "float64"))},
+            ("height", "int32"), ("taken_at", "string"), ("taken_utc", "string"), ("taken_offset", "string"),
+            ("taken_source", "string"), ("gps_lat", "float64"), ("gps_lon", "float64"), ("camera_make", "string"),
+            ("camera_model", "string"), ("added_at", "float64"))},
     }
 
 
@@ -698,7 +701,20 @@ def _whole(value, name: str, low: int, high: int) -> int | None:
     return value
 
 
-def _record(path, raw, digest, size, width, height, taken) -> dict:
+def _when_where(taken, utc, offset, source, lat, lon, make, model) -> dict:
+    """An exported row's when/where columns, each kept only in the form the indexer writes it, else None
+    (without a taken_source, the next `imgsearch index` of its folder reads them from the file)."""
+    gps = all(type(v) is float and -limit <= v <= limit for v, limit in ((lat, 90), (lon, 180)))
+    taken = stored_time(taken)
+    return {"taken_at": taken, "taken_utc": stored_time(utc),
+            "taken_source": source if taken and source in ("exif", "file") else None,
+            "taken_offset": offset if isinstance(offset, str) and re.fullmatch(r"[+-]\d\d:\d\d", offset) else None,
+            "gps_lat": lat if gps else None, "gps_lon": lon if gps else None,
+            **{k: isinstance(v, str) and v.isprintable() and v[:64] or None
+               for k, v in (("camera_make", make), ("camera_model", model))}}
+
+
+def _record(path, raw, digest, size, width, height, *when_where) -> dict:
     """One exported row's metadata checked by type and range; ValueError saying what is wrong."""
     if raw is not None:
         if not isinstance(raw, bytes):
@@ -714,7 +730,7 @@ def _record(path, raw, digest, size, width, height, taken) -> dict:
     return {"path": path, "size": _whole(size, "size", 0, MAX_SIZE), "width": _whole(width, "width", 1, MAX_SIDE),
             "height": _whole(height, "height", 1, MAX_SIDE),
             "hash": digest if isinstance(digest, str) and HASH.fullmatch(digest) else None,  # else: read the file
-            "taken_at": stored_time(taken)}
+            **_when_where(*when_where)}
 
 
 def _float32(values: np.ndarray) -> np.ndarray:
@@ -907,8 +923,7 @@ def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, chec
                 report.vectors_added += 1
             continue
         rec = recs[k]
-        new.append({"path": path, "size": st.st_size, "mtime_ns": files.mtime_ns(st), "hash": digest,
-                    "width": rec.get("width"), "height": rec.get("height"), "taken_at": rec.get("taken_at")})
+        new.append({**rec, "path": path, "size": st.st_size, "mtime_ns": files.mtime_ns(st), "hash": digest})
         vectors.append((path, unit[j]))
         report.added += 1
     if new or vectors:

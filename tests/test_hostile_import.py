@@ -212,6 +212,29 @@ def test_bogus_capture_times_are_dropped_not_stored(exported, tmp_path, cli):
     assert status.exit_code == 0 and "taken     2023-06-01 to 2023-06-02" in status.stdout
 
 
+def test_bogus_places_cameras_and_time_zones_are_dropped_not_stored(exported, tmp_path, cli):
+    import pyarrow.parquet as pq
+
+    paths = pq.read_table(exported[3] / "part-00000.parquet").column("path").to_pylist()
+
+    def column(*values):
+        return [*values] + [None] * (len(paths) - len(values))
+
+    out = craft(exported, tmp_path / "export", base={
+        "gps_lat": column(95.0, float("nan"), 48.8584, 48.8584), "gps_lon": column(2.0, 2.0, float("inf"), 2.2945),
+        "camera_make": column("Canon\x1b[31m", "x" * 500, "", "Canon"),
+        "taken_offset": column("+01:00; --", "+1", "+01:00", "-05:00"),
+        "taken_source": column("gps", "exif", "file", "exif")})
+    assert cli("--home", str(tmp_path / "home"), "import", str(out)).exit_code == 0
+    with open_lib(tmp_path / "home", exported[0]) as lib:
+        rows = lib.store.images_at(paths)
+        got = [(r.gps_lat, r.gps_lon, r.camera_make, r.taken_offset, r.taken_source)
+               for r in (rows[p] for p in paths[:4])]
+        assert got == [(None, None, None, None, None), (None, None, "x" * 64, None, "exif"),
+                       (None, None, None, "+01:00", "file"), (48.8584, 2.2945, "Canon", "-05:00", "exif")]
+        assert [h.path for h in lib.search("a red circle", near=(48.8584, 2.2945, 1), k=50)] == [paths[3]]
+
+
 def test_the_home_and_its_database_are_private(exported, tmp_path, cli):
     home = tmp_path / "new" / "home"
     assert cli("--home", str(home), "import", str(exported[3])).exit_code == 0
