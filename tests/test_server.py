@@ -140,7 +140,8 @@ def test_head_answers_as_get_and_a_wrong_method_is_told_the_allowed_ones(home, s
         assert int(headers["Content-Length"]) == len(got), path
     assert send("HEAD", "/api/health", token=False)[0] == 200 and send("HEAD", "/api/status", token=False)[0] == 401
     for method, path, allow in (("PUT", "/api/search", "GET, HEAD, POST"), ("HEAD", "/api/search/image", "POST"),
-                                ("POST", "/api/status", "GET, HEAD"), ("OPTIONS", "/api/albums/x", "DELETE, GET, HEAD")):
+                                ("POST", "/api/status", "GET, HEAD"),
+                                ("OPTIONS", "/api/albums/x", "DELETE, GET, HEAD")):
         code, headers, body = send(method, path)
         assert code == 405 and headers["Allow"] == allow, (method, path)
         assert method == "HEAD" or json.loads(body) == {"error": f"{method} is not allowed on {path}"}
