@@ -418,9 +418,12 @@ class SearchServer:
                 self.httpd.shutdown()
                 return
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, ready=None) -> None:
+        """Publish server.json, call ``ready()`` (the server is now the library's), and answer until shut down."""
         try:
             self.write_discovery()
+            if ready:
+                ready()
             if self.idle_exit:
                 threading.Thread(target=self._watch_idle, daemon=True).start()
             self.httpd.serve_forever(poll_interval=0.2)
