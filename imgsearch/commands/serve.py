@@ -64,7 +64,6 @@ def serve_cmd(
         server.watch(watcher)
     h, p = server.address
     shown = f"[{h}]" if ":" in h else h
-
     def ready() -> None:  # once published: a server refused then (another took the library) never said it served
         err(f"imgsearch serving {server.service.library.model.label} ({server.service.library.vector_count()} "
             f"images) on http://{shown}:{p}/api/search?q=... (Ctrl-C stops"
@@ -73,7 +72,6 @@ def serve_cmd(
         if not is_loopback(host):
             err("warning: listening beyond this machine; anyone who can reach it and obtains the token can search "
                 "your library and see its file paths, and the token crosses the network unencrypted (plain HTTP)")
-
     try:  # Ctrl-C, or `kill` (the entry point makes SIGTERM a KeyboardInterrupt): the discovery file goes
         server.serve_forever(ready)
     except KeyboardInterrupt:
