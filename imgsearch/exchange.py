@@ -169,7 +169,7 @@ def _meta_columns(pa, rows, path_col: str) -> dict:
 
 def _unit(vecs: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length; rows already unit length (as the library stores them) kept bit for bit."""
-    norms = np.linalg.norm(vecs, axis=1)
+    norms = np.linalg.norm(vecs.astype(np.float64), axis=1)  # a float32 length can overflow (then stored as zeros)
     off = np.abs(norms - 1.0) > 1e-4
     if not off.any():
         return vecs
@@ -501,6 +501,23 @@ def _npy_open(path: Path):
     return f, int(shape[0]), int(shape[1]), dtype
 
 
+def _parquet(pa, pq, path: Path):
+    """``path`` opened as a ParquetFile; a DataError naming it when it is not one (cut short, damaged)."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: names that are not UTF-8
+        raise DataError(f"{path} is not a readable parquet file ({' '.join(str(e).split())}); the export is "
+                        "damaged") from None
+
+
+def _batches(pa, pf, path: Path, **how):
+    """``pf.iter_batches(**how)``; a page that cannot be read (damaged) is a DataError naming the file."""
+    try:
+        yield from pf.iter_batches(**how)
+    except (pa.ArrowException, OSError, ValueError) as e:  # e.g. pages that unpack to less than they say
+        raise DataError(f"{path} cannot be read ({' '.join(str(e).split())}); the export is damaged") from None
+
+
 def _checked_model(model, where: Path) -> dict | None:
     """An export's record of the model that made it (None: it names none); a DataError when it is garbled."""
     if model is None or (isinstance(model, dict) and isinstance(model.get("fingerprint"), str)
@@ -600,7 +617,10 @@ def _sizes_fit(pq, path: Path, dim: int) -> None:
             group = meta.row_group(g)
             for c in range(group.num_columns):
                 column = group.column(c)
-                name = column.path_in_schema.split(".")[0]
+                try:
+                    name = column.path_in_schema.split(".")[0]
+                except UnicodeDecodeError:
+                    raise DataError(f"{path.name}: its column names are not UTF-8; the export is damaged") from None
                 per_row = MAX_PATH_BYTES + 64 if name in WANTED else 8 * dim + 64 if name == "vector" else None
                 if per_row is None:
                     continue
@@ -632,6 +652,10 @@ def open_export(folder: str | os.PathLike) -> _Source:
             raise DataError(f"{root / MANIFEST} is unreadable ({e}); export again") from None
     elif any(n.startswith(TEMP_PREFIX) for n in os.listdir(root)):
         raise DataError(f"{root} holds an unfinished export (it was interrupted); export again")
+    listed = manifest.get("files") if isinstance(manifest, dict) and isinstance(manifest.get("files"), list) else []
+    if missing := [n for n in listed if isinstance(n, str) and not (root / n).is_file()]:  # a copy cut short
+        raise DataError(f"{root / missing[0]} is missing ({len(missing)} of the {len(listed)} files the export lists "
+                        "are); the export is incomplete: copy it again, or export again")
     pieces = []  # (shard, the parquet file that names its model, rows, dim)
     if (root / "img_emb").is_dir():
         fmt = "clip-retrieval"
@@ -644,11 +668,14 @@ def open_export(folder: str | os.PathLike) -> _Source:
             if meta is None:
                 raise DataError(f"{npy.name} has no matching metadata/metadata_{_shard_no(npy)}.parquet "
                                 "(it names the images); the export is incomplete")
-            f, n, d, _ = _npy_open(npy)
-            f.close()
-            if "image_path" not in pq.read_schema(meta).names:
+            f, n, d, dtype = _npy_open(npy)
+            with f:
+                if os.fstat(f.fileno()).st_size < f.tell() + n * d * dtype.itemsize:
+                    raise DataError(f"{npy} ends early; the export is damaged")
+            pf = _parquet(pa, pq, meta)
+            if "image_path" not in pf.schema_arrow.names:
                 raise DataError(f"{meta} has no image_path column; it cannot say which image a vector is")
-            meta_rows = pq.ParquetFile(meta).metadata.num_rows
+            meta_rows = pf.metadata.num_rows
             if meta_rows != n:
                 raise DataError(f"{meta.name} names {meta_rows} images but {npy.name} holds {n} vectors; "
                                 "the export is damaged")
@@ -660,13 +687,14 @@ def open_export(folder: str | os.PathLike) -> _Source:
             raise DataError(f"{root} is not an export: expected img_emb/ and metadata/ (clip-retrieval) or "
                             ".parquet files with a vector column (`imgsearch export --format parquet`)")
         for part in parts:
-            schema = pq.read_schema(part)
+            pf = _parquet(pa, pq, part)
+            schema = pf.schema_arrow
             if "vector" not in schema.names or not any(c in schema.names for c in ("path", "image_path")):
                 raise DataError(f"{part.name} has no vector and path columns; it is not an imgsearch parquet export")
             vtype = schema.field("vector").type
             if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
                 raise DataError(f"{part.name}: its vector column is {vtype}, expected fixed_size_list<float32>")
-            pieces.append((part, part, pq.ParquetFile(part).metadata.num_rows, vtype.list_size))
+            pieces.append((part, part, pf.metadata.num_rows, vtype.list_size))
     dim = pieces[0][3]
     for _, path, _, _ in pieces:
         _sizes_fit(pq, path, dim)
@@ -745,7 +773,11 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
     wanted = WANTED
 
     def records(batch) -> list[dict | str]:
-        cols = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}
+        try:
+            cols = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}
+        except UnicodeDecodeError:  # parquet readers do not check that text is UTF-8
+            raise DataError(f"{src.folder}: a text column holds bytes that are not UTF-8; the export is damaged"
+                            ) from None
         absent = [None] * batch.num_rows
         paths = cols["path"] if "path" in cols else cols["image_path"]
         out: list[dict | str] = []
@@ -760,7 +792,7 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
         for part in src.shards:
             pf = pq.ParquetFile(part)
             cols = [c for c in (*wanted, "vector") if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=chunk, columns=cols):
+            for batch in _batches(pa, pf, part, batch_size=chunk, columns=cols):
                 vec = batch.column("vector")
                 # .values, not .flatten(): flatten drops null rows and would shift every vector after one.
                 flat = vec.values.slice(vec.offset * src.dim, len(vec) * src.dim).to_numpy(zero_copy_only=False)
@@ -774,7 +806,7 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
         with f:
             pf = pq.ParquetFile(meta)
             cols = [c for c in wanted if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=chunk, columns=cols):
+            for batch in _batches(pa, pf, meta, batch_size=chunk, columns=cols):
                 k = batch.num_rows
                 data = f.read(k * dim * dtype.itemsize)
                 if len(data) != k * dim * dtype.itemsize:
