@@ -501,20 +501,13 @@ def _npy_open(path: Path):
     return f, int(shape[0]), int(shape[1]), dtype
 
 
-def _parquet(pa, pq, path: Path):
-    """``path`` opened as a ParquetFile; a DataError naming it when it is not one (cut short, damaged)."""
+@contextlib.contextmanager
+def _readable(pa, path: Path):
+    """What reading ``path`` raises when it is cut short or damaged, as a DataError naming it (ValueError: text
+    or names that are not UTF-8, which parquet readers do not check)."""
     try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: names that are not UTF-8
-        raise DataError(f"{path} is not a readable parquet file ({' '.join(str(e).split())}); the export is "
-                        "damaged") from None
-
-
-def _batches(pa, pf, path: Path, **how):
-    """``pf.iter_batches(**how)``; a page that cannot be read (damaged) is a DataError naming the file."""
-    try:
-        yield from pf.iter_batches(**how)
-    except (pa.ArrowException, OSError, ValueError) as e:  # e.g. pages that unpack to less than they say
+        yield
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"{path} cannot be read ({' '.join(str(e).split())}); the export is damaged") from None
 
 
@@ -617,10 +610,7 @@ def _sizes_fit(pq, path: Path, dim: int) -> None:
             group = meta.row_group(g)
             for c in range(group.num_columns):
                 column = group.column(c)
-                try:
-                    name = column.path_in_schema.split(".")[0]
-                except UnicodeDecodeError:
-                    raise DataError(f"{path.name}: its column names are not UTF-8; the export is damaged") from None
+                name = column.path_in_schema.split(".")[0]
                 per_row = MAX_PATH_BYTES + 64 if name in WANTED else 8 * dim + 64 if name == "vector" else None
                 if per_row is None:
                     continue
@@ -672,7 +662,8 @@ def open_export(folder: str | os.PathLike) -> _Source:
             with f:
                 if os.fstat(f.fileno()).st_size < f.tell() + n * d * dtype.itemsize:
                     raise DataError(f"{npy} ends early; the export is damaged")
-            pf = _parquet(pa, pq, meta)
+            with _readable(pa, meta):
+                pf = pq.ParquetFile(meta)
             if "image_path" not in pf.schema_arrow.names:
                 raise DataError(f"{meta} has no image_path column; it cannot say which image a vector is")
             meta_rows = pf.metadata.num_rows
@@ -687,7 +678,8 @@ def open_export(folder: str | os.PathLike) -> _Source:
             raise DataError(f"{root} is not an export: expected img_emb/ and metadata/ (clip-retrieval) or "
                             ".parquet files with a vector column (`imgsearch export --format parquet`)")
         for part in parts:
-            pf = _parquet(pa, pq, part)
+            with _readable(pa, part):
+                pf = pq.ParquetFile(part)
             schema = pf.schema_arrow
             if "vector" not in schema.names or not any(c in schema.names for c in ("path", "image_path")):
                 raise DataError(f"{part.name} has no vector and path columns; it is not an imgsearch parquet export")
@@ -697,7 +689,8 @@ def open_export(folder: str | os.PathLike) -> _Source:
             pieces.append((part, part, pf.metadata.num_rows, vtype.list_size))
     dim = pieces[0][3]
     for _, path, _, _ in pieces:
-        _sizes_fit(pq, path, dim)
+        with _readable(pa, path):
+            _sizes_fit(pq, path, dim)
     model = _checked_model(manifest.get("model") if isinstance(manifest, dict) else None, root / MANIFEST)
     for shard, path, _, d in pieces:
         if d != dim:
@@ -773,11 +766,7 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
     wanted = WANTED
 
     def records(batch) -> list[dict | str]:
-        try:
-            cols = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}
-        except UnicodeDecodeError:  # parquet readers do not check that text is UTF-8
-            raise DataError(f"{src.folder}: a text column holds bytes that are not UTF-8; the export is damaged"
-                            ) from None
+        cols = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}
         absent = [None] * batch.num_rows
         paths = cols["path"] if "path" in cols else cols["image_path"]
         out: list[dict | str] = []
@@ -790,23 +779,24 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
 
     if src.format == "parquet":
         for part in src.shards:
-            pf = pq.ParquetFile(part)
-            cols = [c for c in (*wanted, "vector") if c in pf.schema_arrow.names]
-            for batch in _batches(pa, pf, part, batch_size=chunk, columns=cols):
-                vec = batch.column("vector")
-                # .values, not .flatten(): flatten drops null rows and would shift every vector after one.
-                flat = vec.values.slice(vec.offset * src.dim, len(vec) * src.dim).to_numpy(zero_copy_only=False)
-                vecs = _float32(flat).reshape(len(vec), src.dim)
-                if vec.null_count:
-                    vecs = np.where(vec.is_null().to_numpy(zero_copy_only=False)[:, None], np.nan, vecs)
-                yield records(batch), vecs
+            with _readable(pa, part):
+                pf = pq.ParquetFile(part)
+                cols = [c for c in (*wanted, "vector") if c in pf.schema_arrow.names]
+                for batch in pf.iter_batches(batch_size=chunk, columns=cols):
+                    vec = batch.column("vector")
+                    # .values, not .flatten(): flatten drops null rows and would shift every vector after one.
+                    flat = vec.values.slice(vec.offset * src.dim, len(vec) * src.dim).to_numpy(zero_copy_only=False)
+                    vecs = _float32(flat).reshape(len(vec), src.dim)
+                    if vec.null_count:
+                        vecs = np.where(vec.is_null().to_numpy(zero_copy_only=False)[:, None], np.nan, vecs)
+                    yield records(batch), vecs
         return
     for npy, meta in src.shards:
         f, n, dim, dtype = _npy_open(npy)
-        with f:
+        with f, _readable(pa, meta):
             pf = pq.ParquetFile(meta)
             cols = [c for c in wanted if c in pf.schema_arrow.names]
-            for batch in _batches(pa, pf, meta, batch_size=chunk, columns=cols):
+            for batch in pf.iter_batches(batch_size=chunk, columns=cols):
                 k = batch.num_rows
                 data = f.read(k * dim * dtype.itemsize)
                 if len(data) != k * dim * dtype.itemsize:
