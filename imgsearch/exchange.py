@@ -52,7 +52,8 @@ SUBFOLDERS = ("img_emb", "metadata")
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux: a longer name is not a path anything here can open
 MAX_SIDE = 1 << 20  # pixels per side: far beyond any photo, far below what overflows a product
 MAX_SIZE = 1 << 50  # bytes
-WANTED = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at")  # what import reads
+WANTED = ("path", "image_path", "path_raw", "hash", "size", "width", "height", "taken_at",  # what import reads
+          "taken_utc", "taken_offset", "taken_source", "gps_lat", "gps_lon", "camera_make", "camera_model")
 HASH = re.compile(r"[0-9a-f]{32}")  # files.hash_file's BLAKE2b-128 in hex
 EXAMPLES = 10  # problems kept by name in an ImportReport; the rest are counted
 
@@ -160,13 +161,15 @@ def _meta_columns(pa, rows, path_col: str) -> dict:
                              pa.binary()),
         **{name: pa.array([getattr(r, name) for r in rows], getattr(pa, kind)()) for name, kind in (
             ("id", "int64"), ("hash", "string"), ("size", "int64"), ("mtime_ns", "int64"), ("width", "int32"),
-            ("height", "int32"), ("taken_at", "string"), ("added_at", "float64"))},
+            ("height", "int32"), ("taken_at", "string"), ("taken_utc", "string"), ("taken_offset", "string"),
+            ("taken_source", "string"), ("gps_lat", "float64"), ("gps_lon", "float64"), ("camera_make", "string"),
+            ("camera_model", "string"), ("added_at", "float64"))},
     }
 
 
 def _unit(vecs: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length; rows already unit length (as the library stores them) kept bit for bit."""
-    norms = np.linalg.norm(vecs, axis=1)
+    norms = np.linalg.norm(vecs.astype(np.float64), axis=1)  # a float32 length can overflow (then stored as zeros)
     off = np.abs(norms - 1.0) > 1e-4
     if not off.any():
         return vecs
@@ -498,6 +501,16 @@ def _npy_open(path: Path):
     return f, int(shape[0]), int(shape[1]), dtype
 
 
+@contextlib.contextmanager
+def _readable(pa, path: Path):
+    """What reading ``path`` raises when it is cut short or damaged, as a DataError naming it (ValueError: text
+    or names that are not UTF-8, which parquet readers do not check)."""
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({' '.join(str(e).split())}); the export is damaged") from None
+
+
 def _checked_model(model, where: Path) -> dict | None:
     """An export's record of the model that made it (None: it names none); a DataError when it is garbled."""
     if model is None or (isinstance(model, dict) and isinstance(model.get("fingerprint"), str)
@@ -629,6 +642,10 @@ def open_export(folder: str | os.PathLike) -> _Source:
             raise DataError(f"{root / MANIFEST} is unreadable ({e}); export again") from None
     elif any(n.startswith(TEMP_PREFIX) for n in os.listdir(root)):
         raise DataError(f"{root} holds an unfinished export (it was interrupted); export again")
+    listed = manifest.get("files") if isinstance(manifest, dict) and isinstance(manifest.get("files"), list) else []
+    if missing := [n for n in listed if isinstance(n, str) and not (root / n).is_file()]:  # a copy cut short
+        raise DataError(f"{root / missing[0]} is missing ({len(missing)} of the {len(listed)} files the export lists "
+                        "are); the export is incomplete: copy it again, or export again")
     pieces = []  # (shard, the parquet file that names its model, rows, dim)
     if (root / "img_emb").is_dir():
         fmt = "clip-retrieval"
@@ -641,11 +658,15 @@ def open_export(folder: str | os.PathLike) -> _Source:
             if meta is None:
                 raise DataError(f"{npy.name} has no matching metadata/metadata_{_shard_no(npy)}.parquet "
                                 "(it names the images); the export is incomplete")
-            f, n, d, _ = _npy_open(npy)
-            f.close()
-            if "image_path" not in pq.read_schema(meta).names:
+            f, n, d, dtype = _npy_open(npy)
+            with f:
+                if os.fstat(f.fileno()).st_size < f.tell() + n * d * dtype.itemsize:
+                    raise DataError(f"{npy} ends early; the export is damaged")
+            with _readable(pa, meta):
+                pf = pq.ParquetFile(meta)
+            if "image_path" not in pf.schema_arrow.names:
                 raise DataError(f"{meta} has no image_path column; it cannot say which image a vector is")
-            meta_rows = pq.ParquetFile(meta).metadata.num_rows
+            meta_rows = pf.metadata.num_rows
             if meta_rows != n:
                 raise DataError(f"{meta.name} names {meta_rows} images but {npy.name} holds {n} vectors; "
                                 "the export is damaged")
@@ -657,16 +678,19 @@ def open_export(folder: str | os.PathLike) -> _Source:
             raise DataError(f"{root} is not an export: expected img_emb/ and metadata/ (clip-retrieval) or "
                             ".parquet files with a vector column (`imgsearch export --format parquet`)")
         for part in parts:
-            schema = pq.read_schema(part)
+            with _readable(pa, part):
+                pf = pq.ParquetFile(part)
+            schema = pf.schema_arrow
             if "vector" not in schema.names or not any(c in schema.names for c in ("path", "image_path")):
                 raise DataError(f"{part.name} has no vector and path columns; it is not an imgsearch parquet export")
             vtype = schema.field("vector").type
             if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
                 raise DataError(f"{part.name}: its vector column is {vtype}, expected fixed_size_list<float32>")
-            pieces.append((part, part, pq.ParquetFile(part).metadata.num_rows, vtype.list_size))
+            pieces.append((part, part, pf.metadata.num_rows, vtype.list_size))
     dim = pieces[0][3]
     for _, path, _, _ in pieces:
-        _sizes_fit(pq, path, dim)
+        with _readable(pa, path):
+            _sizes_fit(pq, path, dim)
     model = _checked_model(manifest.get("model") if isinstance(manifest, dict) else None, root / MANIFEST)
     for shard, path, _, d in pieces:
         if d != dim:
@@ -698,7 +722,20 @@ def _whole(value, name: str, low: int, high: int) -> int | None:
     return value
 
 
-def _record(path, raw, digest, size, width, height, taken) -> dict:
+def _when_where(taken, utc, offset, source, lat, lon, make, model) -> dict:
+    """An exported row's when/where columns, each kept only in the form the indexer writes it, else None
+    (without a taken_source, the next `imgsearch index` of its folder reads them from the file)."""
+    gps = all(type(v) is float and -limit <= v <= limit for v, limit in ((lat, 90), (lon, 180)))
+    taken = stored_time(taken)
+    return {"taken_at": taken, "taken_utc": stored_time(utc),
+            "taken_source": source if taken and source in ("exif", "file") else None,
+            "taken_offset": offset if isinstance(offset, str) and re.fullmatch(r"[+-]\d\d:\d\d", offset) else None,
+            "gps_lat": lat if gps else None, "gps_lon": lon if gps else None,
+            **{k: isinstance(v, str) and v.isprintable() and v[:64] or None
+               for k, v in (("camera_make", make), ("camera_model", model))}}
+
+
+def _record(path, raw, digest, size, width, height, *when_where) -> dict:
     """One exported row's metadata checked by type and range; ValueError saying what is wrong."""
     if raw is not None:
         if not isinstance(raw, bytes):
@@ -714,7 +751,7 @@ def _record(path, raw, digest, size, width, height, taken) -> dict:
     return {"path": path, "size": _whole(size, "size", 0, MAX_SIZE), "width": _whole(width, "width", 1, MAX_SIDE),
             "height": _whole(height, "height", 1, MAX_SIDE),
             "hash": digest if isinstance(digest, str) and HASH.fullmatch(digest) else None,  # else: read the file
-            "taken_at": stored_time(taken)}
+            **_when_where(*when_where)}
 
 
 def _float32(values: np.ndarray) -> np.ndarray:
@@ -742,20 +779,21 @@ def _iter_rows(src: _Source, chunk: int) -> Iterator[tuple[list[dict | str], np.
 
     if src.format == "parquet":
         for part in src.shards:
-            pf = pq.ParquetFile(part)
-            cols = [c for c in (*wanted, "vector") if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=chunk, columns=cols):
-                vec = batch.column("vector")
-                # .values, not .flatten(): flatten drops null rows and would shift every vector after one.
-                flat = vec.values.slice(vec.offset * src.dim, len(vec) * src.dim).to_numpy(zero_copy_only=False)
-                vecs = _float32(flat).reshape(len(vec), src.dim)
-                if vec.null_count:
-                    vecs = np.where(vec.is_null().to_numpy(zero_copy_only=False)[:, None], np.nan, vecs)
-                yield records(batch), vecs
+            with _readable(pa, part):
+                pf = pq.ParquetFile(part)
+                cols = [c for c in (*wanted, "vector") if c in pf.schema_arrow.names]
+                for batch in pf.iter_batches(batch_size=chunk, columns=cols):
+                    vec = batch.column("vector")
+                    # .values, not .flatten(): flatten drops null rows and would shift every vector after one.
+                    flat = vec.values.slice(vec.offset * src.dim, len(vec) * src.dim).to_numpy(zero_copy_only=False)
+                    vecs = _float32(flat).reshape(len(vec), src.dim)
+                    if vec.null_count:
+                        vecs = np.where(vec.is_null().to_numpy(zero_copy_only=False)[:, None], np.nan, vecs)
+                    yield records(batch), vecs
         return
     for npy, meta in src.shards:
         f, n, dim, dtype = _npy_open(npy)
-        with f:
+        with f, _readable(pa, meta):
             pf = pq.ParquetFile(meta)
             cols = [c for c in wanted if c in pf.schema_arrow.names]
             for batch in pf.iter_batches(batch_size=chunk, columns=cols):
@@ -907,8 +945,7 @@ def _import_chunk(store, model_id: int, recs: list[dict], vecs: np.ndarray, chec
                 report.vectors_added += 1
             continue
         rec = recs[k]
-        new.append({"path": path, "size": st.st_size, "mtime_ns": files.mtime_ns(st), "hash": digest,
-                    "width": rec.get("width"), "height": rec.get("height"), "taken_at": rec.get("taken_at")})
+        new.append({**rec, "path": path, "size": st.st_size, "mtime_ns": files.mtime_ns(st), "hash": digest})
         vectors.append((path, unit[j]))
         report.added += 1
     if new or vectors:

@@ -174,7 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(*refusal)
         url = urlparse(self.path)
         authorized = self._authorized()
-        if url.path == "/api/health" and self.command == "GET" and not authorized and \
+        method = "GET" if self.command == "HEAD" else self.command  # HEAD: the GET answer's headers only
+        if url.path == "/api/health" and method == "GET" and not authorized and \
                 not self.headers.get("Authorization"):
             # Liveness only (no paths, no pid); to a client's challenge, proof that this server holds the token.
             challenge = self.headers.get(CHALLENGE)
@@ -192,10 +193,11 @@ class _Handler(BaseHTTPRequestHandler):
                   ("POST", "/api/albums"): self._save_album}
         if url.path.startswith("/api/albums/"):  # /api/albums/NAME
             routes = {("GET", url.path): self._album, ("DELETE", url.path): self._delete_album}
-        route = routes.get((self.command, url.path))
+        route = routes.get((method, url.path))
         if route is None:
-            if any(p == url.path for _, p in routes):
-                return self._error(405, f"{self.command} is not allowed on {url.path}")
+            if allowed := {m for m, p in routes if p == url.path}:
+                allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
+                return self._error(405, f"{self.command} is not allowed on {url.path}", headers={"Allow": allow})
             return self._error(404, f"no endpoint {url.path}; see /api/health, /api/status, /api/search, "
                                     "/api/albums")
         self._guard(lambda: self._send(200, route(url)))
@@ -416,9 +418,12 @@ class SearchServer:
                 self.httpd.shutdown()
                 return
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, ready=None) -> None:
+        """Publish server.json, call ``ready()`` (the server is now the library's), and answer until shut down."""
         try:
             self.write_discovery()
+            if ready:
+                ready()
             if self.idle_exit:
                 threading.Thread(target=self._watch_idle, daemon=True).start()
             self.httpd.serve_forever(poll_interval=0.2)

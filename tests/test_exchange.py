@@ -372,3 +372,29 @@ def test_import_gives_vectors_to_images_already_there_and_keeps_odd_names(lib, t
         assert top == [os.fsdecode(b"caf\xe9_red")] + ["red_circle"] * 3
         counts = {m.name: m.vectors for m in mine.store.models()}
     assert counts == {other_model: 9, model_id: 55}  # the other model's vectors are untouched
+
+
+@pytest.mark.slow
+def test_when_and_where_survive_the_round_trip(tmp_path, model_id):
+    """Import kept only taken_at: GPS, camera, time zone and taken_source were lost, so `near=` and `camera=`
+    found nothing in the new library (and hits differed) until every folder was indexed again."""
+    from test_when_where import EIFFEL, make_dated
+
+    dated = make_dated(tmp_path / "dated")
+    paths = [str(p) for p in sorted(dated.iterdir())]
+
+    def seen(lib):
+        near = [(h.path, h.score) for h in lib.search("a red circle", near=(*EIFFEL, 1), camera="canon", k=20)]
+        later = [(h.path, h.score) for h in lib.search("a red circle", after="2023-03-10T02:00+01:00", k=20)]
+        return near, later, {p: r.meta() for p, r in lib.store.images_at(paths).items()}
+
+    with open_lib(tmp_path / "home", model_id) as lib:
+        assert lib.index(dated).new == 11
+        for fmt in ("parquet", "clip-retrieval"):
+            lib.export(tmp_path / fmt, fmt)
+        before = seen(lib)
+    assert len(before[0]) == 2 and len(before[1]) == 5 and before[2][paths[0]]["taken_source"] == "exif"
+    for fmt in ("parquet", "clip-retrieval"):
+        with open_lib(tmp_path / f"home-{fmt}", model_id) as other:
+            assert other.import_(tmp_path / fmt).added == 11
+            assert seen(other) == before, fmt

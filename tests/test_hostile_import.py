@@ -212,6 +212,29 @@ def test_bogus_capture_times_are_dropped_not_stored(exported, tmp_path, cli):
     assert status.exit_code == 0 and "taken     2023-06-01 to 2023-06-02" in status.stdout
 
 
+def test_bogus_places_cameras_and_time_zones_are_dropped_not_stored(exported, tmp_path, cli):
+    import pyarrow.parquet as pq
+
+    paths = pq.read_table(exported[3] / "part-00000.parquet").column("path").to_pylist()
+
+    def column(*values):
+        return [*values] + [None] * (len(paths) - len(values))
+
+    out = craft(exported, tmp_path / "export", base={
+        "gps_lat": column(95.0, float("nan"), 48.8584, 48.8584), "gps_lon": column(2.0, 2.0, float("inf"), 2.2945),
+        "camera_make": column("Canon\x1b[31m", "x" * 500, "", "Canon"),
+        "taken_offset": column("+01:00; --", "+1", "+01:00", "-05:00"),
+        "taken_source": column("gps", "exif", "file", "exif")})
+    assert cli("--home", str(tmp_path / "home"), "import", str(out)).exit_code == 0
+    with open_lib(tmp_path / "home", exported[0]) as lib:
+        rows = lib.store.images_at(paths)
+        got = [(r.gps_lat, r.gps_lon, r.camera_make, r.taken_offset, r.taken_source)
+               for r in (rows[p] for p in paths[:4])]
+        assert got == [(None, None, None, None, None), (None, None, "x" * 64, None, "exif"),
+                       (None, None, None, "+01:00", "file"), (48.8584, 2.2945, "Canon", "-05:00", "exif")]
+        assert [h.path for h in lib.search("a red circle", near=(48.8584, 2.2945, 1), k=50)] == [paths[3]]
+
+
 def test_the_home_and_its_database_are_private(exported, tmp_path, cli):
     home = tmp_path / "new" / "home"
     assert cli("--home", str(home), "import", str(exported[3])).exit_code == 0
@@ -281,3 +304,81 @@ def test_a_part_whose_page_headers_are_garbled_is_refused_in_one_line(exported, 
     assert r.exit_code == 1, r.output
     assert r.stderr.strip() == ("error: part-00000.parquet: the pages of its path column cannot be read; the export "
                                 "is damaged")
+
+
+@pytest.mark.parametrize("fmt, damage", [("parquet", "part-00001.parquet missing"),
+                                         ("parquet", "part-00001.parquet cut"),
+                                         ("clip-retrieval", "img_emb/img_emb_1.npy cut"),
+                                         ("clip-retrieval", "metadata/metadata_1.parquet cut")])
+def test_an_export_copied_in_part_is_refused_in_one_line_before_anything_is_imported(exported, tmp_path, cli, fmt,
+                                                                                     damage):
+    """A shard missing from a finished export imported the rest as if it were all; a parquet file cut short was
+    an 'internal error: ArrowInvalid'; a cut .npy was found only after the shards before it were imported."""
+    from imgsearch import exchange
+
+    out = tmp_path / "export"
+    with open_lib(exported[2], exported[0]) as lib:
+        exchange.export_library(lib.settings, lib.store, out, fmt, shard_rows=8)  # 3 shards
+    name, how = damage.split()
+    if how == "missing":
+        (out / name).unlink()
+    else:
+        os.truncate(out / name, (out / name).stat().st_size // 2)
+    r = cli("--home", str(tmp_path / "home"), "import", str(out))
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert r.stderr.startswith(f"error: {out / name} ") and "the export is" in r.stderr, r.stderr
+    assert not (tmp_path / "home" / "library.db").exists()
+
+
+def test_a_vector_too_long_for_float32_is_imported_at_unit_length_without_a_warning(exported, tmp_path):
+    """Its length overflowed float32: numpy warned on stderr and the vector was stored as all zeros."""
+    import warnings
+
+    import numpy as np
+
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(sorted(exported[1].glob("*.jpg"))[0], photo)
+    vec = good_vector(exported)
+    out = craft(exported, tmp_path / "export", {"path": [str(photo)], "vector": [[3e38] * len(vec)]})
+    with open_lib(tmp_path / "home", exported[0]) as lib, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lib.import_(out).added == 19
+        ids, vecs = lib.store.load_vectors(lib.model.id)
+        stored = vecs[list(ids).index(lib.store.images_at([str(photo)])[str(photo)].id)]
+    assert caught == [] and np.allclose(stored, 1 / np.sqrt(len(vec)), atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["vector pages", "text not UTF-8", "column name not UTF-8"])
+def test_a_part_damaged_inside_is_refused_in_one_line(exported, tmp_path, cli, damage):
+    """Pages that cannot be unpacked, or text holding bytes that are not UTF-8 (readers do not check), were an
+    'internal error: OSError' or 'UnicodeDecodeError', before or halfway through the import."""
+    import struct
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "export"
+    shutil.copytree(exported[3], out)
+    part = out / "part-00000.parquet"
+    if damage == "vector pages":
+        group = pq.ParquetFile(part).metadata.row_group(0)
+        chunk = next(group.column(c) for c in range(group.num_columns)
+                     if group.column(c).path_in_schema.startswith("vector"))
+        data = bytearray(part.read_bytes())
+        at = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size * 9 // 10
+        assert at + 64 < len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]  # the footer stays whole
+        data[at:at + 64] = b"\xff" * 64
+        part.write_bytes(bytes(data))
+    elif damage == "column name not UTF-8":  # in a column chunk's metadata, not in the schema before it
+        data = bytearray(part.read_bytes())
+        footer = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+        at = [i for i in range(footer, len(data)) if data.startswith(b"camera_model", i)][1]
+        data[at + 11] = 0xFF
+        part.write_bytes(bytes(data))
+    else:
+        table = pq.read_table(part)
+        bad = pa.array([b"/photos/\xff.jpg"] * table.num_rows, pa.binary()).view(pa.string())
+        pq.write_table(table.set_column(table.schema.get_field_index("path"), "path", bad), part)
+    r = cli("--home", str(tmp_path / "home"), "import", str(out), "-q")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert r.stderr.startswith("error: ") and r.stderr.strip().endswith("the export is damaged"), r.stderr

@@ -216,7 +216,7 @@ def test_serve_on_all_interfaces_warns(cli, library, monkeypatch):
 
     from imgsearch import server as srvmod
 
-    monkeypatch.setattr(srvmod.SearchServer, "serve_forever", lambda self: self.httpd.server_close())
+    monkeypatch.setattr(srvmod.SearchServer, "serve_forever", lambda self, ready: (ready(), self.httpd.server_close()))
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
     r = cli("serve", "--host", "0.0.0.0", "--port", "0")
     assert r.exit_code == 0, r.output
@@ -267,7 +267,8 @@ def test_a_second_server_on_one_library_refuses_and_the_first_stays_found(librar
     from imgsearch.server import SearchServer
 
     first, t = start(settings)
-    monkeypatch.setattr(SearchServer, "serve_forever", lambda self: (self.write_discovery(), self.httpd.server_close()))
+    monkeypatch.setattr(SearchServer, "serve_forever",
+                        lambda self, ready: (self.write_discovery(), ready(), self.httpd.server_close()))
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
     record = (settings.home / "server.json").read_text()
     try:
@@ -290,6 +291,36 @@ def test_a_second_server_on_one_library_refuses_and_the_first_stays_found(librar
     r = cli("serve", "--port", "0")
     assert r.exit_code == 0, r.output
     assert json.loads((settings.home / "server.json").read_text())["token"] != first.token
+
+
+def test_a_serve_that_loses_the_library_to_another_never_says_it_serves(library, settings, cli, monkeypatch):
+    """Two `serve` started at once both pass the first check; the one that publishes second is refused, but it
+    had already printed "imgsearch serving ... on http://..." for a port nobody would ever be answered on."""
+    import signal
+
+    from imgsearch.server import SearchServer
+
+    publish, others = SearchServer.write_discovery, []
+
+    def another_serve_publishes_first(self):
+        if not others:  # the CLI's server; the other one, started here, publishes as usual
+            others.append(None)
+            others[0] = start(settings)
+        publish(self)
+
+    monkeypatch.setattr(SearchServer, "write_discovery", another_serve_publishes_first)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
+    try:
+        r = cli("serve", "--port", "0")
+        (first, t), = others
+        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+            f"error: another imgsearch serve (pid {os.getpid()}, port {first.address[1]}) is serving this library; "
+            "`imgsearch query` uses it (stop it to serve this library here)"], r.output
+        assert json.loads((settings.home / "server.json").read_text())["token"] == first.token
+    finally:
+        for srv, t in others:
+            srv.shutdown()
+            t.join(10)
 
 
 # --- keeps working under load and abuse ------------------------------------------------------

@@ -120,6 +120,33 @@ def test_bad_requests_get_json_errors(home, shared):
     assert code == 400 and "base64" in res["error"]
 
 
+def test_head_answers_as_get_and_a_wrong_method_is_told_the_allowed_ones(home, shared):
+    """HEAD on a GET endpoint was a 405 (`curl -I` health checks failed), and no 405 said which methods work."""
+    host, port = shared.address
+
+    def send(method, path, token=True):
+        headers = {"Authorization": f"Bearer {shared.token}"} if token else {}
+        req = urllib.request.Request(f"http://{host}:{port}{path}", method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    for path in ("/api/health", "/api/status", "/api/search?q=a+red+circle&k=3", "/api/albums"):
+        code, headers, body = send("HEAD", path)
+        _, _, got = send("GET", path)
+        assert code == 200 and body == b"" and headers["Content-Type"] == "application/json", path
+        assert int(headers["Content-Length"]) == len(got), path
+    assert send("HEAD", "/api/health", token=False)[0] == 200 and send("HEAD", "/api/status", token=False)[0] == 401
+    for method, path, allow in (("PUT", "/api/search", "GET, HEAD, POST"), ("HEAD", "/api/search/image", "POST"),
+                                ("POST", "/api/status", "GET, HEAD"),
+                                ("OPTIONS", "/api/albums/x", "DELETE, GET, HEAD")):
+        code, headers, body = send(method, path)
+        assert code == 405 and headers["Allow"] == allow, (method, path)
+        assert method == "HEAD" or json.loads(body) == {"error": f"{method} is not allowed on {path}"}
+
+
 def test_oversize_upload_is_refused(home, shared, monkeypatch):
     server = shared
     import imgsearch.server as srvmod
@@ -197,8 +224,9 @@ def test_idle_exit_and_duration_parsing(settings, cli, photos):
     from imgsearch.server import SearchServer
 
     assert parse_duration("10m") == 600 and parse_duration("90") == 90 and parse_duration("2h") == 7200
-    with pytest.raises(UsageError):
-        parse_duration("soon")
+    for wrong in ("soon", "0", "0.0s"):  # zero was taken, and the server never exited
+        with pytest.raises(UsageError, match="give a duration above zero"):
+            parse_duration(wrong)
     cli("index", photos)
     srv = SearchServer(settings, "127.0.0.1", 0, idle_exit=0.5)
     t = threading.Thread(target=srv.serve_forever, daemon=True)

@@ -15,8 +15,8 @@ from ..errors import UsageError
 def parse_duration(text: str) -> float:
     """'90', '90s', '10m', '2h' -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
-    if not m:
-        raise UsageError(f"--idle-exit {text!r}: give a duration such as 90s, 10m or 2h")
+    if not m or not float(m.group(1)):  # zero: the server would say it exits when idle, and never did
+        raise UsageError(f"--idle-exit {text!r}: give a duration above zero, such as 90s, 10m or 2h")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
@@ -64,14 +64,15 @@ def serve_cmd(
         server.watch(watcher)
     h, p = server.address
     shown = f"[{h}]" if ":" in h else h
-    err(f"imgsearch serving {server.service.library.model.label} ({server.service.library.vector_count()} images) "
-        f"on http://{shown}:{p}/api/search?q=... (Ctrl-C stops"
-        + (f"; exits after {idle_exit} idle" if idle_exit else "") + ")")
-    err(f"requests need 'Authorization: Bearer TOKEN' with the token from {server_file(settings)}")
-    if not is_loopback(host):
-        err("warning: listening beyond this machine; anyone who can reach it and obtains the token can search your "
-            "library and see its file paths, and the token crosses the network unencrypted (plain HTTP)")
+    def ready() -> None:  # once published: a server refused then (another took the library) never said it served
+        err(f"imgsearch serving {server.service.library.model.label} ({server.service.library.vector_count()} "
+            f"images) on http://{shown}:{p}/api/search?q=... (Ctrl-C stops"
+            + (f"; exits after {idle_exit} idle" if idle_exit else "") + ")")
+        err(f"requests need 'Authorization: Bearer TOKEN' with the token from {server_file(settings)}")
+        if not is_loopback(host):
+            err("warning: listening beyond this machine; anyone who can reach it and obtains the token can search "
+                "your library and see its file paths, and the token crosses the network unencrypted (plain HTTP)")
     try:  # Ctrl-C, or `kill` (the entry point makes SIGTERM a KeyboardInterrupt): the discovery file goes
-        server.serve_forever()
+        server.serve_forever(ready)
     except KeyboardInterrupt:
         err("stopped")
