@@ -143,6 +143,22 @@ def test_retrieval_bad_inputs(cli, captioned, tmp_path):
     assert res["models"][0]["images"] == 107
 
 
+def test_a_captions_source_without_captions_says_what_to_add(cli, tmp_path):
+    sources = {"header.csv": "path,caption\n", "empty.csv": "", "empty.tsv": "", "blank.jsonl": "\n", "none.json": "[]"}
+    for name, text in sources.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "no_sidecars").mkdir()
+    wanted = {"header.csv": "path,caption and one line per caption after it, e.g. photos/beach.jpg,a dog",
+              "empty.csv": "path,caption and one line per caption after it",
+              "empty.tsv": "path<tab>caption and one line per caption after it",
+              "blank.jsonl": 'one JSON object per caption, e.g. {"path": "photos/beach.jpg", "caption": "a dog"}',
+              "none.json": "one JSON object per caption", "no_sidecars": "a .txt file beside each image"}
+    for name, want in wanted.items():
+        r = cli("eval", "retrieval", tmp_path / name)
+        assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, (name, r.output)
+        assert "holds no captions" in r.stderr and want in r.stderr, (name, r.stderr)
+
+
 def test_parity_passes_in_fp32_and_reports_lower_cosine_for_bf16(cli, tmp_path, home):
     photos = tmp_path / "big"
     synthetic.generate(photos, per_class=1, size=300, fmt="jpg", seed=2, captions_file=None)  # draft decode kicks in
