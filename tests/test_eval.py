@@ -131,6 +131,47 @@ def test_retrieval_numbers_identical_to_the_finetune_report(cli, captioned, rand
     assert table[0] == "36 images, 18 distinct captions" and "t2i R@1" in table[1]
 
 
+@pytest.mark.slow
+def test_finetune_and_eval_tokenize_captions_in_another_script_alike(cli, captioned, random_tiny_model, tmp_path,
+                                                                    monkeypatch):
+    """An NLLB tokenizer takes the text's language as state. finetune tokenized captions in the language the
+    tokenizer was last set to (English), eval in the one each caption's script shows, so on Korean captions
+    their numbers differed; both now tokenize as a query does."""
+    from imgsearch import encoder as encoder_mod
+
+    class LanguageToken:  # the language as the first token, as NLLB writes it
+        def __init__(self, inner):
+            self.inner, self.lang = inner, "eng_Latn"
+            self.set_lang_fn = self.set_language
+
+        def set_language(self, code):
+            self.lang = code
+
+        def __call__(self, texts):
+            tokens = self.inner(texts)
+            tokens[:, 0] = sum(map(ord, self.lang))
+            return tokens
+
+    real = encoder_mod._tokenizer
+    monkeypatch.setattr(encoder_mod, "_tokenizer", lambda *a: LanguageToken(real(*a)))
+    monkeypatch.setattr(encoder_mod, "_cache", {})
+    rows = list(csv.reader(captioned.open()))[1:]
+    hangul = {c: chr(0xAC00 + 37 * i) * 2 for i, c in enumerate(sorted({c for _, c in rows}))}  # short: none cut
+    rows = [[path, hangul[caption]] for path, caption in rows]
+    folder = captioned.parent
+    for name, part in (("train.csv", rows[::2]), ("val.csv", rows[1::2])):
+        with open(folder / name, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "caption"], *part])
+    model = f"local-dir:{random_tiny_model}"
+    r = cli("finetune", folder / "train.csv", "--val", folder / "val.csv", "--out", tmp_path / "ft", "--max-steps",
+            "1", "--batch-size", "16", "--model", model)
+    assert r.exit_code == 0, r.output
+    want = json.loads((tmp_path / "ft" / "training_report.json").read_text())["results"]["base"]
+    got = ok_json(cli("eval", "retrieval", folder / "val.csv", "--json", "--models", model))["models"][0]
+    for d in ("image_to_text", "text_to_image"):
+        assert got[d]["mean_rank"] == pytest.approx(want[d]["mean_rank"], abs=1e-9), d
+
+
 def test_retrieval_bad_inputs(cli, captioned, tmp_path):
     r = cli("eval", "retrieval", tmp_path / "none.csv")
     assert r.exit_code == 1 and "captions source not found" in r.stderr
