@@ -205,16 +205,14 @@ def query_cmd(
 def _relevant_rows(rows: list[dict], request) -> list[dict]:
     """--relevant: the hits above the floor; none above it is not an error, the closest are shown anyway
     (stderr says so, so --json and --paths output stays clean)."""
-    from .relevance import query_kind
-
     good = [r for r in rows if r.get("relevant")]
     if good or not rows:
         return good
     if any(r.get("relevant") is None for r in rows):
-        # An image query's floor comes from pairs of distinct images: a library of one has none.
+        # Images alone get the image floor (relevance.query_kind), measured on pairs: a library of one has none.
         why = ("keyword ranking" if request.blend is not None or request.keyword_only else
                "the image floor is measured on pairs of images; index a second one"
-               if query_kind(request.term_kinds) == "image" else "text and images mixed, --not terms or unliked images")
+               if set(request.term_kinds) <= {"image", "id"} else "text and images mixed, --not terms or unliked images")
         err(f"--relevant: no relevance floor for this query ({why}); showing all results")
     else:
         err("no good matches; closest results:")
