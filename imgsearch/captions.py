@@ -44,11 +44,23 @@ def read_captions(source: str | os.PathLike, image_col: str = "path", caption_co
         else:
             raise DataError(f"{source}: unknown captions format {suffix or '(no extension)'}; use .csv, .tsv, "
                             ".jsonl or a folder of images with .txt sidecars")
+    if not result.pairs and not result.problems:  # empty, a header alone, or a folder without sidecars
+        raise DataError(f"{source} holds no captions; {_what_to_add(src, image_col, caption_col)}")
     problem = {path: _problem(path, src.parent) for path in {p.path for p in result.pairs}}
     result.problems += [(f"{result.source}:{p.line}" if p.line else result.source, problem[p.path])
                         for p in result.pairs if problem[p.path]]
     result.pairs = [p for p in result.pairs if problem[p.path] is None]
     return result
+
+
+def _what_to_add(src: Path, image_col: str, caption_col: str) -> str:
+    if src.is_dir():
+        return "put a .txt file beside each image (beach.txt for beach.jpg), one caption a line"
+    if src.suffix.lower() in (".csv", ".tsv"):
+        sep = "<tab>" if src.suffix.lower() == ".tsv" else ","
+        return (f"it needs the header line {image_col}{sep}{caption_col} and one line per caption after it, e.g. "
+                f"photos/beach.jpg{sep}a dog on the beach")
+    return f'add one JSON object per caption, e.g. {{"{image_col}": "photos/beach.jpg", "{caption_col}": "a dog"}}'
 
 
 def _problem(path: str, base: Path) -> str | None:
@@ -75,8 +87,8 @@ def _read_table(path: Path, delimiter: str, image_col: str, caption_col: str) ->
         with open(path, newline="", encoding=_encoding(path)) as f:
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path} is empty; expected a header row with '{image_col}' and '{caption_col}'")
+            if header is None:  # empty: read_captions says what to add
+                return out
             header = [h.strip() for h in header]
             missing = [c for c in (image_col, caption_col) if c not in header]
             if missing:
@@ -154,8 +166,6 @@ def _read_jsonl(path: Path, image_col: str, caption_col: str) -> CaptionSet:
             out.problems.append((f"{path}:{line_no}", "expected a JSON object"))
             continue
         _add(out, path.parent, line_no, obj, image_col, caption_col)
-    if not out.pairs and not out.problems:
-        raise DataError(f"{path} holds no captions")
     return out
 
 

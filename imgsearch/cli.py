@@ -198,19 +198,22 @@ def query_cmd(
     request = SearchRequest.build(**{**search, "k": 10 if search["k"] is None else search["k"]})
     rows = _query_rows(ctx, request, use_server, daemon)
     if request.relevance:
-        rows = _relevant_rows(rows)
+        rows = _relevant_rows(rows, request)
     print_hits(rows, fmt, min_score=request.min_score, tag=request.tags, keyword=request.keyword)
 
 
-def _relevant_rows(rows: list[dict]) -> list[dict]:
+def _relevant_rows(rows: list[dict], request) -> list[dict]:
     """--relevant: the hits above the floor; none above it is not an error, the closest are shown anyway
     (stderr says so, so --json and --paths output stays clean)."""
     good = [r for r in rows if r.get("relevant")]
     if good or not rows:
         return good
     if any(r.get("relevant") is None for r in rows):
-        err("--relevant: no relevance floor for this query (text and images mixed, --not terms or "
-            "unliked images, or keyword ranking); showing all results")
+        # Images alone get the image floor (relevance.query_kind), measured on pairs: a library of one has none.
+        why = ("keyword ranking" if request.blend is not None or request.keyword_only else
+               "the image floor is measured on pairs of images; index a second one"
+               if set(request.term_kinds) <= {"image", "id"} else "text and images mixed, --not terms or unliked images")
+        err(f"--relevant: no relevance floor for this query ({why}); showing all results")
     else:
         err("no good matches; closest results:")
     return rows

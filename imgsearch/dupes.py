@@ -34,7 +34,7 @@ NPROBE = 8
 
 # --- perceptual fingerprint -----------------------------------------------------------------------
 THUMB = 16
-CROPS = (1.0, 0.9)  # whole frame and central 90%: a copy cropped by ~5% per side matches the latter
+CROPS = (1.0, 0.9)  # whole frame and central 90%: a copy cropped evenly by ~5% per side matches the latter
 
 
 def fingerprint(im) -> bytes:

@@ -187,6 +187,15 @@ def test_query_relevant_keeps_good_hits_and_says_when_there_are_none(home, share
     assert [row["relevant"] for row in plain] == [None] * 4  # only judged when asked
 
 
+def test_an_image_query_in_a_one_image_library_says_why_it_has_no_floor(cli, shapes):
+    one = shapes / "red_circle_000.png"
+    assert cli("index", one).exit_code == 0
+    r = cli("query", "--image", one, "--relevant", "--no-server")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1 + 1, r.output  # the image itself, shown anyway
+    assert "the image floor is measured on pairs of images; index a second one" in r.stderr
+    assert "mixed" not in r.stderr
+
+
 def test_status_shows_the_floor_and_when_it_is_stale(cli, shapes):
     assert cli("index", shapes).exit_code == 0
     assert json.loads(cli("status", "--json").stdout)["models"][0]["relevance_floor"] is None

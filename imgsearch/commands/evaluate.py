@@ -164,7 +164,8 @@ def parity_cmd(
     ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder (or image file) to sample images from."),
     n: int = typer.Option(50, "-n", min=1, help="Images to compare (an even sample when there are more)."),
-    threshold: float = typer.Option(0.99, "--threshold", help="Exit with 1 when any cosine is below this."),
+    threshold: float = typer.Option(0.99, "--threshold", min=-1.0, max=1.0,
+                                    help="Exit with 1 when any cosine is below this."),
     worst: int = typer.Option(5, "--worst", min=0, help="Files listed with the lowest cosine."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="Check several precisions side by side, "
                                              "e.g. fp32,int8 [default: the global --precision]"),

@@ -361,8 +361,10 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     if resume is not None and resume["data"]["fingerprint"] != data.fingerprint():
         raise DataError("the captions or images changed since the checkpoint was written; --resume needs the "
                         "same data (start a new run without --resume to use the new data)")
-    train_set = PairDataset(data.train, train_transform, tokenizer, draft, cfg.max_pixels)
-    val = PairDataset(data.val, preprocess, tokenizer, draft, cfg.max_pixels)
+    # Captions tokenized as eval and queries tokenize texts (NLLB: the language its script shows, else English),
+    # not in whatever language the tokenizer was last set to.
+    train_set = PairDataset(data.train, train_transform, enc.tokenize, draft, cfg.max_pixels)
+    val = PairDataset(data.val, preprocess, enc.tokenize, draft, cfg.max_pixels)
     steps_per_epoch = StepBatches(len(train_set), cfg.batch_size, cfg.grad_accum, cfg.seed, 0, 0).steps_per_epoch
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.1 * total))
