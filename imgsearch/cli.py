@@ -212,7 +212,8 @@ def _relevant_rows(rows: list[dict], request) -> list[dict]:
         # Images alone get the image floor (relevance.query_kind), measured on pairs: a library of one has none.
         why = ("keyword ranking" if request.blend is not None or request.keyword_only else
                "the image floor is measured on pairs of images; index a second one"
-               if set(request.term_kinds) <= {"image", "id"} else "text and images mixed, --not terms or unliked images")
+               if set(request.term_kinds) <= {"image", "id"} else
+               "text and images mixed, --not terms or unliked images")
         err(f"--relevant: no relevance floor for this query ({why}); showing all results")
     else:
         err("no good matches; closest results:")

@@ -115,7 +115,7 @@ def test_planted_copies_grouped_with_keeper_first_and_distinct_images_not(cli, l
     lines = text.stdout.splitlines()
     assert lines[0] == "group 1 (6 images)" and lines[1].split()[0] == "keep" and lines[1].endswith("red.jpg")
     assert "nothing was deleted" in lines[-1]
-    one = cli("duplicates", "--under", library / "copies").stdout.splitlines()[-1]  # the red copies and one blue: one group
+    one = cli("duplicates", "--under", library / "copies").stdout.splitlines()[-1]  # red copies, one blue: one group
     assert one.startswith("1 duplicate group among 6 images ("), one
 
 

@@ -200,6 +200,7 @@ def test_a_captions_source_without_captions_says_what_to_add(cli, tmp_path):
         assert "holds no captions" in r.stderr and want in r.stderr, (name, r.stderr)
 
 
+@pytest.mark.slow  # about 17 s on 2 cores: two parity runs over a generated set
 def test_parity_passes_in_fp32_and_reports_lower_cosine_for_bf16(cli, tmp_path, home):
     photos = tmp_path / "big"
     synthetic.generate(photos, per_class=1, size=300, fmt="jpg", seed=2, captions_file=None)  # draft decode kicks in

@@ -381,9 +381,11 @@ def test_server_takes_and_checks_the_filters(indexed):
 
     service = SearchService(indexed)
     try:
-        hits = service.search(SearchRequest.from_json({"texts": ["a red circle"], "after": "2023", "near": [TOKYO[0], TOKYO[1], 5], "k": 5}))
+        hits = service.search(SearchRequest.from_json({"texts": ["a red circle"], "after": "2023",
+                                                       "near": [TOKYO[0], TOKYO[1], 5], "k": 5}))
         assert sorted(names(hits)) == ["red_2023_0.jpg", "red_2023_1.jpg", "red_2023_2.jpg"]
-        hits = service.search(SearchRequest.from_json({"texts": ["a red circle"], "camera": "canon", "before": "2021", "k": 2}))
+        hits = service.search(SearchRequest.from_json({"texts": ["a red circle"], "camera": "canon", "before": "2021",
+                                                       "k": 2}))
         assert len(hits) == 2 and all(n.startswith("red_2021") for n in names(hits))
         from imgsearch.errors import ParamError, UsageError
 

@@ -176,8 +176,8 @@ def caption_cmd(
                        + (f" ({report.already} already present)" if report.already else ""))
             if report.not_in_library:
                 missing = len(report.not_in_library)
-                typer.echo(f"  {plural(missing, 'image')} {'is' if missing == 1 else 'are'} not in the library (run `imgsearch index` "
-                           f"first), e.g. {report.not_in_library[0]}")
+                typer.echo(f"  {plural(missing, 'image')} {'is' if missing == 1 else 'are'} not in the library "
+                           f"(run `imgsearch index` first), e.g. {report.not_in_library[0]}")
             for where, reason in report.problems[:10]:
                 typer.echo(f"  skipped {where}: {reason}")
             if len(report.problems) > 10:
