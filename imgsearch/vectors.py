@@ -337,12 +337,16 @@ def _read_header(f) -> tuple[dict, bytes, bytes]:
     if len(head) < 16 or head[:8] != MAGIC:
         raise IndexFileError("not an imgsearch index file")
     fmt, hlen = struct.unpack("<II", head[8:16])
-    if fmt != FORMAT:
+    if fmt not in (2, FORMAT):
         raise OtherFormatError(f"index file format {fmt} is not {FORMAT}")
     header, digest = f.read(hlen), f.read(16)
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, AttributeError):
         meta = json.loads(header)
         if isinstance(meta, dict) and len(digest) == 16:
+            # Format 3 changed flat indexes only: a format-2 IVF file is read as it is, so a large library's
+            # first query after an upgrade does not retrain and re-add every vector.
+            if fmt != FORMAT and meta.get("plan", {}).get("kind") not in ("ivf", "ivfpq"):
+                raise OtherFormatError(f"index file format {fmt} is not {FORMAT}")
             return meta, header, digest
     raise IndexFileError("index file header is damaged")
 
