@@ -295,7 +295,7 @@ def status_cmd(
         detail = ""
         if m["index_bytes"]:
             recall = m.get("recall_at_10")
-            detail = (f" ({m['index_type']}, {human_bytes(m['index_bytes'])}"
+            detail = (f" ({m['index_type'] + ', ' if m['index_type'] else ''}{human_bytes(m['index_bytes'])}"
                       + (f", recall@10 {recall:.3f} at nprobe {m['nprobe']}" if recall is not None and m["nprobe"]
                          else "") + ")")
         typer.echo(f"  [{m['id']}] {m['model']}: {m['vectors']} vectors, dim {m['dim']}, index {m['index_state']}"

@@ -31,6 +31,10 @@ class IndexFileError(Exception):
     """The cache file is missing, damaged or from another format; rebuild it."""
 
 
+class OtherFormatError(IndexFileError):
+    """The cache file is sound but in another imgsearch version's format (an upgrade): rebuild it."""
+
+
 @dataclass(frozen=True)
 class IndexPolicy:
     """How to pick the index type. Thresholds are settings so tests can exercise IVF on small sets."""
@@ -333,12 +337,16 @@ def _read_header(f) -> tuple[dict, bytes, bytes]:
     if len(head) < 16 or head[:8] != MAGIC:
         raise IndexFileError("not an imgsearch index file")
     fmt, hlen = struct.unpack("<II", head[8:16])
-    if fmt != FORMAT:
-        raise IndexFileError(f"index file format {fmt} is not {FORMAT}")
+    if fmt not in (2, FORMAT):
+        raise OtherFormatError(f"index file format {fmt} is not {FORMAT}")
     header, digest = f.read(hlen), f.read(16)
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, AttributeError):
         meta = json.loads(header)
         if isinstance(meta, dict) and len(digest) == 16:
+            # Format 3 changed flat indexes only: a format-2 IVF file is read as it is, so a large library's
+            # first query after an upgrade does not retrain and re-add every vector.
+            if fmt != FORMAT and meta.get("plan", {}).get("kind") not in ("ivf", "ivfpq"):
+                raise OtherFormatError(f"index file format {fmt} is not {FORMAT}")
             return meta, header, digest
     raise IndexFileError("index file header is damaged")
 
@@ -515,8 +523,8 @@ def load_or_build(path: str | os.PathLike, state: dict, dim: int,
 
 
 def cache_state(path: str | os.PathLike, verify_max: int = 1 << 30) -> tuple[str, dict | None]:
-    """('ok'|'missing'|'damaged', header) for status reports, without loading the vectors: the file's size
-    must match its header, and files up to ``verify_max`` bytes have their checksum verified (streamed)."""
+    """('ok'|'missing'|'damaged'|'stale: ...', header) for status reports, without loading the vectors: the
+    file's size must match its header, and files up to ``verify_max`` bytes have their checksum verified."""
     if not os.path.exists(path):
         return "missing", None
     try:
@@ -529,5 +537,7 @@ def cache_state(path: str | os.PathLike, verify_max: int = 1 << 30) -> tuple[str
             if size <= verify_max and _digest(header, iter(lambda: f.read(8 << 20), b"")) != digest:
                 return "damaged", None
         return "ok", meta
+    except OtherFormatError:  # an older imgsearch's cache is not damaged: saying so alarmed every upgraded library
+        return "stale: written by another version of imgsearch (rebuilt on next query)", None
     except (IndexFileError, OSError, ValueError):
         return "damaged", None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -197,3 +198,21 @@ def test_store_streams_vectors_in_id_order(tmp_path):
     taken_ids, taken = source.take(got_ids[[3, 700]])
     assert np.allclose(taken[np.argsort(taken_ids)], np.concatenate([b[1] for b in batches])[[3, 700]])
     store.close()
+
+
+@pytest.mark.parametrize("count, kept", [(3000, True), (900, False)])
+def test_an_ivf_cache_of_format_2_is_used_as_it_is_and_a_flat_one_rebuilt(tmp_path, count, kept):
+    """Format 3 changed only how flat indexes are stored: a large library's IVF cache from before it must not be
+    retrained and refilled on the first query after an upgrade; a format-2 flat payload cannot be read as 3."""
+    x = clustered(count, seed=9)
+    ids = np.arange(count, dtype=np.int64)
+    policy = IndexPolicy(flat_max=1000)
+    path = tmp_path / "m.faiss"
+    state = {"model_id": 1, "version": 1, "fingerprint": "f"}
+    built, _ = load_or_build(path, state, 32, lambda: ArraySource(ids, x), None, policy)
+    data = bytearray(path.read_bytes())
+    data[8:12] = struct.pack("<I", 2)  # as imgsearch before format 3 wrote it (the checksum covers no format)
+    path.write_bytes(bytes(data))
+    vi, action = load_or_build(path, state, 32, lambda: ArraySource(ids, x), None, policy)
+    assert action == ("loaded" if kept else "rebuilt") and len(vi) == count
+    assert vi.search(x[:5], 10)[1].tolist() == built.search(x[:5], 10)[1].tolist()
