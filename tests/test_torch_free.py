@@ -387,3 +387,18 @@ def test_eval_without_a_library_keeps_its_exports_in_this_users_cache(model_dir,
     assert json.loads(_ok(zeroshot))["models"][0]["top1"] >= 0.9
     assert list((tmp_path / "cache" / "imgsearch" / "eval-exports").glob("exports/*/image/manifest.json"))
     assert not (tmp_path / "no-library").exists()
+
+
+def test_score_and_classify_of_files_without_a_library_make_no_library_folder(model_dir, photos, tmp_path):
+    """`score` and `classify FILES` need no library; without torch they made the exports inside the home, so the
+    default library folder appeared (holding only exports/) for a command that does not touch it."""
+    red, blue = str(photos / "red_circle_000.jpg"), str(photos / "blue_square_001.jpg")
+    score, classify = _run(tmp_path / "no-library", [
+        ["--model", f"local-dir:{model_dir}", "score", red, "a red circle", "a blue square"],
+        ["--model", f"local-dir:{model_dir}", "classify", red, blue, "--labels", "red,blue,green"]],
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    lines = _ok(score).splitlines()[1:]
+    assert lines[0].endswith("a red circle") and float(lines[0].split()[0]) > float(lines[1].split()[0])
+    assert [line.split("\t")[1].split()[0] for line in _ok(classify).splitlines()] == ["red", "blue"]
+    assert not (tmp_path / "no-library").exists()
+    assert list((tmp_path / "cache" / "imgsearch" / "eval-exports").glob("exports/*/image/manifest.json"))
