@@ -661,7 +661,7 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
     if repo:
         weights, config_file, merges = _hub_files(repo, spec.label)
     elif not local and spec.pretrained and not looks_like_file(spec.pretrained):
-        raise Unsupported(f"open_clip resolves the tag {spec.pretrained!r}")  # (without torch, resolve_weights refused it)
+        raise Unsupported(f"open_clip resolves the tag {spec.pretrained!r}")  # without torch: resolve_weights refused
     else:
         try:
             weights = _local_weights(Path(spec.name[len(LOCAL_DIR):])) if local else Path(spec.pretrained or "")
