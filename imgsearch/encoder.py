@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ModelLoadError, UsageError
 from .modelspec import HF_HUB, LOCAL_DIR, ModelSpec  # noqa: F401  (re-exported: the encoder's public names)
-from .modelspec import WEIGHT_SUFFIXES, english_only, hub_repo, looks_like_file
+from .modelspec import HUB_TAGS, WEIGHT_SUFFIXES, english_only, hub_repo, looks_like_file
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -54,7 +54,7 @@ def torch_installed() -> bool:
 
 
 def needs_torch(what: str, spec: ModelSpec | None = None) -> str:
-    if spec is not None and not english_only(spec):  # the torch extra alone would not load it either
+    if spec is not None and not english_only(spec, unreadable=True):  # the torch extra alone would not load it
         return (f"{spec.canonical().label} has a Hugging Face text tower, which needs torch, open_clip and "
                 "transformers; add them with: pip install 'imgsearch[multilingual]'")
     return f"{what} needs torch and open_clip, which this install leaves out; add them with: {TORCH_EXTRA}"
@@ -148,6 +148,9 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
         return file_fingerprint(path), str(path)
     if not torch_installed() and hub_repo(spec):  # a tag whose files are fetched without open_clip
         return f"tag:{name}:{pretrained}", None
+    if not torch_installed() and (pretrained or not _example_tag(name)):  # other names and tags: open_clip's
+        other = f"; or use --pretrained {_example_tag(name)}, which it loads" if _example_tag(name) else ""
+        raise ModelLoadError(needs_torch(f"model {spec.label}", spec) + other)
     if not pretrained:
         raise ModelLoadError(
             f"model {name} needs weights: give --pretrained TAG (e.g. {_example_tag(name)}) or a checkpoint "
@@ -192,7 +195,10 @@ def known_fingerprint(spec: ModelSpec) -> str | None:
     return f"tag:{name}:{pretrained}"
 
 
-def _example_tag(name: str) -> str:
+def _example_tag(name: str) -> str | None:
+    """A tag of model ``name`` this install can load (without torch, a HUB_TAGS one, else None)."""
+    if not torch_installed():
+        return next((tag for n, tag in HUB_TAGS if n == name), None)
     with contextlib.suppress(Exception):
         return import_open_clip().list_pretrained_tags_by_model(name)[0]
     return "laion2b_s34b_b79k"

@@ -74,10 +74,10 @@ def hub_repo(spec: ModelSpec) -> str | None:
     return HUB_TAGS.get((spec.name, spec.pretrained or ""))
 
 
-def english_only(spec: ModelSpec) -> bool:
+def english_only(spec: ModelSpec, unreadable: bool = False) -> bool:
     """Whether the model's text tower is English-only, judged without open_clip: a local-dir model when its
-    config names no Hugging Face tower or tokenizer (an unreadable one counts as not: a missing hint costs less
-    than a wrong one), other models by their name."""
+    config names no Hugging Face tower or tokenizer (an unreadable one counts as ``unreadable``: for a hint, as
+    not, since a missing hint costs less than a wrong one), other models by their name."""
     spec = spec.canonical()
     if spec.name.startswith(LOCAL_DIR):
         from .config import read_json
@@ -86,6 +86,6 @@ def english_only(spec: ModelSpec) -> bool:
             with open(os.path.join(spec.name[len(LOCAL_DIR):], "open_clip_config.json"), encoding="utf-8") as f:
                 text_cfg = read_json(f.read())["model_cfg"]["text_cfg"]
         except (OSError, ValueError, KeyError, TypeError):
-            return False
+            return unreadable
         return not any(str(text_cfg.get(k) or "").strip() for k in ("hf_model_name", "hf_tokenizer_name"))
     return not any(part in spec.name.lower() for part in _MULTILINGUAL_NAMES)

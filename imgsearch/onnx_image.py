@@ -594,7 +594,7 @@ def _gpu_possible() -> bool:
 
 def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
     """What a torch-free run would use, from what is on disk for any library: else (None, why not)."""
-    from .encoder import known_fingerprint, pick_precision, torch_installed
+    from .encoder import known_fingerprint, pick_precision, resolve_weights, torch_installed
     from .errors import UsageError
     from .modelspec import ModelSpec
 
@@ -611,6 +611,8 @@ def _lite_candidate(settings, threads: int) -> tuple[dict | None, str]:
     fingerprint = None
     with contextlib.suppress(OSError):
         fingerprint = known_fingerprint(spec)
+    if not torch_installed() and (not fingerprint or fingerprint.startswith("tag:")):
+        resolve_weights(spec)  # says what is wrong: no such folder, no weights, a name or tag only open_clip knows
     if not fingerprint:
         return None, "weights fingerprint needs open_clip"
     folder, kind = export_dir(settings.home, fingerprint), precision
@@ -650,7 +652,7 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
     safetensors file; clipgraph.Unsupported for an unreadable config or table; ModelLoadError for a hub file."""
     from .clipgraph import Unsupported
     from .encoder import CONFIG_FILE, LOCAL_DIR, _local_weights
-    from .modelspec import HUB_TAGS, hub_repo, looks_like_file
+    from .modelspec import hub_repo, looks_like_file
     from .textfast import MERGES
 
     where = importlib.util.find_spec("open_clip")  # the package folder, found without importing it
@@ -659,8 +661,7 @@ def checkpoint_source(spec) -> tuple[dict, dict, Path, Path] | None:
     if repo:
         weights, config_file, merges = _hub_files(repo, spec.label)
     elif not local and spec.pretrained and not looks_like_file(spec.pretrained):
-        raise Unsupported(f"open_clip resolves the tag {spec.pretrained!r}; without it, the tags fetched are: "
-                          + ", ".join(f"{n} {t}" for n, t in HUB_TAGS))
+        raise Unsupported(f"open_clip resolves the tag {spec.pretrained!r}")  # without torch: resolve_weights refused
     else:
         try:
             weights = _local_weights(Path(spec.name[len(LOCAL_DIR):])) if local else Path(spec.pretrained or "")

@@ -251,8 +251,8 @@ def test_a_pretrained_tag_is_fetched_from_its_hub_repo_without_open_clip(model_d
     assert report["new"] == 54 and report["model"] == "tiny-vit (test_tag)"
     hits = [Path(h["path"]).name for h in json.loads(_ok(query))]
     assert all(n.startswith("red_circle") for n in hits), hits
-    _one_line_error(unknown, "open_clip resolves the tag 'other_tag'", "ViT-B-32 laion2b_s34b_b79k",
-                    "pip install 'imgsearch[torch]'")
+    _one_line_error(unknown, "model tiny-vit (other_tag) needs torch and open_clip", "pip install 'imgsearch[torch]'",
+                    "or use --pretrained test_tag")
     _one_line_error(default, "cannot get the weights of ViT-B-32 (laion2b_s34b_b79k)",
                     "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "connect to the internet once")
     report = json.loads(_ok(by_name))
@@ -334,6 +334,34 @@ def test_ctrl_c_while_onnxruntime_loads_stops_the_run_like_any_ctrl_c(model_dir,
     assert code == 130 and "interrupted" in err and "needs torch" not in err, (out + err)[-2000:]
 
 
+def test_a_model_only_open_clip_loads_or_a_mistyped_folder_gets_one_line_at_every_door(model_dir, photos, tmp_path):
+    """The same model got a different line from each command: index "needs torch (weights fingerprint needs
+    open_clip)", query "needs weights (e.g. laion2b_s34b_b79k)", a ViT-B-32 tag that is not ViT-B-16's, or "this
+    model needs torch"; a mistyped local-dir folder, or one with a damaged config, "has a Hugging Face text tower
+    ... imgsearch[multilingual]"."""
+    red, absent, damaged = str(photos / "red_circle_000.jpg"), tmp_path / "no-such-model", tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "open_clip_model.safetensors").symlink_to(model_dir / "open_clip_model.safetensors")
+    (damaged / "open_clip_config.json").write_text('{"model_cfg": ')
+    doors = [["index", str(photos)], ["query", "a red circle"], ["query", "--image", red], ["score", red, "red"]]
+    cases = {("--model", "convnext_base"): ("model convnext_base needs torch and open_clip",
+                                            "pip install 'imgsearch[torch]'"),
+             ("--model", "ViT-B-32", "--pretrained", "openai"): ("model ViT-B-32 (openai) needs torch and open_clip",
+                                                                 "or use --pretrained laion2b_s34b_b79k"),
+             ("--model", "ViT-B-16"): ("model ViT-B-16 needs weights", "e.g. laion2b_s34b_b88k"),
+             ("--model", f"local-dir:{absent}"): (f"model folder {absent} does not exist",)}
+    results = _run(tmp_path / "home", [["--model", f"local-dir:{model_dir}", "index", str(photos), "--quiet"]]
+                   + [list(model) + door for model in cases for door in doors]
+                   + [["--home", str(tmp_path / "other"), "--model", f"local-dir:{damaged}", "score", red, "red"]])
+    _ok(results[0])  # a library to query
+    line = _one_line_error(results.pop(), "no readable open_clip config")
+    assert "multilingual" not in line, line
+    for i, parts in enumerate(cases.values()):
+        for door, result in zip(doors, results[1 + i * len(doors):]):
+            line = _one_line_error(result, *parts)
+            assert "multilingual" not in line, (door, line)
+
+
 def test_a_model_with_a_hugging_face_text_tower_names_the_extra_that_loads_it(photos, tmp_path):
     """The torch extra alone has no transformers: it was the extra named, under a list of hub tags."""
     (index,) = _run(tmp_path / "home", [["--model", "multilingual", "index", str(photos)]])
@@ -359,3 +387,18 @@ def test_eval_without_a_library_keeps_its_exports_in_this_users_cache(model_dir,
     assert json.loads(_ok(zeroshot))["models"][0]["top1"] >= 0.9
     assert list((tmp_path / "cache" / "imgsearch" / "eval-exports").glob("exports/*/image/manifest.json"))
     assert not (tmp_path / "no-library").exists()
+
+
+def test_score_and_classify_of_files_without_a_library_make_no_library_folder(model_dir, photos, tmp_path):
+    """`score` and `classify FILES` need no library; without torch they made the exports inside the home, so the
+    default library folder appeared (holding only exports/) for a command that does not touch it."""
+    red, blue = str(photos / "red_circle_000.jpg"), str(photos / "blue_square_001.jpg")
+    score, classify = _run(tmp_path / "no-library", [
+        ["--model", f"local-dir:{model_dir}", "score", red, "a red circle", "a blue square"],
+        ["--model", f"local-dir:{model_dir}", "classify", red, blue, "--labels", "red,blue,green"]],
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    lines = _ok(score).splitlines()[1:]
+    assert lines[0].endswith("a red circle") and float(lines[0].split()[0]) > float(lines[1].split()[0])
+    assert [line.split("\t")[1].split()[0] for line in _ok(classify).splitlines()] == ["red", "blue"]
+    assert not (tmp_path / "no-library").exists()
+    assert list((tmp_path / "cache" / "imgsearch" / "eval-exports").glob("exports/*/image/manifest.json"))
