@@ -287,6 +287,12 @@ class Settings:
     def thumbs_dir(self) -> Path:
         return self.home / "thumbs"
 
+    def without_library(self) -> "Settings":
+        """These settings, for work that never creates a library (eval; score and classify of loose files): its
+        exports stay in the library's home where there is one, else in this user's cache (a shared /tmp folder
+        was another user's to own, or to fill with exports of their making)."""
+        return self if self.home.exists() else self.with_(home=user_cache_dir() / "eval-exports")
+
     def decode_workers(self, device: str = "cpu") -> int:
         return thread_budget(device=device, workers=self.workers).decode
 

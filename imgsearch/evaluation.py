@@ -7,7 +7,7 @@ import contextlib
 import csv
 from pathlib import Path
 
-from .config import read_json, thread_budget, user_cache_dir
+from .config import read_json, thread_budget
 from .errors import DataError, DecodeError, ModelLoadError, UsageError
 
 
@@ -17,16 +17,14 @@ def load_for_images(spec, settings, precision: str | None = None):
     from .encoder import load, torch_installed
 
     budget = thread_budget(device="cpu", workers=settings.workers)
-    # eval never creates a library: without one, the exports go to this user's cache (a shared /tmp folder was
-    # another user's to own, or to fill with exports of their making)
-    home = settings.home if settings.home.exists() else user_cache_dir() / "eval-exports"
+    settings = settings.without_library()
     if not torch_installed():
-        return onnx_image.query_encoder(settings.with_(home=home, model=spec.name, pretrained=spec.pretrained,
+        return onnx_image.query_encoder(settings.with_(model=spec.name, pretrained=spec.pretrained,
                                                        precision=precision or settings.precision), budget.encoder)
     enc = load(spec, settings.device, precision or settings.precision)
     if enc.device != "cpu":
         return enc
-    return onnx_image.select(enc, settings.with_(home=home), budget.encoder)
+    return onnx_image.select(enc, settings, budget.encoder)
 
 
 def index_stage(encoder, settings, tensor: bool | None = None, device: str | None = None):

@@ -184,12 +184,11 @@ class Library:
             return self._query or self.encoder
 
     def _export_encoder(self, make: bool):
-        from .config import thread_budget, user_cache_dir
+        from .config import thread_budget
         from .onnx_image import query_encoder
 
-        # `score` and `classify FILES` without a library keep the exports where eval's go: no home is made for them
-        home = self.settings.home if self.settings.home.exists() else user_cache_dir() / "eval-exports"
-        return query_encoder(self.settings.with_(home=home), thread_budget(workers=self.settings.workers).encoder,
+        # `score` and `classify FILES` make no library for their exports
+        return query_encoder(self.settings.without_library(), thread_budget(workers=self.settings.workers).encoder,
                              make=make)
 
     @property
