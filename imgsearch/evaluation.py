@@ -20,13 +20,15 @@ def load_for_images(spec, settings, precision: str | None = None):
     # eval never creates a library: without one, the exports go to this user's cache (a shared /tmp folder was
     # another user's to own, or to fill with exports of their making)
     home = settings.home if settings.home.exists() else user_cache_dir() / "eval-exports"
+    # this spec's settings, not the global --model's: select may make exports from them
+    settings = settings.with_(home=home, model=spec.name, pretrained=spec.pretrained,
+                              precision=precision or settings.precision)
     if not torch_installed():
-        return onnx_image.query_encoder(settings.with_(home=home, model=spec.name, pretrained=spec.pretrained,
-                                                       precision=precision or settings.precision), budget.encoder)
-    enc = load(spec, settings.device, precision or settings.precision)
+        return onnx_image.query_encoder(settings, budget.encoder)
+    enc = load(spec, settings.device, settings.precision)
     if enc.device != "cpu":
         return enc
-    return onnx_image.select(enc, settings.with_(home=home), budget.encoder)
+    return onnx_image.select(enc, settings, budget.encoder)
 
 
 def index_stage(encoder, settings, tensor: bool | None = None, device: str | None = None):
