@@ -389,3 +389,17 @@ def test_captions_longer_than_the_model_reads_are_said_to_be_cut(cli, captioned,
             "--max-steps", "1", "-q", base=random_tiny_model)
     assert r.exit_code == 0, r.output
     assert f"note: {len(rows[::4])} of {len(rows)} captions fill all 16 tokens the model reads" in r.stderr
+
+
+def test_training_leaves_the_callers_torch_random_state_and_threads_alone(captioned, random_tiny_model, tmp_path):
+    """train() seeded torch's global generator with --seed, so a program embedding it drew the same 'random'
+    numbers after every run."""
+    import torch
+
+    from imgsearch.train.loop import train
+
+    torch.manual_seed(1234)
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    train(train_cfg(captioned, tmp_path / "o", random_tiny_model, max_steps=1))
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
+    assert (tmp_path / "o" / "open_clip_model.safetensors").exists()

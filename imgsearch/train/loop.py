@@ -320,6 +320,16 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     if not torch_installed():
         raise UsageError(needs_torch("fine-tuning"))
     import torch
+
+    # Seeded in a fork of torch's random state: the calling program's own state is as it was afterwards.
+    cuda = pick_device(cfg.device) == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        torch.manual_seed(cfg.seed)
+        return _train(cfg, resume, events, stop)
+
+
+def _train(cfg: TrainConfig, resume: dict | None, events, stop: StopFlag | None) -> dict:
+    import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     emit = events or (lambda kind, **info: None)
@@ -338,7 +348,6 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     workers = training_workers(device, cfg.workers)
     # Checking and evaluating decode outside the training step: the indexing thread budget applies.
     budget = thread_budget(device=device, workers=cfg.workers)
-    torch.manual_seed(cfg.seed)
 
     # --- model: fp32 master weights; mixed precision comes from autocast ----------------------------
     spec = ModelSpec(cfg.model, cfg.pretrained).canonical()
