@@ -275,6 +275,7 @@ def test_wise_alpha_zero_writes_the_base_weights_and_bad_rows_are_skipped_with_l
     assert rep["data"]["skipped"] == 4 and len(rep["data"]["skipped_reasons"]) == 4
     assert set(rep["results"]) == {"base", "finetuned", "wise"}
     assert "WiSE-FT alpha 0.0" in r.stdout
+    assert f"wrote {out} (the WiSE-FT alpha 0.0 blend, use it with" in r.stdout  # not the fine-tuned weights
     base, got = load_weights(random_tiny_model), load_weights(out)
     assert all(np.array_equal(base[k].numpy(), got[k].numpy()) for k in base)
 
