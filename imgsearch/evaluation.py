@@ -17,11 +17,12 @@ def load_for_images(spec, settings, precision: str | None = None):
     from .encoder import load, torch_installed
 
     budget = thread_budget(device="cpu", workers=settings.workers)
-    settings = settings.without_library()
+    # this spec's settings, not the global --model's: select may make exports from them
+    settings = settings.without_library().with_(model=spec.name, pretrained=spec.pretrained,
+                                                precision=precision or settings.precision)
     if not torch_installed():
-        return onnx_image.query_encoder(settings.with_(model=spec.name, pretrained=spec.pretrained,
-                                                       precision=precision or settings.precision), budget.encoder)
-    enc = load(spec, settings.device, precision or settings.precision)
+        return onnx_image.query_encoder(settings, budget.encoder)
+    enc = load(spec, settings.device, settings.precision)
     if enc.device != "cpu":
         return enc
     return onnx_image.select(enc, settings, budget.encoder)

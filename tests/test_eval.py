@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from imgsearch import synthetic
 
@@ -249,3 +250,14 @@ def test_the_encoding_bar_starts_with_the_work_and_ends_after_the_last_encode(se
             encoded += event[1]
         else:
             assert event[0] <= encoded
+
+
+def test_retrieval_of_a_named_model_never_loads_the_global_one(home, captioned, tiny_model):
+    """eval's CPU image encoder made its int8 export (bf16 CPUs, --precision auto) from the global --model's
+    settings, so comparing local-dir models offline failed on the default model's missing weights."""
+    from imgsearch.cli import app
+
+    r = CliRunner().invoke(app, ["--home", str(home), "--device", "cpu", "eval", "retrieval", str(captioned),
+                                 "--models", f"local-dir:{tiny_model}", "-q"])
+    assert r.exit_code == 0 and "ViT-B-32" not in r.output, r.output
+    assert "108 images, 18 distinct captions" in r.stdout

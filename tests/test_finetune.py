@@ -275,6 +275,7 @@ def test_wise_alpha_zero_writes_the_base_weights_and_bad_rows_are_skipped_with_l
     assert rep["data"]["skipped"] == 4 and len(rep["data"]["skipped_reasons"]) == 4
     assert set(rep["results"]) == {"base", "finetuned", "wise"}
     assert "WiSE-FT alpha 0.0" in r.stdout
+    assert f"wrote {out} (the WiSE-FT alpha 0.0 blend, use it with" in r.stdout  # not the fine-tuned weights
     base, got = load_weights(random_tiny_model), load_weights(out)
     assert all(np.array_equal(base[k].numpy(), got[k].numpy()) for k in base)
 
@@ -367,3 +368,39 @@ def test_usage_errors(cli, captioned, tmp_path, random_tiny_model):
     assert r.exit_code == 2 and "--wise-alpha must be between 0 and 1" in r.stderr
     r = _ft(cli, captioned, "--out", tmp_path / "o", "--lock-image", "--lock-text", base=random_tiny_model)
     assert r.exit_code == 2 and "--unlocked-layers" in r.stderr
+
+
+def test_captions_all_alike_are_refused_before_training(cli, captioned, tmp_path, random_tiny_model):
+    """Pairs sharing a caption are not each other's negatives, so with one caption the loss was 0 and the run
+    wrote the base model back after the user's wait."""
+    rows = [(path, "a photo") for path, _ in list(csv.reader(captioned.open()))[1:]]
+    r = _ft(cli, write_csv(captioned.parent / "alike.csv", rows), "--out", tmp_path / "o", "--batch-size", "16",
+            "-q", base=random_tiny_model)
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "the same caption ('a photo')" in r.stderr and "say how they differ" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_captions_longer_than_the_model_reads_are_said_to_be_cut(cli, captioned, tmp_path, random_tiny_model):
+    """The tiny model reads 16 tokens; a caption past that was cut without a word, its colour and shape unseen."""
+    rows = list(csv.reader(captioned.open()))[1:]
+    rows = [(path, ("at the end of a long sunny day in the park " + caption) if i % 4 == 0 else caption)
+            for i, (path, caption) in enumerate(rows)]
+    r = _ft(cli, write_csv(captioned.parent / "long.csv", rows), "--out", tmp_path / "o", "--batch-size", "16",
+            "--max-steps", "1", "-q", base=random_tiny_model)
+    assert r.exit_code == 0, r.output
+    assert f"note: {len(rows[::4])} of {len(rows)} captions fill all 16 tokens the model reads" in r.stderr
+
+
+def test_training_leaves_the_callers_torch_random_state_and_threads_alone(captioned, random_tiny_model, tmp_path):
+    """train() seeded torch's global generator with --seed, so a program embedding it drew the same 'random'
+    numbers after every run."""
+    import torch
+
+    from imgsearch.train.loop import train
+
+    torch.manual_seed(1234)
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    train(train_cfg(captioned, tmp_path / "o", random_tiny_model, max_steps=1))
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
+    assert (tmp_path / "o" / "open_clip_model.safetensors").exists()

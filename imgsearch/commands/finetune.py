@@ -170,4 +170,5 @@ def finetune_cmd(
     if not report["improved"]:
         typer.echo("note: the result does not beat the base model on the validation set; try a lower --lr, more "
                    "data, or --wise-alpha")
-    typer.echo(f"wrote {report['output']} (use it with --model local-dir:{report['output']})")
+    blend = f"the WiSE-FT alpha {cfg.wise_alpha} blend, " if "wise" in res else ""
+    typer.echo(f"wrote {report['output']} ({blend}use it with --model local-dir:{report['output']})")

@@ -111,6 +111,9 @@ def prepare(source, *, val_source=None, image_col: str = "path", caption_col: st
                         "least 2 (raise --val-fraction or add images to --val)")
     if len(train) < 2:
         raise DataError(f"only {len(train)} usable training pair(s); contrastive training needs at least 2")
+    if len({p.caption for p in train}) < 2:  # pairs sharing a caption are not negatives: nothing would be learnt
+        raise DataError(f"all {len(train)} training pairs have the same caption ({train[0].caption!r}); training "
+                        "learns by telling captions apart: give the images captions that say how they differ")
     if len(train) < batch_size:
         raise DataError(f"{len(train)} training pairs cannot fill one batch of {batch_size} "
                         "(--batch-size x --grad-accum); lower --batch-size to at most "

@@ -320,6 +320,16 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     if not torch_installed():
         raise UsageError(needs_torch("fine-tuning"))
     import torch
+
+    # Seeded in a fork of torch's random state: the calling program's own state is as it was afterwards.
+    cuda = pick_device(cfg.device) == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        torch.manual_seed(cfg.seed)
+        return _train(cfg, resume, events, stop)
+
+
+def _train(cfg: TrainConfig, resume: dict | None, events, stop: StopFlag | None) -> dict:
+    import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     emit = events or (lambda kind, **info: None)
@@ -338,7 +348,6 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     workers = training_workers(device, cfg.workers)
     # Checking and evaluating decode outside the training step: the indexing thread budget applies.
     budget = thread_budget(device=device, workers=cfg.workers)
-    torch.manual_seed(cfg.seed)
 
     # --- model: fp32 master weights; mixed precision comes from autocast ----------------------------
     spec = ModelSpec(cfg.model, cfg.pretrained).canonical()
@@ -365,6 +374,9 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     # not in whatever language the tokenizer was last set to.
     train_set = PairDataset(data.train, train_transform, enc.tokenize, draft, cfg.max_pixels)
     val = PairDataset(data.val, preprocess, enc.tokenize, draft, cfg.max_pixels)
+    # The tokenizer cuts a caption at the text tower's context length without a word; the words cut are not learnt.
+    pad, context = enc.tokenize([""])[0, -1], train_set.tokens.shape[1]
+    cut = sum(int((ds.tokens[ds.index[:, 1], -1] != pad).sum()) for ds in (train_set, val))
     steps_per_epoch = StepBatches(len(train_set), cfg.batch_size, cfg.grad_accum, cfg.seed, 0, 0).steps_per_epoch
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.1 * total))
@@ -406,6 +418,9 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, events=None, stop: St
     emit("start", model=spec.label, step=step, total=total, epochs=epochs, steps_per_epoch=steps_per_epoch, counts=data.counts(),
          skipped=data.skipped, precision=precision, device=device, trainable=trainable, workers=workers,
          resumed=resume is not None)
+    if cut:
+        emit("note", message=f"{cut} of {len(train_set) + len(val)} captions fill all {context} tokens the model "
+                             "reads and are cut there; words after that are not learnt: put what matters first")
     if base_metrics is None:
         base_metrics = run_eval("base")
 
