@@ -281,7 +281,7 @@ def status_cmd(
     run = st["last_run"]
     if run and run["finished_at"]:
         typer.echo(f"last run  {when(run['finished_at'])}: new {run['new']}, updated {run['updated']}, "
-                   f"removed {run['removed']}, failed {run['failed']}"
+                   f"moved {run['moved']}, removed {run['removed']}, failed {run['failed']}"
                    + (" (interrupted)" if run["interrupted"] else ""))
     elif run and run["state"] == "running":
         typer.echo(f"last run  started {when(run['started_at'])}, still running (pid {run['pid']})")

@@ -292,6 +292,7 @@ class Indexer:
         pending = self._pending
         total = len(work)
         results = None
+        saved = report.counts()  # what the library holds: an interrupted run records this, not the batch in flight
         try:
             if progress:
                 progress(0, total)
@@ -314,6 +315,7 @@ class Indexer:
                 if pending.size() >= self.settings.write_batch or (pending.vectors and not self._batch):
                     self._resolve_known()
                     pending.flush(store, model_id)
+                    saved = report.counts()
                 if progress:
                     progress(done, total)
             self._resolve_known()
@@ -331,7 +333,7 @@ class Indexer:
             report.interrupted = True
             report.seconds = time.perf_counter() - t0
             with contextlib.suppress(Exception):
-                store.finish_run(run_id, report.counts(), interrupted=True)
+                store.finish_run(run_id, saved, interrupted=True)
             raise
         report.failed.sort()
         store.finish_run(run_id, report.counts())

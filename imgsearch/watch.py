@@ -318,9 +318,9 @@ class Watcher:
                 for p in changed + gone:
                     self.notice(p)
         batch.seconds = time.perf_counter() - t0
-        self.batches += 1
         for name in ("new", "updated", "moved", "removed"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(batch.report, name))
         self.totals.failed.extend(batch.report.failed)
-        if not batch.empty:
+        if not batch.empty:  # a touched or re-saved identical file changes nothing: not a batch to count
+            self.batches += 1
             self.on_batch(batch)

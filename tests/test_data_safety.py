@@ -609,3 +609,28 @@ def test_a_command_killed_at_its_write_leaves_a_library_that_opens_tells_the_tru
     st = ok_json(cli("status", "--json"))
     assert st["images"] == (5 if args[0] == "forget" else 6) and st["models"][0]["vectors"] == st["images"]
     assert tree_of(pics) == photos_before and strays(home) == []
+
+
+def test_ctrl_c_at_a_write_records_only_the_batches_saved(settings, tmp_path, monkeypatch):
+    """`status` showed an interrupted run's counts with the batch lost in flight: new 4 with 2 images there."""
+    from dataclasses import replace
+
+    from imgsearch import Library
+    from imgsearch.store import Store
+
+    pics = small_folder(tmp_path / "pics")
+    real, writes = Store.write_batch, []
+
+    def ctrl_c_at_the_second(self, *args, **kw):
+        writes.append(1)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Store, "write_batch", ctrl_c_at_the_second)
+    with Library(settings=replace(settings, batch_size=2)) as lib:
+        with pytest.raises(KeyboardInterrupt):
+            lib.index([pics])
+        st = lib.status()
+    assert st.images == 2 and st.last_run["state"] == "interrupted"
+    assert (st.last_run["new"], st.last_run["updated"], st.last_run["moved"]) == (2, 0, 0)

@@ -579,3 +579,17 @@ def test_removing_one_of_two_hard_links_while_watched_keeps_the_row_at_the_other
     hit = lib.search("a red circle", k=1)[0]
     assert (hit.path, hit.id) == (str(b), before.id) and lib.captions(b) == ["Grandma's red circle"]
     assert lib.status().images == 13
+
+
+def test_a_touched_photo_is_re_stamped_but_counts_as_no_batch(lib, tmp_path):
+    folder = shapes(tmp_path / "photos")
+    run = Running(lib, [folder])
+    try:
+        photo = str(next(folder.glob("*.jpg")))
+        before = lib.store.image_by_path(photo).mtime_ns
+        os.utime(photo, ns=(before + 10**9, before + 10**9))  # new time, same bytes: nothing to show
+        wait_for(lambda: lib.store.image_by_path(photo).mtime_ns == before + 10**9, what="the new time stored")
+    finally:
+        run.close()
+    assert run.error is None and run.batches == []
+    assert run.watcher.batches == 0  # "stopped after 0 batches", as no batch line was printed

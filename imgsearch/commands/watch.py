@@ -64,6 +64,6 @@ def watch_cmd(
                 watcher.run()
             except KeyboardInterrupt:
                 pass
-            t = watcher.totals
-            say(f"stopped after {watcher.batches} batches: added {t.new}, updated {t.updated}, moved {t.moved}, "
-                f"removed {t.removed}")
+            t, n = watcher.totals, watcher.batches
+            say(f"stopped after {n} batch{'' if n == 1 else 'es'}: added {t.new}, updated {t.updated}, "
+                f"moved {t.moved}, removed {t.removed}")
