@@ -21,7 +21,7 @@ from .config import Settings
 from .errors import ParamError, UsageError
 from .lock import write_lock
 from .modelspec import ModelSpec, english_only
-from .request import MAX_ID, SearchRequest, _many
+from .request import MAX_ID, SearchRequest, _many, _number
 from .results import Hit, IndexReport, LibraryStatus
 
 __all__ = ["Library", "Hit", "IndexReport", "LibraryStatus", "labels_from", "templates_from"]
@@ -514,8 +514,8 @@ class Library:
 
     def drop_tag_set(self, set_id: int) -> bool:
         """Delete one label set and its tags; False when there is no such set."""
-        if isinstance(set_id, bool) or not isinstance(set_id, int) or not 1 <= set_id <= MAX_ID:
-            raise ParamError("set_id", "give a tag set id, a whole number from 1 (tag_sets() lists them)")
+        _number(set_id, "set_id", "give a tag set id, a whole number from 1 (tag_sets() lists them)", 1, MAX_ID,
+                whole=True)
         store = self.store  # a home without a library is refused before the lock's file is made there
         with write_lock(self.settings.home):
             return bool(store.delete_tag_set(set_id))

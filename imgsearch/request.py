@@ -66,14 +66,17 @@ class Term:
     noun: str = "query image"  # how messages refer to it: "cannot use query image NAME: ..."
 
 
-def _number(value, name: str, what: str, low: float, high: float, outside: str | None = None) -> float:
-    """A finite number from ``low`` to ``high``; ``outside`` says what is wrong with one out of range."""
+def _number(value, name: str, what: str, low: float, high: float, outside: str | None = None,
+            whole: bool = False) -> float:
+    """A finite number (``whole``: an int) from ``low`` to ``high``; ``outside`` says what is wrong with one out of
+    range."""
     # compared, not math.isfinite: a JSON integer may be too large for a float (10**400 overflows)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+            or not -math.inf < value < math.inf:
         raise ParamError(name, what)
     if not low <= value <= high:
         raise ParamError(name, outside or what)
-    return float(value)
+    return value if whole else float(value)
 
 
 def _string(value, name: str, limit: int = MAX_STRING) -> str:

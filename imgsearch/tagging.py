@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -10,8 +11,9 @@ import numpy as np
 
 from . import files, zeroshot
 from .config import Settings
-from .errors import ParamError, UsageError
+from .errors import UsageError
 from .evaluation import encode_files
+from .request import _number
 from .search import folder_ids
 
 CHUNK = 8192  # images classified per step: bounds memory at N x labels floats
@@ -59,10 +61,8 @@ def resolve_templates(templates: Sequence[str] | None, templates_file: str | os.
 def _checked(labels, templates, top: int, min_prob: float) -> tuple[list[str], list[str]]:
     """(labels, templates: one string is one template, the default ensemble when None) once they, ``top`` and
     ``min_prob`` are checked (the Python API's values reach here unchecked)."""
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ParamError("top", "give a whole number, at least 1")
-    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
-        raise ParamError("min_prob", "give a probability between 0 and 1")
+    _number(top, "top", "give a whole number, at least 1", 1, math.inf, whole=True)
+    _number(min_prob, "min_prob", "give a probability between 0 and 1", 0.0, 1.0)
     templates = [templates] if isinstance(templates, str) else templates or zeroshot.DEFAULT_TEMPLATES
     return list(labels), zeroshot.check_templates(templates, "templates")
 
