@@ -46,6 +46,12 @@ def one_line(text: str) -> str:
                    else ch.encode("unicode_escape").decode() for ch in text)
 
 
+def shortened(text: str, width: int) -> str:
+    """``text`` with its middle left out when longer than ``width``: both ends stay readable (a refused value
+    echoed by the CLI or the web page, a file name under a thumbnail)."""
+    return text if len(text) <= width else text[:width // 2 - 2] + "…" + text[2 - width // 2:]
+
+
 def shell_word(name: str) -> str:
     """A path to paste into a suggested command: shown()'s $'...' form where it escapes, else shell-quoted."""
     import shlex

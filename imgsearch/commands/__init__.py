@@ -161,8 +161,9 @@ def flag_words(**flags):
         if e.param not in flags:
             raise
         flag, value = flags[e.param]
-        value = str(value)  # handle_errors prints it on one line
-        raise UsageError(f"{flag} {value if len(value) <= 80 else value[:80] + '…'}: {e.detail}") from None
+        from ..output import shortened
+
+        raise UsageError(f"{flag} {shortened(str(value), 80)}: {e.detail}") from None  # on one line: handle_errors
 
 
 def _search_params(

@@ -27,7 +27,7 @@ from imgsearch.commands import when
 from imgsearch.commands.ui import MAX_UPLOAD_MB  # the cap `imgsearch ui` gives Streamlit's server too
 from imgsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS, MAX_K, RAW_EXTENSIONS, Settings
 from imgsearch.errors import ImgSearchError, LibraryError, ParamError, UsageError
-from imgsearch.output import human_bytes
+from imgsearch.output import human_bytes, shortened
 from imgsearch.request import MAX_TEXT, SearchRequest, Term
 from imgsearch.results import IndexReport
 
@@ -298,11 +298,6 @@ def md(text) -> str:
     """Any user-, file- or library-derived text (query, path, file name, tag, error message) made safe to
     put in Markdown: it shows literally, on one line, and nothing in it can link, load or format."""
     return _MD_PUNCT.sub(r"\\\1", visible(text))
-
-
-def shortened(text: str, width: int) -> str:
-    """``text`` with its middle left out when longer than ``width``: both ends stay readable."""
-    return text if len(text) <= width else text[:width // 2 - 2] + "…" + text[2 - width // 2:]
 
 
 def caption(name: str, score: float | None = None) -> str:
