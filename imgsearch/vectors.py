@@ -24,6 +24,7 @@ from .config import atomic_file
 
 MAGIC = b"IMGSFAIS"
 FORMAT = 3  # 3: flat indexes are numpy arrays (ids, then vectors), not a FAISS blob
+IVF_FORMATS = (2, FORMAT)  # IVF and IVF-PQ files are the same in both: an older one is read as it is
 BuildProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -337,14 +338,13 @@ def _read_header(f) -> tuple[dict, bytes, bytes]:
     if len(head) < 16 or head[:8] != MAGIC:
         raise IndexFileError("not an imgsearch index file")
     fmt, hlen = struct.unpack("<II", head[8:16])
-    if fmt not in (2, FORMAT):
+    if fmt not in IVF_FORMATS:
         raise OtherFormatError(f"index file format {fmt} is not {FORMAT}")
     header, digest = f.read(hlen), f.read(16)
     with contextlib.suppress(ValueError, AttributeError):
         meta = json.loads(header)
         if isinstance(meta, dict) and len(digest) == 16:
-            # Format 3 changed flat indexes only: a format-2 IVF file is read as it is, so a large library's
-            # first query after an upgrade does not retrain and re-add every vector.
+            # an older IVF file is used as it is: a large library's first query after an upgrade retrains nothing
             if fmt != FORMAT and meta.get("plan", {}).get("kind") not in ("ivf", "ivfpq"):
                 raise OtherFormatError(f"index file format {fmt} is not {FORMAT}")
             return meta, header, digest
