@@ -148,9 +148,10 @@ def resolve_weights(spec: ModelSpec) -> tuple[str, str | None]:
         return file_fingerprint(path), str(path)
     if not torch_installed() and hub_repo(spec):  # a tag whose files are fetched without open_clip
         return f"tag:{name}:{pretrained}", None
-    if not torch_installed() and (pretrained or not _example_tag(name)):  # other names and tags: open_clip's
-        other = f"; or use --pretrained {_example_tag(name)}, which it loads" if _example_tag(name) else ""
-        raise ModelLoadError(needs_torch(f"model {spec.label}", spec) + other)
+    tag = None if torch_installed() else _example_tag(name)  # without torch: a tag this install fetches
+    if not torch_installed() and (pretrained or not tag):  # other names and tags: open_clip's
+        raise ModelLoadError(needs_torch(f"model {spec.label}", spec)
+                             + (f"; or use --pretrained {tag}, which it loads" if tag else ""))
     if not pretrained:
         raise ModelLoadError(
             f"model {name} needs weights: give --pretrained TAG (e.g. {_example_tag(name)}) or a checkpoint "
